@@ -1,0 +1,1 @@
+//! Haven configuration: the FortiOS CLI dialect parsed into a typed model.

@@ -1,0 +1,1 @@
+//! Haven bus: message types, topics, envelope, codec, ZeroMQ helpers and state recovery.

@@ -1,0 +1,2 @@
+//! Haven dead peer detection daemon.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Sans-IO ESP transforms and anti-replay (RFC 4303).

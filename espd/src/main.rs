@@ -1,0 +1,2 @@
+//! Haven ESP datapath daemon.
+fn main() {}

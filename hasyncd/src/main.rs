@@ -1,0 +1,2 @@
+//! Haven HA / FGSP sync daemon.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Sans-IO IKEv2 protocol core (RFC 7296).

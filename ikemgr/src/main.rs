@@ -1,0 +1,2 @@
+//! Haven IKEv2 key management daemon.
+fn main() {}

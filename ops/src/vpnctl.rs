@@ -1,0 +1,2 @@
+//! vpnctl: the Haven operator CLI.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Haven multi-process and interop test suites.
