@@ -1,1 +1,6 @@
-//! Haven multi-process and interop test suites.
+//! Haven's multi-process and interop test support: network namespaces with guaranteed cleanup,
+//! strongSwan as a reference peer, and launching Haven's own daemons. The suites live in `tests/tests/`.
+//! This crate holds no product code.
+
+pub mod netns;
+pub mod strongswan;

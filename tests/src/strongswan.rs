@@ -1,0 +1,1 @@
+//! strongSwan (charon + swanctl) as a reference peer.
