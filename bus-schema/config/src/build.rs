@@ -1,0 +1,1435 @@
+//! From the block tree to the typed [`Config`]: key dispatch (implemented /
+//! known-but-ignored / unknown), value parsing with FortiOS defaults, and
+//! semantic validation.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use crate::diag::{ConfigError, ErrorKind, Warning};
+use crate::keys::{self, Spec};
+use crate::model::*;
+use crate::secret::{Secret, SecretForm};
+use crate::syntax::{Block, Edit, Item, Pos, Tok};
+
+/// Collected diagnostics.
+#[derive(Default)]
+pub(crate) struct Ctx {
+    pub errors: Vec<ConfigError>,
+    pub warnings: Vec<Warning>,
+}
+
+impl Ctx {
+    pub fn error(&mut self, pos: Pos, block: &str, kind: ErrorKind) {
+        self.errors.push(ConfigError {
+            file: None,
+            line: pos.line,
+            col: pos.col,
+            block: block.to_string(),
+            kind,
+        });
+    }
+
+    fn invalid(&mut self, pos: Pos, block: &str, message: impl Into<String>) {
+        self.error(
+            pos,
+            block,
+            ErrorKind::Invalid {
+                message: message.into(),
+            },
+        );
+    }
+
+    pub fn warn(&mut self, pos: Pos, block: &str, key: &str, message: impl Into<String>) {
+        self.warnings.push(Warning {
+            file: None,
+            line: pos.line,
+            col: pos.col,
+            block: block.to_string(),
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn bad(&mut self, tok: &Tok, block: &str, key: &str, expected: impl Into<String>) {
+        self.error(
+            tok.pos,
+            block,
+            ErrorKind::BadValue {
+                key: key.to_string(),
+                value: tok.text.clone(),
+                expected: expected.into(),
+            },
+        );
+    }
+}
+
+const NOT_IMPLEMENTED: &str = "FortiOS key not implemented by Haven; ignored";
+
+struct SetRef<'t> {
+    key: &'t Tok,
+    values: &'t [Tok],
+}
+
+/// The implemented keys of one block (last `set` wins, `unset` removes)
+/// and its nested blocks.
+struct Fields<'t> {
+    block: String,
+    sets: BTreeMap<&'static str, SetRef<'t>>,
+    subs: Vec<&'t Block>,
+}
+
+fn expected_keys(spec: &Spec, word: &str) -> String {
+    let hint = keys::suggest(
+        word,
+        spec.implemented.iter().chain(spec.known.iter()).copied(),
+    )
+    .map(|s| format!("did you mean \"{s}\"? "))
+    .unwrap_or_default();
+    format!("{hint}expected one of {}", spec.implemented.join(", "))
+}
+
+/// Sort the items of an object block (not a table) by key.
+fn collect<'t>(
+    ctx: &mut Ctx,
+    spec: &Spec,
+    label: String,
+    items: &'t [Item],
+    subs_allowed: &[&str],
+) -> Fields<'t> {
+    let mut f = Fields {
+        block: label,
+        sets: BTreeMap::new(),
+        subs: Vec::new(),
+    };
+    for item in items {
+        match item {
+            Item::Set { key, .. } | Item::Unset { key } => {
+                let values: &[Tok] = match item {
+                    Item::Set { values, .. } => values,
+                    _ => &[],
+                };
+                if let Some(k) = spec.implemented.iter().find(|k| **k == key.text) {
+                    if matches!(item, Item::Unset { .. }) {
+                        f.sets.remove(k);
+                    } else if let Some(prev) = f.sets.insert(k, SetRef { key, values }) {
+                        ctx.warn(
+                            key.pos,
+                            &f.block,
+                            k,
+                            format!(
+                                "set again (first at line {}); the later value wins",
+                                prev.key.pos.line
+                            ),
+                        );
+                    }
+                } else if spec.known.contains(&key.text.as_str()) {
+                    ctx.warn(key.pos, &f.block, &key.text, NOT_IMPLEMENTED);
+                } else {
+                    ctx.error(
+                        key.pos,
+                        &f.block,
+                        ErrorKind::UnknownKey {
+                            key: key.text.clone(),
+                            block: f.block.clone(),
+                            expected: expected_keys(spec, &key.text),
+                        },
+                    );
+                }
+            }
+            Item::Config(b) => {
+                let p = b.path_string();
+                if subs_allowed.contains(&p.as_str()) {
+                    f.subs.push(b);
+                } else if spec.known_blocks.contains(&p.as_str()) {
+                    ctx.warn(
+                        b.pos,
+                        &f.block,
+                        "",
+                        format!("nested block \"config {p}\" is not implemented by Haven; ignored"),
+                    );
+                } else {
+                    let mut all: Vec<&str> = subs_allowed.to_vec();
+                    all.extend(spec.known_blocks.iter().copied());
+                    let expected = if all.is_empty() {
+                        format!("{} has no nested blocks", spec.name)
+                    } else {
+                        format!("expected one of the nested blocks {}", all.join(", "))
+                    };
+                    ctx.error(b.pos, &f.block, ErrorKind::UnknownBlock { path: p, expected });
+                }
+            }
+            Item::Edit(e) => {
+                ctx.error(
+                    e.pos,
+                    &f.block,
+                    ErrorKind::Syntax {
+                        message: format!(
+                            "{} is not a table: expected set, unset or config, found edit",
+                            spec.name
+                        ),
+                    },
+                );
+            }
+        }
+    }
+    f
+}
+
+/// The edits of a table block; anything else is an error.
+fn table_edits<'t>(ctx: &mut Ctx, label: &str, items: &'t [Item]) -> Vec<&'t Edit> {
+    let mut out = Vec::new();
+    for item in items {
+        let (pos, what) = match item {
+            Item::Edit(e) => {
+                out.push(e);
+                continue;
+            }
+            Item::Set { key, .. } => (key.pos, "set"),
+            Item::Unset { key } => (key.pos, "unset"),
+            Item::Config(b) => (b.pos, "config"),
+        };
+        ctx.error(
+            pos,
+            label,
+            ErrorKind::Syntax {
+                message: format!("{label} is a table: expected edit <name>, found {what}"),
+            },
+        );
+    }
+    out
+}
+
+fn parse_uint(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn parse_ipv4(s: &str) -> Option<Ipv4Addr> {
+    s.parse().ok()
+}
+
+fn ipv4_or_unset(ip: Ipv4Addr) -> Option<Ipv4Addr> {
+    if ip.is_unspecified() {
+        None
+    } else {
+        Some(ip)
+    }
+}
+
+/// FortiOS Diffie-Hellman group numbers (IANA transform type 4 IDs,
+/// RFC 7296 §3.3.2 and the IANA IKEv2 registry).
+const DH_GROUPS: &[u16] = &[1, 2, 5, 14, 15, 16, 17, 18, 19, 20, 21, 27, 28, 29, 30, 31, 32];
+
+fn parse_dhgrp(s: &str) -> Option<u16> {
+    let v = u16::try_from(parse_uint(s)?).ok()?;
+    DH_GROUPS.contains(&v).then_some(v)
+}
+
+fn lookup<T: Copy>(table: &[(&str, T)], s: &str) -> Option<T> {
+    table.iter().find(|(n, _)| *n == s).map(|(_, v)| *v)
+}
+
+/// Parse a FortiOS proposal name (`aes128-sha1`, `aes256gcm-prfsha384`,
+/// `aes128gcm`, `null-sha1`, `aes128-null`).
+pub(crate) fn parse_proposal(s: &str, ike: bool) -> Option<Proposal> {
+    let (enc, rest) = match s.split_once('-') {
+        Some((e, r)) => (e, Some(r)),
+        None => (s, None),
+    };
+    let encryption = lookup(&Encryption::ALL, enc)?;
+    let hash = if encryption.is_aead() {
+        match (ike, rest) {
+            (true, Some(r)) => Some(lookup(&Hash::ALL, r.strip_prefix("prf")?)?),
+            (false, None) => None,
+            _ => return None,
+        }
+    } else {
+        match rest? {
+            "null" if !ike && encryption != Encryption::Null => None,
+            r => Some(lookup(&Hash::ALL, r)?),
+        }
+    };
+    if ike && encryption == Encryption::Null {
+        return None;
+    }
+    Some(Proposal {
+        encryption,
+        hash,
+        ike,
+    })
+}
+
+const SINGLE: &str = "a single value (quote values that contain spaces)";
+
+impl<'t> Fields<'t> {
+    fn has(&self, key: &str) -> bool {
+        self.sets.contains_key(key)
+    }
+
+    fn key_pos(&self, key: &str) -> Option<Pos> {
+        self.sets.get(key).map(|s| s.key.pos)
+    }
+
+    fn value_pos(&self, key: &str) -> Option<Pos> {
+        self.sets
+            .get(key)
+            .and_then(|s| s.values.first())
+            .map(|t| t.pos)
+    }
+
+    fn values(&self, key: &str) -> Option<&'t [Tok]> {
+        self.sets.get(key).map(|s| s.values)
+    }
+
+    fn single(&self, ctx: &mut Ctx, key: &str) -> Option<&'t Tok> {
+        let s = self.sets.get(key)?;
+        if let Some(extra) = s.values.get(1) {
+            ctx.bad(extra, &self.block, key, SINGLE);
+            return None;
+        }
+        s.values.first()
+    }
+
+    fn parse<T>(
+        &self,
+        ctx: &mut Ctx,
+        key: &str,
+        expected: &str,
+        f: impl FnOnce(&str) -> Option<T>,
+    ) -> Option<T> {
+        let tok = self.single(ctx, key)?;
+        let v = f(&tok.text);
+        if v.is_none() {
+            ctx.bad(tok, &self.block, key, expected);
+        }
+        v
+    }
+
+    fn uint<T: TryFrom<u64>>(&self, ctx: &mut Ctx, key: &str, min: u64, max: u64) -> Option<T> {
+        self.parse(ctx, key, &format!("an integer {min}..={max}"), |s| {
+            parse_uint(s)
+                .filter(|v| (min..=max).contains(v))
+                .and_then(|v| T::try_from(v).ok())
+        })
+    }
+
+    fn choice<T: Copy>(&self, ctx: &mut Ctx, key: &str, table: &[(&str, T)], note: &str) -> Option<T> {
+        let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+        let expected = format!("one of {}{note}", names.join(", "));
+        self.parse(ctx, key, &expected, |s| lookup(table, s))
+    }
+
+    /// `enable`/`disable`; FortiOS's listing sometimes prints `enabled`,
+    /// which is accepted with a warning.
+    fn flag(&self, ctx: &mut Ctx, key: &str) -> Option<bool> {
+        let tok = self.single(ctx, key)?;
+        match tok.text.as_str() {
+            "enable" => Some(true),
+            "disable" => Some(false),
+            "enabled" | "disabled" => {
+                let on = tok.text == "enabled";
+                ctx.warn(
+                    tok.pos,
+                    &self.block,
+                    key,
+                    format!(
+                        "\"{}\" read as \"{}\" (FortiOS spells it without the d)",
+                        tok.text,
+                        if on { "enable" } else { "disable" }
+                    ),
+                );
+                Some(on)
+            }
+            _ => {
+                ctx.bad(tok, &self.block, key, "one of enable, disable");
+                None
+            }
+        }
+    }
+
+    fn string(&self, ctx: &mut Ctx, key: &str, max_chars: usize) -> Option<String> {
+        let tok = self.single(ctx, key)?;
+        if tok.text.chars().count() > max_chars {
+            ctx.bad(tok, &self.block, key, format!("at most {max_chars} characters"));
+            return None;
+        }
+        Some(tok.text.clone())
+    }
+
+    /// A string where `''` means unset.
+    fn opt_string(&self, ctx: &mut Ctx, key: &str, max_chars: usize) -> Option<Option<String>> {
+        self.string(ctx, key, max_chars)
+            .map(|s| if s.is_empty() { None } else { Some(s) })
+    }
+
+    fn words(&self, ctx: &mut Ctx, key: &str, max_chars: usize) -> Option<Vec<String>> {
+        self.list(ctx, key, &format!("a name of at most {max_chars} characters"), |s| {
+            (s.chars().count() <= max_chars).then(|| s.to_string())
+        })
+        .map(|v| v.into_iter().filter(|s| !s.is_empty()).collect())
+    }
+
+    fn list<T>(
+        &self,
+        ctx: &mut Ctx,
+        key: &str,
+        expected: &str,
+        f: impl Fn(&str) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let values = self.values(key)?;
+        let mut out = Vec::with_capacity(values.len());
+        let mut ok = true;
+        for tok in values {
+            match f(&tok.text) {
+                Some(v) => out.push(v),
+                None => {
+                    ctx.bad(tok, &self.block, key, expected);
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn ipv4(&self, ctx: &mut Ctx, key: &str) -> Option<Ipv4Addr> {
+        self.parse(ctx, key, "an IPv4 address", parse_ipv4)
+    }
+
+    /// `ADDRESS MASK` or `ADDRESS/LEN`.
+    fn net(&self, ctx: &mut Ctx, key: &str) -> Option<Ipv4Net> {
+        const EXPECTED: &str = "a subnet: ADDRESS MASK or ADDRESS/LENGTH";
+        let values = self.values(key)?;
+        let (addr_tok, addr, len) = match values {
+            [one] => {
+                let (a, l) = match one.text.split_once('/') {
+                    Some(x) => x,
+                    None => {
+                        ctx.bad(one, &self.block, key, EXPECTED);
+                        return None;
+                    }
+                };
+                let len = parse_uint(l).filter(|v| *v <= 32).and_then(|v| u8::try_from(v).ok());
+                match (parse_ipv4(a), len) {
+                    (Some(a), Some(l)) => (one, a, l),
+                    _ => {
+                        ctx.bad(one, &self.block, key, EXPECTED);
+                        return None;
+                    }
+                }
+            }
+            [a, m] => {
+                let Some(addr) = parse_ipv4(&a.text) else {
+                    ctx.bad(a, &self.block, key, "an IPv4 address");
+                    return None;
+                };
+                let mask = parse_ipv4(&m.text).map(u32::from);
+                let len = mask.and_then(|m| {
+                    let l = m.leading_ones();
+                    let l8 = u8::try_from(l).ok()?;
+                    (prefix_mask(l8) == m).then_some(l8)
+                });
+                let Some(len) = len else {
+                    ctx.bad(m, &self.block, key, "a contiguous netmask such as 255.255.255.0");
+                    return None;
+                };
+                (a, addr, len)
+            }
+            [_, _, extra, ..] => {
+                ctx.bad(extra, &self.block, key, EXPECTED);
+                return None;
+            }
+            [] => return None,
+        };
+        let mask = prefix_mask(len);
+        let net = Ipv4Addr::from(u32::from(addr) & mask);
+        if net != addr {
+            ctx.warn(
+                addr_tok.pos,
+                &self.block,
+                key,
+                format!("host bits set; using {net}/{len}"),
+            );
+        }
+        Some(Ipv4Net {
+            addr: net,
+            prefix_len: len,
+        })
+    }
+
+    /// A secret: `VALUE`, `ENC blob` (FortiOS-encrypted, unusable) or a
+    /// `***` mask (unusable).
+    fn secret(&self, ctx: &mut Ctx, key: &str, min_len: usize) -> Option<Secret> {
+        let values = self.values(key)?;
+        match values {
+            [enc, rest @ ..] if !enc.quoted && enc.text == "ENC" && !rest.is_empty() => {
+                ctx.warn(
+                    enc.pos,
+                    &self.block,
+                    key,
+                    "FortiOS-encrypted secret (ENC …) cannot be decrypted by Haven and cannot be \
+                     used; write the key in clear",
+                );
+                let blob: Vec<&str> = rest.iter().map(|t| t.text.as_str()).collect();
+                Some(Secret::with_form(blob.join(" "), SecretForm::FortiosEncrypted))
+            }
+            [one] => {
+                if one.text.len() >= 3 && one.text.chars().all(|c| c == '*') {
+                    ctx.warn(
+                        one.pos,
+                        &self.block,
+                        key,
+                        "masked placeholder (********) cannot be used as a key; write the key in clear",
+                    );
+                    return Some(Secret::with_form(one.text.as_bytes(), SecretForm::Masked));
+                }
+                let n = one.text.chars().count();
+                if n > 128 {
+                    ctx.error(
+                        one.pos,
+                        &self.block,
+                        ErrorKind::BadValue {
+                            key: key.to_string(),
+                            value: "<redacted>".into(),
+                            expected: "at most 128 characters".into(),
+                        },
+                    );
+                    return None;
+                }
+                if n < min_len {
+                    ctx.warn(
+                        one.pos,
+                        &self.block,
+                        key,
+                        format!("shorter than FortiOS's minimum of {min_len} characters"),
+                    );
+                }
+                Some(Secret::new(one.text.as_bytes()))
+            }
+            [_, extra, ..] => {
+                ctx.error(
+                    extra.pos,
+                    &self.block,
+                    ErrorKind::BadValue {
+                        key: key.to_string(),
+                        value: "<redacted>".into(),
+                        expected: "a single value (quote a secret that contains spaces)".into(),
+                    },
+                );
+                None
+            }
+            [] => None,
+        }
+    }
+}
+
+/// What the builder remembers of each entry's position for validation.
+struct P1Pos {
+    edit: Pos,
+    monitor: Option<Pos>,
+}
+
+struct P2Pos {
+    edit: Pos,
+    phase1name: Option<Pos>,
+}
+
+#[derive(Default)]
+struct State {
+    config: Config,
+    ha_pos: Option<Pos>,
+    sa_pos: Option<Pos>,
+    p1: Vec<P1Pos>,
+    p2: Vec<P2Pos>,
+    p1_names: BTreeMap<String, Pos>,
+    p2_names: BTreeMap<String, Pos>,
+    route_ids: BTreeMap<u32, Pos>,
+}
+
+fn edit_label(table: &str, e: &Edit) -> String {
+    format!("{table}, edit \"{}\"", e.name.text)
+}
+
+/// Record an edit name; false (with an error) when it is a duplicate.
+fn first_edit<K: Ord + Clone>(
+    ctx: &mut Ctx,
+    seen: &mut BTreeMap<K, Pos>,
+    key: &K,
+    e: &Edit,
+    table: &str,
+) -> bool {
+    if let Some(first) = seen.get(key) {
+        ctx.invalid(
+            e.pos,
+            table,
+            format!(
+                "duplicate edit \"{}\" in {table} (first at line {})",
+                e.name.text, first.line
+            ),
+        );
+        return false;
+    }
+    seen.insert(key.clone(), e.pos);
+    true
+}
+
+/// A numeric edit name; `edit 0` takes the next free number.
+fn edit_number<V>(ctx: &mut Ctx, e: &Edit, table: &str, seen: &BTreeMap<u32, V>) -> Option<u32> {
+    match parse_uint(&e.name.text).and_then(|v| u32::try_from(v).ok()) {
+        Some(0) => Some(
+            seen.keys()
+                .next_back()
+                .map(|m| m.saturating_add(1))
+                .unwrap_or(1),
+        ),
+        Some(n) => Some(n),
+        None => {
+            ctx.bad(&e.name, table, "edit", "an entry number 0..=4294967295");
+            None
+        }
+    }
+}
+
+fn build_ha(ctx: &mut Ctx, b: &Block) -> Ha {
+    let f = collect(ctx, &keys::HA, keys::HA.name.to_string(), &b.items, &[]);
+    let mut ha = Ha::default();
+    if let Some(v) = f.uint(ctx, "group-id", 0, 1023) {
+        ha.group_id = v;
+    }
+    if let Some(v) = f.string(ctx, "group-name", 32) {
+        ha.group_name = v;
+    }
+    if let Some(v) = f.choice(
+        ctx,
+        "mode",
+        &[("standalone", HaMode::Standalone), ("a-p", HaMode::ActivePassive)],
+        " (Haven does not implement a-a)",
+    ) {
+        ha.mode = v;
+    }
+    ha.password = f.secret(ctx, "password", 1);
+    if let Some(values) = f.values("hbdev") {
+        let mut ok = true;
+        let mut out = Vec::new();
+        for pair in values.chunks(2) {
+            match pair {
+                [name, prio] => {
+                    match parse_uint(&prio.text)
+                        .filter(|v| *v <= 512)
+                        .and_then(|v| u16::try_from(v).ok())
+                    {
+                        Some(p) => out.push(HbDev {
+                            interface: name.text.clone(),
+                            priority: p,
+                        }),
+                        None => {
+                            ctx.bad(prio, &f.block, "hbdev", "a priority 0..=512 after the interface name");
+                            ok = false;
+                        }
+                    }
+                }
+                [name] => {
+                    ctx.bad(
+                        name,
+                        &f.block,
+                        "hbdev",
+                        format!("a priority 0..=512 after interface \"{}\"", name.text),
+                    );
+                    ok = false;
+                }
+                _ => {}
+            }
+        }
+        if ok {
+            ha.hbdev = out;
+        }
+    }
+    if let Some(v) = f.uint(ctx, "priority", 0, 255) {
+        ha.priority = v;
+    }
+    if let Some(v) = f.flag(ctx, "override") {
+        ha.override_ = v;
+    }
+    if let Some(v) = f.flag(ctx, "session-pickup") {
+        ha.session_pickup = v;
+    }
+    if let Some(v) = f.uint(ctx, "hb-interval", 1, 20) {
+        ha.hb_interval = v;
+    }
+    if let Some(v) = f.uint(ctx, "hb-lost-threshold", 1, 60) {
+        ha.hb_lost_threshold = v;
+    }
+    if let Some(v) = f.words(ctx, "monitor", 35) {
+        ha.monitor = v;
+    }
+    if ha.mode == HaMode::ActivePassive {
+        if ha.hbdev.is_empty() && !f.has("hbdev") {
+            ctx.invalid(b.pos, &f.block, "mode a-p needs at least one heartbeat interface (set hbdev)");
+        }
+        if ha.password.is_none() {
+            ctx.warn(
+                b.pos,
+                &f.block,
+                "password",
+                "no cluster password: the HA link keys would derive from an empty secret",
+            );
+        }
+    }
+    ha
+}
+
+fn build_standalone(ctx: &mut Ctx, b: &Block) -> StandaloneCluster {
+    let f = collect(
+        ctx,
+        &keys::STANDALONE,
+        keys::STANDALONE.name.to_string(),
+        &b.items,
+        &["cluster-peer"],
+    );
+    let mut sc = StandaloneCluster::default();
+    if let Some(v) = f.uint(ctx, "standalone-group-id", 0, 255) {
+        sc.standalone_group_id = v;
+    }
+    if let Some(v) = f.uint(ctx, "group-member-id", 0, 15) {
+        sc.group_member_id = v;
+    }
+    if let Some(v) = f.choice(
+        ctx,
+        "layer2-connection",
+        &[("available", true), ("unavailable", false)],
+        "",
+    ) {
+        sc.layer2_connection = v;
+    }
+    if let Some(v) = f.words(ctx, "session-sync-dev", 35) {
+        sc.session_sync_dev = v;
+    }
+    if let Some(v) = f.flag(ctx, "encryption") {
+        sc.encryption = v;
+    }
+    sc.psksecret = f.secret(ctx, "psksecret", 6);
+    if sc.encryption && sc.psksecret.is_none() {
+        ctx.invalid(b.pos, &f.block, "encryption enable needs psksecret");
+    }
+    let table = "config system standalone-cluster, config cluster-peer";
+    let mut ids: BTreeMap<u32, Pos> = BTreeMap::new();
+    let mut ips: BTreeMap<Ipv4Addr, Pos> = BTreeMap::new();
+    for sub in &f.subs {
+        for e in table_edits(ctx, table, &sub.items) {
+            let Some(id) = edit_number(ctx, e, table, &ids) else {
+                continue;
+            };
+            if !first_edit(ctx, &mut ids, &id, e, table) {
+                continue;
+            }
+            let pf = collect(ctx, &keys::CLUSTER_PEER, edit_label(table, e), &e.items, &[]);
+            let peervd = pf.string(ctx, "peervd", 31).unwrap_or_else(|| "root".to_string());
+            match pf.ipv4(ctx, "peerip") {
+                Some(ip) if !ip.is_unspecified() => {
+                    let pos = pf.value_pos("peerip").unwrap_or(e.pos);
+                    if let Some(first) = ips.get(&ip) {
+                        ctx.invalid(
+                            pos,
+                            &pf.block,
+                            format!("peerip {ip} is already cluster-peer at line {}", first.line),
+                        );
+                    } else {
+                        ips.insert(ip, pos);
+                    }
+                    sc.cluster_peers.push(ClusterPeer {
+                        sync_id: id,
+                        peerip: ip,
+                        peervd,
+                        port: FGSP_PORT,
+                    });
+                }
+                Some(_) => ctx.invalid(
+                    pf.value_pos("peerip").unwrap_or(e.pos),
+                    &pf.block,
+                    "peerip 0.0.0.0 is not a peer address",
+                ),
+                None if !pf.has("peerip") => {
+                    ctx.invalid(e.pos, &pf.block, "cluster-peer needs set peerip <address>");
+                }
+                None => {}
+            }
+        }
+    }
+    sc
+}
+
+fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
+    let f = collect(ctx, &keys::PHASE1, edit_label(table, e), &e.items, &[]);
+    let mut p = Phase1::new(e.name.text.clone());
+    let n = e.name.text.chars().count();
+    if n == 0 || n > 15 {
+        ctx.bad(&e.name, table, "edit", "a phase1 name of 1 to 15 characters (it names an interface)");
+    }
+    if let Some(v) = f.choice(
+        ctx,
+        "type",
+        &[
+            ("static", Phase1Type::Static),
+            ("dynamic", Phase1Type::Dynamic),
+            ("ddns", Phase1Type::Ddns),
+        ],
+        "",
+    ) {
+        p.kind = v;
+    }
+    if let Some(v) = f.string(ctx, "interface", 35) {
+        p.interface = v;
+    }
+    let _ = f.choice(ctx, "ip-version", &[("4", ())], " (Haven does not implement IPv6 tunnels)");
+    let ike = f.choice(ctx, "ike-version", &[("1", 1u8), ("2", 2u8)], "");
+    if let Some(v) = ike {
+        p.ike_version = v;
+    }
+    if let Some(v) = f.ipv4(ctx, "local-gw") {
+        p.local_gw = ipv4_or_unset(v);
+    }
+    let rgw = f.list(ctx, "remote-gw", "an IPv4 address", parse_ipv4);
+    if let Some(v) = &rgw {
+        p.remote_gw = v.iter().copied().filter(|ip| !ip.is_unspecified()).collect();
+    }
+    if let Some(v) = f.opt_string(ctx, "remotegw-ddns", 63) {
+        p.remotegw_ddns = v;
+    }
+    if let Some(v) = f.uint(ctx, "keylife", 120, 172_800) {
+        p.keylife = v;
+    }
+    if let Some(v) = f.choice(
+        ctx,
+        "peertype",
+        &[("any", PeerType::Any), ("one", PeerType::One)],
+        " (Haven does not implement dialup, peer, peergrp)",
+    ) {
+        p.peertype = v;
+    }
+    if let Some(v) = f.opt_string(ctx, "peerid", 255) {
+        p.peerid = v;
+    }
+    if let Some(v) = f.opt_string(ctx, "localid", 63) {
+        p.localid = v;
+    }
+    if let Some(v) = f.choice(
+        ctx,
+        "localid-type",
+        &[
+            ("auto", LocalIdType::Auto),
+            ("fqdn", LocalIdType::Fqdn),
+            ("user-fqdn", LocalIdType::UserFqdn),
+            ("keyid", LocalIdType::Keyid),
+            ("address", LocalIdType::Address),
+            ("asn1dn", LocalIdType::Asn1dn),
+        ],
+        "",
+    ) {
+        p.localid_type = v;
+    }
+    if let Some(v) = f.list(
+        ctx,
+        "proposal",
+        "a phase1 proposal such as aes128-sha256 or aes256gcm-prfsha384",
+        |s| parse_proposal(s, true),
+    ) {
+        p.proposal = v;
+    }
+    if let Some(v) = f.list(
+        ctx,
+        "dhgrp",
+        "a Diffie-Hellman group: 1 2 5 14 15 16 17 18 19 20 21 27 28 29 30 31 32",
+        parse_dhgrp,
+    ) {
+        p.dhgrp = v;
+    }
+    if let Some(v) = f.choice(
+        ctx,
+        "dpd",
+        &[
+            ("disable", DpdMode::Disable),
+            ("on-idle", DpdMode::OnIdle),
+            ("on-demand", DpdMode::OnDemand),
+            ("periodic", DpdMode::Periodic),
+        ],
+        "",
+    ) {
+        p.dpd = v;
+    }
+    if let Some(v) = f.uint(ctx, "dpd-retrycount", 0, 10) {
+        p.dpd_retrycount = v;
+    }
+    if let Some(values) = f.values("dpd-retryinterval") {
+        match values {
+            [s] => match parse_uint(&s.text).filter(|v| (1..=3600).contains(v)) {
+                Some(v) => p.dpd_retryinterval_ms = u32::try_from(v * 1000).unwrap_or(u32::MAX),
+                None => ctx.bad(s, &f.block, "dpd-retryinterval", "seconds 1..=3600"),
+            },
+            [s, ms] => {
+                let secs = parse_uint(&s.text).filter(|v| *v <= 3600);
+                let millis = parse_uint(&ms.text).filter(|v| *v <= 999);
+                match (secs, millis) {
+                    (None, _) => ctx.bad(s, &f.block, "dpd-retryinterval", "seconds 0..=3600"),
+                    (_, None) => ctx.bad(ms, &f.block, "dpd-retryinterval", "milliseconds 0..=999"),
+                    (Some(a), Some(b)) if a * 1000 + b >= 100 => {
+                        p.dpd_retryinterval_ms = u32::try_from(a * 1000 + b).unwrap_or(u32::MAX)
+                    }
+                    _ => ctx.bad(ms, &f.block, "dpd-retryinterval", "an interval of at least 100 ms"),
+                }
+            }
+            [_, _, extra, ..] => ctx.bad(
+                extra,
+                &f.block,
+                "dpd-retryinterval",
+                "SECONDS or SECONDS MILLISECONDS",
+            ),
+            [] => {}
+        }
+    }
+    if let Some(v) = f.flag(ctx, "fgsp-sync") {
+        p.fgsp_sync = v;
+    }
+    if let Some(v) = f.flag(ctx, "ha-sync-esp-seqno") {
+        p.ha_sync_esp_seqno = v;
+    }
+    if let Some(v) = f.choice(
+        ctx,
+        "nattraversal",
+        &[
+            ("enable", NatTraversal::Enable),
+            ("disable", NatTraversal::Disable),
+            ("forced", NatTraversal::Forced),
+        ],
+        "",
+    ) {
+        p.nattraversal = v;
+    }
+    p.psksecret = f.secret(ctx, "psksecret", 6);
+    if let Some(v) = f.flag(ctx, "net-device") {
+        p.net_device = v;
+    }
+    if let Some(v) = f.flag(ctx, "add-route") {
+        p.add_route = v;
+    }
+    if let Some(v) = f.flag(ctx, "auto-negotiate") {
+        p.auto_negotiate = v;
+    }
+    if let Some(v) = f.opt_string(ctx, "monitor", 35) {
+        p.monitor = v;
+    }
+    if let Some(v) = f.flag(ctx, "passive-mode") {
+        p.passive_mode = v;
+    }
+    if let Some(v) = f.choice(
+        ctx,
+        "authmethod",
+        &[("psk", AuthMethod::Psk), ("signature", AuthMethod::Signature)],
+        "",
+    ) {
+        p.authmethod = v;
+    }
+    if let Some(v) = f.words(ctx, "certificate", 35) {
+        p.certificate = v;
+    }
+    if let Some(v) = f.flag(ctx, "rekey") {
+        p.rekey = v;
+    }
+    if let Some(v) = f.string(ctx, "comments", 255) {
+        p.comments = v;
+    }
+
+    // Per-entry consistency.
+    let label = &f.block;
+    if p.interface.is_empty() {
+        ctx.invalid(e.pos, label, "phase1 needs set interface <name>");
+    }
+    if p.ike_version == 1 && (ike.is_some() || !f.has("ike-version")) {
+        ctx.invalid(
+            f.value_pos("ike-version").unwrap_or(e.pos),
+            label,
+            "IKEv1 is not implemented by Haven: set ike-version 2 (FortiOS's default is 1)",
+        );
+    }
+    match p.kind {
+        Phase1Type::Static if p.remote_gw.is_empty() && (rgw.is_some() || !f.has("remote-gw")) => {
+            ctx.invalid(e.pos, label, "type static needs set remote-gw <address>");
+        }
+        Phase1Type::Ddns if p.remotegw_ddns.is_none() => {
+            ctx.invalid(e.pos, label, "type ddns needs set remotegw-ddns <name>");
+        }
+        Phase1Type::Dynamic if !p.remote_gw.is_empty() => {
+            ctx.warn(
+                f.key_pos("remote-gw").unwrap_or(e.pos),
+                label,
+                "remote-gw",
+                "ignored for type dynamic (peers dial in)",
+            );
+        }
+        _ => {}
+    }
+    if p.peertype == PeerType::One && p.peerid.is_none() {
+        ctx.invalid(e.pos, label, "peertype one needs set peerid <id>");
+    }
+    match p.authmethod {
+        AuthMethod::Psk if p.psksecret.is_none() && !f.has("psksecret") => {
+            ctx.invalid(e.pos, label, "authmethod psk needs set psksecret <key>");
+        }
+        AuthMethod::Signature if p.certificate.is_empty() => {
+            ctx.invalid(e.pos, label, "authmethod signature needs set certificate <name>");
+        }
+        _ => {}
+    }
+    let pos = P1Pos {
+        edit: e.pos,
+        monitor: f.value_pos("monitor"),
+    };
+    (p, pos)
+}
+
+fn selector(ctx: &mut Ctx, f: &Fields<'_>, e: &Edit, side: &str) -> Selector {
+    let k_type = format!("{side}-addr-type");
+    let k_subnet = format!("{side}-subnet");
+    let k_start = format!("{side}-start-ip");
+    let k_end = format!("{side}-end-ip");
+    #[derive(Clone, Copy, PartialEq)]
+    enum T {
+        Subnet,
+        Range,
+        Ip,
+    }
+    let t = f
+        .choice(
+            ctx,
+            &k_type,
+            &[("subnet", T::Subnet), ("range", T::Range), ("ip", T::Ip)],
+            " (Haven does not implement named addresses or IPv6 selectors)",
+        )
+        .unwrap_or(T::Subnet);
+    let subnet = f.net(ctx, &k_subnet);
+    let start = f.ipv4(ctx, &k_start);
+    let end = f.ipv4(ctx, &k_end);
+    let ignored = |ctx: &mut Ctx, key: &str, ty: &str| {
+        if let Some(pos) = f.key_pos(key) {
+            ctx.warn(pos, &f.block, key, format!("ignored with {k_type} {ty}"));
+        }
+    };
+    match t {
+        T::Subnet => {
+            ignored(ctx, &k_start, "subnet");
+            ignored(ctx, &k_end, "subnet");
+            Selector::Subnet(subnet.unwrap_or(Ipv4Net::ANY))
+        }
+        T::Ip => {
+            ignored(ctx, &k_subnet, "ip");
+            ignored(ctx, &k_end, "ip");
+            match start {
+                Some(ip) => Selector::Ip(ip),
+                None => {
+                    if !f.has(&k_start) {
+                        ctx.invalid(e.pos, &f.block, format!("{k_type} ip needs {k_start}"));
+                    }
+                    Selector::Subnet(Ipv4Net::ANY)
+                }
+            }
+        }
+        T::Range => {
+            ignored(ctx, &k_subnet, "range");
+            match (start, end) {
+                (Some(s), Some(en)) => {
+                    if u32::from(s) > u32::from(en) {
+                        ctx.invalid(
+                            f.value_pos(&k_end).unwrap_or(e.pos),
+                            &f.block,
+                            format!("{k_end} {en} is before {k_start} {s}"),
+                        );
+                    }
+                    Selector::Range { start: s, end: en }
+                }
+                _ => {
+                    if !f.has(&k_start) || !f.has(&k_end) {
+                        ctx.invalid(
+                            e.pos,
+                            &f.block,
+                            format!("{k_type} range needs {k_start} and {k_end}"),
+                        );
+                    }
+                    Selector::Subnet(Ipv4Net::ANY)
+                }
+            }
+        }
+    }
+}
+
+fn build_phase2(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase2, P2Pos) {
+    let f = collect(ctx, &keys::PHASE2, edit_label(table, e), &e.items, &[]);
+    let n = e.name.text.chars().count();
+    if n == 0 || n > 35 {
+        ctx.bad(&e.name, table, "edit", "a phase2 name of 1 to 35 characters");
+    }
+    let phase1name = f.string(ctx, "phase1name", 35).unwrap_or_default();
+    let mut p = Phase2::new(e.name.text.clone(), phase1name);
+    if let Some(v) = f.list(
+        ctx,
+        "proposal",
+        "a phase2 proposal such as aes128-sha1 or aes256gcm",
+        |s| parse_proposal(s, false),
+    ) {
+        p.proposal = v;
+    }
+    if let Some(v) = f.flag(ctx, "pfs") {
+        p.pfs = v;
+    }
+    if let Some(v) = f.list(
+        ctx,
+        "dhgrp",
+        "a Diffie-Hellman group: 1 2 5 14 15 16 17 18 19 20 21 27 28 29 30 31 32",
+        parse_dhgrp,
+    ) {
+        p.dhgrp = v;
+    }
+    if let Some(v) = f.choice(
+        ctx,
+        "keylife-type",
+        &[
+            ("seconds", KeylifeType::Seconds),
+            ("kbs", KeylifeType::Kbs),
+            ("both", KeylifeType::Both),
+        ],
+        "",
+    ) {
+        p.keylife_type = v;
+    }
+    if let Some(v) = f.uint(ctx, "keylifeseconds", 120, 172_800) {
+        p.keylifeseconds = v;
+    }
+    if let Some(v) = f.uint(ctx, "keylifekbs", 5120, u64::from(u32::MAX)) {
+        p.keylifekbs = v;
+    }
+    p.src = selector(ctx, &f, e, "src");
+    p.dst = selector(ctx, &f, e, "dst");
+    if let Some(v) = f.uint(ctx, "protocol", 0, 255) {
+        p.protocol = v;
+    }
+    if let Some(v) = f.uint(ctx, "src-port", 0, 65535) {
+        p.src_port = v;
+    }
+    if let Some(v) = f.uint(ctx, "dst-port", 0, 65535) {
+        p.dst_port = v;
+    }
+    if let Some(v) = f.flag(ctx, "auto-negotiate") {
+        p.auto_negotiate = v;
+    }
+    if let Some(v) = f.flag(ctx, "keepalive") {
+        p.keepalive = v;
+    }
+    if let Some(v) = f.flag(ctx, "replay") {
+        p.replay = v;
+    }
+    let _ = f.choice(
+        ctx,
+        "encapsulation",
+        &[("tunnel-mode", ())],
+        " (Haven does not implement transport-mode)",
+    );
+    if let Some(v) = f.string(ctx, "comments", 255) {
+        p.comments = v;
+    }
+    if !f.has("phase1name") {
+        ctx.invalid(e.pos, &f.block, "phase2 needs set phase1name <phase1>");
+    }
+    let pos = P2Pos {
+        edit: e.pos,
+        phase1name: f.value_pos("phase1name"),
+    };
+    (p, pos)
+}
+
+fn build_route(ctx: &mut Ctx, e: &Edit, table: &str, seq_num: u32) -> Route {
+    let f = collect(ctx, &keys::ROUTE, edit_label(table, e), &e.items, &[]);
+    let mut r = Route::new(seq_num);
+    if let Some(v) = f.flag(ctx, "status") {
+        r.status = v;
+    }
+    if let Some(v) = f.net(ctx, "dst") {
+        r.dst = v;
+    }
+    if let Some(v) = f.ipv4(ctx, "gateway") {
+        r.gateway = ipv4_or_unset(v);
+    }
+    if let Some(v) = f.opt_string(ctx, "device", 35) {
+        r.device = v;
+    }
+    if let Some(v) = f.uint(ctx, "distance", 1, 255) {
+        r.distance = v;
+    }
+    if let Some(v) = f.uint(ctx, "priority", 0, u64::from(u32::MAX)) {
+        r.priority = v;
+    }
+    if let Some(v) = f.flag(ctx, "blackhole") {
+        r.blackhole = v;
+    }
+    if let Some(v) = f.string(ctx, "comment", 255) {
+        r.comment = v;
+    }
+    if r.device.is_none() && !r.blackhole && !f.has("device") {
+        ctx.invalid(e.pos, &f.block, "static route needs set device <interface> or set blackhole enable");
+    }
+    if r.blackhole && (r.device.is_some() || r.gateway.is_some()) {
+        ctx.warn(
+            e.pos,
+            &f.block,
+            "blackhole",
+            "blackhole route: device and gateway are ignored",
+        );
+    }
+    r
+}
+
+fn top_block(ctx: &mut Ctx, st: &mut State, b: &Block) {
+    let words: Vec<&str> = b.path.iter().map(|t| t.text.as_str()).collect();
+    let path = b.path_string();
+    match words.as_slice() {
+        ["system", "ha"] => {
+            if let Some(first) = st.ha_pos {
+                ctx.invalid(
+                    b.pos,
+                    "",
+                    format!("config system ha appears twice (first at line {})", first.line),
+                );
+                return;
+            }
+            st.ha_pos = Some(b.pos);
+            st.config.ha = Some(build_ha(ctx, b));
+        }
+        ["system", "standalone-cluster"] => {
+            if let Some(first) = st.sa_pos {
+                ctx.invalid(
+                    b.pos,
+                    "",
+                    format!(
+                        "config system standalone-cluster appears twice (first at line {})",
+                        first.line
+                    ),
+                );
+                return;
+            }
+            st.sa_pos = Some(b.pos);
+            st.config.standalone = Some(build_standalone(ctx, b));
+        }
+        ["vpn", "ipsec", "phase1-interface"] => {
+            let table = keys::PHASE1.name;
+            for e in table_edits(ctx, table, &b.items) {
+                if !first_edit(ctx, &mut st.p1_names, &e.name.text, e, table) {
+                    continue;
+                }
+                let (p, pos) = build_phase1(ctx, e, table);
+                st.config.phase1.push(p);
+                st.p1.push(pos);
+            }
+        }
+        ["vpn", "ipsec", "phase2-interface"] => {
+            let table = keys::PHASE2.name;
+            for e in table_edits(ctx, table, &b.items) {
+                if !first_edit(ctx, &mut st.p2_names, &e.name.text, e, table) {
+                    continue;
+                }
+                let (p, pos) = build_phase2(ctx, e, table);
+                st.config.phase2.push(p);
+                st.p2.push(pos);
+            }
+        }
+        ["router", "static"] => {
+            let table = keys::ROUTE.name;
+            for e in table_edits(ctx, table, &b.items) {
+                let Some(n) = edit_number(ctx, e, table, &st.route_ids) else {
+                    continue;
+                };
+                if !first_edit(ctx, &mut st.route_ids, &n, e, table) {
+                    continue;
+                }
+                let r = build_route(ctx, e, table, n);
+                st.config.routes.push(r);
+            }
+        }
+        ["global"] => walk(ctx, st, &b.items, "config global"),
+        ["vdom"] => {
+            let edits = table_edits(ctx, "config vdom", &b.items);
+            if edits.len() > 1 {
+                ctx.warn(
+                    b.pos,
+                    "config vdom",
+                    "",
+                    "Haven has no VDOMs: the blocks of every VDOM are read as one",
+                );
+            }
+            for e in edits {
+                walk(ctx, st, &e.items, "config vdom");
+            }
+        }
+        _ => ignored_or_unknown(ctx, b, &words, &path),
+    }
+}
+
+fn ignored_or_unknown(ctx: &mut Ctx, b: &Block, words: &[&str], path: &str) {
+    let ours = || {
+        keys::OURS
+            .iter()
+            .map(|p| format!("config {p}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let unknown = |ctx: &mut Ctx, expected: String| {
+        ctx.error(
+            b.pos,
+            "",
+            ErrorKind::UnknownBlock {
+                path: path.to_string(),
+                expected,
+            },
+        );
+    };
+    let ignored = |ctx: &mut Ctx| {
+        ctx.warn(
+            b.pos,
+            &format!("config {path}"),
+            "",
+            "FortiOS block not implemented by Haven; ignored",
+        );
+    };
+    let hint = keys::suggest(path, keys::OURS.iter().copied());
+    match words {
+        ["vpn", "ipsec", t] if keys::VPN_IPSEC.contains(t) => ignored(ctx),
+        ["vpn", "ipsec", ..] => unknown(
+            ctx,
+            match hint {
+                Some(h) => format!("did you mean config {h}?"),
+                None => format!("expected config vpn ipsec {}", keys::VPN_IPSEC.join("|")),
+            },
+        ),
+        ["router", t] if keys::ROUTER.contains(t) => ignored(ctx),
+        ["router", ..] => unknown(
+            ctx,
+            match hint {
+                Some(h) => format!("did you mean config {h}?"),
+                None => format!("expected config router {}", keys::ROUTER.join("|")),
+            },
+        ),
+        _ if hint.is_some() => unknown(
+            ctx,
+            format!("did you mean config {}?", hint.unwrap_or_default()),
+        ),
+        [first, ..] if keys::FORTIOS_TOP.contains(first) => ignored(ctx),
+        _ => unknown(
+            ctx,
+            format!("not a FortiOS block; Haven reads {}", ours()),
+        ),
+    }
+}
+
+fn walk(ctx: &mut Ctx, st: &mut State, items: &[Item], label: &str) {
+    for item in items {
+        match item {
+            Item::Config(b) => top_block(ctx, st, b),
+            // The syntax layer already reported these at the top level.
+            Item::Edit(_) | Item::Set { .. } | Item::Unset { .. } if label.is_empty() => {}
+            Item::Edit(e) => ctx.invalid(e.pos, label, "expected config, found edit"),
+            Item::Set { key, .. } | Item::Unset { key } => {
+                ctx.error(
+                    key.pos,
+                    label,
+                    ErrorKind::UnknownKey {
+                        key: key.text.clone(),
+                        block: label.to_string(),
+                        expected: "expected config blocks only".into(),
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// Cross-block checks.
+fn validate(ctx: &mut Ctx, st: &State) {
+    let cfg = &st.config;
+    for (p2, pos) in cfg.phase2.iter().zip(&st.p2) {
+        if !p2.phase1name.is_empty() && cfg.phase1(&p2.phase1name).is_none() {
+            ctx.invalid(
+                pos.phase1name.unwrap_or(pos.edit),
+                &format!("{}, edit \"{}\"", keys::PHASE2.name, p2.name),
+                format!(
+                    "phase1name \"{}\" does not name a config vpn ipsec phase1-interface entry",
+                    p2.phase1name
+                ),
+            );
+        }
+        if let Some(p1) = cfg.phase1(&p2.phase1name) {
+            if p2.keylife_type != KeylifeType::Kbs && p2.keylifeseconds >= p1.keylife {
+                ctx.warn(
+                    pos.edit,
+                    &format!("{}, edit \"{}\"", keys::PHASE2.name, p2.name),
+                    "keylifeseconds",
+                    format!(
+                        "phase2 lifetime {} s is not shorter than phase1 \"{}\" keylife {} s",
+                        p2.keylifeseconds, p1.name, p1.keylife
+                    ),
+                );
+            }
+        }
+    }
+    for (p1, pos) in cfg.phase1.iter().zip(&st.p1) {
+        let label = format!("{}, edit \"{}\"", keys::PHASE1.name, p1.name);
+        if let Some(m) = &p1.monitor {
+            let at = pos.monitor.unwrap_or(pos.edit);
+            if *m == p1.name {
+                ctx.invalid(at, &label, "monitor names the phase1 itself");
+            } else if cfg.phase1(m).is_none() {
+                ctx.invalid(at, &label, format!("monitor \"{m}\" does not name a phase1-interface entry"));
+            }
+        }
+        if p1.fgsp_sync && cfg.standalone.is_none() {
+            ctx.warn(
+                pos.edit,
+                &label,
+                "fgsp-sync",
+                "fgsp-sync enable without config system standalone-cluster: nothing to sync with",
+            );
+        }
+        if cfg.phase2_for(&p1.name).next().is_none() {
+            ctx.warn(pos.edit, &label, "", "no phase2-interface uses this phase1");
+        }
+    }
+}
+
+/// Build the model from the parsed tree.
+pub(crate) fn build(ctx: &mut Ctx, root: &Block) -> Config {
+    let mut st = State::default();
+    walk(ctx, &mut st, &root.items, "");
+    validate(ctx, &st);
+    st.config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proposals() {
+        let ok1 = ["aes128-sha1", "aes256-sha512", "aes256gcm-prfsha384", "chacha20poly1305-prfsha256", "3des-md5"];
+        for s in ok1 {
+            let p = parse_proposal(s, true).unwrap_or_else(|| panic!("{s}"));
+            assert_eq!(p.to_string(), s);
+        }
+        let ok2 = ["aes128-sha1", "aes128gcm", "chacha20poly1305", "null-sha256", "aes256-null"];
+        for s in ok2 {
+            let p = parse_proposal(s, false).unwrap_or_else(|| panic!("{s}"));
+            assert_eq!(p.to_string(), s);
+        }
+        for bad in ["aes128", "aes128gcm", "null-sha1", "aes128-sha3", "aes128-null", "banana", "", "-"] {
+            assert!(parse_proposal(bad, true).is_none(), "{bad}");
+        }
+        for bad in ["aes128gcm-prfsha256", "null-null", "aes128", "aes128-prfsha1"] {
+            assert!(parse_proposal(bad, false).is_none(), "{bad}");
+        }
+    }
+}
