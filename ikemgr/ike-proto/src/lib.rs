@@ -7,4 +7,6 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod crypto;
+pub mod proposal;
 pub mod wire;
