@@ -1,0 +1,339 @@
+//! The bus vocabulary: daemons, the envelope, message bodies and their topics.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the envelope and body layout this build writes and reads.
+///
+/// Adding an optional field or a new body variant keeps the version (old readers ignore unknown
+/// fields and count unknown variants); changing the meaning or type of an existing field bumps it.
+/// A frame with a larger version is refused with [`crate::DecodeError::NewerSchema`].
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// The programs that talk on the bus.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum DaemonKind {
+    Ikemgr,
+    Dpdmon,
+    Hasyncd,
+    Espd,
+    Vpnctl,
+}
+
+impl DaemonKind {
+    /// The four daemons that publish, in their metrics-port order (9701..9704).
+    pub const DAEMONS: [DaemonKind; 4] = [
+        DaemonKind::Ikemgr,
+        DaemonKind::Dpdmon,
+        DaemonKind::Hasyncd,
+        DaemonKind::Espd,
+    ];
+
+    /// Program name, also the wire spelling and the socket file stem.
+    pub fn name(self) -> &'static str {
+        match self {
+            DaemonKind::Ikemgr => "ikemgr",
+            DaemonKind::Dpdmon => "dpdmon",
+            DaemonKind::Hasyncd => "hasyncd",
+            DaemonKind::Espd => "espd",
+            DaemonKind::Vpnctl => "vpnctl",
+        }
+    }
+
+    /// Inverse of [`DaemonKind::name`].
+    pub fn from_name(s: &str) -> Option<Self> {
+        [
+            DaemonKind::Ikemgr,
+            DaemonKind::Dpdmon,
+            DaemonKind::Hasyncd,
+            DaemonKind::Espd,
+            DaemonKind::Vpnctl,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+    }
+
+    /// The FortiOS `diagnose debug application <app>` name served by this program.
+    pub fn debug_app(self) -> &'static str {
+        match self {
+            DaemonKind::Ikemgr => "ike",
+            DaemonKind::Dpdmon => "dpd",
+            DaemonKind::Hasyncd => "ha",
+            DaemonKind::Espd => "esp",
+            DaemonKind::Vpnctl => "vpnctl",
+        }
+    }
+
+    /// Inverse of [`DaemonKind::debug_app`] for the four daemons.
+    pub fn from_debug_app(s: &str) -> Option<Self> {
+        DaemonKind::DAEMONS.into_iter().find(|k| k.debug_app() == s)
+    }
+}
+
+impl std::fmt::Display for DaemonKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One bus message: frame 2 of the multipart message (frame 1 is `body.topic()`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// [`SCHEMA_VERSION`] of the writer.
+    pub schema: u16,
+    /// The publishing daemon.
+    pub src: DaemonKind,
+    /// Random per process start; a new value means "my state restarted".
+    #[serde(with = "crate::boot::serde_u128")]
+    pub boot: u128,
+    /// Per publisher and boot, +1 per message (the first message is 1).
+    pub seq: u64,
+    /// Publisher's wall clock at stamping, nanoseconds since the Unix epoch.
+    pub ts_ns: u64,
+    pub body: Body,
+}
+
+/// Topic constants: ASCII, dot-separated, prefix-filterable. A table's removal topic extends
+/// its state topic where possible, so a prefix subscription sees both puts and deletes.
+pub mod topic {
+    pub const HEARTBEAT: &str = "sys.heartbeat";
+    pub const TUNNEL_STATE: &str = "tunnel.state";
+    pub const TUNNEL_REMOVED: &str = "tunnel.removed";
+    pub const DPD_STATE: &str = "dpd.state";
+    pub const DPD_REMOVED: &str = "dpd.removed";
+    pub const ESP_TUNNEL: &str = "esp.tunnel";
+    pub const ESP_TUNNEL_REMOVED: &str = "esp.tunnel.removed";
+    pub const HA_MEMBER: &str = "ha.member";
+    pub const HA_MEMBER_REMOVED: &str = "ha.member.removed";
+    pub const HA_ROLE: &str = "ha.role";
+    pub const HA_ROLE_REMOVED: &str = "ha.role.removed";
+
+    /// Every topic this build knows, for validation and tools.
+    pub const ALL: &[&str] = &[
+        HEARTBEAT,
+        TUNNEL_STATE,
+        TUNNEL_REMOVED,
+        DPD_STATE,
+        DPD_REMOVED,
+        ESP_TUNNEL,
+        ESP_TUNNEL_REMOVED,
+        HA_MEMBER,
+        HA_MEMBER_REMOVED,
+        HA_ROLE,
+        HA_ROLE_REMOVED,
+    ];
+}
+
+/// Key-value tables of the replicated state (the Clone pattern's model).
+pub mod table {
+    pub const TUNNEL: &str = "tunnel";
+    pub const DPD: &str = "dpd";
+    pub const ESP_TUNNEL: &str = "esp.tunnel";
+    pub const HA_MEMBER: &str = "ha.member";
+    pub const HA_ROLE: &str = "ha.role";
+}
+
+/// Message bodies. Encoded adjacently tagged: `{"type": "<Variant>", "data": <fields>}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "type", content = "data")]
+pub enum Body {
+    /// Sent once per second by every publisher so gaps and restarts show while idle.
+    Heartbeat {
+        uptime_ms: u64,
+    },
+    /// ikemgr: a configured or instantiated tunnel.
+    Tunnel(TunnelInfo),
+    TunnelRemoved {
+        name: String,
+    },
+    /// dpdmon: per-tunnel DPD state machine.
+    Dpd(DpdTunnelState),
+    DpdRemoved {
+        tunnel: String,
+    },
+    /// espd: datapath view of a tunnel.
+    EspTunnel(EspTunnelInfo),
+    EspTunnelRemoved {
+        tunnel: String,
+    },
+    /// hasyncd: a cluster member.
+    HaMember(HaMemberInfo),
+    HaMemberRemoved {
+        member_id: u32,
+    },
+    /// hasyncd: this member's role for one tunnel.
+    TunnelRole {
+        tunnel: String,
+        role: String,
+    },
+    TunnelRoleRemoved {
+        tunnel: String,
+    },
+}
+
+/// What a body does to the replicated store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateOp {
+    Put { table: &'static str, key: String },
+    Del { table: &'static str, key: String },
+}
+
+impl Body {
+    /// Every variant name as written in the `type` field. Keep in step with [`Body::variant`].
+    pub const VARIANTS: &'static [&'static str] = &[
+        "Heartbeat",
+        "Tunnel",
+        "TunnelRemoved",
+        "Dpd",
+        "DpdRemoved",
+        "EspTunnel",
+        "EspTunnelRemoved",
+        "HaMember",
+        "HaMemberRemoved",
+        "TunnelRole",
+        "TunnelRoleRemoved",
+    ];
+
+    /// The `type` tag of this body.
+    pub fn variant(&self) -> &'static str {
+        match self {
+            Body::Heartbeat { .. } => "Heartbeat",
+            Body::Tunnel(_) => "Tunnel",
+            Body::TunnelRemoved { .. } => "TunnelRemoved",
+            Body::Dpd(_) => "Dpd",
+            Body::DpdRemoved { .. } => "DpdRemoved",
+            Body::EspTunnel(_) => "EspTunnel",
+            Body::EspTunnelRemoved { .. } => "EspTunnelRemoved",
+            Body::HaMember(_) => "HaMember",
+            Body::HaMemberRemoved { .. } => "HaMemberRemoved",
+            Body::TunnelRole { .. } => "TunnelRole",
+            Body::TunnelRoleRemoved { .. } => "TunnelRoleRemoved",
+        }
+    }
+
+    /// Frame 1 of the multipart message.
+    pub fn topic(&self) -> &'static str {
+        match self {
+            Body::Heartbeat { .. } => topic::HEARTBEAT,
+            Body::Tunnel(_) => topic::TUNNEL_STATE,
+            Body::TunnelRemoved { .. } => topic::TUNNEL_REMOVED,
+            Body::Dpd(_) => topic::DPD_STATE,
+            Body::DpdRemoved { .. } => topic::DPD_REMOVED,
+            Body::EspTunnel(_) => topic::ESP_TUNNEL,
+            Body::EspTunnelRemoved { .. } => topic::ESP_TUNNEL_REMOVED,
+            Body::HaMember(_) => topic::HA_MEMBER,
+            Body::HaMemberRemoved { .. } => topic::HA_MEMBER_REMOVED,
+            Body::TunnelRole { .. } => topic::HA_ROLE,
+            Body::TunnelRoleRemoved { .. } => topic::HA_ROLE_REMOVED,
+        }
+    }
+
+    /// The store operation of a stateful body; `None` for events.
+    pub fn state_op(&self) -> Option<StateOp> {
+        let put = |table, key: &str| {
+            Some(StateOp::Put {
+                table,
+                key: key.to_owned(),
+            })
+        };
+        let del = |table, key: &str| {
+            Some(StateOp::Del {
+                table,
+                key: key.to_owned(),
+            })
+        };
+        match self {
+            Body::Heartbeat { .. } => None,
+            Body::Tunnel(t) => put(table::TUNNEL, &t.name),
+            Body::TunnelRemoved { name } => del(table::TUNNEL, name),
+            Body::Dpd(d) => put(table::DPD, &d.tunnel),
+            Body::DpdRemoved { tunnel } => del(table::DPD, tunnel),
+            Body::EspTunnel(e) => put(table::ESP_TUNNEL, &e.tunnel),
+            Body::EspTunnelRemoved { tunnel } => del(table::ESP_TUNNEL, tunnel),
+            Body::HaMember(m) => put(table::HA_MEMBER, &m.member_id.to_string()),
+            Body::HaMemberRemoved { member_id } => del(table::HA_MEMBER, &member_id.to_string()),
+            Body::TunnelRole { tunnel, .. } => put(table::HA_ROLE, tunnel),
+            Body::TunnelRoleRemoved { tunnel } => del(table::HA_ROLE, tunnel),
+        }
+    }
+}
+
+/// How a tunnel came to exist.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelKind {
+    Static,
+    Dynamic,
+    DialupInstance,
+}
+
+/// Coarse tunnel state as shown by `get vpn ipsec tunnel summary`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelState {
+    Down,
+    Connecting,
+    Up,
+}
+
+/// DPD settings of a phase1-interface.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct DpdSettings {
+    /// `on-idle`, `on-demand` or `disable` (FortiOS spelling).
+    pub mode: String,
+    pub retry_count: u32,
+    pub retry_interval_ms: u64,
+}
+
+/// ikemgr's view of one tunnel (`tunnel.state`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TunnelInfo {
+    /// Tunnel instance name (`vpn1`, `vpn1_1`...).
+    pub name: String,
+    /// The phase1-interface it was built from.
+    pub phase1: String,
+    pub kind: TunnelKind,
+    pub local_gw: Option<String>,
+    pub remote_gw: Option<String>,
+    pub interface: Option<String>,
+    pub state: TunnelState,
+    /// Names of the phase2-interfaces bound to it.
+    pub phase2: Vec<String>,
+    pub dpd: DpdSettings,
+}
+
+/// dpdmon's per-tunnel DPD state (`dpd.state`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DpdTunnelState {
+    pub tunnel: String,
+    pub mode: String,
+    pub on: bool,
+    pub idle_ms: u64,
+    pub retry: u32,
+    pub count: u32,
+    pub seqno: u32,
+    pub state: String,
+}
+
+/// espd's per-tunnel datapath view (`esp.tunnel`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct EspTunnelInfo {
+    pub tunnel: String,
+    pub device: String,
+    pub sa_in: u32,
+    pub sa_out: u32,
+    pub rx_pkts: u64,
+    pub tx_pkts: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// hasyncd's view of one cluster member (`ha.member`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HaMemberInfo {
+    pub member_id: u32,
+    pub group_id: u32,
+    pub mode: String,
+    pub role: String,
+    pub peers: Vec<String>,
+}
