@@ -38,7 +38,8 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 [ "$(id -u)" = 0 ] || die "must run as root (network namespaces)"
 for tool in ip iperf3 swanctl unshare; do
@@ -128,7 +129,7 @@ EOF
         >"$dir/charon.out" 2>&1 &
     disown  # the cleanup trap kills it; no "Killed" notice from bash
     for _ in $(seq 50); do [ -S "$dir/charon.vici" ] && break; sleep 0.1; done
-    [ -S "$dir/charon.vici" ] || die "charon in $h did not open its vici socket; see $dir/charon.out"
+    [ -S "$dir/charon.vici" ] || die "charon in $h did not open its vici socket: $(tail -n 5 "$dir/charon.out")"
     swanctl --load-all --uri "unix://$dir/charon.vici" --file "$dir/swanctl.conf" >/dev/null
 }
 

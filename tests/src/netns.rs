@@ -7,6 +7,8 @@
 //!   veths, bridges and routes go with it. This runs during unwinding too, so a failing test
 //!   cleans up after itself.
 //! - [`Proc`] guards a process spawned in a namespace: dropping it kills and reaps the process.
+//! - [`SiteToSite`] builds the usual four-host line (client, two gateways, server) in one call.
+//! - [`Netns::nft`] loads nftables rules (drop IKE or ESP, random loss) inside a namespace.
 //! - [`ScratchDir`] is a per-test directory under `/tmp` with the same naming; it is removed on
 //!   drop, except while the thread is panicking, when it is kept (and its path printed) so the logs
 //!   in it can be read.
@@ -320,6 +322,7 @@ pub struct LinkCounters {
 #[derive(Debug)]
 struct Inner {
     name: String,
+    label: String,
 }
 
 impl Drop for Inner {
@@ -385,7 +388,10 @@ impl Netns {
         run("ip", ["netns", "add", name.as_str()])?;
         // From here on, dropping `ns` deletes the namespace, also if a step below fails.
         let ns = Netns {
-            inner: Arc::new(Inner { name }),
+            inner: Arc::new(Inner {
+                name,
+                label: label.to_string(),
+            }),
         };
         ns.link_up("lo")?;
         Ok(ns)
@@ -394,6 +400,11 @@ impl Netns {
     /// The namespace's name, as `ip netns` knows it.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// The label given to [`Netns::new`].
+    pub fn label(&self) -> &str {
+        &self.inner.label
     }
 
     /// A command that runs `program` inside this namespace (`ip netns exec NAME program`).
@@ -510,6 +521,18 @@ impl Netns {
         self.run(
             "sh",
             &["-c", "printf '%s\\n' \"$1\" > \"$2\"", "sh", value, &path],
+        )
+        .map(|_| ())
+    }
+
+    /// Loads an nftables script inside the namespace (`nft -f -`), e.g.
+    /// `"table inet t { chain in { type filter hook input priority 0; udp dport 4500 drop; }; }"`.
+    /// `nft("flush ruleset")` removes every rule again.
+    pub fn nft(&self, script: &str) -> Result<()> {
+        // The script goes in as a positional parameter, never into the shell text.
+        self.run(
+            "sh",
+            &["-c", "printf '%s\\n' \"$1\" | nft -f -", "sh", script],
         )
         .map(|_| ())
     }

@@ -782,7 +782,7 @@ impl Charon {
     /// Like [`Charon::start`], with extra lines for the `charon { }` section of
     /// `strongswan.conf`, e.g. `"retransmit_tries = 2\nretransmit_timeout = 1"`.
     pub fn start_with(ns: &Netns, extra_charon_settings: &str) -> Result<Charon> {
-        let dir = ScratchDir::new(&format!("charon-{}", ns.name()))?;
+        let dir = ScratchDir::new(&format!("charon-{}", ns.label()))?;
         for d in CRED_DIRS {
             let p = dir.path().join(d);
             std::fs::create_dir(&p).map_err(|source| netns::Error::Io {

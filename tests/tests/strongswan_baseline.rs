@@ -222,14 +222,64 @@ fn killed_initiator_restarts_and_rebuilds_the_tunnel() {
     let (ia, ib) = up(&a, &b);
     assert_ne!(ia.initiator_spi, old.initiator_spi, "a fresh IKE SA");
     // INITIAL_CONTACT from the restarted side makes gwb drop the stale IKE SA.
-    let ib = b
+    let on_b = b
         .wait_sas(WAIT, |sas| sas.len() == 1)
-        .map(|mut v| v.remove(0))
-        .unwrap_or(ib);
+        .expect("gwb keeps only the new IKE SA");
+    assert_eq!(on_b[0].spis(), ib.spis());
     assert_sas_agree(&ia, &ib);
     line.client
         .ping(SiteToSite::SERVER, 2)
         .expect("ping through the new tunnel");
+}
+
+#[test]
+fn nft_rules_cut_and_restore_the_tunnel() {
+    require_strongswan();
+    let line = SiteToSite::new("ssn").expect("topology");
+    let (a, b) = start_pair(&line);
+    up(&a, &b);
+    line.client
+        .ping(SiteToSite::SERVER, 1)
+        .expect("ping through the tunnel");
+    // ESP in UDP and IKE share port 4500 after the float: dropping it cuts the tunnel.
+    line.gwb
+        .nft("table inet cut { chain input { type filter hook input priority 0; udp dport 4500 drop; }; }")
+        .expect("nft");
+    assert!(
+        line.client.ping(SiteToSite::SERVER, 2).is_err(),
+        "ESP passed a drop rule"
+    );
+    line.gwb.nft("flush ruleset").expect("nft flush");
+    line.client
+        .ping(SiteToSite::SERVER, 1)
+        .expect("ping once the rule is gone");
+}
+
+#[test]
+fn mismatched_psk_is_reported_as_a_failure() {
+    require_strongswan();
+    let line = SiteToSite::new("ssp").expect("topology");
+    let (a, mut b) = start_pair(&line);
+    let wrong = SwanctlConf::new().conn(
+        Conn::psk(
+            "gw",
+            SiteToSite::GWB_OUTER,
+            SiteToSite::GWA_OUTER,
+            b"another-psk-entirely",
+        )
+        .ids("gwb@haven.test", "gwa@haven.test")
+        .child(ChildCfg::new("net", SiteToSite::LAN_B, SiteToSite::LAN_A)),
+    );
+    b.load(&wrong).expect("load wrong PSK");
+    let err = a
+        .initiate("net", WAIT)
+        .expect_err("initiate must fail with a wrong PSK");
+    assert!(err.to_string().contains("initiate failed"), "{err}");
+    assert!(b
+        .list_sas()
+        .expect("list")
+        .iter()
+        .all(|ike| ike.state != "ESTABLISHED"));
 }
 
 #[test]
