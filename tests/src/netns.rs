@@ -467,8 +467,9 @@ impl Netns {
         })
     }
 
-    /// `ip` with `-n NAME` (faster than `ip netns exec`).
-    fn ip<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<String> {
+    /// Any `ip` command inside the namespace (`ip -n NAME ARGS`, faster than `ip netns exec`),
+    /// e.g. `ip(&["route", "show", "table", "all"])`; returns stdout.
+    pub fn ip<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<String> {
         let mut cmd = Command::new("ip");
         cmd.args(["-n", self.name()]).args(args);
         checked(&mut cmd, DEFAULT_TIMEOUT)
@@ -500,11 +501,6 @@ impl Netns {
     /// `ip route add default via GW`.
     pub fn default_route(&self, via: &str) -> Result<()> {
         self.add_route("default", via)
-    }
-
-    /// Any other `ip` command inside the namespace, e.g. `ip(&["route", "show", "table", "all"])`.
-    pub fn ip_cmd<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<String> {
-        self.ip(args)
     }
 
     /// Writes a sysctl inside the namespace, e.g. `sysctl("net.ipv4.ip_forward", "1")`.

@@ -282,7 +282,13 @@ pub struct Conn {
     remote_id: String,
     psk: Vec<u8>,
     children: Vec<ChildCfg>,
+    /// IKE `rekey_time` and hard lifetime, kept to derive `over_time` when rendering.
+    rekey: Option<Duration>,
+    life: Option<Duration>,
 }
+
+/// strongSwan's default IKE `rekey_time` (4 h), used to derive `over_time` from a lifetime.
+const DEFAULT_IKE_REKEY: Duration = Duration::from_secs(4 * 3600);
 
 impl Conn {
     /// An IKEv2 connection between two addresses (or `%any` for the remote side of a
@@ -295,6 +301,8 @@ impl Conn {
             remote_id: remote_addr.into(),
             psk: psk.to_vec(),
             children: Vec::new(),
+            rekey: None,
+            life: None,
         };
         conn.set("version", "2")
             .set("local_addrs", local_addr)
@@ -337,7 +345,8 @@ impl Conn {
     }
 
     /// IKE `rekey_time` (zero disables IKE rekeying).
-    pub fn rekey_time(self, d: Duration) -> Conn {
+    pub fn rekey_time(mut self, d: Duration) -> Conn {
+        self.rekey = Some(d);
         self.set("rekey_time", &secs(d))
     }
 
@@ -346,17 +355,12 @@ impl Conn {
         self.set("over_time", &secs(d))
     }
 
-    /// IKE hard lifetime: swanctl has no `life_time` for IKE SAs, so this sets
-    /// `over_time = life - rekey_time`. Call after [`Conn::rekey_time`].
-    pub fn life_time(self, life: Duration) -> Conn {
-        let rekey = self
-            .settings
-            .iter()
-            .find(|(k, _)| k == "rekey_time")
-            .and_then(|(_, v)| v.trim_end_matches('s').parse::<u64>().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::from_secs(4 * 3600)); // strongSwan's default IKE rekey_time
-        self.over_time(life.saturating_sub(rekey))
+    /// IKE hard lifetime. swanctl has no `life_time` for IKE SAs, so rendering writes
+    /// `over_time = life - rekey_time` (strongSwan's default `rekey_time`, 4 h, if unset),
+    /// replacing any [`Conn::over_time`].
+    pub fn life_time(mut self, life: Duration) -> Conn {
+        self.life = Some(life);
+        self
     }
 
     /// IKE `rand_time` (zero for exact timing).
@@ -431,7 +435,12 @@ impl SwanctlConf {
         for c in &self.conns {
             check_name("connection name", &c.name)?;
             let _ = writeln!(s, "  {} {{", c.name);
-            for (k, v) in &c.settings {
+            let mut settings = c.settings.clone();
+            if let Some(life) = c.life {
+                let over = life.saturating_sub(c.rekey.unwrap_or(DEFAULT_IKE_REKEY));
+                set_in(&mut settings, "over_time", &secs(over));
+            }
+            for (k, v) in &settings {
                 check_name("key", k)?;
                 check_value(k, v)?;
                 let _ = writeln!(s, "    {k} = {v}");
@@ -1176,8 +1185,8 @@ list-sas reply {
                 .ids("gwa@haven.test", "gwb@haven.test")
                 .proposals(&["aes128gcm16-prfsha256-x25519"])
                 .dpd_delay(Duration::from_secs(5))
-                .rekey_time(Duration::from_secs(600))
                 .life_time(Duration::from_secs(660))
+                .rekey_time(Duration::from_secs(600))
                 .child(
                     ChildCfg::new("net", "10.99.1.0/24", "10.99.2.0/24")
                         .esp_proposals(&["aes128gcm16"])
