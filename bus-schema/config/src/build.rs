@@ -155,7 +155,11 @@ fn collect<'t>(
                     } else {
                         format!("expected one of the nested blocks {}", all.join(", "))
                     };
-                    ctx.error(b.pos, &f.block, ErrorKind::UnknownBlock { path: p, expected });
+                    ctx.error(
+                        b.pos,
+                        &f.block,
+                        ErrorKind::UnknownBlock { path: p, expected },
+                    );
                 }
             }
             Item::Edit(e) => {
@@ -220,7 +224,9 @@ fn ipv4_or_unset(ip: Ipv4Addr) -> Option<Ipv4Addr> {
 
 /// FortiOS Diffie-Hellman group numbers (IANA transform type 4 IDs,
 /// RFC 7296 §3.3.2 and the IANA IKEv2 registry).
-const DH_GROUPS: &[u16] = &[1, 2, 5, 14, 15, 16, 17, 18, 19, 20, 21, 27, 28, 29, 30, 31, 32];
+const DH_GROUPS: &[u16] = &[
+    1, 2, 5, 14, 15, 16, 17, 18, 19, 20, 21, 27, 28, 29, 30, 31, 32,
+];
 
 fn parse_dhgrp(s: &str) -> Option<u16> {
     let v = u16::try_from(parse_uint(s)?).ok()?;
@@ -315,7 +321,13 @@ impl<'t> Fields<'t> {
         })
     }
 
-    fn choice<T: Copy>(&self, ctx: &mut Ctx, key: &str, table: &[(&str, T)], note: &str) -> Option<T> {
+    fn choice<T: Copy>(
+        &self,
+        ctx: &mut Ctx,
+        key: &str,
+        table: &[(&str, T)],
+        note: &str,
+    ) -> Option<T> {
         let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
         let expected = format!("one of {}{note}", names.join(", "));
         self.parse(ctx, key, &expected, |s| lookup(table, s))
@@ -352,7 +364,12 @@ impl<'t> Fields<'t> {
     fn string(&self, ctx: &mut Ctx, key: &str, max_chars: usize) -> Option<String> {
         let tok = self.single(ctx, key)?;
         if tok.text.chars().count() > max_chars {
-            ctx.bad(tok, &self.block, key, format!("at most {max_chars} characters"));
+            ctx.bad(
+                tok,
+                &self.block,
+                key,
+                format!("at most {max_chars} characters"),
+            );
             return None;
         }
         Some(tok.text.clone())
@@ -365,9 +382,12 @@ impl<'t> Fields<'t> {
     }
 
     fn words(&self, ctx: &mut Ctx, key: &str, max_chars: usize) -> Option<Vec<String>> {
-        self.list(ctx, key, &format!("a name of at most {max_chars} characters"), |s| {
-            (s.chars().count() <= max_chars).then(|| s.to_string())
-        })
+        self.list(
+            ctx,
+            key,
+            &format!("a name of at most {max_chars} characters"),
+            |s| (s.chars().count() <= max_chars).then(|| s.to_string()),
+        )
         .map(|v| v.into_iter().filter(|s| !s.is_empty()).collect())
     }
 
@@ -410,7 +430,9 @@ impl<'t> Fields<'t> {
                         return None;
                     }
                 };
-                let len = parse_uint(l).filter(|v| *v <= 32).and_then(|v| u8::try_from(v).ok());
+                let len = parse_uint(l)
+                    .filter(|v| *v <= 32)
+                    .and_then(|v| u8::try_from(v).ok());
                 match (parse_ipv4(a), len) {
                     (Some(a), Some(l)) => (one, a, l),
                     _ => {
@@ -431,7 +453,12 @@ impl<'t> Fields<'t> {
                     (prefix_mask(l8) == m).then_some(l8)
                 });
                 let Some(len) = len else {
-                    ctx.bad(m, &self.block, key, "a contiguous netmask such as 255.255.255.0");
+                    ctx.bad(
+                        m,
+                        &self.block,
+                        key,
+                        "a contiguous netmask such as 255.255.255.0",
+                    );
                     return None;
                 };
                 (a, addr, len)
@@ -472,7 +499,10 @@ impl<'t> Fields<'t> {
                      used; write the key in clear",
                 );
                 let blob: Vec<&str> = rest.iter().map(|t| t.text.as_str()).collect();
-                Some(Secret::with_form(blob.join(" "), SecretForm::FortiosEncrypted))
+                Some(Secret::with_form(
+                    blob.join(" "),
+                    SecretForm::FortiosEncrypted,
+                ))
             }
             [one] => {
                 if one.text.len() >= 3 && one.text.chars().all(|c| c == '*') {
@@ -603,7 +633,10 @@ fn build_ha(ctx: &mut Ctx, b: &Block) -> Ha {
     if let Some(v) = f.choice(
         ctx,
         "mode",
-        &[("standalone", HaMode::Standalone), ("a-p", HaMode::ActivePassive)],
+        &[
+            ("standalone", HaMode::Standalone),
+            ("a-p", HaMode::ActivePassive),
+        ],
         " (Haven does not implement a-a)",
     ) {
         ha.mode = v;
@@ -624,7 +657,12 @@ fn build_ha(ctx: &mut Ctx, b: &Block) -> Ha {
                             priority: p,
                         }),
                         None => {
-                            ctx.bad(prio, &f.block, "hbdev", "a priority 0..=512 after the interface name");
+                            ctx.bad(
+                                prio,
+                                &f.block,
+                                "hbdev",
+                                "a priority 0..=512 after the interface name",
+                            );
                             ok = false;
                         }
                     }
@@ -665,7 +703,11 @@ fn build_ha(ctx: &mut Ctx, b: &Block) -> Ha {
     }
     if ha.mode == HaMode::ActivePassive {
         if ha.hbdev.is_empty() && !f.has("hbdev") {
-            ctx.invalid(b.pos, &f.block, "mode a-p needs at least one heartbeat interface (set hbdev)");
+            ctx.invalid(
+                b.pos,
+                &f.block,
+                "mode a-p needs at least one heartbeat interface (set hbdev)",
+            );
         }
         if ha.password.is_none() {
             ctx.warn(
@@ -723,8 +765,16 @@ fn build_standalone(ctx: &mut Ctx, b: &Block) -> StandaloneCluster {
             if !first_edit(ctx, &mut ids, &id, e, table) {
                 continue;
             }
-            let pf = collect(ctx, &keys::CLUSTER_PEER, edit_label(table, e), &e.items, &[]);
-            let peervd = pf.string(ctx, "peervd", 31).unwrap_or_else(|| "root".to_string());
+            let pf = collect(
+                ctx,
+                &keys::CLUSTER_PEER,
+                edit_label(table, e),
+                &e.items,
+                &[],
+            );
+            let peervd = pf
+                .string(ctx, "peervd", 31)
+                .unwrap_or_else(|| "root".to_string());
             match pf.ipv4(ctx, "peerip") {
                 Some(ip) if !ip.is_unspecified() => {
                     let pos = pf.value_pos("peerip").unwrap_or(e.pos);
@@ -764,7 +814,12 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     let mut p = Phase1::new(e.name.text.clone());
     let n = e.name.text.chars().count();
     if n == 0 || n > 15 {
-        ctx.bad(&e.name, table, "edit", "a phase1 name of 1 to 15 characters (it names an interface)");
+        ctx.bad(
+            &e.name,
+            table,
+            "edit",
+            "a phase1 name of 1 to 15 characters (it names an interface)",
+        );
     }
     if let Some(v) = f.choice(
         ctx,
@@ -778,10 +833,16 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     ) {
         p.kind = v;
     }
-    if let Some(v) = f.string(ctx, "interface", 35) {
-        p.interface = v;
+    let iface = f.string(ctx, "interface", 35);
+    if let Some(v) = &iface {
+        p.interface = v.clone();
     }
-    let _ = f.choice(ctx, "ip-version", &[("4", ())], " (Haven does not implement IPv6 tunnels)");
+    let _ = f.choice(
+        ctx,
+        "ip-version",
+        &[("4", ())],
+        " (Haven does not implement IPv6 tunnels)",
+    );
     let ike = f.choice(ctx, "ike-version", &[("1", 1u8), ("2", 2u8)], "");
     if let Some(v) = ike {
         p.ike_version = v;
@@ -791,7 +852,11 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     }
     let rgw = f.list(ctx, "remote-gw", "an IPv4 address", parse_ipv4);
     if let Some(v) = &rgw {
-        p.remote_gw = v.iter().copied().filter(|ip| !ip.is_unspecified()).collect();
+        p.remote_gw = v
+            .iter()
+            .copied()
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
     }
     if let Some(v) = f.opt_string(ctx, "remotegw-ddns", 63) {
         p.remotegw_ddns = v;
@@ -875,7 +940,12 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
                     (Some(a), Some(b)) if a * 1000 + b >= 100 => {
                         p.dpd_retryinterval_ms = u32::try_from(a * 1000 + b).unwrap_or(u32::MAX)
                     }
-                    _ => ctx.bad(ms, &f.block, "dpd-retryinterval", "an interval of at least 100 ms"),
+                    _ => ctx.bad(
+                        ms,
+                        &f.block,
+                        "dpd-retryinterval",
+                        "an interval of at least 100 ms",
+                    ),
                 }
             }
             [_, _, extra, ..] => ctx.bad(
@@ -924,7 +994,10 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     if let Some(v) = f.choice(
         ctx,
         "authmethod",
-        &[("psk", AuthMethod::Psk), ("signature", AuthMethod::Signature)],
+        &[
+            ("psk", AuthMethod::Psk),
+            ("signature", AuthMethod::Signature),
+        ],
         "",
     ) {
         p.authmethod = v;
@@ -941,7 +1014,7 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
 
     // Per-entry consistency.
     let label = &f.block;
-    if p.interface.is_empty() {
+    if p.interface.is_empty() && (iface.is_some() || !f.has("interface")) {
         ctx.invalid(e.pos, label, "phase1 needs set interface <name>");
     }
     if p.ike_version == 1 && (ike.is_some() || !f.has("ike-version")) {
@@ -976,7 +1049,11 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
             ctx.invalid(e.pos, label, "authmethod psk needs set psksecret <key>");
         }
         AuthMethod::Signature if p.certificate.is_empty() => {
-            ctx.invalid(e.pos, label, "authmethod signature needs set certificate <name>");
+            ctx.invalid(
+                e.pos,
+                label,
+                "authmethod signature needs set certificate <name>",
+            );
         }
         _ => {}
     }
@@ -1065,7 +1142,12 @@ fn build_phase2(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase2, P2Pos) {
     let f = collect(ctx, &keys::PHASE2, edit_label(table, e), &e.items, &[]);
     let n = e.name.text.chars().count();
     if n == 0 || n > 35 {
-        ctx.bad(&e.name, table, "edit", "a phase2 name of 1 to 35 characters");
+        ctx.bad(
+            &e.name,
+            table,
+            "edit",
+            "a phase2 name of 1 to 35 characters",
+        );
     }
     let phase1name = f.string(ctx, "phase1name", 35).unwrap_or_default();
     let mut p = Phase2::new(e.name.text.clone(), phase1name);
@@ -1173,7 +1255,11 @@ fn build_route(ctx: &mut Ctx, e: &Edit, table: &str, seq_num: u32) -> Route {
         r.comment = v;
     }
     if r.device.is_none() && !r.blackhole && !f.has("device") {
-        ctx.invalid(e.pos, &f.block, "static route needs set device <interface> or set blackhole enable");
+        ctx.invalid(
+            e.pos,
+            &f.block,
+            "static route needs set device <interface> or set blackhole enable",
+        );
     }
     if r.blackhole && (r.device.is_some() || r.gateway.is_some()) {
         ctx.warn(
@@ -1195,7 +1281,10 @@ fn top_block(ctx: &mut Ctx, st: &mut State, b: &Block) {
                 ctx.invalid(
                     b.pos,
                     "",
-                    format!("config system ha appears twice (first at line {})", first.line),
+                    format!(
+                        "config system ha appears twice (first at line {})",
+                        first.line
+                    ),
                 );
                 return;
             }
@@ -1320,10 +1409,7 @@ fn ignored_or_unknown(ctx: &mut Ctx, b: &Block, words: &[&str], path: &str) {
             format!("did you mean config {}?", hint.unwrap_or_default()),
         ),
         [first, ..] if keys::FORTIOS_TOP.contains(first) => ignored(ctx),
-        _ => unknown(
-            ctx,
-            format!("not a FortiOS block; Haven reads {}", ours()),
-        ),
+        _ => unknown(ctx, format!("not a FortiOS block; Haven reads {}", ours())),
     }
 }
 
@@ -1334,17 +1420,15 @@ fn walk(ctx: &mut Ctx, st: &mut State, items: &[Item], label: &str) {
             // The syntax layer already reported these at the top level.
             Item::Edit(_) | Item::Set { .. } | Item::Unset { .. } if label.is_empty() => {}
             Item::Edit(e) => ctx.invalid(e.pos, label, "expected config, found edit"),
-            Item::Set { key, .. } | Item::Unset { key } => {
-                ctx.error(
-                    key.pos,
-                    label,
-                    ErrorKind::UnknownKey {
-                        key: key.text.clone(),
-                        block: label.to_string(),
-                        expected: "expected config blocks only".into(),
-                    },
-                )
-            }
+            Item::Set { key, .. } | Item::Unset { key } => ctx.error(
+                key.pos,
+                label,
+                ErrorKind::UnknownKey {
+                    key: key.text.clone(),
+                    block: label.to_string(),
+                    expected: "expected config blocks only".into(),
+                },
+            ),
         }
     }
 }
@@ -1384,7 +1468,11 @@ fn validate(ctx: &mut Ctx, st: &State) {
             if *m == p1.name {
                 ctx.invalid(at, &label, "monitor names the phase1 itself");
             } else if cfg.phase1(m).is_none() {
-                ctx.invalid(at, &label, format!("monitor \"{m}\" does not name a phase1-interface entry"));
+                ctx.invalid(
+                    at,
+                    &label,
+                    format!("monitor \"{m}\" does not name a phase1-interface entry"),
+                );
             }
         }
         if p1.fgsp_sync && cfg.standalone.is_none() {
@@ -1415,20 +1503,46 @@ mod tests {
 
     #[test]
     fn proposals() {
-        let ok1 = ["aes128-sha1", "aes256-sha512", "aes256gcm-prfsha384", "chacha20poly1305-prfsha256", "3des-md5"];
+        let ok1 = [
+            "aes128-sha1",
+            "aes256-sha512",
+            "aes256gcm-prfsha384",
+            "chacha20poly1305-prfsha256",
+            "3des-md5",
+        ];
         for s in ok1 {
             let p = parse_proposal(s, true).unwrap_or_else(|| panic!("{s}"));
             assert_eq!(p.to_string(), s);
         }
-        let ok2 = ["aes128-sha1", "aes128gcm", "chacha20poly1305", "null-sha256", "aes256-null"];
+        let ok2 = [
+            "aes128-sha1",
+            "aes128gcm",
+            "chacha20poly1305",
+            "null-sha256",
+            "aes256-null",
+        ];
         for s in ok2 {
             let p = parse_proposal(s, false).unwrap_or_else(|| panic!("{s}"));
             assert_eq!(p.to_string(), s);
         }
-        for bad in ["aes128", "aes128gcm", "null-sha1", "aes128-sha3", "aes128-null", "banana", "", "-"] {
+        for bad in [
+            "aes128",
+            "aes128gcm",
+            "null-sha1",
+            "aes128-sha3",
+            "aes128-null",
+            "banana",
+            "",
+            "-",
+        ] {
             assert!(parse_proposal(bad, true).is_none(), "{bad}");
         }
-        for bad in ["aes128gcm-prfsha256", "null-null", "aes128", "aes128-prfsha1"] {
+        for bad in [
+            "aes128gcm-prfsha256",
+            "null-null",
+            "aes128",
+            "aes128-prfsha1",
+        ] {
             assert!(parse_proposal(bad, false).is_none(), "{bad}");
         }
     }

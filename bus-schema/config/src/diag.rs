@@ -123,7 +123,15 @@ fn write_location(
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write_location(f, self.file.as_deref(), self.line, self.col)?;
-        write!(f, "error: {}", self.kind)
+        f.write_str("error: ")?;
+        let names_block = matches!(
+            self.kind,
+            ErrorKind::UnknownKey { .. } | ErrorKind::Syntax { .. } | ErrorKind::Io { .. }
+        );
+        if !self.block.is_empty() && !names_block {
+            write!(f, "{}: ", self.block)?;
+        }
+        write!(f, "{}", self.kind)
     }
 }
 
@@ -207,7 +215,9 @@ mod tests {
              phase1-interface; expected one of type, interface"
         );
         e.file = Some("gw.conf".into());
-        assert!(e.to_string().starts_with("gw.conf:12:9: error: unknown key"));
+        assert!(e
+            .to_string()
+            .starts_with("gw.conf:12:9: error: unknown key"));
         let w = Warning {
             file: Some("gw.conf".into()),
             line: 3,

@@ -143,8 +143,9 @@ impl Default for Ha {
     }
 }
 
-/// `config system standalone-cluster` (FGSP).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// `config system standalone-cluster` (FGSP). Every FortiOS default is zero,
+/// empty or off, so `Default` gives them all.
+#[derive(Clone, Debug, PartialEq, Serialize, Default)]
 pub struct StandaloneCluster {
     /// `standalone-group-id`, 0..=255. Default 0.
     pub standalone_group_id: u8,
@@ -160,20 +161,6 @@ pub struct StandaloneCluster {
     pub psksecret: Option<Secret>,
     /// `config cluster-peer`, in file order.
     pub cluster_peers: Vec<ClusterPeer>,
-}
-
-impl Default for StandaloneCluster {
-    fn default() -> Self {
-        StandaloneCluster {
-            standalone_group_id: 0,
-            group_member_id: 0,
-            layer2_connection: false,
-            session_sync_dev: Vec::new(),
-            encryption: false,
-            psksecret: None,
-            cluster_peers: Vec::new(),
-        }
-    }
 }
 
 /// One `config cluster-peer` edit.

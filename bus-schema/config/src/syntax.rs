@@ -280,13 +280,17 @@ pub(crate) fn parse_tree(text: &str, diags: &mut Vec<SyntaxDiag>) -> Block {
         match cmd.text.as_str() {
             "config" => {
                 if args.is_empty() {
-                    diags.push(syntax(cmd.pos, "config needs a block path, e.g. config system ha"));
+                    diags.push(syntax(
+                        cmd.pos,
+                        "config needs a block path, e.g. config system ha",
+                    ));
                     continue;
                 }
-                if let Some(bad) = args
-                    .iter()
-                    .find(|t| ["config", "edit", "set", "unset", "next", "end"].iter().any(|w| t.is_word(w)))
-                {
+                if let Some(bad) = args.iter().find(|t| {
+                    ["config", "edit", "set", "unset", "next", "end"]
+                        .iter()
+                        .any(|w| t.is_word(w))
+                }) {
                     diags.push(syntax(
                         bad.pos,
                         format!(
@@ -297,7 +301,10 @@ pub(crate) fn parse_tree(text: &str, diags: &mut Vec<SyntaxDiag>) -> Block {
                     continue;
                 }
                 if stack.len() > MAX_DEPTH {
-                    diags.push(SyntaxDiag::Error(cmd.pos, ErrorKind::TooDeep { limit: MAX_DEPTH }));
+                    diags.push(SyntaxDiag::Error(
+                        cmd.pos,
+                        ErrorKind::TooDeep { limit: MAX_DEPTH },
+                    ));
                     return unwind(stack);
                 }
                 stack.push(Frame::Block(Block {
@@ -332,7 +339,10 @@ pub(crate) fn parse_tree(text: &str, diags: &mut Vec<SyntaxDiag>) -> Block {
                     diags.push(syntax(cmd.pos, "edit outside a config block"));
                 }
                 if stack.len() > MAX_DEPTH {
-                    diags.push(SyntaxDiag::Error(cmd.pos, ErrorKind::TooDeep { limit: MAX_DEPTH }));
+                    diags.push(SyntaxDiag::Error(
+                        cmd.pos,
+                        ErrorKind::TooDeep { limit: MAX_DEPTH },
+                    ));
                     return unwind(stack);
                 }
                 stack.push(Frame::Edit(Edit {
@@ -347,13 +357,18 @@ pub(crate) fn parse_tree(text: &str, diags: &mut Vec<SyntaxDiag>) -> Block {
                     continue;
                 };
                 if values.is_empty() {
-                    let col = key
-                        .pos
-                        .col
-                        .saturating_add(u32::try_from(key.text.chars().count()).unwrap_or(u32::MAX));
+                    let col = key.pos.col.saturating_add(
+                        u32::try_from(key.text.chars().count()).unwrap_or(u32::MAX),
+                    );
                     diags.push(syntax(
-                        Pos { line: key.pos.line, col },
-                        format!("set {} needs a value (use unset to restore the default)", key.text),
+                        Pos {
+                            line: key.pos.line,
+                            col,
+                        },
+                        format!(
+                            "set {} needs a value (use unset to restore the default)",
+                            key.text
+                        ),
                     ));
                     continue;
                 }
@@ -475,7 +490,10 @@ mod tests {
             ]
         );
         assert_eq!(lex_ok("set a ''"), vec![vec!["set", "a", ""]]);
-        assert_eq!(lex_ok("set a \"two\nlines\""), vec![vec!["set", "a", "two\nlines"]]);
+        assert_eq!(
+            lex_ok("set a \"two\nlines\""),
+            vec![vec!["set", "a", "two\nlines"]]
+        );
     }
 
     #[test]
