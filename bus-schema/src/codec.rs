@@ -383,3 +383,483 @@ pub fn decode_reply(bytes: &[u8]) -> Result<CtlReply, DecodeError> {
 pub fn encode_body(body: &Body) -> Vec<u8> {
     to_msgpack(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::samples::*;
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The envelope of `samples::envelope`, up to the body:
+    /// 86 (map, 6 entries)
+    ///   a6 "schema" 01
+    ///   a3 "src" a6 "ikemgr"
+    ///   a4 "boot" c4 10 <16 bytes big-endian>
+    ///   a3 "seq" 2a
+    ///   a5 "ts_ns" cf <u64 big-endian>
+    ///   a4 "body" ...
+    const ENVELOPE_HEAD: &str = concat!(
+        "86a6736368656d6101a3737263a6696b656d6772a4626f6f74c4100123456789abcdeffedcba9876543210a37365712a",
+        "a574735f6e73cf17979cfe3d85cd15a4626f6479",
+    );
+
+    /// Body bytes after [`ENVELOPE_HEAD`], one per variant. A change here is a wire change.
+    const BODY_GOLDEN: &[(&str, &str)] = &[
+        (
+            "Heartbeat",
+            concat!(
+                "82a474797065a9486561727462656174a46461746181a9757074696d655f6d73cd05dc",
+            ),
+        ),
+        (
+            "Tunnel",
+            concat!(
+                "82a474797065a654756e6e656ca46461746189a46e616d65a676706e315f31a6706861736531a476706e31a46b696e64",
+                "af6469616c75705f696e7374616e6365a86c6f63616c5f6777a93139322e302e322e31a972656d6f74655f6777c0a969",
+                "6e74657266616365a5706f727431a57374617465a27570a670686173653291a776706e312d7032a364706483a46d6f64",
+                "65a76f6e2d69646c65ab72657472795f636f756e7403b172657472795f696e74657276616c5f6d73cd4e20",
+            ),
+        ),
+        (
+            "TunnelRemoved",
+            concat!(
+                "82a474797065ad54756e6e656c52656d6f766564a46461746181a46e616d65a676706e315f31",
+            ),
+        ),
+        (
+            "Dpd",
+            concat!(
+                "82a474797065a3447064a46461746188a674756e6e656ca476706e31a46d6f6465a96f6e2d64656d616e64a26f6ec3a7",
+                "69646c655f6d73cd0fa0a5726574727902a5636f756e7403a57365716e6fce12345678a57374617465a770726f62696e",
+                "67",
+            ),
+        ),
+        (
+            "DpdRemoved",
+            concat!(
+                "82a474797065aa44706452656d6f766564a46461746181a674756e6e656ca476706e31",
+            ),
+        ),
+        (
+            "EspTunnel",
+            concat!(
+                "82a474797065a945737054756e6e656ca46461746188a674756e6e656ca476706e31a6646576696365a474756e30a573",
+                "615f696ecec0ffee01a673615f6f7574cedeadbeefa772785f706b74730aa774785f706b7473cd012ca872785f627974",
+                "6573ce000f4240a874785f6279746573cfffffffffffffffff",
+            ),
+        ),
+        (
+            "EspTunnelRemoved",
+            concat!(
+                "82a474797065b045737054756e6e656c52656d6f766564a46461746181a674756e6e656ca476706e31",
+            ),
+        ),
+        (
+            "HaMember",
+            concat!(
+                "82a474797065a848614d656d626572a46461746185a96d656d6265725f696401a867726f75705f696407a46d6f6465a3",
+                "612d70a4726f6c65a77072696d617279a5706565727392a831302e302e302e32a831302e302e302e33",
+            ),
+        ),
+        (
+            "HaMemberRemoved",
+            concat!(
+                "82a474797065af48614d656d62657252656d6f766564a46461746181a96d656d6265725f696402",
+            ),
+        ),
+        (
+            "TunnelRole",
+            concat!(
+                "82a474797065aa54756e6e656c526f6c65a46461746182a674756e6e656ca476706e31a4726f6c65ac73796e632d7072",
+                "696d617279",
+            ),
+        ),
+        (
+            "TunnelRoleRemoved",
+            concat!(
+                "82a474797065b154756e6e656c526f6c6552656d6f766564a46461746181a674756e6e656ca476706e31",
+            ),
+        ),
+    ];
+
+    const REQUEST_GOLDEN: &[(&str, &str)] = &[
+        (
+            "Snapshot",
+            concat!(
+                "81a474797065a8536e617073686f74",
+            ),
+        ),
+        (
+            "Status",
+            concat!(
+                "81a474797065a6537461747573",
+            ),
+        ),
+        (
+            "Replicas",
+            concat!(
+                "81a474797065a85265706c69636173",
+            ),
+        ),
+        (
+            "View",
+            concat!(
+                "82a474797065a456696577a46461746182a46e616d65ab74756e6e656c2d6c697374a46172677392a46e616d65a47670",
+                "6e31",
+            ),
+        ),
+        (
+            "Command",
+            concat!(
+                "82a474797065a7436f6d6d616e64a46461746182a46e616d65a5666c757368a46172677390",
+            ),
+        ),
+        (
+            "SetLogLevel",
+            concat!(
+                "82a474797065ab5365744c6f674c6576656ca46461746181a56c6576656ca56465627567",
+            ),
+        ),
+        (
+            "Attach",
+            concat!(
+                "82a474797065a6417474616368a46461746181a56c6576656ca22d31",
+            ),
+        ),
+        (
+            "AttachKeepalive",
+            concat!(
+                "81a474797065af4174746163684b656570616c697665",
+            ),
+        ),
+        (
+            "Detach",
+            concat!(
+                "81a474797065a6446574616368",
+            ),
+        ),
+        (
+            "ReloadConfig",
+            concat!(
+                "81a474797065ac52656c6f6164436f6e666967",
+            ),
+        ),
+    ];
+
+    const REPLY_GOLDEN: &[(&str, &str)] = &[
+        (
+            "Ok",
+            concat!(
+                "81a474797065a24f6b",
+            ),
+        ),
+        (
+            "Error",
+            concat!(
+                "82a474797065a54572726f72a46461746181a76d657373616765ac6e6f20737563682076696577",
+            ),
+        ),
+        (
+            "Snapshot",
+            concat!(
+                "82a474797065a8536e617073686f74a46461746184a3737263a66470646d6f6ea4626f6f74c4100123456789abcdeffe",
+                "dcba9876543210a373657109a56974656d739182a474797065aa44706452656d6f766564a46461746181a674756e6e65",
+                "6ca178",
+            ),
+        ),
+        (
+            "Status",
+            concat!(
+                "82a474797065a6537461747573a46461746188a46b696e64a7686173796e6364a3706964cd1092a4626f6f74c4100123",
+                "456789abcdeffedcba9876543210a9757074696d655f6d73cdee48a37365714da96c6f675f6c6576656ca4696e666fa7",
+                "76657273696f6ea5302e312e30ab636f6e6669675f70617468b52f6574632f686176656e2f686176656e2e636f6e66",
+            ),
+        ),
+        (
+            "Replicas",
+            concat!(
+                "82a474797065a85265706c69636173a4646174619189a3737263a6696b656d6772a4626f6f74c4100123456789abcdef",
+                "fedcba9876543210a373657105a673796e636564c3a56974656d7302a6646967657374cf0102030405060708a4676170",
+                "7301a9736e617073686f747302a57374616c65c2",
+            ),
+        ),
+        (
+            "View",
+            concat!(
+                "82a474797065a456696577a46461746181a774756e6e656c7395ffa476706e31c3c0cb4004000000000000",
+            ),
+        ),
+        (
+            "DebugLine",
+            concat!(
+                "82a474797065a944656275674c696e65a46461746183a574735f6e73cf17979cfe3d85cd15a56c6576656ca564656275",
+                "67a46c696e65b8696b6520303a76706e313a2073656e7420494b45206d7367",
+            ),
+        ),
+        (
+            "Reloaded",
+            concat!(
+                "82a474797065a852656c6f61646564a46461746181a87761726e696e677391b36c696e6520333a20756e6b6e6f776e20",
+                "6b6579",
+            ),
+        ),
+    ];
+
+    #[test]
+    fn every_body_variant_has_a_golden_and_a_sample() {
+        let samples = bodies();
+        assert_eq!(samples.len(), Body::VARIANTS.len());
+        assert_eq!(BODY_GOLDEN.len(), Body::VARIANTS.len());
+        for ((b, v), (g, _)) in samples.iter().zip(Body::VARIANTS).zip(BODY_GOLDEN) {
+            assert_eq!(b.variant(), *v);
+            assert_eq!(g, v);
+        }
+        assert_eq!(requests().len(), CtlRequest::VARIANTS.len());
+        assert_eq!(REQUEST_GOLDEN.len(), CtlRequest::VARIANTS.len());
+        assert_eq!(replies().len(), CtlReply::VARIANTS.len());
+        assert_eq!(REPLY_GOLDEN.len(), CtlReply::VARIANTS.len());
+    }
+
+    #[test]
+    fn envelope_golden_bytes() {
+        for (body, (name, golden)) in bodies().into_iter().zip(BODY_GOLDEN) {
+            let bytes = encode(&envelope(body.clone()));
+            assert_eq!(
+                hex(&bytes),
+                format!("{ENVELOPE_HEAD}{golden}"),
+                "wire bytes of {name} changed"
+            );
+            assert_eq!(decode(&bytes).unwrap(), envelope(body));
+        }
+    }
+
+    #[test]
+    fn control_golden_bytes() {
+        for (req, (name, golden)) in requests().into_iter().zip(REQUEST_GOLDEN) {
+            assert_eq!(
+                hex(&encode_request(&req)),
+                *golden,
+                "request {name} changed"
+            );
+            assert_eq!(decode_request(&unhex(golden)).unwrap(), req);
+        }
+        for (rep, (name, golden)) in replies().into_iter().zip(REPLY_GOLDEN) {
+            assert_eq!(hex(&encode_reply(&rep)), *golden, "reply {name} changed");
+            assert_eq!(decode_reply(&unhex(golden)).unwrap(), rep);
+        }
+    }
+
+    #[test]
+    fn round_trip_with_extreme_values() {
+        for body in bodies() {
+            for (boot, seq, ts) in [(0, 0, 0), (u128::MAX, u64::MAX, u64::MAX), (1, 1, 1)] {
+                let mut env = envelope(body.clone());
+                env.boot = boot;
+                env.seq = seq;
+                env.ts_ns = ts;
+                for src in DaemonKind::DAEMONS {
+                    env.src = src;
+                    assert_eq!(decode(&encode(&env)).unwrap(), env);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn topic_frame_is_checked() {
+        let env = envelope(Body::TunnelRemoved { name: "a".into() });
+        let bytes = encode(&env);
+        assert_eq!(decode_frames(b"tunnel.removed", &bytes).unwrap(), env);
+        assert_eq!(
+            decode_frames(b"tunnel.state", &bytes),
+            Err(DecodeError::TopicMismatch {
+                got: "tunnel.state".into(),
+                expected: "tunnel.removed"
+            })
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_a_typed_error() {
+        for body in bodies() {
+            let bytes = encode(&envelope(body));
+            for cut in 0..bytes.len() {
+                match decode(&bytes[..cut]) {
+                    Err(DecodeError::Truncated { .. }) => {}
+                    other => panic!("cut at {cut}: {other:?}"),
+                }
+            }
+        }
+        for rep in replies() {
+            let bytes = encode_reply(&rep);
+            for cut in 0..bytes.len() {
+                assert!(matches!(
+                    decode_reply(&bytes[..cut]),
+                    Err(DecodeError::Truncated { .. })
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut bytes = encode(&envelope(Body::Heartbeat { uptime_ms: 1 }));
+        bytes.push(0xc0);
+        assert_eq!(decode(&bytes), Err(DecodeError::TrailingData { extra: 1 }));
+    }
+
+    #[test]
+    fn garbage_is_a_typed_error() {
+        assert!(matches!(
+            decode(&[0xc1]),
+            Err(DecodeError::Garbage { offset: 0, .. })
+        ));
+        // A string where the envelope map should be.
+        assert!(matches!(
+            decode(b"\xa3abc"),
+            Err(DecodeError::Malformed { .. })
+        ));
+        // Nesting deeper than MAX_DEPTH.
+        let deep = vec![0x91u8; MAX_DEPTH + 2];
+        assert!(matches!(
+            decode(&deep),
+            Err(DecodeError::Garbage { .. }) | Err(DecodeError::Truncated { .. })
+        ));
+        let mut deep = vec![0x91u8; MAX_DEPTH + 2];
+        deep.push(0xc0);
+        assert!(matches!(
+            decode(&deep),
+            Err(DecodeError::Garbage {
+                reason: "nesting too deep",
+                ..
+            })
+        ));
+        // A map announcing 4 billion entries in a few bytes.
+        assert!(matches!(
+            decode(&[0xdf, 0xff, 0xff, 0xff, 0xff, 0xc0]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        // A bin announcing 4 GiB.
+        assert!(matches!(
+            decode(&[0xc6, 0xff, 0xff, 0xff, 0xff]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(&[]),
+            Err(DecodeError::Truncated { offset: 0 })
+        ));
+        // Invalid UTF-8 in a string field.
+        let mut bytes = encode(&envelope(Body::TunnelRemoved { name: "abc".into() }));
+        let n = bytes.len();
+        bytes[n - 1] = 0xff;
+        assert!(matches!(decode(&bytes), Err(DecodeError::Malformed { .. })));
+    }
+
+    /// Re-encode a sample after editing it as a generic MessagePack value.
+    fn edited(env: &Envelope, edit: impl FnOnce(&mut Vec<(rmpv::Value, rmpv::Value)>)) -> Vec<u8> {
+        let mut v: rmpv::Value = rmpv::decode::read_value(&mut &encode(env)[..]).unwrap();
+        if let rmpv::Value::Map(m) = &mut v {
+            edit(m);
+        }
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &v).unwrap();
+        out
+    }
+
+    fn set(m: &mut [(rmpv::Value, rmpv::Value)], key: &str, val: rmpv::Value) {
+        for (k, v) in m.iter_mut() {
+            if k.as_str() == Some(key) {
+                *v = val;
+                return;
+            }
+        }
+        panic!("no key {key}");
+    }
+
+    #[test]
+    fn newer_and_older_schema_are_refused() {
+        let env = envelope(Body::Heartbeat { uptime_ms: 1 });
+        let newer = edited(&env, |m| set(m, "schema", rmpv::Value::from(2)));
+        assert_eq!(
+            decode(&newer),
+            Err(DecodeError::NewerSchema {
+                got: 2,
+                supported: 1
+            })
+        );
+        // A newer schema is reported as such even if the rest changed shape.
+        let newer = edited(&env, |m| {
+            set(m, "schema", rmpv::Value::from(7));
+            set(m, "body", rmpv::Value::from("something else"));
+            set(m, "src", rmpv::Value::from(3));
+        });
+        assert!(matches!(
+            decode(&newer),
+            Err(DecodeError::NewerSchema { got: 7, .. })
+        ));
+        let older = edited(&env, |m| set(m, "schema", rmpv::Value::from(0)));
+        assert!(matches!(
+            decode(&older),
+            Err(DecodeError::OlderSchema { got: 0, .. })
+        ));
+        assert!(decode(&older).unwrap_err().is_incompatible());
+    }
+
+    #[test]
+    fn unknown_variants_are_named() {
+        let env = envelope(Body::Heartbeat { uptime_ms: 1 });
+        let unknown_body = edited(&env, |m| {
+            let mut body = vec![
+                (rmpv::Value::from("type"), rmpv::Value::from("SaChildAdd")),
+                (rmpv::Value::from("data"), rmpv::Value::Map(vec![])),
+            ];
+            body.truncate(2);
+            set(m, "body", rmpv::Value::Map(body));
+        });
+        assert_eq!(
+            decode(&unknown_body),
+            Err(DecodeError::UnknownVariant {
+                what: "body",
+                name: "SaChildAdd".into()
+            })
+        );
+        let unknown_src = edited(&env, |m| set(m, "src", rmpv::Value::from("routed")));
+        assert_eq!(
+            decode(&unknown_src),
+            Err(DecodeError::UnknownVariant {
+                what: "daemon",
+                name: "routed".into()
+            })
+        );
+        let req = unhex("81a474797065a5526562757a");
+        assert!(matches!(
+            decode_request(&req),
+            Err(DecodeError::UnknownVariant {
+                what: "control request",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let env = envelope(Body::Heartbeat { uptime_ms: 1 });
+        let more = edited(&env, |m| {
+            m.push((rmpv::Value::from("trace_id"), rmpv::Value::from(99)));
+        });
+        assert_eq!(decode(&more).unwrap(), env);
+    }
+
+    #[test]
+    fn boot_must_be_sixteen_bytes() {
+        let env = envelope(Body::Heartbeat { uptime_ms: 1 });
+        let short = edited(&env, |m| set(m, "boot", rmpv::Value::Binary(vec![1; 15])));
+        assert!(matches!(decode(&short), Err(DecodeError::Malformed { .. })));
+    }
+}

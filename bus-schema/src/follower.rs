@@ -349,3 +349,351 @@ impl Follower {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{Body, TunnelState};
+    use crate::store::Owner;
+
+    const SRC: DaemonKind = DaemonKind::Ikemgr;
+    const SEC: u64 = 1_000_000_000;
+
+    fn put(name: &str, n: u64) -> Body {
+        let mut t = crate::samples::tunnel();
+        t.name = name.into();
+        t.dpd.retry_interval_ms = n;
+        t.state = TunnelState::Connecting;
+        Body::Tunnel(t)
+    }
+
+    fn del(name: &str) -> Body {
+        Body::TunnelRemoved { name: name.into() }
+    }
+
+    /// A follower synced to `owner` through a snapshot at `now`.
+    fn synced(owner: &Owner) -> Follower {
+        let mut f = Follower::new(SRC);
+        assert!(f.poll_snapshot_request(0));
+        assert_eq!(
+            f.handle_snapshot(owner.snapshot(), 0),
+            SnapshotOutcome::Applied {
+                replayed: 0,
+                synced: true
+            }
+        );
+        f
+    }
+
+    #[test]
+    fn fresh_follower_asks_at_once_then_waits_for_the_retry_timeout() {
+        let mut f = Follower::new(SRC);
+        assert_eq!(f.poll_timeout(), Some(0));
+        assert!(f.poll_snapshot_request(5));
+        assert!(!f.poll_snapshot_request(5));
+        assert_eq!(f.poll_timeout(), Some(5 + SEC));
+        assert!(!f.poll_snapshot_request(5 + SEC - 1));
+        assert!(f.poll_snapshot_request(5 + SEC));
+        assert!(!f.poll_snapshot_request(5 + SEC + 1));
+        assert!(f.poll_snapshot_request(5 + 3 * SEC));
+        assert_eq!(f.stats().snapshot_requests, 3);
+        assert_eq!(f.stats().snapshot_retries, 2);
+        assert!(!f.synced());
+    }
+
+    #[test]
+    fn in_order_updates_apply_and_stale_ones_are_ignored() {
+        let mut owner = Owner::new(SRC, 1);
+        owner.stamp(put("a", 1), 0);
+        let mut f = synced(&owner);
+        assert_eq!(f.poll_timeout(), None);
+        let e2 = owner.stamp(put("b", 2), 0);
+        let e3 = owner.stamp(del("a"), 0);
+        assert_eq!(f.handle_update(e2.clone(), 1), FollowOutcome::Applied);
+        assert_eq!(f.handle_update(e3, 2), FollowOutcome::Applied);
+        assert_eq!(f.handle_update(e2, 3), FollowOutcome::Stale);
+        assert_eq!(f.store(), owner.store());
+        assert_eq!(f.seq(), 3);
+        assert_eq!(f.stats().stale, 1);
+        assert!(!f.poll_snapshot_request(4));
+    }
+
+    #[test]
+    fn gap_buffers_requests_and_replays_only_newer_updates() {
+        let mut owner = Owner::new(SRC, 1);
+        let mut f = synced(&owner);
+        let e1 = owner.stamp(put("a", 1), 0);
+        let _lost = owner.stamp(put("b", 2), 0);
+        let e3 = owner.stamp(put("c", 3), 0);
+        assert_eq!(f.handle_update(e1, 1), FollowOutcome::Applied);
+        assert_eq!(f.handle_update(e3.clone(), 2), FollowOutcome::GapDetected);
+        assert_eq!(f.stats().gaps, 1);
+        assert!(!f.synced());
+        assert!(f.poll_snapshot_request(3));
+        // The owner moves on before answering; the snapshot is taken at seq 4.
+        let e4 = owner.stamp(del("a"), 0);
+        let snap = owner.snapshot();
+        let e5 = owner.stamp(put("d", 5), 0);
+        assert_eq!(f.handle_update(e4, 4), FollowOutcome::Buffered);
+        assert_eq!(f.handle_update(e5, 5), FollowOutcome::Buffered);
+        assert_eq!(f.buffered(), 3);
+        // e3 and e4 are covered by the snapshot; only e5 is replayed.
+        assert_eq!(
+            f.handle_snapshot(snap, 6),
+            SnapshotOutcome::Applied {
+                replayed: 1,
+                synced: true
+            }
+        );
+        assert_eq!(f.store(), owner.store());
+        assert_eq!(f.store().digest(), owner.store().digest());
+        assert_eq!(f.seq(), 5);
+        assert_eq!(f.buffered(), 0);
+        let e6 = owner.stamp(put("e", 6), 0);
+        assert_eq!(f.handle_update(e6, 7), FollowOutcome::Applied);
+        assert_eq!(f.handle_update(e3, 8), FollowOutcome::Stale);
+    }
+
+    #[test]
+    fn new_boot_resets_and_keeps_the_old_store_until_the_snapshot() {
+        let mut old = Owner::new(SRC, 1);
+        old.stamp(put("a", 1), 0);
+        let mut f = synced(&old);
+        let mut new = Owner::new(SRC, 2);
+        new.stamp(put("z", 9), 0);
+        let hb = new.stamp(Body::Heartbeat { uptime_ms: 1 }, 0);
+        assert_eq!(f.handle_update(hb, 1), FollowOutcome::NewBoot);
+        assert_eq!(f.boot(), Some(2));
+        assert_eq!(f.stats().new_boots, 1);
+        assert!(!f.synced());
+        assert_eq!(f.store(), old.store(), "store kept until the snapshot");
+        assert!(f.poll_snapshot_request(2));
+        // A reply from the old boot (to an earlier request) is ignored.
+        assert_eq!(
+            f.handle_snapshot(old.snapshot(), 3),
+            SnapshotOutcome::WrongBoot
+        );
+        assert_eq!(
+            f.handle_snapshot(new.snapshot(), 4),
+            SnapshotOutcome::Applied {
+                replayed: 0,
+                synced: true
+            }
+        );
+        assert_eq!(f.store(), new.store());
+        assert_eq!(f.seq(), 2);
+    }
+
+    #[test]
+    fn new_boot_while_waiting_asks_again_at_once() {
+        let mut f = Follower::new(SRC);
+        assert!(f.poll_snapshot_request(0));
+        let mut a = Owner::new(SRC, 1);
+        assert_eq!(
+            f.handle_update(a.stamp(put("a", 1), 0), 1),
+            FollowOutcome::Buffered
+        );
+        let mut b = Owner::new(SRC, 2);
+        assert_eq!(
+            f.handle_update(b.stamp(put("b", 1), 0), 2),
+            FollowOutcome::NewBoot
+        );
+        assert!(
+            f.poll_snapshot_request(3),
+            "no need to wait for the retry timeout"
+        );
+    }
+
+    #[test]
+    fn late_joiner_buffers_first_updates_and_replays_them() {
+        let mut owner = Owner::new(SRC, 7);
+        for i in 0..10 {
+            owner.stamp(put(&format!("t{i}"), i), 0);
+        }
+        let mut f = Follower::new(SRC);
+        assert!(f.poll_snapshot_request(0));
+        // Updates arrive before the snapshot reply.
+        let e11 = owner.stamp(put("t3", 33), 0);
+        let snap = owner.snapshot();
+        let e12 = owner.stamp(del("t4"), 0);
+        assert_eq!(f.handle_update(e11, 1), FollowOutcome::Buffered);
+        assert_eq!(f.boot(), Some(7));
+        assert_eq!(f.handle_update(e12, 2), FollowOutcome::Buffered);
+        assert!(
+            !f.poll_snapshot_request(3),
+            "the first request is still in flight"
+        );
+        assert_eq!(
+            f.handle_snapshot(snap, 4),
+            SnapshotOutcome::Applied {
+                replayed: 1,
+                synced: true
+            }
+        );
+        assert_eq!(f.store(), owner.store());
+        assert_eq!(f.store().len(), 9);
+    }
+
+    #[test]
+    fn hole_in_the_replay_asks_again() {
+        let mut owner = Owner::new(SRC, 1);
+        let mut f = Follower::new(SRC);
+        assert!(f.poll_snapshot_request(0));
+        let snap = owner.snapshot();
+        let _lost = owner.stamp(put("a", 1), 0);
+        let e2 = owner.stamp(put("b", 2), 0);
+        assert_eq!(f.handle_update(e2, 1), FollowOutcome::Buffered);
+        assert_eq!(
+            f.handle_snapshot(snap, 2),
+            SnapshotOutcome::Applied {
+                replayed: 0,
+                synced: false
+            }
+        );
+        assert!(f.poll_snapshot_request(3));
+        assert_eq!(
+            f.handle_snapshot(owner.snapshot(), 4),
+            SnapshotOutcome::Applied {
+                replayed: 0,
+                synced: true
+            }
+        );
+        assert_eq!(f.store(), owner.store());
+    }
+
+    #[test]
+    fn buffer_is_bounded_and_drops_the_oldest() {
+        let config = FollowerConfig {
+            buffer_limit: 4,
+            ..FollowerConfig::default()
+        };
+        let mut f = Follower::with_config(SRC, config);
+        assert!(f.poll_snapshot_request(0));
+        let mut owner = Owner::new(SRC, 1);
+        for i in 0..10 {
+            f.handle_update(owner.stamp(put(&format!("t{i}"), i), 0), i);
+        }
+        assert_eq!(f.buffered(), 4);
+        assert_eq!(f.stats().buffered_dropped, 6);
+        // The snapshot covers the dropped ones; what is left replays.
+        let mut snap = owner.snapshot();
+        snap.seq = 6;
+        snap.items.retain(|b| !matches!(b, Body::Tunnel(t) if ["t6", "t7", "t8", "t9"].contains(&t.name.as_str())));
+        assert_eq!(
+            f.handle_snapshot(snap, 11),
+            SnapshotOutcome::Applied {
+                replayed: 4,
+                synced: true
+            }
+        );
+        assert_eq!(f.store(), owner.store());
+    }
+
+    #[test]
+    fn foreign_and_outdated_snapshots_are_ignored() {
+        let mut owner = Owner::new(SRC, 1);
+        let old_snap = owner.snapshot();
+        owner.stamp(put("a", 1), 0);
+        let mut f = synced(&owner);
+        let mut foreign = Owner::new(DaemonKind::Espd, 1).snapshot();
+        foreign.seq = 100;
+        assert_eq!(f.handle_snapshot(foreign, 1), SnapshotOutcome::WrongSource);
+        assert_eq!(f.handle_snapshot(old_snap, 1), SnapshotOutcome::Outdated);
+        assert_eq!(
+            f.handle_snapshot(owner.snapshot(), 1),
+            SnapshotOutcome::Outdated
+        );
+        let e = Owner::new(DaemonKind::Espd, 1).stamp(put("x", 1), 0);
+        assert_eq!(f.handle_update(e, 2), FollowOutcome::WrongSource);
+        assert_eq!(f.store(), owner.store());
+    }
+
+    #[test]
+    fn staleness_follows_the_last_message_and_keeps_the_store() {
+        let mut owner = Owner::new(SRC, 1);
+        assert!(Follower::new(SRC).is_stale(0), "never heard");
+        let mut f = synced(&owner);
+        assert!(
+            !f.is_stale(1),
+            "a snapshot counts as hearing from the owner"
+        );
+        f.handle_update(owner.stamp(put("a", 1), 0), 10 * SEC);
+        assert!(!f.is_stale(13 * SEC));
+        assert!(f.is_stale(14 * SEC));
+        assert_eq!(f.store().len(), 1);
+        let info = f.replica_info(14 * SEC);
+        assert!(info.stale && info.synced);
+        assert_eq!(info.items, 1);
+        assert_eq!(info.digest, owner.store().digest());
+    }
+
+    /// Deterministic xorshift so the lossy-link run is reproducible.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.next() % 100 < percent
+        }
+    }
+
+    #[test]
+    fn converges_over_a_lossy_link_with_restarts_and_slow_snapshots() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let config = FollowerConfig {
+            buffer_limit: 16,
+            ..FollowerConfig::default()
+        };
+        let mut f = Follower::with_config(SRC, config);
+        let mut owner = Owner::new(SRC, 100);
+        let mut in_flight: Option<(u64, Snapshot)> = None; // (delivery time, snapshot)
+        let mut now = 0u64;
+        for step in 0..20_000u64 {
+            now += SEC / 100;
+            if step % 5000 == 4999 {
+                owner = Owner::new(SRC, 100 + step as u128); // publisher restart
+            }
+            let body = match rng.next() % 4 {
+                0 => del(&format!("t{}", rng.next() % 50)),
+                1 => Body::Heartbeat { uptime_ms: step },
+                _ => put(&format!("t{}", rng.next() % 50), rng.next()),
+            };
+            let env = owner.stamp(body, now);
+            if !rng.chance(20) {
+                f.handle_update(env, now);
+            }
+            if f.poll_snapshot_request(now) && !rng.chance(30) {
+                // Answered (unless lost), 20..120 ms later, state as of now.
+                let delay = SEC / 50 + rng.next() % (SEC / 10);
+                in_flight = Some((now + delay, owner.snapshot()));
+            }
+            if let Some((at, _)) = &in_flight {
+                if *at <= now {
+                    let (_, snap) = in_flight.take().unwrap();
+                    f.handle_snapshot(snap, now);
+                }
+            }
+        }
+        // Quiesce: a loss-free tail of heartbeats lets the last repair finish.
+        for _ in 0..200 {
+            now += SEC / 100;
+            f.handle_update(owner.stamp(Body::Heartbeat { uptime_ms: 0 }, now), now);
+            if f.poll_snapshot_request(now) {
+                f.handle_snapshot(owner.snapshot(), now);
+            }
+        }
+        assert!(f.synced());
+        assert_eq!(f.store(), owner.store());
+        assert_eq!(f.store().digest(), owner.store().digest());
+        assert_eq!(f.seq(), owner.seq());
+        let s = f.stats();
+        assert!(
+            s.gaps > 100 && s.new_boots == 4 && s.snapshots > 100,
+            "{s:?}"
+        );
+    }
+}

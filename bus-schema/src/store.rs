@@ -191,3 +191,79 @@ impl Owner {
         self.kind
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::samples::bodies;
+
+    #[test]
+    fn apply_put_del_and_events() {
+        let mut s = StateStore::new();
+        assert!(!s.apply(&Body::Heartbeat { uptime_ms: 1 }));
+        for b in bodies() {
+            s.apply(&b);
+        }
+        // Each removal sample removes its put sample, except HaMemberRemoved (member 2 vs 1).
+        assert_eq!(s.len(), 1);
+        assert!(s.get(crate::table::HA_MEMBER, "1").is_some());
+        assert_eq!(s.table(crate::table::HA_MEMBER).count(), 1);
+        assert_eq!(s.table(crate::table::TUNNEL).count(), 0);
+        let b = Body::TunnelRole {
+            tunnel: "t".into(),
+            role: "standby".into(),
+        };
+        assert!(s.apply(&b));
+        assert!(!s.apply(&b), "same value again is no change");
+        assert!(s.apply(&Body::TunnelRoleRemoved { tunnel: "t".into() }));
+        assert!(!s.apply(&Body::TunnelRoleRemoved { tunnel: "t".into() }));
+        assert_eq!(s.len(), s.items().count());
+    }
+
+    #[test]
+    fn digest_depends_on_contents_not_history() {
+        let all = bodies();
+        let puts: Vec<&Body> = all
+            .iter()
+            .filter(|b| matches!(b.state_op(), Some(StateOp::Put { .. })))
+            .collect();
+        let mut a = StateStore::new();
+        let mut b = StateStore::new();
+        for p in &puts {
+            a.apply(p);
+        }
+        for p in puts.iter().rev() {
+            b.apply(p);
+        }
+        b.apply(&Body::TunnelRemoved { name: "zz".into() });
+        assert_eq!(a, b);
+        assert_eq!(a.digest(), b.digest());
+        assert_ne!(a.digest(), StateStore::new().digest());
+        b.apply(&Body::TunnelRole {
+            tunnel: "vpn1".into(),
+            role: "standby".into(),
+        });
+        assert_ne!(a.digest(), b.digest());
+        // Pinned: the digest is stable across processes and builds.
+        assert_eq!(StateStore::new().digest(), 0);
+    }
+
+    #[test]
+    fn owner_stamps_in_sequence_and_snapshots_its_store() {
+        let mut o = Owner::new(DaemonKind::Espd, 9);
+        let e1 = o.stamp(Body::Heartbeat { uptime_ms: 0 }, 5);
+        let e2 = o.stamp(bodies()[5].clone(), 6);
+        assert_eq!(
+            (e1.seq, e2.seq, e2.boot, e2.src, e2.ts_ns),
+            (1, 2, 9, DaemonKind::Espd, 6)
+        );
+        assert_eq!(e1.schema, SCHEMA_VERSION);
+        let snap = o.snapshot();
+        assert_eq!((snap.seq, snap.items.len()), (2, 1));
+        let mut s = StateStore::new();
+        for i in &snap.items {
+            s.apply(i);
+        }
+        assert_eq!(&s, o.store());
+    }
+}

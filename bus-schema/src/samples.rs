@@ -1,0 +1,164 @@
+//! Fixed sample messages shared by the unit tests (golden bytes, round trips, fuzz seeds).
+
+use crate::ctl::{CtlReply, CtlRequest, DaemonStatus, ReplicaInfo};
+use crate::schema::*;
+use crate::store::Snapshot;
+
+pub const BOOT: u128 = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210;
+pub const TS: u64 = 1_700_000_000_123_456_789;
+
+pub fn tunnel() -> TunnelInfo {
+    TunnelInfo {
+        name: "vpn1_1".into(),
+        phase1: "vpn1".into(),
+        kind: TunnelKind::DialupInstance,
+        local_gw: Some("192.0.2.1".into()),
+        remote_gw: None,
+        interface: Some("port1".into()),
+        state: TunnelState::Up,
+        phase2: vec!["vpn1-p2".into()],
+        dpd: DpdSettings {
+            mode: "on-idle".into(),
+            retry_count: 3,
+            retry_interval_ms: 20_000,
+        },
+    }
+}
+
+/// One body per variant, in [`Body::VARIANTS`] order.
+pub fn bodies() -> Vec<Body> {
+    vec![
+        Body::Heartbeat { uptime_ms: 1500 },
+        Body::Tunnel(tunnel()),
+        Body::TunnelRemoved {
+            name: "vpn1_1".into(),
+        },
+        Body::Dpd(DpdTunnelState {
+            tunnel: "vpn1".into(),
+            mode: "on-demand".into(),
+            on: true,
+            idle_ms: 4000,
+            retry: 2,
+            count: 3,
+            seqno: 0x1234_5678,
+            state: "probing".into(),
+        }),
+        Body::DpdRemoved {
+            tunnel: "vpn1".into(),
+        },
+        Body::EspTunnel(EspTunnelInfo {
+            tunnel: "vpn1".into(),
+            device: "tun0".into(),
+            sa_in: 0xc0ff_ee01,
+            sa_out: 0xdead_beef,
+            rx_pkts: 10,
+            tx_pkts: 300,
+            rx_bytes: 1_000_000,
+            tx_bytes: u64::MAX,
+        }),
+        Body::EspTunnelRemoved {
+            tunnel: "vpn1".into(),
+        },
+        Body::HaMember(HaMemberInfo {
+            member_id: 1,
+            group_id: 7,
+            mode: "a-p".into(),
+            role: "primary".into(),
+            peers: vec!["10.0.0.2".into(), "10.0.0.3".into()],
+        }),
+        Body::HaMemberRemoved { member_id: 2 },
+        Body::TunnelRole {
+            tunnel: "vpn1".into(),
+            role: "sync-primary".into(),
+        },
+        Body::TunnelRoleRemoved {
+            tunnel: "vpn1".into(),
+        },
+    ]
+}
+
+pub fn envelope(body: Body) -> Envelope {
+    Envelope {
+        schema: SCHEMA_VERSION,
+        src: DaemonKind::Ikemgr,
+        boot: BOOT,
+        seq: 42,
+        ts_ns: TS,
+        body,
+    }
+}
+
+/// One request per variant, in [`CtlRequest::VARIANTS`] order.
+pub fn requests() -> Vec<CtlRequest> {
+    vec![
+        CtlRequest::Snapshot,
+        CtlRequest::Status,
+        CtlRequest::Replicas,
+        CtlRequest::View {
+            name: "tunnel-list".into(),
+            args: vec!["name".into(), "vpn1".into()],
+        },
+        CtlRequest::Command {
+            name: "flush".into(),
+            args: vec![],
+        },
+        CtlRequest::SetLogLevel {
+            level: "debug".into(),
+        },
+        CtlRequest::Attach { level: "-1".into() },
+        CtlRequest::AttachKeepalive,
+        CtlRequest::Detach,
+        CtlRequest::ReloadConfig,
+    ]
+}
+
+/// One reply per variant, in [`CtlReply::VARIANTS`] order.
+pub fn replies() -> Vec<CtlReply> {
+    vec![
+        CtlReply::Ok,
+        CtlReply::Error {
+            message: "no such view".into(),
+        },
+        CtlReply::Snapshot(Snapshot {
+            src: DaemonKind::Dpdmon,
+            boot: BOOT,
+            seq: 9,
+            items: vec![Body::DpdRemoved { tunnel: "x".into() }],
+        }),
+        CtlReply::Status(DaemonStatus {
+            kind: DaemonKind::Hasyncd,
+            pid: 4242,
+            boot: BOOT,
+            uptime_ms: 61_000,
+            seq: 77,
+            log_level: "info".into(),
+            version: "0.1.0".into(),
+            config_path: "/etc/haven/haven.conf".into(),
+        }),
+        CtlReply::Replicas(vec![ReplicaInfo {
+            src: DaemonKind::Ikemgr,
+            boot: Some(BOOT),
+            seq: 5,
+            synced: true,
+            items: 2,
+            digest: 0x0102_0304_0506_0708,
+            gaps: 1,
+            snapshots: 2,
+            stale: false,
+        }]),
+        // One key per object: serde_json's map order depends on its `preserve_order` feature.
+        CtlReply::View(serde_json::json!({"tunnels": [-1, "vpn1", true, null, 2.5]})),
+        CtlReply::DebugLine {
+            ts_ns: TS,
+            level: "debug".into(),
+            line: "ike 0:vpn1: sent IKE msg".into(),
+        },
+        CtlReply::Reloaded {
+            warnings: vec!["line 3: unknown key".into()],
+        },
+    ]
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
