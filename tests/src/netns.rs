@@ -797,15 +797,19 @@ impl Drop for ScratchDir {
 
 /// Removes namespaces and scratch directories named `hv-<pid>-…` whose `<pid>` is no longer
 /// running, killing any process still inside those namespaces. Returns what was removed.
-/// Names of live processes are never touched, so concurrent test runs are safe.
+/// Names of live processes are never touched, so concurrent test runs are safe; two sweeps
+/// racing for the same leftovers are fine too (what the other removed is skipped).
 pub fn sweep_stale() -> Result<Vec<String>> {
     let mut removed = Vec::new();
-    let list = run("ip", ["netns", "list"])?;
-    // Lines look like "NAME" or "NAME (id: 3)".
-    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        if owner_pid(name).is_some_and(|pid| !pid_alive(pid)) {
-            destroy(name)?;
-            removed.push(name.to_string());
+    for name in netns_names()? {
+        if owner_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
+            if let Err(e) = destroy(&name) {
+                if netns_names()?.contains(&name) {
+                    return Err(e);
+                }
+                continue; // another sweep got there first
+            }
+            removed.push(name);
         }
     }
     let entries = std::fs::read_dir(SCRATCH_ROOT).map_err(|source| Error::Io {
@@ -818,14 +822,29 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             && entry.file_type().is_ok_and(|t| t.is_dir())
         {
             let path = entry.path();
-            std::fs::remove_dir_all(&path).map_err(|source| Error::Io {
-                what: format!("removing {}", path.display()),
-                source,
-            })?;
-            removed.push(path.display().to_string());
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => removed.push(path.display().to_string()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        what: format!("removing {}", path.display()),
+                        source,
+                    })
+                }
+            }
         }
     }
     Ok(removed)
+}
+
+/// Names of all namespaces (`ip netns list` prints "NAME" or "NAME (id: 3)").
+fn netns_names() -> Result<Vec<String>> {
+    let list = run("ip", ["netns", "list"])?;
+    Ok(list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect())
 }
 
 #[cfg(test)]
