@@ -158,10 +158,12 @@ swanctl --initiate --child bench --timeout 20 --uri "unix://$WORK/gwa/charon.vic
 nx tclient ping -c 1 -W 5 10.99.2.2 >/dev/null || die "no ping through the tunnel"
 esp=$(swanctl --list-sas --uri "unix://$WORK/gwa/charon.vici" | grep -m1 -o 'AES_GCM_16-128' || true)
 
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 tunnel=$(iperf tclient tserver 10.99.2.2)
 routed=$(iperf rclient rserver 10.99.2.2)
 veth=$(iperf rgwa rgwb 172.31.0.2)
 
+echo "load average before the runs: $LOAD (shared machine: compare figures of one run only)"
 printf '%-66s %8s\n' "path (iperf3 TCP, ${SECS} s, one run, same machine)" "Gbit/s"
 printf '%-66s %8s\n' "strongSwan <-> strongSwan, kernel-libipsec, ${esp:-?} in UDP" "$tunnel"
 printf '%-66s %8s\n' "clear routing through the same two gateways" "$routed"

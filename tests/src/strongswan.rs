@@ -35,8 +35,9 @@
 //! 6. Every swanctl command, even `--version`, first connects to the default vici socket
 //!    (`/var/run/charon.vici`) and fails without a daemon there; [`preflight`] probes with
 //!    `swanctl --help`, the one that does not.
-//! 7. `swanctl --initiate --timeout N` only detaches after N seconds; it does not cancel the
-//!    attempt, which charon goes on retrying in the background.
+//! 7. `swanctl --initiate --timeout N` gives up waiting after N seconds ("initiate failed:
+//!    CHILD_SA '…' not established after …ms") but does not cancel the attempt: the IKE SA stays
+//!    `CONNECTING` and charon goes on retransmitting. Call [`Charon::terminate_ike`] to stop it.
 
 use std::fmt::Write as _;
 use std::fmt::{self, Display};
@@ -597,13 +598,17 @@ fn lookup<'a>(fields: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn hex_field<T>(
+/// A hexadecimal SPI field; zero while absent (an SA still being negotiated), an error if
+/// present but not hexadecimal.
+fn hex_field<T: Default>(
     fields: &[(String, String)],
     key: &str,
     from: fn(&str, u32) -> Result<T, std::num::ParseIntError>,
 ) -> Result<T> {
-    let v = lookup(fields, key).ok_or_else(|| Error::Parse(format!("no {key}")))?;
-    from(v, 16).map_err(|e| Error::Parse(format!("{key} = {v:?}: {e}")))
+    match lookup(fields, key) {
+        None => Ok(T::default()),
+        Some(v) => from(v, 16).map_err(|e| Error::Parse(format!("{key} = {v:?}: {e}"))),
+    }
 }
 
 /// One CHILD SA as `swanctl --list-sas` shows it.
@@ -613,12 +618,12 @@ pub struct ChildSa {
     pub name: String,
     /// `INSTALLED`, `REKEYING`, `REKEYED`, `DELETING`, …
     pub state: String,
-    /// Inbound SPI (the one this side chose).
+    /// Inbound SPI (the one this side chose); zero until known.
     pub spi_in: u32,
-    /// Outbound SPI (the peer's inbound SPI).
+    /// Outbound SPI (the peer's inbound SPI); zero until known.
     pub spi_out: u32,
-    /// Encryption algorithm, e.g. `AES_GCM_16`.
-    pub encr_alg: String,
+    /// Encryption algorithm, e.g. `AES_GCM_16` (absent while negotiating).
+    pub encr_alg: Option<String>,
     /// Key size in bits, when the algorithm has one.
     pub encr_keysize: Option<u32>,
     /// Integrity algorithm (absent for AEAD).
@@ -652,7 +657,7 @@ impl ChildSa {
             state: need("state")?,
             spi_in: hex_field(&fields, "spi-in", u32::from_str_radix)?,
             spi_out: hex_field(&fields, "spi-out", u32::from_str_radix)?,
-            encr_alg: need("encr-alg")?,
+            encr_alg: lookup(&fields, "encr-alg").map(str::to_string),
             encr_keysize: lookup(&fields, "encr-keysize").and_then(|v| v.parse().ok()),
             integ_alg: lookup(&fields, "integ-alg").map(str::to_string),
             local_ts: list_of(body, "local-ts"),
@@ -1140,12 +1145,29 @@ list-sas reply {
         let child = ike.child("net").expect("child");
         assert_eq!(child.spi_in, 0xc241_db63);
         assert_eq!(child.spi_out, 0xe334_ead5);
-        assert_eq!(child.encr_alg, "AES_GCM_16");
+        assert_eq!(child.encr_alg.as_deref(), Some("AES_GCM_16"));
         assert_eq!(child.encr_keysize, Some(128));
         assert_eq!(child.integ_alg, None);
         assert_eq!(child.local_ts, ["10.99.2.0/24"]);
         assert_eq!(child.remote_ts, ["10.99.1.0/24", "10.99.3.0/24"]);
         assert_eq!(child.get_u64("packets-in"), Some(7));
+    }
+
+    #[test]
+    fn sas_still_negotiating_parse_with_zero_spis() {
+        let text = "list-sa event {\n  gw {\n    uniqueid = 2\n    state = CONNECTING\n    \
+                    local-host = 172.31.0.1\n    remote-host = 172.31.0.2\n    \
+                    initiator = yes\n    initiator-spi = ad5603a5099b8adf\n    \
+                    responder-spi = 0000000000000000\n    child-sas {\n      net-3 {\n        \
+                    name = net\n        state = CREATED\n        spi-in = c241db63\n      }\n    \
+                    }\n  }\n}\n";
+        let sas = parse_list_sas(text).expect("parse");
+        assert_eq!(sas[0].spis(), (0xad56_03a5_099b_8adf, 0));
+        assert!(sas[0].initiator);
+        assert_eq!(sas[0].encr_alg, None);
+        let child = sas[0].child("net").expect("child");
+        assert_eq!((child.spi_in, child.spi_out), (0xc241_db63, 0));
+        assert_eq!(child.encr_alg, None);
     }
 
     #[test]

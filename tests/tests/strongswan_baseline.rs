@@ -112,7 +112,7 @@ fn assert_sas_agree(a: &IkeSa, b: &IkeSa) {
     assert_eq!(ca.spi_out, cb.spi_in, "gwa outbound = gwb inbound");
     for c in [ca, cb] {
         assert_eq!(c.state, "INSTALLED");
-        assert_eq!(c.encr_alg, "AES_GCM_16");
+        assert_eq!(c.encr_alg.as_deref(), Some("AES_GCM_16"));
         assert_eq!(c.encr_keysize, Some(128));
         assert_eq!(c.get("encap"), Some("yes"));
         assert_eq!(c.get("mode"), Some("TUNNEL"));
