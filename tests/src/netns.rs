@@ -17,7 +17,7 @@
 //!
 //! What it does not do: it never touches the host's own interfaces, addresses or routes (all
 //! addresses live inside the namespaces made here), it does not emulate delay or reordering (the
-//! kernel here has no `netem`), and it shells out to `ip`, `kill` and `sh` rather than calling
+//! kernel here has no `netem`), and it shells out to `ip` and `sh` rather than calling
 //! `setns` itself, so the crate needs nothing beyond std.
 //!
 //! Every command runs under a timeout ([`DEFAULT_TIMEOUT`] unless stated), so a hung tool makes a
@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 /// Prefix of every namespace and scratch directory this module creates.
 pub const PREFIX: &str = "hv-";
 
-/// Timeout for the short configuration commands (`ip`, `sysctl`, `kill`).
+/// Timeout for the short configuration commands (`ip`, sysctl writes, `kill`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where scratch directories are made.
@@ -352,8 +352,10 @@ fn kill_all_in(name: &str) -> Result<()> {
                 "processes {pids:?} in namespace {name} survive SIGKILL"
             )));
         }
-        let mut cmd = Command::new("kill");
-        cmd.arg("-KILL").args(pids.iter().map(u32::to_string));
+        // The shell's builtin `kill` (no procps needed); pids go in as positional parameters.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "kill -KILL \"$@\"", "sh"])
+            .args(pids.iter().map(u32::to_string));
         // A pid may exit between listing and killing; `kill` then fails for it, which is fine.
         let _ = output_timeout(&mut cmd, DEFAULT_TIMEOUT);
         thread::sleep(Duration::from_millis(20));
