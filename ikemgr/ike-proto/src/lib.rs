@@ -9,4 +9,6 @@
 
 pub mod crypto;
 pub mod proposal;
+pub mod sa;
+pub mod ts;
 pub mod wire;

@@ -1,0 +1,1659 @@
+//! One IKE SA and its CHILD SAs: the exchanges of RFC 7296 driven by a
+//! sans-IO task manager that alone owns message IDs and retransmission.
+//!
+//! # Driving an [`IkeSa`]
+//! Create one with [`IkeSa::initiate`] or, on a first IKE_SA_INIT request
+//! that passed the [`crate::cookie::CookieGuard`], with [`IkeSa::accept`].
+//! Then, after every input:
+//! 1. feed inputs: [`IkeSa::handle_datagram`] for each datagram whose SPIs
+//!    belong to this SA ([`IkeSa::local_spis`]), [`IkeSa::handle_timeout`]
+//!    when the instant from `poll_timeout` has passed, and the mutators
+//!    (`start_liveness_check`, `rekey_child`, `delete`, …);
+//! 2. drain [`IkeSa::poll_transmit`] and send each datagram;
+//! 3. drain [`IkeSa::poll_event`] (install CHILD SAs inbound first, then
+//!    outbound; re-index SPIs on `IkeSaRekeyed`; drop the SA after
+//!    `IkeSaDeleted` for its current SPIs);
+//! 4. arm a timer for [`IkeSa::poll_timeout`].
+//!
+//! Every input carries `now`; nothing here reads a clock or touches a socket.
+
+use crate::crypto::{
+    derive_child_keys, derive_ike_keys, sha1, skeyseed, skeyseed_rekey, CryptoError, Encr, IkeKeys,
+    Integ, KeyExchange, Secret, SkCipher,
+};
+use crate::proposal::{
+    accept_esp_reply, accept_ike_reply, esp_proposals, ike_proposals, select_esp, select_ike,
+    EspAlgs, EspSuite, IkeAlgs, IkeSuite,
+};
+use crate::ts;
+use crate::wire::{
+    decode_chain, encode_chain, AuthMethod, AuthPayload, DecodeError, DeletePayload, DhGroup,
+    ExchangeType, Flags, Header, IdPayload, KePayload, Message, NotifyPayload, NotifyType, Payload,
+    PayloadType, ProtocolId, TrafficSelector, IKEV2_VERSION,
+};
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Errors of the SA layer, split as STYLE.md asks: the peer misbehaved, we
+/// are incompatible, the caller misused the API, or something internal.
+#[derive(Debug, thiserror::Error)]
+pub enum IkeError {
+    /// Peer: undecodable message.
+    #[error("decode: {0}")]
+    Decode(#[from] DecodeError),
+    /// Peer: message does not fit the exchange or state.
+    #[error("unexpected message: {0}")]
+    Unexpected(&'static str),
+    /// Peer: wrong or replayed message ID (dropped, §2.3).
+    #[error("message id {got} outside the window (expected {expected})")]
+    InvalidMessageId {
+        /// What arrived.
+        got: u32,
+        /// What was expected.
+        expected: u32,
+    },
+    /// Peer: integrity check or decryption failed.
+    #[error("integrity check failed")]
+    Integrity,
+    /// Peer: SPIs do not belong to this SA.
+    #[error("SPIs do not match this IKE SA")]
+    WrongSa,
+    /// Peer: invalid DH public value or similar crypto-level refusal.
+    #[error("crypto: {0}")]
+    Crypto(CryptoError),
+    /// Incompatible: no proposal in common.
+    #[error("no proposal chosen")]
+    NoProposalChosen,
+    /// Misuse: the SA is not established or already closed.
+    #[error("IKE SA not established")]
+    NotEstablished,
+    /// Misuse: no such CHILD SA.
+    #[error("no CHILD SA with inbound SPI {0:08x}")]
+    UnknownChild(u32),
+}
+
+impl From<CryptoError> for IkeError {
+    fn from(e: CryptoError) -> Self {
+        match e {
+            CryptoError::IntegrityCheckFailed => IkeError::Integrity,
+            other => IkeError::Crypto(other),
+        }
+    }
+}
+
+impl IkeError {
+    /// The Notify a responder would answer with, where one applies.
+    pub fn notify(&self) -> Option<NotifyType> {
+        match self {
+            IkeError::Decode(DecodeError::InvalidMajorVersion(_)) => {
+                Some(NotifyType::INVALID_MAJOR_VERSION)
+            }
+            IkeError::Decode(_) | IkeError::Unexpected(_) => Some(NotifyType::INVALID_SYNTAX),
+            IkeError::NoProposalChosen => Some(NotifyType::NO_PROPOSAL_CHOSEN),
+            IkeError::InvalidMessageId { .. } => Some(NotifyType::INVALID_MESSAGE_ID),
+            _ => None,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, IkeError>;
+
+/// Source of randomness for SPIs, nonces and IVs. Tests inject chosen
+/// nonces through it; DH private keys always come from openssl.
+pub trait Entropy: Send {
+    /// Fills `buf` with random octets.
+    fn fill(&mut self, buf: &mut [u8]) -> std::result::Result<(), CryptoError>;
+}
+
+/// openssl's CSPRNG.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn fill(&mut self, buf: &mut [u8]) -> std::result::Result<(), CryptoError> {
+        crate::crypto::random_bytes(buf)
+    }
+}
+
+/// Initiator retransmission schedule: the wait after the first send, after
+/// the first retransmission, and so on; after the last one the exchange
+/// fails. Retransmissions are byte-identical (§2.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetransmitPolicy {
+    /// Waits, in order.
+    pub timeouts: Vec<Duration>,
+}
+
+impl Default for RetransmitPolicy {
+    fn default() -> Self {
+        RetransmitPolicy {
+            timeouts: [2, 4, 8, 16, 32].map(Duration::from_secs).to_vec(),
+        }
+    }
+}
+
+/// Policy of one gateway (phase1 + phase2), shared by its IKE SAs.
+#[derive(Clone, Debug)]
+pub struct IkeConfig {
+    /// Phase1 proposals in preference order.
+    pub ike_proposals: Vec<IkeAlgs>,
+    /// Phase1 `dhgrp`, first one used for the initial KE.
+    pub ike_groups: Vec<DhGroup>,
+    /// Phase2 proposals.
+    pub esp_proposals: Vec<EspAlgs>,
+    /// Phase2 `dhgrp` when `pfs enable`; empty for no PFS.
+    pub pfs_groups: Vec<DhGroup>,
+    /// Pre-shared key.
+    pub psk: Secret,
+    /// Our identity (IDi or IDr).
+    pub local_id: IdPayload,
+    /// Required peer identity (`peertype one` + `peerid`); None = any.
+    pub peer_id: Option<IdPayload>,
+    /// Our side's selectors (`src-subnet`).
+    pub local_ts: Vec<TrafficSelector>,
+    /// The peer's side (`dst-subnet`).
+    pub remote_ts: Vec<TrafficSelector>,
+    /// IKE SA lifetime (`keylife`).
+    pub ike_lifetime: Duration,
+    /// CHILD SA lifetime (`keylifeseconds`).
+    pub child_lifetime: Duration,
+    /// Initiator retransmission schedule.
+    pub retransmit: RetransmitPolicy,
+    /// Rekey this long before the hard lifetime, minus up to `rekey_jitter`.
+    pub rekey_margin: Duration,
+    /// Random extra earliness of soft expiries, so peers do not collide.
+    pub rekey_jitter: Duration,
+}
+
+impl IkeConfig {
+    /// A PSK gateway with FortiOS' defaults (`aes128-sha256 aes256-sha256`,
+    /// `dhgrp 14 5`, keylife 86400, keylifeseconds 43200, 0/0 selectors).
+    pub fn psk(psk: &[u8], local_id: IdPayload) -> Self {
+        let any = TrafficSelector::subnet(IpAddr::from([0, 0, 0, 0]), 0);
+        IkeConfig {
+            ike_proposals: crate::proposal::phase1_list("aes128-sha256 aes256-sha256")
+                .unwrap_or_default(),
+            ike_groups: vec![DhGroup::MODP2048, DhGroup::MODP1536],
+            esp_proposals: crate::proposal::phase2_list("aes128-sha256 aes256-sha256")
+                .unwrap_or_default(),
+            pfs_groups: Vec::new(),
+            psk: Secret::new(psk.to_vec()),
+            local_id,
+            peer_id: None,
+            local_ts: vec![any.clone()],
+            remote_ts: vec![any],
+            ike_lifetime: Duration::from_secs(86400),
+            child_lifetime: Duration::from_secs(43200),
+            retransmit: RetransmitPolicy::default(),
+            rekey_margin: Duration::from_secs(30),
+            rekey_jitter: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Local and remote transport addresses of the IKE SA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addresses {
+    /// Our address and port.
+    pub local: SocketAddr,
+    /// The peer's.
+    pub remote: SocketAddr,
+}
+
+/// A datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// From.
+    pub source: SocketAddr,
+    /// To.
+    pub destination: SocketAddr,
+    /// IKE message bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Keys of one CHILD SA, resolved to our directions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildSaKeys {
+    /// Decryption key (+4-octet salt for AEAD) for inbound ESP.
+    pub encr_in: Secret,
+    /// Integrity key for inbound ESP (empty for AEAD).
+    pub integ_in: Secret,
+    /// Encryption key (+salt) for outbound ESP.
+    pub encr_out: Secret,
+    /// Integrity key for outbound ESP.
+    pub integ_out: Secret,
+}
+
+/// Everything the datapath needs to install a CHILD SA pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildSaInfo {
+    /// IKE SA initiator SPI at creation.
+    pub ike_spi_i: u64,
+    /// IKE SA responder SPI at creation.
+    pub ike_spi_r: u64,
+    /// SPI the peer puts in ESP packets to us.
+    pub inbound_spi: u32,
+    /// SPI we put in ESP packets to the peer.
+    pub outbound_spi: u32,
+    /// ESP encryption.
+    pub encr: Encr,
+    /// ESP integrity (None for AEAD).
+    pub integ: Option<Integ>,
+    /// Extended sequence numbers (always false here).
+    pub esn: bool,
+    /// PFS group used for this SA's keys, if any.
+    pub pfs_group: Option<DhGroup>,
+    /// Keys.
+    pub keys: ChildSaKeys,
+    /// Our selectors.
+    pub local_ts: Vec<TrafficSelector>,
+    /// The peer's selectors.
+    pub remote_ts: Vec<TrafficSelector>,
+    /// Hard lifetime.
+    pub lifetime: Duration,
+    /// When we will start a rekey (from creation).
+    pub soft_lifetime: Duration,
+    /// The CHILD SA (by inbound SPI) this one replaces.
+    pub rekey_of: Option<u32>,
+    /// True when we sent the request that created it.
+    pub initiator: bool,
+}
+
+/// IKE SA summary for the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IkeSaInfo {
+    /// Initiator SPI.
+    pub spi_i: u64,
+    /// Responder SPI.
+    pub spi_r: u64,
+    /// True when we are the (original or rekey) initiator of this SA.
+    pub initiator: bool,
+    /// Negotiated algorithms.
+    pub suite: IkeSuite,
+    /// Our identity.
+    pub local_id: IdPayload,
+    /// The peer's authenticated identity.
+    pub remote_id: IdPayload,
+    /// NAT detected in front of us (§2.23).
+    pub local_behind_nat: bool,
+    /// NAT detected in front of the peer.
+    pub remote_behind_nat: bool,
+    /// Hard lifetime.
+    pub lifetime: Duration,
+}
+
+/// Why an SA went away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteReason {
+    /// We asked for it.
+    Local,
+    /// The peer sent a Delete.
+    Peer,
+    /// Replaced by a rekey.
+    Rekeyed,
+    /// A redundant SA from a simultaneous rekey (§2.8.1).
+    Redundant,
+    /// Hard lifetime reached.
+    Expired,
+    /// The peer stopped answering (retransmissions exhausted).
+    Timeout,
+    /// Authentication failed.
+    AuthFailed,
+    /// The peer answered with an error notify, or negotiation failed.
+    Failed(NotifyType),
+}
+
+/// Outputs for the driver, from [`IkeSa::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Authentication succeeded; the IKE SA is up.
+    IkeSaEstablished(IkeSaInfo),
+    /// A CHILD SA is up: install inbound, then outbound.
+    ChildSaEstablished(Box<ChildSaInfo>),
+    /// A CHILD SA is gone: remove both directions.
+    ChildSaDeleted {
+        /// Its inbound SPI.
+        inbound_spi: u32,
+        /// Its outbound SPI.
+        outbound_spi: u32,
+        /// Why.
+        reason: DeleteReason,
+    },
+    /// Creating a CHILD SA failed (the IKE SA stays).
+    ChildSaFailed {
+        /// Error notify from the peer, or ours.
+        notify: NotifyType,
+    },
+    /// The IKE SA was rekeyed: route the new SPIs here too. The old ones
+    /// stay routable until `IkeSaDeleted` with `reason: Rekeyed` names them.
+    IkeSaRekeyed {
+        /// The new SA.
+        new: IkeSaInfo,
+        /// Old initiator SPI.
+        old_spi_i: u64,
+        /// Old responder SPI.
+        old_spi_r: u64,
+    },
+    /// The IKE SA with these SPIs is gone.
+    IkeSaDeleted {
+        /// Initiator SPI.
+        spi_i: u64,
+        /// Responder SPI.
+        spi_r: u64,
+        /// Why.
+        reason: DeleteReason,
+    },
+    /// Authentication failed (either side's check).
+    AuthFailed {
+        /// What failed.
+        reason: &'static str,
+    },
+    /// Our liveness check was answered.
+    LivenessReply,
+    /// Our liveness check got no answer within the retransmit schedule.
+    LivenessTimeout,
+    /// Message IDs of the current IKE SA changed (for HA sync).
+    MessageIdUpdate {
+        /// Initiator SPI.
+        spi_i: u64,
+        /// Responder SPI.
+        spi_r: u64,
+        /// ID of our next request.
+        next_send: u32,
+        /// ID we expect on the peer's next request.
+        next_recv: u32,
+    },
+}
+
+/// Proof that the peer's AUTH payload was verified; only [`verify_auth`]
+/// makes one, and installing the first CHILD SA requires it.
+#[derive(Clone, Copy)]
+struct AuthVerified(());
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    InitSent,
+    AuthSent,
+    InitReplied,
+    Established,
+    Closed,
+}
+
+struct Keys {
+    suite: IkeSuite,
+    sk: IkeKeys,
+    out: SkCipher,
+    inb: SkCipher,
+}
+
+impl Keys {
+    fn new(suite: IkeSuite, sk: IkeKeys, initiator: bool) -> Keys {
+        let (oe, oa, ie, ia) = if initiator {
+            (&sk.sk_ei, &sk.sk_ai, &sk.sk_er, &sk.sk_ar)
+        } else {
+            (&sk.sk_er, &sk.sk_ar, &sk.sk_ei, &sk.sk_ai)
+        };
+        let out = SkCipher::new(suite.encr, suite.integ, oe.clone(), oa.clone());
+        let inb = SkCipher::new(suite.encr, suite.integ, ie.clone(), ia.clone());
+        Keys {
+            suite,
+            sk,
+            out,
+            inb,
+        }
+    }
+}
+
+enum Task {
+    Init,
+    Auth,
+    Liveness,
+    DeleteChild,
+    DeleteIke,
+    CreateChild {
+        spi: u32,
+        ni: Vec<u8>,
+        kex: Option<KeyExchange>,
+        rekey_of: Option<u32>,
+    },
+    RekeyIke {
+        spi: u64,
+        ni: Vec<u8>,
+        kex: KeyExchange,
+    },
+}
+
+struct Outstanding {
+    mid: u32,
+    bytes: Vec<u8>,
+    task: Task,
+    tries: usize,
+    deadline: Instant,
+}
+
+/// Message-ID engine and keys of one SPI pair.
+struct Channel {
+    spi_i: u64,
+    spi_r: u64,
+    initiator: bool,
+    keys: Option<Keys>,
+    next_send: u32,
+    next_recv: u32,
+    outstanding: Option<Outstanding>,
+    last_response: Option<(u32, Vec<u8>)>,
+}
+
+impl Channel {
+    fn new(spi_i: u64, spi_r: u64, initiator: bool) -> Channel {
+        Channel {
+            spi_i,
+            spi_r,
+            initiator,
+            keys: None,
+            next_send: 0,
+            next_recv: 0,
+            outstanding: None,
+            last_response: None,
+        }
+    }
+    fn local_spi(&self) -> u64 {
+        if self.initiator {
+            self.spi_i
+        } else {
+            self.spi_r
+        }
+    }
+}
+
+/// Transient data of IKE_SA_INIT and IKE_AUTH.
+struct Handshake {
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+    kex: Option<KeyExchange>,
+    request: Vec<u8>,
+    response: Vec<u8>,
+    cookie: Option<Vec<u8>>,
+    cookie_rounds: u8,
+    ke_rounds: u8,
+    child_spi: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    Liveness,
+    DeleteChild(u32, DeleteReason),
+    DeleteIke,
+    CreateChild,
+    RekeyChild(u32),
+    RekeyIke,
+}
+
+struct Collision {
+    /// Inbound SPI of the CHILD SA we created answering the peer's rekey.
+    peer_child: u32,
+    /// Nonces of that exchange.
+    nonces: [Vec<u8>; 2],
+}
+
+struct ChildSa {
+    info: ChildSaInfo,
+    soft: Instant,
+    hard: Instant,
+    rekeying: bool,
+    replaced: bool,
+    collision: Option<Collision>,
+}
+
+/// Result of [`IkeSa::accept`].
+pub enum Accepted {
+    /// A new half-open IKE SA; its response is in `poll_transmit`.
+    Sa(Box<IkeSa>),
+    /// A stateless reply (INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN): send it
+    /// and keep no state.
+    Reply(Transmit),
+}
+
+/// Nonce length we send (§2.10: at least half the PRF key size, 16..256).
+pub const NONCE_LEN: usize = 32;
+const NONCE_MIN: usize = 16;
+const NONCE_MAX: usize = 256;
+const KEY_PAD: &[u8] = b"Key Pad for IKEv2";
+const MAX_COOKIE_ROUNDS: u8 = 3;
+const MAX_KE_ROUNDS: u8 = 2;
+
+/// One IKE SA (and, during an IKE rekey, its predecessor) with its CHILD SAs.
+pub struct IkeSa {
+    cfg: Arc<IkeConfig>,
+    addrs: Addresses,
+    entropy: Box<dyn Entropy>,
+    state: State,
+    chan: Channel,
+    old: Option<Channel>,
+    hs: Option<Handshake>,
+    children: Vec<ChildSa>,
+    pending: VecDeque<Request>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    remote_id: Option<IdPayload>,
+    nat: (bool, bool),
+    ike_soft: Option<Instant>,
+    ike_hard: Option<Instant>,
+    ike_rekeying: bool,
+    last_peer_activity: Option<Instant>,
+    auth: Option<AuthVerified>,
+    /// New SA from an IKE rekey we answered; swapped in after the response.
+    pending_swap: Option<Channel>,
+    /// The peer deleted the old (rekeyed) SA in the request being answered.
+    old_deleted: bool,
+    /// The peer deleted this IKE SA in the request being answered.
+    peer_deleted_ike: bool,
+}
+
+impl core::fmt::Debug for IkeSa {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IkeSa")
+            .field("spi_i", &format_args!("{:016x}", self.chan.spi_i))
+            .field("spi_r", &format_args!("{:016x}", self.chan.spi_r))
+            .field("state", &self.state)
+            .field("children", &self.children.len())
+            .finish()
+    }
+}
+
+fn find_notify(p: &[Payload], ty: NotifyType) -> Option<&NotifyPayload> {
+    p.iter().find_map(|x| match x {
+        Payload::Notify(n) if n.ty == ty => Some(n),
+        _ => None,
+    })
+}
+
+fn first_error_notify(p: &[Payload]) -> Option<NotifyType> {
+    p.iter().find_map(|x| match x {
+        Payload::Notify(n) if n.ty.is_error() => Some(n.ty),
+        _ => None,
+    })
+}
+
+fn nonce_of(p: &[Payload]) -> Result<Vec<u8>> {
+    let n = p
+        .iter()
+        .find_map(|x| match x {
+            Payload::Nonce(n) => Some(n.clone()),
+            _ => None,
+        })
+        .ok_or(IkeError::Unexpected("missing Nonce"))?;
+    if !(NONCE_MIN..=NONCE_MAX).contains(&n.len()) {
+        return Err(IkeError::Unexpected("nonce length"));
+    }
+    Ok(n)
+}
+
+fn ke_of(p: &[Payload]) -> Option<&KePayload> {
+    p.iter().find_map(|x| match x {
+        Payload::Ke(k) => Some(k),
+        _ => None,
+    })
+}
+
+fn sa_of(p: &[Payload]) -> Option<&[crate::wire::Proposal]> {
+    p.iter().find_map(|x| match x {
+        Payload::Sa(s) => Some(s.as_slice()),
+        _ => None,
+    })
+}
+
+fn ts_of(p: &[Payload]) -> (Option<&[TrafficSelector]>, Option<&[TrafficSelector]>) {
+    let i = p.iter().find_map(|x| match x {
+        Payload::TsI(t) => Some(t.as_slice()),
+        _ => None,
+    });
+    let r = p.iter().find_map(|x| match x {
+        Payload::TsR(t) => Some(t.as_slice()),
+        _ => None,
+    });
+    (i, r)
+}
+
+fn unknown_critical(p: &[Payload]) -> Option<PayloadType> {
+    p.iter().find_map(|x| match x {
+        Payload::Unknown {
+            ty, critical: true, ..
+        } => Some(*ty),
+        _ => None,
+    })
+}
+
+fn nat_hash(spi_i: u64, spi_r: u64, addr: SocketAddr) -> Result<Vec<u8>> {
+    let ip = match addr.ip() {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    Ok(sha1(&[
+        &spi_i.to_be_bytes(),
+        &spi_r.to_be_bytes(),
+        &ip,
+        &addr.port().to_be_bytes(),
+    ])?)
+}
+
+/// AUTH for PSK (§2.15): prf(prf(PSK, "Key Pad for IKEv2"),
+/// RealMessage | PeerNonce | prf(SK_p, IDPayloadBody)).
+fn psk_auth(
+    suite: &IkeSuite,
+    psk: &[u8],
+    real_message: &[u8],
+    peer_nonce: &[u8],
+    sk_p: &[u8],
+    id: &IdPayload,
+) -> Result<Vec<u8>> {
+    let maced_id = suite.prf.prf(sk_p, &id.body())?;
+    let key = suite.prf.prf(psk, KEY_PAD)?;
+    Ok(suite
+        .prf
+        .prf_parts(&key, &[real_message, peer_nonce, &maced_id])?)
+}
+
+fn verify_auth(expected: &[u8], got: &AuthPayload) -> Option<AuthVerified> {
+    (got.method == AuthMethod::SHARED_KEY_MIC
+        && got.data.len() == expected.len()
+        && openssl::memcmp::eq(expected, &got.data))
+    .then_some(AuthVerified(()))
+}
+
+fn lowest_nonce<'a>(a: &'a [Vec<u8>; 2], b: &'a [Vec<u8>; 2]) -> bool {
+    // True when exchange `a` holds the lowest of the four nonces (§2.8.1).
+    let min_a = a.iter().min();
+    let min_b = b.iter().min();
+    min_a < min_b
+}
+
+impl IkeSa {
+    fn blank(cfg: Arc<IkeConfig>, addrs: Addresses, entropy: Box<dyn Entropy>) -> IkeSa {
+        IkeSa {
+            cfg,
+            addrs,
+            entropy,
+            state: State::InitSent,
+            chan: Channel::new(0, 0, true),
+            old: None,
+            hs: None,
+            children: Vec::new(),
+            pending: VecDeque::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            remote_id: None,
+            nat: (false, false),
+            ike_soft: None,
+            ike_hard: None,
+            ike_rekeying: false,
+            last_peer_activity: None,
+            auth: None,
+            pending_swap: None,
+            old_deleted: false,
+            peer_deleted_ike: false,
+        }
+    }
+
+    fn random(&mut self, n: usize) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; n];
+        self.entropy.fill(&mut v)?;
+        Ok(v)
+    }
+    fn random_u64(&mut self) -> Result<u64> {
+        loop {
+            let mut b = [0u8; 8];
+            self.entropy.fill(&mut b)?;
+            let v = u64::from_be_bytes(b);
+            if v != 0 {
+                return Ok(v);
+            }
+        }
+    }
+    fn random_spi32(&mut self) -> Result<u32> {
+        loop {
+            let mut b = [0u8; 4];
+            self.entropy.fill(&mut b)?;
+            let v = u32::from_be_bytes(b);
+            // SPIs 1..255 are reserved (RFC 4303 §2.1).
+            if v > 255 && self.children.iter().all(|c| c.info.inbound_spi != v) {
+                return Ok(v);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Construction
+    // ------------------------------------------------------------------
+
+    /// Starts an IKE SA as initiator: the IKE_SA_INIT request is queued.
+    pub fn initiate(
+        now: Instant,
+        cfg: Arc<IkeConfig>,
+        addrs: Addresses,
+        entropy: Box<dyn Entropy>,
+    ) -> Result<IkeSa> {
+        let mut sa = IkeSa::blank(cfg, addrs, entropy);
+        let spi_i = sa.random_u64()?;
+        sa.chan = Channel::new(spi_i, 0, true);
+        let group = *sa
+            .cfg
+            .ike_groups
+            .first()
+            .ok_or(IkeError::NoProposalChosen)?;
+        let ni = sa.random(NONCE_LEN)?;
+        sa.hs = Some(Handshake {
+            ni,
+            nr: Vec::new(),
+            kex: Some(KeyExchange::generate(group)?),
+            request: Vec::new(),
+            response: Vec::new(),
+            cookie: None,
+            cookie_rounds: 0,
+            ke_rounds: 0,
+            child_spi: 0,
+        });
+        sa.send_init(now)?;
+        Ok(sa)
+    }
+
+    fn send_init(&mut self, now: Instant) -> Result<()> {
+        let spi_i = self.chan.spi_i;
+        let nat_src = nat_hash(spi_i, 0, self.addrs.local)?;
+        let nat_dst = nat_hash(spi_i, 0, self.addrs.remote)?;
+        let header = self.header(ExchangeType::IKE_SA_INIT, 0, false, false);
+        let hs = self
+            .hs
+            .as_mut()
+            .ok_or(IkeError::Unexpected("no handshake"))?;
+        let kex = hs.kex.as_ref().ok_or(IkeError::Unexpected("no KE"))?;
+        let mut payloads = Vec::new();
+        if let Some(c) = &hs.cookie {
+            payloads.push(Payload::Notify(NotifyPayload::new(
+                NotifyType::COOKIE,
+                c.clone(),
+            )));
+        }
+        payloads.push(Payload::Sa(ike_proposals(
+            &self.cfg.ike_proposals,
+            &self.cfg.ike_groups,
+            &[],
+        )));
+        payloads.push(Payload::Ke(KePayload {
+            group: kex.group(),
+            data: kex.public_value().to_vec(),
+        }));
+        payloads.push(Payload::Nonce(hs.ni.clone()));
+        payloads.push(Payload::Notify(NotifyPayload::new(
+            NotifyType::NAT_DETECTION_SOURCE_IP,
+            nat_src,
+        )));
+        payloads.push(Payload::Notify(NotifyPayload::new(
+            NotifyType::NAT_DETECTION_DESTINATION_IP,
+            nat_dst,
+        )));
+        let msg = Message {
+            header,
+            payloads,
+            sk_offset: None,
+        };
+        let bytes = msg.encode();
+        hs.request = bytes.clone();
+        self.chan.next_send = 1;
+        self.send_request(now, false, 0, bytes, Task::Init);
+        Ok(())
+    }
+
+    /// Handles a first IKE_SA_INIT request as responder. Call only after
+    /// the cookie/half-open checks of [`crate::cookie::CookieGuard`].
+    pub fn accept(
+        now: Instant,
+        cfg: Arc<IkeConfig>,
+        addrs: Addresses,
+        entropy: Box<dyn Entropy>,
+        datagram: &[u8],
+    ) -> Result<Accepted> {
+        let msg = Message::decode(datagram)?;
+        let h = &msg.header;
+        if h.exchange != ExchangeType::IKE_SA_INIT
+            || h.flags.response()
+            || !h.flags.initiator()
+            || h.message_id != 0
+            || h.spi_r != 0
+            || h.spi_i == 0
+        {
+            return Err(IkeError::Unexpected("not an initial IKE_SA_INIT request"));
+        }
+        let mut sa = IkeSa::blank(cfg, addrs, entropy);
+        sa.chan = Channel::new(h.spi_i, 0, false);
+        if let Some(t) = unknown_critical(&msg.payloads) {
+            let _ = t;
+            return Ok(Accepted::Reply(sa.stateless_reply(
+                h,
+                NotifyType::UNSUPPORTED_CRITICAL_PAYLOAD,
+                vec![t.0],
+            )));
+        }
+        let offered = sa_of(&msg.payloads).ok_or(IkeError::Unexpected("missing SA"))?;
+        let ke = ke_of(&msg.payloads).ok_or(IkeError::Unexpected("missing KE"))?;
+        let ni = nonce_of(&msg.payloads)?;
+        let Some((reply, suite)) = select_ike(
+            offered,
+            &sa.cfg.ike_proposals,
+            &sa.cfg.ike_groups,
+            Some(ke.group),
+        ) else {
+            return Ok(Accepted::Reply(sa.stateless_reply(
+                h,
+                NotifyType::NO_PROPOSAL_CHOSEN,
+                Vec::new(),
+            )));
+        };
+        if ke.group != suite.dh {
+            // §1.2: tell the initiator which group we want.
+            return Ok(Accepted::Reply(sa.stateless_reply(
+                h,
+                NotifyType::INVALID_KE_PAYLOAD,
+                suite.dh.0.to_be_bytes().to_vec(),
+            )));
+        }
+        let kex = KeyExchange::generate(suite.dh)?;
+        let shared = kex.compute_shared(&ke.data)?;
+        sa.nat = sa.check_nat(&msg.payloads, h.spi_i, 0)?;
+        let spi_r = sa.random_u64()?;
+        sa.chan.spi_r = spi_r;
+        let nr = sa.random(NONCE_LEN)?;
+        let seed = skeyseed(suite.prf, &ni, &nr, shared.as_bytes())?;
+        let sk = derive_ike_keys(
+            suite.prf,
+            suite.encr,
+            suite.integ,
+            &seed,
+            &ni,
+            &nr,
+            h.spi_i,
+            spi_r,
+        )?;
+        sa.chan.keys = Some(Keys::new(suite, sk, false));
+        let payloads = vec![
+            Payload::Sa(vec![reply]),
+            Payload::Ke(KePayload {
+                group: suite.dh,
+                data: kex.public_value().to_vec(),
+            }),
+            Payload::Nonce(nr.clone()),
+            Payload::Notify(NotifyPayload::new(
+                NotifyType::NAT_DETECTION_SOURCE_IP,
+                nat_hash(h.spi_i, spi_r, sa.addrs.local)?,
+            )),
+            Payload::Notify(NotifyPayload::new(
+                NotifyType::NAT_DETECTION_DESTINATION_IP,
+                nat_hash(h.spi_i, spi_r, sa.addrs.remote)?,
+            )),
+        ];
+        let resp = Message {
+            header: sa.header(ExchangeType::IKE_SA_INIT, 0, true, false),
+            payloads,
+            sk_offset: None,
+        }
+        .encode();
+        sa.hs = Some(Handshake {
+            ni,
+            nr,
+            kex: None,
+            request: datagram.to_vec(),
+            response: resp.clone(),
+            cookie: None,
+            cookie_rounds: 0,
+            ke_rounds: 0,
+            child_spi: 0,
+        });
+        sa.state = State::InitReplied;
+        sa.chan.next_recv = 1;
+        sa.chan.last_response = Some((0, resp.clone()));
+        sa.push_transmit(resp);
+        sa.last_peer_activity = Some(now);
+        // The half-open SA gives up if IKE_AUTH never comes.
+        sa.ike_hard = Some(now + sa.half_open_timeout());
+        Ok(Accepted::Sa(Box::new(sa)))
+    }
+
+    fn half_open_timeout(&self) -> Duration {
+        self.cfg.retransmit.timeouts.iter().sum::<Duration>() + Duration::from_secs(1)
+    }
+
+    fn stateless_reply(&self, req: &Header, ty: NotifyType, data: Vec<u8>) -> Transmit {
+        let msg = Message {
+            header: Header {
+                spi_i: req.spi_i,
+                spi_r: 0,
+                next_payload: PayloadType::NONE,
+                version: IKEV2_VERSION,
+                exchange: req.exchange,
+                flags: Flags::new(false, true),
+                message_id: req.message_id,
+                length: 0,
+            },
+            payloads: vec![Payload::Notify(NotifyPayload::new(ty, data))],
+            sk_offset: None,
+        };
+        Transmit {
+            source: self.addrs.local,
+            destination: self.addrs.remote,
+            payload: msg.encode(),
+        }
+    }
+
+    fn check_nat(&self, p: &[Payload], spi_i: u64, spi_r: u64) -> Result<(bool, bool)> {
+        // Peer's SOURCE hash covers the peer's address as it sent it; if it
+        // does not match the address we see, the peer is behind a NAT.
+        let srcs: Vec<&NotifyPayload> = p
+            .iter()
+            .filter_map(|x| match x {
+                Payload::Notify(n) if n.ty == NotifyType::NAT_DETECTION_SOURCE_IP => Some(n),
+                _ => None,
+            })
+            .collect();
+        let dst = find_notify(p, NotifyType::NAT_DETECTION_DESTINATION_IP);
+        if srcs.is_empty() || dst.is_none() {
+            return Ok((false, false));
+        }
+        let remote = nat_hash(spi_i, spi_r, self.addrs.remote)?;
+        let local = nat_hash(spi_i, spi_r, self.addrs.local)?;
+        let remote_nat = !srcs.iter().any(|n| n.data == remote);
+        let local_nat = dst.is_some_and(|d| d.data != local);
+        Ok((local_nat, remote_nat))
+    }
+
+    fn header(&self, exchange: ExchangeType, mid: u32, response: bool, old: bool) -> Header {
+        let c = if old {
+            self.old.as_ref().unwrap_or(&self.chan)
+        } else {
+            &self.chan
+        };
+        Header {
+            spi_i: c.spi_i,
+            spi_r: c.spi_r,
+            next_payload: PayloadType::NONE,
+            version: IKEV2_VERSION,
+            exchange,
+            flags: Flags::new(c.initiator, response),
+            message_id: mid,
+            length: 0,
+        }
+    }
+
+    fn push_transmit(&mut self, payload: Vec<u8>) {
+        self.transmits.push_back(Transmit {
+            source: self.addrs.local,
+            destination: self.addrs.remote,
+            payload,
+        });
+    }
+
+    fn send_request(&mut self, now: Instant, old: bool, mid: u32, bytes: Vec<u8>, task: Task) {
+        let first = self
+            .cfg
+            .retransmit
+            .timeouts
+            .first()
+            .copied()
+            .unwrap_or(Duration::from_secs(2));
+        let ch = if old {
+            match self.old.as_mut() {
+                Some(c) => c,
+                None => return,
+            }
+        } else {
+            &mut self.chan
+        };
+        ch.outstanding = Some(Outstanding {
+            mid,
+            bytes: bytes.clone(),
+            task,
+            tries: 0,
+            deadline: now + first,
+        });
+        self.push_transmit(bytes);
+    }
+
+    /// Encrypts `payloads` for the channel (current or old).
+    fn seal(
+        &mut self,
+        old: bool,
+        exchange: ExchangeType,
+        mid: u32,
+        response: bool,
+        payloads: &[Payload],
+    ) -> Result<Vec<u8>> {
+        let header = self.header(exchange, mid, response, old);
+        let ch = if old {
+            self.old.as_ref().ok_or(IkeError::NotEstablished)?
+        } else {
+            &self.chan
+        };
+        let keys = ch.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let iv_len = keys.suite.encr.iv_len();
+        let mut iv = vec![0u8; iv_len];
+        self.entropy.fill(&mut iv)?;
+        let mut inner = Vec::new();
+        let first = encode_chain(payloads, &mut inner);
+        let ch = if old {
+            self.old.as_ref().ok_or(IkeError::NotEstablished)?
+        } else {
+            &self.chan
+        };
+        let keys = ch.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        Ok(keys.out.seal(&header, first, &inner, &iv)?)
+    }
+
+    fn emit_mid(&mut self) {
+        self.events.push_back(Event::MessageIdUpdate {
+            spi_i: self.chan.spi_i,
+            spi_r: self.chan.spi_r,
+            next_send: self.chan.next_send,
+            next_recv: self.chan.next_recv,
+        });
+    }
+
+    // ------------------------------------------------------------------
+    // Getters
+    // ------------------------------------------------------------------
+
+    /// Current initiator and responder SPIs.
+    pub fn spis(&self) -> (u64, u64) {
+        (self.chan.spi_i, self.chan.spi_r)
+    }
+
+    /// Our SPIs that route to this object (current, and the rekeyed
+    /// predecessor while it is being deleted).
+    pub fn local_spis(&self) -> Vec<u64> {
+        let mut v = vec![self.chan.local_spi()];
+        if let Some(o) = &self.old {
+            v.push(o.local_spi());
+        }
+        v
+    }
+
+    /// True once IKE_AUTH completed and until the SA is deleted.
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// True after deletion, failure or timeout: the driver may drop it.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// (next_send, next_recv) message IDs of the current SA.
+    pub fn message_ids(&self) -> (u32, u32) {
+        (self.chan.next_send, self.chan.next_recv)
+    }
+
+    /// Inbound SPIs of the CHILD SAs.
+    pub fn child_spis(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.info.inbound_spi).collect()
+    }
+
+    /// Last time an authenticated message from the peer arrived.
+    pub fn last_peer_activity(&self) -> Option<Instant> {
+        self.last_peer_activity
+    }
+
+    /// The negotiated IKE suite, once keys exist.
+    pub fn suite(&self) -> Option<IkeSuite> {
+        self.chan.keys.as_ref().map(|k| k.suite)
+    }
+
+    // ------------------------------------------------------------------
+    // Outputs
+    // ------------------------------------------------------------------
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`IkeSa::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state == State::Closed {
+            return None;
+        }
+        let mut t: Option<Instant> = None;
+        let mut add = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |y| y.min(x)));
+            }
+        };
+        add(self.chan.outstanding.as_ref().map(|o| o.deadline));
+        add(self
+            .old
+            .as_ref()
+            .and_then(|o| o.outstanding.as_ref())
+            .map(|o| o.deadline));
+        add(self.ike_hard);
+        if self.state == State::Established {
+            if !self.ike_rekeying {
+                add(self.ike_soft);
+            }
+            for c in &self.children {
+                if !c.rekeying && !c.replaced {
+                    add(Some(c.soft));
+                }
+                add(Some(c.hard));
+            }
+        }
+        t
+    }
+
+    // ------------------------------------------------------------------
+    // Mutators
+    // ------------------------------------------------------------------
+
+    fn queue(&mut self, now: Instant, r: Request) -> Result<()> {
+        if self.state == State::Closed {
+            return Err(IkeError::NotEstablished);
+        }
+        if !self.pending.contains(&r) {
+            self.pending.push_back(r);
+        }
+        self.kick(now)
+    }
+
+    /// Sends an empty INFORMATIONAL request (liveness check, §1.4).
+    pub fn start_liveness_check(&mut self, now: Instant) -> Result<()> {
+        self.queue(now, Request::Liveness)
+    }
+
+    /// Deletes a CHILD SA (by inbound SPI).
+    pub fn delete_child(&mut self, now: Instant, inbound_spi: u32) -> Result<()> {
+        if !self
+            .children
+            .iter()
+            .any(|c| c.info.inbound_spi == inbound_spi)
+        {
+            return Err(IkeError::UnknownChild(inbound_spi));
+        }
+        self.queue(now, Request::DeleteChild(inbound_spi, DeleteReason::Local))
+    }
+
+    /// Deletes the IKE SA and all its CHILD SAs.
+    pub fn delete(&mut self, now: Instant) -> Result<()> {
+        self.queue(now, Request::DeleteIke)
+    }
+
+    /// Creates an additional CHILD SA with the configured selectors.
+    pub fn create_child(&mut self, now: Instant) -> Result<()> {
+        self.queue(now, Request::CreateChild)
+    }
+
+    /// Rekeys a CHILD SA (by inbound SPI), with PFS when configured.
+    pub fn rekey_child(&mut self, now: Instant, inbound_spi: u32) -> Result<()> {
+        if !self
+            .children
+            .iter()
+            .any(|c| c.info.inbound_spi == inbound_spi)
+        {
+            return Err(IkeError::UnknownChild(inbound_spi));
+        }
+        if let Some(c) = self
+            .children
+            .iter_mut()
+            .find(|c| c.info.inbound_spi == inbound_spi)
+        {
+            c.rekeying = true;
+        }
+        self.queue(now, Request::RekeyChild(inbound_spi))
+    }
+
+    /// Rekeys the IKE SA.
+    pub fn rekey_ike(&mut self, now: Instant) -> Result<()> {
+        self.queue(now, Request::RekeyIke)
+    }
+
+    /// Starts the next queued request if the window (size 1) is free.
+    fn kick(&mut self, now: Instant) -> Result<()> {
+        while self.state == State::Established && self.chan.outstanding.is_none() {
+            let Some(r) = self.pending.pop_front() else {
+                break;
+            };
+            match self.start_request(now, r) {
+                Ok(()) => {}
+                Err(IkeError::UnknownChild(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn start_request(&mut self, now: Instant, r: Request) -> Result<()> {
+        let mid = self.chan.next_send;
+        let (exchange, payloads, task) = match r {
+            Request::Liveness => (ExchangeType::INFORMATIONAL, Vec::new(), Task::Liveness),
+            Request::DeleteChild(spi, reason) => {
+                let idx = self
+                    .children
+                    .iter()
+                    .position(|c| c.info.inbound_spi == spi)
+                    .ok_or(IkeError::UnknownChild(spi))?;
+                let c = self.children.remove(idx);
+                self.events.push_back(Event::ChildSaDeleted {
+                    inbound_spi: c.info.inbound_spi,
+                    outbound_spi: c.info.outbound_spi,
+                    reason,
+                });
+                (
+                    ExchangeType::INFORMATIONAL,
+                    vec![Payload::Delete(DeletePayload {
+                        protocol: ProtocolId::ESP,
+                        spi_size: 4,
+                        spis: vec![spi.to_be_bytes().to_vec()],
+                    })],
+                    Task::DeleteChild,
+                )
+            }
+            Request::DeleteIke => {
+                self.drop_all_children(DeleteReason::Local);
+                (
+                    ExchangeType::INFORMATIONAL,
+                    vec![Payload::Delete(DeletePayload {
+                        protocol: ProtocolId::IKE,
+                        spi_size: 0,
+                        spis: Vec::new(),
+                    })],
+                    Task::DeleteIke,
+                )
+            }
+            Request::CreateChild | Request::RekeyChild(_) => {
+                let rekey_of = match r {
+                    Request::RekeyChild(s) => Some(s),
+                    _ => None,
+                };
+                let mut notify = None;
+                let (mut tsi, mut tsr) = (self.cfg.local_ts.clone(), self.cfg.remote_ts.clone());
+                if let Some(old) = rekey_of {
+                    let c = self
+                        .children
+                        .iter_mut()
+                        .find(|c| c.info.inbound_spi == old && !c.replaced)
+                        .ok_or(IkeError::UnknownChild(old))?;
+                    c.rekeying = true;
+                    tsi = c.info.local_ts.clone();
+                    tsr = c.info.remote_ts.clone();
+                    notify = Some(Payload::Notify(NotifyPayload {
+                        protocol: ProtocolId::ESP,
+                        spi: old.to_be_bytes().to_vec(),
+                        ty: NotifyType::REKEY_SA,
+                        data: Vec::new(),
+                    }));
+                }
+                let spi = self.random_spi32()?;
+                let ni = self.random(NONCE_LEN)?;
+                let kex = match self.cfg.pfs_groups.first() {
+                    Some(g) => Some(KeyExchange::generate(*g)?),
+                    None => None,
+                };
+                let mut p = Vec::new();
+                p.extend(notify);
+                p.push(Payload::Sa(esp_proposals(
+                    &self.cfg.esp_proposals,
+                    &self.cfg.pfs_groups,
+                    spi,
+                )));
+                p.push(Payload::Nonce(ni.clone()));
+                if let Some(k) = &kex {
+                    p.push(Payload::Ke(KePayload {
+                        group: k.group(),
+                        data: k.public_value().to_vec(),
+                    }));
+                }
+                p.push(Payload::TsI(tsi));
+                p.push(Payload::TsR(tsr));
+                (
+                    ExchangeType::CREATE_CHILD_SA,
+                    p,
+                    Task::CreateChild {
+                        spi,
+                        ni,
+                        kex,
+                        rekey_of,
+                    },
+                )
+            }
+            Request::RekeyIke => {
+                let spi = self.random_u64()?;
+                let ni = self.random(NONCE_LEN)?;
+                let group = self
+                    .chan
+                    .keys
+                    .as_ref()
+                    .map(|k| k.suite.dh)
+                    .ok_or(IkeError::NotEstablished)?;
+                let kex = KeyExchange::generate(group)?;
+                // Offer the current group first so the KE matches.
+                let mut groups = vec![group];
+                groups.extend(self.cfg.ike_groups.iter().filter(|g| **g != group));
+                self.ike_rekeying = true;
+                let p = vec![
+                    Payload::Sa(ike_proposals(
+                        &self.cfg.ike_proposals,
+                        &groups,
+                        &spi.to_be_bytes(),
+                    )),
+                    Payload::Nonce(ni.clone()),
+                    Payload::Ke(KePayload {
+                        group,
+                        data: kex.public_value().to_vec(),
+                    }),
+                ];
+                (
+                    ExchangeType::CREATE_CHILD_SA,
+                    p,
+                    Task::RekeyIke { spi, ni, kex },
+                )
+            }
+        };
+        let bytes = self.seal(false, exchange, mid, false, &payloads)?;
+        self.chan.next_send = mid.wrapping_add(1);
+        self.send_request(now, false, mid, bytes, task);
+        self.emit_mid();
+        Ok(())
+    }
+
+    fn drop_all_children(&mut self, reason: DeleteReason) {
+        for c in self.children.drain(..) {
+            self.events.push_back(Event::ChildSaDeleted {
+                inbound_spi: c.info.inbound_spi,
+                outbound_spi: c.info.outbound_spi,
+                reason,
+            });
+        }
+    }
+
+    fn close(&mut self, reason: DeleteReason) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.drop_all_children(reason);
+        if let Some(o) = self.old.take() {
+            self.events.push_back(Event::IkeSaDeleted {
+                spi_i: o.spi_i,
+                spi_r: o.spi_r,
+                reason: DeleteReason::Rekeyed,
+            });
+        }
+        self.events.push_back(Event::IkeSaDeleted {
+            spi_i: self.chan.spi_i,
+            spi_r: self.chan.spi_r,
+            reason,
+        });
+        self.state = State::Closed;
+        self.chan.outstanding = None;
+        self.pending.clear();
+        self.hs = None;
+    }
+
+    // ------------------------------------------------------------------
+    // Timers
+    // ------------------------------------------------------------------
+
+    /// Retransmits, gives up, and runs lifetime expiries due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        for old in [true, false] {
+            let timeouts = &self.cfg.retransmit.timeouts;
+            let ch = if old {
+                match self.old.as_mut() {
+                    Some(c) => c,
+                    None => continue,
+                }
+            } else {
+                &mut self.chan
+            };
+            let Some(o) = ch.outstanding.as_mut() else {
+                continue;
+            };
+            if o.deadline > now {
+                continue;
+            }
+            o.tries += 1;
+            if let Some(wait) = timeouts.get(o.tries) {
+                o.deadline = now + *wait;
+                let bytes = o.bytes.clone();
+                self.push_transmit(bytes);
+                continue;
+            }
+            // Schedule exhausted.
+            let task = ch.outstanding.take().map(|o| o.task);
+            if old {
+                if let Some(o) = self.old.take() {
+                    self.events.push_back(Event::IkeSaDeleted {
+                        spi_i: o.spi_i,
+                        spi_r: o.spi_r,
+                        reason: DeleteReason::Rekeyed,
+                    });
+                }
+                continue;
+            }
+            match task {
+                Some(Task::Liveness) => {
+                    self.events.push_back(Event::LivenessTimeout);
+                    let _ = self.kick(now);
+                }
+                _ => {
+                    self.close(DeleteReason::Timeout);
+                    return;
+                }
+            }
+        }
+        if self.ike_hard.is_some_and(|t| t <= now) {
+            let reason = if self.state == State::Established {
+                DeleteReason::Expired
+            } else {
+                DeleteReason::Timeout
+            };
+            self.close(reason);
+            return;
+        }
+        if self.state != State::Established {
+            return;
+        }
+        if !self.ike_rekeying && self.ike_soft.is_some_and(|t| t <= now) {
+            self.ike_soft = None;
+            let _ = self.queue(now, Request::RekeyIke);
+        }
+        let mut expired = Vec::new();
+        for c in &mut self.children {
+            if c.hard <= now {
+                expired.push(c.info.inbound_spi);
+            } else if c.soft <= now && !c.rekeying && !c.replaced {
+                c.rekeying = true;
+                self.pending
+                    .push_back(Request::RekeyChild(c.info.inbound_spi));
+            }
+        }
+        for s in expired {
+            self.pending.retain(|r| *r != Request::RekeyChild(s));
+            let r = Request::DeleteChild(s, DeleteReason::Expired);
+            if !self.pending.contains(&r) {
+                self.pending.push_back(r);
+            }
+        }
+        let _ = self.kick(now);
+    }
+
+    // ------------------------------------------------------------------
+    // Input
+    // ------------------------------------------------------------------
+
+    /// Processes one datagram addressed to this SA. Errors mean the
+    /// datagram was dropped (or answered with an error notify); the SA
+    /// stays consistent either way.
+    pub fn handle_datagram(&mut self, now: Instant, data: &[u8]) -> Result<()> {
+        if self.state == State::Closed {
+            return Err(IkeError::NotEstablished);
+        }
+        let msg = Message::decode(data)?;
+        let h = &msg.header;
+        let on_old = match &self.old {
+            Some(o) if h.spi_i == o.spi_i && h.spi_r == o.spi_r => true,
+            _ => {
+                let init_retx = h.exchange == ExchangeType::IKE_SA_INIT && h.spi_r == 0;
+                if h.spi_i != self.chan.spi_i
+                    || (h.spi_r != self.chan.spi_r && !init_retx && self.chan.spi_r != 0)
+                {
+                    return Err(IkeError::WrongSa);
+                }
+                false
+            }
+        };
+        let ch = if on_old {
+            self.old.as_ref().ok_or(IkeError::WrongSa)?
+        } else {
+            &self.chan
+        };
+        // The peer's I flag is the opposite of ours (§3.1).
+        if h.flags.initiator() == ch.initiator {
+            return Err(IkeError::Unexpected("initiator flag"));
+        }
+        if h.flags.response() {
+            self.handle_response(now, on_old, data, msg)
+        } else {
+            self.handle_request(now, on_old, data, msg)
+        }
+    }
+
+    fn decrypt(&self, old: bool, data: &[u8], msg: &Message) -> Result<Vec<Payload>> {
+        let ch = if old {
+            self.old.as_ref().ok_or(IkeError::WrongSa)?
+        } else {
+            &self.chan
+        };
+        let keys = ch.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let (first, off) = match (msg.payloads.last(), msg.sk_offset) {
+            (Some(Payload::Sk { first_inner, .. }), Some(off)) => (*first_inner, off),
+            (Some(Payload::Skf { .. }), _) => {
+                return Err(IkeError::Unexpected("IKE fragments not negotiated"))
+            }
+            _ => return Err(IkeError::Unexpected("missing SK payload")),
+        };
+        let inner = keys.inb.open(data, off)?;
+        let (payloads, sk) = decode_chain(first, &inner)?;
+        if sk.is_some() {
+            return Err(IkeError::Unexpected("nested SK payload"));
+        }
+        Ok(payloads)
+    }
+
+    fn handle_request(&mut self, now: Instant, old: bool, data: &[u8], msg: Message) -> Result<()> {
+        let mid = msg.header.message_id;
+        let ch = if old {
+            self.old.as_ref().ok_or(IkeError::WrongSa)?
+        } else {
+            &self.chan
+        };
+        let expected = ch.next_recv;
+        if mid != expected {
+            // A retransmission of the last request gets the cached
+            // response again (§2.1); anything else is dropped.
+            if let Some((m, bytes)) = &ch.last_response {
+                if *m == mid && mid.wrapping_add(1) == expected {
+                    let b = bytes.clone();
+                    self.push_transmit(b);
+                    return Ok(());
+                }
+            }
+            return Err(IkeError::InvalidMessageId { got: mid, expected });
+        }
+        if msg.header.exchange == ExchangeType::IKE_SA_INIT {
+            return Err(IkeError::Unexpected("IKE_SA_INIT on an existing SA"));
+        }
+        let payloads = self.decrypt(old, data, &msg)?;
+        self.last_peer_activity = Some(now);
+        let exchange = msg.header.exchange;
+        let reply: Vec<Payload> = if let Some(t) = unknown_critical(&payloads) {
+            vec![Payload::Notify(NotifyPayload::new(
+                NotifyType::UNSUPPORTED_CRITICAL_PAYLOAD,
+                vec![t.0],
+            ))]
+        } else if old {
+            self.request_on_old(&payloads)
+        } else {
+            match (self.state, exchange) {
+                (State::InitReplied, ExchangeType::IKE_AUTH) => {
+                    self.ike_auth_request(now, &payloads)?
+                }
+                (State::Established, ExchangeType::INFORMATIONAL) => {
+                    self.informational_request(&payloads)
+                }
+                (State::Established, ExchangeType::CREATE_CHILD_SA) => {
+                    self.create_child_request(now, &payloads)?
+                }
+                (State::Established, ExchangeType::IKE_AUTH) => {
+                    return Err(IkeError::Unexpected("IKE_AUTH after establishment"))
+                }
+                _ => vec![Payload::Notify(NotifyPayload::new(
+                    NotifyType::INVALID_SYNTAX,
+                    Vec::new(),
+                ))],
+            }
+        };
+        let bytes = self.seal(old, exchange, mid, true, &reply)?;
+        {
+            let ch = if old {
+                self.old.as_mut().ok_or(IkeError::WrongSa)?
+            } else {
+                &mut self.chan
+            };
+            ch.next_recv = mid.wrapping_add(1);
+            ch.last_response = Some((mid, bytes.clone()));
+        }
+        self.push_transmit(bytes);
+        if !old {
+            self.emit_mid();
+        }
+        self.after_request(now, old, &reply);
+        let _ = self.kick(now);
+        Ok(())
+    }
+
+    fn after_request(&mut self, now: Instant, old: bool, reply: &[Payload]) {
+        if let Some(new) = self.pending_swap.take() {
+            self.swap_in(now, new);
+        }
+        // Deletes of the IKE SA we answered take effect after the response.
+        if old && self.old_deleted {
+            self.old_deleted = false;
+            if let Some(o) = self.old.take() {
+                self.events.push_back(Event::IkeSaDeleted {
+                    spi_i: o.spi_i,
+                    spi_r: o.spi_r,
+                    reason: DeleteReason::Rekeyed,
+                });
+            }
+        }
+        if !old && self.peer_deleted_ike {
+            self.peer_deleted_ike = false;
+            self.close(DeleteReason::Peer);
+        }
+        if !old
+            && reply.iter().any(
+                |p| matches!(p, Payload::Notify(n) if n.ty == NotifyType::AUTHENTICATION_FAILED),
+            )
+        {
+            self.close(DeleteReason::AuthFailed);
+        }
+    }
+}
+
+mod exchanges;
+#[cfg(test)]
+mod tests;

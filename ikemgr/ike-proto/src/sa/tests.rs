@@ -1,0 +1,1013 @@
+//! Two endpoints joined by in-memory queues with a simulated clock, loss
+//! and reordering. Exchanges are written in RFC notation in the comments.
+
+use super::*;
+use crate::proposal::{dhgrp_list, phase1_list, phase2_list};
+use std::sync::Mutex;
+
+/// Entropy whose 32-octet draws (nonces) can be scripted by the test.
+#[derive(Clone, Default)]
+struct Scripted(Arc<Mutex<VecDeque<Vec<u8>>>>);
+
+impl Scripted {
+    fn push_nonce(&self, b: u8) {
+        self.0.lock().unwrap().push_back(vec![b; NONCE_LEN]);
+    }
+}
+
+impl Entropy for Scripted {
+    fn fill(&mut self, buf: &mut [u8]) -> std::result::Result<(), CryptoError> {
+        if buf.len() == NONCE_LEN {
+            if let Some(n) = self.0.lock().unwrap().pop_front() {
+                buf.copy_from_slice(&n);
+                return Ok(());
+            }
+        }
+        crate::crypto::random_bytes(buf)
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn cfg(psk: &[u8], id: &str, ike: &str, groups: &str, esp: &str, pfs: &str) -> IkeConfig {
+    let mut c = IkeConfig::psk(psk, IdPayload::fqdn(id));
+    c.ike_proposals = phase1_list(ike).unwrap();
+    c.ike_groups = dhgrp_list(groups).unwrap();
+    c.esp_proposals = phase2_list(esp).unwrap();
+    c.pfs_groups = dhgrp_list(pfs).unwrap();
+    c.rekey_jitter = Duration::ZERO;
+    c
+}
+
+fn net(s: &str, p: u8) -> TrafficSelector {
+    TrafficSelector::subnet(s.parse().unwrap(), p)
+}
+
+struct Pair {
+    now: Instant,
+    a: IkeSa,
+    b: Option<IkeSa>,
+    b_cfg: Arc<IkeConfig>,
+    a_ent: Scripted,
+    b_ent: Scripted,
+    ab: VecDeque<Vec<u8>>,
+    ba: VecDeque<Vec<u8>>,
+    ev_a: Vec<Event>,
+    ev_b: Vec<Event>,
+    sent_a: Vec<Vec<u8>>,
+    sent_b: Vec<Vec<u8>>,
+    /// (from_a, index on that direction) -> drop?
+    lose: Box<dyn FnMut(bool, usize) -> bool>,
+    reorder: bool,
+}
+
+const A: &str = "192.0.2.1:500";
+const B: &str = "198.51.100.2:500";
+
+impl Pair {
+    fn new(a: IkeConfig, b: IkeConfig) -> Pair {
+        let now = Instant::now();
+        let a_ent = Scripted::default();
+        let b_ent = Scripted::default();
+        let sa = IkeSa::initiate(
+            now,
+            Arc::new(a),
+            Addresses {
+                local: addr(A),
+                remote: addr(B),
+            },
+            Box::new(a_ent.clone()),
+        )
+        .unwrap();
+        Pair {
+            now,
+            a: sa,
+            b: None,
+            b_cfg: Arc::new(b),
+            a_ent,
+            b_ent,
+            ab: VecDeque::new(),
+            ba: VecDeque::new(),
+            ev_a: Vec::new(),
+            ev_b: Vec::new(),
+            sent_a: Vec::new(),
+            sent_b: Vec::new(),
+            lose: Box::new(|_, _| false),
+            reorder: false,
+        }
+    }
+
+    fn b(&mut self) -> &mut IkeSa {
+        self.b.as_mut().expect("responder exists")
+    }
+
+    /// Moves transmits into the queues and events into the logs.
+    fn collect(&mut self) {
+        while let Some(t) = self.a.poll_transmit() {
+            assert_eq!(t.destination, addr(B));
+            let n = self.sent_a.len();
+            self.sent_a.push(t.payload.clone());
+            if !(self.lose)(true, n) {
+                self.ab.push_back(t.payload);
+            }
+        }
+        while let Some(e) = self.a.poll_event() {
+            self.ev_a.push(e);
+        }
+        if let Some(b) = self.b.as_mut() {
+            while let Some(t) = b.poll_transmit() {
+                let n = self.sent_b.len();
+                self.sent_b.push(t.payload.clone());
+                if !(self.lose)(false, n) {
+                    self.ba.push_back(t.payload);
+                }
+            }
+            while let Some(e) = b.poll_event() {
+                self.ev_b.push(e);
+            }
+        }
+    }
+
+    fn deliver_to_b(&mut self, d: Vec<u8>) {
+        match self.b.as_mut() {
+            Some(b) => {
+                let _ = b.handle_datagram(self.now, &d);
+            }
+            None => match IkeSa::accept(
+                self.now,
+                self.b_cfg.clone(),
+                Addresses {
+                    local: addr(B),
+                    remote: addr(A),
+                },
+                Box::new(self.b_ent.clone()),
+                &d,
+            ) {
+                Ok(Accepted::Sa(sa)) => self.b = Some(*sa),
+                Ok(Accepted::Reply(t)) => {
+                    let n = self.sent_b.len();
+                    self.sent_b.push(t.payload.clone());
+                    if !(self.lose)(false, n) {
+                        self.ba.push_back(t.payload);
+                    }
+                }
+                Err(_) => {}
+            },
+        }
+    }
+
+    /// Delivers everything in flight once (reversed per direction when
+    /// `reorder`); returns whether anything moved.
+    fn step(&mut self) -> bool {
+        self.collect();
+        if self.ab.is_empty() && self.ba.is_empty() {
+            return false;
+        }
+        let mut ab: Vec<_> = self.ab.drain(..).collect();
+        let mut ba: Vec<_> = self.ba.drain(..).collect();
+        if self.reorder {
+            ab.reverse();
+            ba.reverse();
+        }
+        for d in ab {
+            self.deliver_to_b(d);
+        }
+        for d in ba {
+            let _ = self.a.handle_datagram(self.now, &d);
+        }
+        self.collect();
+        true
+    }
+
+    /// Runs messages and timers until nothing is in flight and the next
+    /// timer is later than `horizon` from the start of the call.
+    fn run(&mut self, horizon: Duration) {
+        let end = self.now + horizon;
+        for _ in 0..10_000 {
+            if self.step() {
+                continue;
+            }
+            let next = [
+                self.a.poll_timeout(),
+                self.b.as_ref().and_then(|b| b.poll_timeout()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            match next {
+                Some(t) if t <= end => {
+                    self.now = self.now.max(t);
+                    self.a.handle_timeout(self.now);
+                    if let Some(b) = self.b.as_mut() {
+                        b.handle_timeout(self.now);
+                    }
+                }
+                _ => return,
+            }
+        }
+        panic!("simulation did not settle");
+    }
+
+    fn settle(&mut self) {
+        self.run(Duration::from_secs(120));
+    }
+
+    fn children(ev: &[Event]) -> Vec<ChildSaInfo> {
+        ev.iter()
+            .filter_map(|e| match e {
+                Event::ChildSaEstablished(c) => Some((**c).clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn assert_child_pair(a: &ChildSaInfo, b: &ChildSaInfo) {
+    assert_eq!(a.inbound_spi, b.outbound_spi);
+    assert_eq!(a.outbound_spi, b.inbound_spi);
+    assert_eq!(a.encr, b.encr);
+    assert_eq!(a.integ, b.integ);
+    assert_eq!(a.keys.encr_out, b.keys.encr_in);
+    assert_eq!(a.keys.integ_out, b.keys.integ_in);
+    assert_eq!(a.keys.encr_in, b.keys.encr_out);
+    assert_eq!(a.keys.integ_in, b.keys.integ_out);
+    assert_ne!(a.keys.encr_in, a.keys.encr_out);
+    assert_eq!(a.local_ts, b.remote_ts);
+    assert_eq!(a.remote_ts, b.local_ts);
+}
+
+fn established(ike: &str, groups: &str, esp: &str) -> Pair {
+    let mut p = Pair::new(
+        cfg(b"secret", "a.example", ike, groups, esp, ""),
+        cfg(b"secret", "b.example", ike, groups, esp, ""),
+    );
+    p.settle();
+    assert!(p.a.is_established(), "{:?}", p.ev_a);
+    assert!(p.b().is_established(), "{:?}", p.ev_b);
+    p
+}
+
+fn check_establishment(p: &mut Pair, encr: Encr, integ: Option<Integ>, group: DhGroup) {
+    let ike_a = p.ev_a.iter().find_map(|e| match e {
+        Event::IkeSaEstablished(i) => Some(i.clone()),
+        _ => None,
+    });
+    let ike_b = p.ev_b.iter().find_map(|e| match e {
+        Event::IkeSaEstablished(i) => Some(i.clone()),
+        _ => None,
+    });
+    let (ia, ib) = (ike_a.unwrap(), ike_b.unwrap());
+    assert_eq!((ia.spi_i, ia.spi_r), (ib.spi_i, ib.spi_r));
+    assert!(ia.initiator && !ib.initiator);
+    assert_eq!(ia.suite.dh, group);
+    assert_eq!(ia.suite, ib.suite);
+    assert_eq!(ia.remote_id, IdPayload::fqdn("b.example"));
+    assert_eq!(ib.remote_id, IdPayload::fqdn("a.example"));
+    assert!(!ia.local_behind_nat && !ia.remote_behind_nat);
+    let (ca, cb) = (Pair::children(&p.ev_a), Pair::children(&p.ev_b));
+    assert_eq!((ca.len(), cb.len()), (1, 1));
+    assert_child_pair(&ca[0], &cb[0]);
+    assert_eq!(ca[0].encr, encr);
+    assert_eq!(ca[0].integ, integ);
+    assert!(ca[0].initiator && !cb[0].initiator);
+    assert_eq!(p.a.message_ids(), (2, 0));
+    assert_eq!(p.b().message_ids(), (0, 2));
+}
+
+#[test]
+fn establishes_with_aes_gcm_and_ecp256() {
+    // HDR, SAi1, KEi, Ni, N(NAT_D)x2 -->  <-- HDR, SAr1, KEr, Nr, N(NAT_D)x2
+    // HDR, SK {IDi, AUTH, SAi2, TSi, TSr} -->  <-- HDR, SK {IDr, AUTH, SAr2, TSi, TSr}
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    check_establishment(&mut p, Encr::AesGcm16(16), None, DhGroup::ECP256);
+    let c = &Pair::children(&p.ev_a)[0];
+    assert_eq!(c.keys.encr_out.len(), 20, "AES-128 key + 4-octet salt");
+}
+
+#[test]
+fn establishes_with_cbc_hmac_and_modp2048() {
+    let mut p = established("aes256-sha256", "14", "aes256-sha256");
+    check_establishment(
+        &mut p,
+        Encr::AesCbc(32),
+        Some(Integ::HmacSha256_128),
+        DhGroup::MODP2048,
+    );
+    let c = &Pair::children(&p.ev_a)[0];
+    assert_eq!((c.keys.encr_in.len(), c.keys.integ_in.len()), (32, 32));
+}
+
+#[test]
+fn establishes_with_chacha20_and_x25519() {
+    let mut p = established("chacha20poly1305-prfsha256", "31", "chacha20poly1305");
+    check_establishment(&mut p, Encr::ChaCha20Poly1305, None, DhGroup::CURVE25519);
+}
+
+#[test]
+fn establishes_with_fortios_seed_suite() {
+    // Seed 002: proposal aes256-sha512, dhgrp 21.
+    let mut p = established("aes256-sha512", "21", "aes256-sha512");
+    check_establishment(
+        &mut p,
+        Encr::AesCbc(32),
+        Some(Integ::HmacSha512_256),
+        DhGroup::ECP521,
+    );
+}
+
+#[test]
+fn narrowing_applies_to_the_first_child() {
+    let mut a = cfg(b"k", "a.example", "aes128-sha1", "14", "aes128-sha1", "");
+    let mut b = cfg(b"k", "b.example", "aes128-sha1", "14", "aes128-sha1", "");
+    // A proposes 0/0 <-> 0/0; B only allows 10.2/16 (its side) <-> 10.1/16.
+    b.local_ts = vec![net("10.2.0.0", 16)];
+    b.remote_ts = vec![net("10.1.0.0", 16)];
+    a.local_ts = vec![net("0.0.0.0", 0)];
+    let mut p = Pair::new(a, b);
+    p.settle();
+    let ca = &Pair::children(&p.ev_a)[0];
+    assert_eq!(ca.local_ts, vec![net("10.1.0.0", 16)]);
+    assert_eq!(ca.remote_ts, vec![net("10.2.0.0", 16)]);
+}
+
+#[test]
+fn disjoint_selectors_keep_the_ike_sa_without_child() {
+    let mut a = cfg(b"k", "a.example", "aes128-sha1", "14", "aes128-sha1", "");
+    let b = cfg(b"k", "b.example", "aes128-sha1", "14", "aes128-sha1", "");
+    a.local_ts = vec![net("10.9.0.0", 16)];
+    let mut b = b;
+    b.remote_ts = vec![net("10.1.0.0", 16)];
+    let mut p = Pair::new(a, b);
+    p.settle();
+    assert!(p.a.is_established());
+    assert!(p.ev_a.contains(&Event::ChildSaFailed {
+        notify: NotifyType::TS_UNACCEPTABLE
+    }));
+    assert!(Pair::children(&p.ev_a).is_empty());
+    assert!(Pair::children(&p.ev_b).is_empty());
+}
+
+#[test]
+fn wrong_psk_fails_on_both_sides() {
+    let mut p = Pair::new(
+        cfg(
+            b"right",
+            "a.example",
+            "aes128-sha256",
+            "14",
+            "aes128-sha256",
+            "",
+        ),
+        cfg(
+            b"wrong",
+            "b.example",
+            "aes128-sha256",
+            "14",
+            "aes128-sha256",
+            "",
+        ),
+    );
+    p.settle();
+    assert!(p.ev_b.iter().any(|e| matches!(e, Event::AuthFailed { .. })));
+    assert!(p.ev_a.iter().any(|e| matches!(e, Event::AuthFailed { .. })));
+    assert!(p.a.is_closed() && p.b().is_closed());
+    assert!(Pair::children(&p.ev_a).is_empty() && Pair::children(&p.ev_b).is_empty());
+    assert!(p.ev_a.contains(&Event::IkeSaDeleted {
+        spi_i: p.a.spis().0,
+        spi_r: p.a.spis().1,
+        reason: DeleteReason::AuthFailed
+    }));
+}
+
+#[test]
+fn peerid_mismatch_is_authentication_failed() {
+    let mut b = cfg(
+        b"k",
+        "b.example",
+        "aes128-sha256",
+        "14",
+        "aes128-sha256",
+        "",
+    );
+    b.peer_id = Some(IdPayload::fqdn("Nokia_Peer"));
+    let mut p = Pair::new(
+        cfg(
+            b"k",
+            "a.example",
+            "aes128-sha256",
+            "14",
+            "aes128-sha256",
+            "",
+        ),
+        b,
+    );
+    p.settle();
+    assert!(p.ev_b.contains(&Event::AuthFailed {
+        reason: "peer identity does not match peerid"
+    }));
+    assert!(p.a.is_closed());
+}
+
+#[test]
+fn invalid_ke_payload_makes_the_initiator_retry_with_the_responders_group() {
+    // A offers 14 and 19 with a KE for 14; B only accepts 19.
+    //   HDR, SAi1, KEi(14), Ni -->  <-- HDR, N(INVALID_KE_PAYLOAD, 19)
+    //   HDR, SAi1, KEi(19), Ni -->  <-- HDR, SAr1, KEr(19), Nr
+    let mut p = Pair::new(
+        cfg(
+            b"k",
+            "a.example",
+            "aes128-sha256",
+            "14 19",
+            "aes128-sha256",
+            "",
+        ),
+        cfg(
+            b"k",
+            "b.example",
+            "aes128-sha256",
+            "19",
+            "aes128-sha256",
+            "",
+        ),
+    );
+    p.settle();
+    assert!(p.a.is_established());
+    assert_eq!(p.a.suite().unwrap().dh, DhGroup::ECP256);
+    let first = Message::decode(&p.sent_b[0]).unwrap();
+    assert!(matches!(&first.payloads[0], Payload::Notify(n)
+        if n.ty == NotifyType::INVALID_KE_PAYLOAD && n.data == vec![0, 19]));
+}
+
+#[test]
+fn no_common_proposal_fails_cleanly() {
+    let mut p = Pair::new(
+        cfg(
+            b"k",
+            "a.example",
+            "aes128-sha256",
+            "14",
+            "aes128-sha256",
+            "",
+        ),
+        cfg(
+            b"k",
+            "b.example",
+            "aes256gcm-prfsha384",
+            "14",
+            "aes128-sha256",
+            "",
+        ),
+    );
+    p.settle();
+    assert!(p.a.is_closed());
+    assert!(p.b.is_none(), "responder kept no state");
+    assert!(p.ev_a.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Failed(NotifyType::NO_PROPOSAL_CHOSEN),
+            ..
+        }
+    )));
+}
+
+#[test]
+fn cookie_request_is_answered_with_the_same_nonce_and_ke() {
+    let mut p = Pair::new(
+        cfg(
+            b"k",
+            "a.example",
+            "aes128-sha256",
+            "14",
+            "aes128-sha256",
+            "",
+        ),
+        cfg(
+            b"k",
+            "b.example",
+            "aes128-sha256",
+            "14",
+            "aes128-sha256",
+            "",
+        ),
+    );
+    p.collect();
+    let req1 = Message::decode(&p.ab.pop_front().unwrap()).unwrap();
+    // <-- HDR(A,0), N(COOKIE)
+    let cookie = vec![0xc0; 24];
+    let resp = Message {
+        header: Header {
+            spi_i: req1.header.spi_i,
+            spi_r: 0,
+            next_payload: PayloadType::NONE,
+            version: IKEV2_VERSION,
+            exchange: ExchangeType::IKE_SA_INIT,
+            flags: Flags::new(false, true),
+            message_id: 0,
+            length: 0,
+        },
+        payloads: vec![Payload::Notify(NotifyPayload::new(
+            NotifyType::COOKIE,
+            cookie.clone(),
+        ))],
+        sk_offset: None,
+    };
+    p.a.handle_datagram(p.now, &resp.encode()).unwrap();
+    p.collect();
+    // HDR(A,0), N(COOKIE), SAi1, KEi, Ni -->
+    let req2 = Message::decode(&p.ab[0]).unwrap();
+    assert!(
+        matches!(&req2.payloads[0], Payload::Notify(n) if n.ty == NotifyType::COOKIE && n.data == cookie)
+    );
+    assert_eq!(req2.payloads[1..4], req1.payloads[0..3]);
+    p.settle();
+    assert!(p.a.is_established() && p.b().is_established());
+}
+
+#[test]
+fn lost_requests_are_retransmitted_byte_identical() {
+    let mut p = Pair::new(
+        cfg(
+            b"k",
+            "a.example",
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "",
+        ),
+        cfg(
+            b"k",
+            "b.example",
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "",
+        ),
+    );
+    // Lose A's first two datagrams (IKE_SA_INIT) and the first IKE_AUTH.
+    p.lose = Box::new(|from_a, n| from_a && (n < 2 || n == 3));
+    p.settle();
+    assert!(p.a.is_established() && p.b().is_established());
+    assert_eq!(p.sent_a[0], p.sent_a[1]);
+    assert_eq!(p.sent_a[1], p.sent_a[2]);
+    assert_eq!(p.sent_a[3], p.sent_a[4]);
+}
+
+#[test]
+fn lost_responses_are_answered_from_the_cache() {
+    let mut p = Pair::new(
+        cfg(
+            b"k",
+            "a.example",
+            "aes256-sha256",
+            "14",
+            "aes256-sha256",
+            "",
+        ),
+        cfg(
+            b"k",
+            "b.example",
+            "aes256-sha256",
+            "14",
+            "aes256-sha256",
+            "",
+        ),
+    );
+    // Lose B's IKE_SA_INIT response and its IKE_AUTH response once each.
+    p.lose = Box::new(|from_a, n| !from_a && (n == 0 || n == 2));
+    p.settle();
+    assert!(p.a.is_established() && p.b().is_established());
+    assert_eq!(
+        p.sent_b[0], p.sent_b[1],
+        "IKE_SA_INIT response resent as is"
+    );
+    assert_eq!(p.sent_b[2], p.sent_b[3], "IKE_AUTH response resent as is");
+    // B processed IKE_AUTH once: one CHILD SA.
+    assert_eq!(Pair::children(&p.ev_b).len(), 1);
+}
+
+#[test]
+fn reordered_delivery_still_establishes() {
+    let mut p = Pair::new(
+        cfg(b"k", "a.example", "aes128-sha1", "2", "aes128-sha1", ""),
+        cfg(b"k", "b.example", "aes128-sha1", "2", "aes128-sha1", ""),
+    );
+    p.reorder = true;
+    // Duplicate-and-lose pattern: lose every third datagram from B.
+    p.lose = Box::new(|from_a, n| !from_a && n % 3 == 1);
+    p.settle();
+    assert!(p.a.is_established() && p.b().is_established());
+}
+
+#[test]
+fn initiator_gives_up_after_the_schedule() {
+    let mut p = Pair::new(
+        cfg(b"k", "a.example", "aes128-sha1", "14", "aes128-sha1", ""),
+        cfg(b"k", "b.example", "aes128-sha1", "14", "aes128-sha1", ""),
+    );
+    p.lose = Box::new(|_, _| true);
+    p.settle();
+    let n = RetransmitPolicy::default().timeouts.len();
+    assert_eq!(p.sent_a.len(), n, "first send + retransmissions");
+    assert!(p.a.is_closed());
+    assert!(matches!(
+        p.ev_a.last(),
+        Some(Event::IkeSaDeleted {
+            reason: DeleteReason::Timeout,
+            ..
+        })
+    ));
+    assert_eq!(p.a.poll_timeout(), None);
+}
+
+#[test]
+fn liveness_reply_and_timeout() {
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    p.ev_a.clear();
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessReply));
+    assert_eq!(p.a.message_ids(), (3, 0));
+    assert!(p.ev_b.contains(&Event::MessageIdUpdate {
+        spi_i: p.a.spis().0,
+        spi_r: p.a.spis().1,
+        next_send: 0,
+        next_recv: 3
+    }));
+    // Now the peer is gone.
+    p.lose = Box::new(|_, _| true);
+    p.ev_a.clear();
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessTimeout));
+    assert!(
+        p.a.is_established(),
+        "the driver decides what a dead peer means"
+    );
+}
+
+#[test]
+fn delete_child_then_ike_sa() {
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let spi = p.a.child_spis()[0];
+    p.a.delete_child(p.now, spi).unwrap();
+    p.settle();
+    assert!(p.b().child_spis().is_empty());
+    assert!(p.ev_b.iter().any(|e| matches!(e, Event::ChildSaDeleted { outbound_spi, reason: DeleteReason::Peer, .. } if *outbound_spi == spi)));
+    {
+        let now = p.now;
+        p.b().delete(now).unwrap();
+    }
+    p.settle();
+    assert!(p.a.is_closed() && p.b().is_closed());
+    assert!(p.ev_a.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Peer,
+            ..
+        }
+    )));
+    assert!(p.ev_b.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Local,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn create_and_rekey_child_with_pfs() {
+    let mut p = Pair::new(
+        cfg(
+            b"k",
+            "a.example",
+            "aes256-sha256",
+            "14",
+            "aes256-sha256",
+            "31",
+        ),
+        cfg(
+            b"k",
+            "b.example",
+            "aes256-sha256",
+            "14",
+            "aes256-sha256",
+            "31",
+        ),
+    );
+    p.settle();
+    // HDR, SK {SA, Ni, KEi, TSi, TSr} -->  <-- HDR, SK {SA, Nr, KEr, TSi, TSr}
+    p.a.create_child(p.now).unwrap();
+    p.settle();
+    let ca = Pair::children(&p.ev_a);
+    let cb = Pair::children(&p.ev_b);
+    assert_eq!(ca.len(), 2);
+    assert_child_pair(&ca[1], &cb[1]);
+    assert_eq!(ca[1].pfs_group, Some(DhGroup::CURVE25519));
+    assert_eq!(ca[0].pfs_group, None, "IKE_AUTH child has no PFS");
+    // HDR, SK {N(REKEY_SA), SA, Ni, KEi, TSi, TSr} -->
+    let old = ca[0].inbound_spi;
+    {
+        let now = p.now;
+        p.b().rekey_child(now, ca[0].outbound_spi).unwrap();
+    }
+    p.settle();
+    let ca = Pair::children(&p.ev_a);
+    let cb = Pair::children(&p.ev_b);
+    assert_eq!(ca.len(), 3);
+    assert_child_pair(&ca[2], &cb[2]);
+    assert_eq!(cb[2].rekey_of, Some(ca[0].outbound_spi));
+    assert!(
+        !p.a.child_spis().contains(&old),
+        "old SA deleted after rekey"
+    );
+    assert_eq!(p.a.child_spis().len(), 2);
+    assert_eq!(p.b().child_spis().len(), 2);
+    assert!(p.ev_a.iter().any(|e| matches!(e, Event::ChildSaDeleted { inbound_spi, reason: DeleteReason::Rekeyed, .. } if *inbound_spi == old)));
+}
+
+#[test]
+fn ike_rekey_moves_children_and_resets_message_ids() {
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let old = p.a.spis();
+    let children = p.a.child_spis();
+    let k_old = p.a.chan.keys.as_ref().unwrap().sk.sk_d.clone();
+    // HDR, SK {SA, Ni, KEi} -->  <-- HDR, SK {SA, Nr, KEr}
+    // HDR(old), SK {D(IKE)} -->  <-- HDR(old), SK {}
+    p.a.rekey_ike(p.now).unwrap();
+    p.settle();
+    let new = p.a.spis();
+    assert_ne!(new, old);
+    assert_eq!(p.b().spis(), new);
+    assert_eq!(p.a.child_spis(), children);
+    assert_ne!(p.a.chan.keys.as_ref().unwrap().sk.sk_d, k_old);
+    let kb = p.b().chan.keys.as_ref().unwrap().sk.sk_d.clone();
+    assert_eq!(p.a.chan.keys.as_ref().unwrap().sk.sk_d, kb);
+    assert_eq!(p.a.local_spis().len(), 1, "old SA gone");
+    assert_eq!(p.b().local_spis().len(), 1);
+    for ev in [&p.ev_a, &p.ev_b] {
+        assert!(ev
+            .iter()
+            .any(|e| matches!(e, Event::IkeSaRekeyed { old_spi_i, .. } if *old_spi_i == old.0)));
+        assert!(ev.contains(&Event::IkeSaDeleted {
+            spi_i: old.0,
+            spi_r: old.1,
+            reason: DeleteReason::Rekeyed
+        }));
+    }
+    assert_eq!(p.a.message_ids(), (0, 0));
+    // The new SA works both ways.
+    p.ev_a.clear();
+    {
+        let now = p.now;
+        p.b().start_liveness_check(now).unwrap();
+    }
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessReply));
+    assert!(p.ev_b.contains(&Event::LivenessReply));
+    // And a CHILD SA made on it derives from the new SK_d.
+    p.a.create_child(p.now).unwrap();
+    p.settle();
+    let (ca, cb) = (Pair::children(&p.ev_a), Pair::children(&p.ev_b));
+    assert_child_pair(ca.last().unwrap(), cb.last().unwrap());
+    assert_eq!(ca.last().unwrap().ike_spi_i, new.0);
+}
+
+/// Both ends rekey the same CHILD SA at once (§2.8.1), with nonces chosen
+/// so that `a_low` decides which exchange holds the lowest nonce.
+fn simultaneous_rekey(a_low: bool, reorder_response: bool) -> Pair {
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let a_old = p.a.child_spis()[0];
+    let b_old = p.b().child_spis()[0];
+    let (lo, hi) = (0x11u8, 0xeeu8);
+    // A's exchange: Ni from A, Nr from B.  B's exchange: Ni from B, Nr from A.
+    // A draws its Ni first, then its Nr when answering B; same for B.
+    if a_low {
+        p.a_ent.push_nonce(lo); // A's Ni (exchange 1)
+        p.b_ent.push_nonce(hi); // B's Ni (exchange 2)
+        p.a_ent.push_nonce(hi); // A's Nr (exchange 2)
+        p.b_ent.push_nonce(hi); // B's Nr (exchange 1)
+    } else {
+        p.a_ent.push_nonce(hi);
+        p.b_ent.push_nonce(lo);
+        p.a_ent.push_nonce(hi);
+        p.b_ent.push_nonce(hi);
+    }
+    p.a.rekey_child(p.now, a_old).unwrap();
+    {
+        let now = p.now;
+        p.b().rekey_child(now, b_old).unwrap();
+    }
+    p.collect();
+    // Both requests are in flight:
+    //   A: HDR, SK {N(REKEY_SA), SA, Ni_a, TSi, TSr} -->
+    //   <-- B: HDR, SK {N(REKEY_SA), SA, Ni_b, TSi, TSr}
+    assert_eq!((p.ab.len(), p.ba.len()), (1, 1));
+    let req_a = p.ab.pop_front().unwrap();
+    let req_b = p.ba.pop_front().unwrap();
+    if reorder_response {
+        // B answers A's request, and that answer overtakes B's request.
+        p.deliver_to_b(req_a);
+        p.collect();
+        let resp_to_a = p.ba.pop_front().unwrap();
+        p.a.handle_datagram(p.now, &resp_to_a).unwrap();
+        p.a.handle_datagram(p.now, &req_b).unwrap();
+    } else {
+        p.deliver_to_b(req_a);
+        p.a.handle_datagram(p.now, &req_b).unwrap();
+    }
+    p.settle();
+    p
+}
+
+fn check_one_child_left(p: &mut Pair) -> (u32, u32) {
+    let a = p.a.child_spis();
+    let b = p.b().child_spis();
+    assert_eq!(a.len(), 1, "A keeps one CHILD SA: {:?}", p.ev_a);
+    assert_eq!(b.len(), 1, "B keeps one CHILD SA: {:?}", p.ev_b);
+    let ca = Pair::children(&p.ev_a)
+        .into_iter()
+        .find(|c| c.inbound_spi == a[0])
+        .unwrap();
+    let cb = Pair::children(&p.ev_b)
+        .into_iter()
+        .find(|c| c.inbound_spi == b[0])
+        .unwrap();
+    assert_child_pair(&ca, &cb);
+    (a[0], b[0])
+}
+
+#[test]
+fn simultaneous_child_rekey_lowest_nonce_in_a_exchange() {
+    let mut p = simultaneous_rekey(true, false);
+    check_one_child_left(&mut p);
+    // A's new SA was redundant: A deleted it.
+    assert!(p.ev_a.iter().any(|e| matches!(
+        e,
+        Event::ChildSaDeleted {
+            reason: DeleteReason::Redundant,
+            ..
+        }
+    )));
+    assert!(!p.ev_b.iter().any(|e| matches!(
+        e,
+        Event::ChildSaDeleted {
+            reason: DeleteReason::Redundant,
+            ..
+        }
+    )));
+    // The survivor is the one B initiated.
+    let survivor = Pair::children(&p.ev_b)
+        .into_iter()
+        .find(|c| c.inbound_spi == p.b().child_spis()[0])
+        .unwrap();
+    assert!(survivor.initiator);
+}
+
+#[test]
+fn simultaneous_child_rekey_lowest_nonce_in_b_exchange() {
+    let mut p = simultaneous_rekey(false, false);
+    check_one_child_left(&mut p);
+    assert!(p.ev_b.iter().any(|e| matches!(
+        e,
+        Event::ChildSaDeleted {
+            reason: DeleteReason::Redundant,
+            ..
+        }
+    )));
+    assert!(!p.ev_a.iter().any(|e| matches!(
+        e,
+        Event::ChildSaDeleted {
+            reason: DeleteReason::Redundant,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn simultaneous_child_rekey_with_reordered_response() {
+    // A's response overtakes B's request: A finished its rekey and already
+    // sent the Delete of the old SA, so it answers B's request with
+    // CHILD_SA_NOT_FOUND (TEMPORARY_FAILURE if the old SA were still there)
+    // and B keeps A's new SA whatever the nonces.
+    for a_low in [true, false] {
+        let mut p = simultaneous_rekey(a_low, true);
+        let (a_in, _) = check_one_child_left(&mut p);
+        assert!(p.ev_b.contains(&Event::ChildSaFailed {
+            notify: NotifyType::CHILD_SA_NOT_FOUND
+        }));
+        let survivor = Pair::children(&p.ev_a)
+            .into_iter()
+            .find(|c| c.inbound_spi == a_in)
+            .unwrap();
+        assert!(survivor.initiator, "A's rekey won");
+    }
+}
+
+#[test]
+fn soft_lifetime_rekeys_the_child_and_ike_sa() {
+    let mut a = cfg(
+        b"k",
+        "a.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    a.child_lifetime = Duration::from_secs(600);
+    a.ike_lifetime = Duration::from_secs(900);
+    a.rekey_margin = Duration::from_secs(30);
+    let mut b = cfg(
+        b"k",
+        "b.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    b.child_lifetime = Duration::from_secs(3600);
+    b.ike_lifetime = Duration::from_secs(7200);
+    let mut p = Pair::new(a, b);
+    p.settle();
+    let first = p.a.child_spis();
+    let ike = p.a.spis();
+    p.run(Duration::from_secs(1000));
+    assert!(p.a.is_established());
+    assert_ne!(p.a.child_spis(), first, "child rekeyed at 570 s");
+    assert_ne!(p.a.spis(), ike, "IKE SA rekeyed at 870 s");
+    assert_eq!(p.a.child_spis().len(), 1);
+    assert_eq!(p.b().child_spis().len(), 1);
+    assert!(!p.ev_a.iter().any(|e| matches!(
+        e,
+        Event::ChildSaDeleted {
+            reason: DeleteReason::Expired,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn garbage_and_forgeries_change_nothing() {
+    let mut p = established("aes128-sha1", "14", "aes128-sha1");
+    let before = (p.a.message_ids(), p.a.child_spis());
+    let (spi_i, spi_r) = p.a.spis();
+    let mut inputs: Vec<Vec<u8>> = vec![vec![], vec![0; 28], vec![0xff; 200]];
+    // Well-formed header with our SPIs but a forged SK payload.
+    for exchange in [ExchangeType::INFORMATIONAL, ExchangeType::CREATE_CHILD_SA] {
+        for response in [false, true] {
+            let m = Message {
+                header: Header {
+                    spi_i,
+                    spi_r,
+                    next_payload: PayloadType::NONE,
+                    version: IKEV2_VERSION,
+                    exchange,
+                    flags: Flags::new(false, response),
+                    message_id: if response { 2 } else { 0 },
+                    length: 0,
+                },
+                payloads: vec![Payload::Sk {
+                    first_inner: PayloadType::DELETE,
+                    body: vec![0x42; 64],
+                }],
+                sk_offset: None,
+            };
+            inputs.push(m.encode());
+        }
+    }
+    // Every B->A datagram so far, mutated.
+    for d in p.sent_b.clone() {
+        for i in (0..d.len()).step_by(7) {
+            let mut m = d.clone();
+            m[i] ^= 0x5a;
+            inputs.push(m);
+        }
+    }
+    for d in &inputs {
+        assert!(p.a.handle_datagram(p.now, d).is_err());
+    }
+    p.collect();
+    assert_eq!((p.a.message_ids(), p.a.child_spis()), before);
+    assert!(p.a.is_established());
+    assert!(!p
+        .ev_a
+        .iter()
+        .any(|e| matches!(e, Event::ChildSaDeleted { .. })));
+}
+
+#[test]
+fn child_sa_debug_redacts_keys() {
+    let p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let c = &Pair::children(&p.ev_a)[0];
+    let dbg = format!("{c:?}");
+    assert!(dbg.contains("redacted"));
+    let key_hex: String = c.keys.encr_in.as_bytes()[..4]
+        .iter()
+        .map(|b| format!("{b}, "))
+        .collect();
+    assert!(!dbg.contains(&key_hex));
+}
