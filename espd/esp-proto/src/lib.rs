@@ -21,7 +21,7 @@
 //! checks on the inner packet, IKE, transport mode, TFC padding on output, or ICV-failure
 //! resynchronisation of ESN (RFC 4303 Appendix A3).
 
-#![forbid(unsafe_op_in_unsafe_fn)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod crypto;
