@@ -165,7 +165,26 @@ pub struct IkeConfig {
     pub rekey_margin: Duration,
     /// Random extra earliness of soft expiries, so peers do not collide.
     pub rekey_jitter: Duration,
+    /// `nattraversal enable|disable|forced` (RFC 3948, §2.23).
+    pub nat_traversal: NatTraversal,
 }
+
+/// NAT traversal mode (FortiOS `nattraversal`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NatTraversal {
+    /// Send NAT_DETECTION_* and float to 4500 when a NAT is detected.
+    #[default]
+    Enable,
+    /// Send no NAT_DETECTION_* notifies; never float.
+    Disable,
+    /// Make the peer see a NAT in front of us (a NAT_DETECTION_SOURCE_IP
+    /// that cannot match) and always float to 4500, like strongSwan's
+    /// `encap = yes`.
+    Forced,
+}
+
+/// UDP port of IKE and ESP after a NAT float (RFC 3948 §2.2).
+pub const NAT_T_PORT: u16 = 4500;
 
 impl IkeConfig {
     /// A PSK gateway with FortiOS' defaults (`aes128-sha256 aes256-sha256`,
@@ -189,6 +208,7 @@ impl IkeConfig {
             retransmit: RetransmitPolicy::default(),
             rekey_margin: Duration::from_secs(30),
             rekey_jitter: Duration::from_secs(10),
+            nat_traversal: NatTraversal::Enable,
         }
     }
 }
@@ -760,8 +780,7 @@ impl IkeSa {
 
     fn send_init(&mut self, now: Instant) -> Result<()> {
         let spi_i = self.chan.spi_i;
-        let nat_src = nat_hash(spi_i, 0, self.addrs.local)?;
-        let nat_dst = nat_hash(spi_i, 0, self.addrs.remote)?;
+        let nat = self.nat_payloads(spi_i, 0)?;
         let header = self.header(ExchangeType::IKE_SA_INIT, 0, false, false);
         let hs = self
             .hs
@@ -785,14 +804,7 @@ impl IkeSa {
             data: kex.public_value().to_vec(),
         }));
         payloads.push(Payload::Nonce(hs.ni.clone()));
-        payloads.push(Payload::Notify(NotifyPayload::new(
-            NotifyType::NAT_DETECTION_SOURCE_IP,
-            nat_src,
-        )));
-        payloads.push(Payload::Notify(NotifyPayload::new(
-            NotifyType::NAT_DETECTION_DESTINATION_IP,
-            nat_dst,
-        )));
+        payloads.extend(nat);
         let msg = Message {
             header,
             payloads,
@@ -883,15 +895,11 @@ impl IkeSa {
                 data: kex.public_value().to_vec(),
             }),
             Payload::Nonce(nr.clone()),
-            Payload::Notify(NotifyPayload::new(
-                NotifyType::NAT_DETECTION_SOURCE_IP,
-                nat_hash(h.spi_i, spi_r, sa.addrs.local)?,
-            )),
-            Payload::Notify(NotifyPayload::new(
-                NotifyType::NAT_DETECTION_DESTINATION_IP,
-                nat_hash(h.spi_i, spi_r, sa.addrs.remote)?,
-            )),
         ];
+        let mut payloads = payloads;
+        if find_notify(&msg.payloads, NotifyType::NAT_DETECTION_SOURCE_IP).is_some() {
+            payloads.extend(sa.nat_payloads(h.spi_i, spi_r)?);
+        }
         let resp = Message {
             header: sa.header(ExchangeType::IKE_SA_INIT, 0, true, false),
             payloads,
@@ -945,7 +953,27 @@ impl IkeSa {
         }
     }
 
+    /// NAT_DETECTION_SOURCE_IP and _DESTINATION_IP (§2.23), or none.
+    fn nat_payloads(&self, spi_i: u64, spi_r: u64) -> Result<Vec<Payload>> {
+        let src = match self.cfg.nat_traversal {
+            NatTraversal::Disable => return Ok(Vec::new()),
+            NatTraversal::Enable => nat_hash(spi_i, spi_r, self.addrs.local)?,
+            // A hash over an address we do not have: the peer sees a NAT.
+            NatTraversal::Forced => nat_hash(spi_i, spi_r, SocketAddr::from(([0, 0, 0, 0], 0)))?,
+        };
+        Ok(vec![
+            Payload::Notify(NotifyPayload::new(NotifyType::NAT_DETECTION_SOURCE_IP, src)),
+            Payload::Notify(NotifyPayload::new(
+                NotifyType::NAT_DETECTION_DESTINATION_IP,
+                nat_hash(spi_i, spi_r, self.addrs.remote)?,
+            )),
+        ])
+    }
+
     fn check_nat(&self, p: &[Payload], spi_i: u64, spi_r: u64) -> Result<(bool, bool)> {
+        if self.cfg.nat_traversal == NatTraversal::Disable {
+            return Ok((false, false));
+        }
         // Peer's SOURCE hash covers the peer's address as it sent it; if it
         // does not match the address we see, the peer is behind a NAT.
         let srcs: Vec<&NotifyPayload> = p
@@ -962,7 +990,8 @@ impl IkeSa {
         let remote = nat_hash(spi_i, spi_r, self.addrs.remote)?;
         let local = nat_hash(spi_i, spi_r, self.addrs.local)?;
         let remote_nat = !srcs.iter().any(|n| n.data == remote);
-        let local_nat = dst.is_some_and(|d| d.data != local);
+        let local_nat =
+            dst.is_some_and(|d| d.data != local) || self.cfg.nat_traversal == NatTraversal::Forced;
         Ok((local_nat, remote_nat))
     }
 
@@ -981,6 +1010,17 @@ impl IkeSa {
             flags: Flags::new(c.initiator, response),
             message_id: mid,
             length: 0,
+        }
+    }
+
+    /// Follows the peer to a new address after an authenticated message
+    /// when NAT traversal is in use (§2.23).
+    fn note_path(&mut self, path: Addresses) {
+        if path != self.addrs
+            && self.cfg.nat_traversal != NatTraversal::Disable
+            && (self.nat.0 || self.nat.1 || path.local.port() == NAT_T_PORT)
+        {
+            self.addrs = path;
         }
     }
 
@@ -1094,6 +1134,11 @@ impl IkeSa {
     /// Inbound SPIs of the CHILD SAs.
     pub fn child_spis(&self) -> Vec<u32> {
         self.children.iter().map(|c| c.info.inbound_spi).collect()
+    }
+
+    /// Current local and remote addresses (port 4500 after a NAT float).
+    pub fn addresses(&self) -> Addresses {
+        self.addrs
     }
 
     /// Last time an authenticated message from the peer arrived.
@@ -1497,7 +1542,9 @@ impl IkeSa {
     /// Processes one datagram addressed to this SA. Errors mean the
     /// datagram was dropped (or answered with an error notify); the SA
     /// stays consistent either way.
-    pub fn handle_datagram(&mut self, now: Instant, data: &[u8]) -> Result<()> {
+    /// `path` is the datagram's local (destination) and remote (source)
+    /// address; IKE on port 4500 comes without its non-ESP marker.
+    pub fn handle_datagram(&mut self, now: Instant, path: Addresses, data: &[u8]) -> Result<()> {
         if self.state == State::Closed {
             return Err(IkeError::NotEstablished);
         }
@@ -1525,13 +1572,20 @@ impl IkeSa {
             return Err(IkeError::Unexpected("initiator flag"));
         }
         if h.flags.response() {
-            self.handle_response(now, on_old, data, msg)
+            self.handle_response(now, path, on_old, data, msg)
         } else {
-            self.handle_request(now, on_old, data, msg)
+            self.handle_request(now, path, on_old, data, msg)
         }
     }
 
-    fn decrypt(&self, old: bool, data: &[u8], msg: &Message) -> Result<Vec<Payload>> {
+    /// Verifies and decrypts; the inner result is the decoded inner chain
+    /// (an authenticated message that does not parse is INVALID_SYNTAX).
+    fn decrypt(
+        &self,
+        old: bool,
+        data: &[u8],
+        msg: &Message,
+    ) -> Result<std::result::Result<Vec<Payload>, DecodeError>> {
         let ch = if old {
             self.old.as_ref().ok_or(IkeError::WrongSa)?
         } else {
@@ -1546,14 +1600,21 @@ impl IkeSa {
             _ => return Err(IkeError::Unexpected("missing SK payload")),
         };
         let inner = keys.inb.open(data, off)?;
-        let (payloads, sk) = decode_chain(first, &inner)?;
-        if sk.is_some() {
-            return Err(IkeError::Unexpected("nested SK payload"));
-        }
-        Ok(payloads)
+        Ok(match decode_chain(first, &inner) {
+            Ok((_, Some(_))) => Err(DecodeError::InvalidSyntax("nested SK payload")),
+            Ok((payloads, None)) => Ok(payloads),
+            Err(e) => Err(e),
+        })
     }
 
-    fn handle_request(&mut self, now: Instant, old: bool, data: &[u8], msg: Message) -> Result<()> {
+    fn handle_request(
+        &mut self,
+        now: Instant,
+        path: Addresses,
+        old: bool,
+        data: &[u8],
+        msg: Message,
+    ) -> Result<()> {
         let mid = msg.header.message_id;
         let ch = if old {
             self.old.as_ref().ok_or(IkeError::WrongSa)?
@@ -1566,8 +1627,12 @@ impl IkeSa {
             // response again (§2.1); anything else is dropped.
             if let Some((m, bytes)) = &ch.last_response {
                 if *m == mid && mid.wrapping_add(1) == expected {
-                    let b = bytes.clone();
-                    self.push_transmit(b);
+                    // Answer where the retransmission came from.
+                    self.transmits.push_back(Transmit {
+                        source: path.local,
+                        destination: path.remote,
+                        payload: bytes.clone(),
+                    });
                     return Ok(());
                 }
             }
@@ -1576,26 +1641,34 @@ impl IkeSa {
         if msg.header.exchange == ExchangeType::IKE_SA_INIT {
             return Err(IkeError::Unexpected("IKE_SA_INIT on an existing SA"));
         }
-        let payloads = self.decrypt(old, data, &msg)?;
+        let decoded = self.decrypt(old, data, &msg)?;
         self.last_peer_activity = Some(now);
+        self.note_path(path);
         let exchange = msg.header.exchange;
-        let reply: Vec<Payload> = if let Some(t) = unknown_critical(&payloads) {
+        let payloads = decoded.as_deref().unwrap_or(&[]);
+        let reply: Vec<Payload> = if decoded.is_err() {
+            // Authenticated but unparsable (§3.10.1 INVALID_SYNTAX).
+            vec![Payload::Notify(NotifyPayload::new(
+                NotifyType::INVALID_SYNTAX,
+                Vec::new(),
+            ))]
+        } else if let Some(t) = unknown_critical(payloads) {
             vec![Payload::Notify(NotifyPayload::new(
                 NotifyType::UNSUPPORTED_CRITICAL_PAYLOAD,
                 vec![t.0],
             ))]
         } else if old {
-            self.request_on_old(&payloads)
+            self.request_on_old(payloads)
         } else {
             match (self.state, exchange) {
                 (State::InitReplied, ExchangeType::IKE_AUTH) => {
-                    self.ike_auth_request(now, &payloads)?
+                    self.ike_auth_request(now, payloads)?
                 }
                 (State::Established, ExchangeType::INFORMATIONAL) => {
-                    self.informational_request(&payloads)
+                    self.informational_request(payloads)
                 }
                 (State::Established, ExchangeType::CREATE_CHILD_SA) => {
-                    self.create_child_request(now, &payloads)?
+                    self.create_child_request(now, payloads)?
                 }
                 (State::Established, ExchangeType::IKE_AUTH) => {
                     return Err(IkeError::Unexpected("IKE_AUTH after establishment"))

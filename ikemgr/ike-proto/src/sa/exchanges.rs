@@ -152,6 +152,7 @@ impl IkeSa {
     pub(super) fn handle_response(
         &mut self,
         now: Instant,
+        path: Addresses,
         old: bool,
         data: &[u8],
         msg: Message,
@@ -187,8 +188,9 @@ impl IkeSa {
         if msg.header.exchange != expected_exchange {
             return Err(IkeError::Unexpected("exchange type of response"));
         }
-        let payloads = self.decrypt(old, data, &msg)?;
+        let payloads = self.decrypt(old, data, &msg)??;
         self.last_peer_activity = Some(now);
+        self.note_path(path);
         if old {
             // Only our Delete of the rekeyed SA is ever outstanding there.
             if let Some(o) = self.old.take() {
@@ -306,6 +308,11 @@ impl IkeSa {
         )?;
         let nat = self.check_nat(p, h.spi_i, h.spi_r)?;
         self.nat = nat;
+        // §2.23: with a NAT on the path, IKE_AUTH and later go to 4500.
+        if (nat.0 || nat.1) && self.addrs.local.port() != NAT_T_PORT {
+            self.addrs.local.set_port(NAT_T_PORT);
+            self.addrs.remote.set_port(NAT_T_PORT);
+        }
         self.chan.spi_r = h.spi_r;
         self.chan.keys = Some(Keys::new(suite, sk, true));
         self.chan.outstanding = None;
@@ -382,6 +389,7 @@ impl IkeSa {
             self.events.push_back(Event::AuthFailed {
                 reason: "peer identity does not match peerid",
             });
+            self.notify_auth_failed();
             self.close(DeleteReason::AuthFailed);
             return Ok(());
         }
@@ -402,6 +410,7 @@ impl IkeSa {
             self.events.push_back(Event::AuthFailed {
                 reason: "responder AUTH does not verify",
             });
+            self.notify_auth_failed();
             self.close(DeleteReason::AuthFailed);
             return Ok(());
         };
@@ -424,6 +433,17 @@ impl IkeSa {
             Err(n) => self.events.push_back(Event::ChildSaFailed { notify: n }),
         }
         Ok(())
+    }
+
+    /// §2.21.2: an initiator that rejects the responder's authentication
+    /// says so in a separate INFORMATIONAL (sent once, not retransmitted).
+    fn notify_auth_failed(&mut self) {
+        let mid = self.chan.next_send;
+        let p = [notify(NotifyType::AUTHENTICATION_FAILED)];
+        if let Ok(bytes) = self.seal(false, ExchangeType::INFORMATIONAL, mid, false, &p) {
+            self.chan.next_send = mid.wrapping_add(1);
+            self.push_transmit(bytes);
+        }
     }
 
     /// Initiator's check of a CHILD SA answer; derives the keys.
@@ -817,6 +837,13 @@ impl IkeSa {
     }
 
     pub(super) fn informational_request(&mut self, p: &[Payload]) -> Vec<Payload> {
+        if find_notify(p, NotifyType::AUTHENTICATION_FAILED).is_some() {
+            self.events.push_back(Event::AuthFailed {
+                reason: "peer rejected our AUTH",
+            });
+            self.peer_deleted_ike = true;
+            return Vec::new();
+        }
         let mut ours = Vec::new();
         for d in p.iter().filter_map(|x| match x {
             Payload::Delete(d) => Some(d),

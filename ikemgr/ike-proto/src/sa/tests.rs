@@ -52,8 +52,8 @@ struct Pair {
     b_cfg: Arc<IkeConfig>,
     a_ent: Scripted,
     b_ent: Scripted,
-    ab: VecDeque<Vec<u8>>,
-    ba: VecDeque<Vec<u8>>,
+    ab: VecDeque<Transmit>,
+    ba: VecDeque<Transmit>,
     ev_a: Vec<Event>,
     ev_b: Vec<Event>,
     sent_a: Vec<Vec<u8>>,
@@ -106,11 +106,11 @@ impl Pair {
     /// Moves transmits into the queues and events into the logs.
     fn collect(&mut self) {
         while let Some(t) = self.a.poll_transmit() {
-            assert_eq!(t.destination, addr(B));
+            assert_eq!(t.destination.ip(), addr(B).ip());
             let n = self.sent_a.len();
             self.sent_a.push(t.payload.clone());
             if !(self.lose)(true, n) {
-                self.ab.push_back(t.payload);
+                self.ab.push_back(t);
             }
         }
         while let Some(e) = self.a.poll_event() {
@@ -118,10 +118,11 @@ impl Pair {
         }
         if let Some(b) = self.b.as_mut() {
             while let Some(t) = b.poll_transmit() {
+                assert_eq!(t.destination.ip(), addr(A).ip());
                 let n = self.sent_b.len();
                 self.sent_b.push(t.payload.clone());
                 if !(self.lose)(false, n) {
-                    self.ba.push_back(t.payload);
+                    self.ba.push_back(t);
                 }
             }
             while let Some(e) = b.poll_event() {
@@ -130,10 +131,15 @@ impl Pair {
         }
     }
 
-    fn deliver_to_b(&mut self, d: Vec<u8>) {
+    fn deliver_to_b(&mut self, t: Transmit) {
+        let path = Addresses {
+            local: t.destination,
+            remote: t.source,
+        };
+        let d = t.payload;
         match self.b.as_mut() {
             Some(b) => {
-                let _ = b.handle_datagram(self.now, &d);
+                let _ = b.handle_datagram(self.now, path, &d);
             }
             None => match IkeSa::accept(
                 self.now,
@@ -150,12 +156,20 @@ impl Pair {
                     let n = self.sent_b.len();
                     self.sent_b.push(t.payload.clone());
                     if !(self.lose)(false, n) {
-                        self.ba.push_back(t.payload);
+                        self.ba.push_back(t);
                     }
                 }
                 Err(_) => {}
             },
         }
+    }
+
+    fn deliver_to_a(&mut self, t: Transmit) -> Result<()> {
+        let path = Addresses {
+            local: t.destination,
+            remote: t.source,
+        };
+        self.a.handle_datagram(self.now, path, &t.payload)
     }
 
     /// Delivers everything in flight once (reversed per direction when
@@ -174,8 +188,8 @@ impl Pair {
         for d in ab {
             self.deliver_to_b(d);
         }
-        for d in ba {
-            let _ = self.a.handle_datagram(self.now, &d);
+        for t in ba {
+            let _ = self.deliver_to_a(t);
         }
         self.collect();
         true
@@ -382,6 +396,95 @@ fn wrong_psk_fails_on_both_sides() {
 }
 
 #[test]
+fn initiator_peerid_mismatch_tells_the_responder() {
+    let mut a = cfg(
+        b"k",
+        "a.example",
+        "aes128-sha256",
+        "14",
+        "aes128-sha256",
+        "",
+    );
+    a.peer_id = Some(IdPayload::fqdn("someone.else"));
+    let mut p = Pair::new(
+        a,
+        cfg(
+            b"k",
+            "b.example",
+            "aes128-sha256",
+            "14",
+            "aes128-sha256",
+            "",
+        ),
+    );
+    p.settle();
+    assert!(p.ev_a.contains(&Event::AuthFailed {
+        reason: "peer identity does not match peerid"
+    }));
+    assert!(p.a.is_closed());
+    assert!(p.b().is_closed(), "B learnt of the failure: {:?}", p.ev_b);
+    assert!(p.ev_b.contains(&Event::AuthFailed {
+        reason: "peer rejected our AUTH"
+    }));
+}
+
+#[test]
+fn forced_nat_traversal_floats_to_4500() {
+    let mut a = cfg(
+        b"k",
+        "a.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    a.nat_traversal = NatTraversal::Forced;
+    let mut p = Pair::new(
+        a,
+        cfg(
+            b"k",
+            "b.example",
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "",
+        ),
+    );
+    p.settle();
+    assert!(p.a.is_established() && p.b().is_established());
+    let ib = p.ev_b.iter().find_map(|e| match e {
+        Event::IkeSaEstablished(i) => Some(i.clone()),
+        _ => None,
+    });
+    assert!(ib.unwrap().remote_behind_nat);
+    assert_eq!(p.a.addresses().local.port(), NAT_T_PORT);
+    assert_eq!(p.a.addresses().remote.port(), NAT_T_PORT);
+    assert_eq!(p.b().addresses().remote.port(), NAT_T_PORT);
+    // B answers liveness checks on 4500 too.
+    p.a.start_liveness_check(p.now).unwrap();
+    p.collect();
+    assert_eq!(p.ab[0].destination.port(), NAT_T_PORT);
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessReply));
+}
+
+#[test]
+fn nat_traversal_disabled_sends_no_nat_detection() {
+    let mut a = cfg(b"k", "a.example", "aes128-sha1", "14", "aes128-sha1", "");
+    a.nat_traversal = NatTraversal::Disable;
+    let mut p = Pair::new(
+        a,
+        cfg(b"k", "b.example", "aes128-sha1", "14", "aes128-sha1", ""),
+    );
+    p.settle();
+    let m = Message::decode(&p.sent_a[0]).unwrap();
+    assert!(find_notify(&m.payloads, NotifyType::NAT_DETECTION_SOURCE_IP).is_none());
+    let r = Message::decode(&p.sent_b[0]).unwrap();
+    assert!(find_notify(&r.payloads, NotifyType::NAT_DETECTION_SOURCE_IP).is_none());
+    assert_eq!(p.a.addresses().local.port(), 500);
+}
+
+#[test]
 fn peerid_mismatch_is_authentication_failed() {
     let mut b = cfg(
         b"k",
@@ -494,7 +597,7 @@ fn cookie_request_is_answered_with_the_same_nonce_and_ke() {
         ),
     );
     p.collect();
-    let req1 = Message::decode(&p.ab.pop_front().unwrap()).unwrap();
+    let req1 = Message::decode(&p.ab.pop_front().unwrap().payload).unwrap();
     // <-- HDR(A,0), N(COOKIE)
     let cookie = vec![0xc0; 24];
     let resp = Message {
@@ -514,10 +617,15 @@ fn cookie_request_is_answered_with_the_same_nonce_and_ke() {
         ))],
         sk_offset: None,
     };
-    p.a.handle_datagram(p.now, &resp.encode()).unwrap();
+    p.deliver_to_a(Transmit {
+        source: addr(B),
+        destination: addr(A),
+        payload: resp.encode(),
+    })
+    .unwrap();
     p.collect();
     // HDR(A,0), N(COOKIE), SAi1, KEi, Ni -->
-    let req2 = Message::decode(&p.ab[0]).unwrap();
+    let req2 = Message::decode(&p.ab[0].payload).unwrap();
     assert!(
         matches!(&req2.payloads[0], Payload::Notify(n) if n.ty == NotifyType::COOKIE && n.data == cookie)
     );
@@ -814,11 +922,11 @@ fn simultaneous_rekey(a_low: bool, reorder_response: bool) -> Pair {
         p.deliver_to_b(req_a);
         p.collect();
         let resp_to_a = p.ba.pop_front().unwrap();
-        p.a.handle_datagram(p.now, &resp_to_a).unwrap();
-        p.a.handle_datagram(p.now, &req_b).unwrap();
+        p.deliver_to_a(resp_to_a).unwrap();
+        p.deliver_to_a(req_b).unwrap();
     } else {
         p.deliver_to_b(req_a);
-        p.a.handle_datagram(p.now, &req_b).unwrap();
+        p.deliver_to_a(req_b).unwrap();
     }
     p.settle();
     p
@@ -987,8 +1095,13 @@ fn garbage_and_forgeries_change_nothing() {
             inputs.push(m);
         }
     }
-    for d in &inputs {
-        assert!(p.a.handle_datagram(p.now, d).is_err());
+    for d in inputs {
+        let t = Transmit {
+            source: addr(B),
+            destination: addr(A),
+            payload: d,
+        };
+        assert!(p.deliver_to_a(t).is_err());
     }
     p.collect();
     assert_eq!((p.a.message_ids(), p.a.child_spis()), before);
