@@ -1436,8 +1436,13 @@ fn walk(ctx: &mut Ctx, st: &mut State, items: &[Item], label: &str) {
 /// Cross-block checks.
 fn validate(ctx: &mut Ctx, st: &State) {
     let cfg = &st.config;
+    // Name indexes keep the cross-checks linear on large files.
+    let p1_by_name: BTreeMap<&str, &Phase1> =
+        cfg.phase1.iter().map(|p| (p.name.as_str(), p)).collect();
+    let used: std::collections::BTreeSet<&str> =
+        cfg.phase2.iter().map(|p| p.phase1name.as_str()).collect();
     for (p2, pos) in cfg.phase2.iter().zip(&st.p2) {
-        if !p2.phase1name.is_empty() && cfg.phase1(&p2.phase1name).is_none() {
+        if !p2.phase1name.is_empty() && !p1_by_name.contains_key(p2.phase1name.as_str()) {
             ctx.invalid(
                 pos.phase1name.unwrap_or(pos.edit),
                 &format!("{}, edit \"{}\"", keys::PHASE2.name, p2.name),
@@ -1447,7 +1452,7 @@ fn validate(ctx: &mut Ctx, st: &State) {
                 ),
             );
         }
-        if let Some(p1) = cfg.phase1(&p2.phase1name) {
+        if let Some(p1) = p1_by_name.get(p2.phase1name.as_str()) {
             if p2.keylife_type != KeylifeType::Kbs && p2.keylifeseconds >= p1.keylife {
                 ctx.warn(
                     pos.edit,
@@ -1467,7 +1472,7 @@ fn validate(ctx: &mut Ctx, st: &State) {
             let at = pos.monitor.unwrap_or(pos.edit);
             if *m == p1.name {
                 ctx.invalid(at, &label, "monitor names the phase1 itself");
-            } else if cfg.phase1(m).is_none() {
+            } else if !p1_by_name.contains_key(m.as_str()) {
                 ctx.invalid(
                     at,
                     &label,
@@ -1483,7 +1488,7 @@ fn validate(ctx: &mut Ctx, st: &State) {
                 "fgsp-sync enable without config system standalone-cluster: nothing to sync with",
             );
         }
-        if cfg.phase2_for(&p1.name).next().is_none() {
+        if !used.contains(p1.name.as_str()) {
             ctx.warn(pos.edit, &label, "", "no phase2-interface uses this phase1");
         }
     }
