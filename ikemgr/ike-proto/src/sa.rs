@@ -1501,6 +1501,19 @@ impl IkeSa {
         }
         if self.ike_hard.is_some_and(|t| t <= now) {
             let reason = if self.state == State::Established {
+                // Tell the peer, once, if the window allows (§1.4.1).
+                if self.chan.outstanding.is_none() {
+                    let mid = self.chan.next_send;
+                    let del = [Payload::Delete(DeletePayload {
+                        protocol: ProtocolId::IKE,
+                        spi_size: 0,
+                        spis: Vec::new(),
+                    })];
+                    if let Ok(b) = self.seal(false, ExchangeType::INFORMATIONAL, mid, false, &del) {
+                        self.chan.next_send = mid.wrapping_add(1);
+                        self.push_transmit(b);
+                    }
+                }
                 DeleteReason::Expired
             } else {
                 DeleteReason::Timeout

@@ -16,6 +16,19 @@ struct ChildReply {
 
 type NotifyErr = (NotifyType, Vec<u8>);
 
+/// Delay before retrying a failed rekey: 2 s plus up to 8 s at random, so
+/// two peers that refused each other's simultaneous rekeys do not collide
+/// again (independent of the configured jitter, which may be zero).
+fn sa_retry_delay(sa: &mut IkeSa) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if sa.entropy.fill(&mut b).is_ok() {
+        u64::from(u16::from_be_bytes(b)) % 8000
+    } else {
+        4000
+    };
+    Duration::from_millis(2000 + r)
+}
+
 fn notify(ty: NotifyType) -> Payload {
     Payload::Notify(NotifyPayload::new(ty, Vec::new()))
 }
@@ -516,10 +529,13 @@ impl IkeSa {
         p: &[Payload],
     ) -> Result<()> {
         let proof = self.auth.ok_or(IkeError::NotEstablished)?;
+        let retry = now + sa_retry_delay(self);
         let failed = |sa: &mut IkeSa, n: NotifyType| {
             if let Some(old) = rekey_of {
                 if let Some(c) = sa.child_mut(old) {
                     c.rekeying = false;
+                    // Try again later rather than at once.
+                    c.soft = c.soft.max(retry);
                     // The peer's rekey of this SA won the collision (§2.8.1):
                     // it will delete the old SA.
                     if c.collision.take().is_some() {
@@ -600,8 +616,7 @@ impl IkeSa {
         if first_error_notify(p).is_some() {
             // Retry later (a collision answered with TEMPORARY_FAILURE, or
             // the peer is busy): the soft timer fires again after a jitter.
-            let j = self.jitter() + Duration::from_secs(1);
-            self.ike_soft = Some(now + j);
+            self.ike_soft = Some(now + sa_retry_delay(self));
             return Ok(());
         }
         let Some(offered) = sa_of(p) else {
@@ -665,6 +680,7 @@ impl IkeSa {
         let (old_spi_i, old_spi_r) = (prev.spi_i, prev.spi_r);
         self.old = Some(prev);
         self.ike_rekeying = false;
+        self.pending.retain(|r| *r != Request::RekeyIke);
         self.set_ike_lifetimes(now);
         if let Some(info) = self.ike_info(&self.chan) {
             self.events.push_back(Event::IkeSaRekeyed {

@@ -1017,6 +1017,72 @@ fn simultaneous_child_rekey_with_reordered_response() {
 }
 
 #[test]
+fn simultaneous_ike_rekey_ends_with_one_new_sa() {
+    // Both send CREATE_CHILD_SA {SA(IKE), Ni, KEi} at once; each answers the
+    // other's with TEMPORARY_FAILURE and retries after a random delay.
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let old = p.a.spis();
+    let children = p.a.child_spis();
+    p.a.rekey_ike(p.now).unwrap();
+    {
+        let now = p.now;
+        p.b().rekey_ike(now).unwrap();
+    }
+    p.settle();
+    let new = p.a.spis();
+    assert_ne!(new, old);
+    assert_eq!(p.b().spis(), new);
+    assert_eq!(p.a.local_spis().len(), 1);
+    assert_eq!(p.b().local_spis().len(), 1);
+    assert_eq!(p.a.child_spis(), children);
+    assert!(p.a.is_established() && p.b().is_established());
+}
+
+#[test]
+fn hard_ike_lifetime_deletes_and_tells_the_peer() {
+    let mut a = cfg(
+        b"k",
+        "a.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    a.ike_lifetime = Duration::from_secs(100);
+    a.rekey_margin = Duration::ZERO; // soft == hard: no rekey first
+    let mut p = Pair::new(
+        a,
+        cfg(
+            b"k",
+            "b.example",
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "",
+        ),
+    );
+    p.run(Duration::from_secs(10));
+    assert!(p.a.is_established());
+    p.run(Duration::from_secs(100));
+    assert!(p.a.is_closed());
+    assert!(p.ev_a.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Expired,
+            ..
+        }
+    )));
+    assert!(p.b().is_closed(), "the Delete reached B: {:?}", p.ev_b);
+    assert!(p.ev_b.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Peer,
+            ..
+        }
+    )));
+}
+
+#[test]
 fn soft_lifetime_rekeys_the_child_and_ike_sa() {
     let mut a = cfg(
         b"k",
