@@ -695,6 +695,14 @@ fn build_ha(ctx: &mut Ctx, b: &Block) -> Ha {
     if let Some(v) = f.uint(ctx, "hb-interval", 1, 20) {
         ha.hb_interval = v;
     }
+    if let Some(v) = f.choice(
+        ctx,
+        "hb-interval-in-milliseconds",
+        &[("100ms", 100u32), ("10ms", 10u32)],
+        "",
+    ) {
+        ha.hb_tick_ms = v;
+    }
     if let Some(v) = f.uint(ctx, "hb-lost-threshold", 1, 60) {
         ha.hb_lost_threshold = v;
     }

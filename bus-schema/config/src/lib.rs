@@ -214,13 +214,16 @@ impl CheckReport {
 
     /// The text view: one diagnostic per line, then a summary line.
     pub fn to_text(&self) -> String {
+        let mut lines: Vec<(u32, u32, String)> = self
+            .warnings
+            .iter()
+            .map(|w| (w.line, w.col, w.to_string()))
+            .chain(self.errors.iter().map(|e| (e.line, e.col, e.to_string())))
+            .collect();
+        lines.sort_by_key(|(l, c, _)| (*l, *c));
         let mut out = String::new();
-        for w in &self.warnings {
-            out.push_str(&w.to_string());
-            out.push('\n');
-        }
-        for e in &self.errors {
-            out.push_str(&e.to_string());
+        for (_, _, text) in lines {
+            out.push_str(&text);
             out.push('\n');
         }
         match &self.summary {
@@ -256,9 +259,12 @@ pub fn check_report(path: &Path) -> (i32, String) {
 }
 
 /// The fuzz target's body: parse arbitrary text and check invariants that
-/// must hold for any input (no panic, every error has a position or is a
-/// whole-file error, diagnostics render). Shared by `fuzz/` and the
-/// in-tree smoke test.
+/// must hold for any input (no panic, every error has a position,
+/// diagnostics render). Shared by `fuzz/` and the in-tree smoke test.
+///
+/// It panics when an invariant is broken: that is its purpose (the fuzzer
+/// reports the panic). Not for production callers.
+#[doc(hidden)]
 pub fn fuzz_one(text: &str) {
     match parse(text) {
         Ok(p) => {

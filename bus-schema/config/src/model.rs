@@ -108,9 +108,13 @@ pub struct Ha {
     pub override_: bool,
     /// `session-pickup`: synchronise sessions (and IPsec SAs). Default disable.
     pub session_pickup: bool,
-    /// `hb-interval` in FortiOS ticks of [`HB_TICK_MS`] (100 ms), 1..=20.
-    /// Default 2 (200 ms). See [`Ha::hb_interval_ms`].
+    /// `hb-interval` in ticks, 1..=20. Default 2. A tick is
+    /// [`HB_TICK_MS`] (100 ms) unless `hb-interval-in-milliseconds 10ms`
+    /// (FortiOS 7.x) makes it 10 ms; see [`Ha::hb_interval_ms`].
     pub hb_interval: u8,
+    /// Length of an `hb-interval` tick in ms: `hb-interval-in-milliseconds`
+    /// `100ms` (default) or `10ms`.
+    pub hb_tick_ms: u32,
     /// `hb-lost-threshold`: heartbeats lost before a member is declared
     /// dead, 1..=60. Default 6.
     pub hb_lost_threshold: u8,
@@ -121,7 +125,7 @@ pub struct Ha {
 impl Ha {
     /// `hb-interval` in milliseconds.
     pub fn hb_interval_ms(&self) -> u32 {
-        u32::from(self.hb_interval) * HB_TICK_MS
+        u32::from(self.hb_interval).saturating_mul(self.hb_tick_ms)
     }
 }
 
@@ -137,6 +141,7 @@ impl Default for Ha {
             override_: false,
             session_pickup: false,
             hb_interval: 2,
+            hb_tick_ms: HB_TICK_MS,
             hb_lost_threshold: 6,
             monitor: Vec::new(),
         }

@@ -160,6 +160,11 @@ fn multi_word_values() {
     assert_eq!(ha.hbdev[1].priority, 40);
     assert_eq!(ha.password.as_ref().unwrap().expose_bytes(), b"p w");
     assert_eq!(ha.hb_interval_ms(), 500);
+    let p = parse(
+        "config system ha\n    set hb-interval 5\n    set hb-interval-in-milliseconds 10ms\nend\n",
+    )
+    .unwrap();
+    assert_eq!(p.config.ha.unwrap().hb_interval_ms(), 50);
     let e = one_error("config system ha\n    set hbdev \"port3\" 50 \"port4\"\nend\n");
     assert_eq!((e.line, e.col), (2, 26));
     let p = parse(&tunnel(
