@@ -1190,3 +1190,50 @@ fn child_sa_debug_redacts_keys() {
         .collect();
     assert!(!dbg.contains(&key_hex));
 }
+
+#[test]
+fn unknown_critical_payload_and_authenticated_garbage_are_answered() {
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    // B builds requests with its own keys (B's outbound = A's inbound).
+    let mid = p.b().chan.next_send;
+    let crit = [Payload::Unknown {
+        ty: PayloadType(200),
+        critical: true,
+        data: vec![1, 2, 3],
+    }];
+    let req = p
+        .b()
+        .seal(false, ExchangeType::INFORMATIONAL, mid, false, &crit)
+        .unwrap();
+    let path = Addresses {
+        local: addr(A),
+        remote: addr(B),
+    };
+    p.a.handle_datagram(p.now, path, &req).unwrap();
+    let resp = p.a.poll_transmit().unwrap().payload;
+    let m = Message::decode(&resp).unwrap();
+    let inner = p.b().decrypt(false, &resp, &m).unwrap().unwrap();
+    assert!(matches!(&inner[0], Payload::Notify(n)
+        if n.ty == NotifyType::UNSUPPORTED_CRITICAL_PAYLOAD && n.data == vec![200]));
+    // An authenticated request whose inner chain does not parse.
+    let header = p
+        .b()
+        .header(ExchangeType::INFORMATIONAL, mid + 1, false, false);
+    let iv = vec![7u8; 8];
+    let garbage = p
+        .b()
+        .chan
+        .keys
+        .as_ref()
+        .unwrap()
+        .out
+        .seal(&header, PayloadType::NOTIFY, &[0, 0, 0, 99], &iv)
+        .unwrap();
+    p.a.handle_datagram(p.now, path, &garbage).unwrap();
+    let resp = p.a.poll_transmit().unwrap().payload;
+    let m = Message::decode(&resp).unwrap();
+    let inner = p.b().decrypt(false, &resp, &m).unwrap().unwrap();
+    assert!(matches!(&inner[0], Payload::Notify(n) if n.ty == NotifyType::INVALID_SYNTAX));
+    assert_eq!(p.a.message_ids().1, mid + 2);
+    assert!(p.a.is_established());
+}
