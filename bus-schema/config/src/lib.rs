@@ -30,6 +30,11 @@
 //!   millisecond heartbeats) are not read yet; [`HavenSettings`] is where
 //!   they will go.
 //!
+//! # Fuzzing
+//! `fuzz/` is a cargo-fuzz crate with its own workspace: from this
+//! directory, `cargo +nightly fuzz run parse` (the fixtures are its seed
+//! corpus). The same target body runs on stable as the `fuzz_smoke` test.
+//!
 //! ```
 //! let text = "config vpn ipsec phase1-interface\n\
 //!     edit \"vpn1\"\n set interface \"port2\"\n set ike-version 2\n\
