@@ -10,7 +10,8 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum EspError {
     // --- peer misbehaved / hostile input -------------------------------------------------
-    /// Shorter than header + IV + minimal payload + ICV, or (CBC) payload not block-aligned.
+    /// Shorter than header + IV + minimal payload + ICV, (CBC) payload not block-aligned, or
+    /// longer than any IP packet.
     #[error("truncated or malformed ESP packet")]
     Truncated,
     /// Outside the window or already seen (RFC 4303 §3.4.3). Also sequence number zero.
@@ -50,7 +51,8 @@ pub enum EspError {
     /// Invalid SA parameters (key length, transform combination, window size...).
     #[error("invalid SA parameters: {0}")]
     Config(&'static str),
-    /// Outbound: the inner packet is not an IPv4 or IPv6 packet.
+    /// Outbound: the inner packet is not an IPv4 or IPv6 packet (version nibble, or longer
+    /// than any IP packet).
     #[error("inner packet is not IPv4 or IPv6")]
     NotIp,
 

@@ -7,7 +7,7 @@ use crate::lifetime::{Counters, Lifetime, LifetimeConfig, LifetimeEvent};
 use crate::replay::ReplayWindow;
 use crate::seq::{OutboundSeq, SeqLease};
 use crate::transform::{Transform, AEAD_ICV_LEN};
-use crate::wire::{EspHeader, ESP_HEADER_LEN, ESP_TRAILER_LEN, NEXT_HEADER_NONE};
+use crate::wire::{EspHeader, ESP_HEADER_LEN, ESP_TRAILER_LEN, MAX_PACKET_LEN, NEXT_HEADER_NONE};
 use std::time::Instant;
 
 /// What both directions of an SA are made from.
@@ -157,6 +157,9 @@ impl EncryptSa {
     /// packet must be dropped (and, for the lease, the pending mark persisted).
     pub fn encapsulate(&mut self, inner: &[u8], out: &mut [u8]) -> Result<usize> {
         let next_header = next_header_for(inner)?;
+        if inner.len() > MAX_PACKET_LEN {
+            return Err(EspError::NotIp);
+        }
         let t = self.transform;
         let align = t.encryption().align();
         let body = (inner.len() + ESP_TRAILER_LEN).div_ceil(align) * align;
@@ -440,6 +443,9 @@ impl DecryptSa {
         let iv_len = t.iv_len();
         let icv_len = t.icv_len();
         let hdr = EspHeader::peek(esp).ok_or(EspError::Truncated)?;
+        if esp.len() > MAX_PACKET_LEN {
+            return Err(EspError::Truncated); // malformed: no IP packet carries this much
+        }
         if hdr.spi != self.spi {
             return Err(EspError::SpiMismatch);
         }

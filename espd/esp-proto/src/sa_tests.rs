@@ -619,3 +619,17 @@ fn ipv6_inner_and_window_sizes() {
         }
     }
 }
+
+#[test]
+fn sas_can_move_to_worker_threads_and_oversize_is_refused() {
+    fn assert_send<T: Send>() {}
+    assert_send::<EncryptSa>();
+    assert_send::<DecryptSa>();
+    let (mut enc, mut dec) = sa_pair(Transform::AES128GCM, false);
+    let mut big = vec![0u8; crate::wire::MAX_PACKET_LEN + 1];
+    big[0] = 0x45;
+    let mut out = vec![0u8; big.len() + 100];
+    assert_eq!(enc.encapsulate(&big, &mut out), Err(EspError::NotIp));
+    big[..4].copy_from_slice(&crate::fuzzing::FUZZ_SPI.to_be_bytes());
+    assert_eq!(dec.decapsulate(&big, &mut out), Err(EspError::Truncated));
+}

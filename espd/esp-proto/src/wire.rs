@@ -14,6 +14,9 @@ pub const NEXT_HEADER_IPV6: u8 = 41;
 pub const NEXT_HEADER_NONE: u8 = 59;
 /// Largest Pad Length (RFC 4303 §2.5: 0-255).
 pub const MAX_PAD_LEN: usize = 255;
+/// Largest inner packet or ESP packet handled: the IPv4/IPv6 (non-jumbogram) limit
+/// (RFC 791 §3.1 Total Length, RFC 8200 §3 Payload Length are 16 bits).
+pub const MAX_PACKET_LEN: usize = 65_535 + 40;
 
 /// The cleartext header of an ESP packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
