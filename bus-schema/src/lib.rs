@@ -88,8 +88,8 @@ pub mod ctl;
 pub mod follower;
 #[doc(hidden)]
 pub mod fuzzing;
-#[cfg(test)]
-mod samples;
+#[doc(hidden)]
+pub mod samples;
 pub mod schema;
 pub mod store;
 pub mod transport;
