@@ -72,6 +72,9 @@ pub enum IkeError {
     /// Misuse: no such CHILD SA.
     #[error("no CHILD SA with inbound SPI {0:08x}")]
     UnknownChild(u32),
+    /// Internal: a broken invariant or resource (entropy) failure.
+    #[error("internal: {0}")]
+    Internal(&'static str),
 }
 
 impl From<CryptoError> for IkeError {
@@ -722,7 +725,7 @@ impl IkeSa {
         Ok(v)
     }
     fn random_u64(&mut self) -> Result<u64> {
-        loop {
+        for _ in 0..64 {
             let mut b = [0u8; 8];
             self.entropy.fill(&mut b)?;
             let v = u64::from_be_bytes(b);
@@ -730,9 +733,10 @@ impl IkeSa {
                 return Ok(v);
             }
         }
+        Err(IkeError::Internal("entropy source returns only zeros"))
     }
     fn random_spi32(&mut self) -> Result<u32> {
-        loop {
+        for _ in 0..64 {
             let mut b = [0u8; 4];
             self.entropy.fill(&mut b)?;
             let v = u32::from_be_bytes(b);
@@ -741,6 +745,9 @@ impl IkeSa {
                 return Ok(v);
             }
         }
+        Err(IkeError::Internal(
+            "entropy source returns only reserved SPIs",
+        ))
     }
 
     // ------------------------------------------------------------------

@@ -997,6 +997,60 @@ fn simultaneous_child_rekey_lowest_nonce_in_b_exchange() {
 }
 
 #[test]
+fn simultaneous_child_rekey_with_lost_responses() {
+    // Same collision, but each side's first response is lost once: the
+    // requests are retransmitted and answered from the response caches.
+    for a_low in [true, false] {
+        let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+        let a_old = p.a.child_spis()[0];
+        let b_old = p.b().child_spis()[0];
+        let (lo, hi) = (0x11u8, 0xeeu8);
+        let (ai, bi) = if a_low { (lo, hi) } else { (hi, lo) };
+        p.a_ent.push_nonce(ai);
+        p.b_ent.push_nonce(bi);
+        p.a_ent.push_nonce(hi);
+        p.b_ent.push_nonce(hi);
+        p.a.rekey_child(p.now, a_old).unwrap();
+        {
+            let now = p.now;
+            p.b().rekey_child(now, b_old).unwrap();
+        }
+        let (na, nb) = (p.sent_a.len(), p.sent_b.len());
+        // Datagram na/nb are the requests; na+1/nb+1 the first responses.
+        p.lose = Box::new(
+            move |from_a, n| {
+                if from_a {
+                    n == na + 1
+                } else {
+                    n == nb + 1
+                }
+            },
+        );
+        p.settle();
+        let retx = |v: &[Vec<u8>], i: usize| v.iter().filter(|x| **x == v[i]).count();
+        assert!(
+            retx(&p.sent_a, na) >= 2 && retx(&p.sent_b, nb) >= 2,
+            "requests retransmitted"
+        );
+        assert!(
+            retx(&p.sent_a, na + 1) >= 2,
+            "A answered B's retransmission from cache"
+        );
+        check_one_child_left(&mut p);
+        let redundant_on_a = p.ev_a.iter().any(|e| {
+            matches!(
+                e,
+                Event::ChildSaDeleted {
+                    reason: DeleteReason::Redundant,
+                    ..
+                }
+            )
+        });
+        assert_eq!(redundant_on_a, a_low);
+    }
+}
+
+#[test]
 fn simultaneous_child_rekey_with_reordered_response() {
     // A's response overtakes B's request: A finished its rekey and already
     // sent the Delete of the old SA, so it answers B's request with
@@ -1236,4 +1290,57 @@ fn unknown_critical_payload_and_authenticated_garbage_are_answered() {
     assert!(matches!(&inner[0], Payload::Notify(n) if n.ty == NotifyType::INVALID_SYNTAX));
     assert_eq!(p.a.message_ids().1, mid + 2);
     assert!(p.a.is_established());
+}
+
+#[test]
+fn accept_survives_mutated_init_requests() {
+    let now = Instant::now();
+    let a = IkeSa::initiate(
+        now,
+        Arc::new(cfg(
+            b"k",
+            "a.example",
+            "aes128-sha256",
+            "14 19",
+            "aes128-sha256",
+            "",
+        )),
+        Addresses {
+            local: addr(A),
+            remote: addr(B),
+        },
+        Box::new(OsEntropy),
+    );
+    let mut a = a.unwrap();
+    let req = a.poll_transmit().unwrap().payload;
+    let b_cfg = Arc::new(cfg(
+        b"k",
+        "b.example",
+        "aes128-sha256",
+        "19",
+        "aes128-sha256",
+        "",
+    ));
+    let path = Addresses {
+        local: addr(B),
+        remote: addr(A),
+    };
+    let mut outcomes = [0usize; 3];
+    for i in 0..req.len() {
+        for x in [0x01u8, 0x80] {
+            let mut m = req.clone();
+            m[i] ^= x;
+            match IkeSa::accept(now, b_cfg.clone(), path, Box::new(OsEntropy), &m) {
+                Ok(Accepted::Sa(_)) => outcomes[0] += 1,
+                Ok(Accepted::Reply(_)) => outcomes[1] += 1,
+                Err(_) => outcomes[2] += 1,
+            }
+        }
+    }
+    // Flips inside the KE value or nonce still give an SA; most of the
+    // rest are refused; nothing panics.
+    assert!(
+        outcomes[2] > 0 && outcomes[0] + outcomes[1] > 0,
+        "{outcomes:?}"
+    );
 }
