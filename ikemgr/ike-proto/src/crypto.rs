@@ -311,7 +311,7 @@ fn bits(octets: usize) -> u16 {
 }
 
 /// The seven IKE SA secrets of §2.14.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IkeKeys {
     /// Used to derive CHILD SA keys.
     pub sk_d: Secret,

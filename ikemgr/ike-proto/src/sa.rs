@@ -307,6 +307,27 @@ pub struct IkeSaInfo {
     pub lifetime: Duration,
 }
 
+/// An established IKE SA with its CHILD SAs, for HA replication
+/// (DESIGN §6): enough for a standby to continue without renegotiation.
+/// Times are relative (`*_expires_in`) so the snapshot can cross processes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IkeSaSnapshot {
+    /// SPIs, role, algorithms, identities and NAT state.
+    pub info: IkeSaInfo,
+    /// The seven IKE SA secrets.
+    pub keys: IkeKeys,
+    /// ID of our next request.
+    pub next_send: u32,
+    /// ID expected on the peer's next request.
+    pub next_recv: u32,
+    /// Transport addresses.
+    pub addresses: Addresses,
+    /// Time left until the IKE SA's hard expiry.
+    pub expires_in: Duration,
+    /// CHILD SAs with the time left until each one's hard expiry.
+    pub children: Vec<(ChildSaInfo, Duration)>,
+}
+
 /// Why an SA went away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeleteReason {
@@ -1102,6 +1123,67 @@ impl IkeSa {
             next_send: self.chan.next_send,
             next_recv: self.chan.next_recv,
         });
+    }
+
+    /// Snapshot of an established SA for HA sync; None otherwise.
+    pub fn snapshot(&self, now: Instant) -> Option<IkeSaSnapshot> {
+        if self.state != State::Established {
+            return None;
+        }
+        let keys = self.chan.keys.as_ref()?;
+        Some(IkeSaSnapshot {
+            info: self.ike_info_current()?,
+            keys: keys.sk.clone(),
+            next_send: self.chan.next_send,
+            next_recv: self.chan.next_recv,
+            addresses: self.addrs,
+            expires_in: self
+                .ike_hard
+                .map_or(self.cfg.ike_lifetime, |t| t.saturating_duration_since(now)),
+            children: self
+                .children
+                .iter()
+                .filter(|c| !c.replaced)
+                .map(|c| (c.info.clone(), c.hard.saturating_duration_since(now)))
+                .collect(),
+        })
+    }
+
+    /// Rebuilds an established SA from a snapshot (standby takeover). The
+    /// SA has no request outstanding and no cached response; message IDs
+    /// are those of the snapshot (RFC 6311 resynchronisation is not done).
+    pub fn restore(
+        now: Instant,
+        cfg: Arc<IkeConfig>,
+        entropy: Box<dyn Entropy>,
+        snap: IkeSaSnapshot,
+    ) -> IkeSa {
+        let mut sa = IkeSa::blank(cfg, snap.addresses, entropy);
+        let i = &snap.info;
+        let mut ch = Channel::new(i.spi_i, i.spi_r, i.initiator);
+        ch.keys = Some(Keys::new(i.suite, snap.keys, i.initiator));
+        ch.next_send = snap.next_send;
+        ch.next_recv = snap.next_recv;
+        sa.chan = ch;
+        sa.state = State::Established;
+        sa.auth = Some(AuthVerified(()));
+        sa.remote_id = Some(i.remote_id.clone());
+        sa.nat = (i.local_behind_nat, i.remote_behind_nat);
+        sa.ike_hard = Some(now + snap.expires_in);
+        let soft = sa.cfg.rekey_margin;
+        sa.ike_soft = Some(now + snap.expires_in.saturating_sub(soft));
+        for (info, left) in snap.children {
+            let soft_left = left.saturating_sub(info.lifetime.saturating_sub(info.soft_lifetime));
+            sa.children.push(ChildSa {
+                info,
+                soft: now + soft_left,
+                hard: now + left,
+                rekeying: false,
+                replaced: false,
+                collision: None,
+            });
+        }
+        sa
     }
 
     // ------------------------------------------------------------------

@@ -49,6 +49,10 @@ impl IkeSa {
         })
     }
 
+    pub(super) fn ike_info_current(&self) -> Option<IkeSaInfo> {
+        self.ike_info(&self.chan)
+    }
+
     fn jitter(&mut self) -> Duration {
         let ms = u64::try_from(self.cfg.rekey_jitter.as_millis()).unwrap_or(u64::MAX);
         if ms == 0 {

@@ -1344,3 +1344,41 @@ fn accept_survives_mutated_init_requests() {
         "{outcomes:?}"
     );
 }
+
+#[test]
+fn restored_snapshot_takes_over_and_rekeys() {
+    // B's state is replicated to a standby B' which then replaces B: the
+    // peer notices nothing, and CREATE_CHILD_SA on the synced SA works
+    // (the seed 002 failure must not happen here).
+    let mut p = established("aes256-sha256", "14", "aes256-sha256");
+    let now = p.now;
+    let snap = p.b().snapshot(now).unwrap();
+    assert_eq!(snap.next_recv, 2);
+    assert_eq!(snap.children.len(), 1);
+    let restored = IkeSa::restore(p.now, p.b_cfg.clone(), Box::new(OsEntropy), snap.clone());
+    assert_eq!(
+        restored.snapshot(p.now).unwrap(),
+        snap,
+        "restore(snapshot) is lossless"
+    );
+    p.b = Some(restored);
+    p.ev_a.clear();
+    p.ev_b.clear();
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessReply));
+    let old = p.a.child_spis()[0];
+    p.a.rekey_child(p.now, old).unwrap();
+    p.settle();
+    let (ca, cb) = (Pair::children(&p.ev_a), Pair::children(&p.ev_b));
+    assert_eq!((ca.len(), cb.len()), (1, 1));
+    assert_child_pair(&ca[0], &cb[0]);
+    assert_eq!(p.b().child_spis(), vec![cb[0].inbound_spi]);
+    {
+        let now = p.now;
+        p.b().rekey_ike(now).unwrap();
+    }
+    p.settle();
+    assert_eq!(p.a.spis(), p.b().spis());
+    assert_ne!(p.a.spis(), (snap.info.spi_i, snap.info.spi_r));
+}
