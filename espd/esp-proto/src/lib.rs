@@ -16,6 +16,17 @@
 //!   bytes, packets and time polled with `now` ([`LifetimeEvent`]);
 //! - RFC 3948 UDP-encapsulation demux ([`classify_udp4500`]) and builders.
 //!
+//! How a datapath drives it (per worker thread, per SA):
+//! 1. ikemgr installs a CHILD SA: split each direction's KEYMAT with [`SaKeys::split`], build
+//!    an [`EncryptSa`] (with [`OutboundOptions`]: first sequence number, optional [`SeqLease`])
+//!    and a [`DecryptSa`] (replay window size, [`DEFAULT_WINDOW`] = 2048).
+//! 2. Per packet: [`EncryptSa::encapsulate`] (TUN -> wire) or, after the caller found the SA
+//!    by [`EspHeader::peek`]'s SPI (and, on UDP/4500, after [`classify_udp4500`]),
+//!    [`DecryptSa::decapsulate`] (wire -> TUN). Errors map to [`DropReason`] counters.
+//! 3. After each batch: [`EncryptSa::poll_seq_lease`] (persist or sync the mark, then
+//!    [`EncryptSa::seq_lease_persisted`]) and `poll_event(now)` on both SAs (soft: ask ikemgr
+//!    to rekey; hard: remove the SA). Arm a timer for `next_timeout()`.
+//!
 //! What it does not do: sockets, TUN, threads, timers or clock reads (time comes in as
 //! `now`), SPI lookup (the caller maps SPIs to SAs and counts unknown ones), selector
 //! checks on the inner packet, IKE, transport mode, TFC padding on output, or ICV-failure

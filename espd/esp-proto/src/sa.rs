@@ -32,6 +32,20 @@ pub struct SaKeys<'a> {
     pub integ: &'a [u8],
 }
 
+impl<'a> SaKeys<'a> {
+    /// Split one direction's KEYMAT (RFC 7296 §2.17: encryption key, then integrity key;
+    /// the AEAD salt is the last 4 bytes of the encryption part, RFC 4106 §8.1, RFC 7634 §2).
+    /// A CHILD SA's KEYMAT holds the initiator-to-responder direction first, then the other;
+    /// each is `transform.keymat_len()` bytes.
+    pub fn split(transform: Transform, keymat: &'a [u8]) -> Result<Self> {
+        if keymat.len() != transform.keymat_len() {
+            return Err(EspError::Config("KEYMAT length"));
+        }
+        let (enc, integ) = keymat.split_at(transform.enc_keymat_len());
+        Ok(SaKeys { enc, integ })
+    }
+}
+
 impl std::fmt::Debug for SaKeys<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -633,3 +633,15 @@ fn sas_can_move_to_worker_threads_and_oversize_is_refused() {
     big[..4].copy_from_slice(&crate::fuzzing::FUZZ_SPI.to_be_bytes());
     assert_eq!(dec.decapsulate(&big, &mut out), Err(EspError::Truncated));
 }
+
+#[test]
+fn keymat_split() {
+    let t = Transform::from_name("aes256-sha256").unwrap();
+    let km: Vec<u8> = (0..64u8).collect();
+    let k = SaKeys::split(t, &km).unwrap();
+    assert_eq!((k.enc.len(), k.integ.len()), (32, 32));
+    assert_eq!(k.integ[0], 32);
+    assert!(SaKeys::split(t, &km[..63]).is_err());
+    let g = SaKeys::split(Transform::AES128GCM, &km[..20]).unwrap();
+    assert_eq!((g.enc.len(), g.integ.len()), (20, 0));
+}

@@ -249,6 +249,11 @@ impl Transform {
         }
     }
 
+    /// Bytes of KEYMAT for one direction (encryption then integrity, RFC 7296 §2.17).
+    pub const fn keymat_len(&self) -> usize {
+        self.enc_keymat_len() + self.integ_keymat_len()
+    }
+
     /// Largest number of bytes [`crate::EncryptSa::encapsulate`] adds to an inner packet:
     /// header, IV, worst-case padding, pad length, next header and ICV.
     pub const fn max_overhead(&self) -> usize {
