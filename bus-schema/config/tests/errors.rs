@@ -411,3 +411,72 @@ fn vdom_wrapper_is_read() {
     let p = parse(&text).unwrap();
     assert_eq!(p.config.phase1.len(), 1);
 }
+
+#[test]
+fn full_backup_shape_loads_with_warnings() {
+    let text = format!(
+        "#config-version=FGVM64-7.00-FW-build0000-000000:opmode=0:vdom=0:user=admin\n\
+         #conf_file_ver=1234567890\n\
+         #buildno=0000\n\
+         #global_vdom=1\n\
+         config system global\n    set alias \"FortiGate-VM64\"\n    set hostname \"DC1_VM1\"\n    set timezone 04\nend\n\
+         config system interface\n    edit \"port2\"\n        set vdom \"root\"\n        set ip 192.168.125.254 255.255.255.0\n        set allowaccess ping\n        config ipv6\n            set ip6-send-adv disable\n        end\n    next\nend\n\
+         config vpn certificate local\n    edit \"Fortinet_Factory\"\n        set password ENC abc==\n        set private-key \"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIFHDBOBgkqhkiG9w0BBQ0wQTApBgkqhkiG9w0BBQwwHAQI\n-----END ENCRYPTED PRIVATE KEY-----\"\n    next\nend\n\
+         {}\
+         config router static\n    edit 1\n        set gateway 192.168.125.1\n        set device \"port2\"\n    next\nend\n",
+        tunnel("", "")
+    );
+    let p = parse(&text).unwrap();
+    assert_eq!(p.config.phase1.len(), 1);
+    assert_eq!(
+        p.config.routes[0].gateway,
+        Some("192.168.125.1".parse().unwrap())
+    );
+    let ignored: Vec<&str> = p
+        .warnings
+        .iter()
+        .filter(|w| w.key.is_empty())
+        .map(|w| w.block.as_str())
+        .collect();
+    assert_eq!(
+        ignored,
+        vec![
+            "config system global",
+            "config system interface",
+            "config vpn certificate local"
+        ]
+    );
+    // Positions after the multi-line string are still right.
+    let first_p1_line = text
+        .lines()
+        .position(|l| l == "config vpn ipsec phase1-interface")
+        .unwrap() as u32
+        + 1;
+    let bad = text.replace("set ike-version 2", "set ike-version 3");
+    let e = parse(&bad).unwrap_err();
+    assert_eq!(e.errors[0].line, first_p1_line + 3);
+    assert_eq!(e.errors[0].col, 25);
+}
+
+#[test]
+fn check_report_json_view() {
+    let dir = std::env::temp_dir().join(format!("haven-config-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ok.conf");
+    std::fs::write(&path, tunnel("        set mode-cfg disable\n", "")).unwrap();
+    let r = CheckReport::run(&path);
+    assert_eq!(r.exit_code(), 0);
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["summary"]["phase1"], 1);
+    assert_eq!(json["warnings"][0]["key"], "mode-cfg");
+    assert_eq!(json["warnings"][0]["line"], 7);
+    std::fs::write(&path, tunnel("        set dpd banana\n", "")).unwrap();
+    let json = serde_json::to_value(CheckReport::run(&path)).unwrap();
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["errors"][0]["kind"]["kind"], "bad-value");
+    assert_eq!(json["errors"][0]["col"], 17);
+    let (code, _) = check_report(&dir);
+    assert_eq!(code, 1, "a directory is not a configuration");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
