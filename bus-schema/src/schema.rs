@@ -70,6 +70,22 @@ impl DaemonKind {
     }
 }
 
+impl std::str::FromStr for DaemonKind {
+    type Err = UnknownDaemon;
+
+    /// Accepts the program name (`ikemgr`) or the FortiOS debug app name (`ike`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DaemonKind::from_name(s)
+            .or_else(|| DaemonKind::from_debug_app(s))
+            .ok_or_else(|| UnknownDaemon(s.to_owned()))
+    }
+}
+
+/// A name that is neither a program nor a debug application name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown daemon `{0}` (expected ikemgr, dpdmon, hasyncd, espd or ike, dpd, ha, esp)")]
+pub struct UnknownDaemon(pub String);
+
 impl std::fmt::Display for DaemonKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -336,4 +352,76 @@ pub struct HaMemberInfo {
     pub mode: String,
     pub role: String,
     pub peers: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemon_names_round_trip() {
+        for k in DaemonKind::DAEMONS {
+            assert_eq!(DaemonKind::from_name(k.name()), Some(k));
+            assert_eq!(DaemonKind::from_debug_app(k.debug_app()), Some(k));
+            assert_eq!(k.name().parse::<DaemonKind>(), Ok(k));
+            assert_eq!(k.debug_app().parse::<DaemonKind>(), Ok(k));
+            assert_eq!(k.to_string(), k.name());
+        }
+        assert_eq!(DaemonKind::from_name("vpnctl"), Some(DaemonKind::Vpnctl));
+        assert!("routed".parse::<DaemonKind>().is_err());
+        assert_eq!(
+            [
+                DaemonKind::Ikemgr,
+                DaemonKind::Dpdmon,
+                DaemonKind::Hasyncd,
+                DaemonKind::Espd
+            ]
+            .map(|k| k.debug_app()),
+            ["ike", "dpd", "ha", "esp"]
+        );
+    }
+
+    #[test]
+    fn every_body_has_a_distinct_known_topic() {
+        let bodies = crate::samples::bodies();
+        let mut topics: Vec<&str> = bodies.iter().map(|b| b.topic()).collect();
+        for t in &topics {
+            assert!(topic::ALL.contains(t));
+            assert!(t.is_ascii() && !t.starts_with('.') && !t.ends_with('.'));
+        }
+        topics.sort();
+        topics.dedup();
+        assert_eq!(topics.len(), bodies.len());
+        assert_eq!(topic::ALL.len(), bodies.len());
+    }
+
+    #[test]
+    fn state_ops_key_by_table_and_name() {
+        let ops: Vec<Option<StateOp>> = crate::samples::bodies()
+            .iter()
+            .map(|b| b.state_op())
+            .collect();
+        assert_eq!(ops[0], None);
+        assert_eq!(
+            ops[1],
+            Some(StateOp::Put {
+                table: table::TUNNEL,
+                key: "vpn1_1".into()
+            })
+        );
+        assert_eq!(
+            ops[2],
+            Some(StateOp::Del {
+                table: table::TUNNEL,
+                key: "vpn1_1".into()
+            })
+        );
+        assert_eq!(
+            ops[8],
+            Some(StateOp::Del {
+                table: table::HA_MEMBER,
+                key: "2".into()
+            })
+        );
+    }
 }
