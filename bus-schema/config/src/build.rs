@@ -1025,12 +1025,20 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     if p.interface.is_empty() && (iface.is_some() || !f.has("interface")) {
         ctx.invalid(e.pos, label, "phase1 needs set interface <name>");
     }
-    if p.ike_version == 1 && (ike.is_some() || !f.has("ike-version")) {
-        ctx.invalid(
+    match ike {
+        Some(1) => ctx.invalid(
             f.value_pos("ike-version").unwrap_or(e.pos),
             label,
-            "IKEv1 is not implemented by Haven: set ike-version 2 (FortiOS's default is 1)",
-        );
+            "IKEv1 is not implemented by Haven: set ike-version 2",
+        ),
+        None if !f.has("ike-version") => ctx.warn(
+            e.pos,
+            label,
+            "ike-version",
+            "not set: FortiOS's default is IKEv1, which Haven does not implement; using IKEv2 \
+             (set ike-version 2 to silence this)",
+        ),
+        _ => {}
     }
     match p.kind {
         Phase1Type::Static if p.remote_gw.is_empty() && (rgw.is_some() || !f.has("remote-gw")) => {

@@ -455,8 +455,9 @@ pub struct Phase1 {
     pub kind: Phase1Type,
     /// `interface`: the outgoing interface (required).
     pub interface: String,
-    /// `ike-version`, 1 or 2. FortiOS default 1, which Haven rejects: only
-    /// IKEv2 is implemented.
+    /// `ike-version`: always 2 in a loaded configuration. FortiOS's default
+    /// is 1, but Haven implements only IKEv2: an explicit `set ike-version
+    /// 1` is an error, an unset key is read as 2 with a warning.
     pub ike_version: u8,
     /// `local-gw`; `0.0.0.0` (the default) means the interface address.
     pub local_gw: Option<Ipv4Addr>,
@@ -518,8 +519,9 @@ pub struct Phase1 {
 }
 
 impl Phase1 {
-    /// A phase1 named `name` with every FortiOS default (and an empty
-    /// `interface`, which validation requires to be set).
+    /// A phase1 named `name` with every FortiOS default (except
+    /// `ike_version`, 2; see the field) and an empty `interface`, which
+    /// validation requires to be set.
     pub fn new(name: impl Into<String>) -> Self {
         use Encryption::*;
         let p = |encryption, hash| Proposal {
@@ -531,7 +533,7 @@ impl Phase1 {
             name: name.into(),
             kind: Phase1Type::Static,
             interface: String::new(),
-            ike_version: 1,
+            ike_version: 2,
             local_gw: None,
             remote_gw: Vec::new(),
             remotegw_ddns: None,

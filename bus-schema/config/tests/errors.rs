@@ -283,9 +283,16 @@ fn semantic_validation() {
     let e = one_error(&tunnel("", "").replace("        set remote-gw 192.0.2.1\n", ""));
     assert_eq!((e.line, e.col), (2, 5));
     assert!(e.to_string().contains("remote-gw"));
-    // IKEv1.
+    // IKEv1 asked for: error. Not set (FortiOS's default is 1): IKEv2 with
+    // a warning.
     let e = one_error(&tunnel("", "").replace("ike-version 2", "ike-version 1"));
     assert_eq!((e.line, e.col), (4, 25));
+    let p = parse(&tunnel("", "").replace("        set ike-version 2\n", "")).unwrap();
+    assert_eq!(p.config.phase1[0].ike_version, 2);
+    assert_eq!(
+        (p.warnings[0].line, p.warnings[0].key.as_str()),
+        (2, "ike-version")
+    );
     // peertype one without peerid.
     let e = one_error(&tunnel("        set peertype one\n", ""));
     assert!(e.to_string().contains("peerid"));
