@@ -77,8 +77,12 @@ pub struct Parsed {
     pub warnings: Vec<Warning>,
 }
 
-/// Parse configuration text. Never panics; on failure returns every error
-/// found (and the warnings), sorted by position.
+/// Parse configuration text. Never panics. On failure returns every error
+/// found, and the warnings: errors in the text itself (syntax, unknown keys
+/// and blocks, bad values) come first, in file order, then consistency
+/// errors ([`ErrorKind::Invalid`]: missing required keys, dangling
+/// references, duplicates), in file order. So [`ConfigErrors::first`] is
+/// the most direct problem.
 pub fn parse(text: &str) -> Result<Parsed, ConfigErrors> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut diags = Vec::new();
@@ -93,7 +97,7 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigErrors> {
     let config = build::build(&mut ctx, &root);
     let mut errors = ctx.errors;
     let mut warnings = ctx.warnings;
-    errors.sort_by_key(|e| (e.line, e.col));
+    errors.sort_by_key(|e| (matches!(e.kind, ErrorKind::Invalid { .. }), e.line, e.col));
     warnings.sort_by_key(|w| (w.line, w.col));
     if errors.is_empty() {
         Ok(Parsed { config, warnings })

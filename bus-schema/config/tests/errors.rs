@@ -420,6 +420,20 @@ fn vdom_wrapper_is_read() {
 }
 
 #[test]
+fn text_errors_come_before_consistency_errors() {
+    let e = parse("config vpn ipsec phase1-interface\n    edit \"v\"\n        set dpd banana\n    next\nend\n")
+        .unwrap_err();
+    let first = e.first().unwrap();
+    assert_eq!((first.line, first.col), (3, 17));
+    assert!(matches!(first.kind, ErrorKind::BadValue { .. }));
+    // The entry's missing interface, remote-gw and psksecret follow.
+    assert!(e.errors.len() >= 4, "{e}");
+    assert!(e.errors[1..]
+        .iter()
+        .all(|x| matches!(x.kind, ErrorKind::Invalid { .. })));
+}
+
+#[test]
 fn full_backup_shape_loads_with_warnings() {
     let text = format!(
         "#config-version=FGVM64-7.00-FW-build0000-000000:opmode=0:vdom=0:user=admin\n\
