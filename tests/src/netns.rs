@@ -803,10 +803,10 @@ impl Drop for ScratchDir {
 /// racing for the same leftovers are fine too (what the other removed is skipped).
 pub fn sweep_stale() -> Result<Vec<String>> {
     let mut removed = Vec::new();
-    for name in netns_names()? {
+    for name in list_namespaces()? {
         if owner_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
             if let Err(e) = destroy(&name) {
-                if netns_names()?.contains(&name) {
+                if list_namespaces()?.contains(&name) {
                     return Err(e);
                 }
                 continue; // another sweep got there first
@@ -839,8 +839,8 @@ pub fn sweep_stale() -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Names of all namespaces (`ip netns list` prints "NAME" or "NAME (id: 3)").
-fn netns_names() -> Result<Vec<String>> {
+/// Names of all namespaces on the machine (`ip netns list` prints "NAME" or "NAME (id: 3)").
+pub fn list_namespaces() -> Result<Vec<String>> {
     let list = run("ip", ["netns", "list"])?;
     Ok(list
         .lines()

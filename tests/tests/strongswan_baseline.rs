@@ -26,17 +26,29 @@ fn require_strongswan() {
     }
 }
 
-fn netns_list() -> String {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn listed(name: &str) -> bool {
+    netns::list_namespaces()
+        .expect("ip netns list")
+        .iter()
+        .any(|n| n == name)
 }
 
-fn listed(list: &str, name: &str) -> bool {
-    list.lines()
-        .any(|l| l.split_whitespace().next() == Some(name))
+/// Fails (rather than hangs) unless `child` was killed by SIGKILL within a few seconds.
+fn assert_killed(child: &mut std::process::Child, what: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} was not killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.signal(), Some(9), "{what}: {status:?}");
 }
 
 fn pid_exists(pid: u32) -> bool {
@@ -186,9 +198,8 @@ fn tunnel_carries_ping_sas_agree_and_nothing_remains() {
             a.log()
         );
     }
-    let list = netns_list();
     for n in &names {
-        assert!(!listed(&list, n), "namespace {n} survived the test: {list}");
+        assert!(!listed(n), "namespace {n} survived the test");
     }
     for pid in pids {
         assert!(!pid_exists(pid), "charon {pid} survived the test");
@@ -300,10 +311,9 @@ fn namespace_and_its_processes_are_gone_after_a_panic() {
     }));
     assert!(result.is_err());
     let (name, mut child, guarded) = seen.expect("ran");
-    let status = child.wait().expect("reap");
-    assert!(!status.success(), "sleep was killed: {status:?}");
+    assert_killed(&mut child, "sleep left in the namespace");
     assert!(!pid_exists(guarded));
-    assert!(!listed(&netns_list(), &name), "{name} survived the panic");
+    assert!(!listed(&name), "{name} survived the panic");
 }
 
 #[test]
@@ -328,13 +338,9 @@ fn sweep_removes_namespaces_of_dead_runs() {
 
     // Another test's first Netns::new may sweep it first; either way it must be gone.
     netns::sweep_stale().expect("sweep");
-    assert!(!listed(&netns_list(), &name), "stale {name} left");
+    assert!(!listed(&name), "stale {name} left");
     assert!(!dir.exists(), "stale {} left", dir.display());
-    let status = orphan.wait().expect("reap");
-    assert!(
-        !status.success(),
-        "process in the stale namespace was killed: {status:?}"
-    );
+    assert_killed(&mut orphan, "process in the stale namespace");
 }
 
 #[test]
