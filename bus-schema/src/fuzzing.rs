@@ -94,6 +94,7 @@ pub fn for_each_mutation(seeds: &[Vec<u8>], random: usize, mut f: impl FnMut(&[u
             f(&seed[..cut]);
         }
         let mut m = seed.clone();
+        // Invariant for the indexing below: i < m.len() == seed.len().
         for i in 0..m.len() {
             let orig = m[i];
             for v in INTERESTING
@@ -124,6 +125,8 @@ pub fn for_each_mutation(seeds: &[Vec<u8>], random: usize, mut f: impl FnMut(&[u
     if seeds.is_empty() {
         return;
     }
+    // Invariant for the indexing below: seeds is not empty, and i < m.len() after the
+    // emptiness check.
     for _ in 0..random {
         let seed = &seeds[(next() as usize) % seeds.len()];
         let mut m = seed.clone();
