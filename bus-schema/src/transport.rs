@@ -51,6 +51,14 @@ pub enum BusError {
     UnexpectedReply(&'static str),
 }
 
+impl BusError {
+    /// True for a dropped message (bad frame, wrong source): count it and keep going. False
+    /// for a problem with the socket or the call itself.
+    pub fn is_message_drop(&self) -> bool {
+        matches!(self, BusError::Decode(_) | BusError::WrongSource { .. })
+    }
+}
+
 fn zmq_err(endpoint: &str) -> impl FnOnce(ZmqError) -> BusError + '_ {
     move |source| BusError::Zmq {
         endpoint: endpoint.to_owned(),

@@ -140,6 +140,8 @@ async fn bad_frames_are_typed_drops_and_good_ones_still_arrive() {
         BusError::Decode(DecodeError::FrameCount { got: 1, .. })
     ));
     assert!(matches!(errs[5], BusError::WrongSource { .. }));
+    assert!(errs.iter().all(|e| e.is_message_drop()));
+    assert!(!BusError::Closed.is_message_drop());
     assert_eq!(sub.stats().decode_errors, 6);
 }
 
