@@ -27,6 +27,11 @@
 //!    [`EncryptSa::seq_lease_persisted`]) and `poll_event(now)` on both SAs (soft: ask ikemgr
 //!    to rekey; hard: remove the SA). Arm a timer for `next_timeout()`.
 //!
+//! One SA on several worker threads: give each thread its own [`EspCrypto`] (contexts are
+//! per thread), share an [`AtomicSeq`] for outbound numbers and a [`ReplayWindow`] behind a
+//! lock taken only around `check` (before [`EspCrypto::open`]) and `accept` (after it), then
+//! [`decode_payload`]; sum the per-thread [`Counters`] into one [`Lifetime`] per SA.
+//!
 //! What it does not do: sockets, TUN, threads, timers or clock reads (time comes in as
 //! `now`), SPI lookup (the caller maps SPIs to SAs and counts unknown ones), selector
 //! checks on the inner packet, IKE, transport mode, TFC padding on output, or ICV-failure
@@ -37,6 +42,7 @@
 
 mod crypto;
 mod error;
+mod esp;
 pub mod inner;
 mod lifetime;
 mod replay;
@@ -50,10 +56,11 @@ pub mod wire;
 pub mod fuzzing;
 
 pub use error::{DropReason, ErrorKind, EspError, Result};
-pub use lifetime::{Counters, LifetimeConfig, LifetimeEvent, LimitKind};
+pub use esp::{decode_payload, EspCrypto};
+pub use lifetime::{Counters, Lifetime, LifetimeConfig, LifetimeEvent, LimitKind};
 pub use replay::{ReplayWindow, DEFAULT_WINDOW, MAX_WINDOW};
 pub use sa::{Decapsulated, DecryptSa, EncryptSa, OutboundOptions, SaConfig, SaKeys};
-pub use seq::{SeqLease, SEQ_SOFT_MARGIN_32, SEQ_SOFT_MARGIN_64};
+pub use seq::{AtomicSeq, SeqLease, SEQ_SOFT_MARGIN_32, SEQ_SOFT_MARGIN_64};
 pub use transform::{Encryption, Integrity, Transform, AEAD_ICV_LEN};
 pub use udp::{classify_udp4500, Udp4500};
 pub use wire::EspHeader;

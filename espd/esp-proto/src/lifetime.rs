@@ -50,9 +50,11 @@ pub struct Counters {
     pub bytes: u64,
 }
 
-/// Lifetime state of one SA.
+/// Lifetime state of one SA: which limits were hit and reported. [`crate::EncryptSa`] and
+/// [`crate::DecryptSa`] own one each; a datapath that spreads an SA over several threads
+/// keeps one per SA on its control thread and feeds it the summed [`Counters`].
 #[derive(Clone, Debug)]
-pub(crate) struct Lifetime {
+pub struct Lifetime {
     cfg: LifetimeConfig,
     created: Instant,
     hard_bytes: u64,
@@ -62,7 +64,8 @@ pub(crate) struct Lifetime {
 }
 
 impl Lifetime {
-    pub(crate) fn new(cfg: LifetimeConfig, now: Instant) -> Self {
+    /// Limits `cfg`, SA installed at `now`.
+    pub fn new(cfg: LifetimeConfig, now: Instant) -> Self {
         Lifetime {
             cfg,
             created: now,
@@ -73,17 +76,19 @@ impl Lifetime {
         }
     }
 
-    pub(crate) fn config(&self) -> &LifetimeConfig {
+    /// The limits.
+    pub fn config(&self) -> &LifetimeConfig {
         &self.cfg
     }
 
-    pub(crate) fn created(&self) -> Instant {
+    /// When the SA was installed.
+    pub fn created(&self) -> Instant {
         self.created
     }
 
     /// Hot-path check: may one more packet be processed?
     #[inline]
-    pub(crate) fn volume_ok(&self, c: &Counters) -> bool {
+    pub fn volume_ok(&self, c: &Counters) -> bool {
         c.bytes < self.hard_bytes && c.packets < self.hard_packets
     }
 
@@ -116,12 +121,7 @@ impl Lifetime {
     /// Next event, reporting each of soft and hard at most once; a hard event implies the
     /// soft one (which is then not reported separately). `seq` carries the outbound
     /// sequence-space state: (soft reached, hard reached).
-    pub(crate) fn poll(
-        &mut self,
-        c: &Counters,
-        now: Instant,
-        seq: (bool, bool),
-    ) -> Option<LifetimeEvent> {
+    pub fn poll(&mut self, c: &Counters, now: Instant, seq: (bool, bool)) -> Option<LifetimeEvent> {
         if self.hard_reported {
             return None;
         }
@@ -147,7 +147,7 @@ impl Lifetime {
     }
 
     /// When the next time-based event is due (for the caller's timer), if any is pending.
-    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+    pub fn next_deadline(&self) -> Option<Instant> {
         if self.hard_reported {
             return None;
         }

@@ -1,13 +1,13 @@
 //! Outbound ([`EncryptSa`]) and inbound ([`DecryptSa`]) ESP SAs in tunnel mode (RFC 4303).
 
-use crate::crypto::{Aead, Cbc, Hmac, AES_BLOCK, MAX_DIGEST};
 use crate::error::{DropReason, EspError, Result};
-use crate::inner::{next_header_for, validate_inner};
+use crate::esp::{decode_payload, EspCrypto};
+use crate::inner::next_header_for;
 use crate::lifetime::{Counters, Lifetime, LifetimeConfig, LifetimeEvent};
 use crate::replay::ReplayWindow;
 use crate::seq::{OutboundSeq, SeqLease};
-use crate::transform::{Transform, AEAD_ICV_LEN};
-use crate::wire::{EspHeader, ESP_HEADER_LEN, ESP_TRAILER_LEN, MAX_PACKET_LEN, NEXT_HEADER_NONE};
+use crate::transform::Transform;
+use crate::wire::{MAX_PACKET_LEN, NEXT_HEADER_NONE};
 use std::time::Instant;
 
 /// What both directions of an SA are made from.
@@ -76,56 +76,12 @@ impl Default for OutboundOptions {
     }
 }
 
-enum SealCtx {
-    Aead(Aead),
-    // Boxed: the two SHA-512 states are large and SAs are stored in tables.
-    Cbc { cbc: Cbc, hmac: Box<Hmac> },
-}
-
-fn check_config(cfg: &SaConfig, keys: &SaKeys<'_>) -> Result<()> {
-    if cfg.spi == 0 {
-        return Err(EspError::Config("SPI 0 is reserved"));
-    }
-    if keys.enc.len() != cfg.transform.enc_keymat_len() {
-        return Err(EspError::Config("encryption key length"));
-    }
-    if keys.integ.len() != cfg.transform.integ_keymat_len() {
-        return Err(EspError::Config("integrity key length"));
-    }
-    Ok(())
-}
-
-fn make_crypto(cfg: &SaConfig, keys: &SaKeys<'_>, encrypt: bool) -> Result<SealCtx> {
-    let enc = cfg.transform.encryption();
-    Ok(match cfg.transform.integrity() {
-        None => SealCtx::Aead(Aead::new(enc, keys.enc, encrypt)?),
-        Some(integ) => SealCtx::Cbc {
-            cbc: Cbc::new(enc, keys.enc, encrypt)?,
-            hmac: Box::new(Hmac::new(integ, keys.integ)?),
-        },
-    })
-}
-
-/// AEAD additional data: SPI || seq (RFC 4106 §5, RFC 7634 §2.1), or with ESN
-/// SPI || seq high || seq low.
-fn aead_aad(spi: u32, seq: u64, esn: bool) -> ([u8; 12], usize) {
-    let mut a = [0u8; 12];
-    a[..4].copy_from_slice(&spi.to_be_bytes());
-    if esn {
-        a[4..].copy_from_slice(&seq.to_be_bytes());
-        (a, 12)
-    } else {
-        a[4..8].copy_from_slice(&(seq as u32).to_be_bytes());
-        (a, 8)
-    }
-}
-
 /// An outbound SA: encrypts inner packets into ESP packets.
 pub struct EncryptSa {
     spi: u32,
     transform: Transform,
     esn: bool,
-    crypto: SealCtx,
+    crypto: EspCrypto,
     seq: OutboundSeq,
     lifetime: Lifetime,
     counters: Counters,
@@ -151,12 +107,11 @@ impl EncryptSa {
         opts: OutboundOptions,
         now: Instant,
     ) -> Result<Self> {
-        check_config(cfg, &keys)?;
         Ok(EncryptSa {
             spi: cfg.spi,
             transform: cfg.transform,
             esn: cfg.esn,
-            crypto: make_crypto(cfg, &keys, true)?,
+            crypto: EspCrypto::new(cfg, keys, true)?,
             seq: OutboundSeq::new(opts.first_seq, cfg.esn, opts.lease)?,
             lifetime: Lifetime::new(cfg.lifetime, now),
             counters: Counters::default(),
@@ -170,88 +125,22 @@ impl EncryptSa {
     /// [`EspError::SeqExhausted`], [`EspError::LeaseExhausted`] and [`EspError::Expired`] the
     /// packet must be dropped (and, for the lease, the pending mark persisted).
     pub fn encapsulate(&mut self, inner: &[u8], out: &mut [u8]) -> Result<usize> {
-        let next_header = next_header_for(inner)?;
+        // Checks that consume nothing come first.
+        next_header_for(inner)?;
         if inner.len() > MAX_PACKET_LEN {
             return Err(EspError::NotIp);
         }
-        let t = self.transform;
-        let align = t.encryption().align();
-        let body = (inner.len() + ESP_TRAILER_LEN).div_ceil(align) * align;
-        let hdr_iv = ESP_HEADER_LEN + t.iv_len();
-        let total = hdr_iv + body + t.icv_len();
-        let out = out.get_mut(..total).ok_or(EspError::BufferTooSmall)?;
+        if out.len() < self.transform.esp_len(inner.len()) {
+            return Err(EspError::BufferTooSmall);
+        }
         if !self.lifetime.volume_ok(&self.counters) {
             return Err(EspError::Expired);
         }
         let seq = self.seq.take()?;
-
-        // Payload, then padding 1, 2, 3, ... (RFC 4303 §2.4), Pad Length, Next Header.
-        // Indexing: out.len() == total == hdr_iv + body + icv and body >= inner.len() + 2.
-        let pad_len = body - inner.len() - ESP_TRAILER_LEN;
-        let payload = &mut out[hdr_iv..hdr_iv + body];
-        let (data, trailer) = payload.split_at_mut(inner.len());
-        data.copy_from_slice(inner);
-        for (i, b) in trailer[..pad_len].iter_mut().enumerate() {
-            *b = (i + 1) as u8;
-        }
-        trailer[pad_len] = pad_len as u8;
-        trailer[pad_len + 1] = next_header;
-
-        let mut iv = [0u8; AES_BLOCK];
-        let iv_len = t.iv_len();
-        if t.encryption().is_aead() {
-            // RFC 4106 §3.1 / RFC 7634 §2: the IV must never repeat under one key; the
-            // sequence number never does (OutboundSeq does not cycle).
-            iv[..8].copy_from_slice(&seq.to_be_bytes());
-        } else {
-            // RFC 3602 §2.1: CBC IVs must be unpredictable.
-            openssl::rand::rand_bytes(&mut iv).map_err(|_| EspError::Crypto)?;
-        }
-        self.seal_in_place(seq, &iv[..iv_len], out, body)?;
+        let n = self.crypto.seal(seq, inner, out)?;
         self.counters.packets += 1;
         self.counters.bytes += inner.len() as u64;
-        Ok(total)
-    }
-
-    /// Write header and IV, encrypt `out[hdr_iv..hdr_iv + body]` in place and append the ICV.
-    fn seal_in_place(&mut self, seq: u64, iv: &[u8], out: &mut [u8], body: usize) -> Result<usize> {
-        let t = self.transform;
-        let hdr_iv = ESP_HEADER_LEN + t.iv_len();
-        let total = hdr_iv + body + t.icv_len();
-        if iv.len() != t.iv_len() {
-            return Err(EspError::Config("IV length"));
-        }
-        let out = out.get_mut(..total).ok_or(EspError::BufferTooSmall)?;
-        let (head, rest) = out.split_at_mut(hdr_iv);
-        let (payload, icv) = rest.split_at_mut(body);
-        head[..4].copy_from_slice(&self.spi.to_be_bytes());
-        head[4..8].copy_from_slice(&(seq as u32).to_be_bytes());
-        head[8..].copy_from_slice(iv);
-        match &mut self.crypto {
-            SealCtx::Aead(aead) => {
-                let mut iv8 = [0u8; 8];
-                iv8.copy_from_slice(iv);
-                let (aad, aad_len) = aead_aad(self.spi, seq, self.esn);
-                let tag = aead.seal(&iv8, &aad[..aad_len], payload)?;
-                icv.copy_from_slice(&tag);
-            }
-            SealCtx::Cbc { cbc, hmac } => {
-                if body % AES_BLOCK != 0 {
-                    return Err(EspError::Config("CBC payload not block aligned"));
-                }
-                let mut iv16 = [0u8; AES_BLOCK];
-                iv16.copy_from_slice(iv);
-                cbc.encrypt(&iv16, payload)?;
-                // ICV over SPI, Sequence Number, IV and ciphertext; with ESN the high 32 bits
-                // are appended for the computation only (RFC 4303 §2.2.1, §3.3.2.1).
-                let hi = ((seq >> 32) as u32).to_be_bytes();
-                let esn_part: &[u8] = if self.esn { &hi } else { &[] };
-                let mut d = [0u8; MAX_DIGEST];
-                hmac.mac(&[head, payload, esn_part], &mut d);
-                icv.copy_from_slice(&d[..hmac.icv_len()]);
-            }
-        }
-        Ok(total)
+        Ok(n)
     }
 
     /// Seal an already padded payload (data, padding, Pad Length, Next Header) with a given
@@ -264,12 +153,7 @@ impl EncryptSa {
         payload: &[u8],
         out: &mut [u8],
     ) -> Result<usize> {
-        let hdr_iv = ESP_HEADER_LEN + self.transform.iv_len();
-        let dst = out
-            .get_mut(hdr_iv..hdr_iv + payload.len())
-            .ok_or(EspError::BufferTooSmall)?;
-        dst.copy_from_slice(payload);
-        self.seal_in_place(seq, iv, out, payload.len())
+        self.crypto.seal_payload(seq, iv, payload, out)
     }
 
     /// This SA's SPI.
@@ -362,7 +246,7 @@ pub struct DecryptSa {
     spi: u32,
     transform: Transform,
     esn: bool,
-    crypto: SealCtx,
+    crypto: EspCrypto,
     window: ReplayWindow,
     lifetime: Lifetime,
     counters: Counters,
@@ -385,12 +269,11 @@ impl DecryptSa {
     /// Prepare the crypto contexts and a replay window of `replay_window` packets
     /// ([`crate::DEFAULT_WINDOW`] = 2048; 0 disables replay checking).
     pub fn new(cfg: &SaConfig, keys: SaKeys<'_>, replay_window: u32, now: Instant) -> Result<Self> {
-        check_config(cfg, &keys)?;
         Ok(DecryptSa {
             spi: cfg.spi,
             transform: cfg.transform,
             esn: cfg.esn,
-            crypto: make_crypto(cfg, &keys, false)?,
+            crypto: EspCrypto::new(cfg, keys, false)?,
             window: ReplayWindow::new(replay_window, cfg.esn)?,
             lifetime: Lifetime::new(cfg.lifetime, now),
             counters: Counters::default(),
@@ -416,33 +299,11 @@ impl DecryptSa {
     fn decapsulate_counted(&mut self, esp: &[u8], out: &mut [u8]) -> Result<Decapsulated> {
         let (len, seq) = self.open_raw(esp, out)?;
         let payload = out.get(..len).ok_or(EspError::Crypto)?;
-        // Trailer (RFC 4303 §2.4-2.6): ... padding, Pad Length, Next Header.
-        let (&next_header, rest) = payload.split_last().ok_or(EspError::Truncated)?;
-        let (&pad_len, rest) = rest.split_last().ok_or(EspError::Truncated)?;
-        let pad_len = usize::from(pad_len);
-        let data_len = rest.len().checked_sub(pad_len).ok_or(EspError::Padding)?;
-        let (data, pad) = rest.split_at(data_len);
-        // RFC 4303 §2.4: padding bytes are 1, 2, 3, ...; the receiver checks them.
-        if !pad
-            .iter()
-            .enumerate()
-            .all(|(i, &b)| usize::from(b) == i + 1)
-        {
-            return Err(EspError::Padding);
-        }
-        if next_header == NEXT_HEADER_NONE {
-            self.counters.packets += 1;
-            return Ok(Decapsulated {
-                len: 0,
-                next_header,
-                seq,
-            });
-        }
-        validate_inner(next_header, data)?;
+        let (len, next_header) = decode_payload(payload)?;
         self.counters.packets += 1;
-        self.counters.bytes += data_len as u64;
+        self.counters.bytes += len as u64;
         Ok(Decapsulated {
-            len: data_len,
+            len,
             next_header,
             seq,
         })
@@ -453,67 +314,18 @@ impl DecryptSa {
     /// `out[..len]` and the full sequence number. For known-answer tests and fuzzing.
     #[doc(hidden)]
     pub fn open_raw(&mut self, esp: &[u8], out: &mut [u8]) -> Result<(usize, u64)> {
-        let t = self.transform;
-        let iv_len = t.iv_len();
-        let icv_len = t.icv_len();
-        let hdr = EspHeader::peek(esp).ok_or(EspError::Truncated)?;
-        if esp.len() > MAX_PACKET_LEN {
-            return Err(EspError::Truncated); // malformed: no IP packet carries this much
-        }
-        if hdr.spi != self.spi {
-            return Err(EspError::SpiMismatch);
-        }
-        let hdr_iv = ESP_HEADER_LEN + iv_len;
-        let min_payload = if t.encryption().is_aead() {
-            ESP_TRAILER_LEN
-        } else {
-            AES_BLOCK
-        };
-        if esp.len() < hdr_iv + min_payload + icv_len {
-            return Err(EspError::Truncated);
-        }
-        let ct_len = esp.len() - hdr_iv - icv_len;
-        if !t.encryption().is_aead() && ct_len % AES_BLOCK != 0 {
-            return Err(EspError::Truncated);
-        }
+        let hdr = self.crypto.check_shape(esp)?;
         if !self.lifetime.volume_ok(&self.counters) {
             return Err(EspError::Expired);
         }
-        // RFC 4303 §3.4.3: the replay check comes before the ICV check.
+        // RFC 4303 §3.4.3: the replay check comes before the ICV check...
         let seq = self.window.check(hdr.seq)?;
-        let out = out.get_mut(..ct_len).ok_or(EspError::BufferTooSmall)?;
-        // Indexing: esp.len() == hdr_iv + ct_len + icv_len, checked above.
-        let (authenticated, icv) = esp.split_at(hdr_iv + ct_len);
-        let iv = &authenticated[ESP_HEADER_LEN..hdr_iv];
-        let ct = &authenticated[hdr_iv..];
-        match &mut self.crypto {
-            SealCtx::Aead(aead) => {
-                let mut iv8 = [0u8; 8];
-                iv8.copy_from_slice(iv);
-                let mut tag = [0u8; AEAD_ICV_LEN];
-                tag.copy_from_slice(icv);
-                let (aad, aad_len) = aead_aad(self.spi, seq, self.esn);
-                aead.open(&iv8, &aad[..aad_len], ct, &tag, out)?;
-            }
-            SealCtx::Cbc { cbc, hmac } => {
-                let hi = ((seq >> 32) as u32).to_be_bytes();
-                let esn_part: &[u8] = if self.esn { &hi } else { &[] };
-                let mut d = [0u8; MAX_DIGEST];
-                hmac.mac(&[authenticated, esn_part], &mut d);
-                // Constant time; both sides are icv_len bytes.
-                if !openssl::memcmp::eq(&d[..icv_len], icv) {
-                    return Err(EspError::Auth);
-                }
-                let mut iv16 = [0u8; AES_BLOCK];
-                iv16.copy_from_slice(iv);
-                cbc.decrypt(&iv16, ct, out)?;
-            }
-        }
-        // RFC 4303 §3.4.3: the window moves only for authenticated packets.
+        let len = self.crypto.open(esp, seq, out)?;
+        // ... and the window moves only for authenticated packets.
         if !self.window.accept(seq) {
             return Err(EspError::Replay);
         }
-        Ok((ct_len, seq))
+        Ok((len, seq))
     }
 
     /// This SA's SPI.

@@ -5,6 +5,7 @@ use crate::crypto::tests::hex;
 use crate::fuzzing::sa_pair;
 use crate::inner::{ipv4_fix_checksum, sample_ipv4, sample_ipv6};
 use crate::lifetime::LimitKind;
+use crate::wire::EspHeader;
 use std::time::Duration;
 
 fn cfg(spi: u32, transform: Transform, esn: bool) -> SaConfig {
@@ -691,4 +692,104 @@ fn cbc_hmac_independent_vectors_both_directions() {
         let n = enc.seal_payload(seq, &iv, &payload, &mut esp).unwrap();
         assert_eq!(&esp[..n], &packet[..], "{name}");
     }
+}
+
+/// One SA spread over worker threads: per-thread EspCrypto, shared AtomicSeq and a locked
+/// ReplayWindow held only around check/accept.
+#[test]
+fn one_sa_on_several_threads() {
+    use crate::{decode_payload, AtomicSeq, EspCrypto, ReplayWindow};
+    use std::sync::{Arc, Mutex};
+    let t = Transform::AES256GCM;
+    let c = cfg(0x4242, t, true);
+    let ek: Vec<u8> = (0..36u8).collect();
+    let seq = Arc::new(AtomicSeq::new(1, true, None).unwrap());
+    let inner = sample_ipv4(200, 9);
+    // Two senders.
+    let senders: Vec<_> = (0..2)
+        .map(|_| {
+            let (seq, ek, inner) = (Arc::clone(&seq), ek.clone(), inner.clone());
+            std::thread::spawn(move || {
+                let mut crypto = EspCrypto::new(
+                    &c,
+                    SaKeys {
+                        enc: &ek,
+                        integ: &[],
+                    },
+                    true,
+                )
+                .unwrap();
+                (0..500)
+                    .map(|_| {
+                        let mut esp = vec![0u8; 300];
+                        let n = crypto.seal(seq.take().unwrap(), &inner, &mut esp).unwrap();
+                        esp.truncate(n);
+                        esp
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let packets: Vec<Vec<u8>> = senders
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert_eq!(packets.len(), 1000);
+    // Two receivers over the same packets twice: each packet accepted exactly once.
+    let window = Arc::new(Mutex::new(ReplayWindow::new(4096, true).unwrap()));
+    let packets = Arc::new(packets);
+    let receivers: Vec<_> = (0..2)
+        .map(|_| {
+            let (window, packets, ek, inner) = (
+                Arc::clone(&window),
+                Arc::clone(&packets),
+                ek.clone(),
+                inner.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut crypto = EspCrypto::new(
+                    &c,
+                    SaKeys {
+                        enc: &ek,
+                        integ: &[],
+                    },
+                    false,
+                )
+                .unwrap();
+                let mut out = vec![0u8; 300];
+                let mut ok = 0;
+                for p in packets.iter() {
+                    let h = crypto.check_shape(p).unwrap();
+                    let Ok(s) = window.lock().unwrap().check(h.seq) else {
+                        continue;
+                    };
+                    let len = crypto.open(p, s, &mut out).unwrap();
+                    if !window.lock().unwrap().accept(s) {
+                        continue; // the other thread won the race
+                    }
+                    let (n, nh) = decode_payload(&out[..len]).unwrap();
+                    assert_eq!((&out[..n], nh), (&inner[..], 4));
+                    ok += 1;
+                }
+                ok
+            })
+        })
+        .collect();
+    let total: usize = receivers.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(total, 1000);
+    // Wrong direction is refused.
+    let mut crypto = EspCrypto::new(
+        &c,
+        SaKeys {
+            enc: &ek,
+            integ: &[],
+        },
+        false,
+    )
+    .unwrap();
+    let mut out = vec![0u8; 300];
+    assert!(matches!(
+        crypto.seal(1, &inner, &mut out),
+        Err(EspError::Config(_))
+    ));
 }

@@ -2,6 +2,7 @@
 //! sequence-number blocks for crash safety and HA takeover.
 
 use crate::error::{EspError, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Without ESN, ask for a rekey when this many numbers are left (2^20 packets ahead of the
 /// 2^32 limit: minutes at 10 Gbit/s, enough for a CREATE_CHILD_SA exchange).
@@ -152,6 +153,74 @@ impl OutboundSeq {
     }
 }
 
+/// The outbound counter of one SA shared by several worker threads (each with its own
+/// [`crate::EspCrypto`]). Lock-free: one compare-and-swap per packet. Numbers are unique and
+/// never cycle; with a lease, numbers at or above the granted mark are refused until
+/// [`AtomicSeq::grant`] raises it (the control thread owns the [`SeqLease`] bookkeeping and
+/// calls `grant` after persisting).
+#[derive(Debug)]
+pub struct AtomicSeq {
+    next: AtomicU64,
+    last: u64,
+    soft_at: u64,
+    granted: AtomicU64,
+}
+
+impl AtomicSeq {
+    /// Start at `first` (>= 1). `granted`: the persisted lease mark, or `None` without a
+    /// lease. With ESN the last usable number is 2^64 - 2 (one below the 64-bit limit, so
+    /// the counter itself cannot overflow).
+    pub fn new(first: u64, esn: bool, granted: Option<u64>) -> Result<Self> {
+        if first == 0 {
+            return Err(EspError::Config("sequence numbers start at 1"));
+        }
+        let (last, margin) = if esn {
+            (u64::MAX - 1, SEQ_SOFT_MARGIN_64)
+        } else {
+            (u64::from(u32::MAX), SEQ_SOFT_MARGIN_32)
+        };
+        Ok(AtomicSeq {
+            next: AtomicU64::new(first),
+            last,
+            soft_at: last - margin + 1,
+            granted: AtomicU64::new(granted.unwrap_or(u64::MAX)),
+        })
+    }
+
+    /// Take the next number, or refuse ([`EspError::SeqExhausted`],
+    /// [`EspError::LeaseExhausted`]).
+    #[inline]
+    pub fn take(&self) -> Result<u64> {
+        let last = self.last;
+        let granted = self.granted.load(Ordering::Acquire);
+        match self
+            .next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n <= last && n < granted).then(|| n + 1)
+            }) {
+            Ok(seq) => Ok(seq),
+            Err(n) if n > last => Err(EspError::SeqExhausted),
+            Err(_) => Err(EspError::LeaseExhausted),
+        }
+    }
+
+    /// Next number to be handed out.
+    pub fn next(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// A lease mark has been persisted: numbers below `hw` may be used.
+    pub fn grant(&self, hw: u64) {
+        self.granted.fetch_max(hw, Ordering::Release);
+    }
+
+    /// (soft reached, hard reached), as for lifetime polling.
+    pub fn state(&self) -> (bool, bool) {
+        let n = self.next();
+        (n >= self.soft_at, n > self.last)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +295,51 @@ mod tests {
         s.lease_mut().unwrap().persisted(hw);
         assert_eq!(s.take(), Ok(201));
         assert!(SeqLease::new(1, 0).is_err());
+    }
+}
+
+#[cfg(test)]
+mod atomic_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn unique_across_threads() {
+        let seq = Arc::new(AtomicSeq::new(1, false, None).unwrap());
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let s = Arc::clone(&seq);
+                std::thread::spawn(move || (0..5000).map(|_| s.take().unwrap()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut all: Vec<u64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all, (1..=20_000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn limits_and_lease() {
+        let s = AtomicSeq::new(u64::from(u32::MAX), false, None).unwrap();
+        assert_eq!(s.state(), (true, false));
+        assert_eq!(s.take(), Ok(u64::from(u32::MAX)));
+        assert_eq!(s.take(), Err(EspError::SeqExhausted));
+        assert_eq!(s.state(), (true, true));
+
+        let s = AtomicSeq::new(10, false, Some(12)).unwrap();
+        assert_eq!(s.take(), Ok(10));
+        assert_eq!(s.take(), Ok(11));
+        assert_eq!(s.take(), Err(EspError::LeaseExhausted));
+        s.grant(11); // lower marks never shrink the grant
+        assert_eq!(s.take(), Err(EspError::LeaseExhausted));
+        s.grant(20);
+        assert_eq!(s.take(), Ok(12));
+
+        let s = AtomicSeq::new(u64::MAX - 1, true, None).unwrap();
+        assert_eq!(s.take(), Ok(u64::MAX - 1));
+        assert_eq!(s.take(), Err(EspError::SeqExhausted));
+        assert!(AtomicSeq::new(0, true, None).is_err());
     }
 }
