@@ -1,2 +1,510 @@
-//! vpnctl: the Haven operator CLI.
-fn main() {}
+//! `vpnctl`: the operator's view of a Haven gateway.
+//!
+//! Talks to each daemon's control socket in the run-dir (`<run-dir>/ctl/<daemon>.sock`).
+//! Every view prints a FortiOS-style text form by default and JSON with `--json`.
+//! Exit codes: 0 success, 1 the request failed or a check found errors, 2 usage error,
+//! 3 a daemon needed for the answer is not running.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bus_schema::{ctl_call, CtlClient, CtlReply, CtlRequest, DaemonKind};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(name = "vpnctl", version, about = "Operate a Haven IPsec gateway")]
+struct Cli {
+    /// Run-dir of the daemons (their bus and control sockets).
+    #[arg(long, global = true, default_value = "/run/haven")]
+    run_dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long to wait for a daemon's answer, in milliseconds.
+    #[arg(long, global = true, default_value_t = 2000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// One line per daemon: up/down, pid, boot id, uptime, bus sequence.
+    Status,
+    /// Check or reload the configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Live debug output of one daemon.
+    Debug {
+        #[command(subcommand)]
+        cmd: DebugCmd,
+    },
+    /// FortiOS-style diagnose commands.
+    Diagnose {
+        #[command(subcommand)]
+        cmd: DiagnoseCmd,
+    },
+    /// Raw state: a daemon's published snapshot, or its replicas of the daemons it follows.
+    Show {
+        #[command(subcommand)]
+        cmd: ShowCmd,
+    },
+    /// Set a daemon's log level at run time.
+    LogLevel { daemon: String, level: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Validate a configuration file without starting anything: warnings exit 0, errors exit 1.
+    Check { file: PathBuf },
+    /// Ask every running daemon to reload its configuration (a file that fails validation changes nothing).
+    Reload,
+}
+
+#[derive(Subcommand, Debug)]
+enum DebugCmd {
+    /// Stream a daemon's debug lines until interrupted; its level is raised only while attached.
+    Attach {
+        /// ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp).
+        daemon: String,
+        #[arg(long, default_value = "debug", allow_hyphen_values = true)]
+        level: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiagnoseCmd {
+    Debug {
+        #[command(subcommand)]
+        cmd: DiagDebugCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiagDebugCmd {
+    /// Select an application and level, e.g. `application ike -1`.
+    Application {
+        /// ike, dpd, ha or esp.
+        app: String,
+        #[arg(allow_hyphen_values = true)]
+        level: String,
+    },
+    /// Stream the selected applications' debug output until interrupted.
+    Enable,
+    /// Forget the selected applications.
+    Disable,
+    /// Forget the selected applications.
+    Reset,
+}
+
+#[derive(Subcommand, Debug)]
+enum ShowCmd {
+    /// The state a daemon publishes, as its snapshot.
+    Snapshot { daemon: String },
+    /// What a daemon knows of the daemons it follows (boot, seq, synced, digest).
+    Replicas { daemon: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vpnctl: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vpnctl: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+fn daemon_arg(s: &str) -> Result<DaemonKind, Failure> {
+    let k = DaemonKind::from_name(s).or_else(|| {
+        DaemonKind::DAEMONS
+            .iter()
+            .copied()
+            .find(|k| k.debug_app() == s)
+    });
+    match k {
+        Some(k) if k != DaemonKind::Vpnctl => Ok(k),
+        _ => Err(fail(
+            2,
+            format!("unknown daemon {s:?}: expected ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp)"),
+        )),
+    }
+}
+
+async fn call(cli: &Cli, kind: DaemonKind, req: CtlRequest) -> Result<CtlReply, Failure> {
+    match ctl_call(
+        &cli.run_dir,
+        kind,
+        &req,
+        Duration::from_millis(cli.timeout_ms),
+    )
+    .await
+    {
+        Ok(CtlReply::Error { message }) => Err(fail(1, format!("{}: {message}", kind.name()))),
+        Ok(r) => Ok(r),
+        Err(e) => Err(fail(
+            3,
+            format!(
+                "{} is not answering on {} ({e}); is it running? (supervisorctl status, or start it with --run-dir {})",
+                kind.name(),
+                bus_schema::ctl_endpoint(&cli.run_dir, kind),
+                cli.run_dir.display()
+            ),
+        )),
+    }
+}
+
+fn print_json(v: &Value) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("vpnctl: cannot print JSON: {e}"),
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    match &cli.cmd {
+        Cmd::Status => status(&cli).await,
+        Cmd::Config { cmd } => match cmd {
+            ConfigCmd::Check { file } => config_check(&cli, file),
+            ConfigCmd::Reload => config_reload(&cli).await,
+        },
+        Cmd::Debug {
+            cmd: DebugCmd::Attach { daemon, level },
+        } => {
+            let kind = daemon_arg(daemon)?;
+            stream_debug(&cli, vec![(kind, level.clone())]).await
+        }
+        Cmd::Diagnose {
+            cmd: DiagnoseCmd::Debug { cmd },
+        } => diagnose_debug(&cli, cmd).await,
+        Cmd::Show { cmd } => {
+            let v = match cmd {
+                ShowCmd::Snapshot { daemon } => {
+                    match call(&cli, daemon_arg(daemon)?, CtlRequest::Snapshot).await? {
+                        CtlReply::Snapshot(s) => json!({
+                            "src": s.src.name(), "boot": format!("{:032x}", s.boot), "seq": s.seq,
+                            "items": s.items,
+                        }),
+                        other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+                    }
+                }
+                ShowCmd::Replicas { daemon } => {
+                    match call(&cli, daemon_arg(daemon)?, CtlRequest::Replicas).await? {
+                        CtlReply::Replicas(reps) => Value::Array(
+                            reps.iter()
+                                .map(|r| {
+                                    json!({
+                                        "src": r.src.name(),
+                                        "boot": r.boot.map(|b| format!("{b:032x}")),
+                                        "seq": r.seq, "synced": r.synced, "items": r.items,
+                                        "digest": format!("{:016x}", r.digest),
+                                    })
+                                })
+                                .collect(),
+                        ),
+                        other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+                    }
+                }
+            };
+            print_json(&v);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::LogLevel { daemon, level } => {
+            let kind = daemon_arg(daemon)?;
+            call(
+                &cli,
+                kind,
+                CtlRequest::SetLogLevel {
+                    level: level.clone(),
+                },
+            )
+            .await?;
+            if !cli.json {
+                println!("{}: log level set to {level}", kind.name());
+            } else {
+                print_json(&json!({"daemon": kind.name(), "level": level}));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn status(cli: &Cli) -> Result<ExitCode, Failure> {
+    let mut rows = Vec::new();
+    for kind in DaemonKind::DAEMONS {
+        let r = ctl_call(
+            &cli.run_dir,
+            kind,
+            &CtlRequest::Status,
+            Duration::from_millis(cli.timeout_ms.min(1000)),
+        )
+        .await;
+        rows.push(match r {
+            Ok(CtlReply::Status(s)) => json!({
+                "daemon": kind.name(), "state": "up", "pid": s.pid,
+                "boot": format!("{:032x}", s.boot), "uptime_ms": s.uptime_ms,
+                "seq": s.seq, "log_level": s.log_level, "version": s.version,
+                "config": s.config_path,
+            }),
+            Ok(other) => json!({"daemon": kind.name(), "state": "error",
+                                "error": format!("unexpected reply {other:?}")}),
+            Err(e) => json!({"daemon": kind.name(), "state": "down", "error": e.to_string()}),
+        });
+    }
+    let all_up = rows.iter().all(|r| r["state"] == "up");
+    if cli.json {
+        print_json(&Value::Array(rows));
+    } else {
+        for r in &rows {
+            if r["state"] == "up" {
+                let up = r["uptime_ms"].as_u64().unwrap_or(0) / 1000;
+                println!(
+                    "{:<8} up    pid={:<7} boot={} uptime={}s seq={}",
+                    r["daemon"].as_str().unwrap_or(""),
+                    r["pid"],
+                    &r["boot"].as_str().unwrap_or("")
+                        [..16.min(r["boot"].as_str().unwrap_or("").len())],
+                    up,
+                    r["seq"]
+                );
+            } else {
+                println!(
+                    "{:<8} {:<5} {}",
+                    r["daemon"].as_str().unwrap_or(""),
+                    r["state"].as_str().unwrap_or(""),
+                    r["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(if all_up {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+fn config_check(cli: &Cli, file: &Path) -> Result<ExitCode, Failure> {
+    let (code, text) = haven_config::check_report(file);
+    if cli.json {
+        print_json(&json!({"file": file.display().to_string(), "ok": code == 0, "report": text}));
+    } else if !text.is_empty() {
+        if code == 0 {
+            print!("{text}");
+        } else {
+            eprint!("{text}");
+        }
+    }
+    Ok(ExitCode::from(code as u8))
+}
+
+async fn config_reload(cli: &Cli) -> Result<ExitCode, Failure> {
+    let mut failed = false;
+    let mut out = Vec::new();
+    for kind in DaemonKind::DAEMONS {
+        match call(cli, kind, CtlRequest::ReloadConfig).await {
+            Ok(CtlReply::Reloaded { warnings }) => {
+                out.push(json!({"daemon": kind.name(), "reloaded": true, "warnings": warnings}))
+            }
+            Ok(other) => {
+                failed = true;
+                out.push(json!({"daemon": kind.name(), "reloaded": false, "error": format!("unexpected reply {other:?}")}))
+            }
+            Err(e) => {
+                failed = true;
+                out.push(json!({"daemon": kind.name(), "reloaded": false, "error": e.message}))
+            }
+        }
+    }
+    if cli.json {
+        print_json(&Value::Array(out));
+    } else {
+        for r in &out {
+            if r["reloaded"] == true {
+                println!(
+                    "{}: reloaded ({} warnings)",
+                    r["daemon"].as_str().unwrap_or(""),
+                    r["warnings"].as_array().map(|a| a.len()).unwrap_or(0)
+                );
+            } else {
+                println!(
+                    "{}: not reloaded: {}",
+                    r["daemon"].as_str().unwrap_or(""),
+                    r["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn debug_selection_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("vpnctl-debug.json")
+}
+
+async fn diagnose_debug(cli: &Cli, cmd: &DiagDebugCmd) -> Result<ExitCode, Failure> {
+    let path = debug_selection_path(&cli.run_dir);
+    let mut sel: serde_json::Map<String, Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    match cmd {
+        DiagDebugCmd::Application { app, level } => {
+            let kind = daemon_arg(app)?;
+            if let Err(e) = haven_level_check(level) {
+                return Err(fail(2, e));
+            }
+            sel.insert(kind.debug_app().to_string(), Value::String(level.clone()));
+            std::fs::write(&path, Value::Object(sel).to_string()).map_err(|e| {
+                fail(
+                    1,
+                    format!("cannot save selection in {}: {e}", path.display()),
+                )
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DiagDebugCmd::Disable | DiagDebugCmd::Reset => {
+            let _ = std::fs::remove_file(&path);
+            Ok(ExitCode::SUCCESS)
+        }
+        DiagDebugCmd::Enable => {
+            if sel.is_empty() {
+                return Err(fail(
+                    2,
+                    "no application selected: run `vpnctl diagnose debug application ike -1` first",
+                ));
+            }
+            let mut targets = Vec::new();
+            for (app, level) in sel {
+                let kind = daemon_arg(&app)?;
+                targets.push((kind, level.as_str().unwrap_or("debug").to_string()));
+            }
+            stream_debug(cli, targets).await
+        }
+    }
+}
+
+fn haven_level_check(level: &str) -> Result<(), String> {
+    let l = level.trim().to_ascii_lowercase();
+    let named = [
+        "off", "none", "error", "err", "warn", "warning", "info", "debug", "trace", "all",
+    ];
+    if named.contains(&l.as_str()) || l.parse::<i32>().is_ok() {
+        Ok(())
+    } else {
+        Err(format!("invalid debug level {level:?}: expected a number (-1 for all) or error|warn|info|debug|trace"))
+    }
+}
+
+/// Attaches to each target daemon and prints its debug lines until SIGINT/SIGTERM.
+/// Re-attaches when a daemon restarts, so a session survives `kill -9` of the daemon.
+async fn stream_debug(cli: &Cli, targets: Vec<(DaemonKind, String)>) -> Result<ExitCode, Failure> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(DaemonKind, CtlReply)>(1024);
+    // Fail early, with the usual message, when a daemon is not running at all.
+    for (kind, _) in &targets {
+        call(cli, *kind, CtlRequest::Status).await?;
+    }
+    for (kind, level) in targets {
+        let tx = tx.clone();
+        let run_dir = cli.run_dir.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(mut client) = CtlClient::connect(&run_dir, kind).await {
+                    if client
+                        .send(&CtlRequest::Attach {
+                            level: level.clone(),
+                        })
+                        .await
+                        .is_ok()
+                    {
+                        let mut last_ka = tokio::time::Instant::now();
+                        let mut silent = 0;
+                        loop {
+                            if last_ka.elapsed() > Duration::from_secs(2) {
+                                if client.send(&CtlRequest::AttachKeepalive).await.is_err() {
+                                    break;
+                                }
+                                last_ka = tokio::time::Instant::now();
+                            }
+                            match client.recv(Duration::from_millis(500)).await {
+                                Ok(CtlReply::Error { message }) => {
+                                    // Keepalive refused: the daemon restarted; attach again.
+                                    let _ = tx.send((kind, CtlReply::Error { message })).await;
+                                    break;
+                                }
+                                Ok(r) => {
+                                    silent = 0;
+                                    if tx.send((kind, r)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(_) => {
+                                    silent += 1;
+                                    if silent > 10 {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    drop(tx);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| fail(1, format!("signal handler: {e}")))?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            m = rx.recv() => match m {
+                Some((kind, CtlReply::DebugLine { ts_ns, level, line })) => {
+                    if cli.json {
+                        println!("{}", json!({"daemon": kind.name(), "ts_ns": ts_ns, "level": level, "line": line}));
+                    } else {
+                        println!("{line}");
+                    }
+                }
+                Some((kind, CtlReply::Error { message })) => {
+                    eprintln!("vpnctl: {}: {message}; re-attaching", kind.name());
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

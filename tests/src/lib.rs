@@ -2,5 +2,6 @@
 //! strongSwan as a reference peer, and launching Haven's own daemons. The suites live in `tests/tests/`.
 //! This crate holds no product code.
 
+pub mod daemons;
 pub mod netns;
 pub mod strongswan;

@@ -223,7 +223,12 @@ mod tests {
             seen |= decapsulate_and_classify(seed);
             udp_classify_round_trip(seed);
         }
-        for i in 0..6000 {
+        // ESP_FUZZ_ITERS raises the count for a longer one-off run.
+        let iters = std::env::var("ESP_FUZZ_ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(6000);
+        for i in 0..iters {
             let seed = &corpus[i % corpus.len()];
             let m = mutate(seed, &mut rng);
             seen |= decapsulate_and_classify(&m);

@@ -1,0 +1,311 @@
+//! Logging with a runtime-adjustable level and live debug attach.
+//!
+//! Every daemon logs through `tracing`. [`LogHub`] is a `tracing_subscriber` layer that
+//! formats each event once into a FortiOS-style debug line (`ike 0:vpn1_1: sent …`) and
+//! hands it to two sinks: stderr when the event passes the daemon's own level, and every
+//! attached debug session (`vpnctl debug attach`) whose level it passes. The effective
+//! level is the most verbose of the two, so the daemon only formats debug lines while
+//! someone is attached at that level. Attach sinks are bounded queues: a slow reader loses
+//! lines (counted) rather than slowing the daemon.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::Layer;
+
+/// Log verbosity, ordered from quietest to most verbose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum LogLevel {
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+impl LogLevel {
+    /// Parses a level name (`error`, `warn`, `info`, `debug`, `trace`, `off`) or a FortiOS
+    /// debug level number (`-1` is everything, `0` is off, 1..=255 scale from error to trace).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        let level = match lower.as_str() {
+            "off" | "none" | "0" => LogLevel::Off,
+            "error" | "err" => LogLevel::Error,
+            "warn" | "warning" => LogLevel::Warn,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" | "all" | "-1" => LogLevel::Trace,
+            other => match other.parse::<i32>() {
+                Ok(n) if n < 0 => LogLevel::Trace,
+                Ok(n) if n <= 1 => LogLevel::Error,
+                Ok(n) if n <= 7 => LogLevel::Info,
+                Ok(n) if n <= 63 => LogLevel::Debug,
+                Ok(_) => LogLevel::Trace,
+                Err(_) => {
+                    return Err(format!(
+                        "invalid log level {s:?}: expected off, error, warn, info, debug, trace or a FortiOS level number (-1 for all)"
+                    ))
+                }
+            },
+        };
+        Ok(level)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LogLevel::Off => "off",
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => LogLevel::Off,
+            1 => LogLevel::Error,
+            2 => LogLevel::Warn,
+            3 => LogLevel::Info,
+            4 => LogLevel::Debug,
+            _ => LogLevel::Trace,
+        }
+    }
+
+    fn of(level: &Level) -> Self {
+        match *level {
+            Level::ERROR => LogLevel::Error,
+            Level::WARN => LogLevel::Warn,
+            Level::INFO => LogLevel::Info,
+            Level::DEBUG => LogLevel::Debug,
+            Level::TRACE => LogLevel::Trace,
+        }
+    }
+}
+
+/// One formatted debug line as delivered to attached sessions.
+#[derive(Clone, Debug)]
+pub struct DebugLine {
+    pub ts_ns: u64,
+    pub level: LogLevel,
+    pub line: String,
+}
+
+struct Attachment {
+    id: u64,
+    level: LogLevel,
+    tx: mpsc::Sender<DebugLine>,
+}
+
+/// Shared logging state: the daemon's own level and the attached debug sessions.
+pub struct LogHub {
+    app: &'static str,
+    base: AtomicU8,
+    effective: AtomicU8,
+    attachments: Mutex<Vec<Attachment>>,
+    next_id: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl LogHub {
+    pub fn new(app: &'static str, base: LogLevel) -> Arc<Self> {
+        Arc::new(LogHub {
+            app,
+            base: AtomicU8::new(base as u8),
+            effective: AtomicU8::new(base as u8),
+            attachments: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    pub fn base_level(&self) -> LogLevel {
+        LogLevel::from_u8(self.base.load(Ordering::Relaxed))
+    }
+
+    pub fn set_base_level(&self, level: LogLevel) {
+        self.base.store(level as u8, Ordering::Relaxed);
+        self.recompute();
+    }
+
+    /// Lines lost because an attached reader was too slow.
+    pub fn dropped_lines(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Number of debug sessions attached right now.
+    pub fn attached(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Registers a debug session; the daemon's effective level rises to `level` until
+    /// [`LogHub::detach`] is called with the returned id.
+    pub fn attach(&self, level: LogLevel, queue: usize) -> (u64, mpsc::Receiver<DebugLine>) {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().push(Attachment { id, level, tx });
+        self.recompute();
+        (id, rx)
+    }
+
+    pub fn detach(&self, id: u64) {
+        self.lock().retain(|a| a.id != id);
+        self.recompute();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Attachment>> {
+        // A poisoned lock only means another thread panicked while logging; the
+        // attachment list itself is still consistent (push/retain are atomic from our view).
+        self.attachments
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn recompute(&self) {
+        let base = self.base.load(Ordering::Relaxed);
+        let max_attached = self.lock().iter().map(|a| a.level as u8).max().unwrap_or(0);
+        self.effective
+            .store(base.max(max_attached), Ordering::Relaxed);
+    }
+
+    fn would_log(&self, level: LogLevel) -> bool {
+        level as u8 <= self.effective.load(Ordering::Relaxed)
+    }
+
+    fn deliver(&self, level: LogLevel, line: String) {
+        let ts_ns = crate::now_ns();
+        if level as u8 <= self.base.load(Ordering::Relaxed) {
+            eprintln!("{} {}", level.name(), line);
+        }
+        let mut list = self.lock();
+        list.retain(|a| !a.tx.is_closed());
+        for a in list.iter() {
+            if level <= a.level {
+                let msg = DebugLine {
+                    ts_ns,
+                    level,
+                    line: line.clone(),
+                };
+                if a.tx.try_send(msg).is_err() {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// The `tracing` layer side of a [`LogHub`].
+pub struct HubLayer(pub Arc<LogHub>);
+
+#[derive(Default)]
+struct LineVisitor {
+    message: String,
+    tunnel: Option<String>,
+    fields: String,
+}
+
+impl Visit for LineVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.message.push_str(value),
+            "tunnel" => self.tunnel = Some(value.to_string()),
+            name => {
+                let _ = write!(self.fields, " {name}={value}");
+            }
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "message" => {
+                let _ = write!(self.message, "{value:?}");
+            }
+            "tunnel" => self.tunnel = Some(format!("{value:?}").trim_matches('"').to_string()),
+            name => {
+                let _ = write!(self.fields, " {name}={value:?}");
+            }
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for HubLayer {
+    fn register_callsite(
+        &self,
+        _metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        // The level changes at run time (attach/detach): never let a callsite cache a
+        // verdict; `enabled` is one atomic load.
+        tracing::subscriber::Interest::sometimes()
+    }
+
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _ctx: Context<'_, S>) -> bool {
+        self.0.would_log(LogLevel::of(metadata.level()))
+    }
+
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let level = LogLevel::of(event.metadata().level());
+        if !self.0.would_log(level) {
+            return;
+        }
+        let mut v = LineVisitor::default();
+        event.record(&mut v);
+        // FortiOS debug style: "<app> <vdom>:<tunnel>: <message>".
+        let line = match v.tunnel {
+            Some(t) => format!("{} 0:{}: {}{}", self.0.app, t, v.message, v.fields),
+            None => format!("{} 0: {}{}", self.0.app, v.message, v.fields),
+        };
+        self.0.deliver(level, line);
+    }
+}
+
+/// Installs the hub as the global `tracing` subscriber. Returns false if one was already set.
+pub fn install(hub: Arc<LogHub>) -> bool {
+    use tracing_subscriber::layer::SubscriberExt;
+    let subscriber = tracing_subscriber::registry().with(HubLayer(hub));
+    tracing::subscriber::set_global_default(subscriber).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_fortios_numbers() {
+        assert_eq!(LogLevel::parse("-1").unwrap(), LogLevel::Trace);
+        assert_eq!(LogLevel::parse("debug").unwrap(), LogLevel::Debug);
+        assert_eq!(LogLevel::parse("0").unwrap(), LogLevel::Off);
+        assert_eq!(LogLevel::parse("255").unwrap(), LogLevel::Trace);
+        assert!(LogLevel::parse("loud").is_err());
+    }
+
+    #[test]
+    fn attach_raises_and_detach_restores_level() {
+        let hub = LogHub::new("ike", LogLevel::Info);
+        assert!(!hub.would_log(LogLevel::Debug));
+        let (id, mut rx) = hub.attach(LogLevel::Trace, 4);
+        assert!(hub.would_log(LogLevel::Trace));
+        hub.deliver(LogLevel::Debug, "ike 0: hello".into());
+        assert_eq!(rx.try_recv().unwrap().line, "ike 0: hello");
+        hub.detach(id);
+        assert!(!hub.would_log(LogLevel::Debug));
+        assert_eq!(hub.attached(), 0);
+    }
+
+    #[test]
+    fn slow_reader_loses_lines_not_the_daemon() {
+        let hub = LogHub::new("esp", LogLevel::Off);
+        let (_id, _rx) = hub.attach(LogLevel::Trace, 2);
+        for i in 0..10 {
+            hub.deliver(LogLevel::Debug, format!("line {i}"));
+        }
+        assert_eq!(hub.dropped_lines(), 8);
+    }
+}

@@ -1,0 +1,703 @@
+//! The runtime wiring of a daemon: actix actor around the logic, bus tasks, control socket.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bus_schema::{
+    ctl_call, Body, BusPublisher, BusSubscriber, CtlReply, CtlRequest, CtlServer, DaemonKind,
+    DaemonStatus, Follower, Owner, ReplicaInfo, Snapshot, StateStore,
+};
+use clap::{CommandFactory, FromArgMatches, Parser};
+use haven_config::Config;
+use tokio::sync::mpsc;
+
+use crate::logging::{self, LogHub, LogLevel};
+use crate::now_ns;
+use crate::telemetry::{BusMetrics, ProcessMetrics};
+
+/// Command line shared by every daemon.
+#[derive(Parser, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Gateway configuration file (FortiOS CLI syntax).
+    #[arg(long, default_value = "/etc/haven/haven.conf")]
+    pub config: PathBuf,
+    /// Directory for the bus and control sockets; created with mode 0700.
+    #[arg(long, default_value = "/run/haven")]
+    pub run_dir: PathBuf,
+    /// Address of the Prometheus /metrics listener (defaults: ikemgr 127.0.0.1:9701,
+    /// dpdmon :9702, hasyncd :9703, espd :9704).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log level on stderr: off, error, warn, info, debug, trace (or a FortiOS number, -1 = all).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+/// What a daemon publishes: bodies pushed here are stamped and sent on its bus socket.
+pub type Outbox = Vec<Body>;
+
+/// A daemon's own behaviour, driven by the shell's actor. Sans-IO: every input arrives
+/// as a call, every output is a body pushed to the outbox.
+pub trait DaemonLogic: Sized + Unpin + 'static {
+    /// Which daemon this is.
+    const KIND: DaemonKind;
+    /// The daemons whose published state this one follows (Clone pattern).
+    const FOLLOWS: &'static [DaemonKind];
+
+    /// Builds the logic from the first valid configuration.
+    fn new(config: &Config) -> Self;
+    /// Applies a (re)loaded, already validated configuration.
+    fn on_config(&mut self, config: &Config, out: &mut Outbox);
+    /// A followed daemon's state changed (an update or a snapshot was applied).
+    fn on_replica(&mut self, _src: DaemonKind, _store: &StateStore, _out: &mut Outbox) {}
+    /// Answers a named view for `vpnctl`.
+    fn view(&self, name: &str, args: &[String]) -> Result<serde_json::Value, String>;
+    /// Carries out a named command from `vpnctl`.
+    fn command(
+        &mut self,
+        name: &str,
+        _args: &[String],
+        _out: &mut Outbox,
+    ) -> Result<serde_json::Value, String> {
+        Err(format!("unknown command {name:?}"))
+    }
+    /// Called once a second with the current time.
+    fn tick(&mut self, _now_ns: u64, _out: &mut Outbox) {}
+}
+
+/// Publishes the difference between two keyed views: a `put` for every new or changed
+/// entry and a `del` for every entry that disappeared.
+pub fn diff_keyed<T: PartialEq + Clone>(
+    old: &BTreeMap<String, T>,
+    new: &BTreeMap<String, T>,
+    put: impl Fn(String, T) -> Body,
+    del: impl Fn(String) -> Body,
+    out: &mut Outbox,
+) {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            out.push(put(k.clone(), v.clone()));
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.push(del(k.clone()));
+        }
+    }
+}
+
+fn default_metrics_port(kind: DaemonKind) -> u16 {
+    match kind {
+        DaemonKind::Ikemgr => 9701,
+        DaemonKind::Dpdmon => 9702,
+        DaemonKind::Hasyncd => 9703,
+        DaemonKind::Espd => 9704,
+        DaemonKind::Vpnctl => 9700,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The actor: a thin shell that owns the logic.
+
+struct Core<L: DaemonLogic> {
+    logic: L,
+    out: mpsc::UnboundedSender<Body>,
+}
+
+impl<L: DaemonLogic> Core<L> {
+    fn flush(&self, outbox: Outbox) {
+        for body in outbox {
+            // The publisher task lives as long as the system; a send error means we are
+            // shutting down and the body has nowhere to go.
+            let _ = self.out.send(body);
+        }
+    }
+}
+
+impl<L: DaemonLogic> Actor for Core<L> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(Duration::from_secs(1), |act, _ctx| {
+            let mut out = Vec::new();
+            act.logic.tick(now_ns(), &mut out);
+            act.flush(out);
+        });
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ApplyConfig(Arc<Config>);
+
+impl<L: DaemonLogic> Handler<ApplyConfig> for Core<L> {
+    type Result = ();
+    fn handle(&mut self, msg: ApplyConfig, _: &mut Self::Context) {
+        let mut out = Vec::new();
+        self.logic.on_config(&msg.0, &mut out);
+        self.flush(out);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ReplicaChanged {
+    src: DaemonKind,
+    store: StateStore,
+}
+
+impl<L: DaemonLogic> Handler<ReplicaChanged> for Core<L> {
+    type Result = ();
+    fn handle(&mut self, msg: ReplicaChanged, _: &mut Self::Context) {
+        let mut out = Vec::new();
+        self.logic.on_replica(msg.src, &msg.store, &mut out);
+        self.flush(out);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<serde_json::Value, String>")]
+struct ViewOrCommand {
+    command: bool,
+    name: String,
+    args: Vec<String>,
+}
+
+impl<L: DaemonLogic> Handler<ViewOrCommand> for Core<L> {
+    type Result = Result<serde_json::Value, String>;
+    fn handle(&mut self, msg: ViewOrCommand, _: &mut Self::Context) -> Self::Result {
+        if msg.command {
+            let mut out = Vec::new();
+            let r = self.logic.command(&msg.name, &msg.args, &mut out);
+            self.flush(out);
+            r
+        } else {
+            self.logic.view(&msg.name, &msg.args)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared state between the tasks of one daemon.
+
+struct Shared<L: DaemonLogic> {
+    kind: DaemonKind,
+    run_dir: PathBuf,
+    config_path: PathBuf,
+    started: Instant,
+    owner: Mutex<Owner>,
+    replicas: Mutex<BTreeMap<DaemonKind, ReplicaInfo>>,
+    hub: Arc<LogHub>,
+    bus: BusMetrics,
+    core: Addr<Core<L>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoning only follows a panic in another task; the data is still the last
+    // consistent value written under the lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<L: DaemonLogic> Shared<L> {
+    /// Reloads the configuration: on any error nothing changes.
+    fn reload(&self) -> Result<Vec<String>, String> {
+        let parsed = load_config(&self.config_path)?;
+        let warnings: Vec<String> = parsed.1;
+        self.core.do_send(ApplyConfig(Arc::new(parsed.0)));
+        tracing::info!(
+            "configuration reloaded from {} ({} warnings)",
+            self.config_path.display(),
+            warnings.len()
+        );
+        Ok(warnings)
+    }
+
+    fn status(&self) -> DaemonStatus {
+        let owner = lock(&self.owner);
+        DaemonStatus {
+            kind: self.kind,
+            pid: std::process::id(),
+            boot: owner.boot(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            seq: owner.seq(),
+            log_level: self.hub.base_level().name().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            config_path: self.config_path.display().to_string(),
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<(Config, Vec<String>), String> {
+    match haven_config::load(path) {
+        Ok(parsed) => Ok((
+            parsed.config,
+            parsed.warnings.iter().map(|w| w.to_string()).collect(),
+        )),
+        Err(e) => {
+            // One line: the first error (it names file, line and column), and how many more.
+            let more = e.errors.len().saturating_sub(1);
+            let first = e
+                .first()
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| format!("{}: invalid configuration", path.display()));
+            Err(if more > 0 {
+                format!(
+                    "{first} (and {more} more errors: vpnctl config check {})",
+                    path.display()
+                )
+            } else {
+                first
+            })
+        }
+    }
+}
+
+fn prepare_run_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("run-dir {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("run-dir {}: cannot set mode 0700: {e}", dir.display()))?;
+    for sub in ["bus", "ctl"] {
+        let p = dir.join(sub);
+        std::fs::create_dir_all(&p).map_err(|e| format!("run-dir {}: {e}", p.display()))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("run-dir {}: cannot set mode 0700: {e}", p.display()))?;
+    }
+    let probe = dir.join(format!(".probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .map_err(|e| format!("run-dir {} is not writable: {e}", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+fn fatal(kind: DaemonKind, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("{}: fatal: {}", kind.name(), msg);
+    ExitCode::from(1)
+}
+
+/// Runs a daemon until SIGTERM/SIGINT. Returns the process exit code: 0 on a clean stop,
+/// 1 with a one-line reason on stderr for a fatal startup problem.
+pub fn run<L: DaemonLogic>() -> ExitCode {
+    let kind = L::KIND;
+    let matches = DaemonArgs::command()
+        .name(kind.name())
+        .about(format!("Haven {} daemon", kind.name()))
+        .get_matches();
+    let args = match DaemonArgs::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    let level = match LogLevel::parse(&args.log_level) {
+        Ok(l) => l,
+        Err(e) => return fatal(kind, format!("--log-level: {e}")),
+    };
+    let (config, warnings) = match load_config(&args.config) {
+        Ok(c) => c,
+        Err(e) => return fatal(kind, e),
+    };
+    if let Err(e) = prepare_run_dir(&args.run_dir) {
+        return fatal(kind, e);
+    }
+    let hub = LogHub::new(kind.debug_app(), level);
+    logging::install(hub.clone());
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let metrics_addr = args
+        .metrics_listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], default_metrics_port(kind))));
+
+    let system = actix::System::new();
+    let result: Result<(), String> =
+        system.block_on(async move { start::<L>(args, config, hub, metrics_addr).await });
+    if let Err(e) = result {
+        return fatal(kind, e);
+    }
+    if let Err(e) = system.run() {
+        return fatal(kind, format!("runtime: {e}"));
+    }
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn start<L: DaemonLogic>(
+    args: DaemonArgs,
+    config: Config,
+    hub: Arc<LogHub>,
+    metrics_addr: SocketAddr,
+) -> Result<(), String> {
+    let kind = L::KIND;
+    // Refuse to run twice on one run-dir: a live owner of the control socket answers.
+    if let Ok(CtlReply::Status(st)) = ctl_call(
+        &args.run_dir,
+        kind,
+        &CtlRequest::Status,
+        Duration::from_millis(300),
+    )
+    .await
+    {
+        return Err(format!(
+            "another {} (pid {}) is already running on run-dir {}",
+            kind.name(),
+            st.pid,
+            args.run_dir.display()
+        ));
+    }
+    crate::telemetry::install_exporter(metrics_addr)?;
+    let bus = BusMetrics::new(kind.name());
+    let mut procm = ProcessMetrics::new(kind.name());
+
+    let publisher = BusPublisher::bind(&args.run_dir, kind)
+        .await
+        .map_err(|e| format!("bus socket in {}: {e}", args.run_dir.display()))?;
+    let ctl = CtlServer::bind(&args.run_dir, kind)
+        .await
+        .map_err(|e| format!("control socket in {}: {e}", args.run_dir.display()))?;
+
+    let boot = bus_schema::new_boot_id().map_err(|e| format!("boot id: {e}"))?;
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let logic = L::new(&config);
+    let core = Core { logic, out: out_tx }.start();
+    core.do_send(ApplyConfig(Arc::new(config)));
+
+    let shared = Arc::new(Shared::<L> {
+        kind,
+        run_dir: args.run_dir.clone(),
+        config_path: args.config.clone(),
+        started: Instant::now(),
+        owner: Mutex::new(Owner::new(kind, boot)),
+        replicas: Mutex::new(BTreeMap::new()),
+        hub: hub.clone(),
+        bus,
+        core,
+    });
+
+    actix_rt::spawn(publish_task(shared.clone(), publisher, out_rx));
+    actix_rt::spawn(ctl_task(shared.clone(), ctl));
+    if !L::FOLLOWS.is_empty() {
+        actix_rt::spawn(follow_task(shared.clone()));
+    }
+    {
+        let hub = hub.clone();
+        actix_rt::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                iv.tick().await;
+                procm.refresh(&hub);
+            }
+        });
+    }
+    actix_rt::spawn(signal_task(shared.clone()));
+    tracing::info!(
+        "started pid={} run-dir={} metrics={} boot={:032x}",
+        std::process::id(),
+        args.run_dir.display(),
+        metrics_addr,
+        boot
+    );
+    Ok(())
+}
+
+async fn signal_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Err(e) = shared.reload() {
+                    tracing::error!("reload refused, configuration unchanged: {e}");
+                }
+            }
+        }
+    }
+    tracing::info!("stopping on signal");
+    for p in [
+        bus_schema::pub_endpoint(&shared.run_dir, shared.kind),
+        bus_schema::ctl_endpoint(&shared.run_dir, shared.kind),
+    ] {
+        if let Some(path) = p.strip_prefix("ipc://") {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    System::current().stop();
+}
+
+async fn publish_task<L: DaemonLogic>(
+    shared: Arc<Shared<L>>,
+    mut publisher: BusPublisher,
+    mut rx: mpsc::UnboundedReceiver<Body>,
+) {
+    let mut hb = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let body = tokio::select! {
+            b = rx.recv() => match b { Some(b) => b, None => return },
+            _ = hb.tick() => Body::Heartbeat { uptime_ms: shared.started.elapsed().as_millis() as u64 },
+        };
+        // Stamp under the lock (so snapshots are consistent with seq), send after it.
+        let env = lock(&shared.owner).stamp(body, now_ns());
+        match publisher.send(&env).await {
+            Ok(()) => shared.bus.published.increment(1),
+            Err(e) => {
+                shared.bus.send_errors.increment(1);
+                tracing::warn!("bus publish failed: {e}");
+            }
+        }
+    }
+}
+
+/// Debug sessions attached over the control socket, with their keepalive deadline.
+struct AttachState<P> {
+    sessions: HashMap<u64, (P, Instant)>,
+}
+
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn ctl_task<L: DaemonLogic>(shared: Arc<Shared<L>>, mut ctl: CtlServer) {
+    let (line_tx, mut line_rx) = mpsc::channel::<(u64, CtlReply)>(1024);
+    let mut attach = AttachState {
+        sessions: HashMap::new(),
+    };
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            req = ctl.recv() => {
+                let (peer, req) = match req {
+                    Ok(x) => x,
+                    Err(e) => {
+                        shared.bus.ctl_errors.increment(1);
+                        tracing::warn!("control socket receive failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                shared.bus.ctl_requests.increment(1);
+                let reply = match req {
+                    Err(e) => {
+                        shared.bus.decode_errors.increment(1);
+                        shared.bus.ctl_errors.increment(1);
+                        CtlReply::Error { message: format!("malformed control request: {e}") }
+                    }
+                    Ok(CtlRequest::Attach { level }) => match LogLevel::parse(&level) {
+                        Ok(level) => {
+                            let (id, mut rx) = shared.hub.attach(level, 4096);
+                            attach.sessions.retain(|_, (p, _)| p != &peer);
+                            attach.sessions.insert(id, (peer.clone(), Instant::now() + ATTACH_TIMEOUT));
+                            let tx = line_tx.clone();
+                            actix_rt::spawn(async move {
+                                while let Some(l) = rx.recv().await {
+                                    let r = CtlReply::DebugLine { ts_ns: l.ts_ns, level: l.level.name().to_string(), line: l.line };
+                                    if tx.send((id, r)).await.is_err() { break; }
+                                }
+                            });
+                            tracing::info!("debug session attached at level {}", level.name());
+                            CtlReply::Ok
+                        }
+                        Err(e) => CtlReply::Error { message: e },
+                    },
+                    Ok(CtlRequest::AttachKeepalive) => {
+                        let mut found = false;
+                        for (p, deadline) in attach.sessions.values_mut() {
+                            if p == &peer { *deadline = Instant::now() + ATTACH_TIMEOUT; found = true; }
+                        }
+                        if found { CtlReply::Ok } else { CtlReply::Error { message: "not attached".into() } }
+                    }
+                    Ok(CtlRequest::Detach) => {
+                        let ids: Vec<u64> = attach.sessions.iter().filter(|(_, (p, _))| p == &peer).map(|(id, _)| *id).collect();
+                        for id in ids { attach.sessions.remove(&id); shared.hub.detach(id); }
+                        CtlReply::Ok
+                    }
+                    Ok(other) => handle_request(&shared, other).await,
+                };
+                if matches!(reply, CtlReply::Error { .. }) {
+                    shared.bus.ctl_errors.increment(1);
+                }
+                if let Err(e) = ctl.send(&peer, &reply).await {
+                    shared.bus.send_errors.increment(1);
+                    tracing::warn!("control reply failed: {e}");
+                }
+            }
+            Some((id, line)) = line_rx.recv() => {
+                if let Some((peer, _)) = attach.sessions.get(&id) {
+                    let peer = peer.clone();
+                    if ctl.send(&peer, &line).await.is_err() {
+                        attach.sessions.remove(&id);
+                        shared.hub.detach(id);
+                    }
+                }
+            }
+            _ = sweep.tick() => {
+                let now = Instant::now();
+                let expired: Vec<u64> = attach.sessions.iter().filter(|(_, (_, d))| *d < now).map(|(id, _)| *id).collect();
+                for id in expired {
+                    attach.sessions.remove(&id);
+                    shared.hub.detach(id);
+                    tracing::info!("debug session detached (keepalive timeout)");
+                }
+            }
+        }
+    }
+}
+
+async fn handle_request<L: DaemonLogic>(shared: &Arc<Shared<L>>, req: CtlRequest) -> CtlReply {
+    match req {
+        CtlRequest::Snapshot => {
+            shared.bus.snapshots_served.increment(1);
+            CtlReply::Snapshot(lock(&shared.owner).snapshot())
+        }
+        CtlRequest::Status => CtlReply::Status(shared.status()),
+        CtlRequest::Replicas => {
+            CtlReply::Replicas(lock(&shared.replicas).values().cloned().collect())
+        }
+        CtlRequest::View { name, args } => {
+            match shared
+                .core
+                .send(ViewOrCommand {
+                    command: false,
+                    name,
+                    args,
+                })
+                .await
+            {
+                Ok(Ok(v)) => CtlReply::View(v),
+                Ok(Err(message)) => CtlReply::Error { message },
+                Err(e) => CtlReply::Error {
+                    message: format!("internal: {e}"),
+                },
+            }
+        }
+        CtlRequest::Command { name, args } => {
+            match shared
+                .core
+                .send(ViewOrCommand {
+                    command: true,
+                    name,
+                    args,
+                })
+                .await
+            {
+                Ok(Ok(v)) => CtlReply::View(v),
+                Ok(Err(message)) => CtlReply::Error { message },
+                Err(e) => CtlReply::Error {
+                    message: format!("internal: {e}"),
+                },
+            }
+        }
+        CtlRequest::SetLogLevel { level } => match LogLevel::parse(&level) {
+            Ok(l) => {
+                shared.hub.set_base_level(l);
+                CtlReply::Ok
+            }
+            Err(message) => CtlReply::Error { message },
+        },
+        CtlRequest::ReloadConfig => match shared.reload() {
+            Ok(warnings) => CtlReply::Reloaded { warnings },
+            Err(message) => {
+                tracing::error!("reload refused, configuration unchanged: {message}");
+                CtlReply::Error { message }
+            }
+        },
+        CtlRequest::Attach { .. } | CtlRequest::AttachKeepalive | CtlRequest::Detach => {
+            CtlReply::Error {
+                message: "internal: attach handled by the control task".into(),
+            }
+        }
+    }
+}
+
+async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
+    let mut sub = loop {
+        match BusSubscriber::connect(&shared.run_dir, L::FOLLOWS).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!("bus subscribe failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let mut followers: BTreeMap<DaemonKind, Follower> =
+        L::FOLLOWS.iter().map(|k| (*k, Follower::new(*k))).collect();
+    let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<(DaemonKind, Snapshot)>();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let mut changed: Option<DaemonKind> = None;
+        tokio::select! {
+            msg = sub.recv() => match msg {
+                Ok(env) => {
+                    shared.bus.received.increment(1);
+                    let src = env.src;
+                    let stateful = env.body.state_op().is_some();
+                    if let Some(f) = followers.get_mut(&src) {
+                        let gaps = |f: &Follower| f.stats().gaps + f.stats().new_boots;
+                        let before = gaps(f);
+                        let outcome = f.handle_update(env, now_ns());
+                        if gaps(f) > before {
+                            shared.bus.gaps.increment(gaps(f) - before);
+                            tracing::info!("bus {}: {:?}, fetching snapshot", src.name(), outcome);
+                        }
+                        if stateful && matches!(outcome, bus_schema::FollowOutcome::Applied) {
+                            changed = Some(src);
+                        }
+                    }
+                }
+                Err(e) => {
+                    shared.bus.decode_errors.increment(1);
+                    tracing::debug!("bus frame dropped: {e}");
+                }
+            },
+            Some((src, snap)) = snap_rx.recv() => {
+                if let Some(f) = followers.get_mut(&src) {
+                    f.handle_snapshot(snap, now_ns());
+                    shared.bus.snapshots_applied.increment(1);
+                    changed = Some(src);
+                    tracing::info!("bus {}: snapshot applied, {} items", src.name(), f.store().len());
+                }
+            }
+            _ = tick.tick() => {
+                let now = now_ns();
+                for (src, f) in followers.iter_mut() {
+                    if f.poll_snapshot_request(now) {
+                        let tx = snap_tx.clone();
+                        let run_dir = shared.run_dir.clone();
+                        let src = *src;
+                        actix_rt::spawn(async move {
+                            match ctl_call(&run_dir, src, &CtlRequest::Snapshot, Duration::from_secs(1)).await {
+                                Ok(CtlReply::Snapshot(s)) => { let _ = tx.send((src, s)); }
+                                Ok(other) => tracing::warn!("snapshot from {}: unexpected reply {other:?}", src.name()),
+                                Err(e) => tracing::debug!("snapshot from {}: {e}", src.name()),
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(src) = changed {
+            if let Some(f) = followers.get(&src) {
+                if f.synced() {
+                    shared.core.do_send(ReplicaChanged {
+                        src,
+                        store: f.store().clone(),
+                    });
+                }
+            }
+        }
+        let now = now_ns();
+        let mut reps = lock(&shared.replicas);
+        for (src, f) in &followers {
+            reps.insert(*src, f.replica_info(now));
+        }
+    }
+}
