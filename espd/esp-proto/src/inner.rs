@@ -3,6 +3,7 @@
 
 use crate::error::{EspError, Result};
 use crate::wire::{NEXT_HEADER_IPV4, NEXT_HEADER_IPV6};
+use std::net::IpAddr;
 
 /// Minimal IPv4 header (RFC 791 §3.1).
 const IPV4_MIN_HEADER: usize = 20;
@@ -56,6 +57,24 @@ fn validate_ipv6(pkt: &[u8]) -> Result<()> {
         return Err(EspError::InnerHeader);
     }
     Ok(())
+}
+
+/// Source and destination addresses of an IPv4 or IPv6 packet (for the caller's selector
+/// checks and route lookups); `None` if the header is too short or the version unknown.
+pub fn addresses(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match pkt.first()? >> 4 {
+        4 => {
+            let src: [u8; 4] = pkt.get(12..16)?.try_into().ok()?;
+            let dst: [u8; 4] = pkt.get(16..20)?.try_into().ok()?;
+            Some((IpAddr::from(src), IpAddr::from(dst)))
+        }
+        6 => {
+            let src: [u8; 16] = pkt.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
+            Some((IpAddr::from(src), IpAddr::from(dst)))
+        }
+        _ => None,
+    }
 }
 
 /// Next Header value for an outbound inner packet, from its IP version nibble.
@@ -176,6 +195,23 @@ mod tests {
         q[4..6].copy_from_slice(&1000u16.to_be_bytes());
         assert_eq!(validate_inner(41, &q), Err(EspError::InnerHeader));
         assert_eq!(validate_inner(41, &p[..39]), Err(EspError::InnerHeader));
+    }
+
+    #[test]
+    fn addresses_of_both_families() {
+        let (s, d) = addresses(&sample_ipv4(40, 1)).unwrap();
+        assert_eq!(
+            (s.to_string(), d.to_string()),
+            ("192.0.2.1".into(), "198.51.100.1".into())
+        );
+        let (s, d) = addresses(&sample_ipv6(60)).unwrap();
+        assert_eq!(
+            (s.to_string(), d.to_string()),
+            ("2001::".into(), "2001::".into())
+        );
+        assert_eq!(addresses(&sample_ipv4(40, 1)[..19]), None);
+        assert_eq!(addresses(&[0x10; 40]), None);
+        assert_eq!(addresses(&[]), None);
     }
 
     #[test]
