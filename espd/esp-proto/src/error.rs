@@ -106,11 +106,14 @@ pub enum DropReason {
     NotIp,
     /// [`EspError::Crypto`]
     Crypto,
+    /// No SA for the packet's SPI: counted by the caller (this crate never sees such a
+    /// packet), listed here so that all drop labels come from one place.
+    UnknownSpi,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Truncated,
         DropReason::Replay,
         DropReason::Auth,
@@ -125,6 +128,7 @@ impl DropReason {
         DropReason::Config,
         DropReason::NotIp,
         DropReason::Crypto,
+        DropReason::UnknownSpi,
     ];
 
     /// Position in [`DropReason::ALL`] (for per-reason counter arrays).
@@ -149,6 +153,7 @@ impl DropReason {
             DropReason::Config => "config",
             DropReason::NotIp => "not_ip",
             DropReason::Crypto => "crypto",
+            DropReason::UnknownSpi => "unknown_spi",
         }
     }
 }
