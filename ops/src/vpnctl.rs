@@ -312,17 +312,17 @@ async fn status(cli: &Cli) -> Result<ExitCode, Failure> {
 }
 
 fn config_check(cli: &Cli, file: &Path) -> Result<ExitCode, Failure> {
-    let (code, text) = haven_config::check_report(file);
+    let report = haven_config::CheckReport::run(file);
     if cli.json {
-        print_json(&json!({"file": file.display().to_string(), "ok": code == 0, "report": text}));
-    } else if !text.is_empty() {
-        if code == 0 {
-            print!("{text}");
-        } else {
-            eprint!("{text}");
-        }
+        let v = serde_json::to_value(&report)
+            .map_err(|e| fail(1, format!("cannot render report: {e}")))?;
+        print_json(&v);
+    } else if report.ok {
+        print!("{}", report.to_text());
+    } else {
+        eprint!("{}", report.to_text());
     }
-    Ok(ExitCode::from(code as u8))
+    Ok(ExitCode::from(report.exit_code() as u8))
 }
 
 async fn config_reload(cli: &Cli) -> Result<ExitCode, Failure> {
