@@ -328,9 +328,21 @@ pub(crate) const MAX_DIGEST: usize = 64;
 /// HMAC (RFC 2104) with the keyed inner and outer hash states precomputed.
 #[derive(Clone)]
 pub(crate) struct Hmac {
+    alg: Integrity,
     inner: HashState,
     outer: HashState,
     icv_len: usize,
+}
+
+impl Drop for Hmac {
+    /// Best effort without unsafe code: overwrite the keyed states (which are key-derived
+    /// secrets) with unkeyed ones; `black_box` keeps the stores from being elided.
+    fn drop(&mut self) {
+        self.inner = HashState::new(self.alg);
+        self.outer = HashState::new(self.alg);
+        std::hint::black_box(&self.inner);
+        std::hint::black_box(&self.outer);
+    }
 }
 
 impl Hmac {
@@ -371,7 +383,9 @@ impl Hmac {
         outer.update(&pad[..block]);
         k.fill(0);
         pad.fill(0);
+        std::hint::black_box((&k, &pad)); // keep the wipes
         Hmac {
+            alg,
             inner,
             outer,
             icv_len: alg.icv_len(),
