@@ -45,7 +45,7 @@
 //! assert_eq!(parsed.config.phase2_for("vpn1").count(), 1);
 //! ```
 
-#![forbid(unsafe_op_in_unsafe_fn)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod build;

@@ -78,12 +78,10 @@ impl Secret {
 
 impl Drop for Secret {
     fn drop(&mut self) {
-        for b in self.bytes.iter_mut() {
-            // SAFETY: `b` is a valid, aligned, exclusive reference into the
-            // vector; a volatile write keeps the compiler from eliding the
-            // wipe of memory that is about to be freed.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
+        self.bytes.fill(0);
+        // Keep the wipe of memory about to be freed from being optimised
+        // away (best effort, without unsafe code).
+        std::hint::black_box(&self.bytes);
     }
 }
 
