@@ -652,6 +652,10 @@ fn build_ha(ctx: &mut Ctx, b: &Block) -> Ha {
                         .filter(|v| *v <= 512)
                         .and_then(|v| u16::try_from(v).ok())
                     {
+                        Some(_) if out.iter().any(|h: &HbDev| h.interface == name.text) => {
+                            ctx.bad(name, &f.block, "hbdev", "each interface once");
+                            ok = false;
+                        }
                         Some(p) => out.push(HbDev {
                             interface: name.text.clone(),
                             priority: p,

@@ -167,6 +167,8 @@ fn multi_word_values() {
     assert_eq!(p.config.ha.unwrap().hb_interval_ms(), 50);
     let e = one_error("config system ha\n    set hbdev \"port3\" 50 \"port4\"\nend\n");
     assert_eq!((e.line, e.col), (2, 26));
+    let e = one_error("config system ha\n    set hbdev port3 50 port3 60\nend\n");
+    assert_eq!((e.line, e.col), (2, 24));
     let p = parse(&tunnel(
         "        set proposal aes128-sha1 aes256-sha256 aes256gcm-prfsha384\n        set remote-gw 192.0.2.1 192.0.2.2\n",
         "        set src-subnet 10.1.0.0/16\n        set dst-subnet 10.2.0.0 255.255.0.0\n",
