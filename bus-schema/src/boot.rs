@@ -120,6 +120,68 @@ pub mod serde_opt_u128 {
     }
 }
 
+/// `#[serde(with = "crate::boot::serde_bin")]`: a byte string (key material) as MessagePack
+/// `bin`, or lowercase hex in human-readable formats (JSON). At most [`serde_bin::MAX`] bytes.
+pub mod serde_bin {
+    use serde::{Deserializer, Serializer};
+
+    /// Longest byte string accepted (larger ones are a decode error, not an allocation).
+    pub const MAX: usize = 1024;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+            s.serialize_str(&hex)
+        } else {
+            s.serialize_bytes(v)
+        }
+    }
+
+    struct BinVisitor;
+    impl<'de> serde::de::Visitor<'de> for BinVisitor {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a byte string of at most {MAX} bytes")
+        }
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+            if v.len() > MAX {
+                return Err(E::invalid_length(v.len(), &self));
+            }
+            Ok(v.to_vec())
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            if v.len() % 2 != 0 || v.len() > 2 * MAX {
+                return Err(E::invalid_length(v.len(), &self));
+            }
+            (0..v.len())
+                .step_by(2)
+                .map(|i| {
+                    v.get(i..i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                })
+                .collect()
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element::<u8>()? {
+                if out.len() == MAX {
+                    return Err(serde::de::Error::invalid_length(out.len() + 1, &self));
+                }
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_any(BinVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,7 +74,68 @@ pub fn bodies() -> Vec<Body> {
         Body::TunnelRoleRemoved {
             tunnel: "vpn1".into(),
         },
+        Body::ChildSa(child_sa()),
+        Body::ChildSaRemoved {
+            tunnel: "vpn1_1".into(),
+            spi_in: 0xa575_b631,
+        },
+        Body::EspActivity {
+            tunnels: vec![TunnelActivity {
+                tunnel: "vpn1_1".into(),
+                last_rx_ns: TS,
+                last_tx_ns: TS + 1,
+                rx_pkts: 3,
+                tx_pkts: 4,
+                rx_bytes: 300,
+                tx_bytes: 400,
+            }],
+        },
+        Body::EspSeq {
+            sas: vec![SeqMark {
+                tunnel: "vpn1_1".into(),
+                spi_out: 0x10aa_45b0,
+                seq_hw: 10_000_001,
+            }],
+        },
+        Body::EspExpire(SaExpiry {
+            tunnel: "vpn1_1".into(),
+            spi_in: 0xa575_b631,
+            hard: false,
+            reason: "time".into(),
+        }),
     ]
+}
+
+/// The CHILD SA of seed 000's `diagnose vpn tunnel list` (vpn1_1).
+pub fn child_sa() -> ChildSaInfo {
+    ChildSaInfo {
+        tunnel: "vpn1_1".into(),
+        phase1: "vpn1".into(),
+        phase2: "vpn1".into(),
+        spi_in: 0xa575_b631,
+        spi_out: 0x10aa_45b0,
+        transform: "aes128-sha1".into(),
+        esn: false,
+        keys_in: vec![0x5d; 36],
+        keys_out: vec![0x65; 36],
+        local: "192.168.202.31".into(),
+        remote: "192.168.1.2".into(),
+        encap: EspEncap::Udp {
+            local_port: 4500,
+            remote_port: 4500,
+        },
+        local_ts: vec!["0.0.0.0/0".into()],
+        remote_ts: vec!["10.10.1.0/24".into()],
+        replay_window: 2048,
+        lifetime: SaLifetime {
+            soft_secs: 10_480,
+            hard_secs: 10_800,
+            soft_bytes: 0,
+            hard_bytes: 0,
+        },
+        initial_seq: 1,
+        outbound: true,
+    }
 }
 
 pub fn envelope(body: Body) -> Envelope {

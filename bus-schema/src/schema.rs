@@ -123,6 +123,11 @@ pub mod topic {
     pub const HA_MEMBER_REMOVED: &str = "ha.member.removed";
     pub const HA_ROLE: &str = "ha.role";
     pub const HA_ROLE_REMOVED: &str = "ha.role.removed";
+    pub const CHILD_SA: &str = "sa.child";
+    pub const CHILD_SA_REMOVED: &str = "sa.child.removed";
+    pub const ESP_ACTIVITY: &str = "esp.activity";
+    pub const ESP_SEQ: &str = "esp.seq";
+    pub const ESP_EXPIRE: &str = "esp.expire";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -137,6 +142,11 @@ pub mod topic {
         HA_MEMBER_REMOVED,
         HA_ROLE,
         HA_ROLE_REMOVED,
+        CHILD_SA,
+        CHILD_SA_REMOVED,
+        ESP_ACTIVITY,
+        ESP_SEQ,
+        ESP_EXPIRE,
     ];
 }
 
@@ -147,6 +157,7 @@ pub mod table {
     pub const ESP_TUNNEL: &str = "esp.tunnel";
     pub const HA_MEMBER: &str = "ha.member";
     pub const HA_ROLE: &str = "ha.role";
+    pub const CHILD_SA: &str = "sa.child";
 }
 
 /// Message bodies. Encoded adjacently tagged: `{"type": "<Variant>", "data": <fields>}`.
@@ -185,6 +196,22 @@ pub enum Body {
     TunnelRoleRemoved {
         tunnel: String,
     },
+    /// ikemgr: an installed CHILD SA pair, keys included (the bus is local and root-only).
+    ChildSa(ChildSaInfo),
+    ChildSaRemoved {
+        tunnel: String,
+        spi_in: u32,
+    },
+    /// espd: per-tunnel traffic since the last batch (event; only tunnels that changed).
+    EspActivity {
+        tunnels: Vec<TunnelActivity>,
+    },
+    /// espd: outbound sequence high-water marks (event; for HA sync and restarts).
+    EspSeq {
+        sas: Vec<SeqMark>,
+    },
+    /// espd: an SA reached a soft or hard lifetime (event; soft asks ikemgr to rekey).
+    EspExpire(SaExpiry),
 }
 
 /// What a body does to the replicated store.
@@ -208,6 +235,11 @@ impl Body {
         "HaMemberRemoved",
         "TunnelRole",
         "TunnelRoleRemoved",
+        "ChildSa",
+        "ChildSaRemoved",
+        "EspActivity",
+        "EspSeq",
+        "EspExpire",
     ];
 
     /// The `type` tag of this body.
@@ -224,6 +256,11 @@ impl Body {
             Body::HaMemberRemoved { .. } => "HaMemberRemoved",
             Body::TunnelRole { .. } => "TunnelRole",
             Body::TunnelRoleRemoved { .. } => "TunnelRoleRemoved",
+            Body::ChildSa(_) => "ChildSa",
+            Body::ChildSaRemoved { .. } => "ChildSaRemoved",
+            Body::EspActivity { .. } => "EspActivity",
+            Body::EspSeq { .. } => "EspSeq",
+            Body::EspExpire(_) => "EspExpire",
         }
     }
 
@@ -241,6 +278,11 @@ impl Body {
             Body::HaMemberRemoved { .. } => topic::HA_MEMBER_REMOVED,
             Body::TunnelRole { .. } => topic::HA_ROLE,
             Body::TunnelRoleRemoved { .. } => topic::HA_ROLE_REMOVED,
+            Body::ChildSa(_) => topic::CHILD_SA,
+            Body::ChildSaRemoved { .. } => topic::CHILD_SA_REMOVED,
+            Body::EspActivity { .. } => topic::ESP_ACTIVITY,
+            Body::EspSeq { .. } => topic::ESP_SEQ,
+            Body::EspExpire(_) => topic::ESP_EXPIRE,
         }
     }
 
@@ -270,6 +312,11 @@ impl Body {
             Body::HaMemberRemoved { member_id } => del(table::HA_MEMBER, &member_id.to_string()),
             Body::TunnelRole { tunnel, .. } => put(table::HA_ROLE, tunnel),
             Body::TunnelRoleRemoved { tunnel } => del(table::HA_ROLE, tunnel),
+            Body::ChildSa(c) => put(table::CHILD_SA, &ChildSaInfo::key_of(&c.tunnel, c.spi_in)),
+            Body::ChildSaRemoved { tunnel, spi_in } => {
+                del(table::CHILD_SA, &ChildSaInfo::key_of(tunnel, *spi_in))
+            }
+            Body::EspActivity { .. } | Body::EspSeq { .. } | Body::EspExpire(_) => None,
         }
     }
 }
@@ -352,6 +399,124 @@ pub struct HaMemberInfo {
     pub mode: String,
     pub role: String,
     pub peers: Vec<String>,
+}
+
+/// How ESP packets of a CHILD SA travel.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum EspEncap {
+    /// Raw IP protocol 50.
+    None,
+    /// UDP-encapsulated (RFC 3948), between these ports.
+    Udp { local_port: u16, remote_port: u16 },
+}
+
+/// Lifetimes of a CHILD SA; 0 means no limit of that kind.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SaLifetime {
+    pub soft_secs: u64,
+    pub hard_secs: u64,
+    pub soft_bytes: u64,
+    pub hard_bytes: u64,
+}
+
+/// One CHILD SA pair as ikemgr installs it into espd (`sa.child`).
+///
+/// Key material per direction is the ESP key block of RFC 7296 §2.17 for that direction:
+/// the encryption key (with the 4-byte salt at its end for AES-GCM and ChaCha20-Poly1305,
+/// RFC 4106 §8.1 / RFC 7634 §4) followed by the integrity key, if any. `transform` is the
+/// FortiOS proposal spelling understood by `esp-proto` (`aes128gcm`, `aes128-sha1`,
+/// `chacha20poly1305`…). Make-before-break: a rekeyed SA is first published with
+/// `outbound: false` (inbound only), then with `outbound: true`, then the old one removed.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct ChildSaInfo {
+    /// Tunnel instance (`vpn1`, `vpn1_1`); espd sends its traffic through the TUN device
+    /// of `phase1`.
+    pub tunnel: String,
+    pub phase1: String,
+    /// phase2-interface (proxy id) name.
+    pub phase2: String,
+    pub spi_in: u32,
+    pub spi_out: u32,
+    pub transform: String,
+    pub esn: bool,
+    #[serde(with = "crate::boot::serde_bin")]
+    pub keys_in: Vec<u8>,
+    #[serde(with = "crate::boot::serde_bin")]
+    pub keys_out: Vec<u8>,
+    /// Outer addresses (our gateway, the peer).
+    pub local: String,
+    pub remote: String,
+    pub encap: EspEncap,
+    /// Traffic selectors as CIDR prefixes (`10.0.1.0/24`, `0.0.0.0/0`).
+    pub local_ts: Vec<String>,
+    pub remote_ts: Vec<String>,
+    /// Anti-replay window in packets; 0 disables replay checking.
+    pub replay_window: u32,
+    pub lifetime: SaLifetime,
+    /// First outbound sequence number to use (1 normally; beyond the synced lease after an HA
+    /// takeover).
+    pub initial_seq: u64,
+    /// Whether espd may send with this SA (false while only the inbound half is installed).
+    pub outbound: bool,
+}
+
+impl ChildSaInfo {
+    /// Store key of a CHILD SA: `<tunnel>/<spi_in as 8 hex digits>`.
+    pub fn key_of(tunnel: &str, spi_in: u32) -> String {
+        format!("{tunnel}/{spi_in:08x}")
+    }
+}
+
+impl std::fmt::Debug for ChildSaInfo {
+    /// Keys are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildSaInfo")
+            .field("tunnel", &self.tunnel)
+            .field("phase2", &self.phase2)
+            .field("spi_in", &format_args!("{:08x}", self.spi_in))
+            .field("spi_out", &format_args!("{:08x}", self.spi_out))
+            .field("transform", &self.transform)
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .field("encap", &self.encap)
+            .field("outbound", &self.outbound)
+            .field("keys", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Traffic of one tunnel since the previous batch (`esp.activity`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TunnelActivity {
+    pub tunnel: String,
+    /// Wall-clock time of the last packet received/sent, ns since the epoch (0: never).
+    pub last_rx_ns: u64,
+    pub last_tx_ns: u64,
+    pub rx_pkts: u64,
+    pub tx_pkts: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// An outbound SA's sequence high-water mark (`esp.seq`): no packet was or will be sent
+/// with a sequence number at or above `seq_hw` before the next mark is published.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SeqMark {
+    pub tunnel: String,
+    pub spi_out: u32,
+    pub seq_hw: u64,
+}
+
+/// A lifetime event of one SA (`esp.expire`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SaExpiry {
+    pub tunnel: String,
+    pub spi_in: u32,
+    /// false: soft (rekey now); true: hard (the SA is gone from the datapath).
+    pub hard: bool,
+    /// bytes, packets, time or seq_space.
+    pub reason: String,
 }
 
 #[cfg(test)]
