@@ -1,0 +1,2 @@
+//! Sans-IO dead peer detection (DPD) core for Haven's `dpdmon`.
+pub mod wheel;
