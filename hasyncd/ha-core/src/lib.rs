@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod msg;
 pub mod wire;
 
 pub use error::{DropReason, HaError, Result};
