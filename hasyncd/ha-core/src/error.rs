@@ -47,6 +47,11 @@ impl DropReason {
         DropReason::TooManySenders,
     ];
 
+    /// Position in [`DropReason::ALL`] (the declaration order).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Metric label value (snake_case, stable).
     pub fn label(self) -> &'static str {
         match self {
@@ -105,3 +110,17 @@ pub enum HaError {
 
 /// Result with [`HaError`].
 pub type Result<T> = std::result::Result<T, HaError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_declaration_order_and_labels_are_unique() {
+        let mut labels = std::collections::BTreeSet::new();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+            assert!(labels.insert(r.label()));
+        }
+    }
+}

@@ -2,6 +2,13 @@
 //!
 //! What it does:
 //! - [`wire`]: the HA link datagram header, parsed with bounds checks and a size cap;
+//! - [`link`]: the link's protection: a master key from the cluster `password` / FGSP
+//!   `psksecret` (PBKDF2-HMAC-SHA256, group-specific salt), per-(sender, epoch) AES-256-GCM
+//!   keys (HKDF-SHA256), nonces from the message counter, per-sender replay windows, and a
+//!   typed [`DropReason`] for every rejected datagram;
+//! - [`msg`]: the sync message bodies (heartbeat, IKE SA, CHILD SA, deletions, outbound
+//!   sequence leases and their acks, tunnel ownership claims, snapshot request/chunks) and
+//!   the snapshot chunker/assembler of the Clone pattern;
 //!
 //! What it does not do: sockets, timers, clock reads (time comes in as `now_ms`), threads,
 //! the bus, configuration parsing (the daemon maps `haven-config` values onto the types
@@ -11,8 +18,12 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod link;
 pub mod msg;
+mod replay;
 pub mod wire;
 
 pub use error::{DropReason, HaError, Result};
+pub use link::{ClusterKind, HaLink, LinkKey, LinkStats, Received};
+pub use msg::Message;
 pub use wire::{Header, MemberId, MsgType};
