@@ -21,6 +21,9 @@ mod error;
 pub mod link;
 pub mod msg;
 mod replay;
+
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod wire;
 
 pub use error::{DropReason, HaError, Result};
