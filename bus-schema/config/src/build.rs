@@ -565,6 +565,11 @@ struct P2Pos {
     phase1name: Option<Pos>,
 }
 
+struct MkPos {
+    edit: Pos,
+    local_spi: Option<Pos>,
+}
+
 #[derive(Default)]
 struct State {
     config: Config,
@@ -574,6 +579,8 @@ struct State {
     p2: Vec<P2Pos>,
     p1_names: BTreeMap<String, Pos>,
     p2_names: BTreeMap<String, Pos>,
+    mk: Vec<MkPos>,
+    mk_names: BTreeMap<String, Pos>,
     route_ids: BTreeMap<u32, Pos>,
 }
 
@@ -1247,6 +1254,461 @@ fn build_phase2(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase2, P2Pos) {
     (p, pos)
 }
 
+/// Encryption key bytes of the manual-key `enc-alg` values Haven
+/// implements; `None` for the others.
+fn manual_enc_key_len(e: Encryption) -> Option<usize> {
+    match e {
+        // AES-CBC key sizes (RFC 3602 §2.2).
+        Encryption::Aes128 => Some(16),
+        Encryption::Aes256 => Some(32),
+        // The AES key then a 4-byte salt (RFC 4106 §8.1).
+        Encryption::Aes128Gcm => Some(16 + 4),
+        Encryption::Aes256Gcm => Some(32 + 4),
+        // A 256-bit key then a 4-byte salt (RFC 7634 §4).
+        Encryption::Chacha20Poly1305 => Some(32 + 4),
+        _ => None,
+    }
+}
+
+/// HMAC key bytes of the manual-key `auth-alg` values Haven implements
+/// (the hash output size, RFC 2404 §3, RFC 4868 §2.1.1); `None` for the
+/// others.
+fn manual_auth_key_len(h: Hash) -> Option<usize> {
+    match h {
+        Hash::Sha1 => Some(20),
+        Hash::Sha256 => Some(32),
+        Hash::Sha512 => Some(64),
+        Hash::Md5 | Hash::Sha384 => None,
+    }
+}
+
+const MANUAL_ENC_IMPLEMENTED: &str = "aes128, aes256 (CBC, with an auth-alg), \
+     aes128gcm, aes256gcm, chacha20poly1305 (Haven extensions, no auth-alg)";
+
+/// Longest key text accepted (a sha512 key is 128 hex digits and 7 dashes).
+const MAX_HEX_KEY_CHARS: usize = 512;
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Decode a manual key: hex digits with an optional `0x`, in groups joined
+/// by `-` as FortiOS writes them (`0102030405060708-1112131415161718`) or in
+/// one run. Each group has an even number of digits. The partial buffer is
+/// wiped when the text does not decode.
+fn parse_hex_key(s: &str) -> Option<Secret> {
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if s.is_empty() || s.len() > MAX_HEX_KEY_CHARS {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() / 2);
+    let mut ok = true;
+    'groups: for group in s.split('-') {
+        if group.is_empty() || group.len() % 2 != 0 {
+            ok = false;
+            break;
+        }
+        for pair in group.as_bytes().chunks(2) {
+            match pair {
+                [h, l] => match (hex_digit(*h), hex_digit(*l)) {
+                    (Some(h), Some(l)) => out.push(h << 4 | l),
+                    _ => {
+                        ok = false;
+                        break 'groups;
+                    }
+                },
+                _ => {
+                    ok = false;
+                    break 'groups;
+                }
+            }
+        }
+    }
+    let secret = Secret::new(out);
+    ok.then_some(secret)
+}
+
+/// Why an SPI value is refused.
+enum SpiError {
+    Format,
+    Reserved,
+}
+
+/// A FortiOS SPI: hexadecimal, with or without `0x`, at most 8 digits, at
+/// least [`MANUALKEY_MIN_SPI`].
+fn parse_spi(s: &str) -> Result<u32, SpiError> {
+    let h = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if h.is_empty() || h.len() > 8 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(SpiError::Format);
+    }
+    let v = u32::from_str_radix(h, 16).map_err(|_| SpiError::Format)?;
+    if v < MANUALKEY_MIN_SPI {
+        return Err(SpiError::Reserved);
+    }
+    Ok(v)
+}
+
+impl Fields<'_> {
+    fn spi(&self, ctx: &mut Ctx, key: &str) -> Option<u32> {
+        let tok = self.single(ctx, key)?;
+        match parse_spi(&tok.text) {
+            Ok(v) => Some(v),
+            Err(SpiError::Format) => {
+                ctx.bad(
+                    tok,
+                    &self.block,
+                    key,
+                    "a hexadecimal SPI of at most 8 digits, such as 0x1001 or 1001",
+                );
+                None
+            }
+            Err(SpiError::Reserved) => {
+                ctx.bad(
+                    tok,
+                    &self.block,
+                    key,
+                    "an SPI of at least 0x100: RFC 4303 §2.1 reserves 0 to 0xff",
+                );
+                None
+            }
+        }
+    }
+
+    /// A hex key of exactly `want` bytes (when the algorithm is known).
+    /// Values are never echoed in diagnostics.
+    fn hex_key(&self, ctx: &mut Ctx, key: &str, want: Option<(usize, &str)>) -> Option<Secret> {
+        let values = self.values(key)?;
+        let bad = |ctx: &mut Ctx, tok: &Tok, expected: String| {
+            ctx.error(
+                tok.pos,
+                &self.block,
+                ErrorKind::BadValue {
+                    key: key.to_string(),
+                    value: crate::REDACTED.into(),
+                    expected,
+                },
+            );
+        };
+        let tok = match values {
+            [one] => one,
+            [enc, _, ..] if !enc.quoted && enc.text == "ENC" => {
+                bad(
+                    ctx,
+                    enc,
+                    "the key in hex: a FortiOS-encrypted key (ENC …) cannot be decrypted by Haven"
+                        .into(),
+                );
+                return None;
+            }
+            [_, extra, ..] => {
+                bad(ctx, extra, "a single hex value".into());
+                return None;
+            }
+            [] => return None,
+        };
+        if tok.text.len() >= 3 && tok.text.chars().all(|c| c == '*') {
+            bad(
+                ctx,
+                tok,
+                "the key in hex: a masked placeholder (********) cannot be used".into(),
+            );
+            return None;
+        }
+        let format = "hex digits, optionally 0x-prefixed, in groups joined by '-' \
+                      (FortiOS: 16-digit groups such as 0102030405060708-1112131415161718)";
+        let Some(secret) = parse_hex_key(&tok.text) else {
+            let expected = match want {
+                Some((n, alg)) => format!("{n} bytes ({} hex digits) for {alg}: {format}", n * 2),
+                None => format.to_string(),
+            };
+            bad(ctx, tok, expected);
+            return None;
+        };
+        match want {
+            Some((n, alg)) if secret.len() != n => {
+                bad(
+                    ctx,
+                    tok,
+                    format!(
+                        "{n} bytes ({} hex digits) for {alg}, found {} bytes",
+                        n * 2,
+                        secret.len()
+                    ),
+                );
+                None
+            }
+            _ => Some(secret),
+        }
+    }
+}
+
+fn build_manualkey(ctx: &mut Ctx, e: &Edit, table: &str) -> Option<(ManualKey, MkPos)> {
+    let f = collect(ctx, &keys::MANUALKEY, edit_label(table, e), &e.items, &[]);
+    let label = f.block.clone();
+    let n = e.name.text.chars().count();
+    let mut ok = true;
+    if n == 0 || n > 15 {
+        ctx.bad(
+            &e.name,
+            table,
+            "edit",
+            "a manualkey-interface name of 1 to 15 characters (it names an interface)",
+        );
+        ok = false;
+    }
+    let iface = f.string(ctx, "interface", 35);
+    let interface = iface.clone().unwrap_or_default();
+    if interface.is_empty() && (iface.is_some() || !f.has("interface")) {
+        ctx.invalid(
+            e.pos,
+            &label,
+            "manualkey-interface needs set interface <name>",
+        );
+        ok = false;
+    }
+    for key in ["ip-version", "addr-type"] {
+        let _ = f.choice(
+            ctx,
+            key,
+            &[("4", ())],
+            " (Haven does not implement IPv6 tunnels)",
+        );
+    }
+    let local_gw = f.ipv4(ctx, "local-gw").and_then(ipv4_or_unset);
+    let remote_gw = match f.ipv4(ctx, "remote-gw") {
+        Some(ip) if !ip.is_unspecified() => Some(ip),
+        Some(_) => {
+            ctx.invalid(
+                f.value_pos("remote-gw").unwrap_or(e.pos),
+                &label,
+                "remote-gw 0.0.0.0 is not a peer address",
+            );
+            None
+        }
+        None => {
+            if !f.has("remote-gw") {
+                ctx.invalid(
+                    e.pos,
+                    &label,
+                    "manualkey-interface needs set remote-gw <address>",
+                );
+            }
+            None
+        }
+    };
+
+    // enc-alg: every FortiOS value and Haven's AEAD extensions parse; only
+    // the ones the datapath implements are accepted.
+    let enc = match f.single(ctx, "enc-alg") {
+        Some(tok) => match lookup(&Encryption::ALL, &tok.text) {
+            Some(e) if manual_enc_key_len(e).is_some() => Some(e),
+            Some(_) => {
+                ctx.bad(
+                    tok,
+                    &label,
+                    "enc-alg",
+                    format!(
+                        "an algorithm Haven implements: {MANUAL_ENC_IMPLEMENTED} \
+                         (FortiOS's null, des, 3des, aes192, aria and seed are not implemented)"
+                    ),
+                );
+                None
+            }
+            None => {
+                let names: Vec<&str> = Encryption::ALL.iter().map(|(n, _)| *n).collect();
+                ctx.bad(
+                    tok,
+                    &label,
+                    "enc-alg",
+                    format!("one of {}", names.join(", ")),
+                );
+                None
+            }
+        },
+        None => {
+            if !f.has("enc-alg") {
+                ctx.invalid(
+                    e.pos,
+                    &label,
+                    format!(
+                        "manualkey-interface needs set enc-alg <{}> (FortiOS's default null is not \
+                         implemented)",
+                        "aes128|aes256|aes128gcm|aes256gcm|chacha20poly1305"
+                    ),
+                );
+            }
+            None
+        }
+    };
+    // auth-alg: Some(None) is `null`.
+    let auth: Option<Option<Hash>> = match f.single(ctx, "auth-alg") {
+        Some(tok) if tok.text == "null" => Some(None),
+        Some(tok) => match lookup(&Hash::ALL, &tok.text) {
+            Some(h) if manual_auth_key_len(h).is_some() => Some(Some(h)),
+            Some(_) => {
+                ctx.bad(
+                    tok,
+                    &label,
+                    "auth-alg",
+                    "an algorithm Haven implements: sha1, sha256, sha512 \
+                     (md5 and sha384 are not implemented)",
+                );
+                None
+            }
+            None => {
+                ctx.bad(
+                    tok,
+                    &label,
+                    "auth-alg",
+                    "one of null, md5, sha1, sha256, sha384, sha512",
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let auth_ok = !f.has("auth-alg") || auth.is_some();
+    let mut hash = None;
+    if let Some(enc) = enc {
+        if enc.is_aead() {
+            if let Some(Some(h)) = auth {
+                let at = f.value_pos("auth-alg").unwrap_or(e.pos);
+                ctx.invalid(
+                    at,
+                    &label,
+                    format!(
+                        "auth-alg {} with enc-alg {}: a combined-mode cipher authenticates by \
+                         itself; set auth-alg null or leave it unset",
+                        h.name(),
+                        enc.name()
+                    ),
+                );
+                ok = false;
+            }
+            if let Some(at) = f.key_pos("auth-key") {
+                ctx.warn(
+                    at,
+                    &label,
+                    "auth-key",
+                    format!("ignored with enc-alg {} (no auth-alg)", enc.name()),
+                );
+            }
+        } else {
+            match auth {
+                Some(Some(h)) => hash = Some(h),
+                _ if auth_ok => {
+                    ctx.invalid(
+                        f.value_pos("auth-alg").unwrap_or(e.pos),
+                        &label,
+                        format!(
+                            "enc-alg {} needs set auth-alg sha1|sha256|sha512 (ESP without \
+                             integrity is not implemented)",
+                            enc.name()
+                        ),
+                    );
+                    ok = false;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    let enc_want =
+        enc.and_then(|e| Some((manual_enc_key_len(e)?, format!("enc-alg {}", e.name()))));
+    let enc_key = f.hex_key(
+        ctx,
+        "enc-key",
+        enc_want.as_ref().map(|(n, a)| (*n, a.as_str())),
+    );
+    if enc_key.is_none() && !f.has("enc-key") {
+        ctx.invalid(e.pos, &label, "manualkey-interface needs set enc-key <hex>");
+    }
+    let auth_key = if enc.is_some_and(Encryption::is_aead) {
+        None
+    } else {
+        let want =
+            hash.and_then(|h| Some((manual_auth_key_len(h)?, format!("auth-alg {}", h.name()))));
+        let k = f.hex_key(
+            ctx,
+            "auth-key",
+            want.as_ref().map(|(n, a)| (*n, a.as_str())),
+        );
+        if k.is_none() && hash.is_some() && !f.has("auth-key") {
+            ctx.invalid(e.pos, &label, "auth-alg needs set auth-key <hex>");
+        }
+        k
+    };
+
+    let local_spi = f.spi(ctx, "local-spi");
+    let remote_spi = f.spi(ctx, "remote-spi");
+    for (key, v) in [("local-spi", local_spi), ("remote-spi", remote_spi)] {
+        if v.is_none() && !f.has(key) {
+            ctx.invalid(
+                e.pos,
+                &label,
+                format!("manualkey-interface needs set {key} <hex SPI of at least 0x100>"),
+            );
+        }
+    }
+    let encapsulation = f
+        .choice(
+            ctx,
+            "encapsulation",
+            &[("none", ManualEncap::None), ("udp", ManualEncap::Udp)],
+            " (Haven extension: raw ESP or RFC 3948 UDP on port 4500)",
+        )
+        .unwrap_or(ManualEncap::None);
+    let replay = f.flag(ctx, "replay").unwrap_or(true);
+    let src_subnet = f.net(ctx, "src-subnet").unwrap_or(Ipv4Net::ANY);
+    let dst_subnet = f.net(ctx, "dst-subnet").unwrap_or(Ipv4Net::ANY);
+
+    let (Some(remote_gw), Some(encryption), Some(enc_key), Some(local_spi), Some(remote_spi)) =
+        (remote_gw, enc, enc_key, local_spi, remote_spi)
+    else {
+        return None;
+    };
+    if !ok || (hash.is_some() && auth_key.is_none()) {
+        return None;
+    }
+    let pos = MkPos {
+        edit: e.pos,
+        local_spi: f.value_pos("local-spi"),
+    };
+    Some((
+        ManualKey {
+            name: e.name.text.clone(),
+            interface,
+            local_gw,
+            remote_gw,
+            proposal: Proposal {
+                encryption,
+                hash,
+                ike: false,
+            },
+            enc_key,
+            auth_key,
+            local_spi,
+            remote_spi,
+            encapsulation,
+            replay,
+            src_subnet,
+            dst_subnet,
+        },
+        pos,
+    ))
+}
+
 fn build_route(ctx: &mut Ctx, e: &Edit, table: &str, seq_num: u32) -> Route {
     let f = collect(ctx, &keys::ROUTE, edit_label(table, e), &e.items, &[]);
     let mut r = Route::new(seq_num);
@@ -1346,6 +1808,18 @@ fn top_block(ctx: &mut Ctx, st: &mut State, b: &Block) {
                 let (p, pos) = build_phase2(ctx, e, table);
                 st.config.phase2.push(p);
                 st.p2.push(pos);
+            }
+        }
+        ["vpn", "ipsec", "manualkey-interface"] => {
+            let table = keys::MANUALKEY.name;
+            for e in table_edits(ctx, table, &b.items) {
+                if !first_edit(ctx, &mut st.mk_names, &e.name.text, e, table) {
+                    continue;
+                }
+                if let Some((m, pos)) = build_manualkey(ctx, e, table) {
+                    st.config.manualkey.push(m);
+                    st.mk.push(pos);
+                }
             }
         }
         ["router", "static"] => {
@@ -1463,11 +1937,17 @@ fn validate(ctx: &mut Ctx, st: &State) {
         cfg.phase2.iter().map(|p| p.phase1name.as_str()).collect();
     for (p2, pos) in cfg.phase2.iter().zip(&st.p2) {
         if !p2.phase1name.is_empty() && !p1_by_name.contains_key(p2.phase1name.as_str()) {
+            let hint = if st.mk_names.contains_key(&p2.phase1name) {
+                " (it names a manualkey-interface, which takes no phase2)"
+            } else {
+                ""
+            };
             ctx.invalid(
                 pos.phase1name.unwrap_or(pos.edit),
                 &format!("{}, edit \"{}\"", keys::PHASE2.name, p2.name),
                 format!(
-                    "phase1name \"{}\" does not name a config vpn ipsec phase1-interface entry",
+                    "phase1name \"{}\" does not name a config vpn ipsec phase1-interface \
+                     entry{hint}",
                     p2.phase1name
                 ),
             );
@@ -1514,11 +1994,47 @@ fn validate(ctx: &mut Ctx, st: &State) {
     }
 }
 
+/// Manual-key checks: a tunnel name is one interface, whichever table
+/// defines it; an inbound SPI identifies one SA.
+fn validate_manualkey(ctx: &mut Ctx, st: &State) {
+    for (name, pos) in &st.mk_names {
+        if let Some(p1) = st.p1_names.get(name) {
+            ctx.invalid(
+                *pos,
+                &format!("{}, edit \"{name}\"", keys::MANUALKEY.name),
+                format!(
+                    "\"{name}\" is also a config vpn ipsec phase1-interface entry (line {}): \
+                     both would create an interface of that name",
+                    p1.line
+                ),
+            );
+        }
+    }
+    let mut spis: BTreeMap<u32, (&str, Pos)> = BTreeMap::new();
+    for (m, pos) in st.config.manualkey.iter().zip(&st.mk) {
+        let at = pos.local_spi.unwrap_or(pos.edit);
+        if let Some((other, first)) = spis.get(&m.local_spi) {
+            ctx.invalid(
+                at,
+                &format!("{}, edit \"{}\"", keys::MANUALKEY.name, m.name),
+                format!(
+                    "local-spi {:#x} is already used by \"{other}\" (line {}): inbound \
+                     packets are matched to their tunnel by SPI",
+                    m.local_spi, first.line
+                ),
+            );
+        } else {
+            spis.insert(m.local_spi, (m.name.as_str(), at));
+        }
+    }
+}
+
 /// Build the model from the parsed tree.
 pub(crate) fn build(ctx: &mut Ctx, root: &Block) -> Config {
     let mut st = State::default();
     walk(ctx, &mut st, &root.items, "");
     validate(ctx, &st);
+    validate_manualkey(ctx, &st);
     st.config
 }
 

@@ -430,6 +430,32 @@ pub(crate) const PHASE2: Spec = Spec {
     known_blocks: &[],
 };
 
+/// `config vpn ipsec manualkey-interface`. The FortiOS keys, plus Haven's
+/// extension keys `encapsulation`, `replay`, `src-subnet` and `dst-subnet`
+/// (documented on [`crate::ManualKey`]).
+pub(crate) const MANUALKEY: Spec = Spec {
+    name: "config vpn ipsec manualkey-interface",
+    implemented: &[
+        "interface",
+        "ip-version",
+        "addr-type",
+        "remote-gw",
+        "local-gw",
+        "auth-alg",
+        "enc-alg",
+        "auth-key",
+        "enc-key",
+        "local-spi",
+        "remote-spi",
+        "encapsulation",
+        "replay",
+        "src-subnet",
+        "dst-subnet",
+    ],
+    known: &["npu-offload", "local-gw6", "remote-gw6"],
+    known_blocks: &[],
+};
+
 pub(crate) const ROUTE: Spec = Spec {
     name: "config router static",
     implemented: &[
@@ -562,6 +588,7 @@ pub(crate) const OURS: &[&str] = &[
     "system standalone-cluster",
     "vpn ipsec phase1-interface",
     "vpn ipsec phase2-interface",
+    "vpn ipsec manualkey-interface",
     "router static",
 ];
 
@@ -635,7 +662,15 @@ mod tests {
 
     #[test]
     fn no_key_is_both_implemented_and_known() {
-        for spec in [&HA, &STANDALONE, &CLUSTER_PEER, &PHASE1, &PHASE2, &ROUTE] {
+        for spec in [
+            &HA,
+            &STANDALONE,
+            &CLUSTER_PEER,
+            &PHASE1,
+            &PHASE2,
+            &MANUALKEY,
+            &ROUTE,
+        ] {
             for k in spec.implemented {
                 assert!(!spec.known.contains(k), "{} {k}", spec.name);
             }

@@ -8,9 +8,16 @@
 //! # What it does
 //! - Reads `config system ha`, `config system standalone-cluster` (with
 //!   `config cluster-peer`), `config vpn ipsec phase1-interface`,
-//!   `config vpn ipsec phase2-interface` and `config router static` into
-//!   [`Config`], applying FortiOS defaults to keys that are not set (each
-//!   default is documented on its field).
+//!   `config vpn ipsec phase2-interface`, `config vpn ipsec
+//!   manualkey-interface` and `config router static` into [`Config`],
+//!   applying FortiOS defaults to keys that are not set (each default is
+//!   documented on its field).
+//! - Manual-key tunnels ([`ManualKey`]): ESP with fixed SPIs and hex keys,
+//!   no IKE. Haven implements AES-CBC with HMAC-SHA1/256/512 and, as
+//!   extensions FortiOS does not have, AES-GCM and ChaCha20-Poly1305
+//!   `enc-alg` values and the `encapsulation`, `replay`, `src-subnet` and
+//!   `dst-subnet` keys. `MANUALKEY.md` next to this crate's manifest has the
+//!   whole block with a two-gateway example.
 //! - Sorts every key into one of three outcomes: implemented (applied), a
 //!   FortiOS key Haven knows but does not implement (a [`Warning`] with its
 //!   line), anything else (a [`ConfigError`] with line, column and what was
@@ -18,7 +25,9 @@
 //!   (`config system global`, `config firewall policy`, …) are ignored with
 //!   a warning; `config global` and `config vdom` wrappers are looked into.
 //! - Validates across blocks: a phase2 naming a missing phase1, duplicate
-//!   edits, a static phase1 without `remote-gw`, IKEv1, …
+//!   edits, a static phase1 without `remote-gw`, IKEv1, a name used by both
+//!   a phase1-interface and a manualkey-interface, an inbound SPI used
+//!   twice, …
 //! - Keeps key material in [`Secret`], which never prints.
 //!
 //! # What it does not do
@@ -165,7 +174,8 @@ pub struct CheckReport {
     pub errors: Vec<ConfigError>,
     /// Warnings.
     pub warnings: Vec<Warning>,
-    /// Counts of what loaded (when `ok`): phase1, phase2, routes.
+    /// Counts of what loaded (when `ok`): phase1, phase2, routes, manual-key
+    /// tunnels.
     pub summary: Option<CheckSummary>,
 }
 
@@ -182,6 +192,8 @@ pub struct CheckSummary {
     pub phase2: usize,
     /// router static entries.
     pub routes: usize,
+    /// manualkey-interface entries.
+    pub manualkey: usize,
 }
 
 impl CheckReport {
@@ -199,6 +211,7 @@ impl CheckReport {
                     phase1: p.config.phase1.len(),
                     phase2: p.config.phase2.len(),
                     routes: p.config.routes.len(),
+                    manualkey: p.config.manualkey.len(),
                 }),
                 warnings: p.warnings,
             },
@@ -236,8 +249,10 @@ impl CheckReport {
             out.push('\n');
         }
         match &self.summary {
+            // The manual-key count is printed only when there are some, so
+            // the line of a configuration without any is unchanged.
             Some(s) => out.push_str(&format!(
-                "{}: OK ({} warning{}; ha: {}, standalone-cluster: {}, phase1: {}, phase2: {}, static routes: {})\n",
+                "{}: OK ({} warning{}; ha: {}, standalone-cluster: {}, phase1: {}, phase2: {}, static routes: {}{})\n",
                 self.file,
                 self.warnings.len(),
                 if self.warnings.len() == 1 { "" } else { "s" },
@@ -245,7 +260,12 @@ impl CheckReport {
                 if s.standalone { "yes" } else { "no" },
                 s.phase1,
                 s.phase2,
-                s.routes
+                s.routes,
+                if s.manualkey > 0 {
+                    format!(", manualkey: {}", s.manualkey)
+                } else {
+                    String::new()
+                }
             )),
             None => out.push_str(&format!(
                 "{}: {} error{}, {} warning{}\n",

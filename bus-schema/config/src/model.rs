@@ -31,6 +31,8 @@ pub struct Config {
     pub phase2: Vec<Phase2>,
     /// `config router static` entries, in file order.
     pub routes: Vec<Route>,
+    /// `config vpn ipsec manualkey-interface` entries, in file order.
+    pub manualkey: Vec<ManualKey>,
     /// Haven-specific settings FortiOS has no key for.
     pub haven: HavenSettings,
 }
@@ -44,6 +46,11 @@ impl Config {
     /// The phase2 entries whose `phase1name` is `phase1`, in file order.
     pub fn phase2_for<'a>(&'a self, phase1: &'a str) -> impl Iterator<Item = &'a Phase2> + 'a {
         self.phase2.iter().filter(move |p| p.phase1name == phase1)
+    }
+
+    /// The manualkey-interface named `name`.
+    pub fn manualkey(&self, name: &str) -> Option<&ManualKey> {
+        self.manualkey.iter().find(|m| m.name == name)
     }
 
     /// The static routes whose `device` is `device` (a phase1 name for
@@ -675,6 +682,108 @@ impl Phase2 {
             replay: true,
             comments: String::new(),
         }
+    }
+}
+
+/// Smallest SPI a manual-key tunnel may use: RFC 4303 §2.1 reserves 1..=255
+/// for IANA and 0 for local use, so neither may appear on the wire.
+pub const MANUALKEY_MIN_SPI: u32 = 0x100;
+
+/// UDP port of UDP-encapsulated ESP (RFC 3948 §2.1: the port IKE uses for
+/// NAT traversal, 4500 per RFC 7296 §2.23).
+pub const NAT_T_PORT: u16 = 4500;
+
+/// How the ESP packets of a manual-key tunnel travel (the Haven extension
+/// key `encapsulation` of `config vpn ipsec manualkey-interface`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ManualEncap {
+    /// `none`: raw IP protocol 50 (the default).
+    None,
+    /// `udp`: UDP-encapsulated ESP (RFC 3948) from and to port
+    /// [`NAT_T_PORT`] (4500).
+    Udp,
+}
+
+/// `config vpn ipsec manualkey-interface` / `edit NAME`: an ESP tunnel with
+/// fixed SPIs and keys, and no IKE. The edit name is also the name of the
+/// tunnel's interface (FortiOS creates an interface named after it), so it
+/// cannot also be a phase1-interface name.
+///
+/// FortiOS keys: `interface`, `ip-version` and `addr-type` (4 only),
+/// `remote-gw`, `local-gw`, `auth-alg`, `enc-alg`, `auth-key`, `enc-key`,
+/// `local-spi`, `remote-spi`; `npu-offload`, `local-gw6` and `remote-gw6` are
+/// accepted and ignored with a warning.
+///
+/// Haven extension keys (FortiOS has no equivalent; a FortiGate rejects
+/// them): `enc-alg aes128gcm|aes256gcm|chacha20poly1305` (combined-mode
+/// ciphers, which take no `auth-alg`), `encapsulation none|udp`,
+/// `replay enable|disable`, `src-subnet` and `dst-subnet`.
+///
+/// The same keys serve both directions, as on FortiOS: the peer's
+/// configuration mirrors this one (its `local-spi` is our `remote-spi` and
+/// the other way round; keys and algorithms are equal).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ManualKey {
+    /// The edit name, 1 to 15 characters: the tunnel and its interface.
+    pub name: String,
+    /// `interface`: the outgoing interface (required).
+    pub interface: String,
+    /// `local-gw`; `0.0.0.0` (the default) means the address of `interface`.
+    pub local_gw: Option<Ipv4Addr>,
+    /// `remote-gw`: the peer (required, not `0.0.0.0`).
+    pub remote_gw: Ipv4Addr,
+    /// `enc-alg` and `auth-alg` as one phase2-style proposal: `aes128-sha1`,
+    /// `aes256-sha256`, `aes128gcm`… (its spelling is the transform name
+    /// the ESP datapath understands). Haven implements `enc-alg` `aes128`,
+    /// `aes256` (CBC) with `auth-alg` `sha1`, `sha256` or `sha512`, and the
+    /// extensions `aes128gcm`, `aes256gcm`, `chacha20poly1305` with no
+    /// `auth-alg` (or `auth-alg null`). FortiOS's defaults (`null`) are not
+    /// implemented, so both keys must be set for CBC, `enc-alg` for AEAD.
+    pub proposal: Proposal,
+    /// `enc-key`, decoded from hex: exactly the key length of `enc-alg`
+    /// (aes128 16 bytes, aes256 32; aes128gcm 20 and aes256gcm 36, the key
+    /// then the 4-byte salt, RFC 4106 §8.1; chacha20poly1305 36, RFC 7634
+    /// §4). FortiOS writes 16-digit groups joined by `-`
+    /// (`0102030405060708-1112131415161718`); dashes and a `0x` prefix are
+    /// optional.
+    pub enc_key: Secret,
+    /// `auth-key`, decoded from hex like `enc-key`: sha1 20 bytes, sha256
+    /// 32, sha512 64 (RFC 2404 §3, RFC 4868 §2.1.1). `None` for AEAD
+    /// ciphers.
+    pub auth_key: Option<Secret>,
+    /// `local-spi`: the SPI of inbound packets, hex (`0x1001` or `1001`),
+    /// at least [`MANUALKEY_MIN_SPI`]. Required; unique among the
+    /// manual-key tunnels of a gateway.
+    pub local_spi: u32,
+    /// `remote-spi`: the SPI of outbound packets (the peer's `local-spi`),
+    /// same format and range. Required.
+    pub remote_spi: u32,
+    /// `encapsulation` (Haven extension). Default `none` (raw ESP).
+    pub encapsulation: ManualEncap,
+    /// `replay` (Haven extension): anti-replay checking of inbound packets
+    /// (RFC 4303 §3.4.3). Default enable.
+    pub replay: bool,
+    /// `src-subnet` (Haven extension): the local traffic selector,
+    /// `ADDRESS MASK` or `ADDRESS/LENGTH`. Default `0.0.0.0/0`.
+    pub src_subnet: Ipv4Net,
+    /// `dst-subnet` (Haven extension): the remote traffic selector. Default
+    /// `0.0.0.0/0`.
+    pub dst_subnet: Ipv4Net,
+}
+
+impl ManualKey {
+    /// The ESP key block of one direction, in the order of RFC 7296 §2.17:
+    /// the encryption key (salt included) followed by the integrity key, if
+    /// any. Manual keys are the same in both directions.
+    pub fn keymat(&self) -> Secret {
+        let mut v =
+            Vec::with_capacity(self.enc_key.len() + self.auth_key.as_ref().map_or(0, Secret::len));
+        v.extend_from_slice(self.enc_key.expose_bytes());
+        if let Some(a) = &self.auth_key {
+            v.extend_from_slice(a.expose_bytes());
+        }
+        Secret::new(v)
     }
 }
 

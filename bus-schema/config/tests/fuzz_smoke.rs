@@ -61,6 +61,10 @@ const DICT: &[&str] = &[
     "\u{feff}",
     "vdom",
     "global",
+    "vpn ipsec manualkey-interface",
+    "enc-key 0102030405060708-",
+    "local-spi 0x",
+    "enc-alg aes128gcm",
 ];
 
 fn mutate(rng: &mut Rng, seed: &[char]) -> String {

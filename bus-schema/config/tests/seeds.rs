@@ -97,6 +97,7 @@ fn seed_000_dc1_vm1() {
         phase1: vec![seed_vpn1("192.168.202.31", Secret::new("xxxxx"), true)],
         phase2: vec![seed_vpn1_phase2()],
         routes: vec![],
+        manualkey: vec![],
         haven: HavenSettings::default(),
     };
     assert_eq!(p.config, expected);
@@ -169,6 +170,7 @@ fn seed_001_fgcp_over_fgsp_members() {
             )],
             phase2: vec![seed_vpn1_phase2()],
             routes: vec![],
+            manualkey: vec![],
             haven: HavenSettings::default(),
         };
         assert_eq!(p.config, expected, "{file}");
