@@ -4,12 +4,19 @@
 //! published on the bus (`tunnel.state`, `tunnel.removed`) and served as a snapshot, and it
 //! follows hasyncd's per-tunnel roles. It does not yet speak IKE on the wire: the sans-IO
 //! IKEv2 core lives in `ike-proto` and is not wired to sockets here yet.
+//!
+//! Manual-key tunnels (`config vpn ipsec manualkey-interface`) need no IKE: each is
+//! published as a tunnel that is up at once (kind static, DPD off) together with its one
+//! CHILD SA pair (`sa.child`), keys included, built from the configuration alone. A reload
+//! republishes an SA whose settings changed and removes the SAs of deleted tunnels. Key
+//! bytes are never logged.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
+use bus_schema::schema::{ChildSaInfo, EspEncap, SaLifetime};
 use bus_schema::{Body, DaemonKind, DpdSettings, StateStore, TunnelInfo, TunnelKind, TunnelState};
-use haven_config::{Config, Phase1, Phase1Type};
+use haven_config::{Config, ManualEncap, ManualKey, Phase1, Phase1Type, NAT_T_PORT};
 use haven_daemon::{diff_keyed, DaemonLogic, Outbox};
 use serde_json::json;
 
@@ -45,8 +52,73 @@ fn tunnel_of(config: &Config, p: &Phase1) -> TunnelInfo {
     }
 }
 
+/// Anti-replay window of a manual-key SA with `replay enable`, in packets (RFC 4303
+/// §3.4.3 asks for at least 32; a wide window tolerates reordering on fast links).
+const MANUAL_REPLAY_WINDOW: u32 = 2048;
+
+/// The tunnel of a manual-key interface: static, up as soon as it is configured (there is
+/// nothing to negotiate), DPD off (there is no IKE SA to probe with).
+fn manual_tunnel_of(m: &ManualKey) -> TunnelInfo {
+    TunnelInfo {
+        name: m.name.clone(),
+        phase1: m.name.clone(),
+        kind: TunnelKind::Static,
+        local_gw: m.local_gw.map(|a| a.to_string()),
+        remote_gw: Some(m.remote_gw.to_string()),
+        interface: Some(m.interface.clone()).filter(|s| !s.is_empty()),
+        state: TunnelState::Up,
+        phase2: vec![m.name.clone()],
+        dpd: DpdSettings {
+            mode: "disable".to_string(),
+            retry_count: 0,
+            retry_interval_ms: 0,
+        },
+    }
+}
+
+/// The CHILD SA pair of a manual-key interface. FortiOS manual keys serve both directions,
+/// so the inbound and outbound key blocks are the same (encryption key, salt included, then
+/// the integrity key). An unset `local-gw` is published as `0.0.0.0`: the address of the
+/// outgoing interface, which only the datapath's routing knows. The SA never expires and
+/// sends at once.
+fn manual_child_sa_of(m: &ManualKey) -> ChildSaInfo {
+    let keys = m.keymat();
+    ChildSaInfo {
+        tunnel: m.name.clone(),
+        phase1: m.name.clone(),
+        phase2: m.name.clone(),
+        spi_in: m.local_spi,
+        spi_out: m.remote_spi,
+        // The FortiOS proposal spelling, which is esp-proto's transform name.
+        transform: m.proposal.to_string(),
+        esn: false,
+        keys_in: keys.expose_bytes().to_vec(),
+        keys_out: keys.expose_bytes().to_vec(),
+        local: m
+            .local_gw
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)
+            .to_string(),
+        remote: m.remote_gw.to_string(),
+        encap: match m.encapsulation {
+            ManualEncap::None => EspEncap::None,
+            ManualEncap::Udp => EspEncap::Udp {
+                local_port: NAT_T_PORT,
+                remote_port: NAT_T_PORT,
+            },
+        },
+        local_ts: vec![m.src_subnet.to_string()],
+        remote_ts: vec![m.dst_subnet.to_string()],
+        replay_window: if m.replay { MANUAL_REPLAY_WINDOW } else { 0 },
+        lifetime: SaLifetime::default(),
+        initial_seq: 1,
+        outbound: true,
+    }
+}
+
 struct Ikemgr {
     tunnels: BTreeMap<String, TunnelInfo>,
+    /// Published CHILD SAs by store key (`ChildSaInfo::key_of`); today only manual-key ones.
+    child_sas: BTreeMap<String, ChildSaInfo>,
     roles: BTreeMap<String, String>,
 }
 
@@ -57,16 +129,50 @@ impl DaemonLogic for Ikemgr {
     fn new(_config: &Config) -> Self {
         Ikemgr {
             tunnels: BTreeMap::new(),
+            child_sas: BTreeMap::new(),
             roles: BTreeMap::new(),
         }
     }
 
+    /// Publishes, in this order: removals of SAs that are gone (before anything else, so
+    /// that an inbound SPI moving to another tunnel is never installed twice at once), the
+    /// tunnel changes, then new and changed SAs (after their tunnel exists).
     fn on_config(&mut self, config: &Config, out: &mut Outbox) {
         let desired: BTreeMap<String, TunnelInfo> = config
             .phase1
             .iter()
             .map(|p| (p.name.clone(), tunnel_of(config, p)))
+            .chain(
+                config
+                    .manualkey
+                    .iter()
+                    .map(|m| (m.name.clone(), manual_tunnel_of(m))),
+            )
             .collect();
+        let desired_sas: BTreeMap<String, ChildSaInfo> = config
+            .manualkey
+            .iter()
+            .map(|m| {
+                let sa = manual_child_sa_of(m);
+                (ChildSaInfo::key_of(&sa.tunnel, sa.spi_in), sa)
+            })
+            .collect();
+        for sa in self
+            .child_sas
+            .iter()
+            .filter(|(k, _)| !desired_sas.contains_key(*k))
+            .map(|(_, sa)| sa)
+        {
+            tracing::info!(
+                tunnel = sa.tunnel.as_str(),
+                spi_in = %format_args!("{:08x}", sa.spi_in),
+                "manual-key SA removed"
+            );
+            out.push(Body::ChildSaRemoved {
+                tunnel: sa.tunnel.clone(),
+                spi_in: sa.spi_in,
+            });
+        }
         diff_keyed(
             &self.tunnels,
             &desired,
@@ -78,6 +184,20 @@ impl DaemonLogic for Ikemgr {
             tracing::info!(tunnel = t.as_str(), "tunnel configured");
         }
         self.tunnels = desired;
+        for (k, sa) in &desired_sas {
+            if self.child_sas.get(k) != Some(sa) {
+                // Only public fields: never the key bytes.
+                tracing::info!(
+                    tunnel = sa.tunnel.as_str(),
+                    spi_in = %format_args!("{:08x}", sa.spi_in),
+                    spi_out = %format_args!("{:08x}", sa.spi_out),
+                    transform = sa.transform.as_str(),
+                    "manual-key SA installed"
+                );
+                out.push(Body::ChildSa(sa.clone()));
+            }
+        }
+        self.child_sas = desired_sas;
     }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, _out: &mut Outbox) {
@@ -99,7 +219,26 @@ impl DaemonLogic for Ikemgr {
                 .values()
                 .map(|t| json!({"tunnel": t, "role": self.roles.get(&t.name)}))
                 .collect::<Vec<_>>())),
-            other => Err(format!("unknown view {other:?}: ikemgr has: tunnels")),
+            // Everything but the keys.
+            "manualkey" => Ok(json!(self
+                .child_sas
+                .values()
+                .map(|sa| json!({
+                    "tunnel": sa.tunnel,
+                    "spi_in": format!("{:08x}", sa.spi_in),
+                    "spi_out": format!("{:08x}", sa.spi_out),
+                    "transform": sa.transform,
+                    "local": sa.local,
+                    "remote": sa.remote,
+                    "encap": sa.encap,
+                    "local_ts": sa.local_ts,
+                    "remote_ts": sa.remote_ts,
+                    "replay_window": sa.replay_window,
+                }))
+                .collect::<Vec<_>>())),
+            other => Err(format!(
+                "unknown view {other:?}: ikemgr has: tunnels, manualkey"
+            )),
         }
     }
 }
@@ -168,5 +307,274 @@ end
         assert!(out
             .iter()
             .any(|b| matches!(b, Body::Tunnel(t) if t.name == "hub2")));
+    }
+
+    /// Gateway A of a mirrored pair: one AES-GCM tunnel in UDP, one AES-CBC+SHA1 tunnel in
+    /// raw ESP without replay checking, and an IKE tunnel beside them.
+    const MK: &str = r#"
+config vpn ipsec phase1-interface
+    edit "hub"
+        set ike-version 2
+        set remote-gw 192.0.2.1
+        set interface "port1"
+        set psksecret "y"
+    next
+end
+config vpn ipsec phase2-interface
+    edit "hub"
+        set phase1name "hub"
+    next
+end
+config vpn ipsec manualkey-interface
+    edit "mk-gcm"
+        set interface "port1"
+        set local-gw 198.51.100.1
+        set remote-gw 203.0.113.2
+        set enc-alg aes128gcm
+        set enc-key 0102030405060708-090a0b0c0d0e0f10-11121314
+        set local-spi 0x1001
+        set remote-spi 0x2001
+        set encapsulation udp
+        set src-subnet 10.1.0.0 255.255.255.0
+        set dst-subnet 10.2.0.0/24
+    next
+    edit "mk-cbc"
+        set interface "port1"
+        set remote-gw 203.0.113.2
+        set auth-alg sha1
+        set enc-alg aes128
+        set auth-key 2122232425262728-292a2b2c2d2e2f30-31323334
+        set enc-key 4142434445464748-494a4b4c4d4e4f50
+        set local-spi 1002
+        set remote-spi 2002
+        set replay disable
+    next
+end
+"#;
+
+    /// The transform names esp-proto's `Transform::from_name` accepts (espd/esp-proto,
+    /// transform.rs), with the key block length each needs: encryption key and salt, then
+    /// the integrity key.
+    const ESP_PROTO_TRANSFORMS: [(&str, usize); 9] = [
+        ("aes128gcm", 20),
+        ("aes256gcm", 36),
+        ("chacha20poly1305", 36),
+        ("aes128-sha1", 16 + 20),
+        ("aes128-sha256", 16 + 32),
+        ("aes128-sha512", 16 + 64),
+        ("aes256-sha1", 32 + 20),
+        ("aes256-sha256", 32 + 32),
+        ("aes256-sha512", 32 + 64),
+    ];
+
+    fn parse(text: &str) -> Config {
+        match haven_config::parse(text) {
+            Ok(p) => p.config,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn child_sas(out: &[Body]) -> Vec<&ChildSaInfo> {
+        out.iter()
+            .filter_map(|b| match b {
+                Body::ChildSa(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn removed_sas(out: &[Body]) -> Vec<(&str, u32)> {
+        out.iter()
+            .filter_map(|b| match b {
+                Body::ChildSaRemoved { tunnel, spi_in } => Some((tunnel.as_str(), *spi_in)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn manual_key_tunnels_publish_an_up_tunnel_and_one_child_sa_each() {
+        let cfg = parse(MK);
+        let mut ike = Ikemgr::new(&cfg);
+        let mut out = Vec::new();
+        ike.on_config(&cfg, &mut out);
+        // hub, mk-cbc, mk-gcm tunnels; two SAs.
+        assert_eq!(out.len(), 5, "{out:?}");
+        let t = &ike.tunnels["mk-gcm"];
+        assert_eq!(t.kind, TunnelKind::Static);
+        assert_eq!(t.state, TunnelState::Up);
+        assert_eq!(t.phase1, "mk-gcm");
+        assert_eq!(t.local_gw.as_deref(), Some("198.51.100.1"));
+        assert_eq!(t.remote_gw.as_deref(), Some("203.0.113.2"));
+        assert_eq!(t.interface.as_deref(), Some("port1"));
+        assert_eq!(t.dpd.mode, "disable");
+        assert_eq!(ike.tunnels["hub"].state, TunnelState::Down);
+        assert_eq!(ike.tunnels["mk-cbc"].local_gw, None);
+
+        // Each SA follows its tunnel on the bus.
+        let pos = |pred: &dyn Fn(&Body) -> bool| out.iter().position(pred).unwrap();
+        for name in ["mk-gcm", "mk-cbc"] {
+            let t = pos(&|b| matches!(b, Body::Tunnel(t) if t.name == name));
+            let c = pos(&|b| matches!(b, Body::ChildSa(c) if c.tunnel == name));
+            assert!(t < c, "{name}: {out:?}");
+        }
+
+        let sas = child_sas(&out);
+        assert_eq!(sas.len(), 2);
+        let gcm = sas.iter().find(|c| c.tunnel == "mk-gcm").unwrap();
+        assert_eq!(
+            (gcm.phase1.as_str(), gcm.phase2.as_str()),
+            ("mk-gcm", "mk-gcm")
+        );
+        assert_eq!((gcm.spi_in, gcm.spi_out), (0x1001, 0x2001));
+        assert_eq!(gcm.transform, "aes128gcm");
+        assert!(!gcm.esn);
+        let gcm_key: Vec<u8> = (1u8..=16).chain(0x11..=0x14).collect();
+        assert_eq!(gcm.keys_in, gcm_key);
+        assert_eq!(gcm.keys_out, gcm_key);
+        assert_eq!(
+            (gcm.local.as_str(), gcm.remote.as_str()),
+            ("198.51.100.1", "203.0.113.2")
+        );
+        assert_eq!(
+            gcm.encap,
+            EspEncap::Udp {
+                local_port: 4500,
+                remote_port: 4500
+            }
+        );
+        assert_eq!(gcm.local_ts, ["10.1.0.0/24"]);
+        assert_eq!(gcm.remote_ts, ["10.2.0.0/24"]);
+        assert_eq!(gcm.replay_window, 2048);
+        assert_eq!(gcm.lifetime, SaLifetime::default());
+        assert_eq!(gcm.initial_seq, 1);
+        assert!(gcm.outbound);
+
+        let cbc = sas.iter().find(|c| c.tunnel == "mk-cbc").unwrap();
+        assert_eq!((cbc.spi_in, cbc.spi_out), (0x1002, 0x2002));
+        assert_eq!(cbc.transform, "aes128-sha1");
+        let enc: Vec<u8> = (0x41u8..=0x50).collect();
+        let auth: Vec<u8> = (0x21u8..=0x34).collect();
+        assert_eq!(cbc.keys_in, [enc.clone(), auth.clone()].concat());
+        assert_eq!(cbc.keys_out, cbc.keys_in);
+        assert_eq!(cbc.local, "0.0.0.0");
+        assert_eq!(cbc.encap, EspEncap::None);
+        assert_eq!(cbc.local_ts, ["0.0.0.0/0"]);
+        assert_eq!(cbc.remote_ts, ["0.0.0.0/0"]);
+        assert_eq!(cbc.replay_window, 0);
+
+        // Debug output (what a log line would show) carries no key bytes.
+        let dbg = format!("{out:?}");
+        assert!(dbg.contains("<redacted>"));
+        assert!(!dbg.contains("[65, 66, 67"), "{dbg}");
+        assert!(!dbg.contains("[1, 2, 3"), "{dbg}");
+        // Nor does the view.
+        let view = ike.view("manualkey", &[]).unwrap().to_string();
+        assert!(view.contains("\"spi_in\":\"00001001\""), "{view}");
+        assert!(!view.contains("keys"), "{view}");
+    }
+
+    #[test]
+    fn every_implemented_algorithm_maps_to_an_esp_proto_transform() {
+        let algs = [
+            ("aes128", 16, "sha1", 20),
+            ("aes128", 16, "sha256", 32),
+            ("aes128", 16, "sha512", 64),
+            ("aes256", 32, "sha1", 20),
+            ("aes256", 32, "sha256", 32),
+            ("aes256", 32, "sha512", 64),
+            ("aes128gcm", 20, "null", 0),
+            ("aes256gcm", 36, "null", 0),
+            ("chacha20poly1305", 36, "null", 0),
+        ];
+        let mut seen = Vec::new();
+        for (enc, enc_len, auth, auth_len) in algs {
+            let mut text = format!(
+                "config vpn ipsec manualkey-interface\n edit \"m\"\n set interface \"p\"\n \
+                 set remote-gw 192.0.2.9\n set local-spi 100\n set remote-spi 100\n \
+                 set enc-alg {enc}\n set enc-key {}\n set auth-alg {auth}\n",
+                "cd".repeat(enc_len)
+            );
+            if auth_len > 0 {
+                text.push_str(&format!(" set auth-key {}\n", "ef".repeat(auth_len)));
+            }
+            text.push_str(" next\nend\n");
+            let cfg = parse(&text);
+            let mut ike = Ikemgr::new(&cfg);
+            let mut out = Vec::new();
+            ike.on_config(&cfg, &mut out);
+            let sa = child_sas(&out)[0].clone();
+            let want = ESP_PROTO_TRANSFORMS
+                .iter()
+                .find(|(n, _)| *n == sa.transform)
+                .unwrap_or_else(|| panic!("{} is not an esp-proto name", sa.transform));
+            assert_eq!(sa.keys_in.len(), want.1, "{}", sa.transform);
+            // Encryption key first, then the integrity key (RFC 7296 §2.17 order).
+            assert!(sa.keys_in[..enc_len].iter().all(|b| *b == 0xcd));
+            assert!(sa.keys_in[enc_len..].iter().all(|b| *b == 0xef));
+            assert_eq!(sa.keys_out, sa.keys_in);
+            seen.push(sa.transform);
+        }
+        seen.sort();
+        let mut all: Vec<String> = ESP_PROTO_TRANSFORMS
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        all.sort();
+        assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn reload_republishes_changed_sas_and_removes_deleted_ones() {
+        let cfg = parse(MK);
+        let mut ike = Ikemgr::new(&cfg);
+        let mut out = Vec::new();
+        ike.on_config(&cfg, &mut out);
+
+        // Same config: nothing.
+        let mut out = Vec::new();
+        ike.on_config(&cfg, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+
+        // New keys for one tunnel: one SA put under the same key, nothing else.
+        let rekeyed = MK.replace(
+            "4142434445464748-494a4b4c4d4e4f50",
+            "5152535455565758-595a5b5c5d5e5f60",
+        );
+        let mut out = Vec::new();
+        ike.on_config(&parse(&rekeyed), &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let sa = child_sas(&out)[0];
+        assert_eq!((sa.tunnel.as_str(), sa.spi_in), ("mk-cbc", 0x1002));
+        assert_eq!(sa.keys_in[0], 0x51);
+
+        // replay disabled -> enabled: the SA changes too.
+        let mut out = Vec::new();
+        let replay_on = rekeyed.replace("        set replay disable\n", "");
+        ike.on_config(&parse(&replay_on), &mut out);
+        assert_eq!(child_sas(&out).len(), 1);
+        assert_eq!(child_sas(&out)[0].replay_window, 2048);
+
+        // A new inbound SPI: the old SA is removed first, then the new one installed.
+        let respi = replay_on.replace("set local-spi 1002", "set local-spi 1003");
+        let mut out = Vec::new();
+        ike.on_config(&parse(&respi), &mut out);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(
+            matches!(&out[0], Body::ChildSaRemoved { tunnel, spi_in } if tunnel == "mk-cbc" && *spi_in == 0x1002)
+        );
+        assert!(matches!(&out[1], Body::ChildSa(c) if c.tunnel == "mk-cbc" && c.spi_in == 0x1003));
+
+        // The tunnel goes: its SA removal comes before the tunnel's.
+        let start = respi.find("    edit \"mk-cbc\"").unwrap();
+        let end = start + respi[start..].find("    next\n").unwrap() + "    next\n".len();
+        let gone = format!("{}{}", &respi[..start], &respi[end..]);
+        let mut out = Vec::new();
+        ike.on_config(&parse(&gone), &mut out);
+        assert_eq!(removed_sas(&out), [("mk-cbc", 0x1003)]);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(&out[1], Body::TunnelRemoved { name } if name == "mk-cbc"));
+        assert!(!ike.child_sas.values().any(|c| c.tunnel == "mk-cbc"));
+        assert_eq!(ike.child_sas.len(), 1);
     }
 }
