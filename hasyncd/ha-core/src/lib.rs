@@ -9,6 +9,8 @@
 //! - [`msg`]: the sync message bodies (heartbeat, IKE SA, CHILD SA, deletions, outbound
 //!   sequence leases and their acks, tunnel ownership claims, snapshot request/chunks) and
 //!   the snapshot chunker/assembler of the Clone pattern;
+//! - [`election`]: FGCP heartbeats, peer loss after `hb-lost-threshold` missed beats, and the
+//!   primary election in FortiOS's documented order (see the module for the table);
 //!
 //! What it does not do: sockets, timers, clock reads (time comes in as `now_ms`), threads,
 //! the bus, configuration parsing (the daemon maps `haven-config` values onto the types
@@ -17,6 +19,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod election;
 mod error;
 pub mod link;
 pub mod msg;
@@ -26,6 +29,7 @@ mod replay;
 pub mod fuzzing;
 pub mod wire;
 
+pub use election::{ElectionEvent, Fgcp, FgcpConfig, MemberStatus};
 pub use error::{DropReason, HaError, Result};
 pub use link::{ClusterKind, HaLink, LinkKey, LinkStats, Received};
 pub use msg::Message;
