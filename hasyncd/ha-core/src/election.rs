@@ -553,10 +553,9 @@ mod tests {
                 }
             ]
         );
-        assert!(!s.events_of(1).iter().any(|e| *e
-            == ElectionEvent::BecameSecondary {
-                primary: MemberId(1)
-            }));
+        assert!(!s.events_of(1).contains(&ElectionEvent::BecameSecondary {
+            primary: MemberId(1)
+        }));
     }
 
     #[test]
