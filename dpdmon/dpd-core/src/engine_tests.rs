@@ -614,3 +614,79 @@ fn hundred_thousand_tunnels() {
     assert_eq!(probes, 3 * u64::from(N / 10));
     assert_eq!(dpd.stats().peers_dead, u64::from(N / 10));
 }
+
+/// Every mode with every schedule shape: a silent peer is declared dead at
+/// exactly silence start + budget (periodic: within the bound), never early,
+/// and a live one never.
+#[test]
+fn every_mode_and_schedule() {
+    let schedules = [
+        Schedule::Fixed {
+            retry_count: 3,
+            retry_interval_ms: 7 * S,
+        },
+        Schedule::Fixed {
+            retry_count: 1,
+            retry_interval_ms: 1500,
+        },
+        Schedule::PAN_OS,
+        Schedule::Exponential {
+            idle_ms: 2 * S,
+            initial_ms: 300,
+            max_ms: 1000,
+            tries: 4,
+        },
+    ];
+    for mode in [Mode::OnIdle, Mode::OnDemand, Mode::Periodic, Mode::Disable] {
+        for schedule in schedules {
+            let settings = Settings {
+                mode,
+                schedule,
+                role: Role::Owner,
+            };
+            let mut sim = Sim::new();
+            sim.add("dead", settings, false);
+            sim.add("live", settings, true);
+            // Both talk (two-way) until 100 s; then "dead" only sends.
+            for i in 1..=100u64 {
+                sim.run_until(T0 + i * S);
+                sim.activity("dead", T0 + i * S, T0 + i * S);
+                sim.activity("live", T0 + i * S, T0 + i * S);
+            }
+            for i in 101..=200u64 {
+                sim.run_until(T0 + i * S);
+                sim.activity("dead", 0, T0 + i * S);
+            }
+            sim.run_until(T0 + 2000 * S);
+            let what = format!("{mode:?} {schedule:?}");
+            assert!(sim.deaths("live").is_empty(), "{what}");
+            let Some(budget) = dead_after_ms(&settings) else {
+                assert!(sim.deaths("dead").is_empty(), "{what}");
+                assert!(sim.log.is_empty(), "{what}");
+                continue;
+            };
+            let d = sim.deaths("dead");
+            assert_eq!(d.len(), 1, "{what}");
+            let (at, detected, probes) = d[0];
+            assert_eq!(probes, schedule.tries(), "{what}");
+            // Silence starts at 100 s (last inbound); on-demand: the first
+            // unanswered outbound packet, at 101 s.
+            let origin = T0
+                + if mode == Mode::OnDemand {
+                    101 * S
+                } else {
+                    100 * S
+                };
+            if mode == Mode::Periodic {
+                assert!(
+                    at <= origin + budget && at >= origin + schedule.round_ms(),
+                    "{what}"
+                );
+                assert!(detected <= budget, "{what}");
+            } else {
+                assert_eq!(at, origin + budget, "{what}");
+                assert_eq!(detected, budget, "{what}");
+            }
+        }
+    }
+}

@@ -19,6 +19,41 @@
 //!
 //! The API follows quinn-proto: getters, `handle_*` inputs that carry `now`,
 //! and `poll_*` outputs; see [`Dpd`] for the polling order.
+//!
+//! ```
+//! use dpd_core::{Activity, Dpd, Event, Mode, Settings};
+//!
+//! let t0 = 1_700_000_000_000; // ms, the clock of espd's activity timestamps
+//! let mut dpd: Dpd<String> = Dpd::new(t0);
+//! // Seed 000: `set dpd on-idle`, `set dpd-retryinterval 60`, 3 retries.
+//! let vpn = "vpn1_2".to_string();
+//! dpd.handle_tunnel_upsert(t0, vpn.clone(), Settings::fortios(Mode::OnIdle, 3, 60_000))?;
+//! // espd batch: a packet from the peer 10 s in.
+//! dpd.handle_datapath_activity(
+//!     t0 + 10_000,
+//!     [Activity { tunnel: &vpn, last_rx_ns: (t0 + 10_000) * 1_000_000, last_tx_ns: 0 }],
+//! );
+//! // The driver sleeps until poll_timeout and runs the timers.
+//! let mut dead = None;
+//! while let Some(at) = dpd.poll_timeout() {
+//!     dpd.handle_timeout(at);
+//!     while let Some(ev) = dpd.poll_event() {
+//!         match ev {
+//!             // ikemgr sends the INFORMATIONAL and reports its message ID.
+//!             Event::SendProbe { tunnel, seqno: None, .. } => dpd.handle_probe_sent(at, &tunnel, 114),
+//!             Event::SendProbe { .. } => {}
+//!             Event::PeerDead { tunnel, detected_after_ms, .. } => {
+//!                 dead = Some((at, detected_after_ms));
+//!                 dpd.handle_tunnel_removed(at, &tunnel); // after the flush
+//!             }
+//!         }
+//!     }
+//!     while let Some(_change) = dpd.poll_view_change() { /* publish dpd.state */ }
+//! }
+//! // Silent from 10 s: probes at 70, 130, 190 s, verdict at 250 s.
+//! assert_eq!(dead, Some((t0 + 250_000, 240_000)));
+//! # Ok::<(), dpd_core::DpdError>(())
+//! ```
 
 #![forbid(unsafe_code)]
 
