@@ -1,76 +1,47 @@
 //! espd: Haven's ESP datapath daemon.
 //!
-//! Today it keeps one datapath record per tunnel that ikemgr publishes (its TUN device
-//! name, SA counts and counters), publishes them on the bus (`esp.tunnel`,
-//! `esp.tunnel.removed`) and serves them as a snapshot. It does not yet move packets: the
-//! sans-IO ESP transforms live in `esp-proto` and are not wired to TUN or sockets here yet.
+//! What it does: follows ikemgr's CHILD SAs (`sa.child`) and carries their traffic in user
+//! space: one persistent TUN device per phase1-interface (`vpn1`), raw ESP (IP protocol 50)
+//! and RFC 3948 UDP/4500 on the outside, the ESP transforms of `esp-proto`, anti-replay,
+//! selector checks on inbound packets, outbound sequence numbers leased and persisted in
+//! `<run-dir>/espd-seq/` so they never repeat across a crash, and soft/hard lifetimes. It
+//! publishes per-tunnel records (`esp.tunnel`), activity batches (`esp.activity`),
+//! sequence marks (`esp.seq`) and lifetime events (`esp.expire`), serves the `tunnel-list`
+//! view and `tunnel-flush` command for `vpnctl diagnose vpn tunnel …`, and exports
+//! Prometheus metrics (`espd_packets_total`, `espd_bytes_total`, `espd_drops_total{reason}`…).
+//! IKE messages arriving on UDP/4500 go to ikemgr over `<run-dir>/ike4500.sock`; ikemgr's
+//! own go out through `<run-dir>/espd-ike.sock` (format in `datapath::sockets`).
+//!
+//! What it does not do: IKE, routes (ikemgr owns the routes on the TUN devices), IPv6 outer
+//! addresses, transport mode, TFC padding, GSO/GRO offloads, or HA role handling.
+//!
+//! Layout: `logic` is the control side run by the daemon shell's actor; `datapath` is the
+//! IO (threads, sockets, TUN) it drives.
 
-use std::collections::BTreeMap;
+mod datapath;
+mod logic;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use bus_schema::{Body, DaemonKind, EspTunnelInfo, StateStore};
-use haven_config::Config;
-use haven_daemon::{diff_keyed, DaemonLogic, Outbox};
-use serde_json::json;
-
-struct Espd {
-    tunnels: BTreeMap<String, EspTunnelInfo>,
-}
-
-impl DaemonLogic for Espd {
-    const KIND: DaemonKind = DaemonKind::Espd;
-    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr];
-
-    fn new(_config: &Config) -> Self {
-        Espd {
-            tunnels: BTreeMap::new(),
+/// The shell parses the command line itself; espd only needs `--run-dir` from it, before the
+/// shell builds the logic.
+fn run_dir_from_args() -> PathBuf {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        let s = a.to_string_lossy();
+        if s == "--run-dir" {
+            if let Some(v) = args.next() {
+                return PathBuf::from(v);
+            }
+        } else if let Some(v) = s.strip_prefix("--run-dir=") {
+            return PathBuf::from(v);
         }
     }
-
-    fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {}
-
-    fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
-        if src != DaemonKind::Ikemgr {
-            return;
-        }
-        let desired: BTreeMap<String, EspTunnelInfo> = store
-            .items()
-            .filter_map(|b| match b {
-                Body::Tunnel(t) => Some(t),
-                _ => None,
-            })
-            .map(|t| {
-                let info = self.tunnels.get(&t.name).cloned().unwrap_or(EspTunnelInfo {
-                    tunnel: t.name.clone(),
-                    device: t.phase1.clone(),
-                    sa_in: 0,
-                    sa_out: 0,
-                    rx_pkts: 0,
-                    tx_pkts: 0,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                });
-                (t.name.clone(), info)
-            })
-            .collect();
-        diff_keyed(
-            &self.tunnels,
-            &desired,
-            |_, e| Body::EspTunnel(e),
-            |tunnel| Body::EspTunnelRemoved { tunnel },
-            out,
-        );
-        self.tunnels = desired;
-    }
-
-    fn view(&self, name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
-        match name {
-            "tunnels" => Ok(json!(self.tunnels.values().collect::<Vec<_>>())),
-            other => Err(format!("unknown view {other:?}: espd has: tunnels")),
-        }
-    }
+    PathBuf::from("/run/haven")
 }
 
 fn main() -> ExitCode {
-    haven_daemon::run::<Espd>()
+    let _ = logic::RUN_DIR.set(run_dir_from_args());
+    haven_daemon::run::<logic::Espd>()
 }

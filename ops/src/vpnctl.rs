@@ -82,6 +82,31 @@ enum DiagnoseCmd {
         #[command(subcommand)]
         cmd: DiagDebugCmd,
     },
+    /// VPN datapath views (espd).
+    Vpn {
+        #[command(subcommand)]
+        cmd: DiagVpnCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiagVpnCmd {
+    /// `tunnel list [name N]` or `tunnel flush [name N]`.
+    Tunnel {
+        #[command(subcommand)]
+        cmd: DiagTunnelCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiagTunnelCmd {
+    /// Tunnels with their SAs and counters, in FortiOS layout (keys are never shown).
+    List {
+        /// `name N` selects one tunnel.
+        args: Vec<String>,
+    },
+    /// Remove the SAs of every tunnel (or of `name N`) from the datapath; ikemgr is told.
+    Flush { args: Vec<String> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +229,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Cmd::Diagnose {
             cmd: DiagnoseCmd::Debug { cmd },
         } => diagnose_debug(&cli, cmd).await,
+        Cmd::Diagnose {
+            cmd: DiagnoseCmd::Vpn {
+                cmd: DiagVpnCmd::Tunnel { cmd },
+            },
+        } => diagnose_vpn_tunnel(&cli, cmd).await,
         Cmd::Show { cmd } => {
             let v = match cmd {
                 ShowCmd::Snapshot { daemon } => {
@@ -503,6 +533,201 @@ async fn stream_debug(cli: &Cli, targets: Vec<(DaemonKind, String)>) -> Result<E
                 }
                 Some(_) => {}
                 None => break,
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `diagnose vpn tunnel list|flush [name N]`: espd's `tunnel-list` view (role and DPD state
+/// added from hasyncd and dpdmon when they answer) or its `tunnel-flush` command.
+async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode, Failure> {
+    let (list, args) = match cmd {
+        DiagTunnelCmd::List { args } => (true, args.clone()),
+        DiagTunnelCmd::Flush { args } => (false, args.clone()),
+    };
+    let name = match args.as_slice() {
+        [] => None,
+        [k, n] if k == "name" => Some(n.clone()),
+        _ => return Err(fail(2, "usage: diagnose vpn tunnel list|flush [name N]")),
+    };
+    let req_args: Vec<String> = name
+        .iter()
+        .flat_map(|n| ["name".to_string(), n.clone()])
+        .collect();
+    if !list {
+        let req = CtlRequest::Command {
+            name: "tunnel-flush".into(),
+            args: req_args,
+        };
+        let v = match call(cli, DaemonKind::Espd, req).await? {
+            CtlReply::View(v) => v,
+            other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+        };
+        if cli.json {
+            print_json(&v);
+        } else {
+            let n = v["flushed"].as_array().map(|a| a.len()).unwrap_or(0);
+            println!("flushed {n} SA(s)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let req = CtlRequest::View {
+        name: "tunnel-list".into(),
+        args: req_args,
+    };
+    let mut v = match call(cli, DaemonKind::Espd, req).await? {
+        CtlReply::View(v) => v,
+        other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+    };
+    // Role (hasyncd) and DPD state (dpdmon) of each tunnel, when those daemons answer.
+    let mut extra: std::collections::BTreeMap<String, (Option<String>, Option<Value>)> =
+        Default::default();
+    for kind in [DaemonKind::Hasyncd, DaemonKind::Dpdmon] {
+        let snap = ctl_call(
+            &cli.run_dir,
+            kind,
+            &CtlRequest::Snapshot,
+            Duration::from_millis(cli.timeout_ms.min(500)),
+        )
+        .await;
+        if let Ok(CtlReply::Snapshot(s)) = snap {
+            for b in s.items {
+                match b {
+                    bus_schema::Body::TunnelRole { tunnel, role } => {
+                        extra.entry(tunnel).or_default().0 = Some(role)
+                    }
+                    bus_schema::Body::Dpd(d) => {
+                        let t = d.tunnel.clone();
+                        extra.entry(t).or_default().1 = serde_json::to_value(&d).ok();
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if let Some(ts) = v["tunnels"].as_array_mut() {
+        for t in ts.iter_mut() {
+            let n = t["name"].as_str().unwrap_or("").to_string();
+            if let Some((role, dpd)) = extra.get(&n) {
+                if let Some(r) = role {
+                    t["role"] = json!(r);
+                }
+                if let Some(d) = dpd {
+                    t["dpd"] = d.clone();
+                }
+            }
+        }
+    }
+    if cli.json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s = |x: &Value| x.as_str().unwrap_or("").to_string();
+    let u = |x: &Value| x.as_u64().unwrap_or(0);
+    match &name {
+        Some(_) => println!("list ipsec tunnel by names in vd 0"),
+        None => println!("list all ipsec tunnel in vd 0"),
+    }
+    let empty = Vec::new();
+    for t in v["tunnels"].as_array().unwrap_or(&empty) {
+        println!("------------------------------------------------------");
+        println!(
+            "name={} ver=2 {}:{}->{}:{} tun_id={} dev={} dst_mtu=1500",
+            s(&t["name"]),
+            s(&t["local_gw"]),
+            u(&t["local_port"]),
+            s(&t["remote_gw"]),
+            u(&t["remote_port"]),
+            s(&t["remote_gw"]),
+            s(&t["device"])
+        );
+        println!(
+            "tun=intf/0 encap={} role={} accept_traffic=1",
+            s(&t["encap"]),
+            t["role"].as_str().unwrap_or("primary")
+        );
+        println!();
+        let sas = t["sas"].as_array().unwrap_or(&empty);
+        println!("parent={} proxyid_num={}", s(&t["phase1"]), sas.len());
+        let st = &t["stat"];
+        println!(
+            "stat: rxp={} txp={} rxb={} txb={}",
+            u(&st["rxp"]),
+            u(&st["txp"]),
+            u(&st["rxb"]),
+            u(&st["txb"])
+        );
+        if t["dpd"].is_object() {
+            let d = &t["dpd"];
+            println!(
+                "dpd: mode={} on={} idle={}ms retry={} count={} seqno={}",
+                s(&d["mode"]),
+                u8::from(d["on"].as_bool().unwrap_or(false)),
+                u(&d["idle_ms"]),
+                u(&d["retry"]),
+                u(&d["count"]),
+                u(&d["seqno"])
+            );
+        }
+        let natt = if s(&t["encap"]) == "udp" {
+            "keepalive"
+        } else {
+            "none"
+        };
+        println!(
+            "natt: mode={natt} draft=0 interval=0 remote_port={}",
+            u(&t["remote_port"])
+        );
+        for sa in sas {
+            println!("proxyid={} proto=0 sa=1", s(&sa["proxyid"]));
+            for src in sa["src"].as_array().unwrap_or(&empty) {
+                println!("  src: {}", s(src));
+            }
+            for dst in sa["dst"].as_array().unwrap_or(&empty) {
+                println!("  dst: {}", s(dst));
+            }
+            let life = &sa["life"];
+            println!(
+                "  SA:  ref=3 options=0 type=00 soft=0 mtu={} expire={}/0B replaywin={}",
+                u(&sa["mtu"]),
+                u(&sa["expire"]),
+                u(&sa["replaywin"])
+            );
+            println!(
+                "       seqno={:x} esn={} replaywin_lastseq={:08x} outbound={}",
+                u(&sa["seqno"]),
+                u8::from(sa["esn"].as_bool().unwrap_or(false)),
+                u(&sa["replaywin_lastseq"]),
+                u8::from(sa["outbound"].as_bool().unwrap_or(false))
+            );
+            println!(
+                "  life: type=01 bytes={}/{} timeout={}/{}",
+                u(&life["bytes"]),
+                u(&life["bytes_hard"]),
+                u(&life["timeout"]),
+                u(&life["timeout_hard"])
+            );
+            for dir in ["dec", "enc"] {
+                let d = &sa[dir];
+                println!(
+                    "  {dir}: spi={} esp={} key={}",
+                    s(&d["spi"]),
+                    s(&d["esp"]),
+                    u(&d["key"])
+                );
+                println!("       ah={} key={}", s(&d["ah"]), u(&d["ah_key"]));
+            }
+            println!(
+                "  dec:pkts/bytes={}/{}, enc:pkts/bytes={}/{}",
+                u(&sa["dec_pkts"]),
+                u(&sa["dec_bytes"]),
+                u(&sa["enc_pkts"]),
+                u(&sa["enc_bytes"])
+            );
+            if let Some(drops) = sa["drops"].as_object().filter(|d| !d.is_empty()) {
+                let list: Vec<String> = drops.iter().map(|(k, n)| format!("{k}={n}")).collect();
+                println!("  drops: {}", list.join(" "));
             }
         }
     }

@@ -1,0 +1,421 @@
+//! The ESP datapath: IO and threads, driven by the daemon logic through [`Datapath`].
+//!
+//! - [`tun`]: one persistent TUN device per phase1-interface;
+//! - [`sockets`]: raw ESP, UDP/4500, the IKE hand-off unix sockets, batched IO;
+//! - [`table`]: the read-mostly SA table (inbound by SPI, outbound by longest prefix);
+//! - [`worker`]: the packet loops, one thread per core;
+//! - [`seqstore`]: outbound sequence-number marks persisted before use.
+//!
+//! Threads: `workers` packet threads, one housekeeping thread that extends sequence-number
+//! leases (persisting the mark first) every [`HOUSEKEEPING`], and one thread relaying IKE
+//! messages from ikemgr out of UDP/4500. The control side (the daemon's actor) installs and
+//! removes SAs; each change builds a new [`table::Table`] and swaps it in.
+
+pub mod seqstore;
+pub mod sockets;
+pub mod table;
+pub mod tun;
+pub mod worker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bus_schema::schema::{ChildSaInfo, EspEncap};
+use esp_proto::{AtomicSeq, EspCrypto, ReplayWindow, SaConfig, SaKeys, SeqLease, Transform};
+
+use self::seqstore::SeqStore;
+use self::sockets::Sockets;
+use self::table::{Cidr, DirCounters, Peer, Sa, Table, NUM_DROPS};
+use self::tun::TunDev;
+
+/// Sequence numbers leased per persisted mark. The housekeeping thread extends the lease
+/// when half of it is left, every [`HOUSEKEEPING`]: 2^19 numbers per 20 ms is 26 M packets/s
+/// before a worker could run dry. A restart skips at most one block.
+pub const SEQ_BLOCK: u64 = 1 << 20;
+/// Housekeeping period.
+pub const HOUSEKEEPING: Duration = Duration::from_millis(20);
+/// Outer IPv4 (20) + UDP (8) headers, for the TUN MTU.
+const OUTER_OVERHEAD: u32 = 28;
+/// Path MTU assumed for the outside interface.
+const OUTER_MTU: u32 = 1500;
+
+/// Errors of the datapath layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// A socket, device or file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The SA as published cannot be installed.
+    #[error("SA {key}: {reason}")]
+    BadSa { key: String, reason: String },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathError {
+    let what = what.into();
+    move |source| DatapathError::Io { what, source }
+}
+
+/// State shared by the workers and the control side.
+pub struct Shared {
+    table: RwLock<Arc<Table>>,
+    pub sockets: Sockets,
+    pub stop: AtomicBool,
+    /// Drops by reason (indices of [`table::DROP_LABELS`]), all SAs and none.
+    pub drops: [AtomicU64; NUM_DROPS],
+    pub keepalives: AtomicU64,
+    pub ike_relayed: AtomicU64,
+    pub ike_sent: AtomicU64,
+    pub rx: DirCounters,
+    pub tx: DirCounters,
+}
+
+impl Shared {
+    /// The current table (one read lock and one `Arc` clone).
+    pub fn current(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    #[inline]
+    pub fn count_drop(&self, reason: usize) {
+        self.count_drops(reason, 1);
+    }
+
+    #[inline]
+    pub fn count_drops(&self, reason: usize, n: usize) {
+        if n > 0 {
+            if let Some(c) = self.drops.get(reason) {
+                c.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The running datapath.
+pub struct Datapath {
+    shared: Arc<Shared>,
+    seqs: SeqStore,
+    sas: BTreeMap<String, Arc<Sa>>,
+    devices: HashMap<String, Arc<TunDev>>,
+    generation: u64,
+    workers: usize,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Datapath {
+    /// Opens the sockets and starts `workers` packet threads plus housekeeping and the IKE
+    /// relay.
+    pub fn start(run_dir: &Path, workers: usize) -> Result<Datapath, DatapathError> {
+        let workers = workers.max(1);
+        let sockets = Sockets::open(run_dir).map_err(io_err("sockets"))?;
+        let seqs =
+            SeqStore::open(run_dir).map_err(io_err(format!("{}/espd-seq", run_dir.display())))?;
+        let shared = Arc::new(Shared {
+            table: RwLock::new(Arc::new(Table::default())),
+            sockets,
+            stop: AtomicBool::new(false),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            keepalives: AtomicU64::new(0),
+            ike_relayed: AtomicU64::new(0),
+            ike_sent: AtomicU64::new(0),
+            rx: DirCounters::default(),
+            tx: DirCounters::default(),
+        });
+        let mut threads = Vec::new();
+        for id in 0..workers {
+            // The worker's buffers hold raw pointers for the kernel: build it on its thread.
+            let shared = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("espd-worker-{id}"))
+                .spawn(move || match worker::Worker::new(id, shared) {
+                    Ok(w) => w.run(),
+                    Err(e) => tracing::error!("worker {id} cannot start: {e}"),
+                })
+                .map_err(io_err("worker thread"))?;
+            threads.push(h);
+        }
+        {
+            let shared = shared.clone();
+            let seqs = seqs.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("espd-housekeeping".into())
+                    .spawn(move || housekeeping(&shared, &seqs))
+                    .map_err(io_err("housekeeping thread"))?,
+            );
+        }
+        {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("espd-ike-relay".into())
+                    .spawn(move || ike_relay(&shared))
+                    .map_err(io_err("IKE relay thread"))?,
+            );
+        }
+        Ok(Datapath {
+            shared,
+            seqs,
+            sas: BTreeMap::new(),
+            devices: HashMap::new(),
+            generation: 0,
+            workers,
+            threads,
+        })
+    }
+
+    /// Counters and drops shared with the workers.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Installed SAs by store key.
+    pub fn sas(&self) -> &BTreeMap<String, Arc<Sa>> {
+        &self.sas
+    }
+
+    /// Open TUN devices by phase1 name.
+    pub fn devices(&self) -> &HashMap<String, Arc<TunDev>> {
+        &self.devices
+    }
+
+    fn publish(&mut self) {
+        self.generation += 1;
+        let t = Table::build(self.generation, self.sas.values().cloned(), &self.devices);
+        *self.shared.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(t);
+    }
+
+    /// Installs (or replaces) a CHILD SA pair. An SA that only changed its `outbound` flag
+    /// keeps its state (counters, sequence numbers, replay window).
+    pub fn install(&mut self, info: &ChildSaInfo, now: Instant) -> Result<(), DatapathError> {
+        let key = ChildSaInfo::key_of(&info.tunnel, info.spi_in);
+        let sa = self.build_sa(&key, info, now)?;
+        self.sas.insert(key, Arc::new(sa));
+        self.publish();
+        Ok(())
+    }
+
+    /// Flips an installed SA's outbound flag (make-before-break) without touching its state.
+    pub fn set_outbound(&mut self, key: &str, outbound: bool) -> bool {
+        match self.sas.get(key) {
+            Some(sa) => {
+                sa.outbound.store(outbound, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes an SA; deletes its phase1's device when it was the last SA there. With
+    /// `forget_seq` its persisted sequence mark goes too (the SA is gone for good).
+    pub fn remove(&mut self, key: &str, forget_seq: bool) -> Option<Arc<Sa>> {
+        let sa = self.sas.remove(key)?;
+        sa.dead.store(true, Ordering::Relaxed);
+        if forget_seq {
+            self.seqs.remove(&sa.tunnel, sa.spi_out);
+        }
+        if !self.sas.values().any(|s| s.phase1 == sa.phase1) {
+            if let Some(dev) = self.devices.remove(&sa.phase1) {
+                dev.unpersist();
+            }
+        }
+        self.publish();
+        Some(sa)
+    }
+
+    fn device(&mut self, phase1: &str, transform: Transform) -> Result<Arc<TunDev>, DatapathError> {
+        if let Some(d) = self.devices.get(phase1) {
+            return Ok(d.clone());
+        }
+        let mtu = OUTER_MTU - OUTER_OVERHEAD - transform.max_overhead() as u32;
+        let dev =
+            Arc::new(TunDev::open(phase1, mtu).map_err(io_err(format!("TUN device {phase1}")))?);
+        tracing::info!("{}: TUN device up, mtu {mtu}", dev.name());
+        self.devices.insert(phase1.to_string(), dev.clone());
+        Ok(dev)
+    }
+
+    fn build_sa(
+        &mut self,
+        key: &str,
+        info: &ChildSaInfo,
+        now: Instant,
+    ) -> Result<Sa, DatapathError> {
+        let bad = |reason: &str| DatapathError::BadSa {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        };
+        let transform = Transform::from_name(&info.transform)
+            .ok_or_else(|| bad(&format!("unknown transform {:?}", info.transform)))?;
+        let parse_ts = |v: &[String]| -> Result<Vec<Cidr>, DatapathError> {
+            v.iter()
+                .map(|s| Cidr::parse(s).ok_or_else(|| bad(&format!("bad selector {s:?}"))))
+                .collect()
+        };
+        let local_ts = parse_ts(&info.local_ts)?;
+        let remote_ts = parse_ts(&info.remote_ts)?;
+        let remote: Ipv4Addr = match info.remote.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => a,
+            _ => {
+                return Err(bad(&format!(
+                    "remote gateway {:?} is not an IPv4 address",
+                    info.remote
+                )))
+            }
+        };
+        let peer = match info.encap {
+            EspEncap::None => Peer::Raw(remote),
+            EspEncap::Udp { remote_port, .. } => Peer::Udp(SocketAddrV4::new(remote, remote_port)),
+        };
+        let l = info.lifetime;
+        let opt = |v: u64| (v > 0).then_some(v);
+        let lifetime = esp_proto::LifetimeConfig {
+            soft_bytes: opt(l.soft_bytes),
+            hard_bytes: opt(l.hard_bytes),
+            soft_packets: None,
+            hard_packets: None,
+            soft_time: opt(l.soft_secs).map(Duration::from_secs),
+            hard_time: opt(l.hard_secs).map(Duration::from_secs),
+        };
+        let cfg = |spi| SaConfig {
+            spi,
+            transform,
+            esn: info.esn,
+            lifetime,
+        };
+        let keys_in = SaKeys::split(transform, &info.keys_in)
+            .map_err(|e| bad(&format!("inbound keys: {e}")))?;
+        let keys_out = SaKeys::split(transform, &info.keys_out)
+            .map_err(|e| bad(&format!("outbound keys: {e}")))?;
+        let mut dec = Vec::with_capacity(self.workers);
+        let mut enc = Vec::with_capacity(self.workers);
+        for _ in 0..self.workers {
+            dec.push(Mutex::new(
+                EspCrypto::new(&cfg(info.spi_in), keys_in, false)
+                    .map_err(|e| bad(&e.to_string()))?,
+            ));
+            enc.push(Mutex::new(
+                EspCrypto::new(&cfg(info.spi_out), keys_out, true)
+                    .map_err(|e| bad(&e.to_string()))?,
+            ));
+        }
+        let replay =
+            ReplayWindow::new(info.replay_window, info.esn).map_err(|e| bad(&e.to_string()))?;
+
+        // Sequence numbers: resume above anything that may have been sent before a crash,
+        // and persist the first lease before the SA can send anything.
+        let persisted = self.seqs.load(&info.tunnel, info.spi_out);
+        let first = info.initial_seq.max(persisted).max(1);
+        let mut lease = SeqLease::new(SEQ_BLOCK, first).map_err(|e| bad(&e.to_string()))?;
+        let mut granted = first;
+        if let Some(hw) = lease.poll_persist(first) {
+            self.seqs
+                .store(&info.tunnel, info.spi_out, hw)
+                .map_err(io_err("persisting sequence mark"))?;
+            lease.persisted(hw);
+            granted = hw;
+        }
+        let seq =
+            AtomicSeq::new(first, info.esn, Some(granted)).map_err(|e| bad(&e.to_string()))?;
+        if persisted > info.initial_seq {
+            tracing::info!(
+                "{key}: outbound SPI {:08x} resumes at sequence {first} (persisted mark)",
+                info.spi_out
+            );
+        }
+        let tun = self.device(&info.phase1, transform)?;
+        Ok(Sa {
+            key: key.to_string(),
+            tunnel: info.tunnel.clone(),
+            phase1: info.phase1.clone(),
+            phase2: info.phase2.clone(),
+            spi_in: info.spi_in,
+            spi_out: info.spi_out,
+            transform,
+            esn: info.esn,
+            local: info.local.clone(),
+            peer,
+            local_ts,
+            remote_ts,
+            tun,
+            installed: now,
+            replay_size: info.replay_window,
+            dec: dec.into_boxed_slice(),
+            enc: enc.into_boxed_slice(),
+            replay: Mutex::new(replay),
+            seq,
+            lease: Mutex::new(lease),
+            outbound: AtomicBool::new(info.outbound),
+            dead: AtomicBool::new(false),
+            hard_bytes: opt(l.hard_bytes).unwrap_or(u64::MAX),
+            hard_packets: u64::MAX,
+            rx: DirCounters::default(),
+            tx: DirCounters::default(),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+        })
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Extends sequence-number leases: persist the next mark, then let the workers use it.
+fn housekeeping(shared: &Shared, seqs: &SeqStore) {
+    let mut failing = false;
+    while !shared.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(HOUSEKEEPING);
+        let table = shared.current();
+        for sa in table.by_spi.values() {
+            let mut lease = sa.lease.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(hw) = lease.poll_persist(sa.seq.next()) {
+                match seqs.store(&sa.tunnel, sa.spi_out, hw) {
+                    Ok(()) => {
+                        lease.persisted(hw);
+                        sa.seq.grant(hw);
+                        failing = false;
+                    }
+                    Err(e) => {
+                        // Workers stop sending on this SA once its lease runs out (counted
+                        // as seq_lease drops); say so once, not every 20 ms.
+                        if !failing {
+                            tracing::error!("{}: cannot persist sequence mark: {e}", sa.key);
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends ikemgr's IKE messages out of UDP/4500.
+fn ike_relay(shared: &Shared) {
+    let mut buf = vec![0u8; 65_536];
+    let mut out = vec![0u8; 65_536 + 4];
+    while !shared.stop.load(Ordering::Relaxed) {
+        match shared.sockets.relay_from_ikemgr(&mut buf, &mut out) {
+            Ok(true) => {
+                shared.ike_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                shared.count_drop(table::DROP_IKE_RELAY);
+                tracing::debug!("IKE message from ikemgr not sent: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! The network edge (DESIGN.md §4): a raw IPv4 socket for IP protocol 50, a UDP socket on
+//! port 4500 for RFC 3948 traffic, the two unix datagram sockets that carry IKE messages
+//! between UDP/4500 and ikemgr, and batched receive/send (`recvmmsg`/`sendmmsg`) with
+//! buffers owned by each worker.
+//!
+//! IKE hand-off format (both unix sockets, one datagram per IKE message):
+//!
+//! ```text
+//! 0       4     6       10    12
+//! | src IPv4 | sport | dst IPv4 | dport | IKE message (no non-ESP marker) ...
+//! ```
+//! addresses and ports in network byte order. espd sends what arrives on UDP/4500 with the
+//! non-ESP marker to `<run-dir>/ike4500.sock` (src = the peer, dst = 0.0.0.0:4500: the local
+//! address is not recovered), and sends every datagram received on its own
+//! `<run-dir>/espd-ike.sock` from its UDP/4500 socket to `dst` with the marker prepended
+//! (`src` is ignored: the kernel picks the source address).
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+/// IKE hand-off header length: src addr, src port, dst addr, dst port.
+pub const IKE_HDR_LEN: usize = 12;
+
+/// Largest datagram a worker slot holds (jumbo frames fit; longer ones are truncated and
+/// dropped as such).
+pub const SLOT: usize = 9216;
+/// Packets per `recvmmsg`/`sendmmsg` call.
+pub const BATCH: usize = 32;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = cvt(fd)?;
+    // SAFETY: fd was just returned by socket(2) and has no other owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    let mut s: libc::sockaddr_in = unsafe { zeroed() };
+    s.sin_family = libc::AF_INET as libc::sa_family_t;
+    s.sin_port = a.port().to_be();
+    s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+    s
+}
+
+fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
+        u16::from_be(s.sin_port),
+    )
+}
+
+fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+/// The sockets shared by all workers.
+#[derive(Debug)]
+pub struct Sockets {
+    /// Raw IPv4, protocol 50: receives include the IPv4 header; sends do not.
+    pub raw: OwnedFd,
+    /// UDP bound to 0.0.0.0:4500.
+    pub udp: OwnedFd,
+    /// Unbound unix datagram socket for sending to `<run-dir>/ike4500.sock`.
+    pub ike_out: OwnedFd,
+    ike_out_addr: libc::sockaddr_un,
+    ike_out_len: libc::socklen_t,
+    /// `<run-dir>/espd-ike.sock`: IKE messages from ikemgr to send out of 4500.
+    pub ike_in: OwnedFd,
+}
+
+fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut a: libc::sockaddr_un = unsafe { zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let b = path.as_os_str().as_bytes();
+    if b.len() >= a.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path too long: {}", path.display()),
+        ));
+    }
+    for (d, s) in a.sun_path.iter_mut().zip(b) {
+        *d = *s as libc::c_char;
+    }
+    let len = (size_of::<libc::sa_family_t>() + b.len() + 1) as libc::socklen_t;
+    Ok((a, len))
+}
+
+impl Sockets {
+    /// Opens and binds everything. Fails if UDP/4500 is taken or raw sockets are not allowed.
+    pub fn open(run_dir: &Path) -> io::Result<Sockets> {
+        let nb = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        // SAFETY (all socket(2) calls): constant arguments.
+        let raw =
+            owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | nb, libc::IPPROTO_ESP) })
+                .map_err(|e| io::Error::new(e.kind(), format!("raw ESP socket: {e}")))?;
+        let udp = owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | nb, 0) })?;
+        for fd in [raw.as_raw_fd(), udp.as_raw_fd()] {
+            // Bursts from a fast peer: a larger queue than the default ~200 KiB. Best effort.
+            let _ = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
+            let _ = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 8 << 20);
+        }
+        let sa = sockaddr(SocketAddrV4::new(
+            Ipv4Addr::UNSPECIFIED,
+            esp_proto::udp::NAT_T_PORT,
+        ));
+        // SAFETY: bind with a live sockaddr_in and its size.
+        cvt(unsafe {
+            libc::bind(
+                udp.as_raw_fd(),
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        })
+        .map_err(|e| io::Error::new(e.kind(), format!("UDP 0.0.0.0:4500: {e}")))?;
+
+        let ike_out = owned(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | nb, 0) })?;
+        let (ike_out_addr, ike_out_len) = unix_addr(&run_dir.join("ike4500.sock"))?;
+        let ike_in = owned(unsafe {
+            libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+        })?;
+        let in_path = run_dir.join("espd-ike.sock");
+        let _ = std::fs::remove_file(&in_path);
+        let (a, l) = unix_addr(&in_path)?;
+        // SAFETY: bind with a live sockaddr_un and its length.
+        cvt(unsafe {
+            libc::bind(
+                ike_in.as_raw_fd(),
+                (&a as *const libc::sockaddr_un).cast(),
+                l,
+            )
+        })
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", in_path.display())))?;
+        // A receive timeout lets the relay thread notice shutdown.
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: setsockopt with a live timeval and its size.
+        cvt(unsafe {
+            libc::setsockopt(
+                ike_in.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        })?;
+        Ok(Sockets {
+            raw,
+            udp,
+            ike_out,
+            ike_out_addr,
+            ike_out_len,
+            ike_in,
+        })
+    }
+
+    /// Hands an IKE message that arrived on UDP/4500 to ikemgr. `scratch` must hold
+    /// `IKE_HDR_LEN + ike.len()` bytes; returns false if it could not be delivered.
+    pub fn relay_to_ikemgr(&self, from: SocketAddrV4, ike: &[u8], scratch: &mut [u8]) -> bool {
+        let n = IKE_HDR_LEN + ike.len();
+        let Some(msg) = scratch.get_mut(..n) else {
+            return false;
+        };
+        msg[..4].copy_from_slice(&from.ip().octets());
+        msg[4..6].copy_from_slice(&from.port().to_be_bytes());
+        msg[6..10].copy_from_slice(&[0; 4]);
+        msg[10..12].copy_from_slice(&esp_proto::udp::NAT_T_PORT.to_be_bytes());
+        msg[12..].copy_from_slice(ike);
+        // SAFETY: msg is valid for n bytes; the address is a live sockaddr_un.
+        let r = unsafe {
+            libc::sendto(
+                self.ike_out.as_raw_fd(),
+                msg.as_ptr().cast(),
+                n,
+                libc::MSG_DONTWAIT,
+                (&self.ike_out_addr as *const libc::sockaddr_un).cast(),
+                self.ike_out_len,
+            )
+        };
+        r >= 0
+    }
+
+    /// Blocks up to 200 ms for one message from ikemgr on `espd-ike.sock` and sends it out of
+    /// UDP/4500 with the non-ESP marker. Returns Ok(false) on timeout, Err on a malformed
+    /// hand-off message or a send error.
+    pub fn relay_from_ikemgr(&self, buf: &mut [u8], out: &mut [u8]) -> io::Result<bool> {
+        // SAFETY: buf is valid for buf.len() writable bytes.
+        let n = unsafe {
+            libc::recv(
+                self.ike_in.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(e),
+            };
+        }
+        let msg = buf.get(..n as usize).unwrap_or(&[]);
+        let (Some(hdr), Some(ike)) = (msg.get(..IKE_HDR_LEN), msg.get(IKE_HDR_LEN..)) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "hand-off message shorter than its header",
+            ));
+        };
+        let dst = SocketAddrV4::new(
+            Ipv4Addr::new(hdr[6], hdr[7], hdr[8], hdr[9]),
+            u16::from_be_bytes([hdr[10], hdr[11]]),
+        );
+        let len = esp_proto::udp::write_ike_payload(ike, out)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let sa = sockaddr(dst);
+        // SAFETY: out[..len] is initialised; sa is a live sockaddr_in.
+        let r = unsafe {
+            libc::sendto(
+                self.udp.as_raw_fd(),
+                out.as_ptr().cast(),
+                len,
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+}
+
+/// Receive buffers of one worker, for `recvmmsg`.
+pub struct RecvBatch {
+    bufs: Box<[[u8; SLOT]]>,
+    addrs: [libc::sockaddr_in; BATCH],
+    iov: [libc::iovec; BATCH],
+    hdrs: [libc::mmsghdr; BATCH],
+}
+
+impl RecvBatch {
+    pub fn new() -> RecvBatch {
+        RecvBatch {
+            bufs: vec![[0u8; SLOT]; BATCH].into_boxed_slice(),
+            // SAFETY: plain old data; all-zero is valid (pointers are set before each call).
+            addrs: unsafe { zeroed() },
+            iov: unsafe { zeroed() },
+            hdrs: unsafe { zeroed() },
+        }
+    }
+
+    /// Receives up to [`BATCH`] datagrams without blocking; returns how many (0: none).
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        for i in 0..BATCH {
+            // Indexing: all arrays have BATCH entries.
+            self.iov[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: SLOT,
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        // SAFETY: every header points at live buffers of this struct for the duration of the
+        // call; BATCH headers are valid.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            };
+        }
+        Ok(n as usize)
+    }
+
+    /// Datagram `i` of the last `recv`: (bytes, source, truncated).
+    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddrV4, bool)> {
+        let h = self.hdrs.get(i)?;
+        let len = (h.msg_len as usize).min(SLOT);
+        let data = self.bufs.get(i)?.get(..len)?;
+        let trunc = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        Some((data, from_sockaddr(self.addrs.get(i)?), trunc))
+    }
+}
+
+/// Outgoing ESP packets of one worker, sent with one `sendmmsg` per socket.
+pub struct SendBatch {
+    bufs: Box<[[u8; SLOT]]>,
+    lens: [usize; BATCH],
+    addrs: [libc::sockaddr_in; BATCH],
+    iov: [libc::iovec; BATCH],
+    hdrs: [libc::mmsghdr; BATCH],
+    n: usize,
+}
+
+impl SendBatch {
+    pub fn new() -> SendBatch {
+        SendBatch {
+            bufs: vec![[0u8; SLOT]; BATCH].into_boxed_slice(),
+            lens: [0; BATCH],
+            // SAFETY: plain old data; all-zero is valid (pointers are set before each call).
+            addrs: unsafe { zeroed() },
+            iov: unsafe { zeroed() },
+            hdrs: unsafe { zeroed() },
+            n: 0,
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.n >= BATCH
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The next free slot's buffer (None when full).
+    pub fn slot(&mut self) -> Option<&mut [u8]> {
+        self.bufs.get_mut(self.n).map(|b| &mut b[..])
+    }
+
+    /// Commits the slot filled through [`SendBatch::slot`] with `len` bytes for `dst`.
+    pub fn commit(&mut self, len: usize, dst: SocketAddrV4) {
+        if self.n < BATCH {
+            self.lens[self.n] = len.min(SLOT);
+            self.addrs[self.n] = sockaddr(dst);
+            self.n += 1;
+        }
+    }
+
+    /// Sends everything queued on `fd`; returns how many the kernel refused.
+    pub fn flush(&mut self, fd: RawFd) -> usize {
+        let total = self.n;
+        for i in 0..total {
+            // Indexing: total <= BATCH.
+            self.iov[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: self.lens[i],
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+        }
+        let mut sent = 0;
+        let mut failed = 0;
+        while sent < total {
+            // SAFETY: headers sent..total point at live buffers of this struct.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr().add(sent),
+                    (total - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                let e = io::Error::last_os_error();
+                if r < 0 && e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The first packet of the rest failed (queue full, no route, too big): drop
+                // it and carry on with the others.
+                failed += 1;
+                sent += 1;
+                continue;
+            }
+            sent += r as usize;
+        }
+        self.n = 0;
+        failed
+    }
+}

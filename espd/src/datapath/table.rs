@@ -1,0 +1,374 @@
+//! The SA table the workers read: SAs by inbound SPI, and per TUN device the outbound
+//! routes (remote selector prefixes, longest first). Read-mostly: the control side builds a
+//! new [`Table`] on every change and swaps the `Arc`; workers take the current `Arc` once per
+//! wakeup, never per packet.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use esp_proto::{AtomicSeq, EspCrypto, ReplayWindow, SeqLease, Transform};
+
+use super::tun::TunDev;
+
+/// An IPv4 or IPv6 prefix (`10.0.1.0/24`, `::/0`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d/n`, `x::y/n`, or a bare address (host prefix). Host bits must be zero
+    /// is not required: they are masked off.
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            Some(l) => l.trim().parse::<u8>().ok().filter(|l| *l <= max)?,
+            None => max,
+        };
+        Some(Cidr {
+            addr: mask(addr, len),
+            len,
+        })
+    }
+
+    /// Prefix length.
+    pub fn len(&self) -> u8 {
+        self.len
+    }
+
+    /// Whether `ip` lies in the prefix (never across address families).
+    #[inline]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                mask(ip, self.len) == self.addr
+            }
+            _ => false,
+        }
+    }
+
+    /// The first and last address, for `diagnose` output (`10.0.1.0-10.0.1.255`).
+    pub fn range(&self) -> (IpAddr, IpAddr) {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let host = if self.len == 0 {
+                    u32::MAX
+                } else {
+                    u32::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
+                };
+                (self.addr, IpAddr::from((u32::from(a) | host).to_be_bytes()))
+            }
+            IpAddr::V6(a) => {
+                let host = if self.len == 0 {
+                    u128::MAX
+                } else {
+                    u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
+                };
+                (
+                    self.addr,
+                    IpAddr::from((u128::from(a) | host).to_be_bytes()),
+                )
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+fn mask(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            IpAddr::from((u32::from(a) & m).to_be_bytes())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            IpAddr::from((u128::from(a) & m).to_be_bytes())
+        }
+    }
+}
+
+/// Whether `ip` lies in any of `set`.
+#[inline]
+pub fn any_contains(set: &[Cidr], ip: IpAddr) -> bool {
+    set.iter().any(|c| c.contains(ip))
+}
+
+/// Why a packet was dropped: esp-proto's reasons first (same order, same labels), then the
+/// datapath's own.
+pub const DROP_LABELS: [&str; NUM_DROPS] = {
+    let mut l = [""; NUM_DROPS];
+    let mut i = 0;
+    while i < esp_proto::DropReason::ALL.len() {
+        l[i] = esp_proto::DropReason::ALL[i].as_str();
+        i += 1;
+    }
+    l[DROP_SELECTOR] = "selector";
+    l[DROP_NO_SA] = "no_sa";
+    l[DROP_OUTER] = "outer_header";
+    l[DROP_IKE_RELAY] = "ike_relay";
+    l[DROP_TX_ERROR] = "tx_error";
+    l[DROP_TUN_WRITE] = "tun_write";
+    l
+};
+/// The inner packet's addresses do not match the SA's selectors.
+pub const DROP_SELECTOR: usize = esp_proto::DropReason::ALL.len();
+/// Outbound: no SA's remote selector covers the destination (or the source is outside
+/// every local selector).
+pub const DROP_NO_SA: usize = DROP_SELECTOR + 1;
+/// Inbound raw ESP with a malformed outer IPv4 header.
+pub const DROP_OUTER: usize = DROP_SELECTOR + 2;
+/// An IKE message from UDP/4500 that could not be handed to ikemgr (nobody listening).
+pub const DROP_IKE_RELAY: usize = DROP_SELECTOR + 3;
+/// The kernel refused to send an ESP packet.
+pub const DROP_TX_ERROR: usize = DROP_SELECTOR + 4;
+/// Writing a decrypted packet to the TUN device failed.
+pub const DROP_TUN_WRITE: usize = DROP_SELECTOR + 5;
+/// Number of drop reasons.
+pub const NUM_DROPS: usize = DROP_SELECTOR + 6;
+
+/// Counters updated by the workers (relaxed atomics), read by the control side.
+#[derive(Default, Debug)]
+pub struct DirCounters {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Wall-clock ns of the worker wakeup that last moved a packet (0: never).
+    pub last_ns: AtomicU64,
+}
+
+impl DirCounters {
+    #[inline]
+    pub fn add(&self, bytes: usize, now_ns: u64) {
+        self.packets.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.last_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> esp_proto::Counters {
+        esp_proto::Counters {
+            packets: self.packets.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where an SA's ESP packets go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// Raw IP protocol 50 to this address.
+    Raw(std::net::Ipv4Addr),
+    /// UDP-encapsulated (RFC 3948) to this address and port, from our port 4500.
+    Udp(SocketAddrV4),
+}
+
+/// One installed CHILD SA pair. Crypto contexts are per worker thread (index = worker id);
+/// each sits behind its own mutex, which only that worker ever takes, so it is uncontended.
+pub struct Sa {
+    /// Store key `<tunnel>/<spi_in>`.
+    pub key: String,
+    pub tunnel: String,
+    pub phase1: String,
+    pub phase2: String,
+    pub spi_in: u32,
+    pub spi_out: u32,
+    pub transform: Transform,
+    pub esn: bool,
+    pub local: String,
+    pub peer: Peer,
+    pub local_ts: Vec<Cidr>,
+    pub remote_ts: Vec<Cidr>,
+    /// The phase1's TUN device (decrypted packets are written here).
+    pub tun: Arc<TunDev>,
+    pub installed: Instant,
+    pub replay_size: u32,
+    pub dec: Box<[Mutex<EspCrypto>]>,
+    pub enc: Box<[Mutex<EspCrypto>]>,
+    pub replay: Mutex<ReplayWindow>,
+    pub seq: AtomicSeq,
+    /// Lease bookkeeping: only the housekeeping thread and install touch it.
+    pub lease: Mutex<SeqLease>,
+    /// May send (make-before-break: false while only the inbound half is live).
+    pub outbound: AtomicBool,
+    /// Hard lifetime reached or flushed: process nothing more.
+    pub dead: AtomicBool,
+    pub hard_bytes: u64,
+    pub hard_packets: u64,
+    pub rx: DirCounters,
+    pub tx: DirCounters,
+    pub drops: [AtomicU64; NUM_DROPS],
+}
+
+impl Sa {
+    #[inline]
+    pub fn count_drop(&self, reason: usize) {
+        if let Some(c) = self.drops.get(reason) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the hard volume limits still allow one more packet in that direction.
+    #[inline]
+    pub fn volume_ok(&self, c: &DirCounters) -> bool {
+        c.bytes.load(Ordering::Relaxed) < self.hard_bytes
+            && c.packets.load(Ordering::Relaxed) < self.hard_packets
+    }
+
+    pub fn drop_count(&self, reason: usize) -> u64 {
+        self.drops
+            .get(reason)
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+}
+
+/// One outbound route: traffic to `dst` (a remote selector) goes through `sa`.
+pub struct Route {
+    pub dst: Cidr,
+    pub sa: Arc<Sa>,
+}
+
+/// A TUN device with its outbound routes.
+pub struct Device {
+    pub tun: Arc<TunDev>,
+    /// Longest prefix first.
+    pub routes: Vec<Route>,
+}
+
+impl Device {
+    /// Longest-prefix match of `dst` over the remote selectors of outbound-enabled SAs whose
+    /// local selectors hold `src`. Linear in the routes of this device: tunnels carry a few
+    /// selectors each.
+    #[inline]
+    pub fn lookup(&self, src: IpAddr, dst: IpAddr) -> Option<&Arc<Sa>> {
+        self.routes
+            .iter()
+            .find(|r| {
+                r.dst.contains(dst)
+                    && r.sa.outbound.load(Ordering::Relaxed)
+                    && !r.sa.dead.load(Ordering::Relaxed)
+                    && any_contains(&r.sa.local_ts, src)
+            })
+            .map(|r| &r.sa)
+    }
+}
+
+/// One immutable version of the table.
+#[derive(Default)]
+pub struct Table {
+    pub generation: u64,
+    pub by_spi: HashMap<u32, Arc<Sa>>,
+    pub devices: Vec<Device>,
+}
+
+impl Table {
+    /// Builds the table from the installed SAs and the open devices.
+    pub fn build(
+        generation: u64,
+        sas: impl Iterator<Item = Arc<Sa>>,
+        devices: &HashMap<String, Arc<TunDev>>,
+    ) -> Table {
+        let mut by_spi = HashMap::new();
+        let mut routes: HashMap<&str, Vec<Route>> = HashMap::new();
+        let sas: Vec<Arc<Sa>> = sas.collect();
+        for sa in &sas {
+            by_spi.insert(sa.spi_in, sa.clone());
+            let r = routes.entry(sa.phase1.as_str()).or_default();
+            for dst in &sa.remote_ts {
+                r.push(Route {
+                    dst: *dst,
+                    sa: sa.clone(),
+                });
+            }
+        }
+        let devices = devices
+            .iter()
+            .map(|(name, tun)| {
+                let mut routes = routes.remove(name.as_str()).unwrap_or_default();
+                // Longest prefix first; among equals, the newest SA first (a rekeyed SA
+                // takes over as soon as it is outbound-enabled).
+                routes.sort_by(|a, b| {
+                    b.dst
+                        .len()
+                        .cmp(&a.dst.len())
+                        .then(b.sa.installed.cmp(&a.sa.installed))
+                });
+                Device {
+                    tun: tun.clone(),
+                    routes,
+                }
+            })
+            .collect();
+        Table {
+            generation,
+            by_spi,
+            devices,
+        }
+    }
+
+    /// The device whose TUN file descriptor is `fd`.
+    #[inline]
+    pub fn device_by_fd(&self, fd: i32) -> Option<&Device> {
+        self.devices.iter().find(|d| d.tun.fd() == fd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cidr_parse_contains_range() {
+        let c = Cidr::parse("10.99.2.7/24").unwrap();
+        assert_eq!(c.to_string(), "10.99.2.0/24");
+        assert!(c.contains(ip("10.99.2.255")));
+        assert!(!c.contains(ip("10.99.3.0")));
+        assert!(!c.contains(ip("::1")));
+        assert_eq!(c.range(), (ip("10.99.2.0"), ip("10.99.2.255")));
+        let all = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains(ip("1.2.3.4")));
+        assert_eq!(all.range().1, ip("255.255.255.255"));
+        let host = Cidr::parse("192.0.2.1").unwrap();
+        assert_eq!(host.len(), 32);
+        assert!(host.contains(ip("192.0.2.1")) && !host.contains(ip("192.0.2.2")));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains(ip("2001:db8:1::1")) && !v6.contains(ip("2001:db9::")));
+        assert_eq!(
+            Cidr::parse("::/0").unwrap().range().1,
+            ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")
+        );
+        for bad in ["10.0.0.0/33", "x/8", "", "10.0.0.0/", "::/129"] {
+            assert_eq!(Cidr::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn drop_labels_are_distinct() {
+        let mut l = DROP_LABELS.to_vec();
+        assert!(l.iter().all(|s| !s.is_empty()));
+        l.sort();
+        l.dedup();
+        assert_eq!(l.len(), NUM_DROPS);
+        assert_eq!(DROP_LABELS[esp_proto::DropReason::Auth.index()], "icv");
+    }
+}

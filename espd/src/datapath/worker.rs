@@ -1,0 +1,404 @@
+//! One datapath worker thread: an epoll set over the raw ESP socket, the UDP/4500 socket
+//! and every TUN device, level-triggered, one batch per ready descriptor per wakeup.
+//!
+//! Per packet there is no allocation, no log line, no lock other than the worker's own
+//! crypto context (uncontended) and, inbound, the SA's replay window around `check` and
+//! `accept`; counters are relaxed atomics. The table is re-read once per wakeup.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use esp_proto::{classify_udp4500, decode_payload, inner, EspError, EspHeader, Udp4500};
+
+use super::sockets::{RecvBatch, SendBatch, BATCH, SLOT};
+use super::table::{
+    any_contains, Device, Peer, Table, DROP_IKE_RELAY, DROP_NO_SA, DROP_OUTER, DROP_SELECTOR,
+    DROP_TUN_WRITE, DROP_TX_ERROR,
+};
+use super::Shared;
+
+const TOKEN_RAW: u64 = u64::MAX - 1;
+const TOKEN_UDP: u64 = u64::MAX - 2;
+/// Wakeup period when idle, so table changes and shutdown are noticed.
+const IDLE_MS: libc::c_int = 100;
+const MAX_EVENTS: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only follows a panic on another worker; the value is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Wall clock in ns, read once per wakeup for the activity timestamps.
+fn wall_ns() -> u64 {
+    haven_daemon::now_ns()
+}
+
+pub struct Worker {
+    id: usize,
+    shared: Arc<Shared>,
+    ep: OwnedFd,
+    gen: u64,
+    tun_fds: Vec<RawFd>,
+    rx: RecvBatch,
+    tx_raw: SendBatch,
+    tx_udp: SendBatch,
+    /// Decrypted payloads (inbound) and packets read from TUN (outbound).
+    plain: Box<[u8; SLOT]>,
+    /// IKE hand-off messages.
+    scratch: Box<[u8; SLOT]>,
+}
+
+fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: token,
+    };
+    // SAFETY: ev is a live epoll_event for the duration of the call.
+    if unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Worker {
+    pub fn new(id: usize, shared: Arc<Shared>) -> io::Result<Worker> {
+        // SAFETY: epoll_create1 with a constant flag.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: ep was just returned by epoll_create1 and has no other owner.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        epoll_ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            shared.sockets.raw.as_raw_fd(),
+            TOKEN_RAW,
+        )?;
+        epoll_ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            shared.sockets.udp.as_raw_fd(),
+            TOKEN_UDP,
+        )?;
+        Ok(Worker {
+            id,
+            shared,
+            ep,
+            gen: u64::MAX,
+            tun_fds: Vec::new(),
+            rx: RecvBatch::new(),
+            tx_raw: SendBatch::new(),
+            tx_udp: SendBatch::new(),
+            plain: Box::new([0; SLOT]),
+            scratch: Box::new([0; SLOT]),
+        })
+    }
+
+    /// Runs until the datapath stops.
+    pub fn run(mut self) {
+        // SAFETY: epoll_event is plain old data.
+        let mut events: [libc::epoll_event; MAX_EVENTS] = unsafe { std::mem::zeroed() };
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let table = self.shared.current();
+            if table.generation != self.gen {
+                self.sync(&table);
+            }
+            // SAFETY: events has MAX_EVENTS entries.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.ep.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    MAX_EVENTS as libc::c_int,
+                    IDLE_MS,
+                )
+            };
+            if n <= 0 {
+                continue;
+            }
+            let table = self.shared.current();
+            let now = wall_ns();
+            for ev in events.iter().take(n as usize) {
+                match ev.u64 {
+                    TOKEN_RAW => self.rx_raw(&table, now),
+                    TOKEN_UDP => self.rx_udp(&table, now),
+                    fd => {
+                        if let Some(dev) = table.device_by_fd(fd as RawFd) {
+                            self.tx_tun(dev, now);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Registers the current table's TUN devices (and forgets the removed ones).
+    fn sync(&mut self, table: &Table) {
+        let ep = self.ep.as_raw_fd();
+        let now: Vec<RawFd> = table.devices.iter().map(|d| d.tun.fd()).collect();
+        for fd in &self.tun_fds {
+            if !now.contains(fd) {
+                // Closed devices have left the set already (ENOENT/EBADF): fine.
+                let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, *fd, 0);
+            }
+        }
+        for fd in &now {
+            match epoll_ctl(ep, libc::EPOLL_CTL_ADD, *fd, *fd as u64) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => tracing::error!("worker {}: cannot watch TUN fd {fd}: {e}", self.id),
+            }
+        }
+        self.tun_fds = now;
+        self.gen = table.generation;
+    }
+
+    // ---- inbound ------------------------------------------------------------------------
+
+    fn rx_raw(&mut self, table: &Table, now: u64) {
+        let Worker {
+            id,
+            shared,
+            rx,
+            plain,
+            ..
+        } = self;
+        let n = rx.recv(shared.sockets.raw.as_raw_fd()).unwrap_or(0);
+        for i in 0..n {
+            let Some((pkt, _, trunc)) = rx.get(i) else {
+                continue;
+            };
+            if trunc {
+                shared.count_drop(esp_proto::DropReason::Truncated.index());
+                continue;
+            }
+            // The raw socket hands us the IPv4 header (RFC 791 §3.1): IHL in 32-bit words.
+            let first = pkt.first().copied().unwrap_or(0);
+            let ihl = usize::from(first & 0x0f) * 4;
+            let (4, true, Some(src), Some(esp)) =
+                (first >> 4, ihl >= 20, pkt.get(12..16), pkt.get(ihl..))
+            else {
+                shared.count_drop(DROP_OUTER);
+                continue;
+            };
+            let src = Ipv4Addr::new(src[0], src[1], src[2], src[3]);
+            decap(
+                *id,
+                shared,
+                &mut plain[..],
+                table,
+                esp,
+                IpAddr::V4(src),
+                now,
+            );
+        }
+    }
+
+    fn rx_udp(&mut self, table: &Table, now: u64) {
+        let Worker {
+            id,
+            shared,
+            rx,
+            plain,
+            scratch,
+            ..
+        } = self;
+        let n = rx.recv(shared.sockets.udp.as_raw_fd()).unwrap_or(0);
+        for i in 0..n {
+            let Some((payload, from, trunc)) = rx.get(i) else {
+                continue;
+            };
+            if trunc {
+                shared.count_drop(esp_proto::DropReason::Truncated.index());
+                continue;
+            }
+            match classify_udp4500(payload) {
+                Ok(Udp4500::Keepalive) => {
+                    shared.keepalives.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Udp4500::Ike(ike)) => {
+                    if shared.sockets.relay_to_ikemgr(from, ike, &mut scratch[..]) {
+                        shared.ike_relayed.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        shared.count_drop(DROP_IKE_RELAY);
+                    }
+                }
+                Ok(Udp4500::Esp(esp)) => decap(
+                    *id,
+                    shared,
+                    &mut plain[..],
+                    table,
+                    esp,
+                    IpAddr::V4(*from.ip()),
+                    now,
+                ),
+                Err(e) => shared.count_drop(e.drop_reason().index()),
+            }
+        }
+    }
+
+    // ---- outbound -----------------------------------------------------------------------
+
+    /// Reads up to a batch of packets from one TUN device, encrypts each with the SA its
+    /// destination routes to, and sends them with one `sendmmsg` per socket.
+    fn tx_tun(&mut self, dev: &Device, now: u64) {
+        let Worker {
+            id,
+            shared,
+            plain,
+            tx_raw,
+            tx_udp,
+            ..
+        } = self;
+        for _ in 0..BATCH {
+            let n = match dev.tun.read(&mut plain[..]) {
+                Ok(Some(n)) => n,
+                Ok(None) | Err(_) => break,
+            };
+            let pkt = plain.get(..n).unwrap_or(&[]);
+            let Some((src, dst)) = inner::addresses(pkt) else {
+                shared.count_drop(esp_proto::DropReason::NotIp.index());
+                continue;
+            };
+            let Some(sa) = dev.lookup(src, dst) else {
+                shared.count_drop(DROP_NO_SA);
+                continue;
+            };
+            if !sa.volume_ok(&sa.tx) {
+                sa.count_drop(esp_proto::DropReason::Expired.index());
+                shared.count_drop(esp_proto::DropReason::Expired.index());
+                continue;
+            }
+            let (batch, fd, to) = match sa.peer {
+                Peer::Raw(ip) => (
+                    &mut *tx_raw,
+                    shared.sockets.raw.as_raw_fd(),
+                    SocketAddrV4::new(ip, 0),
+                ),
+                Peer::Udp(a) => (&mut *tx_udp, shared.sockets.udp.as_raw_fd(), a),
+            };
+            if batch.is_full() {
+                let failed = batch.flush(fd);
+                shared.count_drops(DROP_TX_ERROR, failed);
+            }
+            let seq = match sa.seq.take() {
+                Ok(s) => s,
+                Err(e) => {
+                    sa.count_drop(e.drop_reason().index());
+                    shared.count_drop(e.drop_reason().index());
+                    continue;
+                }
+            };
+            let Some(out) = batch.slot() else {
+                continue;
+            };
+            let Some(crypto) = sa.enc.get(*id) else {
+                continue;
+            };
+            match lock(crypto).seal(seq, pkt, out) {
+                Ok(len) => batch.commit(len, to),
+                Err(e) => {
+                    sa.count_drop(e.drop_reason().index());
+                    shared.count_drop(e.drop_reason().index());
+                    continue;
+                }
+            }
+            sa.tx.add(n, now);
+            shared.tx.add(n, now);
+        }
+        if !tx_raw.is_empty() {
+            let failed = tx_raw.flush(shared.sockets.raw.as_raw_fd());
+            shared.count_drops(DROP_TX_ERROR, failed);
+        }
+        if !tx_udp.is_empty() {
+            let failed = tx_udp.flush(shared.sockets.udp.as_raw_fd());
+            shared.count_drops(DROP_TX_ERROR, failed);
+        }
+    }
+}
+
+/// RFC 4303 §3.4 for one received ESP packet: SPI lookup, shape, replay check, ICV and
+/// decryption, window update (only now that it authenticated), padding and inner header,
+/// then the selector check (RFC 4301 §5.2) and the write to TUN.
+fn decap(
+    id: usize,
+    shared: &Shared,
+    plain: &mut [u8],
+    table: &Table,
+    esp: &[u8],
+    _from: IpAddr,
+    now: u64,
+) {
+    let Some(hdr) = EspHeader::peek(esp) else {
+        shared.count_drop(esp_proto::DropReason::Truncated.index());
+        return;
+    };
+    let Some(sa) = table.by_spi.get(&hdr.spi) else {
+        shared.count_drop(esp_proto::DropReason::UnknownSpi.index());
+        return;
+    };
+    let fail = |reason: usize| {
+        sa.count_drop(reason);
+        shared.count_drop(reason);
+    };
+    if sa.dead.load(Ordering::Relaxed) || !sa.volume_ok(&sa.rx) {
+        fail(esp_proto::DropReason::Expired.index());
+        return;
+    }
+    let Some(crypto) = sa.dec.get(id) else {
+        return;
+    };
+    let mut crypto = lock(crypto);
+    if let Err(e) = crypto.check_shape(esp) {
+        fail(e.drop_reason().index());
+        return;
+    }
+    let seq = match lock(&sa.replay).check(hdr.seq) {
+        Ok(s) => s,
+        Err(e) => {
+            fail(e.drop_reason().index());
+            return;
+        }
+    };
+    let plen = match crypto.open(esp, seq, plain) {
+        Ok(n) => n,
+        Err(e) => {
+            fail(e.drop_reason().index());
+            return;
+        }
+    };
+    drop(crypto);
+    if !lock(&sa.replay).accept(seq) {
+        fail(EspError::Replay.drop_reason().index());
+        return;
+    }
+    let (len, _next_header) = match decode_payload(plain.get(..plen).unwrap_or(&[])) {
+        Ok(x) => x,
+        Err(e) => {
+            fail(e.drop_reason().index());
+            return;
+        }
+    };
+    if len == 0 {
+        // A dummy packet (Next Header 59, RFC 4303 §2.6): authenticated, not forwarded.
+        return;
+    }
+    let pkt = plain.get(..len).unwrap_or(&[]);
+    let ok = match inner::addresses(pkt) {
+        Some((src, dst)) => any_contains(&sa.remote_ts, src) && any_contains(&sa.local_ts, dst),
+        None => false,
+    };
+    if !ok {
+        fail(DROP_SELECTOR);
+        return;
+    }
+    if sa.tun.write(pkt).is_err() {
+        fail(DROP_TUN_WRITE);
+        return;
+    }
+    sa.rx.add(len, now);
+    shared.rx.add(len, now);
+}

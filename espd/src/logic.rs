@@ -1,0 +1,604 @@
+//! espd's control side, run by the daemon shell's actor: follows ikemgr's `sa.child` table,
+//! installs and removes SAs in the [`Datapath`], polls lifetimes, and publishes tunnel
+//! records, activity batches, sequence marks and lifetime events. Never sees a packet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bus_schema::schema::{ChildSaInfo, EspEncap, SaExpiry, SeqMark, TunnelActivity};
+use bus_schema::{table, Body, DaemonKind, EspTunnelInfo, StateStore};
+use esp_proto::{Lifetime, LifetimeEvent, LimitKind};
+use haven_config::Config;
+use haven_daemon::{diff_keyed, DaemonLogic, Outbox};
+use serde_json::{json, Value};
+
+use crate::datapath::table::{Peer, Sa, DROP_LABELS, NUM_DROPS};
+use crate::datapath::Datapath;
+
+/// Where the shell keeps its sockets; espd's datapath files live there too. Set by `main`
+/// from the command line before the shell starts.
+pub static RUN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Lifetime state of one installed SA, per direction.
+struct SaLife {
+    inbound: Lifetime,
+    outbound: Lifetime,
+}
+
+pub struct Espd {
+    run_dir: PathBuf,
+    workers: usize,
+    dp: Option<Datapath>,
+    dp_error: Option<String>,
+    /// The last `sa.child` table seen from ikemgr, by store key.
+    desired: BTreeMap<String, ChildSaInfo>,
+    /// Tunnel instances ikemgr publishes (`tunnel.state`) -> phase1.
+    tunnel_records: BTreeMap<String, String>,
+    /// What is in the datapath, as it was installed.
+    installed: BTreeMap<String, ChildSaInfo>,
+    /// Install failures, by key (retried when ikemgr republishes, or every tick).
+    failed: BTreeMap<String, String>,
+    /// Hard-expired or flushed: not re-installed until ikemgr drops or replaces them.
+    dead: BTreeSet<String>,
+    lives: BTreeMap<String, SaLife>,
+    tunnels: BTreeMap<String, EspTunnelInfo>,
+    activity_seen: BTreeMap<String, (u64, u64)>,
+    seq_published: BTreeMap<String, u64>,
+}
+
+fn limit_name(k: LimitKind) -> &'static str {
+    match k {
+        LimitKind::Bytes => "bytes",
+        LimitKind::Packets => "packets",
+        LimitKind::Time => "time",
+        LimitKind::SeqSpace => "seq_space",
+    }
+}
+
+fn lifetime_config(info: &ChildSaInfo) -> esp_proto::LifetimeConfig {
+    let l = info.lifetime;
+    let opt = |v: u64| (v > 0).then_some(v);
+    esp_proto::LifetimeConfig {
+        soft_bytes: opt(l.soft_bytes),
+        hard_bytes: opt(l.hard_bytes),
+        soft_packets: None,
+        hard_packets: None,
+        soft_time: opt(l.soft_secs).map(std::time::Duration::from_secs),
+        hard_time: opt(l.hard_secs).map(std::time::Duration::from_secs),
+    }
+}
+
+impl Espd {
+    /// A logic for `run_dir` with `workers` packet threads (the datapath starts with the
+    /// first SA).
+    pub fn with(run_dir: PathBuf, workers: usize) -> Espd {
+        Espd {
+            run_dir,
+            workers,
+            dp: None,
+            dp_error: None,
+            desired: BTreeMap::new(),
+            tunnel_records: BTreeMap::new(),
+            installed: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            dead: BTreeSet::new(),
+            lives: BTreeMap::new(),
+            tunnels: BTreeMap::new(),
+            activity_seen: BTreeMap::new(),
+            seq_published: BTreeMap::new(),
+        }
+    }
+
+    fn datapath(&mut self) -> Option<&mut Datapath> {
+        if self.dp.is_none() {
+            match Datapath::start(&self.run_dir, self.workers) {
+                Ok(dp) => {
+                    tracing::info!(
+                        "datapath up: {} workers, raw ESP and UDP 4500, run-dir {}",
+                        self.workers,
+                        self.run_dir.display()
+                    );
+                    self.dp = Some(dp);
+                    self.dp_error = None;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.dp_error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!("datapath cannot start (retrying every second): {msg}");
+                    }
+                    self.dp_error = Some(msg);
+                }
+            }
+        }
+        self.dp.as_mut()
+    }
+
+    /// Brings the datapath in line with `desired`.
+    fn reconcile(&mut self, out: &mut Outbox) {
+        let now = Instant::now();
+        self.dead.retain(|k| self.desired.contains_key(k));
+        let gone: Vec<String> = self
+            .installed
+            .keys()
+            .filter(|k| !self.desired.contains_key(*k) || self.dead.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            let forget = !self.desired.contains_key(&k);
+            if let Some(dp) = self.dp.as_mut() {
+                dp.remove(&k, forget);
+            }
+            self.installed.remove(&k);
+            self.lives.remove(&k);
+            self.seq_published.remove(&k);
+            tracing::info!("SA {k} removed");
+        }
+        self.failed.retain(|k, _| self.desired.contains_key(k));
+        let wanted: Vec<(String, ChildSaInfo)> = self
+            .desired
+            .iter()
+            .filter(|(k, _)| !self.dead.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, info) in wanted {
+            if let Some(cur) = self.installed.get(&k) {
+                if *cur == info {
+                    continue;
+                }
+                let mut same = cur.clone();
+                same.outbound = info.outbound;
+                if same == info {
+                    if let Some(dp) = self.dp.as_mut() {
+                        dp.set_outbound(&k, info.outbound);
+                    }
+                    tracing::info!(
+                        "SA {k} outbound {}",
+                        if info.outbound { "enabled" } else { "disabled" }
+                    );
+                    self.installed.insert(k, info);
+                    continue;
+                }
+            }
+            let Some(dp) = self.datapath() else {
+                self.failed.insert(k, "datapath down".into());
+                continue;
+            };
+            match dp.install(&info, now) {
+                Ok(()) => {
+                    tracing::info!(
+                        "SA {k} installed: {} in {:08x} out {:08x} {} -> {} {}",
+                        info.transform,
+                        info.spi_in,
+                        info.spi_out,
+                        info.local,
+                        info.remote,
+                        match info.encap {
+                            EspEncap::None => "esp".to_string(),
+                            EspEncap::Udp { remote_port, .. } => format!("udp/{remote_port}"),
+                        }
+                    );
+                    let cfg = lifetime_config(&info);
+                    self.lives.insert(
+                        k.clone(),
+                        SaLife {
+                            inbound: Lifetime::new(cfg, now),
+                            outbound: Lifetime::new(cfg, now),
+                        },
+                    );
+                    self.failed.remove(&k);
+                    self.installed.insert(k, info);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.failed.get(&k) != Some(&msg) {
+                        tracing::error!("cannot install SA: {msg}");
+                    }
+                    self.failed.insert(k, msg);
+                }
+            }
+        }
+        self.refresh_tunnels(out);
+    }
+
+    /// Re-publishes the per-tunnel records whose content changed.
+    fn refresh_tunnels(&mut self, out: &mut Outbox) {
+        let mut desired: BTreeMap<String, EspTunnelInfo> = BTreeMap::new();
+        let entry = |tunnel: &str, phase1: &str| -> EspTunnelInfo {
+            EspTunnelInfo {
+                tunnel: tunnel.to_string(),
+                device: phase1.to_string(),
+                sa_in: 0,
+                sa_out: 0,
+                rx_pkts: 0,
+                tx_pkts: 0,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            }
+        };
+        for (t, p) in &self.tunnel_records {
+            desired.insert(t.clone(), entry(t, p));
+        }
+        if let Some(dp) = self.dp.as_ref() {
+            for sa in dp.sas().values() {
+                let e = desired
+                    .entry(sa.tunnel.clone())
+                    .or_insert_with(|| entry(&sa.tunnel, &sa.phase1));
+                e.sa_in += 1;
+                if sa.outbound.load(Ordering::Relaxed) {
+                    e.sa_out += 1;
+                }
+                let (rx, tx) = (sa.rx.get(), sa.tx.get());
+                e.rx_pkts += rx.packets;
+                e.rx_bytes += rx.bytes;
+                e.tx_pkts += tx.packets;
+                e.tx_bytes += tx.bytes;
+            }
+        }
+        diff_keyed(
+            &self.tunnels,
+            &desired,
+            |_, e| Body::EspTunnel(e),
+            |tunnel| Body::EspTunnelRemoved { tunnel },
+            out,
+        );
+        self.tunnels = desired;
+    }
+
+    fn poll_lifetimes(&mut self, out: &mut Outbox) {
+        let now = Instant::now();
+        let Some(dp) = self.dp.as_ref() else { return };
+        let mut hard = Vec::new();
+        for (k, life) in self.lives.iter_mut() {
+            let Some(sa) = dp.sas().get(k) else { continue };
+            let ev_in = life.inbound.poll(&sa.rx.get(), now, (false, false));
+            let ev_out = life.outbound.poll(&sa.tx.get(), now, sa.seq.state());
+            for ev in [ev_in, ev_out].into_iter().flatten() {
+                let (is_hard, kind) = match ev {
+                    LifetimeEvent::Soft(k) => (false, k),
+                    LifetimeEvent::Hard(k) => (true, k),
+                };
+                tracing::info!(
+                    "SA {k}: {} lifetime reached ({})",
+                    if is_hard { "hard" } else { "soft" },
+                    limit_name(kind)
+                );
+                out.push(Body::EspExpire(SaExpiry {
+                    tunnel: sa.tunnel.clone(),
+                    spi_in: sa.spi_in,
+                    hard: is_hard,
+                    reason: limit_name(kind).to_string(),
+                }));
+                if is_hard {
+                    hard.push(k.clone());
+                    break;
+                }
+            }
+        }
+        for k in hard {
+            self.dead.insert(k);
+        }
+    }
+
+    fn publish_activity(&mut self, out: &mut Outbox) {
+        let Some(dp) = self.dp.as_ref() else { return };
+        let mut per: BTreeMap<&str, TunnelActivity> = BTreeMap::new();
+        for sa in dp.sas().values() {
+            let a = per
+                .entry(sa.tunnel.as_str())
+                .or_insert_with(|| TunnelActivity {
+                    tunnel: sa.tunnel.clone(),
+                    last_rx_ns: 0,
+                    last_tx_ns: 0,
+                    rx_pkts: 0,
+                    tx_pkts: 0,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                });
+            let (rx, tx) = (sa.rx.get(), sa.tx.get());
+            a.rx_pkts += rx.packets;
+            a.tx_pkts += tx.packets;
+            a.rx_bytes += rx.bytes;
+            a.tx_bytes += tx.bytes;
+            a.last_rx_ns = a.last_rx_ns.max(sa.rx.last_ns.load(Ordering::Relaxed));
+            a.last_tx_ns = a.last_tx_ns.max(sa.tx.last_ns.load(Ordering::Relaxed));
+        }
+        let mut changed = Vec::new();
+        for (t, a) in per {
+            let cur = (a.rx_pkts, a.tx_pkts);
+            if self.activity_seen.get(t) != Some(&cur) {
+                self.activity_seen.insert(t.to_string(), cur);
+                changed.push(a);
+            }
+        }
+        let live: BTreeSet<&str> = dp.sas().values().map(|s| s.tunnel.as_str()).collect();
+        self.activity_seen.retain(|t, _| live.contains(t.as_str()));
+        if !changed.is_empty() {
+            out.push(Body::EspActivity { tunnels: changed });
+        }
+        let mut marks = Vec::new();
+        for (k, sa) in dp.sas() {
+            let hw = sa.lease.lock().unwrap_or_else(|p| p.into_inner()).granted();
+            if self.seq_published.get(k) != Some(&hw) {
+                self.seq_published.insert(k.clone(), hw);
+                marks.push(SeqMark {
+                    tunnel: sa.tunnel.clone(),
+                    spi_out: sa.spi_out,
+                    seq_hw: hw,
+                });
+            }
+        }
+        if !marks.is_empty() {
+            out.push(Body::EspSeq { sas: marks });
+        }
+    }
+
+    fn export_metrics(&self) {
+        let installed = self.dp.as_ref().map(|d| d.sas().len()).unwrap_or(0);
+        metrics::gauge!("espd_sas").set(installed as f64);
+        metrics::gauge!("espd_sas_failed").set(self.failed.len() as f64);
+        metrics::gauge!("espd_datapath_up").set(if self.dp.is_some() { 1.0 } else { 0.0 });
+        let Some(dp) = self.dp.as_ref() else { return };
+        let s = dp.shared();
+        metrics::gauge!("espd_tun_devices").set(dp.devices().len() as f64);
+        let (rx, tx) = (s.rx.get(), s.tx.get());
+        metrics::counter!("espd_packets_total", "direction" => "in").absolute(rx.packets);
+        metrics::counter!("espd_packets_total", "direction" => "out").absolute(tx.packets);
+        metrics::counter!("espd_bytes_total", "direction" => "in").absolute(rx.bytes);
+        metrics::counter!("espd_bytes_total", "direction" => "out").absolute(tx.bytes);
+        for (i, label) in DROP_LABELS.iter().enumerate() {
+            let v = s
+                .drops
+                .get(i)
+                .map(|c| c.load(Ordering::Relaxed))
+                .unwrap_or(0);
+            metrics::counter!("espd_drops_total", "reason" => *label).absolute(v);
+        }
+        metrics::counter!("espd_nat_keepalives_total")
+            .absolute(s.keepalives.load(Ordering::Relaxed));
+        metrics::counter!("espd_ike_relayed_total", "direction" => "in")
+            .absolute(s.ike_relayed.load(Ordering::Relaxed));
+        metrics::counter!("espd_ike_relayed_total", "direction" => "out")
+            .absolute(s.ike_sent.load(Ordering::Relaxed));
+    }
+
+    fn sa_json(&self, sa: &Arc<Sa>, now: Instant) -> Value {
+        let t = sa.transform;
+        let (rx, tx) = (sa.rx.get(), sa.tx.get());
+        let life = self
+            .installed
+            .get(&sa.key)
+            .map(|i| i.lifetime)
+            .unwrap_or_default();
+        let age = now.saturating_duration_since(sa.installed).as_secs();
+        let expire = if life.hard_secs > 0 {
+            life.hard_secs.saturating_sub(age)
+        } else {
+            0
+        };
+        let range = |c: &crate::datapath::table::Cidr| {
+            let (a, b) = c.range();
+            format!("0:{a}-{b}:0")
+        };
+        let replay = sa.replay.lock().unwrap_or_else(|p| p.into_inner());
+        let mut drops = serde_json::Map::new();
+        for (i, label) in DROP_LABELS.iter().enumerate().take(NUM_DROPS) {
+            let v = sa.drop_count(i);
+            if v > 0 {
+                drops.insert((*label).to_string(), json!(v));
+            }
+        }
+        let enc_name = t.encryption().diag_name();
+        let (ah, ah_key) = match t.integrity() {
+            Some(i) => (i.diag_name(), i.key_len()),
+            None => ("null", 0),
+        };
+        let dir = |spi: u32| {
+            json!({
+                "spi": format!("{spi:08x}"), "esp": enc_name, "key": t.encryption().key_len(),
+                "ah": ah, "ah_key": ah_key,
+            })
+        };
+        json!({
+            "key": sa.key,
+            "proxyid": sa.phase2,
+            "src": sa.local_ts.iter().map(range).collect::<Vec<_>>(),
+            "dst": sa.remote_ts.iter().map(range).collect::<Vec<_>>(),
+            "transform": t.name(),
+            "outbound": sa.outbound.load(Ordering::Relaxed),
+            "mtu": sa.tun.mtu(),
+            "expire": expire,
+            "replaywin": sa.replay_size,
+            "seqno": sa.seq.next(),
+            "seq_hw": sa.lease.lock().unwrap_or_else(|p| p.into_inner()).granted(),
+            "esn": sa.esn,
+            "replaywin_lastseq": replay.top(),
+            "life": {
+                "bytes": rx.bytes + tx.bytes, "bytes_hard": life.hard_bytes,
+                "timeout": age, "timeout_hard": life.hard_secs,
+            },
+            "dec": dir(sa.spi_in),
+            "enc": dir(sa.spi_out),
+            "dec_pkts": rx.packets, "dec_bytes": rx.bytes,
+            "enc_pkts": tx.packets, "enc_bytes": tx.bytes,
+            "drops": drops,
+        })
+    }
+
+    fn tunnel_list(&self, filter: Option<&str>) -> Value {
+        let now = Instant::now();
+        let mut by_tunnel: BTreeMap<&str, Vec<&Arc<Sa>>> = BTreeMap::new();
+        if let Some(dp) = self.dp.as_ref() {
+            for sa in dp.sas().values() {
+                by_tunnel.entry(sa.tunnel.as_str()).or_default().push(sa);
+            }
+        }
+        for t in self.tunnel_records.keys() {
+            by_tunnel.entry(t.as_str()).or_default();
+        }
+        let mut list = Vec::new();
+        for (name, sas) in by_tunnel {
+            if filter.is_some_and(|f| f != name) {
+                continue;
+            }
+            let first = sas.first();
+            let info = self.desired.values().find(|i| i.tunnel == name);
+            let (lport, rport, encap) = match first.map(|s| s.peer) {
+                Some(Peer::Udp(a)) => (4500, a.port(), "udp"),
+                _ => (0, 0, "none"),
+            };
+            let (mut rxp, mut txp, mut rxb, mut txb) = (0, 0, 0, 0);
+            for sa in &sas {
+                let (r, t) = (sa.rx.get(), sa.tx.get());
+                rxp += r.packets;
+                rxb += r.bytes;
+                txp += t.packets;
+                txb += t.bytes;
+            }
+            let phase1 = first
+                .map(|s| s.phase1.clone())
+                .or_else(|| self.tunnel_records.get(name).cloned())
+                .unwrap_or_default();
+            list.push(json!({
+                "name": name,
+                "ver": 2,
+                "phase1": phase1,
+                "device": phase1,
+                "local_gw": first.map(|s| s.local.clone()).or_else(|| info.map(|i| i.local.clone())).unwrap_or_default(),
+                "remote_gw": info.map(|i| i.remote.clone()).unwrap_or_default(),
+                "local_port": lport,
+                "remote_port": rport,
+                "encap": encap,
+                "stat": {"rxp": rxp, "txp": txp, "rxb": rxb, "txb": txb},
+                "sas": sas.iter().map(|s| self.sa_json(s, now)).collect::<Vec<_>>(),
+            }));
+        }
+        let mut drops = serde_json::Map::new();
+        if let Some(dp) = self.dp.as_ref() {
+            for (i, label) in DROP_LABELS.iter().enumerate() {
+                let v = dp
+                    .shared()
+                    .drops
+                    .get(i)
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                drops.insert((*label).to_string(), json!(v));
+            }
+        }
+        json!({
+            "datapath": match (&self.dp, &self.dp_error) {
+                (Some(_), _) => "up".to_string(),
+                (None, Some(e)) => format!("down: {e}"),
+                (None, None) => "idle (no SA yet)".to_string(),
+            },
+            "tunnels": list,
+            "drops": drops,
+            "nat_keepalives": self.dp.as_ref().map(|d| d.shared().keepalives.load(Ordering::Relaxed)).unwrap_or(0),
+            "failed": self.failed,
+        })
+    }
+}
+
+/// `[name N]` or `[N]`.
+fn name_arg(args: &[String]) -> Result<Option<&str>, String> {
+    match args {
+        [] => Ok(None),
+        [n] => Ok(Some(n.as_str())),
+        [k, n] if k == "name" => Ok(Some(n.as_str())),
+        _ => Err(format!("expected [name N], got {args:?}")),
+    }
+}
+
+impl DaemonLogic for Espd {
+    const KIND: DaemonKind = DaemonKind::Espd;
+    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr];
+
+    fn new(_config: &Config) -> Self {
+        let run_dir = RUN_DIR
+            .get()
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("/run/haven"));
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        Espd::with(run_dir, workers)
+    }
+
+    fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {}
+
+    fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
+        if src != DaemonKind::Ikemgr {
+            return;
+        }
+        self.desired = store
+            .table(table::CHILD_SA)
+            .filter_map(|b| match b {
+                Body::ChildSa(c) => Some((ChildSaInfo::key_of(&c.tunnel, c.spi_in), c.clone())),
+                _ => None,
+            })
+            .collect();
+        self.tunnel_records = store
+            .table(table::TUNNEL)
+            .filter_map(|b| match b {
+                Body::Tunnel(t) => Some((t.name.clone(), t.phase1.clone())),
+                _ => None,
+            })
+            .collect();
+        self.reconcile(out);
+    }
+
+    fn view(&self, name: &str, args: &[String]) -> Result<Value, String> {
+        match name {
+            "tunnel-list" => Ok(self.tunnel_list(name_arg(args)?)),
+            "tunnels" => Ok(json!(self.tunnels.values().collect::<Vec<_>>())),
+            other => Err(format!(
+                "unknown view {other:?}: espd has: tunnel-list, tunnels"
+            )),
+        }
+    }
+
+    fn command(&mut self, name: &str, args: &[String], out: &mut Outbox) -> Result<Value, String> {
+        match name {
+            "tunnel-flush" => {
+                let filter = name_arg(args)?;
+                let keys: Vec<String> = self
+                    .installed
+                    .iter()
+                    .filter(|(_, i)| filter.is_none_or(|f| f == i.tunnel))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in &keys {
+                    if let Some(i) = self.installed.get(k) {
+                        out.push(Body::EspExpire(SaExpiry {
+                            tunnel: i.tunnel.clone(),
+                            spi_in: i.spi_in,
+                            hard: true,
+                            reason: "flush".into(),
+                        }));
+                    }
+                    self.dead.insert(k.clone());
+                }
+                self.reconcile(out);
+                tracing::info!("flushed {} SAs", keys.len());
+                Ok(json!({ "flushed": keys }))
+            }
+            other => Err(format!("unknown command {other:?}: espd has: tunnel-flush")),
+        }
+    }
+
+    fn tick(&mut self, _now_ns: u64, out: &mut Outbox) {
+        if !self.failed.is_empty() {
+            self.reconcile(out);
+        }
+        self.poll_lifetimes(out);
+        if self.dead.iter().any(|k| self.installed.contains_key(k)) {
+            self.reconcile(out);
+        }
+        self.publish_activity(out);
+        self.refresh_tunnels(out);
+        self.export_metrics();
+    }
+}
