@@ -191,6 +191,8 @@ struct Tunnel<K> {
     round_probes: u32,
     timer: Option<TimerHandle>,
     dirty: bool,
+    /// Restored dead: `PeerDead` is emitted again at the first timeout.
+    reannounce: bool,
     probes_sent: u64,
     replies: u64,
 }
@@ -211,6 +213,7 @@ impl<K> Tunnel<K> {
             round_probes: 0,
             timer: None,
             dirty: false,
+            reannounce: false,
             probes_sent: 0,
             replies: 0,
         };
@@ -247,7 +250,8 @@ impl<K> Tunnel<K> {
     /// When the state machine next has something to do.
     fn next_due(&self) -> Option<u64> {
         match self.phase {
-            Phase::Inactive | Phase::Dead { .. } => None,
+            Phase::Inactive => None,
+            Phase::Dead { at_ms } => self.reannounce.then_some(at_ms),
             Phase::Probing { next_ms, .. } => Some(next_ms),
             Phase::Watching => {
                 let idle = self.settings.schedule.idle_ms();
@@ -307,8 +311,8 @@ fn timer_value(idx: u32, gen: u32) -> u64 {
 /// dead), then [`poll_view_change`](Self::poll_view_change) until `None`
 /// (publish `dpd.state`), then sleep until [`poll_timeout`](Self::poll_timeout)
 /// and call [`handle_timeout`](Self::handle_timeout) then. Only
-/// `handle_timeout` (and [`restore`](Self::restore), for verdicts already
-/// taken) produces events; every other input only changes state and timers.
+/// `handle_timeout` produces events; every other input only changes state,
+/// timers and views.
 #[derive(Debug)]
 pub struct Dpd<K> {
     wheel: TimerWheel<u64>,
@@ -514,9 +518,15 @@ impl<K: Clone + Eq + Hash> Dpd<K> {
 
     /// Any authenticated IKE message from the peer (ikemgr), at `now_ms`.
     pub fn handle_ike_activity(&mut self, now_ms: u64, tunnel: &K) {
+        self.handle_ike_activity_at(now_ms, tunnel, now_ms);
+    }
+
+    /// An authenticated IKE message received at `at_ms` (<= now; for
+    /// replaying ikemgr's snapshot after a restart).
+    pub fn handle_ike_activity_at(&mut self, now_ms: u64, tunnel: &K, at_ms: u64) {
         let now = self.clock(now_ms);
         match self.index.get(tunnel) {
-            Some(&idx) => self.proof_of_life(idx, now, now),
+            Some(&idx) => self.proof_of_life(idx, at_ms.min(now), now),
             None => self.stats.unknown_tunnel_inputs += 1,
         }
     }
@@ -663,11 +673,18 @@ impl<K: Clone + Eq + Hash> Dpd<K> {
     /// still owed, which is never before silence start + budget. Watching
     /// tunnels keep their last proof of life (a round may start at once if
     /// it is overdue). Tunnels dead in the snapshot get their `PeerDead`
-    /// again (the flush may not have happened; flushing is idempotent).
+    /// again at the first `handle_timeout` (the flush may not have happened;
+    /// flushing is idempotent).
     ///
-    /// Apply the datapath and IKE activity from the espd and ikemgr
-    /// snapshots and remove tunnels ikemgr no longer has *before* the first
-    /// `handle_timeout`, so that life seen while dpdmon was down counts.
+    /// The guarantee needs every proof of life newer than the snapshot back:
+    /// *before* the first `handle_timeout`, feed the espd snapshot's
+    /// `last_rx_ns`/`last_tx_ns` ([`handle_datapath_activity`](Self::handle_datapath_activity))
+    /// and ikemgr's time of the last authenticated message per tunnel
+    /// ([`handle_ike_activity_at`](Self::handle_ike_activity_at)), remove
+    /// the tunnels ikemgr no longer has, and remove then re-add the ones
+    /// whose IKE SA is newer than a dead verdict (so no stale `PeerDead`
+    /// flushes a fresh SA). With that, a verdict after a restart is never
+    /// earlier than silence start + budget.
     pub fn restore(now_ms: u64, snapshot: Snapshot<K>) -> Result<Self, DpdError> {
         if snapshot.version > SNAPSHOT_VERSION {
             return Err(DpdError::SnapshotVersion {
@@ -687,18 +704,18 @@ impl<K: Clone + Eq + Hash> Dpd<K> {
             t.last_rx_ms = s.last_rx_ms.min(now);
             t.last_tx_ms = s.last_tx_ms.min(now);
             t.unanswered_tx_ms = s.unanswered_tx_ms.map(|x| x.min(now));
-            t.next_round_ms = s.next_round_ms;
+            // A periodic round is never further away than one interval.
+            t.next_round_ms = s
+                .next_round_ms
+                .min(now.saturating_add(s.settings.schedule.idle_ms()));
             t.seqno = s.seqno;
             t.round_probes = s.round_probes;
             match s.phase {
                 Phase::Dead { at_ms } => {
-                    t.phase = Phase::Dead { at_ms };
-                    dpd.events.push_back(Event::PeerDead {
-                        tunnel: s.tunnel.clone(),
-                        detected_after_ms: at_ms.saturating_sub(t.silence_origin()),
-                        dead_after_ms: dead_after_ms(&t.settings).unwrap_or(0),
-                        probes_sent: s.round_probes,
-                    });
+                    t.phase = Phase::Dead {
+                        at_ms: at_ms.min(now),
+                    };
+                    t.reannounce = true;
                 }
                 Phase::Probing {
                     attempt,
@@ -791,7 +808,19 @@ impl<K: Clone + Eq + Hash> Dpd<K> {
             return;
         };
         match t.phase {
-            Phase::Inactive | Phase::Dead { .. } => {}
+            Phase::Inactive => {}
+            Phase::Dead { at_ms } => {
+                if t.reannounce {
+                    t.reannounce = false;
+                    let ev = Event::PeerDead {
+                        tunnel: t.key.clone(),
+                        detected_after_ms: at_ms.saturating_sub(t.silence_origin()),
+                        dead_after_ms: dead_after_ms(&t.settings).unwrap_or(0),
+                        probes_sent: t.round_probes,
+                    };
+                    self.events.push_back(ev);
+                }
+            }
             Phase::Watching => {
                 if t.next_due().is_some_and(|due| due <= now) {
                     t.phase = Phase::Probing {

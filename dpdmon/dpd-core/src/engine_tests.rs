@@ -527,8 +527,13 @@ fn restore_mid_round_never_decides_early() {
     // espd's snapshot says b received a packet at 170 s, while dpdmon was down.
     sim2.activity("b", T0 + 170 * S, 0);
     sim2.drain();
-    assert_eq!(sim2.deaths("dead").len(), 1, "verdicts survive a restart");
+    assert!(sim2.log.is_empty(), "only handle_timeout produces events");
     sim2.run_until(T0 + 2000 * S);
+    assert_eq!(
+        sim2.deaths("dead"),
+        vec![(restart, 20 * S, 1)],
+        "verdicts survive a restart"
+    );
     // a: transmission 2 again at restart, same message ID, then 3, then dead.
     assert_eq!(sim2.probes("a"), vec![(175, 2, id_a), (235, 3, id_a)]);
     assert_eq!(sim2.deaths("a"), vec![(T0 + 295 * S, 295 * S, 4)]);
@@ -689,4 +694,34 @@ fn every_mode_and_schedule() {
             }
         }
     }
+}
+
+/// A restored verdict is not re-announced for a tunnel the driver removed
+/// (ikemgr no longer has it, or has a new IKE SA for it) before the first
+/// timeout; IKE activity replayed from ikemgr's snapshot ends a round.
+#[test]
+fn restore_reconciles_before_the_first_timeout() {
+    let mut sim = Sim::new();
+    sim.add("gone", Settings::fortios(Mode::OnIdle, 1, 10 * S), false);
+    sim.add("again", Settings::fortios(Mode::OnIdle, 1, 10 * S), false);
+    sim.add("talked", seed000(), false);
+    sim.run_until(T0 + 100 * S);
+    assert_eq!(sim.deaths("gone").len(), 1);
+    let snap = sim.dpd.snapshot(sim.now);
+    let restart = T0 + 110 * S;
+    let mut sim2 = Sim::new();
+    sim2.now = restart;
+    sim2.dpd = Dpd::restore(restart, snap).unwrap();
+    sim2.dpd.handle_tunnel_removed(restart, &"gone".to_string());
+    // ikemgr re-established "again" at 105 s: a new record.
+    sim2.dpd
+        .handle_tunnel_removed(restart, &"again".to_string());
+    sim2.add("again", Settings::fortios(Mode::OnIdle, 1, 10 * S), true);
+    // ikemgr's snapshot: "talked" got an authenticated message at 95 s.
+    sim2.dpd
+        .handle_ike_activity_at(restart, &"talked".to_string(), T0 + 95 * S);
+    sim2.run_until(T0 + 1000 * S);
+    assert!(sim2.deaths("gone").is_empty());
+    assert!(sim2.deaths("again").is_empty());
+    assert_eq!(sim2.deaths("talked"), vec![(T0 + 335 * S, 240 * S, 3)]);
 }
