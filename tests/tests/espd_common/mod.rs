@@ -1,0 +1,265 @@
+//! Shared by the `espd_*` suites: two Haven gateways (ikemgr + espd each, started directly
+//! inside the gateway namespaces of a [`SiteToSite`] line, each with its own run-dir) joined
+//! by a manual-key tunnel `vpn1`, so ESP runs without IKE.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use haven_tests::daemons::{bin, vpnctl, vpnctl_json, wait_for};
+use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
+use serde_json::Value;
+
+/// The tunnel (and TUN device) name on both gateways.
+pub const TUNNEL: &str = "vpn1";
+/// SPIs: gwa receives on SPI_A, gwb on SPI_B.
+pub const SPI_A: u32 = 0x1001;
+pub const SPI_B: u32 = 0x2001;
+/// A test key (AES-128-GCM key + salt). Never use it for anything real.
+pub const KEY_GCM: &str = "0102030405060708-090a0b0c0d0e0f10-11121314";
+
+/// One gateway: its namespace, run-dir, config and daemons.
+pub struct Gw {
+    pub ns: Netns,
+    pub dir: ScratchDir,
+    pub run: PathBuf,
+    pub conf: PathBuf,
+    pub ikemgr: Option<Proc>,
+    pub espd: Option<Proc>,
+    pub lan_remote: &'static str,
+    starts: u32,
+}
+
+/// The manual-key configuration of one side.
+pub fn config(local: &str, remote: &str, spi_in: u32, spi_out: u32, src: &str, dst: &str, udp: bool) -> String {
+    format!(
+        "config vpn ipsec manualkey-interface\n    edit \"{TUNNEL}\"\n        set interface \"out0\"\n        set local-gw {local}\n        set remote-gw {remote}\n        set enc-alg aes128gcm\n        set enc-key {KEY_GCM}\n        set local-spi {spi_in:#x}\n        set remote-spi {spi_out:#x}\n        set encapsulation {}\n        set src-subnet {src}\n        set dst-subnet {dst}\n    next\nend\n",
+        if udp { "udp" } else { "none" }
+    )
+}
+
+impl Gw {
+    fn new(ns: &Netns, label: &str, conf_text: &str, lan_remote: &'static str) -> Gw {
+        let dir = ScratchDir::new(label).expect("scratch dir");
+        let run = dir.path().join("run");
+        let conf = dir.path().join("haven.conf");
+        std::fs::write(&conf, conf_text).expect("write config");
+        Gw {
+            ns: ns.clone(),
+            dir,
+            run,
+            conf,
+            ikemgr: None,
+            espd: None,
+            lan_remote,
+            starts: 0,
+        }
+    }
+
+    fn spawn(&mut self, daemon: &str) -> Proc {
+        self.starts += 1;
+        let log = self
+            .dir
+            .path()
+            .join(format!("{daemon}-{}.log", self.starts));
+        let f = std::fs::File::create(&log).expect("log file");
+        let mut cmd: Command = self.ns.command(bin(daemon));
+        cmd.arg("--config")
+            .arg(&self.conf)
+            .arg("--run-dir")
+            .arg(&self.run)
+            .args(["--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f);
+        self.ns.spawn_command(cmd).expect("spawn daemon")
+    }
+
+    pub fn start_ikemgr(&mut self) {
+        self.ikemgr = Some(self.spawn("ikemgr"));
+    }
+
+    pub fn start_espd(&mut self) {
+        self.espd = Some(self.spawn("espd"));
+    }
+
+    /// `vpnctl --json diagnose vpn tunnel list` on this gateway.
+    pub fn tunnel_list(&self) -> Value {
+        vpnctl_json(&self.run, &["diagnose", "vpn", "tunnel", "list"]).expect("tunnel list")
+    }
+
+    /// The text form (for failure messages and to check it renders).
+    pub fn tunnel_list_text(&self) -> String {
+        let out = vpnctl(&self.run, &["diagnose", "vpn", "tunnel", "list", "name", TUNNEL]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The SA object of `vpn1` (first SA) in the tunnel list, if installed.
+    pub fn sa(&self) -> Option<Value> {
+        let v = vpnctl_json(&self.run, &["diagnose", "vpn", "tunnel", "list"]).ok()?;
+        v["tunnels"]
+            .as_array()?
+            .iter()
+            .find(|t| t["name"] == TUNNEL)?["sas"]
+            .as_array()?
+            .first()
+            .cloned()
+    }
+
+    /// A drop counter of the SA.
+    pub fn sa_drop(&self, reason: &str) -> u64 {
+        self.sa().map(|s| s["drops"][reason].as_u64().unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// A datapath-wide drop counter.
+    pub fn drop_total(&self, reason: &str) -> u64 {
+        self.tunnel_list()["drops"][reason].as_u64().unwrap_or(0)
+    }
+
+    /// Waits until espd has the SA and its TUN device, then routes the far LAN into it (the
+    /// test plays the part of the routes a phase1 would install).
+    pub fn wait_tunnel(&self) {
+        wait_for("SA installed in espd", Duration::from_secs(20), || {
+            self.sa().map(|_| ()).ok_or_else(|| {
+                format!("no SA yet; espd log:\n{}", self.log("espd"))
+            })
+        });
+        wait_for("TUN device", Duration::from_secs(10), || {
+            self.ns
+                .ip(&["link", "show", TUNNEL])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        self.ns
+            .ip(&["route", "replace", self.lan_remote, "dev", TUNNEL])
+            .expect("route into the tunnel");
+    }
+
+    /// The latest log of `daemon`.
+    pub fn log(&self, daemon: &str) -> String {
+        let mut best = String::new();
+        for n in 1..=self.starts {
+            if let Ok(s) = std::fs::read_to_string(self.dir.path().join(format!("{daemon}-{n}.log"))) {
+                if !s.is_empty() {
+                    best = s;
+                }
+            }
+        }
+        best
+    }
+}
+
+/// Two gateways with a manual-key AES-GCM tunnel over raw ESP (`udp = false`) or UDP 4500.
+pub struct Pair {
+    pub topo: SiteToSite,
+    pub a: Gw,
+    pub b: Gw,
+}
+
+impl Pair {
+    pub fn new(label: &str, udp: bool) -> Pair {
+        let topo = SiteToSite::new(label).expect("topology");
+        let ca = config(
+            SiteToSite::GWA_OUTER,
+            SiteToSite::GWB_OUTER,
+            SPI_A,
+            SPI_B,
+            SiteToSite::LAN_A,
+            SiteToSite::LAN_B,
+            udp,
+        );
+        let cb = config(
+            SiteToSite::GWB_OUTER,
+            SiteToSite::GWA_OUTER,
+            SPI_B,
+            SPI_A,
+            SiteToSite::LAN_B,
+            SiteToSite::LAN_A,
+            udp,
+        );
+        let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, SiteToSite::LAN_B);
+        let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, SiteToSite::LAN_A);
+        for g in [&mut a, &mut b] {
+            g.start_ikemgr();
+            g.start_espd();
+        }
+        a.wait_tunnel();
+        b.wait_tunnel();
+        Pair { topo, a, b }
+    }
+
+    /// Pings the server from the client until one reply comes back.
+    pub fn wait_ping(&self) {
+        wait_for("first ping through the tunnel", Duration::from_secs(15), || {
+            self.topo
+                .client
+                .run("ping", &["-n", "-c", "1", "-W", "1", SiteToSite::SERVER])
+                .map(|_| ())
+                .map_err(|e| {
+                    format!(
+                        "{e}\ngwa:\n{}\ngwb:\n{}\ngwa espd log:\n{}",
+                        self.a.tunnel_list_text(),
+                        self.b.tunnel_list_text(),
+                        self.a.log("espd")
+                    )
+                })
+        });
+    }
+
+    /// `count` pings at 0.2 s; returns (sent, received).
+    pub fn ping(&self, count: u32) -> (u32, u32) {
+        let out = self
+            .topo
+            .client
+            .exec(
+                "ping",
+                &["-n", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "2", SiteToSite::SERVER],
+            )
+            .expect("ping");
+        parse_ping(&String::from_utf8_lossy(&out.stdout))
+    }
+}
+
+/// (transmitted, received) from ping's summary line.
+pub fn parse_ping(out: &str) -> (u32, u32) {
+    for line in out.lines() {
+        if line.contains("packets transmitted") {
+            let nums: Vec<u32> = line
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            if nums.len() >= 2 {
+                return (nums[0], nums[1]);
+            }
+        }
+    }
+    (0, 0)
+}
+
+/// Loads an nftables table in `ns` counting what arrives on `out0` (ESP, UDP 4500, ICMP in
+/// clear); read it back with [`wire_counters`].
+pub fn count_wire(ns: &Netns) {
+    ns.nft(
+        "table ip espdtest {\n chain pre {\n  type filter hook prerouting priority -300;\n  iifname \"out0\" ip protocol esp counter comment \"esp\"\n  iifname \"out0\" udp dport 4500 counter comment \"udp4500\"\n  iifname \"out0\" ip protocol icmp counter comment \"icmp\"\n }\n}\n",
+    )
+    .expect("nft counters");
+}
+
+/// (esp, udp4500, cleartext icmp) packets counted on `out0`.
+pub fn wire_counters(ns: &Netns) -> (u64, u64, u64) {
+    let out = ns
+        .run("nft", &["list", "table", "ip", "espdtest"])
+        .expect("nft list");
+    let get = |tag: &str| -> u64 {
+        out.lines()
+            .find(|l| l.contains(&format!("comment \"{tag}\"")))
+            .and_then(|l| {
+                let i = l.find("packets ")? + "packets ".len();
+                l[i..].split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or(0)
+    };
+    (get("esp"), get("udp4500"), get("icmp"))
+}
