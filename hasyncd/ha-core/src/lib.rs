@@ -11,6 +11,8 @@
 //!   the snapshot chunker/assembler of the Clone pattern;
 //! - [`election`]: FGCP heartbeats, peer loss after `hb-lost-threshold` missed beats, and the
 //!   primary election in FortiOS's documented order (see the module for the table);
+//! - [`fgsp`]: the FGSP per-tunnel role table (`sync-primary`/`standby`), promotion on
+//!   traffic or owner death, and outbound sequence leases with the stated no-replay bound.
 //!
 //! What it does not do: sockets, timers, clock reads (time comes in as `now_ms`), threads,
 //! the bus, configuration parsing (the daemon maps `haven-config` values onto the types
@@ -21,6 +23,7 @@
 
 pub mod election;
 mod error;
+pub mod fgsp;
 pub mod link;
 pub mod msg;
 mod replay;
@@ -31,6 +34,7 @@ pub mod wire;
 
 pub use election::{ElectionEvent, Fgcp, FgcpConfig, MemberStatus};
 pub use error::{DropReason, HaError, Result};
+pub use fgsp::{Outgoing, StartSeq, TunnelEvent, TunnelRole, TunnelTable};
 pub use link::{ClusterKind, HaLink, LinkKey, LinkStats, Received};
 pub use msg::Message;
 pub use wire::{Header, MemberId, MsgType};

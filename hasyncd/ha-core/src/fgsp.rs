@@ -1,0 +1,1389 @@
+//! FGSP per-tunnel roles and the "no replay after takeover" rule, sans-IO.
+//!
+//! Each synced tunnel (phase1 with `fgsp-sync enable`; the daemon does not register the
+//! others) is `sync-primary` on the member that owns it and `standby` on every other
+//! member. Ownership is an [`OwnershipClaim`] `(generation, owner)`: a higher generation
+//! wins, at equal generation the higher member id. A member promotes a standby tunnel when
+//! IKE or ESP traffic for it arrives ([`TunnelTable::traffic_for`]), or when the owner is
+//! declared dead and this member is the successor: the live member with the lowest id
+//! ([`TunnelTable::peer_lost`]). Exactly one successor is chosen so that two members never
+//! start sending on the same SA because of the same death.
+//!
+//! # Sequence leases, and the bound
+//! The owner sends ESP only below a lease: it proposes `seq_hw` with
+//! [`TunnelTable::propose_lease`], the table broadcasts a [`SeqLease`], and only when every
+//! live peer acknowledged it ([`TunnelEvent::LeaseConfirmed`]) may the datapath use numbers
+//! below `seq_hw`. A peer acknowledges a lease only from the member it takes for the
+//! tunnel's owner, and always records the highest `seq_hw` it has seen.
+//!
+//! **Invariant.** On every live member, the recorded `seq_hw` of an SA is at least one more
+//! than every sequence number the owner sent on it. Hence a member that takes over starts
+//! at the recorded `seq_hw` ([`StartSeq::first_seq`]) and the peer's anti-replay window
+//! sees strictly increasing numbers from the new owner: it never drops one of its packets.
+//! The numbers skipped are those the old owner had leased and not used: at most one
+//! proposed-but-unused lease, i.e. at most 1.5 lease blocks with espd's half-block renewal
+//! (`esp_proto::SeqLease`), e.g. 3 072 numbers for a 2 048 block.
+//!
+//! When this member's record of an SA may be stale (it lost contact with the owner and
+//! rejoined without yet receiving the owner's leases again, see
+//! [`TunnelTable::peer_joined`]), the start adds [`DEFAULT_UNSYNCED_JUMP`] (FortiOS shows
+//! standby SAs at `seqno=10000001`) and [`StartSeq::exact`] is false.
+//!
+//! The new owner must itself lease before its first packet (one round trip on the HA
+//! link): [`TunnelTable::propose_lease`] right after [`TunnelEvent::Promoted`].
+//!
+//! # Driving it
+//! After every call: drain [`TunnelTable::poll_event`] and [`TunnelTable::poll_transmit`];
+//! arm a timer for [`TunnelTable::poll_timeout`] and call [`TunnelTable::handle_timeout`]
+//! (it retransmits unacknowledged leases).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::msg::{
+    ChildSaSync, ClaimReason, DeleteSync, Message, OwnershipClaim, SeqLease, SeqLeaseAck,
+    SnapshotItem,
+};
+use crate::wire::MemberId;
+
+/// Added to the recorded high-water mark when this member's record may be stale.
+pub const DEFAULT_UNSYNCED_JUMP: u64 = 10_000_000;
+/// Default retransmission interval of an unacknowledged lease.
+pub const DEFAULT_LEASE_RETRANSMIT_MS: u64 = 50;
+
+/// A tunnel's role on this member, as `role=` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TunnelRole {
+    /// Carries the tunnel.
+    SyncPrimary,
+    /// Holds a copy.
+    Standby,
+}
+
+impl TunnelRole {
+    /// The FortiOS spelling (`sync-primary`, `standby`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelRole::SyncPrimary => "sync-primary",
+            TunnelRole::Standby => "standby",
+        }
+    }
+}
+
+/// Where a taken-over outbound SA starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartSeq {
+    /// Outbound SPI.
+    pub spi_out: u32,
+    /// First sequence number to send (`ChildSaInfo::initial_seq`).
+    pub first_seq: u64,
+    /// True when `first_seq` is the synced high-water mark itself; false when
+    /// [`DEFAULT_UNSYNCED_JUMP`] was added because the record may be stale.
+    pub exact: bool,
+}
+
+/// What the table tells the daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TunnelEvent {
+    /// This member now carries the tunnel: install its outbound SAs at `start_seqs`, lease
+    /// before sending, bring routes up.
+    Promoted {
+        /// Tunnel instance.
+        tunnel: String,
+        /// Why.
+        reason: ClaimReason,
+        /// Per outbound SA.
+        start_seqs: Vec<StartSeq>,
+    },
+    /// Another member now carries the tunnel: stop sending on it.
+    Demoted {
+        /// Tunnel instance.
+        tunnel: String,
+        /// The new owner.
+        owner: MemberId,
+    },
+    /// Every live peer acknowledged the lease: numbers below `seq_hw` may be used.
+    LeaseConfirmed {
+        /// Tunnel instance.
+        tunnel: String,
+        /// Outbound SPI.
+        spi_out: u32,
+        /// The confirmed mark.
+        seq_hw: u64,
+    },
+}
+
+/// A message to send: to one member, or to every peer when `to` is `None`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Recipient, or all peers.
+    pub to: Option<MemberId>,
+    /// The message.
+    pub message: Message,
+}
+
+#[derive(Clone, Debug, Default)]
+struct SaSeq {
+    hw: u64,
+    fresh: bool,
+    pending: Option<Pending>,
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    hw: u64,
+    waiting: BTreeSet<MemberId>,
+    resend_at_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Tunnel {
+    owner: MemberId,
+    generation: u64,
+    sas: BTreeMap<u32, SaSeq>,
+}
+
+/// Plain counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Promotions of this member (all reasons).
+    pub promotions: u64,
+    /// Demotions of this member.
+    pub demotions: u64,
+    /// Leases not acknowledged because the sender is not the owner in this member's view.
+    pub leases_refused: u64,
+    /// Claims ignored (older, or a member claiming for another).
+    pub claims_ignored: u64,
+}
+
+/// Per-tunnel roles of one FGSP member.
+#[derive(Debug)]
+pub struct TunnelTable {
+    me: MemberId,
+    live: BTreeSet<MemberId>,
+    tunnels: BTreeMap<String, Tunnel>,
+    events: VecDeque<TunnelEvent>,
+    outbox: VecDeque<Outgoing>,
+    retransmit_ms: u64,
+    unsynced_jump: u64,
+    stats: TableStats,
+}
+
+impl TunnelTable {
+    /// An empty table for member `me` with no live peers.
+    pub fn new(me: MemberId) -> Self {
+        TunnelTable {
+            me,
+            live: BTreeSet::new(),
+            tunnels: BTreeMap::new(),
+            events: VecDeque::new(),
+            outbox: VecDeque::new(),
+            retransmit_ms: DEFAULT_LEASE_RETRANSMIT_MS,
+            unsynced_jump: DEFAULT_UNSYNCED_JUMP,
+            stats: TableStats::default(),
+        }
+    }
+
+    /// This member.
+    pub fn me(&self) -> MemberId {
+        self.me
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &TableStats {
+        &self.stats
+    }
+
+    /// This member's role for `tunnel`, if the tunnel is known.
+    pub fn role(&self, tunnel: &str) -> Option<TunnelRole> {
+        self.tunnels.get(tunnel).map(|t| self.role_of(t))
+    }
+
+    /// The tunnel's owner and generation.
+    pub fn owner(&self, tunnel: &str) -> Option<(MemberId, u64)> {
+        self.tunnels.get(tunnel).map(|t| (t.owner, t.generation))
+    }
+
+    /// Every tunnel with this member's role (for `vpnctl` and the role-count metric).
+    pub fn roles(&self) -> impl Iterator<Item = (&str, TunnelRole)> + '_ {
+        self.tunnels
+            .iter()
+            .map(|(n, t)| (n.as_str(), self.role_of(t)))
+    }
+
+    /// The recorded high-water mark of an outbound SA.
+    pub fn seq_hw(&self, tunnel: &str, spi_out: u32) -> Option<u64> {
+        self.tunnels
+            .get(tunnel)
+            .and_then(|t| t.sas.get(&spi_out))
+            .map(|s| s.hw)
+    }
+
+    fn role_of(&self, t: &Tunnel) -> TunnelRole {
+        if t.owner == self.me {
+            TunnelRole::SyncPrimary
+        } else {
+            TunnelRole::Standby
+        }
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<TunnelEvent> {
+        self.events.pop_front()
+    }
+
+    /// Next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+        self.outbox.pop_front()
+    }
+
+    /// Earliest lease retransmission due.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.tunnels
+            .values()
+            .flat_map(|t| t.sas.values())
+            .filter_map(|s| s.pending.as_ref().map(|p| p.resend_at_ms))
+            .min()
+    }
+
+    /// Retransmit leases still waiting for acknowledgements (with the owner's claim, so a
+    /// peer that missed it can accept the lease).
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        let retransmit = self.retransmit_ms;
+        let me = self.me;
+        for (name, t) in &mut self.tunnels {
+            let mut claimed = false;
+            for (spi, s) in &mut t.sas {
+                let Some(p) = s.pending.as_mut() else {
+                    continue;
+                };
+                if now_ms < p.resend_at_ms {
+                    continue;
+                }
+                p.resend_at_ms = now_ms.saturating_add(retransmit);
+                if !claimed && t.owner == me {
+                    claimed = true;
+                    self.outbox.push_back(Outgoing {
+                        to: None,
+                        message: Message::Ownership(OwnershipClaim {
+                            tunnel: name.clone(),
+                            owner: me,
+                            generation: t.generation,
+                            reason: ClaimReason::Refresh,
+                        }),
+                    });
+                }
+                self.outbox.push_back(Outgoing {
+                    to: None,
+                    message: Message::SeqLease(SeqLease {
+                        tunnel: name.clone(),
+                        spi_out: *spi,
+                        seq_hw: p.hw,
+                    }),
+                });
+            }
+        }
+    }
+
+    // ----- membership
+
+    /// A peer is alive (first heartbeat, or back after being lost). Leases this member owns
+    /// are re-announced so the peer's records catch up; records of tunnels the peer owns are
+    /// marked possibly stale until its leases arrive again.
+    pub fn peer_joined(&mut self, peer: MemberId) {
+        if peer == self.me || !self.live.insert(peer) {
+            return;
+        }
+        for (name, t) in &mut self.tunnels {
+            if t.owner == peer {
+                for s in t.sas.values_mut() {
+                    s.fresh = false;
+                }
+            } else if t.owner == self.me {
+                self.outbox.push_back(Outgoing {
+                    to: Some(peer),
+                    message: Message::Ownership(OwnershipClaim {
+                        tunnel: name.clone(),
+                        owner: self.me,
+                        generation: t.generation,
+                        reason: ClaimReason::Refresh,
+                    }),
+                });
+                for (spi, s) in &t.sas {
+                    let hw = s.pending.as_ref().map_or(s.hw, |p| p.hw.max(s.hw));
+                    self.outbox.push_back(Outgoing {
+                        to: Some(peer),
+                        message: Message::SeqLease(SeqLease {
+                            tunnel: name.clone(),
+                            spi_out: *spi,
+                            seq_hw: hw,
+                        }),
+                    });
+                }
+            }
+        }
+    }
+
+    /// A peer was declared dead. Its tunnels move to the successor (the live member with
+    /// the lowest id, this one included); if that is this member they are promoted. Leases
+    /// waiting for the peer's acknowledgement stop waiting for it.
+    pub fn peer_lost(&mut self, peer: MemberId) {
+        if peer == self.me {
+            return;
+        }
+        self.live.remove(&peer);
+        let successor = self
+            .live
+            .iter()
+            .copied()
+            .chain([self.me])
+            .min()
+            .unwrap_or(self.me);
+        let orphaned: Vec<String> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| t.owner == peer)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if successor == self.me {
+            for name in orphaned {
+                self.promote(&name, ClaimReason::OwnerDead);
+            }
+        }
+        let mut confirmed = Vec::new();
+        for (name, t) in &mut self.tunnels {
+            for (spi, s) in &mut t.sas {
+                if let Some(p) = s.pending.as_mut() {
+                    if p.waiting.remove(&peer) && p.waiting.is_empty() {
+                        confirmed.push((name.clone(), *spi));
+                    }
+                }
+            }
+        }
+        for (name, spi) in confirmed {
+            self.confirm(&name, spi);
+        }
+    }
+
+    // ----- local facts
+
+    /// A tunnel was established on this member: it owns it.
+    pub fn local_established(&mut self, tunnel: &str) {
+        let generation = self.tunnels.get(tunnel).map_or(0, |t| t.generation + 1);
+        let t = self.tunnels.entry(tunnel.to_string()).or_insert(Tunnel {
+            owner: self.me,
+            generation,
+            sas: BTreeMap::new(),
+        });
+        t.owner = self.me;
+        t.generation = generation;
+        self.broadcast_claim(tunnel, ClaimReason::Established);
+    }
+
+    /// A CHILD SA's outbound half exists for `tunnel` (installed here, or synced from
+    /// `from`). Registers it with a high-water mark of 0 if new.
+    pub fn sa_added(&mut self, from: MemberId, tunnel: &str, spi_out: u32) {
+        let me = self.me;
+        let t = self.tunnels.entry(tunnel.to_string()).or_insert(Tunnel {
+            owner: if from == me { me } else { from },
+            generation: 0,
+            sas: BTreeMap::new(),
+        });
+        let direct = t.owner == from;
+        let s = t.sas.entry(spi_out).or_default();
+        if direct {
+            s.fresh = true;
+        }
+    }
+
+    /// A synced CHILD SA from `from` (convenience over [`TunnelTable::sa_added`]).
+    pub fn handle_child_sa(&mut self, from: MemberId, sa: &ChildSaSync) {
+        self.sa_added(from, &sa.tunnel, sa.spi_out);
+    }
+
+    /// A deletion from the owner or from this member: forget the tunnel or SA.
+    pub fn handle_delete(&mut self, del: &DeleteSync) {
+        match del {
+            DeleteSync::Tunnel { tunnel } | DeleteSync::IkeSa { tunnel, .. } => {
+                self.tunnels.remove(tunnel);
+            }
+            DeleteSync::ChildSa { .. } => {
+                // CHILD SAs are keyed by inbound SPI on the wire and by outbound SPI here;
+                // the daemon calls `sa_removed` with the outbound SPI it knows.
+            }
+        }
+    }
+
+    /// Forget one outbound SA.
+    pub fn sa_removed(&mut self, tunnel: &str, spi_out: u32) {
+        if let Some(t) = self.tunnels.get_mut(tunnel) {
+            t.sas.remove(&spi_out);
+        }
+    }
+
+    /// IKE or ESP traffic for `tunnel` arrived here. Promotes a standby tunnel; returns
+    /// whether it did.
+    pub fn traffic_for(&mut self, tunnel: &str) -> bool {
+        match self.tunnels.get(tunnel) {
+            Some(t) if t.owner != self.me => {
+                self.promote(tunnel, ClaimReason::Traffic);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The datapath wants to use numbers below `seq_hw` on an SA this member owns. The
+    /// lease is broadcast; [`TunnelEvent::LeaseConfirmed`] follows once every live peer
+    /// acknowledged (at once without live peers). Returns false (and does nothing) if this
+    /// member does not own the tunnel.
+    pub fn propose_lease(&mut self, tunnel: &str, spi_out: u32, seq_hw: u64, now_ms: u64) -> bool {
+        let me = self.me;
+        let waiting = self.live.clone();
+        let resend_at_ms = now_ms.saturating_add(self.retransmit_ms);
+        let Some(t) = self.tunnels.get_mut(tunnel) else {
+            return false;
+        };
+        if t.owner != me {
+            return false;
+        }
+        let s = t.sas.entry(spi_out).or_default();
+        s.fresh = true;
+        let hw = seq_hw.max(s.hw);
+        s.pending = Some(Pending {
+            hw,
+            waiting,
+            resend_at_ms,
+        });
+        self.outbox.push_back(Outgoing {
+            to: None,
+            message: Message::SeqLease(SeqLease {
+                tunnel: tunnel.to_string(),
+                spi_out,
+                seq_hw: hw,
+            }),
+        });
+        if self.live.is_empty() {
+            self.confirm(tunnel, spi_out);
+        }
+        true
+    }
+
+    // ----- messages from peers
+
+    /// A claim received from `from`. Only a member's claim for itself is taken.
+    pub fn handle_claim(&mut self, from: MemberId, claim: &OwnershipClaim) {
+        if claim.owner != from || from == self.me {
+            self.stats.claims_ignored += 1;
+            return;
+        }
+        self.apply_claim(claim);
+    }
+
+    fn apply_claim(&mut self, claim: &OwnershipClaim) {
+        let me = self.me;
+        match self.tunnels.get_mut(&claim.tunnel) {
+            None => {
+                self.tunnels.insert(
+                    claim.tunnel.clone(),
+                    Tunnel {
+                        owner: claim.owner,
+                        generation: claim.generation,
+                        sas: BTreeMap::new(),
+                    },
+                );
+            }
+            Some(t) => {
+                if (claim.generation, claim.owner) <= (t.generation, t.owner) {
+                    self.stats.claims_ignored += 1;
+                    if t.owner == me && claim.owner != me {
+                        // The claimant has not seen our newer claim.
+                        self.broadcast_claim(&claim.tunnel, ClaimReason::Refresh);
+                    }
+                    return;
+                }
+                let was_mine = t.owner == me;
+                t.owner = claim.owner;
+                t.generation = claim.generation;
+                if was_mine && claim.owner != me {
+                    for s in t.sas.values_mut() {
+                        s.pending = None;
+                    }
+                    self.stats.demotions += 1;
+                    self.events.push_back(TunnelEvent::Demoted {
+                        tunnel: claim.tunnel.clone(),
+                        owner: claim.owner,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A lease received from `from`: record it (the highest mark always wins), and
+    /// acknowledge it if `from` owns the tunnel in this member's view (or the tunnel is
+    /// new here).
+    pub fn handle_lease(&mut self, from: MemberId, lease: &SeqLease) {
+        if from == self.me {
+            return;
+        }
+        let t = self.tunnels.entry(lease.tunnel.clone()).or_insert(Tunnel {
+            owner: from,
+            generation: 0,
+            sas: BTreeMap::new(),
+        });
+        let owner_sent = t.owner == from;
+        let s = t.sas.entry(lease.spi_out).or_default();
+        s.hw = s.hw.max(lease.seq_hw);
+        if !owner_sent {
+            self.stats.leases_refused += 1;
+            return;
+        }
+        s.fresh = true;
+        self.outbox.push_back(Outgoing {
+            to: Some(from),
+            message: Message::SeqLeaseAck(SeqLeaseAck {
+                tunnel: lease.tunnel.clone(),
+                spi_out: lease.spi_out,
+                seq_hw: s.hw,
+            }),
+        });
+    }
+
+    /// An acknowledgement from `from`.
+    pub fn handle_lease_ack(&mut self, from: MemberId, ack: &SeqLeaseAck) {
+        let Some(s) = self
+            .tunnels
+            .get_mut(&ack.tunnel)
+            .and_then(|t| t.sas.get_mut(&ack.spi_out))
+        else {
+            return;
+        };
+        let Some(p) = s.pending.as_mut() else { return };
+        if ack.seq_hw >= p.hw && p.waiting.remove(&from) && p.waiting.is_empty() {
+            self.confirm(&ack.tunnel, ack.spi_out);
+        }
+    }
+
+    /// Route a received message to the handler for it. Messages this table has no part in
+    /// (heartbeats, IKE SAs, snapshot requests) are ignored.
+    pub fn handle_message(&mut self, from: MemberId, msg: &Message) {
+        match msg {
+            Message::Ownership(c) => self.handle_claim(from, c),
+            Message::SeqLease(l) => self.handle_lease(from, l),
+            Message::SeqLeaseAck(a) => self.handle_lease_ack(from, a),
+            Message::ChildSa(sa) => self.handle_child_sa(from, sa),
+            Message::Delete(d) => self.handle_delete(d),
+            Message::SnapshotChunk(c) => {
+                for item in &c.items {
+                    self.apply_snapshot_item(from, item);
+                }
+            }
+            Message::Heartbeat(_) | Message::IkeSa(_) | Message::SnapshotRequest(_) => {}
+        }
+    }
+
+    // ----- snapshots
+
+    /// This table's part of a snapshot: every tunnel's owner and every SA's mark.
+    pub fn snapshot_items(&self) -> Vec<SnapshotItem> {
+        let mut out = Vec::new();
+        for (name, t) in &self.tunnels {
+            out.push(SnapshotItem::Ownership(OwnershipClaim {
+                tunnel: name.clone(),
+                owner: t.owner,
+                generation: t.generation,
+                reason: ClaimReason::Refresh,
+            }));
+            for (spi, s) in &t.sas {
+                out.push(SnapshotItem::Lease(SeqLease {
+                    tunnel: name.clone(),
+                    spi_out: *spi,
+                    seq_hw: s.pending.as_ref().map_or(s.hw, |p| p.hw.max(s.hw)),
+                }));
+            }
+        }
+        out
+    }
+
+    /// Apply one snapshot item sent by `from`. Ownership is taken by the usual claim order
+    /// (a snapshot may relay claims of others); marks are merged by maximum and are exact
+    /// when `from` owns the tunnel.
+    pub fn apply_snapshot_item(&mut self, from: MemberId, item: &SnapshotItem) {
+        match item {
+            SnapshotItem::Ownership(c) => self.apply_claim(c),
+            SnapshotItem::Lease(l) => {
+                let t = self.tunnels.entry(l.tunnel.clone()).or_insert(Tunnel {
+                    owner: from,
+                    generation: 0,
+                    sas: BTreeMap::new(),
+                });
+                let exact = t.owner == from;
+                let s = t.sas.entry(l.spi_out).or_default();
+                s.hw = s.hw.max(l.seq_hw);
+                if exact {
+                    s.fresh = true;
+                }
+            }
+            SnapshotItem::ChildSa(sa) => self.sa_added(from, &sa.tunnel, sa.spi_out),
+            SnapshotItem::IkeSa(_) => {}
+        }
+    }
+
+    // ----- internals
+
+    fn promote(&mut self, tunnel: &str, reason: ClaimReason) {
+        let me = self.me;
+        let jump = self.unsynced_jump;
+        let Some(t) = self.tunnels.get_mut(tunnel) else {
+            return;
+        };
+        if t.owner == me {
+            return;
+        }
+        t.owner = me;
+        t.generation = t.generation.saturating_add(1);
+        let start_seqs = t
+            .sas
+            .iter()
+            .map(|(spi, s)| StartSeq {
+                spi_out: *spi,
+                first_seq: if s.fresh {
+                    s.hw.max(1)
+                } else {
+                    s.hw.saturating_add(jump).max(1)
+                },
+                exact: s.fresh,
+            })
+            .collect();
+        self.stats.promotions += 1;
+        self.events.push_back(TunnelEvent::Promoted {
+            tunnel: tunnel.to_string(),
+            reason,
+            start_seqs,
+        });
+        self.broadcast_claim(tunnel, reason);
+    }
+
+    fn broadcast_claim(&mut self, tunnel: &str, reason: ClaimReason) {
+        if let Some(t) = self.tunnels.get(tunnel) {
+            self.outbox.push_back(Outgoing {
+                to: None,
+                message: Message::Ownership(OwnershipClaim {
+                    tunnel: tunnel.to_string(),
+                    owner: t.owner,
+                    generation: t.generation,
+                    reason,
+                }),
+            });
+        }
+    }
+
+    fn confirm(&mut self, tunnel: &str, spi_out: u32) {
+        let Some(s) = self
+            .tunnels
+            .get_mut(tunnel)
+            .and_then(|t| t.sas.get_mut(&spi_out))
+        else {
+            return;
+        };
+        if let Some(p) = s.pending.take() {
+            s.hw = s.hw.max(p.hw);
+            self.events.push_back(TunnelEvent::LeaseConfirmed {
+                tunnel: tunnel.to_string(),
+                spi_out,
+                seq_hw: s.hw,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::{ClusterKind, HaLink, LinkKey};
+    use std::collections::HashSet;
+
+    const SPI: u32 = 0x10aa45b0;
+    const T: &str = "vpn1_1";
+    /// Lease block of the simulated datapath (esp-proto's SeqLease policy: renew at half).
+    const BLOCK: u64 = 2048;
+
+    /// The outbound datapath of one member for the SA: sends only below its confirmed lease,
+    /// proposes the next lease when half of the current block is left.
+    #[derive(Default)]
+    struct Datapath {
+        active: bool,
+        next: u64,
+        granted: u64,
+        proposed: bool,
+    }
+
+    struct Member {
+        table: TunnelTable,
+        link: HaLink,
+        dp: Datapath,
+        alive: bool,
+    }
+
+    /// Members joined by sealed datagrams on in-memory queues (FIFO per pair unless a test
+    /// shuffles), and the remote ESP peer's view of the SA.
+    struct Sim {
+        now: u64,
+        m: Vec<Member>,
+        wire: VecDeque<(usize, Option<usize>, Vec<u8>)>,
+        /// (sender index, seq) in send order.
+        sent: Vec<(usize, u64)>,
+        /// (time of promotion, highest seq sent by anyone before it, first seq).
+        promotions: Vec<(usize, u64, u64)>,
+        events: Vec<(usize, TunnelEvent)>,
+    }
+
+    fn id(i: usize) -> MemberId {
+        MemberId(i as u32 + 1)
+    }
+
+    impl Sim {
+        fn new(n: usize) -> Sim {
+            let key = LinkKey::derive(ClusterKind::Fgsp, 1, Some(b"psk"), 10).unwrap();
+            let mut m: Vec<Member> = (0..n)
+                .map(|i| Member {
+                    table: TunnelTable::new(id(i)),
+                    link: HaLink::new(key.clone(), id(i), 1).unwrap(),
+                    dp: Datapath::default(),
+                    alive: true,
+                })
+                .collect();
+            for (i, a) in m.iter_mut().enumerate() {
+                for j in 0..n {
+                    if j != i {
+                        a.table.peer_joined(id(j));
+                    }
+                }
+            }
+            Sim {
+                now: 0,
+                m,
+                wire: VecDeque::new(),
+                sent: Vec::new(),
+                promotions: Vec::new(),
+                events: Vec::new(),
+            }
+        }
+
+        fn max_sent(&self) -> u64 {
+            self.sent.iter().map(|s| s.1).max().unwrap_or(0)
+        }
+
+        /// Collect outputs of member i: messages onto the wire, events into the datapath.
+        fn drain(&mut self, i: usize) {
+            while let Some(out) = self.m[i].table.poll_transmit() {
+                let d = self.m[i].link.seal(&out.message).unwrap();
+                let to = out.to.map(|t| t.0 as usize - 1);
+                self.wire.push_back((i, to, d));
+            }
+            while let Some(e) = self.m[i].table.poll_event() {
+                match &e {
+                    TunnelEvent::Promoted { start_seqs, .. } => {
+                        let first = start_seqs
+                            .iter()
+                            .find(|s| s.spi_out == SPI)
+                            .map(|s| s.first_seq);
+                        if let Some(first) = first {
+                            let max = self.max_sent();
+                            self.promotions.push((i, max, first));
+                            let dp = &mut self.m[i].dp;
+                            dp.active = true;
+                            dp.next = first;
+                            dp.granted = first; // nothing usable before the first lease
+                            dp.proposed = false;
+                        }
+                    }
+                    TunnelEvent::Demoted { .. } => self.m[i].dp.active = false,
+                    TunnelEvent::LeaseConfirmed { seq_hw, .. } => {
+                        let dp = &mut self.m[i].dp;
+                        dp.granted = dp.granted.max(*seq_hw);
+                        dp.proposed = false;
+                    }
+                }
+                self.events.push((i, e));
+            }
+        }
+
+        /// Deliver one datagram from the wire (the front, or the one at `pick`).
+        fn deliver(&mut self, pick: usize) -> bool {
+            let Some((from, to, d)) = self.wire.remove(pick) else {
+                return false;
+            };
+            let targets: Vec<usize> = match to {
+                Some(t) => vec![t],
+                None => (0..self.m.len()).filter(|&j| j != from).collect(),
+            };
+            for j in targets {
+                if !self.m[j].alive {
+                    continue;
+                }
+                let r = self.m[j].link.open(&d).expect("authentic");
+                self.m[j].table.handle_message(r.sender, &r.message);
+                self.drain(j);
+            }
+            true
+        }
+
+        fn flush(&mut self) {
+            while self.deliver(0) {}
+        }
+
+        /// Member i sends `n` packets (as far as its leases allow), proposing leases.
+        fn send(&mut self, i: usize, n: u64) {
+            let mut done = 0;
+            while done < n {
+                if !self.m[i].dp.active || !self.m[i].alive {
+                    return;
+                }
+                let dp = &mut self.m[i].dp;
+                if !dp.proposed && dp.granted.saturating_sub(dp.next) <= BLOCK / 2 {
+                    dp.proposed = true;
+                    let hw = dp.granted.max(dp.next) + BLOCK;
+                    let now = self.now;
+                    assert!(self.m[i].table.propose_lease(T, SPI, hw, now));
+                    self.drain(i);
+                }
+                let dp = &mut self.m[i].dp;
+                if dp.next < dp.granted {
+                    self.sent.push((i, dp.next));
+                    dp.next += 1;
+                    done += 1;
+                } else if self.wire.is_empty() {
+                    // Blocked on a lease nobody will acknowledge now.
+                    return;
+                } else {
+                    self.flush();
+                }
+            }
+        }
+
+        /// Like `send`, but never delivers anything: proposes a lease when due and sends only
+        /// what confirmed leases allow.
+        fn send_nowait(&mut self, i: usize, n: u64) {
+            for _ in 0..n {
+                if !self.m[i].dp.active || !self.m[i].alive {
+                    return;
+                }
+                let dp = &mut self.m[i].dp;
+                if !dp.proposed && dp.granted.saturating_sub(dp.next) <= BLOCK / 2 {
+                    dp.proposed = true;
+                    let hw = dp.granted.max(dp.next) + BLOCK;
+                    let now = self.now;
+                    assert!(self.m[i].table.propose_lease(T, SPI, hw, now));
+                    self.drain(i);
+                }
+                let dp = &mut self.m[i].dp;
+                if dp.next >= dp.granted {
+                    return;
+                }
+                self.sent.push((i, dp.next));
+                dp.next += 1;
+            }
+        }
+
+        fn establish(&mut self, i: usize) {
+            self.m[i].table.local_established(T);
+            self.m[i].table.sa_added(id(i), T, SPI);
+            self.drain(i);
+            for j in 0..self.m.len() {
+                if j != i {
+                    // The CHILD SA sync reaches the others.
+                    self.m[j].table.sa_added(id(i), T, SPI);
+                }
+            }
+            let dp = &mut self.m[i].dp;
+            dp.active = true;
+            dp.next = 1;
+            dp.granted = 1;
+            self.flush();
+        }
+
+        fn kill(&mut self, i: usize) {
+            self.m[i].alive = false;
+            self.m[i].dp.active = false;
+            for j in 0..self.m.len() {
+                if j != i && self.m[j].alive {
+                    self.m[j].table.peer_lost(id(i));
+                    self.drain(j);
+                }
+            }
+        }
+
+        fn roles(&self) -> Vec<Option<TunnelRole>> {
+            self.m
+                .iter()
+                .map(|m| if m.alive { m.table.role(T) } else { None })
+                .collect()
+        }
+
+        /// The properties that matter to the remote peer.
+        fn check_no_replay(&self) {
+            let mut seen = HashSet::new();
+            for (who, seq) in &self.sent {
+                assert!(
+                    seen.insert(*seq),
+                    "seq {seq} sent twice (last by member {who})"
+                );
+            }
+            for (who, max_before, first) in &self.promotions {
+                assert!(
+                    first > max_before,
+                    "member {who} started at {first}, at or below {max_before} already sent"
+                );
+            }
+            // Every member's own numbers increase.
+            for i in 0..self.m.len() {
+                let mine: Vec<u64> = self.sent.iter().filter(|s| s.0 == i).map(|s| s.1).collect();
+                assert!(mine.windows(2).all(|w| w[0] < w[1]));
+            }
+        }
+    }
+
+    #[test]
+    fn owner_death_successor_starts_after_the_last_lease_within_the_bound() {
+        // Seed 000: tunnel on DC1_VM1, standby on VM2 and VM3.
+        let mut s = Sim::new(3);
+        s.establish(0);
+        assert_eq!(
+            s.roles(),
+            vec![
+                Some(TunnelRole::SyncPrimary),
+                Some(TunnelRole::Standby),
+                Some(TunnelRole::Standby)
+            ]
+        );
+        s.send(0, 10_000);
+        let last_sent = s.max_sent();
+        assert_eq!(last_sent, 10_000);
+        s.kill(0);
+        assert_eq!(
+            s.roles()[1],
+            Some(TunnelRole::SyncPrimary),
+            "lowest live id succeeds"
+        );
+        assert_eq!(s.roles()[2], Some(TunnelRole::Standby));
+        let (_, _, first) = s.promotions[0];
+        assert!(first > last_sent);
+        assert!(
+            first - last_sent - 1 <= BLOCK + BLOCK / 2,
+            "skipped {} numbers, bound is 1.5 blocks",
+            first - last_sent - 1
+        );
+        s.flush();
+        s.send(1, 5_000);
+        assert_eq!(s.m[2].table.owner(T), Some((MemberId(2), 1)));
+        s.check_no_replay();
+        assert!(s.sent.iter().filter(|x| x.0 == 1).count() == 5_000);
+        // And again: VM2 dies, VM3 carries on.
+        let before = s.max_sent();
+        s.kill(1);
+        assert_eq!(s.roles()[2], Some(TunnelRole::SyncPrimary));
+        s.send(2, 100);
+        s.check_no_replay();
+        assert!(s.sent.last().unwrap().1 > before);
+    }
+
+    #[test]
+    fn traffic_moves_tunnel_while_old_owner_lives() {
+        let mut s = Sim::new(3);
+        s.establish(0);
+        s.send(0, 3_000);
+        // The router moves the tunnel to VM3.
+        assert!(s.m[2].table.traffic_for(T));
+        s.drain(2);
+        // VM1 sends a few more before the claim reaches it.
+        s.send(0, 200);
+        s.flush();
+        assert_eq!(
+            s.roles(),
+            vec![
+                Some(TunnelRole::Standby),
+                Some(TunnelRole::Standby),
+                Some(TunnelRole::SyncPrimary)
+            ]
+        );
+        assert!(s.events.iter().any(|(i, e)| *i == 0
+            && matches!(e, TunnelEvent::Demoted { owner, .. } if *owner == MemberId(3))));
+        s.send(0, 10);
+        s.send(2, 4_000);
+        s.check_no_replay();
+        assert_eq!(s.m[0].table.stats().demotions, 1);
+        // Traffic for a tunnel already owned here changes nothing.
+        assert!(!s.m[2].table.traffic_for(T));
+    }
+
+    #[test]
+    fn racing_takeovers_never_send_a_number_twice() {
+        // Owner dies; the successor (VM2) and a member that gets the traffic (VM3) promote
+        // concurrently; deliveries are interleaved in many orders.
+        let mut both_sent = 0;
+        for seed in 0..200u64 {
+            let mut s = Sim::new(3);
+            s.establish(0);
+            s.send(0, 1_500 + seed);
+            s.kill(0);
+            let traffic_round = seed % 40;
+            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for round in 0..40 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let n = s.wire.len();
+                if n > 0 {
+                    s.deliver((x as usize) % n);
+                }
+                if round == traffic_round {
+                    // The router moves the tunnel to VM3 at some point of the takeover.
+                    assert!(s.m[2].table.traffic_for(T));
+                    s.drain(2);
+                }
+                let who = 1 + (round % 2) as usize;
+                s.send_nowait(who, 1 + x % 400);
+                s.now += 10;
+                for i in 1..3 {
+                    s.m[i].table.handle_timeout(s.now);
+                    s.drain(i);
+                }
+            }
+            if s.sent.iter().any(|x| x.0 == 1) && s.sent.iter().any(|x| x.0 == 2) {
+                both_sent += 1;
+            }
+            s.flush();
+            s.send(1, 100);
+            s.send(2, 100);
+            s.check_no_replay();
+            let owners: Vec<_> = s
+                .roles()
+                .into_iter()
+                .filter(|r| *r == Some(TunnelRole::SyncPrimary))
+                .collect();
+            assert_eq!(owners.len(), 1, "seed {seed}: one owner in the end");
+            assert_eq!(
+                s.m[1].table.owner(T),
+                s.m[2].table.owner(T),
+                "seed {seed}: views agree"
+            );
+        }
+        // The interleavings did exercise the race: both took over and sent in some runs.
+        eprintln!("runs where both members sent: {both_sent}/200");
+        assert!(both_sent > 0, "no run had both members sending");
+    }
+
+    #[test]
+    fn old_owner_cannot_lease_past_the_new_owners_start() {
+        let mut s = Sim::new(3);
+        s.establish(0);
+        s.send(0, 1_000);
+        // VM3 takes the tunnel on traffic; its claim is still in flight.
+        assert!(s.m[2].table.traffic_for(T));
+        s.drain(2);
+        let claim_in_flight = s.wire.len();
+        assert!(claim_in_flight > 0);
+        // VM1 keeps sending and asks for its next lease, which overtakes the claim.
+        s.send_nowait(0, 200);
+        while s.wire.len() > claim_in_flight {
+            let last = s.wire.len() - 1;
+            s.deliver(last);
+        }
+        // VM3 refuses to acknowledge: VM1 cannot go beyond its previous lease.
+        s.send_nowait(0, 5_000);
+        s.send_nowait(2, 100);
+        s.flush();
+        s.send(2, 3_000);
+        s.check_no_replay();
+        assert!(s.m[2].table.stats().leases_refused >= 1);
+        assert_eq!(s.roles()[0], Some(TunnelRole::Standby));
+    }
+
+    #[test]
+    fn lease_waits_for_every_live_peer_and_retransmits() {
+        let mut t = TunnelTable::new(MemberId(1));
+        t.peer_joined(MemberId(2));
+        t.peer_joined(MemberId(3));
+        t.local_established(T);
+        t.sa_added(MemberId(1), T, SPI);
+        assert!(t.propose_lease(T, SPI, 100, 0));
+        let ack = |hw| SeqLeaseAck {
+            tunnel: T.into(),
+            spi_out: SPI,
+            seq_hw: hw,
+        };
+        t.handle_lease_ack(MemberId(2), &ack(100));
+        assert_eq!(t.poll_event(), None, "VM3 has not acknowledged");
+        t.handle_lease_ack(MemberId(3), &ack(99));
+        assert_eq!(
+            t.poll_event(),
+            None,
+            "an ack below the lease does not count"
+        );
+        assert_eq!(t.poll_timeout(), Some(DEFAULT_LEASE_RETRANSMIT_MS));
+        while t.poll_transmit().is_some() {}
+        t.handle_timeout(DEFAULT_LEASE_RETRANSMIT_MS);
+        let resent: Vec<_> = std::iter::from_fn(|| t.poll_transmit()).collect();
+        assert!(resent
+            .iter()
+            .any(|o| matches!(&o.message, Message::SeqLease(l) if l.seq_hw == 100)));
+        assert!(resent
+            .iter()
+            .any(|o| matches!(&o.message, Message::Ownership(_))));
+        // VM3 dies: no longer waited for.
+        t.peer_lost(MemberId(3));
+        assert_eq!(
+            t.poll_event(),
+            Some(TunnelEvent::LeaseConfirmed {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 100
+            })
+        );
+        assert_eq!(t.poll_timeout(), None);
+        // Not the owner: refused.
+        let mut other = TunnelTable::new(MemberId(2));
+        other.handle_claim(
+            MemberId(1),
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: MemberId(1),
+                generation: 0,
+                reason: ClaimReason::Established,
+            },
+        );
+        assert!(!other.propose_lease(T, SPI, 5, 0));
+    }
+
+    #[test]
+    fn leases_from_a_non_owner_are_recorded_but_not_acknowledged() {
+        let mut t = TunnelTable::new(MemberId(2));
+        t.handle_claim(
+            MemberId(1),
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: MemberId(1),
+                generation: 3,
+                reason: ClaimReason::Established,
+            },
+        );
+        t.handle_lease(
+            MemberId(3),
+            &SeqLease {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 500,
+            },
+        );
+        assert_eq!(t.poll_transmit(), None);
+        assert_eq!(t.stats().leases_refused, 1);
+        assert_eq!(
+            t.seq_hw(T, SPI),
+            Some(500),
+            "the higher mark is kept anyway"
+        );
+        t.handle_lease(
+            MemberId(1),
+            &SeqLease {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 300,
+            },
+        );
+        let out = t.poll_transmit().unwrap();
+        assert_eq!(out.to, Some(MemberId(1)));
+        assert_eq!(
+            out.message,
+            Message::SeqLeaseAck(SeqLeaseAck {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 500
+            })
+        );
+        // A member claiming for another, and an older claim, are ignored.
+        t.handle_claim(
+            MemberId(3),
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: MemberId(4),
+                generation: 9,
+                reason: ClaimReason::Traffic,
+            },
+        );
+        t.handle_claim(
+            MemberId(3),
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: MemberId(3),
+                generation: 2,
+                reason: ClaimReason::Traffic,
+            },
+        );
+        assert_eq!(t.owner(T), Some((MemberId(1), 3)));
+        assert_eq!(t.stats().claims_ignored, 2);
+    }
+
+    #[test]
+    fn rejoined_member_jumps_until_the_owner_resends_its_leases() {
+        let mut t = TunnelTable::new(MemberId(2));
+        t.peer_joined(MemberId(1));
+        t.handle_claim(
+            MemberId(1),
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: MemberId(1),
+                generation: 0,
+                reason: ClaimReason::Established,
+            },
+        );
+        t.handle_lease(
+            MemberId(1),
+            &SeqLease {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 4096,
+            },
+        );
+        // Contact lost and regained: the owner may have leased further meanwhile.
+        t.peer_lost(MemberId(1));
+        let promoted = t.poll_event().unwrap();
+        assert!(
+            matches!(promoted, TunnelEvent::Promoted { ref start_seqs, .. } if start_seqs[0] == StartSeq { spi_out: SPI, first_seq: 4096, exact: true })
+        );
+        // It was a partition: VM1 reclaims with a higher generation; we hear it again.
+        t.handle_claim(
+            MemberId(1),
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: MemberId(1),
+                generation: 5,
+                reason: ClaimReason::Refresh,
+            },
+        );
+        assert!(matches!(t.poll_event(), Some(TunnelEvent::Demoted { .. })));
+        t.peer_joined(MemberId(1));
+        t.peer_lost(MemberId(1));
+        let Some(TunnelEvent::Promoted { start_seqs, .. }) = t.poll_event() else {
+            panic!()
+        };
+        assert_eq!(
+            start_seqs[0],
+            StartSeq {
+                spi_out: SPI,
+                first_seq: 4096 + DEFAULT_UNSYNCED_JUMP,
+                exact: false
+            }
+        );
+        // After a rejoin, the owner's re-announced lease makes the record exact again.
+        let mut u = TunnelTable::new(MemberId(2));
+        u.peer_joined(MemberId(1));
+        u.handle_claim(
+            MemberId(1),
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: MemberId(1),
+                generation: 0,
+                reason: ClaimReason::Established,
+            },
+        );
+        u.handle_lease(
+            MemberId(1),
+            &SeqLease {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 10,
+            },
+        );
+        u.peer_lost(MemberId(3));
+        u.peer_joined(MemberId(1));
+        u.handle_lease(
+            MemberId(1),
+            &SeqLease {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 20,
+            },
+        );
+        u.peer_lost(MemberId(1));
+        let evs: Vec<_> = std::iter::from_fn(|| u.poll_event()).collect();
+        assert!(evs.iter().any(|e| matches!(e, TunnelEvent::Promoted { start_seqs, .. } if start_seqs[0].first_seq == 20 && start_seqs[0].exact)));
+    }
+
+    #[test]
+    fn owner_reannounces_to_a_joining_peer_and_snapshot_seeds_a_new_member() {
+        let mut owner = TunnelTable::new(MemberId(1));
+        owner.local_established(T);
+        owner.sa_added(MemberId(1), T, SPI);
+        assert!(owner.propose_lease(T, SPI, 2048, 0));
+        while owner.poll_transmit().is_some() {}
+        assert!(matches!(
+            owner.poll_event(),
+            Some(TunnelEvent::LeaseConfirmed { seq_hw: 2048, .. })
+        ));
+        owner.peer_joined(MemberId(4));
+        let out: Vec<_> = std::iter::from_fn(|| owner.poll_transmit()).collect();
+        assert!(out.iter().all(|o| o.to == Some(MemberId(4))));
+        assert!(out
+            .iter()
+            .any(|o| matches!(&o.message, Message::SeqLease(l) if l.seq_hw == 2048)));
+        // A fresh member seeded by snapshot.
+        let mut fresh = TunnelTable::new(MemberId(4));
+        fresh.peer_joined(MemberId(1));
+        for item in owner.snapshot_items() {
+            fresh.apply_snapshot_item(MemberId(1), &item);
+        }
+        assert_eq!(fresh.role(T), Some(TunnelRole::Standby));
+        assert_eq!(fresh.seq_hw(T, SPI), Some(2048));
+        assert_eq!(
+            fresh.roles().collect::<Vec<_>>(),
+            vec![(T, TunnelRole::Standby)]
+        );
+        fresh.peer_lost(MemberId(1));
+        let Some(TunnelEvent::Promoted {
+            start_seqs, reason, ..
+        }) = fresh.poll_event()
+        else {
+            panic!()
+        };
+        assert_eq!(reason, ClaimReason::OwnerDead);
+        assert_eq!(
+            start_seqs,
+            vec![StartSeq {
+                spi_out: SPI,
+                first_seq: 2048,
+                exact: true
+            }]
+        );
+        // Deleting the tunnel forgets it.
+        fresh.handle_delete(&DeleteSync::Tunnel { tunnel: T.into() });
+        assert_eq!(fresh.role(T), None);
+    }
+
+    #[test]
+    fn an_sa_never_leased_starts_at_one() {
+        let mut t = TunnelTable::new(MemberId(2));
+        t.peer_joined(MemberId(1));
+        t.handle_claim(
+            MemberId(1),
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: MemberId(1),
+                generation: 0,
+                reason: ClaimReason::Established,
+            },
+        );
+        t.sa_added(MemberId(1), T, SPI);
+        assert!(t.traffic_for(T));
+        let Some(TunnelEvent::Promoted { start_seqs, .. }) = t.poll_event() else {
+            panic!()
+        };
+        assert_eq!(
+            start_seqs,
+            vec![StartSeq {
+                spi_out: SPI,
+                first_seq: 1,
+                exact: true
+            }]
+        );
+    }
+}
