@@ -25,7 +25,10 @@ fn carries_traffic(label: &str, udp: bool) {
         assert_eq!(t["encap"], if udp { "udp" } else { "none" });
         let st = &t["stat"];
         for k in ["rxp", "txp", "rxb", "txb"] {
-            assert!(st[k].as_u64().unwrap_or(0) >= 10, "{side}: stat {k} did not move: {t}");
+            assert!(
+                st[k].as_u64().unwrap_or(0) >= 10,
+                "{side}: stat {k} did not move: {t}"
+            );
         }
         let sa = &t["sas"][0];
         assert!(sa["dec_pkts"].as_u64().unwrap_or(0) >= 10, "{side}: {sa}");
@@ -45,7 +48,10 @@ fn carries_traffic(label: &str, udp: bool) {
             "dec:pkts/bytes=",
             "replaywin=2048",
         ] {
-            assert!(text.contains(needle), "{side}: {needle:?} missing from:\n{text}");
+            assert!(
+                text.contains(needle),
+                "{side}: {needle:?} missing from:\n{text}"
+            );
         }
     }
 

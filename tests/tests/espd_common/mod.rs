@@ -33,7 +33,15 @@ pub struct Gw {
 }
 
 /// The manual-key configuration of one side.
-pub fn config(local: &str, remote: &str, spi_in: u32, spi_out: u32, src: &str, dst: &str, udp: bool) -> String {
+pub fn config(
+    local: &str,
+    remote: &str,
+    spi_in: u32,
+    spi_out: u32,
+    src: &str,
+    dst: &str,
+    udp: bool,
+) -> String {
     format!(
         "config vpn ipsec manualkey-interface\n    edit \"{TUNNEL}\"\n        set interface \"out0\"\n        set local-gw {local}\n        set remote-gw {remote}\n        set enc-alg aes128gcm\n        set enc-key {KEY_GCM}\n        set local-spi {spi_in:#x}\n        set remote-spi {spi_out:#x}\n        set encapsulation {}\n        set src-subnet {src}\n        set dst-subnet {dst}\n    next\nend\n",
         if udp { "udp" } else { "none" }
@@ -92,7 +100,10 @@ impl Gw {
 
     /// The text form (for failure messages and to check it renders).
     pub fn tunnel_list_text(&self) -> String {
-        let out = vpnctl(&self.run, &["diagnose", "vpn", "tunnel", "list", "name", TUNNEL]);
+        let out = vpnctl(
+            &self.run,
+            &["diagnose", "vpn", "tunnel", "list", "name", TUNNEL],
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -110,7 +121,9 @@ impl Gw {
 
     /// A drop counter of the SA.
     pub fn sa_drop(&self, reason: &str) -> u64 {
-        self.sa().map(|s| s["drops"][reason].as_u64().unwrap_or(0)).unwrap_or(0)
+        self.sa()
+            .map(|s| s["drops"][reason].as_u64().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// A datapath-wide drop counter.
@@ -122,9 +135,9 @@ impl Gw {
     /// test plays the part of the routes a phase1 would install).
     pub fn wait_tunnel(&self) {
         wait_for("SA installed in espd", Duration::from_secs(20), || {
-            self.sa().map(|_| ()).ok_or_else(|| {
-                format!("no SA yet; espd log:\n{}", self.log("espd"))
-            })
+            self.sa()
+                .map(|_| ())
+                .ok_or_else(|| format!("no SA yet; espd log:\n{}", self.log("espd")))
         });
         wait_for("TUN device", Duration::from_secs(10), || {
             self.ns
@@ -141,7 +154,9 @@ impl Gw {
     pub fn log(&self, daemon: &str) -> String {
         let mut best = String::new();
         for n in 1..=self.starts {
-            if let Ok(s) = std::fs::read_to_string(self.dir.path().join(format!("{daemon}-{n}.log"))) {
+            if let Ok(s) =
+                std::fs::read_to_string(self.dir.path().join(format!("{daemon}-{n}.log")))
+            {
                 if !s.is_empty() {
                     best = s;
                 }
@@ -160,6 +175,11 @@ pub struct Pair {
 
 impl Pair {
     pub fn new(label: &str, udp: bool) -> Pair {
+        Pair::with_extra(label, udp, "")
+    }
+
+    /// As [`Pair::new`], with `extra_b` appended to gwb's configuration.
+    pub fn with_extra(label: &str, udp: bool, extra_b: &str) -> Pair {
         let topo = SiteToSite::new(label).expect("topology");
         let ca = config(
             SiteToSite::GWA_OUTER,
@@ -178,7 +198,7 @@ impl Pair {
             SiteToSite::LAN_B,
             SiteToSite::LAN_A,
             udp,
-        );
+        ) + extra_b;
         let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, SiteToSite::LAN_B);
         let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, SiteToSite::LAN_A);
         for g in [&mut a, &mut b] {
@@ -192,20 +212,24 @@ impl Pair {
 
     /// Pings the server from the client until one reply comes back.
     pub fn wait_ping(&self) {
-        wait_for("first ping through the tunnel", Duration::from_secs(15), || {
-            self.topo
-                .client
-                .run("ping", &["-n", "-c", "1", "-W", "1", SiteToSite::SERVER])
-                .map(|_| ())
-                .map_err(|e| {
-                    format!(
-                        "{e}\ngwa:\n{}\ngwb:\n{}\ngwa espd log:\n{}",
-                        self.a.tunnel_list_text(),
-                        self.b.tunnel_list_text(),
-                        self.a.log("espd")
-                    )
-                })
-        });
+        wait_for(
+            "first ping through the tunnel",
+            Duration::from_secs(15),
+            || {
+                self.topo
+                    .client
+                    .run("ping", &["-n", "-c", "1", "-W", "1", SiteToSite::SERVER])
+                    .map(|_| ())
+                    .map_err(|e| {
+                        format!(
+                            "{e}\ngwa:\n{}\ngwb:\n{}\ngwa espd log:\n{}",
+                            self.a.tunnel_list_text(),
+                            self.b.tunnel_list_text(),
+                            self.a.log("espd")
+                        )
+                    })
+            },
+        );
     }
 
     /// `count` pings at 0.2 s; returns (sent, received).
@@ -215,7 +239,17 @@ impl Pair {
             .client
             .exec(
                 "ping",
-                &["-n", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "2", SiteToSite::SERVER],
+                &[
+                    "-n",
+                    "-q",
+                    "-c",
+                    &count.to_string(),
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "2",
+                    SiteToSite::SERVER,
+                ],
             )
             .expect("ping");
         parse_ping(&String::from_utf8_lossy(&out.stdout))
