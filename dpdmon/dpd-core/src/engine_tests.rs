@@ -725,3 +725,205 @@ fn restore_reconciles_before_the_first_timeout() {
     assert!(sim2.deaths("again").is_empty());
     assert_eq!(sim2.deaths("talked"), vec![(T0 + 335 * S, 240 * S, 3)]);
 }
+
+/// xorshift64* for the randomized test.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Model {
+    present: bool,
+    settings: Option<Settings>,
+    last_life: u64,
+    dead: bool,
+    reannounce: bool,
+}
+
+/// Random inputs (settings changes, roles, removals, traffic, IKE activity,
+/// replies, failures, restarts) against a model of the last proof of life:
+/// no verdict ever comes before last life + round (on-idle and on-demand:
+/// last life + the whole budget), none for a standby, disabled, removed or
+/// already dead tunnel, and nothing panics.
+#[test]
+fn randomized_inputs_never_decide_early() {
+    for seed in [7u64, 99, 12345, 0xfeed] {
+        let mut rng = Rng(seed);
+        let mut sim = Sim::new();
+        let names: Vec<String> = (0..24).map(|i| format!("t{i}")).collect();
+        let mut model = vec![Model::default(); names.len()];
+        let mut verdicts = 0;
+        let random_settings = |rng: &mut Rng| Settings {
+            mode: [Mode::Disable, Mode::OnIdle, Mode::OnDemand, Mode::Periodic]
+                [rng.below(4) as usize],
+            schedule: if rng.below(2) == 0 {
+                Schedule::Fixed {
+                    retry_count: rng.below(4) as u32,
+                    retry_interval_ms: 100 + rng.below(3000),
+                }
+            } else {
+                let initial = 50 + rng.below(500);
+                Schedule::Exponential {
+                    idle_ms: 100 + rng.below(3000),
+                    initial_ms: initial,
+                    max_ms: initial + rng.below(2000),
+                    tries: 1 + rng.below(5) as u32,
+                }
+            },
+            role: if rng.below(5) == 0 {
+                Role::Standby
+            } else {
+                Role::Owner
+            },
+        };
+        for _step in 0..4000 {
+            let i = rng.below(names.len() as u64) as usize;
+            let name = names[i].clone();
+            let now = sim.now;
+            let m = &mut model[i];
+            match rng.below(12) {
+                0 => {
+                    let s = random_settings(&mut rng);
+                    sim.dpd.handle_tunnel_upsert(now, name.clone(), s).unwrap();
+                    if !m.present {
+                        *m = Model {
+                            present: true,
+                            settings: Some(s),
+                            last_life: now,
+                            dead: false,
+                            reannounce: false,
+                        };
+                    } else if !m.dead {
+                        let was_standby = m.settings.is_some_and(|o| o.role == Role::Standby);
+                        if was_standby && s.role == Role::Owner {
+                            m.last_life = m.last_life.max(now);
+                        }
+                        m.settings = Some(s);
+                    } else {
+                        m.settings = Some(s);
+                    }
+                }
+                1 => {
+                    sim.dpd.handle_tunnel_removed(now, &name);
+                    *m = Model::default();
+                }
+                2 | 3 => {
+                    let rx = now.saturating_sub(rng.below(500));
+                    sim.activity(&name, rx, now);
+                    if m.present && !m.dead {
+                        m.last_life = m.last_life.max(rx);
+                    }
+                }
+                4 => sim.activity(&name, 0, now.saturating_sub(rng.below(500))),
+                5 => {
+                    sim.dpd.handle_ike_activity(now, &name);
+                    if m.present && !m.dead {
+                        m.last_life = m.last_life.max(now);
+                    }
+                }
+                6 => {
+                    let alive = rng.below(3) == 0;
+                    sim.alive.insert(name.clone(), alive);
+                }
+                7 => sim.dpd.handle_probe_failed(now, &name),
+                8 if rng.below(4) == 0 => {
+                    // kill -9 and restart after some downtime; in-flight
+                    // replies are lost with the process.
+                    let snap = sim.dpd.snapshot(now);
+                    let json = serde_json::to_vec(&snap).unwrap();
+                    let snap: Snapshot<String> = serde_json::from_slice(&json).unwrap();
+                    let downtime = if rng.below(2) == 0 { 100 } else { 5000 };
+                    let restart = now + rng.below(downtime);
+                    sim.dpd = Dpd::restore(restart, snap).unwrap();
+                    sim.now = restart;
+                    sim.replies.clear();
+                    for m in model.iter_mut() {
+                        m.reannounce = m.present && m.dead;
+                    }
+                }
+                _ => {}
+            }
+            // Replies the peer sends count as life in the model too.
+            let target = sim.now + rng.below(2000);
+            let log_start = sim.log.len();
+            let replies_before: Vec<(u64, String, u32)> = sim.replies.clone();
+            sim.run_until(target);
+            // Re-derive life from delivered replies: every reply scheduled
+            // at or before `target` was delivered.
+            let delivered: Vec<(u64, String)> = replies_before
+                .into_iter()
+                .filter(|r| r.0 <= target)
+                .map(|r| (r.0, r.1))
+                .collect();
+            let mut events: Vec<(u64, Event<String>)> = sim.log[log_start..].to_vec();
+            events.sort_by_key(|e| e.0);
+            // Replies scheduled during this run were delivered too, if due.
+            let mut all_delivered = delivered;
+            for (t, ev) in &events {
+                if let Event::SendProbe { tunnel, .. } = ev {
+                    if sim.alive.get(tunnel).copied().unwrap_or(false) && t + sim.rtt <= target {
+                        all_delivered.push((t + sim.rtt, tunnel.clone()));
+                    }
+                }
+            }
+            // Check verdicts in time order, applying life before each one.
+            for (t, ev) in events {
+                for (at, who) in &all_delivered {
+                    if *at <= t {
+                        if let Some(j) = names.iter().position(|n| n == who) {
+                            let m = &mut model[j];
+                            if m.present && !m.dead {
+                                m.last_life = m.last_life.max(*at);
+                            }
+                        }
+                    }
+                }
+                if let Event::PeerDead { tunnel, .. } = ev {
+                    let j = names.iter().position(|n| *n == tunnel).unwrap();
+                    let m = &mut model[j];
+                    assert!(m.present, "seed {seed}: verdict for a removed tunnel");
+                    if m.dead {
+                        assert!(m.reannounce, "seed {seed}: second verdict for {tunnel}");
+                        m.reannounce = false;
+                        continue;
+                    }
+                    let s = m.settings.unwrap();
+                    assert_eq!(s.role, Role::Owner, "seed {seed}: standby decided");
+                    let budget = dead_after_ms(&s).expect("disable never decides");
+                    let floor = if s.mode == Mode::Periodic {
+                        s.schedule.round_ms()
+                    } else {
+                        budget
+                    };
+                    assert!(
+                        t >= m.last_life + floor,
+                        "seed {seed}: {tunnel} {s:?} decided at {t}, life {} floor {floor}",
+                        m.last_life
+                    );
+                    m.dead = true;
+                    verdicts += 1;
+                }
+            }
+            for (at, who) in &all_delivered {
+                if let Some(j) = names.iter().position(|n| n == who) {
+                    let m = &mut model[j];
+                    if m.present && !m.dead {
+                        m.last_life = m.last_life.max(*at);
+                    }
+                }
+            }
+        }
+        assert!(verdicts > 10, "seed {seed}: only {verdicts} verdicts");
+    }
+}
