@@ -155,10 +155,22 @@ pub struct TableStats {
     pub claims_ignored: u64,
 }
 
-/// Per-tunnel roles of one FGSP member.
+/// Who decides takeovers when a member dies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableMode {
+    /// FGSP: the live member with the lowest id succeeds a dead owner
+    /// ([`TunnelTable::peer_lost`]).
+    Fgsp,
+    /// FGCP: the election decides; on [`crate::ElectionEvent::BecamePrimary`] the daemon calls
+    /// [`TunnelTable::promote_all`], and `peer_lost` promotes nothing.
+    Fgcp,
+}
+
+/// Per-tunnel roles of one cluster member.
 #[derive(Debug)]
 pub struct TunnelTable {
     me: MemberId,
+    mode: TableMode,
     live: BTreeSet<MemberId>,
     tunnels: BTreeMap<String, Tunnel>,
     events: VecDeque<TunnelEvent>,
@@ -169,10 +181,16 @@ pub struct TunnelTable {
 }
 
 impl TunnelTable {
-    /// An empty table for member `me` with no live peers.
+    /// An empty FGSP table for member `me` with no live peers.
     pub fn new(me: MemberId) -> Self {
+        Self::with_mode(me, TableMode::Fgsp)
+    }
+
+    /// An empty table in the given mode.
+    pub fn with_mode(me: MemberId, mode: TableMode) -> Self {
         TunnelTable {
             me,
+            mode,
             live: BTreeSet::new(),
             tunnels: BTreeMap::new(),
             events: VecDeque::new(),
@@ -344,7 +362,7 @@ impl TunnelTable {
             .filter(|(_, t)| t.owner == peer)
             .map(|(n, _)| n.clone())
             .collect();
-        if successor == self.me {
+        if successor == self.me && self.mode == TableMode::Fgsp {
             for name in orphaned {
                 self.promote(&name, ClaimReason::OwnerDead);
             }
@@ -417,6 +435,20 @@ impl TunnelTable {
     pub fn sa_removed(&mut self, tunnel: &str, spi_out: u32) {
         if let Some(t) = self.tunnels.get_mut(tunnel) {
             t.sas.remove(&spi_out);
+        }
+    }
+
+    /// This member became FGCP primary: take every tunnel it does not own yet (reason
+    /// [`ClaimReason::OwnerDead`]), each starting at its synced lease.
+    pub fn promote_all(&mut self) {
+        let names: Vec<String> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| t.owner != self.me)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            self.promote(&name, ClaimReason::OwnerDead);
         }
     }
 
@@ -1357,6 +1389,59 @@ mod tests {
         // Deleting the tunnel forgets it.
         fresh.handle_delete(&DeleteSync::Tunnel { tunnel: T.into() });
         assert_eq!(fresh.role(T), None);
+    }
+
+    #[test]
+    fn fgcp_mode_promotes_on_election_not_on_lowest_id() {
+        use crate::election::{ElectionEvent, Fgcp, FgcpConfig};
+        // Members 1 (primary) and 2 and 3; 3 has the highest priority among the survivors.
+        let mut t2 = TunnelTable::with_mode(MemberId(2), TableMode::Fgcp);
+        let mut t3 = TunnelTable::with_mode(MemberId(3), TableMode::Fgcp);
+        for t in [&mut t2, &mut t3] {
+            for p in 1..=3 {
+                t.peer_joined(MemberId(p));
+            }
+            t.handle_claim(
+                MemberId(1),
+                &OwnershipClaim {
+                    tunnel: T.into(),
+                    owner: MemberId(1),
+                    generation: 0,
+                    reason: ClaimReason::Established,
+                },
+            );
+            t.handle_lease(
+                MemberId(1),
+                &SeqLease {
+                    tunnel: T.into(),
+                    spi_out: SPI,
+                    seq_hw: 6144,
+                },
+            );
+            t.peer_lost(MemberId(1));
+            assert_eq!(
+                t.poll_event(),
+                None,
+                "no promotion by member id in FGCP mode"
+            );
+        }
+        let mut e3 = Fgcp::new(FgcpConfig::new(MemberId(3), "c", 200), 0).unwrap();
+        e3.handle_timeout(10_000);
+        assert_eq!(e3.poll_event(), Some(ElectionEvent::BecamePrimary));
+        t3.promote_all();
+        let Some(TunnelEvent::Promoted { start_seqs, .. }) = t3.poll_event() else {
+            panic!()
+        };
+        assert_eq!(
+            start_seqs,
+            vec![StartSeq {
+                spi_out: SPI,
+                first_seq: 6144,
+                exact: true
+            }]
+        );
+        assert_eq!(t3.role(T), Some(TunnelRole::SyncPrimary));
+        assert_eq!(t2.role(T), Some(TunnelRole::Standby));
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub mod wire;
 
 pub use election::{ElectionEvent, Fgcp, FgcpConfig, MemberStatus};
 pub use error::{DropReason, HaError, Result};
-pub use fgsp::{Outgoing, StartSeq, TunnelEvent, TunnelRole, TunnelTable};
+pub use fgsp::{Outgoing, StartSeq, TableMode, TunnelEvent, TunnelRole, TunnelTable};
 pub use link::{ClusterKind, HaLink, LinkKey, LinkStats, Received};
 pub use liveness::{Liveness, PeerEvent};
 pub use msg::Message;

@@ -368,23 +368,30 @@ impl HaLink {
             return Err(DropReason::UnknownType);
         }
         // Choose the key, checking replay before any crypto.
-        let fresh_key;
-        let (key, new_epoch) = match self.peers.get(&h.sender) {
+        let mut fresh_key = None;
+        let new_epoch = match self.peers.get(&h.sender) {
             Some(p) if h.epoch < p.epoch => return Err(DropReason::StaleEpoch),
             Some(p) if h.epoch == p.epoch => {
                 if !p.window.check(h.counter) {
                     return Err(DropReason::Replayed);
                 }
-                (&p.key, false)
+                false
             }
             _ => {
                 // A sender or epoch not seen yet: derive its key (cheap, HKDF) and try.
-                fresh_key = self
-                    .key
-                    .sender_key(h.sender, h.epoch)
-                    .map_err(|_| DropReason::AuthFailed)?;
-                (&fresh_key, true)
+                fresh_key = Some(
+                    self.key
+                        .sender_key(h.sender, h.epoch)
+                        .map_err(|_| DropReason::AuthFailed)?,
+                );
+                true
             }
+        };
+        let key = match (&fresh_key, self.peers.get(&h.sender)) {
+            (Some(k), _) => k,
+            (None, Some(p)) => &p.key,
+            // Unreachable: without a fresh key the sender is known. Fail closed anyway.
+            (None, None) => return Err(DropReason::AuthFailed),
         };
         // Header::parse guaranteed datagram.len() >= HEADER_LEN + TAG_LEN and
         // sealed.len() >= TAG_LEN, so neither split can panic.
@@ -401,26 +408,27 @@ impl HaLink {
         .map_err(|_| DropReason::AuthFailed)?;
         let message = Message::decode_body(h.msg_type, &body)?;
         // Authenticated and decoded: now, and only now, update the sender's state.
-        if new_epoch {
-            if !self.peers.contains_key(&h.sender) && self.peers.len() >= MAX_SENDERS {
-                return Err(DropReason::TooManySenders);
+        match fresh_key {
+            Some(key) => {
+                if !self.peers.contains_key(&h.sender) && self.peers.len() >= MAX_SENDERS {
+                    return Err(DropReason::TooManySenders);
+                }
+                let mut window = ReplayWindow::default();
+                window.mark(h.counter);
+                self.peers.insert(
+                    h.sender,
+                    PeerState {
+                        epoch: h.epoch,
+                        key,
+                        window,
+                    },
+                );
             }
-            let mut window = ReplayWindow::default();
-            window.mark(h.counter);
-            let key = self
-                .key
-                .sender_key(h.sender, h.epoch)
-                .map_err(|_| DropReason::AuthFailed)?;
-            self.peers.insert(
-                h.sender,
-                PeerState {
-                    epoch: h.epoch,
-                    key,
-                    window,
-                },
-            );
-        } else if let Some(p) = self.peers.get_mut(&h.sender) {
-            p.window.mark(h.counter);
+            None => {
+                if let Some(p) = self.peers.get_mut(&h.sender) {
+                    p.window.mark(h.counter);
+                }
+            }
         }
         Ok(Received {
             sender: h.sender,
