@@ -393,6 +393,10 @@ impl<K: Clone + Eq + Hash> Dpd<K> {
     ///   re-evaluated from its last proof of life under the new settings.
     /// - A dead tunnel keeps its verdict (the driver removes the record when
     ///   ikemgr has flushed it, and adds a new one for a new IKE SA).
+    ///
+    /// The driver combines ikemgr's settings with the role it last heard
+    /// from hasyncd (`Owner` until hasyncd exists), so that a republished
+    /// `tunnel.state` does not flip a standby tunnel back to owner.
     pub fn handle_tunnel_upsert(
         &mut self,
         now_ms: u64,
