@@ -48,7 +48,8 @@ impl Phase {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event<K> {
     /// Ask ikemgr to send an IKEv2 liveness check (an empty INFORMATIONAL
-    /// request, RFC 7296 section 1.4). `seqno` is the message ID to reuse:
+    /// request, RFC 7296 section 1.4; liveness checks in section 2.4).
+    /// `seqno` is the message ID to reuse:
     /// `None` for the first transmission of a round (ikemgr assigns one and
     /// the driver reports it with [`Dpd::handle_probe_sent`]), then the ID
     /// reported, so every retransmission of one probe keeps its message ID.
