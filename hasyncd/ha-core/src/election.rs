@@ -718,6 +718,53 @@ mod tests {
     }
 
     #[test]
+    fn hostile_link_cannot_revive_a_dead_primary_or_forge_one() {
+        use crate::link::{ClusterKind, HaLink, LinkKey};
+        use crate::msg::Message;
+        let key = LinkKey::derive(ClusterKind::Fgcp, 1, Some(b"pw"), 10).unwrap();
+        let mut l1 = HaLink::new(key.clone(), MemberId(1), 1).unwrap();
+        let mut l2 = HaLink::new(key, MemberId(2), 1).unwrap();
+        let mut e1 = Fgcp::new(cfg(1, 200), 0).unwrap();
+        let mut e2 = Fgcp::new(cfg(2, 100), 0).unwrap();
+        let mut captured = Vec::new();
+        let mut now = 0;
+        while now <= 2 * LOST {
+            e1.handle_timeout(now);
+            e2.handle_timeout(now);
+            if let Some(hb) = e1.poll_transmit(now) {
+                let d = l1.seal(&Message::Heartbeat(hb)).unwrap();
+                let r = l2.open(&d).unwrap();
+                let Message::Heartbeat(hb) = r.message else {
+                    panic!()
+                };
+                e2.handle_heartbeat(r.sender, &hb, now);
+                captured.push(d);
+            }
+            while e2.poll_transmit(now).is_some() {}
+            now += DEFAULT_HB_INTERVAL_MS;
+        }
+        assert_eq!(e2.role(), HaRole::Secondary);
+        // Member 1 dies; 2 takes over.
+        now += LOST;
+        e2.handle_timeout(now);
+        assert_eq!(e2.role(), HaRole::Primary);
+        // An attacker replays every captured heartbeat, then forges one with its own key.
+        for d in &captured {
+            assert_eq!(l2.open(d).err(), Some(crate::DropReason::Replayed));
+        }
+        let evil = LinkKey::derive(ClusterKind::Fgcp, 1, Some(b"guess"), 10).unwrap();
+        let mut le = HaLink::new(evil, MemberId(1), 99).unwrap();
+        let mut hb = e1.poll_transmit(now).unwrap();
+        hb.priority = 255;
+        let forged = le.seal(&Message::Heartbeat(hb)).unwrap();
+        assert_eq!(l2.open(&forged).err(), Some(crate::DropReason::AuthFailed));
+        e2.handle_timeout(now + 1);
+        assert_eq!(e2.role(), HaRole::Primary, "nothing reached the election");
+        assert_eq!(e2.members(now).len(), 1);
+        assert_eq!(l2.stats().drops_total(), captured.len() as u64 + 1);
+    }
+
+    #[test]
     fn body_member_field_is_not_trusted() {
         let mut f = Fgcp::new(cfg(1, 128), 0).unwrap();
         let mut other = Fgcp::new(cfg(2, 128), 0).unwrap();

@@ -609,7 +609,10 @@ impl TunnelTable {
                     self.apply_snapshot_item(from, item);
                 }
             }
-            Message::Heartbeat(_) | Message::IkeSa(_) | Message::SnapshotRequest(_) => {}
+            Message::Heartbeat(_)
+            | Message::IkeSa(_)
+            | Message::IkeMsgId(_)
+            | Message::SnapshotRequest(_) => {}
         }
     }
 

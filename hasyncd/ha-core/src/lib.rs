@@ -6,7 +6,7 @@
 //!   `psksecret` (PBKDF2-HMAC-SHA256, group-specific salt), per-(sender, epoch) AES-256-GCM
 //!   keys (HKDF-SHA256), nonces from the message counter, per-sender replay windows, and a
 //!   typed [`DropReason`] for every rejected datagram;
-//! - [`msg`]: the sync message bodies (heartbeat, IKE SA, CHILD SA, deletions, outbound
+//! - [`msg`]: the sync message bodies (heartbeat, IKE SA and message-ID updates, CHILD SA, deletions, outbound
 //!   sequence leases and their acks, tunnel ownership claims, snapshot request/chunks) and
 //!   the snapshot chunker/assembler of the Clone pattern;
 //! - [`election`]: FGCP heartbeats, peer loss after `hb-lost-threshold` missed beats, and the
@@ -26,7 +26,7 @@
 //!          match link.open(bytes) { Err(reason) => count reason.label(),
 //!            Ok(r) => { if r.new_epoch { send SnapshotRequest / expect one }
 //!                       Heartbeat  -> fgcp.handle_heartbeat(r.sender, &hb, now_ms)
-//!                       IkeSa/ChildSa/Delete -> replica store (+ table.handle_message)
+//!                       IkeSa/IkeMsgId/ChildSa/Delete -> replica store (+ table.handle_message)
 //!                       Ownership/SeqLease/SeqLeaseAck/SnapshotChunk -> table.handle_message
 //!                       SnapshotRequest -> msg::snapshot_chunks(id, link.next_counter(), items) } }
 //! local:   ikemgr established a tunnel -> table.local_established; CHILD SA -> table.sa_added;

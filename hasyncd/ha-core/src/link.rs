@@ -690,6 +690,25 @@ mod tests {
     }
 
     #[test]
+    fn golden_datagram() {
+        // Pins the wire format and key schedule: any change to either shows up here.
+        let k = LinkKey::derive(ClusterKind::Fgcp, 1, Some(b"pw"), 1).unwrap();
+        let mut a = HaLink::new(k, MemberId(1), 1).unwrap();
+        let d = a
+            .seal(&Message::SnapshotRequest(SnapshotRequest { request_id: 1 }))
+            .unwrap();
+        let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, GOLDEN);
+        // Body: msgpack map {"request_id": 1}, 13 bytes, plus header and tag.
+        assert_eq!(d.len(), HEADER_LEN + 13 + TAG_LEN);
+    }
+
+    /// Computed independently by `scripts/golden_datagram.py` (Python hashlib/hmac and the
+    /// `cryptography` package's AES-GCM).
+    const GOLDEN: &str = "01080001000000010000000000000001000000000000000081e4bb49b6a481247c\
+                          b79813b5667df7ed2bbff3d914e2d854497d4597";
+
+    #[test]
     fn nonces_differ_per_message() {
         let (mut a, _) = pair();
         let d1 = a.seal(&lease(1)).unwrap();

@@ -182,6 +182,22 @@ pub struct IkeSaSync {
     pub lifetime_left_s: u32,
 }
 
+/// The message IDs of an IKE SA after an exchange (RFC 7296 §2.2), sent after every
+/// exchange without the keys; a full [`IkeSaSync`] goes out at establishment and rekey.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IkeMsgIdSync {
+    /// Tunnel instance.
+    pub tunnel: String,
+    /// Initiator's SPI.
+    pub spi_i: u64,
+    /// Responder's SPI.
+    pub spi_r: u64,
+    /// Next message ID we will use for a request.
+    pub next_request_id: u32,
+    /// Next message ID we expect in a request from the peer.
+    pub next_expected_id: u32,
+}
+
 /// A CHILD SA lifetime.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ChildLifetime {
@@ -353,6 +369,8 @@ pub enum Message {
     Heartbeat(Heartbeat),
     /// [`IkeSaSync`].
     IkeSa(IkeSaSync),
+    /// [`IkeMsgIdSync`].
+    IkeMsgId(IkeMsgIdSync),
     /// [`ChildSaSync`].
     ChildSa(ChildSaSync),
     /// [`DeleteSync`].
@@ -390,6 +408,7 @@ impl Message {
         match self {
             Message::Heartbeat(_) => MsgType::HEARTBEAT,
             Message::IkeSa(_) => MsgType::IKE_SA,
+            Message::IkeMsgId(_) => MsgType::IKE_MSG_ID,
             Message::ChildSa(_) => MsgType::CHILD_SA,
             Message::Delete(_) => MsgType::DELETE,
             Message::SeqLease(_) => MsgType::SEQ_LEASE,
@@ -405,6 +424,7 @@ impl Message {
         match self {
             Message::Heartbeat(m) => enc(m),
             Message::IkeSa(m) => enc(m),
+            Message::IkeMsgId(m) => enc(m),
             Message::ChildSa(m) => enc(m),
             Message::Delete(m) => enc(m),
             Message::SeqLease(m) => enc(m),
@@ -421,6 +441,7 @@ impl Message {
         Ok(match ty {
             MsgType::HEARTBEAT => Message::Heartbeat(dec(body)?),
             MsgType::IKE_SA => Message::IkeSa(dec(body)?),
+            MsgType::IKE_MSG_ID => Message::IkeMsgId(dec(body)?),
             MsgType::CHILD_SA => Message::ChildSa(dec(body)?),
             MsgType::DELETE => Message::Delete(dec(body)?),
             MsgType::SEQ_LEASE => Message::SeqLease(dec(body)?),
@@ -615,6 +636,13 @@ pub(crate) mod tests {
                 primary: Some(MemberId(2)),
             }),
             Message::IkeSa(ike_sa("vpn1_1")),
+            Message::IkeMsgId(IkeMsgIdSync {
+                tunnel: "vpn1_1".into(),
+                spi_i: 0x87458c81a3be17f9,
+                spi_r: 0xc8db7d3f2c70e638,
+                next_request_id: 6,
+                next_expected_id: 4,
+            }),
             Message::ChildSa(child_sa("vpn1_1", 0xa575b631)),
             Message::Delete(DeleteSync::IkeSa {
                 tunnel: "vpn1_2".into(),

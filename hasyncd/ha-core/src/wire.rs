@@ -72,10 +72,12 @@ impl MsgType {
     pub const SNAPSHOT_REQUEST: MsgType = MsgType(8);
     /// [`crate::msg::SnapshotChunk`].
     pub const SNAPSHOT_CHUNK: MsgType = MsgType(9);
+    /// [`crate::msg::IkeMsgIdSync`].
+    pub const IKE_MSG_ID: MsgType = MsgType(10);
 
     /// Whether this build has a body type for the code.
     pub fn is_known(self) -> bool {
-        (1..=9).contains(&self.0)
+        (1..=10).contains(&self.0)
     }
 }
 
