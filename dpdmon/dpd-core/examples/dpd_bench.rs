@@ -23,6 +23,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
+use dpd_core::wheel::TimerWheel;
 use dpd_core::{dead_after_ms, Activity, Dpd, Event, Mode, Role, Schedule, Settings};
 
 const T0: u64 = 1_700_000_000_000;
@@ -349,6 +352,57 @@ impl Harness {
     }
 }
 
+/// The timer wheel alone against a BTreeMap timer queue: `n` timers 1 ms to
+/// 5 min ahead, every other one re-armed once (cancel + insert), then all
+/// run out in 1 ms steps of the wheel's `next_deadline`.
+fn wheel_vs_btreemap(n: u32) {
+    let mut rng = Rng(0xfeed_f00d);
+    let deadlines: Vec<u64> = (0..n).map(|_| T0 + rng.range(1, 300_000)).collect();
+    let c0 = cpu_ns();
+    let mut w = TimerWheel::new(T0);
+    let mut handles: Vec<_> = deadlines
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| w.insert(d, i as u32))
+        .collect();
+    for (i, h) in handles.iter_mut().enumerate().step_by(2) {
+        w.cancel(*h);
+        *h = w.insert(deadlines[i] + 1000, i as u32);
+    }
+    let mut fired = 0usize;
+    let mut out = Vec::new();
+    while let Some(t) = w.next_deadline() {
+        out.clear();
+        w.advance_into(t, &mut out);
+        fired += out.len();
+    }
+    let wheel_ns = cpu_ns().saturating_sub(c0);
+    let c1 = cpu_ns();
+    let mut b: BTreeMap<(u64, u32), ()> = BTreeMap::new();
+    for (i, &d) in deadlines.iter().enumerate() {
+        b.insert((d, i as u32), ());
+    }
+    for (i, &d) in deadlines.iter().enumerate().step_by(2) {
+        b.remove(&(d, i as u32));
+        b.insert((d + 1000, i as u32), ());
+    }
+    let mut fired_b = 0usize;
+    while let Some(((t, _), _)) = b.first_key_value() {
+        let t = *t;
+        while b.first_key_value().is_some_and(|((d, _), _)| *d <= t) {
+            b.pop_first();
+            fired_b += 1;
+        }
+    }
+    let btree_ns = cpu_ns().saturating_sub(c1);
+    println!(
+        "timer wheel: {n} timers, {} re-armed, {fired} fired: {:.1} ms thread CPU; reference BTreeMap ({fired_b} fired): {:.1} ms",
+        n / 2,
+        wheel_ns as f64 / 1e6,
+        btree_ns as f64 / 1e6
+    );
+}
+
 fn main() {
     let n: u32 = std::env::args()
         .nth(1)
@@ -359,6 +413,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(10);
     let rss_start = vm_kib("VmRSS:");
+    wheel_vs_btreemap(n);
     let add = Instant::now();
     let mut h = Harness::new(n, false, tick_ms);
     h.record = Some(Vec::new());
