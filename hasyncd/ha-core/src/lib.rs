@@ -28,7 +28,7 @@
 //!                       Heartbeat  -> fgcp.handle_heartbeat(r.sender, &hb, now_ms)
 //!                       IkeSa/IkeMsgId/ChildSa/Delete -> replica store (+ table.handle_message)
 //!                       Ownership/SeqLease/SeqLeaseAck/SnapshotChunk -> table.handle_message
-//!                       SnapshotRequest -> msg::snapshot_chunks(id, link.next_counter(), items) } }
+//!                       SnapshotRequest -> msg::snapshot_chunks(id, link.next_counter(), items, max) } }
 //! local:   ikemgr established a tunnel -> table.local_established; CHILD SA -> table.sa_added;
 //!          espd asks for a lease -> table.propose_lease; traffic on a standby tunnel ->
 //!          table.traffic_for; monitored link change -> fgcp.set_monitor_up

@@ -454,17 +454,19 @@ impl Message {
     }
 }
 
-/// Cut `items` into snapshot chunks whose encoded bodies each fit in one link message.
-/// Always returns at least one chunk (an empty snapshot is one empty, `last` chunk).
-/// Fails only if a single item is too large for a message on its own.
+/// Cut `items` into snapshot chunks whose encoded bodies each fit in `max_body` bytes
+/// (at most [`MAX_BODY_LEN`]; e.g. 1 400 to keep UDP datagrams unfragmented on a 1 500-byte
+/// MTU, once the 40-byte link overhead is counted). Always returns at least one chunk (an
+/// empty snapshot is one empty, `last` chunk). Fails only if a single item does not fit.
 pub fn snapshot_chunks(
     request_id: u64,
     as_of: u64,
     items: impl IntoIterator<Item = SnapshotItem>,
+    max_body: usize,
 ) -> Result<Vec<SnapshotChunk>> {
-    // Room for the chunk's own fields and array header (named fields: a few dozen bytes).
+    // Room for the chunk's own fields and array header (named fields: under 80 bytes).
     const CHUNK_OVERHEAD: usize = 128;
-    let budget = MAX_BODY_LEN - CHUNK_OVERHEAD;
+    let budget = max_body.min(MAX_BODY_LEN).saturating_sub(CHUNK_OVERHEAD);
     let mut chunks = Vec::new();
     let mut cur: Vec<SnapshotItem> = Vec::new();
     let mut cur_len = 0usize;
@@ -738,7 +740,7 @@ pub(crate) mod tests {
         let items: Vec<SnapshotItem> = (0..400)
             .map(|i| SnapshotItem::ChildSa(child_sa(&format!("vpn1_{i}"), i)))
             .collect();
-        let chunks = snapshot_chunks(5, 77, items.clone()).unwrap();
+        let chunks = snapshot_chunks(5, 77, items.clone(), MAX_BODY_LEN).unwrap();
         assert!(chunks.len() > 1);
         for c in &chunks {
             let n = Message::SnapshotChunk(c.clone())
@@ -747,6 +749,19 @@ pub(crate) mod tests {
                 .len();
             assert!(n <= MAX_BODY_LEN, "{n}");
         }
+        let small = snapshot_chunks(5, 77, items.clone(), 1400).unwrap();
+        assert!(small.len() > chunks.len());
+        for c in &small {
+            let n = Message::SnapshotChunk(c.clone())
+                .encode_body()
+                .unwrap()
+                .len();
+            assert!(n <= 1400, "{n}");
+        }
+        assert!(matches!(
+            snapshot_chunks(5, 77, items.clone(), 200),
+            Err(HaError::TooLarge(_))
+        ));
         let mut asm = SnapshotAssembler::new(5, MemberId(2));
         let mut rev = chunks.clone();
         rev.reverse();
@@ -767,7 +782,7 @@ pub(crate) mod tests {
         assert_eq!(snap.as_of, 77);
         assert_eq!(snap.from, MemberId(2));
 
-        let empty = snapshot_chunks(1, 0, Vec::new()).unwrap();
+        let empty = snapshot_chunks(1, 0, Vec::new(), MAX_BODY_LEN).unwrap();
         assert_eq!(empty.len(), 1);
         assert!(empty[0].last);
     }
