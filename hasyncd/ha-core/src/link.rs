@@ -103,7 +103,9 @@ impl std::fmt::Debug for LinkKey {
 
 impl LinkKey {
     /// Derive the master key. `secret` is the clear-text FGCP `password` / FGSP
-    /// `psksecret`; `None` or empty refuses (the link is never run unprotected).
+    /// `psksecret`; `None` or empty refuses (the link is never run unprotected). Pass
+    /// `None` for a secret the configuration holds only in masked (`********`) or FortiOS
+    /// `ENC` form (`haven_config::Secret::is_usable` false): those bytes are not the key.
     pub fn derive(
         kind: ClusterKind,
         group: u16,
@@ -165,6 +167,13 @@ impl LinkKey {
         hkdf_sha256(&self.master.0, &self.salt, &info, &mut out.0)?;
         Ok(out)
     }
+}
+
+/// The epoch for a new start of a member: above the last one stored (`stored`) and at least
+/// the wall clock in ms, so that it still grows if the stored value was lost. The daemon
+/// stores the result durably before sealing its first message.
+pub fn next_epoch(stored: Option<u64>, unix_ms: u64) -> u64 {
+    stored.map_or(0, |s| s.saturating_add(1)).max(unix_ms)
 }
 
 /// HKDF-SHA256 extract-then-expand (RFC 5869 §2.2, §2.3) through OpenSSL.
@@ -707,6 +716,17 @@ mod tests {
     /// `cryptography` package's AES-GCM).
     const GOLDEN: &str = "01080001000000010000000000000001000000000000000081e4bb49b6a481247c\
                           b79813b5667df7ed2bbff3d914e2d854497d4597";
+
+    #[test]
+    fn epochs_grow_across_restarts() {
+        assert_eq!(next_epoch(None, 1_700_000_000_000), 1_700_000_000_000);
+        assert_eq!(
+            next_epoch(Some(1_800_000_000_000), 1_700_000_000_000),
+            1_800_000_000_001
+        );
+        assert_eq!(next_epoch(Some(5), 3), 6);
+        assert_eq!(next_epoch(Some(u64::MAX), 0), u64::MAX);
+    }
 
     #[test]
     fn nonces_differ_per_message() {
