@@ -171,9 +171,14 @@ impl LinkKey {
 
 /// The epoch for a new start of a member: above the last one stored (`stored`) and at least
 /// the wall clock in ms, so that it still grows if the stored value was lost. The daemon
-/// stores the result durably before sealing its first message.
-pub fn next_epoch(stored: Option<u64>, unix_ms: u64) -> u64 {
-    stored.map_or(0, |s| s.saturating_add(1)).max(unix_ms)
+/// stores the result durably before sealing its first message. Fails only when the stored
+/// epoch is `u64::MAX` (no larger epoch exists).
+pub fn next_epoch(stored: Option<u64>, unix_ms: u64) -> Result<u64> {
+    let after = match stored {
+        Some(s) => s.checked_add(1).ok_or(HaError::CounterExhausted)?,
+        None => 0,
+    };
+    Ok(after.max(unix_ms))
 }
 
 /// HKDF-SHA256 extract-then-expand (RFC 5869 §2.2, §2.3) through OpenSSL.
