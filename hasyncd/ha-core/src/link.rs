@@ -724,13 +724,16 @@ mod tests {
 
     #[test]
     fn epochs_grow_across_restarts() {
-        assert_eq!(next_epoch(None, 1_700_000_000_000), 1_700_000_000_000);
         assert_eq!(
-            next_epoch(Some(1_800_000_000_000), 1_700_000_000_000),
+            next_epoch(None, 1_700_000_000_000).unwrap(),
+            1_700_000_000_000
+        );
+        assert_eq!(
+            next_epoch(Some(1_800_000_000_000), 1_700_000_000_000).unwrap(),
             1_800_000_000_001
         );
-        assert_eq!(next_epoch(Some(5), 3), 6);
-        assert_eq!(next_epoch(Some(u64::MAX), 0), u64::MAX);
+        assert_eq!(next_epoch(Some(5), 3).unwrap(), 6);
+        assert!(next_epoch(Some(u64::MAX), 0).is_err());
     }
 
     #[test]
