@@ -418,13 +418,15 @@ impl TunnelTable {
         self.sa_added(from, &sa.tunnel, sa.spi_out);
     }
 
-    /// A deletion from the owner or from this member: forget the tunnel or SA.
+    /// A deletion from the owner or from this member. Only a tunnel deletion (dial-up
+    /// instance removed, DPD flush) forgets the tunnel: an IKE SA is also deleted when it is
+    /// rekeyed, and the tunnel, its owner and its leases live on.
     pub fn handle_delete(&mut self, del: &DeleteSync) {
         match del {
-            DeleteSync::Tunnel { tunnel } | DeleteSync::IkeSa { tunnel, .. } => {
+            DeleteSync::Tunnel { tunnel } => {
                 self.tunnels.remove(tunnel);
             }
-            DeleteSync::ChildSa { .. } => {
+            DeleteSync::IkeSa { .. } | DeleteSync::ChildSa { .. } => {
                 // CHILD SAs are keyed by inbound SPI on the wire and by outbound SPI here;
                 // the daemon calls `sa_removed` with the outbound SPI it knows.
             }
@@ -1389,7 +1391,13 @@ mod tests {
                 exact: true
             }]
         );
-        // Deleting the tunnel forgets it.
+        // An IKE SA deletion (rekey) keeps the tunnel; deleting the tunnel forgets it.
+        fresh.handle_delete(&DeleteSync::IkeSa {
+            tunnel: T.into(),
+            spi_i: 1,
+            spi_r: 2,
+        });
+        assert_eq!(fresh.role(T), Some(TunnelRole::SyncPrimary));
         fresh.handle_delete(&DeleteSync::Tunnel { tunnel: T.into() });
         assert_eq!(fresh.role(T), None);
     }

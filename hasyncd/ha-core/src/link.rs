@@ -22,6 +22,9 @@
 //! example `max(stored epoch + 1, wall-clock ms)`, stored before the first send), and
 //! member ids must be unique within a group.
 //!
+//! The link is always encrypted and authenticated: FGSP's `encryption disable` does not
+//! turn this off (it only matters to FortiOS session sync), and there is no clear mode.
+//!
 //! # Replay
 //! A receiver keeps, per sender, the newest authenticated epoch and a [`WINDOW`]-message
 //! window below the highest counter. Older epochs, counters seen before or left of the
