@@ -593,6 +593,8 @@ pub struct IkeSa {
     old_deleted: bool,
     /// The peer deleted this IKE SA in the request being answered.
     peer_deleted_ike: bool,
+    /// PFS group the responder asked for with INVALID_KE_PAYLOAD.
+    pfs_retry: Option<DhGroup>,
 }
 
 impl core::fmt::Debug for IkeSa {
@@ -737,6 +739,7 @@ impl IkeSa {
             pending_swap: None,
             old_deleted: false,
             peer_deleted_ike: false,
+            pfs_retry: None,
         }
     }
 
@@ -1429,8 +1432,13 @@ impl IkeSa {
                 }
                 let spi = self.random_spi32()?;
                 let ni = self.random(NONCE_LEN)?;
-                let kex = match self.cfg.pfs_groups.first() {
-                    Some(g) => Some(KeyExchange::generate(*g)?),
+                // The responder's choice from an INVALID_KE_PAYLOAD, else our first.
+                let group = self
+                    .pfs_retry
+                    .take()
+                    .or_else(|| self.cfg.pfs_groups.first().copied());
+                let kex = match group {
+                    Some(g) => Some(KeyExchange::generate(g)?),
                     None => None,
                 };
                 let mut p = Vec::new();

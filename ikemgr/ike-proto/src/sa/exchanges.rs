@@ -549,6 +549,23 @@ impl IkeSa {
             }
             sa.events.push_back(Event::ChildSaFailed { notify: n });
         };
+        if let Some(n) = find_notify(p, NotifyType::INVALID_KE_PAYLOAD) {
+            // §1.3: retry once with the group the responder wants, if we
+            // allow it and did not just use it.
+            let want = <[u8; 2]>::try_from(n.data.as_slice())
+                .ok()
+                .map(|b| DhGroup(u16::from_be_bytes(b)));
+            let used = kex.as_ref().map(|k| k.group());
+            if let Some(g) = want.filter(|g| self.cfg.pfs_groups.contains(g) && Some(*g) != used) {
+                self.pfs_retry = Some(g);
+                let again = match rekey_of {
+                    Some(old) => Request::RekeyChild(old),
+                    None => Request::CreateChild,
+                };
+                self.pending.push_front(again);
+                return Ok(());
+            }
+        }
         if let Some(e) = first_error_notify(p) {
             failed(self, e);
             return Ok(());

@@ -1382,3 +1382,44 @@ fn restored_snapshot_takes_over_and_rekeys() {
     assert_eq!(p.a.spis(), p.b().spis());
     assert_ne!(p.a.spis(), (snap.info.spi_i, snap.info.spi_r));
 }
+
+#[test]
+fn pfs_group_mismatch_retries_with_the_responders_group() {
+    // HDR, SK {SA, Ni, KEi(14), TSi, TSr} -->  <-- HDR, SK {N(INVALID_KE_PAYLOAD, 31)}
+    // HDR, SK {SA, Ni, KEi(31), TSi, TSr} -->  <-- HDR, SK {SA, Nr, KEr(31), TSi, TSr}
+    let mut p = Pair::new(
+        cfg(
+            b"k",
+            "a.example",
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "14 31",
+        ),
+        cfg(
+            b"k",
+            "b.example",
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "31",
+        ),
+    );
+    p.settle();
+    p.a.create_child(p.now).unwrap();
+    p.settle();
+    let (ca, cb) = (Pair::children(&p.ev_a), Pair::children(&p.ev_b));
+    assert_eq!(ca.len(), 2);
+    assert_eq!(ca[1].pfs_group, Some(DhGroup::CURVE25519));
+    assert_child_pair(&ca[1], &cb[1]);
+    assert!(!p
+        .ev_a
+        .iter()
+        .any(|e| matches!(e, Event::ChildSaFailed { .. })));
+    // Rekeys use the same path.
+    let old = ca[0].inbound_spi;
+    p.a.rekey_child(p.now, old).unwrap();
+    p.settle();
+    assert!(!p.a.child_spis().contains(&old));
+    assert_eq!(p.a.child_spis().len(), 2);
+}
