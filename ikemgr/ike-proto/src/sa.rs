@@ -6,10 +6,15 @@
 //! that passed the [`crate::cookie::CookieGuard`], with [`IkeSa::accept`].
 //! Then, after every input:
 //! 1. feed inputs: [`IkeSa::handle_datagram`] for each datagram whose SPIs
-//!    belong to this SA ([`IkeSa::local_spis`]), [`IkeSa::handle_timeout`]
-//!    when the instant from `poll_timeout` has passed, and the mutators
-//!    (`start_liveness_check`, `rekey_child`, `delete`, …);
-//! 2. drain [`IkeSa::poll_transmit`] and send each datagram;
+//!    belong to this SA (route by our own SPI, see [`IkeSa::local_spis`];
+//!    a retransmitted IKE_SA_INIT has a zero responder SPI, route it by
+//!    initiator SPI and source address), with the addresses it travelled
+//!    on and without the RFC 3948 non-ESP marker; [`IkeSa::handle_timeout`]
+//!    when the instant from `poll_timeout` has passed; and the mutators
+//!    (`start_liveness_check`, `rekey_child`, `create_child`, `rekey_ike`,
+//!    `delete_child`, `delete`);
+//! 2. drain [`IkeSa::poll_transmit`] and send each datagram from
+//!    `Transmit::source` (port 4500 means: prepend the non-ESP marker);
 //! 3. drain [`IkeSa::poll_event`] (install CHILD SAs inbound first, then
 //!    outbound; re-index SPIs on `IkeSaRekeyed`; drop the SA after
 //!    `IkeSaDeleted` for its current SPIs);
@@ -535,9 +540,7 @@ enum Request {
 }
 
 struct Collision {
-    /// Inbound SPI of the CHILD SA we created answering the peer's rekey.
-    peer_child: u32,
-    /// Nonces of that exchange.
+    /// Nonces of the peer's rekey exchange we answered.
     nonces: [Vec<u8>; 2],
 }
 

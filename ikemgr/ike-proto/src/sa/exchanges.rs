@@ -11,7 +11,6 @@ struct ChildReply {
     ke: Option<Payload>,
     tsi: Payload,
     tsr: Payload,
-    inbound: u32,
 }
 
 type NotifyErr = (NotifyType, Vec<u8>);
@@ -614,7 +613,6 @@ impl IkeSa {
         match c.collision.take() {
             Some(col) if lowest_nonce(&ours, &col.nonces) => {
                 // We lost: our new SA is redundant; the peer deletes `old`.
-                let _ = col.peer_child;
                 self.pending
                     .push_front(Request::DeleteChild(new, DeleteReason::Redundant));
             }
@@ -869,7 +867,6 @@ impl IkeSa {
             ke,
             tsi: Payload::TsI(n_i),
             tsr: Payload::TsR(n_r),
-            inbound: our_spi,
         })
     }
 
@@ -976,7 +973,6 @@ impl IkeSa {
                     if let Some(oc) = self.child_mut(old) {
                         if ours_outstanding {
                             oc.collision = Some(Collision {
-                                peer_child: c.inbound,
                                 nonces: [ni.clone(), nr.clone()],
                             });
                         } else {
