@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::crypto::ChildKeys;
+use crate::wire::IdType;
 
 /// Parts of a responder's CHILD SA answer.
 struct ChildReply {
@@ -26,6 +27,18 @@ fn sa_retry_delay(sa: &mut IkeSa) -> Duration {
         4000
     };
     Duration::from_millis(2000 + r)
+}
+
+/// `peerid` check: string identities (FQDN, RFC822, KEY_ID) match on their
+/// text whatever type the peer chose, as FortiOS compares `peerid`
+/// strings; other types must match exactly.
+pub(super) fn id_matches(want: &IdPayload, got: &IdPayload) -> bool {
+    let textual = |t| matches!(t, IdType::FQDN | IdType::RFC822_ADDR | IdType::KEY_ID);
+    if textual(want.id_type) && textual(got.id_type) {
+        want.data == got.data
+    } else {
+        want == got
+    }
 }
 
 fn notify(ty: NotifyType) -> Payload {
@@ -401,7 +414,12 @@ impl IkeSa {
             self.close(DeleteReason::Failed(e));
             return Ok(());
         };
-        if self.cfg.peer_id.as_ref().is_some_and(|want| *want != idr) {
+        if self
+            .cfg
+            .peer_id
+            .as_ref()
+            .is_some_and(|want| !id_matches(want, &idr))
+        {
             self.events.push_back(Event::AuthFailed {
                 reason: "peer identity does not match peerid",
             });
@@ -740,7 +758,12 @@ impl IkeSa {
         let (Some(idi), Some(auth)) = (idi, auth) else {
             return fail(self, "IKE_AUTH without IDi or AUTH");
         };
-        if self.cfg.peer_id.as_ref().is_some_and(|want| *want != idi) {
+        if self
+            .cfg
+            .peer_id
+            .as_ref()
+            .is_some_and(|want| !id_matches(want, &idi))
+        {
             return fail(self, "peer identity does not match peerid");
         }
         let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;

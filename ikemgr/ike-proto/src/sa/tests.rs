@@ -1423,3 +1423,37 @@ fn pfs_group_mismatch_retries_with_the_responders_group() {
     assert!(!p.a.child_spis().contains(&old));
     assert_eq!(p.a.child_spis().len(), 2);
 }
+
+#[test]
+fn peerid_text_matches_across_string_id_types() {
+    use crate::wire::IdType;
+    let fqdn = IdPayload::fqdn("Nokia_Peer");
+    let keyid = IdPayload {
+        id_type: IdType::KEY_ID,
+        data: b"Nokia_Peer".to_vec(),
+    };
+    assert!(exchanges::id_matches(&fqdn, &keyid));
+    assert!(!exchanges::id_matches(
+        &fqdn,
+        &IdPayload::fqdn("nokia_peer")
+    ));
+    let ip = IdPayload::from_ip("10.0.0.1".parse().unwrap());
+    let ip_as_text = IdPayload::fqdn("10.0.0.1");
+    assert!(!exchanges::id_matches(&ip, &ip_as_text));
+    assert!(exchanges::id_matches(&ip, &ip.clone()));
+    // End to end: B requires peerid Nokia_Peer, A sends it as KEY_ID.
+    let mut a = cfg(b"k", "x", "aes128-sha256", "14", "aes128-sha256", "");
+    a.local_id = keyid;
+    let mut b = cfg(
+        b"k",
+        "b.example",
+        "aes128-sha256",
+        "14",
+        "aes128-sha256",
+        "",
+    );
+    b.peer_id = Some(fqdn);
+    let mut p = Pair::new(a, b);
+    p.settle();
+    assert!(p.a.is_established() && p.b().is_established());
+}
