@@ -1457,3 +1457,62 @@ fn peerid_text_matches_across_string_id_types() {
     p.settle();
     assert!(p.a.is_established() && p.b().is_established());
 }
+
+#[test]
+fn half_open_responder_gives_up_without_ike_auth() {
+    let mut p = Pair::new(
+        cfg(b"k", "a.example", "aes128-sha1", "14", "aes128-sha1", ""),
+        cfg(b"k", "b.example", "aes128-sha1", "14", "aes128-sha1", ""),
+    );
+    // Only the IKE_SA_INIT request gets through.
+    p.lose = Box::new(|from_a, n| !from_a || n > 0);
+    p.settle();
+    assert!(p.b().is_closed());
+    assert!(p.ev_b.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Timeout,
+            ..
+        }
+    )));
+    assert!(!p
+        .ev_b
+        .iter()
+        .any(|e| matches!(e, Event::IkeSaEstablished(_))));
+}
+
+#[test]
+fn requests_outside_the_window_are_dropped() {
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let path = Addresses {
+        local: addr(A),
+        remote: addr(B),
+    };
+    let next = p.b().chan.next_send;
+    for mid in [next + 1, next + 100, u32::MAX] {
+        let req = p
+            .b()
+            .seal(false, ExchangeType::INFORMATIONAL, mid, false, &[])
+            .unwrap();
+        assert!(matches!(
+            p.a.handle_datagram(p.now, path, &req),
+            Err(IkeError::InvalidMessageId { .. })
+        ));
+        assert!(
+            p.a.poll_transmit().is_none(),
+            "no answer outside the window"
+        );
+    }
+    // The expected one is answered, and a replay of it gets the cached
+    // response, byte for byte.
+    let req = p
+        .b()
+        .seal(false, ExchangeType::INFORMATIONAL, next, false, &[])
+        .unwrap();
+    p.a.handle_datagram(p.now, path, &req).unwrap();
+    let r1 = p.a.poll_transmit().unwrap().payload;
+    p.a.handle_datagram(p.now, path, &req).unwrap();
+    let r2 = p.a.poll_transmit().unwrap().payload;
+    assert_eq!(r1, r2);
+    assert_eq!(p.a.message_ids().1, next + 1);
+}
