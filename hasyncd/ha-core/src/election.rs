@@ -24,7 +24,10 @@
 //! # Liveness
 //! A heartbeat is sent every `hb_interval_ms`; a peer is lost when nothing came from it for
 //! `hb_interval_ms * hb_lost_threshold` (FortiOS defaults: 200 ms and 6). A starting member
-//! stays in [`HaRole::Hello`] for that same span, listening, before the first election.
+//! stays in [`HaRole::Hello`] for that same span, listening, before the first election;
+//! the others do not count it as a candidate until it leaves hello, so a running primary
+//! keeps its role until the newcomer can take over (a takeover overlaps by at most one
+//! heartbeat rather than leaving a gap).
 //!
 //! # Driving it
 //! After every `handle_*`/`set_*` call and at every deadline: drain [`Fgcp::poll_event`],
@@ -319,9 +322,12 @@ impl Fgcp {
         };
         let override_ = self.cfg.override_ && self.peers.values().all(|p| p.hb.override_);
         let margin = self.cfg.uptime_margin_ms;
+        // A peer still in its hello phase is not a candidate yet: electing it would leave the
+        // cluster without a primary until its hello ends.
         let mut all: Vec<Candidate<'_>> = self
             .peers
             .values()
+            .filter(|p| p.hb.role != HaRole::Hello)
             .map(|p| Candidate {
                 member: p.hb.member,
                 serial: &p.hb.serial,
@@ -762,6 +768,36 @@ mod tests {
         assert_eq!(e2.role(), HaRole::Primary, "nothing reached the election");
         assert_eq!(e2.members(now).len(), 1);
         assert_eq!(l2.stats().drops_total(), captured.len() as u64 + 1);
+    }
+
+    #[test]
+    fn a_member_in_hello_does_not_unseat_the_primary_early() {
+        // Young cluster (ages inside the margin): the newcomer's priority will win, but only
+        // once its hello phase is over.
+        let mut s = Sim::new(vec![cfg(1, 100), cfg(2, 100)]);
+        s.run_until(LOST + 10);
+        assert_eq!(s.primaries(), vec![1]);
+        s.kill(0);
+        s.run_until(s.now + 2 * LOST);
+        let t = s.now;
+        s.start(0, cfg(1, 250));
+        s.log.clear();
+        s.run_until(t + LOST - 2 * DEFAULT_HB_INTERVAL_MS);
+        assert_eq!(s.roles()[0], Some(HaRole::Hello));
+        assert_eq!(
+            s.primaries(),
+            vec![1],
+            "still primary while the newcomer says hello"
+        );
+        assert!(!s
+            .events_of(1)
+            .iter()
+            .any(|e| matches!(e, ElectionEvent::BecameSecondary { .. })));
+        s.run_until(t + 2 * LOST);
+        assert_eq!(s.primaries(), vec![0]);
+        assert!(s.events_of(1).contains(&ElectionEvent::BecameSecondary {
+            primary: MemberId(1)
+        }));
     }
 
     #[test]

@@ -441,7 +441,9 @@ impl TunnelTable {
     }
 
     /// This member became FGCP primary: take every tunnel it does not own yet (reason
-    /// [`ClaimReason::OwnerDead`]), each starting at its synced lease.
+    /// [`ClaimReason::OwnerDead`]), each starting at its synced lease. Call it again after
+    /// applying a snapshot that arrived while this member was already primary (tunnels it
+    /// learns from the snapshot are otherwise standby here).
     pub fn promote_all(&mut self) {
         let names: Vec<String> = self
             .tunnels
