@@ -322,12 +322,22 @@ impl Fgcp {
         };
         let override_ = self.cfg.override_ && self.peers.values().all(|p| p.hb.override_);
         let margin = self.cfg.uptime_margin_ms;
-        // A peer still in its hello phase is not a candidate yet: electing it would leave the
-        // cluster without a primary until its hello ends.
+        // While a primary is running, a peer still in its hello phase is not a candidate yet:
+        // electing it would leave the cluster without a primary until its hello ends. At a
+        // cold start (no running primary) everyone counts, so members that start together
+        // agree at once instead of each electing itself first.
+        let primary_running = match self.primary {
+            Some(p) if p == self.cfg.me => self.role == HaRole::Primary,
+            Some(p) => self
+                .peers
+                .get(&p)
+                .is_some_and(|peer| peer.hb.role != HaRole::Hello),
+            None => false,
+        };
         let mut all: Vec<Candidate<'_>> = self
             .peers
             .values()
-            .filter(|p| p.hb.role != HaRole::Hello)
+            .filter(|p| !primary_running || p.hb.role != HaRole::Hello)
             .map(|p| Candidate {
                 member: p.hb.member,
                 serial: &p.hb.serial,
@@ -515,6 +525,18 @@ mod tests {
         assert!(s.events_of(1).contains(&ElectionEvent::BecameSecondary {
             primary: MemberId(1)
         }));
+        for i in 0..2 {
+            let becomes: Vec<_> = s
+                .events_of(i)
+                .into_iter()
+                .filter(|e| !matches!(e, ElectionEvent::PeerJoined(_)))
+                .collect();
+            assert_eq!(
+                becomes.len(),
+                1,
+                "member {i}: one role at a cold start: {becomes:?}"
+            );
+        }
         // Primary dies: after hb_lost_threshold missed beats the other takes over.
         let t_kill = s.now;
         s.kill(0);
@@ -768,6 +790,30 @@ mod tests {
         assert_eq!(e2.role(), HaRole::Primary, "nothing reached the election");
         assert_eq!(e2.members(now).len(), 1);
         assert_eq!(l2.stats().drops_total(), captured.len() as u64 + 1);
+    }
+
+    #[test]
+    fn cold_start_elects_once_whoever_ends_hello_first() {
+        // Member 1 ends its hello first (stepped first) but member 2 wins on priority.
+        let mut s = Sim::new(vec![cfg(1, 100), cfg(2, 200)]);
+        s.run_until(LOST + 10 * DEFAULT_HB_INTERVAL_MS);
+        assert_eq!(s.primaries(), vec![1]);
+        assert_eq!(
+            s.events_of(0),
+            vec![
+                ElectionEvent::PeerJoined(MemberId(2)),
+                ElectionEvent::BecameSecondary {
+                    primary: MemberId(2)
+                }
+            ]
+        );
+        assert_eq!(
+            s.events_of(1),
+            vec![
+                ElectionEvent::PeerJoined(MemberId(1)),
+                ElectionEvent::BecamePrimary
+            ]
+        );
     }
 
     #[test]
