@@ -74,6 +74,18 @@ mod tests {
         out
     }
 
+    /// With `HA_FUZZ_SEED_DIR` set, writes the corpus there (seeds for `cargo fuzz`).
+    #[test]
+    fn write_seed_corpus_when_asked() {
+        let Ok(dir) = std::env::var("HA_FUZZ_SEED_DIR") else {
+            return;
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, c) in corpus().iter().enumerate() {
+            std::fs::write(format!("{dir}/seed-{i:02}"), c).unwrap();
+        }
+    }
+
     /// Runs the fuzz body over the corpus and deterministic mutations of it (bit flips,
     /// truncations, byte insertions, splices). `HA_FUZZ_ITERS` raises the mutation count.
     #[test]
