@@ -103,6 +103,23 @@ pub fn bodies() -> Vec<Body> {
             hard: false,
             reason: "time".into(),
         }),
+        Body::ProbeRequest {
+            tunnel: "vpn1_2".into(),
+            round: 7,
+            attempt: 2,
+        },
+        Body::ProbeResult {
+            tunnel: "vpn1_2".into(),
+            round: 7,
+            msg_id: 4,
+            outcome: "sent".into(),
+        },
+        Body::IkeActivity {
+            tunnels: vec![IkeActivityMark {
+                tunnel: "vpn1_2".into(),
+                last_rx_ns: TS,
+            }],
+        },
     ]
 }
 

@@ -128,6 +128,9 @@ pub mod topic {
     pub const ESP_ACTIVITY: &str = "esp.activity";
     pub const ESP_SEQ: &str = "esp.seq";
     pub const ESP_EXPIRE: &str = "esp.expire";
+    pub const DPD_PROBE: &str = "dpd.probe";
+    pub const IKE_PROBE: &str = "ike.probe";
+    pub const IKE_ACTIVITY: &str = "ike.activity";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -147,6 +150,9 @@ pub mod topic {
         ESP_ACTIVITY,
         ESP_SEQ,
         ESP_EXPIRE,
+        DPD_PROBE,
+        IKE_PROBE,
+        IKE_ACTIVITY,
     ];
 }
 
@@ -212,6 +218,27 @@ pub enum Body {
     },
     /// espd: an SA reached a soft or hard lifetime (event; soft asks ikemgr to rekey).
     EspExpire(SaExpiry),
+    /// dpdmon: ask ikemgr to send an IKEv2 liveness check (empty INFORMATIONAL) on a
+    /// tunnel (event). Retries of one probe carry the same `round`; ikemgr retransmits the
+    /// same request (same message ID) for them.
+    ProbeRequest {
+        tunnel: String,
+        round: u64,
+        attempt: u32,
+    },
+    /// ikemgr: what became of a probe (event): `sent` (with its message ID), `reply`,
+    /// `timeout` or `failed`.
+    ProbeResult {
+        tunnel: String,
+        round: u64,
+        msg_id: u32,
+        outcome: String,
+    },
+    /// ikemgr: last authenticated message from each peer that changed since the previous
+    /// batch (event; proof of life for dpdmon).
+    IkeActivity {
+        tunnels: Vec<IkeActivityMark>,
+    },
 }
 
 /// What a body does to the replicated store.
@@ -240,6 +267,9 @@ impl Body {
         "EspActivity",
         "EspSeq",
         "EspExpire",
+        "ProbeRequest",
+        "ProbeResult",
+        "IkeActivity",
     ];
 
     /// The `type` tag of this body.
@@ -261,6 +291,9 @@ impl Body {
             Body::EspActivity { .. } => "EspActivity",
             Body::EspSeq { .. } => "EspSeq",
             Body::EspExpire(_) => "EspExpire",
+            Body::ProbeRequest { .. } => "ProbeRequest",
+            Body::ProbeResult { .. } => "ProbeResult",
+            Body::IkeActivity { .. } => "IkeActivity",
         }
     }
 
@@ -283,6 +316,9 @@ impl Body {
             Body::EspActivity { .. } => topic::ESP_ACTIVITY,
             Body::EspSeq { .. } => topic::ESP_SEQ,
             Body::EspExpire(_) => topic::ESP_EXPIRE,
+            Body::ProbeRequest { .. } => topic::DPD_PROBE,
+            Body::ProbeResult { .. } => topic::IKE_PROBE,
+            Body::IkeActivity { .. } => topic::IKE_ACTIVITY,
         }
     }
 
@@ -316,7 +352,12 @@ impl Body {
             Body::ChildSaRemoved { tunnel, spi_in } => {
                 del(table::CHILD_SA, &ChildSaInfo::key_of(tunnel, *spi_in))
             }
-            Body::EspActivity { .. } | Body::EspSeq { .. } | Body::EspExpire(_) => None,
+            Body::EspActivity { .. }
+            | Body::EspSeq { .. }
+            | Body::EspExpire(_)
+            | Body::ProbeRequest { .. }
+            | Body::ProbeResult { .. }
+            | Body::IkeActivity { .. } => None,
         }
     }
 }
@@ -506,6 +547,14 @@ pub struct SeqMark {
     pub tunnel: String,
     pub spi_out: u32,
     pub seq_hw: u64,
+}
+
+/// Last authenticated IKE message from a tunnel's peer (`ike.activity`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct IkeActivityMark {
+    pub tunnel: String,
+    /// Wall-clock time, ns since the epoch.
+    pub last_rx_ns: u64,
 }
 
 /// A lifetime event of one SA (`esp.expire`).
