@@ -71,6 +71,10 @@ mod tests {
         }
         out.push(Vec::new());
         out.push(vec![1; 40]);
+        // A deeply nested unknown field (found to overflow the stack before MAX_DEPTH).
+        let mut deep = vec![MsgType::SNAPSHOT_REQUEST.0, 0x81, 0xa1, b'x'];
+        deep.extend(std::iter::repeat_n(0x91u8, 20_000));
+        out.push(deep);
         out
     }
 

@@ -391,10 +391,16 @@ fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     rmp_serde::to_vec_named(v).map_err(|e| HaError::Encode(e.to_string()))
 }
 
+/// Deepest MessagePack nesting a body may have. The deepest body type (a snapshot chunk of
+/// CHILD SAs) nests 5 levels; rmp-serde's default of 1 024 recursions overflows a 2 MiB
+/// thread stack in a debug build when an unknown field is skipped.
+pub const MAX_DEPTH: usize = 32;
+
 fn dec<T: serde::de::DeserializeOwned>(body: &[u8]) -> std::result::Result<T, DropReason> {
     let mut rest = body;
-    let v = T::deserialize(&mut rmp_serde::Deserializer::new(&mut rest))
-        .map_err(|_| DropReason::BadPayload)?;
+    let mut de = rmp_serde::Deserializer::new(&mut rest);
+    de.set_max_depth(MAX_DEPTH);
+    let v = T::deserialize(&mut de).map_err(|_| DropReason::BadPayload)?;
     // Trailing bytes after the value: reject rather than ignore.
     if !rest.is_empty() {
         return Err(DropReason::BadPayload);
@@ -713,6 +719,33 @@ pub(crate) mod tests {
         assert_eq!(
             Message::decode_body(MsgType(0), &[0x80]),
             Err(DropReason::UnknownType)
+        );
+    }
+
+    #[test]
+    fn deeply_nested_unknown_field_is_rejected_without_overflow() {
+        // {"x": [[[[ ... ]]]]} with tens of thousands of levels, skipped as an unknown field.
+        let mut body = vec![0x81, 0xa1, b'x'];
+        body.extend(std::iter::repeat_n(0x91u8, 60_000));
+        body.push(0xc0);
+        assert_eq!(
+            Message::decode_body(MsgType::SNAPSHOT_REQUEST, &body),
+            Err(DropReason::BadPayload)
+        );
+    }
+
+    #[test]
+    fn unknown_fields_within_the_depth_limit_are_skipped() {
+        // {"request_id": 3, "future": [[[1]]]}: an added field of a newer version.
+        let mut body = vec![0x82, 0xaa];
+        body.extend_from_slice(b"request_id");
+        body.push(3);
+        body.push(0xa6);
+        body.extend_from_slice(b"future");
+        body.extend_from_slice(&[0x91, 0x91, 0x91, 0x01]);
+        assert_eq!(
+            Message::decode_body(MsgType::SNAPSHOT_REQUEST, &body),
+            Ok(Message::SnapshotRequest(SnapshotRequest { request_id: 3 }))
         );
     }
 
