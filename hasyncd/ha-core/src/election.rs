@@ -178,6 +178,25 @@ impl Fgcp {
         })
     }
 
+    /// A configuration reload (priority, override, intervals, monitored count, serial).
+    /// The member id cannot change; the HA age is kept; an election runs at once (FortiOS
+    /// renegotiates when the priority changes).
+    pub fn reconfigure(&mut self, cfg: FgcpConfig, now_ms: u64) -> Result<()> {
+        if cfg.me != self.cfg.me {
+            return Err(HaError::Config("the member id cannot change on reload"));
+        }
+        if cfg.hb_interval_ms == 0 || cfg.hb_lost_threshold == 0 {
+            return Err(HaError::Config(
+                "heartbeat interval and lost threshold must be positive",
+            ));
+        }
+        self.monitor_up = self.monitor_up.min(cfg.monitor_total);
+        self.cfg = cfg;
+        self.next_hb_ms = now_ms;
+        self.elect(now_ms);
+        Ok(())
+    }
+
     /// Current role.
     pub fn role(&self) -> HaRole {
         self.role
@@ -844,6 +863,35 @@ mod tests {
         assert!(s.events_of(1).contains(&ElectionEvent::BecameSecondary {
             primary: MemberId(1)
         }));
+    }
+
+    #[test]
+    fn reload_with_override_and_higher_priority_takes_over() {
+        let mut s = Sim::new(vec![cfg(1, 100), cfg(2, 150)]);
+        s.run_until(DEFAULT_UPTIME_MARGIN_MS + 5_000);
+        assert_eq!(s.primaries(), vec![1]);
+        // Kill and restart member 2 so member 1 is far older; then raise member 2's priority.
+        s.kill(1);
+        s.run_until(s.now + 2 * LOST);
+        s.start(1, cfg(2, 150));
+        s.run_until(s.now + 3 * LOST);
+        assert_eq!(s.primaries(), vec![0], "age wins while override is off");
+        let now = s.now;
+        for (i, p) in [(0usize, 100u8), (1, 250)] {
+            let c = FgcpConfig {
+                override_: true,
+                ..cfg(i as u32 + 1, p)
+            };
+            s.node(i).reconfigure(c, now).unwrap();
+        }
+        s.run_until(now + 3 * LOST);
+        assert_eq!(
+            s.primaries(),
+            vec![1],
+            "override on everywhere: priority first"
+        );
+        let bad = cfg(9, 1);
+        assert!(s.node(0).reconfigure(bad, now).is_err());
     }
 
     #[test]

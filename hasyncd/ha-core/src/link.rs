@@ -456,6 +456,11 @@ impl HaLink {
         })
     }
 
+    /// Senders heard from, with their current epoch (for the peers view).
+    pub fn peer_epochs(&self) -> impl Iterator<Item = (MemberId, u64)> + '_ {
+        self.peers.iter().map(|(m, p)| (*m, p.epoch))
+    }
+
     /// Forget a sender (removed from the configuration). Its next message is treated as a
     /// first contact.
     pub fn forget(&mut self, member: MemberId) {
@@ -685,6 +690,10 @@ mod tests {
         let mut a2 = HaLink::new(k, MemberId(1), 101).unwrap();
         let r = b.open(&a2.seal(&lease(3)).unwrap()).unwrap();
         assert!(r.new_epoch);
+        assert_eq!(
+            b.peer_epochs().collect::<Vec<_>>(),
+            vec![(MemberId(1), 101)]
+        );
         assert_eq!(r.counter, 0, "the new epoch starts its counter again");
         assert_eq!(b.open(&old).err(), Some(DropReason::StaleEpoch));
     }
