@@ -56,6 +56,10 @@ pub trait DaemonLogic: Sized + Unpin + 'static {
     fn on_config(&mut self, config: &Config, out: &mut Outbox);
     /// A followed daemon's state changed (an update or a snapshot was applied).
     fn on_replica(&mut self, _src: DaemonKind, _store: &StateStore, _out: &mut Outbox) {}
+    /// A followed daemon published an event (a body that is not state: activity batches,
+    /// probe requests and results, lifetime expiries). Heartbeats are not delivered.
+    /// Events are best effort: one lost in a bus gap is not replayed by the snapshot.
+    fn on_event(&mut self, _src: DaemonKind, _body: &Body, _out: &mut Outbox) {}
     /// Answers a named view for `vpnctl`.
     fn view(&self, name: &str, args: &[String]) -> Result<serde_json::Value, String>;
     /// Carries out a named command from `vpnctl`.
@@ -67,7 +71,9 @@ pub trait DaemonLogic: Sized + Unpin + 'static {
     ) -> Result<serde_json::Value, String> {
         Err(format!("unknown command {name:?}"))
     }
-    /// Called once a second with the current time.
+    /// Period of [`DaemonLogic::tick`] in milliseconds.
+    const TICK_MS: u64 = 1000;
+    /// Called every [`DaemonLogic::TICK_MS`] with the current time.
     fn tick(&mut self, _now_ns: u64, _out: &mut Outbox) {}
 }
 
@@ -124,7 +130,7 @@ impl<L: DaemonLogic> Actor for Core<L> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(Duration::from_secs(1), |act, _ctx| {
+        ctx.run_interval(Duration::from_millis(L::TICK_MS.max(1)), |act, _ctx| {
             let mut out = Vec::new();
             act.logic.tick(now_ns(), &mut out);
             act.flush(out);
@@ -157,6 +163,22 @@ impl<L: DaemonLogic> Handler<ReplicaChanged> for Core<L> {
     fn handle(&mut self, msg: ReplicaChanged, _: &mut Self::Context) {
         let mut out = Vec::new();
         self.logic.on_replica(msg.src, &msg.store, &mut out);
+        self.flush(out);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct BusEvent {
+    src: DaemonKind,
+    body: Body,
+}
+
+impl<L: DaemonLogic> Handler<BusEvent> for Core<L> {
+    type Result = ();
+    fn handle(&mut self, msg: BusEvent, _: &mut Self::Context) {
+        let mut out = Vec::new();
+        self.logic.on_event(msg.src, &msg.body, &mut out);
         self.flush(out);
     }
 }
@@ -640,6 +662,9 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                     shared.bus.received.increment(1);
                     let src = env.src;
                     let stateful = env.body.state_op().is_some();
+                    // Events go to the logic as they arrive (the store keeps only state).
+                    let event = (!stateful && !matches!(env.body, Body::Heartbeat { .. }))
+                        .then(|| env.body.clone());
                     if let Some(f) = followers.get_mut(&src) {
                         let gaps = |f: &Follower| f.stats().gaps + f.stats().new_boots;
                         let before = gaps(f);
@@ -650,6 +675,13 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                         }
                         if stateful && matches!(outcome, bus_schema::FollowOutcome::Applied) {
                             changed = Some(src);
+                        }
+                        let fresh = !matches!(
+                            outcome,
+                            bus_schema::FollowOutcome::Stale | bus_schema::FollowOutcome::WrongSource
+                        );
+                        if let (Some(body), true) = (event, fresh) {
+                            shared.core.do_send(BusEvent { src, body });
                         }
                     }
                 }
