@@ -101,6 +101,7 @@ pub struct Header {
 impl Header {
     /// Encoded header bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
+        // Constant ranges into a fixed-size array: checked at compile time.
         let mut out = [0u8; HEADER_LEN];
         out[0] = self.version;
         out[1] = self.msg_type.0;
