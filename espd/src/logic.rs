@@ -520,10 +520,16 @@ impl DaemonLogic for Espd {
             .get()
             .cloned()
             .unwrap_or_else(|| PathBuf::from("/run/haven"));
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 8);
+        // ESPD_WORKERS overrides one packet thread per core (for benchmarks and small hosts).
+        let workers = std::env::var("ESPD_WORKERS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .clamp(1, 16);
         Espd::with(run_dir, workers)
     }
 

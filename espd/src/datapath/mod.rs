@@ -1,6 +1,7 @@
 //! The ESP datapath: IO and threads, driven by the daemon logic through [`Datapath`].
 //!
 //! - [`tun`]: one persistent TUN device per phase1-interface;
+//! - [`offload`]: TSO segmentation and checksum completion for TUN reads;
 //! - [`sockets`]: raw ESP, UDP/4500, the IKE hand-off unix sockets, batched IO;
 //! - [`table`]: the read-mostly SA table (inbound by SPI, outbound by longest prefix);
 //! - [`worker`]: the packet loops, one thread per core;
@@ -11,6 +12,7 @@
 //! messages from ikemgr out of UDP/4500. The control side (the daemon's actor) installs and
 //! removes SAs; each change builds a new [`table::Table`] and swaps it in.
 
+pub mod offload;
 pub mod seqstore;
 pub mod sockets;
 pub mod table;

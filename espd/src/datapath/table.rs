@@ -126,6 +126,7 @@ pub const DROP_LABELS: [&str; NUM_DROPS] = {
     l[DROP_IKE_RELAY] = "ike_relay";
     l[DROP_TX_ERROR] = "tx_error";
     l[DROP_TUN_WRITE] = "tun_write";
+    l[DROP_OFFLOAD] = "offload";
     l
 };
 /// The inner packet's addresses do not match the SA's selectors.
@@ -141,8 +142,10 @@ pub const DROP_IKE_RELAY: usize = DROP_SELECTOR + 3;
 pub const DROP_TX_ERROR: usize = DROP_SELECTOR + 4;
 /// Writing a decrypted packet to the TUN device failed.
 pub const DROP_TUN_WRITE: usize = DROP_SELECTOR + 5;
+/// A packet from TUN whose offload header could not be honoured.
+pub const DROP_OFFLOAD: usize = DROP_SELECTOR + 6;
 /// Number of drop reasons.
-pub const NUM_DROPS: usize = DROP_SELECTOR + 6;
+pub const NUM_DROPS: usize = DROP_SELECTOR + 7;
 
 /// Counters updated by the workers (relaxed atomics), read by the control side.
 #[derive(Default, Debug)]

@@ -1,7 +1,9 @@
 //! TUN devices (`/dev/net/tun`, IFF_TUN | IFF_NO_PI): one per phase1-interface, named after
 //! it. Devices are made persistent so that a `kill -9` of espd does not take the device and
 //! the routes ikemgr (or the operator) put on it away: a restarted espd re-attaches to the
-//! same device by name. A device is deleted when its last SA goes.
+//! same device by name. A device is deleted when its last SA goes. Packets in both
+//! directions carry a virtio-net header (IFF_VNET_HDR) so the kernel can hand over TSO
+//! packets (see `offload`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -13,6 +15,12 @@ const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 /// linux/if_tun.h flags.
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// `TUNSETOFFLOAD` = _IOW('T', 208, unsigned int) and its flags (linux/if_tun.h).
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO_ECN: libc::c_ulong = 0x08;
 
 /// `struct ifreq`: the name and a 24-byte union (flags, mtu...).
 #[repr(C)]
@@ -78,11 +86,25 @@ impl TunDev {
         })?;
         // SAFETY: fd was just returned by open(2) and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        req.set_short(IFF_TUN | IFF_NO_PI);
+        // Every packet read or written starts with a virtio-net header (see `offload`).
+        req.set_short(IFF_TUN | IFF_NO_PI | IFF_VNET_HDR);
         // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) })?;
         // SAFETY: TUNSETPERSIST takes an int by value.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) })?;
+        // Large TCP packets (TSO) and partial checksums: one read brings up to 64 KiB, cut
+        // into segments by the worker. Without it the kernel hands us MTU-sized packets.
+        // SAFETY: TUNSETOFFLOAD takes an unsigned int by value.
+        let off = unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                TUNSETOFFLOAD as _,
+                TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN,
+            )
+        };
+        if off < 0 {
+            tracing::warn!("{name}: no TUN offloads: {}", io::Error::last_os_error());
+        }
         let dev = TunDev {
             name: name.to_string(),
             fd,

@@ -13,10 +13,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use esp_proto::{classify_udp4500, decode_payload, inner, EspError, EspHeader, Udp4500};
 
+use super::offload::{self, VNET_HDR_LEN};
 use super::sockets::{RecvBatch, SendBatch, BATCH, SLOT};
 use super::table::{
-    any_contains, Device, Peer, Table, DROP_IKE_RELAY, DROP_NO_SA, DROP_OUTER, DROP_SELECTOR,
-    DROP_TUN_WRITE, DROP_TX_ERROR,
+    any_contains, Device, Peer, Table, DROP_IKE_RELAY, DROP_NO_SA, DROP_OFFLOAD, DROP_OUTER,
+    DROP_SELECTOR, DROP_TUN_WRITE, DROP_TX_ERROR,
 };
 use super::Shared;
 
@@ -49,11 +50,17 @@ pub struct Worker {
     plain: Box<[u8; SLOT]>,
     /// IKE hand-off messages.
     scratch: Box<[u8; SLOT]>,
+    /// Packets read from TUN: virtio-net header plus up to 64 KiB (TSO).
+    tunbuf: Box<[u8]>,
 }
 
+/// Largest read from a TUN device: header plus the largest IP packet.
+const TUNBUF: usize = VNET_HDR_LEN + 65_536;
+
 fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
+    // EPOLLEXCLUSIVE: one ready descriptor wakes one of the workers waiting on it, not all.
     let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
+        events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
         u64: token,
     };
     // SAFETY: ev is a live epoll_event for the duration of the call.
@@ -95,6 +102,7 @@ impl Worker {
             tx_udp: SendBatch::new(),
             plain: Box::new([0; SLOT]),
             scratch: Box::new([0; SLOT]),
+            tunbuf: vec![0u8; TUNBUF].into_boxed_slice(),
         })
     }
 
@@ -242,8 +250,9 @@ impl Worker {
 
     // ---- outbound -----------------------------------------------------------------------
 
-    /// Reads up to a batch of packets from one TUN device, encrypts each with the SA its
-    /// destination routes to, and sends them with one `sendmmsg` per socket.
+    /// Reads up to a batch of packets from one TUN device (TSO packets are cut into
+    /// segments first), encrypts each with the SA its destination routes to, and sends them
+    /// with one `sendmmsg` per socket and full batch.
     fn tx_tun(&mut self, dev: &Device, now: u64) {
         let Worker {
             id,
@@ -251,63 +260,23 @@ impl Worker {
             plain,
             tx_raw,
             tx_udp,
+            tunbuf,
             ..
         } = self;
         for _ in 0..BATCH {
-            let n = match dev.tun.read(&mut plain[..]) {
+            let n = match dev.tun.read(&mut tunbuf[..]) {
                 Ok(Some(n)) => n,
                 Ok(None) | Err(_) => break,
             };
-            let pkt = plain.get(..n).unwrap_or(&[]);
-            let Some((src, dst)) = inner::addresses(pkt) else {
-                shared.count_drop(esp_proto::DropReason::NotIp.index());
-                continue;
+            let Some(buf) = tunbuf.get_mut(..n) else {
+                break;
             };
-            let Some(sa) = dev.lookup(src, dst) else {
-                shared.count_drop(DROP_NO_SA);
-                continue;
-            };
-            if !sa.volume_ok(&sa.tx) {
-                sa.count_drop(esp_proto::DropReason::Expired.index());
-                shared.count_drop(esp_proto::DropReason::Expired.index());
-                continue;
+            let r = offload::split(buf, &mut plain[..], |pkt| {
+                encap_one(*id, shared, dev, tx_raw, tx_udp, pkt, now)
+            });
+            if r.is_err() {
+                shared.count_drop(DROP_OFFLOAD);
             }
-            let (batch, fd, to) = match sa.peer {
-                Peer::Raw(ip) => (
-                    &mut *tx_raw,
-                    shared.sockets.raw.as_raw_fd(),
-                    SocketAddrV4::new(ip, 0),
-                ),
-                Peer::Udp(a) => (&mut *tx_udp, shared.sockets.udp.as_raw_fd(), a),
-            };
-            if batch.is_full() {
-                let failed = batch.flush(fd);
-                shared.count_drops(DROP_TX_ERROR, failed);
-            }
-            let seq = match sa.seq.take() {
-                Ok(s) => s,
-                Err(e) => {
-                    sa.count_drop(e.drop_reason().index());
-                    shared.count_drop(e.drop_reason().index());
-                    continue;
-                }
-            };
-            let Some(out) = batch.slot() else {
-                continue;
-            };
-            let Some(crypto) = sa.enc.get(*id) else {
-                continue;
-            };
-            match lock(crypto).seal(seq, pkt, out) {
-                Ok(len) => batch.commit(len, to),
-                Err(e) => {
-                    sa.count_drop(e.drop_reason().index());
-                    shared.count_drop(e.drop_reason().index());
-                    continue;
-                }
-            }
-            sa.tx.add(n, now);
-            shared.tx.add(n, now);
         }
         if !tx_raw.is_empty() {
             let failed = tx_raw.flush(shared.sockets.raw.as_raw_fd());
@@ -318,6 +287,66 @@ impl Worker {
             shared.count_drops(DROP_TX_ERROR, failed);
         }
     }
+}
+
+/// Encrypts one wire-sized inner packet with the SA its destination routes to and queues
+/// it (flushing the batch first when it is full).
+fn encap_one(
+    id: usize,
+    shared: &Shared,
+    dev: &Device,
+    tx_raw: &mut SendBatch,
+    tx_udp: &mut SendBatch,
+    pkt: &[u8],
+    now: u64,
+) {
+    let Some((src, dst)) = inner::addresses(pkt) else {
+        shared.count_drop(esp_proto::DropReason::NotIp.index());
+        return;
+    };
+    let Some(sa) = dev.lookup(src, dst) else {
+        shared.count_drop(DROP_NO_SA);
+        return;
+    };
+    let fail = |reason: usize| {
+        sa.count_drop(reason);
+        shared.count_drop(reason);
+    };
+    if !sa.volume_ok(&sa.tx) {
+        fail(esp_proto::DropReason::Expired.index());
+        return;
+    }
+    let (batch, fd, to) = match sa.peer {
+        Peer::Raw(ip) => (
+            tx_raw,
+            shared.sockets.raw.as_raw_fd(),
+            SocketAddrV4::new(ip, 0),
+        ),
+        Peer::Udp(a) => (tx_udp, shared.sockets.udp.as_raw_fd(), a),
+    };
+    if batch.is_full() {
+        let failed = batch.flush(fd);
+        shared.count_drops(DROP_TX_ERROR, failed);
+    }
+    let seq = match sa.seq.take() {
+        Ok(s) => s,
+        Err(e) => {
+            fail(e.drop_reason().index());
+            return;
+        }
+    };
+    let (Some(out), Some(crypto)) = (batch.slot(), sa.enc.get(id)) else {
+        return;
+    };
+    match lock(crypto).seal(seq, pkt, out) {
+        Ok(len) => batch.commit(len, to),
+        Err(e) => {
+            fail(e.drop_reason().index());
+            return;
+        }
+    }
+    sa.tx.add(pkt.len(), now);
+    shared.tx.add(pkt.len(), now);
 }
 
 /// RFC 4303 §3.4 for one received ESP packet: SPI lookup, shape, replay check, ICV and
@@ -363,7 +392,9 @@ fn decap(
             return;
         }
     };
-    let plen = match crypto.open(esp, seq, plain) {
+    // The decrypted packet goes after room for the virtio-net header of the TUN write.
+    let (vnet, body) = plain.split_at_mut(VNET_HDR_LEN.min(plain.len()));
+    let plen = match crypto.open(esp, seq, body) {
         Ok(n) => n,
         Err(e) => {
             fail(e.drop_reason().index());
@@ -375,7 +406,7 @@ fn decap(
         fail(EspError::Replay.drop_reason().index());
         return;
     }
-    let (len, _next_header) = match decode_payload(plain.get(..plen).unwrap_or(&[])) {
+    let (len, _next_header) = match decode_payload(body.get(..plen).unwrap_or(&[])) {
         Ok(x) => x,
         Err(e) => {
             fail(e.drop_reason().index());
@@ -386,7 +417,7 @@ fn decap(
         // A dummy packet (Next Header 59, RFC 4303 §2.6): authenticated, not forwarded.
         return;
     }
-    let pkt = plain.get(..len).unwrap_or(&[]);
+    let pkt = body.get(..len).unwrap_or(&[]);
     let ok = match inner::addresses(pkt) {
         Some((src, dst)) => any_contains(&sa.remote_ts, src) && any_contains(&sa.local_ts, dst),
         None => false,
@@ -395,7 +426,13 @@ fn decap(
         fail(DROP_SELECTOR);
         return;
     }
-    if sa.tun.write(pkt).is_err() {
+    // No offload on this packet: an all-zero header (GSO none, checksum already complete).
+    vnet.fill(0);
+    if sa
+        .tun
+        .write(plain.get(..VNET_HDR_LEN + len).unwrap_or(&[]))
+        .is_err()
+    {
         fail(DROP_TUN_WRITE);
         return;
     }
