@@ -172,6 +172,188 @@ fn segment_tcp4(
     Ok(())
 }
 
+/// Receive-side coalescing (what GRO does in a NIC driver): consecutive in-order TCP/IPv4
+/// segments of one flow, decrypted from one receive batch, are joined into one TSO packet
+/// and written to the TUN device with one `write`; the kernel re-segments it only if it
+/// must. Anything else passes through unchanged, one write each, in order.
+pub struct Coalescer {
+    /// Virtio-net header, then the packet being built.
+    buf: Box<[u8]>,
+    /// Bytes of IP packet in `buf` after the header (0: empty).
+    len: usize,
+    tun: Option<std::sync::Arc<super::tun::TunDev>>,
+    /// Whether more segments may be appended.
+    open: bool,
+    hdr_len: usize,
+    mss: usize,
+    segs: usize,
+    next_seq: u32,
+}
+
+/// At most this many segments per coalesced packet (as Linux GRO).
+const MAX_SEGS: usize = 64;
+const IP_MAX: usize = 65_535;
+
+/// (header length, payload length, seq) of a TCP/IPv4 packet eligible for coalescing: no IP
+/// options or fragmentation, and only ACK (and PSH) set.
+fn tcp_candidate(p: &[u8]) -> Option<(usize, usize, u32)> {
+    let ip = p.get(..20)?;
+    if ip[0] != 0x45 || ip[9] != 6 || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    if usize::from(u16::from_be_bytes([ip[2], ip[3]])) != p.len() {
+        return None;
+    }
+    let tcp = p.get(20..40)?;
+    let thl = usize::from(tcp[12] >> 4) * 4;
+    let flags = tcp[13];
+    if thl < 20 || flags & !(TCP_PSH | 0x10) != 0 || flags & 0x10 == 0 {
+        return None;
+    }
+    let h = 20 + thl;
+    let payload = p.len().checked_sub(h).filter(|n| *n > 0)?;
+    Some((
+        h,
+        payload,
+        u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+    ))
+}
+
+impl Default for Coalescer {
+    fn default() -> Self {
+        Coalescer {
+            buf: vec![0u8; VNET_HDR_LEN + IP_MAX].into_boxed_slice(),
+            len: 0,
+            tun: None,
+            open: false,
+            hdr_len: 0,
+            mss: 0,
+            segs: 0,
+            next_seq: 0,
+        }
+    }
+}
+
+impl Coalescer {
+    /// Queues `pkt` for `tun`; returns how many TUN writes failed meanwhile.
+    pub fn push(&mut self, tun: &std::sync::Arc<super::tun::TunDev>, pkt: &[u8]) -> usize {
+        let mut failed = 0;
+        if self.len > 0 && !self.try_append(tun, pkt) {
+            failed += self.flush();
+        }
+        if self.len == 0 {
+            self.start(tun, pkt);
+            if !self.open {
+                failed += self.flush();
+            }
+        }
+        failed
+    }
+
+    fn start(&mut self, tun: &std::sync::Arc<super::tun::TunDev>, pkt: &[u8]) {
+        let Some(dst) = self.buf.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + pkt.len()) else {
+            return;
+        };
+        dst.copy_from_slice(pkt);
+        self.len = pkt.len();
+        self.tun = Some(tun.clone());
+        self.segs = 1;
+        match tcp_candidate(pkt) {
+            Some((h, payload, seq)) => {
+                self.hdr_len = h;
+                self.mss = payload;
+                self.next_seq = seq.wrapping_add(payload as u32);
+                // Indexing: tcp_candidate checked pkt.len() >= 40.
+                self.open = pkt[33] & TCP_PSH == 0;
+            }
+            None => self.open = false,
+        }
+    }
+
+    fn try_append(&mut self, tun: &std::sync::Arc<super::tun::TunDev>, pkt: &[u8]) -> bool {
+        if !self.open
+            || !self
+                .tun
+                .as_ref()
+                .is_some_and(|t| std::sync::Arc::ptr_eq(t, tun))
+        {
+            return false;
+        }
+        let Some((h, payload, seq)) = tcp_candidate(pkt) else {
+            return false;
+        };
+        let h0 = self.hdr_len;
+        let cur = &self.buf[VNET_HDR_LEN..VNET_HDR_LEN + h0];
+        // Same flow and header shape: TOS, TTL, addresses, ports, ack, data offset and
+        // window, options; in order; not longer than the first segment.
+        let same = h == h0
+            && cur[1] == pkt[1]
+            && cur[8] == pkt[8]
+            && cur[12..24] == pkt[12..24]
+            && cur[28..33] == pkt[28..33]
+            && cur[34..36] == pkt[34..36]
+            && cur[40..h0] == pkt[40..h]
+            && seq == self.next_seq
+            && payload <= self.mss
+            && self.segs < MAX_SEGS
+            && self.len + payload <= IP_MAX;
+        if !same {
+            return false;
+        }
+        let at = VNET_HDR_LEN + self.len;
+        self.buf[at..at + payload].copy_from_slice(&pkt[h..]);
+        self.len += payload;
+        self.segs += 1;
+        self.next_seq = seq.wrapping_add(payload as u32);
+        if pkt[33] & TCP_PSH != 0 {
+            self.buf[VNET_HDR_LEN + 33] |= TCP_PSH;
+            self.open = false;
+        }
+        if payload < self.mss {
+            self.open = false;
+        }
+        true
+    }
+
+    /// Writes what is queued; returns 1 if the write failed.
+    pub fn flush(&mut self) -> usize {
+        if self.len == 0 {
+            return 0;
+        }
+        let len = self.len;
+        self.len = 0;
+        self.open = false;
+        let Some(tun) = self.tun.take() else {
+            return 0;
+        };
+        let (hdr, pkt) = self.buf.split_at_mut(VNET_HDR_LEN);
+        let pkt = &mut pkt[..len];
+        hdr.fill(0);
+        if self.segs > 1 {
+            // One TSO packet: fix the IP length and checksum, leave the pseudo-header sum
+            // in the TCP checksum field for the kernel to complete (F_NEEDS_CSUM).
+            pkt[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            pkt[10..12].copy_from_slice(&[0, 0]);
+            let ipc = !fold(sum16(&pkt[..20], 0));
+            pkt[10..12].copy_from_slice(&ipc.to_be_bytes());
+            let pseudo = fold(sum16(&pkt[12..20], 6) + (len - 20) as u64);
+            pkt[36..38].copy_from_slice(&pseudo.to_be_bytes());
+            hdr[0] = F_NEEDS_CSUM;
+            hdr[1] = GSO_TCPV4;
+            let put =
+                |h: &mut [u8], i: usize, v: u16| h[i..i + 2].copy_from_slice(&v.to_ne_bytes());
+            put(hdr, 2, self.hdr_len as u16);
+            put(hdr, 4, self.mss as u16);
+            put(hdr, 6, 20);
+            put(hdr, 8, 16);
+        }
+        match tun.write(&self.buf[..VNET_HDR_LEN + len]) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
