@@ -501,6 +501,47 @@ impl Espd {
     }
 }
 
+/// Metric help texts (the shell installed the recorder before building the logic).
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, Unit};
+    describe_counter!(
+        "espd_packets_total",
+        Unit::Count,
+        "ESP packets carried, by direction (in: decrypted to TUN, out: encrypted to the wire)"
+    );
+    describe_counter!(
+        "espd_bytes_total",
+        Unit::Bytes,
+        "Inner (plaintext) bytes carried, by direction"
+    );
+    describe_counter!("espd_drops_total", Unit::Count, "Packets dropped, by reason (truncated, unknown_spi, replay, icv, padding, inner_header, selector, no_sa, ...)");
+    describe_counter!(
+        "espd_nat_keepalives_total",
+        Unit::Count,
+        "NAT keepalives received on UDP 4500 (RFC 3948)"
+    );
+    describe_counter!(
+        "espd_ike_relayed_total",
+        Unit::Count,
+        "IKE messages relayed between UDP 4500 and ikemgr, by direction"
+    );
+    describe_gauge!(
+        "espd_sas",
+        Unit::Count,
+        "CHILD SA pairs installed in the datapath"
+    );
+    describe_gauge!(
+        "espd_sas_failed",
+        Unit::Count,
+        "CHILD SAs ikemgr published that could not be installed"
+    );
+    describe_gauge!(
+        "espd_datapath_up",
+        "1 when the datapath sockets and threads are running"
+    );
+    describe_gauge!("espd_tun_devices", Unit::Count, "TUN devices open");
+}
+
 /// `[name N]` or `[N]`.
 fn name_arg(args: &[String]) -> Result<Option<&str>, String> {
     match args {
@@ -516,6 +557,7 @@ impl DaemonLogic for Espd {
     const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr];
 
     fn new(_config: &Config) -> Self {
+        describe_metrics();
         let run_dir = RUN_DIR
             .get()
             .cloned()
