@@ -650,3 +650,56 @@ impl DaemonLogic for Espd {
         self.export_metrics();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus_schema::schema::SaLifetime;
+
+    #[test]
+    fn name_argument_forms() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(name_arg(&s(&[])), Ok(None));
+        assert_eq!(name_arg(&s(&["vpn1"])), Ok(Some("vpn1")));
+        assert_eq!(name_arg(&s(&["name", "vpn1_1"])), Ok(Some("vpn1_1")));
+        assert!(name_arg(&s(&["nom", "x"])).is_err());
+        assert!(name_arg(&s(&["name", "a", "b"])).is_err());
+    }
+
+    #[test]
+    fn lifetimes_map_zero_to_unlimited() {
+        let mut info = ChildSaInfo {
+            tunnel: "vpn1".into(),
+            phase1: "vpn1".into(),
+            phase2: "vpn1".into(),
+            spi_in: 0x100,
+            spi_out: 0x200,
+            transform: "aes128gcm".into(),
+            esn: false,
+            keys_in: vec![0; 20],
+            keys_out: vec![0; 20],
+            local: "192.0.2.1".into(),
+            remote: "192.0.2.2".into(),
+            encap: EspEncap::None,
+            local_ts: vec!["10.0.1.0/24".into()],
+            remote_ts: vec!["10.0.2.0/24".into()],
+            replay_window: 2048,
+            lifetime: SaLifetime::default(),
+            initial_seq: 1,
+            outbound: true,
+        };
+        assert_eq!(lifetime_config(&info), esp_proto::LifetimeConfig::default());
+        info.lifetime = SaLifetime {
+            soft_secs: 10,
+            hard_secs: 20,
+            soft_bytes: 0,
+            hard_bytes: 1000,
+        };
+        let c = lifetime_config(&info);
+        assert_eq!(c.soft_time, Some(std::time::Duration::from_secs(10)));
+        assert_eq!(c.hard_time, Some(std::time::Duration::from_secs(20)));
+        assert_eq!(c.soft_bytes, None);
+        assert_eq!(c.hard_bytes, Some(1000));
+        assert_eq!(limit_name(LimitKind::SeqSpace), "seq_space");
+    }
+}

@@ -40,6 +40,7 @@ fn carries_traffic(label: &str, udp: bool) {
             "{side}: key material in the view"
         );
         let text = gw.tunnel_list_text();
+        eprintln!("{side} ({}):\n{text}", if udp { "udp" } else { "raw" });
         for needle in [
             "name=vpn1 ver=2",
             "stat: rxp=",
