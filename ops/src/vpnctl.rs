@@ -129,7 +129,12 @@ enum DiagDebugCmd {
 #[derive(Subcommand, Debug)]
 enum ShowCmd {
     /// The state a daemon publishes, as its snapshot.
-    Snapshot { daemon: String },
+    Snapshot {
+        daemon: String,
+        /// Include SA key material (redacted by default).
+        #[arg(long)]
+        show_keys: bool,
+    },
     /// What a daemon knows of the daemons it follows (boot, seq, synced, digest).
     Replicas { daemon: String },
 }
@@ -206,6 +211,23 @@ async fn call(cli: &Cli, kind: DaemonKind, req: CtlRequest) -> Result<CtlReply, 
     }
 }
 
+/// Replaces SA key material in a JSON view by a marker.
+fn redact_keys(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if k == "keys_in" || k == "keys_out" {
+                    *x = Value::String("<redacted>".into());
+                } else {
+                    redact_keys(x);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact_keys),
+        _ => {}
+    }
+}
+
 fn print_json(v: &Value) {
     match serde_json::to_string_pretty(v) {
         Ok(s) => println!("{s}"),
@@ -236,12 +258,19 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         } => diagnose_vpn_tunnel(&cli, cmd).await,
         Cmd::Show { cmd } => {
             let v = match cmd {
-                ShowCmd::Snapshot { daemon } => {
+                ShowCmd::Snapshot { daemon, show_keys } => {
                     match call(&cli, daemon_arg(daemon)?, CtlRequest::Snapshot).await? {
-                        CtlReply::Snapshot(s) => json!({
-                            "src": s.src.name(), "boot": format!("{:032x}", s.boot), "seq": s.seq,
-                            "items": s.items,
-                        }),
+                        CtlReply::Snapshot(s) => {
+                            let mut items = serde_json::to_value(&s.items)
+                                .map_err(|e| fail(1, format!("cannot render snapshot: {e}")))?;
+                            if !show_keys {
+                                redact_keys(&mut items);
+                            }
+                            json!({
+                                "src": s.src.name(), "boot": format!("{:032x}", s.boot), "seq": s.seq,
+                                "items": items,
+                            })
+                        }
                         other => return Err(fail(1, format!("unexpected reply {other:?}"))),
                     }
                 }
