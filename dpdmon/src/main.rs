@@ -1,83 +1,212 @@
 //! dpdmon: Haven's dead peer detection daemon.
 //!
-//! Today it keeps one DPD record per tunnel that ikemgr publishes (mode, interval, retry
-//! count, probe count and sequence), publishes them on the bus (`dpd.state`,
-//! `dpd.removed`) and serves them as a snapshot. It does not yet probe: the timer wheel
-//! and the probe/flush state machine are still to come.
+//! What it does: runs the sans-IO liveness core `dpd-core` for every tunnel ikemgr
+//! reports `up`, fed by the state it follows (ikemgr's `tunnel.state`, hasyncd's `ha.role`)
+//! and by bus events it subscribes to itself (espd's `esp.activity`, ikemgr's
+//! `ike.activity` and `ike.probe`). It publishes one `dpd.state` record per tunnel (the
+//! FortiOS `dpd:` fields and `state` `idle`/`probing`/`dead`), a `ProbeRequest` event for
+//! every probe transmission (ikemgr sends the IKEv2 INFORMATIONAL), and on a verdict sets
+//! the tunnel's record to `dead` (ikemgr flushes the tunnel when it sees it) and logs the
+//! seed 000 story at debug level (`link is idle …`, `send IKEv2 DPD probe, seqno N`,
+//! `negotiation of IKE SA failed due to retry timeout`). Views `tunnels` and `stats`;
+//! command `dpd-set`/`dpd-clear` (run-time DPD settings for one tunnel, not persisted);
+//! Prometheus `dpdmon_probes_sent_total`, `dpdmon_probe_replies_total`,
+//! `dpdmon_probe_failures_total`, `dpdmon_dead_peers_total`, `dpdmon_detection_seconds`,
+//! `dpdmon_tunnels{state}`.
+//!
+//! What it does not do: send probes or flush tunnels (ikemgr does), read the exponential
+//! schedule from the configuration (haven-config has no keys for it yet), or persist
+//! anything: see the README's "Restart" section for what a restart guarantees.
+//!
+//! Timers: the daemon shell calls `tick` once a second, so a timer fires on the first tick
+//! at or after its deadline (up to one second late per transmission); see the README for
+//! the shell extension that would make it exact.
 
-use std::collections::BTreeMap;
+mod events;
+mod glue;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use bus_schema::{Body, DaemonKind, DpdTunnelState, StateStore};
+use bus_schema::{DaemonKind, DpdSettings, StateStore};
 use haven_config::Config;
-use haven_daemon::{diff_keyed, DaemonLogic, Outbox};
+use haven_daemon::{now_ns, DaemonLogic, Outbox};
 use serde_json::json;
 
+use crate::events::EventFeed;
+use crate::glue::Glue;
+
 struct Dpdmon {
-    tunnels: BTreeMap<String, DpdTunnelState>,
+    glue: Glue,
+    /// The last ikemgr replica (needed again when an override or a role changes).
+    ike: StateStore,
+    feed: Option<EventFeed>,
+}
+
+fn now_ms() -> u64 {
+    now_ns() / 1_000_000
+}
+
+/// The shell parses the command line itself; dpdmon only needs `--run-dir` from it, before
+/// the shell builds the logic (to subscribe to espd's and ikemgr's events).
+fn run_dir_from_args() -> PathBuf {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        let s = a.to_string_lossy();
+        if s == "--run-dir" {
+            if let Some(v) = args.next() {
+                return PathBuf::from(v);
+            }
+        } else if let Some(v) = s.strip_prefix("--run-dir=") {
+            return PathBuf::from(v);
+        }
+    }
+    PathBuf::from("/run/haven")
 }
 
 impl Dpdmon {
-    /// The DPD record for every tunnel in ikemgr's table, keeping the counters of
-    /// records that already exist.
-    fn desired(&self, ike: &StateStore) -> BTreeMap<String, DpdTunnelState> {
-        ike.items()
-            .filter_map(|b| match b {
-                Body::Tunnel(t) => Some(t),
-                _ => None,
-            })
-            .map(|t| {
-                let prev = self.tunnels.get(&t.name);
-                let st = DpdTunnelState {
-                    tunnel: t.name.clone(),
-                    mode: t.dpd.mode.clone(),
-                    on: t.dpd.mode != "disable",
-                    idle_ms: t.dpd.retry_interval_ms,
-                    retry: t.dpd.retry_count,
-                    count: prev.map(|p| p.count).unwrap_or(0),
-                    seqno: prev.map(|p| p.seqno).unwrap_or(0),
-                    state: prev
-                        .map(|p| p.state.clone())
-                        .unwrap_or_else(|| "idle".into()),
-                };
-                (t.name.clone(), st)
-            })
-            .collect()
+    /// Feeds the bus events received since the last call into the core.
+    fn pump(&mut self, out: &mut Outbox) {
+        let Some(feed) = self.feed.as_mut() else {
+            return;
+        };
+        for body in feed.drain() {
+            self.glue.handle_event(now_ms(), &body, out);
+        }
+    }
+
+    fn export_metrics(&mut self) {
+        let s = self.glue.stats();
+        metrics::counter!("dpdmon_probes_sent_total").absolute(s.probes_sent);
+        metrics::counter!("dpdmon_probe_replies_total").absolute(s.probe_replies);
+        metrics::counter!("dpdmon_probe_failures_total").absolute(s.probe_failures);
+        metrics::counter!("dpdmon_dead_peers_total").absolute(s.dead_peers);
+        for (state, n) in self.glue.tunnels_by_state() {
+            metrics::gauge!("dpdmon_tunnels", "state" => state).set(n as f64);
+        }
+        for d in self.glue.take_detections() {
+            metrics::histogram!("dpdmon_detection_seconds")
+                .record(d.detected_after_ms as f64 / 1e3);
+            metrics::histogram!("dpdmon_detection_budget_ratio")
+                .record(d.detected_after_ms as f64 / d.dead_after_ms.max(1) as f64);
+        }
     }
 }
 
 impl DaemonLogic for Dpdmon {
     const KIND: DaemonKind = DaemonKind::Dpdmon;
-    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr];
+    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr, DaemonKind::Hasyncd];
 
     fn new(_config: &Config) -> Self {
+        metrics::describe_counter!(
+            "dpdmon_probes_sent_total",
+            "DPD probe transmissions requested from ikemgr (retries included)."
+        );
+        metrics::describe_counter!(
+            "dpdmon_probe_replies_total",
+            "DPD probe replies reported by ikemgr."
+        );
+        metrics::describe_counter!(
+            "dpdmon_probe_failures_total",
+            "DPD probes ikemgr reported failed or timed out."
+        );
+        metrics::describe_counter!("dpdmon_dead_peers_total", "Peers declared dead.");
+        metrics::describe_histogram!(
+            "dpdmon_detection_seconds",
+            metrics::Unit::Seconds,
+            "Time from the start of a peer's silence to its dead verdict."
+        );
+        metrics::describe_histogram!(
+            "dpdmon_detection_budget_ratio",
+            "Detection time divided by the configured budget (dead_after_ms)."
+        );
+        metrics::describe_gauge!("dpdmon_tunnels", "Monitored tunnels by DPD state.");
+        let now = now_ms();
         Dpdmon {
-            tunnels: BTreeMap::new(),
+            // Rounds of this process start above any round the previous one can have
+            // used (2^16 rounds per ms of uptime).
+            glue: Glue::new(now, now << 16),
+            ike: StateStore::new(),
+            feed: EventFeed::spawn(run_dir_from_args()),
         }
     }
 
     fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {}
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
-        if src != DaemonKind::Ikemgr {
-            return;
+        self.pump(out);
+        match src {
+            DaemonKind::Ikemgr => {
+                self.ike = store.clone();
+                self.glue.sync_tunnels(now_ms(), store, out);
+            }
+            DaemonKind::Hasyncd => self.glue.sync_roles(now_ms(), store, out),
+            _ => {}
         }
-        let desired = self.desired(store);
-        diff_keyed(
-            &self.tunnels,
-            &desired,
-            |_, d| Body::Dpd(d),
-            |tunnel| Body::DpdRemoved { tunnel },
-            out,
-        );
-        self.tunnels = desired;
     }
 
-    fn view(&self, name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
+    fn view(&self, name: &str, args: &[String]) -> Result<serde_json::Value, String> {
         match name {
-            "tunnels" => Ok(json!(self.tunnels.values().collect::<Vec<_>>())),
-            other => Err(format!("unknown view {other:?}: dpdmon has: tunnels")),
+            "tunnels" => {
+                let name = match args {
+                    [] => None,
+                    [k, n] if k == "name" => Some(n.as_str()),
+                    _ => return Err("usage: tunnels [name N]".into()),
+                };
+                Ok(self.glue.view_tunnels(now_ms(), name))
+            }
+            "stats" => Ok(self.glue.view_stats()),
+            other => Err(format!(
+                "unknown view {other:?}: dpdmon has: tunnels, stats"
+            )),
         }
+    }
+
+    fn command(
+        &mut self,
+        name: &str,
+        args: &[String],
+        out: &mut Outbox,
+    ) -> Result<serde_json::Value, String> {
+        let (tunnel, settings) =
+            match (name, args) {
+                ("dpd-set", [tunnel, mode, count, interval]) => {
+                    let retry_count = count
+                        .parse()
+                        .map_err(|_| format!("retry count {count:?} is not a number"))?;
+                    let retry_interval_ms = interval.parse().map_err(|_| {
+                        format!("retry interval {interval:?} is not a number of ms")
+                    })?;
+                    (
+                        tunnel,
+                        Some(DpdSettings {
+                            mode: mode.clone(),
+                            retry_count,
+                            retry_interval_ms,
+                        }),
+                    )
+                }
+                ("dpd-clear", [tunnel]) => (tunnel, None),
+                ("dpd-set" | "dpd-clear", _) => return Err(
+                    "usage: dpd-set TUNNEL MODE RETRY-COUNT RETRY-INTERVAL-MS | dpd-clear TUNNEL"
+                        .into(),
+                ),
+                (other, _) => {
+                    return Err(format!(
+                        "unknown command {other:?}: dpdmon has: dpd-set, dpd-clear"
+                    ))
+                }
+            };
+        tracing::info!(tunnel = tunnel.as_str(), "DPD override {name} {args:?}");
+        self.glue
+            .set_override(now_ms(), tunnel, settings, &self.ike, out)?;
+        Ok(json!({ "tunnel": tunnel, "override": name == "dpd-set" }))
+    }
+
+    fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
+        self.pump(out);
+        self.glue.tick(now_ns / 1_000_000, out);
+        self.export_metrics();
     }
 }
 

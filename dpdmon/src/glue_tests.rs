@@ -1,0 +1,451 @@
+//! The glue on a simulated clock: ticks once a second like the daemon shell.
+
+use super::*;
+use bus_schema::schema::{IkeActivityMark, TunnelActivity};
+use bus_schema::{TunnelInfo, TunnelKind};
+
+const T0: u64 = 1_700_000_000_000;
+
+fn tunnel(name: &str, mode: &str, count: u32, interval_ms: u64, state: TunnelState) -> Body {
+    Body::Tunnel(TunnelInfo {
+        name: name.into(),
+        phase1: name.into(),
+        kind: TunnelKind::Static,
+        local_gw: Some("192.168.202.31".into()),
+        remote_gw: Some("192.168.4.2".into()),
+        interface: Some("port1".into()),
+        state,
+        phase2: vec![],
+        dpd: DpdSettings {
+            mode: mode.into(),
+            retry_count: count,
+            retry_interval_ms: interval_ms,
+        },
+    })
+}
+
+fn store(bodies: &[Body]) -> StateStore {
+    let mut s = StateStore::new();
+    for b in bodies {
+        s.apply(b);
+    }
+    s
+}
+
+fn rx(name: &str, at_ms: u64) -> Body {
+    Body::EspActivity {
+        tunnels: vec![TunnelActivity {
+            tunnel: name.into(),
+            last_rx_ns: at_ms * 1_000_000,
+            last_tx_ns: at_ms * 1_000_000,
+            rx_pkts: 1,
+            tx_pkts: 1,
+            rx_bytes: 100,
+            tx_bytes: 100,
+        }],
+    }
+}
+
+/// Bodies published at each tick time.
+type Trace = Vec<(u64, Body)>;
+
+/// Ticks every second from `from` (exclusive) to `to` (inclusive); `inject` may feed
+/// events before each tick.
+fn run(
+    g: &mut Glue,
+    from: u64,
+    to: u64,
+    mut inject: impl FnMut(u64, &mut Glue, &mut Vec<Body>),
+) -> Trace {
+    let mut trace = Vec::new();
+    let mut t = from;
+    while t < to {
+        t += 1000;
+        let mut out = Vec::new();
+        inject(t, g, &mut out);
+        g.tick(t, &mut out);
+        trace.extend(out.into_iter().map(|b| (t, b)));
+    }
+    trace
+}
+
+fn probes(trace: &Trace) -> Vec<(u64, u64, u32)> {
+    trace
+        .iter()
+        .filter_map(|(t, b)| match b {
+            Body::ProbeRequest { round, attempt, .. } => Some((*t, *round, *attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn states(trace: &Trace) -> Vec<(u64, String)> {
+    trace
+        .iter()
+        .filter_map(|(t, b)| match b {
+            Body::Dpd(d) => Some((*t, d.state.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn up(g: &mut Glue, now: u64, bodies: &[Body]) -> Vec<Body> {
+    let mut out = Vec::new();
+    g.sync_tunnels(now, &store(bodies), &mut out);
+    out
+}
+
+#[test]
+fn seed_000_on_idle_three_probes_then_dead_at_240_s() {
+    let mut g = Glue::new(T0, 0);
+    let out = up(
+        &mut g,
+        T0,
+        &[tunnel("vpn1_2", "on-idle", 3, 60_000, TunnelState::Up)],
+    );
+    // The record appears with the seed's fields.
+    let Some(Body::Dpd(rec)) = out.first() else {
+        panic!("no dpd.state record: {out:?}")
+    };
+    assert_eq!(
+        (
+            rec.mode.as_str(),
+            rec.on,
+            rec.idle_ms,
+            rec.retry,
+            rec.count,
+            rec.state.as_str()
+        ),
+        ("on-idle", true, 60_000, 3, 0, "idle")
+    );
+    let trace = run(&mut g, T0, T0 + 300_000, |t, g, out| {
+        // ikemgr reports the message ID of the first transmission.
+        if t == T0 + 61_000 {
+            let round = g.rounds.get("vpn1_2").copied().unwrap_or(0);
+            g.handle_event(
+                t,
+                &Body::ProbeResult {
+                    tunnel: "vpn1_2".into(),
+                    round,
+                    msg_id: 114,
+                    outcome: "sent".into(),
+                },
+                out,
+            );
+        }
+    });
+    let p = probes(&trace);
+    assert_eq!(
+        p.iter().map(|x| (x.0 - T0, x.2)).collect::<Vec<_>>(),
+        vec![(60_000, 1), (120_000, 2), (180_000, 3)]
+    );
+    assert!(p.iter().all(|x| x.1 == p[0].1), "one round: {p:?}");
+    let st = states(&trace);
+    assert_eq!(
+        st.last().map(|x| (x.0 - T0, x.1.as_str())),
+        Some((240_000, "dead"))
+    );
+    assert!(st.iter().all(|x| x.0 - T0 < 240_000 || x.1 == "dead"));
+    let rec = &g.published()["vpn1_2"];
+    assert_eq!((rec.count, rec.seqno), (3, 114));
+    let d = g.take_detections();
+    assert_eq!(
+        d,
+        vec![Detection {
+            detected_after_ms: 240_000,
+            dead_after_ms: 240_000
+        }]
+    );
+    let s = g.stats();
+    assert_eq!((s.probes_sent, s.dead_peers, s.probe_replies), (3, 1, 0));
+    assert_eq!(g.tunnels_by_state()["dead"], 1);
+    let v = g.view_tunnels(T0 + 300_000, Some("vpn1_2"));
+    assert_eq!(
+        v[0]["dpd"],
+        "mode=on-idle on=1 idle=60000ms retry=3 count=3 seqno=114"
+    );
+    assert_eq!(v[0]["dead_after_ms"], 240_000);
+    assert_eq!(v[0]["state"], "dead");
+}
+
+#[test]
+fn traffic_between_retries_ends_the_round() {
+    let mut g = Glue::new(T0, 0);
+    up(
+        &mut g,
+        T0,
+        &[tunnel("t", "on-idle", 3, 10_000, TunnelState::Up)],
+    );
+    // Silent until 25 s (probes at 10 and 20 s), then an ESP packet at 25 s, then silence.
+    let trace = run(&mut g, T0, T0 + 100_000, |t, g, out| {
+        if t == T0 + 25_000 {
+            g.handle_event(t, &rx("t", t), out);
+        }
+    });
+    let p: Vec<u64> = probes(&trace).iter().map(|x| x.0 - T0).collect();
+    // Round 1: 10, 20 s; answered at 25 s; round 2 from 35 s: 35, 45, 55; dead at 65 s.
+    assert_eq!(p, vec![10_000, 20_000, 35_000, 45_000, 55_000]);
+    let rounds: Vec<u64> = probes(&trace).iter().map(|x| x.1).collect();
+    assert_ne!(rounds[1], rounds[2], "a new round after the answer");
+    let st = states(&trace);
+    assert!(st.contains(&(T0 + 25_000, "idle".to_string())), "{st:?}");
+    assert_eq!(st.last(), Some(&(T0 + 65_000, "dead".to_string())));
+}
+
+#[test]
+fn steady_traffic_on_idle_sends_no_probe() {
+    let mut g = Glue::new(T0, 0);
+    up(
+        &mut g,
+        T0,
+        &[tunnel("t", "on-idle", 3, 3_000, TunnelState::Up)],
+    );
+    let trace = run(&mut g, T0, T0 + 60_000, |t, g, out| {
+        g.handle_event(t, &rx("t", t - 300), out);
+    });
+    assert!(probes(&trace).is_empty(), "{trace:?}");
+    assert_eq!(g.stats().probes_sent, 0);
+}
+
+#[test]
+fn ike_activity_and_probe_reply_are_proof_of_life() {
+    let mut g = Glue::new(T0, 0);
+    up(
+        &mut g,
+        T0,
+        &[tunnel("t", "on-idle", 2, 5_000, TunnelState::Up)],
+    );
+    let trace = run(&mut g, T0, T0 + 30_000, |t, g, out| {
+        if t == T0 + 4_000 {
+            let b = Body::IkeActivity {
+                tunnels: vec![IkeActivityMark {
+                    tunnel: "t".into(),
+                    last_rx_ns: t * 1_000_000,
+                }],
+            };
+            g.handle_event(t, &b, out);
+        }
+        if t == T0 + 10_000 {
+            let round = g.rounds["t"];
+            let b = Body::ProbeResult {
+                tunnel: "t".into(),
+                round,
+                msg_id: 7,
+                outcome: "reply".into(),
+            };
+            g.handle_event(t, &b, out);
+        }
+    });
+    let p: Vec<u64> = probes(&trace).iter().map(|x| x.0 - T0).collect();
+    // Silent from 4 s: probe at 9 s, reply at 10 s; silent again: probe at 15 s
+    // (the next round starts no earlier than round start + interval), 20 s, dead at 25 s.
+    assert_eq!(&p[..1], &[9_000]);
+    assert_eq!(g.stats().probe_replies, 1);
+    assert_eq!(g.core_stats().replies, 1);
+    assert!(states(&trace)
+        .iter()
+        .any(|s| s.0 == T0 + 10_000 && s.1 == "idle"));
+    assert_eq!(g.stats().dead_peers, 1);
+}
+
+#[test]
+fn disable_mode_is_published_and_never_probes() {
+    let mut g = Glue::new(T0, 0);
+    let out = up(&mut g, T0, &[tunnel("m", "disable", 0, 0, TunnelState::Up)]);
+    assert!(
+        matches!(&out[..], [Body::Dpd(d)] if !d.on && d.mode == "disable" && d.state == "idle")
+    );
+    let trace = run(&mut g, T0, T0 + 30_000, |_, _, _| {});
+    assert!(probes(&trace).is_empty());
+}
+
+#[test]
+fn tunnel_down_or_removed_drops_the_record() {
+    let mut g = Glue::new(T0, 0);
+    up(
+        &mut g,
+        T0,
+        &[tunnel("t", "on-idle", 3, 5_000, TunnelState::Up)],
+    );
+    let out = up(
+        &mut g,
+        T0 + 1000,
+        &[tunnel("t", "on-idle", 3, 5_000, TunnelState::Down)],
+    );
+    assert_eq!(out, vec![Body::DpdRemoved { tunnel: "t".into() }]);
+    let trace = run(&mut g, T0 + 1000, T0 + 60_000, |_, _, _| {});
+    assert!(trace.is_empty(), "{trace:?}");
+    // Up again (a new IKE SA): a fresh record, silence counted from now.
+    let out = up(
+        &mut g,
+        T0 + 60_000,
+        &[tunnel("t", "on-idle", 3, 5_000, TunnelState::Up)],
+    );
+    assert!(matches!(&out[..], [Body::Dpd(d)] if d.state == "idle"));
+    let trace = run(&mut g, T0 + 60_000, T0 + 90_000, |_, _, _| {});
+    assert_eq!(probes(&trace).first().map(|p| p.0 - T0), Some(65_000));
+}
+
+#[test]
+fn standby_never_probes_and_promotion_counts_from_then() {
+    let mut g = Glue::new(T0, 0);
+    let mut out = Vec::new();
+    g.sync_roles(
+        T0,
+        &store(&[Body::TunnelRole {
+            tunnel: "t".into(),
+            role: "standby".into(),
+        }]),
+        &mut out,
+    );
+    up(
+        &mut g,
+        T0,
+        &[tunnel("t", "on-idle", 2, 5_000, TunnelState::Up)],
+    );
+    let trace = run(&mut g, T0, T0 + 60_000, |_, _, _| {});
+    assert!(probes(&trace).is_empty());
+    assert_eq!(g.view_tunnels(T0, None)[0]["role"], "standby");
+    // Takeover at 60 s: probing starts 5 s later.
+    g.sync_roles(
+        T0 + 60_000,
+        &store(&[Body::TunnelRole {
+            tunnel: "t".into(),
+            role: "sync-primary".into(),
+        }]),
+        &mut out,
+    );
+    let trace = run(&mut g, T0 + 60_000, T0 + 90_000, |_, _, _| {});
+    let p: Vec<u64> = probes(&trace).iter().map(|x| x.0 - T0).collect();
+    assert_eq!(p, vec![65_000, 70_000]);
+    assert_eq!(
+        states(&trace).last(),
+        Some(&(T0 + 75_000, "dead".to_string()))
+    );
+}
+
+#[test]
+fn override_monitors_a_manual_key_tunnel_and_clears() {
+    let mut g = Glue::new(T0, 0);
+    let ike = store(&[tunnel("vpn1", "disable", 0, 0, TunnelState::Up)]);
+    let mut out = Vec::new();
+    g.sync_tunnels(T0, &ike, &mut out);
+    assert!(g
+        .set_override(
+            T0,
+            "vpn1",
+            Some(DpdSettings {
+                mode: "bogus".into(),
+                retry_count: 1,
+                retry_interval_ms: 1
+            }),
+            &ike,
+            &mut out
+        )
+        .is_err());
+    assert!(g
+        .set_override(
+            T0,
+            "vpn1",
+            Some(DpdSettings {
+                mode: "on-idle".into(),
+                retry_count: 3,
+                retry_interval_ms: 0
+            }),
+            &ike,
+            &mut out
+        )
+        .is_err());
+    g.set_override(
+        T0,
+        "vpn1",
+        Some(DpdSettings {
+            mode: "on-idle".into(),
+            retry_count: 3,
+            retry_interval_ms: 2_000,
+        }),
+        &ike,
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(g.view_tunnels(T0, None)[0]["override"], true);
+    let trace = run(&mut g, T0, T0 + 5_000, |_, _, _| {});
+    assert_eq!(probes(&trace).len(), 2);
+    // ikemgr republishes the tunnel: the override stays.
+    g.sync_tunnels(T0 + 5_000, &ike, &mut out);
+    assert_eq!(g.published()["vpn1"].mode, "on-idle");
+    g.set_override(T0 + 5_000, "vpn1", None, &ike, &mut out)
+        .unwrap();
+    assert_eq!(g.published()["vpn1"].mode, "disable");
+    let trace = run(&mut g, T0 + 5_000, T0 + 30_000, |_, _, _| {});
+    assert!(probes(&trace).is_empty());
+}
+
+#[test]
+fn invalid_settings_are_not_monitored() {
+    let mut g = Glue::new(T0, 0);
+    let out = up(
+        &mut g,
+        T0,
+        &[
+            tunnel("t", "on-idle", 3, 0, TunnelState::Up),
+            tunnel("u", "sometimes", 3, 1000, TunnelState::Up),
+        ],
+    );
+    assert!(out.is_empty());
+    assert_eq!(g.stats().invalid_settings, 1);
+    assert!(g.view_tunnels(T0, None).as_array().unwrap().is_empty());
+}
+
+/// A restarted dpdmon knows nothing of the previous process: it rebuilds from ikemgr's
+/// table and counts silence from the moment it learns a tunnel, so a peer half-way
+/// through its retries is never declared dead before restart + budget.
+#[test]
+fn restart_mid_round_never_decides_early() {
+    let ike = [tunnel("t", "on-idle", 3, 10_000, TunnelState::Up)];
+    let mut first = Glue::new(T0, 0);
+    up(&mut first, T0, &ike);
+    let trace = run(&mut first, T0, T0 + 25_000, |_, _, _| {});
+    assert_eq!(
+        probes(&trace).len(),
+        2,
+        "half-way: two of three probes sent"
+    );
+    // kill -9 at 25 s; back at 27 s. The old process would have decided at 40 s.
+    let restart = T0 + 27_000;
+    let mut g = Glue::new(restart, (restart) << 16);
+    up(&mut g, restart, &ike);
+    let trace = run(&mut g, restart, T0 + 120_000, |_, _, _| {});
+    let dead_at = states(&trace)
+        .into_iter()
+        .find(|s| s.1 == "dead")
+        .map(|s| s.0)
+        .expect("a verdict");
+    assert!(
+        dead_at >= restart + 40_000,
+        "dead at {dead_at}, restart {restart}"
+    );
+    assert_eq!(dead_at, restart + 40_000);
+    // Rounds of the new process do not repeat the old ones.
+    assert!(probes(&trace).iter().all(|p| p.1 > (restart << 16)));
+}
+
+#[test]
+fn unknown_tunnels_and_other_bodies_are_ignored() {
+    let mut g = Glue::new(T0, 0);
+    let mut out = Vec::new();
+    g.handle_event(T0, &rx("nope", T0), &mut out);
+    g.handle_event(T0, &Body::Heartbeat { uptime_ms: 1 }, &mut out);
+    g.handle_event(
+        T0,
+        &Body::ProbeResult {
+            tunnel: "nope".into(),
+            round: 1,
+            msg_id: 1,
+            outcome: "weird".into(),
+        },
+        &mut out,
+    );
+    assert!(out.is_empty());
+    assert_eq!(g.core_stats().unknown_tunnel_inputs, 1);
+}
