@@ -200,6 +200,10 @@ impl Espd {
                 }
             }
         }
+        if let Some(dp) = self.dp.as_mut() {
+            let keep: BTreeSet<String> = self.tunnel_records.values().cloned().collect();
+            dp.prune_devices(&keep);
+        }
         self.refresh_tunnels(out);
     }
 

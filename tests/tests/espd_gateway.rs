@@ -184,3 +184,26 @@ fn gateway_pair_raw_esp() {
 fn gateway_pair_udp_4500() {
     carries_traffic("espd-udp", true);
 }
+
+/// `vpnctl diagnose vpn tunnel flush name vpn1` takes the SA out of the datapath (ikemgr is
+/// told with a hard `esp.expire`); the tunnel list shows the tunnel without SAs and traffic
+/// stops. A manual-key SA stays out until ikemgr publishes it again.
+#[test]
+fn flush_removes_the_sas() {
+    let pair = Pair::new("espd-flush", false);
+    pair.wait_ping();
+    let v = haven_tests::daemons::vpnctl_json(
+        &pair.a.run,
+        &["diagnose", "vpn", "tunnel", "flush", "name", TUNNEL],
+    )
+    .expect("flush");
+    assert_eq!(v["flushed"].as_array().map(|a| a.len()), Some(1), "{v}");
+    assert!(
+        pair.a.sa().is_none(),
+        "SA still listed: {}",
+        pair.a.tunnel_list()
+    );
+    let (sent, got) = pair.ping(3);
+    assert_eq!((sent, got), (3, 0), "traffic still passes after the flush");
+    assert!(pair.a.drop_total("no_sa") >= 3, "{}", pair.a.tunnel_list());
+}

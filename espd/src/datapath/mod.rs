@@ -216,21 +216,37 @@ impl Datapath {
         }
     }
 
-    /// Removes an SA; deletes its phase1's device when it was the last SA there. With
-    /// `forget_seq` its persisted sequence mark goes too (the SA is gone for good).
+    /// Removes an SA. With `forget_seq` its persisted sequence mark goes too (the SA is gone
+    /// for good). Its device stays: see [`Datapath::prune_devices`].
     pub fn remove(&mut self, key: &str, forget_seq: bool) -> Option<Arc<Sa>> {
         let sa = self.sas.remove(key)?;
         sa.dead.store(true, Ordering::Relaxed);
         if forget_seq {
             self.seqs.remove(&sa.tunnel, sa.spi_out);
         }
-        if !self.sas.values().any(|s| s.phase1 == sa.phase1) {
-            if let Some(dev) = self.devices.remove(&sa.phase1) {
+        self.publish();
+        Some(sa)
+    }
+
+    /// Deletes the TUN devices that no SA uses and whose phase1 is not in `keep` (the
+    /// tunnels ikemgr still has: their routes point at the device).
+    pub fn prune_devices(&mut self, keep: &std::collections::BTreeSet<String>) {
+        let unused: Vec<String> = self
+            .devices
+            .keys()
+            .filter(|d| !keep.contains(*d) && !self.sas.values().any(|s| &s.phase1 == *d))
+            .cloned()
+            .collect();
+        if unused.is_empty() {
+            return;
+        }
+        for d in unused {
+            if let Some(dev) = self.devices.remove(&d) {
                 dev.unpersist();
+                tracing::info!("{d}: TUN device deleted");
             }
         }
         self.publish();
-        Some(sa)
     }
 
     fn device(&mut self, phase1: &str, transform: Transform) -> Result<Arc<TunDev>, DatapathError> {

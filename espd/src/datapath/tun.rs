@@ -1,7 +1,7 @@
 //! TUN devices (`/dev/net/tun`, IFF_TUN | IFF_NO_PI): one per phase1-interface, named after
 //! it. Devices are made persistent so that a `kill -9` of espd does not take the device and
 //! the routes ikemgr (or the operator) put on it away: a restarted espd re-attaches to the
-//! same device by name. A device is deleted when its last SA goes. Packets in both
+//! same device by name. A device is deleted once no SA and no tunnel of ikemgr uses it. Packets in both
 //! directions carry a virtio-net header (IFF_VNET_HDR) so the kernel can hand over TSO
 //! packets (see `offload`).
 
