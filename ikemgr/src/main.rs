@@ -1,9 +1,16 @@
 //! ikemgr: Haven's IKEv2 key management daemon.
 //!
-//! Today it owns the gateway's tunnel table: one tunnel per configured phase1-interface,
+//! It owns the gateway's tunnel table: one tunnel per configured phase1-interface,
 //! published on the bus (`tunnel.state`, `tunnel.removed`) and served as a snapshot, and it
-//! follows hasyncd's per-tunnel roles. It does not yet speak IKE on the wire: the sans-IO
-//! IKEv2 core lives in `ike-proto` and is not wired to sockets here yet.
+//! follows hasyncd's per-tunnel roles and dpdmon's probes and verdicts.
+//!
+//! IKEv2 on the wire: [`ike::IkeManager`] (sans-IO) holds every `ike_proto::IkeSa`, builds
+//! gateways from the phase1/phase2 configuration, and turns SA events into `sa.child` and
+//! `tunnel.state` records (dial-up instances `<phase1>_<n>`); [`io`] owns UDP 500 and the
+//! unix sockets shared with espd for UDP 4500, and runs the routes. The logic below drains
+//! the manager's bodies every tick (100 ms), forwards dpdmon's probe requests, flushes
+//! tunnels dpdmon declares dead, and serves the `ike-gateways` view and `ike-gateway-clear`
+//! command.
 //!
 //! Manual-key tunnels (`config vpn ipsec manualkey-interface`) need no IKE: each is
 //! published as a tunnel that is up at once (kind static, DPD off) together with its one
@@ -11,8 +18,15 @@
 //! republishes an SA whose settings changed and removes the SAs of deleted tunnels. Key
 //! bytes are never logged.
 
-use std::collections::BTreeMap;
+mod ike;
+mod io;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bus_schema::schema::{ChildSaInfo, EspEncap, SaLifetime};
 use bus_schema::{Body, DaemonKind, DpdSettings, StateStore, TunnelInfo, TunnelKind, TunnelState};
@@ -115,22 +129,89 @@ fn manual_child_sa_of(m: &ManualKey) -> ChildSaInfo {
     }
 }
 
+/// Where the shell keeps its sockets; ikemgr's IKE hand-off socket lives there too. Set by
+/// `main` from the command line before the shell starts.
+static RUN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// How often the IO layer is retried when UDP 500 cannot be bound.
+const IO_RETRY: Duration = Duration::from_secs(2);
+/// How often IKE activity marks are batched for dpdmon.
+const ACTIVITY_EVERY: Duration = Duration::from_secs(1);
+
 struct Ikemgr {
     tunnels: BTreeMap<String, TunnelInfo>,
-    /// Published CHILD SAs by store key (`ChildSaInfo::key_of`); today only manual-key ones.
+    /// Published manual-key CHILD SAs by store key (`ChildSaInfo::key_of`).
     child_sas: BTreeMap<String, ChildSaInfo>,
     roles: BTreeMap<String, String>,
+    ike: Arc<Mutex<ike::IkeManager>>,
+    io: Option<Sender<io::Input>>,
+    io_retry_at: Option<Instant>,
+    io_error: Option<String>,
+    activity_at: Option<Instant>,
+    /// Tunnels dpdmon last reported dead (flushed once per verdict).
+    dead: BTreeSet<String>,
+}
+
+impl Ikemgr {
+    fn wake(&self) {
+        if let Some(tx) = &self.io {
+            let _ = tx.send(io::Input::Wake);
+        }
+    }
+
+    /// Starts the IO layer once a phase1 exists (manual-key-only gateways need no UDP 500).
+    fn ensure_io(&mut self, now: Instant) {
+        if self.io.is_some() || !io::lock(&self.ike).has_gateways() {
+            return;
+        }
+        if self.io_retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let run_dir = RUN_DIR
+            .get()
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("/run/haven"));
+        match io::start(&run_dir, self.ike.clone()) {
+            Ok(tx) => {
+                tracing::info!(
+                    "ike: listening on UDP 500 and {}/ike4500.sock",
+                    run_dir.display()
+                );
+                self.io = Some(tx);
+                self.io_error = None;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.io_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!("ike: cannot open IKE sockets (retrying): {msg}");
+                }
+                self.io_error = Some(msg);
+                self.io_retry_at = Some(now + IO_RETRY);
+            }
+        }
+    }
+
+    fn drain(&mut self, out: &mut Outbox) {
+        out.extend(io::lock(&self.ike).drain_bodies());
+    }
 }
 
 impl DaemonLogic for Ikemgr {
     const KIND: DaemonKind = DaemonKind::Ikemgr;
-    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Hasyncd];
+    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Hasyncd, DaemonKind::Dpdmon];
+    const TICK_MS: u64 = 100;
 
     fn new(_config: &Config) -> Self {
         Ikemgr {
             tunnels: BTreeMap::new(),
             child_sas: BTreeMap::new(),
             roles: BTreeMap::new(),
+            ike: Arc::new(Mutex::new(ike::IkeManager::new())),
+            io: None,
+            io_retry_at: None,
+            io_error: None,
+            activity_at: None,
+            dead: BTreeSet::new(),
         }
     }
 
@@ -198,9 +279,12 @@ impl DaemonLogic for Ikemgr {
             }
         }
         self.child_sas = desired_sas;
+        io::lock(&self.ike).set_config(Instant::now(), config);
+        self.drain(out);
+        self.wake();
     }
 
-    fn on_replica(&mut self, src: DaemonKind, store: &StateStore, _out: &mut Outbox) {
+    fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         if src == DaemonKind::Hasyncd {
             self.roles = store
                 .items()
@@ -210,9 +294,70 @@ impl DaemonLogic for Ikemgr {
                 })
                 .collect();
         }
+        if src == DaemonKind::Dpdmon {
+            let dead: BTreeSet<String> = store
+                .items()
+                .filter_map(|b| match b {
+                    Body::Dpd(d) if d.state == "dead" => Some(d.tunnel.clone()),
+                    _ => None,
+                })
+                .collect();
+            let fresh: Vec<String> = dead.difference(&self.dead).cloned().collect();
+            self.dead = dead;
+            if !fresh.is_empty() {
+                let mut m = io::lock(&self.ike);
+                for t in &fresh {
+                    tracing::debug!("ike 0:{t}: DPD declared the peer dead, flushing the tunnel");
+                    m.dead_peer(Instant::now(), t);
+                }
+                drop(m);
+                self.drain(out);
+                self.wake();
+            }
+        }
     }
 
-    fn view(&self, name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
+    fn on_event(&mut self, src: DaemonKind, body: &Body, out: &mut Outbox) {
+        if let (DaemonKind::Dpdmon, Body::ProbeRequest { tunnel, round, .. }) = (src, body) {
+            io::lock(&self.ike).probe(Instant::now(), tunnel, *round);
+            self.drain(out);
+            self.wake();
+        }
+    }
+
+    fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
+        let now = Instant::now();
+        self.ensure_io(now);
+        self.drain(out);
+        if self.activity_at.is_none_or(|t| now >= t) {
+            self.activity_at = Some(now + ACTIVITY_EVERY);
+            let marks = io::lock(&self.ike).activity(now, now_ns);
+            if !marks.is_empty() {
+                out.push(Body::IkeActivity { tunnels: marks });
+            }
+        }
+    }
+
+    fn command(
+        &mut self,
+        name: &str,
+        args: &[String],
+        out: &mut Outbox,
+    ) -> Result<serde_json::Value, String> {
+        match name {
+            "ike-gateway-clear" => {
+                let n = io::lock(&self.ike).clear(Instant::now(), name_arg(args));
+                self.drain(out);
+                self.wake();
+                Ok(json!({ "cleared": n }))
+            }
+            other => Err(format!(
+                "unknown command {other:?}: ikemgr has: ike-gateway-clear"
+            )),
+        }
+    }
+
+    fn view(&self, name: &str, args: &[String]) -> Result<serde_json::Value, String> {
         match name {
             "tunnels" => Ok(json!(self
                 .tunnels
@@ -236,14 +381,42 @@ impl DaemonLogic for Ikemgr {
                     "replay_window": sa.replay_window,
                 }))
                 .collect::<Vec<_>>())),
+            "ike-gateways" => Ok(io::lock(&self.ike).gateway_list(Instant::now(), name_arg(args))),
             other => Err(format!(
-                "unknown view {other:?}: ikemgr has: tunnels, manualkey"
+                "unknown view {other:?}: ikemgr has: tunnels, manualkey, ike-gateways"
             )),
         }
     }
 }
 
+/// `name N` (or a bare `N`) from a view's or command's arguments.
+fn name_arg(args: &[String]) -> Option<&str> {
+    match args {
+        [k, v, ..] if k == "name" => Some(v.as_str()),
+        [v] => Some(v.as_str()),
+        _ => None,
+    }
+}
+
+/// The shell parses the command line itself; ikemgr only needs `--run-dir` from it, before
+/// the shell builds the logic.
+fn run_dir_from_args() -> PathBuf {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        let s = a.to_string_lossy();
+        if s == "--run-dir" {
+            if let Some(v) = args.next() {
+                return PathBuf::from(v);
+            }
+        } else if let Some(v) = s.strip_prefix("--run-dir=") {
+            return PathBuf::from(v);
+        }
+    }
+    PathBuf::from("/run/haven")
+}
+
 fn main() -> ExitCode {
+    let _ = RUN_DIR.set(run_dir_from_args());
     haven_daemon::run::<Ikemgr>()
 }
 

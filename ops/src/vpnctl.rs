@@ -55,6 +55,11 @@ enum Cmd {
     },
     /// Set a daemon's log level at run time.
     LogLevel { daemon: String, level: String },
+    /// FortiOS-style `get` commands: `get vpn ipsec tunnel summary` (ikemgr).
+    Get {
+        /// `vpn ipsec tunnel summary`.
+        words: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +101,31 @@ enum DiagVpnCmd {
         #[command(subcommand)]
         cmd: DiagTunnelCmd,
     },
+    /// IKE views (ikemgr): `ike gateway list [name N]`, `ike gateway clear [name N]`.
+    Ike {
+        #[command(subcommand)]
+        cmd: DiagIkeCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiagIkeCmd {
+    /// IKE SAs (gateways) of ikemgr.
+    Gateway {
+        #[command(subcommand)]
+        cmd: DiagIkeGatewayCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiagIkeGatewayCmd {
+    /// Every IKE SA with its CHILD SAs (SPIs, algorithms, selectors; never keys).
+    List {
+        /// `name N` selects one tunnel instance or phase1.
+        args: Vec<String>,
+    },
+    /// Delete every IKE SA (or those of `name N`), telling the peer.
+    Clear { args: Vec<String> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -256,6 +286,16 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 cmd: DiagVpnCmd::Tunnel { cmd },
             },
         } => diagnose_vpn_tunnel(&cli, cmd).await,
+        Cmd::Diagnose {
+            cmd:
+                DiagnoseCmd::Vpn {
+                    cmd:
+                        DiagVpnCmd::Ike {
+                            cmd: DiagIkeCmd::Gateway { cmd },
+                        },
+                },
+        } => diagnose_vpn_ike_gateway(&cli, cmd).await,
+        Cmd::Get { words } => get_cmd(&cli, words).await,
         Cmd::Show { cmd } => {
             let v = match cmd {
                 ShowCmd::Snapshot { daemon, show_keys } => {
@@ -758,6 +798,159 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
                 let list: Vec<String> = drops.iter().map(|(k, n)| format!("{k}={n}")).collect();
                 println!("  drops: {}", list.join(" "));
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `name N` from the arguments of an ike view; usage error otherwise.
+fn ike_name_arg(args: &[String], usage: &str) -> Result<Vec<String>, Failure> {
+    match args {
+        [] => Ok(Vec::new()),
+        [k, n] if k == "name" => Ok(vec!["name".to_string(), n.clone()]),
+        _ => Err(fail(2, usage.to_string())),
+    }
+}
+
+async fn ikemgr_view(cli: &Cli, name: &str, args: Vec<String>) -> Result<Value, Failure> {
+    let req = CtlRequest::View {
+        name: name.into(),
+        args,
+    };
+    match call(cli, DaemonKind::Ikemgr, req).await? {
+        CtlReply::View(v) => Ok(v),
+        other => Err(fail(1, format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// `diagnose vpn ike gateway list|clear [name N]`.
+async fn diagnose_vpn_ike_gateway(cli: &Cli, cmd: &DiagIkeGatewayCmd) -> Result<ExitCode, Failure> {
+    let usage = "usage: diagnose vpn ike gateway list|clear [name N]";
+    match cmd {
+        DiagIkeGatewayCmd::Clear { args } => {
+            let req = CtlRequest::Command {
+                name: "ike-gateway-clear".into(),
+                args: ike_name_arg(args, usage)?,
+            };
+            let v = match call(cli, DaemonKind::Ikemgr, req).await? {
+                CtlReply::View(v) => v,
+                other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+            };
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("cleared {} IKE SA(s)", v["cleared"].as_u64().unwrap_or(0));
+            }
+        }
+        DiagIkeGatewayCmd::List { args } => {
+            let v = ikemgr_view(cli, "ike-gateways", ike_name_arg(args, usage)?).await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                print!("{}", render_ike_gateways(&v));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The seeds' layout of `diagnose vpn ike gateway list`.
+fn render_ike_gateways(v: &Value) -> String {
+    let s = |x: &Value| {
+        x.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| x.to_string())
+    };
+    let mut out = String::new();
+    for g in v.as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "vd: root/0\nname: {}\nversion: 2\ninterface: {}\naddr: {} -> {}\ncreated: {}s ago\n",
+            s(&g["name"]),
+            s(&g["phase1"]),
+            s(&g["local"]),
+            s(&g["remote"]),
+            g["created_secs"].as_u64().unwrap_or(0)
+        ));
+        out.push_str(&format!(
+            "peer-id: {}\nIKE SA: created 1/1  established {}\n",
+            s(&g["remote_id"]),
+            if g["established"] == true {
+                "1/1"
+            } else {
+                "0/1"
+            }
+        ));
+        out.push_str(&format!(
+            "  id/spi: {} {}\n  direction: {}\n  status: {}\n  lifetime: {}\n  message-id: tx={} rx={}\n",
+            g["serial"],
+            s(&g["cookie"]),
+            if g["initiator"] == true { "initiator" } else { "responder" },
+            if g["established"] == true { "established" } else { "connecting" },
+            g["lifetime_secs"].as_u64().unwrap_or(0),
+            g["msg_id_tx"],
+            g["msg_id_rx"],
+        ));
+        out.push_str(&format!(
+            "  encryption: {}\n  prf: {}\n  dh-group: {}\n  nat: {}\n",
+            s(&g["encryption"]),
+            s(&g["prf"]),
+            g["dh_group"],
+            s(&g["nat"])
+        ));
+        for c in g["children"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  IPsec SA: spi in={} out={} {} {} -> {}\n",
+                s(&c["spi_in"]),
+                s(&c["spi_out"]),
+                s(&c["transform"]),
+                c["local_ts"],
+                c["remote_ts"]
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `get vpn ipsec tunnel summary`: one line per tunnel with its peer and SA count.
+async fn get_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    if w != ["vpn", "ipsec", "tunnel", "summary"] {
+        return Err(fail(2, "usage: get vpn ipsec tunnel summary"));
+    }
+    let tunnels = ikemgr_view(cli, "tunnels", Vec::new()).await?;
+    let gws = ikemgr_view(cli, "ike-gateways", Vec::new()).await?;
+    let mut rows = Vec::new();
+    for t in tunnels.as_array().into_iter().flatten() {
+        let t = &t["tunnel"];
+        let name = t["name"].as_str().unwrap_or("");
+        let sa = gws
+            .as_array()
+            .and_then(|a| a.iter().find(|g| g["name"] == name));
+        let peer = sa
+            .and_then(|g| g["remote"].as_str().map(str::to_string))
+            .or_else(|| t["remote_gw"].as_str().map(|r| format!("{r}:0")))
+            .unwrap_or_else(|| "0.0.0.0:0".into());
+        let children = sa
+            .and_then(|g| g["children"].as_array().map(|c| c.len()))
+            .unwrap_or(0);
+        let selectors = t["phase2"].as_array().map(|p| p.len()).unwrap_or(0);
+        rows.push(serde_json::json!({
+            "name": name, "peer": peer, "selectors_up": children.min(selectors.max(1)),
+            "selectors": selectors, "state": t["state"],
+        }));
+    }
+    if cli.json {
+        print_json(&Value::Array(rows));
+    } else {
+        for r in &rows {
+            println!(
+                "'{}' {}  selectors(total,up): {}/{}  rx(pkt,err): 0/0  tx(pkt,err): 0/0",
+                r["name"].as_str().unwrap_or(""),
+                r["peer"].as_str().unwrap_or(""),
+                r["selectors"],
+                r["selectors_up"]
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,1040 @@
+//! The sans-IO IKE manager: gateways built from the configuration, the `ike_proto::IkeSa`s
+//! of every peer, and the translation of their events into bus bodies and route changes.
+//!
+//! What it does: routes each datagram to its IKE SA by our SPI (a first IKE_SA_INIT request
+//! creates a responder SA for the dynamic gateway, or for the static gateway whose
+//! `remote-gw` sent it), names dial-up instances `<phase1>_<n>`, publishes `Body::Tunnel`
+//! (state up) and `Body::ChildSa` (inbound first, then outbound, then the removal of a
+//! rekeyed predecessor), `ChildSaRemoved` / `TunnelRemoved` when SAs go, asks for routes to
+//! the remote selectors through the phase1's TUN device (`add-route enable`), runs liveness
+//! probes for dpdmon and batches activity marks. Static gateways with `auto-negotiate enable`
+//! are initiated when the driver calls [`IkeManager::initiate_pending`].
+//!
+//! What it does not do: sockets, clocks, commands. The driver passes `now` with every call,
+//! sends [`IkeManager::poll_transmit`], runs [`IkeManager::poll_route`] and publishes
+//! [`IkeManager::drain_bodies`]. Not yet: COOKIE/half-open limits (the `CookieGuard` of
+//! ike-proto is not wired), several phase2s per phase1 (the first one is used), HA snapshots.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
+use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
+use haven_config::{Config, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector};
+use ike_proto::crypto::{Encr, Integ};
+use ike_proto::proposal::{dhgrp_list, phase1_list, phase2_list};
+use ike_proto::sa::{Accepted, Addresses, DeleteReason, Event, IkeConfig, IkeSa, OsEntropy};
+use ike_proto::wire::{IdPayload, TrafficSelector};
+use ike_proto::{IkeSaInfo, NatTraversal, Transmit};
+use serde_json::{json, Value};
+
+/// IKE header: SPIi (8), SPIr (8), next payload, version, exchange type, flags, message ID
+/// (RFC 7296 §3.1).
+const IKE_HEADER_LEN: usize = 28;
+/// Exchange type IKE_SA_INIT (RFC 7296 §3.1).
+const IKE_SA_INIT: u8 = 34;
+/// Flags: the Response bit (RFC 7296 §3.1).
+const FLAG_RESPONSE: u8 = 0x20;
+/// Anti-replay window published for negotiated CHILD SAs (RFC 4303 §3.4.3).
+const REPLAY_WINDOW: u32 = 2048;
+/// Wait before a static gateway initiates again after its SA failed or went away.
+const RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// A route change for the driver (`ip route replace|del DEST dev DEV`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteOp {
+    /// Route `dest` (a CIDR) through `dev`.
+    Add {
+        /// Destination prefix.
+        dest: String,
+        /// TUN device (the phase1 name).
+        dev: String,
+    },
+    /// Remove that route.
+    Del {
+        /// Destination prefix.
+        dest: String,
+        /// TUN device.
+        dev: String,
+    },
+}
+
+/// One phase1 (+ its first phase2) ready to negotiate.
+#[derive(Clone)]
+struct Gateway {
+    name: String,
+    dynamic: bool,
+    remote_gw: Option<Ipv4Addr>,
+    local_gw: Option<Ipv4Addr>,
+    interface: String,
+    phase2: String,
+    add_route: bool,
+    initiate: bool,
+    localid: Option<IdPayload>,
+    cfg: Arc<IkeConfig>,
+    dpd: DpdSettings,
+}
+
+struct Entry {
+    gateway: String,
+    /// Tunnel instance name (`vpn1_1` for dial-up, the phase1 name for static).
+    name: String,
+    /// Serial shown in debug lines (`ike 0:vpn1_1:<serial>: …`).
+    serial: u64,
+    sa: IkeSa,
+    info: Option<IkeSaInfo>,
+    /// Published CHILD SAs by inbound SPI.
+    children: BTreeMap<u32, BusChild>,
+    /// Routes currently asked for.
+    routes: Vec<String>,
+    activity_reported: Option<Instant>,
+    /// Outstanding dpdmon probe: (round, message ID).
+    probe: Option<(u64, u32)>,
+    created: Instant,
+}
+
+/// Everything about the IKE SAs of this gateway.
+pub struct IkeManager {
+    gateways: BTreeMap<String, Gateway>,
+    sas: BTreeMap<u64, Entry>,
+    by_spi: HashMap<u64, u64>,
+    next_serial: u64,
+    transmits: VecDeque<Transmit>,
+    routes: VecDeque<RouteOp>,
+    bodies: Vec<Body>,
+    /// Static gateways: earliest next initiation.
+    retry_at: BTreeMap<String, Instant>,
+}
+
+fn spelling<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn id_of(text: &str) -> IdPayload {
+    match text.parse::<IpAddr>() {
+        Ok(ip) => IdPayload::from_ip(ip),
+        Err(_) => IdPayload::fqdn(text),
+    }
+}
+
+fn selector(s: &Selector) -> TrafficSelector {
+    match s {
+        Selector::Subnet(n) => TrafficSelector::subnet(IpAddr::V4(n.addr), n.prefix_len),
+        Selector::Range { start, end } => {
+            TrafficSelector::range(IpAddr::V4(*start), IpAddr::V4(*end))
+        }
+        Selector::Ip(a) => TrafficSelector::subnet(IpAddr::V4(*a), 32),
+    }
+}
+
+/// The CIDR prefixes covering an IPv4 address range (largest aligned blocks first).
+pub fn range_to_cidrs(start: Ipv4Addr, end: Ipv4Addr) -> Vec<String> {
+    let (mut s, e) = (u64::from(u32::from(start)), u64::from(u32::from(end)));
+    let mut out = Vec::new();
+    while s <= e {
+        // The largest block aligned at s that fits in s..=e.
+        let mut size: u64 = if s == 0 {
+            1 << 32
+        } else {
+            s & s.wrapping_neg()
+        };
+        while s + size - 1 > e {
+            size >>= 1;
+        }
+        let prefix = 32 - size.trailing_zeros();
+        // s < 2^32 by the loop condition (e < 2^32).
+        out.push(format!("{}/{}", Ipv4Addr::from(s as u32), prefix));
+        s += size;
+    }
+    out
+}
+
+fn ts_cidrs(ts: &[TrafficSelector]) -> Vec<String> {
+    ts.iter()
+        .filter_map(|t| t.addr_range())
+        .flat_map(|r| match r {
+            (IpAddr::V4(a), IpAddr::V4(b)) => range_to_cidrs(a, b),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+/// esp-proto's transform name for negotiated ESP algorithms.
+pub fn transform_name(encr: Encr, integ: Option<Integ>) -> Option<String> {
+    let cipher = match encr {
+        Encr::AesGcm16(16) => return integ.is_none().then(|| "aes128gcm".into()),
+        Encr::AesGcm16(32) => return integ.is_none().then(|| "aes256gcm".into()),
+        Encr::ChaCha20Poly1305 => return integ.is_none().then(|| "chacha20poly1305".into()),
+        Encr::AesCbc(16) => "aes128",
+        Encr::AesCbc(32) => "aes256",
+        _ => return None,
+    };
+    let hash = match integ? {
+        Integ::HmacSha1_96 => "sha1",
+        Integ::HmacSha256_128 => "sha256",
+        Integ::HmacSha512_256 => "sha512",
+        Integ::HmacSha384_192 => return None,
+    };
+    Some(format!("{cipher}-{hash}"))
+}
+
+fn encr_label(encr: Encr) -> String {
+    match encr {
+        Encr::AesCbc(n) => format!("aes-cbc-{}", n * 8),
+        Encr::AesGcm16(n) => format!("aes-gcm-{}", n * 8),
+        Encr::ChaCha20Poly1305 => "chacha20poly1305".into(),
+    }
+}
+
+/// Builds the gateway of one phase1, or says why it cannot negotiate.
+fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
+    let join = |v: &[haven_config::Proposal]| {
+        v.iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let groups = |v: &[u16]| {
+        v.iter()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let psk = p
+        .psksecret
+        .as_ref()
+        .ok_or_else(|| format!("{}: no psksecret", p.name))?;
+    let p2 = config.phase2_for(&p.name).next();
+    let mut c = IkeConfig::psk(psk.expose_bytes(), IdPayload::fqdn(""));
+    c.ike_proposals = phase1_list(&join(&p.proposal)).map_err(|e| format!("{}: {e}", p.name))?;
+    c.ike_groups = dhgrp_list(&groups(&p.dhgrp)).map_err(|e| format!("{}: {e}", p.name))?;
+    c.ike_lifetime = Duration::from_secs(u64::from(p.keylife));
+    c.peer_id = match (p.peertype, &p.peerid) {
+        (PeerType::One, Some(id)) => Some(id_of(id)),
+        _ => None,
+    };
+    c.nat_traversal = match p.nattraversal {
+        CfgNat::Enable => NatTraversal::Enable,
+        CfgNat::Disable => NatTraversal::Disable,
+        CfgNat::Forced => NatTraversal::Forced,
+    };
+    if let Some(p2) = p2 {
+        c.esp_proposals =
+            phase2_list(&join(&p2.proposal)).map_err(|e| format!("{}: {e}", p2.name))?;
+        c.pfs_groups = if p2.pfs {
+            dhgrp_list(&groups(&p2.dhgrp)).map_err(|e| format!("{}: {e}", p2.name))?
+        } else {
+            Vec::new()
+        };
+        c.child_lifetime = Duration::from_secs(u64::from(p2.keylifeseconds));
+        c.local_ts = vec![selector(&p2.src)];
+        c.remote_ts = vec![selector(&p2.dst)];
+    }
+    // Rekey margins scaled for short lifetimes (the minimum keylife is 120 s).
+    let shortest = c.child_lifetime.min(c.ike_lifetime);
+    c.rekey_margin = Duration::from_secs(30).min(shortest / 4);
+    c.rekey_jitter = Duration::from_secs(10).min(shortest / 12);
+    Ok(Gateway {
+        name: p.name.clone(),
+        dynamic: p.kind == Phase1Type::Dynamic,
+        remote_gw: p.remote_gw.first().copied(),
+        local_gw: p.local_gw.filter(|a| !a.is_unspecified()),
+        interface: p.interface.clone(),
+        phase2: p2.map(|p| p.name.clone()).unwrap_or_else(|| p.name.clone()),
+        add_route: p.add_route,
+        initiate: p.kind != Phase1Type::Dynamic && p.auto_negotiate && !p.passive_mode,
+        localid: p.localid.as_deref().filter(|s| !s.is_empty()).map(id_of),
+        cfg: Arc::new(c),
+        dpd: DpdSettings {
+            mode: spelling(&p.dpd),
+            retry_count: u32::from(p.dpd_retrycount),
+            retry_interval_ms: u64::from(p.dpd_retryinterval_ms),
+        },
+    })
+}
+
+impl Default for IkeManager {
+    fn default() -> Self {
+        IkeManager::new()
+    }
+}
+
+impl IkeManager {
+    /// An empty manager (no gateways).
+    pub fn new() -> IkeManager {
+        IkeManager {
+            gateways: BTreeMap::new(),
+            sas: BTreeMap::new(),
+            by_spi: HashMap::new(),
+            next_serial: 1,
+            transmits: VecDeque::new(),
+            routes: VecDeque::new(),
+            bodies: Vec::new(),
+            retry_at: BTreeMap::new(),
+        }
+    }
+
+    /// True when any phase1 is configured (the driver opens UDP 500 only then).
+    pub fn has_gateways(&self) -> bool {
+        !self.gateways.is_empty()
+    }
+
+    /// Applies a configuration: rebuilds the gateways; SAs of removed phase1s are deleted.
+    pub fn set_config(&mut self, now: Instant, config: &Config) {
+        let mut gws = BTreeMap::new();
+        for p in &config.phase1 {
+            match gateway_of(config, p) {
+                Ok(g) => {
+                    gws.insert(g.name.clone(), g);
+                }
+                Err(e) => tracing::warn!("ike: phase1 {e}; it will not negotiate"),
+            }
+        }
+        self.gateways = gws;
+        let orphans: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| !self.gateways.contains_key(&e.gateway))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in orphans {
+            if let Some(e) = self.sas.get_mut(&id) {
+                let _ = e.sa.delete(now);
+            }
+            self.flush(id, now, "phase1 removed");
+        }
+    }
+
+    /// Static gateways that should have an IKE SA and have none: (gateway, remote, local
+    /// address if configured). The driver resolves the local address and calls
+    /// [`IkeManager::initiate`].
+    pub fn initiate_pending(&self, now: Instant) -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
+        self.gateways
+            .values()
+            .filter(|g| g.initiate)
+            .filter(|g| !self.sas.values().any(|e| e.gateway == g.name))
+            .filter(|g| self.retry_at.get(&g.name).is_none_or(|t| *t <= now))
+            .filter_map(|g| g.remote_gw.map(|r| (g.name.clone(), r, g.local_gw)))
+            .collect()
+    }
+
+    fn per_sa_config(g: &Gateway, local: IpAddr) -> Arc<IkeConfig> {
+        let mut c = (*g.cfg).clone();
+        c.local_id = g
+            .localid
+            .clone()
+            .unwrap_or_else(|| IdPayload::from_ip(local));
+        Arc::new(c)
+    }
+
+    fn instance_name(&self, g: &Gateway) -> String {
+        if !g.dynamic {
+            return g.name.clone();
+        }
+        let taken: Vec<&str> = self.sas.values().map(|e| e.name.as_str()).collect();
+        (1u32..)
+            .map(|n| format!("{}_{n}", g.name))
+            .find(|n| !taken.contains(&n.as_str()))
+            .unwrap_or_else(|| g.name.clone())
+    }
+
+    fn insert(&mut self, gateway: &Gateway, sa: IkeSa, now: Instant) -> u64 {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        for spi in sa.local_spis() {
+            self.by_spi.insert(spi, serial);
+        }
+        let name = if gateway.dynamic {
+            // Named when established (a refused peer must not take a number).
+            String::new()
+        } else {
+            gateway.name.clone()
+        };
+        self.sas.insert(
+            serial,
+            Entry {
+                gateway: gateway.name.clone(),
+                name,
+                serial,
+                sa,
+                info: None,
+                children: BTreeMap::new(),
+                routes: Vec::new(),
+                activity_reported: None,
+                probe: None,
+                created: now,
+            },
+        );
+        self.pump(serial, now);
+        serial
+    }
+
+    /// Starts the IKE SA of static gateway `gateway` from `local` to `remote` (port 500).
+    pub fn initiate(&mut self, now: Instant, gateway: &str, local: IpAddr, remote: IpAddr) {
+        let Some(g) = self.gateways.get(gateway).cloned() else {
+            return;
+        };
+        self.retry_at.insert(g.name.clone(), now + RETRY_DELAY);
+        let addrs = Addresses {
+            local: SocketAddr::new(local, 500),
+            remote: SocketAddr::new(remote, 500),
+        };
+        match IkeSa::initiate(
+            now,
+            Self::per_sa_config(&g, local),
+            addrs,
+            Box::new(OsEntropy),
+        ) {
+            Ok(sa) => {
+                let id = self.insert(&g, sa, now);
+                tracing::debug!("ike 0:{}:{id}: initiating IKE SA to {remote}", g.name);
+            }
+            Err(e) => tracing::warn!("ike 0:{}: cannot initiate: {e}", g.name),
+        }
+    }
+
+    fn gateway_for_new_peer(&self, remote: IpAddr) -> Option<Gateway> {
+        let by_remote = self
+            .gateways
+            .values()
+            .find(|g| !g.dynamic && g.remote_gw.map(IpAddr::V4) == Some(remote));
+        by_remote
+            .or_else(|| self.gateways.values().find(|g| g.dynamic))
+            .cloned()
+    }
+
+    /// One IKE datagram (without the non-ESP marker) that arrived at `local` from `remote`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        d: &[u8],
+    ) {
+        let Some(hdr) = d.get(..IKE_HEADER_LEN) else {
+            return;
+        };
+        let mut spi_i = [0u8; 8];
+        let mut spi_r = [0u8; 8];
+        spi_i.copy_from_slice(hdr.get(..8).unwrap_or(&[0; 8]));
+        spi_r.copy_from_slice(hdr.get(8..16).unwrap_or(&[0; 8]));
+        let (spi_i, spi_r) = (u64::from_be_bytes(spi_i), u64::from_be_bytes(spi_r));
+        let exchange = hdr.get(18).copied().unwrap_or(0);
+        let flags = hdr.get(19).copied().unwrap_or(0);
+        let path = Addresses { local, remote };
+        let existing = [spi_r, spi_i]
+            .iter()
+            .filter(|s| **s != 0)
+            .find_map(|s| self.by_spi.get(s).copied())
+            .or_else(|| {
+                // A retransmitted first IKE_SA_INIT: same initiator SPI and source.
+                (spi_r == 0).then(|| {
+                    self.sas
+                        .iter()
+                        .find(|(_, e)| {
+                            e.sa.spis().0 == spi_i && e.sa.addresses().remote.ip() == remote.ip()
+                        })
+                        .map(|(k, _)| *k)
+                })?
+            });
+        if let Some(id) = existing {
+            if let Some(e) = self.sas.get_mut(&id) {
+                if let Err(err) = e.sa.handle_datagram(now, path, d) {
+                    tracing::debug!(
+                        "ike 0:{}:{id}: datagram from {remote} dropped: {err}",
+                        e.name
+                    );
+                }
+            }
+            self.pump(id, now);
+            return;
+        }
+        if spi_r != 0 || exchange != IKE_SA_INIT || flags & FLAG_RESPONSE != 0 {
+            tracing::debug!(
+                "ike 0: comes {remote}->{local}: no IKE SA for {spi_i:016x}/{spi_r:016x}, dropped"
+            );
+            return;
+        }
+        let Some(g) = self.gateway_for_new_peer(remote.ip()) else {
+            tracing::debug!("ike 0: comes {remote}->{local}: no gateway for this peer");
+            return;
+        };
+        tracing::debug!(
+            "ike 0: comes {remote}->{local}, IKE_SA_INIT for gateway {}",
+            g.name
+        );
+        match IkeSa::accept(
+            now,
+            Self::per_sa_config(&g, local.ip()),
+            path,
+            Box::new(OsEntropy),
+            d,
+        ) {
+            Ok(Accepted::Sa(sa)) => {
+                self.insert(&g, *sa, now);
+            }
+            Ok(Accepted::Reply(t)) => self.transmits.push_back(t),
+            Err(e) => tracing::debug!("ike 0:{}: IKE_SA_INIT from {remote} refused: {e}", g.name),
+        }
+    }
+
+    /// Drives timers of every SA.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.sa.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in due {
+            if let Some(e) = self.sas.get_mut(&id) {
+                e.sa.handle_timeout(now);
+            }
+            self.pump(id, now);
+        }
+    }
+
+    /// Earliest timer of any SA.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let sa = self.sas.values().filter_map(|e| e.sa.poll_timeout()).min();
+        let retry = self
+            .gateways
+            .values()
+            .filter(|g| g.initiate)
+            .filter_map(|g| self.retry_at.get(&g.name))
+            .min()
+            .copied();
+        match (sa, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next route change.
+    pub fn poll_route(&mut self) -> Option<RouteOp> {
+        self.routes.pop_front()
+    }
+
+    /// Bodies to publish, in order.
+    pub fn drain_bodies(&mut self) -> Vec<Body> {
+        std::mem::take(&mut self.bodies)
+    }
+
+    /// Activity marks of the tunnels whose peer spoke since the previous call, with
+    /// wall-clock times computed from `now` = `now_ns`.
+    pub fn activity(&mut self, now: Instant, now_ns: u64) -> Vec<IkeActivityMark> {
+        let mut marks = Vec::new();
+        for e in self.sas.values_mut() {
+            let Some(last) = e.sa.last_peer_activity() else {
+                continue;
+            };
+            if e.name.is_empty() || e.activity_reported == Some(last) {
+                continue;
+            }
+            e.activity_reported = Some(last);
+            let ago = u64::try_from(now.saturating_duration_since(last).as_nanos()).unwrap_or(0);
+            marks.push(IkeActivityMark {
+                tunnel: e.name.clone(),
+                last_rx_ns: now_ns.saturating_sub(ago),
+            });
+        }
+        marks
+    }
+
+    fn entry_by_tunnel(&self, tunnel: &str) -> Option<u64> {
+        self.sas
+            .iter()
+            .find(|(_, e)| e.name == tunnel && e.sa.is_established())
+            .map(|(k, _)| *k)
+    }
+
+    /// dpdmon asks for a liveness check of `tunnel` (`round`).
+    pub fn probe(&mut self, now: Instant, tunnel: &str, round: u64) {
+        let Some(id) = self.entry_by_tunnel(tunnel) else {
+            self.bodies.push(Body::ProbeResult {
+                tunnel: tunnel.to_string(),
+                round,
+                msg_id: 0,
+                outcome: "failed".into(),
+            });
+            return;
+        };
+        if let Some(e) = self.sas.get_mut(&id) {
+            let msg_id = e.sa.message_ids().0;
+            match e.sa.start_liveness_check(now) {
+                Ok(()) => {
+                    tracing::debug!(
+                        "ike 0:{}:{id}: send IKEv2 DPD probe, seqno {msg_id}",
+                        e.name
+                    );
+                    e.probe = Some((round, msg_id));
+                    self.bodies.push(Body::ProbeResult {
+                        tunnel: tunnel.to_string(),
+                        round,
+                        msg_id,
+                        outcome: "sent".into(),
+                    });
+                }
+                Err(err) => {
+                    tracing::debug!("ike 0:{}:{id}: DPD probe not sent: {err}", e.name);
+                    self.bodies.push(Body::ProbeResult {
+                        tunnel: tunnel.to_string(),
+                        round,
+                        msg_id: 0,
+                        outcome: "failed".into(),
+                    });
+                }
+            }
+        }
+        self.pump(id, now);
+    }
+
+    /// dpdmon declared `tunnel` dead: flush it (no exchange with the peer).
+    pub fn dead_peer(&mut self, now: Instant, tunnel: &str) {
+        let found: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.name == tunnel)
+            .map(|(k, _)| *k)
+            .collect();
+        for id in found {
+            self.flush(id, now, "dpd");
+        }
+    }
+
+    /// `diagnose vpn ike gateway clear [name N]`: deletes the IKE SAs (Delete sent to the
+    /// peer) of every tunnel or of the one named `N` (instance or phase1). Returns how many.
+    pub fn clear(&mut self, now: Instant, name: Option<&str>) -> usize {
+        let ids: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| name.is_none_or(|n| e.name == n || e.gateway == n))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in &ids {
+            if let Some(e) = self.sas.get_mut(id) {
+                if e.sa.is_established() {
+                    let _ = e.sa.delete(now);
+                    tracing::debug!("ike 0:{}:{id}: sending DELETE for IKE SA", e.name);
+                }
+            }
+            self.pump(*id, now);
+            self.flush(*id, now, "cleared");
+        }
+        ids.len()
+    }
+
+    /// Drains one SA's transmits and events.
+    fn pump(&mut self, id: u64, now: Instant) {
+        let mut events = Vec::new();
+        let mut closed = false;
+        if let Some(e) = self.sas.get_mut(&id) {
+            while let Some(t) = e.sa.poll_transmit() {
+                self.transmits.push_back(t);
+            }
+            while let Some(ev) = e.sa.poll_event() {
+                events.push(ev);
+            }
+            closed = e.sa.is_closed();
+        }
+        for ev in events {
+            self.on_event(id, now, ev);
+        }
+        if closed {
+            self.flush(id, now, "closed");
+        }
+    }
+
+    fn on_event(&mut self, id: u64, now: Instant, ev: Event) {
+        let Some(e) = self.sas.get(&id) else {
+            return;
+        };
+        let Some(g) = self.gateways.get(&e.gateway).cloned() else {
+            return;
+        };
+        match ev {
+            Event::IkeSaEstablished(info) => {
+                let name = if e.name.is_empty() {
+                    self.instance_name(&g)
+                } else {
+                    e.name.clone()
+                };
+                let addrs = e.sa.addresses();
+                tracing::info!(
+                    "ike 0:{name}:{id}: IKE SA {:016x}/{:016x} established with {} ({:?}), {}",
+                    info.spi_i,
+                    info.spi_r,
+                    addrs.remote,
+                    info.remote_id.to_string(),
+                    encr_label(info.suite.encr)
+                );
+                self.retry_at.remove(&g.name);
+                if let Some(e) = self.sas.get_mut(&id) {
+                    e.name = name.clone();
+                    e.info = Some(info);
+                }
+                self.bodies.push(Body::Tunnel(TunnelInfo {
+                    name: name.clone(),
+                    phase1: g.name.clone(),
+                    kind: if g.dynamic {
+                        TunnelKind::DialupInstance
+                    } else {
+                        TunnelKind::Static
+                    },
+                    local_gw: Some(addrs.local.ip().to_string()),
+                    remote_gw: Some(addrs.remote.ip().to_string()),
+                    interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
+                    state: TunnelState::Up,
+                    phase2: vec![g.phase2.clone()],
+                    dpd: g.dpd.clone(),
+                }));
+            }
+            Event::ChildSaEstablished(c) => self.child_up(id, &g, &c),
+            Event::ChildSaDeleted {
+                inbound_spi,
+                reason,
+                ..
+            } => self.child_down(id, &g, inbound_spi, reason),
+            Event::ChildSaFailed { notify } => {
+                tracing::info!(
+                    "ike 0:{}:{id}: CHILD SA negotiation failed: {notify:?}",
+                    e.name
+                );
+            }
+            Event::IkeSaRekeyed { new, .. } => {
+                tracing::info!(
+                    "ike 0:{}:{id}: IKE SA rekeyed, new SPIs {:016x}/{:016x}",
+                    e.name,
+                    new.spi_i,
+                    new.spi_r
+                );
+                let spis = e.sa.local_spis();
+                if let Some(e) = self.sas.get_mut(&id) {
+                    e.info = Some(new);
+                }
+                for s in spis {
+                    self.by_spi.insert(s, id);
+                }
+            }
+            Event::IkeSaDeleted {
+                spi_i,
+                spi_r,
+                reason,
+            } => {
+                let current = e.sa.spis() == (spi_i, spi_r);
+                if current {
+                    tracing::info!(
+                        "ike 0:{}:{id}: IKE SA {spi_i:016x}/{spi_r:016x} deleted ({reason:?})",
+                        e.name
+                    );
+                    self.flush(id, now, "deleted");
+                } else {
+                    self.by_spi
+                        .retain(|s, v| !(*v == id && (*s == spi_i || *s == spi_r)));
+                    if let Some(e) = self.sas.get(&id) {
+                        for s in e.sa.local_spis() {
+                            self.by_spi.insert(s, id);
+                        }
+                    }
+                }
+            }
+            Event::AuthFailed { reason } => {
+                tracing::info!(
+                    "ike 0:{}:{id}: authentication failed with {}: {reason}",
+                    g.name,
+                    e.sa.addresses().remote
+                );
+            }
+            Event::LivenessReply | Event::LivenessTimeout => {
+                let reply = matches!(ev, Event::LivenessReply);
+                let name = e.name.clone();
+                if let Some(e) = self.sas.get_mut(&id) {
+                    if let Some((round, msg_id)) = e.probe.take() {
+                        self.bodies.push(Body::ProbeResult {
+                            tunnel: name,
+                            round,
+                            msg_id,
+                            outcome: if reply { "reply" } else { "timeout" }.into(),
+                        });
+                    }
+                }
+            }
+            Event::MessageIdUpdate { .. } => {}
+        }
+        let _ = now;
+    }
+
+    fn child_up(&mut self, id: u64, g: &Gateway, c: &ike_proto::ChildSaInfo) {
+        let Some(e) = self.sas.get_mut(&id) else {
+            return;
+        };
+        let addrs = e.sa.addresses();
+        let Some(transform) = transform_name(c.encr, c.integ) else {
+            tracing::warn!(
+                "ike 0:{}:{id}: CHILD SA {:08x} uses {:?}/{:?}, which espd does not carry",
+                e.name,
+                c.inbound_spi,
+                c.encr,
+                c.integ
+            );
+            return;
+        };
+        let floated = addrs.local.port() == ike_proto::sa::NAT_T_PORT
+            || addrs.remote.port() == ike_proto::sa::NAT_T_PORT;
+        let k = &c.keys;
+        let soft = c.soft_lifetime.as_secs();
+        let hard = c.lifetime.as_secs();
+        let mut sa = BusChild {
+            tunnel: e.name.clone(),
+            phase1: g.name.clone(),
+            phase2: g.phase2.clone(),
+            spi_in: c.inbound_spi,
+            spi_out: c.outbound_spi,
+            transform,
+            esn: c.esn,
+            keys_in: [k.encr_in.as_bytes(), k.integ_in.as_bytes()].concat(),
+            keys_out: [k.encr_out.as_bytes(), k.integ_out.as_bytes()].concat(),
+            local: addrs.local.ip().to_string(),
+            remote: addrs.remote.ip().to_string(),
+            encap: if floated {
+                EspEncap::Udp {
+                    local_port: ike_proto::sa::NAT_T_PORT,
+                    remote_port: addrs.remote.port(),
+                }
+            } else {
+                EspEncap::None
+            },
+            local_ts: ts_cidrs(&c.local_ts),
+            remote_ts: ts_cidrs(&c.remote_ts),
+            replay_window: REPLAY_WINDOW,
+            // espd's hard limit sits beyond ours so that our rekey always comes first.
+            lifetime: SaLifetime {
+                soft_secs: 0,
+                hard_secs: hard + hard / 10 + 10,
+                soft_bytes: 0,
+                hard_bytes: 0,
+            },
+            initial_seq: 1,
+            outbound: false,
+        };
+        tracing::info!(
+            "ike 0:{}:{id}: CHILD SA in {:08x} out {:08x} {} {:?} <-> {:?} up (soft {soft}s, hard {hard}s){}",
+            e.name,
+            c.inbound_spi,
+            c.outbound_spi,
+            sa.transform,
+            sa.local_ts,
+            sa.remote_ts,
+            c.rekey_of
+                .map(|o| format!(", replaces {o:08x}"))
+                .unwrap_or_default()
+        );
+        self.bodies.push(Body::ChildSa(sa.clone()));
+        sa.outbound = true;
+        self.bodies.push(Body::ChildSa(sa.clone()));
+        if let Some(old) = c.rekey_of {
+            if e.children.remove(&old).is_some() {
+                self.bodies.push(Body::ChildSaRemoved {
+                    tunnel: e.name.clone(),
+                    spi_in: old,
+                });
+            }
+        }
+        if g.add_route {
+            for dest in &sa.remote_ts {
+                if !e.routes.contains(dest) {
+                    e.routes.push(dest.clone());
+                    self.routes.push_back(RouteOp::Add {
+                        dest: dest.clone(),
+                        dev: g.name.clone(),
+                    });
+                }
+            }
+        }
+        e.children.insert(c.inbound_spi, sa);
+    }
+
+    fn child_down(&mut self, id: u64, g: &Gateway, spi: u32, reason: DeleteReason) {
+        let Some(e) = self.sas.get_mut(&id) else {
+            return;
+        };
+        if e.children.remove(&spi).is_some() {
+            tracing::info!(
+                "ike 0:{}:{id}: CHILD SA {spi:08x} deleted ({reason:?})",
+                e.name
+            );
+            self.bodies.push(Body::ChildSaRemoved {
+                tunnel: e.name.clone(),
+                spi_in: spi,
+            });
+        }
+        if e.children.is_empty() && reason != DeleteReason::Rekeyed {
+            for dest in e.routes.drain(..) {
+                self.routes.push_back(RouteOp::Del {
+                    dest,
+                    dev: g.name.clone(),
+                });
+            }
+        }
+    }
+
+    /// Removes an SA and everything published for it (seed 000 order: IKE SA gone, CHILD
+    /// SAs deleted, routes removed, tunnel down, dial-up instance removed).
+    fn flush(&mut self, id: u64, now: Instant, why: &str) {
+        let Some(e) = self.sas.remove(&id) else {
+            return;
+        };
+        self.by_spi.retain(|_, v| *v != id);
+        let g = self.gateways.get(&e.gateway);
+        let label = if e.name.is_empty() {
+            e.gateway.as_str()
+        } else {
+            e.name.as_str()
+        };
+        let (spi_i, spi_r) = e.sa.spis();
+        tracing::debug!("ike 0:{label}:{id}: IKE SA {spi_i:016x}/{spi_r:016x} removed ({why})");
+        for spi in e.children.keys() {
+            tracing::debug!("ike 0:{label}:{id}: deleting CHILD SA {spi:08x}");
+            self.bodies.push(Body::ChildSaRemoved {
+                tunnel: e.name.clone(),
+                spi_in: *spi,
+            });
+        }
+        let dev = g
+            .map(|g| g.name.clone())
+            .unwrap_or_else(|| e.gateway.clone());
+        for dest in e.routes {
+            tracing::debug!("ike 0:{label}: deleting route {dest} dev {dev}");
+            self.routes.push_back(RouteOp::Del {
+                dest,
+                dev: dev.clone(),
+            });
+        }
+        if e.name.is_empty() || e.info.is_none() {
+            return;
+        }
+        tracing::debug!("ike 0:{label}: tunnel down");
+        match g {
+            Some(g) if !g.dynamic => {
+                self.retry_at.insert(g.name.clone(), now + RETRY_DELAY);
+                self.bodies.push(Body::Tunnel(TunnelInfo {
+                    name: g.name.clone(),
+                    phase1: g.name.clone(),
+                    kind: TunnelKind::Static,
+                    local_gw: g.local_gw.map(|a| a.to_string()),
+                    remote_gw: g.remote_gw.map(|a| a.to_string()),
+                    interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
+                    state: TunnelState::Down,
+                    phase2: vec![g.phase2.clone()],
+                    dpd: g.dpd.clone(),
+                }));
+            }
+            _ => {
+                tracing::debug!("ike 0:{label}: deleting dialup instance");
+                self.bodies.push(Body::TunnelRemoved { name: e.name });
+            }
+        }
+    }
+
+    /// `diagnose vpn ike gateway list [name N]` as JSON: one object per IKE SA.
+    pub fn gateway_list(&self, now: Instant, name: Option<&str>) -> Value {
+        let list: Vec<Value> = self
+            .sas
+            .values()
+            .filter(|e| name.is_none_or(|n| e.name == n || e.gateway == n))
+            .map(|e| {
+                let a = e.sa.addresses();
+                let (spi_i, spi_r) = e.sa.spis();
+                let (tx, rx) = e.sa.message_ids();
+                let info = e.info.as_ref();
+                json!({
+                    "name": if e.name.is_empty() { &e.gateway } else { &e.name },
+                    "phase1": e.gateway,
+                    "serial": e.serial,
+                    "local": a.local.to_string(),
+                    "remote": a.remote.to_string(),
+                    "created_secs": now.saturating_duration_since(e.created).as_secs(),
+                    "established": e.sa.is_established(),
+                    "initiator": info.map(|i| i.initiator),
+                    "spi_i": format!("{spi_i:016x}"),
+                    "spi_r": format!("{spi_r:016x}"),
+                    "cookie": format!("{spi_i:016x}/{spi_r:016x}"),
+                    "encryption": info.map(|i| encr_label(i.suite.encr)),
+                    "integrity": info.and_then(|i| i.suite.integ).map(|x| format!("{x:?}")),
+                    "prf": info.map(|i| format!("{:?}", i.suite.prf)),
+                    "dh_group": info.map(|i| i.suite.dh.0),
+                    "local_id": info.map(|i| i.local_id.to_string()),
+                    "remote_id": info.map(|i| i.remote_id.to_string()),
+                    "nat": info.map(|i| match (i.local_behind_nat, i.remote_behind_nat) {
+                        (true, true) => "both", (true, false) => "me",
+                        (false, true) => "peer", (false, false) => "none" }),
+                    "lifetime_secs": info.map(|i| i.lifetime.as_secs()),
+                    "msg_id_tx": tx,
+                    "msg_id_rx": rx,
+                    "children": e.children.values().map(|c| json!({
+                        "spi_in": format!("{:08x}", c.spi_in),
+                        "spi_out": format!("{:08x}", c.spi_out),
+                        "transform": c.transform,
+                        "encap": c.encap,
+                        "local_ts": c.local_ts,
+                        "remote_ts": c.remote_ts,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_become_cidrs() {
+        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            range_to_cidrs(a("0.0.0.0"), a("255.255.255.255")),
+            ["0.0.0.0/0"]
+        );
+        assert_eq!(
+            range_to_cidrs(a("10.1.0.0"), a("10.1.255.255")),
+            ["10.1.0.0/16"]
+        );
+        assert_eq!(
+            range_to_cidrs(a("10.0.0.5"), a("10.0.0.5")),
+            ["10.0.0.5/32"]
+        );
+        assert_eq!(
+            range_to_cidrs(a("10.0.0.1"), a("10.0.0.6")),
+            ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]
+        );
+    }
+
+    #[test]
+    fn transforms_use_esp_proto_names() {
+        assert_eq!(
+            transform_name(Encr::AesGcm16(16), None).as_deref(),
+            Some("aes128gcm")
+        );
+        assert_eq!(
+            transform_name(Encr::AesCbc(32), Some(Integ::HmacSha256_128)).as_deref(),
+            Some("aes256-sha256")
+        );
+        assert_eq!(transform_name(Encr::AesCbc(16), None), None);
+        assert_eq!(
+            transform_name(Encr::AesCbc(16), Some(Integ::HmacSha384_192)),
+            None
+        );
+    }
+}

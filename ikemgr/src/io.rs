@@ -1,0 +1,335 @@
+//! The IO layer of the IKE manager (DESIGN.md §4): threads that own UDP 500 and the unix
+//! datagram sockets shared with espd, feed datagrams and timeouts to the sans-IO
+//! [`IkeManager`] and carry its transmits and route changes out.
+//!
+//! Sockets: `0.0.0.0:500` (IKE without NAT-T); `<run-dir>/ike4500.sock`, bound here, where
+//! espd hands over IKE messages that arrived on UDP/4500; `<run-dir>/espd-ike.sock`, espd's,
+//! where IKE messages to send out of 4500 go. Both unix sockets carry one IKE message per
+//! datagram behind a 12-octet header: source IPv4, source port, destination IPv4,
+//! destination port, all in network byte order (espd's `datapath::sockets`).
+//!
+//! Routes are changed with `ip route replace|del DEST dev DEV` through
+//! `std::process::Command` (a stop-gap until a netlink client exists); a route whose TUN
+//! device espd has not created yet is retried for a while.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::ike::{IkeManager, RouteOp};
+
+/// Hand-off header: src IPv4 (4), src port (2), dst IPv4 (4), dst port (2).
+const HANDOFF_HDR_LEN: usize = 12;
+/// Largest IKE datagram accepted.
+const MAX_DATAGRAM: usize = 65535;
+/// How long a route whose device is missing is retried.
+const ROUTE_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Inputs of the IO loop.
+pub enum Input {
+    /// An IKE datagram (no non-ESP marker).
+    Datagram {
+        /// Local port it arrived on (500 or 4500).
+        port: u16,
+        /// The peer.
+        from: SocketAddr,
+        /// IKE message.
+        data: Vec<u8>,
+    },
+    /// The logic changed the manager: flush its transmits and re-arm timers.
+    Wake,
+}
+
+/// Locks the manager; a poisoned lock (a panic elsewhere) still holds consistent data for
+/// our purposes, so it is used as is.
+pub fn lock(m: &Mutex<IkeManager>) -> MutexGuard<'_, IkeManager> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Parses a hand-off datagram into (source, IKE message).
+pub fn parse_handoff(d: &[u8]) -> Option<(SocketAddrV4, &[u8])> {
+    let h = d.get(..HANDOFF_HDR_LEN)?;
+    let ip = Ipv4Addr::new(*h.first()?, *h.get(1)?, *h.get(2)?, *h.get(3)?);
+    let port = u16::from_be_bytes([*h.get(4)?, *h.get(5)?]);
+    Some((SocketAddrV4::new(ip, port), d.get(HANDOFF_HDR_LEN..)?))
+}
+
+/// Builds a hand-off datagram.
+pub fn build_handoff(src: SocketAddrV4, dst: SocketAddrV4, ike: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HANDOFF_HDR_LEN + ike.len());
+    v.extend_from_slice(&src.ip().octets());
+    v.extend_from_slice(&src.port().to_be_bytes());
+    v.extend_from_slice(&dst.ip().octets());
+    v.extend_from_slice(&dst.port().to_be_bytes());
+    v.extend_from_slice(ike);
+    v
+}
+
+/// The source address the kernel would use towards `remote` (a routing lookup through an
+/// unconnected UDP socket; nothing is sent).
+fn local_ip_for(remote: IpAddr) -> Option<IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect(SocketAddr::new(remote, 500)).ok()?;
+    s.local_addr().ok().map(|a| a.ip())
+}
+
+struct Pending {
+    op: RouteOp,
+    until: Instant,
+}
+
+struct Loop {
+    mgr: Arc<Mutex<IkeManager>>,
+    udp500: UdpSocket,
+    out4500: UnixDatagram,
+    espd_path: PathBuf,
+    local_ips: HashMap<IpAddr, IpAddr>,
+    routes: Vec<Pending>,
+}
+
+impl Loop {
+    fn local(&mut self, remote: IpAddr) -> IpAddr {
+        if let Some(ip) = self.local_ips.get(&remote) {
+            return *ip;
+        }
+        let ip = local_ip_for(remote).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        self.local_ips.insert(remote, ip);
+        ip
+    }
+
+    fn run(mut self, rx: Receiver<Input>) {
+        loop {
+            let wait = {
+                let m = lock(&self.mgr);
+                let now = Instant::now();
+                let mut w = Duration::from_millis(500);
+                if let Some(t) = m.poll_timeout() {
+                    w = w.min(t.saturating_duration_since(now));
+                }
+                w
+            };
+            let first = match rx.recv_timeout(wait) {
+                Ok(i) => Some(i),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut inputs: Vec<Input> = first.into_iter().collect();
+            while let Ok(i) = rx.try_recv() {
+                inputs.push(i);
+            }
+            let mut resolved = Vec::new();
+            for i in &inputs {
+                if let Input::Datagram { from, .. } = i {
+                    let ip = self.local(from.ip());
+                    resolved.push(ip);
+                }
+            }
+            let (transmits, routes) = {
+                let mut m = lock(&self.mgr);
+                let now = Instant::now();
+                let mut ips = resolved.into_iter();
+                for i in inputs {
+                    if let Input::Datagram { port, from, data } = i {
+                        let ip = ips.next().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                        m.handle_datagram(now, SocketAddr::new(ip, port), from, &data);
+                    }
+                }
+                m.handle_timeout(now);
+                let pending = m.initiate_pending(now);
+                drop(m);
+                let starts: Vec<(String, IpAddr, IpAddr)> = pending
+                    .into_iter()
+                    .map(|(g, remote, local)| {
+                        let remote = IpAddr::V4(remote);
+                        let local = local.map(IpAddr::V4).unwrap_or_else(|| self.local(remote));
+                        (g, local, remote)
+                    })
+                    .collect();
+                let mut m = lock(&self.mgr);
+                for (g, local, remote) in starts {
+                    m.initiate(now, &g, local, remote);
+                }
+                let mut t = Vec::new();
+                while let Some(x) = m.poll_transmit() {
+                    t.push(x);
+                }
+                let mut r = Vec::new();
+                while let Some(x) = m.poll_route() {
+                    r.push(x);
+                }
+                (t, r)
+            };
+            for t in transmits {
+                self.send(&t);
+            }
+            let now = Instant::now();
+            for op in routes {
+                self.routes.retain(|p| !same_route(&p.op, &op));
+                self.routes.push(Pending {
+                    op,
+                    until: now + ROUTE_RETRY_FOR,
+                });
+            }
+            self.apply_routes(now);
+        }
+    }
+
+    fn send(&self, t: &ike_proto::Transmit) {
+        let r = if t.source.port() == ike_proto::sa::NAT_T_PORT {
+            match (t.source, t.destination) {
+                (SocketAddr::V4(s), SocketAddr::V4(d)) => self
+                    .out4500
+                    .send_to(&build_handoff(s, d, &t.payload), &self.espd_path)
+                    .map(|_| ()),
+                _ => Err(io::Error::other("IPv6 is not carried over 4500")),
+            }
+        } else {
+            self.udp500.send_to(&t.payload, t.destination).map(|_| ())
+        };
+        if let Err(e) = r {
+            tracing::debug!(
+                "ike 0: send {}->{} len={} failed: {e}",
+                t.source,
+                t.destination,
+                t.payload.len()
+            );
+        } else {
+            tracing::trace!(
+                "ike 0: sent IKE msg: {}->{}, len={}",
+                t.source,
+                t.destination,
+                t.payload.len()
+            );
+        }
+    }
+
+    fn apply_routes(&mut self, now: Instant) {
+        self.routes.retain(|p| {
+            let (verb, dest, dev) = match &p.op {
+                RouteOp::Add { dest, dev } => ("replace", dest, dev),
+                RouteOp::Del { dest, dev } => ("del", dest, dev),
+            };
+            let ok = std::process::Command::new("ip")
+                .args(["route", verb, dest, "dev", dev])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                tracing::debug!("ike 0: route {verb} {dest} dev {dev}");
+            }
+            // A delete of a route that is already gone is done too.
+            !ok && verb == "replace" && now < p.until
+        });
+    }
+}
+
+fn same_route(a: &RouteOp, b: &RouteOp) -> bool {
+    let key = |r: &RouteOp| match r {
+        RouteOp::Add { dest, dev } | RouteOp::Del { dest, dev } => (dest.clone(), dev.clone()),
+    };
+    key(a) == key(b)
+}
+
+/// Opens the sockets and starts the threads. Returns the sender that wakes the loop.
+pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<Input>> {
+    let udp500 = UdpSocket::bind("0.0.0.0:500")
+        .map_err(|e| io::Error::new(e.kind(), format!("UDP 0.0.0.0:500: {e}")))?;
+    let in_path = run_dir.join("ike4500.sock");
+    let _ = std::fs::remove_file(&in_path);
+    let in4500 = UnixDatagram::bind(&in_path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", in_path.display())))?;
+    let out4500 = UnixDatagram::unbound()?;
+    let (tx, rx) = mpsc::channel();
+
+    let r500 = udp500.try_clone()?;
+    let tx500 = tx.clone();
+    std::thread::Builder::new()
+        .name("ikemgr-udp500".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                match r500.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        let data = buf.get(..n).unwrap_or(&[]).to_vec();
+                        if tx500
+                            .send(Input::Datagram {
+                                port: 500,
+                                from,
+                                data,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!("ike 0: UDP 500 receive: {e}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })?;
+    let tx4500 = tx.clone();
+    std::thread::Builder::new()
+        .name("ikemgr-ike4500".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                match in4500.recv(&mut buf) {
+                    Ok(n) => {
+                        let Some((from, ike)) = parse_handoff(buf.get(..n).unwrap_or(&[])) else {
+                            continue;
+                        };
+                        let input = Input::Datagram {
+                            port: ike_proto::sa::NAT_T_PORT,
+                            from: SocketAddr::V4(from),
+                            data: ike.to_vec(),
+                        };
+                        if tx4500.send(input).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!("ike 0: {} receive: {e}", "ike4500.sock");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })?;
+    let lp = Loop {
+        mgr,
+        udp500,
+        out4500,
+        espd_path: run_dir.join("espd-ike.sock"),
+        local_ips: HashMap::new(),
+        routes: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name("ikemgr-ike".into())
+        .spawn(move || lp.run(rx))?;
+    Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handoff_round_trips_and_short_input_is_refused() {
+        let s: SocketAddrV4 = "192.0.2.1:4500".parse().unwrap();
+        let d: SocketAddrV4 = "198.51.100.7:61000".parse().unwrap();
+        let b = build_handoff(s, d, b"ike");
+        assert_eq!(b.len(), 15);
+        assert_eq!(&b[6..10], &[198, 51, 100, 7]);
+        let (src, ike) = parse_handoff(&b).unwrap();
+        assert_eq!((src, ike), (s, &b"ike"[..]));
+        assert!(parse_handoff(&b[..11]).is_none());
+    }
+}
