@@ -1,13 +1,26 @@
 //! hasyncd: Haven's HA (FGCP) and FGSP sync daemon.
 //!
-//! Today it publishes this member's identity from `config system ha` and
-//! `config system standalone-cluster` (`ha.member`) and a role per tunnel that ikemgr
-//! publishes (`ha.role`): every tunnel is `sync-primary` here, because no cluster link
-//! exists yet and each member owns what it carries. Heartbeats, election, the encrypted HA
-//! link and SA replication are still to come.
+//! What it does: runs the HA links of `config system ha` (FGCP, heartbeats on `hbdev`,
+//! UDP 703, see [`io`]) and `config system standalone-cluster` (FGSP, UDP 708 to every
+//! `peerip`), every datagram sealed and opened by ha-core's `HaLink` with a key from the
+//! cluster `password` / `psksecret` (no secret: that link is not started, one log line,
+//! the daemon runs standalone). The FGCP election (ha-core `Fgcp`) is driven from the
+//! daemon tick ([`Hasyncd::TICK_MS`]); its result is published as `ha.member` (role
+//! `primary`/`secondary`/`hello`) and a role per tunnel ikemgr publishes (`ha.role`):
+//! `sync-primary` on the FGCP primary (or on a member without FGCP), `standby` elsewhere.
+//! Views: `ha-status`, `standalone-peers`, `roles`, `member`.
+//!
+//! Not yet: SA replication over the links, FGSP per-tunnel ownership, shared addresses
+//! and gratuitous ARP on takeover.
+
+mod cluster;
+mod io;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+
+use cluster::{role_name, Cluster};
+use ha_core::msg::HaRole;
 
 use bus_schema::{Body, DaemonKind, HaMemberInfo, StateStore};
 use haven_config::Config;
@@ -16,7 +29,57 @@ use serde_json::json;
 
 struct Hasyncd {
     member: Option<HaMemberInfo>,
+    member_published: bool,
     roles: BTreeMap<String, String>,
+    /// Tunnels ikemgr publishes.
+    tunnels: Vec<String>,
+    /// The configuration the links were started from (restart on change).
+    ha_config: Option<(
+        Option<haven_config::Ha>,
+        Option<haven_config::StandaloneCluster>,
+    )>,
+    pending_config: Option<Config>,
+    cluster: Option<Cluster>,
+    now_ms: u64,
+}
+
+impl Hasyncd {
+    /// The FGCP role, or `None` when this member is in no FGCP cluster.
+    fn fgcp_role(&self) -> Option<HaRole> {
+        self.cluster.as_ref().and_then(Cluster::fgcp_role)
+    }
+
+    fn publish_member(&mut self, out: &mut Outbox) {
+        let Some(mut m) = self.member.clone() else {
+            return;
+        };
+        m.role = self.fgcp_role().map_or("primary", role_name).to_string();
+        if self.member.as_ref() != Some(&m) || !self.member_published {
+            out.push(Body::HaMember(m.clone()));
+            self.member = Some(m);
+            self.member_published = true;
+        }
+    }
+
+    fn publish_roles(&mut self, out: &mut Outbox) {
+        let role = match self.fgcp_role() {
+            None | Some(HaRole::Primary) => "sync-primary",
+            Some(_) => "standby",
+        };
+        let desired: BTreeMap<String, String> = self
+            .tunnels
+            .iter()
+            .map(|t| (t.clone(), role.to_string()))
+            .collect();
+        diff_keyed(
+            &self.roles,
+            &desired,
+            |tunnel, role| Body::TunnelRole { tunnel, role },
+            |tunnel| Body::TunnelRoleRemoved { tunnel },
+            out,
+        );
+        self.roles = desired;
+    }
 }
 
 fn member_of(config: &Config) -> HaMemberInfo {
@@ -55,49 +118,93 @@ fn member_of(config: &Config) -> HaMemberInfo {
 impl DaemonLogic for Hasyncd {
     const KIND: DaemonKind = DaemonKind::Hasyncd;
     const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr];
+    /// The HA links are driven from the tick: 20 ms keeps heartbeat jitter well under the
+    /// smallest FortiOS `hb-interval` (100 ms; 10 ms ticks are not met to the tick).
+    const TICK_MS: u64 = 20;
 
     fn new(_config: &Config) -> Self {
+        cluster::describe_metrics();
         Hasyncd {
             member: None,
+            member_published: false,
             roles: BTreeMap::new(),
+            tunnels: Vec::new(),
+            ha_config: None,
+            pending_config: None,
+            cluster: None,
+            now_ms: 0,
         }
     }
 
     fn on_config(&mut self, config: &Config, out: &mut Outbox) {
         let m = member_of(config);
-        if self.member.as_ref() != Some(&m) {
-            out.push(Body::HaMember(m.clone()));
+        if self
+            .member
+            .as_ref()
+            .map(|o| (o.member_id, o.group_id, &o.mode, &o.peers))
+            != Some((m.member_id, m.group_id, &m.mode, &m.peers))
+        {
             self.member = Some(m);
+            self.member_published = false;
         }
+        let wanted = (config.ha.clone(), config.standalone.clone());
+        if self.ha_config.as_ref() != Some(&wanted) {
+            // The links start on the next tick, which brings `now`.
+            self.pending_config = Some(config.clone());
+            self.ha_config = Some(wanted);
+        }
+        self.publish_member(out);
     }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         if src != DaemonKind::Ikemgr {
             return;
         }
-        let desired: BTreeMap<String, String> = store
+        self.tunnels = store
             .items()
             .filter_map(|b| match b {
-                Body::Tunnel(t) => Some((t.name.clone(), "sync-primary".to_string())),
+                Body::Tunnel(t) => Some(t.name.clone()),
                 _ => None,
             })
             .collect();
-        diff_keyed(
-            &self.roles,
-            &desired,
-            |tunnel, role| Body::TunnelRole { tunnel, role },
-            |tunnel| Body::TunnelRoleRemoved { tunnel },
-            out,
-        );
-        self.roles = desired;
+        self.publish_roles(out);
+    }
+
+    fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
+        self.now_ms = now_ns / 1_000_000;
+        if let Some(config) = self.pending_config.take() {
+            // Drop the old links first: it frees their ports.
+            self.cluster = None;
+            self.cluster = Some(Cluster::start(&config, self.now_ms));
+            self.publish_member(out);
+            self.publish_roles(out);
+        }
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let ch = cluster.drive(self.now_ms);
+        if ch.role_changed {
+            self.publish_member(out);
+            self.publish_roles(out);
+        }
     }
 
     fn view(&self, name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
         match name {
             "roles" => Ok(json!(self.roles)),
             "member" => Ok(json!(self.member)),
+            "ha-status" => Ok(self
+                .cluster
+                .as_ref()
+                .map(|c| c.ha_status(self.now_ms))
+                .unwrap_or_else(|| json!({ "mode": "standalone", "members": [] }))),
+            "standalone-peers" => Ok(self
+                .cluster
+                .as_ref()
+                .map(Cluster::standalone_peers)
+                .unwrap_or_else(|| json!({ "configured": false, "peers": [] }))),
             other => Err(format!(
-                "unknown view {other:?}: hasyncd has: roles, member"
+                "unknown view {other:?}: hasyncd has: roles, member, ha-status, standalone-peers"
             )),
         }
     }

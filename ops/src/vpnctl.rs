@@ -81,8 +81,31 @@ enum DebugCmd {
     },
 }
 
+/// `diagnose sys …` (hasyncd).
+#[derive(Subcommand, Debug)]
+enum DiagSysCmd {
+    /// HA views: `ha status`, `ha standalone-peers`.
+    Ha {
+        #[command(subcommand)]
+        cmd: DiagSysHaCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiagSysHaCmd {
+    /// FGCP cluster members and roles (seed 001 layout).
+    Status,
+    /// FGSP peers (seed 000 layout).
+    StandalonePeers,
+}
+
 #[derive(Subcommand, Debug)]
 enum DiagnoseCmd {
+    /// HA views (hasyncd).
+    Sys {
+        #[command(subcommand)]
+        cmd: DiagSysCmd,
+    },
     Debug {
         #[command(subcommand)]
         cmd: DiagDebugCmd,
@@ -296,6 +319,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 },
         } => diagnose_vpn_ike_gateway(&cli, cmd).await,
         Cmd::Get { words } => get_cmd(&cli, words).await,
+        Cmd::Diagnose {
+            cmd: DiagnoseCmd::Sys {
+                cmd: DiagSysCmd::Ha { cmd },
+            },
+        } => diagnose_sys_ha(&cli, cmd).await,
         Cmd::Show { cmd } => {
             let v = match cmd {
                 ShowCmd::Snapshot { daemon, show_keys } => {
@@ -954,4 +982,168 @@ async fn get_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `diagnose sys ha status|standalone-peers`: hasyncd's views, in the seeds' layout.
+async fn diagnose_sys_ha(cli: &Cli, cmd: &DiagSysHaCmd) -> Result<ExitCode, Failure> {
+    let view = match cmd {
+        DiagSysHaCmd::Status => "ha-status",
+        DiagSysHaCmd::StandalonePeers => "standalone-peers",
+    };
+    let req = CtlRequest::View {
+        name: view.into(),
+        args: Vec::new(),
+    };
+    let v = match call(cli, DaemonKind::Hasyncd, req).await? {
+        CtlReply::View(v) => v,
+        other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+    };
+    if cli.json {
+        print_json(&v);
+    } else {
+        match cmd {
+            DiagSysHaCmd::Status => print!("{}", render_ha_status(&v)),
+            DiagSysHaCmd::StandalonePeers => print!("{}", render_standalone_peers(&v)),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Seed 001's `diagnose sys ha status` layout from hasyncd's `ha-status` view. Counters
+/// Haven does not have (sessions, fdb) print as 0; `traffic.*` are HA link packets/bytes.
+fn render_ha_status(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    if v["mode"].as_str() != Some("a-p") {
+        s.push_str("HA information\nmode=standalone (no FGCP HA link)\n");
+        return s;
+    }
+    let u = |k: &str| v["link"][k].as_u64().unwrap_or(0);
+    let _ = writeln!(s, "\nHA information\nStatistics");
+    let _ = writeln!(
+        s,
+        "        traffic.local = s:0 p:{} b:{}",
+        u("received"),
+        u("received_bytes")
+    );
+    let _ = writeln!(
+        s,
+        "        traffic.total = s:0 p:{} b:{}",
+        u("received") + u("sent"),
+        u("received_bytes") + u("sent_bytes")
+    );
+    let _ = writeln!(
+        s,
+        "        activity.ha_id_changes = {}",
+        v["ha_id_changes"].as_u64().unwrap_or(0)
+    );
+    let _ = writeln!(s, "        activity.fdb  = c:0 q:0\n");
+    let _ = writeln!(
+        s,
+        "Model=haven, Mode=2 Group={} Debug=0",
+        v["group_id"].as_u64().unwrap_or(0)
+    );
+    let _ = writeln!(
+        s,
+        "nvcluster=1, ses_pickup={}, delay=0\n",
+        u8::from(v["session_pickup"].as_bool().unwrap_or(false))
+    );
+    let mut members: Vec<&Value> = v["members"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    // Primary first, as FortiOS lists them.
+    members.sort_by_key(|m| m["role"].as_str() != Some("primary"));
+    let role = |m: &Value| match m["role"].as_str() {
+        Some("primary") => "Primary",
+        _ => "Secondary",
+    };
+    let _ = writeln!(s, "[Debug_Zone HA information]");
+    let _ = writeln!(
+        s,
+        "HA group member information: is_manage_primary={}.",
+        u8::from(v["role"].as_str() == Some("primary"))
+    );
+    for (i, m) in members.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "{}:{:>13}, serialno_prio={i}, usr_priority={}, hostname={}",
+            m["serial"].as_str().unwrap_or("?"),
+            role(m),
+            m["priority"].as_u64().unwrap_or(0),
+            m["hostname"].as_str().unwrap_or("")
+        );
+    }
+    let state = if v["role"].as_str() == Some("hello") {
+        "hello"
+    } else {
+        "work"
+    };
+    let _ = writeln!(s, "\n[Kernel HA information]");
+    let _ = writeln!(
+        s,
+        "vcluster 1, state={state}, hbdev={}, primary_id={}",
+        v["hbdev"].as_str().unwrap_or(""),
+        v["primary"]
+            .as_u64()
+            .map_or("-".to_string(), |p| p.to_string())
+    );
+    for (i, m) in members.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "{}:{:>13}, ha_prio/o_ha_prio={i}/{i}",
+            m["serial"].as_str().unwrap_or("?"),
+            role(m)
+        );
+    }
+    s
+}
+
+/// Seed 000's `diagnose sys ha standalone-peers` layout from hasyncd's `standalone-peers`
+/// view. `session-type` counts sync messages; Haven syncs no packets (`packet-type` 0)
+/// and has no kernel device table (the `dev_base` block is left out).
+fn render_standalone_peers(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    if v["configured"].as_bool() != Some(true) {
+        s.push_str("no standalone-cluster (FGSP) link\n");
+        return s;
+    }
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "Group={}, ID={}",
+        v["group"].as_u64().unwrap_or(0),
+        v["id"].as_u64().unwrap_or(0)
+    );
+    let _ = writeln!(
+        s,
+        "Detected-peers={}",
+        v["detected_peers"].as_u64().unwrap_or(0)
+    );
+    let _ = writeln!(s, "Kernel standalone-peers: num={}.", peers.len());
+    for (i, p) in peers.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "peer{i}: vfid=0, peerip:port = {}:{}, standalone_id={}",
+            p["peerip"].as_str().unwrap_or("?"),
+            p["port"].as_u64().unwrap_or(0),
+            p["standalone_id"]
+                .as_u64()
+                .map_or("-".to_string(), |n| n.to_string())
+        );
+        let _ = writeln!(
+            s,
+            "        session-type: send={}, recv={}",
+            p["session_send"].as_u64().unwrap_or(0),
+            p["session_recv"].as_u64().unwrap_or(0)
+        );
+        let _ = writeln!(
+            s,
+            "         packet-type: send={}, recv={}",
+            p["packet_send"].as_u64().unwrap_or(0),
+            p["packet_recv"].as_u64().unwrap_or(0)
+        );
+    }
+    s
 }

@@ -1,0 +1,550 @@
+//! The daemon side of the HA links: sockets, keys and counters around ha-core.
+//!
+//! [`Cluster::drive`] runs on every daemon tick with `now_ms`: it drains the sockets,
+//! opens each datagram with ha-core's `HaLink` (drops counted by reason), feeds heartbeats
+//! to the FGCP election (`Fgcp`) or to FGSP peer liveness (`Liveness`), then sends what is
+//! due. Election and role decisions stay in ha-core; this module only moves bytes and
+//! counts.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use ha_core::msg::{HaRole, Heartbeat};
+use ha_core::{
+    ClusterKind, ElectionEvent, Fgcp, FgcpConfig, HaLink, LinkKey, Liveness, MemberId, Message,
+    PeerEvent,
+};
+use haven_config::Config;
+use serde_json::{json, Value};
+
+use crate::io::{hw_addr, LinkSocket, FGCP_PORT};
+
+/// FGSP heartbeat period: FortiOS's FGCP default (2 ticks of 100 ms); FGSP has no key.
+const FGSP_HB_MS: u64 = 200;
+/// FGSP peers missing this many heartbeats are no longer detected.
+const FGSP_LOST_BEATS: u64 = 6;
+
+/// FGCP side: one heartbeat device.
+struct FgcpSide {
+    sock: LinkSocket,
+    dest: SocketAddr,
+    link: HaLink,
+    fgcp: Fgcp,
+    group_id: u16,
+    session_pickup: bool,
+    hostname: String,
+    hbdev: String,
+    /// Serial numbers and host names of members heard (for the status view).
+    hostnames: std::collections::BTreeMap<MemberId, String>,
+    ha_id_changes: u64,
+}
+
+/// One configured FGSP `cluster-peer`.
+struct FgspPeer {
+    addr: SocketAddrV4,
+    id: Option<MemberId>,
+    sync_sent: u64,
+    sync_recv: u64,
+}
+
+/// FGSP side.
+struct FgspSide {
+    sock: LinkSocket,
+    key: LinkKey,
+    link: HaLink,
+    live: Liveness,
+    me: MemberId,
+    group: u8,
+    peers: Vec<FgspPeer>,
+    next_hb_ms: u64,
+    /// True while this member speaks for its FGCP cluster (or has no FGCP cluster).
+    active: bool,
+}
+
+/// What changed in a drive, for the daemon to publish.
+#[derive(Default)]
+pub struct Changes {
+    /// The FGCP role changed.
+    pub role_changed: bool,
+    /// FGSP detected peers changed.
+    pub peers_changed: bool,
+}
+
+/// The running HA links of this member.
+pub struct Cluster {
+    fgcp: Option<FgcpSide>,
+    fgsp: Option<FgspSide>,
+    failovers: u64,
+    was_secondary: bool,
+}
+
+fn secret_of(s: &Option<haven_config::Secret>) -> Option<&[u8]> {
+    s.as_ref()
+        .filter(|s| s.is_usable())
+        .map(|s| s.expose_bytes())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A non-zero epoch above any earlier start of this member: the wall clock in ms.
+fn epoch(now_ms: u64) -> u64 {
+    ha_core::link::next_epoch(None, now_ms).unwrap_or(now_ms)
+}
+
+fn count_drop(link: &'static str, reason: &'static str) {
+    metrics::counter!("hasyncd_link_drops_total", "link" => link, "reason" => reason).increment(1);
+}
+
+fn count_sent(link: &'static str, bytes: usize) {
+    metrics::counter!("hasyncd_sync_messages_sent_total", "link" => link).increment(1);
+    metrics::counter!("hasyncd_sync_bytes_sent_total", "link" => link).increment(bytes as u64);
+}
+
+fn count_received(link: &'static str, bytes: usize) {
+    metrics::counter!("hasyncd_sync_messages_received_total", "link" => link).increment(1);
+    metrics::counter!("hasyncd_sync_bytes_received_total", "link" => link).increment(bytes as u64);
+}
+
+/// Registers the descriptions of hasyncd's series.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, Unit};
+    describe_gauge!(
+        "hasyncd_role",
+        "FGCP role of this member: 2 primary, 1 secondary, 0 hello, -1 no FGCP cluster."
+    );
+    describe_counter!(
+        "hasyncd_failovers_total",
+        Unit::Count,
+        "Times this member took the primary role over from another member."
+    );
+    describe_counter!(
+        "hasyncd_link_drops_total",
+        Unit::Count,
+        "HA link datagrams dropped, by link (fgcp, fgsp) and reason."
+    );
+    describe_counter!(
+        "hasyncd_sync_messages_sent_total",
+        Unit::Count,
+        "HA link messages sent (heartbeats included), by link."
+    );
+    describe_counter!(
+        "hasyncd_sync_bytes_sent_total",
+        Unit::Bytes,
+        "HA link bytes sent, by link."
+    );
+    describe_counter!(
+        "hasyncd_sync_messages_received_total",
+        Unit::Count,
+        "HA link messages accepted (authenticated, fresh), by link."
+    );
+    describe_counter!(
+        "hasyncd_sync_bytes_received_total",
+        Unit::Bytes,
+        "HA link bytes accepted, by link."
+    );
+    describe_gauge!(
+        "hasyncd_fgsp_detected_peers",
+        "FGSP peers currently heard from."
+    );
+}
+
+impl Cluster {
+    /// Starts the links the configuration asks for. A link that cannot start (no
+    /// secret, no heartbeat device, socket error) is left out with one log line each;
+    /// the daemon keeps running standalone for it.
+    pub fn start(config: &Config, now_ms: u64) -> Cluster {
+        let fgcp = config
+            .ha
+            .as_ref()
+            .filter(|h| h.mode == haven_config::HaMode::ActivePassive)
+            .and_then(|ha| match start_fgcp(ha, now_ms) {
+                Ok(s) => {
+                    tracing::info!(
+                        "FGCP link up on {} port {FGCP_PORT}/udp as {} (member id {})",
+                        s.hbdev,
+                        s.fgcp.config().serial,
+                        s.fgcp.config().me.0
+                    );
+                    Some(s)
+                }
+                Err(e) => {
+                    tracing::error!("FGCP HA link not started, running standalone: {e}");
+                    None
+                }
+            });
+        let fgsp = config.standalone.as_ref().and_then(|sc| {
+            match start_fgsp(sc, now_ms, fgcp.is_none()) {
+                Ok(s) => {
+                    tracing::info!(
+                        "FGSP link up on port {}/udp as member {} of group {} ({} peers)",
+                        haven_config::FGSP_PORT,
+                        s.me.0,
+                        s.group,
+                        s.peers.len()
+                    );
+                    Some(s)
+                }
+                Err(e) => {
+                    tracing::error!("FGSP link not started, running without peers: {e}");
+                    None
+                }
+            }
+        });
+        let role = if fgcp.is_some() { 0.0 } else { -1.0 };
+        metrics::gauge!("hasyncd_role").set(role);
+        Cluster {
+            fgcp,
+            fgsp,
+            failovers: 0,
+            was_secondary: false,
+        }
+    }
+
+    /// The FGCP role, or `None` without an FGCP link.
+    pub fn fgcp_role(&self) -> Option<HaRole> {
+        self.fgcp.as_ref().map(|s| s.fgcp.role())
+    }
+
+    /// Runs the links up to `now_ms`.
+    pub fn drive(&mut self, now_ms: u64) -> Changes {
+        let mut ch = Changes::default();
+        if let Some(side) = self.fgcp.as_mut() {
+            let before = side.fgcp.role();
+            side.drive(now_ms);
+            while let Some(ev) = side.fgcp.poll_event() {
+                match ev {
+                    ElectionEvent::PeerJoined(m) => tracing::info!("FGCP member {} joined", m.0),
+                    ElectionEvent::PeerLost(m) => {
+                        tracing::warn!("FGCP member {} lost (no heartbeat)", m.0)
+                    }
+                    ElectionEvent::BecamePrimary => {
+                        side.ha_id_changes += 1;
+                        if self.was_secondary {
+                            self.failovers += 1;
+                            metrics::counter!("hasyncd_failovers_total").increment(1);
+                        }
+                        tracing::info!("FGCP: this member is now primary");
+                    }
+                    ElectionEvent::BecameSecondary { primary } => {
+                        side.ha_id_changes += 1;
+                        self.was_secondary = true;
+                        tracing::info!("FGCP: this member is secondary under {}", primary.0);
+                    }
+                }
+            }
+            let after = side.fgcp.role();
+            if after != before {
+                ch.role_changed = true;
+                metrics::gauge!("hasyncd_role").set(match after {
+                    HaRole::Primary => 2.0,
+                    HaRole::Secondary => 1.0,
+                    HaRole::Hello => 0.0,
+                });
+            }
+        }
+        let speaks = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
+        if let Some(side) = self.fgsp.as_mut() {
+            if speaks && !side.active {
+                // A new speaker for this member id: a fresh epoch above the old speaker's.
+                match HaLink::new(side.key.clone(), side.me, epoch(now_ms)) {
+                    Ok(link) => {
+                        side.link = link;
+                        side.active = true;
+                        side.next_hb_ms = now_ms;
+                    }
+                    Err(e) => tracing::error!("FGSP link: {e}"),
+                }
+            } else if !speaks {
+                side.active = false;
+            }
+            if side.drive(now_ms) {
+                ch.peers_changed = true;
+            }
+        }
+        ch
+    }
+
+    /// `diagnose sys ha status` as JSON.
+    pub fn ha_status(&self, now_ms: u64) -> Value {
+        let Some(s) = self.fgcp.as_ref() else {
+            return json!({ "mode": "standalone", "members": [] });
+        };
+        let members: Vec<Value> = s
+            .fgcp
+            .members(now_ms)
+            .iter()
+            .map(|m| {
+                json!({
+                    "member_id": m.member.0,
+                    "serial": m.serial,
+                    "role": if m.primary { "primary" } else { "secondary" },
+                    "priority": m.priority,
+                    "age_ms": m.age_ms,
+                    "monitor_failed": m.monitor_failed,
+                    "silent_ms": m.silent_ms,
+                    "hostname": if m.member == s.fgcp.config().me {
+                        s.hostname.clone()
+                    } else {
+                        s.hostnames.get(&m.member).cloned().unwrap_or_default()
+                    },
+                })
+            })
+            .collect();
+        let st = s.link.stats();
+        json!({
+            "mode": "a-p",
+            "group_id": s.group_id,
+            "hbdev": s.hbdev,
+            "session_pickup": s.session_pickup,
+            "port": FGCP_PORT,
+            "me": s.fgcp.config().me.0,
+            "role": role_name(s.fgcp.role()),
+            "primary": s.fgcp.primary().map(|m| m.0),
+            "ha_id_changes": s.ha_id_changes,
+            "failovers": self.failovers,
+            "hb_interval_ms": s.fgcp.config().hb_interval_ms,
+            "hb_lost_threshold": s.fgcp.config().hb_lost_threshold,
+            "override": s.fgcp.config().override_,
+            "link": {
+                "sent": st.sent, "sent_bytes": st.sent_bytes,
+                "received": st.received, "received_bytes": st.received_bytes,
+                "drops": st.drops_total(),
+            },
+            "members": members,
+        })
+    }
+
+    /// `diagnose sys ha standalone-peers` as JSON.
+    pub fn standalone_peers(&self) -> Value {
+        let Some(s) = self.fgsp.as_ref() else {
+            return json!({ "configured": false, "peers": [] });
+        };
+        let live: Vec<MemberId> = s.live.peers().collect();
+        let peers: Vec<Value> = s
+            .peers
+            .iter()
+            .map(|p| {
+                json!({
+                    "peerip": p.addr.ip().to_string(),
+                    "port": p.addr.port(),
+                    "standalone_id": p.id.map(|m| m.0),
+                    "detected": p.id.is_some_and(|id| live.contains(&id)),
+                    "session_send": p.sync_sent,
+                    "session_recv": p.sync_recv,
+                    "packet_send": 0,
+                    "packet_recv": 0,
+                })
+            })
+            .collect();
+        json!({
+            "configured": true,
+            "group": s.group,
+            "id": s.me.0,
+            "active": s.active,
+            "detected_peers": live.len(),
+            "peers": peers,
+        })
+    }
+}
+
+/// Role spelling on the bus and in views.
+pub fn role_name(r: HaRole) -> &'static str {
+    match r {
+        HaRole::Primary => "primary",
+        HaRole::Secondary => "secondary",
+        HaRole::Hello => "hello",
+    }
+}
+
+fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
+    let key = LinkKey::derive(
+        ClusterKind::Fgcp,
+        ha.group_id,
+        secret_of(&ha.password),
+        ha_core::link::DEFAULT_PBKDF2_ITERATIONS,
+    )
+    .map_err(|e| e.to_string())?;
+    let hbdev = ha
+        .hbdev
+        .first()
+        .map(|h| h.interface.clone())
+        .ok_or("`config system ha` has no `hbdev`; heartbeats need an interface")?;
+    let mac = hw_addr(&hbdev).map_err(|e| format!("hbdev {hbdev:?}: {e}"))?;
+    // Identity: FortiOS uses the serial number; Haven uses the heartbeat device's MAC,
+    // unique on a segment and stable across daemon restarts.
+    let serial = format!(
+        "HVN{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
+        mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+    );
+    let me = MemberId(u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]]));
+    let mut cfg = FgcpConfig::new(me, serial, ha.priority);
+    cfg.override_ = ha.override_;
+    cfg.hb_interval_ms = u64::from(ha.hb_interval_ms());
+    cfg.hb_lost_threshold = u32::from(ha.hb_lost_threshold);
+    let fgcp = Fgcp::new(cfg, now_ms).map_err(|e| e.to_string())?;
+    let link = HaLink::new(key, me, epoch(now_ms)).map_err(|e| e.to_string())?;
+    let sock = LinkSocket::bind(FGCP_PORT, Some(&hbdev))
+        .map_err(|e| format!("heartbeat socket on {hbdev:?} port {FGCP_PORT}: {e}"))?;
+    Ok(FgcpSide {
+        sock,
+        dest: SocketAddr::from((Ipv4Addr::BROADCAST, FGCP_PORT)),
+        link,
+        fgcp,
+        group_id: ha.group_id,
+        session_pickup: ha.session_pickup,
+        hostname: hostname(),
+        hbdev,
+        hostnames: Default::default(),
+        ha_id_changes: 0,
+    })
+}
+
+fn start_fgsp(
+    sc: &haven_config::StandaloneCluster,
+    now_ms: u64,
+    active: bool,
+) -> Result<FgspSide, String> {
+    let key = LinkKey::derive(
+        ClusterKind::Fgsp,
+        u16::from(sc.standalone_group_id),
+        secret_of(&sc.psksecret),
+        ha_core::link::DEFAULT_PBKDF2_ITERATIONS,
+    )
+    .map_err(|e| e.to_string())?;
+    let me = MemberId(u32::from(sc.group_member_id));
+    let link = HaLink::new(key.clone(), me, epoch(now_ms)).map_err(|e| e.to_string())?;
+    let port = sc
+        .cluster_peers
+        .first()
+        .map(|p| p.port)
+        .unwrap_or(haven_config::FGSP_PORT);
+    let sock =
+        LinkSocket::bind(port, None).map_err(|e| format!("FGSP socket on port {port}: {e}"))?;
+    Ok(FgspSide {
+        sock,
+        key,
+        link,
+        live: Liveness::new(FGSP_HB_MS * FGSP_LOST_BEATS),
+        me,
+        group: sc.standalone_group_id,
+        peers: sc
+            .cluster_peers
+            .iter()
+            .map(|p| FgspPeer {
+                addr: SocketAddrV4::new(p.peerip, p.port),
+                id: None,
+                sync_sent: 0,
+                sync_recv: 0,
+            })
+            .collect(),
+        next_hb_ms: now_ms,
+        active,
+    })
+}
+
+impl FgcpSide {
+    fn drive(&mut self, now_ms: u64) {
+        for _ in 0..self.sock.take_queue_full() {
+            count_drop("fgcp", "queue_full");
+        }
+        for (bytes, _from) in self.sock.drain() {
+            match self.link.open(&bytes) {
+                Err(reason) => count_drop("fgcp", reason.label()),
+                Ok(r) => {
+                    count_received("fgcp", bytes.len());
+                    if let Message::Heartbeat(hb) = &r.message {
+                        self.hostnames.insert(r.sender, hb.serial.clone());
+                        self.fgcp.handle_heartbeat(r.sender, hb, now_ms);
+                    }
+                }
+            }
+        }
+        if now_ms >= self.fgcp.poll_timeout() {
+            self.fgcp.handle_timeout(now_ms);
+        }
+        while let Some(hb) = self.fgcp.poll_transmit(now_ms) {
+            match self.link.seal(&Message::Heartbeat(hb)) {
+                Ok(d) => match self.sock.send_to(&d, self.dest) {
+                    Ok(()) => count_sent("fgcp", d.len()),
+                    Err(e) => tracing::debug!("heartbeat send on {}: {e}", self.hbdev),
+                },
+                Err(e) => tracing::error!("heartbeat seal: {e}"),
+            }
+        }
+    }
+}
+
+impl FgspSide {
+    /// Returns true when the set of detected peers changed.
+    fn drive(&mut self, now_ms: u64) -> bool {
+        let mut changed = false;
+        for _ in 0..self.sock.take_queue_full() {
+            count_drop("fgsp", "queue_full");
+        }
+        for (bytes, from) in self.sock.drain() {
+            if !self.active {
+                continue;
+            }
+            match self.link.open(&bytes) {
+                Err(reason) => count_drop("fgsp", reason.label()),
+                Ok(r) => {
+                    count_received("fgsp", bytes.len());
+                    let peer = self
+                        .peers
+                        .iter_mut()
+                        .find(|p| IpAddr::V4(*p.addr.ip()) == from.ip());
+                    if let Some(p) = peer {
+                        p.id = Some(r.sender);
+                        if !matches!(r.message, Message::Heartbeat(_)) {
+                            p.sync_recv += 1;
+                        }
+                    }
+                    if let Some(ev) = self.live.heard(r.sender, now_ms) {
+                        changed = true;
+                        if let PeerEvent::Up(m) = ev {
+                            tracing::info!("FGSP peer {} detected ({from})", m.0);
+                        }
+                    }
+                }
+            }
+        }
+        for ev in self.live.handle_timeout(now_ms) {
+            changed = true;
+            if let PeerEvent::Lost(m) = ev {
+                tracing::warn!("FGSP peer {} lost", m.0);
+            }
+        }
+        if self.active && now_ms >= self.next_hb_ms {
+            self.next_hb_ms = now_ms.saturating_add(FGSP_HB_MS);
+            let hb = Heartbeat {
+                member: self.me,
+                serial: format!("standalone-{}", self.me.0),
+                priority: 0,
+                override_: false,
+                uptime_ms: 0,
+                monitor_up: 0,
+                monitor_total: 0,
+                role: HaRole::Primary,
+                primary: Some(self.me),
+            };
+            match self.link.seal(&Message::Heartbeat(hb)) {
+                Ok(d) => {
+                    for p in &self.peers {
+                        match self.sock.send_to(&d, SocketAddr::V4(p.addr)) {
+                            Ok(()) => count_sent("fgsp", d.len()),
+                            Err(e) => tracing::debug!("FGSP heartbeat to {}: {e}", p.addr),
+                        }
+                    }
+                }
+                Err(e) => tracing::error!("FGSP heartbeat seal: {e}"),
+            }
+        }
+        if changed {
+            metrics::gauge!("hasyncd_fgsp_detected_peers").set(self.live.peers().count() as f64);
+        }
+        changed
+    }
+}
