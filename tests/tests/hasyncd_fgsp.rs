@@ -1,0 +1,171 @@
+//! hasyncd's FGSP peering (seed 000's four members) and FGCP-over-FGSP (seed 001: only
+//! the FGCP primary speaks for its cluster), over real sockets in network namespaces.
+//! Only hasyncd runs. Timings are not asserted; waits have generous limits.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use haven_tests::daemons::{bin, vpnctl, vpnctl_json, wait_for, TempDir};
+use haven_tests::netns::{preflight, veth, Netns, Proc};
+
+struct Member {
+    ns: Netns,
+    run_dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Member {
+    fn peers(&self) -> Result<serde_json::Value, String> {
+        vpnctl_json(
+            &self.run_dir,
+            &["diagnose", "sys", "ha", "standalone-peers"],
+        )
+    }
+}
+
+fn fgsp_block(me: u8, peers: &[String], secret: &str) -> String {
+    let mut s = format!(
+        "config system standalone-cluster\n    set standalone-group-id 1\n    \
+         set group-member-id {me}\n    set encryption enable\n    set psksecret {secret}\n    \
+         config cluster-peer\n"
+    );
+    for (i, p) in peers.iter().enumerate() {
+        s.push_str(&format!(
+            "        edit {}\n            set peerip {p}\n        next\n",
+            i + 1
+        ));
+    }
+    s.push_str("    end\nend\n");
+    s
+}
+
+/// Members on one bridge; `addrs[i]` on each member's `port4`; `configs[i]` its config.
+fn start(label: &str, dir: &TempDir, addrs: &[&str], configs: &[String]) -> (Netns, Vec<Member>) {
+    preflight().expect("preflight");
+    let hub = Netns::new(&format!("{label}-hub")).unwrap();
+    hub.add_bridge("br0").unwrap();
+    let mut out = Vec::new();
+    for (i, cfg) in configs.iter().enumerate() {
+        let ns = Netns::new(&format!("{label}-m{i}")).unwrap();
+        let hub_if = format!("v{i}");
+        veth(&ns, "port4", &hub, &hub_if).unwrap();
+        hub.enslave(&hub_if, "br0").unwrap();
+        hub.link_up(&hub_if).unwrap();
+        ns.link_up("port4").unwrap();
+        ns.add_addr("port4", addrs[i]).unwrap();
+        let run_dir = dir.path().join(format!("m{i}"));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let config = dir.path().join(format!("m{i}.conf"));
+        std::fs::write(&config, cfg).unwrap();
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:9703",
+        ];
+        let p = ns
+            .spawn(bin("hasyncd").to_str().unwrap(), &args)
+            .expect("spawn hasyncd");
+        out.push(Member {
+            ns,
+            run_dir,
+            proc: Some(p),
+        });
+    }
+    (hub, out)
+}
+
+fn detected(m: &Member) -> Result<u64, String> {
+    let v = m.peers()?;
+    v["detected_peers"]
+        .as_u64()
+        .ok_or_else(|| format!("no detected_peers in {v}"))
+}
+
+#[test]
+fn fgsp_four_members_detect_each_other_in_seed_layout() {
+    let dir = TempDir::new("hasyncd-fgsp4");
+    let ips: Vec<String> = (1..=4).map(|i| format!("172.31.1.{i}")).collect();
+    let addrs: Vec<String> = ips.iter().map(|ip| format!("{ip}/24")).collect();
+    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let configs: Vec<String> = (0..4)
+        .map(|i| {
+            let others: Vec<String> = ips
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, ip)| ip.clone())
+                .collect();
+            fgsp_block(i as u8 + 1, &others, "fgsp-s3cret")
+        })
+        .collect();
+    let (_hub, mut m) = start("hafgsp", &dir, &addrs, &configs);
+    for (i, mem) in m.iter().enumerate() {
+        wait_for(
+            &format!("member {i} detects 3 peers"),
+            Duration::from_secs(20),
+            || match detected(mem)? {
+                3 => Ok(()),
+                n => Err(format!("{n} detected")),
+            },
+        );
+    }
+    let out = vpnctl(
+        &m[0].run_dir,
+        &["diagnose", "sys", "ha", "standalone-peers"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let expected_head = "Group=1, ID=1\nDetected-peers=3\nKernel standalone-peers: num=3.\n\
+                         peer0: vfid=0, peerip:port = 172.31.1.2:708, standalone_id=2\n        \
+                         session-type: send=0, recv=0\n         packet-type: send=0, recv=0\n\
+                         peer1: vfid=0, peerip:port = 172.31.1.3:708, standalone_id=3\n";
+    assert!(text.starts_with(expected_head), "{text}");
+    assert!(
+        text.contains("peer2: vfid=0, peerip:port = 172.31.1.4:708, standalone_id=4"),
+        "{text}"
+    );
+
+    // Member 4 goes away: the others stop detecting it.
+    m[3].proc.take().unwrap().kill_now().unwrap();
+    wait_for(
+        "member 0 detects 2 peers",
+        Duration::from_secs(20),
+        || match detected(&m[0])? {
+            2 => Ok(()),
+            n => Err(format!("{n} detected")),
+        },
+    );
+    let v = m[0].peers().unwrap();
+    assert_eq!(v["peers"][2]["detected"], false, "{v}");
+    assert_eq!(v["peers"][0]["detected"], true, "{v}");
+}
+
+#[test]
+fn fgsp_wrong_psksecret_is_never_detected() {
+    let dir = TempDir::new("hasyncd-fgsp-bad");
+    let configs = vec![
+        fgsp_block(1, &["172.31.1.2".into()], "right-secret"),
+        fgsp_block(2, &["172.31.1.1".into()], "wrong-secret"),
+    ];
+    let (_hub, m) = start(
+        "hafgspbad",
+        &dir,
+        &["172.31.1.1/24", "172.31.1.2/24"],
+        &configs,
+    );
+    wait_for("auth failures counted", Duration::from_secs(20), || {
+        let t = m[0]
+            .ns
+            .run("curl", &["-s", "http://127.0.0.1:9703/metrics"])
+            .unwrap_or_default();
+        if t.contains("hasyncd_link_drops_total{link=\"fgsp\",reason=\"auth_failed\"}") {
+            Ok(())
+        } else {
+            Err(t)
+        }
+    });
+    assert_eq!(detected(&m[0]).unwrap(), 0);
+    assert_eq!(detected(&m[1]).unwrap(), 0);
+}
