@@ -10,6 +10,9 @@
 //!   records, `vpnctl diagnose vpn tunnel list`, dpdmon's `tunnels` view, its metrics and
 //!   its debug log (the seed 000 story).
 //!
+//! A second test kills dpdmon (SIGKILL) half-way through a round and checks that the
+//! restarted one starts a fresh round and decides no earlier than restart + budget.
+//!
 //! What it cannot show: ikemgr answers probes only on an IKE SA, so here no probe is ever
 //! sent on the wire and no reply can come back; the reply path and the flush after the
 //! verdict need IKE tunnels (strongSwan interop, issue 5). Intervals between probes are
@@ -50,8 +53,9 @@ fn dpdmon_ctl(run: &Path, req: CtlRequest) -> Result<Value, String> {
     }
 }
 
-fn start_dpdmon(gw: &Gw) -> Proc {
-    let log = gw.dir.path().join("dpdmon-1.log");
+/// Starts the `n`th dpdmon of `gw` (log `dpdmon-<n>.log`, debug level).
+fn start_dpdmon(gw: &Gw, n: u32) -> Proc {
+    let log = gw.dir.path().join(format!("dpdmon-{n}.log"));
     let f = std::fs::File::create(log).expect("log file");
     let mut cmd = gw.ns.command(bin("dpdmon"));
     cmd.arg("--config")
@@ -65,8 +69,49 @@ fn start_dpdmon(gw: &Gw) -> Proc {
     gw.ns.spawn_command(cmd).expect("spawn dpdmon")
 }
 
-fn dpdmon_log(gw: &Gw) -> String {
-    std::fs::read_to_string(gw.dir.path().join("dpdmon-1.log")).unwrap_or_default()
+fn dpdmon_log(gw: &Gw, n: u32) -> String {
+    std::fs::read_to_string(gw.dir.path().join(format!("dpdmon-{n}.log"))).unwrap_or_default()
+}
+
+/// Waits until dpdmon `n` of `gw` monitors `vpn1`, then gives it short on-idle settings
+/// (3 probes, 3 s apart: a 12 s budget). Overrides are not persisted: a restarted dpdmon
+/// needs them again.
+fn wait_and_set(gw: &Gw, n: u32) {
+    wait_for("dpdmon to see vpn1", Duration::from_secs(20), || {
+        let v = dpdmon_ctl(
+            &gw.run,
+            CtlRequest::View {
+                name: "tunnels".into(),
+                args: vec![],
+            },
+        )?;
+        if v.as_array()
+            .is_some_and(|a| a.iter().any(|t| t["name"] == TUNNEL))
+        {
+            Ok(())
+        } else {
+            Err(format!("{v}\n{}", dpdmon_log(gw, n)))
+        }
+    });
+    let set = dpdmon_ctl(
+        &gw.run,
+        CtlRequest::Command {
+            name: "dpd-set".into(),
+            args: ["vpn1", "on-idle", "3", "3000"].map(String::from).to_vec(),
+        },
+    )
+    .expect("dpd-set");
+    assert_eq!(set["override"], true);
+}
+
+/// Continuous pings from the client to the server (killed on drop).
+fn ping_forever(pair: &Pair) -> Proc {
+    let mut cmd = pair.topo.client.command("ping");
+    cmd.args(["-n", "-q", "-i", "0.2", "-W", "1", SiteToSite::SERVER])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    pair.topo.client.spawn_command(cmd).expect("ping")
 }
 
 /// Everything dpdmon publishes, with the time it arrived.
@@ -148,43 +193,12 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 fn manual_key_peer_killed_probes_then_dead_verdict() {
     let mut pair = Pair::new("dpdmon-mk", false);
     pair.wait_ping();
-    let _dpdmon = start_dpdmon(&pair.a);
     let run = pair.a.run.clone();
-    wait_for("dpdmon to see vpn1", Duration::from_secs(20), || {
-        let v = dpdmon_ctl(
-            &run,
-            CtlRequest::View {
-                name: "tunnels".into(),
-                args: vec![],
-            },
-        )?;
-        if v.as_array()
-            .is_some_and(|a| a.iter().any(|t| t["name"] == TUNNEL))
-        {
-            Ok(())
-        } else {
-            Err(format!("{v}\n{}", dpdmon_log(&pair.a)))
-        }
-    });
     let tap = Tap::new(&run);
-
+    let _dpdmon = start_dpdmon(&pair.a, 1);
     // Continuous traffic through the tunnel for the rest of the test.
-    let mut cmd = pair.topo.client.command("ping");
-    cmd.args(["-n", "-q", "-i", "0.2", "-W", "1", SiteToSite::SERVER])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _ping = pair.topo.client.spawn_command(cmd).expect("ping");
-
-    let set = dpdmon_ctl(
-        &run,
-        CtlRequest::Command {
-            name: "dpd-set".into(),
-            args: ["vpn1", "on-idle", "3", "3000"].map(String::from).to_vec(),
-        },
-    )
-    .expect("dpd-set");
-    assert_eq!(set["override"], true);
+    let _ping = ping_forever(&pair);
+    wait_and_set(&pair.a, 1);
 
     // 1. Traffic flows for 12 s (four idle intervals): no probe.
     let t_set = Instant::now();
@@ -193,7 +207,7 @@ fn manual_key_peer_killed_probes_then_dead_verdict() {
         tap.probes(t_set).is_empty(),
         "probes while traffic flows: {:?}\n{}",
         tap.probes(t_set),
-        dpdmon_log(&pair.a)
+        dpdmon_log(&pair.a, 1)
     );
     assert!(tap.first_state("probing").is_none());
 
@@ -282,7 +296,7 @@ fn manual_key_peer_killed_probes_then_dead_verdict() {
     assert!(m.contains("dpdmon_detection_seconds"), "{m}");
     assert!(m.contains("dpdmon_tunnels{state=\"dead\"}"), "{m}");
 
-    let log = dpdmon_log(&pair.a);
+    let log = dpdmon_log(&pair.a, 1);
     for line in [
         "dpd 0:vpn1: link is idle 172.31.0.1->172.31.0.2:0 dpd=1",
         "dpd 0:vpn1: send IKEv2 DPD probe",
@@ -290,4 +304,85 @@ fn manual_key_peer_killed_probes_then_dead_verdict() {
     ] {
         assert!(log.contains(line), "{line:?} missing from:\n{log}");
     }
+}
+
+/// `kill -9 dpdmon` half-way through a round: the restarted dpdmon rebuilds from ikemgr's
+/// snapshot, starts a fresh round (attempts 1, 2, 3) and declares the peer dead no earlier
+/// than its restart plus the budget: never early (later than without the restart).
+#[test]
+fn kill_9_dpdmon_mid_round_never_declares_early() {
+    let mut pair = Pair::new("dpdmon-rs", false);
+    pair.wait_ping();
+    let run = pair.a.run.clone();
+    let tap = Tap::new(&run);
+    let mut first = start_dpdmon(&pair.a, 1);
+    let _ping = ping_forever(&pair);
+    wait_and_set(&pair.a, 1);
+    std::thread::sleep(Duration::from_secs(4));
+
+    let t_kill = Instant::now();
+    pair.b.espd.as_mut().unwrap().kill_now().expect("kill espd");
+    pair.b
+        .ikemgr
+        .as_mut()
+        .unwrap()
+        .kill_now()
+        .expect("kill ikemgr");
+    wait_for(
+        "two probes of the first round",
+        Duration::from_secs(30),
+        || {
+            let p = tap.probes(t_kill);
+            if p.len() >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{p:?}\n{}", dpdmon_log(&pair.a, 1)))
+            }
+        },
+    );
+    first.kill_now().expect("kill -9 dpdmon");
+    let old_round = tap.probes(t_kill)[0].1;
+    assert!(tap.first_state("dead").is_none(), "dead before the kill");
+
+    std::thread::sleep(Duration::from_secs(1));
+    let t_restart = Instant::now();
+    let _second = start_dpdmon(&pair.a, 2);
+    wait_and_set(&pair.a, 2);
+    wait_for(
+        "dead verdict after the restart",
+        Duration::from_secs(45),
+        || {
+            tap.first_state("dead").ok_or_else(|| {
+                format!(
+                    "probes since restart: {:?}\n{}",
+                    tap.probes(t_restart).len(),
+                    dpdmon_log(&pair.a, 2)
+                )
+            })
+        },
+    );
+    let dead_at = tap.first_state("dead").unwrap();
+    let after: Vec<_> = tap
+        .probes(t_restart)
+        .into_iter()
+        .filter(|p| p.0 <= dead_at)
+        .collect();
+    assert_eq!(
+        after.iter().map(|p| p.2).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "a fresh round after the restart: {after:?}"
+    );
+    assert!(after.iter().all(|p| p.1 == after[0].1 && p.1 != old_round));
+    // Correctness bound, not a performance figure: the restarted dpdmon learned the
+    // tunnel after t_restart, so a verdict before t_restart + 12 s would be early.
+    let waited = dead_at.duration_since(t_restart);
+    eprintln!(
+        "dpdmon restart: kill at {} ms after the peer died, verdict {} ms after the restart",
+        t_restart.duration_since(t_kill).as_millis(),
+        waited.as_millis()
+    );
+    assert!(
+        waited >= Duration::from_secs(12),
+        "early verdict: {waited:?}"
+    );
 }
