@@ -43,6 +43,16 @@ struct Hasyncd {
     now_ms: u64,
 }
 
+/// A tunnel's role on this member: `sync-primary` on the FGCP primary or on a member
+/// without FGCP (each FGSP member carries what it established), `standby` on a secondary
+/// or while still in the hello phase.
+fn tunnel_role(fgcp: Option<HaRole>) -> &'static str {
+    match fgcp {
+        None | Some(HaRole::Primary) => "sync-primary",
+        Some(HaRole::Secondary | HaRole::Hello) => "standby",
+    }
+}
+
 impl Hasyncd {
     /// The FGCP role, or `None` when this member is in no FGCP cluster.
     fn fgcp_role(&self) -> Option<HaRole> {
@@ -62,10 +72,7 @@ impl Hasyncd {
     }
 
     fn publish_roles(&mut self, out: &mut Outbox) {
-        let role = match self.fgcp_role() {
-            None | Some(HaRole::Primary) => "sync-primary",
-            Some(_) => "standby",
-        };
+        let role = tunnel_role(self.fgcp_role());
         let desired: BTreeMap<String, String> = self
             .tunnels
             .iter()
@@ -212,4 +219,46 @@ impl DaemonLogic for Hasyncd {
 
 fn main() -> ExitCode {
     haven_daemon::run::<Hasyncd>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_roles_follow_the_fgcp_role() {
+        assert_eq!(tunnel_role(None), "sync-primary");
+        assert_eq!(tunnel_role(Some(HaRole::Primary)), "sync-primary");
+        assert_eq!(tunnel_role(Some(HaRole::Secondary)), "standby");
+        assert_eq!(tunnel_role(Some(HaRole::Hello)), "standby");
+    }
+
+    #[test]
+    fn roles_are_published_per_tunnel_and_withdrawn() {
+        let config = Config::default();
+        let mut d = Hasyncd::new(&config);
+        let mut out = Outbox::new();
+        d.tunnels = vec!["vpn1".into(), "vpn2".into()];
+        d.publish_roles(&mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out
+            .iter()
+            .all(|b| matches!(b, Body::TunnelRole { role, .. } if role == "sync-primary")));
+        out.clear();
+        d.tunnels = vec!["vpn2".into()];
+        d.publish_roles(&mut out);
+        assert!(matches!(out.as_slice(), [Body::TunnelRoleRemoved { tunnel }] if tunnel == "vpn1"));
+    }
+
+    #[test]
+    fn member_mode_from_config() {
+        let mut config = Config::default();
+        assert_eq!(member_of(&config).mode, "standalone");
+        config.standalone = Some(haven_config::StandaloneCluster {
+            group_member_id: 3,
+            ..Default::default()
+        });
+        let m = member_of(&config);
+        assert_eq!((m.mode.as_str(), m.member_id), ("fgsp", 3));
+    }
 }
