@@ -213,3 +213,72 @@ impl DaemonLogic for Dpdmon {
 fn main() -> ExitCode {
     haven_daemon::run::<Dpdmon>()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus_schema::{Body, TunnelInfo, TunnelKind, TunnelState};
+
+    fn logic_with_vpn1() -> (Dpdmon, Outbox) {
+        let config = Config::default();
+        let mut d = Dpdmon::new(&config);
+        assert!(d.feed.is_none(), "no runtime, no subscriber task");
+        let mut ike = StateStore::new();
+        ike.apply(&Body::Tunnel(TunnelInfo {
+            name: "vpn1".into(),
+            phase1: "vpn1".into(),
+            kind: TunnelKind::Static,
+            local_gw: None,
+            remote_gw: Some("172.31.0.2".into()),
+            interface: None,
+            state: TunnelState::Up,
+            phase2: vec![],
+            dpd: DpdSettings {
+                mode: "disable".into(),
+                retry_count: 0,
+                retry_interval_ms: 0,
+            },
+        }));
+        let mut out = Vec::new();
+        d.on_replica(DaemonKind::Ikemgr, &ike, &mut out);
+        (d, out)
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn commands_parse_and_apply() {
+        let (mut d, out) = logic_with_vpn1();
+        assert!(matches!(&out[..], [Body::Dpd(r)] if r.mode == "disable"));
+        let mut out = Vec::new();
+        for bad in [
+            args(&["vpn1", "on-idle", "x", "3000"]),
+            args(&["vpn1", "on-idle", "3", "-1"]),
+            args(&["vpn1", "on-idle", "3"]),
+            args(&["vpn1", "nonsense", "3", "3000"]),
+        ] {
+            assert!(d.command("dpd-set", &bad, &mut out).is_err(), "{bad:?}");
+        }
+        assert!(d.command("dpd-frobnicate", &[], &mut out).is_err());
+        assert!(out.is_empty());
+        let r = d
+            .command(
+                "dpd-set",
+                &args(&["vpn1", "on-idle", "3", "3000"]),
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(r["override"], true);
+        assert!(matches!(&out[..], [Body::Dpd(r)] if r.mode == "on-idle" && r.idle_ms == 3000));
+        let v = d.view("tunnels", &args(&["name", "vpn1"])).unwrap();
+        assert_eq!(v[0]["dead_after_ms"], 12_000);
+        assert!(d.view("tunnels", &args(&["vpn1"])).is_err());
+        assert!(d.view("nope", &[]).is_err());
+        assert_eq!(d.view("stats", &[]).unwrap()["tunnels"], 1);
+        let mut out = Vec::new();
+        d.command("dpd-clear", &args(&["vpn1"]), &mut out).unwrap();
+        assert!(matches!(&out[..], [Body::Dpd(r)] if r.mode == "disable"));
+    }
+}
