@@ -8,9 +8,9 @@
 //! - FGCP heartbeats and sync: UDP port [`FGCP_PORT`] (703) on the `hbdev` interface. The
 //!   socket is bound to `0.0.0.0:703` and to the device (`SO_BINDTODEVICE`), and sends to
 //!   the limited broadcast `255.255.255.255:703`, which Linux routes out of the bound
-//!   device whatever address it has (none, link-local `169.254.0.x` as FortiOS's
-//!   `primary_ip=169.254.0.1`, or any other). So heartbeats need no address plan: the
-//!   interface only has to be up.
+//!   device. The interface must be up and carry an IPv4 address (any: a link-local
+//!   `169.254.0.N/24`, as FortiOS's `primary_ip=169.254.0.1`, is the suggested plan);
+//!   without one, heartbeats were not exchanged in the netns tests.
 //! - FGSP: UDP port 708 (`cluster-peer` `port`, the seeds' `peerip:port = …:708`), bound
 //!   to `0.0.0.0:708`, unicast to every `peerip`.
 

@@ -169,3 +169,140 @@ fn fgsp_wrong_psksecret_is_never_detected() {
     assert_eq!(detected(&m[0]).unwrap(), 0);
     assert_eq!(detected(&m[1]).unwrap(), 0);
 }
+
+/// Seed 001: an FGCP pair (a1, a2) is one FGSP peer of b. Only the pair's primary speaks
+/// for it on the FGSP link; when it dies the new primary speaks with a fresh epoch and b
+/// keeps detecting member 1. a2 holds the shared FGSP address without answering ARP while
+/// secondary (Haven does not move shared addresses yet; the test flushes b's neighbour
+/// cache after the takeover instead of a gratuitous ARP).
+#[test]
+fn fgcp_pair_speaks_for_its_cluster_on_fgsp() {
+    preflight().expect("preflight");
+    let dir = TempDir::new("hasyncd-fgcp-fgsp");
+    let hb = Netns::new("hafo-hb").unwrap();
+    hb.add_bridge("br0").unwrap();
+    let fg = Netns::new("hafo-fg").unwrap();
+    fg.add_bridge("br0").unwrap();
+    let ha = |prio: u8| {
+        format!(
+            "config system ha\n    set group-id 1\n    set mode a-p\n    set password pairpw\n    \
+             set hbdev \"port4\" 50\n    set priority {prio}\n    set hb-interval 1\n    \
+             set hb-lost-threshold 3\nend\n"
+        )
+    };
+    let specs = [
+        (
+            "a1",
+            true,
+            format!(
+                "{}{}",
+                ha(200),
+                fgsp_block(1, &["172.31.2.2".into()], "fgsp-pw")
+            ),
+        ),
+        (
+            "a2",
+            true,
+            format!(
+                "{}{}",
+                ha(100),
+                fgsp_block(1, &["172.31.2.2".into()], "fgsp-pw")
+            ),
+        ),
+        ("b", false, fgsp_block(2, &["172.31.2.1".into()], "fgsp-pw")),
+    ];
+    let mut m = Vec::new();
+    for (i, (name, in_pair, cfg)) in specs.iter().enumerate() {
+        let ns = Netns::new(&format!("hafo-{name}")).unwrap();
+        if *in_pair {
+            veth(&ns, "port4", &hb, &format!("h{i}")).unwrap();
+            hb.enslave(&format!("h{i}"), "br0").unwrap();
+            hb.link_up(&format!("h{i}")).unwrap();
+            ns.link_up("port4").unwrap();
+            // hbdev needs an IPv4 address (hasyncd/src/io.rs): link-local, as FortiOS.
+            ns.add_addr("port4", &format!("169.254.0.{}/24", i + 1))
+                .unwrap();
+        }
+        veth(&ns, "port5", &fg, &format!("f{i}")).unwrap();
+        fg.enslave(&format!("f{i}"), "br0").unwrap();
+        fg.link_up(&format!("f{i}")).unwrap();
+        ns.link_up("port5").unwrap();
+        let addr = if *in_pair {
+            "172.31.2.1/24"
+        } else {
+            "172.31.2.2/24"
+        };
+        ns.add_addr("port5", addr).unwrap();
+        if *name == "a2" {
+            ns.ip(&["link", "set", "port5", "arp", "off"]).unwrap();
+        }
+        let run_dir = dir.path().join(name);
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let config = dir.path().join(format!("{name}.conf"));
+        std::fs::write(&config, cfg).unwrap();
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:9703",
+        ];
+        let p = ns
+            .spawn(bin("hasyncd").to_str().unwrap(), &args)
+            .expect("spawn hasyncd");
+        m.push(Member {
+            ns,
+            run_dir,
+            proc: Some(p),
+        });
+    }
+    let role = |mem: &Member| -> Option<String> {
+        vpnctl_json(&mem.run_dir, &["diagnose", "sys", "ha", "status"]).ok()?["role"]
+            .as_str()
+            .map(str::to_string)
+    };
+    wait_for(
+        "a1 primary, a2 secondary, b detects 1",
+        Duration::from_secs(20),
+        || {
+            let (r1, r2) = (role(&m[0]), role(&m[1]));
+            let (d0, d2) = (detected(&m[0])?, detected(&m[2])?);
+            if r1.as_deref() == Some("primary")
+                && r2.as_deref() == Some("secondary")
+                && d0 == 1
+                && d2 == 1
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "a1 {r1:?} a2 {r2:?} a1-detected {d0} b-detected {d2}"
+                ))
+            }
+        },
+    );
+    let v = m[1].peers().unwrap();
+    assert_eq!(v["active"], false, "the secondary does not speak: {v}");
+    assert_eq!(v["detected_peers"], 0, "{v}");
+
+    // The pair's primary dies: a2 takes over and speaks for member 1.
+    m[0].proc.take().unwrap().kill_now().unwrap();
+    m[1].ns.ip(&["link", "set", "port5", "arp", "on"]).unwrap();
+    m[2].ns.ip(&["neigh", "flush", "dev", "port5"]).unwrap();
+    wait_for(
+        "a2 primary and peering with b",
+        Duration::from_secs(20),
+        || {
+            let r2 = role(&m[1]);
+            let d1 = detected(&m[1])?;
+            let v = m[2].peers()?;
+            let d2 = v["detected_peers"].as_u64().unwrap_or(0);
+            if r2.as_deref() == Some("primary") && d1 == 1 && d2 == 1 {
+                Ok(())
+            } else {
+                Err(format!("a2 {r2:?} a2-detected {d1} b: {v}"))
+            }
+        },
+    );
+    assert_eq!(m[1].peers().unwrap()["active"], true);
+}
