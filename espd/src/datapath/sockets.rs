@@ -135,6 +135,9 @@ impl Sockets {
             )
         })
         .map_err(|e| io::Error::new(e.kind(), format!("UDP 0.0.0.0:4500: {e}")))?;
+        // Runs of ESP datagrams of one peer arrive as one buffer (split by the worker).
+        // Best effort: without it they arrive one by one.
+        let _ = set_int_opt(udp.as_raw_fd(), SOL_UDP, UDP_GRO, 1);
 
         let ike_out = owned(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | nb, 0) })?;
         let (ike_out_addr, ike_out_len) = unix_addr(&run_dir.join("ike4500.sock"))?;
@@ -260,38 +263,49 @@ impl Sockets {
 
 /// Receive buffers of one worker, for `recvmmsg`.
 pub struct RecvBatch {
-    bufs: Box<[[u8; SLOT]]>,
+    bufs: Box<[u8]>,
+    slot: usize,
     addrs: [libc::sockaddr_in; BATCH],
     iov: [libc::iovec; BATCH],
     hdrs: [libc::mmsghdr; BATCH],
+    /// Control messages (UDP GRO segment size), one per datagram (u64 for alignment).
+    cmsgs: [[u64; 8]; BATCH],
 }
 
+/// `UDP_GRO` (linux/udp.h): receive runs of same-size datagrams as one buffer, with the
+/// segment size in a control message.
+pub const UDP_GRO: libc::c_int = 104;
+
 impl RecvBatch {
-    pub fn new() -> RecvBatch {
+    /// Buffers of `slot` bytes per datagram: [`SLOT`], or 64 KiB for a UDP GRO socket.
+    pub fn new(slot: usize) -> RecvBatch {
         RecvBatch {
-            bufs: vec![[0u8; SLOT]; BATCH].into_boxed_slice(),
+            bufs: vec![0u8; slot * BATCH].into_boxed_slice(),
+            slot,
             // SAFETY: plain old data; all-zero is valid (pointers are set before each call).
             addrs: unsafe { zeroed() },
             iov: unsafe { zeroed() },
             hdrs: unsafe { zeroed() },
+            cmsgs: [[0; 8]; BATCH],
         }
     }
 
     /// Receives up to [`BATCH`] datagrams without blocking; returns how many (0: none).
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        for i in 0..BATCH {
+        let slot = self.slot;
+        for (i, chunk) in self.bufs.chunks_exact_mut(slot).enumerate().take(BATCH) {
             // Indexing: all arrays have BATCH entries.
             self.iov[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: SLOT,
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: slot,
             };
             let h = &mut self.hdrs[i].msg_hdr;
             h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
             h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
             h.msg_iov = &mut self.iov[i];
             h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
+            h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
+            h.msg_controllen = size_of::<[u64; 8]>() as _;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
@@ -316,13 +330,29 @@ impl RecvBatch {
         Ok(n as usize)
     }
 
-    /// Datagram `i` of the last `recv`: (bytes, source, truncated).
-    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddrV4, bool)> {
+    /// Datagram `i` of the last `recv`: (bytes, source, truncated, GRO segment size). With
+    /// a segment size the bytes are several datagrams of that size (the last may be shorter).
+    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddrV4, bool, Option<usize>)> {
         let h = self.hdrs.get(i)?;
-        let len = (h.msg_len as usize).min(SLOT);
-        let data = self.bufs.get(i)?.get(..len)?;
+        let len = (h.msg_len as usize).min(self.slot);
+        let data = self.bufs.get(i * self.slot..i * self.slot + len)?;
         let trunc = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-        Some((data, from_sockaddr(self.addrs.get(i)?), trunc))
+        let mut gso = None;
+        if h.msg_hdr.msg_controllen > 0 {
+            // SAFETY: the kernel filled msg_control (our cmsgs[i]) up to msg_controllen;
+            // CMSG_FIRSTHDR/NXTHDR stay within it and return null at its end.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                while !c.is_null() {
+                    if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                        let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u16>());
+                        gso = Some(usize::from(v)).filter(|v| *v > 0);
+                    }
+                    c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
+                }
+            }
+        }
+        Some((data, from_sockaddr(self.addrs.get(i)?), trunc, gso))
     }
 }
 
@@ -334,7 +364,17 @@ pub struct SendBatch {
     iov: [libc::iovec; BATCH],
     hdrs: [libc::mmsghdr; BATCH],
     n: usize,
+    /// Control messages for UDP GSO, one per message (u64 for alignment).
+    cmsgs: [[u64; 4]; BATCH],
+    /// UDP GSO (UDP_SEGMENT) still believed to work on this socket.
+    gso: bool,
 }
+
+/// `SOL_UDP` / `UDP_SEGMENT` (linux/udp.h): send one buffer as several datagrams of this size.
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+/// The kernel takes at most this many segments per UDP GSO send (UDP_MAX_SEGMENTS).
+const UDP_MAX_SEGMENTS: usize = 64;
 
 impl SendBatch {
     pub fn new() -> SendBatch {
@@ -346,7 +386,114 @@ impl SendBatch {
             iov: unsafe { zeroed() },
             hdrs: unsafe { zeroed() },
             n: 0,
+            cmsgs: [[0; 4]; BATCH],
+            gso: true,
         }
+    }
+
+    /// Sends everything queued on the UDP socket `fd`, joining runs of datagrams to one
+    /// destination whose sizes are equal (the last may be shorter) into one UDP GSO send
+    /// (`UDP_SEGMENT`): the kernel then carries the run as one buffer as far as it can.
+    /// Falls back to [`SendBatch::flush`] for good when the kernel refuses GSO. Returns how
+    /// many datagrams the kernel refused.
+    pub fn flush_udp_gso(&mut self, fd: RawFd) -> usize {
+        if !self.gso || self.n < 2 {
+            return self.flush(fd);
+        }
+        let total = self.n;
+        for i in 0..total {
+            // Indexing: total <= BATCH.
+            self.iov[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: self.lens[i],
+            };
+        }
+        let same_dst = |a: &libc::sockaddr_in, b: &libc::sockaddr_in| {
+            a.sin_addr.s_addr == b.sin_addr.s_addr && a.sin_port == b.sin_port
+        };
+        let mut m = 0;
+        let mut runs = [0usize; BATCH];
+        let mut i = 0;
+        while i < total {
+            let seg = self.lens[i];
+            let mut j = i + 1;
+            let mut bytes = seg;
+            while j < total
+                && j - i < UDP_MAX_SEGMENTS
+                && same_dst(&self.addrs[j], &self.addrs[i])
+                && self.lens[j - 1] == seg
+                && self.lens[j] <= seg
+                && bytes + self.lens[j] <= 65_000
+            {
+                bytes += self.lens[j];
+                j += 1;
+            }
+            let h = &mut self.hdrs[m].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.iov[i];
+            h.msg_iovlen = j - i;
+            h.msg_flags = 0;
+            if j - i > 1 {
+                let buf = &mut self.cmsgs[m];
+                *buf = [0; 4];
+                h.msg_control = buf.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE/CMSG_LEN are pure size computations.
+                h.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+                // SAFETY: msg_control points at 32 bytes, more than CMSG_SPACE(2) (24);
+                // CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+                }
+            } else {
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+            }
+            runs[m] = j - i;
+            m += 1;
+            i = j;
+        }
+        let mut sent = 0;
+        let mut failed = 0;
+        while sent < m {
+            // SAFETY: headers sent..m point at live iovecs, addresses and control buffers of
+            // this struct.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr().add(sent),
+                    (m - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                let e = io::Error::last_os_error();
+                if r < 0 && e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if sent == 0
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EIO | libc::EOPNOTSUPP)
+                    )
+                {
+                    // No UDP GSO here: send one datagram per message from now on.
+                    tracing::warn!("UDP GSO refused ({e}); sending datagrams one by one");
+                    self.gso = false;
+                    return self.flush(fd);
+                }
+                failed += runs[sent];
+                sent += 1;
+                continue;
+            }
+            sent += r as usize;
+        }
+        self.n = 0;
+        failed
     }
 
     pub fn is_full(&self) -> bool {

@@ -44,6 +44,8 @@ pub struct Worker {
     gen: u64,
     tun_fds: Vec<RawFd>,
     rx: RecvBatch,
+    /// Receive buffers for the UDP GRO socket (64 KiB per datagram).
+    rx_udp: RecvBatch,
     tx_raw: SendBatch,
     tx_udp: SendBatch,
     /// Decrypted payloads (inbound) and packets read from TUN (outbound).
@@ -99,7 +101,8 @@ impl Worker {
             ep,
             gen: u64::MAX,
             tun_fds: Vec::new(),
-            rx: RecvBatch::new(),
+            rx: RecvBatch::new(SLOT),
+            rx_udp: RecvBatch::new(65_536),
             tx_raw: SendBatch::new(),
             tx_udp: SendBatch::new(),
             plain: Box::new([0; SLOT]),
@@ -180,7 +183,7 @@ impl Worker {
         } = self;
         let n = rx.recv(shared.sockets.raw.as_raw_fd()).unwrap_or(0);
         for i in 0..n {
-            let Some((pkt, _, trunc)) = rx.get(i) else {
+            let Some((pkt, _, trunc, _)) = rx.get(i) else {
                 continue;
             };
             if trunc {
@@ -214,7 +217,7 @@ impl Worker {
         let Worker {
             id,
             shared,
-            rx,
+            rx_udp: rx,
             plain,
             scratch,
             gro,
@@ -222,35 +225,38 @@ impl Worker {
         } = self;
         let n = rx.recv(shared.sockets.udp.as_raw_fd()).unwrap_or(0);
         for i in 0..n {
-            let Some((payload, from, trunc)) = rx.get(i) else {
+            let Some((data, from, trunc, seg)) = rx.get(i) else {
                 continue;
             };
             if trunc {
                 shared.count_drop(esp_proto::DropReason::Truncated.index());
                 continue;
             }
-            match classify_udp4500(payload) {
-                Ok(Udp4500::Keepalive) => {
-                    shared.keepalives.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Udp4500::Ike(ike)) => {
-                    if shared.sockets.relay_to_ikemgr(from, ike, &mut scratch[..]) {
-                        shared.ike_relayed.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        shared.count_drop(DROP_IKE_RELAY);
+            // With UDP GRO one buffer holds several datagrams of `seg` bytes.
+            for payload in data.chunks(seg.unwrap_or(data.len()).max(1)) {
+                match classify_udp4500(payload) {
+                    Ok(Udp4500::Keepalive) => {
+                        shared.keepalives.fetch_add(1, Ordering::Relaxed);
                     }
+                    Ok(Udp4500::Ike(ike)) => {
+                        if shared.sockets.relay_to_ikemgr(from, ike, &mut scratch[..]) {
+                            shared.ike_relayed.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            shared.count_drop(DROP_IKE_RELAY);
+                        }
+                    }
+                    Ok(Udp4500::Esp(esp)) => decap(
+                        *id,
+                        shared,
+                        &mut plain[..],
+                        gro,
+                        table,
+                        esp,
+                        IpAddr::V4(*from.ip()),
+                        now,
+                    ),
+                    Err(e) => shared.count_drop(e.drop_reason().index()),
                 }
-                Ok(Udp4500::Esp(esp)) => decap(
-                    *id,
-                    shared,
-                    &mut plain[..],
-                    gro,
-                    table,
-                    esp,
-                    IpAddr::V4(*from.ip()),
-                    now,
-                ),
-                Err(e) => shared.count_drop(e.drop_reason().index()),
             }
         }
         shared.count_drops(DROP_TUN_WRITE, gro.flush());
@@ -291,7 +297,7 @@ impl Worker {
             shared.count_drops(DROP_TX_ERROR, failed);
         }
         if !tx_udp.is_empty() {
-            let failed = tx_udp.flush(shared.sockets.udp.as_raw_fd());
+            let failed = tx_udp.flush_udp_gso(shared.sockets.udp.as_raw_fd());
             shared.count_drops(DROP_TX_ERROR, failed);
         }
     }
@@ -333,7 +339,10 @@ fn encap_one(
         Peer::Udp(a) => (tx_udp, shared.sockets.udp.as_raw_fd(), a),
     };
     if batch.is_full() {
-        let failed = batch.flush(fd);
+        let failed = match sa.peer {
+            Peer::Udp(_) => batch.flush_udp_gso(fd),
+            Peer::Raw(_) => batch.flush(fd),
+        };
         shared.count_drops(DROP_TX_ERROR, failed);
     }
     let seq = match sa.seq.take() {
