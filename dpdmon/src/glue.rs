@@ -276,6 +276,9 @@ impl Glue {
     pub fn handle_event(&mut self, now_ms: u64, body: &Body, out: &mut Vec<Body>) {
         match body {
             Body::EspActivity { tunnels } => {
+                for a in tunnels {
+                    self.revive_if_alive(now_ms, &a.tunnel, a.last_rx_ns / 1_000_000);
+                }
                 self.dpd.handle_datapath_activity(
                     now_ms,
                     tunnels.iter().map(|a| Activity {
@@ -371,8 +374,22 @@ impl Glue {
                 }
             }
         }
+        // Removals come first; a tunnel removed and re-added in one drain (revived) is
+        // only updated on the bus.
+        let mut changes = Vec::new();
         while let Some(ch) = self.dpd.poll_view_change() {
+            changes.push(ch);
+        }
+        let updated: std::collections::HashSet<String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                ViewChange::Updated(k, _) => Some(k.clone()),
+                ViewChange::Removed(_) => None,
+            })
+            .collect();
+        for ch in changes {
             match ch {
+                ViewChange::Removed(k) if updated.contains(&k) => {}
                 ViewChange::Updated(k, v) => {
                     let rec = record_of(&k, &v);
                     self.views.insert(k.clone(), v);
@@ -389,6 +406,31 @@ impl Glue {
                 }
             }
         }
+    }
+
+    /// A dead tunnel that ikemgr has not taken down (a manual-key tunnel is never flushed)
+    /// receives ESP sent after the verdict: the peer is back, so the tunnel is monitored
+    /// afresh (record back to `idle`). Packets from before the verdict change nothing.
+    fn revive_if_alive(&mut self, now_ms: u64, tunnel: &str, rx_ms: u64) {
+        let Some(Phase::Dead { at_ms }) = self.views.get(tunnel).map(|v| v.phase) else {
+            return;
+        };
+        if rx_ms <= at_ms {
+            return;
+        }
+        let Some(settings) = self.meta.get(tunnel).map(|m| m.settings) else {
+            return;
+        };
+        tracing::info!(
+            tunnel,
+            "ESP from the peer after its dead verdict: monitoring again"
+        );
+        self.dpd.handle_tunnel_removed(now_ms, &tunnel.to_string());
+        self.rounds.remove(tunnel);
+        // The settings were accepted when the tunnel was added.
+        let _ = self
+            .dpd
+            .handle_tunnel_upsert(now_ms, tunnel.to_string(), settings);
     }
 
     fn send_probe(

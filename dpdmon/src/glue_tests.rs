@@ -449,3 +449,32 @@ fn unknown_tunnels_and_other_bodies_are_ignored() {
     assert!(out.is_empty());
     assert_eq!(g.core_stats().unknown_tunnel_inputs, 1);
 }
+
+#[test]
+fn esp_after_the_verdict_revives_a_tunnel_ikemgr_kept() {
+    let mut g = Glue::new(T0, 0);
+    up(
+        &mut g,
+        T0,
+        &[tunnel("vpn1", "on-idle", 2, 1_000, TunnelState::Up)],
+    );
+    let trace = run(&mut g, T0, T0 + 10_000, |_, _, _| {});
+    assert_eq!(states(&trace).last().map(|s| s.1.as_str()), Some("dead"));
+    // A late batch with a packet from before the verdict (3 s) changes nothing.
+    let mut out = Vec::new();
+    g.handle_event(T0 + 10_000, &rx("vpn1", T0 + 500), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    // A packet after it: monitored afresh, one update and no removal on the bus.
+    g.handle_event(T0 + 11_000, &rx("vpn1", T0 + 10_500), &mut out);
+    assert!(
+        matches!(&out[..], [Body::Dpd(d)] if d.state == "idle" && d.count == 0),
+        "{out:?}"
+    );
+    let trace = run(&mut g, T0 + 11_000, T0 + 20_000, |_, _, _| {});
+    // Silence counted from the re-add at 11 s: the next round starts at 12 s.
+    assert_eq!(
+        probes(&trace).first().map(|p| p.0 - T0),
+        Some(12_000),
+        "{trace:?}"
+    );
+}
