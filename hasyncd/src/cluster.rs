@@ -8,7 +8,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use ha_core::msg::{HaRole, Heartbeat};
+use std::collections::BTreeMap;
+
+use ha_core::msg::{ChildSaSync, DeleteSync, HaRole, Heartbeat};
 use ha_core::{
     ClusterKind, ElectionEvent, Fgcp, FgcpConfig, HaLink, LinkKey, Liveness, MemberId, Message,
     PeerEvent,
@@ -75,6 +77,26 @@ pub struct Cluster {
     fgsp: Option<FgspSide>,
     failovers: u64,
     was_secondary: bool,
+    /// CHILD SAs this member carries (from ikemgr), by `tunnel/spi_in`, as last sent.
+    local: BTreeMap<String, ChildSaSync>,
+    /// Phase1 names whose SAs go to FGSP peers (`fgsp-sync enable`).
+    fgsp_sync: std::collections::BTreeSet<String>,
+    /// Standby copies received from other members, by `tunnel/spi_in`.
+    replicas: BTreeMap<String, Replica>,
+}
+
+/// A standby copy of another member's CHILD SA.
+pub struct Replica {
+    /// Who sent it.
+    pub from: MemberId,
+    /// Which link it came over.
+    pub link: &'static str,
+    /// The record (with keys).
+    pub sa: ChildSaSync,
+}
+
+fn sa_key(tunnel: &str, spi_in: u32) -> String {
+    format!("{tunnel}/{spi_in:08x}")
 }
 
 fn secret_of(s: &Option<haven_config::Secret>) -> Option<&[u8]> {
@@ -200,6 +222,14 @@ impl Cluster {
             fgsp,
             failovers: 0,
             was_secondary: false,
+            local: BTreeMap::new(),
+            fgsp_sync: config
+                .phase1
+                .iter()
+                .filter(|p| p.fgsp_sync)
+                .map(|p| p.name.clone())
+                .collect(),
+            replicas: BTreeMap::new(),
         }
     }
 
@@ -211,12 +241,22 @@ impl Cluster {
     /// Runs the links up to `now_ms`.
     pub fn drive(&mut self, now_ms: u64) -> Changes {
         let mut ch = Changes::default();
+        let mut received: Vec<(MemberId, &'static str, Message)> = Vec::new();
+        let mut resend_fgcp = false;
+        let mut resend_fgsp = false;
         if let Some(side) = self.fgcp.as_mut() {
             let before = side.fgcp.role();
-            side.drive(now_ms);
+            received.extend(
+                side.drive(now_ms)
+                    .into_iter()
+                    .map(|(m, msg)| (m, "fgcp", msg)),
+            );
             while let Some(ev) = side.fgcp.poll_event() {
                 match ev {
-                    ElectionEvent::PeerJoined(m) => tracing::info!("FGCP member {} joined", m.0),
+                    ElectionEvent::PeerJoined(m) => {
+                        tracing::info!("FGCP member {} joined", m.0);
+                        resend_fgcp = true;
+                    }
                     ElectionEvent::PeerLost(m) => {
                         tracing::warn!("FGCP member {} lost (no heartbeat)", m.0)
                     }
@@ -260,11 +300,134 @@ impl Cluster {
             } else if !speaks {
                 side.active = false;
             }
-            if side.drive(now_ms) {
+            let (changed, msgs, joined) = side.drive(now_ms);
+            if changed {
                 ch.peers_changed = true;
             }
+            resend_fgsp = joined;
+            received.extend(msgs.into_iter().map(|(m, msg)| (m, "fgsp", msg)));
+        }
+        for (from, link, msg) in received {
+            self.apply(from, link, msg);
+        }
+        if resend_fgcp || resend_fgsp {
+            // A member that (re)joined gets every CHILD SA this member carries.
+            let all: Vec<Message> = self.local.values().cloned().map(Message::ChildSa).collect();
+            self.send_sync(&all, resend_fgcp, resend_fgsp);
         }
         ch
+    }
+
+    /// A sync message from `from`: CHILD SAs and deletions update the standby copies.
+    fn apply(&mut self, from: MemberId, link: &'static str, msg: Message) {
+        match msg {
+            Message::ChildSa(sa) => {
+                let key = sa_key(&sa.tunnel, sa.spi_in);
+                tracing::debug!("standby copy of CHILD SA {key} from member {}", from.0);
+                self.replicas.insert(key, Replica { from, link, sa });
+            }
+            Message::Delete(DeleteSync::ChildSa { tunnel, spi_in }) => {
+                self.replicas.remove(&sa_key(&tunnel, spi_in));
+            }
+            Message::Delete(DeleteSync::Tunnel { tunnel })
+            | Message::Delete(DeleteSync::IkeSa { tunnel, .. }) => {
+                self.replicas.retain(|_, r| r.sa.tunnel != tunnel);
+            }
+            other => {
+                tracing::debug!("sync message {:?} not handled yet", other.msg_type());
+            }
+        }
+    }
+
+    /// The CHILD SAs this member carries now (ikemgr's `sa.child` table): new or changed
+    /// records go to the other members, removed ones as deletions. FGCP: only the primary
+    /// sends. FGSP: only SAs of phase1s with `fgsp-sync enable`.
+    pub fn set_local_child_sas(&mut self, now: BTreeMap<String, ChildSaSync>) {
+        let mut msgs = Vec::new();
+        for (k, sa) in &now {
+            if self.local.get(k) != Some(sa) {
+                msgs.push(Message::ChildSa(sa.clone()));
+            }
+        }
+        for (k, sa) in &self.local {
+            if !now.contains_key(k) {
+                msgs.push(Message::Delete(DeleteSync::ChildSa {
+                    tunnel: sa.tunnel.clone(),
+                    spi_in: sa.spi_in,
+                }));
+            }
+        }
+        self.local = now;
+        self.send_sync(&msgs, true, true);
+    }
+
+    fn send_sync(&mut self, msgs: &[Message], fgcp: bool, fgsp: bool) {
+        let primary = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
+        if !primary {
+            return;
+        }
+        for msg in msgs {
+            if fgcp {
+                if let Some(side) = self.fgcp.as_mut() {
+                    match side.link.seal(msg) {
+                        Ok(d) => match side.sock.send_to(&d, side.dest) {
+                            Ok(()) => count_sent("fgcp", d.len()),
+                            Err(e) => tracing::warn!("sync send on {}: {e}", side.hbdev),
+                        },
+                        Err(e) => tracing::error!("sync seal: {e}"),
+                    }
+                }
+            }
+            let phase1 = match msg {
+                Message::ChildSa(sa) => Some(sa.phase1.clone()),
+                Message::Delete(DeleteSync::ChildSa { tunnel, spi_in }) => self
+                    .local
+                    .get(&sa_key(tunnel, *spi_in))
+                    .map(|sa| sa.phase1.clone()),
+                _ => None,
+            };
+            // A deletion of a record no longer known locally goes to FGSP peers too.
+            let to_fgsp = phase1.is_none_or(|p| self.fgsp_sync.contains(&p));
+            if fgsp && to_fgsp {
+                if let Some(side) = self.fgsp.as_mut().filter(|s| s.active) {
+                    match side.link.seal(msg) {
+                        Ok(d) => {
+                            for p in side.peers.iter_mut() {
+                                match side.sock.send_to(&d, SocketAddr::V4(p.addr)) {
+                                    Ok(()) => {
+                                        p.sync_sent += 1;
+                                        count_sent("fgsp", d.len());
+                                    }
+                                    Err(e) => tracing::warn!("sync send to {}: {e}", p.addr),
+                                }
+                            }
+                        }
+                        Err(e) => tracing::error!("sync seal: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Standby copies (no key material), for the `replicas` view.
+    pub fn replicas_view(&self) -> Value {
+        let v: Vec<Value> = self
+            .replicas
+            .values()
+            .map(|r| {
+                json!({
+                    "tunnel": r.sa.tunnel,
+                    "phase1": r.sa.phase1,
+                    "phase2": r.sa.phase2,
+                    "spi_in": format!("{:08x}", r.sa.spi_in),
+                    "spi_out": format!("{:08x}", r.sa.spi_out),
+                    "transform": r.sa.transform,
+                    "from": r.from.0,
+                    "link": r.link,
+                })
+            })
+            .collect();
+        json!({ "standby": v, "local": self.local.len() })
     }
 
     /// `diagnose sys ha status` as JSON.
@@ -446,7 +609,9 @@ fn start_fgsp(
 }
 
 impl FgcpSide {
-    fn drive(&mut self, now_ms: u64) {
+    /// Returns the sync messages (not heartbeats) received.
+    fn drive(&mut self, now_ms: u64) -> Vec<(MemberId, Message)> {
+        let mut out = Vec::new();
         for _ in 0..self.sock.take_queue_full() {
             count_drop("fgcp", "queue_full");
         }
@@ -458,6 +623,8 @@ impl FgcpSide {
                     if let Message::Heartbeat(hb) = &r.message {
                         self.hostnames.insert(r.sender, hb.serial.clone());
                         self.fgcp.handle_heartbeat(r.sender, hb, now_ms);
+                    } else {
+                        out.push((r.sender, r.message));
                     }
                 }
             }
@@ -474,13 +641,18 @@ impl FgcpSide {
                 Err(e) => tracing::error!("heartbeat seal: {e}"),
             }
         }
+        out
     }
 }
 
 impl FgspSide {
-    /// Returns true when the set of detected peers changed.
-    fn drive(&mut self, now_ms: u64) -> bool {
+    /// Returns whether the set of detected peers changed, the sync messages received, and
+    /// whether a peer came up.
+    #[allow(clippy::type_complexity)]
+    fn drive(&mut self, now_ms: u64) -> (bool, Vec<(MemberId, Message)>, bool) {
         let mut changed = false;
+        let mut joined = false;
+        let mut msgs = Vec::new();
         for _ in 0..self.sock.take_queue_full() {
             count_drop("fgsp", "queue_full");
         }
@@ -505,8 +677,12 @@ impl FgspSide {
                     if let Some(ev) = self.live.heard(r.sender, now_ms) {
                         changed = true;
                         if let PeerEvent::Up(m) = ev {
+                            joined = true;
                             tracing::info!("FGSP peer {} detected ({from})", m.0);
                         }
+                    }
+                    if !matches!(r.message, Message::Heartbeat(_)) {
+                        msgs.push((r.sender, r.message));
                     }
                 }
             }
@@ -545,6 +721,79 @@ impl FgspSide {
         if changed {
             metrics::gauge!("hasyncd_fgsp_detected_peers").set(self.live.peers().count() as f64);
         }
-        changed
+        (changed, msgs, joined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ha_core::msg::{ChildLifetime, KeyBytes};
+
+    fn sa(tunnel: &str, spi_in: u32) -> ChildSaSync {
+        ChildSaSync {
+            tunnel: tunnel.into(),
+            phase1: "vpn1".into(),
+            phase2: "vpn1".into(),
+            ike_spi_i: 0,
+            ike_spi_r: 0,
+            spi_in,
+            spi_out: spi_in + 1,
+            transform: "aes128-sha1".into(),
+            esn: false,
+            keys_in: KeyBytes(vec![1; 36]),
+            keys_out: KeyBytes(vec![2; 36]),
+            local_ts: vec![],
+            remote_ts: vec![],
+            routes: vec![],
+            lifetime: ChildLifetime {
+                soft_s: 0,
+                hard_s: 0,
+                soft_bytes: 0,
+                hard_bytes: 0,
+            },
+            replay_window: 64,
+        }
+    }
+
+    #[test]
+    fn standby_copies_follow_sync_and_delete_messages() {
+        let mut c = Cluster::start(&Config::default(), 0);
+        c.apply(MemberId(2), "fgcp", Message::ChildSa(sa("vpn1_1", 0x10)));
+        c.apply(MemberId(2), "fgcp", Message::ChildSa(sa("vpn1_1", 0x11)));
+        c.apply(MemberId(3), "fgsp", Message::ChildSa(sa("vpn1_2", 0x20)));
+        assert_eq!(c.replicas.len(), 3);
+        c.apply(
+            MemberId(2),
+            "fgcp",
+            Message::Delete(DeleteSync::ChildSa {
+                tunnel: "vpn1_1".into(),
+                spi_in: 0x10,
+            }),
+        );
+        assert_eq!(c.replicas.len(), 2);
+        c.apply(
+            MemberId(3),
+            "fgsp",
+            Message::Delete(DeleteSync::Tunnel {
+                tunnel: "vpn1_2".into(),
+            }),
+        );
+        let v = c.replicas_view();
+        assert_eq!(v["standby"].as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(v["standby"][0]["spi_in"], "00000011");
+        // The view never carries keys.
+        assert!(!v.to_string().contains("keys"), "{v}");
+    }
+
+    #[test]
+    fn local_child_sas_are_remembered_without_links() {
+        let mut c = Cluster::start(&Config::default(), 0);
+        let mut m = BTreeMap::new();
+        m.insert(sa_key("vpn1", 1), sa("vpn1", 1));
+        c.set_local_child_sas(m);
+        assert_eq!(c.replicas_view()["local"], 1);
+        c.set_local_child_sas(BTreeMap::new());
+        assert_eq!(c.replicas_view()["local"], 0);
     }
 }

@@ -8,10 +8,16 @@
 //! daemon tick ([`Hasyncd::TICK_MS`]); its result is published as `ha.member` (role
 //! `primary`/`secondary`/`hello`) and a role per tunnel ikemgr publishes (`ha.role`):
 //! `sync-primary` on the FGCP primary (or on a member without FGCP), `standby` elsewhere.
-//! Views: `ha-status`, `standalone-peers`, `roles`, `member`.
+//! CHILD SAs ikemgr publishes (`sa.child`) are sent as ha-core `ChildSa` messages (and
+//! `Delete` when they go) by the FGCP primary over the FGCP link, and over the FGSP link
+//! for phase1s with `fgsp-sync enable`; a member that (re)joins gets all of them again.
+//! Received ones are kept as standby copies (view `replicas`, without keys).
+//! Views: `ha-status`, `standalone-peers`, `roles`, `member`, `replicas`.
 //!
-//! Not yet: SA replication over the links, FGSP per-tunnel ownership, shared addresses
-//! and gratuitous ARP on takeover.
+//! Not yet: IKE SA and message-ID sync, sequence leases (ha-core `TunnelTable`), the
+//! snapshot/stream Clone pattern, handing standby copies to ikemgr/espd on takeover, FGSP
+//! per-tunnel ownership, shared addresses and gratuitous ARP on takeover, a persisted
+//! link epoch (the epoch is the wall clock in ms at each start).
 
 mod cluster;
 mod io;
@@ -22,7 +28,9 @@ use std::process::ExitCode;
 use cluster::{role_name, Cluster};
 use ha_core::msg::HaRole;
 
+use bus_schema::schema::ChildSaInfo;
 use bus_schema::{Body, DaemonKind, HaMemberInfo, StateStore};
+use ha_core::msg::{ChildLifetime, ChildSaSync, KeyBytes};
 use haven_config::Config;
 use haven_daemon::{diff_keyed, DaemonLogic, Outbox};
 use serde_json::json;
@@ -33,6 +41,8 @@ struct Hasyncd {
     roles: BTreeMap<String, String>,
     /// Tunnels ikemgr publishes.
     tunnels: Vec<String>,
+    /// CHILD SAs ikemgr publishes (`sa.child`), as sync records, by `tunnel/spi_in`.
+    child_sas: BTreeMap<String, ChildSaSync>,
     /// The configuration the links were started from (restart on change).
     ha_config: Option<(
         Option<haven_config::Ha>,
@@ -41,6 +51,35 @@ struct Hasyncd {
     pending_config: Option<Config>,
     cluster: Option<Cluster>,
     now_ms: u64,
+}
+
+/// ikemgr's CHILD SA record as an HA sync record. The IKE SA SPIs are not in ikemgr's
+/// `sa.child` record (0 here) and no routes are carried yet.
+fn child_sync(c: &ChildSaInfo) -> ChildSaSync {
+    let secs = |s: u64| u32::try_from(s).unwrap_or(u32::MAX);
+    ChildSaSync {
+        tunnel: c.tunnel.clone(),
+        phase1: c.phase1.clone(),
+        phase2: c.phase2.clone(),
+        ike_spi_i: 0,
+        ike_spi_r: 0,
+        spi_in: c.spi_in,
+        spi_out: c.spi_out,
+        transform: c.transform.clone(),
+        esn: c.esn,
+        keys_in: KeyBytes(c.keys_in.clone()),
+        keys_out: KeyBytes(c.keys_out.clone()),
+        local_ts: c.local_ts.clone(),
+        remote_ts: c.remote_ts.clone(),
+        routes: Vec::new(),
+        lifetime: ChildLifetime {
+            soft_s: secs(c.lifetime.soft_secs),
+            hard_s: secs(c.lifetime.hard_secs),
+            soft_bytes: c.lifetime.soft_bytes,
+            hard_bytes: c.lifetime.hard_bytes,
+        },
+        replay_window: c.replay_window,
+    }
 }
 
 /// A tunnel's role on this member: `sync-primary` on the FGCP primary or on a member
@@ -136,6 +175,7 @@ impl DaemonLogic for Hasyncd {
             member_published: false,
             roles: BTreeMap::new(),
             tunnels: Vec::new(),
+            child_sas: BTreeMap::new(),
             ha_config: None,
             pending_config: None,
             cluster: None,
@@ -174,6 +214,16 @@ impl DaemonLogic for Hasyncd {
                 _ => None,
             })
             .collect();
+        self.child_sas = store
+            .items()
+            .filter_map(|b| match b {
+                Body::ChildSa(c) => Some((ChildSaInfo::key_of(&c.tunnel, c.spi_in), child_sync(c))),
+                _ => None,
+            })
+            .collect();
+        if let Some(c) = self.cluster.as_mut() {
+            c.set_local_child_sas(self.child_sas.clone());
+        }
         self.publish_roles(out);
     }
 
@@ -182,7 +232,9 @@ impl DaemonLogic for Hasyncd {
         if let Some(config) = self.pending_config.take() {
             // Drop the old links first: it frees their ports.
             self.cluster = None;
-            self.cluster = Some(Cluster::start(&config, self.now_ms));
+            let mut c = Cluster::start(&config, self.now_ms);
+            c.set_local_child_sas(self.child_sas.clone());
+            self.cluster = Some(c);
             self.publish_member(out);
             self.publish_roles(out);
         }
@@ -199,6 +251,11 @@ impl DaemonLogic for Hasyncd {
     fn view(&self, name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
         match name {
             "roles" => Ok(json!(self.roles)),
+            "replicas" => Ok(self
+                .cluster
+                .as_ref()
+                .map(Cluster::replicas_view)
+                .unwrap_or_else(|| json!({ "standby": [], "local": 0 }))),
             "member" => Ok(json!(self.member)),
             "ha-status" => Ok(self
                 .cluster
@@ -211,7 +268,7 @@ impl DaemonLogic for Hasyncd {
                 .map(Cluster::standalone_peers)
                 .unwrap_or_else(|| json!({ "configured": false, "peers": [] }))),
             other => Err(format!(
-                "unknown view {other:?}: hasyncd has: roles, member, ha-status, standalone-peers"
+                "unknown view {other:?}: hasyncd has: roles, member, ha-status, standalone-peers, replicas"
             )),
         }
     }
