@@ -52,6 +52,11 @@ end
 
 /// Haven's dial-up gateway `vpn1` with the given phase1/phase2 proposals and groups.
 fn dialup_config(p1: &str, dh: &str, p2: &str) -> String {
+    dialup_config_to(p1, dh, p2, SiteToSite::LAN_A)
+}
+
+/// As [`dialup_config`], with the phase2 `dst-subnet` given.
+fn dialup_config_to(p1: &str, dh: &str, p2: &str, dst: &str) -> String {
     WARM_ESPD.to_string()
         + &format!(
             "config vpn ipsec phase1-interface
@@ -77,7 +82,7 @@ config vpn ipsec phase2-interface
 end
 ",
             SiteToSite::LAN_B,
-            SiteToSite::LAN_A
+            dst
         )
 }
 
@@ -156,7 +161,13 @@ fn hex_u32(v: &Value) -> u32 {
 
 /// Brings the tunnel up from the client and checks that both sides agree; returns
 /// strongSwan's view.
-fn up_and_agree(a: &Charon, gw: &Haven, encr: &str, keysize: u32, transform: &str) -> IkeSa {
+fn up_and_agree(
+    a: &Charon,
+    gw: &Haven,
+    encr: &str,
+    keysize: Option<u32>,
+    transform: &str,
+) -> IkeSa {
     if let Err(e) = a.initiate("net", WAIT) {
         panic!(
             "initiate failed: {e}\ncharon:\n{}\nikemgr:\n{}",
@@ -189,7 +200,7 @@ fn up_and_agree(a: &Charon, gw: &Haven, encr: &str, keysize: u32, transform: &st
         "{list}"
     );
     assert_eq!(ss.encr_alg.as_deref(), Some(encr));
-    assert_eq!(ss.encr_keysize, Some(keysize));
+    assert_eq!(ss.encr_keysize, keysize);
     assert_eq!(
         ss.get("remote-port"),
         Some("4500"),
@@ -266,7 +277,7 @@ fn dialup_case(
     dh: &str,
     p2: &str,
     encr: &str,
-    keysize: u32,
+    keysize: Option<u32>,
     transform: &str,
 ) {
     require();
@@ -324,7 +335,7 @@ fn strongswan_dialup_client_gcm_gets_a_tunnel_that_carries_ping() {
         "19",
         "aes128gcm",
         "AES_GCM_16",
-        128,
+        Some(128),
         "aes128gcm",
     );
 }
@@ -339,7 +350,7 @@ fn strongswan_dialup_client_cbc_hmac() {
         "14",
         "aes256-sha256",
         "AES_CBC",
-        256,
+        Some(256),
         "aes256-sha256",
     );
 }
@@ -354,7 +365,7 @@ fn strongswan_dialup_client_x25519_chacha() {
         "31",
         "chacha20poly1305",
         "CHACHA20_POLY1305",
-        256,
+        None,
         "chacha20poly1305",
     );
 }
@@ -396,4 +407,128 @@ fn wrong_psk_is_refused() {
         gw.log("ikemgr")
     );
     assert!(line.client.ping(SiteToSite::SERVER, 1).is_err());
+}
+
+/// Two strongSwan clients at once (charon in gwa for LAN_A, charon in the client namespace
+/// for 10.77.0.1/32): two instances vpn1_1 and vpn1_2, each with its own
+/// SAs, and traffic from both reaches the server.
+#[test]
+fn two_dialup_clients_get_two_instances() {
+    require();
+    let line = SiteToSite::new("ik2c").expect("topology");
+    let gw = Haven::start(
+        &line.gwb,
+        "ik2c-gw",
+        &dialup_config_to("aes128gcm-prfsha256", "19", "aes128gcm", "0.0.0.0/0"),
+    );
+    wait_for("ikemgr listening", WAIT, || {
+        gw.log("ikemgr")
+            .contains("listening on UDP 500")
+            .then_some(())
+            .ok_or_else(|| gw.log("ikemgr"))
+    });
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&client_conf(
+        "dial",
+        "aes128gcm16-prfsha256-ecp256",
+        "aes128gcm16",
+        PSK,
+    ))
+    .expect("load client 1");
+    a.initiate("net", WAIT).expect("client 1 up");
+    let s1 = a
+        .wait_child_installed("dial", "net", WAIT)
+        .expect("client 1 SA");
+
+    line.client
+        .add_addr("lo", "10.77.0.1/32")
+        .expect("client 2 address");
+    // gwb has no route back to the client LAN (only client 1's tunnel covers it): client 2's
+    // UDP (IKE, ESP in UDP) is routed back in clear through gwa; its ICMP is not.
+    line.gwb
+        .ip(&[
+            "route",
+            "add",
+            "10.99.1.2/32",
+            "via",
+            SiteToSite::GWA_OUTER,
+            "table",
+            "100",
+        ])
+        .expect("table 100");
+    line.gwb
+        .ip(&[
+            "rule",
+            "add",
+            "to",
+            "10.99.1.2",
+            "ipproto",
+            "udp",
+            "lookup",
+            "100",
+        ])
+        .expect("rule for client 2's UDP");
+    let mut b = Charon::start(&line.client).expect("charon in client");
+    b.load(
+        &SwanctlConf::new().conn(
+            Conn::psk(
+                "dial",
+                SiteToSite::CLIENT,
+                SiteToSite::GWB_OUTER,
+                PSK.as_bytes(),
+            )
+            .ids("client2.haven.test", GW_ID)
+            .proposals(&["aes128gcm16-prfsha256-ecp256"])
+            .child(
+                ChildCfg::new("net", "10.77.0.1/32", SiteToSite::LAN_B)
+                    .esp_proposals(&["aes128gcm16"]),
+            ),
+        ),
+    )
+    .expect("load client 2");
+    b.initiate("net", WAIT).expect("client 2 up");
+    let s2 = b
+        .wait_child_installed("dial", "net", WAIT)
+        .expect("client 2 SA");
+
+    let list = wait_for("two IKE SAs in ikemgr", WAIT, || {
+        let v = gw.ike_list();
+        (v.as_array().map(|a| a.len()) == Some(2))
+            .then(|| v.clone())
+            .ok_or_else(|| v.to_string())
+    });
+    let by_name = |n: &str| {
+        list.as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == n))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {n} in {list}"))
+    };
+    let (i1, i2) = (by_name("vpn1_1"), by_name("vpn1_2"));
+    assert_eq!((hex_u64(&i1["spi_i"]), hex_u64(&i1["spi_r"])), s1.spis());
+    assert_eq!((hex_u64(&i2["spi_i"]), hex_u64(&i2["spi_r"])), s2.spis());
+    assert_eq!(i2["children"][0]["remote_ts"][0], "10.77.0.1/32", "{i2}");
+    assert_eq!(i1["children"][0]["remote_ts"][0], SiteToSite::LAN_A, "{i1}");
+
+    // The client namespace now routes the server's LAN into client 2's tunnel (charon's
+    // table 220), so the client's pings travel through vpn1_2.
+    ping_through(&line, &b, &gw);
+    let _ = &a;
+    wait_for("ping from client 2 through its tunnel", WAIT, || {
+        line.client
+            .run(
+                "ping",
+                &[
+                    "-n",
+                    "-c",
+                    "1",
+                    "-W",
+                    "1",
+                    "-I",
+                    "10.77.0.1",
+                    SiteToSite::SERVER,
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| format!("{e}\n{}", gw.log("ikemgr")))
+    });
 }
