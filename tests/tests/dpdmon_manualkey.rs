@@ -8,7 +8,8 @@
 //! - when gwb's ikemgr and espd are killed (SIGKILL), dpdmon publishes `ProbeRequest`s for
 //!   one round (attempts 1, 2, 3, same round), then the `dead` verdict, visible in the bus
 //!   records, `vpnctl diagnose vpn tunnel list`, dpdmon's `tunnels` view, its metrics and
-//!   its debug log (the seed 000 story).
+//!   its debug log (the seed 000 story);
+//! - when gwb's daemons come back, ESP after the verdict revives the tunnel (`idle`).
 //!
 //! A second test kills dpdmon (SIGKILL) half-way through a round and checks that the
 //! restarted one starts a fresh round and decides no earlier than restart + budget.
@@ -166,8 +167,17 @@ impl Tap {
 
     /// Arrival of the first `dpd.state` record of `vpn1` with `state`.
     fn first_state(&self, state: &str) -> Option<Instant> {
+        self.state_after(state, None)
+    }
+
+    /// Arrival of the first `dpd.state` record of `vpn1` with `state` after `since`.
+    fn state_after(&self, state: &str, since: Option<Instant>) -> Option<Instant> {
         self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
-            Body::Dpd(d) if d.tunnel == TUNNEL && d.state == state => Some(*t),
+            Body::Dpd(d)
+                if d.tunnel == TUNNEL && d.state == state && since.is_none_or(|s| *t > s) =>
+            {
+                Some(*t)
+            }
             _ => None,
         })
     }
@@ -304,6 +314,16 @@ fn manual_key_peer_killed_probes_then_dead_verdict() {
     ] {
         assert!(log.contains(line), "{line:?} missing from:\n{log}");
     }
+
+    // 4. The peer comes back: ESP after the verdict revives the manual-key tunnel (ikemgr
+    //    never flushes one), its record back to idle.
+    pair.b.start_ikemgr();
+    pair.b.start_espd();
+    wait_for("vpn1 monitored again", Duration::from_secs(40), || {
+        tap.state_after("idle", Some(dead_at))
+            .ok_or_else(|| format!("gwb espd:\n{}", pair.b.log("espd")))
+    });
+    assert!(dpdmon_log(&pair.a, 1).contains("monitoring again"));
 }
 
 /// `kill -9 dpdmon` half-way through a round: the restarted dpdmon rebuilds from ikemgr's
