@@ -532,3 +532,124 @@ fn two_dialup_clients_get_two_instances() {
             .map_err(|e| format!("{e}\n{}", gw.log("ikemgr")))
     });
 }
+
+/// Haven's static gateway `hub` in gwb initiates (auto-negotiate) to a strongSwan responder in
+/// gwa; then strongSwan rekeys the CHILD SA and the IKE SA while pings keep passing.
+#[test]
+fn static_gateway_initiates_to_strongswan_and_survives_peer_rekeys() {
+    require();
+    let line = SiteToSite::new("ikst").expect("topology");
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(
+        &SwanctlConf::new().conn(
+            Conn::psk(
+                "gw",
+                SiteToSite::GWA_OUTER,
+                SiteToSite::GWB_OUTER,
+                PSK.as_bytes(),
+            )
+            .ids(CLIENT_ID, GW_ID)
+            .proposals(&["aes128gcm16-prfsha256-ecp256"])
+            .child(
+                ChildCfg::new("net", SiteToSite::LAN_A, SiteToSite::LAN_B)
+                    .esp_proposals(&["aes128gcm16"]),
+            ),
+        ),
+    )
+    .expect("load responder");
+    let conf = WARM_ESPD.to_string()
+        + &format!(
+            "config vpn ipsec phase1-interface
+    edit \"vpn1\"
+        set type static
+        set remote-gw {}
+        set interface \"out0\"
+        set ike-version 2
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set localid \"{GW_ID}\"
+        set nattraversal forced
+        set dpd disable
+        set psksecret \"{PSK}\"
+    next
+end
+config vpn ipsec phase2-interface
+    edit \"vpn1\"
+        set phase1name \"vpn1\"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet {}
+        set dst-subnet {}
+    next
+end
+",
+            SiteToSite::GWA_OUTER,
+            SiteToSite::LAN_B,
+            SiteToSite::LAN_A
+        );
+    let gw = Haven::start(&line.gwb, "ikst-gw", &conf);
+    let ss = wait_for("strongSwan responder has the SA", WAIT, || {
+        a.list_sas()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|s| s.child("net").is_some_and(|c| c.state == "INSTALLED"))
+            .ok_or_else(|| format!("{}\n{}", gw.log("ikemgr"), a.log()))
+    });
+    assert!(!ss.initiator, "Haven initiated");
+    let list = wait_for("ikemgr lists the SA", WAIT, || {
+        let v = gw.ike_list();
+        v.as_array()
+            .and_then(|l| l.first())
+            .filter(|s| s["children"].as_array().is_some_and(|c| !c.is_empty()))
+            .cloned()
+            .ok_or_else(|| v.to_string())
+    });
+    assert_eq!(list["name"], "vpn1");
+    assert_eq!(list["initiator"], true);
+    assert_eq!(
+        (hex_u64(&list["spi_i"]), hex_u64(&list["spi_r"])),
+        ss.spis()
+    );
+    let child = ss.child("net").expect("child");
+    assert_eq!(hex_u32(&list["children"][0]["spi_in"]), child.spi_out);
+    ping_through(&line, &a, &gw);
+
+    // strongSwan rekeys the CHILD SA: new SPIs on both sides, ping still passes.
+    let old_spi = child.spi_in;
+    a.rekey_child("net").expect("rekey child");
+    wait_for("CHILD SA rekeyed", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        sas.iter()
+            .flat_map(|s| s.children.iter())
+            .any(|c| c.state == "INSTALLED" && c.spi_in != old_spi)
+            .then_some(())
+            .ok_or_else(|| format!("{sas:?}\n{}", gw.log("ikemgr")))
+    });
+    wait_for("ping after CHILD rekey", WAIT, || {
+        line.client
+            .ping(SiteToSite::SERVER, 1)
+            .map(|_| ())
+            .map_err(|e| format!("{e}\n{}\n{}", gw.log("ikemgr"), gw.log("espd")))
+    });
+
+    // strongSwan rekeys the IKE SA: new IKE SPIs, ping still passes, ikemgr follows.
+    let old_ike = ss.spis();
+    a.rekey_ike("gw").expect("rekey ike");
+    wait_for("IKE SA rekeyed in ikemgr", WAIT, || {
+        let v = gw.ike_list();
+        let l = v
+            .as_array()
+            .and_then(|l| l.first())
+            .cloned()
+            .unwrap_or_default();
+        ((hex_u64(&l["spi_i"]), hex_u64(&l["spi_r"])) != old_ike && l["established"] == true)
+            .then_some(())
+            .ok_or_else(|| format!("{v}\n{}", gw.log("ikemgr")))
+    });
+    wait_for("ping after IKE rekey", WAIT, || {
+        line.client
+            .ping(SiteToSite::SERVER, 1)
+            .map(|_| ())
+            .map_err(|e| format!("{e}\n{}", gw.log("ikemgr")))
+    });
+}
