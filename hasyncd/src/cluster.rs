@@ -262,6 +262,8 @@ impl Cluster {
                     }
                     ElectionEvent::BecamePrimary => {
                         side.ha_id_changes += 1;
+                        // A new primary sends what it carries to every member.
+                        resend_fgcp = true;
                         if self.was_secondary {
                             self.failovers += 1;
                             metrics::counter!("hasyncd_failovers_total").increment(1);
@@ -294,6 +296,7 @@ impl Cluster {
                         side.link = link;
                         side.active = true;
                         side.next_hb_ms = now_ms;
+                        resend_fgsp = true;
                     }
                     Err(e) => tracing::error!("FGSP link: {e}"),
                 }
@@ -304,7 +307,7 @@ impl Cluster {
             if changed {
                 ch.peers_changed = true;
             }
-            resend_fgsp = joined;
+            resend_fgsp |= joined;
             received.extend(msgs.into_iter().map(|(m, msg)| (m, "fgsp", msg)));
         }
         for (from, link, msg) in received {
