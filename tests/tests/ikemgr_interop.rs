@@ -533,7 +533,44 @@ fn two_dialup_clients_get_two_instances() {
     });
 }
 
-/// Haven's static gateway `hub` in gwb initiates (auto-negotiate) to a strongSwan responder in
+/// Haven's static gateway `vpn1` in gwb towards strongSwan in gwa (NAT-T forced: libipsec
+/// speaks ESP in UDP only).
+fn static_config(keylife: u32, keylifeseconds: u32) -> String {
+    WARM_ESPD.to_string()
+        + &format!(
+            "config vpn ipsec phase1-interface
+    edit \"vpn1\"
+        set type static
+        set remote-gw {}
+        set interface \"out0\"
+        set ike-version 2
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set keylife {keylife}
+        set localid \"{GW_ID}\"
+        set nattraversal forced
+        set dpd disable
+        set psksecret \"{PSK}\"
+    next
+end
+config vpn ipsec phase2-interface
+    edit \"vpn1\"
+        set phase1name \"vpn1\"
+        set proposal aes128gcm
+        set pfs disable
+        set keylifeseconds {keylifeseconds}
+        set src-subnet {}
+        set dst-subnet {}
+    next
+end
+",
+            SiteToSite::GWA_OUTER,
+            SiteToSite::LAN_B,
+            SiteToSite::LAN_A
+        )
+}
+
+/// Haven's static gateway `vpn1` in gwb initiates (auto-negotiate) to a strongSwan responder in
 /// gwa; then strongSwan rekeys the CHILD SA and the IKE SA while pings keep passing.
 #[test]
 fn static_gateway_initiates_to_strongswan_and_survives_peer_rekeys() {
@@ -557,36 +594,7 @@ fn static_gateway_initiates_to_strongswan_and_survives_peer_rekeys() {
         ),
     )
     .expect("load responder");
-    let conf = WARM_ESPD.to_string()
-        + &format!(
-            "config vpn ipsec phase1-interface
-    edit \"vpn1\"
-        set type static
-        set remote-gw {}
-        set interface \"out0\"
-        set ike-version 2
-        set proposal aes128gcm-prfsha256
-        set dhgrp 19
-        set localid \"{GW_ID}\"
-        set nattraversal forced
-        set dpd disable
-        set psksecret \"{PSK}\"
-    next
-end
-config vpn ipsec phase2-interface
-    edit \"vpn1\"
-        set phase1name \"vpn1\"
-        set proposal aes128gcm
-        set pfs disable
-        set src-subnet {}
-        set dst-subnet {}
-    next
-end
-",
-            SiteToSite::GWA_OUTER,
-            SiteToSite::LAN_B,
-            SiteToSite::LAN_A
-        );
+    let conf = static_config(86400, 43200);
     let gw = Haven::start(&line.gwb, "ikst-gw", &conf);
     let ss = wait_for("strongSwan responder has the SA", WAIT, || {
         a.list_sas()
@@ -652,4 +660,81 @@ end
             .map(|_| ())
             .map_err(|e| format!("{e}\n{}", gw.log("ikemgr")))
     });
+}
+
+fn strongswan_responder(line: &SiteToSite) -> Charon {
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(
+        &SwanctlConf::new().conn(
+            Conn::psk(
+                "gw",
+                SiteToSite::GWA_OUTER,
+                SiteToSite::GWB_OUTER,
+                PSK.as_bytes(),
+            )
+            .ids(CLIENT_ID, GW_ID)
+            .proposals(&["aes128gcm16-prfsha256-ecp256"])
+            .child(
+                ChildCfg::new("net", SiteToSite::LAN_A, SiteToSite::LAN_B)
+                    .esp_proposals(&["aes128gcm16"]),
+            ),
+        ),
+    )
+    .expect("load responder");
+    a
+}
+
+/// Haven's own soft lifetimes (keylife and keylifeseconds 120 s, the FortiOS minimum) make it
+/// rekey the CHILD SA and the IKE SA itself; strongSwan follows and pings keep passing.
+/// Takes about two minutes.
+#[test]
+fn static_gateway_rekeys_child_and_ike_on_its_own_lifetimes() {
+    require();
+    let line = SiteToSite::new("ikrk").expect("topology");
+    let a = strongswan_responder(&line);
+    let gw = Haven::start(&line.gwb, "ikrk-gw", &static_config(120, 120));
+    let first = wait_for("strongSwan responder has the SA", WAIT, || {
+        a.list_sas()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|s| s.child("net").is_some_and(|c| c.state == "INSTALLED"))
+            .ok_or_else(|| format!("{}\n{}", gw.log("ikemgr"), a.log()))
+    });
+    ping_through(&line, &a, &gw);
+    let old_child = first.child("net").map(|c| c.spi_in).unwrap_or(0);
+    let old_ike = first.spis();
+    wait_for(
+        "Haven rekeyed the CHILD and the IKE SA",
+        Duration::from_secs(150),
+        || {
+            let _ = line.client.ping(SiteToSite::SERVER, 1);
+            let sas = a.list_sas().map_err(|e| e.to_string())?;
+            let ike_new = sas
+                .iter()
+                .any(|s| s.state == "ESTABLISHED" && s.spis() != old_ike);
+            let child_new = sas
+                .iter()
+                .flat_map(|s| s.children.iter())
+                .any(|c| c.state == "INSTALLED" && c.spi_in != old_child);
+            (ike_new && child_new)
+                .then_some(())
+                .ok_or_else(|| format!("{sas:?}\n{}", gw.log("ikemgr")))
+        },
+    );
+    wait_for("ping after Haven's rekeys", WAIT, || {
+        line.client
+            .ping(SiteToSite::SERVER, 1)
+            .map(|_| ())
+            .map_err(|e| format!("{e}\n{}\n{}", gw.log("ikemgr"), gw.log("espd")))
+    });
+    assert!(
+        gw.log("ikemgr").contains("IKE SA rekeyed"),
+        "{}",
+        gw.log("ikemgr")
+    );
+    assert!(
+        gw.log("ikemgr").contains("replaces"),
+        "{}",
+        gw.log("ikemgr")
+    );
 }
