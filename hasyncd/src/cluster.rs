@@ -83,6 +83,11 @@ pub struct Cluster {
     fgsp_sync: std::collections::BTreeSet<String>,
     /// Standby copies received from other members, by `tunnel/spi_in`.
     replicas: BTreeMap<String, Replica>,
+    /// The configuration blocks the links were started from.
+    started_from: (
+        Option<haven_config::Ha>,
+        Option<haven_config::StandaloneCluster>,
+    ),
 }
 
 /// A standby copy of another member's CHILD SA.
@@ -230,6 +235,57 @@ impl Cluster {
                 .map(|p| p.name.clone())
                 .collect(),
             replicas: BTreeMap::new(),
+            started_from: (config.ha.clone(), config.standalone.clone()),
+        }
+    }
+
+    /// Re-reads which phase1s are synced to FGSP peers (`fgsp-sync`).
+    pub fn set_fgsp_sync(&mut self, config: &Config) {
+        self.fgsp_sync = config
+            .phase1
+            .iter()
+            .filter(|p| p.fgsp_sync)
+            .map(|p| p.name.clone())
+            .collect();
+    }
+
+    /// Applies a reload that changes only FGCP election parameters (priority, override,
+    /// heartbeat interval and threshold) without restarting the links; returns false when
+    /// anything else changed (the caller restarts the links).
+    pub fn reconfigure_in_place(&mut self, config: &Config, now_ms: u64) -> bool {
+        if config.standalone != self.started_from.1 {
+            return false;
+        }
+        let (Some(new), Some(old), Some(side)) = (
+            config.ha.as_ref(),
+            self.started_from.0.as_ref(),
+            self.fgcp.as_mut(),
+        ) else {
+            return false;
+        };
+        let same_link = new.group_id == old.group_id
+            && new.mode == old.mode
+            && secret_of(&new.password) == secret_of(&old.password)
+            && new.hbdev.first().map(|h| &h.interface) == old.hbdev.first().map(|h| &h.interface);
+        if !same_link {
+            return false;
+        }
+        let mut cfg = side.fgcp.config().clone();
+        cfg.priority = new.priority;
+        cfg.override_ = new.override_;
+        cfg.hb_interval_ms = u64::from(new.hb_interval_ms());
+        cfg.hb_lost_threshold = u32::from(new.hb_lost_threshold);
+        match side.fgcp.reconfigure(cfg, now_ms) {
+            Ok(()) => {
+                side.session_pickup = new.session_pickup;
+                self.started_from.0 = Some(new.clone());
+                tracing::info!("FGCP election parameters reloaded in place");
+                true
+            }
+            Err(e) => {
+                tracing::warn!("FGCP reload in place refused ({e}); restarting the link");
+                false
+            }
         }
     }
 
@@ -467,6 +523,7 @@ impl Cluster {
             "session_pickup": s.session_pickup,
             "port": FGCP_PORT,
             "me": s.fgcp.config().me.0,
+            "epoch": s.link.epoch(),
             "role": role_name(s.fgcp.role()),
             "primary": s.fgcp.primary().map(|m| m.0),
             "ha_id_changes": s.ha_id_changes,

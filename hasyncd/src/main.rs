@@ -194,6 +194,9 @@ impl DaemonLogic for Hasyncd {
             self.member = Some(m);
             self.member_published = false;
         }
+        if let Some(c) = self.cluster.as_mut() {
+            c.set_fgsp_sync(config);
+        }
         let wanted = (config.ha.clone(), config.standalone.clone());
         if self.ha_config.as_ref() != Some(&wanted) {
             // The links start on the next tick, which brings `now`.
@@ -230,7 +233,17 @@ impl DaemonLogic for Hasyncd {
     fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
         self.now_ms = now_ns / 1_000_000;
         if let Some(config) = self.pending_config.take() {
-            // Drop the old links first: it frees their ports.
+            // Election parameters only (priority, override, intervals): in place, the role
+            // and the links are kept (ha-core re-elects at once).
+            if let Some(c) = self.cluster.as_mut() {
+                if c.reconfigure_in_place(&config, self.now_ms) {
+                    self.publish_member(out);
+                    self.publish_roles(out);
+                    return;
+                }
+            }
+            // Anything else restarts the links. Drop the old ones first: it frees their
+            // ports.
             self.cluster = None;
             let mut c = Cluster::start(&config, self.now_ms);
             c.set_local_child_sas(self.child_sas.clone());

@@ -271,3 +271,34 @@ print("sent")
         2
     );
 }
+
+/// A reload that raises the secondary's priority re-elects in place: it becomes primary
+/// without restarting its HA link (same link epoch).
+#[test]
+fn priority_reload_reelects_without_restarting_the_link() {
+    let dir = TempDir::new("hasyncd-reload");
+    let configs = [
+        fgcp_config(200, Some("s3cret-ha")),
+        fgcp_config(100, Some("s3cret-ha")),
+    ];
+    let (_hub, m) = cluster("hareload", dir.path(), &configs);
+    let all: Vec<&Member> = m.iter().collect();
+    assert_eq!(one_primary(&all, Duration::from_secs(20)), 0);
+    let epoch = m[1].status().unwrap()["epoch"].as_u64().unwrap();
+    std::fs::write(&m[1].config, fgcp_config(250, Some("s3cret-ha"))).unwrap();
+    let out = vpnctl(&m[1].run_dir, &["config", "reload"]);
+    // Only hasyncd runs here: the others are reported as not running.
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hasyncd: reloaded"), "{text}");
+    wait_for(
+        "m1 primary, m0 secondary",
+        Duration::from_secs(20),
+        || match (m[0].role(), m[1].role()) {
+            (Some(a), Some(b)) if a == "secondary" && b == "primary" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let st = m[1].status().unwrap();
+    assert_eq!(st["epoch"].as_u64(), Some(epoch), "link restarted: {st}");
+    assert_eq!(m[0].role().as_deref(), Some("secondary"));
+}
