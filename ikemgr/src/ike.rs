@@ -1037,4 +1037,185 @@ mod tests {
             None
         );
     }
+
+    const HUB: &str = r#"
+config vpn ipsec phase1-interface
+    edit "hub"
+        set type static
+        set interface "port1"
+        set remote-gw 192.0.2.2
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set psksecret "k"
+    next
+end
+config vpn ipsec phase2-interface
+    edit "hub"
+        set phase1name "hub"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet 10.1.0.0/24
+        set dst-subnet 10.2.0.0/24
+    next
+end
+"#;
+
+    const DIAL: &str = r#"
+config vpn ipsec phase1-interface
+    edit "vpn1"
+        set type dynamic
+        set interface "port2"
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set psksecret "k"
+    next
+end
+config vpn ipsec phase2-interface
+    edit "vpn1"
+        set phase1name "vpn1"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet 10.2.0.0/24
+        set dst-subnet 10.1.0.0/24
+    next
+end
+"#;
+
+    fn mgr(text: &str, now: Instant) -> IkeManager {
+        let cfg = match haven_config::parse(text) {
+            Ok(p) => p.config,
+            Err(e) => panic!("{e}"),
+        };
+        let mut m = IkeManager::new();
+        m.set_config(now, &cfg);
+        m
+    }
+
+    /// Carries every pending datagram between the two managers until both are quiet.
+    fn shuttle(a: &mut IkeManager, b: &mut IkeManager, now: Instant) {
+        for _ in 0..50 {
+            let mut moved = false;
+            while let Some(t) = a.poll_transmit() {
+                b.handle_datagram(now, t.destination, t.source, &t.payload);
+                moved = true;
+            }
+            while let Some(t) = b.poll_transmit() {
+                a.handle_datagram(now, t.destination, t.source, &t.payload);
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the managers never went quiet");
+    }
+
+    #[test]
+    fn static_initiator_and_dialup_responder_publish_tunnels_sas_routes_and_removals() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        let pending = hub.initiate_pending(now);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].0, "hub");
+        let gw_b: IpAddr = "192.0.2.2".parse().unwrap();
+        hub.initiate(now, "hub", "192.0.2.1".parse().unwrap(), gw_b);
+        assert!(
+            hub.initiate_pending(now).is_empty(),
+            "one attempt at a time"
+        );
+        shuttle(&mut hub, &mut dial, now);
+
+        let d = dial.drain_bodies();
+        // Tunnel instance first, then the CHILD SA inbound-only, then with outbound.
+        let Body::Tunnel(t) = &d[0] else {
+            panic!("{d:?}")
+        };
+        assert_eq!((t.name.as_str(), t.phase1.as_str()), ("vpn1_1", "vpn1"));
+        assert_eq!(t.state, TunnelState::Up);
+        assert_eq!(t.kind, TunnelKind::DialupInstance);
+        let sas: Vec<&BusChild> = d
+            .iter()
+            .filter_map(|b| match b {
+                Body::ChildSa(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sas.len(), 2, "{d:?}");
+        assert!(!sas[0].outbound && sas[1].outbound);
+        assert_eq!(sas[0].tunnel, "vpn1_1");
+        assert_eq!(sas[0].transform, "aes128gcm");
+        assert_eq!(sas[0].keys_in.len(), 20);
+        assert_eq!(sas[0].local_ts, ["10.2.0.0/24"]);
+        assert_eq!(sas[0].remote_ts, ["10.1.0.0/24"]);
+        assert_eq!(sas[0].encap, EspEncap::None);
+        assert_eq!(sas[0].initial_seq, 1);
+        assert_eq!(
+            dial.poll_route(),
+            Some(RouteOp::Add {
+                dest: "10.1.0.0/24".into(),
+                dev: "vpn1".into()
+            })
+        );
+
+        // The other side holds the mirror image: its inbound keys are our outbound ones.
+        let h = hub.drain_bodies();
+        let hs: Vec<&BusChild> = h
+            .iter()
+            .filter_map(|b| match b {
+                Body::ChildSa(c) if c.outbound => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(hs[0].tunnel, "hub");
+        assert_eq!(hs[0].spi_in, sas[1].spi_out);
+        assert_eq!(hs[0].keys_in, sas[1].keys_out);
+        assert_eq!(hs[0].keys_out, sas[1].keys_in);
+        let view = dial.gateway_list(now, Some("vpn1_1")).to_string();
+        assert!(view.contains("\"established\":true"), "{view}");
+        assert!(!view.contains("keys"), "{view}");
+
+        // A clear on the static side deletes the IKE SA; the dial-up side removes the
+        // CHILD SA, its route and the instance.
+        assert_eq!(hub.clear(now, Some("hub")), 1);
+        shuttle(&mut hub, &mut dial, now);
+        let d = dial.drain_bodies();
+        let pos = |f: &dyn Fn(&Body) -> bool| d.iter().position(f);
+        let removed =
+            pos(&|b| matches!(b, Body::ChildSaRemoved { tunnel, .. } if tunnel == "vpn1_1"));
+        let gone = pos(&|b| matches!(b, Body::TunnelRemoved { name } if name == "vpn1_1"));
+        assert!(
+            removed.is_some() && gone.is_some() && removed < gone,
+            "{d:?}"
+        );
+        assert_eq!(
+            dial.poll_route(),
+            Some(RouteOp::Del {
+                dest: "10.1.0.0/24".into(),
+                dev: "vpn1".into()
+            })
+        );
+        assert_eq!(dial.gateway_list(now, None), json!([]));
+        let h = hub.drain_bodies();
+        assert!(
+            h.iter().any(
+                |b| matches!(b, Body::Tunnel(t) if t.name == "hub" && t.state == TunnelState::Down)
+            ),
+            "{h:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_and_unknown_spis_are_dropped_quietly() {
+        let now = Instant::now();
+        let mut dial = mgr(DIAL, now);
+        let a: SocketAddr = "192.0.2.2:500".parse().unwrap();
+        let b: SocketAddr = "192.0.2.9:500".parse().unwrap();
+        for d in [&[][..], &[0u8; 27][..], &[0xffu8; 28][..], &[1u8; 200][..]] {
+            dial.handle_datagram(now, a, b, d);
+        }
+        assert!(dial.poll_transmit().is_none());
+        assert!(dial.drain_bodies().is_empty());
+        assert_eq!(dial.gateway_list(now, None), json!([]));
+    }
 }
