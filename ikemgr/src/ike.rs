@@ -1218,4 +1218,71 @@ end
         assert!(dial.drain_bodies().is_empty());
         assert_eq!(dial.gateway_list(now, None), json!([]));
     }
+
+    #[test]
+    fn probes_report_sent_and_reply_activity_is_batched_and_dead_peers_are_flushed() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        hub.initiate(
+            now,
+            "hub",
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+        );
+        shuttle(&mut hub, &mut dial, now);
+        dial.drain_bodies();
+        while dial.poll_route().is_some() {}
+
+        // Authenticated traffic from the peer shows up once as an activity mark.
+        let marks = dial.activity(now, 1_000_000_000);
+        assert_eq!(marks.len(), 1);
+        assert_eq!(marks[0].tunnel, "vpn1_1");
+        assert!(
+            dial.activity(now, 1_000_000_000).is_empty(),
+            "no news, no mark"
+        );
+
+        dial.probe(now, "vpn1_1", 7);
+        let b = dial.drain_bodies();
+        let Some(Body::ProbeResult {
+            round: 7,
+            outcome,
+            msg_id,
+            ..
+        }) = b.first()
+        else {
+            panic!("{b:?}")
+        };
+        assert_eq!(outcome, "sent");
+        let sent_id = *msg_id;
+        shuttle(&mut hub, &mut dial, now);
+        let b = dial.drain_bodies();
+        assert!(
+            b.iter().any(
+                |x| matches!(x, Body::ProbeResult { round: 7, outcome, msg_id, .. }
+                if outcome == "reply" && *msg_id == sent_id)
+            ),
+            "{b:?}"
+        );
+        // A probe for a tunnel that does not exist fails at once.
+        dial.probe(now, "vpn1_9", 8);
+        assert!(matches!(dial.drain_bodies().first(),
+            Some(Body::ProbeResult { outcome, .. }) if outcome == "failed"));
+
+        // dpdmon's verdict: CHILD SAs, route, then the instance go, with no exchange.
+        dial.dead_peer(now, "vpn1_1");
+        assert!(dial.poll_transmit().is_none());
+        let b = dial.drain_bodies();
+        assert!(
+            matches!(b.first(), Some(Body::ChildSaRemoved { tunnel, .. }) if tunnel == "vpn1_1"),
+            "{b:?}"
+        );
+        assert!(
+            matches!(b.last(), Some(Body::TunnelRemoved { name }) if name == "vpn1_1"),
+            "{b:?}"
+        );
+        assert!(matches!(dial.poll_route(), Some(RouteOp::Del { .. })));
+        assert_eq!(dial.gateway_list(now, None), json!([]));
+    }
 }
