@@ -173,6 +173,14 @@ pub fn describe_metrics() {
         "HA link bytes accepted, by link."
     );
     describe_gauge!(
+        "hasyncd_tunnels",
+        "Tunnels by role on this member (sync-primary, standby)."
+    );
+    describe_gauge!(
+        "hasyncd_standby_child_sas",
+        "CHILD SA standby copies held for other members."
+    );
+    describe_gauge!(
         "hasyncd_fgsp_detected_peers",
         "FGSP peers currently heard from."
     );
@@ -368,6 +376,7 @@ impl Cluster {
         }
         for (from, link, msg) in received {
             self.apply(from, link, msg);
+            metrics::gauge!("hasyncd_standby_child_sas").set(self.replicas.len() as f64);
         }
         if resend_fgcp || resend_fgsp {
             // A member that (re)joined gets every CHILD SA this member carries.

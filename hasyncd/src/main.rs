@@ -125,6 +125,10 @@ impl Hasyncd {
             out,
         );
         self.roles = desired;
+        let primary = self.roles.values().filter(|r| *r == "sync-primary").count();
+        let standby = self.roles.len() - primary;
+        metrics::gauge!("hasyncd_tunnels", "role" => "sync-primary").set(primary as f64);
+        metrics::gauge!("hasyncd_tunnels", "role" => "standby").set(standby as f64);
     }
 }
 
