@@ -73,6 +73,10 @@ pub struct Glue {
     views: BTreeMap<String, DpdView>,
     /// What is on the bus (`dpd.state`).
     published: BTreeMap<String, DpdTunnelState>,
+    /// The record of every tunnel ikemgr publishes as if it were not monitored (state
+    /// `idle`, counters 0): what a tunnel that is not `up` shows, as FortiOS shows the
+    /// `dpd:` line of a down tunnel.
+    configured: BTreeMap<String, DpdTunnelState>,
     /// Probe round of each tunnel's current round (`ProbeRequest.round`).
     rounds: HashMap<String, u64>,
     next_round: u64,
@@ -120,6 +124,7 @@ impl Glue {
             overrides: BTreeMap::new(),
             views: BTreeMap::new(),
             published: BTreeMap::new(),
+            configured: BTreeMap::new(),
             rounds: HashMap::new(),
             next_round: round_base,
             stats: GlueStats::default(),
@@ -162,16 +167,18 @@ impl Glue {
     /// settings (or the `dpd-set` override); the others are dropped from the core.
     pub fn sync_tunnels(&mut self, now_ms: u64, ike: &StateStore, out: &mut Vec<Body>) {
         let mut desired: BTreeMap<String, Meta> = BTreeMap::new();
+        let mut configured = BTreeMap::new();
         for b in ike.items() {
             let Body::Tunnel(t) = b else { continue };
-            if t.state != TunnelState::Up {
-                continue;
-            }
-            let role = self.roles.get(&t.name).copied().unwrap_or(Role::Owner);
             let (dpd, overridden) = match self.overrides.get(&t.name) {
                 Some(o) => (o, true),
                 None => (&t.dpd, false),
             };
+            configured.insert(t.name.clone(), configured_record(&t.name, dpd));
+            if t.state != TunnelState::Up {
+                continue;
+            }
+            let role = self.roles.get(&t.name).copied().unwrap_or(Role::Owner);
             let Some(settings) = settings_of(dpd, role) else {
                 tracing::warn!(
                     tunnel = t.name.as_str(),
@@ -190,7 +197,25 @@ impl Glue {
                 },
             );
         }
+        self.configured = configured;
         self.apply(now_ms, desired, out);
+        // Tunnels ikemgr has but dpdmon does not monitor, and tunnels ikemgr dropped.
+        for (k, rec) in &self.configured {
+            if !self.views.contains_key(k) && self.published.get(k) != Some(rec) {
+                self.published.insert(k.clone(), rec.clone());
+                out.push(Body::Dpd(rec.clone()));
+            }
+        }
+        let gone: Vec<String> = self
+            .published
+            .keys()
+            .filter(|k| !self.configured.contains_key(*k) && !self.views.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.published.remove(&k);
+            out.push(Body::DpdRemoved { tunnel: k });
+        }
     }
 
     /// hasyncd's role table changed.
@@ -400,8 +425,19 @@ impl Glue {
                 }
                 ViewChange::Removed(k) => {
                     self.views.remove(&k);
-                    if self.published.remove(&k).is_some() {
-                        out.push(Body::DpdRemoved { tunnel: k });
+                    match self.configured.get(&k) {
+                        // Still configured (down, or not monitored): its configured record.
+                        Some(rec) => {
+                            if self.published.get(&k) != Some(rec) {
+                                self.published.insert(k, rec.clone());
+                                out.push(Body::Dpd(rec.clone()));
+                            }
+                        }
+                        None => {
+                            if self.published.remove(&k).is_some() {
+                                out.push(Body::DpdRemoved { tunnel: k });
+                            }
+                        }
                     }
                 }
             }
@@ -525,6 +561,20 @@ impl Glue {
             "core": c,
             "overrides": self.overrides.keys().collect::<Vec<_>>(),
         })
+    }
+}
+
+/// The record of a tunnel dpdmon does not monitor: its settings as configured, `idle`.
+pub fn configured_record(tunnel: &str, d: &DpdSettings) -> DpdTunnelState {
+    DpdTunnelState {
+        tunnel: tunnel.to_string(),
+        mode: d.mode.clone(),
+        on: d.mode != "disable",
+        idle_ms: d.retry_interval_ms,
+        retry: d.retry_count,
+        count: 0,
+        seqno: 0,
+        state: "idle".into(),
     }
 }
 

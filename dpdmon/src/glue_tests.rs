@@ -260,30 +260,59 @@ fn disable_mode_is_published_and_never_probes() {
 }
 
 #[test]
-fn tunnel_down_or_removed_drops_the_record() {
+fn tunnel_down_keeps_its_configured_record_and_removal_drops_it() {
     let mut g = Glue::new(T0, 0);
     up(
         &mut g,
         T0,
         &[tunnel("t", "on-idle", 3, 5_000, TunnelState::Up)],
     );
+    let trace = run(&mut g, T0, T0 + 25_000, |_, _, _| {});
+    assert_eq!(states(&trace).last().map(|s| s.1.as_str()), Some("dead"));
+    // ikemgr flushes: the tunnel goes down; its record is the configured one again.
     let out = up(
         &mut g,
-        T0 + 1000,
+        T0 + 25_000,
         &[tunnel("t", "on-idle", 3, 5_000, TunnelState::Down)],
     );
-    assert_eq!(out, vec![Body::DpdRemoved { tunnel: "t".into() }]);
-    let trace = run(&mut g, T0 + 1000, T0 + 60_000, |_, _, _| {});
+    assert_eq!(
+        out,
+        vec![Body::Dpd(configured_record(
+            "t",
+            &DpdSettings {
+                mode: "on-idle".into(),
+                retry_count: 3,
+                retry_interval_ms: 5_000
+            }
+        ))]
+    );
+    let trace = run(&mut g, T0 + 25_000, T0 + 60_000, |_, _, _| {});
     assert!(trace.is_empty(), "{trace:?}");
-    // Up again (a new IKE SA): a fresh record, silence counted from now.
+    // Up again (a new IKE SA): monitored afresh, silence counted from now; the record
+    // is the same (idle, count 0), so nothing is republished.
     let out = up(
         &mut g,
         T0 + 60_000,
         &[tunnel("t", "on-idle", 3, 5_000, TunnelState::Up)],
     );
-    assert!(matches!(&out[..], [Body::Dpd(d)] if d.state == "idle"));
+    assert!(out.is_empty(), "{out:?}");
     let trace = run(&mut g, T0 + 60_000, T0 + 90_000, |_, _, _| {});
     assert_eq!(probes(&trace).first().map(|p| p.0 - T0), Some(65_000));
+    // Removed from ikemgr's table: removed from the bus.
+    let out = up(&mut g, T0 + 90_000, &[]);
+    assert_eq!(out, vec![Body::DpdRemoved { tunnel: "t".into() }]);
+    // A tunnel that never came up has its configured record, and loses it the same way.
+    let out = up(
+        &mut g,
+        T0 + 91_000,
+        &[tunnel("d", "on-demand", 3, 20_000, TunnelState::Down)],
+    );
+    assert!(
+        matches!(&out[..], [Body::Dpd(d)] if d.mode == "on-demand" && d.idle_ms == 20_000 && d.state == "idle")
+    );
+    assert!(g.view_tunnels(T0, None).as_array().unwrap().is_empty());
+    let out = up(&mut g, T0 + 92_000, &[]);
+    assert_eq!(out, vec![Body::DpdRemoved { tunnel: "d".into() }]);
 }
 
 #[test]
@@ -392,7 +421,11 @@ fn invalid_settings_are_not_monitored() {
             tunnel("u", "sometimes", 3, 1000, TunnelState::Up),
         ],
     );
-    assert!(out.is_empty());
+    // Published as configured, not monitored.
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out
+        .iter()
+        .all(|b| matches!(b, Body::Dpd(d) if d.state == "idle")));
     assert_eq!(g.stats().invalid_settings, 1);
     assert!(g.view_tunnels(T0, None).as_array().unwrap().is_empty());
 }
