@@ -511,3 +511,72 @@ fn esp_after_the_verdict_revives_a_tunnel_ikemgr_kept() {
         "{trace:?}"
     );
 }
+
+/// Scale figures of the glue (not a pass/fail test): 100 000 tunnels through
+/// `sync_tunnels`, one espd batch for all of them, and ticks, beside a reference (the same
+/// names put into a bare `BTreeMap`). Run with
+/// `cargo test --release -p dpdmon -- --ignored --nocapture glue_scale`.
+#[test]
+#[ignore]
+fn glue_scale_figures() {
+    use std::time::Instant;
+    const N: usize = 100_000;
+    let bodies: Vec<Body> = (0..N)
+        .map(|i| tunnel(&format!("t{i}"), "on-idle", 3, 20_000, TunnelState::Up))
+        .collect();
+    let ike = store(&bodies);
+    let t = Instant::now();
+    let mut reference = BTreeMap::new();
+    for i in 0..N {
+        reference.insert(format!("t{i}"), i);
+    }
+    let reference_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    let mut g = Glue::new(T0, 0);
+    let mut out = Vec::new();
+    let t = Instant::now();
+    g.sync_tunnels(T0, &ike, &mut out);
+    let first_sync_ms = t.elapsed().as_secs_f64() * 1e3;
+    let published = out.len();
+    out.clear();
+    let t = Instant::now();
+    g.sync_tunnels(T0 + 1, &ike, &mut out);
+    let resync_ms = t.elapsed().as_secs_f64() * 1e3;
+    let batch = Body::EspActivity {
+        tunnels: (0..N)
+            .map(|i| TunnelActivity {
+                tunnel: format!("t{i}"),
+                last_rx_ns: (T0 + 500) * 1_000_000,
+                last_tx_ns: (T0 + 500) * 1_000_000,
+                rx_pkts: 1,
+                tx_pkts: 1,
+                rx_bytes: 1,
+                tx_bytes: 1,
+            })
+            .collect(),
+    };
+    let t = Instant::now();
+    g.handle_event(T0 + 1_000, &batch, &mut out);
+    let batch_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    for s in 2..=10 {
+        g.tick(T0 + s * 1_000, &mut out);
+    }
+    let idle_tick_ms = t.elapsed().as_secs_f64() * 1e3 / 9.0;
+    // All silent since 0.5 s: every tunnel starts a round at 20.5 s.
+    out.clear();
+    let t = Instant::now();
+    g.tick(T0 + 21_000, &mut out);
+    let round_tick_ms = t.elapsed().as_secs_f64() * 1e3;
+    let probes = out
+        .iter()
+        .filter(|b| matches!(b, Body::ProbeRequest { .. }))
+        .count();
+    eprintln!(
+        "glue, {N} tunnels: first sync {first_sync_ms:.1} ms ({published} records), re-sync \
+         {resync_ms:.1} ms, espd batch {batch_ms:.1} ms, idle tick {idle_tick_ms:.2} ms, tick \
+         starting {probes} rounds {round_tick_ms:.1} ms; reference: {N} names into a BTreeMap \
+         {reference_ms:.1} ms"
+    );
+    assert_eq!(probes, N);
+}
