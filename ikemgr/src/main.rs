@@ -150,6 +150,8 @@ struct Ikemgr {
     activity_at: Option<Instant>,
     /// Tunnels dpdmon last reported dead (flushed once per verdict).
     dead: BTreeSet<String>,
+    /// Dial-up instances (`vpn1_1`…) as published.
+    instances: BTreeMap<String, TunnelInfo>,
 }
 
 impl Ikemgr {
@@ -191,8 +193,22 @@ impl Ikemgr {
         }
     }
 
+    /// Publishes the manager's bodies, keeping the dial-up instances it announces for the
+    /// `tunnels` view.
     fn drain(&mut self, out: &mut Outbox) {
-        out.extend(io::lock(&self.ike).drain_bodies());
+        let bodies = io::lock(&self.ike).drain_bodies();
+        for b in &bodies {
+            match b {
+                Body::Tunnel(t) if t.kind == TunnelKind::DialupInstance => {
+                    self.instances.insert(t.name.clone(), t.clone());
+                }
+                Body::TunnelRemoved { name } => {
+                    self.instances.remove(name);
+                }
+                _ => {}
+            }
+        }
+        out.extend(bodies);
     }
 }
 
@@ -212,6 +228,7 @@ impl DaemonLogic for Ikemgr {
             io_error: None,
             activity_at: None,
             dead: BTreeSet::new(),
+            instances: BTreeMap::new(),
         }
     }
 
@@ -362,6 +379,7 @@ impl DaemonLogic for Ikemgr {
             "tunnels" => Ok(json!(self
                 .tunnels
                 .values()
+                .chain(self.instances.values())
                 .map(|t| json!({"tunnel": t, "role": self.roles.get(&t.name)}))
                 .collect::<Vec<_>>())),
             // Everything but the keys.

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use haven_tests::daemons::{bin, vpnctl_json, wait_for};
+use haven_tests::daemons::{bin, vpnctl, vpnctl_json, wait_for};
 use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
 use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, IkeSa, SwanctlConf};
 use serde_json::Value;
@@ -302,6 +302,15 @@ fn dialup_case(
             .ok_or_else(|| gw.log("ikemgr"))
     });
     up_and_agree(&a, &gw, encr, keysize, transform);
+    // The text views render the instance.
+    let text = |args: &[&str]| String::from_utf8_lossy(&vpnctl(&gw.run, args).stdout).into_owned();
+    let list = text(&[
+        "diagnose", "vpn", "ike", "gateway", "list", "name", "vpn1_1",
+    ]);
+    assert!(list.contains("name: vpn1_1"), "{list}");
+    assert!(list.contains("IPsec SA: spi in="), "{list}");
+    let summary = text(&["get", "vpn", "ipsec", "tunnel", "summary"]);
+    assert!(summary.contains("'vpn1_1' 172.31.0.1:4500"), "{summary}");
     ping_through(&line, &a, &gw);
 
     // Closing from the client removes the instance, its SAs and the route.
