@@ -747,3 +747,72 @@ fn static_gateway_rekeys_child_and_ike_on_its_own_lifetimes() {
         gw.log("ikemgr")
     );
 }
+
+/// The dial-up client rekeys its CHILD SA and its IKE SA: the instance keeps its name, the
+/// new SPIs agree on both sides and pings keep passing.
+#[test]
+fn dialup_client_rekeys_child_and_ike() {
+    require();
+    let line = SiteToSite::new("ikdr").expect("topology");
+    let gw = Haven::start(
+        &line.gwb,
+        "ikdr-gw",
+        &dialup_config("aes128gcm-prfsha256", "19", "aes128gcm"),
+    );
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&client_conf(
+        "dial",
+        "aes128gcm16-prfsha256-ecp256",
+        "aes128gcm16",
+        PSK,
+    ))
+    .expect("load client");
+    wait_for("ikemgr listening", WAIT, || {
+        gw.log("ikemgr")
+            .contains("listening on UDP 500")
+            .then_some(())
+            .ok_or_else(|| gw.log("ikemgr"))
+    });
+    let ss = up_and_agree(&a, &gw, "AES_GCM_16", Some(128), "aes128gcm");
+    ping_through(&line, &a, &gw);
+    let old_child = ss.child("net").map(|c| c.spi_in).unwrap_or(0);
+    a.rekey_child("net").expect("rekey child");
+    let agreed = |what: &str| {
+        wait_for(what, WAIT, || {
+            let sas = a.list_sas().map_err(|e| e.to_string())?;
+            let s = sas.first().ok_or("no SA")?;
+            let c = s
+                .children
+                .iter()
+                .find(|c| c.state == "INSTALLED")
+                .ok_or("no child")?;
+            let v = gw.ike_list();
+            let ours = v
+                .as_array()
+                .and_then(|l| l.first())
+                .cloned()
+                .unwrap_or_default();
+            let ok = ours["name"] == "vpn1_1"
+                && (hex_u64(&ours["spi_i"]), hex_u64(&ours["spi_r"])) == s.spis()
+                && ours["children"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|x| hex_u32(&x["spi_in"]) == c.spi_out));
+            ok.then(|| (s.spis(), c.spi_in))
+                .ok_or_else(|| format!("{sas:?}\n{v}\n{}", gw.log("ikemgr")))
+        })
+    };
+    let (ike1, child1) = agreed("CHILD rekey agreed");
+    assert_ne!(child1, old_child);
+    ping_through(&line, &a, &gw);
+    a.rekey_ike("dial").expect("rekey ike");
+    let (ike2, _) = wait_for("IKE SPIs changed", WAIT, || {
+        let (ike, c) = agreed("IKE rekey agreed");
+        (ike != ike1)
+            .then_some((ike, c))
+            .ok_or("old IKE SPIs".to_string())
+    });
+    assert_ne!(ike2, ss.spis());
+    ping_through(&line, &a, &gw);
+    let v = gw.ike_list();
+    assert_eq!(v.as_array().map(|l| l.len()), Some(1), "{v}");
+}
