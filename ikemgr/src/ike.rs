@@ -12,8 +12,9 @@
 //!
 //! What it does not do: sockets, clocks, commands. The driver passes `now` with every call,
 //! sends [`IkeManager::poll_transmit`], runs [`IkeManager::poll_route`] and publishes
-//! [`IkeManager::drain_bodies`]. Not yet: COOKIE/half-open limits (the `CookieGuard` of
-//! ike-proto is not wired), several phase2s per phase1 (the first one is used), HA snapshots.
+//! [`IkeManager::drain_bodies`]. New IKE_SA_INIT requests pass ike-proto's `CookieGuard`
+//! (default limits: COOKIEs above a half-open threshold, half-open SAs per source and in
+//! total). Not yet: several phase2s per phase1 (the first one is used), HA snapshots.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
 use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
 use haven_config::{Config, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector};
+use ike_proto::cookie::{CookieGuard, GuardConfig, Verdict};
 use ike_proto::crypto::{Encr, Integ};
 use ike_proto::proposal::{dhgrp_list, phase1_list, phase2_list};
 use ike_proto::sa::{Accepted, Addresses, DeleteReason, Event, IkeConfig, IkeSa, OsEntropy};
@@ -90,6 +92,8 @@ struct Entry {
     /// Routes currently asked for.
     routes: Vec<String>,
     activity_reported: Option<Instant>,
+    /// Source counted as half-open by the COOKIE guard until established or gone.
+    half_open: Option<IpAddr>,
     /// Outstanding dpdmon probe: (round, message ID).
     probe: Option<(u64, u32)>,
     created: Instant,
@@ -104,6 +108,8 @@ pub struct IkeManager {
     transmits: VecDeque<Transmit>,
     routes: VecDeque<RouteOp>,
     bodies: Vec<Body>,
+    /// Half-open limits and COOKIEs (RFC 7296 §2.6), made with the first request.
+    guard: Option<CookieGuard>,
     /// Static gateways: earliest next initiation.
     retry_at: BTreeMap<String, Instant>,
 }
@@ -276,6 +282,7 @@ impl IkeManager {
             routes: VecDeque::new(),
             bodies: Vec::new(),
             retry_at: BTreeMap::new(),
+            guard: None,
         }
     }
 
@@ -343,7 +350,13 @@ impl IkeManager {
             .unwrap_or_else(|| g.name.clone())
     }
 
-    fn insert(&mut self, gateway: &Gateway, sa: IkeSa, now: Instant) -> u64 {
+    fn insert(
+        &mut self,
+        gateway: &Gateway,
+        sa: IkeSa,
+        now: Instant,
+        half_open: Option<IpAddr>,
+    ) -> u64 {
         let serial = self.next_serial;
         self.next_serial += 1;
         for spi in sa.local_spis() {
@@ -366,12 +379,20 @@ impl IkeManager {
                 children: BTreeMap::new(),
                 routes: Vec::new(),
                 activity_reported: None,
+                half_open,
                 probe: None,
                 created: now,
             },
         );
         self.pump(serial, now);
         serial
+    }
+
+    fn half_open_done(&mut self, id: u64) {
+        let ip = self.sas.get_mut(&id).and_then(|e| e.half_open.take());
+        if let (Some(ip), Some(guard)) = (ip, self.guard.as_mut()) {
+            guard.half_open_finished(ip);
+        }
     }
 
     /// Starts the IKE SA of static gateway `gateway` from `local` to `remote` (port 500).
@@ -391,7 +412,7 @@ impl IkeManager {
             Box::new(OsEntropy),
         ) {
             Ok(sa) => {
-                let id = self.insert(&g, sa, now);
+                let id = self.insert(&g, sa, now, None);
                 tracing::debug!("ike 0:{}:{id}: initiating IKE SA to {remote}", g.name);
             }
             Err(e) => tracing::warn!("ike 0:{}: cannot initiate: {e}", g.name),
@@ -468,6 +489,33 @@ impl IkeManager {
             "ike 0: comes {remote}->{local}, IKE_SA_INIT for gateway {}",
             g.name
         );
+        if self.guard.is_none() {
+            match CookieGuard::new(now, GuardConfig::default(), &mut OsEntropy) {
+                Ok(guard) => self.guard = Some(guard),
+                Err(e) => {
+                    tracing::warn!("ike 0: no COOKIE secret, request dropped: {e}");
+                    return;
+                }
+            }
+        }
+        if let Some(guard) = self.guard.as_mut() {
+            match guard.check(now, remote, d, &mut OsEntropy) {
+                Verdict::Accept => {}
+                Verdict::Reply(payload) => {
+                    tracing::debug!("ike 0: asking {remote} for a COOKIE");
+                    self.transmits.push_back(Transmit {
+                        source: local,
+                        destination: remote,
+                        payload,
+                    });
+                    return;
+                }
+                Verdict::Drop(why) => {
+                    tracing::debug!("ike 0: IKE_SA_INIT from {remote} dropped: {why:?}");
+                    return;
+                }
+            }
+        }
         match IkeSa::accept(
             now,
             Self::per_sa_config(&g, local.ip()),
@@ -476,7 +524,10 @@ impl IkeManager {
             d,
         ) {
             Ok(Accepted::Sa(sa)) => {
-                self.insert(&g, *sa, now);
+                if let Some(guard) = self.guard.as_mut() {
+                    guard.half_open_started(remote.ip());
+                }
+                self.insert(&g, *sa, now, Some(remote.ip()));
             }
             Ok(Accepted::Reply(t)) => self.transmits.push_back(t),
             Err(e) => tracing::debug!("ike 0:{}: IKE_SA_INIT from {remote} refused: {e}", g.name),
@@ -679,6 +730,7 @@ impl IkeManager {
                     encr_label(info.suite.encr)
                 );
                 self.retry_at.remove(&g.name);
+                self.half_open_done(id);
                 if let Some(e) = self.sas.get_mut(&id) {
                     e.name = name.clone();
                     e.info = Some(info);
@@ -891,6 +943,7 @@ impl IkeManager {
     /// Removes an SA and everything published for it (seed 000 order: IKE SA gone, CHILD
     /// SAs deleted, routes removed, tunnel down, dial-up instance removed).
     fn flush(&mut self, id: u64, now: Instant, why: &str) {
+        self.half_open_done(id);
         let Some(e) = self.sas.remove(&id) else {
             return;
         };
@@ -1284,5 +1337,50 @@ end
         );
         assert!(matches!(dial.poll_route(), Some(RouteOp::Del { .. })));
         assert_eq!(dial.gateway_list(now, None), json!([]));
+    }
+
+    #[test]
+    fn half_open_sas_per_source_are_limited_and_released() {
+        let now = Instant::now();
+        let mut dial = mgr(DIAL, now);
+        let limit = GuardConfig::default().max_half_open_per_source;
+        let mut hubs: Vec<IkeManager> = Vec::new();
+        // More initiators from one address than the limit: only `limit` get an answer.
+        for _ in 0..limit + 2 {
+            let mut hub = mgr(HUB, now);
+            hub.initiate(
+                now,
+                "hub",
+                "192.0.2.1".parse().unwrap(),
+                "192.0.2.2".parse().unwrap(),
+            );
+            let t = hub.poll_transmit().unwrap();
+            dial.handle_datagram(now, t.destination, t.source, &t.payload);
+            hubs.push(hub);
+        }
+        let mut answered = 0;
+        while dial.poll_transmit().is_some() {
+            answered += 1;
+        }
+        assert_eq!(answered, limit);
+        assert_eq!(
+            dial.gateway_list(now, None).as_array().unwrap().len(),
+            limit
+        );
+        // Clearing them releases the source.
+        dial.clear(now, None);
+        while dial.poll_transmit().is_some() {}
+        let mut hub = mgr(HUB, now);
+        hub.initiate(
+            now,
+            "hub",
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+        );
+        shuttle(&mut hub, &mut dial, now);
+        assert!(dial
+            .drain_bodies()
+            .iter()
+            .any(|b| matches!(b, Body::Tunnel(t) if t.name == "vpn1_1")));
     }
 }
