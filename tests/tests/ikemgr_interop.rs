@@ -672,6 +672,10 @@ fn static_gateway_initiates_to_strongswan_and_survives_peer_rekeys() {
 }
 
 fn strongswan_responder(line: &SiteToSite) -> Charon {
+    strongswan_responder_psk(line, PSK)
+}
+
+fn strongswan_responder_psk(line: &SiteToSite, psk: &str) -> Charon {
     let mut a = Charon::start(&line.gwa).expect("charon in gwa");
     a.load(
         &SwanctlConf::new().conn(
@@ -679,7 +683,7 @@ fn strongswan_responder(line: &SiteToSite) -> Charon {
                 "gw",
                 SiteToSite::GWA_OUTER,
                 SiteToSite::GWB_OUTER,
-                PSK.as_bytes(),
+                psk.as_bytes(),
             )
             .ids(CLIENT_ID, GW_ID)
             .proposals(&["aes128gcm16-prfsha256-ecp256"])
@@ -815,4 +819,31 @@ fn dialup_client_rekeys_child_and_ike() {
     ping_through(&line, &a, &gw);
     let v = gw.ike_list();
     assert_eq!(v.as_array().map(|l| l.len()), Some(1), "{v}");
+}
+
+/// Our static gateway initiating with a PSK the strongSwan responder does not share: nothing
+/// is established on either side and ikemgr says why.
+#[test]
+fn static_gateway_with_wrong_psk_is_refused_by_strongswan() {
+    require();
+    let line = SiteToSite::new("ikwp").expect("topology");
+    let a = strongswan_responder_psk(&line, "a-different-secret");
+    let gw = Haven::start(&line.gwb, "ikwp-gw", &static_config(86400, 43200));
+    wait_for("ikemgr reports the refusal", WAIT, || {
+        let log = gw.log("ikemgr");
+        (log.contains("AUTHENTICATION_FAILED")
+            || log.contains("authentication failed")
+            || log.contains("AuthFailed"))
+        .then_some(())
+        .ok_or(log)
+    });
+    let sas = a.list_sas().expect("list");
+    assert!(sas.iter().all(|s| s.state != "ESTABLISHED"), "{sas:?}");
+    let v = gw.ike_list();
+    assert!(
+        v.as_array()
+            .is_some_and(|l| l.iter().all(|s| s["established"] == false)),
+        "{v}"
+    );
+    assert!(line.client.ping(SiteToSite::SERVER, 1).is_err());
 }
