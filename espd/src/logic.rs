@@ -73,7 +73,7 @@ fn lifetime_config(info: &ChildSaInfo) -> esp_proto::LifetimeConfig {
 
 impl Espd {
     /// A logic for `run_dir` with `workers` packet threads (the datapath starts with the
-    /// first SA).
+    /// configuration, or failing that with the first SA).
     pub fn with(run_dir: PathBuf, workers: usize) -> Espd {
         Espd {
             run_dir,
@@ -579,7 +579,12 @@ impl DaemonLogic for Espd {
         Espd::with(run_dir, workers)
     }
 
-    fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {}
+    fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {
+        // Own UDP 4500 and raw ESP from the start: IKE that floats to 4500 (NAT-T, RFC 3948)
+        // reaches ikemgr through this datapath before any SA exists. A failure is retried
+        // with the first SA.
+        let _ = self.datapath();
+    }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         if src != DaemonKind::Ikemgr {
