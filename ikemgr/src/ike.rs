@@ -189,6 +189,20 @@ pub fn transform_name(encr: Encr, integ: Option<Integ>) -> Option<String> {
     Some(format!("{cipher}-{hash}"))
 }
 
+/// FortiOS spelling of a negotiated IKE proposal (`aes128gcm-prfsha256`, `aes256-sha512`).
+fn ike_proposal_name(s: &ike_proto::proposal::IkeSuite) -> String {
+    let prf = format!("{:?}", s.prf).to_lowercase();
+    let hash = ["sha512", "sha384", "sha256", "sha1"]
+        .into_iter()
+        .find(|h| prf.contains(h))
+        .unwrap_or("sha256");
+    match s.encr {
+        Encr::AesGcm16(n) => format!("aes{}gcm-prf{hash}", n * 8),
+        Encr::ChaCha20Poly1305 => format!("chacha20poly1305-prf{hash}"),
+        Encr::AesCbc(n) => format!("aes{}-{hash}", n * 8),
+    }
+}
+
 fn encr_label(encr: Encr) -> String {
     match encr {
         Encr::AesCbc(n) => format!("aes-cbc-{}", n * 8),
@@ -1013,6 +1027,9 @@ impl IkeManager {
                 json!({
                     "name": if e.name.is_empty() { &e.gateway } else { &e.name },
                     "phase1": e.gateway,
+                    "interface": self.gateways.get(&e.gateway).map(|g| g.interface.clone()),
+                    "proposal": info.map(|i| ike_proposal_name(&i.suite)),
+                    "rekey_in_secs": e.sa.poll_timeout().map(|t| t.saturating_duration_since(now).as_secs()),
                     "serial": e.serial,
                     "local": a.local.to_string(),
                     "remote": a.remote.to_string(),

@@ -882,48 +882,46 @@ async fn diagnose_vpn_ike_gateway(cli: &Cli, cmd: &DiagIkeGatewayCmd) -> Result<
     Ok(ExitCode::SUCCESS)
 }
 
-/// The seeds' layout of `diagnose vpn ike gateway list`.
+/// The seeds' layout of `diagnose vpn ike gateway list` (key material is never shown).
 fn render_ike_gateways(v: &Value) -> String {
     let s = |x: &Value| {
         x.as_str()
             .map(str::to_string)
             .unwrap_or_else(|| x.to_string())
     };
+    let n = |x: &Value| x.as_u64().unwrap_or(0);
     let mut out = String::new();
     for g in v.as_array().into_iter().flatten() {
+        let up = g["established"] == true;
+        let children = g["children"].as_array().map(|c| c.len()).unwrap_or(0);
         out.push_str(&format!(
-            "vd: root/0\nname: {}\nversion: 2\ninterface: {}\naddr: {} -> {}\ncreated: {}s ago\n",
+            "vd: root/0\nname: {}\nversion: 2\ninterface: {} 0\naddr: {} -> {}\ncreated: {}s ago\n",
             s(&g["name"]),
-            s(&g["phase1"]),
+            s(&g["interface"]),
             s(&g["local"]),
             s(&g["remote"]),
-            g["created_secs"].as_u64().unwrap_or(0)
+            n(&g["created_secs"])
         ));
         out.push_str(&format!(
-            "peer-id: {}\nIKE SA: created 1/1  established {}\n",
+            "peer-id: {}\nIKE SA: created 1/1 established {}/1 time 0/0/0 ms\nIPsec SA: created {children}/{children} established {children}/{children} time 0/0/0 ms\n\n",
             s(&g["remote_id"]),
-            if g["established"] == true {
-                "1/1"
-            } else {
-                "0/1"
-            }
+            u8::from(up)
         ));
         out.push_str(&format!(
-            "  id/spi: {} {}\n  direction: {}\n  status: {}\n  lifetime: {}\n  message-id: tx={} rx={}\n",
+            "  id/spi: {} {}\n  direction: {}\n  status: {}\n  proposal: {}\n  child: no\n  message-id sent/recv: {}/{}\n  lifetime/rekey: {}/{}\n  DPD sent/recv: 00000000/00000000\n",
             g["serial"],
             s(&g["cookie"]),
             if g["initiator"] == true { "initiator" } else { "responder" },
-            if g["established"] == true { "established" } else { "connecting" },
-            g["lifetime_secs"].as_u64().unwrap_or(0),
+            if up {
+                format!("established {0}-{0}s ago = 0ms", n(&g["created_secs"]))
+            } else {
+                "connecting".to_string()
+            },
+            s(&g["proposal"]),
             g["msg_id_tx"],
             g["msg_id_rx"],
-        ));
-        out.push_str(&format!(
-            "  encryption: {}\n  prf: {}\n  dh-group: {}\n  nat: {}\n",
-            s(&g["encryption"]),
-            s(&g["prf"]),
-            g["dh_group"],
-            s(&g["nat"])
+            n(&g["lifetime_secs"]),
+            n(&g["rekey_in_secs"]),
         ));
         for c in g["children"].as_array().into_iter().flatten() {
             out.push_str(&format!(
@@ -973,7 +971,7 @@ async fn get_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
     } else {
         for r in &rows {
             println!(
-                "'{}' {}  selectors(total,up): {}/{}  rx(pkt,err): 0/0  tx(pkt,err): 0/0",
+                "'{}' {} selectors(total,up): {}/{} rx(pkt,err): 0/0 tx(pkt,err): 0/0",
                 r["name"].as_str().unwrap_or(""),
                 r["peer"].as_str().unwrap_or(""),
                 r["selectors"],
