@@ -257,10 +257,17 @@ impl<S: Subscriber> Layer<S> for HubLayer {
         }
         let mut v = LineVisitor::default();
         event.record(&mut v);
-        // FortiOS debug style: "<app> <vdom>:<tunnel>: <message>".
+        // FortiOS debug style: "<app> <vdom>:<tunnel>: <message>". A message that already
+        // starts with "<app> " was written whole in that style by the daemon.
+        let app = self.0.app;
+        let whole = v
+            .message
+            .strip_prefix(app)
+            .is_some_and(|rest| rest.starts_with(' '));
         let line = match v.tunnel {
-            Some(t) => format!("{} 0:{}: {}{}", self.0.app, t, v.message, v.fields),
-            None => format!("{} 0: {}{}", self.0.app, v.message, v.fields),
+            _ if whole => format!("{}{}", v.message, v.fields),
+            Some(t) => format!("{app} 0:{t}: {}{}", v.message, v.fields),
+            None => format!("{app} 0: {}{}", v.message, v.fields),
         };
         self.0.deliver(level, line);
     }
@@ -297,6 +304,29 @@ mod tests {
         hub.detach(id);
         assert!(!hub.would_log(LogLevel::Debug));
         assert_eq!(hub.attached(), 0);
+    }
+
+    #[test]
+    fn lines_get_the_seed_prefix_once() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let hub = LogHub::new("ike", LogLevel::Off);
+        let (_id, mut rx) = hub.attach(LogLevel::Debug, 8);
+        let sub = tracing_subscriber::registry().with(HubLayer(hub.clone()));
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!("comes 192.0.2.1:500->192.0.2.2:500");
+            tracing::info!(tunnel = "vpn1_1", "sent IKE msg");
+            tracing::info!("ike 0:vpn1_2:171: send IKEv2 DPD probe, seqno 114");
+        });
+        let lines: Vec<String> =
+            std::iter::from_fn(|| rx.try_recv().ok().map(|l| l.line)).collect();
+        assert_eq!(
+            lines,
+            [
+                "ike 0: comes 192.0.2.1:500->192.0.2.2:500",
+                "ike 0:vpn1_1: sent IKE msg",
+                "ike 0:vpn1_2:171: send IKEv2 DPD probe, seqno 114",
+            ]
+        );
     }
 
     #[test]
