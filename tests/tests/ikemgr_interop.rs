@@ -32,24 +32,6 @@ struct Haven {
     procs: Vec<Proc>,
 }
 
-/// A manual-key tunnel to an unused peer. espd opens UDP 4500 (and with it the IKE relay to
-/// ikemgr) only when it installs its first SA, so without one a client that floats to 4500
-/// for IKE_AUTH is never heard. Until espd opens its sockets at start, this SA makes it do so.
-const WARM_ESPD: &str = "config vpn ipsec manualkey-interface
-    edit \"warm\"
-        set interface \"out0\"
-        set remote-gw 192.0.2.99
-        set enc-alg aes128gcm
-        set enc-key 0102030405060708-090a0b0c0d0e0f10-11121314
-        set local-spi 0x3001
-        set remote-spi 0x3002
-        set encapsulation udp
-        set src-subnet 192.0.2.0/28
-        set dst-subnet 192.0.2.16/28
-    next
-end
-";
-
 /// Haven's dial-up gateway `vpn1` with the given phase1/phase2 proposals and groups.
 fn dialup_config(p1: &str, dh: &str, p2: &str) -> String {
     dialup_config_to(p1, dh, p2, SiteToSite::LAN_A)
@@ -57,9 +39,8 @@ fn dialup_config(p1: &str, dh: &str, p2: &str) -> String {
 
 /// As [`dialup_config`], with the phase2 `dst-subnet` given.
 fn dialup_config_to(p1: &str, dh: &str, p2: &str, dst: &str) -> String {
-    WARM_ESPD.to_string()
-        + &format!(
-            "config vpn ipsec phase1-interface
+    format!(
+        "config vpn ipsec phase1-interface
     edit \"vpn1\"
         set type dynamic
         set interface \"out0\"
@@ -81,9 +62,9 @@ config vpn ipsec phase2-interface
     next
 end
 ",
-            SiteToSite::LAN_B,
-            dst
-        )
+        SiteToSite::LAN_B,
+        dst
+    )
 }
 
 impl Haven {
@@ -545,9 +526,8 @@ fn two_dialup_clients_get_two_instances() {
 /// Haven's static gateway `vpn1` in gwb towards strongSwan in gwa (NAT-T forced: libipsec
 /// speaks ESP in UDP only).
 fn static_config(keylife: u32, keylifeseconds: u32) -> String {
-    WARM_ESPD.to_string()
-        + &format!(
-            "config vpn ipsec phase1-interface
+    format!(
+        "config vpn ipsec phase1-interface
     edit \"vpn1\"
         set type static
         set remote-gw {}
@@ -573,10 +553,10 @@ config vpn ipsec phase2-interface
     next
 end
 ",
-            SiteToSite::GWA_OUTER,
-            SiteToSite::LAN_B,
-            SiteToSite::LAN_A
-        )
+        SiteToSite::GWA_OUTER,
+        SiteToSite::LAN_B,
+        SiteToSite::LAN_A
+    )
 }
 
 /// Haven's static gateway `vpn1` in gwb initiates (auto-negotiate) to a strongSwan responder in
