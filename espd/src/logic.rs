@@ -107,7 +107,7 @@ impl Espd {
                 Err(e) => {
                     let msg = e.to_string();
                     if self.dp_error.as_deref() != Some(msg.as_str()) {
-                        tracing::error!("datapath cannot start (retrying every second): {msg}");
+                        tracing::error!("datapath cannot start (retried with the next SA to install): {msg}");
                     }
                     self.dp_error = Some(msg);
                 }
