@@ -107,7 +107,9 @@ impl Espd {
                 Err(e) => {
                     let msg = e.to_string();
                     if self.dp_error.as_deref() != Some(msg.as_str()) {
-                        tracing::error!("datapath cannot start (retried with the next SA to install): {msg}");
+                        tracing::error!(
+                            "datapath cannot start (retried with the next SA to install): {msg}"
+                        );
                     }
                     self.dp_error = Some(msg);
                 }
