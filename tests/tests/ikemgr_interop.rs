@@ -250,17 +250,34 @@ fn ping_through(line: &SiteToSite, a: &Charon, gw: &Haven) {
     assert!(child.get_u64("packets-in").unwrap_or(0) >= 3, "{child:?}");
 }
 
-fn dialup_case(
-    label: &str,
-    ss_ike: &str,
-    ss_esp: &str,
-    p1: &str,
-    dh: &str,
-    p2: &str,
-    encr: &str,
+/// One dial-up proposal set: strongSwan's spelling, Haven's, and what both must show.
+struct Case<'a> {
+    label: &'a str,
+    /// strongSwan IKE and ESP proposals.
+    ss_ike: &'a str,
+    ss_esp: &'a str,
+    /// Haven phase1 proposal, dhgrp, phase2 proposal.
+    p1: &'a str,
+    dh: &'a str,
+    p2: &'a str,
+    /// strongSwan's name of the ESP cipher and its key size; Haven's transform name.
+    encr: &'a str,
     keysize: Option<u32>,
-    transform: &str,
-) {
+    transform: &'a str,
+}
+
+fn dialup_case(c: Case<'_>) {
+    let Case {
+        label,
+        ss_ike,
+        ss_esp,
+        p1,
+        dh,
+        p2,
+        encr,
+        keysize,
+        transform,
+    } = c;
     require();
     let line = SiteToSite::new(label).expect("topology");
     assert!(
@@ -317,47 +334,47 @@ fn dialup_case(
 
 #[test]
 fn strongswan_dialup_client_gcm_gets_a_tunnel_that_carries_ping() {
-    dialup_case(
-        "ikgcm",
-        "aes128gcm16-prfsha256-ecp256",
-        "aes128gcm16",
-        "aes128gcm-prfsha256",
-        "19",
-        "aes128gcm",
-        "AES_GCM_16",
-        Some(128),
-        "aes128gcm",
-    );
+    dialup_case(Case {
+        label: "ikgcm",
+        ss_ike: "aes128gcm16-prfsha256-ecp256",
+        ss_esp: "aes128gcm16",
+        p1: "aes128gcm-prfsha256",
+        dh: "19",
+        p2: "aes128gcm",
+        encr: "AES_GCM_16",
+        keysize: Some(128),
+        transform: "aes128gcm",
+    });
 }
 
 #[test]
 fn strongswan_dialup_client_cbc_hmac() {
-    dialup_case(
-        "ikcbc",
-        "aes256-sha256-modp2048",
-        "aes256-sha256",
-        "aes256-sha256",
-        "14",
-        "aes256-sha256",
-        "AES_CBC",
-        Some(256),
-        "aes256-sha256",
-    );
+    dialup_case(Case {
+        label: "ikcbc",
+        ss_ike: "aes256-sha256-modp2048",
+        ss_esp: "aes256-sha256",
+        p1: "aes256-sha256",
+        dh: "14",
+        p2: "aes256-sha256",
+        encr: "AES_CBC",
+        keysize: Some(256),
+        transform: "aes256-sha256",
+    });
 }
 
 #[test]
 fn strongswan_dialup_client_x25519_chacha() {
-    dialup_case(
-        "ikx25",
-        "chacha20poly1305-prfsha256-x25519",
-        "chacha20poly1305",
-        "chacha20poly1305-prfsha256",
-        "31",
-        "chacha20poly1305",
-        "CHACHA20_POLY1305",
-        None,
-        "chacha20poly1305",
-    );
+    dialup_case(Case {
+        label: "ikx25",
+        ss_ike: "chacha20poly1305-prfsha256-x25519",
+        ss_esp: "chacha20poly1305",
+        p1: "chacha20poly1305-prfsha256",
+        dh: "31",
+        p2: "chacha20poly1305",
+        encr: "CHACHA20_POLY1305",
+        keysize: None,
+        transform: "chacha20poly1305",
+    });
 }
 
 #[test]
