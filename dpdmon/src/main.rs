@@ -25,7 +25,7 @@
 mod events;
 mod glue;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
 use bus_schema::{DaemonKind, DpdSettings, StateStore};
@@ -45,23 +45,6 @@ struct Dpdmon {
 
 fn now_ms() -> u64 {
     now_ns() / 1_000_000
-}
-
-/// The shell parses the command line itself; dpdmon only needs `--run-dir` from it, before
-/// the shell builds the logic (to subscribe to espd's and ikemgr's events).
-fn run_dir_from_args() -> PathBuf {
-    let mut args = std::env::args_os().skip(1);
-    while let Some(a) = args.next() {
-        let s = a.to_string_lossy();
-        if s == "--run-dir" {
-            if let Some(v) = args.next() {
-                return PathBuf::from(v);
-            }
-        } else if let Some(v) = s.strip_prefix("--run-dir=") {
-            return PathBuf::from(v);
-        }
-    }
-    PathBuf::from("/run/haven")
 }
 
 impl Dpdmon {
@@ -97,7 +80,7 @@ impl DaemonLogic for Dpdmon {
     const KIND: DaemonKind = DaemonKind::Dpdmon;
     const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr, DaemonKind::Hasyncd];
 
-    fn new(_config: &Config) -> Self {
+    fn new(_config: &Config, run_dir: &Path) -> Self {
         metrics::describe_counter!(
             "dpdmon_probes_sent_total",
             "DPD probe transmissions requested from ikemgr (retries included)."
@@ -127,7 +110,7 @@ impl DaemonLogic for Dpdmon {
             // used (2^16 rounds per ms of uptime).
             glue: Glue::new(now, now << 16),
             ike: StateStore::new(),
-            feed: EventFeed::spawn(run_dir_from_args()),
+            feed: EventFeed::spawn(run_dir.to_path_buf()),
         }
     }
 
@@ -221,7 +204,7 @@ mod tests {
 
     fn logic_with_vpn1() -> (Dpdmon, Outbox) {
         let config = Config::default();
-        let mut d = Dpdmon::new(&config);
+        let mut d = Dpdmon::new(&config, Path::new("/nonexistent"));
         assert!(d.feed.is_none(), "no runtime, no subscriber task");
         let mut ike = StateStore::new();
         ike.apply(&Body::Tunnel(TunnelInfo {

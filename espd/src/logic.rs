@@ -3,7 +3,7 @@
 //! records, activity batches, sequence marks and lifetime events. Never sees a packet.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,10 +17,6 @@ use serde_json::{json, Value};
 
 use crate::datapath::table::{Peer, Sa, DROP_LABELS, NUM_DROPS};
 use crate::datapath::Datapath;
-
-/// Where the shell keeps its sockets; espd's datapath files live there too. Set by `main`
-/// from the command line before the shell starts.
-pub static RUN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// Lifetime state of one installed SA, per direction.
 struct SaLife {
@@ -562,12 +558,9 @@ impl DaemonLogic for Espd {
     const KIND: DaemonKind = DaemonKind::Espd;
     const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr];
 
-    fn new(_config: &Config) -> Self {
+    fn new(_config: &Config, run_dir: &Path) -> Self {
         describe_metrics();
-        let run_dir = RUN_DIR
-            .get()
-            .cloned()
-            .unwrap_or_else(|| PathBuf::from("/run/haven"));
+        let run_dir = run_dir.to_path_buf();
         // ESPD_WORKERS overrides one packet thread per core (for benchmarks and small hosts).
         let workers = std::env::var("ESPD_WORKERS")
             .ok()

@@ -21,27 +21,8 @@
 mod datapath;
 mod logic;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// The shell parses the command line itself; espd only needs `--run-dir` from it, before the
-/// shell builds the logic.
-fn run_dir_from_args() -> PathBuf {
-    let mut args = std::env::args_os().skip(1);
-    while let Some(a) = args.next() {
-        let s = a.to_string_lossy();
-        if s == "--run-dir" {
-            if let Some(v) = args.next() {
-                return PathBuf::from(v);
-            }
-        } else if let Some(v) = s.strip_prefix("--run-dir=") {
-            return PathBuf::from(v);
-        }
-    }
-    PathBuf::from("/run/haven")
-}
-
 fn main() -> ExitCode {
-    let _ = logic::RUN_DIR.set(run_dir_from_args());
     haven_daemon::run::<logic::Espd>()
 }

@@ -23,6 +23,7 @@ mod cluster;
 mod io;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::ExitCode;
 
 use cluster::{role_name, Cluster};
@@ -172,7 +173,7 @@ impl DaemonLogic for Hasyncd {
     /// smallest FortiOS `hb-interval` (100 ms; 10 ms ticks are not met to the tick).
     const TICK_MS: u64 = 20;
 
-    fn new(_config: &Config) -> Self {
+    fn new(_config: &Config, _run_dir: &Path) -> Self {
         cluster::describe_metrics();
         Hasyncd {
             member: None,
@@ -310,7 +311,7 @@ mod tests {
     #[test]
     fn roles_are_published_per_tunnel_and_withdrawn() {
         let config = Config::default();
-        let mut d = Hasyncd::new(&config);
+        let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
         let mut out = Outbox::new();
         d.tunnels = vec!["vpn1".into(), "vpn2".into()];
         d.publish_roles(&mut out);

@@ -22,7 +22,7 @@ mod ike;
 mod io;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -129,16 +129,14 @@ fn manual_child_sa_of(m: &ManualKey) -> ChildSaInfo {
     }
 }
 
-/// Where the shell keeps its sockets; ikemgr's IKE hand-off socket lives there too. Set by
-/// `main` from the command line before the shell starts.
-static RUN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
 /// How often the IO layer is retried when UDP 500 cannot be bound.
 const IO_RETRY: Duration = Duration::from_secs(2);
 /// How often IKE activity marks are batched for dpdmon.
 const ACTIVITY_EVERY: Duration = Duration::from_secs(1);
 
 struct Ikemgr {
+    /// The shell's run-dir; ikemgr's IKE hand-off socket lives there too.
+    run_dir: PathBuf,
     tunnels: BTreeMap<String, TunnelInfo>,
     /// Published manual-key CHILD SAs by store key (`ChildSaInfo::key_of`).
     child_sas: BTreeMap<String, ChildSaInfo>,
@@ -169,10 +167,7 @@ impl Ikemgr {
         if self.io_retry_at.is_some_and(|t| now < t) {
             return;
         }
-        let run_dir = RUN_DIR
-            .get()
-            .cloned()
-            .unwrap_or_else(|| PathBuf::from("/run/haven"));
+        let run_dir = self.run_dir.clone();
         match io::start(&run_dir, self.ike.clone()) {
             Ok(tx) => {
                 tracing::info!(
@@ -217,8 +212,9 @@ impl DaemonLogic for Ikemgr {
     const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Hasyncd, DaemonKind::Dpdmon];
     const TICK_MS: u64 = 100;
 
-    fn new(_config: &Config) -> Self {
+    fn new(_config: &Config, run_dir: &Path) -> Self {
         Ikemgr {
+            run_dir: run_dir.to_path_buf(),
             tunnels: BTreeMap::new(),
             child_sas: BTreeMap::new(),
             roles: BTreeMap::new(),
@@ -416,25 +412,7 @@ fn name_arg(args: &[String]) -> Option<&str> {
     }
 }
 
-/// The shell parses the command line itself; ikemgr only needs `--run-dir` from it, before
-/// the shell builds the logic.
-fn run_dir_from_args() -> PathBuf {
-    let mut args = std::env::args_os().skip(1);
-    while let Some(a) = args.next() {
-        let s = a.to_string_lossy();
-        if s == "--run-dir" {
-            if let Some(v) = args.next() {
-                return PathBuf::from(v);
-            }
-        } else if let Some(v) = s.strip_prefix("--run-dir=") {
-            return PathBuf::from(v);
-        }
-    }
-    PathBuf::from("/run/haven")
-}
-
 fn main() -> ExitCode {
-    let _ = RUN_DIR.set(run_dir_from_args());
     haven_daemon::run::<Ikemgr>()
 }
 
@@ -470,7 +448,7 @@ end
     #[test]
     fn publishes_one_tunnel_per_phase1_and_removes_deleted_ones() {
         let cfg = haven_config::parse(CONF).unwrap().config;
-        let mut ike = Ikemgr::new(&cfg);
+        let mut ike = Ikemgr::new(&cfg, Path::new("/nonexistent"));
         let mut out = Vec::new();
         ike.on_config(&cfg, &mut out);
         assert_eq!(out.len(), 2);
@@ -586,7 +564,7 @@ end
     #[test]
     fn manual_key_tunnels_publish_an_up_tunnel_and_one_child_sa_each() {
         let cfg = parse(MK);
-        let mut ike = Ikemgr::new(&cfg);
+        let mut ike = Ikemgr::new(&cfg, Path::new("/nonexistent"));
         let mut out = Vec::new();
         ike.on_config(&cfg, &mut out);
         // hub, mk-cbc, mk-gcm tunnels; two SAs.
@@ -691,7 +669,7 @@ end
             }
             text.push_str(" next\nend\n");
             let cfg = parse(&text);
-            let mut ike = Ikemgr::new(&cfg);
+            let mut ike = Ikemgr::new(&cfg, Path::new("/nonexistent"));
             let mut out = Vec::new();
             ike.on_config(&cfg, &mut out);
             let sa = child_sas(&out)[0].clone();
@@ -718,7 +696,7 @@ end
     #[test]
     fn reload_republishes_changed_sas_and_removes_deleted_ones() {
         let cfg = parse(MK);
-        let mut ike = Ikemgr::new(&cfg);
+        let mut ike = Ikemgr::new(&cfg, Path::new("/nonexistent"));
         let mut out = Vec::new();
         ike.on_config(&cfg, &mut out);
 

@@ -50,8 +50,9 @@ pub trait DaemonLogic: Sized + Unpin + 'static {
     /// The daemons whose published state this one follows (Clone pattern).
     const FOLLOWS: &'static [DaemonKind];
 
-    /// Builds the logic from the first valid configuration.
-    fn new(config: &Config) -> Self;
+    /// Builds the logic from the first valid configuration; `run_dir` is the daemon's
+    /// `--run-dir` (for files and sockets of its own beside the bus's).
+    fn new(config: &Config, run_dir: &Path) -> Self;
     /// Applies a (re)loaded, already validated configuration.
     fn on_config(&mut self, config: &Config, out: &mut Outbox);
     /// A followed daemon's state changed (an update or a snapshot was applied).
@@ -383,7 +384,7 @@ async fn start<L: DaemonLogic>(
 
     let boot = bus_schema::new_boot_id().map_err(|e| format!("boot id: {e}"))?;
     let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let logic = L::new(&config);
+    let logic = L::new(&config, &args.run_dir);
     let core = Core { logic, out: out_tx }.start();
     core.do_send(ApplyConfig(Arc::new(config)));
 
