@@ -2,8 +2,8 @@
 //!
 //! What it does: runs the sans-IO liveness core `dpd-core` for every tunnel ikemgr
 //! reports `up`, fed by the state it follows (ikemgr's `tunnel.state`, hasyncd's `ha.role`)
-//! and by bus events it subscribes to itself (espd's `esp.activity`, ikemgr's
-//! `ike.activity` and `ike.probe`). It publishes one `dpd.state` record per tunnel (the
+//! and by the bus events the shell delivers from the daemons it follows (espd's
+//! `esp.activity`, ikemgr's `ike.activity` and `ike.probe`). It publishes one `dpd.state` record per tunnel (the
 //! FortiOS `dpd:` fields and `state` `idle`/`probing`/`dead`), a `ProbeRequest` event for
 //! every probe transmission (ikemgr sends the IKEv2 INFORMATIONAL), and on a verdict sets
 //! the tunnel's record to `dead` (ikemgr flushes the tunnel when it sees it) and logs the
@@ -18,29 +18,29 @@
 //! schedule from the configuration (haven-config has no keys for it yet), or persist
 //! anything: see the README's "Restart" section for what a restart guarantees.
 //!
-//! Timers: the daemon shell calls `tick` once a second, so a timer fires on the first tick
-//! at or after its deadline (up to one second late per transmission); see the README for
-//! the shell extension that would make it exact.
+//! Timers: the daemon shell calls `tick` every 50 ms (`TICK_MS`), so a timer fires on the
+//! first tick at or after its deadline: at most 50 ms late per transmission, never early.
 
-mod events;
 mod glue;
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use bus_schema::{DaemonKind, DpdSettings, StateStore};
+use bus_schema::{Body, DaemonKind, DpdSettings, StateStore};
 use haven_config::Config;
 use haven_daemon::{now_ns, DaemonLogic, Outbox};
 use serde_json::json;
 
-use crate::events::EventFeed;
 use crate::glue::Glue;
+
+/// How often dpdmon exports its metrics (its core runs on every tick).
+const METRICS_EVERY_MS: u64 = 1000;
 
 struct Dpdmon {
     glue: Glue,
     /// The last ikemgr replica (needed again when an override or a role changes).
     ike: StateStore,
-    feed: Option<EventFeed>,
+    metrics_at_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -48,16 +48,6 @@ fn now_ms() -> u64 {
 }
 
 impl Dpdmon {
-    /// Feeds the bus events received since the last call into the core.
-    fn pump(&mut self, out: &mut Outbox) {
-        let Some(feed) = self.feed.as_mut() else {
-            return;
-        };
-        for body in feed.drain() {
-            self.glue.handle_event(now_ms(), &body, out);
-        }
-    }
-
     fn export_metrics(&mut self) {
         let s = self.glue.stats();
         metrics::counter!("dpdmon_probes_sent_total").absolute(s.probes_sent);
@@ -78,9 +68,14 @@ impl Dpdmon {
 
 impl DaemonLogic for Dpdmon {
     const KIND: DaemonKind = DaemonKind::Dpdmon;
-    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr, DaemonKind::Hasyncd];
+    /// espd is followed for its events (`esp.activity`), ikemgr for its tunnels and events
+    /// (`ike.activity`, `ike.probe`), hasyncd for the roles.
+    const FOLLOWS: &'static [DaemonKind] =
+        &[DaemonKind::Ikemgr, DaemonKind::Hasyncd, DaemonKind::Espd];
+    /// Probe and verdict timers are checked this often (a transmission is at most this late).
+    const TICK_MS: u64 = 50;
 
-    fn new(_config: &Config, run_dir: &Path) -> Self {
+    fn new(_config: &Config, _run_dir: &Path) -> Self {
         metrics::describe_counter!(
             "dpdmon_probes_sent_total",
             "DPD probe transmissions requested from ikemgr (retries included)."
@@ -110,14 +105,13 @@ impl DaemonLogic for Dpdmon {
             // used (2^16 rounds per ms of uptime).
             glue: Glue::new(now, now << 16),
             ike: StateStore::new(),
-            feed: EventFeed::spawn(run_dir.to_path_buf()),
+            metrics_at_ms: 0,
         }
     }
 
     fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {}
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
-        self.pump(out);
         match src {
             DaemonKind::Ikemgr => {
                 self.ike = store.clone();
@@ -126,6 +120,10 @@ impl DaemonLogic for Dpdmon {
             DaemonKind::Hasyncd => self.glue.sync_roles(now_ms(), store, out),
             _ => {}
         }
+    }
+
+    fn on_event(&mut self, _src: DaemonKind, body: &Body, out: &mut Outbox) {
+        self.glue.handle_event(now_ms(), body, out);
     }
 
     fn view(&self, name: &str, args: &[String]) -> Result<serde_json::Value, String> {
@@ -187,9 +185,12 @@ impl DaemonLogic for Dpdmon {
     }
 
     fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
-        self.pump(out);
-        self.glue.tick(now_ns / 1_000_000, out);
-        self.export_metrics();
+        let now = now_ns / 1_000_000;
+        self.glue.tick(now, out);
+        if now.saturating_sub(self.metrics_at_ms) >= METRICS_EVERY_MS {
+            self.metrics_at_ms = now;
+            self.export_metrics();
+        }
     }
 }
 
@@ -200,12 +201,11 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bus_schema::{Body, TunnelInfo, TunnelKind, TunnelState};
+    use bus_schema::{TunnelInfo, TunnelKind, TunnelState};
 
     fn logic_with_vpn1() -> (Dpdmon, Outbox) {
         let config = Config::default();
         let mut d = Dpdmon::new(&config, Path::new("/nonexistent"));
-        assert!(d.feed.is_none(), "no runtime, no subscriber task");
         let mut ike = StateStore::new();
         ike.apply(&Body::Tunnel(TunnelInfo {
             name: "vpn1".into(),
