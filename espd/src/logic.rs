@@ -18,6 +18,10 @@ use serde_json::{json, Value};
 use crate::datapath::table::{Peer, Sa, DROP_LABELS, NUM_DROPS};
 use crate::datapath::Datapath;
 
+/// Ticks between two rounds of lifetime checks, retries, tunnel records and metrics
+/// (once a second at the 200 ms tick).
+const SLOW_EVERY: u64 = 5;
+
 /// Lifetime state of one installed SA, per direction.
 struct SaLife {
     inbound: Lifetime,
@@ -26,6 +30,9 @@ struct SaLife {
 
 pub struct Espd {
     run_dir: PathBuf,
+    /// Ticks since start: activity goes out every tick, records and metrics every
+    /// [`SLOW_EVERY`] ticks.
+    ticks: u64,
     workers: usize,
     dp: Option<Datapath>,
     dp_error: Option<String>,
@@ -85,6 +92,7 @@ impl Espd {
             tunnels: BTreeMap::new(),
             activity_seen: BTreeMap::new(),
             seq_published: BTreeMap::new(),
+            ticks: 0,
         }
     }
 
@@ -641,7 +649,15 @@ impl DaemonLogic for Espd {
         }
     }
 
+    /// Activity batches (for dpdmon) every 200 ms (DESIGN.md §3.4).
+    const TICK_MS: u64 = 200;
+
     fn tick(&mut self, _now_ns: u64, out: &mut Outbox) {
+        self.publish_activity(out);
+        self.ticks += 1;
+        if self.ticks % SLOW_EVERY != 0 {
+            return;
+        }
         if !self.failed.is_empty() {
             self.reconcile(out);
         }
@@ -649,7 +665,6 @@ impl DaemonLogic for Espd {
         if self.dead.iter().any(|k| self.installed.contains_key(k)) {
             self.reconcile(out);
         }
-        self.publish_activity(out);
         self.refresh_tunnels(out);
         self.export_metrics();
     }
