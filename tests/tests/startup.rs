@@ -146,3 +146,45 @@ fn second_instance_on_same_run_dir_is_refused() {
     );
     drop(first);
 }
+
+#[test]
+fn daemon_outlives_a_closed_stderr_and_stops_on_sigterm() {
+    let dir = TempDir::new("start");
+    let conf = dir.path().join("haven.conf");
+    std::fs::write(&conf, CONFIG).unwrap();
+    let run = dir.path().join("run");
+    let addr = format!("{}:9701", unique_loopback());
+    let mut d = Daemon::spawn(
+        "ikemgr",
+        &[
+            "--config",
+            conf.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--metrics-listen",
+            &addr,
+            "--log-level",
+            "debug",
+        ],
+    );
+    let sock = run.join("ctl").join("ikemgr.sock");
+    haven_tests::daemons::wait_for("ikemgr up", Duration::from_secs(10), || {
+        if sock.exists() {
+            Ok(())
+        } else {
+            Err("no control socket yet".into())
+        }
+    });
+    // Whoever read its log is gone: the next log lines go to a closed pipe.
+    drop(d.child.stderr.take());
+    drop(d.child.stdout.take());
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let (code, _) = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        code,
+        Some(0),
+        "ikemgr must log to a closed stderr without dying and stop on SIGTERM"
+    );
+}

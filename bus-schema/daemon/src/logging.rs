@@ -183,7 +183,10 @@ impl LogHub {
     fn deliver(&self, level: LogLevel, line: String) {
         let ts_ns = crate::now_ns();
         if level as u8 <= self.base.load(Ordering::Relaxed) {
-            eprintln!("{} {}", level.name(), line);
+            // Not eprintln!: it panics when stderr is gone (a supervisor or a test harness
+            // that died), and a daemon must outlive its log reader.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "{} {}", level.name(), line);
         }
         let mut list = self.lock();
         list.retain(|a| !a.tx.is_closed());

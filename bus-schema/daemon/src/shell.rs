@@ -299,7 +299,8 @@ fn prepare_run_dir(dir: &Path) -> Result<(), String> {
 }
 
 fn fatal(kind: DaemonKind, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("{}: fatal: {}", kind.name(), msg);
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{}: fatal: {}", kind.name(), msg);
     ExitCode::from(1)
 }
 
