@@ -291,3 +291,42 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// The command line every daemon takes: `--config C --run-dir R`, then
+/// `--metrics-listen M` when given, then `extra` as is.
+pub fn daemon_args(
+    config: &Path,
+    run_dir: &Path,
+    metrics: Option<&str>,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut v = vec![
+        "--config".to_string(),
+        config.display().to_string(),
+        "--run-dir".to_string(),
+        run_dir.display().to_string(),
+    ];
+    if let Some(m) = metrics {
+        v.push("--metrics-listen".to_string());
+        v.push(m.to_string());
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Borrowed view of an argument vector, for [`Daemon::spawn`].
+pub fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Waits until `daemon`'s control socket exists under `run_dir`.
+pub fn wait_ctl_socket(run_dir: &Path, daemon: &str, limit: Duration) {
+    let sock = run_dir.join("ctl").join(format!("{daemon}.sock"));
+    wait_for(&format!("{daemon} control socket"), limit, || {
+        if sock.exists() {
+            Ok(())
+        } else {
+            Err(format!("no {} yet", sock.display()))
+        }
+    });
+}

@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use haven_tests::daemons::{bin, unique_loopback, vpnctl, vpnctl_json, wait_for, Daemon, TempDir};
+use haven_tests::daemons::{
+    as_strs, bin, daemon_args, unique_loopback, vpnctl, vpnctl_json, wait_for, Daemon, TempDir,
+};
 
 const CONFIG: &str = include_str!("../../ops/examples/haven.conf");
 
@@ -70,19 +72,8 @@ fn start_ikemgr(dir: &TempDir) -> (Daemon, std::path::PathBuf) {
     std::fs::write(&conf, CONFIG).unwrap();
     let run = dir.path().join("run");
     let addr = format!("{}:9701", unique_loopback());
-    let d = Daemon::spawn(
-        "ikemgr",
-        &[
-            "--config",
-            conf.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--metrics-listen",
-            &addr,
-            "--log-level",
-            "error",
-        ],
-    );
+    let args = daemon_args(&conf, &run, Some(&addr), &["--log-level", "error"]);
+    let d = Daemon::spawn("ikemgr", &as_strs(&args));
     let r = run.clone();
     wait_for("ikemgr answering", Duration::from_secs(15), || {
         let v = vpnctl_json(&r, &["status"])?;

@@ -2,12 +2,16 @@
 
 use std::time::Duration;
 
-use haven_tests::daemons::{unique_loopback, Daemon, TempDir, DAEMONS};
+use std::path::Path;
+
+use haven_tests::daemons::{
+    as_strs, daemon_args, unique_loopback, wait_ctl_socket, Daemon, TempDir, DAEMONS,
+};
 
 const CONFIG: &str = include_str!("../../ops/examples/haven.conf");
 
-fn expect_fatal(daemon: &str, args: &[&str], needle: &str) {
-    let (code, stderr) = Daemon::spawn(daemon, args).wait_exit(Duration::from_secs(10));
+fn expect_fatal(daemon: &str, args: &[String], needle: &str) {
+    let (code, stderr) = Daemon::spawn(daemon, &as_strs(args)).wait_exit(Duration::from_secs(10));
     assert_eq!(
         code,
         Some(1),
@@ -30,16 +34,8 @@ fn unreadable_config_is_fatal_with_its_path() {
     let dir = TempDir::new("start");
     let run = dir.path().join("run");
     for d in DAEMONS {
-        expect_fatal(
-            d,
-            &[
-                "--config",
-                "/nonexistent/haven.conf",
-                "--run-dir",
-                run.to_str().unwrap(),
-            ],
-            "/nonexistent/haven.conf",
-        );
+        let args = daemon_args(Path::new("/nonexistent/haven.conf"), &run, None, &[]);
+        expect_fatal(d, &args, "/nonexistent/haven.conf");
     }
 }
 
@@ -51,12 +47,7 @@ fn invalid_config_is_fatal_with_line_and_column() {
     let run = dir.path().join("run");
     expect_fatal(
         "ikemgr",
-        &[
-            "--config",
-            conf.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-        ],
+        &daemon_args(&conf, &run, None, &[]),
         "bad.conf:3:",
     );
 }
@@ -69,16 +60,7 @@ fn unwritable_run_dir_is_fatal() {
     // A regular file where the run-dir should be.
     let run = dir.path().join("not-a-dir");
     std::fs::write(&run, b"").unwrap();
-    expect_fatal(
-        "espd",
-        &[
-            "--config",
-            conf.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-        ],
-        "run-dir",
-    );
+    expect_fatal("espd", &daemon_args(&conf, &run, None, &[]), "run-dir");
 }
 
 #[test]
@@ -90,18 +72,7 @@ fn taken_metrics_port_is_fatal() {
     let ip = unique_loopback();
     let holder = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
     let addr = holder.local_addr().unwrap().to_string();
-    expect_fatal(
-        "dpdmon",
-        &[
-            "--config",
-            conf.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--metrics-listen",
-            &addr,
-        ],
-        &addr,
-    );
+    expect_fatal("dpdmon", &daemon_args(&conf, &run, Some(&addr), &[]), &addr);
 }
 
 #[test]
@@ -113,35 +84,16 @@ fn second_instance_on_same_run_dir_is_refused() {
     let ip = unique_loopback();
     let a1 = format!("{ip}:9701");
     let a2 = format!("{ip}:9711");
-    let args = |a: &str| -> Vec<String> {
-        vec![
-            "--config".into(),
-            conf.to_str().unwrap().into(),
-            "--run-dir".into(),
-            run.to_str().unwrap().into(),
-            "--metrics-listen".into(),
-            a.into(),
-        ]
-    };
-    let first_args = args(&a1);
     let first = Daemon::spawn(
         "hasyncd",
-        &first_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &as_strs(&daemon_args(&conf, &run, Some(&a1), &[])),
     );
     // Wait until the first one answers on its control socket.
-    let sock = run.join("ctl").join("hasyncd.sock");
-    haven_tests::daemons::wait_for("first hasyncd up", Duration::from_secs(10), || {
-        if sock.exists() {
-            Ok(())
-        } else {
-            Err("no control socket yet".into())
-        }
-    });
+    wait_ctl_socket(&run, "hasyncd", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));
-    let second_args = args(&a2);
     expect_fatal(
         "hasyncd",
-        &second_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &daemon_args(&conf, &run, Some(&a2), &[]),
         "already running",
     );
     drop(first);
@@ -154,27 +106,9 @@ fn daemon_outlives_a_closed_stderr_and_stops_on_sigterm() {
     std::fs::write(&conf, CONFIG).unwrap();
     let run = dir.path().join("run");
     let addr = format!("{}:9701", unique_loopback());
-    let mut d = Daemon::spawn(
-        "ikemgr",
-        &[
-            "--config",
-            conf.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--metrics-listen",
-            &addr,
-            "--log-level",
-            "debug",
-        ],
-    );
-    let sock = run.join("ctl").join("ikemgr.sock");
-    haven_tests::daemons::wait_for("ikemgr up", Duration::from_secs(10), || {
-        if sock.exists() {
-            Ok(())
-        } else {
-            Err("no control socket yet".into())
-        }
-    });
+    let args = daemon_args(&conf, &run, Some(&addr), &["--log-level", "debug"]);
+    let mut d = Daemon::spawn("ikemgr", &as_strs(&args));
+    wait_ctl_socket(&run, "ikemgr", Duration::from_secs(10));
     // Whoever read its log is gone: the next log lines go to a closed pipe.
     drop(d.child.stderr.take());
     drop(d.child.stdout.take());

@@ -298,6 +298,43 @@ fn prepare_run_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Takes `<run-dir>/ctl/<daemon>.lock` (an exclusive advisory lock) and writes our pid in
+/// it. A second instance on the same run-dir finds it held and is told whose it is.
+fn lock_instance(dir: &Path, kind: DaemonKind) -> Result<std::fs::File, String> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = dir.join("ctl").join(format!("{}.lock", kind.name()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("instance lock {}: {e}", path.display()))?;
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock(2) on a descriptor we own and keep open; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(format!("instance lock {}: {err}", path.display()));
+        }
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        return Err(format!(
+            "another {} (pid {}) is already running on run-dir {}",
+            kind.name(),
+            pid.trim(),
+            dir.display()
+        ));
+    }
+    let written = f
+        .set_len(0)
+        .and_then(|()| f.rewind())
+        .and_then(|()| writeln!(f, "{}", std::process::id()))
+        .and_then(|()| f.flush());
+    written.map_err(|e| format!("instance lock {}: {e}", path.display()))?;
+    Ok(f)
+}
+
 fn fatal(kind: DaemonKind, msg: impl std::fmt::Display) -> ExitCode {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "{}: fatal: {}", kind.name(), msg);
@@ -327,6 +364,12 @@ pub fn run<L: DaemonLogic>() -> ExitCode {
     if let Err(e) = prepare_run_dir(&args.run_dir) {
         return fatal(kind, e);
     }
+    // Refuse to run twice on one run-dir. Held until the process ends (the kernel drops
+    // the lock on any exit, kill -9 included).
+    let _instance = match lock_instance(&args.run_dir, kind) {
+        Ok(f) => f,
+        Err(e) => return fatal(kind, e),
+    };
     let hub = LogHub::new(kind.debug_app(), level);
     logging::install(hub.clone());
     for w in &warnings {
@@ -356,22 +399,6 @@ async fn start<L: DaemonLogic>(
     metrics_addr: SocketAddr,
 ) -> Result<(), String> {
     let kind = L::KIND;
-    // Refuse to run twice on one run-dir: a live owner of the control socket answers.
-    if let Ok(CtlReply::Status(st)) = ctl_call(
-        &args.run_dir,
-        kind,
-        &CtlRequest::Status,
-        Duration::from_millis(300),
-    )
-    .await
-    {
-        return Err(format!(
-            "another {} (pid {}) is already running on run-dir {}",
-            kind.name(),
-            st.pid,
-            args.run_dir.display()
-        ));
-    }
     crate::telemetry::install_exporter(metrics_addr)?;
     let bus = BusMetrics::new(kind.name());
     let mut procm = ProcessMetrics::new(kind.name());
