@@ -15,7 +15,7 @@
 //! | hasyncd `ha.role` (`standby` = Standby, anything else = Owner; none = Owner) | role in the settings |
 //! | espd `esp.activity` | `handle_datapath_activity` |
 //! | ikemgr `ike.activity` | `handle_ike_activity_at` |
-//! | ikemgr `ike.probe` `sent` / `reply` / `failed` / `timeout` | `handle_probe_sent` / `handle_probe_reply` / `handle_probe_failed` / counted only |
+//! | ikemgr `ike.probe` `sent` / `reply` / `failed` / `timeout` / `queued` | `handle_probe_sent` / `handle_probe_reply` / `handle_probe_failed` / counted only / logged only |
 //!
 //! Outputs: `Event::SendProbe` becomes a `ProbeRequest` (event), `Event::PeerDead` the
 //! `dpd.state` record with state `dead` plus the seed 000 debug story, view changes become
@@ -329,6 +329,11 @@ impl Glue {
                 match outcome.as_str() {
                     "sent" if current => self.dpd.handle_probe_sent(now_ms, tunnel, *msg_id),
                     "sent" => {}
+                    // Another IKE exchange holds the window; ikemgr sends it after that one.
+                    "queued" => tracing::debug!(
+                        tunnel = tunnel.as_str(),
+                        "DPD probe queued by ikemgr behind another exchange"
+                    ),
                     "reply" => {
                         self.stats.probe_replies += 1;
                         tracing::debug!(
@@ -520,6 +525,10 @@ impl Glue {
             .iter()
             .filter(|(k, _)| name.is_none_or(|n| n == k.as_str()))
             .map(|(k, v)| {
+                // The cached view changes only with the bus fields; the core's is current
+                // (silence, probes and replies included).
+                let fresh = self.dpd.view(k);
+                let v = fresh.as_ref().unwrap_or(v);
                 let meta = self.meta.get(k);
                 json!({
                     "name": k,

@@ -248,6 +248,32 @@ fn ike_activity_and_probe_reply_are_proof_of_life() {
     assert_eq!(g.stats().dead_peers, 1);
 }
 
+/// The `tunnels` view shows the core's current silence: IKE activity that changes no
+/// bus field still resets `silent_ms`.
+#[test]
+fn view_shows_current_silence_after_ike_activity() {
+    let mut g = Glue::new(T0, 0);
+    up(
+        &mut g,
+        T0,
+        &[tunnel("t", "on-idle", 3, 5_000, TunnelState::Up)],
+    );
+    run(&mut g, T0, T0 + 12_000, |t, g, out| {
+        if t % 2_000 == 0 {
+            let b = Body::IkeActivity {
+                tunnels: vec![IkeActivityMark {
+                    tunnel: "t".into(),
+                    last_rx_ns: t * 1_000_000,
+                }],
+            };
+            g.handle_event(t, &b, out);
+        }
+    });
+    let v = g.view_tunnels(T0 + 12_500, Some("t"));
+    assert_eq!(v[0]["silent_ms"], 500, "{v}");
+    assert_eq!(v[0]["probes_sent"], 0, "{v}");
+}
+
 #[test]
 fn disable_mode_is_published_and_never_probes() {
     let mut g = Glue::new(T0, 0);

@@ -29,7 +29,7 @@ use ike_proto::crypto::{Encr, Integ};
 use ike_proto::proposal::{dhgrp_list, phase1_list, phase2_list};
 use ike_proto::sa::{Accepted, Addresses, DeleteReason, Event, IkeConfig, IkeSa, OsEntropy};
 use ike_proto::wire::{IdPayload, TrafficSelector};
-use ike_proto::{IkeSaInfo, NatTraversal, Transmit};
+use ike_proto::{IkeSaInfo, LivenessProbe, NatTraversal, Transmit};
 use serde_json::{json, Value};
 
 /// IKE header: SPIi (8), SPIr (8), next payload, version, exchange type, flags, message ID
@@ -77,6 +77,8 @@ struct Gateway {
     localid: Option<IdPayload>,
     cfg: Arc<IkeConfig>,
     dpd: DpdSettings,
+    /// How long an unanswered DPD probe waits for dpdmon's next retry ([`liveness_hold`]).
+    dpd_hold: Duration,
 }
 
 struct Entry {
@@ -275,7 +277,17 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
             retry_count: u32::from(p.dpd_retrycount),
             retry_interval_ms: u64::from(p.dpd_retryinterval_ms),
         },
+        dpd_hold: liveness_hold(p),
     })
+}
+
+/// How long an unanswered DPD probe keeps the IKE window waiting for dpdmon's next
+/// transmission of it (ike-proto's `probe_liveness`): twice the longest wait between two
+/// of dpdmon's transmissions, at least three minutes. If no retry comes by then (dpdmon
+/// is gone), the probe is abandoned and reported `timeout`; a later request starts a new one.
+pub fn liveness_hold(p: &Phase1) -> Duration {
+    let longest = u64::from(p.dpd_retryinterval_ms);
+    Duration::from_millis(longest.saturating_mul(2)).max(Duration::from_secs(180))
 }
 
 impl Default for IkeManager {
@@ -623,21 +635,30 @@ impl IkeManager {
             .map(|(k, _)| *k)
     }
 
-    /// dpdmon asks for a liveness check of `tunnel` (`round`).
+    /// dpdmon asks for a liveness check of `tunnel` (`round`): a new empty INFORMATIONAL
+    /// request, or, while one is unanswered, the same message again (seed 000: every retry
+    /// of a probe has the same message ID). Reported as `ProbeResult` `sent` (with the
+    /// message ID), `queued` (another exchange holds the window) or `failed`.
     pub fn probe(&mut self, now: Instant, tunnel: &str, round: u64) {
+        let failed = |round| Body::ProbeResult {
+            tunnel: tunnel.to_string(),
+            round,
+            msg_id: 0,
+            outcome: "failed".into(),
+        };
         let Some(id) = self.entry_by_tunnel(tunnel) else {
-            self.bodies.push(Body::ProbeResult {
-                tunnel: tunnel.to_string(),
-                round,
-                msg_id: 0,
-                outcome: "failed".into(),
-            });
+            self.bodies.push(failed(round));
             return;
         };
+        let hold = self
+            .sas
+            .get(&id)
+            .and_then(|e| self.gateways.get(&e.gateway))
+            .map(|g| g.dpd_hold)
+            .unwrap_or(Duration::from_secs(180));
         if let Some(e) = self.sas.get_mut(&id) {
-            let msg_id = e.sa.message_ids().0;
-            match e.sa.start_liveness_check(now) {
-                Ok(()) => {
+            match e.sa.probe_liveness(now, hold) {
+                Ok(LivenessProbe::Sent(msg_id) | LivenessProbe::Retransmitted(msg_id)) => {
                     tracing::debug!(
                         "ike 0:{}:{id}: send IKEv2 DPD probe, seqno {msg_id}",
                         e.name
@@ -650,14 +671,22 @@ impl IkeManager {
                         outcome: "sent".into(),
                     });
                 }
-                Err(err) => {
-                    tracing::debug!("ike 0:{}:{id}: DPD probe not sent: {err}", e.name);
+                Ok(LivenessProbe::Queued) => {
+                    tracing::debug!(
+                        "ike 0:{}:{id}: DPD probe queued behind another exchange",
+                        e.name
+                    );
+                    e.probe = Some((round, 0));
                     self.bodies.push(Body::ProbeResult {
                         tunnel: tunnel.to_string(),
                         round,
                         msg_id: 0,
-                        outcome: "failed".into(),
+                        outcome: "queued".into(),
                     });
+                }
+                Err(err) => {
+                    tracing::debug!("ike 0:{}:{id}: DPD probe not sent: {err}", e.name);
+                    self.bodies.push(failed(round));
                 }
             }
         }
@@ -955,7 +984,9 @@ impl IkeManager {
     }
 
     /// Removes an SA and everything published for it (seed 000 order: IKE SA gone, CHILD
-    /// SAs deleted, routes removed, tunnel down, dial-up instance removed).
+    /// SAs deleted, routes removed, tunnel down, dial-up instance removed), with seed 000's
+    /// debug lines (`expiring IKE SA`, `deleting`, `flushing`, `deleted IPsec SA with SPI`,
+    /// `del route`, `sending tunnel down event`, `flushed`, `delete dynamic`, `deleted`).
     fn flush(&mut self, id: u64, now: Instant, why: &str) {
         self.half_open_done(id);
         let Some(e) = self.sas.remove(&id) else {
@@ -969,9 +1000,17 @@ impl IkeManager {
             e.name.as_str()
         };
         let (spi_i, spi_r) = e.sa.spis();
-        tracing::debug!("ike 0:{label}:{id}: IKE SA {spi_i:016x}/{spi_r:016x} removed ({why})");
+        tracing::debug!("ike 0:{label}:{id}: expiring IKE SA {spi_i:016x}/{spi_r:016x} ({why})");
+        tracing::debug!("ike 0:{label}: deleting");
+        tracing::debug!("ike 0:{label}: flushing");
+        let mut left = e.children.len();
         for spi in e.children.keys() {
-            tracing::debug!("ike 0:{label}:{id}: deleting CHILD SA {spi:08x}");
+            left -= 1;
+            tracing::debug!("ike 0:{label}: deleting IPsec SA with SPI {spi:08x}");
+            tracing::debug!(
+                "ike 0:{label}:{}: deleted IPsec SA with SPI {spi:08x}, SA count: {left}",
+                e.gateway
+            );
             self.bodies.push(Body::ChildSaRemoved {
                 tunnel: e.name.clone(),
                 spi_in: *spi,
@@ -981,16 +1020,17 @@ impl IkeManager {
             .map(|g| g.name.clone())
             .unwrap_or_else(|| e.gateway.clone());
         for dest in e.routes {
-            tracing::debug!("ike 0:{label}: deleting route {dest} dev {dev}");
+            tracing::debug!("ike 0:{}:{id}: del route {dest} oif {dev}", e.gateway);
             self.routes.push_back(RouteOp::Del {
                 dest,
                 dev: dev.clone(),
             });
         }
         if e.name.is_empty() || e.info.is_none() {
+            tracing::debug!("ike 0:{label}: flushed");
             return;
         }
-        tracing::debug!("ike 0:{label}: tunnel down");
+        tracing::debug!("ike 0:{label}: sending tunnel down event");
         match g {
             Some(g) if !g.dynamic => {
                 self.retry_at.insert(g.name.clone(), now + RETRY_DELAY);
@@ -1005,9 +1045,12 @@ impl IkeManager {
                     phase2: vec![g.phase2.clone()],
                     dpd: g.dpd.clone(),
                 }));
+                tracing::debug!("ike 0:{label}: flushed");
             }
             _ => {
-                tracing::debug!("ike 0:{label}: deleting dialup instance");
+                tracing::debug!("ike 0:{label}: flushed");
+                tracing::debug!("ike 0:{label}: delete dynamic");
+                tracing::debug!("ike 0:{label}: deleted");
                 self.bodies.push(Body::TunnelRemoved { name: e.name });
             }
         }
@@ -1326,6 +1369,19 @@ end
         };
         assert_eq!(outcome, "sent");
         let sent_id = *msg_id;
+        // dpdmon's retry of the round: the very same message, nothing else.
+        let first = dial.poll_transmit().expect("probe datagram");
+        dial.probe(now + Duration::from_secs(2), "vpn1_1", 7);
+        assert!(
+            matches!(dial.drain_bodies().first(),
+                Some(Body::ProbeResult { round: 7, outcome, msg_id, .. })
+                if outcome == "sent" && *msg_id == sent_id),
+            "a retry keeps the message ID"
+        );
+        let again = dial.poll_transmit().expect("retransmission");
+        assert_eq!(again.payload, first.payload, "a retry is the same message");
+        assert!(dial.poll_transmit().is_none());
+        hub.handle_datagram(now, again.destination, again.source, &again.payload);
         shuttle(&mut hub, &mut dial, now);
         let b = dial.drain_bodies();
         assert!(

@@ -976,6 +976,40 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
             [] => {}
         }
     }
+    if let Some(v) = f.choice(
+        ctx,
+        "dpd-backoff",
+        &[
+            ("fixed", DpdBackoff::Fixed),
+            ("exponential", DpdBackoff::Exponential),
+        ],
+        "",
+    ) {
+        p.dpd_backoff = v;
+    }
+    if let Some(v) = seconds_ms(ctx, &f, "dpd-backoff-initial") {
+        p.dpd_backoff_initial_ms = v;
+    }
+    if let Some(v) = seconds_ms(ctx, &f, "dpd-backoff-max") {
+        p.dpd_backoff_max_ms = v;
+    }
+    if p.dpd_backoff == DpdBackoff::Exponential && p.dpd_backoff_max_ms < p.dpd_backoff_initial_ms {
+        if let Some(tok) = f.values("dpd-backoff-max").and_then(|v| v.first()) {
+            ctx.bad(
+                tok,
+                &f.block,
+                "dpd-backoff-max",
+                "a maximum wait not below dpd-backoff-initial",
+            );
+        } else if let Some(tok) = f.values("dpd-backoff-initial").and_then(|v| v.first()) {
+            ctx.bad(
+                tok,
+                &f.block,
+                "dpd-backoff-initial",
+                "an initial wait not above dpd-backoff-max (64 s unless set)",
+            );
+        }
+    }
     if let Some(v) = f.flag(ctx, "fgsp-sync") {
         p.fgsp_sync = v;
     }
@@ -2036,6 +2070,46 @@ pub(crate) fn build(ctx: &mut Ctx, root: &Block) -> Config {
     validate(ctx, &st);
     validate_manualkey(ctx, &st);
     st.config
+}
+
+/// `set KEY SECONDS [MILLISECONDS]` (Haven's DPD waits, like `dpd-retryinterval`): at
+/// least 100 ms, at most 3600 s. `None` when unset or invalid (the error is reported).
+fn seconds_ms(ctx: &mut Ctx, f: &Fields<'_>, key: &str) -> Option<u32> {
+    let values = f.values(key)?;
+    let (ms, at) = match values {
+        [s] => match parse_uint(&s.text).filter(|v| (1..=3600).contains(v)) {
+            Some(v) => (v * 1000, s),
+            None => {
+                ctx.bad(s, &f.block, key, "seconds 1..=3600");
+                return None;
+            }
+        },
+        [s, m] => {
+            let secs = parse_uint(&s.text).filter(|v| *v <= 3600);
+            let millis = parse_uint(&m.text).filter(|v| *v <= 999);
+            match (secs, millis) {
+                (None, _) => {
+                    ctx.bad(s, &f.block, key, "seconds 0..=3600");
+                    return None;
+                }
+                (_, None) => {
+                    ctx.bad(m, &f.block, key, "milliseconds 0..=999");
+                    return None;
+                }
+                (Some(a), Some(b)) => (a * 1000 + b, m),
+            }
+        }
+        [_, _, extra, ..] => {
+            ctx.bad(extra, &f.block, key, "SECONDS or SECONDS MILLISECONDS");
+            return None;
+        }
+        [] => return None,
+    };
+    if ms < 100 {
+        ctx.bad(at, &f.block, key, "a wait of at least 100 ms");
+        return None;
+    }
+    u32::try_from(ms).ok()
 }
 
 #[cfg(test)]

@@ -245,6 +245,19 @@ pub enum DpdMode {
     Periodic,
 }
 
+/// `set dpd-backoff` (a Haven key, not FortiOS): how the probes of one DPD round are
+/// spaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DpdBackoff {
+    /// `fixed` (default, FortiOS): `dpd-retrycount` probes `dpd-retryinterval` apart.
+    Fixed,
+    /// `exponential` (PAN-OS, seed 004): a round starts after `dpd-retryinterval` of
+    /// silence; `dpd-retrycount` probes, the wait after probe k being
+    /// `min(dpd-backoff-initial x 2^(k-1), dpd-backoff-max)`.
+    Exponential,
+}
+
 /// `set nattraversal`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -496,6 +509,13 @@ pub struct Phase1 {
     /// (1..=3600, default 20, so 20000 here); Haven also accepts a second
     /// number of milliseconds (`set dpd-retryinterval 1 500` = 1500 ms).
     pub dpd_retryinterval_ms: u32,
+    /// `dpd-backoff fixed|exponential` (Haven). Default `fixed`.
+    pub dpd_backoff: DpdBackoff,
+    /// `dpd-backoff-initial`: first wait of an exponential round, in ms (written as
+    /// `SECONDS [MILLISECONDS]` like `dpd-retryinterval`). Default 1 s.
+    pub dpd_backoff_initial_ms: u32,
+    /// `dpd-backoff-max`: longest wait of an exponential round, in ms. Default 64 s.
+    pub dpd_backoff_max_ms: u32,
     /// `fgsp-sync`: synchronise this tunnel to FGSP peers. Default disable.
     pub fgsp_sync: bool,
     /// `ha-sync-esp-seqno`: synchronise outbound ESP sequence numbers.
@@ -559,6 +579,9 @@ impl Phase1 {
             dpd: DpdMode::OnDemand,
             dpd_retrycount: 3,
             dpd_retryinterval_ms: 20_000,
+            dpd_backoff: DpdBackoff::Fixed,
+            dpd_backoff_initial_ms: 1_000,
+            dpd_backoff_max_ms: 64_000,
             fgsp_sync: false,
             ha_sync_esp_seqno: true,
             nattraversal: NatTraversal::Enable,

@@ -39,5 +39,5 @@ pub mod wire;
 
 pub use sa::{
     Accepted, Addresses, ChildSaInfo, ChildSaKeys, DeleteReason, Event, IkeConfig, IkeError, IkeSa,
-    IkeSaInfo, NatTraversal, Transmit,
+    IkeSaInfo, LivenessProbe, NatTraversal, Transmit,
 };

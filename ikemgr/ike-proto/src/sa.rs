@@ -354,6 +354,17 @@ pub enum DeleteReason {
     Failed(NotifyType),
 }
 
+/// What [`IkeSa::probe_liveness`] put on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LivenessProbe {
+    /// A new empty INFORMATIONAL request with this message ID.
+    Sent(u32),
+    /// The unanswered liveness request with this message ID, again.
+    Retransmitted(u32),
+    /// Nothing yet: another exchange holds the window; the check follows it.
+    Queued,
+}
+
 /// Outputs for the driver, from [`IkeSa::poll_event`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -598,6 +609,9 @@ pub struct IkeSa {
     peer_deleted_ike: bool,
     /// PFS group the responder asked for with INVALID_KE_PAYLOAD.
     pfs_retry: Option<DhGroup>,
+    /// Set by [`IkeSa::probe_liveness`]: liveness checks are retransmitted only by the
+    /// caller and abandoned when this long passes without a call.
+    liveness_hold: Option<Duration>,
 }
 
 impl core::fmt::Debug for IkeSa {
@@ -743,6 +757,7 @@ impl IkeSa {
             old_deleted: false,
             peer_deleted_ike: false,
             pfs_retry: None,
+            liveness_hold: None,
         }
     }
 
@@ -1067,13 +1082,17 @@ impl IkeSa {
     }
 
     fn send_request(&mut self, now: Instant, old: bool, mid: u32, bytes: Vec<u8>, task: Task) {
-        let first = self
-            .cfg
-            .retransmit
-            .timeouts
-            .first()
-            .copied()
-            .unwrap_or(Duration::from_secs(2));
+        let first = match (&task, self.liveness_hold) {
+            // A caller-driven liveness check waits for the caller (probe_liveness).
+            (Task::Liveness, Some(hold)) => hold,
+            _ => self
+                .cfg
+                .retransmit
+                .timeouts
+                .first()
+                .copied()
+                .unwrap_or(Duration::from_secs(2)),
+        };
         let ch = if old {
             match self.old.as_mut() {
                 Some(c) => c,
@@ -1309,6 +1328,39 @@ impl IkeSa {
     /// Sends an empty INFORMATIONAL request (liveness check, §1.4).
     pub fn start_liveness_check(&mut self, now: Instant) -> Result<()> {
         self.queue(now, Request::Liveness)
+    }
+
+    /// A liveness check (§1.4) whose transmissions the caller schedules, as a DPD
+    /// daemon does (seed 000: every retry of one probe carries the same message ID).
+    ///
+    /// The first call sends an empty INFORMATIONAL request; each later call while that
+    /// request is unanswered sends the very same message again (same message ID, same
+    /// bytes: a retransmission in the sense of §2.1). The SA never retransmits it on its
+    /// own; when `hold` passes without another call it abandons the request
+    /// ([`Event::LivenessTimeout`]) and frees the window. If another exchange holds the
+    /// window, the check is queued behind it ([`LivenessProbe::Queued`]). From the first
+    /// call on, every liveness check of this SA is driven this way.
+    pub fn probe_liveness(&mut self, now: Instant, hold: Duration) -> Result<LivenessProbe> {
+        if self.state != State::Established {
+            return Err(IkeError::NotEstablished);
+        }
+        self.liveness_hold = Some(hold);
+        if let Some(o) = self.chan.outstanding.as_mut() {
+            if matches!(o.task, Task::Liveness) {
+                o.deadline = now + hold;
+                let (mid, bytes) = (o.mid, o.bytes.clone());
+                self.push_transmit(bytes);
+                return Ok(LivenessProbe::Retransmitted(mid));
+            }
+        }
+        let mid = self.chan.next_send;
+        self.queue(now, Request::Liveness)?;
+        match self.chan.outstanding.as_ref() {
+            Some(o) if matches!(o.task, Task::Liveness) && o.mid == mid => {
+                Ok(LivenessProbe::Sent(mid))
+            }
+            _ => Ok(LivenessProbe::Queued),
+        }
     }
 
     /// Deletes a CHILD SA (by inbound SPI).
@@ -1553,6 +1605,7 @@ impl IkeSa {
         if self.state == State::Closed {
             return;
         }
+        let driven_liveness = self.liveness_hold.is_some();
         for old in [true, false] {
             let timeouts = &self.cfg.retransmit.timeouts;
             let ch = if old {
@@ -1570,7 +1623,9 @@ impl IkeSa {
                 continue;
             }
             o.tries += 1;
-            if let Some(wait) = timeouts.get(o.tries) {
+            // A caller-driven liveness check is never retransmitted here: its hold ran out.
+            let own_schedule = !(driven_liveness && matches!(o.task, Task::Liveness));
+            if let Some(wait) = timeouts.get(o.tries).filter(|_| own_schedule) {
                 o.deadline = now + *wait;
                 let bytes = o.bytes.clone();
                 self.push_transmit(bytes);

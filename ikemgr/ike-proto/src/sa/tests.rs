@@ -756,6 +756,76 @@ fn liveness_reply_and_timeout() {
     );
 }
 
+/// dpdmon's probes: every retry of one probe is the same message (same ID, same bytes),
+/// sent only when the driver asks; the SA never retransmits it on its own, gives up after
+/// the hold, and a reply to any transmission ends the check.
+#[test]
+fn driven_liveness_retransmits_only_when_asked() {
+    let hold = Duration::from_secs(600);
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    p.ev_a.clear();
+    p.lose = Box::new(|from_a, _| from_a);
+    let mid = p.a.message_ids().0;
+    assert_eq!(
+        p.a.probe_liveness(p.now, hold).unwrap(),
+        LivenessProbe::Sent(mid)
+    );
+    p.collect();
+    let first = p.sent_a.last().cloned().unwrap();
+    let sent = p.sent_a.len();
+    // No retransmission of its own before the hold.
+    p.now += Duration::from_secs(300);
+    p.a.handle_timeout(p.now);
+    p.collect();
+    assert_eq!(p.sent_a.len(), sent, "retransmitted on its own schedule");
+    assert_eq!(
+        p.a.poll_timeout(),
+        Some(p.now - Duration::from_secs(300) + hold)
+    );
+    // The driver's retries: the same bytes each time.
+    for _ in 0..2 {
+        p.now += Duration::from_secs(2);
+        assert_eq!(
+            p.a.probe_liveness(p.now, hold).unwrap(),
+            LivenessProbe::Retransmitted(mid)
+        );
+        p.collect();
+        assert_eq!(p.sent_a.last(), Some(&first));
+    }
+    assert_eq!(p.sent_a.len(), sent + 2);
+    // The third transmission gets through: the reply ends the check.
+    p.lose = Box::new(|_, _| false);
+    assert_eq!(
+        p.a.probe_liveness(p.now, hold).unwrap(),
+        LivenessProbe::Retransmitted(mid)
+    );
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessReply), "{:?}", p.ev_a);
+    assert_eq!(p.a.message_ids().0, mid + 1);
+    // A new check gets a new ID; unanswered, it is abandoned after the hold.
+    p.ev_a.clear();
+    p.lose = Box::new(|from_a, _| from_a);
+    assert_eq!(
+        p.a.probe_liveness(p.now, hold).unwrap(),
+        LivenessProbe::Sent(mid + 1)
+    );
+    p.collect();
+    let sent = p.sent_a.len();
+    p.now += hold;
+    p.a.handle_timeout(p.now);
+    p.collect();
+    assert_eq!(p.sent_a.len(), sent);
+    assert!(p.ev_a.contains(&Event::LivenessTimeout), "{:?}", p.ev_a);
+    assert!(p.a.is_established());
+    // While another exchange holds the window the check waits behind it.
+    p.lose = Box::new(|_, _| false);
+    p.a.rekey_ike(p.now).unwrap();
+    assert_eq!(
+        p.a.probe_liveness(p.now, hold).unwrap(),
+        LivenessProbe::Queued
+    );
+}
+
 #[test]
 fn delete_child_then_ike_sa() {
     let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");

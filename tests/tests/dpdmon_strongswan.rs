@@ -1,0 +1,890 @@
+//! Dead peer detection against strongSwan with real IKEv2 tunnels (issue 5).
+//!
+//! Haven's dial-up gateway `vpn1` (ikemgr + espd + dpdmon in gwb, one run-dir) and a
+//! strongSwan client (charon in gwa, PSK, `encap = yes`) that initiates to it:
+//!
+//! ```text
+//! client 10.99.1.2 - gwa (charon) 172.31.0.1 ==== 172.31.0.2 gwb (Haven) - 10.99.2.2 server
+//! ```
+//!
+//! Short DPD settings in the gateway's config (`set dpd on-idle`, `dpd-retrycount 3`,
+//! `dpd-retryinterval 2`: a silent peer is dead after 2 + 3 x 2 = 8 s). The tests:
+//! - (a) while the tunnel is idle our probes are answered by strongSwan and nothing is
+//!   flushed; then charon is SIGKILLed: the gateway sends exactly 3 transmissions of one
+//!   liveness check (one message ID, counted on the wire with tcpdump and on the bus), then
+//!   flushes the tunnel: its routes are gone, and it is gone from `diagnose vpn tunnel list`
+//!   (espd), `diagnose vpn ike gateway list` (ikemgr), `get vpn ipsec tunnel summary` and
+//!   dpdmon's view; ikemgr's debug log tells the seed 000 story in order;
+//! - (b) the link is cut (`ip link set out0 down` in gwa): the same, probes counted by an
+//!   nftables counter on gwb's output (the wire itself is down);
+//! - (c) strongSwan's own DPD (`dpd_delay = 2s`, with a retransmission schedule short
+//!   enough that an unanswered check would close its SA within seconds) is answered, its SA
+//!   stays up, and its checks are proof of life for us: our gateway sends no probe at all;
+//! - (d) with traffic flowing, on-idle sends no probe (none on the bus, none on the wire);
+//!   once the traffic stops, probes start (so the check can fail).
+//!
+//! Needs root, iproute2, tcpdump, nftables and the strongSwan packages (INTEROP.md); without
+//! them the tests FAIL naming what is missing. Intervals are printed, never asserted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bus_schema::{ctl_call, Body, BusSubscriber, CtlReply, CtlRequest, DaemonKind};
+use haven_tests::daemons::{bin, vpnctl, vpnctl_json, wait_for};
+use haven_tests::netns::{self, Netns, Proc, ScratchDir, SiteToSite};
+use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
+use serde_json::Value;
+
+const PSK: &str = "haven-dpdmon-strongswan-psk-0123456789";
+const WAIT: Duration = Duration::from_secs(25);
+const GW_ID: &str = "gwb.haven.test";
+const CLIENT_ID: &str = "client1.haven.test";
+/// The dial-up instance strongSwan's tunnel becomes.
+const INSTANCE: &str = "vpn1_1";
+/// Metrics addresses inside gwb.
+const IKEMGR_METRICS: &str = "127.0.0.1:19701";
+const DPDMON_METRICS: &str = "127.0.0.1:19702";
+const ESPD_METRICS: &str = "127.0.0.1:19704";
+/// IKEv2 exchange type INFORMATIONAL (RFC 7296 §3.1).
+const INFORMATIONAL: u8 = 37;
+/// IKEv2 header flag: Response (RFC 7296 §3.1).
+const FLAG_RESPONSE: u8 = 0x20;
+
+fn require() {
+    if let Err(e) = strongswan::preflight() {
+        panic!("cannot run strongSwan tests on this machine: {e}");
+    }
+    for (tool, args, pkg) in [
+        ("tcpdump", &["--version"][..], "tcpdump"),
+        ("nft", &["--version"][..], "nftables"),
+    ] {
+        if let Err(e) = netns::require_tool(tool, args, pkg) {
+            panic!("cannot run DPD interop tests: {e}");
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Haven's dial-up gateway with on-idle DPD: `count` probes `interval_s` apart.
+fn gateway_config(mode: &str, count: u32, interval_s: u32) -> String {
+    format!(
+        "config vpn ipsec phase1-interface
+    edit \"vpn1\"
+        set type dynamic
+        set interface \"out0\"
+        set ike-version 2
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set localid \"{GW_ID}\"
+        set dpd {mode}
+        set dpd-retrycount {count}
+        set dpd-retryinterval {interval_s}
+        set psksecret \"{PSK}\"
+    next
+end
+config vpn ipsec phase2-interface
+    edit \"vpn1\"
+        set phase1name \"vpn1\"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet {}
+        set dst-subnet {}
+    next
+end
+",
+        SiteToSite::LAN_B,
+        SiteToSite::LAN_A
+    )
+}
+
+/// ikemgr, espd and dpdmon of one gateway (killed on drop).
+struct Haven {
+    ns: Netns,
+    dir: ScratchDir,
+    run: PathBuf,
+    _procs: Vec<Proc>,
+}
+
+impl Haven {
+    fn start(ns: &Netns, label: &str, conf_text: &str) -> Haven {
+        let dir = ScratchDir::new(label).expect("scratch dir");
+        let run = dir.path().join("run");
+        let conf = dir.path().join("haven.conf");
+        std::fs::write(&conf, conf_text).expect("write config");
+        let mut procs = Vec::new();
+        for (daemon, metrics) in [
+            ("ikemgr", IKEMGR_METRICS),
+            ("espd", ESPD_METRICS),
+            ("dpdmon", DPDMON_METRICS),
+        ] {
+            let log = dir.path().join(format!("{daemon}.log"));
+            let f = std::fs::File::create(&log).expect("log file");
+            let mut cmd: Command = ns.command(bin(daemon));
+            cmd.arg("--config")
+                .arg(&conf)
+                .arg("--run-dir")
+                .arg(&run)
+                .args(["--log-level", "debug"])
+                .args(["--metrics-listen", metrics])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(f);
+            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
+        }
+        let h = Haven {
+            ns: ns.clone(),
+            dir,
+            run,
+            _procs: procs,
+        };
+        wait_for("ikemgr listening", WAIT, || {
+            h.log("ikemgr")
+                .contains("listening on UDP 500")
+                .then_some(())
+                .ok_or_else(|| h.log("ikemgr"))
+        });
+        h
+    }
+
+    fn log(&self, daemon: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
+    }
+
+    fn logs(&self) -> String {
+        ["ikemgr", "dpdmon", "espd"]
+            .iter()
+            .map(|d| format!("--- {d}:\n{}", tail(&self.log(d), 60)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn ike_list(&self) -> Value {
+        vpnctl_json(&self.run, &["diagnose", "vpn", "ike", "gateway", "list"])
+            .expect("ike gateway list")
+    }
+
+    fn tunnel_list(&self) -> Value {
+        vpnctl_json(&self.run, &["diagnose", "vpn", "tunnel", "list"]).expect("tunnel list")
+    }
+
+    fn text(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&vpnctl(&self.run, args).stdout).into_owned()
+    }
+
+    /// dpdmon's `tunnels` view.
+    fn dpd_view(&self) -> Value {
+        let req = CtlRequest::View {
+            name: "tunnels".into(),
+            args: vec![],
+        };
+        match rt().block_on(ctl_call(
+            &self.run,
+            DaemonKind::Dpdmon,
+            &req,
+            Duration::from_secs(2),
+        )) {
+            Ok(CtlReply::View(v)) => v,
+            other => panic!("dpdmon tunnels view: {other:?}"),
+        }
+    }
+
+    /// One sample of dpdmon's Prometheus series `series`.
+    fn dpd_metric(&self, series: &str) -> Option<f64> {
+        let text = self
+            .ns
+            .run("curl", &["-s", &format!("http://{DPDMON_METRICS}/metrics")])
+            .ok()?;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    /// Waits for dpdmon's metrics (exported once a second) to count one dead peer.
+    fn wait_dead_metric(&self) {
+        wait_for(
+            "dpdmon_dead_peers_total 1",
+            Duration::from_secs(5),
+            || match self.dpd_metric("dpdmon_dead_peers_total") {
+                Some(1.0) => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    }
+
+    fn routes(&self) -> String {
+        self.ns.ip(&["route"]).unwrap_or_default()
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Everything dpdmon and ikemgr publish, with the time it arrived.
+struct Tap {
+    seen: Arc<Mutex<Vec<(Instant, Body)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Tap {
+    fn new(run: &Path) -> Tap {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st, run) = (seen.clone(), stop.clone(), run.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            rt().block_on(async move {
+                let mut sub =
+                    BusSubscriber::connect(&run, &[DaemonKind::Dpdmon, DaemonKind::Ikemgr])
+                        .await
+                        .expect("subscribe to dpdmon and ikemgr");
+                while !st.load(Ordering::Relaxed) {
+                    if let Ok(Ok(env)) =
+                        tokio::time::timeout(Duration::from_millis(200), sub.recv()).await
+                    {
+                        s.lock().unwrap().push((Instant::now(), env.body));
+                    }
+                }
+            })
+        });
+        Tap {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (arrival, round, attempt) of dpdmon's probe requests for the instance after `since`.
+    fn requests(&self, since: Instant) -> Vec<(Instant, u64, u32)> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(t, b)| match b {
+                Body::ProbeRequest {
+                    tunnel,
+                    round,
+                    attempt,
+                } if tunnel == INSTANCE && *t >= since => Some((*t, *round, *attempt)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// (round, msg_id, outcome) of ikemgr's probe results for the instance after `since`.
+    fn results(&self, since: Instant) -> Vec<(u64, u32, String)> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(t, b)| match b {
+                Body::ProbeResult {
+                    tunnel,
+                    round,
+                    msg_id,
+                    outcome,
+                } if tunnel == INSTANCE && *t >= since => Some((*round, *msg_id, outcome.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Arrival of the first `dpd.state` record of the instance with `state`.
+    fn first_state(&self, state: &str) -> Option<Instant> {
+        self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
+            Body::Dpd(d) if d.tunnel == INSTANCE && d.state == state => Some(*t),
+            _ => None,
+        })
+    }
+
+    /// Arrival of ikemgr's `TunnelRemoved` of the instance.
+    fn removed(&self) -> Option<Instant> {
+        self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
+            Body::TunnelRemoved { name } if name == INSTANCE => Some(*t),
+            _ => None,
+        })
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// tcpdump on gwb's `out0`, writing every UDP 4500 packet to a pcap file as it arrives.
+struct Capture {
+    file: PathBuf,
+    _proc: Proc,
+}
+
+impl Capture {
+    fn start(gw: &Haven) -> Capture {
+        let file = gw.dir.path().join("out0.pcap");
+        let mut cmd = gw.ns.command("tcpdump");
+        cmd.args(["-n", "-U", "-s", "256", "-i", "out0", "-w"])
+            .arg(&file)
+            .arg("udp port 4500")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let proc = gw.ns.spawn_command(cmd).expect("spawn tcpdump");
+        wait_for("tcpdump writing", WAIT, || {
+            file.exists()
+                .then_some(())
+                .ok_or_else(|| "no pcap file yet".to_string())
+        });
+        // tcpdump writes the file header before it has attached to the interface.
+        std::thread::sleep(Duration::from_millis(500));
+        Capture { file, _proc: proc }
+    }
+
+    /// IKE requests `from` sent (`INFORMATIONAL` or not) as (seconds, exchange, message ID).
+    fn ike_requests(&self, from: [u8; 4]) -> Vec<(f64, u8, u32)> {
+        let data = std::fs::read(&self.file).unwrap_or_default();
+        parse_pcap(&data)
+            .into_iter()
+            .filter_map(|(ts, frame)| {
+                let ike = ike_over_udp_4500(&frame, from)?;
+                let exchange = *ike.get(18)?;
+                let flags = *ike.get(19)?;
+                let mid = u32::from_be_bytes(ike.get(20..24)?.try_into().ok()?);
+                (flags & FLAG_RESPONSE == 0).then_some((ts, exchange, mid))
+            })
+            .collect()
+    }
+}
+
+/// The records of a classic pcap file (any byte order, µs or ns): (time in s, frame).
+fn parse_pcap(data: &[u8]) -> Vec<(f64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Some(magic) = data.get(0..4) else {
+        return out;
+    };
+    let (le, nanos) = match magic {
+        [0xd4, 0xc3, 0xb2, 0xa1] => (true, false),
+        [0xa1, 0xb2, 0xc3, 0xd4] => (false, false),
+        [0x4d, 0x3c, 0xb2, 0xa1] => (true, true),
+        [0xa1, 0xb2, 0x3c, 0x4d] => (false, true),
+        _ => return out,
+    };
+    let u32_at = |b: &[u8], at: usize| -> Option<u32> {
+        let x: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+        Some(if le {
+            u32::from_le_bytes(x)
+        } else {
+            u32::from_be_bytes(x)
+        })
+    };
+    // Link type must be Ethernet (1): veth.
+    if u32_at(data, 20) != Some(1) {
+        return out;
+    }
+    let mut at = 24;
+    while let (Some(sec), Some(frac), Some(len)) =
+        (u32_at(data, at), u32_at(data, at + 4), u32_at(data, at + 8))
+    {
+        let start = at + 16;
+        let Some(frame) = data.get(start..start + len as usize) else {
+            break;
+        };
+        let ts = f64::from(sec) + f64::from(frac) / if nanos { 1e9 } else { 1e6 };
+        out.push((ts, frame.to_vec()));
+        at = start + len as usize;
+    }
+    out
+}
+
+/// The IKE message in an Ethernet frame carrying IPv4/UDP 4500 from `from` with the
+/// non-ESP marker (RFC 3948 §2.2), or `None`.
+fn ike_over_udp_4500(frame: &[u8], from: [u8; 4]) -> Option<&[u8]> {
+    // Ethernet II, EtherType IPv4.
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = frame.get(14..)?;
+    let ihl = usize::from(ip.first()? & 0x0f) * 4;
+    if *ip.get(9)? != 17 || ip.get(12..16)? != from {
+        return None;
+    }
+    let udp = ip.get(ihl..)?;
+    if udp.get(0..2)? != 4500u16.to_be_bytes() {
+        return None;
+    }
+    let payload = udp.get(8..)?;
+    // The non-ESP marker: four zero octets where ESP has its SPI.
+    if payload.get(0..4)? != [0, 0, 0, 0] {
+        return None;
+    }
+    payload.get(4..)
+}
+
+fn gwb_addr() -> [u8; 4] {
+    SiteToSite::GWB_OUTER
+        .parse::<std::net::Ipv4Addr>()
+        .expect("address")
+        .octets()
+}
+
+fn client_conf(dpd_delay: Option<Duration>) -> SwanctlConf {
+    let mut conn = Conn::psk(
+        "dial",
+        SiteToSite::GWA_OUTER,
+        SiteToSite::GWB_OUTER,
+        PSK.as_bytes(),
+    )
+    .ids(CLIENT_ID, GW_ID)
+    .proposals(&["aes128gcm16-prfsha256-ecp256"])
+    .child(
+        ChildCfg::new("net", SiteToSite::LAN_A, SiteToSite::LAN_B).esp_proposals(&["aes128gcm16"]),
+    );
+    if let Some(d) = dpd_delay {
+        conn = conn.dpd_delay(d);
+    }
+    SwanctlConf::new().conn(conn)
+}
+
+/// Brings the client's tunnel up and waits until every Haven daemon has it (ikemgr's IKE
+/// SA with its CHILD SA, espd's SAs, dpdmon monitoring the instance) and ping passes.
+fn tunnel_up(line: &SiteToSite, a: &Charon, gw: &Haven) {
+    if let Err(e) = a.initiate("net", WAIT) {
+        panic!("initiate failed: {e}\ncharon:\n{}\n{}", a.log(), gw.logs());
+    }
+    a.wait_child_installed("dial", "net", WAIT)
+        .expect("client CHILD SA");
+    wait_for("ikemgr lists the IKE SA", WAIT, || {
+        let v = gw.ike_list();
+        v.as_array()
+            .and_then(|l| l.first())
+            .filter(|s| s["name"] == INSTANCE)
+            .filter(|s| s["children"].as_array().is_some_and(|c| !c.is_empty()))
+            .map(|_| ())
+            .ok_or_else(|| v.to_string())
+    });
+    wait_for("dpdmon monitors the instance", WAIT, || {
+        let v = gw.dpd_view();
+        v.as_array()
+            .and_then(|l| l.iter().find(|t| t["name"] == INSTANCE))
+            .map(|_| ())
+            .ok_or_else(|| format!("{v}\n{}", gw.logs()))
+    });
+    wait_for("ping through the tunnel", WAIT, || {
+        line.client
+            .ping(SiteToSite::SERVER, 1)
+            .map(|_| ())
+            .map_err(|e| format!("{e}\n{}\n{}", gw.routes(), gw.logs()))
+    });
+}
+
+/// Checks that the instance is gone from every view and its route from gwb.
+fn gone_everywhere(gw: &Haven) {
+    wait_for("the instance gone from every view", WAIT, || {
+        let ike = gw.ike_list();
+        let tunnels = gw.tunnel_list();
+        let dpd = gw.dpd_view();
+        let summary = gw.text(&["get", "vpn", "ipsec", "tunnel", "summary"]);
+        let routes = gw.routes();
+        let has = |v: &Value, key: &str| {
+            v.as_array()
+                .is_some_and(|l| l.iter().any(|t| t[key] == INSTANCE))
+        };
+        let problems: Vec<&str> = [
+            (has(&ike, "name"), "ike gateway list"),
+            (has(&tunnels["tunnels"], "name"), "tunnel list (espd)"),
+            (has(&dpd, "name"), "dpdmon tunnels view"),
+            (summary.contains(INSTANCE), "tunnel summary"),
+            (
+                routes.contains(&format!("{} dev vpn1", SiteToSite::LAN_A)),
+                "route",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(bad, what)| bad.then_some(what))
+        .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "still in {problems:?}\nike: {ike}\ntunnels: {tunnels}\ndpd: {dpd}\nsummary: {summary}\nroutes: {routes}\n{}",
+                gw.logs()
+            ))
+        }
+    });
+    let snap = match rt().block_on(ctl_call(
+        &gw.run,
+        DaemonKind::Dpdmon,
+        &CtlRequest::Snapshot,
+        Duration::from_secs(2),
+    )) {
+        Ok(CtlReply::Snapshot(s)) => s,
+        other => panic!("dpdmon snapshot: {other:?}"),
+    };
+    assert!(
+        !snap
+            .items
+            .iter()
+            .any(|b| matches!(b, Body::Dpd(d) if d.tunnel == INSTANCE)),
+        "dpd.state record left: {:?}",
+        snap.items
+    );
+}
+
+/// The last probe round before the verdict: dpdmon asked for attempts 1, 2, 3 of one
+/// round, and ikemgr sent all three with one message ID. Returns that message ID.
+fn one_round_of_three(tap: &Tap, since: Instant, gw: &Haven) -> u32 {
+    let dead_at = tap.first_state("dead").expect("dead verdict");
+    let reqs: Vec<_> = tap
+        .requests(since)
+        .into_iter()
+        .filter(|r| r.0 <= dead_at)
+        .collect();
+    let last = reqs.last().map(|r| r.1).expect("probe requests");
+    let round: Vec<_> = reqs.iter().filter(|r| r.1 == last).collect();
+    assert_eq!(
+        round.iter().map(|r| r.2).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "one round of three transmissions before the verdict: {reqs:?}\n{}",
+        gw.logs()
+    );
+    let sent: Vec<_> = tap
+        .results(since)
+        .into_iter()
+        .filter(|r| r.0 == last && r.2 == "sent")
+        .collect();
+    assert_eq!(sent.len(), 3, "ikemgr's results: {sent:?}");
+    assert!(
+        sent.iter().all(|r| r.1 == sent[0].1),
+        "every retry keeps the message ID: {sent:?}"
+    );
+    eprintln!(
+        "dpd round {last}: transmissions at {:?} ms, verdict at {} ms after the first",
+        round
+            .iter()
+            .map(|r| r.0.duration_since(round[0].0).as_millis())
+            .collect::<Vec<_>>(),
+        dead_at.duration_since(round[0].0).as_millis()
+    );
+    sent[0].1
+}
+
+/// ikemgr's debug lines of the flush, in seed 000's order.
+fn flush_story_in_order(gw: &Haven) {
+    let log = gw.log("ikemgr");
+    let mut at = 0;
+    for line in [
+        format!("ike 0:{INSTANCE}: DPD declared the peer dead"),
+        "expiring IKE SA".to_string(),
+        format!("ike 0:{INSTANCE}: deleting"),
+        format!("ike 0:{INSTANCE}: flushing"),
+        "deleted IPsec SA with SPI".to_string(),
+        format!("del route {}", SiteToSite::LAN_A),
+        format!("ike 0:{INSTANCE}: sending tunnel down event"),
+        format!("ike 0:{INSTANCE}: flushed"),
+        format!("ike 0:{INSTANCE}: delete dynamic"),
+        format!("ike 0:{INSTANCE}: deleted"),
+    ] {
+        match log[at..].find(&line) {
+            Some(i) => at += i + line.len(),
+            None => panic!(
+                "{line:?} missing (or out of order) after byte {at} of ikemgr's log:\n{}",
+                tail(&log, 80)
+            ),
+        }
+    }
+}
+
+/// (a) While idle, our probes are answered; charon SIGKILLed: exactly 3 transmissions of
+/// one liveness check on the wire, then the flush everywhere.
+#[test]
+fn charon_killed_flush_after_exactly_the_configured_probes() {
+    require();
+    let line = SiteToSite::new("dpss-kill").expect("topology");
+    let gw = Haven::start(&line.gwb, "dpss-kill-gw", &gateway_config("on-idle", 3, 2));
+    let tap = Tap::new(&gw.run);
+    let cap = Capture::start(&gw);
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&client_conf(None)).expect("load client");
+    tunnel_up(&line, &a, &gw);
+
+    // 1. Idle: the gateway probes every 2 s of silence and strongSwan answers.
+    let t_up = Instant::now();
+    wait_for("two answered probes", WAIT, || {
+        let r = tap.results(t_up);
+        (r.iter().filter(|r| r.2 == "reply").count() >= 2)
+            .then_some(())
+            .ok_or_else(|| format!("{r:?}\n{}", gw.logs()))
+    });
+    assert!(tap.first_state("dead").is_none(), "{}", gw.logs());
+    let answered = cap.ike_requests(gwb_addr());
+    assert!(
+        answered.iter().filter(|r| r.1 == INFORMATIONAL).count() >= 2,
+        "probes on the wire: {answered:?}"
+    );
+    let charon_log = a.log();
+    assert!(
+        charon_log.contains("parsed INFORMATIONAL request"),
+        "strongSwan saw no probe:\n{charon_log}"
+    );
+    let sas = a.list_sas().expect("list");
+    assert!(
+        sas.iter().any(|s| s.state == "ESTABLISHED"),
+        "answered probes keep the tunnel: {sas:?}"
+    );
+
+    // 2. charon dies without a word.
+    let t_kill = Instant::now();
+    a.kill().expect("kill charon");
+    wait_for("dead verdict", Duration::from_secs(30), || {
+        tap.first_state("dead")
+            .ok_or_else(|| format!("{:?}\n{}", tap.requests(t_kill), gw.logs()))
+    });
+    let mid = one_round_of_three(&tap, t_up, &gw);
+    gone_everywhere(&gw);
+    let removed = tap.removed().expect("TunnelRemoved on the bus");
+    assert!(removed >= tap.first_state("dead").unwrap());
+
+    // 3. On the wire: that message ID went out exactly 3 times, and after the kill nothing
+    //    else was asked of the dead peer.
+    let reqs = cap.ike_requests(gwb_addr());
+    let of_round: Vec<_> = reqs.iter().filter(|r| r.2 == mid).collect();
+    assert_eq!(
+        of_round.len(),
+        3,
+        "transmissions of message ID {mid}: {of_round:?} (all requests: {reqs:?})"
+    );
+    assert!(of_round.iter().all(|r| r.1 == INFORMATIONAL));
+    let last_before = reqs.iter().filter(|r| r.2 < mid).count();
+    assert_eq!(
+        reqs.len(),
+        last_before + 3,
+        "nothing after the dead round: {reqs:?}"
+    );
+    eprintln!(
+        "dpd on the wire: message ID {mid} at {:?} s",
+        of_round
+            .iter()
+            .map(|r| format!("{:.2}", r.0 - of_round[0].0))
+            .collect::<Vec<_>>()
+    );
+
+    // 4. Metrics and the debug story.
+    gw.wait_dead_metric();
+    assert!(gw.dpd_metric("dpdmon_probe_replies_total").unwrap_or(0.0) >= 2.0);
+    flush_story_in_order(&gw);
+    let dlog = gw.log("dpdmon");
+    for want in [
+        format!("dpd 0:{INSTANCE}: link is idle"),
+        format!("dpd 0:{INSTANCE}: send IKEv2 DPD probe, seqno {mid}"),
+        "negotiation of IKE SA failed due to retry timeout".to_string(),
+    ] {
+        assert!(dlog.contains(&want), "{want:?} missing from dpdmon's log");
+    }
+    assert!(
+        line.client.ping(SiteToSite::SERVER, 1).is_err(),
+        "path must close with the tunnel"
+    );
+}
+
+/// (b) The link is cut: the same verdict and flush; probes counted on gwb's output.
+#[test]
+fn link_cut_flush_after_exactly_the_configured_probes() {
+    require();
+    let line = SiteToSite::new("dpss-cut").expect("topology");
+    let gw = Haven::start(&line.gwb, "dpss-cut-gw", &gateway_config("on-idle", 3, 2));
+    let tap = Tap::new(&gw.run);
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&client_conf(None)).expect("load client");
+    tunnel_up(&line, &a, &gw);
+    // Count IKE INFORMATIONAL requests (non-ESP marker, exchange type 37, Response flag
+    // clear) leaving gwb for UDP 4500, whatever happens to them on the link.
+    gw.ns
+        .nft(
+            "table inet dpdcount {
+               chain out {
+                 type filter hook output priority 0; policy accept;
+                 udp dport 4500 @th,64,32 0 @th,240,8 37 @th,248,8 & 0x20 == 0x00 counter
+               }
+             }",
+        )
+        .expect("nft counter");
+    let t_up = Instant::now();
+    wait_for("an answered probe", WAIT, || {
+        let r = tap.results(t_up);
+        r.iter()
+            .any(|r| r.2 == "reply")
+            .then_some(())
+            .ok_or_else(|| format!("{r:?}\n{}", gw.logs()))
+    });
+    let counted = |gw: &Haven| -> u64 {
+        let out = gw
+            .ns
+            .run("nft", &["list", "chain", "inet", "dpdcount", "out"])
+            .unwrap_or_default();
+        out.split("packets ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(counted(&gw) >= 1, "the counter sees probes");
+
+    // Cut the link on the peer's side; wait for the verdict.
+    let t_cut = Instant::now();
+    let before_cut = counted(&gw);
+    line.gwa
+        .ip(&["link", "set", "out0", "down"])
+        .expect("link down");
+    wait_for("dead verdict", Duration::from_secs(30), || {
+        tap.first_state("dead")
+            .ok_or_else(|| format!("{:?}\n{}", tap.requests(t_cut), gw.logs()))
+    });
+    one_round_of_three(&tap, t_up, &gw);
+    gone_everywhere(&gw);
+    // A round may have begun (answered or not) just before the cut; every transmission
+    // after it is of the dead round.
+    let after: Vec<_> = tap
+        .results(t_cut)
+        .into_iter()
+        .filter(|r| r.2 == "sent")
+        .collect();
+    let on_output = counted(&gw) - before_cut;
+    assert_eq!(
+        on_output,
+        after.len() as u64,
+        "every probe ikemgr reported sent left gwb: {after:?}"
+    );
+    assert!(
+        (1..=3).contains(&on_output),
+        "at most one round after the cut: {on_output}"
+    );
+    gw.wait_dead_metric();
+    flush_story_in_order(&gw);
+    drop(a);
+}
+
+/// (c) strongSwan's own liveness checks are answered and keep its SA; they are proof of
+/// life for us too, so our on-idle gateway never probes.
+#[test]
+fn strongswan_dpd_is_answered_and_counts_as_proof_of_life() {
+    require();
+    let line = SiteToSite::new("dpss-ssd").expect("topology");
+    let gw = Haven::start(&line.gwb, "dpss-ssd-gw", &gateway_config("on-idle", 3, 5));
+    let tap = Tap::new(&gw.run);
+    let cap = Capture::start(&gw);
+    // An unanswered check would close charon's SA after 1 + 1 + 1 s of retransmissions.
+    let mut a = Charon::start_with(
+        &line.gwa,
+        "retransmit_tries = 2\nretransmit_timeout = 1\nretransmit_base = 1.0",
+    )
+    .expect("charon in gwa");
+    a.load(&client_conf(Some(Duration::from_secs(2))))
+        .expect("load client");
+    tunnel_up(&line, &a, &gw);
+    let spis = a.list_sas().expect("list")[0].spis();
+    let t_up = Instant::now();
+    std::thread::sleep(Duration::from_secs(16));
+
+    let log = a.log();
+    let requests = log.matches("generating INFORMATIONAL request").count();
+    let responses = log.matches("parsed INFORMATIONAL response").count();
+    eprintln!("strongSwan DPD: {requests} requests, {responses} responses in 16 s");
+    assert!(requests >= 4, "strongSwan sent too few checks:\n{log}");
+    assert!(
+        responses + 1 >= requests,
+        "unanswered checks: {requests} requests, {responses} responses\n{log}\n{}",
+        gw.logs()
+    );
+    let sas = a.list_sas().expect("list");
+    assert!(
+        sas.iter()
+            .any(|s| s.state == "ESTABLISHED" && s.spis() == spis),
+        "strongSwan's SA must stay up: {sas:?}\n{log}"
+    );
+    // Our side: the checks are proof of life; no probe in 16 s with a 5 s idle interval.
+    assert!(
+        tap.requests(t_up).is_empty(),
+        "we probed a peer that talks to us: {:?}\n{}",
+        tap.requests(t_up),
+        gw.logs()
+    );
+    let ours = cap.ike_requests(gwb_addr());
+    assert!(ours.is_empty(), "our requests on the wire: {ours:?}");
+    assert!(tap.first_state("dead").is_none());
+    let v = gw.dpd_view();
+    let row = v
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["name"] == INSTANCE))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(row["state"], "idle", "{row}");
+    assert!(
+        row["silent_ms"].as_u64().unwrap_or(u64::MAX) < 5_000,
+        "{row}"
+    );
+    line.client
+        .ping(SiteToSite::SERVER, 1)
+        .expect("the tunnel still carries traffic");
+}
+
+/// (d) With traffic flowing, on-idle sends no probe; when it stops, probes start.
+#[test]
+fn on_idle_sends_no_probe_while_traffic_flows() {
+    require();
+    let line = SiteToSite::new("dpss-trf").expect("topology");
+    let gw = Haven::start(&line.gwb, "dpss-trf-gw", &gateway_config("on-idle", 3, 2));
+    let tap = Tap::new(&gw.run);
+    let cap = Capture::start(&gw);
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&client_conf(None)).expect("load client");
+    tunnel_up(&line, &a, &gw);
+
+    let mut cmd = line.client.command("ping");
+    cmd.args(["-n", "-q", "-i", "0.2", "-W", "1", SiteToSite::SERVER])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut ping = line.client.spawn_command(cmd).expect("ping");
+    // Let a probe of the idle moments before the ping started finish.
+    std::thread::sleep(Duration::from_secs(3));
+    let t_traffic = Instant::now();
+    let wire_before = cap.ike_requests(gwb_addr()).len();
+    std::thread::sleep(Duration::from_secs(12));
+    let probes = tap.requests(t_traffic);
+    assert!(
+        probes.is_empty(),
+        "probes while traffic flows (idle 2 s): {probes:?}\n{}",
+        gw.logs()
+    );
+    assert_eq!(
+        cap.ike_requests(gwb_addr()).len(),
+        wire_before,
+        "IKE requests on the wire while traffic flows"
+    );
+
+    // The traffic stops: within a few idle intervals the gateway probes, and strongSwan
+    // answers.
+    ping.kill_now().expect("stop ping");
+    let t_quiet = Instant::now();
+    wait_for("a probe once traffic stops", WAIT, || {
+        let r = tap.results(t_quiet);
+        r.iter()
+            .any(|r| r.2 == "reply")
+            .then_some(())
+            .ok_or_else(|| format!("{r:?}\n{}", gw.logs()))
+    });
+    assert!(tap.first_state("dead").is_none());
+    drop(a);
+}
