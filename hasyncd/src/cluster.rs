@@ -230,6 +230,10 @@ impl Cluster {
         });
         let role = if fgcp.is_some() { 0.0 } else { -1.0 };
         metrics::gauge!("hasyncd_role").set(role);
+        // Gauges otherwise first set by an event: exported from the start so dashboards
+        // show 0 instead of no data.
+        metrics::gauge!("hasyncd_standby_child_sas").set(0.0);
+        metrics::gauge!("hasyncd_fgsp_detected_peers").set(0.0);
         Cluster {
             fgcp,
             fgsp,

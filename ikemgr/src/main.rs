@@ -348,6 +348,7 @@ impl DaemonLogic for Ikemgr {
             if !marks.is_empty() {
                 out.push(Body::IkeActivity { tunnels: marks });
             }
+            self.export_metrics(now);
         }
     }
 
@@ -409,6 +410,55 @@ fn name_arg(args: &[String]) -> Option<&str> {
         [k, v, ..] if k == "name" => Some(v.as_str()),
         [v] => Some(v.as_str()),
         _ => None,
+    }
+}
+
+impl Ikemgr {
+    /// Once a second: tunnels by state (dial-up templates left out: only their instances
+    /// carry traffic), IKE SAs by state and installed CHILD SA pairs (manual-key included).
+    fn export_metrics(&self, now: Instant) {
+        static DESCRIBED: std::sync::Once = std::sync::Once::new();
+        DESCRIBED.call_once(|| {
+            metrics::describe_gauge!(
+                "ikemgr_tunnels",
+                "Tunnels (static, manual-key, dial-up instances) by state: up, connecting, down."
+            );
+            metrics::describe_gauge!(
+                "ikemgr_ike_sas",
+                "IKE SAs by state: established, connecting."
+            );
+            metrics::describe_gauge!(
+                "ikemgr_child_sas",
+                "CHILD SA pairs negotiated or configured."
+            );
+        });
+        let mut by_state = [0u64; 3];
+        for t in self.tunnels.values().chain(self.instances.values()) {
+            if t.kind == TunnelKind::Dynamic {
+                continue;
+            }
+            by_state[match t.state {
+                TunnelState::Up => 0,
+                TunnelState::Connecting => 1,
+                TunnelState::Down => 2,
+            }] += 1;
+        }
+        for (state, n) in ["up", "connecting", "down"].into_iter().zip(by_state) {
+            metrics::gauge!("ikemgr_tunnels", "state" => state).set(n as f64);
+        }
+        let gws = io::lock(&self.ike).gateway_list(now, None);
+        let (mut established, mut connecting, mut children) = (0u64, 0u64, self.child_sas.len());
+        for g in gws.as_array().into_iter().flatten() {
+            if g["established"] == true {
+                established += 1;
+            } else {
+                connecting += 1;
+            }
+            children += g["children"].as_array().map_or(0, Vec::len);
+        }
+        metrics::gauge!("ikemgr_ike_sas", "state" => "established").set(established as f64);
+        metrics::gauge!("ikemgr_ike_sas", "state" => "connecting").set(connecting as f64);
+        metrics::gauge!("ikemgr_child_sas").set(children as f64);
     }
 }
 

@@ -9,15 +9,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bus_schema::{ctl_call, CtlClient, CtlReply, CtlRequest, DaemonKind};
-use clap::{Parser, Subcommand};
+use bus_schema::{ctl_call, Body, CtlClient, CtlReply, CtlRequest, DaemonKind};
+use clap::{CommandFactory, Parser, Subcommand, ValueHint};
+
+mod completions;
+mod wireshark;
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
 #[command(name = "vpnctl", version, about = "Operate a Haven IPsec gateway")]
 struct Cli {
     /// Run-dir of the daemons (their bus and control sockets).
-    #[arg(long, global = true, default_value = "/run/haven")]
+    #[arg(long, global = true, default_value = "/run/haven", value_hint = ValueHint::DirPath)]
     run_dir: PathBuf,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
@@ -60,12 +63,20 @@ enum Cmd {
         /// `vpn ipsec tunnel summary`.
         words: Vec<String>,
     },
+    /// Print a shell completion script: `vpnctl completions bash > /usr/share/bash-completion/completions/vpnctl`.
+    Completions {
+        /// bash (zsh: load it after `autoload -U bashcompinit && bashcompinit`).
+        shell: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum ConfigCmd {
     /// Validate a configuration file without starting anything: warnings exit 0, errors exit 1.
-    Check { file: PathBuf },
+    Check {
+        #[arg(value_hint = ValueHint::FilePath)]
+        file: PathBuf,
+    },
     /// Ask every running daemon to reload its configuration (a file that fails validation changes nothing).
     Reload,
 }
@@ -137,6 +148,13 @@ enum DiagIkeCmd {
     Gateway {
         #[command(subcommand)]
         cmd: DiagIkeGatewayCmd,
+    },
+    /// Write the live SAs' keys for Wireshark: `DIR/esp_sa` (Edit > Preferences > Protocols >
+    /// ESP, or a profile directory). The file holds keys: keep it secret.
+    ExportKeys {
+        /// Directory to write `esp_sa` into (created if missing, mode 0700).
+        #[arg(long, value_hint = ValueHint::DirPath)]
+        wireshark: PathBuf,
     },
 }
 
@@ -318,6 +336,24 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         },
                 },
         } => diagnose_vpn_ike_gateway(&cli, cmd).await,
+        Cmd::Diagnose {
+            cmd:
+                DiagnoseCmd::Vpn {
+                    cmd: DiagVpnCmd::Ike {
+                        cmd: DiagIkeCmd::ExportKeys { wireshark },
+                    },
+                },
+        } => export_keys(&cli, wireshark).await,
+        Cmd::Completions { shell } => match shell.as_str() {
+            "bash" => {
+                println!("{}", completions::bash(Cli::command()));
+                Ok(ExitCode::SUCCESS)
+            }
+            other => Err(fail(
+                2,
+                format!("no completion for shell {other:?}: vpnctl completes bash (and zsh through bashcompinit)"),
+            )),
+        },
         Cmd::Get { words } => get_cmd(&cli, words).await,
         Cmd::Diagnose {
             cmd: DiagnoseCmd::Sys {
@@ -829,6 +865,56 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `diagnose vpn ike export-keys --wireshark DIR`: ikemgr's CHILD SAs (with keys, from its
+/// snapshot) as Wireshark's `esp_sa` table.
+async fn export_keys(cli: &Cli, dir: &Path) -> Result<ExitCode, Failure> {
+    let snap = match call(cli, DaemonKind::Ikemgr, CtlRequest::Snapshot).await? {
+        CtlReply::Snapshot(s) => s,
+        other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+    };
+    let sas: Vec<_> = snap
+        .items
+        .into_iter()
+        .filter_map(|b| match b {
+            Body::ChildSa(sa) => Some(sa),
+            _ => None,
+        })
+        .collect();
+    let (text, records) = wireshark::esp_sa_file(&sas);
+    let path = dir.join("esp_sa");
+    write_secret(dir, &path, &text)
+        .map_err(|e| fail(1, format!("cannot write {}: {e}", path.display())))?;
+    if cli.json {
+        print_json(
+            &json!({"esp_sa": path, "records": records, "child_sas": sas.len(), "ike_sas": 0}),
+        );
+    } else {
+        println!(
+            "wrote {} ({records} ESP SA records from {} CHILD SAs); IKE SA keys are not exported (ikemgr does not publish them)",
+            path.display(),
+            sas.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates `dir` (0700 if new) and writes `path` readable by its owner only.
+fn write_secret(dir: &Path, path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 /// `name N` from the arguments of an ike view; usage error otherwise.

@@ -1,0 +1,198 @@
+//! `ops/lab`, the README's first command, end to end with this build's binaries: `up`
+//! builds the namespaces, starts the gateway under supervisord, brings the strongSwan
+//! client's tunnel up and starts the continuous ping; the ping gets replies through the
+//! tunnel, Prometheus (started by the lab in the gateway's namespace with the shipped
+//! prometheus.yml) has all four daemons up, `status` shows the tunnel instance; `down`
+//! leaves no namespace, no process and no file.
+//!
+//! The lab runs under its own namespace prefix and directory (HAVEN_LAB_PREFIX,
+//! HAVEN_LAB_DIR), so an operator's lab (`hvlab-*`) on the same machine is left alone.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use haven_tests::daemons::{bin_dir, wait_for, workspace_root};
+
+struct Lab {
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(workspace_root().join("ops/lab"))
+            .args(args)
+            .env("HAVEN_BIN", bin_dir())
+            .env("HAVEN_LAB_PREFIX", &self.prefix)
+            .env("HAVEN_LAB_DIR", &self.dir)
+            .output()
+            .expect("run ops/lab")
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Processes whose command line mentions the lab directory.
+    fn processes(&self) -> Vec<String> {
+        let needle = self.dir.to_string_lossy().into_owned();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains(&needle) {
+                found.push(format!("{}: {text}", e.file_name().to_string_lossy()));
+            }
+        }
+        found
+    }
+
+    /// Pids of every process inside the lab's namespaces.
+    fn ns_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for n in self.namespaces() {
+            let out = Command::new("ip")
+                .args(["netns", "pids", &n])
+                .output()
+                .expect("ip netns pids");
+            pids.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        pids
+    }
+
+    fn in_gw(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-gw", self.prefix)])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n{}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn replies(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("bytes from 10.1.0.2"))
+        .count()
+}
+
+#[test]
+fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
+    let lab = Lab {
+        prefix: format!("hvlt{}", std::process::id()),
+        dir: std::env::temp_dir().join(format!("haven-lab-test-{}", std::process::id())),
+    };
+    let up = lab.run(&["up"]);
+    assert!(up.status.success(), "ops/lab up failed:\n{}", text(&up));
+    assert_eq!(lab.namespaces().len(), 4, "{:?}", lab.namespaces());
+
+    let ping_log = lab.dir.join("ping.log");
+    wait_for(
+        "3 ping replies through the tunnel",
+        Duration::from_secs(30),
+        || match replies(&ping_log) {
+            n if n >= 3 => Ok(()),
+            n => Err(format!(
+                "{n} replies: {}",
+                std::fs::read_to_string(&ping_log).unwrap_or_default()
+            )),
+        },
+    );
+
+    wait_for(
+        "Prometheus has the four daemons up",
+        Duration::from_secs(60),
+        || {
+            let body = lab.in_gw(&[
+                "curl",
+                "-s",
+                "--max-time",
+                "3",
+                "http://127.0.0.1:9090/api/v1/targets",
+            ]);
+            let v: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+            let targets = v["data"]["activeTargets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let up = targets.iter().filter(|t| t["health"] == "up").count();
+            if up == 4 {
+                Ok(())
+            } else {
+                Err(body)
+            }
+        },
+    );
+
+    let status = lab.run(&["status"]);
+    let s = text(&status);
+    assert!(status.status.success(), "{s}");
+    assert!(
+        s.contains("vpn1_1"),
+        "status shows no tunnel instance:\n{s}"
+    );
+    assert!(
+        s.contains("prometheus: espd     up"),
+        "status shows no Prometheus:\n{s}"
+    );
+
+    let pids = lab.ns_pids();
+    assert!(pids.len() >= 5, "lab processes: {pids:?}");
+    let down = lab.run(&["down"]);
+    assert!(
+        down.status.success(),
+        "ops/lab down failed:\n{}",
+        text(&down)
+    );
+    assert!(
+        lab.namespaces().is_empty(),
+        "namespaces left: {:?}",
+        lab.namespaces()
+    );
+    let procs = lab.processes();
+    assert!(procs.is_empty(), "processes left: {procs:?}");
+    // A zombie has released everything; its parent (not the lab) reaps it.
+    let alive: Vec<u32> = pids
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(')').next().map(|r| r.trim().starts_with('Z')))
+                .is_some_and(|zombie| !zombie)
+        })
+        .collect();
+    assert!(alive.is_empty(), "lab processes still alive: {alive:?}");
+    assert!(!lab.dir.exists(), "{} left behind", lab.dir.display());
+}
