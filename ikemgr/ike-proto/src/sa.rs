@@ -1841,5 +1841,6 @@ impl IkeSa {
 }
 
 mod exchanges;
+pub mod fuzz;
 #[cfg(test)]
 mod tests;
