@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
 use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
 use haven_config::{Config, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector};
-use ike_proto::cookie::{CookieGuard, GuardConfig, Verdict};
+use ike_proto::cookie::{CookieGuard, DropReason, GuardConfig, Verdict};
 use ike_proto::crypto::{Encr, Integ};
 use ike_proto::proposal::{dhgrp_list, phase1_list, phase2_list};
 use ike_proto::sa::{Accepted, Addresses, DeleteReason, Event, IkeConfig, IkeSa, OsEntropy};
@@ -114,6 +114,8 @@ pub struct IkeManager {
     guard: Option<CookieGuard>,
     /// Static gateways: earliest next initiation.
     retry_at: BTreeMap<String, Instant>,
+    /// Datagrams dropped, by reason (`ikemgr_drops_total`, ops/ATTACKS.md).
+    drops: BTreeMap<&'static str, u64>,
 }
 
 fn spelling<T: serde::Serialize>(v: &T) -> String {
@@ -309,6 +311,7 @@ impl IkeManager {
             bodies: Vec::new(),
             retry_at: BTreeMap::new(),
             guard: None,
+            drops: BTreeMap::new(),
         }
     }
 
@@ -464,6 +467,7 @@ impl IkeManager {
         d: &[u8],
     ) {
         let Some(hdr) = d.get(..IKE_HEADER_LEN) else {
+            self.count_drop("truncated");
             return;
         };
         let mut spi_i = [0u8; 8];
@@ -492,6 +496,7 @@ impl IkeManager {
         if let Some(id) = existing {
             if let Some(e) = self.sas.get_mut(&id) {
                 if let Err(err) = e.sa.handle_datagram(now, path, d) {
+                    *self.drops.entry(err.kind()).or_insert(0) += 1;
                     tracing::debug!(
                         "ike 0:{}:{id}: datagram from {remote} dropped: {err}",
                         e.name
@@ -502,12 +507,14 @@ impl IkeManager {
             return;
         }
         if spi_r != 0 || exchange != IKE_SA_INIT || flags & FLAG_RESPONSE != 0 {
+            self.count_drop("no_sa");
             tracing::debug!(
                 "ike 0: comes {remote}->{local}: no IKE SA for {spi_i:016x}/{spi_r:016x}, dropped"
             );
             return;
         }
         let Some(g) = self.gateway_for_new_peer(remote.ip()) else {
+            self.count_drop("no_gateway");
             tracing::debug!("ike 0: comes {remote}->{local}: no gateway for this peer");
             return;
         };
@@ -537,6 +544,11 @@ impl IkeManager {
                     return;
                 }
                 Verdict::Drop(why) => {
+                    self.count_drop(match why {
+                        DropReason::Malformed => "decode",
+                        DropReason::PerSourceLimit => "half_open_per_source",
+                        DropReason::GlobalLimit => "half_open_global",
+                    });
                     tracing::debug!("ike 0: IKE_SA_INIT from {remote} dropped: {why:?}");
                     return;
                 }
@@ -556,8 +568,30 @@ impl IkeManager {
                 self.insert(&g, *sa, now, Some(remote.ip()));
             }
             Ok(Accepted::Reply(t)) => self.transmits.push_back(t),
-            Err(e) => tracing::debug!("ike 0:{}: IKE_SA_INIT from {remote} refused: {e}", g.name),
+            Err(e) => {
+                self.count_drop(e.kind());
+                tracing::debug!("ike 0:{}: IKE_SA_INIT from {remote} refused: {e}", g.name)
+            }
         }
+    }
+
+    fn count_drop(&mut self, reason: &'static str) {
+        *self.drops.entry(reason).or_insert(0) += 1;
+    }
+
+    /// Datagrams dropped so far, by reason: `truncated`, `no_sa`, `no_gateway`,
+    /// `half_open_per_source`, `half_open_global`, and the SA layer's
+    /// [`ike_proto::IkeError::kind`] labels (`decode`, `integrity`, `message_id`, ...).
+    pub fn drops(&self) -> &BTreeMap<&'static str, u64> {
+        &self.drops
+    }
+
+    /// (half-open SAs now, COOKIE requests sent, requests with a wrong cookie).
+    pub fn cookie_stats(&self) -> (usize, u64, u64) {
+        self.guard.as_ref().map_or((0, 0, 0), |g| {
+            let s = g.stats();
+            (g.half_open(), s.cookies_sent, s.cookies_invalid)
+        })
     }
 
     /// Drives timers of every SA.
@@ -1330,6 +1364,58 @@ end
         assert!(dial.poll_transmit().is_none());
         assert!(dial.drain_bodies().is_empty());
         assert_eq!(dial.gateway_list(now, None), json!([]));
+        // Each one is counted by reason (ops/ATTACKS.md): two shorter than a
+        // header, two headers naming an SA we do not have.
+        assert_eq!(dial.drops().get("truncated"), Some(&2));
+        assert_eq!(dial.drops().get("no_sa"), Some(&2));
+    }
+
+    #[test]
+    fn attack_unknown_spi_flood_and_forged_sa_traffic_are_counted() {
+        // Datagrams for an established SA that fail its checks are counted by
+        // the SA layer's reason; a flood of headers with unknown SPIs costs
+        // no state and is counted as no_sa.
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        hub.initiate(
+            now,
+            "hub",
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+        );
+        shuttle(&mut hub, &mut dial, now);
+        let a: SocketAddr = "192.0.2.2:500".parse().unwrap();
+        let b: SocketAddr = "192.0.2.1:500".parse().unwrap();
+        let sa = &dial.sas.values().next().unwrap().sa;
+        let ((spi_i, spi_r), (_, mid)) = (sa.spis(), sa.message_ids());
+        // An INFORMATIONAL request under the SA's SPIs with a forged SK payload.
+        let mut forged = Vec::new();
+        forged.extend_from_slice(&spi_i.to_be_bytes());
+        forged.extend_from_slice(&spi_r.to_be_bytes());
+        forged.extend_from_slice(&[46, 0x20, 37, 0x08]);
+        forged.extend_from_slice(&mid.to_be_bytes());
+        forged.extend_from_slice(&[0, 0, 0, 28 + 4 + 40]);
+        forged.extend_from_slice(&[0, 0, 0, 44]);
+        forged.extend_from_slice(&[0x42; 40]);
+        for _ in 0..3 {
+            dial.handle_datagram(now, a, b, &forged);
+        }
+        assert_eq!(
+            dial.drops().get("integrity"),
+            Some(&3),
+            "{:?}",
+            dial.drops()
+        );
+        for i in 0..1000u64 {
+            let mut d = (0xdead_0000 + i).to_be_bytes().to_vec();
+            d.extend_from_slice(&(0xbeef_0000 + i).to_be_bytes());
+            d.extend_from_slice(&[0, 0x20, 37, 0x08, 0, 0, 0, 1, 0, 0, 0, 28]);
+            dial.handle_datagram(now, a, b, &d);
+        }
+        assert_eq!(dial.drops().get("no_sa"), Some(&1000));
+        assert_eq!(dial.sas.len(), 1);
+        assert!(dial.poll_transmit().is_none());
     }
 
     #[test]

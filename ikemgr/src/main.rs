@@ -344,6 +344,7 @@ impl DaemonLogic for Ikemgr {
         self.drain(out);
         if self.activity_at.is_none_or(|t| now >= t) {
             self.activity_at = Some(now + ACTIVITY_EVERY);
+            export_drop_metrics(&io::lock(&self.ike));
             let marks = io::lock(&self.ike).activity(now, now_ns);
             if !marks.is_empty() {
                 out.push(Body::IkeActivity { tunnels: marks });
@@ -402,6 +403,17 @@ impl DaemonLogic for Ikemgr {
             )),
         }
     }
+}
+
+/// Drop counters and half-open state for Prometheus (ops/ATTACKS.md).
+fn export_drop_metrics(ike: &ike::IkeManager) {
+    for (reason, n) in ike.drops() {
+        metrics::counter!("ikemgr_drops_total", "reason" => *reason).absolute(*n);
+    }
+    let (half_open, cookies, bad_cookies) = ike.cookie_stats();
+    metrics::gauge!("ikemgr_half_open_sas").set(half_open as f64);
+    metrics::counter!("ikemgr_cookies_sent_total").absolute(cookies);
+    metrics::counter!("ikemgr_cookies_invalid_total").absolute(bad_cookies);
 }
 
 /// `name N` (or a bare `N`) from a view's or command's arguments.

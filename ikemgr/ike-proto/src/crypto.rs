@@ -473,6 +473,12 @@ fn modp_prime(g: DhGroup) -> Result<BigNum> {
     })
 }
 
+/// Test helper: the prime of a MODP group, big-endian.
+#[cfg(test)]
+pub(crate) fn tests_modp_prime(g: DhGroup) -> Option<Vec<u8>> {
+    modp_prime(g).ok().map(|p| p.to_vec())
+}
+
 fn ec_curve(g: DhGroup) -> Option<(Nid, usize)> {
     match g {
         DhGroup::ECP256 => Some((Nid::X9_62_PRIME256V1, 32)),

@@ -92,6 +92,23 @@ impl From<CryptoError> for IkeError {
 }
 
 impl IkeError {
+    /// Short label of the error's kind, for drop counters
+    /// (`ikemgr_drops_total{reason}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IkeError::Decode(_) => "decode",
+            IkeError::Unexpected(_) => "unexpected",
+            IkeError::InvalidMessageId { .. } => "message_id",
+            IkeError::Integrity => "integrity",
+            IkeError::WrongSa => "wrong_sa",
+            IkeError::Crypto(_) => "crypto",
+            IkeError::NoProposalChosen => "no_proposal",
+            IkeError::NotEstablished => "not_established",
+            IkeError::UnknownChild(_) => "unknown_child",
+            IkeError::Internal(_) => "internal",
+        }
+    }
+
     /// The Notify a responder would answer with, where one applies.
     pub fn notify(&self) -> Option<NotifyType> {
         match self {
@@ -885,6 +902,15 @@ impl IkeSa {
             || h.spi_i == 0
         {
             return Err(IkeError::Unexpected("not an initial IKE_SA_INIT request"));
+        }
+        // §3.14, RFC 7383 §2.5: IKE_SA_INIT is never encrypted or fragmented.
+        if msg.sk_offset.is_some()
+            || msg
+                .payloads
+                .iter()
+                .any(|p| matches!(p, Payload::Sk { .. } | Payload::Skf { .. }))
+        {
+            return Err(IkeError::Unexpected("encrypted payload in IKE_SA_INIT"));
         }
         let mut sa = IkeSa::blank(cfg, addrs, entropy);
         sa.chan = Channel::new(h.spi_i, 0, false);
@@ -1895,6 +1921,9 @@ impl IkeSa {
     }
 }
 
+#[cfg(test)]
+mod attacks;
 mod exchanges;
+pub mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -965,6 +965,19 @@ impl IkeSa {
         };
         let mut rekey_of = None;
         if let Some(n) = find_notify(p, NotifyType::REKEY_SA) {
+            // §3.10: a CHILD SA notify names ESP or AH; 0 or IKE is malformed,
+            // and we have no AH SAs (ops/ATTACKS.md).
+            if n.protocol == ProtocolId::AH {
+                return Ok(vec![Payload::Notify(NotifyPayload {
+                    protocol: ProtocolId::AH,
+                    spi: n.spi.clone(),
+                    ty: NotifyType::CHILD_SA_NOT_FOUND,
+                    data: Vec::new(),
+                })]);
+            }
+            if n.protocol != ProtocolId::ESP {
+                return Ok(vec![notify(NotifyType::INVALID_SYNTAX)]);
+            }
             let Ok(b) = <[u8; 4]>::try_from(n.spi.as_slice()) else {
                 return Ok(vec![notify(NotifyType::INVALID_SYNTAX)]);
             };
