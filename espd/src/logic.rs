@@ -18,9 +18,14 @@ use serde_json::{json, Value};
 use crate::datapath::table::{Peer, Sa, DROP_LABELS, NUM_DROPS};
 use crate::datapath::Datapath;
 
-/// Ticks between two rounds of lifetime checks, retries, tunnel records and metrics
-/// (once a second at the 200 ms tick).
+/// Ticks between two rounds of retries, tunnel records and metrics (once a second at the
+/// 200 ms tick); lifetimes are checked every tick.
 const SLOW_EVERY: u64 = 5;
+
+/// How long an SA that ikemgr removed while its tunnel has a successor (a rekey) keeps
+/// taking inbound packets: the peer may still send on it until it processes the DELETE.
+/// It sends nothing meanwhile. Hard-expired and flushed SAs go at once.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Lifetime state of one installed SA, per direction.
 struct SaLife {
@@ -46,6 +51,8 @@ pub struct Espd {
     failed: BTreeMap<String, String>,
     /// Hard-expired or flushed: not re-installed until ikemgr drops or replaces them.
     dead: BTreeSet<String>,
+    /// Removed by ikemgr after a rekey, still accepting inbound until the given time.
+    lingering: BTreeMap<String, Instant>,
     lives: BTreeMap<String, SaLife>,
     tunnels: BTreeMap<String, EspTunnelInfo>,
     activity_seen: BTreeMap<String, (u64, u64)>,
@@ -88,6 +95,7 @@ impl Espd {
             installed: BTreeMap::new(),
             failed: BTreeMap::new(),
             dead: BTreeSet::new(),
+            lingering: BTreeMap::new(),
             lives: BTreeMap::new(),
             tunnels: BTreeMap::new(),
             activity_seen: BTreeMap::new(),
@@ -134,6 +142,31 @@ impl Espd {
             .collect();
         for k in gone {
             let forget = !self.desired.contains_key(&k);
+            if forget && !self.dead.contains(&k) {
+                match self.lingering.get(&k) {
+                    Some(until) if now < *until => continue,
+                    Some(_) => {}
+                    None => {
+                        let tunnel = self.installed.get(&k).map(|i| i.tunnel.as_str());
+                        let successor = self
+                            .desired
+                            .values()
+                            .any(|i| Some(i.tunnel.as_str()) == tunnel);
+                        if successor {
+                            if let Some(dp) = self.dp.as_mut() {
+                                dp.set_outbound(&k, false);
+                            }
+                            self.lingering.insert(k.clone(), now + LINGER);
+                            tracing::info!(
+                                "SA {k} replaced: inbound only for {} s more",
+                                LINGER.as_secs()
+                            );
+                            continue;
+                        }
+                    }
+                }
+            }
+            self.lingering.remove(&k);
             if let Some(dp) = self.dp.as_mut() {
                 dp.remove(&k, forget);
             }
@@ -262,6 +295,9 @@ impl Espd {
         let Some(dp) = self.dp.as_ref() else { return };
         let mut hard = Vec::new();
         for (k, life) in self.lives.iter_mut() {
+            if self.lingering.contains_key(k) {
+                continue;
+            }
             let Some(sa) = dp.sas().get(k) else { continue };
             let ev_in = life.inbound.poll(&sa.rx.get(), now, (false, false));
             let ev_out = life.outbound.poll(&sa.tx.get(), now, sa.seq.state());
@@ -654,15 +690,22 @@ impl DaemonLogic for Espd {
 
     fn tick(&mut self, _now_ns: u64, out: &mut Outbox) {
         self.publish_activity(out);
+        // Every tick: a volume limit can be reached within a second at full rate.
+        self.poll_lifetimes(out);
         self.ticks += 1;
         if self.ticks % SLOW_EVERY != 0 {
+            if self.dead.iter().any(|k| self.installed.contains_key(k)) {
+                self.reconcile(out);
+            }
             return;
         }
         if !self.failed.is_empty() {
             self.reconcile(out);
         }
-        self.poll_lifetimes(out);
-        if self.dead.iter().any(|k| self.installed.contains_key(k)) {
+        let now = Instant::now();
+        if self.dead.iter().any(|k| self.installed.contains_key(k))
+            || self.lingering.values().any(|t| now >= *t)
+        {
             self.reconcile(out);
         }
         self.refresh_tunnels(out);

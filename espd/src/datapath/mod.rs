@@ -375,6 +375,13 @@ impl Datapath {
             dead: AtomicBool::new(false),
             hard_bytes: opt(l.hard_bytes).unwrap_or(u64::MAX),
             hard_packets: u64::MAX,
+            hard_deadline_ns: opt(l.hard_secs)
+                .map(|s| {
+                    haven_daemon::now_ns()
+                        .saturating_sub(now.elapsed().as_nanos() as u64)
+                        .saturating_add(s.saturating_mul(1_000_000_000))
+                })
+                .unwrap_or(u64::MAX),
             rx: DirCounters::default(),
             tx: DirCounters::default(),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
