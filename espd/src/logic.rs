@@ -167,13 +167,18 @@ impl Espd {
                 }
             }
             self.lingering.remove(&k);
-            if let Some(dp) = self.dp.as_mut() {
-                dp.remove(&k, forget);
+            let mut carried = String::new();
+            if let Some(sa) = self.dp.as_mut().and_then(|dp| dp.remove(&k, forget)) {
+                let (rx, tx) = (sa.rx.get(), sa.tx.get());
+                carried = format!(
+                    ": in {} packets {} bytes, out {} packets {} bytes",
+                    rx.packets, rx.bytes, tx.packets, tx.bytes
+                );
             }
             self.installed.remove(&k);
             self.lives.remove(&k);
             self.seq_published.remove(&k);
-            tracing::info!("SA {k} removed");
+            tracing::info!("SA {k} removed{carried}");
         }
         self.failed.retain(|k, _| self.desired.contains_key(k));
         let wanted: Vec<(String, ChildSaInfo)> = self

@@ -275,6 +275,7 @@ impl Device {
             r.dst.contains(dst)
                 && r.sa.outbound.load(Ordering::Relaxed)
                 && !r.sa.dead.load(Ordering::Relaxed)
+                && r.sa.volume_ok(&r.sa.tx)
                 && any_contains(&r.sa.local_ts, src)
         };
         let mut it = self.routes.iter();
