@@ -194,14 +194,37 @@ impl Espd {
                 }
                 let mut same = cur.clone();
                 same.outbound = info.outbound;
+                // A UDP-encapsulated SA whose peer moved (ikemgr followed its NAT mapping,
+                // RFC 7296 §2.23) keeps its state: only the destination changes.
+                let moved_to = match (cur.encap, info.encap) {
+                    (EspEncap::Udp { .. }, EspEncap::Udp { remote_port, .. })
+                        if (cur.remote != info.remote || cur.encap != info.encap) =>
+                    {
+                        info.remote
+                            .parse::<std::net::Ipv4Addr>()
+                            .ok()
+                            .map(|ip| std::net::SocketAddrV4::new(ip, remote_port))
+                    }
+                    _ => None,
+                };
+                if moved_to.is_some() {
+                    same.remote = info.remote.clone();
+                    same.encap = info.encap;
+                }
                 if same == info {
                     if let Some(dp) = self.dp.as_mut() {
-                        dp.set_outbound(&k, info.outbound);
+                        if cur.outbound != info.outbound {
+                            dp.set_outbound(&k, info.outbound);
+                            tracing::info!(
+                                "SA {k} outbound {}",
+                                if info.outbound { "enabled" } else { "disabled" }
+                            );
+                        }
+                        if let Some(to) = moved_to {
+                            dp.set_peer(&k, to);
+                            tracing::info!("SA {k}: peer moved to {to}");
+                        }
                     }
-                    tracing::info!(
-                        "SA {k} outbound {}",
-                        if info.outbound { "enabled" } else { "disabled" }
-                    );
                     self.installed.insert(k, info);
                     continue;
                 }
@@ -496,10 +519,20 @@ impl Espd {
             }
             let first = sas.first();
             let info = self.desired.values().find(|i| i.tunnel == name);
-            let (lport, rport, encap) = match first.map(|s| s.peer) {
+            let peer = first.map(|s| s.peer.get());
+            let (lport, rport, encap) = match peer {
                 Some(Peer::Udp(a)) => (4500, a.port(), "udp"),
                 _ => (0, 0, "none"),
             };
+            let remote_gw = match peer {
+                Some(Peer::Udp(a)) => a.ip().to_string(),
+                Some(Peer::Raw(a)) => a.to_string(),
+                None => info.map(|i| i.remote.clone()).unwrap_or_default(),
+            };
+            let peer_moves: u64 = sas
+                .iter()
+                .map(|s| s.peer_moves.load(Ordering::Relaxed))
+                .sum();
             let (mut rxp, mut txp, mut rxb, mut txb) = (0, 0, 0, 0);
             for sa in &sas {
                 let (r, t) = (sa.rx.get(), sa.tx.get());
@@ -518,7 +551,8 @@ impl Espd {
                 "phase1": phase1,
                 "device": phase1,
                 "local_gw": first.map(|s| s.local.clone()).or_else(|| info.map(|i| i.local.clone())).unwrap_or_default(),
-                "remote_gw": info.map(|i| i.remote.clone()).unwrap_or_default(),
+                "remote_gw": remote_gw,
+                "peer_moves": peer_moves,
                 "local_port": lport,
                 "remote_port": rport,
                 "encap": encap,

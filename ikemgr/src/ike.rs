@@ -759,6 +759,40 @@ impl IkeManager {
         }
         if closed {
             self.flush(id, now, "closed");
+        } else {
+            self.follow_peer(id);
+        }
+    }
+
+    /// After an authenticated message from a new address or port (the IKE SA followed the
+    /// peer's NAT mapping, RFC 7296 §2.23), re-publishes the CHILD SAs of UDP-encapsulated
+    /// tunnels with the new destination; espd moves them without touching their state.
+    fn follow_peer(&mut self, id: u64) {
+        let Some(e) = self.sas.get_mut(&id) else {
+            return;
+        };
+        let remote = e.sa.addresses().remote;
+        let ip = remote.ip().to_string();
+        for c in e.children.values_mut() {
+            if let EspEncap::Udp {
+                local_port,
+                remote_port,
+            } = c.encap
+            {
+                if c.remote != ip || remote_port != remote.port() {
+                    tracing::info!(
+                        "ike 0:{}:{id}: peer moved to {remote}, CHILD SA {:08x} follows",
+                        e.name,
+                        c.spi_in
+                    );
+                    c.remote = ip.clone();
+                    c.encap = EspEncap::Udp {
+                        local_port,
+                        remote_port: remote.port(),
+                    };
+                    self.bodies.push(Body::ChildSa(c.clone()));
+                }
+            }
         }
     }
 

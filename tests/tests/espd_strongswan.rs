@@ -404,3 +404,148 @@ fn iperf3_both_ways_through_volume_lifetimes() {
         removed.len()
     );
 }
+
+/// A stateless NAT in gwa that shows charon's UDP 4500 to the gateway as port `port` (and
+/// maps replies back); applying it again with another port changes the mapping at once.
+fn nat_port(line: &SiteToSite, port: u16) {
+    line.gwa
+        .nft(&format!(
+            "table ip hvnat
+flush table ip hvnat
+table ip hvnat {{
+  chain out {{
+    type filter hook postrouting priority 0; policy accept;
+    oifname \"out0\" udp sport 4500 udp sport set {port}
+  }}
+  chain in {{
+    type filter hook prerouting priority -300; policy accept;
+    iifname \"out0\" udp dport {port} udp dport set 4500
+  }}
+}}"
+        ))
+        .expect("nft NAT rules in gwa");
+}
+
+/// The dial-up instance `vpn1_1` in espd's tunnel list.
+fn esp_tunnel(gw: &Haven) -> Value {
+    let v = gw.tunnel_list();
+    v["tunnels"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["name"] == "vpn1_1"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no vpn1_1 in {v:#}"))
+}
+
+/// The client's NAT mapping changes port under a running ping: espd follows the first
+/// authenticated ESP packet from the new port (RFC 3948) and the ping goes on; ikemgr follows
+/// the client's next IKE message (a DPD request, RFC 7296 §2.23) and re-publishes the SAs with
+/// the new port. Before that, an ESP-in-UDP packet with the right SPI but no valid ICV, from
+/// another port, changes nothing; raw ESP for the UDP-encapsulated SA is refused and counted.
+#[test]
+fn nat_mapping_change_is_followed_after_authentication_only() {
+    require();
+    let line = SiteToSite::new("esnat").expect("topology");
+    nat_port(&line, 14500);
+    let gw = Haven::start(&line.gwb, "esnat-gw", &gateway_config(""));
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(
+        &SwanctlConf::new().conn(
+            Conn::psk(
+                "dial",
+                SiteToSite::GWA_OUTER,
+                SiteToSite::GWB_OUTER,
+                PSK.as_bytes(),
+            )
+            .ids(CLIENT_ID, GW_ID)
+            .proposals(&["aes128gcm16-prfsha256-ecp256"])
+            .dpd_delay(Duration::from_secs(2))
+            .child(
+                ChildCfg::new("net", SiteToSite::LAN_A, SiteToSite::LAN_B)
+                    .esp_proposals(&["aes128gcm16"]),
+            ),
+        ),
+    )
+    .expect("load client");
+    a.initiate("net", WAIT)
+        .unwrap_or_else(|e| panic!("initiate: {e}\n{}\n{}", a.log(), gw.log("ikemgr")));
+    wait_for("first ping through the tunnel", WAIT, || {
+        line.client
+            .ping(SiteToSite::SERVER, 1)
+            .map(|_| ())
+            .map_err(|e| format!("{e}\n{}\n{}", gw.log("ikemgr"), gw.log("espd")))
+    });
+    let t = esp_tunnel(&gw);
+    assert_eq!(t["remote_port"], 14500, "{t:#}");
+    let spi_in = t["sas"][0]["dec"]["spi"].as_str().expect("SPI").to_string();
+
+    // Unauthenticated: right SPI, wrong key, from port 34500. Counted, nothing moves.
+    let icv_before = gw.drops("icv");
+    let inject = |dst: &str| {
+        line.gwa
+            .run(
+                bin("esp-inject").to_str().expect("path"),
+                &[
+                    dst,
+                    spi_in.as_str(),
+                    "00112233445566778899aabbccddeeff-01020304",
+                    "aes128gcm",
+                    "valid",
+                    "1000000",
+                ],
+            )
+            .expect("esp-inject")
+    };
+    inject(&format!("{}:4500/34500", SiteToSite::GWB_OUTER));
+    wait_for("forged packet counted", WAIT, || {
+        (gw.drops("icv") > icv_before)
+            .then_some(())
+            .ok_or_else(|| gw.tunnel_list().to_string())
+    });
+    let t = esp_tunnel(&gw);
+    assert_eq!(
+        t["remote_port"], 14500,
+        "a forged packet moved the peer: {t:#}"
+    );
+    assert_eq!(t["peer_moves"], 0, "{t:#}");
+    // Raw ESP for a UDP-encapsulated SA: refused as an encapsulation mismatch.
+    let mismatch_before = gw.drops("encap_mismatch");
+    inject(SiteToSite::GWB_OUTER);
+    wait_for("raw ESP for a UDP SA counted", WAIT, || {
+        (gw.drops("encap_mismatch") > mismatch_before)
+            .then_some(())
+            .ok_or_else(|| gw.tunnel_list().to_string())
+    });
+
+    // The mapping changes under a running ping.
+    let ping = Pinger::start(&line, &gw.dir, 100, 50);
+    std::thread::sleep(Duration::from_secs(2));
+    nat_port(&line, 24500);
+    let (tx, rx, text) = ping.finish(Duration::from_secs(60));
+    let t = esp_tunnel(&gw);
+    let ctx = format!(
+        "{text}\n{t:#}\nikemgr:\n{}\nespd:\n{}\ncharon:\n{}",
+        gw.log("ikemgr"),
+        gw.log("espd"),
+        a.log()
+    );
+    // At most the reply in flight when the mapping changed is lost.
+    assert!(rx + 1 >= tx, "ping did not survive the NAT change\n{ctx}");
+    assert_eq!(t["remote_port"], 24500, "espd did not follow\n{ctx}");
+    assert!(t["peer_moves"].as_u64().unwrap_or(0) >= 1, "{ctx}");
+
+    // ikemgr follows the client's next IKE message (DPD after 2 s without traffic) and
+    // re-publishes the CHILD SA with the new port.
+    wait_for("ikemgr follows the new port", WAIT, || {
+        let v = vpnctl_json(&gw.run, &["diagnose", "vpn", "ike", "gateway", "list"])
+            .map_err(|e| e.to_string())?;
+        let remote = v[0]["remote"].as_str().unwrap_or("").to_string();
+        (remote == format!("{}:24500", SiteToSite::GWA_OUTER)
+            && gw.log("ikemgr").contains("follows"))
+        .then_some(())
+        .ok_or_else(|| format!("{v:#}\n{}", gw.log("ikemgr")))
+    });
+    line.client
+        .ping(SiteToSite::SERVER, 3)
+        .expect("ping after ikemgr followed");
+    let _ = &mut a;
+}

@@ -184,6 +184,48 @@ pub enum Peer {
     Udp(SocketAddrV4),
 }
 
+/// An SA's peer, changeable by the workers: a UDP-encapsulated SA follows its peer's NAT
+/// mapping (RFC 3948; RFC 7296 §2.23 for IKE). Packed as kind (bit 48), IPv4 (bits 16..48)
+/// and port (bits 0..16) in one atomic.
+#[derive(Debug)]
+pub struct PeerCell(AtomicU64);
+
+const PEER_UDP: u64 = 1 << 48;
+
+impl PeerCell {
+    pub fn new(p: Peer) -> PeerCell {
+        PeerCell(AtomicU64::new(Self::pack(p)))
+    }
+
+    fn pack(p: Peer) -> u64 {
+        match p {
+            Peer::Raw(a) => u64::from(u32::from(a)) << 16,
+            Peer::Udp(a) => PEER_UDP | u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port()),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self) -> Peer {
+        let v = self.0.load(Ordering::Relaxed);
+        // Truncations: the fields were packed from a u32 and a u16.
+        let ip = std::net::Ipv4Addr::from((v >> 16) as u32);
+        if v & PEER_UDP != 0 {
+            Peer::Udp(SocketAddrV4::new(ip, v as u16))
+        } else {
+            Peer::Raw(ip)
+        }
+    }
+
+    /// Moves a UDP-encapsulated SA to `to`; false (and no change) for a raw SA.
+    pub fn move_udp(&self, to: SocketAddrV4) -> bool {
+        if matches!(self.get(), Peer::Raw(_)) {
+            return false;
+        }
+        self.0.store(Self::pack(Peer::Udp(to)), Ordering::Relaxed);
+        true
+    }
+}
+
 /// One installed CHILD SA pair. Crypto contexts are per worker thread (index = worker id);
 /// each sits behind its own mutex, which only that worker ever takes, so it is uncontended.
 pub struct Sa {
@@ -197,7 +239,10 @@ pub struct Sa {
     pub transform: Transform,
     pub esn: bool,
     pub local: String,
-    pub peer: Peer,
+    /// Where ESP goes; UDP SAs follow an authenticated peer to a new address or port.
+    pub peer: PeerCell,
+    /// Times the peer moved (NAT mapping changes followed).
+    pub peer_moves: AtomicU64,
     pub local_ts: Vec<Cidr>,
     pub remote_ts: Vec<Cidr>,
     /// The phase1's TUN device (decrypted packets are written here).
@@ -316,7 +361,7 @@ impl Table {
         let sas: Vec<Arc<Sa>> = sas.collect();
         for sa in &sas {
             by_spi.insert(sa.spi_in, sa.clone());
-            peers.insert(match sa.peer {
+            peers.insert(match sa.peer.get() {
                 Peer::Raw(a) => a,
                 Peer::Udp(a) => *a.ip(),
             });

@@ -434,7 +434,8 @@ fn encap_one(
         fail(esp_proto::DropReason::Expired.index());
         return;
     }
-    let (batch, fd, to) = match sa.peer {
+    let peer = sa.peer.get();
+    let (batch, fd, to) = match peer {
         Peer::Raw(ip) => (
             tx_raw,
             shared.sockets.raw.as_raw_fd(),
@@ -443,7 +444,7 @@ fn encap_one(
         Peer::Udp(a) => (tx_udp, shared.sockets.udp.as_raw_fd(), a),
     };
     if batch.is_full() {
-        let failed = match sa.peer {
+        let failed = match peer {
             Peer::Udp(_) => batch.flush_udp_gso(fd),
             Peer::Raw(_) => batch.flush(fd),
         };
@@ -513,7 +514,8 @@ fn decap(
     };
     // An SA negotiated with UDP encapsulation takes no raw ESP, and the other way round
     // (RFC 3948 §2.1: the encapsulation is a property of the SA).
-    match (sa.peer, src) {
+    let peer = sa.peer.get();
+    match (peer, src) {
         (Peer::Udp(_), Source::Udp(_)) | (Peer::Raw(_), Source::Raw(_)) => {}
         _ => {
             fail(DROP_ENCAP);
@@ -548,9 +550,29 @@ fn decap(
         }
     };
     drop(crypto);
-    if !lock(&sa.replay).accept(seq) {
-        fail(EspError::Replay.drop_reason().index());
-        return false;
+    let newest = {
+        let mut replay = lock(&sa.replay);
+        let newest = seq > replay.top();
+        if !replay.accept(seq) {
+            drop(replay);
+            fail(EspError::Replay.drop_reason().index());
+            return false;
+        }
+        newest
+    };
+    // The packet authenticated: a UDP peer seen at a new address or port moved behind its
+    // NAT (RFC 3948 §2.2; as RFC 7296 §2.23 for IKE, only the newest packet counts, so a
+    // reordered old one cannot move it back). Every SA of the tunnel at the old address
+    // follows, so replies leave through the new mapping.
+    if let (true, Source::Udp(from), Peer::Udp(cur)) = (newest, src, peer) {
+        if from != cur {
+            for other in table.by_spi.values() {
+                if other.tunnel == sa.tunnel && other.peer.get() == peer {
+                    other.peer.move_udp(from);
+                }
+            }
+            sa.peer_moves.fetch_add(1, Ordering::Relaxed);
+        }
     }
     let (len, _next_header) = match decode_payload(body.get(..plen).unwrap_or(&[])) {
         Ok(x) => x,
