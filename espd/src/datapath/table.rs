@@ -311,9 +311,9 @@ impl Device {
     /// selectors each.
     ///
     /// Among SAs for the same prefix the newest wins, except that a new SA that has not yet
-    /// received anything yields to an older one that has (make-before-break across a rekey:
-    /// the peer may not have installed the new inbound SA yet; it proves it has by sending on
-    /// it, or by deleting the old one).
+    /// received anything yields to an older one of the same tunnel that has (make-before-break
+    /// across a rekey: the peer may not have installed the new inbound SA yet; it proves it
+    /// has by sending on it, or by deleting the old one).
     #[inline]
     pub fn lookup(&self, src: IpAddr, dst: IpAddr) -> Option<&Arc<Sa>> {
         let usable = |r: &Route| {
@@ -331,7 +331,7 @@ impl Device {
         // Routes are sorted longest prefix first, newest first within a length: the
         // candidates are the later ones for the same prefix.
         let older = it
-            .filter(|r| r.dst == first.dst)
+            .filter(|r| r.dst == first.dst && r.sa.tunnel == first.sa.tunnel)
             .find(|r| usable(r) && r.sa.rx.packets.load(Ordering::Relaxed) > 0);
         Some(&older.unwrap_or(first).sa)
     }
