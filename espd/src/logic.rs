@@ -18,9 +18,14 @@ use serde_json::{json, Value};
 use crate::datapath::table::{Peer, Sa, DROP_LABELS, NUM_DROPS};
 use crate::datapath::Datapath;
 
-/// Ticks between two rounds of lifetime checks, retries, tunnel records and metrics
-/// (once a second at the 200 ms tick).
+/// Ticks between two rounds of retries, tunnel records and metrics (once a second at the
+/// 200 ms tick); lifetimes are checked every tick.
 const SLOW_EVERY: u64 = 5;
+
+/// How long an SA that ikemgr removed while its tunnel has a successor (a rekey) keeps
+/// taking inbound packets: the peer may still send on it until it processes the DELETE.
+/// It sends nothing meanwhile. Hard-expired and flushed SAs go at once.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Lifetime state of one installed SA, per direction.
 struct SaLife {
@@ -46,6 +51,8 @@ pub struct Espd {
     failed: BTreeMap<String, String>,
     /// Hard-expired or flushed: not re-installed until ikemgr drops or replaces them.
     dead: BTreeSet<String>,
+    /// Removed by ikemgr after a rekey, still accepting inbound until the given time.
+    lingering: BTreeMap<String, Instant>,
     lives: BTreeMap<String, SaLife>,
     tunnels: BTreeMap<String, EspTunnelInfo>,
     activity_seen: BTreeMap<String, (u64, u64)>,
@@ -88,6 +95,7 @@ impl Espd {
             installed: BTreeMap::new(),
             failed: BTreeMap::new(),
             dead: BTreeSet::new(),
+            lingering: BTreeMap::new(),
             lives: BTreeMap::new(),
             tunnels: BTreeMap::new(),
             activity_seen: BTreeMap::new(),
@@ -134,13 +142,43 @@ impl Espd {
             .collect();
         for k in gone {
             let forget = !self.desired.contains_key(&k);
-            if let Some(dp) = self.dp.as_mut() {
-                dp.remove(&k, forget);
+            if forget && !self.dead.contains(&k) {
+                match self.lingering.get(&k) {
+                    Some(until) if now < *until => continue,
+                    Some(_) => {}
+                    None => {
+                        let tunnel = self.installed.get(&k).map(|i| i.tunnel.as_str());
+                        let successor = self
+                            .desired
+                            .values()
+                            .any(|i| Some(i.tunnel.as_str()) == tunnel);
+                        if successor {
+                            if let Some(dp) = self.dp.as_mut() {
+                                dp.set_outbound(&k, false);
+                            }
+                            self.lingering.insert(k.clone(), now + LINGER);
+                            tracing::info!(
+                                "SA {k} replaced: inbound only for {} s more",
+                                LINGER.as_secs()
+                            );
+                            continue;
+                        }
+                    }
+                }
+            }
+            self.lingering.remove(&k);
+            let mut carried = String::new();
+            if let Some(sa) = self.dp.as_mut().and_then(|dp| dp.remove(&k, forget)) {
+                let (rx, tx) = (sa.rx.get(), sa.tx.get());
+                carried = format!(
+                    ": in {} packets {} bytes, out {} packets {} bytes",
+                    rx.packets, rx.bytes, tx.packets, tx.bytes
+                );
             }
             self.installed.remove(&k);
             self.lives.remove(&k);
             self.seq_published.remove(&k);
-            tracing::info!("SA {k} removed");
+            tracing::info!("SA {k} removed{carried}");
         }
         self.failed.retain(|k, _| self.desired.contains_key(k));
         let wanted: Vec<(String, ChildSaInfo)> = self
@@ -156,14 +194,37 @@ impl Espd {
                 }
                 let mut same = cur.clone();
                 same.outbound = info.outbound;
+                // A UDP-encapsulated SA whose peer moved (ikemgr followed its NAT mapping,
+                // RFC 7296 §2.23) keeps its state: only the destination changes.
+                let moved_to = match (cur.encap, info.encap) {
+                    (EspEncap::Udp { .. }, EspEncap::Udp { remote_port, .. })
+                        if (cur.remote != info.remote || cur.encap != info.encap) =>
+                    {
+                        info.remote
+                            .parse::<std::net::Ipv4Addr>()
+                            .ok()
+                            .map(|ip| std::net::SocketAddrV4::new(ip, remote_port))
+                    }
+                    _ => None,
+                };
+                if moved_to.is_some() {
+                    same.remote = info.remote.clone();
+                    same.encap = info.encap;
+                }
                 if same == info {
                     if let Some(dp) = self.dp.as_mut() {
-                        dp.set_outbound(&k, info.outbound);
+                        if cur.outbound != info.outbound {
+                            dp.set_outbound(&k, info.outbound);
+                            tracing::info!(
+                                "SA {k} outbound {}",
+                                if info.outbound { "enabled" } else { "disabled" }
+                            );
+                        }
+                        if let Some(to) = moved_to {
+                            dp.set_peer(&k, to);
+                            tracing::info!("SA {k}: peer moved to {to}");
+                        }
                     }
-                    tracing::info!(
-                        "SA {k} outbound {}",
-                        if info.outbound { "enabled" } else { "disabled" }
-                    );
                     self.installed.insert(k, info);
                     continue;
                 }
@@ -262,6 +323,9 @@ impl Espd {
         let Some(dp) = self.dp.as_ref() else { return };
         let mut hard = Vec::new();
         for (k, life) in self.lives.iter_mut() {
+            if self.lingering.contains_key(k) {
+                continue;
+            }
             let Some(sa) = dp.sas().get(k) else { continue };
             let ev_in = life.inbound.poll(&sa.rx.get(), now, (false, false));
             let ev_out = life.outbound.poll(&sa.tx.get(), now, sa.seq.state());
@@ -455,10 +519,20 @@ impl Espd {
             }
             let first = sas.first();
             let info = self.desired.values().find(|i| i.tunnel == name);
-            let (lport, rport, encap) = match first.map(|s| s.peer) {
+            let peer = first.map(|s| s.peer.get());
+            let (lport, rport, encap) = match peer {
                 Some(Peer::Udp(a)) => (4500, a.port(), "udp"),
                 _ => (0, 0, "none"),
             };
+            let remote_gw = match peer {
+                Some(Peer::Udp(a)) => a.ip().to_string(),
+                Some(Peer::Raw(a)) => a.to_string(),
+                None => info.map(|i| i.remote.clone()).unwrap_or_default(),
+            };
+            let peer_moves: u64 = sas
+                .iter()
+                .map(|s| s.peer_moves.load(Ordering::Relaxed))
+                .sum();
             let (mut rxp, mut txp, mut rxb, mut txb) = (0, 0, 0, 0);
             for sa in &sas {
                 let (r, t) = (sa.rx.get(), sa.tx.get());
@@ -477,7 +551,8 @@ impl Espd {
                 "phase1": phase1,
                 "device": phase1,
                 "local_gw": first.map(|s| s.local.clone()).or_else(|| info.map(|i| i.local.clone())).unwrap_or_default(),
-                "remote_gw": info.map(|i| i.remote.clone()).unwrap_or_default(),
+                "remote_gw": remote_gw,
+                "peer_moves": peer_moves,
                 "local_port": lport,
                 "remote_port": rport,
                 "encap": encap,
@@ -654,15 +729,22 @@ impl DaemonLogic for Espd {
 
     fn tick(&mut self, _now_ns: u64, out: &mut Outbox) {
         self.publish_activity(out);
+        // Every tick: a volume limit can be reached within a second at full rate.
+        self.poll_lifetimes(out);
         self.ticks += 1;
         if self.ticks % SLOW_EVERY != 0 {
+            if self.dead.iter().any(|k| self.installed.contains_key(k)) {
+                self.reconcile(out);
+            }
             return;
         }
         if !self.failed.is_empty() {
             self.reconcile(out);
         }
-        self.poll_lifetimes(out);
-        if self.dead.iter().any(|k| self.installed.contains_key(k)) {
+        let now = Instant::now();
+        if self.dead.iter().any(|k| self.installed.contains_key(k))
+            || self.lingering.values().any(|t| now >= *t)
+        {
             self.reconcile(out);
         }
         self.refresh_tunnels(out);

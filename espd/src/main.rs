@@ -11,9 +11,13 @@
 //! Prometheus metrics (`espd_packets_total`, `espd_bytes_total`, `espd_drops_total{reason}`…).
 //! IKE messages arriving on UDP/4500 go to ikemgr over `<run-dir>/ike4500.sock`; ikemgr's
 //! own go out through `<run-dir>/espd-ike.sock` (format in `datapath::sockets`).
+//! Across CHILD SA rekeys it loses nothing: ESP for an SPI not installed yet is held briefly,
+//! outbound stays on the old SA until the new one has received, and a replaced SA takes
+//! inbound for 5 s more. A UDP-encapsulated SA follows its peer's NAT mapping after an
+//! authenticated packet; raw ESP for a UDP SA (and the reverse) is dropped and counted.
 //!
 //! What it does not do: IKE, routes (ikemgr owns the routes on the TUN devices), IPv6 outer
-//! addresses, transport mode, TFC padding, GSO/GRO offloads, or HA role handling.
+//! addresses, transport mode, TFC padding, or HA role handling.
 //!
 //! Layout: `logic` is the control side run by the daemon shell's actor; `datapath` is the
 //! IO (threads, sockets, TUN) it drives.

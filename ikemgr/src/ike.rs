@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
 use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
-use haven_config::{Config, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector};
+use haven_config::{
+    Config, KeylifeType, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector,
+};
 use ike_proto::cookie::{CookieGuard, DropReason, GuardConfig, Verdict};
 use ike_proto::crypto::{Encr, Integ};
 use ike_proto::proposal::{dhgrp_list, phase1_list, phase2_list};
@@ -79,6 +81,10 @@ struct Gateway {
     dpd: DpdSettings,
     /// How long an unanswered DPD probe waits for dpdmon's next retry ([`liveness_hold`]).
     dpd_hold: Duration,
+    /// Phase2 volume limit in bytes (`keylife-type kbs|both`), enforced by espd.
+    child_bytes: Option<u64>,
+    /// Whether the phase2 has a time limit (`keylife-type seconds|both`).
+    child_timed: bool,
 }
 
 struct Entry {
@@ -255,10 +261,20 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
         } else {
             Vec::new()
         };
-        c.child_lifetime = Duration::from_secs(u64::from(p2.keylifeseconds));
+        c.child_lifetime = match p2.keylife_type {
+            // No time limit: a lifetime no SA reaches (ten years).
+            KeylifeType::Kbs => Duration::from_secs(10 * 365 * 86_400),
+            KeylifeType::Seconds | KeylifeType::Both => {
+                Duration::from_secs(u64::from(p2.keylifeseconds))
+            }
+        };
         c.local_ts = vec![selector(&p2.src)];
         c.remote_ts = vec![selector(&p2.dst)];
     }
+    let child_bytes = p2
+        .filter(|p2| p2.keylife_type != KeylifeType::Seconds)
+        .map(|p2| u64::from(p2.keylifekbs) * 1024);
+    let child_timed = p2.is_none_or(|p2| p2.keylife_type != KeylifeType::Kbs);
     // Rekey margins scaled for short lifetimes (the minimum keylife is 120 s).
     let shortest = c.child_lifetime.min(c.ike_lifetime);
     c.rekey_margin = Duration::from_secs(30).min(shortest / 4);
@@ -280,6 +296,8 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
             retry_interval_ms: u64::from(p.dpd_retryinterval_ms),
         },
         dpd_hold: liveness_hold(p),
+        child_bytes,
+        child_timed,
     })
 }
 
@@ -727,6 +745,30 @@ impl IkeManager {
         self.pump(id, now);
     }
 
+    /// espd reports that CHILD SA `spi_in` of `tunnel` reached a lifetime limit: rekey it
+    /// (soft: before the hard limit; hard: espd no longer carries it, so replace it now).
+    /// A rekey already under way is not started twice.
+    pub fn esp_expired(&mut self, now: Instant, tunnel: &str, spi_in: u32, hard: bool, why: &str) {
+        let Some(id) = self
+            .sas
+            .iter()
+            .find(|(_, e)| e.name == tunnel && e.children.contains_key(&spi_in))
+            .map(|(k, _)| *k)
+        else {
+            return;
+        };
+        if let Some(e) = self.sas.get_mut(&id) {
+            tracing::info!(
+                "ike 0:{tunnel}:{id}: CHILD SA {spi_in:08x} {} lifetime reached ({why}), rekeying",
+                if hard { "hard" } else { "soft" }
+            );
+            if let Err(err) = e.sa.rekey_child(now, spi_in) {
+                tracing::debug!("ike 0:{tunnel}:{id}: no rekey of {spi_in:08x}: {err}");
+            }
+        }
+        self.pump(id, now);
+    }
+
     /// dpdmon declared `tunnel` dead: flush it (no exchange with the peer).
     pub fn dead_peer(&mut self, now: Instant, tunnel: &str) {
         let found: Vec<u64> = self
@@ -780,6 +822,40 @@ impl IkeManager {
         }
         if closed {
             self.flush(id, now, "closed");
+        } else {
+            self.follow_peer(id);
+        }
+    }
+
+    /// After an authenticated message from a new address or port (the IKE SA followed the
+    /// peer's NAT mapping, RFC 7296 §2.23), re-publishes the CHILD SAs of UDP-encapsulated
+    /// tunnels with the new destination; espd moves them without touching their state.
+    fn follow_peer(&mut self, id: u64) {
+        let Some(e) = self.sas.get_mut(&id) else {
+            return;
+        };
+        let remote = e.sa.addresses().remote;
+        let ip = remote.ip().to_string();
+        for c in e.children.values_mut() {
+            if let EspEncap::Udp {
+                local_port,
+                remote_port,
+            } = c.encap
+            {
+                if c.remote != ip || remote_port != remote.port() {
+                    tracing::info!(
+                        "ike 0:{}:{id}: peer moved to {remote}, CHILD SA {:08x} follows",
+                        e.name,
+                        c.spi_in
+                    );
+                    c.remote = ip.clone();
+                    c.encap = EspEncap::Udp {
+                        local_port,
+                        remote_port: remote.port(),
+                    };
+                    self.bodies.push(Body::ChildSa(c.clone()));
+                }
+            }
         }
     }
 
@@ -946,12 +1022,14 @@ impl IkeManager {
             local_ts: ts_cidrs(&c.local_ts),
             remote_ts: ts_cidrs(&c.remote_ts),
             replay_window: REPLAY_WINDOW,
-            // espd's hard limit sits beyond ours so that our rekey always comes first.
+            // espd enforces the limits and reports the soft ones (`EspExpire`), which start
+            // a rekey here (see `esp_expired`); ike-proto's own timer rekeys at the same
+            // soft time. Volume: soft at 7/8 of `keylifekbs`.
             lifetime: SaLifetime {
-                soft_secs: 0,
-                hard_secs: hard + hard / 10 + 10,
-                soft_bytes: 0,
-                hard_bytes: 0,
+                soft_secs: if g.child_timed { soft } else { 0 },
+                hard_secs: if g.child_timed { hard } else { 0 },
+                soft_bytes: g.child_bytes.map(|b| b - b / 8).unwrap_or(0),
+                hard_bytes: g.child_bytes.unwrap_or(0),
             },
             initial_seq: 1,
             outbound: false,

@@ -209,7 +209,8 @@ impl Ikemgr {
 
 impl DaemonLogic for Ikemgr {
     const KIND: DaemonKind = DaemonKind::Ikemgr;
-    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Hasyncd, DaemonKind::Dpdmon];
+    const FOLLOWS: &'static [DaemonKind] =
+        &[DaemonKind::Hasyncd, DaemonKind::Dpdmon, DaemonKind::Espd];
     const TICK_MS: u64 = 100;
 
     fn new(_config: &Config, run_dir: &Path) -> Self {
@@ -333,6 +334,11 @@ impl DaemonLogic for Ikemgr {
     fn on_event(&mut self, src: DaemonKind, body: &Body, out: &mut Outbox) {
         if let (DaemonKind::Dpdmon, Body::ProbeRequest { tunnel, round, .. }) = (src, body) {
             io::lock(&self.ike).probe(Instant::now(), tunnel, *round);
+            self.drain(out);
+            self.wake();
+        }
+        if let (DaemonKind::Espd, Body::EspExpire(x)) = (src, body) {
+            io::lock(&self.ike).esp_expired(Instant::now(), &x.tunnel, x.spi_in, x.hard, &x.reason);
             self.drain(out);
             self.wake();
         }

@@ -46,9 +46,9 @@ fn hostile_packets_are_counted_and_harmless() {
             .ok_or_else(|| format!("{v}"))
     });
     let inject = bin("esp-inject");
-    let send = |spi: u32, kind: &str, seq: u64, inner: &[&str]| {
+    let send_to = |dst: &str, spi: u32, kind: &str, seq: u64, inner: &[&str]| {
         let mut args = vec![
-            SiteToSite::GWB_OUTER.to_string(),
+            dst.to_string(),
             format!("{spi:x}"),
             KEY_GCM.to_string(),
             "aes128gcm".to_string(),
@@ -67,6 +67,9 @@ fn hostile_packets_are_counted_and_harmless() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
+    let send = |spi: u32, kind: &str, seq: u64, inner: &[&str]| {
+        send_to(SiteToSite::GWB_OUTER, spi, kind, seq, inner)
+    };
 
     // Against the live tunnel: nothing here can move its window.
     send(SPI_B, "truncated", 5, &[]);
@@ -78,6 +81,9 @@ fn hostile_packets_are_counted_and_harmless() {
     send(SPI_V2, "valid", 3, &[]);
     send(SPI_V2, "valid", 3, &[]);
     send(SPI_V2, "valid", 4, &["192.0.2.66", "10.99.2.2"]);
+    // vpn2 is raw ESP: the same SA in UDP 4500 is an encapsulation mismatch (RFC 3948).
+    let udp = format!("{}:4500/34500", SiteToSite::GWB_OUTER);
+    send_to(&udp, SPI_V2, "valid", 5, &[]);
 
     let b = &pair.b;
     wait_for("drops counted", Duration::from_secs(5), || {
@@ -89,12 +95,13 @@ fn hostile_packets_are_counted_and_harmless() {
             v2_drop(&pair, "inner_header"),
             v2_drop(&pair, "replay"),
             v2_drop(&pair, "selector"),
+            v2_drop(&pair, "encap_mismatch"),
         );
-        if got == (1, 1, 1, 1, 1, 1, 1) {
+        if got == (1, 1, 1, 1, 1, 1, 1, 1) {
             Ok(())
         } else {
             Err(format!(
-                "(truncated, icv, unknown_spi, padding, inner_header, replay, selector) = {got:?}\n{}",
+                "(truncated, icv, unknown_spi, padding, inner_header, replay, selector, encap_mismatch) = {got:?}\n{}",
                 b.tunnel_list()
             ))
         }

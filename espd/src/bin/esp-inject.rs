@@ -1,5 +1,6 @@
-//! esp-inject: sends one crafted ESP packet (raw IP protocol 50) to a gateway, for testing
-//! how espd treats hostile input. Test tool, not part of the datapath.
+//! esp-inject: sends one crafted ESP packet (raw IP protocol 50, or in UDP when DST is
+//! `ADDR:PORT/SPORT`) to a gateway, for testing how espd treats hostile input. Test tool, not
+//! part of the datapath.
 //!
 //! ```text
 //! esp-inject DST SPI KEYHEX TRANSFORM KIND SEQ [INNER_SRC INNER_DST]
@@ -84,7 +85,22 @@ fn run(args: &[String]) -> Result<(), String> {
             "usage: esp-inject DST SPI KEYHEX TRANSFORM KIND SEQ [INNER_SRC INNER_DST]".into(),
         );
     };
-    let dst: Ipv4Addr = dst.parse().map_err(|e| format!("DST: {e}"))?;
+    // DST is an address (raw ESP) or ADDR:PORT/SPORT (ESP in UDP from source port SPORT).
+    let udp = match dst.split_once(':') {
+        Some((_, rest)) => {
+            let (port, sport) = rest.split_once('/').ok_or("DST: ADDR:PORT/SPORT")?;
+            let port: u16 = port.parse().map_err(|e| format!("DST port: {e}"))?;
+            let sport: u16 = sport.parse().map_err(|e| format!("DST source port: {e}"))?;
+            Some((port, sport))
+        }
+        None => None,
+    };
+    let dst: Ipv4Addr = dst
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .parse()
+        .map_err(|e| format!("DST: {e}"))?;
     let spi =
         u32::from_str_radix(spi.trim_start_matches("0x"), 16).map_err(|e| format!("SPI: {e}"))?;
     let key = hex(key).ok_or("KEYHEX: not hex")?;
@@ -144,7 +160,14 @@ fn run(args: &[String]) -> Result<(), String> {
         other => return Err(format!("unknown KIND {other:?}")),
     }
     .map_err(|e| e.to_string())?;
-    send_raw(dst, out.get(..len).unwrap_or(&[])).map_err(|e| format!("send: {e}"))
+    let pkt = out.get(..len).unwrap_or(&[]);
+    match udp {
+        Some((port, sport)) => std::net::UdpSocket::bind(("0.0.0.0", sport))
+            .and_then(|s| s.send_to(pkt, (dst, port)))
+            .map(|_| ())
+            .map_err(|e| format!("send: {e}")),
+        None => send_raw(dst, pkt).map_err(|e| format!("send: {e}")),
+    }
 }
 
 fn main() -> ExitCode {

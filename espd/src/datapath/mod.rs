@@ -32,7 +32,7 @@ use esp_proto::{AtomicSeq, EspCrypto, ReplayWindow, SaConfig, SaKeys, SeqLease, 
 
 use self::seqstore::SeqStore;
 use self::sockets::Sockets;
-use self::table::{Cidr, DirCounters, Peer, Sa, Table, NUM_DROPS};
+use self::table::{Cidr, DirCounters, Peer, PeerCell, Sa, Table, NUM_DROPS};
 use self::tun::TunDev;
 
 /// Sequence numbers leased per persisted mark. The housekeeping thread extends the lease
@@ -216,6 +216,16 @@ impl Datapath {
         }
     }
 
+    /// Points an installed UDP-encapsulated SA at `to` (ikemgr followed the peer's NAT
+    /// mapping), keeping its state. False for an unknown or raw SA.
+    pub fn set_peer(&mut self, key: &str, to: SocketAddrV4) -> bool {
+        match self.sas.get(key) {
+            Some(sa) if sa.peer.get() != Peer::Udp(to) => sa.peer.move_udp(to),
+            Some(_) => true,
+            None => false,
+        }
+    }
+
     /// Removes an SA. With `forget_seq` its persisted sequence mark goes too (the SA is gone
     /// for good). Its device stays: see [`Datapath::prune_devices`].
     pub fn remove(&mut self, key: &str, forget_seq: bool) -> Option<Arc<Sa>> {
@@ -360,7 +370,8 @@ impl Datapath {
             transform,
             esn: info.esn,
             local: info.local.clone(),
-            peer,
+            peer: PeerCell::new(peer),
+            peer_moves: AtomicU64::new(0),
             local_ts,
             remote_ts,
             tun,
@@ -375,6 +386,13 @@ impl Datapath {
             dead: AtomicBool::new(false),
             hard_bytes: opt(l.hard_bytes).unwrap_or(u64::MAX),
             hard_packets: u64::MAX,
+            hard_deadline_ns: opt(l.hard_secs)
+                .map(|s| {
+                    haven_daemon::now_ns()
+                        .saturating_sub(now.elapsed().as_nanos() as u64)
+                        .saturating_add(s.saturating_mul(1_000_000_000))
+                })
+                .unwrap_or(u64::MAX),
             rx: DirCounters::default(),
             tx: DirCounters::default(),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),

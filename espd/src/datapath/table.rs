@@ -127,6 +127,7 @@ pub const DROP_LABELS: [&str; NUM_DROPS] = {
     l[DROP_TX_ERROR] = "tx_error";
     l[DROP_TUN_WRITE] = "tun_write";
     l[DROP_OFFLOAD] = "offload";
+    l[DROP_ENCAP] = "encap_mismatch";
     l
 };
 /// The inner packet's addresses do not match the SA's selectors.
@@ -144,8 +145,10 @@ pub const DROP_TX_ERROR: usize = DROP_SELECTOR + 4;
 pub const DROP_TUN_WRITE: usize = DROP_SELECTOR + 5;
 /// A packet from TUN whose offload header could not be honoured.
 pub const DROP_OFFLOAD: usize = DROP_SELECTOR + 6;
+/// Raw ESP for an SA negotiated with UDP encapsulation, or ESP in UDP for a raw one.
+pub const DROP_ENCAP: usize = DROP_SELECTOR + 7;
 /// Number of drop reasons.
-pub const NUM_DROPS: usize = DROP_SELECTOR + 7;
+pub const NUM_DROPS: usize = DROP_SELECTOR + 8;
 
 /// Counters updated by the workers (relaxed atomics), read by the control side.
 #[derive(Default, Debug)]
@@ -181,6 +184,48 @@ pub enum Peer {
     Udp(SocketAddrV4),
 }
 
+/// An SA's peer, changeable by the workers: a UDP-encapsulated SA follows its peer's NAT
+/// mapping (RFC 3948; RFC 7296 §2.23 for IKE). Packed as kind (bit 48), IPv4 (bits 16..48)
+/// and port (bits 0..16) in one atomic.
+#[derive(Debug)]
+pub struct PeerCell(AtomicU64);
+
+const PEER_UDP: u64 = 1 << 48;
+
+impl PeerCell {
+    pub fn new(p: Peer) -> PeerCell {
+        PeerCell(AtomicU64::new(Self::pack(p)))
+    }
+
+    fn pack(p: Peer) -> u64 {
+        match p {
+            Peer::Raw(a) => u64::from(u32::from(a)) << 16,
+            Peer::Udp(a) => PEER_UDP | u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port()),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self) -> Peer {
+        let v = self.0.load(Ordering::Relaxed);
+        // Truncations: the fields were packed from a u32 and a u16.
+        let ip = std::net::Ipv4Addr::from((v >> 16) as u32);
+        if v & PEER_UDP != 0 {
+            Peer::Udp(SocketAddrV4::new(ip, v as u16))
+        } else {
+            Peer::Raw(ip)
+        }
+    }
+
+    /// Moves a UDP-encapsulated SA to `to`; false (and no change) for a raw SA.
+    pub fn move_udp(&self, to: SocketAddrV4) -> bool {
+        if matches!(self.get(), Peer::Raw(_)) {
+            return false;
+        }
+        self.0.store(Self::pack(Peer::Udp(to)), Ordering::Relaxed);
+        true
+    }
+}
+
 /// One installed CHILD SA pair. Crypto contexts are per worker thread (index = worker id);
 /// each sits behind its own mutex, which only that worker ever takes, so it is uncontended.
 pub struct Sa {
@@ -194,7 +239,10 @@ pub struct Sa {
     pub transform: Transform,
     pub esn: bool,
     pub local: String,
-    pub peer: Peer,
+    /// Where ESP goes; UDP SAs follow an authenticated peer to a new address or port.
+    pub peer: PeerCell,
+    /// Times the peer moved (NAT mapping changes followed).
+    pub peer_moves: AtomicU64,
     pub local_ts: Vec<Cidr>,
     pub remote_ts: Vec<Cidr>,
     /// The phase1's TUN device (decrypted packets are written here).
@@ -213,6 +261,9 @@ pub struct Sa {
     pub dead: AtomicBool,
     pub hard_bytes: u64,
     pub hard_packets: u64,
+    /// Wall-clock ns of the hard time limit (`u64::MAX`: none); the workers compare it with
+    /// the time of their wakeup, so no packet passes after it.
+    pub hard_deadline_ns: u64,
     pub rx: DirCounters,
     pub tx: DirCounters,
     pub drops: [AtomicU64; NUM_DROPS],
@@ -258,17 +309,31 @@ impl Device {
     /// Longest-prefix match of `dst` over the remote selectors of outbound-enabled SAs whose
     /// local selectors hold `src`. Linear in the routes of this device: tunnels carry a few
     /// selectors each.
+    ///
+    /// Among SAs for the same prefix the newest wins, except that a new SA that has not yet
+    /// received anything yields to an older one of the same tunnel that has (make-before-break
+    /// across a rekey: the peer may not have installed the new inbound SA yet; it proves it
+    /// has by sending on it, or by deleting the old one).
     #[inline]
     pub fn lookup(&self, src: IpAddr, dst: IpAddr) -> Option<&Arc<Sa>> {
-        self.routes
-            .iter()
-            .find(|r| {
-                r.dst.contains(dst)
-                    && r.sa.outbound.load(Ordering::Relaxed)
-                    && !r.sa.dead.load(Ordering::Relaxed)
-                    && any_contains(&r.sa.local_ts, src)
-            })
-            .map(|r| &r.sa)
+        let usable = |r: &Route| {
+            r.dst.contains(dst)
+                && r.sa.outbound.load(Ordering::Relaxed)
+                && !r.sa.dead.load(Ordering::Relaxed)
+                && r.sa.volume_ok(&r.sa.tx)
+                && any_contains(&r.sa.local_ts, src)
+        };
+        let mut it = self.routes.iter();
+        let first = it.find(|r| usable(r))?;
+        if first.sa.rx.packets.load(Ordering::Relaxed) > 0 {
+            return Some(&first.sa);
+        }
+        // Routes are sorted longest prefix first, newest first within a length: the
+        // candidates are the later ones for the same prefix.
+        let older = it
+            .filter(|r| r.dst == first.dst && r.sa.tunnel == first.sa.tunnel)
+            .find(|r| usable(r) && r.sa.rx.packets.load(Ordering::Relaxed) > 0);
+        Some(&older.unwrap_or(first).sa)
     }
 }
 
@@ -278,6 +343,9 @@ pub struct Table {
     pub generation: u64,
     pub by_spi: HashMap<u32, Arc<Sa>>,
     pub devices: Vec<Device>,
+    /// Addresses of the peers of installed SAs (an unknown SPI from one of them may belong
+    /// to an SA on its way).
+    pub peers: std::collections::HashSet<std::net::Ipv4Addr>,
 }
 
 impl Table {
@@ -288,10 +356,15 @@ impl Table {
         devices: &HashMap<String, Arc<TunDev>>,
     ) -> Table {
         let mut by_spi = HashMap::new();
+        let mut peers = std::collections::HashSet::new();
         let mut routes: HashMap<&str, Vec<Route>> = HashMap::new();
         let sas: Vec<Arc<Sa>> = sas.collect();
         for sa in &sas {
             by_spi.insert(sa.spi_in, sa.clone());
+            peers.insert(match sa.peer.get() {
+                Peer::Raw(a) => a,
+                Peer::Udp(a) => *a.ip(),
+            });
             let r = routes.entry(sa.phase1.as_str()).or_default();
             for dst in &sa.remote_ts {
                 r.push(Route {
@@ -322,6 +395,7 @@ impl Table {
             generation,
             by_spi,
             devices,
+            peers,
         }
     }
 

@@ -6,7 +6,7 @@
 //! `accept`; counters are relaxed atomics. The table is re-read once per wakeup.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,8 +16,8 @@ use esp_proto::{classify_udp4500, decode_payload, inner, EspError, EspHeader, Ud
 use super::offload::{self, VNET_HDR_LEN};
 use super::sockets::{RecvBatch, SendBatch, BATCH, SLOT};
 use super::table::{
-    any_contains, Device, Peer, Table, DROP_IKE_RELAY, DROP_NO_SA, DROP_OFFLOAD, DROP_OUTER,
-    DROP_SELECTOR, DROP_TUN_WRITE, DROP_TX_ERROR,
+    any_contains, Device, Peer, Table, DROP_ENCAP, DROP_IKE_RELAY, DROP_NO_SA, DROP_OFFLOAD,
+    DROP_OUTER, DROP_SELECTOR, DROP_TUN_WRITE, DROP_TX_ERROR,
 };
 use super::Shared;
 
@@ -56,10 +56,76 @@ pub struct Worker {
     tunbuf: Box<[u8]>,
     /// Decrypted packets on their way to TUN, coalesced per receive batch.
     gro: offload::Coalescer,
+    /// Packets for SPIs not installed yet.
+    hold: Hold,
 }
 
 /// Largest read from a TUN device: header plus the largest IP packet.
 const TUNBUF: usize = VNET_HDR_LEN + 65_536;
+
+/// Packets held per worker while their SPI is not installed yet.
+const HOLD_SLOTS: usize = 32;
+/// How long a held packet waits for its SA.
+const HOLD_NS: u64 = 500_000_000;
+
+/// Where an inbound ESP packet came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Raw IP protocol 50 from this address.
+    Raw(Ipv4Addr),
+    /// UDP-encapsulated (RFC 3948) from this address and port.
+    Udp(SocketAddrV4),
+}
+
+impl Source {
+    fn ip(self) -> Ipv4Addr {
+        match self {
+            Source::Raw(a) => a,
+            Source::Udp(a) => *a.ip(),
+        }
+    }
+}
+
+/// ESP packets whose SPI is unknown but whose source is the peer of an installed SA, held
+/// until the next table change (or [`HOLD_NS`]): ikemgr answers a peer's CREATE_CHILD_SA
+/// before espd has installed the new SA, and the peer may send on it at once. Fixed buffers,
+/// allocated when the worker starts; when full, the packet is dropped as `unknown_spi`.
+struct Hold {
+    bufs: Box<[u8]>,
+    /// Per slot: (length, source, arrival ns); `None` = free.
+    meta: [Option<(usize, Source, u64)>; HOLD_SLOTS],
+}
+
+impl Hold {
+    fn new() -> Hold {
+        Hold {
+            bufs: vec![0u8; SLOT * HOLD_SLOTS].into_boxed_slice(),
+            meta: [None; HOLD_SLOTS],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.meta.iter().all(Option::is_none)
+    }
+
+    /// Keeps a copy of `esp`; false when full or too large.
+    fn push(&mut self, esp: &[u8], src: Source, now: u64) -> bool {
+        let Some(i) = self.meta.iter().position(Option::is_none) else {
+            return false;
+        };
+        let Some(slot) = self.bufs.get_mut(i * SLOT..i * SLOT + esp.len()) else {
+            return false;
+        };
+        if esp.len() > SLOT {
+            return false;
+        }
+        slot.copy_from_slice(esp);
+        if let Some(m) = self.meta.get_mut(i) {
+            *m = Some((esp.len(), src, now));
+        }
+        true
+    }
+}
 
 fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
     // EPOLLEXCLUSIVE: one ready descriptor wakes one of the workers waiting on it, not all.
@@ -109,6 +175,7 @@ impl Worker {
             scratch: Box::new([0; SLOT]),
             tunbuf: vec![0u8; TUNBUF].into_boxed_slice(),
             gro: offload::Coalescer::default(),
+            hold: Hold::new(),
         })
     }
 
@@ -120,6 +187,9 @@ impl Worker {
             let table = self.shared.current();
             if table.generation != self.gen {
                 self.sync(&table);
+                self.retry_held(&table, wall_ns());
+            } else if !self.hold.is_empty() {
+                self.expire_held(wall_ns());
             }
             // SAFETY: events has MAX_EVENTS entries.
             let n = unsafe {
@@ -170,6 +240,48 @@ impl Worker {
         self.gen = table.generation;
     }
 
+    /// Passes held packets whose SA is now installed; drops the stale ones.
+    fn retry_held(&mut self, table: &Table, now: u64) {
+        let Worker {
+            id,
+            shared,
+            plain,
+            gro,
+            hold,
+            ..
+        } = self;
+        for i in 0..HOLD_SLOTS {
+            let Some(Some((len, src, at))) = hold.meta.get(i).copied() else {
+                continue;
+            };
+            let Some(esp) = hold.bufs.get(i * SLOT..i * SLOT + len) else {
+                continue;
+            };
+            let known = EspHeader::peek(esp).is_some_and(|h| table.by_spi.contains_key(&h.spi));
+            if known {
+                decap(*id, shared, &mut plain[..], gro, table, esp, src, now);
+            } else if now.saturating_sub(at) < HOLD_NS {
+                continue;
+            } else {
+                shared.count_drop(esp_proto::DropReason::UnknownSpi.index());
+            }
+            if let Some(m) = hold.meta.get_mut(i) {
+                *m = None;
+            }
+        }
+        shared.count_drops(DROP_TUN_WRITE, gro.flush());
+    }
+
+    fn expire_held(&mut self, now: u64) {
+        for m in self.hold.meta.iter_mut() {
+            if m.is_some_and(|(_, _, at)| now.saturating_sub(at) >= HOLD_NS) {
+                *m = None;
+                self.shared
+                    .count_drop(esp_proto::DropReason::UnknownSpi.index());
+            }
+        }
+    }
+
     // ---- inbound ------------------------------------------------------------------------
 
     fn rx_raw(&mut self, table: &Table, now: u64) {
@@ -179,6 +291,7 @@ impl Worker {
             rx,
             plain,
             gro,
+            hold,
             ..
         } = self;
         let n = rx.recv(shared.sockets.raw.as_raw_fd()).unwrap_or(0);
@@ -199,18 +312,12 @@ impl Worker {
                 shared.count_drop(DROP_OUTER);
                 continue;
             };
-            let src = Ipv4Addr::new(src[0], src[1], src[2], src[3]);
-            decap(
-                *id,
-                shared,
-                &mut plain[..],
-                gro,
-                table,
-                esp,
-                IpAddr::V4(src),
-                now,
-            );
+            let src = Source::Raw(Ipv4Addr::new(src[0], src[1], src[2], src[3]));
+            if decap(*id, shared, &mut plain[..], gro, table, esp, src, now) {
+                hold_or_drop(shared, hold, table, esp, src, now);
+            }
         }
+        shared.count_drops(DROP_TUN_WRITE, gro.flush());
     }
 
     fn rx_udp(&mut self, table: &Table, now: u64) {
@@ -221,6 +328,7 @@ impl Worker {
             plain,
             scratch,
             gro,
+            hold,
             ..
         } = self;
         let n = rx.recv(shared.sockets.udp.as_raw_fd()).unwrap_or(0);
@@ -245,16 +353,12 @@ impl Worker {
                             shared.count_drop(DROP_IKE_RELAY);
                         }
                     }
-                    Ok(Udp4500::Esp(esp)) => decap(
-                        *id,
-                        shared,
-                        &mut plain[..],
-                        gro,
-                        table,
-                        esp,
-                        IpAddr::V4(*from.ip()),
-                        now,
-                    ),
+                    Ok(Udp4500::Esp(esp)) => {
+                        let src = Source::Udp(from);
+                        if decap(*id, shared, &mut plain[..], gro, table, esp, src, now) {
+                            hold_or_drop(shared, hold, table, esp, src, now);
+                        }
+                    }
                     Err(e) => shared.count_drop(e.drop_reason().index()),
                 }
             }
@@ -326,11 +430,12 @@ fn encap_one(
         sa.count_drop(reason);
         shared.count_drop(reason);
     };
-    if !sa.volume_ok(&sa.tx) {
+    if !sa.volume_ok(&sa.tx) || now >= sa.hard_deadline_ns {
         fail(esp_proto::DropReason::Expired.index());
         return;
     }
-    let (batch, fd, to) = match sa.peer {
+    let peer = sa.peer.get();
+    let (batch, fd, to) = match peer {
         Peer::Raw(ip) => (
             tx_raw,
             shared.sockets.raw.as_raw_fd(),
@@ -339,7 +444,7 @@ fn encap_one(
         Peer::Udp(a) => (tx_udp, shared.sockets.udp.as_raw_fd(), a),
     };
     if batch.is_full() {
-        let failed = match sa.peer {
+        let failed = match peer {
             Peer::Udp(_) => batch.flush_udp_gso(fd),
             Peer::Raw(_) => batch.flush(fd),
         };
@@ -366,9 +471,25 @@ fn encap_one(
     shared.tx.add(pkt.len(), now);
 }
 
+/// Holds a packet with an unknown SPI when it comes from the peer of an installed SA (its
+/// SA may be on its way from ikemgr), else counts it as `unknown_spi`.
+fn hold_or_drop(
+    shared: &Shared,
+    hold: &mut Hold,
+    table: &Table,
+    esp: &[u8],
+    src: Source,
+    now: u64,
+) {
+    if !(table.peers.contains(&src.ip()) && hold.push(esp, src, now)) {
+        shared.count_drop(esp_proto::DropReason::UnknownSpi.index());
+    }
+}
+
 /// RFC 4303 §3.4 for one received ESP packet: SPI lookup, shape, replay check, ICV and
 /// decryption, window update (only now that it authenticated), padding and inner header,
-/// then the selector check (RFC 4301 §5.2) and the write to TUN.
+/// then the selector check (RFC 4301 §5.2) and the write to TUN. Returns true, counting
+/// nothing, when the SPI is unknown (the caller holds or drops the packet).
 #[allow(clippy::too_many_arguments)]
 fn decap(
     id: usize,
@@ -377,38 +498,47 @@ fn decap(
     gro: &mut offload::Coalescer,
     table: &Table,
     esp: &[u8],
-    _from: IpAddr,
+    src: Source,
     now: u64,
-) {
+) -> bool {
     let Some(hdr) = EspHeader::peek(esp) else {
         shared.count_drop(esp_proto::DropReason::Truncated.index());
-        return;
+        return false;
     };
     let Some(sa) = table.by_spi.get(&hdr.spi) else {
-        shared.count_drop(esp_proto::DropReason::UnknownSpi.index());
-        return;
+        return true;
     };
     let fail = |reason: usize| {
         sa.count_drop(reason);
         shared.count_drop(reason);
     };
-    if sa.dead.load(Ordering::Relaxed) || !sa.volume_ok(&sa.rx) {
+    // An SA negotiated with UDP encapsulation takes no raw ESP, and the other way round
+    // (RFC 3948 §2.1: the encapsulation is a property of the SA).
+    let peer = sa.peer.get();
+    match (peer, src) {
+        (Peer::Udp(_), Source::Udp(_)) | (Peer::Raw(_), Source::Raw(_)) => {}
+        _ => {
+            fail(DROP_ENCAP);
+            return false;
+        }
+    }
+    if sa.dead.load(Ordering::Relaxed) || !sa.volume_ok(&sa.rx) || now >= sa.hard_deadline_ns {
         fail(esp_proto::DropReason::Expired.index());
-        return;
+        return false;
     }
     let Some(crypto) = sa.dec.get(id) else {
-        return;
+        return false;
     };
     let mut crypto = lock(crypto);
     if let Err(e) = crypto.check_shape(esp) {
         fail(e.drop_reason().index());
-        return;
+        return false;
     }
     let seq = match lock(&sa.replay).check(hdr.seq) {
         Ok(s) => s,
         Err(e) => {
             fail(e.drop_reason().index());
-            return;
+            return false;
         }
     };
     let body = plain;
@@ -416,24 +546,44 @@ fn decap(
         Ok(n) => n,
         Err(e) => {
             fail(e.drop_reason().index());
-            return;
+            return false;
         }
     };
     drop(crypto);
-    if !lock(&sa.replay).accept(seq) {
-        fail(EspError::Replay.drop_reason().index());
-        return;
+    let newest = {
+        let mut replay = lock(&sa.replay);
+        let newest = seq > replay.top();
+        if !replay.accept(seq) {
+            drop(replay);
+            fail(EspError::Replay.drop_reason().index());
+            return false;
+        }
+        newest
+    };
+    // The packet authenticated: a UDP peer seen at a new address or port moved behind its
+    // NAT (RFC 3948 §2.2; as RFC 7296 §2.23 for IKE, only the newest packet counts, so a
+    // reordered old one cannot move it back). Every SA of the tunnel at the old address
+    // follows, so replies leave through the new mapping.
+    if let (true, Source::Udp(from), Peer::Udp(cur)) = (newest, src, peer) {
+        if from != cur {
+            for other in table.by_spi.values() {
+                if other.tunnel == sa.tunnel && other.peer.get() == peer {
+                    other.peer.move_udp(from);
+                }
+            }
+            sa.peer_moves.fetch_add(1, Ordering::Relaxed);
+        }
     }
     let (len, _next_header) = match decode_payload(body.get(..plen).unwrap_or(&[])) {
         Ok(x) => x,
         Err(e) => {
             fail(e.drop_reason().index());
-            return;
+            return false;
         }
     };
     if len == 0 {
         // A dummy packet (Next Header 59, RFC 4303 §2.6): authenticated, not forwarded.
-        return;
+        return false;
     }
     let pkt = body.get(..len).unwrap_or(&[]);
     let ok = match inner::addresses(pkt) {
@@ -442,10 +592,11 @@ fn decap(
     };
     if !ok {
         fail(DROP_SELECTOR);
-        return;
+        return false;
     }
     // To TUN through the coalescer (written at the latest when the receive batch ends).
     shared.count_drops(DROP_TUN_WRITE, gro.push(&sa.tun, pkt));
     sa.rx.add(len, now);
     shared.rx.add(len, now);
+    false
 }
