@@ -14,7 +14,9 @@
 //! sends [`IkeManager::poll_transmit`], runs [`IkeManager::poll_route`] and publishes
 //! [`IkeManager::drain_bodies`]. New IKE_SA_INIT requests pass ike-proto's `CookieGuard`
 //! (default limits: COOKIEs above a half-open threshold, half-open SAs per source and in
-//! total). Not yet: several phase2s per phase1 (the first one is used), HA snapshots.
+//! total). Every phase2 of a phase1 is a CHILD SA policy of its IKE SAs (see
+//! `ike_proto::sa::IkeConfig::more_children`); each CHILD SA is published with its phase2's
+//! name. Not yet: HA snapshots.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -27,7 +29,9 @@ use haven_config::{Config, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type,
 use ike_proto::cookie::{CookieGuard, GuardConfig, Verdict};
 use ike_proto::crypto::{Encr, Integ};
 use ike_proto::proposal::{dhgrp_list, phase1_list, phase2_list};
-use ike_proto::sa::{Accepted, Addresses, DeleteReason, Event, IkeConfig, IkeSa, OsEntropy};
+use ike_proto::sa::{
+    Accepted, Addresses, ChildPolicy, DeleteReason, Event, IkeConfig, IkeSa, OsEntropy,
+};
 use ike_proto::wire::{IdPayload, TrafficSelector};
 use ike_proto::{IkeSaInfo, NatTraversal, Transmit};
 use serde_json::{json, Value};
@@ -63,7 +67,7 @@ pub enum RouteOp {
     },
 }
 
-/// One phase1 (+ its first phase2) ready to negotiate.
+/// One phase1 (+ its phase2s, each a CHILD SA policy) ready to negotiate.
 #[derive(Clone)]
 struct Gateway {
     name: String,
@@ -71,7 +75,8 @@ struct Gateway {
     remote_gw: Option<Ipv4Addr>,
     local_gw: Option<Ipv4Addr>,
     interface: String,
-    phase2: String,
+    /// Phase2 names by CHILD SA policy index (`ChildSaInfo::policy`).
+    phase2s: Vec<String>,
     add_route: bool,
     initiate: bool,
     localid: Option<IdPayload>,
@@ -229,7 +234,8 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
         .psksecret
         .as_ref()
         .ok_or_else(|| format!("{}: no psksecret", p.name))?;
-    let p2 = config.phase2_for(&p.name).next();
+    let all_p2: Vec<_> = config.phase2_for(&p.name).collect();
+    let p2 = all_p2.first().copied();
     let mut c = IkeConfig::psk(psk.expose_bytes(), IdPayload::fqdn(""));
     c.ike_proposals = phase1_list(&join(&p.proposal)).map_err(|e| format!("{}: {e}", p.name))?;
     c.ike_groups = dhgrp_list(&groups(&p.dhgrp)).map_err(|e| format!("{}: {e}", p.name))?;
@@ -255,8 +261,26 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
         c.local_ts = vec![selector(&p2.src)];
         c.remote_ts = vec![selector(&p2.dst)];
     }
+    for p2 in all_p2.iter().skip(1) {
+        c.more_children.push(ChildPolicy {
+            esp_proposals: phase2_list(&join(&p2.proposal))
+                .map_err(|e| format!("{}: {e}", p2.name))?,
+            pfs_groups: if p2.pfs {
+                dhgrp_list(&groups(&p2.dhgrp)).map_err(|e| format!("{}: {e}", p2.name))?
+            } else {
+                Vec::new()
+            },
+            local_ts: vec![selector(&p2.src)],
+            remote_ts: vec![selector(&p2.dst)],
+            lifetime: Duration::from_secs(u64::from(p2.keylifeseconds)),
+        });
+    }
     // Rekey margins scaled for short lifetimes (the minimum keylife is 120 s).
-    let shortest = c.child_lifetime.min(c.ike_lifetime);
+    let shortest = c
+        .more_children
+        .iter()
+        .map(|p| p.lifetime)
+        .fold(c.child_lifetime.min(c.ike_lifetime), Duration::min);
     c.rekey_margin = Duration::from_secs(30).min(shortest / 4);
     c.rekey_jitter = Duration::from_secs(10).min(shortest / 12);
     Ok(Gateway {
@@ -265,7 +289,11 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
         remote_gw: p.remote_gw.first().copied(),
         local_gw: p.local_gw.filter(|a| !a.is_unspecified()),
         interface: p.interface.clone(),
-        phase2: p2.map(|p| p.name.clone()).unwrap_or_else(|| p.name.clone()),
+        phase2s: if all_p2.is_empty() {
+            vec![p.name.clone()]
+        } else {
+            all_p2.iter().map(|p| p.name.clone()).collect()
+        },
         add_route: p.add_route,
         initiate: p.kind != Phase1Type::Dynamic && p.auto_negotiate && !p.passive_mode,
         localid: p.localid.as_deref().filter(|s| !s.is_empty()).map(id_of),
@@ -761,7 +789,7 @@ impl IkeManager {
                     remote_gw: Some(addrs.remote.ip().to_string()),
                     interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
                     state: TunnelState::Up,
-                    phase2: vec![g.phase2.clone()],
+                    phase2: g.phase2s.clone(),
                     dpd: g.dpd.clone(),
                 }));
             }
@@ -863,7 +891,12 @@ impl IkeManager {
         let mut sa = BusChild {
             tunnel: e.name.clone(),
             phase1: g.name.clone(),
-            phase2: g.phase2.clone(),
+            phase2: g
+                .phase2s
+                .get(c.policy)
+                .or(g.phase2s.first())
+                .cloned()
+                .unwrap_or_default(),
             spi_in: c.inbound_spi,
             spi_out: c.outbound_spi,
             transform,
@@ -944,8 +977,17 @@ impl IkeManager {
                 spi_in: spi,
             });
         }
-        if e.children.is_empty() && reason != DeleteReason::Rekeyed {
-            for dest in e.routes.drain(..) {
+        if reason != DeleteReason::Rekeyed {
+            // Routes that no remaining CHILD SA (of any phase2) still covers go.
+            let kept: Vec<String> = e
+                .children
+                .values()
+                .flat_map(|c| c.remote_ts.iter().cloned())
+                .collect();
+            let (keep, gone): (Vec<String>, Vec<String>) =
+                e.routes.drain(..).partition(|d| kept.contains(d));
+            e.routes = keep;
+            for dest in gone {
                 self.routes.push_back(RouteOp::Del {
                     dest,
                     dev: g.name.clone(),
@@ -1002,7 +1044,7 @@ impl IkeManager {
                     remote_gw: g.remote_gw.map(|a| a.to_string()),
                     interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
                     state: TunnelState::Down,
-                    phase2: vec![g.phase2.clone()],
+                    phase2: g.phase2s.clone(),
                     dpd: g.dpd.clone(),
                 }));
             }
@@ -1273,6 +1315,104 @@ end
             ),
             "{h:?}"
         );
+    }
+
+    /// A second phase2 on each side (10.11/16 <-> 10.12/16).
+    fn with_second_phase2(text: &str, p1: &str, src: &str, dst: &str) -> String {
+        format!(
+            "{text}config vpn ipsec phase2-interface
+    edit \"{p1}-b\"
+        set phase1name \"{p1}\"
+        set proposal aes256-sha256
+        set pfs enable
+        set dhgrp 31
+        set src-subnet {src}
+        set dst-subnet {dst}
+    next
+end
+"
+        )
+    }
+
+    #[test]
+    fn each_phase2_gets_a_child_sa_named_after_it_with_its_own_routes() {
+        let now = Instant::now();
+        let mut hub = mgr(
+            &with_second_phase2(HUB, "hub", "10.11.0.0/16", "10.12.0.0/16"),
+            now,
+        );
+        let mut dial = mgr(
+            &with_second_phase2(DIAL, "vpn1", "10.12.0.0/16", "10.11.0.0/16"),
+            now,
+        );
+        hub.initiate(
+            now,
+            "hub",
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+        );
+        shuttle(&mut hub, &mut dial, now);
+        let d = dial.drain_bodies();
+        let Some(Body::Tunnel(t)) = d.first() else {
+            panic!("{d:?}")
+        };
+        assert_eq!(t.phase2, ["vpn1", "vpn1-b"]);
+        let outs: Vec<&BusChild> = d
+            .iter()
+            .filter_map(|b| match b {
+                Body::ChildSa(c) if c.outbound => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(outs.len(), 2, "{d:?}");
+        assert_eq!(
+            (outs[0].phase2.as_str(), outs[0].transform.as_str()),
+            ("vpn1", "aes128gcm")
+        );
+        assert_eq!(outs[0].remote_ts, ["10.1.0.0/24"]);
+        assert_eq!(
+            (outs[1].phase2.as_str(), outs[1].transform.as_str()),
+            ("vpn1-b", "aes256-sha256")
+        );
+        assert_eq!(outs[1].remote_ts, ["10.11.0.0/16"]);
+        let mut routes = Vec::new();
+        while let Some(r) = dial.poll_route() {
+            routes.push(r);
+        }
+        assert_eq!(
+            routes,
+            [
+                RouteOp::Add {
+                    dest: "10.1.0.0/24".into(),
+                    dev: "vpn1".into()
+                },
+                RouteOp::Add {
+                    dest: "10.11.0.0/16".into(),
+                    dev: "vpn1".into()
+                }
+            ]
+        );
+        let view = dial.gateway_list(now, None);
+        assert_eq!(view[0]["children"].as_array().map(|c| c.len()), Some(2));
+        // Deleting one CHILD SA removes its route only.
+        let spi = hub.sas.values().next().unwrap().sa.child_spis()[1];
+        let id = *hub.sas.keys().next().unwrap();
+        hub.sas
+            .get_mut(&id)
+            .unwrap()
+            .sa
+            .delete_child(now, spi)
+            .unwrap();
+        hub.pump(id, now);
+        shuttle(&mut hub, &mut dial, now);
+        assert_eq!(
+            dial.poll_route(),
+            Some(RouteOp::Del {
+                dest: "10.11.0.0/16".into(),
+                dev: "vpn1".into()
+            })
+        );
+        assert_eq!(dial.poll_route(), None);
     }
 
     #[test]

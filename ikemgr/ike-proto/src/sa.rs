@@ -175,6 +175,28 @@ pub struct IkeConfig {
     pub rekey_jitter: Duration,
     /// `nattraversal enable|disable|forced` (RFC 3948, §2.23).
     pub nat_traversal: NatTraversal,
+    /// Further phase2s of the same phase1, each with its own CHILD SA (policy
+    /// index 1, 2, … in [`ChildSaInfo::policy`]; the fields above are policy
+    /// 0). As initiator of the IKE SA we create policy 0's CHILD SA with
+    /// IKE_AUTH and one CREATE_CHILD_SA per further policy; as responder we
+    /// answer each request with the first policy whose proposals and
+    /// selectors fit (§2.9).
+    pub more_children: Vec<ChildPolicy>,
+}
+
+/// What one CHILD SA negotiates (one FortiOS phase2-interface).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildPolicy {
+    /// Phase2 proposals.
+    pub esp_proposals: Vec<EspAlgs>,
+    /// `dhgrp` when `pfs enable`; empty for no PFS.
+    pub pfs_groups: Vec<DhGroup>,
+    /// Our side's selectors (`src-subnet`).
+    pub local_ts: Vec<TrafficSelector>,
+    /// The peer's side (`dst-subnet`).
+    pub remote_ts: Vec<TrafficSelector>,
+    /// CHILD SA lifetime (`keylifeseconds`).
+    pub lifetime: Duration,
 }
 
 /// NAT traversal mode (FortiOS `nattraversal`).
@@ -217,7 +239,27 @@ impl IkeConfig {
             rekey_margin: Duration::from_secs(30),
             rekey_jitter: Duration::from_secs(10),
             nat_traversal: NatTraversal::Enable,
+            more_children: Vec::new(),
         }
+    }
+
+    /// How many CHILD SA policies (phase2s) this gateway has: 1 + `more_children`.
+    pub fn policy_count(&self) -> usize {
+        1 + self.more_children.len()
+    }
+
+    /// CHILD SA policy `i` (0 is the first phase2, held in the fields above).
+    pub fn policy(&self, i: usize) -> Option<ChildPolicy> {
+        if i == 0 {
+            return Some(ChildPolicy {
+                esp_proposals: self.esp_proposals.clone(),
+                pfs_groups: self.pfs_groups.clone(),
+                local_ts: self.local_ts.clone(),
+                remote_ts: self.remote_ts.clone(),
+                lifetime: self.child_lifetime,
+            });
+        }
+        self.more_children.get(i - 1).cloned()
     }
 }
 
@@ -287,6 +329,9 @@ pub struct ChildSaInfo {
     pub rekey_of: Option<u32>,
     /// True when we sent the request that created it.
     pub initiator: bool,
+    /// The CHILD SA policy (phase2) it was negotiated for, see
+    /// [`IkeConfig::more_children`].
+    pub policy: usize,
 }
 
 /// IKE SA summary for the driver.
@@ -466,6 +511,7 @@ enum Task {
         ni: Vec<u8>,
         kex: Option<KeyExchange>,
         rekey_of: Option<u32>,
+        policy: usize,
     },
     RekeyIke {
         spi: u64,
@@ -534,7 +580,8 @@ enum Request {
     Liveness,
     DeleteChild(u32, DeleteReason),
     DeleteIke,
-    CreateChild,
+    /// A new CHILD SA for policy (phase2) index.
+    CreateChild(usize),
     RekeyChild(u32),
     RekeyIke,
 }
@@ -1330,7 +1377,30 @@ impl IkeSa {
 
     /// Creates an additional CHILD SA with the configured selectors.
     pub fn create_child(&mut self, now: Instant) -> Result<()> {
-        self.queue(now, Request::CreateChild)
+        self.queue(now, Request::CreateChild(0))
+    }
+
+    /// Creates a CHILD SA for policy (phase2) `policy` of
+    /// [`IkeConfig::more_children`] (0 is the first phase2).
+    pub fn create_child_for(&mut self, now: Instant, policy: usize) -> Result<()> {
+        if policy >= self.cfg.policy_count() {
+            return Err(IkeError::Internal("no such CHILD SA policy"));
+        }
+        self.queue(now, Request::CreateChild(policy))
+    }
+
+    /// Policies (phase2 indexes) with a CHILD SA that is current (not
+    /// replaced by a rekey).
+    pub fn child_policies(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .children
+            .iter()
+            .filter(|c| !c.replaced)
+            .map(|c| c.info.policy)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// Rekeys a CHILD SA (by inbound SPI), with PFS when configured.
@@ -1410,13 +1480,14 @@ impl IkeSa {
                     Task::DeleteIke,
                 )
             }
-            Request::CreateChild | Request::RekeyChild(_) => {
-                let rekey_of = match r {
-                    Request::RekeyChild(s) => Some(s),
-                    _ => None,
+            Request::CreateChild(_) | Request::RekeyChild(_) => {
+                let (rekey_of, mut policy) = match r {
+                    Request::RekeyChild(s) => (Some(s), 0),
+                    Request::CreateChild(p) => (None, p),
+                    _ => (None, 0),
                 };
                 let mut notify = None;
-                let (mut tsi, mut tsr) = (self.cfg.local_ts.clone(), self.cfg.remote_ts.clone());
+                let mut ts_of_child = None;
                 if let Some(old) = rekey_of {
                     let c = self
                         .children
@@ -1424,8 +1495,8 @@ impl IkeSa {
                         .find(|c| c.info.inbound_spi == old && !c.replaced)
                         .ok_or(IkeError::UnknownChild(old))?;
                     c.rekeying = true;
-                    tsi = c.info.local_ts.clone();
-                    tsr = c.info.remote_ts.clone();
+                    policy = c.info.policy;
+                    ts_of_child = Some((c.info.local_ts.clone(), c.info.remote_ts.clone()));
                     notify = Some(Payload::Notify(NotifyPayload {
                         protocol: ProtocolId::ESP,
                         spi: old.to_be_bytes().to_vec(),
@@ -1433,13 +1504,19 @@ impl IkeSa {
                         data: Vec::new(),
                     }));
                 }
+                let pol = self
+                    .cfg
+                    .policy(policy)
+                    .ok_or(IkeError::Internal("no such CHILD SA policy"))?;
+                let (tsi, tsr) =
+                    ts_of_child.unwrap_or_else(|| (pol.local_ts.clone(), pol.remote_ts.clone()));
                 let spi = self.random_spi32()?;
                 let ni = self.random(NONCE_LEN)?;
                 // The responder's choice from an INVALID_KE_PAYLOAD, else our first.
                 let group = self
                     .pfs_retry
                     .take()
-                    .or_else(|| self.cfg.pfs_groups.first().copied());
+                    .or_else(|| pol.pfs_groups.first().copied());
                 let kex = match group {
                     Some(g) => Some(KeyExchange::generate(g)?),
                     None => None,
@@ -1447,8 +1524,8 @@ impl IkeSa {
                 let mut p = Vec::new();
                 p.extend(notify);
                 p.push(Payload::Sa(esp_proposals(
-                    &self.cfg.esp_proposals,
-                    &self.cfg.pfs_groups,
+                    &pol.esp_proposals,
+                    &pol.pfs_groups,
                     spi,
                 )));
                 p.push(Payload::Nonce(ni.clone()));
@@ -1468,6 +1545,7 @@ impl IkeSa {
                         ni,
                         kex,
                         rekey_of,
+                        policy,
                     },
                 )
             }

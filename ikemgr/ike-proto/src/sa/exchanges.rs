@@ -115,6 +115,7 @@ impl IkeSa {
         local_ts: Vec<TrafficSelector>,
         remote_ts: Vec<TrafficSelector>,
         rekey_of: Option<u32>,
+        policy: usize,
     ) {
         let ChildKeys {
             encr_i,
@@ -137,7 +138,10 @@ impl IkeSa {
                 integ_out: integ_r,
             }
         };
-        let lifetime = self.cfg.child_lifetime;
+        let lifetime = self
+            .cfg
+            .policy(policy)
+            .map_or(self.cfg.child_lifetime, |p| p.lifetime);
         let soft = self.soft_after(lifetime);
         let info = ChildSaInfo {
             ike_spi_i: self.chan.spi_i,
@@ -155,6 +159,7 @@ impl IkeSa {
             soft_lifetime: soft,
             rekey_of,
             initiator,
+            policy,
         };
         self.children.push(ChildSa {
             info: info.clone(),
@@ -251,7 +256,8 @@ impl IkeSa {
                 ni,
                 kex,
                 rekey_of,
-            } => self.create_child_response(now, spi, ni, kex, rekey_of, &payloads)?,
+                policy,
+            } => self.create_child_response(now, spi, ni, kex, rekey_of, policy, &payloads)?,
             Task::RekeyIke { spi, ni, kex } => {
                 self.rekey_ike_response(now, spi, ni, kex, &payloads)?
             }
@@ -452,16 +458,21 @@ impl IkeSa {
         self.establish(now, proof, idr);
         self.emit_mid();
         self.hs = None;
+        // Every further phase2 gets its own CHILD SA (CREATE_CHILD_SA, §1.3.1).
+        for policy in 1..self.cfg.policy_count() {
+            self.pending.push_back(Request::CreateChild(policy));
+        }
         if let Some(e) = first_error_notify(p) {
             self.events.push_back(Event::ChildSaFailed { notify: e });
             return Ok(());
         }
         let local = self.cfg.local_ts.clone();
         let remote = self.cfg.remote_ts.clone();
-        match self.accept_child(p, &[], None, &ni, &nr, &local, &remote) {
+        let esp = self.cfg.esp_proposals.clone();
+        match self.accept_child(p, &esp, &[], None, &ni, &nr, &local, &remote) {
             Ok((suite, peer_spi, keys, tsi, tsr)) => {
                 self.install_child(
-                    now, proof, suite, child_spi, peer_spi, keys, true, tsi, tsr, None,
+                    now, proof, suite, child_spi, peer_spi, keys, true, tsi, tsr, None, 0,
                 );
             }
             Err(n) => self.events.push_back(Event::ChildSaFailed { notify: n }),
@@ -485,6 +496,7 @@ impl IkeSa {
     fn accept_child(
         &mut self,
         p: &[Payload],
+        esp: &[EspAlgs],
         pfs: &[DhGroup],
         kex: Option<&KeyExchange>,
         ni: &[u8],
@@ -502,8 +514,8 @@ impl IkeSa {
         NotifyType,
     > {
         let sa = sa_of(p).ok_or(NotifyType::INVALID_SYNTAX)?;
-        let (suite, peer_spi) = accept_esp_reply(sa, &self.cfg.esp_proposals, pfs)
-            .ok_or(NotifyType::NO_PROPOSAL_CHOSEN)?;
+        let (suite, peer_spi) =
+            accept_esp_reply(sa, esp, pfs).ok_or(NotifyType::NO_PROPOSAL_CHOSEN)?;
         let shared = match (suite.dh, kex) {
             (Some(g), Some(k)) if k.group() == g => {
                 let ke = ke_of(p).ok_or(NotifyType::INVALID_SYNTAX)?;
@@ -540,6 +552,7 @@ impl IkeSa {
         Ok((suite, peer_spi, keys, tsi.to_vec(), tsr.to_vec()))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_child_response(
         &mut self,
         now: Instant,
@@ -547,8 +560,13 @@ impl IkeSa {
         ni: Vec<u8>,
         kex: Option<KeyExchange>,
         rekey_of: Option<u32>,
+        policy: usize,
         p: &[Payload],
     ) -> Result<()> {
+        let pol = self
+            .cfg
+            .policy(policy)
+            .ok_or(IkeError::Internal("no such CHILD SA policy"))?;
         let proof = self.auth.ok_or(IkeError::NotEstablished)?;
         let retry = now + sa_retry_delay(self);
         let failed = |sa: &mut IkeSa, n: NotifyType| {
@@ -573,11 +591,11 @@ impl IkeSa {
                 .ok()
                 .map(|b| DhGroup(u16::from_be_bytes(b)));
             let used = kex.as_ref().map(|k| k.group());
-            if let Some(g) = want.filter(|g| self.cfg.pfs_groups.contains(g) && Some(*g) != used) {
+            if let Some(g) = want.filter(|g| pol.pfs_groups.contains(g) && Some(*g) != used) {
                 self.pfs_retry = Some(g);
                 let again = match rekey_of {
                     Some(old) => Request::RekeyChild(old),
-                    None => Request::CreateChild,
+                    None => Request::CreateChild(policy),
                 };
                 self.pending.push_front(again);
                 return Ok(());
@@ -601,13 +619,21 @@ impl IkeSa {
                 .map(|c| (c.info.local_ts.clone(), c.info.remote_ts.clone()))
         }) {
             Some(x) => x,
-            None => (self.cfg.local_ts.clone(), self.cfg.remote_ts.clone()),
+            None => (pol.local_ts.clone(), pol.remote_ts.clone()),
         };
-        let pfs = self.cfg.pfs_groups.clone();
-        match self.accept_child(p, &pfs, kex.as_ref(), &ni, &nr, &local, &remote) {
+        match self.accept_child(
+            p,
+            &pol.esp_proposals,
+            &pol.pfs_groups,
+            kex.as_ref(),
+            &ni,
+            &nr,
+            &local,
+            &remote,
+        ) {
             Ok((suite, peer_spi, keys, tsi, tsr)) => {
                 self.install_child(
-                    now, proof, suite, spi, peer_spi, keys, true, tsi, tsr, rekey_of,
+                    now, proof, suite, spi, peer_spi, keys, true, tsi, tsr, rekey_of, policy,
                 );
                 if let Some(old) = rekey_of {
                     self.finish_rekey(old, spi, [ni, nr]);
@@ -800,7 +826,7 @@ impl IkeSa {
                 data: ours,
             }),
         ];
-        match self.answer_child(now, proof, p, None, &ni, &nr, None) {
+        match self.answer_child(now, proof, p, false, &ni, &nr, None) {
             Ok(c) => {
                 reply.push(c.sa);
                 reply.push(c.tsi);
@@ -814,14 +840,18 @@ impl IkeSa {
         Ok(reply)
     }
 
-    /// Responder side of a CHILD SA: proposal, optional KE, selectors, keys.
+    /// Responder side of a CHILD SA: policy, proposal, optional KE (`pfs`:
+    /// a CREATE_CHILD_SA may carry one, IKE_AUTH not), selectors, keys. A
+    /// rekey keeps the policy of the SA it replaces; a new CHILD SA takes
+    /// the first policy (phase2) whose proposals and narrowed selectors fit,
+    /// trying the policies without a current CHILD SA first.
     #[allow(clippy::too_many_arguments)]
     fn answer_child(
         &mut self,
         now: Instant,
         proof: AuthVerified,
         p: &[Payload],
-        pfs: Option<&[DhGroup]>,
+        pfs: bool,
         ni: &[u8],
         nr: &[u8],
         rekey_of: Option<u32>,
@@ -833,8 +863,44 @@ impl IkeSa {
         let our_spi = self
             .random_spi32()
             .map_err(|_| (NotifyType::TEMPORARY_FAILURE, Vec::new()))?;
-        let (reply, suite, peer_spi) = select_esp(offered, &self.cfg.esp_proposals, pfs, our_spi)
-            .ok_or((NotifyType::NO_PROPOSAL_CHOSEN, Vec::new()))?;
+        let rekeyed_policy = rekey_of.and_then(|o| {
+            self.children
+                .iter()
+                .find(|c| c.info.inbound_spi == o)
+                .map(|c| c.info.policy)
+        });
+        let candidates: Vec<usize> = match rekeyed_policy {
+            Some(policy) => vec![policy],
+            None => {
+                let busy = self.child_policies();
+                let (free, taken): (Vec<usize>, Vec<usize>) =
+                    (0..self.cfg.policy_count()).partition(|i| !busy.contains(i));
+                free.into_iter().chain(taken).collect()
+            }
+        };
+        let mut refusal = (NotifyType::NO_PROPOSAL_CHOSEN, Vec::new());
+        let mut chosen = None;
+        for policy in candidates {
+            let Some(pol) = self.cfg.policy(policy) else {
+                continue;
+            };
+            let groups = pfs.then_some(pol.pfs_groups.as_slice());
+            let Some((reply, suite, peer_spi)) =
+                select_esp(offered, &pol.esp_proposals, groups, our_spi)
+            else {
+                continue;
+            };
+            // §2.9: TSi is the peer's side (our remote), TSr ours.
+            let n_i = ts::narrow(tsi, &pol.remote_ts);
+            let n_r = ts::narrow(tsr, &pol.local_ts);
+            if n_i.is_empty() || n_r.is_empty() {
+                refusal = (NotifyType::TS_UNACCEPTABLE, Vec::new());
+                continue;
+            }
+            chosen = Some((policy, reply, suite, peer_spi, n_i, n_r));
+            break;
+        }
+        let (policy, reply, suite, peer_spi, n_i, n_r) = chosen.ok_or(refusal)?;
         let (shared, ke) = match suite.dh {
             Some(g) => {
                 let ke = ke_of(p).ok_or_else(syntax)?;
@@ -856,12 +922,6 @@ impl IkeSa {
             }
             None => (None, None),
         };
-        // §2.9: TSi is the peer's side (our remote), TSr ours.
-        let n_i = ts::narrow(tsi, &self.cfg.remote_ts);
-        let n_r = ts::narrow(tsr, &self.cfg.local_ts);
-        if n_i.is_empty() || n_r.is_empty() {
-            return Err((NotifyType::TS_UNACCEPTABLE, Vec::new()));
-        }
         let k = self.chan.keys.as_ref().ok_or_else(syntax)?;
         let keys = derive_child_keys(
             k.suite.prf,
@@ -884,6 +944,7 @@ impl IkeSa {
             n_r.clone(),
             n_i.clone(),
             rekey_of,
+            policy,
         );
         Ok(ChildReply {
             sa: Payload::Sa(vec![reply]),
@@ -985,8 +1046,7 @@ impl IkeSa {
             rekey_of = Some(c.info.inbound_spi);
         }
         let nr = self.random(NONCE_LEN)?;
-        let pfs = self.cfg.pfs_groups.clone();
-        match self.answer_child(now, proof, p, Some(&pfs), &ni, &nr, rekey_of) {
+        match self.answer_child(now, proof, p, true, &ni, &nr, rekey_of) {
             Ok(c) => {
                 if let Some(old) = rekey_of {
                     let ours_outstanding = matches!(

@@ -1516,3 +1516,138 @@ fn requests_outside_the_window_are_dropped() {
     assert_eq!(r1, r2);
     assert_eq!(p.a.message_ids().1, next + 1);
 }
+
+/// A policy (phase2) with its own selectors and proposal.
+fn policy(local: TrafficSelector, remote: TrafficSelector, esp: &str, pfs: &str) -> ChildPolicy {
+    ChildPolicy {
+        esp_proposals: phase2_list(esp).unwrap(),
+        pfs_groups: dhgrp_list(pfs).unwrap(),
+        local_ts: vec![local],
+        remote_ts: vec![remote],
+        lifetime: Duration::from_secs(3600),
+    }
+}
+
+/// Sets policy 0 of `c` from `p`.
+fn set_first(c: &mut IkeConfig, p: ChildPolicy) {
+    c.esp_proposals = p.esp_proposals;
+    c.pfs_groups = p.pfs_groups;
+    c.local_ts = p.local_ts;
+    c.remote_ts = p.remote_ts;
+    c.child_lifetime = p.lifetime;
+}
+
+#[test]
+fn every_phase2_gets_its_own_child_sa_and_rekeys_keep_their_policy() {
+    // A has phase2s (10.1/16 <-> 10.2/16, gcm) and (10.11/16 <-> 10.12/16, cbc, PFS 31).
+    // B lists the same two in the other order, with the other side's view.
+    // IKE_AUTH carries the first CHILD SA; the second comes with
+    // HDR, SK {SA, Ni, KEi, TSi, TSr} -->  <-- HDR, SK {SA, Nr, KEr, TSi, TSr}
+    let (n1, n2) = (net("10.1.0.0", 16), net("10.2.0.0", 16));
+    let (m1, m2) = (net("10.11.0.0", 16), net("10.12.0.0", 16));
+    let mut a = cfg(
+        b"k",
+        "a.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    set_first(&mut a, policy(n1.clone(), n2.clone(), "aes128gcm", ""));
+    a.more_children = vec![policy(m1.clone(), m2.clone(), "aes256-sha256", "31")];
+    let mut b = cfg(
+        b"k",
+        "b.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    set_first(
+        &mut b,
+        policy(m2.clone(), m1.clone(), "aes256-sha256", "31"),
+    );
+    b.more_children = vec![policy(n2.clone(), n1.clone(), "aes128gcm", "")];
+    let mut p = Pair::new(a, b);
+    p.settle();
+    let (ca, cb) = (Pair::children(&p.ev_a), Pair::children(&p.ev_b));
+    assert_eq!((ca.len(), cb.len()), (2, 2), "{:?}\n{:?}", p.ev_a, p.ev_b);
+    for (x, y) in ca.iter().zip(&cb) {
+        assert_child_pair(x, y);
+    }
+    // A's policy 0 is B's policy 1 and the other way round: B chose by selectors.
+    assert_eq!((ca[0].policy, cb[0].policy), (0, 1));
+    assert_eq!((ca[1].policy, cb[1].policy), (1, 0));
+    assert_eq!(
+        (ca[0].local_ts.clone(), ca[0].remote_ts.clone()),
+        (vec![n1], vec![n2])
+    );
+    assert_eq!(
+        (ca[1].local_ts.clone(), ca[1].remote_ts.clone()),
+        (vec![m1.clone()], vec![m2.clone()])
+    );
+    assert_eq!(ca[0].encr, Encr::AesGcm16(16));
+    assert_eq!(ca[1].encr, Encr::AesCbc(32));
+    assert_eq!(ca[1].pfs_group, Some(DhGroup::CURVE25519));
+    assert_eq!(p.a.child_policies(), [0, 1]);
+    assert_eq!(p.b().child_policies(), [0, 1]);
+
+    // B rekeys its policy 0 (A's second phase2): the new SA keeps selectors and policy.
+    let old = cb[1].inbound_spi;
+    assert_eq!(cb[1].policy, 0);
+    {
+        let now = p.now;
+        p.b().rekey_child(now, old).unwrap();
+    }
+    p.settle();
+    let (ca, cb) = (Pair::children(&p.ev_a), Pair::children(&p.ev_b));
+    assert_eq!((ca.len(), cb.len()), (3, 3));
+    assert_child_pair(&ca[2], &cb[2]);
+    assert_eq!((ca[2].policy, cb[2].policy), (1, 0));
+    assert_eq!(ca[2].local_ts, vec![m1]);
+    assert_eq!(ca[2].remote_ts, vec![m2]);
+    assert_eq!(ca[2].pfs_group, Some(DhGroup::CURVE25519));
+    assert_eq!(p.b().child_spis().len(), 2);
+    assert!(!p.b().child_spis().contains(&old));
+}
+
+#[test]
+fn a_new_child_takes_a_free_policy_and_unknown_selectors_are_refused() {
+    let any = net("0.0.0.0", 0);
+    let (n1, n2) = (net("10.1.0.0", 16), net("10.2.0.0", 16));
+    let mut a = cfg(
+        b"k",
+        "a.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    set_first(&mut a, policy(any.clone(), any.clone(), "aes128gcm", ""));
+    let mut b = cfg(
+        b"k",
+        "b.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    set_first(&mut b, policy(n2.clone(), n1.clone(), "aes128gcm", ""));
+    b.more_children = vec![policy(
+        net("10.22.0.0", 16),
+        net("10.21.0.0", 16),
+        "aes128gcm",
+        "",
+    )];
+    let mut p = Pair::new(a, b);
+    p.settle();
+    // A asks 0/0 twice: B narrows the first to its policy 0, the second to its free policy 1.
+    p.a.create_child(p.now).unwrap();
+    p.settle();
+    let cb = Pair::children(&p.ev_b);
+    assert_eq!(cb.len(), 2);
+    assert_eq!((cb[0].policy, cb[1].policy), (0, 1));
+    assert_eq!(cb[1].local_ts, vec![net("10.22.0.0", 16)]);
+    // A policy index that does not exist is refused locally.
+    assert!(p.a.create_child_for(p.now, 5).is_err());
+}
