@@ -117,6 +117,20 @@ pub struct IkeManager {
     guard: Option<CookieGuard>,
     /// Static gateways: earliest next initiation.
     retry_at: BTreeMap<String, Instant>,
+    /// Static gateways the operator brought up (`execute vpn ipsec tunnel up`): initiated
+    /// like `auto-negotiate enable` until `tunnel down`.
+    wanted: std::collections::BTreeSet<String>,
+}
+
+/// What an operator command did (`execute vpn ipsec tunnel up|down|rekey`, `ike rekey`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CommandOutcome {
+    /// IKE SAs the command starts (initiations queued).
+    pub initiated: usize,
+    /// Exchanges queued on existing IKE SAs (CREATE_CHILD_SA, rekeys, deletes).
+    pub requested: usize,
+    /// CHILD SAs or IKE SAs that were already in the asked state.
+    pub unchanged: usize,
 }
 
 fn spelling<T: serde::Serialize>(v: &T) -> String {
@@ -325,6 +339,7 @@ impl IkeManager {
             bodies: Vec::new(),
             retry_at: BTreeMap::new(),
             guard: None,
+            wanted: Default::default(),
         }
     }
 
@@ -365,7 +380,7 @@ impl IkeManager {
     pub fn initiate_pending(&self, now: Instant) -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
         self.gateways
             .values()
-            .filter(|g| g.initiate)
+            .filter(|g| g.initiate || self.wanted.contains(&g.name))
             .filter(|g| !self.sas.values().any(|e| e.gateway == g.name))
             .filter(|g| self.retry_at.get(&g.name).is_none_or(|t| *t <= now))
             .filter_map(|g| g.remote_gw.map(|r| (g.name.clone(), r, g.local_gw)))
@@ -598,7 +613,7 @@ impl IkeManager {
         let retry = self
             .gateways
             .values()
-            .filter(|g| g.initiate)
+            .filter(|g| g.initiate || self.wanted.contains(&g.name))
             .filter_map(|g| self.retry_at.get(&g.name))
             .min()
             .copied();
@@ -725,6 +740,156 @@ impl IkeManager {
             self.flush(*id, now, "cleared");
         }
         ids.len()
+    }
+
+    /// The gateway and CHILD SA policy of phase2 `phase2` (optionally of phase1 `phase1`).
+    fn find_phase2(&self, phase2: &str, phase1: Option<&str>) -> Result<(String, usize), String> {
+        self.gateways
+            .values()
+            .filter(|g| phase1.is_none_or(|p| g.name == p))
+            .find_map(|g| {
+                g.phase2s
+                    .iter()
+                    .position(|n| n == phase2)
+                    .map(|i| (g.name.clone(), i))
+            })
+            .ok_or_else(|| match phase1 {
+                Some(p) => format!("no phase2 {phase2:?} of phase1 {p:?}"),
+                None => format!("no phase2 {phase2:?}"),
+            })
+    }
+
+    /// `execute vpn ipsec tunnel up <phase2> [<phase1>]`: the CHILD SA of that phase2 on
+    /// every established IKE SA of its phase1 that lacks one (CREATE_CHILD_SA); a static
+    /// phase1 without an IKE SA is initiated now (and again after failures, as with
+    /// `auto-negotiate enable`, until `tunnel down`), bringing up all its phase2s.
+    pub fn tunnel_up(
+        &mut self,
+        now: Instant,
+        phase2: &str,
+        phase1: Option<&str>,
+    ) -> Result<CommandOutcome, String> {
+        let (gw, policy) = self.find_phase2(phase2, phase1)?;
+        let mut out = CommandOutcome::default();
+        let ids: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.gateway == gw)
+            .map(|(k, _)| *k)
+            .collect();
+        for id in &ids {
+            if let Some(e) = self.sas.get_mut(id) {
+                // Still negotiating (all phase2s come with it) or already up.
+                if !e.sa.is_established() || e.sa.child_policies().contains(&policy) {
+                    out.unchanged += 1;
+                } else if e.sa.create_child_for(now, policy).is_ok() {
+                    tracing::debug!("ike 0:{}:{id}: bringing up phase2 {phase2}", e.name);
+                    out.requested += 1;
+                }
+            }
+            self.pump(*id, now);
+        }
+        let is_static = self
+            .gateways
+            .get(&gw)
+            .is_some_and(|g| !g.dynamic && g.remote_gw.is_some());
+        if ids.is_empty() {
+            if !is_static {
+                return Err(format!(
+                    "phase1 {gw:?} is dial-up: it has no peer to initiate to until one connects"
+                ));
+            }
+            self.wanted.insert(gw.clone());
+            self.retry_at.remove(&gw);
+            out.initiated += 1;
+        }
+        Ok(out)
+    }
+
+    /// `execute vpn ipsec tunnel down <phase2> [<phase1>]`: deletes that phase2's CHILD SAs
+    /// (Delete sent to the peer); the IKE SA stays. Undoes an earlier `tunnel up`'s
+    /// initiation of a static phase1 (`auto-negotiate enable` still applies).
+    pub fn tunnel_down(
+        &mut self,
+        now: Instant,
+        phase2: &str,
+        phase1: Option<&str>,
+    ) -> Result<CommandOutcome, String> {
+        let (gw, _) = self.find_phase2(phase2, phase1)?;
+        self.wanted.remove(&gw);
+        let mut out = CommandOutcome::default();
+        for (spi, id) in self.child_spis_of(&gw, phase2) {
+            if let Some(e) = self.sas.get_mut(&id) {
+                if e.sa.delete_child(now, spi).is_ok() {
+                    out.requested += 1;
+                }
+            }
+            self.pump(id, now);
+        }
+        Ok(out)
+    }
+
+    /// `execute vpn ipsec tunnel rekey <phase2> [<phase1>]` (Haven): rekeys that phase2's
+    /// CHILD SAs now (CREATE_CHILD_SA with REKEY_SA, make-before-break).
+    pub fn tunnel_rekey(
+        &mut self,
+        now: Instant,
+        phase2: &str,
+        phase1: Option<&str>,
+    ) -> Result<CommandOutcome, String> {
+        let (gw, _) = self.find_phase2(phase2, phase1)?;
+        let mut out = CommandOutcome::default();
+        for (spi, id) in self.child_spis_of(&gw, phase2) {
+            if let Some(e) = self.sas.get_mut(&id) {
+                match e.sa.rekey_child(now, spi) {
+                    Ok(()) => {
+                        tracing::debug!("ike 0:{}:{id}: rekeying CHILD SA {spi:08x}", e.name);
+                        out.requested += 1;
+                    }
+                    Err(_) => out.unchanged += 1,
+                }
+            }
+            self.pump(id, now);
+        }
+        Ok(out)
+    }
+
+    /// `execute vpn ipsec ike rekey <name>` (Haven): rekeys the established IKE SAs of a
+    /// tunnel instance or phase1 now.
+    pub fn ike_rekey(&mut self, now: Instant, name: &str) -> CommandOutcome {
+        let ids: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.name == name || e.gateway == name)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = CommandOutcome::default();
+        for id in ids {
+            if let Some(e) = self.sas.get_mut(&id) {
+                if e.sa.is_established() && e.sa.rekey_ike(now).is_ok() {
+                    tracing::debug!("ike 0:{}:{id}: rekeying IKE SA", e.name);
+                    out.requested += 1;
+                } else {
+                    out.unchanged += 1;
+                }
+            }
+            self.pump(id, now);
+        }
+        out
+    }
+
+    /// Published CHILD SAs (inbound SPI, IKE SA id) of phase2 `phase2` of gateway `gw`.
+    fn child_spis_of(&self, gw: &str, phase2: &str) -> Vec<(u32, u64)> {
+        self.sas
+            .iter()
+            .filter(|(_, e)| e.gateway == gw)
+            .flat_map(|(id, e)| {
+                e.children
+                    .values()
+                    .filter(|c| c.phase2 == phase2)
+                    .map(move |c| (c.spi_in, *id))
+            })
+            .collect()
     }
 
     /// Drains one SA's transmits and events.
@@ -1413,6 +1578,80 @@ end
             })
         );
         assert_eq!(dial.poll_route(), None);
+    }
+
+    #[test]
+    fn operator_brings_a_tunnel_up_rekeys_it_and_takes_a_phase2_down() {
+        let now = Instant::now();
+        let hub_text = with_second_phase2(HUB, "hub", "10.11.0.0/16", "10.12.0.0/16").replace(
+            "set dhgrp 19\n",
+            "set dhgrp 19\n        set auto-negotiate disable\n",
+        );
+        let mut hub = mgr(&hub_text, now);
+        let mut dial = mgr(
+            &with_second_phase2(DIAL, "vpn1", "10.12.0.0/16", "10.11.0.0/16"),
+            now,
+        );
+        assert!(
+            hub.initiate_pending(now).is_empty(),
+            "auto-negotiate disable"
+        );
+        assert!(hub.tunnel_up(now, "nope", None).is_err());
+        assert!(
+            dial.tunnel_up(now, "vpn1", None).is_err(),
+            "dial-up has no peer yet"
+        );
+        let up = hub.tunnel_up(now, "hub-b", Some("hub")).unwrap();
+        assert_eq!(up.initiated, 1);
+        let pending = hub.initiate_pending(now);
+        assert_eq!(pending.len(), 1);
+        hub.initiate(
+            now,
+            "hub",
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+        );
+        shuttle(&mut hub, &mut dial, now);
+        let spis = |m: &IkeManager| {
+            let e = m.sas.values().next().unwrap();
+            (
+                e.sa.spis(),
+                e.children.keys().copied().collect::<Vec<u32>>(),
+            )
+        };
+        let (ike0, children0) = spis(&hub);
+        assert_eq!(children0.len(), 2);
+        // Already up: nothing to do.
+        assert_eq!(hub.tunnel_up(now, "hub", None).unwrap().unchanged, 1);
+
+        // CHILD rekey of one phase2: one new SPI, the other phase2 untouched.
+        assert_eq!(hub.tunnel_rekey(now, "hub-b", None).unwrap().requested, 1);
+        shuttle(&mut hub, &mut dial, now);
+        let (_, children1) = spis(&hub);
+        assert_eq!(children1.len(), 2);
+        assert_eq!(
+            children1.iter().filter(|s| children0.contains(s)).count(),
+            1
+        );
+
+        // IKE rekey from the responder side, by instance name.
+        assert_eq!(dial.ike_rekey(now, "vpn1_1").requested, 1);
+        shuttle(&mut hub, &mut dial, now);
+        let (ike1, _) = spis(&hub);
+        assert_ne!(ike0, ike1);
+        assert_eq!(spis(&dial).0, ike1);
+
+        // Down: that phase2's CHILD SA goes on both sides, the IKE SA stays.
+        assert_eq!(hub.tunnel_down(now, "hub-b", None).unwrap().requested, 1);
+        shuttle(&mut hub, &mut dial, now);
+        assert_eq!(spis(&hub).1.len(), 1);
+        assert_eq!(spis(&dial).1.len(), 1);
+        assert_eq!(spis(&dial).0, ike1);
+        // Bringing it up again uses CREATE_CHILD_SA on the existing IKE SA.
+        let again = hub.tunnel_up(now, "hub-b", None).unwrap();
+        assert_eq!((again.initiated, again.requested), (0, 1));
+        shuttle(&mut hub, &mut dial, now);
+        assert_eq!(spis(&dial).1.len(), 2);
     }
 
     #[test]

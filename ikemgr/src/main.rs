@@ -9,8 +9,9 @@
 //! `tunnel.state` records (dial-up instances `<phase1>_<n>`); [`io`] owns UDP 500 and the
 //! unix sockets shared with espd for UDP 4500, and runs the routes. The logic below drains
 //! the manager's bodies every tick (100 ms), forwards dpdmon's probe requests, flushes
-//! tunnels dpdmon declares dead, and serves the `ike-gateways` view and `ike-gateway-clear`
-//! command.
+//! tunnels dpdmon declares dead, and serves the `ike-gateways` view and the
+//! `ike-gateway-clear`, `tunnel-up|down|rekey <phase2> [<phase1>]` and `ike-rekey <name>`
+//! commands (`vpnctl diagnose vpn ike gateway clear`, `vpnctl execute vpn ipsec …`).
 //!
 //! Manual-key tunnels (`config vpn ipsec manualkey-interface`) need no IKE: each is
 //! published as a tunnel that is up at once (kind static, DPD off) together with its one
@@ -364,8 +365,37 @@ impl DaemonLogic for Ikemgr {
                 self.wake();
                 Ok(json!({ "cleared": n }))
             }
+            "tunnel-up" | "tunnel-down" | "tunnel-rekey" => {
+                let (phase2, phase1) = match args {
+                    [p2] => (p2.as_str(), None),
+                    [p2, p1] => (p2.as_str(), Some(p1.as_str())),
+                    _ => return Err(format!("usage: {name} <phase2> [<phase1>]")),
+                };
+                let now = Instant::now();
+                let done = {
+                    let mut m = io::lock(&self.ike);
+                    match name {
+                        "tunnel-up" => m.tunnel_up(now, phase2, phase1),
+                        "tunnel-down" => m.tunnel_down(now, phase2, phase1),
+                        _ => m.tunnel_rekey(now, phase2, phase1),
+                    }
+                }?;
+                self.drain(out);
+                self.wake();
+                Ok(json!(done))
+            }
+            "ike-rekey" => {
+                let [target] = args else {
+                    return Err("usage: ike-rekey <tunnel or phase1>".into());
+                };
+                let done = io::lock(&self.ike).ike_rekey(Instant::now(), target);
+                self.drain(out);
+                self.wake();
+                Ok(json!(done))
+            }
             other => Err(format!(
-                "unknown command {other:?}: ikemgr has: ike-gateway-clear"
+                "unknown command {other:?}: ikemgr has: ike-gateway-clear, tunnel-up, \
+                 tunnel-down, tunnel-rekey, ike-rekey"
             )),
         }
     }

@@ -1064,3 +1064,114 @@ fn static_gateway_with_two_phase2s_initiates_two_children() {
     two_children_agree(&a, &gw);
     ping_both(&line, &a, &gw);
 }
+
+/// Operator commands against a strongSwan responder: our static gateway has `auto-negotiate
+/// disable` and stays down until `vpnctl execute vpn ipsec tunnel up vpn1`; `tunnel rekey`
+/// and `ike rekey` give new SPIs on both sides with ping passing; `diagnose vpn ike gateway
+/// clear` sends a DELETE that strongSwan acts on.
+#[test]
+fn vpnctl_brings_the_tunnel_up_rekeys_it_and_clears_it() {
+    require();
+    let line = SiteToSite::new("ikop").expect("topology");
+    let a = strongswan_responder(&line);
+    let conf = static_config(86400, 43200).replace(
+        "set dpd disable\n",
+        "set dpd disable\n        set auto-negotiate disable\n",
+    );
+    let gw = Haven::start(&line.gwb, "ikop-gw", &conf);
+    wait_for("ikemgr listening", WAIT, || {
+        gw.log("ikemgr")
+            .contains("listening on UDP 500")
+            .then_some(())
+            .ok_or_else(|| gw.log("ikemgr"))
+    });
+    let exec = |args: &[&str]| {
+        let mut full = vec!["execute", "vpn", "ipsec"];
+        full.extend_from_slice(args);
+        let out = vpnctl(&gw.run, &full);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = exec(&["tunnel", "up", "no-such-phase2"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("no phase2"), "{text}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        a.list_sas().expect("list").is_empty(),
+        "auto-negotiate disable: nothing before the command"
+    );
+
+    let (ok, text) = exec(&["tunnel", "up", "vpn1", "vpn1"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("1 IKE SA(s) initiated"), "{text}");
+    let first = a
+        .wait_child_installed("gw", "net", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.log("ikemgr")));
+    assert!(!first.initiator, "Haven initiated");
+    ping_through(&line, &a, &gw);
+
+    let old_child = first.child("net").map(|c| c.spi_in).unwrap_or(0);
+    let (ok, text) = exec(&["tunnel", "rekey", "vpn1"]);
+    assert!(ok && text.contains("1 exchange(s) started"), "{text}");
+    wait_for("our CHILD rekey reached strongSwan", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        let installed: Vec<u32> = sas
+            .iter()
+            .flat_map(|s| s.children.iter())
+            .filter(|c| c.state == "INSTALLED")
+            .map(|c| c.spi_in)
+            .collect();
+        (installed.len() == 1 && installed[0] != old_child)
+            .then_some(())
+            .ok_or_else(|| format!("{sas:?}\n{}", gw.log("ikemgr")))
+    });
+    ping_through(&line, &a, &gw);
+
+    let (ok, text) = exec(&["ike", "rekey", "vpn1"]);
+    assert!(ok && text.contains("1 exchange(s) started"), "{text}");
+    let new_ike = wait_for("our IKE rekey reached strongSwan", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        match sas.as_slice() {
+            [s] if s.state == "ESTABLISHED" && s.spis() != first.spis() => Ok(s.spis()),
+            _ => Err(format!("{sas:?}\n{}", gw.log("ikemgr"))),
+        }
+    });
+    let ours = gw.ike_list();
+    assert_eq!(
+        (hex_u64(&ours[0]["spi_i"]), hex_u64(&ours[0]["spi_r"])),
+        new_ike,
+        "{ours}"
+    );
+    ping_through(&line, &a, &gw);
+
+    // `tunnel down` first, so the gateway does not come back on its own after the clear.
+    let (ok, text) = exec(&["tunnel", "down", "vpn1"]);
+    assert!(ok, "{text}");
+    wait_for("strongSwan saw the CHILD SA deleted", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        sas.iter()
+            .all(|s| s.children.iter().all(|c| c.state != "INSTALLED"))
+            .then_some(())
+            .ok_or_else(|| format!("{sas:?}"))
+    });
+    let out = vpnctl(
+        &gw.run,
+        &["diagnose", "vpn", "ike", "gateway", "clear", "name", "vpn1"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("cleared 1 IKE SA"), "{text}");
+    wait_for("strongSwan deleted the IKE SA on our DELETE", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        (sas.iter().all(|s| s.spis() != new_ike) && a.log().contains("received DELETE for IKE_SA"))
+            .then_some(())
+            .ok_or_else(|| format!("{sas:?}\n{}", a.log()))
+    });
+    assert!(
+        line.client.ping(SiteToSite::SERVER, 1).is_err(),
+        "path must close with the SA"
+    );
+}
