@@ -354,6 +354,8 @@ impl TrustAnchors {
             .1
             .saturating_add(i64::try_from(elapsed).unwrap_or(i64::MAX));
         let mut param = X509VerifyParam::new().map_err(|e| refuse("verify parameters", e))?;
+        // time_t is i64 here but narrower on some targets.
+        #[allow(clippy::useless_conversion)]
         param.set_time(unix.try_into().unwrap_or_default());
         b.set_param(&param).map_err(|e| refuse("store", e))?;
         let store = b.build();
@@ -381,7 +383,7 @@ pub fn id_in_cert(id: &IdPayload, leaf: &[u8]) -> Result<(), CertError> {
     let cert = X509::from_der(leaf).map_err(|e| CertError::Refused(e.to_string()))?;
     let sans = cert.subject_alt_names();
     let san_any = |f: &dyn Fn(&openssl::x509::GeneralNameRef) -> bool| {
-        sans.as_ref().is_some_and(|s| s.iter().any(|n| f(n)))
+        sans.as_ref().is_some_and(|s| s.iter().any(f))
     };
     let text = || std::str::from_utf8(&id.data).unwrap_or("");
     let ok = match id.id_type {
