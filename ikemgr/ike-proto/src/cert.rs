@@ -486,4 +486,4 @@ pub fn our_hash_algs() -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

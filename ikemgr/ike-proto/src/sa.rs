@@ -182,6 +182,12 @@ pub struct IkeConfig {
     /// answer each request with the first policy whose proposals and
     /// selectors fit (§2.9).
     pub more_children: Vec<ChildPolicy>,
+    /// Certificate authentication (FortiOS `authmethod signature`): when
+    /// set, we sign our AUTH with this certificate's key (sending CERT,
+    /// CERTREQ and SIGNATURE_HASH_ALGORITHMS) and require the peer to sign
+    /// with a certificate that chains to the trusted CAs and names its ID;
+    /// `psk` is then unused. When None, both sides use the PSK.
+    pub cert: Option<Arc<crate::cert::CertAuth>>,
 }
 
 /// What one CHILD SA negotiates (one FortiOS phase2-interface).
@@ -240,6 +246,7 @@ impl IkeConfig {
             rekey_jitter: Duration::from_secs(10),
             nat_traversal: NatTraversal::Enable,
             more_children: Vec::new(),
+            cert: None,
         }
     }
 
@@ -462,7 +469,7 @@ pub enum Event {
 }
 
 /// Proof that the peer's AUTH payload was verified; only [`verify_auth`]
-/// makes one, and installing the first CHILD SA requires it.
+/// and [`verify_cert_auth`] make one, and installing the first CHILD SA requires it.
 #[derive(Clone, Copy)]
 struct AuthVerified(());
 
@@ -573,6 +580,8 @@ struct Handshake {
     cookie_rounds: u8,
     ke_rounds: u8,
     child_spi: u32,
+    /// Hash algorithms the peer announced (RFC 7427 §4).
+    peer_hashes: Vec<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -751,6 +760,48 @@ fn psk_auth(
         .prf_parts(&key, &[real_message, peer_nonce, &maced_id])?)
 }
 
+/// Signed octets of §2.15 for signature authentication:
+/// RealMessage | PeerNonce | prf(SK_p, IDPayloadBody).
+fn signed_octets(
+    suite: &IkeSuite,
+    real_message: &[u8],
+    peer_nonce: &[u8],
+    sk_p: &[u8],
+    id: &IdPayload,
+) -> Result<Vec<u8>> {
+    let maced_id = suite.prf.prf(sk_p, &id.body())?;
+    Ok([real_message, peer_nonce, &maced_id].concat())
+}
+
+/// Verifies a peer's certificate authentication: CERT payloads (end-entity
+/// first) chain to a trusted CA, the certificate names the peer's `id`,
+/// and the AUTH signature over `octets` verifies with its key.
+fn verify_cert_auth(
+    cert: &crate::cert::CertAuth,
+    now: Instant,
+    p: &[Payload],
+    id: &IdPayload,
+    auth: &AuthPayload,
+    octets: &[u8],
+) -> std::result::Result<AuthVerified, &'static str> {
+    let ders: Vec<Vec<u8>> = p
+        .iter()
+        .filter_map(|x| match x {
+            Payload::Cert(enc, d) if *enc == crate::wire::CertEncoding::X509_SIG => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    let (leaf, intermediates) = ders.split_first().ok_or("peer sent no X.509 certificate")?;
+    let key = cert
+        .trust
+        .verify_chain(leaf, intermediates, now)
+        .map_err(|_| "peer certificate does not chain to a trusted CA")?;
+    crate::cert::id_in_cert(id, leaf).map_err(|_| "peer identity is not in its certificate")?;
+    crate::cert::verify_signature(&key, auth, octets)
+        .map_err(|_| "peer AUTH signature does not verify")?;
+    Ok(AuthVerified(()))
+}
+
 fn verify_auth(expected: &[u8], got: &AuthPayload) -> Option<AuthVerified> {
     (got.method == AuthMethod::SHARED_KEY_MIC
         && got.data.len() == expected.len()
@@ -854,6 +905,7 @@ impl IkeSa {
             cookie_rounds: 0,
             ke_rounds: 0,
             child_spi: 0,
+            peer_hashes: Vec::new(),
         });
         sa.send_init(now)?;
         Ok(sa)
@@ -886,6 +938,13 @@ impl IkeSa {
         }));
         payloads.push(Payload::Nonce(hs.ni.clone()));
         payloads.extend(nat);
+        if self.cfg.cert.is_some() {
+            // RFC 7427 §4: the hashes we accept in signatures.
+            payloads.push(Payload::Notify(NotifyPayload::new(
+                NotifyType::SIGNATURE_HASH_ALGORITHMS,
+                crate::cert::our_hash_algs(),
+            )));
+        }
         let msg = Message {
             header,
             payloads,
@@ -981,6 +1040,22 @@ impl IkeSa {
         if find_notify(&msg.payloads, NotifyType::NAT_DETECTION_SOURCE_IP).is_some() {
             payloads.extend(sa.nat_payloads(h.spi_i, spi_r)?);
         }
+        if let Some(cert) = &sa.cfg.cert {
+            // §3.7: CERTREQ naming the CAs we trust; RFC 7427 §4 hashes.
+            if !cert.trust.is_empty() {
+                payloads.push(Payload::CertReq(
+                    crate::wire::CertEncoding::X509_SIG,
+                    cert.trust.certreq(),
+                ));
+            }
+            payloads.push(Payload::Notify(NotifyPayload::new(
+                NotifyType::SIGNATURE_HASH_ALGORITHMS,
+                crate::cert::our_hash_algs(),
+            )));
+        }
+        let peer_hashes = find_notify(&msg.payloads, NotifyType::SIGNATURE_HASH_ALGORITHMS)
+            .map(|n| crate::cert::parse_hash_algs(&n.data))
+            .unwrap_or_default();
         let resp = Message {
             header: sa.header(ExchangeType::IKE_SA_INIT, 0, true, false),
             payloads,
@@ -997,6 +1072,7 @@ impl IkeSa {
             cookie_rounds: 0,
             ke_rounds: 0,
             child_spi: 0,
+            peer_hashes,
         });
         sa.state = State::InitReplied;
         sa.chan.next_recv = 1;

@@ -10,17 +10,17 @@ use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
 use openssl::x509::{X509Builder, X509NameBuilder};
 use std::time::Duration;
 
-fn rsa_key() -> PKey<Private> {
+pub(crate) fn rsa_key() -> PKey<Private> {
     PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap()
 }
 
-fn ec_key(nid: Nid) -> PKey<Private> {
+pub(crate) fn ec_key(nid: Nid) -> PKey<Private> {
     PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(nid).unwrap()).unwrap()).unwrap()
 }
 
 /// A certificate for `cn` (and DNS SAN `dns` if any) signed by `issuer`
 /// (self-signed CA when None), valid for `days` from now.
-fn make_cert(
+pub(crate) fn make_cert(
     cn: &str,
     dns: Option<&str>,
     key: &PKey<Private>,
@@ -61,18 +61,18 @@ fn make_cert(
     b.build()
 }
 
-struct Pki {
+pub(crate) struct Pki {
     ca: X509,
     ca_key: PKey<Private>,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let ca_key = rsa_key();
         let ca = make_cert("Haven Test CA", None, &ca_key, None, 30);
         Pki { ca, ca_key }
     }
-    fn leaf(&self, dns: &str, key: PKey<Private>) -> (Credentials, Vec<u8>) {
+    pub(crate) fn leaf(&self, dns: &str, key: PKey<Private>) -> (Credentials, Vec<u8>) {
         let cert = make_cert(dns, Some(dns), &key, Some((&self.ca, &self.ca_key)), 10);
         let c = Credentials::from_pem(
             &cert.to_pem().unwrap(),
@@ -81,12 +81,12 @@ impl Pki {
         .unwrap();
         (c, cert.to_der().unwrap())
     }
-    fn trust(&self, now: Instant) -> TrustAnchors {
+    pub(crate) fn trust(&self, now: Instant) -> TrustAnchors {
         TrustAnchors::from_pem(&self.ca.to_pem().unwrap(), (now, unix_now())).unwrap()
     }
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -351,39 +351,126 @@ impl IkeSa {
         self.chan.spi_r = h.spi_r;
         self.chan.keys = Some(Keys::new(suite, sk, true));
         self.chan.outstanding = None;
+        let peer_hashes = find_notify(p, NotifyType::SIGNATURE_HASH_ALGORITHMS)
+            .map(|n| crate::cert::parse_hash_algs(&n.data))
+            .unwrap_or_default();
         if let Some(hs) = self.hs.as_mut() {
             hs.nr = nr;
             hs.response = data.to_vec();
             hs.kex = None;
+            hs.peer_hashes = peer_hashes;
         }
         self.last_peer_activity = Some(now);
         self.send_auth(now)
     }
 
+    /// Our AUTH payload over `real_message` | `peer_nonce` | prf(`sk_p`,
+    /// IDbody) (§2.15), with PSK or our certificate's key; for signatures
+    /// also our CERT payloads (end-entity first).
+    fn local_auth(
+        &self,
+        real_message: &[u8],
+        peer_nonce: &[u8],
+        sk_p: &[u8],
+        peer_hashes: &[u16],
+    ) -> Result<(Vec<Payload>, AuthPayload)> {
+        let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let Some(cert) = &self.cfg.cert else {
+            let data = psk_auth(
+                &keys.suite,
+                self.cfg.psk.as_bytes(),
+                real_message,
+                peer_nonce,
+                sk_p,
+                &self.cfg.local_id,
+            )?;
+            let auth = AuthPayload {
+                method: AuthMethod::SHARED_KEY_MIC,
+                data,
+            };
+            return Ok((Vec::new(), auth));
+        };
+        let octets = signed_octets(
+            &keys.suite,
+            real_message,
+            peer_nonce,
+            sk_p,
+            &self.cfg.local_id,
+        )?;
+        let auth = cert
+            .local
+            .sign(&octets, peer_hashes)
+            .map_err(|_| IkeError::Internal("signing AUTH failed"))?;
+        let certs = cert
+            .local
+            .cert_ders()
+            .into_iter()
+            .map(|d| Payload::Cert(crate::wire::CertEncoding::X509_SIG, d))
+            .collect();
+        Ok((certs, auth))
+    }
+
+    /// Checks the peer's AUTH over `real_message` | `our_nonce` |
+    /// prf(`sk_p`, IDbody): PSK, or a certificate signature when we use
+    /// certificates (a PSK AUTH is then refused, and the other way round).
+    #[allow(clippy::too_many_arguments)]
+    fn peer_auth(
+        &self,
+        now: Instant,
+        p: &[Payload],
+        id: &IdPayload,
+        auth: &AuthPayload,
+        real_message: &[u8],
+        our_nonce: &[u8],
+        sk_p: &[u8],
+    ) -> Result<std::result::Result<AuthVerified, &'static str>> {
+        let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        match &self.cfg.cert {
+            None => {
+                let expected = psk_auth(
+                    &keys.suite,
+                    self.cfg.psk.as_bytes(),
+                    real_message,
+                    our_nonce,
+                    sk_p,
+                    id,
+                )?;
+                Ok(verify_auth(&expected, auth).ok_or("AUTH does not verify"))
+            }
+            Some(_) if auth.method == AuthMethod::SHARED_KEY_MIC => {
+                Ok(Err("peer used a PSK where a certificate is required"))
+            }
+            Some(cert) => {
+                let octets = signed_octets(&keys.suite, real_message, our_nonce, sk_p, id)?;
+                Ok(verify_cert_auth(cert, now, p, id, auth, &octets))
+            }
+        }
+    }
+
     fn send_auth(&mut self, now: Instant) -> Result<()> {
         let child_spi = self.random_spi32()?;
         let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let sk_pi = keys.sk.sk_pi.as_bytes().to_vec();
         let hs = self
             .hs
             .as_mut()
             .ok_or(IkeError::Unexpected("no handshake"))?;
         hs.child_spi = child_spi;
-        let auth = psk_auth(
-            &keys.suite,
-            self.cfg.psk.as_bytes(),
-            &hs.request,
-            &hs.nr,
-            keys.sk.sk_pi.as_bytes(),
-            &self.cfg.local_id,
-        )?;
+        let (request, nr, hashes) = (hs.request.clone(), hs.nr.clone(), hs.peer_hashes.clone());
+        let (certs, auth) = self.local_auth(&request, &nr, &sk_pi, &hashes)?;
+        // §1.2: IDi, [CERT,] [CERTREQ,] [IDr,] AUTH, SAi2, TSi, TSr.
         let mut p = vec![Payload::IdI(self.cfg.local_id.clone())];
+        p.extend(certs);
+        if let Some(cert) = self.cfg.cert.as_ref().filter(|c| !c.trust.is_empty()) {
+            p.push(Payload::CertReq(
+                crate::wire::CertEncoding::X509_SIG,
+                cert.trust.certreq(),
+            ));
+        }
         if let Some(id) = &self.cfg.peer_id {
             p.push(Payload::IdR(id.clone()));
         }
-        p.push(Payload::Auth(AuthPayload {
-            method: AuthMethod::SHARED_KEY_MIC,
-            data: auth,
-        }));
+        p.push(Payload::Auth(auth));
         // No DH transforms in IKE_AUTH: the first CHILD SA uses SK_d only.
         p.push(Payload::Sa(esp_proposals(
             &self.cfg.esp_proposals,
@@ -434,26 +521,30 @@ impl IkeSa {
             return Ok(());
         }
         let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let sk_pr = keys.sk.sk_pr.as_bytes().to_vec();
         let hs = self
             .hs
             .as_ref()
             .ok_or(IkeError::Unexpected("no handshake"))?;
-        let expected = psk_auth(
-            &keys.suite,
-            self.cfg.psk.as_bytes(),
-            &hs.response,
-            &hs.ni,
-            keys.sk.sk_pr.as_bytes(),
-            &idr,
-        )?;
-        let Some(proof) = verify_auth(&expected, &auth) else {
-            self.events.push_back(Event::AuthFailed {
-                reason: "responder AUTH does not verify",
-            });
-            self.notify_auth_failed();
-            self.close(DeleteReason::AuthFailed);
-            return Ok(());
+        let checked = self.peer_auth(now, p, &idr, &auth, &hs.response, &hs.ni, &sk_pr)?;
+        let proof = match checked {
+            Ok(proof) => proof,
+            Err(why) => {
+                let reason = if self.cfg.cert.is_some() {
+                    why
+                } else {
+                    "responder AUTH does not verify"
+                };
+                self.events.push_back(Event::AuthFailed { reason });
+                self.notify_auth_failed();
+                self.close(DeleteReason::AuthFailed);
+                return Ok(());
+            }
         };
+        let hs = self
+            .hs
+            .as_ref()
+            .ok_or(IkeError::Unexpected("no handshake"))?;
         let (ni, nr, child_spi) = (hs.ni.clone(), hs.nr.clone(), hs.child_spi);
         self.establish(now, proof, idr);
         self.emit_mid();
@@ -793,39 +884,28 @@ impl IkeSa {
             return fail(self, "peer identity does not match peerid");
         }
         let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let (sk_pi, sk_pr) = (
+            keys.sk.sk_pi.as_bytes().to_vec(),
+            keys.sk.sk_pr.as_bytes().to_vec(),
+        );
         let hs = self
             .hs
             .as_ref()
             .ok_or(IkeError::Unexpected("no handshake"))?;
-        let expected = psk_auth(
-            &keys.suite,
-            self.cfg.psk.as_bytes(),
-            &hs.request,
-            &hs.nr,
-            keys.sk.sk_pi.as_bytes(),
-            &idi,
-        )?;
-        let Some(proof) = verify_auth(&expected, &auth) else {
-            return fail(self, "initiator AUTH does not verify");
+        let (request, response) = (hs.request.clone(), hs.response.clone());
+        let (ni, nr, hashes) = (hs.ni.clone(), hs.nr.clone(), hs.peer_hashes.clone());
+        let proof = match self.peer_auth(now, p, &idi, &auth, &request, &nr, &sk_pi)? {
+            Ok(proof) => proof,
+            Err(why) if self.cfg.cert.is_some() => return fail(self, why),
+            Err(_) => return fail(self, "initiator AUTH does not verify"),
         };
-        let ours = psk_auth(
-            &keys.suite,
-            self.cfg.psk.as_bytes(),
-            &hs.response,
-            &hs.ni,
-            keys.sk.sk_pr.as_bytes(),
-            &self.cfg.local_id,
-        )?;
-        let (ni, nr) = (hs.ni.clone(), hs.nr.clone());
+        let (certs, ours) = self.local_auth(&response, &ni, &sk_pr, &hashes)?;
         self.hs = None;
         self.establish(now, proof, idi);
-        let mut reply = vec![
-            Payload::IdR(self.cfg.local_id.clone()),
-            Payload::Auth(AuthPayload {
-                method: AuthMethod::SHARED_KEY_MIC,
-                data: ours,
-            }),
-        ];
+        // §1.2: IDr, [CERT,] AUTH, SAr2, TSi, TSr.
+        let mut reply = vec![Payload::IdR(self.cfg.local_id.clone())];
+        reply.extend(certs);
+        reply.push(Payload::Auth(ours));
         match self.answer_child(now, proof, p, false, &ni, &nr, None) {
             Ok(c) => {
                 reply.push(c.sa);

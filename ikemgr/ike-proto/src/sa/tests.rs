@@ -1651,3 +1651,116 @@ fn a_new_child_takes_a_free_policy_and_unknown_selectors_are_refused() {
     // A policy index that does not exist is refused locally.
     assert!(p.a.create_child_for(p.now, 5).is_err());
 }
+
+mod certificates {
+    use super::*;
+    use crate::cert::tests::{ec_key, rsa_key, Pki};
+    use crate::cert::CertAuth;
+    use openssl::nid::Nid;
+
+    /// A gateway named `name` with a certificate from `issuer` for that name,
+    /// trusting the CA of `trust`.
+    fn cert_cfg(
+        issuer: &Pki,
+        trust: &Pki,
+        name: &str,
+        key: openssl::pkey::PKey<openssl::pkey::Private>,
+    ) -> IkeConfig {
+        let mut c = cfg(
+            b"unused",
+            name,
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "",
+        );
+        let (local, _) = issuer.leaf(name, key);
+        c.cert = Some(Arc::new(CertAuth {
+            local,
+            trust: trust.trust(Instant::now()),
+        }));
+        c
+    }
+
+    fn auth_failed(ev: &[Event]) -> Option<&'static str> {
+        ev.iter().find_map(|e| match e {
+            Event::AuthFailed { reason } => Some(*reason),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn rsa_initiator_and_ecdsa_responder_authenticate_with_certificates() {
+        // HDR, SAi1, KEi, Ni, N(SIGNATURE_HASH_ALGORITHMS) -->
+        //   <-- HDR, SAr1, KEr, Nr, CERTREQ, N(SIGNATURE_HASH_ALGORITHMS)
+        // HDR, SK {IDi, CERT, CERTREQ, AUTH(14), SAi2, TSi, TSr} -->
+        //   <-- HDR, SK {IDr, CERT, AUTH(14), SAr2, TSi, TSr}
+        let pki = Pki::new();
+        let a = cert_cfg(&pki, &pki, "a.example", rsa_key());
+        let b = cert_cfg(&pki, &pki, "b.example", ec_key(Nid::X9_62_PRIME256V1));
+        let mut p = Pair::new(a, b);
+        p.settle();
+        assert!(p.a.is_established(), "{:?}", p.ev_a);
+        assert!(p.b().is_established(), "{:?}", p.ev_b);
+        check_establishment(&mut p, Encr::AesGcm16(16), None, DhGroup::ECP256);
+        // The responder asked for certificates from our CA in IKE_SA_INIT.
+        let init_resp = Message::decode(&p.sent_b[0]).unwrap();
+        assert!(init_resp
+            .payloads
+            .iter()
+            .any(|x| matches!(x, Payload::CertReq(_, d) if d.len() == 20)));
+    }
+
+    #[test]
+    fn a_certificate_from_an_untrusted_ca_is_refused_on_both_sides() {
+        let (ours, theirs) = (Pki::new(), Pki::new());
+        // A's certificate comes from a CA B does not trust.
+        let a = cert_cfg(&theirs, &ours, "a.example", ec_key(Nid::SECP384R1));
+        let b = cert_cfg(&ours, &ours, "b.example", rsa_key());
+        let mut p = Pair::new(a, b);
+        p.settle();
+        assert!(!p.a.is_established() && !p.b().is_established());
+        assert_eq!(
+            auth_failed(&p.ev_b),
+            Some("peer certificate does not chain to a trusted CA")
+        );
+        assert_eq!(auth_failed(&p.ev_a), Some("peer rejected our AUTH"));
+        assert!(Pair::children(&p.ev_a).is_empty() && Pair::children(&p.ev_b).is_empty());
+    }
+
+    #[test]
+    fn an_identity_the_certificate_does_not_name_is_refused() {
+        let pki = Pki::new();
+        let mut a = cert_cfg(&pki, &pki, "a.example", rsa_key());
+        a.local_id = IdPayload::fqdn("ceo.example");
+        let b = cert_cfg(&pki, &pki, "b.example", rsa_key());
+        let mut p = Pair::new(a, b);
+        p.settle();
+        assert!(!p.b().is_established());
+        assert_eq!(
+            auth_failed(&p.ev_b),
+            Some("peer identity is not in its certificate")
+        );
+    }
+
+    #[test]
+    fn psk_against_certificates_is_refused() {
+        let pki = Pki::new();
+        let a = cfg(
+            b"k",
+            "a.example",
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "",
+        );
+        let b = cert_cfg(&pki, &pki, "b.example", rsa_key());
+        let mut p = Pair::new(a, b);
+        p.settle();
+        assert!(!p.a.is_established() && !p.b().is_established());
+        assert_eq!(
+            auth_failed(&p.ev_b),
+            Some("peer used a PSK where a certificate is required")
+        );
+    }
+}
