@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 
 use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
 use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
-use haven_config::{Config, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector};
+use haven_config::{
+    AuthMethod as CfgAuth, Config, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector,
+};
+use ike_proto::cert::{CertAuth, Credentials, TrustAnchors};
 use ike_proto::cookie::{CookieGuard, GuardConfig, Verdict};
 use ike_proto::crypto::{Encr, Integ};
 use ike_proto::proposal::{dhgrp_list, phase1_list, phase2_list};
@@ -120,6 +123,21 @@ pub struct IkeManager {
     /// Static gateways the operator brought up (`execute vpn ipsec tunnel up`): initiated
     /// like `auto-negotiate enable` until `tunnel down`.
     wanted: std::collections::BTreeSet<String>,
+    /// Certificates for `authmethod signature` (see [`IkeManager::set_cert_store`]).
+    certs: CertStore,
+}
+
+/// Certificate material for `authmethod signature` phase1s, read by the driver (this
+/// module reads no files): PEM of each named local certificate (leaf first, then
+/// intermediates) and its key, every trusted CA, and a wall-clock anchor for validity checks.
+#[derive(Clone, Default)]
+pub struct CertStore {
+    /// `certificate` name -> (certificate PEM, private key PEM).
+    pub local: BTreeMap<String, (Vec<u8>, Vec<u8>)>,
+    /// Trusted CA certificates, PEM, concatenated.
+    pub ca_pem: Vec<u8>,
+    /// An instant and the Unix time (seconds) at that instant.
+    pub anchor: Option<(Instant, i64)>,
 }
 
 /// What an operator command did (`execute vpn ipsec tunnel up|down|rekey`, `ike rekey`).
@@ -231,7 +249,12 @@ fn encr_label(encr: Encr) -> String {
 }
 
 /// Builds the gateway of one phase1, or says why it cannot negotiate.
-fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
+fn gateway_of(
+    config: &Config,
+    p: &Phase1,
+    certs: &CertStore,
+    now: Instant,
+) -> Result<Gateway, String> {
     let join = |v: &[haven_config::Proposal]| {
         v.iter()
             .map(|p| p.to_string())
@@ -244,13 +267,19 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let psk = p
-        .psksecret
-        .as_ref()
-        .ok_or_else(|| format!("{}: no psksecret", p.name))?;
+    let cert = match p.authmethod {
+        CfgAuth::Psk => None,
+        CfgAuth::Signature => Some(Arc::new(cert_auth_of(p, certs, now)?)),
+    };
+    let psk = match (&p.psksecret, &cert) {
+        (Some(k), _) => k.expose_bytes().to_vec(),
+        (None, Some(_)) => Vec::new(),
+        (None, None) => return Err(format!("{}: no psksecret", p.name)),
+    };
     let all_p2: Vec<_> = config.phase2_for(&p.name).collect();
     let p2 = all_p2.first().copied();
-    let mut c = IkeConfig::psk(psk.expose_bytes(), IdPayload::fqdn(""));
+    let mut c = IkeConfig::psk(&psk, IdPayload::fqdn(""));
+    c.cert = cert;
     c.ike_proposals = phase1_list(&join(&p.proposal)).map_err(|e| format!("{}: {e}", p.name))?;
     c.ike_groups = dhgrp_list(&groups(&p.dhgrp)).map_err(|e| format!("{}: {e}", p.name))?;
     c.ike_lifetime = Duration::from_secs(u64::from(p.keylife));
@@ -320,6 +349,34 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
     })
 }
 
+/// Our certificate (`certificate`: the first name) and the trusted CAs of a phase1 with
+/// `authmethod signature`.
+fn cert_auth_of(p: &Phase1, certs: &CertStore, now: Instant) -> Result<CertAuth, String> {
+    let name = p
+        .certificate
+        .first()
+        .ok_or_else(|| format!("{}: authmethod signature without certificate", p.name))?;
+    let (cert_pem, key_pem) = certs
+        .local
+        .get(name)
+        .ok_or_else(|| format!("{}: certificate {name:?} is not loaded", p.name))?;
+    let local = Credentials::from_pem(cert_pem, key_pem)
+        .map_err(|e| format!("{}: certificate {name:?}: {e}", p.name))?;
+    let anchor = certs
+        .anchor
+        .ok_or_else(|| format!("{}: no wall clock for certificate validity", p.name))?;
+    let _ = now;
+    let trust = TrustAnchors::from_pem(&certs.ca_pem, anchor)
+        .map_err(|e| format!("{}: CA certificates: {e}", p.name))?;
+    if trust.is_empty() {
+        return Err(format!(
+            "{}: authmethod signature but no trusted CA certificate",
+            p.name
+        ));
+    }
+    Ok(CertAuth { local, trust })
+}
+
 impl Default for IkeManager {
     fn default() -> Self {
         IkeManager::new()
@@ -340,6 +397,7 @@ impl IkeManager {
             retry_at: BTreeMap::new(),
             guard: None,
             wanted: Default::default(),
+            certs: CertStore::default(),
         }
     }
 
@@ -348,11 +406,16 @@ impl IkeManager {
         !self.gateways.is_empty()
     }
 
+    /// Certificates and CAs for the next [`IkeManager::set_config`].
+    pub fn set_cert_store(&mut self, store: CertStore) {
+        self.certs = store;
+    }
+
     /// Applies a configuration: rebuilds the gateways; SAs of removed phase1s are deleted.
     pub fn set_config(&mut self, now: Instant, config: &Config) {
         let mut gws = BTreeMap::new();
         for p in &config.phase1 {
-            match gateway_of(config, p) {
+            match gateway_of(config, p, &self.certs, now) {
                 Ok(g) => {
                     gws.insert(g.name.clone(), g);
                 }
