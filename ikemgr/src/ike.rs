@@ -967,6 +967,10 @@ impl IkeManager {
                 events.push(ev);
             }
             closed = e.sa.is_closed();
+            // New SPIs (an IKE rekey answered, a colliding rekey's SA) route here at once.
+            for spi in e.sa.local_spis() {
+                self.by_spi.insert(spi, id);
+            }
         }
         for ev in events {
             self.on_event(id, now, ev);

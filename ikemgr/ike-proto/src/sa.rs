@@ -648,6 +648,15 @@ pub struct IkeSa {
     auth: Option<AuthVerified>,
     /// New SA from an IKE rekey we answered; swapped in after the response.
     pending_swap: Option<Channel>,
+    /// The peer's new IKE SA from a rekey we answered while our own IKE
+    /// rekey was outstanding (§2.8.2), with that exchange's nonces.
+    ike_collision: Option<(Channel, [Vec<u8>; 2])>,
+    /// A redundant new IKE SA of a simultaneous rekey (§2.8.2), kept until
+    /// its Delete exchange is over (ours to send, or the peer's to answer).
+    redundant: Option<Channel>,
+    /// The peer deleted the current SA in the request being answered while
+    /// its successor waits in `pending_swap`: drop it after the swap.
+    drop_old_after_swap: bool,
     /// The peer deleted the old (rekeyed) SA in the request being answered.
     old_deleted: bool,
     /// The peer deleted this IKE SA in the request being answered.
@@ -838,6 +847,9 @@ impl IkeSa {
             last_peer_activity: None,
             auth: None,
             pending_swap: None,
+            ike_collision: None,
+            redundant: None,
+            drop_old_after_swap: false,
             old_deleted: false,
             peer_deleted_ike: false,
             pfs_retry: None,
@@ -1331,6 +1343,12 @@ impl IkeSa {
         if let Some(o) = &self.old {
             v.push(o.local_spi());
         }
+        if let Some((c, _)) = &self.ike_collision {
+            v.push(c.local_spi());
+        }
+        if let Some(r) = &self.redundant {
+            v.push(r.local_spi());
+        }
         v
     }
 
@@ -1397,6 +1415,11 @@ impl IkeSa {
         add(self.chan.outstanding.as_ref().map(|o| o.deadline));
         add(self
             .old
+            .as_ref()
+            .and_then(|o| o.outstanding.as_ref())
+            .map(|o| o.deadline));
+        add(self
+            .redundant
             .as_ref()
             .and_then(|o| o.outstanding.as_ref())
             .map(|o| o.deadline));
@@ -1693,6 +1716,8 @@ impl IkeSa {
             reason,
         });
         self.state = State::Closed;
+        self.ike_collision = None;
+        self.redundant = None;
         self.chan.outstanding = None;
         self.pending.clear();
         self.hs = None;
@@ -1707,6 +1732,7 @@ impl IkeSa {
         if self.state == State::Closed {
             return;
         }
+        self.redundant_timeout(now);
         for old in [true, false] {
             let timeouts = &self.cfg.retransmit.timeouts;
             let ch = if old {
@@ -1817,6 +1843,9 @@ impl IkeSa {
         }
         let msg = Message::decode(data)?;
         let h = &msg.header;
+        if self.is_side_channel(h.spi_i, h.spi_r) {
+            return self.handle_side(now, data, msg);
+        }
         let on_old = match &self.old {
             Some(o) if h.spi_i == o.spi_i && h.spi_r == o.spi_r => true,
             _ => {
@@ -1925,7 +1954,7 @@ impl IkeSa {
                 vec![t.0],
             ))]
         } else if old {
-            self.request_on_old(payloads)
+            self.request_on_old(exchange, payloads)
         } else {
             match (self.state, exchange) {
                 (State::InitReplied, ExchangeType::IKE_AUTH) => {
@@ -1968,6 +1997,15 @@ impl IkeSa {
     fn after_request(&mut self, now: Instant, old: bool, reply: &[Payload]) {
         if let Some(new) = self.pending_swap.take() {
             self.swap_in(now, new);
+            if std::mem::take(&mut self.drop_old_after_swap) {
+                if let Some(o) = self.old.take() {
+                    self.events.push_back(Event::IkeSaDeleted {
+                        spi_i: o.spi_i,
+                        spi_r: o.spi_r,
+                        reason: DeleteReason::Rekeyed,
+                    });
+                }
+            }
         }
         // Deletes of the IKE SA we answered take effect after the response.
         if old && self.old_deleted {
@@ -1995,5 +2033,6 @@ impl IkeSa {
 }
 
 mod exchanges;
+mod ike_rekey;
 #[cfg(test)]
 mod tests;

@@ -767,9 +767,16 @@ impl IkeSa {
         p: &[Payload],
     ) -> Result<()> {
         self.ike_rekeying = false;
+        let collision = self.ike_collision.take();
         if first_error_notify(p).is_some() {
-            // Retry later (a collision answered with TEMPORARY_FAILURE, or
-            // the peer is busy): the soft timer fires again after a jitter.
+            if let Some((theirs, _)) = collision {
+                // §2.8.2: the peer completed its rekey without noticing ours
+                // and refused ours: its new SA succeeds; it deletes the old.
+                self.swap_in(now, theirs);
+                return Ok(());
+            }
+            // Retry later (the peer is busy): the soft timer fires again
+            // after a jitter.
             self.ike_soft = Some(now + sa_retry_delay(self));
             return Ok(());
         }
@@ -812,6 +819,20 @@ impl IkeSa {
         )?;
         let mut new = Channel::new(spi, peer_spi, true);
         new.keys = Some(Keys::new(suite, sk, true));
+        match collision {
+            Some((theirs, their_nonces)) if lowest_nonce(&[ni, nr], &their_nonces) => {
+                // §2.8.2: ours was created with the lowest nonce: it is
+                // redundant and we, its creator, delete it; the peer's SA
+                // inherits the CHILD SAs and the peer deletes the old SA.
+                self.swap_in(now, theirs);
+                return self.delete_redundant(now, new);
+            }
+            Some((theirs, _)) => {
+                // The peer's SA is the redundant one: the peer deletes it.
+                self.redundant = Some(theirs);
+            }
+            None => {}
+        }
         self.swap_in(now, new);
         // Delete the old SA over the old SA (§2.18).
         let mid = self.old.as_ref().map(|o| o.next_send).unwrap_or(0);
@@ -850,7 +871,11 @@ impl IkeSa {
     // Requests (we are the responder)
     // ------------------------------------------------------------------
 
-    pub(super) fn request_on_old(&mut self, p: &[Payload]) -> Vec<Payload> {
+    pub(super) fn request_on_old(&mut self, exchange: ExchangeType, p: &[Payload]) -> Vec<Payload> {
+        // §2.8.2: a rekey of an SA we are closing is refused.
+        if exchange == ExchangeType::CREATE_CHILD_SA {
+            return vec![notify(NotifyType::TEMPORARY_FAILURE)];
+        }
         if p.iter()
             .any(|x| matches!(x, Payload::Delete(d) if d.protocol == ProtocolId::IKE))
         {
@@ -1048,6 +1073,13 @@ impl IkeSa {
             _ => None,
         }) {
             if d.protocol == ProtocolId::IKE {
+                if let Some((theirs, _)) = self.ike_collision.take() {
+                    // §2.8.2: the peer finished its rekey without noticing
+                    // ours and deletes the old SA: its new SA succeeds it.
+                    self.pending_swap = Some(theirs);
+                    self.drop_old_after_swap = true;
+                    return Vec::new();
+                }
                 // §1.4.1: answer with an empty INFORMATIONAL, then close.
                 self.peer_deleted_ike = true;
                 return Vec::new();
@@ -1162,11 +1194,14 @@ impl IkeSa {
     }
 
     fn rekey_ike_request(&mut self, _now: Instant, p: &[Payload]) -> Result<Vec<Payload>> {
-        // A simultaneous IKE rekey (§2.8.2) is refused with TEMPORARY_FAILURE;
-        // the side whose request fails retries after a random delay.
-        if self.ike_rekeying || self.old.is_some() {
+        // §2.8.2: while a rekey is being finished (old SA still there, or a
+        // collision being resolved) another one is refused. A request that
+        // crosses our own outstanding IKE rekey is answered, and its SA kept
+        // aside until our exchange ends (see `ike_rekey`).
+        if self.old.is_some() || self.ike_collision.is_some() || self.redundant.is_some() {
             return Ok(vec![notify(NotifyType::TEMPORARY_FAILURE)]);
         }
+        let colliding = self.ike_rekeying;
         let (Some(offered), Some(ke)) = (sa_of(p), ke_of(p)) else {
             return Ok(vec![notify(NotifyType::INVALID_SYNTAX)]);
         };
@@ -1223,7 +1258,11 @@ impl IkeSa {
         )?;
         let mut new = Channel::new(peer_spi, spi, false);
         new.keys = Some(Keys::new(suite, sk, false));
-        self.pending_swap = Some(new);
+        if colliding {
+            self.ike_collision = Some((new, [ni.clone(), nr.clone()]));
+        } else {
+            self.pending_swap = Some(new);
+        }
         reply.spi = spi.to_be_bytes().to_vec();
         Ok(vec![
             Payload::Sa(vec![reply]),

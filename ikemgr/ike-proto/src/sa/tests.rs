@@ -1070,26 +1070,109 @@ fn simultaneous_child_rekey_with_reordered_response() {
     }
 }
 
-#[test]
-fn simultaneous_ike_rekey_ends_with_one_new_sa() {
-    // Both send CREATE_CHILD_SA {SA(IKE), Ni, KEi} at once; each answers the
-    // other's with TEMPORARY_FAILURE and retries after a random delay.
+/// Both ends rekey the IKE SA at once (§2.8.2) with chosen nonces: `a_low`
+/// puts the lowest of the four nonces in A's exchange. With `reorder`, B's
+/// answer to A overtakes B's request, so A completes its rekey before it
+/// sees B's (only B notices the collision).
+fn simultaneous_ike_rekey(a_low: bool, reorder: bool) -> (Pair, (u64, u64), Vec<u32>) {
     let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
     let old = p.a.spis();
     let children = p.a.child_spis();
+    let (lo, hi) = (0x11u8, 0xeeu8);
+    // A draws its Ni, then its Nr when answering B; B the same.
+    p.a_ent.push_nonce(if a_low { lo } else { hi });
+    p.b_ent.push_nonce(if a_low { hi } else { lo });
+    p.a_ent.push_nonce(hi);
+    p.b_ent.push_nonce(hi);
     p.a.rekey_ike(p.now).unwrap();
     {
         let now = p.now;
         p.b().rekey_ike(now).unwrap();
     }
+    p.collect();
+    // A: HDR, SK {SA(IKE), Ni_a, KEi} -->  <-- B: HDR, SK {SA(IKE), Ni_b, KEi}
+    assert_eq!((p.ab.len(), p.ba.len()), (1, 1));
+    let req_a = p.ab.pop_front().unwrap();
+    let req_b = p.ba.pop_front().unwrap();
+    if reorder {
+        p.deliver_to_b(req_a);
+        p.collect();
+        let resp_to_a = p.ba.pop_front().unwrap();
+        p.deliver_to_a(resp_to_a).unwrap();
+        let _ = p.deliver_to_a(req_b);
+    } else {
+        p.deliver_to_b(req_a);
+        p.deliver_to_a(req_b).unwrap();
+    }
     p.settle();
+    (p, old, children)
+}
+
+fn check_one_ike_sa(p: &mut Pair, old: (u64, u64), children: &[u32]) -> IkeSaInfo {
     let new = p.a.spis();
     assert_ne!(new, old);
-    assert_eq!(p.b().spis(), new);
-    assert_eq!(p.a.local_spis().len(), 1);
-    assert_eq!(p.b().local_spis().len(), 1);
-    assert_eq!(p.a.child_spis(), children);
+    assert_eq!(p.b().spis(), new, "{:?}\n{:?}", p.ev_a, p.ev_b);
+    assert_eq!(p.a.local_spis().len(), 1, "old and redundant SAs gone");
+    assert_eq!(p.b().local_spis().len(), 1, "old and redundant SAs gone");
+    assert_eq!(p.a.child_spis(), children, "CHILD SAs inherited");
     assert!(p.a.is_established() && p.b().is_established());
+    // The surviving SA carries traffic: a liveness check is answered.
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(
+        matches!(p.ev_a.last(), Some(Event::LivenessReply)),
+        "{:?}",
+        p.ev_a
+    );
+    p.a.ike_info_current().unwrap()
+}
+
+#[test]
+fn simultaneous_ike_rekey_lowest_nonce_in_a_exchange_keeps_bs_sa() {
+    let (mut p, old, children) = simultaneous_ike_rekey(true, false);
+    let info = check_one_ike_sa(&mut p, old, &children);
+    // A's SA had the lowest nonce: it was redundant and A deleted it; the
+    // survivor is the one B initiated.
+    assert!(!info.initiator, "survivor must be B's SA");
+    assert!(p.ev_a.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Redundant,
+            ..
+        }
+    )));
+    // A never retried with a TEMPORARY_FAILURE dance: exactly one rekey each.
+    let rekeyed = |ev: &[Event]| {
+        ev.iter()
+            .filter(|e| matches!(e, Event::IkeSaRekeyed { .. }))
+            .count()
+    };
+    assert_eq!((rekeyed(&p.ev_a), rekeyed(&p.ev_b)), (1, 1));
+}
+
+#[test]
+fn simultaneous_ike_rekey_lowest_nonce_in_b_exchange_keeps_as_sa() {
+    let (mut p, old, children) = simultaneous_ike_rekey(false, false);
+    let info = check_one_ike_sa(&mut p, old, &children);
+    assert!(info.initiator, "survivor must be A's SA");
+    assert!(p.ev_b.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Redundant,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn simultaneous_ike_rekey_noticed_by_one_side_only() {
+    // A completes first and refuses B's request on the old SA with
+    // TEMPORARY_FAILURE; B adopts A's SA, whatever the nonces.
+    for a_low in [true, false] {
+        let (mut p, old, children) = simultaneous_ike_rekey(a_low, true);
+        let info = check_one_ike_sa(&mut p, old, &children);
+        assert!(info.initiator, "A's SA survives (a_low {a_low})");
+    }
 }
 
 #[test]
