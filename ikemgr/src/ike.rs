@@ -14,7 +14,9 @@
 //! sends [`IkeManager::poll_transmit`], runs [`IkeManager::poll_route`] and publishes
 //! [`IkeManager::drain_bodies`]. New IKE_SA_INIT requests pass ike-proto's `CookieGuard`
 //! (default limits: COOKIEs above a half-open threshold, half-open SAs per source and in
-//! total). Not yet: several phase2s per phase1 (the first one is used), HA snapshots.
+//! total). Every phase2 of a phase1 is a CHILD SA policy of its IKE SAs (see
+//! `ike_proto::sa::IkeConfig::more_children`); each CHILD SA is published with its phase2's
+//! name. Not yet: HA snapshots.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -24,12 +26,16 @@ use std::time::{Duration, Instant};
 use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
 use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
 use haven_config::{
-    Config, KeylifeType, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector,
+    AuthMethod as CfgAuth, Config, KeylifeType, NatTraversal as CfgNat, PeerType, Phase1,
+    Phase1Type, Selector,
 };
+use ike_proto::cert::{CertAuth, Credentials, TrustAnchors};
 use ike_proto::cookie::{CookieGuard, DropReason, GuardConfig, Verdict};
 use ike_proto::crypto::{Encr, Integ};
 use ike_proto::proposal::{dhgrp_list, phase1_list, phase2_list};
-use ike_proto::sa::{Accepted, Addresses, DeleteReason, Event, IkeConfig, IkeSa, OsEntropy};
+use ike_proto::sa::{
+    Accepted, Addresses, ChildPolicy, DeleteReason, Event, IkeConfig, IkeSa, OsEntropy,
+};
 use ike_proto::wire::{IdPayload, TrafficSelector};
 use ike_proto::{IkeSaInfo, LivenessProbe, NatTraversal, Transmit};
 use serde_json::{json, Value};
@@ -65,7 +71,7 @@ pub enum RouteOp {
     },
 }
 
-/// One phase1 (+ its first phase2) ready to negotiate.
+/// One phase1 (+ its phase2s, each a CHILD SA policy) ready to negotiate.
 #[derive(Clone)]
 struct Gateway {
     name: String,
@@ -73,7 +79,8 @@ struct Gateway {
     remote_gw: Option<Ipv4Addr>,
     local_gw: Option<Ipv4Addr>,
     interface: String,
-    phase2: String,
+    /// Phase2 names by CHILD SA policy index (`ChildSaInfo::policy`).
+    phase2s: Vec<String>,
     add_route: bool,
     initiate: bool,
     localid: Option<IdPayload>,
@@ -122,6 +129,35 @@ pub struct IkeManager {
     retry_at: BTreeMap<String, Instant>,
     /// Datagrams dropped, by reason (`ikemgr_drops_total`, ops/ATTACKS.md).
     drops: BTreeMap<&'static str, u64>,
+    /// Static gateways the operator brought up (`execute vpn ipsec tunnel up`): initiated
+    /// like `auto-negotiate enable` until `tunnel down`.
+    wanted: std::collections::BTreeSet<String>,
+    /// Certificates for `authmethod signature` (see [`IkeManager::set_cert_store`]).
+    certs: CertStore,
+}
+
+/// Certificate material for `authmethod signature` phase1s, read by the driver (this
+/// module reads no files): PEM of each named local certificate (leaf first, then
+/// intermediates) and its key, every trusted CA, and a wall-clock anchor for validity checks.
+#[derive(Clone, Default)]
+pub struct CertStore {
+    /// `certificate` name -> (certificate PEM, private key PEM).
+    pub local: BTreeMap<String, (Vec<u8>, Vec<u8>)>,
+    /// Trusted CA certificates, PEM, concatenated.
+    pub ca_pem: Vec<u8>,
+    /// An instant and the Unix time (seconds) at that instant.
+    pub anchor: Option<(Instant, i64)>,
+}
+
+/// What an operator command did (`execute vpn ipsec tunnel up|down|rekey`, `ike rekey`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CommandOutcome {
+    /// IKE SAs the command starts (initiations queued).
+    pub initiated: usize,
+    /// Exchanges queued on existing IKE SAs (CREATE_CHILD_SA, rekeys, deletes).
+    pub requested: usize,
+    /// CHILD SAs or IKE SAs that were already in the asked state.
+    pub unchanged: usize,
 }
 
 fn spelling<T: serde::Serialize>(v: &T) -> String {
@@ -222,7 +258,12 @@ fn encr_label(encr: Encr) -> String {
 }
 
 /// Builds the gateway of one phase1, or says why it cannot negotiate.
-fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
+fn gateway_of(
+    config: &Config,
+    p: &Phase1,
+    certs: &CertStore,
+    now: Instant,
+) -> Result<Gateway, String> {
     let join = |v: &[haven_config::Proposal]| {
         v.iter()
             .map(|p| p.to_string())
@@ -235,12 +276,19 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let psk = p
-        .psksecret
-        .as_ref()
-        .ok_or_else(|| format!("{}: no psksecret", p.name))?;
-    let p2 = config.phase2_for(&p.name).next();
-    let mut c = IkeConfig::psk(psk.expose_bytes(), IdPayload::fqdn(""));
+    let cert = match p.authmethod {
+        CfgAuth::Psk => None,
+        CfgAuth::Signature => Some(Arc::new(cert_auth_of(p, certs, now)?)),
+    };
+    let psk = match (&p.psksecret, &cert) {
+        (Some(k), _) => k.expose_bytes().to_vec(),
+        (None, Some(_)) => Vec::new(),
+        (None, None) => return Err(format!("{}: no psksecret", p.name)),
+    };
+    let all_p2: Vec<_> = config.phase2_for(&p.name).collect();
+    let p2 = all_p2.first().copied();
+    let mut c = IkeConfig::psk(&psk, IdPayload::fqdn(""));
+    c.cert = cert;
     c.ike_proposals = phase1_list(&join(&p.proposal)).map_err(|e| format!("{}: {e}", p.name))?;
     c.ike_groups = dhgrp_list(&groups(&p.dhgrp)).map_err(|e| format!("{}: {e}", p.name))?;
     c.ike_lifetime = Duration::from_secs(u64::from(p.keylife));
@@ -275,8 +323,26 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
         .filter(|p2| p2.keylife_type != KeylifeType::Seconds)
         .map(|p2| u64::from(p2.keylifekbs) * 1024);
     let child_timed = p2.is_none_or(|p2| p2.keylife_type != KeylifeType::Kbs);
+    for p2 in all_p2.iter().skip(1) {
+        c.more_children.push(ChildPolicy {
+            esp_proposals: phase2_list(&join(&p2.proposal))
+                .map_err(|e| format!("{}: {e}", p2.name))?,
+            pfs_groups: if p2.pfs {
+                dhgrp_list(&groups(&p2.dhgrp)).map_err(|e| format!("{}: {e}", p2.name))?
+            } else {
+                Vec::new()
+            },
+            local_ts: vec![selector(&p2.src)],
+            remote_ts: vec![selector(&p2.dst)],
+            lifetime: Duration::from_secs(u64::from(p2.keylifeseconds)),
+        });
+    }
     // Rekey margins scaled for short lifetimes (the minimum keylife is 120 s).
-    let shortest = c.child_lifetime.min(c.ike_lifetime);
+    let shortest = c
+        .more_children
+        .iter()
+        .map(|p| p.lifetime)
+        .fold(c.child_lifetime.min(c.ike_lifetime), Duration::min);
     c.rekey_margin = Duration::from_secs(30).min(shortest / 4);
     c.rekey_jitter = Duration::from_secs(10).min(shortest / 12);
     Ok(Gateway {
@@ -285,7 +351,11 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
         remote_gw: p.remote_gw.first().copied(),
         local_gw: p.local_gw.filter(|a| !a.is_unspecified()),
         interface: p.interface.clone(),
-        phase2: p2.map(|p| p.name.clone()).unwrap_or_else(|| p.name.clone()),
+        phase2s: if all_p2.is_empty() {
+            vec![p.name.clone()]
+        } else {
+            all_p2.iter().map(|p| p.name.clone()).collect()
+        },
         add_route: p.add_route,
         initiate: p.kind != Phase1Type::Dynamic && p.auto_negotiate && !p.passive_mode,
         localid: p.localid.as_deref().filter(|s| !s.is_empty()).map(id_of),
@@ -310,6 +380,34 @@ pub fn liveness_hold(p: &Phase1) -> Duration {
     Duration::from_millis(longest.saturating_mul(2)).max(Duration::from_secs(180))
 }
 
+/// Our certificate (`certificate`: the first name) and the trusted CAs of a phase1 with
+/// `authmethod signature`.
+fn cert_auth_of(p: &Phase1, certs: &CertStore, now: Instant) -> Result<CertAuth, String> {
+    let name = p
+        .certificate
+        .first()
+        .ok_or_else(|| format!("{}: authmethod signature without certificate", p.name))?;
+    let (cert_pem, key_pem) = certs
+        .local
+        .get(name)
+        .ok_or_else(|| format!("{}: certificate {name:?} is not loaded", p.name))?;
+    let local = Credentials::from_pem(cert_pem, key_pem)
+        .map_err(|e| format!("{}: certificate {name:?}: {e}", p.name))?;
+    let anchor = certs
+        .anchor
+        .ok_or_else(|| format!("{}: no wall clock for certificate validity", p.name))?;
+    let _ = now;
+    let trust = TrustAnchors::from_pem(&certs.ca_pem, anchor)
+        .map_err(|e| format!("{}: CA certificates: {e}", p.name))?;
+    if trust.is_empty() {
+        return Err(format!(
+            "{}: authmethod signature but no trusted CA certificate",
+            p.name
+        ));
+    }
+    Ok(CertAuth { local, trust })
+}
+
 impl Default for IkeManager {
     fn default() -> Self {
         IkeManager::new()
@@ -330,6 +428,8 @@ impl IkeManager {
             retry_at: BTreeMap::new(),
             guard: None,
             drops: BTreeMap::new(),
+            wanted: Default::default(),
+            certs: CertStore::default(),
         }
     }
 
@@ -338,11 +438,16 @@ impl IkeManager {
         !self.gateways.is_empty()
     }
 
+    /// Certificates and CAs for the next [`IkeManager::set_config`].
+    pub fn set_cert_store(&mut self, store: CertStore) {
+        self.certs = store;
+    }
+
     /// Applies a configuration: rebuilds the gateways; SAs of removed phase1s are deleted.
     pub fn set_config(&mut self, now: Instant, config: &Config) {
         let mut gws = BTreeMap::new();
         for p in &config.phase1 {
-            match gateway_of(config, p) {
+            match gateway_of(config, p, &self.certs, now) {
                 Ok(g) => {
                     gws.insert(g.name.clone(), g);
                 }
@@ -370,7 +475,7 @@ impl IkeManager {
     pub fn initiate_pending(&self, now: Instant) -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
         self.gateways
             .values()
-            .filter(|g| g.initiate)
+            .filter(|g| g.initiate || self.wanted.contains(&g.name))
             .filter(|g| !self.sas.values().any(|e| e.gateway == g.name))
             .filter(|g| self.retry_at.get(&g.name).is_none_or(|t| *t <= now))
             .filter_map(|g| g.remote_gw.map(|r| (g.name.clone(), r, g.local_gw)))
@@ -634,7 +739,7 @@ impl IkeManager {
         let retry = self
             .gateways
             .values()
-            .filter(|g| g.initiate)
+            .filter(|g| g.initiate || self.wanted.contains(&g.name))
             .filter_map(|g| self.retry_at.get(&g.name))
             .min()
             .copied();
@@ -804,6 +909,156 @@ impl IkeManager {
         ids.len()
     }
 
+    /// The gateway and CHILD SA policy of phase2 `phase2` (optionally of phase1 `phase1`).
+    fn find_phase2(&self, phase2: &str, phase1: Option<&str>) -> Result<(String, usize), String> {
+        self.gateways
+            .values()
+            .filter(|g| phase1.is_none_or(|p| g.name == p))
+            .find_map(|g| {
+                g.phase2s
+                    .iter()
+                    .position(|n| n == phase2)
+                    .map(|i| (g.name.clone(), i))
+            })
+            .ok_or_else(|| match phase1 {
+                Some(p) => format!("no phase2 {phase2:?} of phase1 {p:?}"),
+                None => format!("no phase2 {phase2:?}"),
+            })
+    }
+
+    /// `execute vpn ipsec tunnel up <phase2> [<phase1>]`: the CHILD SA of that phase2 on
+    /// every established IKE SA of its phase1 that lacks one (CREATE_CHILD_SA); a static
+    /// phase1 without an IKE SA is initiated now (and again after failures, as with
+    /// `auto-negotiate enable`, until `tunnel down`), bringing up all its phase2s.
+    pub fn tunnel_up(
+        &mut self,
+        now: Instant,
+        phase2: &str,
+        phase1: Option<&str>,
+    ) -> Result<CommandOutcome, String> {
+        let (gw, policy) = self.find_phase2(phase2, phase1)?;
+        let mut out = CommandOutcome::default();
+        let ids: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.gateway == gw)
+            .map(|(k, _)| *k)
+            .collect();
+        for id in &ids {
+            if let Some(e) = self.sas.get_mut(id) {
+                // Still negotiating (all phase2s come with it) or already up.
+                if !e.sa.is_established() || e.sa.child_policies().contains(&policy) {
+                    out.unchanged += 1;
+                } else if e.sa.create_child_for(now, policy).is_ok() {
+                    tracing::debug!("ike 0:{}:{id}: bringing up phase2 {phase2}", e.name);
+                    out.requested += 1;
+                }
+            }
+            self.pump(*id, now);
+        }
+        let is_static = self
+            .gateways
+            .get(&gw)
+            .is_some_and(|g| !g.dynamic && g.remote_gw.is_some());
+        if ids.is_empty() {
+            if !is_static {
+                return Err(format!(
+                    "phase1 {gw:?} is dial-up: it has no peer to initiate to until one connects"
+                ));
+            }
+            self.wanted.insert(gw.clone());
+            self.retry_at.remove(&gw);
+            out.initiated += 1;
+        }
+        Ok(out)
+    }
+
+    /// `execute vpn ipsec tunnel down <phase2> [<phase1>]`: deletes that phase2's CHILD SAs
+    /// (Delete sent to the peer); the IKE SA stays. Undoes an earlier `tunnel up`'s
+    /// initiation of a static phase1 (`auto-negotiate enable` still applies).
+    pub fn tunnel_down(
+        &mut self,
+        now: Instant,
+        phase2: &str,
+        phase1: Option<&str>,
+    ) -> Result<CommandOutcome, String> {
+        let (gw, _) = self.find_phase2(phase2, phase1)?;
+        self.wanted.remove(&gw);
+        let mut out = CommandOutcome::default();
+        for (spi, id) in self.child_spis_of(&gw, phase2) {
+            if let Some(e) = self.sas.get_mut(&id) {
+                if e.sa.delete_child(now, spi).is_ok() {
+                    out.requested += 1;
+                }
+            }
+            self.pump(id, now);
+        }
+        Ok(out)
+    }
+
+    /// `execute vpn ipsec tunnel rekey <phase2> [<phase1>]` (Haven): rekeys that phase2's
+    /// CHILD SAs now (CREATE_CHILD_SA with REKEY_SA, make-before-break).
+    pub fn tunnel_rekey(
+        &mut self,
+        now: Instant,
+        phase2: &str,
+        phase1: Option<&str>,
+    ) -> Result<CommandOutcome, String> {
+        let (gw, _) = self.find_phase2(phase2, phase1)?;
+        let mut out = CommandOutcome::default();
+        for (spi, id) in self.child_spis_of(&gw, phase2) {
+            if let Some(e) = self.sas.get_mut(&id) {
+                match e.sa.rekey_child(now, spi) {
+                    Ok(()) => {
+                        tracing::debug!("ike 0:{}:{id}: rekeying CHILD SA {spi:08x}", e.name);
+                        out.requested += 1;
+                    }
+                    Err(_) => out.unchanged += 1,
+                }
+            }
+            self.pump(id, now);
+        }
+        Ok(out)
+    }
+
+    /// `execute vpn ipsec ike rekey <name>` (Haven): rekeys the established IKE SAs of a
+    /// tunnel instance or phase1 now.
+    pub fn ike_rekey(&mut self, now: Instant, name: &str) -> CommandOutcome {
+        let ids: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.name == name || e.gateway == name)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = CommandOutcome::default();
+        for id in ids {
+            if let Some(e) = self.sas.get_mut(&id) {
+                if e.sa.is_established() && e.sa.rekey_ike(now).is_ok() {
+                    tracing::debug!("ike 0:{}:{id}: rekeying IKE SA", e.name);
+                    out.requested += 1;
+                } else {
+                    out.unchanged += 1;
+                }
+            }
+            self.pump(id, now);
+        }
+        out
+    }
+
+    /// Published CHILD SAs (inbound SPI, IKE SA id) of phase2 `phase2` of gateway `gw`.
+    fn child_spis_of(&self, gw: &str, phase2: &str) -> Vec<(u32, u64)> {
+        self.sas
+            .iter()
+            .filter(|(_, e)| e.gateway == gw)
+            .flat_map(|(id, e)| {
+                e.children
+                    .values()
+                    .filter(|c| c.phase2 == phase2)
+                    .map(move |c| (c.spi_in, *id))
+            })
+            .collect()
+    }
+
     /// Drains one SA's transmits and events.
     fn pump(&mut self, id: u64, now: Instant) {
         let mut events = Vec::new();
@@ -816,6 +1071,10 @@ impl IkeManager {
                 events.push(ev);
             }
             closed = e.sa.is_closed();
+            // New SPIs (an IKE rekey answered, a colliding rekey's SA) route here at once.
+            for spi in e.sa.local_spis() {
+                self.by_spi.insert(spi, id);
+            }
         }
         for ev in events {
             self.on_event(id, now, ev);
@@ -900,7 +1159,7 @@ impl IkeManager {
                     remote_gw: Some(addrs.remote.ip().to_string()),
                     interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
                     state: TunnelState::Up,
-                    phase2: vec![g.phase2.clone()],
+                    phase2: g.phase2s.clone(),
                     dpd: g.dpd.clone(),
                 }));
             }
@@ -1002,7 +1261,12 @@ impl IkeManager {
         let mut sa = BusChild {
             tunnel: e.name.clone(),
             phase1: g.name.clone(),
-            phase2: g.phase2.clone(),
+            phase2: g
+                .phase2s
+                .get(c.policy)
+                .or(g.phase2s.first())
+                .cloned()
+                .unwrap_or_default(),
             spi_in: c.inbound_spi,
             spi_out: c.outbound_spi,
             transform,
@@ -1085,8 +1349,17 @@ impl IkeManager {
                 spi_in: spi,
             });
         }
-        if e.children.is_empty() && reason != DeleteReason::Rekeyed {
-            for dest in e.routes.drain(..) {
+        if reason != DeleteReason::Rekeyed {
+            // Routes that no remaining CHILD SA (of any phase2) still covers go.
+            let kept: Vec<String> = e
+                .children
+                .values()
+                .flat_map(|c| c.remote_ts.iter().cloned())
+                .collect();
+            let (keep, gone): (Vec<String>, Vec<String>) =
+                e.routes.drain(..).partition(|d| kept.contains(d));
+            e.routes = keep;
+            for dest in gone {
                 self.routes.push_back(RouteOp::Del {
                     dest,
                     dev: g.name.clone(),
@@ -1154,7 +1427,7 @@ impl IkeManager {
                     remote_gw: g.remote_gw.map(|a| a.to_string()),
                     interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
                     state: TunnelState::Down,
-                    phase2: vec![g.phase2.clone()],
+                    phase2: g.phase2s.clone(),
                     dpd: g.dpd.clone(),
                 }));
                 tracing::debug!("ike 0:{label}: flushed");
@@ -1428,6 +1701,178 @@ end
             ),
             "{h:?}"
         );
+    }
+
+    /// A second phase2 on each side (10.11/16 <-> 10.12/16).
+    fn with_second_phase2(text: &str, p1: &str, src: &str, dst: &str) -> String {
+        format!(
+            "{text}config vpn ipsec phase2-interface
+    edit \"{p1}-b\"
+        set phase1name \"{p1}\"
+        set proposal aes256-sha256
+        set pfs enable
+        set dhgrp 31
+        set src-subnet {src}
+        set dst-subnet {dst}
+    next
+end
+"
+        )
+    }
+
+    #[test]
+    fn each_phase2_gets_a_child_sa_named_after_it_with_its_own_routes() {
+        let now = Instant::now();
+        let mut hub = mgr(
+            &with_second_phase2(HUB, "hub", "10.11.0.0/16", "10.12.0.0/16"),
+            now,
+        );
+        let mut dial = mgr(
+            &with_second_phase2(DIAL, "vpn1", "10.12.0.0/16", "10.11.0.0/16"),
+            now,
+        );
+        hub.initiate(
+            now,
+            "hub",
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+        );
+        shuttle(&mut hub, &mut dial, now);
+        let d = dial.drain_bodies();
+        let Some(Body::Tunnel(t)) = d.first() else {
+            panic!("{d:?}")
+        };
+        assert_eq!(t.phase2, ["vpn1", "vpn1-b"]);
+        let outs: Vec<&BusChild> = d
+            .iter()
+            .filter_map(|b| match b {
+                Body::ChildSa(c) if c.outbound => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(outs.len(), 2, "{d:?}");
+        assert_eq!(
+            (outs[0].phase2.as_str(), outs[0].transform.as_str()),
+            ("vpn1", "aes128gcm")
+        );
+        assert_eq!(outs[0].remote_ts, ["10.1.0.0/24"]);
+        assert_eq!(
+            (outs[1].phase2.as_str(), outs[1].transform.as_str()),
+            ("vpn1-b", "aes256-sha256")
+        );
+        assert_eq!(outs[1].remote_ts, ["10.11.0.0/16"]);
+        let mut routes = Vec::new();
+        while let Some(r) = dial.poll_route() {
+            routes.push(r);
+        }
+        assert_eq!(
+            routes,
+            [
+                RouteOp::Add {
+                    dest: "10.1.0.0/24".into(),
+                    dev: "vpn1".into()
+                },
+                RouteOp::Add {
+                    dest: "10.11.0.0/16".into(),
+                    dev: "vpn1".into()
+                }
+            ]
+        );
+        let view = dial.gateway_list(now, None);
+        assert_eq!(view[0]["children"].as_array().map(|c| c.len()), Some(2));
+        // Deleting one CHILD SA removes its route only.
+        let spi = hub.sas.values().next().unwrap().sa.child_spis()[1];
+        let id = *hub.sas.keys().next().unwrap();
+        hub.sas
+            .get_mut(&id)
+            .unwrap()
+            .sa
+            .delete_child(now, spi)
+            .unwrap();
+        hub.pump(id, now);
+        shuttle(&mut hub, &mut dial, now);
+        assert_eq!(
+            dial.poll_route(),
+            Some(RouteOp::Del {
+                dest: "10.11.0.0/16".into(),
+                dev: "vpn1".into()
+            })
+        );
+        assert_eq!(dial.poll_route(), None);
+    }
+
+    #[test]
+    fn operator_brings_a_tunnel_up_rekeys_it_and_takes_a_phase2_down() {
+        let now = Instant::now();
+        let hub_text = with_second_phase2(HUB, "hub", "10.11.0.0/16", "10.12.0.0/16").replace(
+            "set dhgrp 19\n",
+            "set dhgrp 19\n        set auto-negotiate disable\n",
+        );
+        let mut hub = mgr(&hub_text, now);
+        let mut dial = mgr(
+            &with_second_phase2(DIAL, "vpn1", "10.12.0.0/16", "10.11.0.0/16"),
+            now,
+        );
+        assert!(
+            hub.initiate_pending(now).is_empty(),
+            "auto-negotiate disable"
+        );
+        assert!(hub.tunnel_up(now, "nope", None).is_err());
+        assert!(
+            dial.tunnel_up(now, "vpn1", None).is_err(),
+            "dial-up has no peer yet"
+        );
+        let up = hub.tunnel_up(now, "hub-b", Some("hub")).unwrap();
+        assert_eq!(up.initiated, 1);
+        let pending = hub.initiate_pending(now);
+        assert_eq!(pending.len(), 1);
+        hub.initiate(
+            now,
+            "hub",
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+        );
+        shuttle(&mut hub, &mut dial, now);
+        let spis = |m: &IkeManager| {
+            let e = m.sas.values().next().unwrap();
+            (
+                e.sa.spis(),
+                e.children.keys().copied().collect::<Vec<u32>>(),
+            )
+        };
+        let (ike0, children0) = spis(&hub);
+        assert_eq!(children0.len(), 2);
+        // Already up: nothing to do.
+        assert_eq!(hub.tunnel_up(now, "hub", None).unwrap().unchanged, 1);
+
+        // CHILD rekey of one phase2: one new SPI, the other phase2 untouched.
+        assert_eq!(hub.tunnel_rekey(now, "hub-b", None).unwrap().requested, 1);
+        shuttle(&mut hub, &mut dial, now);
+        let (_, children1) = spis(&hub);
+        assert_eq!(children1.len(), 2);
+        assert_eq!(
+            children1.iter().filter(|s| children0.contains(s)).count(),
+            1
+        );
+
+        // IKE rekey from the responder side, by instance name.
+        assert_eq!(dial.ike_rekey(now, "vpn1_1").requested, 1);
+        shuttle(&mut hub, &mut dial, now);
+        let (ike1, _) = spis(&hub);
+        assert_ne!(ike0, ike1);
+        assert_eq!(spis(&dial).0, ike1);
+
+        // Down: that phase2's CHILD SA goes on both sides, the IKE SA stays.
+        assert_eq!(hub.tunnel_down(now, "hub-b", None).unwrap().requested, 1);
+        shuttle(&mut hub, &mut dial, now);
+        assert_eq!(spis(&hub).1.len(), 1);
+        assert_eq!(spis(&dial).1.len(), 1);
+        assert_eq!(spis(&dial).0, ike1);
+        // Bringing it up again uses CREATE_CHILD_SA on the existing IKE SA.
+        let again = hub.tunnel_up(now, "hub-b", None).unwrap();
+        assert_eq!((again.initiated, again.requested), (0, 1));
+        shuttle(&mut hub, &mut dial, now);
+        assert_eq!(spis(&dial).1.len(), 2);
     }
 
     #[test]

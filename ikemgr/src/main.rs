@@ -9,8 +9,9 @@
 //! `tunnel.state` records (dial-up instances `<phase1>_<n>`); [`io`] owns UDP 500 and the
 //! unix sockets shared with espd for UDP 4500, and runs the routes. The logic below drains
 //! the manager's bodies every tick (100 ms), forwards dpdmon's probe requests, flushes
-//! tunnels dpdmon declares dead, and serves the `ike-gateways` view and `ike-gateway-clear`
-//! command.
+//! tunnels dpdmon declares dead, and serves the `ike-gateways` view and the
+//! `ike-gateway-clear`, `tunnel-up|down|rekey <phase2> [<phase1>]` and `ike-rekey <name>`
+//! commands (`vpnctl diagnose vpn ike gateway clear`, `vpnctl execute vpn ipsec …`).
 //!
 //! Manual-key tunnels (`config vpn ipsec manualkey-interface`) need no IKE: each is
 //! published as a tunnel that is up at once (kind static, DPD off) together with its one
@@ -293,7 +294,11 @@ impl DaemonLogic for Ikemgr {
             }
         }
         self.child_sas = desired_sas;
-        io::lock(&self.ike).set_config(Instant::now(), config);
+        let store = load_certs(config);
+        let mut ike = io::lock(&self.ike);
+        ike.set_cert_store(store);
+        ike.set_config(Instant::now(), config);
+        drop(ike);
         self.drain(out);
         self.wake();
     }
@@ -372,8 +377,37 @@ impl DaemonLogic for Ikemgr {
                 self.wake();
                 Ok(json!({ "cleared": n }))
             }
+            "tunnel-up" | "tunnel-down" | "tunnel-rekey" => {
+                let (phase2, phase1) = match args {
+                    [p2] => (p2.as_str(), None),
+                    [p2, p1] => (p2.as_str(), Some(p1.as_str())),
+                    _ => return Err(format!("usage: {name} <phase2> [<phase1>]")),
+                };
+                let now = Instant::now();
+                let done = {
+                    let mut m = io::lock(&self.ike);
+                    match name {
+                        "tunnel-up" => m.tunnel_up(now, phase2, phase1),
+                        "tunnel-down" => m.tunnel_down(now, phase2, phase1),
+                        _ => m.tunnel_rekey(now, phase2, phase1),
+                    }
+                }?;
+                self.drain(out);
+                self.wake();
+                Ok(json!(done))
+            }
+            "ike-rekey" => {
+                let [target] = args else {
+                    return Err("usage: ike-rekey <tunnel or phase1>".into());
+                };
+                let done = io::lock(&self.ike).ike_rekey(Instant::now(), target);
+                self.drain(out);
+                self.wake();
+                Ok(json!(done))
+            }
             other => Err(format!(
-                "unknown command {other:?}: ikemgr has: ike-gateway-clear"
+                "unknown command {other:?}: ikemgr has: ike-gateway-clear, tunnel-up, \
+                 tunnel-down, tunnel-rekey, ike-rekey"
             )),
         }
     }
@@ -420,6 +454,76 @@ fn export_drop_metrics(ike: &ike::IkeManager) {
     metrics::gauge!("ikemgr_half_open_sas").set(half_open as f64);
     metrics::counter!("ikemgr_cookies_sent_total").absolute(cookies);
     metrics::counter!("ikemgr_cookies_invalid_total").absolute(bad_cookies);
+}
+
+/// Where certificates live: `$HAVEN_CERT_DIR`, else this.
+const CERT_DIR: &str = "/etc/haven/certs";
+
+/// Reads the certificate files of every `authmethod signature` phase1: for `set certificate
+/// "N"`, `<dir>/N.crt` (PEM, our certificate then any intermediates) and `<dir>/N.key` (PEM
+/// private key); every `<dir>/ca/*.crt` is a trusted CA (FortiOS' CA store). A file that
+/// cannot be read is logged; that phase1 then does not negotiate.
+fn load_certs(config: &Config) -> ike::CertStore {
+    let mut store = ike::CertStore {
+        anchor: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_secs()).ok())
+            .map(|secs| (Instant::now(), secs)),
+        ..Default::default()
+    };
+    let names: BTreeSet<&String> = config
+        .phase1
+        .iter()
+        .filter(|p| p.authmethod == haven_config::AuthMethod::Signature)
+        .flat_map(|p| p.certificate.first())
+        .collect();
+    if names.is_empty() {
+        return store;
+    }
+    let dir = std::env::var_os("HAVEN_CERT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(CERT_DIR));
+    for name in names {
+        let (crt, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        match (std::fs::read(&crt), std::fs::read(&key)) {
+            (Ok(c), Ok(k)) => {
+                store.local.insert(name.clone(), (c, k));
+            }
+            (c, k) => tracing::error!(
+                "ike: certificate {name:?}: cannot read {} / {}: {:?} {:?}",
+                crt.display(),
+                key.display(),
+                c.err(),
+                k.err()
+            ),
+        }
+    }
+    let ca_dir = dir.join("ca");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&ca_dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    for f in files {
+        match std::fs::read(&f) {
+            Ok(pem) => {
+                store.ca_pem.extend(pem);
+                store.ca_pem.push(b'\n');
+            }
+            Err(e) => tracing::error!("ike: CA certificate {}: {e}", f.display()),
+        }
+    }
+    if store.ca_pem.is_empty() {
+        tracing::error!("ike: no trusted CA certificate in {}", ca_dir.display());
+    }
+    store
 }
 
 /// `name N` (or a bare `N`) from a view's or command's arguments.

@@ -68,6 +68,12 @@ enum Cmd {
         /// bash (zsh: load it after `autoload -U bashcompinit && bashcompinit`).
         shell: String,
     },
+    /// FortiOS-style `execute` commands (ikemgr): `execute vpn ipsec tunnel up|down|rekey
+    /// <phase2> [<phase1>]`, `execute vpn ipsec ike rekey <tunnel or phase1>`.
+    Execute {
+        /// `vpn ipsec tunnel up|down|rekey <phase2> [<phase1>]` or `vpn ipsec ike rekey <name>`.
+        words: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -355,6 +361,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             )),
         },
         Cmd::Get { words } => get_cmd(&cli, words).await,
+        Cmd::Execute { words } => execute_cmd(&cli, words).await,
         Cmd::Diagnose {
             cmd: DiagnoseCmd::Sys {
                 cmd: DiagSysCmd::Ha { cmd },
@@ -1064,6 +1071,46 @@ async fn get_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
                 r["selectors_up"]
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `execute vpn ipsec tunnel up|down|rekey <phase2> [<phase1>]` and `execute vpn ipsec ike
+/// rekey <name>`: ikemgr commands; prints what was started.
+async fn execute_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
+    let usage = "usage: execute vpn ipsec tunnel up|down|rekey <phase2> [<phase1>] | \
+                 execute vpn ipsec ike rekey <tunnel or phase1>";
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let (name, args) = match w.as_slice() {
+        ["vpn", "ipsec", "tunnel", verb @ ("up" | "down" | "rekey"), rest @ ..]
+            if (1..=2).contains(&rest.len()) =>
+        {
+            (format!("tunnel-{verb}"), rest)
+        }
+        ["vpn", "ipsec", "ike", "rekey", rest @ ..] if rest.len() == 1 => {
+            ("ike-rekey".to_string(), rest)
+        }
+        _ => return Err(fail(2, usage)),
+    };
+    let req = CtlRequest::Command {
+        name: name.clone(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+    };
+    let v = match call(cli, DaemonKind::Ikemgr, req).await? {
+        CtlReply::View(v) => v,
+        other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+    };
+    if cli.json {
+        print_json(&v);
+    } else {
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        println!(
+            "{}: {} IKE SA(s) initiated, {} exchange(s) started, {} unchanged",
+            args.join(" "),
+            n("initiated"),
+            n("requested"),
+            n("unchanged")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,12 +2,13 @@
 //!
 //! What it does: [`Charon::start`] runs `/usr/lib/ipsec/charon` inside a [`Netns`] with its own
 //! `strongswan.conf`, vici socket, log file and private `/run`, all in a [`ScratchDir`];
-//! [`SwanctlConf`] / [`Conn`] / [`ChildCfg`] render a `swanctl.conf` (PSK auth only); the
+//! [`SwanctlConf`] / [`Conn`] / [`ChildCfg`] render a `swanctl.conf` (PSK auth, or certificates
+//! with [`Conn::pubkey`] and files the caller puts in the credential folders); the
 //! `Charon` methods wrap `swanctl` (load, initiate, terminate, rekey, list SAs) and parse
 //! `--list-sas --pretty` into [`IkeSa`] / [`ChildSa`]. Dropping a `Charon` kills the daemon
 //! (the namespace's own drop kills anything else left in it).
 //!
-//! What it does not do: certificates, EAP, IKEv1, virtual IPs, transport mode through
+//! What it does not do: make certificates, EAP, IKEv1, virtual IPs, transport mode through
 //! kernel-libipsec (untested), or any talk to the vici socket other than through `swanctl`.
 //!
 //! # How charon is run here (see also /work/shared/INTEROP.md)
@@ -286,6 +287,8 @@ pub struct Conn {
     /// IKE `rekey_time` and hard lifetime, kept to derive `over_time` when rendering.
     rekey: Option<Duration>,
     life: Option<Duration>,
+    /// Certificate auth: our certificate's file name in the daemon's `x509/` folder.
+    cert: Option<String>,
 }
 
 /// strongSwan's default IKE `rekey_time` (4 h), used to derive `over_time` from a lifetime.
@@ -304,6 +307,7 @@ impl Conn {
             children: Vec::new(),
             rekey: None,
             life: None,
+            cert: None,
         };
         conn.set("version", "2")
             .set("local_addrs", local_addr)
@@ -367,6 +371,14 @@ impl Conn {
     /// IKE `rand_time` (zero for exact timing).
     pub fn rand_time(self, d: Duration) -> Conn {
         self.set("rand_time", &secs(d))
+    }
+
+    /// Certificate authentication both ways (`auth = pubkey`) instead of the PSK: `cert_file`
+    /// is our certificate in the daemon's `x509/` folder (see [`Charon::dir`]); its private key
+    /// goes in `private/` and trusted CAs in `x509ca/`, which `--load-all` reads.
+    pub fn pubkey(mut self, cert_file: &str) -> Conn {
+        self.cert = Some(cert_file.into());
+        self
     }
 
     /// Adds a CHILD config.
@@ -448,16 +460,33 @@ impl SwanctlConf {
             }
             check_value("local id", &c.local_id)?;
             check_value("remote id", &c.remote_id)?;
-            let _ = writeln!(
-                s,
-                "    local {{\n      auth = psk\n      id = {}\n    }}",
-                c.local_id
-            );
-            let _ = writeln!(
-                s,
-                "    remote {{\n      auth = psk\n      id = {}\n    }}",
-                c.remote_id
-            );
+            match &c.cert {
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "    local {{\n      auth = psk\n      id = {}\n    }}",
+                        c.local_id
+                    );
+                    let _ = writeln!(
+                        s,
+                        "    remote {{\n      auth = psk\n      id = {}\n    }}",
+                        c.remote_id
+                    );
+                }
+                Some(file) => {
+                    check_value("certs", file)?;
+                    let _ = writeln!(
+                        s,
+                        "    local {{\n      auth = pubkey\n      certs = {file}\n      id = {}\n    }}",
+                        c.local_id
+                    );
+                    let _ = writeln!(
+                        s,
+                        "    remote {{\n      auth = pubkey\n      id = {}\n    }}",
+                        c.remote_id
+                    );
+                }
+            }
             s.push_str("    children {\n");
             for ch in &c.children {
                 check_name("child name", &ch.name)?;
@@ -472,7 +501,7 @@ impl SwanctlConf {
             s.push_str("    }\n  }\n");
         }
         s.push_str("}\nsecrets {\n");
-        for c in &self.conns {
+        for c in self.conns.iter().filter(|c| c.cert.is_none()) {
             if c.psk.is_empty() {
                 return Err(Error::Config(format!(
                     "connection {} has an empty PSK",

@@ -844,3 +844,334 @@ fn static_gateway_with_wrong_psk_is_refused_by_strongswan() {
     );
     assert!(line.client.ping(SiteToSite::SERVER, 1).is_err());
 }
+
+/// The second pair of networks for the two-phase2 tests: second addresses on the LAN links
+/// (client 10.98.1.2 behind gwa 10.98.1.1, server 10.98.2.2 behind gwb 10.98.2.1). charon
+/// needs an address of its own inside a CHILD SA's local selectors to install its route.
+const LAN2_A: &str = "10.98.1.0/24";
+const LAN2_B: &str = "10.98.2.0/24";
+const CLIENT2: &str = "10.98.1.2";
+const SERVER2: &str = "10.98.2.2";
+
+fn second_lans(line: &SiteToSite) {
+    for (ns, dev, cidr) in [
+        (&line.client, "c0", "10.98.1.2/24"),
+        (&line.gwa, "in0", "10.98.1.1/24"),
+        (&line.gwb, "in0", "10.98.2.1/24"),
+        (&line.server, "s0", "10.98.2.2/24"),
+    ] {
+        ns.add_addr(dev, cidr).expect("second LAN address");
+    }
+}
+
+/// One ping from `src` to `dst` in the client namespace.
+fn ping_from(line: &SiteToSite, src: &str, dst: &str) -> Result<String, String> {
+    line.client
+        .run("ping", &["-n", "-q", "-c", "1", "-W", "2", "-I", src, dst])
+        .map_err(|e| e.to_string())
+}
+
+/// A second phase2 `p2name` of phase1 `vpn1` between `src` and `dst` (CBC+HMAC, PFS 31).
+fn second_phase2(p2name: &str, src: &str, dst: &str) -> String {
+    format!(
+        "config vpn ipsec phase2-interface
+    edit \"{p2name}\"
+        set phase1name \"vpn1\"
+        set proposal aes256-sha256
+        set pfs enable
+        set dhgrp 31
+        set src-subnet {src}
+        set dst-subnet {dst}
+    next
+end
+"
+    )
+}
+
+/// Pings through both CHILD SAs and checks strongSwan counted them on the right one.
+fn ping_both(line: &SiteToSite, a: &Charon, gw: &Haven) {
+    for (src, dst, child) in [
+        (SiteToSite::CLIENT, SiteToSite::SERVER, "net"),
+        (CLIENT2, SERVER2, "net2"),
+    ] {
+        wait_for(
+            &format!("ping {src} -> {dst} through {child}"),
+            WAIT,
+            || {
+                ping_from(line, src, dst).map(|_| ()).map_err(|e| {
+                    format!(
+                        "{e}\ntunnels: {}\nikemgr:\n{}\nespd:\n{}\ncharon:\n{}",
+                        gw.tunnel_list(),
+                        gw.log("ikemgr"),
+                        gw.log("espd"),
+                        a.log()
+                    )
+                })
+            },
+        );
+        let before = a.list_sas().expect("list")[0]
+            .children
+            .iter()
+            .filter(|c| c.name == child && c.state == "INSTALLED")
+            .filter_map(|c| c.get_u64("packets-in"))
+            .sum::<u64>();
+        for _ in 0..3 {
+            ping_from(line, src, dst).expect("ping through the tunnel");
+        }
+        let after = a.list_sas().expect("list")[0]
+            .children
+            .iter()
+            .filter(|c| c.name == child && c.state == "INSTALLED")
+            .filter_map(|c| c.get_u64("packets-in"))
+            .sum::<u64>();
+        assert!(
+            after >= before + 3,
+            "{child}: {before} -> {after} packets in"
+        );
+    }
+}
+
+/// Both sides' views of the two CHILD SAs agree: strongSwan's `net` is our phase2 `vpn1`
+/// and its `net2` our `vpn1-b`, SPIs mirrored, selectors as configured (waits while a rekey
+/// settles).
+fn two_children_agree(a: &Charon, gw: &Haven) {
+    wait_for("both sides agree on two CHILD SAs", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        let ss = sas.first().cloned().ok_or("no IKE SA in strongSwan")?;
+        let v = gw.ike_list();
+        let ours = v
+            .as_array()
+            .and_then(|l| l.first())
+            .cloned()
+            .ok_or_else(|| format!("no IKE SA in ikemgr: {v}"))?;
+        let diag = |what: &str| {
+            format!(
+                "{what}
+{ss:?}
+{ours}
+{}",
+                gw.log("ikemgr")
+            )
+        };
+        if (hex_u64(&ours["spi_i"]), hex_u64(&ours["spi_r"])) != ss.spis() {
+            return Err(diag("IKE SPIs differ"));
+        }
+        if ours["children"].as_array().map(|c| c.len()) != Some(2) {
+            return Err(diag("ikemgr does not have exactly two CHILD SAs"));
+        }
+        for (name, local, remote, transform) in [
+            ("net", SiteToSite::LAN_A, SiteToSite::LAN_B, "aes128gcm"),
+            ("net2", LAN2_A, LAN2_B, "aes256-sha256"),
+        ] {
+            let installed: Vec<_> = ss
+                .children
+                .iter()
+                .filter(|c| c.name == name && c.state == "INSTALLED")
+                .collect();
+            let [c] = installed.as_slice() else {
+                return Err(diag(&format!("strongSwan: not one installed {name}")));
+            };
+            assert_eq!(c.local_ts, [local], "{c:?}");
+            assert_eq!(c.remote_ts, [remote], "{c:?}");
+            let Some(mine) = ours["children"]
+                .as_array()
+                .and_then(|l| l.iter().find(|x| hex_u32(&x["spi_in"]) == c.spi_out))
+            else {
+                return Err(diag(&format!("no CHILD SA with spi_in {:08x}", c.spi_out)));
+            };
+            assert_eq!(hex_u32(&mine["spi_out"]), c.spi_in, "{mine}");
+            assert_eq!(mine["transform"], transform, "{mine}");
+            assert_eq!(mine["local_ts"][0], remote, "{mine}");
+            assert_eq!(mine["remote_ts"][0], local, "{mine}");
+        }
+        Ok(())
+    });
+}
+
+fn two_child_swanctl(name: &str, remote: &str) -> Conn {
+    Conn::psk(name, SiteToSite::GWA_OUTER, remote, PSK.as_bytes())
+        .ids(CLIENT_ID, GW_ID)
+        .proposals(&["aes128gcm16-prfsha256-ecp256"])
+        .child(
+            ChildCfg::new("net", SiteToSite::LAN_A, SiteToSite::LAN_B)
+                .esp_proposals(&["aes128gcm16"]),
+        )
+        .child(ChildCfg::new("net2", LAN2_A, LAN2_B).esp_proposals(&["aes256-sha256-x25519"]))
+}
+
+/// A strongSwan dial-up client brings up two CHILD SAs with different selectors over one IKE
+/// SA (the second with CREATE_CHILD_SA); our `type dynamic` gateway answers each with the
+/// phase2 whose selectors fit, and pings pass through both.
+#[test]
+fn dialup_client_with_two_children_gets_one_per_phase2() {
+    require();
+    let line = SiteToSite::new("ik2p").expect("topology");
+    second_lans(&line);
+    assert!(ping_from(&line, CLIENT2, SERVER2).is_err(), "no clear path");
+    let conf = dialup_config("aes128gcm-prfsha256", "19", "aes128gcm")
+        + &second_phase2("vpn1-b", LAN2_B, LAN2_A);
+    let gw = Haven::start(&line.gwb, "ik2p-gw", &conf);
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&SwanctlConf::new().conn(two_child_swanctl("dial", SiteToSite::GWB_OUTER)))
+        .expect("load client");
+    wait_for("ikemgr listening", WAIT, || {
+        gw.log("ikemgr")
+            .contains("listening on UDP 500")
+            .then_some(())
+            .ok_or_else(|| gw.log("ikemgr"))
+    });
+    a.initiate("net", WAIT).expect("first child");
+    a.initiate("net2", WAIT).expect("second child");
+    two_children_agree(&a, &gw);
+    let list = gw.ike_list();
+    assert_eq!(
+        list.as_array().map(|l| l.len()),
+        Some(1),
+        "one IKE SA: {list}"
+    );
+    ping_both(&line, &a, &gw);
+}
+
+/// Our static gateway with two phase2s initiates to a strongSwan responder: the first CHILD
+/// SA comes with IKE_AUTH, the second with CREATE_CHILD_SA; strongSwan picks its own child
+/// config for each by the selectors; pings pass through both, also after strongSwan rekeyed
+/// the second one.
+#[test]
+fn static_gateway_with_two_phase2s_initiates_two_children() {
+    require();
+    let line = SiteToSite::new("ik2s").expect("topology");
+    second_lans(&line);
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&SwanctlConf::new().conn(two_child_swanctl("gw", SiteToSite::GWB_OUTER)))
+        .expect("load responder");
+    let conf = static_config(86400, 43200) + &second_phase2("vpn1-b", LAN2_B, LAN2_A);
+    let gw = Haven::start(&line.gwb, "ik2s-gw", &conf);
+    two_children_agree(&a, &gw);
+    ping_both(&line, &a, &gw);
+    let old = a.list_sas().expect("list")[0]
+        .child("net2")
+        .map(|c| c.spi_in)
+        .unwrap_or(0);
+    a.rekey_child("net2").expect("rekey net2");
+    wait_for("net2 rekeyed", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        sas.iter()
+            .flat_map(|s| s.children.iter())
+            .any(|c| c.name == "net2" && c.state == "INSTALLED" && c.spi_in != old)
+            .then_some(())
+            .ok_or_else(|| format!("{sas:?}\n{}", gw.log("ikemgr")))
+    });
+    two_children_agree(&a, &gw);
+    ping_both(&line, &a, &gw);
+}
+
+/// Operator commands against a strongSwan responder: our static gateway has `auto-negotiate
+/// disable` and stays down until `vpnctl execute vpn ipsec tunnel up vpn1`; `tunnel rekey`
+/// and `ike rekey` give new SPIs on both sides with ping passing; `diagnose vpn ike gateway
+/// clear` sends a DELETE that strongSwan acts on.
+#[test]
+fn vpnctl_brings_the_tunnel_up_rekeys_it_and_clears_it() {
+    require();
+    let line = SiteToSite::new("ikop").expect("topology");
+    let a = strongswan_responder(&line);
+    let conf = static_config(86400, 43200).replace(
+        "set dpd disable\n",
+        "set dpd disable\n        set auto-negotiate disable\n",
+    );
+    let gw = Haven::start(&line.gwb, "ikop-gw", &conf);
+    wait_for("ikemgr listening", WAIT, || {
+        gw.log("ikemgr")
+            .contains("listening on UDP 500")
+            .then_some(())
+            .ok_or_else(|| gw.log("ikemgr"))
+    });
+    let exec = |args: &[&str]| {
+        let mut full = vec!["execute", "vpn", "ipsec"];
+        full.extend_from_slice(args);
+        let out = vpnctl(&gw.run, &full);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = exec(&["tunnel", "up", "no-such-phase2"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("no phase2"), "{text}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        a.list_sas().expect("list").is_empty(),
+        "auto-negotiate disable: nothing before the command"
+    );
+
+    let (ok, text) = exec(&["tunnel", "up", "vpn1", "vpn1"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("1 IKE SA(s) initiated"), "{text}");
+    let first = a
+        .wait_child_installed("gw", "net", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.log("ikemgr")));
+    assert!(!first.initiator, "Haven initiated");
+    ping_through(&line, &a, &gw);
+
+    let old_child = first.child("net").map(|c| c.spi_in).unwrap_or(0);
+    let (ok, text) = exec(&["tunnel", "rekey", "vpn1"]);
+    assert!(ok && text.contains("1 exchange(s) started"), "{text}");
+    wait_for("our CHILD rekey reached strongSwan", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        let installed: Vec<u32> = sas
+            .iter()
+            .flat_map(|s| s.children.iter())
+            .filter(|c| c.state == "INSTALLED")
+            .map(|c| c.spi_in)
+            .collect();
+        (installed.len() == 1 && installed[0] != old_child)
+            .then_some(())
+            .ok_or_else(|| format!("{sas:?}\n{}", gw.log("ikemgr")))
+    });
+    ping_through(&line, &a, &gw);
+
+    let (ok, text) = exec(&["ike", "rekey", "vpn1"]);
+    assert!(ok && text.contains("1 exchange(s) started"), "{text}");
+    let new_ike = wait_for("our IKE rekey reached strongSwan", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        match sas.as_slice() {
+            [s] if s.state == "ESTABLISHED" && s.spis() != first.spis() => Ok(s.spis()),
+            _ => Err(format!("{sas:?}\n{}", gw.log("ikemgr"))),
+        }
+    });
+    let ours = gw.ike_list();
+    assert_eq!(
+        (hex_u64(&ours[0]["spi_i"]), hex_u64(&ours[0]["spi_r"])),
+        new_ike,
+        "{ours}"
+    );
+    ping_through(&line, &a, &gw);
+
+    // `tunnel down` first, so the gateway does not come back on its own after the clear.
+    let (ok, text) = exec(&["tunnel", "down", "vpn1"]);
+    assert!(ok, "{text}");
+    wait_for("strongSwan saw the CHILD SA deleted", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        sas.iter()
+            .all(|s| s.children.iter().all(|c| c.state != "INSTALLED"))
+            .then_some(())
+            .ok_or_else(|| format!("{sas:?}"))
+    });
+    let out = vpnctl(
+        &gw.run,
+        &["diagnose", "vpn", "ike", "gateway", "clear", "name", "vpn1"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("cleared 1 IKE SA"), "{text}");
+    wait_for("strongSwan deleted the IKE SA on our DELETE", WAIT, || {
+        let sas = a.list_sas().map_err(|e| e.to_string())?;
+        (sas.iter().all(|s| s.spis() != new_ike) && a.log().contains("received DELETE for IKE_SA"))
+            .then_some(())
+            .ok_or_else(|| format!("{sas:?}\n{}", a.log()))
+    });
+    assert!(
+        line.client.ping(SiteToSite::SERVER, 1).is_err(),
+        "path must close with the SA"
+    );
+}

@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod cert;
 pub mod cookie;
 pub mod crypto;
 pub mod proposal;

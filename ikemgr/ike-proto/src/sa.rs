@@ -192,6 +192,34 @@ pub struct IkeConfig {
     pub rekey_jitter: Duration,
     /// `nattraversal enable|disable|forced` (RFC 3948, §2.23).
     pub nat_traversal: NatTraversal,
+    /// Further phase2s of the same phase1, each with its own CHILD SA (policy
+    /// index 1, 2, … in [`ChildSaInfo::policy`]; the fields above are policy
+    /// 0). As initiator of the IKE SA we create policy 0's CHILD SA with
+    /// IKE_AUTH and one CREATE_CHILD_SA per further policy; as responder we
+    /// answer each request with the first policy whose proposals and
+    /// selectors fit (§2.9).
+    pub more_children: Vec<ChildPolicy>,
+    /// Certificate authentication (FortiOS `authmethod signature`): when
+    /// set, we sign our AUTH with this certificate's key (sending CERT,
+    /// CERTREQ and SIGNATURE_HASH_ALGORITHMS) and require the peer to sign
+    /// with a certificate that chains to the trusted CAs and names its ID;
+    /// `psk` is then unused. When None, both sides use the PSK.
+    pub cert: Option<Arc<crate::cert::CertAuth>>,
+}
+
+/// What one CHILD SA negotiates (one FortiOS phase2-interface).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildPolicy {
+    /// Phase2 proposals.
+    pub esp_proposals: Vec<EspAlgs>,
+    /// `dhgrp` when `pfs enable`; empty for no PFS.
+    pub pfs_groups: Vec<DhGroup>,
+    /// Our side's selectors (`src-subnet`).
+    pub local_ts: Vec<TrafficSelector>,
+    /// The peer's side (`dst-subnet`).
+    pub remote_ts: Vec<TrafficSelector>,
+    /// CHILD SA lifetime (`keylifeseconds`).
+    pub lifetime: Duration,
 }
 
 /// NAT traversal mode (FortiOS `nattraversal`).
@@ -234,7 +262,28 @@ impl IkeConfig {
             rekey_margin: Duration::from_secs(30),
             rekey_jitter: Duration::from_secs(10),
             nat_traversal: NatTraversal::Enable,
+            more_children: Vec::new(),
+            cert: None,
         }
+    }
+
+    /// How many CHILD SA policies (phase2s) this gateway has: 1 + `more_children`.
+    pub fn policy_count(&self) -> usize {
+        1 + self.more_children.len()
+    }
+
+    /// CHILD SA policy `i` (0 is the first phase2, held in the fields above).
+    pub fn policy(&self, i: usize) -> Option<ChildPolicy> {
+        if i == 0 {
+            return Some(ChildPolicy {
+                esp_proposals: self.esp_proposals.clone(),
+                pfs_groups: self.pfs_groups.clone(),
+                local_ts: self.local_ts.clone(),
+                remote_ts: self.remote_ts.clone(),
+                lifetime: self.child_lifetime,
+            });
+        }
+        self.more_children.get(i - 1).cloned()
     }
 }
 
@@ -304,6 +353,9 @@ pub struct ChildSaInfo {
     pub rekey_of: Option<u32>,
     /// True when we sent the request that created it.
     pub initiator: bool,
+    /// The CHILD SA policy (phase2) it was negotiated for, see
+    /// [`IkeConfig::more_children`].
+    pub policy: usize,
 }
 
 /// IKE SA summary for the driver.
@@ -445,7 +497,7 @@ pub enum Event {
 }
 
 /// Proof that the peer's AUTH payload was verified; only [`verify_auth`]
-/// makes one, and installing the first CHILD SA requires it.
+/// and [`verify_cert_auth`] make one, and installing the first CHILD SA requires it.
 #[derive(Clone, Copy)]
 struct AuthVerified(());
 
@@ -494,6 +546,7 @@ enum Task {
         ni: Vec<u8>,
         kex: Option<KeyExchange>,
         rekey_of: Option<u32>,
+        policy: usize,
     },
     RekeyIke {
         spi: u64,
@@ -555,6 +608,8 @@ struct Handshake {
     cookie_rounds: u8,
     ke_rounds: u8,
     child_spi: u32,
+    /// Hash algorithms the peer announced (RFC 7427 §4).
+    peer_hashes: Vec<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -562,7 +617,8 @@ enum Request {
     Liveness,
     DeleteChild(u32, DeleteReason),
     DeleteIke,
-    CreateChild,
+    /// A new CHILD SA for policy (phase2) index.
+    CreateChild(usize),
     RekeyChild(u32),
     RekeyIke,
 }
@@ -620,6 +676,15 @@ pub struct IkeSa {
     auth: Option<AuthVerified>,
     /// New SA from an IKE rekey we answered; swapped in after the response.
     pending_swap: Option<Channel>,
+    /// The peer's new IKE SA from a rekey we answered while our own IKE
+    /// rekey was outstanding (§2.8.2), with that exchange's nonces.
+    ike_collision: Option<(Channel, [Vec<u8>; 2])>,
+    /// A redundant new IKE SA of a simultaneous rekey (§2.8.2), kept until
+    /// its Delete exchange is over (ours to send, or the peer's to answer).
+    redundant: Option<Channel>,
+    /// The peer deleted the current SA in the request being answered while
+    /// its successor waits in `pending_swap`: drop it after the swap.
+    drop_old_after_swap: bool,
     /// The peer deleted the old (rekeyed) SA in the request being answered.
     old_deleted: bool,
     /// The peer deleted this IKE SA in the request being answered.
@@ -735,6 +800,48 @@ fn psk_auth(
         .prf_parts(&key, &[real_message, peer_nonce, &maced_id])?)
 }
 
+/// Signed octets of §2.15 for signature authentication:
+/// RealMessage | PeerNonce | prf(SK_p, IDPayloadBody).
+fn signed_octets(
+    suite: &IkeSuite,
+    real_message: &[u8],
+    peer_nonce: &[u8],
+    sk_p: &[u8],
+    id: &IdPayload,
+) -> Result<Vec<u8>> {
+    let maced_id = suite.prf.prf(sk_p, &id.body())?;
+    Ok([real_message, peer_nonce, &maced_id].concat())
+}
+
+/// Verifies a peer's certificate authentication: CERT payloads (end-entity
+/// first) chain to a trusted CA, the certificate names the peer's `id`,
+/// and the AUTH signature over `octets` verifies with its key.
+fn verify_cert_auth(
+    cert: &crate::cert::CertAuth,
+    now: Instant,
+    p: &[Payload],
+    id: &IdPayload,
+    auth: &AuthPayload,
+    octets: &[u8],
+) -> std::result::Result<AuthVerified, &'static str> {
+    let ders: Vec<Vec<u8>> = p
+        .iter()
+        .filter_map(|x| match x {
+            Payload::Cert(enc, d) if *enc == crate::wire::CertEncoding::X509_SIG => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    let (leaf, intermediates) = ders.split_first().ok_or("peer sent no X.509 certificate")?;
+    let key = cert
+        .trust
+        .verify_chain(leaf, intermediates, now)
+        .map_err(|_| "peer certificate does not chain to a trusted CA")?;
+    crate::cert::id_in_cert(id, leaf).map_err(|_| "peer identity is not in its certificate")?;
+    crate::cert::verify_signature(&key, auth, octets)
+        .map_err(|_| "peer AUTH signature does not verify")?;
+    Ok(AuthVerified(()))
+}
+
 fn verify_auth(expected: &[u8], got: &AuthPayload) -> Option<AuthVerified> {
     (got.method == AuthMethod::SHARED_KEY_MIC
         && got.data.len() == expected.len()
@@ -771,6 +878,9 @@ impl IkeSa {
             last_peer_activity: None,
             auth: None,
             pending_swap: None,
+            ike_collision: None,
+            redundant: None,
+            drop_old_after_swap: false,
             old_deleted: false,
             peer_deleted_ike: false,
             pfs_retry: None,
@@ -839,6 +949,7 @@ impl IkeSa {
             cookie_rounds: 0,
             ke_rounds: 0,
             child_spi: 0,
+            peer_hashes: Vec::new(),
         });
         sa.send_init(now)?;
         Ok(sa)
@@ -871,6 +982,13 @@ impl IkeSa {
         }));
         payloads.push(Payload::Nonce(hs.ni.clone()));
         payloads.extend(nat);
+        if self.cfg.cert.is_some() {
+            // RFC 7427 §4: the hashes we accept in signatures.
+            payloads.push(Payload::Notify(NotifyPayload::new(
+                NotifyType::SIGNATURE_HASH_ALGORITHMS,
+                crate::cert::our_hash_algs(),
+            )));
+        }
         let msg = Message {
             header,
             payloads,
@@ -975,6 +1093,22 @@ impl IkeSa {
         if find_notify(&msg.payloads, NotifyType::NAT_DETECTION_SOURCE_IP).is_some() {
             payloads.extend(sa.nat_payloads(h.spi_i, spi_r)?);
         }
+        if let Some(cert) = &sa.cfg.cert {
+            // §3.7: CERTREQ naming the CAs we trust; RFC 7427 §4 hashes.
+            if !cert.trust.is_empty() {
+                payloads.push(Payload::CertReq(
+                    crate::wire::CertEncoding::X509_SIG,
+                    cert.trust.certreq(),
+                ));
+            }
+            payloads.push(Payload::Notify(NotifyPayload::new(
+                NotifyType::SIGNATURE_HASH_ALGORITHMS,
+                crate::cert::our_hash_algs(),
+            )));
+        }
+        let peer_hashes = find_notify(&msg.payloads, NotifyType::SIGNATURE_HASH_ALGORITHMS)
+            .map(|n| crate::cert::parse_hash_algs(&n.data))
+            .unwrap_or_default();
         let resp = Message {
             header: sa.header(ExchangeType::IKE_SA_INIT, 0, true, false),
             payloads,
@@ -991,6 +1125,7 @@ impl IkeSa {
             cookie_rounds: 0,
             ke_rounds: 0,
             child_spi: 0,
+            peer_hashes,
         });
         sa.state = State::InitReplied;
         sa.chan.next_recv = 1;
@@ -1253,6 +1388,12 @@ impl IkeSa {
         if let Some(o) = &self.old {
             v.push(o.local_spi());
         }
+        if let Some((c, _)) = &self.ike_collision {
+            v.push(c.local_spi());
+        }
+        if let Some(r) = &self.redundant {
+            v.push(r.local_spi());
+        }
         v
     }
 
@@ -1319,6 +1460,11 @@ impl IkeSa {
         add(self.chan.outstanding.as_ref().map(|o| o.deadline));
         add(self
             .old
+            .as_ref()
+            .and_then(|o| o.outstanding.as_ref())
+            .map(|o| o.deadline));
+        add(self
+            .redundant
             .as_ref()
             .and_then(|o| o.outstanding.as_ref())
             .map(|o| o.deadline));
@@ -1408,7 +1554,30 @@ impl IkeSa {
 
     /// Creates an additional CHILD SA with the configured selectors.
     pub fn create_child(&mut self, now: Instant) -> Result<()> {
-        self.queue(now, Request::CreateChild)
+        self.queue(now, Request::CreateChild(0))
+    }
+
+    /// Creates a CHILD SA for policy (phase2) `policy` of
+    /// [`IkeConfig::more_children`] (0 is the first phase2).
+    pub fn create_child_for(&mut self, now: Instant, policy: usize) -> Result<()> {
+        if policy >= self.cfg.policy_count() {
+            return Err(IkeError::Internal("no such CHILD SA policy"));
+        }
+        self.queue(now, Request::CreateChild(policy))
+    }
+
+    /// Policies (phase2 indexes) with a CHILD SA that is current (not
+    /// replaced by a rekey).
+    pub fn child_policies(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .children
+            .iter()
+            .filter(|c| !c.replaced)
+            .map(|c| c.info.policy)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// Rekeys a CHILD SA (by inbound SPI), with PFS when configured.
@@ -1488,13 +1657,14 @@ impl IkeSa {
                     Task::DeleteIke,
                 )
             }
-            Request::CreateChild | Request::RekeyChild(_) => {
-                let rekey_of = match r {
-                    Request::RekeyChild(s) => Some(s),
-                    _ => None,
+            Request::CreateChild(_) | Request::RekeyChild(_) => {
+                let (rekey_of, mut policy) = match r {
+                    Request::RekeyChild(s) => (Some(s), 0),
+                    Request::CreateChild(p) => (None, p),
+                    _ => (None, 0),
                 };
                 let mut notify = None;
-                let (mut tsi, mut tsr) = (self.cfg.local_ts.clone(), self.cfg.remote_ts.clone());
+                let mut ts_of_child = None;
                 if let Some(old) = rekey_of {
                     let c = self
                         .children
@@ -1502,8 +1672,8 @@ impl IkeSa {
                         .find(|c| c.info.inbound_spi == old && !c.replaced)
                         .ok_or(IkeError::UnknownChild(old))?;
                     c.rekeying = true;
-                    tsi = c.info.local_ts.clone();
-                    tsr = c.info.remote_ts.clone();
+                    policy = c.info.policy;
+                    ts_of_child = Some((c.info.local_ts.clone(), c.info.remote_ts.clone()));
                     notify = Some(Payload::Notify(NotifyPayload {
                         protocol: ProtocolId::ESP,
                         spi: old.to_be_bytes().to_vec(),
@@ -1511,13 +1681,19 @@ impl IkeSa {
                         data: Vec::new(),
                     }));
                 }
+                let pol = self
+                    .cfg
+                    .policy(policy)
+                    .ok_or(IkeError::Internal("no such CHILD SA policy"))?;
+                let (tsi, tsr) =
+                    ts_of_child.unwrap_or_else(|| (pol.local_ts.clone(), pol.remote_ts.clone()));
                 let spi = self.random_spi32()?;
                 let ni = self.random(NONCE_LEN)?;
                 // The responder's choice from an INVALID_KE_PAYLOAD, else our first.
                 let group = self
                     .pfs_retry
                     .take()
-                    .or_else(|| self.cfg.pfs_groups.first().copied());
+                    .or_else(|| pol.pfs_groups.first().copied());
                 let kex = match group {
                     Some(g) => Some(KeyExchange::generate(g)?),
                     None => None,
@@ -1525,8 +1701,8 @@ impl IkeSa {
                 let mut p = Vec::new();
                 p.extend(notify);
                 p.push(Payload::Sa(esp_proposals(
-                    &self.cfg.esp_proposals,
-                    &self.cfg.pfs_groups,
+                    &pol.esp_proposals,
+                    &pol.pfs_groups,
                     spi,
                 )));
                 p.push(Payload::Nonce(ni.clone()));
@@ -1546,6 +1722,7 @@ impl IkeSa {
                         ni,
                         kex,
                         rekey_of,
+                        policy,
                     },
                 )
             }
@@ -1617,6 +1794,8 @@ impl IkeSa {
             reason,
         });
         self.state = State::Closed;
+        self.ike_collision = None;
+        self.redundant = None;
         self.chan.outstanding = None;
         self.pending.clear();
         self.hs = None;
@@ -1632,6 +1811,7 @@ impl IkeSa {
             return;
         }
         let driven_liveness = self.liveness_hold.is_some();
+        self.redundant_timeout(now);
         for old in [true, false] {
             let timeouts = &self.cfg.retransmit.timeouts;
             let ch = if old {
@@ -1744,6 +1924,9 @@ impl IkeSa {
         }
         let msg = Message::decode(data)?;
         let h = &msg.header;
+        if self.is_side_channel(h.spi_i, h.spi_r) {
+            return self.handle_side(now, data, msg);
+        }
         let on_old = match &self.old {
             Some(o) if h.spi_i == o.spi_i && h.spi_r == o.spi_r => true,
             _ => {
@@ -1852,7 +2035,7 @@ impl IkeSa {
                 vec![t.0],
             ))]
         } else if old {
-            self.request_on_old(payloads)
+            self.request_on_old(exchange, payloads)
         } else {
             match (self.state, exchange) {
                 (State::InitReplied, ExchangeType::IKE_AUTH) => {
@@ -1895,6 +2078,15 @@ impl IkeSa {
     fn after_request(&mut self, now: Instant, old: bool, reply: &[Payload]) {
         if let Some(new) = self.pending_swap.take() {
             self.swap_in(now, new);
+            if std::mem::take(&mut self.drop_old_after_swap) {
+                if let Some(o) = self.old.take() {
+                    self.events.push_back(Event::IkeSaDeleted {
+                        spi_i: o.spi_i,
+                        spi_r: o.spi_r,
+                        reason: DeleteReason::Rekeyed,
+                    });
+                }
+            }
         }
         // Deletes of the IKE SA we answered take effect after the response.
         if old && self.old_deleted {
@@ -1925,5 +2117,6 @@ impl IkeSa {
 mod attacks;
 mod exchanges;
 pub mod fuzz;
+mod ike_rekey;
 #[cfg(test)]
 mod tests;

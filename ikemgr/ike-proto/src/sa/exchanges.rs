@@ -115,6 +115,7 @@ impl IkeSa {
         local_ts: Vec<TrafficSelector>,
         remote_ts: Vec<TrafficSelector>,
         rekey_of: Option<u32>,
+        policy: usize,
     ) {
         let ChildKeys {
             encr_i,
@@ -137,7 +138,10 @@ impl IkeSa {
                 integ_out: integ_r,
             }
         };
-        let lifetime = self.cfg.child_lifetime;
+        let lifetime = self
+            .cfg
+            .policy(policy)
+            .map_or(self.cfg.child_lifetime, |p| p.lifetime);
         let soft = self.soft_after(lifetime);
         let info = ChildSaInfo {
             ike_spi_i: self.chan.spi_i,
@@ -155,6 +159,7 @@ impl IkeSa {
             soft_lifetime: soft,
             rekey_of,
             initiator,
+            policy,
         };
         self.children.push(ChildSa {
             info: info.clone(),
@@ -251,7 +256,8 @@ impl IkeSa {
                 ni,
                 kex,
                 rekey_of,
-            } => self.create_child_response(now, spi, ni, kex, rekey_of, &payloads)?,
+                policy,
+            } => self.create_child_response(now, spi, ni, kex, rekey_of, policy, &payloads)?,
             Task::RekeyIke { spi, ni, kex } => {
                 self.rekey_ike_response(now, spi, ni, kex, &payloads)?
             }
@@ -345,39 +351,126 @@ impl IkeSa {
         self.chan.spi_r = h.spi_r;
         self.chan.keys = Some(Keys::new(suite, sk, true));
         self.chan.outstanding = None;
+        let peer_hashes = find_notify(p, NotifyType::SIGNATURE_HASH_ALGORITHMS)
+            .map(|n| crate::cert::parse_hash_algs(&n.data))
+            .unwrap_or_default();
         if let Some(hs) = self.hs.as_mut() {
             hs.nr = nr;
             hs.response = data.to_vec();
             hs.kex = None;
+            hs.peer_hashes = peer_hashes;
         }
         self.last_peer_activity = Some(now);
         self.send_auth(now)
     }
 
+    /// Our AUTH payload over `real_message` | `peer_nonce` | prf(`sk_p`,
+    /// IDbody) (§2.15), with PSK or our certificate's key; for signatures
+    /// also our CERT payloads (end-entity first).
+    fn local_auth(
+        &self,
+        real_message: &[u8],
+        peer_nonce: &[u8],
+        sk_p: &[u8],
+        peer_hashes: &[u16],
+    ) -> Result<(Vec<Payload>, AuthPayload)> {
+        let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let Some(cert) = &self.cfg.cert else {
+            let data = psk_auth(
+                &keys.suite,
+                self.cfg.psk.as_bytes(),
+                real_message,
+                peer_nonce,
+                sk_p,
+                &self.cfg.local_id,
+            )?;
+            let auth = AuthPayload {
+                method: AuthMethod::SHARED_KEY_MIC,
+                data,
+            };
+            return Ok((Vec::new(), auth));
+        };
+        let octets = signed_octets(
+            &keys.suite,
+            real_message,
+            peer_nonce,
+            sk_p,
+            &self.cfg.local_id,
+        )?;
+        let auth = cert
+            .local
+            .sign(&octets, peer_hashes)
+            .map_err(|_| IkeError::Internal("signing AUTH failed"))?;
+        let certs = cert
+            .local
+            .cert_ders()
+            .into_iter()
+            .map(|d| Payload::Cert(crate::wire::CertEncoding::X509_SIG, d))
+            .collect();
+        Ok((certs, auth))
+    }
+
+    /// Checks the peer's AUTH over `real_message` | `our_nonce` |
+    /// prf(`sk_p`, IDbody): PSK, or a certificate signature when we use
+    /// certificates (a PSK AUTH is then refused, and the other way round).
+    #[allow(clippy::too_many_arguments)]
+    fn peer_auth(
+        &self,
+        now: Instant,
+        p: &[Payload],
+        id: &IdPayload,
+        auth: &AuthPayload,
+        real_message: &[u8],
+        our_nonce: &[u8],
+        sk_p: &[u8],
+    ) -> Result<std::result::Result<AuthVerified, &'static str>> {
+        let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        match &self.cfg.cert {
+            None => {
+                let expected = psk_auth(
+                    &keys.suite,
+                    self.cfg.psk.as_bytes(),
+                    real_message,
+                    our_nonce,
+                    sk_p,
+                    id,
+                )?;
+                Ok(verify_auth(&expected, auth).ok_or("AUTH does not verify"))
+            }
+            Some(_) if auth.method == AuthMethod::SHARED_KEY_MIC => {
+                Ok(Err("peer used a PSK where a certificate is required"))
+            }
+            Some(cert) => {
+                let octets = signed_octets(&keys.suite, real_message, our_nonce, sk_p, id)?;
+                Ok(verify_cert_auth(cert, now, p, id, auth, &octets))
+            }
+        }
+    }
+
     fn send_auth(&mut self, now: Instant) -> Result<()> {
         let child_spi = self.random_spi32()?;
         let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let sk_pi = keys.sk.sk_pi.as_bytes().to_vec();
         let hs = self
             .hs
             .as_mut()
             .ok_or(IkeError::Unexpected("no handshake"))?;
         hs.child_spi = child_spi;
-        let auth = psk_auth(
-            &keys.suite,
-            self.cfg.psk.as_bytes(),
-            &hs.request,
-            &hs.nr,
-            keys.sk.sk_pi.as_bytes(),
-            &self.cfg.local_id,
-        )?;
+        let (request, nr, hashes) = (hs.request.clone(), hs.nr.clone(), hs.peer_hashes.clone());
+        let (certs, auth) = self.local_auth(&request, &nr, &sk_pi, &hashes)?;
+        // §1.2: IDi, [CERT,] [CERTREQ,] [IDr,] AUTH, SAi2, TSi, TSr.
         let mut p = vec![Payload::IdI(self.cfg.local_id.clone())];
+        p.extend(certs);
+        if let Some(cert) = self.cfg.cert.as_ref().filter(|c| !c.trust.is_empty()) {
+            p.push(Payload::CertReq(
+                crate::wire::CertEncoding::X509_SIG,
+                cert.trust.certreq(),
+            ));
+        }
         if let Some(id) = &self.cfg.peer_id {
             p.push(Payload::IdR(id.clone()));
         }
-        p.push(Payload::Auth(AuthPayload {
-            method: AuthMethod::SHARED_KEY_MIC,
-            data: auth,
-        }));
+        p.push(Payload::Auth(auth));
         // No DH transforms in IKE_AUTH: the first CHILD SA uses SK_d only.
         p.push(Payload::Sa(esp_proposals(
             &self.cfg.esp_proposals,
@@ -428,40 +521,49 @@ impl IkeSa {
             return Ok(());
         }
         let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let sk_pr = keys.sk.sk_pr.as_bytes().to_vec();
         let hs = self
             .hs
             .as_ref()
             .ok_or(IkeError::Unexpected("no handshake"))?;
-        let expected = psk_auth(
-            &keys.suite,
-            self.cfg.psk.as_bytes(),
-            &hs.response,
-            &hs.ni,
-            keys.sk.sk_pr.as_bytes(),
-            &idr,
-        )?;
-        let Some(proof) = verify_auth(&expected, &auth) else {
-            self.events.push_back(Event::AuthFailed {
-                reason: "responder AUTH does not verify",
-            });
-            self.notify_auth_failed();
-            self.close(DeleteReason::AuthFailed);
-            return Ok(());
+        let checked = self.peer_auth(now, p, &idr, &auth, &hs.response, &hs.ni, &sk_pr)?;
+        let proof = match checked {
+            Ok(proof) => proof,
+            Err(why) => {
+                let reason = if self.cfg.cert.is_some() {
+                    why
+                } else {
+                    "responder AUTH does not verify"
+                };
+                self.events.push_back(Event::AuthFailed { reason });
+                self.notify_auth_failed();
+                self.close(DeleteReason::AuthFailed);
+                return Ok(());
+            }
         };
+        let hs = self
+            .hs
+            .as_ref()
+            .ok_or(IkeError::Unexpected("no handshake"))?;
         let (ni, nr, child_spi) = (hs.ni.clone(), hs.nr.clone(), hs.child_spi);
         self.establish(now, proof, idr);
         self.emit_mid();
         self.hs = None;
+        // Every further phase2 gets its own CHILD SA (CREATE_CHILD_SA, §1.3.1).
+        for policy in 1..self.cfg.policy_count() {
+            self.pending.push_back(Request::CreateChild(policy));
+        }
         if let Some(e) = first_error_notify(p) {
             self.events.push_back(Event::ChildSaFailed { notify: e });
             return Ok(());
         }
         let local = self.cfg.local_ts.clone();
         let remote = self.cfg.remote_ts.clone();
-        match self.accept_child(p, &[], None, &ni, &nr, &local, &remote) {
+        let esp = self.cfg.esp_proposals.clone();
+        match self.accept_child(p, &esp, &[], None, &ni, &nr, &local, &remote) {
             Ok((suite, peer_spi, keys, tsi, tsr)) => {
                 self.install_child(
-                    now, proof, suite, child_spi, peer_spi, keys, true, tsi, tsr, None,
+                    now, proof, suite, child_spi, peer_spi, keys, true, tsi, tsr, None, 0,
                 );
             }
             Err(n) => self.events.push_back(Event::ChildSaFailed { notify: n }),
@@ -485,6 +587,7 @@ impl IkeSa {
     fn accept_child(
         &mut self,
         p: &[Payload],
+        esp: &[EspAlgs],
         pfs: &[DhGroup],
         kex: Option<&KeyExchange>,
         ni: &[u8],
@@ -502,8 +605,8 @@ impl IkeSa {
         NotifyType,
     > {
         let sa = sa_of(p).ok_or(NotifyType::INVALID_SYNTAX)?;
-        let (suite, peer_spi) = accept_esp_reply(sa, &self.cfg.esp_proposals, pfs)
-            .ok_or(NotifyType::NO_PROPOSAL_CHOSEN)?;
+        let (suite, peer_spi) =
+            accept_esp_reply(sa, esp, pfs).ok_or(NotifyType::NO_PROPOSAL_CHOSEN)?;
         let shared = match (suite.dh, kex) {
             (Some(g), Some(k)) if k.group() == g => {
                 let ke = ke_of(p).ok_or(NotifyType::INVALID_SYNTAX)?;
@@ -540,6 +643,7 @@ impl IkeSa {
         Ok((suite, peer_spi, keys, tsi.to_vec(), tsr.to_vec()))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_child_response(
         &mut self,
         now: Instant,
@@ -547,8 +651,13 @@ impl IkeSa {
         ni: Vec<u8>,
         kex: Option<KeyExchange>,
         rekey_of: Option<u32>,
+        policy: usize,
         p: &[Payload],
     ) -> Result<()> {
+        let pol = self
+            .cfg
+            .policy(policy)
+            .ok_or(IkeError::Internal("no such CHILD SA policy"))?;
         let proof = self.auth.ok_or(IkeError::NotEstablished)?;
         let retry = now + sa_retry_delay(self);
         let failed = |sa: &mut IkeSa, n: NotifyType| {
@@ -573,11 +682,11 @@ impl IkeSa {
                 .ok()
                 .map(|b| DhGroup(u16::from_be_bytes(b)));
             let used = kex.as_ref().map(|k| k.group());
-            if let Some(g) = want.filter(|g| self.cfg.pfs_groups.contains(g) && Some(*g) != used) {
+            if let Some(g) = want.filter(|g| pol.pfs_groups.contains(g) && Some(*g) != used) {
                 self.pfs_retry = Some(g);
                 let again = match rekey_of {
                     Some(old) => Request::RekeyChild(old),
-                    None => Request::CreateChild,
+                    None => Request::CreateChild(policy),
                 };
                 self.pending.push_front(again);
                 return Ok(());
@@ -601,13 +710,21 @@ impl IkeSa {
                 .map(|c| (c.info.local_ts.clone(), c.info.remote_ts.clone()))
         }) {
             Some(x) => x,
-            None => (self.cfg.local_ts.clone(), self.cfg.remote_ts.clone()),
+            None => (pol.local_ts.clone(), pol.remote_ts.clone()),
         };
-        let pfs = self.cfg.pfs_groups.clone();
-        match self.accept_child(p, &pfs, kex.as_ref(), &ni, &nr, &local, &remote) {
+        match self.accept_child(
+            p,
+            &pol.esp_proposals,
+            &pol.pfs_groups,
+            kex.as_ref(),
+            &ni,
+            &nr,
+            &local,
+            &remote,
+        ) {
             Ok((suite, peer_spi, keys, tsi, tsr)) => {
                 self.install_child(
-                    now, proof, suite, spi, peer_spi, keys, true, tsi, tsr, rekey_of,
+                    now, proof, suite, spi, peer_spi, keys, true, tsi, tsr, rekey_of, policy,
                 );
                 if let Some(old) = rekey_of {
                     self.finish_rekey(old, spi, [ni, nr]);
@@ -650,9 +767,16 @@ impl IkeSa {
         p: &[Payload],
     ) -> Result<()> {
         self.ike_rekeying = false;
+        let collision = self.ike_collision.take();
         if first_error_notify(p).is_some() {
-            // Retry later (a collision answered with TEMPORARY_FAILURE, or
-            // the peer is busy): the soft timer fires again after a jitter.
+            if let Some((theirs, _)) = collision {
+                // §2.8.2: the peer completed its rekey without noticing ours
+                // and refused ours: its new SA succeeds; it deletes the old.
+                self.swap_in(now, theirs);
+                return Ok(());
+            }
+            // Retry later (the peer is busy): the soft timer fires again
+            // after a jitter.
             self.ike_soft = Some(now + sa_retry_delay(self));
             return Ok(());
         }
@@ -695,6 +819,20 @@ impl IkeSa {
         )?;
         let mut new = Channel::new(spi, peer_spi, true);
         new.keys = Some(Keys::new(suite, sk, true));
+        match collision {
+            Some((theirs, their_nonces)) if lowest_nonce(&[ni, nr], &their_nonces) => {
+                // §2.8.2: ours was created with the lowest nonce: it is
+                // redundant and we, its creator, delete it; the peer's SA
+                // inherits the CHILD SAs and the peer deletes the old SA.
+                self.swap_in(now, theirs);
+                return self.delete_redundant(now, new);
+            }
+            Some((theirs, _)) => {
+                // The peer's SA is the redundant one: the peer deletes it.
+                self.redundant = Some(theirs);
+            }
+            None => {}
+        }
         self.swap_in(now, new);
         // Delete the old SA over the old SA (§2.18).
         let mid = self.old.as_ref().map(|o| o.next_send).unwrap_or(0);
@@ -733,7 +871,11 @@ impl IkeSa {
     // Requests (we are the responder)
     // ------------------------------------------------------------------
 
-    pub(super) fn request_on_old(&mut self, p: &[Payload]) -> Vec<Payload> {
+    pub(super) fn request_on_old(&mut self, exchange: ExchangeType, p: &[Payload]) -> Vec<Payload> {
+        // §2.8.2: a rekey of an SA we are closing is refused.
+        if exchange == ExchangeType::CREATE_CHILD_SA {
+            return vec![notify(NotifyType::TEMPORARY_FAILURE)];
+        }
         if p.iter()
             .any(|x| matches!(x, Payload::Delete(d) if d.protocol == ProtocolId::IKE))
         {
@@ -767,40 +909,29 @@ impl IkeSa {
             return fail(self, "peer identity does not match peerid");
         }
         let keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let (sk_pi, sk_pr) = (
+            keys.sk.sk_pi.as_bytes().to_vec(),
+            keys.sk.sk_pr.as_bytes().to_vec(),
+        );
         let hs = self
             .hs
             .as_ref()
             .ok_or(IkeError::Unexpected("no handshake"))?;
-        let expected = psk_auth(
-            &keys.suite,
-            self.cfg.psk.as_bytes(),
-            &hs.request,
-            &hs.nr,
-            keys.sk.sk_pi.as_bytes(),
-            &idi,
-        )?;
-        let Some(proof) = verify_auth(&expected, &auth) else {
-            return fail(self, "initiator AUTH does not verify");
+        let (request, response) = (hs.request.clone(), hs.response.clone());
+        let (ni, nr, hashes) = (hs.ni.clone(), hs.nr.clone(), hs.peer_hashes.clone());
+        let proof = match self.peer_auth(now, p, &idi, &auth, &request, &nr, &sk_pi)? {
+            Ok(proof) => proof,
+            Err(why) if self.cfg.cert.is_some() => return fail(self, why),
+            Err(_) => return fail(self, "initiator AUTH does not verify"),
         };
-        let ours = psk_auth(
-            &keys.suite,
-            self.cfg.psk.as_bytes(),
-            &hs.response,
-            &hs.ni,
-            keys.sk.sk_pr.as_bytes(),
-            &self.cfg.local_id,
-        )?;
-        let (ni, nr) = (hs.ni.clone(), hs.nr.clone());
+        let (certs, ours) = self.local_auth(&response, &ni, &sk_pr, &hashes)?;
         self.hs = None;
         self.establish(now, proof, idi);
-        let mut reply = vec![
-            Payload::IdR(self.cfg.local_id.clone()),
-            Payload::Auth(AuthPayload {
-                method: AuthMethod::SHARED_KEY_MIC,
-                data: ours,
-            }),
-        ];
-        match self.answer_child(now, proof, p, None, &ni, &nr, None) {
+        // §1.2: IDr, [CERT,] AUTH, SAr2, TSi, TSr.
+        let mut reply = vec![Payload::IdR(self.cfg.local_id.clone())];
+        reply.extend(certs);
+        reply.push(Payload::Auth(ours));
+        match self.answer_child(now, proof, p, false, &ni, &nr, None) {
             Ok(c) => {
                 reply.push(c.sa);
                 reply.push(c.tsi);
@@ -814,14 +945,18 @@ impl IkeSa {
         Ok(reply)
     }
 
-    /// Responder side of a CHILD SA: proposal, optional KE, selectors, keys.
+    /// Responder side of a CHILD SA: policy, proposal, optional KE (`pfs`:
+    /// a CREATE_CHILD_SA may carry one, IKE_AUTH not), selectors, keys. A
+    /// rekey keeps the policy of the SA it replaces; a new CHILD SA takes
+    /// the first policy (phase2) whose proposals and narrowed selectors fit,
+    /// trying the policies without a current CHILD SA first.
     #[allow(clippy::too_many_arguments)]
     fn answer_child(
         &mut self,
         now: Instant,
         proof: AuthVerified,
         p: &[Payload],
-        pfs: Option<&[DhGroup]>,
+        pfs: bool,
         ni: &[u8],
         nr: &[u8],
         rekey_of: Option<u32>,
@@ -833,8 +968,44 @@ impl IkeSa {
         let our_spi = self
             .random_spi32()
             .map_err(|_| (NotifyType::TEMPORARY_FAILURE, Vec::new()))?;
-        let (reply, suite, peer_spi) = select_esp(offered, &self.cfg.esp_proposals, pfs, our_spi)
-            .ok_or((NotifyType::NO_PROPOSAL_CHOSEN, Vec::new()))?;
+        let rekeyed_policy = rekey_of.and_then(|o| {
+            self.children
+                .iter()
+                .find(|c| c.info.inbound_spi == o)
+                .map(|c| c.info.policy)
+        });
+        let candidates: Vec<usize> = match rekeyed_policy {
+            Some(policy) => vec![policy],
+            None => {
+                let busy = self.child_policies();
+                let (free, taken): (Vec<usize>, Vec<usize>) =
+                    (0..self.cfg.policy_count()).partition(|i| !busy.contains(i));
+                free.into_iter().chain(taken).collect()
+            }
+        };
+        let mut refusal = (NotifyType::NO_PROPOSAL_CHOSEN, Vec::new());
+        let mut chosen = None;
+        for policy in candidates {
+            let Some(pol) = self.cfg.policy(policy) else {
+                continue;
+            };
+            let groups = pfs.then_some(pol.pfs_groups.as_slice());
+            let Some((reply, suite, peer_spi)) =
+                select_esp(offered, &pol.esp_proposals, groups, our_spi)
+            else {
+                continue;
+            };
+            // §2.9: TSi is the peer's side (our remote), TSr ours.
+            let n_i = ts::narrow(tsi, &pol.remote_ts);
+            let n_r = ts::narrow(tsr, &pol.local_ts);
+            if n_i.is_empty() || n_r.is_empty() {
+                refusal = (NotifyType::TS_UNACCEPTABLE, Vec::new());
+                continue;
+            }
+            chosen = Some((policy, reply, suite, peer_spi, n_i, n_r));
+            break;
+        }
+        let (policy, reply, suite, peer_spi, n_i, n_r) = chosen.ok_or(refusal)?;
         let (shared, ke) = match suite.dh {
             Some(g) => {
                 let ke = ke_of(p).ok_or_else(syntax)?;
@@ -856,12 +1027,6 @@ impl IkeSa {
             }
             None => (None, None),
         };
-        // §2.9: TSi is the peer's side (our remote), TSr ours.
-        let n_i = ts::narrow(tsi, &self.cfg.remote_ts);
-        let n_r = ts::narrow(tsr, &self.cfg.local_ts);
-        if n_i.is_empty() || n_r.is_empty() {
-            return Err((NotifyType::TS_UNACCEPTABLE, Vec::new()));
-        }
         let k = self.chan.keys.as_ref().ok_or_else(syntax)?;
         let keys = derive_child_keys(
             k.suite.prf,
@@ -884,6 +1049,7 @@ impl IkeSa {
             n_r.clone(),
             n_i.clone(),
             rekey_of,
+            policy,
         );
         Ok(ChildReply {
             sa: Payload::Sa(vec![reply]),
@@ -907,6 +1073,13 @@ impl IkeSa {
             _ => None,
         }) {
             if d.protocol == ProtocolId::IKE {
+                if let Some((theirs, _)) = self.ike_collision.take() {
+                    // §2.8.2: the peer finished its rekey without noticing
+                    // ours and deletes the old SA: its new SA succeeds it.
+                    self.pending_swap = Some(theirs);
+                    self.drop_old_after_swap = true;
+                    return Vec::new();
+                }
                 // §1.4.1: answer with an empty INFORMATIONAL, then close.
                 self.peer_deleted_ike = true;
                 return Vec::new();
@@ -998,8 +1171,7 @@ impl IkeSa {
             rekey_of = Some(c.info.inbound_spi);
         }
         let nr = self.random(NONCE_LEN)?;
-        let pfs = self.cfg.pfs_groups.clone();
-        match self.answer_child(now, proof, p, Some(&pfs), &ni, &nr, rekey_of) {
+        match self.answer_child(now, proof, p, true, &ni, &nr, rekey_of) {
             Ok(c) => {
                 if let Some(old) = rekey_of {
                     let ours_outstanding = matches!(
@@ -1035,11 +1207,14 @@ impl IkeSa {
     }
 
     fn rekey_ike_request(&mut self, _now: Instant, p: &[Payload]) -> Result<Vec<Payload>> {
-        // A simultaneous IKE rekey (§2.8.2) is refused with TEMPORARY_FAILURE;
-        // the side whose request fails retries after a random delay.
-        if self.ike_rekeying || self.old.is_some() {
+        // §2.8.2: while a rekey is being finished (old SA still there, or a
+        // collision being resolved) another one is refused. A request that
+        // crosses our own outstanding IKE rekey is answered, and its SA kept
+        // aside until our exchange ends (see `ike_rekey`).
+        if self.old.is_some() || self.ike_collision.is_some() || self.redundant.is_some() {
             return Ok(vec![notify(NotifyType::TEMPORARY_FAILURE)]);
         }
+        let colliding = self.ike_rekeying;
         let (Some(offered), Some(ke)) = (sa_of(p), ke_of(p)) else {
             return Ok(vec![notify(NotifyType::INVALID_SYNTAX)]);
         };
@@ -1096,7 +1271,11 @@ impl IkeSa {
         )?;
         let mut new = Channel::new(peer_spi, spi, false);
         new.keys = Some(Keys::new(suite, sk, false));
-        self.pending_swap = Some(new);
+        if colliding {
+            self.ike_collision = Some((new, [ni.clone(), nr.clone()]));
+        } else {
+            self.pending_swap = Some(new);
+        }
         reply.spi = spi.to_be_bytes().to_vec();
         Ok(vec![
             Payload::Sa(vec![reply]),

@@ -1140,26 +1140,109 @@ fn simultaneous_child_rekey_with_reordered_response() {
     }
 }
 
-#[test]
-fn simultaneous_ike_rekey_ends_with_one_new_sa() {
-    // Both send CREATE_CHILD_SA {SA(IKE), Ni, KEi} at once; each answers the
-    // other's with TEMPORARY_FAILURE and retries after a random delay.
+/// Both ends rekey the IKE SA at once (§2.8.2) with chosen nonces: `a_low`
+/// puts the lowest of the four nonces in A's exchange. With `reorder`, B's
+/// answer to A overtakes B's request, so A completes its rekey before it
+/// sees B's (only B notices the collision).
+fn simultaneous_ike_rekey(a_low: bool, reorder: bool) -> (Pair, (u64, u64), Vec<u32>) {
     let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
     let old = p.a.spis();
     let children = p.a.child_spis();
+    let (lo, hi) = (0x11u8, 0xeeu8);
+    // A draws its Ni, then its Nr when answering B; B the same.
+    p.a_ent.push_nonce(if a_low { lo } else { hi });
+    p.b_ent.push_nonce(if a_low { hi } else { lo });
+    p.a_ent.push_nonce(hi);
+    p.b_ent.push_nonce(hi);
     p.a.rekey_ike(p.now).unwrap();
     {
         let now = p.now;
         p.b().rekey_ike(now).unwrap();
     }
+    p.collect();
+    // A: HDR, SK {SA(IKE), Ni_a, KEi} -->  <-- B: HDR, SK {SA(IKE), Ni_b, KEi}
+    assert_eq!((p.ab.len(), p.ba.len()), (1, 1));
+    let req_a = p.ab.pop_front().unwrap();
+    let req_b = p.ba.pop_front().unwrap();
+    if reorder {
+        p.deliver_to_b(req_a);
+        p.collect();
+        let resp_to_a = p.ba.pop_front().unwrap();
+        p.deliver_to_a(resp_to_a).unwrap();
+        let _ = p.deliver_to_a(req_b);
+    } else {
+        p.deliver_to_b(req_a);
+        p.deliver_to_a(req_b).unwrap();
+    }
     p.settle();
+    (p, old, children)
+}
+
+fn check_one_ike_sa(p: &mut Pair, old: (u64, u64), children: &[u32]) -> IkeSaInfo {
     let new = p.a.spis();
     assert_ne!(new, old);
-    assert_eq!(p.b().spis(), new);
-    assert_eq!(p.a.local_spis().len(), 1);
-    assert_eq!(p.b().local_spis().len(), 1);
-    assert_eq!(p.a.child_spis(), children);
+    assert_eq!(p.b().spis(), new, "{:?}\n{:?}", p.ev_a, p.ev_b);
+    assert_eq!(p.a.local_spis().len(), 1, "old and redundant SAs gone");
+    assert_eq!(p.b().local_spis().len(), 1, "old and redundant SAs gone");
+    assert_eq!(p.a.child_spis(), children, "CHILD SAs inherited");
     assert!(p.a.is_established() && p.b().is_established());
+    // The surviving SA carries traffic: a liveness check is answered.
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(
+        matches!(p.ev_a.last(), Some(Event::LivenessReply)),
+        "{:?}",
+        p.ev_a
+    );
+    p.a.ike_info_current().unwrap()
+}
+
+#[test]
+fn simultaneous_ike_rekey_lowest_nonce_in_a_exchange_keeps_bs_sa() {
+    let (mut p, old, children) = simultaneous_ike_rekey(true, false);
+    let info = check_one_ike_sa(&mut p, old, &children);
+    // A's SA had the lowest nonce: it was redundant and A deleted it; the
+    // survivor is the one B initiated.
+    assert!(!info.initiator, "survivor must be B's SA");
+    assert!(p.ev_a.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Redundant,
+            ..
+        }
+    )));
+    // A never retried with a TEMPORARY_FAILURE dance: exactly one rekey each.
+    let rekeyed = |ev: &[Event]| {
+        ev.iter()
+            .filter(|e| matches!(e, Event::IkeSaRekeyed { .. }))
+            .count()
+    };
+    assert_eq!((rekeyed(&p.ev_a), rekeyed(&p.ev_b)), (1, 1));
+}
+
+#[test]
+fn simultaneous_ike_rekey_lowest_nonce_in_b_exchange_keeps_as_sa() {
+    let (mut p, old, children) = simultaneous_ike_rekey(false, false);
+    let info = check_one_ike_sa(&mut p, old, &children);
+    assert!(info.initiator, "survivor must be A's SA");
+    assert!(p.ev_b.iter().any(|e| matches!(
+        e,
+        Event::IkeSaDeleted {
+            reason: DeleteReason::Redundant,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn simultaneous_ike_rekey_noticed_by_one_side_only() {
+    // A completes first and refuses B's request on the old SA with
+    // TEMPORARY_FAILURE; B adopts A's SA, whatever the nonces.
+    for a_low in [true, false] {
+        let (mut p, old, children) = simultaneous_ike_rekey(a_low, true);
+        let info = check_one_ike_sa(&mut p, old, &children);
+        assert!(info.initiator, "A's SA survives (a_low {a_low})");
+    }
 }
 
 #[test]
@@ -1585,4 +1668,252 @@ fn requests_outside_the_window_are_dropped() {
     let r2 = p.a.poll_transmit().unwrap().payload;
     assert_eq!(r1, r2);
     assert_eq!(p.a.message_ids().1, next + 1);
+}
+
+/// A policy (phase2) with its own selectors and proposal.
+fn policy(local: TrafficSelector, remote: TrafficSelector, esp: &str, pfs: &str) -> ChildPolicy {
+    ChildPolicy {
+        esp_proposals: phase2_list(esp).unwrap(),
+        pfs_groups: dhgrp_list(pfs).unwrap(),
+        local_ts: vec![local],
+        remote_ts: vec![remote],
+        lifetime: Duration::from_secs(3600),
+    }
+}
+
+/// Sets policy 0 of `c` from `p`.
+fn set_first(c: &mut IkeConfig, p: ChildPolicy) {
+    c.esp_proposals = p.esp_proposals;
+    c.pfs_groups = p.pfs_groups;
+    c.local_ts = p.local_ts;
+    c.remote_ts = p.remote_ts;
+    c.child_lifetime = p.lifetime;
+}
+
+#[test]
+fn every_phase2_gets_its_own_child_sa_and_rekeys_keep_their_policy() {
+    // A has phase2s (10.1/16 <-> 10.2/16, gcm) and (10.11/16 <-> 10.12/16, cbc, PFS 31).
+    // B lists the same two in the other order, with the other side's view.
+    // IKE_AUTH carries the first CHILD SA; the second comes with
+    // HDR, SK {SA, Ni, KEi, TSi, TSr} -->  <-- HDR, SK {SA, Nr, KEr, TSi, TSr}
+    let (n1, n2) = (net("10.1.0.0", 16), net("10.2.0.0", 16));
+    let (m1, m2) = (net("10.11.0.0", 16), net("10.12.0.0", 16));
+    let mut a = cfg(
+        b"k",
+        "a.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    set_first(&mut a, policy(n1.clone(), n2.clone(), "aes128gcm", ""));
+    a.more_children = vec![policy(m1.clone(), m2.clone(), "aes256-sha256", "31")];
+    let mut b = cfg(
+        b"k",
+        "b.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    set_first(
+        &mut b,
+        policy(m2.clone(), m1.clone(), "aes256-sha256", "31"),
+    );
+    b.more_children = vec![policy(n2.clone(), n1.clone(), "aes128gcm", "")];
+    let mut p = Pair::new(a, b);
+    p.settle();
+    let (ca, cb) = (Pair::children(&p.ev_a), Pair::children(&p.ev_b));
+    assert_eq!((ca.len(), cb.len()), (2, 2), "{:?}\n{:?}", p.ev_a, p.ev_b);
+    for (x, y) in ca.iter().zip(&cb) {
+        assert_child_pair(x, y);
+    }
+    // A's policy 0 is B's policy 1 and the other way round: B chose by selectors.
+    assert_eq!((ca[0].policy, cb[0].policy), (0, 1));
+    assert_eq!((ca[1].policy, cb[1].policy), (1, 0));
+    assert_eq!(
+        (ca[0].local_ts.clone(), ca[0].remote_ts.clone()),
+        (vec![n1], vec![n2])
+    );
+    assert_eq!(
+        (ca[1].local_ts.clone(), ca[1].remote_ts.clone()),
+        (vec![m1.clone()], vec![m2.clone()])
+    );
+    assert_eq!(ca[0].encr, Encr::AesGcm16(16));
+    assert_eq!(ca[1].encr, Encr::AesCbc(32));
+    assert_eq!(ca[1].pfs_group, Some(DhGroup::CURVE25519));
+    assert_eq!(p.a.child_policies(), [0, 1]);
+    assert_eq!(p.b().child_policies(), [0, 1]);
+
+    // B rekeys its policy 0 (A's second phase2): the new SA keeps selectors and policy.
+    let old = cb[1].inbound_spi;
+    assert_eq!(cb[1].policy, 0);
+    {
+        let now = p.now;
+        p.b().rekey_child(now, old).unwrap();
+    }
+    p.settle();
+    let (ca, cb) = (Pair::children(&p.ev_a), Pair::children(&p.ev_b));
+    assert_eq!((ca.len(), cb.len()), (3, 3));
+    assert_child_pair(&ca[2], &cb[2]);
+    assert_eq!((ca[2].policy, cb[2].policy), (1, 0));
+    assert_eq!(ca[2].local_ts, vec![m1]);
+    assert_eq!(ca[2].remote_ts, vec![m2]);
+    assert_eq!(ca[2].pfs_group, Some(DhGroup::CURVE25519));
+    assert_eq!(p.b().child_spis().len(), 2);
+    assert!(!p.b().child_spis().contains(&old));
+}
+
+#[test]
+fn a_new_child_takes_a_free_policy_and_unknown_selectors_are_refused() {
+    let any = net("0.0.0.0", 0);
+    let (n1, n2) = (net("10.1.0.0", 16), net("10.2.0.0", 16));
+    let mut a = cfg(
+        b"k",
+        "a.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    set_first(&mut a, policy(any.clone(), any.clone(), "aes128gcm", ""));
+    let mut b = cfg(
+        b"k",
+        "b.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    set_first(&mut b, policy(n2.clone(), n1.clone(), "aes128gcm", ""));
+    b.more_children = vec![policy(
+        net("10.22.0.0", 16),
+        net("10.21.0.0", 16),
+        "aes128gcm",
+        "",
+    )];
+    let mut p = Pair::new(a, b);
+    p.settle();
+    // A asks 0/0 twice: B narrows the first to its policy 0, the second to its free policy 1.
+    p.a.create_child(p.now).unwrap();
+    p.settle();
+    let cb = Pair::children(&p.ev_b);
+    assert_eq!(cb.len(), 2);
+    assert_eq!((cb[0].policy, cb[1].policy), (0, 1));
+    assert_eq!(cb[1].local_ts, vec![net("10.22.0.0", 16)]);
+    // A policy index that does not exist is refused locally.
+    assert!(p.a.create_child_for(p.now, 5).is_err());
+}
+
+mod certificates {
+    use super::*;
+    use crate::cert::tests::{ec_key, rsa_key, Pki};
+    use crate::cert::CertAuth;
+    use openssl::nid::Nid;
+
+    /// A gateway named `name` with a certificate from `issuer` for that name,
+    /// trusting the CA of `trust`.
+    fn cert_cfg(
+        issuer: &Pki,
+        trust: &Pki,
+        name: &str,
+        key: openssl::pkey::PKey<openssl::pkey::Private>,
+    ) -> IkeConfig {
+        let mut c = cfg(
+            b"unused",
+            name,
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "",
+        );
+        let (local, _) = issuer.leaf(name, key);
+        c.cert = Some(Arc::new(CertAuth {
+            local,
+            trust: trust.trust(Instant::now()),
+        }));
+        c
+    }
+
+    fn auth_failed(ev: &[Event]) -> Option<&'static str> {
+        ev.iter().find_map(|e| match e {
+            Event::AuthFailed { reason } => Some(*reason),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn rsa_initiator_and_ecdsa_responder_authenticate_with_certificates() {
+        // HDR, SAi1, KEi, Ni, N(SIGNATURE_HASH_ALGORITHMS) -->
+        //   <-- HDR, SAr1, KEr, Nr, CERTREQ, N(SIGNATURE_HASH_ALGORITHMS)
+        // HDR, SK {IDi, CERT, CERTREQ, AUTH(14), SAi2, TSi, TSr} -->
+        //   <-- HDR, SK {IDr, CERT, AUTH(14), SAr2, TSi, TSr}
+        let pki = Pki::new();
+        let a = cert_cfg(&pki, &pki, "a.example", rsa_key());
+        let b = cert_cfg(&pki, &pki, "b.example", ec_key(Nid::X9_62_PRIME256V1));
+        let mut p = Pair::new(a, b);
+        p.settle();
+        assert!(p.a.is_established(), "{:?}", p.ev_a);
+        assert!(p.b().is_established(), "{:?}", p.ev_b);
+        check_establishment(&mut p, Encr::AesGcm16(16), None, DhGroup::ECP256);
+        // The responder asked for certificates from our CA in IKE_SA_INIT.
+        let init_resp = Message::decode(&p.sent_b[0]).unwrap();
+        assert!(init_resp
+            .payloads
+            .iter()
+            .any(|x| matches!(x, Payload::CertReq(_, d) if d.len() == 20)));
+    }
+
+    #[test]
+    fn a_certificate_from_an_untrusted_ca_is_refused_on_both_sides() {
+        let (ours, theirs) = (Pki::new(), Pki::new());
+        // A's certificate comes from a CA B does not trust.
+        let a = cert_cfg(&theirs, &ours, "a.example", ec_key(Nid::SECP384R1));
+        let b = cert_cfg(&ours, &ours, "b.example", rsa_key());
+        let mut p = Pair::new(a, b);
+        p.settle();
+        assert!(!p.a.is_established() && !p.b().is_established());
+        assert_eq!(
+            auth_failed(&p.ev_b),
+            Some("peer certificate does not chain to a trusted CA")
+        );
+        assert_eq!(auth_failed(&p.ev_a), Some("peer rejected our AUTH"));
+        assert!(Pair::children(&p.ev_a).is_empty() && Pair::children(&p.ev_b).is_empty());
+    }
+
+    #[test]
+    fn an_identity_the_certificate_does_not_name_is_refused() {
+        let pki = Pki::new();
+        let mut a = cert_cfg(&pki, &pki, "a.example", rsa_key());
+        a.local_id = IdPayload::fqdn("ceo.example");
+        let b = cert_cfg(&pki, &pki, "b.example", rsa_key());
+        let mut p = Pair::new(a, b);
+        p.settle();
+        assert!(!p.b().is_established());
+        assert_eq!(
+            auth_failed(&p.ev_b),
+            Some("peer identity is not in its certificate")
+        );
+    }
+
+    #[test]
+    fn psk_against_certificates_is_refused() {
+        let pki = Pki::new();
+        let a = cfg(
+            b"k",
+            "a.example",
+            "aes128gcm-prfsha256",
+            "19",
+            "aes128gcm",
+            "",
+        );
+        let b = cert_cfg(&pki, &pki, "b.example", rsa_key());
+        let mut p = Pair::new(a, b);
+        p.settle();
+        assert!(!p.a.is_established() && !p.b().is_established());
+        assert_eq!(
+            auth_failed(&p.ev_b),
+            Some("peer used a PSK where a certificate is required")
+        );
+    }
 }
