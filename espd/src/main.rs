@@ -19,6 +19,7 @@
 //! IO (threads, sockets, TUN) it drives.
 
 mod datapath;
+mod ha;
 mod logic;
 
 use std::process::ExitCode;

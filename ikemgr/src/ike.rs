@@ -32,6 +32,8 @@ use ike_proto::wire::{IdPayload, TrafficSelector};
 use ike_proto::{IkeSaInfo, NatTraversal, Transmit};
 use serde_json::{json, Value};
 
+mod ha;
+
 /// IKE header: SPIi (8), SPIr (8), next payload, version, exchange type, flags, message ID
 /// (RFC 7296 §3.1).
 const IKE_HEADER_LEN: usize = 28;
@@ -112,6 +114,8 @@ pub struct IkeManager {
     guard: Option<CookieGuard>,
     /// Static gateways: earliest next initiation.
     retry_at: BTreeMap<String, Instant>,
+    /// HA role, published IKE SA records, takeovers ([`ha`]).
+    ha: ha::HaState,
 }
 
 fn spelling<T: serde::Serialize>(v: &T) -> String {
@@ -297,6 +301,7 @@ impl IkeManager {
             bodies: Vec::new(),
             retry_at: BTreeMap::new(),
             guard: None,
+            ha: ha::HaState::default(),
         }
     }
 
@@ -337,7 +342,7 @@ impl IkeManager {
     pub fn initiate_pending(&self, now: Instant) -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
         self.gateways
             .values()
-            .filter(|g| g.initiate)
+            .filter(|g| g.initiate && !self.ha.standby())
             .filter(|g| !self.sas.values().any(|e| e.gateway == g.name))
             .filter(|g| self.retry_at.get(&g.name).is_none_or(|t| *t <= now))
             .filter_map(|g| g.remote_gw.map(|r| (g.name.clone(), r, g.local_gw)))
@@ -493,6 +498,10 @@ impl IkeManager {
             tracing::debug!(
                 "ike 0: comes {remote}->{local}: no IKE SA for {spi_i:016x}/{spi_r:016x}, dropped"
             );
+            return;
+        }
+        if self.ha.standby() {
+            tracing::debug!("ike 0: comes {remote}->{local}: HA standby, new IKE SA refused");
             return;
         }
         let Some(g) = self.gateway_for_new_peer(remote.ip()) else {
@@ -717,6 +726,8 @@ impl IkeManager {
         }
         if closed {
             self.flush(id, now, "closed");
+        } else {
+            self.ha_after_pump(id, now);
         }
     }
 
@@ -890,7 +901,7 @@ impl IkeManager {
                 soft_bytes: 0,
                 hard_bytes: 0,
             },
-            initial_seq: 1,
+            initial_seq: self.ha.initial_seq(c.outbound_spi),
             outbound: false,
         };
         tracing::info!(
@@ -961,6 +972,7 @@ impl IkeManager {
         let Some(e) = self.sas.remove(&id) else {
             return;
         };
+        self.ha_removed(id);
         self.by_spi.retain(|_, v| *v != id);
         let g = self.gateways.get(&e.gateway);
         let label = if e.name.is_empty() {

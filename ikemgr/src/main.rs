@@ -299,6 +299,11 @@ impl DaemonLogic for Ikemgr {
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         if src == DaemonKind::Hasyncd {
+            // FGCP secondary (or hello): standby copies only, no new IKE SAs (ike::ha).
+            let standby = store.items().any(|b| {
+                matches!(b, Body::HaMember(m) if m.mode.contains("fgcp") && m.role != "primary")
+            });
+            io::lock(&self.ike).set_ha_standby(standby);
             self.roles = store
                 .items()
                 .filter_map(|b| match b {
@@ -331,6 +336,14 @@ impl DaemonLogic for Ikemgr {
     }
 
     fn on_event(&mut self, src: DaemonKind, body: &Body, out: &mut Outbox) {
+        if let (DaemonKind::Hasyncd, Body::Takeover(t)) = (src, body) {
+            if let Err(e) = io::lock(&self.ike).takeover(Instant::now(), t) {
+                tracing::error!("ike 0:{}: HA takeover failed: {e}", t.ike.tunnel);
+            }
+            self.drain(out);
+            self.wake();
+            return;
+        }
         if let (DaemonKind::Dpdmon, Body::ProbeRequest { tunnel, round, .. }) = (src, body) {
             io::lock(&self.ike).probe(Instant::now(), tunnel, *round);
             self.drain(out);
