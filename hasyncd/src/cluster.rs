@@ -655,6 +655,8 @@ impl Cluster {
                 self.replicas.retain(|_, r| r.sa.tunnel != tunnel);
                 self.ike_replicas.remove(&tunnel);
             }
+            // Ownership and leases: the tunnel table (see `drive`).
+            Message::Ownership(_) | Message::SeqLease(_) | Message::SeqLeaseAck(_) => {}
             other => {
                 tracing::debug!("sync message {:?} not handled yet", other.msg_type());
             }

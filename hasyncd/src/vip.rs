@@ -220,12 +220,9 @@ mod tests {
     #[test]
     fn local_gws_become_shared_addresses() {
         let mut config = Config::default();
-        let mut p = haven_config::Phase1 {
-            name: "vpn1".into(),
-            interface: "port2".into(),
-            local_gw: Some(Ipv4Addr::new(192, 168, 129, 254)),
-            ..Default::default()
-        };
+        let mut p = haven_config::Phase1::new("vpn1");
+        p.interface = "port2".into();
+        p.local_gw = Some(Ipv4Addr::new(192, 168, 129, 254));
         config.phase1.push(p.clone());
         p.name = "vpn2".into();
         config.phase1.push(p.clone());

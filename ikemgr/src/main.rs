@@ -377,8 +377,19 @@ impl DaemonLogic for Ikemgr {
                 self.wake();
                 Ok(json!({ "cleared": n }))
             }
+            "ike-rekey" => {
+                // ike-rekey <tunnel> child|ike
+                let (tunnel, ike) = match args {
+                    [t, w] if w == "child" || w == "ike" => (t.as_str(), w == "ike"),
+                    _ => return Err("usage: ike-rekey <tunnel> child|ike".into()),
+                };
+                let r = io::lock(&self.ike).rekey_now(Instant::now(), tunnel, ike);
+                self.drain(out);
+                self.wake();
+                r.map(|what| json!({ "started": what }))
+            }
             other => Err(format!(
-                "unknown command {other:?}: ikemgr has: ike-gateway-clear"
+                "unknown command {other:?}: ikemgr has: ike-gateway-clear, ike-rekey"
             )),
         }
     }

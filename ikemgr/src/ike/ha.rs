@@ -475,6 +475,32 @@ impl IkeManager {
     }
 }
 
+impl IkeManager {
+    /// Starts a rekey of `tunnel`'s IKE SA (`ike`) or of its first CHILD SA now, as the
+    /// lifetimes would (operator command `ike-rekey`, used to show rekeys on a taken-over
+    /// tunnel). Returns what was started.
+    pub fn rekey_now(&mut self, now: Instant, tunnel: &str, ike: bool) -> Result<String, String> {
+        let id = self
+            .entry_by_tunnel(tunnel)
+            .ok_or_else(|| format!("no established IKE SA for {tunnel:?}"))?;
+        let what = {
+            let e = self.sas.get_mut(&id).ok_or("SA gone")?;
+            if ike {
+                e.sa.rekey_ike(now).map_err(|e| e.to_string())?;
+                let (i, r) = e.sa.spis();
+                format!("IKE SA {i:016x}/{r:016x} rekey started")
+            } else {
+                let spi = *e.sa.child_spis().first().ok_or("no CHILD SA")?;
+                e.sa.rekey_child(now, spi).map_err(|e| e.to_string())?;
+                format!("CHILD SA {spi:08x} rekey started")
+            }
+        };
+        tracing::info!("ike 0:{tunnel}:{id}: {what}");
+        self.pump(id, now);
+        Ok(what)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
