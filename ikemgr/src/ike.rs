@@ -972,7 +972,6 @@ impl IkeManager {
         let Some(e) = self.sas.remove(&id) else {
             return;
         };
-        self.ha_removed(id);
         self.by_spi.retain(|_, v| *v != id);
         let g = self.gateways.get(&e.gateway);
         let label = if e.name.is_empty() {
@@ -999,6 +998,7 @@ impl IkeManager {
                 dev: dev.clone(),
             });
         }
+        self.ha.removed(id, &mut self.bodies);
         if e.name.is_empty() || e.info.is_none() {
             return;
         }

@@ -308,6 +308,17 @@ impl HaState {
         self.start_seq.get(&spi_out).copied().unwrap_or(1).max(1)
     }
 
+    /// An SA was removed: its record goes too (after its CHILD SAs and routes, before the
+    /// tunnel, as seed 000's flush order).
+    pub(super) fn removed(&mut self, id: u64, bodies: &mut Vec<Body>) {
+        if let Some((tunnel, _)) = self.published.remove(&id) {
+            self.taken.remove(&tunnel);
+            if !self.published.values().any(|(t, _)| *t == tunnel) {
+                bodies.push(Body::IkeSaRemoved { tunnel });
+            }
+        }
+    }
+
     /// Whether this member holds standby copies only.
     pub fn standby(&self) -> bool {
         self.standby
@@ -371,16 +382,6 @@ impl IkeManager {
         );
         self.ha.published.insert(id, (e.name.clone(), key));
         self.bodies.push(Body::IkeSa(rec));
-    }
-
-    /// An SA was removed: its record goes too.
-    pub(super) fn ha_removed(&mut self, id: u64) {
-        if let Some((tunnel, _)) = self.ha.published.remove(&id) {
-            self.ha.taken.remove(&tunnel);
-            if !self.ha.published.values().any(|(t, _)| *t == tunnel) {
-                self.bodies.push(Body::IkeSaRemoved { tunnel });
-            }
-        }
     }
 
     /// hasyncd made this member the tunnel's carrier: continue the IKE SA of the record
@@ -504,6 +505,201 @@ impl IkeManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bus_schema::schema::SeqMark;
+    use std::net::IpAddr;
+
+    const HUB: &str = r#"
+config vpn ipsec phase1-interface
+    edit "hub"
+        set type static
+        set interface "port1"
+        set remote-gw 192.0.2.2
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set psksecret "k"
+    next
+end
+config vpn ipsec phase2-interface
+    edit "hub"
+        set phase1name "hub"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet 10.1.0.0/24
+        set dst-subnet 10.2.0.0/24
+    next
+end
+"#;
+
+    const DIAL: &str = r#"
+config vpn ipsec phase1-interface
+    edit "vpn1"
+        set type dynamic
+        set interface "port2"
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set psksecret "k"
+    next
+end
+config vpn ipsec phase2-interface
+    edit "vpn1"
+        set phase1name "vpn1"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet 10.2.0.0/24
+        set dst-subnet 10.1.0.0/24
+    next
+end
+"#;
+
+    fn mgr(text: &str, now: Instant) -> IkeManager {
+        let cfg = match haven_config::parse(text) {
+            Ok(p) => p.config,
+            Err(e) => panic!("{e}"),
+        };
+        let mut m = IkeManager::new();
+        m.set_config(now, &cfg);
+        m
+    }
+
+    fn shuttle(a: &mut IkeManager, b: &mut IkeManager, now: Instant) {
+        for _ in 0..50 {
+            let mut moved = false;
+            while let Some(t) = a.poll_transmit() {
+                b.handle_datagram(now, t.destination, t.source, &t.payload);
+                moved = true;
+            }
+            while let Some(t) = b.poll_transmit() {
+                a.handle_datagram(now, t.destination, t.source, &t.payload);
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the managers never went quiet");
+    }
+
+    fn records(bodies: &[Body]) -> Vec<IkeSaRecord> {
+        bodies
+            .iter()
+            .filter_map(|b| match b {
+                Body::IkeSa(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn connect(hub: &mut IkeManager, dial: &mut IkeManager, now: Instant) {
+        let gw_b: IpAddr = "192.0.2.2".parse().unwrap();
+        hub.initiate(now, "hub", "192.0.2.1".parse().unwrap(), gw_b);
+        shuttle(hub, dial, now);
+    }
+
+    #[test]
+    fn a_standby_refuses_new_ike_sas() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        dial.set_ha_standby(true);
+        connect(&mut hub, &mut dial, now);
+        assert!(dial.sas.is_empty());
+        assert!(dial.drain_bodies().is_empty());
+        dial.set_ha_standby(false);
+        hub.clear(now, None);
+        connect(&mut hub, &mut dial, now);
+        assert_eq!(dial.sas.len(), 1);
+    }
+
+    #[test]
+    fn a_synced_ike_sa_is_taken_over_and_rekeyed_from_both_sides() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let recs = records(&dial.drain_bodies());
+        let rec = recs.last().expect("IKE SA record").clone();
+        assert_eq!(rec.tunnel, "vpn1_1");
+        assert_eq!((rec.next_send, rec.next_recv), (0, 2));
+        // A liveness check moves the message IDs: a new record follows.
+        hub.probe(now, "hub", 1);
+        shuttle(&mut hub, &mut dial, now);
+        let rec = records(&dial.drain_bodies())
+            .pop()
+            .expect("record after probe");
+        assert_eq!(rec.next_recv, 3);
+        let snap = decode_state(&rec).unwrap();
+        assert_eq!((snap.info.spi_i, snap.info.spi_r), (rec.spi_i, rec.spi_r));
+        let spi_out = snap.children[0].0.outbound_spi;
+
+        // The standby member takes over: same SPIs and message IDs, CHILD SA at the lease.
+        let mut standby = mgr(DIAL, now);
+        standby
+            .takeover(
+                now,
+                &TakeoverInfo {
+                    ike: rec.clone(),
+                    start_seqs: vec![SeqMark {
+                        tunnel: "vpn1_1".into(),
+                        spi_out,
+                        seq_hw: 1 << 20,
+                    }],
+                },
+            )
+            .unwrap();
+        let b = standby.drain_bodies();
+        assert!(
+            matches!(&b[0], Body::Tunnel(t) if t.name == "vpn1_1"),
+            "{b:?}"
+        );
+        assert!(b.iter().any(|x| matches!(x, Body::ChildSa(c)
+            if c.spi_out == spi_out && c.initial_seq == 1 << 20 && c.outbound)));
+        assert_eq!(records(&b).len(), 1);
+        assert!(matches!(
+            standby.poll_route(),
+            Some(super::super::RouteOp::Add { .. })
+        ));
+        // A repeated Takeover event changes nothing.
+        standby
+            .takeover(
+                now,
+                &TakeoverInfo {
+                    ike: rec.clone(),
+                    start_seqs: vec![],
+                },
+            )
+            .unwrap();
+        assert!(standby.drain_bodies().is_empty());
+        drop(dial);
+
+        // The peer notices nothing: probes, a CHILD rekey and an IKE rekey from each side.
+        hub.probe(now, "hub", 2);
+        shuttle(&mut hub, &mut standby, now);
+        assert!(hub
+            .drain_bodies()
+            .iter()
+            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply")));
+        hub.rekey_now(now, "hub", false).unwrap();
+        shuttle(&mut hub, &mut standby, now);
+        standby.rekey_now(now, "vpn1_1", false).unwrap();
+        shuttle(&mut hub, &mut standby, now);
+        let b = standby.drain_bodies();
+        let new_children: Vec<u32> = b
+            .iter()
+            .filter_map(|x| match x {
+                Body::ChildSa(c) if c.outbound && c.initial_seq == 1 => Some(c.spi_in),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(new_children.len(), 2, "{b:?}");
+        standby.rekey_now(now, "vpn1_1", true).unwrap();
+        shuttle(&mut hub, &mut standby, now);
+        hub.rekey_now(now, "hub", true).unwrap();
+        shuttle(&mut hub, &mut standby, now);
+        let last = records(&standby.drain_bodies()).pop().expect("record");
+        assert_ne!((last.spi_i, last.spi_r), (rec.spi_i, rec.spi_r));
+        let h = hub.sas.values().next().unwrap().sa.spis();
+        assert_eq!(h, (last.spi_i, last.spi_r));
+    }
 
     #[test]
     fn garbage_state_is_refused() {
