@@ -303,7 +303,8 @@ impl DaemonLogic for Ikemgr {
             let standby = store.items().any(|b| {
                 matches!(b, Body::HaMember(m) if m.mode.contains("fgcp") && m.role != "primary")
             });
-            io::lock(&self.ike).set_ha_standby(standby);
+            io::lock(&self.ike).set_ha_standby(Instant::now(), standby);
+            self.drain(out);
             self.roles = store
                 .items()
                 .filter_map(|b| match b {

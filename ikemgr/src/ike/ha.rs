@@ -326,8 +326,16 @@ impl HaState {
 }
 
 impl IkeManager {
-    /// hasyncd's FGCP role: `standby` on a secondary or in the hello phase.
-    pub fn set_ha_standby(&mut self, standby: bool) {
+    /// hasyncd's FGCP role: `standby` on a secondary or in the hello phase. A member that
+    /// goes from primary to standby (another member was elected) drops its IKE SAs without
+    /// telling the peer: the new primary continues them from its copies.
+    pub fn set_ha_standby(&mut self, now: Instant, standby: bool) {
+        if standby && !self.ha.standby {
+            let ids: Vec<u64> = self.sas.keys().copied().collect();
+            for id in ids {
+                self.flush(id, now, "HA standby: another member carries it");
+            }
+        }
         if self.ha.standby != standby {
             tracing::info!(
                 "ike: HA role {}",
@@ -600,14 +608,28 @@ end
         let now = Instant::now();
         let mut hub = mgr(HUB, now);
         let mut dial = mgr(DIAL, now);
-        dial.set_ha_standby(true);
+        dial.set_ha_standby(now, true);
         connect(&mut hub, &mut dial, now);
         assert!(dial.sas.is_empty());
         assert!(dial.drain_bodies().is_empty());
-        dial.set_ha_standby(false);
+        dial.set_ha_standby(now, false);
         hub.clear(now, None);
         connect(&mut hub, &mut dial, now);
         assert_eq!(dial.sas.len(), 1);
+        dial.drain_bodies();
+        // Demoted: the SAs go silently (the new primary continues them).
+        dial.set_ha_standby(now, true);
+        assert!(dial.sas.is_empty());
+        assert!(dial.poll_transmit().is_none());
+        let b = dial.drain_bodies();
+        assert!(
+            b.iter().any(|x| matches!(x, Body::IkeSaRemoved { .. })),
+            "{b:?}"
+        );
+        assert!(
+            b.iter().any(|x| matches!(x, Body::ChildSaRemoved { .. })),
+            "{b:?}"
+        );
     }
 
     #[test]
