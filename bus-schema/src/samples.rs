@@ -120,7 +120,47 @@ pub fn bodies() -> Vec<Body> {
                 last_rx_ns: TS,
             }],
         },
+        Body::IkeSa(ike_sa()),
+        Body::IkeSaRemoved {
+            tunnel: "vpn1_1".into(),
+        },
+        Body::SeqLeaseRequest {
+            sas: vec![SeqMark {
+                tunnel: "vpn1_1".into(),
+                spi_out: 0x10aa_45b0,
+                seq_hw: 1 << 20,
+            }],
+        },
+        Body::SeqLeaseGranted {
+            sas: vec![SeqMark {
+                tunnel: "vpn1_1".into(),
+                spi_out: 0x10aa_45b0,
+                seq_hw: 1 << 20,
+            }],
+        },
+        Body::Takeover(TakeoverInfo {
+            ike: ike_sa(),
+            start_seqs: vec![SeqMark {
+                tunnel: "vpn1_1".into(),
+                spi_out: 0x10aa_45b0,
+                seq_hw: 1 << 20,
+            }],
+        }),
     ]
+}
+
+/// The IKE SA of seed 000's DPD log (vpn1_2).
+pub fn ike_sa() -> IkeSaRecord {
+    IkeSaRecord {
+        tunnel: "vpn1_1".into(),
+        phase1: "vpn1".into(),
+        spi_i: 0x8745_8c81_a3be_17f9,
+        spi_r: 0xc8db_7d3f_2c70_e638,
+        next_send: 4,
+        next_recv: 2,
+        remote: "192.168.4.2:500".into(),
+        state: vec![0xab; 8],
+    }
 }
 
 /// The CHILD SA of seed 000's `diagnose vpn tunnel list` (vpn1_1).

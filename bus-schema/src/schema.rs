@@ -131,6 +131,11 @@ pub mod topic {
     pub const DPD_PROBE: &str = "dpd.probe";
     pub const IKE_PROBE: &str = "ike.probe";
     pub const IKE_ACTIVITY: &str = "ike.activity";
+    pub const IKE_SA: &str = "sa.ike";
+    pub const IKE_SA_REMOVED: &str = "sa.ike.removed";
+    pub const ESP_LEASE: &str = "esp.lease";
+    pub const HA_LEASE: &str = "ha.lease";
+    pub const HA_TAKEOVER: &str = "ha.takeover";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -153,6 +158,11 @@ pub mod topic {
         DPD_PROBE,
         IKE_PROBE,
         IKE_ACTIVITY,
+        IKE_SA,
+        IKE_SA_REMOVED,
+        ESP_LEASE,
+        HA_LEASE,
+        HA_TAKEOVER,
     ];
 }
 
@@ -164,6 +174,7 @@ pub mod table {
     pub const HA_MEMBER: &str = "ha.member";
     pub const HA_ROLE: &str = "ha.role";
     pub const CHILD_SA: &str = "sa.child";
+    pub const IKE_SA: &str = "sa.ike";
 }
 
 /// Message bodies. Encoded adjacently tagged: `{"type": "<Variant>", "data": <fields>}`.
@@ -239,6 +250,25 @@ pub enum Body {
     IkeActivity {
         tunnels: Vec<IkeActivityMark>,
     },
+    /// ikemgr: an established IKE SA as hasyncd replicates it (keys included, in `state`).
+    IkeSa(IkeSaRecord),
+    IkeSaRemoved {
+        tunnel: String,
+    },
+    /// espd: asks hasyncd to lease outbound sequence numbers below each `seq_hw` (event);
+    /// in a cluster espd sends nothing at or above the last granted mark.
+    SeqLeaseRequest {
+        sas: Vec<SeqMark>,
+    },
+    /// hasyncd: every live cluster member stored these marks; espd may use numbers below
+    /// them (event).
+    SeqLeaseGranted {
+        sas: Vec<SeqMark>,
+    },
+    /// hasyncd: this member now carries `ike.tunnel`: ikemgr restores the IKE SA from the
+    /// record and installs its CHILD SAs with outbound sequence numbers from `start_seqs`
+    /// (event; repeated until ikemgr publishes the IKE SA itself).
+    Takeover(TakeoverInfo),
 }
 
 /// What a body does to the replicated store.
@@ -270,6 +300,11 @@ impl Body {
         "ProbeRequest",
         "ProbeResult",
         "IkeActivity",
+        "IkeSa",
+        "IkeSaRemoved",
+        "SeqLeaseRequest",
+        "SeqLeaseGranted",
+        "Takeover",
     ];
 
     /// The `type` tag of this body.
@@ -294,6 +329,11 @@ impl Body {
             Body::ProbeRequest { .. } => "ProbeRequest",
             Body::ProbeResult { .. } => "ProbeResult",
             Body::IkeActivity { .. } => "IkeActivity",
+            Body::IkeSa(_) => "IkeSa",
+            Body::IkeSaRemoved { .. } => "IkeSaRemoved",
+            Body::SeqLeaseRequest { .. } => "SeqLeaseRequest",
+            Body::SeqLeaseGranted { .. } => "SeqLeaseGranted",
+            Body::Takeover(_) => "Takeover",
         }
     }
 
@@ -319,6 +359,11 @@ impl Body {
             Body::ProbeRequest { .. } => topic::DPD_PROBE,
             Body::ProbeResult { .. } => topic::IKE_PROBE,
             Body::IkeActivity { .. } => topic::IKE_ACTIVITY,
+            Body::IkeSa(_) => topic::IKE_SA,
+            Body::IkeSaRemoved { .. } => topic::IKE_SA_REMOVED,
+            Body::SeqLeaseRequest { .. } => topic::ESP_LEASE,
+            Body::SeqLeaseGranted { .. } => topic::HA_LEASE,
+            Body::Takeover(_) => topic::HA_TAKEOVER,
         }
     }
 
@@ -352,7 +397,12 @@ impl Body {
             Body::ChildSaRemoved { tunnel, spi_in } => {
                 del(table::CHILD_SA, &ChildSaInfo::key_of(tunnel, *spi_in))
             }
+            Body::IkeSa(r) => put(table::IKE_SA, &r.tunnel),
+            Body::IkeSaRemoved { tunnel } => del(table::IKE_SA, tunnel),
             Body::EspActivity { .. }
+            | Body::SeqLeaseRequest { .. }
+            | Body::SeqLeaseGranted { .. }
+            | Body::Takeover(_)
             | Body::EspSeq { .. }
             | Body::EspExpire(_)
             | Body::ProbeRequest { .. }
@@ -547,6 +597,50 @@ pub struct SeqMark {
     pub tunnel: String,
     pub spi_out: u32,
     pub seq_hw: u64,
+}
+
+/// An established IKE SA (`sa.ike`), published by ikemgr after every exchange that changed
+/// its SPIs, message IDs or CHILD SAs, and replicated by hasyncd to the other members.
+/// `state` is ikemgr's own encoding of the SA (keys, algorithms, identities, CHILD SAs);
+/// only ikemgr reads it. The plain fields are what the other daemons and views need;
+/// `next_send`/`next_recv` are authoritative over the ones inside `state`.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct IkeSaRecord {
+    pub tunnel: String,
+    pub phase1: String,
+    pub spi_i: u64,
+    pub spi_r: u64,
+    /// Message ID of our next request, and the one expected on the peer's next request
+    /// (RFC 7296 §2.2).
+    pub next_send: u32,
+    pub next_recv: u32,
+    /// The peer's address and port.
+    pub remote: String,
+    #[serde(with = "crate::boot::serde_bin")]
+    pub state: Vec<u8>,
+}
+
+impl std::fmt::Debug for IkeSaRecord {
+    /// The state (with the keys) is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IkeSaRecord")
+            .field("tunnel", &self.tunnel)
+            .field("spi_i", &format_args!("{:016x}", self.spi_i))
+            .field("spi_r", &format_args!("{:016x}", self.spi_r))
+            .field("next_send", &self.next_send)
+            .field("next_recv", &self.next_recv)
+            .field("remote", &self.remote)
+            .field("state", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A tunnel this member takes over (`ha.takeover`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TakeoverInfo {
+    pub ike: IkeSaRecord,
+    /// First outbound sequence number per outbound SPI (`seq_hw` = first number to send).
+    pub start_seqs: Vec<SeqMark>,
 }
 
 /// Last authenticated IKE message from a tunnel's peer (`ike.activity`).

@@ -57,6 +57,8 @@ pub struct Espd {
     tunnels: BTreeMap<String, EspTunnelInfo>,
     activity_seen: BTreeMap<String, (u64, u64)>,
     seq_published: BTreeMap<String, u64>,
+    /// HA sequence leases through hasyncd.
+    ha: crate::ha::HaLeases,
 }
 
 fn limit_name(k: LimitKind) -> &'static str {
@@ -100,6 +102,7 @@ impl Espd {
             tunnels: BTreeMap::new(),
             activity_seen: BTreeMap::new(),
             seq_published: BTreeMap::new(),
+            ha: crate::ha::HaLeases::default(),
             ticks: 0,
         }
     }
@@ -107,7 +110,8 @@ impl Espd {
     fn datapath(&mut self) -> Option<&mut Datapath> {
         if self.dp.is_none() {
             match Datapath::start(&self.run_dir, self.workers) {
-                Ok(dp) => {
+                Ok(mut dp) => {
+                    dp.set_ha_gating(self.ha.gating());
                     tracing::info!(
                         "datapath up: {} workers, raw ESP and UDP 4500, run-dir {}",
                         self.workers,
@@ -639,7 +643,7 @@ fn name_arg(args: &[String]) -> Result<Option<&str>, String> {
 
 impl DaemonLogic for Espd {
     const KIND: DaemonKind = DaemonKind::Espd;
-    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr];
+    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr, DaemonKind::Hasyncd];
 
     fn new(_config: &Config, run_dir: &Path) -> Self {
         describe_metrics();
@@ -665,6 +669,10 @@ impl DaemonLogic for Espd {
     }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
+        if src == DaemonKind::Hasyncd {
+            self.ha.on_hasyncd(store, self.dp.as_mut());
+            return;
+        }
         if src != DaemonKind::Ikemgr {
             return;
         }
@@ -683,6 +691,13 @@ impl DaemonLogic for Espd {
             })
             .collect();
         self.reconcile(out);
+        self.ha.requests(self.dp.as_ref(), out);
+    }
+
+    fn on_event(&mut self, src: DaemonKind, body: &Body, _out: &mut Outbox) {
+        if let (DaemonKind::Hasyncd, Body::SeqLeaseGranted { sas }) = (src, body) {
+            self.ha.granted(self.dp.as_ref(), sas);
+        }
     }
 
     fn view(&self, name: &str, args: &[String]) -> Result<Value, String> {
@@ -731,6 +746,7 @@ impl DaemonLogic for Espd {
         self.publish_activity(out);
         // Every tick: a volume limit can be reached within a second at full rate.
         self.poll_lifetimes(out);
+        self.ha.requests(self.dp.as_ref(), out);
         self.ticks += 1;
         if self.ticks % SLOW_EVERY != 0 {
             if self.dead.iter().any(|k| self.installed.contains_key(k)) {

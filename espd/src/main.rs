@@ -23,6 +23,7 @@
 //! IO (threads, sockets, TUN) it drives.
 
 mod datapath;
+mod ha;
 mod logic;
 
 use std::process::ExitCode;

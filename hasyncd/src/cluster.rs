@@ -10,10 +10,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use std::collections::BTreeMap;
 
-use ha_core::msg::{ChildSaSync, DeleteSync, HaRole, Heartbeat};
+use bus_schema::schema::{IkeSaRecord, SeqMark, TakeoverInfo};
+use ha_core::msg::{ChildSaSync, DeleteSync, HaRole, Heartbeat, IkeSaSync, KeyBytes};
 use ha_core::{
     ClusterKind, ElectionEvent, Fgcp, FgcpConfig, HaLink, LinkKey, Liveness, MemberId, Message,
-    PeerEvent,
+    PeerEvent, TableMode, TunnelEvent, TunnelRole, TunnelTable,
 };
 use haven_config::Config;
 use serde_json::{json, Value};
@@ -83,6 +84,20 @@ pub struct Cluster {
     fgsp_sync: std::collections::BTreeSet<String>,
     /// Standby copies received from other members, by `tunnel/spi_in`.
     replicas: BTreeMap<String, Replica>,
+    /// FGCP per-tunnel ownership and sequence leases (ha-core), with an FGCP link only.
+    table: Option<TunnelTable>,
+    /// IKE SAs this member carries (ikemgr's `sa.ike`), by tunnel, as last sent.
+    ike_local: BTreeMap<String, IkeSaRecord>,
+    /// Standby copies of other members' IKE SAs, by tunnel.
+    ike_replicas: BTreeMap<String, (MemberId, IkeSaSync)>,
+    /// Tunnels registered as established here in `table`.
+    local_tunnels: std::collections::BTreeSet<String>,
+    /// Leases every live member acknowledged, for espd (drained by the daemon).
+    grants: Vec<SeqMark>,
+    /// Tunnels this member took over, for ikemgr (drained by the daemon).
+    takeovers: Vec<TakeoverInfo>,
+    /// Election events of the current drive, applied to `table` after the messages.
+    election_events: Vec<ElectionEvent>,
     /// The configuration blocks the links were started from.
     started_from: (
         Option<haven_config::Ha>,
@@ -180,6 +195,21 @@ pub fn describe_metrics() {
         "hasyncd_standby_child_sas",
         "CHILD SA standby copies held for other members."
     );
+    describe_counter!(
+        "hasyncd_tunnel_takeovers_total",
+        Unit::Count,
+        "Tunnels this member took over (IKE SA restored by ikemgr, CHILD SAs past their leases)."
+    );
+    describe_counter!(
+        "hasyncd_gratuitous_arps_total",
+        Unit::Count,
+        "ARP announcements sent for the FGCP shared addresses."
+    );
+    describe_counter!(
+        "hasyncd_sequence_leases_granted_total",
+        Unit::Count,
+        "Outbound sequence leases granted to espd after every live member stored them."
+    );
     describe_gauge!(
         "hasyncd_fgsp_detected_peers",
         "FGSP peers currently heard from."
@@ -229,6 +259,9 @@ impl Cluster {
             }
         });
         let role = if fgcp.is_some() { 0.0 } else { -1.0 };
+        let table = fgcp
+            .as_ref()
+            .map(|s| TunnelTable::with_mode(s.fgcp.config().me, TableMode::Fgcp));
         metrics::gauge!("hasyncd_role").set(role);
         // Gauges otherwise first set by an event: exported from the start so dashboards
         // show 0 instead of no data.
@@ -247,6 +280,13 @@ impl Cluster {
                 .map(|p| p.name.clone())
                 .collect(),
             replicas: BTreeMap::new(),
+            table,
+            ike_local: BTreeMap::new(),
+            ike_replicas: BTreeMap::new(),
+            local_tunnels: Default::default(),
+            grants: Vec::new(),
+            takeovers: Vec::new(),
+            election_events: Vec::new(),
             started_from: (config.ha.clone(), config.standalone.clone()),
         }
     }
@@ -319,7 +359,9 @@ impl Cluster {
                     .into_iter()
                     .map(|(m, msg)| (m, "fgcp", msg)),
             );
+            let mut events = Vec::new();
             while let Some(ev) = side.fgcp.poll_event() {
+                events.push(ev.clone());
                 match ev {
                     ElectionEvent::PeerJoined(m) => {
                         tracing::info!("FGCP member {} joined", m.0);
@@ -345,6 +387,7 @@ impl Cluster {
                     }
                 }
             }
+            self.election_events = events;
             let after = side.fgcp.role();
             if after != before {
                 ch.role_changed = true;
@@ -379,20 +422,231 @@ impl Cluster {
             received.extend(msgs.into_iter().map(|(m, msg)| (m, "fgsp", msg)));
         }
         for (from, link, msg) in received {
+            if link == "fgcp" {
+                if let Some(t) = self.table.as_mut() {
+                    t.handle_message(from, &msg);
+                }
+            }
             self.apply(from, link, msg);
             metrics::gauge!("hasyncd_standby_child_sas").set(self.replicas.len() as f64);
         }
+        for ev in std::mem::take(&mut self.election_events) {
+            let Some(t) = self.table.as_mut() else { break };
+            match ev {
+                ElectionEvent::PeerJoined(m) => t.peer_joined(m),
+                ElectionEvent::PeerLost(m) => t.peer_lost(m),
+                ElectionEvent::BecamePrimary => {
+                    // Every tunnel another member carried is ours now, each outbound SA
+                    // starting at its last acknowledged lease.
+                    t.promote_all();
+                    self.local_tunnels.clear();
+                }
+                ElectionEvent::BecameSecondary { .. } => self.local_tunnels.clear(),
+            }
+        }
         if resend_fgcp || resend_fgsp {
-            // A member that (re)joined gets every CHILD SA this member carries.
-            let all: Vec<Message> = self.local.values().cloned().map(Message::ChildSa).collect();
+            // A member that (re)joined gets every IKE and CHILD SA this member carries.
+            let mut all: Vec<Message> = self
+                .ike_local
+                .values()
+                .map(|r| Message::IkeSa(ike_sync(r)))
+                .collect();
+            all.extend(self.local.values().cloned().map(Message::ChildSa));
             self.send_sync(&all, resend_fgcp, resend_fgsp);
         }
+        self.run_table(now_ms);
         ch
+    }
+
+    /// Sends what the tunnel table queued (leases, acknowledgements, claims: secondaries
+    /// acknowledge too) and turns its events into grants and takeovers.
+    fn run_table(&mut self, now_ms: u64) {
+        let Some(t) = self.table.as_mut() else {
+            return;
+        };
+        if t.poll_timeout().is_some_and(|d| d <= now_ms) {
+            t.handle_timeout(now_ms);
+        }
+        let mut out = Vec::new();
+        while let Some(o) = t.poll_transmit() {
+            out.push(o.message);
+        }
+        let mut events = Vec::new();
+        while let Some(ev) = t.poll_event() {
+            events.push(ev);
+        }
+        if let Some(side) = self.fgcp.as_mut() {
+            for msg in &out {
+                match side.link.seal(msg) {
+                    Ok(d) => match side.sock.send_to(&d, side.dest) {
+                        Ok(()) => count_sent("fgcp", d.len()),
+                        Err(e) => tracing::warn!("lease send on {}: {e}", side.hbdev),
+                    },
+                    Err(e) => tracing::error!("lease seal: {e}"),
+                }
+            }
+        }
+        for ev in events {
+            match ev {
+                TunnelEvent::LeaseConfirmed {
+                    tunnel,
+                    spi_out,
+                    seq_hw,
+                } => self.grants.push(SeqMark {
+                    tunnel,
+                    spi_out,
+                    seq_hw,
+                }),
+                TunnelEvent::Promoted {
+                    tunnel,
+                    reason,
+                    start_seqs,
+                } => {
+                    let Some((from, ike)) = self.ike_replicas.get(&tunnel) else {
+                        tracing::warn!(
+                            "FGCP: tunnel {tunnel} promoted ({reason:?}) without an IKE SA copy; not taken over"
+                        );
+                        continue;
+                    };
+                    tracing::info!(
+                        "FGCP: taking over {tunnel} from member {} (IKE SA {:016x}/{:016x}, message IDs send/recv={}/{})",
+                        from.0,
+                        ike.spi_i,
+                        ike.spi_r,
+                        ike.next_request_id,
+                        ike.next_expected_id
+                    );
+                    for s in &start_seqs {
+                        tracing::info!(
+                            "FGCP: {tunnel} outbound {:08x} starts at sequence {}{}",
+                            s.spi_out,
+                            s.first_seq,
+                            if s.exact { "" } else { " (unsynced jump)" }
+                        );
+                    }
+                    self.takeovers.push(TakeoverInfo {
+                        ike: IkeSaRecord {
+                            tunnel: ike.tunnel.clone(),
+                            phase1: ike.phase1.clone(),
+                            spi_i: ike.spi_i,
+                            spi_r: ike.spi_r,
+                            next_send: ike.next_request_id,
+                            next_recv: ike.next_expected_id,
+                            remote: ike.remote_addr.clone(),
+                            state: ike.state.expose().to_vec(),
+                        },
+                        start_seqs: start_seqs
+                            .into_iter()
+                            .map(|s| SeqMark {
+                                tunnel: tunnel.clone(),
+                                spi_out: s.spi_out,
+                                seq_hw: s.first_seq,
+                            })
+                            .collect(),
+                    });
+                    metrics::counter!("hasyncd_tunnel_takeovers_total").increment(1);
+                }
+                TunnelEvent::Demoted { tunnel, owner } => {
+                    tracing::info!("FGCP: {tunnel} is now carried by member {}", owner.0);
+                }
+            }
+        }
+    }
+
+    /// Leases espd asks for. With an FGCP link they go through the tunnel table (granted
+    /// once every live member acknowledged); without one there is nobody to sync to and
+    /// they are granted at once.
+    pub fn propose_leases(&mut self, sas: &[SeqMark], now_ms: u64) {
+        let primary = self.fgcp_role() == Some(HaRole::Primary);
+        let Some(t) = self.table.as_mut() else {
+            self.grants.extend(sas.iter().cloned());
+            return;
+        };
+        if !primary {
+            return;
+        }
+        for m in sas {
+            if t.role(&m.tunnel) != Some(TunnelRole::SyncPrimary)
+                && !self.local_tunnels.contains(&m.tunnel)
+            {
+                t.local_established(&m.tunnel);
+                self.local_tunnels.insert(m.tunnel.clone());
+            }
+            if !t.propose_lease(&m.tunnel, m.spi_out, m.seq_hw, now_ms) {
+                tracing::debug!("lease for {} {:08x} refused", m.tunnel, m.spi_out);
+            }
+        }
+        self.run_table(now_ms);
+    }
+
+    /// Leases granted since the last call.
+    pub fn take_grants(&mut self) -> Vec<SeqMark> {
+        std::mem::take(&mut self.grants)
+    }
+
+    /// Takeovers since the last call.
+    pub fn take_takeovers(&mut self) -> Vec<TakeoverInfo> {
+        std::mem::take(&mut self.takeovers)
+    }
+
+    /// The IKE SAs this member carries now (ikemgr's `sa.ike` table): every change goes to
+    /// the other members in full (keys, SPIs, message IDs), removals as deletions.
+    pub fn set_local_ike_sas(&mut self, now: BTreeMap<String, IkeSaRecord>) {
+        let mut msgs = Vec::new();
+        for (k, r) in &now {
+            if self.ike_local.get(k) != Some(r) {
+                msgs.push(Message::IkeSa(ike_sync(r)));
+            }
+        }
+        for (k, r) in &self.ike_local {
+            if !now.contains_key(k) {
+                msgs.push(Message::Delete(DeleteSync::IkeSa {
+                    tunnel: r.tunnel.clone(),
+                    spi_i: r.spi_i,
+                    spi_r: r.spi_r,
+                }));
+            }
+        }
+        self.ike_local = now;
+        self.send_sync(&msgs, true, true);
     }
 
     /// A sync message from `from`: CHILD SAs and deletions update the standby copies.
     fn apply(&mut self, from: MemberId, link: &'static str, msg: Message) {
         match msg {
+            Message::IkeSa(s) => {
+                tracing::debug!(
+                    "standby copy of IKE SA {} {:016x}/{:016x} send/recv={}/{} from member {}",
+                    s.tunnel,
+                    s.spi_i,
+                    s.spi_r,
+                    s.next_request_id,
+                    s.next_expected_id,
+                    from.0
+                );
+                self.ike_replicas.insert(s.tunnel.clone(), (from, s));
+            }
+            Message::IkeMsgId(m) => {
+                if let Some((_, s)) = self.ike_replicas.get_mut(&m.tunnel) {
+                    if (s.spi_i, s.spi_r) == (m.spi_i, m.spi_r) {
+                        s.next_request_id = m.next_request_id;
+                        s.next_expected_id = m.next_expected_id;
+                    }
+                }
+            }
+            Message::Delete(DeleteSync::IkeSa {
+                tunnel,
+                spi_i,
+                spi_r,
+            }) => {
+                if self
+                    .ike_replicas
+                    .get(&tunnel)
+                    .is_some_and(|(_, s)| (s.spi_i, s.spi_r) == (spi_i, spi_r))
+                {
+                    self.ike_replicas.remove(&tunnel);
+                }
+            }
             Message::ChildSa(sa) => {
                 let key = sa_key(&sa.tunnel, sa.spi_in);
                 tracing::debug!("standby copy of CHILD SA {key} from member {}", from.0);
@@ -401,10 +655,12 @@ impl Cluster {
             Message::Delete(DeleteSync::ChildSa { tunnel, spi_in }) => {
                 self.replicas.remove(&sa_key(&tunnel, spi_in));
             }
-            Message::Delete(DeleteSync::Tunnel { tunnel })
-            | Message::Delete(DeleteSync::IkeSa { tunnel, .. }) => {
+            Message::Delete(DeleteSync::Tunnel { tunnel }) => {
                 self.replicas.retain(|_, r| r.sa.tunnel != tunnel);
+                self.ike_replicas.remove(&tunnel);
             }
+            // Ownership and leases: the tunnel table (see `drive`).
+            Message::Ownership(_) | Message::SeqLease(_) | Message::SeqLeaseAck(_) => {}
             other => {
                 tracing::debug!("sync message {:?} not handled yet", other.msg_type());
             }
@@ -427,6 +683,30 @@ impl Cluster {
                     tunnel: sa.tunnel.clone(),
                     spi_in: sa.spi_in,
                 }));
+            }
+        }
+        let primary = self.fgcp_role() == Some(HaRole::Primary);
+        if let Some(t) = self.table.as_mut() {
+            let me = t.me();
+            for sa in now.values() {
+                if !self
+                    .local
+                    .values()
+                    .any(|o| o.spi_out == sa.spi_out && o.tunnel == sa.tunnel)
+                {
+                    if primary && self.local_tunnels.insert(sa.tunnel.clone()) {
+                        t.local_established(&sa.tunnel);
+                    }
+                    t.sa_added(me, &sa.tunnel, sa.spi_out);
+                }
+            }
+            for sa in self.local.values() {
+                if !now
+                    .values()
+                    .any(|n| n.spi_out == sa.spi_out && n.tunnel == sa.tunnel)
+                {
+                    t.sa_removed(&sa.tunnel, sa.spi_out);
+                }
             }
         }
         self.local = now;
@@ -452,6 +732,7 @@ impl Cluster {
             }
             let phase1 = match msg {
                 Message::ChildSa(sa) => Some(sa.phase1.clone()),
+                Message::IkeSa(s) => Some(s.phase1.clone()),
                 Message::Delete(DeleteSync::ChildSa { tunnel, spi_in }) => self
                     .local
                     .get(&sa_key(tunnel, *spi_in))
@@ -499,7 +780,33 @@ impl Cluster {
                 })
             })
             .collect();
-        json!({ "standby": v, "local": self.local.len() })
+        let ike: Vec<Value> = self
+            .ike_replicas
+            .values()
+            .map(|(from, s)| {
+                json!({
+                    "tunnel": s.tunnel,
+                    "phase1": s.phase1,
+                    "spi_i": format!("{:016x}", s.spi_i),
+                    "spi_r": format!("{:016x}", s.spi_r),
+                    "remote": s.remote_addr,
+                    "msg_id_send": s.next_request_id,
+                    "msg_id_recv": s.next_expected_id,
+                    "from": from.0,
+                })
+            })
+            .collect();
+        let leases: Vec<Value> = self
+            .table
+            .as_ref()
+            .map(|t| {
+                t.roles()
+                    .map(|(n, r)| json!({"tunnel": n, "role": r.as_str(), "owner": t.owner(n).map(|o| o.0 .0)}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        json!({ "standby": v, "local": self.local.len(), "ike_standby": ike,
+                "ike_local": self.ike_local.len(), "tunnels": leases })
     }
 
     /// `diagnose sys ha status` as JSON.
@@ -583,6 +890,21 @@ impl Cluster {
             "detected_peers": live.len(),
             "peers": peers,
         })
+    }
+}
+
+/// ikemgr's IKE SA record as an HA sync message.
+fn ike_sync(r: &IkeSaRecord) -> IkeSaSync {
+    IkeSaSync {
+        tunnel: r.tunnel.clone(),
+        phase1: r.phase1.clone(),
+        spi_i: r.spi_i,
+        spi_r: r.spi_r,
+        remote_addr: r.remote.clone(),
+        next_request_id: r.next_send,
+        next_expected_id: r.next_recv,
+        msg_id_sync: false,
+        state: KeyBytes(r.state.clone()),
     }
 }
 

@@ -21,6 +21,7 @@
 
 mod cluster;
 mod io;
+mod vip;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,7 +30,7 @@ use std::process::ExitCode;
 use cluster::{role_name, Cluster};
 use ha_core::msg::HaRole;
 
-use bus_schema::schema::ChildSaInfo;
+use bus_schema::schema::{ChildSaInfo, IkeSaRecord, TakeoverInfo};
 use bus_schema::{Body, DaemonKind, HaMemberInfo, StateStore};
 use ha_core::msg::{ChildLifetime, ChildSaSync, KeyBytes};
 use haven_config::Config;
@@ -52,7 +53,18 @@ struct Hasyncd {
     pending_config: Option<Config>,
     cluster: Option<Cluster>,
     now_ms: u64,
+    /// The FGCP shared addresses (held while primary).
+    vip: vip::SharedAddrs,
+    /// Takeovers announced to ikemgr and not yet confirmed by its `sa.ike` record:
+    /// tunnel -> (event, next repeat in ms, give up at ms).
+    takeovers: BTreeMap<String, (TakeoverInfo, u64, u64)>,
+    /// ikemgr's IKE SAs (`sa.ike`) by tunnel: SPIs.
+    ike_spis: BTreeMap<String, (u64, u64)>,
 }
+
+/// How often an unconfirmed takeover is announced again, and for how long.
+const TAKEOVER_REPEAT_MS: u64 = 500;
+const TAKEOVER_GIVE_UP_MS: u64 = 30_000;
 
 /// ikemgr's CHILD SA record as an HA sync record. The IKE SA SPIs are not in ikemgr's
 /// `sa.child` record (0 here) and no routes are carried yet.
@@ -168,7 +180,7 @@ fn member_of(config: &Config) -> HaMemberInfo {
 
 impl DaemonLogic for Hasyncd {
     const KIND: DaemonKind = DaemonKind::Hasyncd;
-    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr];
+    const FOLLOWS: &'static [DaemonKind] = &[DaemonKind::Ikemgr, DaemonKind::Espd];
     /// The HA links are driven from the tick: 20 ms keeps heartbeat jitter well under the
     /// smallest FortiOS `hb-interval` (100 ms; 10 ms ticks are not met to the tick).
     const TICK_MS: u64 = 20;
@@ -185,6 +197,9 @@ impl DaemonLogic for Hasyncd {
             pending_config: None,
             cluster: None,
             now_ms: 0,
+            vip: vip::SharedAddrs::default(),
+            takeovers: BTreeMap::new(),
+            ike_spis: BTreeMap::new(),
         }
     }
 
@@ -202,6 +217,7 @@ impl DaemonLogic for Hasyncd {
         if let Some(c) = self.cluster.as_mut() {
             c.set_fgsp_sync(config);
         }
+        self.vip.configure(vip::from_config(config), self.now_ms);
         let wanted = (config.ha.clone(), config.standalone.clone());
         if self.ha_config.as_ref() != Some(&wanted) {
             // The links start on the next tick, which brings `now`.
@@ -229,10 +245,41 @@ impl DaemonLogic for Hasyncd {
                 _ => None,
             })
             .collect();
+        let ike: BTreeMap<String, IkeSaRecord> = store
+            .items()
+            .filter_map(|b| match b {
+                Body::IkeSa(r) => Some((r.tunnel.clone(), r.clone())),
+                _ => None,
+            })
+            .collect();
+        self.ike_spis = ike
+            .iter()
+            .map(|(k, r)| (k.clone(), (r.spi_i, r.spi_r)))
+            .collect();
+        // A takeover is done once ikemgr publishes the IKE SA itself.
+        let spis = &self.ike_spis;
+        self.takeovers
+            .retain(|t, (info, _, _)| spis.get(t) != Some(&(info.ike.spi_i, info.ike.spi_r)));
         if let Some(c) = self.cluster.as_mut() {
+            c.set_local_ike_sas(ike);
             c.set_local_child_sas(self.child_sas.clone());
         }
         self.publish_roles(out);
+    }
+
+    fn on_event(&mut self, src: DaemonKind, body: &Body, out: &mut Outbox) {
+        if let (DaemonKind::Espd, Body::SeqLeaseRequest { sas }) = (src, body) {
+            if let Some(c) = self.cluster.as_mut() {
+                c.propose_leases(sas, self.now_ms);
+                let grants = c.take_grants();
+                if !grants.is_empty() {
+                    out.push(Body::SeqLeaseGranted { sas: grants });
+                }
+            } else {
+                // No cluster: nothing to sync the marks to.
+                out.push(Body::SeqLeaseGranted { sas: sas.clone() });
+            }
+        }
     }
 
     fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
@@ -260,9 +307,44 @@ impl DaemonLogic for Hasyncd {
             return;
         };
         let ch = cluster.drive(self.now_ms);
+        let grants = cluster.take_grants();
+        let fresh = cluster.take_takeovers();
+        let role = cluster.fgcp_role();
+        if !grants.is_empty() {
+            metrics::counter!("hasyncd_sequence_leases_granted_total")
+                .increment(grants.len() as u64);
+            out.push(Body::SeqLeaseGranted { sas: grants });
+        }
+        for t in fresh {
+            let now = self.now_ms;
+            self.takeovers.insert(
+                t.ike.tunnel.clone(),
+                (t, now, now.saturating_add(TAKEOVER_GIVE_UP_MS)),
+            );
+        }
         if ch.role_changed {
+            match role {
+                Some(HaRole::Primary) => self.vip.hold(self.now_ms),
+                Some(_) => self.vip.release(),
+                None => {}
+            }
             self.publish_member(out);
             self.publish_roles(out);
+        }
+        self.vip.tick(self.now_ms);
+        let now = self.now_ms;
+        self.takeovers.retain(|tunnel, (_, _, give_up)| {
+            let keep = now < *give_up;
+            if !keep {
+                tracing::error!("FGCP: ikemgr did not take over {tunnel}; giving up");
+            }
+            keep
+        });
+        for (t, next, _) in self.takeovers.values_mut() {
+            if now >= *next {
+                *next = now.saturating_add(TAKEOVER_REPEAT_MS);
+                out.push(Body::Takeover(t.clone()));
+            }
         }
     }
 
@@ -275,11 +357,18 @@ impl DaemonLogic for Hasyncd {
                 .map(Cluster::replicas_view)
                 .unwrap_or_else(|| json!({ "standby": [], "local": 0 }))),
             "member" => Ok(json!(self.member)),
-            "ha-status" => Ok(self
-                .cluster
-                .as_ref()
-                .map(|c| c.ha_status(self.now_ms))
-                .unwrap_or_else(|| json!({ "mode": "standalone", "members": [] }))),
+            "ha-status" => {
+                let mut v = self
+                    .cluster
+                    .as_ref()
+                    .map(|c| c.ha_status(self.now_ms))
+                    .unwrap_or_else(|| json!({ "mode": "standalone", "members": [] }));
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("shared_addresses".into(), json!(self.vip.list()));
+                    o.insert("holds_shared_addresses".into(), json!(self.vip.held()));
+                }
+                Ok(v)
+            }
             "standalone-peers" => Ok(self
                 .cluster
                 .as_ref()

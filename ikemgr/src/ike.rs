@@ -40,6 +40,8 @@ use ike_proto::wire::{IdPayload, TrafficSelector};
 use ike_proto::{IkeSaInfo, LivenessProbe, NatTraversal, Transmit};
 use serde_json::{json, Value};
 
+mod ha;
+
 /// IKE header: SPIi (8), SPIr (8), next payload, version, exchange type, flags, message ID
 /// (RFC 7296 §3.1).
 const IKE_HEADER_LEN: usize = 28;
@@ -134,6 +136,8 @@ pub struct IkeManager {
     wanted: std::collections::BTreeSet<String>,
     /// Certificates for `authmethod signature` (see [`IkeManager::set_cert_store`]).
     certs: CertStore,
+    /// HA role, published IKE SA records, takeovers ([`ha`]).
+    ha: ha::HaState,
 }
 
 /// Certificate material for `authmethod signature` phase1s, read by the driver (this
@@ -430,6 +434,7 @@ impl IkeManager {
             drops: BTreeMap::new(),
             wanted: Default::default(),
             certs: CertStore::default(),
+            ha: ha::HaState::default(),
         }
     }
 
@@ -475,7 +480,7 @@ impl IkeManager {
     pub fn initiate_pending(&self, now: Instant) -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
         self.gateways
             .values()
-            .filter(|g| g.initiate || self.wanted.contains(&g.name))
+            .filter(|g| (g.initiate || self.wanted.contains(&g.name)) && !self.ha.standby())
             .filter(|g| !self.sas.values().any(|e| e.gateway == g.name))
             .filter(|g| self.retry_at.get(&g.name).is_none_or(|t| *t <= now))
             .filter_map(|g| g.remote_gw.map(|r| (g.name.clone(), r, g.local_gw)))
@@ -634,6 +639,10 @@ impl IkeManager {
             tracing::debug!(
                 "ike 0: comes {remote}->{local}: no IKE SA for {spi_i:016x}/{spi_r:016x}, dropped"
             );
+            return;
+        }
+        if self.ha.standby() {
+            tracing::debug!("ike 0: comes {remote}->{local}: HA standby, new IKE SA refused");
             return;
         }
         let Some(g) = self.gateway_for_new_peer(remote.ip()) else {
@@ -1083,6 +1092,7 @@ impl IkeManager {
             self.flush(id, now, "closed");
         } else {
             self.follow_peer(id);
+            self.ha_after_pump(id, now);
         }
     }
 
@@ -1295,7 +1305,7 @@ impl IkeManager {
                 soft_bytes: g.child_bytes.map(|b| b - b / 8).unwrap_or(0),
                 hard_bytes: g.child_bytes.unwrap_or(0),
             },
-            initial_seq: 1,
+            initial_seq: self.ha.initial_seq(c.outbound_spi),
             outbound: false,
         };
         tracing::info!(
@@ -1411,6 +1421,7 @@ impl IkeManager {
                 dev: dev.clone(),
             });
         }
+        self.ha.removed(id, &mut self.bodies);
         if e.name.is_empty() || e.info.is_none() {
             tracing::debug!("ike 0:{label}: flushed");
             return;

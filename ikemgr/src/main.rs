@@ -305,6 +305,12 @@ impl DaemonLogic for Ikemgr {
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         if src == DaemonKind::Hasyncd {
+            // FGCP secondary (or hello): standby copies only, no new IKE SAs (ike::ha).
+            let standby = store.items().any(|b| {
+                matches!(b, Body::HaMember(m) if m.mode.contains("fgcp") && m.role != "primary")
+            });
+            io::lock(&self.ike).set_ha_standby(Instant::now(), standby);
+            self.drain(out);
             self.roles = store
                 .items()
                 .filter_map(|b| match b {
@@ -337,6 +343,14 @@ impl DaemonLogic for Ikemgr {
     }
 
     fn on_event(&mut self, src: DaemonKind, body: &Body, out: &mut Outbox) {
+        if let (DaemonKind::Hasyncd, Body::Takeover(t)) = (src, body) {
+            if let Err(e) = io::lock(&self.ike).takeover(Instant::now(), t) {
+                tracing::error!("ike 0:{}: HA takeover failed: {e}", t.ike.tunnel);
+            }
+            self.drain(out);
+            self.wake();
+            return;
+        }
         if let (DaemonKind::Dpdmon, Body::ProbeRequest { tunnel, round, .. }) = (src, body) {
             io::lock(&self.ike).probe(Instant::now(), tunnel, *round);
             self.drain(out);
@@ -396,15 +410,25 @@ impl DaemonLogic for Ikemgr {
                 self.wake();
                 Ok(json!(done))
             }
-            "ike-rekey" => {
-                let [target] = args else {
-                    return Err("usage: ike-rekey <tunnel or phase1>".into());
-                };
-                let done = io::lock(&self.ike).ike_rekey(Instant::now(), target);
-                self.drain(out);
-                self.wake();
-                Ok(json!(done))
-            }
+            "ike-rekey" => match args {
+                // ike-rekey <tunnel> child|ike: one rekey of a tunnel's CHILD or IKE SA.
+                [t, w] if w == "child" || w == "ike" => {
+                    let r = io::lock(&self.ike).rekey_now(Instant::now(), t, w == "ike");
+                    self.drain(out);
+                    self.wake();
+                    r.map(|what| json!({ "started": what }))
+                }
+                // ike-rekey <tunnel or phase1>: rekey the IKE SAs it names.
+                [target] => {
+                    let done = io::lock(&self.ike).ike_rekey(Instant::now(), target);
+                    self.drain(out);
+                    self.wake();
+                    Ok(json!(done))
+                }
+                _ => {
+                    Err("usage: ike-rekey <tunnel or phase1> | ike-rekey <tunnel> child|ike".into())
+                }
+            },
             other => Err(format!(
                 "unknown command {other:?}: ikemgr has: ike-gateway-clear, tunnel-up, \
                  tunnel-down, tunnel-rekey, ike-rekey"

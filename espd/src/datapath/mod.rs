@@ -110,6 +110,8 @@ pub struct Datapath {
     generation: u64,
     workers: usize,
     threads: Vec<JoinHandle<()>>,
+    /// New SAs wait for hasyncd's sequence lease before sending (`crate::ha`).
+    ha_gating: bool,
 }
 
 impl Datapath {
@@ -171,7 +173,13 @@ impl Datapath {
             generation: 0,
             workers,
             threads,
+            ha_gating: false,
         })
+    }
+
+    /// Whether SAs installed from now on send only below hasyncd's granted lease.
+    pub fn set_ha_gating(&mut self, on: bool) {
+        self.ha_gating = on;
     }
 
     /// Counters and drops shared with the workers.
@@ -351,8 +359,10 @@ impl Datapath {
             lease.persisted(hw);
             granted = hw;
         }
-        let seq =
-            AtomicSeq::new(first, info.esn, Some(granted)).map_err(|e| bad(&e.to_string()))?;
+        // In a cluster nothing is sent until hasyncd granted a lease (crate::ha).
+        let ha_hw = if self.ha_gating { first } else { u64::MAX };
+        let seq = AtomicSeq::new(first, info.esn, Some(granted.min(ha_hw)))
+            .map_err(|e| bad(&e.to_string()))?;
         if persisted > info.initial_seq {
             tracing::info!(
                 "{key}: outbound SPI {:08x} resumes at sequence {first} (persisted mark)",
@@ -396,6 +406,7 @@ impl Datapath {
             rx: DirCounters::default(),
             tx: DirCounters::default(),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            ha_hw: AtomicU64::new(ha_hw),
         })
     }
 }
@@ -421,7 +432,7 @@ fn housekeeping(shared: &Shared, seqs: &SeqStore) {
                 match seqs.store(&sa.tunnel, sa.spi_out, hw) {
                     Ok(()) => {
                         lease.persisted(hw);
-                        sa.seq.grant(hw);
+                        sa.seq.grant(hw.min(sa.ha_hw.load(Ordering::Acquire)));
                         failing = false;
                     }
                     Err(e) => {

@@ -267,6 +267,9 @@ pub struct Sa {
     pub rx: DirCounters,
     pub tx: DirCounters,
     pub drops: [AtomicU64; NUM_DROPS],
+    /// In an HA cluster: the outbound mark the cluster acknowledged (numbers at or above
+    /// it are not sent); `u64::MAX` outside a cluster. See `crate::ha`.
+    pub ha_hw: AtomicU64,
 }
 
 impl Sa {

@@ -118,22 +118,13 @@ pub struct Heartbeat {
     pub primary: Option<MemberId>,
 }
 
-/// IKE SA algorithms, in the spelling ikemgr uses.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct IkeProposal {
-    /// Encryption (`aes128`, `aes256gcm`…), with key length.
-    pub encr: String,
-    /// Integrity (`sha1`, `sha256`…; empty with AEAD).
-    pub integ: String,
-    /// PRF (`sha256`…).
-    pub prf: String,
-    /// Diffie-Hellman group number.
-    pub dh_group: u16,
-}
-
 /// One IKE SA, complete enough to continue it on another member (RFC 7296 §2.14 keys,
-/// message IDs of RFC 7296 §2.2). Sent at establishment, on rekey, and whenever a message ID
-/// moves.
+/// message IDs of RFC 7296 §2.2). Sent at establishment, on rekey and whenever its CHILD
+/// SAs change; [`IkeMsgIdSync`] carries message-ID moves in between.
+///
+/// The keys, negotiated algorithms, identities and CHILD SAs travel in `state`: ikemgr's
+/// own encoding of its IKE SA (`ike_proto::sa::IkeSaSnapshot`), opaque here, handed back
+/// to ikemgr unchanged on takeover. The plain fields are what hasyncd itself needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IkeSaSync {
     /// Tunnel instance (`vpn1_1`).
@@ -144,30 +135,6 @@ pub struct IkeSaSync {
     pub spi_i: u64,
     /// Responder's SPI.
     pub spi_r: u64,
-    /// Whether this gateway was the original initiator.
-    pub initiator: bool,
-    /// Negotiated algorithms.
-    pub proposal: IkeProposal,
-    /// SK_d.
-    pub sk_d: KeyBytes,
-    /// SK_ai.
-    pub sk_ai: KeyBytes,
-    /// SK_ar.
-    pub sk_ar: KeyBytes,
-    /// SK_ei.
-    pub sk_ei: KeyBytes,
-    /// SK_er.
-    pub sk_er: KeyBytes,
-    /// SK_pi.
-    pub sk_pi: KeyBytes,
-    /// SK_pr.
-    pub sk_pr: KeyBytes,
-    /// Our identity (IDi or IDr as sent), printable form.
-    pub local_id: String,
-    /// The peer's identity.
-    pub remote_id: String,
-    /// Our address and port (`192.168.202.31:500`).
-    pub local_addr: String,
     /// The peer's address and port.
     pub remote_addr: String,
     /// Next message ID we will use for a request.
@@ -176,10 +143,8 @@ pub struct IkeSaSync {
     pub next_expected_id: u32,
     /// The peer sent IKEV2_MESSAGE_ID_SYNC_SUPPORTED (RFC 6311 §4.1).
     pub msg_id_sync: bool,
-    /// NAT detected (UDP encapsulation on 4500).
-    pub nat: bool,
-    /// Seconds of lifetime left when sent.
-    pub lifetime_left_s: u32,
+    /// ikemgr's encoding of the IKE SA (keys included).
+    pub state: KeyBytes,
 }
 
 /// The message IDs of an IKE SA after an exchange (RFC 7296 §2.2), sent after every
@@ -579,29 +544,11 @@ pub(crate) mod tests {
             phase1: "vpn1".into(),
             spi_i: 0x87458c81a3be17f9,
             spi_r: 0xc8db7d3f2c70e638,
-            initiator: false,
-            proposal: IkeProposal {
-                encr: "aes128".into(),
-                integ: "sha1".into(),
-                prf: "sha1".into(),
-                dh_group: 2,
-            },
-            sk_d: KeyBytes(vec![1; 20]),
-            sk_ai: KeyBytes(vec![2; 20]),
-            sk_ar: KeyBytes(vec![3; 20]),
-            sk_ei: KeyBytes(vec![4; 16]),
-            sk_er: KeyBytes(vec![5; 16]),
-            sk_pi: KeyBytes(vec![6; 20]),
-            sk_pr: KeyBytes(vec![7; 20]),
-            local_id: "192.168.202.31".into(),
-            remote_id: "Nokia_Peer".into(),
-            local_addr: "192.168.202.31:500".into(),
             remote_addr: "192.168.1.2:500".into(),
             next_request_id: 5,
             next_expected_id: 3,
             msg_id_sync: true,
-            nat: false,
-            lifetime_left_s: 89_000,
+            state: KeyBytes(vec![7; 300]),
         }
     }
 

@@ -1,0 +1,237 @@
+//! The FGCP cluster's shared addresses: held by the primary only, announced with
+//! gratuitous ARP when it takes them (DESIGN.md §6, issue 6 point 2).
+//!
+//! Which addresses: every phase1's `local-gw` (when set), as a /32 on the phase1's
+//! `interface`. The upstream router reaches it on-link (ARP), so the member that answers
+//! for it is the one that holds it. `config system interface` addresses are not read yet
+//! (the configuration crate ignores that block).
+//!
+//! Taking them: `ip -4 addr replace <addr>/32 dev <interface>`, then an ARP announcement
+//! (RFC 5227 §3: an ARP request with sender and target protocol address both set to the
+//! address, broadcast) right away and again after 0.5, 1, 2 and 4 s: Linux ignores an ARP
+//! update for an entry changed less than `locktime` (1 s) before, so one announcement is
+//! not always enough. Releasing them: `ip -4 addr del`. Only members with an FGCP link
+//! manage addresses; a member without one leaves the interfaces alone.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
+
+use haven_config::Config;
+
+use crate::io::hw_addr;
+
+/// Delays of the ARP announcements after taking the addresses, in ms.
+const GARP_AT_MS: [u64; 5] = [0, 500, 1000, 2000, 4000];
+/// EtherType ARP (IEEE 802 numbers; RFC 826).
+const ETH_P_ARP: u16 = 0x0806;
+/// EtherType IPv4.
+const ETH_P_IP: u16 = 0x0800;
+/// ARP hardware type Ethernet, opcode request (RFC 826).
+const ARP_HRD_ETHER: u16 = 1;
+const ARP_OP_REQUEST: u16 = 1;
+
+/// The shared addresses of this member and whether it holds them.
+#[derive(Default)]
+pub struct SharedAddrs {
+    addrs: Vec<(String, Ipv4Addr)>,
+    held: bool,
+    /// Announcements still due (absolute ms).
+    due: Vec<u64>,
+}
+
+/// `(interface, local-gw)` of every phase1 with a `local-gw`.
+pub fn from_config(config: &Config) -> Vec<(String, Ipv4Addr)> {
+    let mut v: Vec<(String, Ipv4Addr)> = config
+        .phase1
+        .iter()
+        .filter_map(|p| {
+            p.local_gw
+                .filter(|a| !a.is_unspecified() && !p.interface.is_empty())
+                .map(|a| (p.interface.clone(), a))
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn ip_addr(op: &str, dev: &str, addr: Ipv4Addr) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["-4", "addr", op, &format!("{addr}/32"), "dev", dev])
+        .output()
+        .map_err(|e| format!("ip addr {op}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+impl SharedAddrs {
+    /// The addresses from a (re)loaded configuration; a held set is re-applied.
+    pub fn configure(&mut self, addrs: Vec<(String, Ipv4Addr)>, now_ms: u64) {
+        if addrs == self.addrs {
+            return;
+        }
+        let held = self.held;
+        if held {
+            self.release();
+        }
+        self.addrs = addrs;
+        if held {
+            self.hold(now_ms);
+        }
+    }
+
+    /// Whether this member holds them.
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// The addresses, for the status view.
+    pub fn list(&self) -> Vec<String> {
+        self.addrs
+            .iter()
+            .map(|(d, a)| format!("{a}/32 dev {d}"))
+            .collect()
+    }
+
+    /// This member became primary: bring the addresses up and announce them.
+    pub fn hold(&mut self, now_ms: u64) {
+        self.held = true;
+        for (dev, addr) in &self.addrs {
+            match ip_addr("replace", dev, *addr) {
+                Ok(()) => tracing::info!("FGCP: shared address {addr}/32 up on {dev}"),
+                Err(e) => tracing::error!("FGCP: shared address {addr}/32 on {dev}: {e}"),
+            }
+        }
+        self.due = GARP_AT_MS
+            .iter()
+            .map(|d| now_ms.saturating_add(*d))
+            .collect();
+        self.tick(now_ms);
+    }
+
+    /// This member is no longer primary: remove the addresses.
+    pub fn release(&mut self) {
+        if !self.held {
+            return;
+        }
+        self.held = false;
+        self.due.clear();
+        for (dev, addr) in &self.addrs {
+            match ip_addr("del", dev, *addr) {
+                Ok(()) => tracing::info!("FGCP: shared address {addr}/32 removed from {dev}"),
+                Err(e) => tracing::debug!("FGCP: removing {addr}/32 from {dev}: {e}"),
+            }
+        }
+    }
+
+    /// Sends the announcements that are due.
+    pub fn tick(&mut self, now_ms: u64) {
+        if !self.held || !self.due.iter().any(|t| *t <= now_ms) {
+            return;
+        }
+        self.due.retain(|t| *t > now_ms);
+        for (dev, addr) in &self.addrs {
+            match announce(dev, *addr) {
+                Ok(()) => {
+                    metrics::counter!("hasyncd_gratuitous_arps_total").increment(1);
+                    tracing::debug!("FGCP: gratuitous ARP for {addr} on {dev}");
+                }
+                Err(e) => tracing::warn!("FGCP: gratuitous ARP for {addr} on {dev}: {e}"),
+            }
+        }
+    }
+}
+
+fn ifindex(dev: &str) -> io::Result<i32> {
+    let c = std::ffi::CString::new(dev)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    i32::try_from(i).map_err(|_| io::Error::other("interface index out of range"))
+}
+
+/// One ARP announcement of `addr` out of `dev` (RFC 5227 §3, RFC 826 layout).
+fn announce(dev: &str, addr: Ipv4Addr) -> io::Result<()> {
+    let mac = hw_addr(dev)?;
+    let index = ifindex(dev)?;
+    let mut frame = Vec::with_capacity(42);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    frame.extend_from_slice(&ARP_HRD_ETHER.to_be_bytes());
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.extend_from_slice(&[6, 4]);
+    frame.extend_from_slice(&ARP_OP_REQUEST.to_be_bytes());
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&addr.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&addr.octets());
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh, valid descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `sockaddr_ll` is plain old data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = ETH_P_ARP.to_be();
+    sll.sll_ifindex = index;
+    sll.sll_halen = 6;
+    for (d, s) in sll.sll_addr.iter_mut().zip([0xffu8; 6]) {
+        *d = s;
+    }
+    // SAFETY: valid fd; `frame` and `sll` outlive the call and their lengths are passed.
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_gws_become_shared_addresses() {
+        let mut config = Config::default();
+        let mut p = haven_config::Phase1::new("vpn1");
+        p.interface = "port2".into();
+        p.local_gw = Some(Ipv4Addr::new(192, 168, 129, 254));
+        config.phase1.push(p.clone());
+        p.name = "vpn2".into();
+        config.phase1.push(p.clone());
+        p.name = "vpn3".into();
+        p.local_gw = Some(Ipv4Addr::UNSPECIFIED);
+        config.phase1.push(p);
+        assert_eq!(
+            from_config(&config),
+            vec![("port2".to_string(), Ipv4Addr::new(192, 168, 129, 254))]
+        );
+    }
+}

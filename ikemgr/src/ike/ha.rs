@@ -1,0 +1,745 @@
+//! HA side of the IKE manager (DESIGN.md §6, issue 6).
+//!
+//! What it does:
+//! - after every exchange, publishes each established IKE SA as a `Body::IkeSa` record
+//!   (`sa.ike`) when its SPIs, message IDs or CHILD SAs changed, so hasyncd can replicate it
+//!   to the other cluster members; `IkeSaRemoved` when the SA goes;
+//! - while hasyncd says this member is an FGCP secondary (or still in its hello phase),
+//!   answers no new IKE_SA_INIT and initiates nothing: the standby copies live in hasyncd;
+//! - on `Body::Takeover` restores the IKE SA with ike-proto's `IkeSa::restore` (same SPIs,
+//!   keys and message IDs) and installs its CHILD SAs with the outbound sequence numbers
+//!   hasyncd computed from the synced leases.
+//!
+//! The record's `state` is this module's own encoding of `ike_proto::sa::IkeSaSnapshot`
+//! (MessagePack, versioned by [`STATE_VERSION`]); nothing else reads it.
+//!
+//! Not yet: RFC 6311 MESSAGE_ID_SYNC (message IDs are those last synced), restoring the
+//! IKE SAs of a restarted ikemgr from the local replica.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bus_schema::schema::{IkeSaRecord, TakeoverInfo};
+use bus_schema::{Body, TunnelInfo, TunnelKind, TunnelState};
+use ike_proto::crypto::{Encr, IkeKeys, Integ, Prf, Secret};
+use ike_proto::proposal::IkeSuite;
+use ike_proto::sa::{Addresses, ChildSaInfo, ChildSaKeys, IkeSa, IkeSaSnapshot, OsEntropy};
+use ike_proto::wire::{
+    DhGroup, EncrId, IdPayload, IdType, IntegId, PrfId, TrafficSelector, TsType,
+};
+use ike_proto::IkeSaInfo;
+use serde::{Deserialize, Serialize};
+
+use super::{Entry, IkeManager};
+
+/// Version of the `state` encoding; a record of another version is refused.
+pub const STATE_VERSION: u8 = 1;
+
+/// HA state of the manager.
+#[derive(Default)]
+pub struct HaState {
+    /// FGCP secondary / hello: no new IKE SAs here.
+    standby: bool,
+    /// What was last published per SA (by entry id): SPIs, message IDs, CHILD SPIs.
+    published: HashMap<u64, (String, PublishedKey)>,
+    /// Outbound SPI -> first sequence number, for CHILD SAs being installed by a takeover.
+    start_seq: HashMap<u32, u64>,
+    /// Takeovers done (tunnel -> SPIs), so a repeated Takeover event is ignored.
+    taken: BTreeMap<String, (u64, u64)>,
+}
+
+type PublishedKey = (u64, u64, u32, u32, Vec<u32>);
+
+#[derive(Serialize, Deserialize)]
+struct WireTs {
+    t: u8,
+    proto: u8,
+    sp: u16,
+    ep: u16,
+    start: Vec<u8>,
+    end: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireChild {
+    ike_spi_i: u64,
+    ike_spi_r: u64,
+    spi_in: u32,
+    spi_out: u32,
+    encr: (u16, Option<u16>),
+    integ: Option<u16>,
+    esn: bool,
+    pfs: Option<u16>,
+    keys: [Vec<u8>; 4],
+    local_ts: Vec<WireTs>,
+    remote_ts: Vec<WireTs>,
+    lifetime_ms: u64,
+    soft_ms: u64,
+    rekey_of: Option<u32>,
+    initiator: bool,
+    left_ms: u64,
+    /// Which phase2 of the phase1 the CHILD SA serves (0 = the first).
+    #[serde(default)]
+    policy: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireSa {
+    v: u8,
+    spi_i: u64,
+    spi_r: u64,
+    initiator: bool,
+    encr: (u16, Option<u16>),
+    integ: Option<u16>,
+    prf: u16,
+    dh: u16,
+    local_id: (u8, Vec<u8>),
+    remote_id: (u8, Vec<u8>),
+    nat: (bool, bool),
+    lifetime_ms: u64,
+    keys: [Vec<u8>; 7],
+    next_send: u32,
+    next_recv: u32,
+    local: String,
+    remote: String,
+    expires_ms: u64,
+    children: Vec<WireChild>,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn ts_out(ts: &[TrafficSelector]) -> Vec<WireTs> {
+    ts.iter()
+        .map(|t| WireTs {
+            t: t.ts_type.0,
+            proto: t.ip_proto,
+            sp: t.start_port,
+            ep: t.end_port,
+            start: t.start.clone(),
+            end: t.end.clone(),
+        })
+        .collect()
+}
+
+fn ts_in(ts: Vec<WireTs>) -> Vec<TrafficSelector> {
+    ts.into_iter()
+        .map(|t| TrafficSelector {
+            ts_type: TsType(t.t),
+            ip_proto: t.proto,
+            start_port: t.sp,
+            end_port: t.ep,
+            start: t.start,
+            end: t.end,
+        })
+        .collect()
+}
+
+fn encr_out(e: Encr) -> (u16, Option<u16>) {
+    let (id, bits) = e.id();
+    (id.0, bits)
+}
+
+fn encr_in(e: (u16, Option<u16>)) -> Result<Encr, String> {
+    Encr::from_id(EncrId(e.0), e.1).ok_or_else(|| format!("unknown ENCR {e:?}"))
+}
+
+fn integ_in(i: Option<u16>) -> Result<Option<Integ>, String> {
+    i.map(|i| Integ::from_id(IntegId(i)).ok_or_else(|| format!("unknown INTEG {i}")))
+        .transpose()
+}
+
+fn sec(s: &Secret) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+/// Encodes a snapshot as the record's `state`.
+pub fn encode_state(s: &IkeSaSnapshot) -> Vec<u8> {
+    let i = &s.info;
+    let k = &s.keys;
+    let w = WireSa {
+        v: STATE_VERSION,
+        spi_i: i.spi_i,
+        spi_r: i.spi_r,
+        initiator: i.initiator,
+        encr: encr_out(i.suite.encr),
+        integ: i.suite.integ.map(|x| x.id().0),
+        prf: i.suite.prf.id().0,
+        dh: i.suite.dh.0,
+        local_id: (i.local_id.id_type.0, i.local_id.data.clone()),
+        remote_id: (i.remote_id.id_type.0, i.remote_id.data.clone()),
+        nat: (i.local_behind_nat, i.remote_behind_nat),
+        lifetime_ms: ms(i.lifetime),
+        keys: [
+            sec(&k.sk_d),
+            sec(&k.sk_ai),
+            sec(&k.sk_ar),
+            sec(&k.sk_ei),
+            sec(&k.sk_er),
+            sec(&k.sk_pi),
+            sec(&k.sk_pr),
+        ],
+        next_send: s.next_send,
+        next_recv: s.next_recv,
+        local: s.addresses.local.to_string(),
+        remote: s.addresses.remote.to_string(),
+        expires_ms: ms(s.expires_in),
+        children: s
+            .children
+            .iter()
+            .map(|(c, left)| WireChild {
+                ike_spi_i: c.ike_spi_i,
+                ike_spi_r: c.ike_spi_r,
+                spi_in: c.inbound_spi,
+                spi_out: c.outbound_spi,
+                encr: encr_out(c.encr),
+                integ: c.integ.map(|x| x.id().0),
+                esn: c.esn,
+                pfs: c.pfs_group.map(|g| g.0),
+                keys: [
+                    sec(&c.keys.encr_in),
+                    sec(&c.keys.integ_in),
+                    sec(&c.keys.encr_out),
+                    sec(&c.keys.integ_out),
+                ],
+                local_ts: ts_out(&c.local_ts),
+                remote_ts: ts_out(&c.remote_ts),
+                lifetime_ms: ms(c.lifetime),
+                soft_ms: ms(c.soft_lifetime),
+                rekey_of: c.rekey_of,
+                initiator: c.initiator,
+                policy: c.policy,
+                left_ms: ms(*left),
+            })
+            .collect(),
+    };
+    rmp_serde::to_vec_named(&w).unwrap_or_default()
+}
+
+/// Decodes a record's `state`; the record's plain message IDs win over the encoded ones.
+pub fn decode_state(rec: &IkeSaRecord) -> Result<IkeSaSnapshot, String> {
+    let w: WireSa = rmp_serde::from_slice(&rec.state).map_err(|e| format!("IKE SA state: {e}"))?;
+    if w.v != STATE_VERSION {
+        return Err(format!(
+            "IKE SA state version {} (expected {STATE_VERSION})",
+            w.v
+        ));
+    }
+    let addr = |s: &str| {
+        s.parse::<SocketAddr>()
+            .map_err(|e| format!("address {s:?}: {e}"))
+    };
+    let prf = Prf::from_id(PrfId(w.prf)).ok_or_else(|| format!("unknown PRF {}", w.prf))?;
+    let [sk_d, sk_ai, sk_ar, sk_ei, sk_er, sk_pi, sk_pr] = w.keys.map(Secret::new);
+    let mut children = Vec::new();
+    for c in w.children {
+        let [encr_in_k, integ_in_k, encr_out_k, integ_out_k] = c.keys.map(Secret::new);
+        children.push((
+            ChildSaInfo {
+                ike_spi_i: c.ike_spi_i,
+                ike_spi_r: c.ike_spi_r,
+                inbound_spi: c.spi_in,
+                outbound_spi: c.spi_out,
+                encr: encr_in(c.encr)?,
+                integ: integ_in(c.integ)?,
+                esn: c.esn,
+                pfs_group: c.pfs.map(DhGroup),
+                keys: ChildSaKeys {
+                    encr_in: encr_in_k,
+                    integ_in: integ_in_k,
+                    encr_out: encr_out_k,
+                    integ_out: integ_out_k,
+                },
+                local_ts: ts_in(c.local_ts),
+                remote_ts: ts_in(c.remote_ts),
+                lifetime: Duration::from_millis(c.lifetime_ms),
+                soft_lifetime: Duration::from_millis(c.soft_ms),
+                rekey_of: c.rekey_of,
+                initiator: c.initiator,
+                policy: c.policy,
+            },
+            Duration::from_millis(c.left_ms),
+        ));
+    }
+    Ok(IkeSaSnapshot {
+        info: IkeSaInfo {
+            spi_i: w.spi_i,
+            spi_r: w.spi_r,
+            initiator: w.initiator,
+            suite: IkeSuite {
+                encr: encr_in(w.encr)?,
+                integ: integ_in(w.integ)?,
+                prf,
+                dh: DhGroup(w.dh),
+            },
+            local_id: IdPayload {
+                id_type: IdType(w.local_id.0),
+                data: w.local_id.1,
+            },
+            remote_id: IdPayload {
+                id_type: IdType(w.remote_id.0),
+                data: w.remote_id.1,
+            },
+            local_behind_nat: w.nat.0,
+            remote_behind_nat: w.nat.1,
+            lifetime: Duration::from_millis(w.lifetime_ms),
+        },
+        keys: IkeKeys {
+            sk_d,
+            sk_ai,
+            sk_ar,
+            sk_ei,
+            sk_er,
+            sk_pi,
+            sk_pr,
+        },
+        next_send: rec.next_send,
+        next_recv: rec.next_recv,
+        addresses: Addresses {
+            local: addr(&w.local)?,
+            remote: addr(&w.remote)?,
+        },
+        expires_in: Duration::from_millis(w.expires_ms),
+        children,
+    })
+}
+
+impl HaState {
+    /// First outbound sequence number of a CHILD SA being installed (1 unless a takeover
+    /// gave one).
+    pub fn initial_seq(&self, spi_out: u32) -> u64 {
+        self.start_seq.get(&spi_out).copied().unwrap_or(1).max(1)
+    }
+
+    /// An SA was removed: its record goes too (after its CHILD SAs and routes, before the
+    /// tunnel, as seed 000's flush order).
+    pub(super) fn removed(&mut self, id: u64, bodies: &mut Vec<Body>) {
+        if let Some((tunnel, _)) = self.published.remove(&id) {
+            self.taken.remove(&tunnel);
+            if !self.published.values().any(|(t, _)| *t == tunnel) {
+                bodies.push(Body::IkeSaRemoved { tunnel });
+            }
+        }
+    }
+
+    /// Whether this member holds standby copies only.
+    pub fn standby(&self) -> bool {
+        self.standby
+    }
+}
+
+impl IkeManager {
+    /// hasyncd's FGCP role: `standby` on a secondary or in the hello phase. A member that
+    /// goes from primary to standby (another member was elected) drops its IKE SAs without
+    /// telling the peer: the new primary continues them from its copies.
+    pub fn set_ha_standby(&mut self, now: Instant, standby: bool) {
+        if standby && !self.ha.standby {
+            let ids: Vec<u64> = self.sas.keys().copied().collect();
+            for id in ids {
+                self.flush(id, now, "HA standby: another member carries it");
+            }
+        }
+        if self.ha.standby != standby {
+            tracing::info!(
+                "ike: HA role {}",
+                if standby {
+                    "standby: new IKE SAs are refused, nothing is initiated"
+                } else {
+                    "primary: IKE SAs are negotiated here"
+                }
+            );
+        }
+        self.ha.standby = standby;
+    }
+
+    /// After an SA's events were handled: publish its record if it changed.
+    pub(super) fn ha_after_pump(&mut self, id: u64, now: Instant) {
+        let Some(e) = self.sas.get(&id) else {
+            return;
+        };
+        if e.name.is_empty() || e.info.is_none() {
+            return;
+        }
+        let Some(snap) = e.sa.snapshot(now) else {
+            return;
+        };
+        let key: PublishedKey = (
+            snap.info.spi_i,
+            snap.info.spi_r,
+            snap.next_send,
+            snap.next_recv,
+            snap.children.iter().map(|(c, _)| c.inbound_spi).collect(),
+        );
+        if self.ha.published.get(&id).map(|(_, k)| k) == Some(&key) {
+            return;
+        }
+        let rec = IkeSaRecord {
+            tunnel: e.name.clone(),
+            phase1: e.gateway.clone(),
+            spi_i: snap.info.spi_i,
+            spi_r: snap.info.spi_r,
+            next_send: snap.next_send,
+            next_recv: snap.next_recv,
+            remote: snap.addresses.remote.to_string(),
+            state: encode_state(&snap),
+        };
+        tracing::debug!(
+            "ike 0:{}:{id}: HA send IKE SA {:016x}/{:016x} message IDs send/recv={}/{}",
+            rec.tunnel,
+            rec.spi_i,
+            rec.spi_r,
+            rec.next_send,
+            rec.next_recv
+        );
+        self.ha.published.insert(id, (e.name.clone(), key));
+        self.bodies.push(Body::IkeSa(rec));
+    }
+
+    /// hasyncd made this member the tunnel's carrier: continue the IKE SA of the record
+    /// (same SPIs, keys and message IDs) and install its CHILD SAs at the given outbound
+    /// sequence numbers.
+    pub fn takeover(&mut self, now: Instant, t: &TakeoverInfo) -> Result<(), String> {
+        let rec = &t.ike;
+        if self.ha.taken.get(&rec.tunnel) == Some(&(rec.spi_i, rec.spi_r))
+            || self
+                .sas
+                .values()
+                .any(|e| e.name == rec.tunnel && e.sa.is_established())
+        {
+            return Ok(());
+        }
+        let g = self
+            .gateways
+            .get(&rec.phase1)
+            .cloned()
+            .ok_or_else(|| format!("no phase1 {:?} here", rec.phase1))?;
+        let snap = decode_state(rec)?;
+        let info = snap.info.clone();
+        let children: Vec<ChildSaInfo> = snap.children.iter().map(|(c, _)| c.clone()).collect();
+        let addrs = snap.addresses;
+        let cfg = Self::per_sa_config(&g, addrs.local.ip());
+        let sa = IkeSa::restore(now, cfg, Box::new(OsEntropy), snap);
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        for spi in sa.local_spis() {
+            self.by_spi.insert(spi, serial);
+        }
+        self.sas.insert(
+            serial,
+            Entry {
+                gateway: g.name.clone(),
+                name: rec.tunnel.clone(),
+                serial,
+                sa,
+                info: Some(info.clone()),
+                children: BTreeMap::new(),
+                routes: Vec::new(),
+                activity_reported: None,
+                half_open: None,
+                probe: None,
+                created: now,
+            },
+        );
+        tracing::info!(
+            "ike 0:{}:{serial}: HA takeover of IKE SA {:016x}/{:016x} with {}, message IDs send/recv={}/{}",
+            rec.tunnel,
+            info.spi_i,
+            info.spi_r,
+            addrs.remote,
+            rec.next_send,
+            rec.next_recv
+        );
+        self.bodies.push(Body::Tunnel(TunnelInfo {
+            name: rec.tunnel.clone(),
+            phase1: g.name.clone(),
+            kind: if g.dynamic {
+                TunnelKind::DialupInstance
+            } else {
+                TunnelKind::Static
+            },
+            local_gw: Some(addrs.local.ip().to_string()),
+            remote_gw: Some(addrs.remote.ip().to_string()),
+            interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
+            state: TunnelState::Up,
+            phase2: g.phase2s.clone(),
+            dpd: g.dpd.clone(),
+        }));
+        for m in &t.start_seqs {
+            self.ha.start_seq.insert(m.spi_out, m.seq_hw);
+        }
+        for c in &children {
+            tracing::info!(
+                "ike 0:{}:{serial}: HA CHILD SA out {:08x} starts at sequence {}",
+                rec.tunnel,
+                c.outbound_spi,
+                self.ha.initial_seq(c.outbound_spi)
+            );
+            self.child_up(serial, &g, c);
+        }
+        for c in &children {
+            self.ha.start_seq.remove(&c.outbound_spi);
+        }
+        self.ha
+            .taken
+            .insert(rec.tunnel.clone(), (rec.spi_i, rec.spi_r));
+        self.ha_after_pump(serial, now);
+        Ok(())
+    }
+}
+
+impl IkeManager {
+    /// Starts a rekey of `tunnel`'s IKE SA (`ike`) or of its first CHILD SA now, as the
+    /// lifetimes would (operator command `ike-rekey`, used to show rekeys on a taken-over
+    /// tunnel). Returns what was started.
+    pub fn rekey_now(&mut self, now: Instant, tunnel: &str, ike: bool) -> Result<String, String> {
+        let id = self
+            .entry_by_tunnel(tunnel)
+            .ok_or_else(|| format!("no established IKE SA for {tunnel:?}"))?;
+        let what = {
+            let e = self.sas.get_mut(&id).ok_or("SA gone")?;
+            if ike {
+                e.sa.rekey_ike(now).map_err(|e| e.to_string())?;
+                let (i, r) = e.sa.spis();
+                format!("IKE SA {i:016x}/{r:016x} rekey started")
+            } else {
+                let spi = *e.sa.child_spis().first().ok_or("no CHILD SA")?;
+                e.sa.rekey_child(now, spi).map_err(|e| e.to_string())?;
+                format!("CHILD SA {spi:08x} rekey started")
+            }
+        };
+        tracing::info!("ike 0:{tunnel}:{id}: {what}");
+        self.pump(id, now);
+        Ok(what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus_schema::schema::SeqMark;
+    use std::net::IpAddr;
+
+    const HUB: &str = r#"
+config vpn ipsec phase1-interface
+    edit "hub"
+        set type static
+        set interface "port1"
+        set remote-gw 192.0.2.2
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set psksecret "k"
+    next
+end
+config vpn ipsec phase2-interface
+    edit "hub"
+        set phase1name "hub"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet 10.1.0.0/24
+        set dst-subnet 10.2.0.0/24
+    next
+end
+"#;
+
+    const DIAL: &str = r#"
+config vpn ipsec phase1-interface
+    edit "vpn1"
+        set type dynamic
+        set interface "port2"
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set psksecret "k"
+    next
+end
+config vpn ipsec phase2-interface
+    edit "vpn1"
+        set phase1name "vpn1"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet 10.2.0.0/24
+        set dst-subnet 10.1.0.0/24
+    next
+end
+"#;
+
+    fn mgr(text: &str, now: Instant) -> IkeManager {
+        let cfg = match haven_config::parse(text) {
+            Ok(p) => p.config,
+            Err(e) => panic!("{e}"),
+        };
+        let mut m = IkeManager::new();
+        m.set_config(now, &cfg);
+        m
+    }
+
+    fn shuttle(a: &mut IkeManager, b: &mut IkeManager, now: Instant) {
+        for _ in 0..50 {
+            let mut moved = false;
+            while let Some(t) = a.poll_transmit() {
+                b.handle_datagram(now, t.destination, t.source, &t.payload);
+                moved = true;
+            }
+            while let Some(t) = b.poll_transmit() {
+                a.handle_datagram(now, t.destination, t.source, &t.payload);
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the managers never went quiet");
+    }
+
+    fn records(bodies: &[Body]) -> Vec<IkeSaRecord> {
+        bodies
+            .iter()
+            .filter_map(|b| match b {
+                Body::IkeSa(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn connect(hub: &mut IkeManager, dial: &mut IkeManager, now: Instant) {
+        let gw_b: IpAddr = "192.0.2.2".parse().unwrap();
+        hub.initiate(now, "hub", "192.0.2.1".parse().unwrap(), gw_b);
+        shuttle(hub, dial, now);
+    }
+
+    #[test]
+    fn a_standby_refuses_new_ike_sas() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        dial.set_ha_standby(now, true);
+        connect(&mut hub, &mut dial, now);
+        assert!(dial.sas.is_empty());
+        assert!(dial.drain_bodies().is_empty());
+        dial.set_ha_standby(now, false);
+        hub.clear(now, None);
+        connect(&mut hub, &mut dial, now);
+        assert_eq!(dial.sas.len(), 1);
+        dial.drain_bodies();
+        // Demoted: the SAs go silently (the new primary continues them).
+        dial.set_ha_standby(now, true);
+        assert!(dial.sas.is_empty());
+        assert!(dial.poll_transmit().is_none());
+        let b = dial.drain_bodies();
+        assert!(
+            b.iter().any(|x| matches!(x, Body::IkeSaRemoved { .. })),
+            "{b:?}"
+        );
+        assert!(
+            b.iter().any(|x| matches!(x, Body::ChildSaRemoved { .. })),
+            "{b:?}"
+        );
+    }
+
+    #[test]
+    fn a_synced_ike_sa_is_taken_over_and_rekeyed_from_both_sides() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let recs = records(&dial.drain_bodies());
+        let rec = recs.last().expect("IKE SA record").clone();
+        assert_eq!(rec.tunnel, "vpn1_1");
+        assert_eq!((rec.next_send, rec.next_recv), (0, 2));
+        // A liveness check moves the message IDs: a new record follows.
+        hub.probe(now, "hub", 1);
+        shuttle(&mut hub, &mut dial, now);
+        let rec = records(&dial.drain_bodies())
+            .pop()
+            .expect("record after probe");
+        assert_eq!(rec.next_recv, 3);
+        let snap = decode_state(&rec).unwrap();
+        assert_eq!((snap.info.spi_i, snap.info.spi_r), (rec.spi_i, rec.spi_r));
+        let spi_out = snap.children[0].0.outbound_spi;
+
+        // The standby member takes over: same SPIs and message IDs, CHILD SA at the lease.
+        let mut standby = mgr(DIAL, now);
+        standby
+            .takeover(
+                now,
+                &TakeoverInfo {
+                    ike: rec.clone(),
+                    start_seqs: vec![SeqMark {
+                        tunnel: "vpn1_1".into(),
+                        spi_out,
+                        seq_hw: 1 << 20,
+                    }],
+                },
+            )
+            .unwrap();
+        let b = standby.drain_bodies();
+        assert!(
+            matches!(&b[0], Body::Tunnel(t) if t.name == "vpn1_1"),
+            "{b:?}"
+        );
+        assert!(b.iter().any(|x| matches!(x, Body::ChildSa(c)
+            if c.spi_out == spi_out && c.initial_seq == 1 << 20 && c.outbound)));
+        assert_eq!(records(&b).len(), 1);
+        assert!(matches!(
+            standby.poll_route(),
+            Some(super::super::RouteOp::Add { .. })
+        ));
+        // A repeated Takeover event changes nothing.
+        standby
+            .takeover(
+                now,
+                &TakeoverInfo {
+                    ike: rec.clone(),
+                    start_seqs: vec![],
+                },
+            )
+            .unwrap();
+        assert!(standby.drain_bodies().is_empty());
+        drop(dial);
+
+        // The peer notices nothing: probes, a CHILD rekey and an IKE rekey from each side.
+        hub.probe(now, "hub", 2);
+        shuttle(&mut hub, &mut standby, now);
+        assert!(hub
+            .drain_bodies()
+            .iter()
+            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply")));
+        hub.rekey_now(now, "hub", false).unwrap();
+        shuttle(&mut hub, &mut standby, now);
+        standby.rekey_now(now, "vpn1_1", false).unwrap();
+        shuttle(&mut hub, &mut standby, now);
+        let b = standby.drain_bodies();
+        let new_children: Vec<u32> = b
+            .iter()
+            .filter_map(|x| match x {
+                Body::ChildSa(c) if c.outbound && c.initial_seq == 1 => Some(c.spi_in),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(new_children.len(), 2, "{b:?}");
+        standby.rekey_now(now, "vpn1_1", true).unwrap();
+        shuttle(&mut hub, &mut standby, now);
+        hub.rekey_now(now, "hub", true).unwrap();
+        shuttle(&mut hub, &mut standby, now);
+        let last = records(&standby.drain_bodies()).pop().expect("record");
+        assert_ne!((last.spi_i, last.spi_r), (rec.spi_i, rec.spi_r));
+        let h = hub.sas.values().next().unwrap().sa.spis();
+        assert_eq!(h, (last.spi_i, last.spi_r));
+    }
+
+    #[test]
+    fn garbage_state_is_refused() {
+        let rec = IkeSaRecord {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i: 1,
+            spi_r: 2,
+            next_send: 0,
+            next_recv: 0,
+            remote: "192.0.2.1:500".into(),
+            state: vec![0xc1, 0x00, 0xff],
+        };
+        assert!(decode_state(&rec).is_err());
+    }
+}

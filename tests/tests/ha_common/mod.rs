@@ -1,0 +1,440 @@
+//! The FGCP pair of `ha_failover` (test) and `ha_failover_bench` (example): topology,
+//! members (all four daemons each), the strongSwan client and helpers.
+//!
+//! ```text
+//! client 192.168.7.2 (charon, 10.10.1.2 inside) - 192.168.7.1 router 192.168.129.1 [br0]
+//!     br0: gw1 port2 / gw2 port2 (shared 192.168.129.254), server 192.168.129.50
+//!     gw1 port4 169.254.0.1 ---- 169.254.0.2 gw2 port4 (FGCP heartbeats and sync)
+//! ```
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bus_schema::{ctl_call, CtlReply, CtlRequest, DaemonKind};
+use haven_tests::daemons::{bin, vpnctl_json, wait_for};
+use haven_tests::netns::{veth, Netns, Proc, ScratchDir};
+use haven_tests::strongswan::{self, Charon, ChildCfg, ChildSa, Conn, IkeSa, SwanctlConf};
+use serde_json::Value;
+
+pub const PSK: &str = "haven-ha-failover-psk-0123456789";
+pub const GW_ID: &str = "gw.haven.test";
+pub const CLIENT_ID: &str = "client.haven.test";
+pub const SHARED: &str = "192.168.129.254";
+pub const SERVER: &str = "192.168.129.50";
+pub const CLIENT_INNER: &str = "10.10.1.2";
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn config(priority: u8) -> String {
+    format!(
+        "config system ha
+    set group-id 5
+    set group-name \"HV_PAIR\"
+    set mode a-p
+    set password \"ha-pair-password\"
+    set hbdev \"port4\" 50
+    set priority {priority}
+    set hb-interval 1
+    set hb-lost-threshold 3
+end
+config vpn ipsec phase1-interface
+    edit \"vpn1\"
+        set type dynamic
+        set interface \"port2\"
+        set ike-version 2
+        set local-gw {SHARED}
+        set peertype any
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set localid \"{GW_ID}\"
+        set dpd disable
+        set nattraversal enable
+        set psksecret \"{PSK}\"
+    next
+end
+config vpn ipsec phase2-interface
+    edit \"vpn1\"
+        set phase1name \"vpn1\"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet {SERVER} 255.255.255.255
+        set dst-subnet 10.10.1.0 255.255.255.0
+    next
+end
+"
+    )
+}
+
+pub struct Member {
+    pub ns: Netns,
+    pub dir: PathBuf,
+    pub run: PathBuf,
+    pub procs: Vec<Proc>,
+}
+
+impl Member {
+    pub fn start(ns: Netns, dir: &Path, name: &str, priority: u8) -> Member {
+        let dir = dir.join(name);
+        let run = dir.join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let mut m = Member {
+            ns,
+            dir,
+            run,
+            procs: Vec::new(),
+        };
+        m.spawn(priority);
+        m
+    }
+
+    /// Writes the configuration with `priority` and starts the four daemons (logs appended).
+    pub fn spawn(&mut self, priority: u8) {
+        let conf = self.dir.join("haven.conf");
+        std::fs::write(&conf, config(priority)).unwrap();
+        self.procs.clear();
+        for (d, port) in [
+            ("hasyncd", 9703),
+            ("espd", 9704),
+            ("ikemgr", 9701),
+            ("dpdmon", 9702),
+        ] {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(format!("{d}.log")))
+                .unwrap();
+            let mut cmd: Command = self.ns.command(bin(d));
+            cmd.arg("--config")
+                .arg(&conf)
+                .arg("--run-dir")
+                .arg(&self.run)
+                .args(["--log-level", "debug"])
+                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            self.procs
+                .push(self.ns.spawn_command(cmd).expect("spawn daemon"));
+        }
+    }
+
+    pub fn log(&self, d: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{d}.log"))).unwrap_or_default()
+    }
+
+    pub fn logs(&self) -> String {
+        ["hasyncd", "ikemgr", "espd"]
+            .iter()
+            .map(|d| {
+                let l = self.log(d);
+                let tail: Vec<&str> = l.lines().rev().take(60).collect();
+                format!(
+                    "--- {} {d} ---\n{}",
+                    self.ns.label(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn role(&self) -> Option<String> {
+        vpnctl_json(&self.run, &["diagnose", "sys", "ha", "status"])
+            .ok()?
+            .get("role")?
+            .as_str()
+            .map(str::to_string)
+    }
+
+    pub fn holds_shared(&self) -> bool {
+        self.ns
+            .run("ip", &["-4", "-o", "addr", "show", "dev", "port2"])
+            .is_ok_and(|o| o.contains(SHARED))
+    }
+
+    pub fn view(&self, daemon: DaemonKind, name: &str) -> Result<Value, String> {
+        let req = CtlRequest::View {
+            name: name.into(),
+            args: vec![],
+        };
+        match rt().block_on(ctl_call(&self.run, daemon, &req, Duration::from_secs(2))) {
+            Ok(CtlReply::View(v)) => Ok(v),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub fn command(&self, name: &str, args: &[&str]) -> Result<Value, String> {
+        let req = CtlRequest::Command {
+            name: name.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        match rt().block_on(ctl_call(
+            &self.run,
+            DaemonKind::Ikemgr,
+            &req,
+            Duration::from_secs(2),
+        )) {
+            Ok(CtlReply::View(v)) => Ok(v),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// ikemgr's IKE SA of vpn1_1: (spi_i, spi_r, child inbound SPIs).
+    pub fn ike_sa(&self) -> Option<(u64, u64, Vec<u32>)> {
+        let v = self.view(DaemonKind::Ikemgr, "ike-gateways").ok()?;
+        let sa = v.as_array()?.iter().find(|s| s["name"] == "vpn1_1")?;
+        let children = sa["children"]
+            .as_array()?
+            .iter()
+            .map(|c| hex_u32(&c["spi_in"]))
+            .collect();
+        Some((hex_u64(&sa["spi_i"]), hex_u64(&sa["spi_r"]), children))
+    }
+
+    /// espd's outbound SAs of vpn1_1: (spi_out, next sequence number).
+    pub fn esp_seqs(&self) -> Vec<(u32, u64)> {
+        let Ok(v) = self.view(DaemonKind::Espd, "tunnel-list") else {
+            return Vec::new();
+        };
+        v["tunnels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["name"] == "vpn1_1")
+            .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
+            .map(|s| (hex_u32(&s["enc"]["spi"]), s["seqno"].as_u64().unwrap_or(0)))
+            .collect()
+    }
+
+    pub fn kill_all(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill_now();
+        }
+    }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+pub fn hex_u64(v: &Value) -> u64 {
+    u64::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
+}
+
+pub fn hex_u32(v: &Value) -> u32 {
+    u32::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
+}
+
+/// Received `icmp_seq` numbers in ping's output.
+pub fn received_seqs(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| {
+            let i = l.find("icmp_seq=")? + "icmp_seq=".len();
+            l[i..].split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+pub fn client_sa(c: &Charon) -> Option<IkeSa> {
+    c.list_sas()
+        .ok()?
+        .into_iter()
+        .find(|s| s.name == "dial" && s.state == "ESTABLISHED")
+}
+
+/// ESP sequence-number (anti-replay) failures strongSwan's libipsec logged.
+pub fn replay_failures(c: &Charon) -> usize {
+    c.log()
+        .matches("ESP sequence number verification failed")
+        .count()
+}
+
+/// Pings from the client's inner address until `count` were sent; returns the output.
+pub fn ping_burst(client: &Netns, count: u32) -> (u32, u32) {
+    let out = client
+        .exec(
+            "ping",
+            &[
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                CLIENT_INNER,
+                SERVER,
+            ],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    (count, received_seqs(&out).len() as u32)
+}
+
+/// The whole lab, up to a tunnel that carries ping through gw1 (primary).
+pub struct Lab {
+    pub scratch: ScratchDir,
+    pub router: Netns,
+    pub client: Netns,
+    pub server: Netns,
+    pub gw1: Netns,
+    pub gw2: Netns,
+    pub m1: Member,
+    pub m2: Member,
+    pub charon: Charon,
+    pub before: IkeSa,
+    pub child_before: ChildSa,
+}
+
+impl Lab {
+    /// Builds the lab: namespaces labelled `label-*`, scratch files tagged `tag`.
+    pub fn new(tag: &str, label: &str) -> Lab {
+        if let Err(e) = strongswan::preflight() {
+            panic!("cannot run strongSwan tests on this machine: {e}");
+        }
+        let scratch = ScratchDir::new(tag).expect("scratch dir");
+
+        // Topology.
+        let router = Netns::new(&format!("{label}-r")).unwrap();
+        let client = Netns::new(&format!("{label}-c")).unwrap();
+        let server = Netns::new(&format!("{label}-s")).unwrap();
+        let gw1 = Netns::new(&format!("{label}-g1")).unwrap();
+        let gw2 = Netns::new(&format!("{label}-g2")).unwrap();
+        router.add_bridge("br0").unwrap();
+        router.add_addr("br0", "192.168.129.1/24").unwrap();
+        veth(&client, "wan0", &router, "cl0").unwrap();
+        client.add_addr("wan0", "192.168.7.2/24").unwrap();
+        client.default_route("192.168.7.1").unwrap();
+        client
+            .add_addr("lo", &format!("{CLIENT_INNER}/32"))
+            .unwrap();
+        router.add_addr("cl0", "192.168.7.1/24").unwrap();
+        router.ip_forward(true).unwrap();
+        for (ns, port) in [(&server, "sv0"), (&gw1, "g10"), (&gw2, "g20")] {
+            let inner = if ns.label() == server.label() {
+                "eth0"
+            } else {
+                "port2"
+            };
+            veth(ns, inner, &router, port).unwrap();
+            router.enslave(port, "br0").unwrap();
+            router.link_up(port).unwrap();
+        }
+        server.add_addr("eth0", &format!("{SERVER}/24")).unwrap();
+        server.default_route("192.168.129.1").unwrap();
+        server
+            .add_route("10.10.1.0/24", SHARED)
+            .expect("server route to the client's inside via the shared address");
+        veth(&gw1, "port4", &gw2, "port4").unwrap();
+        for (i, gw) in [&gw1, &gw2].into_iter().enumerate() {
+            gw.add_addr("port4", &format!("169.254.0.{}/24", i + 1))
+                .unwrap();
+            // No address of its own on the LAN (the primary holds the shared one) beyond a
+            // host-scoped one that is never a source: without any address on port2 the kernel
+            // drops port2's routes when the shared address is removed.
+            gw.ip(&[
+                "addr",
+                "add",
+                &format!("192.168.200.{}/32", i + 1),
+                "dev",
+                "port2",
+                "scope",
+                "host",
+            ])
+            .unwrap();
+            gw.ip(&["route", "add", "192.168.129.0/24", "dev", "port2"])
+                .unwrap();
+            gw.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                "192.168.129.1",
+                "dev",
+                "port2",
+                "onlink",
+            ])
+            .unwrap();
+            gw.ip_forward(true).unwrap();
+            // During a takeover the shared address can come up a moment before ikemgr's route
+            // into the tunnel: a reply forwarded back out of port2 then triggers an ICMP
+            // redirect that the server would cache for minutes. Members send none.
+            for k in ["all", "default", "port2"] {
+                gw.sysctl(&format!("net.ipv4.conf.{k}.send_redirects"), "0")
+                    .unwrap();
+            }
+        }
+
+        // The pair: gw1 (priority 200) primary, gw2 (100) secondary.
+        let m1 = Member::start(gw1.clone(), scratch.path(), "gw1", 200);
+        let m2 = Member::start(gw2.clone(), scratch.path(), "gw2", 100);
+        wait_for("gw1 primary, gw2 secondary", WAIT, || {
+            match (m1.role(), m2.role()) {
+                (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        wait_for("gw1 holds the shared address", WAIT, || {
+            (m1.holds_shared() && !m2.holds_shared())
+                .then_some(())
+                .ok_or_else(|| format!("gw1 {} gw2 {}", m1.holds_shared(), m2.holds_shared()))
+        });
+
+        // The client dials in.
+        let mut charon = Charon::start(&client).expect("charon");
+        charon
+            .load(
+                &SwanctlConf::new().conn(
+                    Conn::psk("dial", "192.168.7.2", SHARED, PSK.as_bytes())
+                        .ids(CLIENT_ID, GW_ID)
+                        .proposals(&["aes128gcm16-prfsha256-ecp256"])
+                        .child(
+                            ChildCfg::new(
+                                "net",
+                                &format!("{CLIENT_INNER}/32"),
+                                &format!("{SERVER}/32"),
+                            )
+                            .esp_proposals(&["aes128gcm16"]),
+                        ),
+                ),
+            )
+            .expect("swanctl load");
+        if let Err(e) = charon.initiate("net", WAIT) {
+            panic!("initiate: {e}\n{}\n{}", charon.log(), m1.logs());
+        }
+        let before = client_sa(&charon).expect("client IKE SA");
+        let child_before = before.child("net").expect("client CHILD SA").clone();
+        wait_for("gw1's IKE SA", WAIT, || {
+            m1.ike_sa()
+                .filter(|(i, r, _)| (*i, *r) == before.spis())
+                .ok_or_else(|| m1.logs())
+        });
+        wait_for("ping through gw1", WAIT, || {
+            let (sent, got) = ping_burst(&client, 1);
+            (got > 0)
+                .then_some(())
+                .ok_or_else(|| format!("{got}/{sent}\n{}", m1.logs()))
+        });
+        Lab {
+            scratch,
+            router,
+            client,
+            server,
+            gw1,
+            gw2,
+            m1,
+            m2,
+            charon,
+            before,
+            child_before,
+        }
+    }
+}

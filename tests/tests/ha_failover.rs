@@ -1,0 +1,253 @@
+//! FGCP takeover of a strongSwan dial-up tunnel without renegotiation and without replay
+//! drops (issue 6, DESIGN.md §6; seed 001's FGCP pair, seed 002's rekey bug).
+//!
+//! Two Haven members (ikemgr, dpdmon, hasyncd and espd each, their own run-dir and bus)
+//! form an FGCP pair over a heartbeat link and share the phase1's `local-gw`
+//! 192.168.129.254, which the primary holds on `port2` and announces with gratuitous ARP.
+//! A strongSwan client behind a router dials in; a server on the members' LAN answers a
+//! continuous ping through the tunnel.
+//!
+//! ```text
+//! client 192.168.7.2 (charon, 10.10.1.2 inside) - 192.168.7.1 router 192.168.129.1 [br0]
+//!     br0: gw1 port2 / gw2 port2 (shared 192.168.129.254), server 192.168.129.50
+//!     gw1 port4 169.254.0.1 ---- 169.254.0.2 gw2 port4 (FGCP heartbeats and sync)
+//! ```
+//!
+//! The primary's daemons are all killed (`kill -9`) and its LAN port goes down (the box is
+//! gone). The secondary becomes primary, takes the address, restores the synced IKE SA
+//! (same SPIs, keys, message IDs) and installs the CHILD SA beyond the synced sequence
+//! lease. Asserted: strongSwan's IKE and CHILD SA keep their SPIs (no renegotiation), the
+//! ping resumes, strongSwan logs no ESP sequence-number (replay) failure, and a CHILD SA
+//! rekey and an IKE SA rekey started by each side complete on the taken-over tunnel. The
+//! outage is printed, not asserted.
+//!
+//! Needs root, iproute2 and the strongSwan packages (INTEROP.md).
+
+mod ha_common;
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bus_schema::DaemonKind;
+use ha_common::*;
+use haven_tests::daemons::wait_for;
+
+#[test]
+fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place() {
+    let Lab {
+        scratch: _scratch,
+        router,
+        client,
+        server,
+        gw1,
+        gw2,
+        mut m1,
+        m2,
+        mut charon,
+        before,
+        child_before,
+    } = Lab::new("ha-failover", "hafo");
+
+    // gw2 holds the standby copies: the IKE SA with its SPIs, and the lease.
+    wait_for("gw2's standby IKE SA", WAIT, || {
+        let v = m2.view(DaemonKind::Hasyncd, "replicas")?;
+        let ok = v["ike_standby"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|s| (hex_u64(&s["spi_i"]), hex_u64(&s["spi_r"])) == before.spis())
+        }) && v["standby"].as_array().is_some_and(|a| !a.is_empty());
+        ok.then_some(()).ok_or_else(|| v.to_string())
+    });
+    assert!(
+        m2.ike_sa().is_none(),
+        "the secondary's ikemgr must not carry the tunnel"
+    );
+
+    // Continuous ping, 20 per second; the primary dies about 2 s in.
+    let mut cmd = client.command("ping");
+    cmd.args([
+        "-n",
+        "-c",
+        "500",
+        "-i",
+        "0.05",
+        "-W",
+        "1",
+        "-I",
+        CLIENT_INNER,
+        SERVER,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut ping = client.spawn_command(cmd).expect("ping");
+    std::thread::sleep(Duration::from_secs(2));
+    let seq_old = m1.esp_seqs();
+    let killed = Instant::now();
+    m1.kill_all();
+    gw1.ip(&["link", "set", "port2", "down"]).unwrap();
+
+    wait_for("gw2 primary", WAIT, || match m2.role() {
+        Some(r) if r == "primary" => Ok(()),
+        other => Err(format!("{other:?}\n{}", m2.logs())),
+    });
+    let promoted = killed.elapsed();
+    wait_for("gw2 took the IKE SA over", WAIT, || {
+        m2.ike_sa()
+            .filter(|(i, r, _)| (*i, *r) == before.spis())
+            .ok_or_else(|| m2.logs())
+    });
+    assert!(m2.holds_shared(), "gw2 holds {SHARED}");
+    let seq_new = wait_for("gw2's espd carries the CHILD SA", WAIT, || {
+        let s = m2.esp_seqs();
+        (!s.is_empty()).then_some(s).ok_or_else(|| m2.logs())
+    });
+
+    wait_for("ping to finish", Duration::from_secs(60), || {
+        match ping.try_wait() {
+            Ok(Some(_)) => Ok(()),
+            _ => Err("still running".to_string()),
+        }
+    });
+    let mut out = String::new();
+    ping.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut seqs = received_seqs(&out);
+    seqs.sort_unstable();
+    seqs.dedup();
+    let max_gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    eprintln!(
+        "FGCP takeover: gw2 primary {} ms after the kill; {} of 500 pings answered; longest gap {} pings = ~{} ms (50 ms per ping)",
+        promoted.as_millis(),
+        seqs.len(),
+        max_gap,
+        max_gap * 50
+    );
+    eprintln!("outbound sequence numbers: gw1 before the kill {seq_old:?}, gw2 after the takeover {seq_new:?}");
+    let diag = || {
+        format!(
+            "gw2 espd: {}\nrouter neigh: {}\nserver neigh: {}\ngw2 addr: {}\ngw2 routes: {}\nrouter fdb: {}",
+            m2.view(DaemonKind::Espd, "tunnel-list")
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            router.run("ip", &["neigh"]).unwrap_or_default(),
+            server.run("ip", &["neigh"]).unwrap_or_default(),
+            gw2.run("ip", &["-4", "addr"]).unwrap_or_default(),
+            gw2.run("ip", &["route"]).unwrap_or_default(),
+            router.run("bridge", &["fdb", "show", "br", "br0", "dynamic"]).unwrap_or_default(),
+        ) + &format!(
+            "\ngw2 links: {}\ngw1 links: {}\nserver route get: {}",
+            gw2.run("ip", &["-s", "link"]).unwrap_or_default(),
+            gw1.run("ip", &["link"]).unwrap_or_default(),
+            server.run("ip", &["route", "get", CLIENT_INNER]).unwrap_or_default(),
+        )
+    };
+    assert!(
+        seqs.iter().any(|s| *s >= 450),
+        "the ping did not resume through gw2:\n{out}\n{}\n{}\n{}",
+        diag(),
+        m2.logs(),
+        charon.log()
+    );
+    for (spi, next_old) in &seq_old {
+        if let Some((_, next_new)) = seq_new.iter().find(|(s, _)| s == spi) {
+            assert!(
+                next_new > next_old,
+                "gw2 must send beyond gw1's sequence numbers ({spi:08x}: {next_new} <= {next_old})"
+            );
+        }
+    }
+
+    // No renegotiation: strongSwan's IKE and CHILD SAs kept their SPIs; no replay drops.
+    let after = client_sa(&charon).expect("client IKE SA after the takeover");
+    assert_eq!(after.spis(), before.spis(), "IKE SA renegotiated");
+    let child_after = after.child("net").expect("client CHILD SA");
+    assert_eq!(
+        (child_after.spi_in, child_after.spi_out),
+        (child_before.spi_in, child_before.spi_out),
+        "CHILD SA renegotiated"
+    );
+    assert_eq!(
+        replay_failures(&charon),
+        0,
+        "strongSwan dropped ESP packets as replays:\n{}",
+        charon.log()
+    );
+
+    // Rekeys on the taken-over tunnel (seed 002: the vendor ignored CREATE_CHILD_SA here).
+    let check_traffic = |what: &str| {
+        let (sent, got) = ping_burst(&client, 5);
+        assert!(
+            got >= 3,
+            "ping after {what}: {got}/{sent}\n{}\n{}",
+            m2.logs(),
+            charon.log()
+        );
+    };
+    // 1. strongSwan rekeys the CHILD SA.
+    charon.rekey_child("net").expect("swanctl --rekey --child");
+    let c1 = wait_for("client CHILD SA rekeyed", WAIT, || {
+        let sa = client_sa(&charon).ok_or("no IKE SA")?;
+        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
+        if c.spi_in != child_before.spi_in && c.state == "INSTALLED" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    });
+    check_traffic("strongSwan's CHILD SA rekey");
+    // 2. strongSwan rekeys the IKE SA.
+    charon.rekey_ike("dial").expect("swanctl --rekey --ike");
+    let ike1 = wait_for("client IKE SA rekeyed", WAIT, || {
+        let sa = client_sa(&charon).ok_or("no IKE SA")?;
+        (sa.spis() != before.spis())
+            .then_some(sa.spis())
+            .ok_or_else(|| format!("{:?}", sa.spis()))
+    });
+    wait_for("gw2 follows the IKE rekey", WAIT, || {
+        m2.ike_sa()
+            .filter(|(i, r, _)| (*i, *r) == ike1)
+            .ok_or_else(|| m2.logs())
+    });
+    check_traffic("strongSwan's IKE SA rekey");
+    // 3. Haven rekeys the CHILD SA.
+    m2.command("ike-rekey", &["vpn1_1", "child"])
+        .expect("ikemgr CHILD rekey");
+    wait_for("client sees Haven's CHILD SA rekey", WAIT, || {
+        let sa = client_sa(&charon).ok_or("no IKE SA")?;
+        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
+        (c.spi_in != c1.spi_in && c.state == "INSTALLED")
+            .then_some(())
+            .ok_or_else(|| format!("{c:?}\n{}", m2.logs()))
+    });
+    check_traffic("Haven's CHILD SA rekey");
+    // 4. Haven rekeys the IKE SA.
+    m2.command("ike-rekey", &["vpn1_1", "ike"])
+        .expect("ikemgr IKE rekey");
+    wait_for("client sees Haven's IKE SA rekey", WAIT, || {
+        let sa = client_sa(&charon).ok_or("no IKE SA")?;
+        (sa.spis() != ike1)
+            .then_some(())
+            .ok_or_else(|| format!("{:?}\n{}", sa.spis(), m2.logs()))
+    });
+    check_traffic("Haven's IKE SA rekey");
+    assert_eq!(
+        replay_failures(&charon),
+        0,
+        "strongSwan dropped ESP packets as replays:\n{}",
+        charon.log()
+    );
+    // Still one IKE SA on the client: every step was done in place.
+    let sas = charon.list_sas().unwrap();
+    assert_eq!(
+        sas.iter().filter(|s| s.name == "dial").count(),
+        1,
+        "{sas:#?}"
+    );
+    drop(m2);
+    drop(m1);
+    let _ = charon.kill();
+}
