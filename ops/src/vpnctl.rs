@@ -149,10 +149,10 @@ enum DiagIkeCmd {
         #[command(subcommand)]
         cmd: DiagIkeGatewayCmd,
     },
-    /// Write the live SAs' keys for Wireshark: `DIR/esp_sa` (Edit > Preferences > Protocols >
-    /// ESP, or a profile directory). The file holds keys: keep it secret.
+    /// Write the live SAs' keys for Wireshark: `DIR/esp_sa` and `DIR/ikev2_decryption_table`
+    /// (use DIR as WIRESHARK_CONFIG_DIR, or copy them into a profile). They hold keys: keep them secret.
     ExportKeys {
-        /// Directory to write `esp_sa` into (created if missing, mode 0700).
+        /// Directory to write the files into (created if missing, mode 0700).
         #[arg(long, value_hint = ValueHint::DirPath)]
         wireshark: PathBuf,
     },
@@ -886,15 +886,32 @@ async fn export_keys(cli: &Cli, dir: &Path) -> Result<ExitCode, Failure> {
     let path = dir.join("esp_sa");
     write_secret(dir, &path, &text)
         .map_err(|e| fail(1, format!("cannot write {}: {e}", path.display())))?;
+    let view = CtlRequest::View {
+        name: "ike-keys".into(),
+        args: Vec::new(),
+    };
+    let ike = match call(cli, DaemonKind::Ikemgr, view).await? {
+        CtlReply::View(v) => v,
+        other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+    };
+    let (ike_text, ike_records) = wireshark::ikev2_file(&ike);
+    let ike_path = dir.join("ikev2_decryption_table");
+    write_secret(dir, &ike_path, &ike_text)
+        .map_err(|e| fail(1, format!("cannot write {}: {e}", ike_path.display())))?;
     if cli.json {
-        print_json(
-            &json!({"esp_sa": path, "records": records, "child_sas": sas.len(), "ike_sas": 0}),
-        );
+        print_json(&json!({
+            "esp_sa": path, "esp_records": records, "child_sas": sas.len(),
+            "ikev2_decryption_table": ike_path, "ike_records": ike_records,
+        }));
     } else {
         println!(
-            "wrote {} ({records} ESP SA records from {} CHILD SAs); IKE SA keys are not exported (ikemgr does not publish them)",
+            "wrote {} ({records} ESP SA records from {} CHILD SAs)",
             path.display(),
             sas.len()
+        );
+        println!(
+            "wrote {} ({ike_records} IKE SA records)",
+            ike_path.display()
         );
     }
     Ok(ExitCode::SUCCESS)
