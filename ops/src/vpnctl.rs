@@ -57,7 +57,13 @@ enum Cmd {
         cmd: ShowCmd,
     },
     /// Set a daemon's log level at run time.
-    LogLevel { daemon: String, level: String },
+    LogLevel {
+        /// ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp).
+        daemon: String,
+        /// off|error|warn|info|debug|trace, or a FortiOS number (-1 = all).
+        #[arg(allow_hyphen_values = true)]
+        level: String,
+    },
     /// FortiOS-style `get` commands: `get vpn ipsec tunnel summary` (ikemgr).
     Get {
         /// `vpn ipsec tunnel summary`.
@@ -74,6 +80,7 @@ enum Cmd {
 enum ConfigCmd {
     /// Validate a configuration file without starting anything: warnings exit 0, errors exit 1.
     Check {
+        /// The configuration file (FortiOS CLI dialect).
         #[arg(value_hint = ValueHint::FilePath)]
         file: PathBuf,
     },
@@ -87,6 +94,7 @@ enum DebugCmd {
     Attach {
         /// ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp).
         daemon: String,
+        /// Debug level while attached: error|warn|info|debug|trace, or a FortiOS number (-1 = all).
         #[arg(long, default_value = "debug", allow_hyphen_values = true)]
         level: String,
     },
@@ -117,6 +125,7 @@ enum DiagnoseCmd {
         #[command(subcommand)]
         cmd: DiagSysCmd,
     },
+    /// FortiOS debug selection: `application <app> <level>`, then `enable` to stream.
     Debug {
         #[command(subcommand)]
         cmd: DiagDebugCmd,
@@ -166,7 +175,10 @@ enum DiagIkeGatewayCmd {
         args: Vec<String>,
     },
     /// Delete every IKE SA (or those of `name N`), telling the peer.
-    Clear { args: Vec<String> },
+    Clear {
+        /// `name N` selects one tunnel instance or phase1.
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -177,7 +189,10 @@ enum DiagTunnelCmd {
         args: Vec<String>,
     },
     /// Remove the SAs of every tunnel (or of `name N`) from the datapath; ikemgr is told.
-    Flush { args: Vec<String> },
+    Flush {
+        /// `name N` selects one tunnel.
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,6 +201,7 @@ enum DiagDebugCmd {
     Application {
         /// ike, dpd, ha or esp.
         app: String,
+        /// A FortiOS number (-1 = all) or error|warn|info|debug|trace.
         #[arg(allow_hyphen_values = true)]
         level: String,
     },
@@ -201,13 +217,17 @@ enum DiagDebugCmd {
 enum ShowCmd {
     /// The state a daemon publishes, as its snapshot.
     Snapshot {
+        /// ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp).
         daemon: String,
         /// Include SA key material (redacted by default).
         #[arg(long)]
         show_keys: bool,
     },
     /// What a daemon knows of the daemons it follows (boot, seq, synced, digest).
-    Replicas { daemon: String },
+    Replicas {
+        /// ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp).
+        daemon: String,
+    },
 }
 
 fn main() -> ExitCode {
