@@ -3,7 +3,8 @@
 //! `ops/prometheus/prometheus.yml` unchanged, and the test checks through its HTTP API that
 //! - every daemon's target is up and the key series exist and move (tunnels up, ESP bytes
 //!   and packets, DPD states, HA role and HA link messages);
-//! - every alert rule of `ops/prometheus/haven-alerts.yml` loads and evaluates;
+//! - every alert rule of `ops/prometheus/haven-alerts.yml` loads and evaluates, and its unit
+//!   tests (`haven-alerts.test.yml`, `promtool test rules`) pass;
 //! - every query of every panel of every dashboard in `ops/grafana/dashboards/` parses and
 //!   runs, the key panels return data, and every metric a query names is exported by the
 //!   daemons (a renamed metric fails here), except the few series that only exist after an
@@ -410,6 +411,12 @@ fn prometheus_scrapes_every_daemon_and_dashboards_query_real_series() {
         "check",
         "rules",
         prom_dir.join("haven-alerts.yml").to_str().unwrap(),
+    ]);
+    // The alerts' semantics: which series fire which alert, when, with which text.
+    promtool(&[
+        "test",
+        "rules",
+        prom_dir.join("haven-alerts.test.yml").to_str().unwrap(),
     ]);
     let dash_dir = workspace_root().join("ops/grafana/dashboards");
     let key_panels = generated_dashboards_match(&dash_dir);
