@@ -1453,6 +1453,40 @@ impl IkeManager {
     }
 
     /// `diagnose vpn ike gateway list [name N]` as JSON: one object per IKE SA.
+    /// Every established IKE SA with its SPIs, algorithms and SK_ei/SK_er/SK_ai/SK_ar (hex;
+    /// the encryption keys include the AEAD salt), for `vpnctl diagnose vpn ike export-keys`
+    /// (Wireshark's `ikev2_decryption_table`). Served only as the explicit `ike-keys` view
+    /// on the root-only control socket; never in a listing or a log.
+    pub fn ike_keys(&self, now: Instant) -> Value {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let list: Vec<Value> = self
+            .sas
+            .values()
+            .filter_map(|e| {
+                let snap = e.sa.snapshot(now)?;
+                let suite = snap.info.suite;
+                let integ = suite.integ.map(|i| match i {
+                    Integ::HmacSha1_96 => "hmac-sha1-96",
+                    Integ::HmacSha256_128 => "hmac-sha256-128",
+                    Integ::HmacSha384_192 => "hmac-sha384-192",
+                    Integ::HmacSha512_256 => "hmac-sha512-256",
+                });
+                Some(json!({
+                    "name": if e.name.is_empty() { &e.gateway } else { &e.name },
+                    "spi_i": format!("{:016x}", snap.info.spi_i),
+                    "spi_r": format!("{:016x}", snap.info.spi_r),
+                    "encr": encr_label(suite.encr),
+                    "integ": integ,
+                    "sk_ei": hex(snap.keys.sk_ei.as_bytes()),
+                    "sk_er": hex(snap.keys.sk_er.as_bytes()),
+                    "sk_ai": hex(snap.keys.sk_ai.as_bytes()),
+                    "sk_ar": hex(snap.keys.sk_ar.as_bytes()),
+                }))
+            })
+            .collect();
+        Value::Array(list)
+    }
+
     pub fn gateway_list(&self, now: Instant, name: Option<&str>) -> Value {
         let list: Vec<Value> = self
             .sas

@@ -462,8 +462,10 @@ impl DaemonLogic for Ikemgr {
                 }))
                 .collect::<Vec<_>>())),
             "ike-gateways" => Ok(io::lock(&self.ike).gateway_list(Instant::now(), name_arg(args))),
+            // IKE SA keys, for `vpnctl diagnose vpn ike export-keys` (Wireshark) only.
+            "ike-keys" => Ok(io::lock(&self.ike).ike_keys(Instant::now())),
             other => Err(format!(
-                "unknown view {other:?}: ikemgr has: tunnels, manualkey, ike-gateways"
+                "unknown view {other:?}: ikemgr has: tunnels, manualkey, ike-gateways, ike-keys"
             )),
         }
     }

@@ -308,3 +308,37 @@ mod tests {
         assert!(complete(&s, &["vpnctl", "--run-dir", "/us"]).contains(&"/usr".to_string()));
     }
 }
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    /// Every command and every argument of vpnctl has help text (issue 7: help for every
+    /// command).
+    #[test]
+    fn every_command_and_argument_has_help() {
+        let mut cmd = crate::Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        let mut stack = vec![(cmd, "vpnctl".to_string())];
+        while let Some((c, path)) = stack.pop() {
+            // clap's own `help` subcommands describe themselves.
+            if path.split(' ').any(|w| w == "help") {
+                continue;
+            }
+            if path != "vpnctl" && c.get_about().is_none() {
+                missing.push(path.clone());
+            }
+            for a in c.get_arguments() {
+                if a.get_help().is_none() && a.get_id() != "help" && a.get_id() != "version" {
+                    missing.push(format!("{path} <{}>", a.get_id()));
+                }
+            }
+            for s in c.get_subcommands() {
+                stack.push((s.clone(), format!("{path} {}", s.get_name())));
+            }
+        }
+        missing.sort();
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+}

@@ -57,7 +57,13 @@ enum Cmd {
         cmd: ShowCmd,
     },
     /// Set a daemon's log level at run time.
-    LogLevel { daemon: String, level: String },
+    LogLevel {
+        /// ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp).
+        daemon: String,
+        /// off|error|warn|info|debug|trace, or a FortiOS number (-1 = all).
+        #[arg(allow_hyphen_values = true)]
+        level: String,
+    },
     /// FortiOS-style `get` commands: `get vpn ipsec tunnel summary` (ikemgr).
     Get {
         /// `vpn ipsec tunnel summary`.
@@ -80,6 +86,7 @@ enum Cmd {
 enum ConfigCmd {
     /// Validate a configuration file without starting anything: warnings exit 0, errors exit 1.
     Check {
+        /// The configuration file (FortiOS CLI dialect).
         #[arg(value_hint = ValueHint::FilePath)]
         file: PathBuf,
     },
@@ -93,6 +100,7 @@ enum DebugCmd {
     Attach {
         /// ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp).
         daemon: String,
+        /// Debug level while attached: error|warn|info|debug|trace, or a FortiOS number (-1 = all).
         #[arg(long, default_value = "debug", allow_hyphen_values = true)]
         level: String,
     },
@@ -123,6 +131,7 @@ enum DiagnoseCmd {
         #[command(subcommand)]
         cmd: DiagSysCmd,
     },
+    /// FortiOS debug selection: `application <app> <level>`, then `enable` to stream.
     Debug {
         #[command(subcommand)]
         cmd: DiagDebugCmd,
@@ -155,10 +164,10 @@ enum DiagIkeCmd {
         #[command(subcommand)]
         cmd: DiagIkeGatewayCmd,
     },
-    /// Write the live SAs' keys for Wireshark: `DIR/esp_sa` (Edit > Preferences > Protocols >
-    /// ESP, or a profile directory). The file holds keys: keep it secret.
+    /// Write the live SAs' keys for Wireshark: `DIR/esp_sa` and `DIR/ikev2_decryption_table`
+    /// (use DIR as WIRESHARK_CONFIG_DIR, or copy them into a profile). They hold keys: keep them secret.
     ExportKeys {
-        /// Directory to write `esp_sa` into (created if missing, mode 0700).
+        /// Directory to write the files into (created if missing, mode 0700).
         #[arg(long, value_hint = ValueHint::DirPath)]
         wireshark: PathBuf,
     },
@@ -172,7 +181,10 @@ enum DiagIkeGatewayCmd {
         args: Vec<String>,
     },
     /// Delete every IKE SA (or those of `name N`), telling the peer.
-    Clear { args: Vec<String> },
+    Clear {
+        /// `name N` selects one tunnel instance or phase1.
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -183,7 +195,10 @@ enum DiagTunnelCmd {
         args: Vec<String>,
     },
     /// Remove the SAs of every tunnel (or of `name N`) from the datapath; ikemgr is told.
-    Flush { args: Vec<String> },
+    Flush {
+        /// `name N` selects one tunnel.
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,6 +207,7 @@ enum DiagDebugCmd {
     Application {
         /// ike, dpd, ha or esp.
         app: String,
+        /// A FortiOS number (-1 = all) or error|warn|info|debug|trace.
         #[arg(allow_hyphen_values = true)]
         level: String,
     },
@@ -207,13 +223,17 @@ enum DiagDebugCmd {
 enum ShowCmd {
     /// The state a daemon publishes, as its snapshot.
     Snapshot {
+        /// ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp).
         daemon: String,
         /// Include SA key material (redacted by default).
         #[arg(long)]
         show_keys: bool,
     },
     /// What a daemon knows of the daemons it follows (boot, seq, synced, digest).
-    Replicas { daemon: String },
+    Replicas {
+        /// ikemgr, dpdmon, hasyncd, espd (or ike, dpd, ha, esp).
+        daemon: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -893,15 +913,32 @@ async fn export_keys(cli: &Cli, dir: &Path) -> Result<ExitCode, Failure> {
     let path = dir.join("esp_sa");
     write_secret(dir, &path, &text)
         .map_err(|e| fail(1, format!("cannot write {}: {e}", path.display())))?;
+    let view = CtlRequest::View {
+        name: "ike-keys".into(),
+        args: Vec::new(),
+    };
+    let ike = match call(cli, DaemonKind::Ikemgr, view).await? {
+        CtlReply::View(v) => v,
+        other => return Err(fail(1, format!("unexpected reply {other:?}"))),
+    };
+    let (ike_text, ike_records) = wireshark::ikev2_file(&ike);
+    let ike_path = dir.join("ikev2_decryption_table");
+    write_secret(dir, &ike_path, &ike_text)
+        .map_err(|e| fail(1, format!("cannot write {}: {e}", ike_path.display())))?;
     if cli.json {
-        print_json(
-            &json!({"esp_sa": path, "records": records, "child_sas": sas.len(), "ike_sas": 0}),
-        );
+        print_json(&json!({
+            "esp_sa": path, "esp_records": records, "child_sas": sas.len(),
+            "ikev2_decryption_table": ike_path, "ike_records": ike_records,
+        }));
     } else {
         println!(
-            "wrote {} ({records} ESP SA records from {} CHILD SAs); IKE SA keys are not exported (ikemgr does not publish them)",
+            "wrote {} ({records} ESP SA records from {} CHILD SAs)",
             path.display(),
             sas.len()
+        );
+        println!(
+            "wrote {} ({ike_records} IKE SA records)",
+            ike_path.display()
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -1,12 +1,11 @@
-//! Wireshark key export: ESP SAs in Wireshark's `esp_sa` UAT format.
+//! Wireshark key export: ESP SAs in Wireshark's `esp_sa` UAT format, IKE SAs in its
+//! `ikev2_decryption_table` format.
 //!
 //! `vpnctl diagnose vpn ike export-keys --wireshark DIR` writes `DIR/esp_sa`, one record per
 //! direction of every CHILD SA ikemgr has installed (negotiated or manual-key), taken from
-//! ikemgr's snapshot. Point Wireshark at it by copying it into a profile directory
-//! (`~/.config/wireshark/esp_sa`) or, with tshark, `-o "uat:esp_sa:<record>"` per line.
-//!
-//! Not exported: IKE SA keys (`ikev2_decryption_table`), because ikemgr does not publish
-//! SK_ei/SK_er/SK_ai/SK_ar; the file says so in a comment.
+//! ikemgr's snapshot, and `DIR/ikev2_decryption_table`, one record per established IKE SA,
+//! from ikemgr's `ike-keys` view. DIR can be used as Wireshark's configuration directory
+//! (`WIRESHARK_CONFIG_DIR=DIR wireshark`), or the files copied into a profile directory.
 //!
 //! Record layout (Wireshark's ESP preferences, "ESP SAs" table): protocol, source address,
 //! destination address, SPI, encryption algorithm, encryption key, authentication algorithm,
@@ -91,8 +90,7 @@ fn addr_or_any(a: &str) -> &str {
 /// key length is unknown is skipped with a comment line naming it.
 pub fn esp_sa_file(sas: &[ChildSaInfo]) -> (String, usize) {
     let mut out = String::from(
-        "# Wireshark ESP SAs (esp_sa UAT) exported by vpnctl; contains keys: keep it secret.\n\
-         # IKE SAs are not exported: ikemgr does not publish IKE SA keys.\n",
+        "# Wireshark ESP SAs (esp_sa UAT) exported by vpnctl; contains keys: keep it secret.\n",
     );
     let mut n = 0;
     for sa in sas {
@@ -101,7 +99,10 @@ pub fn esp_sa_file(sas: &[ChildSaInfo]) -> (String, usize) {
         } else {
             "IPv4"
         };
-        let local = addr_or_any(&sa.local);
+        // Our own address is a wildcard: on the wire it can differ from the SA's local
+        // address (a NAT in front of us, or replies leaving from the outgoing interface's
+        // address rather than local-gw); the SPI and the peer's address identify the SA.
+        let local = "*";
         let remote = addr_or_any(&sa.remote);
         let encap = match sa.encap {
             EspEncap::None => "ESP",
@@ -124,6 +125,74 @@ pub fn esp_sa_file(sas: &[ChildSaInfo]) -> (String, usize) {
                 Err(e) => out.push_str(&format!("# skipped: {e}\n")),
             }
         }
+    }
+    (out, n)
+}
+
+/// Wireshark's IKEv2 names of ikemgr's `encr` and `integ` spellings (the `ike-keys` view).
+fn ikev2_algorithms(encr: &str, integ: Option<&str>) -> Option<(&'static str, &'static str)> {
+    let e = match encr {
+        "aes-cbc-128" => "AES-CBC-128 [RFC3602]",
+        "aes-cbc-192" => "AES-CBC-192 [RFC3602]",
+        "aes-cbc-256" => "AES-CBC-256 [RFC3602]",
+        "aes-gcm-128" => "AES-GCM-128 with 16 octet ICV [RFC5282]",
+        "aes-gcm-192" => "AES-GCM-192 with 16 octet ICV [RFC5282]",
+        "aes-gcm-256" => "AES-GCM-256 with 16 octet ICV [RFC5282]",
+        _ => return None,
+    };
+    let i = match integ {
+        None => "NONE [RFC4306]",
+        Some("hmac-sha1-96") => "HMAC_SHA1_96 [RFC2404]",
+        Some("hmac-sha256-128") => "HMAC_SHA2_256_128 [RFC4868]",
+        Some("hmac-sha384-192") => "HMAC_SHA2_384_192 [RFC4868]",
+        Some("hmac-sha512-256") => "HMAC_SHA2_512_256 [RFC4868]",
+        Some(_) => return None,
+    };
+    Some((e, i))
+}
+
+/// The `ikev2_decryption_table` file for ikemgr's `ike-keys` view, and its record count.
+/// Fields: initiator's SPI, responder's SPI, SK_ei, SK_er, encryption algorithm, SK_ai,
+/// SK_ar, integrity algorithm (SPIs and keys as bare hex). An SA with an algorithm
+/// Wireshark cannot decrypt (ChaCha20-Poly1305) is skipped with a comment.
+pub fn ikev2_file(view: &serde_json::Value) -> (String, usize) {
+    let mut out = String::from(
+        "# Wireshark IKEv2 decryption table exported by vpnctl; contains keys: keep it secret.\n",
+    );
+    let mut n = 0;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    for sa in view.as_array().into_iter().flatten() {
+        let (encr, integ) = (s(&sa["encr"]), sa["integ"].as_str());
+        out.push_str(&format!(
+            "# {} {}/{} {encr} {}\n",
+            s(&sa["name"]),
+            s(&sa["spi_i"]),
+            s(&sa["spi_r"]),
+            integ.unwrap_or("aead")
+        ));
+        let Some((e, i)) = ikev2_algorithms(&encr, integ) else {
+            out.push_str("# skipped: Wireshark cannot decrypt this algorithm\n");
+            continue;
+        };
+        // Byte fields are bare hex in a UAT file; an empty one is an empty quoted string.
+        let b = |v: &serde_json::Value| {
+            let h = s(v);
+            if h.is_empty() || !h.bytes().all(|c| c.is_ascii_hexdigit()) {
+                "\"\"".to_string()
+            } else {
+                h
+            }
+        };
+        out.push_str(&format!(
+            "{},{},{},{},\"{e}\",{},{},\"{i}\"\n",
+            b(&sa["spi_i"]),
+            b(&sa["spi_r"]),
+            b(&sa["sk_ei"]),
+            b(&sa["sk_er"]),
+            b(&sa["sk_ai"]),
+            b(&sa["sk_ar"]),
+        ));
+        n += 1;
     }
     (out, n)
 }
@@ -163,10 +232,10 @@ mod tests {
         let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             lines[0],
-            "\"IPv4\",\"198.51.100.7\",\"192.0.2.1\",\"0xc0ffee01\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x000102030405060708090a0b0c0d0e0f10111213\",\"NULL\",\"\""
+            "\"IPv4\",\"198.51.100.7\",\"*\",\"0xc0ffee01\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x000102030405060708090a0b0c0d0e0f10111213\",\"NULL\",\"\""
         );
         assert!(lines[1].starts_with(
-            "\"IPv4\",\"192.0.2.1\",\"198.51.100.7\",\"0x00001234\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x131211"
+            "\"IPv4\",\"*\",\"198.51.100.7\",\"0x00001234\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x131211"
         ));
     }
 
@@ -180,6 +249,29 @@ mod tests {
         assert_eq!(fields[5].len(), 2 + 64);
         assert_eq!(fields[6], "HMAC-SHA-256-128 [RFC4868]");
         assert_eq!(fields[7].trim_end_matches('"').len(), 2 + 64);
+    }
+
+    #[test]
+    fn ikev2_records_name_wireshark_algorithms() {
+        let view = serde_json::json!([
+            {"name": "vpn1_1", "spi_i": "0011223344556677", "spi_r": "8899aabbccddeeff",
+             "encr": "aes-gcm-128", "integ": null, "sk_ei": "aa", "sk_er": "bb", "sk_ai": "", "sk_ar": ""},
+            {"name": "hub", "spi_i": "01", "spi_r": "02", "encr": "aes-cbc-256",
+             "integ": "hmac-sha256-128", "sk_ei": "e1", "sk_er": "e2", "sk_ai": "a1", "sk_ar": "a2"},
+            {"name": "cc", "spi_i": "03", "spi_r": "04", "encr": "chacha20poly1305", "integ": null}
+        ]);
+        let (text, n) = ikev2_file(&view);
+        assert_eq!(n, 2);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines[0],
+            "0011223344556677,8899aabbccddeeff,aa,bb,\"AES-GCM-128 with 16 octet ICV [RFC5282]\",\"\",\"\",\"NONE [RFC4306]\""
+        );
+        assert_eq!(
+            lines[1],
+            "01,02,e1,e2,\"AES-CBC-256 [RFC3602]\",a1,a2,\"HMAC_SHA2_256_128 [RFC4868]\""
+        );
+        assert!(text.contains("# skipped"));
     }
 
     #[test]

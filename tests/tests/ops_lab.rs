@@ -2,8 +2,12 @@
 //! builds the namespaces, starts the gateway under supervisord, brings the strongSwan
 //! client's tunnel up and starts the continuous ping; the ping gets replies through the
 //! tunnel, Prometheus (started by the lab in the gateway's namespace with the shipped
-//! prometheus.yml) has all four daemons up, `status` shows the tunnel instance; `down`
-//! leaves no namespace, no process and no file.
+//! prometheus.yml) has all four daemons up, `status` shows the tunnel instance. Then the
+//! Wireshark export with a real IKE peer: with tcpdump on the gateway's outside port, the
+//! client tears its IKE SA down and negotiates again, `vpnctl diagnose vpn ike export-keys`
+//! writes both tables, and tshark decrypts the IKE_AUTH exchange (the identities inside the
+//! encrypted payload) and the ESP-in-UDP ping. Last, `down` leaves no namespace, no process
+//! and no file.
 //!
 //! The lab runs under its own namespace prefix and directory (HAVEN_LAB_PREFIX,
 //! HAVEN_LAB_DIR), so an operator's lab (`hvlab-*`) on the same machine is left alone.
@@ -12,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use haven_tests::daemons::{bin_dir, wait_for, workspace_root};
+use haven_tests::daemons::{bin, bin_dir, wait_for, workspace_root};
+use haven_tests::netns::ScratchDir;
 
 struct Lab {
     prefix: String,
@@ -168,6 +173,8 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
         "status shows no Prometheus:\n{s}"
     );
 
+    ike_and_esp_decrypt(&lab);
+
     let pids = lab.ns_pids();
     assert!(pids.len() >= 5, "lab processes: {pids:?}");
     let down = lab.run(&["down"]);
@@ -195,4 +202,143 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
         .collect();
     assert!(alive.is_empty(), "lab processes still alive: {alive:?}");
     assert!(!lab.dir.exists(), "{} left behind", lab.dir.display());
+}
+
+/// tshark's `fields` for the packets of `pcap` matching `filter`, with `config_dir` as
+/// Wireshark's configuration directory.
+fn tshark(pcap: &Path, config_dir: &Path, filter: &str, fields: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new("tshark");
+    cmd.env("WIRESHARK_CONFIG_DIR", config_dir)
+        .arg("-n")
+        .arg("-r")
+        .arg(pcap)
+        .args([
+            "-o",
+            "esp.enable_encryption_decode:TRUE",
+            "-Y",
+            filter,
+            "-T",
+            "fields",
+        ]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = cmd
+        .output()
+        .expect("tshark not found: run ops/install-deps");
+    assert!(
+        out.status.success(),
+        "tshark {filter}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn ike_and_esp_decrypt(lab: &Lab) {
+    let scratch = ScratchDir::new("lab-pcap").expect("scratch");
+    let pcap = scratch.path().join("port2.pcap");
+    let err_path = scratch.path().join("tcpdump.err");
+    let err = std::fs::File::create(&err_path).unwrap();
+    let mut tcpdump = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-gw", lab.prefix)])
+        .args(["tcpdump", "-i", "port2", "-n", "-U", "-w"])
+        .arg(&pcap)
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("tcpdump");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let guard = Kill(&mut tcpdump);
+    wait_for("tcpdump listening", Duration::from_secs(10), || {
+        let e = std::fs::read_to_string(&err_path).unwrap_or_default();
+        if e.contains("listening on") {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    });
+    let vici = format!("unix://{}/client/charon.vici", lab.dir.display());
+    let swanctl = |args: &[&str]| {
+        let out = Command::new("swanctl")
+            .args(args)
+            .args(["--uri", &vici])
+            .output()
+            .expect("swanctl");
+        assert!(out.status.success(), "swanctl {args:?}: {}", text(&out));
+    };
+    swanctl(&["--terminate", "--ike", "dial", "--timeout", "10"]);
+    swanctl(&["--initiate", "--child", "net", "--timeout", "25"]);
+    let ping_log = lab.dir.join("ping.log");
+    let before = replies(&ping_log);
+    wait_for(
+        "ping replies on the new SAs",
+        Duration::from_secs(20),
+        || match replies(&ping_log) {
+            n if n >= before + 3 => Ok(()),
+            n => Err(format!("{n} replies, {before} before")),
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(guard);
+
+    let keys = scratch.path().join("wireshark");
+    let out = Command::new(bin("vpnctl"))
+        .arg("--run-dir")
+        .arg(lab.dir.join("gw/run"))
+        .args(["diagnose", "vpn", "ike", "export-keys", "--wireshark"])
+        .arg(&keys)
+        .output()
+        .expect("vpnctl");
+    assert!(out.status.success(), "export-keys: {}", text(&out));
+    let table = std::fs::read_to_string(keys.join("ikev2_decryption_table")).unwrap();
+    assert_eq!(
+        table.lines().filter(|l| !l.starts_with('#')).count(),
+        1,
+        "one IKE SA:\n{table}"
+    );
+
+    // IKE_AUTH (exchange type 35) decrypted: the identities inside the SK payload.
+    let ids = tshark(
+        &pcap,
+        &keys,
+        "isakmp.exchangetype == 35",
+        &["isakmp.id.data.fqdn"],
+    );
+    let all = ids.join(" ");
+    assert!(
+        all.contains("pc1-client.haven.lab") && all.contains("gw.haven.lab"),
+        "identities not decrypted from IKE_AUTH: {ids:?}\n{table}"
+    );
+    // ESP in UDP 4500 decrypted: the inner ping both ways.
+    let icmp = tshark(
+        &pcap,
+        &keys,
+        "icmp && esp",
+        &["ip.src", "ip.dst", "icmp.type"],
+    );
+    let seen = |src: &str, ty: &str| {
+        icmp.iter()
+            .any(|l| l.contains(src) && l.ends_with(&format!("\t{ty}")))
+    };
+    assert!(
+        seen("10.10.1.2", "8") && seen("10.1.0.2", "0"),
+        "no decrypted ping: {icmp:?}"
+    );
+    let bad = tshark(&pcap, &keys, "_ws.malformed", &["frame.number"]);
+    assert!(bad.is_empty(), "malformed packets: {bad:?}");
+    // Without the keys nothing of it is readable.
+    let empty = scratch.path().join("no-keys");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert!(tshark(&pcap, &empty, "icmp", &["frame.number"]).is_empty());
+    assert!(tshark(&pcap, &empty, "isakmp.id.data.fqdn", &["frame.number"]).is_empty());
 }
