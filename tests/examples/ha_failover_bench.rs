@@ -118,12 +118,14 @@ fn main() {
         nets[p].ip(&["link", "set", "port2", "up"]).unwrap();
         members[p].spawn(priority);
         priority = priority.saturating_sub(1);
-        wait_for("the dead member is back as secondary", WAIT, || {
-            match members[p].role() {
+        wait_for(
+            "the dead member is back as secondary",
+            WAIT,
+            || match members[p].role() {
                 Some(r) if r == "secondary" => Ok(()),
                 other => Err(format!("{other:?}")),
-            }
-        });
+            },
+        );
         primary = s;
     }
     let after = client_sa(&lab.charon).map(|s| s.spis());
