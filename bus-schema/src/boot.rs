@@ -121,14 +121,52 @@ pub mod serde_opt_u128 {
 }
 
 /// `#[serde(with = "crate::boot::serde_bin")]`: a byte string (key material) as MessagePack
-/// `bin`, or lowercase hex in human-readable formats (JSON). At most [`serde_bin::MAX`] bytes.
+/// `bin`, or lowercase hex in human-readable formats (JSON). At most [`serde_bin::MAX`] bytes,
+/// on both sides: a longer one is an encode error (never published) and a decode error
+/// (never an allocation).
 pub mod serde_bin {
     use serde::{Deserializer, Serializer};
 
-    /// Longest byte string accepted (larger ones are a decode error, not an allocation).
+    /// Longest byte string accepted.
     pub const MAX: usize = 1024;
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        super::bounded_bin::serialize(v, s, MAX)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_any(super::bounded_bin::BinVisitor(MAX))
+    }
+}
+
+/// `#[serde(with = "crate::boot::serde_blob")]`: like [`serde_bin`] for an opaque state
+/// blob (an IKE SA with its CHILD SAs), at most [`serde_blob::MAX`] bytes.
+pub mod serde_blob {
+    use serde::{Deserializer, Serializer};
+
+    /// Longest blob accepted.
+    pub const MAX: usize = 64 * 1024;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        super::bounded_bin::serialize(v, s, MAX)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_any(super::bounded_bin::BinVisitor(MAX))
+    }
+}
+
+/// The bounded byte-string codec behind [`serde_bin`] and [`serde_blob`].
+mod bounded_bin {
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S, max: usize) -> Result<S::Ok, S::Error> {
+        if v.len() > max {
+            return Err(serde::ser::Error::custom(format!(
+                "byte string of {} bytes, at most {max} allowed",
+                v.len()
+            )));
+        }
         if s.is_human_readable() {
             let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
             s.serialize_str(&hex)
@@ -137,20 +175,21 @@ pub mod serde_bin {
         }
     }
 
-    struct BinVisitor;
+    /// Accepts a byte string of at most `.0` bytes.
+    pub struct BinVisitor(pub usize);
     impl<'de> serde::de::Visitor<'de> for BinVisitor {
         type Value = Vec<u8>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "a byte string of at most {MAX} bytes")
+            write!(f, "a byte string of at most {} bytes", self.0)
         }
         fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
-            if v.len() > MAX {
+            if v.len() > self.0 {
                 return Err(E::invalid_length(v.len(), &self));
             }
             Ok(v.to_vec())
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            if v.len() % 2 != 0 || v.len() > 2 * MAX {
+            if v.len() % 2 != 0 || v.len() > 2 * self.0 {
                 return Err(E::invalid_length(v.len(), &self));
             }
             (0..v.len())
@@ -168,17 +207,13 @@ pub mod serde_bin {
         ) -> Result<Self::Value, A::Error> {
             let mut out = Vec::new();
             while let Some(b) = seq.next_element::<u8>()? {
-                if out.len() == MAX {
+                if out.len() == self.0 {
                     return Err(serde::de::Error::invalid_length(out.len() + 1, &self));
                 }
                 out.push(b);
             }
             Ok(out)
         }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        d.deserialize_any(BinVisitor)
     }
 }
 
@@ -199,5 +234,63 @@ mod tests {
         let a = new_boot_id().unwrap();
         let b = new_boot_id().unwrap();
         assert_ne!(a, b);
+    }
+}
+
+#[cfg(test)]
+mod bounded_bin_tests {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Key {
+        #[serde(with = "super::serde_bin")]
+        k: Vec<u8>,
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Blob {
+        #[serde(with = "super::serde_blob")]
+        b: Vec<u8>,
+    }
+
+    #[test]
+    fn key_bound_holds_on_both_sides() {
+        let ok = Key {
+            k: vec![7; super::serde_bin::MAX],
+        };
+        let bytes = rmp_serde::to_vec_named(&ok).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Key>(&bytes).unwrap(), ok);
+        let long = Key {
+            k: vec![7; super::serde_bin::MAX + 1],
+        };
+        assert!(
+            rmp_serde::to_vec_named(&long).is_err(),
+            "encoded past the bound"
+        );
+        // A forged frame past the bound is refused, not allocated.
+        let forged = rmp_serde::to_vec_named(&Blob {
+            b: vec![7; super::serde_bin::MAX + 1],
+        })
+        .unwrap()
+        .into_iter()
+        .map(|x| if x == b'b' { b'k' } else { x })
+        .collect::<Vec<u8>>();
+        assert!(rmp_serde::from_slice::<Key>(&forged).is_err());
+    }
+
+    #[test]
+    fn blob_carries_an_ike_sa_with_children() {
+        // An IKE SA with a few CHILD SAs and CBC+HMAC-512 keys is well past 1 KiB.
+        let ok = Blob {
+            b: (0..5000u32).map(|i| i as u8).collect(),
+        };
+        let bytes = rmp_serde::to_vec_named(&ok).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Blob>(&bytes).unwrap(), ok);
+        let json = serde_json::to_string(&ok).unwrap();
+        assert_eq!(serde_json::from_str::<Blob>(&json).unwrap(), ok);
+        let long = Blob {
+            b: vec![0; super::serde_blob::MAX + 1],
+        };
+        assert!(rmp_serde::to_vec_named(&long).is_err());
     }
 }

@@ -616,7 +616,7 @@ pub struct IkeSaRecord {
     pub next_recv: u32,
     /// The peer's address and port.
     pub remote: String,
-    #[serde(with = "crate::boot::serde_bin")]
+    #[serde(with = "crate::boot::serde_blob")]
     pub state: Vec<u8>,
 }
 
