@@ -262,10 +262,10 @@ veth=$(val "bare veth")
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1fx", a / b; else print "-" }'; }
 
 echo "load average before the runs: $LOAD (shared machine: compare figures of one run only)"
-printf '%-62s %8s %10s %10s\n' "path (iperf3 TCP, ${SECS} s, one run, same machine)" "Gbit/s" "/strongSwan" "/bare veth"
-printf '%-62s %8s %10s %10s\n' "Haven <-> Haven (espd), AES_GCM_16-128 in UDP 4500" "$haven_udp" "$(ratio "$haven_udp" "$ss")" "$(ratio "$haven_udp" "$veth")"
-printf '%-62s %8s %10s %10s\n' "Haven <-> Haven (espd), AES_GCM_16-128 raw ESP" "$haven_raw" "$(ratio "$haven_raw" "$ss")" "$(ratio "$haven_raw" "$veth")"
-printf '%-62s %8s %10s %10s\n' "strongSwan client <-> Haven gateway (IKE), AES_GCM_16-128 UDP" "$swan_haven" "$(ratio "$swan_haven" "$ss")" "$(ratio "$swan_haven" "$veth")"
-printf '%-62s %8s %10s %10s\n' "strongSwan <-> strongSwan, kernel-libipsec, AES_GCM_16-128 in UDP" "$ss" "1.0x" "$(ratio "$ss" "$veth")"
-printf '%-62s %8s %10s %10s\n' "clear routing through two gateways" "$routed" "$(ratio "$routed" "$ss")" "$(ratio "$routed" "$veth")"
-printf '%-62s %8s %10s %10s\n' "bare veth between the gateways" "$veth" "$(ratio "$veth" "$ss")" "1.0x"
+printf '%-66s %8s %10s %10s\n' "path (iperf3 TCP, ${SECS} s, one run, same machine)" "Gbit/s" "/strongSwan" "/bare veth"
+printf '%-66s %8s %10s %10s\n' "Haven <-> Haven (espd), AES_GCM_16-128 in UDP 4500" "$haven_udp" "$(ratio "$haven_udp" "$ss")" "$(ratio "$haven_udp" "$veth")"
+printf '%-66s %8s %10s %10s\n' "Haven <-> Haven (espd), AES_GCM_16-128 raw ESP" "$haven_raw" "$(ratio "$haven_raw" "$ss")" "$(ratio "$haven_raw" "$veth")"
+printf '%-66s %8s %10s %10s\n' "strongSwan client <-> Haven gateway (IKE), AES_GCM_16-128 UDP" "$swan_haven" "$(ratio "$swan_haven" "$ss")" "$(ratio "$swan_haven" "$veth")"
+printf '%-66s %8s %10s %10s\n' "strongSwan <-> strongSwan, kernel-libipsec, AES_GCM_16-128 in UDP" "$ss" "1.0x" "$(ratio "$ss" "$veth")"
+printf '%-66s %8s %10s %10s\n' "clear routing through two gateways" "$routed" "$(ratio "$routed" "$ss")" "$(ratio "$routed" "$veth")"
+printf '%-66s %8s %10s %10s\n' "bare veth between the gateways" "$veth" "$(ratio "$veth" "$ss")" "1.0x"
