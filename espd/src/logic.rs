@@ -138,6 +138,20 @@ impl Espd {
     fn reconcile(&mut self, out: &mut Outbox) {
         let now = Instant::now();
         self.dead.retain(|k| self.desired.contains_key(k));
+        // A lingering SA that ikemgr publishes again is live again.
+        let revived: Vec<String> = self
+            .lingering
+            .keys()
+            .filter(|k| self.desired.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in revived {
+            self.lingering.remove(&k);
+            let outbound = self.installed.get(&k).is_some_and(|i| i.outbound);
+            if let Some(dp) = self.dp.as_mut() {
+                dp.set_outbound(&k, outbound);
+            }
+        }
         let gone: Vec<String> = self
             .installed
             .keys()

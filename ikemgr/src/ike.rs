@@ -1624,6 +1624,41 @@ config vpn ipsec phase2-interface
 end
 "#;
 
+    /// `keylife-type` decides which limits espd enforces: seconds only, bytes only
+    /// (`keylifekbs` KiB, soft at 7/8) or both.
+    #[test]
+    fn keylife_type_selects_the_limits() {
+        let gw = |extra: &str| {
+            let text = HUB.replace(
+                "        set pfs disable\n",
+                &format!("        set pfs disable\n{extra}"),
+            );
+            let cfg = match haven_config::parse(&text) {
+                Ok(p) => p.config,
+                Err(e) => panic!("{e}"),
+            };
+            let p1 = cfg.phase1.first().cloned().expect("phase1");
+            gateway_of(&cfg, &p1).expect("gateway")
+        };
+        let secs = gw("        set keylifeseconds 600\n");
+        assert_eq!((secs.child_bytes, secs.child_timed), (None, true));
+        assert_eq!(secs.cfg.child_lifetime, Duration::from_secs(600));
+        let kbs = gw("        set keylife-type kbs\n        set keylifekbs 10240\n");
+        assert_eq!(
+            (kbs.child_bytes, kbs.child_timed),
+            (Some(10240 * 1024), false)
+        );
+        assert!(kbs.cfg.child_lifetime > Duration::from_secs(365 * 86_400));
+        let both = gw(
+            "        set keylife-type both\n        set keylifeseconds 600\n        set keylifekbs 10240\n",
+        );
+        assert_eq!(
+            (both.child_bytes, both.child_timed),
+            (Some(10240 * 1024), true)
+        );
+        assert_eq!(both.cfg.child_lifetime, Duration::from_secs(600));
+    }
+
     fn mgr(text: &str, now: Instant) -> IkeManager {
         let cfg = match haven_config::parse(text) {
             Ok(p) => p.config,

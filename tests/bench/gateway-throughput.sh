@@ -3,7 +3,9 @@
 # beside the strongSwan baseline, in one run on this machine:
 #   1. iperf3 TCP (8 s) client -> server through two Haven gateways, ESP in UDP 4500;
 #   2. the same over raw ESP (IP protocol 50);
-#   3. tests/bench/strongswan-baseline.sh: strongSwan <-> strongSwan (kernel-libipsec, ESP in
+#   3. a strongSwan dial-up client (kernel-libipsec) <-> a Haven dynamic gateway (ikemgr
+#      negotiates, espd carries ESP in UDP 4500): one end is strongSwan, so expect its speed;
+#   4. tests/bench/strongswan-baseline.sh: strongSwan <-> strongSwan (kernel-libipsec, ESP in
 #      UDP), the clear-routed path and the bare veth between the gateways.
 # Topology as in strongswan-baseline.sh (addresses exist only inside the namespaces made here):
 #   client 10.99.1.2 -- 10.99.1.1 gwa 172.31.0.1 == veth == 172.31.0.2 gwb 10.99.2.1 -- 10.99.2.2 server
@@ -125,13 +127,126 @@ haven_line() { # $1 = prefix, $2 = encap; writes Gbit/s to $WORK/result-$1 (no s
     iperf "${1}client" "${1}server" 10.99.2.2 >"$WORK/result-$1"
 }
 
+CHARON=${CHARON:-/usr/lib/ipsec/charon}
+PSK=bench-only-pre-shared-key-0123456789
+
+# A strongSwan dial-up client (charon, kernel-libipsec, ESP in UDP) in "$1gwa".
+start_charon_client() { # $1 = prefix
+    local dir="$WORK/$1charon"
+    for d in x509 x509ca x509ocsp x509aa x509ac x509crl pubkey private rsa ecdsa bliss pkcs8 pkcs12; do
+        mkdir -p "$dir/$d"
+    done
+    cat >"$dir/strongswan.conf" <<EOF
+charon {
+  load = random nonce openssl kdf pem pkcs1 x509 revocation constraints pubkey socket-default kernel-libipsec kernel-netlink vici updown
+  filelog { log { path = $dir/charon.log
+    default = 1
+    flush_line = yes } }
+  plugins { vici { socket = unix://$dir/charon.vici } }
+  install_routes = yes
+}
+EOF
+    cat >"$dir/swanctl.conf" <<EOF
+connections {
+  dial {
+    version = 2
+    local_addrs = 172.31.0.1
+    remote_addrs = 172.31.0.2
+    encap = yes
+    proposals = aes128gcm16-prfsha256-ecp256
+    local { auth = psk
+      id = client.bench.test }
+    remote { auth = psk
+      id = gwb.bench.test }
+    children {
+      net {
+        local_ts = 10.99.1.0/24
+        remote_ts = 10.99.2.0/24
+        esp_proposals = aes128gcm16
+        mode = tunnel
+      }
+    }
+  }
+}
+secrets {
+  ike-dial { id-a = client.bench.test
+    id-b = gwb.bench.test
+    secret = "$PSK" }
+}
+EOF
+    STRONGSWAN_CONF="$dir/strongswan.conf" ip netns exec "$TAG-$1gwa" \
+        unshare -m sh -c 'mount -t tmpfs none /run && exec "$0"' "$CHARON" \
+        >"$dir/charon.out" 2>&1 &
+    disown
+    for _ in $(seq 50); do [ -S "$dir/charon.vici" ] && break; sleep 0.1; done
+    [ -S "$dir/charon.vici" ] || die "charon did not open its vici socket: $(tail -n 5 "$dir/charon.out")"
+    swanctl --load-all --uri "unix://$dir/charon.vici" --file "$dir/swanctl.conf" >/dev/null
+    swanctl --initiate --child net --timeout 20 --uri "unix://$dir/charon.vici" >"$dir/initiate.out" 2>&1 ||
+        die "strongSwan client could not connect to the Haven gateway: $(tail -n 5 "$dir/initiate.out")"
+}
+
+# Haven's dial-up gateway (ikemgr negotiates with the client, espd carries ESP) in "$1gwb".
+start_haven_dialup() { # $1 = prefix
+    local dir="$WORK/$1gwb"
+    mkdir -p "$dir"
+    cat >"$dir/haven.conf" <<EOF
+config vpn ipsec phase1-interface
+    edit "vpn1"
+        set type dynamic
+        set interface "out0"
+        set ike-version 2
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set localid "gwb.bench.test"
+        set dpd disable
+        set psksecret "$PSK"
+    next
+end
+config vpn ipsec phase2-interface
+    edit "vpn1"
+        set phase1name "vpn1"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet 10.99.2.0/24
+        set dst-subnet 10.99.1.0/24
+    next
+end
+EOF
+    for d in ikemgr espd; do
+        nx "$1gwb" "$BIN/$d" --config "$dir/haven.conf" --run-dir "$dir/run" --log-level warn \
+            >"$dir/$d.log" 2>&1 &
+        disown
+    done
+    sleep 1
+}
+
+swan_haven_line() { # $1 = prefix; writes Gbit/s to $WORK/result-$1
+    [ -x "$CHARON" ] || die "missing charon at $CHARON (package strongswan-charon)"
+    command -v swanctl >/dev/null || die "missing tool: swanctl"
+    build_line "$1"
+    start_haven_dialup "$1"
+    start_charon_client "$1"
+    for _ in $(seq 50); do
+        nx "${1}client" ping -c 1 -W 1 10.99.2.2 >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    nx "${1}client" ping -c 1 -W 5 10.99.2.2 >/dev/null || die "no ping through strongSwan client <-> Haven gateway"
+    iperf "${1}client" "${1}server" 10.99.2.2 >"$WORK/result-$1"
+}
+
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 haven_line u udp
 haven_line e none
 haven_udp=$(cat "$WORK/result-u")
 haven_raw=$(cat "$WORK/result-e")
+# Each path runs alone: stop the Haven <-> Haven lines first.
+cleanup
+NAMESPACES=()
+WORK=$(mktemp -d "/tmp/${TAG}.XXXXXX")
+swan_haven_line s
+swan_haven=$(cat "$WORK/result-s")
 if [ "${HAVEN_ONLY:-0}" = 1 ]; then  # quick iteration: no baseline, figures not comparable
-    echo "Haven only (HAVEN_ONLY=1), ${SECS} s: UDP 4500 $haven_udp Gbit/s, raw ESP $haven_raw Gbit/s"
+    echo "Haven only (HAVEN_ONLY=1), ${SECS} s: UDP 4500 $haven_udp Gbit/s, raw ESP $haven_raw Gbit/s, strongSwan client <-> Haven $swan_haven Gbit/s"
     exit 0
 fi
 # Stop the Haven lines before the baseline runs, so they do not compete for the CPUs.
@@ -147,9 +262,10 @@ veth=$(val "bare veth")
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1fx", a / b; else print "-" }'; }
 
 echo "load average before the runs: $LOAD (shared machine: compare figures of one run only)"
-printf '%-62s %8s %10s %10s\n' "path (iperf3 TCP, ${SECS} s, one run, same machine)" "Gbit/s" "/strongSwan" "/bare veth"
-printf '%-62s %8s %10s %10s\n' "Haven <-> Haven (espd), AES_GCM_16-128 in UDP 4500" "$haven_udp" "$(ratio "$haven_udp" "$ss")" "$(ratio "$haven_udp" "$veth")"
-printf '%-62s %8s %10s %10s\n' "Haven <-> Haven (espd), AES_GCM_16-128 raw ESP" "$haven_raw" "$(ratio "$haven_raw" "$ss")" "$(ratio "$haven_raw" "$veth")"
-printf '%-62s %8s %10s %10s\n' "strongSwan <-> strongSwan, kernel-libipsec, AES_GCM_16-128 in UDP" "$ss" "1.0x" "$(ratio "$ss" "$veth")"
-printf '%-62s %8s %10s %10s\n' "clear routing through two gateways" "$routed" "$(ratio "$routed" "$ss")" "$(ratio "$routed" "$veth")"
-printf '%-62s %8s %10s %10s\n' "bare veth between the gateways" "$veth" "$(ratio "$veth" "$ss")" "1.0x"
+printf '%-66s %8s %10s %10s\n' "path (iperf3 TCP, ${SECS} s, one run, same machine)" "Gbit/s" "/strongSwan" "/bare veth"
+printf '%-66s %8s %10s %10s\n' "Haven <-> Haven (espd), AES_GCM_16-128 in UDP 4500" "$haven_udp" "$(ratio "$haven_udp" "$ss")" "$(ratio "$haven_udp" "$veth")"
+printf '%-66s %8s %10s %10s\n' "Haven <-> Haven (espd), AES_GCM_16-128 raw ESP" "$haven_raw" "$(ratio "$haven_raw" "$ss")" "$(ratio "$haven_raw" "$veth")"
+printf '%-66s %8s %10s %10s\n' "strongSwan client <-> Haven gateway (IKE), AES_GCM_16-128 UDP" "$swan_haven" "$(ratio "$swan_haven" "$ss")" "$(ratio "$swan_haven" "$veth")"
+printf '%-66s %8s %10s %10s\n' "strongSwan <-> strongSwan, kernel-libipsec, AES_GCM_16-128 in UDP" "$ss" "1.0x" "$(ratio "$ss" "$veth")"
+printf '%-66s %8s %10s %10s\n' "clear routing through two gateways" "$routed" "$(ratio "$routed" "$ss")" "$(ratio "$routed" "$veth")"
+printf '%-66s %8s %10s %10s\n' "bare veth between the gateways" "$veth" "$(ratio "$veth" "$ss")" "1.0x"

@@ -600,3 +600,28 @@ fn decap(
     shared.rx.add(len, now);
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_keeps_copies_up_to_its_slots() {
+        let mut h = Hold::new();
+        assert!(h.is_empty());
+        let src = Source::Udp(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 4500));
+        for i in 0..HOLD_SLOTS {
+            assert!(h.push(&[i as u8; 100], src, i as u64), "slot {i}");
+        }
+        assert!(!h.push(&[0xee; 100], src, 99), "a full hold refuses");
+        assert_eq!(h.meta[3], Some((100, src, 3)));
+        assert_eq!(&h.bufs[3 * SLOT..3 * SLOT + 100], &[3u8; 100][..]);
+        h.meta[5] = None;
+        assert!(
+            !h.push(&vec![0u8; SLOT + 1], src, 7),
+            "too large for a slot"
+        );
+        assert!(h.push(&[7u8; 60], Source::Raw(Ipv4Addr::new(192, 0, 2, 9)), 7));
+        assert_eq!(h.meta[5].map(|m| m.0), Some(60));
+    }
+}
