@@ -473,6 +473,25 @@ impl DaemonLogic for Ikemgr {
 
 /// Drop counters and half-open state for Prometheus (ops/ATTACKS.md).
 fn export_drop_metrics(ike: &ike::IkeManager) {
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    DESCRIBED.call_once(|| {
+        metrics::describe_counter!(
+            "ikemgr_drops_total",
+            "IKE datagrams dropped, by reason (see ops/ATTACKS.md)."
+        );
+        metrics::describe_gauge!(
+            "ikemgr_half_open_sas",
+            "IKE SAs that answered IKE_SA_INIT and wait for IKE_AUTH."
+        );
+        metrics::describe_counter!(
+            "ikemgr_cookies_sent_total",
+            "COOKIE notifies sent while half-open IKE SAs were over the limit (RFC 7296 2.6)."
+        );
+        metrics::describe_counter!(
+            "ikemgr_cookies_invalid_total",
+            "IKE_SA_INIT requests refused for a missing or wrong COOKIE."
+        );
+    });
     for (reason, n) in ike.drops() {
         metrics::counter!("ikemgr_drops_total", "reason" => *reason).absolute(*n);
     }

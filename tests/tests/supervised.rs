@@ -13,12 +13,19 @@ use serde_json::Value;
 
 const CONFIG: &str = include_str!("../../ops/examples/haven.conf");
 
-/// Who follows whom (mirrors each daemon's `FOLLOWS`).
-const FOLLOWS: [(&str, &str); 4] = [
+/// Who follows whom: each daemon's `FOLLOWS`. [`converged`] fails when a daemon reports a
+/// replica this list does not name, so the list cannot silently fall behind.
+const FOLLOWS: [(&str, &str); 10] = [
     ("ikemgr", "hasyncd"),
+    ("ikemgr", "dpdmon"),
+    ("ikemgr", "espd"),
     ("dpdmon", "ikemgr"),
+    ("dpdmon", "hasyncd"),
+    ("dpdmon", "espd"),
     ("hasyncd", "ikemgr"),
+    ("hasyncd", "espd"),
     ("espd", "ikemgr"),
+    ("espd", "hasyncd"),
 ];
 
 fn status(run_dir: &Path) -> Result<BTreeMap<String, Value>, String> {
@@ -58,6 +65,19 @@ fn owner_store(run_dir: &Path, daemon: &str) -> Result<(u128, StateStore), Strin
 
 /// Every follower's replica of every followed daemon matches that daemon's own state.
 fn converged(run_dir: &Path) -> Result<(), String> {
+    for follower in DAEMONS {
+        let CtlReply::Replicas(reps) = ctl(run_dir, follower, CtlRequest::Replicas)? else {
+            return Err(format!("{follower}: not a replica list"));
+        };
+        for r in &reps {
+            if !FOLLOWS.contains(&(follower, r.src.name())) {
+                panic!(
+                    "{follower} follows {} but FOLLOWS does not say so",
+                    r.src.name()
+                );
+            }
+        }
+    }
     for (follower, src) in FOLLOWS {
         let (boot, store) = owner_store(run_dir, src)?;
         let CtlReply::Replicas(reps) = ctl(run_dir, follower, CtlRequest::Replicas)? else {
