@@ -1638,7 +1638,7 @@ end
                 Err(e) => panic!("{e}"),
             };
             let p1 = cfg.phase1.first().cloned().expect("phase1");
-            gateway_of(&cfg, &p1).expect("gateway")
+            gateway_of(&cfg, &p1, &CertStore::default(), Instant::now()).expect("gateway")
         };
         let secs = gw("        set keylifeseconds 600\n");
         assert_eq!((secs.child_bytes, secs.child_timed), (None, true));
