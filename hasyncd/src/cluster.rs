@@ -552,7 +552,7 @@ impl Cluster {
                             next_send: ike.next_request_id,
                             next_recv: ike.next_expected_id,
                             remote: ike.remote_addr.clone(),
-                            state: ike.state.expose().to_vec(),
+                            keys: ike.state.expose().to_vec(),
                         },
                         start_seqs: start_seqs
                             .into_iter()
@@ -923,7 +923,7 @@ fn ike_sync(r: &IkeSaRecord) -> IkeSaSync {
         next_request_id: r.next_send,
         next_expected_id: r.next_recv,
         msg_id_sync: false,
-        state: KeyBytes(r.state.clone()),
+        state: KeyBytes(r.keys.clone()),
     }
 }
 
