@@ -159,7 +159,7 @@ pub fn ike_sa() -> IkeSaRecord {
         next_send: 4,
         next_recv: 2,
         remote: "192.168.4.2:500".into(),
-        state: vec![0xab; 8],
+        keys: vec![0xab; 8],
     }
 }
 

@@ -601,9 +601,10 @@ pub struct SeqMark {
 
 /// An established IKE SA (`sa.ike`), published by ikemgr after every exchange that changed
 /// its SPIs, message IDs or CHILD SAs, and replicated by hasyncd to the other members.
-/// `state` is ikemgr's own encoding of the SA (keys, algorithms, identities, CHILD SAs);
-/// only ikemgr reads it. The plain fields are what the other daemons and views need;
-/// `next_send`/`next_recv` are authoritative over the ones inside `state`.
+/// `keys` is ikemgr's own encoding of the whole SA (keys, algorithms, identities, CHILD
+/// SAs); only ikemgr reads it, and tools redact it like `keys_in`/`keys_out`. The plain
+/// fields are what the other daemons and views need; `next_send`/`next_recv` are
+/// authoritative over the ones inside `keys`.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub struct IkeSaRecord {
     pub tunnel: String,
@@ -617,7 +618,7 @@ pub struct IkeSaRecord {
     /// The peer's address and port.
     pub remote: String,
     #[serde(with = "crate::boot::serde_blob")]
-    pub state: Vec<u8>,
+    pub keys: Vec<u8>,
 }
 
 impl std::fmt::Debug for IkeSaRecord {
@@ -630,7 +631,7 @@ impl std::fmt::Debug for IkeSaRecord {
             .field("next_send", &self.next_send)
             .field("next_recv", &self.next_recv)
             .field("remote", &self.remote)
-            .field("state", &"<redacted>")
+            .field("keys", &"<redacted>")
             .finish()
     }
 }

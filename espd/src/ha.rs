@@ -1,7 +1,7 @@
 //! Outbound sequence leases synced through hasyncd (DESIGN.md §6, issue 6).
 //!
-//! In an HA cluster (hasyncd publishes a member whose mode is not `standalone`), an SA
-//! installed from then on sends no packet with a sequence number at or above the last mark
+//! In an HA cluster (the configuration has `config system ha` in `a-p` mode or
+//! `config system standalone-cluster`), an SA sends no packet with a sequence number at or above the last mark
 //! hasyncd granted ([`crate::datapath::table::Sa::ha_hw`]). espd asks for the mark it has
 //! persisted locally (`SeqLeaseRequest`, at install and then every tick while a request is
 //! open); hasyncd broadcasts it on the HA link and, once every live member stored it,
@@ -9,14 +9,16 @@
 //! every number this espd may have sent. The local persisted mark still protects a
 //! `kill -9` of espd; the effective limit is the smaller of the two marks.
 //!
-//! Not yet: an SA installed before hasyncd's member record was seen is not gated (it keeps
-//! sending on its local marks alone); if hasyncd stops answering, gated SAs stop sending
-//! once their granted mark is used up (counted as `seq_lease` drops).
+//! If hasyncd does not answer (not running), a gated SA sends nothing, and a running one
+//! stops once its granted mark is used up (counted as `seq_lease` drops): a cluster member
+//! never sends an unsynced sequence number. An SA installed before a reload that turned
+//! clustering on keeps its local marks alone.
 
 use std::sync::atomic::Ordering;
 
 use bus_schema::schema::SeqMark;
-use bus_schema::{Body, StateStore};
+use bus_schema::Body;
+use haven_config::Config;
 
 use crate::datapath::Datapath;
 
@@ -32,16 +34,20 @@ impl HaLeases {
         self.gating
     }
 
-    /// hasyncd's state changed: gate when this member is in a cluster.
-    pub fn on_hasyncd(&mut self, store: &StateStore, dp: Option<&mut Datapath>) {
-        let gating = store
-            .items()
-            .any(|b| matches!(b, Body::HaMember(m) if m.mode != "standalone"));
+    /// The configuration: gate when this member is in a cluster (`config system ha` in
+    /// `a-p` mode, or `config system standalone-cluster`). Decided from the configuration,
+    /// not from hasyncd's records, so that no SA can start sending before hasyncd is heard.
+    pub fn on_config(&mut self, config: &Config, dp: Option<&mut Datapath>) {
+        let gating = config
+            .ha
+            .as_ref()
+            .is_some_and(|h| h.mode == haven_config::HaMode::ActivePassive)
+            || config.standalone.is_some();
         if gating != self.gating {
             tracing::info!(
                 "HA: outbound sequence leases {}",
                 if gating {
-                    "synced through hasyncd before use"
+                    "granted by hasyncd before use (cluster member)"
                 } else {
                     "local only"
                 }

@@ -675,7 +675,8 @@ impl DaemonLogic for Espd {
         Espd::with(run_dir, workers)
     }
 
-    fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {
+    fn on_config(&mut self, config: &Config, _out: &mut Outbox) {
+        self.ha.on_config(config, self.dp.as_mut());
         // Own UDP 4500 and raw ESP from the start: IKE that floats to 4500 (NAT-T, RFC 3948)
         // reaches ikemgr through this datapath before any SA exists. A failure is retried
         // with the first SA.
@@ -684,7 +685,7 @@ impl DaemonLogic for Espd {
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         if src == DaemonKind::Hasyncd {
-            self.ha.on_hasyncd(store, self.dp.as_mut());
+            // Followed for its lease grants (events) only.
             return;
         }
         if src != DaemonKind::Ikemgr {

@@ -39,6 +39,10 @@ struct FgcpSide {
     /// Serial numbers and host names of members heard (for the status view).
     hostnames: std::collections::BTreeMap<MemberId, String>,
     ha_id_changes: u64,
+    /// Each peer's role as last announced.
+    peer_roles: BTreeMap<MemberId, HaRole>,
+    /// Peers that just announced `secondary` (they heard this member).
+    now_secondary: Vec<MemberId>,
 }
 
 /// One configured FGSP `cluster-peer`.
@@ -421,6 +425,17 @@ impl Cluster {
             resend_fgsp |= joined;
             received.extend(msgs.into_iter().map(|(m, msg)| (m, "fgsp", msg)));
         }
+        // Membership first: a lease that arrives with a peer's first heartbeat must not be
+        // marked stale by that peer's PeerJoined afterwards.
+        if let Some(t) = self.table.as_mut() {
+            for ev in &self.election_events {
+                match ev {
+                    ElectionEvent::PeerJoined(m) => t.peer_joined(*m),
+                    ElectionEvent::PeerLost(m) => t.peer_lost(*m),
+                    _ => {}
+                }
+            }
+        }
         for (from, link, msg) in received {
             if link == "fgcp" {
                 if let Some(t) = self.table.as_mut() {
@@ -433,8 +448,7 @@ impl Cluster {
         for ev in std::mem::take(&mut self.election_events) {
             let Some(t) = self.table.as_mut() else { break };
             match ev {
-                ElectionEvent::PeerJoined(m) => t.peer_joined(m),
-                ElectionEvent::PeerLost(m) => t.peer_lost(m),
+                ElectionEvent::PeerJoined(_) | ElectionEvent::PeerLost(_) => {}
                 ElectionEvent::BecamePrimary => {
                     // Every tunnel another member carried is ours now, each outbound SA
                     // starting at its last acknowledged lease.
@@ -442,6 +456,15 @@ impl Cluster {
                     self.local_tunnels.clear();
                 }
                 ElectionEvent::BecameSecondary { .. } => self.local_tunnels.clear(),
+            }
+        }
+        let primary = self.fgcp_role() == Some(HaRole::Primary);
+        if let (Some(side), Some(t)) = (self.fgcp.as_mut(), self.table.as_mut()) {
+            for m in std::mem::take(&mut side.now_secondary) {
+                if primary {
+                    // It heard us: claims and leases again, so its records are exact.
+                    t.resync_peer(m);
+                }
             }
         }
         if resend_fgcp || resend_fgsp {
@@ -533,7 +556,7 @@ impl Cluster {
                             next_send: ike.next_request_id,
                             next_recv: ike.next_expected_id,
                             remote: ike.remote_addr.clone(),
-                            state: ike.state.expose().to_vec(),
+                            keys: ike.state.expose().to_vec(),
                         },
                         start_seqs: start_seqs
                             .into_iter()
@@ -904,7 +927,7 @@ fn ike_sync(r: &IkeSaRecord) -> IkeSaSync {
         next_request_id: r.next_send,
         next_expected_id: r.next_recv,
         msg_id_sync: false,
-        state: KeyBytes(r.state.clone()),
+        state: KeyBytes(r.keys.clone()),
     }
 }
 
@@ -942,10 +965,14 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
     cfg.override_ = ha.override_;
     cfg.hb_interval_ms = u64::from(ha.hb_interval_ms());
     cfg.hb_lost_threshold = u32::from(ha.hb_lost_threshold);
-    let fgcp = Fgcp::new(cfg, now_ms).map_err(|e| e.to_string())?;
     let link = HaLink::new(key, me, epoch(now_ms)).map_err(|e| e.to_string())?;
     let sock = LinkSocket::bind(FGCP_PORT, Some(&hbdev))
         .map_err(|e| format!("heartbeat socket on {hbdev:?} port {FGCP_PORT}: {e}"))?;
+    // The hello phase starts now that the socket listens: the key derivation above
+    // (PBKDF2) can take longer than a whole hello phase on a loaded machine, and a member
+    // that hears nobody during its hello elects itself.
+    let listening_ms = haven_daemon::now_ns() / 1_000_000;
+    let fgcp = Fgcp::new(cfg, now_ms.max(listening_ms)).map_err(|e| e.to_string())?;
     Ok(FgcpSide {
         sock,
         dest: SocketAddr::from((Ipv4Addr::BROADCAST, FGCP_PORT)),
@@ -957,6 +984,8 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         hbdev,
         hostnames: Default::default(),
         ha_id_changes: 0,
+        peer_roles: BTreeMap::new(),
+        now_secondary: Vec::new(),
     })
 }
 
@@ -1016,6 +1045,10 @@ impl FgcpSide {
                 Ok(r) => {
                     count_received("fgcp", bytes.len());
                     if let Message::Heartbeat(hb) = &r.message {
+                        let before = self.peer_roles.insert(r.sender, hb.role);
+                        if hb.role == HaRole::Secondary && before != Some(HaRole::Secondary) {
+                            self.now_secondary.push(r.sender);
+                        }
                         self.hostnames.insert(r.sender, hb.serial.clone());
                         self.fgcp.handle_heartbeat(r.sender, hb, now_ms);
                     } else {

@@ -8,16 +8,20 @@
 //! daemon tick ([`Hasyncd::TICK_MS`]); its result is published as `ha.member` (role
 //! `primary`/`secondary`/`hello`) and a role per tunnel ikemgr publishes (`ha.role`):
 //! `sync-primary` on the FGCP primary (or on a member without FGCP), `standby` elsewhere.
-//! CHILD SAs ikemgr publishes (`sa.child`) are sent as ha-core `ChildSa` messages (and
-//! `Delete` when they go) by the FGCP primary over the FGCP link, and over the FGSP link
-//! for phase1s with `fgsp-sync enable`; a member that (re)joins gets all of them again.
-//! Received ones are kept as standby copies (view `replicas`, without keys).
+//! CHILD SAs (`sa.child`) and IKE SAs (`sa.ike`, ikemgr's full record after every
+//! exchange) ikemgr publishes are sent by the FGCP primary over the FGCP link (CHILD SAs
+//! also over the FGSP link for phase1s with `fgsp-sync enable`); a member that (re)joins
+//! gets all of them again. Received ones are kept as standby copies (view `replicas`,
+//! without keys). On the FGCP link an ha-core `TunnelTable` keeps per-tunnel ownership and
+//! espd's outbound sequence leases (`esp.lease` requests, granted on `ha.lease` once every
+//! live member acknowledged); when this member becomes primary it takes every tunnel over
+//! (`ha.takeover` to ikemgr, with each outbound SA's start at the last acknowledged lease)
+//! and holds the shared addresses ([`vip`]). See README.md.
 //! Views: `ha-status`, `standalone-peers`, `roles`, `member`, `replicas`.
 //!
-//! Not yet: IKE SA and message-ID sync, sequence leases (ha-core `TunnelTable`), the
-//! snapshot/stream Clone pattern, handing standby copies to ikemgr/espd on takeover, FGSP
-//! per-tunnel ownership, shared addresses and gratuitous ARP on takeover, a persisted
-//! link epoch (the epoch is the wall clock in ms at each start).
+//! Not yet: RFC 6311, FGSP per-tunnel ownership and takeover, restoring a restarted
+//! ikemgr's IKE SAs from the local copies, the snapshot/stream Clone pattern over the link,
+//! a persisted link epoch (the epoch is the wall clock in ms at each start).
 
 mod cluster;
 mod io;

@@ -313,7 +313,7 @@ fn redact_keys(v: &mut Value) {
     match v {
         Value::Object(m) => {
             for (k, x) in m.iter_mut() {
-                if k == "keys_in" || k == "keys_out" {
+                if k == "keys_in" || k == "keys_out" || k == "keys" {
                     *x = Value::String("<redacted>".into());
                 } else {
                     redact_keys(x);

@@ -111,11 +111,61 @@ fn main() {
             seqs.len(),
             if resumed { "" } else { ", NOT RESUMED" }
         );
+        if !resumed {
+            let keep = std::path::Path::new("/tmp/ha-bench-logs");
+            let _ = std::fs::create_dir_all(keep);
+            for (m, n) in members.iter().zip(["gw1", "gw2"]) {
+                for d in ["hasyncd", "ikemgr", "espd"] {
+                    let _ = std::fs::write(keep.join(format!("{n}-{d}.log")), m.log(d));
+                }
+            }
+            let _ = std::fs::write(keep.join("charon.log"), lab.charon.log());
+            let mut diag = String::new();
+            for (n, ns) in [
+                ("router", &lab.router),
+                ("server", &lab.server),
+                ("gw1", &lab.gw1),
+                ("gw2", &lab.gw2),
+                ("client", &lab.client),
+            ] {
+                for args in [
+                    &["neigh"][..],
+                    &["-4", "addr"][..],
+                    &["route"][..],
+                    &["-s", "link"][..],
+                ] {
+                    diag += &format!(
+                        "== {n} ip {args:?}\n{}\n",
+                        ns.run("ip", args).unwrap_or_default()
+                    );
+                }
+            }
+            diag += &format!(
+                "== fdb\n{}\n",
+                lab.router
+                    .run("bridge", &["fdb", "show", "br", "br0", "dynamic"])
+                    .unwrap_or_default()
+            );
+            for (m, n) in members.iter().zip(["gw1", "gw2"]) {
+                diag += &format!(
+                    "== {n} espd\n{}\n",
+                    m.view(DaemonKind::Espd, "tunnel-list")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                );
+            }
+            let _ = std::fs::write(keep.join("diag.txt"), diag);
+            panic!(
+                "run {run}: the ping did not resume; logs in {}",
+                keep.display()
+            );
+        }
         outages.push(outage);
         promoted.push(to_primary);
         // The dead member comes back as secondary.
         let _ = nets[p].ip(&["addr", "del", &format!("{SHARED}/32"), "dev", "port2"]);
         nets[p].ip(&["link", "set", "port2", "up"]).unwrap();
+        lan_routes(&nets[p]);
         members[p].spawn(priority);
         priority = priority.saturating_sub(1);
         wait_for(

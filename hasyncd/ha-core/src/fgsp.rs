@@ -341,6 +341,40 @@ impl TunnelTable {
         }
     }
 
+    /// Sends `peer` the claims and current leases of every tunnel this member owns again
+    /// (for example once the peer left its hello phase: what was sent before it heard this
+    /// member may have been marked stale by its own [`TunnelTable::peer_joined`]).
+    pub fn resync_peer(&mut self, peer: MemberId) {
+        if peer == self.me {
+            return;
+        }
+        for (name, t) in &self.tunnels {
+            if t.owner != self.me {
+                continue;
+            }
+            self.outbox.push_back(Outgoing {
+                to: Some(peer),
+                message: Message::Ownership(OwnershipClaim {
+                    tunnel: name.clone(),
+                    owner: self.me,
+                    generation: t.generation,
+                    reason: ClaimReason::Refresh,
+                }),
+            });
+            for (spi, s) in &t.sas {
+                let hw = s.pending.as_ref().map_or(s.hw, |p| p.hw.max(s.hw));
+                self.outbox.push_back(Outgoing {
+                    to: Some(peer),
+                    message: Message::SeqLease(SeqLease {
+                        tunnel: name.clone(),
+                        spi_out: *spi,
+                        seq_hw: hw,
+                    }),
+                });
+            }
+        }
+    }
+
     /// A peer was declared dead. Its tunnels move to the successor (the live member with
     /// the lowest id, this one included); if that is this member they are promoted. Leases
     /// waiting for the peer's acknowledgement stop waiting for it.
@@ -1346,6 +1380,52 @@ mod tests {
         u.peer_lost(MemberId(1));
         let evs: Vec<_> = std::iter::from_fn(|| u.poll_event()).collect();
         assert!(evs.iter().any(|e| matches!(e, TunnelEvent::Promoted { start_seqs, .. } if start_seqs[0].first_seq == 20 && start_seqs[0].exact)));
+    }
+
+    #[test]
+    fn resync_sends_the_owners_claims_and_current_leases_to_one_peer() {
+        let mut owner = TunnelTable::with_mode(MemberId(1), TableMode::Fgcp);
+        owner.local_established(T);
+        assert!(owner.propose_lease(T, SPI, 4096, 0));
+        while owner.poll_transmit().is_some() {}
+        owner.resync_peer(MemberId(2));
+        let sent: Vec<Outgoing> = std::iter::from_fn(|| owner.poll_transmit()).collect();
+        assert!(sent.iter().all(|o| o.to == Some(MemberId(2))), "{sent:?}");
+        assert!(sent
+            .iter()
+            .any(|o| matches!(&o.message, Message::Ownership(c) if c.owner == MemberId(1))));
+        assert!(sent.iter().any(
+            |o| matches!(&o.message, Message::SeqLease(l) if l.seq_hw == 4096 && l.spi_out == SPI)
+        ));
+        // A peer whose record went stale (it joined after the lease) is exact again.
+        let mut peer = TunnelTable::with_mode(MemberId(2), TableMode::Fgcp);
+        peer.handle_lease(
+            MemberId(1),
+            &SeqLease {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 4096,
+            },
+        );
+        peer.peer_joined(MemberId(1));
+        for o in &sent {
+            peer.handle_message(MemberId(1), &o.message);
+        }
+        peer.promote_all();
+        let Some(TunnelEvent::Promoted { start_seqs, .. }) = peer.poll_event() else {
+            panic!("not promoted")
+        };
+        assert_eq!(
+            start_seqs[0],
+            StartSeq {
+                spi_out: SPI,
+                first_seq: 4096,
+                exact: true
+            }
+        );
+        // Nothing for a member to itself.
+        owner.resync_peer(MemberId(1));
+        assert!(owner.poll_transmit().is_none());
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!   keys and message IDs) and installs its CHILD SAs with the outbound sequence numbers
 //!   hasyncd computed from the synced leases.
 //!
-//! The record's `state` is this module's own encoding of `ike_proto::sa::IkeSaSnapshot`
+//! The record's `keys` is this module's own encoding of `ike_proto::sa::IkeSaSnapshot`
 //! (MessagePack, versioned by [`STATE_VERSION`]); nothing else reads it.
 //!
 //! Not yet: RFC 6311 MESSAGE_ID_SYNC (message IDs are those last synced), restoring the
@@ -220,7 +220,7 @@ pub fn encode_state(s: &IkeSaSnapshot) -> Vec<u8> {
 
 /// Decodes a record's `state`; the record's plain message IDs win over the encoded ones.
 pub fn decode_state(rec: &IkeSaRecord) -> Result<IkeSaSnapshot, String> {
-    let w: WireSa = rmp_serde::from_slice(&rec.state).map_err(|e| format!("IKE SA state: {e}"))?;
+    let w: WireSa = rmp_serde::from_slice(&rec.keys).map_err(|e| format!("IKE SA state: {e}"))?;
     if w.v != STATE_VERSION {
         return Err(format!(
             "IKE SA state version {} (expected {STATE_VERSION})",
@@ -383,7 +383,7 @@ impl IkeManager {
             next_send: snap.next_send,
             next_recv: snap.next_recv,
             remote: snap.addresses.remote.to_string(),
-            state: encode_state(&snap),
+            keys: encode_state(&snap),
         };
         tracing::debug!(
             "ike 0:{}:{id}: HA send IKE SA {:016x}/{:016x} message IDs send/recv={}/{}",
@@ -738,7 +738,7 @@ end
             next_send: 0,
             next_recv: 0,
             remote: "192.0.2.1:500".into(),
-            state: vec![0xc1, 0x00, 0xff],
+            keys: vec![0xc1, 0x00, 0xff],
         };
         assert!(decode_state(&rec).is_err());
     }

@@ -279,6 +279,23 @@ pub fn ping_burst(client: &Netns, count: u32) -> (u32, u32) {
     (count, received_seqs(&out).len() as u32)
 }
 
+/// A member's LAN routes (the kernel drops them when port2 goes down).
+pub fn lan_routes(gw: &Netns) {
+    gw.ip(&["route", "replace", "192.168.129.0/24", "dev", "port2"])
+        .unwrap();
+    gw.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "192.168.129.1",
+        "dev",
+        "port2",
+        "onlink",
+    ])
+    .unwrap();
+}
+
 /// The whole lab, up to a tunnel that carries ping through gw1 (primary).
 pub struct Lab {
     pub scratch: ScratchDir,
@@ -350,19 +367,7 @@ impl Lab {
                 "host",
             ])
             .unwrap();
-            gw.ip(&["route", "add", "192.168.129.0/24", "dev", "port2"])
-                .unwrap();
-            gw.ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                "192.168.129.1",
-                "dev",
-                "port2",
-                "onlink",
-            ])
-            .unwrap();
+            lan_routes(gw);
             gw.ip_forward(true).unwrap();
             // During a takeover the shared address can come up a moment before ikemgr's route
             // into the tunnel: a reply forwarded back out of port2 then triggers an ICMP
