@@ -24,7 +24,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bus_schema::{Body, DpdSettings, DpdTunnelState, StateStore, TunnelState};
-use dpd_core::{Activity, Dpd, DpdView, Event, Mode, Phase, Role, Settings, ViewChange};
+use dpd_core::{
+    dead_after_ms, Activity, Dpd, DpdView, Event, Mode, Phase, Role, Schedule, Settings, ViewChange,
+};
 use serde_json::{json, Value};
 
 /// Counters the daemon exports (`dpdmon_*` in Prometheus).
@@ -69,6 +71,9 @@ pub struct Glue {
     roles: BTreeMap<String, Role>,
     /// Run-time DPD settings by tunnel (`dpd-set`), not persisted.
     overrides: BTreeMap<String, DpdSettings>,
+    /// Phase1s with the exponential schedule (`set dpd-backoff exponential`), from
+    /// dpdmon's own reading of the configuration.
+    backoff: BTreeMap<String, Backoff>,
     /// Latest core view per tunnel.
     views: BTreeMap<String, DpdView>,
     /// What is on the bus (`dpd.state`).
@@ -93,13 +98,41 @@ pub fn state_name(phase: &Phase) -> &'static str {
     }
 }
 
-/// Core settings of a bus `DpdSettings` (FortiOS fixed schedule), with the role.
-/// `None` for a mode the core does not know.
-pub fn settings_of(d: &DpdSettings, role: Role) -> Option<Settings> {
+/// The exponential (PAN-OS) schedule of a phase1 (`set dpd-backoff exponential`):
+/// first and longest wait in ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+}
+
+/// Core settings of a bus `DpdSettings` with the role: the FortiOS fixed schedule, or,
+/// with `backoff`, the exponential one (`dpd-retryinterval` is then the idle interval and
+/// `dpd-retrycount` the number of transmissions, 0 read as 1). `None` for a mode the core
+/// does not know.
+pub fn settings_of(d: &DpdSettings, role: Role, backoff: Option<Backoff>) -> Option<Settings> {
     let mode = Mode::from_name(&d.mode)?;
     let mut s = Settings::fortios(mode, d.retry_count, d.retry_interval_ms);
+    if let Some(b) = backoff {
+        s.schedule = Schedule::Exponential {
+            idle_ms: d.retry_interval_ms,
+            initial_ms: b.initial_ms,
+            max_ms: b.max_ms,
+            tries: d.retry_count.max(1),
+        };
+    }
     s.role = role;
     Some(s)
+}
+
+/// The bus spelling of a schedule: `fixed` or `exponential initial=1000ms max=64000ms`.
+pub fn schedule_name(s: &Schedule) -> String {
+    match *s {
+        Schedule::Fixed { .. } => "fixed".into(),
+        Schedule::Exponential {
+            initial_ms, max_ms, ..
+        } => format!("exponential initial={initial_ms}ms max={max_ms}ms"),
+    }
 }
 
 /// hasyncd's role spelling: `standby` is a standby copy; `sync-primary` (and anything
@@ -122,6 +155,7 @@ impl Glue {
             meta: BTreeMap::new(),
             roles: BTreeMap::new(),
             overrides: BTreeMap::new(),
+            backoff: BTreeMap::new(),
             views: BTreeMap::new(),
             published: BTreeMap::new(),
             configured: BTreeMap::new(),
@@ -170,16 +204,19 @@ impl Glue {
         let mut configured = BTreeMap::new();
         for b in ike.items() {
             let Body::Tunnel(t) = b else { continue };
-            let (dpd, overridden) = match self.overrides.get(&t.name) {
-                Some(o) => (o, true),
-                None => (&t.dpd, false),
+            let (dpd, overridden, backoff) = match self.overrides.get(&t.name) {
+                Some(o) => (o, true, None),
+                None => (&t.dpd, false, self.backoff.get(&t.phase1).copied()),
             };
-            configured.insert(t.name.clone(), configured_record(&t.name, dpd));
+            configured.insert(
+                t.name.clone(),
+                configured_record(&t.name, dpd, settings_of(dpd, Role::Owner, backoff)),
+            );
             if t.state != TunnelState::Up {
                 continue;
             }
             let role = self.roles.get(&t.name).copied().unwrap_or(Role::Owner);
-            let Some(settings) = settings_of(dpd, role) else {
+            let Some(settings) = settings_of(dpd, role, backoff) else {
                 tracing::warn!(
                     tunnel = t.name.as_str(),
                     "unknown DPD mode {:?}: not monitored",
@@ -215,6 +252,21 @@ impl Glue {
         for k in gone {
             self.published.remove(&k);
             out.push(Body::DpdRemoved { tunnel: k });
+        }
+    }
+
+    /// The configuration's exponential schedules changed (phase1 name -> backoff):
+    /// re-applies ikemgr's table with them.
+    pub fn set_backoff(
+        &mut self,
+        now_ms: u64,
+        backoff: BTreeMap<String, Backoff>,
+        ike: &StateStore,
+        out: &mut Vec<Body>,
+    ) {
+        if backoff != self.backoff {
+            self.backoff = backoff;
+            self.sync_tunnels(now_ms, ike, out);
         }
     }
 
@@ -284,7 +336,7 @@ impl Glue {
     ) -> Result<(), String> {
         match settings {
             Some(s) => {
-                let core = settings_of(&s, Role::Owner)
+                let core = settings_of(&s, Role::Owner, None)
                     .ok_or_else(|| format!("unknown DPD mode {:?}", s.mode))?;
                 core.validate().map_err(|e| e.to_string())?;
                 self.overrides.insert(tunnel.to_string(), s);
@@ -421,7 +473,7 @@ impl Glue {
             match ch {
                 ViewChange::Removed(k) if updated.contains(&k) => {}
                 ViewChange::Updated(k, v) => {
-                    let rec = record_of(&k, &v);
+                    let rec = record_of(&k, &v, self.meta.get(&k).map(|m| &m.settings.schedule));
                     self.views.insert(k.clone(), v);
                     if self.published.get(&k) != Some(&rec) {
                         self.published.insert(k, rec.clone());
@@ -543,6 +595,7 @@ impl Glue {
                     "count": v.count,
                     "seqno": v.seqno,
                     "dead_after_ms": v.dead_after_ms,
+                    "schedule": meta.map(|m| schedule_name(&m.settings.schedule)),
                     "silent_ms": now_ms.saturating_sub(v.last_life_ms),
                     "probes_sent": v.probes_sent,
                     "replies": v.replies,
@@ -573,8 +626,14 @@ impl Glue {
     }
 }
 
-/// The record of a tunnel dpdmon does not monitor: its settings as configured, `idle`.
-pub fn configured_record(tunnel: &str, d: &DpdSettings) -> DpdTunnelState {
+/// The record of a tunnel dpdmon does not monitor: its settings as configured, `idle`,
+/// with the budget and schedule of `settings` (the core's reading of them, if valid).
+pub fn configured_record(
+    tunnel: &str,
+    d: &DpdSettings,
+    settings: Option<Settings>,
+) -> DpdTunnelState {
+    let settings = settings.filter(|s| s.validate().is_ok());
     DpdTunnelState {
         tunnel: tunnel.to_string(),
         mode: d.mode.clone(),
@@ -584,11 +643,16 @@ pub fn configured_record(tunnel: &str, d: &DpdSettings) -> DpdTunnelState {
         count: 0,
         seqno: 0,
         state: "idle".into(),
+        dead_after_ms: settings.as_ref().and_then(dead_after_ms).unwrap_or(0),
+        schedule: settings
+            .filter(|s| s.mode != Mode::Disable)
+            .map(|s| schedule_name(&s.schedule))
+            .unwrap_or_default(),
     }
 }
 
-/// The `dpd.state` record of a core view.
-pub fn record_of(tunnel: &str, v: &DpdView) -> DpdTunnelState {
+/// The `dpd.state` record of a core view (`schedule`: the tunnel's).
+pub fn record_of(tunnel: &str, v: &DpdView, schedule: Option<&Schedule>) -> DpdTunnelState {
     DpdTunnelState {
         tunnel: tunnel.to_string(),
         mode: v.mode.as_str().to_string(),
@@ -598,6 +662,11 @@ pub fn record_of(tunnel: &str, v: &DpdView) -> DpdTunnelState {
         count: v.count,
         seqno: v.seqno,
         state: state_name(&v.phase).to_string(),
+        dead_after_ms: v.dead_after_ms.unwrap_or(0),
+        schedule: schedule
+            .filter(|_| v.on)
+            .map(schedule_name)
+            .unwrap_or_default(),
     }
 }
 

@@ -14,9 +14,10 @@
 //! `dpdmon_probe_failures_total`, `dpdmon_dead_peers_total`, `dpdmon_detection_seconds`,
 //! `dpdmon_tunnels{state}`.
 //!
-//! What it does not do: send probes or flush tunnels (ikemgr does), read the exponential
-//! schedule from the configuration (haven-config has no keys for it yet), or persist
-//! anything: see the README's "Restart" section for what a restart guarantees.
+//! What it does not do: send probes or flush tunnels (ikemgr does), or persist anything:
+//! see the README's "Restart" section for what a restart guarantees. From the
+//! configuration it reads only the exponential schedule (`dpd-backoff*`); the rest of
+//! each tunnel's DPD settings comes with ikemgr's `tunnel.state`.
 //!
 //! Timers: the daemon shell calls `tick` every 50 ms (`TICK_MS`), so a timer fires on the
 //! first tick at or after its deadline: at most 50 ms late per transmission, never early.
@@ -27,11 +28,11 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use bus_schema::{Body, DaemonKind, DpdSettings, StateStore};
-use haven_config::Config;
+use haven_config::{Config, DpdBackoff};
 use haven_daemon::{now_ns, DaemonLogic, Outbox};
 use serde_json::json;
 
-use crate::glue::Glue;
+use crate::glue::{Backoff, Glue};
 
 /// How often dpdmon exports its metrics (its core runs on every tick).
 const METRICS_EVERY_MS: u64 = 1000;
@@ -109,7 +110,26 @@ impl DaemonLogic for Dpdmon {
         }
     }
 
-    fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {}
+    /// dpdmon's part of the configuration: the exponential schedule of each phase1
+    /// (`set dpd-backoff exponential`, `dpd-backoff-initial`, `dpd-backoff-max`); mode,
+    /// retry count and interval come with ikemgr's tunnels.
+    fn on_config(&mut self, config: &Config, out: &mut Outbox) {
+        let backoff = config
+            .phase1
+            .iter()
+            .filter(|p| p.dpd_backoff == DpdBackoff::Exponential)
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    Backoff {
+                        initial_ms: u64::from(p.dpd_backoff_initial_ms),
+                        max_ms: u64::from(p.dpd_backoff_max_ms),
+                    },
+                )
+            })
+            .collect();
+        self.glue.set_backoff(now_ms(), backoff, &self.ike, out);
+    }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         match src {

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
 use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
-use haven_config::{Config, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector};
+use haven_config::{
+    Config, DpdBackoff, NatTraversal as CfgNat, PeerType, Phase1, Phase1Type, Selector,
+};
 use ike_proto::cookie::{CookieGuard, GuardConfig, Verdict};
 use ike_proto::crypto::{Encr, Integ};
 use ike_proto::proposal::{dhgrp_list, phase1_list, phase2_list};
@@ -286,7 +288,10 @@ fn gateway_of(config: &Config, p: &Phase1) -> Result<Gateway, String> {
 /// of dpdmon's transmissions, at least three minutes. If no retry comes by then (dpdmon
 /// is gone), the probe is abandoned and reported `timeout`; a later request starts a new one.
 pub fn liveness_hold(p: &Phase1) -> Duration {
-    let longest = u64::from(p.dpd_retryinterval_ms);
+    let mut longest = u64::from(p.dpd_retryinterval_ms);
+    if p.dpd_backoff == DpdBackoff::Exponential {
+        longest = longest.max(u64::from(p.dpd_backoff_max_ms));
+    }
     Duration::from_millis(longest.saturating_mul(2)).max(Duration::from_secs(180))
 }
 

@@ -74,8 +74,13 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Haven's dial-up gateway with on-idle DPD: `count` probes `interval_s` apart.
+/// Haven's dial-up gateway with DPD `mode`: `count` probes `interval_s` apart.
 fn gateway_config(mode: &str, count: u32, interval_s: u32) -> String {
+    gateway_config_with(mode, count, interval_s, "")
+}
+
+/// As [`gateway_config`], with more phase1 lines (`extra`, each ending in a newline).
+fn gateway_config_with(mode: &str, count: u32, interval_s: u32, extra: &str) -> String {
     format!(
         "config vpn ipsec phase1-interface
     edit \"vpn1\"
@@ -88,7 +93,7 @@ fn gateway_config(mode: &str, count: u32, interval_s: u32) -> String {
         set dpd {mode}
         set dpd-retrycount {count}
         set dpd-retryinterval {interval_s}
-        set psksecret \"{PSK}\"
+{extra}        set psksecret \"{PSK}\"
     next
 end
 config vpn ipsec phase2-interface
@@ -619,6 +624,14 @@ fn charon_killed_flush_after_exactly_the_configured_probes() {
     a.load(&client_conf(None)).expect("load client");
     tunnel_up(&line, &a, &gw);
 
+    // vpnctl shows the settings and the time until a silent peer is declared dead.
+    let text = gw.text(&["diagnose", "vpn", "tunnel", "list", "name", INSTANCE]);
+    assert!(
+        text.contains("dpd: mode=on-idle on=1 idle=2000ms retry=3")
+            && text.contains("dpd-schedule: fixed dead-after=8000ms"),
+        "{text}"
+    );
+
     // 1. Idle: the gateway probes every 2 s of silence and strongSwan answers.
     let t_up = Instant::now();
     wait_for("two answered probes", WAIT, || {
@@ -839,18 +852,32 @@ fn strongswan_dpd_is_answered_and_counts_as_proof_of_life() {
         .expect("the tunnel still carries traffic");
 }
 
-/// (d) With traffic flowing, on-idle sends no probe; when it stops, probes start.
+/// (d) With traffic flowing, on-idle sends no probe; when it stops, probes start. The
+/// gateway uses the exponential schedule from its config (`dpd-backoff exponential`,
+/// initial 1 s, max 2 s: a silent peer is dead after 2 + 1 + 2 + 2 = 7 s), which
+/// `vpnctl` shows.
 #[test]
 fn on_idle_sends_no_probe_while_traffic_flows() {
     require();
     let line = SiteToSite::new("dpss-trf").expect("topology");
-    let gw = Haven::start(&line.gwb, "dpss-trf-gw", &gateway_config("on-idle", 3, 2));
+    let conf = gateway_config_with(
+        "on-idle",
+        3,
+        2,
+        "        set dpd-backoff exponential\n        set dpd-backoff-initial 1\n        set dpd-backoff-max 2\n",
+    );
+    let gw = Haven::start(&line.gwb, "dpss-trf-gw", &conf);
     let tap = Tap::new(&gw.run);
     let cap = Capture::start(&gw);
     let mut a = Charon::start(&line.gwa).expect("charon in gwa");
     a.load(&client_conf(None)).expect("load client");
     tunnel_up(&line, &a, &gw);
 
+    let text = gw.text(&["diagnose", "vpn", "tunnel", "list", "name", INSTANCE]);
+    assert!(
+        text.contains("dpd-schedule: exponential initial=1000ms max=2000ms dead-after=7000ms"),
+        "{text}"
+    );
     let mut cmd = line.client.command("ping");
     cmd.args(["-n", "-q", "-i", "0.2", "-W", "1", SiteToSite::SERVER])
         .stdin(Stdio::null())
