@@ -667,7 +667,12 @@ fn charon_killed_flush_after_exactly_the_configured_probes() {
     let mid = one_round_of_three(&tap, t_up, &gw);
     gone_everywhere(&gw);
     let removed = tap.removed().expect("TunnelRemoved on the bus");
-    assert!(removed >= tap.first_state("dead").unwrap());
+    let dead_at = tap.first_state("dead").unwrap();
+    assert!(removed >= dead_at);
+    eprintln!(
+        "flush: ikemgr removed the instance {} ms after dpdmon's verdict",
+        removed.duration_since(dead_at).as_millis()
+    );
 
     // 3. On the wire: that message ID went out exactly 3 times, and after the kill nothing
     //    else was asked of the dead peer.
