@@ -414,6 +414,11 @@ impl Glue {
         self.drain(out);
     }
 
+    /// When the core's next timer is due (ms on the clock of `tick`), if any.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.dpd.poll_timeout()
+    }
+
     /// Runs the timers due at `now_ms` and publishes what follows.
     pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Body>) {
         if self.dpd.poll_timeout().is_some_and(|t| t <= now_ms) {

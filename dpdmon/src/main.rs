@@ -19,8 +19,9 @@
 //! configuration it reads only the exponential schedule (`dpd-backoff*`); the rest of
 //! each tunnel's DPD settings comes with ikemgr's `tunnel.state`.
 //!
-//! Timers: the daemon shell calls `tick` every 50 ms (`TICK_MS`), so a timer fires on the
-//! first tick at or after its deadline: at most 50 ms late per transmission, never early.
+//! Timers: the daemon shell calls `tick` at the core's `poll_timeout` (the shell's timer
+//! rounds up to whole ms: a transmission is at most a few ms late, never early) and every
+//! second (`TICK_MS`) for the metrics.
 
 mod glue;
 
@@ -73,8 +74,9 @@ impl DaemonLogic for Dpdmon {
     /// (`ike.activity`, `ike.probe`), hasyncd for the roles.
     const FOLLOWS: &'static [DaemonKind] =
         &[DaemonKind::Ikemgr, DaemonKind::Hasyncd, DaemonKind::Espd];
-    /// Probe and verdict timers are checked this often (a transmission is at most this late).
-    const TICK_MS: u64 = 50;
+    /// Metrics are exported on this period; probe and verdict timers fire at their exact
+    /// time through [`DaemonLogic::poll_timeout`].
+    const TICK_MS: u64 = 1000;
 
     fn new(_config: &Config, _run_dir: &Path) -> Self {
         metrics::describe_counter!(
@@ -202,6 +204,11 @@ impl DaemonLogic for Dpdmon {
         self.glue
             .set_override(now_ms(), tunnel, settings, &self.ike, out)?;
         Ok(json!({ "tunnel": tunnel, "override": name == "dpd-set" }))
+    }
+
+    /// The core's next timer (wall-clock ms): the shell ticks then.
+    fn poll_timeout(&self) -> Option<u64> {
+        self.glue.poll_timeout()
     }
 
     fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
