@@ -781,3 +781,81 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A logic with one timer, armed by the configuration `DELAY_MS` ahead, whose period
+    /// tick is far away: only the `poll_timeout` wake-up can run it.
+    struct OneTimer {
+        deadline_ms: Option<u64>,
+        /// (now at the tick, deadline it consumed)
+        fired: Arc<Mutex<Vec<(u64, u64)>>>,
+    }
+
+    const DELAY_MS: u64 = 150;
+
+    impl DaemonLogic for OneTimer {
+        const KIND: DaemonKind = DaemonKind::Dpdmon;
+        const FOLLOWS: &'static [DaemonKind] = &[];
+        const TICK_MS: u64 = 3_600_000;
+
+        fn new(_config: &Config, _run_dir: &Path) -> Self {
+            OneTimer {
+                deadline_ms: None,
+                fired: Arc::default(),
+            }
+        }
+        fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {
+            self.deadline_ms = Some(now_ns() / 1_000_000 + DELAY_MS);
+        }
+        fn view(&self, _name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
+            Err("none".into())
+        }
+        fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
+            let now = now_ns / 1_000_000;
+            if let Some(d) = self.deadline_ms.filter(|d| *d <= now) {
+                self.deadline_ms = None;
+                lock(&self.fired).push((now, d));
+                out.push(Body::Heartbeat { uptime_ms: now });
+            }
+        }
+        fn poll_timeout(&self) -> Option<u64> {
+            self.deadline_ms
+        }
+    }
+
+    /// The actor ticks the logic at its `poll_timeout`, not before, and once per timer.
+    #[test]
+    fn poll_timeout_wakes_the_logic_on_time() {
+        let fired = Arc::new(Mutex::new(Vec::new()));
+        let published = actix::System::new().block_on({
+            let fired = fired.clone();
+            async move {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                let core = Core {
+                    logic: OneTimer {
+                        deadline_ms: None,
+                        fired,
+                    },
+                    out: tx,
+                    timer: None,
+                }
+                .start();
+                core.do_send(ApplyConfig(Arc::new(Config::default())));
+                tokio::time::sleep(Duration::from_millis(DELAY_MS * 4)).await;
+                let mut n = 0;
+                while rx.try_recv().is_ok() {
+                    n += 1;
+                }
+                n
+            }
+        });
+        let fired = lock(&fired).clone();
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        let (now, deadline) = fired[0];
+        assert!(now >= deadline, "woken early: {fired:?}");
+        assert_eq!(published, 1);
+    }
+}
