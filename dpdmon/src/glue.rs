@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bus_schema::{Body, DpdSettings, DpdTunnelState, StateStore, TunnelState};
+use bus_schema::{table, Body, DpdSettings, DpdTunnelState, StateStore, TunnelInfo, TunnelState};
 use dpd_core::{
     dead_after_ms, Activity, Dpd, DpdView, Event, Mode, Phase, Role, Schedule, Settings, ViewChange,
 };
@@ -71,6 +71,8 @@ pub struct Glue {
     roles: BTreeMap<String, Role>,
     /// Run-time DPD settings by tunnel (`dpd-set`), not persisted.
     overrides: BTreeMap<String, DpdSettings>,
+    /// ikemgr's tunnel records as last seen (only changed ones are re-evaluated).
+    tunnels: BTreeMap<String, TunnelInfo>,
     /// Phase1s with the exponential schedule (`set dpd-backoff exponential`), from
     /// dpdmon's own reading of the configuration.
     backoff: BTreeMap<String, Backoff>,
@@ -156,6 +158,7 @@ impl Glue {
             roles: BTreeMap::new(),
             overrides: BTreeMap::new(),
             backoff: BTreeMap::new(),
+            tunnels: BTreeMap::new(),
             views: BTreeMap::new(),
             published: BTreeMap::new(),
             configured: BTreeMap::new(),
@@ -199,59 +202,138 @@ impl Glue {
 
     /// ikemgr's tunnel table changed: tunnels that are `up` are monitored with their
     /// settings (or the `dpd-set` override); the others are dropped from the core.
+    ///
+    /// Incremental: only tunnels whose record differs from the last one seen (or that
+    /// disappeared) are re-evaluated; unchanged ones cost a lookup and a comparison.
     pub fn sync_tunnels(&mut self, now_ms: u64, ike: &StateStore, out: &mut Vec<Body>) {
-        let mut desired: BTreeMap<String, Meta> = BTreeMap::new();
-        let mut configured = BTreeMap::new();
+        let mut touched = Vec::new();
+        let mut present = 0usize;
         for b in ike.items() {
             let Body::Tunnel(t) = b else { continue };
-            let (dpd, overridden, backoff) = match self.overrides.get(&t.name) {
-                Some(o) => (o, true, None),
-                None => (&t.dpd, false, self.backoff.get(&t.phase1).copied()),
-            };
-            configured.insert(
-                t.name.clone(),
-                configured_record(&t.name, dpd, settings_of(dpd, Role::Owner, backoff)),
-            );
-            if t.state != TunnelState::Up {
-                continue;
-            }
-            let role = self.roles.get(&t.name).copied().unwrap_or(Role::Owner);
-            let Some(settings) = settings_of(dpd, role, backoff) else {
-                tracing::warn!(
-                    tunnel = t.name.as_str(),
-                    "unknown DPD mode {:?}: not monitored",
-                    dpd.mode
-                );
-                continue;
-            };
-            desired.insert(
-                t.name.clone(),
-                Meta {
-                    local_gw: t.local_gw.clone().unwrap_or_else(|| "0.0.0.0".into()),
-                    remote_gw: t.remote_gw.clone().unwrap_or_else(|| "0.0.0.0".into()),
-                    settings,
-                    overridden,
-                },
-            );
-        }
-        self.configured = configured;
-        self.apply(now_ms, desired, out);
-        // Tunnels ikemgr has but dpdmon does not monitor, and tunnels ikemgr dropped.
-        for (k, rec) in &self.configured {
-            if !self.views.contains_key(k) && self.published.get(k) != Some(rec) {
-                self.published.insert(k.clone(), rec.clone());
-                out.push(Body::Dpd(rec.clone()));
+            present += 1;
+            if self.tunnels.get(&t.name) != Some(t) {
+                self.tunnels.insert(t.name.clone(), t.clone());
+                touched.push(t.name.clone());
             }
         }
-        let gone: Vec<String> = self
-            .published
+        if self.tunnels.len() > present {
+            let gone: Vec<String> = self
+                .tunnels
+                .keys()
+                .filter(|k| !matches!(ike.get(table::TUNNEL, k), Some(Body::Tunnel(_))))
+                .cloned()
+                .collect();
+            for k in gone {
+                self.tunnels.remove(&k);
+                touched.push(k);
+            }
+        }
+        self.update_tunnels(now_ms, touched, out);
+    }
+
+    /// Re-evaluates every tunnel of ikemgr's last table (settings changed: an override
+    /// or the configuration's schedules).
+    fn resync_all(&mut self, now_ms: u64, out: &mut Vec<Body>) {
+        let all: Vec<String> = self
+            .tunnels
             .keys()
-            .filter(|k| !self.configured.contains_key(*k) && !self.views.contains_key(*k))
+            .chain(self.meta.keys())
             .cloned()
+            .collect::<std::collections::BTreeSet<String>>()
+            .into_iter()
             .collect();
-        for k in gone {
-            self.published.remove(&k);
-            out.push(Body::DpdRemoved { tunnel: k });
+        self.update_tunnels(now_ms, all, out);
+    }
+
+    /// Applies ikemgr's current record (or its absence) of each tunnel in `names`.
+    fn update_tunnels(&mut self, now_ms: u64, names: Vec<String>, out: &mut Vec<Body>) {
+        for k in &names {
+            let desired = match self.tunnels.get(k) {
+                Some(t) => {
+                    let (dpd, overridden, backoff) = match self.overrides.get(k) {
+                        Some(o) => (o, true, None),
+                        None => (&t.dpd, false, self.backoff.get(&t.phase1).copied()),
+                    };
+                    self.configured.insert(
+                        k.clone(),
+                        configured_record(k, dpd, settings_of(dpd, Role::Owner, backoff)),
+                    );
+                    let role = self.roles.get(k).copied().unwrap_or(Role::Owner);
+                    match (t.state == TunnelState::Up, settings_of(dpd, role, backoff)) {
+                        (false, _) => None,
+                        (true, None) => {
+                            tracing::warn!(
+                                tunnel = k.as_str(),
+                                "unknown DPD mode {:?}: not monitored",
+                                dpd.mode
+                            );
+                            None
+                        }
+                        (true, Some(settings)) => Some(Meta {
+                            local_gw: t.local_gw.clone().unwrap_or_else(|| "0.0.0.0".into()),
+                            remote_gw: t.remote_gw.clone().unwrap_or_else(|| "0.0.0.0".into()),
+                            settings,
+                            overridden,
+                        }),
+                    }
+                }
+                None => {
+                    self.configured.remove(k);
+                    None
+                }
+            };
+            self.apply_one(now_ms, k, desired);
+        }
+        self.drain(out);
+        // Tunnels ikemgr has but dpdmon does not monitor, and tunnels ikemgr dropped.
+        for k in names {
+            if self.views.contains_key(&k) {
+                continue;
+            }
+            match self.configured.get(&k) {
+                Some(rec) => {
+                    if self.published.get(&k) != Some(rec) {
+                        self.published.insert(k, rec.clone());
+                        out.push(Body::Dpd(rec.clone()));
+                    }
+                }
+                None => {
+                    if self.published.remove(&k).is_some() {
+                        out.push(Body::DpdRemoved { tunnel: k });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Monitors one tunnel with `desired` (a change re-applies it to the core), or stops
+    /// monitoring it (`None`). Settings the core refuses are counted and not monitored.
+    fn apply_one(&mut self, now_ms: u64, k: &str, desired: Option<Meta>) {
+        let Some(m) = desired else {
+            if self.meta.remove(k).is_some() {
+                self.dpd.handle_tunnel_removed(now_ms, &k.to_string());
+                self.rounds.remove(k);
+            }
+            return;
+        };
+        if self.meta.get(k) == Some(&m) {
+            return;
+        }
+        match self
+            .dpd
+            .handle_tunnel_upsert(now_ms, k.to_string(), m.settings)
+        {
+            Ok(()) => {
+                self.meta.insert(k.to_string(), m);
+            }
+            Err(e) => {
+                tracing::warn!(tunnel = k, "DPD not monitored: {e}");
+                self.stats.invalid_settings += 1;
+                if self.meta.remove(k).is_some() {
+                    self.dpd.handle_tunnel_removed(now_ms, &k.to_string());
+                    self.rounds.remove(k);
+                }
+            }
         }
     }
 
@@ -261,12 +343,11 @@ impl Glue {
         &mut self,
         now_ms: u64,
         backoff: BTreeMap<String, Backoff>,
-        ike: &StateStore,
         out: &mut Vec<Body>,
     ) {
         if backoff != self.backoff {
             self.backoff = backoff;
-            self.sync_tunnels(now_ms, ike, out);
+            self.resync_all(now_ms, out);
         }
     }
 
@@ -325,13 +406,12 @@ impl Glue {
     }
 
     /// Sets (`Some`) or clears (`None`) the run-time DPD settings of a tunnel and
-    /// re-applies ikemgr's table.
+    /// re-applies ikemgr's record of it.
     pub fn set_override(
         &mut self,
         now_ms: u64,
         tunnel: &str,
         settings: Option<DpdSettings>,
-        ike: &StateStore,
         out: &mut Vec<Body>,
     ) -> Result<(), String> {
         match settings {
@@ -345,7 +425,7 @@ impl Glue {
                 self.overrides.remove(tunnel);
             }
         }
-        self.sync_tunnels(now_ms, ike, out);
+        self.update_tunnels(now_ms, vec![tunnel.to_string()], out);
         Ok(())
     }
 

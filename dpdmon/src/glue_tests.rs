@@ -362,7 +362,7 @@ fn exponential_schedule_from_the_config() {
         },
     )]);
     let mut out = Vec::new();
-    g.set_backoff(T0, backoff, &ike, &mut out);
+    g.set_backoff(T0, backoff, &mut out);
     assert!(
         matches!(&out[..], [Body::Dpd(d)] if d.dead_after_ms == 324_000
             && d.schedule == "exponential initial=1000ms max=64000ms"),
@@ -382,10 +382,41 @@ fn exponential_schedule_from_the_config() {
     assert_eq!(v[0]["schedule"], "exponential initial=1000ms max=64000ms");
     // Back to fixed: 5 s x (1 + 10) = 55 s.
     let mut out = Vec::new();
-    g.set_backoff(T0 + 400_000, BTreeMap::new(), &ike, &mut out);
+    g.set_backoff(T0 + 400_000, BTreeMap::new(), &mut out);
     let v = g.view_tunnels(T0 + 400_000, Some("t"));
     assert_eq!(v[0]["dead_after_ms"], 55_000, "{v}");
     assert_eq!(v[0]["schedule"], "fixed");
+}
+
+/// The incremental sync: an unchanged table publishes nothing; one tunnel replaced by
+/// another (same count) removes the first and adds the second.
+#[test]
+fn resync_touches_only_changed_tunnels() {
+    let mut g = Glue::new(T0, 0);
+    let a = tunnel("a", "on-idle", 3, 5_000, TunnelState::Up);
+    let b = tunnel("b", "on-idle", 3, 5_000, TunnelState::Up);
+    let c = tunnel("c", "on-demand", 2, 7_000, TunnelState::Up);
+    assert_eq!(up(&mut g, T0, &[a.clone(), b.clone()]).len(), 2);
+    assert!(up(&mut g, T0 + 1, &[a.clone(), b.clone()]).is_empty());
+    let out = up(&mut g, T0 + 2, &[a.clone(), c]);
+    assert!(
+        out.contains(&Body::DpdRemoved { tunnel: "b".into() }),
+        "{out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|x| matches!(x, Body::Dpd(d) if d.tunnel == "c" && d.idle_ms == 7_000)),
+        "{out:?}"
+    );
+    assert_eq!(out.len(), 2, "{out:?}");
+    let names: Vec<String> = g
+        .view_tunnels(T0 + 2, None)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a", "c"]);
 }
 
 #[test]
@@ -441,7 +472,6 @@ fn override_monitors_a_manual_key_tunnel_and_clears() {
                 retry_count: 1,
                 retry_interval_ms: 1
             }),
-            &ike,
             &mut out
         )
         .is_err());
@@ -454,7 +484,6 @@ fn override_monitors_a_manual_key_tunnel_and_clears() {
                 retry_count: 3,
                 retry_interval_ms: 0
             }),
-            &ike,
             &mut out
         )
         .is_err());
@@ -466,7 +495,6 @@ fn override_monitors_a_manual_key_tunnel_and_clears() {
             retry_count: 3,
             retry_interval_ms: 2_000,
         }),
-        &ike,
         &mut out,
     )
     .unwrap();
@@ -476,8 +504,7 @@ fn override_monitors_a_manual_key_tunnel_and_clears() {
     // ikemgr republishes the tunnel: the override stays.
     g.sync_tunnels(T0 + 5_000, &ike, &mut out);
     assert_eq!(g.published()["vpn1"].mode, "on-idle");
-    g.set_override(T0 + 5_000, "vpn1", None, &ike, &mut out)
-        .unwrap();
+    g.set_override(T0 + 5_000, "vpn1", None, &mut out).unwrap();
     assert_eq!(g.published()["vpn1"].mode, "disable");
     let trace = run(&mut g, T0 + 5_000, T0 + 30_000, |_, _, _| {});
     assert!(probes(&trace).is_empty());

@@ -40,8 +40,6 @@ const METRICS_EVERY_MS: u64 = 1000;
 
 struct Dpdmon {
     glue: Glue,
-    /// The last ikemgr replica (needed again when an override or a role changes).
-    ike: StateStore,
     metrics_at_ms: u64,
 }
 
@@ -107,7 +105,6 @@ impl DaemonLogic for Dpdmon {
             // Rounds of this process start above any round the previous one can have
             // used (2^16 rounds per ms of uptime).
             glue: Glue::new(now, now << 16),
-            ike: StateStore::new(),
             metrics_at_ms: 0,
         }
     }
@@ -130,15 +127,12 @@ impl DaemonLogic for Dpdmon {
                 )
             })
             .collect();
-        self.glue.set_backoff(now_ms(), backoff, &self.ike, out);
+        self.glue.set_backoff(now_ms(), backoff, out);
     }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         match src {
-            DaemonKind::Ikemgr => {
-                self.ike = store.clone();
-                self.glue.sync_tunnels(now_ms(), store, out);
-            }
+            DaemonKind::Ikemgr => self.glue.sync_tunnels(now_ms(), store, out),
             DaemonKind::Hasyncd => self.glue.sync_roles(now_ms(), store, out),
             _ => {}
         }
@@ -201,8 +195,7 @@ impl DaemonLogic for Dpdmon {
                 }
             };
         tracing::info!(tunnel = tunnel.as_str(), "DPD override {name} {args:?}");
-        self.glue
-            .set_override(now_ms(), tunnel, settings, &self.ike, out)?;
+        self.glue.set_override(now_ms(), tunnel, settings, out)?;
         Ok(json!({ "tunnel": tunnel, "override": name == "dpd-set" }))
     }
 
