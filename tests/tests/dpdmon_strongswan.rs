@@ -21,7 +21,10 @@
 //!   enough that an unanswered check would close its SA within seconds) is answered, its SA
 //!   stays up, and its checks are proof of life for us: our gateway sends no probe at all;
 //! - (d) with traffic flowing, on-idle sends no probe (none on the bus, none on the wire);
-//!   once the traffic stops, probes start (so the check can fail).
+//!   once the traffic stops, probes start (so the check can fail); this gateway uses the
+//!   exponential schedule from its config, which `vpnctl` shows;
+//! - (e) `periodic` probes every interval even with traffic flowing; answered, the tunnel
+//!   stays up.
 //!
 //! Needs root, iproute2, tcpdump, nftables and the strongSwan packages (INTEROP.md); without
 //! them the tests FAIL naming what is missing. Intervals are printed, never asserted.
@@ -918,5 +921,44 @@ fn on_idle_sends_no_probe_while_traffic_flows() {
             .ok_or_else(|| format!("{r:?}\n{}", gw.logs()))
     });
     assert!(tap.first_state("dead").is_none());
+    drop(a);
+}
+
+/// (e) `set dpd periodic` (Cisco): probes every interval even while traffic flows, and
+/// strongSwan's answers keep the tunnel up.
+#[test]
+fn periodic_probes_while_traffic_flows_and_answers_keep_the_tunnel() {
+    require();
+    let line = SiteToSite::new("dpss-per").expect("topology");
+    let gw = Haven::start(&line.gwb, "dpss-per-gw", &gateway_config("periodic", 2, 2));
+    let tap = Tap::new(&gw.run);
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&client_conf(None)).expect("load client");
+    tunnel_up(&line, &a, &gw);
+    let text = gw.text(&["diagnose", "vpn", "tunnel", "list", "name", INSTANCE]);
+    assert!(
+        text.contains("dpd: mode=periodic on=1 idle=2000ms retry=2")
+            && text.contains("dpd-schedule: fixed dead-after=6000ms"),
+        "{text}"
+    );
+    let mut cmd = line.client.command("ping");
+    cmd.args(["-n", "-q", "-i", "0.2", "-W", "1", SiteToSite::SERVER])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _ping = line.client.spawn_command(cmd).expect("ping");
+    let t_traffic = Instant::now();
+    wait_for("three answered probes while traffic flows", WAIT, || {
+        let r = tap.results(t_traffic);
+        (r.iter().filter(|r| r.2 == "reply").count() >= 3)
+            .then_some(())
+            .ok_or_else(|| format!("{r:?}\n{}", gw.logs()))
+    });
+    assert!(tap.first_state("dead").is_none(), "{}", gw.logs());
+    let sas = a.list_sas().expect("list");
+    assert!(sas.iter().any(|s| s.state == "ESTABLISHED"), "{sas:?}");
+    line.client
+        .ping(SiteToSite::SERVER, 1)
+        .expect("the tunnel still carries traffic");
     drop(a);
 }
