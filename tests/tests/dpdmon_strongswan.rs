@@ -24,7 +24,10 @@
 //!   once the traffic stops, probes start (so the check can fail); this gateway uses the
 //!   exponential schedule from its config, which `vpnctl` shows;
 //! - (e) `periodic` probes every interval even with traffic flowing; answered, the tunnel
-//!   stays up.
+//!   stays up;
+//! - (f) a static tunnel (Haven initiates to a strongSwan responder): the verdict takes it
+//!   `down` (route and SAs gone, its DPD record back to the configured one); when strongSwan
+//!   returns, Haven negotiates again and the new IKE SA is monitored afresh.
 //!
 //! Needs root, iproute2, tcpdump, nftables and the strongSwan packages (INTEROP.md); without
 //! them the tests FAIL naming what is missing. Intervals are printed, never asserted.
@@ -35,7 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bus_schema::{ctl_call, Body, BusSubscriber, CtlReply, CtlRequest, DaemonKind};
+use bus_schema::{ctl_call, Body, BusSubscriber, CtlReply, CtlRequest, DaemonKind, TunnelState};
 use haven_tests::daemons::{bin, vpnctl, vpnctl_json, wait_for};
 use haven_tests::netns::{self, Netns, Proc, ScratchDir, SiteToSite};
 use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
@@ -238,15 +241,22 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Everything dpdmon and ikemgr publish, with the time it arrived.
+/// Everything dpdmon and ikemgr publish, with the time it arrived; the methods look at
+/// one tunnel's bodies.
 struct Tap {
+    tunnel: String,
     seen: Arc<Mutex<Vec<(Instant, Body)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Tap {
+    /// A tap for the dial-up instance.
     fn new(run: &Path) -> Tap {
+        Tap::for_tunnel(run, INSTANCE)
+    }
+
+    fn for_tunnel(run: &Path, tunnel: &str) -> Tap {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st, run) = (seen.clone(), stop.clone(), run.to_path_buf());
@@ -266,6 +276,7 @@ impl Tap {
             })
         });
         Tap {
+            tunnel: tunnel.to_string(),
             seen,
             stop,
             thread: Some(thread),
@@ -283,7 +294,7 @@ impl Tap {
                     tunnel,
                     round,
                     attempt,
-                } if tunnel == INSTANCE && *t >= since => Some((*t, *round, *attempt)),
+                } if *tunnel == self.tunnel && *t >= since => Some((*t, *round, *attempt)),
                 _ => None,
             })
             .collect()
@@ -301,7 +312,9 @@ impl Tap {
                     round,
                     msg_id,
                     outcome,
-                } if tunnel == INSTANCE && *t >= since => Some((*round, *msg_id, outcome.clone())),
+                } if *tunnel == self.tunnel && *t >= since => {
+                    Some((*round, *msg_id, outcome.clone()))
+                }
                 _ => None,
             })
             .collect()
@@ -310,7 +323,23 @@ impl Tap {
     /// Arrival of the first `dpd.state` record of the instance with `state`.
     fn first_state(&self, state: &str) -> Option<Instant> {
         self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
-            Body::Dpd(d) if d.tunnel == INSTANCE && d.state == state => Some(*t),
+            Body::Dpd(d) if d.tunnel == self.tunnel && d.state == state => Some(*t),
+            _ => None,
+        })
+    }
+
+    /// Arrival of the first `dpd.state` record with `state` after `since`.
+    fn state_after(&self, state: &str, since: Instant) -> Option<Instant> {
+        self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
+            Body::Dpd(d) if d.tunnel == self.tunnel && d.state == state && *t > since => Some(*t),
+            _ => None,
+        })
+    }
+
+    /// Arrival of the first `tunnel.state` record with `state` after `since`.
+    fn tunnel_after(&self, state: TunnelState, since: Instant) -> Option<Instant> {
+        self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
+            Body::Tunnel(x) if x.name == self.tunnel && x.state == state && *t > since => Some(*t),
             _ => None,
         })
     }
@@ -318,7 +347,7 @@ impl Tap {
     /// Arrival of ikemgr's `TunnelRemoved` of the instance.
     fn removed(&self) -> Option<Instant> {
         self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
-            Body::TunnelRemoved { name } if name == INSTANCE => Some(*t),
+            Body::TunnelRemoved { name } if *name == self.tunnel => Some(*t),
             _ => None,
         })
     }
@@ -961,4 +990,153 @@ fn periodic_probes_while_traffic_flows_and_answers_keep_the_tunnel() {
         .ping(SiteToSite::SERVER, 1)
         .expect("the tunnel still carries traffic");
     drop(a);
+}
+
+/// Haven's static gateway `vpn1` (initiator, `auto-negotiate`, NAT-T forced for
+/// kernel-libipsec) towards a strongSwan responder in gwa.
+fn static_config() -> String {
+    format!(
+        "config vpn ipsec phase1-interface
+    edit \"vpn1\"
+        set type static
+        set remote-gw {}
+        set interface \"out0\"
+        set ike-version 2
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set localid \"{GW_ID}\"
+        set nattraversal forced
+        set dpd on-idle
+        set dpd-retrycount 3
+        set dpd-retryinterval 2
+        set psksecret \"{PSK}\"
+    next
+end
+config vpn ipsec phase2-interface
+    edit \"vpn1\"
+        set phase1name \"vpn1\"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet {}
+        set dst-subnet {}
+    next
+end
+",
+        SiteToSite::GWA_OUTER,
+        SiteToSite::LAN_B,
+        SiteToSite::LAN_A
+    )
+}
+
+/// (f) A static tunnel: the dead verdict flushes it to `down` (route and SAs gone, DPD
+/// record back to the configured one); when strongSwan comes back, Haven negotiates again
+/// and dpdmon monitors the new IKE SA afresh.
+#[test]
+fn static_tunnel_goes_down_then_comes_back_monitored_afresh() {
+    require();
+    let line = SiteToSite::new("dpss-st").expect("topology");
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(
+        &SwanctlConf::new().conn(
+            Conn::psk(
+                "gw",
+                SiteToSite::GWA_OUTER,
+                SiteToSite::GWB_OUTER,
+                PSK.as_bytes(),
+            )
+            .ids(CLIENT_ID, GW_ID)
+            .proposals(&["aes128gcm16-prfsha256-ecp256"])
+            .child(
+                ChildCfg::new("net", SiteToSite::LAN_A, SiteToSite::LAN_B)
+                    .esp_proposals(&["aes128gcm16"]),
+            ),
+        ),
+    )
+    .expect("load responder");
+    let gw = Haven::start(&line.gwb, "dpss-st-gw", &static_config());
+    let tap = Tap::for_tunnel(&gw.run, "vpn1");
+    let monitored = |what: &str| {
+        wait_for(what, WAIT, || {
+            let v = gw.dpd_view();
+            v.as_array()
+                .and_then(|l| l.iter().find(|t| t["name"] == "vpn1"))
+                .filter(|t| t["state"] != "dead")
+                .cloned()
+                .ok_or_else(|| format!("{v}\n{}", gw.logs()))
+        })
+    };
+    monitored("dpdmon monitors vpn1");
+    wait_for("ping through the static tunnel", WAIT, || {
+        line.client
+            .ping(SiteToSite::SERVER, 1)
+            .map(|_| ())
+            .map_err(|e| format!("{e}\n{}", gw.logs()))
+    });
+
+    let t_kill = Instant::now();
+    a.kill().expect("kill charon");
+    wait_for("dead verdict", Duration::from_secs(30), || {
+        tap.state_after("dead", t_kill)
+            .ok_or_else(|| format!("{:?}\n{}", tap.requests(t_kill), gw.logs()))
+    });
+    let dead_at = tap.state_after("dead", t_kill).unwrap();
+    wait_for("tunnel down, record back to idle", WAIT, || {
+        match (
+            tap.tunnel_after(TunnelState::Down, dead_at),
+            tap.state_after("idle", dead_at),
+        ) {
+            (Some(_), Some(_)) => Ok(()),
+            other => Err(format!("{other:?}\n{}", gw.logs())),
+        }
+    });
+    wait_for("route and SAs gone", WAIT, || {
+        let routes = gw.routes();
+        let tunnels = gw.tunnel_list();
+        let sas = tunnels["tunnels"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter(|t| t["sas"].as_array().is_some_and(|s| !s.is_empty()))
+                    .count()
+            })
+            .unwrap_or(0);
+        (!routes.contains(&format!("{} dev vpn1", SiteToSite::LAN_A)) && sas == 0)
+            .then_some(())
+            .ok_or_else(|| format!("{routes}\n{tunnels}"))
+    });
+    let ike = gw.ike_list();
+    assert!(
+        ike.as_array()
+            .is_some_and(|l| l.iter().all(|s| s["established"] == false)),
+        "{ike}"
+    );
+
+    // strongSwan is back: Haven negotiates again; the new IKE SA is monitored afresh.
+    let t_back = Instant::now();
+    a.restart().expect("restart charon");
+    wait_for("tunnel up again", Duration::from_secs(30), || {
+        tap.tunnel_after(TunnelState::Up, t_back)
+            .map(|_| ())
+            .ok_or_else(|| gw.logs())
+    });
+    let row = monitored("vpn1 monitored again");
+    assert_eq!(row["dead_after_ms"], 8_000, "{row}");
+    wait_for("ping through the new tunnel", WAIT, || {
+        line.client
+            .ping(SiteToSite::SERVER, 1)
+            .map(|_| ())
+            .map_err(|e| format!("{e}\n{}", gw.logs()))
+    });
+    wait_for("a probe of the new SA answered", WAIT, || {
+        let r = tap.results(t_back);
+        r.iter()
+            .any(|r| r.2 == "reply")
+            .then_some(())
+            .ok_or_else(|| format!("{r:?}\n{}", gw.logs()))
+    });
+    assert!(
+        tap.state_after("dead", dead_at).is_none(),
+        "declared dead again: {}",
+        gw.logs()
+    );
 }
