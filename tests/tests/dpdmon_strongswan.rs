@@ -791,9 +791,16 @@ fn link_cut_flush_after_exactly_the_configured_probes() {
     };
     assert!(counted(&gw) >= 1, "the counter sees probes");
 
-    // Cut the link on the peer's side; wait for the verdict.
-    let t_cut = Instant::now();
+    // Cut the link on the peer's side right after a reply (the next round is 2 s of
+    // silence away, so no probe is in flight between the counter and the tap's marks);
+    // wait for the verdict.
+    let replies = || tap.results(t_up).iter().filter(|r| r.2 == "reply").count();
+    let seen = replies();
+    wait_for("a fresh reply", WAIT, || {
+        (replies() > seen).then_some(()).ok_or_else(|| gw.logs())
+    });
     let before_cut = counted(&gw);
+    let t_cut = Instant::now();
     line.gwa
         .ip(&["link", "set", "out0", "down"])
         .expect("link down");
@@ -803,8 +810,7 @@ fn link_cut_flush_after_exactly_the_configured_probes() {
     });
     one_round_of_three(&tap, t_up, &gw);
     gone_everywhere(&gw);
-    // A round may have begun (answered or not) just before the cut; every transmission
-    // after it is of the dead round.
+    // Every transmission after the cut is of the dead round.
     let after: Vec<_> = tap
         .results(t_cut)
         .into_iter()
@@ -816,10 +822,7 @@ fn link_cut_flush_after_exactly_the_configured_probes() {
         after.len() as u64,
         "every probe ikemgr reported sent left gwb: {after:?}"
     );
-    assert!(
-        (1..=3).contains(&on_output),
-        "at most one round after the cut: {on_output}"
-    );
+    assert_eq!(on_output, 3, "one round of three after the cut: {after:?}");
     gw.wait_dead_metric();
     flush_story_in_order(&gw);
     drop(a);
