@@ -707,6 +707,25 @@ mod tests {
         }
     }
 
+    /// `dead_after_ms` and `schedule` of `dpd.state` were added later: set, they
+    /// round-trip; unset, the record encodes as before (the golden bytes above).
+    #[test]
+    fn dpd_budget_fields_round_trip_and_stay_optional() {
+        let mut with = bodies()
+            .into_iter()
+            .find_map(|b| match b {
+                Body::Dpd(d) => Some(d),
+                _ => None,
+            })
+            .expect("a Dpd sample");
+        with.dead_after_ms = 324_000;
+        with.schedule = "exponential initial=1000ms max=64000ms".into();
+        let env = envelope(Body::Dpd(with.clone()));
+        let bytes = encode(&env);
+        assert_eq!(decode(&bytes).unwrap(), env);
+        assert!(hex(&bytes).contains(&hex(b"dead_after_ms")));
+    }
+
     #[test]
     fn round_trip_with_extreme_values() {
         for body in bodies() {

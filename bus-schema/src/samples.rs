@@ -42,6 +42,9 @@ pub fn bodies() -> Vec<Body> {
             count: 3,
             seqno: 0x1234_5678,
             state: "probing".into(),
+            // Zero and empty are not encoded: the golden bytes predate these fields.
+            dead_after_ms: 0,
+            schedule: String::new(),
         }),
         Body::DpdRemoved {
             tunnel: "vpn1".into(),

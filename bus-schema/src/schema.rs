@@ -467,6 +467,19 @@ pub struct DpdTunnelState {
     pub count: u32,
     pub seqno: u32,
     pub state: String,
+    /// Time from the start of a peer's silence until it is declared dead (dpd-core's
+    /// `dead_after_ms`: idle interval + every wait of one probe round); 0 when DPD is off.
+    /// Added after the first schema-1 records: absent (0) in records from older dpdmons.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dead_after_ms: u64,
+    /// The probe schedule: `fixed`, or `exponential initial=<ms>ms max=<ms>ms`; empty when
+    /// DPD is off (or in older records).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub schedule: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// espd's per-tunnel datapath view (`esp.tunnel`).

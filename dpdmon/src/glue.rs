@@ -23,8 +23,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bus_schema::{Body, DpdSettings, DpdTunnelState, StateStore, TunnelState};
-use dpd_core::{Activity, Dpd, DpdView, Event, Mode, Phase, Role, Settings, ViewChange};
+use bus_schema::{table, Body, DpdSettings, DpdTunnelState, StateStore, TunnelInfo, TunnelState};
+use dpd_core::{
+    dead_after_ms, Activity, Dpd, DpdView, Event, Mode, Phase, Role, Schedule, Settings, ViewChange,
+};
 use serde_json::{json, Value};
 
 /// Counters the daemon exports (`dpdmon_*` in Prometheus).
@@ -69,6 +71,11 @@ pub struct Glue {
     roles: BTreeMap<String, Role>,
     /// Run-time DPD settings by tunnel (`dpd-set`), not persisted.
     overrides: BTreeMap<String, DpdSettings>,
+    /// ikemgr's tunnel records as last seen (only changed ones are re-evaluated).
+    tunnels: BTreeMap<String, TunnelInfo>,
+    /// Phase1s with the exponential schedule (`set dpd-backoff exponential`), from
+    /// dpdmon's own reading of the configuration.
+    backoff: BTreeMap<String, Backoff>,
     /// Latest core view per tunnel.
     views: BTreeMap<String, DpdView>,
     /// What is on the bus (`dpd.state`).
@@ -93,13 +100,41 @@ pub fn state_name(phase: &Phase) -> &'static str {
     }
 }
 
-/// Core settings of a bus `DpdSettings` (FortiOS fixed schedule), with the role.
-/// `None` for a mode the core does not know.
-pub fn settings_of(d: &DpdSettings, role: Role) -> Option<Settings> {
+/// The exponential (PAN-OS) schedule of a phase1 (`set dpd-backoff exponential`):
+/// first and longest wait in ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+}
+
+/// Core settings of a bus `DpdSettings` with the role: the FortiOS fixed schedule, or,
+/// with `backoff`, the exponential one (`dpd-retryinterval` is then the idle interval and
+/// `dpd-retrycount` the number of transmissions, 0 read as 1). `None` for a mode the core
+/// does not know.
+pub fn settings_of(d: &DpdSettings, role: Role, backoff: Option<Backoff>) -> Option<Settings> {
     let mode = Mode::from_name(&d.mode)?;
     let mut s = Settings::fortios(mode, d.retry_count, d.retry_interval_ms);
+    if let Some(b) = backoff {
+        s.schedule = Schedule::Exponential {
+            idle_ms: d.retry_interval_ms,
+            initial_ms: b.initial_ms,
+            max_ms: b.max_ms,
+            tries: d.retry_count.max(1),
+        };
+    }
     s.role = role;
     Some(s)
+}
+
+/// The bus spelling of a schedule: `fixed` or `exponential initial=1000ms max=64000ms`.
+pub fn schedule_name(s: &Schedule) -> String {
+    match *s {
+        Schedule::Fixed { .. } => "fixed".into(),
+        Schedule::Exponential {
+            initial_ms, max_ms, ..
+        } => format!("exponential initial={initial_ms}ms max={max_ms}ms"),
+    }
 }
 
 /// hasyncd's role spelling: `standby` is a standby copy; `sync-primary` (and anything
@@ -122,6 +157,8 @@ impl Glue {
             meta: BTreeMap::new(),
             roles: BTreeMap::new(),
             overrides: BTreeMap::new(),
+            backoff: BTreeMap::new(),
+            tunnels: BTreeMap::new(),
             views: BTreeMap::new(),
             published: BTreeMap::new(),
             configured: BTreeMap::new(),
@@ -165,56 +202,152 @@ impl Glue {
 
     /// ikemgr's tunnel table changed: tunnels that are `up` are monitored with their
     /// settings (or the `dpd-set` override); the others are dropped from the core.
+    ///
+    /// Incremental: only tunnels whose record differs from the last one seen (or that
+    /// disappeared) are re-evaluated; unchanged ones cost a lookup and a comparison.
     pub fn sync_tunnels(&mut self, now_ms: u64, ike: &StateStore, out: &mut Vec<Body>) {
-        let mut desired: BTreeMap<String, Meta> = BTreeMap::new();
-        let mut configured = BTreeMap::new();
+        let mut touched = Vec::new();
+        let mut present = 0usize;
         for b in ike.items() {
             let Body::Tunnel(t) = b else { continue };
-            let (dpd, overridden) = match self.overrides.get(&t.name) {
-                Some(o) => (o, true),
-                None => (&t.dpd, false),
-            };
-            configured.insert(t.name.clone(), configured_record(&t.name, dpd));
-            if t.state != TunnelState::Up {
-                continue;
-            }
-            let role = self.roles.get(&t.name).copied().unwrap_or(Role::Owner);
-            let Some(settings) = settings_of(dpd, role) else {
-                tracing::warn!(
-                    tunnel = t.name.as_str(),
-                    "unknown DPD mode {:?}: not monitored",
-                    dpd.mode
-                );
-                continue;
-            };
-            desired.insert(
-                t.name.clone(),
-                Meta {
-                    local_gw: t.local_gw.clone().unwrap_or_else(|| "0.0.0.0".into()),
-                    remote_gw: t.remote_gw.clone().unwrap_or_else(|| "0.0.0.0".into()),
-                    settings,
-                    overridden,
-                },
-            );
-        }
-        self.configured = configured;
-        self.apply(now_ms, desired, out);
-        // Tunnels ikemgr has but dpdmon does not monitor, and tunnels ikemgr dropped.
-        for (k, rec) in &self.configured {
-            if !self.views.contains_key(k) && self.published.get(k) != Some(rec) {
-                self.published.insert(k.clone(), rec.clone());
-                out.push(Body::Dpd(rec.clone()));
+            present += 1;
+            if self.tunnels.get(&t.name) != Some(t) {
+                self.tunnels.insert(t.name.clone(), t.clone());
+                touched.push(t.name.clone());
             }
         }
-        let gone: Vec<String> = self
-            .published
+        if self.tunnels.len() > present {
+            let gone: Vec<String> = self
+                .tunnels
+                .keys()
+                .filter(|k| !matches!(ike.get(table::TUNNEL, k), Some(Body::Tunnel(_))))
+                .cloned()
+                .collect();
+            for k in gone {
+                self.tunnels.remove(&k);
+                touched.push(k);
+            }
+        }
+        self.update_tunnels(now_ms, touched, out);
+    }
+
+    /// Re-evaluates every tunnel of ikemgr's last table (settings changed: an override
+    /// or the configuration's schedules).
+    fn resync_all(&mut self, now_ms: u64, out: &mut Vec<Body>) {
+        let all: Vec<String> = self
+            .tunnels
             .keys()
-            .filter(|k| !self.configured.contains_key(*k) && !self.views.contains_key(*k))
+            .chain(self.meta.keys())
             .cloned()
+            .collect::<std::collections::BTreeSet<String>>()
+            .into_iter()
             .collect();
-        for k in gone {
-            self.published.remove(&k);
-            out.push(Body::DpdRemoved { tunnel: k });
+        self.update_tunnels(now_ms, all, out);
+    }
+
+    /// Applies ikemgr's current record (or its absence) of each tunnel in `names`.
+    fn update_tunnels(&mut self, now_ms: u64, names: Vec<String>, out: &mut Vec<Body>) {
+        for k in &names {
+            let desired = match self.tunnels.get(k) {
+                Some(t) => {
+                    let (dpd, overridden, backoff) = match self.overrides.get(k) {
+                        Some(o) => (o, true, None),
+                        None => (&t.dpd, false, self.backoff.get(&t.phase1).copied()),
+                    };
+                    self.configured.insert(
+                        k.clone(),
+                        configured_record(k, dpd, settings_of(dpd, Role::Owner, backoff)),
+                    );
+                    let role = self.roles.get(k).copied().unwrap_or(Role::Owner);
+                    match (t.state == TunnelState::Up, settings_of(dpd, role, backoff)) {
+                        (false, _) => None,
+                        (true, None) => {
+                            tracing::warn!(
+                                tunnel = k.as_str(),
+                                "unknown DPD mode {:?}: not monitored",
+                                dpd.mode
+                            );
+                            None
+                        }
+                        (true, Some(settings)) => Some(Meta {
+                            local_gw: t.local_gw.clone().unwrap_or_else(|| "0.0.0.0".into()),
+                            remote_gw: t.remote_gw.clone().unwrap_or_else(|| "0.0.0.0".into()),
+                            settings,
+                            overridden,
+                        }),
+                    }
+                }
+                None => {
+                    self.configured.remove(k);
+                    None
+                }
+            };
+            self.apply_one(now_ms, k, desired);
+        }
+        self.drain(out);
+        // Tunnels ikemgr has but dpdmon does not monitor, and tunnels ikemgr dropped.
+        for k in names {
+            if self.views.contains_key(&k) {
+                continue;
+            }
+            match self.configured.get(&k) {
+                Some(rec) => {
+                    if self.published.get(&k) != Some(rec) {
+                        self.published.insert(k, rec.clone());
+                        out.push(Body::Dpd(rec.clone()));
+                    }
+                }
+                None => {
+                    if self.published.remove(&k).is_some() {
+                        out.push(Body::DpdRemoved { tunnel: k });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Monitors one tunnel with `desired` (a change re-applies it to the core), or stops
+    /// monitoring it (`None`). Settings the core refuses are counted and not monitored.
+    fn apply_one(&mut self, now_ms: u64, k: &str, desired: Option<Meta>) {
+        let Some(m) = desired else {
+            if self.meta.remove(k).is_some() {
+                self.dpd.handle_tunnel_removed(now_ms, &k.to_string());
+                self.rounds.remove(k);
+            }
+            return;
+        };
+        if self.meta.get(k) == Some(&m) {
+            return;
+        }
+        match self
+            .dpd
+            .handle_tunnel_upsert(now_ms, k.to_string(), m.settings)
+        {
+            Ok(()) => {
+                self.meta.insert(k.to_string(), m);
+            }
+            Err(e) => {
+                tracing::warn!(tunnel = k, "DPD not monitored: {e}");
+                self.stats.invalid_settings += 1;
+                if self.meta.remove(k).is_some() {
+                    self.dpd.handle_tunnel_removed(now_ms, &k.to_string());
+                    self.rounds.remove(k);
+                }
+            }
+        }
+    }
+
+    /// The configuration's exponential schedules changed (phase1 name -> backoff):
+    /// re-applies ikemgr's table with them.
+    pub fn set_backoff(
+        &mut self,
+        now_ms: u64,
+        backoff: BTreeMap<String, Backoff>,
+        out: &mut Vec<Body>,
+    ) {
+        if backoff != self.backoff {
+            self.backoff = backoff;
+            self.resync_all(now_ms, out);
         }
     }
 
@@ -273,18 +406,17 @@ impl Glue {
     }
 
     /// Sets (`Some`) or clears (`None`) the run-time DPD settings of a tunnel and
-    /// re-applies ikemgr's table.
+    /// re-applies ikemgr's record of it.
     pub fn set_override(
         &mut self,
         now_ms: u64,
         tunnel: &str,
         settings: Option<DpdSettings>,
-        ike: &StateStore,
         out: &mut Vec<Body>,
     ) -> Result<(), String> {
         match settings {
             Some(s) => {
-                let core = settings_of(&s, Role::Owner)
+                let core = settings_of(&s, Role::Owner, None)
                     .ok_or_else(|| format!("unknown DPD mode {:?}", s.mode))?;
                 core.validate().map_err(|e| e.to_string())?;
                 self.overrides.insert(tunnel.to_string(), s);
@@ -293,7 +425,7 @@ impl Glue {
                 self.overrides.remove(tunnel);
             }
         }
-        self.sync_tunnels(now_ms, ike, out);
+        self.update_tunnels(now_ms, vec![tunnel.to_string()], out);
         Ok(())
     }
 
@@ -362,6 +494,11 @@ impl Glue {
         self.drain(out);
     }
 
+    /// When the core's next timer is due (ms on the clock of `tick`), if any.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.dpd.poll_timeout()
+    }
+
     /// Runs the timers due at `now_ms` and publishes what follows.
     pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Body>) {
         if self.dpd.poll_timeout().is_some_and(|t| t <= now_ms) {
@@ -421,7 +558,7 @@ impl Glue {
             match ch {
                 ViewChange::Removed(k) if updated.contains(&k) => {}
                 ViewChange::Updated(k, v) => {
-                    let rec = record_of(&k, &v);
+                    let rec = record_of(&k, &v, self.meta.get(&k).map(|m| &m.settings.schedule));
                     self.views.insert(k.clone(), v);
                     if self.published.get(&k) != Some(&rec) {
                         self.published.insert(k, rec.clone());
@@ -543,6 +680,7 @@ impl Glue {
                     "count": v.count,
                     "seqno": v.seqno,
                     "dead_after_ms": v.dead_after_ms,
+                    "schedule": meta.map(|m| schedule_name(&m.settings.schedule)),
                     "silent_ms": now_ms.saturating_sub(v.last_life_ms),
                     "probes_sent": v.probes_sent,
                     "replies": v.replies,
@@ -573,8 +711,14 @@ impl Glue {
     }
 }
 
-/// The record of a tunnel dpdmon does not monitor: its settings as configured, `idle`.
-pub fn configured_record(tunnel: &str, d: &DpdSettings) -> DpdTunnelState {
+/// The record of a tunnel dpdmon does not monitor: its settings as configured, `idle`,
+/// with the budget and schedule of `settings` (the core's reading of them, if valid).
+pub fn configured_record(
+    tunnel: &str,
+    d: &DpdSettings,
+    settings: Option<Settings>,
+) -> DpdTunnelState {
+    let settings = settings.filter(|s| s.validate().is_ok());
     DpdTunnelState {
         tunnel: tunnel.to_string(),
         mode: d.mode.clone(),
@@ -584,11 +728,16 @@ pub fn configured_record(tunnel: &str, d: &DpdSettings) -> DpdTunnelState {
         count: 0,
         seqno: 0,
         state: "idle".into(),
+        dead_after_ms: settings.as_ref().and_then(dead_after_ms).unwrap_or(0),
+        schedule: settings
+            .filter(|s| s.mode != Mode::Disable)
+            .map(|s| schedule_name(&s.schedule))
+            .unwrap_or_default(),
     }
 }
 
-/// The `dpd.state` record of a core view.
-pub fn record_of(tunnel: &str, v: &DpdView) -> DpdTunnelState {
+/// The `dpd.state` record of a core view (`schedule`: the tunnel's).
+pub fn record_of(tunnel: &str, v: &DpdView, schedule: Option<&Schedule>) -> DpdTunnelState {
     DpdTunnelState {
         tunnel: tunnel.to_string(),
         mode: v.mode.as_str().to_string(),
@@ -598,6 +747,11 @@ pub fn record_of(tunnel: &str, v: &DpdView) -> DpdTunnelState {
         count: v.count,
         seqno: v.seqno,
         state: state_name(&v.phase).to_string(),
+        dead_after_ms: v.dead_after_ms.unwrap_or(0),
+        schedule: schedule
+            .filter(|_| v.on)
+            .map(schedule_name)
+            .unwrap_or_default(),
     }
 }
 

@@ -301,17 +301,21 @@ fn tunnel_down_keeps_its_configured_record_and_removal_drops_it() {
         T0 + 25_000,
         &[tunnel("t", "on-idle", 3, 5_000, TunnelState::Down)],
     );
-    assert_eq!(
-        out,
-        vec![Body::Dpd(configured_record(
-            "t",
-            &DpdSettings {
-                mode: "on-idle".into(),
-                retry_count: 3,
-                retry_interval_ms: 5_000
-            }
-        ))]
+    let configured = DpdSettings {
+        mode: "on-idle".into(),
+        retry_count: 3,
+        retry_interval_ms: 5_000,
+    };
+    let rec = configured_record(
+        "t",
+        &configured,
+        settings_of(&configured, Role::Owner, None),
     );
+    assert_eq!(
+        (rec.dead_after_ms, rec.schedule.as_str()),
+        (20_000, "fixed")
+    );
+    assert_eq!(out, vec![Body::Dpd(rec)]);
     let trace = run(&mut g, T0 + 25_000, T0 + 60_000, |_, _, _| {});
     assert!(trace.is_empty(), "{trace:?}");
     // Up again (a new IKE SA): monitored afresh, silence counted from now; the record
@@ -339,6 +343,80 @@ fn tunnel_down_keeps_its_configured_record_and_removal_drops_it() {
     assert!(g.view_tunnels(T0, None).as_array().unwrap().is_empty());
     let out = up(&mut g, T0 + 92_000, &[]);
     assert_eq!(out, vec![Body::DpdRemoved { tunnel: "d".into() }]);
+}
+
+/// `set dpd-backoff exponential` (seed 004's PAN-OS schedule: `dpd-retryinterval 5`,
+/// `dpd-retrycount 10`, initial 1 s, max 64 s): probes after 5 s of silence, then 1, 2,
+/// 4 … 64 s apart; dead at 5 + 319 = 324 s; the record carries the budget and schedule.
+#[test]
+fn exponential_schedule_from_the_config() {
+    let mut g = Glue::new(T0, 0);
+    let ike = store(&[tunnel("t", "on-idle", 10, 5_000, TunnelState::Up)]);
+    let mut out = Vec::new();
+    g.sync_tunnels(T0, &ike, &mut out);
+    let backoff = BTreeMap::from([(
+        "t".to_string(),
+        Backoff {
+            initial_ms: 1_000,
+            max_ms: 64_000,
+        },
+    )]);
+    let mut out = Vec::new();
+    g.set_backoff(T0, backoff, &mut out);
+    assert!(
+        matches!(&out[..], [Body::Dpd(d)] if d.dead_after_ms == 324_000
+            && d.schedule == "exponential initial=1000ms max=64000ms"),
+        "{out:?}"
+    );
+    let trace = run(&mut g, T0, T0 + 400_000, |_, _, _| {});
+    let at: Vec<u64> = probes(&trace).iter().map(|p| (p.0 - T0) / 1000).collect();
+    assert_eq!(at, vec![5, 6, 8, 12, 20, 36, 68, 132, 196, 260]);
+    let dead: Vec<u64> = states(&trace)
+        .iter()
+        .filter(|s| s.1 == "dead")
+        .map(|s| (s.0 - T0) / 1000)
+        .collect();
+    assert_eq!(dead, vec![324]);
+    let v = g.view_tunnels(T0 + 400_000, Some("t"));
+    assert_eq!(v[0]["dead_after_ms"], 324_000);
+    assert_eq!(v[0]["schedule"], "exponential initial=1000ms max=64000ms");
+    // Back to fixed: 5 s x (1 + 10) = 55 s.
+    let mut out = Vec::new();
+    g.set_backoff(T0 + 400_000, BTreeMap::new(), &mut out);
+    let v = g.view_tunnels(T0 + 400_000, Some("t"));
+    assert_eq!(v[0]["dead_after_ms"], 55_000, "{v}");
+    assert_eq!(v[0]["schedule"], "fixed");
+}
+
+/// The incremental sync: an unchanged table publishes nothing; one tunnel replaced by
+/// another (same count) removes the first and adds the second.
+#[test]
+fn resync_touches_only_changed_tunnels() {
+    let mut g = Glue::new(T0, 0);
+    let a = tunnel("a", "on-idle", 3, 5_000, TunnelState::Up);
+    let b = tunnel("b", "on-idle", 3, 5_000, TunnelState::Up);
+    let c = tunnel("c", "on-demand", 2, 7_000, TunnelState::Up);
+    assert_eq!(up(&mut g, T0, &[a.clone(), b.clone()]).len(), 2);
+    assert!(up(&mut g, T0 + 1, &[a.clone(), b.clone()]).is_empty());
+    let out = up(&mut g, T0 + 2, &[a.clone(), c]);
+    assert!(
+        out.contains(&Body::DpdRemoved { tunnel: "b".into() }),
+        "{out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|x| matches!(x, Body::Dpd(d) if d.tunnel == "c" && d.idle_ms == 7_000)),
+        "{out:?}"
+    );
+    assert_eq!(out.len(), 2, "{out:?}");
+    let names: Vec<String> = g
+        .view_tunnels(T0 + 2, None)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a", "c"]);
 }
 
 #[test]
@@ -394,7 +472,6 @@ fn override_monitors_a_manual_key_tunnel_and_clears() {
                 retry_count: 1,
                 retry_interval_ms: 1
             }),
-            &ike,
             &mut out
         )
         .is_err());
@@ -407,7 +484,6 @@ fn override_monitors_a_manual_key_tunnel_and_clears() {
                 retry_count: 3,
                 retry_interval_ms: 0
             }),
-            &ike,
             &mut out
         )
         .is_err());
@@ -419,7 +495,6 @@ fn override_monitors_a_manual_key_tunnel_and_clears() {
             retry_count: 3,
             retry_interval_ms: 2_000,
         }),
-        &ike,
         &mut out,
     )
     .unwrap();
@@ -429,8 +504,7 @@ fn override_monitors_a_manual_key_tunnel_and_clears() {
     // ikemgr republishes the tunnel: the override stays.
     g.sync_tunnels(T0 + 5_000, &ike, &mut out);
     assert_eq!(g.published()["vpn1"].mode, "on-idle");
-    g.set_override(T0 + 5_000, "vpn1", None, &ike, &mut out)
-        .unwrap();
+    g.set_override(T0 + 5_000, "vpn1", None, &mut out).unwrap();
     assert_eq!(g.published()["vpn1"].mode, "disable");
     let trace = run(&mut g, T0 + 5_000, T0 + 30_000, |_, _, _| {});
     assert!(probes(&trace).is_empty());

@@ -14,12 +14,14 @@
 //! `dpdmon_probe_failures_total`, `dpdmon_dead_peers_total`, `dpdmon_detection_seconds`,
 //! `dpdmon_tunnels{state}`.
 //!
-//! What it does not do: send probes or flush tunnels (ikemgr does), read the exponential
-//! schedule from the configuration (haven-config has no keys for it yet), or persist
-//! anything: see the README's "Restart" section for what a restart guarantees.
+//! What it does not do: send probes or flush tunnels (ikemgr does), or persist anything:
+//! see the README's "Restart" section for what a restart guarantees. From the
+//! configuration it reads only the exponential schedule (`dpd-backoff*`); the rest of
+//! each tunnel's DPD settings comes with ikemgr's `tunnel.state`.
 //!
-//! Timers: the daemon shell calls `tick` every 50 ms (`TICK_MS`), so a timer fires on the
-//! first tick at or after its deadline: at most 50 ms late per transmission, never early.
+//! Timers: the daemon shell calls `tick` at the core's `poll_timeout` (the shell's timer
+//! rounds up to whole ms: a transmission is at most a few ms late, never early) and every
+//! second (`TICK_MS`) for the metrics.
 
 mod glue;
 
@@ -27,19 +29,17 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use bus_schema::{Body, DaemonKind, DpdSettings, StateStore};
-use haven_config::Config;
+use haven_config::{Config, DpdBackoff};
 use haven_daemon::{now_ns, DaemonLogic, Outbox};
 use serde_json::json;
 
-use crate::glue::Glue;
+use crate::glue::{Backoff, Glue};
 
 /// How often dpdmon exports its metrics (its core runs on every tick).
 const METRICS_EVERY_MS: u64 = 1000;
 
 struct Dpdmon {
     glue: Glue,
-    /// The last ikemgr replica (needed again when an override or a role changes).
-    ike: StateStore,
     metrics_at_ms: u64,
 }
 
@@ -72,8 +72,9 @@ impl DaemonLogic for Dpdmon {
     /// (`ike.activity`, `ike.probe`), hasyncd for the roles.
     const FOLLOWS: &'static [DaemonKind] =
         &[DaemonKind::Ikemgr, DaemonKind::Hasyncd, DaemonKind::Espd];
-    /// Probe and verdict timers are checked this often (a transmission is at most this late).
-    const TICK_MS: u64 = 50;
+    /// Metrics are exported on this period; probe and verdict timers fire at their exact
+    /// time through [`DaemonLogic::poll_timeout`].
+    const TICK_MS: u64 = 1000;
 
     fn new(_config: &Config, _run_dir: &Path) -> Self {
         metrics::describe_counter!(
@@ -104,19 +105,34 @@ impl DaemonLogic for Dpdmon {
             // Rounds of this process start above any round the previous one can have
             // used (2^16 rounds per ms of uptime).
             glue: Glue::new(now, now << 16),
-            ike: StateStore::new(),
             metrics_at_ms: 0,
         }
     }
 
-    fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {}
+    /// dpdmon's part of the configuration: the exponential schedule of each phase1
+    /// (`set dpd-backoff exponential`, `dpd-backoff-initial`, `dpd-backoff-max`); mode,
+    /// retry count and interval come with ikemgr's tunnels.
+    fn on_config(&mut self, config: &Config, out: &mut Outbox) {
+        let backoff = config
+            .phase1
+            .iter()
+            .filter(|p| p.dpd_backoff == DpdBackoff::Exponential)
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    Backoff {
+                        initial_ms: u64::from(p.dpd_backoff_initial_ms),
+                        max_ms: u64::from(p.dpd_backoff_max_ms),
+                    },
+                )
+            })
+            .collect();
+        self.glue.set_backoff(now_ms(), backoff, out);
+    }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         match src {
-            DaemonKind::Ikemgr => {
-                self.ike = store.clone();
-                self.glue.sync_tunnels(now_ms(), store, out);
-            }
+            DaemonKind::Ikemgr => self.glue.sync_tunnels(now_ms(), store, out),
             DaemonKind::Hasyncd => self.glue.sync_roles(now_ms(), store, out),
             _ => {}
         }
@@ -179,9 +195,13 @@ impl DaemonLogic for Dpdmon {
                 }
             };
         tracing::info!(tunnel = tunnel.as_str(), "DPD override {name} {args:?}");
-        self.glue
-            .set_override(now_ms(), tunnel, settings, &self.ike, out)?;
+        self.glue.set_override(now_ms(), tunnel, settings, out)?;
         Ok(json!({ "tunnel": tunnel, "override": name == "dpd-set" }))
+    }
+
+    /// The core's next timer (wall-clock ms): the shell ticks then.
+    fn poll_timeout(&self) -> Option<u64> {
+        self.glue.poll_timeout()
     }
 
     fn tick(&mut self, now_ns: u64, out: &mut Outbox) {

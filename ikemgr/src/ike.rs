@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
 use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
 use haven_config::{
-    AuthMethod as CfgAuth, Config, KeylifeType, NatTraversal as CfgNat, PeerType, Phase1,
-    Phase1Type, Selector,
+    AuthMethod as CfgAuth, Config, DpdBackoff, KeylifeType, NatTraversal as CfgNat, PeerType,
+    Phase1, Phase1Type, Selector,
 };
 use ike_proto::cert::{CertAuth, Credentials, TrustAnchors};
 use ike_proto::cookie::{CookieGuard, DropReason, GuardConfig, Verdict};
@@ -380,7 +380,10 @@ fn gateway_of(
 /// of dpdmon's transmissions, at least three minutes. If no retry comes by then (dpdmon
 /// is gone), the probe is abandoned and reported `timeout`; a later request starts a new one.
 pub fn liveness_hold(p: &Phase1) -> Duration {
-    let longest = u64::from(p.dpd_retryinterval_ms);
+    let mut longest = u64::from(p.dpd_retryinterval_ms);
+    if p.dpd_backoff == DpdBackoff::Exponential {
+        longest = longest.max(u64::from(p.dpd_backoff_max_ms));
+    }
     Duration::from_millis(longest.saturating_mul(2)).max(Duration::from_secs(180))
 }
 

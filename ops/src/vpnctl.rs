@@ -829,6 +829,14 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
                 u(&d["count"]),
                 u(&d["seqno"])
             );
+            // Haven: the probe schedule and the time until a silent peer is declared dead.
+            if !s(&d["schedule"]).is_empty() {
+                println!(
+                    "dpd-schedule: {} dead-after={}ms",
+                    s(&d["schedule"]),
+                    u(&d["dead_after_ms"])
+                );
+            }
         }
         let natt = if s(&t["encap"]) == "udp" {
             "keepalive"

@@ -244,7 +244,7 @@ fn manual_key_peer_killed_probes_then_dead_verdict() {
     );
     assert!(before.iter().all(|p| p.1 == before[0].1), "{probes:?}");
     eprintln!(
-        "dpdmon: kill -> probes at {:?} ms, dead at {} ms (budget 12000 ms from the last packet, ticks of 1 s)",
+        "dpdmon: kill -> probes at {:?} ms, dead at {} ms (budget 12000 ms from the last packet)",
         before
             .iter()
             .map(|p| p.0.duration_since(t_kill).as_millis())

@@ -503,3 +503,50 @@ fn check_report_json_view() {
     assert_eq!(code, 1, "a directory is not a configuration");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Haven's DPD keys: `dpd periodic`, and the exponential (PAN-OS) schedule with
+/// `dpd-backoff`, `dpd-backoff-initial`, `dpd-backoff-max` (`SECONDS [MILLISECONDS]`).
+#[test]
+fn dpd_periodic_and_exponential_schedule() {
+    let p = parse(&tunnel("", "")).unwrap();
+    let p1 = &p.config.phase1[0];
+    assert_eq!(p1.dpd_backoff, DpdBackoff::Fixed);
+    assert_eq!(
+        (p1.dpd_backoff_initial_ms, p1.dpd_backoff_max_ms),
+        (1_000, 64_000)
+    );
+    let p = parse(&tunnel(
+        "        set dpd periodic\n        set dpd-retryinterval 5\n        set dpd-retrycount 10\n        \
+         set dpd-backoff exponential\n        set dpd-backoff-initial 0 500\n        set dpd-backoff-max 64\n",
+        "",
+    ))
+    .unwrap();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let p1 = &p.config.phase1[0];
+    assert_eq!(p1.dpd, DpdMode::Periodic);
+    assert_eq!(p1.dpd_backoff, DpdBackoff::Exponential);
+    assert_eq!(
+        (p1.dpd_backoff_initial_ms, p1.dpd_backoff_max_ms),
+        (500, 64_000)
+    );
+    for (line, col, what) in [
+        ("        set dpd-backoff sometimes\n", 25, "fixed"),
+        ("        set dpd-backoff-initial 0 50\n", 35, "at least 100 ms"),
+        ("        set dpd-backoff-max 3601\n", 29, "seconds 1..=3600"),
+        ("        set dpd-backoff-max 1 2 3\n", 33, "SECONDS or SECONDS MILLISECONDS"),
+        (
+            "        set dpd-backoff exponential\n        set dpd-backoff-initial 8\n        set dpd-backoff-max 4\n",
+            29,
+            "not below dpd-backoff-initial",
+        ),
+        (
+            "        set dpd-backoff exponential\n        set dpd-backoff-initial 65\n",
+            33,
+            "not above dpd-backoff-max",
+        ),
+    ] {
+        let e = one_error(&tunnel(line, ""));
+        assert_eq!(e.col, col, "{line:?}: {e}");
+        assert!(e.to_string().contains(what), "{line:?}: {e}");
+    }
+}

@@ -74,8 +74,16 @@ pub trait DaemonLogic: Sized + Unpin + 'static {
     }
     /// Period of [`DaemonLogic::tick`] in milliseconds.
     const TICK_MS: u64 = 1000;
-    /// Called every [`DaemonLogic::TICK_MS`] with the current time.
+    /// Called every [`DaemonLogic::TICK_MS`] with the current time, and when the time
+    /// given by [`DaemonLogic::poll_timeout`] comes.
     fn tick(&mut self, _now_ns: u64, _out: &mut Outbox) {}
+    /// When the logic's next timer is due, in wall-clock ms (`now_ns() / 1_000_000`), or
+    /// `None`. The shell reads it after every call into the logic and calls
+    /// [`DaemonLogic::tick`] at that time (never before it), so a timer fires on time
+    /// instead of on the next `TICK_MS` period.
+    fn poll_timeout(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Publishes the difference between two keyed views: a `put` for every new or changed
@@ -115,6 +123,8 @@ fn default_metrics_port(kind: DaemonKind) -> u16 {
 struct Core<L: DaemonLogic> {
     logic: L,
     out: mpsc::UnboundedSender<Body>,
+    /// The armed wake-up for the logic's `poll_timeout`: its deadline (ms) and handle.
+    timer: Option<(u64, SpawnHandle)>,
 }
 
 impl<L: DaemonLogic> Core<L> {
@@ -125,16 +135,47 @@ impl<L: DaemonLogic> Core<L> {
             let _ = self.out.send(body);
         }
     }
+
+    /// Publishes what a call into the logic produced, then re-arms the wake-up.
+    fn after(&mut self, ctx: &mut Context<Self>, outbox: Outbox) {
+        self.flush(outbox);
+        self.arm(ctx);
+    }
+
+    /// Arms a one-shot wake-up at the logic's `poll_timeout` (replacing an earlier one).
+    /// The delay is rounded up to whole ms from a whole-ms `now`, so the tick it runs sees
+    /// a time at or after the deadline.
+    fn arm(&mut self, ctx: &mut Context<Self>) {
+        let want = self.logic.poll_timeout();
+        if self.timer.as_ref().map(|t| t.0) == want {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let Some(at_ms) = want else {
+            return;
+        };
+        let now_ms = now_ns() / 1_000_000;
+        let delay = Duration::from_millis(at_ms.saturating_sub(now_ms).max(1));
+        let handle = ctx.run_later(delay, |act, ctx| {
+            act.timer = None;
+            let mut out = Vec::new();
+            act.logic.tick(now_ns(), &mut out);
+            act.after(ctx, out);
+        });
+        self.timer = Some((at_ms, handle));
+    }
 }
 
 impl<L: DaemonLogic> Actor for Core<L> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(Duration::from_millis(L::TICK_MS.max(1)), |act, _ctx| {
+        ctx.run_interval(Duration::from_millis(L::TICK_MS.max(1)), |act, ctx| {
             let mut out = Vec::new();
             act.logic.tick(now_ns(), &mut out);
-            act.flush(out);
+            act.after(ctx, out);
         });
     }
 }
@@ -145,10 +186,10 @@ struct ApplyConfig(Arc<Config>);
 
 impl<L: DaemonLogic> Handler<ApplyConfig> for Core<L> {
     type Result = ();
-    fn handle(&mut self, msg: ApplyConfig, _: &mut Self::Context) {
+    fn handle(&mut self, msg: ApplyConfig, ctx: &mut Self::Context) {
         let mut out = Vec::new();
         self.logic.on_config(&msg.0, &mut out);
-        self.flush(out);
+        self.after(ctx, out);
     }
 }
 
@@ -161,10 +202,10 @@ struct ReplicaChanged {
 
 impl<L: DaemonLogic> Handler<ReplicaChanged> for Core<L> {
     type Result = ();
-    fn handle(&mut self, msg: ReplicaChanged, _: &mut Self::Context) {
+    fn handle(&mut self, msg: ReplicaChanged, ctx: &mut Self::Context) {
         let mut out = Vec::new();
         self.logic.on_replica(msg.src, &msg.store, &mut out);
-        self.flush(out);
+        self.after(ctx, out);
     }
 }
 
@@ -177,10 +218,10 @@ struct BusEvent {
 
 impl<L: DaemonLogic> Handler<BusEvent> for Core<L> {
     type Result = ();
-    fn handle(&mut self, msg: BusEvent, _: &mut Self::Context) {
+    fn handle(&mut self, msg: BusEvent, ctx: &mut Self::Context) {
         let mut out = Vec::new();
         self.logic.on_event(msg.src, &msg.body, &mut out);
-        self.flush(out);
+        self.after(ctx, out);
     }
 }
 
@@ -194,11 +235,11 @@ struct ViewOrCommand {
 
 impl<L: DaemonLogic> Handler<ViewOrCommand> for Core<L> {
     type Result = Result<serde_json::Value, String>;
-    fn handle(&mut self, msg: ViewOrCommand, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: ViewOrCommand, ctx: &mut Self::Context) -> Self::Result {
         if msg.command {
             let mut out = Vec::new();
             let r = self.logic.command(&msg.name, &msg.args, &mut out);
-            self.flush(out);
+            self.after(ctx, out);
             r
         } else {
             self.logic.view(&msg.name, &msg.args)
@@ -413,7 +454,12 @@ async fn start<L: DaemonLogic>(
     let boot = bus_schema::new_boot_id().map_err(|e| format!("boot id: {e}"))?;
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let logic = L::new(&config, &args.run_dir);
-    let core = Core { logic, out: out_tx }.start();
+    let core = Core {
+        logic,
+        out: out_tx,
+        timer: None,
+    }
+    .start();
     core.do_send(ApplyConfig(Arc::new(config)));
 
     let shared = Arc::new(Shared::<L> {
@@ -760,5 +806,83 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
         for (src, f) in &followers {
             reps.insert(*src, f.replica_info(now));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A logic with one timer, armed by the configuration `DELAY_MS` ahead, whose period
+    /// tick is far away: only the `poll_timeout` wake-up can run it.
+    struct OneTimer {
+        deadline_ms: Option<u64>,
+        /// (now at the tick, deadline it consumed)
+        fired: Arc<Mutex<Vec<(u64, u64)>>>,
+    }
+
+    const DELAY_MS: u64 = 150;
+
+    impl DaemonLogic for OneTimer {
+        const KIND: DaemonKind = DaemonKind::Dpdmon;
+        const FOLLOWS: &'static [DaemonKind] = &[];
+        const TICK_MS: u64 = 3_600_000;
+
+        fn new(_config: &Config, _run_dir: &Path) -> Self {
+            OneTimer {
+                deadline_ms: None,
+                fired: Arc::default(),
+            }
+        }
+        fn on_config(&mut self, _config: &Config, _out: &mut Outbox) {
+            self.deadline_ms = Some(now_ns() / 1_000_000 + DELAY_MS);
+        }
+        fn view(&self, _name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
+            Err("none".into())
+        }
+        fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
+            let now = now_ns / 1_000_000;
+            if let Some(d) = self.deadline_ms.filter(|d| *d <= now) {
+                self.deadline_ms = None;
+                lock(&self.fired).push((now, d));
+                out.push(Body::Heartbeat { uptime_ms: now });
+            }
+        }
+        fn poll_timeout(&self) -> Option<u64> {
+            self.deadline_ms
+        }
+    }
+
+    /// The actor ticks the logic at its `poll_timeout`, not before, and once per timer.
+    #[test]
+    fn poll_timeout_wakes_the_logic_on_time() {
+        let fired = Arc::new(Mutex::new(Vec::new()));
+        let published = actix::System::new().block_on({
+            let fired = fired.clone();
+            async move {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                let core = Core {
+                    logic: OneTimer {
+                        deadline_ms: None,
+                        fired,
+                    },
+                    out: tx,
+                    timer: None,
+                }
+                .start();
+                core.do_send(ApplyConfig(Arc::new(Config::default())));
+                tokio::time::sleep(Duration::from_millis(DELAY_MS * 4)).await;
+                let mut n = 0;
+                while rx.try_recv().is_ok() {
+                    n += 1;
+                }
+                n
+            }
+        });
+        let fired = lock(&fired).clone();
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        let (now, deadline) = fired[0];
+        assert!(now >= deadline, "woken early: {fired:?}");
+        assert_eq!(published, 1);
     }
 }
