@@ -3,7 +3,8 @@
 //! What it does:
 //! - [`wire`]: bounds-checked codec for IKEv2 messages and every payload of
 //!   RFC 7296 §3 (plus RFC 7383 SKF), with wire enums as newtypes so unknown
-//!   codes round-trip; a fuzz target lives in `fuzz/`.
+//!   codes round-trip; fuzz targets live in `fuzz/` (`decode`, and
+//!   `responder`, whose body is [`sa::fuzz`]).
 //! - [`crypto`]: PRFs and prf+, SKEYSEED and IKE/CHILD key derivation, DH
 //!   groups 2, 5, 14, 15, 16, 19, 20, 21 and 31 with peer public value
 //!   validation, and SK payload protection (AES-CBC + HMAC-SHA1/SHA2,
