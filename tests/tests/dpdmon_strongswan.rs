@@ -628,6 +628,7 @@ fn flush_story_in_order(gw: &Haven) {
         format!("ike 0:{INSTANCE}: flushing"),
         "deleted IPsec SA with SPI".to_string(),
         format!("del route {}", SiteToSite::LAN_A),
+        "HA send IKE SA del".to_string(),
         format!("ike 0:{INSTANCE}: sending tunnel down event"),
         format!("ike 0:{INSTANCE}: flushed"),
         format!("ike 0:{INSTANCE}: delete dynamic"),

@@ -316,8 +316,14 @@ impl HaState {
     /// An SA was removed: its record goes too (after its CHILD SAs and routes, before the
     /// tunnel, as seed 000's flush order).
     pub(super) fn removed(&mut self, id: u64, bodies: &mut Vec<Body>) {
-        if let Some((tunnel, _)) = self.published.remove(&id) {
+        if let Some((tunnel, key)) = self.published.remove(&id) {
             self.taken.remove(&tunnel);
+            // Seed 000's flush: hasyncd tells the other members to delete their copy.
+            tracing::debug!(
+                "ike 0:{tunnel}:{id}: HA send IKE SA del {:016x}/{:016x}",
+                key.0,
+                key.1
+            );
             if !self.published.values().any(|(t, _)| *t == tunnel) {
                 bodies.push(Body::IkeSaRemoved { tunnel });
             }
