@@ -125,6 +125,10 @@ pub struct IkeManager {
     wanted: std::collections::BTreeSet<String>,
     /// Certificates for `authmethod signature` (see [`IkeManager::set_cert_store`]).
     certs: CertStore,
+    /// Each SA's next timer, ordered, so timers cost O(log n) with many SAs.
+    timers: std::collections::BTreeSet<(Instant, u64)>,
+    /// The entry of each SA in `timers`.
+    timer_of: HashMap<u64, Instant>,
 }
 
 /// Certificate material for `authmethod signature` phase1s, read by the driver (this
@@ -398,6 +402,8 @@ impl IkeManager {
             guard: None,
             wanted: Default::default(),
             certs: CertStore::default(),
+            timers: Default::default(),
+            timer_of: HashMap::new(),
         }
     }
 
@@ -463,10 +469,12 @@ impl IkeManager {
         if !g.dynamic {
             return g.name.clone();
         }
-        let taken: Vec<&str> = self.sas.values().map(|e| e.name.as_str()).collect();
+        // A set, so that naming stays linear with many instances.
+        let taken: std::collections::HashSet<&str> =
+            self.sas.values().map(|e| e.name.as_str()).collect();
         (1u32..)
             .map(|n| format!("{}_{n}", g.name))
-            .find(|n| !taken.contains(&n.as_str()))
+            .find(|n| !taken.contains(n.as_str()))
             .unwrap_or_else(|| g.name.clone())
     }
 
@@ -657,10 +665,10 @@ impl IkeManager {
     /// Drives timers of every SA.
     pub fn handle_timeout(&mut self, now: Instant) {
         let due: Vec<u64> = self
-            .sas
+            .timers
             .iter()
-            .filter(|(_, e)| e.sa.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(k, _)| *k)
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, id)| *id)
             .collect();
         for id in due {
             if let Some(e) = self.sas.get_mut(&id) {
@@ -672,7 +680,7 @@ impl IkeManager {
 
     /// Earliest timer of any SA.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let sa = self.sas.values().filter_map(|e| e.sa.poll_timeout()).min();
+        let sa = self.timers.first().map(|(t, _)| *t);
         let retry = self
             .gateways
             .values()
@@ -971,12 +979,25 @@ impl IkeManager {
             for spi in e.sa.local_spis() {
                 self.by_spi.insert(spi, id);
             }
+            let next = e.sa.poll_timeout();
+            self.set_timer(id, next);
         }
         for ev in events {
             self.on_event(id, now, ev);
         }
         if closed {
             self.flush(id, now, "closed");
+        }
+    }
+
+    /// Files SA `id`'s next timer in the index (None: no timer).
+    fn set_timer(&mut self, id: u64, at: Option<Instant>) {
+        if let Some(old) = self.timer_of.remove(&id) {
+            self.timers.remove(&(old, id));
+        }
+        if let Some(t) = at {
+            self.timers.insert((t, id));
+            self.timer_of.insert(id, t);
         }
     }
 
@@ -1232,6 +1253,7 @@ impl IkeManager {
     /// SAs deleted, routes removed, tunnel down, dial-up instance removed).
     fn flush(&mut self, id: u64, now: Instant, why: &str) {
         self.half_open_done(id);
+        self.set_timer(id, None);
         let Some(e) = self.sas.remove(&id) else {
             return;
         };

@@ -98,9 +98,8 @@ config vpn ipsec phase2-interface
     next
 end
 EOC
-nx h "$IKEMGR" --config "$WORK/haven.conf" --run-dir "$WORK/run" --log-level warn \
-    --metrics-listen 127.0.0.1:19701 >"$WORK/ikemgr.log" 2>&1 &
-IKEMGR_PID=$!
+ip netns exec "$TAG-h" "$IKEMGR" --config "$WORK/haven.conf" --run-dir "$WORK/run" \
+    --log-level warn --metrics-listen 127.0.0.1:19701 >"$WORK/ikemgr.log" 2>&1 &
 
 # charon: the same gateway.
 mkdir -p "$WORK/swanctl"
@@ -114,7 +113,8 @@ charon {
   ikesa_table_segments = 16
   install_routes = no
   filelog { log { path = $WORK/charon.log
-    default = -1 } }
+    flush_line = yes
+    default = ${CHARON_LOG:--1} } }
   plugins { vici { socket = unix://$WORK/charon.vici } }
 }
 EOC
@@ -138,17 +138,22 @@ EOC
 ip netns exec "$TAG-s" unshare -m sh -c \
     "mount -t tmpfs none /run && STRONGSWAN_CONF=$WORK/strongswan.conf exec $CHARON" \
     >"$WORK/charon.out" 2>&1 &
-CHARON_PID=$!
 for _ in $(seq 1 100); do
-    nx s swanctl --uri "unix://$WORK/charon.vici" --stats >/dev/null 2>&1 && break
+    nx s swanctl --stats --uri "unix://$WORK/charon.vici" >/dev/null 2>&1 && break
     sleep 0.1
 done
-nx s swanctl --uri "unix://$WORK/charon.vici" --load-all --file "$WORK/swanctl/swanctl.conf" \
+nx s swanctl --load-all --uri "unix://$WORK/charon.vici" --file "$WORK/swanctl/swanctl.conf" \
     >/dev/null || die "swanctl load failed"
 for _ in $(seq 1 100); do
     nx h sh -c 'ss -uln | grep -q ":500 "' && break
     sleep 0.1
 done
+
+# The daemons' own pids (for their RSS), whatever ip/unshare/sh did on the way.
+IKEMGR_PID=$(ip netns pids "$TAG-h" | head -n1)
+CHARON_PID=$(ip netns pids "$TAG-s" | head -n1)
+[ -n "$IKEMGR_PID" ] && [ -n "$CHARON_PID" ] || die "a responder did not start"
+echo "ikemgr pid $IKEMGR_PID ($(cat /proc/$IKEMGR_PID/comm)), charon pid $CHARON_PID ($(cat /proc/$CHARON_PID/comm))"
 
 run() { # $1 label, $2 remote, $3 pid, $4 seconds, $5 target
     nx l "$BENCH" --local "${2%.2}.1" --remote "$2" --psk "$PSK" --seconds "$4" \
@@ -161,3 +166,5 @@ echo "== memory: up to $TARGET more established SAs on each (at most $FILL s eac
 run "ikemgr  " 10.231.1.2 "$IKEMGR_PID" "$FILL" "$TARGET"
 run "charon  " 10.231.2.2 "$CHARON_PID" "$FILL" "$TARGET"
 kill -0 "$IKEMGR_PID" 2>/dev/null || { cat "$WORK/ikemgr.log"; die "ikemgr died"; }
+[ -n "${KEEP_LOG:-}" ] && cp "$WORK/charon.log" "$KEEP_LOG"
+exit 0

@@ -70,9 +70,17 @@ fn main() {
     let (mut done, mut failed) = (0usize, 0usize);
     let mut buf = vec![0u8; 65536];
     let mut next_timer_scan = start;
+    // After a NAT float (charon with kernel-libipsec always fakes one) IKE goes to port 4500
+    // with the RFC 3948 non-ESP marker (four zero octets) in front.
     let send_all = |sa: &mut IkeSa| {
         while let Some(t) = sa.poll_transmit() {
-            let _ = sock.send_to(&t.payload, t.destination);
+            if t.destination.port() == 4500 {
+                let mut d = vec![0u8; 4];
+                d.extend_from_slice(&t.payload);
+                let _ = sock.send_to(&d, t.destination);
+            } else {
+                let _ = sock.send_to(&t.payload, t.destination);
+            }
         }
     };
     while Instant::now() < deadline && done < target {
@@ -87,15 +95,22 @@ fn main() {
             }
         }
         if let Ok((n, from)) = sock.recv_from(&mut buf) {
-            let d = buf.get(..n).unwrap_or(&[]);
+            let mut d = buf.get(..n).unwrap_or(&[]);
+            if from.port() == 4500 {
+                match d.strip_prefix(&[0u8; 4][..]) {
+                    Some(ike) => d = ike,
+                    None => continue,
+                }
+            }
             let spi_i = d
                 .get(..8)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
             if let Some(sa) = sas.get_mut(&spi_i) {
+                // The core's view of the path: its own (floated) local port.
                 let path = Addresses {
-                    local: addrs.local,
+                    local: sa.addresses().local,
                     remote: from,
                 };
                 let _ = sa.handle_datagram(Instant::now(), path, d);
