@@ -129,6 +129,8 @@ pub struct IkeManager {
     timers: std::collections::BTreeSet<(Instant, u64)>,
     /// The entry of each SA in `timers`.
     timer_of: HashMap<u64, Instant>,
+    /// Per (gateway, local address) IKE SA policy, rebuilt with the configuration.
+    sa_configs: HashMap<(String, IpAddr), Arc<IkeConfig>>,
 }
 
 /// Certificate material for `authmethod signature` phase1s, read by the driver (this
@@ -404,6 +406,7 @@ impl IkeManager {
             certs: CertStore::default(),
             timers: Default::default(),
             timer_of: HashMap::new(),
+            sa_configs: HashMap::new(),
         }
     }
 
@@ -429,6 +432,7 @@ impl IkeManager {
             }
         }
         self.gateways = gws;
+        self.sa_configs.clear();
         let orphans: Vec<u64> = self
             .sas
             .iter()
@@ -456,13 +460,21 @@ impl IkeManager {
             .collect()
     }
 
-    fn per_sa_config(g: &Gateway, local: IpAddr) -> Arc<IkeConfig> {
+    /// The gateway's policy with our ID for `local`, shared by all SAs of that gateway and
+    /// address (one copy, not one per SA).
+    fn per_sa_config(&mut self, g: &Gateway, local: IpAddr) -> Arc<IkeConfig> {
+        let key = (g.name.clone(), local);
+        if let Some(c) = self.sa_configs.get(&key) {
+            return c.clone();
+        }
         let mut c = (*g.cfg).clone();
         c.local_id = g
             .localid
             .clone()
             .unwrap_or_else(|| IdPayload::from_ip(local));
-        Arc::new(c)
+        let c = Arc::new(c);
+        self.sa_configs.insert(key, c.clone());
+        c
     }
 
     fn instance_name(&self, g: &Gateway) -> String {
@@ -535,7 +547,7 @@ impl IkeManager {
         };
         match IkeSa::initiate(
             now,
-            Self::per_sa_config(&g, local),
+            self.per_sa_config(&g, local),
             addrs,
             Box::new(OsEntropy),
         ) {
@@ -646,7 +658,7 @@ impl IkeManager {
         }
         match IkeSa::accept(
             now,
-            Self::per_sa_config(&g, local.ip()),
+            self.per_sa_config(&g, local.ip()),
             path,
             Box::new(OsEntropy),
             d,
