@@ -138,6 +138,12 @@ pub struct IkeManager {
     certs: CertStore,
     /// HA role, published IKE SA records, takeovers ([`ha`]).
     ha: ha::HaState,
+    /// Each SA's next timer, ordered, so timers cost O(log n) with many SAs.
+    timers: std::collections::BTreeSet<(Instant, u64)>,
+    /// The entry of each SA in `timers`.
+    timer_of: HashMap<u64, Instant>,
+    /// Per (gateway, local address) IKE SA policy, rebuilt with the configuration.
+    sa_configs: HashMap<(String, IpAddr), Arc<IkeConfig>>,
 }
 
 /// Certificate material for `authmethod signature` phase1s, read by the driver (this
@@ -438,6 +444,9 @@ impl IkeManager {
             wanted: Default::default(),
             certs: CertStore::default(),
             ha: ha::HaState::default(),
+            timers: Default::default(),
+            timer_of: HashMap::new(),
+            sa_configs: HashMap::new(),
         }
     }
 
@@ -463,6 +472,7 @@ impl IkeManager {
             }
         }
         self.gateways = gws;
+        self.sa_configs.clear();
         let orphans: Vec<u64> = self
             .sas
             .iter()
@@ -490,23 +500,33 @@ impl IkeManager {
             .collect()
     }
 
-    fn per_sa_config(g: &Gateway, local: IpAddr) -> Arc<IkeConfig> {
+    /// The gateway's policy with our ID for `local`, shared by all SAs of that gateway and
+    /// address (one copy, not one per SA).
+    fn per_sa_config(&mut self, g: &Gateway, local: IpAddr) -> Arc<IkeConfig> {
+        let key = (g.name.clone(), local);
+        if let Some(c) = self.sa_configs.get(&key) {
+            return c.clone();
+        }
         let mut c = (*g.cfg).clone();
         c.local_id = g
             .localid
             .clone()
             .unwrap_or_else(|| IdPayload::from_ip(local));
-        Arc::new(c)
+        let c = Arc::new(c);
+        self.sa_configs.insert(key, c.clone());
+        c
     }
 
     fn instance_name(&self, g: &Gateway) -> String {
         if !g.dynamic {
             return g.name.clone();
         }
-        let taken: Vec<&str> = self.sas.values().map(|e| e.name.as_str()).collect();
+        // A set, so that naming stays linear with many instances.
+        let taken: std::collections::HashSet<&str> =
+            self.sas.values().map(|e| e.name.as_str()).collect();
         (1u32..)
             .map(|n| format!("{}_{n}", g.name))
-            .find(|n| !taken.contains(&n.as_str()))
+            .find(|n| !taken.contains(n.as_str()))
             .unwrap_or_else(|| g.name.clone())
     }
 
@@ -567,7 +587,7 @@ impl IkeManager {
         };
         match IkeSa::initiate(
             now,
-            Self::per_sa_config(&g, local),
+            self.per_sa_config(&g, local),
             addrs,
             Box::new(OsEntropy),
         ) {
@@ -691,7 +711,7 @@ impl IkeManager {
         }
         match IkeSa::accept(
             now,
-            Self::per_sa_config(&g, local.ip()),
+            self.per_sa_config(&g, local.ip()),
             path,
             Box::new(OsEntropy),
             d,
@@ -732,10 +752,10 @@ impl IkeManager {
     /// Drives timers of every SA.
     pub fn handle_timeout(&mut self, now: Instant) {
         let due: Vec<u64> = self
-            .sas
+            .timers
             .iter()
-            .filter(|(_, e)| e.sa.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(k, _)| *k)
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, id)| *id)
             .collect();
         for id in due {
             if let Some(e) = self.sas.get_mut(&id) {
@@ -747,7 +767,7 @@ impl IkeManager {
 
     /// Earliest timer of any SA.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let sa = self.sas.values().filter_map(|e| e.sa.poll_timeout()).min();
+        let sa = self.timers.first().map(|(t, _)| *t);
         let retry = self
             .gateways
             .values()
@@ -1087,6 +1107,8 @@ impl IkeManager {
             for spi in e.sa.local_spis() {
                 self.by_spi.insert(spi, id);
             }
+            let next = e.sa.poll_timeout();
+            self.set_timer(id, next);
         }
         for ev in events {
             self.on_event(id, now, ev);
@@ -1128,6 +1150,17 @@ impl IkeManager {
                     self.bodies.push(Body::ChildSa(c.clone()));
                 }
             }
+        }
+    }
+
+    /// Files SA `id`'s next timer in the index (None: no timer).
+    fn set_timer(&mut self, id: u64, at: Option<Instant>) {
+        if let Some(old) = self.timer_of.remove(&id) {
+            self.timers.remove(&(old, id));
+        }
+        if let Some(t) = at {
+            self.timers.insert((t, id));
+            self.timer_of.insert(id, t);
         }
     }
 
@@ -1387,6 +1420,7 @@ impl IkeManager {
     /// `del route`, `sending tunnel down event`, `flushed`, `delete dynamic`, `deleted`).
     fn flush(&mut self, id: u64, now: Instant, why: &str) {
         self.half_open_done(id);
+        self.set_timer(id, None);
         let Some(e) = self.sas.remove(&id) else {
             return;
         };

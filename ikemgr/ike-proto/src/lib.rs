@@ -12,7 +12,7 @@
 //! - [`proposal`]: FortiOS proposal names and `dhgrp` lists mapped to
 //!   transforms; proposal building and selection.
 //! - [`sa`]: one IKE SA and its CHILD SAs: IKE_SA_INIT (COOKIE,
-//!   INVALID_KE_PAYLOAD, NAT detection), IKE_AUTH with PSK, CREATE_CHILD_SA
+//!   INVALID_KE_PAYLOAD, NAT detection), IKE_AUTH with PSK or certificates, CREATE_CHILD_SA
 //!   (new CHILD SA, CHILD SA rekey with optional PFS, IKE SA rekey,
 //!   simultaneous-rekey resolution), INFORMATIONAL (liveness, deletes), with
 //!   one task manager per IKE SA that owns message IDs and retransmission.
@@ -23,11 +23,14 @@
 //! the bus, or installing SAs in a datapath. A driver feeds it datagrams
 //! (without the RFC 3948 non-ESP marker) and `now`, sends what
 //! `poll_transmit` returns, arms `poll_timeout`, and acts on `poll_event`
-//! (see [`sa`] for the polling order). Not implemented yet: certificate and
-//! EAP authentication, IKE fragmentation (RFC 7383 SKF is decoded but not
-//! reassembled), RFC 6311 message ID sync, MOBIKE, transport mode, ESN, and
-//! the full §2.8.2 simultaneous IKE SA rekey resolution (a colliding IKE
-//! rekey is refused with TEMPORARY_FAILURE and retried after a random delay).
+//! (see [`sa`] for the polling order). Not implemented yet: EAP, IKE
+//! fragmentation (RFC 7383 SKF is decoded but not reassembled), RFC 6311
+//! message ID sync, MOBIKE, transport mode, ESN, CRL/OCSP checks.
+//!
+//! Also: [`cert`] (certificate authentication: RFC 7427 and classic RSA /
+//! ECDSA signatures, CERT/CERTREQ, chain and identity checks), several
+//! CHILD SA policies (phase2s) per IKE SA (`IkeConfig::more_children`), and
+//! simultaneous IKE SA rekeys resolved per RFC 7296 §2.8.2.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 

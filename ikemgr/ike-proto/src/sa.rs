@@ -682,6 +682,9 @@ pub struct IkeSa {
     /// A redundant new IKE SA of a simultaneous rekey (§2.8.2), kept until
     /// its Delete exchange is over (ours to send, or the peer's to answer).
     redundant: Option<Channel>,
+    /// When a redundant SA the peer should delete is dropped without its
+    /// Delete (the peer may never have seen its own rekey complete).
+    redundant_until: Option<Instant>,
     /// The peer deleted the current SA in the request being answered while
     /// its successor waits in `pending_swap`: drop it after the swap.
     drop_old_after_swap: bool,
@@ -880,6 +883,7 @@ impl IkeSa {
             pending_swap: None,
             ike_collision: None,
             redundant: None,
+            redundant_until: None,
             drop_old_after_swap: false,
             old_deleted: false,
             peer_deleted_ike: false,
@@ -1468,6 +1472,7 @@ impl IkeSa {
             .as_ref()
             .and_then(|o| o.outstanding.as_ref())
             .map(|o| o.deadline));
+        add(self.redundant.as_ref().and(self.redundant_until));
         add(self.ike_hard);
         if self.state == State::Established {
             if !self.ike_rekeying {

@@ -425,7 +425,7 @@ impl IkeManager {
         let info = snap.info.clone();
         let children: Vec<ChildSaInfo> = snap.children.iter().map(|(c, _)| c.clone()).collect();
         let addrs = snap.addresses;
-        let cfg = Self::per_sa_config(&g, addrs.local.ip());
+        let cfg = self.per_sa_config(&g, addrs.local.ip());
         let sa = IkeSa::restore(now, cfg, Box::new(OsEntropy), snap);
         let serial = self.next_serial;
         self.next_serial += 1;
@@ -490,7 +490,8 @@ impl IkeManager {
         self.ha
             .taken
             .insert(rec.tunnel.clone(), (rec.spi_i, rec.spi_r));
-        self.ha_after_pump(serial, now);
+        // Files the restored SA's timers (rekeys, lifetimes) and publishes its record.
+        self.pump(serial, now);
         Ok(())
     }
 }

@@ -829,7 +829,7 @@ impl IkeSa {
             }
             Some((theirs, _)) => {
                 // The peer's SA is the redundant one: the peer deletes it.
-                self.redundant = Some(theirs);
+                self.await_redundant_delete(now, theirs);
             }
             None => {}
         }

@@ -96,6 +96,14 @@ impl IkeSa {
         Ok(())
     }
 
+    /// Keeps the peer's redundant SA until the peer deletes it, or until the
+    /// peer's retransmission schedule would have run out.
+    pub(super) fn await_redundant_delete(&mut self, now: Instant, ch: Channel) {
+        let wait = self.cfg.retransmit.timeouts.iter().sum::<Duration>();
+        self.redundant = Some(ch);
+        self.redundant_until = Some(now + wait);
+    }
+
     fn put_side_back(&mut self, ch: Channel) {
         if self.redundant.is_none() {
             self.redundant = Some(ch);
@@ -134,12 +142,20 @@ impl IkeSa {
             deadline: now + first,
         });
         self.redundant = Some(ch);
+        self.redundant_until = None;
         self.push_transmit(bytes);
         Ok(())
     }
 
     /// Retransmits our Delete of a redundant SA; gives up after the schedule.
     pub(super) fn redundant_timeout(&mut self, now: Instant) {
+        if self.redundant.is_some() && self.redundant_until.is_some_and(|t| t <= now) {
+            self.redundant_until = None;
+            if let Some(r) = self.redundant.take() {
+                self.side_deleted(&r);
+            }
+            return;
+        }
         let timeouts = &self.cfg.retransmit.timeouts;
         let Some(o) = self.redundant.as_mut().and_then(|r| r.outstanding.as_mut()) else {
             return;

@@ -1246,6 +1246,35 @@ fn simultaneous_ike_rekey_noticed_by_one_side_only() {
 }
 
 #[test]
+fn simultaneous_ike_rekey_with_a_lost_response() {
+    // B's answer to A's rekey request is lost: A retransmits it (B answers
+    // from its cache) and both still end on one SA, the redundant or
+    // half-known one deleted or dropped, whichever exchange held the lowest
+    // nonce.
+    for a_low in [true, false] {
+        let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+        let old = p.a.spis();
+        let children = p.a.child_spis();
+        let (lo, hi) = (0x11u8, 0xeeu8);
+        p.a_ent.push_nonce(if a_low { lo } else { hi });
+        p.b_ent.push_nonce(if a_low { hi } else { lo });
+        p.a_ent.push_nonce(hi);
+        p.b_ent.push_nonce(hi);
+        // B sends its request (first), then its answer to A's (second): lose that.
+        let nb = p.sent_b.len();
+        p.lose = Box::new(move |from_a, i| !from_a && i == nb + 1);
+        p.a.rekey_ike(p.now).unwrap();
+        {
+            let now = p.now;
+            p.b().rekey_ike(now).unwrap();
+        }
+        p.settle();
+        let info = check_one_ike_sa(&mut p, old, &children);
+        assert_eq!(info.initiator, !a_low, "a_low {a_low}: {:?}", p.ev_a);
+    }
+}
+
+#[test]
 fn hard_ike_lifetime_deletes_and_tells_the_peer() {
     let mut a = cfg(
         b"k",
