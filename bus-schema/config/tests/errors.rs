@@ -503,3 +503,19 @@ fn check_report_json_view() {
     assert_eq!(code, 1, "a directory is not a configuration");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn dpd_action_selects_clear_hold_or_restart() {
+    let p = parse(&tunnel("", "")).unwrap();
+    assert_eq!(p.config.phase1[0].dpd_action, None);
+    for (word, want) in [
+        ("clear", DpdAction::Clear),
+        ("hold", DpdAction::Hold),
+        ("restart", DpdAction::Restart),
+    ] {
+        let p = parse(&tunnel(&format!("        set dpd-action {word}\n"), "")).unwrap();
+        assert_eq!(p.config.phase1[0].dpd_action, Some(want));
+    }
+    let e = one_error(&tunnel("        set dpd-action reboot\n", ""));
+    assert!(e.to_string().contains("clear, hold, restart"), "{e}");
+}
