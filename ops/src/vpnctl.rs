@@ -171,6 +171,9 @@ enum DiagIkeCmd {
         #[arg(long, value_hint = ValueHint::DirPath)]
         wireshark: PathBuf,
     },
+    /// Static tunnels' lifecycle: state (up, negotiating, held, standby, passive, idle),
+    /// dpd-action, current peer, failed attempts and the wait before the next one.
+    Lifecycle,
 }
 
 #[derive(Subcommand, Debug)]
@@ -370,6 +373,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     },
                 },
         } => export_keys(&cli, wireshark).await,
+        Cmd::Diagnose {
+            cmd:
+                DiagnoseCmd::Vpn {
+                    cmd:
+                        DiagVpnCmd::Ike {
+                            cmd: DiagIkeCmd::Lifecycle,
+                        },
+                },
+        } => diagnose_vpn_ike_lifecycle(&cli).await,
         Cmd::Completions { shell } => match shell.as_str() {
             "bash" => {
                 println!("{}", completions::bash(Cli::command()));
@@ -1314,4 +1326,31 @@ fn render_standalone_peers(v: &Value) -> String {
         );
     }
     s
+}
+
+/// `diagnose vpn ike lifecycle`: ikemgr's `lifecycle` view, one line per static phase1.
+async fn diagnose_vpn_ike_lifecycle(cli: &Cli) -> Result<ExitCode, Failure> {
+    let v = ikemgr_view(cli, "lifecycle", Vec::new()).await?;
+    if cli.json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for g in v.as_array().into_iter().flatten() {
+        let text = |k: &str| match &g[k] {
+            Value::Null => "-".to_string(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!(
+            "name={} state={} dpd-action={} peer={} failures={} next-attempt={}s monitor={}",
+            text("name"),
+            text("state"),
+            text("dpd_action"),
+            text("peer"),
+            text("failures"),
+            text("next_attempt_secs"),
+            text("monitor"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -17,6 +17,12 @@
 //!   failed (a dead verdict, a lost or failed IKE SA) and has no established IKE SA; when
 //!   the primary is established again, the backup's IKE SAs are deleted.
 //!
+//! The `lifecycle` view (`vpnctl diagnose vpn ike lifecycle`) shows per static phase1:
+//! `up`, `negotiating` (an attempt is under way), `waiting` (backoff before the next
+//! attempt; `next_attempt_secs`), `held` (dead verdict with `dpd-action hold|clear`),
+//! `standby` (backup phase1 whose primary is fine), `passive`, or `idle` (no
+//! `auto-negotiate`).
+//!
 //! Sans-IO like the rest of [`super::IkeManager`]: every call takes `now`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -236,8 +242,11 @@ impl IkeManager {
                     .sas
                     .values()
                     .any(|e| e.gateway == g.name && e.sa.is_established());
+                let trying = self.sas.values().any(|e| e.gateway == g.name);
                 let state = if up {
                     "up"
+                } else if trying {
+                    "negotiating"
                 } else if g.passive {
                     "passive"
                 } else if self.life.held.contains(&g.name) {
@@ -245,7 +254,7 @@ impl IkeManager {
                 } else if g.monitor.is_some() && !self.life_may_initiate(g) {
                     "standby"
                 } else if g.initiate || self.wanted.contains(&g.name) {
-                    "negotiating"
+                    "waiting"
                 } else {
                     "idle"
                 };
@@ -259,7 +268,7 @@ impl IkeManager {
                     "peer": self.life.peer_of(g).map(|p| p.to_string()),
                     "failures": self.life.failures.get(&g.name).copied().unwrap_or(0),
                     "next_attempt_secs": self.retry_at.get(&g.name)
-                        .filter(|_| !up && state == "negotiating")
+                        .filter(|_| state == "waiting")
                         .map(|t| t.saturating_duration_since(now).as_secs()),
                     "since_secs": self.life.since.get(&g.name)
                         .map(|t| now.saturating_duration_since(*t).as_secs()),
@@ -418,7 +427,7 @@ end
             |b| matches!(b, Body::Tunnel(t) if t.name == "t" && t.state == TunnelState::Down)
         ));
         assert!(drive(&mut gw, t0).is_empty(), "not at once");
-        assert_eq!(view(&gw, t0, "t")["state"], "negotiating");
+        assert_eq!(view(&gw, t0, "t")["state"], "waiting");
         let t1 = t0 + BACKOFF_FIRST;
         assert_eq!(drive(&mut gw, t1).len(), 1, "restart after 5 s");
         let mut peer = mgr(DIAL, t1);
