@@ -18,7 +18,12 @@
 //!   back, until `vpnctl execute vpn ipsec tunnel up vpn1`;
 //! - (c) `passive-mode enable`: Haven never initiates, also not after a dead verdict;
 //!   strongSwan brings the tunnel up, `get vpn ipsec tunnel summary` shows
-//!   `selectors(total,up): 1/1`.
+//!   `selectors(total,up): 1/1`;
+//! - (d) backup peers with two strongSwan responders (the second, charon in gwc at
+//!   172.31.1.1 on a second link of gwb): a backup phase1 `vpn2` (`set monitor "vpn1"`) comes
+//!   up when gwa is killed, and is deleted when gwa is back and `vpn1` renegotiates;
+//!   (e) `set remote-gw 172.31.0.1 172.31.1.1`: gwa killed, the tunnel moves to gwc; gwa
+//!   back and gwc killed, it moves back to gwa.
 //!
 //! Needs root, iproute2 and the strongSwan packages (INTEROP.md); without them the tests FAIL
 //! naming what is missing. Intervals are printed, never asserted.
@@ -28,7 +33,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use haven_tests::daemons::{bin, vpnctl, vpnctl_json, wait_for};
-use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
+use haven_tests::netns::{self, Netns, Proc, ScratchDir, SiteToSite};
 use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
 use serde_json::Value;
 
@@ -355,4 +360,147 @@ fn passive_mode_never_initiates_and_summary_counts_selectors() {
     assert!(a.list_sas().expect("list-sas").is_empty());
     let summary = gw.text(&["get", "vpn", "ipsec", "tunnel", "summary"]);
     assert!(summary.contains("selectors(total,up): 1/0"), "{summary}");
+}
+
+/// gwc: a second responder on its own link to gwb (`out1`, 172.31.1.0/24).
+const GWC_OUTER: &str = "172.31.1.1";
+const GWB_OUTER2: &str = "172.31.1.2";
+const PEER2_ID: &str = "gwc.haven.test";
+
+fn second_peer(line: &SiteToSite, label: &str) -> Netns {
+    let c = Netns::new(label).expect("gwc");
+    netns::veth(&line.gwb, "out1", &c, "out0").expect("veth gwb-gwc");
+    line.gwb
+        .add_addr("out1", &format!("{GWB_OUTER2}/24"))
+        .expect("gwb out1");
+    c.add_addr("out0", &format!("{GWC_OUTER}/24"))
+        .expect("gwc out0");
+    // gwc pretends to front LAN A too (strongSwan installs its route from an inner address).
+    c.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", SiteToSite::GWA_INNER),
+        "dev",
+        "lo",
+    ])
+    .expect("gwc inner address");
+    c.link_up("lo").expect("gwc lo up");
+    c
+}
+
+fn second_peer_conf() -> SwanctlConf {
+    SwanctlConf::new().conn(
+        Conn::psk("gw", GWC_OUTER, GWB_OUTER2, PSK.as_bytes())
+            .ids(PEER2_ID, GW_ID)
+            .proposals(&["aes128gcm16-prfsha256-ecp256"])
+            .child(
+                ChildCfg::new("net", SiteToSite::LAN_A, SiteToSite::LAN_B)
+                    .esp_proposals(&["aes128gcm16"]),
+            ),
+    )
+}
+
+/// True when charon has an IKE SA with an installed CHILD SA.
+fn swan_up(c: &Charon) -> bool {
+    c.list_sas().is_ok_and(|l| {
+        l.iter()
+            .any(|s| s.child("net").is_some_and(|c| c.state == "INSTALLED"))
+    })
+}
+
+/// True when ikemgr has an established IKE SA named `name` with a CHILD SA and peer `peer`.
+fn haven_up_with(gw: &Haven, name: &str, peer: &str) -> bool {
+    vpnctl_json(&gw.run, &["diagnose", "vpn", "ike", "gateway", "list"])
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .into_iter()
+        .flatten()
+        .any(|s| {
+            s["name"] == name
+                && s["established"] == true
+                && s["remote"].as_str().is_some_and(|r| r.starts_with(peer))
+                && s["children"].as_array().is_some_and(|c| !c.is_empty())
+        })
+}
+
+#[test]
+fn backup_phase1_takes_over_from_a_dead_primary_and_yields_when_it_returns() {
+    require();
+    let line = SiteToSite::new("lfbk").expect("topology");
+    let gwc = second_peer(&line, "lfbk-gwc");
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&peer_conf()).expect("load gwa");
+    let mut c = Charon::start(&gwc).expect("charon in gwc");
+    c.load(&second_peer_conf()).expect("load gwc");
+    let backup = gateway_config("        set monitor \"vpn1\"\n")
+        .replace("\"vpn1\"\n        set type", "\"vpn2\"\n        set type")
+        .replace(
+            &format!("set remote-gw {}", SiteToSite::GWA_OUTER),
+            &format!("set remote-gw {GWC_OUTER}"),
+        )
+        .replace(
+            "edit \"vpn1\"\n        set phase1name \"vpn1\"",
+            "edit \"vpn2\"\n        set phase1name \"vpn2\"",
+        );
+    let conf = format!("{}{backup}", gateway_config(""));
+    let gw = Haven::start(&line.gwb, "lfbk-gw", &conf);
+    wait_up(&line, &a, &gw, "the primary vpn1 comes up");
+    assert!(!swan_up(&c), "the backup must wait while its primary is up");
+
+    kill_and_wait_dead(&mut a, &gw);
+    wait_for("the backup vpn2 comes up with gwc", WAIT * 2, || {
+        (haven_up_with(&gw, "vpn2", GWC_OUTER) && swan_up(&c))
+            .then_some(())
+            .ok_or_else(|| format!("{}\n{}", gw.logs(), tail(&c.log(), 20)))
+    });
+
+    a.restart().expect("restart gwa");
+    wait_up(&line, &a, &gw, "the primary vpn1 renegotiates");
+    wait_for("the backup is deleted", WAIT, || {
+        (!haven_up_with(&gw, "vpn2", GWC_OUTER) && !swan_up(&c))
+            .then_some(())
+            .ok_or_else(|| gw.logs())
+    });
+    assert!(
+        gw.log("ikemgr")
+            .contains("primary vpn1 is up again, backup deleted"),
+        "{}",
+        gw.logs()
+    );
+}
+
+#[test]
+fn remote_gw_list_fails_over_to_the_next_peer_and_back() {
+    require();
+    let line = SiteToSite::new("lfls").expect("topology");
+    let gwc = second_peer(&line, "lfls-gwc");
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&peer_conf()).expect("load gwa");
+    let mut c = Charon::start(&gwc).expect("charon in gwc");
+    c.load(&second_peer_conf()).expect("load gwc");
+    let conf = gateway_config("").replace(
+        &format!("set remote-gw {}", SiteToSite::GWA_OUTER),
+        &format!("set remote-gw {} {GWC_OUTER}", SiteToSite::GWA_OUTER),
+    );
+    let gw = Haven::start(&line.gwb, "lfls-gw", &conf);
+    wait_up(&line, &a, &gw, "vpn1 comes up with the first peer");
+    assert!(haven_up_with(&gw, "vpn1", SiteToSite::GWA_OUTER));
+
+    kill_and_wait_dead(&mut a, &gw);
+    wait_for("vpn1 moves to the second peer", WAIT * 2, || {
+        (haven_up_with(&gw, "vpn1", GWC_OUTER) && swan_up(&c))
+            .then_some(())
+            .ok_or_else(|| format!("{}\nlifecycle: {}", gw.logs(), gw.lifecycle()))
+    });
+    assert_eq!(gw.lifecycle()["peer"], GWC_OUTER);
+
+    // gwa is back, gwc dies: the tunnel returns to the first peer.
+    a.restart().expect("restart gwa");
+    c.kill().expect("kill gwc");
+    wait_for("vpn1 back with the first peer", WAIT * 2, || {
+        (haven_up_with(&gw, "vpn1", SiteToSite::GWA_OUTER) && swan_up(&a))
+            .then_some(())
+            .ok_or_else(|| format!("{}\nlifecycle: {}", gw.logs(), gw.lifecycle()))
+    });
+    wait_up(&line, &a, &gw, "traffic through the first peer again");
 }
