@@ -202,6 +202,16 @@ enum DiagTunnelCmd {
         /// `name N` selects one tunnel.
         args: Vec<String>,
     },
+    /// Bring one selector up: `<phase2> [<phase1>]` (as `execute vpn ipsec tunnel up`).
+    Up {
+        /// `<phase2> [<phase1>]`.
+        args: Vec<String>,
+    },
+    /// Take one selector down: `<phase2> [<phase1>]` (as `execute vpn ipsec tunnel down`).
+    Down {
+        /// `<phase2> [<phase1>]`.
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -717,6 +727,19 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
     let (list, args) = match cmd {
         DiagTunnelCmd::List { args } => (true, args.clone()),
         DiagTunnelCmd::Flush { args } => (false, args.clone()),
+        DiagTunnelCmd::Up { args } | DiagTunnelCmd::Down { args } => {
+            let verb = if matches!(cmd, DiagTunnelCmd::Up { .. }) {
+                "up"
+            } else {
+                "down"
+            };
+            let words: Vec<String> = ["vpn", "ipsec", "tunnel", verb]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(args.iter().cloned())
+                .collect();
+            return execute_cmd(cli, &words).await;
+        }
     };
     let name = match args.as_slice() {
         [] => None,

@@ -15,7 +15,7 @@
 //!   charon is started again (same config, responder only) and the tunnel comes back by
 //!   itself;
 //! - (b) `dpd-action hold`: after the dead verdict the tunnel stays down although the peer is
-//!   back, until `vpnctl execute vpn ipsec tunnel up vpn1`;
+//!   back, until `vpnctl diagnose vpn tunnel up vpn1 vpn1`;
 //! - (c) `passive-mode enable`: Haven never initiates, also not after a dead verdict;
 //!   strongSwan brings the tunnel up, `get vpn ipsec tunnel summary` shows
 //!   `selectors(total,up): 1/1`;
@@ -308,7 +308,9 @@ fn hold_waits_for_the_operator_after_a_dead_peer() {
     );
     assert_eq!(gw.lifecycle()["state"], "held");
 
-    let out = gw.text(&["execute", "vpn", "ipsec", "tunnel", "up", "vpn1"]);
+    // Seed 002's form of `execute vpn ipsec tunnel up`: `diagnose vpn tunnel up <phase2> <phase1>`.
+    let out = gw.text(&["diagnose", "vpn", "tunnel", "up", "vpn1", "vpn1"]);
+    assert!(out.contains("1 IKE SA(s) initiated"), "{out}");
     println!("tunnel up: {out}");
     wait_up(&line, &a, &gw, "the operator brings vpn1 up");
 }
