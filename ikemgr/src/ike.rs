@@ -1571,6 +1571,7 @@ impl IkeManager {
                     "msg_id_rx": rx,
                     "children": e.children.values().map(|c| json!({
                         "spi_in": format!("{:08x}", c.spi_in),
+                        "phase2": c.phase2,
                         "spi_out": format!("{:08x}", c.spi_out),
                         "transform": c.transform,
                         "encap": c.encap,

@@ -1122,9 +1122,16 @@ async fn get_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
             .and_then(|g| g["remote"].as_str().map(str::to_string))
             .or_else(|| t["remote_gw"].as_str().map(|r| format!("{r}:0")))
             .unwrap_or_else(|| "0.0.0.0:0".into());
-        let children = sa
-            .and_then(|g| g["children"].as_array().map(|c| c.len()))
-            .unwrap_or(0);
+        // Selectors up: phase2s with at least one CHILD SA (a rekey overlap counts once).
+        let mut up_phase2s: Vec<&str> = sa
+            .and_then(|g| g["children"].as_array())
+            .into_iter()
+            .flatten()
+            .map(|c| c["phase2"].as_str().unwrap_or(""))
+            .collect();
+        up_phase2s.sort_unstable();
+        up_phase2s.dedup();
+        let children = up_phase2s.len();
         let selectors = t["phase2"].as_array().map(|p| p.len()).unwrap_or(0);
         rows.push(serde_json::json!({
             "name": name, "peer": peer, "selectors_up": children.min(selectors.max(1)),
