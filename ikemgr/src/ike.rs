@@ -477,6 +477,7 @@ impl IkeManager {
             }
         }
         self.gateways = gws;
+        self.life_retain();
         let orphans: Vec<u64> = self
             .sas
             .iter()

@@ -225,6 +225,17 @@ impl IkeManager {
         }
     }
 
+    /// Hook from `set_config`: forgets the state of phase1s that are gone (a phase1 added
+    /// again starts afresh; one that stays keeps its hold, backoff and peer).
+    pub(super) fn life_retain(&mut self) {
+        let gws = &self.gateways;
+        self.life.failures.retain(|k, _| gws.contains_key(k));
+        self.life.held.retain(|k| gws.contains_key(k));
+        self.life.peer.retain(|k, _| gws.contains_key(k));
+        self.life.down.retain(|k| gws.contains_key(k));
+        self.life.since.retain(|k, _| gws.contains_key(k));
+    }
+
     /// Hook from `tunnel_up`: the operator asked for the tunnel; a hold ends.
     pub(super) fn life_release(&mut self, gateway: &str) {
         self.life.held.remove(gateway);
@@ -446,6 +457,35 @@ end
         let later = t0 + Duration::from_secs(3600);
         assert!(drive(&mut gw, later).is_empty(), "held");
         assert_eq!(view(&gw, later, "t")["state"], "held");
+        // A reload that keeps the phase1 keeps the hold; removing it forgets it.
+        let held_cfg = haven_config::parse(&static_p1(
+            "t",
+            "192.0.2.2",
+            "        set dpd-action hold\n",
+        ))
+        .map(|p| p.config)
+        .unwrap_or_default();
+        gw.set_config(later, &held_cfg);
+        assert!(
+            drive(&mut gw, later).is_empty(),
+            "still held after a reload"
+        );
+        gw.set_config(later, &haven_config::Config::default());
+        gw.set_config(later, &held_cfg);
+        assert_eq!(
+            drive(&mut gw, later).len(),
+            1,
+            "a phase1 added again starts afresh"
+        );
+        let mut gw = mgr(
+            &static_p1("t", "192.0.2.2", "        set dpd-action hold\n"),
+            t0,
+        );
+        let mut peer = mgr(DIAL, t0);
+        drive(&mut gw, t0);
+        shuttle(&mut gw, &mut [("192.0.2.2", &mut peer)], t0);
+        gw.dead_peer(t0, "t");
+        assert!(drive(&mut gw, later).is_empty(), "held");
         assert!(gw.tunnel_up(later, "t", None).is_ok());
         assert_eq!(drive(&mut gw, later).len(), 1, "the operator brings it up");
     }
