@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
 use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
+use haven_config::DpdAction;
 use haven_config::{
     AuthMethod as CfgAuth, Config, DpdBackoff, KeylifeType, NatTraversal as CfgNat, PeerType,
     Phase1, Phase1Type, Selector,
@@ -41,6 +42,7 @@ use ike_proto::{IkeSaInfo, LivenessProbe, NatTraversal, Transmit};
 use serde_json::{json, Value};
 
 mod ha;
+mod lifecycle;
 
 /// IKE header: SPIi (8), SPIr (8), next payload, version, exchange type, flags, message ID
 /// (RFC 7296 §3.1).
@@ -94,6 +96,14 @@ struct Gateway {
     child_bytes: Option<u64>,
     /// Whether the phase2 has a time limit (`keylife-type seconds|both`).
     child_timed: bool,
+    /// Every `remote-gw`, in order (backup peers; [`lifecycle`]).
+    peers: Vec<Ipv4Addr>,
+    /// `passive-mode enable`: never initiates.
+    passive: bool,
+    /// `dpd-action` in force ([`lifecycle::dpd_action_of`]).
+    dpd_action: DpdAction,
+    /// `monitor`: the primary phase1 this one backs up.
+    monitor: Option<String>,
 }
 
 struct Entry {
@@ -144,6 +154,8 @@ pub struct IkeManager {
     timer_of: HashMap<u64, Instant>,
     /// Per (gateway, local address) IKE SA policy, rebuilt with the configuration.
     sa_configs: HashMap<(String, IpAddr), Arc<IkeConfig>>,
+    /// Backoff, holds after dead verdicts, backup peers ([`lifecycle`]).
+    life: lifecycle::Lifecycle,
 }
 
 /// Certificate material for `authmethod signature` phase1s, read by the driver (this
@@ -378,6 +390,10 @@ fn gateway_of(
         dpd_hold: liveness_hold(p),
         child_bytes,
         child_timed,
+        peers: p.remote_gw.clone(),
+        passive: p.passive_mode,
+        dpd_action: lifecycle::dpd_action_of(p),
+        monitor: p.monitor.clone().filter(|m| !m.is_empty()),
     })
 }
 
@@ -447,6 +463,7 @@ impl IkeManager {
             timers: Default::default(),
             timer_of: HashMap::new(),
             sa_configs: HashMap::new(),
+            life: lifecycle::Lifecycle::default(),
         }
     }
 
@@ -473,6 +490,7 @@ impl IkeManager {
         }
         self.gateways = gws;
         self.sa_configs.clear();
+        self.life_retain();
         let orphans: Vec<u64> = self
             .sas
             .iter()
@@ -496,7 +514,12 @@ impl IkeManager {
             .filter(|g| (g.initiate || self.wanted.contains(&g.name)) && !self.ha.standby())
             .filter(|g| !self.sas.values().any(|e| e.gateway == g.name))
             .filter(|g| self.retry_at.get(&g.name).is_none_or(|t| *t <= now))
-            .filter_map(|g| g.remote_gw.map(|r| (g.name.clone(), r, g.local_gw)))
+            .filter(|g| self.life_may_initiate(g))
+            .filter_map(|g| {
+                self.life
+                    .peer_of(g)
+                    .map(|r| (g.name.clone(), r, g.local_gw))
+            })
             .collect()
     }
 
@@ -593,6 +616,7 @@ impl IkeManager {
         ) {
             Ok(sa) => {
                 let id = self.insert(&g, sa, now, None);
+                self.life_initiated(id);
                 tracing::debug!("ike 0:{}:{id}: initiating IKE SA to {remote}", g.name);
             }
             Err(e) => tracing::warn!("ike 0:{}: cannot initiate: {e}", g.name),
@@ -603,7 +627,7 @@ impl IkeManager {
         let by_remote = self
             .gateways
             .values()
-            .find(|g| !g.dynamic && g.remote_gw.map(IpAddr::V4) == Some(remote));
+            .find(|g| !g.dynamic && g.peers.iter().any(|p| IpAddr::V4(*p) == remote));
         by_remote
             .or_else(|| self.gateways.values().find(|g| g.dynamic))
             .cloned()
@@ -915,6 +939,15 @@ impl IkeManager {
             .map(|(k, _)| *k)
             .collect();
         for id in found {
+            let g = self
+                .sas
+                .get(&id)
+                .and_then(|e| self.gateways.get(&e.gateway))
+                .filter(|g| !g.dynamic)
+                .cloned();
+            if let Some(g) = g {
+                self.life_dead(now, &g);
+            }
             self.flush(id, now, "dpd");
         }
     }
@@ -993,12 +1026,18 @@ impl IkeManager {
             .get(&gw)
             .is_some_and(|g| !g.dynamic && g.remote_gw.is_some());
         if ids.is_empty() {
+            if self.gateways.get(&gw).is_some_and(|g| g.passive) {
+                return Err(format!(
+                    "phase1 {gw:?} has passive-mode enable: it only answers its peer"
+                ));
+            }
             if !is_static {
                 return Err(format!(
                     "phase1 {gw:?} is dial-up: it has no peer to initiate to until one connects"
                 ));
             }
             self.wanted.insert(gw.clone());
+            self.life_release(&gw);
             self.retry_at.remove(&gw);
             out.initiated += 1;
         }
@@ -1189,6 +1228,9 @@ impl IkeManager {
                 );
                 self.retry_at.remove(&g.name);
                 self.half_open_done(id);
+                if !g.dynamic {
+                    self.life_established(now, id, &g.name, addrs.remote.ip());
+                }
                 if let Some(e) = self.sas.get_mut(&id) {
                     e.name = name.clone();
                     e.info = Some(info);
@@ -1459,6 +1501,11 @@ impl IkeManager {
             });
         }
         self.ha.removed(id, &mut self.bodies);
+        if let Some(g) = g.filter(|g| !g.dynamic).cloned() {
+            let next = self.life_gone(now, id, &g, e.info.is_some());
+            self.retry_at.insert(g.name.clone(), next);
+        }
+        let g = self.gateways.get(&e.gateway);
         if e.name.is_empty() || e.info.is_none() {
             tracing::debug!("ike 0:{label}: flushed");
             return;
@@ -1466,7 +1513,6 @@ impl IkeManager {
         tracing::debug!("ike 0:{label}: sending tunnel down event");
         match g {
             Some(g) if !g.dynamic => {
-                self.retry_at.insert(g.name.clone(), now + RETRY_DELAY);
                 self.bodies.push(Body::Tunnel(TunnelInfo {
                     name: g.name.clone(),
                     phase1: g.name.clone(),
@@ -1563,6 +1609,7 @@ impl IkeManager {
                     "msg_id_rx": rx,
                     "children": e.children.values().map(|c| json!({
                         "spi_in": format!("{:08x}", c.spi_in),
+                        "phase2": c.phase2,
                         "spi_out": format!("{:08x}", c.spi_out),
                         "transform": c.transform,
                         "encap": c.encap,

@@ -464,8 +464,10 @@ impl DaemonLogic for Ikemgr {
             "ike-gateways" => Ok(io::lock(&self.ike).gateway_list(Instant::now(), name_arg(args))),
             // IKE SA keys, for `vpnctl diagnose vpn ike export-keys` (Wireshark) only.
             "ike-keys" => Ok(io::lock(&self.ike).ike_keys(Instant::now())),
+            // Static tunnels' lifecycle: up / negotiating / held / standby, backoff, peer.
+            "lifecycle" => Ok(io::lock(&self.ike).lifecycle_view(Instant::now())),
             other => Err(format!(
-                "unknown view {other:?}: ikemgr has: tunnels, manualkey, ike-gateways, ike-keys"
+                "unknown view {other:?}: ikemgr has: tunnels, manualkey, ike-gateways, ike-keys, lifecycle"
             )),
         }
     }

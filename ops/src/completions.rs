@@ -269,7 +269,7 @@ mod tests {
                 &s,
                 &["vpnctl", "--run-dir", "/tmp", "diagnose", "vpn", "ike", ""]
             ),
-            vec!["gateway", "export-keys", "help"]
+            vec!["gateway", "export-keys", "lifecycle", "help"]
         );
         let daemons = complete(&s, &["vpnctl", "debug", "attach", ""]);
         assert!(daemons.contains(&"espd".to_string()), "{daemons:?}");

@@ -171,6 +171,9 @@ enum DiagIkeCmd {
         #[arg(long, value_hint = ValueHint::DirPath)]
         wireshark: PathBuf,
     },
+    /// Static tunnels' lifecycle: state (up, negotiating, held, standby, passive, idle),
+    /// dpd-action, current peer, failed attempts and the wait before the next one.
+    Lifecycle,
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,6 +200,16 @@ enum DiagTunnelCmd {
     /// Remove the SAs of every tunnel (or of `name N`) from the datapath; ikemgr is told.
     Flush {
         /// `name N` selects one tunnel.
+        args: Vec<String>,
+    },
+    /// Bring one selector up: `<phase2> [<phase1>]` (as `execute vpn ipsec tunnel up`).
+    Up {
+        /// `<phase2> [<phase1>]`.
+        args: Vec<String>,
+    },
+    /// Take one selector down: `<phase2> [<phase1>]` (as `execute vpn ipsec tunnel down`).
+    Down {
+        /// `<phase2> [<phase1>]`.
         args: Vec<String>,
     },
 }
@@ -370,6 +383,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     },
                 },
         } => export_keys(&cli, wireshark).await,
+        Cmd::Diagnose {
+            cmd:
+                DiagnoseCmd::Vpn {
+                    cmd:
+                        DiagVpnCmd::Ike {
+                            cmd: DiagIkeCmd::Lifecycle,
+                        },
+                },
+        } => diagnose_vpn_ike_lifecycle(&cli).await,
         Cmd::Completions { shell } => match shell.as_str() {
             "bash" => {
                 println!("{}", completions::bash(Cli::command()));
@@ -705,6 +727,19 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
     let (list, args) = match cmd {
         DiagTunnelCmd::List { args } => (true, args.clone()),
         DiagTunnelCmd::Flush { args } => (false, args.clone()),
+        DiagTunnelCmd::Up { args } | DiagTunnelCmd::Down { args } => {
+            let verb = if matches!(cmd, DiagTunnelCmd::Up { .. }) {
+                "up"
+            } else {
+                "down"
+            };
+            let words: Vec<String> = ["vpn", "ipsec", "tunnel", verb]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(args.iter().cloned())
+                .collect();
+            return execute_cmd(cli, &words).await;
+        }
     };
     let name = match args.as_slice() {
         [] => None,
@@ -1095,9 +1130,16 @@ async fn get_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
             .and_then(|g| g["remote"].as_str().map(str::to_string))
             .or_else(|| t["remote_gw"].as_str().map(|r| format!("{r}:0")))
             .unwrap_or_else(|| "0.0.0.0:0".into());
-        let children = sa
-            .and_then(|g| g["children"].as_array().map(|c| c.len()))
-            .unwrap_or(0);
+        // Selectors up: phase2s with at least one CHILD SA (a rekey overlap counts once).
+        let mut up_phase2s: Vec<&str> = sa
+            .and_then(|g| g["children"].as_array())
+            .into_iter()
+            .flatten()
+            .map(|c| c["phase2"].as_str().unwrap_or(""))
+            .collect();
+        up_phase2s.sort_unstable();
+        up_phase2s.dedup();
+        let children = up_phase2s.len();
         let selectors = t["phase2"].as_array().map(|p| p.len()).unwrap_or(0);
         rows.push(serde_json::json!({
             "name": name, "peer": peer, "selectors_up": children.min(selectors.max(1)),
@@ -1322,4 +1364,31 @@ fn render_standalone_peers(v: &Value) -> String {
         );
     }
     s
+}
+
+/// `diagnose vpn ike lifecycle`: ikemgr's `lifecycle` view, one line per static phase1.
+async fn diagnose_vpn_ike_lifecycle(cli: &Cli) -> Result<ExitCode, Failure> {
+    let v = ikemgr_view(cli, "lifecycle", Vec::new()).await?;
+    if cli.json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for g in v.as_array().into_iter().flatten() {
+        let text = |k: &str| match &g[k] {
+            Value::Null => "-".to_string(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!(
+            "name={} state={} dpd-action={} peer={} failures={} next-attempt={}s monitor={}",
+            text("name"),
+            text("state"),
+            text("dpd_action"),
+            text("peer"),
+            text("failures"),
+            text("next_attempt_secs"),
+            text("monitor"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

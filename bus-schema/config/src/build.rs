@@ -1046,6 +1046,18 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     }
     if let Some(v) = f.choice(
         ctx,
+        "dpd-action",
+        &[
+            ("clear", DpdAction::Clear),
+            ("hold", DpdAction::Hold),
+            ("restart", DpdAction::Restart),
+        ],
+        "",
+    ) {
+        p.dpd_action = Some(v);
+    }
+    if let Some(v) = f.choice(
+        ctx,
         "authmethod",
         &[
             ("psk", AuthMethod::Psk),

@@ -190,6 +190,7 @@ pub(crate) const PHASE1: Spec = Spec {
         "auto-negotiate",
         "monitor",
         "passive-mode",
+        "dpd-action",
         "authmethod",
         "certificate",
         "rekey",

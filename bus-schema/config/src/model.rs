@@ -245,6 +245,22 @@ pub enum DpdMode {
     Periodic,
 }
 
+/// `set dpd-action` (a Haven key named after strongSwan's `dpd_action`; Cisco IOS/ASA clear
+/// the SAs, Juniper's `establish-tunnels immediately|on-traffic` is restart / hold): what a
+/// static tunnel does after a dead verdict. Unset: `restart` when the phase1 initiates
+/// (`auto-negotiate enable`, no `passive-mode`), else `hold`. Dial-up instances are always
+/// cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DpdAction {
+    /// `clear`: flush and stay down until the operator brings it up or the peer initiates.
+    Clear,
+    /// `hold`: flush and wait for demand (today: `execute vpn ipsec tunnel up`) or the peer.
+    Hold,
+    /// `restart`: flush and renegotiate at once, with backoff while the peer stays away.
+    Restart,
+}
+
 /// `set dpd-backoff` (a Haven key, not FortiOS): how the probes of one DPD round are
 /// spaced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -535,6 +551,8 @@ pub struct Phase1 {
     pub monitor: Option<String>,
     /// `passive-mode`: never initiate. Default disable.
     pub passive_mode: bool,
+    /// `dpd-action clear|hold|restart` (Haven). Default unset (see [`DpdAction`]).
+    pub dpd_action: Option<DpdAction>,
     /// `authmethod`. Default `psk`.
     pub authmethod: AuthMethod,
     /// `certificate`: local certificate names for `authmethod signature`.
@@ -591,6 +609,7 @@ impl Phase1 {
             auto_negotiate: true,
             monitor: None,
             passive_mode: false,
+            dpd_action: None,
             authmethod: AuthMethod::Psk,
             certificate: Vec::new(),
             rekey: true,

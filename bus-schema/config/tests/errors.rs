@@ -550,3 +550,19 @@ fn dpd_periodic_and_exponential_schedule() {
         assert!(e.to_string().contains(what), "{line:?}: {e}");
     }
 }
+
+#[test]
+fn dpd_action_selects_clear_hold_or_restart() {
+    let p = parse(&tunnel("", "")).unwrap();
+    assert_eq!(p.config.phase1[0].dpd_action, None);
+    for (word, want) in [
+        ("clear", DpdAction::Clear),
+        ("hold", DpdAction::Hold),
+        ("restart", DpdAction::Restart),
+    ] {
+        let p = parse(&tunnel(&format!("        set dpd-action {word}\n"), "")).unwrap();
+        assert_eq!(p.config.phase1[0].dpd_action, Some(want));
+    }
+    let e = one_error(&tunnel("        set dpd-action reboot\n", ""));
+    assert!(e.to_string().contains("clear, hold, restart"), "{e}");
+}
