@@ -8,9 +8,14 @@
 //!                                                  lo: 192.168.202.35 (local-gw)
 //! ```
 //!
-//! The client's charon runs kernel-libipsec, which needs UDP encapsulation: IKE_SA_INIT goes
+//! `ike_and_udp_esp_leave_from_local_gw`: a strongSwan dial-up client. Its charon runs
+//! kernel-libipsec, which needs UDP encapsulation: IKE_SA_INIT goes
 //! over UDP 500 (ikemgr's own socket), IKE_AUTH and ESP over UDP 4500 (espd's socket, IKE
-//! relayed for ikemgr). Needs root, iproute2, iputils-ping, tcpdump and strongSwan.
+//! relayed for ikemgr). `raw_esp_leaves_from_local_gw`: a manual-key tunnel between two Haven
+//! gateways over raw ESP (IP protocol 50, espd's raw socket). Needs root, iproute2,
+//! iputils-ping, tcpdump and strongSwan.
+
+mod espd_common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -187,21 +192,9 @@ fn scan_pcap(path: &Path, client: [u8; 4]) -> Seen {
     seen
 }
 
-fn run(label: &str) {
-    if let Err(e) = strongswan::preflight() {
-        panic!("cannot run strongSwan tests on this machine: {e}");
-    }
-    let line = SiteToSite::new(label).expect("topology");
-    line.gwb
-        .add_addr("lo", &format!("{LOCAL_GW_STR}/32"))
-        .expect("loopback address");
-    line.gwa
-        .add_route(&format!("{LOCAL_GW_STR}/32"), SiteToSite::GWB_OUTER)
-        .expect("route to local-gw");
-    let gw = Haven::start(&line.gwb, &format!("{label}-gw"), &gateway_config());
-    let pcap: PathBuf = gw.dir.path().join("out0.pcap");
-    let mut cap = line
-        .gwb
+/// Starts tcpdump on gwb's out0 writing `pcap`, and waits for its file header.
+fn capture(ns: &Netns, pcap: &Path) -> Proc {
+    let cap = ns
         .spawn(
             "tcpdump",
             &[
@@ -219,12 +212,34 @@ fn run(label: &str) {
         )
         .expect("tcpdump (Debian package tcpdump)");
     wait_for("tcpdump writing", WAIT, || {
-        std::fs::metadata(&pcap)
+        std::fs::metadata(pcap)
             .ok()
             .filter(|m| m.len() >= 24)
             .map(|_| ())
             .ok_or_else(|| "no pcap header yet".to_string())
     });
+    cap
+}
+
+/// gwb's loopback address and gwa's route to it.
+fn add_local_gw(line: &SiteToSite) {
+    line.gwb
+        .add_addr("lo", &format!("{LOCAL_GW_STR}/32"))
+        .expect("loopback address");
+    line.gwa
+        .add_route(&format!("{LOCAL_GW_STR}/32"), SiteToSite::GWB_OUTER)
+        .expect("route to local-gw");
+}
+
+fn run(label: &str) {
+    if let Err(e) = strongswan::preflight() {
+        panic!("cannot run strongSwan tests on this machine: {e}");
+    }
+    let line = SiteToSite::new(label).expect("topology");
+    add_local_gw(&line);
+    let gw = Haven::start(&line.gwb, &format!("{label}-gw"), &gateway_config());
+    let pcap: PathBuf = gw.dir.path().join("out0.pcap");
+    let mut cap = capture(&line.gwb, &pcap);
 
     let mut a: Charon = Charon::start(&line.gwa).expect("charon in gwa");
     let child = ChildCfg::new("net", SiteToSite::LAN_A, SiteToSite::LAN_B);
@@ -281,4 +296,56 @@ fn run(label: &str) {
 #[test]
 fn ike_and_udp_esp_leave_from_local_gw() {
     run("lgwu");
+}
+
+#[test]
+fn raw_esp_leaves_from_local_gw() {
+    use espd_common::{config, Gw, Pair, SPI_A, SPI_B};
+    let topo = SiteToSite::new("lgwe").expect("topology");
+    add_local_gw(&topo);
+    let ca = config(
+        SiteToSite::GWA_OUTER,
+        LOCAL_GW_STR,
+        SPI_A,
+        SPI_B,
+        SiteToSite::LAN_A,
+        SiteToSite::LAN_B,
+        false,
+    );
+    let cb = config(
+        LOCAL_GW_STR,
+        SiteToSite::GWA_OUTER,
+        SPI_B,
+        SPI_A,
+        SiteToSite::LAN_B,
+        SiteToSite::LAN_A,
+        false,
+    );
+    let mut a = Gw::new(&topo.gwa, "lgwe-a", &ca, SiteToSite::LAN_B);
+    let mut b = Gw::new(&topo.gwb, "lgwe-b", &cb, SiteToSite::LAN_A);
+    for g in [&mut a, &mut b] {
+        g.start_ikemgr();
+        g.start_espd();
+    }
+    a.wait_tunnel();
+    b.wait_tunnel();
+    let pcap = b.dir.path().join("out0.pcap");
+    let pair = Pair { topo, a, b };
+    let mut cap = capture(&pair.topo.gwb, &pcap);
+    pair.wait_ping();
+    let (tx, rx) = pair.ping(5);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = cap.kill_now();
+    let seen = scan_pcap(&pcap, [172, 31, 0, 1]);
+    let ctx = || format!("gwb espd log:\n{}", pair.b.log("espd"));
+    assert!(
+        seen.wrong.is_empty(),
+        "ESP towards gwa not from local-gw {LOCAL_GW_STR}: {seen:?}\n{}",
+        ctx()
+    );
+    assert!(
+        rx == tx && seen.esp_raw >= 5 && seen.esp_udp == 0,
+        "pings {rx}/{tx}; too little raw ESP captured towards gwa: {seen:?}\n{}",
+        ctx()
+    );
 }
