@@ -410,7 +410,7 @@ fn set_cmsgs(h: &mut libc::msghdr, buf: &mut [u64; 8], src: Ipv4Addr, seg: Optio
         )
     };
     let want_pk = !src.is_unspecified();
-    let total = if want_pk { pk } else { 0 } + if seg.is_some() { sg } else { 0 };
+    let total = (if want_pk { pk } else { 0 }) + (if seg.is_some() { sg } else { 0 });
     if total == 0 {
         h.msg_control = std::ptr::null_mut();
         h.msg_controllen = 0;
@@ -557,10 +557,15 @@ impl SendBatch {
                         Some(libc::EINVAL | libc::EIO | libc::EOPNOTSUPP)
                     )
                 {
-                    // No UDP GSO here: send one datagram per message from now on.
-                    tracing::warn!("UDP GSO refused ({e}); sending datagrams one by one");
-                    self.gso = false;
-                    return self.flush(fd);
+                    // Either no UDP GSO here, or a source address that is not (or no
+                    // longer) local (EINVAL too). Send one by one; if that works for all,
+                    // it was GSO: keep sending one datagram per message from now on.
+                    let failed = self.flush(fd);
+                    if failed == 0 {
+                        tracing::warn!("UDP GSO refused ({e}); sending datagrams one by one");
+                        self.gso = false;
+                    }
+                    return failed;
                 }
                 failed += runs[sent];
                 sent += 1;
