@@ -6,7 +6,13 @@
 //! espd hands over IKE messages that arrived on UDP/4500; `<run-dir>/espd-ike.sock`, espd's,
 //! where IKE messages to send out of 4500 go. Both unix sockets carry one IKE message per
 //! datagram behind a 12-octet header: source IPv4, source port, destination IPv4,
-//! destination port, all in network byte order (espd's `datapath::sockets`).
+//! destination port, all in network byte order (espd's `datapath::sockets`). Towards ikemgr
+//! the destination is the local address the peer sent to (0.0.0.0 if espd does not know it);
+//! towards espd the source is the address to send from.
+//!
+//! Replies leave from the address the request was sent to: UDP 500 reads it with
+//! IP_PKTINFO and sends every message with IP_PKTINFO naming the IKE SA's local address,
+//! so a gateway on a loopback or shared cluster address is answered from that address.
 //!
 //! Routes are changed with `ip route replace|del DEST dev DEV` through
 //! `std::process::Command` (a stop-gap until a netlink client exists); a route whose TUN
@@ -15,6 +21,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -38,6 +45,8 @@ pub enum Input {
         port: u16,
         /// The peer.
         from: SocketAddr,
+        /// The local address it was sent to, when known.
+        to: Option<Ipv4Addr>,
         /// IKE message.
         data: Vec<u8>,
     },
@@ -57,6 +66,113 @@ pub fn parse_handoff(d: &[u8]) -> Option<(SocketAddrV4, &[u8])> {
     let ip = Ipv4Addr::new(*h.first()?, *h.get(1)?, *h.get(2)?, *h.get(3)?);
     let port = u16::from_be_bytes([*h.get(4)?, *h.get(5)?]);
     Some((SocketAddrV4::new(ip, port), d.get(HANDOFF_HDR_LEN..)?))
+}
+
+/// The destination address of a hand-off datagram (None: unknown, 0.0.0.0, or too short).
+pub fn handoff_dst(d: &[u8]) -> Option<Ipv4Addr> {
+    let h = d.get(6..10)?;
+    let ip = Ipv4Addr::new(*h.first()?, *h.get(1)?, *h.get(2)?, *h.get(3)?);
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// `recvmsg` on an IPv4 UDP socket with IP_PKTINFO enabled: (length, peer, the local address
+/// the datagram was sent to).
+fn recv_with_dst(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<Ipv4Addr>)> {
+    // SAFETY: plain old data; all-zero is valid.
+    let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut cbuf = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: plain old data; all-zero is valid.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_name = (&mut from as *mut libc::sockaddr_in).cast();
+    h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    h.msg_control = cbuf.as_mut_ptr().cast();
+    h.msg_controllen = std::mem::size_of::<[u64; 8]>() as _;
+    // SAFETY: h points at live from, iov (within buf) and cbuf for the call.
+    let n = unsafe { libc::recvmsg(fd, &mut h, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut to = None;
+    // SAFETY: the kernel filled cbuf up to msg_controllen; CMSG_FIRSTHDR/NXTHDR stay within
+    // it and return null at its end.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
+                let p = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
+                to = Some(Ipv4Addr::from(u32::from_be(p.ipi_spec_dst.s_addr)));
+            }
+            c = libc::CMSG_NXTHDR(&h, c);
+        }
+    }
+    let peer = SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)),
+        u16::from_be(from.sin_port),
+    );
+    Ok((
+        n as usize,
+        SocketAddr::V4(peer),
+        to.filter(|a| !a.is_unspecified()),
+    ))
+}
+
+/// `sendmsg` from local address `src` (IP_PKTINFO `ipi_spec_dst`) to `dst`.
+fn send_from(fd: RawFd, data: &[u8], src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<()> {
+    let mut to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: dst.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*dst.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: plain old data; all-zero is valid.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_name = (&mut to as *mut libc::sockaddr_in).cast();
+    h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    if !src.is_unspecified() {
+        h.msg_control = cbuf.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        h.msg_controllen =
+            unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) } as _;
+        // SAFETY: cbuf has 64 bytes, more than CMSG_SPACE(12) (32); CMSG_FIRSTHDR/DATA stay
+        // inside it and the first header is non-null for a non-empty buffer.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&h);
+            if !c.is_null() {
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as _;
+                let p = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(src).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>(), p);
+            }
+        }
+    }
+    // SAFETY: h points at live to, iov (the iovec is only read by sendmsg) and cbuf.
+    let r = unsafe { libc::sendmsg(fd, &h, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Builds a hand-off datagram.
@@ -124,8 +240,12 @@ impl Loop {
             }
             let mut resolved = Vec::new();
             for i in &inputs {
-                if let Input::Datagram { from, .. } = i {
-                    let ip = self.local(from.ip());
+                if let Input::Datagram { from, to, .. } = i {
+                    // The address the peer sent to; else what the route towards it picks.
+                    let ip = match to {
+                        Some(a) => IpAddr::V4(*a),
+                        None => self.local(from.ip()),
+                    };
                     resolved.push(ip);
                 }
             }
@@ -134,7 +254,10 @@ impl Loop {
                 let now = Instant::now();
                 let mut ips = resolved.into_iter();
                 for i in inputs {
-                    if let Input::Datagram { port, from, data } = i {
+                    if let Input::Datagram {
+                        port, from, data, ..
+                    } = i
+                    {
                         let ip = ips.next().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
                         m.handle_datagram(now, SocketAddr::new(ip, port), from, &data);
                     }
@@ -189,7 +312,12 @@ impl Loop {
                 _ => Err(io::Error::other("IPv6 is not carried over 4500")),
             }
         } else {
-            self.udp500.send_to(&t.payload, t.destination).map(|_| ())
+            match (t.source, t.destination) {
+                (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                    send_from(self.udp500.as_raw_fd(), &t.payload, *s.ip(), d)
+                }
+                _ => self.udp500.send_to(&t.payload, t.destination).map(|_| ()),
+            }
         };
         if let Err(e) = r {
             tracing::debug!(
@@ -241,6 +369,20 @@ fn same_route(a: &RouteOp, b: &RouteOp) -> bool {
 pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<Input>> {
     let udp500 = UdpSocket::bind("0.0.0.0:500")
         .map_err(|e| io::Error::new(e.kind(), format!("UDP 0.0.0.0:500: {e}")))?;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            udp500.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
     let in_path = run_dir.join("ike4500.sock");
     let _ = std::fs::remove_file(&in_path);
     let in4500 = UnixDatagram::bind(&in_path)
@@ -255,13 +397,14 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
         .spawn(move || {
             let mut buf = vec![0u8; MAX_DATAGRAM];
             loop {
-                match r500.recv_from(&mut buf) {
-                    Ok((n, from)) => {
+                match recv_with_dst(r500.as_raw_fd(), &mut buf) {
+                    Ok((n, from, to)) => {
                         let data = buf.get(..n).unwrap_or(&[]).to_vec();
                         if tx500
                             .send(Input::Datagram {
                                 port: 500,
                                 from,
+                                to,
                                 data,
                             })
                             .is_err()
@@ -284,12 +427,14 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
             loop {
                 match in4500.recv(&mut buf) {
                     Ok(n) => {
-                        let Some((from, ike)) = parse_handoff(buf.get(..n).unwrap_or(&[])) else {
+                        let d = buf.get(..n).unwrap_or(&[]);
+                        let Some((from, ike)) = parse_handoff(d) else {
                             continue;
                         };
                         let input = Input::Datagram {
                             port: ike_proto::sa::NAT_T_PORT,
                             from: SocketAddr::V4(from),
+                            to: handoff_dst(d),
                             data: ike.to_vec(),
                         };
                         if tx4500.send(input).is_err() {
@@ -331,5 +476,10 @@ mod tests {
         let (src, ike) = parse_handoff(&b).unwrap();
         assert_eq!((src, ike), (s, &b"ike"[..]));
         assert!(parse_handoff(&b[..11]).is_none());
+        assert_eq!(handoff_dst(&b), Some(*d.ip()));
+        assert_eq!(
+            handoff_dst(&build_handoff(d, "0.0.0.0:4500".parse().unwrap(), b"")),
+            None
+        );
     }
 }

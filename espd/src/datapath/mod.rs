@@ -407,6 +407,10 @@ impl Datapath {
             tx: DirCounters::default(),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             ha_hw: AtomicU64::new(ha_hw),
+            local_ip: match info.local.parse::<IpAddr>() {
+                Ok(IpAddr::V4(a)) => a,
+                _ => Ipv4Addr::UNSPECIFIED,
+            },
         })
     }
 }

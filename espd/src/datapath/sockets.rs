@@ -10,10 +10,15 @@
 //! | src IPv4 | sport | dst IPv4 | dport | IKE message (no non-ESP marker) ...
 //! ```
 //! addresses and ports in network byte order. espd sends what arrives on UDP/4500 with the
-//! non-ESP marker to `<run-dir>/ike4500.sock` (src = the peer, dst = 0.0.0.0:4500: the local
-//! address is not recovered), and sends every datagram received on its own
-//! `<run-dir>/espd-ike.sock` from its UDP/4500 socket to `dst` with the marker prepended
-//! (`src` is ignored: the kernel picks the source address).
+//! non-ESP marker to `<run-dir>/ike4500.sock` (src = the peer, dst = the local address the
+//! datagram was sent to, from IP_PKTINFO, or 0.0.0.0 if unknown; port 4500), and sends every
+//! datagram received on its own `<run-dir>/espd-ike.sock` from its UDP/4500 socket to `dst`
+//! with the marker prepended, from source address `src` (IP_PKTINFO) unless it is 0.0.0.0,
+//! when the kernel picks it (`src`'s port is ignored).
+//!
+//! Every outbound ESP packet and IKE datagram carries its SA's local address as source in an
+//! IP_PKTINFO control message (`ipi_spec_dst`), so a gateway whose address sits on a loopback
+//! or a shared cluster address answers from that address, not from the outgoing interface's.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -138,6 +143,8 @@ impl Sockets {
         // Runs of ESP datagrams of one peer arrive as one buffer (split by the worker).
         // Best effort: without it they arrive one by one.
         let _ = set_int_opt(udp.as_raw_fd(), SOL_UDP, UDP_GRO, 1);
+        // The local address each datagram was sent to (IKE replies leave from it).
+        set_int_opt(udp.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
 
         let ike_out = owned(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | nb, 0) })?;
         let (ike_out_addr, ike_out_len) = unix_addr(&run_dir.join("ike4500.sock"))?;
@@ -183,14 +190,21 @@ impl Sockets {
 
     /// Hands an IKE message that arrived on UDP/4500 to ikemgr. `scratch` must hold
     /// `IKE_HDR_LEN + ike.len()` bytes; returns false if it could not be delivered.
-    pub fn relay_to_ikemgr(&self, from: SocketAddrV4, ike: &[u8], scratch: &mut [u8]) -> bool {
+    /// `local` is the address the datagram was sent to (0.0.0.0 if unknown).
+    pub fn relay_to_ikemgr(
+        &self,
+        from: SocketAddrV4,
+        local: Ipv4Addr,
+        ike: &[u8],
+        scratch: &mut [u8],
+    ) -> bool {
         let n = IKE_HDR_LEN + ike.len();
         let Some(msg) = scratch.get_mut(..n) else {
             return false;
         };
         msg[..4].copy_from_slice(&from.ip().octets());
         msg[4..6].copy_from_slice(&from.port().to_be_bytes());
-        msg[6..10].copy_from_slice(&[0; 4]);
+        msg[6..10].copy_from_slice(&local.octets());
         msg[10..12].copy_from_slice(&esp_proto::udp::NAT_T_PORT.to_be_bytes());
         msg[12..].copy_from_slice(ike);
         // SAFETY: msg is valid for n bytes; the address is a live sockaddr_un.
@@ -242,18 +256,22 @@ impl Sockets {
         );
         let len = esp_proto::udp::write_ike_payload(ike, out)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        let sa = sockaddr(dst);
-        // SAFETY: out[..len] is initialised; sa is a live sockaddr_in.
-        let r = unsafe {
-            libc::sendto(
-                self.udp.as_raw_fd(),
-                out.as_ptr().cast(),
-                len,
-                0,
-                (&sa as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
+        let src = Ipv4Addr::new(hdr[0], hdr[1], hdr[2], hdr[3]);
+        let mut sa = sockaddr(dst);
+        let mut iov = libc::iovec {
+            iov_base: out.as_mut_ptr().cast(),
+            iov_len: len.min(out.len()),
         };
+        let mut cbuf = [0u64; 8];
+        // SAFETY: plain old data; all-zero is valid.
+        let mut h: libc::msghdr = unsafe { zeroed() };
+        h.msg_name = (&mut sa as *mut libc::sockaddr_in).cast();
+        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_iov = &mut iov;
+        h.msg_iovlen = 1;
+        set_cmsgs(&mut h, &mut cbuf, src, None);
+        // SAFETY: h points at live iov (within out), sa and cbuf for the call.
+        let r = unsafe { libc::sendmsg(self.udp.as_raw_fd(), &h, 0) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -354,6 +372,77 @@ impl RecvBatch {
         }
         Some((data, from_sockaddr(self.addrs.get(i)?), trunc, gso))
     }
+
+    /// The local address datagram `i` of the last `recv` was sent to (its IP_PKTINFO
+    /// `ipi_spec_dst`), when the socket reports it.
+    pub fn local_addr(&self, i: usize) -> Option<Ipv4Addr> {
+        let h = self.hdrs.get(i)?;
+        if h.msg_hdr.msg_controllen == 0 {
+            return None;
+        }
+        let mut found = None;
+        // SAFETY: as in `get`: CMSG_FIRSTHDR/NXTHDR stay within the kernel-filled buffer.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
+                    let p = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
+                    found = Some(Ipv4Addr::from(u32::from_be(p.ipi_spec_dst.s_addr)));
+                }
+                c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
+            }
+        }
+        found.filter(|a| !a.is_unspecified())
+    }
+}
+
+/// Fills `buf` with the control messages of one send: IP_PKTINFO with `src` as
+/// `ipi_spec_dst` unless it is 0.0.0.0, and UDP_SEGMENT `seg`; points `h` at them (or at
+/// nothing when there are none).
+fn set_cmsgs(h: &mut libc::msghdr, buf: &mut [u64; 8], src: Ipv4Addr, seg: Option<u16>) {
+    *buf = [0; 8];
+    h.msg_control = buf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let (pk, sg) = unsafe {
+        (
+            libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as usize,
+            libc::CMSG_SPACE(2) as usize,
+        )
+    };
+    let want_pk = !src.is_unspecified();
+    let total = (if want_pk { pk } else { 0 }) + (if seg.is_some() { sg } else { 0 });
+    if total == 0 {
+        h.msg_control = std::ptr::null_mut();
+        h.msg_controllen = 0;
+        return;
+    }
+    // 32 + 24 = 56 bytes at most, within buf's 64.
+    h.msg_controllen = total as _;
+    // SAFETY: msg_control points at 64 zeroed bytes and msg_controllen (<= 56) says how many
+    // are in use; CMSG_FIRSTHDR/NXTHDR/DATA stay within them.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        if want_pk && !c.is_null() {
+            (*c).cmsg_level = libc::IPPROTO_IP;
+            (*c).cmsg_type = libc::IP_PKTINFO;
+            (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+            let p = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(src).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>(), p);
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+        if let (Some(seg), false) = (seg, c.is_null()) {
+            (*c).cmsg_level = SOL_UDP;
+            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+        }
+    }
 }
 
 /// Outgoing ESP packets of one worker, sent with one `sendmmsg` per socket.
@@ -361,11 +450,13 @@ pub struct SendBatch {
     bufs: Box<[[u8; SLOT]]>,
     lens: [usize; BATCH],
     addrs: [libc::sockaddr_in; BATCH],
+    /// Source address of each packet (0.0.0.0: the kernel picks).
+    srcs: [Ipv4Addr; BATCH],
     iov: [libc::iovec; BATCH],
     hdrs: [libc::mmsghdr; BATCH],
     n: usize,
-    /// Control messages for UDP GSO, one per message (u64 for alignment).
-    cmsgs: [[u64; 4]; BATCH],
+    /// Control messages (IP_PKTINFO, UDP GSO), one set per message (u64 for alignment).
+    cmsgs: [[u64; 8]; BATCH],
     /// UDP GSO (UDP_SEGMENT) still believed to work on this socket.
     gso: bool,
 }
@@ -385,8 +476,9 @@ impl SendBatch {
             addrs: unsafe { zeroed() },
             iov: unsafe { zeroed() },
             hdrs: unsafe { zeroed() },
+            srcs: [Ipv4Addr::UNSPECIFIED; BATCH],
             n: 0,
-            cmsgs: [[0; 4]; BATCH],
+            cmsgs: [[0; 8]; BATCH],
             gso: true,
         }
     }
@@ -421,6 +513,7 @@ impl SendBatch {
             while j < total
                 && j - i < UDP_MAX_SEGMENTS
                 && same_dst(&self.addrs[j], &self.addrs[i])
+                && self.srcs[j] == self.srcs[i]
                 && self.lens[j - 1] == seg
                 && self.lens[j] <= seg
                 && bytes + self.lens[j] <= 65_000
@@ -434,25 +527,8 @@ impl SendBatch {
             h.msg_iov = &mut self.iov[i];
             h.msg_iovlen = j - i;
             h.msg_flags = 0;
-            if j - i > 1 {
-                let buf = &mut self.cmsgs[m];
-                *buf = [0; 4];
-                h.msg_control = buf.as_mut_ptr().cast();
-                // SAFETY: CMSG_SPACE/CMSG_LEN are pure size computations.
-                h.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
-                // SAFETY: msg_control points at 32 bytes, more than CMSG_SPACE(2) (24);
-                // CMSG_FIRSTHDR/CMSG_DATA stay inside it.
-                unsafe {
-                    let c = libc::CMSG_FIRSTHDR(h);
-                    (*c).cmsg_level = SOL_UDP;
-                    (*c).cmsg_type = UDP_SEGMENT;
-                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
-                }
-            } else {
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
-            }
+            let gso = (j - i > 1).then_some(seg as u16);
+            set_cmsgs(h, &mut self.cmsgs[m], self.srcs[i], gso);
             runs[m] = j - i;
             m += 1;
             i = j;
@@ -481,10 +557,15 @@ impl SendBatch {
                         Some(libc::EINVAL | libc::EIO | libc::EOPNOTSUPP)
                     )
                 {
-                    // No UDP GSO here: send one datagram per message from now on.
-                    tracing::warn!("UDP GSO refused ({e}); sending datagrams one by one");
-                    self.gso = false;
-                    return self.flush(fd);
+                    // Either no UDP GSO here, or a source address that is not (or no
+                    // longer) local (EINVAL too). Send one by one; if that works for all,
+                    // it was GSO: keep sending one datagram per message from now on.
+                    let failed = self.flush(fd);
+                    if failed == 0 {
+                        tracing::warn!("UDP GSO refused ({e}); sending datagrams one by one");
+                        self.gso = false;
+                    }
+                    return failed;
                 }
                 failed += runs[sent];
                 sent += 1;
@@ -509,10 +590,12 @@ impl SendBatch {
         self.bufs.get_mut(self.n).map(|b| &mut b[..])
     }
 
-    /// Commits the slot filled through [`SendBatch::slot`] with `len` bytes for `dst`.
-    pub fn commit(&mut self, len: usize, dst: SocketAddrV4) {
+    /// Commits the slot filled through [`SendBatch::slot`] with `len` bytes for `dst`, to be
+    /// sent from local address `src` (0.0.0.0: the kernel picks).
+    pub fn commit(&mut self, len: usize, src: Ipv4Addr, dst: SocketAddrV4) {
         if self.n < BATCH {
             self.lens[self.n] = len.min(SLOT);
+            self.srcs[self.n] = src;
             self.addrs[self.n] = sockaddr(dst);
             self.n += 1;
         }
@@ -532,9 +615,8 @@ impl SendBatch {
             h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
             h.msg_iov = &mut self.iov[i];
             h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
             h.msg_flags = 0;
+            set_cmsgs(h, &mut self.cmsgs[i], self.srcs[i], None);
         }
         let mut sent = 0;
         let mut failed = 0;

@@ -4,7 +4,7 @@
 //! wakeup, never per packet.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -270,6 +270,9 @@ pub struct Sa {
     /// In an HA cluster: the outbound mark the cluster acknowledged (numbers at or above
     /// it are not sent); `u64::MAX` outside a cluster. See `crate::ha`.
     pub ha_hw: AtomicU64,
+    /// `local` parsed: the source address of every outbound packet (0.0.0.0: the kernel
+    /// picks, for a local that is not an IPv4 address).
+    pub local_ip: Ipv4Addr,
 }
 
 impl Sa {

@@ -347,7 +347,11 @@ impl Worker {
                         shared.keepalives.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(Udp4500::Ike(ike)) => {
-                        if shared.sockets.relay_to_ikemgr(from, ike, &mut scratch[..]) {
+                        let local = rx.local_addr(i).unwrap_or(Ipv4Addr::UNSPECIFIED);
+                        if shared
+                            .sockets
+                            .relay_to_ikemgr(from, local, ike, &mut scratch[..])
+                        {
                             shared.ike_relayed.fetch_add(1, Ordering::Relaxed);
                         } else {
                             shared.count_drop(DROP_IKE_RELAY);
@@ -461,7 +465,7 @@ fn encap_one(
         return;
     };
     match lock(crypto).seal(seq, pkt, out) {
-        Ok(len) => batch.commit(len, to),
+        Ok(len) => batch.commit(len, sa.local_ip, to),
         Err(e) => {
             fail(e.drop_reason().index());
             return;

@@ -49,7 +49,7 @@ pub fn config(
 }
 
 impl Gw {
-    fn new(ns: &Netns, label: &str, conf_text: &str, lan_remote: &'static str) -> Gw {
+    pub fn new(ns: &Netns, label: &str, conf_text: &str, lan_remote: &'static str) -> Gw {
         let dir = ScratchDir::new(label).expect("scratch dir");
         let run = dir.path().join("run");
         let conf = dir.path().join("haven.conf");
