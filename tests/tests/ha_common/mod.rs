@@ -27,7 +27,10 @@ pub const SERVER: &str = "192.168.129.50";
 pub const CLIENT_INNER: &str = "10.10.1.2";
 pub const WAIT: Duration = Duration::from_secs(30);
 
-pub fn config(priority: u8) -> String {
+/// The phase1's DPD lines in [`config`] unless a test asks for others.
+pub const NO_DPD: &str = "        set dpd disable\n";
+
+pub fn config(priority: u8, dpd: &str) -> String {
     format!(
         "config system ha
     set group-id 5
@@ -49,8 +52,7 @@ config vpn ipsec phase1-interface
         set proposal aes128gcm-prfsha256
         set dhgrp 19
         set localid \"{GW_ID}\"
-        set dpd disable
-        set nattraversal enable
+{dpd}        set nattraversal enable
         set psksecret \"{PSK}\"
     next
 end
@@ -72,10 +74,12 @@ pub struct Member {
     pub dir: PathBuf,
     pub run: PathBuf,
     pub procs: Vec<Proc>,
+    /// The phase1's DPD lines (see [`config`]).
+    pub dpd: String,
 }
 
 impl Member {
-    pub fn start(ns: Netns, dir: &Path, name: &str, priority: u8) -> Member {
+    pub fn start(ns: Netns, dir: &Path, name: &str, priority: u8, dpd: &str) -> Member {
         let dir = dir.join(name);
         let run = dir.join("run");
         std::fs::create_dir_all(&run).unwrap();
@@ -84,6 +88,7 @@ impl Member {
             dir,
             run,
             procs: Vec::new(),
+            dpd: dpd.to_string(),
         };
         m.spawn(priority);
         m
@@ -92,7 +97,7 @@ impl Member {
     /// Writes the configuration with `priority` and starts the four daemons (logs appended).
     pub fn spawn(&mut self, priority: u8) {
         let conf = self.dir.join("haven.conf");
-        std::fs::write(&conf, config(priority)).unwrap();
+        std::fs::write(&conf, config(priority, &self.dpd)).unwrap();
         self.procs.clear();
         for (d, port) in [
             ("hasyncd", 9703),
@@ -314,6 +319,11 @@ pub struct Lab {
 impl Lab {
     /// Builds the lab: namespaces labelled `label-*`, scratch files tagged `tag`.
     pub fn new(tag: &str, label: &str) -> Lab {
+        Lab::with_dpd(tag, label, NO_DPD)
+    }
+
+    /// [`Lab::new`] with the members' phase1 DPD lines `dpd`.
+    pub fn with_dpd(tag: &str, label: &str, dpd: &str) -> Lab {
         if let Err(e) = strongswan::preflight() {
             panic!("cannot run strongSwan tests on this machine: {e}");
         }
@@ -379,8 +389,8 @@ impl Lab {
         }
 
         // The pair: gw1 (priority 200) primary, gw2 (100) secondary.
-        let m1 = Member::start(gw1.clone(), scratch.path(), "gw1", 200);
-        let m2 = Member::start(gw2.clone(), scratch.path(), "gw2", 100);
+        let m1 = Member::start(gw1.clone(), scratch.path(), "gw1", 200, dpd);
+        let m2 = Member::start(gw2.clone(), scratch.path(), "gw2", 100, dpd);
         wait_for("gw1 primary, gw2 secondary", WAIT, || {
             match (m1.role(), m2.role()) {
                 (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
