@@ -1665,7 +1665,7 @@ mod tests {
         );
     }
 
-    const HUB: &str = r#"
+    pub(super) const HUB: &str = r#"
 config vpn ipsec phase1-interface
     edit "hub"
         set type static
@@ -1687,7 +1687,7 @@ config vpn ipsec phase2-interface
 end
 "#;
 
-    const DIAL: &str = r#"
+    pub(super) const DIAL: &str = r#"
 config vpn ipsec phase1-interface
     edit "vpn1"
         set type dynamic

@@ -528,48 +528,7 @@ mod tests {
     use bus_schema::schema::SeqMark;
     use std::net::IpAddr;
 
-    const HUB: &str = r#"
-config vpn ipsec phase1-interface
-    edit "hub"
-        set type static
-        set interface "port1"
-        set remote-gw 192.0.2.2
-        set proposal aes128gcm-prfsha256
-        set dhgrp 19
-        set psksecret "k"
-    next
-end
-config vpn ipsec phase2-interface
-    edit "hub"
-        set phase1name "hub"
-        set proposal aes128gcm
-        set pfs disable
-        set src-subnet 10.1.0.0/24
-        set dst-subnet 10.2.0.0/24
-    next
-end
-"#;
-
-    const DIAL: &str = r#"
-config vpn ipsec phase1-interface
-    edit "vpn1"
-        set type dynamic
-        set interface "port2"
-        set proposal aes128gcm-prfsha256
-        set dhgrp 19
-        set psksecret "k"
-    next
-end
-config vpn ipsec phase2-interface
-    edit "vpn1"
-        set phase1name "vpn1"
-        set proposal aes128gcm
-        set pfs disable
-        set src-subnet 10.2.0.0/24
-        set dst-subnet 10.1.0.0/24
-    next
-end
-"#;
+    use crate::ike::tests::{DIAL, HUB};
 
     fn mgr(text: &str, now: Instant) -> IkeManager {
         let cfg = match haven_config::parse(text) {
