@@ -245,7 +245,9 @@ fn tail(text: &str, lines: usize) -> String {
 /// one tunnel's bodies.
 struct Tap {
     tunnel: String,
-    seen: Arc<Mutex<Vec<(Instant, Body)>>>,
+    /// (arrival, the publisher's `ts_ns`, body). Arrival order across the two publishers
+    /// is not causal order (one socket, fair-queued); `ts_ns` is, on one host.
+    seen: Arc<Mutex<Vec<(Instant, u64, Body)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -270,7 +272,9 @@ impl Tap {
                     if let Ok(Ok(env)) =
                         tokio::time::timeout(Duration::from_millis(200), sub.recv()).await
                     {
-                        s.lock().unwrap().push((Instant::now(), env.body));
+                        s.lock()
+                            .unwrap()
+                            .push((Instant::now(), env.ts_ns, env.body));
                     }
                 }
             })
@@ -289,7 +293,7 @@ impl Tap {
             .lock()
             .unwrap()
             .iter()
-            .filter_map(|(t, b)| match b {
+            .filter_map(|(t, _, b)| match b {
                 Body::ProbeRequest {
                     tunnel,
                     round,
@@ -306,7 +310,7 @@ impl Tap {
             .lock()
             .unwrap()
             .iter()
-            .filter_map(|(t, b)| match b {
+            .filter_map(|(t, _, b)| match b {
                 Body::ProbeResult {
                     tunnel,
                     round,
@@ -322,34 +326,80 @@ impl Tap {
 
     /// Arrival of the first `dpd.state` record of the instance with `state`.
     fn first_state(&self, state: &str) -> Option<Instant> {
-        self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
-            Body::Dpd(d) if d.tunnel == self.tunnel && d.state == state => Some(*t),
-            _ => None,
-        })
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|(t, _, b)| match b {
+                Body::Dpd(d) if d.tunnel == self.tunnel && d.state == state => Some(*t),
+                _ => None,
+            })
     }
 
     /// Arrival of the first `dpd.state` record with `state` after `since`.
     fn state_after(&self, state: &str, since: Instant) -> Option<Instant> {
-        self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
-            Body::Dpd(d) if d.tunnel == self.tunnel && d.state == state && *t > since => Some(*t),
-            _ => None,
-        })
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|(t, _, b)| match b {
+                Body::Dpd(d) if d.tunnel == self.tunnel && d.state == state && *t > since => {
+                    Some(*t)
+                }
+                _ => None,
+            })
     }
 
     /// Arrival of the first `tunnel.state` record with `state` after `since`.
     fn tunnel_after(&self, state: TunnelState, since: Instant) -> Option<Instant> {
-        self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
-            Body::Tunnel(x) if x.name == self.tunnel && x.state == state && *t > since => Some(*t),
-            _ => None,
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|(t, _, b)| match b {
+                Body::Tunnel(x) if x.name == self.tunnel && x.state == state && *t > since => {
+                    Some(*t)
+                }
+                _ => None,
+            })
+    }
+
+    /// Publisher timestamp (`ts_ns`) of the first `dpd.state` record with `state` that
+    /// arrived after `since`.
+    fn state_ts_after(&self, state: &str, since: Instant) -> Option<u64> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|(t, ts, b)| match b {
+                Body::Dpd(d) if d.tunnel == self.tunnel && d.state == state && *t > since => {
+                    Some(*ts)
+                }
+                _ => None,
+            })
+    }
+
+    /// Whether ikemgr published a `tunnel.state` record with `state` after the publisher
+    /// timestamp `since_ts` (another daemon's record: compared by the publishers' clocks).
+    fn tunnel_published_after(&self, state: TunnelState, since_ts: u64) -> bool {
+        self.seen.lock().unwrap().iter().any(|(_, ts, b)| {
+            matches!(b, Body::Tunnel(x) if x.name == self.tunnel && x.state == state && *ts > since_ts)
         })
     }
 
-    /// Arrival of ikemgr's `TunnelRemoved` of the instance.
-    fn removed(&self) -> Option<Instant> {
-        self.seen.lock().unwrap().iter().find_map(|(t, b)| match b {
-            Body::TunnelRemoved { name } if *name == self.tunnel => Some(*t),
+    /// Publisher timestamps (`ts_ns`) of the first `dead` record and of the instance's
+    /// removal.
+    fn dead_then_removed_ts(&self) -> (Option<u64>, Option<u64>) {
+        let seen = self.seen.lock().unwrap();
+        let dead = seen.iter().find_map(|(_, ts, b)| match b {
+            Body::Dpd(d) if d.tunnel == self.tunnel && d.state == "dead" => Some(*ts),
             _ => None,
-        })
+        });
+        let removed = seen.iter().find_map(|(_, ts, b)| match b {
+            Body::TunnelRemoved { name } if *name == self.tunnel => Some(*ts),
+            _ => None,
+        });
+        (dead, removed)
     }
 }
 
@@ -699,12 +749,20 @@ fn charon_killed_flush_after_exactly_the_configured_probes() {
     });
     let mid = one_round_of_three(&tap, t_up, &gw);
     gone_everywhere(&gw);
-    let removed = tap.removed().expect("TunnelRemoved on the bus");
-    let dead_at = tap.first_state("dead").unwrap();
-    assert!(removed >= dead_at);
+    // ikemgr removed the instance because of dpdmon's verdict: by the publishers' clocks
+    // (one host), the removal comes after the verdict.
+    let (dead_ts, removed_ts) = tap.dead_then_removed_ts();
+    let (dead_ts, removed_ts) = (
+        dead_ts.expect("dead record"),
+        removed_ts.expect("TunnelRemoved on the bus"),
+    );
+    assert!(
+        removed_ts > dead_ts,
+        "removal published at {removed_ts} ns, verdict at {dead_ts} ns"
+    );
     eprintln!(
         "flush: ikemgr removed the instance {} ms after dpdmon's verdict",
-        removed.duration_since(dead_at).as_millis()
+        (removed_ts - dead_ts) / 1_000_000
     );
 
     // 3. On the wire: that message ID went out exactly 3 times, and after the kill nothing
@@ -1084,12 +1142,13 @@ fn static_tunnel_goes_down_then_comes_back_monitored_afresh() {
             .ok_or_else(|| format!("{:?}\n{}", tap.requests(t_kill), gw.logs()))
     });
     let dead_at = tap.state_after("dead", t_kill).unwrap();
+    let dead_ts = tap.state_ts_after("dead", t_kill).unwrap();
     wait_for("tunnel down, record back to idle", WAIT, || {
         match (
-            tap.tunnel_after(TunnelState::Down, dead_at),
+            tap.tunnel_published_after(TunnelState::Down, dead_ts),
             tap.state_after("idle", dead_at),
         ) {
-            (Some(_), Some(_)) => Ok(()),
+            (true, Some(_)) => Ok(()),
             other => Err(format!("{other:?}\n{}", gw.logs())),
         }
     });
