@@ -589,9 +589,18 @@ impl Cluster {
             return;
         }
         for m in sas {
-            if t.role(&m.tunnel) != Some(TunnelRole::SyncPrimary)
-                && !self.local_tunnels.contains(&m.tunnel)
-            {
+            // The FGCP primary carries every tunnel: a lease asked by its own espd for a
+            // tunnel the table gives to another member (a stale claim from a moment when
+            // that member thought it was primary) is claimed back with a newer generation,
+            // or the lease would be refused for ever and the SA would never send.
+            if t.role(&m.tunnel) != Some(TunnelRole::SyncPrimary) {
+                if let Some((owner, generation)) = t.owner(&m.tunnel) {
+                    tracing::info!(
+                        "FGCP: {} was claimed by member {} (generation {generation}); the primary claims it",
+                        m.tunnel,
+                        owner.0
+                    );
+                }
                 t.local_established(&m.tunnel);
                 self.local_tunnels.insert(m.tunnel.clone());
             }
