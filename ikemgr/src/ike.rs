@@ -1743,7 +1743,8 @@ end
         assert_eq!(both.cfg.child_lifetime, Duration::from_secs(600));
     }
 
-    fn mgr(text: &str, now: Instant) -> IkeManager {
+    /// A manager with configuration `text` (shared by the HA and lifecycle tests).
+    pub(super) fn mgr(text: &str, now: Instant) -> IkeManager {
         let cfg = match haven_config::parse(text) {
             Ok(p) => p.config,
             Err(e) => panic!("{e}"),
@@ -1754,7 +1755,7 @@ end
     }
 
     /// Carries every pending datagram between the two managers until both are quiet.
-    fn shuttle(a: &mut IkeManager, b: &mut IkeManager, now: Instant) {
+    pub(super) fn shuttle(a: &mut IkeManager, b: &mut IkeManager, now: Instant) {
         for _ in 0..50 {
             let mut moved = false;
             while let Some(t) = a.poll_transmit() {

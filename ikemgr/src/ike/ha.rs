@@ -528,35 +528,7 @@ mod tests {
     use bus_schema::schema::SeqMark;
     use std::net::IpAddr;
 
-    use crate::ike::tests::{DIAL, HUB};
-
-    fn mgr(text: &str, now: Instant) -> IkeManager {
-        let cfg = match haven_config::parse(text) {
-            Ok(p) => p.config,
-            Err(e) => panic!("{e}"),
-        };
-        let mut m = IkeManager::new();
-        m.set_config(now, &cfg);
-        m
-    }
-
-    fn shuttle(a: &mut IkeManager, b: &mut IkeManager, now: Instant) {
-        for _ in 0..50 {
-            let mut moved = false;
-            while let Some(t) = a.poll_transmit() {
-                b.handle_datagram(now, t.destination, t.source, &t.payload);
-                moved = true;
-            }
-            while let Some(t) = b.poll_transmit() {
-                a.handle_datagram(now, t.destination, t.source, &t.payload);
-                moved = true;
-            }
-            if !moved {
-                return;
-            }
-        }
-        panic!("the managers never went quiet");
-    }
+    use crate::ike::tests::{mgr, shuttle, DIAL, HUB};
 
     fn records(bodies: &[Body]) -> Vec<IkeSaRecord> {
         bodies

@@ -342,15 +342,7 @@ config vpn ipsec phase2-interface
 end
 ";
 
-    fn mgr(text: &str, now: Instant) -> IkeManager {
-        let cfg = match haven_config::parse(text) {
-            Ok(p) => p.config,
-            Err(e) => panic!("{e}"),
-        };
-        let mut m = IkeManager::new();
-        m.set_config(now, &cfg);
-        m
-    }
+    use crate::ike::tests::mgr;
 
     const LOCAL: &str = "192.0.2.1";
 
