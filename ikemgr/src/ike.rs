@@ -409,6 +409,26 @@ pub fn liveness_hold(p: &Phase1) -> Duration {
     Duration::from_millis(longest.saturating_mul(2)).max(Duration::from_secs(180))
 }
 
+/// The `tunnel.state` record of tunnel `name` of gateway `g`, up over `addrs` (a new IKE
+/// SA, or one taken over from another cluster member).
+fn tunnel_up_record(g: &Gateway, name: &str, addrs: &Addresses) -> TunnelInfo {
+    TunnelInfo {
+        name: name.to_string(),
+        phase1: g.name.clone(),
+        kind: if g.dynamic {
+            TunnelKind::DialupInstance
+        } else {
+            TunnelKind::Static
+        },
+        local_gw: Some(addrs.local.ip().to_string()),
+        remote_gw: Some(addrs.remote.ip().to_string()),
+        interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
+        state: TunnelState::Up,
+        phase2: g.phase2s.clone(),
+        dpd: g.dpd.clone(),
+    }
+}
+
 /// Our certificate (`certificate`: the first name) and the trusted CAs of a phase1 with
 /// `authmethod signature`.
 fn cert_auth_of(p: &Phase1, certs: &CertStore, now: Instant) -> Result<CertAuth, String> {
@@ -1235,21 +1255,8 @@ impl IkeManager {
                     e.name = name.clone();
                     e.info = Some(info);
                 }
-                self.bodies.push(Body::Tunnel(TunnelInfo {
-                    name: name.clone(),
-                    phase1: g.name.clone(),
-                    kind: if g.dynamic {
-                        TunnelKind::DialupInstance
-                    } else {
-                        TunnelKind::Static
-                    },
-                    local_gw: Some(addrs.local.ip().to_string()),
-                    remote_gw: Some(addrs.remote.ip().to_string()),
-                    interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
-                    state: TunnelState::Up,
-                    phase2: g.phase2s.clone(),
-                    dpd: g.dpd.clone(),
-                }));
+                self.bodies
+                    .push(Body::Tunnel(tunnel_up_record(&g, &name, &addrs)));
             }
             Event::ChildSaEstablished(c) => self.child_up(id, &g, &c),
             Event::ChildSaDeleted {

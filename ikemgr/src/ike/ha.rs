@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bus_schema::schema::{IkeSaRecord, TakeoverInfo};
-use bus_schema::{Body, TunnelInfo, TunnelKind, TunnelState};
+use bus_schema::Body;
 use ike_proto::crypto::{Encr, IkeKeys, Integ, Prf, Secret};
 use ike_proto::proposal::IkeSuite;
 use ike_proto::sa::{Addresses, ChildSaInfo, ChildSaKeys, IkeSa, IkeSaSnapshot, OsEntropy};
@@ -457,21 +457,11 @@ impl IkeManager {
             rec.next_send,
             rec.next_recv
         );
-        self.bodies.push(Body::Tunnel(TunnelInfo {
-            name: rec.tunnel.clone(),
-            phase1: g.name.clone(),
-            kind: if g.dynamic {
-                TunnelKind::DialupInstance
-            } else {
-                TunnelKind::Static
-            },
-            local_gw: Some(addrs.local.ip().to_string()),
-            remote_gw: Some(addrs.remote.ip().to_string()),
-            interface: Some(g.interface.clone()).filter(|s| !s.is_empty()),
-            state: TunnelState::Up,
-            phase2: g.phase2s.clone(),
-            dpd: g.dpd.clone(),
-        }));
+        self.bodies.push(Body::Tunnel(super::tunnel_up_record(
+            &g,
+            &rec.tunnel,
+            &addrs,
+        )));
         for m in &t.start_seqs {
             self.ha.start_seq.insert(m.spi_out, m.seq_hw);
         }
