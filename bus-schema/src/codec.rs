@@ -562,6 +562,10 @@ mod tests {
                 "73746172745f736571739183a674756e6e656ca676706e315f31a77370695f6f7574ce10aa45b0a67365715f6877ce00",
                 "100000",
             )),
+        ("Acquire", concat!(
+                "82a474797065a741637175697265a46461746185a6706861736531a476706e31a6706861736532a676706e312d62a373",
+                "7263a931302e39392e322e32a3647374a931302e39392e312e32a764726f7070656403",
+            )),
     ];
 
     const REQUEST_GOLDEN: &[(&str, &str)] = &[
@@ -724,6 +728,24 @@ mod tests {
         let bytes = encode(&env);
         assert_eq!(decode(&bytes).unwrap(), env);
         assert!(hex(&bytes).contains(&hex(b"dead_after_ms")));
+    }
+
+    /// `packets` of `esp.expire` was added later: set, it round-trips; unset (0), the event
+    /// encodes as before (the golden bytes above).
+    #[test]
+    fn expiry_packets_field_round_trips_and_stays_optional() {
+        let mut with = bodies()
+            .into_iter()
+            .find_map(|b| match b {
+                Body::EspExpire(x) => Some(x),
+                _ => None,
+            })
+            .expect("an EspExpire sample");
+        with.packets = 17;
+        let env = envelope(Body::EspExpire(with.clone()));
+        let bytes = encode(&env);
+        assert_eq!(decode(&bytes).unwrap(), env);
+        assert!(hex(&bytes).contains(&hex(b"packets")));
     }
 
     #[test]

@@ -104,8 +104,9 @@ pub use follower::{
     FollowOutcome, Follower, FollowerConfig, FollowerStats, SnapshotOutcome, HEARTBEAT_INTERVAL_NS,
 };
 pub use schema::{
-    table, topic, Body, DaemonKind, DpdSettings, DpdTunnelState, Envelope, EspTunnelInfo,
-    HaMemberInfo, StateOp, TunnelInfo, TunnelKind, TunnelState, UnknownDaemon, SCHEMA_VERSION,
+    table, topic, AcquireInfo, Body, DaemonKind, DpdSettings, DpdTunnelState, Envelope,
+    EspTunnelInfo, HaMemberInfo, StateOp, TunnelInfo, TunnelKind, TunnelState, UnknownDaemon,
+    SCHEMA_VERSION,
 };
 pub use store::{Owner, Snapshot, StateStore};
 pub use transport::{

@@ -105,6 +105,7 @@ pub fn bodies() -> Vec<Body> {
             spi_in: 0xa575_b631,
             hard: false,
             reason: "time".into(),
+            packets: 0,
         }),
         Body::ProbeRequest {
             tunnel: "vpn1_2".into(),
@@ -148,6 +149,13 @@ pub fn bodies() -> Vec<Body> {
                 spi_out: 0x10aa_45b0,
                 seq_hw: 1 << 20,
             }],
+        }),
+        Body::Acquire(AcquireInfo {
+            phase1: "vpn1".into(),
+            phase2: "vpn1-b".into(),
+            src: "10.99.2.2".into(),
+            dst: "10.99.1.2".into(),
+            dropped: 3,
         }),
     ]
 }

@@ -136,6 +136,7 @@ pub mod topic {
     pub const ESP_LEASE: &str = "esp.lease";
     pub const HA_LEASE: &str = "ha.lease";
     pub const HA_TAKEOVER: &str = "ha.takeover";
+    pub const ESP_ACQUIRE: &str = "esp.acquire";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -163,6 +164,7 @@ pub mod topic {
         ESP_LEASE,
         HA_LEASE,
         HA_TAKEOVER,
+        ESP_ACQUIRE,
     ];
 }
 
@@ -269,6 +271,10 @@ pub enum Body {
     /// record and installs its CHILD SAs with outbound sequence numbers from `start_seqs`
     /// (event; repeated until ikemgr publishes the IKE SA itself).
     Takeover(TakeoverInfo),
+    /// espd: outbound packets routed into a tunnel's TUN device found no outbound SA
+    /// (event; at most one per phase1 and phase2 per second, never one per packet): ikemgr
+    /// negotiates the missing IKE or CHILD SA (traffic-triggered negotiation).
+    Acquire(AcquireInfo),
 }
 
 /// What a body does to the replicated store.
@@ -305,6 +311,7 @@ impl Body {
         "SeqLeaseRequest",
         "SeqLeaseGranted",
         "Takeover",
+        "Acquire",
     ];
 
     /// The `type` tag of this body.
@@ -334,6 +341,7 @@ impl Body {
             Body::SeqLeaseRequest { .. } => "SeqLeaseRequest",
             Body::SeqLeaseGranted { .. } => "SeqLeaseGranted",
             Body::Takeover(_) => "Takeover",
+            Body::Acquire(_) => "Acquire",
         }
     }
 
@@ -364,6 +372,7 @@ impl Body {
             Body::SeqLeaseRequest { .. } => topic::ESP_LEASE,
             Body::SeqLeaseGranted { .. } => topic::HA_LEASE,
             Body::Takeover(_) => topic::HA_TAKEOVER,
+            Body::Acquire(_) => topic::ESP_ACQUIRE,
         }
     }
 
@@ -403,6 +412,7 @@ impl Body {
             | Body::SeqLeaseRequest { .. }
             | Body::SeqLeaseGranted { .. }
             | Body::Takeover(_)
+            | Body::Acquire(_)
             | Body::EspSeq { .. }
             | Body::EspExpire(_)
             | Body::ProbeRequest { .. }
@@ -674,6 +684,27 @@ pub struct SaExpiry {
     pub hard: bool,
     /// bytes, packets, time or seq_space.
     pub reason: String,
+    /// Packets the SA carried in both directions since it was installed (0: idle, the
+    /// `keepalive disable` test of a soft expiry). Added after the first schema-1 records:
+    /// absent (0) in events from older espds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub packets: u64,
+}
+
+/// Outbound traffic that found no SA (`esp.acquire`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AcquireInfo {
+    /// The phase1 whose TUN device the packet was routed to.
+    pub phase1: String,
+    /// The phase2 of that phase1 whose selectors hold the packet's addresses (first in
+    /// configuration order); empty when none does.
+    pub phase2: String,
+    /// Inner source and destination of the latest such packet (IPv4 literals).
+    pub src: String,
+    pub dst: String,
+    /// Packets dropped for want of an SA on this device since espd's previous `Acquire`
+    /// for it.
+    pub dropped: u64,
 }
 
 #[cfg(test)]

@@ -59,6 +59,13 @@ pub struct Espd {
     seq_published: BTreeMap<String, u64>,
     /// HA sequence leases through hasyncd.
     ha: crate::ha::HaLeases,
+    /// Paces `esp.acquire` (outbound traffic without an SA).
+    acquire: crate::acquire::AcquirePacer,
+    /// `esp.acquire` events published (`espd_acquires_total`).
+    acquires: u64,
+    /// Static phase1s that wait for traffic (`auto-negotiate disable`, no `passive-mode`):
+    /// their TUN device exists before the first SA, for ikemgr's routes.
+    waiting_for_traffic: BTreeSet<String>,
 }
 
 fn limit_name(k: LimitKind) -> &'static str {
@@ -103,6 +110,9 @@ impl Espd {
             activity_seen: BTreeMap::new(),
             seq_published: BTreeMap::new(),
             ha: crate::ha::HaLeases::default(),
+            acquire: Default::default(),
+            acquires: 0,
+            waiting_for_traffic: BTreeSet::new(),
             ticks: 0,
         }
     }
@@ -286,6 +296,14 @@ impl Espd {
             }
         }
         if let Some(dp) = self.dp.as_mut() {
+            for p1 in &self.waiting_for_traffic {
+                if !self.tunnel_records.values().any(|p| p == p1) {
+                    continue;
+                }
+                if let Err(e) = dp.ensure_device(p1) {
+                    tracing::warn!("{p1}: cannot open the TUN device for its routes: {e}");
+                }
+            }
             let keep: BTreeSet<String> = self.tunnel_records.values().cloned().collect();
             dp.prune_devices(&keep);
         }
@@ -362,6 +380,7 @@ impl Espd {
                     spi_in: sa.spi_in,
                     hard: is_hard,
                     reason: limit_name(kind).to_string(),
+                    packets: sa.rx.get().packets.saturating_add(sa.tx.get().packets),
                 }));
                 if is_hard {
                     hard.push(k.clone());
@@ -427,6 +446,27 @@ impl Espd {
         }
     }
 
+    /// Turns the devices' notes of outbound packets without an SA into paced
+    /// `esp.acquire` events (see [`crate::acquire`]).
+    fn publish_acquires(&mut self, out: &mut Outbox) {
+        let Some(dp) = self.dp.as_ref() else { return };
+        let now = Instant::now();
+        for (phase1, dev) in dp.devices() {
+            let (packet, dropped) = dev.acquire.take();
+            if let Some(a) = self.acquire.offer(now, phase1, packet, dropped) {
+                tracing::info!(
+                    "{phase1}: no SA for {} -> {} (phase2 {:?}), {} packets dropped: acquire",
+                    a.src,
+                    a.dst,
+                    a.phase2,
+                    a.dropped
+                );
+                self.acquires += 1;
+                out.push(Body::Acquire(a));
+            }
+        }
+    }
+
     fn export_metrics(&self) {
         let installed = self.dp.as_ref().map(|d| d.sas().len()).unwrap_or(0);
         metrics::gauge!("espd_sas").set(installed as f64);
@@ -448,6 +488,7 @@ impl Espd {
                 .unwrap_or(0);
             metrics::counter!("espd_drops_total", "reason" => *label).absolute(v);
         }
+        metrics::counter!("espd_acquires_total").absolute(self.acquires);
         metrics::counter!("espd_nat_keepalives_total")
             .absolute(s.keepalives.load(Ordering::Relaxed));
         metrics::counter!("espd_ike_relayed_total", "direction" => "in")
@@ -598,6 +639,7 @@ impl Espd {
             },
             "tunnels": list,
             "drops": drops,
+            "acquires": self.acquires,
             "nat_keepalives": self.dp.as_ref().map(|d| d.shared().keepalives.load(Ordering::Relaxed)).unwrap_or(0),
             "failed": self.failed,
         })
@@ -618,6 +660,11 @@ fn describe_metrics() {
         "Inner (plaintext) bytes carried, by direction"
     );
     describe_counter!("espd_drops_total", Unit::Count, "Packets dropped, by reason (truncated, unknown_spi, replay, icv, padding, inner_header, selector, no_sa, ...)");
+    describe_counter!(
+        "espd_acquires_total",
+        Unit::Count,
+        "esp.acquire events sent to ikemgr (outbound traffic without an SA; at most one per phase2 per second; the packets are counted in espd_drops_total{reason=no_sa})"
+    );
     describe_counter!(
         "espd_nat_keepalives_total",
         Unit::Count,
@@ -677,6 +724,15 @@ impl DaemonLogic for Espd {
 
     fn on_config(&mut self, config: &Config, _out: &mut Outbox) {
         self.ha.on_config(config, self.dp.as_mut());
+        self.acquire.set_config(config);
+        self.waiting_for_traffic = config
+            .phase1
+            .iter()
+            .filter(|p| {
+                p.kind != haven_config::Phase1Type::Dynamic && !p.auto_negotiate && !p.passive_mode
+            })
+            .map(|p| p.name.clone())
+            .collect();
         // Own UDP 4500 and raw ESP from the start: IKE that floats to 4500 (NAT-T, RFC 3948)
         // reaches ikemgr through this datapath before any SA exists. A failure is retried
         // with the first SA.
@@ -742,6 +798,7 @@ impl DaemonLogic for Espd {
                             spi_in: i.spi_in,
                             hard: true,
                             reason: "flush".into(),
+                            packets: 0,
                         }));
                     }
                     self.dead.insert(k.clone());
@@ -759,6 +816,7 @@ impl DaemonLogic for Espd {
 
     fn tick(&mut self, _now_ns: u64, out: &mut Outbox) {
         self.publish_activity(out);
+        self.publish_acquires(out);
         // Every tick: a volume limit can be reached within a second at full rate.
         self.poll_lifetimes(out);
         self.ha.requests(self.dp.as_ref(), out);

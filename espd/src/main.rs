@@ -22,6 +22,7 @@
 //! Layout: `logic` is the control side run by the daemon shell's actor; `datapath` is the
 //! IO (threads, sockets, TUN) it drives.
 
+mod acquire;
 mod datapath;
 mod ha;
 mod logic;

@@ -267,6 +267,26 @@ impl Datapath {
         self.publish();
     }
 
+    /// Opens (or re-attaches to) the TUN device of `phase1` before it has an SA, so that
+    /// routes through it can exist while the tunnel waits for traffic (traffic-triggered
+    /// negotiation). Its MTU fits the largest ESP overhead of any transform. Kept while
+    /// `phase1` is in [`Datapath::prune_devices`]'s `keep` set.
+    pub fn ensure_device(&mut self, phase1: &str) -> Result<(), DatapathError> {
+        if self.devices.contains_key(phase1) {
+            return Ok(());
+        }
+        let widest = Transform::all()
+            .into_iter()
+            .max_by_key(|t| t.max_overhead())
+            .ok_or_else(|| DatapathError::BadSa {
+                key: phase1.to_string(),
+                reason: "no transform".into(),
+            })?;
+        self.device(phase1, widest)?;
+        self.publish();
+        Ok(())
+    }
+
     fn device(&mut self, phase1: &str, transform: Transform) -> Result<Arc<TunDev>, DatapathError> {
         if let Some(d) = self.devices.get(phase1) {
             return Ok(d.clone());

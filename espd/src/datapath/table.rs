@@ -150,6 +150,52 @@ pub const DROP_ENCAP: usize = DROP_SELECTOR + 7;
 /// Number of drop reasons.
 pub const NUM_DROPS: usize = DROP_SELECTOR + 8;
 
+/// Outbound packets of one TUN device that found no SA, for traffic-triggered negotiation
+/// (`esp.acquire`): a count and the addresses of one such packet, written by the workers
+/// (two relaxed atomic operations per dropped packet, no allocation) and taken by the
+/// control side every tick, which paces what it publishes.
+#[derive(Default, Debug)]
+pub struct AcquireSlot {
+    /// Packets dropped for want of an SA since the last [`AcquireSlot::take`].
+    dropped: AtomicU64,
+    /// Inner IPv4 source (high 32 bits) and destination (low 32 bits) of the first such
+    /// packet since the last take; 0 when none is noted (0.0.0.0 -> 0.0.0.0 is no packet
+    /// a route sends here).
+    addrs: AtomicU64,
+}
+
+impl AcquireSlot {
+    /// Notes one packet without an SA (IPv6 is counted, not noted).
+    #[inline]
+    pub fn note(&self, src: IpAddr, dst: IpAddr) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+            let packed = (u64::from(u32::from(s)) << 32) | u64::from(u32::from(d));
+            if self.addrs.load(Ordering::Relaxed) == 0 {
+                // One packet's pair wins; the others of this tick only count.
+                let _ =
+                    self.addrs
+                        .compare_exchange(0, packed, Ordering::Relaxed, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The noted packet's (source, destination), if any, and the packets dropped since the
+    /// previous take; resets both.
+    pub fn take(&self) -> (Option<(Ipv4Addr, Ipv4Addr)>, u64) {
+        let packed = self.addrs.swap(0, Ordering::Relaxed);
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        // Truncating casts pick the two halves of the packed pair.
+        let pair = (packed != 0).then(|| {
+            (
+                Ipv4Addr::from((packed >> 32) as u32),
+                Ipv4Addr::from(packed as u32),
+            )
+        });
+        (pair, dropped)
+    }
+}
+
 /// Counters updated by the workers (relaxed atomics), read by the control side.
 #[derive(Default, Debug)]
 pub struct DirCounters {
@@ -443,6 +489,28 @@ mod tests {
         for bad in ["10.0.0.0/33", "x/8", "", "10.0.0.0/", "::/129"] {
             assert_eq!(Cidr::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn acquire_slot_keeps_one_pair_and_counts_every_packet() {
+        let slot = AcquireSlot::default();
+        assert_eq!(slot.take(), (None, 0));
+        slot.note(ip("10.0.2.1"), ip("10.0.1.7"));
+        slot.note(ip("10.0.2.1"), ip("10.0.1.8"));
+        slot.note(ip("::1"), ip("::2"));
+        assert_eq!(
+            slot.take(),
+            (
+                Some(("10.0.2.1".parse().unwrap(), "10.0.1.7".parse().unwrap())),
+                3
+            )
+        );
+        assert_eq!(slot.take(), (None, 0));
+        slot.note(ip("10.0.2.1"), ip("10.0.1.8"));
+        assert_eq!(
+            slot.take().0.map(|p| p.1),
+            Some("10.0.1.8".parse().unwrap())
+        );
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct TunDev {
     name: String,
     fd: OwnedFd,
     mtu: u32,
+    /// Outbound packets that found no SA on this device (for `esp.acquire`).
+    pub acquire: super::table::AcquireSlot,
 }
 
 impl TunDev {
@@ -107,6 +109,7 @@ impl TunDev {
         }
         let dev = TunDev {
             name: name.to_string(),
+            acquire: Default::default(),
             fd,
             mtu,
         };

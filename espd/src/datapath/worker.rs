@@ -428,6 +428,7 @@ fn encap_one(
     };
     let Some(sa) = dev.lookup(src, dst) else {
         shared.count_drop(DROP_NO_SA);
+        dev.tun.acquire.note(src, dst);
         return;
     };
     let fail = |reason: usize| {
