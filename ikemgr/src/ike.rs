@@ -43,6 +43,7 @@ use serde_json::{json, Value};
 
 mod ha;
 mod lifecycle;
+mod traffic;
 
 /// IKE header: SPIi (8), SPIr (8), next payload, version, exchange type, flags, message ID
 /// (RFC 7296 §3.1).
@@ -104,6 +105,8 @@ struct Gateway {
     dpd_action: DpdAction,
     /// `monitor`: the primary phase1 this one backs up.
     monitor: Option<String>,
+    /// Per phase2 (CHILD SA policy index), the knobs of seed 002 ([`traffic`]).
+    p2: Vec<traffic::Phase2Knobs>,
 }
 
 struct Entry {
@@ -156,6 +159,8 @@ pub struct IkeManager {
     sa_configs: HashMap<(String, IpAddr), Arc<IkeConfig>>,
     /// Backoff, holds after dead verdicts, backup peers ([`lifecycle`]).
     life: lifecycle::Lifecycle,
+    /// Traffic-triggered negotiation: kept routes, requested CHILD SAs ([`traffic`]).
+    traffic: traffic::Traffic,
 }
 
 /// Certificate material for `authmethod signature` phase1s, read by the driver (this
@@ -359,6 +364,13 @@ fn gateway_of(
             lifetime: Duration::from_secs(u64::from(p2.keylifeseconds)),
         });
     }
+    let p2_knobs = traffic::knobs_of(&all_p2);
+    c.driver_rekeys = p2_knobs
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| !k.keepalive)
+        .map(|(i, _)| i)
+        .collect();
     // Rekey margins scaled for short lifetimes (the minimum keylife is 120 s).
     let shortest = c
         .more_children
@@ -394,6 +406,7 @@ fn gateway_of(
         passive: p.passive_mode,
         dpd_action: lifecycle::dpd_action_of(p),
         monitor: p.monitor.clone().filter(|m| !m.is_empty()),
+        p2: p2_knobs,
     })
 }
 
@@ -484,6 +497,7 @@ impl IkeManager {
             timer_of: HashMap::new(),
             sa_configs: HashMap::new(),
             life: lifecycle::Lifecycle::default(),
+            traffic: traffic::Traffic::default(),
         }
     }
 
@@ -511,6 +525,7 @@ impl IkeManager {
         self.gateways = gws;
         self.sa_configs.clear();
         self.life_retain();
+        self.traffic_config();
         let orphans: Vec<u64> = self
             .sas
             .iter()
@@ -531,7 +546,10 @@ impl IkeManager {
     pub fn initiate_pending(&self, now: Instant) -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
         self.gateways
             .values()
-            .filter(|g| (g.initiate || self.wanted.contains(&g.name)) && !self.ha.standby())
+            .filter(|g| {
+                (g.initiate || self.wanted.contains(&g.name) || self.traffic_wants(&g.name))
+                    && !self.ha.standby()
+            })
             .filter(|g| !self.sas.values().any(|e| e.gateway == g.name))
             .filter(|g| self.retry_at.get(&g.name).is_none_or(|t| *t <= now))
             .filter(|g| self.life_may_initiate(g))
@@ -637,6 +655,7 @@ impl IkeManager {
             Ok(sa) => {
                 let id = self.insert(&g, sa, now, None);
                 self.life_initiated(id);
+                self.traffic_initiated(id, &g.name);
                 tracing::debug!("ike 0:{}:{id}: initiating IKE SA to {remote}", g.name);
             }
             Err(e) => tracing::warn!("ike 0:{}: cannot initiate: {e}", g.name),
@@ -929,7 +948,19 @@ impl IkeManager {
     /// espd reports that CHILD SA `spi_in` of `tunnel` reached a lifetime limit: rekey it
     /// (soft: before the hard limit; hard: espd no longer carries it, so replace it now).
     /// A rekey already under way is not started twice.
-    pub fn esp_expired(&mut self, now: Instant, tunnel: &str, spi_in: u32, hard: bool, why: &str) {
+    ///
+    /// `packets` is what the SA carried in both directions since it was installed: a CHILD
+    /// SA of a phase2 with `keepalive disable` that carried nothing is not rekeyed (it
+    /// expires at its hard lifetime; traffic brings a new one, [`traffic`]).
+    pub fn esp_expired(
+        &mut self,
+        now: Instant,
+        tunnel: &str,
+        spi_in: u32,
+        hard: bool,
+        why: &str,
+        packets: u64,
+    ) {
         let Some(id) = self
             .sas
             .iter()
@@ -938,6 +969,13 @@ impl IkeManager {
         else {
             return;
         };
+        if why != "flush" && packets == 0 && !self.keepalive_of(id, spi_in) {
+            tracing::info!(
+                "ike 0:{tunnel}:{id}: CHILD SA {spi_in:08x} {} lifetime reached, idle since it was installed (keepalive disable): not rekeyed, it expires at its hard lifetime",
+                if hard { "hard" } else { "soft" }
+            );
+            return;
+        }
         if let Some(e) = self.sas.get_mut(&id) {
             tracing::info!(
                 "ike 0:{tunnel}:{id}: CHILD SA {spi_in:08x} {} lifetime reached ({why}), rekeying",
@@ -1022,6 +1060,9 @@ impl IkeManager {
         phase1: Option<&str>,
     ) -> Result<CommandOutcome, String> {
         let (gw, policy) = self.find_phase2(phase2, phase1)?;
+        self.traffic
+            .parked
+            .remove(&(gw.clone(), phase2.to_string()));
         let mut out = CommandOutcome::default();
         let ids: Vec<u64> = self
             .sas
@@ -1075,6 +1116,7 @@ impl IkeManager {
     ) -> Result<CommandOutcome, String> {
         let (gw, _) = self.find_phase2(phase2, phase1)?;
         self.wanted.remove(&gw);
+        self.traffic.parked.insert((gw.clone(), phase2.to_string()));
         let mut out = CommandOutcome::default();
         for (spi, id) in self.child_spis_of(&gw, phase2) {
             if let Some(e) = self.sas.get_mut(&id) {
@@ -1247,6 +1289,7 @@ impl IkeManager {
                     encr_label(info.suite.encr)
                 );
                 self.retry_at.remove(&g.name);
+                self.traffic.started.remove(&id);
                 self.half_open_done(id);
                 if !g.dynamic {
                     self.life_established(now, id, &g.name, addrs.remote.ip());
@@ -1263,8 +1306,15 @@ impl IkeManager {
                 inbound_spi,
                 reason,
                 ..
-            } => self.child_down(id, &g, inbound_spi, reason),
+            } => {
+                let phase2 = e.children.get(&inbound_spi).map(|c| c.phase2.clone());
+                self.child_down(id, &g, inbound_spi, reason);
+                if let Some(p2) = phase2 {
+                    self.traffic_child_gone(now, id, &g, &p2, reason);
+                }
+            }
             Event::ChildSaFailed { notify } => {
+                self.traffic.asked.retain(|(i, _)| *i != id);
                 tracing::info!(
                     "ike 0:{}:{id}: CHILD SA negotiation failed: {notify:?}",
                     e.name
@@ -1334,6 +1384,7 @@ impl IkeManager {
     }
 
     fn child_up(&mut self, id: u64, g: &Gateway, c: &ike_proto::ChildSaInfo) {
+        self.traffic.asked.remove(&(id, c.policy));
         let Some(e) = self.sas.get_mut(&id) else {
             return;
         };
@@ -1380,7 +1431,13 @@ impl IkeManager {
             },
             local_ts: ts_cidrs(&c.local_ts),
             remote_ts: ts_cidrs(&c.remote_ts),
-            replay_window: REPLAY_WINDOW,
+            // `replay disable`: espd skips the anti-replay check (RFC 4303 §3.4.3 lets the
+            // receiver choose), still counting the packets.
+            replay_window: if g.p2.get(c.policy).is_none_or(|k| k.replay) {
+                REPLAY_WINDOW
+            } else {
+                0
+            },
             // espd enforces the limits and reports the soft ones (`EspExpire`), which start
             // a rekey here (see `esp_expired`); ike-proto's own timer rekeys at the same
             // soft time. Volume: soft at 7/8 of `keylifekbs`.
@@ -1431,6 +1488,7 @@ impl IkeManager {
     }
 
     fn child_down(&mut self, id: u64, g: &Gateway, spi: u32, reason: DeleteReason) {
+        let keep_routes = traffic::keeps_routes_of_lost_child(g, reason);
         let Some(e) = self.sas.get_mut(&id) else {
             return;
         };
@@ -1444,7 +1502,7 @@ impl IkeManager {
                 spi_in: spi,
             });
         }
-        if reason != DeleteReason::Rekeyed {
+        if reason != DeleteReason::Rekeyed && !keep_routes {
             // Routes that no remaining CHILD SA (of any phase2) still covers go.
             let kept: Vec<String> = e
                 .children
@@ -1500,7 +1558,9 @@ impl IkeManager {
         let dev = g
             .map(|g| g.name.clone())
             .unwrap_or_else(|| e.gateway.clone());
-        for dest in e.routes {
+        self.traffic.asked.retain(|(i, _)| *i != id);
+        let routes = self.traffic.keep_routes(g, why, e.routes);
+        for dest in routes {
             tracing::debug!("ike 0:{}:{id}: del route {dest} oif {dev}", e.gateway);
             self.routes.push_back(RouteOp::Del {
                 dest,
@@ -1510,6 +1570,7 @@ impl IkeManager {
         self.ha.removed(id, &mut self.bodies);
         if let Some(g) = g.filter(|g| !g.dynamic).cloned() {
             let next = self.life_gone(now, id, &g, e.info.is_some());
+            self.traffic_attempt_over(id, &g, e.info.is_some());
             self.retry_at.insert(g.name.clone(), next);
         }
         let g = self.gateways.get(&e.gateway);

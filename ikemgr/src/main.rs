@@ -357,7 +357,19 @@ impl DaemonLogic for Ikemgr {
             self.wake();
         }
         if let (DaemonKind::Espd, Body::EspExpire(x)) = (src, body) {
-            io::lock(&self.ike).esp_expired(Instant::now(), &x.tunnel, x.spi_in, x.hard, &x.reason);
+            io::lock(&self.ike).esp_expired(
+                Instant::now(),
+                &x.tunnel,
+                x.spi_in,
+                x.hard,
+                &x.reason,
+                x.packets,
+            );
+            self.drain(out);
+            self.wake();
+        }
+        if let (DaemonKind::Espd, Body::Acquire(a)) = (src, body) {
+            io::lock(&self.ike).acquire(Instant::now(), a);
             self.drain(out);
             self.wake();
         }
@@ -493,7 +505,14 @@ fn export_drop_metrics(ike: &ike::IkeManager) {
             "ikemgr_cookies_invalid_total",
             "IKE_SA_INIT requests refused for a missing or wrong COOKIE."
         );
+        metrics::describe_counter!(
+            "ikemgr_acquires_total",
+            "espd's esp.acquire (traffic without an SA) handled, by outcome: child, initiate, or why nothing was done."
+        );
     });
+    for (outcome, n) in ike.acquire_counts() {
+        metrics::counter!("ikemgr_acquires_total", "outcome" => *outcome).absolute(*n);
+    }
     for (reason, n) in ike.drops() {
         metrics::counter!("ikemgr_drops_total", "reason" => *reason).absolute(*n);
     }

@@ -205,6 +205,11 @@ pub struct IkeConfig {
     /// with a certificate that chains to the trusted CAs and names its ID;
     /// `psk` is then unused. When None, both sides use the PSK.
     pub cert: Option<Arc<crate::cert::CertAuth>>,
+    /// Policies (phase2 indexes) whose CHILD SAs this SA does not rekey at their soft
+    /// lifetime by itself: the driver decides with [`IkeSa::rekey_child`] (FortiOS
+    /// `keepalive disable`: only an SA that carried traffic is rekeyed). They are still
+    /// deleted at their hard lifetime.
+    pub driver_rekeys: Vec<usize>,
 }
 
 /// What one CHILD SA negotiates (one FortiOS phase2-interface).
@@ -264,6 +269,7 @@ impl IkeConfig {
             nat_traversal: NatTraversal::Enable,
             more_children: Vec::new(),
             cert: None,
+            driver_rekeys: Vec::new(),
         }
     }
 
@@ -1479,7 +1485,7 @@ impl IkeSa {
                 add(self.ike_soft);
             }
             for c in &self.children {
-                if !c.rekeying && !c.replaced {
+                if !c.rekeying && !c.replaced && !self.cfg.driver_rekeys.contains(&c.info.policy) {
                     add(Some(c.soft));
                 }
                 add(Some(c.hard));
@@ -1898,7 +1904,11 @@ impl IkeSa {
         for c in &mut self.children {
             if c.hard <= now {
                 expired.push(c.info.inbound_spi);
-            } else if c.soft <= now && !c.rekeying && !c.replaced {
+            } else if c.soft <= now
+                && !c.rekeying
+                && !c.replaced
+                && !self.cfg.driver_rekeys.contains(&c.info.policy)
+            {
                 c.rekeying = true;
                 self.pending
                     .push_back(Request::RekeyChild(c.info.inbound_spi));

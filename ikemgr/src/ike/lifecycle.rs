@@ -236,6 +236,21 @@ impl IkeManager {
         self.life.since.retain(|k, _| gws.contains_key(k));
     }
 
+    /// True while the gateway is held after a dead verdict.
+    pub(super) fn life_is_held(&self, gateway: &str) -> bool {
+        self.life.held.contains(gateway)
+    }
+
+    /// Hook from traffic-triggered negotiation ([`super::traffic`]): `hold` ends for one
+    /// attempt (`release`) or starts again after that attempt failed.
+    pub(super) fn life_set_held(&mut self, gateway: &str, held: bool) {
+        if held {
+            self.life.held.insert(gateway.to_string());
+        } else {
+            self.life.held.remove(gateway);
+        }
+    }
+
     /// Hook from `tunnel_up`: the operator asked for the tunnel; a hold ends.
     pub(super) fn life_release(&mut self, gateway: &str) {
         self.life.held.remove(gateway);
@@ -281,6 +296,7 @@ impl IkeManager {
                     "next_attempt_secs": self.retry_at.get(&g.name)
                         .filter(|_| state == "waiting")
                         .map(|t| t.saturating_duration_since(now).as_secs()),
+                    "trap_routes": self.trap_routes(&g.name),
                     "since_secs": self.life.since.get(&g.name)
                         .map(|t| now.saturating_duration_since(*t).as_secs()),
                 })

@@ -1360,6 +1360,61 @@ fn soft_lifetime_rekeys_the_child_and_ike_sa() {
     )));
 }
 
+/// `driver_rekeys` (FortiOS `keepalive disable`): the SA does not rekey that policy's CHILD
+/// SA at its soft lifetime by itself; at the hard lifetime it deletes it and tells the peer,
+/// and the IKE SA stays.
+#[test]
+fn driver_rekeyed_child_expires_at_its_hard_lifetime_and_the_peer_sees_the_delete() {
+    let mut a = cfg(
+        b"k",
+        "a.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    a.child_lifetime = Duration::from_secs(600);
+    a.ike_lifetime = Duration::from_secs(7200);
+    a.driver_rekeys = vec![0];
+    let mut b = cfg(
+        b"k",
+        "b.example",
+        "aes128gcm-prfsha256",
+        "19",
+        "aes128gcm",
+        "",
+    );
+    b.child_lifetime = Duration::from_secs(3600);
+    b.ike_lifetime = Duration::from_secs(7200);
+    let mut p = Pair::new(a, b);
+    p.settle();
+    let first = p.a.child_spis();
+    assert_eq!(first.len(), 1);
+    // Past the soft lifetime (570 s at most), before the hard one: untouched.
+    p.run(Duration::from_secs(590));
+    // Another timer may wake the SA between the soft and the hard lifetime.
+    let woken = p.now + Duration::from_secs(590);
+    p.a.handle_timeout(woken);
+    p.run(Duration::from_secs(1));
+    assert_eq!(p.a.child_spis(), first, "rekeyed without the driver");
+    // `run` advances the clock only as far as timers fire: 700 s from the same start.
+    p.run(Duration::from_secs(700));
+    assert!(p.a.is_established());
+    assert!(p.a.child_spis().is_empty(), "{:?}", p.a.child_spis());
+    assert!(p.b().child_spis().is_empty(), "the peer kept its CHILD SA");
+    assert!(p.ev_a.iter().any(|e| matches!(
+        e,
+        Event::ChildSaDeleted {
+            reason: DeleteReason::Expired,
+            ..
+        }
+    )));
+    // The driver may still rekey by hand, and create the CHILD SA again.
+    p.a.create_child_for(p.now, 0).expect("create again");
+    p.settle();
+    assert_eq!(p.a.child_spis().len(), 1);
+}
+
 #[test]
 fn garbage_and_forgeries_change_nothing() {
     let mut p = established("aes128-sha1", "14", "aes128-sha1");
