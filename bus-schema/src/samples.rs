@@ -149,6 +149,13 @@ pub fn bodies() -> Vec<Body> {
                 seq_hw: 1 << 20,
             }],
         }),
+        Body::UnknownSaTraffic(UnknownSaTraffic {
+            esp_spis: vec![0xa575_b631],
+            ike_spis: vec![IkeSpis {
+                spi_i: 0x8745_8c81_a3be_17f9,
+                spi_r: 0xc8db_7d3f_2c70_e638,
+            }],
+        }),
     ]
 }
 

@@ -136,6 +136,7 @@ pub mod topic {
     pub const ESP_LEASE: &str = "esp.lease";
     pub const HA_LEASE: &str = "ha.lease";
     pub const HA_TAKEOVER: &str = "ha.takeover";
+    pub const SA_UNKNOWN: &str = "sa.unknown";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -163,6 +164,7 @@ pub mod topic {
         ESP_LEASE,
         HA_LEASE,
         HA_TAKEOVER,
+        SA_UNKNOWN,
     ];
 }
 
@@ -269,6 +271,11 @@ pub enum Body {
     /// record and installs its CHILD SAs with outbound sequence numbers from `start_seqs`
     /// (event; repeated until ikemgr publishes the IKE SA itself).
     Takeover(TakeoverInfo),
+    /// espd or ikemgr: traffic arrived for SAs this member does not carry (event): ESP with
+    /// unknown inbound SPIs (espd), IKE requests for unknown IKE SAs (ikemgr). An FGSP
+    /// member holding a standby copy of the tunnel promotes it: the upstream router moved
+    /// the tunnel here.
+    UnknownSaTraffic(UnknownSaTraffic),
 }
 
 /// What a body does to the replicated store.
@@ -305,6 +312,7 @@ impl Body {
         "SeqLeaseRequest",
         "SeqLeaseGranted",
         "Takeover",
+        "UnknownSaTraffic",
     ];
 
     /// The `type` tag of this body.
@@ -334,6 +342,7 @@ impl Body {
             Body::SeqLeaseRequest { .. } => "SeqLeaseRequest",
             Body::SeqLeaseGranted { .. } => "SeqLeaseGranted",
             Body::Takeover(_) => "Takeover",
+            Body::UnknownSaTraffic(_) => "UnknownSaTraffic",
         }
     }
 
@@ -364,6 +373,7 @@ impl Body {
             Body::SeqLeaseRequest { .. } => topic::ESP_LEASE,
             Body::SeqLeaseGranted { .. } => topic::HA_LEASE,
             Body::Takeover(_) => topic::HA_TAKEOVER,
+            Body::UnknownSaTraffic(_) => topic::SA_UNKNOWN,
         }
     }
 
@@ -407,7 +417,8 @@ impl Body {
             | Body::EspExpire(_)
             | Body::ProbeRequest { .. }
             | Body::ProbeResult { .. }
-            | Body::IkeActivity { .. } => None,
+            | Body::IkeActivity { .. }
+            | Body::UnknownSaTraffic(_) => None,
         }
     }
 }
@@ -655,6 +666,23 @@ pub struct TakeoverInfo {
     pub ike: IkeSaRecord,
     /// First outbound sequence number per outbound SPI (`seq_hw` = first number to send).
     pub start_seqs: Vec<SeqMark>,
+}
+
+/// Traffic for SAs this member does not carry (`sa.unknown`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct UnknownSaTraffic {
+    /// Inbound ESP SPIs with no installed SA (RFC 4303 §3.4.2), each reported at most once
+    /// per batch.
+    pub esp_spis: Vec<u32>,
+    /// IKE SAs (initiator SPI, responder SPI) a request arrived for (RFC 7296 §2.6).
+    pub ike_spis: Vec<IkeSpis>,
+}
+
+/// The SPI pair of an IKE SA.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IkeSpis {
+    pub spi_i: u64,
+    pub spi_r: u64,
 }
 
 /// Last authenticated IKE message from a tunnel's peer (`ike.activity`).
