@@ -157,6 +157,13 @@ pub fn bodies() -> Vec<Body> {
             dst: "10.99.1.2".into(),
             dropped: 3,
         }),
+        Body::UnknownSaTraffic(UnknownSaTraffic {
+            esp_spis: vec![0xa575_b631],
+            ike_spis: vec![IkeSpis {
+                spi_i: 0x8745_8c81_a3be_17f9,
+                spi_r: 0xc8db_7d3f_2c70_e638,
+            }],
+        }),
     ]
 }
 

@@ -137,6 +137,7 @@ pub mod topic {
     pub const HA_LEASE: &str = "ha.lease";
     pub const HA_TAKEOVER: &str = "ha.takeover";
     pub const ESP_ACQUIRE: &str = "esp.acquire";
+    pub const SA_UNKNOWN: &str = "sa.unknown";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -165,6 +166,7 @@ pub mod topic {
         HA_LEASE,
         HA_TAKEOVER,
         ESP_ACQUIRE,
+        SA_UNKNOWN,
     ];
 }
 
@@ -275,6 +277,11 @@ pub enum Body {
     /// (event; at most one per phase1 and phase2 per second, never one per packet): ikemgr
     /// negotiates the missing IKE or CHILD SA (traffic-triggered negotiation).
     Acquire(AcquireInfo),
+    /// espd or ikemgr: traffic arrived for SAs this member does not carry (event): ESP with
+    /// unknown inbound SPIs (espd), IKE requests for unknown IKE SAs (ikemgr). An FGSP
+    /// member holding a standby copy of the tunnel promotes it: the upstream router moved
+    /// the tunnel here.
+    UnknownSaTraffic(UnknownSaTraffic),
 }
 
 /// What a body does to the replicated store.
@@ -312,6 +319,7 @@ impl Body {
         "SeqLeaseGranted",
         "Takeover",
         "Acquire",
+        "UnknownSaTraffic",
     ];
 
     /// The `type` tag of this body.
@@ -342,6 +350,7 @@ impl Body {
             Body::SeqLeaseGranted { .. } => "SeqLeaseGranted",
             Body::Takeover(_) => "Takeover",
             Body::Acquire(_) => "Acquire",
+            Body::UnknownSaTraffic(_) => "UnknownSaTraffic",
         }
     }
 
@@ -373,6 +382,7 @@ impl Body {
             Body::SeqLeaseGranted { .. } => topic::HA_LEASE,
             Body::Takeover(_) => topic::HA_TAKEOVER,
             Body::Acquire(_) => topic::ESP_ACQUIRE,
+            Body::UnknownSaTraffic(_) => topic::SA_UNKNOWN,
         }
     }
 
@@ -417,7 +427,8 @@ impl Body {
             | Body::EspExpire(_)
             | Body::ProbeRequest { .. }
             | Body::ProbeResult { .. }
-            | Body::IkeActivity { .. } => None,
+            | Body::IkeActivity { .. }
+            | Body::UnknownSaTraffic(_) => None,
         }
     }
 }
@@ -665,6 +676,23 @@ pub struct TakeoverInfo {
     pub ike: IkeSaRecord,
     /// First outbound sequence number per outbound SPI (`seq_hw` = first number to send).
     pub start_seqs: Vec<SeqMark>,
+}
+
+/// Traffic for SAs this member does not carry (`sa.unknown`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct UnknownSaTraffic {
+    /// Inbound ESP SPIs with no installed SA (RFC 4303 §3.4.2), each reported at most once
+    /// per batch.
+    pub esp_spis: Vec<u32>,
+    /// IKE SAs (initiator SPI, responder SPI) a request arrived for (RFC 7296 §2.6).
+    pub ike_spis: Vec<IkeSpis>,
+}
+
+/// The SPI pair of an IKE SA.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IkeSpis {
+    pub spi_i: u64,
+    pub spi_r: u64,
 }
 
 /// Last authenticated IKE message from a tunnel's peer (`ike.activity`).

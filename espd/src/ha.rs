@@ -26,7 +26,20 @@ use crate::datapath::Datapath;
 #[derive(Default)]
 pub struct HaLeases {
     gating: bool,
+    /// Unknown inbound SPIs reported to hasyncd: SPI -> when (ms).
+    reported: std::collections::BTreeMap<u32, u64>,
+    /// When the last full (200 ms) tick ran, ms.
+    pub full_tick_ms: u64,
 }
+
+/// An unknown SPI is reported again after this long (hasyncd promotes once; a repeat covers
+/// a lost or refused promotion).
+const REPORT_AGAIN_MS: u64 = 250;
+/// At most this many SPIs are remembered as reported.
+const REPORTED_MAX: usize = 256;
+/// How often a cluster member looks for unknown SPIs (`DaemonLogic::poll_timeout`): the
+/// FGSP promotion latency when the upstream router moves a tunnel here.
+pub const UNKNOWN_SPI_POLL_MS: u64 = 10;
 
 impl HaLeases {
     /// Whether new SAs wait for hasyncd's lease.
@@ -57,6 +70,39 @@ impl HaLeases {
         if let Some(dp) = dp {
             dp.set_ha_gating(gating);
         }
+    }
+
+    /// In a cluster: ESP that arrived for SPIs with no SA since the last call goes to
+    /// hasyncd (`UnknownSaTraffic`), each SPI at most every [`REPORT_AGAIN_MS`]. An FGSP
+    /// member holding a standby copy of the tunnel promotes it (the upstream router moved the
+    /// tunnel here).
+    pub fn unknown_spis(&mut self, dp: Option<&Datapath>, now_ms: u64, out: &mut Vec<Body>) {
+        let Some(dp) = dp else { return };
+        let spis = dp.shared().unknown_spis.drain();
+        if !self.gating {
+            return;
+        }
+        self.reported
+            .retain(|_, at| now_ms.saturating_sub(*at) < REPORT_AGAIN_MS);
+        let fresh: Vec<u32> = spis
+            .into_iter()
+            .filter(|spi| !self.reported.contains_key(spi))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        for spi in &fresh {
+            if self.reported.len() < REPORTED_MAX {
+                self.reported.insert(*spi, now_ms);
+            }
+        }
+        tracing::debug!("HA: ESP for unknown SPIs {fresh:08x?} reported to hasyncd");
+        out.push(Body::UnknownSaTraffic(
+            bus_schema::schema::UnknownSaTraffic {
+                esp_spis: fresh,
+                ike_spis: Vec::new(),
+            },
+        ));
     }
 
     /// The open lease requests: gated SAs whose locally persisted mark is above the granted

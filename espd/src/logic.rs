@@ -814,7 +814,21 @@ impl DaemonLogic for Espd {
     /// Activity batches (for dpdmon) every 200 ms (DESIGN.md §3.4).
     const TICK_MS: u64 = 200;
 
-    fn tick(&mut self, _now_ns: u64, out: &mut Outbox) {
+    /// A cluster member also wakes every [`crate::ha::UNKNOWN_SPI_POLL_MS`] to report ESP
+    /// for unknown SPIs to hasyncd (FGSP promotion); the rest of the tick keeps its period.
+    fn poll_timeout(&self) -> Option<u64> {
+        self.ha
+            .gating()
+            .then(|| haven_daemon::now_ns() / 1_000_000 + crate::ha::UNKNOWN_SPI_POLL_MS)
+    }
+
+    fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
+        let now_ms = now_ns / 1_000_000;
+        self.ha.unknown_spis(self.dp.as_ref(), now_ms, out);
+        if now_ms.saturating_sub(self.ha.full_tick_ms) < Self::TICK_MS.saturating_sub(5) {
+            return;
+        }
+        self.ha.full_tick_ms = now_ms;
         self.publish_activity(out);
         self.publish_acquires(out);
         // Every tick: a volume limit can be reached within a second at full rate.

@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use std::collections::BTreeMap;
 
-use bus_schema::schema::{IkeSaRecord, SeqMark, TakeoverInfo};
-use ha_core::msg::{ChildSaSync, DeleteSync, HaRole, Heartbeat, IkeSaSync, KeyBytes};
+use bus_schema::schema::{IkeSaRecord, SeqMark, TakeoverInfo, UnknownSaTraffic};
+use ha_core::msg::{ChildSaSync, DeleteSync, HaRole, Heartbeat, IkeSaSync, KeyBytes, SeqLeaseAck};
 use ha_core::{
     ClusterKind, ElectionEvent, Fgcp, FgcpConfig, HaLink, LinkKey, Liveness, MemberId, Message,
     PeerEvent, TableMode, TunnelEvent, TunnelRole, TunnelTable,
@@ -102,6 +102,12 @@ pub struct Cluster {
     takeovers: Vec<TakeoverInfo>,
     /// Election events of the current drive, applied to `table` after the messages.
     election_events: Vec<ElectionEvent>,
+    /// Configured phase1 names (a tunnel's phase1 from its name, see [`phase1_of`]).
+    phase1_names: Vec<String>,
+    /// Tunnels another member took from this one (FGSP), for the daemon (drained by it).
+    demotions: Vec<String>,
+    /// Tunnel roles may have changed (FGSP table), for the daemon (reset by it).
+    pub roles_dirty: bool,
     /// The configuration blocks the links were started from.
     started_from: (
         Option<haven_config::Ha>,
@@ -263,9 +269,15 @@ impl Cluster {
             }
         });
         let role = if fgcp.is_some() { 0.0 } else { -1.0 };
-        let table = fgcp
-            .as_ref()
-            .map(|s| TunnelTable::with_mode(s.fgcp.config().me, TableMode::Fgcp));
+        // FGCP: the election decides who carries the tunnels. FGSP alone: each tunnel is
+        // owned by one member and moves on traffic or on its owner's death. (An FGSP peer
+        // that is an FGCP cluster runs the FGCP table only: per-tunnel FGSP ownership
+        // between clusters is not done yet.)
+        let table = match (&fgcp, &fgsp) {
+            (Some(s), _) => Some(TunnelTable::with_mode(s.fgcp.config().me, TableMode::Fgcp)),
+            (None, Some(f)) => Some(TunnelTable::with_mode(f.me, TableMode::Fgsp)),
+            (None, None) => None,
+        };
         metrics::gauge!("hasyncd_role").set(role);
         // Gauges otherwise first set by an event: exported from the start so dashboards
         // show 0 instead of no data.
@@ -291,12 +303,16 @@ impl Cluster {
             grants: Vec::new(),
             takeovers: Vec::new(),
             election_events: Vec::new(),
+            phase1_names: config.phase1.iter().map(|p| p.name.clone()).collect(),
+            demotions: Vec::new(),
+            roles_dirty: true,
             started_from: (config.ha.clone(), config.standalone.clone()),
         }
     }
 
     /// Re-reads which phase1s are synced to FGSP peers (`fgsp-sync`).
     pub fn set_fgsp_sync(&mut self, config: &Config) {
+        self.phase1_names = config.phase1.iter().map(|p| p.name.clone()).collect();
         self.fgsp_sync = config
             .phase1
             .iter()
@@ -356,6 +372,7 @@ impl Cluster {
         let mut received: Vec<(MemberId, &'static str, Message)> = Vec::new();
         let mut resend_fgcp = false;
         let mut resend_fgsp = false;
+        let mut fgsp_events: Vec<PeerEvent> = Vec::new();
         if let Some(side) = self.fgcp.as_mut() {
             let before = side.fgcp.role();
             received.extend(
@@ -418,12 +435,24 @@ impl Cluster {
             } else if !speaks {
                 side.active = false;
             }
-            let (changed, msgs, joined) = side.drive(now_ms);
+            let (changed, msgs, joined, events) = side.drive(now_ms);
             if changed {
                 ch.peers_changed = true;
             }
             resend_fgsp |= joined;
             received.extend(msgs.into_iter().map(|(m, msg)| (m, "fgsp", msg)));
+            fgsp_events = events;
+        }
+        // FGSP table: peers that came up before their messages (as FGCP membership below).
+        if self.fgsp_mode() {
+            if let Some(t) = self.table.as_mut() {
+                for ev in &fgsp_events {
+                    if let PeerEvent::Up(m) = ev {
+                        t.peer_joined(*m);
+                        self.roles_dirty = true;
+                    }
+                }
+            }
         }
         // Membership first: a lease that arrives with a peer's first heartbeat must not be
         // marked stale by that peer's PeerJoined afterwards.
@@ -436,7 +465,30 @@ impl Cluster {
                 }
             }
         }
+        let fgsp_mode = self.fgsp_mode();
         for (from, link, msg) in received {
+            if link == "fgsp" && fgsp_mode {
+                // Only tunnels of phase1s with `fgsp-sync enable` here: others are neither
+                // kept nor taken over (seed 000's DC1_VM4); their leases are acknowledged
+                // without being stored, so the owner is never held up by this member.
+                let tunnel = msg_tunnel(&msg).map(str::to_string);
+                if let Some(tunnel) = tunnel.filter(|t| !self.syncs(t)) {
+                    if let Message::SeqLease(l) = &msg {
+                        let ack = Message::SeqLeaseAck(SeqLeaseAck {
+                            tunnel: l.tunnel.clone(),
+                            spi_out: l.spi_out,
+                            seq_hw: l.seq_hw,
+                        });
+                        self.send_fgsp(Some(from), &ack);
+                    }
+                    tracing::trace!("FGSP: {tunnel} is not synced here (fgsp-sync disable)");
+                    continue;
+                }
+                if let Some(t) = self.table.as_mut() {
+                    t.handle_message(from, &msg);
+                }
+                self.roles_dirty = true;
+            }
             if link == "fgcp" {
                 if let Some(t) = self.table.as_mut() {
                     t.handle_message(from, &msg);
@@ -444,6 +496,17 @@ impl Cluster {
             }
             self.apply(from, link, msg);
             metrics::gauge!("hasyncd_standby_child_sas").set(self.replicas.len() as f64);
+        }
+        if fgsp_mode {
+            if let Some(t) = self.table.as_mut() {
+                for ev in &fgsp_events {
+                    if let PeerEvent::Lost(m) = ev {
+                        // The successor (lowest live id) promotes the dead owner's tunnels.
+                        t.peer_lost(*m);
+                        self.roles_dirty = true;
+                    }
+                }
+            }
         }
         for ev in std::mem::take(&mut self.election_events) {
             let Some(t) = self.table.as_mut() else { break };
@@ -492,15 +555,19 @@ impl Cluster {
         }
         let mut out = Vec::new();
         while let Some(o) = t.poll_transmit() {
-            out.push(o.message);
+            out.push(o);
         }
         let mut events = Vec::new();
         while let Some(ev) = t.poll_event() {
             events.push(ev);
         }
-        if let Some(side) = self.fgcp.as_mut() {
-            for msg in &out {
-                match side.link.seal(msg) {
+        if self.fgsp_mode() {
+            for o in &out {
+                self.send_fgsp(o.to, &o.message);
+            }
+        } else if let Some(side) = self.fgcp.as_mut() {
+            for o in &out {
+                match side.link.seal(&o.message) {
                     Ok(d) => match side.sock.send_to(&d, side.dest) {
                         Ok(()) => count_sent("fgcp", d.len()),
                         Err(e) => tracing::warn!("lease send on {}: {e}", side.hbdev),
@@ -508,6 +575,10 @@ impl Cluster {
                     Err(e) => tracing::error!("lease seal: {e}"),
                 }
             }
+        }
+        let label = if self.fgsp_mode() { "FGSP" } else { "FGCP" };
+        if !events.is_empty() {
+            self.roles_dirty = true;
         }
         for ev in events {
             match ev {
@@ -527,12 +598,12 @@ impl Cluster {
                 } => {
                     let Some((from, ike)) = self.ike_replicas.get(&tunnel) else {
                         tracing::warn!(
-                            "FGCP: tunnel {tunnel} promoted ({reason:?}) without an IKE SA copy; not taken over"
+                            "{label}: tunnel {tunnel} promoted ({reason:?}) without an IKE SA copy; not taken over"
                         );
                         continue;
                     };
                     tracing::info!(
-                        "FGCP: taking over {tunnel} from member {} (IKE SA {:016x}/{:016x}, message IDs send/recv={}/{})",
+                        "{label}: taking over {tunnel} from member {} ({reason:?}; IKE SA {:016x}/{:016x}, message IDs send/recv={}/{})",
                         from.0,
                         ike.spi_i,
                         ike.spi_r,
@@ -541,7 +612,7 @@ impl Cluster {
                     );
                     for s in &start_seqs {
                         tracing::info!(
-                            "FGCP: {tunnel} outbound {:08x} starts at sequence {}{}",
+                            "{label}: {tunnel} outbound {:08x} starts at sequence {}{}",
                             s.spi_out,
                             s.first_seq,
                             if s.exact { "" } else { " (unsynced jump)" }
@@ -570,7 +641,8 @@ impl Cluster {
                     metrics::counter!("hasyncd_tunnel_takeovers_total").increment(1);
                 }
                 TunnelEvent::Demoted { tunnel, owner } => {
-                    tracing::info!("FGCP: {tunnel} is now carried by member {}", owner.0);
+                    tracing::info!("{label}: {tunnel} is now carried by member {}", owner.0);
+                    self.demotions.push(tunnel);
                 }
             }
         }
@@ -580,6 +652,10 @@ impl Cluster {
     /// once every live member acknowledged); without one there is nobody to sync to and
     /// they are granted at once.
     pub fn propose_leases(&mut self, sas: &[SeqMark], now_ms: u64) {
+        if self.fgsp_mode() {
+            self.propose_leases_fgsp(sas, now_ms);
+            return;
+        }
         let primary = self.fgcp_role() == Some(HaRole::Primary);
         let Some(t) = self.table.as_mut() else {
             self.grants.extend(sas.iter().cloned());
@@ -611,6 +687,138 @@ impl Cluster {
         self.run_table(now_ms);
     }
 
+    /// FGSP: a lease of a synced tunnel this member owns goes through the table; a tunnel
+    /// not synced (`fgsp-sync disable`) has nobody to sync to and is granted at once.
+    fn propose_leases_fgsp(&mut self, sas: &[SeqMark], now_ms: u64) {
+        for m in sas {
+            if !self.syncs(&m.tunnel) {
+                self.grants.push(m.clone());
+                continue;
+            }
+            let Some(t) = self.table.as_mut() else { return };
+            match t.role(&m.tunnel) {
+                // espd carries an SA ikemgr installed here before hasyncd saw it.
+                None => t.local_established(&m.tunnel),
+                Some(TunnelRole::SyncPrimary) => {}
+                Some(TunnelRole::Standby) => {
+                    // Another member took the tunnel: ikemgr drops it here.
+                    tracing::debug!("FGSP: lease for {} refused: carried elsewhere", m.tunnel);
+                    continue;
+                }
+            }
+            if !t.propose_lease(&m.tunnel, m.spi_out, m.seq_hw, now_ms) {
+                tracing::debug!("lease for {} {:08x} refused", m.tunnel, m.spi_out);
+            }
+        }
+        self.run_table(now_ms);
+    }
+
+    /// FGSP: traffic for SAs ikemgr/espd do not carry arrived here (espd's unknown SPIs,
+    /// ikemgr's IKE requests for unknown IKE SAs). A tunnel this member holds a standby copy
+    /// of is promoted: the upstream router moved it here. Returns the tunnels promoted.
+    pub fn unknown_traffic(&mut self, u: &UnknownSaTraffic, now_ms: u64) -> Vec<String> {
+        if !self.fgsp_mode() {
+            return Vec::new();
+        }
+        let mut tunnels: Vec<(String, String)> = Vec::new();
+        for spi in &u.esp_spis {
+            if let Some(r) = self.replicas.values().find(|r| r.sa.spi_in == *spi) {
+                tunnels.push((r.sa.tunnel.clone(), format!("ESP SPI {spi:08x}")));
+            }
+        }
+        for s in &u.ike_spis {
+            if let Some((_, r)) = self
+                .ike_replicas
+                .values()
+                .find(|(_, r)| (r.spi_i, r.spi_r) == (s.spi_i, s.spi_r))
+            {
+                tunnels.push((
+                    r.tunnel.clone(),
+                    format!("IKE SA {:016x}/{:016x}", s.spi_i, s.spi_r),
+                ));
+            }
+        }
+        let mut promoted = Vec::new();
+        for (tunnel, what) in tunnels {
+            if !self.ike_replicas.contains_key(&tunnel) || !self.syncs(&tunnel) {
+                continue;
+            }
+            let Some(t) = self.table.as_mut() else { break };
+            if t.traffic_for(&tunnel) {
+                tracing::info!(
+                    "FGSP: {what} of standby tunnel {tunnel} arrived here: promoting it"
+                );
+                metrics::counter!("hasyncd_traffic_promotions_total").increment(1);
+                promoted.push(tunnel);
+            }
+        }
+        if !promoted.is_empty() {
+            self.run_table(now_ms);
+        }
+        promoted
+    }
+
+    /// Tunnels another member took from this one since the last call.
+    pub fn take_demotions(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.demotions)
+    }
+
+    /// FGSP per-tunnel ownership is on: an FGSP link and no FGCP one.
+    pub fn fgsp_mode(&self) -> bool {
+        self.fgcp.is_none() && self.fgsp.is_some() && self.table.is_some()
+    }
+
+    /// FGSP: this member's role for `tunnel` in the ownership table, if it is there.
+    pub fn fgsp_role(&self, tunnel: &str) -> Option<TunnelRole> {
+        if !self.fgsp_mode() {
+            return None;
+        }
+        self.table.as_ref().and_then(|t| t.role(tunnel))
+    }
+
+    /// FGSP: every tunnel of the ownership table with this member's role.
+    pub fn fgsp_roles(&self) -> Vec<(String, TunnelRole)> {
+        if !self.fgsp_mode() {
+            return Vec::new();
+        }
+        self.table
+            .as_ref()
+            .map(|t| t.roles().map(|(n, r)| (n.to_string(), r)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether `tunnel`'s phase1 has `fgsp-sync enable` here.
+    fn syncs(&self, tunnel: &str) -> bool {
+        phase1_of(tunnel, &self.phase1_names).is_some_and(|p| self.fgsp_sync.contains(p))
+    }
+
+    /// Seals `msg` once and sends it to FGSP peer `to`, or to every peer.
+    fn send_fgsp(&mut self, to: Option<MemberId>, msg: &Message) {
+        let Some(side) = self.fgsp.as_mut().filter(|s| s.active) else {
+            return;
+        };
+        let d = match side.link.seal(msg) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("FGSP seal: {e}");
+                return;
+            }
+        };
+        let known = to.is_some_and(|m| side.peers.iter().any(|p| p.id == Some(m)));
+        for p in side.peers.iter_mut() {
+            if known && p.id != to {
+                continue;
+            }
+            match side.sock.send_to(&d, SocketAddr::V4(p.addr)) {
+                Ok(()) => {
+                    p.sync_sent += 1;
+                    count_sent("fgsp", d.len());
+                }
+                Err(e) => tracing::warn!("FGSP send to {}: {e}", p.addr),
+            }
+        }
+    }
+
     /// Leases granted since the last call.
     pub fn take_grants(&mut self) -> Vec<SeqMark> {
         std::mem::take(&mut self.grants)
@@ -630,6 +838,7 @@ impl Cluster {
                 msgs.push(Message::IkeSa(ike_sync(r)));
             }
         }
+        let mut gone = Vec::new();
         for (k, r) in &self.ike_local {
             if !now.contains_key(k) {
                 msgs.push(Message::Delete(DeleteSync::IkeSa {
@@ -637,6 +846,25 @@ impl Cluster {
                     spi_i: r.spi_i,
                     spi_r: r.spi_r,
                 }));
+                gone.push(r.tunnel.clone());
+            }
+        }
+        if self.fgsp_mode() {
+            // FGSP: the owner's tunnel is gone (DPD flush, delete, expiry): every member
+            // forgets it (seed 000's `HA send IKE SA del`). A member that lost the tunnel to
+            // another one says nothing (`send_sync` skips standby tunnels).
+            for tunnel in gone {
+                if self.fgsp_role(&tunnel) == Some(TunnelRole::SyncPrimary) {
+                    msgs.push(Message::Delete(DeleteSync::Tunnel {
+                        tunnel: tunnel.clone(),
+                    }));
+                    self.send_sync(&msgs, true, true);
+                    msgs.clear();
+                    if let Some(t) = self.table.as_mut() {
+                        t.handle_delete(&DeleteSync::Tunnel { tunnel });
+                    }
+                    self.roles_dirty = true;
+                }
             }
         }
         self.ike_local = now;
@@ -718,7 +946,9 @@ impl Cluster {
             }
         }
         let primary = self.fgcp_role() == Some(HaRole::Primary);
-        if let Some(t) = self.table.as_mut() {
+        if self.fgsp_mode() {
+            self.register_local_fgsp(&now);
+        } else if let Some(t) = self.table.as_mut() {
             let me = t.me();
             for sa in now.values() {
                 if !self
@@ -745,12 +975,54 @@ impl Cluster {
         self.send_sync(&msgs, true, true);
     }
 
+    /// FGSP: CHILD SAs of synced tunnels ikemgr carries here go into the ownership table (a
+    /// new tunnel is claimed); a tunnel the table gives to another member is left alone
+    /// (ikemgr drops it). Removed SAs are forgotten only while this member owns the tunnel,
+    /// so a demoted member keeps the new owner's marks.
+    fn register_local_fgsp(&mut self, now: &BTreeMap<String, ChildSaSync>) {
+        let synced: Vec<bool> = now.values().map(|sa| self.syncs(&sa.tunnel)).collect();
+        let Some(t) = self.table.as_mut() else { return };
+        let me = t.me();
+        for (sa, synced) in now.values().zip(synced) {
+            if !synced
+                || self
+                    .local
+                    .values()
+                    .any(|o| o.spi_out == sa.spi_out && o.tunnel == sa.tunnel)
+            {
+                continue;
+            }
+            match t.role(&sa.tunnel) {
+                None => {
+                    t.local_established(&sa.tunnel);
+                    self.roles_dirty = true;
+                }
+                Some(TunnelRole::SyncPrimary) => {}
+                Some(TunnelRole::Standby) => continue,
+            }
+            t.sa_added(me, &sa.tunnel, sa.spi_out);
+        }
+        for sa in self.local.values() {
+            if t.role(&sa.tunnel) == Some(TunnelRole::SyncPrimary)
+                && !now
+                    .values()
+                    .any(|n| n.spi_out == sa.spi_out && n.tunnel == sa.tunnel)
+            {
+                t.sa_removed(&sa.tunnel, sa.spi_out);
+            }
+        }
+    }
+
     fn send_sync(&mut self, msgs: &[Message], fgcp: bool, fgsp: bool) {
         let primary = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
         if !primary {
             return;
         }
         for msg in msgs {
+            // FGSP: only the tunnel's owner speaks for it.
+            if msg_tunnel(msg).is_some_and(|t| self.fgsp_role(t) == Some(TunnelRole::Standby)) {
+                continue;
+            }
             if fgcp {
                 if let Some(side) = self.fgcp.as_mut() {
                     match side.link.seal(msg) {
@@ -771,8 +1043,13 @@ impl Cluster {
                     .map(|sa| sa.phase1.clone()),
                 _ => None,
             };
-            // A deletion of a record no longer known locally goes to FGSP peers too.
-            let to_fgsp = phase1.is_none_or(|p| self.fgsp_sync.contains(&p));
+            // A deletion of a record no longer known locally goes to FGSP peers too (FGSP
+            // alone: only tunnels synced here).
+            let to_fgsp = if self.fgsp_mode() {
+                msg_tunnel(msg).is_none_or(|t| self.syncs(t))
+            } else {
+                phase1.is_none_or(|p| self.fgsp_sync.contains(&p))
+            };
             if fgsp && to_fgsp {
                 if let Some(side) = self.fgsp.as_mut().filter(|s| s.active) {
                     match side.link.seal(msg) {
@@ -923,6 +1200,40 @@ impl Cluster {
             "peers": peers,
         })
     }
+}
+
+/// The tunnel a sync message is about.
+fn msg_tunnel(msg: &Message) -> Option<&str> {
+    match msg {
+        Message::IkeSa(s) => Some(&s.tunnel),
+        Message::IkeMsgId(m) => Some(&m.tunnel),
+        Message::ChildSa(sa) => Some(&sa.tunnel),
+        Message::Delete(
+            DeleteSync::IkeSa { tunnel, .. }
+            | DeleteSync::ChildSa { tunnel, .. }
+            | DeleteSync::Tunnel { tunnel },
+        ) => Some(tunnel),
+        Message::SeqLease(l) => Some(&l.tunnel),
+        Message::SeqLeaseAck(a) => Some(&a.tunnel),
+        Message::Ownership(c) => Some(&c.tunnel),
+        Message::Heartbeat(_) | Message::SnapshotRequest(_) | Message::SnapshotChunk(_) => None,
+    }
+}
+
+/// The phase1 a tunnel belongs to: the phase1 itself, or a dial-up instance
+/// `<phase1>_<n>`; the longest matching name wins.
+pub fn phase1_of<'a>(tunnel: &str, phase1s: &'a [String]) -> Option<&'a str> {
+    phase1s
+        .iter()
+        .filter(|p| {
+            tunnel == p.as_str()
+                || tunnel
+                    .strip_prefix(p.as_str())
+                    .and_then(|rest| rest.strip_prefix('_'))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .max_by_key(|p| p.len())
+        .map(String::as_str)
 }
 
 /// ikemgr's IKE SA record as an HA sync message.
@@ -1086,8 +1397,9 @@ impl FgspSide {
     /// Returns whether the set of detected peers changed, the sync messages received, and
     /// whether a peer came up.
     #[allow(clippy::type_complexity)]
-    fn drive(&mut self, now_ms: u64) -> (bool, Vec<(MemberId, Message)>, bool) {
+    fn drive(&mut self, now_ms: u64) -> (bool, Vec<(MemberId, Message)>, bool, Vec<PeerEvent>) {
         let mut changed = false;
+        let mut events = Vec::new();
         let mut joined = false;
         let mut msgs = Vec::new();
         for _ in 0..self.sock.take_queue_full() {
@@ -1117,6 +1429,7 @@ impl FgspSide {
                             joined = true;
                             tracing::info!("FGSP peer {} detected ({from})", m.0);
                         }
+                        events.push(ev);
                     }
                     if !matches!(r.message, Message::Heartbeat(_)) {
                         msgs.push((r.sender, r.message));
@@ -1129,6 +1442,7 @@ impl FgspSide {
             if let PeerEvent::Lost(m) = ev {
                 tracing::warn!("FGSP peer {} lost", m.0);
             }
+            events.push(ev);
         }
         if self.active && now_ms >= self.next_hb_ms {
             self.next_hb_ms = now_ms.saturating_add(FGSP_HB_MS);
@@ -1158,7 +1472,7 @@ impl FgspSide {
         if changed {
             metrics::gauge!("hasyncd_fgsp_detected_peers").set(self.live.peers().count() as f64);
         }
-        (changed, msgs, joined)
+        (changed, msgs, joined, events)
     }
 }
 
@@ -1221,6 +1535,21 @@ mod tests {
         assert_eq!(v["standby"][0]["spi_in"], "00000011");
         // The view never carries keys.
         assert!(!v.to_string().contains("keys"), "{v}");
+    }
+
+    #[test]
+    fn a_tunnel_belongs_to_its_phase1_or_dialup_parent() {
+        let p: Vec<String> = ["vpn1", "vpn1_a", "hub"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(phase1_of("vpn1", &p), Some("vpn1"));
+        assert_eq!(phase1_of("vpn1_1", &p), Some("vpn1"));
+        assert_eq!(phase1_of("vpn1_a", &p), Some("vpn1_a"));
+        assert_eq!(phase1_of("vpn1_a_12", &p), Some("vpn1_a"));
+        assert_eq!(phase1_of("vpn1_", &p), None);
+        assert_eq!(phase1_of("vpn1_x", &p), None);
+        assert_eq!(phase1_of("vpn2_1", &p), None);
     }
 
     #[test]

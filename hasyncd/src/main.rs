@@ -129,11 +129,25 @@ impl Hasyncd {
 
     fn publish_roles(&mut self, out: &mut Outbox) {
         let role = tunnel_role(self.fgcp_role());
-        let desired: BTreeMap<String, String> = self
+        let fgsp = self.cluster.as_ref().filter(|c| c.fgsp_mode());
+        let mut desired: BTreeMap<String, String> = self
             .tunnels
             .iter()
-            .map(|t| (t.clone(), role.to_string()))
+            .map(|t| {
+                // FGSP: the ownership table's role (ikemgr's tunnels not in it, such as
+                // phase1 templates and tunnels without fgsp-sync, are carried here).
+                let r = fgsp
+                    .and_then(|c| c.fgsp_role(t))
+                    .map_or(role, |r| r.as_str());
+                (t.clone(), r.to_string())
+            })
             .collect();
+        if let Some(c) = fgsp {
+            // Synced tunnels other members carry: standby here.
+            for (t, r) in c.fgsp_roles() {
+                desired.insert(t, r.as_str().to_string());
+            }
+        }
         diff_keyed(
             &self.roles,
             &desired,
@@ -272,6 +286,16 @@ impl DaemonLogic for Hasyncd {
     }
 
     fn on_event(&mut self, src: DaemonKind, body: &Body, out: &mut Outbox) {
+        if let Body::UnknownSaTraffic(u) = body {
+            if let Some(c) = self.cluster.as_mut() {
+                if !c.unknown_traffic(u, self.now_ms).is_empty() {
+                    // Roles first, then the takeover: ikemgr must not see the tunnel it
+                    // restores still marked standby.
+                    self.collect(out);
+                }
+            }
+            return;
+        }
         if let (DaemonKind::Espd, Body::SeqLeaseRequest { sas }) = (src, body) {
             if let Some(c) = self.cluster.as_mut() {
                 c.propose_leases(sas, self.now_ms);
@@ -311,21 +335,7 @@ impl DaemonLogic for Hasyncd {
             return;
         };
         let ch = cluster.drive(self.now_ms);
-        let grants = cluster.take_grants();
-        let fresh = cluster.take_takeovers();
         let role = cluster.fgcp_role();
-        if !grants.is_empty() {
-            metrics::counter!("hasyncd_sequence_leases_granted_total")
-                .increment(grants.len() as u64);
-            out.push(Body::SeqLeaseGranted { sas: grants });
-        }
-        for t in fresh {
-            let now = self.now_ms;
-            self.takeovers.insert(
-                t.ike.tunnel.clone(),
-                (t, now, now.saturating_add(TAKEOVER_GIVE_UP_MS)),
-            );
-        }
         if ch.role_changed {
             match role {
                 Some(HaRole::Primary) => self.vip.hold(self.now_ms),
@@ -335,12 +345,13 @@ impl DaemonLogic for Hasyncd {
             self.publish_member(out);
             self.publish_roles(out);
         }
+        self.collect(out);
         self.vip.tick(self.now_ms);
         let now = self.now_ms;
         self.takeovers.retain(|tunnel, (_, _, give_up)| {
             let keep = now < *give_up;
             if !keep {
-                tracing::error!("FGCP: ikemgr did not take over {tunnel}; giving up");
+                tracing::error!("HA: ikemgr did not take over {tunnel}; giving up");
             }
             keep
         });
@@ -353,6 +364,48 @@ impl DaemonLogic for Hasyncd {
     }
 
     fn view(&self, name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
+        self.view_inner(name)
+    }
+}
+
+impl Hasyncd {
+    /// What the cluster produced: lease grants for espd, takeovers for ikemgr (announced at
+    /// once, then repeated by `tick` until ikemgr confirms), tunnels lost to another member
+    /// (their takeovers cancelled) and, when they changed, the roles.
+    fn collect(&mut self, out: &mut Outbox) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let grants = cluster.take_grants();
+        let fresh = cluster.take_takeovers();
+        let demoted = cluster.take_demotions();
+        let roles_dirty = std::mem::take(&mut cluster.roles_dirty);
+        if !grants.is_empty() {
+            metrics::counter!("hasyncd_sequence_leases_granted_total")
+                .increment(grants.len() as u64);
+            out.push(Body::SeqLeaseGranted { sas: grants });
+        }
+        for t in demoted {
+            self.takeovers.remove(&t);
+        }
+        if roles_dirty {
+            self.publish_roles(out);
+        }
+        for t in fresh {
+            let now = self.now_ms;
+            out.push(Body::Takeover(t.clone()));
+            self.takeovers.insert(
+                t.ike.tunnel.clone(),
+                (
+                    t,
+                    now.saturating_add(TAKEOVER_REPEAT_MS),
+                    now.saturating_add(TAKEOVER_GIVE_UP_MS),
+                ),
+            );
+        }
+    }
+
+    fn view_inner(&self, name: &str) -> Result<serde_json::Value, String> {
         match name {
             "roles" => Ok(json!(self.roles)),
             "replicas" => Ok(self

@@ -722,6 +722,10 @@ impl IkeManager {
         }
         if spi_r != 0 || exchange != IKE_SA_INIT || flags & FLAG_RESPONSE != 0 {
             self.count_drop("no_sa");
+            if spi_r != 0 && flags & FLAG_RESPONSE == 0 {
+                // FGSP: hasyncd may hold a standby copy of this IKE SA (ike::ha).
+                self.ha.note_unknown_request(spi_i, spi_r);
+            }
             tracing::debug!(
                 "ike 0: comes {remote}->{local}: no IKE SA for {spi_i:016x}/{spi_r:016x}, dropped"
             );

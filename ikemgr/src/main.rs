@@ -311,13 +311,35 @@ impl DaemonLogic for Ikemgr {
             });
             io::lock(&self.ike).set_ha_standby(Instant::now(), standby);
             self.drain(out);
-            self.roles = store
+            let roles: BTreeMap<String, String> = store
                 .items()
                 .filter_map(|b| match b {
                     Body::TunnelRole { tunnel, role } => Some((tunnel.clone(), role.clone())),
                     _ => None,
                 })
                 .collect();
+            // FGSP: a tunnel another member took over is dropped here, silently.
+            let released: Vec<&String> = roles
+                .iter()
+                .filter(|(t, r)| {
+                    *r == "standby" && self.roles.get(*t).is_some_and(|o| o != "standby")
+                })
+                .map(|(t, _)| t)
+                .collect();
+            if !released.is_empty() {
+                let mut m = io::lock(&self.ike);
+                for t in released {
+                    if m.ha_release(Instant::now(), t) {
+                        tracing::info!(
+                            "ike 0:{t}: HA: another member carries the tunnel now; dropped here"
+                        );
+                    }
+                }
+                drop(m);
+                self.drain(out);
+                self.wake();
+            }
+            self.roles = roles;
         }
         if src == DaemonKind::Dpdmon {
             let dead: BTreeSet<String> = store
@@ -379,6 +401,18 @@ impl DaemonLogic for Ikemgr {
         let now = Instant::now();
         self.ensure_io(now);
         self.drain(out);
+        let unknown = io::lock(&self.ike).take_unknown_requests();
+        if !unknown.is_empty() {
+            out.push(Body::UnknownSaTraffic(
+                bus_schema::schema::UnknownSaTraffic {
+                    esp_spis: Vec::new(),
+                    ike_spis: unknown
+                        .into_iter()
+                        .map(|(spi_i, spi_r)| bus_schema::schema::IkeSpis { spi_i, spi_r })
+                        .collect(),
+                },
+            ));
+        }
         if self.activity_at.is_none_or(|t| now >= t) {
             self.activity_at = Some(now + ACTIVITY_EVERY);
             export_drop_metrics(&io::lock(&self.ike));

@@ -78,6 +78,45 @@ pub struct Shared {
     pub ike_sent: AtomicU64,
     pub rx: DirCounters,
     pub tx: DirCounters,
+    /// SPIs of ESP packets that found no SA, for the control side (FGSP promotion).
+    pub unknown_spis: UnknownSpis,
+}
+
+/// The last few inbound SPIs that found no SA: a fixed ring written by the workers without
+/// locks and drained by the control side (`UnknownSaTraffic` to hasyncd, which promotes a
+/// tunnel it holds a standby copy of). SPI 0 is reserved (RFC 4303 §2.1) and marks a free
+/// slot. A flood of random SPIs overwrites the ring; nothing grows.
+#[derive(Default)]
+pub struct UnknownSpis {
+    slots: [std::sync::atomic::AtomicU32; UNKNOWN_SPI_SLOTS],
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// Size of [`UnknownSpis`].
+const UNKNOWN_SPI_SLOTS: usize = 16;
+
+impl UnknownSpis {
+    /// Notes one SPI (worker side).
+    #[inline]
+    pub fn record(&self, spi: u32) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % UNKNOWN_SPI_SLOTS;
+        if let Some(s) = self.slots.get(i) {
+            s.store(spi, Ordering::Relaxed);
+        }
+    }
+
+    /// The distinct SPIs noted since the last call (control side).
+    pub fn drain(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self
+            .slots
+            .iter()
+            .map(|s| s.swap(0, Ordering::Relaxed))
+            .filter(|spi| *spi != 0)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 impl Shared {
@@ -132,6 +171,7 @@ impl Datapath {
             ike_sent: AtomicU64::new(0),
             rx: DirCounters::default(),
             tx: DirCounters::default(),
+            unknown_spis: UnknownSpis::default(),
         });
         let mut threads = Vec::new();
         for id in 0..workers {

@@ -486,6 +486,9 @@ fn hold_or_drop(
     src: Source,
     now: u64,
 ) {
+    if let Some(h) = EspHeader::peek(esp) {
+        shared.unknown_spis.record(h.spi);
+    }
     if !(table.peers.contains(&src.ip()) && hold.push(esp, src, now)) {
         shared.count_drop(esp_proto::DropReason::UnknownSpi.index());
     }

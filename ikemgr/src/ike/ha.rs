@@ -47,7 +47,13 @@ pub struct HaState {
     start_seq: HashMap<u32, u64>,
     /// Takeovers done (tunnel -> SPIs), so a repeated Takeover event is ignored.
     taken: BTreeMap<String, (u64, u64)>,
+    /// Requests for IKE SAs not held here, for hasyncd (FGSP promotion), at most
+    /// [`UNKNOWN_MAX`] between two drains.
+    unknown: Vec<(u64, u64)>,
 }
+
+/// Bound of [`HaState::unknown`] between two drains.
+const UNKNOWN_MAX: usize = 16;
 
 type PublishedKey = (u64, u64, u32, u32, Vec<u32>);
 
@@ -330,6 +336,13 @@ impl HaState {
         }
     }
 
+    /// An IKE request for an IKE SA this member does not hold arrived (RFC 7296 §2.6 SPIs).
+    pub(super) fn note_unknown_request(&mut self, spi_i: u64, spi_r: u64) {
+        if self.unknown.len() < UNKNOWN_MAX && !self.unknown.contains(&(spi_i, spi_r)) {
+            self.unknown.push((spi_i, spi_r));
+        }
+    }
+
     /// Whether this member holds standby copies only.
     pub fn standby(&self) -> bool {
         self.standby
@@ -358,6 +371,29 @@ impl IkeManager {
             );
         }
         self.ha.standby = standby;
+    }
+
+    /// IKE requests for unknown IKE SAs since the last call: hasyncd promotes an FGSP
+    /// standby tunnel whose IKE SA they name (the upstream router moved it here).
+    pub fn take_unknown_requests(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.ha.unknown)
+    }
+
+    /// hasyncd made `tunnel` standby here (another FGSP member carries it now): its IKE SA
+    /// is dropped without telling the peer, as on an FGCP demotion; the new owner continues
+    /// it from its copy. Returns whether an SA was dropped.
+    pub fn ha_release(&mut self, now: Instant, tunnel: &str) -> bool {
+        let ids: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.name == tunnel)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.flush(*id, now, "HA standby: another member carries it");
+        }
+        self.ha.taken.remove(tunnel);
+        !ids.is_empty()
     }
 
     /// After an SA's events were handled: publish its record if it changed.
