@@ -1405,7 +1405,9 @@ impl IkeManager {
                 .map(|o| format!(", replaces {o:08x}"))
                 .unwrap_or_default()
         );
-        self.bodies.push(Body::ChildSa(sa.clone()));
+        if !self.ha.restoring {
+            self.bodies.push(Body::ChildSa(sa.clone()));
+        }
         sa.outbound = true;
         self.bodies.push(Body::ChildSa(sa.clone()));
         if let Some(old) = c.rekey_of {

@@ -215,6 +215,40 @@ impl Member {
             .collect()
     }
 
+    /// `kill -9` of one daemon, then started again at once with the same configuration and
+    /// run-dir, as supervisord or systemd would (its log is appended to).
+    pub fn kill9_and_restart(&mut self, daemon: &str) {
+        let (i, port) = [
+            ("hasyncd", 9703),
+            ("espd", 9704),
+            ("ikemgr", 9701),
+            ("dpdmon", 9702),
+        ]
+        .iter()
+        .enumerate()
+        .find(|(_, (d, _))| *d == daemon)
+        .map(|(i, (_, p))| (i, *p))
+        .expect("a daemon name");
+        let _ = self.procs[i].kill_now();
+        let conf = self.dir.join("haven.conf");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{daemon}.log")))
+            .unwrap();
+        let mut cmd: Command = self.ns.command(bin(daemon));
+        cmd.arg("--config")
+            .arg(&conf)
+            .arg("--run-dir")
+            .arg(&self.run)
+            .args(["--log-level", "debug"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.procs[i] = self.ns.spawn_command(cmd).expect("spawn daemon");
+    }
+
     pub fn kill_all(&mut self) {
         for p in &mut self.procs {
             let _ = p.kill_now();
