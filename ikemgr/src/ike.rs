@@ -1329,6 +1329,19 @@ impl IkeManager {
                 }
             }
             Event::MessageIdUpdate { .. } => {}
+            Event::MessageIdsSynced {
+                initiated,
+                next_send,
+                next_recv,
+            } => tracing::info!(
+                "ike 0:{}:{id}: {} message IDs: send/recv={next_send}/{next_recv}",
+                e.name,
+                if initiated {
+                    "RFC 6311 sync done, synced"
+                } else {
+                    "RFC 6311 sync request from the peer's cluster answered, now"
+                }
+            ),
         }
         let _ = now;
     }

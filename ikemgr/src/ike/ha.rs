@@ -16,7 +16,9 @@
 //! - after an ikemgr restart, continues the IKE SAs hasyncd's local replica holds
 //!   ([`IkeManager::restore_local`]) and republishes their CHILD SAs unchanged.
 //!
-//! Not yet: RFC 6311 MESSAGE_ID_SYNC (message IDs are those last synced).
+//! - after a takeover or a restart, when the peer announced it, sends RFC 6311
+//!   `IKEV2_MESSAGE_ID_SYNC` (ike-proto's `sync_message_ids`) so that a copy one exchange
+//!   behind does not stall the SA; peers' sync requests are answered in ike-proto.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -37,6 +39,13 @@ use super::{Entry, IkeManager};
 
 /// Version of the `state` encoding; a record of another version is refused.
 pub const STATE_VERSION: u8 = 1;
+
+/// Added to our next request's message ID when a restored SA asks the peer to
+/// synchronise (RFC 6311 M1): requests the previous owner may have sent after its last
+/// published record. ikemgr publishes after every exchange, within one 100 ms tick, and
+/// runs one exchange at a time, so a few at most can be missing; the peer moves past any
+/// gap without harm.
+pub const MID_SYNC_MARGIN: u32 = 4;
 
 /// HA state of the manager.
 #[derive(Default)]
@@ -110,6 +119,9 @@ struct WireSa {
     remote: String,
     expires_ms: u64,
     children: Vec<WireChild>,
+    /// The peer announced RFC 6311 message ID synchronisation.
+    #[serde(default)]
+    mid_sync: bool,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -219,6 +231,7 @@ pub fn encode_state(s: &IkeSaSnapshot) -> Vec<u8> {
                 left_ms: ms(*left),
             })
             .collect(),
+        mid_sync: s.mid_sync,
     };
     rmp_serde::to_vec_named(&w).unwrap_or_default()
 }
@@ -308,6 +321,7 @@ pub fn decode_state(rec: &IkeSaRecord) -> Result<IkeSaSnapshot, String> {
         },
         expires_in: Duration::from_millis(w.expires_ms),
         children,
+        mid_sync: w.mid_sync,
     })
 }
 
@@ -539,6 +553,26 @@ impl IkeManager {
         self.ha
             .taken
             .insert(rec.tunnel.clone(), (rec.spi_i, rec.spi_r));
+        // The copy may be behind (an exchange in flight when the old owner died, or done
+        // within its last publishing tick): RFC 6311 when the peer announced it.
+        if let Some(e) = self.sas.get_mut(&serial) {
+            match e.sa.sync_message_ids(now, MID_SYNC_MARGIN) {
+                Ok(true) => tracing::info!(
+                    "ike 0:{}:{serial}: sending IKEV2_MESSAGE_ID_SYNC, expected send/recv msg IDs={}/{}",
+                    rec.tunnel,
+                    rec.next_send.saturating_add(MID_SYNC_MARGIN),
+                    rec.next_recv
+                ),
+                Ok(false) => tracing::info!(
+                    "ike 0:{}:{serial}: peer did not announce RFC 6311: message IDs as synced",
+                    rec.tunnel
+                ),
+                Err(err) => tracing::warn!(
+                    "ike 0:{}:{serial}: no message ID sync: {err}",
+                    rec.tunnel
+                ),
+            }
+        }
         // Files the restored SA's timers (rekeys, lifetimes) and publishes its record.
         self.pump(serial, now);
         Ok(())
