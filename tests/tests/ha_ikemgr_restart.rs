@@ -5,7 +5,8 @@
 //! The FGCP pair of `ha_failover` (see `ha_common`): gw1 primary carries a strongSwan
 //! dial-up tunnel with a continuous ping through it. Only gw1's ikemgr is killed with
 //! SIGKILL and started again at once (as supervisord or systemd would). Asserted: the new
-//! ikemgr carries the IKE SA with strongSwan's SPIs and the same CHILD SA; espd neither
+//! ikemgr carries the IKE SA with strongSwan's SPIs and the same CHILD SA and confirms the
+//! message IDs with strongSwan (RFC 6311 MESSAGE_ID_SYNC); espd neither
 //! removed nor installed an SA (it kept its SAs and outbound sequence numbers, which go on
 //! rising); every ping was answered; strongSwan's IKE and CHILD SA kept their SPIs, it
 //! logged no replay failure and no new IKE_SA_INIT; the secondary still holds the standby
@@ -87,6 +88,16 @@ fn kill_9_ikemgr_on_the_primary_keeps_the_tunnel_and_its_rekeys() {
         m1.ike_sa()
             .filter(|sa| *sa == sa_before)
             .ok_or_else(|| format!("{:?} (before {sa_before:?})\n{}", m1.ike_sa(), m1.logs()))
+    });
+
+    // The restored SA asks strongSwan to confirm the message IDs (RFC 6311; this SA has
+    // not sent a request yet, so its AES-GCM responses cannot reuse an IV).
+    wait_for("RFC 6311 sync after the restart", WAIT, || {
+        let l = m1.log("ikemgr");
+        l[ikemgr_log_at.min(l.len())..]
+            .contains("RFC 6311 sync done")
+            .then_some(())
+            .ok_or_else(|| format!("{}\n{}", m1.logs(), charon.log()))
     });
 
     wait_for("ping to finish", Duration::from_secs(60), || {

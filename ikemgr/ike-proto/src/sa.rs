@@ -2156,5 +2156,6 @@ mod exchanges;
 pub mod fuzz;
 mod ike_rekey;
 mod mid_sync;
+pub use mid_sync::MidSyncStart;
 #[cfg(test)]
 mod tests;

@@ -28,7 +28,9 @@ use bus_schema::schema::{ChildSaInfo as BusChild, IkeSaRecord, SeqMark, Takeover
 use bus_schema::Body;
 use ike_proto::crypto::{Encr, IkeKeys, Integ, Prf, Secret};
 use ike_proto::proposal::IkeSuite;
-use ike_proto::sa::{Addresses, ChildSaInfo, ChildSaKeys, IkeSa, IkeSaSnapshot, OsEntropy};
+use ike_proto::sa::{
+    Addresses, ChildSaInfo, ChildSaKeys, IkeSa, IkeSaSnapshot, MidSyncStart, OsEntropy,
+};
 use ike_proto::wire::{
     DhGroup, EncrId, IdPayload, IdType, IntegId, PrfId, TrafficSelector, TsType,
 };
@@ -557,14 +559,18 @@ impl IkeManager {
         // within its last publishing tick): RFC 6311 when the peer announced it.
         if let Some(e) = self.sas.get_mut(&serial) {
             match e.sa.sync_message_ids(now, MID_SYNC_MARGIN) {
-                Ok(true) => tracing::info!(
+                Ok(MidSyncStart::Sent) => tracing::info!(
                     "ike 0:{}:{serial}: sending IKEV2_MESSAGE_ID_SYNC, expected send/recv msg IDs={}/{}",
                     rec.tunnel,
                     rec.next_send.saturating_add(MID_SYNC_MARGIN),
                     rec.next_recv
                 ),
-                Ok(false) => tracing::info!(
+                Ok(MidSyncStart::NotSupported) => tracing::info!(
                     "ike 0:{}:{serial}: peer did not announce RFC 6311: message IDs as synced",
+                    rec.tunnel
+                ),
+                Ok(MidSyncStart::AeadIvReuse) => tracing::info!(
+                    "ike 0:{}:{serial}: no RFC 6311 sync on this AEAD IKE SA (the peer's response would reuse message ID 0, which may reuse its IV): message IDs as synced",
                     rec.tunnel
                 ),
                 Err(err) => tracing::warn!(

@@ -21,6 +21,21 @@ use super::{find_notify, Event, IkeError, IkeSa, Result, State};
 use crate::sa::Addresses;
 use crate::wire::{ExchangeType, Message, MessageIdSync, NotifyPayload, NotifyType, Payload};
 
+/// What [`IkeSa::sync_message_ids`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MidSyncStart {
+    /// The request is on its way.
+    Sent,
+    /// The peer did not announce `IKEV2_MESSAGE_ID_SYNC_SUPPORTED`: nothing sent.
+    NotSupported,
+    /// Nothing sent: the IKE SA uses an AEAD cipher and the peer has already encrypted a
+    /// response with message ID 0 (to our first request on this SA). A peer that builds
+    /// its AEAD IVs from message IDs (RFC 5282 §3.1 allows a counter; strongSwan does)
+    /// would have to reuse that IV for the synchronisation response: strongSwan refuses
+    /// and destroys the IKE SA. Message IDs stay as copied.
+    AeadIvReuse,
+}
+
 /// Our outstanding synchronisation request.
 pub(super) struct MidSyncOut {
     sent: MessageIdSync,
@@ -43,14 +58,25 @@ impl IkeSa {
     /// Starts RFC 6311 message ID synchronisation on an established SA, as the cluster
     /// member that now carries it. `margin` is added to our next request's ID (M1), to
     /// step over requests the previous owner may have sent after the copy was made.
-    /// Returns `Ok(false)`, sending nothing, when the peer did not announce support;
-    /// refused while one of our requests is outstanding (the copy has none).
-    pub fn sync_message_ids(&mut self, now: Instant, margin: u32) -> Result<bool> {
+    /// Sends nothing when the peer did not announce support or when its response could
+    /// reuse an AEAD IV ([`MidSyncStart`]); refused while one of our requests is
+    /// outstanding (the copy has none).
+    pub fn sync_message_ids(&mut self, now: Instant, margin: u32) -> Result<MidSyncStart> {
         if self.state != State::Established {
             return Err(IkeError::NotEstablished);
         }
         if !self.peer_mid_sync {
-            return Ok(false);
+            return Ok(MidSyncStart::NotSupported);
+        }
+        // Conservative: for the original initiator, request 0 was the unencrypted
+        // IKE_SA_INIT, but a snapshot does not tell an original SA from a rekeyed one.
+        let aead = self
+            .chan
+            .keys
+            .as_ref()
+            .is_some_and(|k| k.suite.encr.is_aead());
+        if aead && self.chan.next_send > 0 {
+            return Ok(MidSyncStart::AeadIvReuse);
         }
         if self.chan.outstanding.is_some() || self.mid_sync.is_some() {
             return Err(IkeError::Internal("a request is outstanding"));
@@ -75,7 +101,7 @@ impl IkeSa {
             deadline: now + first,
         });
         self.push_transmit(bytes);
-        Ok(true)
+        Ok(MidSyncStart::Sent)
     }
 
     fn first_timeout(&self) -> Duration {

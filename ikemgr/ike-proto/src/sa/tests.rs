@@ -2001,7 +2001,10 @@ fn a_stale_copy_is_resynced_with_message_id_sync_and_exchanges_continue() {
         snap.clone(),
     ));
     let now = p.now;
-    assert!(matches!(p.b().sync_message_ids(now, 4), Ok(true)));
+    assert_eq!(
+        p.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::Sent)
+    );
     assert!(p.b().mid_sync_pending());
     // Nothing else is started while the sync is outstanding.
     p.b().start_liveness_check(now).unwrap();
@@ -2067,7 +2070,10 @@ fn a_sync_request_below_the_ids_seen_is_dropped() {
         snap,
     ));
     let now = p.now;
-    assert!(matches!(p.b().sync_message_ids(now, 0), Ok(true)));
+    assert_eq!(
+        p.b().sync_message_ids(now, 0).ok(),
+        Some(MidSyncStart::Sent)
+    );
     p.run(Duration::from_secs(600));
     assert_eq!(p.a.message_ids(), before, "A's counters unchanged");
     assert!(p
@@ -2088,7 +2094,10 @@ fn no_sync_without_the_peers_announcement() {
         snap,
     ));
     let now = p.now;
-    assert!(matches!(p.b().sync_message_ids(now, 4), Ok(false)));
+    assert_eq!(
+        p.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::NotSupported)
+    );
     p.collect();
     assert!(p.ba.is_empty(), "nothing sent");
     // And an SA that is not established cannot sync.
@@ -2115,4 +2124,55 @@ fn no_sync_without_the_peers_announcement() {
         Err(IkeError::NotEstablished)
     ));
     q.collect();
+}
+
+#[test]
+fn no_sync_where_the_peers_response_could_reuse_an_aead_iv() {
+    // B (the responder) sent liveness checks with message IDs 0 and up: A has already
+    // encrypted a response with ID 0 under these keys. With AES-GCM a second one could
+    // reuse A's IV if A counts its IVs by message ID, so B does not ask.
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let now = p.now;
+    p.b().start_liveness_check(now).unwrap();
+    p.settle();
+    let now = p.now;
+    let snap = p.b().snapshot(now).unwrap();
+    assert!(snap.next_send > 0);
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap,
+    ));
+    let now = p.now;
+    assert_eq!(
+        p.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::AeadIvReuse)
+    );
+    p.collect();
+    assert!(p.ba.is_empty(), "nothing sent");
+    // Before any request of B's, the sync is safe and goes out.
+    let mut q = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let now = q.now;
+    let snap = q.b().snapshot(now).unwrap();
+    assert_eq!(snap.next_send, 0);
+    q.b = Some(IkeSa::restore(
+        q.now,
+        q.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap,
+    ));
+    let now = q.now;
+    assert_eq!(
+        q.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::Sent)
+    );
+    q.settle();
+    assert!(q.ev_b.iter().any(|e| matches!(
+        e,
+        Event::MessageIdsSynced {
+            initiated: true,
+            ..
+        }
+    )));
 }
