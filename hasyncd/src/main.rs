@@ -64,6 +64,11 @@ struct Hasyncd {
     takeovers: BTreeMap<String, (TakeoverInfo, u64, u64)>,
     /// ikemgr's IKE SAs (`sa.ike`) by tunnel: SPIs.
     ike_spis: BTreeMap<String, (u64, u64)>,
+    /// The local replica of ikemgr's own SAs, kept exactly as published (`sa.ike` by
+    /// tunnel, `sa.child` by `tunnel/spi_in`): what a restarted ikemgr continues from
+    /// (command `ike-restore`).
+    own_ike: BTreeMap<String, IkeSaRecord>,
+    own_children: BTreeMap<String, ChildSaInfo>,
 }
 
 /// How often an unconfirmed takeover is announced again, and for how long.
@@ -218,6 +223,8 @@ impl DaemonLogic for Hasyncd {
             vip: vip::SharedAddrs::default(),
             takeovers: BTreeMap::new(),
             ike_spis: BTreeMap::new(),
+            own_ike: BTreeMap::new(),
+            own_children: BTreeMap::new(),
         }
     }
 
@@ -270,6 +277,14 @@ impl DaemonLogic for Hasyncd {
                 _ => None,
             })
             .collect();
+        self.own_children = store
+            .items()
+            .filter_map(|b| match b {
+                Body::ChildSa(c) => Some((ChildSaInfo::key_of(&c.tunnel, c.spi_in), c.clone())),
+                _ => None,
+            })
+            .collect();
+        self.own_ike = ike.clone();
         self.ike_spis = ike
             .iter()
             .map(|(k, r)| (k.clone(), (r.spi_i, r.spi_r)))
@@ -363,6 +378,32 @@ impl DaemonLogic for Hasyncd {
         }
     }
 
+    /// `ike-restore`: the local replica of ikemgr's IKE SAs and CHILD SAs, keys included,
+    /// as ikemgr last published them. A restarted ikemgr asks for it before it publishes
+    /// anything (so this is still the previous ikemgr's state) and continues those SAs
+    /// instead of dropping them (DESIGN.md §3.3). The control socket is root-only
+    /// (run-dir 0700), like the bus that carried these keys in the first place.
+    fn command(
+        &mut self,
+        name: &str,
+        _args: &[String],
+        _out: &mut Outbox,
+    ) -> Result<serde_json::Value, String> {
+        match name {
+            "ike-restore" => {
+                tracing::info!(
+                    "local replica to the restarted ikemgr: {} IKE SAs, {} CHILD SAs",
+                    self.own_ike.len(),
+                    self.own_children.len()
+                );
+                Ok(restore_set(&self.own_ike, &self.own_children))
+            }
+            other => Err(format!(
+                "unknown command {other:?}: hasyncd has: ike-restore"
+            )),
+        }
+    }
+
     fn view(&self, name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
         self.view_inner(name)
     }
@@ -438,6 +479,18 @@ impl Hasyncd {
     }
 }
 
+/// The reply of `ike-restore`: `{"ike": [IkeSaRecord], "child": [ChildSaInfo]}` in the
+/// bus's own serde form (byte strings as hex).
+fn restore_set(
+    ike: &BTreeMap<String, IkeSaRecord>,
+    children: &BTreeMap<String, ChildSaInfo>,
+) -> serde_json::Value {
+    json!({
+        "ike": ike.values().collect::<Vec<_>>(),
+        "child": children.values().collect::<Vec<_>>(),
+    })
+}
+
 fn main() -> ExitCode {
     haven_daemon::run::<Hasyncd>()
 }
@@ -469,6 +522,57 @@ mod tests {
         d.tunnels = vec!["vpn2".into()];
         d.publish_roles(&mut out);
         assert!(matches!(out.as_slice(), [Body::TunnelRoleRemoved { tunnel }] if tunnel == "vpn1"));
+    }
+
+    #[test]
+    fn the_local_replica_of_ikemgr_is_served_back_whole_for_a_restart() {
+        let config = Config::default();
+        let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
+        let rec = IkeSaRecord {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i: 0x1122,
+            spi_r: 0x3344,
+            next_send: 3,
+            next_recv: 7,
+            remote: "192.0.2.1:4500".into(),
+            keys: vec![0xc4, 0x00, 0xff, 0x10],
+        };
+        let child = ChildSaInfo {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            phase2: "vpn1".into(),
+            spi_in: 0xc001,
+            spi_out: 0xc002,
+            transform: "aes128gcm".into(),
+            esn: false,
+            keys_in: vec![7; 20],
+            keys_out: vec![8; 20],
+            local: "192.0.2.2".into(),
+            remote: "192.0.2.1".into(),
+            encap: bus_schema::schema::EspEncap::None,
+            local_ts: vec!["10.0.0.0/24".into()],
+            remote_ts: vec!["10.0.1.0/24".into()],
+            replay_window: 1024,
+            lifetime: Default::default(),
+            initial_seq: 1 << 20,
+            outbound: true,
+        };
+        let mut store = StateStore::default();
+        store.apply(&Body::IkeSa(rec.clone()));
+        store.apply(&Body::ChildSa(child.clone()));
+        let mut out = Outbox::new();
+        d.on_replica(DaemonKind::Ikemgr, &store, &mut out);
+        let v = d.command("ike-restore", &[], &mut out).unwrap();
+        let ike: Vec<IkeSaRecord> = serde_json::from_value(v["ike"].clone()).unwrap();
+        let children: Vec<ChildSaInfo> = serde_json::from_value(v["child"].clone()).unwrap();
+        assert_eq!(ike, vec![rec]);
+        assert_eq!(children, vec![child]);
+        // ikemgr removed them: nothing is served.
+        d.on_replica(DaemonKind::Ikemgr, &StateStore::default(), &mut out);
+        let v = d.command("ike-restore", &[], &mut out).unwrap();
+        assert_eq!(v["ike"], json!([]));
+        assert_eq!(v["child"], json!([]));
     }
 
     #[test]

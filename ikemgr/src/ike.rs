@@ -1383,6 +1383,19 @@ impl IkeManager {
                 }
             }
             Event::MessageIdUpdate { .. } => {}
+            Event::MessageIdsSynced {
+                initiated,
+                next_send,
+                next_recv,
+            } => tracing::info!(
+                "ike 0:{}:{id}: {} message IDs: send/recv={next_send}/{next_recv}",
+                e.name,
+                if initiated {
+                    "RFC 6311 sync done, synced"
+                } else {
+                    "RFC 6311 sync request from the peer's cluster answered, now"
+                }
+            ),
         }
         let _ = now;
     }
@@ -1466,7 +1479,9 @@ impl IkeManager {
                 .map(|o| format!(", replaces {o:08x}"))
                 .unwrap_or_default()
         );
-        self.bodies.push(Body::ChildSa(sa.clone()));
+        if !self.ha.restoring {
+            self.bodies.push(Body::ChildSa(sa.clone()));
+        }
         sa.outbound = true;
         self.bodies.push(Body::ChildSa(sa.clone()));
         if let Some(old) = c.rekey_of {

@@ -13,6 +13,11 @@
 //! `ike-gateway-clear`, `tunnel-up|down|rekey <phase2> [<phase1>]` and `ike-rekey <name>`
 //! commands (`vpnctl diagnose vpn ike gateway clear`, `vpnctl execute vpn ipsec …`).
 //!
+//! A restarted ikemgr (`kill -9`, a crash) first asks the local hasyncd for the IKE and
+//! CHILD SAs its predecessor published ([`fetch_restore`], hasyncd's `ike-restore`) and
+//! continues them (`IkeManager::restore_local`) before it publishes anything, so espd keeps
+//! its SAs and sequence numbers and the peers notice nothing.
+//!
 //! Manual-key tunnels (`config vpn ipsec manualkey-interface`) need no IKE: each is
 //! published as a tunnel that is up at once (kind static, DPD off) together with its one
 //! CHILD SA pair (`sa.child`), keys included, built from the configuration alone. A reload
@@ -29,7 +34,8 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bus_schema::schema::{ChildSaInfo, EspEncap, SaLifetime};
+use bus_schema::schema::{ChildSaInfo, EspEncap, IkeSaRecord, SaLifetime};
+use bus_schema::{ctl_call, CtlReply, CtlRequest};
 use bus_schema::{Body, DaemonKind, DpdSettings, StateStore, TunnelInfo, TunnelKind, TunnelState};
 use haven_config::{Config, ManualEncap, ManualKey, Phase1, Phase1Type, NAT_T_PORT};
 use haven_daemon::{diff_keyed, DaemonLogic, Outbox};
@@ -151,6 +157,61 @@ struct Ikemgr {
     dead: BTreeSet<String>,
     /// Dial-up instances (`vpn1_1`…) as published.
     instances: BTreeMap<String, TunnelInfo>,
+    /// What the previous ikemgr published, from hasyncd's local replica, until the first
+    /// configuration restores it ([`fetch_restore`]).
+    restore: Option<(Vec<IkeSaRecord>, Vec<ChildSaInfo>)>,
+}
+
+/// How long a starting ikemgr waits for hasyncd's local replica.
+const RESTORE_WAIT: Duration = Duration::from_secs(2);
+
+/// Asks the local hasyncd for the IKE and CHILD SAs the previous ikemgr of this run-dir
+/// published (`ike-restore`, DESIGN.md §3.3). Runs in [`Ikemgr::new`], before this
+/// process publishes anything: hasyncd's replica is then still the previous ikemgr's
+/// state, and the first snapshot espd, dpdmon and hasyncd fetch from this ikemgr already
+/// holds the restored SAs, so none of them sees the SAs go. No hasyncd control socket
+/// (no hasyncd on this gateway, or the first start): nothing to restore.
+fn fetch_restore(run_dir: &Path) -> Option<(Vec<IkeSaRecord>, Vec<ChildSaInfo>)> {
+    let ep = bus_schema::ctl_endpoint(run_dir, DaemonKind::Hasyncd);
+    let sock = ep.strip_prefix("ipc://")?;
+    if !Path::new(sock).exists() {
+        return None;
+    }
+    let dir = run_dir.to_path_buf();
+    // Called from within the shell's runtime: the request runs on a thread of its own.
+    let reply = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let req = CtlRequest::Command {
+            name: "ike-restore".into(),
+            args: Vec::new(),
+        };
+        rt.block_on(ctl_call(&dir, DaemonKind::Hasyncd, &req, RESTORE_WAIT))
+            .map_err(|e| e.to_string())
+    })
+    .join()
+    .map_err(|_| "request thread panicked".to_string())
+    .and_then(|r| r);
+    match reply.map(parse_restore) {
+        Ok(Ok(set)) => Some(set),
+        Ok(Err(e)) | Err(e) => {
+            tracing::warn!("ike: no IKE SAs from hasyncd's local replica: {e}");
+            None
+        }
+    }
+}
+
+/// hasyncd's `ike-restore` reply.
+fn parse_restore(reply: CtlReply) -> Result<(Vec<IkeSaRecord>, Vec<ChildSaInfo>), String> {
+    let CtlReply::View(v) = reply else {
+        return Err(format!("unexpected reply {reply:?}"));
+    };
+    let ike = serde_json::from_value(v["ike"].clone()).map_err(|e| format!("IKE SAs: {e}"))?;
+    let child =
+        serde_json::from_value(v["child"].clone()).map_err(|e| format!("CHILD SAs: {e}"))?;
+    Ok((ike, child))
 }
 
 impl Ikemgr {
@@ -215,6 +276,7 @@ impl DaemonLogic for Ikemgr {
     const TICK_MS: u64 = 100;
 
     fn new(_config: &Config, run_dir: &Path) -> Self {
+        let restore = fetch_restore(run_dir);
         Ikemgr {
             run_dir: run_dir.to_path_buf(),
             tunnels: BTreeMap::new(),
@@ -227,6 +289,7 @@ impl DaemonLogic for Ikemgr {
             activity_at: None,
             dead: BTreeSet::new(),
             instances: BTreeMap::new(),
+            restore,
         }
     }
 
@@ -298,6 +361,15 @@ impl DaemonLogic for Ikemgr {
         let mut ike = io::lock(&self.ike);
         ike.set_cert_store(store);
         ike.set_config(Instant::now(), config);
+        if let Some((records, children)) = self.restore.take() {
+            let n = ike.restore_local(Instant::now(), &records, &children);
+            if !records.is_empty() {
+                tracing::info!(
+                    "ike: restarted: {n} of {} IKE SAs continued from hasyncd's local replica",
+                    records.len()
+                );
+            }
+        }
         drop(ike);
         self.drain(out);
         self.wake();

@@ -406,6 +406,8 @@ pub struct IkeSaSnapshot {
     pub expires_in: Duration,
     /// CHILD SAs with the time left until each one's hard expiry.
     pub children: Vec<(ChildSaInfo, Duration)>,
+    /// The peer announced RFC 6311 message ID synchronisation in IKE_AUTH.
+    pub mid_sync: bool,
 }
 
 /// Why an SA went away.
@@ -489,6 +491,16 @@ pub enum Event {
     LivenessReply,
     /// Our liveness check got no answer within the retransmit schedule.
     LivenessTimeout,
+    /// RFC 6311 message ID synchronisation completed: as the member that asked
+    /// (`initiated`) or as the peer that answered; the IDs now in force.
+    MessageIdsSynced {
+        /// We sent the request.
+        initiated: bool,
+        /// ID of our next request.
+        next_send: u32,
+        /// ID we expect on the peer's next request.
+        next_recv: u32,
+    },
     /// Message IDs of the current IKE SA changed (for HA sync).
     MessageIdUpdate {
         /// Initiator SPI.
@@ -703,6 +715,10 @@ pub struct IkeSa {
     /// Set by [`IkeSa::probe_liveness`]: liveness checks are retransmitted only by the
     /// caller and abandoned when this long passes without a call.
     liveness_hold: Option<Duration>,
+    /// The peer announced `IKEV2_MESSAGE_ID_SYNC_SUPPORTED` (RFC 6311, [`mid_sync`]).
+    peer_mid_sync: bool,
+    /// Our outstanding RFC 6311 synchronisation request.
+    mid_sync: Option<mid_sync::MidSyncOut>,
 }
 
 impl core::fmt::Debug for IkeSa {
@@ -895,6 +911,8 @@ impl IkeSa {
             peer_deleted_ike: false,
             pfs_retry: None,
             liveness_hold: None,
+            peer_mid_sync: false,
+            mid_sync: None,
         }
     }
 
@@ -1342,12 +1360,14 @@ impl IkeSa {
                 .filter(|c| !c.replaced)
                 .map(|c| (c.info.clone(), c.hard.saturating_duration_since(now)))
                 .collect(),
+            mid_sync: self.peer_mid_sync,
         })
     }
 
     /// Rebuilds an established SA from a snapshot (standby takeover). The
     /// SA has no request outstanding and no cached response; message IDs
-    /// are those of the snapshot (RFC 6311 resynchronisation is not done).
+    /// are those of the snapshot: when the copy may be behind, follow with
+    /// [`IkeSa::sync_message_ids`] (RFC 6311).
     pub fn restore(
         now: Instant,
         cfg: Arc<IkeConfig>,
@@ -1364,6 +1384,7 @@ impl IkeSa {
         sa.state = State::Established;
         sa.auth = Some(AuthVerified(()));
         sa.remote_id = Some(i.remote_id.clone());
+        sa.peer_mid_sync = snap.mid_sync;
         sa.nat = (i.local_behind_nat, i.remote_behind_nat);
         sa.ike_hard = Some(now + snap.expires_in);
         let soft = sa.cfg.rekey_margin;
@@ -1468,6 +1489,7 @@ impl IkeSa {
             }
         };
         add(self.chan.outstanding.as_ref().map(|o| o.deadline));
+        add(self.mid_sync_deadline());
         add(self
             .old
             .as_ref()
@@ -1617,7 +1639,10 @@ impl IkeSa {
 
     /// Starts the next queued request if the window (size 1) is free.
     fn kick(&mut self, now: Instant) -> Result<()> {
-        while self.state == State::Established && self.chan.outstanding.is_none() {
+        while self.state == State::Established
+            && self.chan.outstanding.is_none()
+            && self.mid_sync.is_none()
+        {
             let Some(r) = self.pending.pop_front() else {
                 break;
             };
@@ -1822,6 +1847,9 @@ impl IkeSa {
             return;
         }
         let driven_liveness = self.liveness_hold.is_some();
+        if self.mid_sync_timeout(now) {
+            return;
+        }
         self.redundant_timeout(now);
         for old in [true, false] {
             let timeouts = &self.cfg.retransmit.timeouts;
@@ -2008,6 +2036,10 @@ impl IkeSa {
         msg: Message,
     ) -> Result<()> {
         let mid = msg.header.message_id;
+        // RFC 6311 §5: a synchronisation request has message ID 0 whatever we expect.
+        if self.may_be_mid_sync(old, &msg) && self.mid_sync_request(now, path, data, &msg)? {
+            return Ok(());
+        }
         let ch = if old {
             self.old.as_ref().ok_or(IkeError::WrongSa)?
         } else {
@@ -2133,5 +2165,7 @@ mod attacks;
 mod exchanges;
 pub mod fuzz;
 mod ike_rekey;
+mod mid_sync;
+pub use mid_sync::MidSyncStart;
 #[cfg(test)]
 mod tests;

@@ -13,18 +13,24 @@
 //! The record's `keys` is this module's own encoding of `ike_proto::sa::IkeSaSnapshot`
 //! (MessagePack, versioned by [`STATE_VERSION`]); nothing else reads it.
 //!
-//! Not yet: RFC 6311 MESSAGE_ID_SYNC (message IDs are those last synced), restoring the
-//! IKE SAs of a restarted ikemgr from the local replica.
+//! - after an ikemgr restart, continues the IKE SAs hasyncd's local replica holds
+//!   ([`IkeManager::restore_local`]) and republishes their CHILD SAs unchanged.
+//!
+//! - after a takeover or a restart, when the peer announced it, sends RFC 6311
+//!   `IKEV2_MESSAGE_ID_SYNC` (ike-proto's `sync_message_ids`) so that a copy one exchange
+//!   behind does not stall the SA; peers' sync requests are answered in ike-proto.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bus_schema::schema::{IkeSaRecord, TakeoverInfo};
+use bus_schema::schema::{ChildSaInfo as BusChild, IkeSaRecord, SeqMark, TakeoverInfo};
 use bus_schema::Body;
 use ike_proto::crypto::{Encr, IkeKeys, Integ, Prf, Secret};
 use ike_proto::proposal::IkeSuite;
-use ike_proto::sa::{Addresses, ChildSaInfo, ChildSaKeys, IkeSa, IkeSaSnapshot, OsEntropy};
+use ike_proto::sa::{
+    Addresses, ChildSaInfo, ChildSaKeys, IkeSa, IkeSaSnapshot, MidSyncStart, OsEntropy,
+};
 use ike_proto::wire::{
     DhGroup, EncrId, IdPayload, IdType, IntegId, PrfId, TrafficSelector, TsType,
 };
@@ -35,6 +41,13 @@ use super::{Entry, IkeManager};
 
 /// Version of the `state` encoding; a record of another version is refused.
 pub const STATE_VERSION: u8 = 1;
+
+/// Added to our next request's message ID when a restored SA asks the peer to
+/// synchronise (RFC 6311 M1): requests the previous owner may have sent after its last
+/// published record. ikemgr publishes after every exchange, within one 100 ms tick, and
+/// runs one exchange at a time, so a few at most can be missing; the peer moves past any
+/// gap without harm.
+pub const MID_SYNC_MARGIN: u32 = 4;
 
 /// HA state of the manager.
 #[derive(Default)]
@@ -50,6 +63,9 @@ pub struct HaState {
     /// Requests for IKE SAs not held here, for hasyncd (FGSP promotion), at most
     /// [`UNKNOWN_MAX`] between two drains.
     unknown: Vec<(u64, u64)>,
+    /// CHILD SAs being republished after an ikemgr restart (see
+    /// [`IkeManager::restore_local`]).
+    pub(super) restoring: bool,
 }
 
 /// Bound of [`HaState::unknown`] between two drains.
@@ -111,6 +127,9 @@ struct WireSa {
     remote: String,
     expires_ms: u64,
     children: Vec<WireChild>,
+    /// The peer announced RFC 6311 message ID synchronisation.
+    #[serde(default)]
+    mid_sync: bool,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -220,6 +239,7 @@ pub fn encode_state(s: &IkeSaSnapshot) -> Vec<u8> {
                 left_ms: ms(*left),
             })
             .collect(),
+        mid_sync: s.mid_sync,
     };
     rmp_serde::to_vec_named(&w).unwrap_or_default()
 }
@@ -309,6 +329,7 @@ pub fn decode_state(rec: &IkeSaRecord) -> Result<IkeSaSnapshot, String> {
         },
         expires_in: Duration::from_millis(w.expires_ms),
         children,
+        mid_sync: w.mid_sync,
     })
 }
 
@@ -443,6 +464,51 @@ impl IkeManager {
     /// (same SPIs, keys and message IDs) and install its CHILD SAs at the given outbound
     /// sequence numbers.
     pub fn takeover(&mut self, now: Instant, t: &TakeoverInfo) -> Result<(), String> {
+        self.continue_sa(now, t, false)
+    }
+
+    /// This ikemgr was restarted (`kill -9`, a crash) and hasyncd's local replica still
+    /// holds what the previous one published: continues every IKE SA of `records` (same
+    /// SPIs, keys and message IDs) and republishes its CHILD SAs exactly as `children`
+    /// (the published `sa.child` records) had them, outbound sequence start included, so
+    /// espd sees the same records and keeps its SAs and counters untouched; the peer
+    /// notices nothing. Called before this ikemgr publishes anything. Returns how many IKE
+    /// SAs were restored.
+    pub fn restore_local(
+        &mut self,
+        now: Instant,
+        records: &[IkeSaRecord],
+        children: &[BusChild],
+    ) -> usize {
+        let mut n = 0;
+        for rec in records {
+            let start_seqs = children
+                .iter()
+                .filter(|c| c.tunnel == rec.tunnel)
+                .map(|c| SeqMark {
+                    tunnel: c.tunnel.clone(),
+                    spi_out: c.spi_out,
+                    seq_hw: c.initial_seq,
+                })
+                .collect();
+            let t = TakeoverInfo {
+                ike: rec.clone(),
+                start_seqs,
+            };
+            match self.continue_sa(now, &t, true) {
+                Ok(()) => n += 1,
+                Err(e) => tracing::error!(
+                    "ike 0:{}: cannot restore the IKE SA from the local replica: {e}",
+                    rec.tunnel
+                ),
+            }
+        }
+        n
+    }
+
+    /// Continues the IKE SA of `t.ike` here: a takeover from another member, or
+    /// (`restart`) the IKE SA this member's previous ikemgr carried.
+    fn continue_sa(&mut self, now: Instant, t: &TakeoverInfo, restart: bool) -> Result<(), String> {
         let rec = &t.ike;
         if self.ha.taken.get(&rec.tunnel) == Some(&(rec.spi_i, rec.spi_r))
             || self
@@ -485,8 +551,13 @@ impl IkeManager {
             },
         );
         tracing::info!(
-            "ike 0:{}:{serial}: HA takeover of IKE SA {:016x}/{:016x} with {}, message IDs send/recv={}/{}",
+            "ike 0:{}:{serial}: {} of IKE SA {:016x}/{:016x} with {}, message IDs send/recv={}/{}",
             rec.tunnel,
+            if restart {
+                "restart: continued from the local hasyncd replica"
+            } else {
+                "HA takeover"
+            },
             info.spi_i,
             info.spi_r,
             addrs.remote,
@@ -501,6 +572,9 @@ impl IkeManager {
         for m in &t.start_seqs {
             self.ha.start_seq.insert(m.spi_out, m.seq_hw);
         }
+        // A restart republishes each CHILD SA once, outbound on, as espd holds it: no
+        // inbound-only step (espd would stop sending on it for a moment).
+        self.ha.restoring = restart;
         for c in &children {
             tracing::info!(
                 "ike 0:{}:{serial}: HA CHILD SA out {:08x} starts at sequence {}",
@@ -510,12 +584,37 @@ impl IkeManager {
             );
             self.child_up(serial, &g, c);
         }
+        self.ha.restoring = false;
         for c in &children {
             self.ha.start_seq.remove(&c.outbound_spi);
         }
         self.ha
             .taken
             .insert(rec.tunnel.clone(), (rec.spi_i, rec.spi_r));
+        // The copy may be behind (an exchange in flight when the old owner died, or done
+        // within its last publishing tick): RFC 6311 when the peer announced it.
+        if let Some(e) = self.sas.get_mut(&serial) {
+            match e.sa.sync_message_ids(now, MID_SYNC_MARGIN) {
+                Ok(MidSyncStart::Sent) => tracing::info!(
+                    "ike 0:{}:{serial}: sending IKEV2_MESSAGE_ID_SYNC, expected send/recv msg IDs={}/{}",
+                    rec.tunnel,
+                    rec.next_send.saturating_add(MID_SYNC_MARGIN),
+                    rec.next_recv
+                ),
+                Ok(MidSyncStart::NotSupported) => tracing::info!(
+                    "ike 0:{}:{serial}: peer did not announce RFC 6311: message IDs as synced",
+                    rec.tunnel
+                ),
+                Ok(MidSyncStart::AeadIvReuse) => tracing::info!(
+                    "ike 0:{}:{serial}: no RFC 6311 sync on this AEAD IKE SA (the peer's response would reuse message ID 0, which may reuse its IV): message IDs as synced",
+                    rec.tunnel
+                ),
+                Err(err) => tracing::warn!(
+                    "ike 0:{}:{serial}: no message ID sync: {err}",
+                    rec.tunnel
+                ),
+            }
+        }
         // Files the restored SA's timers (rekeys, lifetimes) and publishes its record.
         self.pump(serial, now);
         Ok(())
@@ -551,7 +650,6 @@ impl IkeManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bus_schema::schema::SeqMark;
     use std::net::IpAddr;
 
     use crate::ike::tests::{mgr, shuttle, DIAL, HUB};
@@ -690,6 +788,90 @@ mod tests {
         assert_ne!((last.spi_i, last.spi_r), (rec.spi_i, rec.spi_r));
         let h = hub.sas.values().next().unwrap().sa.spis();
         assert_eq!(h, (last.spi_i, last.spi_r));
+    }
+
+    #[test]
+    fn a_restarted_manager_continues_from_the_local_replica_and_republishes_the_same_records() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        hub.probe(now, "hub", 1);
+        shuttle(&mut hub, &mut dial, now);
+        // What the local hasyncd holds: the last record per key, as a store would.
+        let bodies = dial.drain_bodies();
+        let rec = records(&bodies).pop().expect("IKE SA record");
+        let mut children: BTreeMap<u32, BusChild> = BTreeMap::new();
+        let mut tunnel = None;
+        for b in &bodies {
+            match b {
+                Body::ChildSa(c) => {
+                    children.insert(c.spi_in, c.clone());
+                }
+                Body::Tunnel(t) => tunnel = Some(t.clone()),
+                _ => {}
+            }
+        }
+        let children: Vec<BusChild> = children.into_values().collect();
+        assert_eq!(children.len(), 1);
+        assert!(children[0].outbound);
+        // kill -9: the manager is gone; a new one starts from the replica.
+        drop(dial);
+        let mut again = mgr(DIAL, now);
+        assert_eq!(
+            again.restore_local(now, std::slice::from_ref(&rec), &children),
+            1
+        );
+        let b = again.drain_bodies();
+        // The same tunnel record and the same CHILD SA record, once, outbound on: espd
+        // sees nothing change.
+        let republished: Vec<&BusChild> = b
+            .iter()
+            .filter_map(|x| match x {
+                Body::ChildSa(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(republished, children.iter().collect::<Vec<_>>(), "{b:?}");
+        assert!(
+            b.iter()
+                .any(|x| matches!(x, Body::Tunnel(t) if Some(t) == tunnel.as_ref())),
+            "{b:?}"
+        );
+        let again_rec = records(&b).pop().expect("record republished");
+        assert_eq!(
+            (
+                again_rec.spi_i,
+                again_rec.spi_r,
+                again_rec.next_send,
+                again_rec.next_recv
+            ),
+            (rec.spi_i, rec.spi_r, rec.next_send, rec.next_recv)
+        );
+        // The peer notices nothing: a liveness check, rekeys from both sides.
+        hub.probe(now, "hub", 2);
+        shuttle(&mut hub, &mut again, now);
+        assert!(hub
+            .drain_bodies()
+            .iter()
+            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply")));
+        hub.rekey_now(now, "hub", false).unwrap();
+        shuttle(&mut hub, &mut again, now);
+        again.rekey_now(now, "vpn1_1", true).unwrap();
+        shuttle(&mut hub, &mut again, now);
+        let last = records(&again.drain_bodies()).pop().expect("record");
+        assert_ne!((last.spi_i, last.spi_r), (rec.spi_i, rec.spi_r));
+        assert_eq!(
+            hub.sas.values().next().unwrap().sa.spis(),
+            (last.spi_i, last.spi_r)
+        );
+        // Nothing to restore, or garbage: nothing happens.
+        let mut empty = mgr(DIAL, now);
+        assert_eq!(empty.restore_local(now, &[], &[]), 0);
+        let mut bad = rec.clone();
+        bad.keys = vec![1, 2, 3];
+        assert_eq!(empty.restore_local(now, &[bad], &children), 0);
+        assert!(empty.sas.is_empty());
     }
 
     #[test]

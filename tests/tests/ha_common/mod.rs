@@ -31,6 +31,15 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub const NO_DPD: &str = "        set dpd disable\n";
 
 pub fn config(priority: u8, dpd: &str) -> String {
+    config_hb(priority, dpd, HEARTBEAT)
+}
+
+/// FortiOS `hb-interval` (in 100 ms) and `hb-lost-threshold` of [`config`].
+pub const HEARTBEAT: (u32, u32) = (1, 3);
+
+/// [`config`] with the heartbeat `(hb-interval, hb-lost-threshold)`.
+pub fn config_hb(priority: u8, dpd: &str, hb: (u32, u32)) -> String {
+    let (hb_interval, hb_lost) = hb;
     format!(
         "config system ha
     set group-id 5
@@ -39,8 +48,8 @@ pub fn config(priority: u8, dpd: &str) -> String {
     set password \"ha-pair-password\"
     set hbdev \"port4\" 50
     set priority {priority}
-    set hb-interval 1
-    set hb-lost-threshold 3
+    set hb-interval {hb_interval}
+    set hb-lost-threshold {hb_lost}
 end
 config vpn ipsec phase1-interface
     edit \"vpn1\"
@@ -76,10 +85,24 @@ pub struct Member {
     pub procs: Vec<Proc>,
     /// The phase1's DPD lines (see [`config`]).
     pub dpd: String,
+    /// `hb-interval` and `hb-lost-threshold` ([`config_hb`]).
+    pub hb: (u32, u32),
 }
 
 impl Member {
     pub fn start(ns: Netns, dir: &Path, name: &str, priority: u8, dpd: &str) -> Member {
+        Member::start_hb(ns, dir, name, priority, dpd, HEARTBEAT)
+    }
+
+    /// [`Member::start`] with the heartbeat `hb` ([`config_hb`]).
+    pub fn start_hb(
+        ns: Netns,
+        dir: &Path,
+        name: &str,
+        priority: u8,
+        dpd: &str,
+        hb: (u32, u32),
+    ) -> Member {
         let dir = dir.join(name);
         let run = dir.join("run");
         std::fs::create_dir_all(&run).unwrap();
@@ -89,6 +112,7 @@ impl Member {
             run,
             procs: Vec::new(),
             dpd: dpd.to_string(),
+            hb,
         };
         m.spawn(priority);
         m
@@ -97,7 +121,7 @@ impl Member {
     /// Writes the configuration with `priority` and starts the four daemons (logs appended).
     pub fn spawn(&mut self, priority: u8) {
         let conf = self.dir.join("haven.conf");
-        std::fs::write(&conf, config(priority, &self.dpd)).unwrap();
+        std::fs::write(&conf, config_hb(priority, &self.dpd, self.hb)).unwrap();
         self.procs.clear();
         for (d, port) in [
             ("hasyncd", 9703),
@@ -215,6 +239,40 @@ impl Member {
             .collect()
     }
 
+    /// `kill -9` of one daemon, then started again at once with the same configuration and
+    /// run-dir, as supervisord or systemd would (its log is appended to).
+    pub fn kill9_and_restart(&mut self, daemon: &str) {
+        let (i, port) = [
+            ("hasyncd", 9703),
+            ("espd", 9704),
+            ("ikemgr", 9701),
+            ("dpdmon", 9702),
+        ]
+        .iter()
+        .enumerate()
+        .find(|(_, (d, _))| *d == daemon)
+        .map(|(i, (_, p))| (i, *p))
+        .expect("a daemon name");
+        let _ = self.procs[i].kill_now();
+        let conf = self.dir.join("haven.conf");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{daemon}.log")))
+            .unwrap();
+        let mut cmd: Command = self.ns.command(bin(daemon));
+        cmd.arg("--config")
+            .arg(&conf)
+            .arg("--run-dir")
+            .arg(&self.run)
+            .args(["--log-level", "debug"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.procs[i] = self.ns.spawn_command(cmd).expect("spawn daemon");
+    }
+
     pub fn kill_all(&mut self) {
         for p in &mut self.procs {
             let _ = p.kill_now();
@@ -324,6 +382,13 @@ impl Lab {
 
     /// [`Lab::new`] with the members' phase1 DPD lines `dpd`.
     pub fn with_dpd(tag: &str, label: &str, dpd: &str) -> Lab {
+        Lab::with_heartbeat(tag, label, dpd, HEARTBEAT)
+    }
+
+    /// [`Lab::with_dpd`] with the members' heartbeat `hb` ([`config_hb`]): tests that are
+    /// not about failover use a slower one, so a loaded machine does not fail a member
+    /// over by accident.
+    pub fn with_heartbeat(tag: &str, label: &str, dpd: &str, hb: (u32, u32)) -> Lab {
         if let Err(e) = strongswan::preflight() {
             panic!("cannot run strongSwan tests on this machine: {e}");
         }
@@ -389,8 +454,8 @@ impl Lab {
         }
 
         // The pair: gw1 (priority 200) primary, gw2 (100) secondary.
-        let m1 = Member::start(gw1.clone(), scratch.path(), "gw1", 200, dpd);
-        let m2 = Member::start(gw2.clone(), scratch.path(), "gw2", 100, dpd);
+        let m1 = Member::start_hb(gw1.clone(), scratch.path(), "gw1", 200, dpd, hb);
+        let m2 = Member::start_hb(gw2.clone(), scratch.path(), "gw2", 100, dpd, hb);
         wait_for("gw1 primary, gw2 secondary", WAIT, || {
             match (m1.role(), m2.role()) {
                 (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
@@ -410,7 +475,8 @@ impl Lab {
                 &SwanctlConf::new().conn(
                     Conn::psk("dial", "192.168.7.2", SHARED, PSK.as_bytes())
                         .ids(CLIENT_ID, GW_ID)
-                        .proposals(&["aes128gcm16-prfsha256-ecp256"])
+                        // The second for labs whose phase1 lines ask for CBC.
+                        .proposals(&["aes128gcm16-prfsha256-ecp256", "aes256-sha256-ecp256"])
                         .child(
                             ChildCfg::new(
                                 "net",

@@ -192,6 +192,13 @@ impl IkeSa {
         msg: Message,
     ) -> Result<()> {
         let mid = msg.header.message_id;
+        if !old
+            && mid == 0
+            && self.mid_sync.is_some()
+            && msg.header.exchange == ExchangeType::INFORMATIONAL
+        {
+            return self.mid_sync_response(now, path, data, &msg);
+        }
         let ch = if old {
             self.old.as_ref().ok_or(IkeError::WrongSa)?
         } else {
@@ -479,6 +486,8 @@ impl IkeSa {
         )));
         p.push(Payload::TsI(self.cfg.local_ts.clone()));
         p.push(Payload::TsR(self.cfg.remote_ts.clone()));
+        // RFC 6311 §3: we answer (and send) message ID synchronisation.
+        p.push(notify(NotifyType::IKEV2_MESSAGE_ID_SYNC_SUPPORTED));
         let bytes = self.seal(false, ExchangeType::IKE_AUTH, 1, false, &p)?;
         self.chan.next_send = 2;
         self.state = State::AuthSent;
@@ -546,6 +555,7 @@ impl IkeSa {
             .as_ref()
             .ok_or(IkeError::Unexpected("no handshake"))?;
         let (ni, nr, child_spi) = (hs.ni.clone(), hs.nr.clone(), hs.child_spi);
+        self.peer_mid_sync = find_notify(p, NotifyType::IKEV2_MESSAGE_ID_SYNC_SUPPORTED).is_some();
         self.establish(now, proof, idr);
         self.emit_mid();
         self.hs = None;
@@ -926,6 +936,7 @@ impl IkeSa {
         };
         let (certs, ours) = self.local_auth(&response, &ni, &sk_pr, &hashes)?;
         self.hs = None;
+        self.peer_mid_sync = find_notify(p, NotifyType::IKEV2_MESSAGE_ID_SYNC_SUPPORTED).is_some();
         self.establish(now, proof, idi);
         // §1.2: IDr, [CERT,] AUTH, SAr2, TSi, TSr.
         let mut reply = vec![Payload::IdR(self.cfg.local_id.clone())];
@@ -942,6 +953,8 @@ impl IkeSa {
                 reply.push(Payload::Notify(NotifyPayload::new(n, data)));
             }
         }
+        // RFC 6311 §3: we answer (and send) message ID synchronisation.
+        reply.push(notify(NotifyType::IKEV2_MESSAGE_ID_SYNC_SUPPORTED));
         Ok(reply)
     }
 

@@ -2001,3 +2001,233 @@ mod certificates {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// RFC 6311 message ID synchronisation
+// ---------------------------------------------------------------------------
+
+/// B's copy is taken, then both sides run exchanges the copy does not see (a liveness
+/// check each way): the copy is one request behind in each direction.
+fn stale_copy() -> (Pair, IkeSaSnapshot) {
+    let mut p = established("aes256-sha256", "14", "aes256-sha256");
+    assert!(p.a.peer_supports_mid_sync() && p.b().peer_supports_mid_sync());
+    let now = p.now;
+    let snap = p.b().snapshot(now).unwrap();
+    assert!(snap.mid_sync, "support is part of the copy");
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    let now = p.now;
+    p.b().start_liveness_check(now).unwrap();
+    p.settle();
+    assert_eq!(
+        (p.b().message_ids()),
+        (snap.next_send + 1, snap.next_recv + 1)
+    );
+    p.ev_a.clear();
+    p.ev_b.clear();
+    (p, snap)
+}
+
+#[test]
+fn a_stale_copy_without_sync_stalls_the_peers_requests() {
+    // The failure RFC 6311 exists for: A's next request carries an ID the copy does not
+    // expect yet, and is dropped until A gives up on it.
+    let (mut p, snap) = stale_copy();
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap,
+    ));
+    p.a.start_liveness_check(p.now).unwrap();
+    p.run(Duration::from_secs(600));
+    assert!(!p.ev_a.contains(&Event::LivenessReply), "{:?}", p.ev_a);
+    assert!(p.ev_a.contains(&Event::LivenessTimeout), "{:?}", p.ev_a);
+}
+
+#[test]
+fn a_stale_copy_is_resynced_with_message_id_sync_and_exchanges_continue() {
+    let (mut p, snap) = stale_copy();
+    let (a_send, a_recv) = p.a.message_ids();
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap.clone(),
+    ));
+    let now = p.now;
+    assert_eq!(
+        p.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::Sent)
+    );
+    assert!(p.b().mid_sync_pending());
+    // Nothing else is started while the sync is outstanding.
+    p.b().start_liveness_check(now).unwrap();
+    p.collect();
+    let first = p.ba.len();
+    p.settle();
+    assert!(!p.b().mid_sync_pending());
+    // Both sides logged the sync with the IDs now in force: B sends from M1 (its stale
+    // next ID + 4, above the one A has seen), and expects A's real next ID.
+    let m1 = snap.next_send + 4;
+    assert!(
+        p.ev_b.contains(&Event::MessageIdsSynced {
+            initiated: true,
+            next_send: m1 + 1, // the queued liveness check went out after the sync
+            next_recv: a_send,
+        }) || p.ev_b.contains(&Event::MessageIdsSynced {
+            initiated: true,
+            next_send: m1,
+            next_recv: a_send,
+        })
+    );
+    assert!(p.ev_a.contains(&Event::MessageIdsSynced {
+        initiated: false,
+        next_send: a_send,
+        next_recv: m1,
+    }));
+    assert!(a_recv < m1);
+    assert!(p.ev_b.contains(&Event::LivenessReply), "{:?}", p.ev_b);
+    assert_eq!(first, 1, "only the sync request left B before the answer");
+    // The peer's requests, a CHILD rekey and an IKE rekey from each side work.
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessReply), "{:?}", p.ev_a);
+    let old = p.a.child_spis()[0];
+    p.a.rekey_child(p.now, old).unwrap();
+    p.settle();
+    let now = p.now;
+    let spi = p.b().child_spis()[0];
+    p.b().rekey_child(now, spi).unwrap();
+    p.settle();
+    assert_eq!(Pair::children(&p.ev_a).len(), 2);
+    assert_eq!(Pair::children(&p.ev_b).len(), 2);
+    p.a.rekey_ike(p.now).unwrap();
+    p.settle();
+    let now = p.now;
+    p.b().rekey_ike(now).unwrap();
+    p.settle();
+    assert_eq!(p.a.spis(), p.b().spis());
+    assert_ne!(p.a.spis(), (snap.info.spi_i, snap.info.spi_r));
+    assert!(p.a.is_established() && p.b().is_established());
+}
+
+#[test]
+fn a_sync_request_below_the_ids_seen_is_dropped() {
+    // RFC 6311 §5.1: M1 at or below the highest ID the peer has seen from the cluster is
+    // silently dropped; the asking side retransmits, then gives the SA up.
+    let (mut p, snap) = stale_copy();
+    let before = p.a.message_ids();
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap,
+    ));
+    let now = p.now;
+    assert_eq!(
+        p.b().sync_message_ids(now, 0).ok(),
+        Some(MidSyncStart::Sent)
+    );
+    p.run(Duration::from_secs(600));
+    assert_eq!(p.a.message_ids(), before, "A's counters unchanged");
+    assert!(p
+        .ev_a
+        .iter()
+        .all(|e| !matches!(e, Event::MessageIdsSynced { .. })));
+    assert!(p.b().is_closed());
+}
+
+#[test]
+fn no_sync_without_the_peers_announcement() {
+    let (mut p, mut snap) = stale_copy();
+    snap.mid_sync = false;
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap,
+    ));
+    let now = p.now;
+    assert_eq!(
+        p.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::NotSupported)
+    );
+    p.collect();
+    assert!(p.ba.is_empty(), "nothing sent");
+    // And an SA that is not established cannot sync.
+    let mut q = Pair::new(
+        cfg(
+            b"s",
+            "a.example",
+            "aes256-sha256",
+            "14",
+            "aes256-sha256",
+            "",
+        ),
+        cfg(
+            b"s",
+            "b.example",
+            "aes256-sha256",
+            "14",
+            "aes256-sha256",
+            "",
+        ),
+    );
+    assert!(matches!(
+        q.a.sync_message_ids(q.now, 4),
+        Err(IkeError::NotEstablished)
+    ));
+    q.collect();
+}
+
+#[test]
+fn no_sync_where_the_peers_response_could_reuse_an_aead_iv() {
+    // B (the responder) sent liveness checks with message IDs 0 and up: A has already
+    // encrypted a response with ID 0 under these keys. With AES-GCM a second one could
+    // reuse A's IV if A counts its IVs by message ID, so B does not ask.
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let now = p.now;
+    p.b().start_liveness_check(now).unwrap();
+    p.settle();
+    let now = p.now;
+    let snap = p.b().snapshot(now).unwrap();
+    assert!(snap.next_send > 0);
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap,
+    ));
+    let now = p.now;
+    assert_eq!(
+        p.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::AeadIvReuse)
+    );
+    p.collect();
+    assert!(p.ba.is_empty(), "nothing sent");
+    // Before any request of B's, the sync is safe and goes out.
+    let mut q = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let now = q.now;
+    let snap = q.b().snapshot(now).unwrap();
+    assert_eq!(snap.next_send, 0);
+    q.b = Some(IkeSa::restore(
+        q.now,
+        q.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap,
+    ));
+    let now = q.now;
+    assert_eq!(
+        q.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::Sent)
+    );
+    q.settle();
+    assert!(q.ev_b.iter().any(|e| matches!(
+        e,
+        Event::MessageIdsSynced {
+            initiated: true,
+            ..
+        }
+    )));
+}

@@ -242,8 +242,12 @@ wire_enum! {
         ESP_TFC_PADDING_NOT_SUPPORTED = 16394,
         NON_FIRST_FRAGMENTS_ALSO = 16395,
         MOBIKE_SUPPORTED = 16396,
+        /// RFC 6311 §3 (IANA 16420): announced in IKE_AUTH by a peer that can answer
+        /// message ID synchronisation requests.
         IKEV2_MESSAGE_ID_SYNC_SUPPORTED = 16420,
         IKEV2_REPLAY_COUNTER_SYNC_SUPPORTED = 16421,
+        /// RFC 6311 §5: alone in an INFORMATIONAL with message ID 0; data in
+        /// [`super::MessageIdSync`].
         IKEV2_MESSAGE_ID_SYNC = 16422,
         IPSEC_REPLAY_COUNTER_SYNC = 16423,
         IKEV2_FRAGMENTATION_SUPPORTED = 16430,

@@ -1020,6 +1020,44 @@ impl Message {
     }
 }
 
+/// Notification data of `IKEV2_MESSAGE_ID_SYNC` (RFC 6311 §5): a 32-bit nonce the
+/// responder echoes, then the sender's `EXPECTED_SEND_REQ_MESSAGE_ID` (the ID of its next
+/// request) and `EXPECTED_RECV_REQ_MESSAGE_ID` (the ID it expects on the other side's next
+/// request), each 32 bits in network byte order: exactly 12 octets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageIdSync {
+    /// Nonce Data: chosen by the request's sender, echoed in the response.
+    pub nonce: u32,
+    /// EXPECTED_SEND_REQ_MESSAGE_ID.
+    pub send: u32,
+    /// EXPECTED_RECV_REQ_MESSAGE_ID.
+    pub recv: u32,
+}
+
+impl MessageIdSync {
+    /// Length of the notification data.
+    pub const LEN: usize = 12;
+
+    /// The notification data.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::LEN);
+        v.extend_from_slice(&self.nonce.to_be_bytes());
+        v.extend_from_slice(&self.send.to_be_bytes());
+        v.extend_from_slice(&self.recv.to_be_bytes());
+        v
+    }
+
+    /// Parses notification data; anything but exactly 12 octets is refused.
+    pub fn decode(data: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(data);
+        let nonce = r.u32("MESSAGE_ID_SYNC nonce")?;
+        let send = r.u32("EXPECTED_SEND_REQ_MESSAGE_ID")?;
+        let recv = r.u32("EXPECTED_RECV_REQ_MESSAGE_ID")?;
+        r.expect_end("MESSAGE_ID_SYNC data")?;
+        Ok(MessageIdSync { nonce, send, recv })
+    }
+}
+
 /// Fuzz body shared by the cargo-fuzz target and the corpus unit test:
 /// decoding must not panic, and anything that decodes must re-encode to
 /// bytes that decode to the same message. Also runs the inner-chain decoder

@@ -329,3 +329,31 @@ fn fuzz_body_over_corpus_and_mutations() {
     }
     assert!(inputs > 10_000);
 }
+
+#[test]
+fn message_id_sync_data_round_trips_and_refuses_other_lengths() {
+    // RFC 6311 §5: nonce, EXPECTED_SEND_REQ_MESSAGE_ID, EXPECTED_RECV_REQ_MESSAGE_ID.
+    let m = MessageIdSync {
+        nonce: 0x1a2b_0a55,
+        send: 14,
+        recv: 1,
+    };
+    let b = m.encode();
+    assert_eq!(
+        b,
+        [0x1a, 0x2b, 0x0a, 0x55, 0, 0, 0, 14, 0, 0, 0, 1],
+        "seed 002's request: nonce=1a2b0a55 expected send/recv msg IDs=14/1"
+    );
+    assert_eq!(MessageIdSync::decode(&b), Ok(m));
+    for n in 0..b.len() {
+        assert!(MessageIdSync::decode(&b[..n]).is_err(), "{n} octets");
+    }
+    let mut long = b.clone();
+    long.push(0);
+    assert!(matches!(
+        MessageIdSync::decode(&long),
+        Err(DecodeError::TrailingData { extra: 1, .. })
+    ));
+    assert_eq!(NotifyType::IKEV2_MESSAGE_ID_SYNC.0, 16422);
+    assert_eq!(NotifyType::IKEV2_MESSAGE_ID_SYNC_SUPPORTED.0, 16420);
+}
