@@ -102,6 +102,8 @@ pub struct Cluster {
     takeovers: Vec<TakeoverInfo>,
     /// Election events of the current drive, applied to `table` after the messages.
     election_events: Vec<ElectionEvent>,
+    /// Age of the last update applied per peer (`hasyncd_sync_lag_seconds`).
+    lag: crate::lag::SyncLag,
     /// The configuration blocks the links were started from.
     started_from: (
         Option<haven_config::Ha>,
@@ -292,6 +294,7 @@ impl Cluster {
             takeovers: Vec::new(),
             election_events: Vec::new(),
             started_from: (config.ha.clone(), config.standalone.clone()),
+            lag: Default::default(),
         }
     }
 
@@ -437,6 +440,7 @@ impl Cluster {
             }
         }
         for (from, link, msg) in received {
+            self.lag.applied(link, from, now_ms);
             if link == "fgcp" {
                 if let Some(t) = self.table.as_mut() {
                     t.handle_message(from, &msg);
@@ -478,6 +482,7 @@ impl Cluster {
             self.send_sync(&all, resend_fgcp, resend_fgsp);
         }
         self.run_table(now_ms);
+        self.lag.publish(now_ms);
         ch
     }
 

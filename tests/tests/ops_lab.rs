@@ -265,6 +265,26 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
         "status shows no Prometheus:\n{s}"
     );
 
+    // Sync lag: the carrier's partner applies its updates over the FGCP link, the other
+    // pair's primary over FGSP (fgsp-sync enable).
+    wait_for(
+        "hasyncd_sync_lag_seconds of the partner (fgcp) and the FGSP peer",
+        Duration::from_secs(60),
+        || {
+            let r = lab.prom_query("hasyncd_sync_lag_seconds")?;
+            let has = |member: &str, link: &str| {
+                r.iter()
+                    .any(|s| s["metric"]["member"] == member && s["metric"]["link"] == link)
+            };
+            let other_primary = if carrier == "vm1" { "vm3" } else { "vm1" };
+            if has(host(partner(&carrier)), "fgcp") && has(host(other_primary), "fgsp") {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+
     ike_and_esp_decrypt(&lab, &carrier);
 
     // Failover: the carrier is powered off, its FGCP partner takes the tunnel over.
