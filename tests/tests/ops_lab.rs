@@ -198,6 +198,14 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
         prefix: format!("hvlt{}", std::process::id()),
         dir: std::env::temp_dir().join(format!("haven-lab-test-{}", std::process::id())),
     };
+    promtool(&[
+        "check",
+        "config",
+        workspace_root()
+            .join("ops/prometheus/prometheus-lab.yml")
+            .to_str()
+            .unwrap(),
+    ]);
     let up = lab.run(&["up"]);
     let up_text = text(&up);
     assert!(up.status.success(), "ops/lab up failed:\n{up_text}");
@@ -252,6 +260,27 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
         },
     );
 
+    // Every daemon of every member serves valid Prometheus text (promtool's lint).
+    for i in 1..=4 {
+        for port in 9701..=9704 {
+            let url = format!("http://10.99.0.{i}:{port}/metrics");
+            let out = lab.in_ns(
+                "mgmt",
+                &[
+                    "sh",
+                    "-c",
+                    &format!(
+                        "curl -sf --max-time 3 {url} | promtool check metrics && echo METRICS-OK"
+                    ),
+                ],
+            );
+            assert!(
+                out.contains("METRICS-OK"),
+                "promtool check metrics {url}: {out}"
+            );
+        }
+    }
+
     let status = lab.run(&["status"]);
     let s = text(&status);
     assert!(status.status.success(), "{s}");
@@ -297,6 +326,11 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
     assert!(
         fo_text.contains(&format!("{} carries vpn1_1 now", host(new))),
         "{fo_text}"
+    );
+    assert!(
+        fo_text.contains(&format!("FGSP: {} speaks for cluster", host(new)))
+            && fo_text.contains("and detects 1 peer(s)"),
+        "the new primary does not speak for its pair on FGSP:\n{fo_text}"
     );
     let (_, _, last_at_failover) = ping_counts(&ping_log);
     wait_for(
@@ -366,6 +400,14 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
         .collect();
     assert!(alive.is_empty(), "lab processes still alive: {alive:?}");
     assert!(!lab.dir.exists(), "{} left behind", lab.dir.display());
+}
+
+fn promtool(args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool not found: run ops/install-deps");
+    assert!(out.status.success(), "promtool {args:?}: {}", text(&out));
 }
 
 /// tshark's `fields` for the packets of `pcap` matching `filter`, with `config_dir` as
