@@ -27,13 +27,15 @@ use haven_tests::netns::ScratchDir;
 struct Lab {
     prefix: String,
     dir: PathBuf,
+    /// HAVEN_BIN for the lab (this build's binaries unless a test says otherwise).
+    bin: PathBuf,
 }
 
 impl Lab {
     fn run(&self, args: &[&str]) -> Output {
         Command::new(workspace_root().join("ops/lab"))
             .args(args)
-            .env("HAVEN_BIN", bin_dir())
+            .env("HAVEN_BIN", &self.bin)
             .env("HAVEN_LAB_PREFIX", &self.prefix)
             .env("HAVEN_LAB_DIR", &self.dir)
             .output()
@@ -197,6 +199,7 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
     let lab = Lab {
         prefix: format!("hvlt{}", std::process::id()),
         dir: std::env::temp_dir().join(format!("haven-lab-test-{}", std::process::id())),
+        bin: bin_dir(),
     };
     promtool(&[
         "check",
@@ -408,6 +411,39 @@ fn promtool(args: &[&str]) {
         .output()
         .expect("promtool not found: run ops/install-deps");
     assert!(out.status.success(), "promtool {args:?}: {}", text(&out));
+}
+
+/// `up` fails half-way (no daemon binaries: supervisord cannot start the first member)
+/// after building the namespaces; `down` still removes every namespace and file.
+#[test]
+fn lab_down_after_a_failed_up_leaves_nothing() {
+    let scratch = ScratchDir::new("lab-nobin").expect("scratch");
+    let bin = scratch.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(bin_dir().join("vpnctl"), bin.join("vpnctl")).expect("vpnctl built");
+    let lab = Lab {
+        prefix: format!("hvlf{}", std::process::id()),
+        dir: std::env::temp_dir().join(format!("haven-lab-fail-{}", std::process::id())),
+        bin,
+    };
+    let up = lab.run(&["up"]);
+    assert!(
+        !up.status.success(),
+        "up without daemons must fail:\n{}",
+        text(&up)
+    );
+    assert_eq!(
+        lab.namespaces().len(),
+        11,
+        "up failed before the topology was built:\n{}",
+        text(&up)
+    );
+    assert!(lab.dir.exists());
+    let down = lab.run(&["down"]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(lab.namespaces().is_empty(), "{:?}", lab.namespaces());
+    assert!(lab.processes().is_empty(), "{:?}", lab.processes());
+    assert!(!lab.dir.exists(), "{} left behind", lab.dir.display());
 }
 
 /// tshark's `fields` for the packets of `pcap` matching `filter`, with `config_dir` as
