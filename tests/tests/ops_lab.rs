@@ -10,8 +10,9 @@
 //! decrypts the IKE_AUTH exchange (the identities inside the encrypted payload) and the
 //! ESP-in-UDP ping. Then `ops/lab failover` powers the carrying member off: its FGCP
 //! partner carries the tunnel, the ping continues (the pings lost are counted from the
-//! ping output and printed, not asserted: no timing), the roles changed, and Prometheus
-//! sees the partner's `hasyncd_failovers_total` move. Last, `down` leaves no namespace,
+//! ping output and printed, not asserted: no timing), strongSwan's SAs kept their SPIs and
+//! it dropped nothing as a replay, the roles changed, and Prometheus sees the partner's
+//! `hasyncd_failovers_total` move. Last, `down` leaves no namespace,
 //! no process and no file.
 //!
 //! The lab runs under its own namespace prefix and directory (HAVEN_LAB_PREFIX,
@@ -328,6 +329,14 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
     let new = partner(&carrier);
     assert!(
         fo_text.contains(&format!("{} carries vpn1_1 now", host(new))),
+        "{fo_text}"
+    );
+    assert!(
+        fo_text.contains("(unchanged: no renegotiation)"),
+        "strongSwan's SAs changed across the takeover:\n{fo_text}"
+    );
+    assert!(
+        fo_text.contains("ESP packets strongSwan dropped as replays: 0"),
         "{fo_text}"
     );
     assert!(
