@@ -108,6 +108,8 @@ pub struct Cluster {
     demotions: Vec<String>,
     /// Tunnel roles may have changed (FGSP table), for the daemon (reset by it).
     pub roles_dirty: bool,
+    /// Age of the last update applied per peer (`hasyncd_sync_lag_seconds`).
+    lag: crate::lag::SyncLag,
     /// The configuration blocks the links were started from.
     started_from: (
         Option<haven_config::Ha>,
@@ -307,6 +309,7 @@ impl Cluster {
             demotions: Vec::new(),
             roles_dirty: true,
             started_from: (config.ha.clone(), config.standalone.clone()),
+            lag: Default::default(),
         }
     }
 
@@ -467,6 +470,7 @@ impl Cluster {
         }
         let fgsp_mode = self.fgsp_mode();
         for (from, link, msg) in received {
+            self.lag.applied(link, from, now_ms);
             if link == "fgsp" && fgsp_mode {
                 // Only tunnels of phase1s with `fgsp-sync enable` here: others are neither
                 // kept nor taken over (seed 000's DC1_VM4); their leases are acknowledged
@@ -541,6 +545,7 @@ impl Cluster {
             self.send_sync(&all, resend_fgcp, resend_fgsp);
         }
         self.run_table(now_ms);
+        self.lag.publish(now_ms);
         ch
     }
 

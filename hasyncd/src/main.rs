@@ -25,6 +25,7 @@
 
 mod cluster;
 mod io;
+mod lag;
 mod vip;
 
 use std::collections::BTreeMap;
@@ -210,6 +211,7 @@ impl DaemonLogic for Hasyncd {
 
     fn new(_config: &Config, _run_dir: &Path) -> Self {
         cluster::describe_metrics();
+        lag::describe_metrics();
         Hasyncd {
             member: None,
             member_published: false,

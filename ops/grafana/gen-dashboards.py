@@ -16,6 +16,7 @@ import sys
 DS = {"type": "prometheus", "uid": "haven-prometheus"}
 DAEMON_JOBS = 'job=~"ikemgr|dpdmon|hasyncd|espd"'
 M = 'member=~"$member"'
+LAG_DESC = 'Sync lag: seconds since this member applied the last sync update (IKE SA, message IDs, CHILD SA, deletion, lease, claim; not a heartbeat) from each peer. An age, not a queue: it grows on an idle cluster; it should drop back after each IKE exchange, rekey or lease on the carrier. Empty until a peer sent an update. See hasyncd/src/lag.rs.'
 
 
 def q(expr, legend=""):
@@ -94,6 +95,9 @@ DASHBOARDS = {
               "{{member}} {{link}} sent"),
             q(f'sum by (member, link) (rate(hasyncd_sync_messages_received_total{{{M}}}[$__rate_interval]))',
               "{{member}} {{link}} received")], unit="ops", key=True),
+        panel("HA sync lag (age of the last update applied, per peer)", "timeseries",
+              [q(f'max by (member, link, peer) (hasyncd_sync_lag_seconds{{{M}}})', "{{member}} {{link}} from {{peer}}")],
+              unit="s", desc=LAG_DESC),
         panel("Daemons up", "stat", [q(f'up{{{DAEMON_JOBS}, {M}}}', "{{member}} {{job}}")], key=True,
               mappings=[{"type": "value", "options": {"0": {"text": "DOWN", "color": "red"},
                                                       "1": {"text": "UP", "color": "green"}}}]),
@@ -143,6 +147,13 @@ DASHBOARDS = {
               [q(f'sum by (member, link, reason) (increase(hasyncd_link_drops_total{{{M}}}[$__rate_interval]))',
                  "{{member}} {{link}} {{reason}}")],
               desc="Forged, replayed or undecryptable HA datagrams; empty while there are none."),
+        panel("Sync lag per peer", "timeseries",
+              [q(f'hasyncd_sync_lag_seconds{{{M}}}', "{{member}} {{link}} from {{peer}}")],
+              unit="s", desc=LAG_DESC),
+        panel("Sync updates applied / s", "timeseries",
+              [q(f'rate(hasyncd_sync_updates_applied_total{{{M}}}[$__rate_interval])',
+                 "{{member}} {{link}} from {{peer}}")], unit="ops",
+              desc="Sync updates (not heartbeats) applied from each peer; empty until a peer sent one."),
         panel("Failovers", "timeseries",
               [q(f'increase(hasyncd_failovers_total{{{M}}}[$__rate_interval])', "{{member}}")],
               desc="Times this member took the primary role over; empty until the first one."),

@@ -1,13 +1,19 @@
 //! `ops/lab`, the README's first command, end to end with this build's binaries: `up`
-//! builds the namespaces, starts the gateway under supervisord, brings the strongSwan
-//! client's tunnel up and starts the continuous ping; the ping gets replies through the
-//! tunnel, Prometheus (started by the lab in the gateway's namespace with the shipped
-//! prometheus.yml) has all four daemons up, `status` shows the tunnel instance. Then the
-//! Wireshark export with a real IKE peer: with tcpdump on the gateway's outside port, the
-//! client tears its IKE SA down and negotiates again, `vpnctl diagnose vpn ike export-keys`
-//! writes both tables, and tshark decrypts the IKE_AUTH exchange (the identities inside the
-//! encrypted payload) and the ESP-in-UDP ping. Last, `down` leaves no namespace, no process
-//! and no file.
+//! builds seed 001's topology (two FGCP pairs peered over FGSP behind an ECMP router),
+//! starts the four members' daemons under supervisord, brings the strongSwan client's
+//! tunnel up, starts the continuous ping and prints every member's tunnel list; the ping
+//! gets replies through the tunnel, Prometheus (started by the lab with
+//! ops/prometheus/prometheus-lab.yml) has every daemon of every member up, `status` shows
+//! the tunnel instance and the roles. Then the Wireshark export with a real IKE peer: with
+//! tcpdump on the carrying member's outside port, the client tears its IKE SA down and
+//! negotiates again, `vpnctl diagnose vpn ike export-keys` writes both tables, and tshark
+//! decrypts the IKE_AUTH exchange (the identities inside the encrypted payload) and the
+//! ESP-in-UDP ping. Then `ops/lab failover` powers the carrying member off: its FGCP
+//! partner carries the tunnel, the ping continues (the pings lost are counted from the
+//! ping output and printed, not asserted: no timing), strongSwan's SAs kept their SPIs and
+//! it dropped nothing as a replay, the roles changed, and Prometheus sees the partner's
+//! `hasyncd_failovers_total` move. Last, `down` leaves no namespace,
+//! no process and no file.
 //!
 //! The lab runs under its own namespace prefix and directory (HAVEN_LAB_PREFIX,
 //! HAVEN_LAB_DIR), so an operator's lab (`hvlab-*`) on the same machine is left alone.
@@ -22,13 +28,15 @@ use haven_tests::netns::ScratchDir;
 struct Lab {
     prefix: String,
     dir: PathBuf,
+    /// HAVEN_BIN for the lab (this build's binaries unless a test says otherwise).
+    bin: PathBuf,
 }
 
 impl Lab {
     fn run(&self, args: &[&str]) -> Output {
         Command::new(workspace_root().join("ops/lab"))
             .args(args)
-            .env("HAVEN_BIN", bin_dir())
+            .env("HAVEN_BIN", &self.bin)
             .env("HAVEN_LAB_PREFIX", &self.prefix)
             .env("HAVEN_LAB_DIR", &self.dir)
             .output()
@@ -79,14 +87,68 @@ impl Lab {
         pids
     }
 
-    fn in_gw(&self, args: &[&str]) -> String {
+    /// Runs `args` in the lab's namespace `<prefix>-<ns>`; stdout.
+    fn in_ns(&self, ns: &str, args: &[&str]) -> String {
         let out = Command::new("ip")
-            .args(["netns", "exec", &format!("{}-gw", self.prefix)])
+            .args(["netns", "exec", &format!("{}-{ns}", self.prefix)])
             .args(args)
             .output()
             .expect("ip netns exec");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// The member (`vm1`..`vm4`) the lab found carrying the tunnel.
+    fn carrier(&self) -> String {
+        std::fs::read_to_string(self.dir.join("carrier"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// A Prometheus instant query in the management namespace: the result vector.
+    fn prom_query(&self, q: &str) -> Result<Vec<serde_json::Value>, String> {
+        let body = self.in_ns(
+            "mgmt",
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "3",
+                "--data-urlencode",
+                &format!("query={q}"),
+                "http://127.0.0.1:9090/api/v1/query",
+            ],
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        v["data"]["result"]
+            .as_array()
+            .cloned()
+            .ok_or_else(|| body.clone())
+    }
+}
+
+const MEMBERS: [(&str, &str); 4] = [
+    ("vm1", "DC2_VM1"),
+    ("vm2", "DC2_VM2"),
+    ("vm3", "DC2_VM3"),
+    ("vm4", "DC2_VM4"),
+];
+
+fn partner(m: &str) -> &'static str {
+    match m {
+        "vm1" => "vm2",
+        "vm2" => "vm1",
+        "vm3" => "vm4",
+        _ => "vm3",
+    }
+}
+
+fn host(m: &str) -> &'static str {
+    MEMBERS
+        .iter()
+        .find(|(v, _)| *v == m)
+        .map_or("?", |(_, h)| h)
 }
 
 impl Drop for Lab {
@@ -105,11 +167,32 @@ fn text(o: &Output) -> String {
 }
 
 fn replies(path: &Path) -> usize {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("bytes from 10.1.0.2"))
-        .count()
+    ping_counts(path).1
+}
+
+/// From ping's output: (highest icmp_seq sent, distinct seqs answered, highest answered).
+fn ping_counts(path: &Path) -> (u64, usize, u64) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut sent = 0;
+    let mut got = std::collections::BTreeSet::new();
+    for l in text.lines() {
+        let Some(i) = l.find("icmp_seq=") else {
+            continue;
+        };
+        let Some(seq) = l[i + "icmp_seq=".len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        sent = sent.max(seq);
+        if l.contains("bytes from 10.10.101.2") {
+            got.insert(seq);
+        }
+    }
+    let last = got.iter().next_back().copied().unwrap_or(0);
+    (sent, got.len(), last)
 }
 
 #[test]
@@ -117,10 +200,37 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
     let lab = Lab {
         prefix: format!("hvlt{}", std::process::id()),
         dir: std::env::temp_dir().join(format!("haven-lab-test-{}", std::process::id())),
+        bin: bin_dir(),
     };
+    promtool(&[
+        "check",
+        "config",
+        workspace_root()
+            .join("ops/prometheus/prometheus-lab.yml")
+            .to_str()
+            .unwrap(),
+    ]);
     let up = lab.run(&["up"]);
-    assert!(up.status.success(), "ops/lab up failed:\n{}", text(&up));
-    assert_eq!(lab.namespaces().len(), 4, "{:?}", lab.namespaces());
+    let up_text = text(&up);
+    assert!(up.status.success(), "ops/lab up failed:\n{up_text}");
+    assert_eq!(lab.namespaces().len(), 11, "{:?}", lab.namespaces());
+    // `up` ends with the tunnel list of every member, the carrier's with vpn1_1.
+    for (_, h) in MEMBERS {
+        assert!(
+            up_text.contains(&format!("{h} (primary) # diagnose vpn tunnel list"))
+                || up_text.contains(&format!("{h} (secondary) # diagnose vpn tunnel list")),
+            "no tunnel list of {h} in up's output:\n{up_text}"
+        );
+    }
+    assert!(
+        up_text.contains("name=vpn1_1") && up_text.contains("role=sync-primary"),
+        "{up_text}"
+    );
+    let carrier = lab.carrier();
+    assert!(
+        ["vm1", "vm3"].contains(&carrier.as_str()),
+        "the carrier must be a pair's primary: {carrier:?}\n{up_text}"
+    );
 
     let ping_log = lab.dir.join("ping.log");
     wait_for(
@@ -136,47 +246,147 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
     );
 
     wait_for(
-        "Prometheus has the four daemons up",
+        "Prometheus has every daemon of every member up",
         Duration::from_secs(60),
         || {
-            let body = lab.in_gw(&[
-                "curl",
-                "-s",
-                "--max-time",
-                "3",
-                "http://127.0.0.1:9090/api/v1/targets",
-            ]);
-            let v: serde_json::Value =
-                serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
-            let targets = v["data"]["activeTargets"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let up = targets.iter().filter(|t| t["health"] == "up").count();
-            if up == 4 {
+            let up = lab.prom_query("up")?;
+            let n = up.iter().filter(|r| r["value"][1] == "1").count();
+            let members: std::collections::BTreeSet<String> = up
+                .iter()
+                .filter(|r| r["value"][1] == "1")
+                .filter_map(|r| r["metric"]["member"].as_str().map(str::to_string))
+                .collect();
+            if n == 16 && members.len() == 4 {
                 Ok(())
             } else {
-                Err(body)
+                Err(format!("{n} up: {up:?}"))
             }
         },
     );
+
+    // Every daemon of every member serves valid Prometheus text (promtool's lint).
+    for i in 1..=4 {
+        for port in 9701..=9704 {
+            let url = format!("http://10.99.0.{i}:{port}/metrics");
+            let out = lab.in_ns(
+                "mgmt",
+                &[
+                    "sh",
+                    "-c",
+                    &format!(
+                        "curl -sf --max-time 3 {url} | promtool check metrics && echo METRICS-OK"
+                    ),
+                ],
+            );
+            assert!(
+                out.contains("METRICS-OK"),
+                "promtool check metrics {url}: {out}"
+            );
+        }
+    }
 
     let status = lab.run(&["status"]);
     let s = text(&status);
     assert!(status.status.success(), "{s}");
     assert!(
-        s.contains("vpn1_1"),
-        "status shows no tunnel instance:\n{s}"
+        s.contains("vpn1_1")
+            && s.contains(&format!("{}=primary,vpn1_1 sync-primary", host(&carrier))),
+        "status shows no tunnel instance on {carrier}:\n{s}"
     );
     assert!(
-        s.contains("prometheus: espd     up"),
+        s.contains("prometheus: 16 of 16 targets up"),
         "status shows no Prometheus:\n{s}"
     );
 
-    ike_and_esp_decrypt(&lab);
+    // Sync lag: the carrier's partner applies its updates over the FGCP link, the other
+    // pair's primary over FGSP (fgsp-sync enable).
+    wait_for(
+        "hasyncd_sync_lag_seconds of the partner (fgcp) and the FGSP peer",
+        Duration::from_secs(60),
+        || {
+            let r = lab.prom_query("hasyncd_sync_lag_seconds")?;
+            let has = |member: &str, link: &str| {
+                r.iter()
+                    .any(|s| s["metric"]["member"] == member && s["metric"]["link"] == link)
+            };
+            let other_primary = if carrier == "vm1" { "vm3" } else { "vm1" };
+            if has(host(partner(&carrier)), "fgcp") && has(host(other_primary), "fgsp") {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+
+    ike_and_esp_decrypt(&lab, &carrier);
+
+    // Failover: the carrier is powered off, its FGCP partner takes the tunnel over.
+    let (sent_before, got_before, _) = ping_counts(&ping_log);
+    let fo = lab.run(&["failover"]);
+    let fo_text = text(&fo);
+    eprintln!("{fo_text}");
+    assert!(fo.status.success(), "ops/lab failover failed:\n{fo_text}");
+    let new = partner(&carrier);
+    assert!(
+        fo_text.contains(&format!("{} carries vpn1_1 now", host(new))),
+        "{fo_text}"
+    );
+    assert!(
+        fo_text.contains("(unchanged: no renegotiation)"),
+        "strongSwan's SAs changed across the takeover:\n{fo_text}"
+    );
+    assert!(
+        fo_text.contains("ESP packets strongSwan dropped as replays: 0"),
+        "{fo_text}"
+    );
+    assert!(
+        fo_text.contains(&format!("FGSP: {} speaks for cluster", host(new)))
+            && fo_text.contains("and detects 1 peer(s)"),
+        "the new primary does not speak for its pair on FGSP:\n{fo_text}"
+    );
+    let (_, _, last_at_failover) = ping_counts(&ping_log);
+    wait_for(
+        "5 more ping replies through the new carrier",
+        Duration::from_secs(30),
+        || {
+            let (sent, got, last) = ping_counts(&ping_log);
+            if last >= last_at_failover + 5 {
+                Ok(())
+            } else {
+                Err(format!("{sent} sent, {got} answered, last {last}"))
+            }
+        },
+    );
+    let (sent_after, got_after, _) = ping_counts(&ping_log);
+    let lost = (sent_after - sent_before) as usize - (got_after - got_before);
+    eprintln!(
+        "ops/lab failover {} -> {}: {} pings sent (every 200 ms) since, {} lost",
+        host(&carrier),
+        host(new),
+        sent_after - sent_before,
+        lost
+    );
+    let status = text(&lab.run(&["status"]));
+    assert!(
+        status.contains(&format!("{}=off", host(&carrier)))
+            && status.contains(&format!("{}=primary,vpn1_1 sync-primary", host(new))),
+        "roles did not change:\n{status}"
+    );
+    wait_for(
+        "Prometheus sees the failover",
+        Duration::from_secs(60),
+        || {
+            let r = lab.prom_query("hasyncd_failovers_total")?;
+            let ok = r.iter().any(|s| {
+                s["metric"]["member"] == host(new)
+                    && s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) >= Some(1.0)
+            });
+            ok.then_some(()).ok_or_else(|| format!("{r:?}"))
+        },
+    );
 
     let pids = lab.ns_pids();
-    assert!(pids.len() >= 5, "lab processes: {pids:?}");
+    assert!(pids.len() >= 15, "lab processes: {pids:?}");
     let down = lab.run(&["down"]);
     assert!(
         down.status.success(),
@@ -201,6 +411,47 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
         })
         .collect();
     assert!(alive.is_empty(), "lab processes still alive: {alive:?}");
+    assert!(!lab.dir.exists(), "{} left behind", lab.dir.display());
+}
+
+fn promtool(args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool not found: run ops/install-deps");
+    assert!(out.status.success(), "promtool {args:?}: {}", text(&out));
+}
+
+/// `up` fails half-way (no daemon binaries: supervisord cannot start the first member)
+/// after building the namespaces; `down` still removes every namespace and file.
+#[test]
+fn lab_down_after_a_failed_up_leaves_nothing() {
+    let scratch = ScratchDir::new("lab-nobin").expect("scratch");
+    let bin = scratch.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(bin_dir().join("vpnctl"), bin.join("vpnctl")).expect("vpnctl built");
+    let lab = Lab {
+        prefix: format!("hvlf{}", std::process::id()),
+        dir: std::env::temp_dir().join(format!("haven-lab-fail-{}", std::process::id())),
+        bin,
+    };
+    let up = lab.run(&["up"]);
+    assert!(
+        !up.status.success(),
+        "up without daemons must fail:\n{}",
+        text(&up)
+    );
+    assert_eq!(
+        lab.namespaces().len(),
+        11,
+        "up failed before the topology was built:\n{}",
+        text(&up)
+    );
+    assert!(lab.dir.exists());
+    let down = lab.run(&["down"]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(lab.namespaces().is_empty(), "{:?}", lab.namespaces());
+    assert!(lab.processes().is_empty(), "{:?}", lab.processes());
     assert!(!lab.dir.exists(), "{} left behind", lab.dir.display());
 }
 
@@ -238,13 +489,13 @@ fn tshark(pcap: &Path, config_dir: &Path, filter: &str, fields: &[&str]) -> Vec<
         .collect()
 }
 
-fn ike_and_esp_decrypt(lab: &Lab) {
+fn ike_and_esp_decrypt(lab: &Lab, carrier: &str) {
     let scratch = ScratchDir::new("lab-pcap").expect("scratch");
     let pcap = scratch.path().join("port2.pcap");
     let err_path = scratch.path().join("tcpdump.err");
     let err = std::fs::File::create(&err_path).unwrap();
     let mut tcpdump = Command::new("ip")
-        .args(["netns", "exec", &format!("{}-gw", lab.prefix)])
+        .args(["netns", "exec", &format!("{}-{carrier}", lab.prefix)])
         .args(["tcpdump", "-i", "port2", "-n", "-U", "-w"])
         .arg(&pcap)
         .stdout(std::process::Stdio::null())
@@ -294,7 +545,7 @@ fn ike_and_esp_decrypt(lab: &Lab) {
     let keys = scratch.path().join("wireshark");
     let out = Command::new(bin("vpnctl"))
         .arg("--run-dir")
-        .arg(lab.dir.join("gw/run"))
+        .arg(lab.dir.join(carrier).join("run"))
         .args(["diagnose", "vpn", "ike", "export-keys", "--wireshark"])
         .arg(&keys)
         .output()
@@ -331,7 +582,7 @@ fn ike_and_esp_decrypt(lab: &Lab) {
             .any(|l| l.contains(src) && l.ends_with(&format!("\t{ty}")))
     };
     assert!(
-        seen("10.10.1.2", "8") && seen("10.1.0.2", "0"),
+        seen("10.10.1.2", "8") && seen("10.10.101.2", "0"),
         "no decrypted ping: {icmp:?}"
     );
     let bad = tshark(&pcap, &keys, "_ws.malformed", &["frame.number"]);

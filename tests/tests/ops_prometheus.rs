@@ -68,8 +68,16 @@ end
 "#;
 
 /// Series that exist only after an event this test does not cause, with the event.
-const EVENT_ONLY: [(&str, &str); 2] = [
+const EVENT_ONLY: [(&str, &str); 4] = [
     ("hasyncd_failovers_total", "a failover"),
+    (
+        "hasyncd_sync_lag_seconds",
+        "a sync update from a peer (tests/tests/ops_lab.rs sees it)",
+    ),
+    (
+        "hasyncd_sync_updates_applied_total",
+        "a sync update from a peer (tests/tests/ops_lab.rs sees it)",
+    ),
     (
         "hasyncd_link_drops_total",
         "a forged or replayed HA datagram",
