@@ -161,6 +161,66 @@ pub struct IkeManager {
     life: lifecycle::Lifecycle,
     /// Traffic-triggered negotiation: kept routes, requested CHILD SAs ([`traffic`]).
     traffic: traffic::Traffic,
+    /// Dial-up instance numbers in use per phase1 (`vpn1_<n>`), so naming a new instance
+    /// costs O(log n) instead of a scan of every SA.
+    numbers: HashMap<String, InstanceNumbers>,
+    /// Every SA by (peer's IKE SPI, peer address) at creation, so a retransmitted first
+    /// IKE_SA_INIT finds its SA without a scan of every SA.
+    by_peer_spi: HashMap<(u64, IpAddr), u64>,
+}
+
+/// The instance numbers of one dial-up phase1: every number up to `top` is in use unless
+/// it is in `free`; none above `top` is. The lowest free number is handed out first.
+#[derive(Default)]
+struct InstanceNumbers {
+    top: u32,
+    free: std::collections::BTreeSet<u32>,
+}
+
+impl InstanceNumbers {
+    /// The lowest free number, now taken.
+    fn take_lowest(&mut self) -> u32 {
+        if let Some(n) = self.free.pop_first() {
+            return n;
+        }
+        self.top = self.top.saturating_add(1);
+        self.top
+    }
+
+    /// Marks `n` taken (an instance named elsewhere, e.g. by an HA takeover).
+    fn take(&mut self, n: u32) {
+        if n > self.top {
+            // Bounded by n: the numbers skipped become free.
+            self.free.extend(self.top.saturating_add(1)..n);
+            self.top = n;
+        } else {
+            self.free.remove(&n);
+        }
+    }
+
+    /// Gives `n` back.
+    fn release(&mut self, n: u32) {
+        if n == 0 || n > self.top {
+            return;
+        }
+        if n < self.top {
+            self.free.insert(n);
+            return;
+        }
+        self.top -= 1;
+        while self.top > 0 && self.free.remove(&self.top) {
+            self.top -= 1;
+        }
+    }
+}
+
+/// The instance number of dial-up instance `name` of phase1 `gateway` (`vpn1_3` -> 3).
+fn instance_number(gateway: &str, name: &str) -> Option<u32> {
+    name.strip_prefix(gateway)?
+        .strip_prefix('_')?
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
 }
 
 /// Certificate material for `authmethod signature` phase1s, read by the driver (this
@@ -498,6 +558,8 @@ impl IkeManager {
             sa_configs: HashMap::new(),
             life: lifecycle::Lifecycle::default(),
             traffic: traffic::Traffic::default(),
+            numbers: HashMap::new(),
+            by_peer_spi: HashMap::new(),
         }
     }
 
@@ -578,17 +640,26 @@ impl IkeManager {
         c
     }
 
-    fn instance_name(&self, g: &Gateway) -> String {
+    /// The name of a new instance of `g`: the phase1 name for a static gateway, else
+    /// `<phase1>_<n>` with the lowest free n (now taken).
+    fn instance_name(&mut self, g: &Gateway) -> String {
         if !g.dynamic {
             return g.name.clone();
         }
-        // A set, so that naming stays linear with many instances.
-        let taken: std::collections::HashSet<&str> =
-            self.sas.values().map(|e| e.name.as_str()).collect();
-        (1u32..)
-            .map(|n| format!("{}_{n}", g.name))
-            .find(|n| !taken.contains(n.as_str()))
-            .unwrap_or_else(|| g.name.clone())
+        let n = self
+            .numbers
+            .entry(g.name.clone())
+            .or_default()
+            .take_lowest();
+        format!("{}_{n}", g.name)
+    }
+
+    /// Records that an instance of `gateway` is called `name` (named outside
+    /// [`IkeManager::instance_name`], e.g. by an HA takeover), so its number is not handed out.
+    fn note_instance_name(&mut self, gateway: &str, name: &str) {
+        if let Some(n) = instance_number(gateway, name) {
+            self.numbers.entry(gateway.to_string()).or_default().take(n);
+        }
     }
 
     fn insert(
@@ -699,12 +770,15 @@ impl IkeManager {
             .or_else(|| {
                 // A retransmitted first IKE_SA_INIT: same initiator SPI and source.
                 (spi_r == 0).then(|| {
-                    self.sas
-                        .iter()
-                        .find(|(_, e)| {
-                            e.sa.spis().0 == spi_i && e.sa.addresses().remote.ip() == remote.ip()
+                    self.by_peer_spi
+                        .get(&(spi_i, remote.ip()))
+                        .copied()
+                        .filter(|id| {
+                            self.sas.get(id).is_some_and(|e| {
+                                e.sa.spis().0 == spi_i
+                                    && e.sa.addresses().remote.ip() == remote.ip()
+                            })
                         })
-                        .map(|(k, _)| *k)
                 })?
             });
         if let Some(id) = existing {
@@ -787,7 +861,10 @@ impl IkeManager {
                 if let Some(guard) = self.guard.as_mut() {
                     guard.half_open_started(remote.ip());
                 }
-                self.insert(&g, *sa, now, Some(remote.ip()));
+                let id = self.insert(&g, *sa, now, Some(remote.ip()));
+                if self.sas.contains_key(&id) {
+                    self.by_peer_spi.insert((spi_i, remote.ip()), id);
+                }
             }
             Ok(Accepted::Reply(t)) => self.transmits.push_back(t),
             Err(e) => {
@@ -1278,12 +1355,12 @@ impl IkeManager {
         };
         match ev {
             Event::IkeSaEstablished(info) => {
+                let addrs = e.sa.addresses();
                 let name = if e.name.is_empty() {
                     self.instance_name(&g)
                 } else {
                     e.name.clone()
                 };
-                let addrs = e.sa.addresses();
                 tracing::info!(
                     "ike 0:{name}:{id}: IKE SA {:016x}/{:016x} established with {} ({:?}), {}",
                     info.spi_i,
@@ -1551,6 +1628,19 @@ impl IkeManager {
             return;
         };
         self.by_spi.retain(|_, v| *v != id);
+        let peer_key = (e.sa.spis().0, e.sa.addresses().remote.ip());
+        if self.by_peer_spi.get(&peer_key) == Some(&id) {
+            self.by_peer_spi.remove(&peer_key);
+        } else {
+            // Its SPI or address changed since it was filed (rare): look for it.
+            self.by_peer_spi.retain(|_, v| *v != id);
+        }
+        if let (Some(n), Some(nums)) = (
+            instance_number(&e.gateway, &e.name),
+            self.numbers.get_mut(&e.gateway),
+        ) {
+            nums.release(n);
+        }
         let g = self.gateways.get(&e.gateway);
         let label = if e.name.is_empty() {
             e.gateway.as_str()
@@ -1657,6 +1747,21 @@ impl IkeManager {
         Value::Array(list)
     }
 
+    /// (established IKE SAs, IKE SAs still negotiating, published CHILD SAs), for the
+    /// gauges: counted without building the `gateway_list` view.
+    pub fn sa_counts(&self) -> (u64, u64, u64) {
+        let (mut up, mut connecting, mut children) = (0u64, 0u64, 0u64);
+        for e in self.sas.values() {
+            if e.sa.is_established() {
+                up += 1;
+            } else {
+                connecting += 1;
+            }
+            children += e.children.len() as u64;
+        }
+        (up, connecting, children)
+    }
+
     pub fn gateway_list(&self, now: Instant, name: Option<&str>) -> Value {
         let list: Vec<Value> = self
             .sas
@@ -1733,6 +1838,38 @@ mod tests {
             range_to_cidrs(a("10.0.0.1"), a("10.0.0.6")),
             ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]
         );
+    }
+
+    #[test]
+    fn instance_numbers_hand_out_the_lowest_free_one() {
+        let mut n = InstanceNumbers::default();
+        assert_eq!(
+            [n.take_lowest(), n.take_lowest(), n.take_lowest()],
+            [1, 2, 3]
+        );
+        n.release(2);
+        n.release(1);
+        assert_eq!(n.take_lowest(), 1);
+        assert_eq!(n.take_lowest(), 2);
+        assert_eq!(n.take_lowest(), 4);
+        // Releasing the top ones shrinks the range, also over numbers freed before.
+        n.release(3);
+        n.release(4);
+        assert_eq!((n.top, n.free.len()), (2, 0));
+        // A number taken elsewhere (HA takeover) is skipped; the ones below stay free.
+        n.take(6);
+        assert_eq!(
+            [n.take_lowest(), n.take_lowest(), n.take_lowest()],
+            [3, 4, 5]
+        );
+        assert_eq!(n.take_lowest(), 7);
+        n.release(9);
+        n.release(0);
+        assert_eq!(n.take_lowest(), 8);
+        assert_eq!(instance_number("vpn1", "vpn1_12"), Some(12));
+        assert_eq!(instance_number("vpn1", "vpn1"), None);
+        assert_eq!(instance_number("vpn1", "vpn10_1"), None);
+        assert_eq!(instance_number("vpn1", "vpn1_0"), None);
     }
 
     #[test]

@@ -740,16 +740,9 @@ impl Ikemgr {
         for (state, n) in ["up", "connecting", "down"].into_iter().zip(by_state) {
             metrics::gauge!("ikemgr_tunnels", "state" => state).set(n as f64);
         }
-        let gws = io::lock(&self.ike).gateway_list(now, None);
-        let (mut established, mut connecting, mut children) = (0u64, 0u64, self.child_sas.len());
-        for g in gws.as_array().into_iter().flatten() {
-            if g["established"] == true {
-                established += 1;
-            } else {
-                connecting += 1;
-            }
-            children += g["children"].as_array().map_or(0, Vec::len);
-        }
+        let _ = now;
+        let (established, connecting, ike_children) = io::lock(&self.ike).sa_counts();
+        let children = ike_children + self.child_sas.len() as u64;
         metrics::gauge!("ikemgr_ike_sas", "state" => "established").set(established as f64);
         metrics::gauge!("ikemgr_ike_sas", "state" => "connecting").set(connecting as f64);
         metrics::gauge!("ikemgr_child_sas").set(children as f64);

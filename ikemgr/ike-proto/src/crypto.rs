@@ -8,11 +8,9 @@
 use crate::wire::{DhGroup, EncrId, Header, IntegId, PayloadType, PrfId, GENERIC_HEADER_LEN};
 use openssl::bn::{BigNum, BigNumContext, MsbOption};
 use openssl::derive::Deriver;
-use openssl::ec::{EcGroup, EcKey, EcPoint, PointConversionForm};
-use openssl::hash::MessageDigest;
+use openssl::ec::{EcGroup, EcGroupRef, EcKey, EcPoint, PointConversionForm};
 use openssl::nid::Nid;
 use openssl::pkey::{Id, PKey, Private};
-use openssl::sign::Signer;
 use openssl::symm::{Cipher, Crypter, Mode};
 
 /// Errors of the crypto layer.
@@ -114,12 +112,12 @@ impl Prf {
             Prf::HmacSha512 => PrfId::HMAC_SHA2_512,
         }
     }
-    fn md(self) -> MessageDigest {
+    fn md(self) -> Md {
         match self {
-            Prf::HmacSha1 => MessageDigest::sha1(),
-            Prf::HmacSha256 => MessageDigest::sha256(),
-            Prf::HmacSha384 => MessageDigest::sha384(),
-            Prf::HmacSha512 => MessageDigest::sha512(),
+            Prf::HmacSha1 => Md::Sha1,
+            Prf::HmacSha256 => Md::Sha256,
+            Prf::HmacSha384 => Md::Sha384,
+            Prf::HmacSha512 => Md::Sha512,
         }
     }
     /// Output length, which is also the preferred key length (§2.14).
@@ -157,13 +155,104 @@ impl Prf {
     }
 }
 
-fn hmac(md: MessageDigest, key: &[u8], parts: &[&[u8]]) -> Result<Vec<u8>> {
-    let pkey = PKey::hmac(key)?;
-    let mut s = Signer::new(md, &pkey)?;
-    for p in parts {
-        s.update(p)?;
+/// The hash under an HMAC.
+#[derive(Clone, Copy)]
+enum Md {
+    Sha1,
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+/// Largest hash block (SHA-384/512, FIPS 180-4 §1).
+const MAX_BLOCK: usize = 128;
+
+impl Md {
+    /// Block length B of RFC 2104 §2.
+    fn block_len(self) -> usize {
+        match self {
+            Md::Sha1 | Md::Sha256 => 64,
+            Md::Sha384 | Md::Sha512 => MAX_BLOCK,
+        }
     }
-    Ok(s.sign_to_vec()?)
+    fn hasher(self) -> Hash {
+        match self {
+            Md::Sha1 => Hash::Sha1(openssl::sha::Sha1::new()),
+            Md::Sha256 => Hash::Sha256(openssl::sha::Sha256::new()),
+            Md::Sha384 => Hash::Sha384(openssl::sha::Sha384::new()),
+            Md::Sha512 => Hash::Sha512(openssl::sha::Sha512::new()),
+        }
+    }
+}
+
+/// openssl's direct SHA contexts: no algorithm fetch and no EVP_PKEY per use (an HMAC
+/// through `PKey::hmac` + `Signer` cost more than the ECDH of a handshake).
+enum Hash {
+    Sha1(openssl::sha::Sha1),
+    Sha256(openssl::sha::Sha256),
+    Sha384(openssl::sha::Sha384),
+    Sha512(openssl::sha::Sha512),
+}
+
+impl Hash {
+    fn update(&mut self, d: &[u8]) {
+        match self {
+            Hash::Sha1(h) => h.update(d),
+            Hash::Sha256(h) => h.update(d),
+            Hash::Sha384(h) => h.update(d),
+            Hash::Sha512(h) => h.update(d),
+        }
+    }
+    fn finish(self) -> Vec<u8> {
+        match self {
+            Hash::Sha1(h) => h.finish().to_vec(),
+            Hash::Sha256(h) => h.finish().to_vec(),
+            Hash::Sha384(h) => h.finish().to_vec(),
+            Hash::Sha512(h) => h.finish().to_vec(),
+        }
+    }
+}
+
+/// HMAC (RFC 2104 §2): H(K ^ opad | H(K ^ ipad | text)), with a key longer than the
+/// block hashed first; `text` is the concatenation of `parts`.
+fn hmac(md: Md, key: &[u8], parts: &[&[u8]]) -> Result<Vec<u8>> {
+    let b = md.block_len();
+    let mut k = [0u8; MAX_BLOCK];
+    let hashed;
+    let key = if key.len() > b {
+        let mut h = md.hasher();
+        h.update(key);
+        hashed = Secret(h.finish());
+        hashed.as_bytes()
+    } else {
+        key
+    };
+    // key.len() <= b <= MAX_BLOCK here; zip stops at the shorter side anyway.
+    for (d, s) in k.iter_mut().zip(key) {
+        *d = *s;
+    }
+    let pad = |x: u8| {
+        let mut p = [0u8; MAX_BLOCK];
+        for (d, s) in p.iter_mut().zip(k.iter()) {
+            *d = s ^ x;
+        }
+        p
+    };
+    let (mut ipad, mut opad) = (pad(0x36), pad(0x5c));
+    let mut inner = md.hasher();
+    inner.update(ipad.get(..b).unwrap_or(&ipad));
+    for p in parts {
+        inner.update(p);
+    }
+    let inner = inner.finish();
+    let mut outer = md.hasher();
+    outer.update(opad.get(..b).unwrap_or(&opad));
+    outer.update(&inner);
+    for x in k.iter_mut().chain(ipad.iter_mut()).chain(opad.iter_mut()) {
+        *x = 0;
+    }
+    std::hint::black_box((&k, &ipad, &opad));
+    Ok(outer.finish())
 }
 
 /// Integrity algorithm, RFC 7296 §3.3.2 type 3 (truncated HMACs).
@@ -199,12 +288,12 @@ impl Integ {
             Integ::HmacSha512_256 => IntegId::HMAC_SHA2_512_256,
         }
     }
-    fn md(self) -> MessageDigest {
+    fn md(self) -> Md {
         match self {
-            Integ::HmacSha1_96 => MessageDigest::sha1(),
-            Integ::HmacSha256_128 => MessageDigest::sha256(),
-            Integ::HmacSha384_192 => MessageDigest::sha384(),
-            Integ::HmacSha512_256 => MessageDigest::sha512(),
+            Integ::HmacSha1_96 => Md::Sha1,
+            Integ::HmacSha256_128 => Md::Sha256,
+            Integ::HmacSha384_192 => Md::Sha384,
+            Integ::HmacSha512_256 => Md::Sha512,
         }
     }
     /// Key length in octets.
@@ -449,7 +538,7 @@ enum KexInner {
         x: BigNum,
     },
     Ecp {
-        group: EcGroup,
+        group: &'static EcGroupRef,
         key: EcKey<Private>,
         coord: usize,
     },
@@ -477,6 +566,26 @@ fn modp_prime(g: DhGroup) -> Result<BigNum> {
 #[cfg(test)]
 pub(crate) fn tests_modp_prime(g: DhGroup) -> Option<Vec<u8>> {
     modp_prime(g).ok().map(|p| p.to_vec())
+}
+
+/// The curve of `nid`, built once per process (building an EC_GROUP cost about a tenth
+/// of a handshake's CPU).
+fn curve(nid: Nid) -> Result<&'static EcGroupRef> {
+    use std::sync::OnceLock;
+    static P256: OnceLock<EcGroup> = OnceLock::new();
+    static P384: OnceLock<EcGroup> = OnceLock::new();
+    static P521: OnceLock<EcGroup> = OnceLock::new();
+    let cell = match nid {
+        Nid::X9_62_PRIME256V1 => &P256,
+        Nid::SECP384R1 => &P384,
+        Nid::SECP521R1 => &P521,
+        _ => return Err(CryptoError::Unsupported("curve")),
+    };
+    if let Some(g) = cell.get() {
+        return Ok(g);
+    }
+    let g = EcGroup::from_curve_name(nid)?;
+    Ok(cell.get_or_init(|| g))
 }
 
 fn ec_curve(g: DhGroup) -> Option<(Nid, usize)> {
@@ -525,8 +634,8 @@ impl KeyExchange {
             return Self::from_x25519(k);
         }
         if let Some((nid, coord)) = ec_curve(group) {
-            let g = EcGroup::from_curve_name(nid)?;
-            let key = EcKey::generate(&g)?;
+            let g = curve(nid)?;
+            let key = EcKey::generate(g)?;
             return Self::from_ec(group, g, key, coord);
         }
         let p = modp_prime(group)?;
@@ -544,12 +653,12 @@ impl KeyExchange {
             return Self::from_x25519(k);
         }
         if let Some((nid, coord)) = ec_curve(group) {
-            let g = EcGroup::from_curve_name(nid)?;
+            let g = curve(nid)?;
             let d = BigNum::from_slice(private)?;
             let mut ctx = BigNumContext::new()?;
-            let mut q = EcPoint::new(&g)?;
-            q.mul_generator2(&g, &d, &mut ctx)?;
-            let key = EcKey::from_private_components(&g, &d, &q)?;
+            let mut q = EcPoint::new(g)?;
+            q.mul_generator2(g, &d, &mut ctx)?;
+            let key = EcKey::from_private_components(g, &d, &q)?;
             return Self::from_ec(group, g, key, coord);
         }
         let p = modp_prime(group)?;
@@ -565,12 +674,17 @@ impl KeyExchange {
         })
     }
 
-    fn from_ec(group: DhGroup, g: EcGroup, key: EcKey<Private>, coord: usize) -> Result<Self> {
+    fn from_ec(
+        group: DhGroup,
+        g: &'static EcGroupRef,
+        key: EcKey<Private>,
+        coord: usize,
+    ) -> Result<Self> {
         let mut ctx = BigNumContext::new()?;
         let mut x = BigNum::new()?;
         let mut y = BigNum::new()?;
         key.public_key()
-            .affine_coordinates(&g, &mut x, &mut y, &mut ctx)?;
+            .affine_coordinates(g, &mut x, &mut y, &mut ctx)?;
         let c = i32::try_from(coord).map_err(|_| CryptoError::Unsupported("curve"))?;
         let mut public = x.to_vec_padded(c)?;
         public.extend_from_slice(&y.to_vec_padded(c)?);
@@ -888,11 +1002,11 @@ pub fn random_bytes(buf: &mut [u8]) -> Result<()> {
 
 /// SHA-1 (for NAT_DETECTION_*_IP, §2.23).
 pub fn sha1(parts: &[&[u8]]) -> Result<Vec<u8>> {
-    let mut h = openssl::hash::Hasher::new(MessageDigest::sha1())?;
+    let mut h = Md::Sha1.hasher();
     for p in parts {
-        h.update(p)?;
+        h.update(p);
     }
-    Ok(h.finish()?.to_vec())
+    Ok(h.finish())
 }
 
 #[cfg(test)]

@@ -534,6 +534,7 @@ impl IkeManager {
         for spi in sa.local_spis() {
             self.by_spi.insert(spi, serial);
         }
+        self.note_instance_name(&g.name, &rec.tunnel);
         self.sas.insert(
             serial,
             Entry {
