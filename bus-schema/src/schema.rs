@@ -136,6 +136,8 @@ pub mod topic {
     pub const ESP_LEASE: &str = "esp.lease";
     pub const HA_LEASE: &str = "ha.lease";
     pub const HA_TAKEOVER: &str = "ha.takeover";
+    pub const DPD_MONITOR: &str = "dpd.monitor";
+    pub const DPD_MONITOR_REMOVED: &str = "dpd.monitor.removed";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -163,6 +165,8 @@ pub mod topic {
         ESP_LEASE,
         HA_LEASE,
         HA_TAKEOVER,
+        DPD_MONITOR,
+        DPD_MONITOR_REMOVED,
     ];
 }
 
@@ -175,6 +179,7 @@ pub mod table {
     pub const HA_ROLE: &str = "ha.role";
     pub const CHILD_SA: &str = "sa.child";
     pub const IKE_SA: &str = "sa.ike";
+    pub const DPD_MONITOR: &str = "dpd.monitor";
 }
 
 /// Message bodies. Encoded adjacently tagged: `{"type": "<Variant>", "data": <fields>}`.
@@ -269,6 +274,13 @@ pub enum Body {
     /// record and installs its CHILD SAs with outbound sequence numbers from `start_seqs`
     /// (event; repeated until ikemgr publishes the IKE SA itself).
     Takeover(TakeoverInfo),
+    /// dpdmon: the tunnel monitor of one tunnel (ICMP echo through it; `set tunnel-monitor
+    /// enable`): `state` `init`, `up` or `down`; ikemgr withdraws the tunnel's routes while
+    /// it is `down` (and fails over with `fail-over`).
+    TunnelMonitor(TunnelMonitorState),
+    TunnelMonitorRemoved {
+        tunnel: String,
+    },
 }
 
 /// What a body does to the replicated store.
@@ -305,6 +317,8 @@ impl Body {
         "SeqLeaseRequest",
         "SeqLeaseGranted",
         "Takeover",
+        "TunnelMonitor",
+        "TunnelMonitorRemoved",
     ];
 
     /// The `type` tag of this body.
@@ -334,6 +348,8 @@ impl Body {
             Body::SeqLeaseRequest { .. } => "SeqLeaseRequest",
             Body::SeqLeaseGranted { .. } => "SeqLeaseGranted",
             Body::Takeover(_) => "Takeover",
+            Body::TunnelMonitor(_) => "TunnelMonitor",
+            Body::TunnelMonitorRemoved { .. } => "TunnelMonitorRemoved",
         }
     }
 
@@ -364,6 +380,8 @@ impl Body {
             Body::SeqLeaseRequest { .. } => topic::ESP_LEASE,
             Body::SeqLeaseGranted { .. } => topic::HA_LEASE,
             Body::Takeover(_) => topic::HA_TAKEOVER,
+            Body::TunnelMonitor(_) => topic::DPD_MONITOR,
+            Body::TunnelMonitorRemoved { .. } => topic::DPD_MONITOR_REMOVED,
         }
     }
 
@@ -399,6 +417,8 @@ impl Body {
             }
             Body::IkeSa(r) => put(table::IKE_SA, &r.tunnel),
             Body::IkeSaRemoved { tunnel } => del(table::IKE_SA, tunnel),
+            Body::TunnelMonitor(m) => put(table::DPD_MONITOR, &m.tunnel),
+            Body::TunnelMonitorRemoved { tunnel } => del(table::DPD_MONITOR, tunnel),
             Body::EspActivity { .. }
             | Body::SeqLeaseRequest { .. }
             | Body::SeqLeaseGranted { .. }
@@ -476,6 +496,26 @@ pub struct DpdTunnelState {
     /// DPD is off (or in older records).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub schedule: String,
+}
+
+/// dpdmon's tunnel monitor of one tunnel (`dpd.monitor`): an ICMP echo request from
+/// `source` to `destination` through the tunnel every `interval_ms`; `threshold`
+/// unanswered in a row make it `down`, one answer `up` again. Republished when `state` or
+/// `misses` changes (not per probe: counters are in dpdmon's view and metrics).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TunnelMonitorState {
+    pub tunnel: String,
+    pub phase1: String,
+    pub destination: String,
+    pub source: String,
+    pub interval_ms: u64,
+    pub threshold: u32,
+    /// Unanswered probes in a row.
+    pub misses: u32,
+    /// `init` (no answer yet), `up`, `down`.
+    pub state: String,
+    /// `wait-recover` or `fail-over`: what ikemgr does while it is `down`.
+    pub action: String,
 }
 
 fn is_zero(v: &u64) -> bool {
