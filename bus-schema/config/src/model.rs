@@ -295,6 +295,24 @@ pub struct TunnelMonitor {
     pub action: Option<MonitorAction>,
 }
 
+/// The `tunnel-monitor-action` in force for `p` (`None` without a tunnel monitor): the
+/// configured one, else `fail-over` when `p` has another `remote-gw` or a backup phase1
+/// watches it (`set monitor`), else `wait-recover`.
+pub fn tunnel_monitor_action(config: &Config, p: &Phase1) -> Option<MonitorAction> {
+    let m = p.tunnel_monitor.as_ref()?;
+    Some(m.action.unwrap_or_else(|| {
+        let backup = config
+            .phase1
+            .iter()
+            .any(|b| b.monitor.as_deref() == Some(p.name.as_str()));
+        if p.remote_gw.len() > 1 || backup {
+            MonitorAction::FailOver
+        } else {
+            MonitorAction::WaitRecover
+        }
+    }))
+}
+
 /// `set dpd-backoff` (a Haven key, not FortiOS): how the probes of one DPD round are
 /// spaced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
