@@ -105,8 +105,8 @@ pub use follower::{
 };
 pub use schema::{
     table, topic, AcquireInfo, Body, DaemonKind, DpdSettings, DpdTunnelState, Envelope,
-    EspTunnelInfo, HaMemberInfo, StateOp, TunnelInfo, TunnelKind, TunnelState, UnknownDaemon,
-    SCHEMA_VERSION,
+    EspTunnelInfo, HaMemberInfo, StateOp, TunnelInfo, TunnelKind, TunnelMonitorState, TunnelState,
+    UnknownDaemon, SCHEMA_VERSION,
 };
 pub use store::{Owner, Snapshot, StateStore};
 pub use transport::{

@@ -164,6 +164,20 @@ pub fn bodies() -> Vec<Body> {
                 spi_r: 0xc8db_7d3f_2c70_e638,
             }],
         }),
+        Body::TunnelMonitor(TunnelMonitorState {
+            tunnel: "vpn1".into(),
+            phase1: "vpn1".into(),
+            destination: "10.2.0.1".into(),
+            source: "10.1.0.1".into(),
+            interval_ms: 3000,
+            threshold: 5,
+            misses: 5,
+            state: "down".into(),
+            action: "fail-over".into(),
+        }),
+        Body::TunnelMonitorRemoved {
+            tunnel: "vpn1".into(),
+        },
     ]
 }
 

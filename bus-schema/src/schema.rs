@@ -138,6 +138,8 @@ pub mod topic {
     pub const HA_TAKEOVER: &str = "ha.takeover";
     pub const ESP_ACQUIRE: &str = "esp.acquire";
     pub const SA_UNKNOWN: &str = "sa.unknown";
+    pub const DPD_MONITOR: &str = "dpd.monitor";
+    pub const DPD_MONITOR_REMOVED: &str = "dpd.monitor.removed";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -167,6 +169,8 @@ pub mod topic {
         HA_TAKEOVER,
         ESP_ACQUIRE,
         SA_UNKNOWN,
+        DPD_MONITOR,
+        DPD_MONITOR_REMOVED,
     ];
 }
 
@@ -179,6 +183,7 @@ pub mod table {
     pub const HA_ROLE: &str = "ha.role";
     pub const CHILD_SA: &str = "sa.child";
     pub const IKE_SA: &str = "sa.ike";
+    pub const DPD_MONITOR: &str = "dpd.monitor";
 }
 
 /// Message bodies. Encoded adjacently tagged: `{"type": "<Variant>", "data": <fields>}`.
@@ -282,6 +287,13 @@ pub enum Body {
     /// member holding a standby copy of the tunnel promotes it: the upstream router moved
     /// the tunnel here.
     UnknownSaTraffic(UnknownSaTraffic),
+    /// dpdmon: the tunnel monitor of one tunnel (ICMP echo through it; `set tunnel-monitor
+    /// enable`): `state` `init`, `up` or `down`; ikemgr withdraws the tunnel's routes while
+    /// it is `down` (and fails over with `fail-over`).
+    TunnelMonitor(TunnelMonitorState),
+    TunnelMonitorRemoved {
+        tunnel: String,
+    },
 }
 
 /// What a body does to the replicated store.
@@ -320,6 +332,8 @@ impl Body {
         "Takeover",
         "Acquire",
         "UnknownSaTraffic",
+        "TunnelMonitor",
+        "TunnelMonitorRemoved",
     ];
 
     /// The `type` tag of this body.
@@ -351,6 +365,8 @@ impl Body {
             Body::Takeover(_) => "Takeover",
             Body::Acquire(_) => "Acquire",
             Body::UnknownSaTraffic(_) => "UnknownSaTraffic",
+            Body::TunnelMonitor(_) => "TunnelMonitor",
+            Body::TunnelMonitorRemoved { .. } => "TunnelMonitorRemoved",
         }
     }
 
@@ -383,6 +399,8 @@ impl Body {
             Body::Takeover(_) => topic::HA_TAKEOVER,
             Body::Acquire(_) => topic::ESP_ACQUIRE,
             Body::UnknownSaTraffic(_) => topic::SA_UNKNOWN,
+            Body::TunnelMonitor(_) => topic::DPD_MONITOR,
+            Body::TunnelMonitorRemoved { .. } => topic::DPD_MONITOR_REMOVED,
         }
     }
 
@@ -418,6 +436,8 @@ impl Body {
             }
             Body::IkeSa(r) => put(table::IKE_SA, &r.tunnel),
             Body::IkeSaRemoved { tunnel } => del(table::IKE_SA, tunnel),
+            Body::TunnelMonitor(m) => put(table::DPD_MONITOR, &m.tunnel),
+            Body::TunnelMonitorRemoved { tunnel } => del(table::DPD_MONITOR, tunnel),
             Body::EspActivity { .. }
             | Body::SeqLeaseRequest { .. }
             | Body::SeqLeaseGranted { .. }
@@ -497,6 +517,26 @@ pub struct DpdTunnelState {
     /// DPD is off (or in older records).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub schedule: String,
+}
+
+/// dpdmon's tunnel monitor of one tunnel (`dpd.monitor`): an ICMP echo request from
+/// `source` to `destination` through the tunnel every `interval_ms`; `threshold`
+/// unanswered in a row make it `down`, one answer `up` again. Republished when `state` or
+/// `misses` changes (not per probe: counters are in dpdmon's view and metrics).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TunnelMonitorState {
+    pub tunnel: String,
+    pub phase1: String,
+    pub destination: String,
+    pub source: String,
+    pub interval_ms: u64,
+    pub threshold: u32,
+    /// Unanswered probes in a row.
+    pub misses: u32,
+    /// `init` (no answer yet), `up`, `down`.
+    pub state: String,
+    /// `wait-recover` or `fail-over`: what ikemgr does while it is `down`.
+    pub action: String,
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -24,16 +24,19 @@
 //! second (`TICK_MS`) for the metrics.
 
 mod glue;
+mod icmp;
+mod monitor;
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use bus_schema::{Body, DaemonKind, DpdSettings, StateStore};
-use haven_config::{Config, DpdBackoff};
+use haven_config::{tunnel_monitor_action, Config, DpdBackoff};
 use haven_daemon::{now_ns, DaemonLogic, Outbox};
 use serde_json::json;
 
 use crate::glue::{Backoff, Glue};
+use crate::monitor::{MonitorCfg, Monitors};
 
 /// How often dpdmon exports its metrics (its core runs on every tick).
 const METRICS_EVERY_MS: u64 = 1000;
@@ -41,6 +44,12 @@ const METRICS_EVERY_MS: u64 = 1000;
 struct Dpdmon {
     glue: Glue,
     metrics_at_ms: u64,
+    /// Tunnel monitors (`set tunnel-monitor enable`).
+    monitors: Monitors,
+    /// Their sockets, started with the first monitor.
+    icmp: Option<icmp::IcmpIo>,
+    /// The last ikemgr store seen (monitors follow its tunnels after a reload too).
+    ike: StateStore,
 }
 
 fn now_ms() -> u64 {
@@ -48,6 +57,42 @@ fn now_ms() -> u64 {
 }
 
 impl Dpdmon {
+    /// Hands the monitors' socket actions to the socket thread (started on first use).
+    fn run_monitor_io(&mut self) {
+        while let Some(io) = self.monitors.poll_io() {
+            if self.icmp.is_none() {
+                match icmp::IcmpIo::start(now_ms) {
+                    Ok(t) => self.icmp = Some(t),
+                    Err(e) => {
+                        tracing::error!("dpd: cannot start the tunnel monitor thread: {e}");
+                        return;
+                    }
+                }
+            }
+            if let Some(t) = &self.icmp {
+                t.send(io);
+            }
+        }
+    }
+
+    /// Replies and socket errors reported by the socket thread.
+    fn take_monitor_events(&mut self, out: &mut Outbox) {
+        let Some(t) = &self.icmp else {
+            return;
+        };
+        for ev in t.drain() {
+            match ev {
+                icmp::Event::Reply {
+                    tunnel,
+                    ident,
+                    seq,
+                    at_ms,
+                } => self.monitors.handle_reply(at_ms, &tunnel, ident, seq, out),
+                icmp::Event::Error { tunnel, error } => self.monitors.handle_error(&tunnel, error),
+            }
+        }
+    }
+
     fn export_metrics(&mut self) {
         let s = self.glue.stats();
         metrics::counter!("dpdmon_probes_sent_total").absolute(s.probes_sent);
@@ -56,6 +101,15 @@ impl Dpdmon {
         metrics::counter!("dpdmon_dead_peers_total").absolute(s.dead_peers);
         for (state, n) in self.glue.tunnels_by_state() {
             metrics::gauge!("dpdmon_tunnels", "state" => state).set(n as f64);
+        }
+        let m = self.monitors.stats();
+        metrics::counter!("dpdmon_monitor_probes_sent_total").absolute(m.probes_sent);
+        metrics::counter!("dpdmon_monitor_replies_total").absolute(m.replies);
+        metrics::counter!("dpdmon_monitor_misses_total").absolute(m.misses);
+        metrics::counter!("dpdmon_monitor_down_total").absolute(m.down_verdicts);
+        metrics::counter!("dpdmon_monitor_errors_total").absolute(m.errors);
+        for (state, n) in self.monitors.by_state() {
+            metrics::gauge!("dpdmon_monitors", "state" => state).set(n as f64);
         }
         for d in self.glue.take_detections() {
             metrics::histogram!("dpdmon_detection_seconds")
@@ -100,12 +154,39 @@ impl DaemonLogic for Dpdmon {
             "Detection time divided by the configured budget (dead_after_ms)."
         );
         metrics::describe_gauge!("dpdmon_tunnels", "Monitored tunnels by DPD state.");
+        metrics::describe_counter!(
+            "dpdmon_monitor_probes_sent_total",
+            "Tunnel monitor ICMP echo requests sent through tunnels."
+        );
+        metrics::describe_counter!(
+            "dpdmon_monitor_replies_total",
+            "Tunnel monitor echo replies received through tunnels."
+        );
+        metrics::describe_counter!(
+            "dpdmon_monitor_misses_total",
+            "Tunnel monitor probes unanswered when the next one was due."
+        );
+        metrics::describe_counter!(
+            "dpdmon_monitor_down_total",
+            "Tunnels declared down by their tunnel monitor (threshold of misses reached)."
+        );
+        metrics::describe_counter!(
+            "dpdmon_monitor_errors_total",
+            "Tunnel monitor socket errors (open or send failed)."
+        );
+        metrics::describe_gauge!(
+            "dpdmon_monitors",
+            "Tunnel monitors by state (init, up, down)."
+        );
         let now = now_ms();
         Dpdmon {
             // Rounds of this process start above any round the previous one can have
             // used (2^16 rounds per ms of uptime).
             glue: Glue::new(now, now << 16),
             metrics_at_ms: 0,
+            monitors: Monitors::default(),
+            icmp: None,
+            ike: StateStore::new(),
         }
     }
 
@@ -128,11 +209,40 @@ impl DaemonLogic for Dpdmon {
             })
             .collect();
         self.glue.set_backoff(now_ms(), backoff, out);
+        let monitors = config
+            .phase1
+            .iter()
+            .filter_map(|p| {
+                let m = p.tunnel_monitor.as_ref()?;
+                let action = tunnel_monitor_action(config, p)?;
+                Some((
+                    p.name.clone(),
+                    MonitorCfg {
+                        destination: m.destination,
+                        source: m.source,
+                        interval_ms: u64::from(m.interval_ms),
+                        threshold: m.threshold,
+                        action: serde_json::to_value(action)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                    },
+                ))
+            })
+            .collect();
+        self.monitors.set_config(monitors, out);
+        self.monitors.sync(now_ms(), &self.ike, out);
+        self.run_monitor_io();
     }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         match src {
-            DaemonKind::Ikemgr => self.glue.sync_tunnels(now_ms(), store, out),
+            DaemonKind::Ikemgr => {
+                self.glue.sync_tunnels(now_ms(), store, out);
+                self.monitors.sync(now_ms(), store, out);
+                self.run_monitor_io();
+                self.ike = store.clone();
+            }
             DaemonKind::Hasyncd => self.glue.sync_roles(now_ms(), store, out),
             _ => {}
         }
@@ -153,8 +263,16 @@ impl DaemonLogic for Dpdmon {
                 Ok(self.glue.view_tunnels(now_ms(), name))
             }
             "stats" => Ok(self.glue.view_stats()),
+            "monitors" => {
+                let name = match args {
+                    [] => None,
+                    [k, n] if k == "name" => Some(n.as_str()),
+                    _ => return Err("usage: monitors [name N]".into()),
+                };
+                Ok(self.monitors.view(now_ms(), name))
+            }
             other => Err(format!(
-                "unknown view {other:?}: dpdmon has: tunnels, stats"
+                "unknown view {other:?}: dpdmon has: tunnels, stats, monitors"
             )),
         }
     }
@@ -201,12 +319,19 @@ impl DaemonLogic for Dpdmon {
 
     /// The core's next timer (wall-clock ms): the shell ticks then.
     fn poll_timeout(&self) -> Option<u64> {
-        self.glue.poll_timeout()
+        match (self.glue.poll_timeout(), self.monitors.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
         let now = now_ns / 1_000_000;
         self.glue.tick(now, out);
+        // Replies first: a probe answered before its deadline is not a miss.
+        self.take_monitor_events(out);
+        self.monitors.tick(now, out);
+        self.run_monitor_io();
         if now.saturating_sub(self.metrics_at_ms) >= METRICS_EVERY_MS {
             self.metrics_at_ms = now;
             self.export_metrics();

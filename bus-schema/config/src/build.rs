@@ -558,6 +558,8 @@ impl<'t> Fields<'t> {
 struct P1Pos {
     edit: Pos,
     monitor: Option<Pos>,
+    /// Positions of `tunnel-monitor-source-ip` and `tunnel-monitor-destination-ip`.
+    tunnel_monitor: (Option<Pos>, Option<Pos>),
 }
 
 struct P2Pos {
@@ -1056,6 +1058,10 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     ) {
         p.dpd_action = Some(v);
     }
+    let tm_pos = tunnel_monitor(ctx, &f, e, &mut p);
+    if let Some(v) = f.uint(ctx, "remote-gw-preempt-interval", 0, 86_400) {
+        p.remote_gw_preempt_interval = v;
+    }
     if let Some(v) = f.choice(
         ctx,
         "authmethod",
@@ -1133,6 +1139,7 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     let pos = P1Pos {
         edit: e.pos,
         monitor: f.value_pos("monitor"),
+        tunnel_monitor: tm_pos,
     };
     (p, pos)
 }
@@ -2026,6 +2033,38 @@ fn validate(ctx: &mut Ctx, st: &State) {
                 );
             }
         }
+        if let Some(m) = &p1.tunnel_monitor {
+            let p2s: Vec<&Phase2> = cfg.phase2_for(&p1.name).collect();
+            let (src_at, dst_at) = pos.tunnel_monitor;
+            if !p2s.is_empty() && !p2s.iter().any(|p2| selector_contains(&p2.src, m.source)) {
+                ctx.warn(
+                    src_at.unwrap_or(pos.edit),
+                    &label,
+                    "tunnel-monitor-source-ip",
+                    format!(
+                        "{} is in no src selector of this phase1's phase2s: the peer will drop \
+                         the probes",
+                        m.source
+                    ),
+                );
+            }
+            if !p2s.is_empty()
+                && !p2s
+                    .iter()
+                    .any(|p2| selector_contains(&p2.dst, m.destination))
+            {
+                ctx.warn(
+                    dst_at.unwrap_or(pos.edit),
+                    &label,
+                    "tunnel-monitor-destination-ip",
+                    format!(
+                        "{} is in no dst selector of this phase1's phase2s: no SA carries the \
+                         probes",
+                        m.destination
+                    ),
+                );
+            }
+        }
         if p1.fgsp_sync && cfg.standalone.is_none() {
             ctx.warn(
                 pos.edit,
@@ -2082,6 +2121,116 @@ pub(crate) fn build(ctx: &mut Ctx, root: &Block) -> Config {
     validate(ctx, &st);
     validate_manualkey(ctx, &st);
     st.config
+}
+
+/// True when selector `s` covers address `ip`.
+fn selector_contains(s: &Selector, ip: Ipv4Addr) -> bool {
+    match s {
+        Selector::Subnet(n) => n.contains(ip),
+        Selector::Range { start, end } => (*start..=*end).contains(&ip),
+        Selector::Ip(a) => *a == ip,
+    }
+}
+
+/// `tunnel-monitor enable|disable` and its `tunnel-monitor-*` keys (Haven, after PAN-OS's
+/// tunnel monitor). Returns the positions of the source and destination values for the
+/// cross-entry checks.
+fn tunnel_monitor(
+    ctx: &mut Ctx,
+    f: &Fields<'_>,
+    e: &Edit,
+    p: &mut Phase1,
+) -> (Option<Pos>, Option<Pos>) {
+    const SUB: [&str; 5] = [
+        "tunnel-monitor-destination-ip",
+        "tunnel-monitor-source-ip",
+        "tunnel-monitor-interval",
+        "tunnel-monitor-threshold",
+        "tunnel-monitor-action",
+    ];
+    let on = f.flag(ctx, "tunnel-monitor").unwrap_or(false);
+    let destination = f.ipv4(ctx, "tunnel-monitor-destination-ip");
+    let source = f.ipv4(ctx, "tunnel-monitor-source-ip");
+    let interval_ms = seconds_ms(ctx, f, "tunnel-monitor-interval");
+    let threshold = f.uint(ctx, "tunnel-monitor-threshold", 1, 100);
+    let action = f.choice(
+        ctx,
+        "tunnel-monitor-action",
+        &[
+            ("wait-recover", MonitorAction::WaitRecover),
+            ("fail-over", MonitorAction::FailOver),
+        ],
+        "",
+    );
+    let positions = (
+        f.value_pos("tunnel-monitor-source-ip"),
+        f.value_pos("tunnel-monitor-destination-ip"),
+    );
+    if !on {
+        for key in SUB {
+            if let Some(at) = f.key_pos(key) {
+                ctx.warn(
+                    at,
+                    &f.block,
+                    key,
+                    "ignored without set tunnel-monitor enable",
+                );
+            }
+        }
+        return positions;
+    }
+    let at = f.value_pos("tunnel-monitor").unwrap_or(e.pos);
+    if p.kind == Phase1Type::Dynamic {
+        ctx.invalid(
+            at,
+            &f.block,
+            "tunnel-monitor is for type static or ddns (a dial-up phase1 has no fixed peer)",
+        );
+        return positions;
+    }
+    let (Some(destination), Some(source)) = (destination, source) else {
+        if !f.has("tunnel-monitor-destination-ip") {
+            ctx.invalid(
+                at,
+                &f.block,
+                "tunnel-monitor enable needs set tunnel-monitor-destination-ip <address behind the peer>",
+            );
+        }
+        if !f.has("tunnel-monitor-source-ip") {
+            ctx.invalid(
+                at,
+                &f.block,
+                "tunnel-monitor enable needs set tunnel-monitor-source-ip <address of this gateway inside the local selector>",
+            );
+        }
+        return positions;
+    };
+    if destination.is_unspecified() || destination.is_broadcast() || destination.is_multicast() {
+        if let Some(pos) = positions.1 {
+            ctx.invalid(
+                pos,
+                &f.block,
+                "tunnel-monitor-destination-ip must be a unicast address",
+            );
+        }
+    }
+    if source.is_unspecified() || source.is_broadcast() || source.is_multicast() {
+        if let Some(pos) = positions.0 {
+            ctx.invalid(
+                pos,
+                &f.block,
+                "tunnel-monitor-source-ip must be a unicast address",
+            );
+        }
+    }
+    p.tunnel_monitor = Some(TunnelMonitor {
+        destination,
+        source,
+        interval_ms: interval_ms.unwrap_or(3_000),
+        threshold: threshold.unwrap_or(5),
+        action,
+    });
+    positions
 }
 
 /// `set KEY SECONDS [MILLISECONDS]` (Haven's DPD waits, like `dpd-retryinterval`): at

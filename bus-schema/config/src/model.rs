@@ -261,6 +261,58 @@ pub enum DpdAction {
     Restart,
 }
 
+/// `set tunnel-monitor-action` (Haven, PAN-OS's tunnel monitor profile action): what a
+/// tunnel whose monitor failed `tunnel-monitor-threshold` probes in a row does. Either way
+/// its `add-route` routes are withdrawn while it is down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MonitorAction {
+    /// `wait-recover`: keep the SAs and keep probing; the routes come back with the first
+    /// answered probe.
+    WaitRecover,
+    /// `fail-over`: handled like a dead DPD verdict (flush, then `dpd-action`: the next
+    /// `remote-gw`, or the backup phase1 watching this one).
+    FailOver,
+}
+
+/// The tunnel monitor of a phase1 (`set tunnel-monitor enable`, Haven; PAN-OS's tunnel
+/// monitor, Juniper's `vpn-monitor`): an ICMP echo request from `source` to `destination`
+/// through the tunnel every `interval_ms`; `threshold` unanswered in a row declare the
+/// tunnel down.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TunnelMonitor {
+    /// `tunnel-monitor-destination-ip`: an address behind the peer (required).
+    pub destination: Ipv4Addr,
+    /// `tunnel-monitor-source-ip`: an address of this gateway inside the local selector
+    /// (required).
+    pub source: Ipv4Addr,
+    /// `tunnel-monitor-interval` in ms (`SECONDS [MILLISECONDS]`). Default 3 s (PAN-OS).
+    pub interval_ms: u32,
+    /// `tunnel-monitor-threshold`: unanswered probes in a row, 1..=100. Default 5 (PAN-OS).
+    pub threshold: u32,
+    /// `tunnel-monitor-action`. Default: `fail-over` when the phase1 has another
+    /// `remote-gw` or a backup phase1 (`set monitor`), else `wait-recover`.
+    pub action: Option<MonitorAction>,
+}
+
+/// The `tunnel-monitor-action` in force for `p` (`None` without a tunnel monitor): the
+/// configured one, else `fail-over` when `p` has another `remote-gw` or a backup phase1
+/// watches it (`set monitor`), else `wait-recover`.
+pub fn tunnel_monitor_action(config: &Config, p: &Phase1) -> Option<MonitorAction> {
+    let m = p.tunnel_monitor.as_ref()?;
+    Some(m.action.unwrap_or_else(|| {
+        let backup = config
+            .phase1
+            .iter()
+            .any(|b| b.monitor.as_deref() == Some(p.name.as_str()));
+        if p.remote_gw.len() > 1 || backup {
+            MonitorAction::FailOver
+        } else {
+            MonitorAction::WaitRecover
+        }
+    }))
+}
+
 /// `set dpd-backoff` (a Haven key, not FortiOS): how the probes of one DPD round are
 /// spaced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -555,6 +607,13 @@ pub struct Phase1 {
     pub dpd_action: Option<DpdAction>,
     /// `authmethod`. Default `psk`.
     pub authmethod: AuthMethod,
+    /// `tunnel-monitor enable` and its `tunnel-monitor-*` keys (Haven, after PAN-OS's
+    /// tunnel monitor): ICMP echo through the tunnel. Default none (disable).
+    pub tunnel_monitor: Option<TunnelMonitor>,
+    /// `remote-gw-preempt-interval` (Haven): while a later `remote-gw` carries the
+    /// tunnel, try the earlier ones this often (seconds) and move back to the first that
+    /// answers; 0 disables. Default 60.
+    pub remote_gw_preempt_interval: u32,
     /// `certificate`: local certificate names for `authmethod signature`.
     pub certificate: Vec<String>,
     /// `rekey`: rekey the IKE SA before it expires. Default enable.
@@ -611,6 +670,8 @@ impl Phase1 {
             passive_mode: false,
             dpd_action: None,
             authmethod: AuthMethod::Psk,
+            tunnel_monitor: None,
+            remote_gw_preempt_interval: 60,
             certificate: Vec::new(),
             rekey: true,
             comments: String::new(),
