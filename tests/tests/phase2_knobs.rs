@@ -20,7 +20,9 @@
 //!   server, which brings the tunnel back;
 //! - (d) `dpd-action clear`: the same, but the route goes with the tunnel and pings from the
 //!   server do not bring it back;
-//! - (e) `replay disable` (espd level, two Haven gateways with manual keys, because
+//! - (e) `auto-negotiate disable` on the phase1: routes wait for traffic from the start and
+//!   the first ping from the server brings the tunnel up;
+//! - (f) `replay disable` (espd level, two Haven gateways with manual keys, because
 //!   strongSwan does not replay): a replayed valid packet is accepted on an SA with replay
 //!   window 0 and dropped as `replay` on one with the check on.
 //!
@@ -447,6 +449,44 @@ fn cleared_tunnel_ignores_traffic() {
         "strongSwan saw an attempt"
     );
     assert_eq!(gw.lifecycle()["state"], "held", "{}", gw.logs());
+}
+
+/// A static phase1 with `auto-negotiate disable` (so `dpd-action hold`) waits for traffic
+/// from the start: espd opens its TUN device before any SA, ikemgr routes the phase2's
+/// destination through it, and the first ping from the server starts the negotiation.
+#[test]
+fn static_tunnel_without_auto_negotiate_starts_on_the_first_packet() {
+    require();
+    let line = SiteToSite::new("p2an").expect("topology");
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&peer_conf("aes128gcm16")).expect("load responder");
+    let gw = Haven::start(
+        &line.gwb,
+        "p2an-gw",
+        &gateway_config(
+            "        set dpd disable
+        set auto-negotiate disable
+",
+            "        set pfs disable
+",
+        ),
+    );
+    wait_for("the route waits for traffic", WAIT, || {
+        route_to_lan_a(&line)
+            .contains("dev vpn1")
+            .then_some(())
+            .ok_or_else(|| gw.logs())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!gw.up(), "negotiated without traffic:\n{}", gw.logs());
+    assert!(a.list_sas().expect("list-sas").is_empty());
+    ping_from_server(&line, &a, &gw, "the first packets start vpn1", WAIT * 2);
+    assert!(
+        gw.log("ikemgr")
+            .contains("for phase2 vpn1 (waiting for traffic): initiating"),
+        "{}",
+        gw.logs()
+    );
 }
 
 /// espd level: a manual-key SA with `replay disable` (window 0, what ikemgr publishes for a
