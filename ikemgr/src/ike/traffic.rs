@@ -289,6 +289,10 @@ impl IkeManager {
         let Some(g) = self.gateways.get(&a.phase1).cloned() else {
             return self.count_acquire("unknown");
         };
+        if self.ha.standby() {
+            // An FGCP secondary negotiates nothing (`ha`).
+            return self.count_acquire("standby");
+        }
         if g.dynamic {
             return self.count_acquire("dialup");
         }
