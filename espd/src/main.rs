@@ -6,7 +6,8 @@
 //! selector checks on inbound packets, outbound sequence numbers leased and persisted in
 //! `<run-dir>/espd-seq/` so they never repeat across a crash, and soft/hard lifetimes. It
 //! publishes per-tunnel records (`esp.tunnel`), activity batches (`esp.activity`),
-//! sequence marks (`esp.seq`) and lifetime events (`esp.expire`), serves the `tunnel-list`
+//! sequence marks (`esp.seq`), lifetime events (`esp.expire`) and, for outbound packets
+//! that find no SA, paced `esp.acquire` events (traffic-triggered negotiation), serves the `tunnel-list`
 //! view and `tunnel-flush` command for `vpnctl diagnose vpn tunnel …`, and exports
 //! Prometheus metrics (`espd_packets_total`, `espd_bytes_total`, `espd_drops_total{reason}`…).
 //! IKE messages arriving on UDP/4500 go to ikemgr over `<run-dir>/ike4500.sock`; ikemgr's

@@ -1533,8 +1533,9 @@ impl IkeManager {
                 0
             },
             // espd enforces the limits and reports the soft ones (`EspExpire`), which start
-            // a rekey here (see `esp_expired`); ike-proto's own timer rekeys at the same
-            // soft time. Volume: soft at 7/8 of `keylifekbs`.
+            // a rekey here (see `esp_expired`); with `keepalive enable` ike-proto's own
+            // timer also rekeys at the same soft time (with `disable` only espd's event,
+            // which carries the packet count, does). Volume: soft at 7/8 of `keylifekbs`.
             lifetime: SaLifetime {
                 soft_secs: if g.child_timed { soft } else { 0 },
                 hard_secs: if g.child_timed { hard } else { 0 },

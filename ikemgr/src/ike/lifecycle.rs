@@ -4,7 +4,8 @@
 //! - **After a dead verdict** (dpdmon's `dead`), the tunnel is flushed (no exchange with the
 //!   peer) and then, by the phase1's `dpd-action` ([`DpdAction`]): `restart` renegotiates,
 //!   `hold` and `clear` stay down until `execute vpn ipsec tunnel up` or until the peer
-//!   initiates. Unset: `restart` when the phase1 initiates (`auto-negotiate enable`, no
+//!   initiates; `hold` keeps its routes and traffic brings it back, `clear` removes them
+//!   ([`super::traffic`]). Unset: `restart` when the phase1 initiates (`auto-negotiate enable`, no
 //!   `passive-mode`), else `hold`. Dial-up instances are always cleared (they are removed).
 //! - **Backoff.** Attempts of one static gateway are spaced by [`backoff`]: 5 s after a lost
 //!   IKE SA, then 5, 10, 20, 40 s after consecutive failed attempts, at most 60 s; an

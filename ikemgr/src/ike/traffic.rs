@@ -25,6 +25,9 @@
 //!   `replay disable`: the CHILD SA is published with a replay window of 0 (espd skips the
 //!   anti-replay check).
 //!
+//! Dial-up phase1s take part only in `keepalive` and `replay`: their clients start their
+//! own CHILD SAs.
+//!
 //! Sans-IO like the rest of [`super::IkeManager`]: every call takes `now`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -242,8 +245,8 @@ impl IkeManager {
         true
     }
 
-    /// Hook from a CHILD SA deletion (not a rekey): `auto-negotiate enable` on its phase2
-    /// creates it again at once.
+    /// Hook from a CHILD SA deletion (not a rekey): `auto-negotiate enable` on a static
+    /// phase1's phase2 creates it again at once.
     pub(super) fn traffic_child_gone(
         &mut self,
         now: Instant,
@@ -252,7 +255,8 @@ impl IkeManager {
         phase2: &str,
         reason: DeleteReason,
     ) {
-        if !matches!(reason, DeleteReason::Expired | DeleteReason::Peer) {
+        // Dial-up clients bring their own CHILD SAs back (a client that deleted one meant it).
+        if g.dynamic || !matches!(reason, DeleteReason::Expired | DeleteReason::Peer) {
             return;
         }
         let Some(policy) = g.p2.iter().position(|k| k.name == phase2) else {
@@ -289,6 +293,10 @@ impl IkeManager {
         let Some(g) = self.gateways.get(&a.phase1).cloned() else {
             return self.count_acquire("unknown");
         };
+        if self.ha.standby() {
+            // An FGCP secondary negotiates nothing (`ha`).
+            return self.count_acquire("standby");
+        }
         if g.dynamic {
             return self.count_acquire("dialup");
         }
