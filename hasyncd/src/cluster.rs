@@ -639,6 +639,13 @@ impl Cluster {
                             .collect(),
                     });
                     metrics::counter!("hasyncd_tunnel_takeovers_total").increment(1);
+                    if self.fgsp_mode() {
+                        // FGSP: this member carries the tunnel now; its records come from
+                        // ikemgr, and the standby copies it held are dropped (the takeover
+                        // event keeps what ikemgr needs until it confirms).
+                        self.ike_replicas.remove(&tunnel);
+                        self.replicas.retain(|_, r| r.sa.tunnel != tunnel);
+                    }
                 }
                 TunnelEvent::Demoted { tunnel, owner } => {
                     tracing::info!("{label}: {tunnel} is now carried by member {}", owner.0);
