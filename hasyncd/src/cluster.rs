@@ -1078,6 +1078,53 @@ impl Cluster {
         }
     }
 
+    /// FGSP: the tunnels this member holds as `standby`, shaped as espd's `tunnel-list`
+    /// entries (no key material), for `vpnctl diagnose vpn tunnel list`: the outbound
+    /// `seqno` is where a takeover would start (the synced lease mark).
+    pub fn standby_tunnels_view(&self) -> Value {
+        let Some(t) = self.table.as_ref().filter(|_| self.fgsp_mode()) else {
+            return json!({ "tunnels": [] });
+        };
+        let mut out = Vec::new();
+        for (name, role) in t.roles() {
+            if role != TunnelRole::Standby {
+                continue;
+            }
+            let ike = self.ike_replicas.get(name).map(|(_, s)| s);
+            let remote: Option<std::net::SocketAddr> = ike.and_then(|s| s.remote_addr.parse().ok());
+            let sas: Vec<Value> = self
+                .replicas
+                .values()
+                .filter(|r| r.sa.tunnel == name)
+                .map(|r| {
+                    let sa = &r.sa;
+                    json!({
+                        "proxyid": sa.phase2,
+                        "src": sa.local_ts,
+                        "dst": sa.remote_ts,
+                        "replaywin": sa.replay_window,
+                        "seqno": t.seq_hw(name, sa.spi_out).unwrap_or(0).max(1),
+                        "esn": sa.esn,
+                        "outbound": false,
+                        "life": { "timeout": sa.lifetime.hard_s },
+                        "dec": { "spi": format!("{:08x}", sa.spi_in), "esp": sa.transform },
+                        "enc": { "spi": format!("{:08x}", sa.spi_out), "esp": sa.transform },
+                    })
+                })
+                .collect();
+            out.push(json!({
+                "name": name,
+                "phase1": ike.map(|s| s.phase1.clone()).unwrap_or_default(),
+                "remote_gw": remote.map(|a| a.ip().to_string()).unwrap_or_default(),
+                "remote_port": remote.map(|a| a.port()).unwrap_or(0),
+                "role": role.as_str(),
+                "owner": t.owner(name).map(|o| o.0 .0),
+                "sas": sas,
+            }));
+        }
+        json!({ "tunnels": out })
+    }
+
     /// Standby copies (no key material), for the `replicas` view.
     pub fn replicas_view(&self) -> Value {
         let v: Vec<Value> = self

@@ -420,6 +420,11 @@ impl Hasyncd {
                 .map(Cluster::replicas_view)
                 .unwrap_or_else(|| json!({ "standby": [], "local": 0 }))),
             "member" => Ok(json!(self.member)),
+            "standby-tunnels" => Ok(self
+                .cluster
+                .as_ref()
+                .map(Cluster::standby_tunnels_view)
+                .unwrap_or_else(|| json!({ "tunnels": [] }))),
             "ha-status" => {
                 let mut v = self
                     .cluster
@@ -438,7 +443,7 @@ impl Hasyncd {
                 .map(Cluster::standalone_peers)
                 .unwrap_or_else(|| json!({ "configured": false, "peers": [] }))),
             other => Err(format!(
-                "unknown view {other:?}: hasyncd has: roles, member, ha-status, standalone-peers, replicas"
+                "unknown view {other:?}: hasyncd has: roles, member, ha-status, standalone-peers, replicas, standby-tunnels"
             )),
         }
     }

@@ -10,7 +10,8 @@
 //!
 //! Asserted, in order:
 //! 1. The owner carries the tunnel; the other synced members have it `standby` with IKE and
-//!    CHILD SA copies; DC1_VM4 has neither copies nor a role for it.
+//!    CHILD SA copies (`role=` in `vpnctl diagnose vpn tunnel list`: `sync-primary` on the
+//!    owner, `standby` elsewhere); DC1_VM4 has neither copies nor a role for it.
 //! 2. Continuous ping; the owner's daemons are killed and its route withdrawn at the router:
 //!    the member the router now picks promotes the tunnel (ESP for a standby SPI arrived),
 //!    carries strongSwan's IKE SA with the same SPIs, sends beyond the old owner's sequence
@@ -66,7 +67,23 @@ fn fgsp_member_takes_the_tunnel_the_router_moves_and_dpd_flushes_it_everywhere()
             "{} must not carry the tunnel",
             m.name()
         );
+        assert_eq!(
+            m.listed_role().as_deref(),
+            Some("standby"),
+            "{}: vpnctl diagnose vpn tunnel list shows the standby copy",
+            m.name()
+        );
     }
+    assert_eq!(
+        lab.members[owner].listed_role().as_deref(),
+        Some("sync-primary"),
+        "vpnctl diagnose vpn tunnel list on the owner"
+    );
+    assert_eq!(
+        lab.members[vm4].listed_role(),
+        None,
+        "DC1_VM4 lists no vpn1_1"
+    );
     assert_eq!(
         lab.members[vm4].copies().expect("DC1_VM4 replicas"),
         (0, 0),

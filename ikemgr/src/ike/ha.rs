@@ -573,6 +573,42 @@ mod tests {
     }
 
     #[test]
+    fn a_request_for_an_unknown_ike_sa_is_reported_and_a_released_tunnel_goes_silently() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let (spis, tunnel) = {
+            let e = dial.sas.values().next().expect("dial-up SA");
+            (e.sa.spis(), e.name.clone())
+        };
+        // Another member without the SA gets the hub's next request (a liveness check).
+        let mut other = mgr(DIAL, now);
+        hub.probe(now, "hub", 1);
+        let t = hub.poll_transmit().expect("probe");
+        other.handle_datagram(now, t.destination, t.source, &t.payload);
+        assert_eq!(other.take_unknown_requests(), vec![spis]);
+        assert!(other.take_unknown_requests().is_empty());
+        // A response for an unknown SA is not a reason to promote anything.
+        other.handle_datagram(now, t.destination, t.source, &{
+            let mut p = t.payload.clone();
+            p[19] |= 0x20;
+            p
+        });
+        assert!(other.take_unknown_requests().is_empty());
+        // The tunnel another member took: dropped without a word to the peer.
+        dial.drain_bodies();
+        assert!(dial.ha_release(now, &tunnel));
+        assert!(dial.sas.is_empty());
+        assert!(dial.poll_transmit().is_none());
+        assert!(dial
+            .drain_bodies()
+            .iter()
+            .any(|b| matches!(b, Body::IkeSaRemoved { .. })));
+        assert!(!dial.ha_release(now, &tunnel));
+    }
+
+    #[test]
     fn a_standby_refuses_new_ike_sas() {
         let now = Instant::now();
         let mut hub = mgr(HUB, now);
