@@ -484,6 +484,15 @@ impl Cluster {
                     tracing::trace!("FGSP: {tunnel} is not synced here (fgsp-sync disable)");
                     continue;
                 }
+                if let Message::SeqLeaseAck(a) = &msg {
+                    tracing::debug!(
+                        "FGSP: member {} acknowledged {} {:08x} below {}",
+                        from.0,
+                        a.tunnel,
+                        a.spi_out,
+                        a.seq_hw
+                    );
+                }
                 if let Some(t) = self.table.as_mut() {
                     t.handle_message(from, &msg);
                 }
@@ -713,7 +722,14 @@ impl Cluster {
                     continue;
                 }
             }
-            if !t.propose_lease(&m.tunnel, m.spi_out, m.seq_hw, now_ms) {
+            if t.propose_lease(&m.tunnel, m.spi_out, m.seq_hw, now_ms) {
+                tracing::debug!(
+                    "FGSP: lease {} {:08x} below {} proposed",
+                    m.tunnel,
+                    m.spi_out,
+                    m.seq_hw
+                );
+            } else {
                 tracing::debug!("lease for {} {:08x} refused", m.tunnel, m.spi_out);
             }
         }
