@@ -17,6 +17,10 @@
 //!    carries strongSwan's IKE SA with the same SPIs, sends beyond the old owner's sequence
 //!    numbers, the ping resumes, strongSwan renegotiated nothing and logged no replay
 //!    failure, and the third synced member is `standby` under the new owner.
+//! 2b. The router moves the tunnel to the third synced member while no ESP flows, and
+//!    strongSwan rekeys its CHILD SA: that IKE request for a standby IKE SA promotes the
+//!    tunnel there, the previous owner (alive) drops it, the rekey completes in place, ping
+//!    works, the IKE SA keeps its SPIs and no replay failure is logged.
 //! 3. The client disappears (charon killed): the new owner's DPD declares it dead and
 //!    flushes the tunnel, and every member's copy goes (roles and copies gone everywhere).
 //!
@@ -217,6 +221,56 @@ fn fgsp_member_takes_the_tunnel_the_router_moves_and_dpd_flushes_it_everywhere()
         (0, 0),
         "DC1_VM4 got a copy"
     );
+
+    // 2b. The router moves the tunnel again, to the third synced member, while no ESP
+    // flows: the first packet there is strongSwan's CREATE_CHILD_SA (a CHILD SA rekey), an
+    // IKE request for a standby IKE SA. It promotes the tunnel, the previous owner (alive)
+    // drops it, and the rekey completes in place on the strongSwan retransmission.
+    let last = third[0];
+    let moved = lab.withdraw(new_owner);
+    assert_eq!(moved, last, "the router's only choice left");
+    lab.route_back_via(last);
+    let child1 = lab.charon_child_spis();
+    lab.charon
+        .rekey_child("net")
+        .expect("swanctl --rekey --child");
+    let nm = &lab.members[last];
+    wait_for(
+        "strongSwan's CHILD SA rekeyed through the third member",
+        Duration::from_secs(60),
+        || {
+            let sa = client_sa(&lab.charon).ok_or("no IKE SA")?;
+            let c = sa.child("net").ok_or("no CHILD SA")?;
+            (c.spi_in != child1.0 && c.state == "INSTALLED")
+                .then_some(())
+                .ok_or_else(|| format!("{c:?}\n{}", nm.logs()))
+        },
+    );
+    assert!(
+        nm.log("hasyncd").contains("FGSP: IKE SA"),
+        "the promotion must come from the IKE request that arrived:\n{}",
+        nm.logs()
+    );
+    assert_eq!(nm.role().as_deref(), Some("sync-primary"));
+    assert_eq!(nm.ike_sa(), Some(spis), "same IKE SA on the third member");
+    let prev = &lab.members[new_owner];
+    wait_for(&format!("{} standby again", prev.name()), WAIT, || {
+        (prev.role().as_deref() == Some("standby") && prev.ike_sa().is_none())
+            .then_some(())
+            .ok_or_else(|| format!("{:?}\n{}", prev.role(), prev.logs()))
+    });
+    let (sent, got) = ping_burst(&lab.client, 5);
+    assert!(
+        got >= 3,
+        "ping after the IKE-triggered move: {got}/{sent}\n{}",
+        nm.logs()
+    );
+    assert_eq!(
+        client_sa(&lab.charon).map(|s| s.spis()),
+        Some(spis),
+        "IKE SA renegotiated"
+    );
+    assert_eq!(replay_failures(&lab.charon), 0, "{}", lab.charon.log());
 
     // 3. The client vanishes: the new owner's DPD flushes the tunnel everywhere.
     let dead_before = nm.dpd_stats().expect("dpdmon stats").2;

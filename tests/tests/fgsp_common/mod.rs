@@ -498,6 +498,13 @@ impl Lab {
         }
     }
 
+    /// strongSwan's CHILD SA SPIs now: (in, out).
+    pub fn charon_child_spis(&self) -> (u32, u32) {
+        let sa = client_sa(&self.charon).expect("client IKE SA");
+        let c = sa.child("net").expect("client CHILD SA");
+        (c.spi_in, c.spi_out)
+    }
+
     /// The server's route back to the client's inside network via member `i`.
     pub fn route_back_via(&self, i: usize) {
         self.server
