@@ -17,11 +17,11 @@
 //!    carries strongSwan's IKE SA with the same SPIs, sends beyond the old owner's sequence
 //!    numbers, the ping resumes, strongSwan renegotiated nothing and logged no replay
 //!    failure, and the third synced member is `standby` under the new owner.
-//! 2b. The router moves the tunnel to the third synced member while no ESP flows, and
+//! 3. The router moves the tunnel to the third synced member while no ESP flows, and
 //!    strongSwan rekeys its CHILD SA: that IKE request for a standby IKE SA promotes the
 //!    tunnel there, the previous owner (alive) drops it, the rekey completes in place, ping
 //!    works, the IKE SA keeps its SPIs and no replay failure is logged.
-//! 3. The client disappears (charon killed): the new owner's DPD declares it dead and
+//! 4. The client disappears (charon killed): the new owner's DPD declares it dead and
 //!    flushes the tunnel, and every member's copy goes (roles and copies gone everywhere).
 //!
 //! Needs root, iproute2 and the strongSwan packages (INTEROP.md).
@@ -222,7 +222,7 @@ fn fgsp_member_takes_the_tunnel_the_router_moves_and_dpd_flushes_it_everywhere()
         "DC1_VM4 got a copy"
     );
 
-    // 2b. The router moves the tunnel again, to the third synced member, while no ESP
+    // 3. The router moves the tunnel again, to the third synced member, while no ESP
     // flows: the first packet there is strongSwan's CREATE_CHILD_SA (a CHILD SA rekey), an
     // IKE request for a standby IKE SA. It promotes the tunnel, the previous owner (alive)
     // drops it, and the rekey completes in place on the strongSwan retransmission.
@@ -272,7 +272,7 @@ fn fgsp_member_takes_the_tunnel_the_router_moves_and_dpd_flushes_it_everywhere()
     );
     assert_eq!(replay_failures(&lab.charon), 0, "{}", lab.charon.log());
 
-    // 3. The client vanishes: the new owner's DPD flushes the tunnel everywhere.
+    // 4. The client vanishes: the new owner's DPD flushes the tunnel everywhere.
     let dead_before = nm.dpd_stats().expect("dpdmon stats").2;
     lab.charon.kill().expect("kill charon");
     wait_for(
