@@ -569,7 +569,7 @@ impl IkeManager {
             self.sas.values().map(|e| e.name.as_str()).collect();
         (1u32..)
             .map(|n| format!("{}_{n}", g.name))
-            .find(|n| !taken.contains(n.as_str()))
+            .find(|n| !taken.contains(n.as_str()) && !self.ha.reserved(n))
             .unwrap_or_else(|| g.name.clone())
     }
 

@@ -50,6 +50,9 @@ pub struct HaState {
     /// Requests for IKE SAs not held here, for hasyncd (FGSP promotion), at most
     /// [`UNKNOWN_MAX`] between two drains.
     unknown: Vec<(u64, u64)>,
+    /// Tunnel names other cluster members carry (hasyncd's `standby` roles): a new dial-up
+    /// instance here takes another name, or the two tunnels would share one ownership entry.
+    reserved: std::collections::BTreeSet<String>,
 }
 
 /// Bound of [`HaState::unknown`] between two drains.
@@ -343,6 +346,11 @@ impl HaState {
         }
     }
 
+    /// Whether `name` is a tunnel another member carries.
+    pub(super) fn reserved(&self, name: &str) -> bool {
+        self.reserved.contains(name)
+    }
+
     /// Whether this member holds standby copies only.
     pub fn standby(&self) -> bool {
         self.standby
@@ -371,6 +379,12 @@ impl IkeManager {
             );
         }
         self.ha.standby = standby;
+    }
+
+    /// Tunnel names other members carry (hasyncd's `standby` roles): new dial-up instances
+    /// here are named around them.
+    pub fn set_ha_reserved(&mut self, names: std::collections::BTreeSet<String>) {
+        self.ha.reserved = names;
     }
 
     /// IKE requests for unknown IKE SAs since the last call: hasyncd promotes an FGSP
@@ -606,6 +620,17 @@ mod tests {
             .iter()
             .any(|b| matches!(b, Body::IkeSaRemoved { .. })));
         assert!(!dial.ha_release(now, &tunnel));
+    }
+
+    #[test]
+    fn a_dialup_instance_is_not_named_after_a_tunnel_another_member_carries() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        dial.set_ha_reserved(["vpn1_1".to_string()].into_iter().collect());
+        connect(&mut hub, &mut dial, now);
+        let names: Vec<&str> = dial.sas.values().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, vec!["vpn1_2"]);
     }
 
     #[test]
