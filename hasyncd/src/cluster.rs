@@ -211,6 +211,11 @@ pub fn describe_metrics() {
         "Tunnels this member took over (IKE SA restored by ikemgr, CHILD SAs past their leases)."
     );
     describe_counter!(
+        "hasyncd_traffic_promotions_total",
+        Unit::Count,
+        "FGSP standby tunnels promoted here because their ESP or IKE traffic arrived (the router moved them)."
+    );
+    describe_counter!(
         "hasyncd_gratuitous_arps_total",
         Unit::Count,
         "ARP announcements sent for the FGCP shared addresses."
