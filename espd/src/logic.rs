@@ -825,10 +825,13 @@ impl DaemonLogic for Espd {
     fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
         let now_ms = now_ns / 1_000_000;
         self.ha.unknown_spis(self.dp.as_ref(), now_ms, out);
-        if now_ms.saturating_sub(self.ha.full_tick_ms) < Self::TICK_MS.saturating_sub(5) {
-            return;
+        if self.ha.gating() {
+            // The 10 ms wake-ups of a cluster member only look for unknown SPIs.
+            if now_ms.saturating_sub(self.ha.full_tick_ms) < Self::TICK_MS.saturating_sub(5) {
+                return;
+            }
+            self.ha.full_tick_ms = now_ms;
         }
-        self.ha.full_tick_ms = now_ms;
         self.publish_activity(out);
         self.publish_acquires(out);
         // Every tick: a volume limit can be reached within a second at full rate.

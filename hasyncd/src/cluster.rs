@@ -213,6 +213,11 @@ pub fn describe_metrics() {
         "Tunnels this member took over (IKE SA restored by ikemgr, CHILD SAs past their leases)."
     );
     describe_counter!(
+        "hasyncd_traffic_promotions_total",
+        Unit::Count,
+        "FGSP standby tunnels promoted here because their ESP or IKE traffic arrived (the router moved them)."
+    );
+    describe_counter!(
         "hasyncd_gratuitous_arps_total",
         Unit::Count,
         "ARP announcements sent for the FGCP shared addresses."
@@ -488,6 +493,15 @@ impl Cluster {
                     tracing::trace!("FGSP: {tunnel} is not synced here (fgsp-sync disable)");
                     continue;
                 }
+                if let Message::SeqLeaseAck(a) = &msg {
+                    tracing::debug!(
+                        "FGSP: member {} acknowledged {} {:08x} below {}",
+                        from.0,
+                        a.tunnel,
+                        a.spi_out,
+                        a.seq_hw
+                    );
+                }
                 if let Some(t) = self.table.as_mut() {
                     t.handle_message(from, &msg);
                 }
@@ -644,6 +658,13 @@ impl Cluster {
                             .collect(),
                     });
                     metrics::counter!("hasyncd_tunnel_takeovers_total").increment(1);
+                    if self.fgsp_mode() {
+                        // FGSP: this member carries the tunnel now; its records come from
+                        // ikemgr, and the standby copies it held are dropped (the takeover
+                        // event keeps what ikemgr needs until it confirms).
+                        self.ike_replicas.remove(&tunnel);
+                        self.replicas.retain(|_, r| r.sa.tunnel != tunnel);
+                    }
                 }
                 TunnelEvent::Demoted { tunnel, owner } => {
                     tracing::info!("{label}: {tunnel} is now carried by member {}", owner.0);
@@ -711,7 +732,14 @@ impl Cluster {
                     continue;
                 }
             }
-            if !t.propose_lease(&m.tunnel, m.spi_out, m.seq_hw, now_ms) {
+            if t.propose_lease(&m.tunnel, m.spi_out, m.seq_hw, now_ms) {
+                tracing::debug!(
+                    "FGSP: lease {} {:08x} below {} proposed",
+                    m.tunnel,
+                    m.spi_out,
+                    m.seq_hw
+                );
+            } else {
                 tracing::debug!("lease for {} {:08x} refused", m.tunnel, m.spi_out);
             }
         }
@@ -1074,6 +1102,53 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// FGSP: the tunnels this member holds as `standby`, shaped as espd's `tunnel-list`
+    /// entries (no key material), for `vpnctl diagnose vpn tunnel list`: the outbound
+    /// `seqno` is where a takeover would start (the synced lease mark).
+    pub fn standby_tunnels_view(&self) -> Value {
+        let Some(t) = self.table.as_ref().filter(|_| self.fgsp_mode()) else {
+            return json!({ "tunnels": [] });
+        };
+        let mut out = Vec::new();
+        for (name, role) in t.roles() {
+            if role != TunnelRole::Standby {
+                continue;
+            }
+            let ike = self.ike_replicas.get(name).map(|(_, s)| s);
+            let remote: Option<std::net::SocketAddr> = ike.and_then(|s| s.remote_addr.parse().ok());
+            let sas: Vec<Value> = self
+                .replicas
+                .values()
+                .filter(|r| r.sa.tunnel == name)
+                .map(|r| {
+                    let sa = &r.sa;
+                    json!({
+                        "proxyid": sa.phase2,
+                        "src": sa.local_ts,
+                        "dst": sa.remote_ts,
+                        "replaywin": sa.replay_window,
+                        "seqno": t.seq_hw(name, sa.spi_out).unwrap_or(0).max(1),
+                        "esn": sa.esn,
+                        "outbound": false,
+                        "life": { "timeout": sa.lifetime.hard_s },
+                        "dec": { "spi": format!("{:08x}", sa.spi_in), "esp": sa.transform },
+                        "enc": { "spi": format!("{:08x}", sa.spi_out), "esp": sa.transform },
+                    })
+                })
+                .collect();
+            out.push(json!({
+                "name": name,
+                "phase1": ike.map(|s| s.phase1.clone()).unwrap_or_default(),
+                "remote_gw": remote.map(|a| a.ip().to_string()).unwrap_or_default(),
+                "remote_port": remote.map(|a| a.port()).unwrap_or(0),
+                "role": role.as_str(),
+                "owner": t.owner(name).map(|o| o.0 .0),
+                "sas": sas,
+            }));
+        }
+        json!({ "tunnels": out })
     }
 
     /// Standby copies (no key material), for the `replicas` view.

@@ -19,7 +19,13 @@
 //! and holds the shared addresses ([`vip`]). See README.md.
 //! Views: `ha-status`, `standalone-peers`, `roles`, `member`, `replicas`.
 //!
-//! Not yet: RFC 6311, FGSP per-tunnel ownership and takeover, restoring a restarted
+//! FGSP alone (no FGCP link): the same tunnel table runs per tunnel over the FGSP link
+//! (phase1s with `fgsp-sync enable`): the member that established a tunnel owns it, the
+//! others hold standby copies; `sa.unknown` from espd/ikemgr (traffic for a standby
+//! tunnel arrived here) or the owner's death promotes it (`ha.takeover`), and a member that
+//! lost a tunnel publishes it `standby` (ikemgr drops it).
+//!
+//! Not yet: RFC 6311, FGSP per-tunnel ownership between FGCP clusters, restoring a restarted
 //! ikemgr's IKE SAs from the local copies, the snapshot/stream Clone pattern over the link,
 //! a persisted link epoch (the epoch is the wall clock in ms at each start).
 
@@ -457,6 +463,11 @@ impl Hasyncd {
                 .map(Cluster::replicas_view)
                 .unwrap_or_else(|| json!({ "standby": [], "local": 0 }))),
             "member" => Ok(json!(self.member)),
+            "standby-tunnels" => Ok(self
+                .cluster
+                .as_ref()
+                .map(Cluster::standby_tunnels_view)
+                .unwrap_or_else(|| json!({ "tunnels": [] }))),
             "ha-status" => {
                 let mut v = self
                     .cluster
@@ -475,7 +486,7 @@ impl Hasyncd {
                 .map(Cluster::standalone_peers)
                 .unwrap_or_else(|| json!({ "configured": false, "peers": [] }))),
             other => Err(format!(
-                "unknown view {other:?}: hasyncd has: roles, member, ha-status, standalone-peers, replicas"
+                "unknown view {other:?}: hasyncd has: roles, member, ha-status, standalone-peers, replicas, standby-tunnels"
             )),
         }
     }

@@ -646,12 +646,22 @@ impl IkeManager {
         if !g.dynamic {
             return g.name.clone();
         }
-        let n = self
-            .numbers
-            .entry(g.name.clone())
-            .or_default()
-            .take_lowest();
-        format!("{}_{n}", g.name)
+        // Numbers other members' tunnels hold (hasyncd's `standby` roles) are skipped and
+        // given back: the loop ends within `reserved.len() + 1` rounds.
+        let nums = self.numbers.entry(g.name.clone()).or_default();
+        let mut skipped = Vec::new();
+        let name = loop {
+            let n = nums.take_lowest();
+            let name = format!("{}_{n}", g.name);
+            if !self.ha.reserved(&name) {
+                break name;
+            }
+            skipped.push(n);
+        };
+        for n in skipped {
+            nums.release(n);
+        }
+        name
     }
 
     /// Records that an instance of `gateway` is called `name` (named outside

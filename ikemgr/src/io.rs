@@ -36,6 +36,8 @@ const HANDOFF_HDR_LEN: usize = 12;
 const MAX_DATAGRAM: usize = 65535;
 /// How long a route whose device is missing is retried.
 const ROUTE_RETRY_FOR: Duration = Duration::from_secs(30);
+/// How often a route whose device is missing is retried.
+const ROUTE_RETRY_EVERY: Duration = Duration::from_millis(20);
 
 /// Inputs of the IO loop.
 pub enum Input {
@@ -224,6 +226,11 @@ impl Loop {
                 let m = lock(&self.mgr);
                 let now = Instant::now();
                 let mut w = Duration::from_millis(500);
+                if !self.routes.is_empty() {
+                    // A route waiting for espd's TUN device (a tunnel taken over by HA
+                    // brings its SAs and its route at once) is retried soon.
+                    w = w.min(ROUTE_RETRY_EVERY);
+                }
                 if let Some(t) = m.poll_timeout() {
                     w = w.min(t.saturating_duration_since(now));
                 }

@@ -411,6 +411,13 @@ impl DaemonLogic for Ikemgr {
                 self.drain(out);
                 self.wake();
             }
+            io::lock(&self.ike).set_ha_reserved(
+                roles
+                    .iter()
+                    .filter(|(_, r)| *r == "standby")
+                    .map(|(t, _)| t.clone())
+                    .collect(),
+            );
             self.roles = roles;
         }
         if src == DaemonKind::Dpdmon {

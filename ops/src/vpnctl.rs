@@ -801,6 +801,26 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
             }
         }
     }
+    // FGSP: tunnels this member holds as standby copies (hasyncd), which espd does not carry.
+    let standby = ctl_call(
+        &cli.run_dir,
+        DaemonKind::Hasyncd,
+        &CtlRequest::View {
+            name: "standby-tunnels".into(),
+            args: vec![],
+        },
+        Duration::from_millis(cli.timeout_ms.min(500)),
+    )
+    .await;
+    if let (Ok(CtlReply::View(sv)), Some(ts)) = (standby, v["tunnels"].as_array_mut()) {
+        for t in sv["tunnels"].as_array().into_iter().flatten() {
+            let n = t["name"].as_str().unwrap_or("");
+            let wanted = name.as_deref().is_none_or(|f| f == n);
+            if wanted && !ts.iter().any(|x| x["name"] == n) {
+                ts.push(t.clone());
+            }
+        }
+    }
     if let Some(ts) = v["tunnels"].as_array_mut() {
         for t in ts.iter_mut() {
             let n = t["name"].as_str().unwrap_or("").to_string();

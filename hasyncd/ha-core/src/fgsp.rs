@@ -30,7 +30,13 @@
 //! standby SAs at `seqno=10000001`) and [`StartSeq::exact`] is false.
 //!
 //! The new owner must itself lease before its first packet (one round trip on the HA
-//! link): [`TunnelTable::propose_lease`] right after [`TunnelEvent::Promoted`].
+//! link): [`TunnelTable::propose_lease`] right after [`TunnelEvent::Promoted`]. That first
+//! lease of each SA does not wait for the previous owner, which may have just died without
+//! being declared lost yet (the router moved the tunnel because of it); every later lease
+//! waits for every live member again. The invariant holds for the previous owner all the
+//! same: a member that loses a tunnel by a claim marks its records of it stale, so it takes
+//! the tunnel back with the unsynced jump, or exactly once it recorded a lease of the new
+//! owner (below which the new owner sent everything it sent so far).
 //!
 //! # Driving it
 //! After every call: drain [`TunnelTable::poll_event`] and [`TunnelTable::poll_transmit`];
@@ -126,6 +132,9 @@ struct SaSeq {
     hw: u64,
     fresh: bool,
     pending: Option<Pending>,
+    /// Set by a promotion: the previous owner, whose acknowledgement the first lease after
+    /// the promotion does not wait for (see [`TunnelTable::propose_lease`]).
+    grace_from: Option<MemberId>,
 }
 
 #[derive(Clone, Debug)]
@@ -519,6 +528,20 @@ impl TunnelTable {
         let s = t.sas.entry(spi_out).or_default();
         s.fresh = true;
         let hw = seq_hw.max(s.hw);
+        if s.pending.as_ref().is_some_and(|p| p.hw >= hw) {
+            // Asked again while in flight (espd repeats an open request): the lease already
+            // waits for its acknowledgements and is retransmitted by `handle_timeout`.
+            return true;
+        }
+        let mut waiting = waiting;
+        if let Some(prev) = s.grace_from.take() {
+            // The first lease after a promotion does not wait for the previous owner: it
+            // may be dead and not yet declared lost (the router moved the tunnel because it
+            // died). Safe: a demoted owner marks its records stale (`apply_claim`) and takes
+            // the tunnel back only with the unsynced jump, or exactly once it recorded one of
+            // this member's leases, each later one of which waits for its acknowledgement.
+            waiting.remove(&prev);
+        }
         s.pending = Some(Pending {
             hw,
             waiting,
@@ -532,7 +555,13 @@ impl TunnelTable {
                 seq_hw: hw,
             }),
         });
-        if self.live.is_empty() {
+        let none_waiting = self
+            .tunnels
+            .get(tunnel)
+            .and_then(|t| t.sas.get(&spi_out))
+            .and_then(|s| s.pending.as_ref())
+            .is_some_and(|p| p.waiting.is_empty());
+        if none_waiting {
             self.confirm(tunnel, spi_out);
         }
         true
@@ -577,6 +606,9 @@ impl TunnelTable {
                 if was_mine && claim.owner != me {
                     for s in t.sas.values_mut() {
                         s.pending = None;
+                        // The new owner's first lease does not wait for this member: until
+                        // one of its leases is recorded here, a takeover adds the jump.
+                        s.fresh = false;
                     }
                     self.stats.demotions += 1;
                     self.events.push_back(TunnelEvent::Demoted {
@@ -712,8 +744,12 @@ impl TunnelTable {
         if t.owner == me {
             return;
         }
+        let previous = t.owner;
         t.owner = me;
         t.generation = t.generation.saturating_add(1);
+        for s in t.sas.values_mut() {
+            s.grace_from = Some(previous);
+        }
         let start_seqs = t
             .sas
             .iter()
@@ -1087,6 +1123,74 @@ mod tests {
         assert_eq!(s.m[0].table.stats().demotions, 1);
         // Traffic for a tunnel already owned here changes nothing.
         assert!(!s.m[2].table.traffic_for(T));
+    }
+
+    #[test]
+    fn first_lease_after_a_move_skips_a_silent_old_owner_which_cannot_replay_later() {
+        let mut s = Sim::new(3);
+        s.establish(0);
+        s.send(0, 3_000);
+        // VM1 falls silent (not declared lost yet) and the router moves the tunnel to VM3:
+        // VM3's first lease needs VM2's acknowledgement only, so it sends at once.
+        s.m[0].alive = false;
+        assert!(s.m[2].table.traffic_for(T));
+        s.drain(2);
+        s.flush();
+        s.send(2, BLOCK / 2);
+        assert_eq!(
+            s.sent.iter().filter(|x| x.0 == 2).count() as u64,
+            BLOCK / 2,
+            "the first lease after the move was held up by the silent old owner"
+        );
+        // Its next lease waits for VM1, which is still a live member.
+        s.send(2, BLOCK * 2);
+        assert!(
+            (s.sent.iter().filter(|x| x.0 == 2).count() as u64) < BLOCK * 2,
+            "a later lease must wait for every live member"
+        );
+        s.wire.clear();
+        // VM1 comes back having missed the claim and the lease; it asks for a lease of its
+        // own, which carries its old claim on retransmission; VM3 answers with its claim.
+        s.m[0].alive = true;
+        s.send_nowait(0, BLOCK);
+        s.now += 100;
+        s.m[0].table.handle_timeout(s.now);
+        s.drain(0);
+        s.flush();
+        assert_eq!(s.m[0].table.role(T), Some(TunnelRole::Standby));
+        // The router sends the tunnel back to VM1: it starts beyond VM3's numbers.
+        let before = s.max_sent();
+        assert!(s.m[0].table.traffic_for(T));
+        s.drain(0);
+        let (_, _, first) = *s.promotions.last().unwrap();
+        assert!(
+            first > before,
+            "VM1 restarts at {first}, VM3 sent up to {before}"
+        );
+        s.flush();
+        s.send(0, 100);
+        s.check_no_replay();
+    }
+
+    #[test]
+    fn a_repeated_request_keeps_the_first_lease_after_a_move_in_flight() {
+        let mut s = Sim::new(3);
+        s.establish(0);
+        s.send(0, 100);
+        s.m[0].alive = false;
+        assert!(s.m[2].table.traffic_for(T));
+        s.drain(2);
+        let hw = s.m[2].table.seq_hw(T, SPI).unwrap() + BLOCK;
+        // espd repeats its open request before the acknowledgements are back.
+        assert!(s.m[2].table.propose_lease(T, SPI, hw, s.now));
+        assert!(s.m[2].table.propose_lease(T, SPI, hw, s.now));
+        s.drain(2);
+        s.flush();
+        assert!(
+            s.events.iter().any(|(i, e)| *i == 2
+                && matches!(e, TunnelEvent::LeaseConfirmed { seq_hw, .. } if *seq_hw == hw)),
+            "the repeat must not make the lease wait for the silent old owner"
+        );
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct HaState {
     /// CHILD SAs being republished after an ikemgr restart (see
     /// [`IkeManager::restore_local`]).
     pub(super) restoring: bool,
+    /// Tunnel names other cluster members carry (hasyncd's `standby` roles): a new dial-up
+    /// instance here takes another name, or the two tunnels would share one ownership entry.
+    reserved: std::collections::BTreeSet<String>,
 }
 
 /// Bound of [`HaState::unknown`] between two drains.
@@ -364,6 +367,11 @@ impl HaState {
         }
     }
 
+    /// Whether `name` is a tunnel another member carries.
+    pub(super) fn reserved(&self, name: &str) -> bool {
+        self.reserved.contains(name)
+    }
+
     /// Whether this member holds standby copies only.
     pub fn standby(&self) -> bool {
         self.standby
@@ -392,6 +400,12 @@ impl IkeManager {
             );
         }
         self.ha.standby = standby;
+    }
+
+    /// Tunnel names other members carry (hasyncd's `standby` roles): new dial-up instances
+    /// here are named around them.
+    pub fn set_ha_reserved(&mut self, names: std::collections::BTreeSet<String>) {
+        self.ha.reserved = names;
     }
 
     /// IKE requests for unknown IKE SAs since the last call: hasyncd promotes an FGSP
@@ -669,6 +683,53 @@ mod tests {
         let gw_b: IpAddr = "192.0.2.2".parse().unwrap();
         hub.initiate(now, "hub", "192.0.2.1".parse().unwrap(), gw_b);
         shuttle(hub, dial, now);
+    }
+
+    #[test]
+    fn a_request_for_an_unknown_ike_sa_is_reported_and_a_released_tunnel_goes_silently() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let (spis, tunnel) = {
+            let e = dial.sas.values().next().expect("dial-up SA");
+            (e.sa.spis(), e.name.clone())
+        };
+        // Another member without the SA gets the hub's next request (a liveness check).
+        let mut other = mgr(DIAL, now);
+        hub.probe(now, "hub", 1);
+        let t = hub.poll_transmit().expect("probe");
+        other.handle_datagram(now, t.destination, t.source, &t.payload);
+        assert_eq!(other.take_unknown_requests(), vec![spis]);
+        assert!(other.take_unknown_requests().is_empty());
+        // A response for an unknown SA is not a reason to promote anything.
+        other.handle_datagram(now, t.destination, t.source, &{
+            let mut p = t.payload.clone();
+            p[19] |= 0x20;
+            p
+        });
+        assert!(other.take_unknown_requests().is_empty());
+        // The tunnel another member took: dropped without a word to the peer.
+        dial.drain_bodies();
+        assert!(dial.ha_release(now, &tunnel));
+        assert!(dial.sas.is_empty());
+        assert!(dial.poll_transmit().is_none());
+        assert!(dial
+            .drain_bodies()
+            .iter()
+            .any(|b| matches!(b, Body::IkeSaRemoved { .. })));
+        assert!(!dial.ha_release(now, &tunnel));
+    }
+
+    #[test]
+    fn a_dialup_instance_is_not_named_after_a_tunnel_another_member_carries() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        dial.set_ha_reserved(["vpn1_1".to_string()].into_iter().collect());
+        connect(&mut hub, &mut dial, now);
+        let names: Vec<&str> = dial.sas.values().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, vec!["vpn1_2"]);
     }
 
     #[test]
