@@ -19,9 +19,12 @@
 //! and holds the shared addresses ([`vip`]). See README.md.
 //! Views: `ha-status`, `standalone-peers`, `roles`, `member`, `replicas`.
 //!
-//! Not yet: RFC 6311, FGSP per-tunnel ownership and takeover, restoring a restarted
-//! ikemgr's IKE SAs from the local copies, the snapshot/stream Clone pattern over the link,
-//! a persisted link epoch (the epoch is the wall clock in ms at each start).
+//! ikemgr's own records are kept as published whatever the mode (standalone included) and
+//! handed to a restarted ikemgr with the `ike-restore` command.
+//!
+//! Not yet: FGSP per-tunnel ownership and takeover, a paced/acknowledged snapshot over the
+//! link (a rejoining member gets one datagram per SA, unpaced), a persisted link epoch (the
+//! epoch is the wall clock in ms at each start).
 
 mod cluster;
 mod io;
