@@ -7,7 +7,9 @@
 //! 3. the same chunks with flow control: at most [`WINDOW`] unacknowledged chunks in
 //!    flight, the receiver acknowledging the chunks it has in order, the sender going back
 //!    to the first unacknowledged one after 100 ms of silence (go-back-N). This is the
-//!    shape a joining member's snapshot needs (hasyncd does not do it yet).
+//!    shape a joining member's snapshot needs (hasyncd does not do it yet);
+//! 4. (printed between 2 and 3) one datagram per SA paced at [`PACE_PER_TICK`] per 20 ms,
+//!    without acknowledgements.
 //!
 //! Sender and receiver are two threads with their own `HaLink` and UDP socket on
 //! 127.0.0.1 (the kernel's UDP path, not a veth between namespaces); the receiver opens,
@@ -86,6 +88,48 @@ fn run(
     for d in &datagrams {
         // A full socket buffer on loopback is an error here, not a wait: count on.
         let _ = tx.send_to(d, to);
+    }
+    let (sas, n, dropped, last) = receiver.join().map_err(|_| "receiver panicked")?;
+    Ok(Outcome {
+        sas,
+        datagrams: n,
+        dropped,
+        elapsed: last.saturating_duration_since(start),
+    })
+}
+
+/// Datagrams per 20 ms in the paced shape (100 000 in about 4 s).
+const PACE_PER_TICK: usize = 512;
+
+/// [`run`], the sender sleeping 20 ms after every [`PACE_PER_TICK`] datagrams.
+fn run_paced(
+    datagrams: Vec<Vec<u8>>,
+    mut count: impl FnMut(&[u8]) -> Option<usize> + Send + 'static,
+) -> Result<Outcome, Box<dyn std::error::Error>> {
+    let rx = UdpSocket::bind("127.0.0.1:0")?;
+    let to = rx.local_addr()?;
+    rx.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let tx = UdpSocket::bind("127.0.0.1:0")?;
+    let start = Instant::now();
+    let receiver = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 70_000];
+        let (mut sas, mut n, mut dropped) = (0usize, 0usize, 0usize);
+        let mut last = Instant::now();
+        while let Ok(len) = rx.recv(&mut buf) {
+            last = Instant::now();
+            n += 1;
+            match count(buf.get(..len).unwrap_or(&[])) {
+                Some(k) => sas += k,
+                None => dropped += 1,
+            }
+        }
+        (sas, n, dropped, last)
+    });
+    for batch in datagrams.chunks(PACE_PER_TICK) {
+        for d in batch {
+            let _ = tx.send_to(d, to);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     let (sas, n, dropped, last) = receiver.join().map_err(|_| "receiver panicked")?;
     Ok(Outcome {
@@ -221,6 +265,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         n,
         &r,
     );
+
+    // 4. One datagram per SA again, paced: PACE_PER_TICK every 20 ms (hasyncd's tick).
+    let mut tx = HaLink::new(key.clone(), MemberId(1), 4)?;
+    let mut per_sa = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        per_sa.push(tx.seal(&Message::ChildSa(child(i)))?);
+    }
+    let mut rx = HaLink::new(key.clone(), MemberId(2), 4)?;
+    let o = run_paced(per_sa, move |d| match rx.open(d) {
+        Ok(r) => Some(usize::from(matches!(r.message, Message::ChildSa(_)))),
+        Err(_) => None,
+    })?;
+    println!("one datagram per SA, paced {PACE_PER_TICK} per 20 ms, no acknowledgements:");
+    report("sealed", n as usize, n, &o);
 
     // 3. The same chunks with a window and acknowledgements.
     let mut tx = HaLink::new(key.clone(), MemberId(1), 3)?;
