@@ -33,6 +33,10 @@ const PHASE1: &str = "        set dpd on-idle
         set proposal aes256-sha256
 ";
 
+/// `hb-interval` 200 ms, `hb-lost-threshold` 10: the pair must not fail over by accident
+/// (a loaded machine) while the copy is being made stale.
+const STEADY_HEARTBEAT: (u32, u32) = (2, 10);
+
 /// Largest HA datagram let through from gw1 while the copy is being made stale: above a
 /// heartbeat and a lease message, below an IKE SA record (keys, identities, CHILD SAs).
 const HA_PASS_MAX: u32 = 300;
@@ -76,7 +80,7 @@ fn a_takeover_from_a_stale_copy_resyncs_message_ids_with_strongswan() {
         mut charon,
         before,
         child_before,
-    } = Lab::with_dpd("ha-mid-sync", "hams", PHASE1);
+    } = Lab::with_heartbeat("ha-mid-sync", "hams", PHASE1, STEADY_HEARTBEAT);
     let spis = before.spis();
 
     // The copy is current first.
@@ -268,7 +272,7 @@ fn the_peers_requests_the_copy_missed_are_caught_up_by_the_sync() {
         "ha-mid-sync-peer",
         "hamp",
         PHASE1_NO_DPD,
-        HEARTBEAT,
+        STEADY_HEARTBEAT,
         Some(std::time::Duration::from_secs(1)),
     );
     let spis = before.spis();
