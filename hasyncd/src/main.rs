@@ -25,9 +25,12 @@
 //! tunnel arrived here) or the owner's death promotes it (`ha.takeover`), and a member that
 //! lost a tunnel publishes it `standby` (ikemgr drops it).
 //!
-//! Not yet: RFC 6311, FGSP per-tunnel ownership between FGCP clusters, restoring a restarted
-//! ikemgr's IKE SAs from the local copies, the snapshot/stream Clone pattern over the link,
-//! a persisted link epoch (the epoch is the wall clock in ms at each start).
+//! ikemgr's own records are kept as published whatever the mode (standalone included) and
+//! handed to a restarted ikemgr with the `ike-restore` command.
+//!
+//! Not yet: FGSP per-tunnel ownership between FGCP clusters, a paced/acknowledged snapshot
+//! over the link (a rejoining member gets one datagram per SA, unpaced), a persisted link
+//! epoch (the epoch is the wall clock in ms at each start).
 
 mod cluster;
 mod io;

@@ -33,6 +33,10 @@ const PHASE1: &str = "        set dpd on-idle
         set proposal aes256-sha256
 ";
 
+/// `hb-interval` 200 ms, `hb-lost-threshold` 10: the pair must not fail over by accident
+/// (a loaded machine) while the copy is being made stale.
+const STEADY_HEARTBEAT: (u32, u32) = (2, 10);
+
 /// Largest HA datagram let through from gw1 while the copy is being made stale: above a
 /// heartbeat and a lease message, below an IKE SA record (keys, identities, CHILD SAs).
 const HA_PASS_MAX: u32 = 300;
@@ -76,7 +80,7 @@ fn a_takeover_from_a_stale_copy_resyncs_message_ids_with_strongswan() {
         mut charon,
         before,
         child_before,
-    } = Lab::with_dpd("ha-mid-sync", "hams", PHASE1);
+    } = Lab::with_heartbeat("ha-mid-sync", "hams", PHASE1, STEADY_HEARTBEAT);
     let spis = before.spis();
 
     // The copy is current first.
@@ -234,6 +238,105 @@ fn a_takeover_from_a_stale_copy_resyncs_message_ids_with_strongswan() {
         1,
         "{sas:#?}"
     );
+    drop(m2);
+    drop(m1);
+    let _ = charon.kill();
+}
+
+/// Phase1 lines for [`the_peers_requests_the_copy_missed_are_caught_up_by_the_sync`]: no
+/// DPD of ours (strongSwan runs the checks), a CBC suite.
+const PHASE1_NO_DPD: &str = "        set dpd disable
+        set proposal aes256-sha256
+";
+
+#[test]
+fn the_peers_requests_the_copy_missed_are_caught_up_by_the_sync() {
+    // The other direction: strongSwan runs liveness checks every second that gw1 answers
+    // while its records do not reach gw2, so gw2's copy expects an older request ID than
+    // strongSwan will send next. The sync's answer (strongSwan's P2) brings gw2 up to date:
+    // strongSwan's next checks are answered by gw2 (without it they would be dropped as
+    // out of window).
+    let Lab {
+        scratch: _scratch,
+        router: _router,
+        client: _client,
+        server: _server,
+        gw1,
+        gw2: _gw2,
+        mut m1,
+        m2,
+        mut charon,
+        before,
+        child_before: _,
+    } = Lab::with_options(
+        "ha-mid-sync-peer",
+        "hamp",
+        PHASE1_NO_DPD,
+        STEADY_HEARTBEAT,
+        Some(std::time::Duration::from_secs(1)),
+    );
+    let spis = before.spis();
+    wait_for("gw2's copy is current", WAIT, || {
+        let (ours, copy) = (msg_ids(&m1), copy_ids(&m2, spis));
+        (ours.is_some() && ours == copy)
+            .then_some(())
+            .ok_or_else(|| format!("gw1 {ours:?} copy {copy:?}"))
+    });
+    let (_, copy_recv) = copy_ids(&m2, spis).unwrap();
+    gw1.run(
+        "iptables",
+        &[
+            "-A",
+            "OUTPUT",
+            "-o",
+            "port4",
+            "-p",
+            "udp",
+            "-m",
+            "length",
+            "--length",
+            &format!("{}:65535", HA_PASS_MAX + 1),
+            "-j",
+            "DROP",
+        ],
+    )
+    .expect("iptables (is it installed?)");
+    wait_for("strongSwan's checks the copy misses", WAIT, || {
+        let ours = msg_ids(&m1).ok_or("no IKE SA on gw1")?;
+        (ours.1 >= copy_recv + 2)
+            .then_some(())
+            .ok_or_else(|| format!("gw1 {ours:?}, copy {:?}", copy_ids(&m2, spis)))
+    });
+    let stale = copy_ids(&m2, spis).expect("copy");
+    let real = msg_ids(&m1).expect("gw1's IDs");
+    eprintln!("message IDs send/recv: gw1 {real:?}, gw2's copy {stale:?}");
+    assert!(
+        stale.1 < real.1,
+        "the copy must be behind: {stale:?} vs {real:?}"
+    );
+
+    m1.kill_all();
+    gw1.ip(&["link", "set", "port2", "down"]).unwrap();
+    wait_for("gw2 synced the message IDs with strongSwan", WAIT, || {
+        m2.log("ikemgr")
+            .contains("RFC 6311 sync done")
+            .then_some(())
+            .ok_or_else(|| format!("{}\n{}", m2.logs(), charon.log()))
+    });
+    let synced = msg_ids(&m2).expect("gw2's IDs");
+    assert!(
+        synced.1 >= real.1,
+        "gw2 must expect strongSwan's next request: {synced:?} vs gw1's {real:?}"
+    );
+    // strongSwan's next liveness checks reach gw2 and are answered.
+    wait_for("gw2 answers strongSwan's checks", WAIT, || {
+        let now = msg_ids(&m2).ok_or("no IKE SA on gw2")?;
+        (now.1 >= synced.1 + 2)
+            .then_some(())
+            .ok_or_else(|| format!("{now:?}\n{}\n{}", m2.logs(), charon.log()))
+    });
+    let after = client_sa(&charon).expect("client IKE SA");
+    assert_eq!(after.spis(), spis, "IKE SA renegotiated");
     drop(m2);
     drop(m1);
     let _ = charon.kill();

@@ -21,6 +21,10 @@ use ha_common::*;
 use haven_tests::daemons::wait_for;
 use serde_json::Value;
 
+/// `hb-interval` 200 ms, `hb-lost-threshold` 10: the takeover here is about state, not
+/// speed, and a loaded machine must not fail the pair over while gw2 rejoins.
+const STEADY_HEARTBEAT: (u32, u32) = (2, 10);
+
 /// IKE SA SPIs, CHILD SA inbound SPIs (hex), tunnel-table rows.
 type Copies = (Vec<(u64, u64)>, Vec<String>, usize);
 
@@ -57,7 +61,7 @@ fn a_restarted_secondary_gets_everything_again_and_takes_over() {
         mut charon,
         before,
         child_before,
-    } = Lab::new("ha-rejoin", "harj");
+    } = Lab::with_heartbeat("ha-rejoin", "harj", NO_DPD, STEADY_HEARTBEAT);
     let spis = before.spis();
     wait_for("gw2's first copies", WAIT, || {
         let (ike, child, _) = copies(&m2)?;

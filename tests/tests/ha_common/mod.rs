@@ -389,6 +389,18 @@ impl Lab {
     /// not about failover use a slower one, so a loaded machine does not fail a member
     /// over by accident.
     pub fn with_heartbeat(tag: &str, label: &str, dpd: &str, hb: (u32, u32)) -> Lab {
+        Lab::with_options(tag, label, dpd, hb, None)
+    }
+
+    /// [`Lab::with_heartbeat`], the strongSwan client also running its own liveness checks
+    /// every `client_dpd` (`dpd_delay`) when set.
+    pub fn with_options(
+        tag: &str,
+        label: &str,
+        dpd: &str,
+        hb: (u32, u32),
+        client_dpd: Option<Duration>,
+    ) -> Lab {
         if let Err(e) = strongswan::preflight() {
             panic!("cannot run strongSwan tests on this machine: {e}");
         }
@@ -470,9 +482,13 @@ impl Lab {
 
         // The client dials in.
         let mut charon = Charon::start(&client).expect("charon");
+        let with_dpd = |c: Conn| match client_dpd {
+            Some(d) => c.dpd_delay(d),
+            None => c,
+        };
         charon
             .load(
-                &SwanctlConf::new().conn(
+                &SwanctlConf::new().conn(with_dpd(
                     Conn::psk("dial", "192.168.7.2", SHARED, PSK.as_bytes())
                         .ids(CLIENT_ID, GW_ID)
                         // The second for labs whose phase1 lines ask for CBC.
@@ -485,7 +501,7 @@ impl Lab {
                             )
                             .esp_proposals(&["aes128gcm16"]),
                         ),
-                ),
+                )),
             )
             .expect("swanctl load");
         if let Err(e) = charon.initiate("net", WAIT) {
