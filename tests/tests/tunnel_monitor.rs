@@ -232,7 +232,9 @@ fn lan_a_routes(gwb: &Netns) -> String {
 fn alternative_path(line: &SiteToSite, label: &str) -> Netns {
     let alt = Netns::new(label).expect("alt");
     netns::veth(&line.gwb, "alt0", &alt, "a0").expect("veth gwb-alt");
-    line.gwb.add_addr("alt0", "192.168.77.1/24").expect("gwb alt0");
+    line.gwb
+        .add_addr("alt0", "192.168.77.1/24")
+        .expect("gwb alt0");
     alt.add_addr("a0", "192.168.77.2/24").expect("alt a0");
     alt.ip(&["addr", "add", &format!("{MON_DST}/32"), "dev", "lo"])
         .expect("alt address");
@@ -286,7 +288,9 @@ fn a_black_holed_tunnel_is_declared_down_and_its_route_withdrawn_while_dpd_answe
     );
     // The server's traffic to LAN A crosses the tunnel, not alt.
     let before = alt.link_counters("a0").expect("alt counters");
-    line.server.ping(MON_DST, 3).expect("ping through the tunnel");
+    line.server
+        .ping(MON_DST, 3)
+        .expect("ping through the tunnel");
     let through = alt.link_counters("a0").expect("alt counters");
     assert!(
         through.rx_packets < before.rx_packets + 3,
@@ -315,7 +319,9 @@ fn a_black_holed_tunnel_is_declared_down_and_its_route_withdrawn_while_dpd_answe
     );
     // Traffic takes the other path: alt answers the server.
     let before = alt.link_counters("a0").expect("alt counters");
-    line.server.ping(MON_DST, 3).expect("ping over the alternative path");
+    line.server
+        .ping(MON_DST, 3)
+        .expect("ping over the alternative path");
     let after = alt.link_counters("a0").expect("alt counters");
     assert!(
         after.rx_packets >= before.rx_packets + 3,
@@ -345,7 +351,9 @@ fn a_black_holed_tunnel_is_declared_down_and_its_route_withdrawn_while_dpd_answe
         r.contains("dev vpn1").then_some(()).ok_or(r)
     });
     let before = alt.link_counters("a0").expect("alt counters");
-    line.server.ping(MON_DST, 3).expect("ping through the tunnel again");
+    line.server
+        .ping(MON_DST, 3)
+        .expect("ping through the tunnel again");
     let after = alt.link_counters("a0").expect("alt counters");
     assert!(
         after.rx_packets < before.rx_packets + 3,
