@@ -1361,6 +1361,7 @@ impl IkeManager {
                     "ike 0:{}:{id}: CHILD SA negotiation failed: {notify:?}",
                     e.name
                 );
+                self.life_child_failed(now, id);
             }
             Event::IkeSaRekeyed { new, .. } => {
                 tracing::info!(

@@ -217,6 +217,44 @@ impl IkeManager {
         }
     }
 
+    /// Hook: a CHILD SA negotiation of IKE SA `id` failed. A pre-empting IKE SA that cannot
+    /// carry the tunnel is deleted again and the current peer stays (the next trial waits
+    /// one interval and tries the next earlier peer).
+    pub(super) fn life_child_failed(&mut self, now: Instant, id: u64) {
+        if !self.life.replacing.remove(&id) {
+            return;
+        }
+        let Some(e) = self.sas.get_mut(&id) else {
+            return;
+        };
+        let gateway = e.gateway.clone();
+        let tried = e.sa.addresses().remote.ip();
+        let _ = e.sa.delete(now);
+        let Some(g) = self.gateways.get(&gateway).cloned() else {
+            return;
+        };
+        let index = |ip: IpAddr| g.peers.iter().position(|p| IpAddr::V4(*p) == ip);
+        let current = self
+            .sas
+            .iter()
+            .filter(|(k, o)| **k != id && o.gateway == gateway && o.sa.is_established())
+            .find_map(|(_, o)| index(o.sa.addresses().remote.ip()));
+        if let Some(i) = current {
+            self.life.peer.insert(gateway.clone(), i);
+        }
+        if let Some(every) = g.preempt {
+            self.life.preempt_at.insert(gateway.clone(), now + every);
+            self.life
+                .preempt_next
+                .insert(gateway.clone(), index(tried).map_or(0, |t| t + 1));
+        }
+        tracing::info!(
+            "ike 0:{gateway}: preferred peer {tried} refused the CHILD SA, staying with the current one"
+        );
+        self.pump(id, now);
+        self.flush(id, now, "pre-emption without CHILD SA");
+    }
+
     /// Hook: an IKE SA of `gateway` was established with `remote`. Resets the backoff,
     /// releases a hold, remembers which peer answered, and deletes the IKE SAs of backup
     /// phase1s watching this one.
@@ -1012,5 +1050,45 @@ end
         assert_eq!(last_tunnel.remote_gw.as_deref(), Some("192.0.2.9"));
         assert!(gw.lifecycle_view(t4)[0]["next_preempt_secs"].is_null());
         assert!(drive(&mut gw, t4 + Duration::from_secs(600)).is_empty());
+    }
+
+    #[test]
+    fn a_preferred_peer_that_refuses_the_child_sa_does_not_take_the_tunnel() {
+        let t0 = Instant::now();
+        let mut gw = mgr(
+            &config(
+                "192.0.2.9 192.0.2.2",
+                "        set remote-gw-preempt-interval 10\n",
+            ),
+            t0,
+        );
+        let mut second = mgr(DIAL, t0);
+        drive(&mut gw, t0);
+        let failed = run_until(&mut gw, t0, 0);
+        let t1 = failed + backoff(0);
+        drive(&mut gw, t1);
+        shuttle(&mut gw, &mut [("192.0.2.2", &mut second)], t1);
+        assert_eq!(remotes(&gw), ["192.0.2.2"]);
+        // The first peer answers IKE but accepts no CHILD SA of ours.
+        let mut first = mgr(
+            &DIAL.replace("set proposal aes128gcm\n", "set proposal aes256gcm\n"),
+            t1,
+        );
+        let t2 = t1 + Duration::from_secs(10);
+        assert_eq!(drive(&mut gw, t2)[0].1.to_string(), "192.0.2.9");
+        shuttle(
+            &mut gw,
+            &mut [("192.0.2.9", &mut first), ("192.0.2.2", &mut second)],
+            t2,
+        );
+        assert_eq!(
+            remotes(&gw),
+            ["192.0.2.2"],
+            "the tunnel stays with the second"
+        );
+        assert!(!second.sas.is_empty(), "the second peer's SA is kept");
+        let v = gw.lifecycle_view(t2);
+        assert_eq!(v[0]["peer"], "192.0.2.2", "{v}");
+        assert_eq!(v[0]["next_preempt_secs"], 10, "{v}");
     }
 }
