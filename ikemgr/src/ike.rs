@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 
 use bus_schema::schema::{ChildSaInfo as BusChild, EspEncap, IkeActivityMark, SaLifetime};
 use bus_schema::{Body, DpdSettings, TunnelInfo, TunnelKind, TunnelState};
-use haven_config::DpdAction;
 use haven_config::{
     AuthMethod as CfgAuth, Config, DpdBackoff, KeylifeType, NatTraversal as CfgNat, PeerType,
     Phase1, Phase1Type, Selector,
 };
+use haven_config::{DpdAction, MonitorAction};
 use ike_proto::cert::{CertAuth, Credentials, TrustAnchors};
 use ike_proto::cookie::{CookieGuard, DropReason, GuardConfig, Verdict};
 use ike_proto::crypto::{Encr, Integ};
@@ -107,6 +107,11 @@ struct Gateway {
     monitor: Option<String>,
     /// Per phase2 (CHILD SA policy index), the knobs of seed 002 ([`traffic`]).
     p2: Vec<traffic::Phase2Knobs>,
+    /// `tunnel-monitor-action` in force (`None`: no tunnel monitor).
+    monitor_action: Option<MonitorAction>,
+    /// `remote-gw-preempt-interval`: how often a later `remote-gw` tries the earlier ones
+    /// (`None`: 0, or a single peer).
+    preempt: Option<Duration>,
 }
 
 struct Entry {
@@ -127,6 +132,9 @@ struct Entry {
     /// Outstanding dpdmon probe: (round, message ID).
     probe: Option<(u64, u32)>,
     created: Instant,
+    /// The tunnel monitor declared the tunnel down (`wait-recover`): its routes are
+    /// withdrawn until it answers again (`routes` still lists them).
+    withdrawn: bool,
 }
 
 /// Everything about the IKE SAs of this gateway.
@@ -467,6 +475,9 @@ fn gateway_of(
         dpd_action: lifecycle::dpd_action_of(p),
         monitor: p.monitor.clone().filter(|m| !m.is_empty()),
         p2: p2_knobs,
+        monitor_action: haven_config::tunnel_monitor_action(config, p),
+        preempt: (p.remote_gw_preempt_interval > 0 && p.remote_gw.len() > 1)
+            .then(|| Duration::from_secs(u64::from(p.remote_gw_preempt_interval))),
     })
 }
 
@@ -620,6 +631,7 @@ impl IkeManager {
                     .peer_of(g)
                     .map(|r| (g.name.clone(), r, g.local_gw))
             })
+            .chain(self.preempt_pending(now))
             .collect()
     }
 
@@ -704,6 +716,7 @@ impl IkeManager {
                 half_open,
                 probe: None,
                 created: now,
+                withdrawn: false,
             },
         );
         self.pump(serial, now);
@@ -734,8 +747,12 @@ impl IkeManager {
             Box::new(OsEntropy),
         ) {
             Ok(sa) => {
+                let trial = self
+                    .sas
+                    .values()
+                    .any(|e| e.gateway == g.name && e.sa.is_established());
                 let id = self.insert(&g, sa, now, None);
-                self.life_initiated(id);
+                self.life_initiated(id, trial);
                 self.traffic_initiated(id, &g.name);
                 tracing::debug!("ike 0:{}:{id}: initiating IKE SA to {remote}", g.name);
             }
@@ -929,10 +946,9 @@ impl IkeManager {
             .filter_map(|g| self.retry_at.get(&g.name))
             .min()
             .copied();
-        match (sa, retry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // Pre-emption trials are not timers: the driver asks `initiate_pending` at least
+        // every 500 ms.
+        [sa, retry].into_iter().flatten().min()
     }
 
     /// Next datagram to send.
@@ -1098,6 +1114,79 @@ impl IkeManager {
                 self.life_dead(now, &g);
             }
             self.flush(id, now, "dpd");
+        }
+    }
+
+    /// dpdmon's tunnel monitor declared `tunnel` down. With `tunnel-monitor-action
+    /// fail-over` the tunnel is flushed like a dead DPD verdict (its `dpd-action` then
+    /// moves to the next `remote-gw` or lets the backup phase1 take over); with
+    /// `wait-recover` the SAs stay and the tunnel's routes are withdrawn until
+    /// [`IkeManager::monitor_up`].
+    pub fn monitor_down(&mut self, now: Instant, tunnel: &str) {
+        let ids: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.name == tunnel && e.info.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        let Some(g) = ids
+            .first()
+            .and_then(|id| self.sas.get(id))
+            .and_then(|e| self.gateways.get(&e.gateway))
+            .cloned()
+        else {
+            return;
+        };
+        if g.monitor_action == Some(MonitorAction::FailOver) {
+            tracing::info!(
+                "ike 0:{tunnel}: tunnel monitor failed, fail-over: flushing the tunnel like a dead peer"
+            );
+            self.dead_peer(now, tunnel);
+            return;
+        }
+        for id in ids {
+            let Some(e) = self.sas.get_mut(&id) else {
+                continue;
+            };
+            if e.withdrawn {
+                continue;
+            }
+            e.withdrawn = true;
+            let routes = e.routes.clone();
+            tracing::info!(
+                "ike 0:{tunnel}:{id}: tunnel monitor failed, wait-recover: routes withdrawn ({})",
+                routes.join(" ")
+            );
+            for dest in routes {
+                if !self.route_held_elsewhere(id, &g.name, &dest) {
+                    tracing::debug!("ike 0:{}:{id}: del route {dest} oif {}", g.name, g.name);
+                    self.routes.push_back(RouteOp::Del {
+                        dest,
+                        dev: g.name.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// dpdmon's tunnel monitor of `tunnel` answers again (or stopped): routes withdrawn by
+    /// [`IkeManager::monitor_down`] come back.
+    pub fn monitor_up(&mut self, tunnel: &str) {
+        for (id, e) in self.sas.iter_mut() {
+            if e.name != tunnel || !e.withdrawn {
+                continue;
+            }
+            e.withdrawn = false;
+            tracing::info!(
+                "ike 0:{tunnel}:{id}: tunnel monitor answers, routes restored ({})",
+                e.routes.join(" ")
+            );
+            for dest in &e.routes {
+                self.routes.push_back(RouteOp::Add {
+                    dest: dest.clone(),
+                    dev: e.gateway.clone(),
+                });
+            }
         }
     }
 
@@ -1392,7 +1481,10 @@ impl IkeManager {
                 self.bodies
                     .push(Body::Tunnel(tunnel_up_record(&g, &name, &addrs)));
             }
-            Event::ChildSaEstablished(c) => self.child_up(id, &g, &c),
+            Event::ChildSaEstablished(c) => {
+                self.child_up(id, &g, &c);
+                self.life_child_up(now, id, &g.name);
+            }
             Event::ChildSaDeleted {
                 inbound_spi,
                 reason,
@@ -1410,6 +1502,7 @@ impl IkeManager {
                     "ike 0:{}:{id}: CHILD SA negotiation failed: {notify:?}",
                     e.name
                 );
+                self.life_child_failed(now, id);
             }
             Event::IkeSaRekeyed { new, .. } => {
                 tracing::info!(
@@ -1584,14 +1677,24 @@ impl IkeManager {
             for dest in &sa.remote_ts {
                 if !e.routes.contains(dest) {
                     e.routes.push(dest.clone());
-                    self.routes.push_back(RouteOp::Add {
-                        dest: dest.clone(),
-                        dev: g.name.clone(),
-                    });
+                    if !e.withdrawn {
+                        self.routes.push_back(RouteOp::Add {
+                            dest: dest.clone(),
+                            dev: g.name.clone(),
+                        });
+                    }
                 }
             }
         }
         e.children.insert(c.inbound_spi, sa);
+    }
+
+    /// True when an IKE SA of gateway `gateway` other than `id` has route `dest` installed
+    /// (a pre-empting SA and the one it replaces overlap for a moment).
+    fn route_held_elsewhere(&self, id: u64, gateway: &str, dest: &str) -> bool {
+        self.sas.iter().any(|(k, o)| {
+            *k != id && o.gateway == gateway && !o.withdrawn && o.routes.iter().any(|r| r == dest)
+        })
     }
 
     fn child_down(&mut self, id: u64, g: &Gateway, spi: u32, reason: DeleteReason) {
@@ -1619,11 +1722,14 @@ impl IkeManager {
             let (keep, gone): (Vec<String>, Vec<String>) =
                 e.routes.drain(..).partition(|d| kept.contains(d));
             e.routes = keep;
+            let withdrawn = e.withdrawn;
             for dest in gone {
-                self.routes.push_back(RouteOp::Del {
-                    dest,
-                    dev: g.name.clone(),
-                });
+                if !withdrawn && !self.route_held_elsewhere(id, &g.name, &dest) {
+                    self.routes.push_back(RouteOp::Del {
+                        dest,
+                        dev: g.name.clone(),
+                    });
+                }
             }
         }
     }
@@ -1681,6 +1787,9 @@ impl IkeManager {
         self.traffic.asked.retain(|(i, _)| *i != id);
         let routes = self.traffic.keep_routes(g, why, e.routes);
         for dest in routes {
+            if e.withdrawn || self.route_held_elsewhere(id, &e.gateway, &dest) {
+                continue;
+            }
             tracing::debug!("ike 0:{}:{id}: del route {dest} oif {dev}", e.gateway);
             self.routes.push_back(RouteOp::Del {
                 dest,
@@ -1688,10 +1797,29 @@ impl IkeManager {
             });
         }
         self.ha.removed(id, &mut self.bodies);
+        // Another established IKE SA of the same static gateway carries the tunnel (the old
+        // SA of a pre-emption): the tunnel stays up, nothing to retry.
+        let successor = self
+            .sas
+            .values()
+            .find(|o| o.gateway == e.gateway && !o.name.is_empty() && o.info.is_some())
+            .map(|o| o.sa.addresses());
         if let Some(g) = g.filter(|g| !g.dynamic).cloned() {
-            let next = self.life_gone(now, id, &g, e.info.is_some());
+            if let Some(next) = self.life_gone(now, id, &g, e.info.is_some(), successor.is_some()) {
+                self.retry_at.insert(g.name.clone(), next);
+            }
             self.traffic_attempt_over(id, &g, e.info.is_some());
-            self.retry_at.insert(g.name.clone(), next);
+        }
+        if let (Some(addrs), Some(g)) = (successor, self.gateways.get(&e.gateway)) {
+            if !g.dynamic && e.info.is_some() {
+                tracing::debug!(
+                    "ike 0:{label}: flushed, the tunnel stays up with {}",
+                    addrs.remote
+                );
+                self.bodies
+                    .push(Body::Tunnel(tunnel_up_record(g, &g.name, &addrs)));
+                return;
+            }
         }
         let g = self.gateways.get(&e.gateway);
         if e.name.is_empty() || e.info.is_none() {

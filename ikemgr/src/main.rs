@@ -155,6 +155,8 @@ struct Ikemgr {
     activity_at: Option<Instant>,
     /// Tunnels dpdmon last reported dead (flushed once per verdict).
     dead: BTreeSet<String>,
+    /// Tunnels whose tunnel monitor dpdmon last reported down.
+    monitor_down: BTreeSet<String>,
     /// Dial-up instances (`vpn1_1`…) as published.
     instances: BTreeMap<String, TunnelInfo>,
     /// What the previous ikemgr published, from hasyncd's local replica, until the first
@@ -288,6 +290,7 @@ impl DaemonLogic for Ikemgr {
             io_error: None,
             activity_at: None,
             dead: BTreeSet::new(),
+            monitor_down: BTreeSet::new(),
             instances: BTreeMap::new(),
             restore,
         }
@@ -437,6 +440,29 @@ impl DaemonLogic for Ikemgr {
                     m.dead_peer(Instant::now(), t);
                 }
                 drop(m);
+                self.drain(out);
+                self.wake();
+            }
+            // Tunnel monitors: a new `down` withdraws the routes (or fails over); a monitor
+            // no longer down (answering again, or stopped) gives them back.
+            let down: BTreeSet<String> = store
+                .table(bus_schema::table::DPD_MONITOR)
+                .filter_map(|b| match b {
+                    Body::TunnelMonitor(m) if m.state == "down" => Some(m.tunnel.clone()),
+                    _ => None,
+                })
+                .collect();
+            if down != self.monitor_down {
+                let now = Instant::now();
+                let mut m = io::lock(&self.ike);
+                for t in down.difference(&self.monitor_down) {
+                    m.monitor_down(now, t);
+                }
+                for t in self.monitor_down.difference(&down) {
+                    m.monitor_up(t);
+                }
+                drop(m);
+                self.monitor_down = down;
                 self.drain(out);
                 self.wake();
             }

@@ -778,6 +778,8 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
     // Role (hasyncd) and DPD state (dpdmon) of each tunnel, when those daemons answer.
     let mut extra: std::collections::BTreeMap<String, (Option<String>, Option<Value>)> =
         Default::default();
+    // Tunnel monitors (dpdmon's `dpd.monitor`).
+    let mut monitors: std::collections::BTreeMap<String, Value> = Default::default();
     for kind in [DaemonKind::Hasyncd, DaemonKind::Dpdmon] {
         let snap = ctl_call(
             &cli.run_dir,
@@ -795,6 +797,11 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
                     bus_schema::Body::Dpd(d) => {
                         let t = d.tunnel.clone();
                         extra.entry(t).or_default().1 = serde_json::to_value(&d).ok();
+                    }
+                    bus_schema::Body::TunnelMonitor(m) => {
+                        if let Ok(v) = serde_json::to_value(&m) {
+                            monitors.insert(m.tunnel.clone(), v);
+                        }
                     }
                     _ => {}
                 }
@@ -831,6 +838,9 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
                 if let Some(d) = dpd {
                     t["dpd"] = d.clone();
                 }
+            }
+            if let Some(m) = monitors.get(&n) {
+                t["monitor"] = m.clone();
             }
         }
     }
@@ -892,6 +902,20 @@ async fn diagnose_vpn_tunnel(cli: &Cli, cmd: &DiagTunnelCmd) -> Result<ExitCode,
                     u(&d["dead_after_ms"])
                 );
             }
+        }
+        // Haven: the tunnel monitor (ICMP through the tunnel; `set tunnel-monitor enable`).
+        if t["monitor"].is_object() {
+            let m = &t["monitor"];
+            println!(
+                "monitor: dst={} src={} interval={}ms threshold={} misses={} state={} action={}",
+                s(&m["destination"]),
+                s(&m["source"]),
+                u(&m["interval_ms"]),
+                u(&m["threshold"]),
+                u(&m["misses"]),
+                s(&m["state"]),
+                s(&m["action"])
+            );
         }
         let natt = if s(&t["encap"]) == "udp" {
             "keepalive"

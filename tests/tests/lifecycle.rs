@@ -22,8 +22,10 @@
 //! - (d) backup peers with two strongSwan responders (the second, charon in gwc at
 //!   172.31.1.1 on a second link of gwb): a backup phase1 `vpn2` (`set monitor "vpn1"`) comes
 //!   up when gwa is killed, and is deleted when gwa is back and `vpn1` renegotiates;
-//!   (e) `set remote-gw 172.31.0.1 172.31.1.1`: gwa killed, the tunnel moves to gwc; gwa
-//!   back and gwc killed, it moves back to gwa.
+//!   (e) `set remote-gw 172.31.0.1 172.31.1.1` with `set remote-gw-preempt-interval 5`:
+//!   gwa killed, the tunnel moves to gwc; gwa back while gwc still works, a pre-emption
+//!   trial finds gwa, the tunnel moves back to it and gwc's IKE SA is deleted (make before
+//!   break).
 //!
 //! Needs root, iproute2 and the strongSwan packages (INTEROP.md); without them the tests FAIL
 //! naming what is missing. Intervals are printed, never asserted.
@@ -480,7 +482,7 @@ fn remote_gw_list_fails_over_to_the_next_peer_and_back() {
     a.load(&peer_conf()).expect("load gwa");
     let mut c = Charon::start(&gwc).expect("charon in gwc");
     c.load(&second_peer_conf()).expect("load gwc");
-    let conf = gateway_config("").replace(
+    let conf = gateway_config("        set remote-gw-preempt-interval 5\n").replace(
         &format!("set remote-gw {}", SiteToSite::GWA_OUTER),
         &format!("set remote-gw {} {GWC_OUTER}", SiteToSite::GWA_OUTER),
     );
@@ -496,13 +498,34 @@ fn remote_gw_list_fails_over_to_the_next_peer_and_back() {
     });
     assert_eq!(gw.lifecycle()["peer"], GWC_OUTER);
 
-    // gwa is back, gwc dies: the tunnel returns to the first peer.
+    assert_eq!(gw.lifecycle()["preempt_interval_secs"], 5);
+
+    // gwa is back while gwc still works: a pre-emption trial finds it, the tunnel moves
+    // back and the IKE SA to gwc is deleted.
     a.restart().expect("restart gwa");
-    c.kill().expect("kill gwc");
-    wait_for("vpn1 back with the first peer", WAIT * 2, || {
-        (haven_up_with(&gw, "vpn1", SiteToSite::GWA_OUTER) && swan_up(&a))
-            .then_some(())
-            .ok_or_else(|| format!("{}\nlifecycle: {}", gw.logs(), gw.lifecycle()))
+    let back = Instant::now();
+    wait_for("vpn1 pre-empts back to the first peer", WAIT * 4, || {
+        (haven_up_with(&gw, "vpn1", SiteToSite::GWA_OUTER)
+            && !haven_up_with(&gw, "vpn1", GWC_OUTER)
+            && swan_up(&a)
+            && !swan_up(&c))
+        .then_some(())
+        .ok_or_else(|| {
+            format!(
+                "{}\nlifecycle: {}\n{}",
+                gw.logs(),
+                gw.lifecycle(),
+                tail(&c.log(), 10)
+            )
+        })
     });
+    println!("back on gwa {:?} after its restart", back.elapsed());
+    assert!(
+        gw.log("ikemgr")
+            .contains("preferred peer 172.31.0.1 is back: tunnel moved from 172.31.1.1"),
+        "{}",
+        gw.logs()
+    );
+    assert_eq!(gw.lifecycle()["peer"], SiteToSite::GWA_OUTER);
     wait_up(&line, &a, &gw, "traffic through the first peer again");
 }

@@ -563,6 +563,7 @@ impl IkeManager {
                 half_open: None,
                 probe: None,
                 created: now,
+                withdrawn: false,
             },
         );
         tracing::info!(
