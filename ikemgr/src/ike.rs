@@ -131,7 +131,8 @@ struct Entry {
 
 /// Everything about the IKE SAs of this gateway.
 pub struct IkeManager {
-    gateways: BTreeMap<String, Gateway>,
+    /// Shared (`Arc`): an SA's events look their gateway up, several times per setup.
+    gateways: BTreeMap<String, Arc<Gateway>>,
     sas: BTreeMap<u64, Entry>,
     by_spi: HashMap<u64, u64>,
     next_serial: u64,
@@ -568,7 +569,7 @@ impl IkeManager {
         for p in &config.phase1 {
             match gateway_of(config, p, &self.certs, now) {
                 Ok(g) => {
-                    gws.insert(g.name.clone(), g);
+                    gws.insert(g.name.clone(), Arc::new(g));
                 }
                 Err(e) => tracing::warn!("ike: phase1 {e}; it will not negotiate"),
             }
@@ -717,7 +718,7 @@ impl IkeManager {
         }
     }
 
-    fn gateway_for_new_peer(&self, remote: IpAddr) -> Option<Gateway> {
+    fn gateway_for_new_peer(&self, remote: IpAddr) -> Option<Arc<Gateway>> {
         let by_remote = self
             .gateways
             .values()
@@ -1267,6 +1268,13 @@ impl IkeManager {
         let Some(e) = self.sas.get_mut(&id) else {
             return;
         };
+        if !e
+            .children
+            .values()
+            .any(|c| matches!(c.encap, EspEncap::Udp { .. }))
+        {
+            return;
+        }
         let remote = e.sa.addresses().remote;
         let ip = remote.ip().to_string();
         for c in e.children.values_mut() {
@@ -1304,6 +1312,10 @@ impl IkeManager {
     }
 
     fn on_event(&mut self, id: u64, now: Instant, ev: Event) {
+        if matches!(ev, Event::MessageIdUpdate { .. }) {
+            // HA records follow in `ha_after_pump`; nothing else to do.
+            return;
+        }
         let Some(e) = self.sas.get(&id) else {
             return;
         };
