@@ -237,6 +237,10 @@ fn main() {
         sh.unfinished.load(Ordering::Relaxed),
         locals.len()
     );
+    if done == 0 {
+        println!("{label}: no setup completed: no CPU or memory figures");
+        return;
+    }
     if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
         let cpu = c1 - c0;
         let load = match (self_cpu0, self_cpu1) {
