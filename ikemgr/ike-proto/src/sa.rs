@@ -536,7 +536,9 @@ struct Keys {
 }
 
 impl Keys {
-    fn new(suite: IkeSuite, sk: IkeKeys, initiator: bool) -> Keys {
+    /// Boxed: a `Channel` is inline in the SA up to five times (current, old, rekey swap,
+    /// collision, redundant), mostly without keys.
+    fn new(suite: IkeSuite, sk: IkeKeys, initiator: bool) -> Box<Keys> {
         let (oe, oa, ie, ia) = if initiator {
             (&sk.sk_ei, &sk.sk_ai, &sk.sk_er, &sk.sk_ar)
         } else {
@@ -544,12 +546,12 @@ impl Keys {
         };
         let out = SkCipher::new(suite.encr, suite.integ, oe.clone(), oa.clone());
         let inb = SkCipher::new(suite.encr, suite.integ, ie.clone(), ia.clone());
-        Keys {
+        Box::new(Keys {
             suite,
             sk,
             out,
             inb,
-        }
+        })
     }
 }
 
@@ -586,10 +588,11 @@ struct Channel {
     spi_i: u64,
     spi_r: u64,
     initiator: bool,
-    keys: Option<Keys>,
+    keys: Option<Box<Keys>>,
     next_send: u32,
     next_recv: u32,
-    outstanding: Option<Outstanding>,
+    /// Boxed for the same reason as [`Keys`]: most channels have no request outstanding.
+    outstanding: Option<Box<Outstanding>>,
     last_response: Option<(u32, Vec<u8>)>,
 }
 
@@ -1290,13 +1293,13 @@ impl IkeSa {
         } else {
             &mut self.chan
         };
-        ch.outstanding = Some(Outstanding {
+        ch.outstanding = Some(Box::new(Outstanding {
             mid,
             bytes: bytes.clone(),
             task,
             tries: 0,
             deadline: now + first,
-        });
+        }));
         self.push_transmit(bytes);
     }
 
@@ -1469,12 +1472,22 @@ impl IkeSa {
 
     /// Next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let t = self.transmits.pop_front();
+        if t.is_none() {
+            // Drained: give the queue's room back (an idle SA would keep it for ever).
+            self.transmits = VecDeque::new();
+        }
+        t
     }
 
     /// Next event for the driver.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let e = self.events.pop_front();
+        if e.is_none() {
+            // As in `poll_transmit`.
+            self.events = VecDeque::new();
+        }
+        e
     }
 
     /// When [`IkeSa::handle_timeout`] must be called next.

@@ -542,7 +542,7 @@ impl IkeManager {
         let children: Vec<ChildSaInfo> = snap.children.iter().map(|(c, _)| c.clone()).collect();
         let addrs = snap.addresses;
         let cfg = self.per_sa_config(&g, addrs.local.ip());
-        let sa = IkeSa::restore(now, cfg, Box::new(OsEntropy), snap);
+        let sa = Box::new(IkeSa::restore(now, cfg, Box::new(OsEntropy), snap));
         let serial = self.next_serial;
         self.next_serial += 1;
         for spi in sa.local_spis() {

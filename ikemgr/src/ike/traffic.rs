@@ -142,7 +142,7 @@ impl IkeManager {
             .traffic
             .traps
             .keys()
-            .filter(|g| !gws.get(*g).is_some_and(holds_traffic))
+            .filter(|g| !gws.get(*g).is_some_and(|g| holds_traffic(g)))
             .cloned()
             .collect();
         for gw in stale {

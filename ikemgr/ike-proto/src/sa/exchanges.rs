@@ -161,6 +161,8 @@ impl IkeSa {
             initiator,
             policy,
         };
+        // Room for this one only: a Vec grows to four at once, 1 KB an SA kept for ever.
+        self.children.reserve_exact(1);
         self.children.push(ChildSa {
             info: info.clone(),
             soft: now + soft,
@@ -1188,7 +1190,7 @@ impl IkeSa {
             Ok(c) => {
                 if let Some(old) = rekey_of {
                     let ours_outstanding = matches!(
-                        &self.chan.outstanding,
+                        self.chan.outstanding.as_deref(),
                         Some(Outstanding { task: Task::CreateChild { rekey_of: Some(o), .. }, .. }) if *o == old
                     );
                     if let Some(oc) = self.child_mut(old) {

@@ -134,13 +134,13 @@ impl IkeSa {
             .first()
             .copied()
             .unwrap_or(Duration::from_secs(2));
-        ch.outstanding = Some(Outstanding {
+        ch.outstanding = Some(Box::new(Outstanding {
             mid,
             bytes: bytes.clone(),
             task: Task::DeleteIke,
             tries: 0,
             deadline: now + first,
-        });
+        }));
         self.redundant = Some(ch);
         self.redundant_until = None;
         self.push_transmit(bytes);
