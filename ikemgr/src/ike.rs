@@ -727,6 +727,16 @@ impl IkeManager {
         serial
     }
 
+    /// The SA our SPI `spi` belongs to; a stale entry (its SA is gone) is removed.
+    fn spi_owner(&mut self, spi: u64) -> Option<u64> {
+        let id = *self.by_spi.get(&spi)?;
+        if self.sas.contains_key(&id) {
+            return Some(id);
+        }
+        self.by_spi.remove(&spi);
+        None
+    }
+
     fn half_open_done(&mut self, id: u64) {
         let ip = self.sas.get_mut(&id).and_then(|e| e.half_open.take());
         if let (Some(ip), Some(guard)) = (ip, self.guard.as_mut()) {
@@ -797,7 +807,7 @@ impl IkeManager {
         let existing = [spi_r, spi_i]
             .iter()
             .filter(|s| **s != 0)
-            .find_map(|s| self.by_spi.get(s).copied())
+            .find_map(|s| self.spi_owner(*s))
             .or_else(|| {
                 // A retransmitted first IKE_SA_INIT: same initiator SPI and source.
                 (spi_r == 0).then(|| {
@@ -1547,8 +1557,11 @@ impl IkeManager {
                     );
                     self.flush(id, now, "deleted");
                 } else {
-                    self.by_spi
-                        .retain(|s, v| !(*v == id && (*s == spi_i || *s == spi_r)));
+                    for s in [spi_i, spi_r] {
+                        if self.by_spi.get(&s) == Some(&id) {
+                            self.by_spi.remove(&s);
+                        }
+                    }
                     if let Some(e) = self.sas.get(&id) {
                         for s in e.sa.local_spis() {
                             self.by_spi.insert(s, id);
@@ -1759,7 +1772,13 @@ impl IkeManager {
         let Some(e) = self.sas.remove(&id) else {
             return;
         };
-        self.by_spi.retain(|_, v| *v != id);
+        // Its SPIs go by key, not by a scan of every SA's (an SPI filed for it and no
+        // longer among `local_spis` is dropped when a datagram looks it up).
+        for spi in e.sa.local_spis() {
+            if self.by_spi.get(&spi) == Some(&id) {
+                self.by_spi.remove(&spi);
+            }
+        }
         let peer_key = (e.sa.spis().0, e.sa.addresses().remote.ip());
         if self.by_peer_spi.get(&peer_key) == Some(&id) {
             self.by_peer_spi.remove(&peer_key);
@@ -2237,6 +2256,9 @@ end
             })
         );
         assert_eq!(dial.gateway_list(now, None), json!([]));
+        // Nothing routes to the flushed SAs any more (removed by key, not by a scan).
+        assert!(dial.by_spi.is_empty() && dial.by_peer_spi.is_empty());
+        assert!(hub.by_spi.is_empty(), "{:?}", hub.by_spi);
         let h = hub.drain_bodies();
         assert!(
             h.iter().any(
