@@ -51,6 +51,7 @@ pub struct SnapshotSender {
     to: MemberId,
     request_id: u64,
     chunks: Vec<SnapshotChunk>,
+    window: u32,
     acked: u32,
     next: u32,
     retransmit_at_ms: u64,
@@ -73,12 +74,20 @@ impl SnapshotSender {
             to,
             request_id,
             chunks,
+            window: WINDOW,
             acked: 0,
             next: 0,
             retransmit_at_ms: now_ms.saturating_add(RETRANSMIT_MS),
             last_ack_ms: now_ms,
             retransmissions: 0,
         })
+    }
+
+    /// Another window than [`WINDOW`] (at least 1): a sender that sees acknowledgements only
+    /// once per daemon tick needs a larger one for the same rate.
+    pub fn with_window(mut self, window: u32) -> Self {
+        self.window = window.max(1);
+        self
     }
 
     /// The receiving member.
@@ -123,7 +132,7 @@ impl SnapshotSender {
             self.retransmit_at_ms = now_ms.saturating_add(RETRANSMIT_MS);
             self.retransmissions += 1;
         }
-        if self.next >= self.total() || self.next >= self.acked.saturating_add(WINDOW) {
+        if self.next >= self.total() || self.next >= self.acked.saturating_add(self.window) {
             return None;
         }
         let chunk = self.chunks.get(self.next as usize)?.clone();
