@@ -1545,7 +1545,13 @@ impl FgspSide {
                         .find(|p| IpAddr::V4(*p.addr.ip()) == from.ip());
                     if let Some(p) = peer {
                         p.id = Some(r.sender);
-                        if !matches!(r.message, Message::Heartbeat(_)) {
+                        // Session counters: records, not heartbeats or snapshot transfer.
+                        if !matches!(
+                            r.message,
+                            Message::Heartbeat(_)
+                                | Message::SnapshotChunk(_)
+                                | Message::SnapshotRequest(_)
+                        ) {
                             p.sync_recv += 1;
                         }
                     }

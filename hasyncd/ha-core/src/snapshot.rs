@@ -52,6 +52,7 @@ pub struct SnapshotSender {
     request_id: u64,
     chunks: Vec<SnapshotChunk>,
     window: u32,
+    rto_ms: u64,
     acked: u32,
     next: u32,
     retransmit_at_ms: u64,
@@ -61,20 +62,23 @@ pub struct SnapshotSender {
 
 impl SnapshotSender {
     /// A transfer of `items` to `to`, taken at the sender's link counter `as_of` (its
-    /// `next_counter()` now, before any chunk is sealed).
+    /// `next_counter()` now, before any chunk is sealed), in chunks of at most `max_body`
+    /// bytes ([`CHUNK_BODY`] to avoid IP fragmentation).
     pub fn new(
         to: MemberId,
         request_id: u64,
         as_of: u64,
         items: impl IntoIterator<Item = SnapshotItem>,
+        max_body: usize,
         now_ms: u64,
     ) -> Result<Self> {
-        let chunks = snapshot_chunks(request_id, as_of, items, CHUNK_BODY)?;
+        let chunks = snapshot_chunks(request_id, as_of, items, max_body)?;
         Ok(SnapshotSender {
             to,
             request_id,
             chunks,
             window: WINDOW,
+            rto_ms: RETRANSMIT_MS,
             acked: 0,
             next: 0,
             retransmit_at_ms: now_ms.saturating_add(RETRANSMIT_MS),
@@ -87,6 +91,13 @@ impl SnapshotSender {
     /// once per daemon tick needs a larger one for the same rate.
     pub fn with_window(mut self, window: u32) -> Self {
         self.window = window.max(1);
+        self
+    }
+
+    /// Another go-back time than [`RETRANSMIT_MS`] (a sender reading acknowledgements once
+    /// per tick on a loaded machine sees round trips of several ticks).
+    pub fn with_retransmit_ms(mut self, ms: u64) -> Self {
+        self.rto_ms = ms.max(1);
         self
     }
 
@@ -120,7 +131,7 @@ impl SnapshotSender {
             self.acked = ack.next;
             self.next = self.next.max(self.acked);
             self.last_ack_ms = now_ms;
-            self.retransmit_at_ms = now_ms.saturating_add(RETRANSMIT_MS);
+            self.retransmit_at_ms = now_ms.saturating_add(self.rto_ms);
         }
         true
     }
@@ -129,7 +140,7 @@ impl SnapshotSender {
     pub fn poll_transmit(&mut self, now_ms: u64) -> Option<SnapshotChunk> {
         if self.next > self.acked && now_ms >= self.retransmit_at_ms {
             self.next = self.acked;
-            self.retransmit_at_ms = now_ms.saturating_add(RETRANSMIT_MS);
+            self.retransmit_at_ms = now_ms.saturating_add(self.rto_ms);
             self.retransmissions += 1;
         }
         if self.next >= self.total() || self.next >= self.acked.saturating_add(self.window) {
@@ -383,7 +394,7 @@ mod tests {
             .cloned()
             .map(SnapshotItem::ChildSa)
             .collect();
-        let mut tx = SnapshotSender::new(b, 7, counter, items, 0).unwrap();
+        let mut tx = SnapshotSender::new(b, 7, counter, items, CHUNK_BODY, 0).unwrap();
         let mut join = SnapshotJoin::default();
         let mut replica = State::default();
         let mut now = 0u64;
@@ -470,7 +481,7 @@ mod tests {
 
     #[test]
     fn acknowledgements_of_others_are_ignored() {
-        let mut tx = SnapshotSender::new(MemberId(2), 7, 0, vec![], 0).unwrap();
+        let mut tx = SnapshotSender::new(MemberId(2), 7, 0, vec![], CHUNK_BODY, 0).unwrap();
         let ack = SnapshotRequest {
             request_id: 7,
             next: 1,

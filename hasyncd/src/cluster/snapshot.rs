@@ -14,10 +14,16 @@ use ha_core::{MemberId, Message, TunnelRole};
 
 use super::{count_sent, ike_sync, sa_key, Cluster, Replica};
 
+/// Chunk body size. Larger than one MTU: the chunks are IP-fragmented on the link, and a
+/// lost fragment costs its chunk (sent again by go-back-N); 16 KB chunks keep the datagram
+/// count, which limits a tick-driven transfer, low (`ha_link_bench`, README).
+pub const DAEMON_CHUNK_BODY: usize = 16_000;
 /// Chunks in flight per transfer. Acknowledgements are read once per 20 ms tick, so the
-/// window is what one tick may send: 256 x 1 400 bytes (the reader thread's queue holds
-/// 4 096 datagrams) is about 18 MB/s, 100 000 CHILD SAs in about 1.5 s.
-pub const DAEMON_WINDOW: u32 = 256;
+/// window is about what one tick may send: 32 x 16 KB (the reader thread's queue holds
+/// 4 096 datagrams).
+pub const DAEMON_WINDOW: u32 = 32;
+/// Go-back time: a round trip is two ticks or more on a loaded machine.
+pub const DAEMON_RTO_MS: u64 = 300;
 
 /// Transfers in both directions.
 #[derive(Default)]
@@ -121,7 +127,7 @@ impl Cluster {
             self.snap.next_id = self.snap.next_id.wrapping_add(1);
             self.snap.next_id
         });
-        match SnapshotSender::new(to, id, as_of, items, now_ms) {
+        match SnapshotSender::new(to, id, as_of, items, DAEMON_CHUNK_BODY, now_ms) {
             Ok(s) => {
                 tracing::info!(
                     "{link}: snapshot to member {} ({n} records in {} chunks)",
@@ -129,7 +135,11 @@ impl Cluster {
                     s.chunk_count()
                 );
                 self.snap.out.retain(|(l, o)| !(*l == link && o.to() == to));
-                self.snap.out.push((link, s.with_window(DAEMON_WINDOW)));
+                self.snap.out.push((
+                    link,
+                    s.with_window(DAEMON_WINDOW)
+                        .with_retransmit_ms(DAEMON_RTO_MS),
+                ));
                 metrics::counter!("hasyncd_snapshots_sent_total", "link" => link).increment(1);
             }
             Err(e) => tracing::error!("{link}: snapshot to member {}: {e}", to.0),
