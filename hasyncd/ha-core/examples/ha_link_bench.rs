@@ -202,8 +202,8 @@ fn run_windowed(
 }
 
 /// hasyncd's transfer parameters (`hasyncd/src/cluster/snapshot.rs`) and tick.
-const DAEMON_WINDOW: u32 = 32;
-const DAEMON_CHUNK_BODY: usize = 16_000;
+const DAEMON_WINDOW: u32 = 16;
+const DAEMON_CHUNK_BODY: usize = 32_000;
 const DAEMON_RTO_MS: u64 = 300;
 const TICK: Duration = Duration::from_millis(20);
 
