@@ -1,13 +1,13 @@
 //! Bulk sync of N CHILD SAs to a joining member over a real UDP socket (issue 6: 100 000
-//! SAs, goal under 5 s), in the two shapes ha-core offers:
-//! 1. one sealed datagram per SA, as hasyncd's cluster link sends its records to a member
-//!    that (re)joined today;
+//! SAs, goal under 5 s), in five shapes:
+//! 1. one sealed datagram per SA, as hasyncd's cluster link sent its records to a member
+//!    that (re)joined before it used snapshots;
 //! 2. `snapshot_chunks` (many SAs per datagram, bodies of at most 1 400 bytes so that
 //!    datagrams fit a 1 500-byte MTU), sent in one burst;
 //! 3. the same chunks with flow control: at most [`WINDOW`] unacknowledged chunks in
 //!    flight, the receiver acknowledging the chunks it has in order, the sender going back
 //!    to the first unacknowledged one after 100 ms of silence (go-back-N). This is the
-//!    shape a joining member's snapshot needs (hasyncd does not do it yet);
+//!    shape a joining member's snapshot needs (shape 5 is hasyncd's version of it);
 //! 4. (printed between 2 and 3) one datagram per SA paced at [`PACE_PER_TICK`] per 20 ms,
 //!    without acknowledgements;
 //! 5. hasyncd's snapshot to a joining member: ha-core's `SnapshotSender` / `SnapshotJoin`
