@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 
 use crate::io::{hw_addr, LinkSocket, FGCP_PORT};
 
+mod snapshot;
+
 /// FGSP heartbeat period: FortiOS's FGCP default (2 ticks of 100 ms); FGSP has no key.
 const FGSP_HB_MS: u64 = 200;
 /// FGSP peers missing this many heartbeats are no longer detected.
@@ -43,6 +45,8 @@ struct FgcpSide {
     peer_roles: BTreeMap<MemberId, HaRole>,
     /// Peers that just announced `secondary` (they heard this member).
     now_secondary: Vec<MemberId>,
+    /// Where each member was last heard from (snapshots are sent there, unicast).
+    addrs: BTreeMap<MemberId, SocketAddr>,
 }
 
 /// One configured FGSP `cluster-peer`.
@@ -110,6 +114,8 @@ pub struct Cluster {
     pub roles_dirty: bool,
     /// Age of the last update applied per peer (`hasyncd_sync_lag_seconds`).
     lag: crate::lag::SyncLag,
+    /// Snapshot transfers to and from members that join ([`snapshot`]).
+    snap: snapshot::Snapshots,
     /// The configuration blocks the links were started from.
     started_from: (
         Option<haven_config::Ha>,
@@ -315,6 +321,7 @@ impl Cluster {
             roles_dirty: true,
             started_from: (config.ha.clone(), config.standalone.clone()),
             lag: Default::default(),
+            snap: snapshot::Snapshots::new(epoch(now_ms)),
         }
     }
 
@@ -377,16 +384,19 @@ impl Cluster {
     /// Runs the links up to `now_ms`.
     pub fn drive(&mut self, now_ms: u64) -> Changes {
         let mut ch = Changes::default();
-        let mut received: Vec<(MemberId, &'static str, Message)> = Vec::new();
-        let mut resend_fgcp = false;
-        let mut resend_fgsp = false;
+        let mut received: Vec<(MemberId, &'static str, u64, u64, Message)> = Vec::new();
+        // Members that get a snapshot of what this member carries (it joined, or this
+        // member just became the one that speaks).
+        let mut snap_to: Vec<(&'static str, MemberId)> = Vec::new();
+        let mut snap_all_fgcp = false;
+        let mut snap_all_fgsp = false;
         let mut fgsp_events: Vec<PeerEvent> = Vec::new();
         if let Some(side) = self.fgcp.as_mut() {
             let before = side.fgcp.role();
             received.extend(
                 side.drive(now_ms)
                     .into_iter()
-                    .map(|(m, msg)| (m, "fgcp", msg)),
+                    .map(|(m, e, c, msg)| (m, "fgcp", e, c, msg)),
             );
             let mut events = Vec::new();
             while let Some(ev) = side.fgcp.poll_event() {
@@ -394,7 +404,7 @@ impl Cluster {
                 match ev {
                     ElectionEvent::PeerJoined(m) => {
                         tracing::info!("FGCP member {} joined", m.0);
-                        resend_fgcp = true;
+                        snap_to.push(("fgcp", m));
                     }
                     ElectionEvent::PeerLost(m) => {
                         tracing::warn!("FGCP member {} lost (no heartbeat)", m.0)
@@ -402,7 +412,7 @@ impl Cluster {
                     ElectionEvent::BecamePrimary => {
                         side.ha_id_changes += 1;
                         // A new primary sends what it carries to every member.
-                        resend_fgcp = true;
+                        snap_all_fgcp = true;
                         if self.was_secondary {
                             self.failovers += 1;
                             metrics::counter!("hasyncd_failovers_total").increment(1);
@@ -436,19 +446,28 @@ impl Cluster {
                         side.link = link;
                         side.active = true;
                         side.next_hb_ms = now_ms;
-                        resend_fgsp = true;
+                        snap_all_fgsp = true;
+                        // Transfers sealed under the old epoch cannot continue.
+                        self.snap.forget_link("fgsp");
                     }
                     Err(e) => tracing::error!("FGSP link: {e}"),
                 }
             } else if !speaks {
                 side.active = false;
             }
-            let (changed, msgs, joined, events) = side.drive(now_ms);
+            let (changed, msgs, _joined, events) = side.drive(now_ms);
             if changed {
                 ch.peers_changed = true;
             }
-            resend_fgsp |= joined;
-            received.extend(msgs.into_iter().map(|(m, msg)| (m, "fgsp", msg)));
+            for ev in &events {
+                if let PeerEvent::Up(m) = ev {
+                    snap_to.push(("fgsp", *m));
+                }
+            }
+            received.extend(
+                msgs.into_iter()
+                    .map(|(m, e, c, msg)| (m, "fgsp", e, c, msg)),
+            );
             fgsp_events = events;
         }
         // FGSP table: peers that came up before their messages (as FGCP membership below).
@@ -473,48 +492,11 @@ impl Cluster {
                 }
             }
         }
-        let fgsp_mode = self.fgsp_mode();
-        for (from, link, msg) in received {
+        for (from, link, epoch, counter, msg) in received {
             self.lag.applied(link, from, now_ms);
-            if link == "fgsp" && fgsp_mode {
-                // Only tunnels of phase1s with `fgsp-sync enable` here: others are neither
-                // kept nor taken over (seed 000's DC1_VM4); their leases are acknowledged
-                // without being stored, so the owner is never held up by this member.
-                let tunnel = msg_tunnel(&msg).map(str::to_string);
-                if let Some(tunnel) = tunnel.filter(|t| !self.syncs(t)) {
-                    if let Message::SeqLease(l) = &msg {
-                        let ack = Message::SeqLeaseAck(SeqLeaseAck {
-                            tunnel: l.tunnel.clone(),
-                            spi_out: l.spi_out,
-                            seq_hw: l.seq_hw,
-                        });
-                        self.send_fgsp(Some(from), &ack);
-                    }
-                    tracing::trace!("FGSP: {tunnel} is not synced here (fgsp-sync disable)");
-                    continue;
-                }
-                if let Message::SeqLeaseAck(a) = &msg {
-                    tracing::debug!(
-                        "FGSP: member {} acknowledged {} {:08x} below {}",
-                        from.0,
-                        a.tunnel,
-                        a.spi_out,
-                        a.seq_hw
-                    );
-                }
-                if let Some(t) = self.table.as_mut() {
-                    t.handle_message(from, &msg);
-                }
-                self.roles_dirty = true;
-            }
-            if link == "fgcp" {
-                if let Some(t) = self.table.as_mut() {
-                    t.handle_message(from, &msg);
-                }
-            }
-            self.apply(from, link, msg);
-            metrics::gauge!("hasyncd_standby_child_sas").set(self.replicas.len() as f64);
+            self.receive(from, link, epoch, counter, msg, now_ms);
         }
+        let fgsp_mode = self.fgsp_mode();
         if fgsp_mode {
             if let Some(t) = self.table.as_mut() {
                 for ev in &fgsp_events {
@@ -548,19 +530,73 @@ impl Cluster {
                 }
             }
         }
-        if resend_fgcp || resend_fgsp {
-            // A member that (re)joined gets every IKE and CHILD SA this member carries.
-            let mut all: Vec<Message> = self
-                .ike_local
-                .values()
-                .map(|r| Message::IkeSa(ike_sync(r)))
-                .collect();
-            all.extend(self.local.values().cloned().map(Message::ChildSa));
-            self.send_sync(&all, resend_fgcp, resend_fgsp);
+        // A member that (re)joined gets a snapshot of every IKE and CHILD SA this member
+        // carries and of the tunnel table (windowed and acknowledged, see `snapshot`).
+        if self.fgcp_role().is_none_or(|r| r == HaRole::Primary) {
+            if snap_all_fgcp {
+                if let Some(side) = self.fgcp.as_ref() {
+                    snap_to.extend(side.addrs.keys().map(|m| ("fgcp", *m)));
+                }
+            }
+            if snap_all_fgsp {
+                if let Some(side) = self.fgsp.as_ref() {
+                    snap_to.extend(side.peers.iter().filter_map(|p| p.id).map(|m| ("fgsp", m)));
+                }
+            }
+            snap_to.sort();
+            snap_to.dedup();
+            for (link, m) in snap_to {
+                self.start_snapshot(link, m, None, now_ms);
+            }
         }
+        self.run_snapshots(now_ms);
         self.run_table(now_ms);
         self.lag.publish(now_ms);
         ch
+    }
+
+    /// A sync message to apply now (after the snapshot gate): the tunnel table, then the
+    /// standby copies.
+    fn process(&mut self, from: MemberId, link: &'static str, msg: Message) {
+        let fgsp_mode = self.fgsp_mode();
+        if link == "fgsp" && fgsp_mode {
+            // Only tunnels of phase1s with `fgsp-sync enable` here: others are neither
+            // kept nor taken over (seed 000's DC1_VM4); their leases are acknowledged
+            // without being stored, so the owner is never held up by this member.
+            let tunnel = msg_tunnel(&msg).map(str::to_string);
+            if let Some(tunnel) = tunnel.filter(|t| !self.syncs(t)) {
+                if let Message::SeqLease(l) = &msg {
+                    let ack = Message::SeqLeaseAck(SeqLeaseAck {
+                        tunnel: l.tunnel.clone(),
+                        spi_out: l.spi_out,
+                        seq_hw: l.seq_hw,
+                    });
+                    self.send_fgsp(Some(from), &ack);
+                }
+                tracing::trace!("FGSP: {tunnel} is not synced here (fgsp-sync disable)");
+                return;
+            }
+            if let Message::SeqLeaseAck(a) = &msg {
+                tracing::debug!(
+                    "FGSP: member {} acknowledged {} {:08x} below {}",
+                    from.0,
+                    a.tunnel,
+                    a.spi_out,
+                    a.seq_hw
+                );
+            }
+            if let Some(t) = self.table.as_mut() {
+                t.handle_message(from, &msg);
+            }
+            self.roles_dirty = true;
+        }
+        if link == "fgcp" {
+            if let Some(t) = self.table.as_mut() {
+                t.handle_message(from, &msg);
+            }
+        }
+        self.apply(from, link, msg);
+        metrics::gauge!("hasyncd_standby_child_sas").set(self.replicas.len() as f64);
     }
 
     /// Sends what the tunnel table queued (leases, acknowledgements, claims: secondaries
@@ -1386,6 +1422,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         ha_id_changes: 0,
         peer_roles: BTreeMap::new(),
         now_secondary: Vec::new(),
+        addrs: BTreeMap::new(),
     })
 }
 
@@ -1433,17 +1470,18 @@ fn start_fgsp(
 }
 
 impl FgcpSide {
-    /// Returns the sync messages (not heartbeats) received.
-    fn drive(&mut self, now_ms: u64) -> Vec<(MemberId, Message)> {
+    /// Returns the sync messages (not heartbeats) received, with their epoch and counter.
+    fn drive(&mut self, now_ms: u64) -> Vec<(MemberId, u64, u64, Message)> {
         let mut out = Vec::new();
         for _ in 0..self.sock.take_queue_full() {
             count_drop("fgcp", "queue_full");
         }
-        for (bytes, _from) in self.sock.drain() {
+        for (bytes, from) in self.sock.drain() {
             match self.link.open(&bytes) {
                 Err(reason) => count_drop("fgcp", reason.label()),
                 Ok(r) => {
                     count_received("fgcp", bytes.len());
+                    self.addrs.insert(r.sender, from);
                     if let Message::Heartbeat(hb) = &r.message {
                         let before = self.peer_roles.insert(r.sender, hb.role);
                         if hb.role == HaRole::Secondary && before != Some(HaRole::Secondary) {
@@ -1452,7 +1490,7 @@ impl FgcpSide {
                         self.hostnames.insert(r.sender, hb.serial.clone());
                         self.fgcp.handle_heartbeat(r.sender, hb, now_ms);
                     } else {
-                        out.push((r.sender, r.message));
+                        out.push((r.sender, r.epoch, r.counter, r.message));
                     }
                 }
             }
@@ -1477,7 +1515,15 @@ impl FgspSide {
     /// Returns whether the set of detected peers changed, the sync messages received, and
     /// whether a peer came up.
     #[allow(clippy::type_complexity)]
-    fn drive(&mut self, now_ms: u64) -> (bool, Vec<(MemberId, Message)>, bool, Vec<PeerEvent>) {
+    fn drive(
+        &mut self,
+        now_ms: u64,
+    ) -> (
+        bool,
+        Vec<(MemberId, u64, u64, Message)>,
+        bool,
+        Vec<PeerEvent>,
+    ) {
         let mut changed = false;
         let mut events = Vec::new();
         let mut joined = false;
@@ -1499,7 +1545,13 @@ impl FgspSide {
                         .find(|p| IpAddr::V4(*p.addr.ip()) == from.ip());
                     if let Some(p) = peer {
                         p.id = Some(r.sender);
-                        if !matches!(r.message, Message::Heartbeat(_)) {
+                        // Session counters: records, not heartbeats or snapshot transfer.
+                        if !matches!(
+                            r.message,
+                            Message::Heartbeat(_)
+                                | Message::SnapshotChunk(_)
+                                | Message::SnapshotRequest(_)
+                        ) {
                             p.sync_recv += 1;
                         }
                     }
@@ -1512,7 +1564,7 @@ impl FgspSide {
                         events.push(ev);
                     }
                     if !matches!(r.message, Message::Heartbeat(_)) {
-                        msgs.push((r.sender, r.message));
+                        msgs.push((r.sender, r.epoch, r.counter, r.message));
                     }
                 }
             }

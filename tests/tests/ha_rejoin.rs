@@ -103,6 +103,13 @@ fn a_restarted_secondary_gets_everything_again_and_takes_over() {
                 )
             })
     });
+    // It came as one windowed, acknowledged snapshot (not one datagram per SA).
+    wait_for("gw2 applied gw1's snapshot", WAIT, || {
+        let l = m2.log("hasyncd");
+        l.contains("fgcp: snapshot from member")
+            .then_some(())
+            .ok_or_else(|| m2.logs())
+    });
     assert!(
         m2.ike_sa().is_none(),
         "the secondary's ikemgr carries nothing"

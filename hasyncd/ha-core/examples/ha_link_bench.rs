@@ -1,15 +1,19 @@
 //! Bulk sync of N CHILD SAs to a joining member over a real UDP socket (issue 6: 100 000
-//! SAs, goal under 5 s), in the two shapes ha-core offers:
-//! 1. one sealed datagram per SA, as hasyncd's cluster link sends its records to a member
-//!    that (re)joined today;
+//! SAs, goal under 5 s), in five shapes:
+//! 1. one sealed datagram per SA, as hasyncd's cluster link sent its records to a member
+//!    that (re)joined before it used snapshots;
 //! 2. `snapshot_chunks` (many SAs per datagram, bodies of at most 1 400 bytes so that
 //!    datagrams fit a 1 500-byte MTU), sent in one burst;
 //! 3. the same chunks with flow control: at most [`WINDOW`] unacknowledged chunks in
 //!    flight, the receiver acknowledging the chunks it has in order, the sender going back
 //!    to the first unacknowledged one after 100 ms of silence (go-back-N). This is the
-//!    shape a joining member's snapshot needs (hasyncd does not do it yet);
+//!    shape a joining member's snapshot needs (shape 5 is hasyncd's version of it);
 //! 4. (printed between 2 and 3) one datagram per SA paced at [`PACE_PER_TICK`] per 20 ms,
-//!    without acknowledgements.
+//!    without acknowledgements;
+//! 5. hasyncd's snapshot to a joining member: ha-core's `SnapshotSender` / `SnapshotJoin`
+//!    as the daemon drives them, each side reading its socket once per 20 ms tick, window
+//!    [`DAEMON_WINDOW`], one stream update (a changed CHILD SA) sealed and sent on every
+//!    tick during the transfer and applied by the joiner after the snapshot.
 //!
 //! Sender and receiver are two threads with their own `HaLink` and UDP socket on
 //! 127.0.0.1 (the kernel's UDP path, not a veth between namespaces); the receiver opens,
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use ha_core::link::{ClusterKind, HaLink, LinkKey};
 use ha_core::msg::{snapshot_chunks, ChildLifetime, ChildSaSync, KeyBytes, Message, SnapshotItem};
+use ha_core::snapshot::{SnapshotJoin, SnapshotSender};
 use ha_core::MemberId;
 
 fn child(i: u32) -> ChildSaSync {
@@ -196,6 +201,128 @@ fn run_windowed(
     Ok((sas, sent, elapsed))
 }
 
+/// hasyncd's transfer parameters (`hasyncd/src/cluster/snapshot.rs`) and tick.
+const DAEMON_WINDOW: u32 = 16;
+const DAEMON_CHUNK_BODY: usize = 32_000;
+const DAEMON_RTO_MS: u64 = 300;
+const TICK: Duration = Duration::from_millis(20);
+
+/// hasyncd's `LinkSocket` (src/io.rs): a reader thread moves datagrams from the socket into
+/// a queue of 4 096 that the tick drains. Returns the queue.
+fn reader(sock: UdpSocket) -> std::io::Result<std::sync::mpsc::Receiver<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(4096);
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 70_000];
+        let deadline = Instant::now() + Duration::from_secs(70);
+        while Instant::now() < deadline {
+            if let Ok(n) = sock.recv(&mut buf) {
+                if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) =
+                    tx.try_send(buf.get(..n).unwrap_or(&[]).to_vec())
+                {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Shape 5. Returns (CHILD SAs in the applied snapshot, stream updates applied after it,
+/// updates sent during the transfer, go-back-N restarts, chunks, time from the start of
+/// the snapshot (chunking included) to the joiner applying it).
+#[allow(clippy::type_complexity)]
+fn run_daemon_shape(
+    n: u32,
+    key: LinkKey,
+) -> Result<(usize, usize, usize, u64, usize, Duration), Box<dyn std::error::Error>> {
+    let rx = UdpSocket::bind("127.0.0.1:0")?;
+    let tx = UdpSocket::bind("127.0.0.1:0")?;
+    let (to, back) = (rx.local_addr()?, tx.local_addr()?);
+    let rx_queue = reader(rx.try_clone()?)?;
+    let tx_queue = reader(tx.try_clone()?)?;
+    let (a, b) = (MemberId(1), MemberId(2));
+    let mut rx_link = HaLink::new(key.clone(), b, 5)?;
+    let mut tx_link = HaLink::new(key, a, 5)?;
+    let records: Vec<SnapshotItem> = (0..n).map(|i| SnapshotItem::ChildSa(child(i))).collect();
+    let receiver = std::thread::spawn(move || {
+        let mut join = SnapshotJoin::default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            for d in rx_queue.try_iter() {
+                let Ok(r) = rx_link.open(&d) else { continue };
+                match r.message {
+                    Message::SnapshotChunk(c) => {
+                        let (ack, done) = join.chunk(r.sender, r.epoch, c);
+                        if let Ok(d) = rx_link.seal(&Message::SnapshotRequest(ack)) {
+                            let _ = rx.send_to(&d, back);
+                        }
+                        if let Some(done) = done {
+                            let sas = done
+                                .snapshot
+                                .items
+                                .iter()
+                                .filter(|i| matches!(i, SnapshotItem::ChildSa(_)))
+                                .count();
+                            return Some((sas, done.then.len(), Instant::now()));
+                        }
+                    }
+                    m => {
+                        let _ = join.stream(r.epoch, r.counter, m);
+                    }
+                }
+            }
+            std::thread::sleep(TICK);
+        }
+        None
+    });
+    let start = Instant::now();
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut s = SnapshotSender::new(
+        b,
+        1,
+        tx_link.next_counter(),
+        records,
+        env("BODY").map_or(DAEMON_CHUNK_BODY, |v| v as usize),
+        0,
+    )?
+    .with_window(env("WIN").map_or(DAEMON_WINDOW, |v| v as u32))
+    .with_retransmit_ms(env("RTO").unwrap_or(DAEMON_RTO_MS));
+    let chunks = s.chunk_count();
+    let mut updates = 0usize;
+    while !s.is_done() && start.elapsed() < Duration::from_secs(60) {
+        let now_ms = start.elapsed().as_millis() as u64;
+        for d in tx_queue.try_iter() {
+            if let Ok(r) = tx_link.open(&d) {
+                if let Message::SnapshotRequest(ack) = r.message {
+                    s.handle_ack(r.sender, &ack, now_ms);
+                }
+            }
+        }
+        // A change on the carrier while the snapshot runs (the stream).
+        let mut sa = child(updates as u32 % n.max(1));
+        sa.replay_window = 4096;
+        let _ = tx.send_to(&tx_link.seal(&Message::ChildSa(sa))?, to);
+        updates += 1;
+        while let Some(c) = s.poll_transmit(now_ms) {
+            let _ = tx.send_to(&tx_link.seal(&Message::SnapshotChunk(c))?, to);
+        }
+        std::thread::sleep(TICK);
+    }
+    let (sas, then, at) = receiver
+        .join()
+        .map_err(|_| "receiver panicked")?
+        .ok_or("the joiner never completed the snapshot")?;
+    Ok((
+        sas,
+        then,
+        updates,
+        s.retransmissions(),
+        chunks,
+        at.saturating_duration_since(start),
+    ))
+}
+
 fn report(what: &str, sent: usize, n: u32, o: &Outcome) {
     println!(
         "  {what}: {} of {n} SAs delivered in {:?} ({} of {sent} datagrams arrived, {} refused)",
@@ -289,10 +416,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sealed.push(tx.seal(&Message::SnapshotChunk(c))?);
     }
     let chunks_n = sealed.len();
-    let (sas, sent, elapsed) = run_windowed(sealed, HaLink::new(key, MemberId(2), 3)?)?;
+    let (sas, sent, elapsed) = run_windowed(sealed, HaLink::new(key.clone(), MemberId(2), 3)?)?;
     println!("snapshot chunks, window {WINDOW} with acknowledgements (go-back-N):");
     println!(
         "  sealed: {sas} of {n} SAs delivered in {elapsed:?} ({sent} datagrams sent for {chunks_n} chunks)"
+    );
+
+    // 5. hasyncd's snapshot path (BODY, WIN, RTO in the environment override its values).
+    let (sas, then, updates, restarts, chunks, elapsed) = run_daemon_shape(n, key)?;
+    println!(
+        "hasyncd's snapshot to a joining member (SnapshotSender/SnapshotJoin, window {DAEMON_WINDOW}, 20 ms ticks):"
+    );
+    println!(
+        "  {sas} of {n} SAs applied in {elapsed:?} ({chunks} chunks, {restarts} go-back-N restarts); \
+         {then} stream updates applied after the snapshot, {updates} sent by the carrier during it"
     );
     println!("goal (issue 6): the whole bulk sync of 100 000 SAs under 5 s, nothing lost");
     Ok(())

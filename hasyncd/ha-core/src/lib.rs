@@ -56,6 +56,7 @@ pub mod link;
 pub mod liveness;
 pub mod msg;
 mod replay;
+pub mod snapshot;
 
 #[doc(hidden)]
 pub mod fuzzing;

@@ -572,6 +572,7 @@ mod tests {
         let d = a
             .seal(&Message::SnapshotRequest(SnapshotRequest {
                 request_id: 0x4141_4141_4141_4141,
+                next: 0,
             }))
             .unwrap();
         assert!(!d.windows(8).any(|w| w == [0x41; 8]));
@@ -721,7 +722,10 @@ mod tests {
         let k = LinkKey::derive(ClusterKind::Fgcp, 1, Some(b"pw"), 1).unwrap();
         let mut a = HaLink::new(k, MemberId(1), 1).unwrap();
         let d = a
-            .seal(&Message::SnapshotRequest(SnapshotRequest { request_id: 1 }))
+            .seal(&Message::SnapshotRequest(SnapshotRequest {
+                request_id: 1,
+                next: 0,
+            }))
             .unwrap();
         let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, GOLDEN);

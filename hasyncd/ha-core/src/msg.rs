@@ -290,11 +290,22 @@ pub struct OwnershipClaim {
     pub reason: ClaimReason,
 }
 
-/// Asks a member for a snapshot of everything it holds (Clone pattern, DESIGN.md §3.3).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Asks a member for a snapshot of everything it holds (Clone pattern, DESIGN.md §3.3), or,
+/// during a transfer, for its chunks from `next` on: the acknowledgement of the windowed
+/// transfer ([`crate::snapshot`]), which says every chunk below `next` arrived.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRequest {
-    /// Chosen by the requester, echoed in the chunks.
+    /// Chosen by the requester, echoed in the chunks (or the sender's id of the transfer
+    /// being acknowledged).
     pub request_id: u64,
+    /// The first chunk not yet received (0: from the start; then not encoded, so a plain
+    /// request keeps the format it had before acknowledgements existed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub next: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One item of a snapshot.
@@ -627,7 +638,10 @@ pub(crate) mod tests {
                 generation: 2,
                 reason: ClaimReason::Traffic,
             }),
-            Message::SnapshotRequest(SnapshotRequest { request_id: 9 }),
+            Message::SnapshotRequest(SnapshotRequest {
+                request_id: 9,
+                next: 0,
+            }),
             Message::SnapshotChunk(SnapshotChunk {
                 request_id: 9,
                 index: 0,
@@ -692,7 +706,10 @@ pub(crate) mod tests {
         body.extend_from_slice(&[0x91, 0x91, 0x91, 0x01]);
         assert_eq!(
             Message::decode_body(MsgType::SNAPSHOT_REQUEST, &body),
-            Ok(Message::SnapshotRequest(SnapshotRequest { request_id: 3 }))
+            Ok(Message::SnapshotRequest(SnapshotRequest {
+                request_id: 3,
+                next: 0
+            }))
         );
     }
 

@@ -285,7 +285,10 @@ fn fgcp_pair_fails_over_twice_without_replay() {
     w.nodes[0] = Some(n1);
     w.send(
         0,
-        &Message::SnapshotRequest(SnapshotRequest { request_id: 7 }),
+        &Message::SnapshotRequest(SnapshotRequest {
+            request_id: 7,
+            next: 0,
+        }),
     );
     let b_before = w.sent_by(2);
     w.run(3_000);
