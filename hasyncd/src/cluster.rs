@@ -441,8 +441,20 @@ impl Cluster {
             }
         }
         let speaks = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
+        // A cluster member that joined, or that just turned secondary, may have spoken for
+        // the cluster's FGSP member id meanwhile (both primary for a moment) with a newer
+        // epoch than this member's: the FGSP peers would refuse this member's older one. The
+        // speaker starts a fresh epoch.
+        let renew = self
+            .election_events
+            .iter()
+            .any(|e| matches!(e, ElectionEvent::PeerJoined(_)))
+            || self
+                .fgcp
+                .as_ref()
+                .is_some_and(|s| !s.now_secondary.is_empty());
         if let Some(side) = self.fgsp.as_mut() {
-            if speaks && !side.active {
+            if speaks && (!side.active || renew) {
                 // A new speaker for this member id: a fresh epoch above the old speaker's.
                 match HaLink::new(side.key.clone(), side.me, epoch(now_ms)) {
                     Ok(link) => {
