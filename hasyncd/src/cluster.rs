@@ -94,6 +94,13 @@ pub struct Cluster {
     replicas: BTreeMap<String, Replica>,
     /// FGCP per-tunnel ownership and sequence leases (ha-core), with an FGCP link only.
     table: Option<TunnelTable>,
+    /// FGCP cluster that is also an FGSP peer (seed 001): the per-tunnel FGSP table between
+    /// clusters, keyed by the FGSP member id the cluster's members share, run by the
+    /// cluster's primary only (emptied when this member stops speaking for the cluster).
+    fgsp_table: Option<TunnelTable>,
+    /// FGCP cluster over FGSP: per outbound SA of a synced tunnel, the marks the FGCP table
+    /// and the FGSP table confirmed, and the mark granted (the lower of the two).
+    lease_halves: BTreeMap<(String, u32), [u64; 3]>,
     /// IKE SAs this member carries (ikemgr's `sa.ike`), by tunnel, as last sent.
     ike_local: BTreeMap<String, IkeSaRecord>,
     /// Standby copies of other members' IKE SAs, by tunnel.
@@ -291,6 +298,10 @@ impl Cluster {
             (None, Some(f)) => Some(TunnelTable::with_mode(f.me, TableMode::Fgsp)),
             (None, None) => None,
         };
+        let fgsp_table = match (&fgcp, &fgsp) {
+            (Some(_), Some(f)) => Some(TunnelTable::with_mode(f.me, TableMode::Fgsp)),
+            _ => None,
+        };
         metrics::gauge!("hasyncd_role").set(role);
         // Gauges otherwise first set by an event: exported from the start so dashboards
         // show 0 instead of no data.
@@ -310,6 +321,8 @@ impl Cluster {
                 .collect(),
             replicas: BTreeMap::new(),
             table,
+            fgsp_table,
+            lease_halves: BTreeMap::new(),
             ike_local: BTreeMap::new(),
             ike_replicas: BTreeMap::new(),
             local_tunnels: Default::default(),
@@ -438,8 +451,20 @@ impl Cluster {
             }
         }
         let speaks = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
+        // A cluster member that joined, or that just turned secondary, may have spoken for
+        // the cluster's FGSP member id meanwhile (both primary for a moment) with a newer
+        // epoch than this member's: the FGSP peers would refuse this member's older one. The
+        // speaker starts a fresh epoch.
+        let renew = self
+            .election_events
+            .iter()
+            .any(|e| matches!(e, ElectionEvent::PeerJoined(_)))
+            || self
+                .fgcp
+                .as_ref()
+                .is_some_and(|s| !s.now_secondary.is_empty());
         if let Some(side) = self.fgsp.as_mut() {
-            if speaks && !side.active {
+            if speaks && (!side.active || renew) {
                 // A new speaker for this member id: a fresh epoch above the old speaker's.
                 match HaLink::new(side.key.clone(), side.me, epoch(now_ms)) {
                     Ok(link) => {
@@ -453,6 +478,14 @@ impl Cluster {
                     Err(e) => tracing::error!("FGSP link: {e}"),
                 }
             } else if !speaks {
+                if side.active {
+                    // No longer the cluster's voice on the FGSP link: the next primary
+                    // starts its FGSP table afresh (same member id, new epoch).
+                    if let Some(t) = self.fgsp_table.as_mut() {
+                        *t = TunnelTable::with_mode(side.me, TableMode::Fgsp);
+                    }
+                    self.lease_halves.clear();
+                }
                 side.active = false;
             }
             let (changed, msgs, _joined, events) = side.drive(now_ms);
@@ -481,6 +514,14 @@ impl Cluster {
                 }
             }
         }
+        if let Some(t) = self.fgsp_table.as_mut() {
+            for ev in &fgsp_events {
+                if let PeerEvent::Up(m) = ev {
+                    t.peer_joined(*m);
+                    self.roles_dirty = true;
+                }
+            }
+        }
         // Membership first: a lease that arrives with a peer's first heartbeat must not be
         // marked stale by that peer's PeerJoined afterwards.
         if let Some(t) = self.table.as_mut() {
@@ -497,14 +538,19 @@ impl Cluster {
             self.receive(from, link, epoch, counter, msg, now_ms);
         }
         let fgsp_mode = self.fgsp_mode();
-        if fgsp_mode {
-            if let Some(t) = self.table.as_mut() {
-                for ev in &fgsp_events {
-                    if let PeerEvent::Lost(m) = ev {
-                        // The successor (lowest live id) promotes the dead owner's tunnels.
-                        t.peer_lost(*m);
-                        self.roles_dirty = true;
-                    }
+        let fgsp_lost_table = if self.fgsp_table.is_some() {
+            self.fgsp_table.as_mut()
+        } else if fgsp_mode {
+            self.table.as_mut()
+        } else {
+            None
+        };
+        if let Some(t) = fgsp_lost_table {
+            for ev in &fgsp_events {
+                if let PeerEvent::Lost(m) = ev {
+                    // The successor (lowest live id) promotes the dead owner's tunnels.
+                    t.peer_lost(*m);
+                    self.roles_dirty = true;
                 }
             }
         }
@@ -559,7 +605,10 @@ impl Cluster {
     /// standby copies.
     fn process(&mut self, from: MemberId, link: &'static str, msg: Message) {
         let fgsp_mode = self.fgsp_mode();
-        if link == "fgsp" && fgsp_mode {
+        // An FGCP cluster's primary speaking for it over FGSP keeps a table of its own for
+        // the FGSP link (seed 001).
+        let over = self.fgsp_table.is_some();
+        if link == "fgsp" && (fgsp_mode || over) {
             // Only tunnels of phase1s with `fgsp-sync enable` here: others are neither
             // kept nor taken over (seed 000's DC1_VM4); their leases are acknowledged
             // without being stored, so the owner is never held up by this member.
@@ -585,7 +634,12 @@ impl Cluster {
                     a.seq_hw
                 );
             }
-            if let Some(t) = self.table.as_mut() {
+            let table = if over {
+                self.fgsp_table.as_mut()
+            } else {
+                self.table.as_mut()
+            };
+            if let Some(t) = table {
                 t.handle_message(from, &msg);
             }
             self.roles_dirty = true;
@@ -602,6 +656,25 @@ impl Cluster {
     /// Sends what the tunnel table queued (leases, acknowledgements, claims: secondaries
     /// acknowledge too) and turns its events into grants and takeovers.
     fn run_table(&mut self, now_ms: u64) {
+        // FGCP cluster over FGSP: the FGSP table between clusters first (a promotion there
+        // claims the tunnel in the FGCP table, whose messages follow).
+        if let Some(t) = self.fgsp_table.as_mut() {
+            if t.poll_timeout().is_some_and(|d| d <= now_ms) {
+                t.handle_timeout(now_ms);
+            }
+            let mut out = Vec::new();
+            while let Some(o) = t.poll_transmit() {
+                out.push(o);
+            }
+            let mut events = Vec::new();
+            while let Some(ev) = t.poll_event() {
+                events.push(ev);
+            }
+            for o in &out {
+                self.send_fgsp(o.to, &o.message);
+            }
+            self.table_events(events, "FGSP", true);
+        }
         let Some(t) = self.table.as_mut() else {
             return;
         };
@@ -632,6 +705,37 @@ impl Cluster {
             }
         }
         let label = if self.fgsp_mode() { "FGSP" } else { "FGCP" };
+        self.table_events(events, label, false);
+    }
+
+    /// FGCP cluster over FGSP: one table confirmed `seq_hw` for an outbound SA of a synced
+    /// tunnel; espd gets the lower of the two tables' confirmed marks once it grows.
+    fn lease_half(&mut self, from_fgsp: bool, m: SeqMark) {
+        let e = self
+            .lease_halves
+            .entry((m.tunnel.clone(), m.spi_out))
+            .or_insert([0; 3]);
+        let half = usize::from(from_fgsp);
+        // Indices 0 (FGCP), 1 (FGSP) and 2 (granted): the array has three entries.
+        e[half] = e[half].max(m.seq_hw);
+        let both = e[0].min(e[1]);
+        if both > e[2] {
+            e[2] = both;
+            self.grants.push(SeqMark { seq_hw: both, ..m });
+        } else {
+            tracing::debug!(
+                "{} {:08x} below {} confirmed by the {} table; waiting for the other",
+                m.tunnel,
+                m.spi_out,
+                m.seq_hw,
+                if from_fgsp { "FGSP" } else { "FGCP" }
+            );
+        }
+    }
+
+    /// Grants, takeovers and demotions from a tunnel table's events (`from_fgsp`: the FGSP
+    /// table of an FGCP cluster over FGSP).
+    fn table_events(&mut self, events: Vec<TunnelEvent>, label: &str, from_fgsp: bool) {
         if !events.is_empty() {
             self.roles_dirty = true;
         }
@@ -641,11 +745,18 @@ impl Cluster {
                     tunnel,
                     spi_out,
                     seq_hw,
-                } => self.grants.push(SeqMark {
-                    tunnel,
-                    spi_out,
-                    seq_hw,
-                }),
+                } => {
+                    let m = SeqMark {
+                        tunnel,
+                        spi_out,
+                        seq_hw,
+                    };
+                    if self.fgsp_table.is_some() && self.syncs(&m.tunnel) {
+                        self.lease_half(from_fgsp, m);
+                    } else {
+                        self.grants.push(m);
+                    }
+                }
                 TunnelEvent::Promoted {
                     tunnel,
                     reason,
@@ -694,7 +805,15 @@ impl Cluster {
                             .collect(),
                     });
                     metrics::counter!("hasyncd_tunnel_takeovers_total").increment(1);
-                    if self.fgsp_mode() {
+                    if from_fgsp {
+                        // This cluster carries the tunnel now: its primary claims it in
+                        // the FGCP table, so the secondary follows its leases.
+                        if let Some(t) = self.table.as_mut() {
+                            t.local_established(&tunnel);
+                            self.local_tunnels.insert(tunnel.clone());
+                        }
+                    }
+                    if self.fgsp_mode() || from_fgsp {
                         // FGSP: this member carries the tunnel now; its records come from
                         // ikemgr, and the standby copies it held are dropped (the takeover
                         // event keeps what ikemgr needs until it confirms).
@@ -746,6 +865,28 @@ impl Cluster {
                 tracing::debug!("lease for {} {:08x} refused", m.tunnel, m.spi_out);
             }
         }
+        // FGCP cluster over FGSP: a synced tunnel's lease also goes to the FGSP peers (the
+        // cluster's FGSP table); espd gets it once both tables confirmed it.
+        let synced: Vec<bool> = sas.iter().map(|m| self.syncs(&m.tunnel)).collect();
+        if let Some(f) = self.fgsp_table.as_mut() {
+            for (m, synced) in sas.iter().zip(synced) {
+                if !synced {
+                    continue;
+                }
+                match f.role(&m.tunnel) {
+                    None => f.local_established(&m.tunnel),
+                    Some(TunnelRole::SyncPrimary) => {}
+                    Some(TunnelRole::Standby) => {
+                        tracing::debug!(
+                            "FGSP: lease for {} refused: another FGSP peer carries it",
+                            m.tunnel
+                        );
+                        continue;
+                    }
+                }
+                f.propose_lease(&m.tunnel, m.spi_out, m.seq_hw, now_ms);
+            }
+        }
         self.run_table(now_ms);
     }
 
@@ -786,7 +927,8 @@ impl Cluster {
     /// ikemgr's IKE requests for unknown IKE SAs). A tunnel this member holds a standby copy
     /// of is promoted: the upstream router moved it here. Returns the tunnels promoted.
     pub fn unknown_traffic(&mut self, u: &UnknownSaTraffic, now_ms: u64) -> Vec<String> {
-        if !self.fgsp_mode() {
+        let over = self.fgsp_table.is_some() && self.fgcp_role() == Some(HaRole::Primary);
+        if !self.fgsp_mode() && !over {
             return Vec::new();
         }
         let mut tunnels: Vec<(String, String)> = Vec::new();
@@ -812,7 +954,12 @@ impl Cluster {
             if !self.ike_replicas.contains_key(&tunnel) || !self.syncs(&tunnel) {
                 continue;
             }
-            let Some(t) = self.table.as_mut() else { break };
+            let table = if over {
+                self.fgsp_table.as_mut()
+            } else {
+                self.table.as_mut()
+            };
+            let Some(t) = table else { break };
             if t.traffic_for(&tunnel) {
                 tracing::info!(
                     "FGSP: {what} of standby tunnel {tunnel} arrived here: promoting it"
@@ -922,7 +1069,7 @@ impl Cluster {
             // FGSP: the owner's tunnel is gone (DPD flush, delete, expiry): every member
             // forgets it (seed 000's `HA send IKE SA del`). A member that lost the tunnel to
             // another one says nothing (`send_sync` skips standby tunnels).
-            for tunnel in gone {
+            for tunnel in gone.clone() {
                 if self.fgsp_role(&tunnel) == Some(TunnelRole::SyncPrimary) {
                     msgs.push(Message::Delete(DeleteSync::Tunnel {
                         tunnel: tunnel.clone(),
@@ -932,6 +1079,19 @@ impl Cluster {
                     if let Some(t) = self.table.as_mut() {
                         t.handle_delete(&DeleteSync::Tunnel { tunnel });
                     }
+                    self.roles_dirty = true;
+                }
+            }
+        }
+        let primary = self.fgcp_role() == Some(HaRole::Primary);
+        if let Some(t) = self.fgsp_table.as_mut().filter(|_| primary) {
+            // FGCP cluster over FGSP: the tunnel this cluster carried is gone: every FGSP
+            // peer (and the secondaries) forget it.
+            for tunnel in gone {
+                if t.role(&tunnel) == Some(TunnelRole::SyncPrimary) {
+                    let del = DeleteSync::Tunnel { tunnel };
+                    t.handle_delete(&del);
+                    msgs.push(Message::Delete(del));
                     self.roles_dirty = true;
                 }
             }
@@ -1015,6 +1175,9 @@ impl Cluster {
             }
         }
         let primary = self.fgcp_role() == Some(HaRole::Primary);
+        if primary && self.fgsp_table.is_some() {
+            self.register_local_over_fgsp(&now);
+        }
         if self.fgsp_mode() {
             self.register_local_fgsp(&now);
         } else if let Some(t) = self.table.as_mut() {
@@ -1078,6 +1241,42 @@ impl Cluster {
                     .any(|n| n.spi_out == sa.spi_out && n.tunnel == sa.tunnel)
             {
                 t.sa_removed(&sa.tunnel, sa.spi_out);
+            }
+        }
+    }
+
+    /// FGCP cluster over FGSP, on the primary: CHILD SAs of synced tunnels this cluster
+    /// carries go into the FGSP table (a new tunnel is claimed for the cluster's FGSP id).
+    fn register_local_over_fgsp(&mut self, now: &BTreeMap<String, ChildSaSync>) {
+        let synced: Vec<bool> = now.values().map(|sa| self.syncs(&sa.tunnel)).collect();
+        let Some(t) = self.fgsp_table.as_mut() else {
+            return;
+        };
+        let me = t.me();
+        for (sa, synced) in now.values().zip(synced) {
+            if !synced
+                || self
+                    .local
+                    .values()
+                    .any(|o| o.spi_out == sa.spi_out && o.tunnel == sa.tunnel)
+            {
+                continue;
+            }
+            match t.role(&sa.tunnel) {
+                None => t.local_established(&sa.tunnel),
+                Some(TunnelRole::SyncPrimary) => {}
+                Some(TunnelRole::Standby) => continue,
+            }
+            t.sa_added(me, &sa.tunnel, sa.spi_out);
+        }
+        for sa in self.local.values() {
+            if t.role(&sa.tunnel) == Some(TunnelRole::SyncPrimary)
+                && !now
+                    .values()
+                    .any(|n| n.spi_out == sa.spi_out && n.tunnel == sa.tunnel)
+            {
+                t.sa_removed(&sa.tunnel, sa.spi_out);
+                self.lease_halves.remove(&(sa.tunnel.clone(), sa.spi_out));
             }
         }
     }

@@ -95,10 +95,17 @@ impl Cluster {
                 .cloned()
                 .map(SnapshotItem::ChildSa),
         );
-        if let Some(t) = self.table.as_ref() {
-            if link == "fgcp" || fgsp_mode {
-                items.extend(t.snapshot_items());
-            }
+        // The claims and leases of the table that runs on `link` (an FGCP cluster's primary
+        // keeps a separate one for the FGSP link).
+        let table = if link == "fgsp" && self.fgsp_table.is_some() {
+            self.fgsp_table.as_ref()
+        } else if link == "fgcp" || fgsp_mode {
+            self.table.as_ref()
+        } else {
+            None
+        };
+        if let Some(t) = table {
+            items.extend(t.snapshot_items());
         }
         items
     }
@@ -252,13 +259,19 @@ impl Cluster {
                 SnapshotItem::Lease(l) => &l.tunnel,
                 SnapshotItem::Ownership(c) => &c.tunnel,
             };
-            if link == "fgsp" && fgsp_mode && !self.syncs(tunnel) {
+            let over = link == "fgsp" && self.fgsp_table.is_some();
+            if link == "fgsp" && (fgsp_mode || over) && !self.syncs(tunnel) {
                 continue;
             }
-            if link == "fgcp" || fgsp_mode {
-                if let Some(t) = self.table.as_mut() {
-                    t.apply_snapshot_item(from, item);
-                }
+            let table = if over {
+                self.fgsp_table.as_mut()
+            } else if link == "fgcp" || fgsp_mode {
+                self.table.as_mut()
+            } else {
+                None
+            };
+            if let Some(t) = table {
+                t.apply_snapshot_item(from, item);
             }
             match item {
                 SnapshotItem::IkeSa(s) => {

@@ -1,0 +1,715 @@
+//! FGCP over FGSP (seed 001; issue 6, DESIGN.md §6): two FGCP a-p pairs that are FGSP peers
+//! of each other, the tunnel carried by cluster 1's primary with standby copies in cluster 1's
+//! secondary (FGCP) and in cluster 2's primary (FGSP, `fgsp-sync enable`).
+//!
+//! ```text
+//! client 192.168.1.2 (charon, 10.10.1.2 inside) - cl0 192.168.1.1 router
+//!     router br<k> 192.168.<129+k>.1: port2 of cluster k's members (lb1 192.168.202.35 on the primary)
+//!     router brf: port5 172.31.2.<1..4>/24 of every member (FGSP, UDP 708)
+//!     member pairs: port4 veth 169.254.<k>.1-2 (FGCP heartbeats and sync)
+//!     server br0 172.31.0.100/24: port3 172.31.0.1<i>/24 of every member
+//! ```
+//!
+//! Members: C1A (priority 200) and C1B (100) in FGCP group 1, FGSP member 1; C2A (200) and
+//! C2B (100) in group 2, FGSP member 2. The router reaches lb1 on cluster 1's LAN; the
+//! server's route back to the client's inside network follows the member carrying the
+//! tunnel (the owner advertises it in a data centre; here the test moves it).
+//!
+//! Asserted, in order:
+//! 1. C1A carries the tunnel; C2A holds IKE and CHILD SA copies of it (FGSP).
+//! 2. Continuous ping; all of C1A's daemons are killed and its port2 goes down: C1B becomes
+//!    primary and carries strongSwan's IKE SA, sends beyond C1A's sequence numbers; the ping
+//!    resumes, no renegotiation, no replay failure at strongSwan. C2A's lease marks follow
+//!    C1B's leases (they were acknowledged over FGSP before being granted).
+//! 3. Continuous ping; C1B's daemons are killed too and the router moves lb1 to cluster 2:
+//!    C2A (cluster 2's primary) takes the tunnel over with the same IKE SA, sends beyond
+//!    C1B's sequence numbers; the ping resumes, no renegotiation, no replay failure.
+//! 4. A CHILD SA rekey and an IKE SA rekey started by strongSwan, then by C2A, complete in
+//!    place with traffic after each (the IKE SA is replaced by the rekey, not renegotiated).
+//!
+//! Needs root, iproute2 and the strongSwan packages (INTEROP.md).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bus_schema::{ctl_call, CtlReply, CtlRequest, DaemonKind};
+use haven_tests::daemons::{bin, vpnctl_json, wait_for};
+use haven_tests::netns::{veth, Netns, Proc, ScratchDir};
+use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, IkeSa, SwanctlConf};
+use serde_json::Value;
+
+const PSK: &str = "haven-fgsp-seed001-psk-0123456789";
+const FGSP_SECRET: &str = "fgsp-seed001-link-secret";
+const GW_ID: &str = "gw.haven.test";
+const CLIENT_ID: &str = "client.haven.test";
+const LB1: &str = "192.168.202.35";
+const CLIENT: &str = "192.168.1.2";
+const CLIENT_INNER: &str = "10.10.1.2";
+const SERVER: &str = "172.31.0.100";
+const TUNNEL: &str = "vpn1_1";
+const WAIT: Duration = Duration::from_secs(30);
+const NAMES: [&str; 4] = ["C1A", "C1B", "C2A", "C2B"];
+
+/// Cluster (0 or 1) of member `i`.
+fn cluster(i: usize) -> usize {
+    i / 2
+}
+
+fn port5_addr(i: usize) -> String {
+    format!("172.31.2.{}", i + 1)
+}
+
+fn port3_addr(i: usize) -> String {
+    format!("172.31.0.{}", 11 + i)
+}
+
+/// Seed 001's member configuration: FGCP pair `group-id` k+1 (200/100), FGSP member k+1
+/// whose peers are the other cluster's members.
+fn config(i: usize) -> String {
+    let k = cluster(i);
+    let mut peers = String::new();
+    for (n, j) in (0..4).filter(|j| cluster(*j) != k).enumerate() {
+        peers.push_str(&format!(
+            "        edit {}\n            set peerip {}\n        next\n",
+            n + 1,
+            port5_addr(j)
+        ));
+    }
+    let priority = if i % 2 == 0 { 200 } else { 100 };
+    format!(
+        "config system ha
+    set group-id {g}
+    set group-name \"DC2_VM{g}\"
+    set mode a-p
+    set password \"seed001-pair-{g}-password\"
+    set hbdev \"port4\" 50
+    set session-pickup enable
+    set override disable
+    set priority {priority}
+    set hb-interval 2
+    set hb-lost-threshold 3
+end
+config system standalone-cluster
+    set standalone-group-id 1
+    set group-member-id {g}
+    set encryption enable
+    set psksecret \"{FGSP_SECRET}\"
+    config cluster-peer
+{peers}    end
+end
+config vpn ipsec phase1-interface
+    edit \"vpn1\"
+        set type dynamic
+        set interface \"port2\"
+        set ike-version 2
+        set local-gw {LB1}
+        set peertype any
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set localid \"{GW_ID}\"
+        set dpd disable
+        set fgsp-sync enable
+        set nattraversal enable
+        set psksecret \"{PSK}\"
+    next
+end
+config vpn ipsec phase2-interface
+    edit \"vpn1\"
+        set phase1name \"vpn1\"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet {SERVER} 255.255.255.255
+        set dst-subnet 10.10.1.0 255.255.255.0
+    next
+end
+",
+        g = k + 1
+    )
+}
+
+struct Member {
+    i: usize,
+    ns: Netns,
+    dir: PathBuf,
+    run: PathBuf,
+    procs: Vec<Proc>,
+}
+
+impl Member {
+    fn start(ns: Netns, dir: &Path, i: usize) -> Member {
+        let dir = dir.join(NAMES[i]);
+        let run = dir.join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let conf = dir.join("haven.conf");
+        std::fs::write(&conf, config(i)).unwrap();
+        let mut procs = Vec::new();
+        for (d, port) in [
+            ("hasyncd", 9703),
+            ("espd", 9704),
+            ("ikemgr", 9701),
+            ("dpdmon", 9702),
+        ] {
+            let log = std::fs::File::create(dir.join(format!("{d}.log"))).unwrap();
+            let mut cmd: Command = ns.command(bin(d));
+            cmd.arg("--config")
+                .arg(&conf)
+                .arg("--run-dir")
+                .arg(&run)
+                .args(["--log-level", "debug"])
+                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
+        }
+        Member {
+            i,
+            ns,
+            dir,
+            run,
+            procs,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        NAMES[self.i]
+    }
+
+    fn log(&self, d: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{d}.log"))).unwrap_or_default()
+    }
+
+    fn logs(&self) -> String {
+        ["hasyncd", "ikemgr", "espd"]
+            .iter()
+            .map(|d| {
+                let l = self.log(d);
+                let tail: Vec<&str> = l.lines().rev().take(30).collect();
+                format!(
+                    "--- {} {d} ---\n{}",
+                    self.name(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn view(&self, daemon: DaemonKind, name: &str) -> Result<Value, String> {
+        let req = CtlRequest::View {
+            name: name.into(),
+            args: vec![],
+        };
+        match rt().block_on(ctl_call(&self.run, daemon, &req, Duration::from_secs(2))) {
+            Ok(CtlReply::View(v)) => Ok(v),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn ikemgr_command(&self, args: &[&str]) -> Result<(), String> {
+        let req = CtlRequest::Command {
+            name: "ike-rekey".into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        match rt().block_on(ctl_call(
+            &self.run,
+            DaemonKind::Ikemgr,
+            &req,
+            Duration::from_secs(2),
+        )) {
+            Ok(CtlReply::View(_)) => Ok(()),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// FGCP role (`primary`, `secondary`).
+    fn role(&self) -> Option<String> {
+        vpnctl_json(&self.run, &["diagnose", "sys", "ha", "status"])
+            .ok()?
+            .get("role")?
+            .as_str()
+            .map(str::to_string)
+    }
+
+    fn detected(&self) -> u64 {
+        self.view(DaemonKind::Hasyncd, "standalone-peers")
+            .ok()
+            .and_then(|v| v["detected_peers"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// ikemgr's IKE SA of the tunnel: (spi_i, spi_r).
+    fn ike_sa(&self) -> Option<(u64, u64)> {
+        let v = self.view(DaemonKind::Ikemgr, "ike-gateways").ok()?;
+        let sa = v.as_array()?.iter().find(|s| s["name"] == TUNNEL)?;
+        Some((hex_u64(&sa["spi_i"]), hex_u64(&sa["spi_r"])))
+    }
+
+    /// hasyncd's standby copies of the tunnel: (IKE SA copies, CHILD SA copies).
+    fn copies(&self) -> Result<(usize, usize), String> {
+        let v = self.view(DaemonKind::Hasyncd, "replicas")?;
+        let n = |k: &str| {
+            v[k].as_array()
+                .map(|a| a.iter().filter(|s| s["tunnel"] == TUNNEL).count())
+                .unwrap_or(0)
+        };
+        Ok((n("ike_standby"), n("standby")))
+    }
+
+    /// espd's outbound SAs of the tunnel: (spi_out, next sequence number).
+    fn esp_seqs(&self) -> Vec<(u32, u64)> {
+        let Ok(v) = self.view(DaemonKind::Espd, "tunnel-list") else {
+            return Vec::new();
+        };
+        v["tunnels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["name"] == TUNNEL)
+            .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
+            .map(|s| (hex_u32(&s["enc"]["spi"]), s["seqno"].as_u64().unwrap_or(0)))
+            .collect()
+    }
+
+    /// Reboot: every daemon killed, the LAN port down.
+    fn kill_all(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill_now();
+        }
+        let _ = self.ns.ip(&["link", "set", "port2", "down"]);
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn hex_u64(v: &Value) -> u64 {
+    u64::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
+}
+
+fn hex_u32(v: &Value) -> u32 {
+    u32::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
+}
+
+fn received_seqs(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| {
+            let i = l.find("icmp_seq=")? + "icmp_seq=".len();
+            l[i..].split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn client_sa(c: &Charon) -> Option<IkeSa> {
+    c.list_sas()
+        .ok()?
+        .into_iter()
+        .find(|s| s.name == "dial" && s.state == "ESTABLISHED")
+}
+
+fn replay_failures(c: &Charon) -> usize {
+    c.log()
+        .matches("ESP sequence number verification failed")
+        .count()
+}
+
+fn ping_burst(client: &Netns, count: u32) -> u32 {
+    let out = client
+        .exec(
+            "ping",
+            &[
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                CLIENT_INNER,
+                SERVER,
+            ],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    received_seqs(&out).len() as u32
+}
+
+/// A continuous ping, 20 per second, `count` of them.
+fn start_ping(client: &Netns, count: u32) -> Proc {
+    let mut cmd = client.command("ping");
+    cmd.args([
+        "-n",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.05",
+        "-W",
+        "1",
+        "-I",
+        CLIENT_INNER,
+        SERVER,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    client.spawn_command(cmd).expect("ping")
+}
+
+/// Waits for a continuous ping; (answered seqs sorted, longest gap in pings).
+fn finish_ping(mut ping: Proc) -> (Vec<u64>, u64, String) {
+    wait_for("ping to finish", Duration::from_secs(60), || {
+        match ping.try_wait() {
+            Ok(Some(_)) => Ok(()),
+            _ => Err("still running".to_string()),
+        }
+    });
+    let mut out = String::new();
+    if let Some(mut s) = ping.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    let mut seqs = received_seqs(&out);
+    seqs.sort_unstable();
+    seqs.dedup();
+    let max_gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    (seqs, max_gap, out)
+}
+
+#[test]
+fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
+    if let Err(e) = strongswan::preflight() {
+        panic!("cannot run strongSwan tests on this machine: {e}");
+    }
+    let scratch = ScratchDir::new("ha-fgsp-seed001").expect("scratch dir");
+    let router = Netns::new("fgsp1-r").unwrap();
+    let client = Netns::new("fgsp1-c").unwrap();
+    let server = Netns::new("fgsp1-s").unwrap();
+    veth(&client, "wan0", &router, "cl0").unwrap();
+    client.add_addr("wan0", &format!("{CLIENT}/24")).unwrap();
+    client.default_route("192.168.1.1").unwrap();
+    client
+        .add_addr("lo", &format!("{CLIENT_INNER}/32"))
+        .unwrap();
+    router.add_addr("cl0", "192.168.1.1/24").unwrap();
+    router.ip_forward(true).unwrap();
+    router.add_bridge("brf").unwrap();
+    router.link_up("brf").unwrap();
+    for k in 0..2 {
+        let br = format!("br{k}");
+        router.add_bridge(&br).unwrap();
+        router
+            .add_addr(&br, &format!("192.168.{}.1/24", 129 + k))
+            .unwrap();
+        router.link_up(&br).unwrap();
+    }
+    server.add_bridge("br0").unwrap();
+    server.add_addr("br0", &format!("{SERVER}/24")).unwrap();
+    server.link_up("br0").unwrap();
+    let mut nss = Vec::new();
+    for i in 0..4 {
+        let k = cluster(i);
+        let ns = Netns::new(&format!("fgsp1-m{}", i + 1)).unwrap();
+        veth(&ns, "port2", &router, &format!("m{i}")).unwrap();
+        router.enslave(&format!("m{i}"), &format!("br{k}")).unwrap();
+        router.link_up(&format!("m{i}")).unwrap();
+        // A host-scoped address of its own keeps port2's routes when the shared one goes.
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("192.168.200.{}/32", i + 1),
+            "dev",
+            "port2",
+            "scope",
+            "host",
+        ])
+        .unwrap();
+        let net = format!("192.168.{}", 129 + k);
+        ns.ip(&["route", "replace", &format!("{net}.0/24"), "dev", "port2"])
+            .unwrap();
+        ns.ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &format!("{net}.1"),
+            "dev",
+            "port2",
+            "onlink",
+        ])
+        .unwrap();
+        veth(&ns, "port3", &server, &format!("s{i}")).unwrap();
+        server.enslave(&format!("s{i}"), "br0").unwrap();
+        server.link_up(&format!("s{i}")).unwrap();
+        ns.add_addr("port3", &format!("{}/24", port3_addr(i)))
+            .unwrap();
+        veth(&ns, "port5", &router, &format!("f{i}")).unwrap();
+        router.enslave(&format!("f{i}"), "brf").unwrap();
+        router.link_up(&format!("f{i}")).unwrap();
+        ns.add_addr("port5", &format!("{}/24", port5_addr(i)))
+            .unwrap();
+        ns.ip_forward(true).unwrap();
+        for key in ["all", "default", "port2"] {
+            ns.sysctl(&format!("net.ipv4.conf.{key}.send_redirects"), "0")
+                .unwrap();
+        }
+        nss.push(ns);
+    }
+    for k in 0..2 {
+        veth(&nss[2 * k], "port4", &nss[2 * k + 1], "port4").unwrap();
+        for j in 0..2 {
+            nss[2 * k + j]
+                .add_addr("port4", &format!("169.254.{}.{}/24", k + 1, j + 1))
+                .unwrap();
+        }
+    }
+    // lb1 lives on cluster 1's LAN (the member holding it answers ARP).
+    router
+        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br0"])
+        .unwrap();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(0)])
+        .unwrap();
+
+    // Each cluster's primary first, then its secondary (a loaded machine starting all
+    // sixteen daemons at once can miss heartbeats and split a pair for a moment).
+    let mut slots: Vec<Option<Member>> = (0..4).map(|_| None).collect();
+    for order in [[0, 2], [1, 3]] {
+        for i in order {
+            slots[i] = Some(Member::start(nss[i].clone(), scratch.path(), i));
+        }
+        for i in order {
+            let m = slots[i].as_ref().expect("started above");
+            let want = if i % 2 == 0 { "primary" } else { "secondary" };
+            wait_for(&format!("{} {want}", m.name()), WAIT, || match m.role() {
+                Some(r) if r == want => Ok(()),
+                other => Err(format!("{other:?}\n{}", m.logs())),
+            });
+        }
+    }
+    let mut members: Vec<Member> = slots.into_iter().flatten().collect();
+    for i in [0, 2] {
+        let m = &members[i];
+        wait_for(&format!("{} detects its FGSP peer", m.name()), WAIT, || {
+            (m.detected() == 1).then_some(()).ok_or_else(|| m.logs())
+        });
+    }
+
+    let mut charon = Charon::start(&client).expect("charon");
+    charon
+        .load(
+            &SwanctlConf::new().conn(
+                Conn::psk("dial", CLIENT, LB1, PSK.as_bytes())
+                    .ids(CLIENT_ID, GW_ID)
+                    .proposals(&["aes128gcm16-prfsha256-ecp256"])
+                    .child(
+                        ChildCfg::new(
+                            "net",
+                            &format!("{CLIENT_INNER}/32"),
+                            &format!("{SERVER}/32"),
+                        )
+                        .esp_proposals(&["aes128gcm16"]),
+                    ),
+            ),
+        )
+        .expect("swanctl load");
+    if let Err(e) = charon.initiate("net", WAIT) {
+        panic!("initiate: {e}\n{}\n{}", charon.log(), members[0].logs());
+    }
+    let before = client_sa(&charon).expect("client IKE SA");
+    let spis = before.spis();
+    let child_before = before.child("net").expect("client CHILD SA").clone();
+    wait_for("C1A's IKE SA", WAIT, || {
+        members[0]
+            .ike_sa()
+            .filter(|s| *s == spis)
+            .ok_or_else(|| members[0].logs())
+    });
+    wait_for("ping through C1A", WAIT, || {
+        (ping_burst(&client, 1) > 0)
+            .then_some(())
+            .ok_or_else(|| members[0].logs())
+    });
+
+    // 1. Copies: C1B over FGCP, C2A over FGSP.
+    for i in [1, 2] {
+        let m = &members[i];
+        wait_for(&format!("{}'s standby copies", m.name()), WAIT, || {
+            let (ike, child) = m.copies()?;
+            (ike == 1 && child >= 1)
+                .then_some(())
+                .ok_or_else(|| format!("ike {ike} child {child}\n{}", m.logs()))
+        });
+        assert!(m.ike_sa().is_none(), "{} must not carry it", m.name());
+    }
+
+    let check_client = |charon: &Charon, step: &str| {
+        let after = client_sa(charon).unwrap_or_else(|| panic!("{step}: client IKE SA gone"));
+        assert_eq!(after.spis(), spis, "{step}: IKE SA renegotiated");
+        let c = after.child("net").expect("client CHILD SA");
+        assert_eq!(
+            (c.spi_in, c.spi_out),
+            (child_before.spi_in, child_before.spi_out),
+            "{step}: CHILD SA renegotiated"
+        );
+        assert_eq!(
+            replay_failures(charon),
+            0,
+            "{step}: strongSwan dropped ESP packets as replays:\n{}",
+            charon.log()
+        );
+    };
+
+    // 2. C1A reboots: its FGCP partner C1B takes over.
+    let ping = start_ping(&client, 200);
+    std::thread::sleep(Duration::from_secs(2));
+    let seq_a = members[0].esp_seqs();
+    let killed = Instant::now();
+    members[0].kill_all();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(1)])
+        .unwrap();
+    {
+        let m = &members[1];
+        wait_for("C1B primary", WAIT, || match m.role() {
+            Some(r) if r == "primary" => Ok(()),
+            other => Err(format!("{other:?}\n{}", m.logs())),
+        });
+        wait_for("C1B carries the IKE SA", WAIT, || {
+            m.ike_sa().filter(|s| *s == spis).ok_or_else(|| m.logs())
+        });
+    }
+    let primary_after = killed.elapsed();
+    let (seqs, gap, out) = finish_ping(ping);
+    let seq_b = members[1].esp_seqs();
+    eprintln!(
+        "FGCP: C1B primary {} ms after the kill; {} of 200 answered; longest gap {gap} pings (~{} ms); seqs C1A {seq_a:?} C1B {seq_b:?}",
+        primary_after.as_millis(),
+        seqs.len(),
+        gap * 50
+    );
+    assert!(
+        seqs.iter().any(|s| *s >= 150),
+        "the ping did not resume through C1B:\n{out}\n{}",
+        members[1].logs()
+    );
+    for (spi, a) in &seq_a {
+        if let Some((_, b)) = seq_b.iter().find(|(s, _)| s == spi) {
+            assert!(b > a, "C1B must send beyond C1A ({spi:08x}: {b} <= {a})");
+        }
+    }
+    check_client(&charon, "after C1A's reboot");
+    assert!(
+        members[2].detected() == 1,
+        "C2A must still see cluster 1 (C1B speaks for it now)"
+    );
+    // C1B's leases reached C2A before they were granted: the FGSP table logs them.
+    wait_for("C1B's leases acknowledged by C2A", WAIT, || {
+        members[1]
+            .log("hasyncd")
+            .contains("FGSP: member 2 acknowledged vpn1_1")
+            .then_some(())
+            .ok_or_else(|| members[1].logs())
+    });
+
+    // 3. The whole of cluster 1 goes: cluster 2's primary C2A takes over.
+    let ping = start_ping(&client, 300);
+    std::thread::sleep(Duration::from_secs(2));
+    let seq_b = members[1].esp_seqs();
+    let killed = Instant::now();
+    members[1].kill_all();
+    router
+        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
+        .unwrap();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
+        .unwrap();
+    {
+        let m = &members[2];
+        wait_for("C2A carries the IKE SA", WAIT, || {
+            m.ike_sa().filter(|s| *s == spis).ok_or_else(|| m.logs())
+        });
+        assert!(
+            m.log("hasyncd")
+                .contains("FGSP: taking over vpn1_1 from member 1"),
+            "{}",
+            m.logs()
+        );
+    }
+    let taken = killed.elapsed();
+    let (seqs, gap, out) = finish_ping(ping);
+    let seq_c = members[2].esp_seqs();
+    eprintln!(
+        "FGSP: C2A carries the tunnel {} ms after cluster 1 went; {} of 300 answered; longest gap {gap} pings (~{} ms); seqs C1B {seq_b:?} C2A {seq_c:?}",
+        taken.as_millis(),
+        seqs.len(),
+        gap * 50
+    );
+    assert!(
+        seqs.iter().any(|s| *s >= 250),
+        "the ping did not resume through C2A:\n{out}\n{}",
+        members[2].logs()
+    );
+    for (spi, b) in &seq_b {
+        if let Some((_, c)) = seq_c.iter().find(|(s, _)| s == spi) {
+            assert!(c > b, "C2A must send beyond C1B ({spi:08x}: {c} <= {b})");
+        }
+    }
+    check_client(&charon, "after cluster 1 went");
+
+    // 4. Rekeys on the taken-over tunnel, from each side.
+    let rekeys: [(&str, bool, bool); 4] = [
+        ("strongSwan CHILD", true, false),
+        ("strongSwan IKE", true, true),
+        ("C2A CHILD", false, false),
+        ("C2A IKE", false, true),
+    ];
+    for (what, by_client, ike) in rekeys {
+        let sa0 = client_sa(&charon).expect("client IKE SA");
+        let child0 = sa0.child("net").expect("CHILD SA").spi_in;
+        if by_client {
+            if ike {
+                charon.rekey_ike("dial").expect("swanctl --rekey --ike");
+            } else {
+                charon.rekey_child("net").expect("swanctl --rekey --child");
+            }
+        } else {
+            members[2]
+                .ikemgr_command(&[TUNNEL, if ike { "ike" } else { "child" }])
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+        wait_for(&format!("{what} rekey"), WAIT, || {
+            let sa = client_sa(&charon).ok_or("no IKE SA")?;
+            let done = if ike {
+                // Rekeyed in place: new IKE SPIs, the CHILD SA kept (a renegotiation
+                // would have replaced it too).
+                sa.spis() != sa0.spis() && sa.child("net").is_some_and(|c| c.spi_in == child0)
+            } else {
+                sa.child("net").is_some_and(|c| c.spi_in != child0)
+            };
+            done.then_some(())
+                .ok_or_else(|| format!("{sa:?}\n{}", members[2].logs()))
+        });
+        assert!(
+            ping_burst(&client, 3) >= 2,
+            "{what}: no traffic after the rekey\n{}",
+            members[2].logs()
+        );
+        assert_eq!(replay_failures(&charon), 0, "{what}: {}", charon.log());
+    }
+    assert!(
+        !charon.log().contains("INVALID_SYNTAX") && !charon.log().contains("AUTHENTICATION_FAILED"),
+        "{}",
+        charon.log()
+    );
+    for m in &mut members {
+        m.kill_all();
+    }
+}
