@@ -499,6 +499,49 @@ impl TunnelTable {
         }
     }
 
+    /// FGCP: this member is the elected primary, and the primary carries every tunnel. A
+    /// tunnel the table still gives to another member is a claim left from a split brain
+    /// (that member missed this one's heartbeats, made itself primary and claimed it),
+    /// unless that member still says it is primary (`claims_primary`; then the split brain
+    /// lasts and nothing is taken until it steps down). Each such tunnel is claimed back
+    /// with a newer generation. `carried(tunnel)`: this member's ikemgr still carries it, so
+    /// the claim is all (no [`TunnelEvent::Promoted`]); otherwise it is promoted
+    /// ([`ClaimReason::OwnerDead`]) for a takeover from the standby copy.
+    ///
+    /// The start is never exact: while it was primary the other member granted its leases
+    /// without waiting for this one (it had declared it lost), so a lease datagram lost on
+    /// the way here would leave this record below numbers it sent. Each outbound SA starts
+    /// at the recorded mark plus [`DEFAULT_UNSYNCED_JUMP`]. Returns the tunnels claimed,
+    /// each with `carried`.
+    pub fn reclaim_stale(
+        &mut self,
+        claims_primary: impl Fn(MemberId) -> bool,
+        carried: impl Fn(&str) -> bool,
+    ) -> Vec<(String, bool)> {
+        let stale: Vec<String> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| t.owner != self.me && !claims_primary(t.owner))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut out = Vec::new();
+        for name in stale {
+            let here = carried(&name);
+            if here {
+                self.local_established(&name);
+            } else {
+                if let Some(t) = self.tunnels.get_mut(&name) {
+                    for s in t.sas.values_mut() {
+                        s.fresh = false;
+                    }
+                }
+                self.promote(&name, ClaimReason::OwnerDead);
+            }
+            out.push((name, here));
+        }
+        out
+    }
+
     /// IKE or ESP traffic for `tunnel` arrived here. Promotes a standby tunnel; returns
     /// whether it did.
     pub fn traffic_for(&mut self, tunnel: &str) -> bool {
