@@ -1711,4 +1711,75 @@ mod tests {
             }]
         );
     }
+
+    #[test]
+    fn primary_reclaims_stale_claims_only_from_members_no_longer_primary() {
+        let b = MemberId(2);
+        let mut t = TunnelTable::with_mode(MemberId(1), TableMode::Fgcp);
+        t.peer_joined(b);
+        // Member 2's claim and lease from the split brain.
+        t.handle_claim(
+            b,
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: b,
+                generation: 3,
+                reason: ClaimReason::OwnerDead,
+            },
+        );
+        t.handle_lease(
+            b,
+            &SeqLease {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 5000,
+            },
+        );
+        while t.poll_transmit().is_some() {}
+        // Member 2 still says it is primary: nothing is taken.
+        assert!(t.reclaim_stale(|m| m == b, |_| false).is_empty());
+        assert_eq!(t.role(T), Some(TunnelRole::Standby));
+        // It stepped down: taken back beyond the mark, with the jump, newer generation.
+        assert_eq!(
+            t.reclaim_stale(|_| false, |_| false),
+            vec![(T.to_string(), false)]
+        );
+        assert_eq!(t.owner(T), Some((MemberId(1), 4)));
+        assert_eq!(
+            t.poll_event(),
+            Some(TunnelEvent::Promoted {
+                tunnel: T.into(),
+                reason: ClaimReason::OwnerDead,
+                start_seqs: vec![StartSeq {
+                    spi_out: SPI,
+                    first_seq: 5000 + DEFAULT_UNSYNCED_JUMP,
+                    exact: false,
+                }],
+            })
+        );
+        assert!(matches!(
+            t.poll_transmit().map(|o| o.message),
+            Some(Message::Ownership(OwnershipClaim { generation: 4, .. }))
+        ));
+        // Done once: the table gives the tunnel to this member now.
+        assert!(t.reclaim_stale(|_| false, |_| false).is_empty());
+
+        // Carried here still: the claim only, no takeover.
+        let mut t = TunnelTable::with_mode(MemberId(1), TableMode::Fgcp);
+        t.handle_claim(
+            b,
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: b,
+                generation: 1,
+                reason: ClaimReason::OwnerDead,
+            },
+        );
+        assert_eq!(
+            t.reclaim_stale(|_| false, |_| true),
+            vec![(T.to_string(), true)]
+        );
+        assert_eq!(t.role(T), Some(TunnelRole::SyncPrimary));
+        assert_eq!(t.poll_event(), None);
+    }
 }
