@@ -576,6 +576,9 @@ impl Cluster {
                 }
             }
         }
+        if primary {
+            self.reclaim_stale(now_ms);
+        }
         // A member that (re)joined gets a snapshot of every IKE and CHILD SA this member
         // carries and of the tunnel table (windowed and acknowledged, see `snapshot`).
         if self.fgcp_role().is_none_or(|r| r == HaRole::Primary) {
@@ -651,6 +654,48 @@ impl Cluster {
         }
         self.apply(from, link, msg);
         metrics::gauge!("hasyncd_standby_child_sas").set(self.replicas.len() as f64);
+    }
+
+    /// FGCP primary, after every election and message: the primary owns every tunnel. A
+    /// tunnel the table gives to a member that no longer says it is primary (it claimed it
+    /// during a split brain, when it missed this member's heartbeats) is claimed back: a
+    /// takeover to ikemgr from the standby copy when ikemgr does not carry it here, each
+    /// outbound SA starting beyond the last synced lease (ha-core's `reclaim_stale`).
+    fn reclaim_stale(&mut self, now_ms: u64) {
+        let (Some(side), Some(t)) = (self.fgcp.as_ref(), self.table.as_mut()) else {
+            return;
+        };
+        let live: std::collections::BTreeSet<MemberId> = side
+            .fgcp
+            .members(now_ms)
+            .into_iter()
+            .map(|m| m.member)
+            .collect();
+        let roles = &side.peer_roles;
+        let owners: BTreeMap<String, MemberId> = t
+            .roles()
+            .filter(|(_, r)| *r == TunnelRole::Standby)
+            .filter_map(|(n, _)| t.owner(n).map(|(o, _)| (n.to_string(), o)))
+            .collect();
+        let ike_local = &self.ike_local;
+        let reclaimed = t.reclaim_stale(
+            |m| live.contains(&m) && roles.get(&m) == Some(&HaRole::Primary),
+            |tunnel| ike_local.values().any(|r| r.tunnel == tunnel),
+        );
+        for (tunnel, carried) in reclaimed {
+            let from = owners.get(&tunnel).map_or(0, |m| m.0);
+            if carried {
+                tracing::info!(
+                    "FGCP: {tunnel} was claimed by member {from}, which is not primary; the primary claims it back (carried here)"
+                );
+            } else {
+                tracing::warn!(
+                    "FGCP: {tunnel} was claimed by member {from}, which is not primary (split brain); the primary takes it back"
+                );
+            }
+            self.local_tunnels.insert(tunnel);
+            self.roles_dirty = true;
+        }
     }
 
     /// Sends what the tunnel table queued (leases, acknowledgements, claims: secondaries

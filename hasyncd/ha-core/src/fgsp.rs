@@ -499,6 +499,49 @@ impl TunnelTable {
         }
     }
 
+    /// FGCP: this member is the elected primary, and the primary carries every tunnel. A
+    /// tunnel the table still gives to another member is a claim left from a split brain
+    /// (that member missed this one's heartbeats, made itself primary and claimed it),
+    /// unless that member still says it is primary (`claims_primary`; then the split brain
+    /// lasts and nothing is taken until it steps down). Each such tunnel is claimed back
+    /// with a newer generation. `carried(tunnel)`: this member's ikemgr still carries it, so
+    /// the claim is all (no [`TunnelEvent::Promoted`]); otherwise it is promoted
+    /// ([`ClaimReason::OwnerDead`]) for a takeover from the standby copy.
+    ///
+    /// The start is never exact: while it was primary the other member granted its leases
+    /// without waiting for this one (it had declared it lost), so a lease datagram lost on
+    /// the way here would leave this record below numbers it sent. Each outbound SA starts
+    /// at the recorded mark plus [`DEFAULT_UNSYNCED_JUMP`]. Returns the tunnels claimed,
+    /// each with `carried`.
+    pub fn reclaim_stale(
+        &mut self,
+        claims_primary: impl Fn(MemberId) -> bool,
+        carried: impl Fn(&str) -> bool,
+    ) -> Vec<(String, bool)> {
+        let stale: Vec<String> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| t.owner != self.me && !claims_primary(t.owner))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut out = Vec::new();
+        for name in stale {
+            let here = carried(&name);
+            if here {
+                self.local_established(&name);
+            } else {
+                if let Some(t) = self.tunnels.get_mut(&name) {
+                    for s in t.sas.values_mut() {
+                        s.fresh = false;
+                    }
+                }
+                self.promote(&name, ClaimReason::OwnerDead);
+            }
+            out.push((name, here));
+        }
+        out
+    }
+
     /// IKE or ESP traffic for `tunnel` arrived here. Promotes a standby tunnel; returns
     /// whether it did.
     pub fn traffic_for(&mut self, tunnel: &str) -> bool {
@@ -1667,5 +1710,76 @@ mod tests {
                 exact: true
             }]
         );
+    }
+
+    #[test]
+    fn primary_reclaims_stale_claims_only_from_members_no_longer_primary() {
+        let b = MemberId(2);
+        let mut t = TunnelTable::with_mode(MemberId(1), TableMode::Fgcp);
+        t.peer_joined(b);
+        // Member 2's claim and lease from the split brain.
+        t.handle_claim(
+            b,
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: b,
+                generation: 3,
+                reason: ClaimReason::OwnerDead,
+            },
+        );
+        t.handle_lease(
+            b,
+            &SeqLease {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 5000,
+            },
+        );
+        while t.poll_transmit().is_some() {}
+        // Member 2 still says it is primary: nothing is taken.
+        assert!(t.reclaim_stale(|m| m == b, |_| false).is_empty());
+        assert_eq!(t.role(T), Some(TunnelRole::Standby));
+        // It stepped down: taken back beyond the mark, with the jump, newer generation.
+        assert_eq!(
+            t.reclaim_stale(|_| false, |_| false),
+            vec![(T.to_string(), false)]
+        );
+        assert_eq!(t.owner(T), Some((MemberId(1), 4)));
+        assert_eq!(
+            t.poll_event(),
+            Some(TunnelEvent::Promoted {
+                tunnel: T.into(),
+                reason: ClaimReason::OwnerDead,
+                start_seqs: vec![StartSeq {
+                    spi_out: SPI,
+                    first_seq: 5000 + DEFAULT_UNSYNCED_JUMP,
+                    exact: false,
+                }],
+            })
+        );
+        assert!(matches!(
+            t.poll_transmit().map(|o| o.message),
+            Some(Message::Ownership(OwnershipClaim { generation: 4, .. }))
+        ));
+        // Done once: the table gives the tunnel to this member now.
+        assert!(t.reclaim_stale(|_| false, |_| false).is_empty());
+
+        // Carried here still: the claim only, no takeover.
+        let mut t = TunnelTable::with_mode(MemberId(1), TableMode::Fgcp);
+        t.handle_claim(
+            b,
+            &OwnershipClaim {
+                tunnel: T.into(),
+                owner: b,
+                generation: 1,
+                reason: ClaimReason::OwnerDead,
+            },
+        );
+        assert_eq!(
+            t.reclaim_stale(|_| false, |_| true),
+            vec![(T.to_string(), true)]
+        );
+        assert_eq!(t.role(T), Some(TunnelRole::SyncPrimary));
+        assert_eq!(t.poll_event(), None);
     }
 }

@@ -5,14 +5,16 @@
 //! snapshot) and takes the tunnel back from the live secondary, then is killed again: the
 //! peer never sees a sequence number twice or out of order.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use ha_core::election::DEFAULT_HB_INTERVAL_MS;
+use ha_core::fgsp::DEFAULT_UNSYNCED_JUMP;
 use ha_core::link::{next_epoch, ClusterKind, HaLink, LinkKey};
 use ha_core::msg::{snapshot_chunks, HaRole, SnapshotAssembler, SnapshotRequest};
 use ha_core::wire::MAX_BODY_LEN;
 use ha_core::{
-    ElectionEvent, Fgcp, FgcpConfig, MemberId, Message, TableMode, TunnelEvent, TunnelTable,
+    ElectionEvent, Fgcp, FgcpConfig, MemberId, Message, TableMode, TunnelEvent, TunnelRole,
+    TunnelTable,
 };
 
 const T: &str = "vpn1_1";
@@ -32,6 +34,8 @@ struct Node {
     granted: u64,
     asked: bool,
     snapshot: Option<SnapshotAssembler>,
+    /// Each peer's role as its last heartbeat announced it.
+    peer_roles: BTreeMap<MemberId, HaRole>,
 }
 
 fn key() -> LinkKey {
@@ -54,6 +58,7 @@ fn node(id: u32, prio: u8, epoch: u64, now: u64) -> Node {
         granted: 1,
         asked: false,
         snapshot: None,
+        peer_roles: BTreeMap::new(),
     }
 }
 
@@ -64,6 +69,9 @@ struct World {
     /// The remote peer: every ESP sequence number received, in order, with the sender.
     esp: Vec<(MemberId, u64)>,
     log: Vec<String>,
+    /// Heartbeats of this node are lost on the wire (a loaded machine: the other member
+    /// misses them, everything else arrives).
+    drop_hb_from: Option<usize>,
 }
 
 impl World {
@@ -108,8 +116,17 @@ impl World {
                     ElectionEvent::PeerJoined(p) => n.table.peer_joined(p),
                     ElectionEvent::PeerLost(p) => n.table.peer_lost(p),
                     ElectionEvent::BecamePrimary => n.table.promote_all(),
-                    ElectionEvent::BecameSecondary { .. } => {}
+                    // hasyncd marks every tunnel standby: ikemgr and espd drop them.
+                    ElectionEvent::BecameSecondary { .. } => n.active = false,
                 }
+            }
+            // hasyncd after every drive: the primary claims back what a member that is no
+            // longer primary claimed during a split brain.
+            if n.fgcp.role() == HaRole::Primary {
+                let roles = n.peer_roles.clone();
+                let active = n.active;
+                n.table
+                    .reclaim_stale(|m| roles.get(&m) == Some(&HaRole::Primary), |_| active);
             }
             for e in tevs {
                 self.log.push(format!("{now} {}: {e:?}", n.id));
@@ -141,9 +158,15 @@ impl World {
                     continue;
                 };
                 let r = n.link.open(&d).expect("no drops on a clean link");
+                if self.drop_hb_from == Some(from) && matches!(r.message, Message::Heartbeat(_)) {
+                    continue;
+                }
                 let mut reply = None;
                 match &r.message {
-                    Message::Heartbeat(hb) => n.fgcp.handle_heartbeat(r.sender, hb, now),
+                    Message::Heartbeat(hb) => {
+                        n.peer_roles.insert(r.sender, hb.role);
+                        n.fgcp.handle_heartbeat(r.sender, hb, now)
+                    }
                     Message::SnapshotRequest(req) => {
                         let items = n.table.snapshot_items();
                         let chunks = snapshot_chunks(
@@ -231,6 +254,7 @@ fn fgcp_pair_fails_over_twice_without_replay() {
         wire: VecDeque::new(),
         esp: Vec::new(),
         log: Vec::new(),
+        drop_hb_from: None,
     };
     w.run(2_000);
     assert_eq!(w.role(0), Some(HaRole::Primary));
@@ -319,6 +343,89 @@ fn fgcp_pair_fails_over_twice_without_replay() {
 
     // The remote peer's view: strictly increasing sequence numbers, hence no replay drop
     // whatever its window size.
+    for pair in w.esp.windows(2) {
+        assert!(pair[0].1 < pair[1].1, "{:?} then {:?}", pair[0], pair[1]);
+    }
+}
+
+/// Split brain on a loaded machine: the secondary misses the primary's heartbeats for a
+/// moment (everything else arrives), makes itself primary and takes the tunnel over; the
+/// primary, demoted by that claim, drops it. When the heartbeats arrive again the election
+/// keeps the first member primary (higher priority): it must own and carry the tunnel
+/// again, and the peer must never see a sequence number twice or out of order.
+#[test]
+fn primary_reclaims_the_tunnel_after_a_split_brain() {
+    let mut w = World {
+        now: 0,
+        nodes: vec![Some(node(1, 200, 1, 0)), Some(node(2, 100, 1, 0))],
+        wire: VecDeque::new(),
+        esp: Vec::new(),
+        log: Vec::new(),
+        drop_hb_from: None,
+    };
+    w.run(2_000);
+    assert_eq!(w.role(0), Some(HaRole::Primary));
+    {
+        let n = w.nodes[0].as_mut().unwrap();
+        n.table.local_established(T);
+        n.table.sa_added(n.id, T, SPI);
+        n.active = true;
+    }
+    w.pump(0);
+    w.nodes[1]
+        .as_mut()
+        .unwrap()
+        .table
+        .sa_added(MemberId(1), T, SPI);
+    w.run(2_000);
+    assert!(w.sent_by(1) > 5_000);
+
+    // Member 2 misses member 1's heartbeats beyond the lost threshold (1.2 s).
+    w.drop_hb_from = Some(0);
+    w.run(1_600);
+    assert_eq!(w.role(1), Some(HaRole::Primary), "{:#?}", w.log);
+    assert_eq!(
+        w.role(0),
+        Some(HaRole::Primary),
+        "member 1 still hears member 2"
+    );
+    assert!(w.sent_by(2) > 0, "member 2 took the tunnel over");
+    assert!(!w.nodes[0].as_ref().unwrap().active, "member 1 dropped it");
+
+    // The heartbeats arrive again: member 1 stays primary, member 2 steps down.
+    w.drop_hb_from = None;
+    w.run(2_000);
+    assert_eq!(w.role(0), Some(HaRole::Primary));
+    assert_eq!(w.role(1), Some(HaRole::Secondary));
+    let a = w.nodes[0].as_ref().unwrap();
+    assert_eq!(
+        a.table.role(T),
+        Some(TunnelRole::SyncPrimary),
+        "{:#?}",
+        w.log
+    );
+    assert!(a.active, "member 1 carries the tunnel again: {:#?}", w.log);
+    assert!(!w.nodes[1].as_ref().unwrap().active, "member 2 stopped");
+    let b = w.nodes[1].as_ref().unwrap();
+    assert_eq!(b.table.role(T), Some(TunnelRole::Standby));
+    // Member 1 restarted above everything member 2 sent, by at most the unsynced jump
+    // plus the 1.5 blocks member 2 had leased and not used.
+    let last_b = w.esp.iter().rposition(|(m, _)| m.0 == 2).unwrap();
+    let (who, first_a) = w.esp[last_b + 1];
+    assert_eq!(who, MemberId(1));
+    let skipped = first_a - w.esp[last_b].1 - 1;
+    assert!(
+        skipped <= DEFAULT_UNSYNCED_JUMP + BLOCK + BLOCK / 2,
+        "skipped {skipped}"
+    );
+    let esp_before = w.esp.len();
+    w.run(1_000);
+    assert!(
+        w.esp[esp_before..].iter().any(|(m, _)| m.0 == 1),
+        "traffic flows from member 1"
+    );
+    assert!(w.esp[esp_before..].iter().all(|(m, _)| m.0 == 1));
+
     for pair in w.esp.windows(2) {
         assert!(pair[0].1 < pair[1].1, "{:?} then {:?}", pair[0], pair[1]);
     }
