@@ -231,6 +231,16 @@ pub fn describe_metrics() {
         "FGSP standby tunnels promoted here because their ESP or IKE traffic arrived (the router moved them)."
     );
     describe_counter!(
+        "hasyncd_snapshots_sent_total",
+        Unit::Count,
+        "Snapshots of this member's state sent to a member that joined or asked, by link."
+    );
+    describe_counter!(
+        "hasyncd_snapshots_received_total",
+        Unit::Count,
+        "Snapshots from another member applied here, by link."
+    );
+    describe_counter!(
         "hasyncd_gratuitous_arps_total",
         Unit::Count,
         "ARP announcements sent for the FGCP shared addresses."

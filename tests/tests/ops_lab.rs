@@ -12,8 +12,10 @@
 //! partner carries the tunnel, the ping continues (the pings lost are counted from the
 //! ping output and printed, not asserted: no timing), strongSwan's SAs kept their SPIs and
 //! it dropped nothing as a replay, the roles changed, and Prometheus sees the partner's
-//! `hasyncd_failovers_total` move. Last, `down` leaves no namespace,
-//! no process and no file.
+//! `hasyncd_failovers_total` move. A second `failover` takes the partner down too: the
+//! routers move to the other pair, whose primary carries the tunnel from its FGSP copy with
+//! strongSwan's SPIs unchanged and no replay drop, and the ping continues. Last, `down`
+//! leaves no namespace, no process and no file.
 //!
 //! The lab runs under its own namespace prefix and directory (HAVEN_LAB_PREFIX,
 //! HAVEN_LAB_DIR), so an operator's lab (`hvlab-*`) on the same machine is left alone.
@@ -387,6 +389,47 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
 
     let pids = lab.ns_pids();
     assert!(pids.len() >= 15, "lab processes: {pids:?}");
+
+    // The whole pair down: the routers move to the other pair, whose primary takes the
+    // tunnel over from its FGSP copy (seed 001), again without renegotiation or replay.
+    let other = if carrier == "vm1" || carrier == "vm2" {
+        "vm3"
+    } else {
+        "vm1"
+    };
+    let fo2 = lab.run(&["failover"]);
+    let fo2_text = text(&fo2);
+    eprintln!("{fo2_text}");
+    assert!(
+        fo2.status.success(),
+        "second ops/lab failover failed:\n{fo2_text}"
+    );
+    assert!(
+        fo2_text.contains(&format!("{} carries vpn1_1 now", host(other))),
+        "{fo2_text}"
+    );
+    assert!(
+        fo2_text.contains("(unchanged: no renegotiation)"),
+        "strongSwan's SAs changed across the cluster takeover:\n{fo2_text}"
+    );
+    assert!(
+        fo2_text.contains("ESP packets strongSwan dropped as replays: 0"),
+        "{fo2_text}"
+    );
+    let (_, _, last_at_failover2) = ping_counts(&ping_log);
+    wait_for(
+        "5 more ping replies through the other pair",
+        Duration::from_secs(30),
+        || {
+            let (sent, got, last) = ping_counts(&ping_log);
+            if last >= last_at_failover2 + 5 {
+                Ok(())
+            } else {
+                Err(format!("{sent} sent, {got} answered, last {last}"))
+            }
+        },
+    );
+
     let down = lab.run(&["down"]);
     assert!(
         down.status.success(),
