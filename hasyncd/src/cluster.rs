@@ -78,6 +78,9 @@ pub struct Changes {
     pub role_changed: bool,
     /// FGSP detected peers changed.
     pub peers_changed: bool,
+    /// An FGCP member was heard from for the first time, or again after it was lost (it may
+    /// have been primary meanwhile and announced the shared addresses as its own).
+    pub fgcp_peer_joined: bool,
 }
 
 /// The running HA links of this member.
@@ -428,6 +431,7 @@ impl Cluster {
                     ElectionEvent::PeerJoined(m) => {
                         tracing::info!("FGCP member {} joined", m.0);
                         snap_to.push(("fgcp", m));
+                        ch.fgcp_peer_joined = true;
                     }
                     ElectionEvent::PeerLost(m) => {
                         tracing::warn!("FGCP member {} lost (no heartbeat)", m.0)

@@ -114,11 +114,25 @@ impl SharedAddrs {
         self.tick(now_ms);
     }
 
-    /// This member is no longer primary: remove the addresses.
-    pub fn release(&mut self) {
+    /// A member rejoined while this one holds the addresses: announce them again (it may
+    /// have held them during a split brain; the upstream ARP caches still point at it).
+    pub fn reannounce(&mut self, now_ms: u64) {
         if !self.held {
             return;
         }
+        tracing::info!("FGCP: a member rejoined; announcing the shared addresses again");
+        self.due = GARP_AT_MS
+            .iter()
+            .map(|d| now_ms.saturating_add(*d))
+            .collect();
+        self.tick(now_ms);
+    }
+
+    /// This member is not primary: remove the addresses. Also when this process does not
+    /// hold them: a hasyncd SIGKILLed while primary leaves them on the interface, and its
+    /// restarted successor comes up as secondary (a removal that finds nothing is logged
+    /// at debug level).
+    pub fn release(&mut self) {
         self.held = false;
         self.due.clear();
         for (dev, addr) in &self.addrs {
@@ -216,6 +230,27 @@ fn announce(dev: &str, addr: Ipv4Addr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Split brain healed: the primary that kept the addresses announces them again (the
+    /// soak saw the router's ARP entry left on the secondary, every tunnel black-holed).
+    #[test]
+    fn a_rejoining_member_makes_the_holder_announce_again() {
+        // No addresses: hold/tick touch no interface.
+        let mut v = SharedAddrs::default();
+        v.reannounce(0);
+        assert!(
+            v.due.is_empty(),
+            "a member that does not hold them stays silent"
+        );
+        v.hold(1_000);
+        v.tick(10_000);
+        assert!(v.due.is_empty(), "every announcement of the takeover sent");
+        v.reannounce(20_000);
+        assert_eq!(v.due, vec![20_500, 21_000, 22_000, 24_000]);
+        v.release();
+        v.reannounce(30_000);
+        assert!(v.due.is_empty());
+    }
 
     #[test]
     fn local_gws_become_shared_addresses() {
