@@ -250,6 +250,13 @@ enum ShowCmd {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`vpnctl ... | head`) ends vpnctl quietly
+    // by SIGPIPE, as other command-line tools do, instead of a panic in `println!`.
+    // SAFETY: first statement, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
