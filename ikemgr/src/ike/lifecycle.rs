@@ -559,7 +559,7 @@ end
     const LOCAL: &str = "192.0.2.1";
 
     /// Starts what `initiate_pending` asks for, like the driver; returns (gateway, peer).
-    fn drive(m: &mut IkeManager, now: Instant) -> Vec<(String, Ipv4Addr)> {
+    pub(super) fn drive(m: &mut IkeManager, now: Instant) -> Vec<(String, Ipv4Addr)> {
         let pending = m.initiate_pending(now);
         for (g, remote, _) in &pending {
             m.initiate(now, g, LOCAL.parse().unwrap(), IpAddr::V4(*remote));
@@ -569,7 +569,7 @@ end
 
     /// Carries datagrams between `a` and the responders by destination address; datagrams
     /// to any other address are lost.
-    fn shuttle(a: &mut IkeManager, peers: &mut [(&str, &mut IkeManager)], now: Instant) {
+    pub(super) fn shuttle(a: &mut IkeManager, peers: &mut [(&str, &mut IkeManager)], now: Instant) {
         for _ in 0..50 {
             let mut moved = false;
             while let Some(t) = a.poll_transmit() {
@@ -812,12 +812,11 @@ end
 
 #[cfg(test)]
 mod monitor_and_preempt_tests {
+    use super::tests::{drive, shuttle};
     use super::*;
     use crate::ike::tests::mgr;
     use crate::ike::RouteOp;
     use bus_schema::{Body, TunnelState};
-
-    const LOCAL: &str = "192.0.2.1";
 
     fn config(peers: &str, extra: &str) -> String {
         format!(
@@ -868,37 +867,6 @@ end
         set tunnel-monitor-destination-ip 10.2.0.1
         set tunnel-monitor-source-ip 10.1.0.1
 ";
-
-    fn drive(m: &mut IkeManager, now: Instant) -> Vec<(String, Ipv4Addr)> {
-        let pending = m.initiate_pending(now);
-        for (g, remote, _) in &pending {
-            m.initiate(now, g, LOCAL.parse().unwrap(), IpAddr::V4(*remote));
-        }
-        pending.into_iter().map(|(g, r, _)| (g, r)).collect()
-    }
-
-    fn shuttle(a: &mut IkeManager, peers: &mut [(&str, &mut IkeManager)], now: Instant) {
-        for _ in 0..50 {
-            let mut moved = false;
-            while let Some(t) = a.poll_transmit() {
-                let to = t.destination.ip().to_string();
-                if let Some((_, b)) = peers.iter_mut().find(|(ip, _)| *ip == to) {
-                    b.handle_datagram(now, t.destination, t.source, &t.payload);
-                    moved = true;
-                }
-            }
-            for (_, b) in peers.iter_mut() {
-                while let Some(t) = b.poll_transmit() {
-                    a.handle_datagram(now, t.destination, t.source, &t.payload);
-                    moved = true;
-                }
-            }
-            if !moved {
-                return;
-            }
-        }
-        panic!("the managers never went quiet");
-    }
 
     /// Runs timers until `m` has `n` IKE SAs left; returns the time then.
     fn run_until(m: &mut IkeManager, mut now: Instant, n: usize) -> Instant {
