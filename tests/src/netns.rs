@@ -711,6 +711,21 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Asks the process to end with SIGTERM (a capture tool then writes out what it still holds)
+    /// and reaps it; SIGKILLs it if it has not exited within `grace`.
+    pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+            unsafe {
+                libc::kill(self.child.id() as i32, libc::SIGTERM);
+            }
+        }
+        match self.wait_timeout(grace)? {
+            Some(status) => Ok(status),
+            None => self.kill_now(),
+        }
+    }
+
     /// SIGKILLs the process and reaps it (no error if it had already exited).
     pub fn kill_now(&mut self) -> Result<ExitStatus> {
         let _ = self.child.kill();

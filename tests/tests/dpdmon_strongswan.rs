@@ -412,7 +412,9 @@ impl Drop for Tap {
     }
 }
 
-/// tcpdump on gwb's `out0`, writing every UDP 4500 packet to a pcap file as it arrives.
+/// tcpdump on gwb's `out0`, writing every UDP 4500 packet to a pcap file as it arrives
+/// (`--immediate-mode`: without it libpcap hands packets over a ring block at a time, up to a
+/// second late, and a reader sees the file behind the wire).
 struct Capture {
     file: PathBuf,
     _proc: Proc,
@@ -422,12 +424,21 @@ impl Capture {
     fn start(gw: &Haven) -> Capture {
         let file = gw.dir.path().join("out0.pcap");
         let mut cmd = gw.ns.command("tcpdump");
-        cmd.args(["-n", "-U", "-s", "256", "-i", "out0", "-w"])
-            .arg(&file)
-            .arg("udp port 4500")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-s",
+            "256",
+            "-i",
+            "out0",
+            "-w",
+        ])
+        .arg(&file)
+        .arg("udp port 4500")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let proc = gw.ns.spawn_command(cmd).expect("spawn tcpdump");
         wait_for("tcpdump writing", WAIT, || {
             file.exists()
@@ -724,11 +735,13 @@ fn charon_killed_flush_after_exactly_the_configured_probes() {
             .ok_or_else(|| format!("{r:?}\n{}", gw.logs()))
     });
     assert!(tap.first_state("dead").is_none(), "{}", gw.logs());
-    let answered = cap.ike_requests(gwb_addr());
-    assert!(
-        answered.iter().filter(|r| r.1 == INFORMATIONAL).count() >= 2,
-        "probes on the wire: {answered:?}"
-    );
+    // The tap saw the replies; tcpdump writes the packets a moment later.
+    wait_for("two probes in the capture", Duration::from_secs(5), || {
+        let answered = cap.ike_requests(gwb_addr());
+        (answered.iter().filter(|r| r.1 == INFORMATIONAL).count() >= 2)
+            .then_some(())
+            .ok_or_else(|| format!("probes on the wire: {answered:?}"))
+    });
     let charon_log = a.log();
     assert!(
         charon_log.contains("parsed INFORMATIONAL request"),

@@ -274,9 +274,8 @@ fn run(label: &str) {
     line.client
         .ping(SiteToSite::SERVER, 5)
         .unwrap_or_else(|e| panic!("pings: {e}\n{}", ctx(&a)));
-    // tcpdump -U writes each packet as it is captured; give the last one a moment.
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = cap.kill_now();
+    // SIGTERM: tcpdump writes out what it holds and ends.
+    let _ = cap.stop(Duration::from_secs(5));
 
     let client = [172, 31, 0, 1];
     let seen = scan_pcap(&pcap, client);

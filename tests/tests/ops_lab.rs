@@ -22,7 +22,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use haven_tests::daemons::{bin, bin_dir, wait_for, workspace_root};
 use haven_tests::netns::ScratchDir;
@@ -197,8 +197,10 @@ fn ping_counts(path: &Path) -> (u64, usize, u64) {
     (sent, got.len(), last)
 }
 
-/// The two tests build labs of eleven namespaces each: one at a time. Run side by side, the
-/// carrier's capture in the first one came back empty now and then (seen 3 times in 10).
+/// The two tests build labs of eleven namespaces and four supervised members each: one at a
+/// time. (The empty captures once seen when they ran side by side were tcpdump SIGKILLed
+/// before libpcap had handed over its ring block; the capture now runs in immediate mode and
+/// is stopped with SIGTERM.)
 static ONE_LAB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
@@ -549,15 +551,33 @@ fn ike_and_esp_decrypt(lab: &Lab, carrier: &str) {
     let err = std::fs::File::create(&err_path).unwrap();
     let mut tcpdump = Command::new("ip")
         .args(["netns", "exec", &format!("{}-{carrier}", lab.prefix)])
-        .args(["tcpdump", "-i", "port2", "-n", "-U", "-w"])
+        .args([
+            "tcpdump",
+            "-i",
+            "port2",
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-w",
+        ])
         .arg(&pcap)
         .stdout(std::process::Stdio::null())
         .stderr(err)
         .spawn()
         .expect("tcpdump");
+    // Stopped with SIGTERM, so that tcpdump writes out what it has captured; SIGKILL only if
+    // it does not end.
     struct Kill<'a>(&'a mut std::process::Child);
     impl Drop for Kill<'_> {
         fn drop(&mut self) {
+            // SAFETY: kill(2) on our own child, not reaped yet.
+            unsafe {
+                libc::kill(self.0.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = self.0.kill();
             let _ = self.0.wait();
         }

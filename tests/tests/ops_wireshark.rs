@@ -59,7 +59,7 @@ fn capture_and_decrypt(label: &str, udp: bool) {
     let pcap = scratch.path().join("out0.pcap");
     let err = std::fs::File::create(scratch.path().join("tcpdump.err")).unwrap();
     let mut cmd = pair.a.ns.command("tcpdump");
-    cmd.args(["-i", "out0", "-n", "-U", "-w"])
+    cmd.args(["-i", "out0", "-n", "-U", "--immediate-mode", "-w"])
         .arg(&pcap)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -76,9 +76,8 @@ fn capture_and_decrypt(label: &str, udp: bool) {
     pair.wait_ping();
     let (sent, received) = pair.ping(5);
     assert!(received >= 4, "ping through the tunnel: {received}/{sent}");
-    // -U writes each packet as it comes; give the last reply a moment, then stop.
-    std::thread::sleep(Duration::from_millis(300));
-    tcpdump.kill_now().expect("stop tcpdump");
+    // SIGTERM: tcpdump writes out what it holds and ends.
+    tcpdump.stop(Duration::from_secs(5)).expect("stop tcpdump");
 
     let keys = scratch.path().join("wireshark");
     let out = vpnctl(
