@@ -770,6 +770,42 @@ impl IkeSa {
         }
     }
 
+    /// The channel of the IKE SA that replaces this one (§2.18): SKEYSEED from the old SK_d
+    /// and the new shared secret, keys for the new SPIs, on the side we take in the rekey.
+    #[allow(clippy::too_many_arguments)]
+    fn rekeyed_channel(
+        &self,
+        suite: IkeSuite,
+        shared: &[u8],
+        ni: &[u8],
+        nr: &[u8],
+        spi_i: u64,
+        spi_r: u64,
+        initiator: bool,
+    ) -> Result<Channel> {
+        let old_keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
+        let seed = skeyseed_rekey(
+            old_keys.suite.prf,
+            old_keys.sk.sk_d.as_bytes(),
+            shared,
+            ni,
+            nr,
+        )?;
+        let sk = derive_ike_keys(
+            suite.prf,
+            suite.encr,
+            suite.integ,
+            &seed,
+            ni,
+            nr,
+            spi_i,
+            spi_r,
+        )?;
+        let mut new = Channel::new(spi_i, spi_r, initiator);
+        new.keys = Some(Keys::new(suite, sk, initiator));
+        Ok(new)
+    }
+
     fn rekey_ike_response(
         &mut self,
         now: Instant,
@@ -811,26 +847,7 @@ impl IkeSa {
         }
         let nr = nonce_of(p)?;
         let shared = kex.compute_shared(&ke.data)?;
-        let old_keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
-        let seed = skeyseed_rekey(
-            old_keys.suite.prf,
-            old_keys.sk.sk_d.as_bytes(),
-            shared.as_bytes(),
-            &ni,
-            &nr,
-        )?;
-        let sk = derive_ike_keys(
-            suite.prf,
-            suite.encr,
-            suite.integ,
-            &seed,
-            &ni,
-            &nr,
-            spi,
-            peer_spi,
-        )?;
-        let mut new = Channel::new(spi, peer_spi, true);
-        new.keys = Some(Keys::new(suite, sk, true));
+        let new = self.rekeyed_channel(suite, shared.as_bytes(), &ni, &nr, spi, peer_spi, true)?;
         match collision {
             Some((theirs, their_nonces)) if lowest_nonce(&[ni, nr], &their_nonces) => {
                 // §2.8.2: ours was created with the lowest nonce: it is
@@ -1266,26 +1283,7 @@ impl IkeSa {
         };
         let spi = self.random_u64()?;
         let nr = self.random(NONCE_LEN)?;
-        let old_keys = self.chan.keys.as_ref().ok_or(IkeError::NotEstablished)?;
-        let seed = skeyseed_rekey(
-            old_keys.suite.prf,
-            old_keys.sk.sk_d.as_bytes(),
-            shared.as_bytes(),
-            &ni,
-            &nr,
-        )?;
-        let sk = derive_ike_keys(
-            suite.prf,
-            suite.encr,
-            suite.integ,
-            &seed,
-            &ni,
-            &nr,
-            peer_spi,
-            spi,
-        )?;
-        let mut new = Channel::new(peer_spi, spi, false);
-        new.keys = Some(Keys::new(suite, sk, false));
+        let new = self.rekeyed_channel(suite, shared.as_bytes(), &ni, &nr, peer_spi, spi, false)?;
         if colliding {
             self.ike_collision = Some((new, [ni.clone(), nr.clone()]));
         } else {
