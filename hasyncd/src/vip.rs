@@ -1,17 +1,25 @@
 //! The FGCP cluster's shared addresses: held by the primary only, announced with
 //! gratuitous ARP when it takes them (DESIGN.md §6, issue 6 point 2).
 //!
-//! Which addresses: every phase1's `local-gw` (when set), as a /32 on the phase1's
-//! `interface`. The upstream router reaches it on-link (ARP), so the member that answers
-//! for it is the one that holds it. `config system interface` addresses are not read yet
-//! (the configuration crate ignores that block).
+//! Which addresses:
+//! - every phase1's `local-gw` (when set), as a /32 on the phase1's `interface`: the
+//!   upstream router reaches it on-link (ARP), so the member that answers for it is the
+//!   one that holds it;
+//! - every `config system interface` entry's `ip` (seed 001's table: the members of a pair
+//!   share port2, port3 and port5's addresses), with its prefix length, on that
+//!   interface. Not the `hbdev` interfaces (heartbeats run between the members' own
+//!   addresses) and not `type loopback` entries (a loopback's address is the phase1's
+//!   `local-gw`, held as above). A member's own addresses (management, a `scope host`
+//!   address per interface) are host setup, outside the configuration.
 //!
-//! Taking them: `ip -4 addr replace <addr>/32 dev <interface>`, then an ARP announcement
-//! (RFC 5227 §3: an ARP request with sender and target protocol address both set to the
-//! address, broadcast) right away and again after 0.5, 1, 2 and 4 s: Linux ignores an ARP
-//! update for an entry changed less than `locktime` (1 s) before, so one announcement is
-//! not always enough. Releasing them: `ip -4 addr del`. Only members with an FGCP link
-//! manage addresses; a member without one leaves the interfaces alone.
+//! Taking them: `ip -4 addr replace <addr>/<len> dev <interface>`, then an ARP
+//! announcement (RFC 5227 §3: an ARP request with sender and target protocol address both
+//! set to the address, broadcast) right away and again after 0.5, 1, 2 and 4 s: Linux
+//! ignores an ARP update for an entry changed less than `locktime` (1 s) before, so one
+//! announcement is not always enough. Releasing them: `ip -4 addr del`, also at start-up
+//! as secondary (a member SIGKILLed while primary left them on its interfaces). Only
+//! members with an FGCP link manage addresses; a member without one leaves the interfaces
+//! alone.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -32,34 +40,53 @@ const ETH_P_IP: u16 = 0x0800;
 const ARP_HRD_ETHER: u16 = 1;
 const ARP_OP_REQUEST: u16 = 1;
 
+/// One shared address: interface, address, prefix length.
+pub type Shared = (String, Ipv4Addr, u8);
+
 /// The shared addresses of this member and whether it holds them.
 #[derive(Default)]
 pub struct SharedAddrs {
-    addrs: Vec<(String, Ipv4Addr)>,
+    addrs: Vec<Shared>,
     held: bool,
     /// Announcements still due (absolute ms).
     due: Vec<u64>,
 }
 
-/// `(interface, local-gw)` of every phase1 with a `local-gw`.
-pub fn from_config(config: &Config) -> Vec<(String, Ipv4Addr)> {
-    let mut v: Vec<(String, Ipv4Addr)> = config
+/// The shared addresses of `config`: `(phase1 interface, local-gw, 32)` of every phase1
+/// with a `local-gw`, and `(interface, ip, length)` of every `config system interface`
+/// entry with an `ip`, except loopbacks and the `hbdev` interfaces. Sorted, without
+/// duplicates.
+pub fn from_config(config: &Config) -> Vec<Shared> {
+    let hbdevs: Vec<&str> = config
+        .ha
+        .iter()
+        .flat_map(|h| h.hbdev.iter().map(|d| d.interface.as_str()))
+        .collect();
+    let mut v: Vec<Shared> = config
         .phase1
         .iter()
         .filter_map(|p| {
             p.local_gw
                 .filter(|a| !a.is_unspecified() && !p.interface.is_empty())
-                .map(|a| (p.interface.clone(), a))
+                .map(|a| (p.interface.clone(), a, 32))
         })
         .collect();
+    for i in &config.interfaces {
+        if i.loopback || hbdevs.contains(&i.name.as_str()) {
+            continue;
+        }
+        if let Some((a, len)) = i.ip {
+            v.push((i.name.clone(), a, len));
+        }
+    }
     v.sort();
     v.dedup();
     v
 }
 
-fn ip_addr(op: &str, dev: &str, addr: Ipv4Addr) -> Result<(), String> {
+fn ip_addr(op: &str, dev: &str, addr: Ipv4Addr, len: u8) -> Result<(), String> {
     let out = Command::new("ip")
-        .args(["-4", "addr", op, &format!("{addr}/32"), "dev", dev])
+        .args(["-4", "addr", op, &format!("{addr}/{len}"), "dev", dev])
         .output()
         .map_err(|e| format!("ip addr {op}: {e}"))?;
     if out.status.success() {
@@ -71,7 +98,7 @@ fn ip_addr(op: &str, dev: &str, addr: Ipv4Addr) -> Result<(), String> {
 
 impl SharedAddrs {
     /// The addresses from a (re)loaded configuration; a held set is re-applied.
-    pub fn configure(&mut self, addrs: Vec<(String, Ipv4Addr)>, now_ms: u64) {
+    pub fn configure(&mut self, addrs: Vec<Shared>, now_ms: u64) {
         if addrs == self.addrs {
             return;
         }
@@ -94,17 +121,17 @@ impl SharedAddrs {
     pub fn list(&self) -> Vec<String> {
         self.addrs
             .iter()
-            .map(|(d, a)| format!("{a}/32 dev {d}"))
+            .map(|(d, a, l)| format!("{a}/{l} dev {d}"))
             .collect()
     }
 
     /// This member became primary: bring the addresses up and announce them.
     pub fn hold(&mut self, now_ms: u64) {
         self.held = true;
-        for (dev, addr) in &self.addrs {
-            match ip_addr("replace", dev, *addr) {
-                Ok(()) => tracing::info!("FGCP: shared address {addr}/32 up on {dev}"),
-                Err(e) => tracing::error!("FGCP: shared address {addr}/32 on {dev}: {e}"),
+        for (dev, addr, len) in &self.addrs {
+            match ip_addr("replace", dev, *addr, *len) {
+                Ok(()) => tracing::info!("FGCP: shared address {addr}/{len} up on {dev}"),
+                Err(e) => tracing::error!("FGCP: shared address {addr}/{len} on {dev}: {e}"),
             }
         }
         self.due = GARP_AT_MS
@@ -135,10 +162,10 @@ impl SharedAddrs {
     pub fn release(&mut self) {
         self.held = false;
         self.due.clear();
-        for (dev, addr) in &self.addrs {
-            match ip_addr("del", dev, *addr) {
-                Ok(()) => tracing::info!("FGCP: shared address {addr}/32 removed from {dev}"),
-                Err(e) => tracing::debug!("FGCP: removing {addr}/32 from {dev}: {e}"),
+        for (dev, addr, len) in &self.addrs {
+            match ip_addr("del", dev, *addr, *len) {
+                Ok(()) => tracing::info!("FGCP: shared address {addr}/{len} removed from {dev}"),
+                Err(e) => tracing::debug!("FGCP: removing {addr}/{len} from {dev}: {e}"),
             }
         }
     }
@@ -149,7 +176,7 @@ impl SharedAddrs {
             return;
         }
         self.due.retain(|t| *t > now_ms);
-        for (dev, addr) in &self.addrs {
+        for (dev, addr, _) in &self.addrs {
             match announce(dev, *addr) {
                 Ok(()) => {
                     metrics::counter!("hasyncd_gratuitous_arps_total").increment(1);
@@ -266,7 +293,36 @@ mod tests {
         config.phase1.push(p);
         assert_eq!(
             from_config(&config),
-            vec![("port2".to_string(), Ipv4Addr::new(192, 168, 129, 254))]
+            vec![("port2".to_string(), Ipv4Addr::new(192, 168, 129, 254), 32)]
+        );
+    }
+
+    /// Seed 001's table: port2, port3 and port5 addresses are the pair's; the hbdev's and
+    /// the loopback's are not held as interface addresses.
+    #[test]
+    fn interface_addresses_become_shared_addresses_except_hbdev_and_loopback() {
+        let text = "config system ha\n    set group-id 1\n    set mode a-p\n    set password x\n    \
+                    set hbdev \"port4\" 50\nend\n\
+                    config system interface\n\
+                    \x20   edit \"port5\"\n        set ip 172.31.2.1 255.255.255.0\n    next\n\
+                    \x20   edit \"port3\"\n        set ip 172.31.129.254/24\n    next\n\
+                    \x20   edit \"port4\"\n        set ip 169.254.0.1 255.255.255.0\n    next\n\
+                    \x20   edit \"lb1\"\n        set type loopback\n        set ip 192.168.202.35 255.255.255.255\n    next\n\
+                    \x20   edit \"port6\"\n    next\n\
+                    end\n";
+        let config = haven_config::parse(text).unwrap().config;
+        assert_eq!(
+            from_config(&config),
+            vec![
+                ("port3".to_string(), Ipv4Addr::new(172, 31, 129, 254), 24),
+                ("port5".to_string(), Ipv4Addr::new(172, 31, 2, 1), 24),
+            ]
+        );
+        let mut v = SharedAddrs::default();
+        v.configure(from_config(&config), 0);
+        assert_eq!(
+            v.list(),
+            vec!["172.31.129.254/24 dev port3", "172.31.2.1/24 dev port5"]
         );
     }
 }

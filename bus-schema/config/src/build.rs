@@ -584,6 +584,7 @@ struct State {
     mk: Vec<MkPos>,
     mk_names: BTreeMap<String, Pos>,
     route_ids: BTreeMap<u32, Pos>,
+    if_names: BTreeMap<String, Pos>,
 }
 
 fn edit_label(table: &str, e: &Edit) -> String {
@@ -1807,6 +1808,77 @@ fn build_route(ctx: &mut Ctx, e: &Edit, table: &str, seq_num: u32) -> Route {
     r
 }
 
+/// `ADDRESS MASK` or `ADDRESS/LENGTH`, host bits kept (an interface address).
+fn parse_if_addr(values: &[Tok]) -> Result<(Ipv4Addr, u8), &Tok> {
+    match values {
+        [one] => {
+            let (a, l) = one.text.split_once('/').ok_or(one)?;
+            let len = parse_uint(l)
+                .filter(|v| *v <= 32)
+                .and_then(|v| u8::try_from(v).ok());
+            match (parse_ipv4(a), len) {
+                (Some(a), Some(l)) => Ok((a, l)),
+                _ => Err(one),
+            }
+        }
+        [a, m] => {
+            let addr = parse_ipv4(&a.text).ok_or(a)?;
+            let mask = parse_ipv4(&m.text).map(u32::from).ok_or(m)?;
+            let l = u8::try_from(mask.leading_ones()).map_err(|_| m)?;
+            if prefix_mask(l) != mask {
+                return Err(m);
+            }
+            Ok((addr, l))
+        }
+        [_, _, extra, ..] => Err(extra),
+        // An empty `set ip` is a syntax error reported by the syntax layer; treat as unset.
+        [] => Ok((Ipv4Addr::UNSPECIFIED, 0)),
+    }
+}
+
+/// One `config system interface` entry. FortiOS interfaces have hundreds of keys: Haven
+/// reads `ip` and `type` and accepts every other key and nested block with a warning
+/// (a full backup must load).
+fn build_interface(ctx: &mut Ctx, e: &Edit, table: &str) -> Interface {
+    let block = edit_label(table, e);
+    let mut i = Interface {
+        name: e.name.text.clone(),
+        ip: None,
+        loopback: false,
+    };
+    for item in &e.items {
+        match item {
+            Item::Set { key, values } if key.text == "ip" => match parse_if_addr(values) {
+                Ok((a, l)) => i.ip = (!a.is_unspecified()).then_some((a, l)),
+                Err(tok) => ctx.bad(tok, &block, "ip", "ADDRESS MASK or ADDRESS/LENGTH"),
+            },
+            Item::Unset { key } if key.text == "ip" => i.ip = None,
+            Item::Set { key, values } if key.text == "type" => match values.as_slice() {
+                [v] => i.loopback = v.text == "loopback",
+                [_, extra, ..] => ctx.bad(extra, &block, "type", "one interface type"),
+                [] => {}
+            },
+            Item::Unset { key } if key.text == "type" => i.loopback = false,
+            Item::Set { key, .. } | Item::Unset { key } => {
+                ctx.warn(key.pos, &block, &key.text, NOT_IMPLEMENTED);
+            }
+            Item::Config(b) => ctx.warn(
+                b.pos,
+                &block,
+                "",
+                format!(
+                    "nested block \"config {}\" is not implemented by Haven; ignored",
+                    b.path_string()
+                ),
+            ),
+            Item::Edit(x) => {
+                ctx.invalid(x.pos, &block, "expected set, unset or config, found edit")
+            }
+        }
+    }
+    i
+}
+
 fn top_block(ctx: &mut Ctx, st: &mut State, b: &Block) {
     let words: Vec<&str> = b.path.iter().map(|t| t.text.as_str()).collect();
     let path = b.path_string();
@@ -1873,6 +1945,16 @@ fn top_block(ctx: &mut Ctx, st: &mut State, b: &Block) {
                     st.config.manualkey.push(m);
                     st.mk.push(pos);
                 }
+            }
+        }
+        ["system", "interface"] => {
+            let table = "config system interface";
+            for e in table_edits(ctx, table, &b.items) {
+                if !first_edit(ctx, &mut st.if_names, &e.name.text, e, table) {
+                    continue;
+                }
+                let i = build_interface(ctx, e, table);
+                st.config.interfaces.push(i);
             }
         }
         ["router", "static"] => {

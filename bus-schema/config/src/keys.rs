@@ -597,6 +597,7 @@ pub(crate) const ROUTER: &[&str] = &[
 pub(crate) const OURS: &[&str] = &[
     "system ha",
     "system standalone-cluster",
+    "system interface",
     "vpn ipsec phase1-interface",
     "vpn ipsec phase2-interface",
     "vpn ipsec manualkey-interface",

@@ -11,7 +11,9 @@
 //!   `config vpn ipsec phase2-interface`, `config vpn ipsec
 //!   manualkey-interface` and `config router static` into [`Config`],
 //!   applying FortiOS defaults to keys that are not set (each default is
-//!   documented on its field).
+//!   documented on its field). `config system interface` is read leniently:
+//!   `ip` and `type` of each entry ([`Interface`]), every other key and
+//!   nested block accepted with a warning.
 //! - Manual-key tunnels ([`ManualKey`]): ESP with fixed SPIs and hex keys,
 //!   no IKE. Haven implements AES-CBC with HMAC-SHA1/256/512 and, as
 //!   extensions FortiOS does not have, AES-GCM and ChaCha20-Poly1305

@@ -35,9 +35,16 @@ pub struct Config {
     pub manualkey: Vec<ManualKey>,
     /// Haven-specific settings FortiOS has no key for.
     pub haven: HavenSettings,
+    /// `config system interface` entries (the keys Haven reads), in file order.
+    pub interfaces: Vec<Interface>,
 }
 
 impl Config {
+    /// The `config system interface` entry named `name`.
+    pub fn interface(&self, name: &str) -> Option<&Interface> {
+        self.interfaces.iter().find(|i| i.name == name)
+    }
+
     /// The phase1 named `name`.
     pub fn phase1(&self, name: &str) -> Option<&Phase1> {
         self.phase1.iter().find(|p| p.name == name)
@@ -71,6 +78,21 @@ impl Config {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Default)]
 #[non_exhaustive]
 pub struct HavenSettings {}
+
+/// A `config system interface` entry: only `ip` and `type` are read (every other
+/// FortiOS interface key is accepted with a warning). On an FGCP member hasyncd holds
+/// these addresses on the primary only (the cluster's shared interface addresses,
+/// seed 001's table); elsewhere Haven leaves interfaces to the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    /// The edit name: the interface, e.g. `port5`.
+    pub name: String,
+    /// `set ip ADDRESS MASK` (or `ADDRESS/LENGTH`): the address (host bits kept) and
+    /// its prefix length. None when unset or `0.0.0.0 0.0.0.0` (FortiOS's default).
+    pub ip: Option<(Ipv4Addr, u8)>,
+    /// `set type loopback`.
+    pub loopback: bool,
+}
 
 /// `config system ha` `set mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

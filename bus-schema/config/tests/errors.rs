@@ -465,10 +465,18 @@ fn full_backup_shape_loads_with_warnings() {
         ignored,
         vec![
             "config system global",
-            "config system interface",
+            "config system interface, edit \"port2\"",
             "config vpn certificate local"
         ]
     );
+    // config system interface is read: ip kept with its host bits, the rest warned.
+    let port2 = p.config.interface("port2").unwrap();
+    assert_eq!(port2.ip, Some(("192.168.125.254".parse().unwrap(), 24)));
+    assert!(!port2.loopback);
+    assert!(p
+        .warnings
+        .iter()
+        .any(|w| w.key == "allowaccess" && w.block.starts_with("config system interface")));
     // Positions after the multi-line string are still right.
     let first_p1_line = text
         .lines()
@@ -565,4 +573,38 @@ fn dpd_action_selects_clear_hold_or_restart() {
     }
     let e = one_error(&tunnel("        set dpd-action reboot\n", ""));
     assert!(e.to_string().contains("clear, hold, restart"), "{e}");
+}
+
+/// `config system interface`: `ip` in both forms (host bits kept), `type loopback`,
+/// `unset ip`, 0.0.0.0 as unset; a bad mask is an error; other keys are warnings.
+#[test]
+fn system_interface_addresses() {
+    let text = "config system interface\n\
+                \x20   edit \"port5\"\n        set ip 172.31.2.1 255.255.255.0\n        set mtu-override enable\n    next\n\
+                \x20   edit \"lb1\"\n        set type loopback\n        set ip 192.168.202.35/32\n    next\n\
+                \x20   edit \"port9\"\n        set ip 10.0.0.1 255.255.255.0\n        unset ip\n    next\n\
+                \x20   edit \"port4\"\n        set ip 0.0.0.0 0.0.0.0\n        config ipv6\n        end\n    next\n\
+                end\n";
+    let p = parse(text).unwrap();
+    let i = &p.config.interfaces;
+    assert_eq!(i.len(), 4);
+    assert_eq!(i[0].ip, Some(("172.31.2.1".parse().unwrap(), 24)));
+    assert_eq!(
+        (i[1].ip, i[1].loopback),
+        (Some(("192.168.202.35".parse().unwrap(), 32)), true)
+    );
+    assert_eq!(i[2].ip, None);
+    assert_eq!(i[3].ip, None);
+    assert!(p.warnings.iter().any(|w| w.key == "mtu-override"));
+    let e = parse(&text.replace(
+        "255.255.255.0\n        set mtu",
+        "255.0.255.0\n        set mtu",
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(&e.first().unwrap().kind, ErrorKind::BadValue { key, .. } if key == "ip"),
+        "{e}"
+    );
+    let e = parse(&text.replace("edit \"lb1\"", "edit \"port5\"")).unwrap_err();
+    assert!(e.to_string().contains("duplicate edit"), "{e}");
 }

@@ -99,6 +99,7 @@ fn seed_000_dc1_vm1() {
         routes: vec![],
         manualkey: vec![],
         haven: HavenSettings::default(),
+        interfaces: vec![],
     };
     assert_eq!(p.config, expected);
     // The seed's diagnose output: idle=60000ms retry=3.
@@ -172,6 +173,7 @@ fn seed_001_fgcp_over_fgsp_members() {
             routes: vec![],
             manualkey: vec![],
             haven: HavenSettings::default(),
+            interfaces: vec![],
         };
         assert_eq!(p.config, expected, "{file}");
         assert_eq!(
