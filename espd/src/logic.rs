@@ -15,8 +15,9 @@ use haven_config::Config;
 use haven_daemon::{diff_keyed, DaemonLogic, Outbox};
 use serde_json::{json, Value};
 
+use crate::datapath::lifestore::{monotonic_ns, LifeRecord, LifeStore};
 use crate::datapath::table::{Peer, Sa, DROP_LABELS, NUM_DROPS};
-use crate::datapath::Datapath;
+use crate::datapath::{Datapath, Resume};
 
 /// Ticks between two rounds of retries, tunnel records and metrics (once a second at the
 /// 200 ms tick); lifetimes are checked every tick.
@@ -27,10 +28,14 @@ const SLOW_EVERY: u64 = 5;
 /// It sends nothing meanwhile. Hard-expired and flushed SAs go at once.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Lifetime state of one installed SA, per direction.
+/// Lifetime state of one installed SA, per direction, and what of it is persisted.
 struct SaLife {
     inbound: Lifetime,
     outbound: Lifetime,
+    /// The SA's persisted record as last written (`None`: nothing written yet).
+    written: Option<LifeRecord>,
+    /// CLOCK_MONOTONIC ns when the SA was first installed.
+    installed_ns: u64,
 }
 
 pub struct Espd {
@@ -54,6 +59,9 @@ pub struct Espd {
     /// Removed by ikemgr after a rekey, still accepting inbound until the given time.
     lingering: BTreeMap<String, Instant>,
     lives: BTreeMap<String, SaLife>,
+    /// Persisted ages and counts of the SAs (`None` if the run-dir refused it: then an
+    /// espd restart counts lifetimes from zero, which is logged).
+    life_store: Option<LifeStore>,
     tunnels: BTreeMap<String, EspTunnelInfo>,
     activity_seen: BTreeMap<String, (u64, u64)>,
     seq_published: BTreeMap<String, u64>,
@@ -90,10 +98,43 @@ fn lifetime_config(info: &ChildSaInfo) -> esp_proto::LifetimeConfig {
     }
 }
 
+/// Writes `life`'s record with counts `rx`/`tx` (an error is logged once per SA: the SA
+/// then counts from zero after a restart).
+fn write_life(
+    store: Option<&LifeStore>,
+    tunnel: &str,
+    spi_in: u32,
+    life: &mut SaLife,
+    rx: esp_proto::Counters,
+    tx: esp_proto::Counters,
+) {
+    let Some(store) = store else { return };
+    let rec = LifeRecord {
+        boot: store.boot().to_string(),
+        installed_ns: life.installed_ns,
+        hard_secs: life.inbound.config().hard_time.map_or(0, |t| t.as_secs()),
+        rx,
+        tx,
+        soft_in: life.inbound.soft_reported(),
+        soft_out: life.outbound.soft_reported(),
+    };
+    match store.store(tunnel, spi_in, &rec) {
+        Ok(()) => life.written = Some(rec),
+        Err(e) => {
+            if life.written.is_none() {
+                tracing::error!("{tunnel}/{spi_in:08x}: cannot persist its age and counts: {e}");
+            }
+            // Not retried every tick after a failure with nothing written at all.
+            life.written.get_or_insert(rec);
+        }
+    }
+}
+
 impl Espd {
     /// A logic for `run_dir` with `workers` packet threads (the datapath starts with the
     /// configuration, or failing that with the first SA).
     pub fn with(run_dir: PathBuf, workers: usize) -> Espd {
+        let run_dir_for_life = run_dir.clone();
         Espd {
             run_dir,
             workers,
@@ -106,6 +147,16 @@ impl Espd {
             dead: BTreeSet::new(),
             lingering: BTreeMap::new(),
             lives: BTreeMap::new(),
+            life_store: match LifeStore::open(&run_dir_for_life) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(
+                        "{}/espd-life: {e}: SA ages and counts are not kept across a restart",
+                        run_dir_for_life.display()
+                    );
+                    None
+                }
+            },
             tunnels: BTreeMap::new(),
             activity_seen: BTreeMap::new(),
             seq_published: BTreeMap::new(),
@@ -203,6 +254,11 @@ impl Espd {
                     rx.packets, rx.bytes, tx.packets, tx.bytes
                 );
             }
+            if forget {
+                if let (Some(store), Some(i)) = (self.life_store.as_ref(), self.installed.get(&k)) {
+                    store.remove(&i.tunnel, i.spi_in);
+                }
+            }
             self.installed.remove(&k);
             self.lives.remove(&k);
             self.seq_published.remove(&k);
@@ -257,12 +313,40 @@ impl Espd {
                     continue;
                 }
             }
+            // An SA this espd (or the one before a restart) already carried goes on with its
+            // age, counts and reported soft limits.
+            let now_ns = monotonic_ns();
+            let record = self
+                .life_store
+                .as_ref()
+                .and_then(|s| s.load(&info.tunnel, info.spi_in))
+                .filter(|r| r.installed_ns <= now_ns);
+            let resume = match &record {
+                Some(r) => Resume {
+                    created: now
+                        .checked_sub(std::time::Duration::from_nanos(now_ns - r.installed_ns))
+                        .unwrap_or(now),
+                    rx: r.rx,
+                    tx: r.tx,
+                },
+                None => Resume::new(now),
+            };
             let Some(dp) = self.datapath() else {
                 self.failed.insert(k, "datapath down".into());
                 continue;
             };
-            match dp.install(&info, now) {
+            match dp.install(&info, &resume) {
                 Ok(()) => {
+                    if let Some(r) = &record {
+                        tracing::info!(
+                            "SA {k}: taken back at age {} s, in {} packets {} bytes, out {} packets {} bytes (persisted)",
+                            now.saturating_duration_since(resume.created).as_secs(),
+                            r.rx.packets,
+                            r.rx.bytes,
+                            r.tx.packets,
+                            r.tx.bytes
+                        );
+                    }
                     tracing::info!(
                         "SA {k} installed: {} in {:08x} out {:08x} {} -> {} {}",
                         info.transform,
@@ -276,13 +360,33 @@ impl Espd {
                         }
                     );
                     let cfg = lifetime_config(&info);
-                    self.lives.insert(
-                        k.clone(),
-                        SaLife {
-                            inbound: Lifetime::new(cfg, now),
-                            outbound: Lifetime::new(cfg, now),
-                        },
-                    );
+                    let installed_ns = record.as_ref().map_or(now_ns, |r| r.installed_ns);
+                    let mut life = SaLife {
+                        inbound: Lifetime::resume(
+                            cfg,
+                            resume.created,
+                            record.as_ref().is_some_and(|r| r.soft_in),
+                        ),
+                        outbound: Lifetime::resume(
+                            cfg,
+                            resume.created,
+                            record.as_ref().is_some_and(|r| r.soft_out),
+                        ),
+                        written: record,
+                        installed_ns,
+                    };
+                    if life.written.is_none() {
+                        // Its creation time, before the first packet.
+                        write_life(
+                            self.life_store.as_ref(),
+                            &info.tunnel,
+                            info.spi_in,
+                            &mut life,
+                            resume.rx,
+                            resume.tx,
+                        );
+                    }
+                    self.lives.insert(k.clone(), life);
                     self.failed.remove(&k);
                     self.installed.insert(k, info);
                 }
@@ -354,7 +458,10 @@ impl Espd {
         self.tunnels = desired;
     }
 
-    fn poll_lifetimes(&mut self, out: &mut Outbox) {
+    /// Reports lifetime events; persists each SA's counts when they changed (every tick for
+    /// an SA with a volume limit, on `slow` ticks for the others) and at once when a soft
+    /// limit was reported.
+    fn poll_lifetimes(&mut self, slow: bool, out: &mut Outbox) {
         let now = Instant::now();
         let Some(dp) = self.dp.as_ref() else { return };
         let mut hard = Vec::new();
@@ -386,6 +493,27 @@ impl Espd {
                     hard.push(k.clone());
                     break;
                 }
+            }
+            let (rx, tx) = (sa.rx.get(), sa.tx.get());
+            let due = match &life.written {
+                None => true,
+                Some(w) => {
+                    let volume = life.inbound.config().soft_bytes.is_some()
+                        || life.inbound.config().hard_bytes.is_some();
+                    w.soft_in != life.inbound.soft_reported()
+                        || w.soft_out != life.outbound.soft_reported()
+                        || ((slow || volume) && (w.rx != rx || w.tx != tx))
+                }
+            };
+            if due {
+                write_life(
+                    self.life_store.as_ref(),
+                    &sa.tunnel,
+                    sa.spi_in,
+                    life,
+                    rx,
+                    tx,
+                );
             }
         }
         for k in hard {
@@ -835,7 +963,7 @@ impl DaemonLogic for Espd {
         self.publish_activity(out);
         self.publish_acquires(out);
         // Every tick: a volume limit can be reached within a second at full rate.
-        self.poll_lifetimes(out);
+        self.poll_lifetimes((self.ticks + 1) % SLOW_EVERY == 0, out);
         self.ha.requests(self.dp.as_ref(), out);
         self.ticks += 1;
         if self.ticks % SLOW_EVERY != 0 {

@@ -108,3 +108,116 @@ fn kill_9_espd_under_ping_resumes_without_replay_drops() {
     let (sent, got) = pair.ping(5);
     assert!(sent == 5 && got >= 4, "{got}/{sent} after the restart");
 }
+
+/// `keylifekbs 5120` on gwa: soft at 7/8 of 5120 KiB (4 587 520 inner bytes per direction).
+const SOFT_BYTES: u64 = 5120 * 1024 - 5120 * 1024 / 8;
+
+/// `count` flood pings of 1400-byte IPv4 packets from the client to the server (1400
+/// inner bytes each way per answered ping); returns (sent, received).
+fn flood(pair: &Pair, count: u32) -> (u32, u32) {
+    let out = pair
+        .topo
+        .client
+        .exec(
+            "ping",
+            &[
+                "-n",
+                "-q",
+                "-f",
+                "-s",
+                "1372",
+                "-c",
+                &count.to_string(),
+                "-W",
+                "1",
+                SiteToSite::SERVER,
+            ],
+        )
+        .expect("flood ping");
+    espd_common::parse_ping(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// An IKE tunnel between two Haven gateways, gwa with `keylife-type both`, `keylifekbs
+/// 5120` (gwb's limits are far away, so only gwa's espd can start the rekey). About 2.8 MB
+/// go each way, below the soft limit; espd on gwa is killed with SIGKILL and restarted; its
+/// SA keeps its age and byte counts, and about 2 MB more (below the soft limit on their
+/// own, above it with what went before) make it report the soft volume limit, and ikemgr
+/// rekeys. With counts restarted from zero there would be no rekey.
+#[test]
+fn kill_9_espd_keeps_sa_age_and_byte_counts() {
+    let mut pair = Pair::ike(
+        "espd-restart-life",
+        "        set keylife-type both\n        set keylifeseconds 3600\n        set keylifekbs 5120\n",
+        "        set keylife-type kbs\n        set keylifekbs 4000000000\n",
+    );
+    pair.wait_ping();
+    let (sent, got) = flood(&pair, 2000);
+    assert!(got > 1900, "flood before the kill: {got}/{sent}");
+    // espd writes the counts down within a tick (200 ms).
+    std::thread::sleep(Duration::from_secs(1));
+    let before = pair.a.sa().expect("gwa SA");
+    let spi = before["dec"]["spi"].clone();
+    let (rx, tx) = (
+        before["dec_bytes"].as_u64().unwrap(),
+        before["enc_bytes"].as_u64().unwrap(),
+    );
+    let age = before["life"]["timeout"].as_u64().unwrap();
+    assert!(
+        rx < SOFT_BYTES && tx < SOFT_BYTES && rx > 2_500_000 && tx > 2_500_000,
+        "in {rx} out {tx} bytes before the kill"
+    );
+    assert!(
+        !pair.a.log("espd").contains("soft lifetime reached"),
+        "{}",
+        pair.a.log("espd")
+    );
+    // Let the SA age by a few seconds, so that an age counted from the restart shows.
+    std::thread::sleep(Duration::from_secs(3));
+    let age = age + 3;
+
+    pair.a
+        .espd
+        .as_mut()
+        .unwrap()
+        .kill_now()
+        .expect("kill -9 espd");
+    pair.a.start_espd();
+    let after = wait_for(
+        "SA back in the restarted espd",
+        Duration::from_secs(20),
+        || pair.a.sa().ok_or_else(|| pair.a.log("espd")),
+    );
+    assert_eq!(after["dec"]["spi"], spi, "the same SA came back");
+    assert!(
+        after["dec_bytes"].as_u64().unwrap() >= rx && after["enc_bytes"].as_u64().unwrap() >= tx,
+        "byte counts restarted: before the kill in {rx} out {tx}, after {}",
+        serde_json::to_string_pretty(&after).unwrap()
+    );
+    assert!(
+        after["life"]["timeout"].as_u64().unwrap() >= age,
+        "age restarted: {age} s before the kill, {} after",
+        after["life"]["timeout"]
+    );
+
+    // 1400 more pings: about 1.96 MB each way, the soft limit only with the earlier bytes.
+    let (sent, got) = flood(&pair, 1400);
+    assert!(got > 1300, "flood after the restart: {got}/{sent}");
+    wait_for(
+        "soft volume limit reported by the restarted espd and a rekey",
+        Duration::from_secs(20),
+        || {
+            let log = pair.a.log("espd");
+            let ike = pair.a.log("ikemgr");
+            (log.contains("soft lifetime reached (bytes)") && ike.contains(", replaces "))
+                .then_some(())
+                .ok_or_else(|| {
+                    format!(
+                        "espd:\n{log}\nikemgr:\n{ike}\n{}",
+                        serde_json::to_string_pretty(&pair.a.sa().unwrap_or_default()).unwrap()
+                    )
+                })
+        },
+    );
+    let (sent, got) = pair.ping(5);
+    assert!(sent == 5 && got >= 4, "{got}/{sent} after the rekey");
+}

@@ -76,6 +76,20 @@ impl Lifetime {
         }
     }
 
+    /// An SA that has existed since `created` and whose soft limit was already reported if
+    /// `soft_reported` (a datapath that restarted and took its state back): the soft event
+    /// is not reported again, the hard one still is.
+    pub fn resume(cfg: LifetimeConfig, created: Instant, soft_reported: bool) -> Self {
+        let mut l = Lifetime::new(cfg, created);
+        l.soft_reported = soft_reported;
+        l
+    }
+
+    /// Whether the soft (or the hard) event was reported.
+    pub fn soft_reported(&self) -> bool {
+        self.soft_reported
+    }
+
     /// The limits.
     pub fn config(&self) -> &LifetimeConfig {
         &self.cfg
@@ -206,6 +220,35 @@ mod tests {
             None
         );
         assert_eq!(l.next_deadline(), None);
+    }
+
+    #[test]
+    fn resumed_lifetime_keeps_age_and_soft_state() {
+        let t0 = Instant::now();
+        let cfg = LifetimeConfig {
+            soft_bytes: Some(1000),
+            hard_bytes: Some(2000),
+            hard_time: Some(Duration::from_secs(20)),
+            ..Default::default()
+        };
+        let c = Counters {
+            packets: 9,
+            bytes: 1500,
+        };
+        let mut fresh = Lifetime::resume(cfg, t0, false);
+        assert!(!fresh.soft_reported());
+        assert_eq!(
+            fresh.poll(&c, t0, (false, false)),
+            Some(LifetimeEvent::Soft(LimitKind::Bytes))
+        );
+        assert!(fresh.soft_reported());
+        let mut l = Lifetime::resume(cfg, t0, true);
+        assert_eq!(l.created(), t0);
+        assert_eq!(l.poll(&c, t0, (false, false)), None);
+        assert_eq!(
+            l.poll(&c, t0 + Duration::from_secs(20), (false, false)),
+            Some(LifetimeEvent::Hard(LimitKind::Time))
+        );
     }
 
     #[test]

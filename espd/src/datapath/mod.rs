@@ -5,13 +5,15 @@
 //! - [`sockets`]: raw ESP, UDP/4500, the IKE hand-off unix sockets, batched IO;
 //! - [`table`]: the read-mostly SA table (inbound by SPI, outbound by longest prefix);
 //! - [`worker`]: the packet loops, one thread per core;
-//! - [`seqstore`]: outbound sequence-number marks persisted before use.
+//! - [`seqstore`]: outbound sequence-number marks persisted before use;
+//! - [`lifestore`]: per-SA age and counts persisted for a restart (written by the control side).
 //!
 //! Threads: `workers` packet threads, one housekeeping thread that extends sequence-number
 //! leases (persisting the mark first) every [`HOUSEKEEPING`], and one thread relaying IKE
 //! messages from ikemgr out of UDP/4500. The control side (the daemon's actor) installs and
 //! removes SAs; each change builds a new [`table::Table`] and swaps it in.
 
+pub mod lifestore;
 pub mod offload;
 pub mod seqstore;
 pub mod sockets;
@@ -140,6 +142,29 @@ impl Shared {
     }
 }
 
+/// Where an SA being installed starts: when it was created and what it carried before
+/// (see [`lifestore`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Resume {
+    /// When the SA was first installed (its age counts from here).
+    pub created: Instant,
+    /// Inbound counts carried before.
+    pub rx: esp_proto::Counters,
+    /// Outbound counts carried before.
+    pub tx: esp_proto::Counters,
+}
+
+impl Resume {
+    /// A new SA, created at `now`.
+    pub fn new(now: Instant) -> Resume {
+        Resume {
+            created: now,
+            rx: Default::default(),
+            tx: Default::default(),
+        }
+    }
+}
+
 /// The running datapath.
 pub struct Datapath {
     shared: Arc<Shared>,
@@ -243,11 +268,12 @@ impl Datapath {
         *self.shared.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(t);
     }
 
-    /// Installs (or replaces) a CHILD SA pair. An SA that only changed its `outbound` flag
-    /// keeps its state (counters, sequence numbers, replay window).
-    pub fn install(&mut self, info: &ChildSaInfo, now: Instant) -> Result<(), DatapathError> {
+    /// Installs (or replaces) a CHILD SA pair, created at `resume.created` and having
+    /// carried `resume`'s counts already (a restarted espd taking its SAs back; zero and
+    /// now for a new SA).
+    pub fn install(&mut self, info: &ChildSaInfo, resume: &Resume) -> Result<(), DatapathError> {
         let key = ChildSaInfo::key_of(&info.tunnel, info.spi_in);
-        let sa = self.build_sa(&key, info, now)?;
+        let sa = self.build_sa(&key, info, resume)?;
         self.sas.insert(key, Arc::new(sa));
         self.publish();
         Ok(())
@@ -343,8 +369,9 @@ impl Datapath {
         &mut self,
         key: &str,
         info: &ChildSaInfo,
-        now: Instant,
+        resume: &Resume,
     ) -> Result<Sa, DatapathError> {
+        let now = resume.created;
         let bad = |reason: &str| DatapathError::BadSa {
             key: key.to_string(),
             reason: reason.to_string(),
@@ -463,8 +490,8 @@ impl Datapath {
                         .saturating_add(s.saturating_mul(1_000_000_000))
                 })
                 .unwrap_or(u64::MAX),
-            rx: DirCounters::default(),
-            tx: DirCounters::default(),
+            rx: DirCounters::starting_at(resume.rx),
+            tx: DirCounters::starting_at(resume.tx),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             ha_hw: AtomicU64::new(ha_hw),
             local_ip: match info.local.parse::<IpAddr>() {

@@ -206,6 +206,15 @@ pub struct DirCounters {
 }
 
 impl DirCounters {
+    /// Counters that start at `c` (an SA taken back after a restart).
+    pub fn starting_at(c: esp_proto::Counters) -> DirCounters {
+        DirCounters {
+            packets: AtomicU64::new(c.packets),
+            bytes: AtomicU64::new(c.bytes),
+            last_ns: AtomicU64::new(0),
+        }
+    }
+
     #[inline]
     pub fn add(&self, bytes: usize, now_ns: u64) {
         self.packets.fetch_add(1, Ordering::Relaxed);

@@ -48,6 +48,41 @@ pub fn config(
     )
 }
 
+/// The IKEv2 (PSK, AES-GCM) configuration of one side of `vpn1` between two Haven
+/// gateways: static to `remote`, only answering with `passive` (so that one side
+/// initiates), phase2 `src`/`dst` with `p2_extra` lines added.
+pub fn ike_config(remote: &str, passive: bool, src: &str, dst: &str, p2_extra: &str) -> String {
+    format!(
+        "config vpn ipsec phase1-interface
+    edit \"{TUNNEL}\"
+        set type static
+        set remote-gw {remote}
+        set interface \"out0\"
+        set ike-version 2
+        set proposal aes128gcm-prfsha256
+        set dhgrp 19
+        set dpd disable
+        set psksecret \"haven-espd-pair-psk-0123456789\"
+{}    next
+end
+config vpn ipsec phase2-interface
+    edit \"{TUNNEL}\"
+        set phase1name \"{TUNNEL}\"
+        set proposal aes128gcm
+        set pfs disable
+        set src-subnet {src}
+        set dst-subnet {dst}
+{p2_extra}    next
+end
+",
+        if passive {
+            "        set passive-mode enable\n"
+        } else {
+            ""
+        }
+    )
+}
+
 impl Gw {
     pub fn new(ns: &Netns, label: &str, conf_text: &str, lan_remote: &'static str) -> Gw {
         let dir = ScratchDir::new(label).expect("scratch dir");
@@ -202,6 +237,35 @@ impl Pair {
         let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, SiteToSite::LAN_B);
         let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, SiteToSite::LAN_A);
         for g in [&mut a, &mut b] {
+            g.start_ikemgr();
+            g.start_espd();
+        }
+        a.wait_tunnel();
+        b.wait_tunnel();
+        Pair { topo, a, b }
+    }
+
+    /// Two gateways with an IKEv2 tunnel `vpn1` over raw ESP: gwa initiates, gwb only
+    /// answers; `p2_a` and `p2_b` are extra phase2 lines of each side.
+    pub fn ike(label: &str, p2_a: &str, p2_b: &str) -> Pair {
+        let topo = SiteToSite::new(label).expect("topology");
+        let ca = ike_config(
+            SiteToSite::GWB_OUTER,
+            false,
+            SiteToSite::LAN_A,
+            SiteToSite::LAN_B,
+            p2_a,
+        );
+        let cb = ike_config(
+            SiteToSite::GWA_OUTER,
+            true,
+            SiteToSite::LAN_B,
+            SiteToSite::LAN_A,
+            p2_b,
+        );
+        let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, SiteToSite::LAN_B);
+        let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, SiteToSite::LAN_A);
+        for g in [&mut b, &mut a] {
             g.start_ikemgr();
             g.start_espd();
         }
