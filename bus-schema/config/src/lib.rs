@@ -60,6 +60,7 @@
 mod build;
 mod diag;
 mod keys;
+pub mod member;
 mod model;
 mod secret;
 mod syntax;
