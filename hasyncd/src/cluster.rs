@@ -126,6 +126,9 @@ pub struct Cluster {
     lag: crate::lag::SyncLag,
     /// Snapshot transfers to and from members that join ([`snapshot`]).
     snap: snapshot::Snapshots,
+    /// Configuration sync messages received over the FGCP link, for the daemon's
+    /// `cfgsync` (drained by it).
+    config_inbox: Vec<(MemberId, Message)>,
     /// The configuration blocks the links were started from.
     started_from: (
         Option<haven_config::Ha>,
@@ -346,6 +349,7 @@ impl Cluster {
             demotions: Vec::new(),
             roles_dirty: true,
             started_from: (config.ha.clone(), config.standalone.clone()),
+            config_inbox: Vec::new(),
             lag: Default::default(),
             snap: snapshot::Snapshots::new(epoch(now_ms)),
         }
@@ -405,6 +409,42 @@ impl Cluster {
     /// The FGCP role, or `None` without an FGCP link.
     pub fn fgcp_role(&self) -> Option<HaRole> {
         self.fgcp.as_ref().map(|s| s.fgcp.role())
+    }
+
+    /// The member this one takes for FGCP primary (itself included), if any.
+    pub fn fgcp_primary(&self) -> Option<MemberId> {
+        self.fgcp.as_ref().and_then(|s| s.fgcp.primary())
+    }
+
+    /// This member's FGCP id and serial.
+    pub fn fgcp_me(&self) -> Option<(MemberId, String)> {
+        self.fgcp
+            .as_ref()
+            .map(|s| (s.fgcp.config().me, s.fgcp.config().serial.clone()))
+    }
+
+    /// Configuration sync messages received since the last call.
+    pub fn take_config_messages(&mut self) -> Vec<(MemberId, Message)> {
+        std::mem::take(&mut self.config_inbox)
+    }
+
+    /// Sends `msg` to every FGCP member (the heartbeat broadcast).
+    pub fn broadcast_fgcp(&mut self, msg: &Message) {
+        let Some(side) = self.fgcp.as_mut() else {
+            return;
+        };
+        match side.link.seal(msg) {
+            Ok(d) => match side.sock.send_to(&d, side.dest) {
+                Ok(()) => count_sent("fgcp", d.len()),
+                Err(e) => tracing::debug!("send on {}: {e}", side.hbdev),
+            },
+            Err(e) => tracing::error!("seal: {e}"),
+        }
+    }
+
+    /// Sends `msg` to one FGCP member, where it was last heard from.
+    pub fn send_fgcp_to(&mut self, to: MemberId, msg: &Message) {
+        self.send_to_member("fgcp", to, msg);
     }
 
     /// Runs the links up to `now_ms`.
@@ -548,6 +588,19 @@ impl Cluster {
             }
         }
         for (from, link, epoch, counter, msg) in received {
+            if matches!(
+                msg,
+                Message::ConfigStatus(_) | Message::ConfigRequest(_) | Message::ConfigChunk(_)
+            ) {
+                // Configuration sync is FGCP's (the daemon's `cfgsync`); FGSP peers keep
+                // their own configuration and never send these.
+                if link == "fgcp" {
+                    self.config_inbox.push((from, msg));
+                } else {
+                    count_drop(link, "config_over_fgsp");
+                }
+                continue;
+            }
             self.lag.applied(link, from, now_ms);
             self.receive(from, link, epoch, counter, msg, now_ms);
         }
@@ -1590,7 +1643,12 @@ fn msg_tunnel(msg: &Message) -> Option<&str> {
         Message::SeqLease(l) => Some(&l.tunnel),
         Message::SeqLeaseAck(a) => Some(&a.tunnel),
         Message::Ownership(c) => Some(&c.tunnel),
-        Message::Heartbeat(_) | Message::SnapshotRequest(_) | Message::SnapshotChunk(_) => None,
+        Message::Heartbeat(_)
+        | Message::SnapshotRequest(_)
+        | Message::SnapshotChunk(_)
+        | Message::ConfigStatus(_)
+        | Message::ConfigRequest(_)
+        | Message::ConfigChunk(_) => None,
     }
 }
 
@@ -1809,6 +1867,9 @@ impl FgspSide {
                             Message::Heartbeat(_)
                                 | Message::SnapshotChunk(_)
                                 | Message::SnapshotRequest(_)
+                                | Message::ConfigStatus(_)
+                                | Message::ConfigRequest(_)
+                                | Message::ConfigChunk(_)
                         ) {
                             p.sync_recv += 1;
                         }

@@ -17,7 +17,10 @@
 //! live member acknowledged); when this member becomes primary it takes every tunnel over
 //! (`ha.takeover` to ikemgr, with each outbound SA's start at the last acknowledged lease)
 //! and holds the shared addresses ([`vip`]). See README.md.
-//! Views: `ha-status`, `standalone-peers`, `roles`, `member`, `replicas`.
+//! Views: `ha-status`, `checksum`, `standalone-peers`, `roles`, `member`, `replicas`.
+//!
+//! FGCP configuration sync ([`cfgsync`]): the primary's configuration reaches the
+//! secondaries over the FGCP link, but for haven-config's per-member keys.
 //!
 //! FGSP alone (no FGCP link): the same tunnel table runs per tunnel over the FGSP link
 //! (phase1s with `fgsp-sync enable`): the member that established a tunnel owns it, the
@@ -32,6 +35,7 @@
 //! over the link (a rejoining member gets one datagram per SA, unpaced), a persisted link
 //! epoch (the epoch is the wall clock in ms at each start).
 
+mod cfgsync;
 mod cluster;
 mod io;
 mod lag;
@@ -79,6 +83,8 @@ struct Hasyncd {
     /// (command `ike-restore`).
     own_ike: BTreeMap<String, IkeSaRecord>,
     own_children: BTreeMap<String, ChildSaInfo>,
+    /// FGCP configuration sync (primary to secondaries).
+    cfgsync: cfgsync::ConfigSync,
 }
 
 /// How often an unconfirmed takeover is announced again, and for how long.
@@ -218,9 +224,10 @@ impl DaemonLogic for Hasyncd {
     /// smallest FortiOS `hb-interval` (100 ms; 10 ms ticks are not met to the tick).
     const TICK_MS: u64 = 20;
 
-    fn new(_config: &Config, _run_dir: &Path) -> Self {
+    fn new(_config: &Config, run_dir: &Path) -> Self {
         cluster::describe_metrics();
         lag::describe_metrics();
+        cfgsync::describe_metrics();
         Hasyncd {
             member: None,
             member_published: false,
@@ -236,10 +243,16 @@ impl DaemonLogic for Hasyncd {
             ike_spis: BTreeMap::new(),
             own_ike: BTreeMap::new(),
             own_children: BTreeMap::new(),
+            cfgsync: cfgsync::ConfigSync::new(run_dir),
         }
     }
 
+    fn set_config_path(&mut self, path: &Path) {
+        self.cfgsync.set_path(path);
+    }
+
     fn on_config(&mut self, config: &Config, out: &mut Outbox) {
+        self.cfgsync.on_config(config);
         let m = member_of(config);
         if self
             .member
@@ -361,6 +374,7 @@ impl DaemonLogic for Hasyncd {
             return;
         };
         let ch = cluster.drive(self.now_ms);
+        self.cfgsync.tick(cluster, self.now_ms);
         let role = cluster.fgcp_role();
         if ch.role_changed {
             match role {
@@ -488,13 +502,14 @@ impl Hasyncd {
                 }
                 Ok(v)
             }
+            "checksum" => Ok(self.cfgsync.view(self.cluster.as_ref(), self.now_ms)),
             "standalone-peers" => Ok(self
                 .cluster
                 .as_ref()
                 .map(Cluster::standalone_peers)
                 .unwrap_or_else(|| json!({ "configured": false, "peers": [] }))),
             other => Err(format!(
-                "unknown view {other:?}: hasyncd has: roles, member, ha-status, standalone-peers, replicas, standby-tunnels"
+                "unknown view {other:?}: hasyncd has: roles, member, ha-status, checksum, standalone-peers, replicas, standby-tunnels"
             )),
         }
     }

@@ -723,6 +723,9 @@ fn build_ha(ctx: &mut Ctx, b: &Block) -> Ha {
     if let Some(v) = f.words(ctx, "monitor", 35) {
         ha.monitor = v;
     }
+    if let Some(v) = f.flag(ctx, "sync-config") {
+        ha.sync_config = v;
+    }
     if ha.mode == HaMode::ActivePassive {
         if ha.hbdev.is_empty() && !f.has("hbdev") {
             ctx.invalid(

@@ -29,6 +29,7 @@ pub(crate) const HA: Spec = Spec {
         "hb-interval-in-milliseconds",
         "hb-lost-threshold",
         "monitor",
+        "sync-config",
     ],
     known: &[
         "arps",
@@ -97,7 +98,6 @@ pub(crate) const HA: Spec = Spec {
         "ssd-failover",
         "standalone-config-sync",
         "standalone-mgmt-vdom",
-        "sync-config",
         "sync-packet-balance",
         "unicast-gateway",
         "unicast-hb",

@@ -62,6 +62,7 @@
 mod build;
 mod diag;
 mod keys;
+pub mod member;
 mod model;
 mod secret;
 mod syntax;

@@ -149,6 +149,10 @@ pub struct Ha {
     pub hb_lost_threshold: u8,
     /// `monitor`: interfaces whose failure triggers a failover. Default empty.
     pub monitor: Vec<String>,
+    /// `sync-config`: take the FGCP primary's configuration (on a secondary)
+    /// and offer it (on the primary). Default enable. Per member: see
+    /// [`crate::member`].
+    pub sync_config: bool,
 }
 
 impl Ha {
@@ -173,6 +177,7 @@ impl Default for Ha {
             hb_tick_ms: HB_TICK_MS,
             hb_lost_threshold: 6,
             monitor: Vec::new(),
+            sync_config: true,
         }
     }
 }

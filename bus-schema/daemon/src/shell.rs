@@ -55,6 +55,10 @@ pub trait DaemonLogic: Sized + Unpin + 'static {
     fn new(config: &Config, run_dir: &Path) -> Self;
     /// Applies a (re)loaded, already validated configuration.
     fn on_config(&mut self, config: &Config, out: &mut Outbox);
+    /// The `--config` path, given once right after [`DaemonLogic::new`] (before the first
+    /// [`DaemonLogic::on_config`]): for a daemon that reads or writes the file's text
+    /// itself (hasyncd's configuration sync).
+    fn set_config_path(&mut self, _path: &Path) {}
     /// A followed daemon's state changed (an update or a snapshot was applied).
     fn on_replica(&mut self, _src: DaemonKind, _store: &StateStore, _out: &mut Outbox) {}
     /// A followed daemon published an event (a body that is not state: activity batches,
@@ -453,7 +457,8 @@ async fn start<L: DaemonLogic>(
 
     let boot = bus_schema::new_boot_id().map_err(|e| format!("boot id: {e}"))?;
     let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let logic = L::new(&config, &args.run_dir);
+    let mut logic = L::new(&config, &args.run_dir);
+    logic.set_config_path(&args.config);
     let core = Core {
         logic,
         out: out_tx,

@@ -725,7 +725,10 @@ impl TunnelTable {
             Message::Heartbeat(_)
             | Message::IkeSa(_)
             | Message::IkeMsgId(_)
-            | Message::SnapshotRequest(_) => {}
+            | Message::SnapshotRequest(_)
+            | Message::ConfigStatus(_)
+            | Message::ConfigRequest(_)
+            | Message::ConfigChunk(_) => {}
         }
     }
 

@@ -15,6 +15,8 @@
 //!   traffic or owner death, and outbound sequence leases with the stated no-replay bound.
 //!
 //! - [`liveness`]: FGSP peer up/lost tracking.
+//! - [`config_sync`]: FGCP configuration checksums and the transfer of the primary's
+//!   configuration text to a secondary.
 //!
 //! # How hasyncd drives it
 //! ```text
@@ -49,6 +51,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config_sync;
 pub mod election;
 mod error;
 pub mod fgsp;

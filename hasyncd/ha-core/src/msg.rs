@@ -361,6 +361,12 @@ pub enum Message {
     SnapshotRequest(SnapshotRequest),
     /// [`SnapshotChunk`].
     SnapshotChunk(SnapshotChunk),
+    /// [`crate::config_sync::ConfigStatus`].
+    ConfigStatus(crate::config_sync::ConfigStatus),
+    /// [`crate::config_sync::ConfigRequest`].
+    ConfigRequest(crate::config_sync::ConfigRequest),
+    /// [`crate::config_sync::ConfigChunk`].
+    ConfigChunk(crate::config_sync::ConfigChunk),
 }
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -398,6 +404,9 @@ impl Message {
             Message::Ownership(_) => MsgType::OWNERSHIP,
             Message::SnapshotRequest(_) => MsgType::SNAPSHOT_REQUEST,
             Message::SnapshotChunk(_) => MsgType::SNAPSHOT_CHUNK,
+            Message::ConfigStatus(_) => MsgType::CONFIG_STATUS,
+            Message::ConfigRequest(_) => MsgType::CONFIG_REQUEST,
+            Message::ConfigChunk(_) => MsgType::CONFIG_CHUNK,
         }
     }
 
@@ -414,6 +423,9 @@ impl Message {
             Message::Ownership(m) => enc(m),
             Message::SnapshotRequest(m) => enc(m),
             Message::SnapshotChunk(m) => enc(m),
+            Message::ConfigStatus(m) => enc(m),
+            Message::ConfigRequest(m) => enc(m),
+            Message::ConfigChunk(m) => enc(m),
         }
     }
 
@@ -431,6 +443,9 @@ impl Message {
             MsgType::OWNERSHIP => Message::Ownership(dec(body)?),
             MsgType::SNAPSHOT_REQUEST => Message::SnapshotRequest(dec(body)?),
             MsgType::SNAPSHOT_CHUNK => Message::SnapshotChunk(dec(body)?),
+            MsgType::CONFIG_STATUS => Message::ConfigStatus(dec(body)?),
+            MsgType::CONFIG_REQUEST => Message::ConfigRequest(dec(body)?),
+            MsgType::CONFIG_CHUNK => Message::ConfigChunk(dec(body)?),
             _ => return Err(DropReason::UnknownType),
         })
     }
@@ -655,6 +670,23 @@ pub(crate) mod tests {
                         seq_hw: 2,
                     }),
                 ],
+            }),
+            Message::ConfigStatus(crate::config_sync::ConfigStatus {
+                sync_config: true,
+                running: crate::config_sync::ConfigSums::compute("g", "r"),
+                file: None,
+                text_id: crate::config_sync::Digest16::of(b"text"),
+                text_len: 4,
+            }),
+            Message::ConfigRequest(crate::config_sync::ConfigRequest {
+                text_id: crate::config_sync::Digest16::of(b"text"),
+                offset: 0,
+            }),
+            Message::ConfigChunk(crate::config_sync::ConfigChunk {
+                text_id: crate::config_sync::Digest16::of(b"text"),
+                total: 4,
+                offset: 0,
+                data: KeyBytes(b"text".to_vec()),
             }),
         ]
     }

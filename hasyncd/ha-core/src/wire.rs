@@ -74,10 +74,16 @@ impl MsgType {
     pub const SNAPSHOT_CHUNK: MsgType = MsgType(9);
     /// [`crate::msg::IkeMsgIdSync`].
     pub const IKE_MSG_ID: MsgType = MsgType(10);
+    /// [`crate::config_sync::ConfigStatus`].
+    pub const CONFIG_STATUS: MsgType = MsgType(11);
+    /// [`crate::config_sync::ConfigRequest`].
+    pub const CONFIG_REQUEST: MsgType = MsgType(12);
+    /// [`crate::config_sync::ConfigChunk`].
+    pub const CONFIG_CHUNK: MsgType = MsgType(13);
 
     /// Whether this build has a body type for the code.
     pub fn is_known(self) -> bool {
-        (1..=10).contains(&self.0)
+        (1..=13).contains(&self.0)
     }
 }
 
