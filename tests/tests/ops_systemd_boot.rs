@@ -20,7 +20,7 @@
 //!   through it, the local-gw was announced by ARP;
 //! - each daemon, SIGKILLed in turn, is restarted by systemd (`NRestarts`, a new `MainPID`,
 //!   back on the bus), and the ping crosses the tunnel again afterwards;
-//! - `systemctl reload` sends SIGHUP (same MainPID, still active);
+//! - `systemctl reload haven-ikemgr` makes the same process reload /etc/haven/haven.conf;
 //! - `systemctl stop haven.target` stops all four and leaves no daemon process.
 //!
 //! Without `/lib/systemd/systemd` the test says so and returns (it is skipped); anything
@@ -446,10 +446,15 @@ fn the_units_run_restart_and_stop_under_a_real_systemd() {
     });
     ping_through(&line, &sb, "the ping crosses vpn1 after the restarts");
 
-    // reload = SIGHUP: same process, still active.
+    // reload = SIGHUP: the same process reads its configuration again.
     let pid = sb.prop("haven-ikemgr.service", "MainPID");
     sb.ok(&["systemctl", "reload", "haven-ikemgr.service"]);
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for("ikemgr reloaded its configuration", WAIT, || {
+        let j = sb.journal("ikemgr");
+        j.contains("configuration reloaded from /etc/haven/haven.conf")
+            .then_some(())
+            .ok_or_else(|| tail(&j, 20))
+    });
     assert_eq!(sb.prop("haven-ikemgr.service", "MainPID"), pid);
     assert_eq!(sb.prop("haven-ikemgr.service", "ActiveState"), "active");
     sb.ok(&["vpnctl", "status"]);
@@ -469,6 +474,12 @@ fn the_units_run_restart_and_stop_under_a_real_systemd() {
         st.status.code(),
         Some(3),
         "vpnctl status with no daemon: {st:?}"
+    );
+    let st = sb.run(&["vpnctl", "diagnose", "vpn", "tunnel", "list"]);
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        st.status.code() == Some(3) && err.contains("systemctl status haven-espd"),
+        "vpnctl with espd stopped: {st:?}"
     );
     println!("sandbox files: {}", sb.state.path().display());
     println!(
