@@ -21,6 +21,9 @@
 //! - each daemon, SIGKILLed in turn, is restarted by systemd (`NRestarts`, a new `MainPID`,
 //!   back on the bus), and the ping crosses the tunnel again afterwards;
 //! - `systemctl reload haven-ikemgr` makes the same process reload /etc/haven/haven.conf;
+//! - with a configuration that does not load, dpdmon is restarted until the start limit and
+//!   then left `failed` ("Start request repeated too quickly"); `reset-failed` + `start`
+//!   after the fix;
 //! - `systemctl stop haven.target` stops all four and leaves no daemon process.
 //!
 //! Without `/lib/systemd/systemd` the test says so and returns (it is skipped); anything
@@ -406,18 +409,15 @@ fn the_units_run_restart_and_stop_under_a_real_systemd() {
             "haven-{d} restarted before any kill:\n{j}"
         );
     }
-    println!(
-        "{}",
-        sb.text(&[
+    for d in DAEMONS {
+        let rating = sb.text(&[
             "systemd-analyze",
             "security",
             "--no-pager",
-            "haven-espd.service"
-        ])
-        .lines()
-        .last()
-        .unwrap_or_default()
-    );
+            &format!("haven-{d}.service"),
+        ]);
+        println!("{}", rating.lines().last().unwrap_or_default());
+    }
 
     // SIGKILL each daemon in turn: systemd starts it again (Restart=always, RestartSec=1).
     for d in DAEMONS {
@@ -459,6 +459,37 @@ fn the_units_run_restart_and_stop_under_a_real_systemd() {
     assert_eq!(sb.prop("haven-ikemgr.service", "ActiveState"), "active");
     sb.ok(&["vpnctl", "status"]);
 
+    // A configuration that does not load: the unit restarts dpdmon until the start limit
+    // (20 starts a minute), then leaves it failed instead of looping; the operator fixes the
+    // file and clears the failure.
+    sb.ok(&["cp", "/etc/haven/haven.conf", "/etc/haven/haven.conf.good"]);
+    sb.ok(&["sh", "-c", "echo 'config bogus' > /etc/haven/haven.conf"]);
+    sb.ok(&["systemctl", "restart", "haven-dpdmon.service"]);
+    wait_for("haven-dpdmon given up", Duration::from_secs(120), || {
+        let a = sb.prop("haven-dpdmon.service", "ActiveState");
+        let j = sb.journal("dpdmon");
+        if a == "failed" && j.contains("Start request repeated too quickly") {
+            Ok(())
+        } else {
+            Err(format!("{a}\n{}", tail(&j, 5)))
+        }
+    });
+    let j = sb.journal("dpdmon");
+    assert!(
+        j.contains("unknown block"),
+        "dpdmon says why:\n{}",
+        tail(&j, 10)
+    );
+    println!(
+        "haven-dpdmon with a broken configuration: {} restarts, then failed ({})",
+        sb.prop("haven-dpdmon.service", "NRestarts"),
+        sb.prop("haven-dpdmon.service", "Result")
+    );
+    sb.ok(&["mv", "/etc/haven/haven.conf.good", "/etc/haven/haven.conf"]);
+    sb.ok(&["systemctl", "reset-failed", "haven-dpdmon.service"]);
+    sb.ok(&["systemctl", "start", "haven-dpdmon.service"]);
+    wait_for("dpdmon back after the fix", WAIT, || sb.all_up());
+
     // Stop the target: all four stop, no daemon process is left.
     sb.ok(&["systemctl", "stop", "haven.target"]);
     for d in DAEMONS {
@@ -482,8 +513,4 @@ fn the_units_run_restart_and_stop_under_a_real_systemd() {
         "vpnctl with espd stopped: {st:?}"
     );
     println!("sandbox files: {}", sb.state.path().display());
-    println!(
-        "{}",
-        sb.text(&["journalctl", "-b", "-p", "warning", "--no-pager"])
-    );
 }
