@@ -159,6 +159,8 @@ impl Sandbox {
         let conf = state.path().join("haven.conf");
         std::fs::write(&conf, config).expect("config");
         let cg_name = format!("{}{}-{}", netns::PREFIX, std::process::id(), ns.label());
+        // A leftover of an earlier process with this pid (killed before its guards ran).
+        drop(CgroupDir(cgroup2_mount().join(&cg_name)));
         let cgroup = CgroupDir(cgroup2_mount().join(&cg_name));
         let log = std::fs::File::create(state.path().join("sandbox.log")).expect("log");
         let mut cmd = Command::new(workspace_root().join("ops/systemd/sandbox"));
