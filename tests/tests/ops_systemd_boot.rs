@@ -21,6 +21,7 @@
 //! - each daemon, SIGKILLed in turn, is restarted by systemd (`NRestarts`, a new `MainPID`,
 //!   back on the bus), and the ping crosses the tunnel again afterwards;
 //! - `systemctl reload haven-ikemgr` makes the same process reload /etc/haven/haven.conf;
+//!   `systemctl restart haven.target` restarts all four;
 //! - with a configuration that does not load, dpdmon is restarted until the start limit and
 //!   then left `failed` ("Start request repeated too quickly"); `reset-failed` + `start`
 //!   after the fix;
@@ -375,6 +376,16 @@ fn the_units_run_restart_and_stop_under_a_real_systemd() {
         "echo HAVEN_LOG_LEVEL=debug > /etc/default/haven",
     ]);
     sb.ok(&["systemctl", "enable", "--now", "haven.target"]);
+    // Enabled = started at boot with multi-user.target.
+    assert_eq!(
+        sb.ok(&["systemctl", "is-enabled", "haven.target"]).trim(),
+        "enabled"
+    );
+    let wants = sb.prop("multi-user.target", "Wants");
+    assert!(
+        wants.split_whitespace().any(|u| u == "haven.target"),
+        "{wants}"
+    );
     for d in DAEMONS {
         let u = format!("haven-{d}.service");
         wait_for(&format!("{u} active"), WAIT, || {
@@ -464,6 +475,28 @@ fn the_units_run_restart_and_stop_under_a_real_systemd() {
     assert_eq!(sb.prop("haven-ikemgr.service", "MainPID"), pid);
     assert_eq!(sb.prop("haven-ikemgr.service", "ActiveState"), "active");
     sb.ok(&["vpnctl", "status"]);
+
+    // `systemctl restart haven.target` restarts all four.
+    let pids: Vec<String> = DAEMONS
+        .iter()
+        .map(|d| sb.prop(&format!("haven-{d}.service"), "MainPID"))
+        .collect();
+    sb.ok(&["systemctl", "restart", "haven.target"]);
+    for (d, old) in DAEMONS.iter().zip(&pids) {
+        let u = format!("haven-{d}.service");
+        wait_for(&format!("{u} restarted with the target"), WAIT, || {
+            let pid = sb.prop(&u, "MainPID");
+            let state = sb.prop(&u, "ActiveState");
+            (state == "active" && &pid != old && pid != "0")
+                .then_some(())
+                .ok_or_else(|| format!("{state} MainPID={pid} (was {old})"))
+        });
+    }
+    wait_for(
+        "four daemons on the bus after the target's restart",
+        WAIT,
+        || sb.all_up(),
+    );
 
     // A configuration that does not load: the unit restarts dpdmon until the start limit
     // (20 starts a minute), then leaves it failed instead of looping; the operator fixes the
