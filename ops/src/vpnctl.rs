@@ -3,7 +3,9 @@
 //! Talks to each daemon's control socket in the run-dir (`<run-dir>/ctl/<daemon>.sock`).
 //! Every view prints a FortiOS-style text form by default and JSON with `--json`.
 //! Exit codes: 0 success, 1 the request failed or a check found errors, 2 usage error,
-//! 3 a daemon needed for the answer is not running.
+//! 3 a daemon needed for the answer is not running (the message says how to check and start
+//! it under systemd or supervisord). `status` exits 3 when any daemon is down; `config
+//! reload` exits 1 when a daemon refused the file, else 3 when one was not running.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,7 +19,14 @@ mod wireshark;
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
-#[command(name = "vpnctl", version, about = "Operate a Haven IPsec gateway")]
+#[command(
+    name = "vpnctl",
+    version,
+    about = "Operate a Haven IPsec gateway",
+    after_help = "Exit codes: 0 success; 1 the request failed (or a check found errors); 2 usage \
+                  error; 3 a daemon needed for the answer is not running (the message says how to \
+                  check and start it)."
+)]
 struct Cli {
     /// Run-dir of the daemons (their bus and control sockets).
     #[arg(long, global = true, default_value = "/run/haven", value_hint = ValueHint::DirPath)]
@@ -305,6 +314,17 @@ fn daemon_arg(s: &str) -> Result<DaemonKind, Failure> {
     }
 }
 
+/// What to do about a daemon that does not answer: where to look under either supervisor,
+/// and how to start it by hand.
+fn start_hint(kind: DaemonKind, run_dir: &Path) -> String {
+    let name = kind.name();
+    format!(
+        "check it with `systemctl status haven-{name}` (systemd) or `ops/haven-supervise status` \
+         (supervisord), or start it with `{name} --config FILE --run-dir {}`",
+        run_dir.display()
+    )
+}
+
 async fn call(cli: &Cli, kind: DaemonKind, req: CtlRequest) -> Result<CtlReply, Failure> {
     match ctl_call(
         &cli.run_dir,
@@ -316,13 +336,16 @@ async fn call(cli: &Cli, kind: DaemonKind, req: CtlRequest) -> Result<CtlReply, 
     {
         Ok(CtlReply::Error { message }) => Err(fail(1, format!("{}: {message}", kind.name()))),
         Ok(r) => Ok(r),
+        Err(e @ bus_schema::BusError::NotRunning { .. }) => {
+            Err(fail(3, format!("{e}: {}", start_hint(kind, &cli.run_dir))))
+        }
         Err(e) => Err(fail(
             3,
             format!(
-                "{} is not answering on {} ({e}); is it running? (supervisorctl status, or start it with --run-dir {})",
+                "{} is not answering on {} ({e}); is it running? {}",
                 kind.name(),
                 bus_schema::ctl_endpoint(&cli.run_dir, kind),
-                cli.run_dir.display()
+                start_hint(kind, &cli.run_dir)
             ),
         )),
     }
@@ -494,10 +517,19 @@ async fn status(cli: &Cli) -> Result<ExitCode, Failure> {
             }),
             Ok(other) => json!({"daemon": kind.name(), "state": "error",
                                 "error": format!("unexpected reply {other:?}")}),
-            Err(e) => json!({"daemon": kind.name(), "state": "down", "error": e.to_string()}),
+            Err(e) => json!({"daemon": kind.name(), "state": "down", "error": e.to_string(),
+                             "hint": start_hint(kind, &cli.run_dir)}),
         });
     }
     let all_up = rows.iter().all(|r| r["state"] == "up");
+    if !all_up && !cli.json {
+        eprintln!(
+            "vpnctl: start the daemons with `systemctl start haven.target` (systemd) or \
+             `ops/haven-supervise start` (supervisord); see why one stopped with \
+             `journalctl -u haven-DAEMON` or its log file (run-dir {})",
+            cli.run_dir.display()
+        );
+    }
     if cli.json {
         print_json(&Value::Array(rows));
     } else {
@@ -545,7 +577,8 @@ fn config_check(cli: &Cli, file: &Path) -> Result<ExitCode, Failure> {
 }
 
 async fn config_reload(cli: &Cli) -> Result<ExitCode, Failure> {
-    let mut failed = false;
+    // 1 if a daemon refused or answered oddly; else 3 if one was not running.
+    let mut failed = 0u8;
     let mut out = Vec::new();
     for kind in DaemonKind::DAEMONS {
         match call(cli, kind, CtlRequest::ReloadConfig).await {
@@ -553,11 +586,13 @@ async fn config_reload(cli: &Cli) -> Result<ExitCode, Failure> {
                 out.push(json!({"daemon": kind.name(), "reloaded": true, "warnings": warnings}))
             }
             Ok(other) => {
-                failed = true;
+                failed = 1;
                 out.push(json!({"daemon": kind.name(), "reloaded": false, "error": format!("unexpected reply {other:?}")}))
             }
             Err(e) => {
-                failed = true;
+                if failed != 1 {
+                    failed = e.code;
+                }
                 out.push(json!({"daemon": kind.name(), "reloaded": false, "error": e.message}))
             }
         }
@@ -581,11 +616,7 @@ async fn config_reload(cli: &Cli) -> Result<ExitCode, Failure> {
             }
         }
     }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(ExitCode::from(failed))
 }
 
 fn debug_selection_path(run_dir: &Path) -> PathBuf {
@@ -605,16 +636,23 @@ async fn diagnose_debug(cli: &Cli, cmd: &DiagDebugCmd) -> Result<ExitCode, Failu
                 return Err(fail(2, e));
             }
             sel.insert(kind.debug_app().to_string(), Value::String(level.clone()));
-            std::fs::write(&path, Value::Object(sel).to_string()).map_err(|e| {
+            let sel = Value::Object(sel);
+            std::fs::write(&path, sel.to_string()).map_err(|e| {
                 fail(
                     1,
                     format!("cannot save selection in {}: {e}", path.display()),
                 )
             })?;
+            if cli.json {
+                print_json(&json!({ "selection": sel }));
+            }
             Ok(ExitCode::SUCCESS)
         }
         DiagDebugCmd::Disable | DiagDebugCmd::Reset => {
             let _ = std::fs::remove_file(&path);
+            if cli.json {
+                print_json(&json!({ "selection": {} }));
+            }
             Ok(ExitCode::SUCCESS)
         }
         DiagDebugCmd::Enable => {

@@ -137,7 +137,7 @@ fn vpnctl_says_what_to_do_when_daemon_is_down() {
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("espd is not answering") && err.contains("is it running"),
+        err.contains("espd is not running") && err.contains("systemctl status haven-espd"),
         "{err}"
     );
     let out = vpnctl(&run, &["status"]);

@@ -5,8 +5,12 @@
 //!   and packets, DPD probes and a dead verdict, HA role and HA link messages);
 //! - every alert rule of `ops/prometheus/haven-alerts.yml` loads and evaluates, and its unit
 //!   tests (`haven-alerts.test.yml`, `promtool test rules`) pass;
+//! - every dashboard's `member` variable, asked as Grafana does
+//!   (`/api/v1/label/member/values?match[]=…`), lists this gateway's member;
 //! - every query of every panel of every dashboard in `ops/grafana/dashboards/` parses and
-//!   runs, the key panels return data, and every metric a query names is exported by the
+//!   runs, as an instant and as a range query, with `$member` as "All" (`.*`) and as each
+//!   member (only ever inside `member=~"$member"`, so a multi-value selection works); the key
+//!   panels return data both ways, and every metric a query names is exported by the
 //!   daemons (a renamed metric fails here), except the few series that only exist after an
 //!   event (a dead verdict, a failover, a forged HA datagram), which must still be
 //!   registered under that name in the daemons' sources;
@@ -147,6 +151,90 @@ fn query(ns: &Netns, expr: &str) -> Result<Vec<Value>, String> {
         return Err(format!("query {expr:?}: {v}"));
     }
     Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+}
+
+/// A range query over the last two minutes, as a Grafana time-series panel runs it; the
+/// `data.result` array.
+fn query_range(ns: &Netns, expr: &str) -> Result<Vec<Value>, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
+    let url = format!(
+        "{PROM}/api/v1/query_range?start={}&end={now}&step=5",
+        now.saturating_sub(120)
+    );
+    let body = curl(ns, &url, Some(expr))?;
+    let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+    if v["status"] != "success" {
+        return Err(format!("range query {expr:?}: {v}"));
+    }
+    Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+}
+
+/// What Grafana asks Prometheus for a `label_values(SELECTOR, LABEL)` variable:
+/// `/api/v1/label/LABEL/values?match[]=SELECTOR`; the values.
+fn label_values(ns: &Netns, definition: &str) -> Result<Vec<String>, String> {
+    let inner = definition
+        .strip_prefix("label_values(")
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or_else(|| format!("not a label_values() variable: {definition}"))?;
+    let (selector, label) = inner
+        .rsplit_once(',')
+        .ok_or_else(|| format!("label_values() without a label: {definition}"))?;
+    let out = ns
+        .exec(
+            "curl",
+            &[
+                "-sS",
+                "--fail",
+                "--max-time",
+                "5",
+                "-G",
+                &format!("{PROM}/api/v1/label/{}/values", label.trim()),
+                "--data-urlencode",
+                &format!("match[]={}", selector.trim()),
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+    let body = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+    Ok(v["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Every dashboard's template variables: (dashboard uid, name, `label_values(...)` query).
+fn dashboard_variables(dir: &Path) -> Vec<(String, String, String)> {
+    let mut vars = Vec::new();
+    for e in std::fs::read_dir(dir).expect("ops/grafana/dashboards") {
+        let p = e.expect("dir entry").path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let uid = v["uid"].as_str().unwrap_or("").to_string();
+        for t in v["templating"]["list"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            assert_eq!(
+                t["type"], "query",
+                "{uid}: variable {t} is not a query variable"
+            );
+            assert_eq!(t["datasource"]["uid"], "haven-prometheus", "{uid}: {t}");
+            let q = t["query"]["query"].as_str().unwrap_or("").to_string();
+            vars.push((uid.clone(), t["name"].as_str().unwrap_or("").to_string(), q));
+        }
+    }
+    vars.sort();
+    vars
 }
 
 /// The largest value of an instant query's result.
@@ -584,9 +672,62 @@ fn prometheus_scrapes_every_daemon_and_dashboards_query_real_series() {
     }
     assert!(nrules >= 9, "rules not loaded: {rules}");
 
-    // Every panel query runs; key panels return data.
+    // The `member` variable of every dashboard, as Grafana fills it: the label values of
+    // its selector, which must name this member.
+    let vars = dashboard_variables(&dash_dir);
+    assert!(vars.len() >= 5, "dashboard variables: {vars:?}");
+    let mut members = Vec::new();
+    for (uid, name, q) in &vars {
+        assert_eq!(
+            name, "member",
+            "{uid}: only the member variable is substituted here"
+        );
+        members = wait_for(
+            &format!("{uid}: values of ${name}"),
+            Duration::from_secs(30),
+            || {
+                let v = label_values(&ns, q)?;
+                if v.iter().any(|m| m == "gw1") {
+                    Ok(v)
+                } else {
+                    Err(format!("{q} gave {v:?}"))
+                }
+            },
+        );
+    }
+
+    // Every panel query runs, as an instant and as a range query, with `$member` = All
+    // (`.*`, the variables' allValue) and = this member; key panels return data with both.
     let panels = dashboard_panels(&dash_dir);
     for (uid, title, exprs) in &panels {
+        for e in exprs {
+            // Grafana joins a multi-value selection as a regex: only `=~` works for it.
+            let uses = e.matches("$member").count();
+            let as_regex = e.matches("member=~\"$member\"").count();
+            assert_eq!(
+                uses, as_regex,
+                "{uid}: {title}: $member outside member=~\"$member\": {e}"
+            );
+            for m in &members {
+                let one = substitute(e).replace("member=~\".*\"", &format!("member=~\"{m}\""));
+                query_range(&ns, &one).unwrap_or_else(|err| panic!("{uid}: {title}: {err}"));
+            }
+        }
+        if key_panels.iter().any(|(u, t)| u == uid && t == title) {
+            wait_for(
+                &format!("data for key panel {uid}: {title} with member=gw1"),
+                Duration::from_secs(30),
+                || {
+                    for e in exprs {
+                        let one = substitute(e).replace("member=~\".*\"", "member=~\"gw1\"");
+                        if !query_range(&ns, &one)?.is_empty() {
+                            return Ok(());
+                        }
+                    }
+                    Err(format!("no data for {exprs:?}"))
+                },
+            );
+        }
         let key = key_panels.iter().any(|(u, t)| u == uid && t == title);
         let what = format!("{uid}: {title}");
         let results: Vec<usize> = exprs

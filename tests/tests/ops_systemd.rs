@@ -5,10 +5,11 @@
 //! - each daemon runs with only the capabilities its unit grants (`CapabilityBoundingSet=`,
 //!   applied here with `setpriv --bounding-set … --nnp` to root, as systemd does) and still
 //!   gets its privileged resources: espd its TUN device and raw ESP socket, ikemgr UDP 500,
-//!   hasyncd its heartbeat socket bound to the hbdev, dpdmon nothing. espd with no capability
-//!   at all is refused its datapath (so the check can fail).
-//!   systemd's other hardening (syscall filter, read-only system, device policy) needs systemd
-//!   as PID 1 and is not exercised here.
+//!   hasyncd its heartbeat socket bound to the hbdev (dpdmon's CAP_NET_RAW is for tunnel
+//!   monitors, not configured here). espd with no capability at all is refused its datapath
+//!   (so the check can fail).
+//!   The units under a real systemd (syscall filter, address families, read-only system,
+//!   device policy, restarts, the target): `ops_systemd_boot.rs`.
 
 mod espd_common;
 
