@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::io::{hw_addr, LinkSocket, FGCP_PORT};
 
+mod resync;
 mod snapshot;
 
 /// FGSP heartbeat period: FortiOS's FGCP default (2 ticks of 100 ms); FGSP has no key.
@@ -47,6 +48,8 @@ struct FgcpSide {
     now_secondary: Vec<MemberId>,
     /// Where each member was last heard from (snapshots are sent there, unicast).
     addrs: BTreeMap<MemberId, SocketAddr>,
+    /// Link counters heard per member: lost sync datagrams ([`resync`]).
+    loss: resync::LossWatch,
 }
 
 /// One configured FGSP `cluster-peer`.
@@ -187,6 +190,11 @@ pub fn describe_metrics() {
     describe_gauge!(
         "hasyncd_role",
         "FGCP role of this member: 2 primary, 1 secondary, 0 hello, -1 no FGCP cluster."
+    );
+    describe_counter!(
+        "hasyncd_resyncs_total",
+        Unit::Count,
+        "Snapshots a secondary asked its primary for after sync datagrams were lost on the FGCP link."
     );
     describe_counter!(
         "hasyncd_failovers_total",
@@ -646,6 +654,7 @@ impl Cluster {
         if primary {
             self.reclaim_stale(now_ms);
         }
+        self.resync_lost(now_ms);
         // A member that (re)joined gets a snapshot of every IKE and CHILD SA this member
         // carries and of the tunnel table (windowed and acknowledged, see `snapshot`).
         if self.fgcp_role().is_none_or(|r| r == HaRole::Primary) {
@@ -1739,6 +1748,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         peer_roles: BTreeMap::new(),
         now_secondary: Vec::new(),
         addrs: BTreeMap::new(),
+        loss: Default::default(),
     })
 }
 
@@ -1797,6 +1807,7 @@ impl FgcpSide {
                 Err(reason) => count_drop("fgcp", reason.label()),
                 Ok(r) => {
                     count_received("fgcp", bytes.len());
+                    self.loss.heard(r.sender, r.epoch, r.counter, now_ms);
                     self.addrs.insert(r.sender, from);
                     if let Message::Heartbeat(hb) = &r.message {
                         let before = self.peer_roles.insert(r.sender, hb.role);

@@ -156,6 +156,8 @@ pub struct IkeManager {
     retry_at: BTreeMap<String, Instant>,
     /// Datagrams dropped, by reason (`ikemgr_drops_total`, ops/ATTACKS.md).
     drops: BTreeMap<&'static str, u64>,
+    /// Datagrams the driver could not send, by reason (`ikemgr_send_errors_total`).
+    send_errors: BTreeMap<&'static str, u64>,
     /// Static gateways the operator brought up (`execute vpn ipsec tunnel up`): initiated
     /// like `auto-negotiate enable` until `tunnel down`.
     wanted: std::collections::BTreeSet<String>,
@@ -565,6 +567,7 @@ impl IkeManager {
             retry_at: BTreeMap::new(),
             guard: None,
             drops: BTreeMap::new(),
+            send_errors: BTreeMap::new(),
             wanted: Default::default(),
             certs: CertStore::default(),
             ha: ha::HaState::default(),
@@ -913,6 +916,49 @@ impl IkeManager {
                 tracing::debug!("ike 0:{}: IKE_SA_INIT from {remote} refused: {e}", g.name)
             }
         }
+    }
+
+    /// The driver could not send `t` (`reason`: `unreachable` when the kernel has no route
+    /// to the peer, `refused` when a firewall refused it, else `other`). Counted. When `t`
+    /// was a half-open SA's IKE_SA_INIT response, that SA is dropped at once: the peer
+    /// never heard of it, and it would hold one of the source's half-open slots (RFC 7296
+    /// §2.6 limits, [`GuardConfig`]) until it expires, so that once the route is back the
+    /// peer's next attempts would still be refused for up to a minute. Returns whether an
+    /// SA was dropped.
+    pub fn send_failed(&mut self, now: Instant, t: &Transmit, reason: &'static str) -> bool {
+        *self.send_errors.entry(reason).or_insert(0) += 1;
+        let Some(hdr) = t.payload.get(..IKE_HEADER_LEN) else {
+            return false;
+        };
+        let exchange = hdr.get(18).copied().unwrap_or(0);
+        let flags = hdr.get(19).copied().unwrap_or(0);
+        if exchange != IKE_SA_INIT || flags & FLAG_RESPONSE == 0 {
+            return false;
+        }
+        let mut spi_r = [0u8; 8];
+        spi_r.copy_from_slice(hdr.get(8..16).unwrap_or(&[0; 8]));
+        let spi_r = u64::from_be_bytes(spi_r);
+        let Some(id) = (spi_r != 0).then(|| self.spi_owner(spi_r)).flatten() else {
+            return false;
+        };
+        let half_open = self
+            .sas
+            .get(&id)
+            .is_some_and(|e| e.half_open.is_some() && e.info.is_none());
+        if !half_open {
+            return false;
+        }
+        tracing::info!(
+            "ike 0: IKE_SA_INIT response to {} not sent ({reason}): half-open IKE SA dropped",
+            t.destination
+        );
+        self.flush(id, now, "response not sent");
+        true
+    }
+
+    /// Datagrams the driver could not send, by reason (`ikemgr_send_errors_total`).
+    pub fn send_errors(&self) -> &BTreeMap<&'static str, u64> {
+        &self.send_errors
     }
 
     fn count_drop(&mut self, reason: &'static str) {
@@ -2629,5 +2675,60 @@ end
             .drain_bodies()
             .iter()
             .any(|b| matches!(b, Body::Tunnel(t) if t.name == "vpn1_1")));
+    }
+
+    /// An IKE_SA_INIT response the driver could not send (no route back to the peer: seen
+    /// in the fault run, where the carrier lost its default route) drops its half-open SA
+    /// at once, so the source's half-open slots are free when the route comes back and the
+    /// peer's next attempt is answered instead of being refused for a minute.
+    #[test]
+    fn an_unsent_ike_sa_init_response_frees_its_half_open_slot() {
+        let now = Instant::now();
+        let mut dial = mgr(DIAL, now);
+        let limit = GuardConfig::default().max_half_open_per_source;
+        // More attempts than the limit from one peer, each answer lost on the way out.
+        for _ in 0..limit + 2 {
+            let mut hub = mgr(HUB, now);
+            hub.initiate(
+                now,
+                "hub",
+                "192.0.2.1".parse().unwrap(),
+                "192.0.2.2".parse().unwrap(),
+            );
+            let t = hub.poll_transmit().unwrap();
+            dial.handle_datagram(now, t.destination, t.source, &t.payload);
+            let answer = dial.poll_transmit().expect("every attempt is answered");
+            assert!(dial.send_failed(now, &answer, "unreachable"));
+        }
+        assert_eq!(dial.cookie_stats().0, 0, "no half-open SA left");
+        assert_eq!(dial.gateway_list(now, None), json!([]));
+        assert_eq!(dial.drops().get("half_open_per_source"), None);
+        assert_eq!(
+            dial.send_errors().get("unreachable").copied(),
+            Some(limit as u64 + 2)
+        );
+        // The route is back: the next attempt completes.
+        let mut hub = mgr(HUB, now);
+        hub.initiate(
+            now,
+            "hub",
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+        );
+        shuttle(&mut hub, &mut dial, now);
+        assert!(dial
+            .drain_bodies()
+            .iter()
+            .any(|b| matches!(b, Body::Tunnel(t) if t.name == "vpn1_1")));
+        // A failed send of anything else (an established SA's message) drops nothing.
+        let mut probe = None;
+        dial.drain_bodies();
+        dial.probe(now, "vpn1_1", 1);
+        while let Some(t) = dial.poll_transmit() {
+            probe = Some(t);
+        }
+        let probe = probe.expect("a DPD probe to send");
+        assert!(!dial.send_failed(now, &probe, "unreachable"));
+        assert_eq!(dial.gateway_list(now, None).as_array().unwrap().len(), 1);
     }
 }

@@ -208,6 +208,18 @@ struct Loop {
     espd_path: PathBuf,
     local_ips: HashMap<IpAddr, IpAddr>,
     routes: Vec<Pending>,
+    /// Peers the last send to failed (warned once until a send works again).
+    failing: std::collections::HashSet<IpAddr>,
+}
+
+/// `ikemgr_send_errors_total`'s reason for a failed send.
+fn send_error_reason(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable => "unreachable",
+        // EPERM: a netfilter rule refused the datagram.
+        io::ErrorKind::PermissionDenied => "refused",
+        _ => "other",
+    }
 }
 
 impl Loop {
@@ -215,7 +227,10 @@ impl Loop {
         if let Some(ip) = self.local_ips.get(&remote) {
             return *ip;
         }
-        let ip = local_ip_for(remote).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let Some(ip) = local_ip_for(remote) else {
+            // No route towards it now: not remembered, the next lookup may find one.
+            return IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        };
         self.local_ips.insert(remote, ip);
         ip
     }
@@ -309,7 +324,7 @@ impl Loop {
         }
     }
 
-    fn send(&self, t: &ike_proto::Transmit) {
+    fn send(&mut self, t: &ike_proto::Transmit) {
         let r = if t.source.port() == ike_proto::sa::NAT_T_PORT {
             match (t.source, t.destination) {
                 (SocketAddr::V4(s), SocketAddr::V4(d)) => self
@@ -326,20 +341,39 @@ impl Loop {
                 _ => self.udp500.send_to(&t.payload, t.destination).map(|_| ()),
             }
         };
-        if let Err(e) = r {
-            tracing::debug!(
-                "ike 0: send {}->{} len={} failed: {e}",
-                t.source,
-                t.destination,
-                t.payload.len()
-            );
-        } else {
-            tracing::trace!(
-                "ike 0: sent IKE msg: {}->{}, len={}",
-                t.source,
-                t.destination,
-                t.payload.len()
-            );
+        let peer = t.destination.ip();
+        match r {
+            Err(e) => {
+                let reason = send_error_reason(&e);
+                // Once per peer until a send to it works again: a gateway without a route
+                // back to its peers answers nothing, and says so.
+                if self.failing.insert(peer) {
+                    tracing::warn!(
+                        "ike 0: cannot send to {} from {}: {e} (counted in ikemgr_send_errors_total)",
+                        t.destination,
+                        t.source
+                    );
+                } else {
+                    tracing::debug!(
+                        "ike 0: send {}->{} len={} failed: {e}",
+                        t.source,
+                        t.destination,
+                        t.payload.len()
+                    );
+                }
+                lock(&self.mgr).send_failed(Instant::now(), t, reason);
+            }
+            Ok(()) => {
+                if self.failing.remove(&peer) {
+                    tracing::info!("ike 0: sending to {peer} works again");
+                }
+                tracing::trace!(
+                    "ike 0: sent IKE msg: {}->{}, len={}",
+                    t.source,
+                    t.destination,
+                    t.payload.len()
+                );
+            }
         }
     }
 
@@ -462,6 +496,7 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
         espd_path: run_dir.join("espd-ike.sock"),
         local_ips: HashMap::new(),
         routes: Vec::new(),
+        failing: Default::default(),
     };
     std::thread::Builder::new()
         .name("ikemgr-ike".into())

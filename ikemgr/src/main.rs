@@ -645,12 +645,19 @@ fn export_drop_metrics(ike: &ike::IkeManager) {
             "IKE_SA_INIT requests refused for a missing or wrong COOKIE."
         );
         metrics::describe_counter!(
+            "ikemgr_send_errors_total",
+            "IKE datagrams that could not be sent, by reason: unreachable (no route to the peer), refused (a firewall), other."
+        );
+        metrics::describe_counter!(
             "ikemgr_acquires_total",
             "espd's esp.acquire (traffic without an SA) handled, by outcome: child, initiate, or why nothing was done."
         );
     });
     for (outcome, n) in ike.acquire_counts() {
         metrics::counter!("ikemgr_acquires_total", "outcome" => *outcome).absolute(*n);
+    }
+    for (reason, n) in ike.send_errors() {
+        metrics::counter!("ikemgr_send_errors_total", "reason" => *reason).absolute(*n);
     }
     for (reason, n) in ike.drops() {
         metrics::counter!("ikemgr_drops_total", "reason" => *reason).absolute(*n);

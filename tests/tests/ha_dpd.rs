@@ -10,6 +10,8 @@
 //! 3. gw1 comes back as secondary and receives the IKE SA copy; it never probes.
 //! 4. strongSwan's charon is killed: gw2 declares the peer dead, flushes the tunnel (its
 //!    log tells `HA send IKE SA del`), and gw1's standby copy is deleted too.
+//! 5. Neither member holds any standby IKE or CHILD SA copy afterwards (gw2 carried the
+//!    tunnel itself and must not keep gw1's old copies of it).
 //!
 //! Needs root, iproute2 and the strongSwan packages (INTEROP.md).
 
@@ -30,6 +32,24 @@ fn dpd_stats(m: &Member) -> Result<(u64, u64, u64), String> {
     let v = m.view(DaemonKind::Dpdmon, "stats")?;
     let n = |k: &str| v[k].as_u64().ok_or_else(|| format!("no {k} in {v}"));
     Ok((n("probes_sent")?, n("probe_replies")?, n("dead_peers")?))
+}
+
+/// The standby copies `m`'s hasyncd holds: (IKE SAs, CHILD SAs), as `tunnel spis` text.
+fn copies(m: &Member) -> Result<(Vec<String>, Vec<String>), String> {
+    let v: Value = m.view(DaemonKind::Hasyncd, "replicas")?;
+    let list = |k: &str, a: &str, b: &str| -> Vec<String> {
+        v[k].as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|s| format!("{} {}/{}", s["tunnel"], s[a], s[b]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Ok((
+        list("ike_standby", "spi_i", "spi_r"),
+        list("standby", "spi_in", "spi_out"),
+    ))
 }
 
 /// Whether `m`'s hasyncd holds a standby copy of the IKE SA with `spis`.
@@ -138,4 +158,16 @@ fn only_the_owner_probes_and_a_dpd_flush_deletes_the_standby_copies() {
         0,
         "gw1, back as a standby member, must never probe"
     );
+    // 5. No copy of the flushed tunnel is left anywhere: not on gw1 (the deletes reached
+    //    it), and not on gw2, which carried the tunnel since the takeover and must not keep
+    //    gw1's old copies of it (the soak's leak: standby CHILD SA copies that outlived
+    //    their tunnel's DPD death).
+    for (name, m) in [("gw1", &m1), ("gw2", &m2)] {
+        wait_for(&format!("no standby copies left on {name}"), WAIT, || {
+            let (ike, child) = copies(m)?;
+            (ike.is_empty() && child.is_empty())
+                .then_some(())
+                .ok_or_else(|| format!("{name} still holds IKE {ike:?} CHILD {child:?}"))
+        });
+    }
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use ha_core::msg::SnapshotItem;
+use ha_core::msg::{HaRole, SnapshotItem, SnapshotRequest};
 use ha_core::snapshot::{Completed, SnapshotJoin, SnapshotSender};
 use ha_core::{MemberId, Message, TunnelRole};
 
@@ -247,6 +247,12 @@ impl Cluster {
     /// held from it, then the newer stream messages follow.
     fn apply_snapshot(&mut self, link: &'static str, done: Completed) {
         let from = done.snapshot.from;
+        if link == "fgcp" {
+            // Whatever was lost before it is replaced by it.
+            if let Some(side) = self.fgcp.as_mut() {
+                side.loss.covered(from);
+            }
+        }
         let fgsp_mode = self.fgsp_mode();
         self.replicas
             .retain(|_, r| !(r.from == from && r.link == link));
@@ -304,6 +310,46 @@ impl Cluster {
             self.process(from, link, m);
         }
         metrics::gauge!("hasyncd_standby_child_sas").set(self.replicas.len() as f64);
+    }
+
+    /// FGCP secondary: sync datagrams from the primary were lost (a record or a deletion
+    /// may be missing here): asks it for a snapshot, which replaces every copy it sent
+    /// ([`super::resync`]). Losses from other members, or on a primary, are only counted
+    /// down: their stream carries nothing this member keeps.
+    pub(super) fn resync_lost(&mut self, now_ms: u64) {
+        let secondary = self.fgcp_role() == Some(HaRole::Secondary);
+        let Some(side) = self.fgcp.as_mut() else {
+            return;
+        };
+        let lost = side.loss.take_lost(now_ms);
+        if !secondary {
+            return;
+        }
+        for (from, n) in lost {
+            if side.peer_roles.get(&from) != Some(&HaRole::Primary) {
+                continue;
+            }
+            if self
+                .snap
+                .joins
+                .get(&("fgcp", from))
+                .is_some_and(|j| j.in_progress())
+            {
+                continue;
+            }
+            self.snap.next_id = self.snap.next_id.wrapping_add(1);
+            let req = SnapshotRequest {
+                request_id: self.snap.next_id,
+                next: 0,
+            };
+            tracing::info!(
+                "fgcp: {n} datagrams from primary {} lost; asking it for a snapshot",
+                from.0
+            );
+            metrics::counter!("hasyncd_resyncs_total", "link" => "fgcp").increment(1);
+            self.send_to_member("fgcp", from, &Message::SnapshotRequest(req));
+            return;
+        }
     }
 
     /// Sends what the transfers may send now; drops finished and abandoned ones.
