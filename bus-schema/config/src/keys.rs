@@ -462,8 +462,10 @@ pub(crate) const MANUALKEY: Spec = Spec {
         "replay",
         "src-subnet",
         "dst-subnet",
+        "local-gw6",
+        "remote-gw6",
     ],
-    known: &["npu-offload", "local-gw6", "remote-gw6"],
+    known: &["npu-offload"],
     known_blocks: &[],
 };
 
