@@ -2,7 +2,8 @@
 //! datagram sockets shared with espd, feed datagrams and timeouts to the sans-IO
 //! [`IkeManager`] and carry its transmits and route changes out.
 //!
-//! Sockets: `0.0.0.0:500` (IKE without NAT-T); `<run-dir>/ike4500.sock`, bound here, where
+//! Sockets: `0.0.0.0:500` and `[::]:500` (IPv6 only; IKE without NAT-T over IPv6 for
+//! `ip-version 6` phase1s, the kernel picking the source address); `<run-dir>/ike4500.sock`, bound here, where
 //! espd hands over IKE messages that arrived on UDP/4500; `<run-dir>/espd-ike.sock`, espd's,
 //! where IKE messages to send out of 4500 go. Both unix sockets carry one IKE message per
 //! datagram behind a 12-octet header: source IPv4, source port, destination IPv4,
@@ -191,7 +192,12 @@ pub fn build_handoff(src: SocketAddrV4, dst: SocketAddrV4, ike: &[u8]) -> Vec<u8
 /// The source address the kernel would use towards `remote` (a routing lookup through an
 /// unconnected UDP socket; nothing is sent).
 fn local_ip_for(remote: IpAddr) -> Option<IpAddr> {
-    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    let s = UdpSocket::bind(if remote.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    })
+    .ok()?;
     s.connect(SocketAddr::new(remote, 500)).ok()?;
     s.local_addr().ok().map(|a| a.ip())
 }
@@ -204,6 +210,8 @@ struct Pending {
 struct Loop {
     mgr: Arc<Mutex<IkeManager>>,
     udp500: UdpSocket,
+    /// `[::]:500`, `None` on a host without IPv6.
+    udp500_6: Option<UdpSocket>,
     out4500: UnixDatagram,
     espd_path: PathBuf,
     local_ips: HashMap<IpAddr, IpAddr>,
@@ -275,8 +283,7 @@ impl Loop {
                 let starts: Vec<(String, IpAddr, IpAddr)> = pending
                     .into_iter()
                     .map(|(g, remote, local)| {
-                        let remote = IpAddr::V4(remote);
-                        let local = local.map(IpAddr::V4).unwrap_or_else(|| self.local(remote));
+                        let local = local.unwrap_or_else(|| self.local(remote));
                         (g, local, remote)
                     })
                     .collect();
@@ -323,6 +330,10 @@ impl Loop {
                 (SocketAddr::V4(s), SocketAddr::V4(d)) => {
                     send_from(self.udp500.as_raw_fd(), &t.payload, *s.ip(), d)
                 }
+                (_, SocketAddr::V6(_)) => match &self.udp500_6 {
+                    Some(u) => u.send_to(&t.payload, t.destination).map(|_| ()),
+                    None => Err(io::Error::other("no IPv6 UDP 500 socket")),
+                },
                 _ => self.udp500.send_to(&t.payload, t.destination).map(|_| ()),
             }
         };
@@ -370,6 +381,48 @@ fn same_route(a: &RouteOp, b: &RouteOp) -> bool {
         RouteOp::Add { dest, dev } | RouteOp::Del { dest, dev } => (dest.clone(), dev.clone()),
     };
     key(a) == key(b)
+}
+
+/// `[::]:500` with IPV6_V6ONLY (IPv4 stays on the `0.0.0.0:500` socket).
+fn bind_udp500_v6() -> io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and has no other owner.
+    let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain old data; all-zero is valid ([::], port set below).
+    let mut a: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    a.sin6_port = 500u16.to_be();
+    // SAFETY: bind with a live sockaddr_in6 and its size.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&a as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
 }
 
 /// Opens the sockets and starts the threads. Returns the sender that wakes the loop.
@@ -426,6 +479,41 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
                 }
             }
         })?;
+    let udp500_6 = match bind_udp500_v6() {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::warn!("ike 0: no IKE over IPv6: UDP [::]:500: {e}");
+            None
+        }
+    };
+    if let Some(r6) = udp500_6.as_ref().map(|u| u.try_clone()).transpose()? {
+        let tx6 = tx.clone();
+        std::thread::Builder::new()
+            .name("ikemgr-udp500-v6".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; MAX_DATAGRAM];
+                loop {
+                    match r6.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            let data = buf.get(..n).unwrap_or(&[]).to_vec();
+                            let input = Input::Datagram {
+                                port: 500,
+                                from,
+                                to: None,
+                                data,
+                            };
+                            if tx6.send(input).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!("ike 0: UDP [::]:500 receive: {e}");
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+            })?;
+    }
     let tx4500 = tx.clone();
     std::thread::Builder::new()
         .name("ikemgr-ike4500".into())
@@ -458,6 +546,7 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
     let lp = Loop {
         mgr,
         udp500,
+        udp500_6,
         out4500,
         espd_path: run_dir.join("espd-ike.sock"),
         local_ips: HashMap::new(),

@@ -3,7 +3,9 @@
 //! manual-key tunnel (`ip-version 6`, `local-gw6`, `remote-gw6`), over raw ESP (IPv6 next
 //! header 50) and over UDP 4500 on IPv6: pings and a TCP transfer pass, the tunnel list
 //! names the IPv6 peer, and only ESP over IPv6 crosses the outside link (no IPv4 ESP, UDP
-//! 4500 or cleartext ICMP).
+//! 4500 or cleartext ICMP). And an IKEv2 tunnel between the two (`ip-version 6`,
+//! `remote-gw6`): ikemgr negotiates over UDP 500 on IPv6, espd carries the CHILD SA as raw
+//! ESP over IPv6.
 
 mod espd_common;
 
@@ -58,4 +60,33 @@ fn gateway_pair_raw_esp_over_ipv6() {
 #[test]
 fn gateway_pair_udp_4500_over_ipv6() {
     carries_traffic_over_ipv6("espd-udp6", true);
+}
+
+#[test]
+fn ike_tunnel_over_ipv6() {
+    let pair = Pair::ike_over("espd-ike6", true, "", "");
+    count_wire6(&pair.topo.gwb);
+    pair.wait_ping();
+    let (sent, got) = pair.ping(5);
+    assert!(sent == 5 && got >= 4, "{got}/{sent}");
+    for (side, gw, peer) in [("gwa", &pair.a, GWB_OUTER6), ("gwb", &pair.b, GWA_OUTER6)] {
+        let v = gw.tunnel_list();
+        let t = v["tunnels"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["name"] == TUNNEL))
+            .unwrap_or_else(|| panic!("{side}: no {TUNNEL} in {v}"));
+        assert_eq!(t["remote_gw"], peer, "{side}: {t}");
+        assert_eq!(t["encap"], "none", "{side}: {t}");
+        assert!(
+            gw.log("ikemgr").contains(&format!("{peer}")),
+            "{side}: ikemgr log does not name {peer}:\n{}",
+            gw.log("ikemgr")
+        );
+    }
+    let (esp6, udp6, v4) = wire_counters6(&pair.topo.gwb);
+    assert_eq!(
+        v4, 0,
+        "IPv4 ESP, UDP 4500 or cleartext ICMP on the outside link"
+    );
+    assert!(esp6 >= 5 && udp6 == 0, "esp6={esp6} udp6={udp6}");
 }

@@ -858,12 +858,23 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     if let Some(v) = &iface {
         p.interface = v.clone();
     }
-    let _ = f.choice(
-        ctx,
-        "ip-version",
-        &[("4", ())],
-        " (Haven does not implement IPv6 tunnels)",
-    );
+    if let Some(v6) = f.choice(ctx, "ip-version", &[("4", false), ("6", true)], "") {
+        p.ipv6 = v6;
+    }
+    let ipv6 = |s: &str| s.parse::<std::net::Ipv6Addr>().ok();
+    if p.ipv6 {
+        if let Some(v) = f.parse(ctx, "local-gw6", "an IPv6 address", ipv6) {
+            p.local_gw6 = Some(v).filter(|a| !a.is_unspecified());
+        }
+    }
+    let rgw6 = if p.ipv6 {
+        f.list(ctx, "remote-gw6", "an IPv6 address", ipv6)
+    } else {
+        None
+    };
+    if let Some(v) = &rgw6 {
+        p.remote_gw6 = v.iter().copied().filter(|a| !a.is_unspecified()).collect();
+    }
     let ike = f.choice(ctx, "ike-version", &[("1", 1u8), ("2", 2u8)], "");
     if let Some(v) = ike {
         p.ike_version = v;
@@ -1104,7 +1115,18 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
         _ => {}
     }
     match p.kind {
-        Phase1Type::Static if p.remote_gw.is_empty() && (rgw.is_some() || !f.has("remote-gw")) => {
+        Phase1Type::Static
+            if p.ipv6 && p.remote_gw6.is_empty() && (rgw6.is_some() || !f.has("remote-gw6")) =>
+        {
+            ctx.invalid(
+                e.pos,
+                label,
+                "type static with ip-version 6 needs set remote-gw6 <address>",
+            );
+        }
+        Phase1Type::Static
+            if !p.ipv6 && p.remote_gw.is_empty() && (rgw.is_some() || !f.has("remote-gw")) =>
+        {
             ctx.invalid(e.pos, label, "type static needs set remote-gw <address>");
         }
         Phase1Type::Ddns if p.remotegw_ddns.is_none() => {

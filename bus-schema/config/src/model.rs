@@ -620,9 +620,36 @@ pub struct Phase1 {
     pub rekey: bool,
     /// `comments`. Default empty.
     pub comments: String,
+    /// `ip-version 6`: the gateways are IPv6 (`local-gw6`, `remote-gw6`), and
+    /// `local_gw`/`remote_gw` are unused. Default 4.
+    pub ipv6: bool,
+    /// `local-gw6` with `ip-version 6`; `None` (unset or `::`) means the
+    /// address the route to the peer picks.
+    pub local_gw6: Option<std::net::Ipv6Addr>,
+    /// `remote-gw6` with `ip-version 6`: the peer, then backup peers, as
+    /// `remote_gw`. Required for `static` then.
+    pub remote_gw6: Vec<std::net::Ipv6Addr>,
 }
 
 impl Phase1 {
+    /// The peers in order: `remote-gw6` with `ip-version 6`, else `remote-gw`.
+    pub fn remote_addrs(&self) -> Vec<std::net::IpAddr> {
+        if self.ipv6 {
+            self.remote_gw6.iter().map(|a| (*a).into()).collect()
+        } else {
+            self.remote_gw.iter().map(|a| (*a).into()).collect()
+        }
+    }
+
+    /// The local gateway address of the phase1's family, if set.
+    pub fn local_addr(&self) -> Option<std::net::IpAddr> {
+        if self.ipv6 {
+            self.local_gw6.map(Into::into)
+        } else {
+            self.local_gw.map(Into::into)
+        }
+    }
+
     /// A phase1 named `name` with every FortiOS default (except
     /// `ike_version`, 2; see the field) and an empty `interface`, which
     /// validation requires to be set.
@@ -675,6 +702,9 @@ impl Phase1 {
             certificate: Vec::new(),
             rekey: true,
             comments: String::new(),
+            ipv6: false,
+            local_gw6: None,
+            remote_gw6: Vec::new(),
         }
     }
 }

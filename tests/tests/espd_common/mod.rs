@@ -66,8 +66,7 @@ pub fn ike_config(remote: &str, passive: bool, src: &str, dst: &str, p2_extra: &
         "config vpn ipsec phase1-interface
     edit \"{TUNNEL}\"
         set type static
-        set remote-gw {remote}
-        set interface \"out0\"
+{}        set interface \"out0\"
         set ike-version 2
         set proposal aes128gcm-prfsha256
         set dhgrp 19
@@ -85,6 +84,11 @@ config vpn ipsec phase2-interface
 {p2_extra}    next
 end
 ",
+        if remote.contains(':') {
+            format!("        set ip-version 6\n        set remote-gw6 {remote}\n")
+        } else {
+            format!("        set remote-gw {remote}\n")
+        },
         if passive {
             "        set passive-mode enable\n"
         } else {
@@ -303,21 +307,32 @@ impl Pair {
     /// Two gateways with an IKEv2 tunnel `vpn1` over raw ESP: gwa initiates, gwb only
     /// answers; `p2_a` and `p2_b` are extra phase2 lines of each side.
     pub fn ike(label: &str, p2_a: &str, p2_b: &str) -> Pair {
+        Pair::ike_over(label, false, p2_a, p2_b)
+    }
+
+    /// As [`Pair::ike`]; with `ipv6` the gateways' outside addresses are [`GWA_OUTER6`] and
+    /// [`GWB_OUTER6`] (`ip-version 6`, `remote-gw6`): IKE on UDP 500 and ESP over IPv6.
+    pub fn ike_over(label: &str, ipv6: bool, p2_a: &str, p2_b: &str) -> Pair {
         let topo = SiteToSite::new(label).expect("topology");
-        let ca = ike_config(
-            SiteToSite::GWB_OUTER,
-            false,
-            SiteToSite::LAN_A,
-            SiteToSite::LAN_B,
-            p2_a,
-        );
-        let cb = ike_config(
-            SiteToSite::GWA_OUTER,
-            true,
-            SiteToSite::LAN_B,
-            SiteToSite::LAN_A,
-            p2_b,
-        );
+        let (gwa, gwb) = if ipv6 {
+            for (ns, addr) in [(&topo.gwa, GWA_OUTER6), (&topo.gwb, GWB_OUTER6)] {
+                ns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{addr}/64"),
+                    "dev",
+                    "out0",
+                    "nodad",
+                ])
+                .expect("IPv6 address on out0");
+            }
+            (GWA_OUTER6, GWB_OUTER6)
+        } else {
+            (SiteToSite::GWA_OUTER, SiteToSite::GWB_OUTER)
+        };
+        let ca = ike_config(gwb, false, SiteToSite::LAN_A, SiteToSite::LAN_B, p2_a);
+        let cb = ike_config(gwa, true, SiteToSite::LAN_B, SiteToSite::LAN_A, p2_b);
         let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, SiteToSite::LAN_B);
         let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, SiteToSite::LAN_A);
         for g in [&mut b, &mut a] {
