@@ -779,7 +779,7 @@ impl IkeManager {
         let by_remote = self
             .gateways
             .values()
-            .find(|g| !g.dynamic && g.peers.iter().any(|p| *p == remote));
+            .find(|g| !g.dynamic && g.peers.contains(&remote));
         by_remote
             .or_else(|| self.gateways.values().find(|g| g.dynamic))
             .cloned()

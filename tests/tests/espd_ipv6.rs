@@ -78,7 +78,7 @@ fn ike_tunnel_over_ipv6() {
         assert_eq!(t["remote_gw"], peer, "{side}: {t}");
         assert_eq!(t["encap"], "none", "{side}: {t}");
         assert!(
-            gw.log("ikemgr").contains(&format!("{peer}")),
+            gw.log("ikemgr").contains(peer),
             "{side}: ikemgr log does not name {peer}:\n{}",
             gw.log("ikemgr")
         );
