@@ -7,7 +7,9 @@
 //! espd hands over IKE messages that arrived on UDP/4500; `<run-dir>/espd-ike.sock`, espd's,
 //! where IKE messages to send out of 4500 go. Both unix sockets carry one IKE message per
 //! datagram behind a 12-octet header: source IPv4, source port, destination IPv4,
-//! destination port, all in network byte order (espd's `datapath::sockets`). Towards ikemgr
+//! destination port, all in network byte order (espd's `datapath::sockets`); over IPv6 a
+//! 42-octet header: `ff ff ff ff 00 00` (a source of 255.255.255.255, never an IKE peer,
+//! marks this form), source IPv6, source port, destination IPv6, destination port. Towards ikemgr
 //! the destination is the local address the peer sent to (0.0.0.0 if espd does not know it);
 //! towards espd the source is the address to send from.
 //!
@@ -21,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,10 @@ use crate::ike::{IkeManager, RouteOp};
 
 /// Hand-off header: src IPv4 (4), src port (2), dst IPv4 (4), dst port (2).
 const HANDOFF_HDR_LEN: usize = 12;
+/// IPv6 hand-off header: marker (6), src IPv6 (16), src port (2), dst IPv6 (16), dst port (2).
+const HANDOFF6_HDR_LEN: usize = 42;
+/// First octets of an IPv6 hand-off header.
+const HANDOFF6_MARK: [u8; 6] = [0xff, 0xff, 0xff, 0xff, 0, 0];
 /// Largest IKE datagram accepted.
 const MAX_DATAGRAM: usize = 65535;
 /// How long a route whose device is missing is retried.
@@ -49,7 +55,7 @@ pub enum Input {
         /// The peer.
         from: SocketAddr,
         /// The local address it was sent to, when known.
-        to: Option<Ipv4Addr>,
+        to: Option<IpAddr>,
         /// IKE message.
         data: Vec<u8>,
     },
@@ -63,19 +69,40 @@ pub fn lock(m: &Mutex<IkeManager>) -> MutexGuard<'_, IkeManager> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Parses a hand-off datagram into (source, IKE message).
-pub fn parse_handoff(d: &[u8]) -> Option<(SocketAddrV4, &[u8])> {
+fn ipv6_at(d: &[u8], at: usize) -> Option<Ipv6Addr> {
+    let b: [u8; 16] = d.get(at..at + 16)?.try_into().ok()?;
+    Some(Ipv6Addr::from(b))
+}
+
+fn port_at(d: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*d.get(at)?, *d.get(at + 1)?]))
+}
+
+/// Parses a hand-off datagram (either form) into (source, IKE message).
+pub fn parse_handoff(d: &[u8]) -> Option<(SocketAddr, &[u8])> {
+    if d.starts_with(&HANDOFF6_MARK) {
+        let src = SocketAddr::new(ipv6_at(d, 6)?.into(), port_at(d, 22)?);
+        return Some((src, d.get(HANDOFF6_HDR_LEN..)?));
+    }
     let h = d.get(..HANDOFF_HDR_LEN)?;
     let ip = Ipv4Addr::new(*h.first()?, *h.get(1)?, *h.get(2)?, *h.get(3)?);
     let port = u16::from_be_bytes([*h.get(4)?, *h.get(5)?]);
-    Some((SocketAddrV4::new(ip, port), d.get(HANDOFF_HDR_LEN..)?))
+    Some((
+        SocketAddr::V4(SocketAddrV4::new(ip, port)),
+        d.get(HANDOFF_HDR_LEN..)?,
+    ))
 }
 
-/// The destination address of a hand-off datagram (None: unknown, 0.0.0.0, or too short).
-pub fn handoff_dst(d: &[u8]) -> Option<Ipv4Addr> {
+/// The destination address of a hand-off datagram (None: unknown, unspecified, or too
+/// short).
+pub fn handoff_dst(d: &[u8]) -> Option<IpAddr> {
+    if d.starts_with(&HANDOFF6_MARK) {
+        let ip = ipv6_at(d, 24)?;
+        return (!ip.is_unspecified()).then_some(ip.into());
+    }
     let h = d.get(6..10)?;
     let ip = Ipv4Addr::new(*h.first()?, *h.get(1)?, *h.get(2)?, *h.get(3)?);
-    (!ip.is_unspecified()).then_some(ip)
+    (!ip.is_unspecified()).then_some(ip.into())
 }
 
 /// `recvmsg` on an IPv4 UDP socket with IP_PKTINFO enabled: (length, peer, the local address
@@ -178,6 +205,18 @@ fn send_from(fd: RawFd, data: &[u8], src: Ipv4Addr, dst: SocketAddrV4) -> io::Re
     Ok(())
 }
 
+/// Builds an IPv6 hand-off datagram (`src` unspecified: espd's kernel picks).
+pub fn build_handoff6(src: Ipv6Addr, dst: SocketAddrV6, ike: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HANDOFF6_HDR_LEN + ike.len());
+    v.extend_from_slice(&HANDOFF6_MARK);
+    v.extend_from_slice(&src.octets());
+    v.extend_from_slice(&ike_proto::sa::NAT_T_PORT.to_be_bytes());
+    v.extend_from_slice(&dst.ip().octets());
+    v.extend_from_slice(&dst.port().to_be_bytes());
+    v.extend_from_slice(ike);
+    v
+}
+
 /// Builds a hand-off datagram.
 pub fn build_handoff(src: SocketAddrV4, dst: SocketAddrV4, ike: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(HANDOFF_HDR_LEN + ike.len());
@@ -258,7 +297,7 @@ impl Loop {
                 if let Input::Datagram { from, to, .. } = i {
                     // The address the peer sent to; else what the route towards it picks.
                     let ip = match to {
-                        Some(a) => IpAddr::V4(*a),
+                        Some(a) => *a,
                         None => self.local(from.ip()),
                     };
                     resolved.push(ip);
@@ -323,7 +362,16 @@ impl Loop {
                     .out4500
                     .send_to(&build_handoff(s, d, &t.payload), &self.espd_path)
                     .map(|_| ()),
-                _ => Err(io::Error::other("IPv6 is not carried over 4500")),
+                (s, SocketAddr::V6(d)) => {
+                    let src = match s.ip() {
+                        IpAddr::V6(a) => a,
+                        IpAddr::V4(_) => Ipv6Addr::UNSPECIFIED,
+                    };
+                    self.out4500
+                        .send_to(&build_handoff6(src, d, &t.payload), &self.espd_path)
+                        .map(|_| ())
+                }
+                _ => Err(io::Error::other("IPv4 destination from an IPv6 source")),
             }
         } else {
             match (t.source, t.destination) {
@@ -464,7 +512,7 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
                             .send(Input::Datagram {
                                 port: 500,
                                 from,
-                                to,
+                                to: to.map(IpAddr::V4),
                                 data,
                             })
                             .is_err()
@@ -528,7 +576,7 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
                         };
                         let input = Input::Datagram {
                             port: ike_proto::sa::NAT_T_PORT,
-                            from: SocketAddr::V4(from),
+                            from,
                             to: handoff_dst(d),
                             data: ike.to_vec(),
                         };
@@ -570,11 +618,35 @@ mod tests {
         assert_eq!(b.len(), 15);
         assert_eq!(&b[6..10], &[198, 51, 100, 7]);
         let (src, ike) = parse_handoff(&b).unwrap();
-        assert_eq!((src, ike), (s, &b"ike"[..]));
+        assert_eq!((src, ike), (SocketAddr::V4(s), &b"ike"[..]));
         assert!(parse_handoff(&b[..11]).is_none());
-        assert_eq!(handoff_dst(&b), Some(*d.ip()));
+        assert_eq!(handoff_dst(&b), Some(IpAddr::V4(*d.ip())));
         assert_eq!(
             handoff_dst(&build_handoff(d, "0.0.0.0:4500".parse().unwrap(), b"")),
+            None
+        );
+    }
+
+    #[test]
+    fn ipv6_handoff_round_trips_and_short_input_is_refused() {
+        let local: Ipv6Addr = "fd00:31::2".parse().unwrap();
+        let peer: SocketAddrV6 = "[fd00:31::1]:4500".parse().unwrap();
+        let b = build_handoff6(local, peer, b"ike");
+        assert_eq!(b.len(), HANDOFF6_HDR_LEN + 3);
+        // espd's form towards ikemgr has the peer first: parse it as espd writes it.
+        let mut from_espd = HANDOFF6_MARK.to_vec();
+        from_espd.extend_from_slice(&peer.ip().octets());
+        from_espd.extend_from_slice(&peer.port().to_be_bytes());
+        from_espd.extend_from_slice(&local.octets());
+        from_espd.extend_from_slice(&4500u16.to_be_bytes());
+        from_espd.extend_from_slice(b"ike");
+        let (src, ike) = parse_handoff(&from_espd).unwrap();
+        assert_eq!((src, ike), (SocketAddr::V6(peer), &b"ike"[..]));
+        assert_eq!(handoff_dst(&from_espd), Some(IpAddr::V6(local)));
+        assert!(parse_handoff(&from_espd[..41]).is_none());
+        assert_eq!(handoff_dst(&from_espd[..30]), None);
+        assert_eq!(
+            handoff_dst(&build_handoff6(local, "[::]:4500".parse().unwrap(), b"")),
             None
         );
     }

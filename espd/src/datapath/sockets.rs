@@ -21,8 +21,14 @@
 //! gateway whose address sits on a loopback or a shared cluster address answers from that
 //! address, not from the outgoing interface's.
 //!
-//! IKE reaches ikemgr through this relay only over IPv4 (the hand-off format has IPv4
-//! addresses); an IKE message on [::]:4500 is dropped and counted (`ike_relay`).
+//! Over IPv6 the header is 42 octets:
+//!
+//! ```text
+//! 0                 6          22      24         40      42
+//! | ff ff ff ff 00 00 | src IPv6 | sport | dst IPv6 | dport | IKE message ...
+//! ```
+//! (a source of 255.255.255.255, never an IKE peer, marks this form); the local address
+//! comes from IPV6_PKTINFO and goes out in it.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -32,6 +38,10 @@ use std::path::Path;
 
 /// IKE hand-off header length: src addr, src port, dst addr, dst port.
 pub const IKE_HDR_LEN: usize = 12;
+/// IPv6 hand-off header length: marker, src addr, src port, dst addr, dst port.
+pub const IKE_HDR6_LEN: usize = 42;
+/// First octets of an IPv6 hand-off header.
+const IKE_HDR6_MARK: [u8; 6] = [0xff, 0xff, 0xff, 0xff, 0, 0];
 
 /// Largest datagram a worker slot holds (jumbo frames fit; longer ones are truncated and
 /// dropped as such).
@@ -200,6 +210,13 @@ fn open_v6() -> io::Result<(OwnedFd, OwnedFd)> {
     })
     .map_err(|e| io::Error::new(e.kind(), format!("UDP [::]:4500: {e}")))?;
     let _ = set_int_opt(udp.as_raw_fd(), SOL_UDP, UDP_GRO, 1);
+    // The local address each datagram was sent to (IKE replies leave from it).
+    set_int_opt(
+        udp.as_raw_fd(),
+        libc::IPPROTO_IPV6,
+        libc::IPV6_RECVPKTINFO,
+        1,
+    )?;
     Ok((raw, udp))
 }
 
@@ -289,24 +306,55 @@ impl Sockets {
     }
 
     /// Hands an IKE message that arrived on UDP/4500 to ikemgr. `scratch` must hold
-    /// `IKE_HDR_LEN + ike.len()` bytes; returns false if it could not be delivered.
-    /// `local` is the address the datagram was sent to (0.0.0.0 if unknown).
+    /// `IKE_HDR6_LEN + ike.len()` bytes; returns false if it could not be delivered.
+    /// `local` is the address the datagram was sent to (unspecified if unknown, or of the
+    /// other family).
     pub fn relay_to_ikemgr(
         &self,
-        from: SocketAddrV4,
-        local: Ipv4Addr,
+        from: SocketAddr,
+        local: Option<IpAddr>,
         ike: &[u8],
         scratch: &mut [u8],
     ) -> bool {
-        let n = IKE_HDR_LEN + ike.len();
-        let Some(msg) = scratch.get_mut(..n) else {
+        let port = esp_proto::udp::NAT_T_PORT.to_be_bytes();
+        let n = match from {
+            SocketAddr::V4(from) => {
+                let local = match local {
+                    Some(IpAddr::V4(a)) => a,
+                    _ => Ipv4Addr::UNSPECIFIED,
+                };
+                let n = IKE_HDR_LEN + ike.len();
+                let Some(msg) = scratch.get_mut(..n) else {
+                    return false;
+                };
+                msg[..4].copy_from_slice(&from.ip().octets());
+                msg[4..6].copy_from_slice(&from.port().to_be_bytes());
+                msg[6..10].copy_from_slice(&local.octets());
+                msg[10..12].copy_from_slice(&port);
+                msg[12..].copy_from_slice(ike);
+                n
+            }
+            SocketAddr::V6(from) => {
+                let local = match local {
+                    Some(IpAddr::V6(a)) => a,
+                    _ => Ipv6Addr::UNSPECIFIED,
+                };
+                let n = IKE_HDR6_LEN + ike.len();
+                let Some(msg) = scratch.get_mut(..n) else {
+                    return false;
+                };
+                msg[..6].copy_from_slice(&IKE_HDR6_MARK);
+                msg[6..22].copy_from_slice(&from.ip().octets());
+                msg[22..24].copy_from_slice(&from.port().to_be_bytes());
+                msg[24..40].copy_from_slice(&local.octets());
+                msg[40..42].copy_from_slice(&port);
+                msg[42..].copy_from_slice(ike);
+                n
+            }
+        };
+        let Some(msg) = scratch.get(..n) else {
             return false;
         };
-        msg[..4].copy_from_slice(&from.ip().octets());
-        msg[4..6].copy_from_slice(&from.port().to_be_bytes());
-        msg[6..10].copy_from_slice(&local.octets());
-        msg[10..12].copy_from_slice(&esp_proto::udp::NAT_T_PORT.to_be_bytes());
-        msg[12..].copy_from_slice(ike);
         // SAFETY: msg is valid for n bytes; the address is a live sockaddr_un.
         let r = unsafe {
             libc::sendto(
@@ -344,20 +392,47 @@ impl Sockets {
             };
         }
         let msg = buf.get(..n as usize).unwrap_or(&[]);
-        let (Some(hdr), Some(ike)) = (msg.get(..IKE_HDR_LEN), msg.get(IKE_HDR_LEN..)) else {
-            return Err(io::Error::new(
+        let short = || {
+            io::Error::new(
                 io::ErrorKind::InvalidData,
                 "hand-off message shorter than its header",
-            ));
+            )
         };
-        let dst = SocketAddrV4::new(
-            Ipv4Addr::new(hdr[6], hdr[7], hdr[8], hdr[9]),
-            u16::from_be_bytes([hdr[10], hdr[11]]),
-        );
+        let (src, dst, ike, fd) = if msg.starts_with(&IKE_HDR6_MARK) {
+            let (Some(hdr), Some(ike)) = (msg.get(..IKE_HDR6_LEN), msg.get(IKE_HDR6_LEN..)) else {
+                return Err(short());
+            };
+            let v6 = |at: usize| -> Ipv6Addr {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(hdr.get(at..at + 16).unwrap_or(&[0; 16]));
+                Ipv6Addr::from(b)
+            };
+            let fd = self
+                .udp6
+                .as_ref()
+                .map(|f| f.as_raw_fd())
+                .ok_or_else(|| io::Error::other("no IPv6 UDP 4500 socket"))?;
+            let dst = SocketAddrV6::new(v6(24), u16::from_be_bytes([hdr[40], hdr[41]]), 0, 0);
+            (IpAddr::V6(v6(6)), SocketAddr::V6(dst), ike, fd)
+        } else {
+            let (Some(hdr), Some(ike)) = (msg.get(..IKE_HDR_LEN), msg.get(IKE_HDR_LEN..)) else {
+                return Err(short());
+            };
+            let dst = SocketAddrV4::new(
+                Ipv4Addr::new(hdr[6], hdr[7], hdr[8], hdr[9]),
+                u16::from_be_bytes([hdr[10], hdr[11]]),
+            );
+            let src = Ipv4Addr::new(hdr[0], hdr[1], hdr[2], hdr[3]);
+            (
+                IpAddr::V4(src),
+                SocketAddr::V4(dst),
+                ike,
+                self.udp.as_raw_fd(),
+            )
+        };
         let len = esp_proto::udp::write_ike_payload(ike, out)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        let src = Ipv4Addr::new(hdr[0], hdr[1], hdr[2], hdr[3]);
-        let mut sa = sockaddr(dst);
+        let (mut sa, sa_len) = any_sockaddr(dst);
         let mut iov = libc::iovec {
             iov_base: out.as_mut_ptr().cast(),
             iov_len: len.min(out.len()),
@@ -365,13 +440,13 @@ impl Sockets {
         let mut cbuf: Cmsgs = [0; CMSG_WORDS];
         // SAFETY: plain old data; all-zero is valid.
         let mut h: libc::msghdr = unsafe { zeroed() };
-        h.msg_name = (&mut sa as *mut libc::sockaddr_in).cast();
-        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_name = (&mut sa as *mut AnyAddr).cast();
+        h.msg_namelen = sa_len;
         h.msg_iov = &mut iov;
         h.msg_iovlen = 1;
-        set_cmsgs(&mut h, &mut cbuf, IpAddr::V4(src), None);
+        set_cmsgs(&mut h, &mut cbuf, src, None);
         // SAFETY: h points at live iov (within out), sa and cbuf for the call.
-        let r = unsafe { libc::sendmsg(self.udp.as_raw_fd(), &h, 0) };
+        let r = unsafe { libc::sendmsg(fd, &h, 0) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -479,8 +554,8 @@ impl RecvBatch {
     }
 
     /// The local address datagram `i` of the last `recv` was sent to (its IP_PKTINFO
-    /// `ipi_spec_dst`), when the socket reports it.
-    pub fn local_addr(&self, i: usize) -> Option<Ipv4Addr> {
+    /// `ipi_spec_dst`, or IPV6_PKTINFO `ipi6_addr`), when the socket reports it.
+    pub fn local_addr(&self, i: usize) -> Option<IpAddr> {
         let h = self.hdrs.get(i)?;
         if h.msg_hdr.msg_controllen == 0 {
             return None;
@@ -492,7 +567,14 @@ impl RecvBatch {
             while !c.is_null() {
                 if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
                     let p = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
-                    found = Some(Ipv4Addr::from(u32::from_be(p.ipi_spec_dst.s_addr)));
+                    found = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        p.ipi_spec_dst.s_addr,
+                    ))));
+                }
+                if (*c).cmsg_level == libc::IPPROTO_IPV6 && (*c).cmsg_type == libc::IPV6_PKTINFO {
+                    let p =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());
+                    found = Some(IpAddr::V6(Ipv6Addr::from(p.ipi6_addr.s6_addr)));
                 }
                 c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
             }

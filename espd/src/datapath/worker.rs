@@ -403,17 +403,11 @@ impl Worker {
                         shared.keepalives.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(Udp4500::Ike(ike)) => {
-                        let local = rx.local_addr(i).unwrap_or(Ipv4Addr::UNSPECIFIED);
-                        // The hand-off format carries IPv4 addresses only.
-                        let relayed = match from {
-                            SocketAddr::V4(from) => {
-                                shared
-                                    .sockets
-                                    .relay_to_ikemgr(from, local, ike, &mut scratch[..])
-                            }
-                            SocketAddr::V6(_) => false,
-                        };
-                        if relayed {
+                        let local = rx.local_addr(i);
+                        if shared
+                            .sockets
+                            .relay_to_ikemgr(from, local, ike, &mut scratch[..])
+                        {
                             shared.ike_relayed.fetch_add(1, Ordering::Relaxed);
                         } else {
                             shared.count_drop(DROP_IKE_RELAY);

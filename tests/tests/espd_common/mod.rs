@@ -58,6 +58,9 @@ pub fn config(
     )
 }
 
+/// The pre-shared key of [`ike_config`] (a test key).
+pub const IKE_PSK: &str = "haven-espd-pair-psk-0123456789";
+
 /// The IKEv2 (PSK, AES-GCM) configuration of one side of `vpn1` between two Haven
 /// gateways: static to `remote`, only answering with `passive` (so that one side
 /// initiates), phase2 `src`/`dst` with `p2_extra` lines added.
@@ -71,7 +74,7 @@ pub fn ike_config(remote: &str, passive: bool, src: &str, dst: &str, p2_extra: &
         set proposal aes128gcm-prfsha256
         set dhgrp 19
         set dpd disable
-        set psksecret \"haven-espd-pair-psk-0123456789\"
+        set psksecret \"{IKE_PSK}\"
 {}    next
 end
 config vpn ipsec phase2-interface
