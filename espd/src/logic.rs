@@ -285,9 +285,9 @@ impl Espd {
                         if (cur.remote != info.remote || cur.encap != info.encap) =>
                     {
                         info.remote
-                            .parse::<std::net::Ipv4Addr>()
+                            .parse::<std::net::IpAddr>()
                             .ok()
-                            .map(|ip| std::net::SocketAddrV4::new(ip, remote_port))
+                            .map(|ip| std::net::SocketAddr::new(ip, remote_port))
                     }
                     _ => None,
                 };

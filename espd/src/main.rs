@@ -2,7 +2,7 @@
 //!
 //! What it does: follows ikemgr's CHILD SAs (`sa.child`) and carries their traffic in user
 //! space: one persistent TUN device per phase1-interface (`vpn1`), raw ESP (IP protocol 50)
-//! and RFC 3948 UDP/4500 on the outside, the ESP transforms of `esp-proto`, anti-replay,
+//! and RFC 3948 UDP/4500 on the outside (IPv4 or IPv6 outer addresses), the ESP transforms of `esp-proto`, anti-replay,
 //! selector checks on inbound packets, outbound sequence numbers leased and persisted in
 //! `<run-dir>/espd-seq/` so they never repeat across a crash, and soft/hard lifetimes (each
 //! SA's age and counts kept in `<run-dir>/espd-life/`, so they go on across a crash). It
@@ -18,8 +18,8 @@
 //! inbound for 5 s more. A UDP-encapsulated SA follows its peer's NAT mapping after an
 //! authenticated packet; raw ESP for a UDP SA (and the reverse) is dropped and counted.
 //!
-//! What it does not do: IKE, routes (ikemgr owns the routes on the TUN devices), IPv6 outer
-//! addresses, transport mode, TFC padding, or HA role handling.
+//! What it does not do: IKE, routes (ikemgr owns the routes on the TUN devices), relaying
+//! IKE on UDP 4500 over IPv6, transport mode, TFC padding, or HA role handling.
 //!
 //! Layout: `logic` is the control side run by the daemon shell's actor; `datapath` is the
 //! IO (threads, sockets, TUN) it drives.

@@ -81,8 +81,8 @@ pub enum RouteOp {
 struct Gateway {
     name: String,
     dynamic: bool,
-    remote_gw: Option<Ipv4Addr>,
-    local_gw: Option<Ipv4Addr>,
+    remote_gw: Option<IpAddr>,
+    local_gw: Option<IpAddr>,
     interface: String,
     /// Phase2 names by CHILD SA policy index (`ChildSaInfo::policy`).
     phase2s: Vec<String>,
@@ -97,8 +97,9 @@ struct Gateway {
     child_bytes: Option<u64>,
     /// Whether the phase2 has a time limit (`keylife-type seconds|both`).
     child_timed: bool,
-    /// Every `remote-gw`, in order (backup peers; [`lifecycle`]).
-    peers: Vec<Ipv4Addr>,
+    /// Every `remote-gw` (`remote-gw6` with `ip-version 6`), in order (backup peers;
+    /// [`lifecycle`]).
+    peers: Vec<IpAddr>,
     /// `passive-mode enable`: never initiates.
     passive: bool,
     /// `dpd-action` in force ([`lifecycle::dpd_action_of`]).
@@ -456,8 +457,8 @@ fn gateway_of(
     Ok(Gateway {
         name: p.name.clone(),
         dynamic: p.kind == Phase1Type::Dynamic,
-        remote_gw: p.remote_gw.first().copied(),
-        local_gw: p.local_gw.filter(|a| !a.is_unspecified()),
+        remote_gw: p.remote_addrs().first().copied(),
+        local_gw: p.local_addr().filter(|a| !a.is_unspecified()),
         interface: p.interface.clone(),
         phase2s: if all_p2.is_empty() {
             vec![p.name.clone()]
@@ -476,13 +477,13 @@ fn gateway_of(
         dpd_hold: liveness_hold(p),
         child_bytes,
         child_timed,
-        peers: p.remote_gw.clone(),
+        peers: p.remote_addrs(),
         passive: p.passive_mode,
         dpd_action: lifecycle::dpd_action_of(p),
         monitor: p.monitor.clone().filter(|m| !m.is_empty()),
         p2: p2_knobs,
         monitor_action: haven_config::tunnel_monitor_action(config, p),
-        preempt: (p.remote_gw_preempt_interval > 0 && p.remote_gw.len() > 1)
+        preempt: (p.remote_gw_preempt_interval > 0 && p.remote_addrs().len() > 1)
             .then(|| Duration::from_secs(u64::from(p.remote_gw_preempt_interval))),
     })
 }
@@ -623,7 +624,7 @@ impl IkeManager {
     /// Static gateways that should have an IKE SA and have none: (gateway, remote, local
     /// address if configured). The driver resolves the local address and calls
     /// [`IkeManager::initiate`].
-    pub fn initiate_pending(&self, now: Instant) -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
+    pub fn initiate_pending(&self, now: Instant) -> Vec<(String, IpAddr, Option<IpAddr>)> {
         self.gateways
             .values()
             .filter(|g| {
@@ -781,7 +782,7 @@ impl IkeManager {
         let by_remote = self
             .gateways
             .values()
-            .find(|g| !g.dynamic && g.peers.iter().any(|p| IpAddr::V4(*p) == remote));
+            .find(|g| !g.dynamic && g.peers.contains(&remote));
         by_remote
             .or_else(|| self.gateways.values().find(|g| g.dynamic))
             .cloned()

@@ -2,11 +2,14 @@
 //! datagram sockets shared with espd, feed datagrams and timeouts to the sans-IO
 //! [`IkeManager`] and carry its transmits and route changes out.
 //!
-//! Sockets: `0.0.0.0:500` (IKE without NAT-T); `<run-dir>/ike4500.sock`, bound here, where
+//! Sockets: `0.0.0.0:500` and `[::]:500` (IPv6 only; IKE without NAT-T over IPv6 for
+//! `ip-version 6` phase1s, the kernel picking the source address); `<run-dir>/ike4500.sock`, bound here, where
 //! espd hands over IKE messages that arrived on UDP/4500; `<run-dir>/espd-ike.sock`, espd's,
 //! where IKE messages to send out of 4500 go. Both unix sockets carry one IKE message per
 //! datagram behind a 12-octet header: source IPv4, source port, destination IPv4,
-//! destination port, all in network byte order (espd's `datapath::sockets`). Towards ikemgr
+//! destination port, all in network byte order (espd's `datapath::sockets`); over IPv6 a
+//! 42-octet header: `ff ff ff ff 00 00` (a source of 255.255.255.255, never an IKE peer,
+//! marks this form), source IPv6, source port, destination IPv6, destination port. Towards ikemgr
 //! the destination is the local address the peer sent to (0.0.0.0 if espd does not know it);
 //! towards espd the source is the address to send from.
 //!
@@ -20,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,10 @@ use crate::ike::{IkeManager, RouteOp};
 
 /// Hand-off header: src IPv4 (4), src port (2), dst IPv4 (4), dst port (2).
 const HANDOFF_HDR_LEN: usize = 12;
+/// IPv6 hand-off header: marker (6), src IPv6 (16), src port (2), dst IPv6 (16), dst port (2).
+const HANDOFF6_HDR_LEN: usize = 42;
+/// First octets of an IPv6 hand-off header.
+const HANDOFF6_MARK: [u8; 6] = [0xff, 0xff, 0xff, 0xff, 0, 0];
 /// Largest IKE datagram accepted.
 const MAX_DATAGRAM: usize = 65535;
 /// How long a route whose device is missing is retried.
@@ -48,7 +55,7 @@ pub enum Input {
         /// The peer.
         from: SocketAddr,
         /// The local address it was sent to, when known.
-        to: Option<Ipv4Addr>,
+        to: Option<IpAddr>,
         /// IKE message.
         data: Vec<u8>,
     },
@@ -62,19 +69,40 @@ pub fn lock(m: &Mutex<IkeManager>) -> MutexGuard<'_, IkeManager> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Parses a hand-off datagram into (source, IKE message).
-pub fn parse_handoff(d: &[u8]) -> Option<(SocketAddrV4, &[u8])> {
+fn ipv6_at(d: &[u8], at: usize) -> Option<Ipv6Addr> {
+    let b: [u8; 16] = d.get(at..at + 16)?.try_into().ok()?;
+    Some(Ipv6Addr::from(b))
+}
+
+fn port_at(d: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*d.get(at)?, *d.get(at + 1)?]))
+}
+
+/// Parses a hand-off datagram (either form) into (source, IKE message).
+pub fn parse_handoff(d: &[u8]) -> Option<(SocketAddr, &[u8])> {
+    if d.starts_with(&HANDOFF6_MARK) {
+        let src = SocketAddr::new(ipv6_at(d, 6)?.into(), port_at(d, 22)?);
+        return Some((src, d.get(HANDOFF6_HDR_LEN..)?));
+    }
     let h = d.get(..HANDOFF_HDR_LEN)?;
     let ip = Ipv4Addr::new(*h.first()?, *h.get(1)?, *h.get(2)?, *h.get(3)?);
     let port = u16::from_be_bytes([*h.get(4)?, *h.get(5)?]);
-    Some((SocketAddrV4::new(ip, port), d.get(HANDOFF_HDR_LEN..)?))
+    Some((
+        SocketAddr::V4(SocketAddrV4::new(ip, port)),
+        d.get(HANDOFF_HDR_LEN..)?,
+    ))
 }
 
-/// The destination address of a hand-off datagram (None: unknown, 0.0.0.0, or too short).
-pub fn handoff_dst(d: &[u8]) -> Option<Ipv4Addr> {
+/// The destination address of a hand-off datagram (None: unknown, unspecified, or too
+/// short).
+pub fn handoff_dst(d: &[u8]) -> Option<IpAddr> {
+    if d.starts_with(&HANDOFF6_MARK) {
+        let ip = ipv6_at(d, 24)?;
+        return (!ip.is_unspecified()).then_some(ip.into());
+    }
     let h = d.get(6..10)?;
     let ip = Ipv4Addr::new(*h.first()?, *h.get(1)?, *h.get(2)?, *h.get(3)?);
-    (!ip.is_unspecified()).then_some(ip)
+    (!ip.is_unspecified()).then_some(ip.into())
 }
 
 /// `recvmsg` on an IPv4 UDP socket with IP_PKTINFO enabled: (length, peer, the local address
@@ -177,6 +205,18 @@ fn send_from(fd: RawFd, data: &[u8], src: Ipv4Addr, dst: SocketAddrV4) -> io::Re
     Ok(())
 }
 
+/// Builds an IPv6 hand-off datagram (`src` unspecified: espd's kernel picks).
+pub fn build_handoff6(src: Ipv6Addr, dst: SocketAddrV6, ike: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HANDOFF6_HDR_LEN + ike.len());
+    v.extend_from_slice(&HANDOFF6_MARK);
+    v.extend_from_slice(&src.octets());
+    v.extend_from_slice(&ike_proto::sa::NAT_T_PORT.to_be_bytes());
+    v.extend_from_slice(&dst.ip().octets());
+    v.extend_from_slice(&dst.port().to_be_bytes());
+    v.extend_from_slice(ike);
+    v
+}
+
 /// Builds a hand-off datagram.
 pub fn build_handoff(src: SocketAddrV4, dst: SocketAddrV4, ike: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(HANDOFF_HDR_LEN + ike.len());
@@ -191,7 +231,12 @@ pub fn build_handoff(src: SocketAddrV4, dst: SocketAddrV4, ike: &[u8]) -> Vec<u8
 /// The source address the kernel would use towards `remote` (a routing lookup through an
 /// unconnected UDP socket; nothing is sent).
 fn local_ip_for(remote: IpAddr) -> Option<IpAddr> {
-    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    let s = UdpSocket::bind(if remote.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    })
+    .ok()?;
     s.connect(SocketAddr::new(remote, 500)).ok()?;
     s.local_addr().ok().map(|a| a.ip())
 }
@@ -204,6 +249,8 @@ struct Pending {
 struct Loop {
     mgr: Arc<Mutex<IkeManager>>,
     udp500: UdpSocket,
+    /// `[::]:500`, `None` on a host without IPv6.
+    udp500_6: Option<UdpSocket>,
     out4500: UnixDatagram,
     espd_path: PathBuf,
     local_ips: HashMap<IpAddr, IpAddr>,
@@ -265,7 +312,7 @@ impl Loop {
                 if let Input::Datagram { from, to, .. } = i {
                     // The address the peer sent to; else what the route towards it picks.
                     let ip = match to {
-                        Some(a) => IpAddr::V4(*a),
+                        Some(a) => *a,
                         None => self.local(from.ip()),
                     };
                     resolved.push(ip);
@@ -290,8 +337,7 @@ impl Loop {
                 let starts: Vec<(String, IpAddr, IpAddr)> = pending
                     .into_iter()
                     .map(|(g, remote, local)| {
-                        let remote = IpAddr::V4(remote);
-                        let local = local.map(IpAddr::V4).unwrap_or_else(|| self.local(remote));
+                        let local = local.unwrap_or_else(|| self.local(remote));
                         (g, local, remote)
                     })
                     .collect();
@@ -331,13 +377,26 @@ impl Loop {
                     .out4500
                     .send_to(&build_handoff(s, d, &t.payload), &self.espd_path)
                     .map(|_| ()),
-                _ => Err(io::Error::other("IPv6 is not carried over 4500")),
+                (s, SocketAddr::V6(d)) => {
+                    let src = match s.ip() {
+                        IpAddr::V6(a) => a,
+                        IpAddr::V4(_) => Ipv6Addr::UNSPECIFIED,
+                    };
+                    self.out4500
+                        .send_to(&build_handoff6(src, d, &t.payload), &self.espd_path)
+                        .map(|_| ())
+                }
+                _ => Err(io::Error::other("IPv4 destination from an IPv6 source")),
             }
         } else {
             match (t.source, t.destination) {
                 (SocketAddr::V4(s), SocketAddr::V4(d)) => {
                     send_from(self.udp500.as_raw_fd(), &t.payload, *s.ip(), d)
                 }
+                (_, SocketAddr::V6(_)) => match &self.udp500_6 {
+                    Some(u) => u.send_to(&t.payload, t.destination).map(|_| ()),
+                    None => Err(io::Error::other("no IPv6 UDP 500 socket")),
+                },
                 _ => self.udp500.send_to(&t.payload, t.destination).map(|_| ()),
             }
         };
@@ -406,6 +465,48 @@ fn same_route(a: &RouteOp, b: &RouteOp) -> bool {
     key(a) == key(b)
 }
 
+/// `[::]:500` with IPV6_V6ONLY (IPv4 stays on the `0.0.0.0:500` socket).
+fn bind_udp500_v6() -> io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and has no other owner.
+    let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain old data; all-zero is valid ([::], port set below).
+    let mut a: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    a.sin6_port = 500u16.to_be();
+    // SAFETY: bind with a live sockaddr_in6 and its size.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&a as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
 /// Opens the sockets and starts the threads. Returns the sender that wakes the loop.
 pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<Input>> {
     let udp500 = UdpSocket::bind("0.0.0.0:500")
@@ -445,7 +546,7 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
                             .send(Input::Datagram {
                                 port: 500,
                                 from,
-                                to,
+                                to: to.map(IpAddr::V4),
                                 data,
                             })
                             .is_err()
@@ -460,6 +561,41 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
                 }
             }
         })?;
+    let udp500_6 = match bind_udp500_v6() {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::warn!("ike 0: no IKE over IPv6: UDP [::]:500: {e}");
+            None
+        }
+    };
+    if let Some(r6) = udp500_6.as_ref().map(|u| u.try_clone()).transpose()? {
+        let tx6 = tx.clone();
+        std::thread::Builder::new()
+            .name("ikemgr-udp500-v6".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; MAX_DATAGRAM];
+                loop {
+                    match r6.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            let data = buf.get(..n).unwrap_or(&[]).to_vec();
+                            let input = Input::Datagram {
+                                port: 500,
+                                from,
+                                to: None,
+                                data,
+                            };
+                            if tx6.send(input).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!("ike 0: UDP [::]:500 receive: {e}");
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+            })?;
+    }
     let tx4500 = tx.clone();
     std::thread::Builder::new()
         .name("ikemgr-ike4500".into())
@@ -474,7 +610,7 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
                         };
                         let input = Input::Datagram {
                             port: ike_proto::sa::NAT_T_PORT,
-                            from: SocketAddr::V4(from),
+                            from,
                             to: handoff_dst(d),
                             data: ike.to_vec(),
                         };
@@ -492,6 +628,7 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
     let lp = Loop {
         mgr,
         udp500,
+        udp500_6,
         out4500,
         espd_path: run_dir.join("espd-ike.sock"),
         local_ips: HashMap::new(),
@@ -516,11 +653,35 @@ mod tests {
         assert_eq!(b.len(), 15);
         assert_eq!(&b[6..10], &[198, 51, 100, 7]);
         let (src, ike) = parse_handoff(&b).unwrap();
-        assert_eq!((src, ike), (s, &b"ike"[..]));
+        assert_eq!((src, ike), (SocketAddr::V4(s), &b"ike"[..]));
         assert!(parse_handoff(&b[..11]).is_none());
-        assert_eq!(handoff_dst(&b), Some(*d.ip()));
+        assert_eq!(handoff_dst(&b), Some(IpAddr::V4(*d.ip())));
         assert_eq!(
             handoff_dst(&build_handoff(d, "0.0.0.0:4500".parse().unwrap(), b"")),
+            None
+        );
+    }
+
+    #[test]
+    fn ipv6_handoff_round_trips_and_short_input_is_refused() {
+        let local: Ipv6Addr = "fd00:31::2".parse().unwrap();
+        let peer: SocketAddrV6 = "[fd00:31::1]:4500".parse().unwrap();
+        let b = build_handoff6(local, peer, b"ike");
+        assert_eq!(b.len(), HANDOFF6_HDR_LEN + 3);
+        // espd's form towards ikemgr has the peer first: parse it as espd writes it.
+        let mut from_espd = HANDOFF6_MARK.to_vec();
+        from_espd.extend_from_slice(&peer.ip().octets());
+        from_espd.extend_from_slice(&peer.port().to_be_bytes());
+        from_espd.extend_from_slice(&local.octets());
+        from_espd.extend_from_slice(&4500u16.to_be_bytes());
+        from_espd.extend_from_slice(b"ike");
+        let (src, ike) = parse_handoff(&from_espd).unwrap();
+        assert_eq!((src, ike), (SocketAddr::V6(peer), &b"ike"[..]));
+        assert_eq!(handoff_dst(&from_espd), Some(IpAddr::V6(local)));
+        assert!(parse_handoff(&from_espd[..41]).is_none());
+        assert_eq!(handoff_dst(&from_espd[..30]), None);
+        assert_eq!(
+            handoff_dst(&build_handoff6(local, "[::]:4500".parse().unwrap(), b"")),
             None
         );
     }

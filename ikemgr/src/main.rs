@@ -84,8 +84,8 @@ fn manual_tunnel_of(m: &ManualKey) -> TunnelInfo {
         name: m.name.clone(),
         phase1: m.name.clone(),
         kind: TunnelKind::Static,
-        local_gw: m.local_gw.map(|a| a.to_string()),
-        remote_gw: Some(m.remote_gw.to_string()),
+        local_gw: m.local_addr().map(|a| a.to_string()),
+        remote_gw: Some(m.remote_addr().to_string()),
         interface: Some(m.interface.clone()).filter(|s| !s.is_empty()),
         state: TunnelState::Up,
         phase2: vec![m.name.clone()],
@@ -116,10 +116,13 @@ fn manual_child_sa_of(m: &ManualKey) -> ChildSaInfo {
         keys_in: keys.expose_bytes().to_vec(),
         keys_out: keys.expose_bytes().to_vec(),
         local: m
-            .local_gw
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)
+            .local_addr()
+            .unwrap_or(match m.remote_addr() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            })
             .to_string(),
-        remote: m.remote_gw.to_string(),
+        remote: m.remote_addr().to_string(),
         encap: match m.encapsulation {
             ManualEncap::None => EspEncap::None,
             ManualEncap::Udp => EspEncap::Udp {

@@ -5,7 +5,7 @@
 
 mod espd_common;
 
-use espd_common::{count_wire, wire_counters, Pair, TUNNEL};
+use espd_common::{carries_tcp, count_wire, wire_counters, Pair, TUNNEL};
 
 fn carries_traffic(label: &str, udp: bool) {
     let pair = Pair::new(label, udp);
@@ -121,57 +121,6 @@ fn metrics_move(pair: &Pair) {
             "promtool: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-}
-
-/// A TCP transfer (iperf3, 1 s) through the tunnel: exercises the TSO segmentation on the
-/// sending gateway and the coalescing on the receiving one. Asserts that data arrived and
-/// nothing was dropped for a bad offload header, not how fast.
-fn carries_tcp(pair: &Pair) {
-    use std::time::Duration;
-    let mut server = pair
-        .topo
-        .server
-        .spawn("iperf3", &["-s", "-1"])
-        .expect("iperf3 server");
-    haven_tests::daemons::wait_for("iperf3 server", Duration::from_secs(10), || {
-        let out = pair
-            .topo
-            .server
-            .run("ss", &["-ltn"])
-            .map_err(|e| e.to_string())?;
-        if out.contains(":5201 ") {
-            Ok(())
-        } else {
-            Err(out)
-        }
-    });
-    let out = pair
-        .topo
-        .client
-        .exec(
-            "iperf3",
-            &[
-                "-c",
-                haven_tests::netns::SiteToSite::SERVER,
-                "-t",
-                "1",
-                "-J",
-            ],
-        )
-        .expect("iperf3 client");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-    assert!(
-        bytes > 1_000_000,
-        "TCP through the tunnel moved {bytes} bytes: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let _ = server.kill_now();
-    for gw in [&pair.a, &pair.b] {
-        assert_eq!(gw.drop_total("offload"), 0);
-        assert_eq!(gw.drop_total("inner_header"), 0);
-        assert_eq!(gw.drop_total("tun_write"), 0);
     }
 }
 

@@ -862,12 +862,23 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
     if let Some(v) = &iface {
         p.interface = v.clone();
     }
-    let _ = f.choice(
-        ctx,
-        "ip-version",
-        &[("4", ())],
-        " (Haven does not implement IPv6 tunnels)",
-    );
+    if let Some(v6) = f.choice(ctx, "ip-version", &[("4", false), ("6", true)], "") {
+        p.ipv6 = v6;
+    }
+    let ipv6 = |s: &str| s.parse::<std::net::Ipv6Addr>().ok();
+    if p.ipv6 {
+        if let Some(v) = f.parse(ctx, "local-gw6", "an IPv6 address", ipv6) {
+            p.local_gw6 = Some(v).filter(|a| !a.is_unspecified());
+        }
+    }
+    let rgw6 = if p.ipv6 {
+        f.list(ctx, "remote-gw6", "an IPv6 address", ipv6)
+    } else {
+        None
+    };
+    if let Some(v) = &rgw6 {
+        p.remote_gw6 = v.iter().copied().filter(|a| !a.is_unspecified()).collect();
+    }
     let ike = f.choice(ctx, "ike-version", &[("1", 1u8), ("2", 2u8)], "");
     if let Some(v) = ike {
         p.ike_version = v;
@@ -1108,7 +1119,18 @@ fn build_phase1(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase1, P1Pos) {
         _ => {}
     }
     match p.kind {
-        Phase1Type::Static if p.remote_gw.is_empty() && (rgw.is_some() || !f.has("remote-gw")) => {
+        Phase1Type::Static
+            if p.ipv6 && p.remote_gw6.is_empty() && (rgw6.is_some() || !f.has("remote-gw6")) =>
+        {
+            ctx.invalid(
+                e.pos,
+                label,
+                "type static with ip-version 6 needs set remote-gw6 <address>",
+            );
+        }
+        Phase1Type::Static
+            if !p.ipv6 && p.remote_gw.is_empty() && (rgw.is_some() || !f.has("remote-gw")) =>
+        {
             ctx.invalid(e.pos, label, "type static needs set remote-gw <address>");
         }
         Phase1Type::Ddns if p.remotegw_ddns.is_none() => {
@@ -1534,16 +1556,51 @@ fn build_manualkey(ctx: &mut Ctx, e: &Edit, table: &str) -> Option<(ManualKey, M
         );
         ok = false;
     }
-    for key in ["ip-version", "addr-type"] {
-        let _ = f.choice(
-            ctx,
-            key,
-            &[("4", ())],
-            " (Haven does not implement IPv6 tunnels)",
-        );
-    }
+    // `ip-version` is the outer (gateway) address family, `addr-type` the inner one.
+    let v6 = f.choice(ctx, "ip-version", &[("4", false), ("6", true)], "") == Some(true);
+    let _ = f.choice(
+        ctx,
+        "addr-type",
+        &[("4", ())],
+        " (Haven's manual-key selectors are IPv4)",
+    );
+    let ipv6 = |s: &str| s.parse::<std::net::Ipv6Addr>().ok();
+    let local_gw6 = if v6 {
+        f.parse(ctx, "local-gw6", "an IPv6 address", ipv6)
+            .filter(|a| !a.is_unspecified())
+    } else {
+        None
+    };
+    let remote_gw6 = if v6 {
+        match f.parse(ctx, "remote-gw6", "an IPv6 address", ipv6) {
+            Some(a) if !a.is_unspecified() => Some(a),
+            Some(_) => {
+                ctx.invalid(
+                    f.value_pos("remote-gw6").unwrap_or(e.pos),
+                    &label,
+                    "remote-gw6 :: is not a peer address",
+                );
+                ok = false;
+                None
+            }
+            None => {
+                if !f.has("remote-gw6") {
+                    ctx.invalid(
+                        e.pos,
+                        &label,
+                        "manualkey-interface with ip-version 6 needs set remote-gw6 <address>",
+                    );
+                }
+                ok = false;
+                None
+            }
+        }
+    } else {
+        None
+    };
     let local_gw = f.ipv4(ctx, "local-gw").and_then(ipv4_or_unset);
     let remote_gw = match f.ipv4(ctx, "remote-gw") {
+        _ if v6 => Some(Ipv4Addr::UNSPECIFIED),
         Some(ip) if !ip.is_unspecified() => Some(ip),
         Some(_) => {
             ctx.invalid(
@@ -1761,6 +1818,8 @@ fn build_manualkey(ctx: &mut Ctx, e: &Edit, table: &str) -> Option<(ManualKey, M
             replay,
             src_subnet,
             dst_subnet,
+            local_gw6,
+            remote_gw6,
         },
         pos,
     ))

@@ -647,9 +647,36 @@ pub struct Phase1 {
     pub rekey: bool,
     /// `comments`. Default empty.
     pub comments: String,
+    /// `ip-version 6`: the gateways are IPv6 (`local-gw6`, `remote-gw6`), and
+    /// `local_gw`/`remote_gw` are unused. Default 4.
+    pub ipv6: bool,
+    /// `local-gw6` with `ip-version 6`; `None` (unset or `::`) means the
+    /// address the route to the peer picks.
+    pub local_gw6: Option<std::net::Ipv6Addr>,
+    /// `remote-gw6` with `ip-version 6`: the peer, then backup peers, as
+    /// `remote_gw`. Required for `static` then.
+    pub remote_gw6: Vec<std::net::Ipv6Addr>,
 }
 
 impl Phase1 {
+    /// The peers in order: `remote-gw6` with `ip-version 6`, else `remote-gw`.
+    pub fn remote_addrs(&self) -> Vec<std::net::IpAddr> {
+        if self.ipv6 {
+            self.remote_gw6.iter().map(|a| (*a).into()).collect()
+        } else {
+            self.remote_gw.iter().map(|a| (*a).into()).collect()
+        }
+    }
+
+    /// The local gateway address of the phase1's family, if set.
+    pub fn local_addr(&self) -> Option<std::net::IpAddr> {
+        if self.ipv6 {
+            self.local_gw6.map(Into::into)
+        } else {
+            self.local_gw.map(Into::into)
+        }
+    }
+
     /// A phase1 named `name` with every FortiOS default (except
     /// `ike_version`, 2; see the field) and an empty `interface`, which
     /// validation requires to be set.
@@ -702,6 +729,9 @@ impl Phase1 {
             certificate: Vec::new(),
             rekey: true,
             comments: String::new(),
+            ipv6: false,
+            local_gw6: None,
+            remote_gw6: Vec::new(),
         }
     }
 }
@@ -840,10 +870,11 @@ pub enum ManualEncap {
 /// tunnel's interface (FortiOS creates an interface named after it), so it
 /// cannot also be a phase1-interface name.
 ///
-/// FortiOS keys: `interface`, `ip-version` and `addr-type` (4 only),
+/// FortiOS keys: `interface`, `ip-version` (4, or 6 with `local-gw6` and
+/// `remote-gw6` for the gateway addresses), `addr-type` (4 only),
 /// `remote-gw`, `local-gw`, `auth-alg`, `enc-alg`, `auth-key`, `enc-key`,
-/// `local-spi`, `remote-spi`; `npu-offload`, `local-gw6` and `remote-gw6` are
-/// accepted and ignored with a warning.
+/// `local-spi`, `remote-spi`; `npu-offload` is accepted and ignored with a
+/// warning.
 ///
 /// Haven extension keys (FortiOS has no equivalent; a FortiGate rejects
 /// them): `enc-alg aes128gcm|aes256gcm|chacha20poly1305` (combined-mode
@@ -861,7 +892,8 @@ pub struct ManualKey {
     pub interface: String,
     /// `local-gw`; `0.0.0.0` (the default) means the address of `interface`.
     pub local_gw: Option<Ipv4Addr>,
-    /// `remote-gw`: the peer (required, not `0.0.0.0`).
+    /// `remote-gw`: the peer (required, not `0.0.0.0`); `0.0.0.0` with
+    /// `ip-version 6`, where [`ManualKey::remote_gw6`] is the peer.
     pub remote_gw: Ipv4Addr,
     /// `enc-alg` and `auth-alg` as one phase2-style proposal: `aes128-sha1`,
     /// `aes256-sha256`, `aes128gcm`… (its spelling is the transform name
@@ -900,9 +932,32 @@ pub struct ManualKey {
     /// `dst-subnet` (Haven extension): the remote traffic selector. Default
     /// `0.0.0.0/0`.
     pub dst_subnet: Ipv4Net,
+    /// `local-gw6` with `ip-version 6`; `None` (unset or `::`) means the
+    /// address of `interface`.
+    pub local_gw6: Option<std::net::Ipv6Addr>,
+    /// `remote-gw6`: the peer with `ip-version 6` (required then, not `::`);
+    /// `None` with `ip-version 4`.
+    pub remote_gw6: Option<std::net::Ipv6Addr>,
 }
 
 impl ManualKey {
+    /// The peer's address: `remote-gw6` with `ip-version 6`, else `remote-gw`.
+    pub fn remote_addr(&self) -> std::net::IpAddr {
+        match self.remote_gw6 {
+            Some(a) => a.into(),
+            None => self.remote_gw.into(),
+        }
+    }
+
+    /// The local gateway address, in the family of [`ManualKey::remote_addr`]; `None`
+    /// for the address of `interface`.
+    pub fn local_addr(&self) -> Option<std::net::IpAddr> {
+        match self.remote_gw6 {
+            Some(_) => self.local_gw6.map(Into::into),
+            None => self.local_gw.map(Into::into),
+        }
+    }
+
     /// The ESP key block of one direction, in the order of RFC 7296 §2.17:
     /// the encryption key (salt included) followed by the integrity key, if
     /// any. Manual keys are the same in both directions.

@@ -608,3 +608,36 @@ fn system_interface_addresses() {
     let e = parse(&text.replace("edit \"lb1\"", "edit \"port5\"")).unwrap_err();
     assert!(e.to_string().contains("duplicate edit"), "{e}");
 }
+
+/// `ip-version 6`: the peers are `remote-gw6` (a list, like `remote-gw`), the local
+/// address `local-gw6`; `remote-gw` is then unused and `remote-gw6` is required for static.
+#[test]
+fn phase1_ip_version_6() {
+    let p = parse(&tunnel(
+        "        set ip-version 6\n        set local-gw6 2001:db8::1\n        set remote-gw6 2001:db8::2 2001:db8::3\n",
+        "",
+    ))
+    .unwrap();
+    let p1 = &p.config.phase1[0];
+    assert!(p1.ipv6);
+    let peers: Vec<String> = p1.remote_addrs().iter().map(|a| a.to_string()).collect();
+    assert_eq!(peers, ["2001:db8::2", "2001:db8::3"]);
+    assert_eq!(
+        p1.local_addr().map(|a| a.to_string()).as_deref(),
+        Some("2001:db8::1")
+    );
+    let v4 = parse(&tunnel("", "")).unwrap();
+    let peers: Vec<String> = v4.config.phase1[0]
+        .remote_addrs()
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(peers, ["192.0.2.1"]);
+    let e = one_error(&tunnel("        set ip-version 6\n", ""));
+    assert!(e.to_string().contains("set remote-gw6"), "{e}");
+    let e = one_error(&tunnel(
+        "        set ip-version 6\n        set remote-gw6 192.0.2.9\n",
+        "",
+    ));
+    assert!(e.to_string().contains("IPv6 address"), "{e}");
+}

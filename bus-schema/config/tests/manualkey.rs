@@ -400,14 +400,23 @@ fn fortios_extras_and_haven_extensions() {
     ]))
     .unwrap();
     let keys: Vec<&str> = p.warnings.iter().map(|w| w.key.as_str()).collect();
-    assert_eq!(keys, ["npu-offload", "local-gw6", "remote-gw6"]);
+    assert_eq!(keys, ["npu-offload"]);
     let m = &p.config.manualkey[0];
     assert_eq!(m.local_gw, None);
+    // With ip-version 4 the IPv6 gateway keys are not used.
+    assert_eq!((m.local_gw6, m.remote_gw6), (None, None));
+    assert_eq!(m.remote_addr(), ip("192.0.2.2"));
     assert_eq!(m.encapsulation, ManualEncap::None);
     assert_eq!(m.src_subnet, net("10.9.0.0/16"));
 
     let e = one_error(&mk(&["set ip-version 6"]));
-    assert!(expected_of(&e).contains("IPv6"), "{e}");
+    assert!(expected_of(&e).contains("set remote-gw6"), "{e}");
+    let e = one_error(&mk(&["set ip-version 6", "set remote-gw6 ::"]));
+    assert!(expected_of(&e).contains("::"), "{e}");
+    let e = one_error(&mk(&["set ip-version 6", "set remote-gw6 192.0.2.1"]));
+    assert!(expected_of(&e).contains("IPv6 address"), "{e}");
+    let e = one_error(&mk(&["set ip-version 5"]));
+    assert!(expected_of(&e).contains("one of 4, 6"), "{e}");
     let e = one_error(&mk(&["set addr-type 6"]));
     assert_eq!((e.line, e.col), (3, 23));
     let e = one_error(&mk(&["set encapsulation tcp"]));
@@ -417,6 +426,30 @@ fn fortios_extras_and_haven_extensions() {
         matches!(&e.kind, ErrorKind::UnknownKey { expected, .. } if expected.contains("did you mean \"auth-key\"")),
         "{e}"
     );
+}
+
+/// `ip-version 6`: the gateways are `local-gw6` / `remote-gw6` (FortiOS keys), `remote-gw`
+/// is not needed.
+#[test]
+fn ipv6_gateways() {
+    let p = parse(
+        &mk(&[
+            "set ip-version 6",
+            "set local-gw6 2001:db8::1",
+            "set remote-gw6 2001:db8::2",
+        ])
+        .replace("        set remote-gw 192.0.2.2\n", ""),
+    )
+    .unwrap();
+    let m = &p.config.manualkey[0];
+    assert_eq!(m.remote_gw6, Some("2001:db8::2".parse().unwrap()));
+    assert_eq!(m.remote_addr().to_string(), "2001:db8::2");
+    assert_eq!(
+        m.local_addr().map(|a| a.to_string()).as_deref(),
+        Some("2001:db8::1")
+    );
+    let p = parse(&mk(&["set ip-version 6", "set remote-gw6 2001:db8::2"])).unwrap();
+    assert_eq!(p.config.manualkey[0].local_addr(), None);
 }
 
 #[test]

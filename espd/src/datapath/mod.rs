@@ -22,7 +22,7 @@ pub mod tun;
 pub mod worker;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -45,6 +45,8 @@ pub const SEQ_BLOCK: u64 = 1 << 20;
 pub const HOUSEKEEPING: Duration = Duration::from_millis(20);
 /// Outer IPv4 (20) + UDP (8) headers, for the TUN MTU.
 const OUTER_OVERHEAD: u32 = 28;
+/// Outer IPv6 (40, RFC 8200 §3) + UDP (8) headers.
+const OUTER_OVERHEAD_V6: u32 = 48;
 /// Path MTU assumed for the outside interface.
 const OUTER_MTU: u32 = 1500;
 
@@ -292,7 +294,7 @@ impl Datapath {
 
     /// Points an installed UDP-encapsulated SA at `to` (ikemgr followed the peer's NAT
     /// mapping), keeping its state. False for an unknown or raw SA.
-    pub fn set_peer(&mut self, key: &str, to: SocketAddrV4) -> bool {
+    pub fn set_peer(&mut self, key: &str, to: SocketAddr) -> bool {
         match self.sas.get(key) {
             Some(sa) if sa.peer.get() != Peer::Udp(to) => sa.peer.move_udp(to),
             Some(_) => true,
@@ -348,16 +350,23 @@ impl Datapath {
                 key: phase1.to_string(),
                 reason: "no transform".into(),
             })?;
-        self.device(phase1, widest)?;
+        self.device(phase1, widest, OUTER_OVERHEAD_V6)?;
         self.publish();
         Ok(())
     }
 
-    fn device(&mut self, phase1: &str, transform: Transform) -> Result<Arc<TunDev>, DatapathError> {
+    /// The TUN device of `phase1`, opened with the MTU that fits `transform`'s ESP overhead
+    /// and `outer` bytes of outer headers if it is new.
+    fn device(
+        &mut self,
+        phase1: &str,
+        transform: Transform,
+        outer: u32,
+    ) -> Result<Arc<TunDev>, DatapathError> {
         if let Some(d) = self.devices.get(phase1) {
             return Ok(d.clone());
         }
-        let mtu = OUTER_MTU - OUTER_OVERHEAD - transform.max_overhead() as u32;
+        let mtu = OUTER_MTU - outer - transform.max_overhead() as u32;
         let dev =
             Arc::new(TunDev::open(phase1, mtu).map_err(io_err(format!("TUN device {phase1}")))?);
         tracing::info!("{}: TUN device up, mtu {mtu}", dev.name());
@@ -385,18 +394,31 @@ impl Datapath {
         };
         let local_ts = parse_ts(&info.local_ts)?;
         let remote_ts = parse_ts(&info.remote_ts)?;
-        let remote: Ipv4Addr = match info.remote.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => a,
+        let remote: IpAddr = match info.remote.parse::<IpAddr>() {
+            Ok(a) if !a.is_unspecified() => a,
             _ => {
                 return Err(bad(&format!(
-                    "remote gateway {:?} is not an IPv4 address",
+                    "remote gateway {:?} is not an IPv4 or IPv6 address",
                     info.remote
                 )))
             }
         };
+        // The source of every outbound packet: the local gateway address, of the remote's
+        // family; unset (0.0.0.0 or ::) lets the kernel pick.
+        let local_ip = match (info.local.parse::<IpAddr>(), remote) {
+            (Ok(l @ IpAddr::V4(_)), IpAddr::V4(_)) | (Ok(l @ IpAddr::V6(_)), IpAddr::V6(_)) => l,
+            (Ok(l), _) if !l.is_unspecified() => {
+                return Err(bad(&format!(
+                    "local gateway {} and remote gateway {remote} are of different families",
+                    info.local
+                )))
+            }
+            (_, IpAddr::V4(_)) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (_, IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
         let peer = match info.encap {
             EspEncap::None => Peer::Raw(remote),
-            EspEncap::Udp { remote_port, .. } => Peer::Udp(SocketAddrV4::new(remote, remote_port)),
+            EspEncap::Udp { remote_port, .. } => Peer::Udp(SocketAddr::new(remote, remote_port)),
         };
         let l = info.lifetime;
         let opt = |v: u64| (v > 0).then_some(v);
@@ -456,7 +478,12 @@ impl Datapath {
                 info.spi_out
             );
         }
-        let tun = self.device(&info.phase1, transform)?;
+        let outer = if remote.is_ipv6() {
+            OUTER_OVERHEAD_V6
+        } else {
+            OUTER_OVERHEAD
+        };
+        let tun = self.device(&info.phase1, transform, outer)?;
         Ok(Sa {
             key: key.to_string(),
             tunnel: info.tunnel.clone(),
@@ -494,10 +521,7 @@ impl Datapath {
             tx: DirCounters::starting_at(resume.tx),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             ha_hw: AtomicU64::new(ha_hw),
-            local_ip: match info.local.parse::<IpAddr>() {
-                Ok(IpAddr::V4(a)) => a,
-                _ => Ipv4Addr::UNSPECIFIED,
-            },
+            local_ip,
         })
     }
 }

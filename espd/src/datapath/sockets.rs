@@ -1,5 +1,5 @@
-//! The network edge (DESIGN.md §4): a raw IPv4 socket for IP protocol 50, a UDP socket on
-//! port 4500 for RFC 3948 traffic, the two unix datagram sockets that carry IKE messages
+//! The network edge (DESIGN.md §4): raw IPv4 and IPv6 sockets for IP protocol 50, UDP
+//! sockets on port 4500 (0.0.0.0 and [::], the latter IPv6-only) for RFC 3948 traffic, the two unix datagram sockets that carry IKE messages
 //! between UDP/4500 and ikemgr, and batched receive/send (`recvmmsg`/`sendmmsg`) with
 //! buffers owned by each worker.
 //!
@@ -17,17 +17,31 @@
 //! when the kernel picks it (`src`'s port is ignored).
 //!
 //! Every outbound ESP packet and IKE datagram carries its SA's local address as source in an
-//! IP_PKTINFO control message (`ipi_spec_dst`), so a gateway whose address sits on a loopback
-//! or a shared cluster address answers from that address, not from the outgoing interface's.
+//! IP_PKTINFO control message (`ipi_spec_dst`; IPV6_PKTINFO `ipi6_addr` over IPv6), so a
+//! gateway whose address sits on a loopback or a shared cluster address answers from that
+//! address, not from the outgoing interface's.
+//!
+//! Over IPv6 the header is 42 octets:
+//!
+//! ```text
+//! 0                 6          22      24         40      42
+//! | ff ff ff ff 00 00 | src IPv6 | sport | dst IPv6 | dport | IKE message ...
+//! ```
+//! (a source of 255.255.255.255, never an IKE peer, marks this form); the local address
+//! comes from IPV6_PKTINFO and goes out in it.
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 /// IKE hand-off header length: src addr, src port, dst addr, dst port.
 pub const IKE_HDR_LEN: usize = 12;
+/// IPv6 hand-off header length: marker, src addr, src port, dst addr, dst port.
+pub const IKE_HDR6_LEN: usize = 42;
+/// First octets of an IPv6 hand-off header.
+const IKE_HDR6_MARK: [u8; 6] = [0xff, 0xff, 0xff, 0xff, 0, 0];
 
 /// Largest datagram a worker slot holds (jumbo frames fit; longer ones are truncated and
 /// dropped as such).
@@ -58,11 +72,59 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     s
 }
 
-fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
-        u16::from_be(s.sin_port),
-    )
+fn sockaddr6(a: SocketAddrV6) -> libc::sockaddr_in6 {
+    // SAFETY: sockaddr_in6 is plain old data; all-zero is a valid value.
+    let mut s: libc::sockaddr_in6 = unsafe { zeroed() };
+    s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    s.sin6_port = a.port().to_be();
+    s.sin6_addr.s6_addr = a.ip().octets();
+    s.sin6_scope_id = a.scope_id();
+    s
+}
+
+/// Room for an IPv4 or IPv6 socket address (a `sockaddr_in` fits in a `sockaddr_in6`).
+type AnyAddr = libc::sockaddr_in6;
+
+/// `a` written into an [`AnyAddr`], with its length.
+fn any_sockaddr(a: SocketAddr) -> (AnyAddr, libc::socklen_t) {
+    match a {
+        SocketAddr::V4(a) => {
+            // SAFETY: plain old data; all-zero is valid.
+            let mut buf: AnyAddr = unsafe { zeroed() };
+            // SAFETY: a sockaddr_in (16 bytes, align 4) fits at the start of a sockaddr_in6
+            // (28 bytes, align 4).
+            unsafe {
+                std::ptr::write(
+                    (&mut buf as *mut AnyAddr).cast::<libc::sockaddr_in>(),
+                    sockaddr(a),
+                )
+            };
+            (buf, size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(a) => (sockaddr6(a), size_of::<AnyAddr>() as libc::socklen_t),
+    }
+}
+
+/// The socket address the kernel wrote into `s` (by its family), if IPv4 or IPv6.
+fn from_any(s: &AnyAddr) -> Option<SocketAddr> {
+    match libc::c_int::from(s.sin6_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the kernel wrote a sockaddr_in, which fits (see
+            // `any_sockaddr`).
+            let v4 = unsafe { std::ptr::read((s as *const AnyAddr).cast::<libc::sockaddr_in>()) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)),
+                u16::from_be(v4.sin_port),
+            )))
+        }
+        libc::AF_INET6 => Some(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(s.sin6_addr.s6_addr),
+            u16::from_be(s.sin6_port),
+            0,
+            s.sin6_scope_id,
+        ))),
+        _ => None,
+    }
 }
 
 fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
@@ -86,6 +148,11 @@ pub struct Sockets {
     pub raw: OwnedFd,
     /// UDP bound to 0.0.0.0:4500.
     pub udp: OwnedFd,
+    /// Raw IPv6, next header 50: receives and sends carry the ESP packet only. `None` on a
+    /// host without IPv6.
+    pub raw6: Option<OwnedFd>,
+    /// UDP bound to [::]:4500, IPv6 only. `None` on a host without IPv6.
+    pub udp6: Option<OwnedFd>,
     /// Unbound unix datagram socket for sending to `<run-dir>/ike4500.sock`.
     pub ike_out: OwnedFd,
     ike_out_addr: libc::sockaddr_un,
@@ -111,6 +178,46 @@ fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     }
     let len = (size_of::<libc::sa_family_t>() + b.len() + 1) as libc::socklen_t;
     Ok((a, len))
+}
+
+/// The IPv6 raw ESP socket and the IPv6-only UDP socket on [::]:4500.
+fn open_v6() -> io::Result<(OwnedFd, OwnedFd)> {
+    let nb = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY (both socket(2) calls): constant arguments.
+    let raw =
+        owned(unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW | nb, libc::IPPROTO_ESP) })
+            .map_err(|e| io::Error::new(e.kind(), format!("raw IPv6 ESP socket: {e}")))?;
+    let udp = owned(unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | nb, 0) })?;
+    for fd in [raw.as_raw_fd(), udp.as_raw_fd()] {
+        let _ = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
+        let _ = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 8 << 20);
+    }
+    // IPv4 stays on the 0.0.0.0 socket.
+    set_int_opt(udp.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    let sa = sockaddr6(SocketAddrV6::new(
+        Ipv6Addr::UNSPECIFIED,
+        esp_proto::udp::NAT_T_PORT,
+        0,
+        0,
+    ));
+    // SAFETY: bind with a live sockaddr_in6 and its size.
+    cvt(unsafe {
+        libc::bind(
+            udp.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in6).cast(),
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    })
+    .map_err(|e| io::Error::new(e.kind(), format!("UDP [::]:4500: {e}")))?;
+    let _ = set_int_opt(udp.as_raw_fd(), SOL_UDP, UDP_GRO, 1);
+    // The local address each datagram was sent to (IKE replies leave from it).
+    set_int_opt(
+        udp.as_raw_fd(),
+        libc::IPPROTO_IPV6,
+        libc::IPV6_RECVPKTINFO,
+        1,
+    )?;
+    Ok((raw, udp))
 }
 
 impl Sockets {
@@ -145,6 +252,14 @@ impl Sockets {
         let _ = set_int_opt(udp.as_raw_fd(), SOL_UDP, UDP_GRO, 1);
         // The local address each datagram was sent to (IKE replies leave from it).
         set_int_opt(udp.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+
+        let (raw6, udp6) = match open_v6() {
+            Ok((r, u)) => (Some(r), Some(u)),
+            Err(e) => {
+                tracing::warn!("no IPv6 ESP (raw and UDP [::]:4500): {e}");
+                (None, None)
+            }
+        };
 
         let ike_out = owned(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | nb, 0) })?;
         let (ike_out_addr, ike_out_len) = unix_addr(&run_dir.join("ike4500.sock"))?;
@@ -181,6 +296,8 @@ impl Sockets {
         Ok(Sockets {
             raw,
             udp,
+            raw6,
+            udp6,
             ike_out,
             ike_out_addr,
             ike_out_len,
@@ -189,24 +306,55 @@ impl Sockets {
     }
 
     /// Hands an IKE message that arrived on UDP/4500 to ikemgr. `scratch` must hold
-    /// `IKE_HDR_LEN + ike.len()` bytes; returns false if it could not be delivered.
-    /// `local` is the address the datagram was sent to (0.0.0.0 if unknown).
+    /// `IKE_HDR6_LEN + ike.len()` bytes; returns false if it could not be delivered.
+    /// `local` is the address the datagram was sent to (unspecified if unknown, or of the
+    /// other family).
     pub fn relay_to_ikemgr(
         &self,
-        from: SocketAddrV4,
-        local: Ipv4Addr,
+        from: SocketAddr,
+        local: Option<IpAddr>,
         ike: &[u8],
         scratch: &mut [u8],
     ) -> bool {
-        let n = IKE_HDR_LEN + ike.len();
-        let Some(msg) = scratch.get_mut(..n) else {
+        let port = esp_proto::udp::NAT_T_PORT.to_be_bytes();
+        let n = match from {
+            SocketAddr::V4(from) => {
+                let local = match local {
+                    Some(IpAddr::V4(a)) => a,
+                    _ => Ipv4Addr::UNSPECIFIED,
+                };
+                let n = IKE_HDR_LEN + ike.len();
+                let Some(msg) = scratch.get_mut(..n) else {
+                    return false;
+                };
+                msg[..4].copy_from_slice(&from.ip().octets());
+                msg[4..6].copy_from_slice(&from.port().to_be_bytes());
+                msg[6..10].copy_from_slice(&local.octets());
+                msg[10..12].copy_from_slice(&port);
+                msg[12..].copy_from_slice(ike);
+                n
+            }
+            SocketAddr::V6(from) => {
+                let local = match local {
+                    Some(IpAddr::V6(a)) => a,
+                    _ => Ipv6Addr::UNSPECIFIED,
+                };
+                let n = IKE_HDR6_LEN + ike.len();
+                let Some(msg) = scratch.get_mut(..n) else {
+                    return false;
+                };
+                msg[..6].copy_from_slice(&IKE_HDR6_MARK);
+                msg[6..22].copy_from_slice(&from.ip().octets());
+                msg[22..24].copy_from_slice(&from.port().to_be_bytes());
+                msg[24..40].copy_from_slice(&local.octets());
+                msg[40..42].copy_from_slice(&port);
+                msg[42..].copy_from_slice(ike);
+                n
+            }
+        };
+        let Some(msg) = scratch.get(..n) else {
             return false;
         };
-        msg[..4].copy_from_slice(&from.ip().octets());
-        msg[4..6].copy_from_slice(&from.port().to_be_bytes());
-        msg[6..10].copy_from_slice(&local.octets());
-        msg[10..12].copy_from_slice(&esp_proto::udp::NAT_T_PORT.to_be_bytes());
-        msg[12..].copy_from_slice(ike);
         // SAFETY: msg is valid for n bytes; the address is a live sockaddr_un.
         let r = unsafe {
             libc::sendto(
@@ -244,34 +392,61 @@ impl Sockets {
             };
         }
         let msg = buf.get(..n as usize).unwrap_or(&[]);
-        let (Some(hdr), Some(ike)) = (msg.get(..IKE_HDR_LEN), msg.get(IKE_HDR_LEN..)) else {
-            return Err(io::Error::new(
+        let short = || {
+            io::Error::new(
                 io::ErrorKind::InvalidData,
                 "hand-off message shorter than its header",
-            ));
+            )
         };
-        let dst = SocketAddrV4::new(
-            Ipv4Addr::new(hdr[6], hdr[7], hdr[8], hdr[9]),
-            u16::from_be_bytes([hdr[10], hdr[11]]),
-        );
+        let (src, dst, ike, fd) = if msg.starts_with(&IKE_HDR6_MARK) {
+            let (Some(hdr), Some(ike)) = (msg.get(..IKE_HDR6_LEN), msg.get(IKE_HDR6_LEN..)) else {
+                return Err(short());
+            };
+            let v6 = |at: usize| -> Ipv6Addr {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(hdr.get(at..at + 16).unwrap_or(&[0; 16]));
+                Ipv6Addr::from(b)
+            };
+            let fd = self
+                .udp6
+                .as_ref()
+                .map(|f| f.as_raw_fd())
+                .ok_or_else(|| io::Error::other("no IPv6 UDP 4500 socket"))?;
+            let dst = SocketAddrV6::new(v6(24), u16::from_be_bytes([hdr[40], hdr[41]]), 0, 0);
+            (IpAddr::V6(v6(6)), SocketAddr::V6(dst), ike, fd)
+        } else {
+            let (Some(hdr), Some(ike)) = (msg.get(..IKE_HDR_LEN), msg.get(IKE_HDR_LEN..)) else {
+                return Err(short());
+            };
+            let dst = SocketAddrV4::new(
+                Ipv4Addr::new(hdr[6], hdr[7], hdr[8], hdr[9]),
+                u16::from_be_bytes([hdr[10], hdr[11]]),
+            );
+            let src = Ipv4Addr::new(hdr[0], hdr[1], hdr[2], hdr[3]);
+            (
+                IpAddr::V4(src),
+                SocketAddr::V4(dst),
+                ike,
+                self.udp.as_raw_fd(),
+            )
+        };
         let len = esp_proto::udp::write_ike_payload(ike, out)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        let src = Ipv4Addr::new(hdr[0], hdr[1], hdr[2], hdr[3]);
-        let mut sa = sockaddr(dst);
+        let (mut sa, sa_len) = any_sockaddr(dst);
         let mut iov = libc::iovec {
             iov_base: out.as_mut_ptr().cast(),
             iov_len: len.min(out.len()),
         };
-        let mut cbuf = [0u64; 8];
+        let mut cbuf: Cmsgs = [0; CMSG_WORDS];
         // SAFETY: plain old data; all-zero is valid.
         let mut h: libc::msghdr = unsafe { zeroed() };
-        h.msg_name = (&mut sa as *mut libc::sockaddr_in).cast();
-        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_name = (&mut sa as *mut AnyAddr).cast();
+        h.msg_namelen = sa_len;
         h.msg_iov = &mut iov;
         h.msg_iovlen = 1;
         set_cmsgs(&mut h, &mut cbuf, src, None);
         // SAFETY: h points at live iov (within out), sa and cbuf for the call.
-        let r = unsafe { libc::sendmsg(self.udp.as_raw_fd(), &h, 0) };
+        let r = unsafe { libc::sendmsg(fd, &h, 0) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -283,12 +458,17 @@ impl Sockets {
 pub struct RecvBatch {
     bufs: Box<[u8]>,
     slot: usize,
-    addrs: [libc::sockaddr_in; BATCH],
+    addrs: [AnyAddr; BATCH],
     iov: [libc::iovec; BATCH],
     hdrs: [libc::mmsghdr; BATCH],
     /// Control messages (UDP GRO segment size), one per datagram (u64 for alignment).
-    cmsgs: [[u64; 8]; BATCH],
+    cmsgs: [Cmsgs; BATCH],
 }
+
+/// Control-message room of one datagram: IPV6_PKTINFO (40 bytes) and UDP_SEGMENT (24)
+/// at most, in u64 words for alignment.
+const CMSG_WORDS: usize = 10;
+type Cmsgs = [u64; CMSG_WORDS];
 
 /// `UDP_GRO` (linux/udp.h): receive runs of same-size datagrams as one buffer, with the
 /// segment size in a control message.
@@ -304,7 +484,7 @@ impl RecvBatch {
             addrs: unsafe { zeroed() },
             iov: unsafe { zeroed() },
             hdrs: unsafe { zeroed() },
-            cmsgs: [[0; 8]; BATCH],
+            cmsgs: [[0; CMSG_WORDS]; BATCH],
         }
     }
 
@@ -318,12 +498,12 @@ impl RecvBatch {
                 iov_len: slot,
             };
             let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_name = (&mut self.addrs[i] as *mut AnyAddr).cast();
+            h.msg_namelen = size_of::<AnyAddr>() as libc::socklen_t;
             h.msg_iov = &mut self.iov[i];
             h.msg_iovlen = 1;
             h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
-            h.msg_controllen = size_of::<[u64; 8]>() as _;
+            h.msg_controllen = size_of::<Cmsgs>() as _;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
@@ -350,7 +530,7 @@ impl RecvBatch {
 
     /// Datagram `i` of the last `recv`: (bytes, source, truncated, GRO segment size). With
     /// a segment size the bytes are several datagrams of that size (the last may be shorter).
-    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddrV4, bool, Option<usize>)> {
+    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddr, bool, Option<usize>)> {
         let h = self.hdrs.get(i)?;
         let len = (h.msg_len as usize).min(self.slot);
         let data = self.bufs.get(i * self.slot..i * self.slot + len)?;
@@ -370,12 +550,12 @@ impl RecvBatch {
                 }
             }
         }
-        Some((data, from_sockaddr(self.addrs.get(i)?), trunc, gso))
+        Some((data, from_any(self.addrs.get(i)?)?, trunc, gso))
     }
 
     /// The local address datagram `i` of the last `recv` was sent to (its IP_PKTINFO
-    /// `ipi_spec_dst`), when the socket reports it.
-    pub fn local_addr(&self, i: usize) -> Option<Ipv4Addr> {
+    /// `ipi_spec_dst`, or IPV6_PKTINFO `ipi6_addr`), when the socket reports it.
+    pub fn local_addr(&self, i: usize) -> Option<IpAddr> {
         let h = self.hdrs.get(i)?;
         if h.msg_hdr.msg_controllen == 0 {
             return None;
@@ -387,7 +567,14 @@ impl RecvBatch {
             while !c.is_null() {
                 if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
                     let p = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
-                    found = Some(Ipv4Addr::from(u32::from_be(p.ipi_spec_dst.s_addr)));
+                    found = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        p.ipi_spec_dst.s_addr,
+                    ))));
+                }
+                if (*c).cmsg_level == libc::IPPROTO_IPV6 && (*c).cmsg_type == libc::IPV6_PKTINFO {
+                    let p =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());
+                    found = Some(IpAddr::V6(Ipv6Addr::from(p.ipi6_addr.s6_addr)));
                 }
                 c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
             }
@@ -397,15 +584,19 @@ impl RecvBatch {
 }
 
 /// Fills `buf` with the control messages of one send: IP_PKTINFO with `src` as
-/// `ipi_spec_dst` unless it is 0.0.0.0, and UDP_SEGMENT `seg`; points `h` at them (or at
-/// nothing when there are none).
-fn set_cmsgs(h: &mut libc::msghdr, buf: &mut [u64; 8], src: Ipv4Addr, seg: Option<u16>) {
-    *buf = [0; 8];
+/// `ipi_spec_dst` (IPV6_PKTINFO with `src` as `ipi6_addr` for IPv6) unless it is
+/// unspecified, and UDP_SEGMENT `seg`; points `h` at them (or at nothing when there are
+/// none).
+fn set_cmsgs(h: &mut libc::msghdr, buf: &mut Cmsgs, src: IpAddr, seg: Option<u16>) {
+    *buf = [0; CMSG_WORDS];
     h.msg_control = buf.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE is a pure size computation.
     let (pk, sg) = unsafe {
         (
-            libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as usize,
+            match src {
+                IpAddr::V4(_) => libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32),
+                IpAddr::V6(_) => libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32),
+            } as usize,
             libc::CMSG_SPACE(2) as usize,
         )
     };
@@ -416,24 +607,40 @@ fn set_cmsgs(h: &mut libc::msghdr, buf: &mut [u64; 8], src: Ipv4Addr, seg: Optio
         h.msg_controllen = 0;
         return;
     }
-    // 32 + 24 = 56 bytes at most, within buf's 64.
+    // 40 + 24 = 64 bytes at most, within buf's 80.
     h.msg_controllen = total as _;
-    // SAFETY: msg_control points at 64 zeroed bytes and msg_controllen (<= 56) says how many
+    // SAFETY: msg_control points at 80 zeroed bytes and msg_controllen (<= 64) says how many
     // are in use; CMSG_FIRSTHDR/NXTHDR/DATA stay within them.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(h);
         if want_pk && !c.is_null() {
-            (*c).cmsg_level = libc::IPPROTO_IP;
-            (*c).cmsg_type = libc::IP_PKTINFO;
-            (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
-            let p = libc::in_pktinfo {
-                ipi_ifindex: 0,
-                ipi_spec_dst: libc::in_addr {
-                    s_addr: u32::from(src).to_be(),
-                },
-                ipi_addr: libc::in_addr { s_addr: 0 },
-            };
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>(), p);
+            match src {
+                IpAddr::V4(src) => {
+                    (*c).cmsg_level = libc::IPPROTO_IP;
+                    (*c).cmsg_type = libc::IP_PKTINFO;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+                    let p = libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(src).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>(), p);
+                }
+                IpAddr::V6(src) => {
+                    (*c).cmsg_level = libc::IPPROTO_IPV6;
+                    (*c).cmsg_type = libc::IPV6_PKTINFO;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
+                    let p = libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr {
+                            s6_addr: src.octets(),
+                        },
+                        ipi6_ifindex: 0,
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>(), p);
+                }
+            }
             c = libc::CMSG_NXTHDR(h, c);
         }
         if let (Some(seg), false) = (seg, c.is_null()) {
@@ -449,14 +656,17 @@ fn set_cmsgs(h: &mut libc::msghdr, buf: &mut [u64; 8], src: Ipv4Addr, seg: Optio
 pub struct SendBatch {
     bufs: Box<[[u8; SLOT]]>,
     lens: [usize; BATCH],
-    addrs: [libc::sockaddr_in; BATCH],
-    /// Source address of each packet (0.0.0.0: the kernel picks).
-    srcs: [Ipv4Addr; BATCH],
+    addrs: [AnyAddr; BATCH],
+    addr_lens: [libc::socklen_t; BATCH],
+    /// Destination of each packet (as in `addrs`, for comparisons).
+    dsts: [SocketAddr; BATCH],
+    /// Source address of each packet (unspecified: the kernel picks).
+    srcs: [IpAddr; BATCH],
     iov: [libc::iovec; BATCH],
     hdrs: [libc::mmsghdr; BATCH],
     n: usize,
     /// Control messages (IP_PKTINFO, UDP GSO), one set per message (u64 for alignment).
-    cmsgs: [[u64; 8]; BATCH],
+    cmsgs: [Cmsgs; BATCH],
     /// UDP GSO (UDP_SEGMENT) still believed to work on this socket.
     gso: bool,
 }
@@ -476,9 +686,11 @@ impl SendBatch {
             addrs: unsafe { zeroed() },
             iov: unsafe { zeroed() },
             hdrs: unsafe { zeroed() },
-            srcs: [Ipv4Addr::UNSPECIFIED; BATCH],
+            addr_lens: [0; BATCH],
+            dsts: [SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); BATCH],
+            srcs: [IpAddr::V4(Ipv4Addr::UNSPECIFIED); BATCH],
             n: 0,
-            cmsgs: [[0; 8]; BATCH],
+            cmsgs: [[0; CMSG_WORDS]; BATCH],
             gso: true,
         }
     }
@@ -500,9 +712,6 @@ impl SendBatch {
                 iov_len: self.lens[i],
             };
         }
-        let same_dst = |a: &libc::sockaddr_in, b: &libc::sockaddr_in| {
-            a.sin_addr.s_addr == b.sin_addr.s_addr && a.sin_port == b.sin_port
-        };
         let mut m = 0;
         let mut runs = [0usize; BATCH];
         let mut i = 0;
@@ -512,7 +721,7 @@ impl SendBatch {
             let mut bytes = seg;
             while j < total
                 && j - i < UDP_MAX_SEGMENTS
-                && same_dst(&self.addrs[j], &self.addrs[i])
+                && self.dsts[j] == self.dsts[i]
                 && self.srcs[j] == self.srcs[i]
                 && self.lens[j - 1] == seg
                 && self.lens[j] <= seg
@@ -522,8 +731,8 @@ impl SendBatch {
                 j += 1;
             }
             let h = &mut self.hdrs[m].msg_hdr;
-            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_name = (&mut self.addrs[i] as *mut AnyAddr).cast();
+            h.msg_namelen = self.addr_lens[i];
             h.msg_iov = &mut self.iov[i];
             h.msg_iovlen = j - i;
             h.msg_flags = 0;
@@ -591,12 +800,15 @@ impl SendBatch {
     }
 
     /// Commits the slot filled through [`SendBatch::slot`] with `len` bytes for `dst`, to be
-    /// sent from local address `src` (0.0.0.0: the kernel picks).
-    pub fn commit(&mut self, len: usize, src: Ipv4Addr, dst: SocketAddrV4) {
+    /// sent from local address `src` (unspecified: the kernel picks).
+    pub fn commit(&mut self, len: usize, src: IpAddr, dst: SocketAddr) {
         if self.n < BATCH {
+            let (a, l) = any_sockaddr(dst);
             self.lens[self.n] = len.min(SLOT);
             self.srcs[self.n] = src;
-            self.addrs[self.n] = sockaddr(dst);
+            self.addrs[self.n] = a;
+            self.addr_lens[self.n] = l;
+            self.dsts[self.n] = dst;
             self.n += 1;
         }
     }
@@ -611,8 +823,8 @@ impl SendBatch {
                 iov_len: self.lens[i],
             };
             let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_name = (&mut self.addrs[i] as *mut AnyAddr).cast();
+            h.msg_namelen = self.addr_lens[i];
             h.msg_iov = &mut self.iov[i];
             h.msg_iovlen = 1;
             h.msg_flags = 0;

@@ -4,7 +4,7 @@
 //! wakeup, never per packet.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -233,50 +233,112 @@ impl DirCounters {
 /// Where an SA's ESP packets go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Peer {
-    /// Raw IP protocol 50 to this address.
-    Raw(std::net::Ipv4Addr),
+    /// Raw IP protocol 50 (IPv4 or IPv6 next header 50) to this address.
+    Raw(IpAddr),
     /// UDP-encapsulated (RFC 3948) to this address and port, from our port 4500.
-    Udp(SocketAddrV4),
+    Udp(SocketAddr),
+}
+
+impl Peer {
+    /// The peer's address.
+    pub fn ip(self) -> IpAddr {
+        match self {
+            Peer::Raw(a) => a,
+            Peer::Udp(a) => a.ip(),
+        }
+    }
 }
 
 /// An SA's peer, changeable by the workers: a UDP-encapsulated SA follows its peer's NAT
-/// mapping (RFC 3948; RFC 7296 §2.23 for IKE). Packed as kind (bit 48), IPv4 (bits 16..48)
-/// and port (bits 0..16) in one atomic.
+/// mapping (RFC 3948; RFC 7296 §2.23 for IKE). A sequence lock over three words (the
+/// address as 128 bits, then kind, family and port): readers never block and retry while a
+/// move is being written; moves (rare) are serialised by a mutex.
 #[derive(Debug)]
-pub struct PeerCell(AtomicU64);
+pub struct PeerCell {
+    /// Even: stable; odd: a move is being written.
+    version: AtomicU64,
+    hi: AtomicU64,
+    lo: AtomicU64,
+    /// Bit 48: UDP; bit 49: IPv6; bits 0..16: port.
+    meta: AtomicU64,
+    writer: Mutex<()>,
+}
 
 const PEER_UDP: u64 = 1 << 48;
+const PEER_V6: u64 = 1 << 49;
 
 impl PeerCell {
     pub fn new(p: Peer) -> PeerCell {
-        PeerCell(AtomicU64::new(Self::pack(p)))
-    }
-
-    fn pack(p: Peer) -> u64 {
-        match p {
-            Peer::Raw(a) => u64::from(u32::from(a)) << 16,
-            Peer::Udp(a) => PEER_UDP | u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port()),
+        let (hi, lo, meta) = Self::pack(p);
+        PeerCell {
+            version: AtomicU64::new(0),
+            hi: AtomicU64::new(hi),
+            lo: AtomicU64::new(lo),
+            meta: AtomicU64::new(meta),
+            writer: Mutex::new(()),
         }
     }
 
-    #[inline]
-    pub fn get(&self) -> Peer {
-        let v = self.0.load(Ordering::Relaxed);
-        // Truncations: the fields were packed from a u32 and a u16.
-        let ip = std::net::Ipv4Addr::from((v >> 16) as u32);
-        if v & PEER_UDP != 0 {
-            Peer::Udp(SocketAddrV4::new(ip, v as u16))
+    fn pack(p: Peer) -> (u64, u64, u64) {
+        let (ip, udp, port) = match p {
+            Peer::Raw(a) => (a, 0, 0),
+            Peer::Udp(a) => (a.ip(), PEER_UDP, u64::from(a.port())),
+        };
+        let (bits, v6) = match ip {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 0),
+            IpAddr::V6(a) => (u128::from(a), PEER_V6),
+        };
+        // Truncations: the two halves of the 128-bit address.
+        ((bits >> 64) as u64, bits as u64, udp | v6 | port)
+    }
+
+    fn unpack(hi: u64, lo: u64, meta: u64) -> Peer {
+        let bits = (u128::from(hi) << 64) | u128::from(lo);
+        let ip = if meta & PEER_V6 != 0 {
+            IpAddr::V6(Ipv6Addr::from(bits))
+        } else {
+            // Truncation: an IPv4 address was packed from a u32.
+            IpAddr::V4(Ipv4Addr::from(bits as u32))
+        };
+        if meta & PEER_UDP != 0 {
+            // Truncation: the port was packed from a u16.
+            Peer::Udp(SocketAddr::new(ip, meta as u16))
         } else {
             Peer::Raw(ip)
         }
     }
 
+    #[inline]
+    pub fn get(&self) -> Peer {
+        loop {
+            let v1 = self.version.load(Ordering::Acquire);
+            if v1 & 1 == 0 {
+                let hi = self.hi.load(Ordering::Relaxed);
+                let lo = self.lo.load(Ordering::Relaxed);
+                let meta = self.meta.load(Ordering::Relaxed);
+                std::sync::atomic::fence(Ordering::Acquire);
+                if self.version.load(Ordering::Relaxed) == v1 {
+                    return Self::unpack(hi, lo, meta);
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// Moves a UDP-encapsulated SA to `to`; false (and no change) for a raw SA.
-    pub fn move_udp(&self, to: SocketAddrV4) -> bool {
+    pub fn move_udp(&self, to: SocketAddr) -> bool {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(self.get(), Peer::Raw(_)) {
             return false;
         }
-        self.0.store(Self::pack(Peer::Udp(to)), Ordering::Relaxed);
+        let (hi, lo, meta) = Self::pack(Peer::Udp(to));
+        let v = self.version.load(Ordering::Relaxed);
+        self.version.store(v.wrapping_add(1), Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        self.hi.store(hi, Ordering::Relaxed);
+        self.lo.store(lo, Ordering::Relaxed);
+        self.meta.store(meta, Ordering::Relaxed);
+        self.version.store(v.wrapping_add(2), Ordering::Release);
         true
     }
 }
@@ -325,9 +387,9 @@ pub struct Sa {
     /// In an HA cluster: the outbound mark the cluster acknowledged (numbers at or above
     /// it are not sent); `u64::MAX` outside a cluster. See `crate::ha`.
     pub ha_hw: AtomicU64,
-    /// `local` parsed: the source address of every outbound packet (0.0.0.0: the kernel
-    /// picks, for a local that is not an IPv4 address).
-    pub local_ip: Ipv4Addr,
+    /// `local` parsed: the source address of every outbound packet (unspecified: the
+    /// kernel picks).
+    pub local_ip: IpAddr,
 }
 
 impl Sa {
@@ -406,7 +468,7 @@ pub struct Table {
     pub devices: Vec<Device>,
     /// Addresses of the peers of installed SAs (an unknown SPI from one of them may belong
     /// to an SA on its way).
-    pub peers: std::collections::HashSet<std::net::Ipv4Addr>,
+    pub peers: std::collections::HashSet<IpAddr>,
 }
 
 impl Table {
@@ -422,10 +484,7 @@ impl Table {
         let sas: Vec<Arc<Sa>> = sas.collect();
         for sa in &sas {
             by_spi.insert(sa.spi_in, sa.clone());
-            peers.insert(match sa.peer.get() {
-                Peer::Raw(a) => a,
-                Peer::Udp(a) => *a.ip(),
-            });
+            peers.insert(sa.peer.get().ip());
             let r = routes.entry(sa.phase1.as_str()).or_default();
             for dst in &sa.remote_ts {
                 r.push(Route {
@@ -520,6 +579,23 @@ mod tests {
             slot.take().0.map(|p| p.1),
             Some("10.0.1.8".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn peer_cell_holds_both_families_and_moves_udp_only() {
+        let v4: SocketAddr = "192.0.2.1:4500".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::2]:61000".parse().unwrap();
+        let c = PeerCell::new(Peer::Udp(v4));
+        assert_eq!(c.get(), Peer::Udp(v4));
+        assert!(c.move_udp(v6));
+        assert_eq!(c.get(), Peer::Udp(v6));
+        assert_eq!(c.get().ip(), ip("2001:db8::2"));
+        let raw = PeerCell::new(Peer::Raw(ip("2001:db8::ffff:1")));
+        assert_eq!(raw.get(), Peer::Raw(ip("2001:db8::ffff:1")));
+        assert!(!raw.move_udp(v4));
+        assert_eq!(raw.get(), Peer::Raw(ip("2001:db8::ffff:1")));
+        let raw4 = PeerCell::new(Peer::Raw(ip("198.51.100.7")));
+        assert_eq!(raw4.get(), Peer::Raw(ip("198.51.100.7")));
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! One datapath worker thread: an epoll set over the raw ESP socket, the UDP/4500 socket
-//! and every TUN device, level-triggered, one batch per ready descriptor per wakeup.
+//! One datapath worker thread: an epoll set over the raw ESP sockets, the UDP/4500 sockets
+//! (IPv4 and IPv6) and every TUN device, level-triggered, one batch per ready descriptor per wakeup.
 //!
 //! Per packet there is no allocation, no log line, no lock other than the worker's own
 //! crypto context (uncontended) and, inbound, the SA's replay window around `check` and
 //! `accept`; counters are relaxed atomics. The table is re-read once per wakeup.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,6 +23,8 @@ use super::Shared;
 
 const TOKEN_RAW: u64 = u64::MAX - 1;
 const TOKEN_UDP: u64 = u64::MAX - 2;
+const TOKEN_RAW6: u64 = u64::MAX - 3;
+const TOKEN_UDP6: u64 = u64::MAX - 4;
 /// Wakeup period when idle, so table changes and shutdown are noticed.
 const IDLE_MS: libc::c_int = 100;
 const MAX_EVENTS: usize = 64;
@@ -48,6 +50,8 @@ pub struct Worker {
     rx_udp: RecvBatch,
     tx_raw: SendBatch,
     tx_udp: SendBatch,
+    tx_raw6: SendBatch,
+    tx_udp6: SendBatch,
     /// Decrypted payloads (inbound) and packets read from TUN (outbound).
     plain: Box<[u8; SLOT]>,
     /// IKE hand-off messages.
@@ -72,16 +76,16 @@ const HOLD_NS: u64 = 500_000_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     /// Raw IP protocol 50 from this address.
-    Raw(Ipv4Addr),
+    Raw(IpAddr),
     /// UDP-encapsulated (RFC 3948) from this address and port.
-    Udp(SocketAddrV4),
+    Udp(SocketAddr),
 }
 
 impl Source {
-    fn ip(self) -> Ipv4Addr {
+    fn ip(self) -> IpAddr {
         match self {
             Source::Raw(a) => a,
-            Source::Udp(a) => *a.ip(),
+            Source::Udp(a) => a.ip(),
         }
     }
 }
@@ -161,6 +165,14 @@ impl Worker {
             shared.sockets.udp.as_raw_fd(),
             TOKEN_UDP,
         )?;
+        for (sock, token) in [
+            (&shared.sockets.raw6, TOKEN_RAW6),
+            (&shared.sockets.udp6, TOKEN_UDP6),
+        ] {
+            if let Some(fd) = sock {
+                epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token)?;
+            }
+        }
         Ok(Worker {
             id,
             shared,
@@ -171,6 +183,8 @@ impl Worker {
             rx_udp: RecvBatch::new(65_536),
             tx_raw: SendBatch::new(),
             tx_udp: SendBatch::new(),
+            tx_raw6: SendBatch::new(),
+            tx_udp6: SendBatch::new(),
             plain: Box::new([0; SLOT]),
             scratch: Box::new([0; SLOT]),
             tunbuf: vec![0u8; TUNBUF].into_boxed_slice(),
@@ -208,7 +222,9 @@ impl Worker {
             for ev in events.iter().take(n as usize) {
                 match ev.u64 {
                     TOKEN_RAW => self.rx_raw(&table, now),
-                    TOKEN_UDP => self.rx_udp(&table, now),
+                    TOKEN_UDP => self.rx_udp(&table, now, false),
+                    TOKEN_RAW6 => self.rx_raw6(&table, now),
+                    TOKEN_UDP6 => self.rx_udp(&table, now, true),
                     fd => {
                         if let Some(dev) = table.device_by_fd(fd as RawFd) {
                             self.tx_tun(dev, now);
@@ -312,7 +328,7 @@ impl Worker {
                 shared.count_drop(DROP_OUTER);
                 continue;
             };
-            let src = Source::Raw(Ipv4Addr::new(src[0], src[1], src[2], src[3]));
+            let src = Source::Raw(IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3])));
             if decap(*id, shared, &mut plain[..], gro, table, esp, src, now) {
                 hold_or_drop(shared, hold, table, esp, src, now);
             }
@@ -320,7 +336,39 @@ impl Worker {
         shared.count_drops(DROP_TUN_WRITE, gro.flush());
     }
 
-    fn rx_udp(&mut self, table: &Table, now: u64) {
+    /// Raw ESP over IPv6: the socket hands over the ESP packet only (the IPv6 header and
+    /// any extension headers are gone); the source is the datagram's address.
+    fn rx_raw6(&mut self, table: &Table, now: u64) {
+        let Worker {
+            id,
+            shared,
+            rx,
+            plain,
+            gro,
+            hold,
+            ..
+        } = self;
+        let Some(fd) = shared.sockets.raw6.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let n = rx.recv(fd).unwrap_or(0);
+        for i in 0..n {
+            let Some((esp, from, trunc, _)) = rx.get(i) else {
+                continue;
+            };
+            if trunc {
+                shared.count_drop(esp_proto::DropReason::Truncated.index());
+                continue;
+            }
+            let src = Source::Raw(from.ip());
+            if decap(*id, shared, &mut plain[..], gro, table, esp, src, now) {
+                hold_or_drop(shared, hold, table, esp, src, now);
+            }
+        }
+        shared.count_drops(DROP_TUN_WRITE, gro.flush());
+    }
+
+    fn rx_udp(&mut self, table: &Table, now: u64, v6: bool) {
         let Worker {
             id,
             shared,
@@ -331,7 +379,15 @@ impl Worker {
             hold,
             ..
         } = self;
-        let n = rx.recv(shared.sockets.udp.as_raw_fd()).unwrap_or(0);
+        let fd = if v6 {
+            match shared.sockets.udp6.as_ref() {
+                Some(f) => f.as_raw_fd(),
+                None => return,
+            }
+        } else {
+            shared.sockets.udp.as_raw_fd()
+        };
+        let n = rx.recv(fd).unwrap_or(0);
         for i in 0..n {
             let Some((data, from, trunc, seg)) = rx.get(i) else {
                 continue;
@@ -347,7 +403,7 @@ impl Worker {
                         shared.keepalives.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(Udp4500::Ike(ike)) => {
-                        let local = rx.local_addr(i).unwrap_or(Ipv4Addr::UNSPECIFIED);
+                        let local = rx.local_addr(i);
                         if shared
                             .sockets
                             .relay_to_ikemgr(from, local, ike, &mut scratch[..])
@@ -382,9 +438,17 @@ impl Worker {
             plain,
             tx_raw,
             tx_udp,
+            tx_raw6,
+            tx_udp6,
             tunbuf,
             ..
         } = self;
+        let mut batches = TxBatches {
+            raw: tx_raw,
+            udp: tx_udp,
+            raw6: tx_raw6,
+            udp6: tx_udp6,
+        };
         for _ in 0..BATCH {
             let n = match dev.tun.read(&mut tunbuf[..]) {
                 Ok(Some(n)) => n,
@@ -394,20 +458,58 @@ impl Worker {
                 break;
             };
             let r = offload::split(buf, &mut plain[..], |pkt| {
-                encap_one(*id, shared, dev, tx_raw, tx_udp, pkt, now)
+                encap_one(*id, shared, dev, &mut batches, pkt, now)
             });
             if r.is_err() {
                 shared.count_drop(DROP_OFFLOAD);
             }
         }
-        if !tx_raw.is_empty() {
-            let failed = tx_raw.flush(shared.sockets.raw.as_raw_fd());
-            shared.count_drops(DROP_TX_ERROR, failed);
+        for kind in [TxKind::Raw, TxKind::Udp, TxKind::Raw6, TxKind::Udp6] {
+            let (batch, fd) = batches.get(shared, kind);
+            if !batch.is_empty() {
+                let failed = flush(batch, fd, kind);
+                shared.count_drops(DROP_TX_ERROR, failed);
+            }
         }
-        if !tx_udp.is_empty() {
-            let failed = tx_udp.flush_udp_gso(shared.sockets.udp.as_raw_fd());
-            shared.count_drops(DROP_TX_ERROR, failed);
+    }
+}
+
+/// The outgoing batches of one worker, one per socket.
+struct TxBatches<'a> {
+    raw: &'a mut SendBatch,
+    udp: &'a mut SendBatch,
+    raw6: &'a mut SendBatch,
+    udp6: &'a mut SendBatch,
+}
+
+#[derive(Clone, Copy)]
+enum TxKind {
+    Raw,
+    Udp,
+    Raw6,
+    Udp6,
+}
+
+impl TxBatches<'_> {
+    /// The batch of `kind` and its socket (-1 when the host has no IPv6: sends fail and
+    /// are counted).
+    fn get(&mut self, shared: &Shared, kind: TxKind) -> (&mut SendBatch, RawFd) {
+        let s = &shared.sockets;
+        let v6 = |o: &Option<OwnedFd>| o.as_ref().map_or(-1, |f| f.as_raw_fd());
+        match kind {
+            TxKind::Raw => (&mut *self.raw, s.raw.as_raw_fd()),
+            TxKind::Udp => (&mut *self.udp, s.udp.as_raw_fd()),
+            TxKind::Raw6 => (&mut *self.raw6, v6(&s.raw6)),
+            TxKind::Udp6 => (&mut *self.udp6, v6(&s.udp6)),
         }
+    }
+}
+
+/// Sends a batch: UDP with GSO runs, raw one message per packet.
+fn flush(batch: &mut SendBatch, fd: RawFd, kind: TxKind) -> usize {
+    match kind {
+        TxKind::Udp | TxKind::Udp6 => batch.flush_udp_gso(fd),
+        TxKind::Raw | TxKind::Raw6 => batch.flush(fd),
     }
 }
 
@@ -417,8 +519,7 @@ fn encap_one(
     id: usize,
     shared: &Shared,
     dev: &Device,
-    tx_raw: &mut SendBatch,
-    tx_udp: &mut SendBatch,
+    batches: &mut TxBatches<'_>,
     pkt: &[u8],
     now: u64,
 ) {
@@ -440,19 +541,15 @@ fn encap_one(
         return;
     }
     let peer = sa.peer.get();
-    let (batch, fd, to) = match peer {
-        Peer::Raw(ip) => (
-            tx_raw,
-            shared.sockets.raw.as_raw_fd(),
-            SocketAddrV4::new(ip, 0),
-        ),
-        Peer::Udp(a) => (tx_udp, shared.sockets.udp.as_raw_fd(), a),
+    let (kind, to) = match peer {
+        Peer::Raw(ip @ IpAddr::V4(_)) => (TxKind::Raw, SocketAddr::new(ip, 0)),
+        Peer::Raw(ip @ IpAddr::V6(_)) => (TxKind::Raw6, SocketAddr::new(ip, 0)),
+        Peer::Udp(a @ SocketAddr::V4(_)) => (TxKind::Udp, a),
+        Peer::Udp(a @ SocketAddr::V6(_)) => (TxKind::Udp6, a),
     };
+    let (batch, fd) = batches.get(shared, kind);
     if batch.is_full() {
-        let failed = match peer {
-            Peer::Udp(_) => batch.flush_udp_gso(fd),
-            Peer::Raw(_) => batch.flush(fd),
-        };
+        let failed = flush(batch, fd, kind);
         shared.count_drops(DROP_TX_ERROR, failed);
     }
     let seq = match sa.seq.take() {
@@ -617,7 +714,7 @@ mod tests {
     fn hold_keeps_copies_up_to_its_slots() {
         let mut h = Hold::new();
         assert!(h.is_empty());
-        let src = Source::Udp(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 4500));
+        let src = Source::Udp("192.0.2.1:4500".parse().unwrap());
         for i in 0..HOLD_SLOTS {
             assert!(h.push(&[i as u8; 100], src, i as u64), "slot {i}");
         }
@@ -629,7 +726,7 @@ mod tests {
             !h.push(&vec![0u8; SLOT + 1], src, 7),
             "too large for a slot"
         );
-        assert!(h.push(&[7u8; 60], Source::Raw(Ipv4Addr::new(192, 0, 2, 9)), 7));
+        assert!(h.push(&[7u8; 60], Source::Raw("2001:db8::9".parse().unwrap()), 7));
         assert_eq!(h.meta[5].map(|m| m.0), Some(60));
     }
 }

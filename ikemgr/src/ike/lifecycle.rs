@@ -34,7 +34,7 @@
 //! Sans-IO like the rest of [`super::IkeManager`]: every call takes `now`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use haven_config::{DpdAction, Phase1, Phase1Type};
@@ -102,7 +102,7 @@ impl Lifecycle {
     }
 
     /// The `remote-gw` the gateway initiates to now.
-    pub(super) fn peer_of(&self, g: &Gateway) -> Option<Ipv4Addr> {
+    pub(super) fn peer_of(&self, g: &Gateway) -> Option<IpAddr> {
         let i = self.peer.get(&g.name).copied().unwrap_or(0);
         g.peers.get(i).or(g.peers.first()).copied()
     }
@@ -139,7 +139,7 @@ impl IkeManager {
                 .and_then(|e| {
                     let g = self.gateways.get(&e.gateway)?;
                     let remote = e.sa.addresses().remote.ip();
-                    g.peers.iter().position(|p| IpAddr::V4(*p) == remote)
+                    g.peers.iter().position(|p| *p == remote)
                 })
                 .unwrap_or(0);
             self.life.trials.insert(id, peer);
@@ -151,10 +151,7 @@ impl IkeManager {
 
     /// Pre-emption trials due at `now`: (gateway, earlier peer, local address), for
     /// [`IkeManager::initiate_pending`].
-    pub(super) fn preempt_pending(
-        &self,
-        now: Instant,
-    ) -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
+    pub(super) fn preempt_pending(&self, now: Instant) -> Vec<(String, IpAddr, Option<IpAddr>)> {
         self.life
             .preempt_at
             .iter()
@@ -234,7 +231,7 @@ impl IkeManager {
         let Some(g) = self.gateways.get(&gateway).cloned() else {
             return;
         };
-        let index = |ip: IpAddr| g.peers.iter().position(|p| IpAddr::V4(*p) == ip);
+        let index = |ip: IpAddr| g.peers.iter().position(|p| *p == ip);
         let current = self
             .sas
             .iter()
@@ -273,7 +270,7 @@ impl IkeManager {
         self.life.since.insert(gateway.to_string(), now);
         self.life.trials.remove(&id);
         if let Some(g) = self.gateways.get(gateway) {
-            if let Some(i) = g.peers.iter().position(|p| IpAddr::V4(*p) == remote) {
+            if let Some(i) = g.peers.iter().position(|p| *p == remote) {
                 // Another established SA of this gateway to a later peer: this one replaces
                 // it once its first CHILD SA is up (`life_child_up`).
                 let later = self.sas.iter().any(|(k, e)| {
@@ -282,7 +279,7 @@ impl IkeManager {
                         && e.sa.is_established()
                         && g.peers
                             .iter()
-                            .position(|p| IpAddr::V4(*p) == e.sa.addresses().remote.ip())
+                            .position(|p| *p == e.sa.addresses().remote.ip())
                             .is_none_or(|j| j > i)
                 });
                 if later {
@@ -559,10 +556,10 @@ end
     const LOCAL: &str = "192.0.2.1";
 
     /// Starts what `initiate_pending` asks for, like the driver; returns (gateway, peer).
-    pub(super) fn drive(m: &mut IkeManager, now: Instant) -> Vec<(String, Ipv4Addr)> {
+    pub(super) fn drive(m: &mut IkeManager, now: Instant) -> Vec<(String, IpAddr)> {
         let pending = m.initiate_pending(now);
         for (g, remote, _) in &pending {
-            m.initiate(now, g, LOCAL.parse().unwrap(), IpAddr::V4(*remote));
+            m.initiate(now, g, LOCAL.parse().unwrap(), *remote);
         }
         pending.into_iter().map(|(g, r, _)| (g, r)).collect()
     }

@@ -396,7 +396,6 @@ impl IkeManager {
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
     use std::time::{Duration, Instant};
 
     use bus_schema::schema::ChildSaInfo as BusChild;
@@ -436,7 +435,7 @@ mod tests {
     fn drive(m: &mut IkeManager, now: Instant) -> usize {
         let pending = m.initiate_pending(now);
         for (g, remote, _) in &pending {
-            m.initiate(now, g, LOCAL.parse().unwrap(), IpAddr::V4(*remote));
+            m.initiate(now, g, LOCAL.parse().unwrap(), *remote);
         }
         pending.len()
     }

@@ -32,7 +32,12 @@ pub struct Gw {
     starts: u32,
 }
 
-/// The manual-key configuration of one side.
+/// IPv6 addresses of gwa's and gwb's outside interfaces for the IPv6 pairs.
+pub const GWA_OUTER6: &str = "fd00:31::1";
+pub const GWB_OUTER6: &str = "fd00:31::2";
+
+/// The manual-key configuration of one side (`ip-version 6` with `local-gw6`/`remote-gw6`
+/// when the addresses are IPv6).
 pub fn config(
     local: &str,
     remote: &str,
@@ -42,11 +47,19 @@ pub fn config(
     dst: &str,
     udp: bool,
 ) -> String {
+    let gateways = if remote.contains(':') {
+        format!("        set ip-version 6\n        set local-gw6 {local}\n        set remote-gw6 {remote}\n")
+    } else {
+        format!("        set local-gw {local}\n        set remote-gw {remote}\n")
+    };
     format!(
-        "config vpn ipsec manualkey-interface\n    edit \"{TUNNEL}\"\n        set interface \"out0\"\n        set local-gw {local}\n        set remote-gw {remote}\n        set enc-alg aes128gcm\n        set enc-key {KEY_GCM}\n        set local-spi {spi_in:#x}\n        set remote-spi {spi_out:#x}\n        set encapsulation {}\n        set src-subnet {src}\n        set dst-subnet {dst}\n    next\nend\n",
+        "config vpn ipsec manualkey-interface\n    edit \"{TUNNEL}\"\n        set interface \"out0\"\n{gateways}        set enc-alg aes128gcm\n        set enc-key {KEY_GCM}\n        set local-spi {spi_in:#x}\n        set remote-spi {spi_out:#x}\n        set encapsulation {}\n        set src-subnet {src}\n        set dst-subnet {dst}\n    next\nend\n",
         if udp { "udp" } else { "none" }
     )
 }
+
+/// The pre-shared key of [`ike_config`] (a test key).
+pub const IKE_PSK: &str = "haven-espd-pair-psk-0123456789";
 
 /// The IKEv2 (PSK, AES-GCM) configuration of one side of `vpn1` between two Haven
 /// gateways: static to `remote`, only answering with `passive` (so that one side
@@ -56,13 +69,12 @@ pub fn ike_config(remote: &str, passive: bool, src: &str, dst: &str, p2_extra: &
         "config vpn ipsec phase1-interface
     edit \"{TUNNEL}\"
         set type static
-        set remote-gw {remote}
-        set interface \"out0\"
+{}        set interface \"out0\"
         set ike-version 2
         set proposal aes128gcm-prfsha256
         set dhgrp 19
         set dpd disable
-        set psksecret \"haven-espd-pair-psk-0123456789\"
+        set psksecret \"{IKE_PSK}\"
 {}    next
 end
 config vpn ipsec phase2-interface
@@ -75,6 +87,11 @@ config vpn ipsec phase2-interface
 {p2_extra}    next
 end
 ",
+        if remote.contains(':') {
+            format!("        set ip-version 6\n        set remote-gw6 {remote}\n")
+        } else {
+            format!("        set remote-gw {remote}\n")
+        },
         if passive {
             "        set passive-mode enable\n"
         } else {
@@ -245,24 +262,80 @@ impl Pair {
         Pair { topo, a, b }
     }
 
+    /// As [`Pair::new`] with IPv6 outer addresses: gwa's and gwb's `out0` get
+    /// [`GWA_OUTER6`] and [`GWB_OUTER6`], and the manual-key tunnel runs between them.
+    pub fn ipv6(label: &str, udp: bool) -> Pair {
+        let topo = SiteToSite::new(label).expect("topology");
+        for (ns, addr) in [(&topo.gwa, GWA_OUTER6), (&topo.gwb, GWB_OUTER6)] {
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                "out0",
+                "nodad",
+            ])
+            .expect("IPv6 address on out0");
+        }
+        let ca = config(
+            GWA_OUTER6,
+            GWB_OUTER6,
+            SPI_A,
+            SPI_B,
+            SiteToSite::LAN_A,
+            SiteToSite::LAN_B,
+            udp,
+        );
+        let cb = config(
+            GWB_OUTER6,
+            GWA_OUTER6,
+            SPI_B,
+            SPI_A,
+            SiteToSite::LAN_B,
+            SiteToSite::LAN_A,
+            udp,
+        );
+        let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, SiteToSite::LAN_B);
+        let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, SiteToSite::LAN_A);
+        for g in [&mut a, &mut b] {
+            g.start_ikemgr();
+            g.start_espd();
+        }
+        a.wait_tunnel();
+        b.wait_tunnel();
+        Pair { topo, a, b }
+    }
+
     /// Two gateways with an IKEv2 tunnel `vpn1` over raw ESP: gwa initiates, gwb only
     /// answers; `p2_a` and `p2_b` are extra phase2 lines of each side.
     pub fn ike(label: &str, p2_a: &str, p2_b: &str) -> Pair {
+        Pair::ike_over(label, false, p2_a, p2_b)
+    }
+
+    /// As [`Pair::ike`]; with `ipv6` the gateways' outside addresses are [`GWA_OUTER6`] and
+    /// [`GWB_OUTER6`] (`ip-version 6`, `remote-gw6`): IKE on UDP 500 and ESP over IPv6.
+    pub fn ike_over(label: &str, ipv6: bool, p2_a: &str, p2_b: &str) -> Pair {
         let topo = SiteToSite::new(label).expect("topology");
-        let ca = ike_config(
-            SiteToSite::GWB_OUTER,
-            false,
-            SiteToSite::LAN_A,
-            SiteToSite::LAN_B,
-            p2_a,
-        );
-        let cb = ike_config(
-            SiteToSite::GWA_OUTER,
-            true,
-            SiteToSite::LAN_B,
-            SiteToSite::LAN_A,
-            p2_b,
-        );
+        let (gwa, gwb) = if ipv6 {
+            for (ns, addr) in [(&topo.gwa, GWA_OUTER6), (&topo.gwb, GWB_OUTER6)] {
+                ns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{addr}/64"),
+                    "dev",
+                    "out0",
+                    "nodad",
+                ])
+                .expect("IPv6 address on out0");
+            }
+            (GWA_OUTER6, GWB_OUTER6)
+        } else {
+            (SiteToSite::GWA_OUTER, SiteToSite::GWB_OUTER)
+        };
+        let ca = ike_config(gwb, false, SiteToSite::LAN_A, SiteToSite::LAN_B, p2_a);
+        let cb = ike_config(gwa, true, SiteToSite::LAN_B, SiteToSite::LAN_A, p2_b);
         let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, SiteToSite::LAN_B);
         let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, SiteToSite::LAN_A);
         for g in [&mut b, &mut a] {
@@ -360,4 +433,73 @@ pub fn wire_counters(ns: &Netns) -> (u64, u64, u64) {
             .unwrap_or(0)
     };
     (get("esp"), get("udp4500"), get("icmp"))
+}
+
+/// Loads an nftables table in `ns` counting what arrives on `out0` over IPv6 (ESP, UDP
+/// 4500) and over IPv4 (ESP, UDP 4500, ICMP in clear); read it back with
+/// [`wire_counters6`].
+pub fn count_wire6(ns: &Netns) {
+    ns.nft(
+        "table inet espdtest6 {\n chain pre {\n  type filter hook prerouting priority -300;\n  iifname \"out0\" meta nfproto ipv6 meta l4proto esp counter comment \"esp6\"\n  iifname \"out0\" meta nfproto ipv6 udp dport 4500 counter comment \"udp6\"\n  iifname \"out0\" meta nfproto ipv4 meta l4proto { esp, icmp } counter comment \"v4\"\n  iifname \"out0\" meta nfproto ipv4 udp dport 4500 counter comment \"v4udp\"\n }\n}\n",
+    )
+    .expect("nft counters");
+}
+
+/// (IPv6 ESP, IPv6 UDP 4500, IPv4 ESP/ICMP/UDP 4500) packets counted on `out0`.
+pub fn wire_counters6(ns: &Netns) -> (u64, u64, u64) {
+    let out = ns
+        .run("nft", &["list", "table", "inet", "espdtest6"])
+        .expect("nft list");
+    let get = |tag: &str| -> u64 {
+        out.lines()
+            .find(|l| l.contains(&format!("comment \"{tag}\"")))
+            .and_then(|l| {
+                let i = l.find("packets ")? + "packets ".len();
+                l[i..].split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or(0)
+    };
+    (get("esp6"), get("udp6"), get("v4") + get("v4udp"))
+}
+
+/// A TCP transfer (iperf3, 1 s) from the client to the server through the tunnel:
+/// exercises the TSO segmentation on the sending gateway and the coalescing on the
+/// receiving one. Asserts that data arrived and nothing was dropped for a bad offload
+/// header, not how fast.
+pub fn carries_tcp(pair: &Pair) {
+    let mut server = pair
+        .topo
+        .server
+        .spawn("iperf3", &["-s", "-1"])
+        .expect("iperf3 server");
+    wait_for("iperf3 server", Duration::from_secs(10), || {
+        let out = pair
+            .topo
+            .server
+            .run("ss", &["-ltn"])
+            .map_err(|e| e.to_string())?;
+        if out.contains(":5201 ") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
+    let out = pair
+        .topo
+        .client
+        .exec("iperf3", &["-c", SiteToSite::SERVER, "-t", "1", "-J"])
+        .expect("iperf3 client");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(
+        bytes > 1_000_000,
+        "TCP through the tunnel moved {bytes} bytes: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = server.kill_now();
+    for gw in [&pair.a, &pair.b] {
+        assert_eq!(gw.drop_total("offload"), 0);
+        assert_eq!(gw.drop_total("inner_header"), 0);
+        assert_eq!(gw.drop_total("tun_write"), 0);
+    }
 }
