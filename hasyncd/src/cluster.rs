@@ -120,6 +120,9 @@ pub struct Cluster {
     phase1_names: Vec<String>,
     /// Tunnels another member took from this one (FGSP), for the daemon (drained by it).
     demotions: Vec<String>,
+    /// Where espd's outbound SAs of tunnels claimed back while carried here must continue
+    /// (`SeqSkip`), for the daemon (drained by it).
+    skips: Vec<SeqMark>,
     /// Tunnel roles may have changed (FGSP table), for the daemon (reset by it).
     pub roles_dirty: bool,
     /// Age of the last update applied per peer (`hasyncd_sync_lag_seconds`).
@@ -189,6 +192,11 @@ pub fn describe_metrics() {
         "hasyncd_failovers_total",
         Unit::Count,
         "Times this member took the primary role over from another member."
+    );
+    describe_counter!(
+        "hasyncd_sequence_skips_total",
+        Unit::Count,
+        "Outbound SAs this member's espd was told to continue above another member's leases (a tunnel claimed back while carried here, after a split brain)."
     );
     describe_counter!(
         "hasyncd_link_drops_total",
@@ -344,6 +352,7 @@ impl Cluster {
             election_events: Vec::new(),
             phase1_names: config.phase1.iter().map(|p| p.name.clone()).collect(),
             demotions: Vec::new(),
+            skips: Vec::new(),
             roles_dirty: true,
             started_from: (config.ha.clone(), config.standalone.clone()),
             lag: Default::default(),
@@ -884,6 +893,27 @@ impl Cluster {
                     tracing::info!("{label}: {tunnel} is now carried by member {}", owner.0);
                     self.demotions.push(tunnel);
                 }
+                TunnelEvent::Reclaimed {
+                    tunnel,
+                    previous,
+                    start_seqs,
+                } => {
+                    metrics::counter!("hasyncd_sequence_skips_total")
+                        .increment(start_seqs.len() as u64);
+                    for s in start_seqs {
+                        tracing::info!(
+                            "{label}: {tunnel} outbound {:08x} continues at sequence {} or above (claimed back from member {} while carried here: its leases plus the unsynced jump)",
+                            s.spi_out,
+                            s.first_seq,
+                            previous.0
+                        );
+                        self.skips.push(SeqMark {
+                            tunnel: tunnel.clone(),
+                            spi_out: s.spi_out,
+                            seq_hw: s.first_seq,
+                        });
+                    }
+                }
             }
         }
     }
@@ -1036,6 +1066,12 @@ impl Cluster {
     /// Tunnels another member took from this one since the last call.
     pub fn take_demotions(&mut self) -> Vec<String> {
         std::mem::take(&mut self.demotions)
+    }
+
+    /// Outbound SAs that must continue at or above a mark (`SeqSkip` for espd) since the
+    /// last call.
+    pub fn take_skips(&mut self) -> Vec<SeqMark> {
+        std::mem::take(&mut self.skips)
     }
 
     /// FGSP per-tunnel ownership is on: an FGSP link and no FGCP one.

@@ -436,7 +436,12 @@ impl Hasyncd {
         let grants = cluster.take_grants();
         let fresh = cluster.take_takeovers();
         let demoted = cluster.take_demotions();
+        let skips = cluster.take_skips();
         let roles_dirty = std::mem::take(&mut cluster.roles_dirty);
+        // Before any grant: espd moves the counter, then leases above it.
+        if !skips.is_empty() {
+            out.push(Body::SeqSkip { sas: skips });
+        }
         if !grants.is_empty() {
             metrics::counter!("hasyncd_sequence_leases_granted_total")
                 .increment(grants.len() as u64);
