@@ -45,6 +45,9 @@ struct FgcpSide {
     peer_roles: BTreeMap<MemberId, HaRole>,
     /// Peers that just announced `secondary` (they heard this member).
     now_secondary: Vec<MemberId>,
+    /// A peer that announced `primary` announces something else now (it stepped down after
+    /// a split brain, during which it held and announced the shared addresses).
+    stepped_down: bool,
     /// Where each member was last heard from (snapshots are sent there, unicast).
     addrs: BTreeMap<MemberId, SocketAddr>,
 }
@@ -81,6 +84,9 @@ pub struct Changes {
     /// An FGCP member was heard from for the first time, or again after it was lost (it may
     /// have been primary meanwhile and announced the shared addresses as its own).
     pub fgcp_peer_joined: bool,
+    /// An FGCP member that announced itself primary does not any more (a split brain
+    /// ended: it held and announced the shared addresses meanwhile).
+    pub fgcp_peer_stepped_down: bool,
 }
 
 /// The running HA links of this member.
@@ -433,6 +439,9 @@ impl Cluster {
                     .into_iter()
                     .map(|(m, e, c, msg)| (m, "fgcp", e, c, msg)),
             );
+            if std::mem::take(&mut side.stepped_down) {
+                ch.fgcp_peer_stepped_down = true;
+            }
             let mut events = Vec::new();
             while let Some(ev) = side.fgcp.poll_event() {
                 events.push(ev.clone());
@@ -1716,6 +1725,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         ha_id_changes: 0,
         peer_roles: BTreeMap::new(),
         now_secondary: Vec::new(),
+        stepped_down: false,
         addrs: BTreeMap::new(),
     })
 }
@@ -1780,6 +1790,9 @@ impl FgcpSide {
                         let before = self.peer_roles.insert(r.sender, hb.role);
                         if hb.role == HaRole::Secondary && before != Some(HaRole::Secondary) {
                             self.now_secondary.push(r.sender);
+                        }
+                        if before == Some(HaRole::Primary) && hb.role != HaRole::Primary {
+                            self.stepped_down = true;
                         }
                         self.hostnames.insert(r.sender, hb.serial.clone());
                         self.fgcp.handle_heartbeat(r.sender, hb, now_ms);

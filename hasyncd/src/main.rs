@@ -370,10 +370,14 @@ impl DaemonLogic for Hasyncd {
             }
             self.publish_member(out);
             self.publish_roles(out);
-        } else if ch.fgcp_peer_joined && role == Some(HaRole::Primary) {
-            // A member that comes back after missed heartbeats (a split brain) may have
-            // been primary meanwhile and announced the shared addresses: the upstream
-            // router then sends their traffic to a member that no longer holds them.
+        } else if (ch.fgcp_peer_joined || ch.fgcp_peer_stepped_down)
+            && role == Some(HaRole::Primary)
+        {
+            // A member that comes back after missed heartbeats, or that steps down after
+            // a split brain (it missed this member's heartbeats while this one heard it),
+            // may have been primary meanwhile and announced the shared addresses: the
+            // upstream router then sends their traffic to a member that no longer holds
+            // them.
             self.vip.reannounce(self.now_ms);
         }
         self.collect(out);

@@ -282,100 +282,145 @@ fn ping_result(mut p: Proc) -> (Vec<u64>, String) {
     (seqs, out)
 }
 
+/// The pair, the far Haven gateway and the server, up to a tunnel carrying traffic both
+/// ways through gw1, with gw2 holding the standby copies.
+struct PeerLab {
+    _scratch: ScratchDir,
+    _router: Netns,
+    far_ns: Netns,
+    server: Netns,
+    gw1: Netns,
+    gw2: Netns,
+    m1: Member,
+    m2: Member,
+    far: Far,
+    before: FarSa,
+}
+
+impl PeerLab {
+    fn new(tag: &str, label: &str) -> PeerLab {
+        preflight().expect("preflight");
+        let scratch = ScratchDir::new(tag).expect("scratch dir");
+        let router = Netns::new(&format!("{label}-r")).unwrap();
+        let far_ns = Netns::new(&format!("{label}-f")).unwrap();
+        let server = Netns::new(&format!("{label}-s")).unwrap();
+        let gw1 = Netns::new(&format!("{label}-g1")).unwrap();
+        let gw2 = Netns::new(&format!("{label}-g2")).unwrap();
+        router.add_bridge("br0").unwrap();
+        router.add_addr("br0", "192.168.129.1/24").unwrap();
+        veth(&far_ns, "wan0", &router, "cl0").unwrap();
+        far_ns.add_addr("wan0", &format!("{FAR_WAN}/24")).unwrap();
+        far_ns.default_route("192.168.7.1").unwrap();
+        far_ns
+            .add_addr("lo", &format!("{CLIENT_INNER}/32"))
+            .unwrap();
+        router.add_addr("cl0", "192.168.7.1/24").unwrap();
+        router.ip_forward(true).unwrap();
+        for (ns, port, inner) in [
+            (&server, "sv0", "eth0"),
+            (&gw1, "g10", "port2"),
+            (&gw2, "g20", "port2"),
+        ] {
+            veth(ns, inner, &router, port).unwrap();
+            router.enslave(port, "br0").unwrap();
+            router.link_up(port).unwrap();
+        }
+        server.add_addr("eth0", &format!("{SERVER}/24")).unwrap();
+        server.default_route("192.168.129.1").unwrap();
+        server.add_route("10.10.1.0/24", SHARED).unwrap();
+        veth(&gw1, "port4", &gw2, "port4").unwrap();
+        for (i, gw) in [&gw1, &gw2].into_iter().enumerate() {
+            gw.add_addr("port4", &format!("169.254.0.{}/24", i + 1))
+                .unwrap();
+            gw.ip(&[
+                "addr",
+                "add",
+                &format!("192.168.200.{}/32", i + 1),
+                "dev",
+                "port2",
+                "scope",
+                "host",
+            ])
+            .unwrap();
+            lan_routes(gw);
+            gw.ip_forward(true).unwrap();
+            for k in ["all", "default", "port2"] {
+                gw.sysctl(&format!("net.ipv4.conf.{k}.send_redirects"), "0")
+                    .unwrap();
+            }
+        }
+        let m1 = Member::start(gw1.clone(), scratch.path(), "gw1", 200, NO_DPD);
+        let m2 = Member::start(gw2.clone(), scratch.path(), "gw2", 100, NO_DPD);
+        wait_for("gw1 primary, gw2 secondary", WAIT, || {
+            match (m1.role(), m2.role()) {
+                (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        wait_for("gw1 holds the shared address", WAIT, || {
+            m1.holds_shared().then_some(()).ok_or_else(|| m1.logs())
+        });
+
+        // The far gateway brings the tunnel up by itself.
+        let far = Far::start(far_ns.clone(), scratch.path().join("far"));
+        let before = wait_for(
+            "the far gateway's tunnel up",
+            Duration::from_secs(60),
+            || {
+                far.sa()
+                    .ok_or_else(|| format!("{}\n{}", far.logs(), m1.logs()))
+            },
+        );
+        wait_for("gw1 carries the IKE SA", WAIT, || {
+            m1.ike_sa()
+                .filter(|(i, r, _)| (*i, *r) == before.ike)
+                .ok_or_else(|| m1.logs())
+        });
+        wait_for("traffic both ways through gw1", WAIT, || {
+            let a = burst(&far_ns, CLIENT_INNER, SERVER, 1);
+            let b = burst(&server, SERVER, CLIENT_INNER, 1);
+            (a == 1 && b == 1)
+                .then_some(())
+                .ok_or_else(|| format!("far->server {a}, server->far {b}\n{}", far.logs()))
+        });
+        wait_for("gw2's standby IKE SA", WAIT, || {
+            let v = m2.view(DaemonKind::Hasyncd, "replicas")?;
+            let ok = v["ike_standby"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|s| (hex_u64(&s["spi_i"]), hex_u64(&s["spi_r"])) == before.ike)
+            }) && v["standby"].as_array().is_some_and(|a| !a.is_empty());
+            ok.then_some(()).ok_or_else(|| v.to_string())
+        });
+
+        PeerLab {
+            _scratch: scratch,
+            _router: router,
+            far_ns,
+            server,
+            gw1,
+            gw2,
+            m1,
+            m2,
+            far,
+            before,
+        }
+    }
+}
+
 #[test]
 fn fgcp_takeover_seen_from_a_haven_peer_has_no_replay_or_icv_drop_and_rekeys_in_place() {
-    preflight().expect("preflight");
-    let scratch = ScratchDir::new("ha-haven-peer").expect("scratch dir");
-    let router = Netns::new("hahp-r").unwrap();
-    let far_ns = Netns::new("hahp-f").unwrap();
-    let server = Netns::new("hahp-s").unwrap();
-    let gw1 = Netns::new("hahp-g1").unwrap();
-    let gw2 = Netns::new("hahp-g2").unwrap();
-    router.add_bridge("br0").unwrap();
-    router.add_addr("br0", "192.168.129.1/24").unwrap();
-    veth(&far_ns, "wan0", &router, "cl0").unwrap();
-    far_ns.add_addr("wan0", &format!("{FAR_WAN}/24")).unwrap();
-    far_ns.default_route("192.168.7.1").unwrap();
-    far_ns
-        .add_addr("lo", &format!("{CLIENT_INNER}/32"))
-        .unwrap();
-    router.add_addr("cl0", "192.168.7.1/24").unwrap();
-    router.ip_forward(true).unwrap();
-    for (ns, port, inner) in [
-        (&server, "sv0", "eth0"),
-        (&gw1, "g10", "port2"),
-        (&gw2, "g20", "port2"),
-    ] {
-        veth(ns, inner, &router, port).unwrap();
-        router.enslave(port, "br0").unwrap();
-        router.link_up(port).unwrap();
-    }
-    server.add_addr("eth0", &format!("{SERVER}/24")).unwrap();
-    server.default_route("192.168.129.1").unwrap();
-    server.add_route("10.10.1.0/24", SHARED).unwrap();
-    veth(&gw1, "port4", &gw2, "port4").unwrap();
-    for (i, gw) in [&gw1, &gw2].into_iter().enumerate() {
-        gw.add_addr("port4", &format!("169.254.0.{}/24", i + 1))
-            .unwrap();
-        gw.ip(&[
-            "addr",
-            "add",
-            &format!("192.168.200.{}/32", i + 1),
-            "dev",
-            "port2",
-            "scope",
-            "host",
-        ])
-        .unwrap();
-        lan_routes(gw);
-        gw.ip_forward(true).unwrap();
-        for k in ["all", "default", "port2"] {
-            gw.sysctl(&format!("net.ipv4.conf.{k}.send_redirects"), "0")
-                .unwrap();
-        }
-    }
-    let mut m1 = Member::start(gw1.clone(), scratch.path(), "gw1", 200, NO_DPD);
-    let m2 = Member::start(gw2.clone(), scratch.path(), "gw2", 100, NO_DPD);
-    wait_for("gw1 primary, gw2 secondary", WAIT, || {
-        match (m1.role(), m2.role()) {
-            (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    });
-    wait_for("gw1 holds the shared address", WAIT, || {
-        m1.holds_shared().then_some(()).ok_or_else(|| m1.logs())
-    });
-
-    // The far gateway brings the tunnel up by itself.
-    let far = Far::start(far_ns.clone(), scratch.path().join("far"));
-    let before = wait_for(
-        "the far gateway's tunnel up",
-        Duration::from_secs(60),
-        || {
-            far.sa()
-                .ok_or_else(|| format!("{}\n{}", far.logs(), m1.logs()))
-        },
-    );
-    wait_for("gw1 carries the IKE SA", WAIT, || {
-        m1.ike_sa()
-            .filter(|(i, r, _)| (*i, *r) == before.ike)
-            .ok_or_else(|| m1.logs())
-    });
-    wait_for("traffic both ways through gw1", WAIT, || {
-        let a = burst(&far_ns, CLIENT_INNER, SERVER, 1);
-        let b = burst(&server, SERVER, CLIENT_INNER, 1);
-        (a == 1 && b == 1)
-            .then_some(())
-            .ok_or_else(|| format!("far->server {a}, server->far {b}\n{}", far.logs()))
-    });
-    wait_for("gw2's standby IKE SA", WAIT, || {
-        let v = m2.view(DaemonKind::Hasyncd, "replicas")?;
-        let ok = v["ike_standby"].as_array().is_some_and(|a| {
-            a.iter()
-                .any(|s| (hex_u64(&s["spi_i"]), hex_u64(&s["spi_r"])) == before.ike)
-        }) && v["standby"].as_array().is_some_and(|a| !a.is_empty());
-        ok.then_some(()).ok_or_else(|| v.to_string())
-    });
+    let PeerLab {
+        _scratch,
+        _router,
+        far_ns,
+        server,
+        gw1,
+        gw2: _gw2,
+        mut m1,
+        m2,
+        far,
+        before,
+    } = PeerLab::new("ha-haven-peer", "hahp");
 
     // Continuous traffic both ways; gw1 dies about 2 s in.
     let from_far = ping_bg(&far_ns, CLIENT_INNER, SERVER, 400);
@@ -548,4 +593,161 @@ fn fgcp_takeover_seen_from_a_haven_peer_has_no_replay_or_icv_drop_and_rekeys_in_
     check_drops("after the rekeys");
     drop(m2);
     drop(m1);
+}
+
+/// espd's outbound SA of `vpn1_1` with SPI `spi`: (enc_pkts, next sequence number).
+fn out_sa(m: &Member, spi: u32) -> Option<(u64, u64)> {
+    let v = m.view(DaemonKind::Espd, "tunnel-list").ok()?;
+    v["tunnels"]
+        .as_array()?
+        .iter()
+        .filter(|t| t["name"] == "vpn1_1")
+        .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
+        .find(|s| hex_u32(&s["enc"]["spi"]) == spi)
+        .map(|s| {
+            (
+                s["enc_pkts"].as_u64().unwrap_or(0),
+                s["seqno"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+/// A one-sided split brain (hasyncd/README.md "After a split brain"): gw2 stops hearing
+/// gw1 (everything gw1 sends on the heartbeat link is dropped at gw2), makes itself primary,
+/// takes the tunnel over from its copy and the shared address, and carries the traffic;
+/// gw1 still hears gw2, stays primary and keeps the tunnel in its ikemgr and espd. When the
+/// link heals gw2 steps down and gw1 claims the tunnel back while carrying it: its espd must
+/// continue above every number gw2 sent (`SeqSkip`), or the far side drops everything gw1
+/// sends as replays. Asserted: gw1's espd continues above gw2's last sequence number; after
+/// that, a burst of pings adds exactly N to gw1's outbound and the far inbound counters, the
+/// far side's last accepted number is gw1's next minus one, and its replay and ICV drop
+/// counters do not move; the far side kept its SPIs throughout.
+#[test]
+fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_member() {
+    let PeerLab {
+        _scratch,
+        _router,
+        far_ns,
+        server: _server,
+        gw1: _gw1,
+        gw2,
+        m1,
+        m2,
+        far,
+        before,
+    } = PeerLab::new("ha-split-brain", "hasb");
+    let spi = before.child.0;
+    let from_far = ping_bg(&far_ns, CLIENT_INNER, SERVER, 400);
+    std::thread::sleep(Duration::from_secs(1));
+    let gw1_before = out_sa(&m1, spi).expect("gw1 sends");
+
+    // gw2 hears nothing from gw1 (heartbeats and sync, UDP 703 from gw1's port4).
+    gw2.nft(
+        "table inet splitbrain { chain in { type filter hook input priority 0; \
+         ip saddr 169.254.0.1 udp dport 703 drop; }; }",
+    )
+    .unwrap();
+    wait_for(
+        "gw2 carries the tunnel during the split brain",
+        WAIT,
+        || {
+            let r = m2.role();
+            match (r.as_deref(), out_sa(&m2, spi)) {
+                (Some("primary"), Some((tx, next))) if tx > 20 => Ok(next),
+                other => Err(format!("{other:?}\n{}", m2.logs())),
+            }
+        },
+    );
+    assert_eq!(m1.role().as_deref(), Some("primary"), "gw1 still hears gw2");
+    assert!(
+        out_sa(&m1, spi).is_some(),
+        "gw1's espd keeps the tunnel (it is primary in its own view)"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // Heal; keep the highest number gw2 had reached while it still carried the SA.
+    let mut gw2_max = 0u64;
+    gw2.nft("delete table inet splitbrain").unwrap();
+    wait_for("gw2 secondary again", WAIT, || {
+        if let Some((_, next)) = out_sa(&m2, spi) {
+            gw2_max = gw2_max.max(next);
+        }
+        match (m1.role(), m2.role()) {
+            (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    wait_for("gw2's espd dropped the tunnel", WAIT, || {
+        match out_sa(&m2, spi) {
+            None => Ok(()),
+            Some((_, next)) => {
+                gw2_max = gw2_max.max(next);
+                Err(format!("gw2 still at {next}"))
+            }
+        }
+    });
+    let skipped = wait_for("gw1's espd continues above gw2", WAIT, || {
+        let (_, next) = out_sa(&m1, spi).ok_or("gw1 has no SA")?;
+        if m1.log("espd").contains("continues at sequence") && next > gw2_max {
+            Ok(next)
+        } else {
+            Err(format!(
+                "gw1 next {next}, gw2 reached {gw2_max}\n{}",
+                m1.logs()
+            ))
+        }
+    });
+    let (a, _) = ping_result(from_far);
+    eprintln!(
+        "split brain: gw1 sent up to {} before, gw2 reached {gw2_max}, gw1 continued at {skipped}; far->server {} of 400 answered",
+        gw1_before.1,
+        a.len()
+    );
+    assert!(
+        m1.log("hasyncd").contains("continues at sequence"),
+        "{}",
+        m1.logs()
+    );
+
+    // From here on gw1 carries the tunnel: nothing it sends is dropped by the far side.
+    wait_for("traffic through gw1", WAIT, || {
+        (burst(&far_ns, CLIENT_INNER, SERVER, 2) == 2)
+            .then_some(())
+            .ok_or_else(|| format!("{}\n{}", m1.logs(), far.logs()))
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let (replay0, icv0) = (far.drops("replay"), far.drops("icv"));
+    let far_in = |far: &Far| {
+        far.esp_sa(spi)
+            .map(|s| {
+                (
+                    s["dec_pkts"].as_u64().unwrap_or(0),
+                    s["replaywin_lastseq"].as_u64().unwrap_or(0),
+                )
+            })
+            .unwrap_or_default()
+    };
+    let (tx0, _) = out_sa(&m1, spi).unwrap();
+    let (rx0, _) = far_in(&far);
+    const N: u32 = 10;
+    let got = burst(&far_ns, CLIENT_INNER, SERVER, N);
+    let (tx1, next1) = out_sa(&m1, spi).unwrap();
+    let (rx1, last1) = far_in(&far);
+    std::thread::sleep(Duration::from_millis(1500));
+    eprintln!(
+        "after the split brain: far drops replay {replay0} icv {icv0} (during it); burst of {N}: gw1 sent {}, far accepted {}, last {last1}, gw1 next {next1}",
+        tx1 - tx0,
+        rx1 - rx0
+    );
+    assert_eq!(got, N as usize, "{}\n{}", m1.logs(), far.logs());
+    assert_eq!(tx1 - tx0, u64::from(N));
+    assert_eq!(rx1 - rx0, u64::from(N), "the far side accepted every one");
+    assert_eq!(last1 + 1, next1);
+    assert!(last1 > gw2_max, "{last1} <= {gw2_max}");
+    assert_eq!(
+        (far.drops("replay"), far.drops("icv")),
+        (replay0, icv0),
+        "drops after the split brain:\n{}",
+        far.metrics()
+    );
+    assert_eq!(far.sa(), Some(before), "the far side renegotiated");
 }
