@@ -23,10 +23,24 @@ use crate::io::{hw_addr, LinkSocket, FGCP_PORT};
 
 mod snapshot;
 
-/// FGSP heartbeat period: FortiOS's FGCP default (2 ticks of 100 ms); FGSP has no key.
-const FGSP_HB_MS: u64 = 200;
-/// FGSP peers missing this many heartbeats are no longer detected.
-const FGSP_LOST_BEATS: u64 = 6;
+/// FGSP heartbeat period and loss time of a link: the shortest `hb-interval` of its
+/// `cluster-peer`s, and the longest `hb-interval` x `hb-lost-threshold` (no peer is lost
+/// sooner than its own keys say). Defaults 200 ms and 1.2 s (2 x 100 ms, 6 beats).
+fn fgsp_timing(peers: &[haven_config::ClusterPeer]) -> (u64, u64) {
+    let hb = peers
+        .iter()
+        .map(|p| u64::from(p.hb_interval_ms()))
+        .min()
+        .unwrap_or(200)
+        .max(1);
+    let lost = peers
+        .iter()
+        .map(|p| u64::from(p.lost_after_ms()))
+        .max()
+        .unwrap_or(1_200)
+        .max(hb);
+    (hb, lost)
+}
 
 /// FGCP side: one heartbeat device.
 struct FgcpSide {
@@ -70,6 +84,10 @@ struct FgspSide {
     group: u8,
     peers: Vec<FgspPeer>,
     next_hb_ms: u64,
+    /// Heartbeat period (ms), from the cluster-peers' `hb-interval`.
+    hb_ms: u64,
+    /// Silence after which a peer is lost (ms), from `hb-interval` x `hb-lost-threshold`.
+    lost_ms: u64,
     /// True while this member speaks for its FGCP cluster (or has no FGCP cluster).
     active: bool,
 }
@@ -1616,6 +1634,8 @@ impl Cluster {
             "id": s.me.0,
             "active": s.active,
             "detected_peers": live.len(),
+            "hb_interval_ms": s.hb_ms,
+            "lost_after_ms": s.lost_ms,
             "peers": peers,
         })
     }
@@ -1751,11 +1771,15 @@ fn start_fgsp(
         .unwrap_or(haven_config::FGSP_PORT);
     let sock =
         LinkSocket::bind(port, None).map_err(|e| format!("FGSP socket on port {port}: {e}"))?;
+    let (hb_ms, lost_ms) = fgsp_timing(&sc.cluster_peers);
+    tracing::info!("FGSP: heartbeat every {hb_ms} ms, a peer silent for {lost_ms} ms is lost");
     Ok(FgspSide {
         sock,
         key,
         link,
-        live: Liveness::new(FGSP_HB_MS * FGSP_LOST_BEATS),
+        live: Liveness::new(lost_ms),
+        hb_ms,
+        lost_ms,
         me,
         group: sc.standalone_group_id,
         peers: sc
@@ -1884,7 +1908,7 @@ impl FgspSide {
             events.push(ev);
         }
         if self.active && now_ms >= self.next_hb_ms {
-            self.next_hb_ms = now_ms.saturating_add(FGSP_HB_MS);
+            self.next_hb_ms = now_ms.saturating_add(self.hb_ms);
             let hb = Heartbeat {
                 member: self.me,
                 serial: format!("standalone-{}", self.me.0),
@@ -1919,6 +1943,26 @@ impl FgspSide {
 mod tests {
     use super::*;
     use ha_core::msg::{ChildLifetime, KeyBytes};
+
+    /// `config cluster-peer` `hb-interval` / `hb-lost-threshold`: defaults 200 ms and
+    /// 1.2 s; the shortest interval and the longest loss time of the peers.
+    #[test]
+    fn fgsp_timing_from_the_cluster_peers() {
+        assert_eq!(fgsp_timing(&[]), (200, 1_200));
+        let text = "config system standalone-cluster\n    set standalone-group-id 1\n    \
+                    set group-member-id 1\n    config cluster-peer\n        edit 1\n            \
+                    set peerip 172.31.1.2\n        next\n        edit 2\n            \
+                    set peerip 172.31.1.3\n            set hb-interval 1\n            \
+                    set hb-lost-threshold 4\n        next\n    end\nend\n";
+        let sc = haven_config::parse(text)
+            .unwrap()
+            .config
+            .standalone
+            .unwrap();
+        assert_eq!(fgsp_timing(&sc.cluster_peers[..1]), (200, 1_200));
+        assert_eq!(fgsp_timing(&sc.cluster_peers[1..]), (100, 400));
+        assert_eq!(fgsp_timing(&sc.cluster_peers), (100, 1_200));
+    }
 
     fn sa(tunnel: &str, spi_in: u32) -> ChildSaSync {
         ChildSaSync {
