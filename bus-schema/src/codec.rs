@@ -583,6 +583,10 @@ mod tests {
             "TunnelMonitorRemoved",
             "82a474797065b454756e6e656c4d6f6e69746f7252656d6f766564a46461746181a674756e6e656ca476706e31",
         ),
+        ("SeqSkip", concat!(
+                "82a474797065a7536571536b6970a46461746181a37361739183a674756e6e656ca676706e315f31a77370695f6f7574",
+                "ce10aa45b0a67365715f6877ce00a89681",
+            )),
     ];
 
     const REQUEST_GOLDEN: &[(&str, &str)] = &[

@@ -178,6 +178,13 @@ pub fn bodies() -> Vec<Body> {
         Body::TunnelMonitorRemoved {
             tunnel: "vpn1".into(),
         },
+        Body::SeqSkip {
+            sas: vec![SeqMark {
+                tunnel: "vpn1_1".into(),
+                spi_out: 0x10aa_45b0,
+                seq_hw: 11_048_577,
+            }],
+        },
     ]
 }
 

@@ -140,6 +140,7 @@ pub mod topic {
     pub const SA_UNKNOWN: &str = "sa.unknown";
     pub const DPD_MONITOR: &str = "dpd.monitor";
     pub const DPD_MONITOR_REMOVED: &str = "dpd.monitor.removed";
+    pub const HA_SEQ_SKIP: &str = "ha.seq.skip";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -171,6 +172,7 @@ pub mod topic {
         SA_UNKNOWN,
         DPD_MONITOR,
         DPD_MONITOR_REMOVED,
+        HA_SEQ_SKIP,
     ];
 }
 
@@ -294,6 +296,13 @@ pub enum Body {
     TunnelMonitorRemoved {
         tunnel: String,
     },
+    /// hasyncd: the FGCP primary claimed back a tunnel its datapath kept while another
+    /// member carried it (a split brain): each outbound SA continues at or above `seq_hw`
+    /// (the other member's recorded leases plus the unsynced jump), never backwards, and
+    /// leases again before sending (event).
+    SeqSkip {
+        sas: Vec<SeqMark>,
+    },
 }
 
 /// What a body does to the replicated store.
@@ -334,6 +343,7 @@ impl Body {
         "UnknownSaTraffic",
         "TunnelMonitor",
         "TunnelMonitorRemoved",
+        "SeqSkip",
     ];
 
     /// The `type` tag of this body.
@@ -367,6 +377,7 @@ impl Body {
             Body::UnknownSaTraffic(_) => "UnknownSaTraffic",
             Body::TunnelMonitor(_) => "TunnelMonitor",
             Body::TunnelMonitorRemoved { .. } => "TunnelMonitorRemoved",
+            Body::SeqSkip { .. } => "SeqSkip",
         }
     }
 
@@ -401,6 +412,7 @@ impl Body {
             Body::UnknownSaTraffic(_) => topic::SA_UNKNOWN,
             Body::TunnelMonitor(_) => topic::DPD_MONITOR,
             Body::TunnelMonitorRemoved { .. } => topic::DPD_MONITOR_REMOVED,
+            Body::SeqSkip { .. } => topic::HA_SEQ_SKIP,
         }
     }
 
@@ -448,7 +460,8 @@ impl Body {
             | Body::ProbeRequest { .. }
             | Body::ProbeResult { .. }
             | Body::IkeActivity { .. }
-            | Body::UnknownSaTraffic(_) => None,
+            | Body::UnknownSaTraffic(_)
+            | Body::SeqSkip { .. } => None,
         }
     }
 }

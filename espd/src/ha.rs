@@ -129,6 +129,31 @@ impl HaLeases {
         }
     }
 
+    /// hasyncd claimed back a tunnel this espd kept while another member carried it (FGCP
+    /// split brain): each outbound SA continues at or above its mark. The counter then
+    /// stands above the local and HA lease marks, so the SA sends nothing until the
+    /// housekeeping persists a new local mark and hasyncd grants the lease above it.
+    pub fn skip(&self, dp: Option<&Datapath>, marks: &[SeqMark]) {
+        let Some(dp) = dp else { return };
+        for m in marks {
+            for sa in dp
+                .sas()
+                .values()
+                .filter(|s| s.tunnel == m.tunnel && s.spi_out == m.spi_out)
+            {
+                let before = sa.seq.next();
+                let next = sa.seq.skip_to(m.seq_hw);
+                if next > before {
+                    tracing::info!(
+                        "{}: HA: outbound {:08x} continues at sequence {next} (was {before}; another member sent on it meanwhile)",
+                        sa.key,
+                        sa.spi_out
+                    );
+                }
+            }
+        }
+    }
+
     /// hasyncd granted marks: raise the SAs' limits (never above the local mark).
     pub fn granted(&self, dp: Option<&Datapath>, marks: &[SeqMark]) {
         let Some(dp) = dp else { return };

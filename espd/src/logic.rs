@@ -894,8 +894,14 @@ impl DaemonLogic for Espd {
     }
 
     fn on_event(&mut self, src: DaemonKind, body: &Body, _out: &mut Outbox) {
-        if let (DaemonKind::Hasyncd, Body::SeqLeaseGranted { sas }) = (src, body) {
-            self.ha.granted(self.dp.as_ref(), sas);
+        match (src, body) {
+            (DaemonKind::Hasyncd, Body::SeqLeaseGranted { sas }) => {
+                self.ha.granted(self.dp.as_ref(), sas);
+            }
+            (DaemonKind::Hasyncd, Body::SeqSkip { sas }) => {
+                self.ha.skip(self.dp.as_ref(), sas);
+            }
+            _ => {}
         }
     }
 

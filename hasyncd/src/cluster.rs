@@ -24,10 +24,24 @@ use crate::io::{hw_addr, LinkSocket, FGCP_PORT};
 mod resync;
 mod snapshot;
 
-/// FGSP heartbeat period: FortiOS's FGCP default (2 ticks of 100 ms); FGSP has no key.
-const FGSP_HB_MS: u64 = 200;
-/// FGSP peers missing this many heartbeats are no longer detected.
-const FGSP_LOST_BEATS: u64 = 6;
+/// FGSP heartbeat period and loss time of a link: the shortest `hb-interval` of its
+/// `cluster-peer`s, and the longest `hb-interval` x `hb-lost-threshold` (no peer is lost
+/// sooner than its own keys say). Defaults 200 ms and 1.2 s (2 x 100 ms, 6 beats).
+fn fgsp_timing(peers: &[haven_config::ClusterPeer]) -> (u64, u64) {
+    let hb = peers
+        .iter()
+        .map(|p| u64::from(p.hb_interval_ms()))
+        .min()
+        .unwrap_or(200)
+        .max(1);
+    let lost = peers
+        .iter()
+        .map(|p| u64::from(p.lost_after_ms()))
+        .max()
+        .unwrap_or(1_200)
+        .max(hb);
+    (hb, lost)
+}
 
 /// FGCP side: one heartbeat device.
 struct FgcpSide {
@@ -46,6 +60,9 @@ struct FgcpSide {
     peer_roles: BTreeMap<MemberId, HaRole>,
     /// Peers that just announced `secondary` (they heard this member).
     now_secondary: Vec<MemberId>,
+    /// A peer that announced `primary` announces something else now (it stepped down after
+    /// a split brain, during which it held and announced the shared addresses).
+    stepped_down: bool,
     /// Where each member was last heard from (snapshots are sent there, unicast).
     addrs: BTreeMap<MemberId, SocketAddr>,
     /// Link counters heard per member: lost sync datagrams ([`resync`]).
@@ -70,6 +87,10 @@ struct FgspSide {
     group: u8,
     peers: Vec<FgspPeer>,
     next_hb_ms: u64,
+    /// Heartbeat period (ms), from the cluster-peers' `hb-interval`.
+    hb_ms: u64,
+    /// Silence after which a peer is lost (ms), from `hb-interval` x `hb-lost-threshold`.
+    lost_ms: u64,
     /// True while this member speaks for its FGCP cluster (or has no FGCP cluster).
     active: bool,
 }
@@ -84,6 +105,9 @@ pub struct Changes {
     /// An FGCP member was heard from for the first time, or again after it was lost (it may
     /// have been primary meanwhile and announced the shared addresses as its own).
     pub fgcp_peer_joined: bool,
+    /// An FGCP member that announced itself primary does not any more (a split brain
+    /// ended: it held and announced the shared addresses meanwhile).
+    pub fgcp_peer_stepped_down: bool,
 }
 
 /// The running HA links of this member.
@@ -123,6 +147,9 @@ pub struct Cluster {
     phase1_names: Vec<String>,
     /// Tunnels another member took from this one (FGSP), for the daemon (drained by it).
     demotions: Vec<String>,
+    /// Where espd's outbound SAs of tunnels claimed back while carried here must continue
+    /// (`SeqSkip`), for the daemon (drained by it).
+    skips: Vec<SeqMark>,
     /// Tunnel roles may have changed (FGSP table), for the daemon (reset by it).
     pub roles_dirty: bool,
     /// Age of the last update applied per peer (`hasyncd_sync_lag_seconds`).
@@ -200,6 +227,11 @@ pub fn describe_metrics() {
         "hasyncd_failovers_total",
         Unit::Count,
         "Times this member took the primary role over from another member."
+    );
+    describe_counter!(
+        "hasyncd_sequence_skips_total",
+        Unit::Count,
+        "Outbound SAs this member's espd was told to continue above another member's leases (a tunnel claimed back while carried here, after a split brain)."
     );
     describe_counter!(
         "hasyncd_link_drops_total",
@@ -355,6 +387,7 @@ impl Cluster {
             election_events: Vec::new(),
             phase1_names: config.phase1.iter().map(|p| p.name.clone()).collect(),
             demotions: Vec::new(),
+            skips: Vec::new(),
             roles_dirty: true,
             started_from: (config.ha.clone(), config.standalone.clone()),
             config_inbox: Vec::new(),
@@ -472,6 +505,9 @@ impl Cluster {
                     .into_iter()
                     .map(|(m, e, c, msg)| (m, "fgcp", e, c, msg)),
             );
+            if std::mem::take(&mut side.stepped_down) {
+                ch.fgcp_peer_stepped_down = true;
+            }
             let mut events = Vec::new();
             while let Some(ev) = side.fgcp.poll_event() {
                 events.push(ev.clone());
@@ -946,6 +982,27 @@ impl Cluster {
                     tracing::info!("{label}: {tunnel} is now carried by member {}", owner.0);
                     self.demotions.push(tunnel);
                 }
+                TunnelEvent::Reclaimed {
+                    tunnel,
+                    previous,
+                    start_seqs,
+                } => {
+                    metrics::counter!("hasyncd_sequence_skips_total")
+                        .increment(start_seqs.len() as u64);
+                    for s in start_seqs {
+                        tracing::info!(
+                            "{label}: {tunnel} outbound {:08x} continues at sequence {} or above (claimed back from member {} while carried here: its leases plus the unsynced jump)",
+                            s.spi_out,
+                            s.first_seq,
+                            previous.0
+                        );
+                        self.skips.push(SeqMark {
+                            tunnel: tunnel.clone(),
+                            spi_out: s.spi_out,
+                            seq_hw: s.first_seq,
+                        });
+                    }
+                }
             }
         }
     }
@@ -1098,6 +1155,12 @@ impl Cluster {
     /// Tunnels another member took from this one since the last call.
     pub fn take_demotions(&mut self) -> Vec<String> {
         std::mem::take(&mut self.demotions)
+    }
+
+    /// Outbound SAs that must continue at or above a mark (`SeqSkip` for espd) since the
+    /// last call.
+    pub fn take_skips(&mut self) -> Vec<SeqMark> {
+        std::mem::take(&mut self.skips)
     }
 
     /// FGSP per-tunnel ownership is on: an FGSP link and no FGCP one.
@@ -1633,6 +1696,8 @@ impl Cluster {
             "id": s.me.0,
             "active": s.active,
             "detected_peers": live.len(),
+            "hb_interval_ms": s.hb_ms,
+            "lost_after_ms": s.lost_ms,
             "peers": peers,
         })
     }
@@ -1747,6 +1812,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         ha_id_changes: 0,
         peer_roles: BTreeMap::new(),
         now_secondary: Vec::new(),
+        stepped_down: false,
         addrs: BTreeMap::new(),
         loss: Default::default(),
     })
@@ -1773,11 +1839,15 @@ fn start_fgsp(
         .unwrap_or(haven_config::FGSP_PORT);
     let sock =
         LinkSocket::bind(port, None).map_err(|e| format!("FGSP socket on port {port}: {e}"))?;
+    let (hb_ms, lost_ms) = fgsp_timing(&sc.cluster_peers);
+    tracing::info!("FGSP: heartbeat every {hb_ms} ms, a peer silent for {lost_ms} ms is lost");
     Ok(FgspSide {
         sock,
         key,
         link,
-        live: Liveness::new(FGSP_HB_MS * FGSP_LOST_BEATS),
+        live: Liveness::new(lost_ms),
+        hb_ms,
+        lost_ms,
         me,
         group: sc.standalone_group_id,
         peers: sc
@@ -1813,6 +1883,9 @@ impl FgcpSide {
                         let before = self.peer_roles.insert(r.sender, hb.role);
                         if hb.role == HaRole::Secondary && before != Some(HaRole::Secondary) {
                             self.now_secondary.push(r.sender);
+                        }
+                        if before == Some(HaRole::Primary) && hb.role != HaRole::Primary {
+                            self.stepped_down = true;
                         }
                         self.hostnames.insert(r.sender, hb.serial.clone());
                         self.fgcp.handle_heartbeat(r.sender, hb, now_ms);
@@ -1907,7 +1980,7 @@ impl FgspSide {
             events.push(ev);
         }
         if self.active && now_ms >= self.next_hb_ms {
-            self.next_hb_ms = now_ms.saturating_add(FGSP_HB_MS);
+            self.next_hb_ms = now_ms.saturating_add(self.hb_ms);
             let hb = Heartbeat {
                 member: self.me,
                 serial: format!("standalone-{}", self.me.0),
@@ -1942,6 +2015,26 @@ impl FgspSide {
 mod tests {
     use super::*;
     use ha_core::msg::{ChildLifetime, KeyBytes};
+
+    /// `config cluster-peer` `hb-interval` / `hb-lost-threshold`: defaults 200 ms and
+    /// 1.2 s; the shortest interval and the longest loss time of the peers.
+    #[test]
+    fn fgsp_timing_from_the_cluster_peers() {
+        assert_eq!(fgsp_timing(&[]), (200, 1_200));
+        let text = "config system standalone-cluster\n    set standalone-group-id 1\n    \
+                    set group-member-id 1\n    config cluster-peer\n        edit 1\n            \
+                    set peerip 172.31.1.2\n        next\n        edit 2\n            \
+                    set peerip 172.31.1.3\n            set hb-interval 1\n            \
+                    set hb-lost-threshold 4\n        next\n    end\nend\n";
+        let sc = haven_config::parse(text)
+            .unwrap()
+            .config
+            .standalone
+            .unwrap();
+        assert_eq!(fgsp_timing(&sc.cluster_peers[..1]), (200, 1_200));
+        assert_eq!(fgsp_timing(&sc.cluster_peers[1..]), (100, 400));
+        assert_eq!(fgsp_timing(&sc.cluster_peers), (100, 1_200));
+    }
 
     fn sa(tunnel: &str, spi_in: u32) -> ChildSaSync {
         ChildSaSync {

@@ -384,10 +384,14 @@ impl DaemonLogic for Hasyncd {
             }
             self.publish_member(out);
             self.publish_roles(out);
-        } else if ch.fgcp_peer_joined && role == Some(HaRole::Primary) {
-            // A member that comes back after missed heartbeats (a split brain) may have
-            // been primary meanwhile and announced the shared addresses: the upstream
-            // router then sends their traffic to a member that no longer holds them.
+        } else if (ch.fgcp_peer_joined || ch.fgcp_peer_stepped_down)
+            && role == Some(HaRole::Primary)
+        {
+            // A member that comes back after missed heartbeats, or that steps down after
+            // a split brain (it missed this member's heartbeats while this one heard it),
+            // may have been primary meanwhile and announced the shared addresses: the
+            // upstream router then sends their traffic to a member that no longer holds
+            // them.
             self.vip.reannounce(self.now_ms);
         }
         self.collect(out);
@@ -450,7 +454,12 @@ impl Hasyncd {
         let grants = cluster.take_grants();
         let fresh = cluster.take_takeovers();
         let demoted = cluster.take_demotions();
+        let skips = cluster.take_skips();
         let roles_dirty = std::mem::take(&mut cluster.roles_dirty);
+        // Before any grant: espd moves the counter, then leases above it.
+        if !skips.is_empty() {
+            out.push(Body::SeqSkip { sas: skips });
+        }
         if !grants.is_empty() {
             metrics::counter!("hasyncd_sequence_leases_granted_total")
                 .increment(grants.len() as u64);

@@ -147,7 +147,9 @@ impl SharedAddrs {
         if !self.held {
             return;
         }
-        tracing::info!("FGCP: a member rejoined; announcing the shared addresses again");
+        tracing::info!(
+            "FGCP: a member rejoined or stepped down; announcing the shared addresses again"
+        );
         self.due = GARP_AT_MS
             .iter()
             .map(|d| now_ms.saturating_add(*d))

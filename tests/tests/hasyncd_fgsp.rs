@@ -142,6 +142,44 @@ fn fgsp_four_members_detect_each_other_in_seed_layout() {
     assert_eq!(v["peers"][0]["detected"], true, "{v}");
 }
 
+/// `config cluster-peer` `hb-interval` / `hb-lost-threshold`: with 2 s x 60 a peer that
+/// goes silent stays detected well beyond the default 1.2 s; the view shows the timing.
+#[test]
+fn fgsp_loss_detection_follows_the_cluster_peer_keys() {
+    let dir = TempDir::new("hasyncd-fgsp-hb");
+    let slow = |me: u8, peer: &str| {
+        fgsp_block(me, &[peer.to_string()], "fgsp-s3cret").replace(
+            "            set peerip",
+            "            set hb-interval 20\n            set hb-lost-threshold 60\n            set peerip",
+        )
+    };
+    let configs = [slow(1, "172.31.1.2"), slow(2, "172.31.1.1")];
+    let (_hub, mut m) = start(
+        "hafgsphb",
+        &dir,
+        &["172.31.1.1/24", "172.31.1.2/24"],
+        &configs,
+    );
+    wait_for(
+        "member 0 detects member 1",
+        Duration::from_secs(20),
+        || match detected(&m[0])? {
+            1 => Ok(()),
+            n => Err(format!("{n} detected")),
+        },
+    );
+    let v = m[0].peers().unwrap();
+    assert_eq!(
+        (v["hb_interval_ms"].as_u64(), v["lost_after_ms"].as_u64()),
+        (Some(2_000), Some(120_000)),
+        "{v}"
+    );
+    m[1].proc.take().unwrap().kill_now().unwrap();
+    // Three times the default loss time: still detected (lost only after 120 s).
+    std::thread::sleep(Duration::from_millis(3_600));
+    assert_eq!(detected(&m[0]).unwrap(), 1, "lost before hb-lost-threshold");
+}
+
 #[test]
 fn fgsp_wrong_psksecret_is_never_detected() {
     let dir = TempDir::new("hasyncd-fgsp-bad");

@@ -800,6 +800,8 @@ fn build_standalone(ctx: &mut Ctx, b: &Block) -> StandaloneCluster {
             let peervd = pf
                 .string(ctx, "peervd", 31)
                 .unwrap_or_else(|| "root".to_string());
+            let hb_interval = pf.uint(ctx, "hb-interval", 1, 20).unwrap_or(2);
+            let hb_lost_threshold = pf.uint(ctx, "hb-lost-threshold", 1, 60).unwrap_or(6);
             match pf.ipv4(ctx, "peerip") {
                 Some(ip) if !ip.is_unspecified() => {
                     let pos = pf.value_pos("peerip").unwrap_or(e.pos);
@@ -813,10 +815,10 @@ fn build_standalone(ctx: &mut Ctx, b: &Block) -> StandaloneCluster {
                         ips.insert(ip, pos);
                     }
                     sc.cluster_peers.push(ClusterPeer {
-                        sync_id: id,
-                        peerip: ip,
                         peervd,
-                        port: FGSP_PORT,
+                        hb_interval,
+                        hb_lost_threshold,
+                        ..ClusterPeer::new(id, ip)
                     });
                 }
                 Some(_) => ctx.invalid(

@@ -145,11 +145,9 @@ pub(crate) const STANDALONE: Spec = Spec {
 
 pub(crate) const CLUSTER_PEER: Spec = Spec {
     name: "config cluster-peer",
-    implemented: &["peerip", "peervd"],
+    implemented: &["peerip", "peervd", "hb-interval", "hb-lost-threshold"],
     known: &[
         "down-intfs-before-sess-sync",
-        "hb-interval",
-        "hb-lost-threshold",
         "ipsec-tunnel-sync",
         "secondary-add-ipsec-routes",
         "sync-id",

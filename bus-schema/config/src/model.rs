@@ -214,6 +214,39 @@ pub struct ClusterPeer {
     /// Session-sync port: always [`FGSP_PORT`] (708); FortiOS has no key
     /// for it. A Haven override would come through [`HavenSettings`].
     pub port: u16,
+    /// `hb-interval`: FGSP heartbeat interval to this peer in ticks of
+    /// [`HB_TICK_MS`] (100 ms), 1..=20. Default 2 (200 ms), as `config system
+    /// ha`'s.
+    pub hb_interval: u8,
+    /// `hb-lost-threshold`: heartbeats missed before the peer is lost,
+    /// 1..=60. Default 6 (with the default interval: lost after 1.2 s).
+    pub hb_lost_threshold: u8,
+}
+
+impl ClusterPeer {
+    /// A peer at `peerip` with every other key at its default.
+    pub fn new(sync_id: u32, peerip: Ipv4Addr) -> ClusterPeer {
+        ClusterPeer {
+            sync_id,
+            peerip,
+            peervd: "root".into(),
+            port: FGSP_PORT,
+            hb_interval: 2,
+            hb_lost_threshold: 6,
+        }
+    }
+
+    /// `hb-interval` in milliseconds.
+    pub fn hb_interval_ms(&self) -> u32 {
+        u32::from(self.hb_interval).saturating_mul(HB_TICK_MS)
+    }
+
+    /// `hb-interval` x `hb-lost-threshold` in milliseconds: silence after which the peer
+    /// is lost.
+    pub fn lost_after_ms(&self) -> u32 {
+        self.hb_interval_ms()
+            .saturating_mul(u32::from(self.hb_lost_threshold))
+    }
 }
 
 /// `set type` of a phase1.

@@ -641,3 +641,31 @@ fn phase1_ip_version_6() {
     ));
     assert!(e.to_string().contains("IPv6 address"), "{e}");
 }
+
+/// `config cluster-peer` `hb-interval` (1..=20, 100 ms ticks) and `hb-lost-threshold`
+/// (1..=60): defaults 2 and 6; out of range is an error.
+#[test]
+fn cluster_peer_heartbeat_keys() {
+    let text = |extra: &str| {
+        format!(
+            "config system standalone-cluster\n    config cluster-peer\n        edit 1\n            \
+             set peerip 10.0.0.2\n{extra}        next\n    end\nend\n"
+        )
+    };
+    let p = parse(&text("")).unwrap();
+    let peer = &p.config.standalone.unwrap().cluster_peers[0];
+    assert_eq!((peer.hb_interval, peer.hb_lost_threshold), (2, 6));
+    assert_eq!((peer.hb_interval_ms(), peer.lost_after_ms()), (200, 1_200));
+    let p = parse(&text(
+        "            set hb-interval 5\n            set hb-lost-threshold 10\n",
+    ))
+    .unwrap();
+    let peer = &p.config.standalone.unwrap().cluster_peers[0];
+    assert_eq!((peer.hb_interval_ms(), peer.lost_after_ms()), (500, 5_000));
+    assert!(p.warnings.iter().all(|w| !w.key.starts_with("hb-")));
+    let e = parse(&text("            set hb-interval 21\n")).unwrap_err();
+    assert!(
+        matches!(&e.first().unwrap().kind, ErrorKind::BadValue { key, .. } if key == "hb-interval"),
+        "{e}"
+    );
+}

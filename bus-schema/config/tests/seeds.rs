@@ -76,6 +76,8 @@ fn peer(sync_id: u32, addr: &str) -> ClusterPeer {
         peerip: ip(addr),
         peervd: "root".into(),
         port: 708,
+        hb_interval: 2,
+        hb_lost_threshold: 6,
     }
 }
 

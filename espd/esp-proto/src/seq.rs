@@ -209,6 +209,16 @@ impl AtomicSeq {
         self.next.load(Ordering::Relaxed)
     }
 
+    /// Continue at `first` or above: the counter moves forward to `first` if it is below,
+    /// never backwards (an HA member that claimed a tunnel back after another member sent on
+    /// it). Numbers at or above the granted mark still wait for a lease. Returns the next
+    /// number after the call.
+    pub fn skip_to(&self, first: u64) -> u64 {
+        // One past `last` marks the counter exhausted, as `take` would leave it.
+        let first = first.min(self.last.saturating_add(1));
+        self.next.fetch_max(first, Ordering::Relaxed).max(first)
+    }
+
     /// A lease mark has been persisted: numbers below `hw` may be used.
     pub fn grant(&self, hw: u64) {
         self.granted.fetch_max(hw, Ordering::Release);
@@ -224,6 +234,24 @@ impl AtomicSeq {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skip_to_moves_forward_only_and_respects_the_lease() {
+        let s = AtomicSeq::new(5, false, Some(100)).unwrap();
+        assert_eq!(s.skip_to(3), 5, "never backwards");
+        assert_eq!(s.take(), Ok(5));
+        assert_eq!(s.skip_to(1_000), 1_000);
+        assert_eq!(
+            s.take(),
+            Err(EspError::LeaseExhausted),
+            "above the granted mark"
+        );
+        s.grant(2_000);
+        assert_eq!(s.take(), Ok(1_000));
+        assert_eq!(s.skip_to(u64::MAX), u64::from(u32::MAX) + 1);
+        s.grant(u64::MAX);
+        assert_eq!(s.take(), Err(EspError::SeqExhausted));
+    }
 
     #[test]
     fn never_wraps_without_esn() {

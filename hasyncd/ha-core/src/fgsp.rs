@@ -116,6 +116,19 @@ pub enum TunnelEvent {
         /// The confirmed mark.
         seq_hw: u64,
     },
+    /// This member claimed back a tunnel the table gave to `previous` while its own
+    /// datapath still carries it ([`TunnelTable::local_established`] on a tunnel owned
+    /// elsewhere: the FGCP primary after a split brain). The datapath's own counter may be
+    /// below numbers `previous` sent meanwhile: each outbound SA continues at or above its
+    /// `first_seq` (the recorded mark plus [`DEFAULT_UNSYNCED_JUMP`]; never backwards).
+    Reclaimed {
+        /// Tunnel instance.
+        tunnel: String,
+        /// The member the table gave it to.
+        previous: MemberId,
+        /// Per outbound SA the table has a record of; `exact` is false.
+        start_seqs: Vec<StartSeq>,
+    },
 }
 
 /// A message to send: to one member, or to every peer when `to` is `None`.
@@ -427,8 +440,37 @@ impl TunnelTable {
 
     // ----- local facts
 
-    /// A tunnel was established on this member: it owns it.
+    /// A tunnel was established on this member: it owns it. When the table gave it to
+    /// another member (a claim from a split brain, or a tunnel the FGCP primary's ikemgr
+    /// kept), this is a claim back of a tunnel this member's datapath still carries:
+    /// [`TunnelEvent::Reclaimed`] tells the daemon where each outbound SA must continue.
+    ///
+    /// **Bound:** the other member may have granted leases without waiting for this one
+    /// (it had declared it lost), so this record can miss some: each SA continues at the
+    /// recorded mark plus [`DEFAULT_UNSYNCED_JUMP`], above every number the other member
+    /// sent unless it sent more than that beyond the last lease recorded here.
     pub fn local_established(&mut self, tunnel: &str) {
+        let me = self.me;
+        let jump = self.unsynced_jump;
+        if let Some(t) = self.tunnels.get(tunnel).filter(|t| t.owner != me) {
+            let start_seqs: Vec<StartSeq> = t
+                .sas
+                .iter()
+                .map(|(spi, s)| StartSeq {
+                    spi_out: *spi,
+                    first_seq: s.hw.saturating_add(jump).max(1),
+                    exact: false,
+                })
+                .collect();
+            let previous = t.owner;
+            if !start_seqs.is_empty() {
+                self.events.push_back(TunnelEvent::Reclaimed {
+                    tunnel: tunnel.to_string(),
+                    previous,
+                    start_seqs,
+                });
+            }
+        }
         let generation = self.tunnels.get(tunnel).map_or(0, |t| t.generation + 1);
         let t = self.tunnels.entry(tunnel.to_string()).or_insert(Tunnel {
             owner: self.me,
@@ -957,6 +999,12 @@ mod tests {
                         let dp = &mut self.m[i].dp;
                         dp.granted = dp.granted.max(*seq_hw);
                         dp.proposed = false;
+                    }
+                    TunnelEvent::Reclaimed { start_seqs, .. } => {
+                        if let Some(s) = start_seqs.iter().find(|s| s.spi_out == SPI) {
+                            let dp = &mut self.m[i].dp;
+                            dp.next = dp.next.max(s.first_seq);
+                        }
                     }
                 }
                 self.events.push((i, e));
@@ -1778,11 +1826,36 @@ mod tests {
                 reason: ClaimReason::OwnerDead,
             },
         );
+        t.handle_lease(
+            b,
+            &SeqLease {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 7000,
+            },
+        );
         assert_eq!(
             t.reclaim_stale(|_| false, |_| true),
             vec![(T.to_string(), true)]
         );
         assert_eq!(t.role(T), Some(TunnelRole::SyncPrimary));
+        // The datapath carried it all along: it continues beyond member 2's leases.
+        assert_eq!(
+            t.poll_event(),
+            Some(TunnelEvent::Reclaimed {
+                tunnel: T.into(),
+                previous: b,
+                start_seqs: vec![StartSeq {
+                    spi_out: SPI,
+                    first_seq: 7000 + DEFAULT_UNSYNCED_JUMP,
+                    exact: false,
+                }],
+            })
+        );
+        assert_eq!(t.poll_event(), None);
+        // A tunnel established here for the first time, or owned here already: no event.
+        t.local_established(T);
+        t.local_established("vpn1_2");
         assert_eq!(t.poll_event(), None);
     }
 }

@@ -72,6 +72,11 @@ struct World {
     /// Heartbeats of this node are lost on the wire (a loaded machine: the other member
     /// misses them, everything else arrives).
     drop_hb_from: Option<usize>,
+    /// Model hasyncd's FGCP mode exactly: tunnel roles follow the member's FGCP role (a
+    /// demotion by the table does not stop a member that still thinks it is primary; its
+    /// ikemgr and espd keep the tunnel), and a primary whose lease is refused because the
+    /// table gives the tunnel to another member claims it back (`propose_leases`).
+    daemon_roles: bool,
 }
 
 impl World {
@@ -137,10 +142,19 @@ impl World {
                         n.granted = n.next;
                         n.asked = false;
                     }
-                    TunnelEvent::Demoted { .. } => n.active = false,
+                    TunnelEvent::Demoted { .. } => {
+                        if !self.daemon_roles {
+                            n.active = false;
+                        }
+                    }
                     TunnelEvent::LeaseConfirmed { seq_hw, .. } => {
                         n.granted = n.granted.max(seq_hw);
                         n.asked = false;
+                    }
+                    // espd's counter continues beyond the other member's leases (the
+                    // daemon's `SeqSkip`); never backwards.
+                    TunnelEvent::Reclaimed { start_seqs, .. } => {
+                        n.next = n.next.max(start_seqs[0].first_seq);
                     }
                 }
             }
@@ -212,9 +226,18 @@ impl World {
             // Datapath: lease ahead, then send what is granted.
             if n.active {
                 if !n.asked && n.granted.saturating_sub(n.next) <= BLOCK / 2 {
-                    n.asked = true;
                     let hw = n.granted.max(n.next) + BLOCK;
-                    assert!(n.table.propose_lease(T, SPI, hw, now));
+                    if n.table.propose_lease(T, SPI, hw, now) {
+                        n.asked = true;
+                    } else {
+                        assert!(self.daemon_roles, "lease refused");
+                        if n.fgcp.role() == HaRole::Primary {
+                            // hasyncd's `propose_leases`: the primary claims it back.
+                            n.table.local_established(T);
+                            let hw = n.granted.max(n.next) + BLOCK;
+                            n.asked = n.table.propose_lease(T, SPI, hw, now);
+                        }
+                    }
                 }
                 for _ in 0..PKTS_PER_TICK {
                     if n.next >= n.granted {
@@ -255,6 +278,7 @@ fn fgcp_pair_fails_over_twice_without_replay() {
         esp: Vec::new(),
         log: Vec::new(),
         drop_hb_from: None,
+        daemon_roles: false,
     };
     w.run(2_000);
     assert_eq!(w.role(0), Some(HaRole::Primary));
@@ -362,6 +386,7 @@ fn primary_reclaims_the_tunnel_after_a_split_brain() {
         esp: Vec::new(),
         log: Vec::new(),
         drop_hb_from: None,
+        daemon_roles: false,
     };
     w.run(2_000);
     assert_eq!(w.role(0), Some(HaRole::Primary));
@@ -429,4 +454,98 @@ fn primary_reclaims_the_tunnel_after_a_split_brain() {
     for pair in w.esp.windows(2) {
         assert!(pair[0].1 < pair[1].1, "{:?} then {:?}", pair[0], pair[1]);
     }
+}
+
+/// The split brain of [`primary_reclaims_the_tunnel_after_a_split_brain`] as hasyncd's FGCP
+/// mode lives it: member 1 never stops being primary in its own view, so its ikemgr and
+/// espd keep the tunnel (its counter stays where it was) while member 2 sends from member
+/// 1's last lease upwards; member 1 claims the tunnel back on its next lease request and
+/// again when member 2 steps down. Each claim back of a carried tunnel makes its counter
+/// continue beyond member 2's recorded leases plus the unsynced jump: after the split
+/// brain the peer sees only increasing numbers above everything sent before. (Without
+/// the jump member 1 resumes its own counter, below numbers member 2 already sent.)
+#[test]
+fn a_primary_that_kept_the_tunnel_continues_beyond_the_split_brain() {
+    let mut w = World {
+        now: 0,
+        nodes: vec![Some(node(1, 200, 1, 0)), Some(node(2, 100, 1, 0))],
+        wire: VecDeque::new(),
+        esp: Vec::new(),
+        log: Vec::new(),
+        drop_hb_from: None,
+        daemon_roles: true,
+    };
+    w.run(2_000);
+    assert_eq!(w.role(0), Some(HaRole::Primary));
+    {
+        let n = w.nodes[0].as_mut().unwrap();
+        n.table.local_established(T);
+        n.table.sa_added(n.id, T, SPI);
+        n.active = true;
+    }
+    w.pump(0);
+    w.nodes[1]
+        .as_mut()
+        .unwrap()
+        .table
+        .sa_added(MemberId(1), T, SPI);
+    w.run(2_000);
+    assert!(w.sent_by(1) > 5_000);
+
+    w.drop_hb_from = Some(0);
+    w.run(1_600);
+    assert_eq!(w.role(1), Some(HaRole::Primary), "{:#?}", w.log);
+    assert_eq!(w.role(0), Some(HaRole::Primary));
+    assert!(w.sent_by(2) > 0, "member 2 took the tunnel over");
+    assert!(
+        w.nodes[0].as_ref().unwrap().active,
+        "member 1 keeps the tunnel (roles follow its FGCP role)"
+    );
+
+    w.drop_hb_from = None;
+    w.run(2_000);
+    assert_eq!(w.role(0), Some(HaRole::Primary));
+    assert_eq!(w.role(1), Some(HaRole::Secondary));
+    assert_eq!(
+        w.nodes[0].as_ref().unwrap().table.role(T),
+        Some(TunnelRole::SyncPrimary),
+        "{:#?}",
+        w.log
+    );
+    assert!(
+        w.log.iter().any(|l| l.contains("Reclaimed")),
+        "member 1 claimed the carried tunnel back: {:#?}",
+        w.log
+    );
+    let last_b = w.esp.iter().rposition(|(m, _)| m.0 == 2).unwrap();
+    let before_max = w.esp[..=last_b].iter().map(|(_, s)| *s).max().unwrap();
+    let tail = &w.esp[last_b + 1..];
+    assert!(
+        tail.len() > 1_000,
+        "member 1 carries the traffic after the split brain"
+    );
+    assert!(tail.iter().all(|(m, _)| m.0 == 1));
+    assert!(
+        tail[0].1 > before_max,
+        "member 1 resumed at {} at or below {before_max}, a number the peer may have seen",
+        tail[0].1
+    );
+    assert!(
+        tail[0].1 - before_max - 1 <= 3 * (DEFAULT_UNSYNCED_JUMP + BLOCK + BLOCK / 2),
+        "skipped {}",
+        tail[0].1 - before_max - 1
+    );
+    for pair in tail.windows(2) {
+        assert!(pair[0].1 < pair[1].1, "{:?} then {:?}", pair[0], pair[1]);
+    }
+    if std::env::var("FF_LOG").is_ok() {
+        for l in w.log.iter().filter(|l| !l.contains("LeaseConfirmed")) {
+            println!("{l}");
+        }
+    }
+    println!(
+        "after the split brain: member 2 sent up to {before_max}, member 1 continued at {} ({} skipped)",
+        tail[0].1,
+        tail[0].1 - before_max - 1
+    );
 }
