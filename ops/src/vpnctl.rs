@@ -122,6 +122,20 @@ enum DiagSysHaCmd {
     Status,
     /// FGSP peers (seed 000 layout).
     StandalonePeers,
+    /// Configuration checksums (FGCP config sync): `show` (this member), `cluster` (every
+    /// member).
+    Checksum {
+        #[command(subcommand)]
+        cmd: DiagSysHaChecksumCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiagSysHaChecksumCmd {
+    /// This member's checksums: running configuration (debugzone) and file (checksum).
+    Show,
+    /// Every FGCP member's checksums.
+    Cluster,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1258,6 +1272,7 @@ async fn diagnose_sys_ha(cli: &Cli, cmd: &DiagSysHaCmd) -> Result<ExitCode, Fail
     let view = match cmd {
         DiagSysHaCmd::Status => "ha-status",
         DiagSysHaCmd::StandalonePeers => "standalone-peers",
+        DiagSysHaCmd::Checksum { .. } => "checksum",
     };
     let req = CtlRequest::View {
         name: view.into(),
@@ -1273,9 +1288,97 @@ async fn diagnose_sys_ha(cli: &Cli, cmd: &DiagSysHaCmd) -> Result<ExitCode, Fail
         match cmd {
             DiagSysHaCmd::Status => print!("{}", render_ha_status(&v)),
             DiagSysHaCmd::StandalonePeers => print!("{}", render_standalone_peers(&v)),
+            DiagSysHaCmd::Checksum {
+                cmd: DiagSysHaChecksumCmd::Show,
+            } => print!("{}", render_checksum_show(&v)),
+            DiagSysHaCmd::Checksum {
+                cmd: DiagSysHaChecksumCmd::Cluster,
+            } => print!("{}", render_checksum_cluster(&v)),
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One member's checksums in FortiOS's `diagnose sys ha checksum show` layout:
+/// `debugzone` is the configuration the daemons run, `checksum` the file on disk (they
+/// differ when the file was changed and not reloaded). Hex bytes as FortiOS prints them.
+fn render_member_checksums(m: &Value, primary: bool) -> String {
+    use std::fmt::Write as _;
+    let spaced = |h: &Value| -> String {
+        let h = h.as_str().unwrap_or("");
+        let b: Vec<&str> = (0..h.len() / 2)
+            .filter_map(|i| h.get(2 * i..2 * i + 2))
+            .collect();
+        b.join(" ")
+    };
+    let p = u8::from(primary);
+    let mut s = String::new();
+    let _ = writeln!(s, "is_manage_primary()={p}, is_root_primary()={p}");
+    for (title, key) in [("debugzone", "running"), ("checksum", "file")] {
+        let _ = writeln!(s, "{title}");
+        if m[key].is_null() {
+            let _ = writeln!(s, "(the configuration file does not load)");
+        } else {
+            for part in ["global", "root", "all"] {
+                let _ = writeln!(s, "{part}: {}", spaced(&m[key][part]));
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// `diagnose sys ha checksum show` from hasyncd's `checksum` view.
+fn render_checksum_show(v: &Value) -> String {
+    let me = json!({ "running": v["running"], "file": v["file"] });
+    let mut s = render_member_checksums(&me, v["is_manage_primary"] == true);
+    if v["mode"].as_str() != Some("a-p") {
+        s.push_str("(no FGCP HA link: nothing to synchronize)\n");
+    }
+    s
+}
+
+/// `diagnose sys ha checksum cluster`: every FGCP member heard, primary first, then a
+/// summary of the sync.
+fn render_checksum_cluster(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    if v["mode"].as_str() != Some("a-p") {
+        s.push_str("HA information\nmode=standalone (no FGCP HA link)\n");
+        return s;
+    }
+    let mut members: Vec<&Value> = v["members"].as_array().into_iter().flatten().collect();
+    members.sort_by_key(|m| (m["is_primary"] != true, m["member_id"].as_u64()));
+    for m in members {
+        let name = m["serial"]
+            .as_str()
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("member {}", m["member_id"]));
+        let _ = writeln!(s, "================== {name} ==================\n");
+        s.push_str(&render_member_checksums(m, m["is_primary"] == true));
+    }
+    let sync = &v["sync"];
+    let _ = writeln!(
+        s,
+        "in_sync={} sync-config={} syncs={} rejected={}",
+        match v["in_sync"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "unknown",
+        },
+        if v["sync_config"] == false {
+            "disable"
+        } else {
+            "enable"
+        },
+        sync["syncs"].as_u64().unwrap_or(0),
+        sync["rejected"].as_u64().unwrap_or(0),
+    );
+    if let Some(last) = sync["last"].as_str().filter(|l| !l.is_empty()) {
+        let _ = writeln!(s, "last: {last}");
+    }
+    s
 }
 
 /// Seed 001's `diagnose sys ha status` layout from hasyncd's `ha-status` view. Counters
