@@ -703,6 +703,89 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    const OWN: &str = "config system ha\n    set group-id 5\n    set mode a-p\n    set password pw\n    set hbdev ha0 50\n    set priority 100\nend\n";
+
+    fn member_with_file(tag: &str) -> (ConfigSync, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("hasyncd-cfgsync-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("haven.conf");
+        std::fs::write(&path, OWN).unwrap();
+        // No daemon listens here: a reload, if one were started, fails and is logged.
+        let mut s = ConfigSync::new(&dir.join("run"));
+        s.set_path(&path);
+        s.on_config(&haven_config::parse(OWN).unwrap().config);
+        (s, path)
+    }
+
+    #[test]
+    fn a_bad_configuration_from_the_primary_is_refused_and_the_file_kept() {
+        let (mut s, path) = member_with_file("bad");
+        let running = s.running;
+        assert!(running.is_some());
+        let bad: &[&[u8]] = &[
+            b"config system ha\n    set mode a-p\n    set hbdev p4 50\n    set priority 300\nend\n",
+            b"config vpn ipsec phase1-interface\n    edit vpn1\n        set bogus-key 1\n    next\nend\n",
+            b"config system ha\n",
+            &[0xff, 0xfe, 0x00],
+        ];
+        for (i, text) in bad.iter().enumerate() {
+            s.apply(MemberId(1), Digest16::of(text), text, None, 10);
+            assert_eq!(s.rejected, i as u64 + 1);
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), OWN);
+            assert!(s.reloading.is_none());
+            assert_eq!(s.running, running);
+            assert!(s.last_result.starts_with("refused"), "{}", s.last_result);
+        }
+        assert!(s.last_result.contains("not UTF-8"));
+        // The first: where and what.
+        let text = bad[0];
+        s.apply(MemberId(1), Digest16::of(text), text, None, 10);
+        assert!(
+            s.last_result.contains("line 4") && s.last_result.contains("priority"),
+            "{}",
+            s.last_result
+        );
+        // A text that loads but does not give the checksum the primary announced.
+        let good = "config system ha\n    set group-id 5\n    set mode a-p\n    set password pw\n    set hbdev port4 50\nend\n";
+        let wrong = sums_of(&good.replace("group-id 5", "group-id 6")).unwrap();
+        s.apply(
+            MemberId(1),
+            Digest16::of(good.as_bytes()),
+            good.as_bytes(),
+            Some(wrong),
+            10,
+        );
+        assert!(s.last_result.contains("checksum"), "{}", s.last_result);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), OWN);
+        assert_eq!(s.syncs, 0);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_good_configuration_is_merged_written_and_reloaded() {
+        let (mut s, path) = member_with_file("good");
+        let primary = "config system ha\n    set group-id 5\n    set mode a-p\n    set password pw\n    set hbdev port4 50\n    set priority 250\n    set hb-interval 3\nend\n";
+        let expected = sums_of(primary).unwrap();
+        s.apply(
+            MemberId(1),
+            Digest16::of(primary.as_bytes()),
+            primary.as_bytes(),
+            Some(expected),
+            10,
+        );
+        assert_eq!((s.syncs, s.rejected), (1, 0), "{}", s.last_result);
+        assert!(s.reloading.is_some());
+        let written = std::fs::read_to_string(&path).unwrap();
+        let c = haven_config::parse(&written).unwrap().config.ha.unwrap();
+        assert_eq!(
+            (c.priority, c.hb_interval, c.hbdev[0].interface.as_str()),
+            (100, 3, "ha0")
+        );
+        assert_eq!(sums_of(&written).unwrap(), expected);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
     #[test]
     fn a_merged_file_has_the_primarys_checksum_and_this_members_keys() {
         let primary = "config system ha\n    set group-id 5\n    set mode a-p\n    set password pw\n    set hbdev port4 50\n    set priority 200\nend\nconfig vpn ipsec phase1-interface\n    edit vpn1\n        set interface port2\n        set remote-gw 192.0.2.1\n        set psksecret s3cr3tkey\n    next\nend\n";
