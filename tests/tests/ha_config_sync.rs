@@ -201,6 +201,11 @@ fn the_primarys_configuration_reaches_the_secondary_but_for_per_member_keys() {
         converged(&m1, &m2)
     });
     assert_ne!(sum2, sum0);
+    let view = vpnctl(&m1.run, &["diagnose", "sys", "ha", "checksum", "cluster"]);
+    let view = String::from_utf8_lossy(&view.stdout).to_string();
+    println!("gw1 # diagnose sys ha checksum cluster\n{view}");
+    assert_eq!(view.matches("==================").count(), 4, "{view}");
+    assert!(view.contains("in_sync=yes"), "{view}");
     wait_for("gw2's ikemgr has vpn2 and vpn1's new DPD", WAIT, || {
         let v1 = ikemgr_tunnel(&m2, "vpn1").ok_or("no vpn1")?;
         let v2 = ikemgr_tunnel(&m2, "vpn2").ok_or_else(|| format!("no vpn2; vpn1 {v1}"))?;
