@@ -230,6 +230,24 @@ fn the_primarys_configuration_reaches_the_secondary_but_for_per_member_keys() {
     // The primary never took anything from the secondary.
     assert!(read_conf(&m1) == primary, "{}", read_conf(&m1));
 
+    // A broken file on the primary: its reload is refused, so nothing reaches gw2; the
+    // primary's view shows the file does not load while the running checksum stays.
+    let broken = primary.replace("set dpd-retryinterval 7", "set dpd-retryinterval soon");
+    std::fs::write(conf_path(&m1), &broken).unwrap();
+    let out = vpnctl(&m1.run, &["config", "reload"]);
+    assert!(!out.status.success(), "the broken file must not load");
+    let gw2_file = read_conf(&m2);
+    wait_for("gw1's view: file broken, running unchanged", WAIT, || {
+        let v = vpnctl_json(&m1.run, &["diagnose", "sys", "ha", "checksum", "show"])?;
+        (v["file"].is_null() && v["running"]["all"] == sum2.as_str())
+            .then_some(())
+            .ok_or_else(|| v.to_string())
+    });
+    assert_eq!(converged(&m1, &m2).expect("still in sync"), sum2);
+    assert_eq!(read_conf(&m2), gw2_file);
+    assert_eq!(metric(&m2, "hasyncd_config_sync_rejected_total"), 0.0);
+    std::fs::write(conf_path(&m1), &primary).unwrap();
+
     // 3. gw1 dies: gw2 carries the tunnel with the configuration it was given.
     m1.kill_all();
     gw1.ip(&["link", "set", "port2", "down"]).unwrap();
