@@ -507,6 +507,28 @@ impl ConfigSync {
         };
     }
 
+    /// `execute ha synchronize start`: on a secondary, take the primary's configuration at
+    /// its next status even when the checksums agree or the text was refused.
+    pub fn force(&mut self, cluster: Option<&Cluster>) -> Result<Value, String> {
+        let role = cluster.and_then(Self::role);
+        if role != Some(HaRole::Secondary) {
+            return Err(format!(
+                "this member is not an FGCP secondary (role {}): nothing to synchronize from",
+                role.map_or("standalone", role_name)
+            ));
+        }
+        if !self.sync_config {
+            return Err("sync-config is disabled on this member".into());
+        }
+        let primary = cluster.and_then(Cluster::fgcp_primary);
+        self.pull.force();
+        tracing::info!(
+            "config sync: synchronization from primary member {} requested by the operator",
+            primary.map_or(0, |m| m.0)
+        );
+        Ok(json!({ "requested": true, "primary": primary.map(|m| m.0) }))
+    }
+
     /// `checksum` view: this member's checksums and every FGCP member's, for `vpnctl
     /// diagnose sys ha checksum show|cluster`.
     pub fn view(&self, cluster: Option<&Cluster>, now_ms: u64) -> Value {

@@ -74,10 +74,12 @@ enum Cmd {
         /// bash (zsh: load it after `autoload -U bashcompinit && bashcompinit`).
         shell: String,
     },
-    /// FortiOS-style `execute` commands (ikemgr): `execute vpn ipsec tunnel up|down|rekey
-    /// <phase2> [<phase1>]`, `execute vpn ipsec ike rekey <tunnel or phase1>`.
+    /// FortiOS-style `execute` commands: `execute vpn ipsec tunnel up|down|rekey
+    /// <phase2> [<phase1>]`, `execute vpn ipsec ike rekey <tunnel or phase1>` (ikemgr),
+    /// `execute ha synchronize start` (hasyncd: a secondary takes the primary's configuration).
     Execute {
-        /// `vpn ipsec tunnel up|down|rekey <phase2> [<phase1>]` or `vpn ipsec ike rekey <name>`.
+        /// `vpn ipsec tunnel up|down|rekey <phase2> [<phase1>]`, `vpn ipsec ike rekey <name>`
+        /// or `ha synchronize start`.
         words: Vec<String>,
     },
 }
@@ -1231,8 +1233,11 @@ async fn get_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
 /// rekey <name>`: ikemgr commands; prints what was started.
 async fn execute_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
     let usage = "usage: execute vpn ipsec tunnel up|down|rekey <phase2> [<phase1>] | \
-                 execute vpn ipsec ike rekey <tunnel or phase1>";
+                 execute vpn ipsec ike rekey <tunnel or phase1> | execute ha synchronize start";
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    if w.as_slice() == ["ha", "synchronize", "start"] {
+        return execute_ha_synchronize(cli).await;
+    }
     let (name, args) = match w.as_slice() {
         ["vpn", "ipsec", "tunnel", verb @ ("up" | "down" | "rekey"), rest @ ..]
             if (1..=2).contains(&rest.len()) =>
@@ -1265,6 +1270,30 @@ async fn execute_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `execute ha synchronize start` (hasyncd command `config-sync`): an FGCP secondary takes
+/// its primary's configuration again at the primary's next status (within a second).
+async fn execute_ha_synchronize(cli: &Cli) -> Result<ExitCode, Failure> {
+    let req = CtlRequest::Command {
+        name: "config-sync".into(),
+        args: Vec::new(),
+    };
+    match call(cli, DaemonKind::Hasyncd, req).await? {
+        CtlReply::View(v) => {
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "synchronization from primary member {} requested (vpnctl diagnose sys ha checksum cluster shows the result)",
+                    v["primary"]
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CtlReply::Error { message } => Err(fail(1, message)),
+        other => Err(fail(1, format!("unexpected reply {other:?}"))),
+    }
 }
 
 /// `diagnose sys ha status|standalone-peers`: hasyncd's views, in the seeds' layout.

@@ -227,6 +227,19 @@ fn the_primarys_configuration_reaches_the_secondary_but_for_per_member_keys() {
             && log.contains("config sync: ikemgr reloaded"),
         "{log}"
     );
+    // `execute ha synchronize start`: the secondary takes the configuration again although
+    // the checksums agree; the primary has nobody to take it from.
+    let syncs = metric(&m2, "hasyncd_config_syncs_total");
+    let out = vpnctl(&m2.run, &["execute", "ha", "synchronize", "start"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("gw2 synchronized again on request", WAIT, || {
+        let n = metric(&m2, "hasyncd_config_syncs_total");
+        (n > syncs).then_some(()).ok_or_else(|| format!("{n}"))
+    });
+    let out = vpnctl(&m1.run, &["execute", "ha", "synchronize", "start"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an FGCP secondary"));
+
     // The primary never took anything from the secondary.
     assert!(read_conf(&m1) == primary, "{}", read_conf(&m1));
 
