@@ -301,7 +301,11 @@ pub fn fuzz_one(text: &str) {
     if let Ok(synced) = member::synced_text(text) {
         let merged = member::merge_member_keys(text, text, &[]);
         if let Ok(m) = merged {
-            assert_eq!(member::synced_text(&m).ok(), Some(synced), "merge changed {text:?}");
+            assert_eq!(
+                member::synced_text(&m).ok(),
+                Some(synced),
+                "merge changed {text:?}"
+            );
         }
     }
     match parse(text) {
