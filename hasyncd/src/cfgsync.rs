@@ -128,6 +128,10 @@ pub struct ConfigSync {
     /// The primary the last statuses were judged against (a change cancels a transfer).
     primary: Option<MemberId>,
     reloading: Option<Receiver<ReloadResult>>,
+    /// The checksums the last applied sync should bring at the next reload: a reload that
+    /// is not this one (an operator's, after a local edit) lets refused texts be asked for
+    /// again.
+    expect_reload: Option<ConfigSums>,
     syncs: u64,
     rejected: u64,
     served: u64,
@@ -153,6 +157,7 @@ impl ConfigSync {
             next_status_ms: 0,
             primary: None,
             reloading: None,
+            expect_reload: None,
             syncs: 0,
             rejected: 0,
             served: 0,
@@ -175,6 +180,14 @@ impl ConfigSync {
         match std::fs::read_to_string(path) {
             Ok(text) => match sums_of(&text) {
                 Ok(sums) => {
+                    match self.expect_reload.take() {
+                        // The reload that follows a sync: the applied text stays refused,
+                        // so a result that does not match the primary does not loop.
+                        Some(_) => {}
+                        // Any other reload (an operator's): the primary's text may be
+                        // taken again if this member now differs.
+                        None => self.pull.forget_refusals(),
+                    }
                     self.text_id = Digest16::of(text.as_bytes());
                     self.running = Some(sums);
                     self.file = Some(sums);
@@ -455,6 +468,7 @@ impl ConfigSync {
         // Not asked for again: if the reload does not bring the checksums together, a
         // retry would not either (the next one after the back-off).
         self.pull.refuse(text_id, now_ms);
+        self.expect_reload = Some(sums);
         self.syncs += 1;
         metrics::counter!("hasyncd_config_syncs_total").increment(1);
         self.last_result = format!(
@@ -497,6 +511,10 @@ impl ConfigSync {
                     metrics::counter!("hasyncd_config_reload_failures_total", "daemon" => kind.name()).increment(1);
                     tracing::warn!("config sync: {} not reloaded: {e}", kind.name());
                     failed.push(kind.name());
+                    if kind == DaemonKind::Hasyncd {
+                        // Its own reload did not happen: the next one is not the sync's.
+                        self.expect_reload = None;
+                    }
                 }
             }
         }

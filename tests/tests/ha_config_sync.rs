@@ -4,6 +4,8 @@
 //!
 //! The FGCP pair of `ha_failover` (see `ha_common`: all four daemons on each member, a
 //! strongSwan dial-up client whose tunnel gw1 carries). Then:
+//! 0. gw2 (secondary) restarts (`kill -9` of its four daemons) with a file holding only its
+//!    HA settings: it joins and takes the whole configuration.
 //! 1. gw2 (secondary) is edited locally (a synced key: DPD `on-demand`; per-member keys:
 //!    its `hbdev` priority, a host name) and reloaded: its checksum no longer matches the
 //!    primary's, it takes the primary's configuration back, keeping its per-member keys.
@@ -123,7 +125,7 @@ fn the_primarys_configuration_reaches_the_secondary_but_for_per_member_keys() {
         gw1,
         gw2: _gw2,
         mut m1,
-        m2,
+        mut m2,
         charon,
         before,
         child_before: _,
@@ -140,6 +142,54 @@ fn the_primarys_configuration_reaches_the_secondary_but_for_per_member_keys() {
             && text.contains("checksum")
             && text.matches("all: ").count() == 2,
         "{text}"
+    );
+
+    // 0. gw2 joins with its HA settings only (seed 001: configured on DC2_VM1, "the
+    //    configuration is automatically synchronized to DC2_VM2"): all four daemons are
+    //    killed and started again on a file without any tunnel.
+    let ha_only = "config system ha
+    set group-id 5
+    set mode a-p
+    set password \"ha-pair-password\"
+    set hbdev \"port4\" 50
+    set priority 100
+    set hb-interval 2
+    set hb-lost-threshold 10
+end
+";
+    m2.kill_all();
+    // gw1 notices gw2 gone before it comes back, so that it sends gw2 a snapshot of the SAs
+    // when it joins (a member back within the loss time gets none today).
+    wait_for("gw1 declares gw2 lost", WAIT, || {
+        let v = m1.view(DaemonKind::Hasyncd, "ha-status")?;
+        (v["members"].as_array().map_or(0, Vec::len) == 1)
+            .then_some(())
+            .ok_or_else(|| v.to_string())
+    });
+    std::fs::write(conf_path(&m2), ha_only).unwrap();
+    for d in ["hasyncd", "espd", "ikemgr", "dpdmon"] {
+        m2.kill9_and_restart(d);
+    }
+    wait_for(
+        "the joining gw2 takes the whole configuration",
+        WAIT,
+        || {
+            let c = read_conf(&m2);
+            (c.contains(HEADER_MARK) && c.contains("config vpn ipsec phase2-interface"))
+                .then_some(())
+                .ok_or_else(|| format!("{c}\n{}", m2.log("hasyncd")))
+        },
+    );
+    wait_for("the joining gw2's ikemgr runs vpn1", WAIT, || {
+        ikemgr_tunnel(&m2, "vpn1")
+            .map(|_| ())
+            .ok_or_else(|| m2.log("ikemgr"))
+    });
+    assert_eq!(
+        wait_for("checksums agree after the join", WAIT, || converged(
+            &m1, &m2
+        )),
+        sum0
     );
 
     // 1. A local change on the secondary is replaced by the primary's configuration; its

@@ -402,6 +402,12 @@ impl ConfigPull {
         self.transfer = None;
     }
 
+    /// Forgets every refusal: texts refused or applied may be asked for again (this
+    /// member's configuration changed by other means, e.g. a local edit and reload).
+    pub fn forget_refusals(&mut self) {
+        self.refused.clear();
+    }
+
     /// Drops the transfer under way (this member is no longer secondary, or its primary
     /// changed) and forgets refusals (a new primary's texts are judged afresh).
     pub fn cancel(&mut self) {
