@@ -47,6 +47,9 @@ struct FgcpSide {
     now_secondary: Vec<MemberId>,
     /// Where each member was last heard from (snapshots are sent there, unicast).
     addrs: BTreeMap<MemberId, SocketAddr>,
+    /// Members heard with a new epoch (they started, or restarted faster than the loss
+    /// detection), for a snapshot.
+    restarted: Vec<MemberId>,
 }
 
 /// One configured FGSP `cluster-peer`.
@@ -491,6 +494,14 @@ impl Cluster {
                         self.was_secondary = true;
                         tracing::info!("FGCP: this member is secondary under {}", primary.0);
                     }
+                }
+            }
+            // A member that restarted within the loss time is never declared lost, so it
+            // does not join again: its new epoch says it lost its copies.
+            for m in std::mem::take(&mut side.restarted) {
+                if !snap_to.contains(&("fgcp", m)) {
+                    tracing::info!("FGCP member {} restarted (new link epoch)", m.0);
+                    snap_to.push(("fgcp", m));
                 }
             }
             self.election_events = events;
@@ -1739,6 +1750,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         peer_roles: BTreeMap::new(),
         now_secondary: Vec::new(),
         addrs: BTreeMap::new(),
+        restarted: Vec::new(),
     })
 }
 
@@ -1798,6 +1810,9 @@ impl FgcpSide {
                 Ok(r) => {
                     count_received("fgcp", bytes.len());
                     self.addrs.insert(r.sender, from);
+                    if r.new_epoch {
+                        self.restarted.push(r.sender);
+                    }
                     if let Message::Heartbeat(hb) = &r.message {
                         let before = self.peer_roles.insert(r.sender, hb.role);
                         if hb.role == HaRole::Secondary && before != Some(HaRole::Secondary) {

@@ -157,15 +157,8 @@ fn the_primarys_configuration_reaches_the_secondary_but_for_per_member_keys() {
     set hb-lost-threshold 10
 end
 ";
-    m2.kill_all();
-    // gw1 notices gw2 gone before it comes back, so that it sends gw2 a snapshot of the SAs
-    // when it joins (a member back within the loss time gets none today).
-    wait_for("gw1 declares gw2 lost", WAIT, || {
-        let v = m1.view(DaemonKind::Hasyncd, "ha-status")?;
-        (v["members"].as_array().map_or(0, Vec::len) == 1)
-            .then_some(())
-            .ok_or_else(|| v.to_string())
-    });
+    // Restarted at once, faster than gw1's loss detection (2 s): gw1 sees gw2's new link
+    // epoch and sends it a snapshot of the SAs (the failover in step 3 needs them).
     std::fs::write(conf_path(&m2), ha_only).unwrap();
     for d in ["hasyncd", "espd", "ikemgr", "dpdmon"] {
         m2.kill9_and_restart(d);
@@ -191,6 +184,22 @@ end
         )),
         sum0
     );
+    wait_for(
+        "the restarted gw2 holds the standby IKE SA again",
+        WAIT,
+        || {
+            let v = m2.view(DaemonKind::Hasyncd, "replicas")?;
+            v["ike_standby"]
+                .as_array()
+                .is_some_and(|a| {
+                    a.iter()
+                        .any(|s| (hex_u64(&s["spi_i"]), hex_u64(&s["spi_r"])) == before.spis())
+                })
+                .then_some(())
+                .ok_or_else(|| format!("{v}\n{}", m1.log("hasyncd")))
+        },
+    );
+    assert!(m1.log("hasyncd").contains("restarted (new link epoch)"));
 
     // 1. A local change on the secondary is replaced by the primary's configuration; its
     //    per-member keys stay.
