@@ -128,6 +128,10 @@ pub struct ConfigSync {
     /// The primary the last statuses were judged against (a change cancels a transfer).
     primary: Option<MemberId>,
     reloading: Option<Receiver<ReloadResult>>,
+    /// The checksums the last applied sync should bring at the next reload: a reload that
+    /// is not this one (an operator's, after a local edit) lets refused texts be asked for
+    /// again.
+    expect_reload: Option<ConfigSums>,
     syncs: u64,
     rejected: u64,
     served: u64,
@@ -153,6 +157,7 @@ impl ConfigSync {
             next_status_ms: 0,
             primary: None,
             reloading: None,
+            expect_reload: None,
             syncs: 0,
             rejected: 0,
             served: 0,
@@ -175,6 +180,14 @@ impl ConfigSync {
         match std::fs::read_to_string(path) {
             Ok(text) => match sums_of(&text) {
                 Ok(sums) => {
+                    match self.expect_reload.take() {
+                        // The reload that follows a sync: the applied text stays refused,
+                        // so a result that does not match the primary does not loop.
+                        Some(_) => {}
+                        // Any other reload (an operator's): the primary's text may be
+                        // taken again if this member now differs.
+                        None => self.pull.forget_refusals(),
+                    }
                     self.text_id = Digest16::of(text.as_bytes());
                     self.running = Some(sums);
                     self.file = Some(sums);
@@ -455,6 +468,7 @@ impl ConfigSync {
         // Not asked for again: if the reload does not bring the checksums together, a
         // retry would not either (the next one after the back-off).
         self.pull.refuse(text_id, now_ms);
+        self.expect_reload = Some(sums);
         self.syncs += 1;
         metrics::counter!("hasyncd_config_syncs_total").increment(1);
         self.last_result = format!(
@@ -497,6 +511,10 @@ impl ConfigSync {
                     metrics::counter!("hasyncd_config_reload_failures_total", "daemon" => kind.name()).increment(1);
                     tracing::warn!("config sync: {} not reloaded: {e}", kind.name());
                     failed.push(kind.name());
+                    if kind == DaemonKind::Hasyncd {
+                        // Its own reload did not happen: the next one is not the sync's.
+                        self.expect_reload = None;
+                    }
                 }
             }
         }
@@ -505,6 +523,28 @@ impl ConfigSync {
         } else {
             format!("{}; not reloaded: {}", self.last_result, failed.join(", "))
         };
+    }
+
+    /// `execute ha synchronize start`: on a secondary, take the primary's configuration at
+    /// its next status even when the checksums agree or the text was refused.
+    pub fn force(&mut self, cluster: Option<&Cluster>) -> Result<Value, String> {
+        let role = cluster.and_then(Self::role);
+        if role != Some(HaRole::Secondary) {
+            return Err(format!(
+                "this member is not an FGCP secondary (role {}): nothing to synchronize from",
+                role.map_or("standalone", role_name)
+            ));
+        }
+        if !self.sync_config {
+            return Err("sync-config is disabled on this member".into());
+        }
+        let primary = cluster.and_then(Cluster::fgcp_primary);
+        self.pull.force();
+        tracing::info!(
+            "config sync: synchronization from primary member {} requested by the operator",
+            primary.map_or(0, |m| m.0)
+        );
+        Ok(json!({ "requested": true, "primary": primary.map(|m| m.0) }))
     }
 
     /// `checksum` view: this member's checksums and every FGCP member's, for `vpnctl
@@ -701,6 +741,89 @@ mod tests {
             .collect();
         assert!(left.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const OWN: &str = "config system ha\n    set group-id 5\n    set mode a-p\n    set password pw\n    set hbdev ha0 50\n    set priority 100\nend\n";
+
+    fn member_with_file(tag: &str) -> (ConfigSync, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("hasyncd-cfgsync-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("haven.conf");
+        std::fs::write(&path, OWN).unwrap();
+        // No daemon listens here: a reload, if one were started, fails and is logged.
+        let mut s = ConfigSync::new(&dir.join("run"));
+        s.set_path(&path);
+        s.on_config(&haven_config::parse(OWN).unwrap().config);
+        (s, path)
+    }
+
+    #[test]
+    fn a_bad_configuration_from_the_primary_is_refused_and_the_file_kept() {
+        let (mut s, path) = member_with_file("bad");
+        let running = s.running;
+        assert!(running.is_some());
+        let bad: &[&[u8]] = &[
+            b"config system ha\n    set mode a-p\n    set hbdev p4 50\n    set priority 300\nend\n",
+            b"config vpn ipsec phase1-interface\n    edit vpn1\n        set bogus-key 1\n    next\nend\n",
+            b"config system ha\n",
+            &[0xff, 0xfe, 0x00],
+        ];
+        for (i, text) in bad.iter().enumerate() {
+            s.apply(MemberId(1), Digest16::of(text), text, None, 10);
+            assert_eq!(s.rejected, i as u64 + 1);
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), OWN);
+            assert!(s.reloading.is_none());
+            assert_eq!(s.running, running);
+            assert!(s.last_result.starts_with("refused"), "{}", s.last_result);
+        }
+        assert!(s.last_result.contains("not UTF-8"));
+        // The first: where and what.
+        let text = bad[0];
+        s.apply(MemberId(1), Digest16::of(text), text, None, 10);
+        assert!(
+            s.last_result.contains("line 4") && s.last_result.contains("priority"),
+            "{}",
+            s.last_result
+        );
+        // A text that loads but does not give the checksum the primary announced.
+        let good = "config system ha\n    set group-id 5\n    set mode a-p\n    set password pw\n    set hbdev port4 50\nend\n";
+        let wrong = sums_of(&good.replace("group-id 5", "group-id 6")).unwrap();
+        s.apply(
+            MemberId(1),
+            Digest16::of(good.as_bytes()),
+            good.as_bytes(),
+            Some(wrong),
+            10,
+        );
+        assert!(s.last_result.contains("checksum"), "{}", s.last_result);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), OWN);
+        assert_eq!(s.syncs, 0);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_good_configuration_is_merged_written_and_reloaded() {
+        let (mut s, path) = member_with_file("good");
+        let primary = "config system ha\n    set group-id 5\n    set mode a-p\n    set password pw\n    set hbdev port4 50\n    set priority 250\n    set hb-interval 3\nend\n";
+        let expected = sums_of(primary).unwrap();
+        s.apply(
+            MemberId(1),
+            Digest16::of(primary.as_bytes()),
+            primary.as_bytes(),
+            Some(expected),
+            10,
+        );
+        assert_eq!((s.syncs, s.rejected), (1, 0), "{}", s.last_result);
+        assert!(s.reloading.is_some());
+        let written = std::fs::read_to_string(&path).unwrap();
+        let c = haven_config::parse(&written).unwrap().config.ha.unwrap();
+        assert_eq!(
+            (c.priority, c.hb_interval, c.hbdev[0].interface.as_str()),
+            (100, 3, "ha0")
+        );
+        assert_eq!(sums_of(&written).unwrap(), expected);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]

@@ -67,6 +67,9 @@ struct FgcpSide {
     addrs: BTreeMap<MemberId, SocketAddr>,
     /// Link counters heard per member: lost sync datagrams ([`resync`]).
     loss: resync::LossWatch,
+    /// Members heard with a new epoch (they started, or restarted faster than the loss
+    /// detection), for a snapshot.
+    restarted: Vec<MemberId>,
 }
 
 /// One configured FGSP `cluster-peer`.
@@ -535,6 +538,14 @@ impl Cluster {
                         self.was_secondary = true;
                         tracing::info!("FGCP: this member is secondary under {}", primary.0);
                     }
+                }
+            }
+            // A member that restarted within the loss time is never declared lost, so it
+            // does not join again: its new epoch says it lost its copies.
+            for m in std::mem::take(&mut side.restarted) {
+                if !snap_to.contains(&("fgcp", m)) {
+                    tracing::info!("FGCP member {} restarted (new link epoch)", m.0);
+                    snap_to.push(("fgcp", m));
                 }
             }
             self.election_events = events;
@@ -1815,6 +1826,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         stepped_down: false,
         addrs: BTreeMap::new(),
         loss: Default::default(),
+        restarted: Vec::new(),
     })
 }
 
@@ -1879,6 +1891,9 @@ impl FgcpSide {
                     count_received("fgcp", bytes.len());
                     self.loss.heard(r.sender, r.epoch, r.counter, now_ms);
                     self.addrs.insert(r.sender, from);
+                    if r.new_epoch {
+                        self.restarted.push(r.sender);
+                    }
                     if let Message::Heartbeat(hb) = &r.message {
                         let before = self.peer_roles.insert(r.sender, hb.role);
                         if hb.role == HaRole::Secondary && before != Some(HaRole::Secondary) {

@@ -432,8 +432,9 @@ impl DaemonLogic for Hasyncd {
                 );
                 Ok(restore_set(&self.own_ike, &self.own_children))
             }
+            "config-sync" => self.cfgsync.force(self.cluster.as_ref()),
             other => Err(format!(
-                "unknown command {other:?}: hasyncd has: ike-restore"
+                "unknown command {other:?}: hasyncd has: ike-restore, config-sync"
             )),
         }
     }

@@ -83,10 +83,12 @@ enum Cmd {
         /// bash (zsh: load it after `autoload -U bashcompinit && bashcompinit`).
         shell: String,
     },
-    /// FortiOS-style `execute` commands (ikemgr): `execute vpn ipsec tunnel up|down|rekey
-    /// <phase2> [<phase1>]`, `execute vpn ipsec ike rekey <tunnel or phase1>`.
+    /// FortiOS-style `execute` commands: `execute vpn ipsec tunnel up|down|rekey
+    /// <phase2> [<phase1>]`, `execute vpn ipsec ike rekey <tunnel or phase1>` (ikemgr),
+    /// `execute ha synchronize start` (hasyncd: a secondary takes the primary's configuration).
     Execute {
-        /// `vpn ipsec tunnel up|down|rekey <phase2> [<phase1>]` or `vpn ipsec ike rekey <name>`.
+        /// `vpn ipsec tunnel up|down|rekey <phase2> [<phase1>]`, `vpn ipsec ike rekey <name>`
+        /// or `ha synchronize start`.
         words: Vec<String>,
     },
 }
@@ -131,6 +133,20 @@ enum DiagSysHaCmd {
     Status,
     /// FGSP peers (seed 000 layout).
     StandalonePeers,
+    /// Configuration checksums (FGCP config sync): `show` (this member), `cluster` (every
+    /// member).
+    Checksum {
+        #[command(subcommand)]
+        cmd: DiagSysHaChecksumCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiagSysHaChecksumCmd {
+    /// This member's checksums: running configuration (debugzone) and file (checksum).
+    Show,
+    /// Every FGCP member's checksums.
+    Cluster,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1255,8 +1271,11 @@ async fn get_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
 /// rekey <name>`: ikemgr commands; prints what was started.
 async fn execute_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
     let usage = "usage: execute vpn ipsec tunnel up|down|rekey <phase2> [<phase1>] | \
-                 execute vpn ipsec ike rekey <tunnel or phase1>";
+                 execute vpn ipsec ike rekey <tunnel or phase1> | execute ha synchronize start";
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    if w.as_slice() == ["ha", "synchronize", "start"] {
+        return execute_ha_synchronize(cli).await;
+    }
     let (name, args) = match w.as_slice() {
         ["vpn", "ipsec", "tunnel", verb @ ("up" | "down" | "rekey"), rest @ ..]
             if (1..=2).contains(&rest.len()) =>
@@ -1291,11 +1310,36 @@ async fn execute_cmd(cli: &Cli, words: &[String]) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `execute ha synchronize start` (hasyncd command `config-sync`): an FGCP secondary takes
+/// its primary's configuration again at the primary's next status (within a second).
+async fn execute_ha_synchronize(cli: &Cli) -> Result<ExitCode, Failure> {
+    let req = CtlRequest::Command {
+        name: "config-sync".into(),
+        args: Vec::new(),
+    };
+    match call(cli, DaemonKind::Hasyncd, req).await? {
+        CtlReply::View(v) => {
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "synchronization from primary member {} requested (vpnctl diagnose sys ha checksum cluster shows the result)",
+                    v["primary"]
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CtlReply::Error { message } => Err(fail(1, message)),
+        other => Err(fail(1, format!("unexpected reply {other:?}"))),
+    }
+}
+
 /// `diagnose sys ha status|standalone-peers`: hasyncd's views, in the seeds' layout.
 async fn diagnose_sys_ha(cli: &Cli, cmd: &DiagSysHaCmd) -> Result<ExitCode, Failure> {
     let view = match cmd {
         DiagSysHaCmd::Status => "ha-status",
         DiagSysHaCmd::StandalonePeers => "standalone-peers",
+        DiagSysHaCmd::Checksum { .. } => "checksum",
     };
     let req = CtlRequest::View {
         name: view.into(),
@@ -1311,9 +1355,97 @@ async fn diagnose_sys_ha(cli: &Cli, cmd: &DiagSysHaCmd) -> Result<ExitCode, Fail
         match cmd {
             DiagSysHaCmd::Status => print!("{}", render_ha_status(&v)),
             DiagSysHaCmd::StandalonePeers => print!("{}", render_standalone_peers(&v)),
+            DiagSysHaCmd::Checksum {
+                cmd: DiagSysHaChecksumCmd::Show,
+            } => print!("{}", render_checksum_show(&v)),
+            DiagSysHaCmd::Checksum {
+                cmd: DiagSysHaChecksumCmd::Cluster,
+            } => print!("{}", render_checksum_cluster(&v)),
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One member's checksums in FortiOS's `diagnose sys ha checksum show` layout:
+/// `debugzone` is the configuration the daemons run, `checksum` the file on disk (they
+/// differ when the file was changed and not reloaded). Hex bytes as FortiOS prints them.
+fn render_member_checksums(m: &Value, primary: bool) -> String {
+    use std::fmt::Write as _;
+    let spaced = |h: &Value| -> String {
+        let h = h.as_str().unwrap_or("");
+        let b: Vec<&str> = (0..h.len() / 2)
+            .filter_map(|i| h.get(2 * i..2 * i + 2))
+            .collect();
+        b.join(" ")
+    };
+    let p = u8::from(primary);
+    let mut s = String::new();
+    let _ = writeln!(s, "is_manage_primary()={p}, is_root_primary()={p}");
+    for (title, key) in [("debugzone", "running"), ("checksum", "file")] {
+        let _ = writeln!(s, "{title}");
+        if m[key].is_null() {
+            let _ = writeln!(s, "(the configuration file does not load)");
+        } else {
+            for part in ["global", "root", "all"] {
+                let _ = writeln!(s, "{part}: {}", spaced(&m[key][part]));
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// `diagnose sys ha checksum show` from hasyncd's `checksum` view.
+fn render_checksum_show(v: &Value) -> String {
+    let me = json!({ "running": v["running"], "file": v["file"] });
+    let mut s = render_member_checksums(&me, v["is_manage_primary"] == true);
+    if v["mode"].as_str() != Some("a-p") {
+        s.push_str("(no FGCP HA link: nothing to synchronize)\n");
+    }
+    s
+}
+
+/// `diagnose sys ha checksum cluster`: every FGCP member heard, primary first, then a
+/// summary of the sync.
+fn render_checksum_cluster(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    if v["mode"].as_str() != Some("a-p") {
+        s.push_str("HA information\nmode=standalone (no FGCP HA link)\n");
+        return s;
+    }
+    let mut members: Vec<&Value> = v["members"].as_array().into_iter().flatten().collect();
+    members.sort_by_key(|m| (m["is_primary"] != true, m["member_id"].as_u64()));
+    for m in members {
+        let name = m["serial"]
+            .as_str()
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("member {}", m["member_id"]));
+        let _ = writeln!(s, "================== {name} ==================\n");
+        s.push_str(&render_member_checksums(m, m["is_primary"] == true));
+    }
+    let sync = &v["sync"];
+    let _ = writeln!(
+        s,
+        "in_sync={} sync-config={} syncs={} rejected={}",
+        match v["in_sync"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "unknown",
+        },
+        if v["sync_config"] == false {
+            "disable"
+        } else {
+            "enable"
+        },
+        sync["syncs"].as_u64().unwrap_or(0),
+        sync["rejected"].as_u64().unwrap_or(0),
+    );
+    if let Some(last) = sync["last"].as_str().filter(|l| !l.is_empty()) {
+        let _ = writeln!(s, "last: {last}");
+    }
+    s
 }
 
 /// Seed 001's `diagnose sys ha status` layout from hasyncd's `ha-status` view. Counters

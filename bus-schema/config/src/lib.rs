@@ -298,6 +298,18 @@ pub fn check_report(path: &Path) -> (i32, String) {
 /// reports the panic). Not for production callers.
 #[doc(hidden)]
 pub fn fuzz_one(text: &str) {
+    // Configuration sync: the canonical text and a merge never panic either, and a text
+    // merged with itself keeps its synced part.
+    if let Ok(synced) = member::synced_text(text) {
+        let merged = member::merge_member_keys(text, text, &[]);
+        if let Ok(m) = merged {
+            assert_eq!(
+                member::synced_text(&m).ok(),
+                Some(synced),
+                "merge changed {text:?}"
+            );
+        }
+    }
     match parse(text) {
         Ok(p) => {
             for w in &p.warnings {

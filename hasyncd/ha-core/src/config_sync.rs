@@ -245,6 +245,9 @@ pub struct ConfigPull {
     refused: BTreeMap<Digest16, u64>,
     events: VecDeque<PullEvent>,
     stats: PullStats,
+    /// The next status from the primary starts a transfer even when the checksums agree
+    /// or the text was refused (`execute ha synchronize start`).
+    forced: bool,
 }
 
 impl ConfigPull {
@@ -270,7 +273,8 @@ impl ConfigPull {
         if primary != Some(from) || !takes || !st.sync_config {
             return;
         }
-        if st.running.all == mine.all || self.refused.contains_key(&st.text_id) {
+        let forced = std::mem::take(&mut self.forced);
+        if !forced && (st.running.all == mine.all || self.refused.contains_key(&st.text_id)) {
             return;
         }
         if self
@@ -389,6 +393,19 @@ impl ConfigPull {
     pub fn refuse(&mut self, text_id: Digest16, now_ms: u64) {
         self.refused
             .insert(text_id, now_ms.saturating_add(BACKOFF_MS));
+    }
+
+    /// Takes the primary's text at its next status whatever the checksums say (FortiOS's
+    /// `execute ha synchronize start`).
+    pub fn force(&mut self) {
+        self.forced = true;
+        self.transfer = None;
+    }
+
+    /// Forgets every refusal: texts refused or applied may be asked for again (this
+    /// member's configuration changed by other means, e.g. a local edit and reload).
+    pub fn forget_refusals(&mut self) {
+        self.refused.clear();
     }
 
     /// Drops the transfer under way (this member is no longer secondary, or its primary
@@ -524,6 +541,14 @@ mod tests {
         assert_eq!(pull.poll_transmit(10), None);
         pull.handle_status(p, &st, Some(p), &sums("b"), true, BACKOFF_MS + 1);
         assert!(pull.poll_transmit(BACKOFF_MS + 1).is_some());
+        // Forced: once, even with equal checksums.
+        pull.cancel();
+        pull.force();
+        pull.handle_status(p, &st, Some(p), &sums("a"), true, 0);
+        assert!(pull.poll_transmit(0).is_some());
+        pull.cancel();
+        pull.handle_status(p, &st, Some(p), &sums("a"), true, 0);
+        assert_eq!(pull.poll_transmit(0), None);
     }
 
     #[test]
