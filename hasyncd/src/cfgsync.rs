@@ -283,7 +283,18 @@ impl ConfigSync {
                     text_id,
                     text,
                 } => {
-                    let expected = self.peers.get(&from).map(|p| p.status.running);
+                    let current = self.peers.get(&from).map(|p| &p.status);
+                    if current.is_some_and(|st| st.text_id != text_id) {
+                        // The primary announced a newer text meanwhile (its transfer is
+                        // under way): this one is outdated, not wrong.
+                        tracing::debug!(
+                            "config sync: text {} from member {} is outdated; not applied",
+                            text_id.hex(),
+                            from.0
+                        );
+                        continue;
+                    }
+                    let expected = current.map(|st| st.running);
                     self.apply(from, text_id, text.expose(), expected, now_ms);
                 }
                 PullEvent::Failed {
