@@ -78,6 +78,8 @@ const TABLE: &[(&str, &[&str], i32, Option<&str>)] = &[
     ("debug attach", &["espd"], 3, Some("espd")),
     ("diagnose sys ha status", &[], 3, Some("hasyncd")),
     ("diagnose sys ha standalone-peers", &[], 3, Some("hasyncd")),
+    ("diagnose sys ha checksum show", &[], 3, Some("hasyncd")),
+    ("diagnose sys ha checksum cluster", &[], 3, Some("hasyncd")),
     ("diagnose debug application", &["ike", "-1"], 0, None),
     ("diagnose debug enable", &[], 3, Some("ikemgr")),
     ("diagnose debug disable", &[], 0, None),
