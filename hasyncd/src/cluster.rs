@@ -1376,13 +1376,11 @@ impl Cluster {
         if self.fgsp_mode() {
             self.register_local_fgsp(&now);
         } else if let Some(t) = self.table.as_mut() {
+            let old = sa_keys(&self.local);
+            let new = sa_keys(&now);
             let me = t.me();
             for sa in now.values() {
-                if !self
-                    .local
-                    .values()
-                    .any(|o| o.spi_out == sa.spi_out && o.tunnel == sa.tunnel)
-                {
+                if !old.contains(&(sa.tunnel.as_str(), sa.spi_out)) {
                     if primary && self.local_tunnels.insert(sa.tunnel.clone()) {
                         t.local_established(&sa.tunnel);
                     }
@@ -1390,10 +1388,7 @@ impl Cluster {
                 }
             }
             for sa in self.local.values() {
-                if !now
-                    .values()
-                    .any(|n| n.spi_out == sa.spi_out && n.tunnel == sa.tunnel)
-                {
+                if !new.contains(&(sa.tunnel.as_str(), sa.spi_out)) {
                     t.sa_removed(&sa.tunnel, sa.spi_out);
                 }
             }
@@ -1407,16 +1402,15 @@ impl Cluster {
     /// (ikemgr drops it). Removed SAs are forgotten only while this member owns the tunnel,
     /// so a demoted member keeps the new owner's marks.
     fn register_local_fgsp(&mut self, now: &BTreeMap<String, ChildSaSync>) {
+        // (tunnel, outbound SPI) of the previous and the new records: lookups, not scans
+        // (100 000 SAs would make the scans quadratic).
+        let old = sa_keys(&self.local);
+        let new = sa_keys(now);
         let synced: Vec<bool> = now.values().map(|sa| self.syncs(&sa.tunnel)).collect();
         let Some(t) = self.table.as_mut() else { return };
         let me = t.me();
         for (sa, synced) in now.values().zip(synced) {
-            if !synced
-                || self
-                    .local
-                    .values()
-                    .any(|o| o.spi_out == sa.spi_out && o.tunnel == sa.tunnel)
-            {
+            if !synced || old.contains(&(sa.tunnel.as_str(), sa.spi_out)) {
                 continue;
             }
             match t.role(&sa.tunnel) {
@@ -1431,9 +1425,7 @@ impl Cluster {
         }
         for sa in self.local.values() {
             if t.role(&sa.tunnel) == Some(TunnelRole::SyncPrimary)
-                && !now
-                    .values()
-                    .any(|n| n.spi_out == sa.spi_out && n.tunnel == sa.tunnel)
+                && !new.contains(&(sa.tunnel.as_str(), sa.spi_out))
             {
                 t.sa_removed(&sa.tunnel, sa.spi_out);
             }
@@ -1443,18 +1435,17 @@ impl Cluster {
     /// FGCP cluster over FGSP, on the primary: CHILD SAs of synced tunnels this cluster
     /// carries go into the FGSP table (a new tunnel is claimed for the cluster's FGSP id).
     fn register_local_over_fgsp(&mut self, now: &BTreeMap<String, ChildSaSync>) {
+        // (tunnel, outbound SPI) of the previous and the new records: lookups, not scans
+        // (100 000 SAs would make the scans quadratic).
+        let old = sa_keys(&self.local);
+        let new = sa_keys(now);
         let synced: Vec<bool> = now.values().map(|sa| self.syncs(&sa.tunnel)).collect();
         let Some(t) = self.fgsp_table.as_mut() else {
             return;
         };
         let me = t.me();
         for (sa, synced) in now.values().zip(synced) {
-            if !synced
-                || self
-                    .local
-                    .values()
-                    .any(|o| o.spi_out == sa.spi_out && o.tunnel == sa.tunnel)
-            {
+            if !synced || old.contains(&(sa.tunnel.as_str(), sa.spi_out)) {
                 continue;
             }
             match t.role(&sa.tunnel) {
@@ -1466,9 +1457,7 @@ impl Cluster {
         }
         for sa in self.local.values() {
             if t.role(&sa.tunnel) == Some(TunnelRole::SyncPrimary)
-                && !now
-                    .values()
-                    .any(|n| n.spi_out == sa.spi_out && n.tunnel == sa.tunnel)
+                && !new.contains(&(sa.tunnel.as_str(), sa.spi_out))
             {
                 t.sa_removed(&sa.tunnel, sa.spi_out);
                 self.lease_halves.remove(&(sa.tunnel.clone(), sa.spi_out));
@@ -1712,6 +1701,13 @@ impl Cluster {
             "peers": peers,
         })
     }
+}
+
+/// `(tunnel, outbound SPI)` of CHILD SA records.
+fn sa_keys(m: &BTreeMap<String, ChildSaSync>) -> std::collections::BTreeSet<(&str, u32)> {
+    m.values()
+        .map(|sa| (sa.tunnel.as_str(), sa.spi_out))
+        .collect()
 }
 
 /// The tunnel a sync message is about.
