@@ -74,6 +74,8 @@ pub struct Espd {
     /// Static phase1s that wait for traffic (`auto-negotiate disable`, no `passive-mode`):
     /// their TUN device exists before the first SA, for ikemgr's routes.
     waiting_for_traffic: BTreeSet<String>,
+    /// The phase1s with `ip-version 6` (their TUN MTU leaves room for an IPv6 header).
+    ipv6_phase1s: BTreeSet<String>,
 }
 
 fn limit_name(k: LimitKind) -> &'static str {
@@ -164,6 +166,7 @@ impl Espd {
             acquire: Default::default(),
             acquires: 0,
             waiting_for_traffic: BTreeSet::new(),
+            ipv6_phase1s: BTreeSet::new(),
             ticks: 0,
         }
     }
@@ -404,7 +407,7 @@ impl Espd {
                 if !self.tunnel_records.values().any(|p| p == p1) {
                     continue;
                 }
-                if let Err(e) = dp.ensure_device(p1) {
+                if let Err(e) = dp.ensure_device(p1, self.ipv6_phase1s.contains(p1)) {
                     tracing::warn!("{p1}: cannot open the TUN device for its routes: {e}");
                 }
             }
@@ -859,6 +862,12 @@ impl DaemonLogic for Espd {
             .filter(|p| {
                 p.kind != haven_config::Phase1Type::Dynamic && !p.auto_negotiate && !p.passive_mode
             })
+            .map(|p| p.name.clone())
+            .collect();
+        self.ipv6_phase1s = config
+            .phase1
+            .iter()
+            .filter(|p| p.ipv6)
             .map(|p| p.name.clone())
             .collect();
         // Own UDP 4500 and raw ESP from the start: IKE that floats to 4500 (NAT-T, RFC 3948)

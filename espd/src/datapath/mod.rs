@@ -337,9 +337,10 @@ impl Datapath {
 
     /// Opens (or re-attaches to) the TUN device of `phase1` before it has an SA, so that
     /// routes through it can exist while the tunnel waits for traffic (traffic-triggered
-    /// negotiation). Its MTU fits the largest ESP overhead of any transform. Kept while
-    /// `phase1` is in [`Datapath::prune_devices`]'s `keep` set.
-    pub fn ensure_device(&mut self, phase1: &str) -> Result<(), DatapathError> {
+    /// negotiation). Its MTU fits the largest ESP overhead of any transform and the outer
+    /// headers of the phase1's family (`ipv6`). Kept while `phase1` is in
+    /// [`Datapath::prune_devices`]'s `keep` set.
+    pub fn ensure_device(&mut self, phase1: &str, ipv6: bool) -> Result<(), DatapathError> {
         if self.devices.contains_key(phase1) {
             return Ok(());
         }
@@ -350,7 +351,12 @@ impl Datapath {
                 key: phase1.to_string(),
                 reason: "no transform".into(),
             })?;
-        self.device(phase1, widest, OUTER_OVERHEAD_V6)?;
+        let outer = if ipv6 {
+            OUTER_OVERHEAD_V6
+        } else {
+            OUTER_OVERHEAD
+        };
+        self.device(phase1, widest, outer)?;
         self.publish();
         Ok(())
     }

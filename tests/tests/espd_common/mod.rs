@@ -36,6 +36,23 @@ pub struct Gw {
 pub const GWA_OUTER6: &str = "fd00:31::1";
 pub const GWB_OUTER6: &str = "fd00:31::2";
 
+/// Gives gwa's and gwb's `out0` their IPv6 addresses [`GWA_OUTER6`] and [`GWB_OUTER6`]
+/// (no duplicate address detection, so they work at once).
+pub fn add_outer6(topo: &SiteToSite) {
+    for (ns, addr) in [(&topo.gwa, GWA_OUTER6), (&topo.gwb, GWB_OUTER6)] {
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "out0",
+            "nodad",
+        ])
+        .expect("IPv6 address on out0");
+    }
+}
+
 /// The manual-key configuration of one side (`ip-version 6` with `local-gw6`/`remote-gw6`
 /// when the addresses are IPv6).
 pub fn config(
@@ -266,18 +283,7 @@ impl Pair {
     /// [`GWA_OUTER6`] and [`GWB_OUTER6`], and the manual-key tunnel runs between them.
     pub fn ipv6(label: &str, udp: bool) -> Pair {
         let topo = SiteToSite::new(label).expect("topology");
-        for (ns, addr) in [(&topo.gwa, GWA_OUTER6), (&topo.gwb, GWB_OUTER6)] {
-            ns.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{addr}/64"),
-                "dev",
-                "out0",
-                "nodad",
-            ])
-            .expect("IPv6 address on out0");
-        }
+        add_outer6(&topo);
         let ca = config(
             GWA_OUTER6,
             GWB_OUTER6,
@@ -318,18 +324,7 @@ impl Pair {
     pub fn ike_over(label: &str, ipv6: bool, p2_a: &str, p2_b: &str) -> Pair {
         let topo = SiteToSite::new(label).expect("topology");
         let (gwa, gwb) = if ipv6 {
-            for (ns, addr) in [(&topo.gwa, GWA_OUTER6), (&topo.gwb, GWB_OUTER6)] {
-                ns.ip(&[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{addr}/64"),
-                    "dev",
-                    "out0",
-                    "nodad",
-                ])
-                .expect("IPv6 address on out0");
-            }
+            add_outer6(&topo);
             (GWA_OUTER6, GWB_OUTER6)
         } else {
             (SiteToSite::GWA_OUTER, SiteToSite::GWB_OUTER)
