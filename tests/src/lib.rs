@@ -3,5 +3,7 @@
 //! This crate holds no product code.
 
 pub mod daemons;
+pub mod gateway;
+pub mod member;
 pub mod netns;
 pub mod strongswan;

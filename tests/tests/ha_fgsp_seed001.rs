@@ -31,13 +31,14 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bus_schema::{ctl_call, CtlReply, CtlRequest, DaemonKind};
-use haven_tests::daemons::{bin, vpnctl_json, wait_for};
+use bus_schema::DaemonKind;
+use haven_tests::daemons::{vpnctl_json, wait_for};
+use haven_tests::member::{self, client_sa, received_seqs, replay_failures};
 use haven_tests::netns::{veth, Netns, Proc, ScratchDir};
-use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, IkeSa, SwanctlConf};
+use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
 use serde_json::Value;
 
 const PSK: &str = "haven-fgsp-seed001-psk-0123456789";
@@ -144,26 +145,7 @@ impl Member {
         std::fs::create_dir_all(&run).unwrap();
         let conf = dir.join("haven.conf");
         std::fs::write(&conf, config(i)).unwrap();
-        let mut procs = Vec::new();
-        for (d, port) in [
-            ("hasyncd", 9703),
-            ("espd", 9704),
-            ("ikemgr", 9701),
-            ("dpdmon", 9702),
-        ] {
-            let log = std::fs::File::create(dir.join(format!("{d}.log"))).unwrap();
-            let mut cmd: Command = ns.command(bin(d));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
-        }
+        let procs = member::spawn_all(&ns, &conf, &run, &dir);
         Member {
             i,
             ns,
@@ -178,52 +160,19 @@ impl Member {
     }
 
     fn log(&self, d: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{d}.log"))).unwrap_or_default()
+        member::read_log(&self.dir, d)
     }
 
     fn logs(&self) -> String {
-        ["hasyncd", "ikemgr", "espd"]
-            .iter()
-            .map(|d| {
-                let l = self.log(d);
-                let tail: Vec<&str> = l.lines().rev().take(30).collect();
-                format!(
-                    "--- {} {d} ---\n{}",
-                    self.name(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        member::log_tails(&self.dir, self.name(), 30)
     }
 
     fn view(&self, daemon: DaemonKind, name: &str) -> Result<Value, String> {
-        let req = CtlRequest::View {
-            name: name.into(),
-            args: vec![],
-        };
-        match rt().block_on(ctl_call(&self.run, daemon, &req, Duration::from_secs(2))) {
-            Ok(CtlReply::View(v)) => Ok(v),
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
+        member::view(&self.run, daemon, name)
     }
 
     fn ikemgr_command(&self, args: &[&str]) -> Result<(), String> {
-        let req = CtlRequest::Command {
-            name: "ike-rekey".into(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-        };
-        match rt().block_on(ctl_call(
-            &self.run,
-            DaemonKind::Ikemgr,
-            &req,
-            Duration::from_secs(2),
-        )) {
-            Ok(CtlReply::View(_)) => Ok(()),
-            Ok(other) => Err(format!("{other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
+        member::ikemgr_command(&self.run, "ike-rekey", args).map(|_| ())
     }
 
     /// FGCP role (`primary`, `secondary`).
@@ -244,103 +193,28 @@ impl Member {
 
     /// ikemgr's IKE SA of the tunnel: (spi_i, spi_r).
     fn ike_sa(&self) -> Option<(u64, u64)> {
-        let v = self.view(DaemonKind::Ikemgr, "ike-gateways").ok()?;
-        let sa = v.as_array()?.iter().find(|s| s["name"] == TUNNEL)?;
-        Some((hex_u64(&sa["spi_i"]), hex_u64(&sa["spi_r"])))
+        member::ike_spis(&self.run, TUNNEL)
     }
 
     /// hasyncd's standby copies of the tunnel: (IKE SA copies, CHILD SA copies).
     fn copies(&self) -> Result<(usize, usize), String> {
-        let v = self.view(DaemonKind::Hasyncd, "replicas")?;
-        let n = |k: &str| {
-            v[k].as_array()
-                .map(|a| a.iter().filter(|s| s["tunnel"] == TUNNEL).count())
-                .unwrap_or(0)
-        };
-        Ok((n("ike_standby"), n("standby")))
+        member::copies(&self.run, TUNNEL)
     }
 
     /// espd's outbound SAs of the tunnel: (spi_out, next sequence number).
     fn esp_seqs(&self) -> Vec<(u32, u64)> {
-        let Ok(v) = self.view(DaemonKind::Espd, "tunnel-list") else {
-            return Vec::new();
-        };
-        v["tunnels"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|t| t["name"] == TUNNEL)
-            .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
-            .map(|s| (hex_u32(&s["enc"]["spi"]), s["seqno"].as_u64().unwrap_or(0)))
-            .collect()
+        member::esp_seqs(&self.run, TUNNEL)
     }
 
     /// Reboot: every daemon killed, the LAN port down.
     fn kill_all(&mut self) {
-        for p in &mut self.procs {
-            let _ = p.kill_now();
-        }
+        member::kill_all(&mut self.procs);
         let _ = self.ns.ip(&["link", "set", "port2", "down"]);
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-fn hex_u64(v: &Value) -> u64 {
-    u64::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
-}
-
-fn hex_u32(v: &Value) -> u32 {
-    u32::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
-}
-
-fn received_seqs(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| {
-            let i = l.find("icmp_seq=")? + "icmp_seq=".len();
-            l[i..].split_whitespace().next()?.parse().ok()
-        })
-        .collect()
-}
-
-fn client_sa(c: &Charon) -> Option<IkeSa> {
-    c.list_sas()
-        .ok()?
-        .into_iter()
-        .find(|s| s.name == "dial" && s.state == "ESTABLISHED")
-}
-
-fn replay_failures(c: &Charon) -> usize {
-    c.log()
-        .matches("ESP sequence number verification failed")
-        .count()
-}
-
 fn ping_burst(client: &Netns, count: u32) -> u32 {
-    let out = client
-        .exec(
-            "ping",
-            &[
-                "-n",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                "-I",
-                CLIENT_INNER,
-                SERVER,
-            ],
-        )
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
-    received_seqs(&out).len() as u32
+    member::ping_answered(client, CLIENT_INNER, SERVER, count)
 }
 
 /// A continuous ping, 20 per second, `count` of them.

@@ -196,65 +196,7 @@ fn kill_9_ikemgr_on_the_primary_keeps_the_tunnel_and_its_rekeys() {
     });
 
     // Rekeys on the restored SA, from each side.
-    let check_traffic = |what: &str| {
-        let (sent, got) = ping_burst(&client, 5);
-        assert!(
-            got >= 3,
-            "ping after {what}: {got}/{sent}\n{}\n{}",
-            m1.logs(),
-            charon.log()
-        );
-    };
-    charon.rekey_child("net").expect("swanctl --rekey --child");
-    let c1 = wait_for("client CHILD SA rekeyed", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
-        if c.spi_in != child_before.spi_in && c.state == "INSTALLED" {
-            Ok(c)
-        } else {
-            Err(format!("{c:?}\n{}", m1.logs()))
-        }
-    });
-    check_traffic("strongSwan's CHILD SA rekey");
-    charon.rekey_ike("dial").expect("swanctl --rekey --ike");
-    let ike1 = wait_for("client IKE SA rekeyed", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        (sa.spis() != before.spis())
-            .then_some(sa.spis())
-            .ok_or_else(|| format!("{:?}\n{}", sa.spis(), m1.logs()))
-    });
-    wait_for("gw1 follows the IKE rekey", WAIT, || {
-        m1.ike_sa()
-            .filter(|(i, r, _)| (*i, *r) == ike1)
-            .ok_or_else(|| m1.logs())
-    });
-    check_traffic("strongSwan's IKE SA rekey");
-    m1.command("ike-rekey", &["vpn1_1", "child"])
-        .expect("ikemgr CHILD rekey");
-    wait_for("client sees Haven's CHILD SA rekey", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
-        (c.spi_in != c1.spi_in && c.state == "INSTALLED")
-            .then_some(())
-            .ok_or_else(|| format!("{c:?}\n{}", m1.logs()))
-    });
-    check_traffic("Haven's CHILD SA rekey");
-    m1.command("ike-rekey", &["vpn1_1", "ike"])
-        .expect("ikemgr IKE rekey");
-    wait_for("client sees Haven's IKE SA rekey", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        (sa.spis() != ike1)
-            .then_some(())
-            .ok_or_else(|| format!("{:?}\n{}", sa.spis(), m1.logs()))
-    });
-    check_traffic("Haven's IKE SA rekey");
-    assert_eq!(replay_failures(&charon), 0, "{}", charon.log());
-    let sas = charon.list_sas().unwrap();
-    assert_eq!(
-        sas.iter().filter(|s| s.name == "dial").count(),
-        1,
-        "{sas:#?}"
-    );
+    rekey_from_both_sides(&charon, &client, &m1, "gw1", &before, &child_before);
     drop(m2);
     drop(m1);
     let _ = charon.kill();
