@@ -6,6 +6,7 @@
 //! The suites keep their own topology and configuration; this module only starts and
 //! queries processes.
 
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -13,9 +14,9 @@ use std::time::Duration;
 use bus_schema::{ctl_call, CtlReply, CtlRequest, DaemonKind};
 use serde_json::Value;
 
-use crate::daemons::bin;
+use crate::daemons::{bin, wait_for};
 use crate::netns::{Netns, Proc};
-use crate::strongswan::{Charon, IkeSa};
+use crate::strongswan::{Charon, ChildCfg, Conn, IkeSa, SwanctlConf};
 
 /// The daemons of a member in start order, with each one's `--metrics-listen` port (each
 /// member has its own namespace, so the ports are the same on every member).
@@ -228,4 +229,90 @@ pub fn ping_answered(client: &Netns, from: &str, to: &str, count: u32) -> u32 {
         .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
         .unwrap_or_default();
     received_seqs(&out).len() as u32
+}
+
+/// Starts charon in `client` and brings up a PSK dial-up connection `dial` from `local` to
+/// the gateway `remote` (`client_id`/`gw_id`, AES-GCM with ECP-256), CHILD SA `net` from
+/// `inner`/32 to `server`/32. `Err` carries the reason and charon's log (charon is then
+/// stopped).
+#[allow(clippy::too_many_arguments)]
+pub fn dial_client(
+    client: &Netns,
+    local: &str,
+    remote: &str,
+    psk: &str,
+    (client_id, gw_id): (&str, &str),
+    inner: &str,
+    server: &str,
+    wait: Duration,
+) -> Result<Charon, String> {
+    let mut charon = Charon::start(client).expect("charon");
+    charon
+        .load(
+            &SwanctlConf::new().conn(
+                Conn::psk("dial", local, remote, psk.as_bytes())
+                    .ids(client_id, gw_id)
+                    .proposals(&["aes128gcm16-prfsha256-ecp256"])
+                    .child(
+                        ChildCfg::new("net", &format!("{inner}/32"), &format!("{server}/32"))
+                            .esp_proposals(&["aes128gcm16"]),
+                    ),
+            ),
+        )
+        .expect("swanctl load");
+    match charon.initiate("net", wait) {
+        Ok(_) => Ok(charon),
+        Err(e) => Err(format!("initiate: {e}\n{}", charon.log())),
+    }
+}
+
+/// A continuous ping in `client` from `from` to `to`: `count` echoes `interval` seconds
+/// apart, each waited for `deadline` seconds; its standard output is piped for
+/// [`finish_ping`].
+pub fn start_ping(
+    client: &Netns,
+    (from, to): (&str, &str),
+    count: u64,
+    interval: &str,
+    deadline: &str,
+) -> Proc {
+    let mut cmd = client.command("ping");
+    cmd.args([
+        "-n",
+        "-c",
+        &count.to_string(),
+        "-i",
+        interval,
+        "-W",
+        deadline,
+        "-I",
+        from,
+        to,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    client.spawn_command(cmd).expect("ping")
+}
+
+/// Waits (up to 60 s) for a [`start_ping`] to end; (answered `icmp_seq`s sorted without
+/// repeats, longest gap between two answered ones, ping's output).
+pub fn finish_ping(ping: &mut Proc) -> (Vec<u64>, u64, String) {
+    wait_for("ping to finish", Duration::from_secs(60), || {
+        match ping.try_wait() {
+            Ok(Some(_)) => Ok(()),
+            _ => Err("still running".to_string()),
+        }
+    });
+    let mut out = String::new();
+    ping.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut seqs = received_seqs(&out);
+    seqs.sort_unstable();
+    seqs.dedup();
+    let max_gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    (seqs, max_gap, out)
 }

@@ -25,13 +25,12 @@
 
 mod ha_common;
 
-use std::io::Read;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bus_schema::DaemonKind;
 use ha_common::*;
 use haven_tests::daemons::wait_for;
+use haven_tests::member;
 
 #[test]
 fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place() {
@@ -64,23 +63,7 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
     );
 
     // Continuous ping, 20 per second; the primary dies about 2 s in.
-    let mut cmd = client.command("ping");
-    cmd.args([
-        "-n",
-        "-c",
-        "500",
-        "-i",
-        "0.05",
-        "-W",
-        "1",
-        "-I",
-        CLIENT_INNER,
-        SERVER,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let mut ping = client.spawn_command(cmd).expect("ping");
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 500, "0.05", "1");
     std::thread::sleep(Duration::from_secs(2));
     let seq_old = m1.esp_seqs();
     let killed = Instant::now();
@@ -103,22 +86,7 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
         (!s.is_empty()).then_some(s).ok_or_else(|| m2.logs())
     });
 
-    wait_for("ping to finish", Duration::from_secs(60), || {
-        match ping.try_wait() {
-            Ok(Some(_)) => Ok(()),
-            _ => Err("still running".to_string()),
-        }
-    });
-    let mut out = String::new();
-    ping.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut seqs = received_seqs(&out);
-    seqs.sort_unstable();
-    seqs.dedup();
-    let max_gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let (seqs, max_gap, out) = member::finish_ping(&mut ping);
     eprintln!(
         "FGCP takeover: gw2 primary {} ms after the kill; {} of 500 pings answered; longest gap {} pings = ~{} ms (50 ms per ping)",
         promoted.as_millis(),

@@ -29,16 +29,14 @@
 //!
 //! Needs root, iproute2 and the strongSwan packages (INTEROP.md).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bus_schema::DaemonKind;
 use haven_tests::daemons::{vpnctl_json, wait_for};
-use haven_tests::member::{self, client_sa, received_seqs, replay_failures};
+use haven_tests::member::{self, client_sa, replay_failures};
 use haven_tests::netns::{veth, Netns, Proc, ScratchDir};
-use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
+use haven_tests::strongswan::{self, Charon};
 use serde_json::Value;
 
 const PSK: &str = "haven-fgsp-seed001-psk-0123456789";
@@ -217,46 +215,6 @@ fn ping_burst(client: &Netns, count: u32) -> u32 {
     member::ping_answered(client, CLIENT_INNER, SERVER, count)
 }
 
-/// A continuous ping, 20 per second, `count` of them.
-fn start_ping(client: &Netns, count: u32) -> Proc {
-    let mut cmd = client.command("ping");
-    cmd.args([
-        "-n",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.05",
-        "-W",
-        "1",
-        "-I",
-        CLIENT_INNER,
-        SERVER,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    client.spawn_command(cmd).expect("ping")
-}
-
-/// Waits for a continuous ping; (answered seqs sorted, longest gap in pings).
-fn finish_ping(mut ping: Proc) -> (Vec<u64>, u64, String) {
-    wait_for("ping to finish", Duration::from_secs(60), || {
-        match ping.try_wait() {
-            Ok(Some(_)) => Ok(()),
-            _ => Err("still running".to_string()),
-        }
-    });
-    let mut out = String::new();
-    if let Some(mut s) = ping.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    let mut seqs = received_seqs(&out);
-    seqs.sort_unstable();
-    seqs.dedup();
-    let max_gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    (seqs, max_gap, out)
-}
-
 #[test]
 fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
     if let Err(e) = strongswan::preflight() {
@@ -376,27 +334,17 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         });
     }
 
-    let mut charon = Charon::start(&client).expect("charon");
-    charon
-        .load(
-            &SwanctlConf::new().conn(
-                Conn::psk("dial", CLIENT, LB1, PSK.as_bytes())
-                    .ids(CLIENT_ID, GW_ID)
-                    .proposals(&["aes128gcm16-prfsha256-ecp256"])
-                    .child(
-                        ChildCfg::new(
-                            "net",
-                            &format!("{CLIENT_INNER}/32"),
-                            &format!("{SERVER}/32"),
-                        )
-                        .esp_proposals(&["aes128gcm16"]),
-                    ),
-            ),
-        )
-        .expect("swanctl load");
-    if let Err(e) = charon.initiate("net", WAIT) {
-        panic!("initiate: {e}\n{}\n{}", charon.log(), members[0].logs());
-    }
+    let charon = member::dial_client(
+        &client,
+        CLIENT,
+        LB1,
+        PSK,
+        (CLIENT_ID, GW_ID),
+        CLIENT_INNER,
+        SERVER,
+        WAIT,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", members[0].logs()));
     let before = client_sa(&charon).expect("client IKE SA");
     let spis = before.spis();
     let child_before = before.child("net").expect("client CHILD SA").clone();
@@ -442,7 +390,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
     };
 
     // 2. C1A reboots: its FGCP partner C1B takes over.
-    let ping = start_ping(&client, 200);
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
     std::thread::sleep(Duration::from_secs(2));
     let seq_a = members[0].esp_seqs();
     let killed = Instant::now();
@@ -461,7 +409,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         });
     }
     let primary_after = killed.elapsed();
-    let (seqs, gap, out) = finish_ping(ping);
+    let (seqs, gap, out) = member::finish_ping(&mut ping);
     let seq_b = members[1].esp_seqs();
     eprintln!(
         "FGCP: C1B primary {} ms after the kill; {} of 200 answered; longest gap {gap} pings (~{} ms); seqs C1A {seq_a:?} C1B {seq_b:?}",
@@ -494,7 +442,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
     });
 
     // 3. The whole of cluster 1 goes: cluster 2's primary C2A takes over.
-    let ping = start_ping(&client, 300);
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 300, "0.05", "1");
     std::thread::sleep(Duration::from_secs(2));
     let seq_b = members[1].esp_seqs();
     let killed = Instant::now();
@@ -518,7 +466,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         );
     }
     let taken = killed.elapsed();
-    let (seqs, gap, out) = finish_ping(ping);
+    let (seqs, gap, out) = member::finish_ping(&mut ping);
     let seq_c = members[2].esp_seqs();
     eprintln!(
         "FGSP: C2A carries the tunnel {} ms after cluster 1 went; {} of 300 answered; longest gap {gap} pings (~{} ms); seqs C1B {seq_b:?} C2A {seq_c:?}",

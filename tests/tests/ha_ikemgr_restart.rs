@@ -17,13 +17,12 @@
 
 mod ha_common;
 
-use std::io::Read;
-use std::process::Stdio;
 use std::time::Duration;
 
 use bus_schema::DaemonKind;
 use ha_common::*;
 use haven_tests::daemons::wait_for;
+use haven_tests::member;
 
 /// Pings sent during the restart (one per 50 ms).
 const PINGS: u64 = 120;
@@ -61,23 +60,7 @@ fn kill_9_ikemgr_on_the_primary_keeps_the_tunnel_and_its_rekeys() {
         ok.then_some(()).ok_or_else(|| v.to_string())
     });
 
-    let mut cmd = client.command("ping");
-    cmd.args([
-        "-n",
-        "-c",
-        &PINGS.to_string(),
-        "-i",
-        "0.05",
-        "-W",
-        "2",
-        "-I",
-        CLIENT_INNER,
-        SERVER,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let mut ping = client.spawn_command(cmd).expect("ping");
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), PINGS, "0.05", "2");
     std::thread::sleep(Duration::from_secs(1));
     let seq_old = m1.esp_seqs();
     let espd_log_at = m1.log("espd").len();
@@ -106,21 +89,7 @@ fn kill_9_ikemgr_on_the_primary_keeps_the_tunnel_and_its_rekeys() {
             .ok_or_else(|| format!("{}\n{}", m1.logs(), charon.log()))
     });
 
-    wait_for("ping to finish", Duration::from_secs(60), || {
-        match ping.try_wait() {
-            Ok(Some(_)) => Ok(()),
-            _ => Err("still running".to_string()),
-        }
-    });
-    let mut out = String::new();
-    ping.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut seqs = received_seqs(&out);
-    seqs.sort_unstable();
-    seqs.dedup();
+    let (seqs, _, out) = member::finish_ping(&mut ping);
     let espd_after = m1.log("espd")[espd_log_at..].to_string();
     let ikemgr_after = m1.log("ikemgr")[ikemgr_log_at..].to_string();
     eprintln!(

@@ -26,7 +26,7 @@ use bus_schema::DaemonKind;
 use haven_tests::daemons::wait_for;
 use haven_tests::member;
 use haven_tests::netns::{veth, Netns, Proc, ScratchDir};
-use haven_tests::strongswan::{self, Charon, ChildCfg, ChildSa, Conn, IkeSa, SwanctlConf};
+use haven_tests::strongswan::{self, Charon, ChildSa, IkeSa};
 use serde_json::Value;
 
 pub const PSK: &str = "haven-fgsp-seed000-psk-0123456789";
@@ -335,27 +335,17 @@ impl Lab {
             ])
             .unwrap();
 
-        let mut charon = Charon::start(&client).expect("charon");
-        charon
-            .load(
-                &SwanctlConf::new().conn(
-                    Conn::psk("dial", CLIENT, LB1, PSK.as_bytes())
-                        .ids(CLIENT_ID, GW_ID)
-                        .proposals(&["aes128gcm16-prfsha256-ecp256"])
-                        .child(
-                            ChildCfg::new(
-                                "net",
-                                &format!("{CLIENT_INNER}/32"),
-                                &format!("{SERVER}/32"),
-                            )
-                            .esp_proposals(&["aes128gcm16"]),
-                        ),
-                ),
-            )
-            .expect("swanctl load");
-        if let Err(e) = charon.initiate("net", WAIT) {
-            panic!("initiate: {e}\n{}\n{}", charon.log(), members[owner].logs());
-        }
+        let charon = member::dial_client(
+            &client,
+            CLIENT,
+            LB1,
+            PSK,
+            (CLIENT_ID, GW_ID),
+            CLIENT_INNER,
+            SERVER,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", members[owner].logs()));
         let before = client_sa(&charon).expect("client IKE SA");
         let child_before = before.child("net").expect("client CHILD SA").clone();
         wait_for("the owner's IKE SA", WAIT, || {
