@@ -17,13 +17,12 @@
 #[path = "../tests/ha_common/mod.rs"]
 mod ha_common;
 
-use std::io::Read;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bus_schema::DaemonKind;
 use ha_common::*;
 use haven_tests::daemons::wait_for;
+use haven_tests::member;
 
 /// Ping interval.
 const EVERY_MS: u64 = 10;
@@ -60,23 +59,8 @@ fn main() {
             });
             ok.then_some(()).ok_or_else(|| v.to_string())
         });
-        let mut cmd = lab.client.command("ping");
-        cmd.args([
-            "-n",
-            "-c",
-            &COUNT.to_string(),
-            "-i",
-            &format!("0.{EVERY_MS:03}"),
-            "-W",
-            "1",
-            "-I",
-            CLIENT_INNER,
-            SERVER,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-        let mut ping = lab.client.spawn_command(cmd).expect("ping");
+        let every = format!("0.{EVERY_MS:03}");
+        let mut ping = member::start_ping(&lab.client, (CLIENT_INNER, SERVER), COUNT, &every, "1");
         std::thread::sleep(Duration::from_millis(500));
         let killed = Instant::now();
         members[p].kill_all();
@@ -86,21 +70,7 @@ fn main() {
             other => Err(format!("{other:?}")),
         });
         let to_primary = killed.elapsed().as_millis() as u64;
-        wait_for("ping to finish", Duration::from_secs(60), || {
-            match ping.try_wait() {
-                Ok(Some(_)) => Ok(()),
-                _ => Err("still running".to_string()),
-            }
-        });
-        let mut out = String::new();
-        ping.stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let mut seqs = received_seqs(&out);
-        seqs.sort_unstable();
-        seqs.dedup();
+        let (seqs, _, _out) = member::finish_ping(&mut ping);
         let gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(COUNT);
         let resumed = seqs.last().is_some_and(|l| *l + 20 >= COUNT);
         let outage = gap * EVERY_MS;

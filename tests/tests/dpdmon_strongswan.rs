@@ -33,15 +33,17 @@
 //! them the tests FAIL naming what is missing. Intervals are printed, never asserted.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus_schema::{ctl_call, Body, BusSubscriber, CtlReply, CtlRequest, DaemonKind, TunnelState};
-use haven_tests::daemons::{bin, vpnctl, vpnctl_json, wait_for};
-use haven_tests::netns::{self, Netns, Proc, ScratchDir, SiteToSite};
-use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
+use haven_tests::daemons::{vpnctl, wait_for};
+use haven_tests::gateway::{require_strongswan, tail, Gateway};
+use haven_tests::member::rt;
+use haven_tests::netns::{self, Netns, Proc, SiteToSite};
+use haven_tests::strongswan::{Charon, ChildCfg, Conn, SwanctlConf};
 use serde_json::Value;
 
 const PSK: &str = "haven-dpdmon-strongswan-psk-0123456789";
@@ -60,9 +62,7 @@ const INFORMATIONAL: u8 = 37;
 const FLAG_RESPONSE: u8 = 0x20;
 
 fn require() {
-    if let Err(e) = strongswan::preflight() {
-        panic!("cannot run strongSwan tests on this machine: {e}");
-    }
+    require_strongswan();
     for (tool, args, pkg) in [
         ("tcpdump", &["--version"][..], "tcpdump"),
         ("nft", &["--version"][..], "nftables"),
@@ -71,13 +71,6 @@ fn require() {
             panic!("cannot run DPD interop tests: {e}");
         }
     }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 /// Haven's dial-up gateway with DPD `mode`: `count` probes `interval_s` apart.
@@ -117,76 +110,26 @@ end
     )
 }
 
-/// ikemgr, espd and dpdmon of one gateway (killed on drop).
-struct Haven {
-    ns: Netns,
-    dir: ScratchDir,
-    run: PathBuf,
-    _procs: Vec<Proc>,
-}
+haven_tests::gateway_newtype!(
+    /// ikemgr, espd and dpdmon of one gateway (killed on drop).
+    Haven
+);
 
 impl Haven {
     fn start(ns: &Netns, label: &str, conf_text: &str) -> Haven {
-        let dir = ScratchDir::new(label).expect("scratch dir");
-        let run = dir.path().join("run");
-        let conf = dir.path().join("haven.conf");
-        std::fs::write(&conf, conf_text).expect("write config");
-        let mut procs = Vec::new();
-        for (daemon, metrics) in [
+        let daemons = [
             ("ikemgr", IKEMGR_METRICS),
             ("espd", ESPD_METRICS),
             ("dpdmon", DPDMON_METRICS),
-        ] {
-            let log = dir.path().join(format!("{daemon}.log"));
-            let f = std::fs::File::create(&log).expect("log file");
-            let mut cmd: Command = ns.command(bin(daemon));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", metrics])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(f);
-            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
-        }
-        let h = Haven {
-            ns: ns.clone(),
-            dir,
-            run,
-            _procs: procs,
-        };
-        wait_for("ikemgr listening", WAIT, || {
-            h.log("ikemgr")
-                .contains("listening on UDP 500")
-                .then_some(())
-                .ok_or_else(|| h.log("ikemgr"))
-        });
-        h
-    }
-
-    fn log(&self, daemon: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
+        ];
+        Haven(Gateway::start(ns, label, conf_text, &daemons, WAIT))
     }
 
     fn logs(&self) -> String {
-        ["ikemgr", "dpdmon", "espd"]
-            .iter()
-            .map(|d| format!("--- {d}:\n{}", tail(&self.log(d), 60)))
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.log_tails(&["ikemgr", "dpdmon", "espd"], 60)
     }
 
-    fn ike_list(&self) -> Value {
-        vpnctl_json(&self.run, &["diagnose", "vpn", "ike", "gateway", "list"])
-            .expect("ike gateway list")
-    }
-
-    fn tunnel_list(&self) -> Value {
-        vpnctl_json(&self.run, &["diagnose", "vpn", "tunnel", "list"]).expect("tunnel list")
-    }
-
+    /// `vpnctl <args>`'s standard output.
     fn text(&self, args: &[&str]) -> String {
         String::from_utf8_lossy(&vpnctl(&self.run, args).stdout).into_owned()
     }
@@ -234,11 +177,6 @@ impl Haven {
     fn routes(&self) -> String {
         self.ns.ip(&["route"]).unwrap_or_default()
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Everything dpdmon and ikemgr publish, with the time it arrived; the methods look at

@@ -18,11 +18,11 @@
 mod espd_common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use haven_tests::daemons::{bin, wait_for};
-use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
+use haven_tests::daemons::wait_for;
+use haven_tests::gateway::Gateway;
+use haven_tests::netns::{Netns, Proc, SiteToSite};
 use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
 
 const PSK: &str = "haven-local-gw-psk-0123456789abcdef";
@@ -33,45 +33,12 @@ const CLIENT_ID: &str = "client1.haven.test";
 const LOCAL_GW: [u8; 4] = [192, 168, 202, 35];
 const LOCAL_GW_STR: &str = "192.168.202.35";
 
-struct Haven {
-    dir: ScratchDir,
-    _procs: Vec<Proc>,
-}
+haven_tests::gateway_newtype!(Haven);
 
 impl Haven {
     fn start(ns: &Netns, label: &str, conf_text: &str) -> Haven {
-        let dir = ScratchDir::new(label).expect("scratch dir");
-        let run = dir.path().join("run");
-        let conf = dir.path().join("haven.conf");
-        std::fs::write(&conf, conf_text).expect("write config");
-        let mut procs = Vec::new();
-        for (daemon, port) in [("ikemgr", 19721), ("espd", 19724)] {
-            let log = dir.path().join(format!("{daemon}.log"));
-            let f = std::fs::File::create(&log).expect("log file");
-            let mut cmd: Command = ns.command(bin(daemon));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(f);
-            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
-        }
-        let h = Haven { dir, _procs: procs };
-        wait_for("ikemgr listening", WAIT, || {
-            h.log("ikemgr")
-                .contains("listening on UDP 500")
-                .then_some(())
-                .ok_or_else(|| h.log("ikemgr"))
-        });
-        h
-    }
-
-    fn log(&self, daemon: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
+        let daemons = [("ikemgr", "127.0.0.1:19721"), ("espd", "127.0.0.1:19724")];
+        Haven(Gateway::start(ns, label, conf_text, &daemons, WAIT))
     }
 }
 

@@ -10,12 +10,13 @@
 //! them the tests FAIL naming what is missing.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use haven_tests::daemons::{bin, vpnctl_json, wait_for};
+use haven_tests::gateway::{require_strongswan as require, Gateway};
 use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
-use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
+use haven_tests::strongswan::{Charon, ChildCfg, Conn, SwanctlConf};
 use serde_json::Value;
 
 const PSK: &str = "haven-espd-strongswan-psk-0123456789";
@@ -23,55 +24,15 @@ const WAIT: Duration = Duration::from_secs(20);
 const GW_ID: &str = "gwb.haven.test";
 const CLIENT_ID: &str = "client1.haven.test";
 
-/// Our dial-up gateway in gwb: ikemgr and espd, each with its own log.
-struct Haven {
-    dir: ScratchDir,
-    run: PathBuf,
-    _procs: Vec<Proc>,
-}
+haven_tests::gateway_newtype!(
+    /// Our dial-up gateway in gwb: ikemgr and espd, each with its own log.
+    Haven
+);
 
 impl Haven {
     fn start(ns: &Netns, label: &str, conf_text: &str) -> Haven {
-        let dir = ScratchDir::new(label).expect("scratch dir");
-        let run = dir.path().join("run");
-        let conf = dir.path().join("haven.conf");
-        std::fs::write(&conf, conf_text).expect("write config");
-        let mut procs = Vec::new();
-        for (daemon, port) in [("ikemgr", 19701), ("espd", 19704)] {
-            let log = dir.path().join(format!("{daemon}.log"));
-            let f = std::fs::File::create(&log).expect("log file");
-            let mut cmd: Command = ns.command(bin(daemon));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(f);
-            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
-        }
-        let h = Haven {
-            dir,
-            run,
-            _procs: procs,
-        };
-        wait_for("ikemgr listening", WAIT, || {
-            h.log("ikemgr")
-                .contains("listening on UDP 500")
-                .then_some(())
-                .ok_or_else(|| h.log("ikemgr"))
-        });
-        h
-    }
-
-    fn log(&self, daemon: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
-    }
-
-    fn tunnel_list(&self) -> Value {
-        vpnctl_json(&self.run, &["diagnose", "vpn", "tunnel", "list"]).expect("tunnel list")
+        let daemons = [("ikemgr", "127.0.0.1:19701"), ("espd", "127.0.0.1:19704")];
+        Haven(Gateway::start(ns, label, conf_text, &daemons, WAIT))
     }
 
     /// espd's datapath-wide drop counter for `reason`.
@@ -212,12 +173,6 @@ impl Pinger {
         let (tx, rx) = (num("transmitted"), num("received"));
         assert_eq!(tx, u64::from(self.count), "{text}");
         (tx, rx, text)
-    }
-}
-
-fn require() {
-    if let Err(e) = strongswan::preflight() {
-        panic!("cannot run strongSwan tests on this machine: {e}");
     }
 }
 

@@ -25,13 +25,12 @@
 
 mod ha_common;
 
-use std::io::Read;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bus_schema::DaemonKind;
 use ha_common::*;
 use haven_tests::daemons::wait_for;
+use haven_tests::member;
 
 #[test]
 fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place() {
@@ -64,23 +63,7 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
     );
 
     // Continuous ping, 20 per second; the primary dies about 2 s in.
-    let mut cmd = client.command("ping");
-    cmd.args([
-        "-n",
-        "-c",
-        "500",
-        "-i",
-        "0.05",
-        "-W",
-        "1",
-        "-I",
-        CLIENT_INNER,
-        SERVER,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let mut ping = client.spawn_command(cmd).expect("ping");
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 500, "0.05", "1");
     std::thread::sleep(Duration::from_secs(2));
     let seq_old = m1.esp_seqs();
     let killed = Instant::now();
@@ -103,22 +86,7 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
         (!s.is_empty()).then_some(s).ok_or_else(|| m2.logs())
     });
 
-    wait_for("ping to finish", Duration::from_secs(60), || {
-        match ping.try_wait() {
-            Ok(Some(_)) => Ok(()),
-            _ => Err("still running".to_string()),
-        }
-    });
-    let mut out = String::new();
-    ping.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut seqs = received_seqs(&out);
-    seqs.sort_unstable();
-    seqs.dedup();
-    let max_gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let (seqs, max_gap, out) = member::finish_ping(&mut ping);
     eprintln!(
         "FGCP takeover: gw2 primary {} ms after the kill; {} of 500 pings answered; longest gap {} pings = ~{} ms (50 ms per ping)",
         promoted.as_millis(),
@@ -178,75 +146,7 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
     );
 
     // Rekeys on the taken-over tunnel (seed 002: the vendor ignored CREATE_CHILD_SA here).
-    let check_traffic = |what: &str| {
-        let (sent, got) = ping_burst(&client, 5);
-        assert!(
-            got >= 3,
-            "ping after {what}: {got}/{sent}\n{}\n{}",
-            m2.logs(),
-            charon.log()
-        );
-    };
-    // 1. strongSwan rekeys the CHILD SA.
-    charon.rekey_child("net").expect("swanctl --rekey --child");
-    let c1 = wait_for("client CHILD SA rekeyed", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
-        if c.spi_in != child_before.spi_in && c.state == "INSTALLED" {
-            Ok(c)
-        } else {
-            Err(format!("{c:?}"))
-        }
-    });
-    check_traffic("strongSwan's CHILD SA rekey");
-    // 2. strongSwan rekeys the IKE SA.
-    charon.rekey_ike("dial").expect("swanctl --rekey --ike");
-    let ike1 = wait_for("client IKE SA rekeyed", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        (sa.spis() != before.spis())
-            .then_some(sa.spis())
-            .ok_or_else(|| format!("{:?}", sa.spis()))
-    });
-    wait_for("gw2 follows the IKE rekey", WAIT, || {
-        m2.ike_sa()
-            .filter(|(i, r, _)| (*i, *r) == ike1)
-            .ok_or_else(|| m2.logs())
-    });
-    check_traffic("strongSwan's IKE SA rekey");
-    // 3. Haven rekeys the CHILD SA.
-    m2.command("ike-rekey", &["vpn1_1", "child"])
-        .expect("ikemgr CHILD rekey");
-    wait_for("client sees Haven's CHILD SA rekey", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
-        (c.spi_in != c1.spi_in && c.state == "INSTALLED")
-            .then_some(())
-            .ok_or_else(|| format!("{c:?}\n{}", m2.logs()))
-    });
-    check_traffic("Haven's CHILD SA rekey");
-    // 4. Haven rekeys the IKE SA.
-    m2.command("ike-rekey", &["vpn1_1", "ike"])
-        .expect("ikemgr IKE rekey");
-    wait_for("client sees Haven's IKE SA rekey", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        (sa.spis() != ike1)
-            .then_some(())
-            .ok_or_else(|| format!("{:?}\n{}", sa.spis(), m2.logs()))
-    });
-    check_traffic("Haven's IKE SA rekey");
-    assert_eq!(
-        replay_failures(&charon),
-        0,
-        "strongSwan dropped ESP packets as replays:\n{}",
-        charon.log()
-    );
-    // Still one IKE SA on the client: every step was done in place.
-    let sas = charon.list_sas().unwrap();
-    assert_eq!(
-        sas.iter().filter(|s| s.name == "dial").count(),
-        1,
-        "{sas:#?}"
-    );
+    rekey_from_both_sides(&charon, &client, &m2, "gw2", &before, &child_before);
     drop(m2);
     drop(m1);
     let _ = charon.kill();

@@ -28,12 +28,11 @@
 
 mod fgsp_common;
 
-use std::io::Read;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use fgsp_common::*;
 use haven_tests::daemons::wait_for;
+use haven_tests::member;
 
 #[test]
 fn fgsp_member_takes_the_tunnel_the_router_moves_and_dpd_flushes_it_everywhere() {
@@ -100,23 +99,7 @@ fn fgsp_member_takes_the_tunnel_the_router_moves_and_dpd_flushes_it_everywhere()
     );
 
     // 2. Continuous ping, 20 per second; the owner goes away about 2 s in.
-    let mut cmd = client.command("ping");
-    cmd.args([
-        "-n",
-        "-c",
-        "400",
-        "-i",
-        "0.05",
-        "-W",
-        "1",
-        "-I",
-        CLIENT_INNER,
-        SERVER,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let mut ping = client.spawn_command(cmd).expect("ping");
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 400, "0.05", "1");
     std::thread::sleep(Duration::from_secs(2));
     let seq_old = lab.members[owner].esp_seqs();
     let removed = Instant::now();
@@ -147,22 +130,7 @@ fn fgsp_member_takes_the_tunnel_the_router_moves_and_dpd_flushes_it_everywhere()
         "the promotion must come from the ESP that arrived:\n{}",
         nm.logs()
     );
-    wait_for("ping to finish", Duration::from_secs(60), || {
-        match ping.try_wait() {
-            Ok(Some(_)) => Ok(()),
-            _ => Err("still running".to_string()),
-        }
-    });
-    let mut out = String::new();
-    ping.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut seqs = received_seqs(&out);
-    seqs.sort_unstable();
-    seqs.dedup();
-    let max_gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let (seqs, max_gap, out) = member::finish_ping(&mut ping);
     eprintln!(
         "FGSP: {} sync-primary {} ms after the owner was removed; {} of 400 pings answered; longest gap {} pings = ~{} ms",
         nm.name(),

@@ -29,15 +29,14 @@
 //!
 //! Needs root, iproute2 and the strongSwan packages (INTEROP.md).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bus_schema::{ctl_call, CtlReply, CtlRequest, DaemonKind};
-use haven_tests::daemons::{bin, vpnctl_json, wait_for};
+use bus_schema::DaemonKind;
+use haven_tests::daemons::{vpnctl_json, wait_for};
+use haven_tests::member::{self, client_sa, replay_failures};
 use haven_tests::netns::{veth, Netns, Proc, ScratchDir};
-use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, IkeSa, SwanctlConf};
+use haven_tests::strongswan::{self, Charon};
 use serde_json::Value;
 
 const PSK: &str = "haven-fgsp-seed001-psk-0123456789";
@@ -144,26 +143,7 @@ impl Member {
         std::fs::create_dir_all(&run).unwrap();
         let conf = dir.join("haven.conf");
         std::fs::write(&conf, config(i)).unwrap();
-        let mut procs = Vec::new();
-        for (d, port) in [
-            ("hasyncd", 9703),
-            ("espd", 9704),
-            ("ikemgr", 9701),
-            ("dpdmon", 9702),
-        ] {
-            let log = std::fs::File::create(dir.join(format!("{d}.log"))).unwrap();
-            let mut cmd: Command = ns.command(bin(d));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
-        }
+        let procs = member::spawn_all(&ns, &conf, &run, &dir);
         Member {
             i,
             ns,
@@ -178,52 +158,19 @@ impl Member {
     }
 
     fn log(&self, d: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{d}.log"))).unwrap_or_default()
+        member::read_log(&self.dir, d)
     }
 
     fn logs(&self) -> String {
-        ["hasyncd", "ikemgr", "espd"]
-            .iter()
-            .map(|d| {
-                let l = self.log(d);
-                let tail: Vec<&str> = l.lines().rev().take(30).collect();
-                format!(
-                    "--- {} {d} ---\n{}",
-                    self.name(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        member::log_tails(&self.dir, self.name(), 30)
     }
 
     fn view(&self, daemon: DaemonKind, name: &str) -> Result<Value, String> {
-        let req = CtlRequest::View {
-            name: name.into(),
-            args: vec![],
-        };
-        match rt().block_on(ctl_call(&self.run, daemon, &req, Duration::from_secs(2))) {
-            Ok(CtlReply::View(v)) => Ok(v),
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
+        member::view(&self.run, daemon, name)
     }
 
     fn ikemgr_command(&self, args: &[&str]) -> Result<(), String> {
-        let req = CtlRequest::Command {
-            name: "ike-rekey".into(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-        };
-        match rt().block_on(ctl_call(
-            &self.run,
-            DaemonKind::Ikemgr,
-            &req,
-            Duration::from_secs(2),
-        )) {
-            Ok(CtlReply::View(_)) => Ok(()),
-            Ok(other) => Err(format!("{other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
+        member::ikemgr_command(&self.run, "ike-rekey", args).map(|_| ())
     }
 
     /// FGCP role (`primary`, `secondary`).
@@ -244,143 +191,28 @@ impl Member {
 
     /// ikemgr's IKE SA of the tunnel: (spi_i, spi_r).
     fn ike_sa(&self) -> Option<(u64, u64)> {
-        let v = self.view(DaemonKind::Ikemgr, "ike-gateways").ok()?;
-        let sa = v.as_array()?.iter().find(|s| s["name"] == TUNNEL)?;
-        Some((hex_u64(&sa["spi_i"]), hex_u64(&sa["spi_r"])))
+        member::ike_spis(&self.run, TUNNEL)
     }
 
     /// hasyncd's standby copies of the tunnel: (IKE SA copies, CHILD SA copies).
     fn copies(&self) -> Result<(usize, usize), String> {
-        let v = self.view(DaemonKind::Hasyncd, "replicas")?;
-        let n = |k: &str| {
-            v[k].as_array()
-                .map(|a| a.iter().filter(|s| s["tunnel"] == TUNNEL).count())
-                .unwrap_or(0)
-        };
-        Ok((n("ike_standby"), n("standby")))
+        member::copies(&self.run, TUNNEL)
     }
 
     /// espd's outbound SAs of the tunnel: (spi_out, next sequence number).
     fn esp_seqs(&self) -> Vec<(u32, u64)> {
-        let Ok(v) = self.view(DaemonKind::Espd, "tunnel-list") else {
-            return Vec::new();
-        };
-        v["tunnels"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|t| t["name"] == TUNNEL)
-            .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
-            .map(|s| (hex_u32(&s["enc"]["spi"]), s["seqno"].as_u64().unwrap_or(0)))
-            .collect()
+        member::esp_seqs(&self.run, TUNNEL)
     }
 
     /// Reboot: every daemon killed, the LAN port down.
     fn kill_all(&mut self) {
-        for p in &mut self.procs {
-            let _ = p.kill_now();
-        }
+        member::kill_all(&mut self.procs);
         let _ = self.ns.ip(&["link", "set", "port2", "down"]);
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-fn hex_u64(v: &Value) -> u64 {
-    u64::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
-}
-
-fn hex_u32(v: &Value) -> u32 {
-    u32::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
-}
-
-fn received_seqs(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| {
-            let i = l.find("icmp_seq=")? + "icmp_seq=".len();
-            l[i..].split_whitespace().next()?.parse().ok()
-        })
-        .collect()
-}
-
-fn client_sa(c: &Charon) -> Option<IkeSa> {
-    c.list_sas()
-        .ok()?
-        .into_iter()
-        .find(|s| s.name == "dial" && s.state == "ESTABLISHED")
-}
-
-fn replay_failures(c: &Charon) -> usize {
-    c.log()
-        .matches("ESP sequence number verification failed")
-        .count()
-}
-
 fn ping_burst(client: &Netns, count: u32) -> u32 {
-    let out = client
-        .exec(
-            "ping",
-            &[
-                "-n",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                "-I",
-                CLIENT_INNER,
-                SERVER,
-            ],
-        )
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
-    received_seqs(&out).len() as u32
-}
-
-/// A continuous ping, 20 per second, `count` of them.
-fn start_ping(client: &Netns, count: u32) -> Proc {
-    let mut cmd = client.command("ping");
-    cmd.args([
-        "-n",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.05",
-        "-W",
-        "1",
-        "-I",
-        CLIENT_INNER,
-        SERVER,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    client.spawn_command(cmd).expect("ping")
-}
-
-/// Waits for a continuous ping; (answered seqs sorted, longest gap in pings).
-fn finish_ping(mut ping: Proc) -> (Vec<u64>, u64, String) {
-    wait_for("ping to finish", Duration::from_secs(60), || {
-        match ping.try_wait() {
-            Ok(Some(_)) => Ok(()),
-            _ => Err("still running".to_string()),
-        }
-    });
-    let mut out = String::new();
-    if let Some(mut s) = ping.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    let mut seqs = received_seqs(&out);
-    seqs.sort_unstable();
-    seqs.dedup();
-    let max_gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    (seqs, max_gap, out)
+    member::ping_answered(client, CLIENT_INNER, SERVER, count)
 }
 
 #[test]
@@ -502,27 +334,17 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         });
     }
 
-    let mut charon = Charon::start(&client).expect("charon");
-    charon
-        .load(
-            &SwanctlConf::new().conn(
-                Conn::psk("dial", CLIENT, LB1, PSK.as_bytes())
-                    .ids(CLIENT_ID, GW_ID)
-                    .proposals(&["aes128gcm16-prfsha256-ecp256"])
-                    .child(
-                        ChildCfg::new(
-                            "net",
-                            &format!("{CLIENT_INNER}/32"),
-                            &format!("{SERVER}/32"),
-                        )
-                        .esp_proposals(&["aes128gcm16"]),
-                    ),
-            ),
-        )
-        .expect("swanctl load");
-    if let Err(e) = charon.initiate("net", WAIT) {
-        panic!("initiate: {e}\n{}\n{}", charon.log(), members[0].logs());
-    }
+    let charon = member::dial_client(
+        &client,
+        CLIENT,
+        LB1,
+        PSK,
+        (CLIENT_ID, GW_ID),
+        CLIENT_INNER,
+        SERVER,
+        WAIT,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", members[0].logs()));
     let before = client_sa(&charon).expect("client IKE SA");
     let spis = before.spis();
     let child_before = before.child("net").expect("client CHILD SA").clone();
@@ -568,7 +390,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
     };
 
     // 2. C1A reboots: its FGCP partner C1B takes over.
-    let ping = start_ping(&client, 200);
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
     std::thread::sleep(Duration::from_secs(2));
     let seq_a = members[0].esp_seqs();
     let killed = Instant::now();
@@ -587,7 +409,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         });
     }
     let primary_after = killed.elapsed();
-    let (seqs, gap, out) = finish_ping(ping);
+    let (seqs, gap, out) = member::finish_ping(&mut ping);
     let seq_b = members[1].esp_seqs();
     eprintln!(
         "FGCP: C1B primary {} ms after the kill; {} of 200 answered; longest gap {gap} pings (~{} ms); seqs C1A {seq_a:?} C1B {seq_b:?}",
@@ -620,7 +442,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
     });
 
     // 3. The whole of cluster 1 goes: cluster 2's primary C2A takes over.
-    let ping = start_ping(&client, 300);
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 300, "0.05", "1");
     std::thread::sleep(Duration::from_secs(2));
     let seq_b = members[1].esp_seqs();
     let killed = Instant::now();
@@ -644,7 +466,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         );
     }
     let taken = killed.elapsed();
-    let (seqs, gap, out) = finish_ping(ping);
+    let (seqs, gap, out) = member::finish_ping(&mut ping);
     let seq_c = members[2].esp_seqs();
     eprintln!(
         "FGSP: C2A carries the tunnel {} ms after cluster 1 went; {} of 300 answered; longest gap {gap} pings (~{} ms); seqs C1B {seq_b:?} C2A {seq_c:?}",

@@ -17,13 +17,12 @@
 
 mod ha_common;
 
-use std::io::Read;
-use std::process::Stdio;
 use std::time::Duration;
 
 use bus_schema::DaemonKind;
 use ha_common::*;
 use haven_tests::daemons::wait_for;
+use haven_tests::member;
 
 /// Pings sent during the restart (one per 50 ms).
 const PINGS: u64 = 120;
@@ -61,23 +60,7 @@ fn kill_9_ikemgr_on_the_primary_keeps_the_tunnel_and_its_rekeys() {
         ok.then_some(()).ok_or_else(|| v.to_string())
     });
 
-    let mut cmd = client.command("ping");
-    cmd.args([
-        "-n",
-        "-c",
-        &PINGS.to_string(),
-        "-i",
-        "0.05",
-        "-W",
-        "2",
-        "-I",
-        CLIENT_INNER,
-        SERVER,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let mut ping = client.spawn_command(cmd).expect("ping");
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), PINGS, "0.05", "2");
     std::thread::sleep(Duration::from_secs(1));
     let seq_old = m1.esp_seqs();
     let espd_log_at = m1.log("espd").len();
@@ -106,21 +89,7 @@ fn kill_9_ikemgr_on_the_primary_keeps_the_tunnel_and_its_rekeys() {
             .ok_or_else(|| format!("{}\n{}", m1.logs(), charon.log()))
     });
 
-    wait_for("ping to finish", Duration::from_secs(60), || {
-        match ping.try_wait() {
-            Ok(Some(_)) => Ok(()),
-            _ => Err("still running".to_string()),
-        }
-    });
-    let mut out = String::new();
-    ping.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut seqs = received_seqs(&out);
-    seqs.sort_unstable();
-    seqs.dedup();
+    let (seqs, _, out) = member::finish_ping(&mut ping);
     let espd_after = m1.log("espd")[espd_log_at..].to_string();
     let ikemgr_after = m1.log("ikemgr")[ikemgr_log_at..].to_string();
     eprintln!(
@@ -196,65 +165,7 @@ fn kill_9_ikemgr_on_the_primary_keeps_the_tunnel_and_its_rekeys() {
     });
 
     // Rekeys on the restored SA, from each side.
-    let check_traffic = |what: &str| {
-        let (sent, got) = ping_burst(&client, 5);
-        assert!(
-            got >= 3,
-            "ping after {what}: {got}/{sent}\n{}\n{}",
-            m1.logs(),
-            charon.log()
-        );
-    };
-    charon.rekey_child("net").expect("swanctl --rekey --child");
-    let c1 = wait_for("client CHILD SA rekeyed", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
-        if c.spi_in != child_before.spi_in && c.state == "INSTALLED" {
-            Ok(c)
-        } else {
-            Err(format!("{c:?}\n{}", m1.logs()))
-        }
-    });
-    check_traffic("strongSwan's CHILD SA rekey");
-    charon.rekey_ike("dial").expect("swanctl --rekey --ike");
-    let ike1 = wait_for("client IKE SA rekeyed", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        (sa.spis() != before.spis())
-            .then_some(sa.spis())
-            .ok_or_else(|| format!("{:?}\n{}", sa.spis(), m1.logs()))
-    });
-    wait_for("gw1 follows the IKE rekey", WAIT, || {
-        m1.ike_sa()
-            .filter(|(i, r, _)| (*i, *r) == ike1)
-            .ok_or_else(|| m1.logs())
-    });
-    check_traffic("strongSwan's IKE SA rekey");
-    m1.command("ike-rekey", &["vpn1_1", "child"])
-        .expect("ikemgr CHILD rekey");
-    wait_for("client sees Haven's CHILD SA rekey", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
-        (c.spi_in != c1.spi_in && c.state == "INSTALLED")
-            .then_some(())
-            .ok_or_else(|| format!("{c:?}\n{}", m1.logs()))
-    });
-    check_traffic("Haven's CHILD SA rekey");
-    m1.command("ike-rekey", &["vpn1_1", "ike"])
-        .expect("ikemgr IKE rekey");
-    wait_for("client sees Haven's IKE SA rekey", WAIT, || {
-        let sa = client_sa(&charon).ok_or("no IKE SA")?;
-        (sa.spis() != ike1)
-            .then_some(())
-            .ok_or_else(|| format!("{:?}\n{}", sa.spis(), m1.logs()))
-    });
-    check_traffic("Haven's IKE SA rekey");
-    assert_eq!(replay_failures(&charon), 0, "{}", charon.log());
-    let sas = charon.list_sas().unwrap();
-    assert_eq!(
-        sas.iter().filter(|s| s.name == "dial").count(),
-        1,
-        "{sas:#?}"
-    );
+    rekey_from_both_sides(&charon, &client, &m1, "gw1", &before, &child_before);
     drop(m2);
     drop(m1);
     let _ = charon.kill();

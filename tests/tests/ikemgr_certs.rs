@@ -11,12 +11,13 @@
 //! the tests FAIL naming what is missing.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use haven_tests::daemons::{bin, vpnctl_json, wait_for};
-use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
-use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
+use haven_tests::daemons::wait_for;
+use haven_tests::gateway::{require_strongswan as require, Gateway};
+use haven_tests::netns::{Netns, ScratchDir, SiteToSite};
+use haven_tests::strongswan::{Charon, ChildCfg, Conn, SwanctlConf};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -168,63 +169,16 @@ impl Pki {
     }
 }
 
-struct Haven {
-    dir: ScratchDir,
-    run: PathBuf,
-    _procs: Vec<Proc>,
-}
+haven_tests::gateway_newtype!(Haven);
 
 impl Haven {
     /// ikemgr + espd in `ns` with `conf_text`, certificates from `cert_dir`.
     fn start(ns: &Netns, label: &str, conf_text: &str, cert_dir: &Path) -> Haven {
-        let dir = ScratchDir::new(label).expect("scratch dir");
-        let run = dir.path().join("run");
-        let conf = dir.path().join("haven.conf");
-        std::fs::write(&conf, conf_text).expect("write config");
-        let mut procs = Vec::new();
-        for (daemon, port) in [("ikemgr", 19701), ("espd", 19704)] {
-            let log = dir.path().join(format!("{daemon}.log"));
-            let f = std::fs::File::create(&log).expect("log file");
-            let mut cmd: Command = ns.command(bin(daemon));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-                .env("HAVEN_CERT_DIR", cert_dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(f);
-            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
-        }
-        let h = Haven {
-            dir,
-            run,
-            _procs: procs,
-        };
-        wait_for("ikemgr listening", WAIT, || {
-            h.log("ikemgr")
-                .contains("listening on UDP 500")
-                .then_some(())
-                .ok_or_else(|| h.log("ikemgr"))
-        });
-        h
-    }
-
-    fn log(&self, daemon: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
-    }
-
-    fn ike_list(&self) -> Value {
-        vpnctl_json(&self.run, &["diagnose", "vpn", "ike", "gateway", "list"])
-            .expect("ike gateway list")
-    }
-}
-
-fn require() {
-    if let Err(e) = strongswan::preflight() {
-        panic!("cannot run strongSwan tests on this machine: {e}");
+        let daemons = [("ikemgr", "127.0.0.1:19701"), ("espd", "127.0.0.1:19704")];
+        let env = [("HAVEN_CERT_DIR", cert_dir.as_os_str())];
+        Haven(Gateway::start_env(
+            ns, label, conf_text, &daemons, &env, WAIT,
+        ))
     }
 }
 

@@ -10,13 +10,12 @@
 //! Needs root, iproute2 and the strongSwan packages (see INTEROP.md); without them the tests
 //! FAIL naming what is missing.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use haven_tests::daemons::{bin, vpnctl, vpnctl_json, wait_for};
-use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
-use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, IkeSa, SwanctlConf};
+use haven_tests::daemons::{vpnctl, wait_for};
+use haven_tests::gateway::{require_strongswan as require, Gateway};
+use haven_tests::netns::{Netns, SiteToSite};
+use haven_tests::strongswan::{Charon, ChildCfg, Conn, IkeSa, SwanctlConf};
 use serde_json::Value;
 
 const PSK: &str = "haven-ikemgr-interop-psk-0123456789";
@@ -24,12 +23,16 @@ const WAIT: Duration = Duration::from_secs(20);
 const GW_ID: &str = "gwb.haven.test";
 const CLIENT_ID: &str = "client1.haven.test";
 
-struct Haven {
-    ns: Netns,
-    dir: ScratchDir,
-    run: PathBuf,
-    conf: PathBuf,
-    procs: Vec<Proc>,
+haven_tests::gateway_newtype!(
+    /// Our gateway in gwb: ikemgr and espd, each with its own log (not waited for).
+    Haven
+);
+
+impl Haven {
+    fn start(ns: &Netns, label: &str, conf_text: &str) -> Haven {
+        let daemons = [("ikemgr", "127.0.0.1:19701"), ("espd", "127.0.0.1:19704")];
+        Haven(Gateway::spawn(ns, label, conf_text, &daemons))
+    }
 }
 
 /// Haven's dial-up gateway `vpn1` with the given phase1/phase2 proposals and groups.
@@ -65,57 +68,6 @@ end
         SiteToSite::LAN_B,
         dst
     )
-}
-
-impl Haven {
-    fn start(ns: &Netns, label: &str, conf_text: &str) -> Haven {
-        let dir = ScratchDir::new(label).expect("scratch dir");
-        let run = dir.path().join("run");
-        let conf = dir.path().join("haven.conf");
-        std::fs::write(&conf, conf_text).expect("write config");
-        let mut h = Haven {
-            ns: ns.clone(),
-            dir,
-            run,
-            conf,
-            procs: Vec::new(),
-        };
-        for (daemon, port) in [("ikemgr", 19701), ("espd", 19704)] {
-            let log = h.dir.path().join(format!("{daemon}.log"));
-            let f = std::fs::File::create(&log).expect("log file");
-            let mut cmd: Command = h.ns.command(bin(daemon));
-            cmd.arg("--config")
-                .arg(&h.conf)
-                .arg("--run-dir")
-                .arg(&h.run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(f);
-            h.procs.push(h.ns.spawn_command(cmd).expect("spawn daemon"));
-        }
-        h
-    }
-
-    fn log(&self, daemon: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
-    }
-
-    fn ike_list(&self) -> Value {
-        vpnctl_json(&self.run, &["diagnose", "vpn", "ike", "gateway", "list"])
-            .expect("ike gateway list")
-    }
-
-    fn tunnel_list(&self) -> Value {
-        vpnctl_json(&self.run, &["diagnose", "vpn", "tunnel", "list"]).expect("tunnel list")
-    }
-}
-
-fn require() {
-    if let Err(e) = strongswan::preflight() {
-        panic!("cannot run strongSwan tests on this machine: {e}");
-    }
 }
 
 fn client_conf(name: &str, ike: &str, esp: &str, psk: &str) -> SwanctlConf {

@@ -16,11 +16,12 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use bus_schema::{ctl_call, CtlReply, CtlRequest, DaemonKind};
-use haven_tests::daemons::{bin, wait_for};
+use haven_tests::daemons::wait_for;
+use haven_tests::member::{self, client_sa};
 use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
 use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
 use serde_json::Value;
@@ -103,22 +104,8 @@ impl Gateway {
             .find(|(d, _)| *d == daemon)
             .map(|(_, p)| *p)
             .expect("a daemon");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{daemon}.log")))
-            .expect("log");
-        let mut cmd: Command = self.ns.command(bin(daemon));
-        cmd.arg("--config")
-            .arg(self.dir.path().join("haven.conf"))
-            .arg("--run-dir")
-            .arg(&self.run)
-            .args(["--log-level", "debug"])
-            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        self.ns.spawn_command(cmd).expect("spawn daemon")
+        let conf = self.dir.path().join("haven.conf");
+        member::spawn_daemon(&self.ns, daemon, port, &conf, &self.run, self.dir.path())
     }
 
     fn kill9_and_restart(&mut self, daemon: &str) {
@@ -235,13 +222,6 @@ fn ping(line: &SiteToSite, count: u32, interval: &str) -> (u32, String) {
         .unwrap_or_default();
     let got = out.lines().filter(|l| l.contains("icmp_seq=")).count() as u32;
     (got, out)
-}
-
-fn client_sa(c: &Charon) -> Option<strongswan::IkeSa> {
-    c.list_sas()
-        .ok()?
-        .into_iter()
-        .find(|s| s.name == "dial" && s.state == "ESTABLISHED")
 }
 
 #[test]

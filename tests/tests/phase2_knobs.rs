@@ -35,12 +35,11 @@
 
 mod espd_common;
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use haven_tests::daemons::{bin, vpnctl_json, wait_for};
-use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
+use haven_tests::gateway::{require_strongswan as require, tail, Gateway};
+use haven_tests::netns::{Netns, SiteToSite};
 use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
 use serde_json::Value;
 
@@ -48,12 +47,6 @@ const PSK: &str = "haven-phase2-knobs-strongswan-psk-0123456789";
 const WAIT: Duration = Duration::from_secs(30);
 const GW_ID: &str = "gwb.haven.test";
 const PEER_ID: &str = "gwa.haven.test";
-
-fn require() {
-    if let Err(e) = strongswan::preflight() {
-        panic!("cannot run strongSwan tests on this machine: {e}");
-    }
-}
 
 /// Haven's static gateway `vpn1` to gwa with `p1` phase1 lines and `p2` phase2 lines.
 fn gateway_config(p1: &str, p2: &str) -> String {
@@ -107,86 +100,33 @@ fn peer_conf(esp: &str) -> SwanctlConf {
     )
 }
 
-/// ikemgr, espd and dpdmon of one gateway (killed on drop).
-struct Haven {
-    dir: ScratchDir,
-    run: PathBuf,
-    _procs: Vec<Proc>,
-}
+haven_tests::gateway_newtype!(
+    /// ikemgr, espd and dpdmon of one gateway (killed on drop).
+    Haven
+);
 
 impl Haven {
     fn start(ns: &Netns, label: &str, conf_text: &str) -> Haven {
-        let dir = ScratchDir::new(label).expect("scratch dir");
-        let run = dir.path().join("run");
-        let conf = dir.path().join("haven.conf");
-        std::fs::write(&conf, conf_text).expect("write config");
-        let mut procs = Vec::new();
-        for (daemon, metrics) in [
+        let daemons = [
             ("ikemgr", "127.0.0.1:19811"),
             ("espd", "127.0.0.1:19812"),
             ("dpdmon", "127.0.0.1:19813"),
-        ] {
-            let log = dir.path().join(format!("{daemon}.log"));
-            let f = std::fs::File::create(&log).expect("log file");
-            let mut cmd: Command = ns.command(bin(daemon));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", metrics])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(f);
-            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
-        }
-        let h = Haven {
-            dir,
-            run,
-            _procs: procs,
-        };
-        wait_for("ikemgr listening", WAIT, || {
-            h.log("ikemgr")
-                .contains("listening on UDP 500")
-                .then_some(())
-                .ok_or_else(|| h.log("ikemgr"))
-        });
-        h
-    }
-
-    fn log(&self, daemon: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
+        ];
+        Haven(Gateway::start(ns, label, conf_text, &daemons, WAIT))
     }
 
     fn logs(&self) -> String {
-        ["ikemgr", "dpdmon", "espd"]
-            .iter()
-            .map(|d| format!("--- {d}:\n{}", tail(&self.log(d), 40)))
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.log_tails(&["ikemgr", "dpdmon", "espd"], 40)
     }
 
     /// ikemgr's `lifecycle` view of `vpn1`.
     fn lifecycle(&self) -> Value {
-        let v = vpnctl_json(&self.run, &["diagnose", "vpn", "ike", "lifecycle"])
-            .expect("lifecycle view");
-        v.as_array()
-            .and_then(|l| l.iter().find(|g| g["name"] == "vpn1").cloned())
-            .unwrap_or(v)
+        self.0.lifecycle("vpn1")
     }
 
     /// True when ikemgr has an established IKE SA of `vpn1` with a CHILD SA.
     fn up(&self) -> bool {
-        vpnctl_json(&self.run, &["diagnose", "vpn", "ike", "gateway", "list"])
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .into_iter()
-            .flatten()
-            .any(|s| {
-                s["name"] == "vpn1"
-                    && s["established"] == true
-                    && s["children"].as_array().is_some_and(|c| !c.is_empty())
-            })
+        self.ike_up("vpn1", None)
     }
 
     /// Packets espd carried on `vpn1`'s SAs (in + out), from `diagnose vpn tunnel list`.
@@ -202,11 +142,6 @@ impl Haven {
             })
             .sum()
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The installed CHILD SA `net` in charon, if any.

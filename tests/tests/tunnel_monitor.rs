@@ -25,13 +25,12 @@
 //! Needs root, iproute2, nftables and the strongSwan packages (INTEROP.md); without them the
 //! tests FAIL naming what is missing. Intervals are printed, never asserted.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use haven_tests::daemons::{bin, vpnctl, vpnctl_json, wait_for};
-use haven_tests::netns::{self, Netns, Proc, ScratchDir, SiteToSite};
-use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
+use haven_tests::daemons::{vpnctl_json, wait_for};
+use haven_tests::gateway::{require_strongswan as require, tail, Gateway};
+use haven_tests::netns::{self, Netns, SiteToSite};
+use haven_tests::strongswan::{Charon, ChildCfg, Conn, SwanctlConf};
 use serde_json::Value;
 
 const PSK: &str = "haven-monitor-strongswan-psk-0123456789";
@@ -54,12 +53,6 @@ fn black_hole(from: &str) -> String {
         "table inet blackhole {{ chain in {{ type filter hook input priority 0; \
          {saddr}udp sport 4500 @th,64,32 != 0 counter drop; }}; }}"
     )
-}
-
-fn require() {
-    if let Err(e) = strongswan::preflight() {
-        panic!("cannot run strongSwan tests on this machine: {e}");
-    }
 }
 
 fn gateway_config(peers: &str, extra: &str) -> String {
@@ -113,63 +106,23 @@ fn peer_conf(local: &str, remote: &str, id: &str) -> SwanctlConf {
     )
 }
 
-/// ikemgr, espd and dpdmon of one gateway (killed on drop).
-struct Haven {
-    dir: ScratchDir,
-    run: PathBuf,
-    _procs: Vec<Proc>,
-}
+haven_tests::gateway_newtype!(
+    /// ikemgr, espd and dpdmon of one gateway (killed on drop).
+    Haven
+);
 
 impl Haven {
     fn start(ns: &Netns, label: &str, conf_text: &str) -> Haven {
-        let dir = ScratchDir::new(label).expect("scratch dir");
-        let run = dir.path().join("run");
-        let conf = dir.path().join("haven.conf");
-        std::fs::write(&conf, conf_text).expect("write config");
-        let mut procs = Vec::new();
-        for (daemon, metrics) in [
+        let daemons = [
             ("ikemgr", "127.0.0.1:19811"),
             ("espd", "127.0.0.1:19812"),
             ("dpdmon", "127.0.0.1:19813"),
-        ] {
-            let log = dir.path().join(format!("{daemon}.log"));
-            let f = std::fs::File::create(&log).expect("log file");
-            let mut cmd: Command = ns.command(bin(daemon));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", metrics])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(f);
-            procs.push(ns.spawn_command(cmd).expect("spawn daemon"));
-        }
-        let h = Haven {
-            dir,
-            run,
-            _procs: procs,
-        };
-        wait_for("ikemgr listening", WAIT, || {
-            h.log("ikemgr")
-                .contains("listening on UDP 500")
-                .then_some(())
-                .ok_or_else(|| h.log("ikemgr"))
-        });
-        h
-    }
-
-    fn log(&self, daemon: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
+        ];
+        Haven(Gateway::start(ns, label, conf_text, &daemons, WAIT))
     }
 
     fn logs(&self) -> String {
-        ["ikemgr", "dpdmon", "espd"]
-            .iter()
-            .map(|d| format!("--- {d}:\n{}", tail(&self.log(d), 30)))
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.log_tails(&["ikemgr", "dpdmon", "espd"], 30)
     }
 
     /// `vpn1` in `diagnose vpn tunnel list --json` (monitor and DPD records merged in).
@@ -193,32 +146,8 @@ impl Haven {
 
     /// True when ikemgr has an established IKE SA of `vpn1` with `peer` and a CHILD SA.
     fn up_with(&self, peer: &str) -> bool {
-        vpnctl_json(&self.run, &["diagnose", "vpn", "ike", "gateway", "list"])
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .into_iter()
-            .flatten()
-            .any(|s| {
-                s["name"] == "vpn1"
-                    && s["established"] == true
-                    && s["remote"].as_str().is_some_and(|r| r.starts_with(peer))
-                    && s["children"].as_array().is_some_and(|c| !c.is_empty())
-            })
+        self.ike_up("vpn1", Some(peer))
     }
-
-    fn text(&self, args: &[&str]) -> String {
-        let o = vpnctl(&self.run, args);
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// gwb's routes to LAN A.

@@ -20,13 +20,13 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bus_schema::{ctl_call, CtlReply, CtlRequest, DaemonKind};
-use haven_tests::daemons::{bin, wait_for};
+use bus_schema::DaemonKind;
+use haven_tests::daemons::wait_for;
+use haven_tests::member;
 use haven_tests::netns::{veth, Netns, Proc, ScratchDir};
-use haven_tests::strongswan::{self, Charon, ChildCfg, ChildSa, Conn, IkeSa, SwanctlConf};
+use haven_tests::strongswan::{self, Charon, ChildSa, IkeSa};
 use serde_json::Value;
 
 pub const PSK: &str = "haven-fgsp-seed000-psk-0123456789";
@@ -150,63 +150,19 @@ impl Member {
     pub fn spawn(&mut self) {
         let conf = self.dir.join("haven.conf");
         std::fs::write(&conf, config(self.i)).unwrap();
-        self.procs.clear();
-        for (d, port) in [
-            ("hasyncd", 9703),
-            ("espd", 9704),
-            ("ikemgr", 9701),
-            ("dpdmon", 9702),
-        ] {
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.join(format!("{d}.log")))
-                .unwrap();
-            let mut cmd: Command = self.ns.command(bin(d));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&self.run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            self.procs
-                .push(self.ns.spawn_command(cmd).expect("spawn daemon"));
-        }
+        self.procs = member::spawn_all(&self.ns, &conf, &self.run, &self.dir);
     }
 
     pub fn log(&self, d: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{d}.log"))).unwrap_or_default()
+        member::read_log(&self.dir, d)
     }
 
     pub fn logs(&self) -> String {
-        ["hasyncd", "ikemgr", "espd"]
-            .iter()
-            .map(|d| {
-                let l = self.log(d);
-                let tail: Vec<&str> = l.lines().rev().take(40).collect();
-                format!(
-                    "--- {} {d} ---\n{}",
-                    self.name(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        member::log_tails(&self.dir, &self.name(), 40)
     }
 
     pub fn view(&self, daemon: DaemonKind, name: &str) -> Result<Value, String> {
-        let req = CtlRequest::View {
-            name: name.into(),
-            args: vec![],
-        };
-        match rt().block_on(ctl_call(&self.run, daemon, &req, Duration::from_secs(2))) {
-            Ok(CtlReply::View(v)) => Ok(v),
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
+        member::view(&self.run, daemon, name)
     }
 
     /// FGSP peers hasyncd detects.
@@ -239,35 +195,17 @@ impl Member {
 
     /// ikemgr's IKE SA of the tunnel: (spi_i, spi_r).
     pub fn ike_sa(&self) -> Option<(u64, u64)> {
-        let v = self.view(DaemonKind::Ikemgr, "ike-gateways").ok()?;
-        let sa = v.as_array()?.iter().find(|s| s["name"] == TUNNEL)?;
-        Some((hex_u64(&sa["spi_i"]), hex_u64(&sa["spi_r"])))
+        member::ike_spis(&self.run, TUNNEL)
     }
 
     /// hasyncd's standby copies of the tunnel: (IKE SA copies, CHILD SA copies).
     pub fn copies(&self) -> Result<(usize, usize), String> {
-        let v = self.view(DaemonKind::Hasyncd, "replicas")?;
-        let n = |k: &str| {
-            v[k].as_array()
-                .map(|a| a.iter().filter(|s| s["tunnel"] == TUNNEL).count())
-                .unwrap_or(0)
-        };
-        Ok((n("ike_standby"), n("standby")))
+        member::copies(&self.run, TUNNEL)
     }
 
     /// espd's outbound SAs of the tunnel: (spi_out, next sequence number).
     pub fn esp_seqs(&self) -> Vec<(u32, u64)> {
-        let Ok(v) = self.view(DaemonKind::Espd, "tunnel-list") else {
-            return Vec::new();
-        };
-        v["tunnels"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|t| t["name"] == TUNNEL)
-            .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
-            .map(|s| (hex_u32(&s["enc"]["spi"]), s["seqno"].as_u64().unwrap_or(0)))
-            .collect()
+        member::esp_seqs(&self.run, TUNNEL)
     }
 
     /// dpdmon's counters: (probes sent, replies, dead peers).
@@ -278,72 +216,20 @@ impl Member {
     }
 
     pub fn kill_all(&mut self) {
-        for p in &mut self.procs {
-            let _ = p.kill_now();
-        }
+        member::kill_all(&mut self.procs);
     }
 }
 
-pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-pub fn hex_u64(v: &Value) -> u64 {
-    u64::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
-}
-
-pub fn hex_u32(v: &Value) -> u32 {
-    u32::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
-}
-
-/// Received `icmp_seq` numbers in ping's output.
-pub fn received_seqs(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| {
-            let i = l.find("icmp_seq=")? + "icmp_seq=".len();
-            l[i..].split_whitespace().next()?.parse().ok()
-        })
-        .collect()
-}
-
-pub fn client_sa(c: &Charon) -> Option<IkeSa> {
-    c.list_sas()
-        .ok()?
-        .into_iter()
-        .find(|s| s.name == "dial" && s.state == "ESTABLISHED")
-}
-
-/// ESP sequence-number (anti-replay) failures strongSwan's libipsec logged.
-pub fn replay_failures(c: &Charon) -> usize {
-    c.log()
-        .matches("ESP sequence number verification failed")
-        .count()
-}
+// The member harness shared with the FGCP suites (`haven_tests::member`).
+#[allow(unused_imports)]
+pub use haven_tests::member::{client_sa, hex_u32, hex_u64, received_seqs, replay_failures, rt};
 
 /// `count` pings from the client's inside address, 0.2 s apart; (sent, answered).
 pub fn ping_burst(client: &Netns, count: u32) -> (u32, u32) {
-    let out = client
-        .exec(
-            "ping",
-            &[
-                "-n",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                "-I",
-                CLIENT_INNER,
-                SERVER,
-            ],
-        )
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
-    (count, received_seqs(&out).len() as u32)
+    (
+        count,
+        member::ping_answered(client, CLIENT_INNER, SERVER, count),
+    )
 }
 
 /// The whole lab, up to a tunnel that carries ping through one of DC1_VM1..3.
@@ -449,27 +335,17 @@ impl Lab {
             ])
             .unwrap();
 
-        let mut charon = Charon::start(&client).expect("charon");
-        charon
-            .load(
-                &SwanctlConf::new().conn(
-                    Conn::psk("dial", CLIENT, LB1, PSK.as_bytes())
-                        .ids(CLIENT_ID, GW_ID)
-                        .proposals(&["aes128gcm16-prfsha256-ecp256"])
-                        .child(
-                            ChildCfg::new(
-                                "net",
-                                &format!("{CLIENT_INNER}/32"),
-                                &format!("{SERVER}/32"),
-                            )
-                            .esp_proposals(&["aes128gcm16"]),
-                        ),
-                ),
-            )
-            .expect("swanctl load");
-        if let Err(e) = charon.initiate("net", WAIT) {
-            panic!("initiate: {e}\n{}\n{}", charon.log(), members[owner].logs());
-        }
+        let charon = member::dial_client(
+            &client,
+            CLIENT,
+            LB1,
+            PSK,
+            (CLIENT_ID, GW_ID),
+            CLIENT_INNER,
+            SERVER,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", members[owner].logs()));
         let before = client_sa(&charon).expect("client IKE SA");
         let child_before = before.child("net").expect("client CHILD SA").clone();
         wait_for("the owner's IKE SA", WAIT, || {

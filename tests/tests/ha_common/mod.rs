@@ -10,11 +10,11 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bus_schema::{ctl_call, CtlReply, CtlRequest, DaemonKind};
-use haven_tests::daemons::{bin, vpnctl_json, wait_for};
+use bus_schema::DaemonKind;
+use haven_tests::daemons::{vpnctl_json, wait_for};
+use haven_tests::member;
 use haven_tests::netns::{veth, Netns, Proc, ScratchDir};
 use haven_tests::strongswan::{self, Charon, ChildCfg, ChildSa, Conn, IkeSa, SwanctlConf};
 use serde_json::Value;
@@ -117,56 +117,19 @@ impl Member {
         m.spawn(priority);
         m
     }
-
     /// Writes the configuration with `priority` and starts the four daemons (logs appended).
     pub fn spawn(&mut self, priority: u8) {
         let conf = self.dir.join("haven.conf");
         std::fs::write(&conf, config_hb(priority, &self.dpd, self.hb)).unwrap();
-        self.procs.clear();
-        for (d, port) in [
-            ("hasyncd", 9703),
-            ("espd", 9704),
-            ("ikemgr", 9701),
-            ("dpdmon", 9702),
-        ] {
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.join(format!("{d}.log")))
-                .unwrap();
-            let mut cmd: Command = self.ns.command(bin(d));
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--run-dir")
-                .arg(&self.run)
-                .args(["--log-level", "debug"])
-                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            self.procs
-                .push(self.ns.spawn_command(cmd).expect("spawn daemon"));
-        }
+        self.procs = member::spawn_all(&self.ns, &conf, &self.run, &self.dir);
     }
 
     pub fn log(&self, d: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{d}.log"))).unwrap_or_default()
+        member::read_log(&self.dir, d)
     }
 
     pub fn logs(&self) -> String {
-        ["hasyncd", "ikemgr", "espd"]
-            .iter()
-            .map(|d| {
-                let l = self.log(d);
-                let tail: Vec<&str> = l.lines().rev().take(60).collect();
-                format!(
-                    "--- {} {d} ---\n{}",
-                    self.ns.label(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        member::log_tails(&self.dir, self.ns.label(), 60)
     }
 
     pub fn role(&self) -> Option<String> {
@@ -184,32 +147,11 @@ impl Member {
     }
 
     pub fn view(&self, daemon: DaemonKind, name: &str) -> Result<Value, String> {
-        let req = CtlRequest::View {
-            name: name.into(),
-            args: vec![],
-        };
-        match rt().block_on(ctl_call(&self.run, daemon, &req, Duration::from_secs(2))) {
-            Ok(CtlReply::View(v)) => Ok(v),
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
+        member::view(&self.run, daemon, name)
     }
 
     pub fn command(&self, name: &str, args: &[&str]) -> Result<Value, String> {
-        let req = CtlRequest::Command {
-            name: name.into(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-        };
-        match rt().block_on(ctl_call(
-            &self.run,
-            DaemonKind::Ikemgr,
-            &req,
-            Duration::from_secs(2),
-        )) {
-            Ok(CtlReply::View(v)) => Ok(v),
-            Ok(other) => Err(format!("{other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
+        member::ikemgr_command(&self.run, name, args)
     }
 
     /// ikemgr's IKE SA of vpn1_1: (spi_i, spi_r, child inbound SPIs).
@@ -226,120 +168,33 @@ impl Member {
 
     /// espd's outbound SAs of vpn1_1: (spi_out, next sequence number).
     pub fn esp_seqs(&self) -> Vec<(u32, u64)> {
-        let Ok(v) = self.view(DaemonKind::Espd, "tunnel-list") else {
-            return Vec::new();
-        };
-        v["tunnels"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|t| t["name"] == "vpn1_1")
-            .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
-            .map(|s| (hex_u32(&s["enc"]["spi"]), s["seqno"].as_u64().unwrap_or(0)))
-            .collect()
+        member::esp_seqs(&self.run, "vpn1_1")
     }
 
     /// `kill -9` of one daemon, then started again at once with the same configuration and
     /// run-dir, as supervisord or systemd would (its log is appended to).
     pub fn kill9_and_restart(&mut self, daemon: &str) {
-        let (i, port) = [
-            ("hasyncd", 9703),
-            ("espd", 9704),
-            ("ikemgr", 9701),
-            ("dpdmon", 9702),
-        ]
-        .iter()
-        .enumerate()
-        .find(|(_, (d, _))| *d == daemon)
-        .map(|(i, (_, p))| (i, *p))
-        .expect("a daemon name");
+        let (i, port) = member::daemon_index(daemon).expect("a daemon name");
         let _ = self.procs[i].kill_now();
         let conf = self.dir.join("haven.conf");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{daemon}.log")))
-            .unwrap();
-        let mut cmd: Command = self.ns.command(bin(daemon));
-        cmd.arg("--config")
-            .arg(&conf)
-            .arg("--run-dir")
-            .arg(&self.run)
-            .args(["--log-level", "debug"])
-            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        self.procs[i] = self.ns.spawn_command(cmd).expect("spawn daemon");
+        self.procs[i] = member::spawn_daemon(&self.ns, daemon, port, &conf, &self.run, &self.dir);
     }
 
     pub fn kill_all(&mut self) {
-        for p in &mut self.procs {
-            let _ = p.kill_now();
-        }
+        member::kill_all(&mut self.procs);
     }
 }
 
-pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
+// Shared with the FGSP suites (`haven_tests::member`); not every test uses each.
+#[allow(unused_imports)]
+pub use haven_tests::member::{client_sa, hex_u32, hex_u64, received_seqs, replay_failures, rt};
 
-pub fn hex_u64(v: &Value) -> u64 {
-    u64::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
-}
-
-pub fn hex_u32(v: &Value) -> u32 {
-    u32::from_str_radix(v.as_str().unwrap_or(""), 16).unwrap_or(0)
-}
-
-/// Received `icmp_seq` numbers in ping's output.
-pub fn received_seqs(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| {
-            let i = l.find("icmp_seq=")? + "icmp_seq=".len();
-            l[i..].split_whitespace().next()?.parse().ok()
-        })
-        .collect()
-}
-
-pub fn client_sa(c: &Charon) -> Option<IkeSa> {
-    c.list_sas()
-        .ok()?
-        .into_iter()
-        .find(|s| s.name == "dial" && s.state == "ESTABLISHED")
-}
-
-/// ESP sequence-number (anti-replay) failures strongSwan's libipsec logged.
-pub fn replay_failures(c: &Charon) -> usize {
-    c.log()
-        .matches("ESP sequence number verification failed")
-        .count()
-}
-
-/// Pings from the client's inner address until `count` were sent; returns the output.
+/// Pings from the client's inner address until `count` were sent; (sent, answered).
 pub fn ping_burst(client: &Netns, count: u32) -> (u32, u32) {
-    let out = client
-        .exec(
-            "ping",
-            &[
-                "-n",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                "-I",
-                CLIENT_INNER,
-                SERVER,
-            ],
-        )
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
-    (count, received_seqs(&out).len() as u32)
+    (
+        count,
+        member::ping_answered(client, CLIENT_INNER, SERVER, count),
+    )
 }
 
 /// A member's LAN routes (the kernel drops them when port2 goes down).
@@ -534,4 +389,88 @@ impl Lab {
             child_before,
         }
     }
+}
+
+/// Rekeys on the tunnel `m` carries, from each side in turn, each followed by traffic (at
+/// least 3 of 5 pings from `client`): strongSwan's CHILD SA rekey, strongSwan's IKE SA rekey
+/// (`m`, named `name`, must follow it), Haven's CHILD SA rekey, Haven's IKE SA rekey. Then no
+/// replay failure at strongSwan and still one IKE SA `dial` there (every step in place).
+/// `before` and `child_before` are the client's SAs before the first rekey.
+pub fn rekey_from_both_sides(
+    charon: &Charon,
+    client: &Netns,
+    m: &Member,
+    name: &str,
+    before: &IkeSa,
+    child_before: &ChildSa,
+) {
+    let check_traffic = |what: &str| {
+        let (sent, got) = ping_burst(client, 5);
+        assert!(
+            got >= 3,
+            "ping after {what}: {got}/{sent}\n{}\n{}",
+            m.logs(),
+            charon.log()
+        );
+    };
+    // 1. strongSwan rekeys the CHILD SA.
+    charon.rekey_child("net").expect("swanctl --rekey --child");
+    let c1 = wait_for("client CHILD SA rekeyed", WAIT, || {
+        let sa = client_sa(charon).ok_or("no IKE SA")?;
+        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
+        if c.spi_in != child_before.spi_in && c.state == "INSTALLED" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}\n{}", m.logs()))
+        }
+    });
+    check_traffic("strongSwan's CHILD SA rekey");
+    // 2. strongSwan rekeys the IKE SA.
+    charon.rekey_ike("dial").expect("swanctl --rekey --ike");
+    let ike1 = wait_for("client IKE SA rekeyed", WAIT, || {
+        let sa = client_sa(charon).ok_or("no IKE SA")?;
+        (sa.spis() != before.spis())
+            .then_some(sa.spis())
+            .ok_or_else(|| format!("{:?}\n{}", sa.spis(), m.logs()))
+    });
+    wait_for(&format!("{name} follows the IKE rekey"), WAIT, || {
+        m.ike_sa()
+            .filter(|(i, r, _)| (*i, *r) == ike1)
+            .ok_or_else(|| m.logs())
+    });
+    check_traffic("strongSwan's IKE SA rekey");
+    // 3. Haven rekeys the CHILD SA.
+    m.command("ike-rekey", &["vpn1_1", "child"])
+        .expect("ikemgr CHILD rekey");
+    wait_for("client sees Haven's CHILD SA rekey", WAIT, || {
+        let sa = client_sa(charon).ok_or("no IKE SA")?;
+        let c = sa.child("net").ok_or("no CHILD SA")?.clone();
+        (c.spi_in != c1.spi_in && c.state == "INSTALLED")
+            .then_some(())
+            .ok_or_else(|| format!("{c:?}\n{}", m.logs()))
+    });
+    check_traffic("Haven's CHILD SA rekey");
+    // 4. Haven rekeys the IKE SA.
+    m.command("ike-rekey", &["vpn1_1", "ike"])
+        .expect("ikemgr IKE rekey");
+    wait_for("client sees Haven's IKE SA rekey", WAIT, || {
+        let sa = client_sa(charon).ok_or("no IKE SA")?;
+        (sa.spis() != ike1)
+            .then_some(())
+            .ok_or_else(|| format!("{:?}\n{}", sa.spis(), m.logs()))
+    });
+    check_traffic("Haven's IKE SA rekey");
+    assert_eq!(
+        replay_failures(charon),
+        0,
+        "strongSwan dropped ESP packets as replays:\n{}",
+        charon.log()
+    );
+    // Still one IKE SA on the client: every step was done in place.
+    let sas = charon.list_sas().unwrap();
+    assert_eq!(
+        sas.iter().filter(|s| s.name == "dial").count(),
+        1,
+        "{sas:#?}"
+    );
 }
