@@ -12,6 +12,10 @@ use crate::schema::{Body, DaemonKind, Envelope, StateOp, SCHEMA_VERSION};
 pub struct StateStore {
     tables: BTreeMap<&'static str, BTreeMap<String, Body>>,
     len: usize,
+    /// Running value of [`StateStore::digest`]: the wrapping sum of [`item_hash`] over every
+    /// stored item, kept up to date by `apply` (add the new item's hash, subtract the one it
+    /// replaces or removes), so reading it costs nothing per record.
+    digest: u64,
 }
 
 impl StateStore {
@@ -24,15 +28,20 @@ impl StateStore {
         match body.state_op() {
             None => false,
             Some(StateOp::Put { table, key }) => {
-                match self
-                    .tables
-                    .entry(table)
-                    .or_default()
-                    .insert(key, body.clone())
-                {
-                    Some(old) => old != *body,
+                let h = item_hash(table, &key, body);
+                let t = self.tables.entry(table).or_default();
+                match t.get_mut(&key) {
+                    Some(old) if old == body => false,
+                    Some(old) => {
+                        let old_h = item_hash(table, &key, old);
+                        *old = body.clone();
+                        self.digest = self.digest.wrapping_sub(old_h).wrapping_add(h);
+                        true
+                    }
                     None => {
+                        t.insert(key, body.clone());
                         self.len += 1;
+                        self.digest = self.digest.wrapping_add(h);
                         true
                     }
                 }
@@ -41,14 +50,18 @@ impl StateStore {
                 let Some(t) = self.tables.get_mut(table) else {
                     return false;
                 };
-                let removed = t.remove(&key).is_some();
+                let removed = t.remove(&key);
                 if t.is_empty() {
                     self.tables.remove(table);
                 }
-                if removed {
-                    self.len = self.len.saturating_sub(1);
+                match removed {
+                    Some(old) => {
+                        self.len = self.len.saturating_sub(1);
+                        self.digest = self.digest.wrapping_sub(item_hash(table, &key, &old));
+                        true
+                    }
+                    None => false,
                 }
-                removed
             }
         }
     }
@@ -69,6 +82,7 @@ impl StateStore {
     pub fn clear(&mut self) {
         self.tables.clear();
         self.len = 0;
+        self.digest = 0;
     }
 
     pub fn get(&self, table: &str, key: &str) -> Option<&Body> {
@@ -82,22 +96,32 @@ impl StateStore {
 
     /// Order-independent, process-independent digest of the contents: the wrapping sum of the
     /// FNV-1a-64 hashes of each item's table, key and encoded body. Equal stores have equal
-    /// digests on every build that encodes bodies the same way.
+    /// digests on every build that encodes bodies the same way. Maintained incrementally by
+    /// [`StateStore::apply`]: O(1) to read, whatever the number of records.
     pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// The same value as [`StateStore::digest`], recomputed from every item (O(records)); for
+    /// tests and audits of the running value.
+    pub fn recompute_digest(&self) -> u64 {
         self.tables
             .iter()
-            .flat_map(|(t, items)| items.iter().map(move |(k, b)| (t, k, b)))
-            .map(|(t, k, b)| {
-                let mut h = Fnv::new();
-                h.write(t.as_bytes());
-                h.write(&[0]);
-                h.write(k.as_bytes());
-                h.write(&[0]);
-                h.write(&encode_body(b));
-                h.finish()
-            })
+            .flat_map(|(t, items)| items.iter().map(move |(k, b)| (*t, k, b)))
+            .map(|(t, k, b)| item_hash(t, k, b))
             .fold(0u64, u64::wrapping_add)
     }
+}
+
+/// One item's share of [`StateStore::digest`].
+fn item_hash(table: &str, key: &str, body: &Body) -> u64 {
+    let mut h = Fnv::new();
+    h.write(table.as_bytes());
+    h.write(&[0]);
+    h.write(key.as_bytes());
+    h.write(&[0]);
+    h.write(&encode_body(body));
+    h.finish()
 }
 
 /// FNV-1a, 64-bit (offset basis and prime from draft-eastlake-fnv).
@@ -246,6 +270,79 @@ mod tests {
         assert_ne!(a.digest(), b.digest());
         // Pinned: the digest is stable across processes and builds.
         assert_eq!(StateStore::new().digest(), 0);
+    }
+
+    /// A tiny deterministic generator (xorshift64*), so the property test needs no crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A random stateful body over a small key space (so puts replace and removals hit).
+    fn random_body(r: &mut Rng) -> Body {
+        let name = format!("t{}", r.below(12));
+        match r.below(6) {
+            0 | 1 => {
+                let mut t = crate::samples::tunnel();
+                t.name = name;
+                t.dpd.retry_interval_ms = r.below(3);
+                Body::Tunnel(t)
+            }
+            2 => Body::TunnelRemoved { name },
+            3 => Body::TunnelRole {
+                tunnel: name,
+                role: if r.below(2) == 0 {
+                    "standby"
+                } else {
+                    "sync-primary"
+                }
+                .into(),
+            },
+            4 => Body::TunnelRoleRemoved { tunnel: name },
+            _ => Body::Heartbeat {
+                uptime_ms: r.next(),
+            },
+        }
+    }
+
+    #[test]
+    fn incremental_digest_equals_recomputation_after_any_sequence() {
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..500 {
+            let mut s = StateStore::new();
+            let steps = r.below(60);
+            for _ in 0..steps {
+                let b = random_body(&mut r);
+                s.apply(&b);
+                assert_eq!(s.digest(), s.recompute_digest(), "after {b:?}");
+                assert_eq!(s.len(), s.items().count());
+            }
+            // A store built from its own items (a snapshot) agrees too.
+            let mut copy = StateStore::new();
+            for b in s.items() {
+                copy.apply(b);
+            }
+            assert_eq!(copy.digest(), s.digest());
+            assert_eq!(copy, s);
+            if r.below(4) == 0 {
+                s.clear();
+                assert_eq!((s.digest(), s.recompute_digest()), (0, 0));
+            }
+        }
+        // Every sample body, in and out.
+        let mut s = StateStore::new();
+        for b in bodies() {
+            s.apply(&b);
+            assert_eq!(s.digest(), s.recompute_digest());
+        }
     }
 
     #[test]

@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bus_schema::{
-    ctl_call, Body, BusPublisher, BusSubscriber, CtlReply, CtlRequest, CtlServer, DaemonKind,
-    DaemonStatus, Follower, Owner, ReplicaInfo, Snapshot, StateStore,
+    Body, BusPublisher, BusSubscriber, CtlReply, CtlRequest, CtlServer, DaemonKind, DaemonStatus,
+    Follower, Owner, ReplicaInfo, Snapshot, StateStore,
 };
 use clap::{CommandFactory, FromArgMatches, Parser};
 use haven_config::Config;
@@ -201,14 +202,24 @@ impl<L: DaemonLogic> Handler<ApplyConfig> for Core<L> {
 #[rtype(result = "()")]
 struct ReplicaChanged {
     src: DaemonKind,
-    store: StateStore,
+    /// The latest copy of the follower's store; a later notification replaces an unconsumed
+    /// one here instead of queueing another copy (see [`ReplicaSlot`]).
+    slot: ReplicaSlot,
 }
+
+/// Latest-only hand-over of a followed store from the follow task to the actor: the follow
+/// task puts the newest copy and sends a [`ReplicaChanged`] only when the slot was empty, so
+/// the actor's mailbox never holds more than one store copy per followed daemon.
+type ReplicaSlot = Arc<Mutex<Option<StateStore>>>;
 
 impl<L: DaemonLogic> Handler<ReplicaChanged> for Core<L> {
     type Result = ();
     fn handle(&mut self, msg: ReplicaChanged, ctx: &mut Self::Context) {
+        let Some(store) = lock(&msg.slot).take() else {
+            return;
+        };
         let mut out = Vec::new();
-        self.logic.on_replica(msg.src, &msg.store, &mut out);
+        self.logic.on_replica(msg.src, &store, &mut out);
         self.after(ctx, out);
     }
 }
@@ -720,6 +731,103 @@ async fn handle_request<L: DaemonLogic>(shared: &Arc<Shared<L>>, req: CtlRequest
     }
 }
 
+/// How long a burst of applied updates may go without a [`DaemonLogic::on_replica`] call:
+/// the store is handed to the logic (a copy, and the logic reads it whole) at most once per
+/// this interval while updates keep coming, and at once when the bus goes quiet or an event
+/// must be delivered after the state it follows. Without it a bulk load of n records costs
+/// n copies of a growing store: O(n²).
+const REPLICA_COALESCE: Duration = Duration::from_millis(50);
+
+/// The bus counts as quiet (pending replica changes are handed over) after this long
+/// without a message.
+const REPLICA_QUIET: Duration = Duration::from_millis(2);
+
+/// A snapshot fetch waits as long as the owner is alive: it is abandoned (and counted) only
+/// when nothing was heard from the owner on the bus for this long (10 heartbeats: an owner
+/// encoding a large snapshot on its single runtime thread skips heartbeats meanwhile) ...
+const SNAPSHOT_OWNER_SILENCE: Duration = Duration::from_secs(10);
+
+/// ... or when it has run for this long in all.
+const SNAPSHOT_FETCH_LIMIT: Duration = Duration::from_secs(120);
+
+/// Why a snapshot fetch failed.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("{0}")]
+    Bus(#[from] bus_schema::BusError),
+    #[error("owner silent on the bus for {0:?} while the snapshot was awaited")]
+    OwnerSilent(Duration),
+    #[error("no snapshot after {0:?}")]
+    Limit(Duration),
+    #[error("unexpected reply {0}")]
+    Unexpected(String),
+}
+
+/// Fetches a snapshot from `src`'s control socket. Large snapshots take long to build, encode
+/// and transfer, so there is no fixed deadline: the wait goes on while `heard_ns` (the time
+/// the owner was last heard on the bus, kept by the follow task) stays within
+/// `silence` of now, up to `limit` in all.
+async fn fetch_snapshot(
+    run_dir: &Path,
+    src: DaemonKind,
+    heard_ns: &AtomicU64,
+    silence: Duration,
+    limit: Duration,
+) -> Result<Snapshot, FetchError> {
+    let started = Instant::now();
+    let mut client = bus_schema::CtlClient::connect(run_dir, src).await?;
+    client.send(&CtlRequest::Snapshot).await?;
+    // The owner is alive as of the request.
+    heard_ns.fetch_max(now_ns(), Ordering::Relaxed);
+    let slice = (silence / 4).max(Duration::from_millis(10));
+    loop {
+        match client.recv(slice).await {
+            Ok(CtlReply::Snapshot(s)) => return Ok(s),
+            Ok(other) => return Err(FetchError::Unexpected(format!("{other:?}"))),
+            Err(bus_schema::BusError::Timeout(_)) => {
+                let quiet = now_ns().saturating_sub(heard_ns.load(Ordering::Relaxed));
+                if quiet > silence.as_nanos() as u64 {
+                    return Err(FetchError::OwnerSilent(silence));
+                }
+                if started.elapsed() >= limit {
+                    return Err(FetchError::Limit(limit));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Per followed daemon: the Clone-pattern follower and the shell's bookkeeping around it.
+struct Followed {
+    follower: Follower,
+    /// When the owner was last heard on the bus (ns), read by a running snapshot fetch.
+    heard_ns: Arc<AtomicU64>,
+    /// A snapshot fetch is running; no second one is started meanwhile.
+    fetching: Arc<AtomicBool>,
+    /// Hand-over of the store to the actor.
+    slot: ReplicaSlot,
+    /// An applied change not yet handed to the logic, since this instant.
+    dirty_since: Option<Instant>,
+}
+
+impl Followed {
+    /// Hands the store to the logic if a change is pending and the follower is synced.
+    fn flush<L: DaemonLogic>(&mut self, src: DaemonKind, core: &Addr<Core<L>>) {
+        if self.dirty_since.take().is_none() || !self.follower.synced() {
+            return;
+        }
+        let store = self.follower.store().clone();
+        let was_empty = lock(&self.slot).replace(store).is_none();
+        if was_empty {
+            core.do_send(ReplicaChanged {
+                src,
+                slot: self.slot.clone(),
+            });
+        }
+    }
+}
+
 async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
     let mut sub = loop {
         match BusSubscriber::connect(&shared.run_dir, L::FOLLOWS).await {
@@ -730,22 +838,42 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
             }
         }
     };
-    let mut followers: BTreeMap<DaemonKind, Follower> =
-        L::FOLLOWS.iter().map(|k| (*k, Follower::new(*k))).collect();
+    let mut followed: BTreeMap<DaemonKind, Followed> = L::FOLLOWS
+        .iter()
+        .map(|k| {
+            (
+                *k,
+                Followed {
+                    follower: Follower::new(*k),
+                    heard_ns: Arc::new(AtomicU64::new(0)),
+                    fetching: Arc::new(AtomicBool::new(false)),
+                    slot: Arc::new(Mutex::new(None)),
+                    dirty_since: None,
+                },
+            )
+        })
+        .collect();
     let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<(DaemonKind, Snapshot)>();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last_msg = Instant::now();
     loop {
-        let mut changed: Option<DaemonKind> = None;
+        let oldest_dirty = followed.values().filter_map(|f| f.dirty_since).min();
+        let flush_at = oldest_dirty
+            .map(|d| (d + REPLICA_COALESCE).min(last_msg + REPLICA_QUIET))
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             msg = sub.recv() => match msg {
                 Ok(env) => {
+                    last_msg = Instant::now();
                     shared.bus.received.increment(1);
                     let src = env.src;
                     let stateful = env.body.state_op().is_some();
                     // Events go to the logic as they arrive (the store keeps only state).
                     let event = (!stateful && !matches!(env.body, Body::Heartbeat { .. }))
                         .then(|| env.body.clone());
-                    if let Some(f) = followers.get_mut(&src) {
+                    if let Some(fd) = followed.get_mut(&src) {
+                        fd.heard_ns.store(now_ns(), Ordering::Relaxed);
+                        let f = &mut fd.follower;
                         let gaps = |f: &Follower| f.stats().gaps + f.stats().new_boots;
                         let before = gaps(f);
                         let outcome = f.handle_update(env, now_ns());
@@ -754,13 +882,17 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                             tracing::info!("bus {}: {:?}, fetching snapshot", src.name(), outcome);
                         }
                         if stateful && matches!(outcome, bus_schema::FollowOutcome::Applied) {
-                            changed = Some(src);
+                            fd.dirty_since.get_or_insert(last_msg);
                         }
                         let fresh = !matches!(
                             outcome,
                             bus_schema::FollowOutcome::Stale | bus_schema::FollowOutcome::WrongSource
                         );
                         if let (Some(body), true) = (event, fresh) {
+                            // The logic sees the state an event follows before the event.
+                            for (k, other) in followed.iter_mut() {
+                                other.flush(*k, &shared.core);
+                            }
                             shared.core.do_send(BusEvent { src, body });
                         }
                     }
@@ -771,45 +903,60 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                 }
             },
             Some((src, snap)) = snap_rx.recv() => {
-                if let Some(f) = followers.get_mut(&src) {
-                    f.handle_snapshot(snap, now_ns());
+                if let Some(fd) = followed.get_mut(&src) {
+                    fd.follower.handle_snapshot(snap, now_ns());
                     shared.bus.snapshots_applied.increment(1);
-                    changed = Some(src);
-                    tracing::info!("bus {}: snapshot applied, {} items", src.name(), f.store().len());
+                    tracing::info!("bus {}: snapshot applied, {} items", src.name(), fd.follower.store().len());
+                    fd.dirty_since = Some(Instant::now());
+                    fd.flush(src, &shared.core);
                 }
             }
+            _ = tokio::time::sleep_until(flush_at.into()), if oldest_dirty.is_some() => {}
             _ = tick.tick() => {
                 let now = now_ns();
-                for (src, f) in followers.iter_mut() {
-                    if f.poll_snapshot_request(now) {
+                for (src, fd) in followed.iter_mut() {
+                    // While a fetch runs, its answer serves the request: no second fetch.
+                    if fd.follower.poll_snapshot_request(now)
+                        && !fd.fetching.swap(true, Ordering::AcqRel)
+                    {
                         let tx = snap_tx.clone();
                         let run_dir = shared.run_dir.clone();
                         let src = *src;
+                        let heard = fd.heard_ns.clone();
+                        let fetching = fd.fetching.clone();
+                        let timeouts = shared.bus.snapshot_timeouts.clone();
                         actix_rt::spawn(async move {
-                            match ctl_call(&run_dir, src, &CtlRequest::Snapshot, Duration::from_secs(1)).await {
-                                Ok(CtlReply::Snapshot(s)) => { let _ = tx.send((src, s)); }
-                                Ok(other) => tracing::warn!("snapshot from {}: unexpected reply {other:?}", src.name()),
+                            let started = Instant::now();
+                            match fetch_snapshot(&run_dir, src, &heard, SNAPSHOT_OWNER_SILENCE, SNAPSHOT_FETCH_LIMIT).await {
+                                Ok(s) => {
+                                    tracing::debug!("snapshot from {}: {} items in {:?}", src.name(), s.items.len(), started.elapsed());
+                                    let _ = tx.send((src, s));
+                                }
+                                Err(e @ (FetchError::OwnerSilent(_) | FetchError::Limit(_))) => {
+                                    timeouts.increment(1);
+                                    tracing::warn!("snapshot from {}: {e}", src.name());
+                                }
                                 Err(e) => tracing::debug!("snapshot from {}: {e}", src.name()),
                             }
+                            fetching.store(false, Ordering::Release);
                         });
                     }
                 }
             }
         }
-        if let Some(src) = changed {
-            if let Some(f) = followers.get(&src) {
-                if f.synced() {
-                    shared.core.do_send(ReplicaChanged {
-                        src,
-                        store: f.store().clone(),
-                    });
-                }
+        let now = Instant::now();
+        for (src, fd) in followed.iter_mut() {
+            if fd
+                .dirty_since
+                .is_some_and(|d| now >= d + REPLICA_COALESCE || now >= last_msg + REPLICA_QUIET)
+            {
+                fd.flush(*src, &shared.core);
             }
         }
         let now = now_ns();
         let mut reps = lock(&shared.replicas);
-        for (src, f) in &followers {
-            reps.insert(*src, f.replica_info(now));
+        for (src, fd) in &followed {
+            reps.insert(*src, fd.follower.replica_info(now));
         }
     }
 }
@@ -889,5 +1036,98 @@ mod tests {
         let (now, deadline) = fired[0];
         assert!(now >= deadline, "woken early: {fired:?}");
         assert_eq!(published, 1);
+    }
+
+    fn temp_run_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("haven-shell-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn big_snapshot(n: usize) -> Snapshot {
+        let mut o = Owner::new(DaemonKind::Ikemgr, 7);
+        for i in 0..n {
+            o.stamp(
+                Body::TunnelRole {
+                    tunnel: format!("vpn{i:06}"),
+                    role: "sync-primary".into(),
+                },
+                0,
+            );
+        }
+        o.snapshot()
+    }
+
+    /// A large snapshot that takes longer than several silence windows to arrive is still
+    /// fetched while the owner is heard on the bus; the same owner silent fails with
+    /// `OwnerSilent`.
+    #[test]
+    fn snapshot_fetch_waits_while_the_owner_lives_and_stops_when_it_falls_silent() {
+        const N: usize = 100_000;
+        const SILENCE: Duration = Duration::from_millis(300);
+        let dir = temp_run_dir("fetch");
+        let (alive, silent) = actix::System::new().block_on({
+            let dir = dir.clone();
+            async move {
+                // The owner, on a thread of its own as in its own process: it answers the
+                // first request after 4 silence windows and never answers the second.
+                let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+                let owner_dir = dir.clone();
+                std::thread::spawn(move || {
+                    actix::System::new().block_on(async move {
+                        let mut server = CtlServer::bind(&owner_dir, DaemonKind::Ikemgr)
+                            .await
+                            .unwrap();
+                        let snap = big_snapshot(N);
+                        bound_tx.send(()).unwrap();
+                        let (peer, req) = server.recv().await.unwrap();
+                        assert!(matches!(req, Ok(CtlRequest::Snapshot)));
+                        tokio::time::sleep(SILENCE * 4).await;
+                        server.send(&peer, &CtlReply::Snapshot(snap)).await.unwrap();
+                        let _ = server.recv().await;
+                        // Silent from here on; the thread ends with the test process.
+                        std::future::pending::<()>().await;
+                    })
+                });
+                bound_rx.recv().unwrap();
+                let heard = Arc::new(AtomicU64::new(0));
+                let beat = {
+                    let heard = heard.clone();
+                    actix_rt::spawn(async move {
+                        loop {
+                            heard.store(now_ns(), Ordering::Relaxed);
+                            tokio::time::sleep(SILENCE / 3).await;
+                        }
+                    })
+                };
+                let alive = fetch_snapshot(
+                    &dir,
+                    DaemonKind::Ikemgr,
+                    &heard,
+                    SILENCE,
+                    SNAPSHOT_FETCH_LIMIT,
+                )
+                .await;
+                beat.abort();
+                let silent = fetch_snapshot(
+                    &dir,
+                    DaemonKind::Ikemgr,
+                    &heard,
+                    SILENCE,
+                    SNAPSHOT_FETCH_LIMIT,
+                )
+                .await;
+                (alive, silent)
+            }
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let snap = alive.expect("large snapshot from a live owner");
+        assert_eq!(snap.items.len(), N);
+        assert_eq!(snap.seq, N as u64);
+        assert!(
+            matches!(silent, Err(FetchError::OwnerSilent(_))),
+            "{silent:?}"
+        );
     }
 }

@@ -42,6 +42,9 @@ pub struct BusMetrics {
     pub ctl_requests: Counter,
     pub ctl_errors: Counter,
     pub send_errors: Counter,
+    /// Snapshot fetches abandoned because the owner stopped (silent on the bus) or the
+    /// fetch exceeded its overall limit.
+    pub snapshot_timeouts: Counter,
 }
 
 impl BusMetrics {
@@ -92,6 +95,11 @@ impl BusMetrics {
             Unit::Count,
             "Bus or control messages that could not be sent."
         );
+        describe_counter!(
+            n("bus_snapshot_timeouts_total"),
+            Unit::Count,
+            "Snapshot fetches abandoned: the owner fell silent on the bus, or the fetch ran past its limit."
+        );
         BusMetrics {
             published: metrics::counter!(n("bus_messages_published_total")),
             received: metrics::counter!(n("bus_messages_received_total")),
@@ -102,6 +110,7 @@ impl BusMetrics {
             ctl_requests: metrics::counter!(n("ctl_requests_total")),
             ctl_errors: metrics::counter!(n("ctl_errors_total")),
             send_errors: metrics::counter!(n("bus_send_errors_total")),
+            snapshot_timeouts: metrics::counter!(n("bus_snapshot_timeouts_total")),
         }
     }
 }
