@@ -425,12 +425,44 @@ impl DaemonLogic for Hasyncd {
     ) -> Result<serde_json::Value, String> {
         match name {
             "ike-restore" => {
+                // Only what this member still carries: an FGCP member that is not primary
+                // (demoted, or just restarted and in its hello phase) and an FGSP member
+                // whose tunnel another member took hand nothing back. The previous ikemgr
+                // may have been killed before it dropped them, and continuing such an SA
+                // restarted its outbound sequence numbers below what the new carrier sent
+                // (the --ha-link fault run: 55 replays at strongSwan) and asked the peer
+                // for a second RFC 6311 sync, which strongSwan refuses on AEAD SAs.
+                let primary = self
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.fgcp_role())
+                    .is_none_or(|r| r == ha_core::msg::HaRole::Primary);
+                let carried = |tunnel: &str| {
+                    primary
+                        && self.cluster.as_ref().is_none_or(|c| {
+                            c.fgsp_role(tunnel) != Some(ha_core::TunnelRole::Standby)
+                        })
+                };
+                let ike: BTreeMap<String, IkeSaRecord> = self
+                    .own_ike
+                    .iter()
+                    .filter(|(_, r)| carried(&r.tunnel))
+                    .map(|(k, r)| (k.clone(), r.clone()))
+                    .collect();
+                let children: BTreeMap<String, ChildSaInfo> = self
+                    .own_children
+                    .iter()
+                    .filter(|(_, c)| carried(&c.tunnel))
+                    .map(|(k, c)| (k.clone(), c.clone()))
+                    .collect();
                 tracing::info!(
-                    "local replica to the restarted ikemgr: {} IKE SAs, {} CHILD SAs",
-                    self.own_ike.len(),
-                    self.own_children.len()
+                    "local replica to the restarted ikemgr: {} IKE SAs, {} CHILD SAs ({} and {} held back: not carried here)",
+                    ike.len(),
+                    children.len(),
+                    self.own_ike.len() - ike.len(),
+                    self.own_children.len() - children.len()
                 );
-                Ok(restore_set(&self.own_ike, &self.own_children))
+                Ok(restore_set(&ike, &children))
             }
             "config-sync" => self.cfgsync.force(self.cluster.as_ref()),
             other => Err(format!(
