@@ -2187,6 +2187,18 @@ end
         assert_eq!(both.cfg.child_lifetime, Duration::from_secs(600));
     }
 
+    /// The hub gateway (`HUB`) with its IKE_SA_INIT towards the dial-up gateway queued.
+    fn hub_dialing(now: Instant) -> IkeManager {
+        let mut hub = mgr(HUB, now);
+        hub.initiate(
+            now,
+            "hub",
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+        );
+        hub
+    }
+
     /// A manager with configuration `text` (shared by the HA and lifecycle tests).
     pub(super) fn mgr(text: &str, now: Instant) -> IkeManager {
         let cfg = match haven_config::parse(text) {
@@ -2511,14 +2523,8 @@ end
         // the SA layer's reason; a flood of headers with unknown SPIs costs
         // no state and is counted as no_sa.
         let now = Instant::now();
-        let mut hub = mgr(HUB, now);
+        let mut hub = hub_dialing(now);
         let mut dial = mgr(DIAL, now);
-        hub.initiate(
-            now,
-            "hub",
-            "192.0.2.1".parse().unwrap(),
-            "192.0.2.2".parse().unwrap(),
-        );
         shuttle(&mut hub, &mut dial, now);
         let a: SocketAddr = "192.0.2.2:500".parse().unwrap();
         let b: SocketAddr = "192.0.2.1:500".parse().unwrap();
@@ -2556,14 +2562,8 @@ end
     #[test]
     fn probes_report_sent_and_reply_activity_is_batched_and_dead_peers_are_flushed() {
         let now = Instant::now();
-        let mut hub = mgr(HUB, now);
+        let mut hub = hub_dialing(now);
         let mut dial = mgr(DIAL, now);
-        hub.initiate(
-            now,
-            "hub",
-            "192.0.2.1".parse().unwrap(),
-            "192.0.2.2".parse().unwrap(),
-        );
         shuttle(&mut hub, &mut dial, now);
         dial.drain_bodies();
         while dial.poll_route().is_some() {}
@@ -2641,13 +2641,7 @@ end
         let mut hubs: Vec<IkeManager> = Vec::new();
         // More initiators from one address than the limit: only `limit` get an answer.
         for _ in 0..limit + 2 {
-            let mut hub = mgr(HUB, now);
-            hub.initiate(
-                now,
-                "hub",
-                "192.0.2.1".parse().unwrap(),
-                "192.0.2.2".parse().unwrap(),
-            );
+            let mut hub = hub_dialing(now);
             let t = hub.poll_transmit().unwrap();
             dial.handle_datagram(now, t.destination, t.source, &t.payload);
             hubs.push(hub);
@@ -2664,13 +2658,7 @@ end
         // Clearing them releases the source.
         dial.clear(now, None);
         while dial.poll_transmit().is_some() {}
-        let mut hub = mgr(HUB, now);
-        hub.initiate(
-            now,
-            "hub",
-            "192.0.2.1".parse().unwrap(),
-            "192.0.2.2".parse().unwrap(),
-        );
+        let mut hub = hub_dialing(now);
         shuttle(&mut hub, &mut dial, now);
         assert!(dial
             .drain_bodies()
@@ -2689,13 +2677,7 @@ end
         let limit = GuardConfig::default().max_half_open_per_source;
         // More attempts than the limit from one peer, each answer lost on the way out.
         for _ in 0..limit + 2 {
-            let mut hub = mgr(HUB, now);
-            hub.initiate(
-                now,
-                "hub",
-                "192.0.2.1".parse().unwrap(),
-                "192.0.2.2".parse().unwrap(),
-            );
+            let mut hub = hub_dialing(now);
             let t = hub.poll_transmit().unwrap();
             dial.handle_datagram(now, t.destination, t.source, &t.payload);
             let answer = dial.poll_transmit().expect("every attempt is answered");
@@ -2709,13 +2691,7 @@ end
             Some(limit as u64 + 2)
         );
         // The route is back: the next attempt completes.
-        let mut hub = mgr(HUB, now);
-        hub.initiate(
-            now,
-            "hub",
-            "192.0.2.1".parse().unwrap(),
-            "192.0.2.2".parse().unwrap(),
-        );
+        let mut hub = hub_dialing(now);
         shuttle(&mut hub, &mut dial, now);
         assert!(dial
             .drain_bodies()
