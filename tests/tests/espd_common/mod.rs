@@ -413,20 +413,24 @@ pub fn count_wire(ns: &Netns) {
     .expect("nft counters");
 }
 
+/// The packet count of the nft counter commented `tag` in a table `listing` (0 if absent).
+fn nft_counter(listing: &str, tag: &str) -> u64 {
+    listing
+        .lines()
+        .find(|l| l.contains(&format!("comment \"{tag}\"")))
+        .and_then(|l| {
+            let i = l.find("packets ")? + "packets ".len();
+            l[i..].split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 /// (esp, udp4500, cleartext icmp) packets counted on `out0`.
 pub fn wire_counters(ns: &Netns) -> (u64, u64, u64) {
     let out = ns
         .run("nft", &["list", "table", "ip", "espdtest"])
         .expect("nft list");
-    let get = |tag: &str| -> u64 {
-        out.lines()
-            .find(|l| l.contains(&format!("comment \"{tag}\"")))
-            .and_then(|l| {
-                let i = l.find("packets ")? + "packets ".len();
-                l[i..].split_whitespace().next()?.parse().ok()
-            })
-            .unwrap_or(0)
-    };
+    let get = |tag: &str| nft_counter(&out, tag);
     (get("esp"), get("udp4500"), get("icmp"))
 }
 
@@ -445,15 +449,7 @@ pub fn wire_counters6(ns: &Netns) -> (u64, u64, u64) {
     let out = ns
         .run("nft", &["list", "table", "inet", "espdtest6"])
         .expect("nft list");
-    let get = |tag: &str| -> u64 {
-        out.lines()
-            .find(|l| l.contains(&format!("comment \"{tag}\"")))
-            .and_then(|l| {
-                let i = l.find("packets ")? + "packets ".len();
-                l[i..].split_whitespace().next()?.parse().ok()
-            })
-            .unwrap_or(0)
-    };
+    let get = |tag: &str| nft_counter(&out, tag);
     (get("esp6"), get("udp6"), get("v4") + get("v4udp"))
 }
 
