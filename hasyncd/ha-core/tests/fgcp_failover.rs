@@ -264,6 +264,39 @@ impl World {
         self.nodes[i].as_ref().map(|n| n.fgcp.role())
     }
 
+    /// Members 1 (priority 200) and 2 (priority 100) after their first election: member 1
+    /// is primary.
+    fn elected_pair(daemon_roles: bool) -> World {
+        let mut w = World {
+            now: 0,
+            nodes: vec![Some(node(1, 200, 1, 0)), Some(node(2, 100, 1, 0))],
+            wire: VecDeque::new(),
+            esp: Vec::new(),
+            log: Vec::new(),
+            drop_hb_from: None,
+            daemon_roles,
+        };
+        w.run(2_000);
+        assert_eq!(w.role(0), Some(HaRole::Primary));
+        w
+    }
+
+    /// The tunnel comes up on member 1 (its ikemgr) and its CHILD SA is synced to member 2.
+    fn tunnel_up_on_member_1(&mut self) {
+        {
+            let n = self.nodes[0].as_mut().unwrap();
+            n.table.local_established(T);
+            n.table.sa_added(n.id, T, SPI);
+            n.active = true;
+        }
+        self.pump(0);
+        self.nodes[1]
+            .as_mut()
+            .unwrap()
+            .table
+            .sa_added(MemberId(1), T, SPI);
+    }
+
     fn sent_by(&self, id: u32) -> usize {
         self.esp.iter().filter(|(m, _)| m.0 == id).count()
     }
@@ -271,32 +304,11 @@ impl World {
 
 #[test]
 fn fgcp_pair_fails_over_twice_without_replay() {
-    let mut w = World {
-        now: 0,
-        nodes: vec![Some(node(1, 200, 1, 0)), Some(node(2, 100, 1, 0))],
-        wire: VecDeque::new(),
-        esp: Vec::new(),
-        log: Vec::new(),
-        drop_hb_from: None,
-        daemon_roles: false,
-    };
-    w.run(2_000);
-    assert_eq!(w.role(0), Some(HaRole::Primary));
+    let mut w = World::elected_pair(false);
     assert_eq!(w.role(1), Some(HaRole::Secondary));
 
     // The tunnel comes up on the primary (ikemgr), its CHILD SA is synced.
-    {
-        let n = w.nodes[0].as_mut().unwrap();
-        n.table.local_established(T);
-        n.table.sa_added(n.id, T, SPI);
-        n.active = true;
-    }
-    w.pump(0);
-    w.nodes[1]
-        .as_mut()
-        .unwrap()
-        .table
-        .sa_added(MemberId(1), T, SPI);
+    w.tunnel_up_on_member_1();
     w.run(3_000);
     let before = w.sent_by(1);
     assert!(before > 10_000, "member 1 carried traffic: {before}");
@@ -379,29 +391,8 @@ fn fgcp_pair_fails_over_twice_without_replay() {
 /// again, and the peer must never see a sequence number twice or out of order.
 #[test]
 fn primary_reclaims_the_tunnel_after_a_split_brain() {
-    let mut w = World {
-        now: 0,
-        nodes: vec![Some(node(1, 200, 1, 0)), Some(node(2, 100, 1, 0))],
-        wire: VecDeque::new(),
-        esp: Vec::new(),
-        log: Vec::new(),
-        drop_hb_from: None,
-        daemon_roles: false,
-    };
-    w.run(2_000);
-    assert_eq!(w.role(0), Some(HaRole::Primary));
-    {
-        let n = w.nodes[0].as_mut().unwrap();
-        n.table.local_established(T);
-        n.table.sa_added(n.id, T, SPI);
-        n.active = true;
-    }
-    w.pump(0);
-    w.nodes[1]
-        .as_mut()
-        .unwrap()
-        .table
-        .sa_added(MemberId(1), T, SPI);
+    let mut w = World::elected_pair(false);
+    w.tunnel_up_on_member_1();
     w.run(2_000);
     assert!(w.sent_by(1) > 5_000);
 
@@ -466,29 +457,8 @@ fn primary_reclaims_the_tunnel_after_a_split_brain() {
 /// the jump member 1 resumes its own counter, below numbers member 2 already sent.)
 #[test]
 fn a_primary_that_kept_the_tunnel_continues_beyond_the_split_brain() {
-    let mut w = World {
-        now: 0,
-        nodes: vec![Some(node(1, 200, 1, 0)), Some(node(2, 100, 1, 0))],
-        wire: VecDeque::new(),
-        esp: Vec::new(),
-        log: Vec::new(),
-        drop_hb_from: None,
-        daemon_roles: true,
-    };
-    w.run(2_000);
-    assert_eq!(w.role(0), Some(HaRole::Primary));
-    {
-        let n = w.nodes[0].as_mut().unwrap();
-        n.table.local_established(T);
-        n.table.sa_added(n.id, T, SPI);
-        n.active = true;
-    }
-    w.pump(0);
-    w.nodes[1]
-        .as_mut()
-        .unwrap()
-        .table
-        .sa_added(MemberId(1), T, SPI);
+    let mut w = World::elected_pair(true);
+    w.tunnel_up_on_member_1();
     w.run(2_000);
     assert!(w.sent_by(1) > 5_000);
 
