@@ -184,18 +184,7 @@ impl LifeStore {
     }
 
     fn path(&self, tunnel: &str, spi_in: u32) -> PathBuf {
-        // Tunnel names are FortiOS object names; keep the file name to safe characters.
-        let safe: String = tunnel
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(format!("{safe}-{spi_in:08x}"))
+        self.dir.join(super::seqstore::sa_file_name(tunnel, spi_in))
     }
 
     /// The record of this boot for the SA, if there is a readable one.

@@ -14,6 +14,22 @@ pub struct SeqStore {
     dir: PathBuf,
 }
 
+/// The file name of an SA's record in a run-dir store: `<tunnel>-<spi as 8 hex digits>`.
+/// Tunnel names are FortiOS object names; the file name keeps only safe characters.
+pub(crate) fn sa_file_name(tunnel: &str, spi: u32) -> String {
+    let safe: String = tunnel
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}-{spi:08x}")
+}
+
 impl SeqStore {
     /// Opens (creates, mode 0700) `<run_dir>/espd-seq`.
     pub fn open(run_dir: &Path) -> io::Result<SeqStore> {
@@ -25,18 +41,7 @@ impl SeqStore {
     }
 
     fn path(&self, tunnel: &str, spi_out: u32) -> PathBuf {
-        // Tunnel names are FortiOS object names; keep the file name to safe characters.
-        let safe: String = tunnel
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(format!("{safe}-{spi_out:08x}"))
+        self.dir.join(sa_file_name(tunnel, spi_out))
     }
 
     /// The stored mark, 0 if there is none (or it is unreadable, which is logged).
