@@ -14,7 +14,7 @@ use bus_schema::schema::{IkeSaRecord, SeqMark, TakeoverInfo, UnknownSaTraffic};
 use ha_core::msg::{ChildSaSync, DeleteSync, HaRole, Heartbeat, IkeSaSync, KeyBytes, SeqLeaseAck};
 use ha_core::{
     ClusterKind, ElectionEvent, Fgcp, FgcpConfig, HaLink, LinkKey, Liveness, MemberId, Message,
-    PeerEvent, TableMode, TunnelEvent, TunnelRole, TunnelTable,
+    Outgoing, PeerEvent, TableMode, TunnelEvent, TunnelRole, TunnelTable,
 };
 use haven_config::Config;
 use serde_json::{json, Value};
@@ -70,6 +70,17 @@ struct FgcpSide {
     /// Members heard with a new epoch (they started, or restarted faster than the loss
     /// detection), for a snapshot.
     restarted: Vec<MemberId>,
+}
+
+/// Runs a tunnel table's timer when it is due, then takes what it has to send and the
+/// events it raised.
+fn step_table(t: &mut TunnelTable, now_ms: u64) -> (Vec<Outgoing>, Vec<TunnelEvent>) {
+    if t.poll_timeout().is_some_and(|d| d <= now_ms) {
+        t.handle_timeout(now_ms);
+    }
+    let out = std::iter::from_fn(|| t.poll_transmit()).collect();
+    let events = std::iter::from_fn(|| t.poll_event()).collect();
+    (out, events)
 }
 
 /// One configured FGSP `cluster-peer`.
@@ -827,17 +838,7 @@ impl Cluster {
         // FGCP cluster over FGSP: the FGSP table between clusters first (a promotion there
         // claims the tunnel in the FGCP table, whose messages follow).
         if let Some(t) = self.fgsp_table.as_mut() {
-            if t.poll_timeout().is_some_and(|d| d <= now_ms) {
-                t.handle_timeout(now_ms);
-            }
-            let mut out = Vec::new();
-            while let Some(o) = t.poll_transmit() {
-                out.push(o);
-            }
-            let mut events = Vec::new();
-            while let Some(ev) = t.poll_event() {
-                events.push(ev);
-            }
+            let (out, events) = step_table(t, now_ms);
             for o in &out {
                 self.send_fgsp(o.to, &o.message);
             }
@@ -846,17 +847,7 @@ impl Cluster {
         let Some(t) = self.table.as_mut() else {
             return;
         };
-        if t.poll_timeout().is_some_and(|d| d <= now_ms) {
-            t.handle_timeout(now_ms);
-        }
-        let mut out = Vec::new();
-        while let Some(o) = t.poll_transmit() {
-            out.push(o);
-        }
-        let mut events = Vec::new();
-        while let Some(ev) = t.poll_event() {
-            events.push(ev);
-        }
+        let (out, events) = step_table(t, now_ms);
         if self.fgsp_mode() {
             for o in &out {
                 self.send_fgsp(o.to, &o.message);
