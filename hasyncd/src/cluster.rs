@@ -1251,6 +1251,22 @@ impl Cluster {
                 gone.push(r.tunnel.clone());
             }
         }
+        // A standby copy this member still held of an IKE SA it carried and has now deleted
+        // (an FGCP takeover keeps the copies it was made from) describes an SA that no
+        // longer exists: it goes with it, and so do the CHILD SA copies of a tunnel this
+        // member no longer carries at all.
+        for (_, r) in self.ike_local.iter().filter(|(k, _)| !now.contains_key(*k)) {
+            if self
+                .ike_replicas
+                .get(&r.tunnel)
+                .is_some_and(|(_, s)| (s.spi_i, s.spi_r) == (r.spi_i, r.spi_r))
+            {
+                self.ike_replicas.remove(&r.tunnel);
+            }
+            if !now.values().any(|n| n.tunnel == r.tunnel) {
+                self.replicas.retain(|_, c| c.sa.tunnel != r.tunnel);
+            }
+        }
         if self.fgsp_mode() {
             // FGSP: the owner's tunnel is gone (DPD flush, delete, expiry): every member
             // forgets it (seed 000's `HA send IKE SA del`). A member that lost the tunnel to
