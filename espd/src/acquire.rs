@@ -31,6 +31,8 @@ fn holds(s: &Selector, ip: Ipv4Addr) -> bool {
         Selector::Subnet(n) => n.contains(ip),
         Selector::Range { start, end } => *start <= ip && ip <= *end,
         Selector::Ip(a) => *a == ip,
+        // The workers note IPv4 packets only (an IPv6 one is counted, not noted).
+        Selector::Subnet6 { .. } => false,
     }
 }
 

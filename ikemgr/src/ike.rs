@@ -19,7 +19,7 @@
 //! name. Not yet: HA snapshots.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -283,6 +283,9 @@ fn selector(s: &Selector) -> TrafficSelector {
             TrafficSelector::range(IpAddr::V4(*start), IpAddr::V4(*end))
         }
         Selector::Ip(a) => TrafficSelector::subnet(IpAddr::V4(*a), 32),
+        Selector::Subnet6 { addr, prefix_len } => {
+            TrafficSelector::subnet(IpAddr::V6(*addr), *prefix_len)
+        }
     }
 }
 
@@ -308,11 +311,35 @@ pub fn range_to_cidrs(start: Ipv4Addr, end: Ipv4Addr) -> Vec<String> {
     out
 }
 
+/// The CIDR prefixes covering an IPv6 address range (largest aligned blocks first).
+pub fn range6_to_cidrs(start: Ipv6Addr, end: Ipv6Addr) -> Vec<String> {
+    let (mut s, e) = (u128::from(start), u128::from(end));
+    if s == 0 && e == u128::MAX {
+        return vec!["::/0".into()];
+    }
+    let mut out = Vec::new();
+    while s <= e {
+        // The largest block aligned at s that fits in s..=e (an aligned block of 2^bits
+        // addresses never runs past u128::MAX, so the sum cannot overflow).
+        let mut bits = s.trailing_zeros().min(127);
+        while bits > 0 && s + ((1u128 << bits) - 1) > e {
+            bits -= 1;
+        }
+        out.push(format!("{}/{}", Ipv6Addr::from(s), 128 - bits));
+        match s.checked_add(1u128 << bits) {
+            Some(n) => s = n,
+            None => break,
+        }
+    }
+    out
+}
+
 fn ts_cidrs(ts: &[TrafficSelector]) -> Vec<String> {
     ts.iter()
         .filter_map(|t| t.addr_range())
         .flat_map(|r| match r {
             (IpAddr::V4(a), IpAddr::V4(b)) => range_to_cidrs(a, b),
+            (IpAddr::V6(a), IpAddr::V6(b)) => range6_to_cidrs(a, b),
             _ => Vec::new(),
         })
         .collect()
@@ -2058,6 +2085,29 @@ mod tests {
             range_to_cidrs(a("10.0.0.1"), a("10.0.0.6")),
             ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]
         );
+    }
+
+    #[test]
+    fn ipv6_ranges_become_cidrs() {
+        let a = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(
+            range6_to_cidrs(a("::"), a("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")),
+            ["::/0"]
+        );
+        assert_eq!(
+            range6_to_cidrs(a("fd00:1::"), a("fd00:1::ffff:ffff:ffff:ffff")),
+            ["fd00:1::/64"]
+        );
+        assert_eq!(range6_to_cidrs(a("fd00::5"), a("fd00::5")), ["fd00::5/128"]);
+        assert_eq!(
+            range6_to_cidrs(a("fd00::1"), a("fd00::6")),
+            ["fd00::1/128", "fd00::2/127", "fd00::4/127", "fd00::6/128"]
+        );
+        assert_eq!(
+            range6_to_cidrs(a("8000::"), a("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")),
+            ["8000::/1"]
+        );
+        assert!(range6_to_cidrs(a("fd00::6"), a("fd00::1")).is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! semantic validation.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::diag::{ConfigError, ErrorKind, Warning};
 use crate::keys::{self, Spec};
@@ -483,6 +483,35 @@ impl<'t> Fields<'t> {
             addr: net,
             prefix_len: len,
         })
+    }
+
+    /// `ADDRESS/LEN` with an IPv6 address and a length 0..=128 (host bits cleared, with a
+    /// warning).
+    fn net6(&self, ctx: &mut Ctx, key: &str) -> Option<(Ipv6Addr, u8)> {
+        const EXPECTED: &str = "an IPv6 prefix: ADDRESS/LENGTH";
+        let tok = self.single(ctx, key)?;
+        let parsed = tok.text.split_once('/').and_then(|(a, l)| {
+            let len = parse_uint(l).filter(|v| *v <= 128)?;
+            Some((a.parse::<Ipv6Addr>().ok()?, u8::try_from(len).ok()?))
+        });
+        let Some((addr, len)) = parsed else {
+            ctx.bad(tok, &self.block, key, EXPECTED);
+            return None;
+        };
+        let mask = match len {
+            0 => 0,
+            l => u128::MAX << (128 - u32::from(l)),
+        };
+        let net = Ipv6Addr::from(u128::from(addr) & mask);
+        if net != addr {
+            ctx.warn(
+                tok.pos,
+                &self.block,
+                key,
+                format!("host bits set; using {net}/{len}"),
+            );
+        }
+        Some((net, len))
     }
 
     /// A secret: `VALUE`, `ENC blob` (FortiOS-encrypted, unusable) or a
@@ -1177,18 +1206,28 @@ fn selector(ctx: &mut Ctx, f: &Fields<'_>, e: &Edit, side: &str) -> Selector {
     let k_subnet = format!("{side}-subnet");
     let k_start = format!("{side}-start-ip");
     let k_end = format!("{side}-end-ip");
+    let k_subnet6 = format!("{side}-subnet6");
+    let k_start6 = format!("{side}-start-ip6");
     #[derive(Clone, Copy, PartialEq)]
     enum T {
         Subnet,
         Range,
         Ip,
+        Subnet6,
+        Ip6,
     }
     let t = f
         .choice(
             ctx,
             &k_type,
-            &[("subnet", T::Subnet), ("range", T::Range), ("ip", T::Ip)],
-            " (Haven does not implement named addresses or IPv6 selectors)",
+            &[
+                ("subnet", T::Subnet),
+                ("range", T::Range),
+                ("ip", T::Ip),
+                ("subnet6", T::Subnet6),
+                ("ip6", T::Ip6),
+            ],
+            " (Haven does not implement named addresses or IPv6 ranges)",
         )
         .unwrap_or(T::Subnet);
     let subnet = f.net(ctx, &k_subnet);
@@ -1200,6 +1239,32 @@ fn selector(ctx: &mut Ctx, f: &Fields<'_>, e: &Edit, side: &str) -> Selector {
         }
     };
     match t {
+        // `*-subnet6` is read only for `subnet6` (FortiOS lists it, with `::/0`, for every
+        // selector); `*-start-ip6` only for `ip6`.
+        T::Subnet6 => {
+            let (addr, prefix_len) = f
+                .net6(ctx, &k_subnet6)
+                .unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
+            Selector::Subnet6 { addr, prefix_len }
+        }
+        T::Ip6 => {
+            let ipv6 = |s: &str| s.parse::<Ipv6Addr>().ok();
+            match f.parse(ctx, &k_start6, "an IPv6 address", ipv6) {
+                Some(addr) => Selector::Subnet6 {
+                    addr,
+                    prefix_len: 128,
+                },
+                None => {
+                    if !f.has(&k_start6) {
+                        ctx.invalid(e.pos, &f.block, format!("{k_type} ip6 needs {k_start6}"));
+                    }
+                    Selector::Subnet6 {
+                        addr: Ipv6Addr::UNSPECIFIED,
+                        prefix_len: 0,
+                    }
+                }
+            }
+        }
         T::Subnet => {
             ignored(ctx, &k_start, "subnet");
             ignored(ctx, &k_end, "subnet");
@@ -1298,6 +1363,15 @@ fn build_phase2(ctx: &mut Ctx, e: &Edit, table: &str) -> (Phase2, P2Pos) {
     }
     p.src = selector(ctx, &f, e, "src");
     p.dst = selector(ctx, &f, e, "dst");
+    let v6 = |s: &Selector| matches!(s, Selector::Subnet6 { .. });
+    if v6(&p.src) != v6(&p.dst) {
+        ctx.invalid(
+            e.pos,
+            &f.block,
+            "src-addr-type and dst-addr-type must be both IPv4 (subnet, range, ip) or both \
+             IPv6 (subnet6, ip6)",
+        );
+    }
     if let Some(v) = f.uint(ctx, "protocol", 0, 255) {
         p.protocol = v;
     }
@@ -2275,6 +2349,7 @@ fn selector_contains(s: &Selector, ip: Ipv4Addr) -> bool {
         Selector::Subnet(n) => n.contains(ip),
         Selector::Range { start, end } => (*start..=*end).contains(&ip),
         Selector::Ip(a) => *a == ip,
+        Selector::Subnet6 { .. } => false,
     }
 }
 

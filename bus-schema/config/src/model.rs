@@ -5,7 +5,7 @@
 //! follow FortiOS 6.4/7.0 (the versions of the seeds).
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Serialize, Serializer};
 
@@ -796,6 +796,14 @@ pub enum Selector {
     },
     /// `ip` with `*-start-ip`.
     Ip(Ipv4Addr),
+    /// `subnet6` with `src-subnet6`/`dst-subnet6` (an IPv6 prefix; host bits cleared),
+    /// or `ip6` with `*-start-ip6` (a /128).
+    Subnet6 {
+        /// Network address.
+        addr: Ipv6Addr,
+        /// Prefix length 0..=128.
+        prefix_len: u8,
+    },
 }
 
 /// `config vpn ipsec phase2-interface` / `edit NAME`.

@@ -642,6 +642,59 @@ fn phase1_ip_version_6() {
     assert!(e.to_string().contains("IPv6 address"), "{e}");
 }
 
+/// IPv6 phase2 selectors: `subnet6` with `*-subnet6`, `ip6` with `*-start-ip6`; mixing
+/// families is an error, as is a bad prefix.
+#[test]
+fn phase2_ipv6_selectors() {
+    let p = parse(&tunnel(
+        "",
+        "        set src-addr-type subnet6
+        set src-subnet6 fd00:99:1::5/64
+        set dst-addr-type ip6
+        set dst-start-ip6 fd00:99:2::2
+",
+    ))
+    .unwrap();
+    let p2 = &p.config.phase2[0];
+    assert_eq!(
+        p2.src,
+        Selector::Subnet6 {
+            addr: "fd00:99:1::".parse().unwrap(),
+            prefix_len: 64
+        }
+    );
+    assert_eq!(
+        p2.dst,
+        Selector::Subnet6 {
+            addr: "fd00:99:2::2".parse().unwrap(),
+            prefix_len: 128
+        }
+    );
+    // Host bits set: a warning naming the prefix used.
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.to_string().contains("using fd00:99:1::/64")),
+        "{:?}",
+        p.warnings
+    );
+    let e = one_error(&tunnel(
+        "",
+        "        set src-addr-type subnet6
+        set src-subnet6 fd00::/64
+",
+    ));
+    assert!(e.to_string().contains("both IPv6"), "{e}");
+    let e = one_error(&tunnel(
+        "",
+        "        set src-addr-type subnet6
+        set src-subnet6 fd00::/129
+        set dst-addr-type subnet6
+",
+    ));
+    assert!(e.to_string().contains("IPv6 prefix"), "{e}");
+}
+
 /// `config cluster-peer` `hb-interval` (1..=20, 100 ms ticks) and `hb-lost-threshold`
 /// (1..=60): defaults 2 and 6; out of range is an error.
 #[test]
