@@ -1634,12 +1634,7 @@ fn build_manualkey(ctx: &mut Ctx, e: &Edit, table: &str) -> Option<(ManualKey, M
     }
     // `ip-version` is the outer (gateway) address family, `addr-type` the inner one.
     let v6 = f.choice(ctx, "ip-version", &[("4", false), ("6", true)], "") == Some(true);
-    let _ = f.choice(
-        ctx,
-        "addr-type",
-        &[("4", ())],
-        " (Haven's manual-key selectors are IPv4)",
-    );
+    let inner6 = f.choice(ctx, "addr-type", &[("4", false), ("6", true)], "") == Some(true);
     let ipv6 = |s: &str| s.parse::<std::net::Ipv6Addr>().ok();
     let local_gw6 = if v6 {
         f.parse(ctx, "local-gw6", "an IPv6 address", ipv6)
@@ -1862,6 +1857,20 @@ fn build_manualkey(ctx: &mut Ctx, e: &Edit, table: &str) -> Option<(ManualKey, M
     let replay = f.flag(ctx, "replay").unwrap_or(true);
     let src_subnet = f.net(ctx, "src-subnet").unwrap_or(Ipv4Net::ANY);
     let dst_subnet = f.net(ctx, "dst-subnet").unwrap_or(Ipv4Net::ANY);
+    let subnets6 = inner6.then(|| {
+        let any = (Ipv6Addr::UNSPECIFIED, 0);
+        (
+            f.net6(ctx, "src-subnet6").unwrap_or(any),
+            f.net6(ctx, "dst-subnet6").unwrap_or(any),
+        )
+    });
+    if !inner6 {
+        for key in ["src-subnet6", "dst-subnet6"] {
+            if let Some(pos) = f.key_pos(key) {
+                ctx.warn(pos, &f.block, key, "ignored with addr-type 4");
+            }
+        }
+    }
 
     let (Some(remote_gw), Some(encryption), Some(enc_key), Some(local_spi), Some(remote_spi)) =
         (remote_gw, enc, enc_key, local_spi, remote_spi)
@@ -1896,6 +1905,7 @@ fn build_manualkey(ctx: &mut Ctx, e: &Edit, table: &str) -> Option<(ManualKey, M
             dst_subnet,
             local_gw6,
             remote_gw6,
+            subnets6,
         },
         pos,
     ))

@@ -462,6 +462,8 @@ pub(crate) const MANUALKEY: Spec = Spec {
         "dst-subnet",
         "local-gw6",
         "remote-gw6",
+        "src-subnet6",
+        "dst-subnet6",
     ],
     known: &["npu-offload"],
     known_blocks: &[],

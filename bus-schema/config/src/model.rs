@@ -912,7 +912,7 @@ pub enum ManualEncap {
 /// cannot also be a phase1-interface name.
 ///
 /// FortiOS keys: `interface`, `ip-version` (4, or 6 with `local-gw6` and
-/// `remote-gw6` for the gateway addresses), `addr-type` (4 only),
+/// `remote-gw6` for the gateway addresses), `addr-type` (inner family, 4 or 6),
 /// `remote-gw`, `local-gw`, `auth-alg`, `enc-alg`, `auth-key`, `enc-key`,
 /// `local-spi`, `remote-spi`; `npu-offload` is accepted and ignored with a
 /// warning.
@@ -920,7 +920,8 @@ pub enum ManualEncap {
 /// Haven extension keys (FortiOS has no equivalent; a FortiGate rejects
 /// them): `enc-alg aes128gcm|aes256gcm|chacha20poly1305` (combined-mode
 /// ciphers, which take no `auth-alg`), `encapsulation none|udp`,
-/// `replay enable|disable`, `src-subnet` and `dst-subnet`.
+/// `replay enable|disable`, `src-subnet` and `dst-subnet` (with `addr-type 4`),
+/// `src-subnet6` and `dst-subnet6` (with `addr-type 6`).
 ///
 /// The same keys serve both directions, as on FortiOS: the peer's
 /// configuration mirrors this one (its `local-spi` is our `remote-spi` and
@@ -979,6 +980,10 @@ pub struct ManualKey {
     /// `remote-gw6`: the peer with `ip-version 6` (required then, not `::`);
     /// `None` with `ip-version 4`.
     pub remote_gw6: Option<std::net::Ipv6Addr>,
+    /// With `addr-type 6` (inner IPv6): `src-subnet6` and `dst-subnet6` (Haven extension,
+    /// `ADDRESS/LENGTH`, default `::/0`), the local and remote selectors in place of
+    /// `src-subnet`/`dst-subnet`; `None` with `addr-type 4`.
+    pub subnets6: Option<((Ipv6Addr, u8), (Ipv6Addr, u8))>,
 }
 
 impl ManualKey {
@@ -996,6 +1001,16 @@ impl ManualKey {
         match self.remote_gw6 {
             Some(_) => self.local_gw6.map(Into::into),
             None => self.local_gw.map(Into::into),
+        }
+    }
+
+    /// The local and remote traffic selectors as prefixes (`10.1.0.0/24`,
+    /// `fd00:1::/64`): `src-subnet6`/`dst-subnet6` with `addr-type 6`, else
+    /// `src-subnet`/`dst-subnet`.
+    pub fn selectors(&self) -> (String, String) {
+        match self.subnets6 {
+            Some(((s, sl), (d, dl))) => (format!("{s}/{sl}"), format!("{d}/{dl}")),
+            None => (self.src_subnet.to_string(), self.dst_subnet.to_string()),
         }
     }
 

@@ -417,8 +417,25 @@ fn fortios_extras_and_haven_extensions() {
     assert!(expected_of(&e).contains("IPv6 address"), "{e}");
     let e = one_error(&mk(&["set ip-version 5"]));
     assert!(expected_of(&e).contains("one of 4, 6"), "{e}");
-    let e = one_error(&mk(&["set addr-type 6"]));
+    let e = one_error(&mk(&["set addr-type 7"]));
     assert_eq!((e.line, e.col), (3, 23));
+    // addr-type 6: IPv6 selectors (`src-subnet6`/`dst-subnet6`, default ::/0).
+    let p = parse(&mk(&["set addr-type 6", "set src-subnet6 fd00:99:1::/64"])).unwrap();
+    let m = &p.config.manualkey[0];
+    assert_eq!(
+        m.selectors(),
+        ("fd00:99:1::/64".to_string(), "::/0".to_string())
+    );
+    assert_eq!(
+        p.config.manualkey.len(),
+        1,
+        "{:?}",
+        p.warnings
+    );
+    let p = parse(&mk(&["set src-subnet6 fd00:99:1::/64"])).unwrap();
+    assert_eq!(p.config.manualkey[0].selectors().0, "0.0.0.0/0");
+    let keys: Vec<&str> = p.warnings.iter().map(|w| w.key.as_str()).collect();
+    assert_eq!(keys, ["src-subnet6"]);
     let e = one_error(&mk(&["set encapsulation tcp"]));
     assert!(expected_of(&e).contains("one of none, udp"), "{e}");
     let e = one_error(&mk(&["set authkey 00"]));
