@@ -426,12 +426,7 @@ fn fortios_extras_and_haven_extensions() {
         m.selectors(),
         ("fd00:99:1::/64".to_string(), "::/0".to_string())
     );
-    assert_eq!(
-        p.config.manualkey.len(),
-        1,
-        "{:?}",
-        p.warnings
-    );
+    assert_eq!(p.config.manualkey.len(), 1, "{:?}", p.warnings);
     let p = parse(&mk(&["set src-subnet6 fd00:99:1::/64"])).unwrap();
     assert_eq!(p.config.manualkey[0].selectors().0, "0.0.0.0/0");
     let keys: Vec<&str> = p.warnings.iter().map(|w| w.key.as_str()).collect();

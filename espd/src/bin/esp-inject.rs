@@ -11,9 +11,10 @@
 //! `truncated` is an 8-byte header plus 4 bytes; `bad-icv` flips the last ICV byte;
 //! `bad-padding` carries padding bytes that are not 1, 2, ... (RFC 4303 §2.4) under a valid
 //! ICV; `inner-length` carries an IPv4 header whose total length claims 8 bytes more than
-//! the packet has, under a valid ICV.
+//! the packet has, under a valid ICV. With IPv6 INNER_SRC and INNER_DST the inner packet is
+//! UDP/IPv6, and `inner-length` makes its payload length claim 8 bytes more.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::ExitCode;
 
 use esp_proto::{EspCrypto, LifetimeConfig, SaConfig, SaKeys, Transform};
@@ -48,6 +49,40 @@ fn inner_packet(src: Ipv4Addr, dst: Ipv4Addr, lie: usize) -> Vec<u8> {
     }
     esp_proto::inner::ipv4_fix_checksum(&mut p);
     p
+}
+
+/// A 64-byte UDP/IPv6 packet (RFC 8200 §3, RFC 768) to the discard port; its payload length
+/// claims `lie` bytes more than it carries. The UDP checksum is left 0 (the receiver's
+/// stack drops it; espd checks only the IP header).
+fn inner_packet6(src: Ipv6Addr, dst: Ipv6Addr, lie: usize) -> Vec<u8> {
+    let len = 64usize;
+    let mut p = vec![0u8; len];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&((len - 40 + lie) as u16).to_be_bytes());
+    p[6] = 17;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..42].copy_from_slice(&9999u16.to_be_bytes());
+    p[42..44].copy_from_slice(&9u16.to_be_bytes());
+    p[44..46].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+    for (i, b) in p[48..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    p
+}
+
+/// The inner packet of the family of `src` and `dst` (IPv4 when they differ).
+fn inner(src: IpAddr, dst: IpAddr, lie: usize) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => inner_packet6(s, d, lie),
+        (IpAddr::V4(s), IpAddr::V4(d)) => inner_packet(s, d, lie),
+        _ => inner_packet(
+            Ipv4Addr::new(10, 99, 1, 2),
+            Ipv4Addr::new(10, 99, 2, 2),
+            lie,
+        ),
+    }
 }
 
 fn send_raw(dst: Ipv4Addr, pkt: &[u8]) -> std::io::Result<()> {
@@ -106,12 +141,15 @@ fn run(args: &[String]) -> Result<(), String> {
     let key = hex(key).ok_or("KEYHEX: not hex")?;
     let t = Transform::from_name(transform).ok_or("unknown TRANSFORM")?;
     let seq: u64 = seq.parse().map_err(|e| format!("SEQ: {e}"))?;
-    let (isrc, idst) = match rest {
+    let (isrc, idst): (IpAddr, IpAddr) = match rest {
         [s, d] => (
             s.parse().map_err(|e| format!("INNER_SRC: {e}"))?,
             d.parse().map_err(|e| format!("INNER_DST: {e}"))?,
         ),
-        _ => (Ipv4Addr::new(10, 99, 1, 2), Ipv4Addr::new(10, 99, 2, 2)),
+        _ => (
+            Ipv4Addr::new(10, 99, 1, 2).into(),
+            Ipv4Addr::new(10, 99, 2, 2).into(),
+        ),
     };
     let keys = SaKeys::split(t, &key).map_err(|e| e.to_string())?;
     let cfg = SaConfig {
@@ -123,17 +161,15 @@ fn run(args: &[String]) -> Result<(), String> {
     let mut c = EspCrypto::new(&cfg, keys, true).map_err(|e| e.to_string())?;
     let mut out = vec![0u8; 2048];
     let len = match kind.as_str() {
-        "valid" => c.seal(seq, &inner_packet(isrc, idst, 0), &mut out),
-        "inner-length" => c.seal(seq, &inner_packet(isrc, idst, 8), &mut out),
-        "bad-icv" => c
-            .seal(seq, &inner_packet(isrc, idst, 0), &mut out)
-            .inspect(|n| {
-                if let Some(b) = out.get_mut(n - 1) {
-                    *b ^= 0x55;
-                }
-            }),
+        "valid" => c.seal(seq, &inner(isrc, idst, 0), &mut out),
+        "inner-length" => c.seal(seq, &inner(isrc, idst, 8), &mut out),
+        "bad-icv" => c.seal(seq, &inner(isrc, idst, 0), &mut out).inspect(|n| {
+            if let Some(b) = out.get_mut(n - 1) {
+                *b ^= 0x55;
+            }
+        }),
         "bad-padding" => {
-            let mut payload = inner_packet(isrc, idst, 0);
+            let mut payload = inner(isrc, idst, 0);
             let align = t.encryption().align().max(4);
             let mut pad = (align - (payload.len() + 2) % align) % align;
             if pad < 2 {
@@ -148,7 +184,12 @@ fn run(args: &[String]) -> Result<(), String> {
                 });
             }
             payload.push(pad as u8);
-            payload.push(4);
+            // Next Header: IPv4 (4) or IPv6 (41).
+            payload.push(if matches!((isrc, idst), (IpAddr::V6(_), IpAddr::V6(_))) {
+                41
+            } else {
+                4
+            });
             let iv = vec![0x42u8; t.iv_len()];
             c.seal_payload(seq, &iv, &payload, &mut out)
         }

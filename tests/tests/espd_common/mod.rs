@@ -53,6 +53,45 @@ pub fn add_outer6(topo: &SiteToSite) {
     }
 }
 
+/// Inner IPv6 addressing for the inner-IPv6 suites: the client's LAN and the server's.
+pub const LAN_A6: &str = "fd00:99:1::/64";
+pub const LAN_B6: &str = "fd00:99:2::/64";
+pub const CLIENT6: &str = "fd00:99:1::2";
+pub const SERVER6: &str = "fd00:99:2::2";
+const GWA_INNER6: &str = "fd00:99:1::1";
+const GWB_INNER6: &str = "fd00:99:2::1";
+
+/// Gives the client, the server and the gateways' inside interfaces the IPv6 addresses of
+/// [`LAN_A6`] and [`LAN_B6`] (no duplicate address detection), default routes from client
+/// and server to their gateway, and IPv6 forwarding on both gateways.
+pub fn add_inner6(topo: &SiteToSite) {
+    for (ns, dev, addr) in [
+        (&topo.client, "c0", CLIENT6),
+        (&topo.gwa, "in0", GWA_INNER6),
+        (&topo.gwb, "in0", GWB_INNER6),
+        (&topo.server, "s0", SERVER6),
+    ] {
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])
+        .expect("inner IPv6 address");
+    }
+    for (ns, via) in [(&topo.client, GWA_INNER6), (&topo.server, GWB_INNER6)] {
+        ns.ip(&["-6", "route", "add", "default", "via", via])
+            .expect("IPv6 default route");
+    }
+    for ns in [&topo.gwa, &topo.gwb] {
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")
+            .expect("IPv6 forwarding");
+    }
+}
+
 /// The manual-key configuration of one side (`ip-version 6` with `local-gw6`/`remote-gw6`
 /// when the addresses are IPv6).
 pub fn config(
@@ -69,8 +108,13 @@ pub fn config(
     } else {
         format!("        set local-gw {local}\n        set remote-gw {remote}\n")
     };
+    let selectors = if src.contains(':') {
+        format!("        set addr-type 6\n        set src-subnet6 {src}\n        set dst-subnet6 {dst}\n")
+    } else {
+        format!("        set src-subnet {src}\n        set dst-subnet {dst}\n")
+    };
     format!(
-        "config vpn ipsec manualkey-interface\n    edit \"{TUNNEL}\"\n        set interface \"out0\"\n{gateways}        set enc-alg aes128gcm\n        set enc-key {KEY_GCM}\n        set local-spi {spi_in:#x}\n        set remote-spi {spi_out:#x}\n        set encapsulation {}\n        set src-subnet {src}\n        set dst-subnet {dst}\n    next\nend\n",
+        "config vpn ipsec manualkey-interface\n    edit \"{TUNNEL}\"\n        set interface \"out0\"\n{gateways}        set enc-alg aes128gcm\n        set enc-key {KEY_GCM}\n        set local-spi {spi_in:#x}\n        set remote-spi {spi_out:#x}\n        set encapsulation {}\n{selectors}    next\nend\n",
         if udp { "udp" } else { "none" }
     )
 }
@@ -99,9 +143,7 @@ config vpn ipsec phase2-interface
         set phase1name \"{TUNNEL}\"
         set proposal aes128gcm
         set pfs disable
-        set src-subnet {src}
-        set dst-subnet {dst}
-{p2_extra}    next
+{}{p2_extra}    next
 end
 ",
         if remote.contains(':') {
@@ -113,6 +155,11 @@ end
             "        set passive-mode enable\n"
         } else {
             ""
+        },
+        if src.contains(':') {
+            format!("        set src-addr-type subnet6\n        set src-subnet6 {src}\n        set dst-addr-type subnet6\n        set dst-subnet6 {dst}\n")
+        } else {
+            format!("        set src-subnet {src}\n        set dst-subnet {dst}\n")
         }
     )
 }
@@ -305,6 +352,59 @@ impl Pair {
         let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, SiteToSite::LAN_B);
         let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, SiteToSite::LAN_A);
         for g in [&mut a, &mut b] {
+            g.start_ikemgr();
+            g.start_espd();
+        }
+        a.wait_tunnel();
+        b.wait_tunnel();
+        Pair { topo, a, b }
+    }
+
+    /// As [`Pair::new`] (IPv4 outside, raw ESP or UDP 4500) carrying inner IPv6: the LANs
+    /// get [`LAN_A6`] and [`LAN_B6`] ([`add_inner6`]) and the manual key `addr-type 6`
+    /// selectors between them.
+    pub fn inner6(label: &str, udp: bool) -> Pair {
+        let topo = SiteToSite::new(label).expect("topology");
+        add_inner6(&topo);
+        let ca = config(
+            SiteToSite::GWA_OUTER,
+            SiteToSite::GWB_OUTER,
+            SPI_A,
+            SPI_B,
+            LAN_A6,
+            LAN_B6,
+            udp,
+        );
+        let cb = config(
+            SiteToSite::GWB_OUTER,
+            SiteToSite::GWA_OUTER,
+            SPI_B,
+            SPI_A,
+            LAN_B6,
+            LAN_A6,
+            udp,
+        );
+        let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, LAN_B6);
+        let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, LAN_A6);
+        for g in [&mut a, &mut b] {
+            g.start_ikemgr();
+            g.start_espd();
+        }
+        a.wait_tunnel();
+        b.wait_tunnel();
+        Pair { topo, a, b }
+    }
+
+    /// An IKEv2 tunnel as [`Pair::ike`] whose phase2 selectors are the IPv6 LANs
+    /// [`LAN_A6`] and [`LAN_B6`] (`subnet6`), over IPv4 outside addresses.
+    pub fn ike_inner6(label: &str) -> Pair {
+        let topo = SiteToSite::new(label).expect("topology");
+        add_inner6(&topo);
+        let ca = ike_config(SiteToSite::GWB_OUTER, false, LAN_A6, LAN_B6, "");
+        let cb = ike_config(SiteToSite::GWA_OUTER, true, LAN_B6, LAN_A6, "");
+        let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, LAN_B6);
+        let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, LAN_A6);
+        for g in [&mut b, &mut a] {
             g.start_ikemgr();
             g.start_espd();
         }

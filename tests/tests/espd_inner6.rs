@@ -1,0 +1,236 @@
+//! Inner IPv6 through espd (IPv4 outside addresses): the client's and the server's LANs are
+//! `fd00:99:1::/64` and `fd00:99:2::/64`. Two Haven gateways with a manual key
+//! (`addr-type 6`, `src-subnet6`/`dst-subnet6`) and with IKEv2 (phase2 `subnet6`
+//! selectors): ICMPv6 echo both ways (client to server and server to client), an inner
+//! IPv6 packet whose payload length lies (under a valid ICV) dropped as `inner_header`, one
+//! outside the selectors dropped as `selector`. And a strongSwan client gateway (charon,
+//! kernel-libipsec) in gwa against our gateway in gwb with IPv6 selectors: ping6 both ways.
+
+mod espd_common;
+
+use std::time::Duration;
+
+use espd_common::{
+    add_inner6, ike_config, parse_ping, Gw, Pair, CLIENT6, KEY_GCM, LAN_A6, LAN_B6, SERVER6, SPI_B,
+    TUNNEL,
+};
+use haven_tests::daemons::{bin, wait_for};
+use haven_tests::netns::{Netns, SiteToSite};
+use haven_tests::strongswan::{self, Charon, ChildCfg, Conn, SwanctlConf};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `count` ICMPv6 echoes from `ns` to `to`, 0.2 s apart: (sent, answered).
+fn ping6(ns: &Netns, to: &str, count: u32) -> (u32, u32) {
+    let out = ns
+        .exec(
+            "ping",
+            &[
+                "-6",
+                "-n",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                to,
+            ],
+        )
+        .expect("ping -6");
+    parse_ping(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Waits until one ICMPv6 echo from `ns` to `to` comes back (`why` names the logs to show).
+fn wait_ping6(ns: &Netns, to: &str, why: impl Fn() -> String) {
+    wait_for("first ping6 through the tunnel", WAIT, || {
+        ns.run("ping", &["-6", "-n", "-c", "1", "-W", "1", to])
+            .map(|_| ())
+            .map_err(|e| format!("{e}\n{}", why()))
+    });
+}
+
+/// Ping6 both ways through `pair`; both gateways' SA counted them in each direction, and
+/// nothing was dropped as a bad inner header or a selector mismatch.
+fn pings_both_ways(pair: &Pair) {
+    let why = || {
+        format!(
+            "gwa:\n{}\ngwb:\n{}\ngwa espd:\n{}\ngwb espd:\n{}",
+            pair.a.tunnel_list_text(),
+            pair.b.tunnel_list_text(),
+            pair.a.log("espd"),
+            pair.b.log("espd")
+        )
+    };
+    wait_ping6(&pair.topo.client, SERVER6, why);
+    let (sent, got) = ping6(&pair.topo.client, SERVER6, 10);
+    assert!(sent == 10 && got >= 9, "client -> server: {got}/{sent}");
+    let (sent, got) = ping6(&pair.topo.server, CLIENT6, 10);
+    assert!(sent == 10 && got >= 9, "server -> client: {got}/{sent}");
+    for (side, gw) in [("gwa", &pair.a), ("gwb", &pair.b)] {
+        let sa = gw.sa().unwrap_or_else(|| panic!("{side}: no SA"));
+        assert!(sa["dec_pkts"].as_u64().unwrap_or(0) >= 19, "{side}: {sa}");
+        assert!(sa["enc_pkts"].as_u64().unwrap_or(0) >= 19, "{side}: {sa}");
+        // (Not `no_sa`: the kernel's own IPv6 packets on the TUN device, multicast listener
+        // reports and router solicitations from its link-local address, have no SA.)
+        for reason in ["inner_header", "selector"] {
+            assert_eq!(gw.drop_total(reason), 0, "{side} {reason}: {}", why());
+        }
+    }
+}
+
+#[test]
+fn manual_key_pair_carries_inner_ipv6() {
+    let pair = Pair::inner6("espd-in6", false);
+    // The selectors as the tunnel list shows them (`proto:first-last:port`).
+    const A6: &str = "0:fd00:99:1::-fd00:99:1:0:ffff:ffff:ffff:ffff:0";
+    const B6: &str = "0:fd00:99:2::-fd00:99:2:0:ffff:ffff:ffff:ffff:0";
+    for (side, gw, local, remote) in [("gwa", &pair.a, A6, B6), ("gwb", &pair.b, B6, A6)] {
+        let v = gw.tunnel_list();
+        let t = v["tunnels"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["name"] == TUNNEL))
+            .unwrap_or_else(|| panic!("{side}: no {TUNNEL} in {v}"));
+        let sa = &t["sas"][0];
+        assert_eq!(
+            (&sa["src"][0], &sa["dst"][0]),
+            (&local.into(), &remote.into()),
+            "{side}: {t}"
+        );
+    }
+    pings_both_ways(&pair);
+
+    // Hostile inner IPv6 under valid ICVs, from gwa to gwb's SA. Sequence numbers well
+    // above what the pings used and inside the 2048-packet window, so the tunnel's own
+    // traffic stays acceptable.
+    let inject = bin("esp-inject");
+    let send = |kind: &str, seq: u64, src: &str, dst: &str| {
+        let args = [
+            SiteToSite::GWB_OUTER.to_string(),
+            format!("{SPI_B:x}"),
+            KEY_GCM.to_string(),
+            "aes128gcm".to_string(),
+            kind.to_string(),
+            seq.to_string(),
+            src.to_string(),
+            dst.to_string(),
+        ];
+        let out = pair
+            .topo
+            .gwa
+            .exec(inject.to_str().unwrap(), &args)
+            .expect("esp-inject");
+        assert!(
+            out.status.success(),
+            "esp-inject {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let before = pair
+        .b
+        .sa()
+        .map(|s| s["dec_pkts"].as_u64().unwrap_or(0))
+        .unwrap_or(0);
+    send("inner-length", 1000, CLIENT6, SERVER6);
+    send("valid", 1001, "fd00:77::1", SERVER6);
+    send("valid", 1002, CLIENT6, SERVER6);
+    let b = &pair.b;
+    wait_for("inner IPv6 drops counted", Duration::from_secs(5), || {
+        let got = (
+            b.sa_drop("inner_header"),
+            b.sa_drop("selector"),
+            b.sa()
+                .map(|s| s["dec_pkts"].as_u64().unwrap_or(0))
+                .unwrap_or(0)
+                - before,
+        );
+        if got == (1, 1, 1) {
+            Ok(())
+        } else {
+            Err(format!(
+                "(inner_header, selector, delivered) = {got:?}\n{}",
+                b.tunnel_list()
+            ))
+        }
+    });
+    assert!(pair.b.espd.is_some(), "espd not started");
+    let (sent, got) = ping6(&pair.topo.client, SERVER6, 5);
+    assert!(
+        sent == 5 && got >= 4,
+        "after the hostile packets: {got}/{sent}"
+    );
+    assert_eq!(pair.b.sa_drop("replay"), 0, "{}", pair.b.tunnel_list());
+}
+
+#[test]
+fn ike_pair_carries_inner_ipv6() {
+    let pair = Pair::ike_inner6("espd-ike-in6");
+    pings_both_ways(&pair);
+    // ikemgr routed the remote IPv6 LAN into the tunnel itself (add-route).
+    for (side, gw, remote) in [("gwa", &pair.a, LAN_B6), ("gwb", &pair.b, LAN_A6)] {
+        let routes = gw
+            .ns
+            .ip(&["-6", "route", "show", "dev", TUNNEL])
+            .unwrap_or_default();
+        assert!(routes.contains(remote), "{side}: {routes}");
+    }
+}
+
+#[test]
+fn strongswan_gateway_carries_inner_ipv6() {
+    if let Err(e) = strongswan::preflight() {
+        panic!("cannot run strongSwan tests on this machine: {e}");
+    }
+    let topo = SiteToSite::new("espd-swan-in6").expect("topology");
+    add_inner6(&topo);
+    let conf = ike_config(SiteToSite::GWA_OUTER, true, LAN_B6, LAN_A6, "");
+    let mut gw = Gw::new(&topo.gwb, "espd-swan-in6-b", &conf, LAN_A6);
+    gw.start_ikemgr();
+    gw.start_espd();
+    wait_for("ikemgr listening", WAIT, || {
+        gw.log("ikemgr")
+            .contains("listening on UDP 500")
+            .then_some(())
+            .ok_or_else(|| gw.log("ikemgr"))
+    });
+    let mut charon = Charon::start(&topo.gwa).expect("charon in gwa");
+    charon
+        .load(
+            &SwanctlConf::new().conn(
+                Conn::psk(
+                    "gw",
+                    SiteToSite::GWA_OUTER,
+                    SiteToSite::GWB_OUTER,
+                    espd_common::IKE_PSK.as_bytes(),
+                )
+                .proposals(&["aes128gcm16-prfsha256-ecp256"])
+                .child(ChildCfg::new("net", LAN_A6, LAN_B6).esp_proposals(&["aes128gcm16"])),
+            ),
+        )
+        .expect("load swanctl.conf");
+    if let Err(e) = charon.initiate("net", WAIT) {
+        panic!(
+            "initiate failed: {e}\ncharon:\n{}\nikemgr:\n{}\nespd:\n{}",
+            charon.log(),
+            gw.log("ikemgr"),
+            gw.log("espd")
+        );
+    }
+    charon
+        .wait_child_installed("gw", "net", WAIT)
+        .expect("strongSwan CHILD SA");
+    gw.wait_tunnel();
+    let why = || format!("charon:\n{}\nespd:\n{}", charon.log(), gw.log("espd"));
+    wait_ping6(&topo.client, SERVER6, why);
+    let (sent, got) = ping6(&topo.client, SERVER6, 10);
+    assert!(sent == 10 && got >= 9, "client -> server: {got}/{sent}");
+    let (sent, got) = ping6(&topo.server, CLIENT6, 10);
+    assert!(sent == 10 && got >= 9, "server -> client: {got}/{sent}");
+    let sa = gw.sa().expect("SA");
+    assert!(sa["dec_pkts"].as_u64().unwrap_or(0) >= 19, "{sa}");
+    assert!(sa["enc_pkts"].as_u64().unwrap_or(0) >= 19, "{sa}");
+    for reason in ["inner_header", "selector", "icv", "replay"] {
+        assert_eq!(gw.drop_total(reason), 0, "{reason}: {}", gw.tunnel_list());
+    }
+}
