@@ -136,11 +136,7 @@ impl HaLeases {
     pub fn skip(&self, dp: Option<&Datapath>, marks: &[SeqMark]) {
         let Some(dp) = dp else { return };
         for m in marks {
-            for sa in dp
-                .sas()
-                .values()
-                .filter(|s| s.tunnel == m.tunnel && s.spi_out == m.spi_out)
-            {
+            for sa in dp.sas_of(&m.tunnel, m.spi_out) {
                 let before = sa.seq.next();
                 let next = sa.seq.skip_to(m.seq_hw);
                 if next > before {
@@ -158,11 +154,7 @@ impl HaLeases {
     pub fn granted(&self, dp: Option<&Datapath>, marks: &[SeqMark]) {
         let Some(dp) = dp else { return };
         for m in marks {
-            for sa in dp
-                .sas()
-                .values()
-                .filter(|s| s.tunnel == m.tunnel && s.spi_out == m.spi_out)
-            {
+            for sa in dp.sas_of(&m.tunnel, m.spi_out) {
                 if sa.ha_hw.load(Ordering::Acquire) == u64::MAX {
                     continue;
                 }

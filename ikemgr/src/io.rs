@@ -175,25 +175,13 @@ fn send_from(fd: RawFd, data: &[u8], src: Ipv4Addr, dst: SocketAddrV4) -> io::Re
     h.msg_iovlen = 1;
     if !src.is_unspecified() {
         h.msg_control = cbuf.as_mut_ptr().cast();
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        h.msg_controllen =
-            unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) } as _;
-        // SAFETY: cbuf has 64 bytes, more than CMSG_SPACE(12) (32); CMSG_FIRSTHDR/DATA stay
-        // inside it and the first header is non-null for a non-empty buffer.
+        h.msg_controllen = haven_daemon::pktinfo::space(src.into()) as _;
+        // SAFETY: cbuf has 64 bytes, more than the 32 an IPv4 PKTINFO takes; CMSG_FIRSTHDR
+        // is non-null for a non-empty buffer and points at its start.
         unsafe {
             let c = libc::CMSG_FIRSTHDR(&h);
             if !c.is_null() {
-                (*c).cmsg_level = libc::IPPROTO_IP;
-                (*c).cmsg_type = libc::IP_PKTINFO;
-                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as _;
-                let p = libc::in_pktinfo {
-                    ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr {
-                        s_addr: u32::from(src).to_be(),
-                    },
-                    ipi_addr: libc::in_addr { s_addr: 0 },
-                };
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>(), p);
+                haven_daemon::pktinfo::write(c, src.into());
             }
         }
     }

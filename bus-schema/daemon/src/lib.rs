@@ -12,6 +12,7 @@
 //! logic owns what it publishes.
 
 pub mod logging;
+pub mod pktinfo;
 mod shell;
 pub mod telemetry;
 

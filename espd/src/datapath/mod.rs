@@ -259,6 +259,17 @@ impl Datapath {
         &self.sas
     }
 
+    /// The installed SAs of `tunnel` that send with `spi_out` (the store key starts with
+    /// `<tunnel>/`, so one range of the ordered map, not a scan of every SA).
+    pub fn sas_of<'a>(&'a self, tunnel: &str, spi_out: u32) -> impl Iterator<Item = &'a Arc<Sa>> {
+        let prefix = format!("{tunnel}/");
+        self.sas
+            .range(prefix.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&prefix))
+            .map(|(_, sa)| sa)
+            .filter(move |sa| sa.spi_out == spi_out)
+    }
+
     /// Open TUN devices by phase1 name.
     pub fn devices(&self) -> &HashMap<String, Arc<TunDev>> {
         &self.devices

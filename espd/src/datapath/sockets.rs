@@ -590,16 +590,9 @@ impl RecvBatch {
 fn set_cmsgs(h: &mut libc::msghdr, buf: &mut Cmsgs, src: IpAddr, seg: Option<u16>) {
     *buf = [0; CMSG_WORDS];
     h.msg_control = buf.as_mut_ptr().cast();
+    let pk = haven_daemon::pktinfo::space(src);
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let (pk, sg) = unsafe {
-        (
-            match src {
-                IpAddr::V4(_) => libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32),
-                IpAddr::V6(_) => libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32),
-            } as usize,
-            libc::CMSG_SPACE(2) as usize,
-        )
-    };
+    let sg = unsafe { libc::CMSG_SPACE(2) as usize };
     let want_pk = !src.is_unspecified();
     let total = (if want_pk { pk } else { 0 }) + (if seg.is_some() { sg } else { 0 });
     if total == 0 {
@@ -614,33 +607,7 @@ fn set_cmsgs(h: &mut libc::msghdr, buf: &mut Cmsgs, src: IpAddr, seg: Option<u16
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(h);
         if want_pk && !c.is_null() {
-            match src {
-                IpAddr::V4(src) => {
-                    (*c).cmsg_level = libc::IPPROTO_IP;
-                    (*c).cmsg_type = libc::IP_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
-                    let p = libc::in_pktinfo {
-                        ipi_ifindex: 0,
-                        ipi_spec_dst: libc::in_addr {
-                            s_addr: u32::from(src).to_be(),
-                        },
-                        ipi_addr: libc::in_addr { s_addr: 0 },
-                    };
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>(), p);
-                }
-                IpAddr::V6(src) => {
-                    (*c).cmsg_level = libc::IPPROTO_IPV6;
-                    (*c).cmsg_type = libc::IPV6_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
-                    let p = libc::in6_pktinfo {
-                        ipi6_addr: libc::in6_addr {
-                            s6_addr: src.octets(),
-                        },
-                        ipi6_ifindex: 0,
-                    };
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>(), p);
-                }
-            }
+            haven_daemon::pktinfo::write(c, src);
             c = libc::CMSG_NXTHDR(h, c);
         }
         if let (Some(seg), false) = (seg, c.is_null()) {

@@ -221,9 +221,9 @@ impl Worker {
             let now = wall_ns();
             for ev in events.iter().take(n as usize) {
                 match ev.u64 {
-                    TOKEN_RAW => self.rx_raw(&table, now),
+                    TOKEN_RAW => self.rx_raw(&table, now, false),
                     TOKEN_UDP => self.rx_udp(&table, now, false),
-                    TOKEN_RAW6 => self.rx_raw6(&table, now),
+                    TOKEN_RAW6 => self.rx_raw(&table, now, true),
                     TOKEN_UDP6 => self.rx_udp(&table, now, true),
                     fd => {
                         if let Some(dev) = table.device_by_fd(fd as RawFd) {
@@ -300,7 +300,11 @@ impl Worker {
 
     // ---- inbound ------------------------------------------------------------------------
 
-    fn rx_raw(&mut self, table: &Table, now: u64) {
+    /// Raw ESP over IPv4 (`v6 = false`): the socket hands us the IPv4 header (RFC 791
+    /// §3.1), whose source address and IHL (32-bit words) locate the ESP packet. Over IPv6:
+    /// the socket hands over the ESP packet only (the IPv6 header and any extension headers
+    /// are gone); the source is the datagram's address.
+    fn rx_raw(&mut self, table: &Table, now: u64, v6: bool) {
         let Worker {
             id,
             shared,
@@ -310,57 +314,37 @@ impl Worker {
             hold,
             ..
         } = self;
-        let n = rx.recv(shared.sockets.raw.as_raw_fd()).unwrap_or(0);
-        for i in 0..n {
-            let Some((pkt, _, trunc, _)) = rx.get(i) else {
-                continue;
-            };
-            if trunc {
-                shared.count_drop(esp_proto::DropReason::Truncated.index());
-                continue;
+        let fd = if v6 {
+            match shared.sockets.raw6.as_ref() {
+                Some(f) => f.as_raw_fd(),
+                None => return,
             }
-            // The raw socket hands us the IPv4 header (RFC 791 §3.1): IHL in 32-bit words.
-            let first = pkt.first().copied().unwrap_or(0);
-            let ihl = usize::from(first & 0x0f) * 4;
-            let (4, true, Some(src), Some(esp)) =
-                (first >> 4, ihl >= 20, pkt.get(12..16), pkt.get(ihl..))
-            else {
-                shared.count_drop(DROP_OUTER);
-                continue;
-            };
-            let src = Source::Raw(IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3])));
-            if decap(*id, shared, &mut plain[..], gro, table, esp, src, now) {
-                hold_or_drop(shared, hold, table, esp, src, now);
-            }
-        }
-        shared.count_drops(DROP_TUN_WRITE, gro.flush());
-    }
-
-    /// Raw ESP over IPv6: the socket hands over the ESP packet only (the IPv6 header and
-    /// any extension headers are gone); the source is the datagram's address.
-    fn rx_raw6(&mut self, table: &Table, now: u64) {
-        let Worker {
-            id,
-            shared,
-            rx,
-            plain,
-            gro,
-            hold,
-            ..
-        } = self;
-        let Some(fd) = shared.sockets.raw6.as_ref().map(|f| f.as_raw_fd()) else {
-            return;
+        } else {
+            shared.sockets.raw.as_raw_fd()
         };
         let n = rx.recv(fd).unwrap_or(0);
         for i in 0..n {
-            let Some((esp, from, trunc, _)) = rx.get(i) else {
+            let Some((pkt, from, trunc, _)) = rx.get(i) else {
                 continue;
             };
             if trunc {
                 shared.count_drop(esp_proto::DropReason::Truncated.index());
                 continue;
             }
-            let src = Source::Raw(from.ip());
+            let (esp, src) = if v6 {
+                (pkt, Source::Raw(from.ip()))
+            } else {
+                let first = pkt.first().copied().unwrap_or(0);
+                let ihl = usize::from(first & 0x0f) * 4;
+                let (4, true, Some(src), Some(esp)) =
+                    (first >> 4, ihl >= 20, pkt.get(12..16), pkt.get(ihl..))
+                else {
+                    shared.count_drop(DROP_OUTER);
+                    continue;
+                };
+                let src = Ipv4Addr::new(src[0], src[1], src[2], src[3]);
+                (esp, Source::Raw(IpAddr::V4(src)))
+            };
             if decap(*id, shared, &mut plain[..], gro, table, esp, src, now) {
                 hold_or_drop(shared, hold, table, esp, src, now);
             }
