@@ -70,6 +70,10 @@ struct FgcpSide {
     /// Members heard with a new epoch (they started, or restarted faster than the loss
     /// detection), for a snapshot.
     restarted: Vec<MemberId>,
+    /// The role `Cluster::drive` last reported: a reload applied in place
+    /// (`reconfigure_in_place`) re-elects outside `drive`, and its role change must still
+    /// be reported (shared addresses, roles published).
+    reported_role: HaRole,
 }
 
 /// Runs a tunnel table's timer when it is due, then takes what it has to send and the
@@ -513,7 +517,7 @@ impl Cluster {
         let mut snap_all_fgsp = false;
         let mut fgsp_events: Vec<PeerEvent> = Vec::new();
         if let Some(side) = self.fgcp.as_mut() {
-            let before = side.fgcp.role();
+            let before = side.reported_role;
             received.extend(
                 side.drive(now_ms)
                     .into_iter()
@@ -561,6 +565,7 @@ impl Cluster {
             }
             self.election_events = events;
             let after = side.fgcp.role();
+            side.reported_role = after;
             if after != before {
                 ch.role_changed = true;
                 metrics::gauge!("hasyncd_role").set(match after {
@@ -1254,8 +1259,15 @@ impl Cluster {
         // A standby copy this member still held of an IKE SA it carried and has now deleted
         // (an FGCP takeover keeps the copies it was made from) describes an SA that no
         // longer exists: it goes with it, and so do the CHILD SA copies of a tunnel this
-        // member no longer carries at all.
+        // member no longer carries at all. Not on a member that does not carry the tunnel
+        // (an FGCP secondary, an FGSP standby): its ikemgr restarted without the SAs the
+        // killed one still held, and the copies are the new carrier's, kept for the next
+        // takeover.
+        let carrier = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
         for (_, r) in self.ike_local.iter().filter(|(k, _)| !now.contains_key(*k)) {
+            if !carrier || self.fgsp_role(&r.tunnel) == Some(TunnelRole::Standby) {
+                continue;
+            }
             if self
                 .ike_replicas
                 .get(&r.tunnel)
@@ -1813,6 +1825,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
     // that hears nobody during its hello elects itself.
     let listening_ms = haven_daemon::now_ns() / 1_000_000;
     let fgcp = Fgcp::new(cfg, now_ms.max(listening_ms)).map_err(|e| e.to_string())?;
+    let reported_role = fgcp.role();
     Ok(FgcpSide {
         sock,
         dest: SocketAddr::from((Ipv4Addr::BROADCAST, FGCP_PORT)),
@@ -1830,6 +1843,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         addrs: BTreeMap::new(),
         loss: Default::default(),
         restarted: Vec::new(),
+        reported_role,
     })
 }
 
