@@ -318,6 +318,14 @@ pub fn describe_metrics() {
         "hasyncd_fgsp_detected_peers",
         "FGSP peers currently heard from."
     );
+    describe_gauge!(
+        "hasyncd_fgsp_peers_configured",
+        "FGSP peers configured (config cluster-peer); 0 without FGSP."
+    );
+    describe_gauge!(
+        "hasyncd_fgcp_peers",
+        "Other FGCP members currently heard from (heartbeats); 0 without FGCP."
+    );
 }
 
 impl Cluster {
@@ -381,6 +389,9 @@ impl Cluster {
         // show 0 instead of no data.
         metrics::gauge!("hasyncd_standby_child_sas").set(0.0);
         metrics::gauge!("hasyncd_fgsp_detected_peers").set(0.0);
+        metrics::gauge!("hasyncd_fgsp_peers_configured")
+            .set(fgsp.as_ref().map_or(0, |f| f.peers.len()) as f64);
+        metrics::gauge!("hasyncd_fgcp_peers").set(0.0);
         Cluster {
             fgcp,
             fgsp,
@@ -566,6 +577,7 @@ impl Cluster {
             self.election_events = events;
             let after = side.fgcp.role();
             side.reported_role = after;
+            metrics::gauge!("hasyncd_fgcp_peers").set(side.fgcp.peer_count() as f64);
             if after != before {
                 ch.role_changed = true;
                 metrics::gauge!("hasyncd_role").set(match after {
