@@ -73,7 +73,34 @@ pub fn describe_metrics() {
         "Daemons that did not confirm the reload after a sync, by daemon."
     );
     metrics::gauge!("hasyncd_config_in_sync").set(0.0);
+    // Exported at 0 from the start, so that dashboards show 0 and alerts see the first
+    // refusal as an increase.
+    metrics::counter!("hasyncd_config_syncs_total").increment(0);
+    metrics::counter!("hasyncd_config_chunks_served_total").increment(0);
+    for reason in REFUSAL_REASONS {
+        metrics::counter!("hasyncd_config_sync_rejected_total", "reason" => reason).increment(0);
+    }
+    for d in RELOAD_ORDER {
+        metrics::counter!("hasyncd_config_reload_failures_total", "daemon" => d.name())
+            .increment(0);
+    }
 }
+
+/// Every `reason` label of `hasyncd_config_sync_rejected_total`: the text is not UTF-8,
+/// the primary's text, this member's file or their merge does not load, the merge's
+/// checksum is not the primary's, the file cannot be written, and the transfer's failures
+/// (ha-core `PullFailure::label`).
+const REFUSAL_REASONS: [&str; 9] = [
+    "not_utf8",
+    "primary_invalid",
+    "own_invalid",
+    "merged_invalid",
+    "checksum",
+    "write",
+    "too_large",
+    "corrupt",
+    "timeout",
+];
 
 fn sums_json(s: &ConfigSums) -> Value {
     json!({ "global": s.global.hex(), "root": s.root.hex(), "all": s.all.hex() })

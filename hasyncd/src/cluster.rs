@@ -70,6 +70,10 @@ struct FgcpSide {
     /// Members heard with a new epoch (they started, or restarted faster than the loss
     /// detection), for a snapshot.
     restarted: Vec<MemberId>,
+    /// The role `Cluster::drive` last reported: a reload applied in place
+    /// (`reconfigure_in_place`) re-elects outside `drive`, and its role change must still
+    /// be reported (shared addresses, roles published).
+    reported_role: HaRole,
 }
 
 /// Runs a tunnel table's timer when it is due, then takes what it has to send and the
@@ -314,6 +318,14 @@ pub fn describe_metrics() {
         "hasyncd_fgsp_detected_peers",
         "FGSP peers currently heard from."
     );
+    describe_gauge!(
+        "hasyncd_fgsp_peers_configured",
+        "FGSP peers configured (config cluster-peer); 0 without FGSP."
+    );
+    describe_gauge!(
+        "hasyncd_fgcp_peers",
+        "Other FGCP members currently heard from (heartbeats); 0 without FGCP."
+    );
 }
 
 impl Cluster {
@@ -377,6 +389,9 @@ impl Cluster {
         // show 0 instead of no data.
         metrics::gauge!("hasyncd_standby_child_sas").set(0.0);
         metrics::gauge!("hasyncd_fgsp_detected_peers").set(0.0);
+        metrics::gauge!("hasyncd_fgsp_peers_configured")
+            .set(fgsp.as_ref().map_or(0, |f| f.peers.len()) as f64);
+        metrics::gauge!("hasyncd_fgcp_peers").set(0.0);
         Cluster {
             fgcp,
             fgsp,
@@ -513,7 +528,7 @@ impl Cluster {
         let mut snap_all_fgsp = false;
         let mut fgsp_events: Vec<PeerEvent> = Vec::new();
         if let Some(side) = self.fgcp.as_mut() {
-            let before = side.fgcp.role();
+            let before = side.reported_role;
             received.extend(
                 side.drive(now_ms)
                     .into_iter()
@@ -561,6 +576,8 @@ impl Cluster {
             }
             self.election_events = events;
             let after = side.fgcp.role();
+            side.reported_role = after;
+            metrics::gauge!("hasyncd_fgcp_peers").set(side.fgcp.peer_count() as f64);
             if after != before {
                 ch.role_changed = true;
                 metrics::gauge!("hasyncd_role").set(match after {
@@ -1254,8 +1271,15 @@ impl Cluster {
         // A standby copy this member still held of an IKE SA it carried and has now deleted
         // (an FGCP takeover keeps the copies it was made from) describes an SA that no
         // longer exists: it goes with it, and so do the CHILD SA copies of a tunnel this
-        // member no longer carries at all.
+        // member no longer carries at all. Not on a member that does not carry the tunnel
+        // (an FGCP secondary, an FGSP standby): its ikemgr restarted without the SAs the
+        // killed one still held, and the copies are the new carrier's, kept for the next
+        // takeover.
+        let carrier = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
         for (_, r) in self.ike_local.iter().filter(|(k, _)| !now.contains_key(*k)) {
+            if !carrier || self.fgsp_role(&r.tunnel) == Some(TunnelRole::Standby) {
+                continue;
+            }
             if self
                 .ike_replicas
                 .get(&r.tunnel)
@@ -1813,6 +1837,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
     // that hears nobody during its hello elects itself.
     let listening_ms = haven_daemon::now_ns() / 1_000_000;
     let fgcp = Fgcp::new(cfg, now_ms.max(listening_ms)).map_err(|e| e.to_string())?;
+    let reported_role = fgcp.role();
     Ok(FgcpSide {
         sock,
         dest: SocketAddr::from((Ipv4Addr::BROADCAST, FGCP_PORT)),
@@ -1830,6 +1855,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         addrs: BTreeMap::new(),
         loss: Default::default(),
         restarted: Vec::new(),
+        reported_role,
     })
 }
 

@@ -157,6 +157,23 @@ DASHBOARDS = {
         panel("Failovers", "timeseries",
               [q(f'increase(hasyncd_failovers_total{{{M}}}[$__rate_interval])', "{{member}}")],
               desc="Times this member took the primary role over; empty until the first one."),
+        panel("Peers heard", "timeseries", [
+            q(f'hasyncd_fgcp_peers{{{M}}}', "{{member}} FGCP members heard"),
+            q(f'hasyncd_fgsp_detected_peers{{{M}}}', "{{member}} FGSP peers heard"),
+            q(f'hasyncd_fgsp_peers_configured{{{M}}}', "{{member}} FGSP peers configured"),
+        ], key=True,
+              desc="Other FGCP members and FGSP peers whose heartbeats arrive. An FGCP member alone can fail over to nobody; FGSP peers heard below those configured cannot take its tunnels."),
+        panel("Configuration in sync (FGCP)", "stat",
+              [q(f'hasyncd_config_in_sync{{{M}}}', "{{member}}")], key=True,
+              mappings=[{"type": "value", "options": {"0": {"text": "OUT OF SYNC", "color": "red"},
+                                                      "1": {"text": "in sync", "color": "green"}}}],
+              desc="1 when the member's running configuration checksum is its FGCP primary's (on the primary: every member heard agrees). Also 0 without FGCP. Details: vpnctl diagnose sys ha checksum cluster."),
+        panel("Configuration syncs and refusals", "timeseries", [
+            q(f'sum by (member) (increase(hasyncd_config_syncs_total{{{M}}}[$__rate_interval]))', "{{member}} taken from the primary"),
+            q(f'sum by (member, reason) (increase(hasyncd_config_sync_rejected_total{{{M}}}[$__rate_interval]))', "{{member}} refused: {{reason}}"),
+            q(f'sum by (member, daemon) (increase(hasyncd_config_reload_failures_total{{{M}}}[$__rate_interval]))', "{{member}} reload failed: {{daemon}}"),
+        ], key=True,
+              desc="Configurations a secondary took from its FGCP primary, refused (by reason: the text, this member's file or their merge does not load, checksum, write, transfer) and daemons that did not confirm the reload. hasyncd's log has the first error with line and column."),
     ] + daemon_row("hasyncd")),
     "haven-espd": ("Haven: ESP datapath (espd)", "Packets, bytes, drops and SAs of the datapath.", [
         panel("Datapath up", "stat", [q(f'espd_datapath_up{{{M}}}', "{{member}}")], key=True,

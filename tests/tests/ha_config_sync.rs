@@ -14,6 +14,13 @@
 //!    (`vpnctl config reload`): gw2's file and its ikemgr (`vpnctl show snapshot ikemgr`)
 //!    get `vpn2` and the DPD change; gw2 keeps priority 100, no override, its `hbdev`; both
 //!    members' checksums (`vpnctl diagnose sys ha checksum cluster`) converge.
+//!    A broken file on the primary does not load there, so nothing reaches gw2. A
+//!    primary configuration gw2 cannot merge (its operator staged a `mode standalone` file
+//!    without `hbdev`, so the merge is `mode a-p` without a heartbeat interface) is refused:
+//!    gw2 keeps its running configuration and file, counts the refusal
+//!    (`hasyncd_config_sync_rejected_total{reason="merged_invalid"}`), logs line and
+//!    column, both members' `checksum cluster` show the mismatch; once the primary's
+//!    configuration is fixed, the checksums converge.
 //! 3. gw1 dies: gw2 takes the tunnel over and runs with the synced tunnel configuration.
 //!
 //! Needs root, iproute2 and the strongSwan packages (INTEROP.md).
@@ -32,6 +39,9 @@ const STEADY_HEARTBEAT: (u32, u32) = (2, 10);
 /// First words of the header hasyncd writes on a synced file (haven-config
 /// `member::HEADER_MARK`).
 const HEADER_MARK: &str = "# haven-config-sync:";
+
+/// The refusals of a merged configuration that does not load.
+const REFUSED_MERGE: &str = "hasyncd_config_sync_rejected_total{reason=\"merged_invalid\"}";
 
 const VPN2: &str = "config vpn ipsec phase1-interface
     edit \"vpn2\"
@@ -319,6 +329,68 @@ end
     assert_eq!(read_conf(&m2), gw2_file);
     assert_eq!(metric(&m2, "hasyncd_config_sync_rejected_total"), 0.0);
     std::fs::write(conf_path(&m1), &primary).unwrap();
+
+    // A primary configuration gw2 cannot take: gw2's operator staged a file that takes it
+    // out of the cluster (`mode standalone`, no `hbdev`) without reloading it. gw2 keeps
+    // its per-member keys from its file as it is now, so the primary's next configuration
+    // merges into `mode a-p` without a heartbeat interface: refused, counted by reason,
+    // logged with line and column; gw2 runs what it ran.
+    let staged = "config system global\n    set hostname \"gw2-own\"\nend\nconfig system ha\n    set group-id 5\n    set mode standalone\nend\n";
+    std::fs::write(conf_path(&m2), staged).unwrap();
+    let refused_before = metric(&m2, REFUSED_MERGE);
+    let hasyncd2_at = m2.log("hasyncd").len();
+    let unmergeable = primary.replace("set dpd-retryinterval 7", "set dpd-retryinterval 9");
+    std::fs::write(conf_path(&m1), &unmergeable).unwrap();
+    reload(&m1);
+    let refusal = wait_for("gw2 refuses the merge", WAIT, || {
+        let l = m2.log("hasyncd");
+        l[hasyncd2_at.min(l.len())..]
+            .lines()
+            .find(|l| l.contains("refused, running configuration kept"))
+            .map(str::to_string)
+            .ok_or_else(|| m2.logs())
+    });
+    eprintln!("gw2 hasyncd: {refusal}");
+    assert!(
+        refusal.contains("the merged configuration does not load")
+            && refusal.contains("line ")
+            && refusal.contains("column ")
+            && refusal.contains("hbdev"),
+        "{refusal}"
+    );
+    assert_eq!(read_conf(&m2), staged, "gw2's file is its operator's");
+    assert!(metric(&m2, REFUSED_MERGE) > refused_before);
+    wait_for("the mismatch shows on both members", WAIT, || {
+        let (a, b) = (checksums(&m1)?, checksums(&m2)?);
+        let gw2_running = b["running"]["all"].as_str().unwrap_or("").to_string();
+        (a["in_sync"] == false
+            && b["in_sync"] == false
+            && gw2_running == sum2
+            && a["running"]["all"] != sum2.as_str()
+            && metric(&m2, "hasyncd_config_in_sync") == 0.0)
+            .then_some(())
+            .ok_or_else(|| format!("gw1: {a}\ngw2: {b}"))
+    });
+    let view = vpnctl(&m2.run, &["diagnose", "sys", "ha", "checksum", "cluster"]);
+    let view = String::from_utf8_lossy(&view.stdout).to_string();
+    println!("gw2 # diagnose sys ha checksum cluster (refused)\n{view}");
+    assert!(view.contains("in_sync=no"), "{view}");
+    let v1 = ikemgr_tunnel(&m2, "vpn1").expect("vpn1 on gw2");
+    assert_eq!(
+        v1["dpd"]["retry_interval_ms"], 7000,
+        "gw2 runs what it ran: {v1}"
+    );
+    // The primary's configuration is fixed (back to what gw2 runs): in sync again.
+    std::fs::write(conf_path(&m1), &primary).unwrap();
+    reload(&m1);
+    assert_eq!(
+        wait_for("checksums converge after the fix", WAIT, || converged(
+            &m1, &m2
+        )),
+        sum2
+    );
+    assert_eq!(metric(&m2, "hasyncd_config_in_sync"), 1.0);
+    std::fs::write(conf_path(&m2), &gw2_file).unwrap();
 
     // 3. gw1 dies: gw2 carries the tunnel with the configuration it was given.
     m1.kill_all();

@@ -212,6 +212,11 @@ impl Fgcp {
         &self.cfg
     }
 
+    /// Other members currently heard from.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
     /// Members currently alive (this one first, then peers by id).
     pub fn members(&self, now_ms: u64) -> Vec<MemberStatus> {
         let mut out = vec![MemberStatus {
