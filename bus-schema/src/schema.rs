@@ -686,6 +686,24 @@ pub struct SeqMark {
     pub seq_hw: u64,
 }
 
+/// The SPI under which an IKE SA's RFC 6311 synchronisation mark travels as a [`SeqMark`]
+/// (`seq_hw` = the M1 of the synchronisation): ikemgr asks hasyncd to lease it
+/// (`SeqLeaseRequest`) before sending the synchronisation, hasyncd grants it once every live
+/// member recorded it, and a takeover hands it back in `TakeoverInfo::start_seqs`. It is in
+/// 1..=255, which RFC 4303 §2.1 reserves: no CHILD SA has such an SPI, so espd ignores it.
+/// Two IKE SAs of one tunnel share it with probability 1/255; the later one then counts as
+/// synchronised already (it sends no synchronisation, never a second one).
+pub fn ike_mid_mark_spi(spi_i: u64, spi_r: u64) -> u32 {
+    let x = spi_i ^ spi_r.rotate_left(32);
+    let folded = (x ^ (x >> 32)) as u32;
+    1 + folded % 255
+}
+
+/// Whether a [`SeqMark`]'s SPI is an IKE SA's synchronisation mark ([`ike_mid_mark_spi`]).
+pub fn is_ike_mid_mark(spi_out: u32) -> bool {
+    (1..=255).contains(&spi_out)
+}
+
 /// An established IKE SA (`sa.ike`), published by ikemgr after every exchange that changed
 /// its SPIs, message IDs or CHILD SAs, and replicated by hasyncd to the other members.
 /// `keys` is ikemgr's own encoding of the whole SA (keys, algorithms, identities, CHILD

@@ -10,7 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use std::collections::BTreeMap;
 
-use bus_schema::schema::{IkeSaRecord, SeqMark, TakeoverInfo, UnknownSaTraffic};
+use bus_schema::schema::{is_ike_mid_mark, IkeSaRecord, SeqMark, TakeoverInfo, UnknownSaTraffic};
+use ha_core::fgsp::{StartSeq, DEFAULT_UNSYNCED_JUMP};
 use ha_core::msg::{ChildSaSync, DeleteSync, HaRole, Heartbeat, IkeSaSync, KeyBytes, SeqLeaseAck};
 use ha_core::{
     ClusterKind, ElectionEvent, Fgcp, FgcpConfig, HaLink, LinkKey, Liveness, MemberId, Message,
@@ -952,7 +953,26 @@ impl Cluster {
                         ike.next_request_id,
                         ike.next_expected_id
                     );
+                    // An IKE SA's RFC 6311 sync mark rides the lease table under a reserved
+                    // SPI (`ike_mid_mark_spi`): its value is the recorded M1 itself, never
+                    // a sequence number to jump beyond.
+                    let start_seqs: Vec<StartSeq> = start_seqs
+                        .into_iter()
+                        .map(|mut s| {
+                            if is_ike_mid_mark(s.spi_out) && !s.exact {
+                                s.first_seq = s.first_seq.saturating_sub(DEFAULT_UNSYNCED_JUMP);
+                            }
+                            s
+                        })
+                        .collect();
                     for s in &start_seqs {
+                        if is_ike_mid_mark(s.spi_out) {
+                            tracing::info!(
+                                "{label}: {tunnel}: an RFC 6311 sync of its IKE SA was recorded (M1={}): no other sync",
+                                s.first_seq
+                            );
+                            continue;
+                        }
                         tracing::info!(
                             "{label}: {tunnel} outbound {:08x} starts at sequence {}{}",
                             s.spi_out,
@@ -1008,7 +1028,10 @@ impl Cluster {
                 } => {
                     metrics::counter!("hasyncd_sequence_skips_total")
                         .increment(start_seqs.len() as u64);
-                    for s in start_seqs {
+                    for s in start_seqs
+                        .into_iter()
+                        .filter(|s| !is_ike_mid_mark(s.spi_out))
+                    {
                         tracing::info!(
                             "{label}: {tunnel} outbound {:08x} continues at sequence {} or above (claimed back from member {} while carried here: its leases plus the unsynced jump)",
                             s.spi_out,
@@ -1239,6 +1262,16 @@ impl Cluster {
     }
 
     /// Leases granted since the last call.
+    /// The recorded RFC 6311 sync mark (M1) of `tunnel`'s IKE SA under `spi_out`
+    /// (`bus_schema::schema::ike_mid_mark_spi`), in either tunnel table.
+    pub fn mid_mark(&self, tunnel: &str, spi_out: u32) -> Option<u64> {
+        [self.table.as_ref(), self.fgsp_table.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.seq_hw(tunnel, spi_out))
+            .max()
+    }
+
     pub fn take_grants(&mut self) -> Vec<SeqMark> {
         std::mem::take(&mut self.grants)
     }

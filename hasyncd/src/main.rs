@@ -48,7 +48,7 @@ use std::process::ExitCode;
 use cluster::{role_name, Cluster};
 use ha_core::msg::HaRole;
 
-use bus_schema::schema::{ChildSaInfo, IkeSaRecord, TakeoverInfo};
+use bus_schema::schema::{ike_mid_mark_spi, ChildSaInfo, IkeSaRecord, SeqMark, TakeoverInfo};
 use bus_schema::{Body, DaemonKind, HaMemberInfo, StateStore};
 use ha_core::msg::{ChildLifetime, ChildSaSync, KeyBytes};
 use haven_config::Config;
@@ -335,7 +335,11 @@ impl DaemonLogic for Hasyncd {
             }
             return;
         }
-        if let (DaemonKind::Espd, Body::SeqLeaseRequest { sas }) = (src, body) {
+        // espd's sequence leases, and ikemgr's RFC 6311 sync marks of AEAD IKE SAs (an
+        // SPI RFC 4303 reserves, see `bus_schema::schema::ike_mid_mark_spi`): the same
+        // acknowledged path, so a mark is granted only once every live member holds it.
+        if let (DaemonKind::Espd | DaemonKind::Ikemgr, Body::SeqLeaseRequest { sas }) = (src, body)
+        {
             if let Some(c) = self.cluster.as_mut() {
                 c.propose_leases(sas, self.now_ms);
                 let grants = c.take_grants();
@@ -462,7 +466,23 @@ impl DaemonLogic for Hasyncd {
                     self.own_ike.len() - ike.len(),
                     self.own_children.len() - children.len()
                 );
-                Ok(restore_set(&ike, &children))
+                // The RFC 6311 sync marks this member recorded for those IKE SAs (the
+                // replica's record can be older than the mark: ikemgr must not sync again).
+                let marks: Vec<SeqMark> = ike
+                    .values()
+                    .filter_map(|r| {
+                        let spi_out = ike_mid_mark_spi(r.spi_i, r.spi_r);
+                        let seq_hw = self.cluster.as_ref()?.mid_mark(&r.tunnel, spi_out)?;
+                        Some(SeqMark {
+                            tunnel: r.tunnel.clone(),
+                            spi_out,
+                            seq_hw,
+                        })
+                    })
+                    .collect();
+                let mut set = restore_set(&ike, &children);
+                set["marks"] = json!(marks);
+                Ok(set)
             }
             "config-sync" => self.cfgsync.force(self.cluster.as_ref()),
             other => Err(format!(

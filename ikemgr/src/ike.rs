@@ -1022,6 +1022,9 @@ impl IkeManager {
             }
             self.pump(id, now);
         }
+        if self.mid_mark_deadline().is_some_and(|d| d <= now) {
+            self.mid_mark_timers(now);
+        }
     }
 
     /// Earliest timer of any SA.
@@ -1036,7 +1039,10 @@ impl IkeManager {
             .copied();
         // Pre-emption trials are not timers: the driver asks `initiate_pending` at least
         // every 500 ms.
-        [sa, retry].into_iter().flatten().min()
+        [sa, retry, self.mid_mark_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Next datagram to send.
@@ -1665,6 +1671,10 @@ impl IkeManager {
                 }
             }
             Event::MessageIdUpdate { .. } => {}
+            Event::MessageIdsCaughtUp { expected, got } => tracing::info!(
+                "ike 0:{}:{id}: restored IKE SA: the peer's request {got} taken where the copy expected {expected} (the previous owner answered those between)",
+                e.name
+            ),
             Event::MessageIdsSynced {
                 initiated,
                 next_send,

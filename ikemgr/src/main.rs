@@ -34,7 +34,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bus_schema::schema::{ChildSaInfo, EspEncap, IkeSaRecord, SaLifetime};
+use bus_schema::schema::{ChildSaInfo, EspEncap, IkeSaRecord, SaLifetime, SeqMark};
 use bus_schema::{ctl_call, CtlReply, CtlRequest};
 use bus_schema::{Body, DaemonKind, DpdSettings, StateStore, TunnelInfo, TunnelKind, TunnelState};
 use haven_config::{Config, ManualEncap, ManualKey, Phase1, Phase1Type, NAT_T_PORT};
@@ -164,7 +164,7 @@ struct Ikemgr {
     instances: BTreeMap<String, TunnelInfo>,
     /// What the previous ikemgr published, from hasyncd's local replica, until the first
     /// configuration restores it ([`fetch_restore`]).
-    restore: Option<(Vec<IkeSaRecord>, Vec<ChildSaInfo>)>,
+    restore: Option<RestoreSet>,
 }
 
 /// How long a starting ikemgr waits for hasyncd's local replica.
@@ -176,7 +176,7 @@ const RESTORE_WAIT: Duration = Duration::from_secs(2);
 /// state, and the first snapshot espd, dpdmon and hasyncd fetch from this ikemgr already
 /// holds the restored SAs, so none of them sees the SAs go. No hasyncd control socket
 /// (no hasyncd on this gateway, or the first start): nothing to restore.
-fn fetch_restore(run_dir: &Path) -> Option<(Vec<IkeSaRecord>, Vec<ChildSaInfo>)> {
+fn fetch_restore(run_dir: &Path) -> Option<RestoreSet> {
     let ep = bus_schema::ctl_endpoint(run_dir, DaemonKind::Hasyncd);
     let sock = ep.strip_prefix("ipc://")?;
     if !Path::new(sock).exists() {
@@ -208,15 +208,23 @@ fn fetch_restore(run_dir: &Path) -> Option<(Vec<IkeSaRecord>, Vec<ChildSaInfo>)>
     }
 }
 
-/// hasyncd's `ike-restore` reply.
-fn parse_restore(reply: CtlReply) -> Result<(Vec<IkeSaRecord>, Vec<ChildSaInfo>), String> {
+/// What hasyncd's `ike-restore` hands back: IKE SA records, CHILD SA records, and the
+/// RFC 6311 sync marks it recorded for those IKE SAs (`ike::ha`).
+type RestoreSet = (Vec<IkeSaRecord>, Vec<ChildSaInfo>, Vec<SeqMark>);
+
+/// hasyncd's `ike-restore` reply (`marks` absent from an older hasyncd: none).
+fn parse_restore(reply: CtlReply) -> Result<RestoreSet, String> {
     let CtlReply::View(v) = reply else {
         return Err(format!("unexpected reply {reply:?}"));
     };
     let ike = serde_json::from_value(v["ike"].clone()).map_err(|e| format!("IKE SAs: {e}"))?;
     let child =
         serde_json::from_value(v["child"].clone()).map_err(|e| format!("CHILD SAs: {e}"))?;
-    Ok((ike, child))
+    let marks = match v.get("marks") {
+        Some(m) => serde_json::from_value(m.clone()).map_err(|e| format!("marks: {e}"))?,
+        None => Vec::new(),
+    };
+    Ok((ike, child, marks))
 }
 
 impl Ikemgr {
@@ -367,8 +375,8 @@ impl DaemonLogic for Ikemgr {
         let mut ike = io::lock(&self.ike);
         ike.set_cert_store(store);
         ike.set_config(Instant::now(), config);
-        if let Some((records, children)) = self.restore.take() {
-            let n = ike.restore_local(Instant::now(), &records, &children);
+        if let Some((records, children, marks)) = self.restore.take() {
+            let n = ike.restore_local(Instant::now(), &records, &children, &marks);
             if !records.is_empty() {
                 tracing::info!(
                     "ike: restarted: {n} of {} IKE SAs continued from hasyncd's local replica",
@@ -479,6 +487,18 @@ impl DaemonLogic for Ikemgr {
             }
             self.drain(out);
             self.wake();
+            return;
+        }
+        if let (DaemonKind::Hasyncd, Body::SeqLeaseGranted { sas }) = (src, body) {
+            // Marks of reserved RFC 6311 syncs among them (ike::ha); espd's leases ignored.
+            if sas
+                .iter()
+                .any(|m| bus_schema::schema::is_ike_mid_mark(m.spi_out))
+            {
+                io::lock(&self.ike).mid_marks_granted(Instant::now(), sas);
+                self.drain(out);
+                self.wake();
+            }
             return;
         }
         if let (DaemonKind::Dpdmon, Body::ProbeRequest { tunnel, round, .. }) = (src, body) {

@@ -408,6 +408,9 @@ pub struct IkeSaSnapshot {
     pub children: Vec<(ChildSaInfo, Duration)>,
     /// The peer announced RFC 6311 message ID synchronisation in IKE_AUTH.
     pub mid_sync: bool,
+    /// An RFC 6311 synchronisation was started on this SA (by any member): on an AEAD SA
+    /// no other may follow ([`IkeSa::sync_message_ids`]).
+    pub mid_sync_spent: bool,
 }
 
 /// Why an SA went away.
@@ -500,6 +503,14 @@ pub enum Event {
         next_send: u32,
         /// ID we expect on the peer's next request.
         next_recv: u32,
+    },
+    /// A restored SA took the peer's request `got` where its copy expected `expected`
+    /// (the previous owner answered the ones between; see [`IkeSa::restore`]).
+    MessageIdsCaughtUp {
+        /// ID the copy expected.
+        expected: u32,
+        /// ID of the authenticated request taken.
+        got: u32,
     },
     /// Message IDs of the current IKE SA changed (for HA sync).
     MessageIdUpdate {
@@ -594,6 +605,13 @@ struct Channel {
     /// Boxed for the same reason as [`Keys`]: most channels have no request outstanding.
     outstanding: Option<Box<Outstanding>>,
     last_response: Option<(u32, Vec<u8>)>,
+    /// An RFC 6311 synchronisation was started on these keys, here or by the cluster
+    /// member this SA was copied from ([`mid_sync`]'s rule: at most one on an AEAD SA).
+    mid_sync_spent: bool,
+    /// Restored from a copy that may be behind on the peer's requests: the first
+    /// authenticated request with an ID up to [`mid_sync::MID_CATCH_UP`] above the one
+    /// expected is taken (the previous owner answered the ones between).
+    catch_up: bool,
 }
 
 impl Channel {
@@ -607,6 +625,8 @@ impl Channel {
             next_recv: 0,
             outstanding: None,
             last_response: None,
+            mid_sync_spent: false,
+            catch_up: false,
         }
     }
     fn local_spi(&self) -> u64 {
@@ -722,6 +742,9 @@ pub struct IkeSa {
     peer_mid_sync: bool,
     /// Our outstanding RFC 6311 synchronisation request.
     mid_sync: Option<mid_sync::MidSyncOut>,
+    /// A synchronisation is reserved ([`IkeSa::reserve_mid_sync`]) with this M1 and waits
+    /// for the cluster to record it: no request of ours starts meanwhile.
+    mid_sync_hold: Option<u32>,
 }
 
 impl core::fmt::Debug for IkeSa {
@@ -916,6 +939,7 @@ impl IkeSa {
             liveness_hold: None,
             peer_mid_sync: false,
             mid_sync: None,
+            mid_sync_hold: None,
         }
     }
 
@@ -1364,6 +1388,7 @@ impl IkeSa {
                 .map(|c| (c.info.clone(), c.hard.saturating_duration_since(now)))
                 .collect(),
             mid_sync: self.peer_mid_sync,
+            mid_sync_spent: self.chan.mid_sync_spent,
         })
     }
 
@@ -1383,6 +1408,8 @@ impl IkeSa {
         ch.keys = Some(Keys::new(i.suite, snap.keys, i.initiator));
         ch.next_send = snap.next_send;
         ch.next_recv = snap.next_recv;
+        ch.mid_sync_spent = snap.mid_sync_spent;
+        ch.catch_up = true;
         sa.chan = ch;
         sa.state = State::Established;
         sa.auth = Some(AuthVerified(()));
@@ -1655,6 +1682,7 @@ impl IkeSa {
         while self.state == State::Established
             && self.chan.outstanding.is_none()
             && self.mid_sync.is_none()
+            && self.mid_sync_hold.is_none()
         {
             let Some(r) = self.pending.pop_front() else {
                 break;
@@ -2059,7 +2087,11 @@ impl IkeSa {
             &self.chan
         };
         let expected = ch.next_recv;
-        if mid != expected {
+        // A restored SA whose copy missed requests the previous owner answered: the next
+        // authenticated one (decrypted below; a forgery changes nothing) is taken.
+        let catch_up =
+            !old && ch.catch_up && mid > expected && mid - expected <= mid_sync::MID_CATCH_UP;
+        if mid != expected && !catch_up {
             // A retransmission of the last request gets the cached
             // response again (§2.1); anything else is dropped.
             if let Some((m, bytes)) = &ch.last_response {
@@ -2124,7 +2156,12 @@ impl IkeSa {
                 &mut self.chan
             };
             ch.next_recv = mid.wrapping_add(1);
+            ch.catch_up = false;
             ch.last_response = Some((mid, bytes.clone()));
+        }
+        if catch_up {
+            self.events
+                .push_back(Event::MessageIdsCaughtUp { expected, got: mid });
         }
         self.push_transmit(bytes);
         if !old {
@@ -2179,6 +2216,6 @@ mod exchanges;
 pub mod fuzz;
 mod ike_rekey;
 mod mid_sync;
-pub use mid_sync::MidSyncStart;
+pub use mid_sync::{MidSyncStart, MID_CATCH_UP};
 #[cfg(test)]
 mod tests;

@@ -19,12 +19,26 @@
 //! - after a takeover or a restart, when the peer announced it, sends RFC 6311
 //!   `IKEV2_MESSAGE_ID_SYNC` (ike-proto's `sync_message_ids`) so that a copy one exchange
 //!   behind does not stall the SA; peers' sync requests are answered in ike-proto.
+//!
+//! **At most one RFC 6311 sync per AEAD IKE SA, known to every copy** (ike-proto's
+//! `mid_sync` module says why: strongSwan cannot encrypt a second response with message ID
+//! 0 and destroys the SA). The record says whether a sync was started (`mid_spent` in the
+//! state), but a copy can be older than that (its update lost on the HA link). So on an
+//! AEAD SA the sync is first reserved (`reserve_mid_sync`: the SA sends nothing
+//! meanwhile) and its mark, `SeqMark { spi_out: ike_mid_mark_spi(SPIs), seq_hw: M1 }`, is
+//! leased from hasyncd like a sequence number (`SeqLeaseRequest`): hasyncd grants it only
+//! once every live member acknowledged it, and only then is the sync sent. A member that
+//! takes the SA over later finds the mark among the takeover's `start_seqs`, however old
+//! its copy: it sends no sync and continues at M1 (`adopt_mid_sync_mark`). A grant that
+//! does not come within [`MID_MARK_WAIT`] gives the sync up (message IDs as copied).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bus_schema::schema::{ChildSaInfo as BusChild, IkeSaRecord, SeqMark, TakeoverInfo};
+use bus_schema::schema::{
+    ike_mid_mark_spi, is_ike_mid_mark, ChildSaInfo as BusChild, IkeSaRecord, SeqMark, TakeoverInfo,
+};
 use bus_schema::Body;
 use ike_proto::crypto::{Encr, IkeKeys, Integ, Prf, Secret};
 use ike_proto::proposal::IkeSuite;
@@ -49,6 +63,16 @@ pub const STATE_VERSION: u8 = 1;
 /// gap without harm.
 pub const MID_SYNC_MARGIN: u32 = 4;
 
+/// How long a reserved RFC 6311 sync waits for hasyncd's grant of its mark (every live
+/// member acknowledged it; an unreachable member is declared lost within its heartbeat
+/// loss time) before it is given up.
+pub const MID_MARK_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a reserved sync's mark is asked for again while no grant came (the request
+/// is an event: one published while hasyncd's subscription to a restarted ikemgr is not
+/// yet connected is lost; hasyncd grants a mark it holds again at once).
+pub const MID_MARK_REPEAT: Duration = Duration::from_millis(500);
+
 /// HA state of the manager.
 #[derive(Default)]
 pub struct HaState {
@@ -69,12 +93,15 @@ pub struct HaState {
     /// Tunnel names other cluster members carry (hasyncd's `standby` roles): a new dial-up
     /// instance here takes another name, or the two tunnels would share one ownership entry.
     reserved: std::collections::BTreeSet<String>,
+    /// Reserved RFC 6311 syncs waiting for hasyncd's grant of their mark: SA id -> (mark,
+    /// deadline, next repetition of the request).
+    mark_wait: BTreeMap<u64, (SeqMark, Instant, Instant)>,
 }
 
 /// Bound of [`HaState::unknown`] between two drains.
 const UNKNOWN_MAX: usize = 16;
 
-type PublishedKey = (u64, u64, u32, u32, Vec<u32>);
+type PublishedKey = (u64, u64, u32, u32, Vec<u32>, bool);
 
 #[derive(Serialize, Deserialize)]
 struct WireTs {
@@ -133,6 +160,9 @@ struct WireSa {
     /// The peer announced RFC 6311 message ID synchronisation.
     #[serde(default)]
     mid_sync: bool,
+    /// An RFC 6311 sync was started on the SA (at most one on an AEAD SA).
+    #[serde(default)]
+    mid_spent: bool,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -243,6 +273,7 @@ pub fn encode_state(s: &IkeSaSnapshot) -> Vec<u8> {
             })
             .collect(),
         mid_sync: s.mid_sync,
+        mid_spent: s.mid_sync_spent,
     };
     rmp_serde::to_vec_named(&w).unwrap_or_default()
 }
@@ -333,6 +364,7 @@ pub fn decode_state(rec: &IkeSaRecord) -> Result<IkeSaSnapshot, String> {
         expires_in: Duration::from_millis(w.expires_ms),
         children,
         mid_sync: w.mid_sync,
+        mid_sync_spent: w.mid_spent,
     })
 }
 
@@ -448,6 +480,7 @@ impl IkeManager {
             snap.next_send,
             snap.next_recv,
             snap.children.iter().map(|(c, _)| c.inbound_spi).collect(),
+            snap.mid_sync_spent,
         );
         if self.ha.published.get(&id).map(|(_, k)| k) == Some(&key) {
             return;
@@ -488,11 +521,14 @@ impl IkeManager {
     /// espd sees the same records and keeps its SAs and counters untouched; the peer
     /// notices nothing. Called before this ikemgr publishes anything. Returns how many IKE
     /// SAs were restored.
+    /// `marks` are the RFC 6311 sync marks hasyncd recorded (see the module's rule): an
+    /// IKE SA with one is not synced again, whatever its record says.
     pub fn restore_local(
         &mut self,
         now: Instant,
         records: &[IkeSaRecord],
         children: &[BusChild],
+        marks: &[SeqMark],
     ) -> usize {
         let mut n = 0;
         for rec in records {
@@ -504,6 +540,15 @@ impl IkeManager {
                     spi_out: c.spi_out,
                     seq_hw: c.initial_seq,
                 })
+                .chain(
+                    marks
+                        .iter()
+                        .filter(|m| {
+                            m.tunnel == rec.tunnel
+                                && m.spi_out == ike_mid_mark_spi(rec.spi_i, rec.spi_r)
+                        })
+                        .cloned(),
+                )
                 .collect();
             let t = TakeoverInfo {
                 ike: rec.clone(),
@@ -585,7 +630,7 @@ impl IkeManager {
             &rec.tunnel,
             &addrs,
         )));
-        for m in &t.start_seqs {
+        for m in t.start_seqs.iter().filter(|m| !is_ike_mid_mark(m.spi_out)) {
             self.ha.start_seq.insert(m.spi_out, m.seq_hw);
         }
         // A restart republishes each CHILD SA once, outbound on, as espd holds it: no
@@ -608,21 +653,63 @@ impl IkeManager {
             .taken
             .insert(rec.tunnel.clone(), (rec.spi_i, rec.spi_r));
         // The copy may be behind (an exchange in flight when the old owner died, or done
-        // within its last publishing tick): RFC 6311 when the peer announced it.
+        // within its last publishing tick): RFC 6311 when the peer announced it, at most
+        // once on an AEAD SA (see the module's rule).
+        let mark_spi = ike_mid_mark_spi(rec.spi_i, rec.spi_r);
+        let mark = t
+            .start_seqs
+            .iter()
+            .find(|m| m.spi_out == mark_spi)
+            .map(|m| u32::try_from(m.seq_hw).unwrap_or(u32::MAX));
         if let Some(e) = self.sas.get_mut(&serial) {
-            match e.sa.sync_message_ids(now, MID_SYNC_MARGIN) {
+            if let Some(m1) = mark {
+                // A member recorded a sync on this SA (its copy here may be older).
+                e.sa.adopt_mid_sync_mark(m1);
+                tracing::info!(
+                    "ike 0:{}:{serial}: the cluster recorded an RFC 6311 sync of this IKE SA (M1={m1}): continuing at send/recv msg IDs={}/{}",
+                    rec.tunnel,
+                    e.sa.message_ids().0,
+                    e.sa.message_ids().1
+                );
+            }
+            let start = if e.sa.mid_sync_once_only() {
+                e.sa.reserve_mid_sync(MID_SYNC_MARGIN)
+            } else {
+                e.sa.sync_message_ids(now, MID_SYNC_MARGIN)
+            };
+            match start {
                 Ok(MidSyncStart::Sent) => tracing::info!(
                     "ike 0:{}:{serial}: sending IKEV2_MESSAGE_ID_SYNC, expected send/recv msg IDs={}/{}",
                     rec.tunnel,
                     rec.next_send.saturating_add(MID_SYNC_MARGIN),
                     rec.next_recv
                 ),
+                Ok(MidSyncStart::Reserved { next_send }) => {
+                    tracing::info!(
+                        "ike 0:{}:{serial}: RFC 6311 sync reserved (AEAD IKE SA: one sync only): waiting until every cluster member recorded it (M1={next_send})",
+                        rec.tunnel
+                    );
+                    let m = SeqMark {
+                        tunnel: rec.tunnel.clone(),
+                        spi_out: mark_spi,
+                        seq_hw: u64::from(next_send),
+                    };
+                    self.ha.mark_wait.insert(
+                        serial,
+                        (m.clone(), now + MID_MARK_WAIT, now + MID_MARK_REPEAT),
+                    );
+                    self.bodies.push(Body::SeqLeaseRequest { sas: vec![m] });
+                }
                 Ok(MidSyncStart::NotSupported) => tracing::info!(
                     "ike 0:{}:{serial}: peer did not announce RFC 6311: message IDs as synced",
                     rec.tunnel
                 ),
                 Ok(MidSyncStart::AeadIvReuse) => tracing::info!(
                     "ike 0:{}:{serial}: no RFC 6311 sync on this AEAD IKE SA (the peer's response would reuse message ID 0, which may reuse its IV): message IDs as synced",
+                    rec.tunnel
+                ),
+                Ok(MidSyncStart::AlreadySynced) => tracing::info!(
+                    "ike 0:{}:{serial}: no RFC 6311 sync: this AEAD IKE SA was synced already (a second response with message ID 0 would reuse the peer's IV): message IDs as synced",
                     rec.tunnel
                 ),
                 Err(err) => tracing::warn!(
@@ -634,6 +721,87 @@ impl IkeManager {
         // Files the restored SA's timers (rekeys, lifetimes) and publishes its record.
         self.pump(serial, now);
         Ok(())
+    }
+}
+
+impl IkeManager {
+    /// hasyncd granted leases (`SeqLeaseGranted`): a reserved RFC 6311 sync whose mark is
+    /// among them is recorded by every live member and goes out now.
+    pub fn mid_marks_granted(&mut self, now: Instant, marks: &[SeqMark]) {
+        let ready: Vec<u64> = self
+            .ha
+            .mark_wait
+            .iter()
+            .filter(|(_, (w, _, _))| {
+                marks
+                    .iter()
+                    .any(|m| m.tunnel == w.tunnel && m.spi_out == w.spi_out && m.seq_hw >= w.seq_hw)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            self.ha.mark_wait.remove(&id);
+            let Some(e) = self.sas.get_mut(&id) else {
+                continue;
+            };
+            if !e.sa.mid_sync_reserved() {
+                continue;
+            }
+            match e.sa.sync_message_ids(now, MID_SYNC_MARGIN) {
+                Ok(_) => {
+                    let (send, recv) = e.sa.message_ids();
+                    tracing::info!(
+                        "ike 0:{}:{id}: every cluster member recorded the sync: sending IKEV2_MESSAGE_ID_SYNC, our send/recv msg IDs={send}/{recv}",
+                        e.name
+                    );
+                }
+                Err(err) => {
+                    tracing::warn!("ike 0:{}:{id}: no message ID sync: {err}", e.name);
+                    let _ = e.sa.release_mid_sync(now);
+                }
+            }
+            self.pump(id, now);
+        }
+    }
+
+    /// Reserved syncs: the mark is asked for again every [`MID_MARK_REPEAT`]; one not
+    /// granted within [`MID_MARK_WAIT`] is given up.
+    pub(super) fn mid_mark_timers(&mut self, now: Instant) {
+        let mut again = Vec::new();
+        for (m, _, repeat) in self.ha.mark_wait.values_mut() {
+            if *repeat <= now {
+                *repeat = now + MID_MARK_REPEAT;
+                again.push(m.clone());
+            }
+        }
+        if !again.is_empty() {
+            self.bodies.push(Body::SeqLeaseRequest { sas: again });
+        }
+        let late: Vec<u64> = self
+            .ha
+            .mark_wait
+            .iter()
+            .filter(|(_, (_, deadline, _))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.ha.mark_wait.remove(&id);
+            let Some(e) = self.sas.get_mut(&id) else {
+                continue;
+            };
+            tracing::warn!(
+                "ike 0:{}:{id}: the cluster did not record the RFC 6311 sync within {:?}: no sync, message IDs as synced",
+                e.name,
+                MID_MARK_WAIT
+            );
+            let _ = e.sa.release_mid_sync(now);
+            self.pump(id, now);
+        }
+    }
+
+    /// Deadline of the earliest reserved sync.
+    pub(super) fn mid_mark_deadline(&self) -> Option<Instant> {
+        self.ha.mark_wait.values().map(|(_, d, r)| *d.min(r)).min()
     }
 }
 
@@ -677,6 +845,19 @@ mod tests {
                 Body::IkeSa(r) => Some(r.clone()),
                 _ => None,
             })
+            .collect()
+    }
+
+    /// The RFC 6311 sync marks asked of hasyncd among `bodies`.
+    fn mark_requests(bodies: &[Body]) -> Vec<SeqMark> {
+        bodies
+            .iter()
+            .filter_map(|b| match b {
+                Body::SeqLeaseRequest { sas } => Some(sas.clone()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|m| is_ike_mid_mark(m.spi_out))
             .collect()
     }
 
@@ -810,6 +991,26 @@ mod tests {
             standby.poll_route(),
             Some(super::super::RouteOp::Add { .. })
         ));
+        // AES-GCM and no request of ours yet: the RFC 6311 sync is reserved and its mark
+        // asked of hasyncd (M1 = 0 + the margin); nothing leaves until it is granted.
+        let marks = mark_requests(&b);
+        assert_eq!(
+            marks,
+            vec![SeqMark {
+                tunnel: "vpn1_1".into(),
+                spi_out: ike_mid_mark_spi(rec.spi_i, rec.spi_r),
+                seq_hw: u64::from(MID_SYNC_MARGIN),
+            }]
+        );
+        assert!(standby.transmits.is_empty());
+        standby.mid_marks_granted(now, &marks);
+        assert_eq!(standby.transmits.len(), 1, "the sync goes out");
+        shuttle(&mut hub, &mut standby, now);
+        assert_eq!(
+            standby.sas.values().next().unwrap().sa.message_ids().0,
+            MID_SYNC_MARGIN
+        );
+        standby.drain_bodies();
         // A repeated Takeover event changes nothing.
         standby
             .takeover(
@@ -854,6 +1055,81 @@ mod tests {
     }
 
     #[test]
+    fn a_takeover_after_a_recorded_sync_sends_no_second_one_whatever_its_copy_says() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let stale = records(&dial.drain_bodies()).pop().expect("record");
+        assert!(!decode_state(&stale).unwrap().mid_sync_spent);
+        drop(dial);
+        // Member 1 takes over from that copy and syncs once hasyncd granted the mark.
+        let mut m1 = mgr(DIAL, now);
+        m1.takeover(
+            now,
+            &TakeoverInfo {
+                ike: stale.clone(),
+                start_seqs: vec![],
+            },
+        )
+        .unwrap();
+        let marks = mark_requests(&m1.drain_bodies());
+        assert_eq!(marks.len(), 1);
+        m1.mid_marks_granted(now, &marks);
+        shuttle(&mut hub, &mut m1, now);
+        let synced = records(&m1.drain_bodies())
+            .pop()
+            .expect("record after the sync");
+        assert_eq!(synced.next_send, MID_SYNC_MARGIN);
+        assert!(decode_state(&synced).unwrap().mid_sync_spent);
+        drop(m1);
+        // Member 2 from a copy made after the sync: no mark asked, nothing sent.
+        let mut m2 = mgr(DIAL, now);
+        m2.takeover(
+            now,
+            &TakeoverInfo {
+                ike: synced,
+                start_seqs: vec![],
+            },
+        )
+        .unwrap();
+        assert!(mark_requests(&m2.drain_bodies()).is_empty());
+        assert!(m2.transmits.is_empty(), "no second sync");
+        drop(m2);
+        // Member 3 from the copy made before the sync (its update lost on the HA link),
+        // with the mark every member recorded: no sync either, and it continues at M1.
+        let mut m3 = mgr(DIAL, now);
+        m3.takeover(
+            now,
+            &TakeoverInfo {
+                ike: stale,
+                start_seqs: marks,
+            },
+        )
+        .unwrap();
+        let b = m3.drain_bodies();
+        assert!(mark_requests(&b).is_empty(), "{b:?}");
+        assert!(m3.transmits.is_empty(), "no second sync");
+        assert_eq!(
+            records(&b).pop().expect("record").next_send,
+            MID_SYNC_MARGIN
+        );
+        // The peer notices nothing: its probe is answered, our CHILD rekey completes.
+        hub.probe(now, "hub", 2);
+        shuttle(&mut hub, &mut m3, now);
+        assert!(hub
+            .drain_bodies()
+            .iter()
+            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply")));
+        m3.rekey_now(now, "vpn1_1", false).unwrap();
+        shuttle(&mut hub, &mut m3, now);
+        assert!(m3
+            .drain_bodies()
+            .iter()
+            .any(|x| matches!(x, Body::ChildSa(c) if c.outbound && c.initial_seq == 1)));
+    }
+
+    #[test]
     fn a_restarted_manager_continues_from_the_local_replica_and_republishes_the_same_records() {
         let now = Instant::now();
         let mut hub = mgr(HUB, now);
@@ -882,10 +1158,14 @@ mod tests {
         drop(dial);
         let mut again = mgr(DIAL, now);
         assert_eq!(
-            again.restore_local(now, std::slice::from_ref(&rec), &children),
+            again.restore_local(now, std::slice::from_ref(&rec), &children, &[]),
             1
         );
         let b = again.drain_bodies();
+        // The restored SA's sync mark, granted as hasyncd would.
+        let marks = mark_requests(&b);
+        assert_eq!(marks.len(), 1, "{b:?}");
+        again.mid_marks_granted(now, &marks);
         // The same tunnel record and the same CHILD SA record, once, outbound on: espd
         // sees nothing change.
         let republished: Vec<&BusChild> = b
@@ -930,10 +1210,10 @@ mod tests {
         );
         // Nothing to restore, or garbage: nothing happens.
         let mut empty = mgr(DIAL, now);
-        assert_eq!(empty.restore_local(now, &[], &[]), 0);
+        assert_eq!(empty.restore_local(now, &[], &[], &[]), 0);
         let mut bad = rec.clone();
         bad.keys = vec![1, 2, 3];
-        assert_eq!(empty.restore_local(now, &[bad], &children), 0);
+        assert_eq!(empty.restore_local(now, &[bad], &children, &[]), 0);
         assert!(empty.sas.is_empty());
     }
 

@@ -14,12 +14,44 @@
 //! highest we have seen) is dropped; otherwise M2 = max(M1, our next expected ID) and
 //! P2 = max(P1, our next request's ID) are adopted and returned. A sync request from a peer
 //! that did not announce support, or with anything beside the one notify, is dropped.
+//!
+//! # At most one synchronisation on an AEAD IKE SA
+//! Both messages of the exchange carry message ID 0. A peer that derives its AEAD IVs
+//! from message IDs (RFC 5282 §3.1 allows a counter; strongSwan keeps two strictly
+//! increasing counters over everything it encrypts on the SA, and refuses to encrypt a
+//! message whose ID would fit in neither: "encrypting encrypted payload failed, no IV",
+//! then destroys the IKE SA) can encrypt a response with ID 0 only as long as it has not
+//! done so before. Hence, on an AEAD IKE SA:
+//! - no synchronisation once we have sent any request on the SA (the peer then encrypted
+//!   a response with ID 0 already: [`MidSyncStart::AeadIvReuse`]);
+//! - **at most one synchronisation in the SA's life**, by whichever cluster member: the
+//!   fact that one was started is part of the replicated state
+//!   ([`IkeSaSnapshot::mid_sync_spent`](super::IkeSaSnapshot)) and a copy that has it sends
+//!   none ([`MidSyncStart::AlreadySynced`]). A copy can be behind (its update lost on the
+//!   HA link), so a cluster member first *reserves* the synchronisation
+//!   ([`IkeSa::reserve_mid_sync`]: the SA sends no request meanwhile) and sends it only
+//!   once every live member has recorded the reservation (the driver's business: ikemgr
+//!   uses hasyncd's acknowledged marks); a member taking over from a copy then learns it
+//!   from the mark ([`IkeSa::adopt_mid_sync_mark`]) even when its copy is older.
+//!
+//! A rekeyed IKE SA has new keys (new IVs) and may be synchronised once again. With a
+//! non-AEAD suite IVs are random (RFC 7296 §3.14) and any number of synchronisations is
+//! harmless.
+//!
+//! When no synchronisation is sent, the restored SA keeps the copied message IDs and, as
+//! responder, takes the peer's next authenticated request even if its ID is up to
+//! [`MID_CATCH_UP`] above the one expected (the previous owner answered those between).
 
 use std::time::{Duration, Instant};
 
 use super::{find_notify, Event, IkeError, IkeSa, Result, State};
 use crate::sa::Addresses;
 use crate::wire::{ExchangeType, Message, MessageIdSync, NotifyPayload, NotifyType, Payload};
+
+/// How far above the expected ID a restored SA takes the peer's first authenticated
+/// request (requests the previous owner answered after the copy was made; strongSwan's
+/// DPD sends one per `dpd_delay` of silence).
+pub const MID_CATCH_UP: u32 = 64;
 
 /// What [`IkeSa::sync_message_ids`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +66,17 @@ pub enum MidSyncStart {
     /// would have to reuse that IV for the synchronisation response: strongSwan refuses
     /// and destroys the IKE SA. Message IDs stay as copied.
     AeadIvReuse,
+    /// Nothing sent: the IKE SA uses an AEAD cipher and a synchronisation was already
+    /// started on it (here or by the member the copy came from): the peer's response would
+    /// reuse message ID 0 (see the module's rule). Message IDs stay as copied.
+    AlreadySynced,
+    /// Nothing sent yet: the synchronisation is reserved ([`IkeSa::reserve_mid_sync`]);
+    /// the SA starts no request until [`IkeSa::sync_message_ids`] or
+    /// [`IkeSa::release_mid_sync`]. `next_send` is the M1 it will carry.
+    Reserved {
+        /// Our next request's ID after the synchronisation (M1).
+        next_send: u32,
+    },
 }
 
 /// Our outstanding synchronisation request.
@@ -61,31 +104,120 @@ impl IkeSa {
     /// Sends nothing when the peer did not announce support or when its response could
     /// reuse an AEAD IV ([`MidSyncStart`]); refused while one of our requests is
     /// outstanding (the copy has none).
+    ///
+    /// After [`IkeSa::reserve_mid_sync`] it sends the reserved synchronisation (`margin`
+    /// is then ignored: M1 is the reserved one).
     pub fn sync_message_ids(&mut self, now: Instant, margin: u32) -> Result<MidSyncStart> {
+        let m1 = match self.mid_sync_hold.take() {
+            Some(m1) => m1,
+            None => {
+                if let Some(no) = self.mid_sync_refusal()? {
+                    return Ok(no);
+                }
+                self.chan.next_send.saturating_add(margin)
+            }
+        };
+        self.send_mid_sync(now, m1)
+    }
+
+    /// True when the IKE SA uses an AEAD cipher (at most one synchronisation).
+    pub fn mid_sync_once_only(&self) -> bool {
+        self.chan
+            .keys
+            .as_ref()
+            .is_some_and(|k| k.suite.encr.is_aead())
+    }
+
+    /// Why no synchronisation may be sent now, if so.
+    fn mid_sync_refusal(&self) -> Result<Option<MidSyncStart>> {
         if self.state != State::Established {
             return Err(IkeError::NotEstablished);
         }
         if !self.peer_mid_sync {
-            return Ok(MidSyncStart::NotSupported);
+            return Ok(Some(MidSyncStart::NotSupported));
         }
-        // Conservative: for the original initiator, request 0 was the unencrypted
-        // IKE_SA_INIT, but a snapshot does not tell an original SA from a rekeyed one.
-        let aead = self
-            .chan
-            .keys
-            .as_ref()
-            .is_some_and(|k| k.suite.encr.is_aead());
-        if aead && self.chan.next_send > 0 {
-            return Ok(MidSyncStart::AeadIvReuse);
+        if self.mid_sync_once_only() {
+            if self.chan.mid_sync_spent {
+                return Ok(Some(MidSyncStart::AlreadySynced));
+            }
+            // Conservative: for the original initiator, request 0 was the unencrypted
+            // IKE_SA_INIT, but a snapshot does not tell an original SA from a rekeyed one.
+            if self.chan.next_send > 0 {
+                return Ok(Some(MidSyncStart::AeadIvReuse));
+            }
+        }
+        if self.chan.outstanding.is_some()
+            || self.mid_sync.is_some()
+            || self.mid_sync_hold.is_some()
+        {
+            return Err(IkeError::Internal("a request is outstanding"));
+        }
+        Ok(None)
+    }
+
+    /// Reserves a synchronisation, for a cluster member that must have every other live
+    /// member record it before it goes out (the module's rule): when one may be sent, the
+    /// SA counts it as started ([`IkeSaSnapshot::mid_sync_spent`](super::IkeSaSnapshot) in
+    /// its next snapshot), starts no request of ours until [`IkeSa::sync_message_ids`]
+    /// sends it or [`IkeSa::release_mid_sync`] gives it up, and returns the M1 it will
+    /// carry (`next_send` + `margin`), which the cluster records. Otherwise returns why
+    /// not, as `sync_message_ids` would.
+    pub fn reserve_mid_sync(&mut self, margin: u32) -> Result<MidSyncStart> {
+        if let Some(no) = self.mid_sync_refusal()? {
+            return Ok(no);
+        }
+        let m1 = self.chan.next_send.saturating_add(margin);
+        self.chan.mid_sync_spent = true;
+        self.mid_sync_hold = Some(m1);
+        Ok(MidSyncStart::Reserved { next_send: m1 })
+    }
+
+    /// Gives a reserved synchronisation up (the cluster did not record it in time): no
+    /// request is sent, message IDs stay as they are, and the SA still counts the
+    /// synchronisation as started (a member may have recorded it). Held requests start.
+    pub fn release_mid_sync(&mut self, now: Instant) -> Result<()> {
+        if self.mid_sync_hold.take().is_some() {
+            self.kick(now)?;
+        }
+        Ok(())
+    }
+
+    /// True while a reserved synchronisation waits ([`IkeSa::reserve_mid_sync`]).
+    pub fn mid_sync_reserved(&self) -> bool {
+        self.mid_sync_hold.is_some()
+    }
+
+    /// True when a synchronisation was started on the current SA (here or, per its copy
+    /// or a cluster mark, by another member).
+    pub fn mid_sync_spent(&self) -> bool {
+        self.chan.mid_sync_spent
+    }
+
+    /// A cluster member recorded that a synchronisation with M1 = `next_send` was started
+    /// on this SA (a takeover from a copy that may be older than that mark): no other
+    /// synchronisation on an AEAD SA, and our next request's ID is at least `next_send`
+    /// (what the peer adopted, RFC 6311 §5.1: M2 = max(M1, its own)).
+    pub fn adopt_mid_sync_mark(&mut self, next_send: u32) {
+        self.chan.mid_sync_spent = true;
+        if next_send > self.chan.next_send {
+            self.chan.next_send = next_send;
+            self.emit_mid();
+        }
+    }
+
+    fn send_mid_sync(&mut self, now: Instant, m1: u32) -> Result<MidSyncStart> {
+        if self.state != State::Established {
+            return Err(IkeError::NotEstablished);
         }
         if self.chan.outstanding.is_some() || self.mid_sync.is_some() {
             return Err(IkeError::Internal("a request is outstanding"));
         }
+        self.chan.mid_sync_spent = true;
         let mut n = [0u8; 4];
         self.entropy.fill(&mut n)?;
         let sent = MessageIdSync {
             nonce: u32::from_be_bytes(n),
-            send: self.chan.next_send.saturating_add(margin),
+            send: m1,
             recv: self.chan.next_recv,
         };
         let p = [Payload::Notify(NotifyPayload::new(
@@ -170,6 +302,7 @@ impl IkeSa {
         self.chan.next_send = got.recv.max(sent.send);
         self.chan.next_recv = got.send.max(sent.recv);
         self.chan.last_response = None;
+        self.chan.catch_up = false;
         self.events.push_back(Event::MessageIdsSynced {
             initiated: true,
             next_send: self.chan.next_send,

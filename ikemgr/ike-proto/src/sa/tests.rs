@@ -2029,10 +2029,48 @@ fn stale_copy() -> (Pair, IkeSaSnapshot) {
 }
 
 #[test]
-fn a_stale_copy_without_sync_stalls_the_peers_requests() {
-    // The failure RFC 6311 exists for: A's next request carries an ID the copy does not
-    // expect yet, and is dropped until A gives up on it.
+fn a_stale_copy_without_sync_takes_the_peers_next_request_within_the_catch_up_window() {
+    // No sync: the restored SA takes A's next authenticated request although its copy
+    // expected an earlier ID (the previous owner answered the one between).
     let (mut p, snap) = stale_copy();
+    let expected = snap.next_recv;
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap.clone(),
+    ));
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessReply), "{:?}", p.ev_a);
+    assert!(
+        p.ev_b.contains(&Event::MessageIdsCaughtUp {
+            expected,
+            got: expected + 1
+        }),
+        "{:?}",
+        p.ev_b
+    );
+    assert_eq!(p.b().message_ids().1, expected + 2);
+    // Further requests follow the usual rule, exact IDs only.
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert_eq!(
+        p.ev_a
+            .iter()
+            .filter(|e| **e == Event::LivenessReply)
+            .count(),
+        2
+    );
+
+    // The failure RFC 6311 exists for: a copy further behind than the window drops A's
+    // request until A gives up on it.
+    let (mut p, snap) = stale_copy();
+    for _ in 0..MID_CATCH_UP {
+        p.a.start_liveness_check(p.now).unwrap();
+        p.settle();
+    }
+    p.ev_a.clear();
     p.b = Some(IkeSa::restore(
         p.now,
         p.b_cfg.clone(),
@@ -2043,6 +2081,158 @@ fn a_stale_copy_without_sync_stalls_the_peers_requests() {
     p.run(Duration::from_secs(600));
     assert!(!p.ev_a.contains(&Event::LivenessReply), "{:?}", p.ev_a);
     assert!(p.ev_a.contains(&Event::LivenessTimeout), "{:?}", p.ev_a);
+}
+
+#[test]
+fn an_aead_sa_is_synced_once_even_by_a_member_whose_copy_is_older_than_the_sync() {
+    // The fault run's failure: member 1 took the SA over and synced; member 2's copy,
+    // made before that sync (the update was lost on the HA link), must not sync again,
+    // or the peer has to encrypt a second response with message ID 0 under the same AEAD
+    // key (strongSwan refuses and destroys the IKE SA).
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let now = p.now;
+    let before_sync = p.b().snapshot(now).unwrap();
+    assert_eq!(before_sync.next_send, 0);
+    assert!(!before_sync.mid_sync_spent);
+
+    // Member 1: reserves the sync (the cluster records it), then sends it.
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        before_sync.clone(),
+    ));
+    let now = p.now;
+    assert_eq!(
+        p.b().reserve_mid_sync(4).ok(),
+        Some(MidSyncStart::Reserved { next_send: 4 })
+    );
+    // Reserved: counted as started in the copies, and nothing of ours leaves meanwhile.
+    assert!(p.b().snapshot(now).unwrap().mid_sync_spent);
+    p.b().start_liveness_check(now).unwrap();
+    p.collect();
+    assert!(p.ba.is_empty(), "nothing sent while the sync is reserved");
+    assert_eq!(
+        p.b().sync_message_ids(now, 99).ok(),
+        Some(MidSyncStart::Sent)
+    );
+    p.settle();
+    assert!(p.ev_b.iter().any(|e| matches!(
+        e,
+        Event::MessageIdsSynced {
+            initiated: true,
+            next_send: 4,
+            ..
+        }
+    )));
+    assert!(p.ev_b.contains(&Event::LivenessReply), "{:?}", p.ev_b);
+    let now = p.now;
+    let after_sync = p.b().snapshot(now).unwrap();
+    assert!(after_sync.mid_sync_spent);
+
+    let synced_responses = |p: &Pair| {
+        p.ev_a
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::MessageIdsSynced {
+                        initiated: false,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    assert_eq!(synced_responses(&p), 1);
+
+    // Member 2 from a copy made after the sync: no second one.
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        after_sync.clone(),
+    ));
+    let now = p.now;
+    assert_eq!(
+        p.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::AlreadySynced)
+    );
+    assert_eq!(
+        p.b().reserve_mid_sync(4).ok(),
+        Some(MidSyncStart::AlreadySynced)
+    );
+    p.collect();
+    assert!(p.ba.is_empty(), "nothing sent");
+
+    // Member 3 from the copy made before the sync, with the cluster's mark: no second
+    // one, and it continues at the M1 the peer adopted.
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        before_sync.clone(),
+    ));
+    let now = p.now;
+    p.b().adopt_mid_sync_mark(4);
+    assert_eq!(
+        p.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::AlreadySynced)
+    );
+    p.collect();
+    assert!(p.ba.is_empty(), "nothing sent");
+    assert_eq!(synced_responses(&p), 1, "the peer answered one sync only");
+    // Its own request uses the ID after the liveness check member 1 sent at 4; the copy
+    // says 4 (the mark): the peer answers it as the retransmission of 4, then 5 works.
+    p.ev_b.clear();
+    let now = p.now;
+    p.b().start_liveness_check(now).unwrap();
+    p.settle();
+    assert!(p.ev_b.contains(&Event::LivenessReply), "{:?}", p.ev_b);
+    p.ev_b.clear();
+    let now = p.now;
+    p.b().start_liveness_check(now).unwrap();
+    p.settle();
+    assert!(p.ev_b.contains(&Event::LivenessReply), "{:?}", p.ev_b);
+    // The peer's requests reach it too.
+    p.ev_a.clear();
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessReply), "{:?}", p.ev_a);
+
+    // A rekeyed IKE SA has new keys: it may be synced once again.
+    let now = p.now;
+    p.b().rekey_ike(now).unwrap();
+    p.settle();
+    let now = p.now;
+    let rekeyed = p.b().snapshot(now).unwrap();
+    assert!(!rekeyed.mid_sync_spent);
+
+    // Without the peer's response the reserved sync can be given up: held requests go.
+    let mut q = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let now = q.now;
+    let snap = q.b().snapshot(now).unwrap();
+    q.b = Some(IkeSa::restore(
+        q.now,
+        q.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap,
+    ));
+    let now = q.now;
+    assert!(matches!(
+        q.b().reserve_mid_sync(4),
+        Ok(MidSyncStart::Reserved { .. })
+    ));
+    q.b().start_liveness_check(now).unwrap();
+    q.collect();
+    assert!(q.ba.is_empty());
+    q.b().release_mid_sync(now).unwrap();
+    q.settle();
+    assert!(q.ev_b.contains(&Event::LivenessReply), "{:?}", q.ev_b);
+    assert!(
+        q.b().mid_sync_spent(),
+        "a released reservation still counts"
+    );
 }
 
 #[test]
