@@ -25,6 +25,15 @@ use crate::io::{hw_addr, LinkSocket, FGCP_PORT};
 mod resync;
 mod snapshot;
 
+/// A member that leaves its hello phase is sent the primary's claims and marks again
+/// (`TunnelTable::resync_peer`, two datagrams per tunnel); above this many tunnels it gets
+/// a snapshot instead (the same records, windowed, in a few large datagrams).
+const RESYNC_BY_SNAPSHOT: usize = 256;
+
+/// FGCP primary: `reclaim_stale` runs at least this often besides its triggers
+/// (`Cluster::reclaim_due`).
+const RECLAIM_EVERY_MS: u64 = 1_000;
+
 /// FGSP heartbeat period and loss time of a link: the shortest `hb-interval` of its
 /// `cluster-peer`s, and the longest `hb-interval` x `hb-lost-threshold` (no peer is lost
 /// sooner than its own keys say). Defaults 200 ms and 1.2 s (2 x 100 ms, 6 beats).
@@ -64,6 +73,8 @@ struct FgcpSide {
     /// A peer that announced `primary` announces something else now (it stepped down after
     /// a split brain, during which it held and announced the shared addresses).
     stepped_down: bool,
+    /// A peer announced another role than before (for `Cluster::reclaim_due`).
+    peer_role_changed: bool,
     /// Where each member was last heard from (snapshots are sent there, unicast).
     addrs: BTreeMap<MemberId, SocketAddr>,
     /// Link counters heard per member: lost sync datagrams ([`resync`]).
@@ -175,6 +186,12 @@ pub struct Cluster {
     lag: crate::lag::SyncLag,
     /// Snapshot transfers to and from members that join ([`snapshot`]).
     snap: snapshot::Snapshots,
+    /// FGCP primary: something that can leave a tunnel with a non-primary owner happened
+    /// (a membership or role change, a claim, lease or record received, a snapshot
+    /// applied): `reclaim_stale` runs on the next drive. It scans every tunnel, so it runs
+    /// only then and every [`RECLAIM_EVERY_MS`], not on every tick.
+    reclaim_due: bool,
+    next_reclaim_ms: u64,
     /// Configuration sync messages received over the FGCP link, for the daemon's
     /// `cfgsync` (drained by it).
     config_inbox: Vec<(MemberId, Message)>,
@@ -423,6 +440,8 @@ impl Cluster {
             config_inbox: Vec::new(),
             lag: Default::default(),
             snap: snapshot::Snapshots::new(epoch(now_ms)),
+            reclaim_due: true,
+            next_reclaim_ms: now_ms,
         }
     }
 
@@ -513,6 +532,14 @@ impl Cluster {
         }
     }
 
+    /// When the links want the next tick (ms): soon while a snapshot transfer runs (see
+    /// [`snapshot::TRANSFER_TICK_MS`]), else at the daemon's regular tick.
+    pub fn poll_timeout(&self, now_ms: u64) -> Option<u64> {
+        self.snap
+            .busy(now_ms)
+            .then(|| now_ms.saturating_add(snapshot::TRANSFER_TICK_MS))
+    }
+
     /// Sends `msg` to one FGCP member, where it was last heard from.
     pub fn send_fgcp_to(&mut self, to: MemberId, msg: &Message) {
         self.send_to_member("fgcp", to, msg);
@@ -537,6 +564,9 @@ impl Cluster {
             );
             if std::mem::take(&mut side.stepped_down) {
                 ch.fgcp_peer_stepped_down = true;
+            }
+            if std::mem::take(&mut side.peer_role_changed) {
+                self.reclaim_due = true;
             }
             let mut events = Vec::new();
             while let Some(ev) = side.fgcp.poll_event() {
@@ -574,6 +604,9 @@ impl Cluster {
                     tracing::info!("FGCP member {} restarted (new link epoch)", m.0);
                     snap_to.push(("fgcp", m));
                 }
+            }
+            if !events.is_empty() {
+                self.reclaim_due = true;
             }
             self.election_events = events;
             let after = side.fgcp.role();
@@ -721,13 +754,22 @@ impl Cluster {
         let primary = self.fgcp_role() == Some(HaRole::Primary);
         if let (Some(side), Some(t)) = (self.fgcp.as_mut(), self.table.as_mut()) {
             for m in std::mem::take(&mut side.now_secondary) {
-                if primary {
+                if !primary || snap_to.contains(&("fgcp", m)) || self.snap.sending_to("fgcp", m) {
+                    // A snapshot under way to it carries the claims and marks (see
+                    // `snapshot::restates_snapshot`).
+                    continue;
+                }
+                if t.roles().nth(RESYNC_BY_SNAPSHOT).is_some() {
+                    // Many tunnels: one windowed transfer instead of two datagrams each.
+                    snap_to.push(("fgcp", m));
+                } else {
                     // It heard us: claims and leases again, so its records are exact.
                     t.resync_peer(m);
                 }
             }
         }
-        if primary {
+        if primary && (std::mem::take(&mut self.reclaim_due) || now_ms >= self.next_reclaim_ms) {
+            self.next_reclaim_ms = now_ms.saturating_add(RECLAIM_EVERY_MS);
             self.reclaim_stale(now_ms);
         }
         self.resync_lost(now_ms);
@@ -803,6 +845,12 @@ impl Cluster {
             if let Some(t) = self.table.as_mut() {
                 t.handle_message(from, &msg);
             }
+            if matches!(
+                msg,
+                Message::Ownership(_) | Message::SeqLease(_) | Message::ChildSa(_)
+            ) {
+                self.reclaim_due = true;
+            }
         }
         self.apply(from, link, msg);
         metrics::gauge!("hasyncd_standby_child_sas").set(self.replicas.len() as f64);
@@ -832,7 +880,8 @@ impl Cluster {
         let ike_local = &self.ike_local;
         let reclaimed = t.reclaim_stale(
             |m| live.contains(&m) && roles.get(&m) == Some(&HaRole::Primary),
-            |tunnel| ike_local.values().any(|r| r.tunnel == tunnel),
+            // Keyed by tunnel (`set_local_ike_sas`): a lookup, not a scan per tunnel.
+            |tunnel| ike_local.contains_key(tunnel),
         );
         for (tunnel, carried) in reclaimed {
             let from = owners.get(&tunnel).map_or(0, |m| m.0);
@@ -856,7 +905,8 @@ impl Cluster {
         // FGCP cluster over FGSP: the FGSP table between clusters first (a promotion there
         // claims the tunnel in the FGCP table, whose messages follow).
         if let Some(t) = self.fgsp_table.as_mut() {
-            let (out, events) = step_table(t, now_ms);
+            let (mut out, events) = step_table(t, now_ms);
+            out.retain(|o| !self.restated_by_snapshot("fgsp", o));
             for o in &out {
                 self.send_fgsp(o.to, &o.message);
             }
@@ -865,7 +915,9 @@ impl Cluster {
         let Some(t) = self.table.as_mut() else {
             return;
         };
-        let (out, events) = step_table(t, now_ms);
+        let (mut out, events) = step_table(t, now_ms);
+        let link = if self.fgsp_mode() { "fgsp" } else { "fgcp" };
+        out.retain(|o| !self.restated_by_snapshot(link, o));
         if self.fgsp_mode() {
             for o in &out {
                 self.send_fgsp(o.to, &o.message);
@@ -883,6 +935,12 @@ impl Cluster {
         }
         let label = if self.fgsp_mode() { "FGSP" } else { "FGCP" };
         self.table_events(events, label, false);
+    }
+
+    /// A table message to one member that a snapshot under way to it already carries.
+    fn restated_by_snapshot(&self, link: &'static str, o: &Outgoing) -> bool {
+        o.to.is_some_and(|m| self.snap.sending_to(link, m))
+            && snapshot::restates_snapshot(&o.message)
     }
 
     /// FGCP cluster over FGSP: one table confirmed `seq_hw` for an outbound SA of a synced
@@ -1885,6 +1943,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
         peer_roles: BTreeMap::new(),
         now_secondary: Vec::new(),
         stepped_down: false,
+        peer_role_changed: false,
         addrs: BTreeMap::new(),
         loss: Default::default(),
         restarted: Vec::new(),
@@ -1958,6 +2017,9 @@ impl FgcpSide {
                     }
                     if let Message::Heartbeat(hb) = &r.message {
                         let before = self.peer_roles.insert(r.sender, hb.role);
+                        if before != Some(hb.role) {
+                            self.peer_role_changed = true;
+                        }
                         if hb.role == HaRole::Secondary && before != Some(HaRole::Secondary) {
                             self.now_secondary.push(r.sender);
                         }

@@ -31,6 +31,11 @@ const QUEUE: usize = 4096;
 /// Largest datagram read; ha-core caps messages at 64 KiB and counts the rest `oversized`,
 /// so one byte more than the cap is enough to see that a datagram was too long.
 const RECV_BUF: usize = ha_core::wire::MAX_MESSAGE_LEN + 1;
+/// Kernel receive buffer of a link socket. A snapshot transfer keeps up to 16 chunks of
+/// 32 KB in flight (each a train of IP fragments, about twice its size in kernel memory);
+/// the default buffer (212 992 bytes) held fewer than four of them, so a window's tail and
+/// the heartbeats behind it were dropped whenever the reader thread was descheduled.
+const RECV_QUEUE_BYTES: usize = 4 << 20;
 /// How often the reader checks whether it should stop.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -53,6 +58,9 @@ impl LinkSocket {
         }
         sock.set_broadcast(true)?;
         sock.set_read_timeout(Some(POLL))?;
+        if let Err(e) = set_recv_buffer(&sock, RECV_QUEUE_BYTES) {
+            tracing::warn!("HA link socket receive buffer: {e} (kernel default kept)");
+        }
         let reader_sock = sock.try_clone()?;
         let (tx, rx) = sync_channel(QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
@@ -130,6 +138,29 @@ fn read_loop(
             }
         }
     }
+}
+
+/// The socket's receive buffer (socket(7)): `SO_RCVBUFFORCE` (needs CAP_NET_ADMIN, which
+/// hasyncd has for the shared addresses), else `SO_RCVBUF` (capped by `net.core.rmem_max`).
+fn set_recv_buffer(sock: &UdpSocket, bytes: usize) -> io::Result<()> {
+    let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |opt: libc::c_int| {
+        // SAFETY: valid fd owned by `sock`; the option value is one readable c_int that
+        // lives for the duration of the call.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if set(libc::SO_RCVBUFFORCE) == 0 || set(libc::SO_RCVBUF) == 0 {
+        return Ok(());
+    }
+    Err(io::Error::last_os_error())
 }
 
 /// `SO_BINDTODEVICE` (socket(7)): receive only from, and send only through, `dev`.

@@ -494,6 +494,12 @@ impl DaemonLogic for Hasyncd {
     fn view(&self, name: &str, _args: &[String]) -> Result<serde_json::Value, String> {
         self.view_inner(name)
     }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.poll_timeout(self.now_ms))
+    }
 }
 
 impl Hasyncd {

@@ -854,6 +854,34 @@ pub fn sweep_stale() -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// Removes the namespaces this process created (`hv-<own pid>-…`, killing every process in
+/// them) and its scratch directories. For a signal handler's thread in a long run such as a
+/// benchmark: the process is about to exit without unwinding, so the guards' destructors
+/// ([`Netns`], [`Proc`], [`ScratchDir`]) will not run. Returns what was removed.
+pub fn remove_own() -> Vec<String> {
+    let me = std::process::id();
+    let mut removed = Vec::new();
+    for name in list_namespaces().unwrap_or_default() {
+        if owner_pid(&name) == Some(me) {
+            match destroy(&name) {
+                Ok(()) => removed.push(name),
+                Err(e) => eprintln!("haven-tests: removing namespace {name}: {e}"),
+            }
+        }
+    }
+    for entry in std::fs::read_dir(SCRATCH_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if owner_pid(&name) == Some(me) && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed.push(entry.path().display().to_string());
+        }
+    }
+    removed
+}
+
 /// Names of all namespaces on the machine (`ip netns list` prints "NAME" or "NAME (id: 3)").
 pub fn list_namespaces() -> Result<Vec<String>> {
     let list = run("ip", ["netns", "list"])?;

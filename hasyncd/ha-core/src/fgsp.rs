@@ -195,6 +195,11 @@ pub struct TunnelTable {
     mode: TableMode,
     live: BTreeSet<MemberId>,
     tunnels: BTreeMap<String, Tunnel>,
+    /// Every outbound SA with a lease waiting for acknowledgements, and possibly some that
+    /// no longer have one (an SA or tunnel removed meanwhile: dropped when next visited):
+    /// `poll_timeout` runs on every daemon tick and must not scan every SA of every tunnel
+    /// (100 000 tunnels: most of the daemon's time).
+    pending: BTreeSet<(String, u32)>,
     events: VecDeque<TunnelEvent>,
     outbox: VecDeque<Outgoing>,
     retransmit_ms: u64,
@@ -215,6 +220,7 @@ impl TunnelTable {
             mode,
             live: BTreeSet::new(),
             tunnels: BTreeMap::new(),
+            pending: BTreeSet::new(),
             events: VecDeque::new(),
             outbox: VecDeque::new(),
             retransmit_ms: DEFAULT_LEASE_RETRANSMIT_MS,
@@ -276,12 +282,19 @@ impl TunnelTable {
         self.outbox.pop_front()
     }
 
+    /// The pending lease of one outbound SA.
+    fn pending_of(&self, tunnel: &str, spi_out: u32) -> Option<&Pending> {
+        self.tunnels
+            .get(tunnel)
+            .and_then(|t| t.sas.get(&spi_out))
+            .and_then(|s| s.pending.as_ref())
+    }
+
     /// Earliest lease retransmission due.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.tunnels
-            .values()
-            .flat_map(|t| t.sas.values())
-            .filter_map(|s| s.pending.as_ref().map(|p| p.resend_at_ms))
+        self.pending
+            .iter()
+            .filter_map(|(t, spi)| self.pending_of(t, *spi).map(|p| p.resend_at_ms))
             .min()
     }
 
@@ -290,37 +303,48 @@ impl TunnelTable {
     pub fn handle_timeout(&mut self, now_ms: u64) {
         let retransmit = self.retransmit_ms;
         let me = self.me;
-        for (name, t) in &mut self.tunnels {
-            let mut claimed = false;
-            for (spi, s) in &mut t.sas {
-                let Some(p) = s.pending.as_mut() else {
-                    continue;
-                };
-                if now_ms < p.resend_at_ms {
-                    continue;
-                }
-                p.resend_at_ms = now_ms.saturating_add(retransmit);
-                if !claimed && t.owner == me {
-                    claimed = true;
-                    self.outbox.push_back(Outgoing {
-                        to: None,
-                        message: Message::Ownership(OwnershipClaim {
-                            tunnel: name.clone(),
-                            owner: me,
-                            generation: t.generation,
-                            reason: ClaimReason::Refresh,
-                        }),
-                    });
-                }
+        // Entries whose lease is gone (confirmed, demoted, SA or tunnel removed).
+        let tunnels = &self.tunnels;
+        self.pending.retain(|(name, spi)| {
+            tunnels
+                .get(name)
+                .and_then(|t| t.sas.get(spi))
+                .is_some_and(|s| s.pending.is_some())
+        });
+        // In tunnel order, one claim before a tunnel's first retransmitted lease.
+        let mut claimed: Option<&str> = None;
+        for (name, spi) in &self.pending {
+            let Some(t) = self.tunnels.get_mut(name) else {
+                continue;
+            };
+            let Some(p) = t.sas.get_mut(spi).and_then(|s| s.pending.as_mut()) else {
+                continue;
+            };
+            if now_ms < p.resend_at_ms {
+                continue;
+            }
+            p.resend_at_ms = now_ms.saturating_add(retransmit);
+            let hw = p.hw;
+            if claimed != Some(name.as_str()) && t.owner == me {
+                claimed = Some(name.as_str());
                 self.outbox.push_back(Outgoing {
                     to: None,
-                    message: Message::SeqLease(SeqLease {
+                    message: Message::Ownership(OwnershipClaim {
                         tunnel: name.clone(),
-                        spi_out: *spi,
-                        seq_hw: p.hw,
+                        owner: me,
+                        generation: t.generation,
+                        reason: ClaimReason::Refresh,
                     }),
                 });
             }
+            self.outbox.push_back(Outgoing {
+                to: None,
+                message: Message::SeqLease(SeqLease {
+                    tunnel: name.clone(),
+                    spi_out: *spi,
+                    seq_hw: hw,
+                }),
+            });
         }
     }
 
@@ -510,6 +534,7 @@ impl TunnelTable {
         match del {
             DeleteSync::Tunnel { tunnel } => {
                 self.tunnels.remove(tunnel);
+                self.pending.retain(|(t, _)| t != tunnel);
             }
             DeleteSync::IkeSa { .. } | DeleteSync::ChildSa { .. } => {
                 // CHILD SAs are keyed by inbound SPI on the wire and by outbound SPI here;
@@ -523,6 +548,7 @@ impl TunnelTable {
         if let Some(t) = self.tunnels.get_mut(tunnel) {
             t.sas.remove(&spi_out);
         }
+        self.pending.remove(&(tunnel.to_string(), spi_out));
     }
 
     /// This member became FGCP primary: take every tunnel it does not own yet (reason
@@ -632,6 +658,7 @@ impl TunnelTable {
             waiting,
             resend_at_ms,
         });
+        self.pending.insert((tunnel.to_string(), spi_out));
         self.outbox.push_back(Outgoing {
             to: None,
             message: Message::SeqLease(SeqLease {
@@ -695,6 +722,7 @@ impl TunnelTable {
                         // one of its leases is recorded here, a takeover adds the jump.
                         s.fresh = false;
                     }
+                    self.pending.retain(|(t, _)| *t != claim.tunnel);
                     self.stats.demotions += 1;
                     self.events.push_back(TunnelEvent::Demoted {
                         tunnel: claim.tunnel.clone(),
@@ -883,6 +911,7 @@ impl TunnelTable {
             return;
         };
         if let Some(p) = s.pending.take() {
+            self.pending.remove(&(tunnel.to_string(), spi_out));
             s.hw = s.hw.max(p.hw);
             self.events.push_back(TunnelEvent::LeaseConfirmed {
                 tunnel: tunnel.to_string(),

@@ -35,7 +35,16 @@ pub struct Snapshots {
     /// Next transfer id (seeded from the clock at start, so ids do not repeat across
     /// restarts).
     next_id: u64,
+    /// When the last chunk arrived (ms), for [`Snapshots::busy`].
+    last_chunk_ms: Option<u64>,
 }
+
+/// While a transfer runs, the daemon is ticked this often instead of every 20 ms
+/// ([`Snapshots::busy`], the daemon's `poll_timeout`): acknowledgements and chunks are
+/// read and answered on a tick, so the tick period is most of a transfer's round trip.
+pub const TRANSFER_TICK_MS: u64 = 4;
+/// An incoming transfer counts as running while its chunks arrive at least this often.
+const INCOMING_IDLE_MS: u64 = 500;
 
 impl Snapshots {
     pub fn new(seed: u64) -> Self {
@@ -49,6 +58,33 @@ impl Snapshots {
     pub fn forget_link(&mut self, link: &'static str) {
         self.out.retain(|(l, _)| *l != link);
     }
+
+    /// Whether a transfer runs in either direction: an outgoing one not yet acknowledged or
+    /// abandoned, or chunks that arrived within [`INCOMING_IDLE_MS`].
+    pub fn busy(&self, now_ms: u64) -> bool {
+        !self.out.is_empty()
+            || self
+                .last_chunk_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) < INCOMING_IDLE_MS)
+    }
+
+    /// Whether a transfer to `to` over `link` is under way (not yet fully acknowledged).
+    pub fn sending_to(&self, link: &'static str, to: MemberId) -> bool {
+        self.out
+            .iter()
+            .any(|(l, s)| *l == link && s.to() == to && !s.is_done())
+    }
+}
+
+/// Whether a tunnel-table message addressed to one member only restates what a snapshot
+/// carries (the claims and marks `TunnelTable::peer_joined` / `resync_peer` send to a
+/// member that joined): redundant while a snapshot to that member is under way, whose
+/// items were taken from the same table, with every later change following on the stream.
+/// Sent anyway, they were one datagram each, two per tunnel: 200 000 datagrams in one
+/// tick for 100 000 tunnels, held by the joiner (which abandoned the snapshot when it held
+/// too many) and crowding out the heartbeats. Lease acknowledgements are never dropped.
+pub fn restates_snapshot(msg: &Message) -> bool {
+    matches!(msg, Message::Ownership(_) | Message::SeqLease(_))
 }
 
 /// Whether a sync message is part of the state a snapshot carries (held during a transfer).
@@ -209,6 +245,7 @@ impl Cluster {
     ) {
         match msg {
             Message::SnapshotChunk(c) => {
+                self.snap.last_chunk_ms = Some(now_ms);
                 let join = self.snap.joins.entry((link, from)).or_default();
                 let (ack, done) = join.chunk(from, epoch, c);
                 self.send_to_member(link, from, &Message::SnapshotRequest(ack));
@@ -252,6 +289,7 @@ impl Cluster {
             if let Some(side) = self.fgcp.as_mut() {
                 side.loss.covered(from);
             }
+            self.reclaim_due = true;
         }
         let fgsp_mode = self.fgsp_mode();
         self.replicas
