@@ -293,6 +293,7 @@ impl Cluster {
                             from,
                             link,
                             sa: sa.clone(),
+                            received_ms: self.now_ms,
                         },
                     );
                 }
