@@ -4,7 +4,7 @@
 //! (`usage`, only SAs whose bytes moved). [`UsageSync`] turns ikemgr's `sa.child` records
 //! into sync records whose `lifetime` is what is left (ha-core's [`ChildLifetime`]: "left
 //! when sent"), re-sending an SA's record at most every [`USAGE_SYNC_MS`] and only when its
-//! bytes moved (or the record itself changed). A member that takes the tunnel over
+//! bytes moved and it has a volume limit (or the record itself changed). A member that takes the tunnel over
 //! subtracts the time since it received the record ([`left_now`]) and hands the rest to
 //! ikemgr (`TakeoverInfo::lifetimes`), which installs the SA with those limits: soft and
 //! hard lifetimes fire at the right total, not counted again from zero.
@@ -131,8 +131,11 @@ impl UsageSync {
                 )
             });
             let fresh = child_sync(c, age_s, bytes);
+            // Moving bytes matter only to an SA with a volume limit (the time left needs no
+            // re-send: the receiver counts it from when the record arrived).
+            let volume = c.lifetime.soft_bytes > 0 || c.lifetime.hard_bytes > 0;
             let keep = self.sent.get(k).filter(|old| {
-                !self.moved.contains(k)
+                !(volume && self.moved.contains(k))
                     && ChildSaSync {
                         lifetime: fresh.lifetime.clone(),
                         ..(*old).clone()
@@ -256,5 +259,15 @@ mod tests {
         moved.get_mut("vpn1/00000010").unwrap().remote_ts = vec!["10.3.0.0/24".into()];
         let d = u.records(&moved, 91_000);
         assert_eq!(d["vpn1/00000010"].lifetime.hard_s, 29);
+        // Without a volume limit moving bytes send nothing again.
+        let timed = SaLifetime {
+            soft_bytes: 0,
+            hard_bytes: 0,
+            ..LIFE
+        };
+        let children = BTreeMap::from([("vpn1/00000010".to_string(), child(timed))]);
+        let e = u.records(&children, 92_000);
+        u.note(&[usage(100_000, 5_000)], 100_000);
+        assert_eq!(u.records(&children, 101_000), e);
     }
 }
