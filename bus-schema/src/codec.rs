@@ -769,6 +769,48 @@ mod tests {
         assert!(hex(&bytes).contains(&hex(b"packets")));
     }
 
+    /// `usage` of `esp.seq` and `lifetimes` of `ha.takeover` were added later: set, they
+    /// round-trip; empty, the events encode as before (the golden bytes above).
+    #[test]
+    fn usage_and_lifetimes_left_round_trip_and_stay_optional() {
+        use crate::schema::{LifetimeLeft, SaLifetime, SaUsage};
+        for body in bodies() {
+            let with = match body {
+                Body::EspSeq { sas, .. } => Body::EspSeq {
+                    sas,
+                    usage: vec![SaUsage {
+                        tunnel: "vpn1_1".into(),
+                        spi_in: 7,
+                        age_ms: 61_000,
+                        bytes: 4_000_000,
+                    }],
+                },
+                Body::Takeover(mut t) => {
+                    t.lifetimes = vec![LifetimeLeft {
+                        spi_out: 0x10aa_45b0,
+                        left: SaLifetime {
+                            soft_secs: 10,
+                            hard_secs: 70,
+                            soft_bytes: 1,
+                            hard_bytes: 655_360,
+                        },
+                    }];
+                    Body::Takeover(t)
+                }
+                _ => continue,
+            };
+            let env = envelope(with);
+            let bytes = encode(&env);
+            assert_eq!(decode(&bytes).unwrap(), env);
+            let field: &[u8] = if matches!(env.body, Body::EspSeq { .. }) {
+                b"usage"
+            } else {
+                b"lifetimes"
+            };
+            assert!(hex(&bytes).contains(&hex(field)));
+        }
+    }
+
     #[test]
     fn round_trip_with_extreme_values() {
         for body in bodies() {

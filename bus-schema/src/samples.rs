@@ -99,6 +99,7 @@ pub fn bodies() -> Vec<Body> {
                 spi_out: 0x10aa_45b0,
                 seq_hw: 10_000_001,
             }],
+            usage: Vec::new(),
         },
         Body::EspExpire(SaExpiry {
             tunnel: "vpn1_1".into(),
@@ -149,6 +150,7 @@ pub fn bodies() -> Vec<Body> {
                 spi_out: 0x10aa_45b0,
                 seq_hw: 1 << 20,
             }],
+            lifetimes: Vec::new(),
         }),
         Body::Acquire(AcquireInfo {
             phase1: "vpn1".into(),

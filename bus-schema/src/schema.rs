@@ -234,9 +234,13 @@ pub enum Body {
     EspActivity {
         tunnels: Vec<TunnelActivity>,
     },
-    /// espd: outbound sequence high-water marks (event; for HA sync and restarts).
+    /// espd: outbound sequence high-water marks (event; for HA sync and restarts), and the
+    /// age and inner bytes of the SAs whose byte counts moved since the previous batch
+    /// (`usage`, added later: hasyncd syncs what their lifetimes have left).
     EspSeq {
         sas: Vec<SeqMark>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        usage: Vec<SaUsage>,
     },
     /// espd: an SA reached a soft or hard lifetime (event; soft asks ikemgr to rekey).
     EspExpire(SaExpiry),
@@ -747,6 +751,29 @@ pub struct TakeoverInfo {
     pub ike: IkeSaRecord,
     /// First outbound sequence number per outbound SPI (`seq_hw` = first number to send).
     pub start_seqs: Vec<SeqMark>,
+    /// What each CHILD SA's lifetimes have left now, per outbound SPI (added later; empty
+    /// from a member that does not sync it: the SA then starts with its full lifetimes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lifetimes: Vec<LifetimeLeft>,
+}
+
+/// An SA's age and inner bytes (`esp.seq`'s `usage`): milliseconds since it was installed
+/// and the larger of its inbound and outbound inner byte counts (each direction is held
+/// to the volume limits on its own).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SaUsage {
+    pub tunnel: String,
+    pub spi_in: u32,
+    pub age_ms: u64,
+    pub bytes: u64,
+}
+
+/// What the lifetimes of the CHILD SA sending on `spi_out` have left (each 0 where the SA
+/// has no such limit, at least 1 where it has one, even if it is used up).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LifetimeLeft {
+    pub spi_out: u32,
+    pub left: SaLifetime,
 }
 
 /// Traffic for SAs this member does not carry (`sa.unknown`).

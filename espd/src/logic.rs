@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bus_schema::schema::{ChildSaInfo, EspEncap, SaExpiry, SeqMark, TunnelActivity};
+use bus_schema::schema::{ChildSaInfo, EspEncap, SaExpiry, SaUsage, SeqMark, TunnelActivity};
 use bus_schema::{table, Body, DaemonKind, EspTunnelInfo, StateStore};
 use esp_proto::{Lifetime, LifetimeEvent, LimitKind};
 use haven_config::Config;
@@ -65,6 +65,8 @@ pub struct Espd {
     tunnels: BTreeMap<String, EspTunnelInfo>,
     activity_seen: BTreeMap<String, (u64, u64)>,
     seq_published: BTreeMap<String, u64>,
+    /// Inner bytes last published per SA in `esp.seq`'s `usage` (cluster members only).
+    usage_published: BTreeMap<String, u64>,
     /// HA sequence leases through hasyncd.
     ha: crate::ha::HaLeases,
     /// Paces `esp.acquire` (outbound traffic without an SA).
@@ -162,6 +164,7 @@ impl Espd {
             tunnels: BTreeMap::new(),
             activity_seen: BTreeMap::new(),
             seq_published: BTreeMap::new(),
+            usage_published: BTreeMap::new(),
             ha: crate::ha::HaLeases::default(),
             acquire: Default::default(),
             acquires: 0,
@@ -572,8 +575,31 @@ impl Espd {
                 });
             }
         }
-        if !marks.is_empty() {
-            out.push(Body::EspSeq { sas: marks });
+        // In a cluster, each SA whose inner byte count moved goes with its age, so hasyncd
+        // can tell the other members what its lifetimes have left (at most once per batch,
+        // never per packet).
+        let mut usage = Vec::new();
+        if self.ha.gating() {
+            let now = Instant::now();
+            for (k, sa) in dp.sas() {
+                let bytes = sa.rx.get().bytes.max(sa.tx.get().bytes);
+                if self.usage_published.get(k) != Some(&bytes) {
+                    self.usage_published.insert(k.clone(), bytes);
+                    usage.push(SaUsage {
+                        tunnel: sa.tunnel.clone(),
+                        spi_in: sa.spi_in,
+                        age_ms: u64::try_from(
+                            now.saturating_duration_since(sa.installed).as_millis(),
+                        )
+                        .unwrap_or(u64::MAX),
+                        bytes,
+                    });
+                }
+            }
+            self.usage_published.retain(|k, _| dp.sas().contains_key(k));
+        }
+        if !marks.is_empty() || !usage.is_empty() {
+            out.push(Body::EspSeq { sas: marks, usage });
         }
     }
 

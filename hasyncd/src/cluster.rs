@@ -10,7 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use std::collections::BTreeMap;
 
-use bus_schema::schema::{is_ike_mid_mark, IkeSaRecord, SeqMark, TakeoverInfo, UnknownSaTraffic};
+use bus_schema::schema::{
+    is_ike_mid_mark, IkeSaRecord, LifetimeLeft, SeqMark, TakeoverInfo, UnknownSaTraffic,
+};
 use ha_core::fgsp::{StartSeq, DEFAULT_UNSYNCED_JUMP};
 use ha_core::msg::{ChildSaSync, DeleteSync, HaRole, Heartbeat, IkeSaSync, KeyBytes, SeqLeaseAck};
 use ha_core::{
@@ -142,6 +144,8 @@ pub struct Changes {
 
 /// The running HA links of this member.
 pub struct Cluster {
+    /// The time of the last [`Cluster::drive`] (when standby copies arrive).
+    now_ms: u64,
     fgcp: Option<FgcpSide>,
     fgsp: Option<FgspSide>,
     failovers: u64,
@@ -210,6 +214,8 @@ pub struct Replica {
     pub link: &'static str,
     /// The record (with keys).
     pub sa: ChildSaSync,
+    /// When it arrived (ms): its lifetimes are what was left then.
+    pub received_ms: u64,
 }
 
 fn sa_key(tunnel: &str, spi_in: u32) -> String {
@@ -442,6 +448,7 @@ impl Cluster {
             snap: snapshot::Snapshots::new(epoch(now_ms)),
             reclaim_due: true,
             next_reclaim_ms: now_ms,
+            now_ms,
         }
     }
 
@@ -547,6 +554,7 @@ impl Cluster {
 
     /// Runs the links up to `now_ms`.
     pub fn drive(&mut self, now_ms: u64) -> Changes {
+        self.now_ms = now_ms;
         let mut ch = Changes::default();
         let mut received: Vec<(MemberId, &'static str, u64, u64, Message)> = Vec::new();
         // Members that get a snapshot of what this member carries (it joined, or this
@@ -1057,6 +1065,7 @@ impl Cluster {
                                 seq_hw: s.first_seq,
                             })
                             .collect(),
+                        lifetimes: self.lifetimes_left(&tunnel),
                     });
                     metrics::counter!("hasyncd_tunnel_takeovers_total").increment(1);
                     if from_fgsp {
@@ -1456,7 +1465,16 @@ impl Cluster {
             Message::ChildSa(sa) => {
                 let key = sa_key(&sa.tunnel, sa.spi_in);
                 tracing::debug!("standby copy of CHILD SA {key} from member {}", from.0);
-                self.replicas.insert(key, Replica { from, link, sa });
+                let received_ms = self.now_ms;
+                self.replicas.insert(
+                    key,
+                    Replica {
+                        from,
+                        link,
+                        sa,
+                        received_ms,
+                    },
+                );
             }
             Message::Delete(DeleteSync::ChildSa { tunnel, spi_in }) => {
                 self.replicas.remove(&sa_key(&tunnel, spi_in));
@@ -1471,6 +1489,22 @@ impl Cluster {
                 tracing::debug!("sync message {:?} not handled yet", other.msg_type());
             }
         }
+    }
+
+    /// What the standby copies of `tunnel`'s CHILD SAs have left of their lifetimes now
+    /// (the carrier sent what was left; the time since each copy arrived is subtracted).
+    pub fn lifetimes_left(&self, tunnel: &str) -> Vec<LifetimeLeft> {
+        self.replicas
+            .values()
+            .filter(|r| r.sa.tunnel == tunnel)
+            .map(|r| LifetimeLeft {
+                spi_out: r.sa.spi_out,
+                left: crate::usage::left_now(
+                    &r.sa.lifetime,
+                    self.now_ms.saturating_sub(r.received_ms),
+                ),
+            })
+            .collect()
     }
 
     /// The CHILD SAs this member carries now (ikemgr's `sa.child` table): new or changed
@@ -2229,6 +2263,42 @@ mod tests {
         assert_eq!(v["standby"][0]["spi_in"], "00000011");
         // The view never carries keys.
         assert!(!v.to_string().contains("keys"), "{v}");
+    }
+
+    /// A standby copy carries what its lifetimes had left when sent; a takeover hands
+    /// ikemgr that minus the time since it arrived (bytes as sent).
+    #[test]
+    fn takeover_lifetimes_count_from_when_the_copy_arrived() {
+        let mut c = Cluster::start(&Config::default(), 0);
+        c.drive(5_000);
+        let mut copy = sa("vpn1_1", 0x10);
+        copy.lifetime = ChildLifetime {
+            soft_s: 40,
+            hard_s: 60,
+            soft_bytes: 1_000,
+            hard_bytes: 2_000,
+        };
+        c.apply(MemberId(2), "fgcp", Message::ChildSa(copy));
+        c.apply(MemberId(2), "fgcp", Message::ChildSa(sa("vpn1_2", 0x20)));
+        c.drive(30_500);
+        let left = c.lifetimes_left("vpn1_1");
+        assert_eq!(
+            left,
+            vec![LifetimeLeft {
+                spi_out: 0x11,
+                left: bus_schema::schema::SaLifetime {
+                    soft_secs: 15,
+                    hard_secs: 35,
+                    soft_bytes: 1_000,
+                    hard_bytes: 2_000,
+                },
+            }]
+        );
+        // No limits stay no limits.
+        assert_eq!(
+            c.lifetimes_left("vpn1_2")[0].left,
+            bus_schema::schema::SaLifetime::default()
+        );
     }
 
     #[test]

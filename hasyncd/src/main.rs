@@ -39,6 +39,7 @@ mod cfgsync;
 mod cluster;
 mod io;
 mod lag;
+mod usage;
 mod vip;
 
 use std::collections::BTreeMap;
@@ -50,7 +51,7 @@ use ha_core::msg::HaRole;
 
 use bus_schema::schema::{ike_mid_mark_spi, ChildSaInfo, IkeSaRecord, SeqMark, TakeoverInfo};
 use bus_schema::{Body, DaemonKind, HaMemberInfo, StateStore};
-use ha_core::msg::{ChildLifetime, ChildSaSync, KeyBytes};
+use ha_core::msg::ChildSaSync;
 use haven_config::Config;
 use haven_daemon::{diff_keyed, DaemonLogic, Outbox};
 use serde_json::json;
@@ -63,6 +64,8 @@ struct Hasyncd {
     tunnels: Vec<String>,
     /// CHILD SAs ikemgr publishes (`sa.child`), as sync records, by `tunnel/spi_in`.
     child_sas: BTreeMap<String, ChildSaSync>,
+    /// espd's SA ages and bytes, for the lifetimes left in `child_sas`.
+    usage: usage::UsageSync,
     /// The configuration the links were started from (restart on change).
     ha_config: Option<(
         Option<haven_config::Ha>,
@@ -90,35 +93,6 @@ struct Hasyncd {
 /// How often an unconfirmed takeover is announced again, and for how long.
 const TAKEOVER_REPEAT_MS: u64 = 500;
 const TAKEOVER_GIVE_UP_MS: u64 = 30_000;
-
-/// ikemgr's CHILD SA record as an HA sync record. The IKE SA SPIs are not in ikemgr's
-/// `sa.child` record (0 here) and no routes are carried yet.
-fn child_sync(c: &ChildSaInfo) -> ChildSaSync {
-    let secs = |s: u64| u32::try_from(s).unwrap_or(u32::MAX);
-    ChildSaSync {
-        tunnel: c.tunnel.clone(),
-        phase1: c.phase1.clone(),
-        phase2: c.phase2.clone(),
-        ike_spi_i: 0,
-        ike_spi_r: 0,
-        spi_in: c.spi_in,
-        spi_out: c.spi_out,
-        transform: c.transform.clone(),
-        esn: c.esn,
-        keys_in: KeyBytes(c.keys_in.clone()),
-        keys_out: KeyBytes(c.keys_out.clone()),
-        local_ts: c.local_ts.clone(),
-        remote_ts: c.remote_ts.clone(),
-        routes: Vec::new(),
-        lifetime: ChildLifetime {
-            soft_s: secs(c.lifetime.soft_secs),
-            hard_s: secs(c.lifetime.hard_secs),
-            soft_bytes: c.lifetime.soft_bytes,
-            hard_bytes: c.lifetime.hard_bytes,
-        },
-        replay_window: c.replay_window,
-    }
-}
 
 /// A tunnel's role on this member: `sync-primary` on the FGCP primary or on a member
 /// without FGCP (each FGSP member carries what it established), `standby` on a secondary
@@ -234,6 +208,7 @@ impl DaemonLogic for Hasyncd {
             roles: BTreeMap::new(),
             tunnels: Vec::new(),
             child_sas: BTreeMap::new(),
+            usage: usage::UsageSync::default(),
             ha_config: None,
             pending_config: None,
             cluster: None,
@@ -287,13 +262,6 @@ impl DaemonLogic for Hasyncd {
                 _ => None,
             })
             .collect();
-        self.child_sas = store
-            .items()
-            .filter_map(|b| match b {
-                Body::ChildSa(c) => Some((ChildSaInfo::key_of(&c.tunnel, c.spi_in), child_sync(c))),
-                _ => None,
-            })
-            .collect();
         let ike: BTreeMap<String, IkeSaRecord> = store
             .items()
             .filter_map(|b| match b {
@@ -308,6 +276,7 @@ impl DaemonLogic for Hasyncd {
                 _ => None,
             })
             .collect();
+        self.child_sas = self.usage.records(&self.own_children, self.now_ms);
         self.own_ike = ike.clone();
         self.ike_spis = ike
             .iter()
@@ -333,6 +302,10 @@ impl DaemonLogic for Hasyncd {
                     self.collect(out);
                 }
             }
+            return;
+        }
+        if let (DaemonKind::Espd, Body::EspSeq { usage, .. }) = (src, body) {
+            self.usage.note(usage, self.now_ms);
             return;
         }
         // espd's sequence leases, and ikemgr's RFC 6311 sync marks of AEAD IKE SAs (an
@@ -377,6 +350,10 @@ impl DaemonLogic for Hasyncd {
         let Some(cluster) = self.cluster.as_mut() else {
             return;
         };
+        if self.usage.due(self.now_ms) {
+            self.child_sas = self.usage.records(&self.own_children, self.now_ms);
+            cluster.set_local_child_sas(self.child_sas.clone());
+        }
         let ch = cluster.drive(self.now_ms);
         self.cfgsync.tick(cluster, self.now_ms);
         let role = cluster.fgcp_role();

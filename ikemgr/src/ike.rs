@@ -1751,12 +1751,16 @@ impl IkeManager {
             // a rekey here (see `esp_expired`); with `keepalive enable` ike-proto's own
             // timer also rekeys at the same soft time (with `disable` only espd's event,
             // which carries the packet count, does). Volume: soft at 7/8 of `keylifekbs`.
-            lifetime: SaLifetime {
-                soft_secs: if g.child_timed { soft } else { 0 },
-                hard_secs: if g.child_timed { hard } else { 0 },
-                soft_bytes: g.child_bytes.map(|b| b - b / 8).unwrap_or(0),
-                hard_bytes: g.child_bytes.unwrap_or(0),
-            },
+            // After a takeover: what the old carrier left of them.
+            lifetime: self.ha.cap_lifetime(
+                c.outbound_spi,
+                SaLifetime {
+                    soft_secs: if g.child_timed { soft } else { 0 },
+                    hard_secs: if g.child_timed { hard } else { 0 },
+                    soft_bytes: g.child_bytes.map(|b| b - b / 8).unwrap_or(0),
+                    hard_bytes: g.child_bytes.unwrap_or(0),
+                },
+            ),
             initial_seq: self.ha.initial_seq(c.outbound_spi),
             outbound: false,
         };

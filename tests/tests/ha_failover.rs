@@ -66,6 +66,7 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
     let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 500, "0.05", "1");
     std::thread::sleep(Duration::from_secs(2));
     let seq_old = m1.esp_seqs();
+    let hard_old = hard_secs(&m1);
     let killed = Instant::now();
     m1.kill_all();
     gw1.ip(&["link", "set", "port2", "down"]).unwrap();
@@ -129,6 +130,18 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
         }
     }
 
+    // Lifetimes go on: gw2 installed the CHILD SA with what gw1 left of its hard lifetime
+    // (at least the 2 s of ping before the kill are gone), not counted again from zero.
+    let hard_new = hard_secs(&m2);
+    for (spi, old) in &hard_old {
+        let new = hard_new.iter().find(|(s, _)| s == spi).map(|(_, h)| *h);
+        assert!(
+            new.is_some_and(|n| n > 0 && n < *old),
+            "{spi:08x}: hard lifetime on gw2 {new:?} s, on gw1 before the kill {old} s\n{}",
+            m2.logs()
+        );
+    }
+
     // No renegotiation: strongSwan's IKE and CHILD SAs kept their SPIs; no replay drops.
     let after = client_sa(&charon).expect("client IKE SA after the takeover");
     assert_eq!(after.spis(), before.spis(), "IKE SA renegotiated");
@@ -150,4 +163,24 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
     drop(m2);
     drop(m1);
     let _ = charon.kill();
+}
+
+/// espd's outbound SAs of vpn1_1 on `m`: (spi_out, hard lifetime in seconds).
+fn hard_secs(m: &Member) -> Vec<(u32, u64)> {
+    let Ok(v) = m.view(DaemonKind::Espd, "tunnel-list") else {
+        return Vec::new();
+    };
+    v["tunnels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["name"] == "vpn1_1")
+        .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
+        .map(|s| {
+            (
+                hex_u32(&s["enc"]["spi"]),
+                s["life"]["timeout_hard"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
 }

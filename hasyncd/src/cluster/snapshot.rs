@@ -331,6 +331,7 @@ impl Cluster {
                             from,
                             link,
                             sa: sa.clone(),
+                            received_ms: self.now_ms,
                         },
                     );
                 }

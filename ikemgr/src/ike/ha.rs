@@ -37,7 +37,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bus_schema::schema::{
-    ike_mid_mark_spi, is_ike_mid_mark, ChildSaInfo as BusChild, IkeSaRecord, SeqMark, TakeoverInfo,
+    ike_mid_mark_spi, is_ike_mid_mark, ChildSaInfo as BusChild, IkeSaRecord, LifetimeLeft,
+    SaLifetime, SeqMark, TakeoverInfo,
 };
 use bus_schema::Body;
 use ike_proto::crypto::{Encr, IkeKeys, Integ, Prf, Secret};
@@ -82,6 +83,9 @@ pub struct HaState {
     published: HashMap<u64, (String, PublishedKey)>,
     /// Outbound SPI -> first sequence number, for CHILD SAs being installed by a takeover.
     start_seq: HashMap<u32, u64>,
+    /// Outbound SPI -> what its lifetimes have left, for CHILD SAs being installed by a
+    /// takeover (hasyncd's `lifetimes`) or republished after a restart.
+    lifetime_left: HashMap<u32, SaLifetime>,
     /// Takeovers done (tunnel -> SPIs), so a repeated Takeover event is ignored.
     taken: BTreeMap<String, (u64, u64)>,
     /// Requests for IKE SAs not held here, for hasyncd (FGSP promotion), at most
@@ -375,6 +379,28 @@ impl HaState {
         self.start_seq.get(&spi_out).copied().unwrap_or(1).max(1)
     }
 
+    /// The configured lifetimes `l` of the CHILD SA sending on `spi_out`, each limit held to
+    /// what a takeover says it has left (a limit the SA does not have stays 0; a left of 0
+    /// means the old carrier did not say).
+    pub fn cap_lifetime(&self, spi_out: u32, l: SaLifetime) -> SaLifetime {
+        let Some(left) = self.lifetime_left.get(&spi_out) else {
+            return l;
+        };
+        let cap = |cfg: u64, left: u64| {
+            if cfg == 0 || left == 0 {
+                cfg
+            } else {
+                cfg.min(left)
+            }
+        };
+        SaLifetime {
+            soft_secs: cap(l.soft_secs, left.soft_secs),
+            hard_secs: cap(l.hard_secs, left.hard_secs),
+            soft_bytes: cap(l.soft_bytes, left.soft_bytes),
+            hard_bytes: cap(l.hard_bytes, left.hard_bytes),
+        }
+    }
+
     /// An SA was removed: its record goes too (after its CHILD SAs and routes, before the
     /// tunnel, as seed 000's flush order).
     pub(super) fn removed(&mut self, id: u64, bodies: &mut Vec<Body>) {
@@ -550,9 +576,20 @@ impl IkeManager {
                         .cloned(),
                 )
                 .collect();
+            // The lifetimes as published (a taken-over SA's are already reduced), so the
+            // republished records are the same.
+            let lifetimes = children
+                .iter()
+                .filter(|c| c.tunnel == rec.tunnel)
+                .map(|c| LifetimeLeft {
+                    spi_out: c.spi_out,
+                    left: c.lifetime,
+                })
+                .collect();
             let t = TakeoverInfo {
                 ike: rec.clone(),
                 start_seqs,
+                lifetimes,
             };
             match self.continue_sa(now, &t, true) {
                 Ok(()) => n += 1,
@@ -633,6 +670,9 @@ impl IkeManager {
         for m in t.start_seqs.iter().filter(|m| !is_ike_mid_mark(m.spi_out)) {
             self.ha.start_seq.insert(m.spi_out, m.seq_hw);
         }
+        for l in &t.lifetimes {
+            self.ha.lifetime_left.insert(l.spi_out, l.left);
+        }
         // A restart republishes each CHILD SA once, outbound on, as espd holds it: no
         // inbound-only step (espd would stop sending on it for a moment).
         self.ha.restoring = restart;
@@ -648,6 +688,7 @@ impl IkeManager {
         self.ha.restoring = false;
         for c in &children {
             self.ha.start_seq.remove(&c.outbound_spi);
+            self.ha.lifetime_left.remove(&c.outbound_spi);
         }
         self.ha
             .taken
@@ -976,6 +1017,17 @@ mod tests {
                         spi_out,
                         seq_hw: 1 << 20,
                     }],
+                    // The old carrier used most of the hard time: the CHILD SA is
+                    // installed with what is left, not counted from zero.
+                    lifetimes: vec![LifetimeLeft {
+                        spi_out,
+                        left: SaLifetime {
+                            soft_secs: 5,
+                            hard_secs: 9,
+                            soft_bytes: 0,
+                            hard_bytes: 0,
+                        },
+                    }],
                 },
             )
             .unwrap();
@@ -984,8 +1036,20 @@ mod tests {
             matches!(&b[0], Body::Tunnel(t) if t.name == "vpn1_1"),
             "{b:?}"
         );
-        assert!(b.iter().any(|x| matches!(x, Body::ChildSa(c)
-            if c.spi_out == spi_out && c.initial_seq == 1 << 20 && c.outbound)));
+        let child = b
+            .iter()
+            .find_map(|x| match x {
+                Body::ChildSa(c) if c.spi_out == spi_out && c.outbound => Some(c),
+                _ => None,
+            })
+            .expect("CHILD SA installed");
+        assert!(child.initial_seq == 1 << 20 && child.outbound, "{child:?}");
+        assert_eq!(
+            (child.lifetime.soft_secs, child.lifetime.hard_secs),
+            (5, 9),
+            "{:?}",
+            child.lifetime
+        );
         assert_eq!(records(&b).len(), 1);
         assert!(matches!(
             standby.poll_route(),
@@ -1018,6 +1082,7 @@ mod tests {
                 &TakeoverInfo {
                     ike: rec.clone(),
                     start_seqs: vec![],
+                    lifetimes: vec![],
                 },
             )
             .unwrap();
