@@ -125,6 +125,8 @@ struct FgspSide {
     lost_ms: u64,
     /// True while this member speaks for its FGCP cluster (or has no FGCP cluster).
     active: bool,
+    /// Link counters heard per peer: lost sync datagrams ([`resync`]).
+    loss: resync::LossWatch,
 }
 
 /// What changed in a drive, for the daemon to publish.
@@ -2029,6 +2031,7 @@ fn start_fgsp(
             .collect(),
         next_hb_ms: now_ms,
         active,
+        loss: Default::default(),
     })
 }
 
@@ -2112,6 +2115,7 @@ impl FgspSide {
                 Err(reason) => count_drop("fgsp", reason.label()),
                 Ok(r) => {
                     count_received("fgsp", bytes.len());
+                    self.loss.heard(r.sender, r.epoch, r.counter, now_ms);
                     let peer = self
                         .peers
                         .iter_mut()

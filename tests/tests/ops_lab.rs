@@ -275,6 +275,39 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
         },
     );
 
+    // The HA dashboard's peer and configuration-sync series (ops/grafana gen-dashboards.py,
+    // haven-hasyncd), with real pairs: each member hears its partner, the FGCP
+    // configuration of each pair is in sync, and the speaking primaries hear one FGSP peer.
+    wait_for(
+        "hasyncd_fgcp_peers 1 and hasyncd_config_in_sync 1 on every member",
+        Duration::from_secs(60),
+        || {
+            let per_member = |q: &str| -> Result<Vec<(String, String)>, String> {
+                Ok(lab
+                    .prom_query(q)?
+                    .iter()
+                    .filter_map(|r| {
+                        Some((
+                            r["metric"]["member"].as_str()?.to_string(),
+                            r["value"][1].as_str()?.to_string(),
+                        ))
+                    })
+                    .collect())
+            };
+            let peers = per_member("hasyncd_fgcp_peers")?;
+            let in_sync = per_member("hasyncd_config_in_sync")?;
+            let fgsp = per_member("max(hasyncd_fgsp_detected_peers) by (member)")?;
+            let all_one = |v: &[(String, String)]| v.len() == 4 && v.iter().all(|(_, x)| x == "1");
+            if all_one(&peers) && all_one(&in_sync) && fgsp.iter().any(|(_, x)| x == "1") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "fgcp peers {peers:?}\nin sync {in_sync:?}\nfgsp {fgsp:?}"
+                ))
+            }
+        },
+    );
+
     // Every daemon of every member serves valid Prometheus text (promtool's lint).
     for i in 1..=4 {
         for port in 9701..=9704 {

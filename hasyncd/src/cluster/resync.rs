@@ -1,4 +1,4 @@
-//! Lost sync datagrams on the FGCP link, and the repair (issue 6 point 3, issue 8 point 4).
+//! Lost sync datagrams on the HA links, and the repair (issue 6 point 3, issue 8 point 4).
 //!
 //! The sync stream (IKE and CHILD SA records, deletions, leases) is sent once over UDP: a
 //! lost record leaves the secondary without a copy it needs for a takeover, and a lost
@@ -10,6 +10,14 @@
 //! that much). The secondary then asks its primary for a snapshot (the Clone pattern's
 //! repair: the snapshot replaces every copy from that member, and the stream continues
 //! after it), at most once per [`RESYNC_EVERY_MS`] per sender.
+//!
+//! FGSP peers get the same repair from the peer whose counters show the gap
+//! ([`fgsp_resync`]), but only while this member hears exactly one FGSP peer: with more,
+//! the peers' snapshot chunks and acknowledgements to one another (unicast) leave gaps
+//! here that are no loss, and asking for snapshots on them would make every join start
+//! a round of snapshots between all peers. Two FGSP members, or two FGCP clusters whose
+//! primaries speak for them (seed 001), are covered; three or more FGSP members are not
+//! (their losses are only counted down).
 //!
 //! Limits: a member that seals a datagram for another member only (a snapshot chunk
 //! unicast to a third member of a larger cluster) leaves a counter the others never see;
@@ -124,6 +132,16 @@ impl LossWatch {
     }
 }
 
+/// FGSP: the peer to ask for a snapshot, and how many of its datagrams were lost, given
+/// the losses [`LossWatch::take_lost`] reported and the peers heard now. Only when this
+/// member hears one peer and that peer's datagrams were lost (see the module comment).
+pub fn fgsp_resync(lost: &[(MemberId, u64)], live: &[MemberId]) -> Option<(MemberId, u64)> {
+    let [only] = live else {
+        return None;
+    };
+    lost.iter().find(|(m, n)| m == only && *n > 0).copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +172,24 @@ mod tests {
         w.heard(A, 1, 2, 40);
         w.heard(A, 1, 2, 45); // a duplicate changes nothing
         assert!(w.take_lost(10_000).is_empty());
+    }
+
+    #[test]
+    fn an_fgsp_member_asks_its_only_peer_after_a_loss() {
+        const B: MemberId = MemberId(8);
+        let mut w = LossWatch::default();
+        w.heard(A, 1, 0, 0);
+        w.heard(A, 1, 1, 10);
+        w.heard(A, 1, 4, 20); // 2 and 3 lost (a deletion sent while the link dropped)
+        let lost = w.take_lost(20 + REORDER_MS);
+        assert_eq!(lost, vec![(A, 2)]);
+        assert_eq!(fgsp_resync(&lost, &[A]), Some((A, 2)));
+        // With a second peer heard, gaps may be A's snapshot chunks to B: no request.
+        assert_eq!(fgsp_resync(&lost, &[A, B]), None);
+        // Nothing lost, or lost from a peer no longer heard: no request.
+        assert_eq!(fgsp_resync(&[], &[A]), None);
+        assert_eq!(fgsp_resync(&lost, &[B]), None);
+        assert_eq!(fgsp_resync(&lost, &[]), None);
     }
 
     #[test]

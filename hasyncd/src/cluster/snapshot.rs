@@ -284,12 +284,14 @@ impl Cluster {
     /// held from it, then the newer stream messages follow.
     fn apply_snapshot(&mut self, link: &'static str, done: Completed) {
         let from = done.snapshot.from;
+        // Whatever was lost before it is replaced by it.
         if link == "fgcp" {
-            // Whatever was lost before it is replaced by it.
             if let Some(side) = self.fgcp.as_mut() {
                 side.loss.covered(from);
             }
             self.reclaim_due = true;
+        } else if let Some(side) = self.fgsp.as_mut() {
+            side.loss.covered(from);
         }
         let fgsp_mode = self.fgsp_mode();
         self.replicas
@@ -356,6 +358,7 @@ impl Cluster {
     /// ([`super::resync`]). Losses from other members, or on a primary, are only counted
     /// down: their stream carries nothing this member keeps.
     pub(super) fn resync_lost(&mut self, now_ms: u64) {
+        self.resync_lost_fgsp(now_ms);
         let secondary = self.fgcp_role() == Some(HaRole::Secondary);
         let Some(side) = self.fgcp.as_mut() else {
             return;
@@ -389,6 +392,40 @@ impl Cluster {
             self.send_to_member("fgcp", from, &Message::SnapshotRequest(req));
             return;
         }
+    }
+
+    /// FGSP: sync datagrams from a peer were lost (a record or a deletion of a tunnel it
+    /// owns may be missing here): asks it for a snapshot, which replaces every copy it sent.
+    /// Only while this member hears that one peer ([`super::resync::fgsp_resync`]: with
+    /// more, the peers' snapshot chunks to each other leave gaps that are no loss).
+    fn resync_lost_fgsp(&mut self, now_ms: u64) {
+        let Some(side) = self.fgsp.as_mut().filter(|s| s.active) else {
+            return;
+        };
+        let lost = side.loss.take_lost(now_ms);
+        let live: Vec<MemberId> = side.live.peers().collect();
+        let Some((from, n)) = super::resync::fgsp_resync(&lost, &live) else {
+            return;
+        };
+        if self
+            .snap
+            .joins
+            .get(&("fgsp", from))
+            .is_some_and(|j| j.in_progress())
+        {
+            return;
+        }
+        self.snap.next_id = self.snap.next_id.wrapping_add(1);
+        let req = SnapshotRequest {
+            request_id: self.snap.next_id,
+            next: 0,
+        };
+        tracing::info!(
+            "fgsp: {n} datagrams from peer {} lost; asking it for a snapshot",
+            from.0
+        );
+        metrics::counter!("hasyncd_resyncs_total", "link" => "fgsp").increment(1);
+        self.send_to_member("fgsp", from, &Message::SnapshotRequest(req));
     }
 
     /// Sends what the transfers may send now; drops finished and abandoned ones.
