@@ -1135,6 +1135,7 @@ mod tests {
             &TakeoverInfo {
                 ike: stale.clone(),
                 start_seqs: vec![],
+                lifetimes: vec![],
             },
         )
         .unwrap();
@@ -1155,6 +1156,7 @@ mod tests {
             &TakeoverInfo {
                 ike: synced,
                 start_seqs: vec![],
+                lifetimes: vec![],
             },
         )
         .unwrap();
@@ -1169,6 +1171,7 @@ mod tests {
             &TakeoverInfo {
                 ike: stale,
                 start_seqs: marks,
+                lifetimes: vec![],
             },
         )
         .unwrap();
