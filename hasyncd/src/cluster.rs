@@ -33,6 +33,9 @@ const RESYNC_BY_SNAPSHOT: usize = 256;
 /// datagram per record ([`Cluster::send_sync_or_snapshot`]).
 const BULK_BY_SNAPSHOT: usize = 256;
 
+/// Records handled between two heartbeat checks in a long loop (`Cluster::keep_heartbeats`).
+const HEARTBEAT_CHECK_EVERY: usize = 4096;
+
 /// FGCP primary: `reclaim_stale` runs at least this often besides its triggers
 /// (`Cluster::reclaim_due`).
 const RECLAIM_EVERY_MS: u64 = 1_000;
@@ -534,6 +537,17 @@ impl Cluster {
         self.snap
             .busy(now_ms)
             .then(|| now_ms.saturating_add(snapshot::TRANSFER_TICK_MS))
+    }
+
+    /// Sends this member's FGCP heartbeat if one is due by the wall clock (the daemon
+    /// ticks' clock). Long loops over every record (applying a snapshot of 100 000) call it
+    /// every [`HEARTBEAT_CHECK_EVERY`] records: the heartbeats keep flowing while the tick
+    /// is held, so a big join never makes a peer declare this member lost.
+    pub(super) fn keep_heartbeats(&mut self) {
+        let now_ms = haven_daemon::now_ns() / 1_000_000;
+        if let Some(side) = self.fgcp.as_mut() {
+            side.send_heartbeats(now_ms);
+        }
     }
 
     /// Sends `msg` to one FGCP member, where it was last heard from.
@@ -2018,6 +2032,12 @@ impl FgcpSide {
         if now_ms >= self.fgcp.poll_timeout() {
             self.fgcp.handle_timeout(now_ms);
         }
+        self.send_heartbeats(now_ms);
+        out
+    }
+
+    /// This member's heartbeats due at `now_ms`.
+    fn send_heartbeats(&mut self, now_ms: u64) {
         while let Some(hb) = self.fgcp.poll_transmit(now_ms) {
             match self.link.seal(&Message::Heartbeat(hb)) {
                 Ok(d) => match self.sock.send_to(&d, self.dest) {
@@ -2027,7 +2047,6 @@ impl FgcpSide {
                 Err(e) => tracing::error!("heartbeat seal: {e}"),
             }
         }
-        out
     }
 }
 

@@ -558,8 +558,30 @@ mod tests {
         assert!(!join.in_progress());
     }
 
-    /// Chunks cut as the window reaches them are those `snapshot_chunks` cuts at once; an
-    /// item too large for a chunk fails the transfer when it is reached.
+    /// Every chunk of a transfer, acknowledging as they come (window `window`); checks that
+    /// the window bounds what is cut, not only what is sent.
+    fn drain(tx: &mut SnapshotSender, window: usize) -> Vec<SnapshotChunk> {
+        let mut got = Vec::new();
+        while !tx.is_done() {
+            let before = got.len();
+            while let Some(c) = tx.poll_transmit(1) {
+                got.push(c);
+            }
+            assert!(got.len() - before <= window);
+            assert_eq!(tx.chunk_count(), got.len());
+            let ack = SnapshotRequest {
+                request_id: 9,
+                next: u32::try_from(got.len()).unwrap(),
+            };
+            assert!(tx.handle_ack(MemberId(2), &ack, 2));
+        }
+        got
+    }
+
+    /// Chunks cut as the window reaches them are those `snapshot_chunks` cuts at once
+    /// (every count of items up to 40, so that the last item is sometimes the one that did
+    /// not fit the previous chunk); an item too large for a chunk fails the transfer when
+    /// it is reached.
     #[test]
     fn chunks_are_cut_lazily_as_snapshot_chunks_cuts_them() {
         let items: Vec<SnapshotItem> = (0..300u32)
@@ -569,29 +591,15 @@ mod tests {
                 SnapshotItem::ChildSa(sa)
             })
             .collect();
-        let want = crate::msg::snapshot_chunks(9, 42, items.clone(), 2_000).unwrap();
-        assert!(want.len() > 10, "{} chunks", want.len());
-        let mut tx = SnapshotSender::new(MemberId(2), 9, 42, items, 2_000, 0)
-            .unwrap()
-            .with_window(4);
-        let mut got = Vec::new();
-        while let Some(c) = tx.poll_transmit(1) {
-            got.push(c);
+        for n in (0..=40).chain([300]) {
+            let items: Vec<SnapshotItem> = items.iter().take(n).cloned().collect();
+            let want = crate::msg::snapshot_chunks(9, 42, items.clone(), 2_000).unwrap();
+            let mut tx = SnapshotSender::new(MemberId(2), 9, 42, items, 2_000, 0)
+                .unwrap()
+                .with_window(3);
+            assert_eq!(drain(&mut tx, 3), want, "{n} items");
+            assert_eq!(tx.items_left(), 0);
         }
-        // The window bounds what is cut, not only what is sent.
-        assert_eq!((got.len(), tx.chunk_count()), (4, 4));
-        while !tx.is_done() {
-            let ack = SnapshotRequest {
-                request_id: 9,
-                next: u32::try_from(got.len()).unwrap(),
-            };
-            assert!(tx.handle_ack(MemberId(2), &ack, 2));
-            while let Some(c) = tx.poll_transmit(2) {
-                got.push(c);
-            }
-        }
-        assert_eq!(got, want);
-        assert_eq!(tx.items_left(), 0);
 
         let mut big = child_sa("vpn1_big", 1);
         big.phase2 = "p".repeat(5_000);

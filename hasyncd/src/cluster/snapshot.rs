@@ -12,7 +12,7 @@ use ha_core::msg::{HaRole, SnapshotItem, SnapshotRequest};
 use ha_core::snapshot::{Completed, SnapshotJoin, SnapshotSender};
 use ha_core::{MemberId, Message, TunnelRole};
 
-use super::{count_sent, ike_sync, sa_key, Cluster, Replica};
+use super::{count_sent, ike_sync, sa_key, Cluster, Replica, HEARTBEAT_CHECK_EVERY};
 
 /// Chunk body size. Much larger than one MTU: the chunks are IP-fragmented on the link,
 /// and a lost fragment costs its chunk (sent again by go-back-N); with large chunks the
@@ -293,7 +293,10 @@ impl Cluster {
         self.ike_replicas.retain(|_, (f, _)| *f != from);
         let (mut ike, mut child) = (0usize, 0usize);
         // By value: the records move into the copies (100 000 of them: no second copy).
-        for item in done.snapshot.items {
+        for (i, item) in done.snapshot.items.into_iter().enumerate() {
+            if i % HEARTBEAT_CHECK_EVERY == HEARTBEAT_CHECK_EVERY - 1 {
+                self.keep_heartbeats();
+            }
             let tunnel = match &item {
                 SnapshotItem::IkeSa(s) => &s.tunnel,
                 SnapshotItem::ChildSa(sa) => &sa.tunnel,
