@@ -32,6 +32,13 @@ mod snapshot;
 /// a snapshot instead (the same records, windowed, in a few large datagrams).
 const RESYNC_BY_SNAPSHOT: usize = 256;
 
+/// Local records changed at once above which the peers get a snapshot instead of one
+/// datagram per record ([`Cluster::send_sync_or_snapshot`]).
+const BULK_BY_SNAPSHOT: usize = 256;
+
+/// Records handled between two heartbeat checks in a long loop (`Cluster::keep_heartbeats`).
+const HEARTBEAT_CHECK_EVERY: usize = 4096;
+
 /// FGCP primary: `reclaim_stale` runs at least this often besides its triggers
 /// (`Cluster::reclaim_due`).
 const RECLAIM_EVERY_MS: u64 = 1_000;
@@ -198,6 +205,12 @@ pub struct Cluster {
     /// only then and every [`RECLAIM_EVERY_MS`], not on every tick.
     reclaim_due: bool,
     next_reclaim_ms: u64,
+    /// Many local records changed at once: snapshots to every peer on the next drive
+    /// ([`Cluster::send_sync_or_snapshot`]).
+    bulk_changed: bool,
+    /// Snapshots to every peer started in this drive after such a change: the tunnel
+    /// table's claims and leases queued before them are in them (not sent separately).
+    bulk_started: bool,
     /// Configuration sync messages received over the FGCP link, for the daemon's
     /// `cfgsync` (drained by it).
     config_inbox: Vec<(MemberId, Message)>,
@@ -451,6 +464,8 @@ impl Cluster {
             reclaim_due: true,
             next_reclaim_ms: now_ms,
             now_ms,
+            bulk_changed: false,
+            bulk_started: false,
         }
     }
 
@@ -547,6 +562,17 @@ impl Cluster {
         self.snap
             .busy(now_ms)
             .then(|| now_ms.saturating_add(snapshot::TRANSFER_TICK_MS))
+    }
+
+    /// Sends this member's FGCP heartbeat if one is due by the wall clock (the daemon
+    /// ticks' clock). Long loops over every record (applying a snapshot of 100 000) call it
+    /// every [`HEARTBEAT_CHECK_EVERY`] records: the heartbeats keep flowing while the tick
+    /// is held, so a big join never makes a peer declare this member lost.
+    pub(super) fn keep_heartbeats(&mut self) {
+        let now_ms = haven_daemon::now_ns() / 1_000_000;
+        if let Some(side) = self.fgcp.as_mut() {
+            side.send_heartbeats(now_ms);
+        }
     }
 
     /// Sends `msg` to one FGCP member, where it was last heard from.
@@ -785,7 +811,14 @@ impl Cluster {
         self.resync_lost(now_ms);
         // A member that (re)joined gets a snapshot of every IKE and CHILD SA this member
         // carries and of the tunnel table (windowed and acknowledged, see `snapshot`).
+        // (A member that does not speak sends no stream either: the change is dropped.)
+        let bulk = std::mem::take(&mut self.bulk_changed);
         if self.fgcp_role().is_none_or(|r| r == HaRole::Primary) {
+            if bulk {
+                snap_all_fgcp = true;
+                snap_all_fgsp = true;
+                self.bulk_started = true;
+            }
             if snap_all_fgcp {
                 if let Some(side) = self.fgcp.as_ref() {
                     snap_to.extend(side.addrs.keys().map(|m| ("fgcp", *m)));
@@ -804,6 +837,7 @@ impl Cluster {
         }
         self.run_snapshots(now_ms);
         self.run_table(now_ms);
+        self.bulk_started = false;
         self.lag.publish(now_ms);
         ch
     }
@@ -947,10 +981,13 @@ impl Cluster {
         self.table_events(events, label, false);
     }
 
-    /// A table message to one member that a snapshot under way to it already carries.
+    /// A table message that a snapshot under way already carries: to one member receiving
+    /// one, or to all when every peer was just sent one after a bulk change (a lease
+    /// still unacknowledged is retransmitted on its timer: snapshots are not acknowledged
+    /// per record).
     fn restated_by_snapshot(&self, link: &'static str, o: &Outgoing) -> bool {
-        o.to.is_some_and(|m| self.snap.sending_to(link, m))
-            && snapshot::restates_snapshot(&o.message)
+        snapshot::restates_snapshot(&o.message)
+            && (self.bulk_started || o.to.is_some_and(|m| self.snap.sending_to(link, m)))
     }
 
     /// FGCP cluster over FGSP: one table confirmed `seq_hw` for an outbound SA of a synced
@@ -1425,7 +1462,7 @@ impl Cluster {
             }
         }
         self.ike_local = now;
-        self.send_sync(&msgs, true, true);
+        self.send_sync_or_snapshot(&msgs);
     }
 
     /// A sync message from `from`: CHILD SAs and deletions update the standby copies.
@@ -1552,7 +1589,24 @@ impl Cluster {
             }
         }
         self.local = now;
-        self.send_sync(&msgs, true, true);
+        self.send_sync_or_snapshot(&msgs);
+    }
+
+    /// Sends the records that changed, one datagram each; when that is many (ikemgr's
+    /// replica arrived whole: a start, a restart, a bus gap), every peer gets a snapshot
+    /// instead on the next drive (the same records in a few windowed datagrams): 100 000
+    /// sealed datagrams in one call held the daemon for seconds, no heartbeat went out,
+    /// and the burst overflowed the receivers' queues anyway.
+    fn send_sync_or_snapshot(&mut self, msgs: &[Message]) {
+        if msgs.len() > BULK_BY_SNAPSHOT {
+            tracing::info!(
+                "{} records changed at once; the peers get a snapshot instead",
+                msgs.len()
+            );
+            self.bulk_changed = true;
+        } else {
+            self.send_sync(msgs, true, true);
+        }
     }
 
     /// FGSP: CHILD SAs of synced tunnels ikemgr carries here go into the ownership table (a
@@ -2074,6 +2128,12 @@ impl FgcpSide {
         if now_ms >= self.fgcp.poll_timeout() {
             self.fgcp.handle_timeout(now_ms);
         }
+        self.send_heartbeats(now_ms);
+        out
+    }
+
+    /// This member's heartbeats due at `now_ms`.
+    fn send_heartbeats(&mut self, now_ms: u64) {
         while let Some(hb) = self.fgcp.poll_transmit(now_ms) {
             match self.link.seal(&Message::Heartbeat(hb)) {
                 Ok(d) => match self.sock.send_to(&d, self.dest) {
@@ -2083,7 +2143,6 @@ impl FgcpSide {
                 Err(e) => tracing::error!("heartbeat seal: {e}"),
             }
         }
-        out
     }
 }
 

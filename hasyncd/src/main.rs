@@ -31,9 +31,11 @@
 //! ikemgr's own records are kept as published whatever the mode (standalone included) and
 //! handed to a restarted ikemgr with the `ike-restore` command.
 //!
-//! Not yet: FGSP per-tunnel ownership between FGCP clusters, a paced/acknowledged snapshot
-//! over the link (a rejoining member gets one datagram per SA, unpaced), a persisted link
-//! epoch (the epoch is the wall clock in ms at each start).
+//! A member that joins gets a windowed, acknowledged snapshot ([`cluster`]'s `snapshot`);
+//! so do all peers when many local records change at once.
+//!
+//! Not yet: FGSP per-tunnel ownership between FGCP clusters (see README.md), a persisted
+//! link epoch (the epoch is the wall clock in ms at each start).
 
 mod cfgsync;
 mod cluster;

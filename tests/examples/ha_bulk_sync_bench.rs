@@ -222,15 +222,15 @@ impl LogWatch {
     }
 }
 
-/// Which of the `n` CHILD SAs the stand-in served are not on the joiner (its `replicas`
-/// view: tunnel, inbound and outbound SPI), or why the view could not be read.
-fn missing_on_joiner(run: &Path, n: usize) -> Result<usize, String> {
+/// A view of the hasyncd of `run` (waits up to 60 s: the daemon answers between two
+/// pieces of work, which take long at this size).
+fn view(run: &Path, name: &str) -> Result<serde_json::Value, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let req = CtlRequest::View {
-        name: "replicas".into(),
+        name: name.into(),
         args: vec![],
     };
     let reply = rt
@@ -241,9 +241,16 @@ fn missing_on_joiner(run: &Path, n: usize) -> Result<usize, String> {
             Duration::from_secs(60),
         ))
         .map_err(|e| e.to_string())?;
-    let CtlReply::View(v) = reply else {
-        return Err(format!("unexpected reply {reply:?}"));
-    };
+    match reply {
+        CtlReply::View(v) => Ok(v),
+        other => Err(format!("unexpected reply {other:?}")),
+    }
+}
+
+/// Which of the `n` CHILD SAs the stand-in served are not on the joiner (its `replicas`
+/// view: tunnel, inbound and outbound SPI), or why the view could not be read.
+fn missing_on_joiner(run: &Path, n: usize) -> Result<usize, String> {
+    let v = view(run, "replicas")?;
     let have: HashSet<(String, String, String)> = v["standby"]
         .as_array()
         .ok_or("no standby list in the replicas view")?
@@ -301,6 +308,19 @@ fn join(n: usize, tag: &str) -> (f64, Result<usize, String>, String) {
             } else {
                 Err(log.lines().rev().take(5).collect::<Vec<_>>().join("\n"))
             }
+        },
+    );
+    // The bus shell has the records; A's logic takes them in its next replica hand-over
+    // (and tells its peers): B starts once A's view counts them all.
+    wait_for(
+        "member A carries the CHILD SAs",
+        Duration::from_secs(120),
+        || {
+            let v = view(&da.join("run"), "replicas")?;
+            let local = v["local"].as_u64().unwrap_or(0);
+            (local as usize == n)
+                .then_some(())
+                .ok_or(format!("{local} of {n}"))
         },
     );
     let t0 = Instant::now();

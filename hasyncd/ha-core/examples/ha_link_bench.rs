@@ -288,7 +288,6 @@ fn run_daemon_shape(
     )?
     .with_window(env("WIN").map_or(DAEMON_WINDOW, |v| v as u32))
     .with_retransmit_ms(env("RTO").unwrap_or(DAEMON_RTO_MS));
-    let chunks = s.chunk_count();
     let mut updates = 0usize;
     while !s.is_done() && start.elapsed() < Duration::from_secs(60) {
         let now_ms = start.elapsed().as_millis() as u64;
@@ -318,7 +317,8 @@ fn run_daemon_shape(
         then,
         updates,
         s.retransmissions(),
-        chunks,
+        // Cut as the window reached them: all of them once the transfer is done.
+        s.chunk_count(),
         at.saturating_duration_since(start),
     ))
 }

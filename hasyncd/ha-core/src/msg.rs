@@ -461,9 +461,7 @@ pub fn snapshot_chunks(
     items: impl IntoIterator<Item = SnapshotItem>,
     max_body: usize,
 ) -> Result<Vec<SnapshotChunk>> {
-    // Room for the chunk's own fields and array header (named fields: under 80 bytes).
-    const CHUNK_OVERHEAD: usize = 128;
-    let budget = max_body.min(MAX_BODY_LEN).saturating_sub(CHUNK_OVERHEAD);
+    let budget = chunk_budget(max_body);
     let mut chunks = Vec::new();
     let mut cur: Vec<SnapshotItem> = Vec::new();
     let mut cur_len = 0usize;
@@ -492,6 +490,22 @@ pub fn snapshot_chunks(
             items,
         })
         .collect())
+}
+
+/// Room for a chunk's own fields and array header (named fields: under 80 bytes).
+const CHUNK_OVERHEAD: usize = 128;
+
+/// The item bytes a chunk of at most `max_body` bytes may carry.
+pub(crate) fn chunk_budget(max_body: usize) -> usize {
+    max_body.min(MAX_BODY_LEN).saturating_sub(CHUNK_OVERHEAD)
+}
+
+/// The encoded length of `item`, encoded into `scratch` (cleared first, reused by the
+/// caller so that sizing many items allocates nothing).
+pub(crate) fn encoded_len(scratch: &mut Vec<u8>, item: &SnapshotItem) -> Result<usize> {
+    scratch.clear();
+    rmp_serde::encode::write_named(scratch, item).map_err(|e| HaError::Encode(e.to_string()))?;
+    Ok(scratch.len())
 }
 
 /// Collects the chunks of one snapshot on the requesting side.

@@ -22,9 +22,9 @@
 
 use std::collections::VecDeque;
 
-use crate::error::Result;
+use crate::error::{HaError, Result};
 use crate::msg::{
-    snapshot_chunks, Message, Snapshot, SnapshotChunk, SnapshotItem, SnapshotRequest,
+    chunk_budget, encoded_len, Message, Snapshot, SnapshotChunk, SnapshotItem, SnapshotRequest,
 };
 use crate::wire::MemberId;
 
@@ -45,12 +45,26 @@ pub const MAX_HELD: usize = 65_536;
 /// than a snapshot that arrives later (the link's replay window: older ones are dropped).
 pub const RECENT: usize = crate::replay::WINDOW as usize;
 
-/// One outgoing transfer.
+/// One outgoing transfer. Chunks are cut from the items as the window reaches them (not
+/// all up front): sizing and cutting 300 000 records at once held a daemon tick for about
+/// half a second, during which no heartbeat was sent or read.
 #[derive(Debug)]
 pub struct SnapshotSender {
     to: MemberId,
     request_id: u64,
+    as_of: u64,
+    budget: usize,
+    /// Items not cut into a chunk yet, and the one that did not fit the last chunk (with
+    /// its encoded length).
+    rest: std::vec::IntoIter<SnapshotItem>,
+    carry: Option<(SnapshotItem, usize)>,
+    /// Chunks cut so far (kept for go-back-N).
     chunks: Vec<SnapshotChunk>,
+    /// The last chunk is cut.
+    cut_all: bool,
+    /// An item could not be encoded or does not fit a chunk: the transfer cannot finish.
+    failed: Option<String>,
+    scratch: Vec<u8>,
     window: u32,
     rto_ms: u64,
     acked: u32,
@@ -63,7 +77,8 @@ pub struct SnapshotSender {
 impl SnapshotSender {
     /// A transfer of `items` to `to`, taken at the sender's link counter `as_of` (its
     /// `next_counter()` now, before any chunk is sealed), in chunks of at most `max_body`
-    /// bytes ([`CHUNK_BODY`] to avoid IP fragmentation).
+    /// bytes ([`CHUNK_BODY`] to avoid IP fragmentation). An item that cannot be sent (too
+    /// large for a chunk) shows when the window reaches it: [`SnapshotSender::failed`].
     pub fn new(
         to: MemberId,
         request_id: u64,
@@ -72,11 +87,17 @@ impl SnapshotSender {
         max_body: usize,
         now_ms: u64,
     ) -> Result<Self> {
-        let chunks = snapshot_chunks(request_id, as_of, items, max_body)?;
         Ok(SnapshotSender {
             to,
             request_id,
-            chunks,
+            as_of,
+            budget: chunk_budget(max_body),
+            rest: items.into_iter().collect::<Vec<_>>().into_iter(),
+            carry: None,
+            chunks: Vec::new(),
+            cut_all: false,
+            failed: None,
+            scratch: Vec::new(),
             window: WINDOW,
             rto_ms: RETRANSMIT_MS,
             acked: 0,
@@ -111,9 +132,14 @@ impl SnapshotSender {
         self.request_id
     }
 
-    /// Number of chunks.
+    /// Number of chunks cut so far (all of them once the last one was sent).
     pub fn chunk_count(&self) -> usize {
         self.chunks.len()
+    }
+
+    /// Records not yet cut into a chunk.
+    pub fn items_left(&self) -> usize {
+        self.rest.len() + usize::from(self.carry.is_some())
     }
 
     /// Go-back-N restarts so far.
@@ -121,13 +147,18 @@ impl SnapshotSender {
         self.retransmissions
     }
 
+    /// Why the transfer cannot finish (an item too large for a chunk, or not encodable).
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
     /// An acknowledgement from `from`. Returns whether it belonged to this transfer.
     pub fn handle_ack(&mut self, from: MemberId, ack: &SnapshotRequest, now_ms: u64) -> bool {
         if from != self.to || ack.request_id != self.request_id {
             return false;
         }
-        let total = self.total();
-        if ack.next > self.acked && ack.next <= total {
+        // Only chunks that exist can be acknowledged.
+        if ack.next > self.acked && ack.next <= self.cut() {
             self.acked = ack.next;
             self.next = self.next.max(self.acked);
             self.last_ack_ms = now_ms;
@@ -143,7 +174,10 @@ impl SnapshotSender {
             self.retransmit_at_ms = now_ms.saturating_add(self.rto_ms);
             self.retransmissions += 1;
         }
-        if self.next >= self.total() || self.next >= self.acked.saturating_add(self.window) {
+        if self.next >= self.acked.saturating_add(self.window) {
+            return None;
+        }
+        if self.next >= self.cut() && !self.cut_next() {
             return None;
         }
         let chunk = self.chunks.get(self.next as usize)?.clone();
@@ -153,7 +187,7 @@ impl SnapshotSender {
 
     /// Every chunk acknowledged.
     pub fn is_done(&self) -> bool {
-        self.acked >= self.total()
+        self.cut_all && self.acked >= self.cut()
     }
 
     /// No acknowledgement for [`GIVE_UP_MS`].
@@ -161,9 +195,54 @@ impl SnapshotSender {
         now_ms.saturating_sub(self.last_ack_ms) >= GIVE_UP_MS
     }
 
-    fn total(&self) -> u32 {
+    fn cut(&self) -> u32 {
         // At most MAX_SNAPSHOT_CHUNKS-ish in practice; saturate rather than wrap.
         u32::try_from(self.chunks.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Cuts the next chunk (as `snapshot_chunks` would). Returns false when every chunk is
+    /// cut already or an item cannot be sent.
+    fn cut_next(&mut self) -> bool {
+        if self.cut_all || self.failed.is_some() {
+            return false;
+        }
+        let mut items = Vec::new();
+        let mut len = 0usize;
+        loop {
+            let (item, n) = match self.carry.take() {
+                Some(c) => c,
+                None => match self.rest.next() {
+                    None => break,
+                    Some(item) => match encoded_len(&mut self.scratch, &item) {
+                        Ok(n) => (item, n),
+                        Err(e) => {
+                            self.failed = Some(e.to_string());
+                            return false;
+                        }
+                    },
+                },
+            };
+            if n > self.budget {
+                self.failed = Some(HaError::TooLarge(n).to_string());
+                return false;
+            }
+            if len + n > self.budget {
+                self.carry = Some((item, n));
+                break;
+            }
+            len += n;
+            items.push(item);
+        }
+        let last = self.carry.is_none() && self.rest.len() == 0;
+        self.chunks.push(SnapshotChunk {
+            request_id: self.request_id,
+            index: self.cut(),
+            last,
+            as_of: self.as_of,
+            items,
+        });
+        self.cut_all = last;
+        true
     }
 }
 
@@ -477,6 +556,65 @@ mod tests {
         assert_eq!(ack.next, 0);
         assert!(done.is_none());
         assert!(!join.in_progress());
+    }
+
+    /// Every chunk of a transfer, acknowledging as they come (window `window`); checks that
+    /// the window bounds what is cut, not only what is sent.
+    fn drain(tx: &mut SnapshotSender, window: usize) -> Vec<SnapshotChunk> {
+        let mut got = Vec::new();
+        while !tx.is_done() {
+            let before = got.len();
+            while let Some(c) = tx.poll_transmit(1) {
+                got.push(c);
+            }
+            assert!(got.len() - before <= window);
+            assert_eq!(tx.chunk_count(), got.len());
+            let ack = SnapshotRequest {
+                request_id: 9,
+                next: u32::try_from(got.len()).unwrap(),
+            };
+            assert!(tx.handle_ack(MemberId(2), &ack, 2));
+        }
+        got
+    }
+
+    /// Chunks cut as the window reaches them are those `snapshot_chunks` cuts at once
+    /// (every count of items up to 40, so that the last item is sometimes the one that did
+    /// not fit the previous chunk); an item too large for a chunk fails the transfer when
+    /// it is reached.
+    #[test]
+    fn chunks_are_cut_lazily_as_snapshot_chunks_cuts_them() {
+        let items: Vec<SnapshotItem> = (0..300u32)
+            .map(|i| {
+                let mut sa = child_sa(&format!("vpn1_{i}"), i);
+                sa.phase2 = "p".repeat((i % 17) as usize * 20);
+                SnapshotItem::ChildSa(sa)
+            })
+            .collect();
+        for n in (0..=40).chain([300]) {
+            let items: Vec<SnapshotItem> = items.iter().take(n).cloned().collect();
+            let want = crate::msg::snapshot_chunks(9, 42, items.clone(), 2_000).unwrap();
+            let mut tx = SnapshotSender::new(MemberId(2), 9, 42, items, 2_000, 0)
+                .unwrap()
+                .with_window(3);
+            assert_eq!(drain(&mut tx, 3), want, "{n} items");
+            assert_eq!(tx.items_left(), 0);
+        }
+
+        let mut big = child_sa("vpn1_big", 1);
+        big.phase2 = "p".repeat(5_000);
+        let items = vec![
+            SnapshotItem::ChildSa(child_sa("vpn1_a", 2)),
+            SnapshotItem::ChildSa(big),
+        ];
+        let mut tx = SnapshotSender::new(MemberId(2), 9, 42, items, 2_000, 0).unwrap();
+        assert!(tx.poll_transmit(1).is_none());
+        assert!(
+            tx.failed().is_some_and(|e| e.contains("exceeds")),
+            "{:?}",
+            tx.failed()
+        );
+        assert!(!tx.is_done());
     }
 
     #[test]

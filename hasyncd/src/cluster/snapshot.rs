@@ -12,7 +12,7 @@ use ha_core::msg::{HaRole, SnapshotItem, SnapshotRequest};
 use ha_core::snapshot::{Completed, SnapshotJoin, SnapshotSender};
 use ha_core::{MemberId, Message, TunnelRole};
 
-use super::{count_sent, ike_sync, sa_key, Cluster, Replica};
+use super::{count_sent, ike_sync, sa_key, Cluster, Replica, HEARTBEAT_CHECK_EVERY};
 
 /// Chunk body size. Much larger than one MTU: the chunks are IP-fragmented on the link,
 /// and a lost fragment costs its chunk (sent again by go-back-N); with large chunks the
@@ -172,11 +172,7 @@ impl Cluster {
         });
         match SnapshotSender::new(to, id, as_of, items, DAEMON_CHUNK_BODY, now_ms) {
             Ok(s) => {
-                tracing::info!(
-                    "{link}: snapshot to member {} ({n} records in {} chunks)",
-                    to.0,
-                    s.chunk_count()
-                );
+                tracing::info!("{link}: snapshot to member {} ({n} records)", to.0);
                 self.snap.out.retain(|(l, o)| !(*l == link && o.to() == to));
                 self.snap.out.push((
                     link,
@@ -298,8 +294,12 @@ impl Cluster {
             .retain(|_, r| !(r.from == from && r.link == link));
         self.ike_replicas.retain(|_, (f, _)| *f != from);
         let (mut ike, mut child) = (0usize, 0usize);
-        for item in &done.snapshot.items {
-            let tunnel = match item {
+        // By value: the records move into the copies (100 000 of them: no second copy).
+        for (i, item) in done.snapshot.items.into_iter().enumerate() {
+            if i % HEARTBEAT_CHECK_EVERY == HEARTBEAT_CHECK_EVERY - 1 {
+                self.keep_heartbeats();
+            }
+            let tunnel = match &item {
                 SnapshotItem::IkeSa(s) => &s.tunnel,
                 SnapshotItem::ChildSa(sa) => &sa.tunnel,
                 SnapshotItem::Lease(l) => &l.tunnel,
@@ -317,13 +317,12 @@ impl Cluster {
                 None
             };
             if let Some(t) = table {
-                t.apply_snapshot_item(from, item);
+                t.apply_snapshot_item(from, &item);
             }
             match item {
                 SnapshotItem::IkeSa(s) => {
                     ike += 1;
-                    self.ike_replicas
-                        .insert(s.tunnel.clone(), (from, s.clone()));
+                    self.ike_replicas.insert(s.tunnel.clone(), (from, s));
                 }
                 SnapshotItem::ChildSa(sa) => {
                     child += 1;
@@ -332,7 +331,7 @@ impl Cluster {
                         Replica {
                             from,
                             link,
-                            sa: sa.clone(),
+                            sa,
                             received_ms: self.now_ms,
                         },
                     );
@@ -433,7 +432,16 @@ impl Cluster {
         let mut sends: Vec<(&'static str, MemberId, Message)> = Vec::new();
         self.snap.out.retain_mut(|(link, s)| {
             if s.is_done() {
-                tracing::info!("{link}: snapshot to member {} acknowledged", s.to().0);
+                tracing::info!(
+                    "{link}: snapshot to member {} acknowledged ({} chunks, {} go-back-N restarts)",
+                    s.to().0,
+                    s.chunk_count(),
+                    s.retransmissions()
+                );
+                return false;
+            }
+            if let Some(e) = s.failed() {
+                tracing::error!("{link}: snapshot to member {} abandoned: {e}", s.to().0);
                 return false;
             }
             if s.is_stalled(now_ms) {
