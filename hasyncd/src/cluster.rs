@@ -568,7 +568,7 @@ impl Cluster {
     /// ticks' clock). Long loops over every record (applying a snapshot of 100 000) call it
     /// every [`HEARTBEAT_CHECK_EVERY`] records: the heartbeats keep flowing while the tick
     /// is held, so a big join never makes a peer declare this member lost.
-    pub(super) fn keep_heartbeats(&mut self) {
+    pub fn keep_heartbeats(&mut self) {
         let now_ms = haven_daemon::now_ns() / 1_000_000;
         if let Some(side) = self.fgcp.as_mut() {
             side.send_heartbeats(now_ms);

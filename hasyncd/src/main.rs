@@ -107,6 +107,13 @@ fn tunnel_role(fgcp: Option<HaRole>) -> &'static str {
 }
 
 impl Hasyncd {
+    /// The heartbeats due now, in the middle of long work ([`Cluster::keep_heartbeats`]).
+    fn keep_heartbeats(&mut self) {
+        if let Some(c) = self.cluster.as_mut() {
+            c.keep_heartbeats();
+        }
+    }
+
     /// The FGCP role, or `None` when this member is in no FGCP cluster.
     fn fgcp_role(&self) -> Option<HaRole> {
         self.cluster.as_ref().and_then(Cluster::fgcp_role)
@@ -264,6 +271,9 @@ impl DaemonLogic for Hasyncd {
                 _ => None,
             })
             .collect();
+        // Each step below reads or copies every record (100 000: a few hundred ms each):
+        // the heartbeats go out between them.
+        self.keep_heartbeats();
         let ike: BTreeMap<String, IkeSaRecord> = store
             .items()
             .filter_map(|b| match b {
@@ -278,6 +288,7 @@ impl DaemonLogic for Hasyncd {
                 _ => None,
             })
             .collect();
+        self.keep_heartbeats();
         self.child_sas = self.usage.records(&self.own_children, self.now_ms);
         self.own_ike = ike.clone();
         self.ike_spis = ike
@@ -290,7 +301,9 @@ impl DaemonLogic for Hasyncd {
             .retain(|t, (info, _, _)| spis.get(t) != Some(&(info.ike.spi_i, info.ike.spi_r)));
         if let Some(c) = self.cluster.as_mut() {
             c.set_local_ike_sas(ike);
+            c.keep_heartbeats();
             c.set_local_child_sas(self.child_sas.clone());
+            c.keep_heartbeats();
         }
         self.publish_roles(out);
     }
