@@ -1582,8 +1582,18 @@ impl Cluster {
                     t.sa_added(me, &sa.tunnel, sa.spi_out);
                 }
             }
+            // A CHILD SA ikemgr no longer carries is gone for good only when this member is
+            // the primary that owns its tunnel (a rekey, a delete, a DPD flush). A member
+            // that is not primary, or whose tunnel another member took, dropped it because
+            // it is carried elsewhere: its lease record stays (the owner's leases keep it
+            // current, the owner's deletion removes it), or a later takeover here would
+            // find no record of the SA and start it at sequence 1 (the --ha-link fault run:
+            // 148 repeated sequence numbers).
             for sa in self.local.values() {
-                if !new.contains(&(sa.tunnel.as_str(), sa.spi_out)) {
+                if primary
+                    && t.role(&sa.tunnel) != Some(TunnelRole::Standby)
+                    && !new.contains(&(sa.tunnel.as_str(), sa.spi_out))
+                {
                     t.sa_removed(&sa.tunnel, sa.spi_out);
                 }
             }
