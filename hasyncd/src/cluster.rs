@@ -2056,6 +2056,7 @@ impl FgcpSide {
     fn drive(&mut self, now_ms: u64) -> Vec<(MemberId, u64, u64, Message)> {
         let mut out = Vec::new();
         count_drops("fgcp", "queue_full", self.sock.take_queue_full());
+        count_drops("fgcp", "socket_buffer", self.sock.take_kernel_drops());
         count_drops(
             "fgcp",
             ha_core::DropReason::Reflected.label(),
@@ -2124,6 +2125,7 @@ impl FgspSide {
         let mut joined = false;
         let mut msgs = Vec::new();
         count_drops("fgsp", "queue_full", self.sock.take_queue_full());
+        count_drops("fgsp", "socket_buffer", self.sock.take_kernel_drops());
         count_drops(
             "fgsp",
             ha_core::DropReason::Reflected.label(),

@@ -45,7 +45,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -76,6 +76,11 @@ const RECV_BUF: usize = ha_core::wire::MAX_MESSAGE_LEN + 1;
 /// the default buffer (212 992 bytes) held fewer than four of them, so a window's tail and
 /// the heartbeats behind it were dropped whenever the reader thread was descheduled.
 const RECV_QUEUE_BYTES: usize = 4 << 20;
+/// `SO_MEMINFO` (Linux 4.12; include/uapi/asm-generic/socket.h, not in the libc crate):
+/// the socket's memory counters, `SK_MEMINFO_DROPS` among them.
+const SO_MEMINFO: libc::c_int = 55;
+/// Entries of the `SO_MEMINFO` array (include/uapi/linux/sock_diag.h `SK_MEMINFO_VARS`).
+const SK_MEMINFO_VARS: usize = 9;
 /// How often the reader checks whether it should stop.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -167,6 +172,8 @@ pub struct LinkSocket {
     queue: Arc<Mutex<Queue>>,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
+    /// The kernel's drop count of the socket at the last [`LinkSocket::take_kernel_drops`].
+    kernel_drops_seen: AtomicU32,
 }
 
 impl LinkSocket {
@@ -193,11 +200,13 @@ impl LinkSocket {
                 .name(format!("ha-link-{port}"))
                 .spawn(move || read_loop(reader_sock, id, queue, stop))?
         };
+        let kernel_drops_seen = AtomicU32::new(kernel_drops(&sock).unwrap_or(0));
         Ok(LinkSocket {
             sock,
             queue,
             stop,
             reader: Some(reader),
+            kernel_drops_seen,
         })
     }
 
@@ -215,6 +224,19 @@ impl LinkSocket {
     /// call: the `reflected` drops.
     pub fn take_reflected(&self) -> u64 {
         std::mem::take(&mut lock(&self.queue).reflected)
+    }
+
+    /// Datagrams the kernel dropped for this socket since the last call (`SO_MEMINFO`'s
+    /// `SK_MEMINFO_DROPS`: mostly the receive buffer overflowing while the reader thread
+    /// was not scheduled, also UDP checksum failures). 0 when the kernel does not say.
+    pub fn take_kernel_drops(&self) -> u64 {
+        match kernel_drops(&self.sock) {
+            // The kernel's counter is a wrapping 32-bit value.
+            Ok(now) => {
+                u64::from(now.wrapping_sub(self.kernel_drops_seen.swap(now, Ordering::Relaxed)))
+            }
+            Err(_) => 0,
+        }
     }
 
     /// The bound address (the port, when bound to port 0).
@@ -282,6 +304,35 @@ fn set_recv_buffer(sock: &UdpSocket, bytes: usize) -> io::Result<()> {
         return Ok(());
     }
     Err(io::Error::last_os_error())
+}
+
+/// The socket's kernel drop counter (`SO_MEMINFO`, `SK_MEMINFO_DROPS`).
+fn kernel_drops(sock: &UdpSocket) -> io::Result<u32> {
+    let mut vars = [0u32; SK_MEMINFO_VARS];
+    let mut len = std::mem::size_of_val(&vars) as libc::socklen_t;
+    // SAFETY: valid fd owned by `sock`; the kernel writes at most `len` bytes into `vars`,
+    // which is exactly `len` bytes long and lives for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            vars.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let i = usize::try_from(libc::SK_MEMINFO_DROPS).unwrap_or(usize::MAX);
+    let filled = usize::try_from(len).unwrap_or(0) / std::mem::size_of::<u32>();
+    match vars.get(i) {
+        Some(v) if i < filled => Ok(*v),
+        _ => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "SO_MEMINFO without a drop counter",
+        )),
+    }
 }
 
 /// `SO_BINDTODEVICE` (socket(7)): receive only from, and send only through, `dev`.
@@ -537,6 +588,32 @@ mod tests {
     }
 
     #[test]
+    fn kernel_drops_are_read_from_the_socket() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The smallest receive buffer the kernel allows (it rounds up): a few datagrams.
+        let one: libc::c_int = 1;
+        // SAFETY: valid fd; the option value is one readable c_int.
+        let rc = unsafe {
+            libc::setsockopt(
+                rx.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let before = kernel_drops(&rx).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..64 {
+            tx.send_to(&[0u8; 1_000], rx.local_addr().unwrap()).unwrap();
+        }
+        // Loopback delivers within send_to: nothing read, most of them dropped.
+        let after = kernel_drops(&rx).unwrap();
+        assert!(after.wrapping_sub(before) >= 32, "{before} -> {after}");
+    }
+
+    #[test]
     fn the_reader_thread_counts_reflected_and_queues_the_rest() {
         let s = LinkSocket::bind(0, None, ID).unwrap();
         let to = SocketAddr::from(([127, 0, 0, 1], s.local_addr().unwrap().port()));
@@ -567,5 +644,6 @@ mod tests {
             vec![hb, sy]
         );
         assert_eq!(s.take_queue_full(), 0);
+        assert_eq!(s.take_kernel_drops(), 0);
     }
 }
