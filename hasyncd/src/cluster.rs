@@ -22,7 +22,7 @@ use ha_core::{
 use haven_config::Config;
 use serde_json::{json, Value};
 
-use crate::io::{hw_addr, LinkSocket, FGCP_PORT};
+use crate::io::{hw_addr, LinkIdentity, LinkSocket, FGCP_PORT};
 
 mod resync;
 mod snapshot;
@@ -256,6 +256,14 @@ fn epoch(now_ms: u64) -> u64 {
 
 fn count_drop(link: &'static str, reason: &'static str) {
     metrics::counter!("hasyncd_link_drops_total", "link" => link, "reason" => reason).increment(1);
+}
+
+/// `n` drops at once (the reader thread's counts, taken once per tick).
+fn count_drops(link: &'static str, reason: &'static str, n: u64) {
+    if n > 0 {
+        metrics::counter!("hasyncd_link_drops_total", "link" => link, "reason" => reason)
+            .increment(n);
+    }
 }
 
 fn count_sent(link: &'static str, bytes: usize) {
@@ -2021,7 +2029,11 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
     cfg.hb_interval_ms = u64::from(ha.hb_interval_ms());
     cfg.hb_lost_threshold = u32::from(ha.hb_lost_threshold);
     let link = HaLink::new(key, me, epoch(now_ms)).map_err(|e| e.to_string())?;
-    let sock = LinkSocket::bind(FGCP_PORT, Some(&hbdev))
+    let id = LinkIdentity {
+        group: ha.group_id,
+        me,
+    };
+    let sock = LinkSocket::bind(FGCP_PORT, Some(&hbdev), id)
         .map_err(|e| format!("heartbeat socket on {hbdev:?} port {FGCP_PORT}: {e}"))?;
     // The hello phase starts now that the socket listens: the key derivation above
     // (PBKDF2) can take longer than a whole hello phase on a loaded machine, and a member
@@ -2070,8 +2082,12 @@ fn start_fgsp(
         .first()
         .map(|p| p.port)
         .unwrap_or(haven_config::FGSP_PORT);
+    let id = LinkIdentity {
+        group: key.group(),
+        me,
+    };
     let sock =
-        LinkSocket::bind(port, None).map_err(|e| format!("FGSP socket on port {port}: {e}"))?;
+        LinkSocket::bind(port, None, id).map_err(|e| format!("FGSP socket on port {port}: {e}"))?;
     let (hb_ms, lost_ms) = fgsp_timing(&sc.cluster_peers);
     tracing::info!("FGSP: heartbeat every {hb_ms} ms, a peer silent for {lost_ms} ms is lost");
     Ok(FgspSide {
@@ -2103,9 +2119,13 @@ impl FgcpSide {
     /// Returns the sync messages (not heartbeats) received, with their epoch and counter.
     fn drive(&mut self, now_ms: u64) -> Vec<(MemberId, u64, u64, Message)> {
         let mut out = Vec::new();
-        for _ in 0..self.sock.take_queue_full() {
-            count_drop("fgcp", "queue_full");
-        }
+        count_drops("fgcp", "queue_full", self.sock.take_queue_full());
+        count_drops("fgcp", "socket_buffer", self.sock.take_kernel_drops());
+        count_drops(
+            "fgcp",
+            ha_core::DropReason::Reflected.label(),
+            self.sock.take_reflected(),
+        );
         for (bytes, from) in self.sock.drain() {
             match self.link.open(&bytes) {
                 Err(reason) => count_drop("fgcp", reason.label()),
@@ -2173,9 +2193,13 @@ impl FgspSide {
         let mut events = Vec::new();
         let mut joined = false;
         let mut msgs = Vec::new();
-        for _ in 0..self.sock.take_queue_full() {
-            count_drop("fgsp", "queue_full");
-        }
+        count_drops("fgsp", "queue_full", self.sock.take_queue_full());
+        count_drops("fgsp", "socket_buffer", self.sock.take_kernel_drops());
+        count_drops(
+            "fgsp",
+            ha_core::DropReason::Reflected.label(),
+            self.sock.take_reflected(),
+        );
         for (bytes, from) in self.sock.drain() {
             if !self.active {
                 continue;

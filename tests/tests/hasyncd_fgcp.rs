@@ -254,11 +254,17 @@ print("sent")
             &t,
             "hasyncd_link_drops_total{link=\"fgcp\",reason=\"truncated\"}",
         );
-        if replay >= 3 && forged >= 1 && short >= 1 {
+        // Its own broadcasts come back to its socket: the reader drops them and the
+        // count still reaches the metric.
+        let reflected = metric(
+            &t,
+            "hasyncd_link_drops_total{link=\"fgcp\",reason=\"reflected\"}",
+        );
+        if replay >= 3 && forged >= 1 && short >= 1 && reflected >= 1 {
             Ok(t)
         } else {
             Err(format!(
-                "replayed={replay} forged={forged} truncated={short}\n{t}"
+                "replayed={replay} forged={forged} truncated={short} reflected={reflected}\n{t}"
             ))
         }
     });
@@ -270,6 +276,84 @@ print("sent")
         m[1].status().unwrap()["members"].as_array().unwrap().len(),
         2
     );
+}
+
+/// Liveness comes only from authenticated heartbeats: once the primary is dead, a stream
+/// of heartbeats under its name (a captured one replayed, and copies with a newer counter
+/// in the clear header over the old ciphertext) does not keep it alive; the secondary
+/// takes over as if the segment were silent.
+#[test]
+fn forged_heartbeats_do_not_keep_a_dead_primary_alive() {
+    let dir = TempDir::new("hasyncd-forgedhb");
+    let configs = [
+        fgcp_config(200, Some("s3cret-ha")),
+        fgcp_config(100, Some("s3cret-ha")),
+    ];
+    let (hub, mut m) = cluster("hafhb", dir.path(), &configs);
+    let all: Vec<&Member> = m.iter().collect();
+    assert_eq!(one_primary(&all, Duration::from_secs(20)), 0);
+
+    let evil = Netns::new("hafhb-evil").unwrap();
+    veth(&evil, "eth0", &hub, "vx").unwrap();
+    hub.enslave("vx", "br0").unwrap();
+    hub.link_up("vx").unwrap();
+    evil.link_up("eth0").unwrap();
+    evil.add_addr("eth0", "172.31.1.99/24").unwrap();
+    let marker = dir.path().join("captured");
+    // Captures one heartbeat of member 0, says so, then for 60 s sends every 20 ms the
+    // replay and a copy with a newer counter to member 1.
+    let script = r#"
+import socket, sys, time
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+r.bind(("0.0.0.0", 703))
+r.settimeout(10)
+while True:
+    d, a = r.recvfrom(70000)
+    if a[0] == "172.31.1.1" and len(d) > 1 and d[1] == 1:
+        break
+open(sys.argv[1], "w").write("ok")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+n = int.from_bytes(d[16:24], "big")
+end = time.time() + 60
+while time.time() < end:
+    n += 1
+    s.sendto(d, ("172.31.1.2", 703))
+    s.sendto(d[:16] + n.to_bytes(8, "big") + d[24:], ("172.31.1.2", 703))
+    time.sleep(0.02)
+"#;
+    let _forger = evil
+        .spawn("python3", &["-c", script, marker.to_str().unwrap()])
+        .expect("forger");
+    wait_for("a heartbeat captured", Duration::from_secs(15), || {
+        if marker.exists() {
+            Ok(())
+        } else {
+            Err("no heartbeat of member 0 seen yet".to_string())
+        }
+    });
+    m[0].proc.take().unwrap().kill_now().unwrap();
+    let rest: Vec<&Member> = m[1..].iter().collect();
+    assert_eq!(one_primary(&rest, Duration::from_secs(20)), 0);
+    let metrics = wait_for("forgeries counted", Duration::from_secs(10), || {
+        let t = m[1].metrics();
+        let forged = metric(
+            &t,
+            "hasyncd_link_drops_total{link=\"fgcp\",reason=\"auth_failed\"}",
+        );
+        let replay = metric(
+            &t,
+            "hasyncd_link_drops_total{link=\"fgcp\",reason=\"replayed\"}",
+        );
+        if forged >= 10 && replay >= 10 {
+            Ok(t)
+        } else {
+            Err(format!("auth_failed={forged} replayed={replay}\n{t}"))
+        }
+    });
+    assert_eq!(metric(&metrics, "hasyncd_failovers_total"), 1, "{metrics}");
+    let st = m[1].status().unwrap();
+    assert_eq!(st["members"].as_array().unwrap().len(), 1, "{st}");
 }
 
 /// A reload that raises the secondary's priority re-elects in place: it becomes primary
