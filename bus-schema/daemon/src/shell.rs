@@ -785,9 +785,16 @@ async fn fetch_snapshot(
             Ok(CtlReply::Snapshot(s)) => return Ok(s),
             Ok(other) => return Err(FetchError::Unexpected(format!("{other:?}"))),
             Err(bus_schema::BusError::Timeout(_)) => {
-                let quiet = now_ns().saturating_sub(heard_ns.load(Ordering::Relaxed));
-                if quiet > silence.as_nanos() as u64 {
-                    return Err(FetchError::OwnerSilent(silence));
+                let quiet = || now_ns().saturating_sub(heard_ns.load(Ordering::Relaxed));
+                if quiet() > silence.as_nanos() as u64 {
+                    // This process may have been off the CPU for longer than `silence`
+                    // (a loaded machine): the owner's bus messages that arrived meanwhile
+                    // wait behind this task. Let the tasks whose timers and sockets are
+                    // ready run first (the follower records what it hears), then judge.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if quiet() > silence.as_nanos() as u64 {
+                        return Err(FetchError::OwnerSilent(silence));
+                    }
                 }
                 if started.elapsed() >= limit {
                     return Err(FetchError::Limit(limit));
