@@ -763,6 +763,15 @@ enum FetchError {
     Unexpected(String),
 }
 
+/// Nanoseconds on a monotonic clock (since this process first asked): when an owner was
+/// last heard and how long it has been quiet are measured on it, so a step of the wall
+/// clock (NTP, a VM resumed) neither fakes nor hides a silence.
+fn mono_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    // Starts at 1 s so that 0 stays "never heard".
+    (START.get_or_init(Instant::now).elapsed() + Duration::from_secs(1)).as_nanos() as u64
+}
+
 /// Fetches a snapshot from `src`'s control socket. Large snapshots take long to build, encode
 /// and transfer, so there is no fixed deadline: the wait goes on while `heard_ns` (the time
 /// the owner was last heard on the bus, kept by the follow task) stays within
@@ -778,14 +787,14 @@ async fn fetch_snapshot(
     let mut client = bus_schema::CtlClient::connect(run_dir, src).await?;
     client.send(&CtlRequest::Snapshot).await?;
     // The owner is alive as of the request.
-    heard_ns.fetch_max(now_ns(), Ordering::Relaxed);
+    heard_ns.fetch_max(mono_ns(), Ordering::Relaxed);
     let slice = (silence / 4).max(Duration::from_millis(10));
     loop {
         match client.recv(slice).await {
             Ok(CtlReply::Snapshot(s)) => return Ok(s),
             Ok(other) => return Err(FetchError::Unexpected(format!("{other:?}"))),
             Err(bus_schema::BusError::Timeout(_)) => {
-                let quiet = || now_ns().saturating_sub(heard_ns.load(Ordering::Relaxed));
+                let quiet = || mono_ns().saturating_sub(heard_ns.load(Ordering::Relaxed));
                 if quiet() > silence.as_nanos() as u64 {
                     // This process may have been off the CPU for longer than `silence`
                     // (a loaded machine): the owner's bus messages that arrived meanwhile
@@ -808,7 +817,7 @@ async fn fetch_snapshot(
 /// Per followed daemon: the Clone-pattern follower and the shell's bookkeeping around it.
 struct Followed {
     follower: Follower,
-    /// When the owner was last heard on the bus (ns), read by a running snapshot fetch.
+    /// When the owner was last heard on the bus ([`mono_ns`]), read by a running snapshot fetch.
     heard_ns: Arc<AtomicU64>,
     /// A snapshot fetch is running; no second one is started meanwhile.
     fetching: Arc<AtomicBool>,
@@ -879,7 +888,7 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                     let event = (!stateful && !matches!(env.body, Body::Heartbeat { .. }))
                         .then(|| env.body.clone());
                     if let Some(fd) = followed.get_mut(&src) {
-                        fd.heard_ns.store(now_ns(), Ordering::Relaxed);
+                        fd.heard_ns.store(mono_ns(), Ordering::Relaxed);
                         let f = &mut fd.follower;
                         let gaps = |f: &Follower| f.stats().gaps + f.stats().new_boots;
                         let before = gaps(f);
@@ -1103,7 +1112,7 @@ mod tests {
                     let heard = heard.clone();
                     actix_rt::spawn(async move {
                         loop {
-                            heard.store(now_ns(), Ordering::Relaxed);
+                            heard.store(mono_ns(), Ordering::Relaxed);
                             tokio::time::sleep(SILENCE / 3).await;
                         }
                     })
