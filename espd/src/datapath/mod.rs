@@ -185,7 +185,7 @@ impl Datapath {
     /// relay.
     pub fn start(run_dir: &Path, workers: usize) -> Result<Datapath, DatapathError> {
         let workers = workers.max(1);
-        let sockets = Sockets::open(run_dir).map_err(io_err("sockets"))?;
+        let sockets = Sockets::open(run_dir, workers).map_err(io_err("sockets"))?;
         let seqs =
             SeqStore::open(run_dir).map_err(io_err(format!("{}/espd-seq", run_dir.display())))?;
         let shared = Arc::new(Shared {

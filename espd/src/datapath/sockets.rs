@@ -141,18 +141,29 @@ fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int)
     .map(|_| ())
 }
 
-/// The sockets shared by all workers.
+/// The packet sockets of one worker (DESIGN.md §4). Each worker has its own set, so that
+/// every inbound packet of one SA reaches the same worker in the order it arrived: a worker
+/// that took a batch off a shared socket and was then kept off the CPU while another
+/// worker went on with later packets of the same SA would find its packets behind the
+/// replay window. See [`spi_filter`] and [`spi_steering`].
 #[derive(Debug)]
-pub struct Sockets {
+pub struct Lane {
     /// Raw IPv4, protocol 50: receives include the IPv4 header; sends do not.
     pub raw: OwnedFd,
-    /// UDP bound to 0.0.0.0:4500.
+    /// UDP bound to 0.0.0.0:4500 (one socket of a `SO_REUSEPORT` group).
     pub udp: OwnedFd,
     /// Raw IPv6, next header 50: receives and sends carry the ESP packet only. `None` on a
     /// host without IPv6.
     pub raw6: Option<OwnedFd>,
     /// UDP bound to [::]:4500, IPv6 only. `None` on a host without IPv6.
     pub udp6: Option<OwnedFd>,
+}
+
+/// The sockets of the datapath.
+#[derive(Debug)]
+pub struct Sockets {
+    /// One lane per worker, at least one; lane 0 also carries IKE to and from UDP/4500.
+    pub lanes: Vec<Lane>,
     /// Unbound unix datagram socket for sending to `<run-dir>/ike4500.sock`.
     pub ike_out: OwnedFd,
     ike_out_addr: libc::sockaddr_un,
@@ -180,87 +191,273 @@ fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     Ok((a, len))
 }
 
-/// The IPv6 raw ESP socket and the IPv6-only UDP socket on [::]:4500.
-fn open_v6() -> io::Result<(OwnedFd, OwnedFd)> {
-    let nb = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-    // SAFETY (both socket(2) calls): constant arguments.
-    let raw =
-        owned(unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW | nb, libc::IPPROTO_ESP) })
-            .map_err(|e| io::Error::new(e.kind(), format!("raw IPv6 ESP socket: {e}")))?;
-    let udp = owned(unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | nb, 0) })?;
-    for fd in [raw.as_raw_fd(), udp.as_raw_fd()] {
-        let _ = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
-        let _ = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 8 << 20);
+fn stmt(code: u32, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
     }
-    // IPv4 stays on the 0.0.0.0 socket.
-    set_int_opt(udp.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
-    let sa = sockaddr6(SocketAddrV6::new(
+}
+
+fn jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// Classic BPF socket filter for the raw ESP socket of lane `lane` out of `lanes`: keeps
+/// the packets whose SPI modulo `lanes` is `lane`. `ipv4_header`: the packet
+/// starts with its IPv4 header (raw IPv4 sockets), else with the ESP header (raw IPv6).
+/// A packet too short to hold an SPI goes to lane 0, which counts it as truncated.
+pub fn spi_filter(ipv4_header: bool, lanes: usize, lane: usize) -> Vec<libc::sock_filter> {
+    use libc::{
+        BPF_ABS, BPF_ADD, BPF_ALU, BPF_B, BPF_IND, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_LD,
+        BPF_LDX, BPF_LEN, BPF_MISC, BPF_MOD, BPF_MSH, BPF_RET, BPF_TAX, BPF_TXA, BPF_W, BPF_X,
+    };
+    const ACCEPT: u32 = u32::MAX;
+    let n = lanes.max(1) as u32;
+    let id = lane as u32;
+    // Where a packet too short for an SPI goes: the accept or the drop at the end.
+    let short_to_accept = lane == 0;
+    let mut p = Vec::new();
+    if ipv4_header {
+        // X = IHL * 4 + 4: the packet must be at least that long.
+        p.push(stmt(BPF_LDX | BPF_B | BPF_MSH, 0));
+        p.push(stmt(BPF_MISC | BPF_TXA, 0));
+        p.push(stmt(BPF_ALU | BPF_ADD | BPF_K, 4));
+        p.push(stmt(BPF_MISC | BPF_TAX, 0));
+        p.push(stmt(BPF_LD | BPF_W | BPF_LEN, 0));
+        // Next: 4 instructions, then drop (+4), then accept (+5).
+        p.push(jump(
+            BPF_JMP | BPF_JGE | BPF_X,
+            0,
+            0,
+            if short_to_accept { 5 } else { 4 },
+        ));
+        p.push(stmt(BPF_LDX | BPF_B | BPF_MSH, 0));
+        p.push(stmt(BPF_LD | BPF_W | BPF_IND, 0));
+    } else {
+        p.push(stmt(BPF_LD | BPF_W | BPF_LEN, 0));
+        // Next: 3 instructions, then drop (+3), then accept (+4).
+        p.push(jump(
+            BPF_JMP | BPF_JGE | BPF_K,
+            4,
+            0,
+            if short_to_accept { 4 } else { 3 },
+        ));
+        p.push(stmt(BPF_LD | BPF_W | BPF_ABS, 0));
+    }
+    p.push(stmt(BPF_ALU | BPF_MOD | BPF_K, n));
+    p.push(jump(BPF_JMP | BPF_JEQ | BPF_K, id, 1, 0));
+    p.push(stmt(BPF_RET | BPF_K, 0));
+    p.push(stmt(BPF_RET | BPF_K, ACCEPT));
+    p
+}
+
+/// Classic BPF program that picks the socket of a UDP/4500 `SO_REUSEPORT` group of `lanes`
+/// sockets (bound in lane order): the program sees the UDP payload, whose first word is
+/// the SPI: SPI modulo `lanes` picks the socket. IKE (non-ESP marker 0), NAT keepalives and anything too short
+/// land on lane 0.
+pub fn spi_steering(lanes: usize) -> Vec<libc::sock_filter> {
+    use libc::{BPF_A, BPF_ABS, BPF_ALU, BPF_K, BPF_LD, BPF_MOD, BPF_RET, BPF_W};
+    vec![
+        // A load past the end ends the program with 0: lane 0.
+        stmt(BPF_LD | BPF_W | BPF_ABS, 0),
+        stmt(BPF_ALU | BPF_MOD | BPF_K, lanes.max(1) as u32),
+        stmt(BPF_RET | BPF_A, 0),
+    ]
+}
+
+/// Attaches classic BPF `prog` to `fd` with socket option `opt`.
+fn attach_bpf(fd: RawFd, opt: libc::c_int, prog: &mut [libc::sock_filter]) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: setsockopt with a live sock_fprog whose filter points at prog.len()
+    // instructions; the kernel copies them.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&fprog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+fn bind_ip(fd: RawFd, a: SocketAddr) -> io::Result<()> {
+    let (sa, len) = any_sockaddr(a);
+    // SAFETY: bind with a live socket address and its length.
+    cvt(unsafe { libc::bind(fd, (&sa as *const AnyAddr).cast(), len) }).map(|_| ())
+}
+
+fn new_socket(domain: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    let nb = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: socket(2) with plain integer arguments.
+    owned(unsafe { libc::socket(domain, ty | nb, proto) })
+}
+
+/// A raw ESP socket of `domain` with large buffers (bursts from a fast peer: more than the
+/// default ~200 KiB; best effort).
+fn raw_esp(domain: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = new_socket(domain, libc::SOCK_RAW, libc::IPPROTO_ESP)?;
+    let _ = set_int_opt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        8 << 20,
+    );
+    let _ = set_int_opt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        8 << 20,
+    );
+    Ok(fd)
+}
+
+/// One UDP socket of the `at`:4500 `SO_REUSEPORT` group, with large buffers, UDP GRO (runs
+/// of ESP datagrams of one peer arrive as one buffer, split by the worker; best effort)
+/// and the local address of each datagram (IKE replies leave from it).
+fn udp4500(at: SocketAddr) -> io::Result<OwnedFd> {
+    let v6 = at.is_ipv6();
+    let fd = new_socket(
+        if v6 { libc::AF_INET6 } else { libc::AF_INET },
+        libc::SOCK_DGRAM,
+        0,
+    )?;
+    let raw = fd.as_raw_fd();
+    let _ = set_int_opt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
+    let _ = set_int_opt(raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 8 << 20);
+    if v6 {
+        // IPv4 stays on the 0.0.0.0 sockets.
+        set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    bind_ip(raw, at)?;
+    let _ = set_int_opt(raw, SOL_UDP, UDP_GRO, 1);
+    if v6 {
+        set_int_opt(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+    } else {
+        set_int_opt(raw, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+    }
+    Ok(fd)
+}
+
+/// Fails when `at` is taken: a plain bind, so that the `SO_REUSEPORT` group below cannot
+/// join the sockets of another process (a second espd) on the same port.
+fn probe_free(at: SocketAddr) -> io::Result<()> {
+    let fd = new_socket(
+        if at.is_ipv6() {
+            libc::AF_INET6
+        } else {
+            libc::AF_INET
+        },
+        libc::SOCK_DGRAM,
+        0,
+    )?;
+    if at.is_ipv6() {
+        set_int_opt(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    bind_ip(fd.as_raw_fd(), at)
+}
+
+/// The UDP/4500 sockets of `at` (0.0.0.0 or [::]), one per lane, with the SPI steering
+/// attached when there is more than one.
+fn udp_group(at: SocketAddr, lanes: usize) -> io::Result<Vec<OwnedFd>> {
+    probe_free(at)?;
+    let socks = (0..lanes.max(1))
+        .map(|_| udp4500(at))
+        .collect::<io::Result<Vec<_>>>()?;
+    if let (true, Some(first)) = (lanes > 1, socks.first()) {
+        attach_bpf(
+            first.as_raw_fd(),
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &mut spi_steering(lanes),
+        )
+        .map_err(|e| io::Error::new(e.kind(), format!("SPI steering on UDP {at}: {e}")))?;
+    }
+    Ok(socks)
+}
+
+/// The raw ESP sockets of one family, one per lane, each keeping its lane's SPIs.
+fn raw_group(domain: libc::c_int, lanes: usize) -> io::Result<Vec<OwnedFd>> {
+    let v4 = domain == libc::AF_INET;
+    (0..lanes.max(1))
+        .map(|lane| {
+            let fd = raw_esp(domain)?;
+            if lanes > 1 {
+                attach_bpf(
+                    fd.as_raw_fd(),
+                    libc::SO_ATTACH_FILTER,
+                    &mut spi_filter(v4, lanes, lane),
+                )?;
+            }
+            Ok(fd)
+        })
+        .collect()
+}
+
+/// The IPv6 sockets of every lane (raw ESP, and UDP on [::]:4500, IPv6 only).
+fn open_v6(lanes: usize) -> io::Result<(Vec<OwnedFd>, Vec<OwnedFd>)> {
+    let raw = raw_group(libc::AF_INET6, lanes)
+        .map_err(|e| io::Error::new(e.kind(), format!("raw IPv6 ESP socket: {e}")))?;
+    let at = SocketAddr::V6(SocketAddrV6::new(
         Ipv6Addr::UNSPECIFIED,
         esp_proto::udp::NAT_T_PORT,
         0,
         0,
     ));
-    // SAFETY: bind with a live sockaddr_in6 and its size.
-    cvt(unsafe {
-        libc::bind(
-            udp.as_raw_fd(),
-            (&sa as *const libc::sockaddr_in6).cast(),
-            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    })
-    .map_err(|e| io::Error::new(e.kind(), format!("UDP [::]:4500: {e}")))?;
-    let _ = set_int_opt(udp.as_raw_fd(), SOL_UDP, UDP_GRO, 1);
-    // The local address each datagram was sent to (IKE replies leave from it).
-    set_int_opt(
-        udp.as_raw_fd(),
-        libc::IPPROTO_IPV6,
-        libc::IPV6_RECVPKTINFO,
-        1,
-    )?;
+    let udp =
+        udp_group(at, lanes).map_err(|e| io::Error::new(e.kind(), format!("UDP {at}: {e}")))?;
     Ok((raw, udp))
 }
 
 impl Sockets {
-    /// Opens and binds everything. Fails if UDP/4500 is taken or raw sockets are not allowed.
-    pub fn open(run_dir: &Path) -> io::Result<Sockets> {
-        let nb = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-        // SAFETY (all socket(2) calls): constant arguments.
-        let raw =
-            owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | nb, libc::IPPROTO_ESP) })
-                .map_err(|e| io::Error::new(e.kind(), format!("raw ESP socket: {e}")))?;
-        let udp = owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | nb, 0) })?;
-        for fd in [raw.as_raw_fd(), udp.as_raw_fd()] {
-            // Bursts from a fast peer: a larger queue than the default ~200 KiB. Best effort.
-            let _ = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
-            let _ = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 8 << 20);
-        }
-        let sa = sockaddr(SocketAddrV4::new(
+    /// Opens and binds everything, one lane per worker. Fails if UDP/4500 is taken or raw
+    /// sockets are not allowed.
+    pub fn open(run_dir: &Path, lanes: usize) -> io::Result<Sockets> {
+        let lanes = lanes.max(1);
+        let raw = raw_group(libc::AF_INET, lanes)
+            .map_err(|e| io::Error::new(e.kind(), format!("raw ESP socket: {e}")))?;
+        let at = SocketAddr::V4(SocketAddrV4::new(
             Ipv4Addr::UNSPECIFIED,
             esp_proto::udp::NAT_T_PORT,
         ));
-        // SAFETY: bind with a live sockaddr_in and its size.
-        cvt(unsafe {
-            libc::bind(
-                udp.as_raw_fd(),
-                (&sa as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        })
-        .map_err(|e| io::Error::new(e.kind(), format!("UDP 0.0.0.0:4500: {e}")))?;
-        // Runs of ESP datagrams of one peer arrive as one buffer (split by the worker).
-        // Best effort: without it they arrive one by one.
-        let _ = set_int_opt(udp.as_raw_fd(), SOL_UDP, UDP_GRO, 1);
-        // The local address each datagram was sent to (IKE replies leave from it).
-        set_int_opt(udp.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
-
-        let (raw6, udp6) = match open_v6() {
-            Ok((r, u)) => (Some(r), Some(u)),
+        let udp =
+            udp_group(at, lanes).map_err(|e| io::Error::new(e.kind(), format!("UDP {at}: {e}")))?;
+        let (raw6, udp6) = match open_v6(lanes) {
+            Ok((r, u)) => (
+                r.into_iter().map(Some).collect(),
+                u.into_iter().map(Some).collect(),
+            ),
             Err(e) => {
                 tracing::warn!("no IPv6 ESP (raw and UDP [::]:4500): {e}");
-                (None, None)
+                (Vec::new(), Vec::new())
             }
         };
+        let mut raw6: std::vec::IntoIter<Option<OwnedFd>> = raw6.into_iter();
+        let mut udp6: std::vec::IntoIter<Option<OwnedFd>> = udp6.into_iter();
+        let lanes = raw
+            .into_iter()
+            .zip(udp)
+            .map(|(raw, udp)| Lane {
+                raw,
+                udp,
+                raw6: raw6.next().flatten(),
+                udp6: udp6.next().flatten(),
+            })
+            .collect();
 
+        let nb = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        // SAFETY (both socket(2) calls): constant arguments.
         let ike_out = owned(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | nb, 0) })?;
         let (ike_out_addr, ike_out_len) = unix_addr(&run_dir.join("ike4500.sock"))?;
         let ike_in = owned(unsafe {
@@ -294,10 +491,7 @@ impl Sockets {
             )
         })?;
         Ok(Sockets {
-            raw,
-            udp,
-            raw6,
-            udp6,
+            lanes,
             ike_out,
             ike_out_addr,
             ike_out_len,
@@ -408,8 +602,9 @@ impl Sockets {
                 Ipv6Addr::from(b)
             };
             let fd = self
-                .udp6
-                .as_ref()
+                .lanes
+                .first()
+                .and_then(|l| l.udp6.as_ref())
                 .map(|f| f.as_raw_fd())
                 .ok_or_else(|| io::Error::other("no IPv6 UDP 4500 socket"))?;
             let dst = SocketAddrV6::new(v6(24), u16::from_be_bytes([hdr[40], hdr[41]]), 0, 0);
@@ -427,7 +622,10 @@ impl Sockets {
                 IpAddr::V4(src),
                 SocketAddr::V4(dst),
                 ike,
-                self.udp.as_raw_fd(),
+                self.lanes
+                    .first()
+                    .map(|l| l.udp.as_raw_fd())
+                    .ok_or_else(|| io::Error::other("no UDP 4500 socket"))?,
             )
         };
         let len = esp_proto::udp::write_ike_payload(ike, out)
@@ -824,5 +1022,172 @@ impl SendBatch {
         }
         self.n = 0;
         failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a classic BPF program over `pkt` with the instructions the filters here use
+    /// (as the kernel does: a load past the end ends the program with 0).
+    fn run(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
+        use libc::*;
+        let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
+        let word = |at: u32| -> Option<u32> {
+            let at = at as usize;
+            pkt.get(at..at + 4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        while let Some(i) = prog.get(pc) {
+            let code = u32::from(i.code);
+            pc += 1;
+            match code {
+                c if c == BPF_LD | BPF_W | BPF_ABS => match word(i.k) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                c if c == BPF_LD | BPF_W | BPF_IND => match word(x.wrapping_add(i.k)) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                c if c == BPF_LD | BPF_W | BPF_LEN => a = pkt.len() as u32,
+                c if c == BPF_LDX | BPF_B | BPF_MSH => match pkt.get(i.k as usize) {
+                    Some(b) => x = u32::from(b & 0x0f) * 4,
+                    None => return 0,
+                },
+                c if c == BPF_MISC | BPF_TXA => a = x,
+                c if c == BPF_MISC | BPF_TAX => x = a,
+                c if c == BPF_ALU | BPF_ADD | BPF_K => a = a.wrapping_add(i.k),
+                c if c == BPF_ALU | BPF_MOD | BPF_K => a %= i.k,
+                c if c & 0x07 == BPF_JMP => {
+                    let v = if code & BPF_X != 0 { x } else { i.k };
+                    let hit = match code & 0xf0 {
+                        c if c == BPF_JEQ => a == v,
+                        c if c == BPF_JGE => a >= v,
+                        other => panic!("jump {other:#x}"),
+                    };
+                    pc += usize::from(if hit { i.jt } else { i.jf });
+                }
+                c if c == BPF_RET | BPF_K => return i.k,
+                c if c == BPF_RET | BPF_A => return a,
+                other => panic!("instruction {other:#x}"),
+            }
+        }
+        panic!("ran off the end");
+    }
+
+    fn ipv4_esp(ihl_words: u8, spi: u32) -> Vec<u8> {
+        let mut p = vec![0u8; usize::from(ihl_words) * 4];
+        p[0] = 0x40 | ihl_words;
+        p.extend_from_slice(&spi.to_be_bytes());
+        p.extend_from_slice(&[0u8; 24]);
+        p
+    }
+
+    #[test]
+    fn each_spi_reaches_exactly_one_lane() {
+        for lanes in 2..=5usize {
+            for spi in [
+                0x100u32,
+                0x1001,
+                0x2001,
+                0xdead_beef,
+                0xffff_ffff,
+                7,
+                0xc0ff_ee00,
+            ] {
+                let want = (spi as usize) % lanes;
+                for ihl in [5u8, 6, 15] {
+                    let pkt = ipv4_esp(ihl, spi);
+                    let keep: Vec<usize> = (0..lanes)
+                        .filter(|l| run(&spi_filter(true, lanes, *l), &pkt) != 0)
+                        .collect();
+                    assert_eq!(
+                        keep,
+                        vec![want],
+                        "IPv4, ihl {ihl}, {lanes} lanes, SPI {spi:#x}"
+                    );
+                }
+                let mut esp = spi.to_be_bytes().to_vec();
+                esp.extend_from_slice(&[0u8; 24]);
+                let keep: Vec<usize> = (0..lanes)
+                    .filter(|l| run(&spi_filter(false, lanes, *l), &esp) != 0)
+                    .collect();
+                assert_eq!(keep, vec![want], "IPv6, {lanes} lanes, SPI {spi:#x}");
+                assert_eq!(run(&spi_steering(lanes), &esp) as usize, want, "UDP");
+            }
+        }
+    }
+
+    #[test]
+    fn packets_too_short_for_an_spi_go_to_lane_zero() {
+        let lanes = 3;
+        // IPv4 header and 3 bytes of ESP; an IHL past the end; nothing after the header.
+        let mut short = ipv4_esp(5, 0x1234_5678);
+        short.truncate(23);
+        let mut long_ihl = ipv4_esp(5, 0x1234_5678);
+        long_ihl[0] = 0x4f;
+        long_ihl.truncate(40);
+        for pkt in [&short[..], &long_ihl[..], &ipv4_esp(5, 1)[..20]] {
+            let keep: Vec<usize> = (0..lanes)
+                .filter(|l| run(&spi_filter(true, lanes, *l), pkt) != 0)
+                .collect();
+            assert_eq!(keep, vec![0], "{pkt:02x?}");
+        }
+        for pkt in [&[][..], &[1u8, 2, 3][..]] {
+            let keep: Vec<usize> = (0..lanes)
+                .filter(|l| run(&spi_filter(false, lanes, *l), pkt) != 0)
+                .collect();
+            assert_eq!(keep, vec![0], "{pkt:02x?}");
+            // A NAT keepalive (one 0xff byte) or an empty datagram.
+            assert_eq!(run(&spi_steering(lanes), pkt), 0);
+        }
+        // IKE behind the non-ESP marker.
+        assert_eq!(run(&spi_steering(lanes), &[0, 0, 0, 0, 0x21, 0x20]), 0);
+    }
+
+    #[test]
+    fn a_second_group_on_a_taken_port_fails() {
+        // A free loopback port: bind to port 0, read it back, let it go.
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = probe.local_addr().unwrap();
+        drop(probe);
+        let first = udp_group(at, 2).expect("first group");
+        assert_eq!(first.len(), 2);
+        let err = udp_group(at, 2).expect_err("a second group joined the first");
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE), "{err}");
+        drop(first);
+        assert_eq!(udp_group(at, 3).expect("free again").len(), 3);
+    }
+
+    #[test]
+    fn the_kernel_takes_the_programs() {
+        // Raw sockets need CAP_NET_RAW; without it there is nothing to check here.
+        let Ok(fd) = raw_esp(libc::AF_INET) else {
+            return;
+        };
+        attach_bpf(
+            fd.as_raw_fd(),
+            libc::SO_ATTACH_FILTER,
+            &mut spi_filter(true, 3, 2),
+        )
+        .expect("IPv4 filter");
+        let udp = new_socket(libc::AF_INET, libc::SOCK_DGRAM, 0).unwrap();
+        set_int_opt(udp.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1).unwrap();
+        attach_bpf(
+            udp.as_raw_fd(),
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &mut spi_steering(3),
+        )
+        .expect("reuseport program");
+        if let Ok(fd6) = raw_esp(libc::AF_INET6) {
+            attach_bpf(
+                fd6.as_raw_fd(),
+                libc::SO_ATTACH_FILTER,
+                &mut spi_filter(false, 3, 0),
+            )
+            .expect("IPv6 filter");
+        }
     }
 }

@@ -153,21 +153,16 @@ impl Worker {
         }
         // SAFETY: ep was just returned by epoll_create1 and has no other owner.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        epoll_ctl(
-            ep.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            shared.sockets.raw.as_raw_fd(),
-            TOKEN_RAW,
-        )?;
-        epoll_ctl(
-            ep.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            shared.sockets.udp.as_raw_fd(),
-            TOKEN_UDP,
-        )?;
+        let lane = shared
+            .sockets
+            .lanes
+            .get(id)
+            .ok_or_else(|| io::Error::other(format!("no sockets for worker {id}")))?;
         for (sock, token) in [
-            (&shared.sockets.raw6, TOKEN_RAW6),
-            (&shared.sockets.udp6, TOKEN_UDP6),
+            (Some(&lane.raw), TOKEN_RAW),
+            (Some(&lane.udp), TOKEN_UDP),
+            (lane.raw6.as_ref(), TOKEN_RAW6),
+            (lane.udp6.as_ref(), TOKEN_UDP6),
         ] {
             if let Some(fd) = sock {
                 epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), token)?;
@@ -235,10 +230,18 @@ impl Worker {
         }
     }
 
-    /// Registers the current table's TUN devices (and forgets the removed ones).
+    /// Registers the current table's TUN devices of this worker (and forgets the removed
+    /// ones). Each device is read by one worker only ([`lane_of_device`]): packets are
+    /// encrypted in the order they were read, so an SA's sequence numbers leave in order.
     fn sync(&mut self, table: &Table) {
         let ep = self.ep.as_raw_fd();
-        let now: Vec<RawFd> = table.devices.iter().map(|d| d.tun.fd()).collect();
+        let lanes = self.shared.sockets.lanes.len();
+        let now: Vec<RawFd> = table
+            .devices
+            .iter()
+            .filter(|d| lane_of_device(d.tun.name(), lanes) == self.id)
+            .map(|d| d.tun.fd())
+            .collect();
         for fd in &self.tun_fds {
             if !now.contains(fd) {
                 // Closed devices have left the set already (ENOENT/EBADF): fine.
@@ -314,13 +317,16 @@ impl Worker {
             hold,
             ..
         } = self;
+        let Some(lane) = shared.sockets.lanes.get(*id) else {
+            return;
+        };
         let fd = if v6 {
-            match shared.sockets.raw6.as_ref() {
+            match lane.raw6.as_ref() {
                 Some(f) => f.as_raw_fd(),
                 None => return,
             }
         } else {
-            shared.sockets.raw.as_raw_fd()
+            lane.raw.as_raw_fd()
         };
         let n = rx.recv(fd).unwrap_or(0);
         for i in 0..n {
@@ -363,13 +369,16 @@ impl Worker {
             hold,
             ..
         } = self;
+        let Some(lane) = shared.sockets.lanes.get(*id) else {
+            return;
+        };
         let fd = if v6 {
-            match shared.sockets.udp6.as_ref() {
+            match lane.udp6.as_ref() {
                 Some(f) => f.as_raw_fd(),
                 None => return,
             }
         } else {
-            shared.sockets.udp.as_raw_fd()
+            lane.udp.as_raw_fd()
         };
         let n = rx.recv(fd).unwrap_or(0);
         for i in 0..n {
@@ -428,6 +437,7 @@ impl Worker {
             ..
         } = self;
         let mut batches = TxBatches {
+            lane: *id,
             raw: tx_raw,
             udp: tx_udp,
             raw6: tx_raw6,
@@ -458,8 +468,18 @@ impl Worker {
     }
 }
 
-/// The outgoing batches of one worker, one per socket.
+/// The worker (out of `lanes`) that reads the TUN device `name`: a hash of the name
+/// (FNV-1a), stable for the device's life and across restarts.
+pub fn lane_of_device(name: &str, lanes: usize) -> usize {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (h % lanes.max(1) as u64) as usize
+}
+
+/// The outgoing batches of one worker, one per socket of its lane.
 struct TxBatches<'a> {
+    lane: usize,
     raw: &'a mut SendBatch,
     udp: &'a mut SendBatch,
     raw6: &'a mut SendBatch,
@@ -478,13 +498,15 @@ impl TxBatches<'_> {
     /// The batch of `kind` and its socket (-1 when the host has no IPv6: sends fail and
     /// are counted).
     fn get(&mut self, shared: &Shared, kind: TxKind) -> (&mut SendBatch, RawFd) {
-        let s = &shared.sockets;
-        let v6 = |o: &Option<OwnedFd>| o.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let lane = shared.sockets.lanes.get(self.lane);
+        let fd = |f: fn(&super::sockets::Lane) -> Option<&OwnedFd>| {
+            lane.and_then(f).map_or(-1, |f| f.as_raw_fd())
+        };
         match kind {
-            TxKind::Raw => (&mut *self.raw, s.raw.as_raw_fd()),
-            TxKind::Udp => (&mut *self.udp, s.udp.as_raw_fd()),
-            TxKind::Raw6 => (&mut *self.raw6, v6(&s.raw6)),
-            TxKind::Udp6 => (&mut *self.udp6, v6(&s.udp6)),
+            TxKind::Raw => (&mut *self.raw, fd(|l| Some(&l.raw))),
+            TxKind::Udp => (&mut *self.udp, fd(|l| Some(&l.udp))),
+            TxKind::Raw6 => (&mut *self.raw6, fd(|l| l.raw6.as_ref())),
+            TxKind::Udp6 => (&mut *self.udp6, fd(|l| l.udp6.as_ref())),
         }
     }
 }

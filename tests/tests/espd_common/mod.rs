@@ -29,6 +29,8 @@ pub struct Gw {
     pub ikemgr: Option<Proc>,
     pub espd: Option<Proc>,
     pub lan_remote: &'static str,
+    /// espd's packet threads (`ESPD_WORKERS`); `None`: one per core.
+    pub workers: Option<usize>,
     starts: u32,
 }
 
@@ -178,6 +180,7 @@ impl Gw {
             ikemgr: None,
             espd: None,
             lan_remote,
+            workers: None,
             starts: 0,
         }
     }
@@ -190,6 +193,9 @@ impl Gw {
             .join(format!("{daemon}-{}.log", self.starts));
         let f = std::fs::File::create(&log).expect("log file");
         let mut cmd: Command = self.ns.command(bin(daemon));
+        if let (Some(n), "espd") = (self.workers, daemon) {
+            cmd.env("ESPD_WORKERS", n.to_string());
+        }
         cmd.arg("--config")
             .arg(&self.conf)
             .arg("--run-dir")
@@ -296,6 +302,15 @@ impl Pair {
 
     /// As [`Pair::new`], with `extra_b` appended to gwb's configuration.
     pub fn with_extra(label: &str, udp: bool, extra_b: &str) -> Pair {
+        Pair::build(label, udp, extra_b, None)
+    }
+
+    /// As [`Pair::new`], each espd with `workers` packet threads.
+    pub fn with_workers(label: &str, udp: bool, workers: usize) -> Pair {
+        Pair::build(label, udp, "", Some(workers))
+    }
+
+    fn build(label: &str, udp: bool, extra_b: &str, workers: Option<usize>) -> Pair {
         let topo = SiteToSite::new(label).expect("topology");
         let ca = config(
             SiteToSite::GWA_OUTER,
@@ -318,6 +333,7 @@ impl Pair {
         let mut a = Gw::new(&topo.gwa, &format!("{label}-a"), &ca, SiteToSite::LAN_B);
         let mut b = Gw::new(&topo.gwb, &format!("{label}-b"), &cb, SiteToSite::LAN_A);
         for g in [&mut a, &mut b] {
+            g.workers = workers;
             g.start_ikemgr();
             g.start_espd();
         }
