@@ -253,7 +253,7 @@ impl Espd {
             }
             self.lingering.remove(&k);
             let mut carried = String::new();
-            if let Some(sa) = self.dp.as_mut().and_then(|dp| dp.remove(&k, forget)) {
+            if let Some(sa) = self.dp.as_mut().and_then(|dp| dp.remove(&k)) {
                 let (rx, tx) = (sa.rx.get(), sa.tx.get());
                 carried = format!(
                     ": in {} packets {} bytes, out {} packets {} bytes",

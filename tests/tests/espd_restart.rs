@@ -221,3 +221,58 @@ fn kill_9_espd_keeps_sa_age_and_byte_counts() {
     let (sent, got) = pair.ping(5);
     assert!(sent == 5 && got >= 4, "{got}/{sent} after the rekey");
 }
+
+/// A manual-key SA that disappears from ikemgr's state without a delete (ikemgr restarted
+/// with a configuration that lacks the tunnel) and comes back (restarted again with it: the
+/// same SPIs and keys, so the same SA) resumes above the numbers it sent before: espd keeps
+/// a removed SA's persisted mark, so gwb's replay window drops nothing. An HA member that
+/// takes a tunnel back without a lease record for its SA relies on the same mark.
+#[test]
+fn an_sa_removed_and_installed_again_resumes_above_its_old_numbers() {
+    let mut pair = Pair::new("espd-readd", false);
+    pair.wait_ping();
+    let (sent, got) = pair.ping(20);
+    assert!(
+        sent == 20 && got >= 19,
+        "{got}/{sent} pings before the removal"
+    );
+    let seq_before = pair.a.sa().expect("gwa SA")["seqno"].as_u64().unwrap();
+    assert!(seq_before > 20, "seqno {seq_before}");
+
+    let conf = std::fs::read_to_string(&pair.a.conf).unwrap();
+    let restart_ikemgr = |gw: &mut espd_common::Gw, text: &str| {
+        std::fs::write(&gw.conf, text).unwrap();
+        if let Some(mut p) = gw.ikemgr.take() {
+            let _ = p.kill_now();
+        }
+        gw.start_ikemgr();
+    };
+    restart_ikemgr(&mut pair.a, "# no tunnels\n");
+    wait_for("gwa's SA removed", Duration::from_secs(20), || {
+        match pair.a.sa() {
+            None => Ok(()),
+            Some(sa) => Err(sa.to_string()),
+        }
+    });
+    restart_ikemgr(&mut pair.a, &conf);
+    pair.a.wait_tunnel();
+    let seq_again = pair.a.sa().expect("gwa SA again")["seqno"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        seq_again >= seq_before,
+        "the SA came back at sequence {seq_again}, below the {seq_before} it had reached: {}",
+        pair.a.log("espd")
+    );
+    let (sent, got) = pair.ping(10);
+    assert!(
+        sent == 10 && got >= 9,
+        "{got}/{sent} pings after the re-add"
+    );
+    assert_eq!(
+        pair.b.drop_total("replay"),
+        0,
+        "{}",
+        pair.b.tunnel_list_text()
+    );
+}

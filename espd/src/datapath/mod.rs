@@ -178,7 +178,12 @@ pub struct Datapath {
     threads: Vec<JoinHandle<()>>,
     /// New SAs wait for hasyncd's sequence lease before sending (`crate::ha`).
     ha_gating: bool,
+    /// When the sequence marks were last pruned (None: not yet).
+    pruned: Option<Instant>,
 }
+
+/// How often removing an SA also prunes old sequence marks.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 impl Datapath {
     /// Opens the sockets and starts `workers` packet threads plus housekeeping and the IKE
@@ -241,6 +246,8 @@ impl Datapath {
             workers,
             threads,
             ha_gating: false,
+            // Prune at the first removal: marks may have aged while espd was down.
+            pruned: None,
         })
     }
 
@@ -313,16 +320,34 @@ impl Datapath {
         }
     }
 
-    /// Removes an SA. With `forget_seq` its persisted sequence mark goes too (the SA is gone
-    /// for good). Its device stays: see [`Datapath::prune_devices`].
-    pub fn remove(&mut self, key: &str, forget_seq: bool) -> Option<Arc<Sa>> {
+    /// Removes an SA. Its persisted sequence mark stays (the same SA may be installed again
+    /// and must resume above it; see [`seqstore`]); marks of SAs long gone are pruned here,
+    /// at most once per [`PRUNE_EVERY`]. Its device stays: see [`Datapath::prune_devices`].
+    pub fn remove(&mut self, key: &str) -> Option<Arc<Sa>> {
         let sa = self.sas.remove(key)?;
         sa.dead.store(true, Ordering::Relaxed);
-        if forget_seq {
-            self.seqs.remove(&sa.tunnel, sa.spi_out);
-        }
         self.publish();
+        if self.pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            self.prune_seq_marks();
+        }
         Some(sa)
+    }
+
+    /// Deletes the sequence marks of SAs not installed and untouched for
+    /// [`seqstore::RETAIN`].
+    fn prune_seq_marks(&mut self) {
+        self.pruned = Some(Instant::now());
+        let installed = self
+            .sas
+            .values()
+            .map(|s| seqstore::sa_file_name(&s.tunnel, s.spi_out))
+            .collect();
+        let gone = self
+            .seqs
+            .prune(std::time::SystemTime::now(), seqstore::RETAIN, &installed);
+        if gone > 0 {
+            tracing::info!("pruned {gone} sequence marks of SAs gone for more than 2 days");
+        }
     }
 
     /// Deletes the TUN devices that no SA uses and whose phase1 is not in `keep` (the

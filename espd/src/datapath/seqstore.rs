@@ -3,10 +3,19 @@
 //! mark is written to a temporary file, fsynced, renamed over the old one and the directory
 //! fsynced before any number below it is used, so after a `kill -9` (or a power loss) the
 //! SA resumes at or above every number it ever sent.
+//!
+//! A removed SA's mark stays: the same SA can come back (an HA member that handed a tunnel
+//! over and takes it back from a standby copy without a lease record for it, a manual-key
+//! tunnel removed from the configuration and added again) and must then resume above it.
+//! Marks of SAs not installed are deleted once untouched for [`RETAIN`].
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+
+/// How long the mark of an SA that is not installed is kept: FortiOS's longest phase2
+/// key lifetime (172 800 s), so an SA that may still be alive somewhere keeps its mark.
+pub const RETAIN: std::time::Duration = std::time::Duration::from_secs(172_800);
 
 /// The directory of marks.
 #[derive(Debug, Clone)]
@@ -76,9 +85,35 @@ impl SeqStore {
         File::open(&self.dir)?.sync_all()
     }
 
-    /// Forgets the mark of a removed SA.
-    pub fn remove(&self, tunnel: &str, spi_out: u32) {
-        let _ = fs::remove_file(self.path(tunnel, spi_out));
+    /// Deletes the marks last written more than `retain` before `now` whose file name is
+    /// not in `installed` ([`sa_file_name`] of the SAs in use), and leftover temporary
+    /// files. Returns how many went.
+    pub fn prune(
+        &self,
+        now: std::time::SystemTime,
+        retain: std::time::Duration,
+        installed: &std::collections::BTreeSet<String>,
+    ) -> usize {
+        let Ok(dir) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut gone = 0;
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if installed.contains(&name) {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > retain);
+            if old && fs::remove_file(e.path()).is_ok() {
+                gone += 1;
+            }
+        }
+        gone
     }
 }
 
@@ -98,8 +133,27 @@ mod tests {
         assert_eq!(s2.load("vpn1", 0x1234), 2 << 20);
         assert_eq!(s2.load("a/b", 1), 7);
         assert_eq!(s2.load("vpn1", 0x1235), 0);
-        s2.remove("vpn1", 0x1234);
-        assert_eq!(s2.load("vpn1", 0x1234), 0);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn prune_keeps_installed_and_recent_marks() {
+        use std::collections::BTreeSet;
+        use std::time::{Duration, SystemTime};
+        let dir = std::env::temp_dir().join(format!("espd-seqprune-{}", std::process::id()));
+        let s = SeqStore::open(&dir).unwrap();
+        s.store("vpn1", 1, 100).unwrap();
+        s.store("vpn1", 2, 200).unwrap();
+        let installed: BTreeSet<String> = [sa_file_name("vpn1", 1)].into();
+        let now = SystemTime::now();
+        // Just written: nothing is old enough.
+        assert_eq!(s.prune(now, RETAIN, &installed), 0);
+        assert_eq!(s.load("vpn1", 2), 200);
+        // Three days on: the mark of the SA not installed goes, the installed one stays.
+        let later = now + Duration::from_secs(3 * 86_400);
+        assert_eq!(s.prune(later, RETAIN, &installed), 1);
+        assert_eq!(s.load("vpn1", 1), 100);
+        assert_eq!(s.load("vpn1", 2), 0);
         let _ = fs::remove_dir_all(dir);
     }
 }
