@@ -53,8 +53,13 @@ use crate::wire::MemberId;
 
 /// Added to the recorded high-water mark when this member's record may be stale.
 pub const DEFAULT_UNSYNCED_JUMP: u64 = 10_000_000;
-/// Default retransmission interval of an unacknowledged lease.
+/// Default retransmission interval of an unacknowledged lease (the first; each later one
+/// doubles, up to [`LEASE_RETRANSMIT_DOUBLINGS`] times).
 pub const DEFAULT_LEASE_RETRANSMIT_MS: u64 = 50;
+/// How many times the retransmission interval of one lease doubles (50 ms to 800 ms): a
+/// member that does not acknowledge (lost acknowledgements, a member that refuses because
+/// it believes another owner) costs a few messages a second per lease, not twenty.
+pub const LEASE_RETRANSMIT_DOUBLINGS: u32 = 4;
 
 /// A tunnel's role on this member, as `role=` shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -155,6 +160,8 @@ struct Pending {
     hw: u64,
     waiting: BTreeSet<MemberId>,
     resend_at_ms: u64,
+    /// Retransmissions so far.
+    resent: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -323,12 +330,20 @@ impl TunnelTable {
             if now_ms < p.resend_at_ms {
                 continue;
             }
-            p.resend_at_ms = now_ms.saturating_add(retransmit);
+            p.resent = p.resent.saturating_add(1);
+            let backoff = retransmit << p.resent.min(LEASE_RETRANSMIT_DOUBLINGS);
+            p.resend_at_ms = now_ms.saturating_add(backoff);
             let hw = p.hw;
+            // Only the members still waiting need it (on FGSP links, where messages go to
+            // one member; an FGCP link broadcasts anyway).
+            let to = match (p.waiting.len(), p.waiting.first()) {
+                (1, Some(m)) => Some(*m),
+                _ => None,
+            };
             if claimed != Some(name.as_str()) && t.owner == me {
                 claimed = Some(name.as_str());
                 self.outbox.push_back(Outgoing {
-                    to: None,
+                    to,
                     message: Message::Ownership(OwnershipClaim {
                         tunnel: name.clone(),
                         owner: me,
@@ -338,7 +353,7 @@ impl TunnelTable {
                 });
             }
             self.outbox.push_back(Outgoing {
-                to: None,
+                to,
                 message: Message::SeqLease(SeqLease {
                     tunnel: name.clone(),
                     spi_out: *spi,
@@ -657,6 +672,7 @@ impl TunnelTable {
             hw,
             waiting,
             resend_at_ms,
+            resent: 0,
         });
         self.pending.insert((tunnel.to_string(), spi_out));
         self.outbox.push_back(Outgoing {
@@ -1397,6 +1413,43 @@ mod tests {
         s.check_no_replay();
         assert!(s.m[2].table.stats().leases_refused >= 1);
         assert_eq!(s.roles()[0], Some(TunnelRole::Standby));
+    }
+
+    #[test]
+    fn an_unacknowledged_lease_is_retransmitted_with_backoff_to_the_silent_member_only() {
+        let mut t = TunnelTable::new(MemberId(1));
+        t.peer_joined(MemberId(2));
+        t.peer_joined(MemberId(3));
+        t.local_established(T);
+        t.sa_added(MemberId(1), T, SPI);
+        assert!(t.propose_lease(T, SPI, 100, 0));
+        t.handle_lease_ack(
+            MemberId(2),
+            &SeqLeaseAck {
+                tunnel: T.into(),
+                spi_out: SPI,
+                seq_hw: 100,
+            },
+        );
+        while t.poll_transmit().is_some() {}
+        // Member 3 never answers: ten seconds of timer-driven retransmissions.
+        let mut at = Vec::new();
+        while let Some(due) = t.poll_timeout().filter(|d| *d <= 10_000) {
+            t.handle_timeout(due);
+            for o in std::iter::from_fn(|| t.poll_transmit()) {
+                assert_eq!(o.to, Some(MemberId(3)), "{o:?}");
+                if matches!(o.message, Message::SeqLease(_)) {
+                    at.push(due);
+                }
+            }
+        }
+        let max = DEFAULT_LEASE_RETRANSMIT_MS << LEASE_RETRANSMIT_DOUBLINGS;
+        assert_eq!(&at[..5], &[50, 150, 350, 750, 1_550], "doubling from 50 ms");
+        assert!(at.windows(2).all(|w| w[1] - w[0] <= max), "{at:?}");
+        // 5 + (10 000 - 1 550) / 800 = 15 in ten seconds, where a fixed 50 ms made 200.
+        assert_eq!(at.len(), 15, "{at:?}");
+        // Still waiting: the lease is not confirmed behind the silent member's back.
+        assert_eq!(t.poll_event(), None);
     }
 
     #[test]
