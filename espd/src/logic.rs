@@ -816,7 +816,7 @@ fn describe_metrics() {
         Unit::Bytes,
         "Inner (plaintext) bytes carried, by direction"
     );
-    describe_counter!("espd_drops_total", Unit::Count, "Packets dropped, by reason (truncated, unknown_spi, replay, icv, padding, inner_header, selector, no_sa, ...)");
+    describe_counter!("espd_drops_total", Unit::Count, "Packets dropped, by reason (truncated, unknown_spi, replay, icv, padding, inner_header, selector, no_sa, link_scope, ...)");
     describe_counter!(
         "espd_acquires_total",
         Unit::Count,

@@ -72,9 +72,9 @@ fn pings_both_ways(pair: &Pair) {
         let sa = gw.sa().unwrap_or_else(|| panic!("{side}: no SA"));
         assert!(sa["dec_pkts"].as_u64().unwrap_or(0) >= 19, "{side}: {sa}");
         assert!(sa["enc_pkts"].as_u64().unwrap_or(0) >= 19, "{side}: {sa}");
-        // (Not `no_sa`: the kernel's own IPv6 packets on the TUN device, multicast listener
-        // reports and router solicitations from its link-local address, have no SA.)
-        for reason in ["inner_header", "selector"] {
+        // The kernel's own IPv6 packets on the TUN device (multicast listener reports and
+        // router solicitations from its link-local address) are `link_scope`, not `no_sa`.
+        for reason in ["inner_header", "selector", "no_sa"] {
             assert_eq!(gw.drop_total(reason), 0, "{side} {reason}: {}", why());
         }
     }

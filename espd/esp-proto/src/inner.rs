@@ -77,6 +77,22 @@ pub fn addresses(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
     }
 }
 
+/// Whether a packet with these addresses stays on its link and is never forwarded: an IPv6
+/// link-local source or destination (fe80::/10, RFC 4291 §2.5.6), the unspecified source,
+/// or an interface- or link-local multicast destination (ff01::/16, ff02::/16; §2.7). The
+/// kernel sends such packets (neighbour and router discovery, MLD) on every IPv6-enabled
+/// device, the tunnel's TUN device included.
+pub fn link_scope(src: IpAddr, dst: IpAddr) -> bool {
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let link_local = |a: &std::net::Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
+            let local_multicast = d.is_multicast() && matches!(d.segments()[0] & 0x000f, 1 | 2);
+            link_local(&s) || link_local(&d) || s.is_unspecified() || local_multicast
+        }
+        _ => false,
+    }
+}
+
 /// Next Header value for an outbound inner packet, from its IP version nibble.
 pub(crate) fn next_header_for(inner: &[u8]) -> Result<u8> {
     match inner.first().map(|b| b >> 4) {
@@ -145,6 +161,26 @@ pub fn sample_ipv6(len: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_scope_packets_are_recognised() {
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Router solicitation, MLDv2 report, neighbour solicitation, DAD.
+        assert!(link_scope(a("fe80::1"), a("ff02::2")));
+        assert!(link_scope(a("fe80::1"), a("ff02::16")));
+        assert!(link_scope(a("fe80::1"), a("fe80::2")));
+        assert!(link_scope(a("::"), a("ff02::1:ff00:1")));
+        assert!(link_scope(a("fd00::1"), a("ff01::1")));
+        assert!(
+            link_scope(a("fd00::1"), a("febf::1")),
+            "fe80::/10 ends at febf"
+        );
+        // Tunnelled traffic: global or unique-local addresses, wider multicast scopes, IPv4.
+        assert!(!link_scope(a("fd00:99:1::2"), a("fd00:99:2::2")));
+        assert!(!link_scope(a("2001:db8::1"), a("ff05::1:3")));
+        assert!(!link_scope(a("2001:db8::1"), a("fec0::1")));
+        assert!(!link_scope(a("10.0.0.1"), a("224.0.0.1")));
+    }
 
     #[test]
     fn ipv4_good_and_lies() {

@@ -128,6 +128,7 @@ pub const DROP_LABELS: [&str; NUM_DROPS] = {
     l[DROP_TUN_WRITE] = "tun_write";
     l[DROP_OFFLOAD] = "offload";
     l[DROP_ENCAP] = "encap_mismatch";
+    l[DROP_LINK_SCOPE] = "link_scope";
     l
 };
 /// The inner packet's addresses do not match the SA's selectors.
@@ -147,8 +148,11 @@ pub const DROP_TUN_WRITE: usize = DROP_SELECTOR + 5;
 pub const DROP_OFFLOAD: usize = DROP_SELECTOR + 6;
 /// Raw ESP for an SA negotiated with UDP encapsulation, or ESP in UDP for a raw one.
 pub const DROP_ENCAP: usize = DROP_SELECTOR + 7;
+/// Outbound: an IPv6 packet that stays on its link (`esp_proto::inner::link_scope`: the
+/// kernel's neighbour and router discovery or MLD on the TUN device) and no SA covers it.
+pub const DROP_LINK_SCOPE: usize = DROP_SELECTOR + 8;
 /// Number of drop reasons.
-pub const NUM_DROPS: usize = DROP_SELECTOR + 8;
+pub const NUM_DROPS: usize = DROP_SELECTOR + 9;
 
 /// Outbound packets of one TUN device that found no SA, for traffic-triggered negotiation
 /// (`esp.acquire`): a count and the addresses of one such packet, written by the workers

@@ -16,8 +16,8 @@ use esp_proto::{classify_udp4500, decode_payload, inner, EspError, EspHeader, Ud
 use super::offload::{self, VNET_HDR_LEN};
 use super::sockets::{RecvBatch, SendBatch, BATCH, SLOT};
 use super::table::{
-    any_contains, Device, Peer, Table, DROP_ENCAP, DROP_IKE_RELAY, DROP_NO_SA, DROP_OFFLOAD,
-    DROP_OUTER, DROP_SELECTOR, DROP_TUN_WRITE, DROP_TX_ERROR,
+    any_contains, Device, Peer, Table, DROP_ENCAP, DROP_IKE_RELAY, DROP_LINK_SCOPE, DROP_NO_SA,
+    DROP_OFFLOAD, DROP_OUTER, DROP_SELECTOR, DROP_TUN_WRITE, DROP_TX_ERROR,
 };
 use super::Shared;
 
@@ -534,8 +534,13 @@ fn encap_one(
         return;
     };
     let Some(sa) = dev.lookup(src, dst) else {
-        shared.count_drop(DROP_NO_SA);
-        dev.tun.acquire.note(src, dst);
+        if inner::link_scope(src, dst) {
+            // Never forwarded, never a reason to negotiate: not a missing SA.
+            shared.count_drop(DROP_LINK_SCOPE);
+        } else {
+            shared.count_drop(DROP_NO_SA);
+            dev.tun.acquire.note(src, dst);
+        }
         return;
     };
     let fail = |reason: usize| {
