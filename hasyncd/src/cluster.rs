@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 
 use crate::io::{hw_addr, LinkIdentity, LinkSocket, FGCP_PORT};
 
+mod hbpump;
 mod resync;
 mod snapshot;
 
@@ -66,7 +67,10 @@ fn fgsp_timing(peers: &[haven_config::ClusterPeer]) -> (u64, u64) {
 struct FgcpSide {
     sock: LinkSocket,
     dest: SocketAddr,
-    link: HaLink,
+    /// Shared with the heartbeat pump.
+    link: hbpump::SharedLink,
+    /// Sends the heartbeats while the tick is late (None: its thread did not start).
+    pump: Option<hbpump::HeartbeatPump>,
     fgcp: Fgcp,
     group_id: u16,
     session_pickup: bool,
@@ -293,6 +297,12 @@ pub fn describe_metrics() {
         Unit::Count,
         "Times this member took the primary role over from another member."
     );
+    describe_counter!(
+        "hasyncd_heartbeats_late_tick_total",
+        Unit::Count,
+        "FGCP heartbeats the heartbeat thread sent because the daemon's tick was late."
+    );
+    metrics::counter!("hasyncd_heartbeats_late_tick_total").increment(0);
     describe_counter!(
         "hasyncd_sequence_skips_total",
         Unit::Count,
@@ -2028,13 +2038,30 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
     cfg.override_ = ha.override_;
     cfg.hb_interval_ms = u64::from(ha.hb_interval_ms());
     cfg.hb_lost_threshold = u32::from(ha.hb_lost_threshold);
-    let link = HaLink::new(key, me, epoch(now_ms)).map_err(|e| e.to_string())?;
+    let link =
+        hbpump::SharedLink::new(HaLink::new(key, me, epoch(now_ms)).map_err(|e| e.to_string())?);
     let id = LinkIdentity {
         group: ha.group_id,
         me,
     };
     let sock = LinkSocket::bind(FGCP_PORT, Some(&hbdev), id)
         .map_err(|e| format!("heartbeat socket on {hbdev:?} port {FGCP_PORT}: {e}"))?;
+    let dest = SocketAddr::from((Ipv4Addr::BROADCAST, FGCP_PORT));
+    let pump = sock
+        .sender()
+        .and_then(|sock| {
+            hbpump::HeartbeatPump::start(hbpump::PumpIo {
+                link: link.clone(),
+                sock,
+                dest,
+                now_ms: || haven_daemon::now_ns() / 1_000_000,
+                sent: |n| count_sent("fgcp", n),
+            })
+        })
+        .map_err(|e| {
+            tracing::error!("FGCP heartbeat thread: {e}; heartbeats go from the tick only")
+        })
+        .ok();
     // The hello phase starts now that the socket listens: the key derivation above
     // (PBKDF2) can take longer than a whole hello phase on a loaded machine, and a member
     // that hears nobody during its hello elects itself.
@@ -2043,8 +2070,9 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
     let reported_role = fgcp.role();
     Ok(FgcpSide {
         sock,
-        dest: SocketAddr::from((Ipv4Addr::BROADCAST, FGCP_PORT)),
+        dest,
         link,
+        pump,
         fgcp,
         group_id: ha.group_id,
         session_pickup: ha.session_pickup,
@@ -2162,9 +2190,16 @@ impl FgcpSide {
         out
     }
 
-    /// This member's heartbeats due at `now_ms`.
+    /// This member's heartbeats due at `now_ms` (unless the pump sent one within the
+    /// interval and this one says nothing new).
     fn send_heartbeats(&mut self, now_ms: u64) {
+        let interval_ms = self.fgcp.config().hb_interval_ms;
         while let Some(hb) = self.fgcp.poll_transmit(now_ms) {
+            if let Some(p) = &self.pump {
+                if !p.tick(now_ms, interval_ms, Some(&hb)) {
+                    continue;
+                }
+            }
             match self.link.seal(&Message::Heartbeat(hb)) {
                 Ok(d) => match self.sock.send_to(&d, self.dest) {
                     Ok(()) => count_sent("fgcp", d.len()),
@@ -2172,6 +2207,9 @@ impl FgcpSide {
                 },
                 Err(e) => tracing::error!("heartbeat seal: {e}"),
             }
+        }
+        if let Some(p) = &self.pump {
+            p.tick(now_ms, interval_ms, None);
         }
     }
 }

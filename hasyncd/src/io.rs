@@ -249,6 +249,12 @@ impl LinkSocket {
     pub fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
         self.sock.send_to(datagram, to).map(|_| ())
     }
+
+    /// A second handle on the socket, for sending from another thread (the heartbeat
+    /// pump); receiving stays with the reader thread.
+    pub fn sender(&self) -> io::Result<UdpSocket> {
+        self.sock.try_clone()
+    }
 }
 
 impl Drop for LinkSocket {
