@@ -124,7 +124,10 @@ struct FgspPeer {
 struct FgspSide {
     sock: LinkSocket,
     key: LinkKey,
-    link: HaLink,
+    /// Shared with the heartbeat pump.
+    link: hbpump::SharedLink,
+    /// Sends the heartbeats while the tick is late (None: its thread did not start).
+    pump: Option<hbpump::HeartbeatPump>,
     live: Liveness,
     me: MemberId,
     group: u8,
@@ -300,9 +303,11 @@ pub fn describe_metrics() {
     describe_counter!(
         "hasyncd_heartbeats_late_tick_total",
         Unit::Count,
-        "FGCP heartbeats the heartbeat thread sent because the daemon's tick was late."
+        "Heartbeats the heartbeat thread sent because the daemon's tick was late, by link (one per FGSP peer)."
     );
-    metrics::counter!("hasyncd_heartbeats_late_tick_total").increment(0);
+    for link in ["fgcp", "fgsp"] {
+        metrics::counter!("hasyncd_heartbeats_late_tick_total", "link" => link).increment(0);
+    }
     describe_counter!(
         "hasyncd_sequence_skips_total",
         Unit::Count,
@@ -693,7 +698,7 @@ impl Cluster {
                 // A new speaker for this member id: a fresh epoch above the old speaker's.
                 match HaLink::new(side.key.clone(), side.me, epoch(now_ms)) {
                     Ok(link) => {
-                        side.link = link;
+                        side.link.replace(link);
                         side.active = true;
                         side.next_hb_ms = now_ms;
                         snap_all_fgsp = true;
@@ -712,6 +717,9 @@ impl Cluster {
                     self.lease_halves.clear();
                 }
                 side.active = false;
+                if let Some(p) = &side.pump {
+                    p.silence();
+                }
             }
             let (changed, msgs, _joined, events) = side.drive(now_ms);
             if changed {
@@ -2047,21 +2055,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
     let sock = LinkSocket::bind(FGCP_PORT, Some(&hbdev), id)
         .map_err(|e| format!("heartbeat socket on {hbdev:?} port {FGCP_PORT}: {e}"))?;
     let dest = SocketAddr::from((Ipv4Addr::BROADCAST, FGCP_PORT));
-    let pump = sock
-        .sender()
-        .and_then(|sock| {
-            hbpump::HeartbeatPump::start(hbpump::PumpIo {
-                link: link.clone(),
-                sock,
-                dest,
-                now_ms: || haven_daemon::now_ns() / 1_000_000,
-                sent: |n| count_sent("fgcp", n),
-            })
-        })
-        .map_err(|e| {
-            tracing::error!("FGCP heartbeat thread: {e}; heartbeats go from the tick only")
-        })
-        .ok();
+    let pump = start_pump(&sock, &link, "fgcp", vec![dest]);
     // The hello phase starts now that the socket listens: the key derivation above
     // (PBKDF2) can take longer than a whole hello phase on a loaded machine, and a member
     // that hears nobody during its hello elects itself.
@@ -2091,6 +2085,31 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
     })
 }
 
+/// The heartbeat thread of a link (None, logged, when it cannot start: heartbeats then go
+/// from the tick only).
+fn start_pump(
+    sock: &LinkSocket,
+    link: &hbpump::SharedLink,
+    name: &'static str,
+    dests: Vec<SocketAddr>,
+) -> Option<hbpump::HeartbeatPump> {
+    sock.sender()
+        .and_then(|sock| {
+            hbpump::HeartbeatPump::start(hbpump::PumpIo {
+                link: link.clone(),
+                name,
+                sock,
+                dests,
+                now_ms: || haven_daemon::now_ns() / 1_000_000,
+                sent: count_sent,
+            })
+        })
+        .map_err(|e| {
+            tracing::error!("{name} heartbeat thread: {e}; heartbeats go from the tick only")
+        })
+        .ok()
+}
+
 fn start_fgsp(
     sc: &haven_config::StandaloneCluster,
     now_ms: u64,
@@ -2104,7 +2123,9 @@ fn start_fgsp(
     )
     .map_err(|e| e.to_string())?;
     let me = MemberId(u32::from(sc.group_member_id));
-    let link = HaLink::new(key.clone(), me, epoch(now_ms)).map_err(|e| e.to_string())?;
+    let link = hbpump::SharedLink::new(
+        HaLink::new(key.clone(), me, epoch(now_ms)).map_err(|e| e.to_string())?,
+    );
     let port = sc
         .cluster_peers
         .first()
@@ -2118,10 +2139,17 @@ fn start_fgsp(
         LinkSocket::bind(port, None, id).map_err(|e| format!("FGSP socket on port {port}: {e}"))?;
     let (hb_ms, lost_ms) = fgsp_timing(&sc.cluster_peers);
     tracing::info!("FGSP: heartbeat every {hb_ms} ms, a peer silent for {lost_ms} ms is lost");
+    let dests = sc
+        .cluster_peers
+        .iter()
+        .map(|p| SocketAddr::V4(SocketAddrV4::new(p.peerip, p.port)))
+        .collect();
+    let pump = start_pump(&sock, &link, "fgsp", dests);
     Ok(FgspSide {
         sock,
         key,
         link,
+        pump,
         live: Liveness::new(lost_ms),
         hb_ms,
         lost_ms,
@@ -2300,8 +2328,17 @@ impl FgspSide {
                 role: HaRole::Primary,
                 primary: Some(self.me),
             };
-            match self.link.seal(&Message::Heartbeat(hb)) {
-                Ok(d) => {
+            // The pump sent one within the interval: this one can wait.
+            let skip = self
+                .pump
+                .as_ref()
+                .is_some_and(|p| !p.tick(now_ms, self.hb_ms, Some(&hb)));
+            match (!skip)
+                .then(|| self.link.seal(&Message::Heartbeat(hb)))
+                .transpose()
+            {
+                Ok(None) => {}
+                Ok(Some(d)) => {
                     for p in &self.peers {
                         match self.sock.send_to(&d, SocketAddr::V4(p.addr)) {
                             Ok(()) => count_sent("fgsp", d.len()),
@@ -2311,6 +2348,9 @@ impl FgspSide {
                 }
                 Err(e) => tracing::error!("FGSP heartbeat seal: {e}"),
             }
+        }
+        if let Some(p) = &self.pump {
+            p.tick(now_ms, self.hb_ms, None);
         }
         if changed {
             metrics::gauge!("hasyncd_fgsp_detected_peers").set(self.live.peers().count() as f64);

@@ -1,15 +1,17 @@
-//! The FGCP heartbeat, kept flowing while the daemon's tick is late.
+//! The FGCP and FGSP heartbeats, kept flowing while the daemon's tick is late.
 //!
 //! The daemon's actor sends this member's heartbeats from its tick. A tick held up by long
 //! work (a whole-store replica rebuilt, a thousand tunnels claimed back, a snapshot applied)
 //! on a loaded machine used to hold the heartbeats too: past the loss time (`hb-interval` x
 //! `hb-lost-threshold`, 600 ms in the lab) the partner declared this member lost, took every
 //! tunnel, and the claims back made the next tick longer still (the 1 000-tunnel soak
-//! flapped). The pump is a thread of its own: when no heartbeat went out for one interval
-//! it sends the last one the election built (its uptime moved on), sealed on the same link
+//! flapped). The pump is a thread of its own: when no heartbeat went out for one and a half
+//! intervals it sends the last one the election built (its uptime moved on), sealed on the same link
 //! (the link's counter and the peers' replay windows are shared with every other message,
 //! hence the mutex). It does so only while the tick ran within [`WATCHDOG_MS`]: a wedged
-//! daemon stops heartbeating and is declared lost as before, just later.
+//! daemon stops heartbeating and is declared lost as before, just later. On FGSP the same
+//! stall made the peer cluster declare this one dead and take every tunnel over (OwnerDead)
+//! while the soak's 1 000 tunnels were torn down.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,13 +30,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An FGCP link shared by the actor and the pump.
+/// An HA link shared by the actor and the pump.
 #[derive(Clone)]
 pub struct SharedLink(Arc<Mutex<HaLink>>);
 
 impl SharedLink {
     pub fn new(link: HaLink) -> SharedLink {
         SharedLink(Arc::new(Mutex::new(link)))
+    }
+
+    /// Puts `link` in place of the current one (a new epoch).
+    pub fn replace(&self, link: HaLink) {
+        *lock(&self.0) = link;
     }
 
     pub fn seal(&self, msg: &Message) -> ha_core::Result<Vec<u8>> {
@@ -72,22 +79,24 @@ struct State {
     interval_ms: u64,
 }
 
-/// The heartbeat thread of one FGCP side; stopped and joined on drop.
+/// The heartbeat thread of one link; stopped and joined on drop.
 pub struct HeartbeatPump {
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// What the pump sends with: the link, a handle on the heartbeat socket, the destination,
-/// the clock (ms; the daemon's wall clock, shared with the tick) and what to count a send
-/// with.
+/// What the pump sends with: the link and its name (`fgcp`, `fgsp`: the metrics' label), a
+/// handle on the heartbeat socket, the destinations (the FGCP broadcast; every FGSP
+/// cluster-peer), the clock (ms; the daemon's wall clock, shared with the tick) and what to
+/// count a send with.
 pub struct PumpIo {
     pub link: SharedLink,
+    pub name: &'static str,
     pub sock: UdpSocket,
-    pub dest: SocketAddr,
+    pub dests: Vec<SocketAddr>,
     pub now_ms: fn() -> u64,
-    pub sent: fn(usize),
+    pub sent: fn(&'static str, usize),
 }
 
 impl HeartbeatPump {
@@ -113,6 +122,16 @@ impl HeartbeatPump {
     /// went out for an interval) or it says something new (role, primary, priority,
     /// monitored links).
     pub fn tick(&self, now_ms: u64, interval_ms: u64, hb: Option<&Heartbeat>) -> bool {
+        self.tick_with(now_ms, interval_ms, hb)
+    }
+
+    /// This member does not heartbeat on the link any more (an FGSP member that no longer
+    /// speaks for its cluster): the pump stays quiet until the next heartbeat.
+    pub fn silence(&self) {
+        lock(&self.state).last = None;
+    }
+
+    fn tick_with(&self, now_ms: u64, interval_ms: u64, hb: Option<&Heartbeat>) -> bool {
         let mut st = lock(&self.state);
         st.tick_ms = now_ms;
         st.interval_ms = interval_ms.max(1);
@@ -161,7 +180,9 @@ fn run(io: PumpIo, state: &Mutex<State>, stop: &AtomicBool) {
             let mut st = lock(state);
             // Four checks per interval: a late tick costs at most a quarter interval more.
             nap = Duration::from_millis((st.interval_ms / 4).clamp(1, 250));
-            let late = now.saturating_sub(st.sent_ms) >= st.interval_ms;
+            // Late by half an interval: the tick's own heartbeat, due at the interval,
+            // normally goes first (and the counter below means a late tick).
+            let late = now.saturating_sub(st.sent_ms) >= st.interval_ms + st.interval_ms / 2;
             let alive = now.saturating_sub(st.tick_ms) <= WATCHDOG_MS;
             match (&st.last, late && alive) {
                 (Some((hb, built_ms)), true) => {
@@ -174,15 +195,22 @@ fn run(io: PumpIo, state: &Mutex<State>, stop: &AtomicBool) {
             }
         };
         let Some(hb) = hb else { continue };
-        match io.link.seal(&Message::Heartbeat(hb)) {
-            Ok(d) => match io.sock.send_to(&d, io.dest) {
+        let d = match io.link.seal(&Message::Heartbeat(hb)) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("{} heartbeat (late tick) seal: {e}", io.name);
+                continue;
+            }
+        };
+        for to in &io.dests {
+            match io.sock.send_to(&d, to) {
                 Ok(_) => {
-                    (io.sent)(d.len());
-                    metrics::counter!("hasyncd_heartbeats_late_tick_total").increment(1);
+                    (io.sent)(io.name, d.len());
+                    metrics::counter!("hasyncd_heartbeats_late_tick_total", "link" => io.name)
+                        .increment(1);
                 }
-                Err(e) => tracing::debug!("heartbeat (late tick) send: {e}"),
-            },
-            Err(e) => tracing::error!("heartbeat (late tick) seal: {e}"),
+                Err(e) => tracing::debug!("{} heartbeat (late tick) to {to}: {e}", io.name),
+            }
         }
     }
 }
@@ -244,10 +272,11 @@ mod tests {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let io = PumpIo {
             link,
+            name: "fgcp",
             sock: UdpSocket::bind("127.0.0.1:0").unwrap(),
-            dest: rx.local_addr().unwrap(),
+            dests: vec![rx.local_addr().unwrap()],
             now_ms: now,
-            sent: |_| {},
+            sent: |_, _| {},
         };
         let pump = HeartbeatPump::start(io).unwrap();
         // The tick sends its first heartbeat itself (news), then falls behind.
@@ -276,6 +305,18 @@ mod tests {
         assert!(got.iter().all(|h| h.uptime_ms > 5_000));
         // A role change goes out from the tick at once, even within the interval.
         assert!(pump.tick(now(), 20, Some(&hb(HaRole::Secondary))));
+        // Silenced (no longer speaking on the link): nothing, tick or not.
+        pump.silence();
+        let _ = heard(&rx, &mut peer, Duration::from_millis(60));
+        for _ in 0..4 {
+            CLOCK.fetch_add(30, Ordering::Relaxed);
+            pump.tick(now(), 20, None);
+            assert!(heard(&rx, &mut peer, Duration::from_millis(40)).is_empty());
+        }
+        assert!(
+            pump.tick(now(), 20, Some(&hb(HaRole::Secondary))),
+            "speaks again"
+        );
         // Past the watchdog without a tick: silence.
         CLOCK.fetch_add(WATCHDOG_MS + 1, Ordering::Relaxed);
         let _ = heard(&rx, &mut peer, Duration::from_millis(60));
