@@ -9,10 +9,7 @@
 
 mod espd_common;
 
-use std::time::Duration;
-
-use espd_common::{Pair, SPI_A, SPI_B};
-use haven_tests::daemons::wait_for;
+use espd_common::{iperf_server, Pair, SPI_A, SPI_B};
 use haven_tests::netns::SiteToSite;
 
 /// Workers per espd: twice the cores of a small test machine, so workers are preempted
@@ -22,23 +19,7 @@ const WORKERS: usize = 4;
 fn streams(label: &str, udp: bool) {
     let pair = Pair::with_workers(label, udp, WORKERS);
     pair.wait_ping();
-    let mut server = pair
-        .topo
-        .server
-        .spawn("iperf3", &["-s"])
-        .expect("iperf3 server");
-    wait_for("iperf3 server", Duration::from_secs(10), || {
-        let out = pair
-            .topo
-            .server
-            .run("ss", &["-ltn"])
-            .map_err(|e| e.to_string())?;
-        if out.contains(":5201 ") {
-            Ok(())
-        } else {
-            Err(out)
-        }
-    });
+    let mut server = iperf_server(&pair, &[]);
     for reverse in [false, true] {
         let mut args = vec!["-c", SiteToSite::SERVER, "-t", "3", "-P", "4", "-J"];
         if reverse {

@@ -573,11 +573,14 @@ pub fn wire_counters6(ns: &Netns) -> (u64, u64, u64) {
 /// exercises the TSO segmentation on the sending gateway and the coalescing on the
 /// receiving one. Asserts that data arrived and nothing was dropped for a bad offload
 /// header, not how fast.
-pub fn carries_tcp(pair: &Pair) {
-    let mut server = pair
+/// Starts `iperf3 -s` (with `args`) in the server namespace and waits until it listens.
+pub fn iperf_server(pair: &Pair, args: &[&str]) -> Proc {
+    let mut all = vec!["-s"];
+    all.extend_from_slice(args);
+    let server = pair
         .topo
         .server
-        .spawn("iperf3", &["-s", "-1"])
+        .spawn("iperf3", &all)
         .expect("iperf3 server");
     wait_for("iperf3 server", Duration::from_secs(10), || {
         let out = pair
@@ -591,6 +594,11 @@ pub fn carries_tcp(pair: &Pair) {
             Err(out)
         }
     });
+    server
+}
+
+pub fn carries_tcp(pair: &Pair) {
+    let mut server = iperf_server(pair, &["-1"]);
     let out = pair
         .topo
         .client
