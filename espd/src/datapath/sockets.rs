@@ -433,26 +433,19 @@ impl Sockets {
         ));
         let udp =
             udp_group(at, lanes).map_err(|e| io::Error::new(e.kind(), format!("UDP {at}: {e}")))?;
-        let (raw6, udp6) = match open_v6(lanes) {
-            Ok((r, u)) => (
-                r.into_iter().map(Some).collect(),
-                u.into_iter().map(Some).collect(),
-            ),
-            Err(e) => {
-                tracing::warn!("no IPv6 ESP (raw and UDP [::]:4500): {e}");
-                (Vec::new(), Vec::new())
-            }
-        };
-        let mut raw6: std::vec::IntoIter<Option<OwnedFd>> = raw6.into_iter();
-        let mut udp6: std::vec::IntoIter<Option<OwnedFd>> = udp6.into_iter();
+        let (raw6, udp6) = open_v6(lanes).unwrap_or_else(|e| {
+            tracing::warn!("no IPv6 ESP (raw and UDP [::]:4500): {e}");
+            (Vec::new(), Vec::new())
+        });
+        let (mut raw6, mut udp6) = (raw6.into_iter(), udp6.into_iter());
         let lanes = raw
             .into_iter()
             .zip(udp)
             .map(|(raw, udp)| Lane {
                 raw,
                 udp,
-                raw6: raw6.next().flatten(),
-                udp6: udp6.next().flatten(),
+                raw6: raw6.next(),
+                udp6: udp6.next(),
             })
             .collect();
 

@@ -1415,14 +1415,20 @@ mod tests {
         assert_eq!(s.roles()[0], Some(TunnelRole::Standby));
     }
 
-    #[test]
-    fn an_unacknowledged_lease_is_retransmitted_with_backoff_to_the_silent_member_only() {
+    /// Member 1 owns `T`, hears members 2 and 3, and has just proposed a lease up to 100.
+    fn lease_to_two_peers() -> TunnelTable {
         let mut t = TunnelTable::new(MemberId(1));
         t.peer_joined(MemberId(2));
         t.peer_joined(MemberId(3));
         t.local_established(T);
         t.sa_added(MemberId(1), T, SPI);
         assert!(t.propose_lease(T, SPI, 100, 0));
+        t
+    }
+
+    #[test]
+    fn an_unacknowledged_lease_is_retransmitted_with_backoff_to_the_silent_member_only() {
+        let mut t = lease_to_two_peers();
         t.handle_lease_ack(
             MemberId(2),
             &SeqLeaseAck {
@@ -1454,12 +1460,7 @@ mod tests {
 
     #[test]
     fn lease_waits_for_every_live_peer_and_retransmits() {
-        let mut t = TunnelTable::new(MemberId(1));
-        t.peer_joined(MemberId(2));
-        t.peer_joined(MemberId(3));
-        t.local_established(T);
-        t.sa_added(MemberId(1), T, SPI);
-        assert!(t.propose_lease(T, SPI, 100, 0));
+        let mut t = lease_to_two_peers();
         let ack = |hw| SeqLeaseAck {
             tunnel: T.into(),
             spi_out: SPI,

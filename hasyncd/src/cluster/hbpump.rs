@@ -117,21 +117,17 @@ impl HeartbeatPump {
         })
     }
 
-    /// The tick ran at `now_ms`, heartbeats go every `interval_ms`, and the election built
-    /// `hb` (None: none due). Returns whether the tick sends it itself: it is due (none
-    /// went out for an interval) or it says something new (role, primary, priority,
-    /// monitored links).
-    pub fn tick(&self, now_ms: u64, interval_ms: u64, hb: Option<&Heartbeat>) -> bool {
-        self.tick_with(now_ms, interval_ms, hb)
-    }
-
     /// This member does not heartbeat on the link any more (an FGSP member that no longer
     /// speaks for its cluster): the pump stays quiet until the next heartbeat.
     pub fn silence(&self) {
         lock(&self.state).last = None;
     }
 
-    fn tick_with(&self, now_ms: u64, interval_ms: u64, hb: Option<&Heartbeat>) -> bool {
+    /// The tick ran at `now_ms`, heartbeats go every `interval_ms`, and the election built
+    /// `hb` (None: none due). Returns whether the tick sends it itself: it is due (none
+    /// went out for an interval) or it says something new (role, primary, priority,
+    /// monitored links).
+    pub fn tick(&self, now_ms: u64, interval_ms: u64, hb: Option<&Heartbeat>) -> bool {
         let mut st = lock(&self.state);
         st.tick_ms = now_ms;
         st.interval_ms = interval_ms.max(1);
