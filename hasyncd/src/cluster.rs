@@ -1110,6 +1110,16 @@ impl Cluster {
                             s.first_seq,
                             if s.exact { "" } else { " (unsynced jump)" }
                         );
+                        // The local datapath may still hold this SA at its own counter (this
+                        // hasyncd restarted while ikemgr and espd kept the tunnel, and the
+                        // partner carried it meanwhile): ikemgr then keeps its established
+                        // IKE SA and installs nothing, so espd is told directly to continue
+                        // at or above the start (never backwards; no-op without the SA).
+                        self.skips.push(SeqMark {
+                            tunnel: tunnel.clone(),
+                            spi_out: s.spi_out,
+                            seq_hw: s.first_seq,
+                        });
                     }
                     self.takeovers.push(TakeoverInfo {
                         ike: IkeSaRecord {
@@ -2489,6 +2499,59 @@ mod tests {
         assert_eq!(phase1_of("vpn1_", &p), None);
         assert_eq!(phase1_of("vpn1_x", &p), None);
         assert_eq!(phase1_of("vpn2_1", &p), None);
+    }
+
+    /// A takeover also tells the local espd to continue at the start: when this hasyncd
+    /// restarted while ikemgr and espd kept the tunnel and the partner carried it meanwhile,
+    /// ikemgr keeps its established IKE SA and installs nothing, so only the skip moves
+    /// espd's counter above the partner's numbers (an RFC 6311 mark is not a sequence).
+    #[test]
+    fn a_takeover_skips_the_local_datapath_to_each_start() {
+        let mut c = Cluster::start(&Config::default(), 0);
+        let ike = IkeSaSync {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i: 1,
+            spi_r: 2,
+            remote_addr: "192.168.7.2:4500".into(),
+            next_request_id: 4,
+            next_expected_id: 3,
+            msg_id_sync: false,
+            state: KeyBytes(vec![7; 8]),
+        };
+        c.ike_replicas.insert("vpn1_1".into(), (MemberId(2), ike));
+        let mark = bus_schema::schema::ike_mid_mark_spi(1, 2);
+        c.table_events(
+            vec![TunnelEvent::Promoted {
+                tunnel: "vpn1_1".into(),
+                reason: ha_core::msg::ClaimReason::OwnerDead,
+                start_seqs: vec![
+                    StartSeq {
+                        spi_out: 0xbc96_c2fc,
+                        first_seq: 98_874_369,
+                        exact: true,
+                    },
+                    StartSeq {
+                        spi_out: mark,
+                        first_seq: 4,
+                        exact: true,
+                    },
+                ],
+            }],
+            "FGCP",
+            false,
+        );
+        assert_eq!(
+            c.take_skips(),
+            vec![SeqMark {
+                tunnel: "vpn1_1".into(),
+                spi_out: 0xbc96_c2fc,
+                seq_hw: 98_874_369,
+            }]
+        );
+        let t = c.take_takeovers();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].start_seqs.len(), 2, "ikemgr still gets both marks");
     }
 
     #[test]

@@ -708,9 +708,24 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
         m1.logs()
     );
 
-    // From here on gw1 carries the tunnel: nothing it sends is dropped by the far side.
+    gw1_sends_in_sequence_above(&far_ns, &m1, &far, spi, gw2_max, &before, "the split brain");
+}
+
+/// From here on gw1 carries the tunnel: nothing it sends is dropped by the far side. A burst
+/// of pings adds exactly N to gw1's outbound and the far inbound counters, the far side's
+/// last accepted number is gw1's next minus one and above `gw2_max`, its replay and ICV drop
+/// counters do not move, and it kept its SPIs (`before`).
+fn gw1_sends_in_sequence_above(
+    far_ns: &Netns,
+    m1: &Member,
+    far: &Far,
+    spi: u32,
+    gw2_max: u64,
+    before: &FarSa,
+    after: &str,
+) {
     wait_for("traffic through gw1", WAIT, || {
-        (burst(&far_ns, CLIENT_INNER, SERVER, 2) == 2)
+        (burst(far_ns, CLIENT_INNER, SERVER, 2) == 2)
             .then_some(())
             .ok_or_else(|| format!("{}\n{}", m1.logs(), far.logs()))
     });
@@ -726,15 +741,15 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
             })
             .unwrap_or_default()
     };
-    let (tx0, _) = out_sa(&m1, spi).unwrap();
-    let (rx0, _) = far_in(&far);
+    let (tx0, _) = out_sa(m1, spi).unwrap();
+    let (rx0, _) = far_in(far);
     const N: u32 = 10;
-    let got = burst(&far_ns, CLIENT_INNER, SERVER, N);
-    let (tx1, next1) = out_sa(&m1, spi).unwrap();
-    let (rx1, last1) = far_in(&far);
+    let got = burst(far_ns, CLIENT_INNER, SERVER, N);
+    let (tx1, next1) = out_sa(m1, spi).unwrap();
+    let (rx1, last1) = far_in(far);
     std::thread::sleep(Duration::from_millis(1500));
     eprintln!(
-        "after the split brain: far drops replay {replay0} icv {icv0} (during it); burst of {N}: gw1 sent {}, far accepted {}, last {last1}, gw1 next {next1}",
+        "after {after}: far drops replay {replay0} icv {icv0} (during it); burst of {N}: gw1 sent {}, far accepted {}, last {last1}, gw1 next {next1}",
         tx1 - tx0,
         rx1 - rx0
     );
@@ -746,8 +761,95 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
     assert_eq!(
         (far.drops("replay"), far.drops("icv")),
         (replay0, icv0),
-        "drops after the split brain:\n{}",
+        "drops after {after}:\n{}",
         far.metrics()
     );
-    assert_eq!(far.sa(), Some(before), "the far side renegotiated");
+    assert_eq!(far.sa().as_ref(), Some(before), "the far side renegotiated");
+}
+
+/// The carrier's hasyncd dies (`kill -9`) while its ikemgr and espd keep the tunnel (the
+/// `--ha-link` fault run's repeated sequence numbers): gw2 hears no heartbeat, makes itself
+/// primary, takes the tunnel over with the shared address and sends above gw1's leases.
+/// gw1's hasyncd comes back, wins the election again (priority; the uptimes are within
+/// the margin) and takes the tunnel back from gw2 while gw1's ikemgr still has the IKE SA
+/// established, so ikemgr installs nothing: the takeover's start must reach gw1's espd
+/// directly (`SeqSkip`), or it continues at its own counter, below everything gw2 sent,
+/// and the far side drops all of it as replays (and a later espd restart resumes at its
+/// old lease's end, numbers gw2 already used). Asserted: gw1's espd continues above gw2's
+/// last sequence number; then the checks of [`gw1_sends_in_sequence_above`].
+#[test]
+fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
+    let PeerLab {
+        _scratch,
+        _router,
+        far_ns,
+        server: _server,
+        gw1: _gw1,
+        gw2: _gw2,
+        mut m1,
+        m2,
+        far,
+        before,
+    } = PeerLab::new("ha-hasyncd-restart", "hahr");
+    let spi = before.child.0;
+    let from_far = ping_bg(&far_ns, CLIENT_INNER, SERVER, 400);
+    std::thread::sleep(Duration::from_secs(1));
+    let gw1_before = out_sa(&m1, spi).expect("gw1 sends");
+
+    m1.kill9("hasyncd");
+    let mut gw2_max = wait_for("gw2 carries the tunnel", WAIT, || {
+        match (m2.role().as_deref(), out_sa(&m2, spi)) {
+            (Some("primary"), Some((tx, next))) if tx > 20 => Ok(next),
+            other => Err(format!("{other:?}\n{}", m2.logs())),
+        }
+    });
+    assert!(
+        out_sa(&m1, spi).is_some(),
+        "gw1's espd keeps the tunnel while its hasyncd is down"
+    );
+    m1.restart("hasyncd");
+    wait_for("gw1 primary again, gw2 secondary", WAIT, || {
+        if let Some((_, next)) = out_sa(&m2, spi) {
+            gw2_max = gw2_max.max(next);
+        }
+        match (m1.role(), m2.role()) {
+            (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    wait_for("gw2's espd dropped the tunnel", WAIT, || {
+        match out_sa(&m2, spi) {
+            None => Ok(()),
+            Some((_, next)) => {
+                gw2_max = gw2_max.max(next);
+                Err(format!("gw2 still at {next}"))
+            }
+        }
+    });
+    let skipped = wait_for("gw1's espd continues above gw2", WAIT, || {
+        let (_, next) = out_sa(&m1, spi).ok_or("gw1 has no SA")?;
+        if next > gw2_max {
+            Ok(next)
+        } else {
+            Err(format!(
+                "gw1 next {next}, gw2 reached {gw2_max}\n{}",
+                m1.logs()
+            ))
+        }
+    });
+    let (a, _) = ping_result(from_far);
+    eprintln!(
+        "hasyncd restart: gw1 sent up to {} before, gw2 reached {gw2_max}, gw1 continued at {skipped}; far->server {} of 400 answered",
+        gw1_before.1,
+        a.len()
+    );
+    gw1_sends_in_sequence_above(
+        &far_ns,
+        &m1,
+        &far,
+        spi,
+        gw2_max,
+        &before,
+        "the hasyncd restart",
+    );
 }

@@ -174,8 +174,19 @@ impl Member {
     /// `kill -9` of one daemon, then started again at once with the same configuration and
     /// run-dir, as supervisord or systemd would (its log is appended to).
     pub fn kill9_and_restart(&mut self, daemon: &str) {
-        let (i, port) = member::daemon_index(daemon).expect("a daemon name");
+        self.kill9(daemon);
+        self.restart(daemon);
+    }
+
+    /// `kill -9` of one daemon, left down.
+    pub fn kill9(&mut self, daemon: &str) {
+        let (i, _) = member::daemon_index(daemon).expect("a daemon name");
         let _ = self.procs[i].kill_now();
+    }
+
+    /// Starts one daemon again with the same configuration and run-dir (its log appended).
+    pub fn restart(&mut self, daemon: &str) {
+        let (i, port) = member::daemon_index(daemon).expect("a daemon name");
         let conf = self.dir.join("haven.conf");
         self.procs[i] = member::spawn_daemon(&self.ns, daemon, port, &conf, &self.run, &self.dir);
     }
