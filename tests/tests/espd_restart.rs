@@ -142,7 +142,8 @@ fn flood(pair: &Pair, count: u32) -> (u32, u32) {
 /// go each way, below the soft limit; espd on gwa is killed with SIGKILL and restarted; its
 /// SA keeps its age and byte counts, and about 2 MB more (below the soft limit on their
 /// own, above it with what went before) make it report the soft volume limit, and ikemgr
-/// rekeys. With counts restarted from zero there would be no rekey.
+/// rekeys. With counts restarted from zero there would be no rekey. Once the replaced SA
+/// is removed, its persisted sequence mark is deleted and only its successor's is left.
 #[test]
 fn kill_9_espd_keeps_sa_age_and_byte_counts() {
     let mut pair = Pair::ike(
@@ -220,6 +221,46 @@ fn kill_9_espd_keeps_sa_age_and_byte_counts() {
     );
     let (sent, got) = pair.ping(5);
     assert!(sent == 5 && got >= 4, "{got}/{sent} after the rekey");
+
+    // The replaced SA never comes back: once it is removed (after its inbound linger) its
+    // persisted sequence mark goes with it, and only the successor's stays (a mark kept
+    // for every rekeyed SA would fill the run-dir under churn).
+    let marks = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(pair.a.run.join("espd-seq"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let old_out = before["enc"]["spi"].as_str().unwrap_or("").to_string();
+    let sas = || -> Vec<String> {
+        pair.a.tunnel_list()["tunnels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["name"] == espd_common::TUNNEL)
+            .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
+            .filter_map(|sa| sa["enc"]["spi"].as_str().map(str::to_string))
+            .collect()
+    };
+    wait_for(
+        "the replaced SA removed and only its successor's mark left",
+        Duration::from_secs(30),
+        || {
+            let (now, m) = (sas(), marks());
+            match now.as_slice() {
+                [new] if *new != old_out && m.len() == 1 && m[0].ends_with(new.as_str()) => Ok(()),
+                _ => Err(format!(
+                    "SAs out {now:?} (before the rekey {old_out}), marks {m:?}\n{}",
+                    pair.a.log("espd")
+                )),
+            }
+        },
+    );
 }
 
 /// A manual-key SA that disappears from ikemgr's state without a delete (ikemgr restarted

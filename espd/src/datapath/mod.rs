@@ -333,6 +333,12 @@ impl Datapath {
         Some(sa)
     }
 
+    /// Deletes the persisted sequence mark of a removed SA that a rekey replaced (see
+    /// [`seqstore`]: it never comes back).
+    pub fn forget_seq_mark(&self, tunnel: &str, spi_out: u32) {
+        self.seqs.forget(tunnel, spi_out);
+    }
+
     /// Deletes the sequence marks of SAs not installed and untouched for
     /// [`seqstore::RETAIN`].
     fn prune_seq_marks(&mut self) {
@@ -584,6 +590,10 @@ fn housekeeping(shared: &Shared, seqs: &SeqStore) {
         std::thread::sleep(HOUSEKEEPING);
         let table = shared.current();
         for sa in table.by_spi.values() {
+            // A removed SA sends nothing more (and a replaced one's mark is deleted).
+            if sa.dead.load(Ordering::Relaxed) {
+                continue;
+            }
             let mut lease = sa.lease.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(hw) = lease.poll_persist(sa.seq.next()) {
                 match seqs.store(&sa.tunnel, sa.spi_out, hw) {

@@ -7,7 +7,11 @@
 //! A removed SA's mark stays: the same SA can come back (an HA member that handed a tunnel
 //! over and takes it back from a standby copy without a lease record for it, a manual-key
 //! tunnel removed from the configuration and added again) and must then resume above it.
-//! Marks of SAs not installed are deleted once untouched for [`RETAIN`].
+//! Marks of SAs not installed are deleted once untouched for [`RETAIN`]. The exception is an
+//! SA replaced by a rekey (its successor installed, the old one deleted by the IKE exchange
+//! that replaced it): it never comes back, and with every CHILD SA rekeyed every few
+//! minutes keeping its mark for two days would fill the directory, so its mark goes with
+//! it ([`SeqStore::forget`]).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -85,6 +89,17 @@ impl SeqStore {
         File::open(&self.dir)?.sync_all()
     }
 
+    /// Deletes an SA's mark (an SA that was replaced and never comes back). A missing file
+    /// is fine; another failure is logged and left to [`SeqStore::prune`].
+    pub fn forget(&self, tunnel: &str, spi_out: u32) {
+        let p = self.path(tunnel, spi_out);
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("{}: cannot delete sequence mark: {e}", p.display()),
+        }
+    }
+
     /// Deletes the marks last written more than `retain` before `now` whose file name is
     /// not in `installed` ([`sa_file_name`] of the SAs in use), and leftover temporary
     /// files. Returns how many went.
@@ -133,6 +148,10 @@ mod tests {
         assert_eq!(s2.load("vpn1", 0x1234), 2 << 20);
         assert_eq!(s2.load("a/b", 1), 7);
         assert_eq!(s2.load("vpn1", 0x1235), 0);
+        s2.forget("vpn1", 0x1234);
+        s2.forget("vpn1", 0x1234);
+        assert_eq!(s.load("vpn1", 0x1234), 0);
+        assert_eq!(s.load("a/b", 1), 7);
         let _ = fs::remove_dir_all(dir);
     }
 
