@@ -1,16 +1,19 @@
 //! The replicated key-value state and its single writer (sans-IO).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::codec::encode_body;
 use crate::schema::{Body, DaemonKind, Envelope, StateOp, SCHEMA_VERSION};
 
-/// Stateful bodies keyed by `(table, key)` (see [`Body::state_op`]).
+/// Stateful bodies keyed by `(table, key)` (see [`Body::state_op`]). Each body is held
+/// behind an `Arc`, so a copy of the store (a daemon shell hands one to its logic after
+/// every burst of updates) shares the bodies instead of copying keys and records.
 #[derive(Default, Clone, Debug, PartialEq)]
 pub struct StateStore {
-    tables: BTreeMap<&'static str, BTreeMap<String, Body>>,
+    tables: BTreeMap<&'static str, BTreeMap<String, Arc<Body>>>,
     len: usize,
     /// Running value of [`StateStore::digest`]: the wrapping sum of [`item_hash`] over every
     /// stored item, kept up to date by `apply` (add the new item's hash, subtract the one it
@@ -31,15 +34,15 @@ impl StateStore {
                 let h = item_hash(table, &key, body);
                 let t = self.tables.entry(table).or_default();
                 match t.get_mut(&key) {
-                    Some(old) if old == body => false,
+                    Some(old) if **old == *body => false,
                     Some(old) => {
                         let old_h = item_hash(table, &key, old);
-                        *old = body.clone();
+                        *old = Arc::new(body.clone());
                         self.digest = self.digest.wrapping_sub(old_h).wrapping_add(h);
                         true
                     }
                     None => {
-                        t.insert(key, body.clone());
+                        t.insert(key, Arc::new(body.clone()));
                         self.len += 1;
                         self.digest = self.digest.wrapping_add(h);
                         true
@@ -68,7 +71,9 @@ impl StateStore {
 
     /// Every stored body, ordered by table then key.
     pub fn items(&self) -> impl Iterator<Item = &Body> {
-        self.tables.values().flat_map(|t| t.values())
+        self.tables
+            .values()
+            .flat_map(|t| t.values().map(Arc::as_ref))
     }
 
     pub fn len(&self) -> usize {
@@ -86,12 +91,15 @@ impl StateStore {
     }
 
     pub fn get(&self, table: &str, key: &str) -> Option<&Body> {
-        self.tables.get(table)?.get(key)
+        self.tables.get(table)?.get(key).map(Arc::as_ref)
     }
 
     /// The bodies of one table, ordered by key.
     pub fn table(&self, t: &str) -> impl Iterator<Item = &Body> {
-        self.tables.get(t).into_iter().flat_map(|t| t.values())
+        self.tables
+            .get(t)
+            .into_iter()
+            .flat_map(|t| t.values().map(Arc::as_ref))
     }
 
     /// Order-independent, process-independent digest of the contents: the wrapping sum of the

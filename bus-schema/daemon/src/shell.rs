@@ -739,7 +739,10 @@ async fn handle_request<L: DaemonLogic>(shared: &Arc<Shared<L>>, req: CtlRequest
 const REPLICA_COALESCE: Duration = Duration::from_millis(50);
 
 /// The bus counts as quiet (pending replica changes are handed over) after this long
-/// without a message.
+/// without a message, unless the last hand-over was less than [`REPLICA_COALESCE`] ago:
+/// under a steady stream of updates with short gaps (1 000 tunnels rekeyed every 30 s is
+/// about 300 updates a second) a hand-over per gap made the store copies and the logic's
+/// full reads fall behind the bus, and the owner's outbound queue grew without bound.
 const REPLICA_QUIET: Duration = Duration::from_millis(2);
 
 /// A snapshot fetch waits as long as the owner is alive: it is abandoned (and counted) only
@@ -825,14 +828,29 @@ struct Followed {
     slot: ReplicaSlot,
     /// An applied change not yet handed to the logic, since this instant.
     dirty_since: Option<Instant>,
+    /// The last hand-over to the logic.
+    last_flush: Option<Instant>,
 }
 
 impl Followed {
+    /// When a pending change is due for hand-over: [`REPLICA_COALESCE`] after the first
+    /// pending change at the latest, earlier once the bus is quiet ([`REPLICA_QUIET`]
+    /// after `last_msg`), but not within [`REPLICA_COALESCE`] of the last hand-over.
+    fn due(&self, last_msg: Instant) -> Option<Instant> {
+        let d = self.dirty_since?;
+        let early = (d + REPLICA_COALESCE).min(last_msg + REPLICA_QUIET);
+        Some(match self.last_flush {
+            Some(f) => early.max(f + REPLICA_COALESCE).min(d + REPLICA_COALESCE),
+            None => early,
+        })
+    }
+
     /// Hands the store to the logic if a change is pending and the follower is synced.
     fn flush<L: DaemonLogic>(&mut self, src: DaemonKind, core: &Addr<Core<L>>) {
         if self.dirty_since.take().is_none() || !self.follower.synced() {
             return;
         }
+        self.last_flush = Some(Instant::now());
         let store = self.follower.store().clone();
         let was_empty = lock(&self.slot).replace(store).is_none();
         if was_empty {
@@ -865,6 +883,7 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                     fetching: Arc::new(AtomicBool::new(false)),
                     slot: Arc::new(Mutex::new(None)),
                     dirty_since: None,
+                    last_flush: None,
                 },
             )
         })
@@ -873,10 +892,8 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_msg = Instant::now();
     loop {
-        let oldest_dirty = followed.values().filter_map(|f| f.dirty_since).min();
-        let flush_at = oldest_dirty
-            .map(|d| (d + REPLICA_COALESCE).min(last_msg + REPLICA_QUIET))
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let next_due = followed.values().filter_map(|f| f.due(last_msg)).min();
+        let flush_at = next_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             msg = sub.recv() => match msg {
                 Ok(env) => {
@@ -927,7 +944,7 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                     fd.flush(src, &shared.core);
                 }
             }
-            _ = tokio::time::sleep_until(flush_at.into()), if oldest_dirty.is_some() => {}
+            _ = tokio::time::sleep_until(flush_at.into()), if next_due.is_some() => {}
             _ = tick.tick() => {
                 let now = now_ns();
                 for (src, fd) in followed.iter_mut() {
@@ -962,10 +979,7 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
         }
         let now = Instant::now();
         for (src, fd) in followed.iter_mut() {
-            if fd
-                .dirty_since
-                .is_some_and(|d| now >= d + REPLICA_COALESCE || now >= last_msg + REPLICA_QUIET)
-            {
+            if fd.due(last_msg).is_some_and(|due| now >= due) {
                 fd.flush(*src, &shared.core);
             }
         }
@@ -980,6 +994,43 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pending change goes to the logic 2 ms after the bus went quiet, unless the last
+    /// hand-over was less than 50 ms ago; never later than 50 ms after the change.
+    #[test]
+    fn replica_hand_overs_are_spaced_under_a_steady_stream() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        let mut f = Followed {
+            follower: Follower::new(DaemonKind::Ikemgr),
+            heard_ns: Arc::new(AtomicU64::new(0)),
+            fetching: Arc::new(AtomicBool::new(false)),
+            slot: Arc::new(Mutex::new(None)),
+            dirty_since: None,
+            last_flush: None,
+        };
+        assert_eq!(f.due(t0), None, "nothing pending");
+        f.dirty_since = Some(t0);
+        assert_eq!(
+            f.due(t0),
+            Some(t0 + ms(2)),
+            "quiet bus, no earlier hand-over"
+        );
+        assert_eq!(f.due(t0 + ms(30)), Some(t0 + ms(32)), "updates kept coming");
+        assert_eq!(
+            f.due(t0 + ms(60)),
+            Some(t0 + ms(50)),
+            "at most 50 ms after the change"
+        );
+        f.last_flush = Some(t0 - ms(10));
+        assert_eq!(
+            f.due(t0),
+            Some(t0 + ms(40)),
+            "50 ms after the last hand-over"
+        );
+        f.last_flush = Some(t0 - ms(200));
+        assert_eq!(f.due(t0), Some(t0 + ms(2)));
+    }
 
     /// A logic with one timer, armed by the configuration `DELAY_MS` ahead, whose period
     /// tick is far away: only the `poll_timeout` wake-up can run it.
