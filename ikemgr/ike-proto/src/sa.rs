@@ -1473,6 +1473,34 @@ impl IkeSa {
         (self.chan.next_send, self.chan.next_recv)
     }
 
+    /// This member carries the SA again after another cluster member carried it from a
+    /// copy while the SA stayed established here (an FGCP primary whose hasyncd restarted
+    /// takes the tunnel back from its partner): the other member may have answered the
+    /// peer's requests and sent its own meanwhile. The message IDs move up to the copy's
+    /// (`next_send`, `next_recv`; never down; our own outstanding request keeps its ID), the
+    /// cached response goes when the peer is known to have moved past it, and, as after a
+    /// restore, the peer's next authenticated request is taken up to [`MID_CATCH_UP`] above
+    /// the one expected (the copy may lag what the other member answered last). True when
+    /// an ID moved.
+    pub fn adopt_copy_message_ids(&mut self, next_send: u32, next_recv: u32) -> bool {
+        let ch = &mut self.chan;
+        let mut moved = false;
+        if next_recv > ch.next_recv {
+            ch.next_recv = next_recv;
+            ch.last_response = None;
+            moved = true;
+        }
+        if next_send > ch.next_send && ch.outstanding.is_none() {
+            ch.next_send = next_send;
+            moved = true;
+        }
+        ch.catch_up = true;
+        if moved {
+            self.emit_mid();
+        }
+        moved
+    }
+
     /// Inbound SPIs of the CHILD SAs.
     pub fn child_spis(&self) -> Vec<u32> {
         self.children.iter().map(|c| c.info.inbound_spi).collect()

@@ -606,12 +606,28 @@ impl IkeManager {
     /// (`restart`) the IKE SA this member's previous ikemgr carried.
     fn continue_sa(&mut self, now: Instant, t: &TakeoverInfo, restart: bool) -> Result<(), String> {
         let rec = &t.ike;
-        if self.ha.taken.get(&rec.tunnel) == Some(&(rec.spi_i, rec.spi_r))
-            || self
-                .sas
-                .values()
-                .any(|e| e.name == rec.tunnel && e.sa.is_established())
+        if let Some(e) = self
+            .sas
+            .values_mut()
+            .find(|e| e.name == rec.tunnel && e.sa.is_established())
         {
+            // Taken back while the SA stayed established here (this member's hasyncd
+            // restarted while its partner carried the tunnel): it is kept, but the partner
+            // may have moved the message IDs on (answered the peer's DPD, say); without
+            // this the peer's next request is dropped as out of window and its DPD gives
+            // the SA up. Sequence numbers move through hasyncd's skip to espd.
+            let same = e.sa.spis() == (rec.spi_i, rec.spi_r);
+            if same && e.sa.adopt_copy_message_ids(rec.next_send, rec.next_recv) {
+                let (send, recv) = e.sa.message_ids();
+                tracing::info!(
+                    "ike 0:{}:{}: taken back while established here: message IDs now send/recv={send}/{recv} (the other member's copy)",
+                    rec.tunnel,
+                    e.serial
+                );
+            }
+            return Ok(());
+        }
+        if self.ha.taken.get(&rec.tunnel) == Some(&(rec.spi_i, rec.spi_r)) {
             return Ok(());
         }
         let g = self

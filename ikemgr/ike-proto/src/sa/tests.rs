@@ -2028,6 +2028,54 @@ fn stale_copy() -> (Pair, IkeSaSnapshot) {
     (p, snap)
 }
 
+/// Member 1's SA stays established while member 2 carries it from a copy and answers A's
+/// requests; member 1 takes it back with member 2's message IDs (which may lag what it
+/// answered last by one exchange): A's next request is answered. Without adopting them,
+/// member 1 drops it (an ID it has not seen) and A's liveness check fails.
+#[test]
+fn an_sa_taken_back_while_established_adopts_the_other_members_message_ids() {
+    for lag in [0u32, 1] {
+        let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+        let stale = p.b.take().unwrap();
+        let snap = stale.snapshot(p.now).unwrap();
+        p.b = Some(IkeSa::restore(
+            p.now,
+            p.b_cfg.clone(),
+            Box::new(OsEntropy),
+            snap,
+        ));
+        for _ in 0..2 {
+            p.a.start_liveness_check(p.now).unwrap();
+            p.settle();
+        }
+        assert_eq!(
+            p.ev_a
+                .iter()
+                .filter(|e| **e == Event::LivenessReply)
+                .count(),
+            2,
+            "member 2 answers"
+        );
+        let (send, recv) = p.b.take().unwrap().message_ids();
+        let mut back = stale;
+        assert!(back.adopt_copy_message_ids(send, recv - lag));
+        assert!(
+            !back.adopt_copy_message_ids(send, recv - lag),
+            "never down, idempotent"
+        );
+        p.b = Some(back);
+        p.ev_a.clear();
+        p.a.start_liveness_check(p.now).unwrap();
+        p.settle();
+        assert!(
+            p.ev_a.contains(&Event::LivenessReply),
+            "lag {lag}: member 1 answers A's next request: {:?}",
+            p.ev_a
+        );
+        assert_eq!(p.b().message_ids().1, recv + 1);
+    }
+}
+
 #[test]
 fn a_stale_copy_without_sync_takes_the_peers_next_request_within_the_catch_up_window() {
     // No sync: the restored SA takes A's next authenticated request although its copy
