@@ -1000,6 +1000,44 @@ mod tests {
         );
     }
 
+    /// A takeover of a tunnel whose IKE SA is still established here (taken back after the
+    /// partner carried it) keeps the SA and moves its message IDs up to the copy's, never
+    /// down.
+    #[test]
+    fn a_tunnel_taken_back_while_established_adopts_the_copys_message_ids() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let rec = records(&dial.drain_bodies()).pop().expect("IKE SA record");
+        let ids = |m: &IkeManager| m.sas.values().next().unwrap().sa.message_ids();
+        assert_eq!(ids(&dial), (rec.next_send, rec.next_recv));
+        // The partner answered two of the peer's requests and sent one of its own.
+        let mut newer = rec.clone();
+        newer.next_send += 1;
+        newer.next_recv += 2;
+        let back = |ike: &IkeSaRecord| TakeoverInfo {
+            ike: ike.clone(),
+            start_seqs: vec![],
+            lifetimes: vec![],
+        };
+        dial.takeover(now, &back(&newer)).unwrap();
+        assert_eq!(
+            dial.sas.len(),
+            1,
+            "the SA is kept, not restored a second time"
+        );
+        assert_eq!(ids(&dial), (newer.next_send, newer.next_recv));
+        dial.takeover(now, &back(&rec)).unwrap();
+        assert_eq!(ids(&dial), (newer.next_send, newer.next_recv), "never down");
+        // Another IKE SA's copy changes nothing.
+        let mut other = newer.clone();
+        other.spi_r ^= 1;
+        other.next_recv += 5;
+        dial.takeover(now, &back(&other)).unwrap();
+        assert_eq!(ids(&dial), (newer.next_send, newer.next_recv));
+    }
+
     #[test]
     fn a_synced_ike_sa_is_taken_over_and_rekeyed_from_both_sides() {
         let now = Instant::now();
