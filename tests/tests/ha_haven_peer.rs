@@ -664,38 +664,9 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
         "gw1's espd keeps the tunnel (it is primary in its own view)"
     );
     std::thread::sleep(Duration::from_secs(1));
-    // Heal; keep the highest number gw2 had reached while it still carried the SA.
-    let mut gw2_max = 0u64;
+    // Heal; then the highest number gw2 reached while it still carried the SA counts.
     gw2.nft("delete table inet splitbrain").unwrap();
-    wait_for("gw2 secondary again", WAIT, || {
-        if let Some((_, next)) = out_sa(&m2, spi) {
-            gw2_max = gw2_max.max(next);
-        }
-        match (m1.role(), m2.role()) {
-            (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    });
-    wait_for("gw2's espd dropped the tunnel", WAIT, || {
-        match out_sa(&m2, spi) {
-            None => Ok(()),
-            Some((_, next)) => {
-                gw2_max = gw2_max.max(next);
-                Err(format!("gw2 still at {next}"))
-            }
-        }
-    });
-    let skipped = wait_for("gw1's espd continues above gw2", WAIT, || {
-        let (_, next) = out_sa(&m1, spi).ok_or("gw1 has no SA")?;
-        if m1.log("espd").contains("continues at sequence") && next > gw2_max {
-            Ok(next)
-        } else {
-            Err(format!(
-                "gw1 next {next}, gw2 reached {gw2_max}\n{}",
-                m1.logs()
-            ))
-        }
-    });
+    let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, 0);
     let (a, _) = ping_result(from_far);
     eprintln!(
         "split brain: gw1 sent up to {} before, gw2 reached {gw2_max}, gw1 continued at {skipped}; far->server {} of 400 answered",
@@ -709,6 +680,44 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
     );
 
     gw1_sends_in_sequence_above(&far_ns, &m1, &far, spi, gw2_max, &before, "the split brain");
+}
+
+/// gw1 primary and gw2 secondary again, gw2's espd without the tunnel, and gw1's espd
+/// continuing above every number gw2 reached (`gw2_max` so far, raised by what gw2's espd
+/// shows meanwhile) after a skip (its log says so). Returns gw2's highest number and gw1's
+/// next.
+fn gw1_carries_again_above_gw2(m1: &Member, m2: &Member, spi: u32, gw2_max: u64) -> (u64, u64) {
+    let mut gw2_max = gw2_max;
+    wait_for("gw1 primary, gw2 secondary", WAIT, || {
+        if let Some((_, next)) = out_sa(m2, spi) {
+            gw2_max = gw2_max.max(next);
+        }
+        match (m1.role(), m2.role()) {
+            (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    wait_for("gw2's espd dropped the tunnel", WAIT, || {
+        match out_sa(m2, spi) {
+            None => Ok(()),
+            Some((_, next)) => {
+                gw2_max = gw2_max.max(next);
+                Err(format!("gw2 still at {next}"))
+            }
+        }
+    });
+    let skipped = wait_for("gw1's espd continues above gw2", WAIT, || {
+        let (_, next) = out_sa(m1, spi).ok_or("gw1 has no SA")?;
+        if m1.log("espd").contains("continues at sequence") && next > gw2_max {
+            Ok(next)
+        } else {
+            Err(format!(
+                "gw1 next {next}, gw2 reached {gw2_max}\n{}",
+                m1.logs()
+            ))
+        }
+    });
+    (gw2_max, skipped)
 }
 
 /// From here on gw1 carries the tunnel: nothing it sends is dropped by the far side. A burst
@@ -797,7 +806,7 @@ fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
     let gw1_before = out_sa(&m1, spi).expect("gw1 sends");
 
     m1.kill9("hasyncd");
-    let mut gw2_max = wait_for("gw2 carries the tunnel", WAIT, || {
+    let gw2_max = wait_for("gw2 carries the tunnel", WAIT, || {
         match (m2.role().as_deref(), out_sa(&m2, spi)) {
             (Some("primary"), Some((tx, next))) if tx > 20 => Ok(next),
             other => Err(format!("{other:?}\n{}", m2.logs())),
@@ -808,35 +817,7 @@ fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
         "gw1's espd keeps the tunnel while its hasyncd is down"
     );
     m1.restart("hasyncd");
-    wait_for("gw1 primary again, gw2 secondary", WAIT, || {
-        if let Some((_, next)) = out_sa(&m2, spi) {
-            gw2_max = gw2_max.max(next);
-        }
-        match (m1.role(), m2.role()) {
-            (Some(a), Some(b)) if a == "primary" && b == "secondary" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    });
-    wait_for("gw2's espd dropped the tunnel", WAIT, || {
-        match out_sa(&m2, spi) {
-            None => Ok(()),
-            Some((_, next)) => {
-                gw2_max = gw2_max.max(next);
-                Err(format!("gw2 still at {next}"))
-            }
-        }
-    });
-    let skipped = wait_for("gw1's espd continues above gw2", WAIT, || {
-        let (_, next) = out_sa(&m1, spi).ok_or("gw1 has no SA")?;
-        if next > gw2_max {
-            Ok(next)
-        } else {
-            Err(format!(
-                "gw1 next {next}, gw2 reached {gw2_max}\n{}",
-                m1.logs()
-            ))
-        }
-    });
+    let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, gw2_max);
     let (a, _) = ping_result(from_far);
     eprintln!(
         "hasyncd restart: gw1 sent up to {} before, gw2 reached {gw2_max}, gw1 continued at {skipped}; far->server {} of 400 answered",
