@@ -254,12 +254,11 @@ impl Espd {
             // It lingered because a successor replaced it (a rekey): gone for good.
             let replaced = self.lingering.remove(&k).is_some();
             let mut carried = String::new();
-            if let Some(sa) = self.dp.as_mut().and_then(|dp| dp.remove(&k)) {
-                if replaced && forget {
-                    if let Some(dp) = self.dp.as_ref() {
-                        dp.forget_seq_mark(&sa.tunnel, sa.spi_out);
-                    }
-                }
+            if let Some(sa) = self
+                .dp
+                .as_mut()
+                .and_then(|dp| dp.remove(&k, replaced && forget))
+            {
                 let (rx, tx) = (sa.rx.get(), sa.tx.get());
                 carried = format!(
                     ": in {} packets {} bytes, out {} packets {} bytes",

@@ -321,22 +321,20 @@ impl Datapath {
     }
 
     /// Removes an SA. Its persisted sequence mark stays (the same SA may be installed again
-    /// and must resume above it; see [`seqstore`]); marks of SAs long gone are pruned here,
-    /// at most once per [`PRUNE_EVERY`]. Its device stays: see [`Datapath::prune_devices`].
-    pub fn remove(&mut self, key: &str) -> Option<Arc<Sa>> {
+    /// and must resume above it; see [`seqstore`]) unless a rekey `replaced` it (it never
+    /// comes back); marks of SAs long gone are pruned here, at most once per
+    /// [`PRUNE_EVERY`]. Its device stays: see [`Datapath::prune_devices`].
+    pub fn remove(&mut self, key: &str, replaced: bool) -> Option<Arc<Sa>> {
         let sa = self.sas.remove(key)?;
         sa.dead.store(true, Ordering::Relaxed);
         self.publish();
+        if replaced {
+            self.seqs.forget(&sa.tunnel, sa.spi_out);
+        }
         if self.pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             self.prune_seq_marks();
         }
         Some(sa)
-    }
-
-    /// Deletes the persisted sequence mark of a removed SA that a rekey replaced (see
-    /// [`seqstore`]: it never comes back).
-    pub fn forget_seq_mark(&self, tunnel: &str, spi_out: u32) {
-        self.seqs.forget(tunnel, spi_out);
     }
 
     /// Deletes the sequence marks of SAs not installed and untouched for
