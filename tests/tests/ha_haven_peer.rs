@@ -684,8 +684,11 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
 
 /// gw1 primary and gw2 secondary again, gw2's espd without the tunnel, and gw1's espd
 /// continuing above every number gw2 reached (`gw2_max` so far, raised by what gw2's espd
-/// shows meanwhile) after a skip (its log says so). Returns gw2's highest number and gw1's
-/// next.
+/// shows meanwhile), either after a skip of the SA it kept (its log says so) or with the SA
+/// installed anew (gw1's ikemgr had heard that gw2 carries the tunnel, went standby and
+/// took it back as a takeover: espd logs a second install). Which of the two happened
+/// depends on whether gw1's hasyncd hears gw2's snapshot before it wins the election; both
+/// must end above gw2. Returns gw2's highest number and gw1's next.
 fn gw1_carries_again_above_gw2(m1: &Member, m2: &Member, spi: u32, gw2_max: u64) -> (u64, u64) {
     let mut gw2_max = gw2_max;
     wait_for("gw1 primary, gw2 secondary", WAIT, || {
@@ -708,7 +711,23 @@ fn gw1_carries_again_above_gw2(m1: &Member, m2: &Member, spi: u32, gw2_max: u64)
     });
     let skipped = wait_for("gw1's espd continues above gw2", WAIT, || {
         let (_, next) = out_sa(m1, spi).ok_or("gw1 has no SA")?;
-        if m1.log("espd").contains("continues at sequence") && next > gw2_max {
+        let espd = m1.log("espd");
+        let skipped = espd.contains("continues at sequence");
+        let out = format!(" out {spi:08x} ");
+        let reinstalled = espd
+            .lines()
+            .filter(|l| l.contains(" installed: ") && l.contains(&out))
+            .count()
+            > 1;
+        if (skipped || reinstalled) && next > gw2_max {
+            eprintln!(
+                "gw1 continues at {next} above gw2's {gw2_max}: {}",
+                if skipped {
+                    "its espd skipped the SA it kept"
+                } else {
+                    "the SA installed anew by a takeover"
+                }
+            );
             Ok(next)
         } else {
             Err(format!(
