@@ -666,7 +666,7 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
     std::thread::sleep(Duration::from_secs(1));
     // Heal; then the highest number gw2 reached while it still carried the SA counts.
     gw2.nft("delete table inet splitbrain").unwrap();
-    let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, 0);
+    let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, 0, 1);
     let (a, _) = ping_result(from_far);
     eprintln!(
         "split brain: gw1 sent up to {} before, gw2 reached {gw2_max}, gw1 continued at {skipped}; far->server {} of 400 answered",
@@ -688,8 +688,16 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
 /// installed anew (gw1's ikemgr had heard that gw2 carries the tunnel, went standby and
 /// took it back as a takeover: espd logs a second install). Which of the two happened
 /// depends on whether gw1's hasyncd hears gw2's snapshot before it wins the election; both
-/// must end above gw2. Returns gw2's highest number and gw1's next.
-fn gw1_carries_again_above_gw2(m1: &Member, m2: &Member, spi: u32, gw2_max: u64) -> (u64, u64) {
+/// must end above gw2. `installs` is how often gw1's espd had installed the SA so far (0
+/// for an SA gw2 negotiated meanwhile: then it must be installed). Returns gw2's highest
+/// number and gw1's next.
+fn gw1_carries_again_above_gw2(
+    m1: &Member,
+    m2: &Member,
+    spi: u32,
+    gw2_max: u64,
+    installs: usize,
+) -> (u64, u64) {
     let mut gw2_max = gw2_max;
     wait_for("gw1 primary, gw2 secondary", WAIT, || {
         if let Some((_, next)) = out_sa(m2, spi) {
@@ -712,13 +720,9 @@ fn gw1_carries_again_above_gw2(m1: &Member, m2: &Member, spi: u32, gw2_max: u64)
     let skipped = wait_for("gw1's espd continues above gw2", WAIT, || {
         let (_, next) = out_sa(m1, spi).ok_or("gw1 has no SA")?;
         let espd = m1.log("espd");
-        let skipped = espd.contains("continues at sequence");
-        let out = format!(" out {spi:08x} ");
-        let reinstalled = espd
-            .lines()
-            .filter(|l| l.contains(" installed: ") && l.contains(&out))
-            .count()
-            > 1;
+        let skip = format!("outbound {spi:08x} continues at sequence");
+        let skipped = espd.contains(&skip);
+        let reinstalled = espd_installs(m1, spi) > installs;
         if (skipped || reinstalled) && next > gw2_max {
             eprintln!(
                 "gw1 continues at {next} above gw2's {gw2_max}: {}",
@@ -737,6 +741,15 @@ fn gw1_carries_again_above_gw2(m1: &Member, m2: &Member, spi: u32, gw2_max: u64)
         }
     });
     (gw2_max, skipped)
+}
+
+/// How often `m`'s espd installed the SA sending on `spi` (its log).
+fn espd_installs(m: &Member, spi: u32) -> usize {
+    let out = format!(" out {spi:08x} ");
+    m.log("espd")
+        .lines()
+        .filter(|l| l.contains(" installed: ") && l.contains(&out))
+        .count()
 }
 
 /// From here on gw1 carries the tunnel: nothing it sends is dropped by the far side. A burst
@@ -836,7 +849,7 @@ fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
         "gw1's espd keeps the tunnel while its hasyncd is down"
     );
     m1.restart("hasyncd");
-    let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, gw2_max);
+    let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, gw2_max, 1);
     let (a, _) = ping_result(from_far);
     eprintln!(
         "hasyncd restart: gw1 sent up to {} before, gw2 reached {gw2_max}, gw1 continued at {skipped}; far->server {} of 400 answered",
@@ -852,4 +865,84 @@ fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
         &before,
         "the hasyncd restart",
     );
+}
+
+/// As above, but while gw2 carries the tunnel the far side rekeys the CHILD SA and gw2
+/// rekeys the IKE SA: gw1's ikemgr, which kept the old IKE SA established, must continue
+/// the copy gw2 made (the peer has only its SAs): gw1's espd sends on the new CHILD SA
+/// above everything gw2 sent on it, the old SA is gone from gw1, and the far side accepts
+/// every packet without renegotiating.
+#[test]
+fn a_tunnel_rekeyed_while_the_partner_carried_it_is_taken_back_with_the_new_sas() {
+    let PeerLab {
+        _scratch,
+        _router,
+        far_ns,
+        server: _server,
+        gw1: _gw1,
+        gw2: _gw2,
+        mut m1,
+        m2,
+        far,
+        before,
+    } = PeerLab::new("ha-rekeyed-back", "harb");
+    let old_spi = before.child.0;
+    let from_far = ping_bg(&far_ns, CLIENT_INNER, SERVER, 400);
+    std::thread::sleep(Duration::from_secs(1));
+
+    m1.kill9("hasyncd");
+    wait_for("gw2 carries the tunnel", WAIT, || {
+        match (m2.role().as_deref(), out_sa(&m2, old_spi)) {
+            (Some("primary"), Some((tx, _))) if tx > 20 => Ok(()),
+            other => Err(format!("{other:?}\n{}", m2.logs())),
+        }
+    });
+    far.rekey("child").expect("far CHILD rekey");
+    let rekeyed = wait_for("the CHILD SA rekeyed with gw2", WAIT, || {
+        let f = far.sa().ok_or("no far SA")?;
+        match out_sa(&m2, f.child.0) {
+            Some((tx, _)) if f.child != before.child && tx > 5 => Ok(f),
+            other => Err(format!("far {f:?} gw2 {other:?}\n{}", far.logs())),
+        }
+    });
+    m2.command("ike-rekey", &["vpn1_1", "ike"])
+        .expect("gw2 IKE rekey");
+    let after = wait_for("the IKE SA rekeyed with gw2", WAIT, || {
+        let f = far.sa().ok_or("no far SA")?;
+        let g = m2.ike_sa().ok_or("no gw2 SA")?;
+        if f.ike != rekeyed.ike && (g.0, g.1) == f.ike {
+            Ok(f)
+        } else {
+            Err(format!("far {f:?} gw2 {g:?}\n{}", far.logs()))
+        }
+    });
+    let spi = after.child.0;
+    // gw2's copy of the rekeys reaches gw1 only through gw1's hasyncd: gw1 still holds the
+    // old SAs.
+    assert!(out_sa(&m1, old_spi).is_some(), "{}", m1.logs());
+    assert!(out_sa(&m1, spi).is_none(), "{}", m1.logs());
+    let gw2_max = out_sa(&m2, spi).map(|(_, next)| next).unwrap_or(0);
+
+    m1.restart("hasyncd");
+    let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, gw2_max, 0);
+    for l in m1.log("ikemgr").lines().filter(|l| {
+        l.contains("taken back while established") || l.contains("HA takeover of IKE SA")
+    }) {
+        eprintln!("gw1 ikemgr: {l}");
+    }
+    wait_for("gw1's espd dropped the old SA", WAIT, || {
+        match out_sa(&m1, old_spi) {
+            None => Ok(()),
+            Some(s) => Err(format!("{s:?}\n{}", m1.logs())),
+        }
+    });
+    let (a, _) = ping_result(from_far);
+    eprintln!(
+        "rekeyed while gw2 carried: gw2 reached {gw2_max} on {spi:08x}, gw1 continued at {skipped}; far->server {} of 400 answered",
+        a.len()
+    );
+    gw1_sends_in_sequence_above(&far_ns, &m1, &far, spi, gw2_max, &after, "the take-back");
+    // gw1's ikemgr holds the IKE SA the far side holds.
+    let g1 = m1.ike_sa().expect("gw1's IKE SA");
+    assert_eq!((g1.0, g1.1), after.ike, "{}", m1.logs());
 }

@@ -44,7 +44,8 @@ use bus_schema::Body;
 use ike_proto::crypto::{Encr, IkeKeys, Integ, Prf, Secret};
 use ike_proto::proposal::IkeSuite;
 use ike_proto::sa::{
-    Addresses, ChildSaInfo, ChildSaKeys, IkeSa, IkeSaSnapshot, MidSyncStart, OsEntropy,
+    Addresses, ChildSaInfo, ChildSaKeys, DeleteReason, IkeSa, IkeSaSnapshot, MidSyncStart,
+    OsEntropy,
 };
 use ike_proto::wire::{
     DhGroup, EncrId, IdPayload, IdType, IntegId, PrfId, TrafficSelector, TsType,
@@ -52,7 +53,7 @@ use ike_proto::wire::{
 use ike_proto::IkeSaInfo;
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, IkeManager};
+use super::{Entry, Gateway, IkeManager};
 
 /// Version of the `state` encoding; a record of another version is refused.
 pub const STATE_VERSION: u8 = 1;
@@ -612,19 +613,31 @@ impl IkeManager {
             .find(|e| e.name == rec.tunnel && e.sa.is_established())
         {
             // Taken back while the SA stayed established here (this member's hasyncd
-            // restarted while its partner carried the tunnel): it is kept, but the partner
-            // may have moved the message IDs on (answered the peer's DPD, say); without
-            // this the peer's next request is dropped as out of window and its DPD gives
-            // the SA up. Sequence numbers move through hasyncd's skip to espd.
-            let same = e.sa.spis() == (rec.spi_i, rec.spi_r);
-            if same && e.sa.adopt_copy_message_ids(rec.next_send, rec.next_recv) {
-                let (send, recv) = e.sa.message_ids();
-                tracing::info!(
-                    "ike 0:{}:{}: taken back while established here: message IDs now send/recv={send}/{recv} (the other member's copy)",
-                    rec.tunnel,
-                    e.serial
-                );
+            // restarted while its partner carried the tunnel).
+            let id = e.serial;
+            if restart || !copy_moved_on(e, rec) {
+                // The same SA: it is kept, but the partner may have moved the message IDs
+                // on (answered the peer's DPD, say); without this the peer's next request
+                // is dropped as out of window and its DPD gives the SA up. Sequence
+                // numbers move through hasyncd's skip to espd.
+                let same = e.sa.spis() == (rec.spi_i, rec.spi_r);
+                if same && e.sa.adopt_copy_message_ids(rec.next_send, rec.next_recv) {
+                    let (send, recv) = e.sa.message_ids();
+                    tracing::info!(
+                        "ike 0:{}:{id}: taken back while established here: message IDs now send/recv={send}/{recv} (the other member's copy)",
+                        rec.tunnel
+                    );
+                }
+                return Ok(());
             }
+            // The partner rekeyed the IKE SA or a CHILD SA meanwhile: the peer holds the
+            // copy's SAs, not these.
+            self.replace_with_copy(now, id, t)?;
+            self.ha
+                .taken
+                .insert(rec.tunnel.clone(), (rec.spi_i, rec.spi_r));
+            self.mid_sync_after_takeover(now, id, rec, &t.start_seqs);
+            self.pump(id, now);
             return Ok(());
         }
         if self.ha.taken.get(&rec.tunnel) == Some(&(rec.spi_i, rec.spi_r)) {
@@ -683,38 +696,123 @@ impl IkeManager {
             &rec.tunnel,
             &addrs,
         )));
+        // A restart republishes each CHILD SA once, outbound on, as espd holds it: no
+        // inbound-only step (espd would stop sending on it for a moment).
+        self.ha.restoring = restart;
+        self.install_copied_children(serial, &g, t, &children);
+        self.ha.restoring = false;
+        self.ha
+            .taken
+            .insert(rec.tunnel.clone(), (rec.spi_i, rec.spi_r));
+        self.mid_sync_after_takeover(now, serial, rec, &t.start_seqs);
+        // Files the restored SA's timers (rekeys, lifetimes) and publishes its record.
+        self.pump(serial, now);
+        Ok(())
+    }
+
+    /// Installs `children` (a copy's CHILD SAs) on SA `id`, each outbound at the start
+    /// `t` gives it and with the lifetime it says is left.
+    fn install_copied_children(
+        &mut self,
+        id: u64,
+        g: &Gateway,
+        t: &TakeoverInfo,
+        children: &[ChildSaInfo],
+    ) {
         for m in t.start_seqs.iter().filter(|m| !is_ike_mid_mark(m.spi_out)) {
             self.ha.start_seq.insert(m.spi_out, m.seq_hw);
         }
         for l in &t.lifetimes {
             self.ha.lifetime_left.insert(l.spi_out, l.left);
         }
-        // A restart republishes each CHILD SA once, outbound on, as espd holds it: no
-        // inbound-only step (espd would stop sending on it for a moment).
-        self.ha.restoring = restart;
-        for c in &children {
+        for c in children {
             tracing::info!(
-                "ike 0:{}:{serial}: HA CHILD SA out {:08x} starts at sequence {}",
-                rec.tunnel,
+                "ike 0:{}:{id}: HA CHILD SA out {:08x} starts at sequence {}",
+                t.ike.tunnel,
                 c.outbound_spi,
                 self.ha.initial_seq(c.outbound_spi)
             );
-            self.child_up(serial, &g, c);
+            self.child_up(id, g, c);
         }
-        self.ha.restoring = false;
-        for c in &children {
+        for c in children {
             self.ha.start_seq.remove(&c.outbound_spi);
             self.ha.lifetime_left.remove(&c.outbound_spi);
         }
-        self.ha
-            .taken
-            .insert(rec.tunnel.clone(), (rec.spi_i, rec.spi_r));
-        // The copy may be behind (an exchange in flight when the old owner died, or done
-        // within its last publishing tick): RFC 6311 when the peer announced it, at most
-        // once on an AEAD SA (see the module's rule).
+    }
+
+    /// Taken back while established here, but the copy `t` is a later state of the
+    /// tunnel than SA `id` (the partner rekeyed the IKE SA or a CHILD SA while it carried
+    /// it): the IKE SA is replaced by the copy in place (same serial, tunnel and routes),
+    /// the CHILD SAs the copy no longer has are removed, the ones it added are installed
+    /// at the takeover's starts, and the ones both hold stay as espd has them (hasyncd's
+    /// skip moved their counters). The tunnel stays up throughout.
+    fn replace_with_copy(&mut self, now: Instant, id: u64, t: &TakeoverInfo) -> Result<(), String> {
+        let rec = &t.ike;
+        let g = self
+            .gateways
+            .get(&rec.phase1)
+            .cloned()
+            .ok_or_else(|| format!("no phase1 {:?} here", rec.phase1))?;
+        let snap = decode_state(rec)?;
+        let info = snap.info.clone();
+        let children: Vec<ChildSaInfo> = snap.children.iter().map(|(c, _)| c.clone()).collect();
+        let cfg = self.per_sa_config(&g, snap.addresses.local.ip());
+        let sa = Box::new(IkeSa::restore(now, cfg, Box::new(OsEntropy), snap));
+        let Some(e) = self.sas.get_mut(&id) else {
+            return Err(format!("SA {id} is gone"));
+        };
+        let (old_i, old_r) = e.sa.spis();
+        let old_children: Vec<u32> = e.children.keys().copied().collect();
+        for spi in e.sa.local_spis() {
+            if self.by_spi.get(&spi) == Some(&id) {
+                self.by_spi.remove(&spi);
+            }
+        }
+        self.by_peer_spi.retain(|_, v| *v != id);
+        for spi in sa.local_spis() {
+            self.by_spi.insert(spi, id);
+        }
+        e.sa = sa;
+        e.info = Some(info);
+        e.probe = None;
+        self.ha.mark_wait.remove(&id);
+        tracing::info!(
+            "ike 0:{}:{id}: taken back while established here, but the other member's copy is later (IKE SA {old_i:016x}/{old_r:016x} -> {:016x}/{:016x}, message IDs send/recv={}/{}, CHILD SAs {:08x?} -> {:08x?}): continuing the copy",
+            rec.tunnel,
+            rec.spi_i,
+            rec.spi_r,
+            rec.next_send,
+            rec.next_recv,
+            old_children,
+            children.iter().map(|c| c.inbound_spi).collect::<Vec<_>>()
+        );
+        for spi in old_children
+            .iter()
+            .filter(|s| !children.iter().any(|c| c.inbound_spi == **s))
+        {
+            self.child_down(id, &g, *spi, DeleteReason::Rekeyed);
+        }
+        let added: Vec<ChildSaInfo> = children
+            .into_iter()
+            .filter(|c| !old_children.contains(&c.inbound_spi))
+            .collect();
+        self.install_copied_children(id, &g, t, &added);
+        Ok(())
+    }
+
+    /// After a takeover of `rec` continued as SA `id`: the copy may be behind (an exchange
+    /// in flight when the old owner died, or done within its last publishing tick), so
+    /// RFC 6311 when the peer announced it, at most once on an AEAD SA (see the module's
+    /// rule), or the mark another member recorded among `start_seqs`.
+    fn mid_sync_after_takeover(
+        &mut self,
+        now: Instant,
+        serial: u64,
+        rec: &IkeSaRecord,
+        start_seqs: &[SeqMark],
+    ) {
         let mark_spi = ike_mid_mark_spi(rec.spi_i, rec.spi_r);
-        let mark = t
-            .start_seqs
+        let mark = start_seqs
             .iter()
             .find(|m| m.spi_out == mark_spi)
             .map(|m| u32::try_from(m.seq_hw).unwrap_or(u32::MAX));
@@ -775,10 +873,31 @@ impl IkeManager {
                 ),
             }
         }
-        // Files the restored SA's timers (rekeys, lifetimes) and publishes its record.
-        self.pump(serial, now);
-        Ok(())
     }
+}
+
+/// Whether the copy `rec` of the tunnel SA `e` carries here is a later state of it: the
+/// IKE SA rekeyed (other SPIs), or a CHILD SA rekeyed, added or deleted (other CHILD SAs)
+/// by an exchange that moved the message IDs past this SA's. A copy as old as this SA or
+/// older (a repeated takeover) is not.
+fn copy_moved_on(e: &Entry, rec: &IkeSaRecord) -> bool {
+    if e.sa.spis() != (rec.spi_i, rec.spi_r) {
+        return true;
+    }
+    let (send, recv) = e.sa.message_ids();
+    let ahead = (rec.next_send, rec.next_recv) != (send, recv)
+        && rec.next_send >= send
+        && rec.next_recv >= recv;
+    if !ahead {
+        return false;
+    }
+    let Ok(snap) = decode_state(rec) else {
+        return false;
+    };
+    let mut copied: Vec<u32> = snap.children.iter().map(|(c, _)| c.inbound_spi).collect();
+    copied.sort_unstable();
+    let held: Vec<u32> = e.children.keys().copied().collect();
+    copied != held
 }
 
 impl IkeManager {
@@ -1030,12 +1149,136 @@ mod tests {
         assert_eq!(ids(&dial), (newer.next_send, newer.next_recv));
         dial.takeover(now, &back(&rec)).unwrap();
         assert_eq!(ids(&dial), (newer.next_send, newer.next_recv), "never down");
-        // Another IKE SA's copy changes nothing.
-        let mut other = newer.clone();
-        other.spi_r ^= 1;
-        other.next_recv += 5;
-        dial.takeover(now, &back(&other)).unwrap();
-        assert_eq!(ids(&dial), (newer.next_send, newer.next_recv));
+    }
+
+    /// Taken back while established here after the partner, carrying the tunnel, rekeyed
+    /// a CHILD SA and then the IKE SA with the peer: each time the copy replaces the SA
+    /// held here in place (the peer has only the copy's SAs), the tunnel and the CHILD SAs
+    /// both hold stay up, and the SA goes on working with the peer. A repeated, older
+    /// copy changes nothing.
+    #[test]
+    fn a_tunnel_taken_back_after_the_partner_rekeyed_continues_the_copy() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let rec = records(&dial.drain_bodies()).pop().expect("IKE SA record");
+        let children = |m: &IkeManager| -> Vec<u32> {
+            m.sas
+                .values()
+                .next()
+                .unwrap()
+                .children
+                .keys()
+                .copied()
+                .collect()
+        };
+        let old_child = children(&dial);
+        // A takeover of `ike`, with the RFC 6311 mark the cluster recorded for it if any.
+        let back = |ike: &IkeSaRecord, m1: Option<u64>| TakeoverInfo {
+            ike: ike.clone(),
+            start_seqs: m1
+                .map(|seq_hw| SeqMark {
+                    tunnel: ike.tunnel.clone(),
+                    spi_out: ike_mid_mark_spi(ike.spi_i, ike.spi_r),
+                    seq_hw,
+                })
+                .into_iter()
+                .collect(),
+            lifetimes: vec![],
+        };
+
+        // The partner takes the tunnel over (its RFC 6311 sync granted and answered) and
+        // rekeys the CHILD SA.
+        let mut partner = mgr(DIAL, now);
+        partner.takeover(now, &back(&rec, None)).unwrap();
+        let marks = mark_requests(&partner.drain_bodies());
+        partner.mid_marks_granted(now, &marks);
+        shuttle(&mut hub, &mut partner, now);
+        partner.rekey_now(now, "vpn1_1", false).unwrap();
+        shuttle(&mut hub, &mut partner, now);
+        let copy = records(&partner.drain_bodies()).pop().expect("record");
+        assert_eq!((copy.spi_i, copy.spi_r), (rec.spi_i, rec.spi_r));
+        let new_child = children(&partner);
+        assert_eq!(new_child.len(), 1);
+        assert_ne!(new_child, old_child);
+
+        // Taken back: the old CHILD SA goes, the copy's is installed, nothing else moves.
+        let m1 = Some(marks[0].seq_hw);
+        dial.takeover(now, &back(&copy, m1)).unwrap();
+        let b = dial.drain_bodies();
+        assert_eq!(dial.sas.len(), 1);
+        assert_eq!(children(&dial), new_child);
+        assert!(
+            b.iter().any(
+                |x| matches!(x, Body::ChildSaRemoved { spi_in, .. } if *spi_in == old_child[0])
+            ),
+            "{b:?}"
+        );
+        assert!(
+            b.iter()
+                .any(|x| matches!(x, Body::ChildSa(c) if c.outbound && c.spi_in == new_child[0])),
+            "{b:?}"
+        );
+        assert!(
+            !b.iter()
+                .any(|x| matches!(x, Body::IkeSaRemoved { .. } | Body::TunnelRemoved { .. })),
+            "{b:?}"
+        );
+        let ids = |m: &IkeManager| m.sas.values().next().unwrap().sa.message_ids();
+        assert_eq!(ids(&dial), ids(&partner));
+        assert!(dial.poll_transmit().is_none(), "no second RFC 6311 sync");
+        // The repeated takeover of the older copy changes nothing.
+        dial.takeover(now, &back(&rec, m1)).unwrap();
+        assert!(dial.drain_bodies().is_empty());
+        assert_eq!(children(&dial), new_child);
+        drop(partner);
+
+        // The peer notices nothing: a probe and a CHILD rekey from its side.
+        hub.probe(now, "hub", 1);
+        shuttle(&mut hub, &mut dial, now);
+        assert!(hub
+            .drain_bodies()
+            .iter()
+            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply")));
+        hub.rekey_now(now, "hub", false).unwrap();
+        shuttle(&mut hub, &mut dial, now);
+        let after_rekey = children(&dial);
+        assert_eq!(after_rekey.len(), 1);
+        assert_ne!(after_rekey, new_child);
+        let copy = records(&dial.drain_bodies()).pop().expect("record");
+
+        // Again with the IKE SA rekeyed by the partner (other SPIs): continued as well.
+        let mut partner = mgr(DIAL, now);
+        partner.takeover(now, &back(&copy, m1)).unwrap();
+        partner.drain_bodies();
+        partner.rekey_now(now, "vpn1_1", true).unwrap();
+        shuttle(&mut hub, &mut partner, now);
+        let copy2 = records(&partner.drain_bodies()).pop().expect("record");
+        assert_ne!((copy2.spi_i, copy2.spi_r), (copy.spi_i, copy.spi_r));
+        dial.takeover(now, &back(&copy2, None)).unwrap();
+        let b = dial.drain_bodies();
+        assert!(
+            !b.iter().any(|x| matches!(
+                x,
+                Body::IkeSaRemoved { .. }
+                    | Body::TunnelRemoved { .. }
+                    | Body::ChildSaRemoved { .. }
+            )),
+            "an IKE rekey keeps the CHILD SAs: {b:?}"
+        );
+        assert_eq!(
+            dial.sas.values().next().unwrap().sa.spis(),
+            (copy2.spi_i, copy2.spi_r)
+        );
+        assert_eq!(children(&dial), after_rekey);
+        drop(partner);
+        hub.rekey_now(now, "hub", true).unwrap();
+        shuttle(&mut hub, &mut dial, now);
+        let h = hub.sas.values().next().unwrap().sa.spis();
+        let d = dial.sas.values().next().unwrap().sa.spis();
+        assert_eq!(h, d, "the IKE rekey from the peer completed with the copy");
+        assert_ne!(d, (copy2.spi_i, copy2.spi_r));
     }
 
     #[test]
