@@ -30,7 +30,15 @@ pub struct HaLeases {
     reported: std::collections::BTreeMap<u32, u64>,
     /// When the last full (200 ms) tick ran, ms.
     pub full_tick_ms: u64,
+    /// Skips whose lease request above them has not gone out yet, with when (ms) to stop
+    /// waiting for it: hasyncd holds the shared addresses' announcement until this espd
+    /// asks for a lease above the skip (the counter moved), so that request goes out on
+    /// the next 10 ms wake-up instead of the next full tick.
+    skipped: Vec<(SeqMark, u64)>,
 }
+
+/// How long after a skip its lease request is looked for on every wake-up.
+const PROMPT_MS: u64 = 500;
 
 /// An unknown SPI is reported again after this long (hasyncd promotes once; a repeat covers
 /// a lost or refused promotion).
@@ -132,10 +140,16 @@ impl HaLeases {
     /// hasyncd claimed back a tunnel this espd kept while another member carried it (FGCP
     /// split brain): each outbound SA continues at or above its mark. The counter then
     /// stands above the local and HA lease marks, so the SA sends nothing until the
-    /// housekeeping persists a new local mark and hasyncd grants the lease above it.
-    pub fn skip(&self, dp: Option<&Datapath>, marks: &[SeqMark]) {
+    /// housekeeping persists a new local mark and hasyncd grants the lease above it; the
+    /// request for that lease goes out on the next wake-up ([`HaLeases::prompt`]).
+    pub fn skip(&mut self, dp: Option<&Datapath>, marks: &[SeqMark], now_ms: u64) {
         let Some(dp) = dp else { return };
         for m in marks {
+            if self.skipped.len() < REPORTED_MAX && dp.sas_of(&m.tunnel, m.spi_out).next().is_some()
+            {
+                self.skipped
+                    .push((m.clone(), now_ms.saturating_add(PROMPT_MS)));
+            }
             for sa in dp.sas_of(&m.tunnel, m.spi_out) {
                 let before = sa.seq.next();
                 let next = sa.seq.skip_to(m.seq_hw);
@@ -147,6 +161,37 @@ impl HaLeases {
                     );
                 }
             }
+        }
+    }
+
+    /// Shortly after a skip: the lease request of each skipped SA whose new local mark
+    /// (above the skip) is persisted, once.
+    pub fn skip_requests(&mut self, dp: Option<&Datapath>, now_ms: u64, out: &mut Vec<Body>) {
+        let Some(dp) = dp else { return };
+        if self.skipped.is_empty() {
+            return;
+        }
+        let mut sas = Vec::new();
+        self.skipped.retain(|(m, until)| {
+            let local = dp
+                .sas_of(&m.tunnel, m.spi_out)
+                .map(|sa| sa.lease.lock().unwrap_or_else(|p| p.into_inner()).granted())
+                .max();
+            match local {
+                Some(local) if local > m.seq_hw => {
+                    sas.push(SeqMark {
+                        tunnel: m.tunnel.clone(),
+                        spi_out: m.spi_out,
+                        seq_hw: local,
+                    });
+                    false
+                }
+                Some(_) => now_ms < *until,
+                None => false,
+            }
+        });
+        if !sas.is_empty() {
+            out.push(Body::SeqLeaseRequest { sas });
         }
     }
 

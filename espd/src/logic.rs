@@ -939,7 +939,8 @@ impl DaemonLogic for Espd {
                 self.ha.granted(self.dp.as_ref(), sas);
             }
             (DaemonKind::Hasyncd, Body::SeqSkip { sas }) => {
-                self.ha.skip(self.dp.as_ref(), sas);
+                let now_ms = haven_daemon::now_ns() / 1_000_000;
+                self.ha.skip(self.dp.as_ref(), sas, now_ms);
             }
             _ => {}
         }
@@ -1000,8 +1001,10 @@ impl DaemonLogic for Espd {
         let now_ms = now_ns / 1_000_000;
         self.ha.unknown_spis(self.dp.as_ref(), now_ms, out);
         if self.ha.gating() {
-            // The 10 ms wake-ups of a cluster member only look for unknown SPIs.
+            // The 10 ms wake-ups of a cluster member only look for unknown SPIs, and
+            // shortly after a skip send the lease requests above it.
             if now_ms.saturating_sub(self.ha.full_tick_ms) < Self::TICK_MS.saturating_sub(5) {
+                self.ha.skip_requests(self.dp.as_ref(), now_ms, out);
                 return;
             }
             self.ha.full_tick_ms = now_ms;

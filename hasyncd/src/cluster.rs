@@ -1343,6 +1343,11 @@ impl Cluster {
 
     /// Outbound SAs that must continue at or above a mark (`SeqSkip` for espd) since the
     /// last call.
+    /// Skips not yet taken ([`Cluster::take_skips`]).
+    pub fn pending_skips(&self) -> &[SeqMark] {
+        &self.skips
+    }
+
     pub fn take_skips(&mut self) -> Vec<SeqMark> {
         std::mem::take(&mut self.skips)
     }

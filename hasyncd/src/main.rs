@@ -90,7 +90,14 @@ struct Hasyncd {
     own_children: BTreeMap<String, ChildSaInfo>,
     /// FGCP configuration sync (primary to secondaries).
     cfgsync: cfgsync::ConfigSync,
+    /// Skips sent to espd for SAs it still holds (tunnels whose IKE SA the local ikemgr
+    /// kept established): the shared addresses are announced once espd asked for a lease
+    /// above each (its counter moved), or after [`GARP_HOLD_MS`].
+    garp_wait: Vec<SeqMark>,
 }
+
+/// The longest the shared addresses' announcement waits for espd after a skip.
+const GARP_HOLD_MS: u64 = 300;
 
 /// How often an unconfirmed takeover is announced again, and for how long.
 const TAKEOVER_REPEAT_MS: u64 = 500;
@@ -228,6 +235,7 @@ impl DaemonLogic for Hasyncd {
             own_ike: BTreeMap::new(),
             own_children: BTreeMap::new(),
             cfgsync: cfgsync::ConfigSync::new(run_dir),
+            garp_wait: Vec::new(),
         }
     }
 
@@ -328,6 +336,9 @@ impl DaemonLogic for Hasyncd {
         // acknowledged path, so a mark is granted only once every live member holds it.
         if let (DaemonKind::Espd | DaemonKind::Ikemgr, Body::SeqLeaseRequest { sas }) = (src, body)
         {
+            if src == DaemonKind::Espd && !self.garp_wait.is_empty() {
+                self.skips_confirmed(sas);
+            }
             if let Some(c) = self.cluster.as_mut() {
                 c.propose_leases(sas, self.now_ms);
                 let grants = c.take_grants();
@@ -372,6 +383,24 @@ impl DaemonLogic for Hasyncd {
         let ch = cluster.drive(self.now_ms);
         self.cfgsync.tick(cluster, self.now_ms);
         let role = cluster.fgcp_role();
+        // A tunnel taken (back) while the local ikemgr kept its IKE SA established: espd
+        // still holds its SAs at their own counters, below what another member sent, until
+        // the skips below reach it. Traffic the announcement moves here before that would
+        // leave below the peer's window (replay drops there).
+        let held: Vec<SeqMark> = cluster
+            .pending_skips()
+            .iter()
+            .filter(|m| self.ike_spis.contains_key(&m.tunnel))
+            .cloned()
+            .collect();
+        if !held.is_empty() && role == Some(HaRole::Primary) {
+            tracing::info!(
+                "FGCP: {} outbound SAs kept here continue above the other member: the shared addresses are announced once espd moved them (at most {GARP_HOLD_MS} ms)",
+                held.len()
+            );
+            self.vip.quiet(self.now_ms.saturating_add(GARP_HOLD_MS));
+            self.garp_wait.extend(held);
+        }
         if ch.role_changed {
             match role {
                 Some(HaRole::Primary) => self.vip.hold(self.now_ms),
@@ -391,6 +420,13 @@ impl DaemonLogic for Hasyncd {
             self.vip.reannounce(self.now_ms);
         }
         self.collect(out);
+        if !self.garp_wait.is_empty() && !self.vip.is_quiet() {
+            tracing::warn!(
+                "FGCP: espd did not confirm {} skips within {GARP_HOLD_MS} ms; shared addresses announced",
+                self.garp_wait.len()
+            );
+            self.garp_wait.clear();
+        }
         self.vip.tick(self.now_ms);
         let now = self.now_ms;
         self.takeovers.retain(|tunnel, (_, _, give_up)| {
@@ -533,6 +569,21 @@ impl Hasyncd {
                     now.saturating_add(TAKEOVER_GIVE_UP_MS),
                 ),
             );
+        }
+    }
+
+    /// espd asked for leases `sas`: a request above a skip means that SA's counter moved;
+    /// once every held skip is confirmed the shared addresses are announced.
+    fn skips_confirmed(&mut self, sas: &[SeqMark]) {
+        self.garp_wait.retain(|w| {
+            !sas.iter()
+                .any(|m| m.tunnel == w.tunnel && m.spi_out == w.spi_out && m.seq_hw > w.seq_hw)
+        });
+        if self.garp_wait.is_empty() && self.vip.is_quiet() {
+            tracing::info!(
+                "FGCP: espd continues above the other member on every SA kept here: announcing the shared addresses"
+            );
+            self.vip.speak(self.now_ms);
         }
     }
 

@@ -50,6 +50,9 @@ pub struct SharedAddrs {
     held: bool,
     /// Announcements still due (absolute ms).
     due: Vec<u64>,
+    /// No announcement before this (absolute ms), then the whole series from then on:
+    /// see [`SharedAddrs::quiet`].
+    quiet_until: Option<u64>,
 }
 
 /// The shared addresses of `config`: `(phase1 interface, local-gw, 32)` of every phase1
@@ -173,7 +176,40 @@ impl SharedAddrs {
     }
 
     /// Sends the announcements that are due.
+    /// Holds the announcements back until `until_ms` at the latest (or [`SharedAddrs::speak`]):
+    /// the upstream router must not move the traffic here before the local datapath
+    /// continues above the numbers another member sent (a take-back while espd kept the
+    /// SA at its own counter). Then the announcements start over.
+    pub fn quiet(&mut self, until_ms: u64) {
+        self.quiet_until = Some(self.quiet_until.map_or(until_ms, |q| q.max(until_ms)));
+    }
+
+    /// Whether the announcements are held back.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet_until.is_some()
+    }
+
+    /// Ends [`SharedAddrs::quiet`]: the announcements start now (if the addresses are held).
+    pub fn speak(&mut self, now_ms: u64) {
+        if self.quiet_until.is_some() {
+            self.quiet_until = Some(now_ms);
+            self.tick(now_ms);
+        }
+    }
+
     pub fn tick(&mut self, now_ms: u64) {
+        if let Some(q) = self.quiet_until {
+            if now_ms < q {
+                return;
+            }
+            self.quiet_until = None;
+            if self.held {
+                self.due = GARP_AT_MS
+                    .iter()
+                    .map(|d| now_ms.saturating_add(*d))
+                    .collect();
+            }
+        }
         if !self.held || !self.due.iter().any(|t| *t <= now_ms) {
             return;
         }
@@ -259,6 +295,41 @@ fn announce(dev: &str, addr: Ipv4Addr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Held back by `quiet`, the announcements start when `speak` ends it (or when its
+    /// time is up), with the whole series counted from then.
+    #[test]
+    fn a_quiet_period_holds_the_announcements_back_and_restarts_them() {
+        let mut v = SharedAddrs::default();
+        v.quiet(1_300);
+        v.hold(1_000);
+        assert!(v.held() && v.is_quiet());
+        assert_eq!(v.due, GARP_AT_MS.map(|d| 1_000 + d), "nothing sent yet");
+        v.tick(1_200);
+        assert_eq!(v.due.len(), GARP_AT_MS.len(), "still quiet");
+        v.speak(1_250);
+        assert!(!v.is_quiet());
+        assert_eq!(
+            v.due,
+            GARP_AT_MS[1..]
+                .iter()
+                .map(|d| 1_250 + d)
+                .collect::<Vec<_>>(),
+            "the first one went at 1250, the rest counted from it"
+        );
+        // Without `speak`: the series starts when the quiet time is up.
+        v.quiet(2_300);
+        v.reannounce(2_000);
+        v.tick(2_299);
+        assert_eq!(v.due[0], 2_000);
+        v.tick(2_300);
+        assert!(!v.is_quiet());
+        assert_eq!(v.due[0], 2_800);
+        // `speak` without a quiet period changes nothing.
+        let due = v.due.clone();
+        v.speak(2_400);
+        assert_eq!(v.due, due);
+    }
 
     /// Split brain healed: the primary that kept the addresses announces them again (the
     /// soak saw the router's ARP entry left on the secondary, every tunnel black-holed).

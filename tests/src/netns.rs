@@ -801,7 +801,7 @@ impl ScratchDir {
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        if thread::panicking() {
+        if thread::panicking() || std::env::var_os("HAVEN_TEST_KEEP").is_some() {
             eprintln!(
                 "haven-tests: keeping {} for inspection",
                 self.path.display()

@@ -740,6 +740,18 @@ fn gw1_carries_again_above_gw2(
             ))
         }
     });
+    // An SA espd kept: gw1's hasyncd announced the shared addresses only once espd asked
+    // for a lease above the skip (before it, the traffic the announcement moves to gw1
+    // would leave below gw2's numbers), not on the timeout.
+    let hasyncd = m1.log("hasyncd");
+    if hasyncd.contains("continue above the other member: the shared addresses are announced once")
+    {
+        assert!(
+            hasyncd.contains("espd continues above the other member on every SA kept here"),
+            "{}",
+            m1.logs()
+        );
+    }
     (gw2_max, skipped)
 }
 
@@ -856,6 +868,9 @@ fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
         gw1_before.1,
         a.len()
     );
+    // Nothing gw1 or gw2 sent was dropped as a replay, across the whole exchange: gw1's
+    // hasyncd announced the shared addresses only once its espd had moved above gw2.
+    assert_eq!(far.drops("replay"), 0, "{}\n{}", m1.logs(), far.metrics());
     gw1_sends_in_sequence_above(
         &far_ns,
         &m1,
@@ -941,6 +956,9 @@ fn a_tunnel_rekeyed_while_the_partner_carried_it_is_taken_back_with_the_new_sas(
         "rekeyed while gw2 carried: gw2 reached {gw2_max} on {spi:08x}, gw1 continued at {skipped}; far->server {} of 400 answered",
         a.len()
     );
+    // Nothing gw1 or gw2 sent was dropped as a replay, across the whole exchange: gw1's
+    // hasyncd announced the shared addresses only once its espd had moved above gw2.
+    assert_eq!(far.drops("replay"), 0, "{}\n{}", m1.logs(), far.metrics());
     gw1_sends_in_sequence_above(&far_ns, &m1, &far, spi, gw2_max, &after, "the take-back");
     // gw1's ikemgr holds the IKE SA the far side holds.
     let g1 = m1.ike_sa().expect("gw1's IKE SA");
