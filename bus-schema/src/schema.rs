@@ -695,8 +695,11 @@ pub struct SeqMark {
 /// (`SeqLeaseRequest`) before sending the synchronisation, hasyncd grants it once every live
 /// member recorded it, and a takeover hands it back in `TakeoverInfo::start_seqs`. It is in
 /// 1..=255, which RFC 4303 §2.1 reserves: no CHILD SA has such an SPI, so espd ignores it.
-/// Two IKE SAs of one tunnel share it with probability 1/255; the later one then counts as
-/// synchronised already (it sends no synchronisation, never a second one).
+/// Two IKE SAs of one tunnel share it with probability 1/255, so hasyncd forgets an IKE
+/// SA's mark when the SA is replaced (a rekey: its record or copy has other SPIs). A member
+/// that missed the replacing record on the link (down then, and not resynchronised since)
+/// may keep the old mark; if the new SA has the same mark SPI, it then counts there as
+/// synchronised already (no synchronisation sent, never a second one).
 pub fn ike_mid_mark_spi(spi_i: u64, spi_r: u64) -> u32 {
     let x = spi_i ^ spi_r.rotate_left(32);
     let folded = (x ^ (x >> 32)) as u32;

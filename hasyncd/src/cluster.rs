@@ -11,7 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::collections::BTreeMap;
 
 use bus_schema::schema::{
-    is_ike_mid_mark, IkeSaRecord, LifetimeLeft, SeqMark, TakeoverInfo, UnknownSaTraffic,
+    ike_mid_mark_spi, is_ike_mid_mark, IkeSaRecord, LifetimeLeft, SeqMark, TakeoverInfo,
+    UnknownSaTraffic,
 };
 use ha_core::fgsp::{StartSeq, DEFAULT_UNSYNCED_JUMP};
 use ha_core::msg::{ChildSaSync, DeleteSync, HaRole, Heartbeat, IkeSaSync, KeyBytes, SeqLeaseAck};
@@ -1408,7 +1409,29 @@ impl Cluster {
         }
     }
 
-    /// Leases granted since the last call.
+    /// `tunnel`'s IKE SA with SPIs `spi_i`/`spi_r` was replaced (rekeyed: its copy or the
+    /// local record now has other SPIs): its RFC 6311 sync mark goes from the tunnel
+    /// tables. Otherwise the marks of a long-lived tunnel's past IKE SAs would pile up, and
+    /// the next IKE SA whose mark SPI is the same one (`ike_mid_mark_spi` has 255 values)
+    /// would count as synchronised already and jump to the old SA's M1 at a takeover,
+    /// which the peer never agreed to. The new SA's own mark cannot be recorded yet: it is
+    /// asked for only after a takeover or restart of the new SA, which comes after its
+    /// record on the same member's stream.
+    fn forget_mid_mark(&mut self, tunnel: &str, spi_i: u64, spi_r: u64) {
+        let mark = ike_mid_mark_spi(spi_i, spi_r);
+        for t in [self.table.as_mut(), self.fgsp_table.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if t.seq_hw(tunnel, mark).is_some() {
+                tracing::debug!(
+                    "{tunnel}: IKE SA {spi_i:016x}/{spi_r:016x} replaced: its RFC 6311 sync mark is forgotten"
+                );
+                t.sa_removed(tunnel, mark);
+            }
+        }
+    }
+
     /// The recorded RFC 6311 sync mark (M1) of `tunnel`'s IKE SA under `spi_out`
     /// (`bus_schema::schema::ike_mid_mark_spi`), in either tunnel table.
     pub fn mid_mark(&self, tunnel: &str, spi_out: u32) -> Option<u64> {
@@ -1432,10 +1455,19 @@ impl Cluster {
     /// the other members in full (keys, SPIs, message IDs), removals as deletions.
     pub fn set_local_ike_sas(&mut self, now: BTreeMap<String, IkeSaRecord>) {
         let mut msgs = Vec::new();
+        let mut rekeyed = Vec::new();
         for (k, r) in &now {
-            if self.ike_local.get(k) != Some(r) {
-                msgs.push(Message::IkeSa(ike_sync(r)));
+            match self.ike_local.get(k) {
+                Some(old) if old == r => continue,
+                Some(old) if (old.spi_i, old.spi_r) != (r.spi_i, r.spi_r) => {
+                    rekeyed.push((old.tunnel.clone(), old.spi_i, old.spi_r));
+                }
+                _ => {}
             }
+            msgs.push(Message::IkeSa(ike_sync(r)));
+        }
+        for (tunnel, spi_i, spi_r) in rekeyed {
+            self.forget_mid_mark(&tunnel, spi_i, spi_r);
         }
         let mut gone = Vec::new();
         for (k, r) in &self.ike_local {
@@ -1519,7 +1551,13 @@ impl Cluster {
                     s.next_expected_id,
                     from.0
                 );
-                self.ike_replicas.insert(s.tunnel.clone(), (from, s));
+                let tunnel = s.tunnel.clone();
+                let spis = (s.spi_i, s.spi_r);
+                if let Some((_, old)) = self.ike_replicas.insert(tunnel.clone(), (from, s)) {
+                    if (old.spi_i, old.spi_r) != spis {
+                        self.forget_mid_mark(&tunnel, old.spi_i, old.spi_r);
+                    }
+                }
             }
             Message::IkeMsgId(m) => {
                 if let Some((_, s)) = self.ike_replicas.get_mut(&m.tunnel) {
@@ -2557,6 +2595,75 @@ mod tests {
         let t = c.take_takeovers();
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].start_seqs.len(), 2, "ikemgr still gets both marks");
+    }
+
+    /// A rekeyed IKE SA's RFC 6311 mark goes with it, from a copy and from the local
+    /// record: else the next IKE SA of the tunnel with the same mark SPI (1 in 255) counts
+    /// as synchronised at the old SA's M1.
+    #[test]
+    fn a_replaced_ike_sas_sync_mark_is_forgotten() {
+        let mut c = Cluster::start(&Config::default(), 0);
+        c.table = Some(TunnelTable::with_mode(MemberId(1), TableMode::Fgcp));
+        let copy = |spi_i: u64, spi_r: u64, next: u32| IkeSaSync {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i,
+            spi_r,
+            remote_addr: "192.168.7.2:4500".into(),
+            next_request_id: next,
+            next_expected_id: 3,
+            msg_id_sync: false,
+            state: KeyBytes(vec![7; 8]),
+        };
+        let record = |c: &mut Cluster, spi_out: u32, seq_hw: u64| {
+            c.table.as_mut().unwrap().handle_lease(
+                MemberId(2),
+                &ha_core::msg::SeqLease {
+                    tunnel: "vpn1_1".into(),
+                    spi_out,
+                    seq_hw,
+                },
+            );
+        };
+        let mark = ike_mid_mark_spi(1, 2);
+        // SPIs of a later IKE SA with the same mark SPI.
+        let r = (3u64..).find(|r| ike_mid_mark_spi(3, *r) == mark).unwrap();
+        c.apply(MemberId(2), "fgcp", Message::IkeSa(copy(1, 2, 4)));
+        record(&mut c, mark, 9);
+        assert_eq!(c.mid_mark("vpn1_1", mark), Some(9));
+        c.apply(MemberId(2), "fgcp", Message::IkeSa(copy(1, 2, 6)));
+        assert_eq!(c.mid_mark("vpn1_1", mark), Some(9), "the same SA: kept");
+        c.apply(MemberId(2), "fgcp", Message::IkeSa(copy(3, r, 0)));
+        assert_eq!(c.mid_mark("vpn1_1", mark), None, "rekeyed: forgotten");
+        // The new SA's own mark, recorded after its record, stays.
+        record(&mut c, mark, 2);
+        c.apply(MemberId(2), "fgcp", Message::IkeSa(copy(3, r, 3)));
+        assert_eq!(c.mid_mark("vpn1_1", mark), Some(2));
+
+        // The same on the member that carries the tunnel (ikemgr's own records).
+        let rec = |spi_i: u64, spi_r: u64| {
+            BTreeMap::from([(
+                "vpn1_1".to_string(),
+                IkeSaRecord {
+                    tunnel: "vpn1_1".into(),
+                    phase1: "vpn1".into(),
+                    spi_i,
+                    spi_r,
+                    next_send: 0,
+                    next_recv: 0,
+                    remote: "192.168.7.2:4500".into(),
+                    keys: vec![7; 8],
+                },
+            )])
+        };
+        c.set_local_ike_sas(rec(3, r));
+        assert_eq!(c.mid_mark("vpn1_1", mark), Some(2));
+        let other = ike_mid_mark_spi(5, 6);
+        c.set_local_ike_sas(rec(5, 6));
+        assert_eq!(c.mid_mark("vpn1_1", mark), None);
+        record(&mut c, other, 7);
+        c.set_local_ike_sas(rec(5, 6));
+        assert_eq!(c.mid_mark("vpn1_1", other), Some(7));
     }
 
     #[test]
