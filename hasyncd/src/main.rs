@@ -92,12 +92,17 @@ struct Hasyncd {
     cfgsync: cfgsync::ConfigSync,
     /// Skips sent to espd for SAs it still holds (tunnels whose IKE SA the local ikemgr
     /// kept established): the shared addresses are announced once espd asked for a lease
-    /// above each (its counter moved), or after [`GARP_HOLD_MS`].
+    /// above each (its counter moved), once ikemgr no longer has the tunnel, or after
+    /// [`GARP_HOLD_MS`]. With when the wait began (ms).
     garp_wait: Vec<SeqMark>,
+    garp_wait_since: u64,
 }
 
-/// The longest the shared addresses' announcement waits for espd after a skip.
-const GARP_HOLD_MS: u64 = 300;
+/// The longest the shared addresses' announcement waits for espd after a skip: only a
+/// stalled espd (which sends nothing anyway) or an SA that goes away meanwhile takes that
+/// long; espd confirms within tens of ms (its mark is persisted with fsync first, which a
+/// loaded disk can stretch).
+const GARP_HOLD_MS: u64 = 3_000;
 
 /// How often an unconfirmed takeover is announced again, and for how long.
 const TAKEOVER_REPEAT_MS: u64 = 500;
@@ -236,6 +241,7 @@ impl DaemonLogic for Hasyncd {
             own_children: BTreeMap::new(),
             cfgsync: cfgsync::ConfigSync::new(run_dir),
             garp_wait: Vec::new(),
+            garp_wait_since: 0,
         }
     }
 
@@ -399,6 +405,9 @@ impl DaemonLogic for Hasyncd {
                 held.len()
             );
             self.vip.quiet(self.now_ms.saturating_add(GARP_HOLD_MS));
+            if self.garp_wait.is_empty() {
+                self.garp_wait_since = self.now_ms;
+            }
             self.garp_wait.extend(held);
         }
         if ch.role_changed {
@@ -420,12 +429,19 @@ impl DaemonLogic for Hasyncd {
             self.vip.reannounce(self.now_ms);
         }
         self.collect(out);
-        if !self.garp_wait.is_empty() && !self.vip.is_quiet() {
-            tracing::warn!(
-                "FGCP: espd did not confirm {} skips within {GARP_HOLD_MS} ms; shared addresses announced",
-                self.garp_wait.len()
-            );
-            self.garp_wait.clear();
+        if !self.garp_wait.is_empty() {
+            // A tunnel ikemgr dropped meanwhile has nothing left to move.
+            let spis = &self.ike_spis;
+            self.garp_wait.retain(|w| spis.contains_key(&w.tunnel));
+            if self.garp_wait.is_empty() {
+                self.skips_confirmed(&[]);
+            } else if !self.vip.is_quiet() {
+                tracing::warn!(
+                    "FGCP: espd did not confirm {} skips within {GARP_HOLD_MS} ms; shared addresses announced",
+                    self.garp_wait.len()
+                );
+                self.garp_wait.clear();
+            }
         }
         self.vip.tick(self.now_ms);
         let now = self.now_ms;
@@ -580,10 +596,12 @@ impl Hasyncd {
                 .any(|m| m.tunnel == w.tunnel && m.spi_out == w.spi_out && m.seq_hw > w.seq_hw)
         });
         if self.garp_wait.is_empty() && self.vip.is_quiet() {
+            let now = (haven_daemon::now_ns() / 1_000_000).max(self.now_ms);
             tracing::info!(
-                "FGCP: espd continues above the other member on every SA kept here: announcing the shared addresses"
+                "FGCP: espd continues above the other member on every SA kept here (after {} ms): announcing the shared addresses",
+                now.saturating_sub(self.garp_wait_since)
             );
-            self.vip.speak(self.now_ms);
+            self.vip.speak(now);
         }
     }
 
