@@ -1828,12 +1828,31 @@ impl Cluster {
     /// entries (no key material), for `vpnctl diagnose vpn tunnel list`: the outbound
     /// `seqno` is where a takeover would start (the synced lease mark).
     pub fn standby_tunnels_view(&self) -> Value {
-        let Some(t) = self.table.as_ref().filter(|_| self.fgsp_mode()) else {
-            return json!({ "tunnels": [] });
-        };
+        // FGSP: the peers' tunnels; an FGCP secondary: every tunnel of the primary; an FGCP
+        // cluster over FGSP: also the other clusters' tunnels.
+        let secondary = matches!(self.fgcp_role(), Some(HaRole::Secondary | HaRole::Hello));
+        let tables = [
+            self.table
+                .as_ref()
+                .filter(|_| self.fgsp_mode() || secondary),
+            self.fgsp_table.as_ref(),
+        ];
         let mut out = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for t in tables.into_iter().flatten() {
+            self.standby_tunnels_of(t, &mut seen, &mut out);
+        }
+        json!({ "tunnels": out })
+    }
+
+    fn standby_tunnels_of<'a>(
+        &self,
+        t: &'a TunnelTable,
+        seen: &mut std::collections::BTreeSet<&'a str>,
+        out: &mut Vec<Value>,
+    ) {
         for (name, role) in t.roles() {
-            if role != TunnelRole::Standby {
+            if role != TunnelRole::Standby || !seen.insert(name) {
                 continue;
             }
             let ike = self.ike_replicas.get(name).map(|(_, s)| s);
@@ -1868,7 +1887,6 @@ impl Cluster {
                 "sas": sas,
             }));
         }
-        json!({ "tunnels": out })
     }
 
     /// Standby copies (no key material), for the `replicas` view.

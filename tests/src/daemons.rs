@@ -92,6 +92,20 @@ pub fn vpnctl(run_dir: &Path, args: &[&str]) -> Output {
         .expect("run vpnctl")
 }
 
+/// `vpnctl diagnose vpn tunnel list name <tunnel>`'s `role=` for the tunnel, if listed.
+pub fn listed_role(run_dir: &Path, tunnel: &str) -> Option<String> {
+    let out = vpnctl(
+        run_dir,
+        &["diagnose", "vpn", "tunnel", "list", "name", tunnel],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.contains(&format!("name={tunnel} ")) {
+        return None;
+    }
+    let i = text.find(" role=")? + " role=".len();
+    text[i..].split_whitespace().next().map(str::to_string)
+}
+
 /// Runs `vpnctl --json …` and parses its standard output.
 pub fn vpnctl_json(run_dir: &Path, args: &[&str]) -> Result<serde_json::Value, String> {
     let mut full = vec!["--json"];

@@ -61,6 +61,14 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
         m2.ike_sa().is_none(),
         "the secondary's ikemgr must not carry the tunnel"
     );
+    // `diagnose vpn tunnel list` shows the dial-up instance on both members, as the seeds
+    // do: sync-primary where it is carried, standby on the secondary (from its copy).
+    assert_eq!(m1.listed_role().as_deref(), Some("sync-primary"));
+    assert_eq!(
+        m2.listed_role().as_deref(),
+        Some("standby"),
+        "vpnctl diagnose vpn tunnel list on the secondary"
+    );
 
     // Continuous ping, 20 per second; the primary dies about 2 s in.
     let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 500, "0.05", "1");
@@ -86,6 +94,7 @@ fn fgcp_takeover_keeps_the_strongswan_tunnel_without_replay_and_rekeys_in_place(
         let s = m2.esp_seqs();
         (!s.is_empty()).then_some(s).ok_or_else(|| m2.logs())
     });
+    assert_eq!(m2.listed_role().as_deref(), Some("sync-primary"));
 
     let (seqs, max_gap, out) = member::finish_ping(&mut ping);
     eprintln!(

@@ -181,16 +181,7 @@ impl Member {
 
     /// `vpnctl diagnose vpn tunnel list name vpn1_1`'s `role=` for the tunnel, if listed.
     pub fn listed_role(&self) -> Option<String> {
-        let out = haven_tests::daemons::vpnctl(
-            &self.run,
-            &["diagnose", "vpn", "tunnel", "list", "name", TUNNEL],
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !text.contains(&format!("name={TUNNEL} ")) {
-            return None;
-        }
-        let i = text.find(" role=")? + " role=".len();
-        text[i..].split_whitespace().next().map(str::to_string)
+        haven_tests::daemons::listed_role(&self.run, TUNNEL)
     }
 
     /// ikemgr's IKE SA of the tunnel: (spi_i, spi_r).

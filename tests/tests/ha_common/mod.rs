@@ -140,6 +140,11 @@ impl Member {
             .map(str::to_string)
     }
 
+    /// `vpnctl diagnose vpn tunnel list name vpn1_1`'s `role=`, if listed.
+    pub fn listed_role(&self) -> Option<String> {
+        haven_tests::daemons::listed_role(&self.run, "vpn1_1")
+    }
+
     pub fn holds_shared(&self) -> bool {
         self.ns
             .run("ip", &["-4", "-o", "addr", "show", "dev", "port2"])
