@@ -755,6 +755,18 @@ fn gw1_carries_again_above_gw2(
     (gw2_max, skipped)
 }
 
+/// `kill -9` of gw1's hasyncd alone: gw2 hears no heartbeat, becomes primary and sends on
+/// the SA with outbound SPI `spi`. Returns gw2's next sequence number then.
+fn gw2_carries_once_gw1s_hasyncd_died(m1: &mut Member, m2: &Member, spi: u32) -> u64 {
+    m1.kill9("hasyncd");
+    wait_for("gw2 carries the tunnel", WAIT, || {
+        match (m2.role().as_deref(), out_sa(m2, spi)) {
+            (Some("primary"), Some((tx, next))) if tx > 20 => Ok(next),
+            other => Err(format!("{other:?}\n{}", m2.logs())),
+        }
+    })
+}
+
 /// How often `m`'s espd installed the SA sending on `spi` (its log).
 fn espd_installs(m: &Member, spi: u32) -> usize {
     let out = format!(" out {spi:08x} ");
@@ -849,13 +861,7 @@ fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
     std::thread::sleep(Duration::from_secs(1));
     let gw1_before = out_sa(&m1, spi).expect("gw1 sends");
 
-    m1.kill9("hasyncd");
-    let gw2_max = wait_for("gw2 carries the tunnel", WAIT, || {
-        match (m2.role().as_deref(), out_sa(&m2, spi)) {
-            (Some("primary"), Some((tx, next))) if tx > 20 => Ok(next),
-            other => Err(format!("{other:?}\n{}", m2.logs())),
-        }
-    });
+    let gw2_max = gw2_carries_once_gw1s_hasyncd_died(&mut m1, &m2, spi);
     assert!(
         out_sa(&m1, spi).is_some(),
         "gw1's espd keeps the tunnel while its hasyncd is down"
@@ -905,13 +911,7 @@ fn a_tunnel_rekeyed_while_the_partner_carried_it_is_taken_back_with_the_new_sas(
     let from_far = ping_bg(&far_ns, CLIENT_INNER, SERVER, 400);
     std::thread::sleep(Duration::from_secs(1));
 
-    m1.kill9("hasyncd");
-    wait_for("gw2 carries the tunnel", WAIT, || {
-        match (m2.role().as_deref(), out_sa(&m2, old_spi)) {
-            (Some("primary"), Some((tx, _))) if tx > 20 => Ok(()),
-            other => Err(format!("{other:?}\n{}", m2.logs())),
-        }
-    });
+    gw2_carries_once_gw1s_hasyncd_died(&mut m1, &m2, old_spi);
     far.rekey("child").expect("far CHILD rekey");
     let rekeyed = wait_for("the CHILD SA rekeyed with gw2", WAIT, || {
         let f = far.sa().ok_or("no far SA")?;

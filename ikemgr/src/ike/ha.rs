@@ -1037,6 +1037,15 @@ mod tests {
             .collect()
     }
 
+    /// The hub's liveness check `round` reaches `m` and is answered.
+    fn probe_answered(hub: &mut IkeManager, m: &mut IkeManager, now: Instant, round: u64) -> bool {
+        hub.probe(now, "hub", round);
+        shuttle(hub, m, now);
+        hub.drain_bodies()
+            .iter()
+            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply"))
+    }
+
     fn connect(hub: &mut IkeManager, dial: &mut IkeManager, now: Instant) {
         let gw_b: IpAddr = "192.0.2.2".parse().unwrap();
         hub.initiate(now, "hub", "192.0.2.1".parse().unwrap(), gw_b);
@@ -1235,12 +1244,7 @@ mod tests {
         drop(partner);
 
         // The peer notices nothing: a probe and a CHILD rekey from its side.
-        hub.probe(now, "hub", 1);
-        shuttle(&mut hub, &mut dial, now);
-        assert!(hub
-            .drain_bodies()
-            .iter()
-            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply")));
+        assert!(probe_answered(&mut hub, &mut dial, now, 1));
         hub.rekey_now(now, "hub", false).unwrap();
         shuttle(&mut hub, &mut dial, now);
         let after_rekey = children(&dial);
@@ -1387,12 +1391,7 @@ mod tests {
         drop(dial);
 
         // The peer notices nothing: probes, a CHILD rekey and an IKE rekey from each side.
-        hub.probe(now, "hub", 2);
-        shuttle(&mut hub, &mut standby, now);
-        assert!(hub
-            .drain_bodies()
-            .iter()
-            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply")));
+        assert!(probe_answered(&mut hub, &mut standby, now, 2));
         hub.rekey_now(now, "hub", false).unwrap();
         shuttle(&mut hub, &mut standby, now);
         standby.rekey_now(now, "vpn1_1", false).unwrap();
@@ -1480,12 +1479,7 @@ mod tests {
             MID_SYNC_MARGIN
         );
         // The peer notices nothing: its probe is answered, our CHILD rekey completes.
-        hub.probe(now, "hub", 2);
-        shuttle(&mut hub, &mut m3, now);
-        assert!(hub
-            .drain_bodies()
-            .iter()
-            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply")));
+        assert!(probe_answered(&mut hub, &mut m3, now, 2));
         m3.rekey_now(now, "vpn1_1", false).unwrap();
         shuttle(&mut hub, &mut m3, now);
         assert!(m3
@@ -1557,12 +1551,7 @@ mod tests {
             (rec.spi_i, rec.spi_r, rec.next_send, rec.next_recv)
         );
         // The peer notices nothing: a liveness check, rekeys from both sides.
-        hub.probe(now, "hub", 2);
-        shuttle(&mut hub, &mut again, now);
-        assert!(hub
-            .drain_bodies()
-            .iter()
-            .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply")));
+        assert!(probe_answered(&mut hub, &mut again, now, 2));
         hub.rekey_now(now, "hub", false).unwrap();
         shuttle(&mut hub, &mut again, now);
         again.rekey_now(now, "vpn1_1", true).unwrap();
