@@ -161,6 +161,14 @@ fn lan_a_routes(gwb: &Netns) -> String {
 fn alternative_path(line: &SiteToSite, label: &str) -> Netns {
     let alt = Netns::new(label).expect("alt");
     netns::veth(&line.gwb, "alt0", &alt, "a0").expect("veth gwb-alt");
+    // IPv4 only: the link's IPv6 start-up (router solicitations, MLD reports, sent at
+    // random times in the first seconds) would add packets to the counters the tests read
+    // to tell which path the pings took.
+    line.gwb
+        .sysctl("net.ipv6.conf.alt0.disable_ipv6", "1")
+        .expect("gwb alt0 IPv4 only");
+    alt.sysctl("net.ipv6.conf.a0.disable_ipv6", "1")
+        .expect("alt a0 IPv4 only");
     line.gwb
         .add_addr("alt0", "192.168.77.1/24")
         .expect("gwb alt0");
