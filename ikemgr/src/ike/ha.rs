@@ -643,17 +643,13 @@ impl IkeManager {
         if self.ha.taken.get(&rec.tunnel) == Some(&(rec.spi_i, rec.spi_r)) {
             return Ok(());
         }
-        let g = self
-            .gateways
-            .get(&rec.phase1)
-            .cloned()
-            .ok_or_else(|| format!("no phase1 {:?} here", rec.phase1))?;
-        let snap = decode_state(rec)?;
-        let info = snap.info.clone();
-        let children: Vec<ChildSaInfo> = snap.children.iter().map(|(c, _)| c.clone()).collect();
-        let addrs = snap.addresses;
-        let cfg = self.per_sa_config(&g, addrs.local.ip());
-        let sa = Box::new(IkeSa::restore(now, cfg, Box::new(OsEntropy), snap));
+        let Restored {
+            g,
+            info,
+            children,
+            addrs,
+            sa,
+        } = self.restore_copy(now, rec)?;
         let serial = self.next_serial;
         self.next_serial += 1;
         for spi in sa.local_spis() {
@@ -710,6 +706,30 @@ impl IkeManager {
         Ok(())
     }
 
+    /// The IKE SA of a copy `rec`, restored (same SPIs, keys and message IDs) with its
+    /// phase1, its CHILD SAs and its addresses: what a takeover, a restart and a take-back
+    /// of a later copy continue.
+    fn restore_copy(&mut self, now: Instant, rec: &IkeSaRecord) -> Result<Restored, String> {
+        let g = self
+            .gateways
+            .get(&rec.phase1)
+            .cloned()
+            .ok_or_else(|| format!("no phase1 {:?} here", rec.phase1))?;
+        let snap = decode_state(rec)?;
+        let info = snap.info.clone();
+        let children = snap.children.iter().map(|(c, _)| c.clone()).collect();
+        let addrs = snap.addresses;
+        let cfg = self.per_sa_config(&g, addrs.local.ip());
+        let sa = Box::new(IkeSa::restore(now, cfg, Box::new(OsEntropy), snap));
+        Ok(Restored {
+            g,
+            info,
+            children,
+            addrs,
+            sa,
+        })
+    }
+
     /// Installs `children` (a copy's CHILD SAs) on SA `id`, each outbound at the start
     /// `t` gives it and with the lifetime it says is left.
     fn install_copied_children(
@@ -748,16 +768,13 @@ impl IkeManager {
     /// skip moved their counters). The tunnel stays up throughout.
     fn replace_with_copy(&mut self, now: Instant, id: u64, t: &TakeoverInfo) -> Result<(), String> {
         let rec = &t.ike;
-        let g = self
-            .gateways
-            .get(&rec.phase1)
-            .cloned()
-            .ok_or_else(|| format!("no phase1 {:?} here", rec.phase1))?;
-        let snap = decode_state(rec)?;
-        let info = snap.info.clone();
-        let children: Vec<ChildSaInfo> = snap.children.iter().map(|(c, _)| c.clone()).collect();
-        let cfg = self.per_sa_config(&g, snap.addresses.local.ip());
-        let sa = Box::new(IkeSa::restore(now, cfg, Box::new(OsEntropy), snap));
+        let Restored {
+            g,
+            info,
+            children,
+            sa,
+            ..
+        } = self.restore_copy(now, rec)?;
         let Some(e) = self.sas.get_mut(&id) else {
             return Err(format!("SA {id} is gone"));
         };
@@ -874,6 +891,15 @@ impl IkeManager {
             }
         }
     }
+}
+
+/// An IKE SA restored from a copy ([`IkeManager::restore_copy`]).
+struct Restored {
+    g: std::sync::Arc<Gateway>,
+    info: ike_proto::IkeSaInfo,
+    children: Vec<ChildSaInfo>,
+    addrs: Addresses,
+    sa: Box<IkeSa>,
 }
 
 /// Whether the copy `rec` of the tunnel SA `e` carries here is a later state of it: the
