@@ -141,16 +141,13 @@ impl HaLeases {
     /// split brain): each outbound SA continues at or above its mark. The counter then
     /// stands above the local and HA lease marks, so the SA sends nothing until the
     /// housekeeping persists a new local mark and hasyncd grants the lease above it; the
-    /// request for that lease goes out on the next wake-up ([`HaLeases::prompt`]).
+    /// request for that lease goes out on the next wake-up ([`HaLeases::skip_requests`]).
     pub fn skip(&mut self, dp: Option<&Datapath>, marks: &[SeqMark], now_ms: u64) {
         let Some(dp) = dp else { return };
         for m in marks {
-            if self.skipped.len() < REPORTED_MAX && dp.sas_of(&m.tunnel, m.spi_out).next().is_some()
-            {
-                self.skipped
-                    .push((m.clone(), now_ms.saturating_add(PROMPT_MS)));
-            }
+            let mut held = false;
             for sa in dp.sas_of(&m.tunnel, m.spi_out) {
+                held = true;
                 let before = sa.seq.next();
                 let next = sa.seq.skip_to(m.seq_hw);
                 if next > before {
@@ -160,6 +157,10 @@ impl HaLeases {
                         sa.spi_out
                     );
                 }
+            }
+            if held && self.skipped.len() < REPORTED_MAX {
+                self.skipped
+                    .push((m.clone(), now_ms.saturating_add(PROMPT_MS)));
             }
         }
     }
