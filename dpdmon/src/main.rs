@@ -129,6 +129,9 @@ impl DaemonLogic for Dpdmon {
     /// Metrics are exported on this period; probe and verdict timers fire at their exact
     /// time through [`DaemonLogic::poll_timeout`].
     const TICK_MS: u64 = 1000;
+    /// Tunnels and roles change DPD settings rarely; reading them whole takes at most a
+    /// quarter of the daemon's time, the rest for probes and verdicts.
+    const REPLICA_SPACING: u32 = 3;
 
     fn new(_config: &Config, _run_dir: &Path) -> Self {
         metrics::describe_counter!(

@@ -89,6 +89,13 @@ pub trait DaemonLogic: Sized + Unpin + 'static {
     fn poll_timeout(&self) -> Option<u64> {
         None
     }
+    /// Under a steady stream of updates, hand-overs of a followed store
+    /// ([`DaemonLogic::on_replica`]) are spaced at least this many times as long as the last
+    /// one took (and never less than the shell's 50 ms): a logic that reads the store whole
+    /// then spends at most about 1/(1 + this) of its time there, and its ticks and events
+    /// (a heartbeat, a lease request) still run on a loaded machine. 0: 50 ms only (a
+    /// datapath that must install new SAs at once).
+    const REPLICA_SPACING: u32 = 0;
 }
 
 /// Publishes the difference between two keyed views: a `put` for every new or changed
@@ -124,6 +131,25 @@ fn default_metrics_port(kind: DaemonKind) -> u16 {
 
 // ---------------------------------------------------------------------------------------
 // The actor: a thin shell that owns the logic.
+
+/// A call into the logic that runs at least this long is logged and counted
+/// (`<daemon>_slow_calls_total{call}`): meanwhile the actor runs nothing else (no tick, no bus
+/// update, no control request), which is what an operator looks for when a daemon falls
+/// behind.
+const SLOW_CALL_MS: u128 = 250;
+
+/// Runs one call into `L` (`call` names it) and reports it if it was slow.
+fn timed<L: DaemonLogic, R>(call: &'static str, f: impl FnOnce() -> R) -> R {
+    let started = Instant::now();
+    let r = f();
+    let ms = started.elapsed().as_millis();
+    if ms >= SLOW_CALL_MS {
+        let name = format!("{}_slow_calls_total", L::KIND.name());
+        metrics::counter!(name, "call" => call).increment(1);
+        tracing::warn!("{call} took {ms} ms (nothing else ran meanwhile)");
+    }
+    r
+}
 
 struct Core<L: DaemonLogic> {
     logic: L,
@@ -166,7 +192,7 @@ impl<L: DaemonLogic> Core<L> {
         let handle = ctx.run_later(delay, |act, ctx| {
             act.timer = None;
             let mut out = Vec::new();
-            act.logic.tick(now_ns(), &mut out);
+            timed::<L, _>("tick", || act.logic.tick(now_ns(), &mut out));
             act.after(ctx, out);
         });
         self.timer = Some((at_ms, handle));
@@ -179,7 +205,7 @@ impl<L: DaemonLogic> Actor for Core<L> {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(Duration::from_millis(L::TICK_MS.max(1)), |act, ctx| {
             let mut out = Vec::new();
-            act.logic.tick(now_ns(), &mut out);
+            timed::<L, _>("tick", || act.logic.tick(now_ns(), &mut out));
             act.after(ctx, out);
         });
     }
@@ -193,7 +219,7 @@ impl<L: DaemonLogic> Handler<ApplyConfig> for Core<L> {
     type Result = ();
     fn handle(&mut self, msg: ApplyConfig, ctx: &mut Self::Context) {
         let mut out = Vec::new();
-        self.logic.on_config(&msg.0, &mut out);
+        timed::<L, _>("config", || self.logic.on_config(&msg.0, &mut out));
         self.after(ctx, out);
     }
 }
@@ -205,6 +231,9 @@ struct ReplicaChanged {
     /// The latest copy of the follower's store; a later notification replaces an unconsumed
     /// one here instead of queueing another copy (see [`ReplicaSlot`]).
     slot: ReplicaSlot,
+    /// Where the actor writes how long its `on_replica` call took (ns): the follower's
+    /// spacing ([`DaemonLogic::REPLICA_SPACING`]).
+    cost_ns: Arc<AtomicU64>,
 }
 
 /// Latest-only hand-over of a followed store from the follow task to the actor: the follow
@@ -219,7 +248,12 @@ impl<L: DaemonLogic> Handler<ReplicaChanged> for Core<L> {
             return;
         };
         let mut out = Vec::new();
-        self.logic.on_replica(msg.src, &store, &mut out);
+        let started = Instant::now();
+        timed::<L, _>("replica", || {
+            self.logic.on_replica(msg.src, &store, &mut out)
+        });
+        let cost = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        msg.cost_ns.store(cost, Ordering::Relaxed);
         self.after(ctx, out);
     }
 }
@@ -235,7 +269,9 @@ impl<L: DaemonLogic> Handler<BusEvent> for Core<L> {
     type Result = ();
     fn handle(&mut self, msg: BusEvent, ctx: &mut Self::Context) {
         let mut out = Vec::new();
-        self.logic.on_event(msg.src, &msg.body, &mut out);
+        timed::<L, _>("event", || {
+            self.logic.on_event(msg.src, &msg.body, &mut out)
+        });
         self.after(ctx, out);
     }
 }
@@ -253,7 +289,9 @@ impl<L: DaemonLogic> Handler<ViewOrCommand> for Core<L> {
     fn handle(&mut self, msg: ViewOrCommand, ctx: &mut Self::Context) -> Self::Result {
         if msg.command {
             let mut out = Vec::new();
-            let r = self.logic.command(&msg.name, &msg.args, &mut out);
+            let r = timed::<L, _>("command", || {
+                self.logic.command(&msg.name, &msg.args, &mut out)
+            });
             self.after(ctx, out);
             r
         } else {
@@ -493,7 +531,15 @@ async fn start<L: DaemonLogic>(
     actix_rt::spawn(publish_task(shared.clone(), publisher, out_rx));
     actix_rt::spawn(ctl_task(shared.clone(), ctl));
     if !L::FOLLOWS.is_empty() {
-        actix_rt::spawn(follow_task(shared.clone()));
+        // The followed buses are read on a thread of their own: a logic call that takes
+        // long (a whole store read on a loaded machine: 250-800 ms seen in the soak) would
+        // otherwise stop the reading too, and the backlog would sit in the owner's
+        // outbound queue (a soak's ikemgr grew 36 -> 74 MiB in ten minutes while espd read
+        // its bus 50 000 messages behind). The logic still gets the latest store only.
+        let follower = actix::Arbiter::new();
+        if !follower.spawn(follow_task(shared.clone())) {
+            return Err("bus follower thread did not start".into());
+        }
     }
     {
         let hub = hub.clone();
@@ -826,6 +872,10 @@ struct Followed {
     fetching: Arc<AtomicBool>,
     /// Hand-over of the store to the actor.
     slot: ReplicaSlot,
+    /// How long the logic's last `on_replica` call for this daemon took (ns): a cheap
+    /// read of a small store (espd's, for hasyncd) does not shorten the spacing of a
+    /// costly one (ikemgr's).
+    cost_ns: Arc<AtomicU64>,
     /// An applied change not yet handed to the logic, since this instant.
     dirty_since: Option<Instant>,
     /// The last hand-over to the logic.
@@ -833,23 +883,31 @@ struct Followed {
 }
 
 impl Followed {
-    /// When a pending change is due for hand-over: [`REPLICA_COALESCE`] after the first
-    /// pending change at the latest, earlier once the bus is quiet ([`REPLICA_QUIET`]
-    /// after `last_msg`), but not within [`REPLICA_COALESCE`] of the last hand-over.
-    fn due(&self, last_msg: Instant) -> Option<Instant> {
+    /// When a pending change is due for hand-over: `spacing` (at least
+    /// [`REPLICA_COALESCE`], see [`replica_spacing`]) after the first pending change at the
+    /// latest, earlier once the bus is quiet ([`REPLICA_QUIET`] after `last_msg`), but not
+    /// within `spacing` of the last hand-over.
+    fn due(&self, last_msg: Instant, spacing: Duration) -> Option<Instant> {
         let d = self.dirty_since?;
-        let early = (d + REPLICA_COALESCE).min(last_msg + REPLICA_QUIET);
+        let early = (d + spacing).min(last_msg + REPLICA_QUIET);
         Some(match self.last_flush {
-            Some(f) => early.max(f + REPLICA_COALESCE).min(d + REPLICA_COALESCE),
+            Some(f) => early.max(f + spacing).min(d + spacing),
             None => early,
         })
     }
 
+    /// The spacing of this daemon's hand-overs ([`replica_spacing`]).
+    fn spacing<L: DaemonLogic>(&self) -> Duration {
+        replica_spacing(self.cost_ns.load(Ordering::Relaxed), L::REPLICA_SPACING)
+    }
+
     /// Hands the store to the logic if a change is pending and the follower is synced.
-    fn flush<L: DaemonLogic>(&mut self, src: DaemonKind, core: &Addr<Core<L>>) {
+    fn flush<L: DaemonLogic>(&mut self, src: DaemonKind, shared: &Shared<L>) {
         if self.dirty_since.take().is_none() || !self.follower.synced() {
             return;
         }
+        shared.bus.handovers.increment(1);
+        let core = &shared.core;
         self.last_flush = Some(Instant::now());
         let store = self.follower.store().clone();
         let was_empty = lock(&self.slot).replace(store).is_none();
@@ -857,9 +915,22 @@ impl Followed {
             core.do_send(ReplicaChanged {
                 src,
                 slot: self.slot.clone(),
+                cost_ns: self.cost_ns.clone(),
             });
         }
     }
+}
+
+/// The longest spacing of hand-overs, whatever the last call cost: the logic sees the
+/// followed state at least this often under a stream of updates.
+const REPLICA_SPACING_MAX: Duration = Duration::from_secs(2);
+
+/// The spacing of hand-overs: [`REPLICA_COALESCE`], or `factor` times the last
+/// `on_replica` call (`cost_ns`) if that is longer ([`DaemonLogic::REPLICA_SPACING`]), at
+/// most [`REPLICA_SPACING_MAX`].
+fn replica_spacing(cost_ns: u64, factor: u32) -> Duration {
+    let scaled = Duration::from_nanos(cost_ns.saturating_mul(u64::from(factor)));
+    scaled.clamp(REPLICA_COALESCE, REPLICA_SPACING_MAX)
 }
 
 async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
@@ -882,6 +953,7 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                     heard_ns: Arc::new(AtomicU64::new(0)),
                     fetching: Arc::new(AtomicBool::new(false)),
                     slot: Arc::new(Mutex::new(None)),
+                    cost_ns: Arc::new(AtomicU64::new(0)),
                     dirty_since: None,
                     last_flush: None,
                 },
@@ -892,7 +964,10 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_msg = Instant::now();
     loop {
-        let next_due = followed.values().filter_map(|f| f.due(last_msg)).min();
+        let next_due = followed
+            .values()
+            .filter_map(|f| f.due(last_msg, f.spacing::<L>()))
+            .min();
         let flush_at = next_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             msg = sub.recv() => match msg {
@@ -924,7 +999,7 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                         if let (Some(body), true) = (event, fresh) {
                             // The logic sees the state an event follows before the event.
                             for (k, other) in followed.iter_mut() {
-                                other.flush(*k, &shared.core);
+                                other.flush(*k, &shared);
                             }
                             shared.core.do_send(BusEvent { src, body });
                         }
@@ -941,7 +1016,7 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
                     shared.bus.snapshots_applied.increment(1);
                     tracing::info!("bus {}: snapshot applied, {} items", src.name(), fd.follower.store().len());
                     fd.dirty_since = Some(Instant::now());
-                    fd.flush(src, &shared.core);
+                    fd.flush(src, &shared);
                 }
             }
             _ = tokio::time::sleep_until(flush_at.into()), if next_due.is_some() => {}
@@ -979,8 +1054,11 @@ async fn follow_task<L: DaemonLogic>(shared: Arc<Shared<L>>) {
         }
         let now = Instant::now();
         for (src, fd) in followed.iter_mut() {
-            if fd.due(last_msg).is_some_and(|due| now >= due) {
-                fd.flush(*src, &shared.core);
+            if fd
+                .due(last_msg, fd.spacing::<L>())
+                .is_some_and(|due| now >= due)
+            {
+                fd.flush(*src, &shared);
             }
         }
         let now = now_ns();
@@ -1006,30 +1084,62 @@ mod tests {
             heard_ns: Arc::new(AtomicU64::new(0)),
             fetching: Arc::new(AtomicBool::new(false)),
             slot: Arc::new(Mutex::new(None)),
+            cost_ns: Arc::new(AtomicU64::new(0)),
             dirty_since: None,
             last_flush: None,
         };
-        assert_eq!(f.due(t0), None, "nothing pending");
+        let sp = replica_spacing(0, 0);
+        assert_eq!(sp, ms(50));
+        assert_eq!(f.due(t0, sp), None, "nothing pending");
         f.dirty_since = Some(t0);
         assert_eq!(
-            f.due(t0),
+            f.due(t0, sp),
             Some(t0 + ms(2)),
             "quiet bus, no earlier hand-over"
         );
-        assert_eq!(f.due(t0 + ms(30)), Some(t0 + ms(32)), "updates kept coming");
         assert_eq!(
-            f.due(t0 + ms(60)),
+            f.due(t0 + ms(30), sp),
+            Some(t0 + ms(32)),
+            "updates kept coming"
+        );
+        assert_eq!(
+            f.due(t0 + ms(60), sp),
             Some(t0 + ms(50)),
             "at most 50 ms after the change"
         );
         f.last_flush = Some(t0 - ms(10));
         assert_eq!(
-            f.due(t0),
+            f.due(t0, sp),
             Some(t0 + ms(40)),
             "50 ms after the last hand-over"
         );
         f.last_flush = Some(t0 - ms(200));
-        assert_eq!(f.due(t0), Some(t0 + ms(2)));
+        assert_eq!(f.due(t0, sp), Some(t0 + ms(2)));
+    }
+
+    /// A logic whose last `on_replica` took 100 ms, with a spacing of 3, gets the store
+    /// 300 ms after the last hand-over at the earliest (and 300 ms after a change at the
+    /// latest); a cheap one, or one without a spacing, every 50 ms.
+    #[test]
+    fn slow_replica_reads_space_the_hand_overs() {
+        let ms = Duration::from_millis;
+        let cost = 100_000_000;
+        assert_eq!(replica_spacing(cost, 0), ms(50));
+        assert_eq!(replica_spacing(1_000_000, 3), ms(50));
+        assert_eq!(replica_spacing(cost, 3), ms(300));
+        assert_eq!(replica_spacing(u64::MAX, 3), REPLICA_SPACING_MAX);
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let f = Followed {
+            follower: Follower::new(DaemonKind::Ikemgr),
+            heard_ns: Arc::new(AtomicU64::new(0)),
+            fetching: Arc::new(AtomicBool::new(false)),
+            slot: Arc::new(Mutex::new(None)),
+            cost_ns: Arc::new(AtomicU64::new(0)),
+            dirty_since: Some(t0),
+            last_flush: Some(t0 - ms(100)),
+        };
+        assert_eq!(f.due(t0, replica_spacing(cost, 3)), Some(t0 + ms(200)));
+        assert_eq!(f.due(t0, replica_spacing(cost, 0)), Some(t0 + ms(2)));
     }
 
     /// A logic with one timer, armed by the configuration `DELAY_MS` ahead, whose period

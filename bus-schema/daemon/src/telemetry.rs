@@ -45,6 +45,9 @@ pub struct BusMetrics {
     /// Snapshot fetches abandoned because the owner stopped (silent on the bus) or the
     /// fetch exceeded its overall limit.
     pub snapshot_timeouts: Counter,
+    /// Copies of a followed store handed to the logic (a copy it has not read yet is
+    /// replaced by the next).
+    pub handovers: Counter,
 }
 
 impl BusMetrics {
@@ -54,6 +57,11 @@ impl BusMetrics {
             n("bus_messages_published_total"),
             Unit::Count,
             "Messages published on this daemon's bus socket."
+        );
+        describe_counter!(
+            n("slow_calls_total"),
+            Unit::Count,
+            "Calls into the daemon's logic (call=tick, replica, event, config, command) that held it for 250 ms or more."
         );
         describe_counter!(
             n("bus_messages_received_total"),
@@ -79,6 +87,11 @@ impl BusMetrics {
             n("bus_decode_errors_total"),
             Unit::Count,
             "Bus or control frames dropped because they could not be decoded."
+        );
+        describe_counter!(
+            n("bus_replica_handovers_total"),
+            Unit::Count,
+            "Copies of a followed daemon's state handed to the logic (coalesced bus updates)."
         );
         describe_counter!(
             n("ctl_requests_total"),
@@ -111,6 +124,7 @@ impl BusMetrics {
             ctl_errors: metrics::counter!(n("ctl_errors_total")),
             send_errors: metrics::counter!(n("bus_send_errors_total")),
             snapshot_timeouts: metrics::counter!(n("bus_snapshot_timeouts_total")),
+            handovers: metrics::counter!(n("bus_replica_handovers_total")),
         }
     }
 }
