@@ -34,9 +34,13 @@ mod snapshot;
 /// a snapshot instead (the same records, windowed, in a few large datagrams).
 const RESYNC_BY_SNAPSHOT: usize = 256;
 
-/// Local records changed at once above which the peers get a snapshot instead of one
+/// Local records changed at once above which the peers may get a snapshot instead of one
 /// datagram per record ([`Cluster::send_sync_or_snapshot`]).
 const BULK_BY_SNAPSHOT: usize = 256;
+
+/// Changed records still sent one datagram each when they are fewer than half of what a
+/// snapshot would carry ([`Cluster::send_sync_or_snapshot`]): some 40 ms of sealing.
+const BULK_SEND_MAX: usize = 4096;
 
 /// Records handled between two heartbeat checks in a long loop (`Cluster::keep_heartbeats`).
 const HEARTBEAT_CHECK_EVERY: usize = 4096;
@@ -295,6 +299,11 @@ pub fn describe_metrics() {
         "hasyncd_resyncs_total",
         Unit::Count,
         "Snapshots a secondary asked its primary for after sync datagrams were lost on the FGCP link."
+    );
+    describe_counter!(
+        "hasyncd_peers_lost_total",
+        Unit::Count,
+        "Members (link=fgcp) or FGSP peers (link=fgsp) declared lost: no heartbeat within the loss time."
     );
     describe_counter!(
         "hasyncd_failovers_total",
@@ -638,6 +647,8 @@ impl Cluster {
                         ch.fgcp_peer_joined = true;
                     }
                     ElectionEvent::PeerLost(m) => {
+                        metrics::counter!("hasyncd_peers_lost_total", "link" => "fgcp")
+                            .increment(1);
                         tracing::warn!("FGCP member {} lost (no heartbeat)", m.0)
                     }
                     ElectionEvent::BecamePrimary => {
@@ -1686,8 +1697,15 @@ impl Cluster {
     /// instead on the next drive (the same records in a few windowed datagrams): 100 000
     /// sealed datagrams in one call held the daemon for seconds, no heartbeat went out,
     /// and the burst overflowed the receivers' queues anyway.
+    ///
+    /// A snapshot carries every record, so it is only sent when the change is a large part
+    /// of them ([`bulk_by_snapshot`]): hundreds of tunnels deleted at once out of a
+    /// thousand (strongSwan tearing its tunnels down, a late tick that saw several batches)
+    /// used to send the peers the thousand remaining ones, four times over on every link,
+    /// to a member already loaded by the deletions.
     fn send_sync_or_snapshot(&mut self, msgs: &[Message]) {
-        if msgs.len() > BULK_BY_SNAPSHOT {
+        let held = self.ike_local.len() + self.local.len();
+        if bulk_by_snapshot(msgs.len(), held) {
             tracing::info!(
                 "{} records changed at once; the peers get a snapshot instead",
                 msgs.len()
@@ -2023,6 +2041,13 @@ impl Cluster {
 }
 
 /// `(tunnel, outbound SPI)` of CHILD SA records.
+/// Whether `changed` records go to the peers as a snapshot of the `held` records this
+/// member now carries rather than one datagram each: more than [`BULK_BY_SNAPSHOT`], and
+/// either more than [`BULK_SEND_MAX`] or at least half of what the snapshot would carry.
+fn bulk_by_snapshot(changed: usize, held: usize) -> bool {
+    changed > BULK_BY_SNAPSHOT && (changed > BULK_SEND_MAX || changed.saturating_mul(2) >= held)
+}
+
 fn sa_keys(m: &BTreeMap<String, ChildSaSync>) -> std::collections::BTreeSet<(&str, u32)> {
     m.values()
         .map(|sa| (sa.tunnel.as_str(), sa.spi_out))
@@ -2382,6 +2407,7 @@ impl FgspSide {
         for ev in self.live.handle_timeout(now_ms) {
             changed = true;
             if let PeerEvent::Lost(m) = ev {
+                metrics::counter!("hasyncd_peers_lost_total", "link" => "fgsp").increment(1);
                 tracing::warn!("FGSP peer {} lost", m.0);
             }
             events.push(ev);
@@ -2693,5 +2719,36 @@ mod tests {
         assert_eq!(c.replicas_view()["local"], 1);
         c.set_local_child_sas(BTreeMap::new());
         assert_eq!(c.replicas_view()["local"], 0);
+    }
+
+    /// A whole store arriving goes to the peers as a snapshot; a few hundred deletions out
+    /// of a thousand tunnels go as deletions (the soak's teardown sent the peers dozens of
+    /// snapshots of everything left); a change of most of what is left is a snapshot again.
+    #[test]
+    fn many_changes_are_a_snapshot_only_when_they_are_most_of_the_records() {
+        let mut c = Cluster::start(&Config::default(), 0);
+        let all: BTreeMap<String, ChildSaSync> = (1..=1000)
+            .map(|i| (sa_key(&format!("t{i}"), i), sa(&format!("t{i}"), i)))
+            .collect();
+        c.set_local_child_sas(all.clone());
+        assert!(
+            std::mem::take(&mut c.bulk_changed),
+            "a whole store is a snapshot"
+        );
+        let mut left = all;
+        left.retain(|_, sa| sa.spi_in > 300);
+        c.set_local_child_sas(left.clone());
+        assert!(
+            !c.bulk_changed,
+            "300 deletions of 1000 records go one by one"
+        );
+        left.retain(|_, sa| sa.spi_in > 900);
+        c.set_local_child_sas(left);
+        assert!(
+            c.bulk_changed,
+            "600 deletions leaving 100 records are a snapshot"
+        );
+        assert!(bulk_by_snapshot(BULK_SEND_MAX + 1, 1_000_000));
+        assert!(!bulk_by_snapshot(BULK_BY_SNAPSHOT, 0));
     }
 }

@@ -218,6 +218,10 @@ impl DaemonLogic for Hasyncd {
     /// The HA links are driven from the tick: 20 ms keeps heartbeat jitter well under the
     /// smallest FortiOS `hb-interval` (100 ms; 10 ms ticks are not met to the tick).
     const TICK_MS: u64 = 20;
+    /// `on_replica` reads ikemgr's whole store (a few ms per thousand tunnels, hundreds of
+    /// ms on a loaded machine): at most a quarter of the daemon's time, the rest for the
+    /// HA links' ticks and the lease requests.
+    const REPLICA_SPACING: u32 = 3;
 
     fn new(_config: &Config, run_dir: &Path) -> Self {
         cluster::describe_metrics();
