@@ -204,6 +204,10 @@ impl Espd {
     /// Brings the datapath in line with `desired`.
     fn reconcile(&mut self, out: &mut Outbox) {
         let now = Instant::now();
+        // One table publication for every install and removal below.
+        if let Some(dp) = self.dp.as_mut() {
+            dp.hold_publish();
+        }
         self.dead.retain(|k| self.desired.contains_key(k));
         // A lingering SA that ikemgr publishes again is live again.
         let revived: Vec<String> = self
@@ -276,17 +280,16 @@ impl Espd {
             tracing::info!("SA {k} removed{carried}");
         }
         self.failed.retain(|k, _| self.desired.contains_key(k));
+        // Only what differs from the installed SA (cloning all of them on every hand-over
+        // was most of the rest of a reconcile).
         let wanted: Vec<(String, ChildSaInfo)> = self
             .desired
             .iter()
-            .filter(|(k, _)| !self.dead.contains(*k))
+            .filter(|(k, v)| !self.dead.contains(*k) && self.installed.get(*k) != Some(*v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (k, info) in wanted {
             if let Some(cur) = self.installed.get(&k) {
-                if *cur == info {
-                    continue;
-                }
                 let mut same = cur.clone();
                 same.outbound = info.outbound;
                 // A UDP-encapsulated SA whose peer moved (ikemgr followed its NAT mapping,
@@ -421,6 +424,7 @@ impl Espd {
             }
             let keep: BTreeSet<String> = self.tunnel_records.values().cloned().collect();
             dp.prune_devices(&keep);
+            dp.release_publish();
         }
         self.refresh_tunnels(out);
     }
