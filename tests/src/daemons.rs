@@ -138,6 +138,40 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T,
     }
 }
 
+/// Reads `ops/bus-tap`'s stderr until it said `{"attached": d}` for each of `daemons` (from
+/// then on the tap sees everything they publish), or panics after `limit`. The stderr is
+/// drained on a thread for as long as the tap runs.
+pub fn bus_tap_attached(stderr: std::process::ChildStderr, daemons: &[&str], limit: Duration) {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut missing: Vec<String> = daemons
+        .iter()
+        .map(|d| format!(r#"{{"attached": "{d}"}}"#))
+        .collect();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + limit;
+    while !missing.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                missing.retain(|m| line.trim() != m);
+                seen.push(line);
+            }
+            Err(_) => panic!(
+                "bus-tap not attached after {limit:?}: still {missing:?}; its stderr: {seen:?}"
+            ),
+        }
+    }
+}
+
 /// Plain HTTP GET on loopback (enough for /metrics).
 pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;

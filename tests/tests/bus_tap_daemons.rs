@@ -6,7 +6,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use haven_tests::daemons::{vpnctl, vpnctl_json, wait_for, workspace_root, Supervised};
+use haven_tests::daemons::{
+    bus_tap_attached, vpnctl, vpnctl_json, wait_for, workspace_root, Supervised,
+};
 use serde_json::Value;
 
 const CONFIG: &str = include_str!("../../ops/examples/haven.conf");
@@ -46,8 +48,12 @@ fn bus_tap_prints_every_daemons_messages_as_json() {
     });
 
     // A new tunnel makes ikemgr publish tunnel.state and dpdmon dpd.state: the tap must
-    // show both, with decoded bodies.
-    std::thread::sleep(Duration::from_millis(1500));
+    // show both, with decoded bodies. The reload waits until the tap hears both daemons.
+    bus_tap_attached(
+        tap.stderr.take().unwrap(),
+        &["ikemgr", "dpdmon"],
+        Duration::from_secs(15),
+    );
     let extra = "config vpn ipsec phase1-interface\n    edit \"tapped\"\n        set ike-version 2\n        set type dynamic\n        set interface \"port2\"\n        set psksecret \"k\"\n    next\nend\n";
     std::fs::write(&sup.config, format!("{CONFIG}\n{extra}")).unwrap();
     assert!(vpnctl(&run, &["config", "reload"]).status.success());

@@ -5,7 +5,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use haven_tests::daemons::{
-    unique_loopback, vpnctl, vpnctl_json, wait_for, workspace_root, Daemon, TempDir,
+    bus_tap_attached, unique_loopback, vpnctl, vpnctl_json, wait_for, workspace_root, Daemon,
+    TempDir,
 };
 
 /// The GCM key of the fixture's "mk-gcm" tunnel, as it appears in hex.
@@ -62,7 +63,7 @@ fn snapshot_and_bus_tap_redact_keys_by_default() {
 
     // bus-tap sees a new SA when the configuration changes its SPI (removal + install).
     // `timeout` bounds the wait should the tap never see its two messages.
-    let tap = Command::new("timeout")
+    let mut tap = Command::new("timeout")
         .arg("20")
         .arg(workspace_root().join("ops/bus-tap"))
         .args([
@@ -76,10 +77,16 @@ fn snapshot_and_bus_tap_redact_keys_by_default() {
             "2",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("run ops/bus-tap");
-    std::thread::sleep(Duration::from_millis(1500));
+    // Reloading before the tap's subscription reached ikemgr loses the two messages (a CI
+    // run: a fixed 1.5 s wait for the tap's start was too short once).
+    bus_tap_attached(
+        tap.stderr.take().unwrap(),
+        &["ikemgr"],
+        Duration::from_secs(15),
+    );
     let text = std::fs::read_to_string(&conf)
         .unwrap()
         .replace("set local-spi 0x1001", "set local-spi 0x1003");
