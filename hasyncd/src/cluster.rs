@@ -1398,14 +1398,20 @@ impl Cluster {
         let Some(side) = self.fgsp.as_mut().filter(|s| s.active) else {
             return;
         };
-        let d = match side.link.seal(msg) {
+        let known = to.is_some_and(|m| side.peers.iter().any(|p| p.id == Some(m)));
+        // For one peer: off the stream, so the others see no gap ([`resync`]).
+        let sealed = if known {
+            side.link.seal_for_one(msg)
+        } else {
+            side.link.seal(msg)
+        };
+        let d = match sealed {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!("FGSP seal: {e}");
                 return;
             }
         };
-        let known = to.is_some_and(|m| side.peers.iter().any(|p| p.id == Some(m)));
         for p in side.peers.iter_mut() {
             if known && p.id != to {
                 continue;
@@ -2283,7 +2289,11 @@ impl FgcpSide {
                 Err(reason) => count_drop("fgcp", reason.label()),
                 Ok(r) => {
                     count_received("fgcp", bytes.len());
-                    self.loss.heard(r.sender, r.epoch, r.counter, now_ms);
+                    if r.to_all {
+                        self.loss.heard(r.sender, r.epoch, r.stream, now_ms);
+                    } else {
+                        self.loss.seen_up_to(r.sender, r.epoch, r.stream, now_ms);
+                    }
                     self.addrs.insert(r.sender, from);
                     if r.new_epoch {
                         self.restarted.push(r.sender);
@@ -2370,7 +2380,11 @@ impl FgspSide {
                 Err(reason) => count_drop("fgsp", reason.label()),
                 Ok(r) => {
                     count_received("fgsp", bytes.len());
-                    self.loss.heard(r.sender, r.epoch, r.counter, now_ms);
+                    if r.to_all {
+                        self.loss.heard(r.sender, r.epoch, r.stream, now_ms);
+                    } else {
+                        self.loss.seen_up_to(r.sender, r.epoch, r.stream, now_ms);
+                    }
                     let peer = self
                         .peers
                         .iter_mut()

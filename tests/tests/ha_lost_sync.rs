@@ -7,7 +7,7 @@
 //! 1. gw2 (secondary) holds the IKE and CHILD SA copies of the tunnel gw1 carries.
 //! 2. gw2 stops receiving on the FGCP link (nftables drop on port4), the client deletes its
 //!    IKE SA: gw1 removes the tunnel and sends the deletions, which are lost.
-//! 3. The link comes back: gw2 sees the gap in gw1's link counters, asks gw1 for a
+//! 3. The link comes back: gw2 sees the gap in gw1's stream positions, asks gw1 for a
 //!    snapshot (its log says so), and no copy of the deleted tunnel is left on gw2.
 //!    Without the repair the copies stayed for ever.
 //!

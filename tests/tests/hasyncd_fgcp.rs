@@ -227,7 +227,7 @@ while True:
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(3):
     s.sendto(d, ("172.31.1.2", 703))
-hdr = bytes([1, 1, 0, 1]) + (7).to_bytes(4, "big") + (1).to_bytes(8, "big") + (5).to_bytes(8, "big")
+hdr = bytes([2, 1, 0, 1]) + (7).to_bytes(4, "big") + (1).to_bytes(8, "big") + (5).to_bytes(8, "big") + (1).to_bytes(8, "big")
 s.sendto(hdr + b"\x00" * 64, ("172.31.1.2", 703))
 s.sendto(b"\x01", ("172.31.1.2", 703))
 print("sent")

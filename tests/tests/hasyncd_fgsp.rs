@@ -393,7 +393,7 @@ impl Drop for NftTable<'_> {
 
 /// Lost sync datagrams between FGSP peers (issue 6 point 3): member 1 stops receiving
 /// from member 0 for about 1.5 s (nftables drop; less than the loss time, so no peer loss
-/// and no rejoin snapshot), then sees the gap in member 0's link counters and asks it for
+/// and no rejoin snapshot), then sees the gap in member 0's stream positions and asks it for
 /// a snapshot, which member 0 sends and member 1 applies. Without the FGSP repair (it was
 /// FGCP only) member 1 never asks.
 #[test]
@@ -489,7 +489,7 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 to = ("172.31.1.2", 708)
 for _ in range(3):
     s.sendto(d, to)
-hdr = bytes([1, 1, 0, 1]) + (1).to_bytes(4, "big") + (1).to_bytes(8, "big") + (5).to_bytes(8, "big")
+hdr = bytes([2, 1, 0, 1]) + (1).to_bytes(4, "big") + (1).to_bytes(8, "big") + (5).to_bytes(8, "big") + (1).to_bytes(8, "big")
 s.sendto(hdr + b"\x00" * 64, to)
 s.sendto(b"\x01", to)
 s.sendto(hdr + b"\x00" * (65507 - len(hdr)), to)

@@ -7,7 +7,8 @@ import hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 LABEL = b"haven ha link v1"
-KIND_FGCP, GROUP, MEMBER, EPOCH, COUNTER, MSG_SNAPSHOT_REQUEST = 1, 1, 1, 1, 0, 8
+KIND_FGCP, GROUP, MEMBER, EPOCH, COUNTER, STREAM, MSG_SNAPSHOT_REQUEST = 1, 1, 1, 1, 0, 1, 8
+VERSION = 2
 
 
 def hkdf_sha256(ikm, salt, info, n):
@@ -23,8 +24,8 @@ def hkdf_sha256(ikm, salt, info, n):
 salt = LABEL + bytes([KIND_FGCP]) + GROUP.to_bytes(2, "big")
 master = hashlib.pbkdf2_hmac("sha256", b"pw", salt, 1, 32)
 key = hkdf_sha256(master, salt, LABEL + b" sender" + MEMBER.to_bytes(4, "big") + EPOCH.to_bytes(8, "big"), 32)
-header = (bytes([1, MSG_SNAPSHOT_REQUEST]) + GROUP.to_bytes(2, "big") + MEMBER.to_bytes(4, "big")
-          + EPOCH.to_bytes(8, "big") + COUNTER.to_bytes(8, "big"))
+header = (bytes([VERSION, MSG_SNAPSHOT_REQUEST]) + GROUP.to_bytes(2, "big") + MEMBER.to_bytes(4, "big")
+          + EPOCH.to_bytes(8, "big") + COUNTER.to_bytes(8, "big") + STREAM.to_bytes(8, "big"))
 body = bytes([0x81, 0xAA]) + b"request_id" + bytes([1])  # msgpack {"request_id": 1}
 nonce = bytes(4) + COUNTER.to_bytes(8, "big")
 print((header + AESGCM(key).encrypt(nonce, body, header)).hex())

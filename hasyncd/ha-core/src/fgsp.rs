@@ -865,6 +865,27 @@ impl TunnelTable {
         }
     }
 
+    /// A complete snapshot from `from` was applied, naming the tunnels in `listed`: every
+    /// tunnel `from` owns here that the snapshot does not name was deleted at `from` while
+    /// its deletion was lost on the way (the resync after a loss), and goes. Tunnels of
+    /// other owners are not `from`'s to speak for and stay; returns how many went.
+    pub fn forget_unlisted(&mut self, from: MemberId, listed: &BTreeSet<String>) -> usize {
+        if from == self.me {
+            return 0;
+        }
+        let gone: Vec<String> = self
+            .tunnels
+            .iter()
+            .filter(|(name, t)| t.owner == from && !listed.contains(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            self.tunnels.remove(name);
+            self.pending.retain(|(t, _)| t != name);
+        }
+        gone.len()
+    }
+
     // ----- internals
 
     fn promote(&mut self, tunnel: &str, reason: ClaimReason) {
@@ -1707,6 +1728,52 @@ mod tests {
         // Nothing for a member to itself.
         owner.resync_peer(MemberId(1));
         assert!(owner.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn a_snapshot_forgets_the_senders_tunnels_it_no_longer_names() {
+        const U: &str = "vpn2_1";
+        const V: &str = "vpn3_1";
+        let mut owner = TunnelTable::new(MemberId(1));
+        for t in [T, U] {
+            owner.local_established(t);
+            owner.sa_added(MemberId(1), t, SPI);
+        }
+        let mut other = TunnelTable::new(MemberId(2));
+        other.local_established(V);
+        let mut me = TunnelTable::new(MemberId(4));
+        me.peer_joined(MemberId(1));
+        me.peer_joined(MemberId(2));
+        for item in owner.snapshot_items() {
+            me.apply_snapshot_item(MemberId(1), &item);
+        }
+        for item in other.snapshot_items() {
+            me.apply_snapshot_item(MemberId(2), &item);
+        }
+        // The owner deletes U; the deletion never arrives here. Its next snapshot lacks U.
+        owner.handle_delete(&DeleteSync::Tunnel { tunnel: U.into() });
+        let items = owner.snapshot_items();
+        let mut listed = BTreeSet::new();
+        for item in &items {
+            me.apply_snapshot_item(MemberId(1), item);
+            if let SnapshotItem::Ownership(c) = item {
+                listed.insert(c.tunnel.clone());
+            }
+        }
+        assert_eq!(
+            me.role(U),
+            Some(TunnelRole::Standby),
+            "a snapshot only adds"
+        );
+        assert_eq!(me.forget_unlisted(MemberId(1), &listed), 1);
+        assert_eq!(me.role(U), None);
+        // The owner's other tunnel and another member's tunnel stay.
+        assert_eq!(me.role(T), Some(TunnelRole::Standby));
+        assert_eq!(me.owner(V).map(|(m, _)| m), Some(MemberId(2)));
+        // Nothing of this member's own.
+        me.local_established(U);
+        assert_eq!(me.forget_unlisted(MemberId(4), &BTreeSet::new()), 0);
+        assert_eq!(me.role(U), Some(TunnelRole::SyncPrimary));
     }
 
     #[test]

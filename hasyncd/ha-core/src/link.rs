@@ -44,7 +44,7 @@ use crate::error::{DropReason, HaError, Result};
 use crate::msg::Message;
 use crate::replay::ReplayWindow;
 pub use crate::replay::WINDOW;
-use crate::wire::{Header, MemberId, MsgType, HEADER_LEN, MAX_BODY_LEN, TAG_LEN, VERSION};
+use crate::wire::{Header, MemberId, MsgType, FOR_ONE, HEADER_LEN, MAX_BODY_LEN, TAG_LEN, VERSION};
 
 /// PBKDF2 iterations when the configuration says nothing else. All members of a group
 /// must use the same value.
@@ -248,6 +248,12 @@ pub struct Received {
     pub epoch: u64,
     /// The message counter (compare with [`crate::msg::SnapshotChunk::as_of`]).
     pub counter: u64,
+    /// This datagram's position among the sender's datagrams to every member or, when it
+    /// was sealed for one member ([`HaLink::seal_for_one`], `to_all` false), the position of
+    /// the last one sent to all before it (0: none).
+    pub stream: u64,
+    /// Whether it was sealed for every member of the link.
+    pub to_all: bool,
     /// True for the first message of a sender epoch not seen before: the sender (re)started.
     pub new_epoch: bool,
     /// The body.
@@ -260,6 +266,7 @@ pub struct HaLink {
     me: MemberId,
     epoch: u64,
     next_counter: u64,
+    next_stream: u64,
     tx_key: Key,
     peers: BTreeMap<MemberId, PeerState>,
     stats: LinkStats,
@@ -272,6 +279,7 @@ impl std::fmt::Debug for HaLink {
             .field("me", &self.me)
             .field("epoch", &self.epoch)
             .field("next_counter", &self.next_counter)
+            .field("next_stream", &self.next_stream)
             .field("peers", &self.peers.keys().collect::<Vec<_>>())
             .field("stats", &self.stats)
             .finish()
@@ -288,6 +296,7 @@ impl HaLink {
             me,
             epoch,
             next_counter: 0,
+            next_stream: 1,
             tx_key,
             peers: BTreeMap::new(),
             stats: LinkStats::default(),
@@ -314,20 +323,43 @@ impl HaLink {
         &self.stats
     }
 
-    /// Seal a message into a datagram.
+    /// Seal a message into a datagram for every member of the link (the next stream
+    /// position).
     pub fn seal(&mut self, msg: &Message) -> Result<Vec<u8>> {
         let body = msg.encode_body()?;
-        self.seal_raw(msg.msg_type(), &body)
+        self.seal_with(msg.msg_type(), &body, true)
     }
 
-    /// Seal an already encoded body of type `ty` (tests and fuzzing use it to produce
-    /// authentic messages with arbitrary bodies).
+    /// Seal a message into a datagram for one member only (no stream position of its own:
+    /// the others never see it, so it must leave no gap in what they count; it tells its
+    /// receiver the position of the last datagram sent to all).
+    pub fn seal_for_one(&mut self, msg: &Message) -> Result<Vec<u8>> {
+        let body = msg.encode_body()?;
+        self.seal_with(msg.msg_type(), &body, false)
+    }
+
+    /// Seal an already encoded body of type `ty` for every member (tests and fuzzing use
+    /// it to produce authentic messages with arbitrary bodies).
     pub fn seal_raw(&mut self, ty: MsgType, body: &[u8]) -> Result<Vec<u8>> {
+        self.seal_with(ty, body, true)
+    }
+
+    fn seal_with(&mut self, ty: MsgType, body: &[u8], to_all: bool) -> Result<Vec<u8>> {
         if body.len() > MAX_BODY_LEN {
             return Err(HaError::TooLarge(HEADER_LEN + body.len() + TAG_LEN));
         }
         let counter = self.next_counter;
         let next = counter.checked_add(1).ok_or(HaError::CounterExhausted)?;
+        let stream = if to_all {
+            self.next_stream
+        } else {
+            FOR_ONE | (self.next_stream - 1)
+        };
+        let next_stream = if to_all {
+            stream.checked_add(1).ok_or(HaError::CounterExhausted)?
+        } else {
+            self.next_stream
+        };
         let header = Header {
             version: VERSION,
             msg_type: ty,
@@ -335,6 +367,7 @@ impl HaLink {
             sender: self.me,
             epoch: self.epoch,
             counter,
+            stream,
         };
         let aad = header.encode();
         let mut tag = [0u8; TAG_LEN];
@@ -347,6 +380,7 @@ impl HaLink {
             &mut tag,
         )?;
         self.next_counter = next;
+        self.next_stream = next_stream;
         let mut out = Vec::with_capacity(HEADER_LEN + ct.len() + TAG_LEN);
         out.extend_from_slice(&aad);
         out.extend_from_slice(&ct);
@@ -451,6 +485,8 @@ impl HaLink {
             sender: h.sender,
             epoch: h.epoch,
             counter: h.counter,
+            stream: h.stream & !FOR_ONE,
+            to_all: h.stream & FOR_ONE == 0,
             new_epoch,
             message,
         })
@@ -735,8 +771,8 @@ mod tests {
 
     /// Computed independently by `scripts/golden_datagram.py` (Python hashlib/hmac and the
     /// `cryptography` package's AES-GCM).
-    const GOLDEN: &str = "01080001000000010000000000000001000000000000000081e4bb49b6a481247c\
-                          b79813b5667df7ed2bbff3d914e2d854497d4597";
+    const GOLDEN: &str = "020800010000000100000000000000010000000000000000000000000000000181\
+                          e4bb49b6a481247cb79813b5ffcba497b5022100226298ccffe036e1";
 
     #[test]
     fn epochs_grow_across_restarts() {
@@ -759,5 +795,40 @@ mod tests {
         let d2 = a.seal(&lease(1)).unwrap();
         assert_ne!(d1[HEADER_LEN..], d2[HEADER_LEN..]);
         assert_eq!(Header::parse(&d2).unwrap().0.counter, 1);
+    }
+
+    #[test]
+    fn only_datagrams_to_every_member_take_a_stream_position() {
+        let (mut a, mut b) = pair();
+        let all1 = a.seal(&lease(1)).unwrap();
+        let one = a.seal_for_one(&lease(2)).unwrap();
+        let all2 = a.seal(&lease(3)).unwrap();
+        let heads: Vec<(u64, u64)> = [&all1, &one, &all2]
+            .iter()
+            .map(|d| {
+                let h = Header::parse(d).unwrap().0;
+                (h.counter, h.stream)
+            })
+            .collect();
+        // Counters (the nonces) number every datagram; stream positions skip the one for
+        // one member, so a member that never saw it finds no gap, and that one carries the
+        // position of the last datagram to all.
+        assert_eq!(heads, vec![(0, 1), (1, FOR_ONE | 1), (2, 2)]);
+        let got: Vec<(u64, u64, bool)> = [&all1, &all2, &one]
+            .iter()
+            .map(|d| {
+                let r = b.open(d).unwrap();
+                (r.counter, r.stream, r.to_all)
+            })
+            .collect();
+        assert_eq!(got, vec![(0, 1, true), (2, 2, true), (1, 1, false)]);
+        // Before anything went to all, a datagram for one says position 0.
+        let (mut c, mut d) = pair();
+        let r = d.open(&c.seal_for_one(&lease(5)).unwrap()).unwrap();
+        assert_eq!((r.stream, r.to_all), (0, false));
+        // The stream position is authenticated like the rest of the header.
+        let mut forged = a.seal(&lease(4)).unwrap();
+        forged[HEADER_LEN - 1] ^= 1;
+        assert_eq!(b.open(&forged).err(), Some(DropReason::AuthFailed));
     }
 }

@@ -9,7 +9,9 @@
 //! +---------------------------------------------------------------------+
 //! |                      message counter, u64 (BE)                      | 16..24
 //! +---------------------------------------------------------------------+
-//! |              AES-256-GCM ciphertext of the body ...                 | 24..
+//! |                      stream position, u64 (BE)                      | 24..32
+//! +---------------------------------------------------------------------+
+//! |              AES-256-GCM ciphertext of the body ...                 | 32..
 //! +---------------------------------------------------------------------+
 //! |                     GCM tag, 16 bytes                               |
 //! +---------------------------------------------------------------------+
@@ -19,13 +21,24 @@
 //! be changed without the tag failing. `group` is the FGCP `group-id` or the FGSP
 //! `standalone-group-id`; it is in clear so that a message of another group is counted as
 //! such before any crypto runs. This module only frames; [`crate::link`] protects.
+//!
+//! The counter numbers every datagram a sender seals in an epoch; the stream position
+//! numbers only those sent to every member of the link (from 1). A datagram addressed to
+//! one member (a snapshot chunk or its acknowledgement) has [`FOR_ONE`] set and carries the
+//! position of the sender's last datagram to every member (0: none yet). A receiver tells
+//! a lost datagram from one addressed to another member by a gap in the stream positions,
+//! not in the counters, and learns from any datagram how far the stream went (hasyncd's
+//! loss repair).
 
 use crate::error::DropReason;
 
 /// Wire format version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// Set in [`Header::stream`] on a datagram addressed to one member; the other bits are then
+/// the position of the sender's last datagram to every member.
+pub const FOR_ONE: u64 = 1 << 63;
 /// Header length in bytes.
-pub const HEADER_LEN: usize = 24;
+pub const HEADER_LEN: usize = 32;
 /// AES-GCM tag length (RFC 5116 §5.1: AEAD_AES_256_GCM, 16-octet tag).
 pub const TAG_LEN: usize = 16;
 /// Largest datagram accepted or produced (header, ciphertext and tag). Snapshot chunks
@@ -102,6 +115,9 @@ pub struct Header {
     pub epoch: u64,
     /// Per-epoch message counter, strictly increasing; the AEAD nonce.
     pub counter: u64,
+    /// Per-epoch position among the datagrams sent to every member (from 1); on a datagram
+    /// addressed to one member, [`FOR_ONE`] with the position of the last one sent to all.
+    pub stream: u64,
 }
 
 impl Header {
@@ -115,6 +131,7 @@ impl Header {
         out[4..8].copy_from_slice(&self.sender.0.to_be_bytes());
         out[8..16].copy_from_slice(&self.epoch.to_be_bytes());
         out[16..24].copy_from_slice(&self.counter.to_be_bytes());
+        out[24..32].copy_from_slice(&self.stream.to_be_bytes());
         out
     }
 
@@ -143,6 +160,7 @@ impl Header {
             sender: MemberId(u32::from_be_bytes(r.array())),
             epoch: u64::from_be_bytes(r.array()),
             counter: u64::from_be_bytes(r.array()),
+            stream: u64::from_be_bytes(r.array()),
         };
         Ok((header, sealed))
     }
@@ -181,6 +199,7 @@ mod tests {
             sender: MemberId(0x0304_0506),
             epoch: 0x1112_1314_1516_1718,
             counter: 0x2122_2324_2526_2728,
+            stream: 0x3132_3334_3536_3738,
         }
     }
 
@@ -191,8 +210,9 @@ mod tests {
         assert_eq!(
             bytes,
             [
-                1, 0xee, 1, 2, 3, 4, 5, 6, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x21,
-                0x22, 0x23, 0x24, 0x25, 0x26, 0x27, 0x28
+                2, 0xee, 1, 2, 3, 4, 5, 6, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x21,
+                0x22, 0x23, 0x24, 0x25, 0x26, 0x27, 0x28, 0x31, 0x32, 0x33, 0x34, 0x35, 0x36, 0x37,
+                0x38
             ]
         );
         let mut dgram = bytes.to_vec();
@@ -223,7 +243,8 @@ mod tests {
         dgram.push(0);
         assert_eq!(Header::parse(&dgram).err(), Some(DropReason::Oversized));
         dgram.truncate(HEADER_LEN + TAG_LEN);
-        dgram[0] = 2;
+        // The first format (a 24-byte header without the stream position) is refused.
+        dgram[0] = 1;
         assert_eq!(Header::parse(&dgram).err(), Some(DropReason::BadVersion));
     }
 }

@@ -48,6 +48,10 @@ impl SharedLink {
         lock(&self.0).seal(msg)
     }
 
+    pub fn seal_for_one(&self, msg: &Message) -> ha_core::Result<Vec<u8>> {
+        lock(&self.0).seal_for_one(msg)
+    }
+
     pub fn open(&self, datagram: &[u8]) -> Result<Received, DropReason> {
         lock(&self.0).open(datagram)
     }

@@ -3,26 +3,23 @@
 //! The sync stream (IKE and CHILD SA records, deletions, leases) is sent once over UDP: a
 //! lost record leaves the secondary without a copy it needs for a takeover, and a lost
 //! deletion leaves a copy behind for ever (the soak's "standby CHILD SA copies not
-//! removed"). Every datagram a member seals carries the next value of its link counter
-//! (ha-core `HaLink`, heartbeats included), so the receiver sees a loss as a counter it
-//! never received. [`LossWatch`] notes the counters each sender used; a counter still
-//! missing [`REORDER_MS`] after a later one arrived is lost (the link may reorder, not
-//! that much). The secondary then asks its primary for a snapshot (the Clone pattern's
-//! repair: the snapshot replaces every copy from that member, and the stream continues
-//! after it), at most once per [`RESYNC_EVERY_MS`] per sender.
+//! removed"). Every datagram a member seals for every member of the link (heartbeats
+//! included) carries the next stream position of that member (ha-core's wire header), so
+//! the receiver sees a loss as a position it never received. Datagrams for one member
+//! only (snapshot chunks and their acknowledgements, claims and leases to a peer that
+//! joined) carry no position of their own, so they leave no gap at the others; they carry
+//! the position of the sender's last datagram to all, so their receiver knows how far the
+//! stream went even before it heard any of it ([`LossWatch::seen_up_to`]). [`LossWatch`] notes the
+//! positions each sender used; a position still missing [`REORDER_MS`] after a later one
+//! arrived is lost (the link may reorder, not that much). The member then asks the sender
+//! for a snapshot (the Clone pattern's repair: the snapshot replaces every copy from that
+//! member, and the stream continues after it), at most once per [`RESYNC_EVERY_MS`] per
+//! sender.
 //!
-//! FGSP peers get the same repair from the peer whose counters show the gap
-//! ([`fgsp_resync`]), but only while this member hears exactly one FGSP peer: with more,
-//! the peers' snapshot chunks and acknowledgements to one another (unicast) leave gaps
-//! here that are no loss, and asking for snapshots on them would make every join start
-//! a round of snapshots between all peers. Two FGSP members, or two FGCP clusters whose
-//! primaries speak for them (seed 001), are covered; three or more FGSP members are not
-//! (their losses are only counted down).
-//!
-//! Limits: a member that seals a datagram for another member only (a snapshot chunk
-//! unicast to a third member of a larger cluster) leaves a counter the others never see;
-//! they take it for a loss and resync once (rate-limited). In a pair, every datagram goes
-//! to the one peer.
+//! FGCP: a secondary asks its primary (the others' streams carry nothing it keeps). FGSP:
+//! a member asks every live peer whose positions show a gap ([`fgsp_resync`]), however
+//! many peers the cluster has (seed 000's four members), and an FGCP cluster's primary
+//! does the same for the clusters it hears (seed 001).
 
 use std::collections::BTreeMap;
 
@@ -55,6 +52,32 @@ pub struct LossWatch {
 }
 
 impl LossWatch {
+    /// An authenticated datagram from `from` addressed to one member (this one) arrived at
+    /// `now_ms`, saying that the sender's last datagram to every member had position
+    /// `last` in `epoch`: every position up to it that has not arrived is missing. The
+    /// first datagram of a sender (often a snapshot chunk, when the member joined after the
+    /// sender's first heartbeats) sets where counting starts.
+    pub fn seen_up_to(&mut self, from: MemberId, epoch: u64, last: u64, now_ms: u64) {
+        let s = self.senders.entry(from).or_default();
+        if epoch != s.epoch || s.next == 0 {
+            *s = Sender {
+                epoch,
+                next: last.saturating_add(1),
+                last_request_ms: s.last_request_ms,
+                ..Default::default()
+            };
+            return;
+        }
+        if last >= s.next {
+            // Positions s.next..=last are missing: as if `last + 1` had arrived.
+            self.heard(from, epoch, last.saturating_add(1), now_ms);
+            if let Some(s) = self.senders.get_mut(&from) {
+                // `last + 1` itself has not arrived yet.
+                s.next = last.saturating_add(1);
+            }
+        }
+    }
+
     /// An authenticated datagram from `from` with `epoch` and `counter` arrived at `now_ms`.
     pub fn heard(&mut self, from: MemberId, epoch: u64, counter: u64, now_ms: u64) {
         let s = self.senders.entry(from).or_default();
@@ -132,14 +155,14 @@ impl LossWatch {
     }
 }
 
-/// FGSP: the peer to ask for a snapshot, and how many of its datagrams were lost, given
-/// the losses [`LossWatch::take_lost`] reported and the peers heard now. Only when this
-/// member hears one peer and that peer's datagrams were lost (see the module comment).
-pub fn fgsp_resync(lost: &[(MemberId, u64)], live: &[MemberId]) -> Option<(MemberId, u64)> {
-    let [only] = live else {
-        return None;
-    };
-    lost.iter().find(|(m, n)| m == only && *n > 0).copied()
+/// FGSP: the peers to ask for a snapshot, with how many of their datagrams were lost,
+/// given the losses [`LossWatch::take_lost`] reported and the peers heard now (a peer no
+/// longer heard is not asked: it gets the loss handling instead).
+pub fn fgsp_resync(lost: &[(MemberId, u64)], live: &[MemberId]) -> Vec<(MemberId, u64)> {
+    lost.iter()
+        .filter(|(m, n)| *n > 0 && live.contains(m))
+        .copied()
+        .collect()
 }
 
 #[cfg(test)]
@@ -175,21 +198,53 @@ mod tests {
     }
 
     #[test]
-    fn an_fgsp_member_asks_its_only_peer_after_a_loss() {
+    fn an_fgsp_member_asks_each_peer_whose_stream_has_a_gap() {
         const B: MemberId = MemberId(8);
+        const C: MemberId = MemberId(9);
         let mut w = LossWatch::default();
-        w.heard(A, 1, 0, 0);
-        w.heard(A, 1, 1, 10);
-        w.heard(A, 1, 4, 20); // 2 and 3 lost (a deletion sent while the link dropped)
+        w.heard(A, 1, 1, 0);
+        w.heard(A, 1, 2, 10);
+        w.heard(A, 1, 5, 20); // 3 and 4 lost (a deletion sent while the link dropped)
+        w.heard(B, 1, 1, 0);
+        w.heard(B, 1, 2, 20); // B's chunks to C were off the stream: no gap
         let lost = w.take_lost(20 + REORDER_MS);
         assert_eq!(lost, vec![(A, 2)]);
-        assert_eq!(fgsp_resync(&lost, &[A]), Some((A, 2)));
-        // With a second peer heard, gaps may be A's snapshot chunks to B: no request.
-        assert_eq!(fgsp_resync(&lost, &[A, B]), None);
+        // However many peers are heard, the one with the gap is asked.
+        assert_eq!(fgsp_resync(&lost, &[A]), vec![(A, 2)]);
+        assert_eq!(fgsp_resync(&lost, &[A, B, C]), vec![(A, 2)]);
         // Nothing lost, or lost from a peer no longer heard: no request.
-        assert_eq!(fgsp_resync(&[], &[A]), None);
-        assert_eq!(fgsp_resync(&lost, &[B]), None);
-        assert_eq!(fgsp_resync(&lost, &[]), None);
+        assert!(fgsp_resync(&[], &[A]).is_empty());
+        assert!(fgsp_resync(&lost, &[B, C]).is_empty());
+        assert!(fgsp_resync(&lost, &[]).is_empty());
+        // Two peers with gaps: both asked.
+        w.heard(B, 1, 4, 30);
+        w.heard(C, 1, 1, 30);
+        w.heard(C, 1, 3, 30);
+        let t = 30 + RESYNC_EVERY_MS;
+        assert_eq!(
+            fgsp_resync(&w.take_lost(t), &[A, B, C]),
+            vec![(B, 1), (C, 1)]
+        );
+    }
+
+    #[test]
+    fn a_datagram_for_one_member_tells_how_far_the_stream_went() {
+        let mut w = LossWatch::default();
+        // A joiner's first datagram from A is a snapshot chunk: A had sent up to 10.
+        w.seen_up_to(A, 1, 10, 0);
+        // 11 and 12 go while the link drops; 13 arrives.
+        w.heard(A, 1, 13, 100);
+        assert_eq!(w.take_lost(100 + REORDER_MS), vec![(A, 2)]);
+        // A chunk saying the stream reached 15 while 14 and 15 never came: both missing.
+        w.seen_up_to(A, 1, 15, 200);
+        w.heard(A, 1, 15, 210); // 15 comes late: only 14 is lost
+        w.heard(A, 1, 16, 220);
+        let t = 100 + REORDER_MS + RESYNC_EVERY_MS;
+        assert_eq!(w.take_lost(t), vec![(A, 1)]);
+        // Saying nothing new changes nothing.
+        w.seen_up_to(A, 1, 16, t);
+        w.seen_up_to(A, 1, 3, t);
+        assert!(w.take_lost(t + 2 * RESYNC_EVERY_MS).is_empty());
     }
 
     #[test]

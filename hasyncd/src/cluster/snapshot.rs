@@ -5,7 +5,7 @@
 //! unacknowledged; the joiner holds the carrier's stream messages while the transfer runs
 //! and applies them after the snapshot, in link-counter order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use ha_core::msg::{HaRole, SnapshotItem, SnapshotRequest};
@@ -187,7 +187,8 @@ impl Cluster {
         }
     }
 
-    /// Sends a message to one member over `link` (FGCP: to the address it was heard from).
+    /// Sends a message to one member over `link` (FGCP: to the address it was heard from),
+    /// sealed off the stream: the other members never see it and must find no gap.
     pub(super) fn send_to_member(&mut self, link: &'static str, to: MemberId, msg: &Message) {
         if link == "fgcp" {
             let Some(side) = self.fgcp.as_mut() else {
@@ -196,7 +197,7 @@ impl Cluster {
             let Some(addr) = side.addrs.get(&to).copied() else {
                 return;
             };
-            match side.link.seal(msg) {
+            match side.link.seal_for_one(msg) {
                 Ok(d) => match side.sock.send_to(&d, addr) {
                     Ok(()) => count_sent("fgcp", d.len()),
                     Err(e) => tracing::debug!("snapshot send to {addr}: {e}"),
@@ -216,7 +217,7 @@ impl Cluster {
             if addrs.is_empty() {
                 return;
             }
-            match side.link.seal(msg) {
+            match side.link.seal_for_one(msg) {
                 Ok(d) => {
                     for a in addrs {
                         match side.sock.send_to(&d, a) {
@@ -296,6 +297,11 @@ impl Cluster {
             .retain(|_, r| !(r.from == from && r.link == link));
         self.ike_replicas.retain(|_, (f, _)| *f != from);
         let (mut ike, mut child) = (0usize, 0usize);
+        // The table the snapshot goes to (the FGSP table of an FGCP cluster over FGSP, or
+        // the member's own), and the tunnels it names.
+        let over = link == "fgsp" && self.fgsp_table.is_some();
+        let to_table = over || link == "fgcp" || fgsp_mode;
+        let mut listed: BTreeSet<String> = BTreeSet::new();
         // By value: the records move into the copies (100 000 of them: no second copy).
         for (i, item) in done.snapshot.items.into_iter().enumerate() {
             if i % HEARTBEAT_CHECK_EVERY == HEARTBEAT_CHECK_EVERY - 1 {
@@ -307,19 +313,19 @@ impl Cluster {
                 SnapshotItem::Lease(l) => &l.tunnel,
                 SnapshotItem::Ownership(c) => &c.tunnel,
             };
-            let over = link == "fgsp" && self.fgsp_table.is_some();
             if link == "fgsp" && (fgsp_mode || over) && !self.syncs(tunnel) {
                 continue;
             }
             let table = if over {
                 self.fgsp_table.as_mut()
-            } else if link == "fgcp" || fgsp_mode {
-                self.table.as_mut()
             } else {
-                None
+                self.table.as_mut().filter(|_| to_table)
             };
             if let Some(t) = table {
                 t.apply_snapshot_item(from, &item);
+                if !listed.contains(tunnel) {
+                    listed.insert(tunnel.clone());
+                }
             }
             match item {
                 SnapshotItem::IkeSa(s) => {
@@ -341,10 +347,23 @@ impl Cluster {
                 SnapshotItem::Lease(_) | SnapshotItem::Ownership(_) => {}
             }
         }
+        // Tunnels of the sender it no longer names were deleted there and their deletions
+        // lost (the resync after a loss): they go, as their copies went above.
+        let table = if over {
+            self.fgsp_table.as_mut()
+        } else {
+            self.table.as_mut().filter(|_| to_table)
+        };
+        let forgot = table.map_or(0, |t| t.forget_unlisted(from, &listed));
         tracing::info!(
-            "{link}: snapshot from member {} applied: {ike} IKE SAs, {child} CHILD SAs, then {} newer updates",
+            "{link}: snapshot from member {} applied: {ike} IKE SAs, {child} CHILD SAs, then {} newer updates{}",
             from.0,
-            done.then.len()
+            done.then.len(),
+            if forgot > 0 {
+                format!("; {forgot} tunnels it no longer has forgotten")
+            } else {
+                String::new()
+            }
         );
         metrics::counter!("hasyncd_snapshots_received_total", "link" => link).increment(1);
         self.roles_dirty = true;
@@ -395,38 +414,36 @@ impl Cluster {
         }
     }
 
-    /// FGSP: sync datagrams from a peer were lost (a record or a deletion of a tunnel it
-    /// owns may be missing here): asks it for a snapshot, which replaces every copy it sent.
-    /// Only while this member hears that one peer ([`super::resync::fgsp_resync`]: with
-    /// more, the peers' snapshot chunks to each other leave gaps that are no loss).
+    /// FGSP: sync datagrams from peers were lost (a record or a deletion of a tunnel one
+    /// owns may be missing here): asks each for a snapshot, which replaces every copy it
+    /// sent ([`super::resync::fgsp_resync`]).
     fn resync_lost_fgsp(&mut self, now_ms: u64) {
         let Some(side) = self.fgsp.as_mut().filter(|s| s.active) else {
             return;
         };
         let lost = side.loss.take_lost(now_ms);
         let live: Vec<MemberId> = side.live.peers().collect();
-        let Some((from, n)) = super::resync::fgsp_resync(&lost, &live) else {
-            return;
-        };
-        if self
-            .snap
-            .joins
-            .get(&("fgsp", from))
-            .is_some_and(|j| j.in_progress())
-        {
-            return;
+        for (from, n) in super::resync::fgsp_resync(&lost, &live) {
+            if self
+                .snap
+                .joins
+                .get(&("fgsp", from))
+                .is_some_and(|j| j.in_progress())
+            {
+                continue;
+            }
+            self.snap.next_id = self.snap.next_id.wrapping_add(1);
+            let req = SnapshotRequest {
+                request_id: self.snap.next_id,
+                next: 0,
+            };
+            tracing::info!(
+                "fgsp: {n} datagrams from peer {} lost; asking it for a snapshot",
+                from.0
+            );
+            metrics::counter!("hasyncd_resyncs_total", "link" => "fgsp").increment(1);
+            self.send_to_member("fgsp", from, &Message::SnapshotRequest(req));
         }
-        self.snap.next_id = self.snap.next_id.wrapping_add(1);
-        let req = SnapshotRequest {
-            request_id: self.snap.next_id,
-            next: 0,
-        };
-        tracing::info!(
-            "fgsp: {n} datagrams from peer {} lost; asking it for a snapshot",
-            from.0
-        );
-        metrics::counter!("hasyncd_resyncs_total", "link" => "fgsp").increment(1);
-        self.send_to_member("fgsp", from, &Message::SnapshotRequest(req));
     }
 
     /// Sends what the transfers may send now; drops finished and abandoned ones.

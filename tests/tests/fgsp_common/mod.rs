@@ -67,10 +67,16 @@ pub fn port4_addr(i: usize) -> String {
 
 /// Seed 000's member configuration (standalone-cluster, vpn1 with DPD), for member `i`.
 pub fn config(i: usize) -> String {
+    config_with(i, "")
+}
+
+/// [`config`] with `peer_set` (`set` lines, each ending in a newline) in every
+/// `config cluster-peer` entry, such as a longer `hb-lost-threshold`.
+pub fn config_with(i: usize, peer_set: &str) -> String {
     let mut peers = String::new();
     for (n, j) in (0..MEMBERS).filter(|j| *j != i).enumerate() {
         peers.push_str(&format!(
-            "        edit {}\n            set peerip {}\n        next\n",
+            "        edit {}\n            set peerip {}\n{peer_set}        next\n",
             n + 1,
             port4_addr(j)
         ));
@@ -124,10 +130,12 @@ pub struct Member {
     pub dir: PathBuf,
     pub run: PathBuf,
     pub procs: Vec<Proc>,
+    /// `set` lines for every cluster-peer entry ([`config_with`]).
+    pub peer_set: String,
 }
 
 impl Member {
-    pub fn start(ns: Netns, dir: &Path, i: usize) -> Member {
+    pub fn start(ns: Netns, dir: &Path, i: usize, peer_set: &str) -> Member {
         let dir = dir.join(format!("vm{}", i + 1));
         let run = dir.join("run");
         std::fs::create_dir_all(&run).unwrap();
@@ -137,6 +145,7 @@ impl Member {
             dir,
             run,
             procs: Vec::new(),
+            peer_set: peer_set.to_string(),
         };
         m.spawn();
         m
@@ -149,7 +158,7 @@ impl Member {
     /// Writes the configuration and starts the four daemons (logs appended).
     pub fn spawn(&mut self) {
         let conf = self.dir.join("haven.conf");
-        std::fs::write(&conf, config(self.i)).unwrap();
+        std::fs::write(&conf, config_with(self.i, &self.peer_set)).unwrap();
         self.procs = member::spawn_all(&self.ns, &conf, &self.run, &self.dir);
     }
 
@@ -241,6 +250,11 @@ pub struct Lab {
 
 impl Lab {
     pub fn new(tag: &str, label: &str) -> Lab {
+        Lab::with_peer_set(tag, label, "")
+    }
+
+    /// [`Lab::new`] with `peer_set` in every member's cluster-peer entries ([`config_with`]).
+    pub fn with_peer_set(tag: &str, label: &str, peer_set: &str) -> Lab {
         if let Err(e) = strongswan::preflight() {
             panic!("cannot run strongSwan tests on this machine: {e}");
         }
@@ -304,7 +318,7 @@ impl Lab {
         let members: Vec<Member> = nss
             .into_iter()
             .enumerate()
-            .map(|(i, ns)| Member::start(ns, scratch.path(), i))
+            .map(|(i, ns)| Member::start(ns, scratch.path(), i, peer_set))
             .collect();
         for m in &members {
             wait_for(&format!("{} detects 3 peers", m.name()), WAIT, || {
