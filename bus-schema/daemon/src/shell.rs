@@ -140,15 +140,21 @@ const SLOW_CALL_MS: u128 = 250;
 
 /// Runs one call into `L` (`call` names it) and reports it if it was slow.
 fn timed<L: DaemonLogic, R>(call: &'static str, f: impl FnOnce() -> R) -> R {
+    timed_cost::<L, R>(call, f).0
+}
+
+/// [`timed`], also returning how long the call took.
+fn timed_cost<L: DaemonLogic, R>(call: &'static str, f: impl FnOnce() -> R) -> (R, Duration) {
     let started = Instant::now();
     let r = f();
-    let ms = started.elapsed().as_millis();
+    let took = started.elapsed();
+    let ms = took.as_millis();
     if ms >= SLOW_CALL_MS {
         let name = format!("{}_slow_calls_total", L::KIND.name());
         metrics::counter!(name, "call" => call).increment(1);
         tracing::warn!("{call} took {ms} ms (nothing else ran meanwhile)");
     }
-    r
+    (r, took)
 }
 
 struct Core<L: DaemonLogic> {
@@ -248,11 +254,10 @@ impl<L: DaemonLogic> Handler<ReplicaChanged> for Core<L> {
             return;
         };
         let mut out = Vec::new();
-        let started = Instant::now();
-        timed::<L, _>("replica", || {
+        let ((), took) = timed_cost::<L, _>("replica", || {
             self.logic.on_replica(msg.src, &store, &mut out)
         });
-        let cost = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let cost = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         msg.cost_ns.store(cost, Ordering::Relaxed);
         self.after(ctx, out);
     }
