@@ -52,22 +52,32 @@ pub struct LossWatch {
 }
 
 impl LossWatch {
+    /// `from`'s state in `epoch`, or None after starting it afresh with `next` as the
+    /// next position: its first datagram, or the first of a new start, where nothing
+    /// before counts (a member that joins gets a snapshot anyway).
+    fn known(&mut self, from: MemberId, epoch: u64, next: u64) -> Option<&mut Sender> {
+        let s = self.senders.entry(from).or_default();
+        if epoch != s.epoch || s.next == 0 {
+            *s = Sender {
+                epoch,
+                next,
+                last_request_ms: s.last_request_ms,
+                ..Default::default()
+            };
+            return None;
+        }
+        Some(s)
+    }
+
     /// An authenticated datagram from `from` addressed to one member (this one) arrived at
     /// `now_ms`, saying that the sender's last datagram to every member had position
     /// `last` in `epoch`: every position up to it that has not arrived is missing. The
     /// first datagram of a sender (often a snapshot chunk, when the member joined after the
     /// sender's first heartbeats) sets where counting starts.
     pub fn seen_up_to(&mut self, from: MemberId, epoch: u64, last: u64, now_ms: u64) {
-        let s = self.senders.entry(from).or_default();
-        if epoch != s.epoch || s.next == 0 {
-            *s = Sender {
-                epoch,
-                next: last.saturating_add(1),
-                last_request_ms: s.last_request_ms,
-                ..Default::default()
-            };
+        let Some(s) = self.known(from, epoch, last.saturating_add(1)) else {
             return;
-        }
+        };
         if last >= s.next {
             // Positions s.next..=last are missing: as if `last + 1` had arrived.
             self.heard(from, epoch, last.saturating_add(1), now_ms);
@@ -80,18 +90,9 @@ impl LossWatch {
 
     /// An authenticated datagram from `from` with `epoch` and `counter` arrived at `now_ms`.
     pub fn heard(&mut self, from: MemberId, epoch: u64, counter: u64, now_ms: u64) {
-        let s = self.senders.entry(from).or_default();
-        if epoch != s.epoch || s.next == 0 {
-            // First datagram of this sender or of a new start: nothing before it counts
-            // (a member that joins gets a snapshot anyway).
-            *s = Sender {
-                epoch,
-                next: counter.saturating_add(1),
-                last_request_ms: s.last_request_ms,
-                ..Default::default()
-            };
+        let Some(s) = self.known(from, epoch, counter.saturating_add(1)) else {
             return;
-        }
+        };
         if counter >= s.next {
             // Bounded: a jump larger than MAX_MISSING is a loss at once.
             let gap = counter - s.next;

@@ -387,31 +387,41 @@ impl Cluster {
         if !secondary {
             return;
         }
-        for (from, n) in lost {
-            if side.peer_roles.get(&from) != Some(&HaRole::Primary) {
-                continue;
+        let from_primary: Vec<(MemberId, u64)> = lost
+            .into_iter()
+            .filter(|(from, _)| side.peer_roles.get(from) == Some(&HaRole::Primary))
+            .collect();
+        for (from, n) in from_primary {
+            if self.ask_snapshot("fgcp", from, n) {
+                return;
             }
-            if self
-                .snap
-                .joins
-                .get(&("fgcp", from))
-                .is_some_and(|j| j.in_progress())
-            {
-                continue;
-            }
-            self.snap.next_id = self.snap.next_id.wrapping_add(1);
-            let req = SnapshotRequest {
-                request_id: self.snap.next_id,
-                next: 0,
-            };
-            tracing::info!(
-                "fgcp: {n} datagrams from primary {} lost; asking it for a snapshot",
-                from.0
-            );
-            metrics::counter!("hasyncd_resyncs_total", "link" => "fgcp").increment(1);
-            self.send_to_member("fgcp", from, &Message::SnapshotRequest(req));
-            return;
         }
+    }
+
+    /// Asks `from` over `link` for a snapshot after `n` of its datagrams were lost, unless
+    /// one from it is under way (it covers them); returns whether it asked.
+    fn ask_snapshot(&mut self, link: &'static str, from: MemberId, n: u64) -> bool {
+        if self
+            .snap
+            .joins
+            .get(&(link, from))
+            .is_some_and(|j| j.in_progress())
+        {
+            return false;
+        }
+        self.snap.next_id = self.snap.next_id.wrapping_add(1);
+        let req = SnapshotRequest {
+            request_id: self.snap.next_id,
+            next: 0,
+        };
+        let who = if link == "fgcp" { "primary" } else { "peer" };
+        tracing::info!(
+            "{link}: {n} datagrams from {who} {} lost; asking it for a snapshot",
+            from.0
+        );
+        metrics::counter!("hasyncd_resyncs_total", "link" => link).increment(1);
+        self.send_to_member(link, from, &Message::SnapshotRequest(req));
+        true
     }
 
     /// FGSP: sync datagrams from peers were lost (a record or a deletion of a tunnel one
@@ -424,25 +434,7 @@ impl Cluster {
         let lost = side.loss.take_lost(now_ms);
         let live: Vec<MemberId> = side.live.peers().collect();
         for (from, n) in super::resync::fgsp_resync(&lost, &live) {
-            if self
-                .snap
-                .joins
-                .get(&("fgsp", from))
-                .is_some_and(|j| j.in_progress())
-            {
-                continue;
-            }
-            self.snap.next_id = self.snap.next_id.wrapping_add(1);
-            let req = SnapshotRequest {
-                request_id: self.snap.next_id,
-                next: 0,
-            };
-            tracing::info!(
-                "fgsp: {n} datagrams from peer {} lost; asking it for a snapshot",
-                from.0
-            );
-            metrics::counter!("hasyncd_resyncs_total", "link" => "fgsp").increment(1);
-            self.send_to_member("fgsp", from, &Message::SnapshotRequest(req));
+            self.ask_snapshot("fgsp", from, n);
         }
     }
 
