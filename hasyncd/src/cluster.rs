@@ -25,7 +25,9 @@ use serde_json::{json, Value};
 
 use crate::io::{hw_addr, LinkIdentity, LinkSocket, FGCP_PORT};
 
+mod epochs;
 mod hbpump;
+pub use epochs::EpochStore;
 mod resync;
 mod snapshot;
 
@@ -211,6 +213,8 @@ pub struct Cluster {
     lag: crate::lag::SyncLag,
     /// Snapshot transfers to and from members that join ([`snapshot`]).
     snap: snapshot::Snapshots,
+    /// This member's link epochs, above every earlier one ([`epochs`]).
+    epochs: EpochStore,
     /// FGCP primary: something that can leave a tunnel with a non-primary owner happened
     /// (a membership or role change, a claim, lease or record received, a snapshot
     /// applied): `reclaim_stale` runs on the next drive. It scans every tunnel, so it runs
@@ -259,11 +263,6 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
-}
-
-/// A non-zero epoch above any earlier start of this member: the wall clock in ms.
-fn epoch(now_ms: u64) -> u64 {
-    ha_core::link::next_epoch(None, now_ms).unwrap_or(now_ms)
 }
 
 fn count_drop(link: &'static str, reason: &'static str) {
@@ -404,12 +403,12 @@ impl Cluster {
     /// Starts the links the configuration asks for. A link that cannot start (no
     /// secret, no heartbeat device, socket error) is left out with one log line each;
     /// the daemon keeps running standalone for it.
-    pub fn start(config: &Config, now_ms: u64) -> Cluster {
+    pub fn start(config: &Config, now_ms: u64, mut epochs: EpochStore) -> Cluster {
         let fgcp = config
             .ha
             .as_ref()
             .filter(|h| h.mode == haven_config::HaMode::ActivePassive)
-            .and_then(|ha| match start_fgcp(ha, now_ms) {
+            .and_then(|ha| match start_fgcp(ha, now_ms, epochs.next(now_ms)) {
                 Ok(s) => {
                     tracing::info!(
                         "FGCP link up on {} port {FGCP_PORT}/udp as {} (member id {})",
@@ -425,7 +424,7 @@ impl Cluster {
                 }
             });
         let fgsp = config.standalone.as_ref().and_then(|sc| {
-            match start_fgsp(sc, now_ms, fgcp.is_none()) {
+            match start_fgsp(sc, now_ms, epochs.next(now_ms), fgcp.is_none()) {
                 Ok(s) => {
                     tracing::info!(
                         "FGSP link up on port {}/udp as member {} of group {} ({} peers)",
@@ -493,7 +492,8 @@ impl Cluster {
             started_from: (config.ha.clone(), config.standalone.clone()),
             config_inbox: Vec::new(),
             lag: Default::default(),
-            snap: snapshot::Snapshots::new(epoch(now_ms)),
+            snap: snapshot::Snapshots::new(now_ms),
+            epochs,
             reclaim_due: true,
             next_reclaim_ms: now_ms,
             now_ms,
@@ -708,7 +708,7 @@ impl Cluster {
         if let Some(side) = self.fgsp.as_mut() {
             if speaks && (!side.active || renew) {
                 // A new speaker for this member id: a fresh epoch above the old speaker's.
-                match HaLink::new(side.key.clone(), side.me, epoch(now_ms)) {
+                match HaLink::new(side.key.clone(), side.me, self.epochs.next(now_ms)) {
                     Ok(link) => {
                         side.link.replace(link);
                         side.active = true;
@@ -2123,7 +2123,7 @@ pub fn role_name(r: HaRole) -> &'static str {
     }
 }
 
-fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
+fn start_fgcp(ha: &haven_config::Ha, now_ms: u64, epoch: u64) -> Result<FgcpSide, String> {
     let key = LinkKey::derive(
         ClusterKind::Fgcp,
         ha.group_id,
@@ -2148,8 +2148,7 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64) -> Result<FgcpSide, String> {
     cfg.override_ = ha.override_;
     cfg.hb_interval_ms = u64::from(ha.hb_interval_ms());
     cfg.hb_lost_threshold = u32::from(ha.hb_lost_threshold);
-    let link =
-        hbpump::SharedLink::new(HaLink::new(key, me, epoch(now_ms)).map_err(|e| e.to_string())?);
+    let link = hbpump::SharedLink::new(HaLink::new(key, me, epoch).map_err(|e| e.to_string())?);
     let id = LinkIdentity {
         group: ha.group_id,
         me,
@@ -2215,6 +2214,7 @@ fn start_pump(
 fn start_fgsp(
     sc: &haven_config::StandaloneCluster,
     now_ms: u64,
+    epoch: u64,
     active: bool,
 ) -> Result<FgspSide, String> {
     let key = LinkKey::derive(
@@ -2225,9 +2225,8 @@ fn start_fgsp(
     )
     .map_err(|e| e.to_string())?;
     let me = MemberId(u32::from(sc.group_member_id));
-    let link = hbpump::SharedLink::new(
-        HaLink::new(key.clone(), me, epoch(now_ms)).map_err(|e| e.to_string())?,
-    );
+    let link =
+        hbpump::SharedLink::new(HaLink::new(key.clone(), me, epoch).map_err(|e| e.to_string())?);
     let port = sc
         .cluster_peers
         .first()
@@ -2523,7 +2522,7 @@ mod tests {
 
     #[test]
     fn standby_copies_follow_sync_and_delete_messages() {
-        let mut c = Cluster::start(&Config::default(), 0);
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
         c.apply(MemberId(2), "fgcp", Message::ChildSa(sa("vpn1_1", 0x10)));
         c.apply(MemberId(2), "fgcp", Message::ChildSa(sa("vpn1_1", 0x11)));
         c.apply(MemberId(3), "fgsp", Message::ChildSa(sa("vpn1_2", 0x20)));
@@ -2555,7 +2554,7 @@ mod tests {
     /// ikemgr that minus the time since it arrived (bytes as sent).
     #[test]
     fn takeover_lifetimes_count_from_when_the_copy_arrived() {
-        let mut c = Cluster::start(&Config::default(), 0);
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
         c.drive(5_000);
         let mut copy = sa("vpn1_1", 0x10);
         copy.lifetime = ChildLifetime {
@@ -2608,7 +2607,7 @@ mod tests {
     /// espd's counter above the partner's numbers (an RFC 6311 mark is not a sequence).
     #[test]
     fn a_takeover_skips_the_local_datapath_to_each_start() {
-        let mut c = Cluster::start(&Config::default(), 0);
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
         let ike = IkeSaSync {
             tunnel: "vpn1_1".into(),
             phase1: "vpn1".into(),
@@ -2660,7 +2659,7 @@ mod tests {
     /// as synchronised at the old SA's M1.
     #[test]
     fn a_replaced_ike_sas_sync_mark_is_forgotten() {
-        let mut c = Cluster::start(&Config::default(), 0);
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
         c.table = Some(TunnelTable::with_mode(MemberId(1), TableMode::Fgcp));
         let copy = |spi_i: u64, spi_r: u64, next: u32| IkeSaSync {
             tunnel: "vpn1_1".into(),
@@ -2726,7 +2725,7 @@ mod tests {
 
     #[test]
     fn local_child_sas_are_remembered_without_links() {
-        let mut c = Cluster::start(&Config::default(), 0);
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
         let mut m = BTreeMap::new();
         m.insert(sa_key("vpn1", 1), sa("vpn1", 1));
         c.set_local_child_sas(m);
@@ -2740,7 +2739,7 @@ mod tests {
     /// snapshots of everything left); a change of most of what is left is a snapshot again.
     #[test]
     fn many_changes_are_a_snapshot_only_when_they_are_most_of_the_records() {
-        let mut c = Cluster::start(&Config::default(), 0);
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
         let all: BTreeMap<String, ChildSaSync> = (1..=1000)
             .map(|i| (sa_key(&format!("t{i}"), i), sa(&format!("t{i}"), i)))
             .collect();

@@ -34,8 +34,10 @@
 //! A member that joins gets a windowed, acknowledged snapshot ([`cluster`]'s `snapshot`);
 //! so do all peers when many local records change at once.
 //!
-//! Not yet: FGSP per-tunnel ownership between FGCP clusters (see README.md), a persisted
-//! link epoch (the epoch is the wall clock in ms at each start).
+//! Each link start takes an epoch above the wall clock and above every epoch this member
+//! used before, kept in the run-dir (`cluster::EpochStore`).
+//!
+//! Not yet: FGSP per-tunnel ownership between FGCP clusters (see README.md).
 
 mod cfgsync;
 mod cluster;
@@ -90,6 +92,8 @@ struct Hasyncd {
     own_children: BTreeMap<String, ChildSaInfo>,
     /// FGCP configuration sync (primary to secondaries).
     cfgsync: cfgsync::ConfigSync,
+    /// The run-dir (the HA link epochs are kept there).
+    run_dir: std::path::PathBuf,
     /// Skips sent to espd for SAs it still holds (tunnels whose IKE SA the local ikemgr
     /// kept established): the shared addresses are announced once espd asked for a lease
     /// above each (its counter moved), once ikemgr no longer has the tunnel, or after
@@ -244,6 +248,7 @@ impl DaemonLogic for Hasyncd {
             own_ike: BTreeMap::new(),
             own_children: BTreeMap::new(),
             cfgsync: cfgsync::ConfigSync::new(run_dir),
+            run_dir: run_dir.to_path_buf(),
             garp_wait: Vec::new(),
             garp_wait_since: 0,
         }
@@ -377,7 +382,11 @@ impl DaemonLogic for Hasyncd {
             // Anything else restarts the links. Drop the old ones first: it frees their
             // ports.
             self.cluster = None;
-            let mut c = Cluster::start(&config, self.now_ms);
+            let mut c = Cluster::start(
+                &config,
+                self.now_ms,
+                cluster::EpochStore::open(&self.run_dir),
+            );
             c.set_local_child_sas(self.child_sas.clone());
             self.cluster = Some(c);
             self.publish_member(out);
