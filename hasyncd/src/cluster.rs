@@ -323,6 +323,11 @@ pub fn describe_metrics() {
         "Outbound SAs this member's espd was told to continue above another member's leases (a tunnel claimed back while carried here, after a split brain)."
     );
     describe_counter!(
+        "hasyncd_sequence_skips_repeated_total",
+        Unit::Count,
+        "Skips sent to espd again because espd had not yet asked for a lease above them (a bus event can be lost right after hasyncd starts)."
+    );
+    describe_counter!(
         "hasyncd_link_drops_total",
         Unit::Count,
         "HA link datagrams dropped, by link (fgcp, fgsp) and reason."

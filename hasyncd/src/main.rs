@@ -100,6 +100,13 @@ struct Hasyncd {
     /// [`GARP_HOLD_MS`]. With when the wait began (ms).
     garp_wait: Vec<SeqMark>,
     garp_wait_since: u64,
+    /// Skips of SAs espd holds (the local ikemgr has their CHILD SA), sent again every
+    /// [`SKIP_REPEAT_MS`] until espd asks for a lease above each: a bus event sent right
+    /// after hasyncd started can be lost (espd's subscription to the new publisher is not
+    /// connected yet). With when the repeats give up (ms) and when the next is due.
+    skip_resend: Vec<SeqMark>,
+    skip_resend_until: u64,
+    skip_resend_next: u64,
 }
 
 /// The longest the shared addresses' announcement waits for espd after a skip: only a
@@ -108,9 +115,29 @@ struct Hasyncd {
 /// loaded disk can stretch).
 const GARP_HOLD_MS: u64 = 3_000;
 
+/// How often unconfirmed skips go to espd again (they give up with the takeovers).
+const SKIP_REPEAT_MS: u64 = 250;
+
 /// How often an unconfirmed takeover is announced again, and for how long.
 const TAKEOVER_REPEAT_MS: u64 = 500;
 const TAKEOVER_GIVE_UP_MS: u64 = 30_000;
+
+/// Whether espd's lease request `sas` shows skip `w` done: a lease asked above it.
+fn skip_confirmed(w: &SeqMark, sas: &[SeqMark]) -> bool {
+    sas.iter()
+        .any(|m| m.tunnel == w.tunnel && m.spi_out == w.spi_out && m.seq_hw > w.seq_hw)
+}
+
+/// Whether ikemgr's record `now` shows the takeover of `copy` done: the copy's IKE SPIs
+/// with its message IDs or later ones. The SPIs alone are not enough: a take-back of a
+/// tunnel whose IKE SA ikemgr kept established has them before ikemgr acts, while the copy
+/// may be later (the partner rekeyed a CHILD SA, an exchange its message IDs count), and
+/// ikemgr moves its IDs up to the copy's when it continues it (never down).
+fn takeover_done(copy: &IkeSaRecord, now: &IkeSaRecord) -> bool {
+    (now.spi_i, now.spi_r) == (copy.spi_i, copy.spi_r)
+        && now.next_send >= copy.next_send
+        && now.next_recv >= copy.next_recv
+}
 
 /// A tunnel's role on this member: `sync-primary` on the FGCP primary or on a member
 /// without FGCP (each FGSP member carries what it established), `standby` on a secondary
@@ -251,6 +278,9 @@ impl DaemonLogic for Hasyncd {
             run_dir: run_dir.to_path_buf(),
             garp_wait: Vec::new(),
             garp_wait_since: 0,
+            skip_resend: Vec::new(),
+            skip_resend_until: 0,
+            skip_resend_next: 0,
         }
     }
 
@@ -318,10 +348,8 @@ impl DaemonLogic for Hasyncd {
             .iter()
             .map(|(k, r)| (k.clone(), (r.spi_i, r.spi_r)))
             .collect();
-        // A takeover is done once ikemgr publishes the IKE SA itself.
-        let spis = &self.ike_spis;
         self.takeovers
-            .retain(|t, (info, _, _)| spis.get(t) != Some(&(info.ike.spi_i, info.ike.spi_r)));
+            .retain(|t, (info, _, _)| !ike.get(t).is_some_and(|r| takeover_done(&info.ike, r)));
         if let Some(c) = self.cluster.as_mut() {
             c.set_local_ike_sas(ike);
             c.keep_heartbeats();
@@ -351,6 +379,9 @@ impl DaemonLogic for Hasyncd {
         // acknowledged path, so a mark is granted only once every live member holds it.
         if let (DaemonKind::Espd | DaemonKind::Ikemgr, Body::SeqLeaseRequest { sas }) = (src, body)
         {
+            if src == DaemonKind::Espd && !self.skip_resend.is_empty() {
+                self.skip_resend.retain(|w| !skip_confirmed(w, sas));
+            }
             if src == DaemonKind::Espd && !self.garp_wait.is_empty() {
                 self.skips_confirmed(sas);
             }
@@ -457,6 +488,7 @@ impl DaemonLogic for Hasyncd {
             }
         }
         self.vip.tick(self.now_ms);
+        self.repeat_skips(out);
         let now = self.now_ms;
         self.takeovers.retain(|tunnel, (_, _, give_up)| {
             let keep = now < *give_up;
@@ -574,6 +606,7 @@ impl Hasyncd {
         let roles_dirty = std::mem::take(&mut cluster.roles_dirty);
         // Before any grant: espd moves the counter, then leases above it.
         if !skips.is_empty() {
+            self.resend_skips_until_confirmed(&skips);
             out.push(Body::SeqSkip { sas: skips });
         }
         if !grants.is_empty() {
@@ -603,11 +636,71 @@ impl Hasyncd {
 
     /// espd asked for leases `sas`: a request above a skip means that SA's counter moved;
     /// once every held skip is confirmed the shared addresses are announced.
-    fn skips_confirmed(&mut self, sas: &[SeqMark]) {
-        self.garp_wait.retain(|w| {
-            !sas.iter()
-                .any(|m| m.tunnel == w.tunnel && m.spi_out == w.spi_out && m.seq_hw > w.seq_hw)
+    /// Notes `skips` (just sent to espd) to send again until espd confirms them: those of
+    /// CHILD SAs the local ikemgr has, which espd holds at its own counter. The others
+    /// reach espd with the CHILD SA ikemgr installs from the takeover.
+    fn resend_skips_until_confirmed(&mut self, skips: &[SeqMark]) {
+        let held = |m: &SeqMark| {
+            self.own_children
+                .values()
+                .any(|c| c.tunnel == m.tunnel && c.spi_out == m.spi_out)
+        };
+        let fresh: Vec<SeqMark> = skips.iter().filter(|m| held(m)).cloned().collect();
+        if fresh.is_empty() {
+            return;
+        }
+        for m in fresh {
+            self.skip_resend
+                .retain(|w| (&w.tunnel, w.spi_out) != (&m.tunnel, m.spi_out));
+            self.skip_resend.push(m);
+        }
+        self.skip_resend_next = self.now_ms.saturating_add(SKIP_REPEAT_MS);
+        self.skip_resend_until = self.now_ms.saturating_add(TAKEOVER_GIVE_UP_MS);
+    }
+
+    /// Sends the unconfirmed skips again when due; gives up on them after
+    /// [`TAKEOVER_GIVE_UP_MS`] or once ikemgr no longer has their CHILD SA.
+    fn repeat_skips(&mut self, out: &mut Outbox) {
+        if self.skip_resend.is_empty() {
+            return;
+        }
+        let children = &self.own_children;
+        self.skip_resend.retain(|m| {
+            children
+                .values()
+                .any(|c| c.tunnel == m.tunnel && c.spi_out == m.spi_out)
         });
+        if self.skip_resend.is_empty() {
+            return;
+        }
+        if self.now_ms >= self.skip_resend_until {
+            tracing::error!(
+                "HA: espd did not continue above {} skips (outbound {:08x?}); giving up",
+                self.skip_resend.len(),
+                self.skip_resend
+                    .iter()
+                    .map(|m| m.spi_out)
+                    .collect::<Vec<_>>()
+            );
+            self.skip_resend.clear();
+            return;
+        }
+        if self.now_ms >= self.skip_resend_next {
+            self.skip_resend_next = self.now_ms.saturating_add(SKIP_REPEAT_MS);
+            metrics::counter!("hasyncd_sequence_skips_repeated_total")
+                .increment(self.skip_resend.len() as u64);
+            tracing::debug!(
+                "HA: {} skips sent to espd again (no lease asked above them yet)",
+                self.skip_resend.len()
+            );
+            out.push(Body::SeqSkip {
+                sas: self.skip_resend.clone(),
+            });
+        }
+    }
+
+    fn skips_confirmed(&mut self, sas: &[SeqMark]) {
+        self.garp_wait.retain(|w| !skip_confirmed(w, sas));
         if self.garp_wait.is_empty() && self.vip.is_quiet() {
             let now = (haven_daemon::now_ns() / 1_000_000).max(self.now_ms);
             tracing::info!(
@@ -751,6 +844,138 @@ mod tests {
         let v = d.command("ike-restore", &[], &mut out).unwrap();
         assert_eq!(v["ike"], json!([]));
         assert_eq!(v["child"], json!([]));
+    }
+
+    /// A take-back of an IKE SA ikemgr kept: its record has the takeover's SPIs from the
+    /// start, but the takeover is repeated until ikemgr's message IDs reach the copy's.
+    #[test]
+    fn a_takeover_is_repeated_until_ikemgr_has_the_copys_message_ids() {
+        let config = Config::default();
+        let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
+        let kept = IkeSaRecord {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i: 0x1122,
+            spi_r: 0x3344,
+            next_send: 3,
+            next_recv: 7,
+            remote: "192.0.2.1:4500".into(),
+            keys: vec![0xc4, 0x00],
+        };
+        // The partner answered a CHILD rekey while it carried the tunnel.
+        let copy = IkeSaRecord {
+            next_recv: 8,
+            ..kept.clone()
+        };
+        let info = TakeoverInfo {
+            ike: copy.clone(),
+            start_seqs: Vec::new(),
+            lifetimes: Vec::new(),
+        };
+        d.cluster = Some(Cluster::start(&config, 0, cluster::EpochStore::in_memory()));
+        d.takeovers.insert(
+            "vpn1_1".into(),
+            (info, TAKEOVER_REPEAT_MS, TAKEOVER_GIVE_UP_MS),
+        );
+        let with = |r: &IkeSaRecord| {
+            let mut store = StateStore::default();
+            store.apply(&Body::IkeSa(r.clone()));
+            store
+        };
+        let mut out = Outbox::new();
+        d.on_replica(DaemonKind::Ikemgr, &with(&kept), &mut out);
+        assert!(d.takeovers.contains_key("vpn1_1"), "kept SA taken as done");
+        out.clear();
+        d.tick(TAKEOVER_REPEAT_MS * 1_000_000, &mut out);
+        assert!(
+            out.iter()
+                .any(|b| matches!(b, Body::Takeover(t) if t.ike == copy)),
+            "{out:?}"
+        );
+        // Another IKE SA on the tunnel (its SPIs) does not confirm it either.
+        let other = IkeSaRecord {
+            spi_r: 0x5566,
+            next_send: 9,
+            next_recv: 9,
+            ..kept.clone()
+        };
+        d.on_replica(DaemonKind::Ikemgr, &with(&other), &mut out);
+        assert!(d.takeovers.contains_key("vpn1_1"));
+        // ikemgr continued the copy: done.
+        d.on_replica(DaemonKind::Ikemgr, &with(&copy), &mut out);
+        assert!(d.takeovers.is_empty());
+    }
+
+    /// A skip of an SA espd holds goes again until espd asks for a lease above it (the
+    /// first can be lost on the bus right after hasyncd started); other skips go once.
+    #[test]
+    fn skips_of_held_sas_are_repeated_until_espd_leases_above_them() {
+        let config = Config::default();
+        let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
+        d.cluster = Some(Cluster::start(&config, 0, cluster::EpochStore::in_memory()));
+        let child = ChildSaInfo {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            phase2: "vpn1".into(),
+            spi_in: 0xc001,
+            spi_out: 0xc002,
+            transform: "aes128gcm".into(),
+            esn: false,
+            keys_in: vec![7; 20],
+            keys_out: vec![8; 20],
+            local: "192.0.2.2".into(),
+            remote: "192.0.2.1".into(),
+            encap: bus_schema::schema::EspEncap::None,
+            local_ts: vec!["10.0.0.0/24".into()],
+            remote_ts: vec!["10.0.1.0/24".into()],
+            replay_window: 1024,
+            lifetime: Default::default(),
+            initial_seq: 1,
+            outbound: true,
+        };
+        let mut store = StateStore::default();
+        store.apply(&Body::ChildSa(child));
+        let mut out = Outbox::new();
+        d.on_replica(DaemonKind::Ikemgr, &store, &mut out);
+        let skip = |spi_out: u32, seq_hw: u64| SeqMark {
+            tunnel: "vpn1_1".into(),
+            spi_out,
+            seq_hw,
+        };
+        d.resend_skips_until_confirmed(&[skip(0xc002, 5000), skip(0xdead, 7000)]);
+        let sent = |out: &Outbox| -> Vec<SeqMark> {
+            out.iter()
+                .filter_map(|b| match b {
+                    Body::SeqSkip { sas } => Some(sas.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect()
+        };
+        out.clear();
+        d.tick(SKIP_REPEAT_MS * 1_000_000, &mut out);
+        assert_eq!(sent(&out), vec![skip(0xc002, 5000)], "{out:?}");
+        // A lease request below the skip does not confirm it; one above does.
+        let lease = |seq_hw: u64| Body::SeqLeaseRequest {
+            sas: vec![skip(0xc002, seq_hw)],
+        };
+        d.on_event(DaemonKind::Espd, &lease(4000), &mut out);
+        out.clear();
+        d.tick(2 * SKIP_REPEAT_MS * 1_000_000, &mut out);
+        assert_eq!(sent(&out), vec![skip(0xc002, 5000)]);
+        d.on_event(DaemonKind::Espd, &lease(5000 + (1 << 20)), &mut out);
+        out.clear();
+        d.tick(3 * SKIP_REPEAT_MS * 1_000_000, &mut out);
+        assert!(sent(&out).is_empty(), "{out:?}");
+        // Unconfirmed, they give up with the takeovers.
+        d.resend_skips_until_confirmed(&[skip(0xc002, 9000)]);
+        out.clear();
+        d.tick(
+            (3 * SKIP_REPEAT_MS + TAKEOVER_GIVE_UP_MS) * 1_000_000,
+            &mut out,
+        );
+        assert!(sent(&out).is_empty());
+        assert!(d.skip_resend.is_empty());
     }
 
     #[test]

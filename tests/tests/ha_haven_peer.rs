@@ -742,15 +742,26 @@ fn gw1_carries_again_above_gw2(
     });
     // An SA espd kept: gw1's hasyncd announced the shared addresses only once espd asked
     // for a lease above the skip (before it, the traffic the announcement moves to gw1
-    // would leave below gw2's numbers), not on the timeout.
+    // would leave below gw2's numbers), not on the timeout. espd's request follows its
+    // skip by a wake-up and a persisted mark: hasyncd logs one or the other after it.
     let hasyncd = m1.log("hasyncd");
     if hasyncd.contains("continue above the other member: the shared addresses are announced once")
     {
-        assert!(
-            hasyncd.contains("espd continues above the other member on every SA kept here"),
-            "{}",
-            m1.logs()
+        let confirmed = wait_for(
+            "gw1's hasyncd to announce the shared addresses",
+            WAIT,
+            || {
+                let log = m1.log("hasyncd");
+                if log.contains("espd continues above the other member on every SA kept here") {
+                    Ok(true)
+                } else if log.contains("espd did not confirm") {
+                    Ok(false)
+                } else {
+                    Err(m1.logs())
+                }
+            },
         );
+        assert!(confirmed, "{}", m1.logs());
     }
     (gw2_max, skipped)
 }
