@@ -770,6 +770,30 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    /// ikemgr's CHILD SA `vpn1_1` in c001 out c002.
+    fn child_sa() -> ChildSaInfo {
+        ChildSaInfo {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            phase2: "vpn1".into(),
+            spi_in: 0xc001,
+            spi_out: 0xc002,
+            transform: "aes128gcm".into(),
+            esn: false,
+            keys_in: vec![7; 20],
+            keys_out: vec![8; 20],
+            local: "192.0.2.2".into(),
+            remote: "192.0.2.1".into(),
+            encap: bus_schema::schema::EspEncap::None,
+            local_ts: vec!["10.0.0.0/24".into()],
+            remote_ts: vec!["10.0.1.0/24".into()],
+            replay_window: 1024,
+            lifetime: Default::default(),
+            initial_seq: 1 << 20,
+            outbound: true,
+        }
+    }
+
     #[test]
     fn tunnel_roles_follow_the_fgcp_role() {
         assert_eq!(tunnel_role(None), "sync-primary");
@@ -809,26 +833,7 @@ mod tests {
             remote: "192.0.2.1:4500".into(),
             keys: vec![0xc4, 0x00, 0xff, 0x10],
         };
-        let child = ChildSaInfo {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            phase2: "vpn1".into(),
-            spi_in: 0xc001,
-            spi_out: 0xc002,
-            transform: "aes128gcm".into(),
-            esn: false,
-            keys_in: vec![7; 20],
-            keys_out: vec![8; 20],
-            local: "192.0.2.2".into(),
-            remote: "192.0.2.1".into(),
-            encap: bus_schema::schema::EspEncap::None,
-            local_ts: vec!["10.0.0.0/24".into()],
-            remote_ts: vec!["10.0.1.0/24".into()],
-            replay_window: 1024,
-            lifetime: Default::default(),
-            initial_seq: 1 << 20,
-            outbound: true,
-        };
+        let child = child_sa();
         let mut store = StateStore::default();
         store.apply(&Body::IkeSa(rec.clone()));
         store.apply(&Body::ChildSa(child.clone()));
@@ -913,26 +918,7 @@ mod tests {
         let config = Config::default();
         let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
         d.cluster = Some(Cluster::start(&config, 0, cluster::EpochStore::in_memory()));
-        let child = ChildSaInfo {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            phase2: "vpn1".into(),
-            spi_in: 0xc001,
-            spi_out: 0xc002,
-            transform: "aes128gcm".into(),
-            esn: false,
-            keys_in: vec![7; 20],
-            keys_out: vec![8; 20],
-            local: "192.0.2.2".into(),
-            remote: "192.0.2.1".into(),
-            encap: bus_schema::schema::EspEncap::None,
-            local_ts: vec!["10.0.0.0/24".into()],
-            remote_ts: vec!["10.0.1.0/24".into()],
-            replay_window: 1024,
-            lifetime: Default::default(),
-            initial_seq: 1,
-            outbound: true,
-        };
+        let child = child_sa();
         let mut store = StateStore::default();
         store.apply(&Body::ChildSa(child));
         let mut out = Outbox::new();
