@@ -770,6 +770,20 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    /// ikemgr's IKE SA record of `vpn1_1`.
+    fn ike_sa() -> IkeSaRecord {
+        IkeSaRecord {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i: 0x1122,
+            spi_r: 0x3344,
+            next_send: 3,
+            next_recv: 7,
+            remote: "192.0.2.1:4500".into(),
+            keys: vec![0xc4, 0x00, 0xff, 0x10],
+        }
+    }
+
     /// ikemgr's CHILD SA `vpn1_1` in c001 out c002.
     fn child_sa() -> ChildSaInfo {
         ChildSaInfo {
@@ -823,16 +837,7 @@ mod tests {
     fn the_local_replica_of_ikemgr_is_served_back_whole_for_a_restart() {
         let config = Config::default();
         let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
-        let rec = IkeSaRecord {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            spi_i: 0x1122,
-            spi_r: 0x3344,
-            next_send: 3,
-            next_recv: 7,
-            remote: "192.0.2.1:4500".into(),
-            keys: vec![0xc4, 0x00, 0xff, 0x10],
-        };
+        let rec = ike_sa();
         let child = child_sa();
         let mut store = StateStore::default();
         store.apply(&Body::IkeSa(rec.clone()));
@@ -857,16 +862,7 @@ mod tests {
     fn a_takeover_is_repeated_until_ikemgr_has_the_copys_message_ids() {
         let config = Config::default();
         let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
-        let kept = IkeSaRecord {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            spi_i: 0x1122,
-            spi_r: 0x3344,
-            next_send: 3,
-            next_recv: 7,
-            remote: "192.0.2.1:4500".into(),
-            keys: vec![0xc4, 0x00],
-        };
+        let kept = ike_sa();
         // The partner answered a CHILD rekey while it carried the tunnel.
         let copy = IkeSaRecord {
             next_recv: 8,
