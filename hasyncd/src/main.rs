@@ -46,7 +46,7 @@ mod lag;
 mod usage;
 mod vip;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -126,6 +126,19 @@ const TAKEOVER_GIVE_UP_MS: u64 = 30_000;
 fn skip_confirmed(w: &SeqMark, sas: &[SeqMark]) -> bool {
     sas.iter()
         .any(|m| m.tunnel == w.tunnel && m.spi_out == w.spi_out && m.seq_hw > w.seq_hw)
+}
+
+/// Keeps the skips of `skips` whose CHILD SA is in `children` (ikemgr's, which espd holds
+/// at its own counter).
+fn retain_held(skips: &mut Vec<SeqMark>, children: &BTreeMap<String, ChildSaInfo>) {
+    if skips.is_empty() {
+        return;
+    }
+    let held: BTreeSet<(&str, u32)> = children
+        .values()
+        .map(|c| (c.tunnel.as_str(), c.spi_out))
+        .collect();
+    skips.retain(|m| held.contains(&(m.tunnel.as_str(), m.spi_out)));
 }
 
 /// Whether ikemgr's record `now` shows the takeover of `copy` done: the copy's IKE SPIs
@@ -341,6 +354,8 @@ impl DaemonLogic for Hasyncd {
                 _ => None,
             })
             .collect();
+        // A skip whose CHILD SA ikemgr no longer has has nothing left to move.
+        retain_held(&mut self.skip_resend, &self.own_children);
         self.keep_heartbeats();
         self.child_sas = self.usage.records(&self.own_children, self.now_ms);
         self.own_ike = ike.clone();
@@ -634,18 +649,12 @@ impl Hasyncd {
         }
     }
 
-    /// espd asked for leases `sas`: a request above a skip means that SA's counter moved;
-    /// once every held skip is confirmed the shared addresses are announced.
     /// Notes `skips` (just sent to espd) to send again until espd confirms them: those of
     /// CHILD SAs the local ikemgr has, which espd holds at its own counter. The others
     /// reach espd with the CHILD SA ikemgr installs from the takeover.
     fn resend_skips_until_confirmed(&mut self, skips: &[SeqMark]) {
-        let held = |m: &SeqMark| {
-            self.own_children
-                .values()
-                .any(|c| c.tunnel == m.tunnel && c.spi_out == m.spi_out)
-        };
-        let fresh: Vec<SeqMark> = skips.iter().filter(|m| held(m)).cloned().collect();
+        let mut fresh = skips.to_vec();
+        retain_held(&mut fresh, &self.own_children);
         if fresh.is_empty() {
             return;
         }
@@ -659,17 +668,9 @@ impl Hasyncd {
     }
 
     /// Sends the unconfirmed skips again when due; gives up on them after
-    /// [`TAKEOVER_GIVE_UP_MS`] or once ikemgr no longer has their CHILD SA.
+    /// [`TAKEOVER_GIVE_UP_MS`] (`on_replica` drops those whose CHILD SA ikemgr no longer
+    /// has).
     fn repeat_skips(&mut self, out: &mut Outbox) {
-        if self.skip_resend.is_empty() {
-            return;
-        }
-        let children = &self.own_children;
-        self.skip_resend.retain(|m| {
-            children
-                .values()
-                .any(|c| c.tunnel == m.tunnel && c.spi_out == m.spi_out)
-        });
         if self.skip_resend.is_empty() {
             return;
         }
@@ -699,6 +700,8 @@ impl Hasyncd {
         }
     }
 
+    /// espd asked for leases `sas`: a request above a skip means that SA's counter moved;
+    /// once every held skip is confirmed the shared addresses are announced.
     fn skips_confirmed(&mut self, sas: &[SeqMark]) {
         self.garp_wait.retain(|w| !skip_confirmed(w, sas));
         if self.garp_wait.is_empty() && self.vip.is_quiet() {
