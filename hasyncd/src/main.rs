@@ -772,44 +772,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// ikemgr's IKE SA record of `vpn1_1`.
-    fn ike_sa() -> IkeSaRecord {
-        IkeSaRecord {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            spi_i: 0x1122,
-            spi_r: 0x3344,
-            next_send: 3,
-            next_recv: 7,
-            remote: "192.0.2.1:4500".into(),
-            keys: vec![0xc4, 0x00, 0xff, 0x10],
-        }
-    }
-
-    /// ikemgr's CHILD SA `vpn1_1` in c001 out c002.
-    fn child_sa() -> ChildSaInfo {
-        ChildSaInfo {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            phase2: "vpn1".into(),
-            spi_in: 0xc001,
-            spi_out: 0xc002,
-            transform: "aes128gcm".into(),
-            esn: false,
-            keys_in: vec![7; 20],
-            keys_out: vec![8; 20],
-            local: "192.0.2.2".into(),
-            remote: "192.0.2.1".into(),
-            encap: bus_schema::schema::EspEncap::None,
-            local_ts: vec!["10.0.0.0/24".into()],
-            remote_ts: vec!["10.0.1.0/24".into()],
-            replay_window: 1024,
-            lifetime: Default::default(),
-            initial_seq: 1 << 20,
-            outbound: true,
-        }
-    }
+    use bus_schema::samples::{child_sa, ike_sa};
 
     #[test]
     fn tunnel_roles_follow_the_fgcp_role() {
@@ -868,7 +831,7 @@ mod tests {
         let kept = ike_sa();
         // The partner answered a CHILD rekey while it carried the tunnel.
         let copy = IkeSaRecord {
-            next_recv: 8,
+            next_recv: kept.next_recv + 1,
             ..kept.clone()
         };
         let info = TakeoverInfo {
@@ -918,6 +881,7 @@ mod tests {
         let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
         d.cluster = Some(Cluster::start(&config, 0, cluster::EpochStore::in_memory()));
         let child = child_sa();
+        let held = child.spi_out;
         let mut store = StateStore::default();
         store.apply(&Body::ChildSa(child));
         let mut out = Outbox::new();
@@ -927,7 +891,7 @@ mod tests {
             spi_out,
             seq_hw,
         };
-        d.resend_skips_until_confirmed(&[skip(0xc002, 5000), skip(0xdead, 7000)]);
+        d.resend_skips_until_confirmed(&[skip(held, 5000), skip(0xdead, 7000)]);
         let sent = |out: &Outbox| -> Vec<SeqMark> {
             out.iter()
                 .filter_map(|b| match b {
@@ -939,21 +903,21 @@ mod tests {
         };
         out.clear();
         d.tick(SKIP_REPEAT_MS * 1_000_000, &mut out);
-        assert_eq!(sent(&out), vec![skip(0xc002, 5000)], "{out:?}");
+        assert_eq!(sent(&out), vec![skip(held, 5000)], "{out:?}");
         // A lease request below the skip does not confirm it; one above does.
         let lease = |seq_hw: u64| Body::SeqLeaseRequest {
-            sas: vec![skip(0xc002, seq_hw)],
+            sas: vec![skip(held, seq_hw)],
         };
         d.on_event(DaemonKind::Espd, &lease(4000), &mut out);
         out.clear();
         d.tick(2 * SKIP_REPEAT_MS * 1_000_000, &mut out);
-        assert_eq!(sent(&out), vec![skip(0xc002, 5000)]);
+        assert_eq!(sent(&out), vec![skip(held, 5000)]);
         d.on_event(DaemonKind::Espd, &lease(5000 + (1 << 20)), &mut out);
         out.clear();
         d.tick(3 * SKIP_REPEAT_MS * 1_000_000, &mut out);
         assert!(sent(&out).is_empty(), "{out:?}");
         // Unconfirmed, they give up with the takeovers.
-        d.resend_skips_until_confirmed(&[skip(0xc002, 9000)]);
+        d.resend_skips_until_confirmed(&[skip(held, 9000)]);
         out.clear();
         d.tick(
             (3 * SKIP_REPEAT_MS + TAKEOVER_GIVE_UP_MS) * 1_000_000,
