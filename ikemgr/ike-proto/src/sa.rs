@@ -1501,6 +1501,17 @@ impl IkeSa {
         moved
     }
 
+    /// This member carries the SA again (see [`IkeSa::adopt_copy_message_ids`]) and the
+    /// other member's later copy has the peer at `path`: the peer's NAT mapping changed
+    /// while the other member carried the SA, and that member followed it (§2.23). The SA
+    /// follows as well, under the same rule as for an authenticated message from there:
+    /// only when NAT traversal is in use. True when the addresses moved.
+    pub fn adopt_copy_path(&mut self, path: Addresses) -> bool {
+        let before = self.addrs;
+        self.note_path(path);
+        self.addrs != before
+    }
+
     /// Inbound SPIs of the CHILD SAs.
     pub fn child_spis(&self) -> Vec<u32> {
         self.children.iter().map(|c| c.info.inbound_spi).collect()

@@ -621,12 +621,18 @@ impl IkeManager {
                 // is dropped as out of window and its DPD gives the SA up. Sequence
                 // numbers move through hasyncd's skip to espd.
                 let same = e.sa.spis() == (rec.spi_i, rec.spi_r);
+                // The copy is later than the SA here: the other member exchanged messages
+                // with the peer, and may have followed it to a new NAT mapping.
+                let later = same && !restart && copy_ahead(e, rec);
                 if same && e.sa.adopt_copy_message_ids(rec.next_send, rec.next_recv) {
                     let (send, recv) = e.sa.message_ids();
                     tracing::info!(
                         "ike 0:{}:{id}: taken back while established here: message IDs now send/recv={send}/{recv} (the other member's copy)",
                         rec.tunnel
                     );
+                }
+                if later {
+                    self.follow_copy_path(id, rec);
                 }
                 return Ok(());
             }
@@ -910,11 +916,7 @@ fn copy_moved_on(e: &Entry, rec: &IkeSaRecord) -> bool {
     if e.sa.spis() != (rec.spi_i, rec.spi_r) {
         return true;
     }
-    let (send, recv) = e.sa.message_ids();
-    let ahead = (rec.next_send, rec.next_recv) != (send, recv)
-        && rec.next_send >= send
-        && rec.next_recv >= recv;
-    if !ahead {
+    if !copy_ahead(e, rec) {
         return false;
     }
     let Ok(snap) = decode_state(rec) else {
@@ -926,7 +928,44 @@ fn copy_moved_on(e: &Entry, rec: &IkeSaRecord) -> bool {
     copied != held
 }
 
+/// The copy `rec` of SA `e` (same SPIs) is later than `e`: its message IDs are past
+/// `e`'s, never behind.
+fn copy_ahead(e: &Entry, rec: &IkeSaRecord) -> bool {
+    let (send, recv) = e.sa.message_ids();
+    (rec.next_send, rec.next_recv) != (send, recv) && rec.next_send >= send && rec.next_recv >= recv
+}
+
 impl IkeManager {
+    /// SA `id` was taken back with a later copy `rec` of itself: when the other member
+    /// followed the peer to another address or port meanwhile (a NAT rebinding), the SA
+    /// here follows too and its UDP-encapsulated CHILD SAs are re-published with the new
+    /// destination. Otherwise the peer would never hear this member again: its NAT no
+    /// longer maps the old port.
+    fn follow_copy_path(&mut self, id: u64, rec: &IkeSaRecord) {
+        let path = match decode_state(rec) {
+            Ok(snap) => snap.addresses,
+            Err(err) => {
+                tracing::warn!(
+                    "ike 0:{}:{id}: the other member's copy does not decode ({err}): the peer's address stays as held here",
+                    rec.tunnel
+                );
+                return;
+            }
+        };
+        let Some(e) = self.sas.get_mut(&id) else {
+            return;
+        };
+        let before = e.sa.addresses().remote;
+        if e.sa.adopt_copy_path(path) {
+            tracing::info!(
+                "ike 0:{}:{id}: the other member followed the peer from {before} to {} while it carried the tunnel: following",
+                rec.tunnel,
+                e.sa.addresses().remote
+            );
+            self.follow_peer(id);
+        }
+    }
+
     /// hasyncd granted leases (`SeqLeaseGranted`): a reserved RFC 6311 sync whose mark is
     /// among them is recorded by every live member and goes out now.
     pub fn mid_marks_granted(&mut self, now: Instant, marks: &[SeqMark]) {
@@ -1184,6 +1223,103 @@ mod tests {
         assert_eq!(ids(&dial), (newer.next_send, newer.next_recv));
         dial.takeover(now, &back(&rec)).unwrap();
         assert_eq!(ids(&dial), (newer.next_send, newer.next_recv), "never down");
+    }
+
+    /// Taken back while established here after the peer's NAT mapping changed while the
+    /// partner carried the tunnel: the partner followed the peer to its new address and
+    /// port, and so does the SA taken back, with its UDP-encapsulated CHILD SA re-published
+    /// towards the new mapping. An older copy (or this member's own replica) moves nothing.
+    #[test]
+    fn a_tunnel_taken_back_follows_a_nat_rebinding_the_partner_saw() {
+        let now = Instant::now();
+        let mut hub = mgr(
+            &HUB.replace(
+                "set dhgrp 19",
+                "set dhgrp 19\n        set nattraversal forced",
+            ),
+            now,
+        );
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let rec = records(&dial.drain_bodies()).pop().expect("IKE SA record");
+        let remote = |m: &IkeManager| m.sas.values().next().unwrap().sa.addresses().remote;
+        let first = remote(&dial);
+        assert_eq!(first.port(), ike_proto::sa::NAT_T_PORT, "floated");
+        let back = |ike: &IkeSaRecord| TakeoverInfo {
+            ike: ike.clone(),
+            start_seqs: vec![],
+            lifetimes: vec![],
+        };
+
+        // The partner takes the tunnel over; then the peer's NAT maps it to another
+        // address and port, and its next liveness check reaches the partner from there.
+        let mut partner = mgr(DIAL, now);
+        partner.takeover(now, &back(&rec)).unwrap();
+        let marks = mark_requests(&partner.drain_bodies());
+        partner.mid_marks_granted(now, &marks);
+        let nat: std::net::SocketAddr = "198.51.100.7:31000".parse().unwrap();
+        let mut answered = false;
+        for round in 0..2 {
+            if round == 1 {
+                hub.probe(now, "hub", 1);
+            }
+            for _ in 0..10 {
+                while let Some(t) = partner.poll_transmit() {
+                    let to = if t.destination == nat {
+                        first
+                    } else {
+                        t.destination
+                    };
+                    hub.handle_datagram(now, to, t.source, &t.payload);
+                }
+                while let Some(t) = hub.poll_transmit() {
+                    partner.handle_datagram(now, t.destination, nat, &t.payload);
+                }
+            }
+            answered |= hub
+                .drain_bodies()
+                .iter()
+                .any(|x| matches!(x, Body::ProbeResult { outcome, .. } if outcome == "reply"));
+        }
+        assert!(answered, "the partner answered the peer's check");
+        assert_eq!(remote(&partner), nat, "the partner followed the peer");
+        let copy = records(&partner.drain_bodies()).pop().expect("record");
+        drop(partner);
+
+        // This member's own older record moves nothing.
+        dial.takeover(now, &back(&rec)).unwrap();
+        assert_eq!(remote(&dial), first);
+        assert!(dial.drain_bodies().is_empty());
+
+        // Taken back with the partner's copy: same SA, new path, CHILD SA re-published.
+        dial.takeover(now, &back(&copy)).unwrap();
+        assert_eq!(dial.sas.len(), 1);
+        assert_eq!(remote(&dial), nat);
+        let b = dial.drain_bodies();
+        assert!(
+            b.iter().any(|x| matches!(
+                x,
+                Body::ChildSa(c) if c.remote == "198.51.100.7"
+                    && c.encap == (bus_schema::schema::EspEncap::Udp { local_port: ike_proto::sa::NAT_T_PORT, remote_port: 31000 })
+            )),
+            "{b:?}"
+        );
+        assert!(
+            !b.iter().any(|x| matches!(
+                x,
+                Body::IkeSaRemoved { .. }
+                    | Body::TunnelRemoved { .. }
+                    | Body::ChildSaRemoved { .. }
+            )),
+            "{b:?}"
+        );
+        // The peer reaches this member through its new mapping, and is answered there.
+        assert!(dial.poll_transmit().is_none());
+        hub.probe(now, "hub", 2);
+        let t = hub.poll_transmit().expect("probe");
+        dial.handle_datagram(now, t.destination, nat, &t.payload);
+        let reply = dial.poll_transmit().expect("reply");
+        assert_eq!(reply.destination, nat);
     }
 
     /// Taken back while established here after the partner, carrying the tunnel, rekeyed
