@@ -113,7 +113,19 @@ struct Gateway {
     /// `remote-gw-preempt-interval`: how often a later `remote-gw` tries the earlier ones
     /// (`None`: 0, or a single peer).
     preempt: Option<Duration>,
+    /// A dial-up phase1 synced between FGSP members (`fgsp-sync enable`): this member's
+    /// `group-member-id`, whose class of instance numbers it names new instances from
+    /// ([`FGSP_NAME_STRIDE`]).
+    name_class: Option<u8>,
 }
+
+/// FGSP members name the new instances of a synced dial-up phase1 from disjoint classes of
+/// numbers, so two members establishing tunnels at the same moment never pick the same
+/// name: member `m` (`group-member-id`, 0..=15) takes the numbers `n` with `n % 16 == m`
+/// (member 1: `vpn1_1`, `vpn1_17`, ...; member 2: `vpn1_2`, ...; member 0: `vpn1_16`,
+/// ...), as seed 000 shows member 1's first instance `vpn1_1` (`index=1`). A tunnel taken
+/// over keeps its name.
+pub(crate) const FGSP_NAME_STRIDE: u32 = 16;
 
 struct Entry {
     gateway: String,
@@ -193,13 +205,19 @@ struct InstanceNumbers {
 }
 
 impl InstanceNumbers {
-    /// The lowest free number, now taken.
-    fn take_lowest(&mut self) -> u32 {
-        if let Some(n) = self.free.pop_first() {
+    /// The lowest free number `ok` accepts, now taken. Bounded when `ok` refuses finitely
+    /// many numbers in a row above `top`.
+    fn take_lowest_where(&mut self, ok: impl Fn(u32) -> bool) -> u32 {
+        if let Some(n) = self.free.iter().copied().find(|n| ok(*n)) {
+            self.free.remove(&n);
             return n;
         }
-        self.top = self.top.saturating_add(1);
-        self.top
+        let mut n = self.top.saturating_add(1);
+        while !ok(n) && n < u32::MAX {
+            n += 1;
+        }
+        self.take(n);
+        n
     }
 
     /// Marks `n` taken (an instance named elsewhere, e.g. by an HA takeover).
@@ -512,6 +530,11 @@ fn gateway_of(
         monitor_action: haven_config::tunnel_monitor_action(config, p),
         preempt: (p.remote_gw_preempt_interval > 0 && p.remote_addrs().len() > 1)
             .then(|| Duration::from_secs(u64::from(p.remote_gw_preempt_interval))),
+        name_class: config
+            .standalone
+            .as_ref()
+            .filter(|_| p.kind == Phase1Type::Dynamic && p.fgsp_sync)
+            .map(|sc| sc.group_member_id),
     })
 }
 
@@ -693,22 +716,21 @@ impl IkeManager {
         if !g.dynamic {
             return g.name.clone();
         }
-        // Numbers other members' tunnels hold (hasyncd's `standby` roles) are skipped and
-        // given back: the loop ends within `reserved.len() + 1` rounds.
-        let nums = self.numbers.entry(g.name.clone()).or_default();
-        let mut skipped = Vec::new();
-        let name = loop {
-            let n = nums.take_lowest();
-            let name = format!("{}_{n}", g.name);
-            if !self.ha.reserved(&name) {
-                break name;
-            }
-            skipped.push(n);
+        // Numbers other members' tunnels hold (hasyncd's `standby` roles) are skipped, and
+        // with FGSP those outside this member's class: at most
+        // `FGSP_NAME_STRIDE * (reserved.len() + 1)` numbers above the top.
+        let ha = &self.ha;
+        let ok = |n: u32| {
+            g.name_class
+                .is_none_or(|m| n % FGSP_NAME_STRIDE == u32::from(m) % FGSP_NAME_STRIDE)
+                && !ha.reserved(&format!("{}_{n}", g.name))
         };
-        for n in skipped {
-            nums.release(n);
-        }
-        name
+        let n = self
+            .numbers
+            .entry(g.name.clone())
+            .or_default()
+            .take_lowest_where(ok);
+        format!("{}_{n}", g.name)
     }
 
     /// Records that an instance of `gateway` is called `name` (named outside
@@ -2127,29 +2149,35 @@ mod tests {
     #[test]
     fn instance_numbers_hand_out_the_lowest_free_one() {
         let mut n = InstanceNumbers::default();
-        assert_eq!(
-            [n.take_lowest(), n.take_lowest(), n.take_lowest()],
-            [1, 2, 3]
-        );
+        let lowest = |n: &mut InstanceNumbers| n.take_lowest_where(|_| true);
+        assert_eq!([lowest(&mut n), lowest(&mut n), lowest(&mut n)], [1, 2, 3]);
         n.release(2);
         n.release(1);
-        assert_eq!(n.take_lowest(), 1);
-        assert_eq!(n.take_lowest(), 2);
-        assert_eq!(n.take_lowest(), 4);
+        assert_eq!(lowest(&mut n), 1);
+        assert_eq!(lowest(&mut n), 2);
+        assert_eq!(lowest(&mut n), 4);
         // Releasing the top ones shrinks the range, also over numbers freed before.
         n.release(3);
         n.release(4);
         assert_eq!((n.top, n.free.len()), (2, 0));
         // A number taken elsewhere (HA takeover) is skipped; the ones below stay free.
         n.take(6);
-        assert_eq!(
-            [n.take_lowest(), n.take_lowest(), n.take_lowest()],
-            [3, 4, 5]
-        );
-        assert_eq!(n.take_lowest(), 7);
+        assert_eq!([lowest(&mut n), lowest(&mut n), lowest(&mut n)], [3, 4, 5]);
+        assert_eq!(lowest(&mut n), 7);
         n.release(9);
         n.release(0);
-        assert_eq!(n.take_lowest(), 8);
+        assert_eq!(lowest(&mut n), 8);
+        // A class of numbers (an FGSP member's): the others are skipped, kept free, and
+        // trimmed with the top.
+        let mut c = InstanceNumbers::default();
+        let class = |n: u32| n % 16 == 2;
+        assert_eq!(c.take_lowest_where(class), 2);
+        assert_eq!(c.take_lowest_where(class), 18);
+        assert_eq!(lowest(&mut c), 1);
+        c.release(18);
+        assert_eq!((c.top, c.free.len()), (2, 0));
+        c.release(2);
+        assert_eq!(c.take_lowest_where(class), 2);
         assert_eq!(instance_number("vpn1", "vpn1_12"), Some(12));
         assert_eq!(instance_number("vpn1", "vpn1"), None);
         assert_eq!(instance_number("vpn1", "vpn10_1"), None);

@@ -85,7 +85,8 @@ fn fgsp_member_takes_the_tunnel_the_router_moves_and_dpd_flushes_it_everywhere()
     assert_eq!(
         lab.members[vm4].listed_role(),
         None,
-        "DC1_VM4 lists no vpn1_1"
+        "DC1_VM4 lists no {}",
+        lab.members[vm4].tunnel
     );
     assert_eq!(
         lab.members[vm4].copies().expect("DC1_VM4 replicas"),

@@ -146,6 +146,16 @@ fn partner(m: &str) -> &'static str {
     }
 }
 
+/// The client's tunnel instance when member `m` established it: FGSP members name a synced
+/// dial-up phase1's instances from their `group-member-id`'s class (the lab's clusters are
+/// FGSP members 1 and 2), so the first one is `vpn1_1` or `vpn1_2`.
+fn tunnel_of(m: &str) -> &'static str {
+    match m {
+        "vm1" | "vm2" => "vpn1_1",
+        _ => "vpn1_2",
+    }
+}
+
 fn host(m: &str) -> &'static str {
     MEMBERS
         .iter()
@@ -225,7 +235,8 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
     let up_text = text(&up);
     assert!(up.status.success(), "ops/lab up failed:\n{up_text}");
     assert_eq!(lab.namespaces().len(), 11, "{:?}", lab.namespaces());
-    // `up` ends with the tunnel list of every member, the carrier's with vpn1_1.
+    // `up` ends with the tunnel list of every member, the carrier's with the client's
+    // instance.
     for (_, h) in MEMBERS {
         assert!(
             up_text.contains(&format!("{h} (primary) # diagnose vpn tunnel list"))
@@ -233,14 +244,15 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
             "no tunnel list of {h} in up's output:\n{up_text}"
         );
     }
-    assert!(
-        up_text.contains("name=vpn1_1") && up_text.contains("role=sync-primary"),
-        "{up_text}"
-    );
     let carrier = lab.carrier();
     assert!(
         ["vm1", "vm3"].contains(&carrier.as_str()),
         "the carrier must be a pair's primary: {carrier:?}\n{up_text}"
+    );
+    let tunnel = tunnel_of(&carrier);
+    assert!(
+        up_text.contains(&format!("name={tunnel} ")) && up_text.contains("role=sync-primary"),
+        "{up_text}"
     );
 
     let ping_log = lab.dir.join("ping.log");
@@ -333,8 +345,8 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
     let s = text(&status);
     assert!(status.status.success(), "{s}");
     assert!(
-        s.contains("vpn1_1")
-            && s.contains(&format!("{}=primary,vpn1_1 sync-primary", host(&carrier))),
+        s.contains(tunnel)
+            && s.contains(&format!("{}=primary,{tunnel} sync-primary", host(&carrier))),
         "status shows no tunnel instance on {carrier}:\n{s}"
     );
     assert!(
@@ -372,7 +384,7 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
     assert!(fo.status.success(), "ops/lab failover failed:\n{fo_text}");
     let new = partner(&carrier);
     assert!(
-        fo_text.contains(&format!("{} carries vpn1_1 now", host(new))),
+        fo_text.contains(&format!("{} carries {tunnel} now", host(new))),
         "{fo_text}"
     );
     assert!(
@@ -413,7 +425,7 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
     let status = text(&lab.run(&["status"]));
     assert!(
         status.contains(&format!("{}=off", host(&carrier)))
-            && status.contains(&format!("{}=primary,vpn1_1 sync-primary", host(new))),
+            && status.contains(&format!("{}=primary,{tunnel} sync-primary", host(new))),
         "roles did not change:\n{status}"
     );
     wait_for(
@@ -447,7 +459,7 @@ fn lab_up_pings_through_the_tunnel_and_down_leaves_nothing() {
         "second ops/lab failover failed:\n{fo2_text}"
     );
     assert!(
-        fo2_text.contains(&format!("{} carries vpn1_1 now", host(other))),
+        fo2_text.contains(&format!("{} carries {tunnel} now", host(other))),
         "{fo2_text}"
     );
     assert!(

@@ -1164,6 +1164,54 @@ mod tests {
         assert_eq!(names, vec!["vpn1_2"]);
     }
 
+    /// FGSP members name new instances of a synced dial-up phase1 from disjoint classes
+    /// of numbers: two members establishing tunnels at the same moment, neither knowing
+    /// of the other's, never pick the same name. A phase1 without `fgsp-sync` numbers as
+    /// before.
+    #[test]
+    fn fgsp_members_name_simultaneous_dialup_instances_apart() {
+        let now = Instant::now();
+        let fgsp = |member: u8, sync: bool| {
+            let text = format!(
+                "config system standalone-cluster\n    set standalone-group-id 1\n    \
+                 set group-member-id {member}\n    config cluster-peer\n        edit 1\n            \
+                 set peerip 172.31.1.9\n        next\n    end\nend\n{}",
+                DIAL.replace(
+                    "set type dynamic",
+                    if sync {
+                        "set type dynamic\n        set fgsp-sync enable"
+                    } else {
+                        "set type dynamic"
+                    }
+                )
+            );
+            mgr(&text, now)
+        };
+        // Each member's instances, as the hub's peers dial in one after the other.
+        let names = |m: &mut IkeManager, peers: usize| -> Vec<String> {
+            for _ in 0..peers {
+                let mut hub = mgr(HUB, now);
+                connect(&mut hub, m, now);
+            }
+            let mut v: Vec<String> = m.sas.values().map(|e| e.name.clone()).collect();
+            v.sort_by_key(|n| n.trim_start_matches("vpn1_").parse::<u32>().unwrap());
+            v
+        };
+        let mut a = fgsp(0, true);
+        let mut b = fgsp(1, true);
+        let mut last = fgsp(15, true);
+        assert_eq!(names(&mut a, 2), ["vpn1_16", "vpn1_32"]);
+        assert_eq!(names(&mut b, 2), ["vpn1_1", "vpn1_17"]);
+        assert_eq!(names(&mut last, 2), ["vpn1_15", "vpn1_31"]);
+        // Names reserved by other members are still skipped within the class.
+        let mut c = fgsp(1, true);
+        c.set_ha_reserved(["vpn1_1".to_string()].into_iter().collect());
+        assert_eq!(names(&mut c, 1), ["vpn1_17"]);
+        // Without fgsp-sync the phase1 is not shared: plain numbering.
+        let mut plain = fgsp(1, false);
+        assert_eq!(names(&mut plain, 2), ["vpn1_1", "vpn1_2"]);
+    }
+
     #[test]
     fn a_standby_refuses_new_ike_sas() {
         let now = Instant::now();

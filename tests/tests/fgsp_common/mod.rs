@@ -37,7 +37,6 @@ pub const LB1: &str = "192.168.202.31";
 pub const CLIENT: &str = "192.168.1.2";
 pub const CLIENT_INNER: &str = "10.10.1.2";
 pub const SERVER: &str = "172.31.0.100";
-pub const TUNNEL: &str = "vpn1_1";
 pub const WAIT: Duration = Duration::from_secs(30);
 /// Members: DC1_VM1..DC1_VM4; the last one has `fgsp-sync disable`.
 pub const MEMBERS: usize = 4;
@@ -63,6 +62,13 @@ pub fn port3_addr(i: usize) -> String {
 
 pub fn port4_addr(i: usize) -> String {
     format!("172.31.1.{}", i + 1)
+}
+
+/// The client's tunnel instance when member `i` (0-based, `group-member-id` `i + 1`)
+/// establishes it: FGSP members name a synced dial-up phase1's instances from their member
+/// id's class, so DC1_VM1's first is `vpn1_1` (as in seed 000) and DC1_VM2's `vpn1_2`.
+pub fn tunnel_of(i: usize) -> String {
+    format!("vpn1_{}", i + 1)
 }
 
 /// Seed 000's member configuration (standalone-cluster, vpn1 with DPD), for member `i`.
@@ -132,6 +138,8 @@ pub struct Member {
     pub procs: Vec<Proc>,
     /// `set` lines for every cluster-peer entry ([`config_with`]).
     pub peer_set: String,
+    /// The client's tunnel instance ([`tunnel_of`] the member the router sends it to).
+    pub tunnel: String,
 }
 
 impl Member {
@@ -146,6 +154,7 @@ impl Member {
             run,
             procs: Vec::new(),
             peer_set: peer_set.to_string(),
+            tunnel: String::new(),
         };
         m.spawn();
         m
@@ -185,27 +194,27 @@ impl Member {
     /// hasyncd's role for the tunnel (`sync-primary`, `standby`), if it has one.
     pub fn role(&self) -> Option<String> {
         let v = self.view(DaemonKind::Hasyncd, "roles").ok()?;
-        v.get(TUNNEL)?.as_str().map(str::to_string)
+        v.get(&self.tunnel)?.as_str().map(str::to_string)
     }
 
-    /// `vpnctl diagnose vpn tunnel list name vpn1_1`'s `role=` for the tunnel, if listed.
+    /// `vpnctl diagnose vpn tunnel list name <tunnel>`'s `role=` for the tunnel, if listed.
     pub fn listed_role(&self) -> Option<String> {
-        haven_tests::daemons::listed_role(&self.run, TUNNEL)
+        haven_tests::daemons::listed_role(&self.run, &self.tunnel)
     }
 
     /// ikemgr's IKE SA of the tunnel: (spi_i, spi_r).
     pub fn ike_sa(&self) -> Option<(u64, u64)> {
-        member::ike_spis(&self.run, TUNNEL)
+        member::ike_spis(&self.run, &self.tunnel)
     }
 
     /// hasyncd's standby copies of the tunnel: (IKE SA copies, CHILD SA copies).
     pub fn copies(&self) -> Result<(usize, usize), String> {
-        member::copies(&self.run, TUNNEL)
+        member::copies(&self.run, &self.tunnel)
     }
 
     /// espd's outbound SAs of the tunnel: (spi_out, next sequence number).
     pub fn esp_seqs(&self) -> Vec<(u32, u64)> {
-        member::esp_seqs(&self.run, TUNNEL)
+        member::esp_seqs(&self.run, &self.tunnel)
     }
 
     /// dpdmon's counters: (probes sent, replies, dead peers).
@@ -315,7 +324,7 @@ impl Lab {
             ])
             .unwrap();
 
-        let members: Vec<Member> = nss
+        let mut members: Vec<Member> = nss
             .into_iter()
             .enumerate()
             .map(|(i, ns)| Member::start(ns, scratch.path(), i, peer_set))
@@ -330,6 +339,9 @@ impl Lab {
         }
         // The router's choice for the client, so the server's route back can follow.
         let owner = router_choice(&router);
+        for m in &mut members {
+            m.tunnel = tunnel_of(owner);
+        }
         server
             .ip(&[
                 "route",
