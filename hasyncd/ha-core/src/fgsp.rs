@@ -1479,6 +1479,40 @@ mod tests {
         assert_eq!(t.poll_event(), None);
     }
 
+    /// espd repeats a lease request until the grant arrives: a grant lost on the bus (a
+    /// subscriber not yet connected) is repaired by the repeat, which is confirmed again
+    /// once the peers acknowledged it again, never granted behind their backs.
+    #[test]
+    fn a_confirmed_lease_asked_again_is_confirmed_again() {
+        let mut t = lease_to_two_peers();
+        let ack = |hw| SeqLeaseAck {
+            tunnel: T.into(),
+            spi_out: SPI,
+            seq_hw: hw,
+        };
+        let confirmed = TunnelEvent::LeaseConfirmed {
+            tunnel: T.into(),
+            spi_out: SPI,
+            seq_hw: 100,
+        };
+        t.handle_lease_ack(MemberId(2), &ack(100));
+        t.handle_lease_ack(MemberId(3), &ack(100));
+        assert_eq!(t.poll_event(), Some(confirmed.clone()));
+        while t.poll_transmit().is_some() {}
+        // The grant never reached espd: the same request again.
+        assert!(t.propose_lease(T, SPI, 100, 10));
+        let sent: Vec<_> = std::iter::from_fn(|| t.poll_transmit()).collect();
+        assert!(
+            sent.iter()
+                .any(|o| matches!(&o.message, Message::SeqLease(l) if l.seq_hw == 100)),
+            "{sent:?}"
+        );
+        assert_eq!(t.poll_event(), None, "not before the peers acknowledged it");
+        t.handle_lease_ack(MemberId(2), &ack(100));
+        t.handle_lease_ack(MemberId(3), &ack(100));
+        assert_eq!(t.poll_event(), Some(confirmed));
+    }
+
     #[test]
     fn lease_waits_for_every_live_peer_and_retransmits() {
         let mut t = lease_to_two_peers();

@@ -1212,6 +1212,42 @@ mod tests {
         assert_eq!(names(&mut plain, 2), ["vpn1_1", "vpn1_2"]);
     }
 
+    /// A reserved RFC 6311 sync asks hasyncd for its mark again every MID_MARK_REPEAT
+    /// until the grant arrives: a grant (or request) lost on the bus delays the sync, it
+    /// does not lose it. The sync goes out only once granted.
+    #[test]
+    fn a_reserved_syncs_mark_is_asked_again_until_granted() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let rec = records(&dial.drain_bodies()).pop().expect("record");
+        drop(dial);
+        let mut m = mgr(DIAL, now);
+        m.takeover(
+            now,
+            &TakeoverInfo {
+                ike: rec,
+                start_seqs: vec![],
+                lifetimes: vec![],
+            },
+        )
+        .unwrap();
+        let marks = mark_requests(&m.drain_bodies());
+        assert_eq!(marks.len(), 1);
+        // No grant: asked again at each repeat, nothing sent to the peer meanwhile.
+        for k in 1..=3 {
+            m.handle_timeout(now + MID_MARK_REPEAT * k);
+            assert_eq!(mark_requests(&m.drain_bodies()), marks, "repeat {k}");
+            assert!(m.poll_transmit().is_none(), "no sync before the grant");
+        }
+        m.mid_marks_granted(now + MID_MARK_REPEAT * 3, &marks);
+        let sync = m.poll_transmit().expect("the sync once granted");
+        hub.handle_datagram(now, sync.destination, sync.source, &sync.payload);
+        shuttle(&mut hub, &mut m, now);
+        assert!(probe_answered(&mut hub, &mut m, now, 1));
+    }
+
     #[test]
     fn a_standby_refuses_new_ike_sas() {
         let now = Instant::now();
