@@ -106,6 +106,12 @@ struct FgcpSide {
     /// (`reconfigure_in_place`) re-elects outside `drive`, and its role change must still
     /// be reported (shared addresses, roles published).
     reported_role: HaRole,
+    /// The FGSP epoch this member speaks for the cluster under, announced in its
+    /// heartbeats (0: it does not speak).
+    fgsp_epoch_out: u64,
+    /// The highest FGSP epoch a cluster member announced: the next one this member takes
+    /// is above it.
+    fgsp_epoch_heard: u64,
 }
 
 /// Runs a tunnel table's timer when it is due, then takes what it has to send and the
@@ -710,11 +716,27 @@ impl Cluster {
                 .fgcp
                 .as_ref()
                 .is_some_and(|s| !s.now_secondary.is_empty());
+        // Above every FGSP epoch a cluster member announced: a partner whose clock runs
+        // ahead spoke under epochs this member's clock has not reached.
+        let floor = self
+            .fgcp
+            .as_ref()
+            .map_or(0, |s| s.fgsp_epoch_heard.saturating_add(1));
         if let Some(side) = self.fgsp.as_mut() {
             if speaks && (!side.active || renew) {
                 // A new speaker for this member id: a fresh epoch above the old speaker's.
-                match HaLink::new(side.key.clone(), side.me, self.epochs.next(now_ms)) {
+                let epoch = self.epochs.next(now_ms.max(floor));
+                if epoch > now_ms.saturating_add(1_000) {
+                    tracing::info!(
+                        "FGSP: speaking for the cluster under epoch {epoch}, {} ms ahead of this member's clock (above an epoch this member used before or its cluster announced)",
+                        epoch - now_ms
+                    );
+                }
+                match HaLink::new(side.key.clone(), side.me, epoch) {
                     Ok(link) => {
+                        if let Some(f) = self.fgcp.as_mut() {
+                            f.fgsp_epoch_out = epoch;
+                        }
                         side.link.replace(link);
                         side.active = true;
                         side.next_hb_ms = now_ms;
@@ -734,6 +756,9 @@ impl Cluster {
                     self.lease_halves.clear();
                 }
                 side.active = false;
+                if let Some(f) = self.fgcp.as_mut() {
+                    f.fgsp_epoch_out = 0;
+                }
                 if let Some(p) = &side.pump {
                     p.silence();
                 }
@@ -2188,6 +2213,8 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64, epoch: u64) -> Result<FgcpSide
         loss: Default::default(),
         restarted: Vec::new(),
         reported_role,
+        fgsp_epoch_out: 0,
+        fgsp_epoch_heard: 0,
     })
 }
 
@@ -2314,6 +2341,7 @@ impl FgcpSide {
                             self.stepped_down = true;
                         }
                         self.hostnames.insert(r.sender, hb.serial.clone());
+                        self.fgsp_epoch_heard = self.fgsp_epoch_heard.max(hb.fgsp_epoch);
                         self.fgcp.handle_heartbeat(r.sender, hb, now_ms);
                     } else {
                         out.push((r.sender, r.epoch, r.counter, r.message));
@@ -2332,7 +2360,8 @@ impl FgcpSide {
     /// interval and this one says nothing new).
     fn send_heartbeats(&mut self, now_ms: u64) {
         let interval_ms = self.fgcp.config().hb_interval_ms;
-        while let Some(hb) = self.fgcp.poll_transmit(now_ms) {
+        while let Some(mut hb) = self.fgcp.poll_transmit(now_ms) {
+            hb.fgsp_epoch = self.fgsp_epoch_out;
             if let Some(p) = &self.pump {
                 if !p.tick(now_ms, interval_ms, Some(&hb)) {
                     continue;
@@ -2442,6 +2471,7 @@ impl FgspSide {
                 monitor_total: 0,
                 role: HaRole::Primary,
                 primary: Some(self.me),
+                fgsp_epoch: 0,
             };
             // The pump sent one within the interval: this one can wait.
             let skip = self

@@ -436,6 +436,7 @@ mod tests {
             monitor_total: 4,
             role: HaRole::Primary,
             primary: Some(member),
+            fgsp_epoch: 0,
         })
     }
 

@@ -27,6 +27,10 @@
 //! 4. A CHILD SA rekey and an IKE SA rekey started by strongSwan, then by C2A, complete in
 //!    place with traffic after each (the IKE SA is replaced by the rekey, not renegotiated).
 //!
+//! C1A starts with an HA link epoch an hour ahead of the wall clock (its clock ran ahead):
+//! step 2's FGSP acknowledgements of C1B's leases show C2A accepts C1B as the cluster's new
+//! voice anyway.
+//!
 //! Needs root, iproute2 and the strongSwan packages (INTEROP.md).
 
 use std::path::{Path, PathBuf};
@@ -143,6 +147,18 @@ impl Member {
         std::fs::create_dir_all(&run).unwrap();
         let conf = dir.join("haven.conf");
         std::fs::write(&conf, config(i)).unwrap();
+        if i == 0 {
+            // C1A's clock runs an hour ahead of C1B's, as its HA link epoch file records
+            // (hasyncd takes every epoch above it). After the failover C1B must still be
+            // heard on the FGSP link under the cluster's member id, so its epoch must be
+            // above C1A's, which its own clock is not.
+            let ahead = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+                + 3_600_000;
+            std::fs::write(run.join("ha-link-epoch"), format!("{ahead}\n")).unwrap();
+        }
         let procs = member::spawn_all(&ns, &conf, &run, &dir);
         Member {
             i,

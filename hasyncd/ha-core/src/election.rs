@@ -312,6 +312,7 @@ impl Fgcp {
             monitor_total: self.cfg.monitor_total,
             role: self.role,
             primary: self.primary,
+            fgsp_epoch: 0,
         })
     }
 

@@ -116,6 +116,12 @@ pub struct Heartbeat {
     pub role: HaRole,
     /// Whom the sender currently takes for primary.
     pub primary: Option<MemberId>,
+    /// FGCP heartbeats: the epoch under which the sender speaks for its cluster on the FGSP
+    /// link (0: it does not). The member that speaks next takes an epoch above it, so the
+    /// FGSP peers, which refuse an epoch older than the last one heard for that member id,
+    /// accept it whatever the two members' clocks say. Absent from older senders.
+    #[serde(default)]
+    pub fgsp_epoch: u64,
 }
 
 /// One IKE SA, complete enough to continue it on another member (RFC 7296 §2.14 keys,
@@ -629,6 +635,7 @@ pub(crate) mod tests {
                 monitor_total: 2,
                 role: HaRole::Secondary,
                 primary: Some(MemberId(2)),
+                fgsp_epoch: 1_795_000_000_123,
             }),
             Message::IkeSa(ike_sa("vpn1_1")),
             Message::IkeMsgId(IkeMsgIdSync {

@@ -240,6 +240,7 @@ mod tests {
             monitor_total: 0,
             role,
             primary: Some(MemberId(7)),
+            fgsp_epoch: 0,
         }
     }
 
