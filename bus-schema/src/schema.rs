@@ -828,7 +828,7 @@ pub struct AcquireInfo {
     /// The phase2 of that phase1 whose selectors hold the packet's addresses (first in
     /// configuration order); empty when none does.
     pub phase2: String,
-    /// Inner source and destination of the latest such packet (IPv4 literals).
+    /// Inner source and destination of the latest such packet (IPv4 or IPv6 literals).
     pub src: String,
     pub dst: String,
     /// Packets dropped for want of an SA on this device since espd's previous `Acquire`

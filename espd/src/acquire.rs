@@ -3,12 +3,12 @@
 //! device) into `esp.acquire` events for ikemgr, at most one per phase1 and phase2 every
 //! [`ACQUIRE_EVERY`], never one per packet. The phase2 is the first of the phase1's
 //! phase2-interfaces (configuration order) whose source and destination selectors hold the
-//! packet's inner addresses; empty when none does (ikemgr then ignores it).
+//! packet's inner addresses, IPv4 or IPv6; empty when none does (ikemgr then ignores it).
 //!
 //! Driven by the control side's tick with `now`; reads no clock, owns no socket.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bus_schema::AcquireInfo;
@@ -25,14 +25,18 @@ struct Phase2Sel {
     dst: Selector,
 }
 
-/// True when selector `s` holds `ip`.
-fn holds(s: &Selector, ip: Ipv4Addr) -> bool {
-    match s {
-        Selector::Subnet(n) => n.contains(ip),
-        Selector::Range { start, end } => *start <= ip && ip <= *end,
-        Selector::Ip(a) => *a == ip,
-        // The workers note IPv4 packets only (an IPv6 one is counted, not noted).
-        Selector::Subnet6 { .. } => false,
+/// True when selector `s` holds `ip` (a selector of the other family holds nothing).
+fn holds(s: &Selector, ip: IpAddr) -> bool {
+    match (s, ip) {
+        (Selector::Subnet(n), IpAddr::V4(ip)) => n.contains(ip),
+        (Selector::Range { start, end }, IpAddr::V4(ip)) => *start <= ip && ip <= *end,
+        (Selector::Ip(a), IpAddr::V4(ip)) => *a == ip,
+        (Selector::Subnet6 { addr, prefix_len }, IpAddr::V6(ip)) => {
+            let bits = u32::from(*prefix_len).min(128);
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            u128::from(ip) & mask == u128::from(*addr) & mask
+        }
+        _ => false,
     }
 }
 
@@ -66,7 +70,7 @@ impl AcquirePacer {
     }
 
     /// The phase2 of `phase1` whose selectors hold `src` -> `dst` (empty: none).
-    pub fn phase2_of(&self, phase1: &str, src: Ipv4Addr, dst: Ipv4Addr) -> String {
+    pub fn phase2_of(&self, phase1: &str, src: IpAddr, dst: IpAddr) -> String {
         self.selectors
             .iter()
             .find(|s| s.phase1 == phase1 && holds(&s.src, src) && holds(&s.dst, dst))
@@ -80,7 +84,7 @@ impl AcquirePacer {
         &mut self,
         now: Instant,
         phase1: &str,
-        packet: Option<(Ipv4Addr, Ipv4Addr)>,
+        packet: Option<(IpAddr, IpAddr)>,
         dropped: u64,
     ) -> Option<AcquireInfo> {
         if dropped > 0 {
@@ -133,6 +137,13 @@ config vpn ipsec phase2-interface
         set dst-start-ip 10.3.0.10
         set dst-end-ip 10.3.0.20
     next
+    edit \"p2v6\"
+        set phase1name \"vpn1\"
+        set src-addr-type subnet6
+        set src-subnet6 fd00:99:1::/64
+        set dst-addr-type subnet6
+        set dst-subnet6 fd00:99:2::/48
+    next
 end
 ";
 
@@ -143,7 +154,7 @@ end
         p
     }
 
-    fn a(s: &str) -> Ipv4Addr {
+    fn a(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -155,6 +166,23 @@ end
         assert_eq!(p.phase2_of("vpn1", a("10.1.0.5"), a("10.3.0.21")), "");
         assert_eq!(p.phase2_of("vpn1", a("10.9.0.5"), a("10.2.0.9")), "");
         assert_eq!(p.phase2_of("vpn2", a("10.1.0.5"), a("10.2.0.9")), "");
+        // IPv6: the subnet6 selectors, by prefix; IPv4 selectors hold no IPv6 address.
+        assert_eq!(
+            p.phase2_of("vpn1", a("fd00:99:1::2"), a("fd00:99:2:7::9")),
+            "p2v6"
+        );
+        assert_eq!(
+            p.phase2_of("vpn1", a("fd00:99:1::2"), a("fd00:99:3::9")),
+            ""
+        );
+        assert_eq!(
+            p.phase2_of("vpn1", a("fd00:99:1:1::2"), a("fd00:99:2::9")),
+            ""
+        );
+        assert_eq!(
+            p.phase2_of("vpn1", a("::ffff:10.1.0.5"), a("::ffff:10.2.0.9")),
+            ""
+        );
     }
 
     #[test]

@@ -618,8 +618,20 @@ impl Espd {
         let Some(dp) = self.dp.as_ref() else { return };
         let now = Instant::now();
         for (phase1, dev) in dp.devices() {
-            let (packet, dropped) = dev.acquire.take();
-            if let Some(a) = self.acquire.offer(now, phase1, packet, dropped) {
+            let ([v4, v6], dropped) = dev.acquire.take();
+            // The drops are counted once, with the first family's packet (or alone).
+            let packets = match (v4, v6) {
+                (None, None) => vec![None],
+                (a, b) => [a, b].into_iter().flatten().map(Some).collect(),
+            };
+            let mut dropped = dropped;
+            for packet in packets {
+                let Some(a) = self
+                    .acquire
+                    .offer(now, phase1, packet, std::mem::take(&mut dropped))
+                else {
+                    continue;
+                };
                 tracing::info!(
                     "{phase1}: no SA for {} -> {} (phase2 {:?}), {} packets dropped: acquire",
                     a.src,

@@ -177,6 +177,63 @@ fn ike_pair_carries_inner_ipv6() {
     }
 }
 
+/// An initiator that waits for traffic (`auto-negotiate disable`): ikemgr routes the remote
+/// IPv6 LAN into the TUN device before any SA, the client's first ping6 finds no SA in
+/// espd, which notes the IPv6 packet and publishes `esp.acquire` for the subnet6 phase2,
+/// and ikemgr negotiates the tunnel: the pings then pass.
+#[test]
+fn inner_ipv6_traffic_brings_the_tunnel_up() {
+    let topo = SiteToSite::new("espd-acq6").expect("topology");
+    add_inner6(&topo);
+    let ca = ike_config(SiteToSite::GWB_OUTER, false, LAN_A6, LAN_B6, "").replace(
+        "        set dpd disable\n",
+        "        set dpd disable\n        set auto-negotiate disable\n",
+    );
+    let cb = ike_config(SiteToSite::GWA_OUTER, true, LAN_B6, LAN_A6, "");
+    let mut a = Gw::new(&topo.gwa, "espd-acq6-a", &ca, LAN_B6);
+    let mut b = Gw::new(&topo.gwb, "espd-acq6-b", &cb, LAN_A6);
+    for g in [&mut b, &mut a] {
+        g.start_ikemgr();
+        g.start_espd();
+    }
+    wait_for("gwa's route for traffic", WAIT, || {
+        let routes = topo
+            .gwa
+            .ip(&["-6", "route", "show", "dev", TUNNEL])
+            .unwrap_or_default();
+        routes
+            .contains(LAN_B6)
+            .then_some(())
+            .ok_or_else(|| format!("{routes}\n{}", a.log("ikemgr")))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(a.sa().is_none(), "gwa negotiated without traffic");
+    let why = || {
+        format!(
+            "gwa ikemgr:\n{}\ngwa espd:\n{}\ngwb ikemgr:\n{}",
+            a.log("ikemgr"),
+            a.log("espd"),
+            b.log("ikemgr")
+        )
+    };
+    wait_ping6(&topo.client, SERVER6, why);
+    let espd = a.log("espd");
+    assert!(
+        espd.contains(&format!(
+            "no SA for {CLIENT6} -> {SERVER6} (phase2 \"{TUNNEL}\")"
+        )) && espd.contains("acquire"),
+        "{}",
+        why()
+    );
+    assert!(
+        a.log("ikemgr").contains(&format!(
+            "traffic {CLIENT6} -> {SERVER6} for phase2 {TUNNEL} (waiting for traffic): initiating"
+        )),
+        "{}",
+        why()
+    );
+}
+
 #[test]
 fn strongswan_gateway_carries_inner_ipv6() {
     if let Err(e) = strongswan::preflight() {

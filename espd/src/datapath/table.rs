@@ -155,9 +155,10 @@ pub const DROP_LINK_SCOPE: usize = DROP_SELECTOR + 8;
 pub const NUM_DROPS: usize = DROP_SELECTOR + 9;
 
 /// Outbound packets of one TUN device that found no SA, for traffic-triggered negotiation
-/// (`esp.acquire`): a count and the addresses of one such packet, written by the workers
-/// (two relaxed atomic operations per dropped packet, no allocation) and taken by the
-/// control side every tick, which paces what it publishes.
+/// (`esp.acquire`): a count and the addresses of one such packet per family, written by the
+/// workers (two relaxed atomic operations per dropped packet, no allocation; the first IPv6
+/// packet of a tick also takes an uncontended lock) and taken by the control side every
+/// tick, which paces what it publishes.
 #[derive(Default, Debug)]
 pub struct AcquireSlot {
     /// Packets dropped for want of an SA since the last [`AcquireSlot::take`].
@@ -166,37 +167,63 @@ pub struct AcquireSlot {
     /// packet since the last take; 0 when none is noted (0.0.0.0 -> 0.0.0.0 is no packet
     /// a route sends here).
     addrs: AtomicU64,
+    /// True once an IPv6 packet's pair is noted in `addrs6` (the others only count).
+    noted6: AtomicBool,
+    /// Inner IPv6 source and destination of the first such packet since the last take.
+    addrs6: Mutex<Option<(Ipv6Addr, Ipv6Addr)>>,
 }
 
 impl AcquireSlot {
-    /// Notes one packet without an SA (IPv6 is counted, not noted).
+    /// Notes one packet without an SA.
     #[inline]
     pub fn note(&self, src: IpAddr, dst: IpAddr) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
-        if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
-            let packed = (u64::from(u32::from(s)) << 32) | u64::from(u32::from(d));
-            if self.addrs.load(Ordering::Relaxed) == 0 {
-                // One packet's pair wins; the others of this tick only count.
-                let _ =
-                    self.addrs
-                        .compare_exchange(0, packed, Ordering::Relaxed, Ordering::Relaxed);
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let packed = (u64::from(u32::from(s)) << 32) | u64::from(u32::from(d));
+                if self.addrs.load(Ordering::Relaxed) == 0 {
+                    // One packet's pair wins; the others of this tick only count.
+                    let _ = self.addrs.compare_exchange(
+                        0,
+                        packed,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
             }
+            (IpAddr::V6(s), IpAddr::V6(d)) if !self.noted6.load(Ordering::Relaxed) => {
+                // Another worker holding the lock is noting one: this one only counts.
+                if let Ok(mut slot) = self.addrs6.try_lock() {
+                    if slot.is_none() {
+                        *slot = Some((s, d));
+                        self.noted6.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
-    /// The noted packet's (source, destination), if any, and the packets dropped since the
-    /// previous take; resets both.
-    pub fn take(&self) -> (Option<(Ipv4Addr, Ipv4Addr)>, u64) {
+    /// The noted packets' (source, destination), IPv4 then IPv6, and the packets dropped
+    /// since the previous take; resets all.
+    pub fn take(&self) -> ([Option<(IpAddr, IpAddr)>; 2], u64) {
         let packed = self.addrs.swap(0, Ordering::Relaxed);
+        let v6 = self
+            .addrs6
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|(s, d)| (IpAddr::V6(s), IpAddr::V6(d)));
+        self.noted6.store(false, Ordering::Relaxed);
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
         // Truncating casts pick the two halves of the packed pair.
-        let pair = (packed != 0).then(|| {
+        let v4 = (packed != 0).then(|| {
             (
-                Ipv4Addr::from((packed >> 32) as u32),
-                Ipv4Addr::from(packed as u32),
+                IpAddr::V4(Ipv4Addr::from((packed >> 32) as u32)),
+                IpAddr::V4(Ipv4Addr::from(packed as u32)),
             )
         });
-        (pair, dropped)
+        ([v4, v6], dropped)
     }
 }
 
@@ -566,23 +593,29 @@ mod tests {
     #[test]
     fn acquire_slot_keeps_one_pair_and_counts_every_packet() {
         let slot = AcquireSlot::default();
-        assert_eq!(slot.take(), (None, 0));
+        assert_eq!(slot.take(), ([None, None], 0));
         slot.note(ip("10.0.2.1"), ip("10.0.1.7"));
         slot.note(ip("10.0.2.1"), ip("10.0.1.8"));
-        slot.note(ip("::1"), ip("::2"));
+        slot.note(ip("fd00:1::1"), ip("fd00:2::7"));
+        slot.note(ip("fd00:1::1"), ip("fd00:2::8"));
         assert_eq!(
             slot.take(),
             (
-                Some(("10.0.2.1".parse().unwrap(), "10.0.1.7".parse().unwrap())),
-                3
+                [
+                    Some((ip("10.0.2.1"), ip("10.0.1.7"))),
+                    Some((ip("fd00:1::1"), ip("fd00:2::7")))
+                ],
+                4
             )
         );
-        assert_eq!(slot.take(), (None, 0));
-        slot.note(ip("10.0.2.1"), ip("10.0.1.8"));
+        assert_eq!(slot.take(), ([None, None], 0));
+        slot.note(ip("fd00:1::1"), ip("fd00:2::8"));
         assert_eq!(
-            slot.take().0.map(|p| p.1),
-            Some("10.0.1.8".parse().unwrap())
+            slot.take(),
+            ([None, Some((ip("fd00:1::1"), ip("fd00:2::8")))], 1)
         );
+        slot.note(ip("10.0.2.1"), ip("10.0.1.8"));
+        assert_eq!(slot.take().0[0].map(|p| p.1), Some(ip("10.0.1.8")));
     }
 
     #[test]
