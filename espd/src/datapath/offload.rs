@@ -1,7 +1,7 @@
 //! TUN offloads: the virtio-net header the kernel puts before each packet on a TUN device
 //! opened with IFF_VNET_HDR, checksum completion, and TCP segmentation of the large (TSO)
-//! packets the kernel hands us once TUN_F_TSO4 is offered, so one `read` brings up to 64 KiB
-//! of TCP data instead of one MTU-sized packet.
+//! packets the kernel hands us once TUN_F_TSO4 and TUN_F_TSO6 are offered, so one `read`
+//! brings up to 64 KiB of TCP data instead of one MTU-sized packet.
 //!
 //! Header layout (linux/virtio_net.h, `struct virtio_net_hdr`, native byte order on a TUN
 //! device without TUNSETVNETLE/BE): flags u8, gso_type u8, hdr_len u16, gso_size u16,
@@ -14,6 +14,9 @@ const F_NEEDS_CSUM: u8 = 1;
 /// virtio_net.h GSO types.
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+/// IPv6 fixed header length (RFC 8200 §3).
+const IP6_HDR: usize = 40;
 const GSO_ECN: u8 = 0x80;
 
 /// TCP flags (RFC 9293 §3.1).
@@ -87,8 +90,13 @@ fn complete_csum(pkt: &mut [u8], start: usize, offset: usize) -> Result<(), Offl
         return Err(OffloadError::Malformed);
     }
     let mut c = !fold(sum16(&pkt[start..], 0));
-    // A UDP checksum of 0 means "none" (RFC 768): send all ones instead.
-    let is_udp = pkt.first().map(|b| b >> 4) == Some(4) && pkt.get(9) == Some(&17);
+    // A UDP checksum of 0 means "none" (RFC 768; not allowed over IPv6, RFC 8200 §8.1):
+    // send all ones instead.
+    let is_udp = match pkt.first().map(|b| b >> 4) {
+        Some(4) => pkt.get(9) == Some(&17),
+        Some(6) => pkt.get(6) == Some(&17),
+        _ => false,
+    };
     if c == 0 && is_udp {
         c = 0xffff;
     }
@@ -118,25 +126,33 @@ pub fn split(
             emit(pkt);
             Ok(())
         }
-        GSO_TCPV4 => segment_tcp4(pkt, usize::from(hdr.gso_size), seg, emit),
+        GSO_TCPV4 => segment_tcp(pkt, usize::from(hdr.gso_size), seg, emit, false),
+        GSO_TCPV6 => segment_tcp(pkt, usize::from(hdr.gso_size), seg, emit, true),
         _ => Err(OffloadError::Malformed),
     }
 }
 
-/// TCP segmentation of an IPv4 TSO packet (what a NIC does, RFC 9293 semantics): each
-/// segment gets the IP and TCP headers, its own IP length, ID (+1 per segment) and header
-/// checksum, its sequence number, FIN/PSH only on the last and CWR only on the first, and a
-/// full TCP checksum.
-fn segment_tcp4(
+/// TCP segmentation of a TSO packet (what a NIC does, RFC 9293 semantics): each segment
+/// gets the IP and TCP headers, its sequence number, FIN/PSH only on the last and CWR only
+/// on the first, and a full TCP checksum; IPv4 (`v6` false) its own total length, ID (+1
+/// per segment) and header checksum, IPv6 its own payload length. An IPv6 packet must
+/// carry TCP right after the fixed header (no extension headers).
+fn segment_tcp(
     pkt: &[u8],
     mss: usize,
     seg: &mut [u8],
     mut emit: impl FnMut(&[u8]),
+    v6: bool,
 ) -> Result<(), OffloadError> {
     let m = OffloadError::Malformed;
     let first = *pkt.first().ok_or(m)?;
-    let ihl = usize::from(first & 0x0f) * 4;
-    if first >> 4 != 4 || ihl < 20 || pkt.get(9) != Some(&6) || mss == 0 {
+    let ihl = if v6 {
+        IP6_HDR
+    } else {
+        usize::from(first & 0x0f) * 4
+    };
+    let (version, next) = if v6 { (6, 6) } else { (4, 9) };
+    if first >> 4 != version || ihl < 20 || pkt.get(next) != Some(&6) || mss == 0 {
         return Err(m);
     }
     let thl = usize::from(pkt.get(ihl + 12).ok_or(m)? >> 4) * 4;
@@ -150,7 +166,13 @@ fn segment_tcp4(
     let seq0 = u32::from_be_bytes([hdrs[ihl + 4], hdrs[ihl + 5], hdrs[ihl + 6], hdrs[ihl + 7]]);
     let flags = hdrs[ihl + 13];
     let count = payload.len().div_ceil(mss).max(1);
-    let pseudo = sum16(&hdrs[12..20], 6);
+    // Pseudo-header: the addresses and the protocol (RFC 9293 §3.1, RFC 8200 §8.1); the
+    // TCP length is added per segment.
+    let pseudo = if v6 {
+        sum16(&hdrs[8..IP6_HDR], 6)
+    } else {
+        sum16(&hdrs[12..20], 6)
+    };
     for i in 0..count {
         let chunk = payload
             .get(i * mss..((i + 1) * mss).min(payload.len()))
@@ -159,11 +181,15 @@ fn segment_tcp4(
         let s = seg.get_mut(..total).ok_or(m)?;
         s[..h].copy_from_slice(hdrs);
         s[h..].copy_from_slice(chunk);
-        s[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        s[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
-        s[10..12].copy_from_slice(&[0, 0]);
-        let ipc = !fold(sum16(&s[..ihl], 0));
-        s[10..12].copy_from_slice(&ipc.to_be_bytes());
+        if v6 {
+            s[4..6].copy_from_slice(&((total - IP6_HDR) as u16).to_be_bytes());
+        } else {
+            s[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            s[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+            s[10..12].copy_from_slice(&[0, 0]);
+            let ipc = !fold(sum16(&s[..ihl], 0));
+            s[10..12].copy_from_slice(&ipc.to_be_bytes());
+        }
         let seq = seq0.wrapping_add((i * mss) as u32);
         s[ihl + 4..ihl + 8].copy_from_slice(&seq.to_be_bytes());
         let mut f = flags;
@@ -463,6 +489,109 @@ mod tests {
         }
         assert_eq!(data, tcp4(2500, 0)[40..].to_vec());
         assert_eq!(out[2].len(), 40 + 500);
+    }
+
+    /// A TCP/IPv6 packet with `payload` bytes (checksum not filled: segmentation computes
+    /// each segment's).
+    fn tcp6(payload: usize, flags: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 60 + payload];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&((20 + payload) as u16).to_be_bytes());
+        p[6] = 6;
+        p[7] = 64;
+        p[8..24].copy_from_slice(
+            &"fd00:99:1::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        p[24..40].copy_from_slice(
+            &"fd00:99:2::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        p[40..42].copy_from_slice(&5000u16.to_be_bytes());
+        p[42..44].copy_from_slice(&80u16.to_be_bytes());
+        p[44..48].copy_from_slice(&1000u32.to_be_bytes());
+        p[52] = 5 << 4;
+        p[53] = flags;
+        for (i, b) in p[60..].iter_mut().enumerate() {
+            *b = (i * 7) as u8;
+        }
+        p
+    }
+
+    fn tcp6_ok(s: &[u8]) -> bool {
+        let pseudo = sum16(&s[8..40], 6) + (s.len() - 40) as u64;
+        fold(sum16(&s[40..], pseudo)) == 0xffff
+    }
+
+    #[test]
+    fn tso6_packet_is_cut_into_valid_segments() {
+        let mut buf = vnet(GSO_TCPV6, 1000, F_NEEDS_CSUM, 40, 16);
+        buf.extend(tcp6(2500, TCP_PSH | TCP_FIN | TCP_CWR | 0x10));
+        let mut seg = vec![0u8; 2000];
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        split(&mut buf, &mut seg, |s| out.push(s.to_vec())).unwrap();
+        assert_eq!(out.len(), 3);
+        let mut data = Vec::new();
+        for (i, s) in out.iter().enumerate() {
+            assert!(tcp6_ok(s), "segment {i}");
+            assert_eq!(usize::from(u16::from_be_bytes([s[4], s[5]])), s.len() - 40);
+            assert_eq!(&s[..4], &[0x60, 0, 0, 0]);
+            assert_eq!(
+                &s[6..40],
+                &tcp6(0, 0)[6..40],
+                "next header, hop limit, addresses"
+            );
+            let seq = u32::from_be_bytes([s[44], s[45], s[46], s[47]]);
+            assert_eq!(seq, 1000 + 1000 * i as u32);
+            let f = s[53];
+            assert_eq!(f & TCP_FIN != 0, i == 2);
+            assert_eq!(f & TCP_PSH != 0, i == 2);
+            assert_eq!(f & TCP_CWR != 0, i == 0);
+            data.extend_from_slice(&s[60..]);
+        }
+        assert_eq!(data, tcp6(2500, 0)[60..].to_vec());
+        assert_eq!(out[2].len(), 60 + 500);
+        // An extension header before TCP, or an IPv4 packet under the IPv6 type: refused.
+        for bad in [
+            {
+                let mut p = tcp6(2500, 0x10);
+                p[6] = 0;
+                p
+            },
+            tcp4(2500, 0x10),
+        ] {
+            let mut buf = vnet(GSO_TCPV6, 1000, F_NEEDS_CSUM, 40, 16);
+            buf.extend(bad);
+            let mut n = 0;
+            assert_eq!(
+                split(&mut buf, &mut seg, |_| n += 1),
+                Err(OffloadError::Malformed)
+            );
+            assert_eq!(n, 0);
+        }
+    }
+
+    #[test]
+    fn a_zero_udp6_checksum_goes_out_as_all_ones() {
+        // UDP/IPv6 whose checksum comes out as 0: the pseudo-header sum left by the kernel
+        // is chosen so that the completed sum is 0xffff (complement 0).
+        let mut p = vec![0u8; 48];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&8u16.to_be_bytes());
+        p[6] = 17;
+        p[40..42].copy_from_slice(&1u16.to_be_bytes());
+        p[44..46].copy_from_slice(&8u16.to_be_bytes());
+        let rest = fold(sum16(&p[40..], 0));
+        p[46..48].copy_from_slice(&(0xffff - rest).to_be_bytes());
+        let mut buf = vnet(GSO_NONE, 0, F_NEEDS_CSUM, 40, 6);
+        buf.extend(p);
+        let mut out = Vec::new();
+        split(&mut buf, &mut [0u8; 10], |s| out.push(s.to_vec())).unwrap();
+        assert_eq!(&out[0][46..48], &[0xff, 0xff]);
     }
 
     #[test]

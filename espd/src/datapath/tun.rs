@@ -20,6 +20,7 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUN_F_CSUM: libc::c_ulong = 0x01;
 const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
 const TUN_F_TSO_ECN: libc::c_ulong = 0x08;
 
 /// `struct ifreq`: the name and a 24-byte union (flags, mtu...).
@@ -101,7 +102,7 @@ impl TunDev {
             libc::ioctl(
                 fd.as_raw_fd(),
                 TUNSETOFFLOAD as _,
-                TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN,
+                TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN,
             )
         };
         if off < 0 {
