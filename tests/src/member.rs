@@ -316,3 +316,27 @@ pub fn finish_ping(ping: &mut Proc) -> (Vec<u64>, u64, String) {
     let max_gap = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     (seqs, max_gap, out)
 }
+
+/// Runs iperf3 TCP from `client` to the iperf3 server at `server` (IPv4 or IPv6 literal;
+/// `reverse`: the server sends) for `secs` seconds; returns the bytes the receiver got.
+/// Panics with iperf3's report when it fails.
+pub fn iperf3_tcp(client: &Netns, server: &str, secs: u32, reverse: bool) -> u64 {
+    let t = secs.to_string();
+    let mut args = vec!["-c", server, "-t", &t, "-J", "--connect-timeout", "5000"];
+    if server.contains(':') {
+        args.push("-6");
+    }
+    if reverse {
+        args.push("-R");
+    }
+    let out = client
+        .exec_timeout("iperf3", &args, Duration::from_secs(u64::from(secs) + 60))
+        .expect("iperf3 client");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 JSON: {e}\n{text}"));
+    assert!(v["error"].is_null(), "iperf3 failed: {}", v["error"]);
+    v["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no received bytes in {text}"))
+}

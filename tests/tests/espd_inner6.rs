@@ -167,32 +167,7 @@ fn manual_key_pair_carries_inner_ipv6() {
 /// for `secs` seconds; returns the bytes the receiver got. The sending gateway's kernel
 /// hands espd TSO packets (TUN_F_TSO6) that espd cuts into segments.
 fn iperf3_6(pair: &Pair, secs: u32, reverse: bool) -> u64 {
-    let t = secs.to_string();
-    let mut args = vec![
-        "-6",
-        "-c",
-        SERVER6,
-        "-t",
-        &t,
-        "-J",
-        "--connect-timeout",
-        "5000",
-    ];
-    if reverse {
-        args.push("-R");
-    }
-    let out = pair
-        .topo
-        .client
-        .exec_timeout("iperf3", &args, Duration::from_secs(u64::from(secs) + 60))
-        .expect("iperf3 client");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let v: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 JSON: {e}\n{text}"));
-    assert!(v["error"].is_null(), "iperf3 failed: {}", v["error"]);
-    v["end"]["sum_received"]["bytes"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no received bytes in {text}"))
+    haven_tests::member::iperf3_tcp(&pair.topo.client, SERVER6, secs, reverse)
 }
 
 #[test]

@@ -239,30 +239,7 @@ fn ping_loses_nothing_across_our_child_rekey() {
 /// Runs iperf3 TCP from the client to the server (`reverse`: the server sends) for `secs`
 /// seconds; returns the bytes the receiver got.
 fn iperf3(line: &SiteToSite, secs: u32, reverse: bool) -> u64 {
-    let t = secs.to_string();
-    let mut args = vec![
-        "-c",
-        SiteToSite::SERVER,
-        "-t",
-        &t,
-        "-J",
-        "--connect-timeout",
-        "5000",
-    ];
-    if reverse {
-        args.push("-R");
-    }
-    let out = line
-        .client
-        .exec_timeout("iperf3", &args, Duration::from_secs(u64::from(secs) + 60))
-        .expect("iperf3 client");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let v: Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 JSON: {e}\n{text}"));
-    assert!(v["error"].is_null(), "iperf3 failed: {}", v["error"]);
-    v["end"]["sum_received"]["bytes"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no received bytes in {text}"))
+    haven_tests::member::iperf3_tcp(&line.client, SiteToSite::SERVER, secs, reverse)
 }
 
 /// The `SA … removed: in P packets B bytes, out P packets B bytes` lines of espd's log:
