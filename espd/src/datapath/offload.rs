@@ -210,9 +210,9 @@ fn segment_tcp(
 }
 
 /// Receive-side coalescing (what GRO does in a NIC driver): consecutive in-order TCP/IPv4
-/// segments of one flow, decrypted from one receive batch, are joined into one TSO packet
-/// and written to the TUN device with one `write`; the kernel re-segments it only if it
-/// must. Anything else passes through unchanged, one write each, in order.
+/// or TCP/IPv6 segments of one flow, decrypted from one receive batch, are joined into one
+/// TSO packet and written to the TUN device with one `write`; the kernel re-segments it
+/// only if it must. Anything else passes through unchanged, one write each, in order.
 pub struct Coalescer {
     /// Virtio-net header, then the packet being built.
     buf: Box<[u8]>,
@@ -221,6 +221,8 @@ pub struct Coalescer {
     tun: Option<std::sync::Arc<super::tun::TunDev>>,
     /// Whether more segments may be appended.
     open: bool,
+    /// IP header length of the packet being built: 20 (IPv4) or 40 (IPv6).
+    ihl: usize,
     hdr_len: usize,
     mss: usize,
     segs: usize,
@@ -231,29 +233,108 @@ pub struct Coalescer {
 const MAX_SEGS: usize = 64;
 const IP_MAX: usize = 65_535;
 
-/// (header length, payload length, seq) of a TCP/IPv4 packet eligible for coalescing: no IP
-/// options or fragmentation, and only ACK (and PSH) set.
-fn tcp_candidate(p: &[u8]) -> Option<(usize, usize, u32)> {
-    let ip = p.get(..20)?;
-    if ip[0] != 0x45 || ip[9] != 6 || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+/// A TCP segment eligible for coalescing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Candidate {
+    /// IP header length: 20 (IPv4) or 40 (IPv6).
+    ihl: usize,
+    /// IP and TCP header length.
+    h: usize,
+    payload: usize,
+    seq: u32,
+}
+
+/// A TCP packet eligible for coalescing: IPv4 without options or fragmentation, or IPv6
+/// with TCP right after the fixed header; its length field matching what was received;
+/// only ACK (and PSH) set; some payload.
+fn tcp_candidate(p: &[u8]) -> Option<Candidate> {
+    let (ihl, total) = match *p.first()? {
+        0x45 => {
+            let ip = p.get(..20)?;
+            if ip[9] != 6 || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+                return None;
+            }
+            (20, usize::from(u16::from_be_bytes([ip[2], ip[3]])))
+        }
+        b if b >> 4 == 6 => {
+            let ip = p.get(..IP6_HDR)?;
+            if ip[6] != 6 {
+                return None;
+            }
+            (
+                IP6_HDR,
+                IP6_HDR + usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+            )
+        }
+        _ => return None,
+    };
+    if total != p.len() {
         return None;
     }
-    if usize::from(u16::from_be_bytes([ip[2], ip[3]])) != p.len() {
-        return None;
-    }
-    let tcp = p.get(20..40)?;
+    let tcp = p.get(ihl..ihl + 20)?;
     let thl = usize::from(tcp[12] >> 4) * 4;
     let flags = tcp[13];
     if thl < 20 || flags & !(TCP_PSH | 0x10) != 0 || flags & 0x10 == 0 {
         return None;
     }
-    let h = 20 + thl;
+    let h = ihl + thl;
     let payload = p.len().checked_sub(h).filter(|n| *n > 0)?;
-    Some((
+    Some(Candidate {
+        ihl,
         h,
         payload,
-        u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-    ))
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+    })
+}
+
+/// Whether segment `pkt` (a candidate with header length `h`) belongs to the flow of `cur`
+/// (the first segment's headers, `ihl` + TCP) with the same header shape: IPv4 TOS, TTL and
+/// addresses, or IPv6 traffic class, flow label, hop limit and addresses; then ports, ack,
+/// data offset, window and options.
+fn same_flow(cur: &[u8], pkt: &[u8], ihl: usize, h: usize) -> bool {
+    let ip = if ihl == IP6_HDR {
+        cur[..4] == pkt[..4] && cur[7] == pkt[7] && cur[8..40] == pkt[8..40]
+    } else {
+        cur[1] == pkt[1] && cur[8] == pkt[8] && cur[12..20] == pkt[12..20]
+    };
+    let t = ihl;
+    ip && cur.len() == h
+        && cur[t..t + 4] == pkt[t..t + 4]
+        && cur[t + 8..t + 13] == pkt[t + 8..t + 13]
+        && cur[t + 14..t + 16] == pkt[t + 14..t + 16]
+        && cur[t + 20..h] == pkt[t + 20..h]
+}
+
+/// Turns `pkt` (`segs` coalesced segments, `ihl`-byte IP header, `hdr_len` bytes of IP and
+/// TCP headers, `mss` bytes of payload per segment but the last) into one TSO packet
+/// behind the virtio-net header `hdr`: its IP length (and IPv4 header checksum), the
+/// pseudo-header sum in the TCP checksum field for the kernel to complete (F_NEEDS_CSUM),
+/// and the GSO fields. One segment is left as it arrived (header zeroed).
+fn finish_tso(hdr: &mut [u8], pkt: &mut [u8], ihl: usize, hdr_len: usize, mss: usize, segs: usize) {
+    hdr.fill(0);
+    if segs <= 1 {
+        return;
+    }
+    let len = pkt.len();
+    let tcp_len = (len - ihl) as u64;
+    let (pseudo, gso) = if ihl == IP6_HDR {
+        pkt[4..6].copy_from_slice(&((len - IP6_HDR) as u16).to_be_bytes());
+        (fold(sum16(&pkt[8..IP6_HDR], 6) + tcp_len), GSO_TCPV6)
+    } else {
+        pkt[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        pkt[10..12].copy_from_slice(&[0, 0]);
+        let ipc = !fold(sum16(&pkt[..20], 0));
+        pkt[10..12].copy_from_slice(&ipc.to_be_bytes());
+        (fold(sum16(&pkt[12..20], 6) + tcp_len), GSO_TCPV4)
+    };
+    pkt[ihl + 16..ihl + 18].copy_from_slice(&pseudo.to_be_bytes());
+    hdr[0] = F_NEEDS_CSUM;
+    hdr[1] = gso;
+    let put = |h: &mut [u8], i: usize, v: u16| h[i..i + 2].copy_from_slice(&v.to_ne_bytes());
+    put(hdr, 2, hdr_len as u16);
+    put(hdr, 4, mss as u16);
+    put(hdr, 6, ihl as u16);
+    put(hdr, 8, 16);
 }
 
 impl Default for Coalescer {
@@ -263,6 +344,7 @@ impl Default for Coalescer {
             len: 0,
             tun: None,
             open: false,
+            ihl: 20,
             hdr_len: 0,
             mss: 0,
             segs: 0,
@@ -296,12 +378,13 @@ impl Coalescer {
         self.tun = Some(tun.clone());
         self.segs = 1;
         match tcp_candidate(pkt) {
-            Some((h, payload, seq)) => {
-                self.hdr_len = h;
-                self.mss = payload;
-                self.next_seq = seq.wrapping_add(payload as u32);
-                // Indexing: tcp_candidate checked pkt.len() >= 40.
-                self.open = pkt[33] & TCP_PSH == 0;
+            Some(c) => {
+                self.ihl = c.ihl;
+                self.hdr_len = c.h;
+                self.mss = c.payload;
+                self.next_seq = c.seq.wrapping_add(c.payload as u32);
+                // Indexing: tcp_candidate checked pkt.len() >= ihl + 20.
+                self.open = pkt[c.ihl + 13] & TCP_PSH == 0;
             }
             None => self.open = false,
         }
@@ -316,20 +399,22 @@ impl Coalescer {
         {
             return false;
         }
-        let Some((h, payload, seq)) = tcp_candidate(pkt) else {
+        let Some(Candidate {
+            ihl,
+            h,
+            payload,
+            seq,
+        }) = tcp_candidate(pkt)
+        else {
             return false;
         };
         let h0 = self.hdr_len;
         let cur = &self.buf[VNET_HDR_LEN..VNET_HDR_LEN + h0];
-        // Same flow and header shape: TOS, TTL, addresses, ports, ack, data offset and
-        // window, options; in order; not longer than the first segment.
-        let same = h == h0
-            && cur[1] == pkt[1]
-            && cur[8] == pkt[8]
-            && cur[12..24] == pkt[12..24]
-            && cur[28..33] == pkt[28..33]
-            && cur[34..36] == pkt[34..36]
-            && cur[40..h0] == pkt[40..h]
+        // Same flow and header shape; in order; not longer than the first segment; an
+        // IPv6 payload length stays below 64 KiB as well.
+        let same = ihl == self.ihl
+            && h == h0
+            && same_flow(cur, pkt, ihl, h)
             && seq == self.next_seq
             && payload <= self.mss
             && self.segs < MAX_SEGS
@@ -342,8 +427,8 @@ impl Coalescer {
         self.len += payload;
         self.segs += 1;
         self.next_seq = seq.wrapping_add(payload as u32);
-        if pkt[33] & TCP_PSH != 0 {
-            self.buf[VNET_HDR_LEN + 33] |= TCP_PSH;
+        if pkt[ihl + 13] & TCP_PSH != 0 {
+            self.buf[VNET_HDR_LEN + ihl + 13] |= TCP_PSH;
             self.open = false;
         }
         if payload < self.mss {
@@ -364,26 +449,14 @@ impl Coalescer {
             return 0;
         };
         let (hdr, pkt) = self.buf.split_at_mut(VNET_HDR_LEN);
-        let pkt = &mut pkt[..len];
-        hdr.fill(0);
-        if self.segs > 1 {
-            // One TSO packet: fix the IP length and checksum, leave the pseudo-header sum
-            // in the TCP checksum field for the kernel to complete (F_NEEDS_CSUM).
-            pkt[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            pkt[10..12].copy_from_slice(&[0, 0]);
-            let ipc = !fold(sum16(&pkt[..20], 0));
-            pkt[10..12].copy_from_slice(&ipc.to_be_bytes());
-            let pseudo = fold(sum16(&pkt[12..20], 6) + (len - 20) as u64);
-            pkt[36..38].copy_from_slice(&pseudo.to_be_bytes());
-            hdr[0] = F_NEEDS_CSUM;
-            hdr[1] = GSO_TCPV4;
-            let put =
-                |h: &mut [u8], i: usize, v: u16| h[i..i + 2].copy_from_slice(&v.to_ne_bytes());
-            put(hdr, 2, self.hdr_len as u16);
-            put(hdr, 4, self.mss as u16);
-            put(hdr, 6, 20);
-            put(hdr, 8, 16);
-        }
+        finish_tso(
+            hdr,
+            &mut pkt[..len],
+            self.ihl,
+            self.hdr_len,
+            self.mss,
+            self.segs,
+        );
         match tun.write(&self.buf[..VNET_HDR_LEN + len]) {
             Ok(()) => 0,
             Err(_) => 1,
@@ -572,6 +645,61 @@ mod tests {
                 Err(OffloadError::Malformed)
             );
             assert_eq!(n, 0);
+        }
+    }
+
+    /// Receive-side coalescing undoes segmentation: the segments of a TSO packet are all
+    /// candidates of one flow, and the packet `finish_tso` builds from them, cut again as
+    /// the kernel would (its header says how), gives the same segments. IPv4 and IPv6.
+    #[test]
+    fn coalesced_segments_make_a_tso_packet_that_cuts_back_into_them() {
+        for (v6, pkt) in [(false, tcp4(3500, 0x10)), (true, tcp6(3500, 0x10))] {
+            let gso = if v6 { GSO_TCPV6 } else { GSO_TCPV4 };
+            let ihl = if v6 { 40 } else { 20 };
+            let mut buf = vnet(gso, 1000, F_NEEDS_CSUM, ihl as u16, 16);
+            buf.extend(pkt);
+            let mut seg = vec![0u8; 2000];
+            let mut segs: Vec<Vec<u8>> = Vec::new();
+            split(&mut buf, &mut seg, |s| segs.push(s.to_vec())).unwrap();
+            assert_eq!(segs.len(), 4);
+            let first = tcp_candidate(&segs[0]).expect("candidate");
+            assert_eq!((first.ihl, first.h, first.payload), (ihl, ihl + 20, 1000));
+            let mut joined = segs[0].clone();
+            for s in &segs[1..] {
+                let c = tcp_candidate(s).expect("candidate");
+                assert_eq!(c.ihl, ihl);
+                assert!(same_flow(&joined[..first.h], s, c.ihl, c.h), "v6 {v6}");
+                joined.extend_from_slice(&s[c.h..]);
+            }
+            let mut out = vec![0u8; VNET_HDR_LEN];
+            finish_tso(
+                &mut out,
+                &mut joined,
+                ihl,
+                first.h,
+                first.payload,
+                segs.len(),
+            );
+            out.extend(joined);
+            let mut again: Vec<Vec<u8>> = Vec::new();
+            split(&mut out, &mut seg, |s| again.push(s.to_vec())).unwrap();
+            assert_eq!(again, segs, "v6 {v6}");
+            // Another flow (a port) or a lone segment's header stay apart.
+            let mut other = segs[1].clone();
+            other[ihl] ^= 1;
+            assert!(!same_flow(&segs[0][..first.h], &other, ihl, first.h));
+            let mut lone = vec![0xaa; VNET_HDR_LEN];
+            let mut one = segs[0].clone();
+            finish_tso(&mut lone, &mut one, ihl, first.h, first.payload, 1);
+            assert_eq!((lone, one), (vec![0; VNET_HDR_LEN], segs[0].clone()));
+        }
+        // Not candidates: an IPv6 extension header, an IPv4 fragment, a SYN.
+        let mut ext = tcp6(100, 0x10);
+        ext[6] = 0;
+        let mut frag = tcp4(100, 0x10);
+        frag[6] = 0x20;
+        for p in [ext, frag, tcp4(100, 0x12), tcp6(0, 0x10)] {
+            assert_eq!(tcp_candidate(&p), None);
         }
     }
 
