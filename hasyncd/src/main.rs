@@ -433,6 +433,12 @@ impl DaemonLogic for Hasyncd {
                 self.now_ms,
                 cluster::EpochStore::open(&self.run_dir),
             );
+            // What the local ikemgr carries may have arrived before the links started (a
+            // restarted hasyncd reads the bus before its configuration): without it the
+            // partner would get snapshots without the IKE SAs, drop the copies it held,
+            // and have nothing to take over from; a take-back would also not see the IKE
+            // SA kept here.
+            c.set_local_ike_sas(self.own_ike.clone());
             c.set_local_child_sas(self.child_sas.clone());
             self.cluster = Some(c);
             self.publish_member(out);
@@ -636,17 +642,33 @@ impl Hasyncd {
             self.publish_roles(out);
         }
         for t in fresh {
-            let now = self.now_ms;
-            out.push(Body::Takeover(t.clone()));
-            self.takeovers.insert(
-                t.ike.tunnel.clone(),
-                (
-                    t,
-                    now.saturating_add(TAKEOVER_REPEAT_MS),
-                    now.saturating_add(TAKEOVER_GIVE_UP_MS),
-                ),
-            );
+            self.send_takeover(t, out);
         }
+    }
+
+    /// Sends a takeover to ikemgr, then again every [`TAKEOVER_REPEAT_MS`] until ikemgr's
+    /// record shows it done (`on_replica`).
+    fn send_takeover(&mut self, t: TakeoverInfo, out: &mut Outbox) {
+        let now = self.now_ms;
+        out.push(Body::Takeover(t.clone()));
+        // ikemgr already holds the copy as it is (kept here while the other member carried
+        // the tunnel and exchanged nothing with the peer): its record will not change, and
+        // waiting for it to would end in a false give-up.
+        if self
+            .own_ike
+            .get(&t.ike.tunnel)
+            .is_some_and(|r| takeover_done(&t.ike, r))
+        {
+            return;
+        }
+        self.takeovers.insert(
+            t.ike.tunnel.clone(),
+            (
+                t,
+                now.saturating_add(TAKEOVER_REPEAT_MS),
+                now.saturating_add(TAKEOVER_GIVE_UP_MS),
+            ),
+        );
     }
 
     /// Notes `skips` (just sent to espd) to send again until espd confirms them: those of
@@ -820,6 +842,61 @@ mod tests {
         let v = d.command("ike-restore", &[], &mut out).unwrap();
         assert_eq!(v["ike"], json!([]));
         assert_eq!(v["child"], json!([]));
+    }
+
+    /// A restarted hasyncd hears ikemgr on the bus before its links start (it reads its
+    /// configuration after): the IKE SAs carried here must still be in what the partner
+    /// gets. In the `--ha-link` fault run they were not: the partner applied snapshots
+    /// without the IKE SA, dropped its copy, and when it took over it had nothing to take
+    /// over from (strongSwan renegotiated).
+    #[test]
+    fn ike_sas_heard_before_the_links_started_are_synced() {
+        let config = Config::default();
+        let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
+        let mut store = StateStore::default();
+        store.apply(&Body::IkeSa(ike_sa()));
+        store.apply(&Body::ChildSa(child_sa()));
+        let mut out = Outbox::new();
+        d.on_replica(DaemonKind::Ikemgr, &store, &mut out);
+        assert!(d.cluster.is_none(), "no links before the configuration");
+        d.on_config(&config, &mut out);
+        d.tick(1_000_000_000, &mut out);
+        let v = d.view_inner("replicas").unwrap();
+        assert_eq!(v["ike_local"], 1, "the IKE SA carried here: {v}");
+        assert_eq!(v["local"], 1, "the CHILD SA carried here: {v}");
+    }
+
+    /// A take-back of an IKE SA ikemgr kept as it is (the other member exchanged nothing
+    /// with the peer meanwhile): ikemgr's record will not change, so the takeover is done
+    /// at once instead of being repeated for 30 s and reported as given up.
+    #[test]
+    fn a_takeover_of_the_ike_sa_ikemgr_holds_as_it_is_is_done_at_once() {
+        let config = Config::default();
+        let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
+        let kept = ike_sa();
+        let mut store = StateStore::default();
+        store.apply(&Body::IkeSa(kept.clone()));
+        let mut out = Outbox::new();
+        d.on_replica(DaemonKind::Ikemgr, &store, &mut out);
+        out.clear();
+        let info = |ike: IkeSaRecord| TakeoverInfo {
+            ike,
+            start_seqs: Vec::new(),
+            lifetimes: Vec::new(),
+        };
+        d.send_takeover(info(kept.clone()), &mut out);
+        assert!(
+            matches!(out.as_slice(), [Body::Takeover(t)] if t.ike == kept),
+            "{out:?}"
+        );
+        assert!(d.takeovers.is_empty(), "nothing left to wait for");
+        // A copy the other member moved on is waited for (and repeated).
+        let later = IkeSaRecord {
+            next_recv: kept.next_recv + 1,
+            ..kept.clone()
+        };
+        d.send_takeover(info(later), &mut out);
+        assert!(d.takeovers.contains_key(&kept.tunnel));
     }
 
     /// A take-back of an IKE SA ikemgr kept: its record has the takeover's SPIs from the
