@@ -186,7 +186,13 @@ impl LogHub {
             // Not eprintln!: it panics when stderr is gone (a supervisor or a test harness
             // that died), and a daemon must outlive its log reader.
             use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "{} {}", level.name(), line);
+            let _ = writeln!(
+                std::io::stderr(),
+                "{} {} {}",
+                utc_stamp(ts_ns),
+                level.name(),
+                line
+            );
         }
         let mut list = self.lock();
         list.retain(|a| !a.tx.is_closed());
@@ -203,6 +209,38 @@ impl LogHub {
             }
         }
     }
+}
+
+/// `ts_ns` (nanoseconds since the Unix epoch) as an RFC 3339 UTC time with milliseconds,
+/// `2026-11-24T00:13:30.123Z`: the prefix of every line a daemon writes to stderr, so that
+/// the logs of several daemons and members can be put in one order.
+pub fn utc_stamp(ts_ns: u64) -> String {
+    let ms = (ts_ns / 1_000_000) % 1000;
+    let secs = ts_ns / 1_000_000_000;
+    let (days, sod) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_date(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+/// The proleptic Gregorian (year, month, day) of `days` since 1970-01-01, counted in
+/// 400-year eras of 146 097 days that start on March 1st (so the leap day ends a year).
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    // 1970-01-01 is day 719 468 after 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
 }
 
 /// The `tracing` layer side of a [`LogHub`].
@@ -294,6 +332,29 @@ mod tests {
         assert_eq!(LogLevel::parse("0").unwrap(), LogLevel::Off);
         assert_eq!(LogLevel::parse("255").unwrap(), LogLevel::Trace);
         assert!(LogLevel::parse("loud").is_err());
+    }
+
+    #[test]
+    fn stderr_lines_are_stamped_in_utc() {
+        assert_eq!(utc_stamp(0), "1970-01-01T00:00:00.000Z");
+        // 2000-02-29 (a leap day of a century year divisible by 400), 23:59:59.999.
+        assert_eq!(
+            utc_stamp(951_868_799_999_000_000),
+            "2000-02-29T23:59:59.999Z"
+        );
+        assert_eq!(
+            utc_stamp(951_868_800_000_000_000),
+            "2000-03-01T00:00:00.000Z"
+        );
+        // 2100 is not a leap year.
+        assert_eq!(
+            utc_stamp(4_107_542_400_000_000_000),
+            "2100-03-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            utc_stamp(1_795_479_210_123_456_789),
+            "2026-11-24T00:13:30.123Z"
+        );
     }
 
     #[test]
