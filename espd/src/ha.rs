@@ -13,7 +13,17 @@
 //! stops once its granted mark is used up (counted as `seq_lease` drops): a cluster member
 //! never sends an unsynced sequence number. An SA installed before a reload that turned
 //! clustering on keeps its local marks alone.
+//!
+//! A cluster member whose hasyncd is gone sends no heartbeats: after `hb-interval` x
+//! `hb-lost-threshold` another member declares it lost and takes its tunnels over, while
+//! this espd, still holding its SAs and granted marks, would go on sending below the new
+//! carrier's numbers whenever traffic still reaches it (the shared addresses stay on the
+//! interfaces of a member whose hasyncd was killed): the peer drops those as replays. So
+//! once hasyncd's process has been gone for half that time, every gated SA is held
+//! ([`esp_proto::AtomicSeq::hold`]; its packets are counted as `seq_lease` drops) until a
+//! new hasyncd grants its lease again, which it does only where it carries the tunnel.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use bus_schema::schema::SeqMark;
@@ -35,6 +45,72 @@ pub struct HaLeases {
     /// asks for a lease above the skip (the counter moved), so that request goes out on
     /// the next 10 ms wake-up instead of the next full tick.
     skipped: Vec<(SeqMark, u64)>,
+    /// hasyncd's process, looked for on every wake-up of a cluster member.
+    hasyncd: HasyncdWatch,
+    /// How long after hasyncd was last seen the gated SAs are held (`None`: never).
+    hold_after_ms: Option<u64>,
+    /// When hasyncd was last seen running (`None`: not yet since espd started).
+    hasyncd_seen_ms: Option<u64>,
+    /// The gated SAs are held: hasyncd has been gone for `hold_after_ms`.
+    held: bool,
+}
+
+/// Whether hasyncd runs: the pid in `<run-dir>/ctl/hasyncd.lock` (written under the
+/// instance lock by every daemon, never removed), checked in `/proc`. Reading the pid, not
+/// taking the lock: a shared lock held for a moment here would make a hasyncd starting
+/// just then fail its own.
+#[derive(Default)]
+struct HasyncdWatch {
+    lock_path: PathBuf,
+    pid: Option<u32>,
+}
+
+impl HasyncdWatch {
+    fn alive(&mut self) -> bool {
+        if self.pid.is_some_and(running) {
+            return true;
+        }
+        self.pid = std::fs::read_to_string(&self.lock_path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|pid| running(*pid) && is_hasyncd(*pid));
+        self.pid.is_some()
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie (killed, not reaped yet).
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')' (comm may hold one).
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| !matches!(state, "Z" | "X" | "x"))
+}
+
+/// Whether `pid` is a hasyncd (a pid left in the lock file may belong to another program
+/// by now).
+fn is_hasyncd(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "hasyncd")
+}
+
+/// Half of the shortest silence after which another member declares this one lost: FGCP
+/// `hb-interval` x `hb-lost-threshold`, FGSP each cluster peer's (`None` outside a
+/// cluster).
+pub fn hold_after_ms(config: &Config) -> Option<u64> {
+    let fgcp = config
+        .ha
+        .as_ref()
+        .filter(|h| h.mode == haven_config::HaMode::ActivePassive)
+        .map(|h| u64::from(h.hb_interval_ms()) * u64::from(h.hb_lost_threshold));
+    let fgsp = config.standalone.as_ref().and_then(|s| {
+        s.cluster_peers
+            .iter()
+            .map(|p| u64::from(p.lost_after_ms()))
+            .min()
+    });
+    fgcp.into_iter().chain(fgsp).min().map(|lost| lost / 2)
 }
 
 /// How long after a skip its lease request is looked for on every wake-up.
@@ -50,6 +126,61 @@ const REPORTED_MAX: usize = 256;
 pub const UNKNOWN_SPI_POLL_MS: u64 = 10;
 
 impl HaLeases {
+    /// Where hasyncd's instance lock is (`<run-dir>/ctl/hasyncd.lock`).
+    pub fn set_run_dir(&mut self, run_dir: &Path) {
+        self.hasyncd.lock_path = run_dir.join("ctl").join("hasyncd.lock");
+    }
+
+    /// Whether the gated SAs are held (hasyncd gone).
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// Every wake-up of a cluster member: is hasyncd running? Once it has been gone for
+    /// [`hold_after_ms`], every gated SA is held; when it runs again, each SA is released
+    /// by its next grant ([`HaLeases::granted`], asked for by [`HaLeases::requests`]).
+    pub fn watch_hasyncd(&mut self, dp: Option<&Datapath>, now_ms: u64) {
+        let Some(after) = self.hold_after_ms.filter(|_| self.gating) else {
+            return;
+        };
+        if self.hasyncd.alive() {
+            self.hasyncd_seen_ms = Some(now_ms);
+            if self.held {
+                self.held = false;
+                metrics::gauge!("espd_ha_held").set(0.0);
+                tracing::info!(
+                    "HA: hasyncd runs again (pid {}): each held outbound SA sends again once it grants its lease",
+                    self.hasyncd.pid.unwrap_or(0)
+                );
+            }
+            return;
+        }
+        // Never seen since espd started: the SAs wait for their first grant anyway.
+        let Some(seen) = self.hasyncd_seen_ms else {
+            return;
+        };
+        if self.held || now_ms.saturating_sub(seen) < after {
+            return;
+        }
+        self.held = true;
+        let mut n = 0usize;
+        if let Some(dp) = dp {
+            for sa in dp.sas().values() {
+                if sa.ha_hw.load(Ordering::Acquire) != u64::MAX {
+                    sa.seq.hold(true);
+                    n += 1;
+                }
+            }
+        }
+        metrics::gauge!("espd_ha_held").set(1.0);
+        metrics::counter!("espd_ha_holds_total").increment(1);
+        tracing::warn!(
+            "HA: hasyncd has not run for {} ms: {n} outbound SAs held (another member takes this member's tunnels over after {} ms without heartbeats); each sends again once a new hasyncd grants its lease",
+            now_ms.saturating_sub(seen),
+            after * 2
+        );
+    }
+
     /// Whether new SAs wait for hasyncd's lease.
     pub fn gating(&self) -> bool {
         self.gating
@@ -75,6 +206,7 @@ impl HaLeases {
             );
         }
         self.gating = gating;
+        self.hold_after_ms = hold_after_ms(config);
         if let Some(dp) = dp {
             dp.set_ha_gating(gating);
         }
@@ -124,7 +256,8 @@ impl HaLeases {
                 continue;
             }
             let local = sa.lease.lock().unwrap_or_else(|p| p.into_inner()).granted();
-            if local > granted {
+            // A held SA asks again for what it had: the new hasyncd's grant releases it.
+            if local > granted || sa.seq.held() {
                 sas.push(SeqMark {
                     tunnel: sa.tunnel.clone(),
                     spi_out: sa.spi_out,
@@ -196,13 +329,23 @@ impl HaLeases {
         }
     }
 
-    /// hasyncd granted marks: raise the SAs' limits (never above the local mark).
+    /// hasyncd granted marks: raise the SAs' limits (never above the local mark), and
+    /// release the SAs held while hasyncd was gone. A grant that arrives while it is still
+    /// gone (sent before it died) releases nothing.
     pub fn granted(&self, dp: Option<&Datapath>, marks: &[SeqMark]) {
         let Some(dp) = dp else { return };
         for m in marks {
             for sa in dp.sas_of(&m.tunnel, m.spi_out) {
                 if sa.ha_hw.load(Ordering::Acquire) == u64::MAX {
                     continue;
+                }
+                if sa.seq.held() && !self.held {
+                    sa.seq.hold(false);
+                    tracing::info!(
+                        "{}: HA: outbound {:08x} released: hasyncd granted its lease again",
+                        sa.key,
+                        sa.spi_out
+                    );
                 }
                 let before = sa.ha_hw.fetch_max(m.seq_hw, Ordering::AcqRel);
                 let local = sa.lease.lock().unwrap_or_else(|p| p.into_inner()).granted();
@@ -217,5 +360,67 @@ impl HaLeases {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_config::{ClusterPeer, Ha, HaMode, StandaloneCluster};
+
+    #[test]
+    fn sas_are_held_after_half_the_time_another_member_waits() {
+        let mut config = Config::default();
+        assert_eq!(hold_after_ms(&config), None, "no cluster");
+        config.ha = Some(Ha {
+            mode: HaMode::Standalone,
+            ..Ha::default()
+        });
+        assert_eq!(hold_after_ms(&config), None, "FGCP standalone mode");
+        // The lab's FGCP pairs: 2 x 100 ms x 3 = 600 ms.
+        config.ha = Some(Ha {
+            mode: HaMode::ActivePassive,
+            hb_interval: 2,
+            hb_lost_threshold: 3,
+            ..Ha::default()
+        });
+        assert_eq!(hold_after_ms(&config), Some(300));
+        // FGSP peers: the shortest of theirs (and of FGCP's) counts.
+        let mut slow = ClusterPeer::new(1, "10.0.0.1".parse().unwrap());
+        slow.hb_lost_threshold = 20;
+        let quick = ClusterPeer::new(2, "10.0.0.2".parse().unwrap());
+        config.standalone = Some(StandaloneCluster {
+            cluster_peers: vec![slow.clone(), quick],
+            ..StandaloneCluster::default()
+        });
+        assert_eq!(hold_after_ms(&config), Some(300));
+        config.ha = None;
+        assert_eq!(hold_after_ms(&config), Some(600), "1.2 s");
+        config.standalone = Some(StandaloneCluster {
+            cluster_peers: vec![slow],
+            ..StandaloneCluster::default()
+        });
+        assert_eq!(hold_after_ms(&config), Some(2_000));
+    }
+
+    #[test]
+    fn hasyncd_is_found_by_the_pid_in_its_lock_file() {
+        let dir = std::env::temp_dir().join(format!("espd-ha-watch-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("ctl")).unwrap();
+        let mut w = HasyncdWatch {
+            lock_path: dir.join("ctl").join("hasyncd.lock"),
+            pid: None,
+        };
+        assert!(!w.alive(), "no lock file");
+        // A running process that is not hasyncd (this test), and one that is gone.
+        std::fs::write(&w.lock_path, format!("{}\n", std::process::id())).unwrap();
+        assert!(running(std::process::id()));
+        assert!(!w.alive(), "the pid is not hasyncd's");
+        std::fs::write(&w.lock_path, "4194304\n").unwrap();
+        assert!(!running(4_194_304));
+        assert!(!w.alive());
+        std::fs::write(&w.lock_path, "not a pid").unwrap();
+        assert!(!w.alive());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

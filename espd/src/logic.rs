@@ -165,7 +165,11 @@ impl Espd {
             activity_seen: BTreeMap::new(),
             seq_published: BTreeMap::new(),
             usage_published: BTreeMap::new(),
-            ha: crate::ha::HaLeases::default(),
+            ha: {
+                let mut ha = crate::ha::HaLeases::default();
+                ha.set_run_dir(&run_dir_for_life);
+                ha
+            },
             acquire: Default::default(),
             acquires: 0,
             waiting_for_traffic: BTreeSet::new(),
@@ -724,6 +728,7 @@ impl Espd {
             "replaywin": sa.replay_size,
             "seqno": sa.seq.next(),
             "seq_hw": sa.lease.lock().unwrap_or_else(|p| p.into_inner()).granted(),
+            "ha_held": sa.seq.held(),
             "esn": sa.esn,
             "replaywin_lastseq": replay.top(),
             "life": {
@@ -817,6 +822,8 @@ impl Espd {
             },
             "tunnels": list,
             "drops": drops,
+            // Every gated outbound SA held: hasyncd is gone (`ha.rs`).
+            "ha_held": self.ha.held(),
             "acquires": self.acquires,
             "nat_keepalives": self.dp.as_ref().map(|d| d.shared().keepalives.load(Ordering::Relaxed)).unwrap_or(0),
             "failed": self.failed,
@@ -1015,6 +1022,7 @@ impl DaemonLogic for Espd {
 
     fn tick(&mut self, now_ns: u64, out: &mut Outbox) {
         let now_ms = now_ns / 1_000_000;
+        self.ha.watch_hasyncd(self.dp.as_ref(), now_ms);
         self.ha.unknown_spis(self.dp.as_ref(), now_ms, out);
         if self.ha.gating() {
             // The 10 ms wake-ups of a cluster member only look for unknown SPIs, and

@@ -595,6 +595,55 @@ fn fgcp_takeover_seen_from_a_haven_peer_has_no_replay_or_icv_drop_and_rekeys_in_
     drop(m1);
 }
 
+/// Whether `m`'s espd holds its outbound SA `spi` (its hasyncd gone).
+fn sa_held(m: &Member, spi: u32) -> Option<bool> {
+    let v = m.view(DaemonKind::Espd, "tunnel-list").ok()?;
+    v["tunnels"]
+        .as_array()?
+        .iter()
+        .flat_map(|t| t["sas"].as_array().cloned().unwrap_or_default())
+        .find(|s| hex_u32(&s["enc"]["spi"]) == spi)
+        .and_then(|s| s["ha_held"].as_bool())
+}
+
+/// `m`'s espd drops for `reason`, all SAs.
+fn espd_drops(m: &Member, reason: &str) -> u64 {
+    m.view(DaemonKind::Espd, "tunnel-list")
+        .ok()
+        .and_then(|v| v["drops"][reason].as_u64())
+        .unwrap_or(0)
+}
+
+/// Runs `f` with the server's traffic to the far side's inside address sent to gw1's port2
+/// (by its MAC, through a next hop only the server knows) instead of the shared address.
+fn via_gw1<T>(server: &Netns, gw1: &Netns, f: impl FnOnce() -> T) -> T {
+    const HOP: &str = "192.168.129.253";
+    let mac = gw1
+        .run("cat", &["/sys/class/net/port2/address"])
+        .expect("gw1's port2 MAC");
+    let host = format!("{CLIENT_INNER}/32");
+    server
+        .ip(&[
+            "neigh",
+            "replace",
+            HOP,
+            "lladdr",
+            mac.trim(),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    server
+        .ip(&["route", "replace", &host, "via", HOP, "dev", "eth0"])
+        .unwrap();
+    let r = f();
+    let _ = server.ip(&["route", "del", &host]);
+    let _ = server.ip(&["neigh", "del", HOP, "dev", "eth0"]);
+    r
+}
+
 /// espd's outbound SA of `vpn1_1` with SPI `spi`: (enc_pkts, next sequence number).
 fn out_sa(m: &Member, spi: u32) -> Option<(u64, u64)> {
     let v = m.view(DaemonKind::Espd, "tunnel-list").ok()?;
@@ -846,21 +895,24 @@ fn gw1_sends_in_sequence_above(
 /// The carrier's hasyncd dies (`kill -9`) while its ikemgr and espd keep the tunnel (the
 /// `--ha-link` fault run's repeated sequence numbers): gw2 hears no heartbeat, makes itself
 /// primary, takes the tunnel over with the shared address and sends above gw1's leases.
+/// Meanwhile gw1's espd holds the SA (its hasyncd gone for half the heartbeat loss time):
+/// pings the server sends to gw1's port are dropped there, not sent below gw2's numbers.
 /// gw1's hasyncd comes back, wins the election again (priority; the uptimes are within
 /// the margin) and takes the tunnel back from gw2 while gw1's ikemgr still has the IKE SA
 /// established, so ikemgr installs nothing: the takeover's start must reach gw1's espd
 /// directly (`SeqSkip`), or it continues at its own counter, below everything gw2 sent,
 /// and the far side drops all of it as replays (and a later espd restart resumes at its
 /// old lease's end, numbers gw2 already used). Asserted: gw1's espd continues above gw2's
-/// last sequence number; then the checks of [`gw1_sends_in_sequence_above`].
+/// last sequence number; then the checks of [`gw1_sends_in_sequence_above`]; and gw2 holds
+/// the standby copy of the IKE SA again.
 #[test]
 fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
     let PeerLab {
         _scratch,
         _router,
         far_ns,
-        server: _server,
-        gw1: _gw1,
+        server,
+        gw1,
         gw2: _gw2,
         mut m1,
         m2,
@@ -873,12 +925,61 @@ fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
     let gw1_before = out_sa(&m1, spi).expect("gw1 sends");
 
     let gw2_max = gw2_carries_once_gw1s_hasyncd_died(&mut m1, &m2, spi);
-    assert!(
-        out_sa(&m1, spi).is_some(),
-        "gw1's espd keeps the tunnel while its hasyncd is down"
+    let (tx_held, _) =
+        out_sa(&m1, spi).expect("gw1's espd keeps the tunnel while its hasyncd is down");
+    // gw1 keeps the shared address on its port (only its hasyncd died), so traffic can
+    // still reach it; gw2 sends above everything gw1 may have sent, so whatever gw1 sent
+    // now the far side would drop as replays (the --ha-link fault run's one replay). gw1's
+    // espd held the SA once its hasyncd had been gone for half the heartbeat loss time:
+    // the server's pings sent to gw1's port are dropped there, not sent.
+    let lease_drops = espd_drops(&m1, "seq_lease");
+    let far_replays = far.drops("replay");
+    via_gw1(&server, &gw1, || burst(&server, SERVER, CLIENT_INNER, 3));
+    assert_eq!(
+        out_sa(&m1, spi).map(|(tx, _)| tx),
+        Some(tx_held),
+        "gw1 sent on the SA while gw2 carried the tunnel (far side replay drops {far_replays} -> {})\n{}",
+        far.drops("replay"),
+        m1.log("espd")
     );
+    assert!(
+        espd_drops(&m1, "seq_lease") >= lease_drops + 3,
+        "the pings did not reach gw1's espd (seq_lease drops {lease_drops} -> {})",
+        espd_drops(&m1, "seq_lease")
+    );
+    assert_eq!(
+        sa_held(&m1, spi),
+        Some(true),
+        "gw1's espd shows the SA held while its hasyncd is gone\n{}",
+        m1.log("espd")
+    );
+    let gw2_log_at = m2.log("hasyncd").len();
     m1.restart("hasyncd");
     let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, gw2_max, 1);
+    // gw2 holds the standby copy of the IKE SA gw1 carries again, as the snapshot of gw1's
+    // new hasyncd left it, so a later failover needs no renegotiation. In the --ha-link
+    // fault run a restarted hasyncd that heard ikemgr before its links started sent
+    // snapshots without the IKE SA; the partner dropped its copy and could not take over.
+    wait_for("gw2 applied a snapshot of gw1's new hasyncd", WAIT, || {
+        let l = m2.log("hasyncd");
+        l[gw2_log_at.min(l.len())..]
+            .lines()
+            .any(|l| l.contains("fgcp: snapshot from member") && l.contains(" applied: "))
+            .then_some(())
+            .ok_or_else(|| m2.logs())
+    });
+    let ike = m1.ike_sa().expect("gw1's IKE SA");
+    wait_for("gw2's standby copy of gw1's IKE SA", WAIT, || {
+        let v = m2.view(DaemonKind::Hasyncd, "replicas")?;
+        v["ike_standby"]
+            .as_array()
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|c| (hex_u64(&c["spi_i"]), hex_u64(&c["spi_r"])) == (ike.0, ike.1))
+            })
+            .then_some(())
+            .ok_or_else(|| format!("{v}\n{}", m1.logs()))
+    });
     let (a, _) = ping_result(from_far);
     eprintln!(
         "hasyncd restart: gw1 sent up to {} before, gw2 reached {gw2_max}, gw1 continued at {skipped}; far->server {} of 400 answered",

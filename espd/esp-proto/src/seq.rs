@@ -2,7 +2,7 @@
 //! sequence-number blocks for crash safety and HA takeover.
 
 use crate::error::{EspError, Result};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Without ESN, ask for a rekey when this many numbers are left (2^20 packets ahead of the
 /// 2^32 limit: minutes at 10 Gbit/s, enough for a CREATE_CHILD_SA exchange).
@@ -164,6 +164,8 @@ pub struct AtomicSeq {
     last: u64,
     soft_at: u64,
     granted: AtomicU64,
+    /// Held: nothing is handed out whatever the marks ([`AtomicSeq::hold`]).
+    held: AtomicBool,
 }
 
 impl AtomicSeq {
@@ -184,6 +186,7 @@ impl AtomicSeq {
             last,
             soft_at: last - margin + 1,
             granted: AtomicU64::new(granted.unwrap_or(u64::MAX)),
+            held: AtomicBool::new(false),
         })
     }
 
@@ -191,6 +194,9 @@ impl AtomicSeq {
     /// [`EspError::LeaseExhausted`]).
     #[inline]
     pub fn take(&self) -> Result<u64> {
+        if self.held.load(Ordering::Acquire) {
+            return Err(EspError::LeaseExhausted);
+        }
         let last = self.last;
         let granted = self.granted.load(Ordering::Acquire);
         match self
@@ -217,6 +223,19 @@ impl AtomicSeq {
         // One past `last` marks the counter exhausted, as `take` would leave it.
         let first = first.min(self.last.saturating_add(1));
         self.next.fetch_max(first, Ordering::Relaxed).max(first)
+    }
+
+    /// Holds the counter (`true`): nothing is handed out, as if the lease were used up,
+    /// until it is released (`false`). The marks are kept: the grants only ever raise them,
+    /// and a hold must not be undone by a late one (an HA cluster member whose hasyncd is
+    /// gone stops sending before another member takes the SA over).
+    pub fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::Release);
+    }
+
+    /// Whether the counter is held.
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
     }
 
     /// A lease mark has been persisted: numbers below `hw` may be used.
@@ -251,6 +270,23 @@ mod tests {
         assert_eq!(s.skip_to(u64::MAX), u64::from(u32::MAX) + 1);
         s.grant(u64::MAX);
         assert_eq!(s.take(), Err(EspError::SeqExhausted));
+    }
+
+    #[test]
+    fn a_held_counter_hands_out_nothing_until_released() {
+        let s = AtomicSeq::new(7, false, Some(100)).unwrap();
+        assert_eq!(s.take(), Ok(7));
+        s.hold(true);
+        assert!(s.held());
+        s.grant(1_000);
+        assert_eq!(
+            s.take(),
+            Err(EspError::LeaseExhausted),
+            "a grant keeps the hold"
+        );
+        assert_eq!(s.next(), 8, "no number used while held");
+        s.hold(false);
+        assert_eq!(s.take(), Ok(8));
     }
 
     #[test]
