@@ -188,6 +188,14 @@ impl Hasyncd {
     }
 
     fn publish_roles(&mut self, out: &mut Outbox) {
+        // A hasyncd in its hello phase (just restarted) does not know yet whether this
+        // member carries the tunnels: it says nothing. A `standby` now made ikemgr drop
+        // every IKE SA of a primary whose hasyncd alone restarted, although nobody else
+        // had taken them (the partner had not declared it lost); the election's outcome
+        // follows within hb-interval x hb-lost-threshold.
+        if self.fgcp_role() == Some(HaRole::Hello) {
+            return;
+        }
         let role = tunnel_role(self.fgcp_role());
         let fgsp = self.cluster.as_ref().filter(|c| c.fgsp_mode());
         let mut desired: BTreeMap<String, String> = self

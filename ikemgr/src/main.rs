@@ -391,11 +391,15 @@ impl DaemonLogic for Ikemgr {
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
         if src == DaemonKind::Hasyncd {
-            // FGCP secondary (or hello): standby copies only, no new IKE SAs (ike::ha).
-            let standby = store.items().any(|b| {
-                matches!(b, Body::HaMember(m) if m.mode.contains("fgcp") && m.role != "primary")
+            // FGCP secondary (or hello): standby copies only, no new IKE SAs (ike::ha); the
+            // SAs held here are dropped once the role is settled (not in hello).
+            let role = store.items().find_map(|b| match b {
+                Body::HaMember(m) if m.mode.contains("fgcp") => Some(m.role.clone()),
+                _ => None,
             });
-            io::lock(&self.ike).set_ha_standby(Instant::now(), standby);
+            let standby = role.as_deref().is_some_and(|r| r != "primary");
+            let settled = role.as_deref() != Some("hello");
+            io::lock(&self.ike).set_ha_standby(Instant::now(), standby, settled);
             self.drain(out);
             let roles: BTreeMap<String, String> = store
                 .items()

@@ -80,6 +80,8 @@ pub const MID_MARK_REPEAT: Duration = Duration::from_millis(500);
 pub struct HaState {
     /// FGCP secondary / hello: no new IKE SAs here.
     standby: bool,
+    /// Standby as the election's outcome (not hello): the SAs held here were dropped.
+    flushed: bool,
     /// What was last published per SA (by entry id): SPIs, message IDs, CHILD SPIs.
     published: HashMap<u64, (String, PublishedKey)>,
     /// Outbound SPI -> first sequence number, for CHILD SAs being installed by a takeover.
@@ -441,24 +443,31 @@ impl IkeManager {
     /// hasyncd's FGCP role: `standby` on a secondary or in the hello phase. A member that
     /// goes from primary to standby (another member was elected) drops its IKE SAs without
     /// telling the peer: the new primary continues them from its copies.
-    pub fn set_ha_standby(&mut self, now: Instant, standby: bool) {
-        if standby && !self.ha.standby {
+    ///
+    /// `settled`: the role is the election's outcome. A hasyncd in its hello phase (just
+    /// restarted) is not: new IKE SAs wait, but the ones held here are kept until it
+    /// knows (a primary whose hasyncd alone restarted stays primary).
+    pub fn set_ha_standby(&mut self, now: Instant, standby: bool, settled: bool) {
+        let flush = standby && settled;
+        if flush && !self.ha.flushed {
             let ids: Vec<u64> = self.sas.keys().copied().collect();
             for id in ids {
                 self.flush(id, now, "HA standby: another member carries it");
             }
         }
-        if self.ha.standby != standby {
+        if (self.ha.standby, self.ha.flushed) != (standby, flush) {
             tracing::info!(
                 "ike: HA role {}",
-                if standby {
-                    "standby: new IKE SAs are refused, nothing is initiated"
-                } else {
-                    "primary: IKE SAs are negotiated here"
+                match (standby, settled) {
+                    (true, true) => "standby: new IKE SAs are refused, nothing is initiated",
+                    (true, false) =>
+                        "hello (hasyncd electing): new IKE SAs wait, the established ones are kept",
+                    (false, _) => "primary: IKE SAs are negotiated here",
                 }
             );
         }
         self.ha.standby = standby;
+        self.ha.flushed = flush;
     }
 
     /// Tunnel names other members carry (hasyncd's `standby` roles): new dial-up instances
@@ -1253,17 +1262,17 @@ mod tests {
         let now = Instant::now();
         let mut hub = mgr(HUB, now);
         let mut dial = mgr(DIAL, now);
-        dial.set_ha_standby(now, true);
+        dial.set_ha_standby(now, true, true);
         connect(&mut hub, &mut dial, now);
         assert!(dial.sas.is_empty());
         assert!(dial.drain_bodies().is_empty());
-        dial.set_ha_standby(now, false);
+        dial.set_ha_standby(now, false, true);
         hub.clear(now, None);
         connect(&mut hub, &mut dial, now);
         assert_eq!(dial.sas.len(), 1);
         dial.drain_bodies();
         // Demoted: the SAs go silently (the new primary continues them).
-        dial.set_ha_standby(now, true);
+        dial.set_ha_standby(now, true, true);
         assert!(dial.sas.is_empty());
         assert!(dial.poll_transmit().is_none());
         let b = dial.drain_bodies();
@@ -1275,6 +1284,31 @@ mod tests {
             b.iter().any(|x| matches!(x, Body::ChildSaRemoved { .. })),
             "{b:?}"
         );
+    }
+
+    /// hasyncd restarted on the primary and is electing (hello): new IKE SAs wait, the
+    /// established ones stay (they used to be dropped, and the tunnel with them, although
+    /// nobody else had taken it); they go once the election makes this member secondary.
+    #[test]
+    fn a_hello_keeps_the_sas_and_a_settled_standby_drops_them() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        assert_eq!(dial.sas.len(), 1);
+        dial.drain_bodies();
+        dial.set_ha_standby(now, true, false);
+        assert_eq!(dial.sas.len(), 1, "kept while hasyncd elects");
+        assert!(dial.drain_bodies().is_empty(), "nothing removed");
+        // Primary again: kept, nothing happened.
+        dial.set_ha_standby(now, false, true);
+        assert_eq!(dial.sas.len(), 1);
+        // Hello, then secondary: dropped then.
+        dial.set_ha_standby(now, true, false);
+        assert_eq!(dial.sas.len(), 1);
+        dial.set_ha_standby(now, true, true);
+        assert!(dial.sas.is_empty(), "a settled standby drops them");
+        assert!(dial.poll_transmit().is_none(), "silently");
     }
 
     /// A takeover of a tunnel whose IKE SA is still established here (taken back after the
