@@ -116,16 +116,16 @@ pub fn view(run: &Path, daemon: DaemonKind, name: &str) -> Result<Value, String>
 
 /// A control-socket command of ikemgr in `run`; its reply view.
 pub fn ikemgr_command(run: &Path, name: &str, args: &[&str]) -> Result<Value, String> {
+    command(run, DaemonKind::Ikemgr, name, args)
+}
+
+/// A control command `name` to `daemon` in `run`.
+pub fn command(run: &Path, daemon: DaemonKind, name: &str, args: &[&str]) -> Result<Value, String> {
     let req = CtlRequest::Command {
         name: name.into(),
         args: args.iter().map(|s| s.to_string()).collect(),
     };
-    match rt().block_on(ctl_call(
-        run,
-        DaemonKind::Ikemgr,
-        &req,
-        Duration::from_secs(2),
-    )) {
+    match rt().block_on(ctl_call(run, daemon, &req, Duration::from_secs(2))) {
         Ok(CtlReply::View(v)) => Ok(v),
         Ok(other) => Err(format!("{other:?}")),
         Err(e) => Err(e.to_string()),

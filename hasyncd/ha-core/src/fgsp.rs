@@ -271,6 +271,13 @@ impl TunnelTable {
             .map(|s| s.hw)
     }
 
+    /// Every recorded mark, `(tunnel, spi_out, high-water mark)`.
+    pub fn marks(&self) -> impl Iterator<Item = (&str, u32, u64)> + '_ {
+        self.tunnels
+            .iter()
+            .flat_map(|(n, t)| t.sas.iter().map(move |(spi, s)| (n.as_str(), *spi, s.hw)))
+    }
+
     fn role_of(&self, t: &Tunnel) -> TunnelRole {
         if t.owner == self.me {
             TunnelRole::SyncPrimary

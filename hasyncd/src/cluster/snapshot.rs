@@ -8,7 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use ha_core::msg::{HaRole, SnapshotItem, SnapshotRequest};
+use bus_schema::schema::is_ike_mid_mark;
+use ha_core::msg::{HaRole, SeqLease, SnapshotItem, SnapshotRequest};
 use ha_core::snapshot::{Completed, SnapshotJoin, SnapshotSender};
 use ha_core::{MemberId, Message, TunnelRole};
 
@@ -98,6 +99,25 @@ pub fn gated(msg: &Message) -> bool {
             | Message::SeqLease(_)
             | Message::Ownership(_)
     )
+}
+
+/// The marks of `held` that `named` (a snapshot's) lacks or has lower, as leases to send.
+fn marks_missing_from<'a>(
+    held: impl Iterator<Item = (&'a str, u32, u64)>,
+    named: &BTreeMap<(String, u32), u64>,
+) -> Vec<SeqLease> {
+    held.filter(|(tunnel, spi, hw)| {
+        *hw > 0
+            && named
+                .get(&((*tunnel).to_string(), *spi))
+                .is_none_or(|n| n < hw)
+    })
+    .map(|(tunnel, spi_out, seq_hw)| SeqLease {
+        tunnel: tunnel.to_string(),
+        spi_out,
+        seq_hw,
+    })
+    .collect()
 }
 
 impl Cluster {
@@ -302,6 +322,8 @@ impl Cluster {
         let over = link == "fgsp" && self.fgsp_table.is_some();
         let to_table = over || link == "fgcp" || fgsp_mode;
         let mut listed: BTreeSet<String> = BTreeSet::new();
+        // The RFC 6311 sync marks the snapshot names (see below).
+        let mut named_marks: BTreeMap<(String, u32), u64> = BTreeMap::new();
         // By value: the records move into the copies (100 000 of them: no second copy).
         for (i, item) in done.snapshot.items.into_iter().enumerate() {
             if i % HEARTBEAT_CHECK_EVERY == HEARTBEAT_CHECK_EVERY - 1 {
@@ -315,6 +337,11 @@ impl Cluster {
             };
             if link == "fgsp" && (fgsp_mode || over) && !self.syncs(tunnel) {
                 continue;
+            }
+            if let SnapshotItem::Lease(l) = &item {
+                if is_ike_mid_mark(l.spi_out) {
+                    named_marks.insert((l.tunnel.clone(), l.spi_out), l.seq_hw);
+                }
             }
             let table = if over {
                 self.fgsp_table.as_mut()
@@ -354,6 +381,20 @@ impl Cluster {
         } else {
             self.table.as_mut().filter(|_| to_table)
         };
+        // RFC 6311 sync marks recorded here that the sender lacks: a member that synced an
+        // AEAD IKE SA while it missed the sender's heartbeats (a split brain) had nobody but
+        // itself to record the mark, and a sender without it would let its ikemgr sync the
+        // SA a second time, which the peer answers by deleting it (the thirteenth session's
+        // `--ha-link` fault run: strongSwan dropped all four tunnels). They go back to the
+        // sender as leases, which every member records whoever owns the tunnel; a lost one
+        // goes again after the sender's next snapshot.
+        let restate = marks_missing_from(
+            table
+                .iter()
+                .flat_map(|t| t.marks())
+                .filter(|(_, spi, _)| is_ike_mid_mark(*spi)),
+            &named_marks,
+        );
         let forgot = table.map_or(0, |t| t.forget_unlisted(from, &listed));
         tracing::info!(
             "{link}: snapshot from member {} applied: {ike} IKE SAs, {child} CHILD SAs, then {} newer updates{}",
@@ -366,6 +407,16 @@ impl Cluster {
             }
         );
         metrics::counter!("hasyncd_snapshots_received_total", "link" => link).increment(1);
+        if !restate.is_empty() {
+            tracing::info!(
+                "{link}: the snapshot from member {} lacked {} RFC 6311 sync marks recorded here: sent back to it",
+                from.0,
+                restate.len()
+            );
+            for lease in restate {
+                self.send_to_member(link, from, &Message::SeqLease(lease));
+            }
+        }
         self.roles_dirty = true;
         for m in done.then {
             self.process(from, link, m);
@@ -470,5 +521,46 @@ impl Cluster {
         for (link, to, msg) in sends {
             self.send_to_member(link, to, &msg);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus_schema::schema::ike_mid_mark_spi;
+
+    /// A member that synced an AEAD IKE SA during a split brain holds its mark alone; the
+    /// primary's next snapshot lacks it, and the mark goes back to the primary (a mark
+    /// the snapshot names as high, and sequence marks, do not).
+    #[test]
+    fn marks_a_snapshot_lacks_are_sent_back() {
+        let mark = ike_mid_mark_spi(0x1bb5_b152_0d66_9bf7, 0x4297_0f53_cd64_e445);
+        let other = ike_mid_mark_spi(7, 8);
+        let held = [
+            ("vpn1_18", mark, 4),
+            ("vpn1_2", other, 4),
+            ("vpn1_34", other, 6),
+            ("vpn1_50", other, 0),
+        ];
+        let mut named = BTreeMap::new();
+        named.insert(("vpn1_2".to_string(), other), 4);
+        named.insert(("vpn1_34".to_string(), other), 5);
+        let back = marks_missing_from(held.iter().copied(), &named);
+        assert_eq!(
+            back,
+            vec![
+                SeqLease {
+                    tunnel: "vpn1_18".into(),
+                    spi_out: mark,
+                    seq_hw: 4
+                },
+                SeqLease {
+                    tunnel: "vpn1_34".into(),
+                    spi_out: other,
+                    seq_hw: 6
+                },
+            ]
+        );
+        assert!(is_ike_mid_mark(mark) && is_ike_mid_mark(other));
     }
 }
