@@ -343,8 +343,7 @@ end
     std::fs::write(conf_path(&m1), &unmergeable).unwrap();
     reload(&m1);
     let refusal = wait_for("gw2 refuses the merge", WAIT, || {
-        let l = m2.log("hasyncd");
-        l[hasyncd2_at.min(l.len())..]
+        m2.log_since("hasyncd", hasyncd2_at)
             .lines()
             .find(|l| l.contains("refused, running configuration kept"))
             .map(str::to_string)

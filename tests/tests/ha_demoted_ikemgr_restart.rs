@@ -34,9 +34,6 @@ use haven_tests::daemons::{vpnctl, wait_for};
 use haven_tests::member;
 use haven_tests::netns::{Netns, Proc};
 
-/// Slow heartbeat (200 ms x 20): the takeover here is the election's, not a loss.
-const QUIET_HEARTBEAT: (u32, u32) = (2, 20);
-
 /// The client's outer address (ha_common's topology).
 const CLIENT_OUTER: &str = "192.168.7.2";
 
@@ -85,6 +82,7 @@ fn sent_to_client(ns: &Netns, pcap: &Path) -> Vec<String> {
 
 #[test]
 fn a_demoted_members_restarted_ikemgr_takes_nothing_back_and_stays_silent() {
+    // Slow heartbeat: the takeover here is the election's, not a loss.
     let Lab {
         scratch,
         router: _router,
@@ -149,8 +147,7 @@ fn a_demoted_members_restarted_ikemgr_takes_nothing_back_and_stays_silent() {
     m1.procs[ikemgr_i] =
         member::spawn_daemon(&m1.ns, "ikemgr", ikemgr_port, &conf1, &m1.run, &m1.dir);
     let restored = wait_for("gw1's hasyncd answered the restarted ikemgr", WAIT, || {
-        let l = m1.log("hasyncd");
-        l[hasyncd_at.min(l.len())..]
+        m1.log_since("hasyncd", hasyncd_at)
             .lines()
             .find(|l| l.contains("local replica to the restarted ikemgr"))
             .map(str::to_string)
@@ -167,8 +164,7 @@ fn a_demoted_members_restarted_ikemgr_takes_nothing_back_and_stays_silent() {
         "nothing was held back, so nothing was tested: {restored}"
     );
     wait_for("gw1's restarted ikemgr runs", WAIT, || {
-        let l = m1.log("ikemgr");
-        l[ikemgr_at.min(l.len())..]
+        m1.log_since("ikemgr", ikemgr_at)
             .contains("started pid=")
             .then_some(())
             .ok_or_else(|| m1.logs())

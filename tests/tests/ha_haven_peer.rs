@@ -961,8 +961,7 @@ fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
     // fault run a restarted hasyncd that heard ikemgr before its links started sent
     // snapshots without the IKE SA; the partner dropped its copy and could not take over.
     wait_for("gw2 applied a snapshot of gw1's new hasyncd", WAIT, || {
-        let l = m2.log("hasyncd");
-        l[gw2_log_at.min(l.len())..]
+        m2.log_since("hasyncd", gw2_log_at)
             .lines()
             .any(|l| l.contains("fgcp: snapshot from member") && l.contains(" applied: "))
             .then_some(())

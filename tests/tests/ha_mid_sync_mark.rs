@@ -29,9 +29,6 @@ use ha_common::*;
 use haven_tests::daemons::wait_for;
 use haven_tests::member;
 
-/// `hb-interval` 200 ms, `hb-lost-threshold` 20: the restarts must not fail gw1 over.
-const QUIET_HEARTBEAT: (u32, u32) = (2, 20);
-
 #[test]
 fn a_sync_mark_the_primary_lost_comes_back_and_the_sa_is_not_synced_again() {
     let Lab {
@@ -57,8 +54,8 @@ fn a_sync_mark_the_primary_lost_comes_back_and_the_sa_is_not_synced_again() {
         "gw1's restarted ikemgr synced with strongSwan",
         WAIT,
         || {
-            let l = m1.log("ikemgr");
-            (l[ikemgr_at.min(l.len())..].contains("RFC 6311 sync done")
+            (m1.log_since("ikemgr", ikemgr_at)
+                .contains("RFC 6311 sync done")
                 && charon.log()[charon_at..].contains("MID sync"))
             .then_some(())
             .ok_or_else(|| format!("{}\n{}", m1.logs(), charon.log()))
@@ -72,8 +69,8 @@ fn a_sync_mark_the_primary_lost_comes_back_and_the_sa_is_not_synced_again() {
         "gw1's new hasyncd primary, its snapshot taken by gw2",
         WAIT,
         || {
-            let l = m1.log("hasyncd");
-            let sent = l[hasyncd_at.min(l.len())..]
+            let sent = m1
+                .log_since("hasyncd", hasyncd_at)
                 .lines()
                 .any(|l| l.contains("fgcp: snapshot to member") && l.contains("acknowledged"));
             match (sent, m1.role(), m2.role()) {
@@ -111,8 +108,7 @@ fn a_sync_mark_the_primary_lost_comes_back_and_the_sa_is_not_synced_again() {
         "gw1's restarted ikemgr found the cluster's sync",
         WAIT,
         || {
-            let l = m1.log("ikemgr");
-            l[ikemgr_at.min(l.len())..]
+            m1.log_since("ikemgr", ikemgr_at)
                 .contains("the cluster recorded an RFC 6311 sync")
                 .then_some(())
                 .ok_or_else(|| format!("{}\n{}", m1.logs(), charon.log()))
