@@ -36,6 +36,10 @@ mod snapshot;
 /// a snapshot instead (the same records, windowed, in a few large datagrams).
 const RESYNC_BY_SNAPSHOT: usize = 256;
 
+/// How often the IKE SAs a member held when it turned secondary are sent to the primary
+/// ([`Cluster::hand_ike_sas_to`]), a heartbeat interval apart.
+const IKE_HANDOVER_SENDS: u8 = 3;
+
 /// Local records changed at once above which the peers may get a snapshot instead of one
 /// datagram per record ([`Cluster::send_sync_or_snapshot`]).
 const BULK_BY_SNAPSHOT: usize = 256;
@@ -213,6 +217,9 @@ pub struct Cluster {
     /// Where espd's outbound SAs of tunnels claimed back while carried here must continue
     /// (`SeqSkip`), for the daemon (drained by it).
     skips: Vec<SeqMark>,
+    /// FGCP: the IKE SAs this member held when it turned secondary, for the primary
+    /// ([`Cluster::hand_ike_sas_to`]): to whom, the messages, sends left, next send (ms).
+    ike_handover: Option<(MemberId, Vec<Message>, u8, u64)>,
     /// Tunnel roles may have changed (FGSP table), for the daemon (reset by it).
     pub roles_dirty: bool,
     /// Age of the last update applied per peer (`hasyncd_sync_lag_seconds`).
@@ -372,6 +379,11 @@ pub fn describe_metrics() {
         "Tunnels this member took over (IKE SA restored by ikemgr, CHILD SAs past their leases)."
     );
     describe_counter!(
+        "hasyncd_later_ike_copies_total",
+        Unit::Count,
+        "IKE SAs carried here whose copy from another member had later message IDs (after a split brain or a take-back): handed to ikemgr."
+    );
+    describe_counter!(
         "hasyncd_traffic_promotions_total",
         Unit::Count,
         "FGSP standby tunnels promoted here because their ESP or IKE traffic arrived (the router moved them)."
@@ -499,6 +511,7 @@ impl Cluster {
             phase1_names: config.phase1.iter().map(|p| p.name.clone()).collect(),
             demotions: Vec::new(),
             skips: Vec::new(),
+            ike_handover: None,
             roles_dirty: true,
             started_from: (config.ha.clone(), config.standalone.clone()),
             config_inbox: Vec::new(),
@@ -842,6 +855,7 @@ impl Cluster {
                 }
             }
         }
+        let mut hand_to = None;
         for ev in std::mem::take(&mut self.election_events) {
             let Some(t) = self.table.as_mut() else { break };
             match ev {
@@ -852,9 +866,16 @@ impl Cluster {
                     t.promote_all();
                     self.local_tunnels.clear();
                 }
-                ElectionEvent::BecameSecondary { .. } => self.local_tunnels.clear(),
+                ElectionEvent::BecameSecondary { primary } => {
+                    self.local_tunnels.clear();
+                    hand_to = Some(primary);
+                }
             }
         }
+        if let Some(primary) = hand_to {
+            self.hand_ike_sas_to(primary);
+        }
+        self.repeat_ike_handover(now_ms);
         let primary = self.fgcp_role() == Some(HaRole::Primary);
         if let (Some(side), Some(t)) = (self.fgcp.as_mut(), self.table.as_mut()) {
             for m in std::mem::take(&mut side.now_secondary) {
@@ -1001,6 +1022,7 @@ impl Cluster {
                 tracing::info!(
                     "FGCP: {tunnel} was claimed by member {from}, which is not primary; the primary claims it back (carried here)"
                 );
+                self.take_later_copy(&tunnel);
             } else {
                 tracing::warn!(
                     "FGCP: {tunnel} was claimed by member {from}, which is not primary (split brain); the primary takes it back"
@@ -1164,16 +1186,7 @@ impl Cluster {
                         });
                     }
                     self.takeovers.push(TakeoverInfo {
-                        ike: IkeSaRecord {
-                            tunnel: ike.tunnel.clone(),
-                            phase1: ike.phase1.clone(),
-                            spi_i: ike.spi_i,
-                            spi_r: ike.spi_r,
-                            next_send: ike.next_request_id,
-                            next_recv: ike.next_expected_id,
-                            remote: ike.remote_addr.clone(),
-                            keys: ike.state.expose().to_vec(),
-                        },
+                        ike: ike_record(ike),
                         start_seqs: start_seqs
                             .into_iter()
                             .map(|s| SeqMark {
@@ -1228,9 +1241,120 @@ impl Cluster {
                             seq_hw: s.first_seq,
                         });
                     }
+                    self.take_later_copy(&tunnel);
                 }
             }
         }
+    }
+
+    /// FGCP: this member turned secondary under `primary` while its ikemgr still holds
+    /// IKE SAs: it was primary too (a split brain, or the primary came back and won the
+    /// election), and its SAs may be later than the primary's copies. A secondary sends no
+    /// stream, and a snapshot goes out only from a member that is primary when the other
+    /// joins, so each IKE SA goes to the new primary directly, as it is now (ikemgr drops
+    /// them once the role settles), [`IKE_HANDOVER_SENDS`] times a heartbeat interval apart
+    /// against loss on the link. The primary keeps the later of its own and this copy
+    /// ([`Cluster::take_later_copy`]); a repeat changes nothing.
+    fn hand_ike_sas_to(&mut self, primary: MemberId) {
+        self.ike_handover = None;
+        if self.fgcp_me().is_some_and(|(me, _)| me == primary) || self.ike_local.is_empty() {
+            return;
+        }
+        tracing::info!(
+            "FGCP: secondary now: the {} IKE SAs ikemgr still holds go to primary {} (it keeps them where they are later than its own)",
+            self.ike_local.len(),
+            primary.0
+        );
+        let msgs: Vec<Message> = self
+            .ike_local
+            .values()
+            .map(|r| Message::IkeSa(ike_sync(r)))
+            .collect();
+        self.ike_handover = Some((primary, msgs, IKE_HANDOVER_SENDS, self.now_ms));
+        self.repeat_ike_handover(self.now_ms);
+    }
+
+    /// Sends the IKE SAs handed to the primary when due (see [`Cluster::hand_ike_sas_to`]);
+    /// stops when this member is no longer secondary under that primary.
+    fn repeat_ike_handover(&mut self, now_ms: u64) {
+        let Some((primary, _, left, next)) = self.ike_handover.as_ref() else {
+            return;
+        };
+        let (primary, left, next) = (*primary, *left, *next);
+        if left == 0
+            || self.fgcp_role() != Some(HaRole::Secondary)
+            || self.fgcp_primary() != Some(primary)
+        {
+            self.ike_handover = None;
+            return;
+        }
+        if now_ms < next {
+            return;
+        }
+        let interval = self
+            .fgcp
+            .as_ref()
+            .map_or(1_000, |s| s.fgcp.config().hb_interval_ms);
+        let msgs = self
+            .ike_handover
+            .as_ref()
+            .map(|(_, m, _, _)| m.clone())
+            .unwrap_or_default();
+        for m in &msgs {
+            self.send_fgcp_to(primary, m);
+        }
+        if let Some(h) = self.ike_handover.as_mut() {
+            h.2 = left - 1;
+            h.3 = now_ms.saturating_add(interval);
+        }
+    }
+
+    /// This member carries `tunnel` with the IKE SA its ikemgr holds, and another member's
+    /// copy of that same IKE SA (its SPIs) is later: that member carried the tunnel for a
+    /// while (both were primary in a split brain, or it took the tunnel over and this
+    /// member claimed it back) and exchanged messages with the peer meanwhile: an RFC 6311
+    /// sync, DPD answers. ikemgr is handed the copy as a takeover: it keeps its SA and
+    /// moves its message IDs up to the copy's (never down). Without it, this member's next
+    /// request goes out under an ID the peer has already seen and is dropped, and the
+    /// peer's next request falls outside this member's window: DPD gives the tunnel up. A
+    /// copy that is not later, or of another IKE SA, is left alone.
+    fn take_later_copy(&mut self, tunnel: &str) {
+        let carrier = self.fgcp_role().is_none_or(|r| r == HaRole::Primary)
+            && self.table.as_ref().and_then(|t| t.role(tunnel)) == Some(TunnelRole::SyncPrimary);
+        if !carrier {
+            return;
+        }
+        let (Some(here), Some((from, copy))) =
+            (self.ike_local.get(tunnel), self.ike_replicas.get(tunnel))
+        else {
+            return;
+        };
+        if (here.spi_i, here.spi_r) != (copy.spi_i, copy.spi_r)
+            || !ids_later(
+                (copy.next_request_id, copy.next_expected_id),
+                (here.next_send, here.next_recv),
+            )
+        {
+            return;
+        }
+        tracing::info!(
+            "{tunnel}: member {}'s copy of the IKE SA {:016x}/{:016x} carried here is later (message IDs send/recv={}/{}, here {}/{}): ikemgr continues at its IDs",
+            from.0,
+            copy.spi_i,
+            copy.spi_r,
+            copy.next_request_id,
+            copy.next_expected_id,
+            here.next_send,
+            here.next_recv
+        );
+        metrics::counter!("hasyncd_later_ike_copies_total").increment(1);
+        let ike = ike_record(copy);
+        self.ike_replicas.remove(tunnel);
+        self.takeovers.push(TakeoverInfo {
+            ike,
+            start_seqs: Vec::new(),
+            lifetimes: self.lifetimes_left(tunnel),
+        });
     }
 
     /// Leases espd asks for. With an FGCP link they go through the tunnel table (granted
@@ -1605,6 +1729,7 @@ impl Cluster {
                         self.forget_mid_mark(&tunnel, old.spi_i, old.spi_r);
                     }
                 }
+                self.take_later_copy(&tunnel);
             }
             Message::IkeMsgId(m) => {
                 if let Some((_, s)) = self.ike_replicas.get_mut(&m.tunnel) {
@@ -1613,6 +1738,7 @@ impl Cluster {
                         s.next_expected_id = m.next_expected_id;
                     }
                 }
+                self.take_later_copy(&m.tunnel);
             }
             Message::Delete(DeleteSync::IkeSa {
                 tunnel,
@@ -2142,6 +2268,26 @@ fn ike_sync(r: &IkeSaRecord) -> IkeSaSync {
         msg_id_sync: false,
         state: KeyBytes(r.keys.clone()),
     }
+}
+
+/// An HA copy of an IKE SA as ikemgr's record (for a takeover).
+fn ike_record(ike: &IkeSaSync) -> IkeSaRecord {
+    IkeSaRecord {
+        tunnel: ike.tunnel.clone(),
+        phase1: ike.phase1.clone(),
+        spi_i: ike.spi_i,
+        spi_r: ike.spi_r,
+        next_send: ike.next_request_id,
+        next_recv: ike.next_expected_id,
+        remote: ike.remote_addr.clone(),
+        keys: ike.state.expose().to_vec(),
+    }
+}
+
+/// Whether message IDs `copy` (next to send, next expected) are later than `here`: none
+/// behind, and not the same.
+fn ids_later(copy: (u32, u32), here: (u32, u32)) -> bool {
+    copy != here && copy.0 >= here.0 && copy.1 >= here.1
 }
 
 /// Role spelling on the bus and in views.
@@ -2756,6 +2902,82 @@ mod tests {
         record(&mut c, other, 7);
         c.set_local_ike_sas(rec(5, 6));
         assert_eq!(c.mid_mark("vpn1_1", other), Some(7));
+    }
+
+    /// A member that carries a tunnel and gets another member's copy of the same IKE SA
+    /// with later message IDs (that member carried it too, in a split brain) hands the
+    /// copy to ikemgr; a copy not later, of another IKE SA, or of a tunnel carried
+    /// elsewhere is left alone.
+    #[test]
+    fn a_later_copy_of_an_ike_sa_carried_here_goes_to_ikemgr() {
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
+        c.table = Some(TunnelTable::with_mode(MemberId(1), TableMode::Fgcp));
+        let copy = |spi_r: u64, send: u32, recv: u32| IkeSaSync {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i: 1,
+            spi_r,
+            remote_addr: "192.168.7.2:4500".into(),
+            next_request_id: send,
+            next_expected_id: recv,
+            msg_id_sync: false,
+            state: KeyBytes(vec![7; 8]),
+        };
+        c.set_local_ike_sas(BTreeMap::from([(
+            "vpn1_1".to_string(),
+            IkeSaRecord {
+                tunnel: "vpn1_1".into(),
+                phase1: "vpn1".into(),
+                spi_i: 1,
+                spi_r: 2,
+                next_send: 2,
+                next_recv: 2,
+                remote: "192.168.7.2:4500".into(),
+                keys: vec![7; 8],
+            },
+        )]));
+        // Carried elsewhere: member 2 claimed the tunnel; its copy is only kept.
+        c.table.as_mut().unwrap().handle_message(
+            MemberId(2),
+            &Message::Ownership(ha_core::msg::OwnershipClaim {
+                tunnel: "vpn1_1".into(),
+                owner: MemberId(2),
+                generation: 1,
+                reason: ha_core::msg::ClaimReason::OwnerDead,
+            }),
+        );
+        c.apply(MemberId(2), "fgcp", Message::IkeSa(copy(2, 4, 2)));
+        assert!(c.take_takeovers().is_empty(), "carried by member 2");
+        // Claimed back while carried here: the copy (RFC 6311 sync: send 2 -> 4) goes.
+        c.table.as_mut().unwrap().local_established("vpn1_1");
+        c.take_later_copy("vpn1_1");
+        let t = c.take_takeovers();
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(
+            (t[0].ike.spi_r, t[0].ike.next_send, t[0].ike.next_recv),
+            (2, 4, 2)
+        );
+        assert!(t[0].start_seqs.is_empty());
+        // Later IDs arriving afterwards go too.
+        c.apply(
+            MemberId(2),
+            "fgcp",
+            Message::IkeMsgId(ha_core::msg::IkeMsgIdSync {
+                tunnel: "vpn1_1".into(),
+                spi_i: 1,
+                spi_r: 2,
+                next_request_id: 4,
+                next_expected_id: 3,
+            }),
+        );
+        assert!(c.take_takeovers().is_empty(), "no copy held any more");
+        c.apply(MemberId(2), "fgcp", Message::IkeSa(copy(2, 4, 3)));
+        assert_eq!(c.take_takeovers().len(), 1);
+        // Not later: the same IDs, one behind, or another IKE SA.
+        for (spi_r, send, recv) in [(2, 2, 2), (2, 5, 1), (9, 8, 8)] {
+            c.apply(MemberId(2), "fgcp", Message::IkeSa(copy(spi_r, send, recv)));
+            assert!(c.take_takeovers().is_empty(), "{spi_r} {send}/{recv}");
+        }
     }
 
     #[test]

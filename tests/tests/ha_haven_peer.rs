@@ -673,30 +673,53 @@ fn out_sa(m: &Member, spi: u32) -> Option<(u64, u64)> {
 /// counters do not move; the far side kept its SPIs throughout.
 #[test]
 fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_member() {
+    split_brain("ha-split-brain", "hasb", false);
+}
+
+/// The same with the HA link cut both ways: neither member hears the other, so gw1 never
+/// learns during the split brain that gw2 took the tunnel over or synced the IKE SA. It
+/// learns once the link heals, from gw2 (its snapshot, or the IKE SAs gw2 hands over when
+/// it turns secondary).
+#[test]
+fn after_a_split_brain_both_ways_the_primary_continues_the_other_members_ike_sa() {
+    split_brain("ha-split-brain2", "hasc", true);
+}
+
+/// gw2 stops hearing gw1 (and, `both_ways`, gw1 stops hearing gw2) for a while: both are
+/// primary, gw2 takes the tunnel over from its copy and syncs the IKE SA's message IDs.
+/// After the heal gw1 carries the tunnel above every number gw2 sent, continues at gw2's
+/// message IDs, and rekeys from each side.
+fn split_brain(name: &str, prefix: &str, both_ways: bool) {
     let PeerLab {
         _scratch,
         _router,
         far_ns,
         server: _server,
-        gw1: _gw1,
+        gw1,
         gw2,
         m1,
         m2,
         far,
         before,
-    } = PeerLab::new("ha-split-brain", "hasb");
+    } = PeerLab::new(name, prefix);
     let spi = before.child.0;
     let from_far = ping_bg(&far_ns, CLIENT_INNER, SERVER, 400);
     std::thread::sleep(Duration::from_secs(1));
     let gw1_before = out_sa(&m1, spi).expect("gw1 sends");
 
     // gw2 hears nothing from gw1 (heartbeats and sync, UDP 703 from gw1's port4).
-    gw2.nft(
-        "table inet splitbrain { chain in { type filter hook input priority 0; \
-         ip saddr 169.254.0.1 udp dport 703 drop; }; }",
-    )
-    .unwrap();
-    wait_for(
+    let cut = |gw: &Netns, from: &str| {
+        gw.nft(&format!(
+            "table inet splitbrain {{ chain in {{ type filter hook input priority 0; \
+             ip saddr {from} udp dport 703 drop; }}; }}"
+        ))
+        .unwrap();
+    };
+    cut(&gw2, "169.254.0.1");
+    if both_ways {
+        cut(&gw1, "169.254.0.2");
+    }
+    let gw2_during = wait_for(
         "gw2 carries the tunnel during the split brain",
         WAIT,
         || {
@@ -707,7 +730,7 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
             }
         },
     );
-    assert_eq!(m1.role().as_deref(), Some("primary"), "gw1 still hears gw2");
+    assert_eq!(m1.role().as_deref(), Some("primary"), "gw1 stays primary");
     assert!(
         out_sa(&m1, spi).is_some(),
         "gw1's espd keeps the tunnel (it is primary in its own view)"
@@ -715,7 +738,10 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
     std::thread::sleep(Duration::from_secs(1));
     // Heal; then the highest number gw2 reached while it still carried the SA counts.
     gw2.nft("delete table inet splitbrain").unwrap();
-    let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, 0, 1);
+    if both_ways {
+        gw1.nft("delete table inet splitbrain").unwrap();
+    }
+    let (gw2_max, skipped) = gw1_carries_again_above_gw2(&m1, &m2, spi, gw2_during, 1);
     let (a, _) = ping_result(from_far);
     eprintln!(
         "split brain: gw1 sent up to {} before, gw2 reached {gw2_max}, gw1 continued at {skipped}; far->server {} of 400 answered",
@@ -729,6 +755,56 @@ fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_me
     );
 
     gw1_sends_in_sequence_above(&far_ns, &m1, &far, spi, gw2_max, &before, "the split brain");
+
+    // gw2 took the tunnel over from its copy and synced the IKE SA's message IDs with the
+    // far side (RFC 6311: AES-GCM, one sync only) while gw1 kept its own SA. gw1 continues
+    // at gw2's IDs: its next request (a CHILD SA rekey) is answered, and so is the far
+    // side's.
+    assert!(
+        m2.log("ikemgr").contains("RFC 6311 sync done"),
+        "{}",
+        m2.logs()
+    );
+    let replays = far.drops("replay");
+    m1.command("ike-rekey", &["vpn1_1", "child"])
+        .expect("gw1 CHILD rekey");
+    let rekeyed = wait_for("gw1's CHILD SA rekey answered", WAIT, || {
+        let f = far.sa().ok_or("no far SA")?;
+        let g = m1.ike_sa().ok_or("no gw1 SA")?;
+        if f.child != before.child && g.2.contains(&f.child.1) {
+            Ok(f)
+        } else {
+            Err(format!(
+                "far {f:?} gw1 {g:?}\n{}\n{}",
+                m1.logs(),
+                far.logs()
+            ))
+        }
+    });
+    far.rekey("child").expect("far CHILD rekey");
+    wait_for(
+        "the far side's CHILD SA rekey answered by gw1",
+        WAIT,
+        || {
+            let f = far.sa().ok_or("no far SA")?;
+            let g = m1.ike_sa().ok_or("no gw1 SA")?;
+            if f.child != rekeyed.child && g.2.contains(&f.child.1) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "far {f:?} gw1 {g:?}\n{}\n{}",
+                    m1.logs(),
+                    far.logs()
+                ))
+            }
+        },
+    );
+    assert_eq!(
+        far.sa().map(|f| f.ike),
+        Some(before.ike),
+        "the far side renegotiated"
+    );
+    assert_eq!(far.drops("replay"), replays, "{}", far.metrics());
 }
 
 /// gw1 primary and gw2 secondary again, gw2's espd without the tunnel, and gw1's espd

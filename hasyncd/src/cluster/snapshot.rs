@@ -317,6 +317,7 @@ impl Cluster {
             .retain(|_, r| !(r.from == from && r.link == link));
         self.ike_replicas.retain(|_, (f, _)| *f != from);
         let (mut ike, mut child) = (0usize, 0usize);
+        let mut ike_tunnels: Vec<String> = Vec::new();
         // The table the snapshot goes to (the FGSP table of an FGCP cluster over FGSP, or
         // the member's own), and the tunnels it names.
         let over = link == "fgsp" && self.fgsp_table.is_some();
@@ -357,6 +358,7 @@ impl Cluster {
             match item {
                 SnapshotItem::IkeSa(s) => {
                     ike += 1;
+                    ike_tunnels.push(s.tunnel.clone());
                     self.ike_replicas.insert(s.tunnel.clone(), (from, s));
                 }
                 SnapshotItem::ChildSa(sa) => {
@@ -418,6 +420,11 @@ impl Cluster {
             }
         }
         self.roles_dirty = true;
+        // Copies of IKE SAs this member carries itself, later than its own (the sender
+        // carried them too for a while): ikemgr continues at their message IDs.
+        for tunnel in ike_tunnels {
+            self.take_later_copy(&tunnel);
+        }
         for m in done.then {
             self.process(from, link, m);
         }
