@@ -716,6 +716,22 @@ mod tests {
         }
     }
 
+    /// `ha.takeover`'s `held_only` (added later) is on the wire only when set: a takeover
+    /// without it keeps the golden bytes above, and one with it comes back as sent.
+    #[test]
+    fn a_held_only_takeover_round_trips() {
+        let Some(Body::Takeover(mut t)) = bodies()
+            .into_iter()
+            .find(|b| matches!(b, Body::Takeover(_)))
+        else {
+            panic!("no takeover sample");
+        };
+        assert!(!t.held_only);
+        t.held_only = true;
+        let bytes = encode(&envelope(Body::Takeover(t.clone())));
+        assert_eq!(decode(&bytes).unwrap(), envelope(Body::Takeover(t)));
+    }
+
     #[test]
     fn control_golden_bytes() {
         for (req, (name, golden)) in requests().into_iter().zip(REQUEST_GOLDEN) {

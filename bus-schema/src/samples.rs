@@ -151,6 +151,7 @@ pub fn bodies() -> Vec<Body> {
                 seq_hw: 1 << 20,
             }],
             lifetimes: Vec::new(),
+            held_only: false,
         }),
         Body::Acquire(AcquireInfo {
             phase1: "vpn1".into(),

@@ -758,6 +758,16 @@ pub struct TakeoverInfo {
     /// from a member that does not sync it: the SA then starts with its full lifetimes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lifetimes: Vec<LifetimeLeft>,
+    /// Only for an IKE SA with these SPIs established here: its message IDs (and, when the
+    /// copy rekeyed a CHILD SA, its SAs) move up to the copy's; nothing is restored when the
+    /// SA is not held (any more). Set for another member's later copy of an SA this member
+    /// carries (after a split brain), which must never bring back an SA dropped meanwhile.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub held_only: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// An SA's age and inner bytes (`esp.seq`'s `usage`): milliseconds since it was installed

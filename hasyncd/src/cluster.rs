@@ -1196,6 +1196,7 @@ impl Cluster {
                             })
                             .collect(),
                         lifetimes: self.lifetimes_left(&tunnel),
+                        held_only: false,
                     });
                     metrics::counter!("hasyncd_tunnel_takeovers_total").increment(1);
                     if from_fgsp {
@@ -1319,8 +1320,10 @@ impl Cluster {
     /// peer's next request falls outside this member's window: DPD gives the tunnel up. A
     /// copy that is not later, or of another IKE SA, is left alone.
     fn take_later_copy(&mut self, tunnel: &str) {
+        // An FGCP cluster over FGSP carries the tunnel only when its FGSP table says so too.
         let carrier = self.fgcp_role().is_none_or(|r| r == HaRole::Primary)
-            && self.table.as_ref().and_then(|t| t.role(tunnel)) == Some(TunnelRole::SyncPrimary);
+            && self.table.as_ref().and_then(|t| t.role(tunnel)) == Some(TunnelRole::SyncPrimary)
+            && self.fgsp_table.as_ref().and_then(|t| t.role(tunnel)) != Some(TunnelRole::Standby);
         if !carrier {
             return;
         }
@@ -1354,6 +1357,7 @@ impl Cluster {
             ike,
             start_seqs: Vec::new(),
             lifetimes: self.lifetimes_left(tunnel),
+            held_only: true,
         });
     }
 

@@ -147,9 +147,12 @@ fn retain_held(skips: &mut Vec<SeqMark>, children: &BTreeMap<String, ChildSaInfo
 /// may be later (the partner rekeyed a CHILD SA, an exchange its message IDs count), and
 /// ikemgr moves its IDs up to the copy's when it continues it (never down).
 fn takeover_done(copy: &IkeSaRecord, now: &IkeSaRecord) -> bool {
-    (now.spi_i, now.spi_r) == (copy.spi_i, copy.spi_r)
-        && now.next_send >= copy.next_send
-        && now.next_recv >= copy.next_recv
+    same_ike_sa(copy, now) && now.next_send >= copy.next_send && now.next_recv >= copy.next_recv
+}
+
+/// Whether records `a` and `b` are of the same IKE SA (its SPIs).
+fn same_ike_sa(a: &IkeSaRecord, b: &IkeSaRecord) -> bool {
+    (a.spi_i, a.spi_r) == (b.spi_i, b.spi_r)
 }
 
 /// A tunnel's role on this member: `sync-primary` on the FGCP primary or on a member
@@ -371,8 +374,13 @@ impl DaemonLogic for Hasyncd {
             .iter()
             .map(|(k, r)| (k.clone(), (r.spi_i, r.spi_r)))
             .collect();
-        self.takeovers
-            .retain(|t, (info, _, _)| !ike.get(t).is_some_and(|r| takeover_done(&info.ike, r)));
+        // Done, or (another member's later copy of an SA carried here) no longer held:
+        // ikemgr ignores such a copy, and repeating it would only end in a give-up.
+        self.takeovers.retain(|t, (info, _, _)| {
+            let now = ike.get(t);
+            !now.is_some_and(|r| takeover_done(&info.ike, r))
+                && (!info.held_only || now.is_some_and(|r| same_ike_sa(&info.ike, r)))
+        });
         if let Some(c) = self.cluster.as_mut() {
             c.set_local_ike_sas(ike);
             c.keep_heartbeats();
@@ -658,6 +666,15 @@ impl Hasyncd {
     /// record shows it done (`on_replica`).
     fn send_takeover(&mut self, t: TakeoverInfo, out: &mut Outbox) {
         let now = self.now_ms;
+        if t.held_only
+            && !self
+                .own_ike
+                .get(&t.ike.tunnel)
+                .is_some_and(|r| same_ike_sa(&t.ike, r))
+        {
+            // A later copy of an SA ikemgr no longer holds: nothing to move up.
+            return;
+        }
         out.push(Body::Takeover(t.clone()));
         // ikemgr already holds the copy as it is (kept here while the other member carried
         // the tunnel and exchanged nothing with the peer): its record will not change, and
@@ -891,6 +908,7 @@ mod tests {
             ike,
             start_seqs: Vec::new(),
             lifetimes: Vec::new(),
+            held_only: false,
         };
         d.send_takeover(info(kept.clone()), &mut out);
         assert!(
@@ -905,6 +923,41 @@ mod tests {
         };
         d.send_takeover(info(later), &mut out);
         assert!(d.takeovers.contains_key(&kept.tunnel));
+    }
+
+    /// Another member's later copy of an SA carried here goes to ikemgr only while ikemgr
+    /// holds that SA, and is no longer repeated once it does not (a DPD flush): repeating
+    /// it would bring the SA back on a member the peer no longer talks to.
+    #[test]
+    fn a_later_copy_is_sent_only_while_ikemgr_holds_the_sa() {
+        let config = Config::default();
+        let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
+        let kept = ike_sa();
+        let later = TakeoverInfo {
+            ike: IkeSaRecord {
+                next_send: kept.next_send + 2,
+                ..kept.clone()
+            },
+            start_seqs: Vec::new(),
+            lifetimes: Vec::new(),
+            held_only: true,
+        };
+        let mut out = Outbox::new();
+        d.send_takeover(later.clone(), &mut out);
+        assert!(out.is_empty(), "ikemgr holds no SA: {out:?}");
+        let mut store = StateStore::default();
+        store.apply(&Body::IkeSa(kept.clone()));
+        d.on_replica(DaemonKind::Ikemgr, &store, &mut out);
+        out.clear();
+        d.send_takeover(later.clone(), &mut out);
+        assert!(matches!(out.as_slice(), [Body::Takeover(t)] if t.held_only));
+        assert!(
+            d.takeovers.contains_key(&kept.tunnel),
+            "repeated until done"
+        );
+        // ikemgr flushed the SA before it took the copy: not repeated any more.
+        d.on_replica(DaemonKind::Ikemgr, &StateStore::default(), &mut out);
+        assert!(d.takeovers.is_empty());
     }
 
     /// A take-back of an IKE SA ikemgr kept: its record has the takeover's SPIs from the
@@ -923,6 +976,7 @@ mod tests {
             ike: copy.clone(),
             start_seqs: Vec::new(),
             lifetimes: Vec::new(),
+            held_only: false,
         };
         d.cluster = Some(Cluster::start(&config, 0, cluster::EpochStore::in_memory()));
         d.takeovers.insert(

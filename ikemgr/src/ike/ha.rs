@@ -547,6 +547,25 @@ impl IkeManager {
     /// (same SPIs, keys and message IDs) and install its CHILD SAs at the given outbound
     /// sequence numbers.
     pub fn takeover(&mut self, now: Instant, t: &TakeoverInfo) -> Result<(), String> {
+        let rec = &t.ike;
+        if t.held_only
+            && !self.sas.values().any(|e| {
+                e.name == rec.tunnel
+                    && e.sa.is_established()
+                    && e.sa.spis() == (rec.spi_i, rec.spi_r)
+            })
+        {
+            // Another member's later copy of an SA carried here, which this member no
+            // longer holds (DPD flushed it, it was deleted or rekeyed meanwhile): nothing
+            // to move up, and nothing to bring back.
+            tracing::info!(
+                "ike 0:{}: the other member's later copy of IKE SA {:016x}/{:016x} is for an SA not held here (any more): ignored",
+                rec.tunnel,
+                rec.spi_i,
+                rec.spi_r
+            );
+            return Ok(());
+        }
         self.continue_sa(now, t, false)
     }
 
@@ -600,6 +619,7 @@ impl IkeManager {
                 ike: rec.clone(),
                 start_seqs,
                 lifetimes,
+                held_only: false,
             };
             match self.continue_sa(now, &t, true) {
                 Ok(()) => n += 1,
@@ -1239,6 +1259,7 @@ mod tests {
                 ike: rec,
                 start_seqs: vec![],
                 lifetimes: vec![],
+                held_only: false,
             },
         )
         .unwrap();
@@ -1331,6 +1352,7 @@ mod tests {
             ike: ike.clone(),
             start_seqs: vec![],
             lifetimes: vec![],
+            held_only: false,
         };
         dial.takeover(now, &back(&newer)).unwrap();
         assert_eq!(
@@ -1341,6 +1363,53 @@ mod tests {
         assert_eq!(ids(&dial), (newer.next_send, newer.next_recv));
         dial.takeover(now, &back(&rec)).unwrap();
         assert_eq!(ids(&dial), (newer.next_send, newer.next_recv), "never down");
+    }
+
+    /// Another member's later copy of an SA carried here (`held_only`, after a split
+    /// brain) moves the IDs of the SA held here, and brings back nothing this member no
+    /// longer holds: a DPD flush just before it arrived must stay a flush.
+    #[test]
+    fn a_later_copy_only_moves_an_sa_held_here() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let rec = records(&dial.drain_bodies()).pop().expect("IKE SA record");
+        let mut newer = rec.clone();
+        newer.next_send += 4;
+        let later = TakeoverInfo {
+            ike: newer.clone(),
+            start_seqs: vec![],
+            lifetimes: vec![],
+            held_only: true,
+        };
+        dial.takeover(now, &later).unwrap();
+        let ids = |m: &IkeManager| m.sas.values().next().unwrap().sa.message_ids();
+        assert_eq!(ids(&dial), (newer.next_send, newer.next_recv));
+        // Another IKE SA's copy, or any copy once the SA is gone, restores nothing.
+        let mut other = later.clone();
+        other.ike.spi_r ^= 1;
+        dial.takeover(now, &other).unwrap();
+        assert_eq!(dial.sas.len(), 1);
+        assert_eq!(
+            dial.sas.values().next().unwrap().sa.spis(),
+            (rec.spi_i, rec.spi_r)
+        );
+        let id = *dial.sas.keys().next().unwrap();
+        dial.flush(id, now, "test: DPD");
+        assert!(dial.sas.is_empty());
+        dial.takeover(now, &later).unwrap();
+        assert!(dial.sas.is_empty(), "a flushed SA came back");
+        // The same copy as a takeover (held_only unset) does restore it.
+        dial.takeover(
+            now,
+            &TakeoverInfo {
+                held_only: false,
+                ..later
+            },
+        )
+        .unwrap();
+        assert_eq!(dial.sas.len(), 1);
     }
 
     /// Taken back while established here after the peer's NAT mapping changed while the
@@ -1367,6 +1436,7 @@ mod tests {
             ike: ike.clone(),
             start_seqs: vec![],
             lifetimes: vec![],
+            held_only: false,
         };
 
         // The partner takes the tunnel over; then the peer's NAT maps it to another
@@ -1475,6 +1545,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             lifetimes: vec![],
+            held_only: false,
         };
 
         // The partner takes the tunnel over (its RFC 6311 sync granted and answered) and
@@ -1609,6 +1680,7 @@ mod tests {
                             hard_bytes: 0,
                         },
                     }],
+                    held_only: false,
                 },
             )
             .unwrap();
@@ -1664,6 +1736,7 @@ mod tests {
                     ike: rec.clone(),
                     start_seqs: vec![],
                     lifetimes: vec![],
+                    held_only: false,
                 },
             )
             .unwrap();
@@ -1712,6 +1785,7 @@ mod tests {
                 ike: stale.clone(),
                 start_seqs: vec![],
                 lifetimes: vec![],
+                held_only: false,
             },
         )
         .unwrap();
@@ -1733,6 +1807,7 @@ mod tests {
                 ike: synced,
                 start_seqs: vec![],
                 lifetimes: vec![],
+                held_only: false,
             },
         )
         .unwrap();
@@ -1748,6 +1823,7 @@ mod tests {
                 ike: stale,
                 start_seqs: marks,
                 lifetimes: vec![],
+                held_only: false,
             },
         )
         .unwrap();
