@@ -1138,6 +1138,29 @@ impl Cluster {
                         tracing::warn!(
                             "{label}: tunnel {tunnel} promoted ({reason:?}) without an IKE SA copy; not taken over"
                         );
+                        // The local ikemgr and espd may still hold the tunnel (this hasyncd
+                        // restarted while they kept it, and the other member's copy of its
+                        // takeover was lost on the link): espd continues each outbound SA
+                        // at the start all the same, above what the other member may have
+                        // sent (a no-op without the SA). Without it, the fault run's espd
+                        // went on below the other member's numbers and the peer dropped
+                        // everything as replays.
+                        for s in start_seqs
+                            .into_iter()
+                            .filter(|s| !is_ike_mid_mark(s.spi_out))
+                        {
+                            tracing::info!(
+                                "{label}: {tunnel} outbound {:08x} continues at sequence {} or above if held here{}",
+                                s.spi_out,
+                                s.first_seq,
+                                if s.exact { "" } else { " (unsynced jump)" }
+                            );
+                            self.skips.push(SeqMark {
+                                tunnel: tunnel.clone(),
+                                spi_out: s.spi_out,
+                                seq_hw: s.first_seq,
+                            });
+                        }
                         continue;
                     };
                     tracing::info!(
@@ -2837,6 +2860,48 @@ mod tests {
         let t = c.take_takeovers();
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].start_seqs.len(), 2, "ikemgr still gets both marks");
+    }
+
+    /// A promotion without a copy of the IKE SA takes nothing over, but still moves the
+    /// local espd to each start: this member's ikemgr and espd may hold the tunnel (its
+    /// hasyncd restarted, and the other member's copy was lost on the link), and espd's
+    /// own counter is below what the other member sent meanwhile.
+    #[test]
+    fn a_promotion_without_an_ike_copy_still_skips_the_local_datapath() {
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
+        let mark = bus_schema::schema::ike_mid_mark_spi(1, 2);
+        c.table_events(
+            vec![TunnelEvent::Promoted {
+                tunnel: "vpn1_18".into(),
+                reason: ha_core::msg::ClaimReason::OwnerDead,
+                start_seqs: vec![
+                    StartSeq {
+                        spi_out: 0xf24f_20cc,
+                        first_seq: 257_748_737,
+                        exact: false,
+                    },
+                    StartSeq {
+                        spi_out: mark,
+                        first_seq: 4,
+                        exact: true,
+                    },
+                ],
+            }],
+            "FGCP",
+            false,
+        );
+        assert!(
+            c.take_takeovers().is_empty(),
+            "no copy: nothing to take over"
+        );
+        assert_eq!(
+            c.take_skips(),
+            vec![SeqMark {
+                tunnel: "vpn1_18".into(),
+                spi_out: 0xf24f_20cc,
+                seq_hw: 257_748_737,
+            }]
+        );
     }
 
     /// A rekeyed IKE SA's RFC 6311 mark goes with it, from a copy and from the local
