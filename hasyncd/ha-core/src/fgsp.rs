@@ -493,12 +493,23 @@ impl TunnelTable {
     ///
     /// **Bound:** the other member may have granted leases without waiting for this one
     /// (it had declared it lost), so this record can miss some: each SA continues at the
-    /// recorded mark plus [`DEFAULT_UNSYNCED_JUMP`], above every number the other member
-    /// sent unless it sent more than that beyond the last lease recorded here.
+    /// recorded mark plus [`DEFAULT_UNSYNCED_JUMP`] (twice that on the member with the
+    /// higher id), above every number the other member sent unless it sent more than that
+    /// beyond the last lease recorded here. Two members claiming back from each other
+    /// from the same record start a jump apart.
     pub fn local_established(&mut self, tunnel: &str) {
         let me = self.me;
-        let jump = self.unsynced_jump;
         if let Some(t) = self.tunnels.get(tunnel).filter(|t| t.owner != me) {
+            // Two members that claim a tunnel back from each other at the same moment (a
+            // split brain on a lossy link: each hears some of the other's claims) compute
+            // from the same record: the member with the higher id jumps twice as far, so
+            // the two never continue at the same number (a fault run saw both members
+            // send 77340033 on one SA).
+            let jump = if me > t.owner {
+                self.unsynced_jump.saturating_mul(2)
+            } else {
+                self.unsynced_jump
+            };
             let start_seqs: Vec<StartSeq> = t
                 .sas
                 .iter()
@@ -2048,5 +2059,41 @@ mod tests {
         t.local_established(T);
         t.local_established("vpn1_2");
         assert_eq!(t.poll_event(), None);
+    }
+
+    /// Two members claiming a tunnel back from each other from the same record (each
+    /// heard the other's claim in a lossy split brain) never continue at the same number.
+    #[test]
+    fn two_members_claiming_back_from_the_same_record_start_apart() {
+        let start = |me: u32, other: u32| {
+            let (me, other) = (MemberId(me), MemberId(other));
+            let mut t = TunnelTable::with_mode(me, TableMode::Fgcp);
+            t.peer_joined(other);
+            t.handle_message(
+                other,
+                &Message::Ownership(OwnershipClaim {
+                    tunnel: T.into(),
+                    owner: other,
+                    generation: 3,
+                    reason: ClaimReason::OwnerDead,
+                }),
+            );
+            t.handle_lease(
+                other,
+                &SeqLease {
+                    tunnel: T.into(),
+                    spi_out: SPI,
+                    seq_hw: 66_291_457,
+                },
+            );
+            t.local_established(T);
+            match t.poll_event() {
+                Some(TunnelEvent::Reclaimed { start_seqs, .. }) => start_seqs[0].first_seq,
+                other => panic!("{other:?}"),
+            }
+        };
+        let (low, high) = (start(1, 2), start(2, 1));
+        assert_eq!(low, 66_291_457 + DEFAULT_UNSYNCED_JUMP);
+        assert_eq!(high, 66_291_457 + 2 * DEFAULT_UNSYNCED_JUMP);
     }
 }
