@@ -1155,11 +1155,7 @@ impl Cluster {
                                 s.first_seq,
                                 if s.exact { "" } else { " (unsynced jump)" }
                             );
-                            self.skips.push(SeqMark {
-                                tunnel: tunnel.clone(),
-                                spi_out: s.spi_out,
-                                seq_hw: s.first_seq,
-                            });
+                            push_skip(&mut self.skips, &tunnel, &s);
                         }
                         continue;
                     };
@@ -1202,11 +1198,7 @@ impl Cluster {
                         // partner carried it meanwhile): ikemgr then keeps its established
                         // IKE SA and installs nothing, so espd is told directly to continue
                         // at or above the start (never backwards; no-op without the SA).
-                        self.skips.push(SeqMark {
-                            tunnel: tunnel.clone(),
-                            spi_out: s.spi_out,
-                            seq_hw: s.first_seq,
-                        });
+                        push_skip(&mut self.skips, &tunnel, s);
                     }
                     self.takeovers.push(TakeoverInfo {
                         ike: ike_record(ike),
@@ -1259,11 +1251,7 @@ impl Cluster {
                             s.first_seq,
                             previous.0
                         );
-                        self.skips.push(SeqMark {
-                            tunnel: tunnel.clone(),
-                            spi_out: s.spi_out,
-                            seq_hw: s.first_seq,
-                        });
+                        push_skip(&mut self.skips, &tunnel, &s);
                     }
                     self.take_later_copy(&tunnel);
                 }
@@ -2295,6 +2283,17 @@ fn ike_sync(r: &IkeSaRecord) -> IkeSaSync {
         msg_id_sync: false,
         state: KeyBytes(r.keys.clone()),
     }
+}
+
+/// Queues for the local espd (the daemon's `SeqSkip`) that `tunnel`'s outbound SA
+/// `s.spi_out` continues at `s.first_seq` or above: never backwards, a no-op for an SA it
+/// does not hold.
+fn push_skip(skips: &mut Vec<SeqMark>, tunnel: &str, s: &StartSeq) {
+    skips.push(SeqMark {
+        tunnel: tunnel.to_string(),
+        spi_out: s.spi_out,
+        seq_hw: s.first_seq,
+    });
 }
 
 /// An HA copy of an IKE SA as ikemgr's record (for a takeover).
