@@ -40,6 +40,15 @@ const RESYNC_BY_SNAPSHOT: usize = 256;
 /// ([`Cluster::hand_ike_sas_to`]), a heartbeat interval apart.
 const IKE_HANDOVER_SENDS: u8 = 3;
 
+/// The IKE SAs a member held when it turned secondary, still to be sent to the primary
+/// ([`Cluster::hand_ike_sas_to`]).
+struct IkeHandover {
+    to: MemberId,
+    msgs: Vec<Message>,
+    sends_left: u8,
+    next_ms: u64,
+}
+
 /// Local records changed at once above which the peers may get a snapshot instead of one
 /// datagram per record ([`Cluster::send_sync_or_snapshot`]).
 const BULK_BY_SNAPSHOT: usize = 256;
@@ -218,8 +227,8 @@ pub struct Cluster {
     /// (`SeqSkip`), for the daemon (drained by it).
     skips: Vec<SeqMark>,
     /// FGCP: the IKE SAs this member held when it turned secondary, for the primary
-    /// ([`Cluster::hand_ike_sas_to`]): to whom, the messages, sends left, next send (ms).
-    ike_handover: Option<(MemberId, Vec<Message>, u8, u64)>,
+    /// ([`Cluster::hand_ike_sas_to`]).
+    ike_handover: Option<IkeHandover>,
     /// Tunnel roles may have changed (FGSP table), for the daemon (reset by it).
     pub roles_dirty: bool,
     /// Age of the last update applied per peer (`hasyncd_sync_lag_seconds`).
@@ -1282,43 +1291,39 @@ impl Cluster {
             .values()
             .map(|r| Message::IkeSa(ike_sync(r)))
             .collect();
-        self.ike_handover = Some((primary, msgs, IKE_HANDOVER_SENDS, self.now_ms));
+        self.ike_handover = Some(IkeHandover {
+            to: primary,
+            msgs,
+            sends_left: IKE_HANDOVER_SENDS,
+            next_ms: self.now_ms,
+        });
         self.repeat_ike_handover(self.now_ms);
     }
 
     /// Sends the IKE SAs handed to the primary when due (see [`Cluster::hand_ike_sas_to`]);
     /// stops when this member is no longer secondary under that primary.
     fn repeat_ike_handover(&mut self, now_ms: u64) {
-        let Some((primary, _, left, next)) = self.ike_handover.as_ref() else {
+        let Some(mut h) = self.ike_handover.take() else {
             return;
         };
-        let (primary, left, next) = (*primary, *left, *next);
-        if left == 0
+        if h.sends_left == 0
             || self.fgcp_role() != Some(HaRole::Secondary)
-            || self.fgcp_primary() != Some(primary)
+            || self.fgcp_primary() != Some(h.to)
         {
-            self.ike_handover = None;
             return;
         }
-        if now_ms < next {
-            return;
+        if now_ms >= h.next_ms {
+            for m in &h.msgs {
+                self.send_fgcp_to(h.to, m);
+            }
+            let interval = self
+                .fgcp
+                .as_ref()
+                .map_or(1_000, |s| s.fgcp.config().hb_interval_ms);
+            h.sends_left -= 1;
+            h.next_ms = now_ms.saturating_add(interval);
         }
-        let interval = self
-            .fgcp
-            .as_ref()
-            .map_or(1_000, |s| s.fgcp.config().hb_interval_ms);
-        let msgs = self
-            .ike_handover
-            .as_ref()
-            .map(|(_, m, _, _)| m.clone())
-            .unwrap_or_default();
-        for m in &msgs {
-            self.send_fgcp_to(primary, m);
-        }
-        if let Some(h) = self.ike_handover.as_mut() {
-            h.2 = left - 1;
-            h.3 = now_ms.saturating_add(interval);
-        }
+        self.ike_handover = Some(h);
     }
 
     /// This member carries `tunnel` with the IKE SA its ikemgr holds, and another member's
