@@ -46,6 +46,9 @@ const ROUTE_RETRY_FOR: Duration = Duration::from_secs(30);
 /// How often a route whose device is missing is retried.
 const ROUTE_RETRY_EVERY: Duration = Duration::from_millis(20);
 
+/// How long a send to espd's `espd-ike.sock` waits for room in its queue.
+const HANDOFF_SEND_WAIT: Duration = Duration::from_millis(500);
+
 /// Inputs of the IO loop.
 pub enum Input {
     /// An IKE datagram (no non-ESP marker).
@@ -518,6 +521,9 @@ pub fn start(run_dir: &Path, mgr: Arc<Mutex<IkeManager>>) -> io::Result<Sender<I
     let in4500 = UnixDatagram::bind(&in_path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", in_path.display())))?;
     let out4500 = UnixDatagram::unbound()?;
+    // espd's relay thread empties its socket at once; a stopped espd (a debugger attached)
+    // must not stop the IKE loop with it: the message is then counted as a send error.
+    out4500.set_write_timeout(Some(HANDOFF_SEND_WAIT))?;
     let (tx, rx) = mpsc::channel();
 
     let r500 = udp500.try_clone()?;

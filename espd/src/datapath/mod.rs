@@ -78,12 +78,63 @@ pub struct Shared {
     /// Drops by reason (indices of [`table::DROP_LABELS`]), all SAs and none.
     pub drops: [AtomicU64; NUM_DROPS],
     pub keepalives: AtomicU64,
+    /// IKE messages from UDP/4500 on their way to ikemgr (the workers never wait for it).
+    pub ike_queue: IkeQueue,
     pub ike_relayed: AtomicU64,
     pub ike_sent: AtomicU64,
     pub rx: DirCounters,
     pub tx: DirCounters,
     /// SPIs of ESP packets that found no SA, for the control side (FGSP promotion).
     pub unknown_spis: UnknownSpis,
+}
+
+/// The workers' queue of IKE hand-offs to ikemgr, emptied by the hand-off thread
+/// ([`ike_handoff`]). ikemgr takes only a few datagrams at a time from its unix socket (the
+/// kernel's `net.unix.max_dgram_qlen`, 10 by default), and a worker must not wait for it: a
+/// burst of IKE on UDP/4500 (a client deleting or rekeying many SAs at once) waits here
+/// instead of being dropped. Bounded in messages and bytes; beyond either, or with no
+/// hand-off thread, a message is dropped and counted (`ike_relay`).
+pub struct IkeQueue {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    /// Bytes queued and not yet taken by the hand-off thread.
+    pending: std::sync::atomic::AtomicUsize,
+}
+
+/// Most IKE messages [`IkeQueue`] holds.
+pub const IKE_QUEUE_MESSAGES: usize = 4096;
+/// Most bytes [`IkeQueue`] holds (a flood of large datagrams stops here, not at 4096 x 64 KiB).
+pub const IKE_QUEUE_BYTES: usize = 4 << 20;
+
+impl IkeQueue {
+    /// A queue and the receiving end for the hand-off thread.
+    pub fn new() -> (IkeQueue, std::sync::mpsc::Receiver<Vec<u8>>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(IKE_QUEUE_MESSAGES);
+        let q = IkeQueue {
+            tx,
+            pending: std::sync::atomic::AtomicUsize::new(0),
+        };
+        (q, rx)
+    }
+
+    /// Queues one hand-off datagram; false if it was refused (the queue is full, or the
+    /// hand-off thread is gone): the caller counts the drop.
+    pub fn push(&self, msg: Vec<u8>) -> bool {
+        let n = msg.len();
+        if self.pending.fetch_add(n, Ordering::AcqRel) + n > IKE_QUEUE_BYTES {
+            self.pending.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        if self.tx.try_send(msg).is_err() {
+            self.pending.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// The hand-off thread took a message of `n` bytes off the queue.
+    fn taken(&self, n: usize) {
+        self.pending.fetch_sub(n, Ordering::AcqRel);
+    }
 }
 
 /// The last few inbound SPIs that found no SA: a fixed ring written by the workers without
@@ -193,6 +244,7 @@ impl Datapath {
     pub fn start(run_dir: &Path, workers: usize) -> Result<Datapath, DatapathError> {
         let workers = workers.max(1);
         let sockets = Sockets::open(run_dir, workers).map_err(io_err("sockets"))?;
+        let (ike_queue, ike_rx) = IkeQueue::new();
         let seqs =
             SeqStore::open(run_dir).map_err(io_err(format!("{}/espd-seq", run_dir.display())))?;
         let shared = Arc::new(Shared {
@@ -201,6 +253,7 @@ impl Datapath {
             stop: AtomicBool::new(false),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             keepalives: AtomicU64::new(0),
+            ike_queue,
             ike_relayed: AtomicU64::new(0),
             ike_sent: AtomicU64::new(0),
             rx: DirCounters::default(),
@@ -228,6 +281,15 @@ impl Datapath {
                     .name("espd-housekeeping".into())
                     .spawn(move || housekeeping(&shared, &seqs))
                     .map_err(io_err("housekeeping thread"))?,
+            );
+        }
+        {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("espd-ike-handoff".into())
+                    .spawn(move || ike_handoff(&shared, &ike_rx))
+                    .map_err(io_err("IKE hand-off thread"))?,
             );
         }
         {
@@ -638,6 +700,52 @@ fn housekeeping(shared: &Shared, seqs: &SeqStore) {
     }
 }
 
+/// Hands the IKE messages the workers queued to ikemgr, each waiting up to
+/// [`sockets::IKE_HANDOFF_WAIT`] for room in ikemgr's socket.
+fn ike_handoff(shared: &Shared, rx: &std::sync::mpsc::Receiver<Vec<u8>>) {
+    handoff_loop(
+        &shared.ike_queue,
+        rx,
+        &shared.sockets.ike_out,
+        &shared.stop,
+        |ok| {
+            if ok {
+                shared.ike_relayed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                shared.count_drop(table::DROP_IKE_RELAY);
+            }
+        },
+    );
+}
+
+/// [`ike_handoff`]'s loop: until `stop`, or the queue's sending side is gone; `sent(true)`
+/// for each message handed over, `sent(false)` for each that could not be.
+fn handoff_loop(
+    queue: &IkeQueue,
+    rx: &std::sync::mpsc::Receiver<Vec<u8>>,
+    out: &sockets::IkeHandoffSocket,
+    stop: &AtomicBool,
+    mut sent: impl FnMut(bool),
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    while !stop.load(Ordering::Relaxed) {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(msg) => {
+                queue.taken(msg.len());
+                match out.send(&msg) {
+                    Ok(()) => sent(true),
+                    Err(e) => {
+                        sent(false);
+                        tracing::debug!("IKE message not handed to ikemgr: {e}");
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
 /// Sends ikemgr's IKE messages out of UDP/4500.
 fn ike_relay(shared: &Shared) {
     let mut buf = vec![0u8; 65_536];
@@ -653,5 +761,89 @@ fn ike_relay(shared: &Shared) {
                 tracing::debug!("IKE message from ikemgr not sent: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    /// A burst of IKE messages many times the kernel's unix datagram queue (10 by default)
+    /// reaches an ikemgr that is slow to read, all of them, in order: the workers queue them
+    /// and the hand-off thread waits for room instead of dropping. (Found in the soak: a
+    /// client deleting 20 tunnels at once lost its answers to DPD probes here.)
+    #[test]
+    fn a_burst_of_ike_waits_for_a_slow_ikemgr_instead_of_being_dropped() {
+        let dir = std::env::temp_dir().join(format!("espd-handoff-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ike4500.sock");
+        let ikemgr = UnixDatagram::bind(&path).unwrap();
+        let out = sockets::IkeHandoffSocket::open(&path).unwrap();
+        let (queue, rx) = IkeQueue::new();
+        const BURST: usize = 200;
+        let from: std::net::SocketAddr = "192.0.2.7:4500".parse().unwrap();
+        for i in 0..BURST {
+            let ike = (i as u32).to_be_bytes();
+            assert!(
+                queue.push(Sockets::ike_handoff(from, None, &ike)),
+                "message {i}"
+            );
+        }
+        let stop = AtomicBool::new(false);
+        let (queue, out, stop) = (&queue, &out, &stop);
+        let (got, (ok, failed)) = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                // ikemgr busy elsewhere: it reads only after the burst is queued.
+                std::thread::sleep(Duration::from_millis(100));
+                ikemgr
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 64];
+                while got.len() < BURST {
+                    let Ok(n) = ikemgr.recv(&mut buf) else { break };
+                    got.push(buf[sockets::IKE_HDR_LEN..n].to_vec());
+                }
+                got
+            });
+            let handoff = s.spawn(move || {
+                let (mut ok, mut failed) = (0usize, 0usize);
+                handoff_loop(queue, &rx, out, stop, |sent| {
+                    if sent {
+                        ok += 1
+                    } else {
+                        failed += 1
+                    }
+                });
+                (ok, failed)
+            });
+            let got = reader.join().unwrap();
+            stop.store(true, Ordering::Relaxed);
+            (got, handoff.join().unwrap())
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!((ok, failed), (BURST, 0));
+        let want: Vec<Vec<u8>> = (0..BURST as u32)
+            .map(|i| i.to_be_bytes().to_vec())
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_ike_queue_refuses_beyond_its_byte_budget_and_frees_what_is_taken() {
+        let (queue, rx) = IkeQueue::new();
+        let big = vec![0u8; 60_000];
+        let fit = IKE_QUEUE_BYTES / big.len();
+        for i in 0..fit {
+            assert!(queue.push(big.clone()), "message {i}");
+        }
+        assert!(!queue.push(big.clone()), "over the byte budget");
+        let m = rx.recv().unwrap();
+        queue.taken(m.len());
+        assert!(queue.push(big.clone()), "room again once one was taken");
+        drop(rx);
+        assert!(!queue.push(vec![1]), "no hand-off thread");
     }
 }

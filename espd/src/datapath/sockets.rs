@@ -35,6 +35,7 @@ use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::time::Duration;
 
 /// IKE hand-off header length: src addr, src port, dst addr, dst port.
 pub const IKE_HDR_LEN: usize = 12;
@@ -164,12 +165,77 @@ pub struct Lane {
 pub struct Sockets {
     /// One lane per worker, at least one; lane 0 also carries IKE to and from UDP/4500.
     pub lanes: Vec<Lane>,
-    /// Unbound unix datagram socket for sending to `<run-dir>/ike4500.sock`.
-    pub ike_out: OwnedFd,
-    ike_out_addr: libc::sockaddr_un,
-    ike_out_len: libc::socklen_t,
+    /// To `<run-dir>/ike4500.sock` (the hand-off thread's).
+    pub ike_out: IkeHandoffSocket,
     /// `<run-dir>/espd-ike.sock`: IKE messages from ikemgr to send out of 4500.
     pub ike_in: OwnedFd,
+}
+
+/// An unbound, blocking unix datagram socket that sends hand-off datagrams to ikemgr's
+/// `ike4500.sock`.
+#[derive(Debug)]
+pub struct IkeHandoffSocket {
+    fd: OwnedFd,
+    addr: libc::sockaddr_un,
+    len: libc::socklen_t,
+}
+
+impl IkeHandoffSocket {
+    /// A socket that sends to `path`, each send waiting up to [`IKE_HANDOFF_WAIT`].
+    pub fn open(path: &Path) -> io::Result<IkeHandoffSocket> {
+        // SAFETY: socket(2) with constant arguments.
+        let fd = owned(unsafe {
+            libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+        })?;
+        set_timeout(&fd, libc::SO_SNDTIMEO, IKE_HANDOFF_WAIT)?;
+        let (addr, len) = unix_addr(path)?;
+        Ok(IkeHandoffSocket { fd, addr, len })
+    }
+
+    /// Sends one hand-off datagram, waiting up to [`IKE_HANDOFF_WAIT`] for room in the
+    /// receiver's queue (the kernel queues only `net.unix.max_dgram_qlen` datagrams, 10 by
+    /// default, per unix socket).
+    pub fn send(&self, msg: &[u8]) -> io::Result<()> {
+        // SAFETY: msg is valid for msg.len() bytes; the address is a live sockaddr_un.
+        let r = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&self.addr as *const libc::sockaddr_un).cast(),
+                self.len,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// How long the hand-off thread waits for room in ikemgr's receive queue before it drops
+/// an IKE message (`espd_drops_total{reason="ike_relay"}`).
+pub const IKE_HANDOFF_WAIT: Duration = Duration::from_millis(500);
+
+/// Sets `SO_SNDTIMEO` or `SO_RCVTIMEO` (`opt`) of `fd`.
+fn set_timeout(fd: &OwnedFd, opt: libc::c_int, d: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt with a live timeval and its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&tv as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
 }
 
 fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
@@ -449,10 +515,8 @@ impl Sockets {
             })
             .collect();
 
-        let nb = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-        // SAFETY (both socket(2) calls): constant arguments.
-        let ike_out = owned(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | nb, 0) })?;
-        let (ike_out_addr, ike_out_len) = unix_addr(&run_dir.join("ike4500.sock"))?;
+        let ike_out = IkeHandoffSocket::open(&run_dir.join("ike4500.sock"))?;
+        // SAFETY: socket(2) with constant arguments.
         let ike_in = owned(unsafe {
             libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
         })?;
@@ -469,91 +533,44 @@ impl Sockets {
         })
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", in_path.display())))?;
         // A receive timeout lets the relay thread notice shutdown.
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        // SAFETY: setsockopt with a live timeval and its size.
-        cvt(unsafe {
-            libc::setsockopt(
-                ike_in.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        })?;
+        set_timeout(&ike_in, libc::SO_RCVTIMEO, Duration::from_millis(200))?;
         Ok(Sockets {
             lanes,
             ike_out,
-            ike_out_addr,
-            ike_out_len,
             ike_in,
         })
     }
 
-    /// Hands an IKE message that arrived on UDP/4500 to ikemgr. `scratch` must hold
-    /// `IKE_HDR6_LEN + ike.len()` bytes; returns false if it could not be delivered.
-    /// `local` is the address the datagram was sent to (unspecified if unknown, or of the
-    /// other family).
-    pub fn relay_to_ikemgr(
-        &self,
-        from: SocketAddr,
-        local: Option<IpAddr>,
-        ike: &[u8],
-        scratch: &mut [u8],
-    ) -> bool {
+    /// The hand-off datagram for an IKE message that arrived on UDP/4500: the header (the
+    /// peer, and `local`, the address the datagram was sent to: unspecified if unknown, or of
+    /// the other family) and the message.
+    pub fn ike_handoff(from: SocketAddr, local: Option<IpAddr>, ike: &[u8]) -> Vec<u8> {
         let port = esp_proto::udp::NAT_T_PORT.to_be_bytes();
-        let n = match from {
+        let mut msg = Vec::with_capacity(IKE_HDR6_LEN + ike.len());
+        match from {
             SocketAddr::V4(from) => {
                 let local = match local {
                     Some(IpAddr::V4(a)) => a,
                     _ => Ipv4Addr::UNSPECIFIED,
                 };
-                let n = IKE_HDR_LEN + ike.len();
-                let Some(msg) = scratch.get_mut(..n) else {
-                    return false;
-                };
-                msg[..4].copy_from_slice(&from.ip().octets());
-                msg[4..6].copy_from_slice(&from.port().to_be_bytes());
-                msg[6..10].copy_from_slice(&local.octets());
-                msg[10..12].copy_from_slice(&port);
-                msg[12..].copy_from_slice(ike);
-                n
+                msg.extend_from_slice(&from.ip().octets());
+                msg.extend_from_slice(&from.port().to_be_bytes());
+                msg.extend_from_slice(&local.octets());
             }
             SocketAddr::V6(from) => {
                 let local = match local {
                     Some(IpAddr::V6(a)) => a,
                     _ => Ipv6Addr::UNSPECIFIED,
                 };
-                let n = IKE_HDR6_LEN + ike.len();
-                let Some(msg) = scratch.get_mut(..n) else {
-                    return false;
-                };
-                msg[..6].copy_from_slice(&IKE_HDR6_MARK);
-                msg[6..22].copy_from_slice(&from.ip().octets());
-                msg[22..24].copy_from_slice(&from.port().to_be_bytes());
-                msg[24..40].copy_from_slice(&local.octets());
-                msg[40..42].copy_from_slice(&port);
-                msg[42..].copy_from_slice(ike);
-                n
+                msg.extend_from_slice(&IKE_HDR6_MARK);
+                msg.extend_from_slice(&from.ip().octets());
+                msg.extend_from_slice(&from.port().to_be_bytes());
+                msg.extend_from_slice(&local.octets());
             }
-        };
-        let Some(msg) = scratch.get(..n) else {
-            return false;
-        };
-        // SAFETY: msg is valid for n bytes; the address is a live sockaddr_un.
-        let r = unsafe {
-            libc::sendto(
-                self.ike_out.as_raw_fd(),
-                msg.as_ptr().cast(),
-                n,
-                libc::MSG_DONTWAIT,
-                (&self.ike_out_addr as *const libc::sockaddr_un).cast(),
-                self.ike_out_len,
-            )
-        };
-        r >= 0
+        }
+        msg.extend_from_slice(&port);
+        msg.extend_from_slice(ike);
+        msg
     }
 
     /// Blocks up to 200 ms for one message from ikemgr on `espd-ike.sock` and sends it out of

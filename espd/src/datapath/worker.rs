@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use esp_proto::{classify_udp4500, decode_payload, inner, EspError, EspHeader, Udp4500};
 
 use super::offload::{self, VNET_HDR_LEN};
-use super::sockets::{RecvBatch, SendBatch, BATCH, SLOT};
+use super::sockets::{RecvBatch, SendBatch, Sockets, BATCH, SLOT};
 use super::table::{
     any_contains, Device, Peer, Table, DROP_ENCAP, DROP_IKE_RELAY, DROP_LINK_SCOPE, DROP_NO_SA,
     DROP_OFFLOAD, DROP_OUTER, DROP_SELECTOR, DROP_TUN_WRITE, DROP_TX_ERROR,
@@ -54,8 +54,6 @@ pub struct Worker {
     tx_udp6: SendBatch,
     /// Decrypted payloads (inbound) and packets read from TUN (outbound).
     plain: Box<[u8; SLOT]>,
-    /// IKE hand-off messages.
-    scratch: Box<[u8; SLOT]>,
     /// Packets read from TUN: virtio-net header plus up to 64 KiB (TSO).
     tunbuf: Box<[u8]>,
     /// Decrypted packets on their way to TUN, coalesced per receive batch.
@@ -181,7 +179,6 @@ impl Worker {
             tx_raw6: SendBatch::new(),
             tx_udp6: SendBatch::new(),
             plain: Box::new([0; SLOT]),
-            scratch: Box::new([0; SLOT]),
             tunbuf: vec![0u8; TUNBUF].into_boxed_slice(),
             gro: offload::Coalescer::default(),
             hold: Hold::new(),
@@ -364,7 +361,6 @@ impl Worker {
             shared,
             rx_udp: rx,
             plain,
-            scratch,
             gro,
             hold,
             ..
@@ -396,13 +392,8 @@ impl Worker {
                         shared.keepalives.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(Udp4500::Ike(ike)) => {
-                        let local = rx.local_addr(i);
-                        if shared
-                            .sockets
-                            .relay_to_ikemgr(from, local, ike, &mut scratch[..])
-                        {
-                            shared.ike_relayed.fetch_add(1, Ordering::Relaxed);
-                        } else {
+                        let msg = Sockets::ike_handoff(from, rx.local_addr(i), ike);
+                        if !shared.ike_queue.push(msg) {
                             shared.count_drop(DROP_IKE_RELAY);
                         }
                     }
