@@ -1551,34 +1551,6 @@ impl Cluster {
         self.table.as_ref().and_then(|t| t.role(tunnel))
     }
 
-    /// The per-tunnel FGSP role this member acts on: in FGSP alone, the ownership table's
-    /// ([`Cluster::fgsp_role`]); on the primary of an FGCP cluster over FGSP, the FGSP
-    /// table's, which is the cluster's (another cluster that took the tunnel makes it
-    /// `standby` here). None elsewhere (an FGCP secondary carries nothing) or for a tunnel
-    /// not in the table.
-    pub fn tunnel_fgsp_role(&self, tunnel: &str) -> Option<TunnelRole> {
-        if self.fgsp_mode() {
-            return self.fgsp_role(tunnel);
-        }
-        self.fgsp_table
-            .as_ref()
-            .filter(|_| self.fgcp_role() == Some(HaRole::Primary))
-            .and_then(|t| t.role(tunnel))
-    }
-
-    /// Every tunnel of the table [`Cluster::tunnel_fgsp_role`] reads, with this member's
-    /// role.
-    pub fn tunnel_fgsp_roles(&self) -> Vec<(String, TunnelRole)> {
-        if self.fgsp_mode() {
-            return self.fgsp_roles();
-        }
-        self.fgsp_table
-            .as_ref()
-            .filter(|_| self.fgcp_role() == Some(HaRole::Primary))
-            .map(|t| t.roles().map(|(n, r)| (n.to_string(), r)).collect())
-            .unwrap_or_default()
-    }
-
     /// FGSP: every tunnel of the ownership table with this member's role.
     pub fn fgsp_roles(&self) -> Vec<(String, TunnelRole)> {
         if !self.fgsp_mode() {
@@ -1708,9 +1680,7 @@ impl Cluster {
         // takeover.
         let carrier = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
         for (_, r) in self.ike_local.iter().filter(|(k, _)| !now.contains_key(*k)) {
-            // A tunnel another member (FGSP) or cluster (FGCP over FGSP) took: the copies
-            // are the new owner's.
-            if !carrier || self.tunnel_fgsp_role(&r.tunnel) == Some(TunnelRole::Standby) {
+            if !carrier || self.fgsp_role(&r.tunnel) == Some(TunnelRole::Standby) {
                 continue;
             }
             if self
@@ -2002,10 +1972,8 @@ impl Cluster {
             return;
         }
         for msg in msgs {
-            // FGSP: only the tunnel's owner speaks for it (over FGSP: the owning cluster).
-            if msg_tunnel(msg)
-                .is_some_and(|t| self.tunnel_fgsp_role(t) == Some(TunnelRole::Standby))
-            {
+            // FGSP: only the tunnel's owner speaks for it.
+            if msg_tunnel(msg).is_some_and(|t| self.fgsp_role(t) == Some(TunnelRole::Standby)) {
                 continue;
             }
             if fgcp {
