@@ -138,7 +138,10 @@ pub const DROP_SELECTOR: usize = esp_proto::DropReason::ALL.len();
 pub const DROP_NO_SA: usize = DROP_SELECTOR + 1;
 /// Inbound raw ESP with a malformed outer IPv4 header.
 pub const DROP_OUTER: usize = DROP_SELECTOR + 2;
-/// An IKE message from UDP/4500 that could not be handed to ikemgr (nobody listening).
+/// An IKE message lost on the relay between UDP/4500 and ikemgr: one from the peer that the
+/// hand-off queue refused (full) or that ikemgr did not take (not running, or no room in its
+/// socket for [`super::sockets::IKE_HANDOFF_WAIT`]), or one from ikemgr that could not be
+/// sent out of UDP/4500.
 pub const DROP_IKE_RELAY: usize = DROP_SELECTOR + 3;
 /// The kernel refused to send an ESP packet.
 pub const DROP_TX_ERROR: usize = DROP_SELECTOR + 4;
