@@ -1551,6 +1551,44 @@ impl Cluster {
         self.table.as_ref().and_then(|t| t.role(tunnel))
     }
 
+    /// The per-tunnel FGSP role this member acts on: in FGSP alone, the ownership table's
+    /// ([`Cluster::fgsp_role`]); on the primary of an FGCP cluster over FGSP, the FGSP
+    /// table's, which is the cluster's, with one condition for `standby`: the other cluster
+    /// showed it carries the tunnel (claimed it on traffic that arrived there, or for a
+    /// tunnel established there: `TunnelTable::owner_carries`). A claim the other cluster
+    /// made only because this one fell silent on the FGSP link (its hasyncd restarted, the
+    /// link was cut) is no reason to drop a tunnel the peer's traffic still reaches here:
+    /// the fault run saw a carrier drop all four tunnels that way and the client
+    /// renegotiate. None elsewhere (an FGCP secondary carries nothing), for a tunnel not in
+    /// the table, and for such an unproven claim (this member then goes by its FGCP role).
+    pub fn tunnel_fgsp_role(&self, tunnel: &str) -> Option<TunnelRole> {
+        if self.fgsp_mode() {
+            return self.fgsp_role(tunnel);
+        }
+        let t = self
+            .fgsp_table
+            .as_ref()
+            .filter(|_| self.fgcp_role() == Some(HaRole::Primary))?;
+        over_fgsp_role(t, tunnel, t.role(tunnel)?)
+    }
+
+    /// Every tunnel of the table [`Cluster::tunnel_fgsp_role`] reads, with the role it
+    /// gives.
+    pub fn tunnel_fgsp_roles(&self) -> Vec<(String, TunnelRole)> {
+        if self.fgsp_mode() {
+            return self.fgsp_roles();
+        }
+        self.fgsp_table
+            .as_ref()
+            .filter(|_| self.fgcp_role() == Some(HaRole::Primary))
+            .map(|t| {
+                t.roles()
+                    .filter_map(|(n, r)| over_fgsp_role(t, n, r).map(|r| (n.to_string(), r)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// FGSP: every tunnel of the ownership table with this member's role.
     pub fn fgsp_roles(&self) -> Vec<(String, TunnelRole)> {
         if !self.fgsp_mode() {
@@ -1680,7 +1718,9 @@ impl Cluster {
         // takeover.
         let carrier = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
         for (_, r) in self.ike_local.iter().filter(|(k, _)| !now.contains_key(*k)) {
-            if !carrier || self.fgsp_role(&r.tunnel) == Some(TunnelRole::Standby) {
+            // A tunnel another member (FGSP) or cluster (FGCP over FGSP) took: the copies
+            // are the new owner's.
+            if !carrier || self.tunnel_fgsp_role(&r.tunnel) == Some(TunnelRole::Standby) {
                 continue;
             }
             if self
@@ -1972,8 +2012,10 @@ impl Cluster {
             return;
         }
         for msg in msgs {
-            // FGSP: only the tunnel's owner speaks for it.
-            if msg_tunnel(msg).is_some_and(|t| self.fgsp_role(t) == Some(TunnelRole::Standby)) {
+            // FGSP: only the tunnel's owner speaks for it (over FGSP: the owning cluster).
+            if msg_tunnel(msg)
+                .is_some_and(|t| self.tunnel_fgsp_role(t) == Some(TunnelRole::Standby))
+            {
                 continue;
             }
             if fgcp {
@@ -2234,6 +2276,16 @@ fn sa_keys(m: &BTreeMap<String, ChildSaSync>) -> std::collections::BTreeSet<(&st
     m.values()
         .map(|sa| (sa.tunnel.as_str(), sa.spi_out))
         .collect()
+}
+
+/// An FGCP cluster over FGSP: the role the FGSP table gives `tunnel` (`role`), as this
+/// cluster acts on it. `standby` only when the owning cluster showed it carries the tunnel;
+/// otherwise none (the FGCP role decides).
+fn over_fgsp_role(t: &TunnelTable, tunnel: &str, role: TunnelRole) -> Option<TunnelRole> {
+    match role {
+        TunnelRole::Standby if !t.owner_carries(tunnel) => None,
+        r => Some(r),
+    }
 }
 
 /// The tunnel a sync message is about.
@@ -2811,6 +2863,35 @@ mod tests {
         assert_eq!(phase1_of("vpn1_", &p), None);
         assert_eq!(phase1_of("vpn1_x", &p), None);
         assert_eq!(phase1_of("vpn2_1", &p), None);
+    }
+
+    /// The primary of an FGCP cluster over FGSP acts on `standby` (its ikemgr drops the
+    /// tunnel) only when the other cluster claimed the tunnel on traffic or for a tunnel
+    /// established there; a claim made as the successor of this cluster, which it merely
+    /// stopped hearing, leaves the tunnel to the FGCP role.
+    #[test]
+    fn over_fgsp_a_tunnel_is_standby_only_for_a_cluster_that_carries_it() {
+        use ha_core::msg::{ClaimReason, OwnershipClaim};
+        let mut t = TunnelTable::new(MemberId(1));
+        t.local_established("vpn1_1");
+        assert_eq!(
+            over_fgsp_role(&t, "vpn1_1", TunnelRole::SyncPrimary),
+            Some(TunnelRole::SyncPrimary)
+        );
+        let claim = |generation, reason| OwnershipClaim {
+            tunnel: "vpn1_1".into(),
+            owner: MemberId(2),
+            generation,
+            reason,
+        };
+        t.handle_claim(MemberId(2), &claim(1, ClaimReason::OwnerDead));
+        assert_eq!(t.role("vpn1_1"), Some(TunnelRole::Standby));
+        assert_eq!(over_fgsp_role(&t, "vpn1_1", TunnelRole::Standby), None);
+        t.handle_claim(MemberId(2), &claim(2, ClaimReason::Traffic));
+        assert_eq!(
+            over_fgsp_role(&t, "vpn1_1", TunnelRole::Standby),
+            Some(TunnelRole::Standby)
+        );
     }
 
     /// A takeover also tells the local espd to continue at the start: when this hasyncd

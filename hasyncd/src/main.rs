@@ -200,22 +200,23 @@ impl Hasyncd {
             return;
         }
         let role = tunnel_role(self.fgcp_role());
-        let fgsp = self.cluster.as_ref().filter(|c| c.fgsp_mode());
+        let cluster = self.cluster.as_ref();
         let mut desired: BTreeMap<String, String> = self
             .tunnels
             .iter()
             .map(|t| {
-                // FGSP: the ownership table's role (ikemgr's tunnels not in it, such as
+                // FGSP: the ownership table's role, and on the primary of an FGCP cluster
+                // over FGSP the cluster's (ikemgr's tunnels not in the table, such as
                 // phase1 templates and tunnels without fgsp-sync, are carried here).
-                let r = fgsp
-                    .and_then(|c| c.fgsp_role(t))
+                let r = cluster
+                    .and_then(|c| c.tunnel_fgsp_role(t))
                     .map_or(role, |r| r.as_str());
                 (t.clone(), r.to_string())
             })
             .collect();
-        if let Some(c) = fgsp {
-            // Synced tunnels other members carry: standby here.
-            for (t, r) in c.fgsp_roles() {
+        if let Some(c) = cluster {
+            // Synced tunnels other members (clusters) carry: standby here.
+            for (t, r) in c.tunnel_fgsp_roles() {
                 desired.insert(t, r.as_str().to_string());
             }
         }
@@ -557,7 +558,7 @@ impl DaemonLogic for Hasyncd {
             "ike-restore" => {
                 // Only what this member still carries: an FGCP member that is not primary
                 // (demoted, or just restarted and in its hello phase) and an FGSP member
-                // whose tunnel another member took hand nothing back. The previous ikemgr
+                // whose tunnel another member (or cluster) took hand nothing back. The previous ikemgr
                 // may have been killed before it dropped them, and continuing such an SA
                 // restarted its outbound sequence numbers below what the new carrier sent
                 // (the --ha-link fault run: 55 replays at strongSwan) and asked the peer
@@ -570,7 +571,7 @@ impl DaemonLogic for Hasyncd {
                 let carried = |tunnel: &str| {
                     primary
                         && self.cluster.as_ref().is_none_or(|c| {
-                            c.fgsp_role(tunnel) != Some(ha_core::TunnelRole::Standby)
+                            c.tunnel_fgsp_role(tunnel) != Some(ha_core::TunnelRole::Standby)
                         })
                 };
                 let ike: BTreeMap<String, IkeSaRecord> = self

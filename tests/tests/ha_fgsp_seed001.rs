@@ -591,3 +591,113 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         m.kill_all();
     }
 }
+
+/// The router moves lb1 to cluster 2 while cluster 1 is alive (seed 001's per-tunnel
+/// failover, FGSP's own case): C2A, cluster 2's primary, takes the tunnel over when its
+/// traffic arrives, and cluster 1's primary C1A, which still carried it, drops it at once
+/// (the tunnel is `standby` there now) instead of sending on the same SAs until a DPD gives
+/// up, and keeps C2A's copies for the way back. No renegotiation, no replay failure, and a
+/// CHILD SA rekey started by strongSwan completes through C2A.
+#[test]
+fn a_cluster_whose_tunnel_another_cluster_took_drops_it_and_keeps_the_copies() {
+    let Seed001 {
+        _scratch,
+        router,
+        client,
+        server,
+        mut members,
+        charon,
+        spis,
+        child,
+    } = seed001("ha-fgsp-seed001-move", "fgsp2");
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
+    std::thread::sleep(Duration::from_secs(2));
+    let seq_a = members[0].esp_seqs();
+    assert!(!seq_a.is_empty(), "C1A sends:\n{}", members[0].logs());
+    let moved = Instant::now();
+    router
+        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
+        .unwrap();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
+        .unwrap();
+    wait_for("C2A carries the IKE SA", WAIT, || {
+        members[2]
+            .ike_sa()
+            .filter(|s| *s == spis)
+            .ok_or_else(|| members[2].logs())
+    });
+    let taken = moved.elapsed();
+    wait_for("C1A drops the tunnel C2A took", WAIT, || {
+        let m = &members[0];
+        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
+            .then_some(())
+            .ok_or_else(|| {
+                format!(
+                    "IKE SA {:?}, ESP {:?}\n{}",
+                    m.ike_sa(),
+                    m.esp_seqs(),
+                    m.logs()
+                )
+            })
+    });
+    let dropped = moved.elapsed();
+    let (seqs, gap, out) = member::finish_ping(&mut ping);
+    let seq_c = members[2].esp_seqs();
+    eprintln!(
+        "router move: C2A carries the tunnel {} ms after the move, C1A dropped it after {} ms; {} of 200 answered; longest gap {gap} pings; seqs C1A {seq_a:?} C2A {seq_c:?}",
+        taken.as_millis(),
+        dropped.as_millis(),
+        seqs.len()
+    );
+    assert!(
+        seqs.iter().any(|s| *s >= 150),
+        "the ping did not resume through C2A:\n{out}\n{}",
+        members[2].logs()
+    );
+    for (spi, a) in &seq_a {
+        if let Some((_, c)) = seq_c.iter().find(|(s, _)| s == spi) {
+            assert!(c > a, "C2A must send beyond C1A ({spi:08x}: {c} <= {a})");
+        }
+    }
+    assert!(
+        members[0]
+            .log("ikemgr")
+            .contains("another member carries the tunnel now; dropped here"),
+        "{}",
+        members[0].logs()
+    );
+    // C1A keeps C2A's copies (the tunnel can come back to cluster 1).
+    wait_for("C1A's copies of C2A's tunnel", WAIT, || {
+        let (ike, child) = members[0].copies()?;
+        (ike == 1 && child >= 1)
+            .then_some(())
+            .ok_or_else(|| format!("ike {ike} child {child}\n{}", members[0].logs()))
+    });
+    check_client(&charon, spis, child, "after the router moved the tunnel");
+
+    let child0 = client_sa(&charon)
+        .and_then(|sa| sa.child("net").map(|c| c.spi_in))
+        .expect("CHILD SA");
+    charon.rekey_child("net").expect("swanctl --rekey --child");
+    wait_for("strongSwan's CHILD SA rekey through C2A", WAIT, || {
+        client_sa(&charon)
+            .and_then(|sa| sa.child("net").map(|c| c.spi_in))
+            .filter(|spi| *spi != child0)
+            .map(|_| ())
+            .ok_or_else(|| members[2].logs())
+    });
+    assert!(
+        ping_burst(&client, 3) >= 2,
+        "no traffic after the rekey\n{}",
+        members[2].logs()
+    );
+    let sa = client_sa(&charon).expect("client IKE SA");
+    assert_eq!(sa.spis(), spis, "IKE SA renegotiated");
+    assert_eq!(replay_failures(&charon), 0, "{}", charon.log());
+    // C1A did not take the tunnel back meanwhile.
+    assert!(members[0].ike_sa().is_none(), "{}", members[0].logs());
+    for m in &mut members {
+        m.kill_all();
+    }
+}

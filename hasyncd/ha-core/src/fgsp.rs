@@ -168,6 +168,11 @@ struct Pending {
 struct Tunnel {
     owner: MemberId,
     generation: u64,
+    /// Why `owner` holds it: the reason of the claim that made this generation (each
+    /// re-announcement repeats it). [`ClaimReason::Refresh`] when that is not known here (the
+    /// tunnel was first heard of from a lease or a synced SA, or from a member that
+    /// re-announces without its reason).
+    reason: ClaimReason,
     sas: BTreeMap<u32, SaSeq>,
 }
 
@@ -254,6 +259,20 @@ impl TunnelTable {
     /// The tunnel's owner and generation.
     pub fn owner(&self, tunnel: &str) -> Option<(MemberId, u64)> {
         self.tunnels.get(tunnel).map(|t| (t.owner, t.generation))
+    }
+
+    /// Why `tunnel`'s owner holds it (the reason of the claim of its current generation).
+    pub fn owner_reason(&self, tunnel: &str) -> Option<ClaimReason> {
+        self.tunnels.get(tunnel).map(|t| t.reason)
+    }
+
+    /// Whether `tunnel`'s owner showed that it carries the tunnel: it claimed it on traffic
+    /// that arrived there or for a tunnel established there ([`ClaimReason::shows_carrier`]),
+    /// not merely as the successor of a member it lost contact with.
+    pub fn owner_carries(&self, tunnel: &str) -> bool {
+        self.tunnels
+            .get(tunnel)
+            .is_some_and(|t| t.reason.shows_carrier())
     }
 
     /// Every tunnel with this member's role (for `vpnctl` and the role-count metric).
@@ -355,7 +374,7 @@ impl TunnelTable {
                         tunnel: name.clone(),
                         owner: me,
                         generation: t.generation,
-                        reason: ClaimReason::Refresh,
+                        reason: t.reason,
                     }),
                 });
             }
@@ -391,7 +410,7 @@ impl TunnelTable {
                         tunnel: name.clone(),
                         owner: self.me,
                         generation: t.generation,
-                        reason: ClaimReason::Refresh,
+                        reason: t.reason,
                     }),
                 });
                 for (spi, s) in &t.sas {
@@ -426,7 +445,7 @@ impl TunnelTable {
                     tunnel: name.clone(),
                     owner: self.me,
                     generation: t.generation,
-                    reason: ClaimReason::Refresh,
+                    reason: t.reason,
                 }),
             });
             for (spi, s) in &t.sas {
@@ -532,10 +551,12 @@ impl TunnelTable {
         let t = self.tunnels.entry(tunnel.to_string()).or_insert(Tunnel {
             owner: self.me,
             generation,
+            reason: ClaimReason::Established,
             sas: BTreeMap::new(),
         });
         t.owner = self.me;
         t.generation = generation;
+        t.reason = ClaimReason::Established;
         self.broadcast_claim(tunnel, ClaimReason::Established);
     }
 
@@ -546,6 +567,11 @@ impl TunnelTable {
         let t = self.tunnels.entry(tunnel.to_string()).or_insert(Tunnel {
             owner: if from == me { me } else { from },
             generation: 0,
+            reason: if from == me {
+                ClaimReason::Established
+            } else {
+                ClaimReason::Refresh
+            },
             sas: BTreeMap::new(),
         });
         let direct = t.owner == from;
@@ -733,22 +759,33 @@ impl TunnelTable {
                     Tunnel {
                         owner: claim.owner,
                         generation: claim.generation,
+                        reason: claim.reason,
                         sas: BTreeMap::new(),
                     },
                 );
             }
             Some(t) => {
+                if (claim.generation, claim.owner) == (t.generation, t.owner)
+                    && claim.reason.shows_carrier()
+                    && !t.reason.shows_carrier()
+                {
+                    // The owner's claim itself after a relayed copy of it that did not
+                    // say why (a snapshot of a member that re-announces without reasons).
+                    t.reason = claim.reason;
+                }
                 if (claim.generation, claim.owner) <= (t.generation, t.owner) {
                     self.stats.claims_ignored += 1;
                     if t.owner == me && claim.owner != me {
                         // The claimant has not seen our newer claim.
-                        self.broadcast_claim(&claim.tunnel, ClaimReason::Refresh);
+                        let reason = t.reason;
+                        self.broadcast_claim(&claim.tunnel, reason);
                     }
                     return;
                 }
                 let was_mine = t.owner == me;
                 t.owner = claim.owner;
                 t.generation = claim.generation;
+                t.reason = claim.reason;
                 if was_mine && claim.owner != me {
                     for s in t.sas.values_mut() {
                         s.pending = None;
@@ -777,6 +814,7 @@ impl TunnelTable {
         let t = self.tunnels.entry(lease.tunnel.clone()).or_insert(Tunnel {
             owner: from,
             generation: 0,
+            reason: ClaimReason::Refresh,
             sas: BTreeMap::new(),
         });
         let owner_sent = t.owner == from;
@@ -846,7 +884,7 @@ impl TunnelTable {
                 tunnel: name.clone(),
                 owner: t.owner,
                 generation: t.generation,
-                reason: ClaimReason::Refresh,
+                reason: t.reason,
             }));
             for (spi, s) in &t.sas {
                 out.push(SnapshotItem::Lease(SeqLease {
@@ -869,6 +907,7 @@ impl TunnelTable {
                 let t = self.tunnels.entry(l.tunnel.clone()).or_insert(Tunnel {
                     owner: from,
                     generation: 0,
+                    reason: ClaimReason::Refresh,
                     sas: BTreeMap::new(),
                 });
                 let exact = t.owner == from;
@@ -918,6 +957,7 @@ impl TunnelTable {
         let previous = t.owner;
         t.owner = me;
         t.generation = t.generation.saturating_add(1);
+        t.reason = reason;
         for s in t.sas.values_mut() {
             s.grace_from = Some(previous);
         }
@@ -2095,5 +2135,84 @@ mod tests {
         let (low, high) = (start(1, 2), start(2, 1));
         assert_eq!(low, 66_291_457 + DEFAULT_UNSYNCED_JUMP);
         assert_eq!(high, 66_291_457 + 2 * DEFAULT_UNSYNCED_JUMP);
+    }
+
+    /// Whether a tunnel's owner showed it carries it follows the claim of the current
+    /// generation, and survives the owner's re-announcements and snapshots: an FGCP cluster
+    /// over FGSP drops a tunnel only for such an owner (hasyncd's `tunnel_fgsp_role`).
+    #[test]
+    fn the_reason_of_a_claim_is_kept_and_repeated_with_it() {
+        let claims = |t: &mut TunnelTable| -> Vec<OwnershipClaim> {
+            let mut out = Vec::new();
+            while let Some(o) = t.poll_transmit() {
+                if let Message::Ownership(c) = o.message {
+                    out.push(c);
+                }
+            }
+            out
+        };
+        // Member 1 established the tunnel; member 2 heard its claim and one lease.
+        let mut one = TunnelTable::new(MemberId(1));
+        let mut two = TunnelTable::new(MemberId(2));
+        one.peer_joined(MemberId(2));
+        two.peer_joined(MemberId(1));
+        one.local_established(T);
+        one.sa_added(MemberId(1), T, SPI);
+        for c in claims(&mut one) {
+            two.handle_claim(MemberId(1), &c);
+        }
+        assert!(two.owner_carries(T));
+        // Member 2 lost member 1 (the link was cut): its claim as successor shows nothing,
+        // on member 2 nor on member 1 when the link heals.
+        two.peer_lost(MemberId(1));
+        assert_eq!(two.owner_reason(T), Some(ClaimReason::OwnerDead));
+        assert!(!two.owner_carries(T));
+        let dead = claims(&mut two);
+        assert_eq!(dead.len(), 1);
+        one.handle_claim(MemberId(2), &dead[0]);
+        assert_eq!(one.role(T), Some(TunnelRole::Standby));
+        assert!(!one.owner_carries(T), "a successor's claim is no evidence");
+        // Its re-announcements (a rejoin, a snapshot) repeat the reason, never upgrade it.
+        two.peer_joined(MemberId(3));
+        assert!(claims(&mut two)
+            .iter()
+            .all(|c| c.reason == ClaimReason::OwnerDead));
+        let mut three = TunnelTable::new(MemberId(3));
+        for item in two.snapshot_items() {
+            three.apply_snapshot_item(MemberId(2), &item);
+        }
+        assert_eq!(three.owner(T), Some((MemberId(2), 1)));
+        assert!(!three.owner_carries(T));
+        // Traffic for the tunnel arrives at member 1 (the router moved it back): its claim
+        // shows it carries the tunnel, and so does every repeat of it.
+        assert!(one.traffic_for(T));
+        let moved = claims(&mut one);
+        assert_eq!(moved[0].reason, ClaimReason::Traffic);
+        two.handle_claim(MemberId(1), &moved[0]);
+        assert_eq!(two.role(T), Some(TunnelRole::Standby));
+        assert!(two.owner_carries(T));
+        one.resync_peer(MemberId(3));
+        let again = claims(&mut one);
+        assert_eq!(again[0].reason, ClaimReason::Traffic);
+        let mut four = TunnelTable::new(MemberId(4));
+        for item in two.snapshot_items() {
+            four.apply_snapshot_item(MemberId(2), &item);
+        }
+        assert!(four.owner_carries(T), "a snapshot relays the reason");
+        // A copy that did not say why (an older member's re-announcement) is upgraded by
+        // the owner's own claim of the same generation, never downgraded by one.
+        let mut five = TunnelTable::new(MemberId(5));
+        let mut refresh = again[0].clone();
+        refresh.reason = ClaimReason::Refresh;
+        five.handle_claim(MemberId(1), &refresh);
+        assert!(!five.owner_carries(T));
+        five.handle_claim(MemberId(1), &again[0]);
+        assert!(five.owner_carries(T));
+        five.handle_claim(MemberId(1), &refresh);
+        assert!(five.owner_carries(T));
+        // A tunnel first heard of from a lease or a synced SA: not known why.
+        let mut six = TunnelTable::new(MemberId(6));
+        six.sa_added(MemberId(1), "vpn1_2", SPI);
+        assert!(!six.owner_carries("vpn1_2"));
     }
 }

@@ -278,8 +278,19 @@ pub enum ClaimReason {
     Traffic,
     /// The previous owner was declared dead.
     OwnerDead,
-    /// Re-announced (snapshot, periodic refresh).
+    /// Re-announced without its reason (what members before the reason was kept sent in
+    /// snapshots and refreshes; also a tunnel known only from a lease or a synced SA).
     Refresh,
+}
+
+impl ClaimReason {
+    /// Whether a claim for this reason shows that the claimant carries the tunnel: traffic
+    /// for it arrived there, or it was established there. A claim as the successor of a
+    /// member declared dead does not (the member may only have been cut off), nor does a
+    /// re-announcement that does not say why.
+    pub fn shows_carrier(self) -> bool {
+        matches!(self, ClaimReason::Traffic | ClaimReason::Established)
+    }
 }
 
 /// Per-tunnel ownership (FGSP `sync-primary`). The claim with the higher `generation` wins;
