@@ -62,6 +62,8 @@ pub struct Espd {
     /// Persisted ages and counts of the SAs (`None` if the run-dir refused it: then an
     /// espd restart counts lifetimes from zero, which is logged).
     life_store: Option<LifeStore>,
+    /// The last write of the lifetime records failed (logged once until one succeeds).
+    life_failing: bool,
     tunnels: BTreeMap<String, EspTunnelInfo>,
     activity_seen: BTreeMap<String, (u64, u64)>,
     seq_published: BTreeMap<String, u64>,
@@ -102,10 +104,10 @@ fn lifetime_config(info: &ChildSaInfo) -> esp_proto::LifetimeConfig {
     }
 }
 
-/// Writes `life`'s record with counts `rx`/`tx` (an error is logged once per SA: the SA
-/// then counts from zero after a restart).
+/// Sets `life`'s record with counts `rx`/`tx` (written by the next
+/// [`Espd::flush_life`]).
 fn write_life(
-    store: Option<&LifeStore>,
+    store: Option<&mut LifeStore>,
     tunnel: &str,
     spi_in: u32,
     life: &mut SaLife,
@@ -122,16 +124,8 @@ fn write_life(
         soft_in: life.inbound.soft_reported(),
         soft_out: life.outbound.soft_reported(),
     };
-    match store.store(tunnel, spi_in, &rec) {
-        Ok(()) => life.written = Some(rec),
-        Err(e) => {
-            if life.written.is_none() {
-                tracing::error!("{tunnel}/{spi_in:08x}: cannot persist its age and counts: {e}");
-            }
-            // Not retried every tick after a failure with nothing written at all.
-            life.written.get_or_insert(rec);
-        }
-    }
+    store.store(tunnel, spi_in, &rec);
+    life.written = Some(rec);
 }
 
 impl Espd {
@@ -151,6 +145,7 @@ impl Espd {
             dead: BTreeSet::new(),
             lingering: BTreeMap::new(),
             lives: BTreeMap::new(),
+            life_failing: false,
             life_store: match LifeStore::open(&run_dir_for_life) {
                 Ok(s) => Some(s),
                 Err(e) => {
@@ -274,7 +269,7 @@ impl Espd {
                 );
             }
             if forget {
-                if let (Some(store), Some(i)) = (self.life_store.as_ref(), self.installed.get(&k)) {
+                if let (Some(store), Some(i)) = (self.life_store.as_mut(), self.installed.get(&k)) {
                     store.remove(&i.tunnel, i.spi_in);
                 }
             }
@@ -396,7 +391,7 @@ impl Espd {
                     if life.written.is_none() {
                         // Its creation time, before the first packet.
                         write_life(
-                            self.life_store.as_ref(),
+                            self.life_store.as_mut(),
                             &info.tunnel,
                             info.spi_in,
                             &mut life,
@@ -430,7 +425,26 @@ impl Espd {
             dp.prune_devices(&keep);
             dp.release_publish();
         }
+        self.flush_life();
         self.refresh_tunnels(out);
+    }
+
+    /// Writes the lifetime records changed since the last call (one append).
+    fn flush_life(&mut self) {
+        let Some(store) = self.life_store.as_mut() else {
+            return;
+        };
+        match store.flush() {
+            Ok(()) => self.life_failing = false,
+            Err(e) => {
+                if !self.life_failing {
+                    tracing::error!(
+                        "cannot persist the SAs' ages and counts: {e} (a restart would count them from zero)"
+                    );
+                }
+                self.life_failing = true;
+            }
+        }
     }
 
     /// Re-publishes the per-tunnel records whose content changed.
@@ -526,7 +540,7 @@ impl Espd {
             };
             if due {
                 write_life(
-                    self.life_store.as_ref(),
+                    self.life_store.as_mut(),
                     &sa.tunnel,
                     sa.spi_in,
                     life,
@@ -538,6 +552,7 @@ impl Espd {
         for k in hard {
             self.dead.insert(k);
         }
+        self.flush_life();
     }
 
     fn publish_activity(&mut self, out: &mut Outbox) {

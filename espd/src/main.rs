@@ -4,8 +4,8 @@
 //! space: one persistent TUN device per phase1-interface (`vpn1`), raw ESP (IP protocol 50)
 //! and RFC 3948 UDP/4500 on the outside (IPv4 or IPv6 outer addresses), the ESP transforms of `esp-proto`, anti-replay,
 //! selector checks on inbound packets, outbound sequence numbers leased and persisted in
-//! `<run-dir>/espd-seq/` so they never repeat across a crash, and soft/hard lifetimes (each
-//! SA's age and counts kept in `<run-dir>/espd-life/`, so they go on across a crash). It
+//! the journal `<run-dir>/espd-seq/marks` so they never repeat across a crash, and soft/hard lifetimes (each
+//! SA's age and counts kept in `<run-dir>/espd-life/records`, so they go on across a crash). It
 //! publishes per-tunnel records (`esp.tunnel`), activity batches (`esp.activity`),
 //! sequence marks (`esp.seq`), lifetime events (`esp.expire`) and, for outbound packets
 //! that find no SA, paced `esp.acquire` events (traffic-triggered negotiation), serves the `tunnel-list`

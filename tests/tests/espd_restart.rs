@@ -225,16 +225,22 @@ fn kill_9_espd_keeps_sa_age_and_byte_counts() {
     // The replaced SA never comes back: once it is removed (after its inbound linger) its
     // persisted sequence mark goes with it, and only the successor's stays (a mark kept
     // for every rekeyed SA would fill the run-dir under churn).
+    // The live marks of the journal (`<name> <mark> <secs> <check>` lines; the latest of
+    // a name wins, a mark of 0 forgets it).
     let marks = || -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(pair.a.run.join("espd-seq"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        let text = std::fs::read_to_string(pair.a.run.join("espd-seq/marks")).unwrap_or_default();
+        let mut live = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if let [name, mark, _, _] = f.as_slice() {
+                if *mark == "0" {
+                    live.remove(*name);
+                } else {
+                    live.insert(name.to_string());
+                }
+            }
+        }
+        live.into_iter().collect()
     };
     let old_out = before["enc"]["spi"].as_str().unwrap_or("").to_string();
     let sas = || -> Vec<String> {

@@ -1,20 +1,29 @@
-//! Per-SA lifetime state persisted in `<run-dir>/espd-life/`, one file per SA
-//! (`<tunnel>-<spi_in as 8 hex digits>`): when the SA was installed (CLOCK_MONOTONIC, with the
-//! kernel's boot id), its inner packet and byte counts in each direction, and whether its
-//! soft limits were reported. An espd restarted after `kill -9` takes its SAs back from
-//! ikemgr's snapshot and, through these records, their age and volume: a lifetime reached
-//! across the restart fires at the right total instead of counting from zero.
+//! Per-SA lifetime state persisted in the journal `<run-dir>/espd-life/records` (see
+//! [`super::journal`]): per SA (`<tunnel>-<spi_in as 8 hex digits>`), when it was installed
+//! (CLOCK_MONOTONIC, with the kernel's boot id), its inner packet and byte counts in each
+//! direction, and whether its soft limits were reported. An espd restarted after `kill -9`
+//! takes its SAs back from ikemgr's snapshot and, through these records, their age and
+//! volume: a lifetime reached across the restart fires at the right total instead of
+//! counting from zero.
 //!
-//! Records are written with a rename (atomic for a crashing process; no fsync: a power loss
-//! ends the SAs anyway). The control side writes the counts every tick (200 ms) for SAs with
-//! a volume limit and every second for the others, so a restart undercounts at most that
-//! much traffic.
+//! A line is `<name> <record>` ([`LifeRecord::encode`]) or `<name> -` (the SA was removed),
+//! and the latest line of a name wins. The control side changes records in memory and
+//! writes the changed ones in one append per tick ([`LifeStore::flush`]: no fsync, a power
+//! loss ends the SAs anyway); it writes the counts every tick (200 ms) for SAs with a
+//! volume limit and every second for the others, so a restart undercounts at most that
+//! much traffic. An espd that finds per-SA files of an earlier version takes them in.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::Path;
 
 use esp_proto::Counters;
+
+use super::journal::Journal;
+
+/// The journal's file name in the store's directory.
+const JOURNAL: &str = "records";
 
 /// First word of a record (format version 1).
 const MAGIC: &str = "haven-espd-life/1";
@@ -134,16 +143,18 @@ pub fn monotonic_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
-/// The directory of records.
-#[derive(Debug, Clone)]
+/// The SAs' records, in memory and in the journal.
+#[derive(Debug)]
 pub struct LifeStore {
-    dir: PathBuf,
+    journal: Journal,
+    live: HashMap<String, LifeRecord>,
     boot: String,
 }
 
 impl LifeStore {
-    /// Opens (creates, mode 0700) `<run_dir>/espd-life` and prunes the records of another
-    /// boot and of SAs long past their hard time limit.
+    /// Opens (creates, mode 0700) `<run_dir>/espd-life`, reads its journal (and the per-SA
+    /// files of an earlier espd), and drops the records of another boot and of SAs long
+    /// past their hard time limit.
     pub fn open(run_dir: &Path) -> io::Result<LifeStore> {
         use std::os::unix::fs::PermissionsExt;
         let dir = run_dir.join("espd-life");
@@ -157,8 +168,60 @@ impl LifeStore {
         } else {
             boot
         };
-        let store = LifeStore { dir, boot };
-        store.prune(monotonic_ns());
+        let (journal, opened) = Journal::open(&dir, JOURNAL, false)?;
+        let mut store = LifeStore {
+            journal,
+            live: HashMap::new(),
+            boot,
+        };
+        let mut damaged = opened.damaged;
+        for body in &opened.lines {
+            match body.split_once(' ') {
+                Some((name, "-")) => {
+                    store.live.remove(name);
+                }
+                Some((name, rec)) => match LifeRecord::parse(rec) {
+                    Some(r) => {
+                        store.live.insert(name.to_string(), r);
+                    }
+                    None => damaged += 1,
+                },
+                None => damaged += 1,
+            }
+        }
+        if damaged > 0 {
+            tracing::warn!(
+                "{}: skipped {damaged} damaged lifetime records",
+                store.journal.path().display()
+            );
+        }
+        // Per-SA files of an earlier espd.
+        let mut old = Vec::new();
+        for e in fs::read_dir(&dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == JOURNAL || name == format!("{JOURNAL}.tmp") {
+                continue;
+            }
+            if let Some(r) = fs::read_to_string(e.path())
+                .ok()
+                .and_then(|s| LifeRecord::parse(&s))
+            {
+                store.live.entry(name).or_insert(r);
+            }
+            old.push(e.path());
+        }
+        let now_ns = monotonic_ns();
+        let before = store.live.len();
+        let boot = store.boot.clone();
+        store
+            .live
+            .retain(|_, r| r.boot == boot && !r.long_dead(now_ns));
+        if store.live.len() < before || !old.is_empty() || damaged > 0 || opened.torn > 0 {
+            store.rewrite()?;
+        }
+        for p in old {
+            let _ = fs::remove_file(p);
+        }
         Ok(store)
     }
 
@@ -167,61 +230,50 @@ impl LifeStore {
         &self.boot
     }
 
-    fn prune(&self, now_ns: u64) {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let keep = fs::read_to_string(&p)
-                .ok()
-                .and_then(|s| LifeRecord::parse(&s))
-                .is_some_and(|r| r.boot == self.boot && !r.long_dead(now_ns));
-            if !keep {
-                let _ = fs::remove_file(&p);
-            }
-        }
+    fn rewrite(&mut self) -> io::Result<()> {
+        let bodies: Vec<String> = self
+            .live
+            .iter()
+            .map(|(name, r)| format!("{name} {}", r.encode().trim_end()))
+            .collect();
+        self.journal.rewrite(bodies.iter().map(String::as_str))
     }
 
-    fn path(&self, tunnel: &str, spi_in: u32) -> PathBuf {
-        self.dir.join(super::seqstore::sa_file_name(tunnel, spi_in))
-    }
-
-    /// The record of this boot for the SA, if there is a readable one.
+    /// The record of this boot for the SA, if there is one.
     pub fn load(&self, tunnel: &str, spi_in: u32) -> Option<LifeRecord> {
-        let p = self.path(tunnel, spi_in);
-        let s = match fs::read_to_string(&p) {
-            Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                tracing::error!("{}: {e}", p.display());
-                return None;
-            }
-        };
-        match LifeRecord::parse(&s) {
-            Some(r) if r.boot == self.boot => Some(r),
-            Some(_) => None,
-            None => {
-                tracing::error!("{}: unreadable lifetime record {s:?}", p.display());
-                None
-            }
+        self.live
+            .get(&super::seqstore::sa_file_name(tunnel, spi_in))
+            .filter(|r| r.boot == self.boot)
+            .cloned()
+    }
+
+    /// Sets the SA's record (written by the next [`LifeStore::flush`]).
+    pub fn store(&mut self, tunnel: &str, spi_in: u32, rec: &LifeRecord) {
+        let name = super::seqstore::sa_file_name(tunnel, spi_in);
+        self.journal
+            .append(&format!("{name} {}", rec.encode().trim_end()));
+        self.live.insert(name, rec.clone());
+    }
+
+    /// Forgets the record of a removed SA (written by the next [`LifeStore::flush`]).
+    pub fn remove(&mut self, tunnel: &str, spi_in: u32) {
+        let name = super::seqstore::sa_file_name(tunnel, spi_in);
+        if self.live.remove(&name).is_some() {
+            self.journal.append(&format!("{name} -"));
         }
     }
 
-    /// Writes the record (temporary file renamed over the old one).
-    pub fn store(&self, tunnel: &str, spi_in: u32, rec: &LifeRecord) -> io::Result<()> {
-        let p = self.path(tunnel, spi_in);
-        let tmp = p.with_extension("tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(rec.encode().as_bytes())?;
+    /// Writes the records changed since the last call (one append), and rewrites the
+    /// journal with the live records once it holds many more lines than that.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.journal.pending() == 0 {
+            return Ok(());
         }
-        fs::rename(&tmp, &p)
-    }
-
-    /// Forgets the record of a removed SA.
-    pub fn remove(&self, tunnel: &str, spi_in: u32) {
-        let _ = fs::remove_file(self.path(tunnel, spi_in));
+        self.journal.write()?;
+        if self.journal.wants_rewrite(self.live.len()) {
+            self.rewrite()?;
+        }
+        Ok(())
     }
 }
 
@@ -276,27 +328,72 @@ mod tests {
     fn store_keeps_this_boot_and_prunes_the_rest() {
         let dir = std::env::temp_dir().join(format!("espd-lifestore-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let s = LifeStore::open(&dir).unwrap();
+        let mut s = LifeStore::open(&dir).unwrap();
         assert_eq!(s.load("vpn1", 0x1234), None);
         let mut r = rec(s.boot());
         r.installed_ns = monotonic_ns();
-        s.store("vpn1", 0x1234, &r).unwrap();
-        s.store("a/b", 1, &r).unwrap();
+        s.store("vpn1", 0x1234, &r);
+        s.store("a/b", 1, &r);
         // Another boot's record and one long past its hard limit.
-        s.store("old", 2, &rec("another-boot")).unwrap();
+        s.store("old", 2, &rec("another-boot"));
         let mut dead = rec(s.boot());
         dead.installed_ns = 0;
         dead.hard_secs = 1;
         if monotonic_ns() > PRUNE_GRACE_NS + 1_000_000_000 {
-            s.store("dead", 3, &dead).unwrap();
+            s.store("dead", 3, &dead);
         }
-        fs::write(s.path("junk", 4), "junk").unwrap();
-        let s2 = LifeStore::open(&dir).unwrap();
+        s.flush().unwrap();
+        let mut s2 = LifeStore::open(&dir).unwrap();
         assert_eq!(s2.load("vpn1", 0x1234), Some(r.clone()));
-        assert_eq!(s2.load("a/b", 1), Some(r));
-        assert_eq!(fs::read_dir(dir.join("espd-life")).unwrap().count(), 2);
+        assert_eq!(s2.load("a/b", 1), Some(r.clone()));
+        assert_eq!(s2.live.len(), 2, "{:?}", s2.live.keys());
         s2.remove("vpn1", 0x1234);
         assert_eq!(s2.load("vpn1", 0x1234), None);
+        // Not written yet: a restart now would still find it.
+        assert!(LifeStore::open(&dir)
+            .unwrap()
+            .load("vpn1", 0x1234)
+            .is_some());
+        let mut s2 = LifeStore::open(&dir).unwrap();
+        s2.remove("vpn1", 0x1234);
+        let mut later = r.clone();
+        later.rx.packets += 10;
+        s2.store("a/b", 1, &later);
+        s2.flush().unwrap();
+        let s3 = LifeStore::open(&dir).unwrap();
+        assert_eq!(s3.load("vpn1", 0x1234), None);
+        assert_eq!(s3.load("a/b", 1), Some(later));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    /// An espd that kept one file per SA is replaced by this one: the records of this
+    /// boot are taken in, every old file goes.
+    #[test]
+    fn per_sa_files_of_an_earlier_espd_are_taken_in() {
+        let dir = std::env::temp_dir().join(format!("espd-lifemigrate-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let d = dir.join("espd-life");
+        fs::create_dir_all(&d).unwrap();
+        let boot = LifeStore::open(&dir).unwrap().boot().to_string();
+        let mut r = rec(&boot);
+        r.installed_ns = monotonic_ns();
+        fs::write(
+            d.join(super::super::seqstore::sa_file_name("vpn1", 7)),
+            r.encode(),
+        )
+        .unwrap();
+        fs::write(d.join("vpn1-00000008"), rec("another-boot").encode()).unwrap();
+        fs::write(d.join("junk"), "junk").unwrap();
+        let s = LifeStore::open(&dir).unwrap();
+        assert_eq!(s.load("vpn1", 7), Some(r.clone()));
+        assert_eq!(s.load("vpn1", 8), None);
+        let names: Vec<String> = fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![JOURNAL.to_string()]);
+        assert_eq!(LifeStore::open(&dir).unwrap().load("vpn1", 7), Some(r));
         let _ = fs::remove_dir_all(dir);
     }
 }

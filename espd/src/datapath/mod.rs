@@ -13,6 +13,7 @@
 //! messages from ikemgr out of UDP/4500. The control side (the daemon's actor) installs and
 //! removes SAs; each change builds a new [`table::Table`] and swaps it in.
 
+mod journal;
 pub mod lifestore;
 pub mod offload;
 pub mod seqstore;
@@ -233,6 +234,9 @@ pub struct Datapath {
     ha_gating: bool,
     /// When the sequence marks were last pruned (None: not yet).
     pruned: Option<Instant>,
+    /// SAs installed since the last publication, with the first lease appended for each
+    /// (granted by [`Datapath::persist_staged`]).
+    staged: Vec<(Arc<Sa>, u64)>,
 }
 
 /// How often removing an SA also prunes old sequence marks.
@@ -313,6 +317,7 @@ impl Datapath {
             ha_gating: false,
             // Prune at the first removal: marks may have aged while espd was down.
             pruned: None,
+            staged: Vec::new(),
         })
     }
 
@@ -369,9 +374,38 @@ impl Datapath {
             *due = true;
             return;
         }
+        self.persist_staged();
         self.generation += 1;
         let t = Table::build(self.generation, self.sas.values().cloned(), &self.devices);
         *self.shared.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(t);
+    }
+
+    /// Syncs the first leases of the SAs installed since the last publication, and the
+    /// marks of replaced SAs forgotten meanwhile (one `fdatasync` for all of them), and
+    /// lets each new SA send below its lease. If the sync fails they send nothing until
+    /// housekeeping has stored their leases (it retries every [`HOUSEKEEPING`]).
+    fn persist_staged(&mut self) {
+        if self.staged.is_empty() && !self.seqs.pending() {
+            return;
+        }
+        match self.seqs.sync() {
+            Ok(()) => {
+                for (sa, hw) in self.staged.drain(..) {
+                    sa.lease
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .persisted(hw);
+                    sa.seq.grant(hw.min(sa.ha_hw.load(Ordering::Acquire)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot persist the sequence marks of {} new SAs: {e}; they send once housekeeping has stored them",
+                    self.staged.len()
+                );
+                self.staged.clear();
+            }
+        }
     }
 
     /// Installs (or replaces) a CHILD SA pair, created at `resume.created` and having
@@ -379,8 +413,12 @@ impl Datapath {
     /// now for a new SA).
     pub fn install(&mut self, info: &ChildSaInfo, resume: &Resume) -> Result<(), DatapathError> {
         let key = ChildSaInfo::key_of(&info.tunnel, info.spi_in);
-        let sa = self.build_sa(&key, info, resume)?;
-        self.sas.insert(key, Arc::new(sa));
+        let (sa, first_lease) = self.build_sa(&key, info, resume)?;
+        let sa = Arc::new(sa);
+        if let Some(hw) = first_lease {
+            self.staged.push((sa.clone(), hw));
+        }
+        self.sas.insert(key, sa);
         self.publish();
         Ok(())
     }
@@ -413,10 +451,11 @@ impl Datapath {
     pub fn remove(&mut self, key: &str, replaced: bool) -> Option<Arc<Sa>> {
         let sa = self.sas.remove(key)?;
         sa.dead.store(true, Ordering::Relaxed);
-        self.publish();
         if replaced {
+            // Written with the publication (one sync for the batch).
             self.seqs.forget(&sa.tunnel, sa.spi_out);
         }
+        self.publish();
         if self.pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             self.prune_seq_marks();
         }
@@ -511,7 +550,7 @@ impl Datapath {
         key: &str,
         info: &ChildSaInfo,
         resume: &Resume,
-    ) -> Result<Sa, DatapathError> {
+    ) -> Result<(Sa, Option<u64>), DatapathError> {
         let now = resume.created;
         let bad = |reason: &str| DatapathError::BadSa {
             key: key.to_string(),
@@ -587,22 +626,20 @@ impl Datapath {
         let replay =
             ReplayWindow::new(info.replay_window, info.esn).map_err(|e| bad(&e.to_string()))?;
 
-        // Sequence numbers: resume above anything that may have been sent before a crash,
-        // and persist the first lease before the SA can send anything.
+        // Sequence numbers: resume above anything that may have been sent before a crash.
+        // The first lease is appended to the journal here and granted once it is synced,
+        // with every other SA of this batch, before the table that holds them is published
+        // (`persist_staged`): until then the SA sends nothing.
         let persisted = self.seqs.load(&info.tunnel, info.spi_out);
         let first = info.initial_seq.max(persisted).max(1);
         let mut lease = SeqLease::new(SEQ_BLOCK, first).map_err(|e| bad(&e.to_string()))?;
-        let mut granted = first;
-        if let Some(hw) = lease.poll_persist(first) {
-            self.seqs
-                .store(&info.tunnel, info.spi_out, hw)
-                .map_err(io_err("persisting sequence mark"))?;
-            lease.persisted(hw);
-            granted = hw;
+        let first_lease = lease.poll_persist(first);
+        if let Some(hw) = first_lease {
+            self.seqs.append(&info.tunnel, info.spi_out, hw);
         }
         // In a cluster nothing is sent until hasyncd granted a lease (crate::ha).
         let ha_hw = if self.ha_gating { first } else { u64::MAX };
-        let seq = AtomicSeq::new(first, info.esn, Some(granted.min(ha_hw)))
+        let seq = AtomicSeq::new(first, info.esn, Some(first.min(ha_hw)))
             .map_err(|e| bad(&e.to_string()))?;
         if persisted > info.initial_seq {
             tracing::info!(
@@ -616,7 +653,7 @@ impl Datapath {
             OUTER_OVERHEAD
         };
         let tun = self.device(&info.phase1, transform, outer)?;
-        Ok(Sa {
+        let sa = Sa {
             key: key.to_string(),
             tunnel: info.tunnel.clone(),
             phase1: info.phase1.clone(),
@@ -654,7 +691,8 @@ impl Datapath {
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             ha_hw: AtomicU64::new(ha_hw),
             local_ip,
-        })
+        };
+        Ok((sa, first_lease))
     }
 }
 
@@ -667,9 +705,11 @@ impl Drop for Datapath {
     }
 }
 
-/// Extends sequence-number leases: persist the next mark, then let the workers use it.
+/// Extends sequence-number leases: persist the next marks (one sync for every SA due),
+/// then let the workers use them.
 fn housekeeping(shared: &Shared, seqs: &SeqStore) {
     let mut failing = false;
+    let mut due: Vec<(Arc<Sa>, u64)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
         std::thread::sleep(HOUSEKEEPING);
         let table = shared.current();
@@ -678,23 +718,42 @@ fn housekeeping(shared: &Shared, seqs: &SeqStore) {
             if sa.dead.load(Ordering::Relaxed) {
                 continue;
             }
-            let mut lease = sa.lease.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(hw) = lease.poll_persist(sa.seq.next()) {
-                match seqs.store(&sa.tunnel, sa.spi_out, hw) {
-                    Ok(()) => {
-                        lease.persisted(hw);
-                        sa.seq.grant(hw.min(sa.ha_hw.load(Ordering::Acquire)));
-                        failing = false;
-                    }
-                    Err(e) => {
-                        // Workers stop sending on this SA once its lease runs out (counted
-                        // as seq_lease drops); say so once, not every 20 ms.
-                        if !failing {
-                            tracing::error!("{}: cannot persist sequence mark: {e}", sa.key);
-                        }
-                        failing = true;
-                    }
+            let hw = sa
+                .lease
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .poll_persist(sa.seq.next());
+            if let Some(hw) = hw {
+                seqs.append(&sa.tunnel, sa.spi_out, hw);
+                due.push((sa.clone(), hw));
+            }
+        }
+        if due.is_empty() {
+            continue;
+        }
+        match seqs.sync() {
+            Ok(()) => {
+                for (sa, hw) in due.drain(..) {
+                    sa.lease
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .persisted(hw);
+                    sa.seq.grant(hw.min(sa.ha_hw.load(Ordering::Acquire)));
                 }
+                failing = false;
+            }
+            Err(e) => {
+                // Workers stop sending on these SAs once their leases run out (counted as
+                // seq_lease drops); say so once, not every 20 ms.
+                if !failing {
+                    tracing::error!(
+                        "cannot persist the sequence marks of {} SAs (first {}): {e}",
+                        due.len(),
+                        due[0].0.key
+                    );
+                }
+                failing = true;
+                due.clear();
             }
         }
     }

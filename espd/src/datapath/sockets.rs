@@ -1,5 +1,5 @@
 //! The network edge (DESIGN.md §4): raw IPv4 and IPv6 sockets for IP protocol 50, UDP
-//! sockets on port 4500 (0.0.0.0 and [::], the latter IPv6-only) for RFC 3948 traffic, the two unix datagram sockets that carry IKE messages
+//! sockets on port 4500 (0.0.0.0 and `[::]`, the latter IPv6-only) for RFC 3948 traffic, the two unix datagram sockets that carry IKE messages
 //! between UDP/4500 and ikemgr, and batched receive/send (`recvmmsg`/`sendmmsg`) with
 //! buffers owned by each worker.
 //!
@@ -156,7 +156,7 @@ pub struct Lane {
     /// Raw IPv6, next header 50: receives and sends carry the ESP packet only. `None` on a
     /// host without IPv6.
     pub raw6: Option<OwnedFd>,
-    /// UDP bound to [::]:4500, IPv6 only. `None` on a host without IPv6.
+    /// UDP bound to `[::]:4500`, IPv6 only. `None` on a host without IPv6.
     pub udp6: Option<OwnedFd>,
 }
 
@@ -435,7 +435,7 @@ fn probe_free(at: SocketAddr) -> io::Result<()> {
     bind_ip(fd.as_raw_fd(), at)
 }
 
-/// The UDP/4500 sockets of `at` (0.0.0.0 or [::]), one per lane, with the SPI steering
+/// The UDP/4500 sockets of `at` (0.0.0.0 or `[::]`), one per lane, with the SPI steering
 /// attached when there is more than one.
 fn udp_group(at: SocketAddr, lanes: usize) -> io::Result<Vec<OwnedFd>> {
     probe_free(at)?;
@@ -471,7 +471,7 @@ fn raw_group(domain: libc::c_int, lanes: usize) -> io::Result<Vec<OwnedFd>> {
         .collect()
 }
 
-/// The IPv6 sockets of every lane (raw ESP, and UDP on [::]:4500, IPv6 only).
+/// The IPv6 sockets of every lane (raw ESP, and UDP on `[::]:4500`, IPv6 only).
 fn open_v6(lanes: usize) -> io::Result<(Vec<OwnedFd>, Vec<OwnedFd>)> {
     let raw = raw_group(libc::AF_INET6, lanes)
         .map_err(|e| io::Error::new(e.kind(), format!("raw IPv6 ESP socket: {e}")))?;
