@@ -10,8 +10,8 @@
 //!
 //! One file and one sync for a batch is what makes this cheap: a replica update that
 //! installs a hundred SAs costs one `fdatasync`, where one file per SA cost two fsyncs, an
-//! inode and a rename each, on the control actor's thread (250-750 ms per update in a
-//! 1 000-tunnel soak). When the journal holds several times more records than live
+//! inode and a rename each, on the control actor's thread (with the per-SA lifetime files,
+//! up to 1.8 s per update in a 1 000-tunnel soak; espd/README.md has the figures). When the journal holds several times more records than live
 //! marks it is rewritten with the live ones (a temporary file, synced, renamed over it,
 //! and the directory synced). A store that still has per-SA files of an earlier espd takes
 //! their marks in when it opens, writes them to the journal and only then deletes them.
