@@ -1517,6 +1517,17 @@ impl IkeSa {
         self.children.iter().map(|c| c.info.inbound_spi).collect()
     }
 
+    /// Inbound SPIs of the CHILD SAs that are current: not replaced by a rekey the peer
+    /// started (such an SA lives on only until the peer's Delete for it arrives, and a
+    /// rekey of it would be refused).
+    pub fn current_child_spis(&self) -> Vec<u32> {
+        self.children
+            .iter()
+            .filter(|c| !c.replaced)
+            .map(|c| c.info.inbound_spi)
+            .collect()
+    }
+
     /// Current local and remote addresses (port 4500 after a NAT float).
     pub fn addresses(&self) -> Addresses {
         self.addrs

@@ -907,6 +907,32 @@ fn create_and_rekey_child_with_pfs() {
     assert!(p.ev_a.iter().any(|e| matches!(e, Event::ChildSaDeleted { inbound_spi, reason: DeleteReason::Rekeyed, .. } if *inbound_spi == old)));
 }
 
+/// Between the answer to the peer's CHILD SA rekey and the peer's Delete of the old SA,
+/// the old SA is still listed but no longer current: an operator's rekey must pick the new
+/// one (the peer would refuse a rekey of the old one).
+#[test]
+fn a_child_sa_the_peer_rekeyed_is_not_current_while_its_delete_is_on_the_way() {
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let a_old = p.a.child_spis()[0];
+    let b_old = p.b().child_spis()[0];
+    p.a.rekey_child(p.now, a_old).unwrap();
+    p.collect();
+    // A's request reaches B; B's answer is still on the way back.
+    let req = p.ab.pop_front().expect("rekey request");
+    p.deliver_to_b(req);
+    p.collect();
+    let listed = p.b().child_spis();
+    let current = p.b().current_child_spis();
+    assert_eq!(listed.len(), 2, "{listed:x?}");
+    assert!(listed.contains(&b_old));
+    assert_eq!(current.len(), 1, "{current:x?}");
+    assert!(!current.contains(&b_old));
+    // Once everything is through, only the new SA is left on both sides.
+    p.settle();
+    assert_eq!(p.b().child_spis(), current);
+    assert_eq!(p.b().current_child_spis(), current);
+}
+
 #[test]
 fn ike_rekey_moves_children_and_resets_message_ids() {
     let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
