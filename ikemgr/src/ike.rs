@@ -1693,6 +1693,13 @@ impl IkeManager {
                 }
             }
             Event::MessageIdUpdate { .. } => {}
+            Event::MessageIdSyncUnanswered {
+                next_send,
+                next_recv,
+            } => tracing::warn!(
+                "ike 0:{}:{id}: RFC 6311 sync unanswered (the answer may have gone to another member); not sent again on this AEAD IKE SA: continuing at the IDs sent, send/recv={next_send}/{next_recv}",
+                e.name
+            ),
             Event::MessageIdsCaughtUp { expected, got } => tracing::info!(
                 "ike 0:{}:{id}: restored IKE SA: the peer's request {got} taken where the copy expected {expected} (the previous owner answered those between)",
                 e.name

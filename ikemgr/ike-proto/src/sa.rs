@@ -504,6 +504,16 @@ pub enum Event {
         /// ID we expect on the peer's next request.
         next_recv: u32,
     },
+    /// Our RFC 6311 synchronisation request on an AEAD IKE SA got no answer in time: it is
+    /// not sent again (a peer that got it could not encrypt a second response with message
+    /// ID 0), and the SA continues with the IDs it proposed, taking the peer's next
+    /// request within the catch-up window.
+    MessageIdSyncUnanswered {
+        /// ID of our next request (the M1 sent).
+        next_send: u32,
+        /// ID we expect on the peer's next request (the P1 sent).
+        next_recv: u32,
+    },
     /// A restored SA took the peer's request `got` where its copy expected `expected`
     /// (the previous owner answered the ones between; see [`IkeSa::restore`]).
     MessageIdsCaughtUp {

@@ -252,12 +252,40 @@ impl IkeSa {
 
     /// Retransmits our synchronisation request on the usual schedule; when the schedule is
     /// exhausted the peer is gone: the SA closes (returns true).
+    ///
+    /// On an AEAD IKE SA the request is never sent twice: a peer that got it and whose
+    /// answer went astray (it reached the member that still carries the tunnel, or was lost)
+    /// would have to encrypt a second response with message ID 0, which strongSwan refuses
+    /// ("no IV") before destroying the IKE SA. Once the first retransmission would be due,
+    /// the SA continues with the IDs the request proposed, which are those the peer adopted
+    /// if it got it (RFC 6311 §5.1: M2 = max(M1, its own), and M1 steps over the requests
+    /// the copy may have missed; P1 is the ID we expect, and a restored SA takes the
+    /// peer's next request up to [`MID_CATCH_UP`] above it). [`Event::MessageIdSyncUnanswered`]
+    /// says so.
     pub(super) fn mid_sync_timeout(&mut self, now: Instant) -> bool {
+        let once_only = self.mid_sync_once_only();
         let timeouts = &self.cfg.retransmit.timeouts;
         let Some(m) = self.mid_sync.as_mut() else {
             return false;
         };
         if m.deadline > now {
+            return false;
+        }
+        if once_only {
+            let sent = m.sent;
+            self.mid_sync = None;
+            self.chan.next_send = self.chan.next_send.max(sent.send);
+            self.chan.next_recv = self.chan.next_recv.max(sent.recv);
+            self.chan.last_response = None;
+            self.chan.catch_up = true;
+            self.events.push_back(Event::MessageIdSyncUnanswered {
+                next_send: self.chan.next_send,
+                next_recv: self.chan.next_recv,
+            });
+            self.emit_mid();
+            // Requests held behind the synchronisation go now (a failure to start one
+            // surfaces when it is asked for again, as for every other timer).
+            let _ = self.kick(now);
             return false;
         }
         m.tries += 1;

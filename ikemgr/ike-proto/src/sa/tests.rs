@@ -2495,3 +2495,76 @@ fn no_sync_where_the_peers_response_could_reuse_an_aead_iv() {
         }
     )));
 }
+
+/// A member took an AEAD IKE SA over and synced its message IDs, but the peer's answer went
+/// elsewhere (to the member that still carried the tunnel, behind a router that had not
+/// moved it). The request is not sent again: strongSwan, having answered it once, would
+/// have to encrypt a second response with message ID 0, which it refuses before
+/// destroying the IKE SA. The SA continues at the IDs it proposed, which the peer adopted:
+/// requests from both sides and a CHILD SA rekey from each work.
+#[test]
+fn an_unanswered_sync_on_an_aead_sa_is_not_sent_again_and_its_ids_hold() {
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let now = p.now;
+    let snap = p.b().snapshot(now).unwrap();
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap.clone(),
+    ));
+    let now = p.now;
+    assert_eq!(
+        p.b().sync_message_ids(now, 4).ok(),
+        Some(MidSyncStart::Sent)
+    );
+    p.collect();
+    let sent_before = p.sent_b.len();
+    let request = p.ba.pop_front().expect("the sync request");
+    p.deliver_to_a(request).unwrap();
+    p.collect();
+    assert_eq!(p.ab.len(), 1, "the peer answered");
+    p.ab.clear();
+    let m1 = snap.next_send + 4;
+    assert!(p.ev_a.contains(&Event::MessageIdsSynced {
+        initiated: false,
+        next_send: p.a.message_ids().0,
+        next_recv: m1,
+    }));
+    // Past the whole retransmission schedule.
+    p.run(Duration::from_secs(600));
+    assert_eq!(
+        p.sent_b.len(),
+        sent_before,
+        "the sync request went out once"
+    );
+    assert!(p.b().is_established(), "{:?}", p.ev_b);
+    assert!(
+        p.ev_b.contains(&Event::MessageIdSyncUnanswered {
+            next_send: m1,
+            next_recv: snap.next_recv,
+        }),
+        "{:?}",
+        p.ev_b
+    );
+    assert!(!p.b().mid_sync_pending());
+    // Exchanges go on under the IDs the peer adopted.
+    let now = p.now;
+    p.b().start_liveness_check(now).unwrap();
+    p.settle();
+    assert!(p.ev_b.contains(&Event::LivenessReply), "{:?}", p.ev_b);
+    p.a.start_liveness_check(p.now).unwrap();
+    p.settle();
+    assert!(p.ev_a.contains(&Event::LivenessReply), "{:?}", p.ev_a);
+    let (a0, b0) = (Pair::children(&p.ev_a).len(), Pair::children(&p.ev_b).len());
+    let old = p.a.child_spis()[0];
+    p.a.rekey_child(p.now, old).unwrap();
+    p.settle();
+    let now = p.now;
+    let spi = p.b().child_spis()[0];
+    p.b().rekey_child(now, spi).unwrap();
+    p.settle();
+    assert_eq!(Pair::children(&p.ev_a).len(), a0 + 2);
+    assert_eq!(Pair::children(&p.ev_b).len(), b0 + 2);
+    assert!(p.a.is_established() && p.b().is_established());
+}
