@@ -388,6 +388,11 @@ pub fn describe_metrics() {
         "Tunnels this member took over (IKE SA restored by ikemgr, CHILD SAs past their leases)."
     );
     describe_counter!(
+        "hasyncd_carrier_claims_total",
+        Unit::Count,
+        "Tunnels taken here as the successor of a member this one lost contact with, claimed again when the peer's ESP reached this member's SAs (the other members learn it carries them)."
+    );
+    describe_counter!(
         "hasyncd_later_ike_copies_total",
         Unit::Count,
         "IKE SAs carried here whose copy from another member had later message IDs (after a split brain or a take-back): handed to ikemgr."
@@ -1336,10 +1341,15 @@ impl Cluster {
     /// peer's next request falls outside this member's window: DPD gives the tunnel up. A
     /// copy that is not later, or of another IKE SA, is left alone.
     fn take_later_copy(&mut self, tunnel: &str) {
-        // An FGCP cluster over FGSP carries the tunnel only when its FGSP table says so too.
+        // An FGCP cluster over FGSP carries the tunnel unless its FGSP table gives it to a
+        // cluster that showed it carries it (as `tunnel_fgsp_role`: a successor's claim
+        // leaves it here, and that successor's RFC 6311 sync, answered to this member,
+        // moved the peer's message IDs).
         let carrier = self.fgcp_role().is_none_or(|r| r == HaRole::Primary)
             && self.table.as_ref().and_then(|t| t.role(tunnel)) == Some(TunnelRole::SyncPrimary)
-            && self.fgsp_table.as_ref().and_then(|t| t.role(tunnel)) != Some(TunnelRole::Standby);
+            && !self.fgsp_table.as_ref().is_some_and(|t| {
+                t.role(tunnel) == Some(TunnelRole::Standby) && t.owner_carries(tunnel)
+            });
         if !carrier {
             return;
         }
@@ -1368,7 +1378,10 @@ impl Cluster {
         );
         metrics::counter!("hasyncd_later_ike_copies_total").increment(1);
         let ike = ike_record(copy);
-        self.ike_replicas.remove(tunnel);
+        // The copy stays: it is the other member's latest state of the SA (with the CHILD
+        // SAs it rekeyed), which a takeover here starts from if that member keeps the
+        // tunnel and its traffic later comes back (once ikemgr has moved up, the copy is no
+        // longer later and nothing repeats; ikemgr's deletion of the SA removes it).
         self.takeovers.push(TakeoverInfo {
             ike,
             start_seqs: Vec::new(),
@@ -1424,6 +1437,22 @@ impl Cluster {
                 match f.role(&m.tunnel) {
                     None => f.local_established(&m.tunnel),
                     Some(TunnelRole::SyncPrimary) => {}
+                    Some(TunnelRole::Standby) if !f.owner_carries(&m.tunnel) => {
+                        // Another cluster took the tunnel only as the successor of this
+                        // one (it stopped hearing it), and this cluster kept carrying it
+                        // (`tunnel_fgsp_role`): its datapath needs the lease, so it claims
+                        // the tunnel back, as carrier. Refused, the SA would stop sending
+                        // at the end of its lease (a CHILD SA rekey after a cut link
+                        // stopped the traffic at once).
+                        if let Some((owner, generation)) = f.owner(&m.tunnel) {
+                            tracing::info!(
+                                "FGSP: {} was taken by FGSP member {} as successor only (generation {generation}); this cluster carries it and claims it back",
+                                m.tunnel,
+                                owner.0
+                            );
+                        }
+                        f.local_established(&m.tunnel);
+                    }
                     Some(TunnelRole::Standby) => {
                         tracing::debug!(
                             "FGSP: lease for {} refused: another FGSP peer carries it",
@@ -1520,6 +1549,35 @@ impl Cluster {
             self.run_table(now_ms);
         }
         promoted
+    }
+
+    /// ESP from the peer reached SAs of `tunnel` that espd carries here (its activity
+    /// batches). A tunnel this member (FGSP) or this cluster (FGCP over FGSP, on the
+    /// primary) took only as the successor of a member it lost contact with is claimed
+    /// again, on that traffic: the previous carrier, alive behind a cut link, kept the
+    /// tunnel on that unproven claim and now drops it (`over_fgsp_role`) instead of holding
+    /// it until a DPD gives up. Returns whether it did.
+    pub fn traffic_here(&mut self, tunnel: &str, now_ms: u64) -> bool {
+        if !self.syncs(tunnel) {
+            return false;
+        }
+        let table = if self.fgsp_mode() {
+            self.table.as_mut()
+        } else if self.fgcp_role() == Some(HaRole::Primary) {
+            self.fgsp_table.as_mut()
+        } else {
+            None
+        };
+        let Some(t) = table else { return false };
+        if !t.traffic_here(tunnel) {
+            return false;
+        }
+        tracing::info!(
+            "FGSP: ESP for {tunnel}, taken here as successor, arrived at this member's SAs: it carries the tunnel; telling the FGSP peers"
+        );
+        metrics::counter!("hasyncd_carrier_claims_total").increment(1);
+        self.run_table(now_ms);
+        true
     }
 
     /// Tunnels another member took from this one since the last call.
@@ -3112,6 +3170,29 @@ mod tests {
             (2, 4, 2)
         );
         assert!(t[0].start_seqs.is_empty());
+        // ikemgr moved up; the copy stays (the other member's latest state, for a later
+        // takeover here) and, no longer later, goes to ikemgr no more.
+        let here = |send, recv| {
+            BTreeMap::from([(
+                "vpn1_1".to_string(),
+                IkeSaRecord {
+                    tunnel: "vpn1_1".into(),
+                    phase1: "vpn1".into(),
+                    spi_i: 1,
+                    spi_r: 2,
+                    next_send: send,
+                    next_recv: recv,
+                    remote: "192.168.7.2:4500".into(),
+                    keys: vec![7; 8],
+                },
+            )])
+        };
+        c.set_local_ike_sas(here(4, 2));
+        assert!(c.take_takeovers().is_empty());
+        assert_eq!(
+            c.ike_replicas.get("vpn1_1").map(|(_, s)| s.next_request_id),
+            Some(4)
+        );
         // Later IDs arriving afterwards go too.
         c.apply(
             MemberId(2),
@@ -3124,9 +3205,12 @@ mod tests {
                 next_expected_id: 3,
             }),
         );
-        assert!(c.take_takeovers().is_empty(), "no copy held any more");
+        let t = c.take_takeovers();
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!((t[0].ike.next_send, t[0].ike.next_recv), (4, 3));
+        c.set_local_ike_sas(here(4, 3));
         c.apply(MemberId(2), "fgcp", Message::IkeSa(copy(2, 4, 3)));
-        assert_eq!(c.take_takeovers().len(), 1);
+        assert!(c.take_takeovers().is_empty(), "ikemgr holds these IDs");
         // Not later: the same IDs, one behind, or another IKE SA.
         for (spi_r, send, recv) in [(2, 2, 2), (2, 5, 1), (9, 8, 8)] {
             c.apply(MemberId(2), "fgcp", Message::IkeSa(copy(spi_r, send, recv)));

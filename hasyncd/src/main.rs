@@ -53,7 +53,9 @@ use std::process::ExitCode;
 use cluster::{role_name, Cluster};
 use ha_core::msg::HaRole;
 
-use bus_schema::schema::{ike_mid_mark_spi, ChildSaInfo, IkeSaRecord, SeqMark, TakeoverInfo};
+use bus_schema::schema::{
+    ike_mid_mark_spi, ChildSaInfo, IkeSaRecord, SeqMark, TakeoverInfo, TunnelActivity,
+};
 use bus_schema::{Body, DaemonKind, HaMemberInfo, StateStore};
 use ha_core::msg::ChildSaSync;
 use haven_config::Config;
@@ -107,6 +109,18 @@ struct Hasyncd {
     skip_resend: Vec<SeqMark>,
     skip_resend_until: u64,
     skip_resend_next: u64,
+    /// When this hasyncd started, and when each tunnel was last handed to ikemgr as a
+    /// takeover (wall clock, ns since the epoch, as espd's activity times): ESP received
+    /// after that shows the peer's traffic reaches this member (`Cluster::traffic_here`).
+    started_ns: u64,
+    carried_since_ns: BTreeMap<String, u64>,
+}
+
+/// Wall-clock time in ns since the epoch (espd's activity times are).
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// The longest the shared addresses' announcement waits for espd after a skip: only a
@@ -306,6 +320,8 @@ impl DaemonLogic for Hasyncd {
             skip_resend: Vec::new(),
             skip_resend_until: 0,
             skip_resend_next: 0,
+            started_ns: wall_ns(),
+            carried_since_ns: BTreeMap::new(),
         }
     }
 
@@ -349,6 +365,12 @@ impl DaemonLogic for Hasyncd {
                 _ => None,
             })
             .collect();
+        if !self.carried_since_ns.is_empty() {
+            let known: std::collections::BTreeSet<&str> =
+                self.tunnels.iter().map(String::as_str).collect();
+            self.carried_since_ns
+                .retain(|t, _| known.contains(t.as_str()) || self.takeovers.contains_key(t));
+        }
         // Each step below reads or copies every record (100 000: a few hundred ms each):
         // the heartbeats go out between them.
         self.keep_heartbeats();
@@ -392,6 +414,10 @@ impl DaemonLogic for Hasyncd {
     }
 
     fn on_event(&mut self, src: DaemonKind, body: &Body, out: &mut Outbox) {
+        if let (DaemonKind::Espd, Body::EspActivity { tunnels }) = (src, body) {
+            self.on_activity(tunnels, out);
+            return;
+        }
         if let Body::UnknownSaTraffic(u) = body {
             if let Some(c) = self.cluster.as_mut() {
                 if !c.unknown_traffic(u, self.now_ms).is_empty() {
@@ -663,6 +689,29 @@ impl Hasyncd {
         }
     }
 
+    /// espd's activity batch: ESP received on a tunnel since this member took it over (or
+    /// since this hasyncd started) may show that a tunnel taken as a successor is carried
+    /// here ([`Cluster::traffic_here`]); the claim goes out at once.
+    fn on_activity(&mut self, tunnels: &[TunnelActivity], out: &mut Outbox) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        let mut claimed = false;
+        for a in tunnels {
+            let since = self
+                .carried_since_ns
+                .get(&a.tunnel)
+                .copied()
+                .unwrap_or(self.started_ns);
+            if a.last_rx_ns > since && c.traffic_here(&a.tunnel, self.now_ms) {
+                claimed = true;
+            }
+        }
+        if claimed {
+            self.collect(out);
+        }
+    }
+
     /// Sends a takeover to ikemgr, then again every [`TAKEOVER_REPEAT_MS`] until ikemgr's
     /// record shows it done (`on_replica`).
     fn send_takeover(&mut self, t: TakeoverInfo, out: &mut Outbox) {
@@ -675,6 +724,10 @@ impl Hasyncd {
         {
             // A later copy of an SA ikemgr no longer holds: nothing to move up.
             return;
+        }
+        if !t.held_only {
+            self.carried_since_ns
+                .insert(t.ike.tunnel.clone(), wall_ns());
         }
         out.push(Body::Takeover(t.clone()));
         // ikemgr already holds the copy as it is (kept here while the other member carried

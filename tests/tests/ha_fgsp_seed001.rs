@@ -701,3 +701,241 @@ fn a_cluster_whose_tunnel_another_cluster_took_drops_it_and_keeps_the_copies() {
         m.kill_all();
     }
 }
+
+/// Cuts the FGSP link between the clusters (cluster 2's FGSP ports go down at the router)
+/// until C2A, no longer hearing cluster 1, has taken the tunnel as its successor, then
+/// heals it. C1A, which never stopped carrying the tunnel, keeps it (a claim made only
+/// because a cluster fell silent is no proof the tunnel moved), and the traffic still goes
+/// through it.
+fn cut_until_c2a_takes_over(router: &Netns, client: &Netns, members: &[Member], spis: (u64, u64)) {
+    for f in ["f2", "f3"] {
+        router.ip(&["link", "set", f, "down"]).unwrap();
+    }
+    wait_for("C2A takes the tunnel as successor", WAIT, || {
+        members[2]
+            .ike_sa()
+            .filter(|s| *s == spis)
+            .ok_or_else(|| members[2].logs())
+    });
+    for f in ["f2", "f3"] {
+        router.ip(&["link", "set", f, "up"]).unwrap();
+    }
+    for i in [0, 2] {
+        let m = &members[i];
+        wait_for(
+            &format!("{} hears its FGSP peer again", m.name()),
+            WAIT,
+            || (m.detected() == 1).then_some(()).ok_or_else(|| m.logs()),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(members[0].ike_sa(), Some(spis), "{}", members[0].logs());
+    assert!(
+        ping_burst(client, 3) >= 2,
+        "no traffic through C1A after the cut\n{}",
+        members[0].logs()
+    );
+}
+
+/// The FGSP link between the clusters is cut while cluster 1 carries the tunnel, and C2A
+/// takes it as successor ([`cut_until_c2a_takes_over`]). Then the router moves lb1 to
+/// cluster 2: the traffic reaches the SAs C2A already installed, C2A tells cluster 1 it
+/// carries the tunnel now, and C1A drops it at once (DPD is off: nothing else would ever
+/// make it let go). C2A's RFC 6311 sync, whose answer went to C1A, was not sent again
+/// (strongSwan destroys an AEAD IKE SA asked twice): a CHILD SA rekey from each side
+/// completes through C2A. No renegotiation, no replay failure.
+#[test]
+fn a_tunnel_taken_as_successor_during_a_cut_moves_for_good_when_its_traffic_follows() {
+    let Seed001 {
+        _scratch,
+        router,
+        client,
+        server,
+        mut members,
+        charon,
+        spis,
+        child,
+    } = seed001("ha-fgsp-seed001-cut", "fgsp3");
+    cut_until_c2a_takes_over(&router, &client, &members, spis);
+    let seq_a = members[0].esp_seqs();
+
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
+    let moved = Instant::now();
+    router
+        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
+        .unwrap();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
+        .unwrap();
+    wait_for("C1A drops the tunnel C2A carries now", WAIT, || {
+        let m = &members[0];
+        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
+            .then_some(())
+            .ok_or_else(|| {
+                format!(
+                    "IKE SA {:?}, ESP {:?}\n{}\n{}",
+                    m.ike_sa(),
+                    m.esp_seqs(),
+                    m.logs(),
+                    members[2].logs()
+                )
+            })
+    });
+    let dropped = moved.elapsed();
+    let (seqs, gap, out) = member::finish_ping(&mut ping);
+    let seq_c = members[2].esp_seqs();
+    eprintln!(
+        "after the cut: C1A dropped the tunnel {} ms after the move; {} of 200 answered; longest gap {gap} pings; seqs C1A {seq_a:?} C2A {seq_c:?}",
+        dropped.as_millis(),
+        seqs.len()
+    );
+    assert!(
+        seqs.iter().any(|s| *s >= 150),
+        "the ping did not go on through C2A:\n{out}\n{}",
+        members[2].logs()
+    );
+    assert!(
+        members[2]
+            .log("hasyncd")
+            .contains("arrived at this member's SAs: it carries the tunnel"),
+        "{}",
+        members[2].logs()
+    );
+    assert!(
+        members[2]
+            .log("ikemgr")
+            .contains("RFC 6311 sync unanswered"),
+        "{}",
+        members[2].logs()
+    );
+    check_client(&charon, spis, child, "after the router moved the tunnel");
+    assert_eq!(members[2].ike_sa(), Some(spis), "{}", members[2].logs());
+    // C2A continues at the message IDs it announced: a CHILD SA rekey from each side.
+    rekey_child_by(&charon, &members[2]);
+    let child0 = client_sa(&charon)
+        .and_then(|sa| sa.child("net").map(|c| c.spi_in))
+        .expect("CHILD SA");
+    charon.rekey_child("net").expect("swanctl --rekey --child");
+    wait_for("strongSwan's CHILD SA rekey through C2A", WAIT, || {
+        client_sa(&charon)
+            .and_then(|sa| sa.child("net").map(|c| c.spi_in))
+            .filter(|spi| *spi != child0)
+            .map(|_| ())
+            .ok_or_else(|| members[2].logs())
+    });
+    assert!(
+        ping_burst(&client, 3) >= 2,
+        "no traffic through C2A after the rekeys\n{}",
+        members[2].logs()
+    );
+    let sa = client_sa(&charon).expect("client IKE SA");
+    assert_eq!(sa.spis(), spis, "IKE SA renegotiated");
+    assert_eq!(replay_failures(&charon), 0, "{}", charon.log());
+    for m in &mut members {
+        m.kill_all();
+    }
+}
+
+/// As above, but C1A, still carrying the tunnel after the cut, rekeys its CHILD SA before
+/// anything moves. C2A's RFC 6311 sync, answered to C1A, moved strongSwan's message IDs:
+/// C1A continues at C2A's (its later copy), so the rekey is answered. The new SA needs a
+/// sequence lease, and the FGSP table gave the tunnel to C2A: cluster 1 claims it back as
+/// carrier, C2A drops its takeover, and the traffic goes on through C1A's new SA. Then the
+/// router moves lb1: C2A takes the tunnel over on its traffic and C1A drops it. No
+/// renegotiation, no replay failure.
+#[test]
+fn after_a_cut_the_carrier_rekeys_and_claims_its_tunnel_back() {
+    let Seed001 {
+        _scratch,
+        router,
+        client,
+        server,
+        mut members,
+        charon,
+        spis,
+        child: _,
+    } = seed001("ha-fgsp-seed001-cut-rekey", "fgsp4");
+    cut_until_c2a_takes_over(&router, &client, &members, spis);
+    rekey_child_by(&charon, &members[0]);
+    wait_for("C2A drops its takeover", WAIT, || {
+        let m = &members[2];
+        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
+            .then_some(())
+            .ok_or_else(|| format!("{}\n{}", m.logs(), members[0].logs()))
+    });
+    assert!(
+        ping_burst(&client, 5) >= 4,
+        "no traffic through C1A after its rekey\n{}",
+        members[0].logs()
+    );
+    assert!(
+        members[0]
+            .log("hasyncd")
+            .contains("as successor only (generation"),
+        "{}",
+        members[0].logs()
+    );
+    let child = client_sa(&charon)
+        .and_then(|sa| sa.child("net").map(|c| (c.spi_in, c.spi_out)))
+        .expect("client CHILD SA");
+    check_client(&charon, spis, child, "after C1A's rekey");
+
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
+    let moved = Instant::now();
+    router
+        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
+        .unwrap();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
+        .unwrap();
+    wait_for("C2A carries the tunnel", WAIT, || {
+        members[2]
+            .ike_sa()
+            .filter(|s| *s == spis)
+            .ok_or_else(|| members[2].logs())
+    });
+    wait_for("C1A drops the tunnel", WAIT, || {
+        let m = &members[0];
+        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
+            .then_some(())
+            .ok_or_else(|| m.logs())
+    });
+    let dropped = moved.elapsed();
+    let (seqs, gap, out) = member::finish_ping(&mut ping);
+    eprintln!(
+        "after the carrier's rekey: C1A dropped the tunnel {} ms after the move; {} of 200 answered; longest gap {gap} pings",
+        dropped.as_millis(),
+        seqs.len()
+    );
+    assert!(
+        seqs.iter().any(|s| *s >= 150),
+        "the ping did not go on through C2A:\n{out}\n{}",
+        members[2].logs()
+    );
+    check_client(&charon, spis, child, "after the router moved the tunnel");
+    for m in &mut members {
+        m.kill_all();
+    }
+}
+
+/// `member` rekeys the tunnel's CHILD SA (`ike-rekey <tunnel> child`); waits until
+/// strongSwan has the new one.
+fn rekey_child_by(charon: &Charon, member: &Member) {
+    let child0 = client_sa(charon)
+        .and_then(|sa| sa.child("net").map(|c| c.spi_in))
+        .expect("client CHILD SA");
+    member
+        .ikemgr_command(&[TUNNEL, "child"])
+        .unwrap_or_else(|e| panic!("{}: ike-rekey: {e}", member.name()));
+    wait_for(
+        &format!("{}'s CHILD SA rekey at strongSwan", member.name()),
+        WAIT,
+        || {
+            client_sa(charon)
+                .and_then(|sa| sa.child("net").map(|c| c.spi_in))
+                .filter(|spi| *spi != child0)
+                .map(|_| ())
+                .ok_or_else(|| format!("{}\n{}", member.logs(), charon.log()))
+        },
+    );
+}

@@ -681,6 +681,25 @@ impl TunnelTable {
         }
     }
 
+    /// The peer's traffic reached this member's own SAs of `tunnel`. When this member owns
+    /// the tunnel by a claim that did not show it carries it (it took the tunnel as the
+    /// successor of a member it lost contact with: [`ClaimReason::OwnerDead`], or a
+    /// relayed [`ClaimReason::Refresh`]), the claim is repeated, same generation, with
+    /// [`ClaimReason::Traffic`]: the other members learn the tunnel is carried here now
+    /// (the previous carrier, alive behind a cut link, kept it on the unproven claim).
+    /// Nothing changes hands, so no event. Returns whether the claim was repeated.
+    pub fn traffic_here(&mut self, tunnel: &str) -> bool {
+        let me = self.me;
+        match self.tunnels.get_mut(tunnel) {
+            Some(t) if t.owner == me && !t.reason.shows_carrier() => {
+                t.reason = ClaimReason::Traffic;
+                self.broadcast_claim(tunnel, ClaimReason::Traffic);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The datapath wants to use numbers below `seq_hw` on an SA this member owns. The
     /// lease is broadcast; [`TunnelEvent::LeaseConfirmed`] follows once every live peer
     /// acknowledged (at once without live peers). Returns false (and does nothing) if this
@@ -2214,5 +2233,57 @@ mod tests {
         let mut six = TunnelTable::new(MemberId(6));
         six.sa_added(MemberId(1), "vpn1_2", SPI);
         assert!(!six.owner_carries("vpn1_2"));
+    }
+
+    #[test]
+    fn a_successor_whose_own_sas_get_the_traffic_shows_it_carries_the_tunnel() {
+        let claims = |t: &mut TunnelTable| -> Vec<OwnershipClaim> {
+            let mut out = Vec::new();
+            while let Some(o) = t.poll_transmit() {
+                if let Message::Ownership(c) = o.message {
+                    out.push(c);
+                }
+            }
+            out
+        };
+        let mut one = TunnelTable::new(MemberId(1));
+        let mut two = TunnelTable::new(MemberId(2));
+        one.peer_joined(MemberId(2));
+        two.peer_joined(MemberId(1));
+        one.local_established(T);
+        one.sa_added(MemberId(1), T, SPI);
+        for c in claims(&mut one) {
+            two.handle_claim(MemberId(1), &c);
+        }
+        // The link is cut: member 2 takes the tunnel as successor; member 1 hears it later.
+        two.peer_lost(MemberId(1));
+        for c in claims(&mut two) {
+            one.handle_claim(MemberId(2), &c);
+        }
+        assert_eq!(one.owner(T), Some((MemberId(2), 1)));
+        assert!(!one.owner_carries(T));
+        // Member 1 is not the owner: traffic there claims nothing through this call.
+        assert!(!one.traffic_here(T));
+        assert!(claims(&mut one).is_empty());
+        // The router moves the tunnel: its traffic reaches member 2's SAs. Same generation,
+        // now showing the carrier, on member 1 too; no event (nothing changed hands).
+        while two.poll_event().is_some() {}
+        assert!(two.traffic_here(T));
+        assert!(two.poll_event().is_none());
+        let shown = claims(&mut two);
+        assert_eq!(shown.len(), 1);
+        assert_eq!(
+            (shown[0].generation, shown[0].reason),
+            (1, ClaimReason::Traffic)
+        );
+        assert!(two.owner_carries(T));
+        one.handle_claim(MemberId(2), &shown[0]);
+        assert_eq!(one.owner(T), Some((MemberId(2), 1)));
+        assert!(one.owner_carries(T));
+        // Once shown, more traffic says nothing new.
+        assert!(!two.traffic_here(T));
+        assert!(claims(&mut two).is_empty());
+        // A tunnel that is not known, or carried elsewhere: nothing.
+        assert!(!two.traffic_here("vpn1_9"));
     }
 }
