@@ -2213,6 +2213,7 @@ fn walk(ctx: &mut Ctx, st: &mut State, items: &[Item], label: &str) {
 /// Cross-block checks.
 fn validate(ctx: &mut Ctx, st: &State) {
     let cfg = &st.config;
+    validate_fgcp_over_fgsp(ctx, st);
     // Name indexes keep the cross-checks linear on large files.
     let p1_by_name: BTreeMap<&str, &Phase1> =
         cfg.phase1.iter().map(|p| (p.name.as_str(), p)).collect();
@@ -2306,6 +2307,45 @@ fn validate(ctx: &mut Ctx, st: &State) {
         if !used.contains(p1.name.as_str()) {
             ctx.warn(pos.edit, &label, "", "no phase2-interface uses this phase1");
         }
+    }
+}
+
+/// An FGCP pair that is also an FGSP peer (seed 001): its failover must be over before the
+/// other clusters declare it lost, or they take its tunnels over as well. The partner
+/// takes over after `hb-interval` x `hb-lost-threshold` of `config system ha`; the FGSP
+/// peers give up after `hb-interval` x `hb-lost-threshold` of their `cluster-peer` entry.
+fn validate_fgcp_over_fgsp(ctx: &mut Ctx, st: &State) {
+    let cfg = &st.config;
+    let (Some(ha), Some(sa), Some(pos)) = (&cfg.ha, &cfg.standalone, st.ha_pos) else {
+        return;
+    };
+    if ha.mode != HaMode::ActivePassive {
+        return;
+    }
+    let Some(fgsp_ms) = sa
+        .cluster_peers
+        .iter()
+        .map(ClusterPeer::lost_after_ms)
+        .min()
+    else {
+        return;
+    };
+    let fgcp_ms = ha
+        .hb_interval_ms()
+        .saturating_mul(u32::from(ha.hb_lost_threshold));
+    if fgcp_ms >= fgsp_ms {
+        ctx.warn(
+            pos,
+            keys::HA.name,
+            "hb-lost-threshold",
+            format!(
+                "the FGCP failover takes {fgcp_ms} ms (hb-interval x hb-lost-threshold), the \
+                 FGSP peers declare this cluster lost after {fgsp_ms} ms (config cluster-peer): \
+                 when a member fails, the other clusters claim its tunnels before the partner \
+                 has taken over; keep the FGCP time well below, e.g. hb-interval 2 with \
+                 hb-lost-threshold 3"
+            ),
+        );
     }
 }
 

@@ -722,3 +722,59 @@ fn cluster_peer_heartbeat_keys() {
         "{e}"
     );
 }
+
+/// An FGCP pair that is also an FGSP peer: a failover as slow as the FGSP loss time is
+/// warned about, with both times; one well below it is not. A pair without FGSP, or FGSP
+/// without a pair, has nothing to compare.
+#[test]
+fn an_fgcp_failover_slower_than_the_fgsp_loss_time_warns() {
+    let conf = |ha_hb: &str, fgsp_hb: &str| {
+        format!(
+            "config system ha\n    set group-id 1\n    set mode a-p\n    set password \"pair-pw\"\n\
+             \x20   set hbdev \"port4\" 50\n{ha_hb}end\n\
+             config system standalone-cluster\n    set group-member-id 1\n    config cluster-peer\n\
+             \x20       edit 1\n            set peerip 172.31.2.2\n{fgsp_hb}        next\n    end\nend\n"
+        )
+    };
+    let warned = |text: &str| -> Vec<String> {
+        parse(text)
+            .unwrap()
+            .warnings
+            .iter()
+            .filter(|w| w.key == "hb-lost-threshold")
+            .map(|w| w.to_string())
+            .collect()
+    };
+    // FortiOS defaults on both links: 200 ms x 6 each.
+    let w = warned(&conf("", ""));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("line 1, column 1: warning: hb-lost-threshold in config system ha"),
+        "{}",
+        w[0]
+    );
+    assert!(
+        w[0].contains("takes 1200 ms") && w[0].contains("after 1200 ms"),
+        "{}",
+        w[0]
+    );
+    // 100 ms x 20 against 300 ms x 6.
+    let w = warned(&conf(
+        "    set hb-interval 1\n    set hb-lost-threshold 20\n",
+        "            set hb-interval 3\n",
+    ));
+    assert!(
+        w.len() == 1 && w[0].contains("takes 2000 ms") && w[0].contains("after 1800 ms"),
+        "{w:?}"
+    );
+    // 200 ms x 3 = 600 ms, well below 1.2 s.
+    assert!(warned(&conf(
+        "    set hb-interval 2\n    set hb-lost-threshold 3\n",
+        ""
+    ))
+    .is_empty());
+    // Without the other link.
+    let pair_only = "config system ha\n    set group-id 1\n    set mode a-p\n    \
+                     set password \"pair-pw\"\n    set hbdev \"port4\" 50\nend\n";
+    assert!(warned(pair_only).is_empty());
+}

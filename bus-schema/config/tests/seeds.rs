@@ -178,11 +178,20 @@ fn seed_001_fgcp_over_fgsp_members() {
             interfaces: vec![],
         };
         assert_eq!(p.config, expected, "{file}");
+        // The seed keeps FortiOS's heartbeat defaults on both links: the FGCP failover
+        // (200 ms x 6) is as slow as the FGSP loss time (200 ms x 6).
         assert_eq!(
             warning_keys(&p),
-            vec!["password", "upgrade-mode", "psksecret"],
+            vec!["hb-lost-threshold", "password", "upgrade-mode", "psksecret"],
             "{file}"
         );
+        let w = p
+            .warnings
+            .iter()
+            .find(|w| w.key == "hb-lost-threshold")
+            .unwrap();
+        assert!(w.to_string().contains("takes 1200 ms"), "{w}");
+        assert!(w.to_string().contains("after 1200 ms"), "{w}");
     }
 }
 
