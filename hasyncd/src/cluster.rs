@@ -36,9 +36,10 @@ mod snapshot;
 /// a snapshot instead (the same records, windowed, in a few large datagrams).
 const RESYNC_BY_SNAPSHOT: usize = 256;
 
-/// How often the IKE SAs a member held when it turned secondary are sent to the primary
-/// ([`Cluster::hand_ike_sas_to`]), a heartbeat interval apart.
-const IKE_HANDOVER_SENDS: u8 = 3;
+/// At most how often the IKE SAs a member held when it turned secondary are sent to the
+/// primary ([`Cluster::hand_ike_sas_to`]), a heartbeat interval apart, while the primary's
+/// stream does not show it holds them.
+const IKE_HANDOVER_SENDS: u8 = 20;
 
 /// The IKE SAs a member held when it turned secondary, still to be sent to the primary
 /// ([`Cluster::hand_ike_sas_to`]).
@@ -1278,8 +1279,9 @@ impl Cluster {
     /// election), and its SAs may be later than the primary's copies. A secondary sends no
     /// stream, and a snapshot goes out only from a member that is primary when the other
     /// joins, so each IKE SA goes to the new primary directly, as it is now (ikemgr drops
-    /// them once the role settles), [`IKE_HANDOVER_SENDS`] times a heartbeat interval apart
-    /// against loss on the link. The primary keeps the later of its own and this copy
+    /// them once the role settles), a heartbeat interval apart, until the primary's stream
+    /// shows it holds each at least as far ([`primary_holds`]; a lost hand-over left the
+    /// primary's message IDs behind the peer's), at most [`IKE_HANDOVER_SENDS`] times. The primary keeps the later of its own and this copy
     /// ([`Cluster::take_later_copy`]); a repeat changes nothing.
     fn hand_ike_sas_to(&mut self, primary: MemberId) {
         self.ike_handover = None;
@@ -1315,6 +1317,13 @@ impl Cluster {
             || self.fgcp_role() != Some(HaRole::Secondary)
             || self.fgcp_primary() != Some(h.to)
         {
+            return;
+        }
+        // The primary's stream (its copies here) shows which it holds now: those go no more.
+        h.msgs
+            .retain(|m| !primary_holds(&self.ike_replicas, h.to, m));
+        if h.msgs.is_empty() {
+            tracing::debug!("FGCP: primary {} holds every IKE SA handed to it", h.to.0);
             return;
         }
         if now_ms >= h.next_ms {
@@ -2427,6 +2436,24 @@ fn ike_record(ike: &IkeSaSync) -> IkeSaRecord {
 
 /// Whether message IDs `copy` (next to send, next expected) are later than `here`: none
 /// behind, and not the same.
+/// Whether the copy `primary` streamed here of the IKE SA in hand-over message `m` shows
+/// the primary holds it at least as far: the same SPIs, message IDs no lower on either side.
+fn primary_holds(
+    replicas: &BTreeMap<String, (MemberId, IkeSaSync)>,
+    primary: MemberId,
+    m: &Message,
+) -> bool {
+    let Message::IkeSa(handed) = m else {
+        return true;
+    };
+    replicas.get(&handed.tunnel).is_some_and(|(from, s)| {
+        *from == primary
+            && (s.spi_i, s.spi_r) == (handed.spi_i, handed.spi_r)
+            && s.next_request_id >= handed.next_request_id
+            && s.next_expected_id >= handed.next_expected_id
+    })
+}
+
 fn ids_later(copy: (u32, u32), here: (u32, u32)) -> bool {
     copy != here && copy.0 >= here.0 && copy.1 >= here.1
 }
@@ -3120,6 +3147,43 @@ mod tests {
     /// with later message IDs (that member carried it too, in a split brain) hands the
     /// copy to ikemgr; a copy not later, of another IKE SA, or of a tunnel carried
     /// elsewhere is left alone.
+    /// The hand-over of a member turned secondary goes on until the primary's stream shows
+    /// the primary holds each SA at least as far (a lost hand-over, three datagrams in a
+    /// row on a lossy link, used to leave the primary behind the peer's message IDs).
+    #[test]
+    fn a_handed_ike_sa_is_done_once_the_primary_streams_it_at_least_as_far() {
+        let ike = |spi_r: u64, send: u32, recv: u32| IkeSaSync {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i: 1,
+            spi_r,
+            remote_addr: "192.168.7.2:4500".into(),
+            next_request_id: send,
+            next_expected_id: recv,
+            msg_id_sync: false,
+            state: KeyBytes(vec![7; 8]),
+        };
+        let handed = Message::IkeSa(ike(2, 5, 3));
+        let primary = MemberId(7);
+        let mut replicas = BTreeMap::new();
+        assert!(!primary_holds(&replicas, primary, &handed), "no copy yet");
+        for (from, copy, done) in [
+            (primary, ike(2, 4, 3), false),
+            (primary, ike(2, 5, 2), false),
+            (primary, ike(9, 8, 8), false),
+            (MemberId(8), ike(2, 5, 3), false),
+            (primary, ike(2, 5, 3), true),
+            (primary, ike(2, 6, 4), true),
+        ] {
+            replicas.insert("vpn1_1".to_string(), (from, copy.clone()));
+            assert_eq!(
+                primary_holds(&replicas, primary, &handed),
+                done,
+                "{from:?} {copy:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_later_copy_of_an_ike_sa_carried_here_goes_to_ikemgr() {
         let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
