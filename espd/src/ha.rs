@@ -23,6 +23,7 @@
 //! ([`esp_proto::AtomicSeq::hold`]; its packets are counted as `seq_lease` drops) until a
 //! new hasyncd grants its lease again, which it does only where it carries the tunnel.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -56,26 +57,64 @@ pub struct HaLeases {
 }
 
 /// Whether hasyncd runs: the pid in `<run-dir>/ctl/hasyncd.lock` (written under the
-/// instance lock by every daemon, never removed), checked in `/proc`. Reading the pid, not
-/// taking the lock: a shared lock held for a moment here would make a hasyncd starting
-/// just then fail its own.
+/// instance lock by every daemon, never removed), checked in `/proc` once, then watched
+/// through a pidfd (readable once the process has exited): one `poll` per wake-up, no file
+/// read or allocation. Reading the pid, not taking the lock: a shared lock held for a
+/// moment here would make a hasyncd starting just then fail its own.
 #[derive(Default)]
 struct HasyncdWatch {
     lock_path: PathBuf,
-    pid: Option<u32>,
+    /// The hasyncd found, and a pidfd of it (`None` where the kernel has no `pidfd_open`:
+    /// then `/proc` is read on every check).
+    pid: Option<(u32, Option<OwnedFd>)>,
 }
 
 impl HasyncdWatch {
     fn alive(&mut self) -> bool {
-        if self.pid.is_some_and(running) {
-            return true;
+        if let Some((pid, fd)) = &self.pid {
+            let up = match fd {
+                Some(fd) => !exited(fd),
+                None => running(*pid),
+            };
+            if up {
+                return true;
+            }
         }
         self.pid = std::fs::read_to_string(&self.lock_path)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
-            .filter(|pid| running(*pid) && is_hasyncd(*pid));
+            .filter(|pid| running(*pid) && is_hasyncd(*pid))
+            .map(|pid| {
+                // Checked again once the pidfd is open: it refers to the process that had
+                // the pid when it was opened, which must still be hasyncd.
+                let fd = pidfd_open(pid).filter(|_| is_hasyncd(pid));
+                (pid, fd)
+            });
         self.pid.is_some()
     }
+}
+
+/// A pidfd of process `pid` (`pidfd_open(2)`, Linux 5.3), or `None`.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = libc::c_int::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: a descriptor just returned by the kernel, owned by nobody else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind pidfd `fd` has exited (the pidfd is readable then; a zombie
+/// counts as exited).
+fn exited(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n != 0 && (n < 0 || p.revents != 0)
 }
 
 /// Whether process `pid` exists and is not a zombie (killed, not reaped yet).
@@ -150,7 +189,7 @@ impl HaLeases {
                 metrics::gauge!("espd_ha_held").set(0.0);
                 tracing::info!(
                     "HA: hasyncd runs again (pid {}): each held outbound SA sends again once it grants its lease",
-                    self.hasyncd.pid.unwrap_or(0)
+                    self.hasyncd.pid.as_ref().map_or(0, |(p, _)| *p)
                 );
             }
             return;
@@ -412,6 +451,20 @@ mod tests {
             pid: None,
         };
         assert!(!w.alive(), "no lock file");
+        // A running process that is hasyncd by name: found, watched through a pidfd, and
+        // gone once it exits (a zombie until reaped counts as gone).
+        let copy = dir.join("hasyncd");
+        std::fs::copy("/bin/sleep", &copy).unwrap();
+        let mut child = std::process::Command::new(&copy).arg("30").spawn().unwrap();
+        std::fs::write(&w.lock_path, format!("{}\n", child.id())).unwrap();
+        assert!(w.alive(), "a running hasyncd");
+        assert!(w.pid.as_ref().is_some_and(|(_, fd)| fd.is_some()), "pidfd");
+        assert!(w.alive());
+        child.kill().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!w.alive(), "exited, not reaped yet");
+        let _ = child.wait();
+        assert!(!w.alive(), "reaped");
         // A running process that is not hasyncd (this test), and one that is gone.
         std::fs::write(&w.lock_path, format!("{}\n", std::process::id())).unwrap();
         assert!(running(std::process::id()));
