@@ -602,6 +602,9 @@ struct Outstanding {
     task: Task,
     tries: usize,
     deadline: Instant,
+    /// What was sealed, for a request of an established SA: it can go again under another
+    /// message ID ([`IkeSa::adopt_copy_message_ids`]).
+    reseal: Option<(ExchangeType, Vec<Payload>)>,
 }
 
 /// Message-ID engine and keys of one SPI pair.
@@ -1333,6 +1336,7 @@ impl IkeSa {
             task,
             tries: 0,
             deadline: now + first,
+            reseal: None,
         }));
         self.push_transmit(bytes);
     }
@@ -1487,11 +1491,15 @@ impl IkeSa {
     /// copy while the SA stayed established here (an FGCP primary whose hasyncd restarted
     /// takes the tunnel back from its partner): the other member may have answered the
     /// peer's requests and sent its own meanwhile. The message IDs move up to the copy's
-    /// (`next_send`, `next_recv`; never down; our own outstanding request keeps its ID), the
-    /// cached response goes when the peer is known to have moved past it, and, as after a
-    /// restore, the peer's next authenticated request is taken up to [`MID_CATCH_UP`] above
-    /// the one expected (the copy may lag what the other member answered last). True when
-    /// an ID moved.
+    /// (`next_send`, `next_recv`; never down), the cached response goes when the peer is
+    /// known to have moved past it, and, as after a restore, the peer's next authenticated
+    /// request is taken up to [`MID_CATCH_UP`] above the one expected (the copy may lag what
+    /// the other member answered last). Our own request still unanswered under an ID below
+    /// the copy's goes again under the copy's `next_send`: the peer has answered that ID's
+    /// request from the other member already, and takes a retransmission of it for the
+    /// other member's (it resends its cached response) and anything lower as old. A DPD
+    /// probe in flight while the other member's copy arrived kept going under its old ID
+    /// until DPD declared the peer dead. True when an ID moved.
     pub fn adopt_copy_message_ids(&mut self, next_send: u32, next_recv: u32) -> bool {
         let ch = &mut self.chan;
         let mut moved = false;
@@ -1500,11 +1508,34 @@ impl IkeSa {
             ch.last_response = None;
             moved = true;
         }
-        if next_send > ch.next_send && ch.outstanding.is_none() {
-            ch.next_send = next_send;
-            moved = true;
+        let mut reissue = None;
+        if next_send > ch.next_send {
+            match ch.outstanding.as_deref() {
+                None => {
+                    ch.next_send = next_send;
+                    moved = true;
+                }
+                Some(o) if o.mid < next_send => {
+                    if let Some((exchange, payloads)) = o.reseal.clone() {
+                        reissue = Some((exchange, payloads));
+                    }
+                }
+                Some(_) => {}
+            }
         }
         ch.catch_up = true;
+        if let Some((exchange, payloads)) = reissue {
+            if let Ok(bytes) = self.seal(false, exchange, next_send, false, &payloads) {
+                let ch = &mut self.chan;
+                if let Some(o) = ch.outstanding.as_mut() {
+                    o.mid = next_send;
+                    o.bytes = bytes.clone();
+                }
+                ch.next_send = next_send.wrapping_add(1);
+                moved = true;
+                self.push_transmit(bytes);
+            }
+        }
         if moved {
             self.emit_mid();
         }
@@ -1899,6 +1930,9 @@ impl IkeSa {
         let bytes = self.seal(false, exchange, mid, false, &payloads)?;
         self.chan.next_send = mid.wrapping_add(1);
         self.send_request(now, false, mid, bytes, task);
+        if let Some(o) = self.chan.outstanding.as_mut() {
+            o.reseal = Some((exchange, payloads));
+        }
         self.emit_mid();
         Ok(())
     }

@@ -140,6 +140,7 @@ impl IkeSa {
             task: Task::DeleteIke,
             tries: 0,
             deadline: now + first,
+            reseal: None,
         }));
         self.redundant = Some(ch);
         self.redundant_until = None;

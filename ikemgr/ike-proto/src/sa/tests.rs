@@ -2568,3 +2568,62 @@ fn an_unanswered_sync_on_an_aead_sa_is_not_sent_again_and_its_ids_hold() {
     assert_eq!(Pair::children(&p.ev_b).len(), b0 + 2);
     assert!(p.a.is_established() && p.b().is_established());
 }
+
+/// Member 1 keeps the SA and sends a liveness check (a DPD probe) while member 2, from a
+/// copy, has sent three requests of its own to the peer: the peer takes member 1's ID as
+/// old and ignores it. When member 2's copy reaches member 1, the probe goes again under
+/// the copy's next ID and is answered; without that it went on under its old ID until the
+/// DPD gave the peer up. A CHILD SA rekey from member 1 then works too.
+#[test]
+fn a_request_in_flight_when_a_later_copy_arrives_goes_again_under_the_copys_id() {
+    let mut p = established("aes128gcm-prfsha256", "19", "aes128gcm");
+    let member1 = p.b.take().unwrap();
+    let snap = member1.snapshot(p.now).unwrap();
+    p.b = Some(IkeSa::restore(
+        p.now,
+        p.b_cfg.clone(),
+        Box::new(OsEntropy),
+        snap,
+    ));
+    for _ in 0..3 {
+        let now = p.now;
+        p.b().start_liveness_check(now).unwrap();
+        p.settle();
+    }
+    assert_eq!(
+        p.ev_b
+            .iter()
+            .filter(|e| **e == Event::LivenessReply)
+            .count(),
+        3
+    );
+    let member2 = p.b.take().unwrap();
+    let (send, recv) = member2.message_ids();
+    // Member 1's probe, under the ID it had: the peer ignores it.
+    p.b = Some(member1);
+    p.ev_b.clear();
+    let now = p.now;
+    let old_mid = p.b().message_ids().0;
+    assert!(old_mid + 3 == send);
+    p.b().start_liveness_check(now).unwrap();
+    p.collect();
+    let probe = p.ba.pop_front().expect("the probe");
+    p.deliver_to_a(probe).ok();
+    p.collect();
+    assert!(p.ab.is_empty(), "the peer ignored the old ID");
+    // Member 2's copy arrives: the probe goes again under its next ID, and is answered.
+    assert!(p.b().adopt_copy_message_ids(send, recv));
+    p.collect();
+    assert_eq!(p.ba.len(), 1, "the probe again");
+    p.step();
+    p.step();
+    assert!(p.ev_b.contains(&Event::LivenessReply), "{:?}", p.ev_b);
+    assert_eq!(p.b().message_ids().0, send + 1);
+    let before = Pair::children(&p.ev_b).len();
+    let now = p.now;
+    let spi = p.b().child_spis()[0];
+    p.b().rekey_child(now, spi).unwrap();
+    p.settle();
+    assert_eq!(Pair::children(&p.ev_b).len(), before + 1);
+    assert!(p.a.is_established() && p.b().is_established());
+}
