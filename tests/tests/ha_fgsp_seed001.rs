@@ -70,7 +70,7 @@ fn port3_addr(i: usize) -> String {
 
 /// Seed 001's member configuration: FGCP pair `group-id` k+1 (200/100), FGSP member k+1
 /// whose peers are the other cluster's members.
-fn config(i: usize) -> String {
+fn config(i: usize, dpd: &str) -> String {
     let k = cluster(i);
     let mut peers = String::new();
     for (n, j) in (0..4).filter(|j| cluster(*j) != k).enumerate() {
@@ -112,8 +112,7 @@ config vpn ipsec phase1-interface
         set proposal aes128gcm-prfsha256
         set dhgrp 19
         set localid \"{GW_ID}\"
-        set dpd disable
-        set fgsp-sync enable
+{dpd}        set fgsp-sync enable
         set nattraversal enable
         set psksecret \"{PSK}\"
     next
@@ -141,12 +140,12 @@ struct Member {
 }
 
 impl Member {
-    fn start(ns: Netns, dir: &Path, i: usize) -> Member {
+    fn start(ns: Netns, dir: &Path, i: usize, dpd: &str) -> Member {
         let dir = dir.join(NAMES[i]);
         let run = dir.join("run");
         std::fs::create_dir_all(&run).unwrap();
         let conf = dir.join("haven.conf");
-        std::fs::write(&conf, config(i)).unwrap();
+        std::fs::write(&conf, config(i, dpd)).unwrap();
         if i == 0 {
             // C1A's clock runs an hour ahead of C1B's, as its HA link epoch file records
             // (hasyncd takes every epoch above it). After the failover C1B must still be
@@ -247,6 +246,16 @@ struct Seed001 {
 /// Builds seed 001's topology (namespaces named `<prefix>-…`, files in scratch dir `name`),
 /// starts the four members and the client, and waits for the tunnel and its copies.
 fn seed001(name: &str, prefix: &str) -> Seed001 {
+    seed001_with(name, prefix, DPD_OFF)
+}
+
+/// The phase1's DPD lines: off (the lab's default), or on when idle every 2 s, 3 retries.
+const DPD_OFF: &str = "        set dpd disable\n";
+const DPD_ON_IDLE: &str =
+    "        set dpd on-idle\n        set dpd-retryinterval 2\n        set dpd-retrycount 3\n";
+
+/// [`seed001`] with the phase1's DPD lines `dpd`.
+fn seed001_with(name: &str, prefix: &str, dpd: &str) -> Seed001 {
     if let Err(e) = strongswan::preflight() {
         panic!("cannot run strongSwan tests on this machine: {e}");
     }
@@ -345,7 +354,7 @@ fn seed001(name: &str, prefix: &str) -> Seed001 {
     let mut slots: Vec<Option<Member>> = (0..4).map(|_| None).collect();
     for order in [[0, 2], [1, 3]] {
         for i in order {
-            slots[i] = Some(Member::start(nss[i].clone(), scratch.path(), i));
+            slots[i] = Some(Member::start(nss[i].clone(), scratch.path(), i, dpd));
         }
         for i in order {
             let m = slots[i].as_ref().expect("started above");
@@ -913,6 +922,64 @@ fn after_a_cut_the_carrier_rekeys_and_claims_its_tunnel_back() {
         members[2].logs()
     );
     check_client(&charon, spis, child, "after the router moved the tunnel");
+    for m in &mut members {
+        m.kill_all();
+    }
+}
+
+/// As the cut-link scenarios above, with DPD on (on-idle, 2 s x 3). The successor C2A gets
+/// no traffic, and strongSwan answers its probes to lb1, so to C1A: C2A's DPD declares
+/// the peer dead and flushes its takeover (without a word to the peer). That flush must
+/// not take the tunnel from C1A, which carries it: C1A keeps the IKE SA, the traffic goes
+/// on, and a CHILD SA rekey from C1A is answered (it continues after the message IDs C2A's
+/// sync and probes used). No renegotiation, no replay failure.
+#[test]
+fn a_successors_dpd_flush_leaves_the_carrier_its_tunnel() {
+    let Seed001 {
+        _scratch,
+        router,
+        client,
+        // Kept: the server's namespace goes with it.
+        server: _server,
+        mut members,
+        charon,
+        spis,
+        child: _,
+    } = seed001_with("ha-fgsp-seed001-cut-dpd", "fgsp5", DPD_ON_IDLE);
+    cut_until_c2a_takes_over(&router, &client, &members, spis);
+    wait_for("C2A's DPD flushes its takeover", WAIT, || {
+        let m = &members[2];
+        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
+            .then_some(())
+            .ok_or_else(|| m.logs())
+    });
+    assert!(
+        members[2].log("dpdmon").contains("peer is dead after"),
+        "{}",
+        members[2].logs()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(members[0].ike_sa(), Some(spis), "{}", members[0].logs());
+    assert!(
+        ping_burst(&client, 5) >= 4,
+        "no traffic through C1A after C2A's flush\n{}",
+        members[0].logs()
+    );
+    rekey_child_by(&charon, &members[0]);
+    assert!(
+        ping_burst(&client, 5) >= 4,
+        "no traffic through C1A after its rekey\n{}",
+        members[0].logs()
+    );
+    let child = client_sa(&charon)
+        .and_then(|sa| sa.child("net").map(|c| (c.spi_in, c.spi_out)))
+        .expect("client CHILD SA");
+    check_client(
+        &charon,
+        spis,
+        child,
+        "after C2A's DPD flush and C1A's rekey",
+    );
     for m in &mut members {
         m.kill_all();
     }
