@@ -512,12 +512,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
     let seq_b = members[1].esp_seqs();
     let killed = Instant::now();
     members[1].kill_all();
-    router
-        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
-        .unwrap();
-    server
-        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
-        .unwrap();
+    move_lb1_to_cluster2(&router, &server);
     {
         let m = &members[2];
         wait_for("C2A carries the IKE SA", WAIT, || {
@@ -624,12 +619,7 @@ fn a_cluster_whose_tunnel_another_cluster_took_drops_it_and_keeps_the_copies() {
     let seq_a = members[0].esp_seqs();
     assert!(!seq_a.is_empty(), "C1A sends:\n{}", members[0].logs());
     let moved = Instant::now();
-    router
-        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
-        .unwrap();
-    server
-        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
-        .unwrap();
+    move_lb1_to_cluster2(&router, &server);
     wait_for("C2A carries the IKE SA", WAIT, || {
         members[2]
             .ike_sa()
@@ -637,19 +627,7 @@ fn a_cluster_whose_tunnel_another_cluster_took_drops_it_and_keeps_the_copies() {
             .ok_or_else(|| members[2].logs())
     });
     let taken = moved.elapsed();
-    wait_for("C1A drops the tunnel C2A took", WAIT, || {
-        let m = &members[0];
-        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
-            .then_some(())
-            .ok_or_else(|| {
-                format!(
-                    "IKE SA {:?}, ESP {:?}\n{}",
-                    m.ike_sa(),
-                    m.esp_seqs(),
-                    m.logs()
-                )
-            })
-    });
+    wait_dropped("C1A drops the tunnel C2A took", &members[0], &members[2]);
     let dropped = moved.elapsed();
     let (seqs, gap, out) = member::finish_ping(&mut ping);
     let seq_c = members[2].esp_seqs();
@@ -770,26 +748,12 @@ fn a_tunnel_taken_as_successor_during_a_cut_moves_for_good_when_its_traffic_foll
 
     let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
     let moved = Instant::now();
-    router
-        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
-        .unwrap();
-    server
-        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
-        .unwrap();
-    wait_for("C1A drops the tunnel C2A carries now", WAIT, || {
-        let m = &members[0];
-        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
-            .then_some(())
-            .ok_or_else(|| {
-                format!(
-                    "IKE SA {:?}, ESP {:?}\n{}\n{}",
-                    m.ike_sa(),
-                    m.esp_seqs(),
-                    m.logs(),
-                    members[2].logs()
-                )
-            })
-    });
+    move_lb1_to_cluster2(&router, &server);
+    wait_dropped(
+        "C1A drops the tunnel C2A carries now",
+        &members[0],
+        &members[2],
+    );
     let dropped = moved.elapsed();
     let (seqs, gap, out) = member::finish_ping(&mut ping);
     let seq_c = members[2].esp_seqs();
@@ -866,12 +830,7 @@ fn after_a_cut_the_carrier_rekeys_and_claims_its_tunnel_back() {
     } = seed001("ha-fgsp-seed001-cut-rekey", "fgsp4");
     cut_until_c2a_takes_over(&router, &client, &members, spis);
     rekey_child_by(&charon, &members[0]);
-    wait_for("C2A drops its takeover", WAIT, || {
-        let m = &members[2];
-        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
-            .then_some(())
-            .ok_or_else(|| format!("{}\n{}", m.logs(), members[0].logs()))
-    });
+    wait_dropped("C2A drops its takeover", &members[2], &members[0]);
     assert!(
         ping_burst(&client, 5) >= 4,
         "no traffic through C1A after its rekey\n{}",
@@ -891,24 +850,14 @@ fn after_a_cut_the_carrier_rekeys_and_claims_its_tunnel_back() {
 
     let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
     let moved = Instant::now();
-    router
-        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
-        .unwrap();
-    server
-        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
-        .unwrap();
+    move_lb1_to_cluster2(&router, &server);
     wait_for("C2A carries the tunnel", WAIT, || {
         members[2]
             .ike_sa()
             .filter(|s| *s == spis)
             .ok_or_else(|| members[2].logs())
     });
-    wait_for("C1A drops the tunnel", WAIT, || {
-        let m = &members[0];
-        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
-            .then_some(())
-            .ok_or_else(|| m.logs())
-    });
+    wait_dropped("C1A drops the tunnel", &members[0], &members[2]);
     let dropped = moved.elapsed();
     let (seqs, gap, out) = member::finish_ping(&mut ping);
     eprintln!(
@@ -947,12 +896,7 @@ fn a_successors_dpd_flush_leaves_the_carrier_its_tunnel() {
         child: _,
     } = seed001_with("ha-fgsp-seed001-cut-dpd", "fgsp5", DPD_ON_IDLE);
     cut_until_c2a_takes_over(&router, &client, &members, spis);
-    wait_for("C2A's DPD flushes its takeover", WAIT, || {
-        let m = &members[2];
-        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
-            .then_some(())
-            .ok_or_else(|| m.logs())
-    });
+    wait_dropped("C2A's DPD flushes its takeover", &members[2], &members[0]);
     assert!(
         members[2].log("dpdmon").contains("peer is dead after"),
         "{}",
@@ -983,6 +927,35 @@ fn a_successors_dpd_flush_leaves_the_carrier_its_tunnel() {
     for m in &mut members {
         m.kill_all();
     }
+}
+
+/// The router sends lb1 to cluster 2's LAN, and the server's route back to the client's
+/// inside network follows C2A.
+fn move_lb1_to_cluster2(router: &Netns, server: &Netns) {
+    router
+        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
+        .unwrap();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
+        .unwrap();
+}
+
+/// Waits until `m` holds neither the tunnel's IKE SA nor an outbound SA of it (`other`'s
+/// logs go with a failure too).
+fn wait_dropped(what: &str, m: &Member, other: &Member) {
+    wait_for(what, WAIT, || {
+        (m.ike_sa().is_none() && m.esp_seqs().is_empty())
+            .then_some(())
+            .ok_or_else(|| {
+                format!(
+                    "IKE SA {:?}, ESP {:?}\n{}\n{}",
+                    m.ike_sa(),
+                    m.esp_seqs(),
+                    m.logs(),
+                    other.logs()
+                )
+            })
+    });
 }
 
 /// `member` rekeys the tunnel's CHILD SA (`ike-rekey <tunnel> child`); waits until

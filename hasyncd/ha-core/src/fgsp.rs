@@ -2159,17 +2159,19 @@ mod tests {
     /// Whether a tunnel's owner showed it carries it follows the claim of the current
     /// generation, and survives the owner's re-announcements and snapshots: an FGCP cluster
     /// over FGSP drops a tunnel only for such an owner (hasyncd's `tunnel_fgsp_role`).
+    /// The ownership claims `t` has to send.
+    fn claims(t: &mut TunnelTable) -> Vec<OwnershipClaim> {
+        let mut out = Vec::new();
+        while let Some(o) = t.poll_transmit() {
+            if let Message::Ownership(c) = o.message {
+                out.push(c);
+            }
+        }
+        out
+    }
+
     #[test]
     fn the_reason_of_a_claim_is_kept_and_repeated_with_it() {
-        let claims = |t: &mut TunnelTable| -> Vec<OwnershipClaim> {
-            let mut out = Vec::new();
-            while let Some(o) = t.poll_transmit() {
-                if let Message::Ownership(c) = o.message {
-                    out.push(c);
-                }
-            }
-            out
-        };
         // Member 1 established the tunnel; member 2 heard its claim and one lease.
         let mut one = TunnelTable::new(MemberId(1));
         let mut two = TunnelTable::new(MemberId(2));
@@ -2237,15 +2239,6 @@ mod tests {
 
     #[test]
     fn a_successor_whose_own_sas_get_the_traffic_shows_it_carries_the_tunnel() {
-        let claims = |t: &mut TunnelTable| -> Vec<OwnershipClaim> {
-            let mut out = Vec::new();
-            while let Some(o) = t.poll_transmit() {
-                if let Message::Ownership(c) = o.message {
-                    out.push(c);
-                }
-            }
-            out
-        };
         let mut one = TunnelTable::new(MemberId(1));
         let mut two = TunnelTable::new(MemberId(2));
         one.peer_joined(MemberId(2));
