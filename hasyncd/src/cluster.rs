@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bus_schema::schema::{
     ike_mid_mark_spi, is_ike_mid_mark, IkeSaRecord, LifetimeLeft, SeqMark, TakeoverInfo,
@@ -64,6 +64,9 @@ const HEARTBEAT_CHECK_EVERY: usize = 4096;
 /// FGCP primary: `reclaim_stale` runs at least this often besides its triggers
 /// (`Cluster::reclaim_due`).
 const RECLAIM_EVERY_MS: u64 = 1_000;
+
+/// FGSP peers kept per cluster member from its heartbeats (a cluster has a handful).
+const MAX_FGSP_PEERS_ANNOUNCED: usize = 64;
 
 /// FGSP heartbeat period and loss time of a link: the shortest `hb-interval` of its
 /// `cluster-peer`s, and the longest `hb-interval` x `hb-lost-threshold` (no peer is lost
@@ -126,6 +129,12 @@ struct FgcpSide {
     /// The highest FGSP epoch a cluster member announced: the next one this member takes
     /// is above it.
     fgsp_epoch_heard: u64,
+    /// The FGSP peers this member hears while it speaks for the cluster, announced in its
+    /// heartbeats.
+    fgsp_peers_out: Vec<MemberId>,
+    /// The FGSP peers each cluster member announced last (empty: it did not speak). The
+    /// member that speaks next presumes them alive ([`FgspSide::presume`]).
+    fgsp_peers_heard: BTreeMap<MemberId, Vec<MemberId>>,
 }
 
 /// Runs a tunnel table's timer when it is due, then takes what it has to send and the
@@ -168,6 +177,10 @@ struct FgspSide {
     active: bool,
     /// Link counters heard per peer: lost sync datagrams ([`resync`]).
     loss: resync::LossWatch,
+    /// Peers presumed alive when this member started to speak for its cluster, whose
+    /// address is not known yet: their first message here counts as their coming up (they
+    /// get a snapshot then).
+    presumed: BTreeSet<MemberId>,
 }
 
 /// What changed in a drive, for the daemon to publish.
@@ -663,6 +676,7 @@ impl Cluster {
         let mut snap_all_fgcp = false;
         let mut snap_all_fgsp = false;
         let mut fgsp_events: Vec<PeerEvent> = Vec::new();
+        let mut presumed: Vec<MemberId> = Vec::new();
         if let Some(side) = self.fgcp.as_mut() {
             let before = side.reported_role;
             received.extend(
@@ -769,6 +783,12 @@ impl Cluster {
                         side.active = true;
                         side.next_hb_ms = now_ms;
                         snap_all_fgsp = true;
+                        // The previous speaker's FGSP peers are presumed alive: this
+                        // member's first leases wait for their acknowledgements, as its
+                        // predecessor's did, until each is heard or lost.
+                        if let Some(f) = self.fgcp.as_ref() {
+                            presumed = side.presume(f.fgsp_peers_heard.values().flatten(), now_ms);
+                        }
                         // Transfers sealed under the old epoch cannot continue.
                         self.snap.forget_link("fgsp");
                     }
@@ -784,6 +804,7 @@ impl Cluster {
                     self.lease_halves.clear();
                 }
                 side.active = false;
+                side.presumed.clear();
                 if let Some(f) = self.fgcp.as_mut() {
                     f.fgsp_epoch_out = 0;
                 }
@@ -792,8 +813,15 @@ impl Cluster {
                 }
             }
             let (changed, msgs, _joined, events) = side.drive(now_ms);
-            if changed {
+            if changed || !presumed.is_empty() {
                 ch.peers_changed = true;
+            }
+            if let Some(f) = self.fgcp.as_mut() {
+                f.fgsp_peers_out = if side.active {
+                    side.live.peers().collect()
+                } else {
+                    Vec::new()
+                };
             }
             for ev in &events {
                 if let PeerEvent::Up(m) = ev {
@@ -818,11 +846,13 @@ impl Cluster {
             }
         }
         if let Some(t) = self.fgsp_table.as_mut() {
-            for ev in &fgsp_events {
-                if let PeerEvent::Up(m) = ev {
-                    t.peer_joined(*m);
-                    self.roles_dirty = true;
-                }
+            let up = fgsp_events.iter().filter_map(|ev| match ev {
+                PeerEvent::Up(m) => Some(m),
+                PeerEvent::Lost(_) => None,
+            });
+            for m in presumed.iter().chain(up) {
+                t.peer_joined(*m);
+                self.roles_dirty = true;
             }
         }
         // Membership first: a lease that arrives with a peer's first heartbeat must not be
@@ -2529,6 +2559,8 @@ fn start_fgcp(ha: &haven_config::Ha, now_ms: u64, epoch: u64) -> Result<FgcpSide
         reported_role,
         fgsp_epoch_out: 0,
         fgsp_epoch_heard: 0,
+        fgsp_peers_out: Vec::new(),
+        fgsp_peers_heard: BTreeMap::new(),
     })
 }
 
@@ -2615,6 +2647,7 @@ fn start_fgsp(
         next_hb_ms: now_ms,
         active,
         loss: Default::default(),
+        presumed: BTreeSet::new(),
     })
 }
 
@@ -2656,6 +2689,9 @@ impl FgcpSide {
                         }
                         self.hostnames.insert(r.sender, hb.serial.clone());
                         self.fgsp_epoch_heard = self.fgsp_epoch_heard.max(hb.fgsp_epoch);
+                        let mut peers = hb.fgsp_peers.clone();
+                        peers.truncate(MAX_FGSP_PEERS_ANNOUNCED);
+                        self.fgsp_peers_heard.insert(r.sender, peers);
                         self.fgcp.handle_heartbeat(r.sender, hb, now_ms);
                     } else {
                         out.push((r.sender, r.epoch, r.counter, r.message));
@@ -2676,6 +2712,7 @@ impl FgcpSide {
         let interval_ms = self.fgcp.config().hb_interval_ms;
         while let Some(mut hb) = self.fgcp.poll_transmit(now_ms) {
             hb.fgsp_epoch = self.fgsp_epoch_out;
+            hb.fgsp_peers.clone_from(&self.fgsp_peers_out);
             if let Some(p) = &self.pump {
                 if !p.tick(now_ms, interval_ms, Some(&hb)) {
                     continue;
@@ -2696,6 +2733,35 @@ impl FgcpSide {
 }
 
 impl FgspSide {
+    /// Starts to speak for the cluster: `peers`, heard by the member that spoke before, are
+    /// presumed alive from `now_ms` (lost after the loss time unless heard). Returns those
+    /// not alive here already. Their first message counts as their coming up if their
+    /// address is not known yet.
+    fn presume<'a>(
+        &mut self,
+        peers: impl Iterator<Item = &'a MemberId>,
+        now_ms: u64,
+    ) -> Vec<MemberId> {
+        let mut presumed = Vec::new();
+        for &m in peers {
+            // Alive here already (or itself): its own last-heard time stands.
+            if m == self.me || presumed.contains(&m) || self.live.peers().any(|p| p == m) {
+                continue;
+            }
+            if self.live.heard(m, now_ms).is_some() {
+                tracing::info!(
+                    "FGSP peer {} presumed alive (the cluster's previous speaker heard it); leases wait for it until it is heard or lost",
+                    m.0
+                );
+                presumed.push(m);
+                if !self.peers.iter().any(|p| p.id == Some(m)) {
+                    self.presumed.insert(m);
+                }
+            }
+        }
+        presumed
+    }
+
     /// Returns whether the set of detected peers changed, the sync messages received, and
     /// whether a peer came up.
     #[allow(clippy::type_complexity)]
@@ -2751,13 +2817,20 @@ impl FgspSide {
                             p.sync_recv += 1;
                         }
                     }
-                    if let Some(ev) = self.live.heard(r.sender, now_ms) {
+                    let heard = self.live.heard(r.sender, now_ms);
+                    if let Some(ev) = heard {
                         changed = true;
                         if let PeerEvent::Up(m) = ev {
                             joined = true;
                             tracing::info!("FGSP peer {} detected ({from})", m.0);
                         }
                         events.push(ev);
+                    } else if self.presumed.remove(&r.sender) {
+                        // Presumed alive until now: it comes up (a snapshot goes to it).
+                        changed = true;
+                        joined = true;
+                        tracing::info!("FGSP peer {} detected ({from}), as presumed", r.sender.0);
+                        events.push(PeerEvent::Up(r.sender));
                     }
                     if !matches!(r.message, Message::Heartbeat(_)) {
                         msgs.push((r.sender, r.epoch, r.counter, r.message));
@@ -2769,7 +2842,14 @@ impl FgspSide {
             changed = true;
             if let PeerEvent::Lost(m) = ev {
                 metrics::counter!("hasyncd_peers_lost_total", "link" => "fgsp").increment(1);
-                tracing::warn!("FGSP peer {} lost", m.0);
+                if self.presumed.remove(&m) {
+                    tracing::warn!(
+                        "FGSP peer {} lost (presumed alive, never heard by this member)",
+                        m.0
+                    );
+                } else {
+                    tracing::warn!("FGSP peer {} lost", m.0);
+                }
             }
             events.push(ev);
         }
@@ -2786,6 +2866,7 @@ impl FgspSide {
                 role: HaRole::Primary,
                 primary: Some(self.me),
                 fgsp_epoch: 0,
+                fgsp_peers: Vec::new(),
             };
             // The pump sent one within the interval: this one can wait.
             let skip = self
@@ -3291,6 +3372,70 @@ mod tests {
         assert_eq!(c.replicas_view()["local"], 1);
         c.set_local_child_sas(BTreeMap::new());
         assert_eq!(c.replicas_view()["local"], 0);
+    }
+
+    /// A member that starts to speak for its cluster presumes its predecessor's FGSP peers
+    /// alive: its first leases wait for them. A presumed peer whose address was unknown
+    /// comes up when first heard (it gets a snapshot then); one never heard is lost after
+    /// the loss time, which releases the leases waiting for it.
+    #[test]
+    fn a_new_speaker_presumes_its_predecessors_fgsp_peers_until_heard_or_lost() {
+        let sc = haven_config::StandaloneCluster {
+            standalone_group_id: 1,
+            group_member_id: 1,
+            psksecret: Some(haven_config::Secret::new("presume-test")),
+            cluster_peers: vec![haven_config::ClusterPeer {
+                port: 0,
+                ..haven_config::ClusterPeer::new(1, Ipv4Addr::LOCALHOST)
+            }],
+            ..Default::default()
+        };
+        let mut side = start_fgsp(&sc, 0, 1, true).unwrap();
+        let lost_ms = side.lost_ms;
+        let heard = [MemberId(2), MemberId(1), MemberId(3), MemberId(2)];
+        assert_eq!(
+            side.presume(heard.iter(), 1_000),
+            vec![MemberId(2), MemberId(3)],
+            "itself and duplicates are not presumed"
+        );
+        assert_eq!(
+            side.live.peers().collect::<Vec<_>>(),
+            [MemberId(2), MemberId(3)]
+        );
+        assert!(
+            side.presume(heard.iter(), 1_100).is_empty(),
+            "alive already"
+        );
+        assert_eq!(side.presumed.len(), 2);
+
+        // A table that presumed member 2 keeps a lease pending until member 2 is lost.
+        let mut t = TunnelTable::with_mode(MemberId(1), TableMode::Fgsp);
+        t.peer_joined(MemberId(2));
+        t.local_established("vpn1_1");
+        assert!(t.propose_lease("vpn1_1", 7, 4096, 1_100));
+        let (_, events) = step_table(&mut t, 1_100);
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, TunnelEvent::LeaseConfirmed { .. })),
+            "the lease waits for the presumed peer"
+        );
+
+        let (changed, _, _, events) = side.drive(1_000 + lost_ms);
+        assert!(changed);
+        assert_eq!(
+            events,
+            vec![PeerEvent::Lost(MemberId(2)), PeerEvent::Lost(MemberId(3))]
+        );
+        assert!(side.presumed.is_empty());
+        t.peer_lost(MemberId(2));
+        let (_, events) = step_table(&mut t, 1_000 + lost_ms);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, TunnelEvent::LeaseConfirmed { spi_out: 7, .. })),
+            "confirmed once the presumed peer is lost"
+        );
     }
 
     /// A whole store arriving goes to the peers as a snapshot; a few hundred deletions out

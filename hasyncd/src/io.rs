@@ -437,6 +437,7 @@ mod tests {
             role: HaRole::Primary,
             primary: Some(member),
             fgsp_epoch: 0,
+            fgsp_peers: Vec::new(),
         })
     }
 

@@ -929,6 +929,85 @@ fn a_successors_dpd_flush_leaves_the_carrier_its_tunnel() {
     }
 }
 
+/// C1A reboots and C1B takes over as cluster 1's primary and FGSP speaker, but nothing C1B
+/// sends on the FGSP link reaches C2A (dropped on its way out). C1B has not heard C2A
+/// yet when it takes over; C1A's heartbeats announced C2A, so C1B's first sequence leases,
+/// and the mark that reserves its RFC 6311 sync, wait for C2A's acknowledgement: C1B sends
+/// neither ESP nor a sync that C2A has not recorded. C2A loses cluster 1 meanwhile and
+/// takes the tunnel as successor. Then C1B goes too and the router moves lb1: the tunnel
+/// goes on through C2A, with no renegotiation and no replay at strongSwan. (Before, C1B
+/// granted both at once, having heard no FGSP peer: it synced the message IDs, C2A synced
+/// them again, and strongSwan destroyed the AEAD IKE SA.)
+#[test]
+fn a_new_cluster_primary_sends_nothing_its_fgsp_peer_has_not_recorded() {
+    let Seed001 {
+        _scratch,
+        router,
+        client,
+        server,
+        mut members,
+        charon,
+        spis,
+        child,
+    } = seed001("ha-fgsp-seed001-first-lease", "fgsp6");
+    members[1]
+        .ns
+        .nft("table inet fgspcut { chain out { type filter hook output priority 0; udp dport 708 drop; }; }")
+        .unwrap();
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 120, "0.05", "1");
+    std::thread::sleep(Duration::from_secs(1));
+    members[0].kill_all();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(1)])
+        .unwrap();
+    {
+        let m = &members[1];
+        wait_for("C1B primary", WAIT, || match m.role() {
+            Some(r) if r == "primary" => Ok(()),
+            other => Err(format!("{other:?}\n{}", m.logs())),
+        });
+        wait_for("C1B carries the IKE SA", WAIT, || {
+            m.ike_sa().filter(|s| *s == spis).ok_or_else(|| m.logs())
+        });
+    }
+    // The server's answers reach C1B for a while (C2A loses cluster 1 meanwhile).
+    std::thread::sleep(Duration::from_millis(1_500));
+    let seq_b = members[1].esp_seqs();
+    members[1].kill_all();
+    move_lb1_to_cluster2(&router, &server);
+    wait_for("C2A carries the IKE SA", WAIT, || {
+        members[2]
+            .ike_sa()
+            .filter(|s| *s == spis)
+            .ok_or_else(|| members[2].logs())
+    });
+    let (seqs, _, out) = member::finish_ping(&mut ping);
+    assert!(
+        seqs.iter().any(|s| *s >= 100),
+        "the ping did not resume through C2A:\n{out}\n{}",
+        members[2].logs()
+    );
+    assert!(
+        ping_burst(&client, 5) >= 4,
+        "no traffic through C2A\n{}",
+        members[2].logs()
+    );
+    eprintln!(
+        "first lease: C1B's outbound SAs {seq_b:?}, C2A's {:?}; {} of 120 answered",
+        members[2].esp_seqs(),
+        seqs.len()
+    );
+    check_client(
+        &charon,
+        spis,
+        child,
+        "after C1B, cut from C2A, and then cluster 1 went",
+    );
+    for m in &mut members {
+        m.kill_all();
+    }
+}
+
 /// The router sends lb1 to cluster 2's LAN, and the server's route back to the client's
 /// inside network follows C2A.
 fn move_lb1_to_cluster2(router: &Netns, server: &Netns) {

@@ -313,6 +313,7 @@ impl Fgcp {
             role: self.role,
             primary: self.primary,
             fgsp_epoch: 0,
+            fgsp_peers: Vec::new(),
         })
     }
 

@@ -122,6 +122,12 @@ pub struct Heartbeat {
     /// accept it whatever the two members' clocks say. Absent from older senders.
     #[serde(default)]
     pub fgsp_epoch: u64,
+    /// FGCP heartbeats from the member that speaks for its cluster on the FGSP link: the
+    /// FGSP peers it hears. The member that speaks next waits for their acknowledgements of
+    /// its first sequence leases, as its predecessor did (it has not heard them yet itself).
+    /// Empty from any other sender and absent from older ones.
+    #[serde(default)]
+    pub fgsp_peers: Vec<MemberId>,
 }
 
 /// One IKE SA, complete enough to continue it on another member (RFC 7296 §2.14 keys,
@@ -647,6 +653,7 @@ pub(crate) mod tests {
                 role: HaRole::Secondary,
                 primary: Some(MemberId(2)),
                 fgsp_epoch: 1_795_000_000_123,
+                fgsp_peers: vec![MemberId(2), MemberId(3)],
             }),
             Message::IkeSa(ike_sa("vpn1_1")),
             Message::IkeMsgId(IkeMsgIdSync {

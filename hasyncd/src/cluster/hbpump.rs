@@ -241,6 +241,7 @@ mod tests {
             role,
             primary: Some(MemberId(7)),
             fgsp_epoch: 0,
+            fgsp_peers: Vec::new(),
         }
     }
 
