@@ -181,6 +181,10 @@ struct FgspSide {
     /// address is not known yet: their first message here counts as their coming up (they
     /// get a snapshot then).
     presumed: BTreeSet<MemberId>,
+    /// Live peers heard under a new epoch: their hasyncd restarted within the loss time, or
+    /// another member of their FGCP cluster speaks for it now. Either holds no copy of what
+    /// this member carries, and is never declared lost and up again: it gets a snapshot.
+    restarted: Vec<MemberId>,
 }
 
 /// What changed in a drive, for the daemon to publish.
@@ -826,6 +830,15 @@ impl Cluster {
             for ev in &events {
                 if let PeerEvent::Up(m) = ev {
                     snap_to.push(("fgsp", *m));
+                }
+            }
+            for m in std::mem::take(&mut side.restarted) {
+                if side.active && !snap_to.contains(&("fgsp", m)) {
+                    tracing::info!(
+                        "FGSP peer {} speaks under a new epoch (its hasyncd restarted, or another member of its cluster speaks for it now): it gets a snapshot",
+                        m.0
+                    );
+                    snap_to.push(("fgsp", m));
                 }
             }
             received.extend(
@@ -2648,6 +2661,7 @@ fn start_fgsp(
         active,
         loss: Default::default(),
         presumed: BTreeSet::new(),
+        restarted: Vec::new(),
     })
 }
 
@@ -2831,6 +2845,8 @@ impl FgspSide {
                         joined = true;
                         tracing::info!("FGSP peer {} detected ({from}), as presumed", r.sender.0);
                         events.push(PeerEvent::Up(r.sender));
+                    } else if r.new_epoch && !self.restarted.contains(&r.sender) {
+                        self.restarted.push(r.sender);
                     }
                     if !matches!(r.message, Message::Heartbeat(_)) {
                         msgs.push((r.sender, r.epoch, r.counter, r.message));

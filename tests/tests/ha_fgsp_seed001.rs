@@ -70,7 +70,7 @@ fn port3_addr(i: usize) -> String {
 
 /// Seed 001's member configuration: FGCP pair `group-id` k+1 (200/100), FGSP member k+1
 /// whose peers are the other cluster's members.
-fn config(i: usize, dpd: &str) -> String {
+fn config(i: usize, knobs: &Knobs) -> String {
     let k = cluster(i);
     let mut peers = String::new();
     for (n, j) in (0..4).filter(|j| cluster(*j) != k).enumerate() {
@@ -92,7 +92,7 @@ fn config(i: usize, dpd: &str) -> String {
     set override disable
     set priority {priority}
     set hb-interval 2
-    set hb-lost-threshold 3
+    set hb-lost-threshold {fgcp_lost}
 end
 config system standalone-cluster
     set standalone-group-id 1
@@ -127,7 +127,9 @@ config vpn ipsec phase2-interface
     next
 end
 ",
-        g = k + 1
+        g = k + 1,
+        dpd = knobs.dpd,
+        fgcp_lost = knobs.fgcp_lost_threshold,
     )
 }
 
@@ -140,12 +142,12 @@ struct Member {
 }
 
 impl Member {
-    fn start(ns: Netns, dir: &Path, i: usize, dpd: &str) -> Member {
+    fn start(ns: Netns, dir: &Path, i: usize, knobs: &Knobs) -> Member {
         let dir = dir.join(NAMES[i]);
         let run = dir.join("run");
         std::fs::create_dir_all(&run).unwrap();
         let conf = dir.join("haven.conf");
-        std::fs::write(&conf, config(i, dpd)).unwrap();
+        std::fs::write(&conf, config(i, knobs)).unwrap();
         if i == 0 {
             // C1A's clock runs an hour ahead of C1B's, as its HA link epoch file records
             // (hasyncd takes every epoch above it). After the failover C1B must still be
@@ -246,7 +248,23 @@ struct Seed001 {
 /// Builds seed 001's topology (namespaces named `<prefix>-…`, files in scratch dir `name`),
 /// starts the four members and the client, and waits for the tunnel and its copies.
 fn seed001(name: &str, prefix: &str) -> Seed001 {
-    seed001_with(name, prefix, DPD_OFF)
+    seed001_with(name, prefix, &Knobs::DEFAULT)
+}
+
+/// What a scenario changes in the members' configuration.
+struct Knobs {
+    /// The phase1's DPD lines.
+    dpd: &'static str,
+    /// `config system ha` `hb-lost-threshold` (heartbeats every 200 ms).
+    fgcp_lost_threshold: u8,
+}
+
+impl Knobs {
+    /// DPD off; an FGCP failover (600 ms) faster than the FGSP loss time (1.2 s).
+    const DEFAULT: Knobs = Knobs {
+        dpd: DPD_OFF,
+        fgcp_lost_threshold: 3,
+    };
 }
 
 /// The phase1's DPD lines: off (the lab's default), or on when idle every 2 s, 3 retries.
@@ -254,8 +272,8 @@ const DPD_OFF: &str = "        set dpd disable\n";
 const DPD_ON_IDLE: &str =
     "        set dpd on-idle\n        set dpd-retryinterval 2\n        set dpd-retrycount 3\n";
 
-/// [`seed001`] with the phase1's DPD lines `dpd`.
-fn seed001_with(name: &str, prefix: &str, dpd: &str) -> Seed001 {
+/// [`seed001`] with other [`Knobs`].
+fn seed001_with(name: &str, prefix: &str, knobs: &Knobs) -> Seed001 {
     if let Err(e) = strongswan::preflight() {
         panic!("cannot run strongSwan tests on this machine: {e}");
     }
@@ -354,7 +372,7 @@ fn seed001_with(name: &str, prefix: &str, dpd: &str) -> Seed001 {
     let mut slots: Vec<Option<Member>> = (0..4).map(|_| None).collect();
     for order in [[0, 2], [1, 3]] {
         for i in order {
-            slots[i] = Some(Member::start(nss[i].clone(), scratch.path(), i, dpd));
+            slots[i] = Some(Member::start(nss[i].clone(), scratch.path(), i, knobs));
         }
         for i in order {
             let m = slots[i].as_ref().expect("started above");
@@ -894,7 +912,14 @@ fn a_successors_dpd_flush_leaves_the_carrier_its_tunnel() {
         charon,
         spis,
         child: _,
-    } = seed001_with("ha-fgsp-seed001-cut-dpd", "fgsp5", DPD_ON_IDLE);
+    } = seed001_with(
+        "ha-fgsp-seed001-cut-dpd",
+        "fgsp5",
+        &Knobs {
+            dpd: DPD_ON_IDLE,
+            ..Knobs::DEFAULT
+        },
+    );
     cut_until_c2a_takes_over(&router, &client, &members, spis);
     wait_dropped("C2A's DPD flushes its takeover", &members[2], &members[0]);
     assert!(
@@ -1003,6 +1028,79 @@ fn a_new_cluster_primary_sends_nothing_its_fgsp_peer_has_not_recorded() {
         child,
         "after C1B, cut from C2A, and then cluster 1 went",
     );
+    for m in &mut members {
+        m.kill_all();
+    }
+}
+
+/// C2A, cluster 2's primary, reboots while cluster 1 carries the tunnel: C2B becomes cluster
+/// 2's primary and speaks for it on the FGSP link under a new epoch. C1A sends C2B a
+/// snapshot then (as to an FGSP peer that restarted), so C2B holds copies of the tunnel
+/// within moments, not only once cluster 1 next changes something. Then the whole of
+/// cluster 1 goes and the router moves lb1: C2B takes the tunnel over, with no
+/// renegotiation and no replay at strongSwan. (Before, C2B held no copy: the tunnel was
+/// lost.)
+#[test]
+fn a_clusters_new_primary_gets_the_copies_of_the_other_clusters_tunnels() {
+    let Seed001 {
+        _scratch,
+        router,
+        client,
+        server,
+        mut members,
+        charon,
+        spis,
+        child,
+    } = seed001("ha-fgsp-seed001-c2-failover", "fgsp7");
+    members[2].kill_all();
+    {
+        let m = &members[3];
+        wait_for("C2B primary", WAIT, || match m.role() {
+            Some(r) if r == "primary" => Ok(()),
+            other => Err(format!("{other:?}\n{}", m.logs())),
+        });
+        wait_for("C2B holds copies of cluster 1's tunnel", WAIT, || {
+            match m.copies() {
+                Ok((1, c)) if c >= 1 => Ok(()),
+                other => Err(format!("{other:?}\n{}\n{}", m.logs(), members[0].logs())),
+            }
+        });
+    }
+    assert!(
+        members[0]
+            .log("hasyncd")
+            .contains("speaks under a new epoch"),
+        "{}",
+        members[0].logs()
+    );
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
+    std::thread::sleep(Duration::from_secs(1));
+    members[0].kill_all();
+    members[1].kill_all();
+    router
+        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
+        .unwrap();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(3)])
+        .unwrap();
+    wait_for("C2B carries the IKE SA", WAIT, || {
+        members[3]
+            .ike_sa()
+            .filter(|s| *s == spis)
+            .ok_or_else(|| members[3].logs())
+    });
+    let (seqs, gap, out) = member::finish_ping(&mut ping);
+    eprintln!(
+        "C2B carries the tunnel; {} of 200 answered; longest gap {gap} pings; seqs C2B {:?}",
+        seqs.len(),
+        members[3].esp_seqs()
+    );
+    assert!(
+        seqs.iter().any(|s| *s >= 150),
+        "the ping did not resume through C2B:\n{out}\n{}",
+        members[3].logs()
+    );
+    check_client(&charon, spis, child, "after C2A and then cluster 1 went");
     for m in &mut members {
         m.kill_all();
     }

@@ -439,6 +439,59 @@ fn fgsp_lost_datagrams_make_the_peer_ask_for_a_snapshot() {
     );
 }
 
+/// An FGSP member whose hasyncd restarts faster than its peers' loss detection (200 ms x
+/// 30 here) comes back with no copy of what they carry, and they never declare it lost and
+/// up again. Its new link epoch tells them: member 0 sends it a snapshot. Before, only a
+/// peer declared lost and heard again got one, and the restarted member waited for the
+/// next change of each tunnel (for ever, for a quiet one).
+#[test]
+fn an_fgsp_peer_restarted_within_the_loss_time_gets_a_snapshot() {
+    let dir = TempDir::new("hasyncd-fgsp-restart");
+    let (_hub, mut m) = slow_pair("hafgsprst", &dir);
+    let sent_before = fgsp_metric(
+        &fgsp_metrics(&m[0]),
+        "hasyncd_snapshots_sent_total{link=\"fgsp\"}",
+    );
+    if let Some(mut p) = m[1].proc.take() {
+        p.kill_now().expect("kill hasyncd");
+    }
+    let config = dir.path().join("m1.conf");
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--run-dir",
+        m[1].run_dir.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:9703",
+    ];
+    m[1].proc = Some(
+        m[1].ns
+            .spawn(bin("hasyncd").to_str().unwrap(), &args)
+            .expect("respawn hasyncd"),
+    );
+    wait_for(
+        "the restarted member gets a snapshot from its peer",
+        Duration::from_secs(20),
+        || {
+            let t = fgsp_metrics(&m[1]);
+            (fgsp_metric(&t, "hasyncd_snapshots_received_total{link=\"fgsp\"}") >= 1)
+                .then_some(())
+                .ok_or(t)
+        },
+    );
+    let t0 = fgsp_metrics(&m[0]);
+    assert!(
+        fgsp_metric(&t0, "hasyncd_snapshots_sent_total{link=\"fgsp\"}") > sent_before,
+        "{t0}"
+    );
+    // Never declared lost: the snapshot came from the new epoch.
+    assert_eq!(
+        fgsp_metric(&t0, "hasyncd_peers_lost_total{link=\"fgsp\"}"),
+        0,
+        "{t0}"
+    );
+}
+
 /// The hostile-link cases of issue 6 point 7 on the FGSP link (key from `psksecret`): an
 /// attacker on the peers' segment replays a real FGSP datagram it saw three times, sends
 /// a forged one (a valid clear header for group 1 and member 1, garbage ciphertext), a
