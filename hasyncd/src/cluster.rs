@@ -225,6 +225,9 @@ pub struct Cluster {
     /// FGCP cluster over FGSP: per outbound SA of a synced tunnel, the marks the FGCP table
     /// and the FGSP table confirmed, and the mark granted (the lower of the two).
     lease_halves: BTreeMap<(String, u32), [u64; 3]>,
+    /// RFC 6311 sync marks of IKE SAs another member synced while it held the tunnel,
+    /// which this member claimed back: `(tunnel, mark SPI)` to M1. Never granted here.
+    foreign_marks: BTreeMap<(String, u32), u64>,
     /// IKE SAs this member carries (ikemgr's `sa.ike`), by tunnel, as last sent.
     ike_local: BTreeMap<String, IkeSaRecord>,
     /// Standby copies of other members' IKE SAs, by tunnel.
@@ -534,6 +537,7 @@ impl Cluster {
             table,
             fgsp_table,
             lease_halves: BTreeMap::new(),
+            foreign_marks: BTreeMap::new(),
             ike_local: BTreeMap::new(),
             ike_replicas: BTreeMap::new(),
             local_tunnels: Default::default(),
@@ -1299,6 +1303,7 @@ impl Cluster {
                 } => {
                     metrics::counter!("hasyncd_sequence_skips_total")
                         .increment(start_seqs.len() as u64);
+                    self.reclaimed_mid_marks(&tunnel, previous, &start_seqs, from_fgsp);
                     for s in start_seqs
                         .into_iter()
                         .filter(|s| !is_ike_mid_mark(s.spi_out))
@@ -1315,6 +1320,64 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// `tunnel` was claimed back from `previous` ([`TunnelEvent::Reclaimed`]). A mark of
+    /// an IKE SA among the previous owner's records (`start_seqs`) says an RFC 6311 sync
+    /// of it was started while the tunnel was not here (a successor's, after this
+    /// cluster's FGCP failover outlasted the FGSP loss time). This member must not sync
+    /// that SA again (strongSwan deletes an AEAD IKE SA asked twice): the mark is kept as
+    /// foreign, a grant of this member's own mark for it is withheld ([`Cluster::take_grants`]),
+    /// and ikemgr gets the recorded mark (its value from the table, without the jump),
+    /// so it gives up a sync it reserved and continues at or above M1.
+    fn reclaimed_mid_marks(
+        &mut self,
+        tunnel: &str,
+        previous: MemberId,
+        start_seqs: &[StartSeq],
+        from_fgsp: bool,
+    ) {
+        let table = if from_fgsp {
+            self.fgsp_table.as_ref()
+        } else {
+            self.table.as_ref()
+        };
+        let marks: Vec<(u32, u64)> = start_seqs
+            .iter()
+            .filter(|s| is_ike_mid_mark(s.spi_out))
+            .filter_map(|s| Some((s.spi_out, table?.seq_hw(tunnel, s.spi_out)?)))
+            .collect();
+        for (spi, m1) in marks {
+            tracing::info!(
+                "{tunnel}: member {} recorded an RFC 6311 sync of its IKE SA (mark {spi:08x}, M1={m1}) while it held the tunnel: no other sync here",
+                previous.0
+            );
+            self.foreign_marks.insert((tunnel.to_string(), spi), m1);
+            self.tell_recorded_mark(tunnel, spi, m1);
+        }
+    }
+
+    /// Hands ikemgr the recorded RFC 6311 sync mark `m1` of `tunnel`'s IKE SA whose mark
+    /// SPI is `spi` (a held-only takeover: it moves an SA held here, restores nothing),
+    /// when a record of that SA is known (ikemgr's, or another member's copy).
+    fn tell_recorded_mark(&mut self, tunnel: &str, spi: u32, m1: u64) {
+        let ike = match self.ike_local.get(tunnel) {
+            Some(r) if ike_mid_mark_spi(r.spi_i, r.spi_r) == spi => r.clone(),
+            _ => match self.ike_replicas.get(tunnel) {
+                Some((_, c)) if ike_mid_mark_spi(c.spi_i, c.spi_r) == spi => ike_record(c),
+                _ => return,
+            },
+        };
+        self.takeovers.push(TakeoverInfo {
+            ike,
+            start_seqs: vec![SeqMark {
+                tunnel: tunnel.to_string(),
+                spi_out: spi,
+                seq_hw: m1,
+            }],
+            lifetimes: Vec::new(),
+            held_only: true,
+        });
     }
 
     /// FGCP: this member turned secondary under `primary` while its ikemgr still holds
@@ -1446,6 +1509,20 @@ impl Cluster {
     /// once every live member acknowledged); without one there is nobody to sync to and
     /// they are granted at once.
     pub fn propose_leases(&mut self, sas: &[SeqMark], now_ms: u64) {
+        // ikemgr asks again for a mark of an IKE SA another member synced (until it has
+        // that member's mark): it gets the mark, not a grant.
+        let (foreign, sas): (Vec<SeqMark>, Vec<SeqMark>) = sas.iter().cloned().partition(|m| {
+            is_ike_mid_mark(m.spi_out)
+                && self
+                    .foreign_marks
+                    .contains_key(&(m.tunnel.clone(), m.spi_out))
+        });
+        for m in foreign {
+            if let Some(&m1) = self.foreign_marks.get(&(m.tunnel.clone(), m.spi_out)) {
+                self.tell_recorded_mark(&m.tunnel, m.spi_out, m1);
+            }
+        }
+        let sas = &sas[..];
         if self.fgsp_mode() {
             self.propose_leases_fgsp(sas, now_ms);
             return;
@@ -1758,6 +1835,7 @@ impl Cluster {
     /// record on the same member's stream.
     fn forget_mid_mark(&mut self, tunnel: &str, spi_i: u64, spi_r: u64) {
         let mark = ike_mid_mark_spi(spi_i, spi_r);
+        self.foreign_marks.remove(&(tunnel.to_string(), mark));
         for t in [self.table.as_mut(), self.fgsp_table.as_mut()]
             .into_iter()
             .flatten()
@@ -1781,8 +1859,29 @@ impl Cluster {
             .max()
     }
 
+    /// Leases confirmed for espd, and RFC 6311 sync marks for ikemgr. A mark of an IKE SA
+    /// another member synced while it held the tunnel ([`Cluster::reclaimed_mid_marks`]) is
+    /// withheld: ikemgr gets that member's mark instead, again each time it asks.
     pub fn take_grants(&mut self) -> Vec<SeqMark> {
-        std::mem::take(&mut self.grants)
+        let mut grants = std::mem::take(&mut self.grants);
+        let mut foreign = Vec::new();
+        grants.retain(|m| {
+            let key = (m.tunnel.clone(), m.spi_out);
+            match self.foreign_marks.get(&key) {
+                Some(&m1) if is_ike_mid_mark(m.spi_out) => {
+                    foreign.push((key, m1));
+                    false
+                }
+                _ => true,
+            }
+        });
+        for ((tunnel, spi), m1) in foreign {
+            tracing::info!(
+                "{tunnel}: RFC 6311 sync mark {spi:08x} not granted: another member synced this IKE SA (M1={m1}); ikemgr continues at its mark"
+            );
+            self.tell_recorded_mark(&tunnel, spi, m1);
+        }
+        grants
     }
 
     /// Takeovers since the last call.
@@ -1817,6 +1916,8 @@ impl Cluster {
                     spi_r: r.spi_r,
                 }));
                 gone.push(r.tunnel.clone());
+                self.foreign_marks
+                    .remove(&(r.tunnel.clone(), ike_mid_mark_spi(r.spi_i, r.spi_r)));
             }
         }
         // A standby copy this member still held of an IKE SA it carried and has now deleted
@@ -3388,6 +3489,79 @@ mod tests {
         assert_eq!(c.replicas_view()["local"], 1);
         c.set_local_child_sas(BTreeMap::new());
         assert_eq!(c.replicas_view()["local"], 0);
+    }
+
+    /// A tunnel claimed back from a member whose records hold an RFC 6311 sync mark of its
+    /// IKE SA (it synced while it held the tunnel): ikemgr gets that mark (held-only, its
+    /// recorded M1, not the jumped start), and this member's own mark for that SA is never
+    /// granted, whether it was confirmed already or asked for again; ikemgr gets the mark
+    /// each time it asks. Other leases go on as before.
+    #[test]
+    fn a_mark_recorded_by_the_member_a_tunnel_was_claimed_back_from_is_never_granted_here() {
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
+        let ike = IkeSaSync {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i: 1,
+            spi_r: 2,
+            remote_addr: "192.168.7.2:4500".into(),
+            next_request_id: 0,
+            next_expected_id: 2,
+            msg_id_sync: false,
+            state: KeyBytes(vec![7; 8]),
+        };
+        c.ike_replicas.insert("vpn1_1".into(), (MemberId(2), ike));
+        let mark = ike_mid_mark_spi(1, 2);
+        let lease = |spi_out: u32, seq_hw: u64| SeqMark {
+            tunnel: "vpn1_1".into(),
+            spi_out,
+            seq_hw,
+        };
+        // Member 2 held the tunnel and recorded its sync (M1=4) and a lease.
+        let mut t = TunnelTable::with_mode(MemberId(1), TableMode::Fgcp);
+        for (spi_out, seq_hw) in [(mark, 4), (0xbc96_c2fc, 2_097_153)] {
+            t.handle_lease(
+                MemberId(2),
+                &ha_core::msg::SeqLease {
+                    tunnel: "vpn1_1".into(),
+                    spi_out,
+                    seq_hw,
+                },
+            );
+        }
+        t.local_established("vpn1_1");
+        c.table = Some(t);
+        let (_, events) = step_table(c.table.as_mut().unwrap(), 0);
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, TunnelEvent::Reclaimed { .. })));
+        c.table_events(events, "FGCP", false);
+        let told = c.take_takeovers();
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(told[0].held_only);
+        assert_eq!(told[0].start_seqs, vec![lease(mark, 4)], "the recorded M1");
+        assert_eq!(
+            c.take_skips().iter().map(|s| s.spi_out).collect::<Vec<_>>(),
+            vec![0xbc96_c2fc],
+            "the data SA still skips beyond member 2"
+        );
+        // A grant of this member's own mark confirmed meanwhile is withheld.
+        c.grants.push(lease(mark, 4));
+        c.grants.push(lease(0xbc96_c2fc, 3_000_000));
+        assert_eq!(c.take_grants(), vec![lease(0xbc96_c2fc, 3_000_000)]);
+        assert_eq!(c.take_takeovers().len(), 1, "ikemgr gets the mark instead");
+        // Asked again: the mark again, no grant. (No table here: other leases are
+        // granted at once.)
+        c.table = None;
+        c.propose_leases(&[lease(mark, 4), lease(0x1234_5678, 64)], 0);
+        assert_eq!(c.take_grants(), vec![lease(0x1234_5678, 64)]);
+        let told = c.take_takeovers();
+        assert_eq!(told.len(), 1);
+        assert_eq!(told[0].start_seqs, vec![lease(mark, 4)]);
+        // The SA rekeyed: its mark is forgotten, and a new one may be granted.
+        c.forget_mid_mark("vpn1_1", 1, 2);
+        c.propose_leases(&[lease(mark, 4)], 0);
+        assert_eq!(c.take_grants(), vec![lease(mark, 4)]);
     }
 
     /// A member that starts to speak for its cluster presumes its predecessor's FGSP peers

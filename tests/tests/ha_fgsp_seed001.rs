@@ -1106,6 +1106,86 @@ fn a_clusters_new_primary_gets_the_copies_of_the_other_clusters_tunnels() {
     }
 }
 
+/// Cluster 1's FGCP failover (200 ms x 10 = 2 s) is slower than the FGSP loss time (1.2 s;
+/// the configuration check warns about it). When C1A reboots, C2A declares cluster 1 lost
+/// first and takes the tunnel as its successor. Then C1B becomes primary and takes the
+/// tunnel over from its FGCP copy, and the traffic, still routed to cluster 1, reaches C1B.
+/// C1B's first lease claims the tunnel back from C2A, which took it only as successor, and
+/// C2A drops its takeover. C2A synced the AEAD IKE SA's message IDs (RFC 6311) when it took
+/// it: C1B gets C2A's mark and gives up the sync it reserved (strongSwan deletes an AEAD IKE
+/// SA asked twice, as it did before). The ping resumes through C1B, with no renegotiation
+/// and no replay at strongSwan, and a CHILD SA rekey from C1B is answered at C2A's IDs.
+#[test]
+fn an_fgcp_failover_slower_than_the_fgsp_loss_time_keeps_the_tunnel_in_its_cluster() {
+    let Seed001 {
+        _scratch,
+        router: _router,
+        client,
+        server,
+        mut members,
+        charon,
+        spis,
+        child,
+    } = seed001_with(
+        "ha-fgsp-seed001-slow-fgcp",
+        "fgsp8",
+        &Knobs {
+            fgcp_lost_threshold: 10,
+            ..Knobs::DEFAULT
+        },
+    );
+    let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
+    std::thread::sleep(Duration::from_secs(1));
+    members[0].kill_all();
+    server
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(1)])
+        .unwrap();
+    wait_for("C2A takes the tunnel as successor", WAIT, || {
+        members[2]
+            .ike_sa()
+            .filter(|s| *s == spis)
+            .map(|_| ())
+            .ok_or_else(|| members[2].logs())
+    });
+    {
+        let m = &members[1];
+        wait_for("C1B primary", WAIT, || match m.role() {
+            Some(r) if r == "primary" => Ok(()),
+            other => Err(format!("{other:?}\n{}", m.logs())),
+        });
+        wait_for("C1B carries the IKE SA", WAIT, || {
+            m.ike_sa().filter(|s| *s == spis).ok_or_else(|| m.logs())
+        });
+    }
+    wait_dropped("C2A drops its takeover", &members[2], &members[1]);
+    let (seqs, gap, out) = member::finish_ping(&mut ping);
+    eprintln!(
+        "slow FGCP failover: {} of 200 answered; longest gap {gap} pings; seqs C1B {:?}",
+        seqs.len(),
+        members[1].esp_seqs()
+    );
+    assert!(
+        seqs.iter().any(|s| *s >= 150),
+        "the ping did not resume through C1B:\n{out}\n{}",
+        members[1].logs()
+    );
+    assert_eq!(members[1].ike_sa(), Some(spis), "{}", members[1].logs());
+    check_client(&charon, spis, child, "after C1A's slow failover");
+    rekey_child_by(&charon, &members[1]);
+    assert!(
+        ping_burst(&client, 5) >= 4,
+        "no traffic through C1B after its rekey\n{}",
+        members[1].logs()
+    );
+    let child = client_sa(&charon)
+        .and_then(|sa| sa.child("net").map(|c| (c.spi_in, c.spi_out)))
+        .expect("client CHILD SA");
+    check_client(&charon, spis, child, "after C1B's CHILD SA rekey");
+    for m in &mut members {
+        m.kill_all();
+    }
+}
+
 /// The router sends lb1 to cluster 2's LAN, and the server's route back to the client's
 /// inside network follows C2A.
 fn move_lb1_to_cluster2(router: &Netns, server: &Netns) {

@@ -660,6 +660,9 @@ impl IkeManager {
                         rec.tunnel
                     );
                 }
+                if same && !restart {
+                    self.adopt_recorded_mid_sync(now, id, rec, &t.start_seqs);
+                }
                 if later {
                     self.follow_copy_path(id, rec);
                 }
@@ -856,6 +859,48 @@ impl IkeManager {
     /// in flight when the old owner died, or done within its last publishing tick), so
     /// RFC 6311 when the peer announced it, at most once on an AEAD SA (see the module's
     /// rule), or the mark another member recorded among `start_seqs`.
+    /// SA `id`, established here, was taken back from a member that recorded an RFC 6311
+    /// sync of it (its mark among `start_seqs`) while it held the tunnel: that member may
+    /// have sent it, so this one sends none (strongSwan deletes an AEAD IKE SA asked twice),
+    /// gives up its own if reserved and not yet sent, and continues at or above the mark's
+    /// M1, as the peer does after the sync.
+    fn adopt_recorded_mid_sync(
+        &mut self,
+        now: Instant,
+        id: u64,
+        rec: &IkeSaRecord,
+        start_seqs: &[SeqMark],
+    ) {
+        let mark_spi = ike_mid_mark_spi(rec.spi_i, rec.spi_r);
+        let Some(m1) = start_seqs
+            .iter()
+            .find(|m| m.spi_out == mark_spi)
+            .map(|m| u32::try_from(m.seq_hw).unwrap_or(u32::MAX))
+        else {
+            return;
+        };
+        let waited = self.ha.mark_wait.remove(&id).is_some();
+        let Some(e) = self.sas.get_mut(&id) else {
+            return;
+        };
+        e.sa.adopt_mid_sync_mark(m1);
+        let reserved = e.sa.mid_sync_reserved();
+        if reserved {
+            let _ = e.sa.release_mid_sync(now);
+        }
+        let (send, recv) = e.sa.message_ids();
+        tracing::info!(
+            "ike 0:{}:{id}: another member recorded an RFC 6311 sync of this IKE SA while it held the tunnel (M1={m1}){}: continuing at send/recv msg IDs={send}/{recv}",
+            rec.tunnel,
+            if reserved || waited {
+                "; the sync reserved here is given up"
+            } else {
+                ""
+            }
+        );
+        self.pump(id, now);
+    }
+
     fn mid_sync_after_takeover(
         &mut self,
         now: Instant,
@@ -1279,6 +1324,53 @@ mod tests {
         hub.handle_datagram(now, sync.destination, sync.source, &sync.payload);
         shuttle(&mut hub, &mut m, now);
         assert!(probe_answered(&mut hub, &mut m, now, 1));
+    }
+
+    /// Taken back from a member that synced the IKE SA while it held the tunnel (its mark
+    /// comes as a held-only takeover): the sync reserved here is given up, our next
+    /// request carries at least the mark's M1, and a grant arriving late sends nothing.
+    #[test]
+    fn a_sync_recorded_by_the_member_a_tunnel_was_taken_back_from_replaces_the_one_reserved_here() {
+        let now = Instant::now();
+        let mut hub = mgr(HUB, now);
+        let mut dial = mgr(DIAL, now);
+        connect(&mut hub, &mut dial, now);
+        let rec = records(&dial.drain_bodies()).pop().expect("record");
+        drop(dial);
+        let mut m = mgr(DIAL, now);
+        m.takeover(
+            now,
+            &TakeoverInfo {
+                ike: rec.clone(),
+                start_seqs: vec![],
+                lifetimes: vec![],
+                held_only: false,
+            },
+        )
+        .unwrap();
+        let marks = mark_requests(&m.drain_bodies());
+        assert_eq!(marks.len(), 1);
+        let m1 = u32::try_from(marks[0].seq_hw).unwrap();
+        assert!(m.poll_transmit().is_none(), "reserved, not sent");
+        m.takeover(
+            now,
+            &TakeoverInfo {
+                ike: rec.clone(),
+                start_seqs: marks.clone(),
+                lifetimes: vec![],
+                held_only: true,
+            },
+        )
+        .unwrap();
+        let ids = m.sas.values().next().unwrap().sa.message_ids();
+        assert_eq!(ids, (m1, rec.next_recv));
+        m.handle_timeout(now + MID_MARK_REPEAT);
+        assert!(
+            mark_requests(&m.drain_bodies()).is_empty(),
+            "the mark is not asked for again"
+        );
+        m.mid_marks_granted(now + MID_MARK_REPEAT, &marks);
+        assert!(m.poll_transmit().is_none(), "no sync after all");
     }
 
     #[test]
