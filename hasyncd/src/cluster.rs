@@ -3021,6 +3021,21 @@ mod tests {
     use super::*;
     use ha_core::msg::{ChildLifetime, KeyBytes};
 
+    /// Another member's record of `vpn1_1`'s IKE SA with these SPIs and message IDs.
+    fn ike_copy(spi_i: u64, spi_r: u64, send: u32, recv: u32) -> IkeSaSync {
+        IkeSaSync {
+            tunnel: "vpn1_1".into(),
+            phase1: "vpn1".into(),
+            spi_i,
+            spi_r,
+            remote_addr: "192.168.7.2:4500".into(),
+            next_request_id: send,
+            next_expected_id: recv,
+            msg_id_sync: false,
+            state: KeyBytes(vec![7; 8]),
+        }
+    }
+
     /// `config cluster-peer` `hb-interval` / `hb-lost-threshold`: defaults 200 ms and
     /// 1.2 s; the shortest interval and the longest loss time of the peers.
     #[test]
@@ -3184,17 +3199,7 @@ mod tests {
     #[test]
     fn a_takeover_skips_the_local_datapath_to_each_start() {
         let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
-        let ike = IkeSaSync {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            spi_i: 1,
-            spi_r: 2,
-            remote_addr: "192.168.7.2:4500".into(),
-            next_request_id: 4,
-            next_expected_id: 3,
-            msg_id_sync: false,
-            state: KeyBytes(vec![7; 8]),
-        };
+        let ike = ike_copy(1, 2, 4, 3);
         c.ike_replicas.insert("vpn1_1".into(), (MemberId(2), ike));
         let mark = bus_schema::schema::ike_mid_mark_spi(1, 2);
         c.table_events(
@@ -3279,17 +3284,7 @@ mod tests {
     fn a_replaced_ike_sas_sync_mark_is_forgotten() {
         let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
         c.table = Some(TunnelTable::with_mode(MemberId(1), TableMode::Fgcp));
-        let copy = |spi_i: u64, spi_r: u64, next: u32| IkeSaSync {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            spi_i,
-            spi_r,
-            remote_addr: "192.168.7.2:4500".into(),
-            next_request_id: next,
-            next_expected_id: 3,
-            msg_id_sync: false,
-            state: KeyBytes(vec![7; 8]),
-        };
+        let copy = |spi_i: u64, spi_r: u64, next: u32| ike_copy(spi_i, spi_r, next, 3);
         let record = |c: &mut Cluster, spi_out: u32, seq_hw: u64| {
             c.table.as_mut().unwrap().handle_lease(
                 MemberId(2),
@@ -3350,17 +3345,7 @@ mod tests {
     /// row on a lossy link, used to leave the primary behind the peer's message IDs).
     #[test]
     fn a_handed_ike_sa_is_done_once_the_primary_streams_it_at_least_as_far() {
-        let ike = |spi_r: u64, send: u32, recv: u32| IkeSaSync {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            spi_i: 1,
-            spi_r,
-            remote_addr: "192.168.7.2:4500".into(),
-            next_request_id: send,
-            next_expected_id: recv,
-            msg_id_sync: false,
-            state: KeyBytes(vec![7; 8]),
-        };
+        let ike = |spi_r: u64, send: u32, recv: u32| ike_copy(1, spi_r, send, recv);
         let handed = Message::IkeSa(ike(2, 5, 3));
         let primary = MemberId(7);
         let mut replicas = BTreeMap::new();
@@ -3386,17 +3371,7 @@ mod tests {
     fn a_later_copy_of_an_ike_sa_carried_here_goes_to_ikemgr() {
         let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
         c.table = Some(TunnelTable::with_mode(MemberId(1), TableMode::Fgcp));
-        let copy = |spi_r: u64, send: u32, recv: u32| IkeSaSync {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            spi_i: 1,
-            spi_r,
-            remote_addr: "192.168.7.2:4500".into(),
-            next_request_id: send,
-            next_expected_id: recv,
-            msg_id_sync: false,
-            state: KeyBytes(vec![7; 8]),
-        };
+        let copy = |spi_r: u64, send: u32, recv: u32| ike_copy(1, spi_r, send, recv);
         c.set_local_ike_sas(BTreeMap::from([(
             "vpn1_1".to_string(),
             IkeSaRecord {
@@ -3499,17 +3474,7 @@ mod tests {
     #[test]
     fn a_mark_recorded_by_the_member_a_tunnel_was_claimed_back_from_is_never_granted_here() {
         let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
-        let ike = IkeSaSync {
-            tunnel: "vpn1_1".into(),
-            phase1: "vpn1".into(),
-            spi_i: 1,
-            spi_r: 2,
-            remote_addr: "192.168.7.2:4500".into(),
-            next_request_id: 0,
-            next_expected_id: 2,
-            msg_id_sync: false,
-            state: KeyBytes(vec![7; 8]),
-        };
+        let ike = ike_copy(1, 2, 0, 2);
         c.ike_replicas.insert("vpn1_1".into(), (MemberId(2), ike));
         let mark = ike_mid_mark_spi(1, 2);
         let lease = |spi_out: u32, seq_hw: u64| SeqMark {

@@ -483,13 +483,8 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         .unwrap();
     {
         let m = &members[1];
-        wait_for("C1B primary", WAIT, || match m.role() {
-            Some(r) if r == "primary" => Ok(()),
-            other => Err(format!("{other:?}\n{}", m.logs())),
-        });
-        wait_for("C1B carries the IKE SA", WAIT, || {
-            m.ike_sa().filter(|s| *s == spis).ok_or_else(|| m.logs())
-        });
+        wait_primary(m);
+        wait_carries(m, spis);
     }
     let primary_after = killed.elapsed();
     let (seqs, gap, out) = member::finish_ping(&mut ping);
@@ -500,11 +495,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         seqs.len(),
         gap * 50
     );
-    assert!(
-        seqs.iter().any(|s| *s >= 150),
-        "the ping did not resume through C1B:\n{out}\n{}",
-        members[1].logs()
-    );
+    assert_resumed(&seqs, 150, &out, &members[1]);
     for (spi, a) in &seq_a {
         if let Some((_, b)) = seq_b.iter().find(|(s, _)| s == spi) {
             assert!(b > a, "C1B must send beyond C1A ({spi:08x}: {b} <= {a})");
@@ -533,9 +524,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
     move_lb1_to_cluster2(&router, &server);
     {
         let m = &members[2];
-        wait_for("C2A carries the IKE SA", WAIT, || {
-            m.ike_sa().filter(|s| *s == spis).ok_or_else(|| m.logs())
-        });
+        wait_carries(m, spis);
         assert!(
             m.log("hasyncd")
                 .contains("FGSP: taking over vpn1_1 from member 1"),
@@ -552,11 +541,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
         seqs.len(),
         gap * 50
     );
-    assert!(
-        seqs.iter().any(|s| *s >= 250),
-        "the ping did not resume through C2A:\n{out}\n{}",
-        members[2].logs()
-    );
+    assert_resumed(&seqs, 250, &out, &members[2]);
     for (spi, b) in &seq_b {
         if let Some((_, c)) = seq_c.iter().find(|(s, _)| s == spi) {
             assert!(c > b, "C2A must send beyond C1B ({spi:08x}: {c} <= {b})");
@@ -638,12 +623,7 @@ fn a_cluster_whose_tunnel_another_cluster_took_drops_it_and_keeps_the_copies() {
     assert!(!seq_a.is_empty(), "C1A sends:\n{}", members[0].logs());
     let moved = Instant::now();
     move_lb1_to_cluster2(&router, &server);
-    wait_for("C2A carries the IKE SA", WAIT, || {
-        members[2]
-            .ike_sa()
-            .filter(|s| *s == spis)
-            .ok_or_else(|| members[2].logs())
-    });
+    wait_carries(&members[2], spis);
     let taken = moved.elapsed();
     wait_dropped("C1A drops the tunnel C2A took", &members[0], &members[2]);
     let dropped = moved.elapsed();
@@ -655,11 +635,7 @@ fn a_cluster_whose_tunnel_another_cluster_took_drops_it_and_keeps_the_copies() {
         dropped.as_millis(),
         seqs.len()
     );
-    assert!(
-        seqs.iter().any(|s| *s >= 150),
-        "the ping did not resume through C2A:\n{out}\n{}",
-        members[2].logs()
-    );
+    assert_resumed(&seqs, 150, &out, &members[2]);
     for (spi, a) in &seq_a {
         if let Some((_, c)) = seq_c.iter().find(|(s, _)| s == spi) {
             assert!(c > a, "C2A must send beyond C1A ({spi:08x}: {c} <= {a})");
@@ -780,11 +756,7 @@ fn a_tunnel_taken_as_successor_during_a_cut_moves_for_good_when_its_traffic_foll
         dropped.as_millis(),
         seqs.len()
     );
-    assert!(
-        seqs.iter().any(|s| *s >= 150),
-        "the ping did not go on through C2A:\n{out}\n{}",
-        members[2].logs()
-    );
+    assert_resumed(&seqs, 150, &out, &members[2]);
     assert!(
         members[2]
             .log("hasyncd")
@@ -883,11 +855,7 @@ fn after_a_cut_the_carrier_rekeys_and_claims_its_tunnel_back() {
         dropped.as_millis(),
         seqs.len()
     );
-    assert!(
-        seqs.iter().any(|s| *s >= 150),
-        "the ping did not go on through C2A:\n{out}\n{}",
-        members[2].logs()
-    );
+    assert_resumed(&seqs, 150, &out, &members[2]);
     check_client(&charon, spis, child, "after the router moved the tunnel");
     for m in &mut members {
         m.kill_all();
@@ -987,31 +955,17 @@ fn a_new_cluster_primary_sends_nothing_its_fgsp_peer_has_not_recorded() {
         .unwrap();
     {
         let m = &members[1];
-        wait_for("C1B primary", WAIT, || match m.role() {
-            Some(r) if r == "primary" => Ok(()),
-            other => Err(format!("{other:?}\n{}", m.logs())),
-        });
-        wait_for("C1B carries the IKE SA", WAIT, || {
-            m.ike_sa().filter(|s| *s == spis).ok_or_else(|| m.logs())
-        });
+        wait_primary(m);
+        wait_carries(m, spis);
     }
     // The server's answers reach C1B for a while (C2A loses cluster 1 meanwhile).
     std::thread::sleep(Duration::from_millis(1_500));
     let seq_b = members[1].esp_seqs();
     members[1].kill_all();
     move_lb1_to_cluster2(&router, &server);
-    wait_for("C2A carries the IKE SA", WAIT, || {
-        members[2]
-            .ike_sa()
-            .filter(|s| *s == spis)
-            .ok_or_else(|| members[2].logs())
-    });
+    wait_carries(&members[2], spis);
     let (seqs, _, out) = member::finish_ping(&mut ping);
-    assert!(
-        seqs.iter().any(|s| *s >= 100),
-        "the ping did not resume through C2A:\n{out}\n{}",
-        members[2].logs()
-    );
+    assert_resumed(&seqs, 100, &out, &members[2]);
     assert!(
         ping_burst(&client, 5) >= 4,
         "no traffic through C2A\n{}",
@@ -1055,10 +1009,7 @@ fn a_clusters_new_primary_gets_the_copies_of_the_other_clusters_tunnels() {
     members[2].kill_all();
     {
         let m = &members[3];
-        wait_for("C2B primary", WAIT, || match m.role() {
-            Some(r) if r == "primary" => Ok(()),
-            other => Err(format!("{other:?}\n{}", m.logs())),
-        });
+        wait_primary(m);
         wait_for("C2B holds copies of cluster 1's tunnel", WAIT, || {
             match m.copies() {
                 Ok((1, c)) if c >= 1 => Ok(()),
@@ -1083,23 +1034,14 @@ fn a_clusters_new_primary_gets_the_copies_of_the_other_clusters_tunnels() {
     server
         .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(3)])
         .unwrap();
-    wait_for("C2B carries the IKE SA", WAIT, || {
-        members[3]
-            .ike_sa()
-            .filter(|s| *s == spis)
-            .ok_or_else(|| members[3].logs())
-    });
+    wait_carries(&members[3], spis);
     let (seqs, gap, out) = member::finish_ping(&mut ping);
     eprintln!(
         "C2B carries the tunnel; {} of 200 answered; longest gap {gap} pings; seqs C2B {:?}",
         seqs.len(),
         members[3].esp_seqs()
     );
-    assert!(
-        seqs.iter().any(|s| *s >= 150),
-        "the ping did not resume through C2B:\n{out}\n{}",
-        members[3].logs()
-    );
+    assert_resumed(&seqs, 150, &out, &members[3]);
     check_client(&charon, spis, child, "after C2A and then cluster 1 went");
     for m in &mut members {
         m.kill_all();
@@ -1149,13 +1091,8 @@ fn an_fgcp_failover_slower_than_the_fgsp_loss_time_keeps_the_tunnel_in_its_clust
     });
     {
         let m = &members[1];
-        wait_for("C1B primary", WAIT, || match m.role() {
-            Some(r) if r == "primary" => Ok(()),
-            other => Err(format!("{other:?}\n{}", m.logs())),
-        });
-        wait_for("C1B carries the IKE SA", WAIT, || {
-            m.ike_sa().filter(|s| *s == spis).ok_or_else(|| m.logs())
-        });
+        wait_primary(m);
+        wait_carries(m, spis);
     }
     wait_dropped("C2A drops its takeover", &members[2], &members[1]);
     let (seqs, gap, out) = member::finish_ping(&mut ping);
@@ -1164,11 +1101,7 @@ fn an_fgcp_failover_slower_than_the_fgsp_loss_time_keeps_the_tunnel_in_its_clust
         seqs.len(),
         members[1].esp_seqs()
     );
-    assert!(
-        seqs.iter().any(|s| *s >= 150),
-        "the ping did not resume through C1B:\n{out}\n{}",
-        members[1].logs()
-    );
+    assert_resumed(&seqs, 150, &out, &members[1]);
     assert_eq!(members[1].ike_sa(), Some(spis), "{}", members[1].logs());
     check_client(&charon, spis, child, "after C1A's slow failover");
     rekey_child_by(&charon, &members[1]);
@@ -1195,6 +1128,35 @@ fn move_lb1_to_cluster2(router: &Netns, server: &Netns) {
     server
         .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
         .unwrap();
+}
+
+/// Asserts that the continuous ping was answered again from ping `from` on (through `m`,
+/// whose logs go with a failure).
+fn assert_resumed(seqs: &[u64], from: u64, out: &str, m: &Member) {
+    assert!(
+        seqs.iter().any(|s| *s >= from),
+        "the ping did not resume through {}:\n{out}\n{}",
+        m.name(),
+        m.logs()
+    );
+}
+
+/// Waits until `m` is its FGCP cluster's primary.
+fn wait_primary(m: &Member) {
+    wait_for(&format!("{} primary", m.name()), WAIT, || match m.role() {
+        Some(r) if r == "primary" => Ok(()),
+        other => Err(format!("{other:?}\n{}", m.logs())),
+    });
+}
+
+/// Waits until `m`'s ikemgr holds the tunnel's IKE SA with SPIs `spis`.
+fn wait_carries(m: &Member, spis: (u64, u64)) {
+    wait_for(&format!("{} carries the IKE SA", m.name()), WAIT, || {
+        m.ike_sa()
+            .filter(|s| *s == spis)
+            .map(|_| ())
+            .ok_or_else(|| m.logs())
+    });
 }
 
 /// Waits until `m` holds neither the tunnel's IKE SA nor an outbound SA of it (`other`'s

@@ -1289,12 +1289,11 @@ mod tests {
         assert_eq!(names(&mut plain, 2), ["vpn1_1", "vpn1_2"]);
     }
 
-    /// A reserved RFC 6311 sync asks hasyncd for its mark again every MID_MARK_REPEAT
-    /// until the grant arrives: a grant (or request) lost on the bus delays the sync, it
-    /// does not lose it. The sync goes out only once granted.
-    #[test]
-    fn a_reserved_syncs_mark_is_asked_again_until_granted() {
-        let now = Instant::now();
+    /// The hub's peer, and a member that took its AEAD IKE SA over from a copy and reserved
+    /// an RFC 6311 sync (nothing sent yet): (hub, member, the copy, the mark it asked for).
+    fn taken_over_with_a_reserved_sync(
+        now: Instant,
+    ) -> (IkeManager, IkeManager, IkeSaRecord, Vec<SeqMark>) {
         let mut hub = mgr(HUB, now);
         let mut dial = mgr(DIAL, now);
         connect(&mut hub, &mut dial, now);
@@ -1304,7 +1303,7 @@ mod tests {
         m.takeover(
             now,
             &TakeoverInfo {
-                ike: rec,
+                ike: rec.clone(),
                 start_seqs: vec![],
                 lifetimes: vec![],
                 held_only: false,
@@ -1313,6 +1312,16 @@ mod tests {
         .unwrap();
         let marks = mark_requests(&m.drain_bodies());
         assert_eq!(marks.len(), 1);
+        (hub, m, rec, marks)
+    }
+
+    /// A reserved RFC 6311 sync asks hasyncd for its mark again every MID_MARK_REPEAT
+    /// until the grant arrives: a grant (or request) lost on the bus delays the sync, it
+    /// does not lose it. The sync goes out only once granted.
+    #[test]
+    fn a_reserved_syncs_mark_is_asked_again_until_granted() {
+        let now = Instant::now();
+        let (mut hub, mut m, _, marks) = taken_over_with_a_reserved_sync(now);
         // No grant: asked again at each repeat, nothing sent to the peer meanwhile.
         for k in 1..=3 {
             m.handle_timeout(now + MID_MARK_REPEAT * k);
@@ -1332,24 +1341,7 @@ mod tests {
     #[test]
     fn a_sync_recorded_by_the_member_a_tunnel_was_taken_back_from_replaces_the_one_reserved_here() {
         let now = Instant::now();
-        let mut hub = mgr(HUB, now);
-        let mut dial = mgr(DIAL, now);
-        connect(&mut hub, &mut dial, now);
-        let rec = records(&dial.drain_bodies()).pop().expect("record");
-        drop(dial);
-        let mut m = mgr(DIAL, now);
-        m.takeover(
-            now,
-            &TakeoverInfo {
-                ike: rec.clone(),
-                start_seqs: vec![],
-                lifetimes: vec![],
-                held_only: false,
-            },
-        )
-        .unwrap();
-        let marks = mark_requests(&m.drain_bodies());
-        assert_eq!(marks.len(), 1);
+        let (_hub, mut m, rec, marks) = taken_over_with_a_reserved_sync(now);
         let m1 = u32::try_from(marks[0].seq_hw).unwrap();
         assert!(m.poll_transmit().is_none(), "reserved, not sent");
         m.takeover(
