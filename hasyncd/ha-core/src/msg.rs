@@ -766,6 +766,44 @@ pub(crate) mod tests {
         );
     }
 
+    /// A heartbeat from a member of an older version, which sends neither `fgsp_epoch` nor
+    /// `fgsp_peers`, still decodes: both are taken as absent (0, none). The other way, an
+    /// older member skips them as unknown fields (below).
+    #[test]
+    fn a_heartbeat_without_the_newer_fields_decodes_with_their_defaults() {
+        #[derive(Serialize)]
+        struct OlderHeartbeat {
+            member: MemberId,
+            serial: String,
+            priority: u8,
+            #[serde(rename = "override")]
+            override_: bool,
+            uptime_ms: u64,
+            monitor_up: u16,
+            monitor_total: u16,
+            role: HaRole,
+            primary: Option<MemberId>,
+        }
+        let body = enc(&OlderHeartbeat {
+            member: MemberId(7),
+            serial: "HVN000000000007".into(),
+            priority: 200,
+            override_: false,
+            uptime_ms: 5_000,
+            monitor_up: 1,
+            monitor_total: 1,
+            role: HaRole::Primary,
+            primary: Some(MemberId(7)),
+        })
+        .unwrap();
+        let Ok(Message::Heartbeat(hb)) = Message::decode_body(MsgType::HEARTBEAT, &body) else {
+            panic!("an older heartbeat must decode");
+        };
+        assert_eq!((hb.member, hb.priority), (MemberId(7), 200));
+        assert_eq!(hb.fgsp_epoch, 0);
+        assert!(hb.fgsp_peers.is_empty());
+    }
+
     #[test]
     fn unknown_fields_within_the_depth_limit_are_skipped() {
         // {"request_id": 3, "future": [[[1]]]}: an added field of a newer version.
