@@ -825,11 +825,10 @@ impl Cluster {
                 ch.peers_changed = true;
             }
             if let Some(f) = self.fgcp.as_mut() {
-                f.fgsp_peers_out = if side.active {
-                    side.live.peers().collect()
-                } else {
-                    Vec::new()
-                };
+                f.fgsp_peers_out.clear();
+                if side.active {
+                    f.fgsp_peers_out.extend(side.live.peers());
+                }
             }
             for ev in &events {
                 if let PeerEvent::Up(m) = ev {
@@ -1357,6 +1356,17 @@ impl Cluster {
         }
     }
 
+    /// M1 of another member's sync when `m` is a mark of an IKE SA that member synced
+    /// while it held the tunnel ([`Cluster::reclaimed_mid_marks`]).
+    fn foreign_mark(&self, m: &SeqMark) -> Option<u64> {
+        if !is_ike_mid_mark(m.spi_out) {
+            return None;
+        }
+        self.foreign_marks
+            .get(&(m.tunnel.clone(), m.spi_out))
+            .copied()
+    }
+
     /// Hands ikemgr the recorded RFC 6311 sync mark `m1` of `tunnel`'s IKE SA whose mark
     /// SPI is `spi` (a held-only takeover: it moves an SA held here, restores nothing),
     /// when a record of that SA is known (ikemgr's, or another member's copy).
@@ -1511,18 +1521,20 @@ impl Cluster {
     pub fn propose_leases(&mut self, sas: &[SeqMark], now_ms: u64) {
         // ikemgr asks again for a mark of an IKE SA another member synced (until it has
         // that member's mark): it gets the mark, not a grant.
-        let (foreign, sas): (Vec<SeqMark>, Vec<SeqMark>) = sas.iter().cloned().partition(|m| {
-            is_ike_mid_mark(m.spi_out)
-                && self
-                    .foreign_marks
-                    .contains_key(&(m.tunnel.clone(), m.spi_out))
-        });
-        for m in foreign {
-            if let Some(&m1) = self.foreign_marks.get(&(m.tunnel.clone(), m.spi_out)) {
-                self.tell_recorded_mark(&m.tunnel, m.spi_out, m1);
+        let kept: Vec<SeqMark>;
+        let sas = if self.foreign_marks.is_empty() {
+            sas
+        } else {
+            let mut rest = Vec::with_capacity(sas.len());
+            for m in sas {
+                match self.foreign_mark(m) {
+                    Some(m1) => self.tell_recorded_mark(&m.tunnel, m.spi_out, m1),
+                    None => rest.push(m.clone()),
+                }
             }
-        }
-        let sas = &sas[..];
+            kept = rest;
+            &kept[..]
+        };
         if self.fgsp_mode() {
             self.propose_leases_fgsp(sas, now_ms);
             return;
@@ -1864,18 +1876,18 @@ impl Cluster {
     /// withheld: ikemgr gets that member's mark instead, again each time it asks.
     pub fn take_grants(&mut self) -> Vec<SeqMark> {
         let mut grants = std::mem::take(&mut self.grants);
+        if self.foreign_marks.is_empty() {
+            return grants;
+        }
         let mut foreign = Vec::new();
-        grants.retain(|m| {
-            let key = (m.tunnel.clone(), m.spi_out);
-            match self.foreign_marks.get(&key) {
-                Some(&m1) if is_ike_mid_mark(m.spi_out) => {
-                    foreign.push((key, m1));
-                    false
-                }
-                _ => true,
+        grants.retain(|m| match self.foreign_mark(m) {
+            Some(m1) => {
+                foreign.push((m.tunnel.clone(), m.spi_out, m1));
+                false
             }
+            None => true,
         });
-        for ((tunnel, spi), m1) in foreign {
+        for (tunnel, spi, m1) in foreign {
             tracing::info!(
                 "{tunnel}: RFC 6311 sync mark {spi:08x} not granted: another member synced this IKE SA (M1={m1}); ikemgr continues at its mark"
             );
@@ -2859,19 +2871,18 @@ impl FgspSide {
     ) -> Vec<MemberId> {
         let mut presumed = Vec::new();
         for &m in peers {
-            // Alive here already (or itself): its own last-heard time stands.
-            if m == self.me || presumed.contains(&m) || self.live.peers().any(|p| p == m) {
+            // Alive here already (or listed twice, or itself): its last-heard time stands.
+            if m == self.me || self.live.peers().any(|p| p == m) {
                 continue;
             }
-            if self.live.heard(m, now_ms).is_some() {
-                tracing::info!(
-                    "FGSP peer {} presumed alive (the cluster's previous speaker heard it); leases wait for it until it is heard or lost",
-                    m.0
-                );
-                presumed.push(m);
-                if !self.peers.iter().any(|p| p.id == Some(m)) {
-                    self.presumed.insert(m);
-                }
+            self.live.heard(m, now_ms);
+            tracing::info!(
+                "FGSP peer {} presumed alive (the cluster's previous speaker heard it); leases wait for it until it is heard or lost",
+                m.0
+            );
+            presumed.push(m);
+            if !self.peers.iter().any(|p| p.id == Some(m)) {
+                self.presumed.insert(m);
             }
         }
         presumed
@@ -2932,8 +2943,7 @@ impl FgspSide {
                             p.sync_recv += 1;
                         }
                     }
-                    let heard = self.live.heard(r.sender, now_ms);
-                    if let Some(ev) = heard {
+                    if let Some(ev) = self.live.heard(r.sender, now_ms) {
                         changed = true;
                         if let PeerEvent::Up(m) = ev {
                             joined = true;

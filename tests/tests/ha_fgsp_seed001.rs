@@ -521,7 +521,7 @@ fn fgcp_clusters_as_fgsp_peers_hand_the_tunnel_over_without_renegotiation() {
     let seq_b = members[1].esp_seqs();
     let killed = Instant::now();
     members[1].kill_all();
-    move_lb1_to_cluster2(&router, &server);
+    move_lb1_to_cluster2(&router, &server, 2);
     {
         let m = &members[2];
         wait_carries(m, spis);
@@ -622,7 +622,7 @@ fn a_cluster_whose_tunnel_another_cluster_took_drops_it_and_keeps_the_copies() {
     let seq_a = members[0].esp_seqs();
     assert!(!seq_a.is_empty(), "C1A sends:\n{}", members[0].logs());
     let moved = Instant::now();
-    move_lb1_to_cluster2(&router, &server);
+    move_lb1_to_cluster2(&router, &server, 2);
     wait_carries(&members[2], spis);
     let taken = moved.elapsed();
     wait_dropped("C1A drops the tunnel C2A took", &members[0], &members[2]);
@@ -692,12 +692,8 @@ fn cut_until_c2a_takes_over(router: &Netns, client: &Netns, members: &[Member], 
     for f in ["f2", "f3"] {
         router.ip(&["link", "set", f, "down"]).unwrap();
     }
-    wait_for("C2A takes the tunnel as successor", WAIT, || {
-        members[2]
-            .ike_sa()
-            .filter(|s| *s == spis)
-            .ok_or_else(|| members[2].logs())
-    });
+    // C2A takes the tunnel as cluster 1's successor.
+    wait_carries(&members[2], spis);
     for f in ["f2", "f3"] {
         router.ip(&["link", "set", f, "up"]).unwrap();
     }
@@ -742,7 +738,7 @@ fn a_tunnel_taken_as_successor_during_a_cut_moves_for_good_when_its_traffic_foll
 
     let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
     let moved = Instant::now();
-    move_lb1_to_cluster2(&router, &server);
+    move_lb1_to_cluster2(&router, &server, 2);
     wait_dropped(
         "C1A drops the tunnel C2A carries now",
         &members[0],
@@ -840,13 +836,8 @@ fn after_a_cut_the_carrier_rekeys_and_claims_its_tunnel_back() {
 
     let mut ping = member::start_ping(&client, (CLIENT_INNER, SERVER), 200, "0.05", "1");
     let moved = Instant::now();
-    move_lb1_to_cluster2(&router, &server);
-    wait_for("C2A carries the tunnel", WAIT, || {
-        members[2]
-            .ike_sa()
-            .filter(|s| *s == spis)
-            .ok_or_else(|| members[2].logs())
-    });
+    move_lb1_to_cluster2(&router, &server, 2);
+    wait_carries(&members[2], spis);
     wait_dropped("C1A drops the tunnel", &members[0], &members[2]);
     let dropped = moved.elapsed();
     let (seqs, gap, out) = member::finish_ping(&mut ping);
@@ -962,7 +953,7 @@ fn a_new_cluster_primary_sends_nothing_its_fgsp_peer_has_not_recorded() {
     std::thread::sleep(Duration::from_millis(1_500));
     let seq_b = members[1].esp_seqs();
     members[1].kill_all();
-    move_lb1_to_cluster2(&router, &server);
+    move_lb1_to_cluster2(&router, &server, 2);
     wait_carries(&members[2], spis);
     let (seqs, _, out) = member::finish_ping(&mut ping);
     assert_resumed(&seqs, 100, &out, &members[2]);
@@ -1028,12 +1019,7 @@ fn a_clusters_new_primary_gets_the_copies_of_the_other_clusters_tunnels() {
     std::thread::sleep(Duration::from_secs(1));
     members[0].kill_all();
     members[1].kill_all();
-    router
-        .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
-        .unwrap();
-    server
-        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(3)])
-        .unwrap();
+    move_lb1_to_cluster2(&router, &server, 3);
     wait_carries(&members[3], spis);
     let (seqs, gap, out) = member::finish_ping(&mut ping);
     eprintln!(
@@ -1082,13 +1068,8 @@ fn an_fgcp_failover_slower_than_the_fgsp_loss_time_keeps_the_tunnel_in_its_clust
     server
         .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(1)])
         .unwrap();
-    wait_for("C2A takes the tunnel as successor", WAIT, || {
-        members[2]
-            .ike_sa()
-            .filter(|s| *s == spis)
-            .map(|_| ())
-            .ok_or_else(|| members[2].logs())
-    });
+    // C2A loses cluster 1 first and takes the tunnel as its successor.
+    wait_carries(&members[2], spis);
     {
         let m = &members[1];
         wait_primary(m);
@@ -1120,13 +1101,13 @@ fn an_fgcp_failover_slower_than_the_fgsp_loss_time_keeps_the_tunnel_in_its_clust
 }
 
 /// The router sends lb1 to cluster 2's LAN, and the server's route back to the client's
-/// inside network follows C2A.
-fn move_lb1_to_cluster2(router: &Netns, server: &Netns) {
+/// inside network follows member `i` of cluster 2 (its primary).
+fn move_lb1_to_cluster2(router: &Netns, server: &Netns, i: usize) {
     router
         .ip(&["route", "replace", &format!("{LB1}/32"), "dev", "br1"])
         .unwrap();
     server
-        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(2)])
+        .ip(&["route", "replace", "10.10.1.0/24", "via", &port3_addr(i)])
         .unwrap();
 }
 

@@ -855,10 +855,6 @@ impl IkeManager {
         Ok(())
     }
 
-    /// After a takeover of `rec` continued as SA `id`: the copy may be behind (an exchange
-    /// in flight when the old owner died, or done within its last publishing tick), so
-    /// RFC 6311 when the peer announced it, at most once on an AEAD SA (see the module's
-    /// rule), or the mark another member recorded among `start_seqs`.
     /// SA `id`, established here, was taken back from a member that recorded an RFC 6311
     /// sync of it (its mark among `start_seqs`) while it held the tunnel: that member may
     /// have sent it, so this one sends none (strongSwan deletes an AEAD IKE SA asked twice),
@@ -871,12 +867,7 @@ impl IkeManager {
         rec: &IkeSaRecord,
         start_seqs: &[SeqMark],
     ) {
-        let mark_spi = ike_mid_mark_spi(rec.spi_i, rec.spi_r);
-        let Some(m1) = start_seqs
-            .iter()
-            .find(|m| m.spi_out == mark_spi)
-            .map(|m| u32::try_from(m.seq_hw).unwrap_or(u32::MAX))
-        else {
+        let Some(m1) = recorded_mid_mark(rec, start_seqs) else {
             return;
         };
         let waited = self.ha.mark_wait.remove(&id).is_some();
@@ -901,6 +892,10 @@ impl IkeManager {
         self.pump(id, now);
     }
 
+    /// After a takeover of `rec` continued as SA `id`: the copy may be behind (an exchange
+    /// in flight when the old owner died, or done within its last publishing tick), so
+    /// RFC 6311 when the peer announced it, at most once on an AEAD SA (see the module's
+    /// rule), or the mark another member recorded among `start_seqs`.
     fn mid_sync_after_takeover(
         &mut self,
         now: Instant,
@@ -909,10 +904,7 @@ impl IkeManager {
         start_seqs: &[SeqMark],
     ) {
         let mark_spi = ike_mid_mark_spi(rec.spi_i, rec.spi_r);
-        let mark = start_seqs
-            .iter()
-            .find(|m| m.spi_out == mark_spi)
-            .map(|m| u32::try_from(m.seq_hw).unwrap_or(u32::MAX));
+        let mark = recorded_mid_mark(rec, start_seqs);
         if let Some(e) = self.sas.get_mut(&serial) {
             if let Some(m1) = mark {
                 // A member recorded a sync on this SA (its copy here may be older).
@@ -971,6 +963,15 @@ impl IkeManager {
             }
         }
     }
+}
+
+/// The RFC 6311 sync mark (M1) recorded for `rec`'s IKE SA among `start_seqs`, if any.
+fn recorded_mid_mark(rec: &IkeSaRecord, start_seqs: &[SeqMark]) -> Option<u32> {
+    let mark_spi = ike_mid_mark_spi(rec.spi_i, rec.spi_r);
+    start_seqs
+        .iter()
+        .find(|m| m.spi_out == mark_spi)
+        .map(|m| u32::try_from(m.seq_hw).unwrap_or(u32::MAX))
 }
 
 /// An IKE SA restored from a copy ([`IkeManager::restore_copy`]).
