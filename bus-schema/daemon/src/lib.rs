@@ -16,7 +16,7 @@ pub mod pktinfo;
 mod shell;
 pub mod telemetry;
 
-pub use shell::{diff_keyed, run, DaemonArgs, DaemonLogic, Outbox};
+pub use shell::{diff_keyed, drop_later, run, DaemonArgs, DaemonLogic, Outbox};
 
 /// Wall-clock time in nanoseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ns() -> u64 {

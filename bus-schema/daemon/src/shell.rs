@@ -62,6 +62,12 @@ pub trait DaemonLogic: Sized + Unpin + 'static {
     fn set_config_path(&mut self, _path: &Path) {}
     /// A followed daemon's state changed (an update or a snapshot was applied).
     fn on_replica(&mut self, _src: DaemonKind, _store: &StateStore, _out: &mut Outbox) {}
+    /// The same, with the copy handed over: a logic that keeps it can tell the next copy's
+    /// changes from it ([`StateStore::changes_since`]) instead of reading every record.
+    fn on_replica_copy(&mut self, src: DaemonKind, store: StateStore, out: &mut Outbox) {
+        self.on_replica(src, &store, out);
+        drop_later(store);
+    }
     /// A followed daemon published an event (a body that is not state: activity batches,
     /// probe requests and results, lifetime expiries). Heartbeats are not delivered.
     /// Events are best effort: one lost in a bus gap is not replayed by the snapshot.
@@ -96,6 +102,29 @@ pub trait DaemonLogic: Sized + Unpin + 'static {
     /// (a heartbeat, a lease request) still run on a loaded machine. 0: 50 ms only (a
     /// datapath that must install new SAs at once).
     const REPLICA_SPACING: u32 = 0;
+}
+
+/// Drops `store` on a background thread: freeing a copy of a large store (its tree nodes and
+/// shared keys and bodies: tens of ms for 300 000 items) is work the actor, which drives the
+/// daemon's timers, need not wait for. Dropped in place if that thread cannot be started.
+pub fn drop_later(store: StateStore) {
+    static DROPPER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<StateStore>>> =
+        std::sync::OnceLock::new();
+    let tx = DROPPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<StateStore>();
+        std::thread::Builder::new()
+            .name("store-drop".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    match tx {
+        Some(tx) => {
+            // The send fails only once the thread is gone: the store comes back, dropped here.
+            let _ = tx.send(store);
+        }
+        None => drop(store),
+    }
 }
 
 /// Publishes the difference between two keyed views: a `put` for every new or changed
@@ -255,7 +284,7 @@ impl<L: DaemonLogic> Handler<ReplicaChanged> for Core<L> {
         };
         let mut out = Vec::new();
         let ((), took) = timed_cost::<L, _>("replica", || {
-            self.logic.on_replica(msg.src, &store, &mut out)
+            self.logic.on_replica_copy(msg.src, store, &mut out)
         });
         let cost = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         msg.cost_ns.store(cost, Ordering::Relaxed);
