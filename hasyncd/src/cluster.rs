@@ -212,6 +212,9 @@ pub struct Cluster {
     was_secondary: bool,
     /// CHILD SAs this member carries (from ikemgr), by `tunnel/spi_in`, as last sent.
     local: BTreeMap<String, ChildSaSync>,
+    /// How many of `local`'s records have each (tunnel, outbound SPI): what the tunnel
+    /// tables count, kept with `local` so a change is looked up, not scanned for.
+    local_out: BTreeMap<(String, u32), usize>,
     /// Phase1 names whose SAs go to FGSP peers (`fgsp-sync enable`).
     fgsp_sync: std::collections::BTreeSet<String>,
     /// Standby copies received from other members, by `tunnel/spi_in`.
@@ -527,6 +530,7 @@ impl Cluster {
             failovers: 0,
             was_secondary: false,
             local: BTreeMap::new(),
+            local_out: BTreeMap::new(),
             fgsp_sync: config
                 .phase1
                 .iter()
@@ -1901,36 +1905,52 @@ impl Cluster {
         std::mem::take(&mut self.takeovers)
     }
 
-    /// The IKE SAs this member carries now (ikemgr's `sa.ike` table): every change goes to
-    /// the other members in full (keys, SPIs, message IDs), removals as deletions.
+    /// The IKE SAs this member carries now (ikemgr's `sa.ike` table, keyed by tunnel): every
+    /// change goes to the other members in full (keys, SPIs, message IDs), removals as
+    /// deletions. The changes are found by comparing with the last set
+    /// ([`Cluster::update_local_ike_sas`] takes them as they are).
     pub fn set_local_ike_sas(&mut self, now: BTreeMap<String, IkeSaRecord>) {
+        let changes = keyed_changes(&self.ike_local, now);
+        self.update_local_ike_sas(changes);
+    }
+
+    /// What changed in the IKE SAs this member carries, by tunnel (`None`: gone), in key
+    /// order; unchanged records need not be listed, so this costs what changed, not what
+    /// is held.
+    pub fn update_local_ike_sas(&mut self, changes: Vec<(String, Option<IkeSaRecord>)>) {
         let mut msgs = Vec::new();
         let mut rekeyed = Vec::new();
-        for (k, r) in &now {
-            match self.ike_local.get(k) {
-                Some(old) if old == r => continue,
+        let mut removed = Vec::new();
+        for (k, r) in changes {
+            let Some(r) = r else {
+                if let Some(old) = self.ike_local.remove(&k) {
+                    removed.push(old);
+                }
+                continue;
+            };
+            match self.ike_local.get(&k) {
+                Some(old) if *old == r => continue,
                 Some(old) if (old.spi_i, old.spi_r) != (r.spi_i, r.spi_r) => {
                     rekeyed.push((old.tunnel.clone(), old.spi_i, old.spi_r));
                 }
                 _ => {}
             }
-            msgs.push(Message::IkeSa(ike_sync(r)));
+            msgs.push(Message::IkeSa(ike_sync(&r)));
+            self.ike_local.insert(k, r);
         }
         for (tunnel, spi_i, spi_r) in rekeyed {
             self.forget_mid_mark(&tunnel, spi_i, spi_r);
         }
         let mut gone = Vec::new();
-        for (k, r) in &self.ike_local {
-            if !now.contains_key(k) {
-                msgs.push(Message::Delete(DeleteSync::IkeSa {
-                    tunnel: r.tunnel.clone(),
-                    spi_i: r.spi_i,
-                    spi_r: r.spi_r,
-                }));
-                gone.push(r.tunnel.clone());
-                self.foreign_marks
-                    .remove(&(r.tunnel.clone(), ike_mid_mark_spi(r.spi_i, r.spi_r)));
-            }
+        for r in &removed {
+            msgs.push(Message::Delete(DeleteSync::IkeSa {
+                tunnel: r.tunnel.clone(),
+                spi_i: r.spi_i,
+                spi_r: r.spi_r,
+            }));
+            gone.push(r.tunnel.clone());
+            self.foreign_marks
+                .remove(&(r.tunnel.clone(), ike_mid_mark_spi(r.spi_i, r.spi_r)));
         }
         // A standby copy this member still held of an IKE SA it carried and has now deleted
         // (an FGCP takeover keeps the copies it was made from) describes an SA that no
@@ -1940,7 +1960,7 @@ impl Cluster {
         // killed one still held, and the copies are the new carrier's, kept for the next
         // takeover.
         let carrier = self.fgcp_role().is_none_or(|r| r == HaRole::Primary);
-        for (_, r) in self.ike_local.iter().filter(|(k, _)| !now.contains_key(*k)) {
+        for r in &removed {
             // A tunnel another member (FGSP) or cluster (FGCP over FGSP) took: the copies
             // are the new owner's.
             if !carrier || self.tunnel_fgsp_role(&r.tunnel) == Some(TunnelRole::Standby) {
@@ -1953,7 +1973,8 @@ impl Cluster {
             {
                 self.ike_replicas.remove(&r.tunnel);
             }
-            if !now.values().any(|n| n.tunnel == r.tunnel) {
+            // Keyed by tunnel: no IKE SA of the tunnel is left here.
+            if !self.ike_local.contains_key(&r.tunnel) {
                 self.replicas.retain(|_, c| c.sa.tunnel != r.tunnel);
             }
         }
@@ -1988,7 +2009,6 @@ impl Cluster {
                 }
             }
         }
-        self.ike_local = now;
         self.send_sync_or_snapshot(&msgs);
     }
 
@@ -2083,39 +2103,88 @@ impl Cluster {
 
     /// The CHILD SAs this member carries now (ikemgr's `sa.child` table): new or changed
     /// records go to the other members, removed ones as deletions. FGCP: only the primary
-    /// sends. FGSP: only SAs of phase1s with `fgsp-sync enable`.
+    /// sends. FGSP: only SAs of phase1s with `fgsp-sync enable`. The changes are found by
+    /// comparing with the last set ([`Cluster::update_local_child_sas`] takes them as they
+    /// are).
     pub fn set_local_child_sas(&mut self, now: BTreeMap<String, ChildSaSync>) {
+        let changes = keyed_changes(&self.local, now);
+        self.update_local_child_sas(changes);
+    }
+
+    /// What changed in the CHILD SAs this member carries, by key (`None`: gone), in key
+    /// order; unchanged records need not be listed, so this costs what changed, not what
+    /// is held.
+    pub fn update_local_child_sas(&mut self, changes: Vec<(String, Option<ChildSaSync>)>) {
         let mut msgs = Vec::new();
-        for (k, sa) in &now {
-            if self.local.get(k) != Some(sa) {
-                msgs.push(Message::ChildSa(sa.clone()));
+        let mut deletes = Vec::new();
+        // (tunnel, outbound SPI) of the records that come and of those that go, each only
+        // when no record had (has) it before (after): what the tunnel tables count.
+        let mut added = Vec::new();
+        let mut replaced = Vec::new();
+        let mut effective = Vec::new();
+        for (k, sa) in changes {
+            let old = self.local.get(&k);
+            match &sa {
+                Some(sa) if old == Some(sa) => continue,
+                Some(sa) => {
+                    msgs.push(Message::ChildSa(sa.clone()));
+                    if !self
+                        .local_out
+                        .contains_key(&(sa.tunnel.clone(), sa.spi_out))
+                    {
+                        added.push((sa.tunnel.clone(), sa.spi_out));
+                    }
+                }
+                None if old.is_none() => continue,
+                None => {}
+            }
+            if let Some(old) = old {
+                if sa.is_none() {
+                    deletes.push(Message::Delete(DeleteSync::ChildSa {
+                        tunnel: old.tunnel.clone(),
+                        spi_in: old.spi_in,
+                    }));
+                }
+                replaced.push((old.tunnel.clone(), old.spi_out));
+            }
+            effective.push((k, sa));
+        }
+        msgs.extend(deletes);
+        for (k, sa) in effective {
+            let old = match sa {
+                Some(sa) => {
+                    *self
+                        .local_out
+                        .entry((sa.tunnel.clone(), sa.spi_out))
+                        .or_default() += 1;
+                    self.local.insert(k, sa)
+                }
+                None => self.local.remove(&k),
+            };
+            if let Some(old) = old {
+                let pair = (old.tunnel, old.spi_out);
+                if let Some(n) = self.local_out.get_mut(&pair) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.local_out.remove(&pair);
+                    }
+                }
             }
         }
-        for (k, sa) in &self.local {
-            if !now.contains_key(k) {
-                msgs.push(Message::Delete(DeleteSync::ChildSa {
-                    tunnel: sa.tunnel.clone(),
-                    spi_in: sa.spi_in,
-                }));
-            }
-        }
+        replaced.retain(|pair| !self.local_out.contains_key(pair));
         let primary = self.fgcp_role() == Some(HaRole::Primary);
         if primary && self.fgsp_table.is_some() {
-            self.register_local_over_fgsp(&now);
+            self.register_local_over_fgsp(&added, &replaced);
         }
         if self.fgsp_mode() {
-            self.register_local_fgsp(&now);
+            self.register_local_fgsp(&added, &replaced);
         } else if let Some(t) = self.table.as_mut() {
-            let old = sa_keys(&self.local);
-            let new = sa_keys(&now);
             let me = t.me();
-            for sa in now.values() {
-                if !old.contains(&(sa.tunnel.as_str(), sa.spi_out)) {
-                    if primary && self.local_tunnels.insert(sa.tunnel.clone()) {
-                        t.local_established(&sa.tunnel);
-                    }
-                    t.sa_added(me, &sa.tunnel, sa.spi_out);
+            for (tunnel, spi_out) in &added {
+                if primary && self.local_tunnels.insert(tunnel.clone()) {
+                    t.local_established(tunnel);
                 }
+                t.sa_added(me, tunnel, *spi_out);
             }
             // A CHILD SA ikemgr no longer carries is gone for good only when this member is
             // the primary that owns its tunnel (a rekey, a delete, a DPD flush). A member
@@ -2124,16 +2193,12 @@ impl Cluster {
             // current, the owner's deletion removes it), or a later takeover here would
             // find no record of the SA and start it at sequence 1 (the --ha-link fault run:
             // 148 repeated sequence numbers).
-            for sa in self.local.values() {
-                if primary
-                    && t.role(&sa.tunnel) != Some(TunnelRole::Standby)
-                    && !new.contains(&(sa.tunnel.as_str(), sa.spi_out))
-                {
-                    t.sa_removed(&sa.tunnel, sa.spi_out);
+            for (tunnel, spi_out) in &replaced {
+                if primary && t.role(tunnel) != Some(TunnelRole::Standby) {
+                    t.sa_removed(tunnel, *spi_out);
                 }
             }
         }
-        self.local = now;
         self.send_sync_or_snapshot(&msgs);
     }
 
@@ -2165,66 +2230,57 @@ impl Cluster {
     /// new tunnel is claimed); a tunnel the table gives to another member is left alone
     /// (ikemgr drops it). Removed SAs are forgotten only while this member owns the tunnel,
     /// so a demoted member keeps the new owner's marks.
-    fn register_local_fgsp(&mut self, now: &BTreeMap<String, ChildSaSync>) {
-        // (tunnel, outbound SPI) of the previous and the new records: lookups, not scans
-        // (100 000 SAs would make the scans quadratic).
-        let old = sa_keys(&self.local);
-        let new = sa_keys(now);
-        let synced: Vec<bool> = now.values().map(|sa| self.syncs(&sa.tunnel)).collect();
+    fn register_local_fgsp(&mut self, added: &[(String, u32)], gone: &[(String, u32)]) {
+        let synced: Vec<bool> = added.iter().map(|(t, _)| self.syncs(t)).collect();
         let Some(t) = self.table.as_mut() else { return };
         let me = t.me();
-        for (sa, synced) in now.values().zip(synced) {
-            if !synced || old.contains(&(sa.tunnel.as_str(), sa.spi_out)) {
+        for ((tunnel, spi_out), synced) in added.iter().zip(synced) {
+            if !synced {
                 continue;
             }
-            match t.role(&sa.tunnel) {
+            match t.role(tunnel) {
                 None => {
-                    t.local_established(&sa.tunnel);
+                    t.local_established(tunnel);
                     self.roles_dirty = true;
                 }
                 Some(TunnelRole::SyncPrimary) => {}
                 Some(TunnelRole::Standby) => continue,
             }
-            t.sa_added(me, &sa.tunnel, sa.spi_out);
+            t.sa_added(me, tunnel, *spi_out);
         }
-        for sa in self.local.values() {
-            if t.role(&sa.tunnel) == Some(TunnelRole::SyncPrimary)
-                && !new.contains(&(sa.tunnel.as_str(), sa.spi_out))
-            {
-                t.sa_removed(&sa.tunnel, sa.spi_out);
+        for (tunnel, spi_out) in gone {
+            if t.role(tunnel) == Some(TunnelRole::SyncPrimary) {
+                t.sa_removed(tunnel, *spi_out);
             }
         }
     }
 
     /// FGCP cluster over FGSP, on the primary: CHILD SAs of synced tunnels this cluster
     /// carries go into the FGSP table (a new tunnel is claimed for the cluster's FGSP id).
-    fn register_local_over_fgsp(&mut self, now: &BTreeMap<String, ChildSaSync>) {
-        // (tunnel, outbound SPI) of the previous and the new records: lookups, not scans
-        // (100 000 SAs would make the scans quadratic).
-        let old = sa_keys(&self.local);
-        let new = sa_keys(now);
-        let synced: Vec<bool> = now.values().map(|sa| self.syncs(&sa.tunnel)).collect();
+    fn register_local_over_fgsp(&mut self, added: &[(String, u32)], gone: &[(String, u32)]) {
+        let synced: Vec<bool> = added.iter().map(|(t, _)| self.syncs(t)).collect();
         let Some(t) = self.fgsp_table.as_mut() else {
             return;
         };
         let me = t.me();
-        for (sa, synced) in now.values().zip(synced) {
-            if !synced || old.contains(&(sa.tunnel.as_str(), sa.spi_out)) {
+        for ((tunnel, spi_out), synced) in added.iter().zip(synced) {
+            if !synced {
                 continue;
             }
-            match t.role(&sa.tunnel) {
-                None => t.local_established(&sa.tunnel),
+            match t.role(tunnel) {
+                None => {
+                    t.local_established(tunnel);
+                    self.roles_dirty = true;
+                }
                 Some(TunnelRole::SyncPrimary) => {}
                 Some(TunnelRole::Standby) => continue,
             }
-            t.sa_added(me, &sa.tunnel, sa.spi_out);
+            t.sa_added(me, tunnel, *spi_out);
         }
-        for sa in self.local.values() {
-            if t.role(&sa.tunnel) == Some(TunnelRole::SyncPrimary)
-                && !new.contains(&(sa.tunnel.as_str(), sa.spi_out))
-            {
-                t.sa_removed(&sa.tunnel, sa.spi_out);
-                self.lease_halves.remove(&(sa.tunnel.clone(), sa.spi_out));
+        for (tunnel, spi_out) in gone {
+            if t.role(tunnel) == Some(TunnelRole::SyncPrimary) {
+                t.sa_removed(tunnel, *spi_out);
+                self.lease_halves.remove(&(tunnel.clone(), *spi_out));
             }
         }
     }
@@ -2495,10 +2551,24 @@ fn bulk_by_snapshot(changed: usize, held: usize) -> bool {
     changed > BULK_BY_SNAPSHOT && (changed > BULK_SEND_MAX || changed.saturating_mul(2) >= held)
 }
 
-fn sa_keys(m: &BTreeMap<String, ChildSaSync>) -> std::collections::BTreeSet<(&str, u32)> {
-    m.values()
-        .map(|sa| (sa.tunnel.as_str(), sa.spi_out))
-        .collect()
+/// What turns `old` into `now`: changed and new entries, and removed keys (`None`), in key
+/// order.
+fn keyed_changes<V: PartialEq>(
+    old: &BTreeMap<String, V>,
+    now: BTreeMap<String, V>,
+) -> Vec<(String, Option<V>)> {
+    let mut out: Vec<(String, Option<V>)> = old
+        .keys()
+        .filter(|k| !now.contains_key(*k))
+        .map(|k| (k.clone(), None))
+        .collect();
+    out.extend(
+        now.into_iter()
+            .filter(|(k, v)| old.get(k) != Some(v))
+            .map(|(k, v)| (k, Some(v))),
+    );
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// An FGCP cluster over FGSP: the role the FGSP table gives `tunnel` (`role`), as this

@@ -116,15 +116,48 @@ impl UsageSync {
 
     /// The sync records of `children` (ikemgr's `sa.child` by `tunnel/spi_in`) at `now_ms`:
     /// an SA whose bytes did not move and whose record did not change keeps the record
-    /// sent before (so it is not sent again); the others get their lifetimes left now.
+    /// sent before (so it is not sent again); the others get their lifetimes left now. The
+    /// whole set at once, the reference [`UsageSync::update`] keeps up to date by changes.
+    #[cfg(test)]
     pub fn records(
         &mut self,
         children: &BTreeMap<String, ChildSaInfo>,
         now_ms: u64,
     ) -> BTreeMap<String, ChildSaSync> {
-        let mut out = BTreeMap::new();
-        for (k, c) in children {
-            let (age_s, bytes) = self.reports.get(k).map_or((0, 0), |r| {
+        let keys: BTreeSet<String> = children
+            .keys()
+            .chain(self.sent.keys())
+            .chain(self.reports.keys())
+            .cloned()
+            .collect();
+        self.update(children, keys, now_ms);
+        self.sent.clone()
+    }
+
+    /// The records that differ from those handed out last, once `changed` (keys of
+    /// `children`, ikemgr's `sa.child`, whose record changed, came or went) and the SAs
+    /// whose bytes moved are brought up to `now_ms`; `None`: the SA is gone. Every other
+    /// SA's record stays what it was: its record did not change and its bytes did not move,
+    /// so [`UsageSync::records`] would keep it too. Costs what changed, not what is held.
+    pub fn update(
+        &mut self,
+        children: &BTreeMap<String, ChildSaInfo>,
+        changed: impl IntoIterator<Item = String>,
+        now_ms: u64,
+    ) -> Vec<(String, Option<ChildSaSync>)> {
+        let moved = std::mem::take(&mut self.moved);
+        let mut keys: BTreeSet<String> = changed.into_iter().collect();
+        keys.extend(moved.iter().cloned());
+        let mut out = Vec::new();
+        for k in keys {
+            let Some(c) = children.get(&k) else {
+                self.reports.remove(&k);
+                if self.sent.remove(&k).is_some() {
+                    out.push((k, None));
+                }
+                continue;
+            };
+            let (age_s, bytes) = self.reports.get(&k).map_or((0, 0), |r| {
                 (
                     r.age_ms.saturating_add(now_ms.saturating_sub(r.at_ms)) / 1000,
                     r.bytes,
@@ -134,18 +167,18 @@ impl UsageSync {
             // Moving bytes matter only to an SA with a volume limit (the time left needs no
             // re-send: the receiver counts it from when the record arrived).
             let volume = c.lifetime.soft_bytes > 0 || c.lifetime.hard_bytes > 0;
-            let keep = self.sent.get(k).filter(|old| {
-                !(volume && self.moved.contains(k))
+            let keep = self.sent.get(&k).is_some_and(|old| {
+                !(volume && moved.contains(&k))
                     && ChildSaSync {
                         lifetime: fresh.lifetime.clone(),
-                        ..(*old).clone()
+                        ..old.clone()
                     } == fresh
             });
-            out.insert(k.clone(), keep.cloned().unwrap_or(fresh));
+            if !keep {
+                self.sent.insert(k.clone(), fresh.clone());
+                out.push((k, Some(fresh)));
+            }
         }
-        self.reports.retain(|k, _| children.contains_key(k));
-        self.moved.clear();
-        self.sent = out.clone();
         self.last_ms = Some(now_ms);
         out
     }
@@ -269,5 +302,72 @@ mod tests {
         let e = u.records(&children, 92_000);
         u.note(&[usage(100_000, 5_000)], 100_000);
         assert_eq!(u.records(&children, 101_000), e);
+    }
+
+    /// Kept up to date by changes (`update`, with the keys whose record changed), the
+    /// records are those the whole-set computation (`records`) gives, at every step of a
+    /// run of SAs coming, changing and going while espd reports bytes.
+    #[test]
+    fn records_kept_by_changes_are_the_whole_sets_records() {
+        let mut whole = UsageSync::default();
+        let mut inc = UsageSync::default();
+        let mut kept: BTreeMap<String, ChildSaSync> = BTreeMap::new();
+        let mut children: BTreeMap<String, ChildSaInfo> = BTreeMap::new();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for step in 0..2_000u64 {
+            let now = step * 250;
+            let mut changed = Vec::new();
+            for _ in 0..next(3) {
+                let spi = 0x10 + next(12) as u32;
+                let key = ChildSaInfo::key_of("vpn1", spi);
+                match next(4) {
+                    0 => {
+                        children.remove(&key);
+                    }
+                    n => {
+                        let mut c = child(if n == 1 {
+                            SaLifetime {
+                                soft_bytes: 0,
+                                hard_bytes: 0,
+                                ..LIFE
+                            }
+                        } else {
+                            LIFE
+                        });
+                        c.spi_in = spi;
+                        c.spi_out = spi + 0x100 * (n as u32);
+                        children.insert(key.clone(), c);
+                    }
+                }
+                changed.push(key);
+            }
+            let reports: Vec<SaUsage> = (0..next(4))
+                .map(|_| SaUsage {
+                    spi_in: 0x10 + next(14) as u32,
+                    ..usage(now, next(6_000_000))
+                })
+                .collect();
+            whole.note(&reports, now);
+            inc.note(&reports, now);
+            let due = whole.due(now);
+            assert_eq!(due, inc.due(now), "step {step}");
+            if due || !changed.is_empty() {
+                let want = whole.records(&children, now);
+                let got = inc.update(&children, changed, now);
+                for (k, v) in got {
+                    match v {
+                        Some(v) => kept.insert(k, v),
+                        None => kept.remove(&k),
+                    };
+                }
+                assert_eq!(kept, want, "step {step}");
+            }
+        }
     }
 }
