@@ -208,7 +208,7 @@ impl Glue {
     pub fn sync_tunnels(&mut self, now_ms: u64, ike: &StateStore, out: &mut Vec<Body>) {
         let mut touched = Vec::new();
         let mut present = 0usize;
-        for b in ike.items() {
+        for b in ike.table(table::TUNNEL) {
             let Body::Tunnel(t) = b else { continue };
             present += 1;
             if self.tunnels.get(&t.name) != Some(t) {

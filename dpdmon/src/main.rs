@@ -239,15 +239,24 @@ impl DaemonLogic for Dpdmon {
     }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
+        self.on_replica_copy(src, store.clone(), out);
+    }
+
+    /// ikemgr's copy is kept as it is handed over (no second copy), and the one it
+    /// replaces is freed on the shell's background thread.
+    fn on_replica_copy(&mut self, src: DaemonKind, store: StateStore, out: &mut Outbox) {
         match src {
             DaemonKind::Ikemgr => {
-                self.glue.sync_tunnels(now_ms(), store, out);
-                self.monitors.sync(now_ms(), store, out);
+                self.glue.sync_tunnels(now_ms(), &store, out);
+                self.monitors.sync(now_ms(), &store, out);
                 self.run_monitor_io();
-                self.ike = store.clone();
+                haven_daemon::drop_later(std::mem::replace(&mut self.ike, store));
             }
-            DaemonKind::Hasyncd => self.glue.sync_roles(now_ms(), store, out),
-            _ => {}
+            DaemonKind::Hasyncd => {
+                self.glue.sync_roles(now_ms(), &store, out);
+                haven_daemon::drop_later(store);
+            }
+            _ => haven_daemon::drop_later(store),
         }
     }
 

@@ -50,6 +50,10 @@ pub struct Espd {
     desired: BTreeMap<String, ChildSaInfo>,
     /// Tunnel instances ikemgr publishes (`tunnel.state`) -> phase1.
     tunnel_records: BTreeMap<String, String>,
+    /// The copy of ikemgr's store read last: `desired` and `tunnel_records` follow what
+    /// differs from it, and an update that changes neither table (an IKE SA's message IDs
+    /// after a DPD exchange) reconciles nothing.
+    ikemgr_store: StateStore,
     /// What is in the datapath, as it was installed.
     installed: BTreeMap<String, ChildSaInfo>,
     /// Install failures, by key (retried when ikemgr republishes, or every tick).
@@ -140,6 +144,7 @@ impl Espd {
             dp_error: None,
             desired: BTreeMap::new(),
             tunnel_records: BTreeMap::new(),
+            ikemgr_store: StateStore::default(),
             installed: BTreeMap::new(),
             failed: BTreeMap::new(),
             dead: BTreeSet::new(),
@@ -946,28 +951,45 @@ impl DaemonLogic for Espd {
     }
 
     fn on_replica(&mut self, src: DaemonKind, store: &StateStore, out: &mut Outbox) {
-        if src == DaemonKind::Hasyncd {
-            // Followed for its lease grants (events) only.
-            return;
-        }
+        self.on_replica_copy(src, store.clone(), out);
+    }
+
+    fn on_replica_copy(&mut self, src: DaemonKind, store: StateStore, out: &mut Outbox) {
+        // hasyncd is followed for its lease grants (events) only.
         if src != DaemonKind::Ikemgr {
             return;
         }
-        self.desired = store
-            .table(table::CHILD_SA)
-            .filter_map(|b| match b {
-                Body::ChildSa(c) => Some((ChildSaInfo::key_of(&c.tunnel, c.spi_in), c.clone())),
-                _ => None,
-            })
-            .collect();
-        self.tunnel_records = store
-            .table(table::TUNNEL)
-            .filter_map(|b| match b {
-                Body::Tunnel(t) => Some((t.name.clone(), t.phase1.clone())),
-                _ => None,
-            })
-            .collect();
-        self.reconcile(out);
+        let old = std::mem::take(&mut self.ikemgr_store);
+        // The store keys CHILD SAs by `tunnel/spi_in` (`ChildSaInfo::key_of`) and tunnels
+        // by name, as these maps do.
+        let children = store.changes_since(&old, table::CHILD_SA);
+        let tunnels = store.changes_since(&old, table::TUNNEL);
+        let changed = !children.is_empty() || !tunnels.is_empty();
+        for (key, body) in children {
+            match body {
+                Some(Body::ChildSa(c)) => {
+                    self.desired.insert(key, c.clone());
+                }
+                _ => {
+                    self.desired.remove(&key);
+                }
+            }
+        }
+        for (name, body) in tunnels {
+            match body {
+                Some(Body::Tunnel(t)) => {
+                    self.tunnel_records.insert(name, t.phase1.clone());
+                }
+                _ => {
+                    self.tunnel_records.remove(&name);
+                }
+            }
+        }
+        haven_daemon::drop_later(old);
+        self.ikemgr_store = store;
+        if changed {
+            self.reconcile(out);
+        }
         self.ha.requests(self.dp.as_ref(), out);
     }
 
