@@ -159,6 +159,19 @@ fn retain_held(skips: &mut Vec<SeqMark>, children: &BTreeMap<String, ChildSaInfo
     skips.retain(|m| held.contains(&(m.tunnel.as_str(), m.spi_out)));
 }
 
+/// Whether ikemgr holds a CHILD SA of `tunnel` with outbound SPI `spi_out` (`children` is
+/// keyed `tunnel/spi_in`: a lookup of the tunnel's SAs, not a scan).
+fn holds_outbound(children: &BTreeMap<String, ChildSaInfo>, tunnel: &str, spi_out: u32) -> bool {
+    let prefix = format!("{tunnel}/");
+    children
+        .range::<str, _>((
+            std::ops::Bound::Included(prefix.as_str()),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .any(|(_, c)| c.tunnel == tunnel && c.spi_out == spi_out)
+}
+
 /// Whether ikemgr's record `now` shows the takeover of `copy` done: the copy's IKE SPIs
 /// with its message IDs or later ones. The SPIs alone are not enough: a take-back of a
 /// tunnel whose IKE SA ikemgr kept established has them before ikemgr acts, while the copy
@@ -554,10 +567,20 @@ impl DaemonLogic for Hasyncd {
         // still holds its SAs at their own counters, below what another member sent, until
         // the skips below reach it. Traffic the announcement moves here before that would
         // leave below the peer's window (replay drops there).
+        // Only the outbound SAs ikemgr holds here: espd carries those and confirms their
+        // skips. A mark of an SA gone from here (a rekeyed one whose lease record the other
+        // member kept) is never confirmed, and waiting for it held the announcements back
+        // for the whole GARP_HOLD_MS on every take-back: in an `--ha-link` fault run the
+        // router kept sending to the partner for 3 s, twice, around a link flap, and the
+        // client's DPD gave up.
+        let children = &self.own_children;
         let held: Vec<SeqMark> = cluster
             .pending_skips()
             .iter()
-            .filter(|m| self.ike_spis.contains_key(&m.tunnel))
+            .filter(|m| {
+                self.ike_spis.contains_key(&m.tunnel)
+                    && holds_outbound(children, &m.tunnel, m.spi_out)
+            })
             .cloned()
             .collect();
         if !held.is_empty() && role == Some(HaRole::Primary) {
@@ -591,9 +614,12 @@ impl DaemonLogic for Hasyncd {
         }
         self.collect(out);
         if !self.garp_wait.is_empty() {
-            // A tunnel ikemgr dropped meanwhile has nothing left to move.
+            // A tunnel or SA ikemgr dropped meanwhile has nothing left to move.
             let spis = &self.ike_spis;
-            self.garp_wait.retain(|w| spis.contains_key(&w.tunnel));
+            let children = &self.own_children;
+            self.garp_wait.retain(|w| {
+                spis.contains_key(&w.tunnel) && holds_outbound(children, &w.tunnel, w.spi_out)
+            });
             if self.garp_wait.is_empty() {
                 self.skips_confirmed(&[]);
             } else if !self.vip.is_quiet() {
@@ -1183,6 +1209,33 @@ mod tests {
         });
         let m = member_of(&config);
         assert_eq!((m.mode.as_str(), m.member_id), ("fgsp", 3));
+    }
+
+    /// The take-back's announcement waits only for SAs espd carries: ikemgr's CHILD SAs of
+    /// the tunnel with that outbound SPI (a tunnel whose name starts another's is another
+    /// tunnel).
+    #[test]
+    fn an_outbound_sa_is_held_only_if_ikemgr_has_it_under_its_tunnel() {
+        let mut children = BTreeMap::new();
+        for (tunnel, spi_in, spi_out) in [("vpn1_1", 1, 0x11), ("vpn1_10", 2, 0x22)] {
+            let mut c = child_sa();
+            c.tunnel = tunnel.into();
+            c.spi_in = spi_in;
+            c.spi_out = spi_out;
+            children.insert(ChildSaInfo::key_of(tunnel, spi_in), c);
+        }
+        assert!(holds_outbound(&children, "vpn1_1", 0x11));
+        assert!(holds_outbound(&children, "vpn1_10", 0x22));
+        assert!(
+            !holds_outbound(&children, "vpn1_1", 0x22),
+            "another tunnel's SA"
+        );
+        assert!(
+            !holds_outbound(&children, "vpn1_1", 0x77),
+            "a rekeyed-away SA"
+        );
+        assert!(!holds_outbound(&children, "vpn1", 0x11));
+        assert!(!holds_outbound(&BTreeMap::new(), "vpn1_1", 0x11));
     }
 
     fn tunnel_body(name: &str) -> Body {

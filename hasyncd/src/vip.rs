@@ -32,6 +32,11 @@ use crate::io::hw_addr;
 
 /// Delays of the ARP announcements after taking the addresses, in ms.
 const GARP_AT_MS: [u64; 5] = [0, 500, 1000, 2000, 4000];
+/// An announcement that could not be sent (the interface was down) is tried again this
+/// much later, at most [`GARP_RETRIES`] times in a row: the router learns the addresses
+/// once the link is back, not at the next failover.
+const GARP_RETRY_MS: u64 = 500;
+const GARP_RETRIES: u32 = 60;
 /// EtherType ARP (IEEE 802 numbers; RFC 826).
 const ETH_P_ARP: u16 = 0x0806;
 /// EtherType IPv4.
@@ -53,6 +58,8 @@ pub struct SharedAddrs {
     /// No announcement before this (absolute ms), then the whole series from then on:
     /// see [`SharedAddrs::quiet`].
     quiet_until: Option<u64>,
+    /// Announcement rounds that failed in a row (see [`GARP_RETRY_MS`]).
+    failed: u32,
 }
 
 /// The shared addresses of `config`: `(phase1 interface, local-gw, 32)` of every phase1
@@ -131,6 +138,7 @@ impl SharedAddrs {
     /// This member became primary: bring the addresses up and announce them.
     pub fn hold(&mut self, now_ms: u64) {
         self.held = true;
+        self.failed = 0;
         for (dev, addr, len) in &self.addrs {
             match ip_addr("replace", dev, *addr, *len) {
                 Ok(()) => tracing::info!("FGCP: shared address {addr}/{len} up on {dev}"),
@@ -153,6 +161,7 @@ impl SharedAddrs {
         tracing::info!(
             "FGCP: a member rejoined or stepped down; announcing the shared addresses again"
         );
+        self.failed = 0;
         self.due = GARP_AT_MS
             .iter()
             .map(|d| now_ms.saturating_add(*d))
@@ -166,6 +175,7 @@ impl SharedAddrs {
     /// at debug level).
     pub fn release(&mut self) {
         self.held = false;
+        self.failed = 0;
         self.due.clear();
         for (dev, addr, len) in &self.addrs {
             match ip_addr("del", dev, *addr, *len) {
@@ -214,13 +224,32 @@ impl SharedAddrs {
             return;
         }
         self.due.retain(|t| *t > now_ms);
+        let mut failed = false;
         for (dev, addr, _) in &self.addrs {
             match announce(dev, *addr) {
                 Ok(()) => {
                     metrics::counter!("hasyncd_gratuitous_arps_total").increment(1);
                     tracing::debug!("FGCP: gratuitous ARP for {addr} on {dev}");
                 }
-                Err(e) => tracing::warn!("FGCP: gratuitous ARP for {addr} on {dev}: {e}"),
+                Err(e) => {
+                    failed = true;
+                    if self.failed == 0 {
+                        tracing::warn!(
+                            "FGCP: gratuitous ARP for {addr} on {dev}: {e} (tried again every {GARP_RETRY_MS} ms)"
+                        );
+                    } else {
+                        tracing::debug!("FGCP: gratuitous ARP for {addr} on {dev}: {e}");
+                    }
+                }
+            }
+        }
+        if !failed {
+            self.failed = 0;
+        } else if self.failed < GARP_RETRIES {
+            self.failed += 1;
+            let retry = now_ms.saturating_add(GARP_RETRY_MS);
+            if !self.due.contains(&retry) {
+                self.due.push(retry);
             }
         }
     }
@@ -397,5 +426,35 @@ mod tests {
             v.list(),
             vec!["172.31.129.254/24 dev port3", "172.31.2.1/24 dev port5"]
         );
+    }
+
+    /// An announcement the interface could not send (down during a link flap) is tried
+    /// again every GARP_RETRY_MS until one goes out, at most GARP_RETRIES times in a row.
+    #[test]
+    fn a_failed_announcement_is_tried_again_until_the_link_is_back() {
+        let mut v = SharedAddrs {
+            addrs: vec![("hvnodev-vip0".into(), Ipv4Addr::new(192, 0, 2, 1), 32)],
+            held: true,
+            due: vec![1_000],
+            ..Default::default()
+        };
+        v.tick(1_000);
+        assert_eq!(
+            v.due,
+            vec![1_000 + GARP_RETRY_MS],
+            "no such interface: again later"
+        );
+        for i in 1..GARP_RETRIES {
+            let now = 1_000 + u64::from(i) * GARP_RETRY_MS;
+            v.tick(now);
+            assert_eq!(v.due, vec![now + GARP_RETRY_MS]);
+        }
+        v.tick(1_000 + u64::from(GARP_RETRIES) * GARP_RETRY_MS);
+        assert!(v.due.is_empty(), "given up after {GARP_RETRIES} tries");
+        // A new series (a takeover, a rejoin) starts counting again: its first round
+        // failed once so far.
+        v.reannounce(100_000);
+        assert_eq!(v.failed, 1);
+        assert!(v.due.contains(&(100_000 + GARP_RETRY_MS)));
     }
 }
