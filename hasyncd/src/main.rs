@@ -949,6 +949,18 @@ fn main() -> ExitCode {
     haven_daemon::run::<Hasyncd>()
 }
 
+/// A reproducible random number below `n` per call (xorshift64, seeded), for the tests
+/// that play random sequences of changes.
+#[cfg(test)]
+fn test_rng(mut state: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n.max(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1281,13 +1293,7 @@ mod tests {
         let mut d = Hasyncd::new(&config, Path::new("/nonexistent"));
         let mut store = store_of(20);
         let mut out = Outbox::new();
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15);
         for step in 0..400 {
             for _ in 0..=next(4) {
                 let tunnel = format!("dial_{}", next(30));

@@ -313,13 +313,7 @@ mod tests {
         let mut inc = UsageSync::default();
         let mut kept: BTreeMap<String, ChildSaSync> = BTreeMap::new();
         let mut children: BTreeMap<String, ChildSaInfo> = BTreeMap::new();
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = crate::test_rng(0x2545_f491_4f6c_dd1d);
         for step in 0..2_000u64 {
             let now = step * 250;
             let mut changed = Vec::new();
