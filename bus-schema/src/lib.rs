@@ -83,6 +83,7 @@
 //! [`SubscriberOptions::silence_timeout`] (3 s).
 
 pub mod boot;
+mod chunked;
 pub mod codec;
 pub mod ctl;
 pub mod follower;

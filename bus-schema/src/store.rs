@@ -5,16 +5,19 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunked::ChunkMap;
 use crate::codec::encode_body;
 use crate::schema::{Body, DaemonKind, Envelope, StateOp, SCHEMA_VERSION};
 
-/// Stateful bodies keyed by `(table, key)` (see [`Body::state_op`]). Each key and body is
-/// held behind an `Arc`, so a copy of the store (a daemon shell hands one to its logic after
-/// every burst of updates) shares them instead of copying keys and records: copying and
-/// dropping a copy of 300 000 items allocates and frees tree nodes only.
+/// Stateful bodies keyed by `(table, key)` (see [`Body::state_op`]). Each table is a
+/// [`ChunkMap`]: its entries sit in key order in shared chunks, and each key and body is held
+/// behind an `Arc`. A copy of the store (a daemon shell hands one to its logic after every
+/// burst of updates) copies one pointer per chunk, and an update copies only the chunk it
+/// changes, so copying, comparing ([`StateStore::changes_since`]) and freeing copies of
+/// 300 000 items costs what the changed chunks cost, not the whole store.
 #[derive(Default, Clone, Debug, PartialEq)]
 pub struct StateStore {
-    tables: BTreeMap<&'static str, BTreeMap<Arc<str>, Arc<Body>>>,
+    tables: BTreeMap<&'static str, ChunkMap>,
     len: usize,
     /// Running value of [`StateStore::digest`]: the wrapping sum of [`item_hash`] over every
     /// stored item, kept up to date by `apply` (add the new item's hash, subtract the one it
@@ -34,16 +37,16 @@ impl StateStore {
             Some(StateOp::Put { table, key }) => {
                 let h = item_hash(table, &key, body);
                 let t = self.tables.entry(table).or_default();
-                match t.get_mut(key.as_str()) {
+                match t.get(key.as_str()) {
                     Some(old) if **old == *body => false,
                     Some(old) => {
                         let old_h = item_hash(table, &key, old);
-                        *old = Arc::new(body.clone());
+                        t.insert(&key, Arc::new(body.clone()));
                         self.digest = self.digest.wrapping_sub(old_h).wrapping_add(h);
                         true
                     }
                     None => {
-                        t.insert(Arc::from(key), Arc::new(body.clone()));
+                        t.insert(&key, Arc::new(body.clone()));
                         self.len += 1;
                         self.digest = self.digest.wrapping_add(h);
                         true
@@ -74,7 +77,7 @@ impl StateStore {
     pub fn items(&self) -> impl Iterator<Item = &Body> {
         self.tables
             .values()
-            .flat_map(|t| t.values().map(Arc::as_ref))
+            .flat_map(|t| t.iter().map(|(_, b)| b.as_ref()))
     }
 
     pub fn len(&self) -> usize {
@@ -100,49 +103,29 @@ impl StateStore {
         self.tables
             .get(t)
             .into_iter()
-            .flat_map(|t| t.values().map(Arc::as_ref))
+            .flat_map(|t| t.iter().map(|(_, b)| b.as_ref()))
     }
 
     /// The items of `table` that differ between `older` and this store, in key order: the
     /// key and this store's body (`None`: removed here). Both copies come from one follower
-    /// (the shell hands its logic a copy after every burst of updates), and a copy shares
-    /// each unchanged body with the one before, so most items are told apart by pointer; a
-    /// body stored anew (a snapshot after a bus gap) is compared by value. One merge walk
-    /// over the table's keys; only the changed keys are copied.
+    /// (the shell hands its logic a copy after every burst of updates): chunks the two
+    /// share are skipped without looking into them, and within the others most bodies are
+    /// told apart by pointer; a body stored anew (a snapshot after a bus gap) is compared by
+    /// value. Only the changed keys are copied.
     pub fn changes_since<'a>(
         &'a self,
         older: &StateStore,
         table: &str,
     ) -> Vec<(String, Option<&'a Body>)> {
         let mut out = Vec::new();
-        let mut a = self.tables.get(table).into_iter().flatten().peekable();
-        let mut b = older.tables.get(table).into_iter().flatten().peekable();
-        loop {
-            let order = match (a.peek(), b.peek()) {
-                (None, None) => break,
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some((k, _)), Some((ok, _))) => k.cmp(ok),
-            };
-            match order {
-                std::cmp::Ordering::Less => {
-                    if let Some((k, v)) = a.next() {
-                        out.push((k.to_string(), Some(v.as_ref())));
-                    }
-                }
-                std::cmp::Ordering::Greater => {
-                    if let Some((ok, _)) = b.next() {
-                        out.push((ok.to_string(), None));
-                    }
-                }
-                std::cmp::Ordering::Equal => {
-                    if let (Some((k, v)), Some((_, ov))) = (a.next(), b.next()) {
-                        if !Arc::ptr_eq(v, ov) && v != ov {
-                            out.push((k.to_string(), Some(v.as_ref())));
-                        }
-                    }
-                }
+        let empty = ChunkMap::default();
+        let then = older.tables.get(table).unwrap_or(&empty);
+        match self.tables.get(table) {
+            Some(now) => {
+                now.changes_since(then, |k, b| out.push((k.to_string(), b.map(Arc::as_ref))))
             }
+            // Nothing here: every key there was removed.
+            None => out.extend(then.iter().map(|(k, _)| (k.to_string(), None))),
         }
         out
     }
