@@ -9,10 +9,13 @@
 //! Needs root, iproute2, iputils-ping and the strongSwan packages (see INTEROP.md); without
 //! them the tests FAIL naming what is missing.
 
+mod espd_common;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use espd_common::parse_ping;
 use haven_tests::daemons::{bin, vpnctl_json, wait_for};
 use haven_tests::gateway::{require_strongswan as require, Gateway};
 use haven_tests::netns::{Netns, Proc, ScratchDir, SiteToSite};
@@ -481,3 +484,104 @@ fn nat_mapping_change_is_followed_after_authentication_only() {
         .expect("ping after ikemgr followed");
     let _ = &mut a;
 }
+
+/// Many dial-up clients' routes on one device: [`CLIENTS`] (24) IKE SAs from charon in
+/// gwa, each with its own identity and a CHILD SA for one address of gwa's
+/// (`10.99.1.<10+i>/32`, inside the gateway's `10.99.1.0/24`). Every instance puts its
+/// host route on vpn1, more than espd scans linearly (16), so the server's pings to the
+/// client addresses are routed through espd's route index. Each address gets its own count
+/// of echo requests; each instance's SA must have sent exactly its address's requests and
+/// received as many replies (a request sent on another client's SA would be counted there,
+/// and strongSwan would not deliver it: its selectors do not hold the address).
+#[test]
+fn each_of_many_dial_up_clients_on_one_device_gets_its_own_traffic() {
+    require();
+    let line = SiteToSite::new("esmany").expect("topology");
+    let gw = Haven::start(&line.gwb, "esmany-gw", &gateway_config(""));
+    let addr = |i: usize| format!("10.99.1.{}", 10 + i);
+    let mut conf = SwanctlConf::new();
+    for i in 0..CLIENTS {
+        // On the client gateway itself: charon installs a CHILD SA's route only with a
+        // local address inside its selector, and the echo replies start there.
+        line.gwa
+            .add_addr("lo", &format!("{}/32", addr(i)))
+            .expect("client address");
+        let child = ChildCfg::new(
+            &format!("c{i}"),
+            &format!("{}/32", addr(i)),
+            SiteToSite::LAN_B,
+        )
+        .esp_proposals(&["aes128gcm16"]);
+        conf = conf.conn(
+            Conn::psk(
+                &format!("dial{i}"),
+                SiteToSite::GWA_OUTER,
+                SiteToSite::GWB_OUTER,
+                PSK.as_bytes(),
+            )
+            .ids(&format!("client{i}.haven.test"), GW_ID)
+            .proposals(&["aes128gcm16-prfsha256-ecp256"])
+            .child(child),
+        );
+    }
+    let mut a = Charon::start(&line.gwa).expect("charon in gwa");
+    a.load(&conf).expect("load clients");
+    for i in 0..CLIENTS {
+        if let Err(e) = a.initiate(&format!("c{i}"), WAIT) {
+            panic!(
+                "initiate c{i} failed: {e}\ncharon:\n{}\nikemgr:\n{}",
+                a.log(),
+                gw.log("ikemgr")
+            );
+        }
+        a.wait_child_installed(&format!("dial{i}"), &format!("c{i}"), WAIT)
+            .expect("client CHILD SA");
+    }
+    // The SA whose outbound selector is exactly client address `i`.
+    let sa_of = |list: &Value, i: usize| -> Option<Value> {
+        let want = format!("{a}-{a}", a = addr(i));
+        list["tunnels"].as_array()?.iter().find_map(|t| {
+            t["sas"]
+                .as_array()?
+                .iter()
+                .find(|s| s["dst"].to_string().contains(&want))
+                .cloned()
+        })
+    };
+    wait_for("an SA per client address in espd", WAIT, || {
+        let list = gw.tunnel_list();
+        match (0..CLIENTS).find(|i| sa_of(&list, *i).is_none()) {
+            None => Ok(()),
+            Some(i) => Err(format!("none for {}: {list:#}", addr(i))),
+        }
+    });
+    // 1, 2 or 3 requests per address: a route to the wrong SA shows in the counts.
+    let count = |i: usize| 1 + (i % 3) as u32;
+    for i in 0..CLIENTS {
+        let out = line.server.ping(&addr(i), count(i)).unwrap_or_else(|e| {
+            panic!(
+                "ping {}: {e}\nespd:\n{}\ncharon:\n{}",
+                addr(i),
+                gw.log("espd"),
+                a.log()
+            )
+        });
+        let (sent, got) = parse_ping(&out);
+        assert_eq!((sent, got), (count(i), count(i)), "ping {}: {out}", addr(i));
+    }
+    let list = gw.tunnel_list();
+    for i in 0..CLIENTS {
+        let sa = sa_of(&list, i).unwrap_or_else(|| panic!("no SA for {}", addr(i)));
+        let n = u64::from(count(i));
+        assert_eq!(
+            (sa["enc_pkts"].as_u64(), sa["dec_pkts"].as_u64()),
+            (Some(n), Some(n)),
+            "SA for {}: {sa:#}",
+            addr(i)
+        );
+    }
+    assert_eq!(gw.drops("icv"), 0);
+}
+
+/// More dial-up clients than espd searches linearly on one device.
+const CLIENTS: usize = 24;

@@ -16,6 +16,7 @@
 mod journal;
 pub mod lifestore;
 pub mod offload;
+pub mod routes;
 pub mod seqstore;
 pub mod sockets;
 pub mod table;

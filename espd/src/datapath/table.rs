@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use esp_proto::{AtomicSeq, EspCrypto, ReplayWindow, SeqLease, Transform};
 
+use super::routes::{RouteEntry, RouteSet};
 use super::tun::TunDev;
 
 /// An IPv4 or IPv6 prefix (`10.0.1.0/24`, `::/0`).
@@ -38,6 +39,11 @@ impl Cidr {
             addr: mask(addr, len),
             len,
         })
+    }
+
+    /// The prefix's first address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
     }
 
     /// Prefix length.
@@ -458,14 +464,39 @@ pub struct Route {
 /// A TUN device with its outbound routes.
 pub struct Device {
     pub tun: Arc<TunDev>,
-    /// Longest prefix first.
-    pub routes: Vec<Route>,
+    /// Longest prefix first, newest SA first within a length.
+    pub routes: RouteSet<Route>,
+}
+
+impl RouteEntry for Route {
+    #[inline]
+    fn dst(&self) -> Cidr {
+        self.dst
+    }
+
+    #[inline]
+    fn usable(&self, src: IpAddr) -> bool {
+        self.sa.outbound.load(Ordering::Relaxed)
+            && !self.sa.dead.load(Ordering::Relaxed)
+            && self.sa.volume_ok(&self.sa.tx)
+            && any_contains(&self.sa.local_ts, src)
+    }
+
+    #[inline]
+    fn received(&self) -> bool {
+        self.sa.rx.packets.load(Ordering::Relaxed) > 0
+    }
+
+    #[inline]
+    fn same_tunnel(&self, other: &Self) -> bool {
+        self.sa.tunnel == other.sa.tunnel
+    }
 }
 
 impl Device {
     /// Longest-prefix match of `dst` over the remote selectors of outbound-enabled SAs whose
-    /// local selectors hold `src`. Linear in the routes of this device: tunnels carry a few
-    /// selectors each.
+    /// local selectors hold `src` ([`RouteSet::lookup`]: a scan over a few routes, an index
+    /// over many, as on the device of a dial-up phase1 with many clients).
     ///
     /// Among SAs for the same prefix the newest wins, except that a new SA that has not yet
     /// received anything yields to an older one of the same tunnel that has (make-before-break
@@ -473,24 +504,7 @@ impl Device {
     /// has by sending on it, or by deleting the old one).
     #[inline]
     pub fn lookup(&self, src: IpAddr, dst: IpAddr) -> Option<&Arc<Sa>> {
-        let usable = |r: &Route| {
-            r.dst.contains(dst)
-                && r.sa.outbound.load(Ordering::Relaxed)
-                && !r.sa.dead.load(Ordering::Relaxed)
-                && r.sa.volume_ok(&r.sa.tx)
-                && any_contains(&r.sa.local_ts, src)
-        };
-        let mut it = self.routes.iter();
-        let first = it.find(|r| usable(r))?;
-        if first.sa.rx.packets.load(Ordering::Relaxed) > 0 {
-            return Some(&first.sa);
-        }
-        // Routes are sorted longest prefix first, newest first within a length: the
-        // candidates are the later ones for the same prefix.
-        let older = it
-            .filter(|r| r.dst == first.dst && r.sa.tunnel == first.sa.tunnel)
-            .find(|r| usable(r) && r.sa.rx.packets.load(Ordering::Relaxed) > 0);
-        Some(&older.unwrap_or(first).sa)
+        self.routes.lookup(src, dst).map(|r| &r.sa)
     }
 }
 
@@ -541,7 +555,7 @@ impl Table {
                 });
                 Device {
                     tun: tun.clone(),
-                    routes,
+                    routes: RouteSet::new(routes),
                 }
             })
             .collect();
