@@ -197,6 +197,17 @@ impl Shared {
     }
 }
 
+/// The entries of `map` (keyed `<tunnel>/<spi_in>`, as the store keys CHILD SAs) that belong
+/// to `tunnel`: one range of the ordered map, not a scan.
+pub fn of_tunnel<'a, V>(
+    map: &'a BTreeMap<String, V>,
+    tunnel: &str,
+) -> impl Iterator<Item = (&'a String, &'a V)> {
+    let prefix = format!("{tunnel}/");
+    map.range(prefix.clone()..)
+        .take_while(move |(k, _)| k.starts_with(&prefix))
+}
+
 /// Where an SA being installed starts: when it was created and what it carried before
 /// (see [`lifestore`]).
 #[derive(Clone, Copy, Debug)]
@@ -340,12 +351,13 @@ impl Datapath {
     /// The installed SAs of `tunnel` that send with `spi_out` (the store key starts with
     /// `<tunnel>/`, so one range of the ordered map, not a scan of every SA).
     pub fn sas_of<'a>(&'a self, tunnel: &str, spi_out: u32) -> impl Iterator<Item = &'a Arc<Sa>> {
-        let prefix = format!("{tunnel}/");
-        self.sas
-            .range(prefix.clone()..)
-            .take_while(move |(k, _)| k.starts_with(&prefix))
-            .map(|(_, sa)| sa)
+        self.sas_of_tunnel(tunnel)
             .filter(move |sa| sa.spi_out == spi_out)
+    }
+
+    /// The installed SAs of `tunnel` (one range of the ordered map).
+    pub fn sas_of_tunnel<'a>(&'a self, tunnel: &str) -> impl Iterator<Item = &'a Arc<Sa>> {
+        of_tunnel(&self.sas, tunnel).map(|(_, sa)| sa)
     }
 
     /// Open TUN devices by phase1 name.
