@@ -248,16 +248,7 @@ mod tests {
         Arc::new(Body::Heartbeat { uptime_ms: n })
     }
 
-    /// xorshift64*, so the property test needs no crate.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// Every chunk non-empty and at most MAX long, keys strictly rising across chunks, and
     /// the length right.

@@ -366,19 +366,7 @@ mod tests {
         assert_eq!(StateStore::new().digest(), 0);
     }
 
-    /// A tiny deterministic generator (xorshift64*), so the property test needs no crate.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// A random stateful body over a small key space (so puts replace and removals hit).
     fn random_body(r: &mut Rng) -> Body {
