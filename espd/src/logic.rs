@@ -1347,15 +1347,7 @@ mod with_datapath {
         RunDir(dir)
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// A reconcile of only what changed (and what waits) must leave the datapath as a
     /// reconcile of every SA would: after each hand-over of 400 random steps of ikemgr's
@@ -1448,6 +1440,76 @@ mod with_datapath {
         drop(dir);
     }
 
+    /// The housekeeping thread extends the lease of an SA that used half of it, and leaves
+    /// an idle SA's lease alone (it passes an SA with more than half a block left without
+    /// taking the lease's lock).
+    #[test]
+    fn a_half_used_lease_is_extended_and_an_idle_one_left_alone() {
+        use crate::datapath::SEQ_BLOCK;
+        own_netns();
+        let dir = run_dir("lease");
+        let mut espd = Espd::with(dir.0.clone(), 1);
+        let mut store = StateStore::new();
+        for i in 0..2 {
+            store.apply(&tunnel(i));
+            store.apply(&sa(i, 0x1000_0000 + i as u32));
+        }
+        espd.on_replica_copy(DaemonKind::Ikemgr, store, &mut Outbox::new());
+        let sas = espd.dp.as_ref().expect("datapath").sas().clone();
+        let (busy, idle) = (&sas["vpn1_0/10000000"], &sas["vpn1_1/10000001"]);
+        // The first lease, synced before the table was published: numbers 1 .. 2^20.
+        assert_eq!(
+            (busy.seq.granted(), idle.seq.granted()),
+            (1 + SEQ_BLOCK, 1 + SEQ_BLOCK)
+        );
+        // The workers take half a block and one more: fewer than half are left.
+        for _ in 0..=SEQ_BLOCK / 2 {
+            busy.seq.take().expect("a number below the lease");
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while busy.seq.granted() == 1 + SEQ_BLOCK && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            busy.seq.granted(),
+            1 + 2 * SEQ_BLOCK,
+            "the next block, once its mark is synced"
+        );
+        // Several sweeps later the idle SA still has its first lease.
+        std::thread::sleep(crate::datapath::HOUSEKEEPING * 5);
+        assert_eq!(idle.seq.granted(), 1 + SEQ_BLOCK);
+        drop(espd);
+        drop(dir);
+    }
+
+    /// CPU time (user + system) of this process's thread named `name` (`/proc`'s 15-char
+    /// form), at the kernel's clock tick.
+    fn thread_cpu(name: &str) -> Duration {
+        let tick = 100u64; // USER_HZ on Linux
+        let mut total = 0u64;
+        for t in std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // Fields after the `(comm)`: state is the 3rd field, utime the 14th, stime the 15th.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            total += f.iter().sum::<u64>();
+        }
+        Duration::from_millis(total * 1000 / tick)
+    }
+
     #[test]
     #[ignore]
     fn reconcile_bench() {
@@ -1496,6 +1558,12 @@ mod with_datapath {
                 espd.reconcile(Scope::All, &mut out);
                 full += t.elapsed();
             }
+            // The datapath's housekeeping thread with every SA idle: its CPU time over 2 s.
+            let idle = {
+                let before = thread_cpu("espd-housekeepi");
+                std::thread::sleep(Duration::from_secs(2));
+                thread_cpu("espd-housekeepi").saturating_sub(before)
+            };
             let mean = |d: Duration| d / rounds;
             println!(
                 "{n:>7} SAs: installed in {first:.2?}; a rekey: new SA {:.2?}, old SA handed over {:.2?}, removed {:.2?} (mean of {rounds}); reference, a reconcile of every SA with nothing to do {:.2?}",
@@ -1503,6 +1571,10 @@ mod with_datapath {
                 mean(del),
                 mean(gone),
                 mean(full)
+            );
+            println!(
+                "{n:>7} SAs idle: the housekeeping thread used {:.1} % of a core",
+                idle.as_secs_f64() / 2.0 * 100.0
             );
             drop(espd);
             drop(dir);

@@ -238,6 +238,11 @@ impl AtomicSeq {
         self.held.load(Ordering::Acquire)
     }
 
+    /// The mark below which numbers may be handed out (`u64::MAX`: no lease).
+    pub fn granted(&self) -> u64 {
+        self.granted.load(Ordering::Acquire)
+    }
+
     /// A lease mark has been persisted: numbers below `hw` may be used.
     pub fn grant(&self, hw: u64) {
         self.granted.fetch_max(hw, Ordering::Release);
@@ -265,7 +270,10 @@ mod tests {
             Err(EspError::LeaseExhausted),
             "above the granted mark"
         );
+        assert_eq!(s.granted(), 100);
         s.grant(2_000);
+        s.grant(1_500);
+        assert_eq!(s.granted(), 2_000, "grants only raise the mark");
         assert_eq!(s.take(), Ok(1_000));
         assert_eq!(s.skip_to(u64::MAX), u64::from(u32::MAX) + 1);
         s.grant(u64::MAX);
