@@ -685,6 +685,8 @@ impl Cluster {
         // Members that get a snapshot of what this member carries (it joined, or this
         // member just became the one that speaks).
         let mut snap_to: Vec<(&'static str, MemberId)> = Vec::new();
+        // Members heard under a new epoch (their hasyncd restarted) on each link.
+        let mut restarted: Vec<(&'static str, MemberId)> = Vec::new();
         let mut snap_all_fgcp = false;
         let mut snap_all_fgsp = false;
         let mut fgsp_events: Vec<PeerEvent> = Vec::new();
@@ -736,6 +738,7 @@ impl Cluster {
             // A member that restarted within the loss time is never declared lost, so it
             // does not join again: its new epoch says it lost its copies.
             for m in std::mem::take(&mut side.restarted) {
+                restarted.push(("fgcp", m));
                 if !snap_to.contains(&("fgcp", m)) {
                     tracing::info!("FGCP member {} restarted (new link epoch)", m.0);
                     snap_to.push(("fgcp", m));
@@ -840,6 +843,7 @@ impl Cluster {
                 }
             }
             for m in std::mem::take(&mut side.restarted) {
+                restarted.push(("fgsp", m));
                 if side.active && !snap_to.contains(&("fgsp", m)) {
                     tracing::info!(
                         "FGSP peer {} speaks under a new epoch (its hasyncd restarted, or another member of its cluster speaks for it now): it gets a snapshot",
@@ -987,6 +991,19 @@ impl Cluster {
             snap_to.dedup();
             for (link, m) in snap_to {
                 self.start_snapshot(link, m, None, now_ms);
+            }
+        }
+        // A restarted member is alive: the first lease after a promotion from it waits for
+        // its acknowledgement too (`TunnelTable::peer_restarted`; a member that joined after
+        // it was declared lost gets the same from `peer_joined`).
+        for (link, m) in restarted {
+            let table = if link == "fgsp" && self.fgsp_table.is_some() {
+                self.fgsp_table.as_mut()
+            } else {
+                self.table.as_mut()
+            };
+            if let Some(t) = table {
+                t.peer_restarted(m);
             }
         }
         self.run_snapshots(now_ms);

@@ -398,6 +398,7 @@ impl TunnelTable {
         if peer == self.me || !self.live.insert(peer) {
             return;
         }
+        self.peer_restarted(peer);
         for (name, t) in &mut self.tunnels {
             if t.owner == peer {
                 for s in t.sas.values_mut() {
@@ -598,6 +599,22 @@ impl TunnelTable {
             DeleteSync::IkeSa { .. } | DeleteSync::ChildSa { .. } => {
                 // CHILD SAs are keyed by inbound SPI on the wire and by outbound SPI here;
                 // the daemon calls `sa_removed` with the outbound SPI it knows.
+            }
+        }
+    }
+
+    /// `peer` is heard again under a new epoch (its hasyncd restarted) or joined after it
+    /// was declared lost: it is alive, so the first lease after a promotion from it waits
+    /// for its acknowledgement like every other lease. A restarted member does not know it
+    /// owned the tunnel: it learns the new owner's records from its snapshot, as exact, and
+    /// a lease that skipped it and was lost on the way would let it take the tunnel back
+    /// below numbers the new owner sent (the `--ha-link` fault run: 4 sent twice).
+    pub fn peer_restarted(&mut self, peer: MemberId) {
+        for t in self.tunnels.values_mut().filter(|t| t.owner == self.me) {
+            for s in t.sas.values_mut() {
+                if s.grace_from == Some(peer) {
+                    s.grace_from = None;
+                }
             }
         }
     }
@@ -1404,6 +1421,49 @@ mod tests {
             first > before,
             "VM1 restarts at {first}, VM3 sent up to {before}"
         );
+        s.flush();
+        s.send(0, 100);
+        s.check_no_replay();
+    }
+
+    /// The previous owner's hasyncd restarts (an empty table), rejoins, and learns the
+    /// tunnel from the new owner's snapshot as exact records. The new owner's first lease
+    /// after that must wait for it: when that lease was lost on the way and the restarted
+    /// member took the tunnel back, it started inside the range the new owner had sent under
+    /// the lease (the `--ha-link` fault run of the twentieth session: 4 numbers sent twice).
+    #[test]
+    fn the_first_lease_after_a_promotion_waits_for_the_previous_owner_once_it_rejoined() {
+        let mut s = Sim::new(2);
+        s.establish(0);
+        s.send(0, 3_000);
+        // VM1 is declared lost: VM2, its successor, takes the tunnel over.
+        s.kill(0);
+        s.drain(1);
+        s.flush();
+        assert_eq!(s.m[1].table.role(T), Some(TunnelRole::SyncPrimary));
+        // VM1's hasyncd comes back empty; each side hears the other join; VM1 applies VM2's
+        // snapshot (taken before VM2's first lease).
+        s.m[0].table = TunnelTable::new(id(0));
+        s.m[0].alive = true;
+        s.m[0].table.peer_joined(id(1));
+        s.m[1].table.peer_joined(id(0));
+        s.drain(1);
+        s.flush();
+        for item in s.m[1].table.snapshot_items() {
+            s.m[0].table.apply_snapshot_item(id(1), &item);
+        }
+        // VM2's first lease never reaches VM1.
+        s.m[0].alive = false;
+        s.send(1, 100);
+        assert!(
+            s.sent.iter().all(|x| x.0 == 0),
+            "VM2 sent under a lease VM1, a live member, never acknowledged"
+        );
+        s.wire.clear();
+        // The router moves the tunnel back to VM1: it starts above all VM2 may have sent.
+        s.m[0].alive = true;
+        assert!(s.m[0].table.traffic_for(T));
+        s.drain(0);
         s.flush();
         s.send(0, 100);
         s.check_no_replay();
