@@ -93,8 +93,7 @@ pub mod fuzzing;
 pub mod samples;
 pub mod schema;
 pub mod store;
-#[cfg(test)]
-mod test_rng;
+pub mod test_rng;
 pub mod transport;
 
 pub use boot::{boot_hex, new_boot_id};

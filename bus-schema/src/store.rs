@@ -390,7 +390,7 @@ mod tests {
             },
             4 => Body::TunnelRoleRemoved { tunnel: name },
             _ => Body::Heartbeat {
-                uptime_ms: r.next(),
+                uptime_ms: r.next_u64(),
             },
         }
     }

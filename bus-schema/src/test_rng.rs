@@ -1,10 +1,11 @@
-//! A tiny deterministic generator (xorshift64*) for the property tests, so they need no
-//! crate.
+//! A tiny deterministic generator (xorshift64*) for the workspace's property tests, so they
+//! need no crate (like [`crate::samples`], for tests of this and other crates).
 
-pub(crate) struct Rng(pub(crate) u64);
+/// Seeded with any non-zero value; the same seed gives the same sequence.
+pub struct Rng(pub u64);
 
 impl Rng {
-    pub(crate) fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -12,7 +13,7 @@ impl Rng {
     }
 
     /// A number below `n` (> 0).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
     }
 }

@@ -1075,6 +1075,8 @@ impl DaemonLogic for Espd {
         let changed = !children.is_empty() || !tunnels.is_empty();
         let mut keys = BTreeSet::new();
         let mut touched = BTreeSet::new();
+        // The reconcile also re-publishes the tunnels of what it installs or removes; a
+        // lingering SA that comes back (outbound again) is only touched here.
         for (key, body) in children {
             match body {
                 Some(Body::ChildSa(c)) => {
@@ -1347,7 +1349,7 @@ mod with_datapath {
         RunDir(dir)
     }
 
-    use crate::test_rng::Rng;
+    use bus_schema::test_rng::Rng;
 
     /// A reconcile of only what changed (and what waits) must leave the datapath as a
     /// reconcile of every SA would: after each hand-over of 400 random steps of ikemgr's

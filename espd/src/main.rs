@@ -28,8 +28,6 @@ mod acquire;
 mod datapath;
 mod ha;
 mod logic;
-#[cfg(test)]
-mod test_rng;
 
 use std::process::ExitCode;
 

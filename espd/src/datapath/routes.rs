@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use super::table::Cidr;
+use super::table::{mask, Cidr};
 
 /// Up to this many routes a device is searched linearly.
 pub const LINEAR_MAX: usize = 16;
@@ -57,17 +57,6 @@ fn bits(ip: IpAddr) -> (u128, bool) {
     }
 }
 
-/// `value` with all but the first `len` of its `width` bits cleared.
-fn masked(value: u128, len: u8, v6: bool) -> u128 {
-    let width: u32 = if v6 { 128 } else { 32 };
-    let host = width.saturating_sub(u32::from(len));
-    if host >= 128 {
-        0
-    } else {
-        value & (u128::MAX << host)
-    }
-}
-
 impl<R: RouteEntry> RouteSet<R> {
     /// `routes` must already be in lookup order: longest prefix first, newest SA first
     /// within a length.
@@ -102,10 +91,13 @@ impl<R: RouteEntry> RouteSet<R> {
     }
 
     fn lookup_indexed(&self, src: IpAddr, dst: IpAddr) -> Option<&R> {
-        let (value, v6) = bits(dst);
-        let lens = if v6 { &self.index.v6 } else { &self.index.v4 };
+        let lens = if dst.is_ipv6() {
+            &self.index.v6
+        } else {
+            &self.index.v4
+        };
         for (len, at) in lens {
-            let Some(&(start, n)) = at.get(&masked(value, *len, v6)) else {
+            let Some(&(start, n)) = at.get(&bits(mask(dst, *len)).0) else {
                 continue;
             };
             // Every route of this run is for the same prefix, which holds `dst`; a longer
@@ -207,7 +199,7 @@ mod tests {
         }
     }
 
-    use crate::test_rng::Rng;
+    use bus_schema::test_rng::Rng;
 
     /// An address from a small space (so prefixes overlap and lookups hit), either family.
     fn addr(r: &mut Rng, v6: bool) -> IpAddr {

@@ -94,7 +94,8 @@ impl std::fmt::Display for Cidr {
     }
 }
 
-fn mask(ip: IpAddr, len: u8) -> IpAddr {
+/// `ip` with all but its first `len` bits cleared.
+pub(super) fn mask(ip: IpAddr, len: u8) -> IpAddr {
     match ip {
         IpAddr::V4(a) => {
             let m = u32::MAX
