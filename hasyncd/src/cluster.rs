@@ -2908,6 +2908,9 @@ impl FgcpSide {
                         self.fgsp_peers_heard.insert(r.sender, peers);
                         self.fgcp.handle_heartbeat(r.sender, hb, now_ms);
                     } else {
+                        // Alive on any message, as FGSP peers are: a lossy heartbeat link
+                        // must not declare lost a member whose leases and snapshot arrive.
+                        self.fgcp.handle_alive(r.sender, now_ms);
                         out.push((r.sender, r.epoch, r.counter, r.message));
                     }
                 }

@@ -22,7 +22,8 @@
 //! order, which all members do alike.
 //!
 //! # Liveness
-//! A heartbeat is sent every `hb_interval_ms`; a peer is lost when nothing came from it for
+//! A heartbeat is sent every `hb_interval_ms`; a peer is lost when nothing came from it (no
+//! heartbeat, and no other authenticated message: [`Fgcp::handle_alive`]) for
 //! `hb_interval_ms * hb_lost_threshold` (FortiOS defaults: 200 ms and 6). A starting member
 //! stays in [`HaRole::Hello`] for that same span, listening, before the first election;
 //! the others do not count it as a candidate until it leaves hello, so a running primary
@@ -110,7 +111,11 @@ pub enum ElectionEvent {
 #[derive(Clone, Debug)]
 struct Peer {
     hb: Heartbeat,
+    /// When `hb` arrived (its uptime counts from then).
     rx_at_ms: u64,
+    /// When anything authenticated last came from the peer: a heartbeat, or any other
+    /// message ([`Fgcp::handle_alive`]). The loss time counts from here.
+    seen_at_ms: u64,
 }
 
 /// One member as the status view shows it.
@@ -128,7 +133,7 @@ pub struct MemberStatus {
     pub monitor_failed: u16,
     /// Whether it is the elected primary.
     pub primary: bool,
-    /// ms since its last heartbeat (0 for this member).
+    /// ms since anything last came from it (0 for this member).
     pub silent_ms: u64,
 }
 
@@ -217,6 +222,11 @@ impl Fgcp {
         self.peers.len()
     }
 
+    /// Whether `member` is currently heard from (not lost).
+    pub fn hears(&self, member: MemberId) -> bool {
+        self.peers.contains_key(&member)
+    }
+
     /// Members currently alive (this one first, then peers by id).
     pub fn members(&self, now_ms: u64) -> Vec<MemberStatus> {
         let mut out = vec![MemberStatus {
@@ -236,7 +246,7 @@ impl Fgcp {
                 age_ms: peer_age(p, now_ms),
                 monitor_failed: p.hb.monitor_total.saturating_sub(p.hb.monitor_up),
                 primary: self.primary == Some(*id),
-                silent_ms: now_ms.saturating_sub(p.rx_at_ms),
+                silent_ms: now_ms.saturating_sub(p.seen_at_ms),
             });
         }
         out
@@ -257,6 +267,7 @@ impl Fgcp {
                 Peer {
                     hb,
                     rx_at_ms: now_ms,
+                    seen_at_ms: now_ms,
                 },
             )
             .is_none();
@@ -264,6 +275,21 @@ impl Fgcp {
             self.events.push_back(ElectionEvent::PeerJoined(from));
         }
         self.elect(now_ms);
+    }
+
+    /// Another message (sync records, a lease, a snapshot chunk) authenticated as coming
+    /// from `from`: a member that sends is alive, even when its heartbeats were lost on the
+    /// way. Only a member already heard (a heartbeat carries what the election needs)
+    /// is refreshed; its role and age stay those of its last heartbeat.
+    ///
+    /// Without this, a lossy heartbeat link declared a member lost while its snapshot and
+    /// leases were still arriving (a split brain in which both members forwarded, and the
+    /// client dropped the lower one's packets as replays). FGSP peers were already alive
+    /// on any message ([`crate::liveness`]).
+    pub fn handle_alive(&mut self, from: MemberId, now_ms: u64) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.seen_at_ms = p.seen_at_ms.max(now_ms);
+        }
     }
 
     /// The number of monitored interfaces that are up changed. A drop resets this member's
@@ -286,7 +312,7 @@ impl Fgcp {
         let lost: Vec<MemberId> = self
             .peers
             .iter()
-            .filter(|(_, p)| now_ms.saturating_sub(p.rx_at_ms) >= lost_after)
+            .filter(|(_, p)| now_ms.saturating_sub(p.seen_at_ms) >= lost_after)
             .map(|(id, _)| *id)
             .collect();
         for id in lost {
@@ -325,7 +351,7 @@ impl Fgcp {
             t = t.min(self.hello_until_ms);
         }
         for p in self.peers.values() {
-            t = t.min(p.rx_at_ms.saturating_add(lost_after));
+            t = t.min(p.seen_at_ms.saturating_add(lost_after));
         }
         t
     }
@@ -574,6 +600,54 @@ mod tests {
             "not before the threshold"
         );
         s.run_until(t_kill + LOST + DEFAULT_HB_INTERVAL_MS);
+        assert_eq!(s.roles()[1], Some(HaRole::Primary));
+        assert_eq!(
+            s.events_of(1),
+            vec![
+                ElectionEvent::PeerLost(MemberId(1)),
+                ElectionEvent::BecamePrimary
+            ]
+        );
+    }
+
+    /// A member whose heartbeats are lost while its other messages arrive (a lossy link
+    /// during a snapshot or a burst of leases) is not declared lost; its age goes on from
+    /// its last heartbeat; once nothing at all comes, it is lost after the loss time.
+    #[test]
+    fn any_message_from_a_member_keeps_it_alive() {
+        let mut s = Sim::new(vec![cfg(1, 200), cfg(2, 100)]);
+        s.run_until(LOST + 10);
+        assert_eq!(s.primaries(), vec![0]);
+        let age = |s: &mut Sim| {
+            let now = s.now;
+            s.node(1).members(now)[1].age_ms
+        };
+        let before = (s.now, age(&mut s));
+        s.cut[0][1] = true;
+        s.log.clear();
+        let until = s.now + 3 * LOST;
+        let mut last = s.now;
+        while s.now < until {
+            last = s.now;
+            s.node(1).handle_alive(MemberId(1), last);
+            s.run_until(last + DEFAULT_HB_INTERVAL_MS);
+        }
+        assert_eq!(s.roles()[1], Some(HaRole::Secondary));
+        assert!(s.events_of(1).is_empty(), "{:?}", s.events_of(1));
+        assert_eq!(age(&mut s), before.1 + (s.now - before.0));
+        let now = s.now;
+        assert!(s.node(1).members(now)[1].silent_ms < LOST);
+        // A member never heard is not made up from a stray message.
+        s.node(1).handle_alive(MemberId(9), now);
+        assert_eq!(s.node(1).peer_count(), 1);
+        // Silent on every message: lost after the loss time.
+        s.run_until(last + LOST - 1);
+        assert_eq!(
+            s.roles()[1],
+            Some(HaRole::Secondary),
+            "not before the loss time"
+        );
+        s.run_until(last + LOST + 1);
         assert_eq!(s.roles()[1], Some(HaRole::Primary));
         assert_eq!(
             s.events_of(1),
