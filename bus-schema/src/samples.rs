@@ -188,6 +188,9 @@ pub fn bodies() -> Vec<Body> {
                 seq_hw: 11_048_577,
             }],
         },
+        Body::SeqHold {
+            tunnels: vec!["vpn1_1".into()],
+        },
     ]
 }
 

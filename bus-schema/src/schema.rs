@@ -141,6 +141,7 @@ pub mod topic {
     pub const DPD_MONITOR: &str = "dpd.monitor";
     pub const DPD_MONITOR_REMOVED: &str = "dpd.monitor.removed";
     pub const HA_SEQ_SKIP: &str = "ha.seq.skip";
+    pub const HA_SEQ_HOLD: &str = "ha.seq.hold";
 
     /// Every topic this build knows, for validation and tools.
     pub const ALL: &[&str] = &[
@@ -173,6 +174,7 @@ pub mod topic {
         DPD_MONITOR,
         DPD_MONITOR_REMOVED,
         HA_SEQ_SKIP,
+        HA_SEQ_HOLD,
     ];
 }
 
@@ -307,6 +309,14 @@ pub enum Body {
     SeqSkip {
         sas: Vec<SeqMark>,
     },
+    /// hasyncd: an FGCP split brain in which the other member, still heard, says it is
+    /// primary and carries these tunnels: their outbound SAs send nothing (held, their
+    /// packets counted as `seq_lease` drops) until hasyncd grants a lease again, after the
+    /// primary claimed them back above the other member's numbers (`SeqSkip` first). Repeated
+    /// while it lasts (event).
+    SeqHold {
+        tunnels: Vec<String>,
+    },
 }
 
 /// What a body does to the replicated store.
@@ -348,6 +358,7 @@ impl Body {
         "TunnelMonitor",
         "TunnelMonitorRemoved",
         "SeqSkip",
+        "SeqHold",
     ];
 
     /// The `type` tag of this body.
@@ -382,6 +393,7 @@ impl Body {
             Body::TunnelMonitor(_) => "TunnelMonitor",
             Body::TunnelMonitorRemoved { .. } => "TunnelMonitorRemoved",
             Body::SeqSkip { .. } => "SeqSkip",
+            Body::SeqHold { .. } => "SeqHold",
         }
     }
 
@@ -417,6 +429,7 @@ impl Body {
             Body::TunnelMonitor(_) => topic::DPD_MONITOR,
             Body::TunnelMonitorRemoved { .. } => topic::DPD_MONITOR_REMOVED,
             Body::SeqSkip { .. } => topic::HA_SEQ_SKIP,
+            Body::SeqHold { .. } => topic::HA_SEQ_HOLD,
         }
     }
 
@@ -465,7 +478,8 @@ impl Body {
             | Body::ProbeResult { .. }
             | Body::IkeActivity { .. }
             | Body::UnknownSaTraffic(_)
-            | Body::SeqSkip { .. } => None,
+            | Body::SeqSkip { .. }
+            | Body::SeqHold { .. } => None,
         }
     }
 }

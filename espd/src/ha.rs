@@ -337,6 +337,33 @@ impl HaLeases {
         }
     }
 
+    /// hasyncd: another member, still heard, says it is primary and carries `tunnels`
+    /// (an FGCP split brain): their gated outbound SAs are held, as while hasyncd is gone,
+    /// until hasyncd grants a lease again (after it claimed them back above the other
+    /// member's numbers). hasyncd repeats this while it lasts; an SA already held is left
+    /// as it is.
+    pub fn hold_tunnels(&self, dp: Option<&Datapath>, tunnels: &[String]) {
+        let Some(dp) = dp else { return };
+        let mut n = 0;
+        for t in tunnels {
+            for sa in dp.sas_of_tunnel(t) {
+                if sa.ha_hw.load(Ordering::Acquire) == u64::MAX || sa.seq.held() {
+                    continue;
+                }
+                sa.seq.hold(true);
+                n += 1;
+                tracing::warn!(
+                    "{}: HA: outbound {:08x} held: another member carries the tunnel and says it is primary (split brain); it sends again once hasyncd grants its lease",
+                    sa.key,
+                    sa.spi_out
+                );
+            }
+        }
+        if n > 0 {
+            metrics::counter!("espd_ha_holds_total").increment(1);
+        }
+    }
+
     /// Shortly after a skip: the lease request of each skipped SA whose new local mark
     /// (above the skip) is persisted, once.
     pub fn skip_requests(&mut self, dp: Option<&Datapath>, now_ms: u64, out: &mut Vec<Body>) {

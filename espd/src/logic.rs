@@ -988,6 +988,16 @@ fn describe_metrics() {
         Unit::Count,
         "IKE messages relayed between UDP 4500 and ikemgr, by direction"
     );
+    describe_counter!(
+        "espd_ha_holds_total",
+        Unit::Count,
+        "Times outbound SAs of a cluster member were held: hasyncd gone for half the partner's loss time, or hasyncd's SeqHold (another member carries the tunnel in a split brain); their packets are counted in espd_drops_total{reason=seq_lease}"
+    );
+    describe_gauge!(
+        "espd_ha_held",
+        Unit::Count,
+        "1 while every gated outbound SA is held because hasyncd is gone"
+    );
     describe_gauge!(
         "espd_sas",
         Unit::Count,
@@ -1133,6 +1143,9 @@ impl DaemonLogic for Espd {
         match (src, body) {
             (DaemonKind::Hasyncd, Body::SeqLeaseGranted { sas }) => {
                 self.ha.granted(self.dp.as_ref(), sas);
+            }
+            (DaemonKind::Hasyncd, Body::SeqHold { tunnels }) => {
+                self.ha.hold_tunnels(self.dp.as_ref(), tunnels);
             }
             (DaemonKind::Hasyncd, Body::SeqSkip { sas }) => {
                 let now_ms = haven_daemon::now_ns() / 1_000_000;

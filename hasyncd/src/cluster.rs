@@ -403,6 +403,10 @@ pub fn describe_metrics() {
         "Tunnels by role on this member (sync-primary, standby)."
     );
     describe_gauge!(
+        "hasyncd_tunnels_held",
+        "Tunnels this FGCP primary leaves to another member that still says it is primary (split brain): espd holds their outbound SAs."
+    );
+    describe_gauge!(
         "hasyncd_standby_child_sas",
         "CHILD SA standby copies held for other members."
     );
@@ -1561,18 +1565,31 @@ impl Cluster {
             return;
         }
         let primary = self.fgcp_role() == Some(HaRole::Primary);
-        let Some(t) = self.table.as_mut() else {
+        if self.table.is_none() {
             self.grants.extend(sas.iter().cloned());
             return;
-        };
+        }
         if !primary {
             return;
         }
+        let contested: BTreeSet<String> = sas
+            .iter()
+            .filter(|m| self.contested(&m.tunnel))
+            .map(|m| m.tunnel.clone())
+            .collect();
+        let Some(t) = self.table.as_mut() else { return };
         for m in sas {
+            if contested.contains(&m.tunnel) {
+                // The member that carries it says it is primary: no claim, no lease (see
+                // `contested`); asked again after it steps down.
+                tracing::debug!("lease for {} refused: contested (split brain)", m.tunnel);
+                continue;
+            }
             // The FGCP primary carries every tunnel: a lease asked by its own espd for a
             // tunnel the table gives to another member (a stale claim from a moment when
-            // that member thought it was primary) is claimed back with a newer generation,
-            // or the lease would be refused for ever and the SA would never send.
+            // that member thought it was primary, and no longer does) is claimed back with
+            // a newer generation, or the lease would be refused for ever and the SA would
+            // never send.
             if t.role(&m.tunnel) != Some(TunnelRole::SyncPrimary) {
                 if let Some((owner, generation)) = t.owner(&m.tunnel) {
                     tracing::info!(
@@ -1593,7 +1610,7 @@ impl Cluster {
         let synced: Vec<bool> = sas.iter().map(|m| self.syncs(&m.tunnel)).collect();
         if let Some(f) = self.fgsp_table.as_mut() {
             for (m, synced) in sas.iter().zip(synced) {
-                if !synced {
+                if !synced || contested.contains(&m.tunnel) {
                     continue;
                 }
                 match f.role(&m.tunnel) {
@@ -1761,6 +1778,51 @@ impl Cluster {
     /// FGSP per-tunnel ownership is on: an FGSP link and no FGCP one.
     pub fn fgsp_mode(&self) -> bool {
         self.fgcp.is_none() && self.fgsp.is_some() && self.table.is_some()
+    }
+
+    /// FGCP split brain seen from a primary that still hears the other member: `tunnel`
+    /// belongs in the FGCP table to another member that is alive and says in its
+    /// heartbeats that it is primary. That member stopped hearing this one, made itself
+    /// primary and took the tunnel over above this member's leases; the client takes its
+    /// packets, and this member's, lower, would arrive behind them and be dropped as
+    /// replays. So this member's datapath sends nothing on the tunnel (`SeqHold`), its
+    /// leases are neither proposed nor granted, and nothing is claimed back, until the
+    /// other member steps down (it hears this one: the primary then claims the tunnel back
+    /// above its numbers, `reclaim_stale`) or is lost (a takeover). Neither member hearing
+    /// the other cannot be told from a dead partner: both send then.
+    pub fn contested(&self, tunnel: &str) -> bool {
+        if self.fgsp_mode() {
+            return false;
+        }
+        let (Some(side), Some(t)) = (self.fgcp.as_ref(), self.table.as_ref()) else {
+            return false;
+        };
+        if side.fgcp.role() != HaRole::Primary || t.role(tunnel) != Some(TunnelRole::Standby) {
+            return false;
+        }
+        t.owner(tunnel).is_some_and(|(owner, _)| {
+            side.fgcp.hears(owner) && side.peer_roles.get(&owner) == Some(&HaRole::Primary)
+        })
+    }
+
+    /// Every [`Cluster::contested`] tunnel: none, without a pass over the table, unless
+    /// this member is primary and another live member says it is primary too.
+    pub fn contested_tunnels(&self) -> BTreeSet<String> {
+        let (Some(side), Some(t)) = (self.fgcp.as_ref(), self.table.as_ref()) else {
+            return BTreeSet::new();
+        };
+        let dual = side.fgcp.role() == HaRole::Primary
+            && side
+                .peer_roles
+                .iter()
+                .any(|(m, r)| *r == HaRole::Primary && side.fgcp.hears(*m));
+        if !dual || self.fgsp_mode() {
+            return BTreeSet::new();
+        }
+        t.roles()
+            .filter(|(n, r)| *r == TunnelRole::Standby && self.contested(n))
+            .map(|(n, _)| n.to_string())
+            .collect()
     }
 
     /// FGSP: this member's role for `tunnel` in the ownership table, if it is there.

@@ -120,6 +120,11 @@ struct Hasyncd {
     /// after that shows the peer's traffic reaches this member (`Cluster::traffic_here`).
     started_ns: u64,
     carried_since_ns: BTreeMap<String, u64>,
+    /// Tunnels another member, still heard, carries while it says it is primary
+    /// (`Cluster::contested`): espd holds their outbound SAs (`SeqHold`, sent again every
+    /// [`SKIP_REPEAT_MS`] while it lasts), and no lease of theirs is granted here.
+    held: BTreeSet<String>,
+    held_next_ms: u64,
 }
 
 /// Wall-clock time in ns since the epoch (espd's activity times are).
@@ -404,6 +409,8 @@ impl DaemonLogic for Hasyncd {
             skip_resend_next: 0,
             started_ns: wall_ns(),
             carried_since_ns: BTreeMap::new(),
+            held: BTreeSet::new(),
+            held_next_ms: 0,
         }
     }
 
@@ -796,7 +803,13 @@ impl Hasyncd {
         let Some(cluster) = self.cluster.as_mut() else {
             return;
         };
-        let grants = cluster.take_grants();
+        let mut grants = cluster.take_grants();
+        let contested = cluster.contested_tunnels();
+        if !contested.is_empty() {
+            // A lease confirmed for a tunnel that is contested now (proposed before) would
+            // release what espd holds.
+            grants.retain(|m| !contested.contains(&m.tunnel));
+        }
         let fresh = cluster.take_takeovers();
         let demoted = cluster.take_demotions();
         let skips = cluster.take_skips();
@@ -814,6 +827,7 @@ impl Hasyncd {
         for t in demoted {
             self.takeovers.remove(&t);
         }
+        self.hold_contested(contested, out);
         if roles_dirty {
             self.publish_roles(out);
         }
@@ -886,6 +900,32 @@ impl Hasyncd {
     /// Notes `skips` (just sent to espd) to send again until espd confirms them: those of
     /// CHILD SAs the local ikemgr has, which espd holds at its own counter. The others
     /// reach espd with the CHILD SA ikemgr installs from the takeover.
+    /// espd holds the outbound SAs of `contested` tunnels (`Cluster::contested`): told at
+    /// once when the set grows, and again every [`SKIP_REPEAT_MS`] while it is not empty
+    /// (a bus event can be lost; a restarted espd must hold them too). Released by espd on
+    /// the next grant, after the claim back.
+    fn hold_contested(&mut self, contested: BTreeSet<String>, out: &mut Outbox) {
+        let grew = contested.iter().any(|t| !self.held.contains(t));
+        for t in contested.difference(&self.held) {
+            tracing::warn!(
+                "FGCP: {t} is carried by another member that still says it is primary (it stopped hearing this one: split brain); this member's outbound SAs of it are held until it steps down"
+            );
+        }
+        for t in self.held.difference(&contested) {
+            tracing::info!("FGCP: {t} no longer contested");
+        }
+        if !contested.is_empty() && (grew || self.now_ms >= self.held_next_ms) {
+            self.held_next_ms = self.now_ms.saturating_add(SKIP_REPEAT_MS);
+            out.push(Body::SeqHold {
+                tunnels: contested.iter().cloned().collect(),
+            });
+        }
+        if contested.len() != self.held.len() || grew {
+            metrics::gauge!("hasyncd_tunnels_held").set(contested.len() as f64);
+        }
+        self.held = contested;
+    }
+
     fn resend_skips_until_confirmed(&mut self, skips: &[SeqMark]) {
         let mut fresh = skips.to_vec();
         retain_held(&mut fresh, &self.own_children);

@@ -664,13 +664,18 @@ fn out_sa(m: &Member, spi: u32) -> Option<(u64, u64)> {
 /// A one-sided split brain (hasyncd/README.md "After a split brain"): gw2 stops hearing
 /// gw1 (everything gw1 sends on the heartbeat link is dropped at gw2), makes itself primary,
 /// takes the tunnel over from its copy and the shared address, and carries the traffic;
-/// gw1 still hears gw2, stays primary and keeps the tunnel in its ikemgr and espd. When the
-/// link heals gw2 steps down and gw1 claims the tunnel back while carrying it: its espd must
-/// continue above every number gw2 sent (`SeqSkip`), or the far side drops everything gw1
-/// sends as replays. Asserted: gw1's espd continues above gw2's last sequence number; after
-/// that, a burst of pings adds exactly N to gw1's outbound and the far inbound counters, the
-/// far side's last accepted number is gw1's next minus one, and its replay and ICV drop
-/// counters do not move; the far side kept its SPIs throughout.
+/// gw1 still hears gw2, stays primary and keeps the tunnel in its ikemgr and espd, but
+/// sends nothing on it while gw2 says it is primary: the server's pings sent to gw1's port
+/// meanwhile are dropped there (`SeqHold`), where they used to leave below gw2's numbers
+/// and be dropped by the far side as replays (the --ha-link fault run's three replays).
+/// When the link heals gw2 steps down and gw1 claims the tunnel back while carrying it:
+/// its espd must continue above every number gw2 sent (`SeqSkip`), or the far side drops
+/// everything gw1 sends as replays. Asserted: gw1's espd holds the SA and sends none of
+/// the pings; it continues above gw2's last sequence number; the far side dropped nothing
+/// as a replay over the whole exchange; after that, a burst of pings adds exactly N to
+/// gw1's outbound and the far inbound counters, the far side's last accepted number is
+/// gw1's next minus one, and its replay and ICV drop counters do not move; the far side
+/// kept its SPIs throughout.
 #[test]
 fn after_a_split_brain_the_primary_that_kept_the_tunnel_sends_above_the_other_member() {
     split_brain("ha-split-brain", "hasb", false);
@@ -694,7 +699,7 @@ fn split_brain(name: &str, prefix: &str, both_ways: bool) {
         _scratch,
         _router,
         far_ns,
-        server: _server,
+        server,
         gw1,
         gw2,
         m1,
@@ -735,6 +740,34 @@ fn split_brain(name: &str, prefix: &str, both_ways: bool) {
         out_sa(&m1, spi).is_some(),
         "gw1's espd keeps the tunnel (it is primary in its own view)"
     );
+    if !both_ways {
+        // gw1 hears gw2 say it is primary and sees its claim: it holds the SA.
+        wait_for("gw1's espd holds the SA gw2 carries", WAIT, || {
+            (sa_held(&m1, spi) == Some(true))
+                .then_some(())
+                .ok_or_else(|| m1.logs())
+        });
+        let (tx_held, _) = out_sa(&m1, spi).expect("gw1's espd keeps the SA");
+        let lease_drops = espd_drops(&m1, "seq_lease");
+        via_gw1(&server, &gw1, || burst(&server, SERVER, CLIENT_INNER, 3));
+        assert_eq!(
+            out_sa(&m1, spi).map(|(tx, _)| tx),
+            Some(tx_held),
+            "gw1 sent on the SA while gw2 carried the tunnel and said it was primary\n{}",
+            m1.log("espd")
+        );
+        assert!(
+            espd_drops(&m1, "seq_lease") >= lease_drops + 3,
+            "the pings did not reach gw1's espd (seq_lease drops {lease_drops} -> {})",
+            espd_drops(&m1, "seq_lease")
+        );
+        assert!(
+            m1.log("hasyncd")
+                .contains("split brain); this member's outbound SAs"),
+            "{}",
+            m1.log("hasyncd")
+        );
+    }
     std::thread::sleep(Duration::from_secs(1));
     // Heal; then the highest number gw2 reached while it still carried the SA counts.
     gw2.nft("delete table inet splitbrain").unwrap();
@@ -754,6 +787,10 @@ fn split_brain(name: &str, prefix: &str, both_ways: bool) {
         m1.logs()
     );
 
+    if !both_ways {
+        // Nothing gw1 or gw2 sent was dropped as a replay, across the whole exchange.
+        assert_eq!(far.drops("replay"), 0, "{}\n{}", m1.logs(), far.metrics());
+    }
     gw1_sends_in_sequence_above(&far_ns, &m1, &far, spi, gw2_max, &before, "the split brain");
 
     // gw2 took the tunnel over from its copy and synced the IKE SA's message IDs with the
