@@ -237,6 +237,21 @@ impl Hasyncd {
         if self.fgcp_role() == Some(HaRole::Hello) {
             return;
         }
+        let desired = self.desired_roles();
+        diff_keyed(
+            &self.roles,
+            &desired,
+            |tunnel, role| Body::TunnelRole { tunnel, role },
+            |tunnel| Body::TunnelRoleRemoved { tunnel },
+            out,
+        );
+        self.roles = desired;
+        self.roles_primary = self.roles.values().filter(|r| *r == "sync-primary").count();
+        self.role_gauges();
+    }
+
+    /// Every tunnel's role, from ikemgr's tunnels and the cluster's tables.
+    fn desired_roles(&self) -> BTreeMap<String, String> {
         let role = tunnel_role(self.fgcp_role());
         let cluster = self.cluster.as_ref();
         let mut desired: BTreeMap<String, String> = self
@@ -258,23 +273,21 @@ impl Hasyncd {
                 desired.insert(t, r.as_str().to_string());
             }
         }
-        diff_keyed(
-            &self.roles,
-            &desired,
-            |tunnel, role| Body::TunnelRole { tunnel, role },
-            |tunnel| Body::TunnelRoleRemoved { tunnel },
-            out,
-        );
-        self.roles = desired;
-        self.roles_primary = self.roles.values().filter(|r| *r == "sync-primary").count();
-        self.role_gauges();
+        desired
     }
 
-    /// [`Hasyncd::publish_roles`] for `tunnels` only: ikemgr's tunnels that came or went
-    /// while the cluster's tables did not change. Each gets the role the whole list would
-    /// give it, without a pass over every tunnel (100 000 tunnels: a new list of them per
-    /// dial-up client coming or going).
-    fn publish_roles_of(&mut self, tunnels: &[String], out: &mut Outbox) {
+    /// [`Hasyncd::publish_roles`] for `tunnels` only: ikemgr's tunnels that came or went,
+    /// and those whose entry in the cluster's tables changed (`Cluster::take_roles_of`),
+    /// while nothing changed every role (this member's FGCP role, a peer joined or lost).
+    /// Each gets the role the whole list would give it, without a pass over every tunnel
+    /// (100 000 tunnels: a new list of them per dial-up client coming or going, and per
+    /// lease of a new or rekeyed CHILD SA). Debug builds (the multi-process tests) check
+    /// after each call that the roles kept equal the whole list's.
+    fn publish_roles_of<'a>(
+        &mut self,
+        tunnels: impl IntoIterator<Item = &'a String>,
+        out: &mut Outbox,
+    ) {
         if self.fgcp_role() == Some(HaRole::Hello) {
             return;
         }
@@ -311,6 +324,19 @@ impl Hasyncd {
             }
         }
         self.role_gauges();
+        #[cfg(debug_assertions)]
+        {
+            let whole = self.desired_roles();
+            if whole != self.roles {
+                let differ: Vec<_> = whole
+                    .iter()
+                    .filter(|(t, r)| self.roles.get(*t) != Some(*r))
+                    .chain(self.roles.iter().filter(|(t, _)| !whole.contains_key(*t)))
+                    .take(8)
+                    .collect();
+                panic!("roles kept by changes differ from the whole list: {differ:?}");
+            }
+        }
     }
 
     fn role_gauges(&self) {
@@ -527,12 +553,22 @@ impl DaemonLogic for Hasyncd {
             c.keep_heartbeats();
         }
         // The roles follow the tunnels and the cluster's tables (a tunnel established here
-        // enters them): the whole list when the tables changed, the changed tunnels' roles
-        // when only ikemgr's tunnels did, nothing when neither changed.
-        if self.cluster.as_ref().is_some_and(|c| c.roles_dirty) {
+        // enters them): the whole list when every role may have changed, else the roles of
+        // ikemgr's tunnels that changed and of those the tables changed, nothing when
+        // neither changed.
+        let dirty = self.cluster.as_ref().is_some_and(|c| c.roles_dirty);
+        let mut of = self
+            .cluster
+            .as_mut()
+            .map(Cluster::take_roles_of)
+            .unwrap_or_default();
+        if dirty {
             self.publish_roles(out);
-        } else if !changed_tunnels.is_empty() {
-            self.publish_roles_of(&changed_tunnels, out);
+        } else {
+            of.extend(changed_tunnels);
+            if !of.is_empty() {
+                self.publish_roles_of(&of, out);
+            }
         }
     }
 
@@ -814,6 +850,7 @@ impl Hasyncd {
         let demoted = cluster.take_demotions();
         let skips = cluster.take_skips();
         let roles_dirty = std::mem::take(&mut cluster.roles_dirty);
+        let roles_of = cluster.take_roles_of();
         // Before any grant: espd moves the counter, then leases above it.
         if !skips.is_empty() {
             self.resend_skips_until_confirmed(&skips);
@@ -830,6 +867,8 @@ impl Hasyncd {
         self.hold_contested(contested, out);
         if roles_dirty {
             self.publish_roles(out);
+        } else if !roles_of.is_empty() {
+            self.publish_roles_of(&roles_of, out);
         }
         for t in fresh {
             self.send_takeover(t, out);
