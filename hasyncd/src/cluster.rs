@@ -2185,7 +2185,9 @@ impl Cluster {
                 );
             }
             Message::Delete(DeleteSync::ChildSa { tunnel, spi_in }) => {
-                self.replicas.remove(&sa_key(&tunnel, spi_in));
+                if let Some(r) = self.replicas.remove(&sa_key(&tunnel, spi_in)) {
+                    self.forget_deleted_lease(from, link, &tunnel, r.sa.spi_out);
+                }
             }
             Message::Delete(DeleteSync::Tunnel { tunnel }) => {
                 self.replicas.retain(|_, r| r.sa.tunnel != tunnel);
@@ -2195,6 +2197,30 @@ impl Cluster {
             Message::Ownership(_) | Message::SeqLease(_) | Message::SeqLeaseAck(_) => {}
             other => {
                 tracing::debug!("sync message {:?} not handled yet", other.msg_type());
+            }
+        }
+    }
+
+    /// The owner of `tunnel` deleted one of its CHILD SAs (a rekey's old SA, an expiry):
+    /// the lease record of its outbound SPI goes with the copy. Every copy from another
+    /// member registers one (`TunnelTable::sa_added`), and nothing else removed it on the
+    /// members that do not carry the tunnel: each rekey left one behind until the tunnel
+    /// itself was deleted (the 1 000-tunnel soak's standby members grew about 140 KiB per
+    /// 30 s, a record per rekey; a year of hourly rekeys is 8 760 per tunnel, and every
+    /// snapshot carried them). A deletion from a member that does not own the tunnel here
+    /// (one that dropped its copy after losing the tunnel) leaves the owner's record alone.
+    fn forget_deleted_lease(&mut self, from: MemberId, link: &str, tunnel: &str, spi_out: u32) {
+        let table = if link == "fgsp" && self.fgsp_table.is_some() {
+            self.fgsp_table.as_mut()
+        } else {
+            self.table.as_mut()
+        };
+        if let Some(t) = table {
+            let me = t.me();
+            if t.owner(tunnel)
+                .is_some_and(|(owner, _)| owner == from && owner != me)
+            {
+                t.sa_removed(tunnel, spi_out);
             }
         }
     }
@@ -3315,6 +3341,52 @@ mod tests {
         assert_eq!(v["standby"][0]["spi_in"], "00000011");
         // The view never carries keys.
         assert!(!v.to_string().contains("keys"), "{v}");
+    }
+
+    /// The owner's deletion of a CHILD SA removes its lease record here with the copy; a
+    /// deletion from a member that does not own the tunnel leaves the record.
+    #[test]
+    fn the_owners_deletion_of_a_child_sa_forgets_its_lease_record() {
+        let mut c = Cluster::start(&Config::default(), 0, EpochStore::in_memory());
+        c.table = Some(TunnelTable::with_mode(MemberId(1), TableMode::Fgcp));
+        let record =
+            |c: &Cluster, spi_out: u32| c.table.as_ref().unwrap().seq_hw("vpn1_1", spi_out);
+        for spi_in in [0x10, 0x20] {
+            let msg = Message::ChildSa(sa("vpn1_1", spi_in));
+            c.table.as_mut().unwrap().handle_message(MemberId(2), &msg);
+            c.apply(MemberId(2), "fgcp", msg);
+        }
+        c.table.as_mut().unwrap().handle_lease(
+            MemberId(2),
+            &ha_core::msg::SeqLease {
+                tunnel: "vpn1_1".into(),
+                spi_out: 0x11,
+                seq_hw: 1 << 20,
+            },
+        );
+        assert_eq!(record(&c, 0x11), Some(1 << 20));
+        assert_eq!(record(&c, 0x21), Some(0));
+        let del = |spi_in: u32| {
+            Message::Delete(DeleteSync::ChildSa {
+                tunnel: "vpn1_1".into(),
+                spi_in,
+            })
+        };
+        // Member 3 does not own the tunnel: its copy goes, the record stays.
+        c.apply(MemberId(3), "fgcp", Message::ChildSa(sa("vpn1_1", 0x10)));
+        c.apply(MemberId(3), "fgcp", del(0x10));
+        assert_eq!(record(&c, 0x11), Some(1 << 20));
+        // The owner deletes it (the old SA of a rekey): copy and record go, the other SA's
+        // record stays, and so does the tunnel with its owner.
+        c.apply(MemberId(2), "fgcp", Message::ChildSa(sa("vpn1_1", 0x10)));
+        c.apply(MemberId(2), "fgcp", del(0x10));
+        assert_eq!(record(&c, 0x11), None);
+        assert_eq!(record(&c, 0x21), Some(0));
+        assert_eq!(
+            c.table.as_ref().unwrap().owner("vpn1_1").map(|o| o.0),
+            Some(MemberId(2))
+        );
+        assert_eq!(c.replicas.len(), 1);
     }
 
     /// A standby copy carries what its lifetimes had left when sent; a takeover hands
