@@ -1591,6 +1591,16 @@ mod with_datapath {
                 "{n:>7} SAs idle: the housekeeping thread used {:.1} % of a core",
                 idle.as_secs_f64() / 2.0 * 100.0
             );
+            // Each publication made the workers' table whole before it was made from the
+            // previous one and the changes.
+            let dp = espd.dp.as_ref().expect("the datapath runs");
+            let t = Instant::now();
+            let whole = dp.whole_table();
+            let build = t.elapsed();
+            drop(whole);
+            println!(
+                "{n:>7} SAs: reference, the workers' table built whole {build:.2?} (what every install and removal cost before)"
+            );
             drop(espd);
             drop(dir);
         }

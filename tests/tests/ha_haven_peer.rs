@@ -644,6 +644,26 @@ fn via_gw1<T>(server: &Netns, gw1: &Netns, f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// While gw2 carries the tunnel (`why` gw1 must not send): three pings from the server,
+/// sent to gw1's port, reach gw1's espd and are dropped there as `seq_lease` (the SA is
+/// held), none leaves on the SA.
+fn gw1_holds_the_servers_pings(server: &Netns, gw1: &Netns, m1: &Member, spi: u32, why: &str) {
+    let (tx_held, _) = out_sa(m1, spi).expect("gw1's espd keeps the SA");
+    let lease_drops = espd_drops(m1, "seq_lease");
+    via_gw1(server, gw1, || burst(server, SERVER, CLIENT_INNER, 3));
+    assert_eq!(
+        out_sa(m1, spi).map(|(tx, _)| tx),
+        Some(tx_held),
+        "gw1 sent on the SA while gw2 carried the tunnel ({why})\n{}",
+        m1.log("espd")
+    );
+    assert!(
+        espd_drops(m1, "seq_lease") >= lease_drops + 3,
+        "the pings did not reach gw1's espd (seq_lease drops {lease_drops} -> {})",
+        espd_drops(m1, "seq_lease")
+    );
+}
+
 /// espd's outbound SA of `vpn1_1` with SPI `spi`: (enc_pkts, next sequence number).
 fn out_sa(m: &Member, spi: u32) -> Option<(u64, u64)> {
     let v = m.view(DaemonKind::Espd, "tunnel-list").ok()?;
@@ -747,20 +767,7 @@ fn split_brain(name: &str, prefix: &str, both_ways: bool) {
                 .then_some(())
                 .ok_or_else(|| m1.logs())
         });
-        let (tx_held, _) = out_sa(&m1, spi).expect("gw1's espd keeps the SA");
-        let lease_drops = espd_drops(&m1, "seq_lease");
-        via_gw1(&server, &gw1, || burst(&server, SERVER, CLIENT_INNER, 3));
-        assert_eq!(
-            out_sa(&m1, spi).map(|(tx, _)| tx),
-            Some(tx_held),
-            "gw1 sent on the SA while gw2 carried the tunnel and said it was primary\n{}",
-            m1.log("espd")
-        );
-        assert!(
-            espd_drops(&m1, "seq_lease") >= lease_drops + 3,
-            "the pings did not reach gw1's espd (seq_lease drops {lease_drops} -> {})",
-            espd_drops(&m1, "seq_lease")
-        );
+        gw1_holds_the_servers_pings(&server, &gw1, &m1, spi, "gw2 said it was primary");
         assert!(
             m1.log("hasyncd")
                 .contains("split brain); this member's outbound SAs"),
@@ -1038,28 +1045,12 @@ fn a_carrier_whose_hasyncd_restarted_takes_the_tunnel_back_above_the_partner() {
     let gw1_before = out_sa(&m1, spi).expect("gw1 sends");
 
     let gw2_max = gw2_carries_once_gw1s_hasyncd_died(&mut m1, &m2, spi);
-    let (tx_held, _) =
-        out_sa(&m1, spi).expect("gw1's espd keeps the tunnel while its hasyncd is down");
     // gw1 keeps the shared address on its port (only its hasyncd died), so traffic can
     // still reach it; gw2 sends above everything gw1 may have sent, so whatever gw1 sent
     // now the far side would drop as replays (the --ha-link fault run's one replay). gw1's
     // espd held the SA once its hasyncd had been gone for half the heartbeat loss time:
     // the server's pings sent to gw1's port are dropped there, not sent.
-    let lease_drops = espd_drops(&m1, "seq_lease");
-    let far_replays = far.drops("replay");
-    via_gw1(&server, &gw1, || burst(&server, SERVER, CLIENT_INNER, 3));
-    assert_eq!(
-        out_sa(&m1, spi).map(|(tx, _)| tx),
-        Some(tx_held),
-        "gw1 sent on the SA while gw2 carried the tunnel (far side replay drops {far_replays} -> {})\n{}",
-        far.drops("replay"),
-        m1.log("espd")
-    );
-    assert!(
-        espd_drops(&m1, "seq_lease") >= lease_drops + 3,
-        "the pings did not reach gw1's espd (seq_lease drops {lease_drops} -> {})",
-        espd_drops(&m1, "seq_lease")
-    );
+    gw1_holds_the_servers_pings(&server, &gw1, &m1, spi, "its hasyncd was down");
     assert_eq!(
         sa_held(&m1, spi),
         Some(true),

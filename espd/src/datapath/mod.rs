@@ -11,13 +11,15 @@
 //! Threads: `workers` packet threads, one housekeeping thread that extends sequence-number
 //! leases (persisting the mark first) every [`HOUSEKEEPING`], and one thread relaying IKE
 //! messages from ikemgr out of UDP/4500. The control side (the daemon's actor) installs and
-//! removes SAs; each change builds a new [`table::Table`] and swaps it in.
+//! removes SAs; each change makes the next [`table::Table`] from the previous one (shared
+//! shards, only the changed devices' routes) and swaps it in.
 
 mod journal;
 pub mod lifestore;
 pub mod offload;
 pub mod routes;
 pub mod seqstore;
+pub mod shards;
 pub mod sockets;
 pub mod table;
 pub mod tun;
@@ -36,7 +38,7 @@ use esp_proto::{AtomicSeq, EspCrypto, ReplayWindow, SaConfig, SaKeys, SeqLease, 
 
 use self::seqstore::SeqStore;
 use self::sockets::Sockets;
-use self::table::{Cidr, DirCounters, Peer, PeerCell, Sa, Table, NUM_DROPS};
+use self::table::{Changes, Cidr, DirCounters, Peer, PeerCell, Sa, Table, NUM_DROPS};
 use self::tun::TunDev;
 
 /// Sequence numbers leased per persisted mark. The housekeeping thread extends the lease
@@ -236,6 +238,13 @@ pub struct Datapath {
     shared: Arc<Shared>,
     seqs: SeqStore,
     sas: BTreeMap<String, Arc<Sa>>,
+    /// The same SAs per phase1 (a device's routes; whether a device is in use).
+    by_phase1: HashMap<String, BTreeMap<String, Arc<Sa>>>,
+    /// The peer address each SA is counted under in the table's peer set (where it was
+    /// installed, or where ikemgr last pointed it).
+    peer_of: HashMap<String, IpAddr>,
+    /// What changed since the last publication ([`Table::next`]).
+    changes: Changes,
     devices: HashMap<String, Arc<TunDev>>,
     generation: u64,
     /// Table publications are held ([`Datapath::hold_publish`]); one is due at the release.
@@ -321,6 +330,9 @@ impl Datapath {
             shared,
             seqs,
             sas: BTreeMap::new(),
+            by_phase1: HashMap::new(),
+            peer_of: HashMap::new(),
+            changes: Changes::default(),
             devices: HashMap::new(),
             generation: 0,
             held: None,
@@ -389,8 +401,38 @@ impl Datapath {
         }
         self.persist_staged();
         self.generation += 1;
-        let t = Table::build(self.generation, self.sas.values().cloned(), &self.devices);
+        let changes = std::mem::take(&mut self.changes);
+        let t =
+            self.shared
+                .current()
+                .next(self.generation, &changes, &self.by_phase1, &self.devices);
+        #[cfg(debug_assertions)]
+        self.check_against_whole(&t);
         *self.shared.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(t);
+    }
+
+    /// The table built whole from the installed SAs, the addresses their peers are
+    /// counted under and the open devices: what every [`Table::next`] must equal.
+    #[cfg(any(test, debug_assertions))]
+    pub fn whole_table(&self) -> Table {
+        Table::build(
+            self.generation,
+            self.sas.iter().map(|(k, sa)| {
+                (
+                    sa.clone(),
+                    self.peer_of.get(k).copied().unwrap_or(sa.peer.get().ip()),
+                )
+            }),
+            &self.devices,
+        )
+    }
+
+    /// Debug builds (the tests) check every publication against the whole build.
+    #[cfg(debug_assertions)]
+    fn check_against_whole(&self, t: &Table) {
+        if let Err(e) = t.same_as(&self.whole_table()) {
+            panic!("the table made from the changes differs from the whole build: {e}");
+        }
     }
 
     /// Syncs the first leases of the SAs installed since the last publication, and the
@@ -431,9 +473,36 @@ impl Datapath {
         if let Some(hw) = first_lease {
             self.staged.push((sa.clone(), hw));
         }
-        self.sas.insert(key, sa);
+        let ip = sa.peer.get().ip();
+        if let Some(old) = self.sas.insert(key.clone(), sa.clone()) {
+            self.forget(&key, old);
+        }
+        self.peer_of.insert(key.clone(), ip);
+        self.by_phase1
+            .entry(sa.phase1.clone())
+            .or_default()
+            .insert(key, sa.clone());
+        self.changes.phase1s.insert(sa.phase1.clone());
+        self.changes.installed.push((sa, ip));
         self.publish();
         Ok(())
+    }
+
+    /// `old` left the table under `key` (removed, or replaced): noted for the next
+    /// publication.
+    fn forget(&mut self, key: &str, old: Arc<Sa>) {
+        let ip = self
+            .peer_of
+            .remove(key)
+            .unwrap_or_else(|| old.peer.get().ip());
+        if let Some(m) = self.by_phase1.get_mut(&old.phase1) {
+            m.remove(key);
+            if m.is_empty() {
+                self.by_phase1.remove(&old.phase1);
+            }
+        }
+        self.changes.phase1s.insert(old.phase1.clone());
+        self.changes.removed.push((old, ip));
     }
 
     /// Flips an installed SA's outbound flag (make-before-break) without touching its state.
@@ -450,11 +519,21 @@ impl Datapath {
     /// Points an installed UDP-encapsulated SA at `to` (ikemgr followed the peer's NAT
     /// mapping), keeping its state. False for an unknown or raw SA.
     pub fn set_peer(&mut self, key: &str, to: SocketAddr) -> bool {
-        match self.sas.get(key) {
+        let moved = match self.sas.get(key) {
             Some(sa) if sa.peer.get() != Peer::Udp(to) => sa.peer.move_udp(to),
-            Some(_) => true,
-            None => false,
+            Some(_) => return true,
+            None => return false,
+        };
+        if moved {
+            // Counted under the new address from the next publication on.
+            if let Some(ip) = self.peer_of.get_mut(key) {
+                if *ip != to.ip() {
+                    self.changes.moved.push((*ip, to.ip()));
+                    *ip = to.ip();
+                }
+            }
         }
+        moved
     }
 
     /// Removes an SA. Its persisted sequence mark stays (the same SA may be installed again
@@ -464,6 +543,7 @@ impl Datapath {
     pub fn remove(&mut self, key: &str, replaced: bool) -> Option<Arc<Sa>> {
         let sa = self.sas.remove(key)?;
         sa.dead.store(true, Ordering::Relaxed);
+        self.forget(key, sa.clone());
         if replaced {
             // Written with the publication (one sync for the batch).
             self.seqs.forget(&sa.tunnel, sa.spi_out);
@@ -498,7 +578,7 @@ impl Datapath {
         let unused: Vec<String> = self
             .devices
             .keys()
-            .filter(|d| !keep.contains(*d) && !self.sas.values().any(|s| &s.phase1 == *d))
+            .filter(|d| !keep.contains(*d) && !self.by_phase1.contains_key(*d))
             .cloned()
             .collect();
         if unused.is_empty() {

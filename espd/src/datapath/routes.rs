@@ -7,18 +7,21 @@
 //! routes the set also keeps an index: for each address family and prefix length present,
 //! the masked destination mapped to the routes for that exact prefix. A lookup then costs
 //! one hash probe per prefix length present, whatever the number of routes, and picks the
-//! same route as the scan.
+//! same route as the scan. The runs sit in shared shards ([`Sharded`]): a client coming or
+//! going makes the device's next version from the previous one ([`RouteSet::changed`]),
+//! copying the shards it touches, instead of sorting and indexing every route again.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use super::shards::{ShardKey, Sharded};
 use super::table::{mask, Cidr};
 
 /// Up to this many routes a device is searched linearly.
 pub const LINEAR_MAX: usize = 16;
 
 /// What the lookup needs to know of a route.
-pub trait RouteEntry {
+pub trait RouteEntry: Clone {
     /// The remote selector the route is for.
     fn dst(&self) -> Cidr;
     /// Whether its SA may carry a packet from `src` now (outbound enabled, alive, within
@@ -28,26 +31,52 @@ pub trait RouteEntry {
     fn received(&self) -> bool;
     /// Whether the two routes' SAs belong to one tunnel.
     fn same_tunnel(&self, other: &Self) -> bool;
+    /// Whether this route comes after `other` among the routes for one prefix: the newest
+    /// SA first, then the table's order (SA keys) among SAs installed at the same instant.
+    fn after(&self, other: &Self) -> bool;
+    /// Whether the two are one route (the same SA's, for the same prefix).
+    fn same(&self, other: &Self) -> bool;
 }
 
 /// The routes of one device, longest prefix first and, within a length, newest SA first.
+#[derive(Clone)]
 pub struct RouteSet<R> {
+    /// Up to [`LINEAR_MAX`] routes, in lookup order; empty when indexed.
     routes: Vec<R>,
-    /// Empty up to [`LINEAR_MAX`] routes.
-    index: Index,
+    /// More than [`LINEAR_MAX`] routes.
+    index: Option<Index<R>>,
+    len: usize,
 }
 
-/// For each family, the prefix lengths present, longest first, each with its map from the
-/// masked destination to a run of `order` (positions in `routes`, in route order).
-#[derive(Default)]
-struct Index {
-    v4: Vec<(u8, Runs)>,
-    v6: Vec<(u8, Runs)>,
-    order: Vec<u32>,
+impl<R> Default for RouteSet<R> {
+    fn default() -> Self {
+        RouteSet {
+            routes: Vec::new(),
+            index: None,
+            len: 0,
+        }
+    }
 }
 
-/// Masked destination -> (start, length) of its run in [`Index::order`].
-type Runs = HashMap<u128, (u32, u32)>;
+/// The routes for one exact prefix, in lookup order.
+type Run<R> = Arc<Vec<R>>;
+
+/// For each family, the prefix lengths present, longest first, each with its runs by masked
+/// destination. The runs sit in shared shards: a new version of a device copies the shards
+/// its changes touch, not the routes.
+#[derive(Clone)]
+struct Index<R> {
+    v4: Vec<(u8, Sharded<u128, Run<R>>)>,
+    v6: Vec<(u8, Sharded<u128, Run<R>>)>,
+}
+
+impl ShardKey for u128 {
+    #[inline]
+    fn shard(&self) -> usize {
+        let folded = (*self as u64) ^ ((*self >> 64) as u64);
+        (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize & (super::shards::SHARDS - 1)
+    }
+}
 
 /// The address as a number and whether it is IPv6.
 fn bits(ip: IpAddr) -> (u128, bool) {
@@ -61,12 +90,95 @@ impl<R: RouteEntry> RouteSet<R> {
     /// `routes` must already be in lookup order: longest prefix first, newest SA first
     /// within a length.
     pub fn new(routes: Vec<R>) -> Self {
-        let index = if routes.len() > LINEAR_MAX {
-            Index::build(&routes)
-        } else {
-            Index::default()
+        let len = routes.len();
+        if len <= LINEAR_MAX {
+            return RouteSet {
+                routes,
+                index: None,
+                len,
+            };
+        }
+        let mut index = Index {
+            v4: Vec::new(),
+            v6: Vec::new(),
         };
-        RouteSet { routes, index }
+        for r in routes {
+            index.add(r);
+        }
+        RouteSet {
+            routes: Vec::new(),
+            index: Some(index),
+            len,
+        }
+    }
+
+    /// The set scanned whatever its size (the reference the index must agree with).
+    #[cfg(test)]
+    fn linear(routes: Vec<R>) -> Self {
+        let len = routes.len();
+        RouteSet {
+            routes,
+            index: None,
+            len,
+        }
+    }
+
+    /// This set without the routes `removed` and with `added`, made from its shared shards
+    /// (at 100 000 routes, a change copies the shard of each route it touches instead of
+    /// sorting and indexing every route again). None when this set is scanned, or would be
+    /// small enough to be scanned: the caller builds it whole then.
+    pub fn changed(&self, removed: &[R], added: &[R]) -> Option<RouteSet<R>> {
+        let index = self.index.as_ref()?;
+        let mut index = index.clone();
+        let mut len = self.len;
+        for r in removed {
+            if index.remove(r) {
+                len -= 1;
+            }
+        }
+        if len + added.len() <= LINEAR_MAX {
+            return None;
+        }
+        for r in added {
+            index.add(r.clone());
+            len += 1;
+        }
+        Some(RouteSet {
+            routes: Vec::new(),
+            index: Some(index),
+            len,
+        })
+    }
+
+    /// The routes by prefix, each with its routes in lookup order: prefixes in lookup order
+    /// (family, longest first, then by value). Two sets with the same runs look up alike.
+    #[cfg(any(test, debug_assertions))]
+    pub fn runs(&self) -> Vec<(Cidr, Vec<&R>)> {
+        let mut out: Vec<(Cidr, Vec<&R>)> = Vec::new();
+        match &self.index {
+            None => {
+                for r in &self.routes {
+                    match out.iter_mut().find(|(d, _)| *d == r.dst()) {
+                        Some((_, run)) => run.push(r),
+                        None => out.push((r.dst(), vec![r])),
+                    }
+                }
+            }
+            Some(index) => {
+                for (_, runs) in index.v4.iter().chain(&index.v6) {
+                    for (_, run) in runs.iter() {
+                        if let Some(first) = run.first() {
+                            out.push((first.dst(), run.iter().collect()));
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|(d, _)| {
+            let (value, v6) = bits(d.addr());
+            (v6, std::cmp::Reverse(d.len()), value)
+        });
+        out
     }
 
     /// The route a packet from `src` to `dst` takes: the first usable route (in order)
@@ -76,43 +188,94 @@ impl<R: RouteEntry> RouteSet<R> {
     /// sending on it, or by deleting the old one).
     #[inline]
     pub fn lookup(&self, src: IpAddr, dst: IpAddr) -> Option<&R> {
-        if self.index.order.is_empty() {
-            self.lookup_linear(src, dst)
-        } else {
-            self.lookup_indexed(src, dst)
+        match &self.index {
+            None => self.lookup_linear(src, dst),
+            Some(index) => index.lookup(src, dst),
         }
     }
 
-    /// The scan over every route; the reference the index must agree with.
+    /// The scan over every route.
     fn lookup_linear(&self, src: IpAddr, dst: IpAddr) -> Option<&R> {
         let mut it = self.routes.iter().filter(|r| r.dst().contains(dst));
         let first = it.find(|r| r.usable(src))?;
         Some(pick_received(first, it, src))
     }
+}
 
-    fn lookup_indexed(&self, src: IpAddr, dst: IpAddr) -> Option<&R> {
-        let lens = if dst.is_ipv6() {
-            &self.index.v6
-        } else {
-            &self.index.v4
-        };
-        for (len, at) in lens {
-            let Some(&(start, n)) = at.get(&bits(mask(dst, *len)).0) else {
-                continue;
-            };
+impl<R: RouteEntry> Index<R> {
+    fn lookup(&self, src: IpAddr, dst: IpAddr) -> Option<&R> {
+        let lens = if dst.is_ipv6() { &self.v6 } else { &self.v4 };
+        for (len, runs) in lens {
             // Every route of this run is for the same prefix, which holds `dst`; a longer
             // one that held it had no usable route.
-            let run = self
-                .index
-                .order
-                .get(start as usize..start as usize + n as usize)
-                .unwrap_or_default();
-            let mut it = run.iter().filter_map(|i| self.routes.get(*i as usize));
+            let Some(run) = runs.get(&bits(mask(dst, *len)).0) else {
+                continue;
+            };
+            let mut it = run.iter();
             if let Some(first) = it.find(|r| r.usable(src)) {
                 return Some(pick_received(first, it, src));
             }
         }
         None
+    }
+
+    /// Puts `r` into the run of its prefix, before the first route that comes after it.
+    fn add(&mut self, r: R) {
+        let d = r.dst();
+        let (value, v6) = bits(d.addr());
+        let lens = if v6 { &mut self.v6 } else { &mut self.v4 };
+        // Longest first.
+        let at = match lens.iter().position(|(l, _)| *l <= d.len()) {
+            Some(i) if lens[i].0 == d.len() => i,
+            Some(i) => {
+                lens.insert(i, (d.len(), Sharded::default()));
+                i
+            }
+            None => {
+                lens.push((d.len(), Sharded::default()));
+                lens.len() - 1
+            }
+        };
+        let runs = &mut lens[at].1;
+        match runs.get_mut(&value) {
+            Some(run) => {
+                let run = Arc::make_mut(run);
+                match run.iter().position(|x| x.after(&r)) {
+                    Some(i) => run.insert(i, r),
+                    None => run.push(r),
+                }
+            }
+            None => {
+                runs.insert(value, Arc::new(vec![r]));
+            }
+        }
+    }
+
+    /// Takes `r` out of its run (and the run, and the length, when they empty). False when
+    /// it was not there.
+    fn remove(&mut self, r: &R) -> bool {
+        let d = r.dst();
+        let (value, v6) = bits(d.addr());
+        let lens = if v6 { &mut self.v6 } else { &mut self.v4 };
+        let Some(at) = lens.iter().position(|(l, _)| *l == d.len()) else {
+            return false;
+        };
+        let runs = &mut lens[at].1;
+        let Some(run) = runs.get_mut(&value) else {
+            return false;
+        };
+        let Some(i) = run.iter().position(|x| x.same(r)) else {
+            return false;
+        };
+        if run.len() == 1 {
+            runs.remove(&value);
+            if runs.is_empty() {
+                lens.remove(at);
+            }
+        } else {
+            Arc::make_mut(run).remove(i);
+        }
+        true
     }
 }
 
@@ -133,50 +296,16 @@ fn pick_received<'a, R: RouteEntry>(
         .unwrap_or(first)
 }
 
-impl Index {
-    fn build<R: RouteEntry>(routes: &[R]) -> Index {
-        // (family, longest first, prefix, position): runs of one prefix keep route order.
-        let mut keyed: Vec<(bool, std::cmp::Reverse<u8>, u128, u32)> = routes
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let d = r.dst();
-                let (value, v6) = bits(d.addr());
-                (v6, std::cmp::Reverse(d.len()), value, i as u32)
-            })
-            .collect();
-        keyed.sort_unstable();
-        let mut index = Index {
-            order: keyed.iter().map(|k| k.3).collect(),
-            ..Index::default()
-        };
-        let mut start = 0;
-        while start < keyed.len() {
-            let (v6, std::cmp::Reverse(len), value, _) = keyed[start];
-            let n = keyed[start..]
-                .iter()
-                .take_while(|k| (k.0, k.1 .0, k.2) == (v6, len, value))
-                .count();
-            let lens = if v6 { &mut index.v6 } else { &mut index.v4 };
-            if lens.last().is_none_or(|(l, _)| *l != len) {
-                lens.push((len, HashMap::new()));
-            }
-            if let Some((_, at)) = lens.last_mut() {
-                at.insert(value, (start as u32, n as u32));
-            }
-            start += n;
-        }
-        index
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A route with its SA's state spelled out.
-    #[derive(Debug)]
+    /// A route with its SA's state spelled out; `age` and `id` order it as the table does
+    /// (the newest SA first, then by key).
+    #[derive(Clone, Debug)]
     struct Fake {
+        id: usize,
+        age: u32,
         dst: Cidr,
         local: Cidr,
         outbound: bool,
@@ -196,6 +325,12 @@ mod tests {
         }
         fn same_tunnel(&self, other: &Self) -> bool {
             self.tunnel == other.tunnel
+        }
+        fn after(&self, other: &Self) -> bool {
+            (other.age, self.id) > (self.age, other.id)
+        }
+        fn same(&self, other: &Self) -> bool {
+            self.id == other.id
         }
     }
 
@@ -223,34 +358,61 @@ mod tests {
         Cidr::parse(&format!("{a}/{len}")).unwrap()
     }
 
-    fn random_set(r: &mut Rng, n: usize) -> RouteSet<Fake> {
-        let mut routes: Vec<Fake> = (0..n)
-            .map(|_| Fake {
-                dst: prefix(r),
-                local: if r.below(5) == 0 {
-                    Cidr::parse("10.9.0.0/16").unwrap()
-                } else if r.below(2) == 0 {
-                    Cidr::parse("0.0.0.0/0").unwrap()
-                } else {
-                    Cidr::parse("::/0").unwrap()
-                },
-                outbound: r.below(4) != 0,
-                received: r.below(3) != 0,
-                tunnel: r.below(4) as u8,
-            })
-            .collect();
-        // Table::build's order: longest first, the given order (newest first) within.
-        routes.sort_by_key(|r| std::cmp::Reverse(r.dst.len()));
-        RouteSet::new(routes)
+    fn random_route(r: &mut Rng, id: usize) -> Fake {
+        Fake {
+            id,
+            age: r.below(50) as u32,
+            dst: prefix(r),
+            local: if r.below(5) == 0 {
+                Cidr::parse("10.9.0.0/16").unwrap()
+            } else if r.below(2) == 0 {
+                Cidr::parse("0.0.0.0/0").unwrap()
+            } else {
+                Cidr::parse("::/0").unwrap()
+            },
+            outbound: r.below(4) != 0,
+            received: r.below(3) != 0,
+            tunnel: r.below(4) as u8,
+        }
     }
 
-    fn position(set: &RouteSet<Fake>, got: Option<&Fake>) -> Option<usize> {
-        got.map(|g| {
-            set.routes
-                .iter()
-                .position(|r| std::ptr::eq(r, g))
-                .expect("a route of the set")
-        })
+    /// Table::build's order: longest first, then the newest first, then by key.
+    fn sorted(mut routes: Vec<Fake>) -> Vec<Fake> {
+        routes.sort_by_key(|r| {
+            (
+                std::cmp::Reverse(r.dst.len()),
+                std::cmp::Reverse(r.age),
+                r.id,
+            )
+        });
+        routes
+    }
+
+    fn random_routes(r: &mut Rng, n: usize) -> Vec<Fake> {
+        sorted((0..n).map(|i| random_route(r, i)).collect())
+    }
+
+    fn random_src(r: &mut Rng, v6: bool) -> IpAddr {
+        if r.below(6) == 0 {
+            "10.9.1.1".parse().unwrap()
+        } else if v6 {
+            "fd00:9::1".parse().unwrap()
+        } else {
+            "10.8.0.1".parse().unwrap()
+        }
+    }
+
+    fn id(got: Option<&Fake>) -> Option<usize> {
+        got.map(|g| g.id)
+    }
+
+    type Runs = Vec<(Cidr, Vec<usize>)>;
+
+    fn ids(set: &RouteSet<Fake>) -> Runs {
+        set.runs()
+            .into_iter()
+            .map(|(d, run)| (d, run.iter().map(|r| r.id).collect()))
+            .collect()
     }
 
     #[test]
@@ -259,98 +421,168 @@ mod tests {
         let mut hits = 0;
         for round in 0..300 {
             let n = LINEAR_MAX + 1 + r.below(200) as usize;
-            let set = random_set(&mut r, n);
-            assert!(!set.index.order.is_empty());
+            let routes = random_routes(&mut r, n);
+            let set = RouteSet::new(routes.clone());
+            let scan = RouteSet::linear(routes);
+            assert!(set.index.is_some());
+            assert_eq!(ids(&set), ids(&scan));
             for _ in 0..200 {
                 let v6 = r.below(4) == 0;
                 let dst = addr(&mut r, v6);
-                let src = if r.below(6) == 0 {
-                    "10.9.1.1".parse().unwrap()
-                } else if v6 {
-                    "fd00:9::1".parse().unwrap()
-                } else {
-                    "10.8.0.1".parse().unwrap()
-                };
-                let want = position(&set, set.lookup_linear(src, dst));
-                let got = position(&set, set.lookup(src, dst));
-                assert_eq!(got, want, "round {round}: {src} -> {dst}");
+                let src = random_src(&mut r, v6);
+                let want = id(scan.lookup(src, dst));
+                assert_eq!(
+                    id(set.lookup(src, dst)),
+                    want,
+                    "round {round}: {src} -> {dst}"
+                );
                 hits += usize::from(want.is_some());
             }
         }
         assert!(hits > 10_000, "lookups mostly find a route ({hits})");
     }
 
+    /// Routes taken out and put in by [`RouteSet::changed`], over many versions, give the
+    /// runs and the lookups of the set built whole from the routes then present; earlier
+    /// versions keep theirs.
+    #[test]
+    fn a_changed_set_is_the_set_built_whole() {
+        let mut r = Rng(0x2545_f491_4f6c_dd1d);
+        let mut next_id = 1_000_000;
+        for round in 0..60 {
+            let n = LINEAR_MAX + 1 + r.below(120) as usize;
+            let mut present = random_routes(&mut r, n);
+            let mut set = RouteSet::new(present.clone());
+            let mut kept: Vec<(RouteSet<Fake>, Runs)> = Vec::new();
+            for step in 0..40 {
+                let mut gone = Vec::new();
+                for _ in 0..r.below(4) {
+                    if !present.is_empty() {
+                        let i = r.below(present.len() as u64) as usize;
+                        gone.push(present.remove(i));
+                    }
+                }
+                // A route not in the set is ignored.
+                if r.below(5) == 0 {
+                    gone.push(random_route(&mut r, 999_999));
+                }
+                let new: Vec<Fake> = (0..r.below(4))
+                    .map(|_| {
+                        next_id += 1;
+                        random_route(&mut r, next_id)
+                    })
+                    .collect();
+                present.extend(new.iter().cloned());
+                present = sorted(present);
+                let whole = RouteSet::new(present.clone());
+                match set.changed(&gone, &new) {
+                    Some(changed) => {
+                        assert_eq!(ids(&changed), ids(&whole), "round {round} step {step}");
+                        for _ in 0..50 {
+                            let v6 = r.below(4) == 0;
+                            let dst = addr(&mut r, v6);
+                            let src = random_src(&mut r, v6);
+                            assert_eq!(id(changed.lookup(src, dst)), id(whole.lookup(src, dst)));
+                        }
+                        kept.push((set, ids(&changed)));
+                        set = changed;
+                    }
+                    None => {
+                        // Scanned before or after: built whole.
+                        assert!(
+                            present.len() <= LINEAR_MAX || set.index.is_none(),
+                            "round {round} step {step}"
+                        );
+                        set = whole;
+                        kept.clear();
+                    }
+                }
+                if kept.len() > 3 {
+                    let (old, _) = kept.remove(0);
+                    drop(old);
+                }
+            }
+            // Each kept version still has what it had (shards copied, not shared changes).
+            for w in kept.windows(2) {
+                assert_eq!(ids(&w[1].0), w[0].1);
+            }
+        }
+    }
+
     #[test]
     fn a_small_device_is_scanned_and_a_large_one_indexed() {
         let mut r = Rng(7);
-        assert!(random_set(&mut r, LINEAR_MAX).index.order.is_empty());
-        let big = random_set(&mut r, LINEAR_MAX + 1);
-        assert_eq!(big.index.order.len(), LINEAR_MAX + 1);
+        let small = RouteSet::new(random_routes(&mut r, LINEAR_MAX));
+        assert!(small.index.is_none());
+        assert!(
+            small.changed(&[], &[]).is_none(),
+            "a scanned set is built whole"
+        );
+        assert!(RouteSet::new(random_routes(&mut r, LINEAR_MAX + 1))
+            .index
+            .is_some());
         // The make-before-break rule through the index: the newer SA of a tunnel that has
         // received nothing yields to the older one that has; once it receives, it is used.
         let host = |s: &str| Cidr::parse(s).unwrap();
-        let mut routes: Vec<Fake> = (0..40)
-            .map(|i| Fake {
-                dst: host(&format!("10.1.0.{i}/32")),
-                local: host("0.0.0.0/0"),
-                outbound: true,
-                received: true,
-                tunnel: 1,
-            })
-            .collect();
-        routes.insert(
-            7,
-            Fake {
-                dst: host("10.1.0.7/32"),
-                local: host("0.0.0.0/0"),
-                outbound: true,
-                received: false,
-                tunnel: 1,
-            },
-        );
-        routes.push(Fake {
-            dst: host("10.0.0.0/8"),
+        let route = |id: usize, age: u32, dst: &str, received: bool, tunnel: u8| Fake {
+            id,
+            age,
+            dst: host(dst),
             local: host("0.0.0.0/0"),
             outbound: true,
-            received: true,
-            tunnel: 2,
-        });
-        let mut set = RouteSet::new(routes);
+            received,
+            tunnel,
+        };
+        let mut routes: Vec<Fake> = (0..40)
+            .map(|i| route(i, 1, &format!("10.1.0.{i}/32"), true, 1))
+            .collect();
+        routes.push(route(100, 2, "10.1.0.7/32", false, 1));
+        routes.push(route(200, 1, "10.0.0.0/8", true, 2));
         let src: IpAddr = "10.8.0.1".parse().unwrap();
         let to = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(position(&set, set.lookup(src, to("10.1.0.7"))), Some(8));
-        set.routes[7].received = true;
-        assert_eq!(position(&set, set.lookup(src, to("10.1.0.7"))), Some(7));
+        let set = RouteSet::new(sorted(routes.clone()));
+        assert!(set.index.is_some());
+        assert_eq!(id(set.lookup(src, to("10.1.0.7"))), Some(7));
         // No host route: the /8; outside it: nothing; another family: nothing.
-        assert_eq!(position(&set, set.lookup(src, to("10.2.0.1"))), Some(41));
+        assert_eq!(id(set.lookup(src, to("10.2.0.1"))), Some(200));
         assert_eq!(set.lookup(src, to("192.0.2.1")).map(|r| r.tunnel), None);
         assert_eq!(set.lookup(src, to("fd00::1")).map(|r| r.tunnel), None);
+        routes[40].received = true;
+        let set = RouteSet::new(sorted(routes.clone()));
+        assert_eq!(id(set.lookup(src, to("10.1.0.7"))), Some(100));
         // A host route whose SAs may not send falls through to the shorter prefix.
-        set.routes[7].outbound = false;
-        set.routes[8].outbound = false;
-        assert_eq!(position(&set, set.lookup(src, to("10.1.0.7"))), Some(41));
+        routes[40].outbound = false;
+        routes[7].outbound = false;
+        let set = RouteSet::new(sorted(routes));
+        assert_eq!(id(set.lookup(src, to("10.1.0.7"))), Some(200));
     }
 
     /// `cargo test --release -p espd routes_bench -- --ignored --nocapture`: ns per lookup
     /// on one device with N host routes (a dial-up phase1 with N clients), the index beside
-    /// the linear scan over the same routes in the same run. Asserts nothing about time.
+    /// the linear scan over the same routes in the same run; and one client coming, the
+    /// set made from the previous one beside the set built whole. Asserts nothing about
+    /// time.
     #[test]
     #[ignore]
     fn routes_bench() {
         for n in [4usize, 16, 100, 1_000, 10_000, 100_000] {
-            let routes: Vec<Fake> = (0..n)
-                .map(|i| Fake {
-                    dst: Cidr::parse(&format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255))
-                        .unwrap(),
-                    local: Cidr::parse("0.0.0.0/0").unwrap(),
-                    outbound: true,
-                    received: true,
-                    tunnel: 0,
-                })
-                .collect();
+            let host = |i: usize| {
+                Cidr::parse(&format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255)).unwrap()
+            };
+            let route = |i: usize| Fake {
+                id: i,
+                age: 0,
+                dst: host(i),
+                local: Cidr::parse("0.0.0.0/0").unwrap(),
+                outbound: true,
+                received: true,
+                tunnel: 0,
+            };
+            let routes: Vec<Fake> = (0..n).map(route).collect();
             let t = std::time::Instant::now();
-            let set = RouteSet::new(routes);
+            let set = RouteSet::new(routes.clone());
             let build = t.elapsed();
+            let scan = RouteSet::linear(routes.clone());
             let src: IpAddr = "10.255.0.1".parse().unwrap();
             let dsts: Vec<IpAddr> = (0..4096u64)
                 .map(|i| {
@@ -373,10 +605,27 @@ mod tests {
                 t.elapsed().as_nanos() as f64 / (rounds * dsts.len()) as f64
             };
             let lookup = time(&|d| set.lookup(src, d).map(|r| r.tunnel as usize + 1));
-            let linear = time(&|d| set.lookup_linear(src, d).map(|r| r.tunnel as usize + 1));
+            let linear = time(&|d| scan.lookup(src, d).map(|r| r.tunnel as usize + 1));
             println!(
-                "{n:>7} host routes on one device: lookup {lookup:>9.1} ns ({}); reference, linear scan {linear:>11.1} ns; set built in {build:?}",
-                if set.index.order.is_empty() { "scan" } else { "index" }
+                "{n:>7} host routes on one device: lookup {lookup:>9.1} ns ({}); reference, linear scan {linear:>11.1} ns",
+                if set.index.is_some() { "index" } else { "scan" }
+            );
+            // One client more: the next version from this one, beside the whole build.
+            let mut more = routes;
+            more.push(route(n));
+            let t = std::time::Instant::now();
+            let changed = set.changed(&[], &[route(n)]);
+            let step = t.elapsed();
+            let t = std::time::Instant::now();
+            let whole = RouteSet::new(more);
+            let rebuild = t.elapsed();
+            std::hint::black_box((&changed, &whole));
+            println!(
+                "{n:>7} host routes: one route added {}; reference, the set built whole {rebuild:.2?} (this one in {build:.2?})",
+                match changed {
+                    Some(_) => format!("{step:.2?}"),
+                    None => "(scanned: built whole)".into(),
+                }
             );
         }
     }

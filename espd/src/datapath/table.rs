@@ -1,9 +1,12 @@
 //! The SA table the workers read: SAs by inbound SPI, and per TUN device the outbound
-//! routes (remote selector prefixes, longest first). Read-mostly: the control side builds a
+//! routes (remote selector prefixes, longest first). Read-mostly: the control side makes a
 //! new [`Table`] on every change and swaps the `Arc`; workers take the current `Arc` once per
-//! wakeup, never per packet.
+//! wakeup, never per packet. A new version is made from the previous one and the changes
+//! ([`Table::next`]): the SPI map and the peer set are [`Sharded`] and share the shards no
+//! change touched, and only the devices of the phase1s whose SAs changed get their routes
+//! built again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +15,7 @@ use std::time::Instant;
 use esp_proto::{AtomicSeq, EspCrypto, ReplayWindow, SeqLease, Transform};
 
 use super::routes::{RouteEntry, RouteSet};
+use super::shards::Sharded;
 use super::tun::TunDev;
 
 /// An IPv4 or IPv6 prefix (`10.0.1.0/24`, `::/0`).
@@ -457,6 +461,7 @@ impl Sa {
 }
 
 /// One outbound route: traffic to `dst` (a remote selector) goes through `sa`.
+#[derive(Clone)]
 pub struct Route {
     pub dst: Cidr,
     pub sa: Arc<Sa>,
@@ -464,6 +469,8 @@ pub struct Route {
 
 /// A TUN device with its outbound routes.
 pub struct Device {
+    /// The phase1 it belongs to (its name).
+    pub phase1: String,
     pub tun: Arc<TunDev>,
     /// Longest prefix first, newest SA first within a length.
     pub routes: RouteSet<Route>,
@@ -492,6 +499,15 @@ impl RouteEntry for Route {
     fn same_tunnel(&self, other: &Self) -> bool {
         self.sa.tunnel == other.sa.tunnel
     }
+
+    fn after(&self, other: &Self) -> bool {
+        // The whole build's order: SAs by key, sorted (stably) newest first.
+        (other.sa.installed, &self.sa.key) > (self.sa.installed, &other.sa.key)
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.sa, &other.sa) && self.dst == other.dst
+    }
 }
 
 impl Device {
@@ -513,50 +529,227 @@ impl Device {
 #[derive(Default)]
 pub struct Table {
     pub generation: u64,
-    pub by_spi: HashMap<u32, Arc<Sa>>,
-    pub devices: Vec<Device>,
-    /// Addresses of the peers of installed SAs (an unknown SPI from one of them may belong
-    /// to an SA on its way).
-    pub peers: std::collections::HashSet<IpAddr>,
+    pub by_spi: Sharded<u32, Arc<Sa>>,
+    pub devices: Vec<Arc<Device>>,
+    /// Addresses of the peers of installed SAs, with how many SAs each (an unknown SPI from
+    /// one of them may belong to an SA on its way).
+    pub peers: Sharded<IpAddr, usize>,
+}
+
+/// What changed since the version a publication starts from.
+#[derive(Default)]
+pub struct Changes {
+    /// SAs that left the table (removed, or replaced under their key), each with the peer
+    /// address it was counted under.
+    pub removed: Vec<(Arc<Sa>, IpAddr)>,
+    /// SAs that entered it, with the peer address they are counted under.
+    pub installed: Vec<(Arc<Sa>, IpAddr)>,
+    /// Peers that moved (ikemgr followed a NAT mapping): counted under the new address.
+    pub moved: Vec<(IpAddr, IpAddr)>,
+    /// Phase1s whose SAs changed: their devices' routes are built again.
+    pub phase1s: HashSet<String>,
+}
+
+/// `phase1`'s device with the routes of `sas` (the SAs of that phase1).
+fn device_of<'a>(
+    phase1: &str,
+    tun: &Arc<TunDev>,
+    sas: impl Iterator<Item = &'a Arc<Sa>>,
+) -> Device {
+    let mut routes = Vec::new();
+    for sa in sas {
+        for dst in &sa.remote_ts {
+            routes.push(Route {
+                dst: *dst,
+                sa: sa.clone(),
+            });
+        }
+    }
+    // Longest prefix first; among equals, the newest SA first (a rekeyed SA takes over as
+    // soon as it is outbound-enabled).
+    routes.sort_by(|a, b| {
+        b.dst
+            .len()
+            .cmp(&a.dst.len())
+            .then(b.sa.installed.cmp(&a.sa.installed))
+    });
+    Device {
+        phase1: phase1.to_string(),
+        tun: tun.clone(),
+        routes: RouteSet::new(routes),
+    }
+}
+
+fn count_peer(peers: &mut Sharded<IpAddr, usize>, ip: IpAddr) {
+    match peers.get_mut(&ip) {
+        Some(n) => *n += 1,
+        None => {
+            peers.insert(ip, 1);
+        }
+    }
+}
+
+fn uncount_peer(peers: &mut Sharded<IpAddr, usize>, ip: IpAddr) {
+    if let Some(n) = peers.get_mut(&ip) {
+        if *n > 1 {
+            *n -= 1;
+            return;
+        }
+    }
+    peers.remove(&ip);
+}
+
+/// Whether `mine` holds exactly `theirs`' keys, each with an equal value.
+#[cfg(debug_assertions)]
+fn same_entries<K, V>(
+    what: &str,
+    mine: &Sharded<K, V>,
+    theirs: &Sharded<K, V>,
+    eq: impl Fn(&V, &V) -> bool,
+) -> Result<(), String>
+where
+    K: super::shards::ShardKey + Clone + std::fmt::Debug,
+    V: Clone,
+{
+    if mine.len() != theirs.len() {
+        return Err(format!("{} {what}s, {} expected", mine.len(), theirs.len()));
+    }
+    for (k, v) in theirs.iter() {
+        if !mine.get(k).is_some_and(|x| eq(x, v)) {
+            return Err(format!("{what} {k:?}: not the same"));
+        }
+    }
+    Ok(())
 }
 
 impl Table {
-    /// Builds the table from the installed SAs and the open devices.
+    /// Builds the table whole from the installed SAs, each with the peer address it is
+    /// counted under, and the open devices: the reference [`Table::next`] is checked
+    /// against in debug builds and tests.
+    #[cfg(any(test, debug_assertions))]
     pub fn build(
         generation: u64,
-        sas: impl Iterator<Item = Arc<Sa>>,
+        sas: impl Iterator<Item = (Arc<Sa>, IpAddr)>,
         devices: &HashMap<String, Arc<TunDev>>,
     ) -> Table {
-        let mut by_spi = HashMap::new();
-        let mut peers = std::collections::HashSet::new();
-        let mut routes: HashMap<&str, Vec<Route>> = HashMap::new();
-        let sas: Vec<Arc<Sa>> = sas.collect();
-        for sa in &sas {
+        let mut by_spi = Sharded::default();
+        let mut peers = Sharded::default();
+        let mut of_phase1: HashMap<String, Vec<Arc<Sa>>> = HashMap::new();
+        for (sa, ip) in sas {
             by_spi.insert(sa.spi_in, sa.clone());
-            peers.insert(sa.peer.get().ip());
-            let r = routes.entry(sa.phase1.as_str()).or_default();
-            for dst in &sa.remote_ts {
-                r.push(Route {
-                    dst: *dst,
-                    sa: sa.clone(),
-                });
-            }
+            count_peer(&mut peers, ip);
+            of_phase1.entry(sa.phase1.clone()).or_default().push(sa);
         }
         let devices = devices
             .iter()
             .map(|(name, tun)| {
-                let mut routes = routes.remove(name.as_str()).unwrap_or_default();
-                // Longest prefix first; among equals, the newest SA first (a rekeyed SA
-                // takes over as soon as it is outbound-enabled).
-                routes.sort_by(|a, b| {
-                    b.dst
-                        .len()
-                        .cmp(&a.dst.len())
-                        .then(b.sa.installed.cmp(&a.sa.installed))
-                });
-                Device {
-                    tun: tun.clone(),
-                    routes: RouteSet::new(routes),
+                let sas = of_phase1.remove(name.as_str()).unwrap_or_default();
+                Arc::new(device_of(name, tun, sas.iter()))
+            })
+            .collect();
+        Table {
+            generation,
+            by_spi,
+            devices,
+            peers,
+        }
+    }
+
+    /// The next version: this one with `changes` applied. `by_phase1` holds the installed
+    /// SAs per phase1 (after the changes) and `devices` the open devices: a device whose
+    /// phase1 is in `changes.phase1s`, or that is new, gets its routes built again; the
+    /// others are shared with this version, as are the SPI and peer shards no change touched.
+    pub fn next(
+        &self,
+        generation: u64,
+        changes: &Changes,
+        by_phase1: &HashMap<String, BTreeMap<String, Arc<Sa>>>,
+        devices: &HashMap<String, Arc<TunDev>>,
+    ) -> Table {
+        // An SA installed and removed again within one publication (a held batch) never
+        // enters this version.
+        let ptr = |sa: &Arc<Sa>| Arc::as_ptr(sa) as usize;
+        let came: HashSet<usize> = changes.installed.iter().map(|(sa, _)| ptr(sa)).collect();
+        let both: HashSet<usize> = changes
+            .removed
+            .iter()
+            .map(|(sa, _)| ptr(sa))
+            .filter(|p| came.contains(p))
+            .collect();
+        let removed = || {
+            changes
+                .removed
+                .iter()
+                .filter(|(sa, _)| !both.contains(&ptr(sa)))
+        };
+        let installed = || {
+            changes
+                .installed
+                .iter()
+                .filter(|(sa, _)| !both.contains(&ptr(sa)))
+        };
+        let mut by_spi = self.by_spi.clone();
+        let mut peers = self.peers.clone();
+        for (sa, ip) in removed() {
+            // Only that SA: an SA installed again under its key already replaced it.
+            if by_spi.get(&sa.spi_in).is_some_and(|x| Arc::ptr_eq(x, sa)) {
+                by_spi.remove(&sa.spi_in);
+            }
+            uncount_peer(&mut peers, *ip);
+        }
+        for (sa, ip) in installed() {
+            by_spi.insert(sa.spi_in, sa.clone());
+            count_peer(&mut peers, *ip);
+        }
+        for (from, to) in &changes.moved {
+            uncount_peer(&mut peers, *from);
+            count_peer(&mut peers, *to);
+        }
+        let old: HashMap<&str, &Arc<Device>> = self
+            .devices
+            .iter()
+            .map(|d| (d.phase1.as_str(), d))
+            .collect();
+        let routes_of = |sas: &mut dyn Iterator<Item = &(Arc<Sa>, IpAddr)>, phase1: &str| {
+            let mut out = Vec::new();
+            for (sa, _) in sas.filter(|(sa, _)| sa.phase1 == phase1) {
+                for dst in &sa.remote_ts {
+                    out.push(Route {
+                        dst: *dst,
+                        sa: sa.clone(),
+                    });
+                }
+            }
+            out
+        };
+        let devices = devices
+            .iter()
+            .map(|(name, tun)| {
+                let same_tun = old.get(name.as_str()).filter(|d| Arc::ptr_eq(&d.tun, tun));
+                match same_tun {
+                    Some(d) if !changes.phase1s.contains(name) => Arc::clone(d),
+                    Some(d) => {
+                        // A large device: its next routes from its previous ones.
+                        let gone = routes_of(&mut removed(), name);
+                        let new = routes_of(&mut installed(), name);
+                        match d.routes.changed(&gone, &new) {
+                            Some(routes) => Arc::new(Device {
+                                phase1: name.clone(),
+                                tun: tun.clone(),
+                                routes,
+                            }),
+                            None => Arc::new(device_of(
+                                name,
+                                tun,
+                                by_phase1.get(name).into_iter().flat_map(|m| m.values()),
+                            )),
+                        }
+                    }
+                    None => Arc::new(device_of(
+                        name,
+                        tun,
+                        by_phase1.get(name).into_iter().flat_map(|m| m.values()),
+                    )),
                 }
             })
             .collect();
@@ -568,10 +761,44 @@ impl Table {
         }
     }
 
+    /// Whether `other` holds the same SAs under the same SPIs, the same peers with the same
+    /// counts, and the same devices with the same routes in the same order (each SA the
+    /// same `Arc`); otherwise what differs first.
+    #[cfg(debug_assertions)]
+    pub fn same_as(&self, other: &Table) -> Result<(), String> {
+        same_entries("SPI", &self.by_spi, &other.by_spi, Arc::ptr_eq)?;
+        same_entries("peer", &self.peers, &other.peers, |a, b| a == b)?;
+        type Runs = Vec<(Cidr, Vec<usize>)>;
+        let devs = |t: &Table| -> BTreeMap<String, Runs> {
+            t.devices
+                .iter()
+                .map(|d| {
+                    let runs = d
+                        .routes
+                        .runs()
+                        .into_iter()
+                        .map(|(dst, run)| {
+                            (
+                                dst,
+                                run.iter().map(|r| Arc::as_ptr(&r.sa) as usize).collect(),
+                            )
+                        })
+                        .collect();
+                    (d.phase1.clone(), runs)
+                })
+                .collect()
+        };
+        let (mine, theirs) = (devs(self), devs(other));
+        if mine != theirs {
+            return Err(format!("devices differ: {mine:?} vs {theirs:?}"));
+        }
+        Ok(())
+    }
+
     /// The device whose TUN file descriptor is `fd`.
     #[inline]
     pub fn device_by_fd(&self, fd: i32) -> Option<&Device> {
-        self.devices.iter().find(|d| d.tun.fd() == fd)
+        self.devices.iter().find(|d| d.tun.fd() == fd).map(|d| &**d)
     }
 }
 

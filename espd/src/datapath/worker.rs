@@ -588,7 +588,7 @@ fn hold_or_drop(
     if let Some(h) = EspHeader::peek(esp) {
         shared.unknown_spis.record(h.spi);
     }
-    if !(table.peers.contains(&src.ip()) && hold.push(esp, src, now)) {
+    if !(table.peers.contains_key(&src.ip()) && hold.push(esp, src, now)) {
         shared.count_drop(esp_proto::DropReason::UnknownSpi.index());
     }
 }
