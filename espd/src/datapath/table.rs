@@ -556,15 +556,7 @@ fn device_of<'a>(
     tun: &Arc<TunDev>,
     sas: impl Iterator<Item = &'a Arc<Sa>>,
 ) -> Device {
-    let mut routes = Vec::new();
-    for sa in sas {
-        for dst in &sa.remote_ts {
-            routes.push(Route {
-                dst: *dst,
-                sa: sa.clone(),
-            });
-        }
-    }
+    let mut routes: Vec<Route> = sas.flat_map(routes_of).collect();
     // Longest prefix first; among equals, the newest SA first (a rekeyed SA takes over as
     // soon as it is outbound-enabled).
     routes.sort_by(|a, b| {
@@ -578,6 +570,14 @@ fn device_of<'a>(
         tun: tun.clone(),
         routes: RouteSet::new(routes),
     }
+}
+
+/// `sa`'s outbound routes: one per remote selector.
+fn routes_of(sa: &Arc<Sa>) -> impl Iterator<Item = Route> + '_ {
+    sa.remote_ts.iter().map(move |dst| Route {
+        dst: *dst,
+        sa: sa.clone(),
+    })
 }
 
 fn count_peer(peers: &mut Sharded<IpAddr, usize>, ip: IpAddr) {
@@ -710,47 +710,38 @@ impl Table {
             .iter()
             .map(|d| (d.phase1.as_str(), d))
             .collect();
-        let routes_of = |sas: &mut dyn Iterator<Item = &(Arc<Sa>, IpAddr)>, phase1: &str| {
-            let mut out = Vec::new();
-            for (sa, _) in sas.filter(|(sa, _)| sa.phase1 == phase1) {
-                for dst in &sa.remote_ts {
-                    out.push(Route {
-                        dst: *dst,
-                        sa: sa.clone(),
-                    });
-                }
-            }
-            out
-        };
         let devices = devices
             .iter()
             .map(|(name, tun)| {
-                let same_tun = old.get(name.as_str()).filter(|d| Arc::ptr_eq(&d.tun, tun));
-                match same_tun {
-                    Some(d) if !changes.phase1s.contains(name) => Arc::clone(d),
-                    Some(d) => {
-                        // A large device: its next routes from its previous ones.
-                        let gone = routes_of(&mut removed(), name);
-                        let new = routes_of(&mut installed(), name);
-                        match d.routes.changed(&gone, &new) {
-                            Some(routes) => Arc::new(Device {
-                                phase1: name.clone(),
-                                tun: tun.clone(),
-                                routes,
-                            }),
-                            None => Arc::new(device_of(
-                                name,
-                                tun,
-                                by_phase1.get(name).into_iter().flat_map(|m| m.values()),
-                            )),
-                        }
-                    }
-                    None => Arc::new(device_of(
+                let prev = old.get(name.as_str()).filter(|d| Arc::ptr_eq(&d.tun, tun));
+                if let Some(d) = prev.filter(|_| !changes.phase1s.contains(name)) {
+                    return Arc::clone(d);
+                }
+                // A large device: its next routes from its previous ones.
+                let of_device = |(sa, _): &&(Arc<Sa>, IpAddr)| sa.phase1 == *name;
+                let changed = prev.and_then(|d| {
+                    let gone: Vec<Route> = removed()
+                        .filter(of_device)
+                        .flat_map(|(sa, _)| routes_of(sa))
+                        .collect();
+                    let new: Vec<Route> = installed()
+                        .filter(of_device)
+                        .flat_map(|(sa, _)| routes_of(sa))
+                        .collect();
+                    d.routes.changed(&gone, &new)
+                });
+                Arc::new(match changed {
+                    Some(routes) => Device {
+                        phase1: name.clone(),
+                        tun: tun.clone(),
+                        routes,
+                    },
+                    None => device_of(
                         name,
                         tun,
                         by_phase1.get(name).into_iter().flat_map(|m| m.values()),
-                    )),
-                }
+                    ),
+                })
             })
             .collect();
         Table {
